@@ -1,0 +1,40 @@
+"""Celery configuration shared by the workers (which consume) and ingest / index service (which publish)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue
+
+from .keys import EMBED_TASK, Keys
+from .settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    keys = Keys(settings.namespace)
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # the worker waits out a Redis restart instead of exiting
+        # The live queue is listed first and read first: a rebuild never starves fresh uploads.
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "queue_order_strategy": "priority",
+            "global_keyprefix": keys.celery_prefix,  # every kombu key inside the namespace
+        },
+        "task_queues": [Queue(keys.live_queue), Queue(keys.rebuild_queue)],
+        "task_default_queue": keys.live_queue,
+        "task_routes": {EMBED_TASK: {"queue": keys.live_queue}},
+        "task_serializer": "json",
+        "accept_content": ["json"],  # never pickle
+        "result_accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        "broker_heartbeat": 0,
+    }

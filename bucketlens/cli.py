@@ -1,0 +1,252 @@
+"""The ``bucketlens`` command line: run the services, manage the local stack, upload, search, watch queues."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mimetypes
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .settings import Settings
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bucketlens", description="Event-driven image similarity for S3 buckets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the local stack (Redis, Ceph RGW, ingest, worker, index service)")
+    sub.add_parser("down", help="stop what 'up' started")
+    status = sub.add_parser("status", help="addresses, tokens and process state of the local stack")
+    status.add_argument("--json", action="store_true")
+    sub.add_parser("ingest", help="run the webhook receiver (uvicorn)")
+    sub.add_parser("worker", help="run one Celery worker")
+    sub.add_parser("serve", help="run the index service (uvicorn)")
+    upload = sub.add_parser("upload", help="upload a folder of images to the bucket")
+    upload.add_argument("folder", type=Path)
+    upload.add_argument("--prefix", default="", help="key prefix for the uploaded objects")
+    upload.add_argument("--bucket")
+    search = sub.add_parser("search", help="find similar images by image file or by indexed key")
+    search.add_argument("image", nargs="?", type=Path)
+    search.add_argument("--key")
+    search.add_argument("--bucket")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--json", action="store_true")
+    queues = sub.add_parser("queues", help="queue depths, stream lag, failures")
+    queues.add_argument("--json", action="store_true")
+    sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    handler = COMMANDS[args.command]
+    try:
+        return handler(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except (httpx.HTTPError, CLIError) as exc:
+        print(f"bucketlens {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+class CLIError(RuntimeError):
+    pass
+
+
+# -- services -------------------------------------------------------------------------------------------------
+
+def run_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ingest.receiver import create_app
+
+    uvicorn.run(create_app(settings), host=settings.ingest_host, port=settings.ingest_port, log_level="warning")
+    return 0
+
+
+def run_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from index_service.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning")
+    return 0
+
+
+def run_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from .keys import Keys
+    from workers.app import create_celery
+
+    keys = Keys(settings.namespace)
+    app = create_celery(settings)
+    app.worker_main(["worker", "-Q", ",".join(keys.queues), "-c", str(settings.worker_concurrency),
+                     "--loglevel", settings.log_level, "-n", f"{settings.namespace}-worker@%h", "--without-gossip",
+                     "--without-mingle"])
+    return 0
+
+
+# -- local stack ----------------------------------------------------------------------------------------------
+
+def _stack(settings: Settings) -> Any:
+    from infra.stack import Stack
+
+    return Stack(settings)
+
+
+def client_settings(settings: Settings) -> Settings:
+    """Settings for client commands: the local stack's (ports, tokens) when one was set up here."""
+    if (Path(settings.home) / "stack.json").exists():
+        return _stack(settings).settings  # type: ignore[no-any-return]
+    return settings
+
+
+def api_url(settings: Settings) -> str:
+    return f"http://{settings.api_host}:{settings.api_port}"
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    stack = _stack(settings)
+    print(f"starting the local stack in {stack.home} (first start creates the S3 server: ~30 s)")
+    stack.up()
+    print(f"up: API {stack.api_url}  web page {stack.api_url}/  S3 {stack.settings.s3_endpoint}")
+    return 0
+
+
+def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
+    _stack(settings).down()
+    print("down")
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    status = _stack(settings).status()
+    if args.json:
+        print(json.dumps(status))
+    else:
+        for name, up in status["processes"].items():
+            print(f"{name:8} {'up' if up else 'down'}")
+        print(f"API {status['api_url']}  ingest {status['ingest_url']}  S3 {status['s3_endpoint']}  "
+              f"bucket {status['bucket']}")
+    return 0
+
+
+# -- client commands ------------------------------------------------------------------------------------------
+
+def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .s3 import make_client
+
+    settings = client_settings(settings)
+    if not args.folder.is_dir():
+        raise CLIError(f"{args.folder} is not a folder")
+    files = sorted(p for p in args.folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.folder}")
+    bucket = args.bucket or settings.bucket
+    s3 = make_client(settings)
+
+    def put(path: Path) -> None:
+        key = args.prefix + path.relative_to(args.folder).as_posix()
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type})
+
+    with ThreadPoolExecutor(max_workers=8) as pool, tqdm(total=len(files), unit="img", desc="upload") as bar:
+        for _ in pool.map(put, files):
+            bar.update()
+    print(f"uploaded {len(files)} images to s3://{bucket}/{args.prefix}")
+    return 0
+
+
+def search_request(settings: Settings, image: Path | None, key: str | None, bucket: str | None, k: int) -> Any:
+    url = api_url(settings) + "/search"
+    headers = {"Authorization": f"Bearer {settings.read_token}"} if settings.read_token else {}
+    if image is not None:
+        with open(image, "rb") as handle:
+            response = httpx.post(url, files={"image": (image.name, handle)}, data={"k": str(k)},
+                                  headers=headers, timeout=60)
+    elif key is not None:
+        response = httpx.post(url, json={"key": key, "bucket": bucket or settings.bucket, "k": k},
+                              headers=headers, timeout=60)
+    else:
+        raise CLIError("give an image file or --key")
+    if response.status_code != 200:
+        raise CLIError(_error_text(response))
+    return response.json()
+
+
+def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    result = search_request(client_settings(settings), args.image, args.key, args.bucket, args.k)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{len(result['results'])} results ({result['model']}, {result['took_ms']:.1f} ms)")
+    for hit in result["results"]:
+        print(f"{hit['score']:.4f}  {hit['bucket']}/{hit['key']}")
+    return 0
+
+
+def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
+    settings = client_settings(settings)
+    response = httpx.get(api_url(settings) + "/queues", timeout=10)
+    if response.status_code != 200:
+        raise CLIError(_error_text(response))
+    report = response.json()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for name, queue in report["queues"].items():
+        print(f"queue {name:20} {queue['depth']:>8}")
+    stream = report["stream"]
+    print(f"unacked {report['unacked']:>18}\nstream length {stream['length']:>12}  lag {stream['lag']}  "
+          f"pending {stream['pending']}\nfailures {report['failures']:>17}")
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.samples import write_samples
+
+    stack = _stack(settings)
+    print("starting the local stack ...")
+    stack.up()
+    folder = stack.home / "samples"
+    files = write_samples(folder)
+    cmd_upload(stack.settings, argparse.Namespace(folder=folder, prefix="samples/", bucket=None))
+    print("waiting until every sample is searchable ...")
+    deadline = time.monotonic() + 300
+    while httpx.get(stack.api_url + "/stats").json()["vectors"] < len(files):
+        if time.monotonic() > deadline:
+            raise CLIError("samples were not all indexed within 5 minutes; see `bucketlens queues`")
+        time.sleep(0.5)
+    for copy in sorted(p for p in files if "augmented" in p.parts)[:3]:
+        original = "samples/" + copy.name.replace("-flipped-crop", "")
+        print(f"\nquery: {original}  (its mirrored, cropped, brightened copy should come first)")
+        for hit in search_request(stack.settings, None, original, None, 3)["results"]:
+            print(f"  {hit['score']:.4f}  {hit['key']}")
+    print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")
+    return 0
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+        return f"{response.status_code} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+COMMANDS = {
+    "up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": run_ingest, "worker": run_worker,
+    "serve": run_serve, "upload": cmd_upload, "search": cmd_search, "queues": cmd_queues, "demo": cmd_demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Every Redis key and Celery queue name bucketlens uses, under one namespace."""
+
+from __future__ import annotations
+
+import dataclasses
+
+EMBED_TASK = "bucketlens.embed"  # workers register it under this name; ingest and the index service send by name
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    namespace: str = "bl"
+
+    @property
+    def results(self) -> str:
+        """Stream of upsert/delete entries, consumed by the index service."""
+        return f"{self.namespace}:results"
+
+    @property
+    def merger_group(self) -> str:
+        return "index"
+
+    @property
+    def failures(self) -> str:
+        """Hash: object id -> JSON failure record."""
+        return f"{self.namespace}:failures"
+
+    @property
+    def pending(self) -> str:
+        """Hash: object id -> JSON {etag, order} for events seen whose vector is not merged yet."""
+        return f"{self.namespace}:pending"
+
+    def dedup(self, digest: str) -> str:
+        return f"{self.namespace}:seen:{digest}"
+
+    @property
+    def generations(self) -> str:
+        """Hash: generation number -> model name, for every generation ingest must feed (serving + shadow)."""
+        return f"{self.namespace}:generations"
+
+    @property
+    def counters(self) -> str:
+        """Hash of event counters (received, ignored, duplicated, ...)."""
+        return f"{self.namespace}:counters"
+
+    @property
+    def canary(self) -> str:
+        """Hash: when the last canary event under the reserved prefix arrived, and its key."""
+        return f"{self.namespace}:canary"
+
+    @property
+    def stages(self) -> str:
+        """Hash of per-stage totals written by workers: ``<stage>:seconds`` and ``<stage>:count``."""
+        return f"{self.namespace}:stages"
+
+    def deliveries(self, task_id: str) -> str:
+        """How often the broker handed out one task (a redelivery cap against poison batches)."""
+        return f"{self.namespace}:deliveries:{task_id}"
+
+    @property
+    def celery_prefix(self) -> str:
+        """Prefix of every key kombu writes (queue lists, ``unacked``, bindings)."""
+        return f"{self.namespace}:celery:"
+
+    @property
+    def live_queue(self) -> str:
+        return f"{self.namespace}.live"
+
+    @property
+    def rebuild_queue(self) -> str:
+        return f"{self.namespace}.rebuild"
+
+    @property
+    def queues(self) -> tuple[str, str]:
+        return (self.live_queue, self.rebuild_queue)

@@ -1,0 +1,147 @@
+"""Wire formats every part agrees on: object references (task payloads) and result-stream entries.
+
+Everything is JSON or flat Redis fields; nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class SchemaError(ValueError):
+    """A payload or stream entry that does not match the schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectRef:
+    """What a task carries for one object: never its bytes."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int = 0
+    sequencer: str = ""
+    order: int = 0
+    event_time: str = ""
+    version_id: str = ""
+    generation: int = 1
+
+    @property
+    def object_id(self) -> str:
+        return object_id(self.bucket, self.key)
+
+    def to_json(self) -> dict[str, Any]:
+        payload = dataclasses.asdict(self)
+        payload["order"] = str(self.order)  # may exceed JSON's safe integer range (hex sequencers)
+        payload["v"] = SCHEMA_VERSION
+        return payload
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> ObjectRef:
+        if not isinstance(payload, dict) or payload.get("v") != SCHEMA_VERSION:
+            raise SchemaError(f"unsupported object reference: {payload!r:.200}")
+        try:
+            return cls(
+                bucket=str(payload["bucket"]),
+                key=str(payload["key"]),
+                etag=str(payload.get("etag", "")),
+                size=int(payload.get("size", 0)),
+                sequencer=str(payload.get("sequencer", "")),
+                order=int(payload.get("order", 0)),
+                event_time=str(payload.get("event_time", "")),
+                version_id=str(payload.get("version_id", "")),
+                generation=int(payload.get("generation", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SchemaError(f"bad object reference: {exc}") from exc
+
+
+def object_id(bucket: str, key: str) -> str:
+    """One string per object, used as a Redis hash field; ``/`` cannot occur in a bucket name."""
+    return f"{bucket}/{key}"
+
+
+def split_object_id(oid: str) -> tuple[str, str]:
+    bucket, _, key = oid.partition("/")
+    return bucket, key
+
+
+def normalise_etag(etag: str) -> str:
+    return etag.strip().strip('"')
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultEntry:
+    """One result-stream entry: an upsert with its vector, or a delete."""
+
+    op: str  # "upsert" | "delete"
+    bucket: str
+    key: str
+    etag: str
+    sequencer: str
+    order: int
+    generation: int
+    model: str = ""
+    vector: np.ndarray | None = None
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        fields: dict[str, bytes | str] = {
+            "v": str(SCHEMA_VERSION),
+            "op": self.op,
+            "bucket": self.bucket,
+            "key": self.key,
+            "etag": self.etag,
+            "sequencer": self.sequencer,
+            "order": str(self.order),
+            "generation": str(self.generation),
+            "model": self.model,
+            "dim": "0",
+            "vector": b"",
+        }
+        if self.vector is not None:
+            vector = np.ascontiguousarray(self.vector, dtype="<f4")
+            fields["dim"] = str(vector.shape[0])
+            fields["vector"] = vector.tobytes()
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> ResultEntry:
+        try:
+            get = {k.decode(): v for k, v in fields.items()}
+            if get["v"] != str(SCHEMA_VERSION).encode():
+                raise SchemaError(f"unsupported result entry version {get['v']!r}")
+            op = get["op"].decode()
+            if op not in ("upsert", "delete"):
+                raise SchemaError(f"unknown op {op!r}")
+            vector = None
+            if op == "upsert":
+                dim = int(get["dim"])
+                vector = np.frombuffer(get["vector"], dtype="<f4")
+                if vector.shape[0] != dim or dim == 0:
+                    raise SchemaError(f"vector has {vector.shape[0]} values, dim says {dim}")
+            return cls(
+                op=op,
+                bucket=get["bucket"].decode(),
+                key=get["key"].decode(),
+                etag=get["etag"].decode(),
+                sequencer=get["sequencer"].decode(),
+                order=int(get["order"]),
+                generation=int(get["generation"]),
+                model=get["model"].decode(),
+                vector=vector,
+            )
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            raise SchemaError(f"bad result entry: {exc}") from exc
+
+
+def failure_record(ref: ObjectRef, reason: str, message: str, attempts: int, when: float) -> str:
+    return json.dumps(
+        {"bucket": ref.bucket, "key": ref.key, "etag": ref.etag, "order": str(ref.order), "reason": reason,
+         "message": message[:500], "attempts": attempts, "time": when, "generation": ref.generation}
+    )

@@ -1,0 +1,104 @@
+"""One settings object per process, read from ``BUCKETLENS_*`` environment variables once at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+PREFIX = "BUCKETLENS_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of every bucketlens service; the README's settings table documents each field.
+
+    The environment variable of a field is ``BUCKETLENS_`` + its upper-cased name.
+    """
+
+    home: Path = Path(".bucketlens")  # state folder of the local stack (tokens, pid files, logs, snapshots)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "bl"  # prefix of every Redis key and Celery queue name (tests use their own)
+    s3_endpoint: str = "http://127.0.0.1:7480"
+    s3_public_endpoint: str = ""  # endpoint browsers reach; presigned URLs are signed for it (default: s3_endpoint)
+    s3_access_key: str = "rgwkey"
+    s3_secret_key: str = "rgwsecret"
+    s3_region: str = "us-east-1"
+    bucket: str = "images"  # the bucket the local stack and the CLI use by default
+    reserved_prefix: str = "_bucketlens/"  # never indexed: canaries, snapshots kept in the bucket
+    webhook_token: str = ""  # required on POST /events when set
+    admin_token: str = ""  # required on rebuild and failure retry/clear
+    read_token: str = ""  # when set, required on search, objects and the page
+    ingest_host: str = "127.0.0.1"
+    ingest_port: int = 7401
+    api_host: str = "127.0.0.1"
+    api_port: int = 7400
+    max_body_bytes: int = 4 * 1024 * 1024  # /events bodies
+    max_upload_bytes: int = 32 * 1024 * 1024  # /search image uploads
+    batch_window_ms: int = 50  # ingest groups events arriving within this window into one task
+    batch_size: int = 32  # most object references per task
+    dedup_ttl_s: int = 3600  # how long a (bucket, key, etag, sequencer) is remembered as seen
+    model: str = "efficientnet-lite0"
+    device: str = "auto"  # auto | cpu | cuda
+    runtime: str = "auto"  # auto | torch | onnx  (which engine runs the model)
+    half: bool = True  # half precision on CUDA
+    torch_threads: int = 0  # 0: all cores
+    max_object_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 64_000_000  # decompression-bomb guard
+    fetch_timeout_s: float = 30.0  # per-object download deadline
+    fetch_concurrency: int = 8
+    visibility_timeout_s: int = 600  # broker redelivers an unacknowledged task after this
+    max_redeliveries: int = 5
+    max_retries: int = 8
+    worker_concurrency: int = 1
+    merge_batch: int = 512
+    snapshot_every_s: float = 60.0
+    snapshot_every_entries: int = 5000
+    snapshots_kept: int = 3
+    tombstone_retention_s: int = 24 * 3600
+    approx_threshold: int = 50_000  # above this many vectors the service builds an approximate index
+    canary_interval_s: float = 30.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``); explicit keyword overrides win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _convert(field, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            env[PREFIX + field.name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return env
+
+    @property
+    def presign_endpoint(self) -> str:
+        return self.s3_public_endpoint or self.s3_endpoint
+
+
+def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind == "bool":
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return raw.lower() in {"1", "true", "yes", "on"}
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError as exc:
+        raise ValueError(f"{PREFIX}{field.name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw

@@ -1,0 +1,160 @@
+"""``create_app(settings)``: the HTTP API of the index service (DESIGN.md, "HTTP API")."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from bucketlens.auth import token_ok
+from bucketlens.http import HTTPError, http_error_handler
+from bucketlens.schemas import object_id
+from bucketlens.settings import Settings
+from workers.decode import decode
+from workers.embedders import Embedder
+from workers.errors import PermanentError
+
+from .queries import parse_search
+from .queues import queue_report
+from .service import Service
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlette:
+    """The index service; ``embedder`` lets tests share one loaded model across apps."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service = Service(settings, embedder)
+        service.start()
+        app.state.service = service
+        yield
+        await run_in_threadpool(service.close)
+
+    def service_of(request: Request, read: bool = False) -> Service:
+        if read and not token_ok(request, settings.read_token):
+            raise HTTPError(401, "unauthorized", "missing or wrong read token")
+        service: Service = request.app.state.service
+        return service
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(request: Request) -> Response:
+        ok, reason = await run_in_threadpool(service_of(request).ready)
+        return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503)
+
+    async def search(request: Request) -> Response:
+        service = service_of(request, read=True)
+        started = time.perf_counter()
+        query = await parse_search(request, settings.max_upload_bytes, service.index.dim)
+        exclude = None
+        if query.image is not None:
+            if service.embedder is None:
+                raise HTTPError(503, "not_ready", "the model is still loading")
+            query.vector = await run_in_threadpool(_embed_image, service.embedder, query.image, settings.max_pixels)
+        elif query.key is not None:
+            bucket = query.bucket or settings.bucket
+            query.vector = await run_in_threadpool(service.index.vector, bucket, query.key)
+            if query.vector is None:
+                raise HTTPError(404, "not_indexed", f"{bucket}/{query.key} is not in the index")
+            exclude = object_id(bucket, query.key)
+        assert query.vector is not None
+        hits = await run_in_threadpool(service.index.search, query.vector, query.k, exclude)
+        results = [
+            {"bucket": obj.bucket, "key": obj.key, "etag": obj.etag, "score": round(score, 6),
+             "url": service.presign(obj.bucket, obj.key)}
+            for obj, score in hits
+            if query.min_score is None or score >= query.min_score
+        ]
+        took_ms = (time.perf_counter() - started) * 1000
+        return JSONResponse({"model": service.index.model, "took_ms": round(took_ms, 3), "results": results})
+
+    async def objects(request: Request) -> Response:
+        service = service_of(request, read=True)
+        bucket, key = request.path_params["bucket"], request.path_params["key"]
+        return JSONResponse(await run_in_threadpool(_object_state, service, bucket, key))
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(service_of(request).stats())
+
+    async def queues(request: Request) -> Response:
+        service = service_of(request)
+        return JSONResponse(await run_in_threadpool(queue_report, service.redis, service.keys))
+
+    async def failures(request: Request) -> Response:
+        service = service_of(request, read=True)
+        reason = request.query_params.get("reason") or None
+        try:
+            offset = max(0, int(request.query_params.get("offset", 0)))
+            limit = min(1000, max(1, int(request.query_params.get("limit", 100))))
+        except ValueError:
+            raise HTTPError(400, "bad_parameter", "offset and limit must be integers") from None
+        records = await run_in_threadpool(_failure_records, service, reason)
+        return JSONResponse({"total": len(records), "offset": offset, "limit": limit,
+                             "failures": records[offset : offset + limit]})
+
+    async def page(request: Request) -> Response:
+        service_of(request, read=True)
+        return FileResponse(STATIC / "index.html")
+
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/search", search, methods=["POST"]),
+            Route("/objects/{bucket}/{key:path}", objects),
+            Route("/stats", stats),
+            Route("/queues", queues),
+            Route("/failures", failures),
+        ],
+        exception_handlers={HTTPError: http_error_handler},
+        lifespan=lifespan,
+    )
+
+
+def _embed_image(embedder: Embedder, data: bytes, max_pixels: int) -> Any:
+    try:
+        pixels = decode(data, max_pixels)
+    except PermanentError as exc:
+        status = 413 if exc.reason == "too_many_pixels" else 415
+        raise HTTPError(status, exc.reason, str(exc)) from exc
+    return embedder.embed(pixels[None])[0]
+
+
+def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
+    oid = object_id(bucket, key)
+    indexed = service.index.get(bucket, key)
+    failure_raw, pending_raw = service.redis.hmget(service.keys.failures, [oid]) + service.redis.hmget(
+        service.keys.pending, [oid])
+    failure = json.loads(failure_raw) if failure_raw else None
+    pending = json.loads(pending_raw) if pending_raw else None
+    state = {"bucket": bucket, "key": key, "indexed": indexed is not None}
+    if failure and (indexed is None or failure["etag"] != indexed.etag):
+        return {**state, "state": "failed", "etag": failure["etag"], "order": failure["order"],
+                "generation": failure["generation"],
+                "failure": {k: failure[k] for k in ("reason", "message", "attempts", "time")}}
+    if pending and (indexed is None or pending["etag"] != indexed.etag):
+        return {**state, "state": "pending", "etag": pending["etag"], "order": pending["order"],
+                "generation": service.index.generation}
+    if indexed is None:
+        raise HTTPError(404, "unknown_object", f"bucketlens knows nothing of {oid}")
+    return {**state, "state": "indexed", "etag": indexed.etag, "order": str(indexed.order),
+            "sequencer": indexed.sequencer, "generation": indexed.generation}
+
+
+def _failure_records(service: Service, reason: str | None) -> list[dict[str, Any]]:
+    records = [json.loads(raw) for raw in service.redis.hvals(service.keys.failures)]
+    if reason:
+        records = [r for r in records if r["reason"] == reason]
+    return sorted(records, key=lambda r: (-r["time"], r["bucket"], r["key"]))

@@ -1,0 +1,124 @@
+"""Read the result stream with a consumer group and apply its entries, batch by batch, to the index."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Callable
+
+import redis
+
+from bucketlens.keys import Keys
+from bucketlens.schemas import ResultEntry, SchemaError, object_id
+
+from .vector_index import VectorIndex
+
+log = logging.getLogger(__name__)
+
+
+class Merger:
+    """Runs in its own thread; ``caught_up`` is set once the stream has been replayed to its end."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, index: Callable[[int], VectorIndex | None],
+                 start_id: str = "0", batch: int = 512, consumer: str = "index-1") -> None:
+        self.redis = client
+        self.keys = keys
+        self.index_for = index
+        self.last_id = start_id
+        self.batch = batch
+        self.consumer = consumer
+        self.caught_up = threading.Event()
+        self.applied = 0
+        self.malformed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="merger", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _ensure_group(self) -> None:
+        """Position the group at what this process has applied: a restart replays everything after it."""
+        try:
+            self.redis.xgroup_create(self.keys.results, self.keys.merger_group, id=self.last_id, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            self.redis.xgroup_setid(self.keys.results, self.keys.merger_group, id=self.last_id)
+
+    def _run(self) -> None:
+        down_since: float | None = None
+        delay = 0.1
+        grouped = False
+        while not self._stop.is_set():
+            try:
+                if not grouped:
+                    self._ensure_group()
+                    grouped = True
+                self.step(block_ms=500)
+                if down_since is not None:
+                    log.info("Redis reachable again after %.1f s; merging resumed", time.monotonic() - down_since)
+                    down_since, delay = None, 0.1
+            except redis.RedisError as exc:
+                if down_since is None:  # once per outage
+                    log.warning("merger cannot reach Redis, retrying with backoff: %s", exc)
+                    down_since = time.monotonic()
+                grouped = False
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                log.exception("merger step failed; retrying")
+                self._stop.wait(1.0)
+
+    def step(self, block_ms: int | None = None) -> int:
+        """Read and apply one batch; returns how many entries were read."""
+        response = self.redis.xreadgroup(
+            self.keys.merger_group, self.consumer, {self.keys.results: ">"}, count=self.batch, block=block_ms
+        )
+        if not response:
+            self.caught_up.set()
+            return 0
+        (_, messages), = response
+        by_generation: dict[int, list[ResultEntry]] = {}
+        for _, fields in messages:
+            try:
+                entry = ResultEntry.from_fields(fields)
+            except SchemaError as exc:
+                self.malformed += 1
+                log.error("skipping malformed stream entry: %s", exc)
+                continue
+            by_generation.setdefault(entry.generation, []).append(entry)
+        for generation, entries in by_generation.items():
+            index = self.index_for(generation)
+            if index is None:
+                log.warning("dropping %d entries for generation %d, which is not being built", len(entries),
+                            generation)
+                continue
+            index.apply(entries)
+            self._clear_pending(entries)
+        ids = [message_id for message_id, _ in messages]
+        self.redis.xack(self.keys.results, self.keys.merger_group, *ids)
+        self.last_id = ids[-1].decode() if isinstance(ids[-1], bytes) else ids[-1]
+        self.applied += len(messages)
+        if len(messages) < self.batch:
+            self.caught_up.set()
+        return len(messages)
+
+    def _clear_pending(self, entries: list[ResultEntry]) -> None:
+        """Drop the 'pending' mark of objects whose pending version was just applied."""
+        oids = [object_id(e.bucket, e.key) for e in entries]
+        marks = self.redis.hmget(self.keys.pending, oids)
+        done = [oid for oid, mark, e in zip(oids, marks, entries) if mark and _settles(json.loads(mark), e)]
+        if done:
+            self.redis.hdel(self.keys.pending, *done)
+
+
+def _settles(pending: dict[str, str], entry: ResultEntry) -> bool:
+    if entry.op == "delete":
+        return int(pending["order"]) <= entry.order
+    return pending["etag"] == entry.etag

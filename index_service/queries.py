@@ -1,0 +1,110 @@
+"""Parse a ``POST /search`` request: an uploaded image (multipart), or JSON ``key``/``vector``; ``k``, ``min_score``
+from form fields, JSON fields or query parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from bucketlens.http import HTTPError, read_limited
+
+MAX_K = 1000
+
+
+@dataclasses.dataclass
+class SearchQuery:
+    k: int = 10
+    min_score: float | None = None
+    image: bytes | None = None
+    bucket: str | None = None
+    key: str | None = None
+    vector: np.ndarray | None = None
+    text: str | None = None
+
+
+async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuery:
+    content_type = request.headers.get("content-type", "")
+    fields: dict[str, Any] = dict(request.query_params)
+    query = SearchQuery()
+    if content_type.startswith("multipart/form-data"):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
+        try:
+            form = await request.form(max_files=1, max_fields=10)
+        except Exception as exc:
+            raise HTTPError(400, "bad_form", f"cannot parse the multipart body: {exc}") from exc
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'")
+        query.image = await upload.read(max_bytes + 1)
+        if len(query.image) > max_bytes:
+            raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
+        fields.update({k: v for k, v in form.items() if k in ("k", "min_score") and isinstance(v, str)})
+    elif content_type.startswith("application/json") or not content_type:
+        body = await read_limited(request, max_bytes)
+        try:
+            payload = json.loads(body) if body else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise HTTPError(400, "bad_json", "body must be a JSON object")
+        fields.update({k: v for k, v in payload.items() if k in ("k", "min_score")})
+        _query_from_json(query, payload, dim)
+    else:
+        raise HTTPError(415, "unsupported_media_type", "send multipart/form-data with 'image', or JSON")
+    query.k = _int_field(fields.get("k", 10), "k", 1, MAX_K)
+    if fields.get("min_score") not in (None, ""):
+        query.min_score = _float_field(fields["min_score"], "min_score")
+    return query
+
+
+def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> None:
+    if "vector" in payload:
+        raw = payload["vector"]
+        if not isinstance(raw, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
+            raise HTTPError(400, "bad_vector", "vector must be a list of numbers")
+        if len(raw) != dim:
+            raise HTTPError(400, "bad_vector", f"vector has {len(raw)} values, the index has dimension {dim}")
+        vector = np.asarray(raw, dtype=np.float32)
+        norm = float(np.linalg.norm(vector)) if np.isfinite(vector).all() else math.nan
+        if not math.isfinite(norm) or norm == 0:
+            raise HTTPError(400, "bad_vector", "vector must be finite and non-zero")
+        query.vector = vector / norm
+    elif "key" in payload:
+        if not isinstance(payload["key"], str) or not payload["key"]:
+            raise HTTPError(400, "bad_key", "key must be a non-empty string")
+        bucket = payload.get("bucket")
+        if bucket is not None and not isinstance(bucket, str):
+            raise HTTPError(400, "bad_key", "bucket must be a string")
+        query.key, query.bucket = payload["key"], bucket
+    elif "text" in payload:
+        raise HTTPError(400, "text_unsupported", "the current model cannot embed text queries")
+    else:
+        raise HTTPError(400, "empty_query", "give an image (multipart), or JSON with 'key' or 'vector'")
+
+
+def _int_field(value: Any, name: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise HTTPError(400, "bad_parameter", f"{name} must be an integer") from None
+    if isinstance(value, bool) or not low <= number <= high:
+        raise HTTPError(400, "bad_parameter", f"{name} must be between {low} and {high}")
+    return number
+
+
+def _float_field(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise HTTPError(400, "bad_parameter", f"{name} must be a number") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise HTTPError(400, "bad_parameter", f"{name} must be a finite number")
+    return number

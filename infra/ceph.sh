@@ -1,0 +1,135 @@
+#!/bin/bash
+# A durable single-node Ceph (monitor + BlueStore-on-file OSD + radosgw) on 127.0.0.1, cephx off, no mgr:
+# the local S3 server of bucketlens. Adapted from ../shared/reference/ceph-local.sh; the reason behind
+# each setting is in DESIGN.md ("Local S3 server"). Driven by infra/stack.py.
+# usage: ceph.sh init|start|stop|kill|stop-rgw|start-rgw|pids DIR [S3_PORT] [MON_PORT]   (DIR absolute)
+#   init  : fresh cluster in DIR (must not exist), start it, create S3 user (cold start)
+#   start : start mon, osd, rgw from existing DIR (warm restart)
+#   stop  : SIGTERM rgw, osd, mon (by pid file, in that order) and wait for each to exit
+#   kill  : SIGKILL all three by pid
+set -euo pipefail
+CMD=${1:?cmd}; C=${2:?absolute state dir}; PORT=${3:-7480}; MON_PORT=${4:-3300}
+CONF=$C/ceph.conf
+
+wait_s3() {  # wait until rgw answers HTTP on $PORT
+  for i in $(seq 1 600); do curl -s -o /dev/null http://127.0.0.1:$PORT/ && return 0; sleep 0.2; done
+  echo "rgw did not come up" >&2; return 1
+}
+pid_of() {  # pid from pid file, only if that process is really the expected daemon
+  local p; p=$(cat $C/run/$1.pid 2>/dev/null || true); [ -n "$p" ] || return 0
+  case $1 in mon.*) n=ceph-mon;; osd.*) n=ceph-osd;; *) n=radosgw;; esac
+  [ "$(cat /proc/$p/comm 2>/dev/null)" = "$n" ] && echo $p || true
+}
+wait_osd_active() {  # OSD admin socket reports state=active (booted into the current osdmap)
+  local p; p=$(pid_of osd.0)
+  for i in $(seq 1 300); do
+    ceph --admin-daemon $C/run/osd.0.$p.asok status 2>/dev/null | grep -q '"state": "active"' && return 0; sleep 0.2
+  done; echo "osd not active" >&2; return 1
+}
+break_notif_locks() {  # drop the previous radosgw's ownership locks on persistent-topic queues
+  # (otherwise the new radosgw waits ~90 s for them to expire before delivering queued notifications)
+  local R="rados -c $CONF -p default.rgw.log -N notif"
+  $R ls 2>/dev/null | grep -v '^queues_list_object$' | while read -r q; do
+    $R lock info "$q" "${q}_lock" 2>/dev/null | python3 -c '
+import json,sys
+try: d=json.load(sys.stdin)
+except Exception: sys.exit()
+for l in d.get("lockers",[]): print(l["name"], l["cookie"])' | while read -r who cookie; do
+      $R lock break "$q" "${q}_lock" "$who" --lock-cookie "$cookie" && echo "broke notif lock on $q ($who)"
+    done
+  done || true
+}
+start_daemons() {
+  ceph-mon -c $CONF -i a
+  ceph-osd -c $CONF -i 0 2>/dev/null   # returns after the store is mounted (~3 s)
+  wait_osd_active   # after a SIGKILL the osdmap still has the old osd address: rgw started earlier stalls ~10 s
+  [ "${NOTIF_LOCK_BREAK:-1}" = 1 ] && break_notif_locks
+  radosgw -c $CONF -n client.rgw.a
+}
+
+case $CMD in
+init)
+  [ -e $C/ceph.conf ] && { echo "$C exists" >&2; exit 1; }
+  mkdir -p $C/run $C/log $C/mon.a $C/osd.0 $C/rgw.a; cd $C
+  FSID=$(python3 -c 'import uuid;print(uuid.uuid4())')
+  cat > ceph.conf <<EOF
+[global]
+fsid = $FSID
+mon host = v2:127.0.0.1:$MON_PORT
+mon initial members = a
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+ms bind ipv6 = false
+auth cluster required = none
+auth service required = none
+auth client required = none
+ms mon client mode = crc
+ms client mode = crc
+ms mon service mode = crc
+ms mon cluster mode = crc
+ms service mode = crc
+ms cluster mode = crc
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+mon data avail warn = 5
+mon max pg per osd = 1000
+run dir = $C/run
+admin socket = $C/run/\$name.\$pid.asok
+log file = $C/log/\$name.log
+pid file = $C/run/\$name.pid
+keyring = $C/keyring
+[mon.a]
+mon data = $C/mon.a
+[osd]
+osd data = $C/osd.\$id
+osd objectstore = bluestore
+bluestore block path = $C/osd.\$id/block.img
+bluestore block create = true
+bluestore block size = 10737418240
+bluestore cache autotune = false
+bluestore cache size = 134217728
+osd memory target = 939524096
+osd max object name len = 460
+osd max object namespace len = 64
+[client.rgw.a]
+rgw frontends = beast endpoint=127.0.0.1:$PORT
+rgw data = $C/rgw.a
+rgw curl low speed time = 5
+EOF
+  ceph-authtool --create-keyring keyring --gen-key -n mon. --cap mon 'allow *' >/dev/null
+  ceph-authtool keyring --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' >/dev/null
+  monmaptool --create --fsid $FSID --addv a "[v2:127.0.0.1:$MON_PORT]" monmap >/dev/null
+  ceph-mon -c ceph.conf --mkfs -i a --monmap monmap --keyring keyring
+  ceph-mon -c ceph.conf -i a
+  OSDUUID=$(python3 -c 'import uuid;print(uuid.uuid4())')
+  ID=$(timeout 30 ceph -c ceph.conf osd new $OSDUUID 2>/dev/null)
+  ceph-osd -c ceph.conf -i $ID --mkfs --osd-uuid $OSDUUID > log/osd-mkfs.out 2>&1
+  ceph-osd -c ceph.conf -i $ID
+  timeout 30 ceph -c ceph.conf osd set noout >/dev/null 2>&1 || true
+  radosgw -c ceph.conf -n client.rgw.a
+  wait_s3
+  radosgw-admin -c ceph.conf user create --uid=test --display-name=test --access-key=${S3_ACCESS_KEY:-rgwkey} --secret-key=${S3_SECRET_KEY:-rgwsecret} >/dev/null 2>&1
+  ;;
+start) cd $C; start_daemons; wait_s3 ;;
+stop)
+  for d in client.rgw.a osd.0 mon.a; do
+    p=$(pid_of $d); [ -n "$p" ] || continue
+    kill -TERM $p 2>/dev/null || true
+    for i in $(seq 1 300); do kill -0 $p 2>/dev/null || break; sleep 0.1; done
+    kill -0 $p 2>/dev/null && echo "$d ($p) still alive after 30s" >&2
+  done ;;
+kill)
+  for d in client.rgw.a osd.0 mon.a; do p=$(pid_of $d); [ -n "$p" ] && kill -KILL $p 2>/dev/null || true; done
+  sleep 0.5 ;;
+stop-rgw)  # the S3 endpoint goes away, the cluster stays (fault tests, the delivery watchdog)
+  p=$(pid_of client.rgw.a); [ -n "$p" ] && { kill -TERM $p; for i in $(seq 1 300); do kill -0 $p 2>/dev/null || break; sleep 0.1; done; } || true ;;
+start-rgw) cd $C; [ -n "$(pid_of client.rgw.a)" ] || { break_notif_locks; radosgw -c $CONF -n client.rgw.a; }; wait_s3 ;;
+pids) for d in mon.a osd.0 client.rgw.a; do echo -n "$d=$(pid_of $d) "; done; echo ;;
+*) echo "bad cmd" >&2; exit 2 ;;
+esac

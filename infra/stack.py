@@ -1,0 +1,304 @@
+"""The local stack behind ``bucketlens up|down|status``: Redis, Ceph RGW, ingest, one worker, the index service.
+
+All state lives under one folder (``settings.home``): ``stack.json`` (ports, tokens), ``run/`` (pid files),
+``logs/``, ``redis/``, ``ceph/``. ``down`` stops exactly what ``up`` started, by pid file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bucketlens.redis_client import connect
+from bucketlens.keys import Keys
+from bucketlens.s3 import make_client
+from bucketlens.settings import Settings
+
+from .notifications import ensure_bucket, ensure_notifications
+
+log = logging.getLogger(__name__)
+INFRA = Path(__file__).resolve().parent
+SERVICES = ("ingest", "worker", "api")  # Python processes, started in this order after Redis and Ceph
+COMMAND = {"ingest": "ingest", "worker": "worker", "api": "serve"}  # bucketlens subcommand of each
+
+
+class StackError(RuntimeError):
+    """A part of the local stack did not come up; the message says which and where its log is."""
+
+
+@dataclasses.dataclass
+class StackConfig:
+    """Chosen once, at the first ``up``, and kept in ``stack.json``."""
+
+    redis_port: int
+    s3_port: int
+    mon_port: int
+    ingest_port: int
+    api_port: int
+    webhook_token: str
+    admin_token: str
+
+
+def free_port(preferred: int = 0) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise StackError("no free port on 127.0.0.1")
+
+
+class Stack:
+    def __init__(self, base: Settings) -> None:
+        self.home = Path(base.home).resolve()
+        self.base = base
+        self.config = self._load_or_create_config()
+        self.settings = dataclasses.replace(
+            base,
+            home=self.home,
+            redis_url=f"redis://127.0.0.1:{self.config.redis_port}/0",
+            s3_endpoint=f"http://127.0.0.1:{self.config.s3_port}",
+            ingest_port=self.config.ingest_port,
+            api_port=self.config.api_port,
+            webhook_token=base.webhook_token or self.config.webhook_token,
+            admin_token=base.admin_token or self.config.admin_token,
+        )
+
+    # -- configuration -------------------------------------------------------------------------------------
+
+    def _load_or_create_config(self) -> StackConfig:
+        path = self.home / "stack.json"
+        if path.exists():
+            return StackConfig(**json.loads(path.read_text()))
+        self.home.mkdir(parents=True, exist_ok=True)
+        config = StackConfig(
+            redis_port=free_port(6390), s3_port=free_port(7480), mon_port=free_port(3300),
+            ingest_port=free_port(self.base.ingest_port), api_port=free_port(self.base.api_port),
+            webhook_token=secrets.token_urlsafe(24), admin_token=secrets.token_urlsafe(24),
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        tmp.chmod(0o600)  # holds tokens
+        os.replace(tmp, path)
+        return config
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.api_port}"
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ingest_port}"
+
+    # -- up / down / status --------------------------------------------------------------------------------
+
+    def up(self, services: tuple[str, ...] = SERVICES, wait_ready: bool = True) -> None:
+        """Start whatever is not running yet; safe to call again."""
+        for folder in ("run", "logs", "redis"):
+            (self.home / folder).mkdir(parents=True, exist_ok=True)
+        self.start_redis()
+        self.start_ceph()
+        s3 = make_client(self.settings)
+        ensure_bucket(s3, self.settings.bucket)
+        for name in services:
+            self.start_service(name)
+        self._wait_http(self.ingest_url + "/healthz", "ingest", 60)
+        ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={self.settings.webhook_token}")
+        self.wait_canary()
+        if wait_ready and "api" in services:
+            self._wait_http(self.api_url + "/readyz", "api", 300)
+
+    def down(self) -> None:
+        for name in reversed(SERVICES):
+            self.stop_service(name)
+        self._ceph("stop")
+        self.stop_redis()
+
+    def status(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "home": str(self.home),
+            "api_url": self.api_url,
+            "ingest_url": self.ingest_url,
+            "s3_endpoint": s.s3_endpoint,
+            "s3_access_key": s.s3_access_key,
+            "s3_secret_key": s.s3_secret_key,
+            "bucket": s.bucket,
+            "redis_url": s.redis_url,
+            "namespace": s.namespace,
+            "admin_token": s.admin_token,
+            "webhook_token": s.webhook_token,
+            "processes": {
+                "redis": self._redis_pid() is not None,
+                "s3": self._ceph_up(),
+                **{name: self._pid(name) is not None for name in SERVICES},
+            },
+        }
+
+    # -- Redis ---------------------------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        if self._redis_pid() is not None:
+            return
+        conf = self.home / "redis" / "redis.conf"
+        conf.write_text(
+            (INFRA / "redis.conf").read_text()
+            + f"port {self.config.redis_port}\ndir {self.home / 'redis'}\n"
+            + f"pidfile {self.home / 'run' / 'redis.pid'}\nlogfile {self.home / 'logs' / 'redis.log'}\n"
+        )
+        subprocess.run(["redis-server", str(conf)], check=True)
+        client = connect(self.settings.redis_url)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if client.ping():
+                    break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise StackError(f"Redis did not start; see {self.home / 'logs' / 'redis.log'}") from None
+                time.sleep(0.1)
+
+    def stop_redis(self, kill: bool = False) -> None:
+        pid = self._redis_pid()
+        if pid is not None:
+            _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30)
+
+    def _redis_pid(self) -> int | None:
+        return _live_pid(self.home / "run" / "redis.pid", "redis-server")
+
+    # -- Ceph ----------------------------------------------------------------------------------------------
+
+    def start_ceph(self) -> None:
+        if self._ceph_up():
+            return
+        ceph = self.home / "ceph"
+        env = {**os.environ, "S3_ACCESS_KEY": self.settings.s3_access_key,
+               "S3_SECRET_KEY": self.settings.s3_secret_key}
+        command = "start" if (ceph / "ceph.conf").exists() else "init"
+        if command == "init" and ceph.exists():
+            raise StackError(f"{ceph} exists without ceph.conf; remove it to re-create the S3 server")
+        self._ceph(command, env=env)
+
+    def _ceph(self, command: str, env: dict[str, str] | None = None) -> None:
+        ceph = self.home / "ceph"
+        if command != "init" and not (ceph / "ceph.conf").exists():
+            return
+        with open(self.home / "logs" / "ceph-script.log", "ab") as out:
+            result = subprocess.run(
+                ["bash", str(INFRA / "ceph.sh"), command, str(ceph), str(self.config.s3_port),
+                 str(self.config.mon_port)], stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600,
+            )
+        if result.returncode != 0:
+            raise StackError(f"ceph.sh {command} failed; see {self.home / 'logs' / 'ceph-script.log'}")
+
+    def stop_s3(self) -> None:
+        """Stop radosgw only (the cluster stays): the S3 endpoint becomes unreachable."""
+        self._ceph("stop-rgw")
+
+    def start_s3(self) -> None:
+        self._ceph("start-rgw")
+
+    def _ceph_up(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.config.s3_port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    # -- Python services -----------------------------------------------------------------------------------
+
+    def start_service(self, name: str) -> None:
+        if self._pid(name) is not None:
+            return
+        if name not in SERVICES:
+            raise StackError(f"unknown service {name!r}")
+        env = {**os.environ, **self.settings.to_env()}
+        log_file = open(self.home / "logs" / f"{name}.log", "ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bucketlens.cli", COMMAND[name]], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        log_file.close()
+        (self.home / "run" / f"{name}.pid").write_text(str(process.pid))
+
+    def stop_service(self, name: str, kill: bool = False) -> None:
+        pid = self._pid(name)
+        if pid is not None:
+            _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30, group=True)
+        (self.home / "run" / f"{name}.pid").unlink(missing_ok=True)
+
+    def _pid(self, name: str) -> int | None:
+        return _live_pid(self.home / "run" / f"{name}.pid", "python")
+
+    # -- readiness -----------------------------------------------------------------------------------------
+
+    def _wait_http(self, url: str, name: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if name in SERVICES and self._pid(name) is None:
+                raise StackError(f"{name} exited; see {self.home / 'logs' / (name + '.log')}")
+            time.sleep(0.2)
+        raise StackError(f"{name} not ready at {url} after {timeout_s:.0f} s; see {self.home / 'logs'}")
+
+    def wait_canary(self, timeout_s: float = 90) -> float:
+        """Write a canary object and wait for its notification: proves S3 -> ingest delivery end to end."""
+        key = f"{self.settings.reserved_prefix}canary/{time.time_ns()}"
+        client = connect(self.settings.redis_url)
+        keys = Keys(self.settings.namespace)
+        started = time.monotonic()
+        make_client(self.settings).put_object(Bucket=self.settings.bucket, Key=key, Body=b"canary")
+        while time.monotonic() - started < timeout_s:
+            if client.hget(keys.canary, "last_key") == key.encode():
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise StackError(f"no notification for {key} within {timeout_s:.0f} s; see {self.home / 'logs'}")
+
+
+def _live_pid(path: Path, comm_prefix: str) -> int | None:
+    """The pid in ``path`` if that process is alive and is what we started (not a recycled pid)."""
+    try:
+        pid = int(path.read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    if stat.split(") ", 1)[-1].startswith("Z") or not comm.startswith(comm_prefix[:15]):
+        return None
+    return pid
+
+
+def _terminate(pid: int, sig: int, timeout_s: float, group: bool = False) -> None:
+    try:
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1].startswith("Z"):
+                os.waitpid(pid, os.WNOHANG)
+        except (ProcessLookupError, ChildProcessError, FileNotFoundError):
+            return
+        time.sleep(0.1)
+    if sig != signal.SIGKILL:
+        _terminate(pid, signal.SIGKILL, 5, group)

@@ -1,0 +1,1 @@
+"""S3 events in, Celery tasks and delete entries out."""

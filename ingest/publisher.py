@@ -1,0 +1,65 @@
+"""Send object references to the workers (Celery, by task name) and delete entries to the result stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterable
+
+import redis
+from celery import Celery
+
+from bucketlens.celery_config import celery_config
+from bucketlens.keys import EMBED_TASK, Keys
+from bucketlens.schemas import ObjectRef, ResultEntry
+from bucketlens.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Everything that writes work into Redis on behalf of ingest, rebuilds and failure retries."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.redis = client
+        self.celery = Celery("bucketlens-publisher", set_as_current=False)
+        self.celery.conf.update(celery_config(settings))
+
+    def generations(self) -> list[int]:
+        """Generations that must receive live events: the serving one and, during a rebuild, the shadow."""
+        found = sorted(int(g) for g in self.redis.hkeys(self.keys.generations))
+        return found or [1]
+
+    def send_embeds(self, refs: Iterable[ObjectRef], queue: str | None = None) -> int:
+        """Queue embed tasks of at most ``batch_size`` references; returns the number of tasks sent.
+
+        Returns only once every task is in Redis, so callers may acknowledge the event.
+        """
+        refs = list(refs)
+        if not refs:
+            return 0
+        self.redis.hset(
+            self.keys.pending,
+            mapping={ref.object_id: json.dumps({"etag": ref.etag, "order": str(ref.order)}) for ref in refs},
+        )
+        size = max(1, self.settings.batch_size)
+        tasks = 0
+        for start in range(0, len(refs), size):
+            chunk = [ref.to_json() for ref in refs[start : start + size]]
+            self.celery.send_task(EMBED_TASK, args=[chunk], queue=queue or self.keys.live_queue)
+            tasks += 1
+        return tasks
+
+    def write_deletes(self, refs: Iterable[ObjectRef]) -> None:
+        """Deletes need no worker: they go straight to the result stream."""
+        pipe = self.redis.pipeline(transaction=False)
+        for ref in refs:
+            entry = ResultEntry("delete", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation)
+            pipe.xadd(self.keys.results, entry.to_fields())
+            pipe.hdel(self.keys.failures, ref.object_id)
+        pipe.execute()
+
+    def close(self) -> None:
+        self.celery.close()

@@ -1,0 +1,150 @@
+"""The webhook receiver: ``POST /events`` from MinIO, Ceph RGW or any S3-style notifier.
+
+Answers 2xx only once every created object is in the broker and every delete is in the result stream;
+otherwise 503, so the S3 server delivers the event again. Repeated notifications are suppressed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from typing import AsyncIterator, Sequence
+
+import redis
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bucketlens.auth import token_ok
+from bucketlens.http import HTTPError, http_error_handler, read_limited
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
+from bucketlens.schemas import ObjectRef
+from bucketlens.settings import Settings
+
+from .batcher import Batcher
+from .errors import BadEvent
+from .events import ObjectEvent, parse_body
+from .publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+
+class Receiver:
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.redis = client
+        self.publisher = Publisher(settings, client)
+        self.batcher = Batcher(self._flush_created, settings.batch_window_ms / 1000, settings.batch_size)
+        self._redis_down_logged = False
+
+    async def _flush_created(self, refs: Sequence[ObjectRef]) -> None:
+        await run_in_threadpool(self.publisher.send_embeds, refs)
+
+    def _claim_new(self, events: list[ObjectEvent]) -> tuple[list[ObjectEvent], int]:
+        """Events not seen before (by bucket, key, etag, sequencer); the rest are duplicates."""
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:
+            pipe.set(self.keys.dedup(_digest(event)), b"1", nx=True, ex=self.settings.dedup_ttl_s)
+        fresh = [event for event, new in zip(events, pipe.execute()) if new]
+        return fresh, len(events) - len(fresh)
+
+    def _forget(self, events: list[ObjectEvent]) -> None:
+        """Undo the dedup marks of events that could not be queued, so their redelivery is not dropped."""
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(*[self.keys.dedup(_digest(event)) for event in events])
+
+    def _note_canaries(self, events: list[ObjectEvent]) -> None:
+        now = time.time()
+        for event in events:
+            self.redis.hset(self.keys.canary, mapping={"last_key": event.ref.key, "last_seen": now})
+
+    async def handle(self, request: Request) -> JSONResponse:
+        if not token_ok(request, self.settings.webhook_token):
+            raise HTTPError(401, "unauthorized", "missing or wrong webhook token")
+        body = await read_limited(request, self.settings.max_body_bytes)
+        try:
+            parsed = parse_body(body)
+        except BadEvent as exc:
+            raise HTTPError(400, "bad_event", str(exc)) from exc
+        reserved = [e for e in parsed.events if e.ref.key.startswith(self.settings.reserved_prefix)]
+        events = [e for e in parsed.events if not e.ref.key.startswith(self.settings.reserved_prefix)]
+        try:
+            generations = await run_in_threadpool(self.publisher.generations)
+            fresh, duplicates = await run_in_threadpool(self._claim_new, events)
+        except redis.RedisError as exc:
+            self._log_redis_down(exc)
+            raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
+        created = [_tag(e.ref, g) for e in fresh if e.kind == "created" for g in generations]
+        removed = [_tag(e.ref, g) for e in fresh if e.kind == "removed" for g in generations]
+        try:
+            if removed:
+                await run_in_threadpool(self.publisher.write_deletes, removed)
+            await self.batcher.submit(created)
+            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), reserved)
+        except Exception as exc:  # broker or Redis down: nothing was acknowledged, the S3 server retries
+            await run_in_threadpool(self._forget, fresh)
+            self._log_redis_down(exc)
+            raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
+        if self._redis_down_logged:
+            log.info("Redis reachable again")
+            self._redis_down_logged = False
+        return JSONResponse(
+            {"accepted": len(fresh), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved)},
+            status_code=200,
+        )
+
+    def _record(self, ignored: int, duplicates: int, accepted: int, reserved: list[ObjectEvent]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for name, value in (("received", accepted + duplicates + ignored), ("ignored", ignored),
+                            ("duplicated", duplicates), ("accepted", accepted)):
+            if value:
+                pipe.hincrby(self.keys.counters, name, value)
+        pipe.execute()
+        if reserved:
+            self._note_canaries(reserved)
+
+    def _log_redis_down(self, exc: BaseException) -> None:
+        if not self._redis_down_logged:  # once per outage, not once per request
+            log.warning("cannot queue events, answering 503 until Redis is back: %s", exc)
+            self._redis_down_logged = True
+
+
+def _digest(event: ObjectEvent) -> str:
+    ref = event.ref
+    raw = "\0".join((event.kind, ref.bucket, ref.key, ref.etag, ref.sequencer, ref.version_id))
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+def _tag(ref: ObjectRef, generation: int) -> ObjectRef:
+    return ref if ref.generation == generation else ObjectRef(**{**ref.__dict__, "generation": generation})
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The ingest service's Starlette app."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = connect(settings.redis_url)
+        app.state.receiver = Receiver(settings, client)
+        yield
+        app.state.receiver.publisher.close()
+        client.close()
+
+    async def events(request: Request) -> JSONResponse:
+        receiver: Receiver = request.app.state.receiver
+        return await receiver.handle(request)
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    return Starlette(
+        routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz)],
+        exception_handlers={HTTPError: http_error_handler},
+        lifespan=lifespan,
+    )

