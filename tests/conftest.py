@@ -1,0 +1,74 @@
+"""Session fixtures: one real local stack (Redis, Ceph RGW with real notifications, ingest, a Celery worker,
+the index service) on free ports in a temporary folder, shared by every integration test and stopped at the end.
+
+Tests isolate themselves by key prefix (``unique_prefix``) rather than by flushing Redis (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from bucketlens.s3 import make_client
+from bucketlens.settings import Settings
+from infra.stack import Stack
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """The real local stack. Set BUCKETLENS_TEST_HOME to keep and reuse one between runs (faster locally)."""
+    keep = os.environ.get("BUCKETLENS_TEST_HOME")
+    home = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bucketlens-test-"))
+    settings = Settings(home=home, namespace="t", bucket="test-images", visibility_timeout_s=60, batch_window_ms=30,
+                        ingest_port=0, api_port=0)
+    stack = Stack(settings)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        if not keep:
+            stack.down()
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3(stack: Stack) -> Any:
+    return make_client(stack.settings)
+
+
+@pytest.fixture(scope="session")
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.api_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def unique_prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}/"
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2, what: str = "") -> Any:
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what or predicate}")
+
+
+def object_state(api: httpx.Client, bucket: str, key: str) -> dict[str, Any] | None:
+    response = api.get(f"/objects/{bucket}/{quote(key, safe='/')}")
+    return response.json() if response.status_code == 200 else None
