@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,12 @@ def export(model: str, path: Path) -> None:
     net = efficientnet.build(model)
     sample = torch.zeros(1, 3, efficientnet.INPUT_SIZE, efficientnet.INPUT_SIZE)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.onnx.export(
-        net, (sample,), str(tmp), input_names=["images"], output_names=["features"],
-        dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False,
-    )
+    with warnings.catch_warnings():  # the exporter's constant-folding notes are not actionable
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(
+            net, (sample,), str(tmp), input_names=["images"], output_names=["features"],
+            dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False,
+        )
     os.replace(tmp, path)
 
 

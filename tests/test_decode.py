@@ -1,0 +1,89 @@
+"""Decoding: modes, EXIF orientation, animations, bombs, truncation, non-images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from workers.decode import decode
+from workers.errors import PermanentError
+
+LIMIT = 10_000_000
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def half_red_half_blue(width: int = 64, height: int = 32) -> Image.Image:
+    image = Image.new("RGB", (width, height), (255, 0, 0))
+    image.paste((0, 0, 255), (width // 2, 0, width, height))
+    return image
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK", "RGBA", "LA", "I;16", "1", "I", "F"])
+def test_any_mode_becomes_224_rgb(mode: str) -> None:
+    image = half_red_half_blue().convert(mode) if mode not in ("I;16", "I", "F") else Image.new(mode, (40, 30))
+    fmt = "TIFF" if mode in ("CMYK", "I;16", "I", "F") else "PNG"
+    pixels = decode(encode(image, fmt), LIMIT)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    image = Image.fromarray(np.full((20, 20), 30000, dtype=np.uint16))
+    pixels = decode(encode(image, "PNG"), LIMIT)
+    assert 100 < pixels.mean() < 140  # 30000/65535 of full scale, not saturated white
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = half_red_half_blue(64, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW when displayed
+    pixels = decode(encode(image, "JPEG", exif=exif.tobytes()), LIMIT)
+    top, bottom = pixels[:50].mean(axis=(0, 1)), pixels[-50:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[2] < 60  # displayed upright: red on top, blue at the bottom
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((0, 255, 0), (255, 0, 0))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert decode(data, LIMIT)[..., 1].mean() > 200
+
+
+def test_transparent_png_is_composited_on_white() -> None:
+    pixels = decode(encode(Image.new("RGBA", (10, 10), (0, 0, 0, 0)), "PNG"), LIMIT)
+    assert pixels.min() > 250
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"hello, I am text with a .jpg name", "not_an_image"),
+        (encode(half_red_half_blue(400, 400), "JPEG")[:600], "corrupt"),
+        (encode(half_red_half_blue(400, 400), "PNG")[:200], "corrupt"),
+    ],
+)
+def test_bad_objects_raise_permanent_errors(data: bytes, reason: str) -> None:
+    with pytest.raises(PermanentError) as info:
+        decode(data, LIMIT)
+    assert info.value.reason == reason
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    bomb = encode(Image.new("L", (12_000, 12_000)), "PNG")  # ~100 KB on disk, 144 MP
+    assert len(bomb) < 1_000_000
+    with pytest.raises(PermanentError) as info:
+        decode(bomb, LIMIT)
+    assert info.value.reason == "too_many_pixels"
+
+
+def test_large_jpeg_uses_draft_mode_and_keeps_content() -> None:
+    pixels = decode(encode(half_red_half_blue(4000, 3000), "JPEG", quality=90), 20_000_000)
+    assert pixels[:, :100, 0].mean() > 200 and pixels[:, -100:, 2].mean() > 200

@@ -1,0 +1,92 @@
+"""Event parsing in the exact shapes MinIO, Ceph RGW (captured from radosgw 16.2.15) and AWS send."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bucketlens.ordering import ceph_sequencer_order, time_order
+from ingest.errors import BadEvent
+from ingest.events import parse_body
+
+FIXTURES = Path(__file__).parent / "fixtures" / "events"
+
+
+def load(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def test_ceph_keys_arrive_raw_and_sequencer_is_decoded() -> None:
+    (event,) = parse_body(load("ceph_put.json")).events
+    assert event.kind == "created"
+    assert event.ref.bucket == "capture"
+    assert event.ref.key == "dir/a b+c%d ü.jpg"  # not URL-decoded: '+' and '%' stay
+    assert event.ref.etag == "5d41402abc4b2a76b9719d911017c592"
+    assert event.ref.size == 5
+    assert event.ref.order == ceph_sequencer_order("EF950B6B6F02E10C")
+    # The decoded sequencer is the event's own time (eventId carries the same seconds.micros).
+    assert abs(event.ref.order - time_order("2026-11-29T03:03:11.216072Z")) < 1_000
+
+
+def test_ceph_delete_is_ordered_after_its_put() -> None:
+    (put,) = parse_body(load("ceph_put.json")).events
+    (delete,) = parse_body(load("ceph_delete.json")).events
+    assert delete.kind == "removed"
+    assert delete.ref.key == put.ref.key
+    assert delete.ref.order > put.ref.order
+
+
+def test_minio_keys_are_url_decoded_with_plus_as_space() -> None:
+    (event,) = parse_body(load("minio_put.json")).events
+    assert event.kind == "created"
+    assert event.ref.bucket == "images"
+    assert event.ref.key == "holiday/beach day ü+1.jpg"
+    assert event.ref.order == int("1879B0FBA6D2E3F4", 16)
+
+
+def test_minio_delete_without_etag_or_size() -> None:
+    (event,) = parse_body(load("minio_delete.json")).events
+    assert event.kind == "removed"
+    assert event.ref.etag == ""
+    assert event.ref.size == 0
+
+
+def test_aws_multipart_nested_unicode_key_and_long_sequencer() -> None:
+    (event,) = parse_body(load("aws_put.json")).events
+    assert event.ref.key == "2026/trips/new york/times sq+night 東京.jpg"
+    assert event.ref.etag == "9b2cf535f27731c974343645a3985328-2"
+    assert event.ref.version_id == "3HL4kqtJlcpXroDTDmjVBH40Nrjfkd"
+    assert event.ref.order == int("0A1B2C3D4E5F678901", 16)
+
+
+def test_aws_test_event_is_ignored() -> None:
+    parsed = parse_body(load("aws_test_event.json"))
+    assert parsed.events == [] and parsed.ignored == 1
+
+
+def test_unknown_event_kinds_are_ignored_and_counted() -> None:
+    record = json.loads(load("ceph_put.json"))["Records"][0]
+    other = {**record, "eventName": "ObjectRestore:Completed"}
+    parsed = parse_body(json.dumps({"Records": [record, other]}).encode())
+    assert len(parsed.events) == 1 and parsed.ignored == 1
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"foo": 1}', "no Records"),
+        (b'{"Records": {}}', "must be a list"),
+        (b'{"Records": [1]}', "not an object"),
+        (b'{"Records": [{"eventName": "ObjectCreated:Put"}]}', "lacks"),
+        (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": ""}}}]}',
+         "empty"),
+        (b"\xff\xfe", "not JSON"),
+    ],
+)
+def test_malformed_bodies_raise_bad_event(body: bytes, message: str) -> None:
+    with pytest.raises(BadEvent, match=message):
+        parse_body(body)

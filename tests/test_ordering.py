@@ -1,0 +1,38 @@
+"""Order values: Ceph's little-endian utime_t sequencers, hex sequencers, event times."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from bucketlens.ordering import ceph_sequencer_order, event_order, hex_sequencer_order, time_order
+
+
+def test_ceph_sequencer_example_from_design() -> None:
+    order = ceph_sequencer_order("5D810B6B61CD2E06")
+    when = dt.datetime.fromtimestamp(order // 1_000_000_000, dt.timezone.utc)
+    assert when.isoformat().startswith("2026-11-29T01:35:25")
+    assert order % 1_000_000_000 // 100_000 == 1037  # .1037 s
+
+
+def test_ceph_sequencers_do_not_compare_as_strings() -> None:
+    # 1 s apart across a byte boundary: the later hex string sorts *before* the earlier one (little-endian).
+    earlier = (0x6B0B80FF).to_bytes(4, "little") + (999_000_000).to_bytes(4, "little")
+    later = (0x6B0B8100).to_bytes(4, "little") + (1_000).to_bytes(4, "little")
+    assert later.hex().upper() < earlier.hex().upper()
+    assert ceph_sequencer_order(later.hex()) > ceph_sequencer_order(earlier.hex())
+
+
+def test_hex_sequencers_compare_as_left_padded_integers() -> None:
+    assert hex_sequencer_order("FF") < hex_sequencer_order("0100")
+    assert hex_sequencer_order("0A1B") == hex_sequencer_order("00000A1B")
+
+
+def test_event_order_falls_back_to_event_time() -> None:
+    assert event_order("minio:s3", "", "2026-11-29T01:35:25.5Z") == time_order("2026-11-29T01:35:25.5Z")
+    assert event_order("ceph:s3", "nothex", "2026-11-29T01:35:25Z") == time_order("2026-11-29T01:35:25Z")
+    assert event_order("aws:s3", "", "") == 0
+
+
+def test_time_order_accepts_datetimes_and_strings() -> None:
+    when = dt.datetime(2026, 11, 29, 1, 35, 25, 103000, tzinfo=dt.timezone.utc)
+    assert time_order(when) == time_order("2026-11-29T01:35:25.103Z") == time_order(when.replace(tzinfo=None))

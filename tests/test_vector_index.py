@@ -1,0 +1,92 @@
+"""Index semantics: one vector per object, replace, delete with tombstones, stale entries discarded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bucketlens.schemas import ResultEntry
+from index_service.vector_index import VectorIndex
+
+DIM = 8
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def upsert(key: str, order: int, seed: int, etag: str = "e", model: str = "m") -> ResultEntry:
+    return ResultEntry("upsert", "b", key, etag, "", order, 1, model, unit(seed))
+
+
+def delete(key: str, order: int) -> ResultEntry:
+    return ResultEntry("delete", "b", key, "", "", order, 1)
+
+
+@pytest.fixture
+def index() -> VectorIndex:
+    return VectorIndex("m", DIM)
+
+
+def test_search_finds_the_same_vector_first(index: VectorIndex) -> None:
+    index.apply([upsert(f"k{i}", 1, i) for i in range(20)])
+    (best, score), *_ = index.search(unit(7), 5)
+    assert best.key == "k7" and score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_reupload_replaces(index: VectorIndex) -> None:
+    index.apply([upsert("a", 1, 1, etag="old"), upsert("a", 2, 2, etag="new")])
+    assert len(index) == 1
+    assert index.get("b", "a").etag == "new"
+    np.testing.assert_allclose(index.vector("b", "a"), unit(2), atol=1e-6)
+
+
+def test_repeated_entry_is_harmless(index: VectorIndex) -> None:
+    index.apply([upsert("a", 5, 1)] * 3)
+    assert len(index) == 1
+
+
+def test_older_entry_is_discarded(index: VectorIndex) -> None:
+    index.apply([upsert("a", 2, 2, etag="new")])
+    stats = index.apply([upsert("a", 1, 1, etag="old")])
+    assert stats.stale == 1 and index.get("b", "a").etag == "new"
+
+
+def test_delete_removes_and_tombstone_blocks_late_older_upsert(index: VectorIndex) -> None:
+    index.apply([upsert("a", 1, 1), delete("a", 2)])
+    assert index.get("b", "a") is None and index.search(unit(1), 5) == []
+    stats = index.apply([upsert("a", 1, 1)])  # a late, duplicated event for the deleted version
+    assert stats.stale == 1 and len(index) == 0
+    index.apply([upsert("a", 3, 3)])  # a genuinely newer upload comes back
+    assert index.get("b", "a").order == 3
+
+
+def test_delete_older_than_current_version_is_ignored(index: VectorIndex) -> None:
+    index.apply([upsert("a", 5, 1), delete("a", 4)])
+    assert index.get("b", "a") is not None
+
+
+def test_delete_arriving_before_its_upsert(index: VectorIndex) -> None:
+    index.apply([delete("a", 2), upsert("a", 1, 1)])
+    assert len(index) == 0
+
+
+def test_wrong_model_or_dimension_is_rejected(index: VectorIndex) -> None:
+    wrong_dim = ResultEntry("upsert", "b", "x", "e", "", 1, 1, "m", np.ones(4, dtype=np.float32) / 2)
+    stats = index.apply([upsert("y", 1, 1, model="other"), wrong_dim])
+    assert stats.rejected == 2 and len(index) == 0
+
+
+def test_search_excludes_the_query_object(index: VectorIndex) -> None:
+    index.apply([upsert(f"k{i}", 1, i) for i in range(5)])
+    hits = index.search(unit(3), 3, exclude="b/k3")
+    assert len(hits) == 3 and all(obj.key != "k3" for obj, _ in hits)
+
+
+def test_stream_entry_round_trip() -> None:
+    entry = upsert("dir/a b+c ü.jpg", 2**70, 4)
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in entry.to_fields().items()}
+    back = ResultEntry.from_fields(fields)
+    assert back.key == entry.key and back.order == 2**70
+    np.testing.assert_array_equal(back.vector, entry.vector)
