@@ -122,7 +122,7 @@ stop)
     p=$(pid_of $d); [ -n "$p" ] || continue
     kill -TERM $p 2>/dev/null || true
     for i in $(seq 1 300); do kill -0 $p 2>/dev/null || break; sleep 0.1; done
-    kill -0 $p 2>/dev/null && echo "$d ($p) still alive after 30s" >&2
+    if kill -0 $p 2>/dev/null; then echo "$d ($p) still alive after 30s" >&2; fi
   done ;;
 kill)
   for d in client.rgw.a osd.0 mon.a; do p=$(pid_of $d); [ -n "$p" ] && kill -KILL $p 2>/dev/null || true; done

@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
-from urllib.parse import quote
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -56,19 +54,3 @@ def api(stack: Stack) -> Iterator[httpx.Client]:
 @pytest.fixture
 def unique_prefix() -> str:
     return f"t-{uuid.uuid4().hex[:8]}/"
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2, what: str = "") -> Any:
-    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what or predicate}")
-
-
-def object_state(api: httpx.Client, bucket: str, key: str) -> dict[str, Any] | None:
-    response = api.get(f"/objects/{bucket}/{quote(key, safe='/')}")
-    return response.json() if response.status_code == 200 else None

@@ -1,0 +1,43 @@
+"""Helpers for integration tests: polling, object state, test images (real photographs and bad objects)."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any, Callable
+from urllib.parse import quote
+
+import httpx
+from PIL import Image
+
+from infra.samples import augment, skimage_data
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2, what: str = "") -> Any:
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what or predicate}")
+
+
+def object_state(api: httpx.Client, bucket: str, key: str) -> dict[str, Any] | None:
+    response = api.get(f"/objects/{bucket}/{quote(key, safe='/')}")
+    return response.json() if response.status_code == 200 else None
+
+
+def photo(name: str, transform: bool = False) -> bytes:
+    image = Image.open(skimage_data() / name).convert("RGB")
+    if transform:
+        image = augment(image)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def truncated_jpeg() -> bytes:
+    data = photo("coffee.png")
+    return data[: len(data) // 3]

@@ -1,0 +1,126 @@
+"""The web page (GET /) in a real browser against the real stack: search by file, thumbnails from presigned
+URLs, click-through search by key, the status strip, API errors shown. Debian's Chromium drives it through
+Playwright; `playwright install` is never needed."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from infra.samples import write_samples
+from infra.stack import Stack
+
+from .helpers import object_state, wait_for
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PHOTOS = ("chelsea.jpg", "coffee.jpg", "rocket.jpg", "augmented/chelsea-flipped-crop.jpg")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def make_unique(path: Path, seed: str) -> None:
+    """Rotate the photo by a small angle derived from ``seed`` (then crop the corners away): the shared stack
+    may hold byte-identical copies from other tests, which would tie with ours at score 1.0."""
+    turn = int(hashlib.sha256(seed.encode()).hexdigest(), 16) % 40
+    image = Image.open(path).convert("RGB").rotate(1.0 + turn / 10, resample=Image.Resampling.BICUBIC)
+    w, h = image.size
+    image.crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(path, quality=92)
+
+
+def wait_thumbnails_loaded(page: Page, count: int) -> None:
+    """The first ``count`` thumbnails decoded real pixels (presigned GETs to the S3 server worked)."""
+    page.wait_for_function(
+        """(count) => {
+            const imgs = [...document.querySelectorAll('[data-testid=result-thumb]')].slice(0, count);
+            return imgs.length === count
+                && imgs.every((img) => img.complete && img.naturalWidth > 1 && !img.classList.contains('broken'));
+        }""",
+        arg=count, timeout=30_000,
+    )
+
+
+def test_search_by_file_then_click_through(
+    browser: Browser, stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str, tmp_path: Path
+) -> None:
+    bucket = stack.settings.bucket
+    samples = {p.relative_to(tmp_path).as_posix(): p for p in write_samples(tmp_path)}
+    keys = {}
+    for name in PHOTOS:
+        make_unique(samples[name], unique_prefix + name)
+        keys[name] = unique_prefix + name
+        s3.upload_file(str(samples[name]), bucket, keys[name], ExtraArgs={"ContentType": "image/jpeg"})
+    try:
+        for key in keys.values():
+            wait_for(lambda key=key: (object_state(api, bucket, key) or {}).get("state") == "indexed",
+                     timeout_s=180, interval_s=0.5, what=f"{key} indexed")
+
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        js_errors: list[str] = []
+        page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+        page.goto(stack.api_url + "/")
+
+        # Status strip: filled from /stats and /queues, refreshed every 2 s.
+        expect(page.get_by_test_id("status-dot")).to_have_class(re.compile(r"\bok\b"), timeout=10_000)
+        assert int(re.sub(r"\D", "", page.get_by_test_id("stat-vectors").inner_text())) >= len(PHOTOS)
+        expect(page.get_by_test_id("stat-model")).to_have_text(api.get("/stats").json()["model"])
+        live_queue = next(iter(api.get("/queues").json()["queues"]))
+        expect(page.get_by_test_id(f"queue-{live_queue}")).to_be_visible()
+        expect(page.get_by_test_id("rebuild")).to_be_hidden()
+
+        # An API error is shown with its message.
+        page.get_by_test_id("key-input").fill(unique_prefix + "no-such-image.jpg")
+        page.get_by_test_id("key-submit").click()
+        expect(page.get_by_test_id("error")).to_be_visible()
+        expect(page.get_by_test_id("error")).to_contain_text("not in the index")
+
+        # Search by file: the photo's own (rotated, so unique) object comes first, at score ~1.
+        page.get_by_test_id("k-input").fill("8")
+        page.get_by_test_id("file-input").set_input_files(str(samples["chelsea.jpg"]))
+        results = page.get_by_test_id("results")
+        expect(results).to_have_attribute("data-search-count", "1")  # completed searches; the failed one is none
+        expect(page.get_by_test_id("error")).to_be_hidden()
+        cards = page.get_by_test_id("result")
+        expect(cards.first).to_have_attribute("data-key", keys["chelsea.jpg"])
+        assert float(cards.first.get_attribute("data-score") or 0) > 0.999
+        assert 1 < cards.count() <= 8
+        expect(page.get_by_test_id("query-label")).to_contain_text("chelsea.jpg")
+        wait_thumbnails_loaded(page, min(cards.count(), 4))
+
+        # Clicking a result searches by its key, which excludes itself from its own results.
+        first_before = cards.first.get_attribute("data-key")
+        cards.first.click()
+        expect(results).to_have_attribute("data-search-count", "2")
+        expect(results).to_have_attribute("data-query-key", keys["chelsea.jpg"])
+        expect(page.get_by_test_id("query-label")).to_contain_text(keys["chelsea.jpg"])
+        result_keys = [cards.nth(i).get_attribute("data-key") for i in range(cards.count())]
+        assert result_keys and keys["chelsea.jpg"] not in result_keys
+        assert result_keys[0] != first_before
+        wait_thumbnails_loaded(page, min(len(result_keys), 4))
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+        assert not js_errors, js_errors
+        page.close()
+    finally:
+        for key in keys.values():
+            s3.delete_object(Bucket=bucket, Key=key)
