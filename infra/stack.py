@@ -67,6 +67,7 @@ class Stack:
         self.home = Path(base.home).resolve()
         self.base = base
         self.config = self._load_or_create_config()
+        self._children: dict[str, subprocess.Popen[bytes]] = {}  # started by this process: reaped on stop
         self.settings = dataclasses.replace(
             base,
             home=self.home,
@@ -233,12 +234,16 @@ class Stack:
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent),
         )
         log_file.close()
+        self._children[name] = process
         (self.home / "run" / f"{name}.pid").write_text(str(process.pid))
 
     def stop_service(self, name: str, kill: bool = False) -> None:
         pid = self._pid(name)
         if pid is not None:
             _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30, group=True)
+        child = self._children.pop(name, None)
+        if child is not None:
+            child.wait(timeout=5)
         (self.home / "run" / f"{name}.pid").unlink(missing_ok=True)
 
     def _pid(self, name: str) -> int | None:

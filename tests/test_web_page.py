@@ -4,15 +4,17 @@ Playwright; `playwright install` is never needed."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from infra.samples import write_samples
 from infra.stack import Stack
@@ -47,15 +49,23 @@ def make_unique(path: Path, seed: str) -> None:
     image.crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(path, quality=92)
 
 
-def wait_thumbnails_loaded(page: Page, count: int) -> None:
-    """The first ``count`` thumbnails decoded real pixels (presigned GETs to the S3 server worked)."""
+def indexed(api: httpx.Client, bucket: str, key: str) -> bool:
+    return (object_state(api, bucket, key) or {}).get("state") == "indexed"
+
+
+def wait_thumbnails_loaded(page: Page, prefix: str) -> None:
+    """The thumbnails of this test's objects decoded real pixels (the presigned GETs to the S3 server worked).
+    Only ours: on the shared stack other tests' objects may come and go while the page loads."""
     page.wait_for_function(
-        """(count) => {
-            const imgs = [...document.querySelectorAll('[data-testid=result-thumb]')].slice(0, count);
-            return imgs.length === count
+        """(prefix) => {
+            const imgs = [...document.querySelectorAll('[data-testid=result]')]
+                .filter((card) => card.dataset.key.startsWith(prefix))
+                .map((card) => card.querySelector('[data-testid=result-thumb]'));
+            return imgs.length > 0
                 && imgs.every((img) => img.complete && img.naturalWidth > 1 && !img.classList.contains('broken'));
         }""",
-        arg=count, timeout=30_000,
+        arg=prefix,
+        timeout=30_000,
     )
 
 
@@ -71,13 +81,20 @@ def test_search_by_file_then_click_through(
         s3.upload_file(str(samples[name]), bucket, keys[name], ExtraArgs={"ContentType": "image/jpeg"})
     try:
         for key in keys.values():
-            wait_for(lambda key=key: (object_state(api, bucket, key) or {}).get("state") == "indexed",
-                     timeout_s=180, interval_s=0.5, what=f"{key} indexed")
+            wait_for(functools.partial(indexed, api, bucket, key), timeout_s=180, interval_s=0.5, what=f"{key} indexed")
 
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         js_errors: list[str] = []
         page.on("pageerror", lambda exc: js_errors.append(str(exc)))
-        page.goto(stack.api_url + "/")
+        api_calls: list[tuple[str, str | None]] = []  # (path, Authorization) of the page's calls to the API
+
+        def record(request: Request) -> None:
+            if request.url.startswith(stack.api_url + "/") and request.resource_type == "fetch":
+                api_calls.append((request.url[len(stack.api_url) :], request.headers.get("authorization")))
+
+        page.on("request", record)
+        # Opened with a read token, the page passes it on as a bearer token (the stack sets none, so any passes).
+        page.goto(stack.api_url + "/?token=page-token")
 
         # Status strip: filled from /stats and /queues, refreshed every 2 s.
         expect(page.get_by_test_id("status-dot")).to_have_class(re.compile(r"\bok\b"), timeout=10_000)
@@ -104,7 +121,9 @@ def test_search_by_file_then_click_through(
         assert float(cards.first.get_attribute("data-score") or 0) > 0.999
         assert 1 < cards.count() <= 8
         expect(page.get_by_test_id("query-label")).to_contain_text("chelsea.jpg")
-        wait_thumbnails_loaded(page, min(cards.count(), 4))
+        wait_thumbnails_loaded(page, unique_prefix)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-page-image-search.png"), full_page=True)
 
         # Clicking a result searches by its key, which excludes itself from its own results.
         first_before = cards.first.get_attribute("data-key")
@@ -115,11 +134,13 @@ def test_search_by_file_then_click_through(
         result_keys = [cards.nth(i).get_attribute("data-key") for i in range(cards.count())]
         assert result_keys and keys["chelsea.jpg"] not in result_keys
         assert result_keys[0] != first_before
-        wait_thumbnails_loaded(page, min(len(result_keys), 4))
+        wait_thumbnails_loaded(page, unique_prefix)
 
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
         assert not js_errors, js_errors
+        called = {path for path, _ in api_calls}
+        assert {"/stats", "/queues", "/search"} <= called, called
+        assert all(auth == "Bearer page-token" for _, auth in api_calls), api_calls
         page.close()
     finally:
         for key in keys.values():

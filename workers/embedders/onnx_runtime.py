@@ -26,8 +26,11 @@ def export(model: str, path: Path) -> None:
     net = efficientnet.build(model)
     sample = torch.zeros(1, 3, efficientnet.INPUT_SIZE, efficientnet.INPUT_SIZE)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with warnings.catch_warnings():  # the exporter's constant-folding notes are not actionable
+    # The TorchScript exporter (dynamo=False) needs no onnxscript; its deprecation and constant-folding
+    # notes are not actionable here.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             net, (sample,), str(tmp), input_names=["images"], output_names=["features"],
             dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False,

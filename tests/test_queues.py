@@ -1,0 +1,35 @@
+"""The queue report against a real Redis with tasks enqueued and no worker running."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+from bucketlens.keys import EMBED_TASK, Keys
+from bucketlens.redis_client import connect
+from bucketlens.schemas import ObjectRef
+from index_service.queues import queue_report
+from infra.stack import Stack
+from ingest.publisher import Publisher
+
+
+def test_depths_count_every_priority_and_an_empty_queue_reads_zero(stack: Stack) -> None:
+    settings = dataclasses.replace(stack.settings, namespace=f"q{uuid.uuid4().hex[:8]}", batch_size=2)
+    keys = Keys(settings.namespace)
+    redis = connect(settings.redis_url)
+    publisher = Publisher(settings, redis)
+    assert queue_report(redis, keys)["queues"][keys.live_queue]["depth"] == 0
+
+    refs = [ObjectRef("b", f"k{i}", "e") for i in range(5)]
+    assert publisher.send_embeds(refs) == 3  # batches of two references
+    publisher.send_embeds(refs[:2], queue=keys.rebuild_queue)
+    for priority in (3, 9):
+        publisher.celery.send_task(EMBED_TASK, args=[[refs[0].to_json()]], queue=keys.live_queue, priority=priority)
+    report = queue_report(redis, keys)
+    live = report["queues"][keys.live_queue]
+    assert live["depth"] == 5
+    assert sum(live["by_priority"].values()) == 5 and live["by_priority"]["0"] == 3
+    assert report["queues"][keys.rebuild_queue]["depth"] == 1
+    assert report["unacked"] == 0 and report["stream"]["length"] == 0
+    assert report["pending_objects"] == 5
+    publisher.close()

@@ -1,0 +1,89 @@
+"""The receiver against a real Redis (no worker): tasks land in the broker, deletes in the stream,
+and a Redis outage answers 503 so the S3 server delivers again."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from starlette.testclient import TestClient
+
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
+from bucketlens.schemas import ObjectRef, ResultEntry
+from bucketlens.settings import Settings
+from index_service.queues import queue_report
+from infra.stack import Stack, free_port
+from ingest.receiver import create_app
+
+FIXTURES = Path(__file__).parent / "fixtures" / "events"
+
+
+@pytest.fixture
+def settings(stack: Stack) -> Settings:
+    return dataclasses.replace(stack.settings, namespace=f"r{uuid.uuid4().hex[:8]}", webhook_token="secret")
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def post(client: TestClient, name: str) -> dict[str, int]:
+    response = client.post("/events?token=secret", content=(FIXTURES / name).read_bytes())
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_created_event_is_a_task_in_the_live_queue(client: TestClient, settings: Settings) -> None:
+    assert post(client, "minio_put.json") == {"accepted": 1, "duplicates": 0, "ignored": 0}
+    keys = Keys(settings.namespace)
+    redis = connect(settings.redis_url)
+    report = queue_report(redis, keys)
+    assert report["queues"][keys.live_queue]["depth"] == 1
+    assert report["queues"][keys.rebuild_queue]["depth"] == 0
+    message = json.loads(redis.lindex(keys.celery_prefix + keys.live_queue, 0))
+    assert message["content-type"] == "application/json"  # never pickle
+    assert message["headers"]["task"] == "bucketlens.embed"
+    (refs,), _, _ = json.loads(base64.b64decode(message["body"]))
+    ref = ObjectRef.from_json(refs[0])
+    assert (ref.bucket, ref.key, ref.order) == ("images", "holiday/beach day ü+1.jpg", int("1879B0FBA6D2E3F4", 16))
+    pending = json.loads(redis.hget(keys.pending, "images/holiday/beach day ü+1.jpg"))
+    assert pending["etag"] == "0b4c3f8f2a6f3a5c0d4e2f1a9b8c7d6e"
+
+
+def test_a_repeated_event_is_suppressed(client: TestClient, settings: Settings) -> None:
+    post(client, "ceph_put.json")
+    assert post(client, "ceph_put.json") == {"accepted": 0, "duplicates": 1, "ignored": 0}
+    keys = Keys(settings.namespace)
+    assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 1
+
+
+def test_delete_goes_straight_to_the_result_stream(client: TestClient, settings: Settings) -> None:
+    post(client, "ceph_delete.json")
+    keys = Keys(settings.namespace)
+    ((_, fields),) = connect(settings.redis_url).xrange(keys.results)
+    entry = ResultEntry.from_fields(fields)
+    assert (entry.op, entry.bucket, entry.key) == ("delete", "capture", "dir/a b+c%d ü.jpg")
+
+
+def test_bearer_header_is_accepted_as_well(client: TestClient) -> None:
+    body = (FIXTURES / "aws_test_event.json").read_bytes()
+    assert client.post("/events", content=body, headers={"Authorization": "Bearer secret"}).status_code == 200
+    assert client.post("/events", content=body).status_code == 401
+
+
+def test_redis_down_answers_503_and_does_not_remember_the_event(settings: Settings) -> None:
+    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with TestClient(create_app(down)) as client:
+        response = client.post("/events?token=secret", content=(FIXTURES / "ceph_put.json").read_bytes())
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "redis_unavailable"
+    with TestClient(create_app(settings)) as client:  # Redis back: the redelivered event is not a "duplicate"
+        assert post(client, "ceph_put.json")["accepted"] == 1
