@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--json", action="store_true")
     queues = sub.add_parser("queues", help="queue depths, stream lag, failures")
     queues.add_argument("--json", action="store_true")
+    rebuild = sub.add_parser("rebuild", help="rebuild the index with no downtime (default: re-embed everything)")
+    rebuild.add_argument("--reindex", action="store_true", help="rebuild the FAISS structure from stored vectors")
+    rebuild.add_argument("--index-type", choices=["Flat", "IVF"])
+    rebuild.add_argument("--bucket")
+    rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
+    reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
+    reconcile.add_argument("--bucket")
     sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
     args = parser.parse_args(argv)
 
@@ -235,6 +242,48 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def admin_headers(settings: Settings) -> dict[str, str]:
+    if not settings.admin_token:
+        raise CLIError("no admin token: run against the local stack or set BUCKETLENS_ADMIN_TOKEN")
+    return {"Authorization": f"Bearer {settings.admin_token}"}
+
+
+def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    settings = client_settings(settings)
+    body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type}
+    response = httpx.post(api_url(settings) + "/rebuild", json=body, headers=admin_headers(settings), timeout=30)
+    if response.status_code != 202:
+        raise CLIError(_error_text(response))
+    job = response.json()
+    print(f"rebuild {job['id']} started ({job['mode']}, generation {job['generation']})")
+    if not args.wait:
+        return 0
+    with tqdm(total=max(job["total"], 1), unit="obj", desc=job["mode"]) as bar:
+        while job["state"] == "running":
+            time.sleep(1)
+            job = httpx.get(f"{api_url(settings)}/rebuild/{job['id']}", timeout=30).json()
+            bar.total = max(job["total"], 1)
+            bar.n = job["done"]
+            bar.refresh()
+    print(f"rebuild {job['id']} {job['state']}: {job['done']}/{job['total']} settled, {job['failed']} failed"
+          + (f" ({job['error']})" if job.get("error") else ""))
+    return 0 if job["state"] == "done" else 1
+
+
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    settings = client_settings(settings)
+    response = httpx.post(api_url(settings) + "/reconcile", json={"bucket": args.bucket},
+                          headers=admin_headers(settings), timeout=600)
+    if response.status_code != 200:
+        raise CLIError(_error_text(response))
+    report = response.json()
+    print(f"listed {report['listed']}: {report['missing']} missing and {report['changed']} changed sent for "
+          f"embedding, {report['removed']} removed ({report['seconds']} s)")
+    return 0
+
+
 def _error_text(response: httpx.Response) -> str:
     try:
         error = response.json()["error"]
@@ -246,6 +295,7 @@ def _error_text(response: httpx.Response) -> str:
 COMMANDS = {
     "up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": run_ingest, "worker": run_worker,
     "serve": run_serve, "upload": cmd_upload, "search": cmd_search, "queues": cmd_queues, "demo": cmd_demo,
+    "rebuild": cmd_rebuild, "reconcile": cmd_reconcile,
 }
 
 if __name__ == "__main__":

@@ -6,6 +6,14 @@ import dataclasses
 
 EMBED_TASK = "bucketlens.embed"  # workers register it under this name; ingest and the index service send by name
 
+# Upper bounds (seconds) of the per-stage latency histograms that workers keep in ``Keys.stages``.
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def stage_bucket_field(stage: str, bound: float) -> str:
+    """Field of ``Keys.stages`` counting the batches whose ``stage`` took at most ``bound`` seconds (cumulative)."""
+    return f"{stage}:le:{bound:g}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Keys:
@@ -50,12 +58,31 @@ class Keys:
 
     @property
     def stages(self) -> str:
-        """Hash of per-stage totals written by workers: ``<stage>:seconds`` and ``<stage>:count``."""
+        """Hash of per-stage latency histograms written by workers: ``<stage>:seconds`` (sum), ``<stage>:count``
+        and one cumulative ``<stage>:le:<bound>`` counter per bound of ``STAGE_BUCKETS``."""
         return f"{self.namespace}:stages"
+
+    @property
+    def workers(self) -> str:
+        """Set of worker ids that have sent a heartbeat; each one's state is under ``worker(id)``."""
+        return f"{self.namespace}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """JSON heartbeat of one worker process; it expires when the worker stops beating (dead or hung)."""
+        return f"{self.namespace}:worker:{worker_id}"
 
     def deliveries(self, task_id: str) -> str:
         """How often the broker handed out one task (a redelivery cap against poison batches)."""
         return f"{self.namespace}:deliveries:{task_id}"
+
+    def rebuild_job(self, job_id: str) -> str:
+        """JSON state of one rebuild job."""
+        return f"{self.namespace}:rebuild:{job_id}"
+
+    @property
+    def rebuild_current(self) -> str:
+        """Id of the newest rebuild job."""
+        return f"{self.namespace}:rebuild:current"
 
     @property
     def celery_prefix(self) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
+OPS = ("upsert", "delete", "failed", "skipped")
 
 
 class SchemaError(ValueError):
@@ -78,9 +79,11 @@ def normalise_etag(etag: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ResultEntry:
-    """One result-stream entry: an upsert with its vector, or a delete."""
+    """One result-stream entry: an upsert with its vector, a delete, or a worker's note that an object was
+    ``failed`` (failure record written) or ``skipped`` (changed or gone since its event). The index applies
+    upserts and deletes; the notes let a rebuild count every listed object as settled."""
 
-    op: str  # "upsert" | "delete"
+    op: str  # one of OPS
     bucket: str
     key: str
     etag: str
@@ -117,7 +120,7 @@ class ResultEntry:
             if get["v"] != str(SCHEMA_VERSION).encode():
                 raise SchemaError(f"unsupported result entry version {get['v']!r}")
             op = get["op"].decode()
-            if op not in ("upsert", "delete"):
+            if op not in OPS:
                 raise SchemaError(f"unknown op {op!r}")
             vector = None
             if op == "upsert":

@@ -56,6 +56,8 @@ class Settings:
     snapshot_every_s: float = 60.0
     snapshot_every_entries: int = 5000
     snapshots_kept: int = 3
+    snapshot_s3: bool = False  # also keep snapshots in the bucket under <reserved_prefix>snapshots/
+    reconcile_every_s: float = 0.0  # 0: only on demand (bucketlens reconcile / POST /reconcile)
     tombstone_retention_s: int = 24 * 3600
     approx_threshold: int = 50_000  # above this many vectors the service builds an approximate index
     canary_interval_s: float = 30.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import HTTPError, http_error_handler
+from bucketlens.http import HTTPError, http_error_handler, read_limited
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
 from workers.decode import decode
@@ -23,6 +24,9 @@ from workers.embedders import Embedder
 from workers.errors import PermanentError
 
 from .queries import parse_search
+from .rebuild import RebuildConflict
+from .rebuild import public as rebuild_public
+from .reconcile import reconcile
 from .queues import queue_report
 from .service import Service
 
@@ -103,6 +107,42 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         return JSONResponse({"total": len(records), "offset": offset, "limit": limit,
                              "failures": records[offset : offset + limit]})
 
+    def admin_service(request: Request) -> Service:
+        if not settings.admin_token:
+            raise HTTPError(403, "forbidden", "no admin token is configured; admin endpoints are disabled")
+        if not token_ok(request, settings.admin_token):
+            raise HTTPError(401, "unauthorized", "missing or wrong admin token")
+        return service_of(request)
+
+    async def start_rebuild(request: Request) -> Response:
+        service = admin_service(request)
+        body = await _json_object(request)
+        try:
+            job = service.rebuilds.start(str(body.get("mode", "reembed")), body.get("bucket"), body.get("index_type"))
+        except RebuildConflict as exc:
+            raise HTTPError(409, "rebuild_running", str(exc)) from exc
+        except ValueError as exc:
+            raise HTTPError(400, "bad_parameter", str(exc)) from exc
+        return JSONResponse(rebuild_public(job), status_code=202)
+
+    async def rebuild_state(request: Request) -> Response:
+        service = service_of(request)
+        job_id = request.path_params["job_id"]
+        if request.method == "DELETE":
+            service = admin_service(request)
+            if service.rebuilds.cancel(job_id) is None:
+                raise HTTPError(409, "not_running", f"rebuild {job_id} is not running")
+        state = await run_in_threadpool(service.rebuilds.get, job_id)
+        if state is None:
+            raise HTTPError(404, "unknown_rebuild", f"no rebuild {job_id}")
+        return JSONResponse(state)
+
+    async def start_reconcile(request: Request) -> Response:
+        service = admin_service(request)
+        body = await _json_object(request)
+        report = await run_in_threadpool(reconcile, service, body.get("bucket"))
+        return JSONResponse(dataclasses.asdict(report))
+
     async def page(request: Request) -> Response:
         service_of(request, read=True)
         return FileResponse(STATIC / "index.html")
@@ -117,10 +157,24 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/stats", stats),
             Route("/queues", queues),
             Route("/failures", failures),
+            Route("/rebuild", start_rebuild, methods=["POST"]),
+            Route("/rebuild/{job_id}", rebuild_state, methods=["GET", "DELETE"]),
+            Route("/reconcile", start_reconcile, methods=["POST"]),
         ],
         exception_handlers={HTTPError: http_error_handler},
         lifespan=lifespan,
     )
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await read_limited(request, 64 * 1024)
+    try:
+        payload = json.loads(body) if body.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise HTTPError(400, "bad_json", "body must be a JSON object")
+    return payload
 
 
 def _embed_image(embedder: Embedder, data: bytes, max_pixels: int) -> Any:

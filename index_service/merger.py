@@ -13,19 +13,24 @@ import redis
 from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry, SchemaError, object_id
 
-from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
 
 class Merger:
-    """Runs in its own thread; ``caught_up`` is set once the stream has been replayed to its end."""
+    """Runs in its own thread; ``caught_up`` is set once the stream has been replayed to its end.
 
-    def __init__(self, client: redis.Redis, keys: Keys, index: Callable[[int], VectorIndex | None],
-                 start_id: str = "0", batch: int = 512, consumer: str = "index-1") -> None:
+    ``apply`` receives each batch of decoded entries; ``after`` runs once the batch is acknowledged and
+    ``last_id`` covers it (the snapshot policy hooks in there, so a snapshot's stream position is exact).
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, apply: Callable[[list[ResultEntry]], None],
+                 after: Callable[[], None] = lambda: None, start_id: str = "0", batch: int = 512,
+                 consumer: str = "index-1") -> None:
         self.redis = client
         self.keys = keys
-        self.index_for = index
+        self.apply = apply
+        self.after = after
         self.last_id = start_id
         self.batch = batch
         self.consumer = consumer
@@ -40,7 +45,7 @@ class Merger:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
 
     def _ensure_group(self) -> None:
         """Position the group at what this process has applied: a restart replays everything after it."""
@@ -68,11 +73,12 @@ class Merger:
                 if down_since is None:  # once per outage
                     log.warning("merger cannot reach Redis, retrying with backoff: %s", exc)
                     down_since = time.monotonic()
-                grouped = False
+                grouped = False  # after a Redis restart, re-position the group at what was applied
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
             except Exception:
                 log.exception("merger step failed; retrying")
+                grouped = False
                 self._stop.wait(1.0)
 
     def step(self, block_ms: int | None = None) -> int:
@@ -84,33 +90,28 @@ class Merger:
             self.caught_up.set()
             return 0
         (_, messages), = response
-        by_generation: dict[int, list[ResultEntry]] = {}
+        entries: list[ResultEntry] = []
         for _, fields in messages:
             try:
-                entry = ResultEntry.from_fields(fields)
+                entries.append(ResultEntry.from_fields(fields))
             except SchemaError as exc:
                 self.malformed += 1
                 log.error("skipping malformed stream entry: %s", exc)
-                continue
-            by_generation.setdefault(entry.generation, []).append(entry)
-        for generation, entries in by_generation.items():
-            index = self.index_for(generation)
-            if index is None:
-                log.warning("dropping %d entries for generation %d, which is not being built", len(entries),
-                            generation)
-                continue
-            index.apply(entries)
-            self._clear_pending(entries)
+        self.apply(entries)
+        self._clear_pending(entries)
         ids = [message_id for message_id, _ in messages]
         self.redis.xack(self.keys.results, self.keys.merger_group, *ids)
         self.last_id = ids[-1].decode() if isinstance(ids[-1], bytes) else ids[-1]
         self.applied += len(messages)
         if len(messages) < self.batch:
             self.caught_up.set()
+        self.after()
         return len(messages)
 
     def _clear_pending(self, entries: list[ResultEntry]) -> None:
-        """Drop the 'pending' mark of objects whose pending version was just applied."""
+        """Drop the 'pending' mark of objects whose pending version was just settled."""
+        if not entries:
+            return
         oids = [object_id(e.bucket, e.key) for e in entries]
         marks = self.redis.hmget(self.keys.pending, oids)
         done = [oid for oid, mark, e in zip(oids, marks, entries) if mark and _settles(json.loads(mark), e)]

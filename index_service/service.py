@@ -1,9 +1,16 @@
-"""The index service's resources, built once per process in the app's lifespan and passed to handlers."""
+"""The index service's resources, built once per process in the app's lifespan and passed to handlers.
+
+The service holds the serving generation (``index``) and, during a ``reembed`` rebuild, the shadow one; the
+merger feeds both; snapshots and stream trimming follow a size/time policy; above ``approx_threshold``
+vectors the serving generation is restructured into an approximate (IVF) index in the background.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -11,11 +18,15 @@ import redis
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
+from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
+from ingest.publisher import Publisher
 from workers.embedders import Embedder, load_embedder
 from workers.embedders.efficientnet import DIMS
 
 from .merger import Merger
+from .rebuild import Rebuilds
+from .snapshots import SnapshotStore
 from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -26,29 +37,148 @@ class Service:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.redis = connect(settings.redis_url)
+        self.s3 = make_client(settings)
         self.presigner = make_client(settings, endpoint=settings.presign_endpoint)
+        self.publisher = Publisher(settings, self.redis)
         self.embedder = embedder
         self.index = VectorIndex(settings.model, DIMS[settings.model], generation=1)
-        self.merger = Merger(self.redis, self.keys, self._index_for, batch=settings.merge_batch)
+        self.shadow: VectorIndex | None = None
+        self.rebuilds = Rebuilds(self)
+        self.snapshots = SnapshotStore(
+            Path(settings.home) / "snapshots" / settings.namespace, settings.snapshots_kept,
+            self.s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
+        )
+        self.merger = Merger(self.redis, self.keys, self.apply, self.after_batch, batch=settings.merge_batch)
+        self.loaded = threading.Event()
+        self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
+        self._restructuring = threading.Lock()
         self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
+        self._stopping = threading.Event()
+
+    # -- life cycle ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loader.start()
+        if self.settings.reconcile_every_s > 0:
+            threading.Thread(target=self._reconcile_periodically, name="reconcile", daemon=True).start()
+
+    def _reconcile_periodically(self) -> None:
+        from .reconcile import reconcile
+
+        while not self._stopping.wait(self.settings.reconcile_every_s):
+            if self.ready()[0]:
+                try:
+                    reconcile(self)
+                except Exception:
+                    log.exception("periodic reconcile failed; next attempt in %.0f s", self.settings.reconcile_every_s)
 
     def _load(self) -> None:
-        """Heavy start-up off the event loop: the model (warmed up) and the replay of the stream."""
+        """Heavy start-up off the event loop: newest snapshot, stream replay, the model (warmed up)."""
         try:
-            self.redis.hsetnx(self.keys.generations, str(self.index.generation), self.index.model)
-        except redis.RedisError as exc:
-            log.warning("cannot register the serving generation yet: %s", exc)
+            restored = self.snapshots.load_newest(self.index.model, self.index.dim)
+        except Exception:
+            log.exception("cannot read snapshots; starting from the stream alone")
+            restored = None
+        if restored is not None:
+            self.index, self.merger.last_id = restored
+        self._register_generation()
+        self.loaded.set()
         self.merger.start()
         if self.embedder is None:
             self.embedder = load_embedder(self.settings)
 
-    def _index_for(self, generation: int) -> VectorIndex | None:
-        return self.index if generation == self.index.generation else None
+    def _register_generation(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                self.rebuilds.recover()
+                self.redis.hset(self.keys.generations, str(self.index.generation), self.index.model)
+                return
+            except redis.RedisError as exc:
+                log.warning("waiting for Redis to register the serving generation: %s", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def close(self) -> None:
+        """Clean shutdown: stop merging, write a final snapshot."""
+        self._stopping.set()
+        self.merger.stop()
+        if self.loaded.is_set():
+            try:
+                self.snapshot()
+            except Exception:
+                log.exception("final snapshot failed")
+        self.redis.close()
+
+    # -- merging -------------------------------------------------------------------------------------------
+
+    def apply(self, entries: list[ResultEntry]) -> None:
+        """Route a batch to the serving and shadow generations (merger thread)."""
+        serving, shadow = self.index, self.shadow
+        for generation in sorted({e.generation for e in entries}):
+            part = [e for e in entries if e.generation == generation]
+            if generation == serving.generation:
+                serving.apply(part)
+            elif shadow is not None and generation == shadow.generation:
+                shadow.apply(part)
+                self.rebuilds.observe(part)
+            else:
+                log.debug("dropping %d entries of generation %d (not serving, not being built)", len(part),
+                          generation)
+
+    def after_batch(self) -> None:
+        """Snapshot policy and the switch to an approximate index (merger thread, between batches)."""
+        applied, when = self._since_snapshot
+        due_entries = self.merger.applied - applied >= self.settings.snapshot_every_entries
+        due_time = self.merger.applied > applied and time.monotonic() - when >= self.settings.snapshot_every_s
+        if due_entries or due_time:
+            self.snapshot()
+        if self._wants_restructure() and self._restructuring.acquire(blocking=False):
+            threading.Thread(target=self._restructure, name="restructure", daemon=True).start()
+
+    def _wants_restructure(self) -> bool:
+        n = len(self.index)
+        if self.index.index_type == "Flat":
+            return n > self.settings.approx_threshold
+        return n < self.settings.approx_threshold // 2
+
+    def _restructure(self) -> None:
+        try:
+            self.index.restructure("IVF" if self.index.index_type == "Flat" else "Flat")
+        except Exception:
+            log.exception("restructuring the index failed; it stays %s", self.index.index_type)
+        finally:
+            self._restructuring.release()
+
+    def snapshot(self) -> None:
+        """Write a snapshot of the serving generation, then trim the stream entries it covers."""
+        last_id = self.merger.last_id
+        started = time.perf_counter()
+        self.snapshots.write(self.index, last_id)
+        self.index.expire_tombstones(self.settings.tombstone_retention_s)
+        self._since_snapshot = (self.merger.applied, time.monotonic())
+        if self.shadow is None and last_id != "0":
+            # Entries before the snapshot's position are covered by it. (During a reembed the shadow
+            # generation is rebuilt from scratch after a restart, so it needs no replay either.)
+            self.redis.xtrim(self.keys.results, minid=last_id, approximate=False)
+        log.info("snapshot of %d vectors at %s in %.2f s", len(self.index), last_id, time.perf_counter() - started)
+
+    def promote(self, shadow: VectorIndex | None) -> None:
+        """Swap the shadow generation in (atomically for readers: one reference assignment)."""
+        if shadow is None:
+            return
+        old = self.index
+        self.index, self.shadow = shadow, None
+        self.redis.hdel(self.keys.generations, str(old.generation))
+        log.info("generation %d (%d vectors) now serves; generation %d retired", shadow.generation, len(shadow),
+                 old.generation)
+        self.snapshot()
+
+    # -- reading -------------------------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        if not self.loaded.is_set():
+            return False, "loading the newest snapshot"
         if self.embedder is None:
             return False, "loading the model"
         if not self.merger.caught_up.is_set():
@@ -66,17 +196,15 @@ class Service:
         return url
 
     def stats(self) -> dict[str, Any]:
+        index = self.index
         return {
-            "vectors": len(self.index),
-            "model": self.index.model,
-            "dim": self.index.dim,
-            "index_type": self.index.index_type,
-            "generation": self.index.generation,
+            "vectors": len(index),
+            "model": index.model,
+            "dim": index.dim,
+            "index_type": index.index_type,
+            "generation": index.generation,
             "last_applied_id": self.merger.last_id,
             "applied_entries": self.merger.applied,
-            "last_snapshot": None,
+            "last_snapshot": self.snapshots.last,
+            "rebuild": self.rebuilds.progress(),
         }
-
-    def close(self) -> None:
-        self.merger.stop()
-        self.redis.close()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from bucketlens.schemas import ResultEntry
+import index_service.vector_index as module
 from index_service.vector_index import VectorIndex
 
 DIM = 8
@@ -90,3 +93,54 @@ def test_stream_entry_round_trip() -> None:
     back = ResultEntry.from_fields(fields)
     assert back.key == entry.key and back.order == 2**70
     np.testing.assert_array_equal(back.vector, entry.vector)
+
+
+def clustered(n: int, dim: int, centroids: int, seed: int = 0) -> np.ndarray:
+    """Vectors shaped like real embeddings: a Gaussian mixture around many centroids, normalised."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((centroids, dim)).astype(np.float32)
+    x = centres[rng.integers(0, centroids, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ivf_recall_at_10_against_exact_search_and_deletes_are_honoured() -> None:
+    dim, n = 64, 20_000
+    data = clustered(n + 200, dim, 500)
+    exact, approx = VectorIndex("m", dim), VectorIndex("m", dim)
+    entries = [ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data[:n])]
+    exact.apply(entries)
+    approx.apply(entries)
+    approx.restructure("IVF")
+    assert approx.index_type == "IVF" and len(approx) == n
+    queries = data[n:]
+    recall = np.mean([
+        len({o.key for o, _ in exact.search(q, 10)} & {o.key for o, _ in approx.search(q, 10)}) / 10
+        for q in queries
+    ])
+    assert recall >= 0.95, recall
+    victim = approx.search(queries[0], 1)[0][0].key
+    approx.apply([ResultEntry("delete", "b", victim, "", "", 2, 1)])
+    assert victim not in {o.key for o, _ in approx.search(queries[0], 10)}
+
+
+def test_restructure_replays_changes_made_while_it_builds(index: VectorIndex) -> None:
+    index.apply([upsert(f"k{i}", 1, i) for i in range(40)])
+    started = threading.Event()
+    real_build = module.build_structure
+
+    def slow_build(*args: object, **kwargs: object) -> object:
+        started.set()
+        structure = real_build(*args, **kwargs)
+        index.apply([upsert("k2", 3, 102), delete("k3", 3), upsert("new", 1, 103)])  # merged mid-build
+        return structure
+
+    module.build_structure = slow_build  # type: ignore[assignment]
+    try:
+        index.restructure("IVF")
+    finally:
+        module.build_structure = real_build  # type: ignore[assignment]
+    assert started.is_set() and index.index_type == "IVF"
+    assert index.get("b", "k3") is None and index.get("b", "new") is not None
+    np.testing.assert_allclose(index.vector("b", "k2"), unit(102), atol=1e-6)
+    keys = {o.key for o, _ in index.search(unit(103), 50)}
+    assert "new" in keys and "k3" not in keys

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import redis
 
-from bucketlens.keys import Keys
+from bucketlens.keys import STAGE_BUCKETS, Keys, stage_bucket_field
 from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
 
 
@@ -34,6 +34,9 @@ class ResultWriter:
                                 ref.generation, self.model, vector)
             pipe.xadd(self.keys.results, entry.to_fields())
             pipe.hdel(self.keys.failures, ref.object_id)  # a later success clears the failure
+        for ref, op in [(r, "failed") for r, _, _ in failed] + [(r, "skipped") for r in skipped]:
+            note = ResultEntry(op, ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation)
+            pipe.xadd(self.keys.results, note.to_fields())
         for ref, reason, message in failed:
             pipe.hset(self.keys.failures, ref.object_id, failure_record(ref, reason, message, attempts, now))
             pipe.hincrby(self.keys.counters, f"failed:{reason}", 1)
@@ -41,7 +44,20 @@ class ResultWriter:
             pipe.hdel(self.keys.pending, ref.object_id)
         if embedded:
             pipe.hincrby(self.keys.counters, "embedded", len(embedded))
+        self._observe(pipe, timings)
+        pipe.execute()
+
+    def record_timings(self, timings: dict[str, float]) -> None:
+        """Stage timings measured after the batch was written (the write stage itself)."""
+        pipe = self.redis.pipeline(transaction=True)
+        self._observe(pipe, timings)
+        pipe.execute()
+
+    def _observe(self, pipe: redis.client.Pipeline, timings: dict[str, float]) -> None:
+        """Add one observation per stage to its histogram in ``Keys.stages`` (the index service exports it)."""
         for stage, seconds in timings.items():
             pipe.hincrbyfloat(self.keys.stages, f"{stage}:seconds", seconds)
             pipe.hincrby(self.keys.stages, f"{stage}:count", 1)
-        pipe.execute()
+            for bound in STAGE_BUCKETS:
+                if seconds <= bound:
+                    pipe.hincrby(self.keys.stages, stage_bucket_field(stage, bound), 1)

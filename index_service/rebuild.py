@@ -1,0 +1,224 @@
+"""Full rebuilds with no downtime.
+
+``reembed``: generation N+1 is built beside the serving generation N. Ingest sends live events to both (it
+reads the generations hash); the bucket listing goes to the rebuild queue tagged N+1; once every listed object
+is settled in N+1 (embedded, deleted, failed or skipped) the service swaps N+1 in atomically.
+``reindex``: the serving generation's FAISS structure is rebuilt from its stored vectors (e.g. Flat -> IVF)
+while merges and searches continue.
+
+Jobs live in Redis (``keys.rebuild_job``) so their state outlives the process; a job found running at start-up
+was interrupted and is marked failed, with the serving generation intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from bucketlens.schemas import ResultEntry, object_id
+from ingest.scanner import scan
+
+from .vector_index import VectorIndex
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+MODES = ("reembed", "reindex")
+INDEX_TYPES = ("Flat", "IVF")
+
+
+class RebuildConflict(RuntimeError):
+    """A rebuild is already running."""
+
+
+@dataclasses.dataclass
+class RebuildJob:
+    id: str
+    mode: str
+    generation: int
+    model: str
+    index_type: str
+    bucket: str | None = None
+    state: str = "running"  # running | done | failed | cancelled
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    listed: bool = False
+    started: float = dataclasses.field(default_factory=time.time)
+    finished: float | None = None
+    error: str = ""
+
+
+class Rebuilds:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.current: RebuildJob | None = None
+        self._expected: set[str] = set()
+        self._lock = threading.RLock()
+
+    # -- public --------------------------------------------------------------------------------------------
+
+    def start(self, mode: str, bucket: str | None = None, index_type: str | None = None) -> RebuildJob:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if index_type is not None and index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES)}")
+        service = self.service
+        with self._lock:
+            if self.current is not None and self.current.state == "running":
+                raise RebuildConflict(f"rebuild {self.current.id} is running")
+            serving = service.index
+            job = RebuildJob(
+                id=uuid.uuid4().hex[:12], mode=mode, bucket=bucket, model=serving.model,
+                generation=serving.generation + 1 if mode == "reembed" else serving.generation,
+                index_type=index_type or serving.index_type,
+            )
+            self.current = job
+            self._expected = set()
+            self._save(job)
+            if mode == "reembed":
+                service.shadow = VectorIndex(job.model, serving.dim, job.generation)
+                # From here on ingest feeds live events to both generations.
+                service.redis.hset(service.keys.generations, str(job.generation), job.model)
+                target = self._list_and_send
+            else:
+                target = self._reindex
+        threading.Thread(target=self._guard, args=(job, target), name=f"rebuild-{job.id}", daemon=True).start()
+        log.info("rebuild %s started: %s, generation %d", job.id, mode, job.generation)
+        return job
+
+    def cancel(self, job_id: str) -> RebuildJob | None:
+        with self._lock:
+            job = self.current
+            if job is None or job.id != job_id or job.state != "running":
+                return None
+            self._finish(job, "cancelled")
+            return job
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            if self.current is not None and self.current.id == job_id:
+                return public(self.current)
+        raw = self.service.redis.get(self.service.keys.rebuild_job(job_id))
+        return json.loads(raw) if raw else None
+
+    def progress(self) -> dict[str, Any] | None:
+        with self._lock:
+            return public(self.current) if self.current is not None else None
+
+    def recover(self) -> None:
+        """At start-up: a job left running by a previous process cannot resume its in-memory shadow."""
+        service = self.service
+        raw = service.redis.get(service.keys.rebuild_current)
+        if raw:
+            job = json.loads(service.redis.get(service.keys.rebuild_job(raw.decode())) or b"{}")
+            if job.get("state") == "running":
+                job.update(state="failed", finished=time.time(),
+                           error="the index service restarted during the rebuild; the serving generation is intact")
+                service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
+                log.warning("rebuild %s was interrupted by a restart and is marked failed", job["id"])
+        for generation in service.redis.hkeys(service.keys.generations):
+            if int(generation) != service.index.generation:
+                service.redis.hdel(service.keys.generations, generation)
+
+    # -- called by the service from the merger thread -----------------------------------------------------
+
+    def observe(self, entries: list[ResultEntry]) -> None:
+        """Entries applied to the shadow generation: count the listed objects they settle."""
+        with self._lock:
+            job = self.current
+            if job is None or job.state != "running":
+                return
+            for entry in entries:
+                oid = object_id(entry.bucket, entry.key)
+                if oid in self._expected:
+                    self._expected.discard(oid)
+                    job.done += 1
+                    if entry.op == "failed":
+                        job.failed += 1
+            self._maybe_complete(job)
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _guard(self, job: RebuildJob, target: Any) -> None:
+        try:
+            target(job)
+        except Exception as exc:
+            log.exception("rebuild %s failed", job.id)
+            with self._lock:
+                if job.state == "running":
+                    job.error = f"{type(exc).__name__}: {exc}"
+                    self._finish(job, "failed")
+
+    def _list_and_send(self, job: RebuildJob) -> None:
+        service = self.service
+        buckets = [job.bucket] if job.bucket else sorted({service.settings.bucket} | service.index.buckets())
+        batch = []
+        for bucket in buckets:
+            for ref in scan(service.s3, bucket, service.settings.reserved_prefix, job.generation):
+                batch.append(ref)
+                if len(batch) >= 1000:
+                    self._send(job, batch)
+                    batch = []
+        self._send(job, batch)
+        with self._lock:
+            job.listed = True
+            self._save(job)
+            self._maybe_complete(job)
+
+    def _send(self, job: RebuildJob, refs: list[Any]) -> None:
+        if job.state != "running" or not refs:
+            return
+        with self._lock:
+            self._expected.update(ref.object_id for ref in refs)
+            job.total += len(refs)
+        self.service.publisher.send_embeds(refs, queue=self.service.keys.rebuild_queue)
+        self._save(job)
+
+    def _reindex(self, job: RebuildJob) -> None:
+        job.total = len(self.service.index)
+        self._save(job)
+        self.service.index.restructure(job.index_type)
+        with self._lock:
+            job.done = job.total
+            self._finish(job, "done")
+
+    def _maybe_complete(self, job: RebuildJob) -> None:
+        if job.state == "running" and job.listed and not self._expected:
+            shadow = self.service.shadow
+            if shadow is not None and job.index_type != shadow.index_type and len(shadow):
+                shadow.restructure(job.index_type)
+            self.service.promote(shadow)
+            self._finish(job, "done")
+        elif job.done % 100 == 0:
+            self._save(job)
+
+    def _finish(self, job: RebuildJob, state: str) -> None:
+        job.state = state
+        job.finished = time.time()
+        service = self.service
+        if job.mode == "reembed" and state != "done":
+            service.shadow = None
+            service.redis.hdel(service.keys.generations, str(job.generation))
+        self._expected = set()
+        self._save(job)
+        log.info("rebuild %s %s: %d/%d settled, %d failed", job.id, state, job.done, job.total, job.failed)
+
+    def _save(self, job: RebuildJob) -> None:
+        keys = self.service.keys
+        pipe = self.service.redis.pipeline()
+        pipe.set(keys.rebuild_job(job.id), json.dumps(public(job)), ex=30 * 86400)
+        pipe.set(keys.rebuild_current, job.id)
+        pipe.execute()
+
+
+def public(job: RebuildJob) -> dict[str, Any]:
+    fields = dataclasses.asdict(job)
+    fields["progress"] = round(job.done / job.total, 4) if job.total else (1.0 if job.state == "done" else 0.0)
+    return fields

@@ -1,0 +1,65 @@
+"""Reconcile: the bucket listing is the final authority. Objects missing from the index (or indexed with
+another etag) are sent for embedding; indexed objects that no longer exist are deleted. This heals events
+that were never delivered."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from bucketlens.ordering import time_order
+from bucketlens.schemas import ObjectRef, object_id
+from ingest.scanner import scan
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ReconcileReport:
+    listed: int = 0
+    missing: int = 0
+    changed: int = 0
+    removed: int = 0
+    seconds: float = 0.0
+
+
+def reconcile(service: Service, bucket: str | None = None) -> ReconcileReport:
+    started = time.monotonic()
+    started_order = time_order(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1)))
+    report = ReconcileReport()
+    serving = service.index
+    buckets = [bucket] if bucket else sorted({service.settings.bucket} | serving.buckets())
+    indexed = {object_id(o.bucket, o.key): o for o in serving.objects() if o.bucket in buckets}
+    to_embed: list[ObjectRef] = []
+    seen: set[str] = set()
+    for name in buckets:
+        for ref in scan(service.s3, name, service.settings.reserved_prefix, serving.generation):
+            report.listed += 1
+            seen.add(ref.object_id)
+            current = indexed.get(ref.object_id)
+            if current is None:
+                report.missing += 1
+            elif current.etag != ref.etag:
+                report.changed += 1
+            else:
+                continue
+            # Order it after what the index holds so the listing's version wins over a stale one.
+            order = max(ref.order, current.order + 1 if current else 0)
+            to_embed.append(dataclasses.replace(ref, order=order))
+    gone = [o for oid, o in indexed.items() if oid not in seen and o.order < started_order]
+    for generation in service.publisher.generations():
+        service.publisher.send_embeds([dataclasses.replace(r, generation=generation) for r in to_embed],
+                                      queue=service.keys.rebuild_queue)
+        service.publisher.write_deletes([
+            ObjectRef(o.bucket, o.key, o.etag, order=max(o.order + 1, started_order), generation=generation)
+            for o in gone
+        ])
+    report.removed = len(gone)
+    report.seconds = round(time.monotonic() - started, 3)
+    log.info("reconcile: %s", report)
+    return report

@@ -1,0 +1,130 @@
+"""Snapshots of the serving index: vectors, per-object state, tombstones and the last applied stream id.
+
+Format: one ``.npz`` (NumPy zip) holding ``vectors`` (float32, n x dim) and ``meta``, a UTF-8 JSON document
+stored as a uint8 array. Loaded with ``allow_pickle=False``: a snapshot from S3 cannot execute code. Written to
+a temporary file, fsynced, then renamed, so a crash never leaves a half-written snapshot under a real name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bucketlens.schemas import SCHEMA_VERSION
+
+from .vector_index import Indexed, VectorIndex
+
+log = logging.getLogger(__name__)
+SUFFIX = ".snapshot.npz"
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be used (truncated, foreign model or dimension, unknown version)."""
+
+
+def encode(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
+    objects, vectors, tombstones = index.export()
+    meta = {
+        "v": SCHEMA_VERSION,
+        "model": index.model,
+        "dim": index.dim,
+        "index_type": index.index_type,
+        "generation": index.generation,
+        "last_id": last_id,
+        "created": time.time(),
+        "count": len(objects),
+        "objects": [[o.bucket, o.key, o.etag, o.sequencer, str(o.order), o.generation] for o in objects],
+        "tombstones": [[oid, str(order), when] for oid, (order, when) in tombstones.items()],
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, vectors=vectors, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    return buffer.getvalue(), meta
+
+
+def decode(data: bytes, model: str, dim: int) -> tuple[VectorIndex, str]:
+    """The index and last applied stream id in ``data``; raises SnapshotError rather than half-loading."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            meta = json.loads(archive["meta"].tobytes())
+            vectors = archive["vectors"]
+    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        raise SnapshotError(f"unreadable snapshot: {exc}") from exc
+    if meta.get("v") != SCHEMA_VERSION:
+        raise SnapshotError(f"snapshot schema version {meta.get('v')!r}, expected {SCHEMA_VERSION}")
+    if meta["model"] != model or meta["dim"] != dim:
+        raise SnapshotError(f"snapshot is for {meta['model']} dim {meta['dim']}, this service runs {model} dim {dim}")
+    if vectors.dtype != np.float32 or vectors.shape != (meta["count"], dim) or len(meta["objects"]) != meta["count"]:
+        raise SnapshotError(f"snapshot holds {vectors.shape} {vectors.dtype} vectors for {meta['count']} objects")
+    objects = [Indexed(b, k, e, s, int(o), int(g)) for b, k, e, s, o, g in meta["objects"]]
+    tombstones = {oid: (int(order), float(when)) for oid, order, when in meta["tombstones"]}
+    index = VectorIndex.from_export(model, dim, int(meta["generation"]), objects, vectors, tombstones,
+                                    meta.get("index_type", "Flat"))
+    return index, str(meta["last_id"])
+
+
+class SnapshotStore:
+    """Snapshots in a local folder and, optionally, under an S3 prefix; keeps the newest ``keep``."""
+
+    def __init__(self, folder: Path, keep: int = 3, s3: Any = None, bucket: str = "", prefix: str = "") -> None:
+        self.folder = folder
+        self.keep = max(1, keep)
+        self.s3, self.bucket, self.prefix = s3, bucket, prefix
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.last: dict[str, Any] | None = None  # name, time, count, last_id of the newest snapshot written
+
+    def write(self, index: VectorIndex, last_id: str) -> Path:
+        data, meta = encode(index, last_id)
+        name = f"{time.time_ns():020d}-g{index.generation}{SUFFIX}"
+        path = self.folder / name
+        tmp = self.folder / f".{name}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        if self.s3 is not None:
+            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+        self._prune()
+        self.last = {"name": name, "time": meta["created"], "count": meta["count"], "last_id": last_id,
+                     "bytes": len(data)}
+        return path
+
+    def _prune(self) -> None:
+        """Older snapshots still hold deleted images' vectors: keep only the newest few."""
+        for old in self._local()[self.keep :]:
+            old.unlink(missing_ok=True)
+        if self.s3 is not None:
+            for key in self._remote()[self.keep :]:
+                self.s3.delete_object(Bucket=self.bucket, Key=key)
+
+    def _local(self) -> list[Path]:
+        return sorted(self.folder.glob(f"*{SUFFIX}"), reverse=True)
+
+    def _remote(self) -> list[str]:
+        listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix)
+        return sorted((o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(SUFFIX)), reverse=True)
+
+    def load_newest(self, model: str, dim: int) -> tuple[VectorIndex, str] | None:
+        """The newest snapshot that loads; broken ones are reported and skipped for the previous one."""
+        candidates: list[tuple[str, Any]] = [(p.name, p.read_bytes) for p in self._local()]
+        if not candidates and self.s3 is not None:
+            candidates = [(k, lambda k=k: self.s3.get_object(Bucket=self.bucket, Key=k)["Body"].read())
+                          for k in self._remote()]
+        for name, read in candidates:
+            try:
+                index, last_id = decode(read(), model, dim)
+            except SnapshotError as exc:
+                log.error("skipping snapshot %s: %s", name, exc)
+                continue
+            log.info("loaded snapshot %s: %d vectors, stream position %s", name, len(index), last_id)
+            self.last = {"name": name, "time": None, "count": len(index), "last_id": last_id}
+            return index, last_id
+        return None

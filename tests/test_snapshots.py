@@ -1,0 +1,86 @@
+"""Snapshots: round trip, corrupt newest -> previous one, foreign model/dimension refused, no pickles."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bucketlens.schemas import ResultEntry
+from index_service.snapshots import SnapshotError, SnapshotStore, decode, encode
+from index_service.vector_index import VectorIndex
+
+DIM = 16
+
+
+def filled(n: int = 50, seed: int = 0) -> VectorIndex:
+    rng = np.random.default_rng(seed)
+    index = VectorIndex("m", DIM, generation=3)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index.apply([ResultEntry("upsert", "b", f"dir/k {i} ü", f"e{i}", f"s{i}", 10 + i, 3, "m", v)
+                 for i, v in enumerate(vectors)])
+    index.apply([ResultEntry("delete", "b", "dir/k 0 ü", "", "", 100, 3)])
+    return index
+
+
+def contents(index: VectorIndex) -> dict[str, tuple[str, int, bytes]]:
+    objects, vectors, _ = index.export()
+    return {o.key: (o.etag, o.order, v.tobytes()) for o, v in zip(objects, vectors)}
+
+
+def test_round_trip_keeps_objects_vectors_tombstones_and_position(tmp_path: Path) -> None:
+    index = filled()
+    store = SnapshotStore(tmp_path)
+    store.write(index, "1700000000000-5")
+    loaded, last_id = SnapshotStore(tmp_path).load_newest("m", DIM)  # type: ignore[misc]
+    assert last_id == "1700000000000-5" and loaded.generation == 3
+    assert contents(loaded) == contents(index)
+    # The tombstone survived: a late upsert of the deleted object's old version stays out.
+    late = ResultEntry("upsert", "b", "dir/k 0 ü", "e0", "s0", 10, 3, "m", np.eye(DIM, dtype=np.float32)[0])
+    assert loaded.apply([late]).stale == 1
+
+
+def test_corrupt_newest_snapshot_falls_back_to_the_previous(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, keep=3)
+    store.write(filled(10), "1-1")
+    newest = store.write(filled(20), "2-2")
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    loaded, last_id = store.load_newest("m", DIM)  # type: ignore[misc]
+    assert last_id == "1-1" and len(loaded) == 9
+
+
+def test_wrong_model_or_dimension_is_refused() -> None:
+    data, _ = encode(filled(), "1-1")
+    with pytest.raises(SnapshotError, match="dim"):
+        decode(data, "m", DIM * 2)
+    with pytest.raises(SnapshotError, match="other"):
+        decode(data, "other", DIM)
+
+
+def test_a_pickled_payload_is_never_loaded() -> None:
+    buffer = io.BytesIO()
+    meta = np.frombuffer(json.dumps({"v": 1}).encode(), dtype=np.uint8)
+    np.savez(buffer, vectors=np.array([object()], dtype=object), meta=meta)  # needs pickle to load
+    with pytest.raises(SnapshotError):
+        decode(buffer.getvalue(), "m", DIM)
+
+
+def test_only_the_newest_are_kept(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, keep=2)
+    for i in range(4):
+        store.write(filled(5, seed=i), f"{i}-0")
+    assert len(list(tmp_path.glob("*.snapshot.npz"))) == 2
+    assert store.load_newest("m", DIM)[1] == "3-0"  # type: ignore[index]
+
+
+def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
+    index = filled(400)
+    index.restructure("IVF")
+    store = SnapshotStore(tmp_path)
+    store.write(index, "9-9")
+    loaded, _ = store.load_newest("m", DIM)  # type: ignore[misc]
+    assert loaded.index_type == "IVF" and contents(loaded) == contents(index)
