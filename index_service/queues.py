@@ -3,6 +3,8 @@ the result stream's length and the merger's lag, failures, live workers."""
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import redis
@@ -24,13 +26,16 @@ def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     pipe.hlen(keys.failures)
     pipe.hlen(keys.pending)
     pipe.hgetall(keys.counters)
+    pipe.hgetall(keys.canary)
+    pipe.smembers(keys.workers)
     replies = pipe.execute()
     queues: dict[str, Any] = {}
     for i, queue in enumerate(keys.queues):
         lengths = replies[i * len(PRIORITY_STEPS) : (i + 1) * len(PRIORITY_STEPS)]
         queues[queue] = {"depth": sum(lengths),
-                         "by_priority": {str(step): n for step, n in zip(PRIORITY_STEPS, lengths)}}
-    unacked, stream_length, failures, pending, counters = replies[len(keys.queues) * len(PRIORITY_STEPS):]
+                         "by_priority": {str(step): n for step, n in zip(PRIORITY_STEPS, lengths, strict=True)}}
+    unacked, stream_length, failures, pending, counters, canary, worker_ids = replies[
+        len(keys.queues) * len(PRIORITY_STEPS):]
     group = _group_info(client, keys)
     return {
         "queues": queues,
@@ -40,7 +45,33 @@ def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         "failures": failures,
         "pending_objects": pending,
         "events": {k.decode(): int(float(v)) for k, v in counters.items()},
+        "canary": _canary(canary),
+        "workers": live_workers(client, keys, worker_ids),
     }
+
+
+def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None = None) -> list[dict[str, Any]]:
+    """Workers whose heartbeat has not expired (workers/heartbeat.py), with what each is doing, by id."""
+    ids = sorted(client.smembers(keys.workers) if worker_ids is None else worker_ids)
+    if not ids:
+        return []
+    now = time.time()
+    workers = []
+    for raw in client.mget([keys.worker(worker_id.decode()) for worker_id in ids]):
+        if raw is None:  # expired: dead or hung for longer than the heartbeat's TTL
+            continue
+        worker = json.loads(raw)
+        worker["age_s"] = round(max(0.0, now - worker.get("last_seen", now)), 3)  # clocks of other machines may differ
+        workers.append(worker)
+    return workers
+
+
+def _canary(fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """When the last canary event arrived: S3 -> ingest delivery works end to end if this stays recent."""
+    if b"last_seen" not in fields:
+        return {"last_seen": None, "age_s": None}
+    last_seen = float(fields[b"last_seen"])
+    return {"last_seen": last_seen, "age_s": round(max(0.0, time.time() - last_seen), 3)}
 
 
 def _list_key(keys: Keys, queue: str, step: int) -> str:

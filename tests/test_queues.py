@@ -11,6 +11,9 @@ from bucketlens.schemas import ObjectRef
 from index_service.queues import queue_report
 from infra.stack import Stack
 from ingest.publisher import Publisher
+from workers.heartbeat import TTL_S
+
+from .helpers import wait_for
 
 
 def test_depths_count_every_priority_and_an_empty_queue_reads_zero(stack: Stack) -> None:
@@ -33,3 +36,23 @@ def test_depths_count_every_priority_and_an_empty_queue_reads_zero(stack: Stack)
     assert report["unacked"] == 0 and report["stream"]["length"] == 0
     assert report["pending_objects"] == 5
     publisher.close()
+
+
+def test_an_empty_namespace_reports_zeros_no_workers_and_no_canary(stack: Stack) -> None:
+    keys = Keys(f"q{uuid.uuid4().hex[:8]}")
+    report = queue_report(connect(stack.settings.redis_url), keys)
+    assert all(queue["depth"] == 0 for queue in report["queues"].values())
+    assert report["failures"] == 0 and report["pending_objects"] == 0 and report["events"] == {}
+    assert report["stream"]["length"] == 0 and report["stream"]["lag"] == 0
+    assert report["workers"] == [] and report["canary"] == {"last_seen": None, "age_s": None}
+
+
+def test_live_workers_include_the_stacks_worker_with_a_recent_heartbeat(stack: Stack) -> None:
+    keys = Keys(stack.settings.namespace)
+    redis = connect(stack.settings.redis_url)
+    workers = wait_for(lambda: queue_report(redis, keys)["workers"], 30, what="a worker heartbeat")
+    worker = workers[0]
+    assert worker["state"] in ("idle", "busy") and 0 <= worker["age_s"] < TTL_S
+    assert worker["pid"] > 0 and worker["hostname"] and worker["model"] == stack.settings.model
+    assert worker["started"] <= worker["last_seen"]
+    assert queue_report(redis, keys)["canary"]["age_s"] is not None  # the stack waited for a canary at start

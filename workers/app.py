@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
 
 from bucketlens.celery_config import celery_config
 from bucketlens.settings import Settings
@@ -29,7 +29,21 @@ def create_celery(settings: Settings) -> Celery:
 
     @worker_process_init.connect(weak=False)
     def warm_up(**_: object) -> None:
-        pipeline()  # load and warm the model before the first task arrives
+        pipeline().heartbeat.start()  # load and warm the model before the first task arrives, then say so
+
+    @task_prerun.connect(weak=False)
+    def batch_started(args: tuple[object, ...] = (), **_: object) -> None:
+        refs = args[0] if args else []
+        pipeline().heartbeat.busy(len(refs) if isinstance(refs, list) else 0)  # shown in GET /queues
+
+    @task_postrun.connect(weak=False)
+    def batch_ended(**_: object) -> None:
+        pipeline().heartbeat.idle()
+
+    @worker_process_shutdown.connect(weak=False)
+    def leave(**_: object) -> None:
+        if "pipeline" in resources:
+            resources["pipeline"].heartbeat.stop()  # leave the live-worker list at once
 
     register_tasks(app, settings, pipeline)
     return app

@@ -21,6 +21,7 @@ from .decode import decode
 from .embedders import Embedder, load_embedder
 from .errors import ObjectChanged, PermanentError, TransientError
 from .fetch import fetch_many
+from .heartbeat import Heartbeat
 from .results import ResultWriter
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Pipeline:
         self.embedder = embedder or load_embedder(settings)
         self.redis = client or connect(settings.redis_url)
         self.writer = ResultWriter(self.redis, self.keys, self.embedder.model)
+        self.heartbeat = Heartbeat(self.redis, self.keys, self.embedder.model, self.embedder.device)
 
     def process(self, refs: Sequence[ObjectRef]) -> Outcome:
         """Run one batch through every stage; bad objects never block the rest of the batch."""
@@ -95,6 +97,10 @@ class Pipeline:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         out.timings["write"] = time.perf_counter() - started
+        try:  # the write stage is known only once written; its timing is not worth retrying for
+            self.writer.record_timings({"write": out.timings["write"]})
+        except redis.RedisError as exc:
+            log.warning("write-stage timing lost: %s", exc)
         log.info(
             "batch: %d embedded, %d failed, %d skipped, %d to retry; %s",
             len(out.embedded), len(out.failed), len(out.skipped), len(out.transient),

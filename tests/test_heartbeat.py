@@ -1,0 +1,48 @@
+"""Worker heartbeats against a real Redis: listed while beating, busy during a batch, gone when stopped or silent."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
+from index_service.queues import live_workers
+from infra.stack import Stack
+from workers.heartbeat import Heartbeat
+
+
+def test_a_worker_is_listed_while_it_beats_shows_its_batch_and_leaves_when_stopped(stack: Stack) -> None:
+    keys = Keys(f"h{uuid.uuid4().hex[:8]}")
+    redis = connect(stack.settings.redis_url)
+    heartbeat = Heartbeat(redis, keys, model="m", device="cpu")
+    heartbeat.busy(3)
+    assert live_workers(redis, keys) == []  # nothing is written before start (a pipeline outside a worker)
+    heartbeat.start()
+    try:
+        (worker,) = live_workers(redis, keys)
+        assert worker["id"] == heartbeat.id and worker["state"] == "busy" and worker["batch_size"] == 3
+        heartbeat.idle()
+        (worker,) = live_workers(redis, keys)
+        assert worker["state"] == "idle" and worker["batches"] == 1 and worker["objects"] == 3
+        assert worker["model"] == "m" and worker["device"] == "cpu" and worker["age_s"] < 5
+    finally:
+        heartbeat.stop()
+    assert live_workers(redis, keys) == [] and not redis.smembers(keys.workers)
+
+
+def test_a_silent_worker_drops_out_when_its_heartbeat_expires_and_is_forgotten_later(stack: Stack) -> None:
+    keys = Keys(f"h{uuid.uuid4().hex[:8]}")
+    redis = connect(stack.settings.redis_url)
+    redis.set(keys.worker("dead:1"), json.dumps({"id": "dead:1", "last_seen": time.time()}), px=200)
+    redis.sadd(keys.workers, "dead:1")
+    assert [w["id"] for w in live_workers(redis, keys)] == ["dead:1"]
+    time.sleep(0.3)
+    assert live_workers(redis, keys) == []
+    heartbeat = Heartbeat(redis, keys)
+    heartbeat.start()  # a starting worker prunes the ids of expired ones
+    try:
+        assert redis.smembers(keys.workers) == {heartbeat.id.encode()}
+    finally:
+        heartbeat.stop()
