@@ -23,11 +23,12 @@ from workers.decode import decode
 from workers.embedders import Embedder
 from workers.errors import PermanentError
 
+from .metrics import CONTENT_TYPE, Metrics
 from .queries import parse_search
+from .queues import queue_report
 from .rebuild import RebuildConflict
 from .rebuild import public as rebuild_public
 from .reconcile import reconcile
-from .queues import queue_report
 from .service import Service
 
 STATIC = Path(__file__).parent / "static"
@@ -41,6 +42,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service = Service(settings, embedder)
         service.start()
         app.state.service = service
+        app.state.metrics = Metrics(service)
         yield
         await run_in_threadpool(service.close)
 
@@ -61,6 +63,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service = service_of(request, read=True)
         started = time.perf_counter()
         query = await parse_search(request, settings.max_upload_bytes, service.index.dim)
+        kind = "image" if query.image is not None else "key" if query.key is not None else "vector"
         exclude = None
         if query.image is not None:
             if service.embedder is None:
@@ -81,6 +84,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             if query.min_score is None or score >= query.min_score
         ]
         took_ms = (time.perf_counter() - started) * 1000
+        request.app.state.metrics.search_seconds.labels(kind).observe(took_ms / 1000)
         return JSONResponse({"model": service.index.model, "took_ms": round(took_ms, 3), "results": results})
 
     async def objects(request: Request) -> Response:
@@ -94,6 +98,10 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def queues(request: Request) -> Response:
         service = service_of(request)
         return JSONResponse(await run_in_threadpool(queue_report, service.redis, service.keys))
+
+    async def metrics(request: Request) -> Response:
+        body = await run_in_threadpool(request.app.state.metrics.render)
+        return Response(body, media_type=CONTENT_TYPE)
 
     async def failures(request: Request) -> Response:
         service = service_of(request, read=True)
@@ -156,6 +164,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/objects/{bucket}/{key:path}", objects),
             Route("/stats", stats),
             Route("/queues", queues),
+            Route("/metrics", metrics),
             Route("/failures", failures),
             Route("/rebuild", start_rebuild, methods=["POST"]),
             Route("/rebuild/{job_id}", rebuild_state, methods=["GET", "DELETE"]),

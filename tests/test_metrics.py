@@ -1,0 +1,131 @@
+"""``GET /metrics`` on the real stack, parsed with prometheus-client's own parser, and the collector's edge cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bucketlens.keys import STAGE_BUCKETS, Keys, stage_bucket_field
+from bucketlens.redis_client import connect
+from index_service.metrics import Metrics, _stage_histogram
+from infra.stack import Stack
+
+from .helpers import object_state, photo, wait_for
+
+FAMILIES = {
+    "bucketlens_queue_depth", "bucketlens_unacked_tasks", "bucketlens_stream_length", "bucketlens_stream_lag",
+    "bucketlens_pending_objects", "bucketlens_events_received", "bucketlens_events", "bucketlens_embeddings",
+    "bucketlens_failures", "bucketlens_failure_records", "bucketlens_stage_seconds", "bucketlens_merged_entries",
+    "bucketlens_index_vectors", "bucketlens_index_generation", "bucketlens_search_seconds", "bucketlens_workers",
+    "bucketlens_redis_up",
+}
+
+
+def scrape(api: httpx.Client) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """Family name -> {(sample name, sorted labels): value}."""
+    response = api.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {family.name: {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+            for family in text_string_to_metric_families(response.text)}
+
+
+def value(families: dict[str, Any], family: str, sample: str, **labels: str) -> float:
+    return families[family].get((sample, tuple(sorted(labels.items()))), 0.0)  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_metrics_count_an_indexed_upload_and_a_search(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    before = scrape(api)
+    assert FAMILIES <= set(before), FAMILIES - set(before)
+    assert value(before, "bucketlens_redis_up", "bucketlens_redis_up") == 1
+    assert value(before, "bucketlens_workers", "bucketlens_workers") >= 1
+    for queue in Keys(stack.settings.namespace).queues:
+        assert ("bucketlens_queue_depth", (("queue", queue),)) in before["bucketlens_queue_depth"]
+
+    key = f"{unique_prefix}metrics.jpg"
+    etag = s3.put_object(Bucket=stack.settings.bucket, Key=key, Body=photo("astronaut.png"))["ETag"].strip('"')
+
+    def indexed() -> bool:
+        state = object_state(api, stack.settings.bucket, key) or {}
+        return state.get("state") == "indexed" and state.get("etag") == etag
+
+    wait_for(indexed, 90, what=f"{key} indexed")
+    assert api.post("/search", json={"key": key, "bucket": stack.settings.bucket, "k": 3}).status_code == 200
+
+    def writes(families: dict[str, Any]) -> float:
+        return value(families, "bucketlens_stage_seconds", "bucketlens_stage_seconds_count", stage="write")
+
+    def written() -> dict[str, Any] | None:  # the write stage's timing is recorded just after the batch is written
+        families = scrape(api)
+        return families if writes(families) > writes(before) else None
+
+    after = wait_for(written, 30, what="the write stage's timing")
+
+    def grew(family: str, sample: str, **labels: str) -> bool:
+        return value(after, family, sample, **labels) > value(before, family, sample, **labels)
+
+    assert grew("bucketlens_embeddings", "bucketlens_embeddings_total")
+    assert grew("bucketlens_events", "bucketlens_events_total", outcome="accepted")
+    assert grew("bucketlens_events_received", "bucketlens_events_received_total")
+    assert grew("bucketlens_merged_entries", "bucketlens_merged_entries_total")
+    assert value(after, "bucketlens_index_vectors", "bucketlens_index_vectors") >= 1
+    for stage in ("fetch", "decode", "embed", "write"):
+        assert grew("bucketlens_stage_seconds", "bucketlens_stage_seconds_count", stage=stage), stage
+        assert value(after, "bucketlens_stage_seconds", "bucketlens_stage_seconds_sum", stage=stage) > 0
+        assert value(after, "bucketlens_stage_seconds", "bucketlens_stage_seconds_bucket", stage=stage,
+                     le="+Inf") == value(after, "bucketlens_stage_seconds", "bucketlens_stage_seconds_count",
+                                         stage=stage)
+    assert grew("bucketlens_search_seconds", "bucketlens_search_seconds_count", by="key")
+
+
+class StandIn:
+    """Just enough of a Service for the collector, on a namespace of its own."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.keys = Keys(f"m{uuid.uuid4().hex[:8]}")
+        self.redis = connect(redis_url)
+        self.merger = dataclasses.make_dataclass("M", [("applied", int)])(0)
+
+    def stats(self) -> dict[str, Any]:
+        return {"vectors": 0, "model": "m", "dim": 4, "index_type": "Flat", "generation": 1, "applied_entries": 0,
+                "last_snapshot": {"time": 1.0}}
+
+
+def parse(text: bytes) -> dict[str, float]:
+    return {s.name + str(sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+
+
+def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: Stack) -> None:
+    first, second = Metrics(StandIn(stack.settings.redis_url)), Metrics(StandIn(stack.settings.redis_url))  # type: ignore[arg-type]
+    first.search_seconds.labels("image").observe(0.02)
+    one, two = parse(first.render()), parse(second.render())
+    assert one["bucketlens_search_seconds_count[('by', 'image')]"] == 1
+    assert not any(name.startswith("bucketlens_search_seconds") for name in two)
+    assert one["bucketlens_redis_up[]"] == 1 and one["bucketlens_embeddings_total[]"] == 0
+    assert all(v == 0 for k, v in one.items() if k.startswith("bucketlens_queue_depth"))
+    assert one["bucketlens_snapshot_age_seconds[]"] > 0
+
+
+def test_redis_down_gives_redis_up_zero_and_the_index_metrics_not_an_error() -> None:
+    text = parse(Metrics(StandIn("redis://127.0.0.1:1/0")).render())  # type: ignore[arg-type]
+    assert text["bucketlens_redis_up[]"] == 0 and text["bucketlens_index_vectors[]"] == 0
+
+
+def test_stage_histogram_from_cumulative_worker_counters() -> None:
+    fields = {"embed:seconds": b"0.7", "embed:count": b"2", stage_bucket_field("embed", 0.5): b"1",
+              stage_bucket_field("embed", 1.0): b"2"}
+    for bound in STAGE_BUCKETS[STAGE_BUCKETS.index(1.0) + 1:]:
+        fields[stage_bucket_field("embed", bound)] = b"2"
+    samples = {(s.name, s.labels.get("le")): s.value for s in _stage_histogram(fields).samples}
+    assert samples[("bucketlens_stage_seconds_bucket", "0.25")] == 0
+    assert samples[("bucketlens_stage_seconds_bucket", "0.5")] == 1
+    assert samples[("bucketlens_stage_seconds_bucket", "+Inf")] == 2
+    assert samples[("bucketlens_stage_seconds_sum", None)] == pytest.approx(0.7)
