@@ -41,6 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--json", action="store_true")
     queues = sub.add_parser("queues", help="queue depths, stream lag, failures")
     queues.add_argument("--json", action="store_true")
+    failures = sub.add_parser("failures", help="list failure records; send the objects again or clear them")
+    failures.add_argument("--reason", help="only records with this reason (e.g. not_an_image, corrupt)")
+    failures.add_argument("--bucket", help="only objects of this bucket")
+    failures.add_argument("--key", action="append", help="only this object key (repeatable; with --bucket)")
+    failures.add_argument("--limit", type=int, default=100, help="most records to list")
+    failures.add_argument("--json", action="store_true")
+    action = failures.add_mutually_exclusive_group()
+    action.add_argument("--retry", action="store_true", help="send the selected objects to the workers again")
+    action.add_argument("--clear", action="store_true", help="delete the selected records")
     rebuild = sub.add_parser("rebuild", help="rebuild the index with no downtime (default: re-embed everything)")
     rebuild.add_argument("--reindex", action="store_true", help="rebuild the FAISS structure from stored vectors")
     rebuild.add_argument("--index-type", choices=["Flat", "IVF"])
@@ -89,8 +98,9 @@ def run_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from .keys import Keys
     from workers.app import create_celery
+
+    from .keys import Keys
 
     keys = Keys(settings.namespace)
     app = create_celery(settings)
@@ -175,7 +185,7 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
 
 def search_request(settings: Settings, image: Path | None, key: str | None, bucket: str | None, k: int) -> Any:
     url = api_url(settings) + "/search"
-    headers = {"Authorization": f"Bearer {settings.read_token}"} if settings.read_token else {}
+    headers = read_headers(settings)
     if image is not None:
         with open(image, "rb") as handle:
             response = httpx.post(url, files={"image": (image.name, handle)}, data={"k": str(k)},
@@ -201,6 +211,10 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def read_headers(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.read_token}"} if settings.read_token else {}
+
+
 def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
     settings = client_settings(settings)
     response = httpx.get(api_url(settings) + "/queues", timeout=10)
@@ -215,6 +229,42 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
     stream = report["stream"]
     print(f"unacked {report['unacked']:>18}\nstream length {stream['length']:>12}  lag {stream['lag']}  "
           f"pending {stream['pending']}\nfailures {report['failures']:>17}")
+    return 0
+
+
+def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
+    settings = client_settings(settings)
+    selection = {name: value for name, value in (("reason", args.reason), ("bucket", args.bucket)) if value}
+    if args.retry or args.clear:
+        method, path, status = ("POST", "/failures/retry", 202) if args.retry else ("DELETE", "/failures", 200)
+        body = {**selection, "keys": args.key} if args.key else selection
+        response = httpx.request(method, api_url(settings) + path, json=body, headers=admin_headers(settings),
+                                 timeout=120)
+        if response.status_code != status:
+            raise CLIError(_error_text(response))
+        result = response.json()
+        if args.json:
+            print(json.dumps(result))
+        elif args.retry:
+            print(f"sent {result['retried']} objects to the workers again ({result['tasks']} tasks)")
+        else:
+            print(f"cleared {result['cleared']} failure records")
+        return 0
+    response = httpx.get(api_url(settings) + "/failures", params={**selection, "key": args.key or [],
+                                                                  "limit": args.limit},
+                         headers=read_headers(settings), timeout=30)
+    if response.status_code != 200:
+        raise CLIError(_error_text(response))
+    page = response.json()
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    for record in page["failures"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
+        print(f"{when}  {record['reason']:16} x{record['attempts']}  {record['bucket']}/{record['key']}: "
+              f"{record['message']}")
+    shown = len(page["failures"])
+    print(f"{page['total']} failure records" + (f" (newest {shown} shown)" if page["total"] > shown else ""))
     return 0
 
 
@@ -295,7 +345,7 @@ def _error_text(response: httpx.Response) -> str:
 COMMANDS = {
     "up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": run_ingest, "worker": run_worker,
     "serve": run_serve, "upload": cmd_upload, "search": cmd_search, "queues": cmd_queues, "demo": cmd_demo,
-    "rebuild": cmd_rebuild, "reconcile": cmd_reconcile,
+    "rebuild": cmd_rebuild, "reconcile": cmd_reconcile, "failures": cmd_failures,
 }
 
 if __name__ == "__main__":

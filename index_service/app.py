@@ -23,6 +23,7 @@ from workers.decode import decode
 from workers.embedders import Embedder
 from workers.errors import PermanentError
 
+from .failures import Selection, clear_failures, list_failures, retry_failures
 from .metrics import CONTENT_TYPE, Metrics
 from .queries import parse_search
 from .queues import queue_report
@@ -104,16 +105,28 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         return Response(body, media_type=CONTENT_TYPE)
 
     async def failures(request: Request) -> Response:
+        if request.method == "DELETE":
+            service = admin_service(request)
+            selection = await _selection(request)
+            cleared = await run_in_threadpool(clear_failures, service.redis, service.keys, selection)
+            return JSONResponse({"cleared": cleared})
         service = service_of(request, read=True)
-        reason = request.query_params.get("reason") or None
         try:
             offset = max(0, int(request.query_params.get("offset", 0)))
             limit = min(1000, max(1, int(request.query_params.get("limit", 100))))
         except ValueError:
             raise HTTPError(400, "bad_parameter", "offset and limit must be integers") from None
-        records = await run_in_threadpool(_failure_records, service, reason)
+        selection = await _selection(request, with_body=False)
+        records = await run_in_threadpool(list_failures, service.redis, service.keys, selection)
         return JSONResponse({"total": len(records), "offset": offset, "limit": limit,
                              "failures": records[offset : offset + limit]})
+
+    async def retry(request: Request) -> Response:
+        service = admin_service(request)
+        selection = await _selection(request)
+        objects, tasks = await run_in_threadpool(retry_failures, service.redis, service.keys, service.publisher,
+                                                 selection)
+        return JSONResponse({"retried": objects, "tasks": tasks}, status_code=202)
 
     def admin_service(request: Request) -> Service:
         if not settings.admin_token:
@@ -165,7 +178,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/stats", stats),
             Route("/queues", queues),
             Route("/metrics", metrics),
-            Route("/failures", failures),
+            Route("/failures", failures, methods=["GET", "DELETE"]),
+            Route("/failures/retry", retry, methods=["POST"]),
             Route("/rebuild", start_rebuild, methods=["POST"]),
             Route("/rebuild/{job_id}", rebuild_state, methods=["GET", "DELETE"]),
             Route("/reconcile", start_reconcile, methods=["POST"]),
@@ -184,6 +198,15 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise HTTPError(400, "bad_json", "body must be a JSON object")
     return payload
+
+
+async def _selection(request: Request, with_body: bool = True) -> Selection:
+    """Which failure records a request means (query parameters, JSON body: see ``Selection.parse``)."""
+    body = await _json_object(request) if with_body else {}
+    try:
+        return Selection.parse(request.query_params, body, request.query_params.getlist("key"))
+    except ValueError as exc:
+        raise HTTPError(400, "bad_parameter", str(exc)) from exc
 
 
 def _embed_image(embedder: Embedder, data: bytes, max_pixels: int) -> Any:
@@ -214,10 +237,3 @@ def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
         raise HTTPError(404, "unknown_object", f"bucketlens knows nothing of {oid}")
     return {**state, "state": "indexed", "etag": indexed.etag, "order": str(indexed.order),
             "sequencer": indexed.sequencer, "generation": indexed.generation}
-
-
-def _failure_records(service: Service, reason: str | None) -> list[dict[str, Any]]:
-    records = [json.loads(raw) for raw in service.redis.hvals(service.keys.failures)]
-    if reason:
-        records = [r for r in records if r["reason"] == reason]
-    return sorted(records, key=lambda r: (-r["time"], r["bucket"], r["key"]))

@@ -1,0 +1,131 @@
+"""Failure records (DESIGN.md, "Failures are data"): list them, send the objects again, clear them.
+
+Workers write one record per object into the ``Keys.failures`` hash and delete it when the object later
+succeeds. Retry and clear remove a record only if it is still the one that was read (compare and delete in
+one Lua call), so a record that a worker rewrote meanwhile, for example after the retry itself failed again,
+is never lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Sequence
+
+import redis
+
+from bucketlens.keys import Keys
+from bucketlens.schemas import ObjectRef, object_id
+from ingest.publisher import Publisher
+
+CHUNK = 500  # records per Lua call: keeps each call short, Redis serves others in between
+
+# KEYS[1]: the failures hash; ARGV: field, expected value, field, expected value, ... -> the fields removed.
+_REMOVE_IF_UNCHANGED = """
+local removed = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    removed[#removed + 1] = ARGV[i]
+  end
+end
+return removed
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which records an operation applies to; an empty selection means all of them."""
+
+    reason: str | None = None
+    bucket: str | None = None
+    keys: frozenset[str] | None = None  # object keys (with ``bucket``, or in any bucket)
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str], body: Mapping[str, Any] | None = None,
+              query_keys: Sequence[str] = ()) -> Selection:
+        """From query parameters (``reason``, ``bucket``, repeated ``key``) and an optional JSON body (``reason``,
+        ``bucket``, ``keys``; the body wins); raises ValueError on bad types."""
+        merged: dict[str, Any] = {name: query[name] for name in ("reason", "bucket") if query.get(name)}
+        if query_keys:
+            merged["keys"] = list(query_keys)
+        merged.update({k: v for k, v in (body or {}).items() if k in ("reason", "bucket", "keys") and v})
+        for name in ("reason", "bucket"):
+            if name in merged and not isinstance(merged[name], str):
+                raise ValueError(f"{name} must be a string")
+        names = merged.get("keys")
+        if names is not None and not (isinstance(names, list) and all(isinstance(k, str) for k in names)):
+            raise ValueError("keys must be a list of strings")
+        return cls(merged.get("reason"), merged.get("bucket"), frozenset(names) if names is not None else None)
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        return ((self.reason is None or record.get("reason") == self.reason)
+                and (self.bucket is None or record.get("bucket") == self.bucket)
+                and (self.keys is None or record.get("key") in self.keys))
+
+
+def list_failures(client: redis.Redis, keys: Keys, selection: Selection = Selection()) -> list[dict[str, Any]]:
+    """The selected records, newest first."""
+    records = [record for _, _, record in _read(client, keys, selection)]
+    return sorted(records, key=lambda r: (-r["time"], r["bucket"], r["key"]))
+
+
+def clear_failures(client: redis.Redis, keys: Keys, selection: Selection = Selection()) -> int:
+    """Remove the selected records; returns how many were removed."""
+    return len(_remove_unchanged(client, keys, _read(client, keys, selection)))
+
+
+def retry_failures(client: redis.Redis, keys: Keys, publisher: Publisher, selection: Selection = Selection()
+                   ) -> tuple[int, int]:
+    """Send the selected objects to the workers again and remove their records; returns (objects, tasks).
+
+    The recorded etag goes with each object: if the object changed since, the worker skips it and the newer
+    event (or a reconcile) brings the newer version. A record of a generation no longer fed (a finished or
+    cancelled rebuild) is sent to the generations fed now.
+    """
+    taken = _remove_unchanged(client, keys, _read(client, keys, selection))
+    if not taken:
+        return 0, 0
+    generations = publisher.generations()
+    refs = [ref for _, record in taken.values() for ref in _refs(record, generations)]
+    try:
+        tasks = publisher.send_embeds(refs)
+    except Exception:  # nothing was sent: put back what we took, unless a worker wrote a newer record meanwhile
+        pipe = client.pipeline(transaction=False)
+        for field, (raw, _) in taken.items():
+            pipe.hsetnx(keys.failures, field, raw)
+        pipe.execute()
+        raise
+    return len(taken), tasks
+
+
+Item = tuple[bytes, bytes, dict[str, Any]]  # hash field, stored JSON, parsed record
+
+
+def _read(client: redis.Redis, keys: Keys, selection: Selection) -> list[Item]:
+    if selection.bucket is not None and selection.keys is not None:  # exact fields: no need to read them all
+        fields = sorted(object_id(selection.bucket, key).encode() for key in selection.keys)
+        items = [(f, raw) for f, raw in zip(fields, client.hmget(keys.failures, fields), strict=True) if raw]
+    else:
+        items = list(client.hgetall(keys.failures).items())
+    return [(field, raw, record) for field, raw in items if selection.matches(record := json.loads(raw))]
+
+
+def _remove_unchanged(client: redis.Redis, keys: Keys, items: list[Item]) -> dict[bytes, tuple[bytes, dict[str, Any]]]:
+    """Delete each record that still holds what was read; returns the deleted ones (stored JSON, parsed) by field."""
+    script = client.register_script(_REMOVE_IF_UNCHANGED)
+    by_field = {field: (raw, record) for field, raw, record in items}
+    removed: dict[bytes, tuple[bytes, dict[str, Any]]] = {}
+    fields = list(by_field)
+    for start in range(0, len(fields), CHUNK):
+        args = [value for field in fields[start : start + CHUNK] for value in (field, by_field[field][0])]
+        for field in script(keys=[keys.failures], args=args):
+            removed[field] = by_field[field]
+    return removed
+
+
+def _refs(record: dict[str, Any], generations: list[int]) -> list[ObjectRef]:
+    recorded = int(record.get("generation", 1))
+    targets = [recorded] if recorded in generations else generations
+    return [ObjectRef(bucket=record["bucket"], key=record["key"], etag=record.get("etag", ""),
+                      order=int(record.get("order", 0)), generation=generation) for generation in targets]

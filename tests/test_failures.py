@@ -1,0 +1,91 @@
+"""Failure records on the real stack: bad objects become records, listed over HTTP and the CLI, retried and cleared
+with the admin token; plus the selection rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+
+from index_service.failures import Selection
+from infra.stack import Stack
+
+from .helpers import object_state, wait_for
+
+
+def cli(stack: Stack, *args: str) -> Any:
+    """Run ``bucketlens failures ... --json`` against the stack the way an operator would; its parsed output."""
+    env = {**os.environ, "BUCKETLENS_HOME": str(stack.home)}
+    env.pop("BUCKETLENS_ADMIN_TOKEN", None)
+    done = subprocess.run([sys.executable, "-m", "bucketlens.cli", "failures", *args, "--json"], env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(done.stdout)
+
+
+def records(api: httpx.Client, stack: Stack, keys: list[str]) -> dict[str, dict[str, Any]]:
+    response = api.get("/failures", params={"bucket": stack.settings.bucket, "key": keys})
+    assert response.status_code == 200
+    return {record["key"]: record for record in response.json()["failures"]}
+
+
+@pytest.mark.slow
+def test_bad_objects_are_listed_retried_and_cleared(stack: Stack, s3: Any, api: httpx.Client,
+                                                    unique_prefix: str) -> None:
+    bucket = stack.settings.bucket
+    empty, text = f"{unique_prefix}empty.jpg", f"{unique_prefix}notes.jpg"
+    s3.put_object(Bucket=bucket, Key=empty, Body=b"")
+    s3.put_object(Bucket=bucket, Key=text, Body=b"not an image at all")
+
+    def both(newer_than: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]] | None:
+        found = records(api, stack, [empty, text])
+        fresh = all(found[k]["time"] > newer_than[k]["time"] for k in found) if newer_than else True
+        return found if len(found) == 2 and fresh else None
+
+    found = wait_for(both, 90, what="two failure records")
+    assert found[empty]["reason"] == "empty" and found[text]["reason"] == "not_an_image"
+    assert found[empty]["attempts"] == 1 and found[text]["etag"]
+    assert object_state(api, bucket, text)["state"] == "failed"  # type: ignore[index]
+    by_reason = api.get("/failures", params={"reason": "empty", "bucket": bucket}).json()["failures"]
+    assert empty in [r["key"] for r in by_reason] and text not in [r["key"] for r in by_reason]
+
+    listed = cli(stack, "--bucket", bucket, "--key", empty, "--key", text)
+    assert {r["key"] for r in listed["failures"]} == {empty, text} and listed["total"] == 2
+
+    selection = {"bucket": bucket, "keys": [empty, text]}
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    assert api.post("/failures/retry", json=selection).status_code == 401
+    assert api.post("/failures/retry", json=selection, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert api.request("DELETE", "/failures", json=selection).status_code == 401
+    assert len(records(api, stack, [empty, text])) == 2  # refused requests changed nothing
+
+    response = api.post("/failures/retry", json=selection, headers=admin)
+    assert response.status_code == 202 and response.json()["retried"] == 2
+    # the objects are still bad: each fails again and gets a fresh record
+    again = wait_for(lambda: both(newer_than=found), 90, what="fresh failure records after the retry")
+    assert again[text]["reason"] == "not_an_image"
+
+    response = api.request("DELETE", "/failures", json={"bucket": bucket, "keys": [empty]}, headers=admin)
+    assert response.status_code == 200 and response.json() == {"cleared": 1}
+    assert cli(stack, "--clear", "--bucket", bucket, "--key", text) == {"cleared": 1}
+    assert records(api, stack, [empty, text]) == {}
+    assert object_state(api, bucket, text) is None  # nothing pending, nothing failed, never indexed
+
+
+def test_selection_from_query_and_body() -> None:
+    record = {"reason": "corrupt", "bucket": "b", "key": "k"}
+    assert Selection().matches(record)
+    assert Selection.parse({"reason": "corrupt"}).matches(record)
+    assert not Selection.parse({"reason": "empty"}).matches(record)
+    assert Selection.parse({"reason": "empty"}, {"reason": "corrupt", "keys": ["k"]}).matches(record)  # body wins
+    assert not Selection.parse({}, {"bucket": "other"}).matches(record)
+    assert Selection.parse({"bucket": "b"}, None, ["k", "j"]).matches(record)
+    assert not Selection.parse({}, None, ["j"]).matches(record)
+    with pytest.raises(ValueError, match="keys must be a list of strings"):
+        Selection.parse({}, {"keys": "k"})
+    with pytest.raises(ValueError, match="reason must be a string"):
+        Selection.parse({}, {"reason": 3})
