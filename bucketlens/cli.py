@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--bucket")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
-    queues = sub.add_parser("queues", help="queue depths, stream lag, failures")
+    queues = sub.add_parser("queues", help="queue depths, stream lag, failures, live workers")
     queues.add_argument("--json", action="store_true")
+    queues.add_argument("--watch", action="store_true", help="refresh every second, with rates and an ETA to drain")
+    queues.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     failures = sub.add_parser("failures", help="list failure records; send the objects again or clear them")
     failures.add_argument("--reason", help="only records with this reason (e.g. not_an_image, corrupt)")
     failures.add_argument("--bucket", help="only objects of this bucket")
@@ -215,21 +217,39 @@ def read_headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.read_token}"} if settings.read_token else {}
 
 
-def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
-    settings = client_settings(settings)
+def fetch_queue_report(settings: Settings) -> Any:
     response = httpx.get(api_url(settings) + "/queues", timeout=10)
     if response.status_code != 200:
         raise CLIError(_error_text(response))
-    report = response.json()
-    if args.json:
-        print(json.dumps(report, indent=2))
+    return response.json()
+
+
+def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
+    from .queue_watch import Rates, render
+
+    settings = client_settings(settings)
+    if not args.watch:
+        report = fetch_queue_report(settings)
+        print(json.dumps(report, indent=2) if args.json else render(report))
         return 0
-    for name, queue in report["queues"].items():
-        print(f"queue {name:20} {queue['depth']:>8}")
-    stream = report["stream"]
-    print(f"unacked {report['unacked']:>18}\nstream length {stream['length']:>12}  lag {stream['lag']}  "
-          f"pending {stream['pending']}\nfailures {report['failures']:>17}")
-    return 0
+    rates = Rates()
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not args.json else ""
+    try:
+        while True:
+            try:
+                report = fetch_queue_report(settings)
+            except (httpx.HTTPError, CLIError) as exc:  # keep watching through a restart of the service
+                print(f"{clear}{time.strftime('%H:%M:%S')}  {api_url(settings)} unreachable: {exc}", flush=True)
+            else:
+                current = rates.add(time.monotonic(), report)
+                if args.json:
+                    print(json.dumps({**report, "rates": current}), flush=True)
+                else:
+                    print(f"{clear}bucketlens queues  {time.strftime('%H:%M:%S')}  (Ctrl-C to stop)\n"
+                          + render(report, current), flush=True)
+            time.sleep(max(0.1, args.interval))
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
