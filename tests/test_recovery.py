@@ -1,0 +1,126 @@
+"""SIGKILL the index service in the middle of merging; after a restart the index equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
+from bucketlens.schemas import ResultEntry
+from bucketlens.settings import Settings
+from index_service.snapshots import SnapshotStore
+from index_service.vector_index import VectorIndex
+from infra.stack import Stack, free_port
+
+from .helpers import wait_for
+
+pytestmark = pytest.mark.slow
+DIM = 1280
+MODEL = "efficientnet-lite0"
+
+
+def entries(n: int, seed: int = 0) -> list[ResultEntry]:
+    """A realistic mix: uploads, re-uploads (newer order wins), deletes, and late stale duplicates."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        key = f"obj-{rng.integers(0, n // 2)}.jpg"
+        order = int(1e18) + i
+        if i % 10 == 9:
+            out.append(ResultEntry("delete", "bk", key, "", "", order, 1))
+        else:
+            vector = rng.standard_normal(DIM).astype(np.float32)
+            order = order - 5 * n if i % 17 == 0 else order  # a late, older version: must be discarded
+            out.append(ResultEntry("upsert", "bk", key, f"etag{i}", f"{i:x}", order, 1, MODEL,
+                                   vector / np.linalg.norm(vector)))
+    return out
+
+
+class IndexProcess:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.api_port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **self.settings.to_env()}
+        log = open(Path(self.settings.home) / "logs" / f"recovery-{self.settings.namespace}.log", "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", "serve"], env=env, stdout=log,
+                                        stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(self.healthy, 120, what="index service up")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stats(self) -> dict[str, object]:
+        return httpx.get(self.url + "/stats", timeout=10).json()  # type: ignore[no-any-return]
+
+    def stop(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def service(stack: Stack) -> Iterator[IndexProcess]:
+    settings = dataclasses.replace(stack.settings, namespace=f"rec{uuid.uuid4().hex[:6]}", api_port=free_port(),
+                                   snapshot_every_entries=700, snapshot_every_s=3600, merge_batch=100)
+    process = IndexProcess(settings)
+    yield process
+    if process.process is not None and process.process.poll() is None:
+        process.stop(signal.SIGKILL)
+
+
+def test_sigkill_mid_merge_then_restart_equals_an_uninterrupted_run(service: IndexProcess) -> None:
+    stream = entries(3000)
+    keys = Keys(service.settings.namespace)
+    redis = connect(service.settings.redis_url)
+    service.start()
+
+    def produce() -> None:  # entries keep arriving while the service merges, as from busy workers
+        for start in range(0, len(stream), 50):
+            pipe = redis.pipeline()
+            for entry in stream[start : start + 50]:
+                pipe.xadd(keys.results, entry.to_fields())
+            pipe.execute()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    wait_for(lambda: int(service.stats()["applied_entries"]) >= 1200, 120, interval_s=0.02, what="half merged")
+    service.stop(signal.SIGKILL)
+    producer.join()
+
+    service.start()
+    wait_for(lambda: service.stats()["applied_entries"] and redis.xinfo_groups(keys.results)[0]["lag"] == 0,
+             120, what="replay finished")
+    service.stop(signal.SIGTERM)  # clean shutdown writes a final snapshot
+
+    recovered, _ = SnapshotStore(Path(service.settings.home) / "snapshots" / service.settings.namespace
+                                 ).load_newest(MODEL, DIM)  # type: ignore[misc]
+    reference = VectorIndex(MODEL, DIM)
+    reference.apply(stream)
+
+    def contents(index: VectorIndex) -> dict[str, tuple[str, int, bytes]]:
+        objects, vectors, _ = index.export()
+        return {o.key: (o.etag, o.order, v.tobytes()) for o, v in zip(objects, vectors)}
+
+    assert contents(recovered) == contents(reference)
+    assert len(recovered) == len(reference) > 100
+    # The snapshots let the stream be trimmed: Redis keeps only what the newest snapshot does not cover.
+    assert redis.xlen(keys.results) < len(stream)
