@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, cast
 
 import redis
 
@@ -105,10 +105,11 @@ Item = tuple[bytes, bytes, dict[str, Any]]  # hash field, stored JSON, parsed re
 def _read(client: redis.Redis, keys: Keys, selection: Selection) -> list[Item]:
     if selection.bucket is not None and selection.keys is not None:  # exact fields: no need to read them all
         fields = sorted(object_id(selection.bucket, key).encode() for key in selection.keys)
-        items = [(f, raw) for f, raw in zip(fields, client.hmget(keys.failures, fields), strict=True) if raw]
+        pairs: Iterable[Any] = zip(fields, client.hmget(keys.failures, fields), strict=True)
     else:
-        items = list(client.hgetall(keys.failures).items())
-    return [(field, raw, record) for field, raw in items if selection.matches(record := json.loads(raw))]
+        pairs = client.hgetall(keys.failures).items()
+    items = cast(Iterable[tuple[bytes, bytes | None]], pairs)  # the client answers bytes (bucketlens.redis_client)
+    return [(field, raw, record) for field, raw in items if raw and selection.matches(record := json.loads(raw))]
 
 
 def _remove_unchanged(client: redis.Redis, keys: Keys, items: list[Item]) -> dict[bytes, tuple[bytes, dict[str, Any]]]:

@@ -67,7 +67,7 @@ class StateCollector:
         yield from _queues(report)
         yield from _counters(report["events"], report["failures"])
         yield from _workers(report)
-        yield _stage_histogram({k.decode(): v for k, v in stages.items()})
+        yield _stage_histogram({(k.decode() if isinstance(k, bytes) else k): v for k, v in stages.items()})
 
     def _index(self) -> Iterator[Metric]:
         stats = self.service.stats()
@@ -132,7 +132,7 @@ def _workers(report: dict[str, Any]) -> Iterator[Metric]:
                      age)
 
 
-def _stage_histogram(fields: dict[str, bytes]) -> Metric:
+def _stage_histogram(fields: dict[str, bytes | str]) -> Metric:
     """Per-batch stage latency from the cumulative counters workers keep in ``Keys.stages``."""
     family = HistogramMetricFamily("bucketlens_stage_seconds", "Time one batch spent in each worker stage",
                                    labels=["stage"])

@@ -57,13 +57,17 @@ def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None 
         return []
     now = time.time()
     workers = []
-    for raw in client.mget([keys.worker(worker_id.decode()) for worker_id in ids]):
+    for raw in client.mget([keys.worker(_text(worker_id)) for worker_id in ids]):
         if raw is None:  # expired: dead or hung for longer than the heartbeat's TTL
             continue
         worker = json.loads(raw)
         worker["age_s"] = round(max(0.0, now - worker.get("last_seen", now)), 3)  # clocks of other machines may differ
         workers.append(worker)
     return workers
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _canary(fields: dict[bytes, bytes]) -> dict[str, Any]:

@@ -59,8 +59,10 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
-            self.redis.pipeline(transaction=True).delete(self.keys.worker(self.id)).srem(
-                self.keys.workers, self.id).execute()
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(self.keys.worker(self.id))
+            pipe.srem(self.keys.workers, self.id)
+            pipe.execute()
 
     def busy(self, size: int) -> None:
         """A batch of ``size`` objects started."""
@@ -85,9 +87,10 @@ class Heartbeat:
         if self._thread is None:
             return
         try:
-            self.redis.pipeline(transaction=True).set(
-                self.keys.worker(self.id), json.dumps(self.snapshot()), ex=TTL_S).sadd(
-                self.keys.workers, self.id).execute()
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(self.keys.worker(self.id), json.dumps(self.snapshot()), ex=TTL_S)
+            pipe.sadd(self.keys.workers, self.id)
+            pipe.execute()
         except redis.RedisError as exc:  # the worker's own Redis handling reports outages; stay quiet here
             log.debug("heartbeat not written: %s", exc)
 
@@ -106,7 +109,7 @@ class Heartbeat:
                 return
             pipe = self.redis.pipeline(transaction=False)
             for worker_id in ids:
-                pipe.exists(self.keys.worker(worker_id.decode()))
+                pipe.exists(self.keys.worker(worker_id.decode() if isinstance(worker_id, bytes) else worker_id))
             dead = [worker_id for worker_id, alive in zip(ids, pipe.execute(), strict=True) if not alive]
             if dead:
                 self.redis.srem(self.keys.workers, *dead)
