@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("ingest", help="run the webhook receiver (uvicorn)")
     sub.add_parser("worker", help="run one Celery worker")
     sub.add_parser("serve", help="run the index service (uvicorn)")
+    sub.add_parser("supervise", help="run the local stack's supervisor (restarts, delivery watchdog)")
     upload = sub.add_parser("upload", help="upload a folder of images to the bucket")
     upload.add_argument("folder", type=Path)
     upload.add_argument("--prefix", default="", help="key prefix for the uploaded objects")
@@ -109,6 +110,18 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     app.worker_main(["worker", "-Q", ",".join(keys.queues), "-c", str(settings.worker_concurrency),
                      "--loglevel", settings.log_level, "-n", f"{settings.namespace}-worker@%h", "--without-gossip",
                      "--without-mingle"])
+    return 0
+
+
+def run_supervise(settings: Settings, args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from infra.supervisor import Supervisor
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    Supervisor(_stack(settings)).run(stop)
     return 0
 
 
@@ -364,7 +377,7 @@ def _error_text(response: httpx.Response) -> str:
 
 COMMANDS = {
     "up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": run_ingest, "worker": run_worker,
-    "serve": run_serve, "upload": cmd_upload, "search": cmd_search, "queues": cmd_queues, "demo": cmd_demo,
+    "serve": run_serve, "supervise": run_supervise, "upload": cmd_upload, "search": cmd_search, "queues": cmd_queues, "demo": cmd_demo,
     "rebuild": cmd_rebuild, "reconcile": cmd_reconcile, "failures": cmd_failures,
 }
 

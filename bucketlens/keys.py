@@ -51,6 +51,10 @@ class Keys:
         """Hash of event counters (received, ignored, duplicated, ...)."""
         return f"{self.namespace}:counters"
 
+    def canary_seen(self, key: str) -> str:
+        """Set (with a TTL) by the receiver when the canary object ``key``'s event arrives."""
+        return f"{self.namespace}:canary:seen:{key}"
+
     @property
     def canary(self) -> str:
         """Hash: when the last canary event under the reserved prefix arrived, and its key."""

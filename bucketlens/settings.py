@@ -60,7 +60,9 @@ class Settings:
     reconcile_every_s: float = 0.0  # 0: only on demand (bucketlens reconcile / POST /reconcile)
     tombstone_retention_s: int = 24 * 3600
     approx_threshold: int = 50_000  # above this many vectors the service builds an approximate index
-    canary_interval_s: float = 30.0
+    faiss_threads: int = 1  # OpenMP threads per FAISS call in the index service (concurrency comes from HTTP)
+    canary_interval_s: float = 30.0  # how often the local supervisor checks services and writes a canary
+    canary_timeout_s: float = 30.0  # a canary undelivered for longer is a stalled topic: restart radosgw
     log_level: str = "INFO"
 
     @classmethod

@@ -126,10 +126,15 @@ def _workers(report: dict[str, Any]) -> Iterator[Metric]:
     yield _gauge("bucketlens_workers", "Workers with a live heartbeat", len(workers))
     yield _gauge("bucketlens_workers_busy", "Workers embedding a batch now",
                  sum(1 for w in workers if w.get("state") == "busy"))
-    age = report["canary"]["age_s"]
-    if age is not None:
+    canary = report["canary"]
+    if canary["age_s"] is not None:
         yield _gauge("bucketlens_canary_age_seconds", "Seconds since the last canary notification reached ingest",
-                     age)
+                     canary["age_s"])
+    if canary["lag_s"] is not None:
+        yield _gauge("bucketlens_canary_lag_seconds", "Upload-to-receiver delay of the last checked canary",
+                     canary["lag_s"])
+    yield _gauge("bucketlens_canary_waiting_seconds", "How long the outstanding canary has waited for its event",
+                 canary["waiting_s"])
 
 
 def _stage_histogram(fields: dict[str, bytes | str]) -> Metric:

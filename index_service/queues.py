@@ -71,11 +71,20 @@ def _text(value: bytes | str) -> str:
 
 
 def _canary(fields: dict[bytes, bytes]) -> dict[str, Any]:
-    """When the last canary event arrived: S3 -> ingest delivery works end to end if this stays recent."""
-    if b"last_seen" not in fields:
-        return {"last_seen": None, "age_s": None}
-    last_seen = float(fields[b"last_seen"])
-    return {"last_seen": last_seen, "age_s": round(max(0.0, time.time() - last_seen), 3)}
+    """End-to-end delivery (infra/canary.py): when the last canary event arrived (``age_s``), how long the
+    last checked canary took from PUT to receiver (``lag_s``), and how long the outstanding one has been
+    waiting (``waiting_s``, 0 when none is outstanding; the supervisor heals above canary_timeout_s)."""
+    now = time.time()
+    last_seen = float(fields[b"last_seen"]) if b"last_seen" in fields else None
+    pending = fields.get(b"pending_key")
+    outstanding = pending and pending != fields.get(b"last_key") and b"written" in fields
+    waiting = now - float(fields[b"written"]) if outstanding else 0.0
+    return {
+        "last_seen": last_seen,
+        "age_s": None if last_seen is None else round(max(0.0, now - last_seen), 3),
+        "lag_s": round(float(fields[b"lag_s"]), 3) if b"lag_s" in fields else None,
+        "waiting_s": round(max(0.0, waiting), 3),
+    }
 
 
 def _list_key(keys: Keys, queue: str, step: int) -> str:

@@ -27,7 +27,7 @@ from workers.embedders.efficientnet import DIMS
 from .merger import Merger
 from .rebuild import Rebuilds
 from .snapshots import SnapshotStore
-from .vector_index import VectorIndex
+from .vector_index import VectorIndex, set_search_threads
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 class Service:
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         self.settings = settings
+        set_search_threads(settings.faiss_threads)
         self.keys = Keys(settings.namespace)
         self.redis = connect(settings.redis_url)
         self.s3 = make_client(settings)

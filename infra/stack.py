@@ -22,16 +22,16 @@ from typing import Any
 import httpx
 
 from bucketlens.redis_client import connect
-from bucketlens.keys import Keys
 from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
 
+from .canary import Canary
 from .notifications import ensure_bucket, ensure_notifications
 
 log = logging.getLogger(__name__)
 INFRA = Path(__file__).resolve().parent
-SERVICES = ("ingest", "worker", "api")  # Python processes, started in this order after Redis and Ceph
-COMMAND = {"ingest": "ingest", "worker": "worker", "api": "serve"}  # bucketlens subcommand of each
+SERVICES = ("ingest", "worker", "api", "supervisor")  # Python processes, started in this order
+COMMAND = {"ingest": "ingest", "worker": "worker", "api": "serve", "supervisor": "supervise"}  # their subcommands
 
 
 class StackError(RuntimeError):
@@ -116,12 +116,18 @@ class Stack:
         s3 = make_client(self.settings)
         ensure_bucket(s3, self.settings.bucket)
         for name in services:
-            self.start_service(name)
+            if name != "supervisor":
+                self.start_service(name)
         self._wait_http(self.ingest_url + "/healthz", "ingest", 60)
         ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={self.settings.webhook_token}")
-        self.wait_canary()
+        try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
+            Canary(self.settings, s3, connect(self.settings.redis_url)).wait(90)
+        except TimeoutError as exc:
+            raise StackError(f"{exc}; see {self.home / 'logs'}") from exc
         if wait_ready and "api" in services:
             self._wait_http(self.api_url + "/readyz", "api", 300)
+        if "supervisor" in services:  # after the start-up canary: one canary writer at a time
+            self.start_service("supervisor")
 
     def down(self) -> None:
         for name in reversed(SERVICES):
@@ -146,7 +152,7 @@ class Stack:
             "processes": {
                 "redis": self._redis_pid() is not None,
                 "s3": self._ceph_up(),
-                **{name: self._pid(name) is not None for name in SERVICES},
+                **{name: self.pid(name) is not None for name in SERVICES},
             },
         }
 
@@ -223,7 +229,7 @@ class Stack:
     # -- Python services -----------------------------------------------------------------------------------
 
     def start_service(self, name: str) -> None:
-        if self._pid(name) is not None:
+        if self.pid(name) is not None:
             return
         if name not in SERVICES:
             raise StackError(f"unknown service {name!r}")
@@ -238,7 +244,7 @@ class Stack:
         (self.home / "run" / f"{name}.pid").write_text(str(process.pid))
 
     def stop_service(self, name: str, kill: bool = False) -> None:
-        pid = self._pid(name)
+        pid = self.pid(name)
         if pid is not None:
             _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30, group=True)
         child = self._children.pop(name, None)
@@ -246,7 +252,8 @@ class Stack:
             child.wait(timeout=5)
         (self.home / "run" / f"{name}.pid").unlink(missing_ok=True)
 
-    def _pid(self, name: str) -> int | None:
+    def pid(self, name: str) -> int | None:
+        """The pid of a running service of this stack, or None."""
         return _live_pid(self.home / "run" / f"{name}.pid", "python")
 
     # -- readiness -----------------------------------------------------------------------------------------
@@ -259,23 +266,10 @@ class Stack:
                     return
             except httpx.HTTPError:
                 pass
-            if name in SERVICES and self._pid(name) is None:
+            if name in SERVICES and self.pid(name) is None:
                 raise StackError(f"{name} exited; see {self.home / 'logs' / (name + '.log')}")
             time.sleep(0.2)
         raise StackError(f"{name} not ready at {url} after {timeout_s:.0f} s; see {self.home / 'logs'}")
-
-    def wait_canary(self, timeout_s: float = 90) -> float:
-        """Write a canary object and wait for its notification: proves S3 -> ingest delivery end to end."""
-        key = f"{self.settings.reserved_prefix}canary/{time.time_ns()}"
-        client = connect(self.settings.redis_url)
-        keys = Keys(self.settings.namespace)
-        started = time.monotonic()
-        make_client(self.settings).put_object(Bucket=self.settings.bucket, Key=key, Body=b"canary")
-        while time.monotonic() - started < timeout_s:
-            if client.hget(keys.canary, "last_key") == key.encode():
-                return time.monotonic() - started
-            time.sleep(0.1)
-        raise StackError(f"no notification for {key} within {timeout_s:.0f} s; see {self.home / 'logs'}")
 
 
 def _live_pid(path: Path, comm_prefix: str) -> int | None:

@@ -61,8 +61,11 @@ class Receiver:
 
     def _note_canaries(self, events: list[ObjectEvent]) -> None:
         now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
         for event in events:
-            self.redis.hset(self.keys.canary, mapping={"last_key": event.ref.key, "last_seen": now})
+            pipe.set(self.keys.canary_seen(event.ref.key), now, ex=3600)
+            pipe.hset(self.keys.canary, mapping={"last_key": event.ref.key, "last_seen": now})
+        pipe.execute()
 
     async def handle(self, request: Request) -> JSONResponse:
         if not token_ok(request, self.settings.webhook_token):

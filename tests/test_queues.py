@@ -44,7 +44,8 @@ def test_an_empty_namespace_reports_zeros_no_workers_and_no_canary(stack: Stack)
     assert all(queue["depth"] == 0 for queue in report["queues"].values())
     assert report["failures"] == 0 and report["pending_objects"] == 0 and report["events"] == {}
     assert report["stream"]["length"] == 0 and report["stream"]["lag"] == 0
-    assert report["workers"] == [] and report["canary"] == {"last_seen": None, "age_s": None}
+    assert report["workers"] == [] and report["canary"] == {"last_seen": None, "age_s": None, "lag_s": None,
+                                                            "waiting_s": 0.0}
 
 
 def test_live_workers_include_the_stacks_worker_with_a_recent_heartbeat(stack: Stack) -> None:
@@ -56,3 +57,4 @@ def test_live_workers_include_the_stacks_worker_with_a_recent_heartbeat(stack: S
     assert worker["pid"] > 0 and worker["hostname"] and worker["model"] == stack.settings.model
     assert worker["started"] <= worker["last_seen"]
     assert queue_report(redis, keys)["canary"]["age_s"] is not None  # the stack waited for a canary at start
+    assert queue_report(redis, keys)["canary"]["lag_s"] is not None  # ... and measured its delivery lag

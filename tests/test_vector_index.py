@@ -96,10 +96,12 @@ def test_stream_entry_round_trip() -> None:
 
 
 def clustered(n: int, dim: int, centroids: int, seed: int = 0) -> np.ndarray:
-    """Vectors shaped like real embeddings: a Gaussian mixture around many centroids, normalised."""
+    """Vectors shaped like real embeddings (graded similarity): themes, sub-centroids around them, points
+    around those, normalised (as bench/index_scale.py, smaller)."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((centroids, dim)).astype(np.float32)
-    x = centres[rng.integers(0, centroids, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    themes = rng.standard_normal((centroids // 20, dim)).astype(np.float32)
+    centres = themes[rng.integers(0, len(themes), centroids)] + rng.standard_normal((centroids, dim)).astype(np.float32)
+    x = centres[rng.integers(0, centroids, n)] + rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 

@@ -1,0 +1,112 @@
+"""Index scale figures: build/merge rate, search p50/p99 (k=10), recall@10 against exact search, and peak
+memory against the raw vector bytes, for the structures the index service uses (``VectorIndex``).
+
+Vectors are shaped like real embeddings (DESIGN.md): a Gaussian mixture around a few thousand centroids,
+normalised; uniform random vectors would defeat every approximate index and prove nothing.
+
+    .venv/bin/python -m bench.index_scale 10000 100000 1000000     # writes bench/results/index-scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bucketlens.schemas import ResultEntry
+from index_service.vector_index import VectorIndex, default_nprobe, ivf_lists, set_search_threads
+
+DIM = 1280
+RESULTS = Path(__file__).parent / "results"
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    """A two-level Gaussian mixture: 100 themes, 2000 sub-centroids around them, points around those.
+
+    Nearest neighbours then sit at cosine ~0.7 (top 1) to ~0.55 (top 10) while random pairs sit near 0:
+    graded similarity, like real image embeddings, rather than uniform noise.
+    """
+    rng = np.random.default_rng(seed)
+    themes = rng.standard_normal((100, DIM)).astype(np.float32)
+    centres = themes[rng.integers(0, 100, 2000)] + rng.standard_normal((2000, DIM)).astype(np.float32)
+    out = np.empty((n, DIM), dtype=np.float32)
+    for start in range(0, n, 50_000):  # in chunks, so generation does not double peak memory
+        m = min(50_000, n - start)
+        x = centres[rng.integers(0, 2000, m)] + rng.standard_normal((m, DIM)).astype(np.float32)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_search(index: VectorIndex, queries: np.ndarray) -> tuple[list[set[str]], float, float]:
+    hits, times = [], []
+    for q in queries:
+        started = time.perf_counter()
+        result = index.search(q, 10)
+        times.append((time.perf_counter() - started) * 1000)
+        hits.append({o.key for o, _ in result})
+    return hits, float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def measure(n: int, queries_n: int = 200) -> dict[str, float]:
+    data = clustered(n + queries_n, seed=n)
+    queries = data[n:]
+    index = VectorIndex("m", DIM)
+    started = time.perf_counter()
+    batch = 2000
+    for start in range(0, n, batch):  # the merger's path: ResultEntry batches through apply()
+        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", data[i])
+                     for i in range(start, min(n, start + batch))])
+    merge_rate = n / (time.perf_counter() - started)
+    exact_hits, exact_p50, exact_p99 = timed_search(index, queries)
+    row: dict[str, float] = {"n": n, "merge_vectors_per_s": round(merge_rate), "flat_p50_ms": exact_p50,
+                             "flat_p99_ms": exact_p99, "raw_vector_mb": n * DIM * 4 / 2**20}
+    started = time.perf_counter()
+    index.restructure("IVF")
+    row["ivf_build_s"] = time.perf_counter() - started
+    row["ivf_lists"] = ivf_lists(n)
+    sweep = []
+    for nprobe in sorted({4, 8, 16, 32, 64, 128, default_nprobe(ivf_lists(n))}):
+        index._faiss.nprobe = nprobe
+        hits, p50, p99 = timed_search(index, queries)
+        recall = float(np.mean([len(a & b) / 10 for a, b in zip(hits, exact_hits)]))
+        sweep.append({"nprobe": nprobe, "recall_at_10": recall, "p50_ms": p50, "p99_ms": p99})
+    row["ivf_sweep"] = sweep  # type: ignore[assignment]
+    default = next(s for s in sweep if s["nprobe"] == default_nprobe(ivf_lists(n)))
+    row.update(ivf_nprobe=default["nprobe"], ivf_recall_at_10=default["recall_at_10"], ivf_p50_ms=default["p50_ms"],
+               ivf_p99_ms=default["p99_ms"])
+    row["peak_rss_mb"] = peak_rss_mb()
+    for key, value in list(row.items()):
+        if isinstance(value, float):
+            row[key] = round(value, 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sizes", nargs="*", type=int, default=[10_000, 100_000])
+    args = parser.parse_args()
+    set_search_threads(1)  # as the index service runs (see vector_index.set_search_threads)
+    rows = []
+    for n in args.sizes:  # one process per size would isolate peak memory; run sizes one at a time for that
+        rows.append(measure(n))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "ivf_sweep"}), flush=True)
+        for s in rows[-1]["ivf_sweep"]:  # type: ignore[union-attr]
+            print(f"   nprobe {s['nprobe']:>4}: recall@10 {s['recall_at_10']:.3f}  p50 {s['p50_ms']:.2f} ms  "
+                  f"p99 {s['p99_ms']:.2f} ms")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "index-scale.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    previous.update({str(r["n"]): r for r in rows})
+    out.write_text(json.dumps(previous, indent=2))
+
+
+if __name__ == "__main__":
+    main()

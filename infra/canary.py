@@ -1,0 +1,55 @@
+"""End-to-end delivery proof: a canary object under the reserved prefix must produce its notification.
+
+The receiver marks every reserved-prefix event it gets (``keys.canary_seen(key)``, and ``last_key``/``last_seen``
+in ``keys.canary``); the writer records what it wrote and when (``pending_key``, ``written``) and, once its
+own canary is seen, the lag (``lag_s``). Events arrive out of order, so each canary is checked by its own key.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from bucketlens.keys import Keys
+from bucketlens.settings import Settings
+
+
+class Canary:
+    def __init__(self, settings: Settings, s3: Any, client: redis.Redis) -> None:
+        self.settings = settings
+        self.s3 = s3
+        self.redis = client
+        self.keys = Keys(settings.namespace)
+
+    def write(self) -> str:
+        key = f"{self.settings.reserved_prefix}canary/{time.time_ns()}"
+        self.redis.hset(self.keys.canary, mapping={"pending_key": key, "written": time.time()})
+        self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=b"canary")
+        return key
+
+    def check(self) -> tuple[str | None, float]:
+        """(the outstanding canary key or None once delivered, seconds since it was written)."""
+        state = {k.decode(): v.decode() for k, v in self.redis.hgetall(self.keys.canary).items()}
+        pending = state.get("pending_key")
+        if not pending:
+            return None, 0.0
+        written = float(state.get("written", 0))
+        seen = self.redis.get(self.keys.canary_seen(pending))
+        if seen is not None:
+            lag = float(seen) - written
+            self.redis.hset(self.keys.canary, mapping={"pending_key": "", "lag_s": lag, "delivered": float(seen)})
+            return None, lag
+        return pending, time.time() - written
+
+    def wait(self, timeout_s: float) -> float:
+        """Write a canary and wait for its event; returns the delivery lag in seconds."""
+        self.write()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pending, lag = self.check()
+            if pending is None:
+                return lag
+            time.sleep(0.1)
+        raise TimeoutError(f"no notification for the canary within {timeout_s:.0f} s")

@@ -1,0 +1,64 @@
+"""The local stack's supervisor (``bucketlens supervise``, started by ``bucketlens up``).
+
+Every ``canary_interval_s`` it restarts services that died (the receiver must always be up: Ceph 16 stops
+delivering a topic whose endpoint refused connections for 10 s or more) and proves delivery end to end with a
+canary object. When a canary is not delivered within ``canary_timeout_s`` it restarts radosgw (which resumes
+the stalled topic and redelivers its queue) and runs a reconcile to heal whatever was missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import httpx
+
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
+from bucketlens.s3 import make_client
+
+from .canary import Canary
+from .stack import SERVICES, Stack
+
+log = logging.getLogger(__name__)
+WATCHED = tuple(name for name in SERVICES if name != "supervisor")
+
+
+class Supervisor:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.settings = stack.settings
+        self.redis = connect(self.settings.redis_url)
+        self.keys = Keys(self.settings.namespace)
+        self.canary = Canary(self.settings, make_client(self.settings), self.redis)
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("supervising %s every %.0f s", ", ".join(WATCHED), self.settings.canary_interval_s)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("supervisor tick failed; next in %.0f s", self.settings.canary_interval_s)
+            stop.wait(self.settings.canary_interval_s)
+
+    def tick(self) -> None:
+        for name in WATCHED:
+            if self.stack.pid(name) is None:
+                log.warning("%s is not running; restarting it", name)
+                self.stack.start_service(name)
+        pending, age = self.canary.check()
+        if pending is None:
+            self.canary.write()
+        elif age > self.settings.canary_timeout_s:
+            self.heal(age)
+
+    def heal(self, age: float) -> None:
+        log.warning("canary undelivered for %.0f s: restarting radosgw, then reconciling", age)
+        self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
+        self.stack.stop_s3()
+        self.stack.start_s3()
+        self.canary.write()
+        response = httpx.post(f"{self.stack.api_url}/reconcile", json={},
+                              headers={"Authorization": f"Bearer {self.settings.admin_token}"}, timeout=600)
+        log.info("reconcile after the stall: %s %s", response.status_code, response.text[:300])
