@@ -1,0 +1,94 @@
+"""The limit: the best in-process throughput of decode + preprocess + embed on the benchmark's images.
+
+No S3, no Redis, no Celery: bytes already in memory go through ``workers.decode.decode`` and the embedder the
+workers load (``workers.embedders.load_embedder``), in the batches the workers see (``settings.batch_size``).
+The best of a few ways to use the machine's cores counts as the limit:
+
+- ``serial``: one model, its runtime using every core; decode, then embed, batch after batch.
+- ``pipelined``: the same model, with the next batch decoded in a second thread while this one is embedded.
+- ``lanes``: one model per core (one runtime thread each), each lane decoding and embedding its own share;
+  what ``worker_concurrency = cores`` with ``torch_threads = 1`` does in the workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from bucketlens.settings import Settings
+from workers.decode import decode
+from workers.embedders import Embedder, load_embedder
+
+from .procs import CpuMeter
+
+
+def _batches(blobs: Sequence[bytes], size: int) -> list[Sequence[bytes]]:
+    return [blobs[start : start + size] for start in range(0, len(blobs), size)]
+
+
+def _decode_batch(blobs: Sequence[bytes], max_pixels: int) -> np.ndarray:
+    return np.stack([decode(blob, max_pixels) for blob in blobs])
+
+
+def serial(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:
+    for batch in _batches(blobs, settings.batch_size):
+        embedders[0].embed(_decode_batch(batch, settings.max_pixels))
+        bar.update(len(batch))
+
+
+def pipelined(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:
+    batches = _batches(blobs, settings.batch_size)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(_decode_batch, batches[0], settings.max_pixels)
+        for i, batch in enumerate(batches):
+            pixels = ahead.result()
+            if i + 1 < len(batches):
+                ahead = pool.submit(_decode_batch, batches[i + 1], settings.max_pixels)
+            embedders[0].embed(pixels)
+            bar.update(len(batch))
+
+
+def lanes(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:
+    lock = threading.Lock()
+
+    def lane(j: int) -> None:
+        for batch in _batches(blobs[j :: len(embedders)], settings.batch_size):
+            embedders[j].embed(_decode_batch(batch, settings.max_pixels))
+            with lock:
+                bar.update(len(batch))
+
+    with ThreadPoolExecutor(max_workers=len(embedders)) as pool:
+        list(pool.map(lane, range(len(embedders))))
+
+
+Variant = Callable[[list[Embedder], Sequence[bytes], Settings, tqdm], None]
+
+
+def measure_limit(settings: Settings, blobs: Sequence[bytes], cores: int) -> dict[str, object]:
+    """Images per second of each variant on ``blobs``; the best is ``limit_images_per_s``."""
+    shared = dataclasses.replace(settings, torch_threads=settings.torch_threads or cores)
+    single = [load_embedder(shared)]
+    per_core = [load_embedder(dataclasses.replace(settings, torch_threads=1)) for _ in range(cores)]
+    variants: dict[str, tuple[Variant, list[Embedder]]] = {
+        "serial": (serial, single), "pipelined": (pipelined, single), "lanes": (lanes, per_core),
+    }
+    warm = _decode_batch(blobs[: settings.batch_size], settings.max_pixels)
+    rates: dict[str, float] = {}
+    cpu: dict[str, object] = {}
+    for name, (run, embedders) in variants.items():
+        for embedder in embedders:  # the first full-size batch of a runtime is slower (allocations)
+            embedder.embed(warm)
+        with tqdm(total=len(blobs), unit="img", desc=f"limit: {name}", leave=False) as bar:
+            meter = CpuMeter()
+            run(embedders, blobs, settings, bar)
+            rates[name] = len(blobs) / meter.elapsed()
+            cpu[name] = meter.report(len(blobs))
+    best = max(rates, key=lambda name: rates[name])
+    return {"limit_images_per_s": rates[best], "limit_variant": best, "limit_variants": rates,
+            "limit_cpu": cpu,
+            "batch_size": settings.batch_size}
