@@ -1,0 +1,134 @@
+"""``python -m bench`` (``make bench``): the benchmark on the local stack, same images, model and cores.
+
+Steps: ``limit`` (decode + embed in-process), ``e2e`` (bucketlens bulk throughput, then freshness),
+``old`` (the old design), ``queries`` (search latency at each index size). Prints a table and writes
+``bench/results/latest.json``. Quick by default (1000 images, 10k and 100k vectors); ``--images 5000`` for more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bucketlens.settings import PREFIX, Settings
+
+from . import e2e, old_design, queries
+from .images import ensure_images
+from .limit import measure_limit
+from .procs import cores, load_average
+from .report import check_targets, headline, table
+from .stack import bench_stack, describe, warm_up, worker_pid
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = ("limit", "e2e", "old", "queries")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000, help="images in the set (default 1000)")
+    parser.add_argument("--index-sizes", default="10000,100000", help="query index sizes (default 10000,100000)")
+    parser.add_argument("--queries", type=int, default=200, help="queries per measurement (default 200)")
+    parser.add_argument("--freshness", type=int, default=20, help="single uploads timed for freshness")
+    parser.add_argument("--only", default=",".join(STEPS), help=f"steps to run (default {','.join(STEPS)})")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a bucketlens setting for the workers and the limit, e.g. worker_concurrency=2")
+    parser.add_argument("--profile", action="store_true", help="sample the worker with py-spy during the bulk run")
+    parser.add_argument("--home", type=Path, help="keep the bench stack in this folder and reuse it next time")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".bucketlens" / "bench-cache",
+                        help="where the image set and the exported model are kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    return parser.parse_args(argv)
+
+
+def settings_from(pairs: list[str], cache: Path) -> Settings:
+    """``BUCKETLENS_*`` from the environment, then ``--set`` pairs; the model cache lives in ``cache``."""
+    environ = dict(os.environ)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in {f.name for f in dataclasses.fields(Settings)}:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a field of bucketlens.settings.Settings")
+        environ[PREFIX + name.upper()] = value
+    return Settings.from_env(environ, home=cache)
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    steps = set(args.only.split(","))
+    if steps - set(STEPS):
+        raise SystemExit(f"--only: unknown steps {sorted(steps - set(STEPS))}; known: {', '.join(STEPS)}")
+    settings = settings_from(args.set, args.cache)
+    files = ensure_images(args.cache, args.images, args.seed)
+    results: dict[str, Any] = {"load_average_before": load_average()}
+    if "limit" in steps:
+        results["limit"] = measure_limit(settings, [path.read_bytes() for path in files], cores())
+    if steps & {"e2e", "old", "queries"}:
+        if not list((args.cache / "models").glob("*.onnx")):
+            from workers.embedders import load_embedder
+
+            load_embedder(settings)  # exports the model into the cache once
+        started = time.perf_counter()
+        with bench_stack(settings, args.cache / "models", args.home) as stack:
+            results["stack"] = {"up_seconds": time.perf_counter() - started, **describe(stack)}
+            with httpx.Client(base_url=stack.api_url, timeout=60) as api:
+                results["stack"]["warm_up_seconds"] = warm_up(stack, api, files[0].read_bytes())
+                if "e2e" in steps:
+                    profiler = None
+                    if args.profile:
+                        from .profile import Profiler
+
+                        args.out.parent.mkdir(parents=True, exist_ok=True)
+                        profiler = Profiler(worker_pid(stack), args.out.parent / "worker-profile.txt")
+                        time.sleep(1)  # py-spy attaches
+                    results["e2e"] = e2e.throughput(stack, api, files)
+                    if profiler is not None:
+                        results["e2e"]["worker_profile"] = profiler.stop()
+                    results["e2e"].update(e2e.freshness(stack, api, files, args.freshness))
+                    results["e2e"].update(e2e.peak_memory(stack))
+            if "old" in steps:
+                results["old_design"] = old_design.run(stack.settings, files)
+            if "queries" in steps:
+                sizes = [int(size) for size in args.index_sizes.split(",")]
+                results["queries"] = queries.run(stack.settings, files, sizes, args.queries, args.seed)
+    results["load_average_after"] = load_average()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    details = run(args)
+    flat = headline(details)
+    targets = check_targets(flat)
+    report = {
+        "images": args.images, "cores": cores(), **flat, "targets": targets,
+        "settings": [*args.set], "index_sizes": args.index_sizes, "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 1), "details": details,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report, targets))
+    print(f"\n{args.out} ({report['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The design bucketlens replaced, re-created faithfully for comparison (DESIGN.md, first table).
+
+The caller reads each image file, base64-encodes it into its own Celery task, sends every task, then waits on
+each result in turn (``future.get``) and builds a FAISS ``IndexFlatIP`` from all vectors at the end. One
+Celery worker process decodes and embeds ONE image per task and returns the vector through Celery's Redis
+result backend. Same Redis as the bench stack (its own queue), same model, runtime, settings and decode
+function as the bucketlens workers. JSON serializer (the old design pickled; JSON is the fairer baseline here).
+
+Run the worker with ``python -m bench.old_design REDIS_URL QUEUE`` (settings from ``BUCKETLENS_*``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+from celery import Celery
+from celery.signals import worker_process_init
+from tqdm import tqdm
+
+from bucketlens.settings import Settings
+
+from .procs import tree_peak_rss_mb
+
+TASK = "old.embed"
+
+
+def create_app(redis_url: str, queue: str, settings: Settings | None = None) -> Celery:
+    """The old design's Celery app; with ``settings`` it also registers the worker side (model and task)."""
+    app = Celery("old-design", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    result_accept_content=["json"], task_default_queue=queue, worker_hijack_root_logger=False,
+                    broker_connection_retry_on_startup=True, result_expires=3600)
+    if settings is None:
+        return app
+    resources: dict[str, Any] = {}
+
+    @worker_process_init.connect(weak=False)
+    def load_model(**_: object) -> None:
+        from workers.embedders import load_embedder
+
+        resources["embedder"] = load_embedder(settings)
+
+    @app.task(name=TASK)
+    def embed(image_b64: str) -> list[float]:
+        from workers.decode import decode
+
+        pixels = decode(base64.b64decode(image_b64), settings.max_pixels)
+        vector: np.ndarray = resources["embedder"].embed(pixels[None])[0]
+        return vector.tolist()  # type: ignore[no-any-return]
+
+    return app
+
+
+def start_worker(settings: Settings, queue: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """One Celery worker process (``settings.worker_concurrency`` pool children, as the bucketlens worker)."""
+    env = {**os.environ, **settings.to_env()}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.old_design", settings.redis_url, queue], env=env, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+
+
+def run(settings: Settings, files: Sequence[Path], queue: str = "bench-old") -> dict[str, Any]:
+    """Time the old design on ``files``: first file read -> FAISS index built."""
+    app = create_app(settings.redis_url, queue)
+    embed = app.signature(TASK)
+    worker = start_worker(settings, queue, Path(settings.home) / "logs" / "old-design-worker.log")
+    try:
+        embed.apply_async(args=[base64.b64encode(files[0].read_bytes()).decode()]).get(timeout=300)  # warm
+        started = time.perf_counter()
+        futures = []
+        for path in tqdm(files, unit="img", desc="old design: send", leave=False):
+            futures.append(embed.apply_async(args=[base64.b64encode(path.read_bytes()).decode()]))
+        vectors = [future.get(timeout=600) for future in tqdm(futures, unit="img", desc="old design: get",
+                                                              leave=False)]
+        index = faiss.IndexFlatIP(len(vectors[0]))
+        index.add(np.asarray(vectors, dtype=np.float32))
+        elapsed = time.perf_counter() - started
+        peak = tree_peak_rss_mb(worker.pid)
+        for future in futures:
+            future.forget()
+    finally:
+        worker.terminate()  # Celery's warm shutdown stops its pool children too
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        app.close()
+    return {"old_design_images_per_s": len(files) / elapsed, "old_design_seconds": elapsed,
+            "old_design_vectors": index.ntotal, "old_design_worker_peak_rss_mb": peak}
+
+
+def main() -> None:
+    redis_url, queue = sys.argv[1], sys.argv[2]
+    settings = Settings.from_env()
+    app = create_app(redis_url, queue, settings)
+    app.worker_main(["worker", "-Q", queue, "-c", str(settings.worker_concurrency), "--loglevel", "WARNING",
+                     "-n", f"old-design-{os.getpid()}@%h", "--without-gossip", "--without-mingle"])
+
+
+if __name__ == "__main__":
+    main()
