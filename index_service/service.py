@@ -21,7 +21,7 @@ from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from ingest.publisher import Publisher
-from workers.embedders import Embedder, load_embedder
+from workers.embedders import Embedder, Embedders
 from workers.embedders.efficientnet import DIMS
 
 from .merger import Merger
@@ -41,7 +41,7 @@ class Service:
         self.s3 = make_client(settings)
         self.presigner = make_client(settings, endpoint=settings.presign_endpoint)
         self.publisher = Publisher(settings, self.redis)
-        self.embedder = embedder
+        self.embedders = Embedders(settings, embedder)
         self.index = VectorIndex(settings.model, DIMS[settings.model], generation=1)
         self.shadow: VectorIndex | None = None
         self.rebuilds = Rebuilds(self)
@@ -76,7 +76,7 @@ class Service:
     def _load(self) -> None:
         """Heavy start-up off the event loop: newest snapshot, stream replay, the model (warmed up)."""
         try:
-            restored = self.snapshots.load_newest(self.index.model, self.index.dim)
+            restored = self.snapshots.load_newest(DIMS)
         except Exception:
             log.exception("cannot read snapshots; starting from the stream alone")
             restored = None
@@ -85,8 +85,7 @@ class Service:
         self._register_generation()
         self.loaded.set()
         self.merger.start()
-        if self.embedder is None:
-            self.embedder = load_embedder(self.settings)
+        self.embedders.get(self.index.model)  # query images are embedded with the serving model
 
     def _register_generation(self) -> None:
         delay = 0.2
@@ -168,6 +167,7 @@ class Service:
         """Swap the shadow generation in (atomically for readers: one reference assignment)."""
         if shadow is None:
             return
+        self.embedders.get(shadow.model)  # queries must be embedded like the new generation (already warm)
         old = self.index
         self.index, self.shadow = shadow, None
         self.redis.hdel(self.keys.generations, str(old.generation))
@@ -180,7 +180,7 @@ class Service:
     def ready(self) -> tuple[bool, str]:
         if not self.loaded.is_set():
             return False, "loading the newest snapshot"
-        if self.embedder is None:
+        if not self.embedders.loaded(self.index.model):
             return False, "loading the model"
         if not self.merger.caught_up.is_set():
             return False, "replaying the result stream"

@@ -14,7 +14,7 @@ import os
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -49,8 +49,12 @@ def encode(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
     return buffer.getvalue(), meta
 
 
-def decode(data: bytes, model: str, dim: int) -> tuple[VectorIndex, str]:
-    """The index and last applied stream id in ``data``; raises SnapshotError rather than half-loading."""
+def decode(data: bytes, dims: Mapping[str, int]) -> tuple[VectorIndex, str]:
+    """The index and last applied stream id in ``data``; raises SnapshotError rather than half-loading.
+
+    ``dims`` maps the models this service can run to their dimension: a snapshot of another model, or whose
+    dimension does not match its model's, is refused. (After a model-switching rebuild the newest snapshot's
+    model is not ``settings.model``, which only names the model of a brand-new index.)"""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             meta = json.loads(archive["meta"].tobytes())
@@ -59,8 +63,11 @@ def decode(data: bytes, model: str, dim: int) -> tuple[VectorIndex, str]:
         raise SnapshotError(f"unreadable snapshot: {exc}") from exc
     if meta.get("v") != SCHEMA_VERSION:
         raise SnapshotError(f"snapshot schema version {meta.get('v')!r}, expected {SCHEMA_VERSION}")
-    if meta["model"] != model or meta["dim"] != dim:
-        raise SnapshotError(f"snapshot is for {meta['model']} dim {meta['dim']}, this service runs {model} dim {dim}")
+    model, dim = meta.get("model"), meta.get("dim")
+    if model not in dims:
+        raise SnapshotError(f"snapshot is for model {model!r}; this service knows {', '.join(dims)}")
+    if dim != dims[model]:
+        raise SnapshotError(f"snapshot has dim {dim}, but {model} embeds {dims[model]}-d vectors")
     if vectors.dtype != np.float32 or vectors.shape != (meta["count"], dim) or len(meta["objects"]) != meta["count"]:
         raise SnapshotError(f"snapshot holds {vectors.shape} {vectors.dtype} vectors for {meta['count']} objects")
     objects = [Indexed(b, k, e, s, int(o), int(g)) for b, k, e, s, o, g in meta["objects"]]
@@ -112,7 +119,7 @@ class SnapshotStore:
         listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix)
         return sorted((o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(SUFFIX)), reverse=True)
 
-    def load_newest(self, model: str, dim: int) -> tuple[VectorIndex, str] | None:
+    def load_newest(self, dims: Mapping[str, int]) -> tuple[VectorIndex, str] | None:
         """The newest snapshot that loads; broken ones are reported and skipped for the previous one."""
         candidates: list[tuple[str, Any]] = [(p.name, p.read_bytes) for p in self._local()]
         if not candidates and self.s3 is not None:
@@ -120,7 +127,7 @@ class SnapshotStore:
                           for k in self._remote()]
         for name, read in candidates:
             try:
-                index, last_id = decode(read(), model, dim)
+                index, last_id = decode(read(), dims)
             except SnapshotError as exc:
                 log.error("skipping snapshot %s: %s", name, exc)
                 continue

@@ -158,3 +158,27 @@ def test_reconcile_heals_what_notifications_missed(stack: Stack, s3: Any, api: h
     wait_for(lambda: all(indexed_etag(api, bucket, k) == e for k, e in current.items()), 120, what="healed")
     assert object_state(api, bucket, "seen-1.jpg") is None
     set_notifications(stack, bucket, on=True)
+
+
+def test_reembed_with_another_model_feeds_both_generations_then_switches_back(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    bucket = stack.settings.bucket
+    serving = api.get("/stats").json()
+    bad = api.post("/rebuild", json={"mode": "reembed", "model": "efficientnet-lite9"}, headers=admin(stack))
+    assert bad.status_code == 400 and "unknown model" in bad.json()["error"]["message"]
+
+    for model in ("efficientnet-lite1", serving["model"]):
+        job = api.post("/rebuild", json={"mode": "reembed", "model": model}, headers=admin(stack))
+        assert job.status_code == 202, job.text
+        key = f"{unique_prefix}live-during-{model}.jpg"  # a live upload while two models are in use
+        s3.put_object(Bucket=bucket, Key=key, Body=photo("chelsea.png", transform=True))
+        done = wait_for(lambda j=job.json(): (s := api.get(f"/rebuild/{j['id']}").json())["state"] != "running"
+                        and s, 300, interval_s=0.5, what=f"rebuild to {model}")
+        assert done["state"] == "done", done
+        stats = api.get("/stats").json()
+        assert stats["model"] == model and stats["vectors"] > 0
+        wait_for(lambda k=key: indexed_etag(api, bucket, k), 60, what=f"{key} indexed under {model}")
+        # Queries are embedded with the serving model: the same photo finds itself.
+        hits = api.post("/search", files={"image": ("q.jpg", photo("chelsea.png", transform=True), "image/jpeg")})
+        assert hits.json()["model"] == model and hits.json()["results"][0]["score"] > 0.99

@@ -112,7 +112,7 @@ def test_sigkill_mid_merge_then_restart_equals_an_uninterrupted_run(service: Ind
     service.stop(signal.SIGTERM)  # clean shutdown writes a final snapshot
 
     recovered, _ = SnapshotStore(Path(service.settings.home) / "snapshots" / service.settings.namespace
-                                 ).load_newest(MODEL, DIM)  # type: ignore[misc]
+                                 ).load_newest({MODEL: DIM})  # type: ignore[misc]
     reference = VectorIndex(MODEL, DIM)
     reference.apply(stream)
 

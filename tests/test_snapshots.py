@@ -36,7 +36,7 @@ def test_round_trip_keeps_objects_vectors_tombstones_and_position(tmp_path: Path
     index = filled()
     store = SnapshotStore(tmp_path)
     store.write(index, "1700000000000-5")
-    loaded, last_id = SnapshotStore(tmp_path).load_newest("m", DIM)  # type: ignore[misc]
+    loaded, last_id = SnapshotStore(tmp_path).load_newest({"m": DIM})  # type: ignore[misc]
     assert last_id == "1700000000000-5" and loaded.generation == 3
     assert contents(loaded) == contents(index)
     # The tombstone survived: a late upsert of the deleted object's old version stays out.
@@ -49,16 +49,16 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous(tmp_path: Path) -> N
     store.write(filled(10), "1-1")
     newest = store.write(filled(20), "2-2")
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
-    loaded, last_id = store.load_newest("m", DIM)  # type: ignore[misc]
+    loaded, last_id = store.load_newest({"m": DIM})  # type: ignore[misc]
     assert last_id == "1-1" and len(loaded) == 9
 
 
 def test_wrong_model_or_dimension_is_refused() -> None:
     data, _ = encode(filled(), "1-1")
     with pytest.raises(SnapshotError, match="dim"):
-        decode(data, "m", DIM * 2)
+        decode(data, {"m": DIM * 2})
     with pytest.raises(SnapshotError, match="other"):
-        decode(data, "other", DIM)
+        decode(data, {"other": DIM})
 
 
 def test_a_pickled_payload_is_never_loaded() -> None:
@@ -66,7 +66,7 @@ def test_a_pickled_payload_is_never_loaded() -> None:
     meta = np.frombuffer(json.dumps({"v": 1}).encode(), dtype=np.uint8)
     np.savez(buffer, vectors=np.array([object()], dtype=object), meta=meta)  # needs pickle to load
     with pytest.raises(SnapshotError):
-        decode(buffer.getvalue(), "m", DIM)
+        decode(buffer.getvalue(), {"m": DIM})
 
 
 def test_only_the_newest_are_kept(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_only_the_newest_are_kept(tmp_path: Path) -> None:
     for i in range(4):
         store.write(filled(5, seed=i), f"{i}-0")
     assert len(list(tmp_path.glob("*.snapshot.npz"))) == 2
-    assert store.load_newest("m", DIM)[1] == "3-0"  # type: ignore[index]
+    assert store.load_newest({"m": DIM})[1] == "3-0"  # type: ignore[index]
 
 
 def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
@@ -82,5 +82,5 @@ def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
     index.restructure("IVF")
     store = SnapshotStore(tmp_path)
     store.write(index, "9-9")
-    loaded, _ = store.load_newest("m", DIM)  # type: ignore[misc]
+    loaded, _ = store.load_newest({"m": DIM})  # type: ignore[misc]
     assert loaded.index_type == "IVF" and contents(loaded) == contents(index)

@@ -18,7 +18,7 @@ from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 
 from .decode import decode
-from .embedders import Embedder, load_embedder
+from .embedders import Embedder, Embedders, load_embedder
 from .errors import ObjectChanged, PermanentError, TransientError
 from .fetch import fetch_many
 from .heartbeat import Heartbeat
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Outcome:
-    embedded: list[tuple[ObjectRef, np.ndarray]] = dataclasses.field(default_factory=list)
+    embedded: list[tuple[ObjectRef, np.ndarray, str]] = dataclasses.field(default_factory=list)  # + model
     failed: list[tuple[ObjectRef, str, str]] = dataclasses.field(default_factory=list)
     skipped: list[ObjectRef] = dataclasses.field(default_factory=list)
     transient: list[tuple[ObjectRef, str]] = dataclasses.field(default_factory=list)
@@ -44,10 +44,13 @@ class Pipeline:
         self.keys = Keys(settings.namespace)
         self.s3 = make_client(settings)
         self.pool = ThreadPoolExecutor(max_workers=settings.fetch_concurrency, thread_name_prefix="fetch")
-        self.embedder = embedder or load_embedder(settings)
+        default = embedder or load_embedder(settings)
+        self.embedders = Embedders(settings, default)
         self.redis = client or connect(settings.redis_url)
-        self.writer = ResultWriter(self.redis, self.keys, self.embedder.model)
-        self.heartbeat = Heartbeat(self.redis, self.keys, self.embedder.model, self.embedder.device)
+        self.writer = ResultWriter(self.redis, self.keys)
+        self._models: dict[int, str] = {}
+        self._models_read = 0.0
+        self.heartbeat = Heartbeat(self.redis, self.keys, default.model, default.device)
 
     def process(self, refs: Sequence[ObjectRef]) -> Outcome:
         """Run one batch through every stage; bad objects never block the rest of the batch."""
@@ -75,10 +78,23 @@ class Pipeline:
 
         if decoded:
             started = time.perf_counter()
-            vectors = self.embedder.embed(np.stack([pixels for _, pixels in decoded]))
-            out.embedded = [(ref, vector) for (ref, _), vector in zip(decoded, vectors)]
+            for model in sorted({self.model_for(ref.generation) for ref, _ in decoded}):
+                part = [(ref, pixels) for ref, pixels in decoded if self.model_for(ref.generation) == model]
+                vectors = self.embedders.get(model).embed(np.stack([pixels for _, pixels in part]))
+                out.embedded += [(ref, vector, model) for (ref, _), vector in zip(part, vectors)]
             out.timings["embed"] = time.perf_counter() - started
         return out
+
+    def model_for(self, generation: int) -> str:
+        """The model a generation is embedded with (a model-switching rebuild names another one)."""
+        if generation not in self._models or time.monotonic() - self._models_read > 10:
+            try:
+                raw = self.redis.hgetall(self.keys.generations)
+                self._models = {int(g): m.decode() for g, m in raw.items()}
+                self._models_read = time.monotonic()
+            except redis.RedisError:
+                pass  # keep what we knew; the write stage retries Redis anyway
+        return self._models.get(generation, self.settings.model)
 
     def write(self, out: Outcome, attempts: int) -> None:
         """Write the outcome, retrying in-task while Redis is briefly away (a retry cannot be queued then)."""

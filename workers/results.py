@@ -13,14 +13,13 @@ from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
 
 
 class ResultWriter:
-    def __init__(self, client: redis.Redis, keys: Keys, model: str) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.redis = client
         self.keys = keys
-        self.model = model
 
     def write(
         self,
-        embedded: Sequence[tuple[ObjectRef, np.ndarray]],
+        embedded: Sequence[tuple[ObjectRef, np.ndarray, str]],
         failed: Sequence[tuple[ObjectRef, str, str]],
         skipped: Sequence[ObjectRef],
         timings: dict[str, float],
@@ -29,9 +28,9 @@ class ResultWriter:
         """One pipeline: stream entries, cleared or new failure records, pending marks, timings."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        for ref, vector in embedded:
+        for ref, vector, model in embedded:
             entry = ResultEntry("upsert", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order,
-                                ref.generation, self.model, vector)
+                                ref.generation, model, vector)
             pipe.xadd(self.keys.results, entry.to_fields())
             pipe.hdel(self.keys.failures, ref.object_id)  # a later success clears the failure
         for ref, op in [(r, "failed") for r, _, _ in failed] + [(r, "skipped") for r in skipped]:

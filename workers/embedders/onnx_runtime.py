@@ -38,6 +38,15 @@ def export(model: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def intra_op_threads(settings: Settings) -> int:
+    """``torch_threads``, or else this machine's cores shared among the worker's processes: each of
+    ``worker_concurrency`` processes runs its own model, and more runtime threads than cores only contend
+    (bench/README.md measures it)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, len(os.sched_getaffinity(0)) // max(1, settings.worker_concurrency))
+
+
 class OnnxEmbedder:
     def __init__(self, settings: Settings) -> None:
         self.model = settings.model
@@ -51,8 +60,7 @@ class OnnxEmbedder:
             export(settings.model, path)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if settings.torch_threads:
-            options.intra_op_num_threads = settings.torch_threads
+        options.intra_op_num_threads = intra_op_threads(settings)
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
