@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from bucketlens.settings import Settings
 from infra.samples import augment, skimage_data
 from workers.decode import decode
 from workers.embedders.efficientnet import weights_path
-from workers.embedders.onnx_runtime import OnnxEmbedder
+from workers.embedders.onnx_runtime import OnnxEmbedder, intra_op_threads
 from workers.embedders.torch_runtime import TorchEmbedder, pick_device
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "coins.png")
@@ -77,3 +79,34 @@ def test_half_precision_only_on_cuda(torch_embedder: TorchEmbedder) -> None:
     import torch
 
     assert torch_embedder.dtype == torch.float32  # half=True is the default, but the CPU runs float32
+
+
+def test_batch_rows_match_single_images(torch_embedder: TorchEmbedder, batch: np.ndarray,
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Batch assembly (NHWC uint8 -> NCHW float, one model call) must keep each image's row its own.
+    onnx = OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("onnx-rows")))
+    for embedder in (torch_embedder, onnx):
+        together = embedder.embed(batch[:4])
+        alone = np.concatenate([embedder.embed(batch[i : i + 1]) for i in range(4)])
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_half_precision_forward_matches_float32(torch_embedder: TorchEmbedder, batch: np.ndarray) -> None:
+    # What the CUDA path runs (the network in float16, vectors returned as normalised float32), here on CPU.
+    import torch
+
+    half = copy.deepcopy(torch_embedder)
+    half.dtype = torch.float16
+    half.net = half.net.to(dtype=torch.float16)
+    vectors = half.embed(batch[:2])
+    assert vectors.dtype == np.float32 and vectors.shape == (2, 1280)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    assert (vectors * torch_embedder.embed(batch[:2])).sum(axis=1).min() > 0.999
+
+
+def test_onnx_threads_share_the_cores_among_worker_processes() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert intra_op_threads(Settings(torch_threads=3)) == 3
+    assert intra_op_threads(Settings()) == cores
+    assert intra_op_threads(Settings(worker_concurrency=2)) == max(1, cores // 2)
+    assert intra_op_threads(Settings(worker_concurrency=cores * 4)) == 1
