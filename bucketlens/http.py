@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
+import redis
+from botocore.exceptions import BotoCoreError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+log = logging.getLogger(__name__)
 
 
 class HTTPError(Exception):
@@ -23,6 +29,17 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPError)
     return error_response(exc.status, exc.code, exc.message)
+
+
+async def unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Redis or S3 unreachable while serving a request: 503 (try again), not a 500 with a traceback."""
+    which = "Redis" if isinstance(exc, redis.RedisError) else "S3"
+    log.debug("%s unreachable during %s %s: %s", which, request.method, request.url.path, exc)
+    return error_response(503, f"{which.lower()}_unavailable", f"{which} is unreachable; try again shortly")
+
+
+# Exceptions of the services' dependencies that a Starlette app answers with 503 (``unavailable_handler``).
+UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, BotoCoreError)
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

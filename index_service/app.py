@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from botocore.exceptions import ClientError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -16,7 +17,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import HTTPError, http_error_handler, read_limited
+from bucketlens.http import UNAVAILABLE, HTTPError, http_error_handler, read_limited, unavailable_handler
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
 from workers.decode import decode
@@ -141,7 +142,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service = admin_service(request)
         body = await _json_object(request)
         try:
-            job = service.rebuilds.start(str(body.get("mode", "reembed")), body.get("bucket"), body.get("index_type"),
+            job = service.rebuilds.start(str(body.get("mode", "reembed")), _bucket(body), body.get("index_type"),
                                          body.get("model"))
         except RebuildConflict as exc:
             raise HTTPError(409, "rebuild_running", str(exc)) from exc
@@ -163,8 +164,13 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def start_reconcile(request: Request) -> Response:
         service = admin_service(request)
-        body = await _json_object(request)
-        report = await run_in_threadpool(reconcile, service, body.get("bucket"))
+        bucket = _bucket(await _json_object(request))
+        try:
+            report = await run_in_threadpool(reconcile, service, bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                raise HTTPError(404, "unknown_bucket", f"no bucket {bucket!r}") from exc
+            raise
         return JSONResponse(dataclasses.asdict(report))
 
     async def page(request: Request) -> Response:
@@ -187,7 +193,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/rebuild/{job_id}", rebuild_state, methods=["GET", "DELETE"]),
             Route("/reconcile", start_reconcile, methods=["POST"]),
         ],
-        exception_handlers={HTTPError: http_error_handler},
+        exception_handlers={HTTPError: http_error_handler, **{e: unavailable_handler for e in UNAVAILABLE}},
         lifespan=lifespan,
     )
 
@@ -196,11 +202,18 @@ async def _json_object(request: Request) -> dict[str, Any]:
     body = await read_limited(request, 64 * 1024)
     try:
         payload = json.loads(body) if body.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply to parse
         raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise HTTPError(400, "bad_json", "body must be a JSON object")
     return payload
+
+
+def _bucket(body: dict[str, Any]) -> str | None:
+    bucket = body.get("bucket")
+    if bucket is not None and not (isinstance(bucket, str) and bucket):
+        raise HTTPError(400, "bad_parameter", "bucket must be a non-empty string")
+    return bucket
 
 
 async def _selection(request: Request, with_body: bool = True) -> Selection:

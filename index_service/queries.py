@@ -51,7 +51,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         body = await read_limited(request, max_bytes)
         try:
             payload = json.loads(body) if body else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply to parse
             raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
         if not isinstance(payload, dict):
             raise HTTPError(400, "bad_json", "body must be a JSON object")
@@ -72,7 +72,10 @@ def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> N
             raise HTTPError(400, "bad_vector", "vector must be a list of numbers")
         if len(raw) != dim:
             raise HTTPError(400, "bad_vector", f"vector has {len(raw)} values, the index has dimension {dim}")
-        vector = np.asarray(raw, dtype=np.float32)
+        try:
+            vector = np.asarray(raw, dtype=np.float32)
+        except OverflowError:  # an integer too large for any float
+            raise HTTPError(400, "bad_vector", "vector must be finite and non-zero") from None
         norm = float(np.linalg.norm(vector)) if np.isfinite(vector).all() else math.nan
         if not math.isfinite(norm) or norm == 0:
             raise HTTPError(400, "bad_vector", "vector must be finite and non-zero")
@@ -93,7 +96,7 @@ def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> N
 def _int_field(value: Any, name: str, low: int, high: int) -> int:
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 parses as a float infinity
         raise HTTPError(400, "bad_parameter", f"{name} must be an integer") from None
     if isinstance(value, bool) or not low <= number <= high:
         raise HTTPError(400, "bad_parameter", f"{name} must be between {low} and {high}")
@@ -103,7 +106,7 @@ def _int_field(value: Any, name: str, low: int, high: int) -> int:
 def _float_field(value: Any, name: str) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise HTTPError(400, "bad_parameter", f"{name} must be a number") from None
     if isinstance(value, bool) or not math.isfinite(number):
         raise HTTPError(400, "bad_parameter", f"{name} must be a finite number")

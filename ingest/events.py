@@ -33,7 +33,7 @@ def parse_body(body: bytes) -> ParsedBody:
     """Parse one notification request body; raises :class:`BadEvent` with a message for clients."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply to parse
         raise BadEvent(f"body is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise BadEvent("body must be a JSON object with a Records list")
@@ -84,7 +84,7 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
     try:
         size = int(obj.get("size") or 0)
         order = event_order(source, sequencer, event_time)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a size of 1e400 is a float infinity
         raise BadEvent(f"Records[{index}] has a bad size or eventTime: {exc}") from exc
     ref = ObjectRef(
         bucket=bucket,
