@@ -1,4 +1,9 @@
-"""Fetch objects from S3 by reference, concurrently, with the etag from the event and per-object limits."""
+"""Fetch objects from S3 by reference, concurrently, with the etag from the event and per-object limits.
+
+Both limits hold *during* the download, not only between chunks: the body is read with ``read1`` (whatever one
+receive brings, so a server that drips bytes cannot hold a read for long) and the socket's timeout is the time
+left before the deadline (so a server that stalls cannot hold it at all).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import HTTPError as URLLib3Error
+from urllib3.exceptions import ReadTimeoutError
 
 from bucketlens.schemas import ObjectRef
 
@@ -27,23 +34,6 @@ def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
         kwargs["IfMatch"] = f'"{ref.etag}"'
     try:
         response = s3.get_object(**kwargs)
-        length = int(response.get("ContentLength") or 0)
-        if length > max_bytes:
-            response["Body"].close()
-            raise PermanentError("too_large", f"object is {length} bytes, the limit is {max_bytes}")
-        body = response["Body"]
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := body.read(CHUNK):
-            size += len(chunk)
-            if size > max_bytes:
-                body.close()
-                raise PermanentError("too_large", f"object exceeds the limit of {max_bytes} bytes")
-            if time.monotonic() > deadline:
-                body.close()
-                raise PermanentError("fetch_timeout", f"download took longer than {timeout_s:.0f} s")
-            chunks.append(chunk)
-        return b"".join(chunks)
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -54,6 +44,43 @@ def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
         raise TransientError(f"S3 error {code or status} for {ref.object_id}") from exc
     except BotoCoreError as exc:  # connection refused, timeouts, closed connections
         raise TransientError(f"S3 unreachable: {exc}") from exc
+    body = response["Body"]
+    try:
+        length = int(response.get("ContentLength") or 0)
+        if length > max_bytes:
+            raise PermanentError("too_large", f"object is {length} bytes, the limit is {max_bytes}")
+        return _read_body(body, max_bytes, deadline, timeout_s)
+    except (PermanentError, TransientError):
+        body.close()  # an unfinished body is dropped with its connection, never read to the end
+        raise
+
+
+def _read_body(body: Any, max_bytes: int, deadline: float, timeout_s: float) -> bytes:
+    raw = body._raw_stream  # the urllib3 response under botocore's StreamingBody: it has read1
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PermanentError("fetch_timeout", _too_slow(timeout_s, size))
+        try:
+            if not raw.closed:  # closed once the whole body is in: nothing left to wait for
+                body.set_socket_timeout(left)
+            chunk = raw.read1(CHUNK)
+        except (TimeoutError, ReadTimeoutError) as exc:
+            raise PermanentError("fetch_timeout", _too_slow(timeout_s, size)) from exc
+        except (URLLib3Error, OSError) as exc:  # connection reset or closed early: the server's fault, retry
+            raise TransientError(f"download interrupted after {size} bytes: {exc}") from exc
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise PermanentError("too_large", f"object exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+
+
+def _too_slow(timeout_s: float, size: int) -> str:
+    return f"download did not finish within {timeout_s:g} s ({size} bytes read)"
 
 
 def fetch_many(
