@@ -376,9 +376,10 @@ def _error_text(response: httpx.Response) -> str:
 
 
 COMMANDS = {
-    "up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": run_ingest, "worker": run_worker,
-    "serve": run_serve, "supervise": run_supervise, "upload": cmd_upload, "search": cmd_search, "queues": cmd_queues, "demo": cmd_demo,
-    "rebuild": cmd_rebuild, "reconcile": cmd_reconcile, "failures": cmd_failures,
+    "up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo,
+    "ingest": run_ingest, "worker": run_worker, "serve": run_serve, "supervise": run_supervise,
+    "upload": cmd_upload, "search": cmd_search, "queues": cmd_queues, "failures": cmd_failures,
+    "rebuild": cmd_rebuild, "reconcile": cmd_reconcile,
 }
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply as text (this client returns bytes; typing allows either)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url,

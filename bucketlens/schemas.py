@@ -93,7 +93,8 @@ class ResultEntry:
     model: str = ""
     vector: np.ndarray | None = None
 
-    def to_fields(self) -> dict[str, bytes | str]:
+    def to_fields(self) -> dict[Any, Any]:
+        """Flat Redis stream fields (typed loosely: redis-py's annotations want its own union types)."""
         fields: dict[str, bytes | str] = {
             "v": str(SCHEMA_VERSION),
             "op": self.op,

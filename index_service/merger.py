@@ -6,13 +6,12 @@ import json
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import redis
 
 from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry, SchemaError, object_id
-
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class Merger:
 
     def step(self, block_ms: int | None = None) -> int:
         """Read and apply one batch; returns how many entries were read."""
-        response = self.redis.xreadgroup(
+        response: Any = self.redis.xreadgroup(
             self.keys.merger_group, self.consumer, {self.keys.results: ">"}, count=self.batch, block=block_ms
         )
         if not response:

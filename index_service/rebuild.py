@@ -20,9 +20,9 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from bucketlens.redis_client import text
 from bucketlens.schemas import ResultEntry, object_id
 from ingest.scanner import scan
-
 from workers.embedders.efficientnet import DIMS, weights_path
 
 from .vector_index import VectorIndex
@@ -125,7 +125,7 @@ class Rebuilds:
         service = self.service
         raw = service.redis.get(service.keys.rebuild_current)
         if raw:
-            job = json.loads(service.redis.get(service.keys.rebuild_job(raw.decode())) or b"{}")
+            job = json.loads(service.redis.get(service.keys.rebuild_job(text(raw))) or b"{}")
             if job.get("state") == "running":
                 job.update(state="failed", finished=time.time(),
                            error="the index service restarted during the rebuild; the serving generation is intact")

@@ -56,6 +56,7 @@ def ivf_lists(n: int) -> int:
 def build_structure(index_type: str, dim: int, ids: np.ndarray, vectors: np.ndarray, nprobe: int = 0) -> Any:
     """A new FAISS structure holding ``vectors`` under ``ids`` (``Flat`` or ``IVF``; IVF trains on them)."""
     assert vectors.dtype == np.float32 and vectors.shape == (len(ids), dim), f"bad vectors {vectors.shape}"
+    structure: Any
     if index_type == "Flat":
         structure = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif index_type == "IVF":
@@ -64,7 +65,7 @@ def build_structure(index_type: str, dim: int, ids: np.ndarray, vectors: np.ndar
         structure = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = vectors[np.random.default_rng(0).choice(len(ids), min(len(ids), nlist * 64), replace=False)]
         structure.train(sample)
-        structure.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids + reconstruct by id
+        structure.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # remove + reconstruct
         structure.nprobe = nprobe or default_nprobe(nlist)
     else:
         raise ValueError(f"unknown index type {index_type!r} (Flat or IVF)")

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from bucketlens.keys import Keys
+from bucketlens.redis_client import text
 from bucketlens.settings import Settings
 
 
@@ -31,7 +32,7 @@ class Canary:
 
     def check(self) -> tuple[str | None, float]:
         """(the outstanding canary key or None once delivered, seconds since it was written)."""
-        state = {k.decode(): v.decode() for k, v in self.redis.hgetall(self.keys.canary).items()}
+        state = {text(k): text(v) for k, v in self.redis.hgetall(self.keys.canary).items()}
         pending = state.get("pending_key")
         if not pending:
             return None, 0.0
