@@ -1,11 +1,12 @@
-"""The stages of one batch, each timed: fetch (concurrent) -> decode -> embed (one model call) -> write."""
+"""The stages of one batch, each timed: fetch (concurrent) -> decode -> embed -> write; the model embeds what
+has arrived while the rest of the batch downloads."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ from bucketlens.settings import Settings
 from .decode import decode
 from .embedders import Embedder, Embedders, load_embedder
 from .errors import ObjectChanged, PermanentError, TransientError
-from .fetch import fetch_many
+from .fetch import fetch
 from .heartbeat import Heartbeat
 from .results import ResultWriter
 
@@ -53,37 +54,55 @@ class Pipeline:
         self.heartbeat = Heartbeat(self.redis, self.keys, default.model, default.device)
 
     def process(self, refs: Sequence[ObjectRef]) -> Outcome:
-        """Run one batch through every stage; bad objects never block the rest of the batch."""
-        out = Outcome()
-        started = time.perf_counter()
-        blobs = fetch_many(self.pool, self.s3, refs, self.settings.max_object_bytes, self.settings.fetch_timeout_s)
-        out.timings["fetch"] = time.perf_counter() - started
+        """Run one batch through every stage; bad objects never block the rest of the batch.
 
-        started = time.perf_counter()
-        decoded: list[tuple[ObjectRef, np.ndarray]] = []
-        for ref, blob in zip(refs, blobs):
-            if isinstance(blob, ObjectChanged):
-                out.skipped.append(ref)
-            elif isinstance(blob, TransientError):
-                out.transient.append((ref, str(blob)))
-            elif isinstance(blob, PermanentError):
-                out.failed.append((ref, blob.reason, str(blob)))
-            else:
-                assert isinstance(blob, bytes)
-                try:
-                    decoded.append((ref, decode(blob, self.settings.max_pixels)))
-                except PermanentError as exc:
-                    out.failed.append((ref, exc.reason, str(exc)))
-        out.timings["decode"] = time.perf_counter() - started
-
-        if decoded:
+        Downloads run in the fetch pool while this thread decodes and embeds whatever has arrived, so the model
+        works while the rest of the batch downloads. Timings are the time this thread spent in each stage
+        (``fetch``: waiting for downloads). Every list in the outcome keeps the order of ``refs``.
+        """
+        out = Outcome(timings={"fetch": 0.0, "decode": 0.0, "embed": 0.0})
+        limits = (self.settings.max_object_bytes, self.settings.fetch_timeout_s)
+        futures = {self.pool.submit(fetch, self.s3, ref, *limits): ref for ref in refs}
+        pending = set(futures)
+        while pending:
             started = time.perf_counter()
-            for model in sorted({self.model_for(ref.generation) for ref, _ in decoded}):
-                part = [(ref, pixels) for ref, pixels in decoded if self.model_for(ref.generation) == model]
-                vectors = self.embedders.get(model).embed(np.stack([pixels for _, pixels in part]))
-                out.embedded += [(ref, vector, model) for (ref, _), vector in zip(part, vectors)]
-            out.timings["embed"] = time.perf_counter() - started
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            out.timings["fetch"] += time.perf_counter() - started
+
+            started = time.perf_counter()
+            decoded = [(futures[f], pixels) for f in done if (pixels := self._decode(futures[f], f, out)) is not None]
+            out.timings["decode"] += time.perf_counter() - started
+
+            if decoded:
+                started = time.perf_counter()
+                self._embed(decoded, out)
+                out.timings["embed"] += time.perf_counter() - started
+        if not out.embedded:
+            del out.timings["embed"]
+        position = {id(ref): i for i, ref in enumerate(refs)}
+        for items in (out.embedded, out.failed, out.transient):
+            items.sort(key=lambda item: position[id(item[0])])
+        out.skipped.sort(key=lambda ref: position[id(ref)])
         return out
+
+    def _decode(self, ref: ObjectRef, download: Future[bytes], out: Outcome) -> np.ndarray | None:
+        """The object's pixels, or None once its outcome (skipped, failed, to retry) is recorded."""
+        try:
+            return decode(download.result(), self.settings.max_pixels)
+        except ObjectChanged:
+            out.skipped.append(ref)
+        except TransientError as exc:
+            out.transient.append((ref, str(exc)))
+        except PermanentError as exc:
+            out.failed.append((ref, exc.reason, str(exc)))
+        return None
+
+    def _embed(self, decoded: list[tuple[ObjectRef, np.ndarray]], out: Outcome) -> None:
+        """One model call per model among ``decoded`` (a model-switching rebuild embeds two generations)."""
+        for model in sorted({self.model_for(ref.generation) for ref, _ in decoded}):
+            part = [(ref, pixels) for ref, pixels in decoded if self.model_for(ref.generation) == model]
+            vectors = self.embedders.get(model).embed(np.stack([pixels for _, pixels in part]))
+            out.embedded += [(ref, vector, model) for (ref, _), vector in zip(part, vectors)]
 
     def model_for(self, generation: int) -> str:
         """The model a generation is embedded with (a model-switching rebuild names another one)."""
