@@ -23,14 +23,14 @@ import httpx
 
 from bucketlens.settings import PREFIX, Settings
 
-from . import e2e, old_design, queries
+from . import CACHE, RESULTS, ROOT, e2e, old_design, queries
 from .images import ensure_images
 from .limit import measure_limit
 from .procs import cores, load_average
+from .profile import Profiler, worker_summary
 from .report import check_targets, headline, table
 from .stack import bench_stack, describe, warm_up, worker_pid
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("limit", "e2e", "old", "queries")
 
 
@@ -46,10 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a bucketlens setting for the workers and the limit, e.g. worker_concurrency=2")
     parser.add_argument("--profile", action="store_true", help="sample the worker with py-spy during the bulk run")
     parser.add_argument("--home", type=Path, help="keep the bench stack in this folder and reuse it next time")
-    parser.add_argument("--cache", type=Path, default=ROOT / ".bucketlens" / "bench-cache",
+    parser.add_argument("--cache", type=Path, default=CACHE,
                         help="where the image set and the exported model are kept")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     return parser.parse_args(argv)
 
 
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if steps - set(STEPS):
         raise SystemExit(f"--only: unknown steps {sorted(steps - set(STEPS))}; known: {', '.join(STEPS)}")
     settings = settings_from(args.set, args.cache)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     files = ensure_images(args.cache, args.images, args.seed)
     results: dict[str, Any] = {"load_average_before": load_average()}
     if "limit" in steps:
@@ -91,21 +92,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if "e2e" in steps:
                     profiler = None
                     if args.profile:
-                        from .profile import Profiler
-
-                        args.out.parent.mkdir(parents=True, exist_ok=True)
-                        profiler = Profiler(worker_pid(stack), args.out.parent / "worker-profile.txt")
+                        profiler = Profiler(worker_pid(stack), args.out.parent / "worker-profile.txt", idle=True)
                         time.sleep(1)  # py-spy attaches
                     results["e2e"] = e2e.throughput(stack, api, files)
                     if profiler is not None:
-                        results["e2e"]["worker_profile"] = profiler.stop()
+                        profiler.stop()
+                        results["e2e"]["worker_profile"] = worker_summary(profiler.out)
                     results["e2e"].update(e2e.freshness(stack, api, files, args.freshness))
                     results["e2e"].update(e2e.peak_memory(stack))
             if "old" in steps:
                 results["old_design"] = old_design.run(stack.settings, files)
             if "queries" in steps:
                 sizes = [int(size) for size in args.index_sizes.split(",")]
-                results["queries"] = queries.run(stack.settings, files, sizes, args.queries, args.seed)
+                profile_to = args.out.parent / "search-profile.txt" if args.profile else None
+                results["queries"] = queries.run(stack.settings, files, sizes, args.queries, args.seed, profile_to)
     results["load_average_after"] = load_average()
     return results
 
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1), "details": details,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report, targets))
     print(f"\n{args.out} ({report['seconds']:.0f} s)")

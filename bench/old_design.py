@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from bucketlens.settings import Settings
 
-from .procs import tree_peak_rss_mb
+from . import ROOT
+from .procs import CpuMeter, tree_peak_rss_mb
 
 TASK = "old.embed"
 
@@ -67,7 +68,7 @@ def start_worker(settings: Settings, queue: str, log_path: Path) -> subprocess.P
         return subprocess.Popen(
             [sys.executable, "-m", "bench.old_design", settings.redis_url, queue], env=env, stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            cwd=str(Path(__file__).resolve().parent.parent),
+            cwd=str(ROOT),
         )
 
 
@@ -78,6 +79,7 @@ def run(settings: Settings, files: Sequence[Path], queue: str = "bench-old") -> 
     worker = start_worker(settings, queue, Path(settings.home) / "logs" / "old-design-worker.log")
     try:
         embed.apply_async(args=[base64.b64encode(files[0].read_bytes()).decode()]).get(timeout=300)  # warm
+        meter = CpuMeter(Path(settings.home), {"old-design-worker": worker.pid})
         started = time.perf_counter()
         futures = []
         for path in tqdm(files, unit="img", desc="old design: send", leave=False):
@@ -87,6 +89,7 @@ def run(settings: Settings, files: Sequence[Path], queue: str = "bench-old") -> 
         index = faiss.IndexFlatIP(len(vectors[0]))
         index.add(np.asarray(vectors, dtype=np.float32))
         elapsed = time.perf_counter() - started
+        cpu = meter.report(len(files))
         peak = tree_peak_rss_mb(worker.pid)
         for future in futures:
             future.forget()
@@ -99,7 +102,8 @@ def run(settings: Settings, files: Sequence[Path], queue: str = "bench-old") -> 
             worker.wait()
         app.close()
     return {"old_design_images_per_s": len(files) / elapsed, "old_design_seconds": elapsed,
-            "old_design_vectors": index.ntotal, "old_design_worker_peak_rss_mb": peak}
+            "old_design_vectors": index.ntotal, "old_design_worker_peak_rss_mb": peak,
+            **{f"old_design_{name}": value for name, value in cpu.items()}}
 
 
 def main() -> None:

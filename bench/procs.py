@@ -98,12 +98,17 @@ class CpuMeter:
     What the machine used beyond ours is other people's work on a shared machine: it skews the step's timing.
     """
 
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None, pids: dict[str, int] | None = None) -> None:
         self.home = home
+        self.pids = pids or {}
         self.started = time.perf_counter()
         self.machine = machine_busy_seconds()
         self.own = time.process_time()
-        self.stack = stack_cpu_seconds(home) if home else {}
+        self.stack = self._processes()
+
+    def _processes(self) -> dict[str, float]:
+        found = stack_cpu_seconds(self.home) if self.home else {}
+        return {**found, **{name: sum(cpu_seconds(p) for p in tree(pid)) for name, pid in self.pids.items()}}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -112,8 +117,7 @@ class CpuMeter:
         wall = self.elapsed()
         machine = machine_busy_seconds() - self.machine
         own = time.process_time() - self.own
-        stack = {name: value - self.stack.get(name, 0.0) for name, value in
-                 (stack_cpu_seconds(self.home) if self.home else {}).items()}
+        stack = {name: value - self.stack.get(name, 0.0) for name, value in self._processes().items()}
         ours = own + sum(stack.values())
         return {
             "cpu_ms_per_image": round(ours * 1000 / images, 2),

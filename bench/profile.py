@@ -1,7 +1,11 @@
-"""Where a worker's time goes: py-spy samples the worker (and its pool children) during the bulk run.
+"""Where the time goes, sampled with py-spy while the bench runs (``--profile``).
 
-The raw samples (collapsed stacks, one line per stack with its count) are kept next to the results; the
-summary splits the wall time of the thread that runs tasks into the pipeline's stages.
+- The worker (and its pool children) during the bulk run, wall clock: how the threads that run tasks split
+  their time between the pipeline's stages.
+- The query index service during the searches at the largest index size, on-CPU samples only: what a search
+  spends its CPU on besides the FAISS scan.
+
+The raw samples (collapsed stacks with counts) are kept next to the results.
 """
 
 from __future__ import annotations
@@ -13,49 +17,79 @@ import subprocess
 import sys
 from pathlib import Path
 
-# What a task-running thread is doing, by the first frame in its stack that matches (checked in this order).
-STAGES = (
+IDLE = "between tasks (Celery)"
+# What a task-running thread is doing: the first pattern (in this order) found in its stack names the stage.
+WORKER_STAGES = (
     ("embed: ONNX Runtime", "Session.run ("),
     ("embed: torch", "TorchEmbedder.embed ("),
     ("embed: other", ".embed (workers/embedders"),
     ("decode", "decode (workers/decode.py"),
-    ("fetch: waiting on S3", "fetch_many (workers/fetch.py"),
+    ("fetch: waiting on S3", "wait (concurrent/futures/_base.py"),
     ("write: Redis", "Pipeline.write (workers/pipeline.py"),
     ("task: other", "register_tasks.<locals>.embed ("),
-    ("between tasks (Celery)", ""),
+    (IDLE, ""),
 )
+SEARCH_STAGES = (
+    ("FAISS search", "search (index_service/vector_index.py"),
+    ("embed the query image", "_embed_image (index_service/app.py"),
+    ("presigned URLs (boto3)", "generate_presigned_url ("),
+    ("parse the request", "parse_search (index_service/queries.py"),
+    ("JSON response", "JSONResponse"),
+    ("other: uvicorn, Starlette, asyncio, threads", ""),
+)
+
+# Leaf frames of threads that wait (py-spy counts some of these as active): not CPU.
+WAITING = ("Condition.wait (threading.py", "EpollSelector.select (selectors.py", "_epoll.poll", "Queue.get (queue.py")
 
 
 class Profiler:
-    """``py-spy record`` on ``pid`` and its subprocesses, wall clock (idle samples included)."""
+    """``py-spy record`` on ``pid`` and its subprocesses; ``idle`` also samples threads that wait."""
 
-    def __init__(self, pid: int, out: Path, rate: int = 50) -> None:
+    def __init__(self, pid: int, out: Path, idle: bool, rate: int = 50) -> None:
         self.out = out
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        self.process = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--subprocesses", "--idle", "--threads", "--format", "raw",
-             "--rate", str(rate), "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        command = [exe, "record", "--pid", str(pid), "--subprocesses", "--threads", "--format", "raw",
+                   "--rate", str(rate), "--output", str(out)]
+        self.process = subprocess.Popen(command + (["--idle"] if idle else []), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         self.process.wait(timeout=60)
-        return summarize(self.out)
 
 
-def summarize(raw: Path) -> dict[str, float]:
-    """Share of the task threads' wall time per stage (threads that ran at least one task)."""
-    threads: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+def _samples(raw: Path) -> list[tuple[str, str, int]]:
+    """(thread, stack, count) per line of py-spy's raw output."""
+    out = []
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        thread = next((f for f in frames if f.startswith("thread (")), "?")
-        stage = next(name for name, pattern in STAGES if pattern in stack)
-        threads[";".join(frames[: frames.index(thread) + 1] if thread in frames else frames[:1])][stage] += int(count)
-    task_threads = [c for c in threads.values() if any(k != "between tasks (Celery)" for k in c)
-                    and sum(v for k, v in c.items() if k != "between tasks (Celery)") > 0.05 * sum(c.values())]
-    total = collections.Counter[str]()
-    for counter in task_threads:
-        total.update(counter)
-    samples = sum(total.values()) or 1
-    return {stage: round(total[stage] / samples, 3) for stage, _ in STAGES if total[stage]}
+        thread = next((i for i, f in enumerate(frames) if f.startswith("thread (")), 0)
+        out.append((";".join(frames[: thread + 1]), stack, int(count)))
+    return out
+
+
+def _shares(counter: collections.Counter[str], stages: tuple[tuple[str, str], ...]) -> dict[str, float]:
+    total = sum(counter.values()) or 1
+    return {name: round(counter[name] / total, 3) for name, _ in stages if counter[name]}
+
+
+def worker_summary(raw: Path) -> dict[str, float]:
+    """Share of the task threads' wall time per stage (threads that spent >5 % of their time in tasks)."""
+    threads: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for thread, stack, count in _samples(raw):
+        threads[thread][next(name for name, pattern in WORKER_STAGES if pattern in stack)] += count
+    total: collections.Counter[str] = collections.Counter()
+    for counter in threads.values():
+        if sum(counter.values()) - counter[IDLE] > 0.05 * sum(counter.values()):
+            total.update(counter)
+    return _shares(total, WORKER_STAGES)
+
+
+def search_summary(raw: Path) -> dict[str, float]:
+    """Share of the service's on-CPU samples per part of a search (threads waiting for work left out)."""
+    total: collections.Counter[str] = collections.Counter()
+    for _, stack, count in _samples(raw):
+        if not stack.rsplit(";", 1)[-1].startswith(WAITING):
+            total[next(name for name, pattern in SEARCH_STAGES if pattern in stack)] += count
+    return _shares(total, SEARCH_STAGES)

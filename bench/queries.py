@@ -33,8 +33,10 @@ from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from infra.stack import free_port
 
+from . import ROOT
 from .e2e import percentile
 from .procs import tree_peak_rss_mb
+from .profile import Profiler, search_summary
 
 NAMESPACE = "benchq"
 
@@ -83,7 +85,7 @@ class QueryService:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bucketlens.cli", "serve"], env={**os.environ, **self.settings.to_env()},
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            cwd=str(Path(__file__).resolve().parent.parent),
+            cwd=str(ROOT),
         )
         log.close()
 
@@ -195,8 +197,11 @@ def measure_size(service: QueryService, vectors: np.ndarray, queries: np.ndarray
 
 
 def run(stack_settings: Settings, image_files: Sequence[Path], sizes: Sequence[int], count: int,
-        seed: int = 0) -> dict[str, Any]:
-    """Latencies at each index size (ascending); the service is filled up to each size in turn."""
+        seed: int = 0, profile_to: Path | None = None) -> dict[str, Any]:
+    """Latencies at each index size (ascending); the service is filled up to each size in turn.
+
+    ``profile_to``: sample the service's CPU with py-spy while the largest size is measured.
+    """
     sizes = sorted(sizes)
     dim = 1280
     vectors = clustered_vectors(sizes[-1], dim, seed)
@@ -212,8 +217,16 @@ def run(stack_settings: Settings, image_files: Sequence[Path], sizes: Sequence[i
             if i == 0:
                 service.start()
             stats = service.wait_vectors(size)
+            profiler = None
+            if profile_to is not None and size == sizes[-1]:
+                assert service.process is not None
+                profiler = Profiler(service.process.pid, profile_to, idle=False)
+                time.sleep(1)  # py-spy attaches
             results[str(size)] = {**measure_size(service, vectors[:size], queries, images, True),
                                   "index_type": stats["index_type"]}
+            if profiler is not None:
+                profiler.stop()
+                results["search_profile"] = search_summary(profile_to)
         results["index_peak_rss_mb"] = service.peak_rss_mb()
     finally:
         service.stop()
