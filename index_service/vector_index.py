@@ -49,8 +49,8 @@ class ApplyStats:
 
 
 def ivf_lists(n: int) -> int:
-    """Number of inverted lists for ``n`` vectors: ~4 sqrt(n), at least 16 (see the README's scale figures)."""
-    return int(min(65536, max(16, 4 * math.sqrt(max(n, 1)))))
+    """Number of inverted lists for ``n`` vectors: ~4 sqrt(n), never more lists than vectors."""
+    return int(max(1, min(65536, n, 4 * math.sqrt(max(n, 1)))))
 
 
 def build_structure(index_type: str, dim: int, ids: np.ndarray, vectors: np.ndarray, nprobe: int = 0) -> Any:
@@ -60,8 +60,9 @@ def build_structure(index_type: str, dim: int, ids: np.ndarray, vectors: np.ndar
     if index_type == "Flat":
         structure = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif index_type == "IVF":
+        if len(ids) == 0:
+            raise ValueError("an IVF index is trained on the stored vectors, and there are none yet")
         nlist = ivf_lists(len(ids))
-        assert len(ids) >= nlist, f"IVF with {nlist} lists needs at least {nlist} vectors to train, got {len(ids)}"
         structure = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = vectors[np.random.default_rng(0).choice(len(ids), min(len(ids), nlist * 64), replace=False)]
         structure.train(sample)
@@ -218,8 +219,8 @@ class VectorIndex:
                     tombstones: dict[str, tuple[int, float]], index_type: str = "Flat") -> VectorIndex:
         index = cls(model, dim, generation)
         ids = np.arange(1, len(objects) + 1, dtype=np.int64)
-        if index_type != "Flat" and len(objects) < ivf_lists(len(objects)):
-            index_type = "Flat"
+        if not objects:
+            index_type = "Flat"  # nothing to train an IVF index on
         index._faiss = build_structure(index_type, dim, ids, vectors)
         index.index_type = index_type
         index._objects = {int(i): obj for i, obj in zip(ids, objects)}

@@ -93,7 +93,12 @@ def test_reembed_under_concurrent_uploads_deletes_and_queries(
         assert object_state(api, bucket, key) is None
 
 
-def test_cancel_keeps_the_serving_generation_and_reindex_switches_structure(stack: Stack, api: httpx.Client) -> None:
+def test_cancel_keeps_the_serving_generation_and_reindex_switches_structure(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    for name in PHOTOS[:4]:
+        s3.put_object(Bucket=stack.settings.bucket, Key=unique_prefix + name, Body=photo(name))
+    wait_for(lambda: all(indexed_etag(api, stack.settings.bucket, unique_prefix + n) for n in PHOTOS[:4]), 120)
     generation = api.get("/stats").json()["generation"]
     assert api.post("/rebuild", json={"mode": "reembed"}).status_code == 401
     job = api.post("/rebuild", json={"mode": "reembed"}, headers=admin(stack)).json()

@@ -102,7 +102,7 @@ def test_search_by_file_then_click_through(
         expect(page.get_by_test_id("stat-model")).to_have_text(api.get("/stats").json()["model"])
         live_queue = next(iter(api.get("/queues").json()["queues"]))
         expect(page.get_by_test_id(f"queue-{live_queue}")).to_be_visible()
-        expect(page.get_by_test_id("rebuild")).to_be_hidden()
+        expect(page.get_by_test_id("rebuild")).to_be_hidden()  # shown only while a rebuild runs (none does now)
 
         # An API error is shown with its message.
         page.get_by_test_id("key-input").fill(unique_prefix + "no-such-image.jpg")
