@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,12 +76,19 @@ class QueryService:
     """``bucketlens serve`` in its own process, on the bench stack's Redis and model cache."""
 
     def __init__(self, stack_settings: Settings, largest: int) -> None:
+        # Snapshots off (a 100k snapshot while measuring would only add disk noise); a flat index at every size.
         self.settings = dataclasses.replace(stack_settings, namespace=NAMESPACE, api_port=free_port(),
-                                            approx_threshold=largest + 1)
+                                            approx_threshold=largest + 1, snapshot_every_s=1e9,
+                                            snapshot_every_entries=10**9)
         self.url = f"http://127.0.0.1:{self.settings.api_port}"
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def snapshots(self) -> Path:
+        return Path(self.settings.home) / "snapshots" / NAMESPACE
+
     def start(self) -> None:
+        shutil.rmtree(self.snapshots, ignore_errors=True)  # a kept home's earlier run must not be reloaded
         log = open(Path(self.settings.home) / "logs" / "query-service.log", "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bucketlens.cli", "serve"], env={**os.environ, **self.settings.to_env()},
@@ -119,6 +127,7 @@ class QueryService:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         connect(self.settings.redis_url).delete(Keys(NAMESPACE).results)
+        shutil.rmtree(self.snapshots, ignore_errors=True)
 
 
 def timed(requests: Sequence[Callable[[], float | None]], concurrency: int, desc: str) -> dict[str, float]:
