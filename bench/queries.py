@@ -1,5 +1,5 @@
 """Query latency over HTTP against indexes of synthetic clustered vectors, beside the same FAISS search
-in-process.
+in-process (``IndexFlatIP``, the service's ``faiss_threads``).
 
 A dedicated index service (``bucketlens serve``, namespace ``benchq``, on the bench stack's Redis) reads a
 result stream that the benchmark fills directly with upsert entries (``ResultEntry.to_fields`` + XADD): first
@@ -187,6 +187,7 @@ def measure_size(service: QueryService, vectors: np.ndarray, queries: np.ndarray
     bodies = [json.dumps({"vector": q.tolist(), "k": 10}).encode() for q in queries]
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
+    faiss.omp_set_num_threads(max(1, service.settings.faiss_threads))  # the same scan as the service runs
 
     def in_process(query: np.ndarray) -> Callable[[], None]:
         def search() -> None:
