@@ -46,18 +46,22 @@ class Receiver:
     async def _flush_created(self, refs: Sequence[ObjectRef]) -> None:
         await run_in_threadpool(self.publisher.send_embeds, refs)
 
-    def _claim_new(self, events: list[ObjectEvent]) -> tuple[list[ObjectEvent], int]:
-        """Events not seen before (by bucket, key, etag, sequencer); the rest are duplicates."""
+    def _unseen(self, events: list[ObjectEvent]) -> tuple[list[ObjectEvent], int]:
+        """Events not queued before (by bucket, key, etag, sequencer); the rest are duplicates."""
         pipe = self.redis.pipeline(transaction=False)
         for event in events:
-            pipe.set(self.keys.dedup(_digest(event)), b"1", nx=True, ex=self.settings.dedup_ttl_s)
-        fresh = [event for event, new in zip(events, pipe.execute()) if new]
+            pipe.exists(self.keys.dedup(_digest(event)))
+        fresh = [event for event, seen in zip(events, pipe.execute()) if not seen]
         return fresh, len(events) - len(fresh)
 
-    def _forget(self, events: list[ObjectEvent]) -> None:
-        """Undo the dedup marks of events that could not be queued, so their redelivery is not dropped."""
-        with contextlib.suppress(redis.RedisError):
-            self.redis.delete(*[self.keys.dedup(_digest(event)) for event in events])
+    def _mark_seen(self, events: list[ObjectEvent]) -> None:
+        """Remember events once they are queued, and only then: a mark set before queueing could outlive a failed
+        attempt (Redis gone before it could be undone) and make the S3 server's redelivery look like a duplicate.
+        Two copies of one event arriving together may both be queued; workers are idempotent."""
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:
+            pipe.set(self.keys.dedup(_digest(event)), b"1", ex=self.settings.dedup_ttl_s)
+        pipe.execute()
 
     def _note_canaries(self, events: list[ObjectEvent]) -> None:
         now = time.time()
@@ -79,7 +83,7 @@ class Receiver:
         events = [e for e in parsed.events if not e.ref.key.startswith(self.settings.reserved_prefix)]
         try:
             generations = await run_in_threadpool(self.publisher.generations)
-            fresh, duplicates = await run_in_threadpool(self._claim_new, events)
+            fresh, duplicates = await run_in_threadpool(self._unseen, events)
         except redis.RedisError as exc:
             self._log_redis_down(exc)
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
@@ -89,9 +93,9 @@ class Receiver:
             if removed:
                 await run_in_threadpool(self.publisher.write_deletes, removed)
             await self.batcher.submit(created)
+            await run_in_threadpool(self._mark_seen, fresh)
             await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), reserved)
         except Exception as exc:  # broker or Redis down: nothing was acknowledged, the S3 server retries
-            await run_in_threadpool(self._forget, fresh)
             self._log_redis_down(exc)
             raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
         if self._redis_down_logged:
