@@ -19,6 +19,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The live queue is listed first and read first: a rebuild never starves fresh uploads.
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for tasks of dead workers every few seconds, not every 100 s (kombu's default 10 s x 10):
+            # a task is redelivered at most a sweep after its visibility timeout expired.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 6)),
+            "unacked_restore_throttle": 1,
             "queue_order_strategy": "priority",
             "global_keyprefix": keys.celery_prefix,  # every kombu key inside the namespace
         },

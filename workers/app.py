@@ -10,6 +10,7 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 from bucketlens.celery_config import celery_config
 from bucketlens.settings import Settings
 
+from .outages import log_outages_once
 from .pipeline import Pipeline
 from .tasks import register_tasks
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 def create_celery(settings: Settings) -> Celery:
     app = Celery("bucketlens")
     app.conf.update(celery_config(settings))
+    log_outages_once()
     resources: dict[str, Pipeline] = {}
 
     def pipeline() -> Pipeline:
