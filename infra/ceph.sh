@@ -95,7 +95,9 @@ bluestore block size = 10737418240
 bluestore cache autotune = false
 bluestore cache size = 134217728
 osd memory target = 939524096
-osd max object name len = 460
+# RADOS names are <bucket marker>_<key>: 460 (an ext4-era limit) made keys over ~415 bytes fail with a 500;
+# 2048 (Ceph's default, fine on BlueStore) lets S3 keys reach their own 1024-byte limit
+osd max object name len = 2048
 osd max object namespace len = 64
 [client.rgw.a]
 rgw frontends = beast endpoint=127.0.0.1:$PORT
