@@ -1,4 +1,5 @@
-"""Fetch objects from S3 by reference, concurrently, with the etag from the event and per-object limits.
+"""Fetch an object from S3 by reference (the pipeline runs many at once), with the etag from the event and
+per-object limits.
 
 Both limits hold *during* the download, not only between chunks: the body is read with ``read1`` (whatever one
 receive brings, so a server that drips bytes cannot hold a read for long) and the socket's timeout is the time
@@ -8,8 +9,7 @@ left before the deadline (so a server that stalls cannot hold it at all).
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError as URLLib3Error
@@ -81,17 +81,3 @@ def _read_body(body: Any, max_bytes: int, deadline: float, timeout_s: float) -> 
 
 def _too_slow(timeout_s: float, size: int) -> str:
     return f"download did not finish within {timeout_s:g} s ({size} bytes read)"
-
-
-def fetch_many(
-    pool: ThreadPoolExecutor, s3: Any, refs: Sequence[ObjectRef], max_bytes: int, timeout_s: float
-) -> list[bytes | BaseException]:
-    """Fetch every reference concurrently; each slot holds the bytes or the exception for that object."""
-    futures = [pool.submit(fetch, s3, ref, max_bytes, timeout_s) for ref in refs]
-    results: list[bytes | BaseException] = []
-    for future in futures:
-        try:
-            results.append(future.result())
-        except (ObjectChanged, PermanentError, TransientError) as exc:
-            results.append(exc)
-    return results
