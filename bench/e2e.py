@@ -69,7 +69,7 @@ def throughput(stack: Stack, api: httpx.Client, files: Sequence[Path], uploaders
         for upload in uploads:
             upload.result()  # re-raises an upload error
     cpu = meter.report(len(files))
-    stages = {k.decode(): float(v) for k, v in redis.hgetall(keys.stages).items()}
+    stages = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in redis.hgetall(keys.stages).items()}
     counts = {name.split(":")[0]: stages[name] for name in stages if name.endswith(":count")}
     return {
         "bucketlens_images_per_s": len(files) / elapsed,

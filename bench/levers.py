@@ -34,8 +34,8 @@ def decode_without_draft(data: bytes, size: int = 224) -> np.ndarray:
     """``decode``'s steps for an RGB JPEG, minus draft mode: full-size decode, then resize."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0),
+                      dtype=np.uint8)
 
 
 def rate(work: Callable[[], int], seconds: float = 3.0) -> tuple[float, float]:

@@ -236,7 +236,7 @@ def run(stack_settings: Settings, image_files: Sequence[Path], sizes: Sequence[i
                                   "index_type": stats["index_type"]}
             if profiler is not None:
                 profiler.stop()
-                results["search_profile"] = search_summary(profile_to)
+                results["search_profile"] = search_summary(profiler.out)
         results["index_peak_rss_mb"] = service.peak_rss_mb()
     finally:
         service.stop()

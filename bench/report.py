@@ -40,7 +40,7 @@ ROWS = (  # (key, label, unit, format)
     ("search_image_p50_ms", "search by image p50 (largest index)", "ms", "{:.2f}"),
     ("worker_peak_rss_mb", "worker peak RSS", "MiB", "{:.0f}"),
     ("old_design_worker_peak_rss_mb", "old design worker peak RSS", "MiB", "{:.0f}"),
-    ("index_peak_rss_mb", "index service peak RSS (100k)", "MiB", "{:.0f}"),
+    ("index_peak_rss_mb", "index service peak RSS (largest index)", "MiB", "{:.0f}"),
     ("others_cpu_share", "CPU used by others during bulk run", "", "{:.0%}"),
 )
 
