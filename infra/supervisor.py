@@ -3,7 +3,10 @@
 Every ``canary_interval_s`` it restarts services that died (the receiver must always be up: Ceph 16 stops
 delivering a topic whose endpoint refused connections for 10 s or more) and proves delivery end to end with a
 canary object. When a canary is not delivered within ``canary_timeout_s`` it restarts radosgw (which resumes
-the stalled topic and redelivers its queue) and runs a reconcile to heal whatever was missed.
+the stalled topic and redelivers its queue) and runs a reconcile to heal whatever was missed. A restarted radosgw
+picks its persistent queues up only when it rereads their list (every 30 s), so the first canary after a restart
+gets ``RESTART_GRACE_S`` more: without it, a timeout under ~30 s restarted radosgw again and again, never leaving
+it the time to resume (seen in tests/test_faults.py with ``canary_timeout_s=20``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .stack import SERVICES, Stack
 
 log = logging.getLogger(__name__)
 WATCHED = tuple(name for name in SERVICES if name != "supervisor")
+RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 
 
 class Supervisor:
@@ -31,14 +35,21 @@ class Supervisor:
         self.redis = connect(self.settings.redis_url)
         self.keys = Keys(self.settings.namespace)
         self.canary = Canary(self.settings, make_client(self.settings), self.redis)
+        self.grace = 0.0  # extra wait for the canary while a restarted radosgw resumes delivery
+        self.failing = False  # the last tick failed (Redis or S3 away): logged once, not every tick
 
     def run(self, stop: threading.Event) -> None:
         log.info("supervising %s every %.0f s", ", ".join(WATCHED), self.settings.canary_interval_s)
         while not stop.is_set():
             try:
                 self.tick()
+                if self.failing:
+                    log.info("supervisor ticks work again")
+                    self.failing = False
             except Exception:
-                log.exception("supervisor tick failed; next in %.0f s", self.settings.canary_interval_s)
+                if not self.failing:
+                    log.exception("supervisor tick failed; retrying every %.0f s", self.settings.canary_interval_s)
+                    self.failing = True
             stop.wait(self.settings.canary_interval_s)
 
     def tick(self) -> None:
@@ -48,8 +59,9 @@ class Supervisor:
                 self.stack.start_service(name)
         pending, age = self.canary.check()
         if pending is None:
+            self.grace = 0.0
             self.canary.write()
-        elif age > self.settings.canary_timeout_s:
+        elif age > self.settings.canary_timeout_s + self.grace:
             self.heal(age)
 
     def heal(self, age: float) -> None:
@@ -57,6 +69,7 @@ class Supervisor:
         self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
         self.stack.stop_s3()
         self.stack.start_s3()
+        self.grace = RESTART_GRACE_S
         self.canary.write()
         response = httpx.post(f"{self.stack.api_url}/reconcile", json={},
                               headers={"Authorization": f"Bearer {self.settings.admin_token}"}, timeout=600)
