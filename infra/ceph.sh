@@ -39,10 +39,11 @@ for l in d.get("lockers",[]): print(l["name"], l["cookie"])' | while read -r who
     done
   done || true
 }
-start_daemons() {
-  ceph-mon -c $CONF -i a
-  ceph-osd -c $CONF -i 0 2>/dev/null   # returns after the store is mounted (~3 s)
+start_daemons() {  # starts only what is not running (radosgw alone may be down, e.g. during a watchdog restart)
+  [ -n "$(pid_of mon.a)" ] || ceph-mon -c $CONF -i a
+  [ -n "$(pid_of osd.0)" ] || ceph-osd -c $CONF -i 0 2>/dev/null   # returns after the store is mounted (~3 s)
   wait_osd_active   # after a SIGKILL the osdmap still has the old osd address: rgw started earlier stalls ~10 s
+  [ -n "$(pid_of client.rgw.a)" ] && return 0
   [ "${NOTIF_LOCK_BREAK:-1}" = 1 ] && break_notif_locks
   radosgw -c $CONF -n client.rgw.a
 }
