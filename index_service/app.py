@@ -83,7 +83,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         hits = await run_in_threadpool(service.index.search, query.vector, query.k, exclude)
         results = [
             {"bucket": obj.bucket, "key": obj.key, "etag": obj.etag, "score": round(score, 6),
-             "url": service.presign(obj.bucket, obj.key)}
+             "url": service.presigner.url(obj.bucket, obj.key)}
             for obj, score in hits
             if query.min_score is None or score >= query.min_score
         ]

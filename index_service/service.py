@@ -25,6 +25,7 @@ from workers.embedders import Embedder, Embedders
 from workers.embedders.efficientnet import DIMS
 
 from .merger import Merger
+from .presign import Presigner
 from .rebuild import Rebuilds
 from .snapshots import SnapshotStore
 from .vector_index import VectorIndex, set_search_threads
@@ -39,7 +40,7 @@ class Service:
         self.keys = Keys(settings.namespace)
         self.redis = connect(settings.redis_url)
         self.s3 = make_client(settings)
-        self.presigner = make_client(settings, endpoint=settings.presign_endpoint)
+        self.presigner = Presigner(settings)
         self.publisher = Publisher(settings, self.redis)
         self.embedders = Embedders(settings, embedder)
         self.index = VectorIndex(settings.model, DIMS[settings.model], generation=1)
@@ -189,12 +190,6 @@ class Service:
         except redis.RedisError as exc:
             return False, f"Redis unreachable: {exc}"
         return True, "ready"
-
-    def presign(self, bucket: str, key: str) -> str:
-        url: str = self.presigner.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600
-        )
-        return url
 
     def stats(self) -> dict[str, Any]:
         index = self.index

@@ -12,12 +12,13 @@ journalled and replayed onto the new structure before the swap.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -87,6 +88,48 @@ def default_nprobe(nlist: int) -> int:
     return max(8, nlist // 16)
 
 
+class ReadWriteLock:
+    """Many readers (searches, which run in parallel: FAISS releases the GIL) or one writer (a merge batch).
+
+    Writers are preferred: a waiting merge stops new searches from starting, so a stream of queries cannot
+    starve it. (A plain lock made 8 concurrent searches queue behind each other: bench/README.md.)"""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class VectorIndex:
     def __init__(self, model: str, dim: int, generation: int = 1) -> None:
         self.model = model
@@ -98,7 +141,7 @@ class VectorIndex:
         self._objects: dict[int, Indexed] = {}
         self._tombstones: dict[str, tuple[int, float]] = {}  # object id -> (order, time of delete)
         self._next_id = 1
-        self._lock = threading.Lock()
+        self._lock = ReadWriteLock()
         self._journal: list[tuple[str, int, np.ndarray | None]] | None = None  # set while restructuring
 
     def __len__(self) -> int:
@@ -109,7 +152,7 @@ class VectorIndex:
     def apply(self, entries: Iterable[ResultEntry]) -> ApplyStats:
         """Apply a batch atomically with respect to searches."""
         stats = ApplyStats()
-        with self._lock:
+        with self._lock.write():
             for entry in entries:
                 self._apply_one(entry, stats)
         return stats
@@ -165,7 +208,7 @@ class VectorIndex:
 
     def expire_tombstones(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
-        with self._lock:
+        with self._lock.write():
             expired = [oid for oid, (_, when) in self._tombstones.items() if when < cutoff]
             for oid in expired:
                 del self._tombstones[oid]
@@ -178,22 +221,22 @@ class VectorIndex:
         return None if faiss_id is None else self._objects.get(faiss_id)
 
     def buckets(self) -> set[str]:
-        with self._lock:
+        with self._lock.read():
             return {obj.bucket for obj in self._objects.values()}
 
     def objects(self) -> list[Indexed]:
-        with self._lock:
+        with self._lock.read():
             return list(self._objects.values())
 
     def vector(self, bucket: str, key: str) -> np.ndarray | None:
-        with self._lock:
+        with self._lock.read():
             faiss_id = self._ids.get(object_id(bucket, key))
             return None if faiss_id is None else self._faiss.reconstruct(faiss_id)
 
     def search(self, query: np.ndarray, k: int, exclude: str | None = None) -> list[tuple[Indexed, float]]:
         """The ``k`` nearest objects to one normalised query vector, best first."""
         assert query.shape == (self.dim,), f"query has shape {query.shape}, index dim is {self.dim}"
-        with self._lock:
+        with self._lock.read():
             n = len(self._ids)
             if n == 0:
                 return []
@@ -208,7 +251,7 @@ class VectorIndex:
 
     def export(self) -> tuple[list[Indexed], np.ndarray, dict[str, tuple[int, float]]]:
         """A consistent copy of objects, their vectors (same order) and tombstones, taken under the lock."""
-        with self._lock:
+        with self._lock.read():
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
             objects = [self._objects[int(i)] for i in ids]
             vectors = self._faiss.reconstruct_batch(ids) if len(ids) else np.empty((0, self.dim), np.float32)
@@ -231,7 +274,7 @@ class VectorIndex:
 
     def restructure(self, index_type: str) -> None:
         """Rebuild the FAISS structure (e.g. Flat -> IVF) in the caller's thread while merges and searches go on."""
-        with self._lock:
+        with self._lock.write():
             if self._journal is not None:
                 raise RuntimeError("a restructure is already running")
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
@@ -241,10 +284,10 @@ class VectorIndex:
             started = time.perf_counter()
             structure = build_structure(index_type, self.dim, ids, np.ascontiguousarray(vectors, np.float32))
         except BaseException:
-            with self._lock:
+            with self._lock.write():
                 self._journal = None
             raise
-        with self._lock:
+        with self._lock.write():
             journal, self._journal = self._journal, None
             for op, faiss_id, vector in journal or []:  # what merged while the structure was built
                 if op == "add":

@@ -146,3 +146,12 @@ def test_search_input_errors_are_clear(stack: Stack, api: httpx.Client) -> None:
         assert response.status_code == status, (kwargs, response.text)
         assert response.json()["error"]["code"] == code
     assert api.get("/objects/test-images/never/seen.jpg").status_code == 404
+
+
+def test_presigned_urls_work_for_awkward_keys(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    key = f"{unique_prefix}a b+c%20d ü~ (1)&x=y.jpg"
+    body = photo("horse.png")
+    wait_indexed(api, stack, key, put(s3, stack, key, body))
+    (hit,) = [r for r in search_image(api, body, k=50) if r["key"] == key]
+    response = httpx.get(hit["url"])  # signed by index_service/presign.py, served by radosgw
+    assert response.status_code == 200 and response.content == body

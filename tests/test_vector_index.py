@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from bucketlens.schemas import ResultEntry
 import index_service.vector_index as module
+from bucketlens.schemas import ResultEntry
 from index_service.vector_index import VectorIndex
 
 DIM = 8
@@ -146,3 +147,34 @@ def test_restructure_replays_changes_made_while_it_builds(index: VectorIndex) ->
     np.testing.assert_allclose(index.vector("b", "k2"), unit(102), atol=1e-6)
     keys = {o.key for o, _ in index.search(unit(103), 50)}
     assert "new" in keys and "k3" not in keys
+
+
+def test_searches_run_together_and_a_waiting_merge_goes_first() -> None:
+    lock = module.ReadWriteLock()
+    order: list[str] = []
+    with lock.read():
+        with lock.read():  # a second search does not wait for the first
+            order.append("two readers")
+        writer_waiting = threading.Event()
+
+        def write() -> None:
+            writer_waiting.set()
+            with lock.write():
+                order.append("writer")
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer_waiting.wait()
+        time.sleep(0.05)  # the writer now waits for the first search to finish
+
+        def late_read() -> None:
+            with lock.read():
+                order.append("late reader")
+
+        reader = threading.Thread(target=late_read)
+        reader.start()
+        time.sleep(0.05)
+        assert order == ["two readers"]  # neither the merge nor the late search ran inside the first search
+    writer.join(5)
+    reader.join(5)
+    assert order == ["two readers", "writer", "late reader"]  # the waiting merge went before the late search
