@@ -102,12 +102,13 @@ def run_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     from workers.app import create_celery
+    from workers.embedders import worker_processes
 
     from .keys import Keys
 
     keys = Keys(settings.namespace)
     app = create_celery(settings)
-    app.worker_main(["worker", "-Q", ",".join(keys.queues), "-c", str(settings.worker_concurrency),
+    app.worker_main(["worker", "-Q", ",".join(keys.queues), "-c", str(worker_processes(settings)),
                      "--loglevel", settings.log_level, "-n", f"{settings.namespace}-worker@%h", "--without-gossip",
                      "--without-mingle"])
     return 0

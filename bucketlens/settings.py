@@ -51,7 +51,7 @@ class Settings:
     visibility_timeout_s: int = 600  # broker redelivers an unacknowledged task after this
     max_redeliveries: int = 5
     max_retries: int = 8
-    worker_concurrency: int = 1
+    worker_concurrency: int = 0  # worker processes; 0: one per core on CPU (measured best), one on CUDA
     merge_batch: int = 512
     snapshot_every_s: float = 60.0
     snapshot_every_entries: int = 5000

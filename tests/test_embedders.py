@@ -107,6 +107,7 @@ def test_half_precision_forward_matches_float32(torch_embedder: TorchEmbedder, b
 def test_onnx_threads_share_the_cores_among_worker_processes() -> None:
     cores = len(os.sched_getaffinity(0))
     assert intra_op_threads(Settings(torch_threads=3)) == 3
-    assert intra_op_threads(Settings()) == cores
+    assert intra_op_threads(Settings(worker_concurrency=1)) == cores
     assert intra_op_threads(Settings(worker_concurrency=2)) == max(1, cores // 2)
+    assert intra_op_threads(Settings()) == 1  # by default one process per core, one runtime thread each
     assert intra_op_threads(Settings(worker_concurrency=cores * 4)) == 1

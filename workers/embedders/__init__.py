@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from typing import Protocol
 
@@ -47,6 +48,17 @@ def load_embedder(settings: Settings, model: str | None = None) -> Embedder:
     embedder.embed(np.zeros((1, 224, 224, 3), dtype=np.uint8))  # warm-up
     log.info("embedder ready: %s on %s (%s)", embedder.model, embedder.device, type(embedder).__name__)
     return embedder
+
+
+def worker_processes(settings: Settings) -> int:
+    """Processes per worker: ``worker_concurrency``, or by default one per core on CPU (each its own model on one
+    runtime thread: measured fastest, bench/README.md) and one on CUDA (the GPU batches; a second copy of the
+    model would only compete for it)."""
+    if settings.worker_concurrency > 0:
+        return settings.worker_concurrency
+    from .torch_runtime import pick_device
+
+    return 1 if pick_device(settings.device) == "cuda" else len(os.sched_getaffinity(0))
 
 
 class Embedders:

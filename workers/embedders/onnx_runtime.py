@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from bucketlens.settings import Settings
 
-from . import efficientnet
+from . import efficientnet, worker_processes
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ CHUNK = 8
 
 def intra_op_threads(settings: Settings) -> int:
     """``torch_threads``, or else this machine's cores shared among the worker's processes: each of
-    ``worker_concurrency`` processes runs its own model, and more runtime threads than cores only contend
+    ``worker_processes`` runs its own model, and more runtime threads than cores only contend
     (bench/README.md measures it)."""
     if settings.torch_threads:
         return settings.torch_threads
-    return max(1, len(os.sched_getaffinity(0)) // max(1, settings.worker_concurrency))
+    return max(1, len(os.sched_getaffinity(0)) // worker_processes(settings))
 
 
 class OnnxEmbedder:
