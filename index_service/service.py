@@ -25,6 +25,7 @@ from workers.embedders import Embedder, Embedders
 from workers.embedders.efficientnet import DIMS
 
 from .merger import Merger
+from .orphans import sweep as sweep_orphans
 from .presign import Presigner
 from .rebuild import Rebuilds
 from .snapshots import SnapshotStore
@@ -61,8 +62,19 @@ class Service:
 
     def start(self) -> None:
         self._loader.start()
+        threading.Thread(target=self._sweep_orphans_periodically, name="orphans", daemon=True).start()
         if self.settings.reconcile_every_s > 0:
             threading.Thread(target=self._reconcile_periodically, name="reconcile", daemon=True).start()
+
+    def _sweep_orphans_periodically(self) -> None:
+        """Every half visibility timeout, heal objects whose task was lost (index_service/orphans.py)."""
+        timeout = self.settings.visibility_timeout_s
+        while not self._stopping.wait(max(5.0, timeout / 2)):
+            if self.ready()[0]:
+                try:
+                    sweep_orphans(self, min_age_s=timeout)
+                except Exception:  # Redis away: the next round retries; the merger reports outages
+                    log.debug("orphan sweep failed", exc_info=True)
 
     def _reconcile_periodically(self) -> None:
         from .reconcile import reconcile

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Iterable
 
 import redis
@@ -40,9 +41,11 @@ class Publisher:
         refs = list(refs)
         if not refs:
             return 0
+        queued = time.time()  # lets the index service tell a lost task from one in flight (index_service/orphans.py)
         self.redis.hset(
             self.keys.pending,
-            mapping={ref.object_id: json.dumps({"etag": ref.etag, "order": str(ref.order)}) for ref in refs},
+            mapping={ref.object_id: json.dumps({"etag": ref.etag, "order": str(ref.order), "queued": queued})
+                     for ref in refs},
         )
         size = max(1, self.settings.batch_size)
         tasks = 0

@@ -1,0 +1,83 @@
+"""Pending marks whose task was lost, found and healed without listing the bucket.
+
+Every queued object carries a pending mark (``Keys.pending``: etag, order, when queued) until its result is
+merged. A task can still vanish between the broker and a worker: kombu's Redis transport pops a message (BRPOP)
+and only then records it as unacknowledged, so a worker killed in between loses it (seen in
+tests/test_faults.py: one of 120 uploads, the one whose task a SIGKILLed worker had just popped); an index service
+killed while queueing a rebuild leaves marks whose tasks were never sent. When nothing is queued, unacknowledged or
+unmerged, a mark older than the visibility timeout cannot belong to work in flight: if the index (or a failure
+record) already holds its etag the mark is stale and dropped, otherwise the object is sent to the workers again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, cast
+
+from bucketlens.schemas import ObjectRef, split_object_id
+
+from .queues import queue_report
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: the pending hash; ARGV: field, expected value, ... -> how many were removed (unchanged since read).
+_REMOVE_IF_UNCHANGED = """
+local removed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
+def idle(service: Service) -> bool:
+    """Nothing queued, handed out, or written and not merged; no rebuild building a shadow generation."""
+    report = queue_report(service.redis, service.keys)
+    busy = any(q["depth"] for q in report["queues"].values()) or report["unacked"] or report["stream"]["lag"]
+    return not busy and service.shadow is None
+
+
+def sweep(service: Service, min_age_s: float) -> tuple[int, int]:
+    """Drop stale marks and send lost objects again, if the pipeline is idle; returns (dropped, sent again)."""
+    if not idle(service):
+        return 0, 0
+    redis, keys = service.redis, service.keys
+    marks = cast(dict[bytes, bytes], redis.hgetall(keys.pending))  # the client answers bytes
+    old = {field: raw for field, raw in marks.items()
+           if time.time() - float(json.loads(raw).get("queued", 0)) >= min_age_s}
+    if not old:
+        return 0, 0
+    fields = list(old)
+    failures = dict(zip(fields, cast(list[bytes | None], redis.hmget(keys.failures, fields)), strict=True))
+    serving = service.index
+    stale: list[bytes] = []
+    lost: list[ObjectRef] = []
+    for field, raw in old.items():
+        mark = json.loads(raw)
+        bucket, key = split_object_id(field.decode())
+        held = serving.get(bucket, key)
+        recorded = failures[field]
+        failure = json.loads(recorded) if recorded else None
+        if (held is not None and held.etag == mark["etag"]) or (failure and failure["etag"] == mark["etag"]):
+            stale += [field, raw]
+        else:
+            lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]), generation=serving.generation))
+    dropped = int(redis.register_script(_REMOVE_IF_UNCHANGED)(keys=[keys.pending], args=stale)) if stale else 0
+    sent = 0
+    if lost and idle(service):  # still idle: nothing started meanwhile that could settle them
+        service.publisher.send_embeds(lost)
+        sent = len(lost)
+        redis.hincrby(keys.counters, "orphans_resent", len(lost))
+        log.warning("sent %d objects to the workers again: their tasks were lost (e.g. %s)", len(lost),
+                    lost[0].object_id)
+    if dropped:
+        log.info("dropped %d stale pending marks (their etag is indexed or failed already)", dropped)
+    return dropped, sent
