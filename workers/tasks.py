@@ -6,6 +6,7 @@ import logging
 import random
 from typing import Any, Callable
 
+import redis
 from celery import Celery, Task
 from celery.exceptions import Reject
 
@@ -34,17 +35,29 @@ def parse_refs(payload: Any) -> list[ObjectRef]:
     return refs
 
 
+def _forget(p: Pipeline, deliveries: str) -> None:
+    """The batch is written: its delivery count goes. Not worth failing a written batch for (it expires anyway)."""
+    try:
+        p.redis.delete(deliveries)
+    except redis.RedisError as exc:
+        log.debug("delivery count %s left to expire: %s", deliveries, exc)
+
+
 def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipeline]) -> None:
     @app.task(name=EMBED_TASK, bind=True, max_retries=settings.max_retries)
     def embed(self: Task, refs: list[dict[str, Any]]) -> None:
         batch = parse_refs(refs)
         p = pipeline()
         deliveries = p.keys.deliveries(self.request.id)
-        if p.redis.incr(deliveries) > settings.max_redeliveries:  # this batch keeps killing workers
+        try:
+            count = p.redis.incr(deliveries)
+            p.redis.expire(deliveries, 7 * 86400)
+        except redis.RedisError as exc:  # Redis went away as the task started: give the batch back untouched
+            raise Reject(f"Redis unreachable: {exc}", requeue=True) from exc
+        if count > settings.max_redeliveries:  # this batch keeps killing workers
             p.write(Outcome(failed=[(r, "worker_lost", "the worker died on this batch repeatedly") for r in batch]), 0)
-            p.redis.delete(deliveries)
+            _forget(p, deliveries)
             return
-        p.redis.expire(deliveries, 7 * 86400)
         try:
             out = p.process(batch)
         except Exception as exc:  # a bug or a model crash: record it rather than losing the batch silently
@@ -57,7 +70,7 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
             p.write(out, attempts)
         except TransientError as exc:
             raise Reject(str(exc), requeue=True) from exc
-        p.redis.delete(deliveries)
+        _forget(p, deliveries)
         if out.transient and self.request.retries < settings.max_retries:
             retry = [ref.to_json() for ref, _ in out.transient]
             raise self.retry(args=[retry], countdown=backoff(self.request.retries))
