@@ -89,6 +89,12 @@ class Keys:
         return f"{self.namespace}:rebuild:current"
 
     @property
+    def last_generation(self) -> str:
+        """Highest generation number ever handed to a rebuild: numbers are never reused, since the tasks of a
+        cancelled or interrupted rebuild may still be queued and must not feed a later one."""
+        return f"{self.namespace}:generation:last"
+
+    @property
     def celery_prefix(self) -> str:
         """Prefix of every key kombu writes (queue lists, ``unacked``, bindings)."""
         return f"{self.namespace}:celery:"

@@ -84,7 +84,7 @@ class Rebuilds:
             serving = service.index
             job = RebuildJob(
                 id=uuid.uuid4().hex[:12], mode=mode, bucket=bucket, model=model or serving.model,
-                generation=serving.generation + 1 if mode == "reembed" else serving.generation,
+                generation=self._new_generation(serving.generation) if mode == "reembed" else serving.generation,
                 index_type=index_type or serving.index_type,
             )
             self.current = job
@@ -100,6 +100,16 @@ class Rebuilds:
         threading.Thread(target=self._guard, args=(job, target), name=f"rebuild-{job.id}", daemon=True).start()
         log.info("rebuild %s started: %s, generation %d", job.id, mode, job.generation)
         return job
+
+    def _new_generation(self, serving: int) -> int:
+        """A generation number above the serving one and above every one handed out before (Keys.last_generation):
+        entries of an abandoned shadow generation, still coming from its queued tasks, never reach a new one."""
+        redis, key = self.service.redis, self.service.keys.last_generation
+        number = int(redis.incr(key))
+        if number <= serving:
+            number = serving + 1
+            redis.set(key, number)
+        return number
 
     def cancel(self, job_id: str) -> RebuildJob | None:
         with self._lock:

@@ -63,7 +63,7 @@ def test_reembed_under_concurrent_uploads_deletes_and_queries(
         started = api.post("/rebuild", json={"mode": "reembed"}, headers=admin(stack))
         assert started.status_code == 202, started.text
         job = started.json()
-        assert job["state"] == "running" and job["generation"] == generation + 1
+        assert job["state"] == "running" and job["generation"] > generation  # numbers of abandoned rebuilds skipped
         second = api.post("/rebuild", json={"mode": "reembed"}, headers=admin(stack))
         assert second.status_code == 409 and second.json()["error"]["code"] == "rebuild_running"
 
@@ -83,7 +83,7 @@ def test_reembed_under_concurrent_uploads_deletes_and_queries(
     assert done["finished"] >= done["started"]
     assert answered and min(answered) == 5, answered  # no query ever saw an empty or missing index
     stats = api.get("/stats").json()
-    assert stats["generation"] == generation + 1
+    assert stats["generation"] == job["generation"]
 
     current = listing(s3, bucket, unique_prefix)
     assert set(current) == set(keys[:-4]) | set(added)
