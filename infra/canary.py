@@ -7,6 +7,7 @@ own canary is seen, the lag (``lag_s``). Events arrive out of order, so each can
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,6 +16,8 @@ import redis
 from bucketlens.keys import Keys
 from bucketlens.redis_client import text
 from bucketlens.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Canary:
@@ -41,6 +44,10 @@ class Canary:
         if seen is not None:
             lag = float(seen) - written
             self.redis.hset(self.keys.canary, mapping={"pending_key": "", "lag_s": lag, "delivered": float(seen)})
+            try:  # its work is done: without this the bucket gained a canary object every interval, forever
+                self.s3.delete_object(Bucket=self.settings.bucket, Key=pending)
+            except Exception as exc:  # S3 away: a leftover canary is harmless (never indexed, never counted)
+                log.debug("canary %s left in the bucket: %s", pending, exc)
             return None, lag
         return pending, time.time() - written
 
