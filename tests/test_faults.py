@@ -1,0 +1,405 @@
+"""Fault injection on the real local stack: nothing is lost.
+
+Each test uploads a stream of distinct images while one fault happens (a worker SIGKILLed mid-batch, one of two
+workers killed, Redis restarted cleanly or killed, S3 unreachable, the receiver down long enough to stall Ceph's
+persistent topic, the index service killed during a rebuild, huge and stalling objects), then checks that the
+index holds exactly the bucket's images under the test's prefix (tests/integrity.py). Every test puts the stack
+back as it found it (all services running), since the whole suite shares one stack.
+
+Per-fault counts and recovery times are printed (``-s``) and saved in ``tests/artifacts/fault-outcomes.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from bucketlens.redis_client import connect
+from bucketlens.schemas import ObjectRef
+from infra.stack import Stack
+from ingest.publisher import Publisher
+
+from .helpers import object_state, wait_for
+from .integrity import (
+    StreamRecorder,
+    Uploader,
+    assert_index_matches_bucket,
+    failures_under,
+    image_set,
+    patient_s3,
+    record_outcome,
+)
+from .proxy import SlowBodyProxy
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+UPLOADS = 120  # distinct images per fault test (the issue aims at a few hundred; 2 shared cores set the pace)
+RATE = 10.0  # uploads per second while the fault happens
+
+
+# -- stack control --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def supervisor_paused(stack: Stack) -> Iterator[None]:
+    """The supervisor would restart what a test stops on purpose (and heal what it breaks): pause it."""
+    stack.stop_service("supervisor")
+    try:
+        yield
+    finally:
+        restore(stack)
+
+
+def restore(stack: Stack) -> None:
+    """Everything running again, the supervisor last (as ``Stack.up`` does)."""
+    stack.start_redis()
+    stack.start_s3()
+    for name in ("ingest", "worker", "api"):
+        stack.start_service(name)
+    wait_for(lambda: _ready(stack), 300, what="index service ready")
+    stack.start_service("supervisor")
+
+
+def _ready(stack: Stack) -> bool:
+    try:
+        return httpx.get(stack.api_url + "/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def workers(api: httpx.Client) -> list[dict[str, Any]]:
+    response = api.get("/queues")
+    return response.json()["workers"] if response.status_code == 200 else []  # type: ignore[no-any-return]
+
+
+def busy_worker(api: httpx.Client, timeout_s: float = 60) -> dict[str, Any]:
+    """A worker in the middle of a batch (its heartbeat says busy)."""
+    found = wait_for(lambda: [w for w in workers(api) if w["state"] == "busy"], timeout_s, interval_s=0.02,
+                     what="a worker busy with a batch")
+    return found[0]  # type: ignore[no-any-return]
+
+
+def start_worker(stack: Stack, log_name: str, **env: str) -> subprocess.Popen[bytes]:
+    """Another ``bucketlens worker`` process on the stack's queues (its own session, so killpg reaches it all)."""
+    log = open(stack.home / "logs" / log_name, "ab")
+    process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", "worker"],
+                               env={**os.environ, **stack.settings.to_env(), **env}, stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    return process
+
+
+def stop_worker(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def unacked(api: httpx.Client) -> int:
+    return int(api.get("/queues").json()["unacked"])
+
+
+def counter(api: httpx.Client, name: str) -> int:
+    return int(api.get("/queues").json()["events"].get(name, 0))
+
+
+class LogWindow:
+    """The lines the services log from now on (to count reconnect warnings)."""
+
+    def __init__(self, stack: Stack, names: tuple[str, ...] = ("ingest", "worker", "api")) -> None:
+        self.paths = {name: stack.home / "logs" / f"{name}.log" for name in names}
+        self.offsets = {name: path.stat().st_size if path.exists() else 0 for name, path in self.paths.items()}
+
+    def lines(self, name: str) -> list[str]:
+        with open(self.paths[name], "rb") as log:
+            log.seek(self.offsets[name])
+            return log.read().decode(errors="replace").splitlines()
+
+    def count(self, name: str, pattern: str) -> int:
+        return sum(1 for line in self.lines(name) if re.search(pattern, line))
+
+
+# -- 1. a worker killed mid-batch -----------------------------------------------------------------------------
+
+def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    bodies = image_set(unique_prefix, UPLOADS)
+    orphans = counter(api, "orphans_resent")
+    recorder = StreamRecorder(stack, unique_prefix)
+    recorder.start()
+    with supervisor_paused(stack):
+        uploader = Uploader(stack, bodies, RATE)
+        uploader.start()
+        uploader.wait_uploaded(UPLOADS // 3)
+        busy_worker(api)
+        stack.stop_service("worker", kill=True)  # SIGKILL to the process group: main process and pool child
+        in_flight = unacked(api)
+        time.sleep(3)
+        stack.start_service("worker")
+        restarted = time.monotonic()
+        uploader.finish()
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
+    recorder.stop()
+    assert in_flight >= 1, "the kill did not leave an unacknowledged task behind"
+    record_outcome("worker_killed_mid_batch", {**outcome, "unacked_tasks_at_kill": in_flight,
+                                               "lost_tasks_resent": counter(api, "orphans_resent") - orphans,
+                                               "seconds_restart_to_all_indexed": round(time.monotonic() - restarted)})
+
+
+# -- 2. one of two workers killed -----------------------------------------------------------------------------
+
+def test_one_of_two_workers_killed_the_other_finishes(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    bodies = image_set(unique_prefix, UPLOADS)
+    orphans = counter(api, "orphans_resent")
+    recorder = StreamRecorder(stack, unique_prefix)
+    recorder.start()
+    second = start_worker(stack, "worker-second.log")
+    try:
+        with supervisor_paused(stack):
+            wait_for(lambda: len(workers(api)) >= 2, 120, what="two live workers")
+            uploader = Uploader(stack, bodies, RATE)
+            uploader.start()
+            uploader.wait_uploaded(UPLOADS // 3)
+            victim = busy_worker(api)
+            group = os.getpgid(victim["pid"])  # the pool child's group: its worker's main process
+            os.killpg(group, signal.SIGKILL)
+            killed = "second" if group == second.pid else "stack"
+            killed_at = time.monotonic()
+            in_flight = unacked(api)
+            uploader.finish()
+            outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
+            if killed == "stack":
+                stack.stop_service("worker")  # reap it; restored below
+    finally:
+        stop_worker(second)
+    recorder.stop()
+    assert in_flight >= 1, "the kill did not leave an unacknowledged task behind"
+    record_outcome("one_of_two_workers_killed", {**outcome, "killed": killed, "unacked_tasks_at_kill": in_flight,
+                                                 "lost_tasks_resent": counter(api, "orphans_resent") - orphans,
+                                                 "seconds_kill_to_all_indexed": round(time.monotonic() - killed_at)})
+
+
+# -- 3. Redis restarted ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kill", [False, True], ids=["clean", "sigkill"])
+def test_redis_restart_loses_nothing_and_services_reconnect(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str, kill: bool
+) -> None:
+    bucket = stack.settings.bucket
+    bodies = image_set(unique_prefix, UPLOADS)
+    bad_key = unique_prefix + "not-an-image.jpg"
+    recorder = StreamRecorder(stack, unique_prefix)
+    recorder.start()
+    redis = connect(stack.settings.redis_url)
+    with supervisor_paused(stack):
+        s3.put_object(Bucket=bucket, Key=bad_key, Body=b"plain text, no picture")
+        wait_for(lambda: bad_key in failures_under(api, bucket, unique_prefix), 60, what="a failure record")
+        logs = LogWindow(stack)
+        uploader = Uploader(stack, bodies, RATE)
+        uploader.start()
+        uploader.wait_uploaded(UPLOADS // 3)
+        worker = stack.pid("worker")
+        assert worker is not None
+        os.killpg(worker, signal.SIGSTOP)  # frozen, not gone: tasks queue up, and it must reconnect once thawed
+        try:
+            time.sleep(4)
+            before = {"stream": redis.xlen(f"{stack.settings.namespace}:results"), "unacked": unacked(api),
+                      "queued": sum(q["depth"] for q in api.get("/queues").json()["queues"].values())}
+            stack.stop_redis(kill=kill)
+            down_at = time.monotonic()
+            time.sleep(8)  # longer than the clients' own retries: every service sees the outage
+            stack.start_redis()
+            up_at = time.monotonic()
+        finally:
+            os.killpg(worker, signal.SIGCONT)
+        after_stream = redis.xlen(f"{stack.settings.namespace}:results")
+        after_queued = sum(q["depth"] for q in api.get("/queues").json()["queues"].values())
+        uploader.finish()
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, {**bodies, bad_key: b""}, recorder,
+                                              bad=[bad_key])
+    recorder.stop()
+    assert failures_under(api, bucket, unique_prefix)[bad_key]["reason"] == "not_an_image"  # survived the restart
+    assert after_stream >= before["stream"] - 5, (before, after_stream)  # trimming aside, stream entries survived
+    assert before["queued"] > 0 and after_queued >= before["queued"] - 1, (before, after_queued)  # so did tasks
+    warnings = {name: logs.count(name, r"WARNING|ERROR|CRITICAL") for name in logs.paths}
+    record_outcome(f"redis_restart_{'sigkill' if kill else 'clean'}", {
+        **outcome, "redis_down_s": round(up_at - down_at, 1), "before_restart": before,
+        "queued_after_restart": after_queued,
+        "warnings_logged": warnings, "seconds_redis_up_to_all_indexed": round(time.monotonic() - up_at)})
+    for name, count in warnings.items():
+        assert count <= 4, f"{name} logged {count} warnings for one Redis outage:\n" + "\n".join(
+            line for line in logs.lines(name) if re.search(r"WARNING|ERROR", line))
+
+
+# -- 4. S3 unreachable ----------------------------------------------------------------------------------------
+
+def test_s3_unreachable_fetches_retry_and_succeed(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    bodies = image_set(unique_prefix, UPLOADS)
+    recorder = StreamRecorder(stack, unique_prefix)
+    recorder.start()
+    logs = LogWindow(stack, ("worker",))
+    with supervisor_paused(stack):
+        uploader = Uploader(stack, bodies, rate=1000)  # as fast as S3 takes them: a backlog is queued
+        uploader.start()
+        uploader.finish()
+        stack.stop_s3()  # workers' fetches of the queued and in-flight objects now fail to connect
+        down_at = time.monotonic()
+        time.sleep(15)
+        stack.start_s3()
+        up_at = time.monotonic()
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
+    recorder.stop()
+    retried = logs.count("worker", r"batch: .* [1-9][0-9]* to retry")
+    assert retried > 0, "no fetch met the outage"
+    record_outcome("s3_unreachable", {**outcome, "s3_down_s": round(up_at - down_at, 1), "batches_retried": retried,
+                                      "seconds_s3_up_to_all_indexed": round(time.monotonic() - up_at)})
+
+
+# -- 5. the receiver down -------------------------------------------------------------------------------------
+
+def test_receiver_down_stalls_the_topic_and_the_watchdog_heals_it(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    bodies = image_set(unique_prefix, UPLOADS)
+    stalls_before = counter(api, "canary_stalls")
+    recorder = StreamRecorder(stack, unique_prefix)
+    recorder.start()
+    try:
+        uploader = Uploader(stack, bodies, rate=UPLOADS / 45)  # uploads before, during and after the outage
+        uploader.start()
+        uploader.wait_uploaded(UPLOADS // 6)
+        stack.stop_service("supervisor")
+        stack.stop_service("ingest")
+        down_at = time.monotonic()
+        time.sleep(30)  # Ceph 16 stops delivering a topic whose endpoint refused connections for >= 10 s
+        stack.start_service("ingest")
+        stack.start_service("supervisor")
+        up_at = time.monotonic()
+        uploader.finish()
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder, timeout_s=420)
+    finally:
+        restore(stack)
+    recorder.stop()
+    stalls = counter(api, "canary_stalls") - stalls_before
+    record_outcome("receiver_down_30s", {**outcome, "receiver_down_s": round(up_at - down_at, 1),
+                                         "watchdog_heals": stalls,
+                                         "seconds_receiver_up_to_all_indexed": round(time.monotonic() - up_at)})
+
+
+# -- 6. the index service killed during a rebuild -------------------------------------------------------------
+
+def test_index_service_killed_during_rebuild(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    bodies = image_set(unique_prefix, UPLOADS)
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    with supervisor_paused(stack):
+        uploader = Uploader(stack, bodies, RATE)
+        uploader.start()
+        uploader.wait_uploaded(UPLOADS // 3)
+        generation = api.get("/stats").json()["generation"]
+        started = api.post("/rebuild", json={"mode": "reembed"}, headers=admin)
+        assert started.status_code == 202, started.text
+        job = started.json()
+        wait_for(lambda: api.get(f"/rebuild/{job['id']}").json()["total"] > 0, 60, what="rebuild listing sent")
+        assert api.get(f"/rebuild/{job['id']}").json()["state"] == "running"
+        stack.stop_service("api", kill=True)
+        killed_at = time.monotonic()
+        time.sleep(2)
+        stack.start_service("api")
+        wait_for(lambda: _ready(stack), 300, what="index service ready after the kill")
+        ready_at = time.monotonic()
+        state = api.get(f"/rebuild/{job['id']}").json()
+        stats = api.get("/stats").json()
+        answered = api.post("/search", json={"vector": [1.0] * stats["dim"], "k": 3})
+        uploader.finish()
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies)
+    assert state["state"] == "failed" and "restarted" in state["error"], state
+    assert stats["generation"] == generation and stats["rebuild"] is None, stats
+    assert answered.status_code == 200 and len(answered.json()["results"]) == 3
+    assert api.get("/stats").json()["generation"] == generation
+    last = connect(stack.settings.redis_url).get(f"{stack.settings.namespace}:generation:last")
+    assert int(last) >= job["generation"]  # the next rebuild takes a new number: the dead one's tasks are queued
+    record_outcome("index_service_killed_during_rebuild", {
+        **outcome, "rebuild_state_after_restart": state["state"], "serving_generation_kept": generation,
+        "seconds_kill_to_ready": round(ready_at - killed_at, 1)})
+
+
+# -- 7. huge and stalling objects -----------------------------------------------------------------------------
+
+class Zeros(io.RawIOBase):
+    """``size`` zero bytes, produced as read: a 200 MB upload without 200 MB in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    bucket = stack.settings.bucket
+    timeout_s = 5
+    bodies = image_set(unique_prefix + "good-", 10)
+    slow = {unique_prefix + "stall-me.jpg": "fetch_timeout", unique_prefix + "drip-me.jpg": "fetch_timeout",
+            unique_prefix + "huge.bin": "too_large"}
+    proxy = SlowBodyProxy(("127.0.0.1", stack.config.s3_port), stall=[b"stall-me"], drip=[b"drip-me"])
+    worker: subprocess.Popen[bytes] | None = None
+    uploads = patient_s3(stack)
+    try:
+        with supervisor_paused(stack):
+            stack.stop_service("worker")  # the only worker is the one behind the proxy
+            etags = {k: uploads.put_object(Bucket=bucket, Key=k, Body=b)["ETag"].strip('"') for k, b in bodies.items()}
+            for key in slow:
+                if key.endswith("huge.bin"):
+                    uploads.upload_fileobj(Zeros(200 * 1024 * 1024), bucket, key)
+                else:
+                    uploads.put_object(Bucket=bucket, Key=key, Body=next(iter(bodies.values())))
+            # One batch holding all of them (on top of the notifications' own tasks): the slow ones must not
+            # hold up the others.
+            refs = [ObjectRef(bucket, key, s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"'))
+                    for key in [*slow, *bodies]]
+            Publisher(stack.settings, connect(stack.settings.redis_url)).send_embeds(refs)
+            worker = start_worker(stack, "worker-proxied.log", BUCKETLENS_S3_ENDPOINT=proxy.url,
+                                  BUCKETLENS_FETCH_TIMEOUT_S=str(timeout_s))
+            started = time.monotonic()
+            outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, {**bodies, **dict.fromkeys(slow,
+                                                  b"")}, bad=slow, timeout_s=300)
+            settled = wait_for(lambda: all(k in (f := failures_under(api, bucket, unique_prefix)) for k in slow) and f,
+                               120, what="failure records of the slow objects")
+            took = time.monotonic() - started
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+        proxy.close()
+        with contextlib.suppress(Exception):
+            s3.delete_object(Bucket=bucket, Key=unique_prefix + "huge.bin")  # 200 MB of the test cluster's disk
+    assert {k: settled[k]["reason"] for k in slow} == slow, {k: settled[k]["message"] for k in slow}
+    batch_lines = [line for line in (stack.home / "logs" / "worker-proxied.log").read_text().splitlines()
+                   if f"batch: {len(bodies)} embedded, {len(slow)} failed" in line]
+    assert batch_lines, "no batch indexed the good objects beside the slow ones"
+    assert all(object_state(api, bucket, k)["state"] == "indexed" for k in etags)
+    record_outcome("huge_and_stalling_objects", {
+        **outcome, "failures": {k.removeprefix(unique_prefix): settled[k]["reason"] for k in slow},
+        "fetch_timeout_s": timeout_s, "batch": batch_lines[0].split("batch: ", 1)[1],
+        "seconds_worker_start_to_settled": round(took, 1), "held_back_requests": len(proxy.held)})
