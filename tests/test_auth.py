@@ -1,0 +1,95 @@
+"""Locked write paths on the real stack: the webhook token on ``POST /events``, the admin token on every endpoint
+that changes state, 401 for a missing or wrong token, and no token ever in a log file or a public response."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from infra.stack import Stack
+
+pytestmark = pytest.mark.slow
+
+NO_OP_EVENT = json.dumps({"Records": []}).encode()
+
+# Each admin request is one that, once past the token check, answers 4xx or changes nothing.
+ADMIN_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
+    ("POST", "/rebuild", {"json": {"mode": "sideways"}}, 400),
+    ("DELETE", "/rebuild/no-such-job", {}, 409),
+    ("POST", "/reconcile", {"json": {"bucket": 5}}, 400),
+    ("POST", "/failures/retry", {"json": {"bucket": "test-images", "keys": ["never/failed.jpg"]}}, 202),
+    ("DELETE", "/failures", {"json": {"bucket": "test-images", "keys": ["never/failed.jpg"]}}, 200),
+]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_events_need_the_webhook_token(stack: Stack) -> None:
+    url = f"{stack.ingest_url}/events"
+    token = stack.settings.webhook_token
+    refused = [
+        httpx.post(url, content=NO_OP_EVENT),
+        httpx.post(url, content=NO_OP_EVENT, headers=bearer("wrong")),
+        httpx.post(url, content=NO_OP_EVENT, headers=bearer(token[:-1])),
+        httpx.post(url, content=NO_OP_EVENT, params={"token": "wrong"}),
+        httpx.post(url, content=NO_OP_EVENT, headers={"X-Token": token}),
+        httpx.post(url, content=NO_OP_EVENT, headers=bearer(stack.settings.admin_token)),  # the other token
+        httpx.post(url, content=NO_OP_EVENT, headers={"Authorization": f"Basic {token}"}),
+    ]
+    for response in refused:
+        assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized", response.text
+    assert httpx.post(url, content=NO_OP_EVENT, headers=bearer(token)).status_code == 200
+    assert httpx.post(url, content=NO_OP_EVENT, params={"token": token}).status_code == 200  # Ceph's way
+
+
+@pytest.mark.parametrize("method,path,kwargs,status", ADMIN_REQUESTS, ids=[f"{m} {p}" for m, p, _, _ in ADMIN_REQUESTS])
+def test_admin_endpoints_need_the_admin_token(
+    stack: Stack, api: httpx.Client, method: str, path: str, kwargs: dict[str, Any], status: int
+) -> None:
+    admin = stack.settings.admin_token
+    for headers in ({}, bearer("wrong"), bearer(stack.settings.webhook_token), bearer(admin + "x"), bearer(admin[:8])):
+        response = api.request(method, path, headers=headers, **kwargs)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized", response.text
+    assert api.request(method, path, params={"token": "wrong"}, **kwargs).status_code == 401
+    allowed = api.request(method, path, headers=bearer(admin), **kwargs)
+    assert allowed.status_code == status, allowed.text
+
+
+def assert_no_token_in_logs(stack: Stack) -> None:
+    logs = sorted(p for p in (stack.home / "logs").rglob("*") if p.is_file())
+    assert logs
+    for name, token in (("webhook", stack.settings.webhook_token), ("admin", stack.settings.admin_token)):
+        assert len(token) >= 16
+        for path in logs:
+            assert token.encode() not in path.read_bytes(), f"the {name} token is in {path}"
+
+
+@pytest.fixture(scope="session")
+def logs_checked_again_at_the_end(stack: Stack) -> Iterator[None]:
+    """Checks the logs once more after the whole session's traffic (fault tests included): a failure shows up as an
+    error in the teardown of the session's last test."""
+    yield
+    assert_no_token_in_logs(stack)
+
+
+def test_no_token_in_logs_or_public_responses(stack: Stack, api: httpx.Client, logs_checked_again_at_the_end: None
+                                             ) -> None:
+    tokens = {"webhook": stack.settings.webhook_token, "admin": stack.settings.admin_token}
+    # Traffic that carries the tokens the ways clients send them: headers, query strings, wrong guesses.
+    httpx.post(f"{stack.ingest_url}/events", content=NO_OP_EVENT, params={"token": tokens["webhook"]})
+    httpx.post(f"{stack.ingest_url}/events", content=b"{broken", params={"token": tokens["webhook"]})
+    httpx.post(f"{stack.ingest_url}/events", content=NO_OP_EVENT, params={"token": tokens["admin"]})
+    api.post("/reconcile", json={"bucket": 5}, params={"token": tokens["admin"]})
+    api.post("/rebuild", json={"mode": "sideways"}, headers=bearer(tokens["admin"]))
+    api.post("/rebuild", json={"mode": "sideways"}, headers=bearer(tokens["webhook"]))
+
+    public = {path: api.get(path).text for path in ("/stats", "/queues", "/metrics", "/healthz", "/readyz", "/")}
+    for name, token in tokens.items():
+        for path, body in public.items():
+            assert token not in body, f"the {name} token is in GET {path}"
+    assert_no_token_in_logs(stack)

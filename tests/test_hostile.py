@@ -1,0 +1,381 @@
+"""Hostile input through the real bucket and the real HTTP endpoints.
+
+A corpus of bad and unusual objects (empty, not images, truncated, decompression bombs, odd shapes and modes,
+animations, EXIF rotation, odd keys) is uploaded to the bucket; each one must end up indexed (real images, with
+their EXIF rotation applied) or as a failure record with a specific reason, while the worker process never dies
+and its memory stays bounded. Malformed requests to ``/events`` and ``/search`` get a 4xx JSON error, never a 500
+or a hang. The outcome table is printed (``-s``) and saved as ``tests/artifacts/hostile-outcomes.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+import pytest
+from botocore.exceptions import ClientError
+from PIL import Image
+
+from infra.stack import Stack
+
+from .helpers import object_state, wait_for
+from .integrity import ARTIFACTS, patient_s3, reference_vectors
+
+pytestmark = pytest.mark.slow
+
+
+# -- the corpus -----------------------------------------------------------------------------------------------
+
+def _photo(size: tuple[int, int] = (320, 240), name: str = "chelsea.png") -> Image.Image:
+    from infra.samples import skimage_data
+
+    image = Image.open(skimage_data() / name).convert("RGB")
+    image.thumbnail(size)
+    return image
+
+
+def _save(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(side: int = 40_000) -> bytes:
+    """A 1-bit PNG of side x side white pixels (1.6 G pixels), compressed to ~200 KB, streamed row by row."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + b"\xff" * ((side + 7) // 8)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def jpeg_bomb() -> bytes:
+    """A JPEG whose header claims 65500 x 65500 pixels, a few KB long."""
+    data = bytearray(_save(_photo((64, 64)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, 65500, 65500)
+    return bytes(data)
+
+
+def exif_rotated_jpeg() -> bytes:
+    """The upright photo stored rotated by 90 degrees, with EXIF orientation 6 (rotate 90 CW to view)."""
+    upright = _photo()
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # counter-clockwise; orientation 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _save(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def corrupt_exif_jpeg() -> bytes:
+    """A JPEG whose APP1 EXIF block claims an IFD far past its end."""
+    exif = b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 0xFFFFFF00) + b"\x00" * 16
+    return _save(_photo(), "JPEG", exif=exif)
+
+
+def animated(fmt: str) -> bytes:
+    frames = [_photo((200, 150), name) for name in ("chelsea.png", "coffee.png", "rocket.jpg")]
+    return _save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def cmyk_jpeg() -> bytes:
+    return _save(_photo().convert("CMYK"), "JPEG")
+
+
+def sixteen_bit_png() -> bytes:
+    grey = np.asarray(_photo().convert("L"), dtype=np.uint16) * 257
+    return _save(Image.fromarray(grey), "PNG")  # uint16 -> mode I;16
+
+
+def pdf() -> bytes:
+    return _save(_photo(), "PDF")
+
+
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><circle cx="50" cy="50" r="40"/></svg>'
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kind: str
+    name: str  # the key under the test's prefix
+    body: Callable[[], bytes]
+    expect: str  # "indexed" or the failure reason
+
+
+def png_solid(side: int) -> bytes:
+    """An RGBA PNG of side x side pixels of one colour: a few hundred KB that decode to side * side * 4 bytes."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + bytes([90, 140, 200, 128]) * side
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def float_tiff() -> bytes:
+    return _save(Image.fromarray(np.asarray(_photo().convert("L"), dtype=np.float32)), "TIFF")  # mode F
+
+
+def jpeg(name: str = "chelsea.png") -> bytes:
+    return _save(_photo(name=name), "JPEG")
+
+
+def key_of(length: int) -> str:
+    """A key of exactly ``length`` bytes under the test's 11-byte prefix (``t-xxxxxxxx/``)."""
+    return "k" * (length - 11 - 4) + ".jpg"
+
+
+def corpus() -> list[Case]:
+    return [
+        Case("zero bytes", "zero.jpg", lambda: b"", "empty"),
+        Case("text with an image extension", "text.jpg", lambda: b"hello, I am not a picture\n" * 20, "not_an_image"),
+        Case("truncated JPEG", "truncated.jpg", lambda: (d := jpeg())[: len(d) // 3], "corrupt"),
+        Case("truncated PNG", "truncated.png", lambda: (d := _save(_photo(), "PNG"))[: len(d) // 2], "corrupt"),
+        Case("PNG decompression bomb (40000x40000, 1 bit, 280 KB)", "bomb.png", png_bomb, "too_many_pixels"),
+        Case("JPEG header claiming 65500x65500", "bomb.jpg", jpeg_bomb, "too_many_pixels"),
+        Case("RGBA PNG just under the pixel limit (7992x7992, 265 KB)", "huge-rgba.png", lambda: png_solid(7992),
+             "indexed"),
+        Case("PNG 65535x1", "wide.png", lambda: _save(Image.new("RGB", (65535, 1), (200, 30, 30)), "PNG"),
+             "indexed"),
+        Case("CMYK JPEG", "cmyk.jpg", cmyk_jpeg, "indexed"),
+        Case("16-bit greyscale PNG", "grey16.png", sixteen_bit_png, "indexed"),
+        Case("32-bit float TIFF", "float.tif", float_tiff, "indexed"),
+        Case("palette PNG with transparency", "palette.png",
+             lambda: _save(_photo().convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0), "indexed"),
+        Case("LA PNG", "la.png", lambda: _save(_photo().convert("LA"), "PNG"), "indexed"),
+        Case("RGBA PNG", "rgba.png", lambda: _save(_photo().convert("RGBA"), "PNG"), "indexed"),
+        Case("1-bit TIFF", "bilevel.tif", lambda: _save(_photo().convert("1"), "TIFF"), "indexed"),
+        Case("BMP", "bitmap.bmp", lambda: _save(_photo(name="coins.png"), "BMP"), "indexed"),
+        Case("animated GIF", "animated.gif", lambda: animated("GIF"), "indexed"),
+        Case("animated WebP", "animated.webp", lambda: animated("WEBP"), "indexed"),
+        Case("WebP", "still.webp", lambda: _save(_photo(), "WEBP", quality=80), "indexed"),
+        Case("AVIF", "still.avif", lambda: _save(_photo(name="astronaut.png"), "AVIF"), "indexed"),
+        Case("EXIF-rotated JPEG (orientation 6)", "exif-rotated.jpg", exif_rotated_jpeg, "indexed"),
+        Case("progressive JPEG", "progressive.jpg", lambda: _save(_photo(), "JPEG", progressive=True), "indexed"),
+        Case("JPEG with a corrupt EXIF block", "bad-exif.jpg", corrupt_exif_jpeg, "indexed"),
+        Case("JPEG with 5 KB of garbage after its end", "trailing.jpg", lambda: jpeg("moon.png") + b"\x5a" * 5000,
+             "indexed"),
+        Case("SVG", "vector.svg", lambda: SVG, "not_an_image"),
+        Case("PDF", "document.pdf", pdf, "not_an_image"),
+        Case("PNG header then garbage", "garbage.png", lambda: _save(_photo(), "PNG")[:33] + b"\x5a" * 5000, "corrupt"),
+        Case("JPEG with a PNG extension", "really-a-jpeg.png", lambda: jpeg("camera.png"), "indexed"),
+        Case("key with spaces, + and %", "a b+c%20d 100%.jpg", lambda: jpeg("coffee.png"), "indexed"),
+        Case("unicode key", "ünïcødé/写真 📷.jpg", lambda: jpeg("rocket.jpg"), "indexed"),
+        Case("key of 1024 bytes (the S3 limit)", key_of(1024), lambda: jpeg("astronaut.png"), "indexed"),
+        Case("key of 1025 bytes", key_of(1025), lambda: jpeg("horse.png"), "refused by S3"),
+    ]
+
+
+def worker_processes(stack: Stack, api: httpx.Client) -> tuple[int, tuple[int, ...]]:
+    """(main process, pool children) of the stack's worker, once every pool child has loaded the model."""
+    main = stack.pid("worker")
+    assert main is not None, "the worker is not running"
+
+    def children() -> tuple[int, ...]:
+        pids = tuple(sorted(int(p) for p in Path(f"/proc/{main}/task/{main}/children").read_text().split()))
+        beating = {w["pid"] for w in api.get("/queues").json()["workers"]}  # a heartbeat: the model is loaded
+        return pids if pids and set(pids) <= beating else ()
+
+    return main, wait_for(children, 120, what="the worker's pool children ready")
+
+
+def status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def settle(api: httpx.Client, bucket: str, key: str, etag: str) -> str | None:
+    """'indexed', or the failure reason, once the object's current version is settled; None before."""
+    state = object_state(api, bucket, key)
+    if state is None or state["etag"] != etag:
+        return None
+    if state["state"] == "indexed":
+        return "indexed"
+    if state["state"] == "failed":
+        return str(state["failure"]["reason"])
+    return None
+
+
+def test_hostile_objects_are_indexed_or_fail_with_a_reason(
+    stack: Stack, api: httpx.Client, unique_prefix: str
+) -> None:
+    bucket = stack.settings.bucket
+    cases = corpus()
+    assert len({c.kind for c in cases}) >= 20
+    main, children = worker_processes(stack, api)
+    for pid in (main, *children):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM: the peak from here on
+    s3 = patient_s3(stack)
+    bodies = {c.name: c.body() for c in cases}
+    etags: dict[str, str] = {}
+    outcomes: dict[str, str] = {}
+    for case in cases:
+        key = unique_prefix + case.name
+        try:
+            etags[case.name] = s3.put_object(Bucket=bucket, Key=key, Body=bodies[case.name])["ETag"].strip('"')
+        except ClientError as exc:
+            outcomes[case.kind] = f"refused by S3 ({exc.response['Error']['Code']})"
+    settled = wait_for(lambda: all(settle(api, bucket, unique_prefix + n, e) for n, e in etags.items()), 300,
+                       interval_s=1, what="every object indexed or failed")
+    assert settled
+    for case in cases:
+        if case.name in etags:
+            result = settle(api, bucket, unique_prefix + case.name, etags[case.name])
+            outcomes[case.kind] = "indexed" if result == "indexed" else f"failed({result})"
+
+    peak = {"main_vmhwm_mb": status_kb(main, "VmHWM") // 1024,
+            "pool_children_vmhwm_mb": [status_kb(pid, "VmHWM") // 1024 for pid in children],
+            "pool_children_vmrss_mb_after": [status_kb(pid, "VmRSS") // 1024 for pid in children]}
+    table = [{"kind": c.kind, "key": c.name if len(c.name) < 60 else f"<{len(c.name.encode()) + 11}-byte key>",
+              "size": len(bodies[c.name]), "expected": c.expect, "outcome": outcomes[c.kind]} for c in cases]
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "hostile-outcomes.json").write_text(json.dumps({"worker_peak_rss": peak, "outcomes": table},
+                                                                indent=2, ensure_ascii=False) + "\n")
+    print("\n" + "\n".join(f"{row['kind']:58s} {row['size']:>9d} B  {row['outcome']}" for row in table))
+    print(f"worker peak RSS across the corpus: {peak}")
+
+    assert worker_processes(stack, api) == (main, children), "the worker or a pool child died on the corpus"
+    wrong = {c.kind: outcomes[c.kind] for c in cases if not outcomes[c.kind].startswith(
+        c.expect if c.expect in ("indexed", "refused by S3") else f"failed({c.expect})")}
+    assert not wrong, wrong
+    assert max(peak["pool_children_vmhwm_mb"]) < 2500, peak
+
+    # The EXIF-rotated photo is indexed upright: its vector is the upright photo's, not the stored pixels'.
+    upright, stored = reference_vectors(stack, {"upright": _save(_photo(), "JPEG", quality=95), "stored": _save(
+        _photo().transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95)}).values()
+    rotated_key = unique_prefix + "exif-rotated.jpg"
+
+    def score(vector: np.ndarray) -> float:
+        hits = api.post("/search", json={"vector": vector.tolist(), "k": 1000}).json()["results"]
+        return next(h["score"] for h in hits if h["key"] == rotated_key)
+
+    assert score(upright) > 0.98 and score(stored) < 0.9, (score(upright), score(stored))
+
+
+# -- malformed HTTP input -------------------------------------------------------------------------------------
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+JSON = {"content-type": "application/json"}
+
+
+def record(**object_fields: Any) -> dict[str, Any]:
+    obj = {"key": "k.jpg", "eTag": "e", "size": 1, "sequencer": "", **object_fields}
+    return {"eventSource": "ceph:s3", "eventName": "ObjectCreated:Put", "eventTime": "2030-01-01T00:00:00Z",
+            "s3": {"bucket": {"name": "never-a-bucket"}, "object": obj}}
+
+
+def records(*items: Any) -> bytes:
+    return json.dumps({"Records": list(items)}).encode()
+
+
+def chunks(total: int, size: int = 1 << 20) -> Any:
+    """A body of ``total`` bytes sent chunked (no Content-Length): the server must count, not trust a header."""
+    for start in range(0, total, size):
+        yield b"x" * min(size, total - start)
+
+
+def multipart_chunks(total: int) -> Any:
+    yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    yield from chunks(total)
+    yield b"\r\n--b--\r\n"
+
+
+EVENTS_CASES: list[tuple[str, dict[str, Any], int, str]] = [
+    ("broken JSON", {"content": b'{"Records": ['}, 400, "bad_event"),
+    ("JSON nested 100000 deep", {"content": DEEP}, 400, "bad_event"),
+    ("not UTF-8", {"content": b'{"Records": ["\xff\xfe"]}'}, 400, "bad_event"),
+    ("Records not a list", {"content": b'{"Records": "all of them"}'}, 400, "bad_event"),
+    ("a record that is not an object", {"content": records(5)}, 400, "bad_event"),
+    ("bucket not an object", {"content": records({**record(), "s3": {"bucket": "b", "object": {"key": "k"}}})},
+     400, "bad_event"),
+    ("size 1e400", {"content": records(record()).replace(b'"size": 1', b'"size": 1e400')}, 400, "bad_event"),
+    ("eventTime not a time", {"content": records({**record(), "eventTime": "yesterday"})}, 400, "bad_event"),
+    ("form-encoded body", {"data": {"Records": "x"}}, 400, "bad_event"),
+    ("body over the limit", {"content": b"x" * (4 * 1024 * 1024 + 1)}, 413, "too_large"),
+    ("chunked body over the limit", {"content": chunks(5 * 1024 * 1024)}, 413, "too_large"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,status,code", EVENTS_CASES, ids=[c[0] for c in EVENTS_CASES])
+def test_malformed_events_get_a_4xx_json_error(
+    stack: Stack, name: str, kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    auth = {"Authorization": f"Bearer {stack.settings.webhook_token}"}
+    response = httpx.post(f"{stack.ingest_url}/events", headers=auth, timeout=30, **kwargs)
+    assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text[:300]
+
+
+def search_cases(dim: int, max_upload: int) -> list[tuple[str, dict[str, Any], int, str]]:
+    nums = b"1," * (dim - 1)
+    return [
+        ("broken JSON", {"content": b'{"vector": [1,', "headers": JSON}, 400, "bad_json"),
+        ("JSON nested 100000 deep", {"content": DEEP, "headers": JSON}, 400, "bad_json"),
+        ("not UTF-8", {"content": b'{"key": "\xff"}', "headers": JSON}, 400, "bad_json"),
+        ("a JSON array", {"json": [1, 2]}, 400, "bad_json"),
+        ("empty body", {"content": b"", "headers": JSON}, 400, "empty_query"),
+        ("vector too short", {"json": {"vector": [0.5] * (dim - 1)}}, 400, "bad_vector"),
+        ("vector too long", {"json": {"vector": [0.5] * (dim + 1)}}, 400, "bad_vector"),
+        ("vector of NaN", {"content": b'{"vector": [' + b"NaN," * (dim - 1) + b"NaN]}", "headers": JSON}, 400,
+         "bad_vector"),
+        ("vector with 1e400", {"content": b'{"vector": [' + nums + b"1e400]}", "headers": JSON}, 400, "bad_vector"),
+        ("vector with a 400-digit integer", {"content": b'{"vector": [' + nums + b"1" + b"0" * 400 + b"]}",
+                                             "headers": JSON}, 400, "bad_vector"),
+        ("vector with a 5000-digit integer", {"content": b'{"vector": [' + nums + b"1" + b"0" * 5000 + b"]}",
+                                              "headers": JSON}, 400, "bad_json"),  # past Python's int-parsing limit
+        ("vector of zeros", {"json": {"vector": [0] * dim}}, 400, "bad_vector"),
+        ("vector of strings", {"json": {"vector": ["a"] * dim}}, 400, "bad_vector"),
+        ("vector nested", {"json": {"vector": [[1.0]] * dim}}, 400, "bad_vector"),
+        ("k = 1e400", {"content": b'{"vector": [' + nums + b'1], "k": 1e400}', "headers": JSON}, 400, "bad_parameter"),
+        ("k = 0", {"json": {"vector": [1.0] * dim, "k": 0}}, 400, "bad_parameter"),
+        ("k a string", {"json": {"vector": [1.0] * dim, "k": "many"}}, 400, "bad_parameter"),
+        ("min_score a list", {"json": {"vector": [1.0] * dim, "min_score": []}}, 400, "bad_parameter"),
+        ("key a number", {"json": {"key": 5}}, 400, "bad_key"),
+        ("bucket a number", {"json": {"key": "a.jpg", "bucket": 5}}, 400, "bad_key"),
+        ("text/plain", {"content": b"a cat", "headers": {"content-type": "text/plain"}}, 415,
+         "unsupported_media_type"),
+        ("application/xml", {"content": b"<q/>", "headers": {"content-type": "application/xml"}}, 415,
+         "unsupported_media_type"),
+        ("multipart without a boundary", {"content": b"abc", "headers": {"content-type": "multipart/form-data"}},
+         400, "bad_form"),
+        ("multipart cut short", {"content": b"--b\r\nabc", "headers": {"content-type": "multipart/form-data; "
+                                                                        "boundary=b"}}, 400, "missing_image"),
+        ("multipart with no image field", {"files": {"other": ("x.jpg", b"abc", "image/jpeg")}}, 400,
+         "missing_image"),
+        ("multipart image that is not one", {"files": {"image": ("x.jpg", b"GIF89a garbage", "image/gif")}}, 415,
+         "not_an_image"),
+        ("multipart decompression bomb", {"files": {"image": ("b.png", png_bomb(), "image/png")}}, 413,
+         "too_many_pixels"),
+        ("JSON body over the limit", {"content": b" " * (max_upload + 1), "headers": JSON}, 413, "too_large"),
+        ("multipart upload over the limit", {"files": {"image": ("x.jpg", b"x" * (max_upload + 1), "image/jpeg")}},
+         413, "too_large"),
+        ("chunked multipart upload over the limit", {"content": multipart_chunks(max_upload + (1 << 20)), "headers": {
+            "content-type": "multipart/form-data; boundary=b"}}, 413, "too_large"),
+    ]
+
+
+def test_malformed_searches_get_a_4xx_json_error(stack: Stack, api: httpx.Client) -> None:
+    cases = search_cases(api.get("/stats").json()["dim"], stack.settings.max_upload_bytes)
+    got = {}
+    for name, kwargs, status, code in cases:
+        response = api.post("/search", timeout=60, **kwargs)
+        got[name] = (response.status_code, response.json().get("error", {}).get("code"))
+        assert got[name] == (status, code), (name, response.text[:300])
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    for path, body, status in [("/reconcile", {"bucket": 5}, 400), ("/reconcile", {"bucket": "no-such-bucket"}, 404),
+                               ("/rebuild", {"mode": "reindex", "bucket": ["b"]}, 400),
+                               ("/rebuild", {"mode": ["reembed"]}, 400), ("/failures/retry", DEEP, 413)]:
+        response = api.post(path, headers=admin, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+        assert response.status_code == status and "error" in response.json(), (path, body, response.text[:200])
+    assert api.get("/failures", params={"offset": "1e400"}).status_code == 400
+    assert api.get("/healthz").status_code == 200  # and the service still answers
