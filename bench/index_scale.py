@@ -25,18 +25,20 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def clustered(n: int, seed: int) -> np.ndarray:
-    """A two-level Gaussian mixture: 100 themes, 2000 sub-centroids around them, points around those.
+    """A two-level Gaussian mixture: 100 themes, sub-centroids around them (2000, or one per 50 vectors at larger
+    sizes, so a neighbourhood stays about as crowded as n grows), points around those.
 
     Nearest neighbours then sit at cosine ~0.7 (top 1) to ~0.55 (top 10) while random pairs sit near 0:
     graded similarity, like real image embeddings, rather than uniform noise.
     """
     rng = np.random.default_rng(seed)
     themes = rng.standard_normal((100, DIM)).astype(np.float32)
-    centres = themes[rng.integers(0, 100, 2000)] + rng.standard_normal((2000, DIM)).astype(np.float32)
+    subs = max(2000, n // 50)
+    centres = themes[rng.integers(0, 100, subs)] + rng.standard_normal((subs, DIM)).astype(np.float32)
     out = np.empty((n, DIM), dtype=np.float32)
     for start in range(0, n, 50_000):  # in chunks, so generation does not double peak memory
         m = min(50_000, n - start)
-        x = centres[rng.integers(0, 2000, m)] + rng.standard_normal((m, DIM)).astype(np.float32)
+        x = centres[rng.integers(0, subs, m)] + rng.standard_normal((m, DIM)).astype(np.float32)
         out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
