@@ -1,10 +1,14 @@
 """Reconcile: the bucket listing is the final authority. Objects missing from the index (or indexed with
 another etag) are sent for embedding; indexed objects that no longer exist are deleted. This heals events
-that were never delivered."""
+that were never delivered. Objects whose listed version already failed for a reason its bytes decide (empty,
+not an image, corrupt, too many pixels, too large) are not sent again, that is ``POST /failures/retry``'s call:
+every reconcile, each watchdog heal included, re-embedded every bad object of the bucket. Failures that a later
+attempt can undo (S3 unreachable, too slow, a lost worker) are sent again."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -17,6 +21,7 @@ if TYPE_CHECKING:
     from .service import Service
 
 log = logging.getLogger(__name__)
+SETTLED_BY_CONTENT = frozenset({"empty", "not_an_image", "corrupt", "too_many_pixels", "too_large"})
 
 
 @dataclasses.dataclass
@@ -25,6 +30,7 @@ class ReconcileReport:
     missing: int = 0
     changed: int = 0
     removed: int = 0
+    failed: int = 0  # missing or changed, but this very version already failed by content: left to /failures/retry
     seconds: float = 0.0
 
 
@@ -51,6 +57,8 @@ def reconcile(service: Service, bucket: str | None = None) -> ReconcileReport:
             # Order it after what the index holds so the listing's version wins over a stale one.
             order = max(ref.order, current.order + 1 if current else 0)
             to_embed.append(dataclasses.replace(ref, order=order))
+    to_embed = _without_known_failures(service, to_embed)
+    report.failed = report.missing + report.changed - len(to_embed)
     gone = [o for oid, o in indexed.items() if oid not in seen and o.order < started_order]
     for generation in service.publisher.generations():
         service.publisher.send_embeds([dataclasses.replace(r, generation=generation) for r in to_embed],
@@ -63,3 +71,16 @@ def reconcile(service: Service, bucket: str | None = None) -> ReconcileReport:
     report.seconds = round(time.monotonic() - started, 3)
     log.info("reconcile: %s", report)
     return report
+
+
+def _without_known_failures(service: Service, refs: list[ObjectRef]) -> list[ObjectRef]:
+    kept: list[ObjectRef] = []
+    for start in range(0, len(refs), 1000):
+        part = refs[start : start + 1000]
+        records = service.redis.hmget(service.keys.failures, [ref.object_id for ref in part])
+        kept += [ref for ref, raw in zip(part, records, strict=True) if not raw or not _settled(json.loads(raw), ref)]
+    return kept
+
+
+def _settled(failure: dict[str, str], ref: ObjectRef) -> bool:
+    return failure["etag"] == ref.etag and failure["reason"] in SETTLED_BY_CONTENT
