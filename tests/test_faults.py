@@ -380,6 +380,7 @@ def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
             refs = [ObjectRef(bucket, key, s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"'))
                     for key in [*slow, *bodies]]
             Publisher(stack.settings, connect(stack.settings.redis_url)).send_embeds(refs)
+            log = LogWindow(stack, ("worker-proxied",))
             worker = start_worker(stack, "worker-proxied.log", BUCKETLENS_S3_ENDPOINT=proxy.url,
                                   BUCKETLENS_FETCH_TIMEOUT_S=str(timeout_s))
             started = time.monotonic()
@@ -387,6 +388,12 @@ def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
                                                   b"")}, bad=slow, timeout_s=300)
             settled = wait_for(lambda: all(k in (f := failures_under(api, bucket, unique_prefix)) for k in slow) and f,
                                120, what="failure records of the slow objects")
+            mixed = f"batch: {len(bodies)} embedded, {len(slow)} failed"  # the batch sent above (the notifications'
+            try:                                                                 # own tasks may finish first)
+                lines = wait_for(lambda: [x for x in log.lines("worker-proxied") if mixed in x], 60, what=mixed)
+            except AssertionError:
+                raise AssertionError("no batch indexed the good objects beside the slow ones:\n" + "\n".join(
+                    x for x in log.lines("worker-proxied") if "batch:" in x)) from None
             took = time.monotonic() - started
     finally:
         if worker is not None:
@@ -395,11 +402,8 @@ def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
         with contextlib.suppress(Exception):
             s3.delete_object(Bucket=bucket, Key=unique_prefix + "huge.bin")  # 200 MB of the test cluster's disk
     assert {k: settled[k]["reason"] for k in slow} == slow, {k: settled[k]["message"] for k in slow}
-    batch_lines = [line for line in (stack.home / "logs" / "worker-proxied.log").read_text().splitlines()
-                   if f"batch: {len(bodies)} embedded, {len(slow)} failed" in line]
-    assert batch_lines, "no batch indexed the good objects beside the slow ones"
     assert all(object_state(api, bucket, k)["state"] == "indexed" for k in etags)
     record_outcome("huge_and_stalling_objects", {
         **outcome, "failures": {k.removeprefix(unique_prefix): settled[k]["reason"] for k in slow},
-        "fetch_timeout_s": timeout_s, "batch": batch_lines[0].split("batch: ", 1)[1],
+        "fetch_timeout_s": timeout_s, "batch": lines[0].split("batch: ", 1)[1],
         "seconds_worker_start_to_settled": round(took, 1), "held_back_requests": len(proxy.held)})

@@ -26,7 +26,7 @@ from PIL import Image
 from infra.stack import Stack
 
 from .helpers import object_state, wait_for
-from .integrity import ARTIFACTS, patient_s3, reference_vectors
+from .integrity import ARTIFACTS, failures_under, patient_s3, reference_vectors
 
 pytestmark = pytest.mark.slow
 
@@ -261,6 +261,14 @@ def test_hostile_objects_are_indexed_or_fail_with_a_reason(
         return next(h["score"] for h in hits if h["key"] == rotated_key)
 
     assert score(upright) > 0.98 and score(stored) < 0.9, (score(upright), score(stored))
+
+    # A reconcile (each watchdog heal runs one) leaves objects whose version failed by its content alone.
+    failed_before = {r["key"]: r["time"] for r in failures_under(api, bucket, unique_prefix).values()}
+    report = api.post("/reconcile", json={}, headers={"Authorization": f"Bearer {stack.settings.admin_token}"})
+    assert report.status_code == 200 and report.json()["failed"] >= len(failed_before) > 0, report.text
+    wait_for(lambda: not (q := api.get("/queues").json())["unacked"] and not any(
+        v["depth"] for v in q["queues"].values()), 120, what="reconcile's tasks done")
+    assert {r["key"]: r["time"] for r in failures_under(api, bucket, unique_prefix).values()} == failed_before
 
 
 # -- malformed HTTP input -------------------------------------------------------------------------------------
