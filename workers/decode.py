@@ -21,7 +21,7 @@ def decode(data: bytes, max_pixels: int, size: int = 224) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels")

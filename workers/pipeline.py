@@ -13,7 +13,7 @@ import numpy as np
 import redis
 
 from bucketlens.keys import Keys
-from bucketlens.redis_client import connect
+from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
@@ -109,7 +109,7 @@ class Pipeline:
         if generation not in self._models or time.monotonic() - self._models_read > 10:
             try:
                 raw = self.redis.hgetall(self.keys.generations)
-                self._models = {int(g): m.decode() for g, m in raw.items()}
+                self._models = {int(g): text(m) for g, m in raw.items()}
                 self._models_read = time.monotonic()
             except redis.RedisError:
                 pass  # keep what we knew; the write stage retries Redis anyway
