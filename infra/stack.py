@@ -130,10 +130,17 @@ class Stack:
             self.start_service("supervisor")
 
     def down(self) -> None:
-        for name in reversed(SERVICES):
-            self.stop_service(name)
-        self._ceph("stop")
-        self.stop_redis()
+        """Stop everything, each part even when stopping another failed (then raise the first failure)."""
+        steps = [lambda n=name: self.stop_service(n) for name in reversed(SERVICES)]
+        errors = []
+        for step in [*steps, lambda: self._ceph("stop"), self.stop_redis]:
+            try:
+                step()
+            except Exception as exc:
+                log.error("while stopping the stack: %s", exc)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def status(self) -> dict[str, Any]:
         s = self.settings
