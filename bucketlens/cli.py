@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import mimetypes
@@ -11,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -312,14 +314,20 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     files = write_samples(folder)
     cmd_upload(stack.settings, argparse.Namespace(folder=folder, prefix="samples/", bucket=None))
     print("waiting until every sample is searchable ...")
+    # Each file's MD5 is its S3 etag (single-part uploads): wait for exactly these versions, not a vector count.
+    wanted = {"samples/" + p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
     deadline = time.monotonic() + 300
-    while httpx.get(stack.api_url + "/stats").json()["vectors"] < len(files):
-        if time.monotonic() > deadline:
-            raise CLIError("samples were not all indexed within 5 minutes; see `bucketlens queues`")
-        time.sleep(0.5)
+    while wanted:
+        for key, etag in list(wanted.items()):
+            state = httpx.get(f"{stack.api_url}/objects/{stack.settings.bucket}/{quote(key)}", timeout=10)
+            if state.status_code == 200 and state.json()["state"] == "indexed" and state.json()["etag"] == etag:
+                del wanted[key]
+        if wanted and time.monotonic() > deadline:
+            raise CLIError(f"{len(wanted)} samples not indexed within 5 minutes; see `bucketlens queues`")
+        time.sleep(0.3)
     for copy in sorted(p for p in files if "augmented" in p.parts)[:3]:
         original = "samples/" + copy.name.replace("-flipped-crop", "")
-        print(f"\nquery: {original}  (its mirrored, cropped, brightened copy should come first)")
+        print(f"\nnearest to {original}  (the set holds a mirrored, cropped, brightened copy of it)")
         for hit in search_request(stack.settings, None, original, None, 3)["results"]:
             print(f"  {hit['score']:.4f}  {hit['key']}")
     print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")
