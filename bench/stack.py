@@ -19,7 +19,7 @@ import httpx
 
 from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
-from infra.stack import Stack
+from infra.stack import Stack, running
 
 from .procs import stack_pids
 
@@ -41,17 +41,10 @@ def bench_stack(settings: Settings, models: Path, home: Path | None = None) -> I
         if not (home / "models" / exported.name).exists():
             shutil.copy2(exported, home / "models" / exported.name)
     base = dataclasses.replace(settings, home=home, namespace="bench", bucket="bench", ingest_port=0, api_port=0)
-    stack = Stack(base)
-    try:
-        if reused:  # this run's settings apply to ingest and the worker; the supervisor would restart them
-            for name in ("supervisor", "worker", "ingest"):
-                stack.stop_service(name)
-        stack.up()
+    # On a reused stack this run's settings must reach ingest and the worker (the supervisor would restart them).
+    restart = ("supervisor", "worker", "ingest") if reused else ()
+    with running(base, keep=keep, restart=restart) as stack:
         yield stack
-    finally:
-        if not keep:
-            stack.down()
-            shutil.rmtree(home, ignore_errors=True)
 
 
 def wait_indexed(api: httpx.Client, bucket: str, key: str, timeout_s: float = 120, poll_s: float = 0.01) -> float:

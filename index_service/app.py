@@ -63,24 +63,24 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def search(request: Request) -> Response:
         service = service_of(request, read=True)
+        serving = service.index  # one generation for the whole query, even if a rebuild swaps meanwhile
         started = time.perf_counter()
-        query = await parse_search(request, settings.max_upload_bytes, service.index.dim)
+        query = await parse_search(request, settings.max_upload_bytes, serving.dim)
         kind = "image" if query.image is not None else "key" if query.key is not None else "vector"
         exclude = None
         if query.image is not None:
-            serving = service.index
             if not service.embedders.loaded(serving.model):
                 raise HTTPError(503, "not_ready", "the model is still loading")
             embedder = service.embedders.get(serving.model)
             query.vector = await run_in_threadpool(_embed_image, embedder, query.image, settings.max_pixels)
         elif query.key is not None:
             bucket = query.bucket or settings.bucket
-            query.vector = await run_in_threadpool(service.index.vector, bucket, query.key)
+            query.vector = await run_in_threadpool(serving.vector, bucket, query.key)
             if query.vector is None:
                 raise HTTPError(404, "not_indexed", f"{bucket}/{query.key} is not in the index")
             exclude = object_id(bucket, query.key)
         assert query.vector is not None
-        hits = await run_in_threadpool(service.index.search, query.vector, query.k, exclude)
+        hits = await run_in_threadpool(serving.search, query.vector, query.k, exclude)
         results = [
             {"bucket": obj.bucket, "key": obj.key, "etag": obj.etag, "score": round(score, 6),
              "url": service.presigner.url(obj.bucket, obj.key)}
@@ -89,7 +89,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         ]
         took_ms = (time.perf_counter() - started) * 1000
         request.app.state.metrics.search_seconds.labels(kind).observe(took_ms / 1000)
-        return JSONResponse({"model": service.index.model, "took_ms": round(took_ms, 3), "results": results})
+        return JSONResponse({"model": serving.model, "took_ms": round(took_ms, 3), "results": results})
 
     async def objects(request: Request) -> Response:
         service = service_of(request, read=True)

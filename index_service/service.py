@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
@@ -28,6 +28,7 @@ from .merger import Merger
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
 from .rebuild import Rebuilds
+from .reconcile import reconcile
 from .snapshots import SnapshotStore
 from .vector_index import VectorIndex, set_search_threads
 
@@ -62,29 +63,25 @@ class Service:
 
     def start(self) -> None:
         self._loader.start()
-        threading.Thread(target=self._sweep_orphans_periodically, name="orphans", daemon=True).start()
-        if self.settings.reconcile_every_s > 0:
-            threading.Thread(target=self._reconcile_periodically, name="reconcile", daemon=True).start()
-
-    def _sweep_orphans_periodically(self) -> None:
-        """Every half visibility timeout, heal objects whose task was lost (index_service/orphans.py)."""
+        # Every half visibility timeout, heal objects whose task was lost (orphans.py). Its failures are Redis
+        # outages, which the merger reports already: logged at debug level only.
         timeout = self.settings.visibility_timeout_s
-        while not self._stopping.wait(max(5.0, timeout / 2)):
-            if self.ready()[0]:
-                try:
-                    sweep_orphans(self, min_age_s=timeout)
-                except Exception:  # Redis away: the next round retries; the merger reports outages
-                    log.debug("orphan sweep failed", exc_info=True)
+        self._every(max(5.0, timeout / 2), lambda: sweep_orphans(self, min_age_s=timeout), "orphans", logging.DEBUG)
+        if self.settings.reconcile_every_s > 0:
+            self._every(self.settings.reconcile_every_s, lambda: reconcile(self), "reconcile", logging.ERROR)
 
-    def _reconcile_periodically(self) -> None:
-        from .reconcile import reconcile
+    def _every(self, interval_s: float, job: Callable[[], object], name: str, failure_level: int) -> None:
+        """Run ``job`` in a thread of its own every ``interval_s`` while the service is ready, until it stops."""
 
-        while not self._stopping.wait(self.settings.reconcile_every_s):
-            if self.ready()[0]:
-                try:
-                    reconcile(self)
-                except Exception:
-                    log.exception("periodic reconcile failed; next attempt in %.0f s", self.settings.reconcile_every_s)
+        def loop() -> None:
+            while not self._stopping.wait(interval_s):
+                if self.ready()[0]:
+                    try:
+                        job()
+                    except Exception:
+                        log.log(failure_level, "%s failed; next attempt in %.0f s", name, interval_s, exc_info=True)
+
+        threading.Thread(target=loop, name=name, daemon=True).start()
 
     def _load(self) -> None:
         """Heavy start-up off the event loop: newest snapshot, stream replay, the model (warmed up)."""

@@ -6,18 +6,20 @@ All state lives under one folder (``settings.home``): ``stack.json`` (ports, tok
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
@@ -277,6 +279,22 @@ class Stack:
                 raise StackError(f"{name} exited; see {self.home / 'logs' / (name + '.log')}")
             time.sleep(0.2)
         raise StackError(f"{name} not ready at {url} after {timeout_s:.0f} s; see {self.home / 'logs'}")
+
+
+@contextlib.contextmanager
+def running(settings: Settings, keep: bool = False, restart: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """A stack that is up for the ``with`` block; unless ``keep``, stopped and its folder removed afterwards,
+    whatever happens. ``restart``: services of a kept stack to stop first, so they start with ``settings``."""
+    stack = Stack(settings)
+    try:
+        for name in restart:
+            stack.stop_service(name)
+        stack.up()
+        yield stack
+    finally:
+        if not keep:
+            stack.down()
+            shutil.rmtree(stack.home, ignore_errors=True)
 
 
 def _live_pid(path: Path, comm_prefix: str) -> int | None:

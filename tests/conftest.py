@@ -7,7 +7,6 @@ Tests isolate themselves by key prefix (``unique_prefix``) rather than by flushi
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
-from infra.stack import Stack
+from infra.stack import Stack, running
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -31,14 +30,8 @@ def stack() -> Iterator[Stack]:
     # The delivery watchdog runs fast here: tests/test_faults.py stalls the topic and waits for the heal.
     settings = Settings(home=home, namespace="t", bucket="test-images", visibility_timeout_s=60, batch_window_ms=30,
                         ingest_port=0, api_port=0, canary_interval_s=5, canary_timeout_s=20)
-    stack = Stack(settings)
-    try:
-        stack.up()
+    with running(settings, keep=bool(keep)) as stack:
         yield stack
-    finally:
-        if not keep:
-            stack.down()
-            shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

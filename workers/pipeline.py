@@ -99,14 +99,16 @@ class Pipeline:
 
     def _embed(self, decoded: list[tuple[ObjectRef, np.ndarray]], out: Outcome) -> None:
         """One model call per model among ``decoded`` (a model-switching rebuild embeds two generations)."""
-        for model in sorted({self.model_for(ref.generation) for ref, _ in decoded}):
-            part = [(ref, pixels) for ref, pixels in decoded if self.model_for(ref.generation) == model]
+        models = [self.model_for(ref.generation) for ref, _ in decoded]
+        for model in sorted(set(models)):
+            part = [item for item, wanted in zip(decoded, models) if wanted == model]
             vectors = self.embedders.get(model).embed(np.stack([pixels for _, pixels in part]))
             out.embedded += [(ref, vector, model) for (ref, _), vector in zip(part, vectors)]
 
     def model_for(self, generation: int) -> str:
         """The model a generation is embedded with (a model-switching rebuild names another one)."""
-        if generation not in self._models or time.monotonic() - self._models_read > 10:
+        age = time.monotonic() - self._models_read
+        if age > 10 or (generation not in self._models and age > 1):  # a new generation: look again, not per object
             try:
                 raw = self.redis.hgetall(self.keys.generations)
                 self._models = {int(g): text(m) for g, m in raw.items()}
