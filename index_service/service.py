@@ -21,9 +21,10 @@ from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from ingest.publisher import Publisher
-from workers.embedders import Embedder, Embedders
-from workers.embedders.efficientnet import DIMS
+from vision.embedders import Embedder, Embedders
+from vision.models import dims, recipe
 
+from .feature_store import FeatureStore
 from .merger import Merger
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
@@ -45,7 +46,7 @@ class Service:
         self.presigner = Presigner(settings)
         self.publisher = Publisher(settings, self.redis)
         self.embedders = Embedders(settings, embedder)
-        self.index = VectorIndex(settings.model, DIMS[settings.model], generation=1)
+        self.index = VectorIndex(settings.model, recipe(settings.model).dim, generation=1)  # until _load decides
         self.shadow: VectorIndex | None = None
         self.rebuilds = Rebuilds(self)
         self.snapshots = SnapshotStore(
@@ -86,12 +87,14 @@ class Service:
     def _load(self) -> None:
         """Heavy start-up off the event loop: newest snapshot, stream replay, the model (warmed up)."""
         try:
-            restored = self.snapshots.load_newest(DIMS)
+            restored = self.snapshots.load_newest(dims(), self.feature_store)
         except Exception:
             log.exception("cannot read snapshots; starting from the stream alone")
             restored = None
         if restored is not None:
             self.index, self.merger.last_id = restored
+        else:
+            self.index = self.new_generation(self.settings.model, 1)
         self._register_generation()
         self.loaded.set()
         self.merger.start()
@@ -119,6 +122,13 @@ class Service:
             except Exception:
                 log.exception("final snapshot failed")
         self.redis.close()
+
+    def feature_store(self, generation: int) -> FeatureStore:
+        """The local features of one generation, on this service's disk beside its snapshots."""
+        return FeatureStore(Path(self.settings.home) / "features" / self.settings.namespace / f"g{generation}.sqlite")
+
+    def new_generation(self, model: str, generation: int) -> VectorIndex:
+        return VectorIndex(model, recipe(model).dim, generation, self.feature_store(generation))
 
     # -- merging -------------------------------------------------------------------------------------------
 
@@ -181,6 +191,7 @@ class Service:
         old = self.index
         self.index, self.shadow = shadow, None
         self.redis.hdel(self.keys.generations, str(old.generation))
+        old.features.close(remove=True)  # searches hold the generation they started with; they verify without it
         log.info("generation %d (%d vectors) now serves; generation %d retired", shadow.generation, len(shadow),
                  old.generation)
         self.snapshot()

@@ -14,16 +14,16 @@ import os
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from bucketlens.schemas import SCHEMA_VERSION
-
+from .feature_store import FeatureStore
 from .vector_index import Indexed, VectorIndex
 
 log = logging.getLogger(__name__)
 SUFFIX = ".snapshot.npz"
+VERSION = 2  # 2 added each object's pixel count and the feature store's name; version 1 snapshots still load
 
 
 class SnapshotError(ValueError):
@@ -33,7 +33,7 @@ class SnapshotError(ValueError):
 def encode(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
     objects, vectors, tombstones = index.export()
     meta = {
-        "v": SCHEMA_VERSION,
+        "v": VERSION,
         "model": index.model,
         "dim": index.dim,
         "index_type": index.index_type,
@@ -41,7 +41,8 @@ def encode(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
         "last_id": last_id,
         "created": time.time(),
         "count": len(objects),
-        "objects": [[o.bucket, o.key, o.etag, o.sequencer, str(o.order), o.generation] for o in objects],
+        "objects": [[o.bucket, o.key, o.etag, o.sequencer, str(o.order), o.generation, o.pixels] for o in objects],
+        "features": index.features.path.name if index.features.path is not None else None,
         "tombstones": [[oid, str(order), when] for oid, (order, when) in tombstones.items()],
     }
     buffer = io.BytesIO()
@@ -49,8 +50,10 @@ def encode(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
     return buffer.getvalue(), meta
 
 
-def decode(data: bytes, dims: Mapping[str, int]) -> tuple[VectorIndex, str]:
+def decode(data: bytes, dims: Mapping[str, int], features: Callable[[int], FeatureStore] = lambda _: FeatureStore()
+           ) -> tuple[VectorIndex, str]:
     """The index and last applied stream id in ``data``; raises SnapshotError rather than half-loading.
+    ``features`` opens a generation's feature store (which lives beside the snapshots: feature_store.py).
 
     ``dims`` maps the models this service can run to their dimension: a snapshot of another model, or whose
     dimension does not match its model's, is refused. (After a model-switching rebuild the newest snapshot's
@@ -61,8 +64,8 @@ def decode(data: bytes, dims: Mapping[str, int]) -> tuple[VectorIndex, str]:
             vectors = archive["vectors"]
     except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise SnapshotError(f"unreadable snapshot: {exc}") from exc
-    if meta.get("v") != SCHEMA_VERSION:
-        raise SnapshotError(f"snapshot schema version {meta.get('v')!r}, expected {SCHEMA_VERSION}")
+    if meta.get("v") not in (1, VERSION):
+        raise SnapshotError(f"snapshot schema version {meta.get('v')!r}, expected {VERSION} or 1")
     model, dim = meta.get("model"), meta.get("dim")
     if model not in dims:
         raise SnapshotError(f"snapshot is for model {model!r}; this service knows {', '.join(dims)}")
@@ -70,10 +73,12 @@ def decode(data: bytes, dims: Mapping[str, int]) -> tuple[VectorIndex, str]:
         raise SnapshotError(f"snapshot has dim {dim}, but {model} embeds {dims[model]}-d vectors")
     if vectors.dtype != np.float32 or vectors.shape != (meta["count"], dim) or len(meta["objects"]) != meta["count"]:
         raise SnapshotError(f"snapshot holds {vectors.shape} {vectors.dtype} vectors for {meta['count']} objects")
-    objects = [Indexed(b, k, e, s, int(o), int(g)) for b, k, e, s, o, g in meta["objects"]]
+    objects = [Indexed(b, k, e, s, int(o), int(g), int(rest[0]) if rest else 0)
+               for b, k, e, s, o, g, *rest in meta["objects"]]
     tombstones = {oid: (int(order), float(when)) for oid, order, when in meta["tombstones"]}
-    index = VectorIndex.from_export(model, dim, int(meta["generation"]), objects, vectors, tombstones,
-                                    meta.get("index_type", "Flat"))
+    generation = int(meta["generation"])
+    index = VectorIndex.from_export(model, dim, generation, objects, vectors, tombstones,
+                                    meta.get("index_type", "Flat"), features(generation))
     return index, str(meta["last_id"])
 
 
@@ -119,7 +124,8 @@ class SnapshotStore:
         listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix)
         return sorted((o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(SUFFIX)), reverse=True)
 
-    def load_newest(self, dims: Mapping[str, int]) -> tuple[VectorIndex, str] | None:
+    def load_newest(self, dims: Mapping[str, int], features: Callable[[int], FeatureStore] = lambda _: FeatureStore()
+                    ) -> tuple[VectorIndex, str] | None:
         """The newest snapshot that loads; broken ones are reported and skipped for the previous one."""
         candidates: list[tuple[str, Any]] = [(p.name, p.read_bytes) for p in self._local()]
         if not candidates and self.s3 is not None:
@@ -127,7 +133,7 @@ class SnapshotStore:
                           for k in self._remote()]
         for name, read in candidates:
             try:
-                index, last_id = decode(read(), dims)
+                index, last_id = decode(read(), dims, features)
             except SnapshotError as exc:
                 log.error("skipping snapshot %s: %s", name, exc)
                 continue

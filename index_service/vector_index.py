@@ -25,6 +25,8 @@ import numpy as np
 
 from bucketlens.schemas import ResultEntry, object_id
 
+from .feature_store import FeatureStore
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,7 @@ class Indexed:
     sequencer: str
     order: int
     generation: int
+    pixels: int = 0  # width x height of the stored image (0: not known, e.g. indexed by an older worker)
 
 
 @dataclasses.dataclass
@@ -47,6 +50,8 @@ class ApplyStats:
     stale: int = 0
     rejected: int = 0
     settled: list[str] = dataclasses.field(default_factory=list)  # object ids upserted or deleted
+    # The batch's last word on each object's local features: (etag, bytes), or None to drop the row.
+    features: dict[str, tuple[str, bytes] | None] = dataclasses.field(default_factory=dict)
 
 
 def ivf_lists(n: int) -> int:
@@ -131,10 +136,11 @@ class ReadWriteLock:
 
 
 class VectorIndex:
-    def __init__(self, model: str, dim: int, generation: int = 1) -> None:
+    def __init__(self, model: str, dim: int, generation: int = 1, features: FeatureStore | None = None) -> None:
         self.model = model
         self.dim = dim
         self.generation = generation
+        self.features = features if features is not None else FeatureStore()  # this generation's local features
         self.index_type = "Flat"
         self._faiss: Any = build_structure("Flat", dim, np.empty(0, np.int64), np.empty((0, dim), np.float32))
         self._ids: dict[str, int] = {}
@@ -155,6 +161,8 @@ class VectorIndex:
         with self._lock.write():
             for entry in entries:
                 self._apply_one(entry, stats)
+            puts = [(oid, *row) for oid, row in stats.features.items() if row is not None]
+            self.features.write(puts, [oid for oid, row in stats.features.items() if row is None])
         return stats
 
     def _apply_one(self, entry: ResultEntry, stats: ApplyStats) -> None:
@@ -172,6 +180,7 @@ class VectorIndex:
             tombstone = self._tombstones.get(oid)
             if tombstone is None or tombstone[0] < entry.order:
                 self._tombstones[oid] = (entry.order, time.time())
+            stats.features[oid] = None
             stats.deleted += 1
             stats.settled.append(oid)
             return
@@ -194,7 +203,8 @@ class VectorIndex:
             self._journal.append(("add", new_id, vector))
         self._ids[oid] = new_id
         self._objects[new_id] = Indexed(entry.bucket, entry.key, entry.etag, entry.sequencer, entry.order,
-                                        entry.generation)
+                                        entry.generation, entry.pixels)
+        stats.features[oid] = (entry.etag, entry.features) if entry.features else None
         self._tombstones.pop(oid, None)
         stats.upserted += 1
         stats.settled.append(oid)
@@ -259,8 +269,9 @@ class VectorIndex:
 
     @classmethod
     def from_export(cls, model: str, dim: int, generation: int, objects: list[Indexed], vectors: np.ndarray,
-                    tombstones: dict[str, tuple[int, float]], index_type: str = "Flat") -> VectorIndex:
-        index = cls(model, dim, generation)
+                    tombstones: dict[str, tuple[int, float]], index_type: str = "Flat",
+                    features: FeatureStore | None = None) -> VectorIndex:
+        index = cls(model, dim, generation, features)
         ids = np.arange(1, len(objects) + 1, dtype=np.int64)
         if not objects:
             index_type = "Flat"  # nothing to train an IVF index on

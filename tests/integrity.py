@@ -30,7 +30,7 @@ from bucketlens.redis_client import connect
 from bucketlens.schemas import ResultEntry, SchemaError
 from infra.samples import PHOTOS, skimage_data
 from infra.stack import Stack
-from workers.decode import decode
+from vision.decode import decode
 
 from .helpers import object_state, wait_for
 
@@ -75,7 +75,7 @@ def image_set(prefix: str, count: int) -> dict[str, bytes]:
 def reference_embedder(home: str) -> Any:
     """The model the workers run, loaded once in the test process (from the stack's exported ONNX graph)."""
     from bucketlens.settings import Settings
-    from workers.embedders import load_embedder
+    from vision.embedders import load_embedder
 
     return load_embedder(Settings(home=Path(home), torch_threads=1))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.decode import decode
+from vision.decode import decode
 from workers.errors import PermanentError
 
 LIMIT = 10_000_000

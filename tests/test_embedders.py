@@ -13,11 +13,13 @@ from PIL import Image
 
 from bucketlens.settings import Settings
 from infra.samples import augment, skimage_data
-from workers.decode import decode
-from workers.embedders.efficientnet import weights_path
-from workers.embedders.onnx_runtime import OnnxEmbedder, intra_op_threads
-from workers.embedders.torch_runtime import TorchEmbedder, pick_device
+from vision.decode import decode
+from vision.embedders.onnx_runtime import OnnxEmbedder, intra_op_threads
+from vision.embedders.torch_runtime import TorchEmbedder, pick_device
+from vision.models import RECIPES
+from vision.network import weights_path
 
+LITE0 = RECIPES["efficientnet-lite0"]
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "coins.png")
 
 
@@ -35,11 +37,11 @@ def batch() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def torch_embedder(tmp_path_factory: pytest.TempPathFactory) -> TorchEmbedder:
-    return TorchEmbedder(Settings(home=tmp_path_factory.mktemp("home")), "cpu")
+    return TorchEmbedder(Settings(home=tmp_path_factory.mktemp("home")), LITE0, "cpu")
 
 
 def test_weights_come_from_the_wheel() -> None:
-    path = weights_path("efficientnet-lite0")
+    path = weights_path(LITE0)
     assert "site-packages" in str(path) and path.stat().st_size > 10_000_000
 
 
@@ -61,7 +63,7 @@ def test_weights_are_real_a_photo_and_its_flipped_crop_are_far_more_similar(
 
 def test_onnx_runtime_matches_torch(torch_embedder: TorchEmbedder, batch: np.ndarray,
                                     tmp_path_factory: pytest.TempPathFactory) -> None:
-    onnx = OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("onnx")))
+    onnx = OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("onnx")), LITE0)
     np.testing.assert_allclose(onnx.embed(batch), torch_embedder.embed(batch), atol=1e-4)
 
 
@@ -84,7 +86,7 @@ def test_half_precision_only_on_cuda(torch_embedder: TorchEmbedder) -> None:
 def test_batch_rows_match_single_images(torch_embedder: TorchEmbedder, batch: np.ndarray,
                                         tmp_path_factory: pytest.TempPathFactory) -> None:
     # Batch assembly (NHWC uint8 -> NCHW float, one model call) must keep each image's row its own.
-    onnx = OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("onnx-rows")))
+    onnx = OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("onnx-rows")), LITE0)
     for embedder in (torch_embedder, onnx):
         together = embedder.embed(batch[:4])
         alone = np.concatenate([embedder.embed(batch[i : i + 1]) for i in range(4)])

@@ -1,16 +1,12 @@
 """Errors of the embedding pipeline: transient ones are retried, permanent ones become failure records."""
 
+from vision.errors import PermanentError
+
+__all__ = ["ObjectChanged", "PermanentError", "TransientError"]
+
 
 class TransientError(RuntimeError):
     """S3 or Redis unreachable, a 5xx: retry with backoff."""
-
-
-class PermanentError(ValueError):
-    """The object itself is bad; ``reason`` is the failure record's reason class."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class ObjectChanged(LookupError):

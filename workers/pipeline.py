@@ -1,5 +1,5 @@
-"""The stages of one batch, each timed: fetch (concurrent) -> decode -> embed -> write; the model embeds what
-has arrived while the rest of the batch downloads."""
+"""The stages of one batch, each timed: fetch (concurrent) -> decode -> embed -> features -> write; the model embeds
+what has arrived while the rest of the batch downloads."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
+from vision import local_features
+from vision.decode import Decoded, decode_image
+from vision.embedders import Embedder, Embedders, load_embedder
+from vision.models import recipe
 
-from .decode import decode
-from .embedders import Embedder, Embedders, load_embedder
 from .errors import ObjectChanged, PermanentError, TransientError
 from .fetch import fetch
 from .heartbeat import Heartbeat
@@ -28,9 +30,18 @@ from .results import ResultWriter
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    ref: ObjectRef
+    vector: np.ndarray
+    model: str
+    features: bytes = b""  # local features, when the model's recipe keeps them
+    pixels: int = 0  # width x height of the stored image
+
+
 @dataclasses.dataclass
 class Outcome:
-    embedded: list[tuple[ObjectRef, np.ndarray, str]] = dataclasses.field(default_factory=list)  # + model
+    embedded: list[Embedded] = dataclasses.field(default_factory=list)
     failed: list[tuple[ObjectRef, str, str]] = dataclasses.field(default_factory=list)
     skipped: list[ObjectRef] = dataclasses.field(default_factory=list)
     transient: list[tuple[ObjectRef, str]] = dataclasses.field(default_factory=list)
@@ -60,7 +71,7 @@ class Pipeline:
         works while the rest of the batch downloads. Timings are the time this thread spent in each stage
         (``fetch``: waiting for downloads). Every list in the outcome keeps the order of ``refs``.
         """
-        out = Outcome(timings={"fetch": 0.0, "decode": 0.0, "embed": 0.0})
+        out = Outcome(timings={"fetch": 0.0, "decode": 0.0, "embed": 0.0, "features": 0.0})
         limits = (self.settings.max_object_bytes, self.settings.fetch_timeout_s)
         futures = {self.pool.submit(fetch, self.s3, ref, *limits): ref for ref in refs}
         pending = set(futures)
@@ -74,21 +85,25 @@ class Pipeline:
             out.timings["decode"] += time.perf_counter() - started
 
             if decoded:
-                started = time.perf_counter()
                 self._embed(decoded, out)
-                out.timings["embed"] += time.perf_counter() - started
         if not out.embedded:
             del out.timings["embed"]
+        if not any(e.features for e in out.embedded):
+            del out.timings["features"]
         position = {id(ref): i for i, ref in enumerate(refs)}
-        for items in (out.embedded, out.failed, out.transient):
+        out.embedded.sort(key=lambda item: position[id(item.ref)])
+        for items in (out.failed, out.transient):
             items.sort(key=lambda item: position[id(item[0])])
         out.skipped.sort(key=lambda ref: position[id(ref)])
         return out
 
-    def _decode(self, ref: ObjectRef, download: Future[bytes], out: Outcome) -> np.ndarray | None:
-        """The object's pixels, or None once its outcome (skipped, failed, to retry) is recorded."""
+    def _decode(self, ref: ObjectRef, download: Future[bytes], out: Outcome) -> Decoded | None:
+        """The object's pixels as its generation's model wants them, or None once its outcome (skipped, failed,
+        to retry) is recorded."""
         try:
-            return decode(download.result(), self.settings.max_pixels)
+            chosen = recipe(self.model_for(ref.generation))
+            side = local_features.SIDE if chosen.local_features else 0
+            return decode_image(download.result(), self.settings.max_pixels, chosen.input_size, side)
         except ObjectChanged:
             out.skipped.append(ref)
         except TransientError as exc:
@@ -97,13 +112,20 @@ class Pipeline:
             out.failed.append((ref, exc.reason, str(exc)))
         return None
 
-    def _embed(self, decoded: list[tuple[ObjectRef, np.ndarray]], out: Outcome) -> None:
-        """One model call per model among ``decoded`` (a model-switching rebuild embeds two generations)."""
+    def _embed(self, decoded: list[tuple[ObjectRef, Decoded]], out: Outcome) -> None:
+        """One model call per model among ``decoded`` (a model-switching rebuild embeds two generations), then
+        the local features of the objects whose model keeps them."""
         models = [self.model_for(ref.generation) for ref, _ in decoded]
         for model in sorted(set(models)):
             part = [item for item, wanted in zip(decoded, models) if wanted == model]
-            vectors = self.embedders.get(model).embed(np.stack([pixels for _, pixels in part]))
-            out.embedded += [(ref, vector, model) for (ref, _), vector in zip(part, vectors)]
+            started = time.perf_counter()
+            vectors = self.embedders.get(model).embed(np.stack([image.pixels for _, image in part]))
+            out.timings["embed"] += time.perf_counter() - started
+            started = time.perf_counter()
+            for (ref, image), vector in zip(part, vectors):
+                features = b"" if image.gray is None else local_features.encode(local_features.extract(image.gray))
+                out.embedded.append(Embedded(ref, vector, model, features, image.width * image.height))
+            out.timings["features"] += time.perf_counter() - started
 
     def model_for(self, generation: int) -> str:
         """The model a generation is embedded with (a model-switching rebuild names another one)."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
 import redis
 
 from bucketlens.keys import STAGE_BUCKETS, Keys, stage_bucket_field
 from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
+
+if TYPE_CHECKING:
+    from .pipeline import Embedded
 
 
 class ResultWriter:
@@ -19,7 +21,7 @@ class ResultWriter:
 
     def write(
         self,
-        embedded: Sequence[tuple[ObjectRef, np.ndarray, str]],
+        embedded: Sequence[Embedded],
         failed: Sequence[tuple[ObjectRef, str, str]],
         skipped: Sequence[ObjectRef],
         timings: dict[str, float],
@@ -28,9 +30,10 @@ class ResultWriter:
         """One pipeline: stream entries, cleared or new failure records, pending marks, timings."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        for ref, vector, model in embedded:
+        for item in embedded:
+            ref = item.ref
             entry = ResultEntry("upsert", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order,
-                                ref.generation, model, vector)
+                                ref.generation, item.model, item.vector, item.features, item.pixels)
             pipe.xadd(self.keys.results, entry.to_fields())
             pipe.hdel(self.keys.failures, ref.object_id)  # a later success clears the failure
         for ref, op in [(r, "failed") for r, _, _ in failed] + [(r, "skipped") for r in skipped]:

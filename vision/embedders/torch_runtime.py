@@ -7,7 +7,9 @@ import torch
 
 from bucketlens.settings import Settings
 
-from . import efficientnet
+from .. import network
+from ..models import Recipe
+from . import Finisher
 
 
 def pick_device(wanted: str) -> str:
@@ -19,22 +21,29 @@ def pick_device(wanted: str) -> str:
 
 
 class TorchEmbedder:
-    def __init__(self, settings: Settings, device: str) -> None:
+    def __init__(self, settings: Settings, recipe: Recipe, device: str) -> None:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.model = settings.model
-        self.dim = efficientnet.DIMS[settings.model]
+        self.recipe = recipe
         self.device = device
         self.dtype = torch.float16 if device == "cuda" and settings.half else torch.float32
-        self.net = efficientnet.build(settings.model).to(device=device, dtype=self.dtype)
+        self.net = network.build(recipe).to(device=device, dtype=self.dtype)
+        self.finish = Finisher(recipe)
+
+    @property
+    def model(self) -> str:
+        return self.recipe.name
+
+    @property
+    def dim(self) -> int:
+        return self.recipe.dim
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        assert images.ndim == 4 and images.shape[1:] == (224, 224, 3), f"bad batch shape {images.shape}"
+        size = self.recipe.input_size
+        assert images.ndim == 4 and images.shape[1:] == (size, size, 3), f"bad batch shape {images.shape}"
         batch = torch.from_numpy(np.ascontiguousarray(images))
         if self.device == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
-            x = batch.permute(0, 3, 1, 2).to(self.dtype)
-            features = self.net(x).float()
-            features = torch.nn.functional.normalize(features, dim=1)
-        return features.cpu().numpy().astype(np.float32, copy=False)
+            features = self.net(batch.permute(0, 3, 1, 2).to(self.dtype)).float()
+        return self.finish(features.cpu().numpy())

@@ -1,4 +1,5 @@
-"""Embedders: *what* is computed (``efficientnet.py``) apart from *what runs it* (``torch_runtime``, ``onnx_runtime``).
+"""Embedders: *what* is computed (``vision/models.py``, ``vision/network.py``) apart from *what runs it*
+(``torch_runtime``, ``onnx_runtime``).
 
 ``load_embedder(settings)`` picks the runtime: torch on CUDA when present, ONNX Runtime on CPU when installed
 (measured faster there, see bench/README.md), eager torch otherwise.
@@ -6,35 +7,66 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from bucketlens.settings import Settings
 
+from ..models import Recipe, recipe
+
 log = logging.getLogger(__name__)
+FITTED = Path(__file__).resolve().parent.parent / "fitted"
 
 
 class Embedder(Protocol):
-    model: str
-    dim: int
+    recipe: Recipe
     device: str
 
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """``(N, 224, 224, 3)`` uint8 RGB -> ``(N, dim)`` float32, L2-normalised rows."""
+        """``(N, size, size, 3)`` uint8 RGB -> ``(N, dim)`` float32, L2-normalised rows."""
         ...
 
 
-def load_embedder(settings: Settings, model: str | None = None) -> Embedder:
-    """Load ``model`` (default: ``settings.model``) once for this process and warm it up."""
+class Finisher:
+    """The descriptor steps after the network: centring on the fitted mean (if the recipe says so), L2 norm."""
+
+    def __init__(self, recipe: Recipe, centre: np.ndarray | None = None) -> None:
+        if recipe.centre and centre is None:
+            path = fitted_path(recipe.name)
+            if not path.exists():
+                raise ValueError(f"model {recipe.name!r} needs its fitted mean {path}: `python -m bench.quality --fit`")
+            centre = np.load(path, allow_pickle=False)
+        self.centre = centre.astype(np.float32) if centre is not None else None
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float32)
+        if self.centre is not None:
+            features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12) - self.centre
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        return (features / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def fitted_path(model: str) -> Path:
+    return FITTED / f"{model}.npy"
+
+
+def load_embedder(settings: Settings, model: str | None = None, custom: Recipe | None = None) -> Embedder:
+    """Load ``model`` (default: ``settings.model``; ``custom``: an unregistered recipe, for the quality bench) once
+    for this process and warm it up."""
     from .torch_runtime import TorchEmbedder, pick_device
 
-    if model is not None and model != settings.model:
-        settings = dataclasses.replace(settings, model=model)
+    chosen = custom or recipe(model or settings.model)
     device = pick_device(settings.device)
     runtime = settings.runtime
     if runtime == "auto":
@@ -42,10 +74,11 @@ def load_embedder(settings: Settings, model: str | None = None) -> Embedder:
     if runtime == "onnx":
         from .onnx_runtime import OnnxEmbedder
 
-        embedder: Embedder = OnnxEmbedder(settings)
+        embedder: Embedder = OnnxEmbedder(settings, chosen)
     else:
-        embedder = TorchEmbedder(settings, device)
-    embedder.embed(np.zeros((1, 224, 224, 3), dtype=np.uint8))  # warm-up
+        embedder = TorchEmbedder(settings, chosen, device)
+    size = chosen.input_size
+    embedder.embed(np.zeros((1, size, size, 3), dtype=np.uint8))  # warm-up
     log.info("embedder ready: %s on %s (%s)", embedder.model, embedder.device, type(embedder).__name__)
     return embedder
 

@@ -15,16 +15,18 @@ import onnxruntime as ort
 
 from bucketlens.settings import Settings
 
-from . import efficientnet, worker_processes
+from .. import network
+from ..models import Recipe
+from . import Finisher, worker_processes
 
 log = logging.getLogger(__name__)
 
 
-def export(model: str, path: Path) -> None:
+def export(recipe: Recipe, path: Path) -> None:
     import torch
 
-    net = efficientnet.build(model)
-    sample = torch.zeros(1, 3, efficientnet.INPUT_SIZE, efficientnet.INPUT_SIZE)
+    net = network.build(recipe)
+    sample = torch.zeros(1, 3, recipe.input_size, recipe.input_size)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     # The TorchScript exporter (dynamo=False) needs no onnxscript; its deprecation and constant-folding
     # notes are not actionable here.
@@ -53,27 +55,36 @@ def intra_op_threads(settings: Settings) -> int:
 
 
 class OnnxEmbedder:
-    def __init__(self, settings: Settings) -> None:
-        self.model = settings.model
-        self.dim = efficientnet.DIMS[settings.model]
+    def __init__(self, settings: Settings, recipe: Recipe) -> None:
+        self.recipe = recipe
         self.device = "cpu"
         cache = Path(settings.home) / "models"
         cache.mkdir(parents=True, exist_ok=True)
-        path = cache / f"{settings.model}-{efficientnet.weights_digest(settings.model)}.onnx"
+        # The file name holds every recipe field the graph depends on, so an edited recipe re-exports.
+        graph = f"{recipe.arch}-{recipe.input_size}-{recipe.pooling}{recipe.gem_p:g}-m{int(recipe.mirror)}"
+        path = cache / f"{graph}-{network.weights_digest(recipe)}.onnx"
         if not path.exists():
-            log.info("exporting %s to ONNX at %s (once)", settings.model, path)
-            export(settings.model, path)
+            log.info("exporting %s to ONNX at %s (once)", recipe.name, path)
+            export(recipe, path)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads(settings)
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.finish = Finisher(recipe)
+
+    @property
+    def model(self) -> str:
+        return self.recipe.name
+
+    @property
+    def dim(self) -> int:
+        return self.recipe.dim
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        assert images.ndim == 4 and images.shape[1:] == (224, 224, 3), f"bad batch shape {images.shape}"
-        features = np.concatenate([self._run(images[start : start + CHUNK]) for start in range(0, len(images), CHUNK)])
-        norms = np.linalg.norm(features, axis=1, keepdims=True)
-        return (features / np.maximum(norms, 1e-12)).astype(np.float32)
+        size = self.recipe.input_size
+        assert images.ndim == 4 and images.shape[1:] == (size, size, 3), f"bad batch shape {images.shape}"
+        return self.finish(np.concatenate([self._run(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)]))
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)

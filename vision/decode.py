@@ -1,7 +1,9 @@
-"""Bytes -> a 224x224 RGB uint8 array: EXIF orientation applied, any mode converted, bombs refused."""
+"""Bytes -> the model's square RGB input (and, for spatial verification, a small grayscale image): EXIF
+orientation applied, any mode converted, bombs refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 
@@ -14,8 +16,22 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a 
 Image.MAX_IMAGE_PIXELS = None  # bucketlens checks the pixel count itself, with its own limit and message
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # size x size x 3 uint8 RGB, the model's input
+    gray: np.ndarray | None  # uint8, longer side at most ``gray_side``, aspect kept (None unless asked for)
+    width: int  # of the stored image, after EXIF orientation: how many pixels a copy has
+    height: int
+
+
 def decode(data: bytes, max_pixels: int, size: int = 224) -> np.ndarray:
     """Decode one image (first frame of an animation) into a ``size x size x 3`` uint8 array."""
+    return decode_image(data, max_pixels, size).pixels
+
+
+def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int = 0) -> Decoded:
+    """Decode one image (first frame of an animation): the model input, and a grayscale copy whose longer side is
+    at most ``gray_side`` when that is not 0."""
     if not data:
         raise PermanentError("empty", "object has zero bytes")
     try:
@@ -26,13 +42,19 @@ def decode(data: bytes, max_pixels: int, size: int = 224) -> np.ndarray:
             if width * height > max_pixels:
                 raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels")
             if image.format == "JPEG":
-                # Decode at a reduced scale (1/2, 1/4, 1/8) when the photo is much larger than the model input.
-                image.draft("RGB", (size, size))
+                # Decode at a reduced scale (1/2, 1/4, 1/8) when the photo is much larger than what is needed.
+                image.draft("RGB", (max(size, gray_side), max(size, gray_side)))
             image.load()
-            image = _orient(image)
-            image = _to_rgb(image)
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-            return np.asarray(image, dtype=np.uint8)
+            image = _to_rgb(_orient(image))
+            if (image.width > image.height) != (width > height):  # EXIF turned it (the header size is pre-draft)
+                width, height = height, width
+            gray = None
+            if gray_side:
+                scale = min(1.0, gray_side / max(image.size))
+                target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                gray = np.asarray(image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0).convert("L"))
+            square = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            return Decoded(np.asarray(square, dtype=np.uint8), gray, width, height)
     except PermanentError:
         raise
     except UnidentifiedImageError as exc:

@@ -1,0 +1,50 @@
+"""Re-rank a search's top candidates by spatial verification (``vision.local_features``).
+
+The global descriptor proposes; local features decide. Candidates with enough geometrically consistent matches
+come first, most matches first; the rest keep their global order. A candidate whose features are not stored (an
+object indexed by an older model, or before its features were kept) stays unverified, in its global place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+from bucketlens.schemas import object_id
+from vision import local_features
+from vision.local_features import Features
+
+from .vector_index import Indexed, VectorIndex
+
+log = logging.getLogger(__name__)
+CANDIDATES = 20  # global top candidates verified per query (bench/README.md, "Quality": cost and gain)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    obj: Indexed
+    score: float
+    matches: int | None = None  # consistent local matches; None when not verified
+
+    @property
+    def verified(self) -> bool:
+        return self.matches is not None and self.matches >= local_features.MIN_INLIERS
+
+
+def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Sequence[Features]) -> list[Hit]:
+    """``hits`` best first by global score; ``views`` the query's features (the query and its mirror)."""
+    top = list(hits[:CANDIDATES])
+    stored = index.features.get([(object_id(o.bucket, o.key), o.etag) for o, _ in top])
+    checked = []
+    for obj, score in top:
+        data = stored.get(object_id(obj.bucket, obj.key))
+        matches = None
+        if data is not None:
+            try:
+                matches = local_features.best_inliers(list(views), local_features.decode(data))
+            except ValueError as exc:  # a damaged row: verify without it rather than fail the search
+                log.warning("unusable local features of %s/%s: %s", obj.bucket, obj.key, exc)
+        checked.append(Hit(obj, score, matches))
+    checked.sort(key=lambda h: (not h.verified, -(h.matches or 0) if h.verified else 0, -h.score))
+    return checked + [Hit(obj, score) for obj, score in hits[CANDIDATES:]]

@@ -1,0 +1,90 @@
+"""Local features for spatial verification, the second stage of instance retrieval.
+
+A global descriptor proposes candidates; verification confirms that the query and a candidate show the same
+scene: ORB keypoints matched by descriptor (Lowe's ratio test), then a similarity transform (rotation, scale,
+shift: what crops, resizes and rotations do to a copy) fitted with RANSAC; the number of matches consistent with
+it is the evidence. ORB is not mirror invariant, so the query's mirror is matched too.
+
+Wire format (bounded: at most ``MAX_FEATURES`` x 36 bytes + 4): ``b"O1"``, uint16 count, then per keypoint
+uint16 x, uint16 y (pixels of the image scaled to ``SIDE`` on its longer side), then the 32-byte descriptors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import cv2
+import numpy as np
+
+SIDE = 512  # longer side of the image ORB runs on: enough detail for copies, ~4 ms per image here
+MAX_FEATURES = 500
+MAGIC = b"O1"
+RATIO = 0.8  # Lowe's ratio test
+RANSAC_PX = 6.0  # reprojection error (pixels at SIDE) of a match consistent with the transform
+MIN_INLIERS = 10  # fewer consistent matches than this is not evidence of a copy (measured: bench/README.md)
+
+cv2.setNumThreads(1)  # callers run many images in parallel; OpenCV's own pool would oversubscribe the cores
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    points: np.ndarray  # (n, 2) float32
+    descriptors: np.ndarray  # (n, 32) uint8
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+_orb = cv2.ORB_create(nfeatures=MAX_FEATURES, fastThreshold=10)
+
+
+def extract(gray: np.ndarray) -> Features:
+    """ORB keypoints of a uint8 grayscale image whose longer side is at most ``SIDE``."""
+    assert gray.ndim == 2 and gray.dtype == np.uint8 and max(gray.shape) <= SIDE, f"bad image {gray.shape}"
+    keypoints, descriptors = _orb.detectAndCompute(np.ascontiguousarray(gray), None)
+    if descriptors is None or not keypoints:
+        return Features(np.empty((0, 2), np.float32), np.empty((0, 32), np.uint8))
+    points = np.array([kp.pt for kp in keypoints], dtype=np.float32)
+    return Features(points, descriptors.astype(np.uint8))
+
+
+def encode(features: Features) -> bytes:
+    n = min(len(features), MAX_FEATURES)
+    points = np.clip(np.round(features.points[:n]), 0, 65535).astype("<u2")
+    return MAGIC + struct.pack("<H", n) + points.tobytes() + features.descriptors[:n].tobytes()
+
+
+def decode(data: bytes) -> Features:
+    """Raises ValueError on anything that is not this format (the bytes come from Redis: never trusted)."""
+    if len(data) < 4 or data[:2] != MAGIC:
+        raise ValueError("not an ORB feature record")
+    (n,) = struct.unpack_from("<H", data, 2)
+    if n > MAX_FEATURES or len(data) != 4 + n * 36:
+        raise ValueError(f"feature record of {len(data)} bytes does not hold {n} features")
+    points = np.frombuffer(data, dtype="<u2", count=2 * n, offset=4).reshape(n, 2).astype(np.float32)
+    descriptors = np.frombuffer(data, dtype=np.uint8, count=32 * n, offset=4 + 4 * n).reshape(n, 32)
+    return Features(points, descriptors)
+
+
+_matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+
+
+def inliers(query: Features, candidate: Features) -> int:
+    """Matches consistent with one similarity transform from ``query`` to ``candidate`` (0 when too few)."""
+    if len(query) < 3 or len(candidate) < 3:
+        return 0
+    pairs = _matcher.knnMatch(query.descriptors, candidate.descriptors, k=2)
+    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
+    if len(good) < 3:
+        return 0
+    src = query.points[[m.queryIdx for m in good]]
+    dst = candidate.points[[m.trainIdx for m in good]]
+    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX,
+                                          maxIters=500, confidence=0.99)
+    return 0 if mask is None else int(mask.sum())
+
+
+def best_inliers(queries: list[Features], candidate: Features) -> int:
+    """The best of several query views (the query and its mirror) against one candidate."""
+    return max((inliers(q, candidate) for q in queries), default=0)

