@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--cost-images", type=int, default=200, help="images timed for the worker's cost")
     parser.add_argument("--photos", type=Path, default=Path(".bucketlens/photos"))
-    parser.add_argument("--api", default="", help="end to end: the index service's URL (default: the local stack)")
+    parser.add_argument("--home", type=Path, help="end to end: keep the bench stack in this folder, reuse it next time")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -84,3 +84,16 @@ def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
     store.write(index, "9-9")
     loaded, _ = store.load_newest({"m": DIM})  # type: ignore[misc]
     assert loaded.index_type == "IVF" and contents(loaded) == contents(index)
+
+
+def test_a_version_1_snapshot_still_loads(tmp_path: Path) -> None:
+    """Snapshots written before pixel counts and feature stores existed load with ``pixels`` 0."""
+    data, meta = encode(filled(5), "4-4")
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        vectors = archive["vectors"]
+    meta.update(v=1, objects=[row[:6] for row in meta["objects"]])
+    del meta["features"]
+    buffer = io.BytesIO()
+    np.savez(buffer, vectors=vectors, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    loaded, last_id = decode(buffer.getvalue(), {"m": DIM})
+    assert last_id == "4-4" and len(loaded) == 4 and {o.pixels for o in loaded.objects()} == {0}

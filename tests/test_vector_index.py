@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -94,6 +95,19 @@ def test_stream_entry_round_trip() -> None:
     back = ResultEntry.from_fields(fields)
     assert back.key == entry.key and back.order == 2**70
     np.testing.assert_array_equal(back.vector, entry.vector)
+    with_features = dataclasses.replace(entry, features=b"O1\x00\x00", pixels=12_000_000)
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in with_features.to_fields().items()}
+    again = ResultEntry.from_fields(fields)
+    assert (again.features, again.pixels) == (b"O1\x00\x00", 12_000_000)
+
+
+def test_version_1_stream_entries_still_read() -> None:
+    """Entries written by workers before features and pixel counts existed (a rolling upgrade)."""
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in upsert("a", 1, 1).to_fields().items()}
+    fields[b"v"] = b"1"
+    del fields[b"features"], fields[b"pixels"]
+    back = ResultEntry.from_fields(fields)
+    assert back.features == b"" and back.pixels == 0 and back.vector is not None
 
 
 def clustered(n: int, dim: int, centroids: int, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,71 @@
+"""The feature store beside the index: written with each merge batch, last word per object wins, rows only count
+for the etag the index holds, and rerank puts verified copies first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bucketlens.schemas import ResultEntry
+from index_service.feature_store import FeatureStore
+from index_service.vector_index import VectorIndex
+from index_service.verify import rerank
+from vision import local_features
+
+DIM = 8
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def features(seed: int) -> local_features.Features:
+    rng = np.random.default_rng(seed)
+    image = (rng.random((60, 80)) * 255).astype(np.uint8)
+    big = np.kron(image, np.ones((6, 6), np.uint8))  # blocky texture: many corners, 480 x 360
+    return local_features.extract(big)
+
+
+def upsert(key: str, order: int, seed: int, etag: str = "e", with_features: bool = True) -> ResultEntry:
+    data = local_features.encode(features(seed)) if with_features else b""
+    return ResultEntry("upsert", "b", key, etag, "", order, 1, "m", unit(seed), data, 1000 + seed)
+
+
+def test_rows_follow_the_index_and_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "g1.sqlite"
+    index = VectorIndex("m", DIM, features=FeatureStore(path))
+    index.apply([upsert("a", 1, 1), upsert("b", 1, 2), upsert("c", 1, 3)])
+    # In one batch: c is deleted then uploaded again; a is uploaded then deleted; b gets a new version with none.
+    index.apply([ResultEntry("delete", "b", "c", "", "", 2, 1), upsert("c", 3, 4, etag="e2"),
+                 upsert("a", 2, 5), ResultEntry("delete", "b", "a", "", "", 3, 1),
+                 upsert("b", 2, 6, etag="e3", with_features=False)])
+    index.features.close()
+    reopened = FeatureStore(path)
+    assert set(reopened.get([("b/a", "e"), ("b/b", "e"), ("b/b", "e3"), ("b/c", "e2")])) == {"b/c"}
+    assert reopened.get([("b/c", "e")]) == {}  # a row only counts for the etag asked for
+    assert len(reopened) == 1
+    reopened.close(remove=True)
+    assert not path.exists()
+
+
+def test_stale_entries_do_not_touch_the_store() -> None:
+    index = VectorIndex("m", DIM)
+    index.apply([upsert("a", 5, 1, etag="new")])
+    index.apply([upsert("a", 4, 2, etag="old")])  # older: discarded, and so are its features
+    assert set(index.features.get([("b/a", "new")])) == {"b/a"}
+    assert index.get("b", "a").pixels == 1001  # type: ignore[union-attr]
+
+
+def test_rerank_puts_the_verified_copy_first() -> None:
+    index = VectorIndex("m", DIM)
+    index.apply([upsert(f"k{i}", 1, i) for i in range(30)])
+    query = unit(0)
+    hits = index.search(query, 25)
+    copy_of = hits[10][0].key  # a candidate far down the global ranking
+    seed = int(copy_of[1:])
+    ranked = rerank(index, hits, [features(seed)])
+    assert ranked[0].obj.key == copy_of and ranked[0].verified and ranked[0].matches
+    assert not any(h.verified for h in ranked[1:])
+    assert [h.obj.key for h in ranked[1:]] == [o.key for o, _ in hits if o.key != copy_of]  # the rest keep order
