@@ -1,5 +1,6 @@
 # make demo: install what is missing, start the local stack, upload samples, run sample queries.
 # make test: the same set-up, then the whole test suite.   make bench: throughput benchmark.
+# make quality: retrieval quality on real photos and their edited copies (QUALITY_ARGS=--in-process: variants).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 APT_PACKAGES := redis-server radosgw ceph-mon ceph-osd ceph-common chromium chromium-driver
 
-.PHONY: install system-deps demo test test-quick bench lint up down clean
+.PHONY: install system-deps demo test test-quick bench quality lint up down clean
 
 install: system-deps $(STAMP)
 
@@ -42,9 +43,12 @@ test-quick: install
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
+quality: install
+	$(PY) -m bench.quality $(QUALITY_ARGS)
+
 lint: install
-	$(VENV)/bin/ruff check bucketlens ingest workers index_service infra tests
-	$(VENV)/bin/mypy bucketlens ingest workers index_service infra --ignore-missing-imports
+	$(VENV)/bin/ruff check bucketlens ingest workers index_service infra vision bench tests
+	$(VENV)/bin/mypy bucketlens ingest workers index_service infra vision --ignore-missing-imports
 
 clean: down
 	rm -rf .bucketlens

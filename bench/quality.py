@@ -118,10 +118,18 @@ def rerank(scores: np.ndarray, query_paths: Sequence[Path], gallery_paths: Seque
     inlier count (0 beyond the top)."""
     order = np.argsort(-scores, axis=1)
     counts = np.zeros_like(scores, dtype=np.int32)
-    for qi, path in enumerate(tqdm(query_paths, desc="verify", leave=False)):
-        views = [decoded.features(path), decoded.features(path, mirrored=True)]
+    for path in {*query_paths, *gallery_paths}:  # extract once, in this thread, before the pool matches
+        decoded.features(path)
+
+    def verify(qi: int) -> list[int]:
+        views = [decoded.features(query_paths[qi]), decoded.features(query_paths[qi], mirrored=True)]
+        return [local_features.best_inliers(views, decoded.features(gallery_paths[g])) for g in order[qi, :RERANK]]
+
+    with ThreadPoolExecutor(2) as pool:  # OpenCV matches without the GIL
+        matched = list(tqdm(pool.map(verify, range(len(query_paths))), total=len(query_paths), desc="verify",
+                            leave=False))
+    for qi, found in enumerate(matched):
         top = order[qi, :RERANK]
-        found = [local_features.best_inliers(views, decoded.features(gallery_paths[g])) for g in top]
         counts[qi, top] = found
         key = [(-(n if n >= local_features.MIN_INLIERS else 0), -scores[qi, g]) for n, g in zip(found, top)]
         order[qi, :RERANK] = top[sorted(range(len(top)), key=lambda i: key[i])]

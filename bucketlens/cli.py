@@ -225,7 +225,8 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     print(f"{len(result['results'])} results ({result['model']}, {result['took_ms']:.1f} ms)")
     for hit in result["results"]:
-        print(f"{hit['score']:.4f}  {hit['bucket']}/{hit['key']}")
+        verified = f"  verified: {hit['matches']} matches" if hit.get("verified") else ""
+        print(f"{hit['score']:.4f}  {hit['bucket']}/{hit['key']}{verified}")
     return 0
 
 

@@ -28,7 +28,7 @@ from .helpers import wait_for
 
 pytestmark = pytest.mark.slow
 DIM = 1280
-MODEL = "efficientnet-lite0"
+MODEL = Settings().model  # the default model: the service under test serves it
 
 
 def entries(n: int, seed: int = 0) -> list[ResultEntry]:

@@ -86,5 +86,11 @@ def inliers(query: Features, candidate: Features) -> int:
 
 
 def best_inliers(queries: list[Features], candidate: Features) -> int:
-    """The best of several query views (the query and its mirror) against one candidate."""
-    return max((inliers(q, candidate) for q in queries), default=0)
+    """The best of several query views (the query and its mirror) against one candidate; a view that is clearly
+    a match ends the search (most copies are not mirrored: the mirror view is then not matched at all)."""
+    best = 0
+    for query in queries:
+        best = max(best, inliers(query, candidate))
+        if best >= 3 * MIN_INLIERS:
+            break
+    return best
