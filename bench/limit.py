@@ -1,7 +1,9 @@
-"""The limit: the best in-process throughput of decode + preprocess + embed on the benchmark's images.
+"""The limit: the best in-process throughput of decode + embed + local features on the benchmark's images.
 
-No S3, no Redis, no Celery: bytes already in memory go through ``vision.decode.decode`` and the embedder the
-workers load (``vision.embedders.load_embedder``), in the batches the workers see (``settings.batch_size``).
+No S3, no Redis, no Celery: bytes already in memory go through what the worker does to each image:
+``vision.decode.decode_for`` (as the model's recipe says), the embedder the workers load
+(``vision.embedders.load_embedder``) in the batches the workers see (``settings.batch_size``), and the local
+features when the recipe keeps them.
 The best of a few ways to use the machine's cores counts as the limit:
 
 - ``serial``: one model, its runtime using every core; decode, then embed, batch after batch.
@@ -21,8 +23,10 @@ import numpy as np
 from tqdm import tqdm
 
 from bucketlens.settings import Settings
-from vision.decode import decode
+from vision import local_features
+from vision.decode import Decoded, decode_for
 from vision.embedders import Embedder, load_embedder
+from vision.models import Recipe
 
 from .procs import CpuMeter
 
@@ -31,25 +35,34 @@ def _batches(blobs: Sequence[bytes], size: int) -> list[Sequence[bytes]]:
     return [blobs[start : start + size] for start in range(0, len(blobs), size)]
 
 
-def _decode_batch(blobs: Sequence[bytes], max_pixels: int) -> np.ndarray:
-    return np.stack([decode(blob, max_pixels) for blob in blobs])
+def _decode_batch(recipe: Recipe, blobs: Sequence[bytes], max_pixels: int) -> list[Decoded]:
+    return [decode_for(recipe, blob, max_pixels, local_features.SIDE) for blob in blobs]
+
+
+def _embed(embedder: Embedder, images: list[Decoded]) -> None:
+    """What the worker does after decoding: the model on the batch, then each image's local features."""
+    embedder.embed(np.stack([image.pixels for image in images]))
+    for image in images:
+        if image.gray is not None:
+            local_features.encode(local_features.extract(image.gray))
 
 
 def serial(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:
     for batch in _batches(blobs, settings.batch_size):
-        embedders[0].embed(_decode_batch(batch, settings.max_pixels))
+        _embed(embedders[0], _decode_batch(embedders[0].recipe, batch, settings.max_pixels))
         bar.update(len(batch))
 
 
 def pipelined(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:
     batches = _batches(blobs, settings.batch_size)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = pool.submit(_decode_batch, batches[0], settings.max_pixels)
+        recipe = embedders[0].recipe
+        ahead = pool.submit(_decode_batch, recipe, batches[0], settings.max_pixels)
         for i, batch in enumerate(batches):
-            pixels = ahead.result()
+            images = ahead.result()
             if i + 1 < len(batches):
-                ahead = pool.submit(_decode_batch, batches[i + 1], settings.max_pixels)
-            embedders[0].embed(pixels)
+                ahead = pool.submit(_decode_batch, recipe, batches[i + 1], settings.max_pixels)
+            _embed(embedders[0], images)
             bar.update(len(batch))
 
 
@@ -58,7 +71,7 @@ def lanes(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings,
 
     def lane(j: int) -> None:
         for batch in _batches(blobs[j :: len(embedders)], settings.batch_size):
-            embedders[j].embed(_decode_batch(batch, settings.max_pixels))
+            _embed(embedders[j], _decode_batch(embedders[j].recipe, batch, settings.max_pixels))
             with lock:
                 bar.update(len(batch))
 
@@ -77,12 +90,12 @@ def measure_limit(settings: Settings, blobs: Sequence[bytes], cores: int) -> dic
     variants: dict[str, tuple[Variant, list[Embedder]]] = {
         "serial": (serial, single), "pipelined": (pipelined, single), "lanes": (lanes, per_core),
     }
-    warm = _decode_batch(blobs[: settings.batch_size], settings.max_pixels)
+    warm = _decode_batch(single[0].recipe, blobs[: settings.batch_size], settings.max_pixels)
     rates: dict[str, float] = {}
     cpu: dict[str, object] = {}
     for name, (run, embedders) in variants.items():
         for embedder in embedders:  # the first full-size batch of a runtime is slower (allocations)
-            embedder.embed(warm)
+            _embed(embedder, warm)
         with tqdm(total=len(blobs), unit="img", desc=f"limit: {name}", leave=False) as bar:
             meter = CpuMeter()
             run(embedders, blobs, settings, bar)

@@ -28,8 +28,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from bucketlens.settings import Settings
+from index_service.verify import CANDIDATES, rank_key
 from vision import local_features
-from vision.decode import decode_image
+from vision.decode import decode_for
 from vision.embedders import Embedder, Finisher, fitted_path, load_embedder
 from vision.models import DEFAULT_MODEL, RECIPES, Recipe, recipe
 
@@ -40,17 +41,17 @@ from .quality_metrics import evaluate, fit_threshold, pairs, source_at, split_fa
 
 log = logging.getLogger(__name__)
 MAX_PIXELS = 64_000_000
-RERANK = 20  # candidates verified per query
 BASE = RECIPES["efficientnet-lite0"]
+SHIPPED = RECIPES[DEFAULT_MODEL]
 VARIANTS: dict[str, Recipe] = {
     "lite0 mean (today)": BASE,
-    "lite0 gem": dataclasses.replace(BASE, pooling="gem"),
     "lite0 mean+mirror": dataclasses.replace(BASE, mirror=True),
+    "lite0 gem": dataclasses.replace(BASE, pooling="gem"),
     "lite0 gem+mirror": dataclasses.replace(BASE, pooling="gem", mirror=True),
-    "lite0 mean+mirror+centre": dataclasses.replace(BASE, mirror=True, centre=True),
-    "lite0 gem+mirror+centre": dataclasses.replace(BASE, pooling="gem", mirror=True, centre=True),
-    "lite1 gem+mirror+centre": dataclasses.replace(RECIPES["efficientnet-lite1"], pooling="gem", mirror=True,
-                                                   centre=True),
+    "lite0 gem+mirror+centre": dataclasses.replace(SHIPPED, trim_borders=False, local_features=False),
+    f"{SHIPPED.name} (shipped: gem+mirror+centre+trim)": dataclasses.replace(SHIPPED, local_features=False),
+    "lite1 gem+mirror+centre+trim": dataclasses.replace(SHIPPED, arch="efficientnet-lite1", input_size=240,
+                                                         local_features=False),
 }
 
 
@@ -81,59 +82,63 @@ def make_queries(photos: Sequence[Photo], seeds: int, folder: Path) -> list[Quer
 
 
 class Decoded:
-    """Decoded pixels per input size and ORB features per file, computed once per run."""
+    """Each file decoded once per way of decoding (input size, border trimming): pixels, and the ORB features of
+    the image and of its mirror."""
 
     def __init__(self) -> None:
-        self._pixels: dict[tuple[Path, int], np.ndarray] = {}
-        self._features: dict[Path, local_features.Features] = {}
-        self._mirrored: dict[Path, local_features.Features] = {}
+        self._pixels: dict[tuple[Path, int, bool], np.ndarray] = {}
+        self._views: dict[tuple[Path, bool], list[local_features.Features]] = {}
 
-    def pixels(self, paths: Sequence[Path], size: int) -> np.ndarray:
-        todo = [p for p in paths if (p, size) not in self._pixels]
-        for path in tqdm(todo, desc=f"decode at {size}", disable=len(todo) < 50, leave=False):
-            self._pixels[(path, size)] = decode_image(path.read_bytes(), MAX_PIXELS, size).pixels
-        return np.stack([self._pixels[(p, size)] for p in paths])
+    def pixels(self, paths: Sequence[Path], recipe_: Recipe) -> np.ndarray:
+        keys = [(p, recipe_.input_size, recipe_.trim_borders) for p in paths]
+        for key in keys:
+            if key not in self._pixels:
+                self._pixels[key] = decode_for(recipe_, key[0].read_bytes(), MAX_PIXELS).pixels
+        return np.stack([self._pixels[key] for key in keys])
 
-    def features(self, path: Path, mirrored: bool = False) -> local_features.Features:
-        if path not in self._features:
-            gray = decode_image(path.read_bytes(), MAX_PIXELS, 32, local_features.SIDE).gray
+    def views(self, path: Path, recipe_: Recipe) -> list[local_features.Features]:
+        key = (path, recipe_.trim_borders)
+        if key not in self._views:
+            gray = decode_for(dataclasses.replace(recipe_, local_features=True), path.read_bytes(), MAX_PIXELS,
+                              local_features.SIDE).gray
             assert gray is not None
-            self._features[path] = local_features.extract(gray)
-            self._mirrored[path] = local_features.extract(np.ascontiguousarray(gray[:, ::-1]))
-        return (self._mirrored if mirrored else self._features)[path]
+            self._views[key] = [local_features.extract(gray), local_features.extract(gray[:, ::-1].copy())]
+        return self._views[key]
 
 
 def embed_all(embedder: Embedder, decoded: Decoded, paths: Sequence[Path], label: str) -> np.ndarray:
-    size = embedder.recipe.input_size
     out = []
     for start in tqdm(range(0, len(paths), 64), desc=f"embed {label}", leave=False):
-        out.append(embedder.embed(decoded.pixels(paths[start : start + 64], size)))
+        out.append(embedder.embed(decoded.pixels(paths[start : start + 64], embedder.recipe)))
     return np.concatenate(out)
 
 
-def rerank(scores: np.ndarray, query_paths: Sequence[Path], gallery_paths: Sequence[Path], decoded: Decoded
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """``(order, inliers)``: gallery indices per query with the top ``RERANK`` re-ordered by verification
-    (verified candidates first, by consistent matches; then the rest by global score), and each top candidate's
-    inlier count (0 beyond the top)."""
-    order = np.argsort(-scores, axis=1)
-    counts = np.zeros_like(scores, dtype=np.int32)
-    for path in {*query_paths, *gallery_paths}:  # extract once, in this thread, before the pool matches
-        decoded.features(path)
+def verify_top(scores: np.ndarray, query_paths: Sequence[Path], gallery_paths: Sequence[Path], decoded: Decoded,
+               recipe_: Recipe) -> np.ndarray:
+    """Consistent matches of each query with its global top ``CANDIDATES`` (-1 elsewhere: not verified), as the
+    service verifies: the query and its mirror against the stored object's own features."""
+    order = np.argsort(-scores, axis=1)[:, :CANDIDATES]
+    for path in tqdm({*query_paths, *gallery_paths}, desc="ORB", leave=False):  # extract before the pool matches
+        decoded.views(path, recipe_)
 
     def verify(qi: int) -> list[int]:
-        views = [decoded.features(query_paths[qi]), decoded.features(query_paths[qi], mirrored=True)]
-        return [local_features.best_inliers(views, decoded.features(gallery_paths[g])) for g in order[qi, :RERANK]]
+        views = decoded.views(query_paths[qi], recipe_)
+        return [local_features.best_inliers(views, decoded.views(gallery_paths[g], recipe_)[0]) for g in order[qi]]
 
+    counts = np.full(scores.shape, -1, dtype=np.int32)
     with ThreadPoolExecutor(2) as pool:  # OpenCV matches without the GIL
-        matched = list(tqdm(pool.map(verify, range(len(query_paths))), total=len(query_paths), desc="verify",
-                            leave=False))
-    for qi, found in enumerate(matched):
-        top = order[qi, :RERANK]
-        counts[qi, top] = found
-        key = [(-(n if n >= local_features.MIN_INLIERS else 0), -scores[qi, g]) for n, g in zip(found, top)]
-        order[qi, :RERANK] = top[sorted(range(len(top)), key=lambda i: key[i])]
-    return order, counts
+        for qi, found in enumerate(pool.map(verify, range(len(query_paths)))):
+            counts[qi, order[qi]] = found
+    return counts
+
+
+def verified_order(scores: np.ndarray, counts: np.ndarray, min_matches: int) -> np.ndarray:
+    """The service's order (``index_service.verify.rank_key``) for every query."""
+    out = []
+    for row_scores, row_counts in zip(scores, counts):
+        keys = [rank_key(float(s), int(c) if c >= 0 else None, min_matches) for s, c in zip(row_scores, row_counts)]
+        out.append(sorted(range(len(keys)), key=keys.__getitem__))
+    return np.asarray(out)
 
 
 def evaluate_variant(name: str, vectors_g: np.ndarray, vectors_q: np.ndarray, recipe_: Recipe, photos: list[Photo],
@@ -149,8 +154,13 @@ def evaluate_variant(name: str, vectors_g: np.ndarray, vectors_q: np.ndarray, re
             finish = Finisher(recipe_, centre)
             g, q = finish(g), finish(q)
         fit_mild = [i for i, x in enumerate(queries) if x.photo.family in fit_half and x.edit == "mild"]
-        positives, negatives = pairs(q[fit_mild] @ g.T, [queries[i].photo.family for i in fit_mild], families_g)
-        threshold = fit_threshold(positives, negatives)
+        fit_families = [queries[i].photo.family for i in fit_mild]
+        fit_scores = q[fit_mild] @ g.T
+        threshold = fit_threshold(*pairs(fit_scores, fit_families, families_g))
+        gallery_paths = [p.path for p in photos]
+        if verify:  # the fewest consistent matches that mean "a copy" at 99 % precision on the fitting half
+            fit_counts = verify_top(fit_scores, [queries[i].path for i in fit_mild], gallery_paths, decoded, recipe_)
+            min_matches = max(4, int(fit_threshold(*pairs(fit_counts.astype(np.float64), fit_families, families_g))))
         rows = {}
         for edit_name in EDITS:
             idx = [i for i, x in enumerate(queries) if x.photo.family in eval_half and x.edit == edit_name]
@@ -161,11 +171,12 @@ def evaluate_variant(name: str, vectors_g: np.ndarray, vectors_q: np.ndarray, re
             row.update(threshold=round(threshold, 4), precision=round(decision.precision, 4),
                        recall=round(decision.recall, 4))
             if verify:
-                order, counts = rerank(scores, [queries[i].path for i in idx], [p.path for p in photos], decoded)
-                row.update(_ranked_metrics(order, families_g, sources, "verified_"))
-                pos, neg = pairs(counts.astype(np.float32), sources, families_g)
-                verified = evaluate(pos, neg, local_features.MIN_INLIERS)
-                row.update(verified_precision=round(verified.precision, 4), verified_recall=round(verified.recall, 4))
+                counts = verify_top(scores, [queries[i].path for i in idx], gallery_paths, decoded, recipe_)
+                for label_, m in (("verified_", local_features.MIN_INLIERS), ("fitted_", min_matches)):
+                    row.update(_ranked_metrics(verified_order(scores, counts, m), families_g, sources, label_))
+                    decision = evaluate(*pairs(counts.astype(np.float64), sources, families_g), m)
+                    row.update({f"{label_}min_matches": m, f"{label_}precision": round(decision.precision, 4),
+                                f"{label_}recall": round(decision.recall, 4)})
             rows[edit_name] = row
         report["directions"].append({"label": label, "rows": rows})
     return report
@@ -181,11 +192,10 @@ def worker_cost(settings: Settings, recipe_: Recipe, paths: Sequence[Path]) -> d
     """What a worker does per image, in one process: decode, embed (batches of 8), ORB when the recipe says so."""
     embedder = load_embedder(settings, custom=dataclasses.replace(recipe_, centre=False))
     blobs = [p.read_bytes() for p in paths]
-    side = local_features.SIDE if recipe_.local_features else 0
     started = time.perf_counter()
     extra = 0
     for start in range(0, len(blobs), 8):
-        images = [decode_image(b, MAX_PIXELS, recipe_.input_size, side) for b in blobs[start : start + 8]]
+        images = [decode_for(recipe_, b, MAX_PIXELS, local_features.SIDE) for b in blobs[start : start + 8]]
         embedder.embed(np.stack([i.pixels for i in images]))
         for image in images:
             if image.gray is not None:
@@ -201,7 +211,9 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     queries = make_queries(photos, args.seeds, args.photos / "queries")
     decoded = Decoded()
     names = args.variants.split(",") if args.variants else list(VARIANTS)
-    results = []
+    results: list[dict[str, Any]] = []
+    summary = {"mode": "in-process", "photos": len(photos), "families": len({p.family for p in photos}),
+               "queries": len(queries), "seeds": args.seeds, "variants": results}
     for name in names:
         variant = VARIANTS[name]
         embedder = load_embedder(settings, custom=dataclasses.replace(variant, centre=False))
@@ -213,16 +225,17 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
         report["cost"] = worker_cost(settings, dataclasses.replace(variant, local_features=verify), cost_sample)
         results.append(report)
         print_table(report)
-    return {"mode": "in-process", "photos": len(photos), "families": len({p.family for p in photos}),
-            "queries": len(queries), "seeds": args.seeds, "variants": results}
+        save(args.out, summary)  # after each variant: a long run interrupted keeps what it measured
+    return summary
 
 
 def print_table(report: dict[str, Any]) -> None:
     cost = report.get("cost", {})
     print(f"\n## {report['variant']}   worker {cost.get('img_per_s', '?')} img/s, "
           f"{cost.get('index_bytes_per_image', '?')} bytes/image")
-    keys = ["source@1", "source@10", "verified_source@1", "verified_source@10", "precision", "recall",
-            "verified_precision", "verified_recall"]
+    keys = ["source@1", "source@10", "precision", "recall", "verified_source@1", "verified_source@10",
+            "verified_precision", "verified_recall", "fitted_min_matches", "fitted_source@1", "fitted_precision",
+            "fitted_recall"]
     for direction in report["directions"]:
         present = [k for k in keys if k in next(iter(direction["rows"].values()))]
         print(f"{direction['label']}   threshold {next(iter(direction['rows'].values()))['threshold']}")
@@ -251,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-process", action="store_true", help="compare descriptor variants without servers")
     parser.add_argument("--fit", action="store_true", help="write the default model's centring mean and stop")
     parser.add_argument("--variants", default="", help=f"in-process variants (default all: {', '.join(VARIANTS)})")
-    parser.add_argument("--verify", default="lite0 gem+mirror+centre",
+    parser.add_argument("--verify", default=f"{SHIPPED.name} (shipped: gem+mirror+centre+trim)",
                         help="in-process variants also measured with spatial verification")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--cost-images", type=int, default=200, help="images timed for the worker's cost")
@@ -269,11 +282,16 @@ def main(argv: list[str] | None = None) -> None:
         from .quality_e2e import run_end_to_end
 
         result = run_end_to_end(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    previous[result["mode"]] = result
-    args.out.write_text(json.dumps(previous, indent=1))
+    save(args.out, result)
     print(f"\nwrote {args.out}")
+
+
+def save(path: Path, result: dict[str, Any]) -> None:
+    """Keep one result per mode in ``path`` (in-process and end to end live side by side)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous[result["mode"]] = result
+    path.write_text(json.dumps(previous, indent=1))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def run_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
 def score(queries: list[Query], answers: list[tuple[list[dict[str, Any]], float]], families: dict[str, str]
           ) -> dict[str, Any]:
     """Per edit and per direction (fit the threshold on one half of the families, evaluate on the other)."""
-    half_a, half_b = split_families(families.values())
+    half_a, half_b = split_families(list(families.values()))
     directions = []
     for fit_half, eval_half, label in ((half_a, half_b, "fit A / eval B"), (half_b, half_a, "fit B / eval A")):
         fit_idx = [i for i, q in enumerate(queries) if q.photo.family in fit_half and q.edit == "mild"]
@@ -102,7 +102,8 @@ def score(queries: list[Query], answers: list[tuple[list[dict[str, Any]], float]
 
 def _pairs(queries: list[Query], results: list[list[dict[str, Any]]], families: dict[str, str]
            ) -> tuple[np.ndarray, np.ndarray]:
-    positives, negatives = [], []
+    positives: list[float] = []
+    negatives: list[float] = []
     for query, rs in zip(queries, results):
         for r in rs:
             (positives if families.get(r["key"]) == query.photo.family else negatives).append(r["score"])

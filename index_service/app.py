@@ -21,11 +21,12 @@ from bucketlens.http import UNAVAILABLE, HTTPError, http_error_handler, read_lim
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
 from vision import local_features
-from vision.decode import decode_image
+from vision.decode import decode_for
 from vision.embedders import Embedder
 from vision.errors import PermanentError
 from vision.models import recipe
 
+from .duplicates import groups as find_groups
 from .failures import Selection, clear_failures, list_failures, retry_failures
 from .metrics import CONTENT_TYPE, Metrics
 from .queries import parse_search
@@ -103,6 +104,27 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         took_ms = (time.perf_counter() - started) * 1000
         request.app.state.metrics.search_seconds.labels(kind).observe(took_ms / 1000)
         return JSONResponse({"model": serving.model, "took_ms": round(took_ms, 3), "results": results})
+
+    async def duplicates(request: Request) -> Response:
+        service = service_of(request, read=True)
+        params = request.query_params
+        try:
+            offset = max(0, int(params.get("offset", 0)))
+            limit = min(1000, max(1, int(params.get("limit", 50))))
+            min_matches = max(1, int(params.get("min_matches", local_features.MIN_INLIERS)))
+        except ValueError:
+            raise HTTPError(400, "bad_parameter", "offset, limit and min_matches must be integers") from None
+        serving = service.index
+        found = await run_in_threadpool(find_groups, serving, min_matches, params.get("bucket") or None,
+                                        params.get("prefix", ""))
+        page = [
+            {"size": len(g.members), "pairs": g.pairs, "min_matches": g.matches,
+             "members": [{"bucket": o.bucket, "key": o.key, "etag": o.etag, "pixels": o.pixels,
+                          "url": service.presigner.url(o.bucket, o.key)} for o in g.members]}
+            for g in found[offset : offset + limit]
+        ]
+        return JSONResponse({"model": serving.model, "total": len(found), "offset": offset, "limit": limit,
+                             "pending": len(service.duplicates.pending), "groups": page})
 
     async def objects(request: Request) -> Response:
         service = service_of(request, read=True)
@@ -197,6 +219,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/readyz", readyz),
             Route("/search", search, methods=["POST"]),
             Route("/objects/{bucket}/{key:path}", objects),
+            Route("/duplicates", duplicates),
             Route("/stats", stats),
             Route("/queues", queues),
             Route("/metrics", metrics),
@@ -242,7 +265,7 @@ def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bo
                     ) -> tuple[Any, list[local_features.Features]]:
     """A query image's vector and, to verify candidates with, the local features of it and of its mirror."""
     try:
-        image = decode_image(data, max_pixels, embedder.recipe.input_size, local_features.SIDE if verify else 0)
+        image = decode_for(embedder.recipe, data, max_pixels, local_features.SIDE if verify else 0)
     except PermanentError as exc:
         status = 413 if exc.reason == "too_many_pixels" else 415
         raise HTTPError(status, exc.reason, str(exc)) from exc

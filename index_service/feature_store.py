@@ -1,5 +1,6 @@
-"""Each object's local features (``vision.local_features``), one SQLite file per index generation, on the index
-service's own disk (the bucket stays read-only to bucketlens).
+"""Each object's local features (``vision.local_features``) and the near-duplicate pairs confirmed with them
+(``duplicates.py``), one SQLite file per index generation, on the index service's own disk (the bucket stays
+read-only to bucketlens).
 
 Rows are keyed by object and carry the etag they were computed from: a search uses a row only when its etag is
 the one the index holds, so a missing or outdated row costs a verification, never a wrong answer. The store is
@@ -10,11 +11,12 @@ name the store rather than copy it (tens of KB per object would make every snaps
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +33,72 @@ class FeatureStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # committed means on disk: the stream entry is acked after
         self._db.execute("CREATE TABLE IF NOT EXISTS features (oid TEXT PRIMARY KEY, etag TEXT, data BLOB)")
+        # Confirmed near-duplicates (a < b), and the objects (at an etag) whose neighbours have been looked at.
+        self._db.execute("CREATE TABLE IF NOT EXISTS pairs (a TEXT, b TEXT, matches INTEGER, PRIMARY KEY (a, b))")
+        self._db.execute("CREATE INDEX IF NOT EXISTS pairs_b ON pairs (b)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS checked (oid TEXT PRIMARY KEY, etag TEXT)")
         self._lock = threading.Lock()  # one connection, shared by the merger and the search threads
 
     def write(self, puts: Sequence[tuple[str, str, bytes]], deletes: Iterable[str]) -> None:
-        """One transaction: ``puts`` are ``(object id, etag, features)``; objects in ``deletes`` lose their row."""
+        """One transaction: ``puts`` are ``(object id, etag, features)``; objects in ``deletes`` lose their row.
+        Every object written or deleted loses its duplicate pairs: its content changed, they are looked for again."""
         removed = [(oid,) for oid in deletes]
-        if not puts and not removed:
+        touched = removed + [(oid,) for oid, _, _ in puts]
+        if not touched:
             return
+        with self._lock, self._transaction():
+            self._db.executemany("DELETE FROM features WHERE oid = ?", removed)
+            self._db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?)", puts)
+            self._db.executemany("DELETE FROM pairs WHERE a = ?1 OR b = ?1", touched)
+            self._db.executemany("DELETE FROM checked WHERE oid = ?", touched)
+
+    def add_pairs(self, checked: Sequence[tuple[str, str]], pairs: Sequence[tuple[str, str, int]]) -> int:
+        """Record that each ``(object id, etag)`` in ``checked`` had its neighbours verified, with the confirmed
+        ``pairs`` ``(a, b, matches)`` found. Objects changed meanwhile (their row has another etag now) are left
+        out, with their pairs: they are checked again. Returns how many pairs were kept."""
+        with self._lock, self._transaction():
+            current = {oid: etag for oid, etag, _ in self._rows([oid for oid, _ in checked] +
+                                                                [x for a, b, _ in pairs for x in (a, b)])}
+            fresh = [(oid, etag) for oid, etag in checked if current.get(oid) == etag]
+            valid = {oid for oid, _ in fresh}
+            kept = [(min(a, b), max(a, b), m) for a, b, m in pairs if a in valid and b in current]
+            self._db.executemany("INSERT OR REPLACE INTO checked VALUES (?, ?)", fresh)
+            self._db.executemany("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?)", kept)
+        return len(kept)
+
+    def pairs(self, min_matches: int = 0) -> list[tuple[str, str, int]]:
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany("DELETE FROM features WHERE oid = ?", removed)
-                self._db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?)", puts)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            return list(self._db.execute("SELECT a, b, matches FROM pairs WHERE matches >= ?", (min_matches,)))
+
+    def checked(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT oid, etag FROM checked"))
+
+    def _rows(self, oids: list[str]) -> list[tuple[str, str, bytes]]:
+        rows: list[tuple[str, str, bytes]] = []
+        for start in range(0, len(oids), 500):
+            part = oids[start : start + 500]
+            query = f"SELECT oid, etag, data FROM features WHERE oid IN ({','.join('?' * len(part))})"
+            rows += [(o, e, bytes(d)) for o, e, d in self._db.execute(query, part)]
+        return rows
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def get(self, wanted: Sequence[tuple[str, str]]) -> dict[str, bytes]:
         """The features of each ``(object id, etag)`` whose row has that etag."""
         if not wanted:
             return {}
         etags = dict(wanted)
-        marks = ",".join("?" * len(etags))
         with self._lock:
-            rows = self._db.execute(f"SELECT oid, etag, data FROM features WHERE oid IN ({marks})", list(etags))
-            return {oid: bytes(data) for oid, etag, data in rows if etags.get(oid) == etag}
+            return {oid: data for oid, etag, data in self._rows(list(etags)) if etags.get(oid) == etag}
 
     def __len__(self) -> int:
         with self._lock:

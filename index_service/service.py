@@ -21,9 +21,12 @@ from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from ingest.publisher import Publisher
+from vision import local_features
+from vision.decode import decode_for
 from vision.embedders import Embedder, Embedders
 from vision.models import dims, recipe
 
+from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .merger import Merger
 from .orphans import sweep as sweep_orphans
@@ -31,7 +34,7 @@ from .presign import Presigner
 from .rebuild import Rebuilds
 from .reconcile import reconcile
 from .snapshots import SnapshotStore
-from .vector_index import VectorIndex, set_search_threads
+from .vector_index import Indexed, VectorIndex, set_search_threads
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class Service:
             self.s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
         )
         self.merger = Merger(self.redis, self.keys, self.apply, self.after_batch, batch=settings.merge_batch)
+        self.duplicates = DuplicateFinder(lambda: self.index, self.mirror_features)
         self.loaded = threading.Event()
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
         self._restructuring = threading.Lock()
@@ -98,6 +102,7 @@ class Service:
         self._register_generation()
         self.loaded.set()
         self.merger.start()
+        self.duplicates.start()
         self.embedders.get(self.index.model)  # query images are embedded with the serving model
 
     def _register_generation(self) -> None:
@@ -116,6 +121,7 @@ class Service:
         """Clean shutdown: stop merging, write a final snapshot."""
         self._stopping.set()
         self.merger.stop()
+        self.duplicates.stop()
         if self.loaded.is_set():
             try:
                 self.snapshot()
@@ -130,6 +136,17 @@ class Service:
     def new_generation(self, model: str, generation: int) -> VectorIndex:
         return VectorIndex(model, recipe(model).dim, generation, self.feature_store(generation))
 
+    def mirror_features(self, obj: Indexed) -> local_features.Features | None:
+        """The local features of an indexed object's mirror image, fetched from S3 (the version indexed)."""
+        try:
+            response = self.s3.get_object(Bucket=obj.bucket, Key=obj.key, IfMatch=obj.etag)
+            data = response["Body"].read(self.settings.max_object_bytes + 1)
+            image = decode_for(recipe(self.index.model), data, self.settings.max_pixels, local_features.SIDE)
+        except Exception as exc:  # changed, gone, unreachable, undecodable: the pair stays unconfirmed
+            log.debug("cannot fetch %s/%s for its mirror's features: %s", obj.bucket, obj.key, exc)
+            return None
+        return None if image.gray is None else local_features.extract(image.gray[:, ::-1].copy())
+
     # -- merging -------------------------------------------------------------------------------------------
 
     def apply(self, entries: list[ResultEntry]) -> None:
@@ -138,7 +155,8 @@ class Service:
         for generation in sorted({e.generation for e in entries}):
             part = [e for e in entries if e.generation == generation]
             if generation == serving.generation:
-                serving.apply(part)
+                stats = serving.apply(part)
+                self.duplicates.wake([(oid, row[0]) for oid, row in stats.features.items() if row is not None])
             elif shadow is not None and generation == shadow.generation:
                 shadow.apply(part)
                 self.rebuilds.observe(part)
@@ -223,4 +241,5 @@ class Service:
             "applied_entries": self.merger.applied,
             "last_snapshot": self.snapshots.last,
             "rebuild": self.rebuilds.progress(),
+            "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects},
         }

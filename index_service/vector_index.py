@@ -246,16 +246,24 @@ class VectorIndex:
     def search(self, query: np.ndarray, k: int, exclude: str | None = None) -> list[tuple[Indexed, float]]:
         """The ``k`` nearest objects to one normalised query vector, best first."""
         assert query.shape == (self.dim,), f"query has shape {query.shape}, index dim is {self.dim}"
+        return self.search_many(query.reshape(1, -1), k, [exclude])[0]
+
+    def search_many(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None
+                    ) -> list[list[tuple[Indexed, float]]]:
+        """One FAISS call for many queries (a flat scan reads the vectors once for all of them); ``exclude[i]``
+        is an object id left out of query i's results."""
+        assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries {queries.shape}, index dim {self.dim}"
+        exclude = exclude or [None] * len(queries)
         with self._lock.read():
             n = len(self._ids)
             if n == 0:
-                return []
-            want = min(n, k + (1 if exclude else 0))
-            scores, ids = self._faiss.search(query.reshape(1, -1).astype(np.float32), want)
-            hits = [(self._objects[i], float(s)) for s, i in zip(scores[0], ids[0]) if i in self._objects]
-        if exclude:
-            hits = [(obj, s) for obj, s in hits if object_id(obj.bucket, obj.key) != exclude]
-        return hits[:k]
+                return [[] for _ in queries]
+            want = min(n, k + (1 if any(exclude) else 0))
+            scores, ids = self._faiss.search(np.ascontiguousarray(queries, dtype=np.float32), want)
+            found = [[(self._objects[i], float(s)) for s, i in zip(row_s, row_i) if i in self._objects]
+                     for row_s, row_i in zip(scores, ids)]
+        return [[(obj, s) for obj, s in hits if not skip or object_id(obj.bucket, obj.key) != skip][:k]
+                for hits, skip in zip(found, exclude)]
 
     # -- export, import, restructure -------------------------------------------------------------------------
 

@@ -46,5 +46,13 @@ def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Seq
             except ValueError as exc:  # a damaged row: verify without it rather than fail the search
                 log.warning("unusable local features of %s/%s: %s", obj.bucket, obj.key, exc)
         checked.append(Hit(obj, score, matches))
-    checked.sort(key=lambda h: (not h.verified, -(h.matches or 0) if h.verified else 0, -h.score))
+    checked.sort(key=lambda h: rank_key(h.score, h.matches))
     return checked + [Hit(obj, score) for obj, score in hits[CANDIDATES:]]
+
+
+def rank_key(score: float, matches: int | None, min_matches: int = local_features.MIN_INLIERS) -> tuple[int, float]:
+    """Sort key of a verified search: verified candidates first, most matches first (a copy has many more
+    consistent matches than a look-alike has), then the rest by global score."""
+    if matches is not None and matches >= min_matches:
+        return (0, -float(matches))
+    return (1, -score)

@@ -30,7 +30,7 @@ from bucketlens.redis_client import connect
 from bucketlens.schemas import ResultEntry, SchemaError
 from infra.samples import PHOTOS, skimage_data
 from infra.stack import Stack
-from vision.decode import decode
+from vision.decode import decode_for
 
 from .helpers import object_state, wait_for
 
@@ -86,7 +86,7 @@ def reference_vectors(stack: Stack, bodies: dict[str, bytes]) -> dict[str, np.nd
     vectors: dict[str, np.ndarray] = {}
     for start in range(0, len(keys), 32):
         part = keys[start : start + 32]
-        pixels = np.stack([decode(bodies[k], stack.settings.max_pixels) for k in part])
+        pixels = np.stack([decode_for(embedder.recipe, bodies[k], stack.settings.max_pixels).pixels for k in part])
         vectors.update(zip(part, embedder.embed(pixels)))
     return vectors
 

@@ -87,3 +87,23 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
 def test_large_jpeg_uses_draft_mode_and_keeps_content() -> None:
     pixels = decode(encode(half_red_half_blue(4000, 3000), "JPEG", quality=90), 20_000_000)
     assert pixels[:, :100, 0].mean() > 200 and pixels[:, -100:, 2].mean() > 200
+
+
+@pytest.mark.parametrize("fill", [(255, 255, 255), (0, 0, 0), (40, 160, 90)])
+def test_solid_borders_are_trimmed_and_photos_are_left_alone(fill: tuple[int, int, int]) -> None:
+    from infra.samples import skimage_data
+    from vision.decode import decode_image, trim_borders
+
+    photo = Image.open(skimage_data() / "chelsea.png").convert("RGB")  # 451 x 300
+    padded = Image.new("RGB", (451 + 40 + 70, 300 + 30 + 20), fill)
+    padded.paste(photo, (40, 30))
+    trimmed = trim_borders(Image.open(io.BytesIO(encode(padded, "JPEG", quality=60))))
+    assert abs(trimmed.width - 451) <= 6 and abs(trimmed.height - 300) <= 6, trimmed.size
+    for name in ("astronaut.png", "coffee.png", "rocket.jpg"):  # no borders: nothing is cut
+        image = Image.open(skimage_data() / name).convert("RGB")
+        assert trim_borders(image).size == image.size, name
+    # Decoded for a recipe that trims, the padded copy looks like its source; without trimming it does not.
+    source = decode_image(encode(photo, "PNG"), LIMIT).pixels.astype(np.float32)
+    with_trim = decode_image(encode(padded, "PNG"), LIMIT, trim=True).pixels.astype(np.float32)
+    without = decode_image(encode(padded, "PNG"), LIMIT).pixels.astype(np.float32)
+    assert np.abs(with_trim - source).mean() < np.abs(without - source).mean() / 3

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import PermanentError
+from .models import Recipe
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey half-image
 Image.MAX_IMAGE_PIXELS = None  # bucketlens checks the pixel count itself, with its own limit and message
@@ -29,9 +30,17 @@ def decode(data: bytes, max_pixels: int, size: int = 224) -> np.ndarray:
     return decode_image(data, max_pixels, size).pixels
 
 
-def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int = 0) -> Decoded:
+def decode_for(recipe: Recipe, data: bytes, max_pixels: int, local_side: int = 0) -> Decoded:
+    """Decode as ``recipe`` describes images: its input size, its border trimming, and a grayscale copy of
+    ``local_side`` pixels when the recipe keeps local features (``vision.local_features.SIDE``)."""
+    return decode_image(data, max_pixels, recipe.input_size, local_side if recipe.local_features else 0,
+                        recipe.trim_borders)
+
+
+def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int = 0, trim: bool = False) -> Decoded:
     """Decode one image (first frame of an animation): the model input, and a grayscale copy whose longer side is
-    at most ``gray_side`` when that is not 0."""
+    at most ``gray_side`` when that is not 0. ``trim``: solid-colour borders (padding, letterboxing) are cut off
+    first, so a padded copy is described like its source."""
     if not data:
         raise PermanentError("empty", "object has zero bytes")
     try:
@@ -48,6 +57,8 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
             image = _to_rgb(_orient(image))
             if (image.width > image.height) != (width > height):  # EXIF turned it (the header size is pre-draft)
                 width, height = height, width
+            if trim:
+                image = trim_borders(image)
             gray = None
             if gray_side:
                 scale = min(1.0, gray_side / max(image.size))
@@ -61,6 +72,41 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
         raise PermanentError("not_an_image", "not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, MemoryError) as exc:
         raise PermanentError("corrupt", f"image cannot be decoded: {exc}") from exc
+
+
+BORDER_TOLERANCE = 12  # per channel: JPEG noise on a solid band stays within it
+BORDER_SHARE = 0.97  # of a line's pixels within tolerance of the band's colour for the line to be border
+MAX_TRIM = 0.3  # of each dimension per side: never more (a uniform sky must not eat the photo)
+
+
+def trim_borders(image: Image.Image) -> Image.Image:
+    """``image`` without solid-colour bands along its edges, judged on a small copy (fast for any size)."""
+    scale = min(1.0, 256 / max(image.size))
+    small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.Resampling.BILINEAR) if scale < 1 else image
+    pixels = np.asarray(small, dtype=np.int16)
+    h, w = pixels.shape[:2]
+    top = _band(pixels, int(h * MAX_TRIM))
+    bottom = _band(pixels[::-1], int(h * MAX_TRIM))
+    left = _band(pixels.transpose(1, 0, 2), int(w * MAX_TRIM))
+    right = _band(pixels.transpose(1, 0, 2)[::-1], int(w * MAX_TRIM))
+    if not (top or bottom or left or right):
+        return image
+    return image.crop((round(left / scale), round(top / scale), round(image.width - right / scale),
+                       round(image.height - bottom / scale)))
+
+
+def _band(rows: np.ndarray, limit: int) -> int:
+    """How many leading rows of ``rows`` (lines x pixels x 3) are one solid colour, that of the first row; a band
+    of a single line is not counted (an edge of the picture itself)."""
+    colour = np.median(rows[0], axis=0)
+    count = 0
+    while count < limit:
+        close = (np.abs(rows[count] - colour).max(axis=1) <= BORDER_TOLERANCE).mean()
+        if close < BORDER_SHARE:
+            break
+        count += 1
+    return count + 1 if count >= 2 else 0  # +1: the resampled line where band and picture blend
 
 
 def _orient(image: Image.Image) -> Image.Image:

@@ -36,7 +36,7 @@ class Features:
         return len(self.points)
 
 
-_orb = cv2.ORB_create(nfeatures=MAX_FEATURES, fastThreshold=10)
+_orb = cv2.ORB_create(nfeatures=MAX_FEATURES, fastThreshold=10)  # type: ignore[attr-defined]
 
 
 def extract(gray: np.ndarray) -> Features:

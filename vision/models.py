@@ -23,6 +23,7 @@ class Recipe:
     ``centre``: subtract the mean descriptor fitted on photos (``vision/fitted/<name>.npy``, made by
     ``python -m vision.fit``), which removes the direction every photo shares and spreads unrelated photos apart.
     ``local_features``: workers also extract ORB keypoints for spatial verification (``vision/local_features.py``).
+    ``trim_borders``: solid-colour borders are cut off before anything is computed (``vision/decode.py``).
     """
 
     name: str
@@ -34,6 +35,7 @@ class Recipe:
     mirror: bool = False
     centre: bool = False
     local_features: bool = False
+    trim_borders: bool = False
 
     @property
     def wheel(self) -> str:
@@ -48,7 +50,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe("efficientnet-lite0", "efficientnet-lite0"),
         Recipe("efficientnet-lite1", "efficientnet-lite1", input_size=240),
         # The copy-detection descriptor, chosen by `make quality` (bench/README.md, "Quality").
-        Recipe("lite0-copy-v2", "efficientnet-lite0", pooling="gem", mirror=True, centre=True, local_features=True),
+        Recipe("lite0-copy-v2", "efficientnet-lite0", pooling="gem", mirror=True, centre=True, local_features=True,
+               trim_borders=True),
     )
 }
 DEFAULT_MODEL = "lite0-copy-v2"

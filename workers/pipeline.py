@@ -18,7 +18,7 @@ from bucketlens.s3 import make_client
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 from vision import local_features
-from vision.decode import Decoded, decode_image
+from vision.decode import Decoded, decode_for
 from vision.embedders import Embedder, Embedders, load_embedder
 from vision.models import recipe
 
@@ -102,8 +102,7 @@ class Pipeline:
         to retry) is recorded."""
         try:
             chosen = recipe(self.model_for(ref.generation))
-            side = local_features.SIDE if chosen.local_features else 0
-            return decode_image(download.result(), self.settings.max_pixels, chosen.input_size, side)
+            return decode_for(chosen, download.result(), self.settings.max_pixels, local_features.SIDE)
         except ObjectChanged:
             out.skipped.append(ref)
         except TransientError as exc:

@@ -1,0 +1,82 @@
+"""Near-duplicate groups: proposed by global score, confirmed by local features (the mirror fetched when needed),
+dropped when an object changes or goes, grouped by connected components with the best copy first."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from bucketlens.schemas import ResultEntry
+from index_service.duplicates import DuplicateFinder, groups
+from index_service.vector_index import Indexed, VectorIndex
+from infra.samples import skimage_data
+from vision import local_features
+
+DIM = 16
+
+
+def gray(name: str, mirror: bool = False, crop: float = 1.0, side: int = 512) -> np.ndarray:
+    image = Image.open(skimage_data() / name).convert("L")
+    w, h = image.size
+    image = image.crop((0, 0, int(w * crop), int(h * crop)))
+    image = ImageOps.mirror(image) if mirror else image
+    image.thumbnail((side, side))
+    return np.asarray(image)
+
+
+def near(base: np.ndarray, noise: float, seed: int) -> np.ndarray:
+    v = base + noise * np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def entry(key: str, vector: np.ndarray, image: np.ndarray | None, pixels: int, order: int = 1) -> ResultEntry:
+    data = local_features.encode(local_features.extract(image)) if image is not None else b""
+    return ResultEntry("upsert", "b", key, f"e-{key}-{order}", "", order, 1, "m", vector, data, pixels)
+
+
+def test_copies_form_groups_best_first_and_changes_undo_them() -> None:
+    rng = np.random.default_rng(0)
+    base = [near(rng.standard_normal(DIM).astype(np.float32), 0, i) for i in range(3)]
+    mirrored = gray("astronaut.png", mirror=True)
+    index = VectorIndex("m", DIM)
+    index.apply([
+        entry("astronaut.jpg", base[0], gray("astronaut.png"), 512 * 512),
+        entry("astronaut-crop.jpg", near(base[0], 0.05, 1), gray("astronaut.png", crop=0.8, side=300), 300 * 300),
+        entry("astronaut-mirror.jpg", base[0], mirrored, 1024 * 1024),  # larger: the best copy
+        entry("coffee.jpg", near(base[0], 0.4, 2), gray("coffee.png"), 400 * 600),  # close-ish, another photo
+        entry("rocket.jpg", base[1], gray("rocket.jpg"), 427 * 640),
+        entry("old-model.jpg", near(base[1], 0.01, 3), None, 0),  # no features: never confirmed
+    ])
+    fetched: list[str] = []
+
+    def fetch_mirror(obj: Indexed) -> local_features.Features | None:
+        fetched.append(obj.key)  # only objects whose close neighbour did not verify are fetched
+        source = {"astronaut-mirror.jpg": "astronaut.png"}.get(obj.key)
+        return local_features.extract(gray(source)) if source else None  # the mirror of a mirror
+
+    finder = DuplicateFinder(lambda: index, fetch_mirror)
+    assert finder.step() == 6 and finder.step() == 0
+    (group,) = groups(index, local_features.MIN_INLIERS)
+    assert [o.key for o in group.members] == ["astronaut-mirror.jpg", "astronaut.jpg", "astronaut-crop.jpg"]
+    assert group.matches >= local_features.MIN_INLIERS and "astronaut-mirror.jpg" in fetched
+    assert set(fetched) <= {"astronaut-mirror.jpg", "astronaut.jpg", "astronaut-crop.jpg"}
+    assert groups(index, local_features.MIN_INLIERS, prefix="astronaut-") != []
+    assert groups(index, local_features.MIN_INLIERS, bucket="other") == []
+
+    # The mirror is deleted and the crop replaced by another photo: their pairs go, then are looked for again.
+    index.apply([ResultEntry("delete", "b", "astronaut-mirror.jpg", "", "", 5, 1),
+                 entry("astronaut-crop.jpg", base[2], gray("chelsea.png"), 1, order=6)])
+    assert groups(index, local_features.MIN_INLIERS) == []
+    finder.wake([("b/astronaut-crop.jpg", "e-astronaut-crop.jpg-6")])
+    finder.step()
+    assert groups(index, local_features.MIN_INLIERS) == []
+
+
+def test_a_restart_checks_only_what_was_not_checked() -> None:
+    index = VectorIndex("m", DIM)
+    index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), gray("coins.png"), 1) for i in range(4)])
+    DuplicateFinder(lambda: index, lambda obj: None).step()
+    (group,) = groups(index, local_features.MIN_INLIERS)  # four uploads of the same photo
+    assert len(group.members) == 4 and group.pairs >= 3
+    again = DuplicateFinder(lambda: index, lambda obj: None)
+    assert again.step() == 0  # all were checked at their etag
