@@ -36,7 +36,7 @@ def _batches(blobs: Sequence[bytes], size: int) -> list[Sequence[bytes]]:
 
 
 def _decode_batch(recipe: Recipe, blobs: Sequence[bytes], max_pixels: int) -> list[Decoded]:
-    return [decode_for(recipe, blob, max_pixels, local_features.SIDE) for blob in blobs]
+    return [decode_for(recipe, blob, max_pixels, local=True) for blob in blobs]
 
 
 def _embed(embedder: Embedder, images: list[Decoded]) -> None:
@@ -44,7 +44,7 @@ def _embed(embedder: Embedder, images: list[Decoded]) -> None:
     embedder.embed(np.stack([image.pixels for image in images]))
     for image in images:
         if image.gray is not None:
-            local_features.encode(local_features.extract(image.gray))
+            local_features.encode(local_features.extract(image.gray, embedder.recipe.local_count))
 
 
 def serial(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:

@@ -52,6 +52,9 @@ VARIANTS: dict[str, Recipe] = {
     f"{SHIPPED.name} (shipped: gem+mirror+centre+trim)": dataclasses.replace(SHIPPED, local_features=False),
     "lite1 gem+mirror+centre+trim": dataclasses.replace(SHIPPED, arch="efficientnet-lite1", input_size=240,
                                                          local_features=False),
+    # Cheaper local features for the shipped descriptor (worker cost against verification quality).
+    f"{SHIPPED.name}, ORB 384 px / 300": dataclasses.replace(SHIPPED, local_side=384, local_count=300),
+    f"{SHIPPED.name}, no mirror in the model": dataclasses.replace(SHIPPED, mirror=False),
 }
 
 
@@ -87,7 +90,7 @@ class Decoded:
 
     def __init__(self) -> None:
         self._pixels: dict[tuple[Path, int, bool], np.ndarray] = {}
-        self._views: dict[tuple[Path, bool], list[local_features.Features]] = {}
+        self._views: dict[tuple[Path, bool, int, int], list[local_features.Features]] = {}
 
     def pixels(self, paths: Sequence[Path], recipe_: Recipe) -> np.ndarray:
         keys = [(p, recipe_.input_size, recipe_.trim_borders) for p in paths]
@@ -97,12 +100,11 @@ class Decoded:
         return np.stack([self._pixels[key] for key in keys])
 
     def views(self, path: Path, recipe_: Recipe) -> list[local_features.Features]:
-        key = (path, recipe_.trim_borders)
+        key = (path, recipe_.trim_borders, recipe_.local_side, recipe_.local_count)
         if key not in self._views:
-            gray = decode_for(dataclasses.replace(recipe_, local_features=True), path.read_bytes(), MAX_PIXELS,
-                              local_features.SIDE).gray
+            gray = decode_for(recipe_, path.read_bytes(), MAX_PIXELS, local=True).gray
             assert gray is not None
-            self._views[key] = [local_features.extract(gray), local_features.extract(gray[:, ::-1].copy())]
+            self._views[key] = local_features.views(gray, recipe_.local_count)
         return self._views[key]
 
 
@@ -195,11 +197,11 @@ def worker_cost(settings: Settings, recipe_: Recipe, paths: Sequence[Path]) -> d
     started = time.perf_counter()
     extra = 0
     for start in range(0, len(blobs), 8):
-        images = [decode_for(recipe_, b, MAX_PIXELS, local_features.SIDE) for b in blobs[start : start + 8]]
+        images = [decode_for(recipe_, b, MAX_PIXELS, local=True) for b in blobs[start : start + 8]]
         embedder.embed(np.stack([i.pixels for i in images]))
         for image in images:
             if image.gray is not None:
-                extra += len(local_features.encode(local_features.extract(image.gray)))
+                extra += len(local_features.encode(local_features.extract(image.gray, recipe_.local_count)))
     elapsed = time.perf_counter() - started
     return {"img_per_s": round(len(blobs) / elapsed, 1),
             "index_bytes_per_image": recipe_.dim * 4 + round(extra / len(blobs))}
@@ -215,14 +217,13 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     summary = {"mode": "in-process", "photos": len(photos), "families": len({p.family for p in photos}),
                "queries": len(queries), "seeds": args.seeds, "variants": results}
     for name in names:
-        variant = VARIANTS[name]
+        verify = name in args.verify.split(",")
+        variant = dataclasses.replace(VARIANTS[name], local_features=verify)
         embedder = load_embedder(settings, custom=dataclasses.replace(variant, centre=False))
         g = embed_all(embedder, decoded, [p.path for p in photos], f"{name}: gallery")
         q = embed_all(embedder, decoded, [x.path for x in queries], f"{name}: queries")
-        verify = name in args.verify.split(",")
         report = evaluate_variant(name, g, q, variant, photos, queries, decoded, verify)
-        cost_sample = [x.path for x in queries[: args.cost_images]]
-        report["cost"] = worker_cost(settings, dataclasses.replace(variant, local_features=verify), cost_sample)
+        report["cost"] = worker_cost(settings, variant, [x.path for x in queries[: args.cost_images]])
         results.append(report)
         print_table(report)
         save(args.out, summary)  # after each variant: a long run interrupted keeps what it measured

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--bucket")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
+    dups = sub.add_parser("duplicates", help="groups of near-duplicate images (copies of one photo), best first")
+    dups.add_argument("--bucket")
+    dups.add_argument("--prefix", default="", help="only keys under this prefix (a folder)")
+    dups.add_argument("--min-matches", type=int, help="consistent local matches a link needs (default: the service's)")
+    dups.add_argument("--limit", type=int, default=50)
+    dups.add_argument("--json", action="store_true")
     queues = sub.add_parser("queues", help="queue depths, stream lag, failures, live workers")
     queues.add_argument("--json", action="store_true")
     queues.add_argument("--watch", action="store_true", help="refresh every second, with rates and an ETA to drain")
@@ -230,6 +236,29 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_duplicates(settings: Settings, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"prefix": args.prefix, "limit": args.limit}
+    if args.bucket:
+        params["bucket"] = args.bucket
+    if args.min_matches is not None:
+        params["min_matches"] = args.min_matches
+    response = httpx.get(api_url(settings) + "/duplicates", params=params, headers=read_headers(settings), timeout=60)
+    if response.status_code != 200:
+        raise CLIError(_error_text(response))
+    report = response.json()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for group in report["groups"]:
+        print(f"{group['size']} copies (links of >= {group['min_matches']} matches):")
+        for i, member in enumerate(group["members"]):
+            pixels = f"{member['pixels'] / 1e6:.1f} MP" if member["pixels"] else "size unknown"
+            print(f"  {'best' if i == 0 else '    '}  {member['bucket']}/{member['key']}  ({pixels})")
+    pending = f"; {report['pending']} objects still being checked" if report["pending"] else ""
+    print(f"{report['total']} groups{pending}")
+    return 0
+
+
 def read_headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.read_token}"} if settings.read_token else {}
 
@@ -388,7 +417,8 @@ def _error_text(response: httpx.Response) -> str:
 COMMANDS = {
     "up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo,
     "ingest": run_ingest, "worker": run_worker, "serve": run_serve, "supervise": run_supervise,
-    "upload": cmd_upload, "search": cmd_search, "queues": cmd_queues, "failures": cmd_failures,
+    "upload": cmd_upload, "search": cmd_search, "duplicates": cmd_duplicates, "queues": cmd_queues,
+    "failures": cmd_failures,
     "rebuild": cmd_rebuild, "reconcile": cmd_reconcile,
 }
 

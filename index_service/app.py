@@ -265,14 +265,14 @@ def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bo
                     ) -> tuple[Any, list[local_features.Features]]:
     """A query image's vector and, to verify candidates with, the local features of it and of its mirror."""
     try:
-        image = decode_for(embedder.recipe, data, max_pixels, local_features.SIDE if verify else 0)
+        image = decode_for(embedder.recipe, data, max_pixels, local=verify)
     except PermanentError as exc:
         status = 413 if exc.reason == "too_many_pixels" else 415
         raise HTTPError(status, exc.reason, str(exc)) from exc
     vector = embedder.embed(image.pixels[None])[0]
     if image.gray is None:
         return vector, []
-    return vector, [local_features.extract(image.gray), local_features.extract(image.gray[:, ::-1].copy())]
+    return vector, local_features.views(image.gray, embedder.recipe.local_count)
 
 
 def _stored_views(index: VectorIndex, bucket: str, key: str) -> list[local_features.Features]:

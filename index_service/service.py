@@ -141,11 +141,12 @@ class Service:
         try:
             response = self.s3.get_object(Bucket=obj.bucket, Key=obj.key, IfMatch=obj.etag)
             data = response["Body"].read(self.settings.max_object_bytes + 1)
-            image = decode_for(recipe(self.index.model), data, self.settings.max_pixels, local_features.SIDE)
+            chosen = recipe(self.index.model)
+            image = decode_for(chosen, data, self.settings.max_pixels, local=True)
         except Exception as exc:  # changed, gone, unreachable, undecodable: the pair stays unconfirmed
             log.debug("cannot fetch %s/%s for its mirror's features: %s", obj.bucket, obj.key, exc)
             return None
-        return None if image.gray is None else local_features.extract(image.gray[:, ::-1].copy())
+        return None if image.gray is None else local_features.views(image.gray, chosen.local_count)[1]
 
     # -- merging -------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ def gray(name: str, mirror: bool = False, crop: float = 1.0) -> np.ndarray:
     image = image.crop((int(w * (1 - crop)), 0, w, int(h * crop)))
     if mirror:
         image = ImageOps.mirror(image)
-    image.thumbnail((local_features.SIDE, local_features.SIDE))
+    image.thumbnail((512, 512))
     return np.asarray(image)
 
 

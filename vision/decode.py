@@ -30,11 +30,11 @@ def decode(data: bytes, max_pixels: int, size: int = 224) -> np.ndarray:
     return decode_image(data, max_pixels, size).pixels
 
 
-def decode_for(recipe: Recipe, data: bytes, max_pixels: int, local_side: int = 0) -> Decoded:
-    """Decode as ``recipe`` describes images: its input size, its border trimming, and a grayscale copy of
-    ``local_side`` pixels when the recipe keeps local features (``vision.local_features.SIDE``)."""
-    return decode_image(data, max_pixels, recipe.input_size, local_side if recipe.local_features else 0,
-                        recipe.trim_borders)
+def decode_for(recipe: Recipe, data: bytes, max_pixels: int, local: bool = False) -> Decoded:
+    """Decode as ``recipe`` describes images: its input size, its border trimming and, with ``local`` when the
+    recipe keeps local features, the grayscale image they are extracted from."""
+    side = recipe.local_side if local and recipe.local_features else 0
+    return decode_image(data, max_pixels, recipe.input_size, side, recipe.trim_borders)
 
 
 def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int = 0, trim: bool = False) -> Decoded:

@@ -6,19 +6,19 @@ shift: what crops, resizes and rotations do to a copy) fitted with RANSAC; the n
 it is the evidence. ORB is not mirror invariant, so the query's mirror is matched too.
 
 Wire format (bounded: at most ``MAX_FEATURES`` x 36 bytes + 4): ``b"O1"``, uint16 count, then per keypoint
-uint16 x, uint16 y (pixels of the image scaled to ``SIDE`` on its longer side), then the 32-byte descriptors.
+uint16 x, uint16 y (pixels of the grayscale image the recipe describes), then the 32-byte descriptors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 
 import cv2
 import numpy as np
 
-SIDE = 512  # longer side of the image ORB runs on: enough detail for copies, ~4 ms per image here
-MAX_FEATURES = 500
+MAX_FEATURES = 500  # most keypoints a record may hold (a recipe keeps at most this many)
 MAGIC = b"O1"
 RATIO = 0.8  # Lowe's ratio test
 RANSAC_PX = 6.0  # reprojection error (pixels at SIDE) of a match consistent with the transform
@@ -36,17 +36,25 @@ class Features:
         return len(self.points)
 
 
-_orb = cv2.ORB_create(nfeatures=MAX_FEATURES, fastThreshold=10)  # type: ignore[attr-defined]
+@functools.cache
+def _orb(count: int) -> cv2.ORB:
+    return cv2.ORB_create(nfeatures=count, fastThreshold=10)  # type: ignore[attr-defined]
 
 
-def extract(gray: np.ndarray) -> Features:
-    """ORB keypoints of a uint8 grayscale image whose longer side is at most ``SIDE``."""
-    assert gray.ndim == 2 and gray.dtype == np.uint8 and max(gray.shape) <= SIDE, f"bad image {gray.shape}"
-    keypoints, descriptors = _orb.detectAndCompute(np.ascontiguousarray(gray), None)
+def extract(gray: np.ndarray, count: int = MAX_FEATURES) -> Features:
+    """At most ``count`` ORB keypoints of a uint8 grayscale image (of at most 65535 px a side: the wire format)."""
+    assert gray.ndim == 2 and gray.dtype == np.uint8 and max(gray.shape) < 65536, f"bad image {gray.shape}"
+    assert 0 < count <= MAX_FEATURES, f"at most {MAX_FEATURES} features"
+    keypoints, descriptors = _orb(count).detectAndCompute(np.ascontiguousarray(gray), None)
     if descriptors is None or not keypoints:
         return Features(np.empty((0, 2), np.float32), np.empty((0, 32), np.uint8))
     points = np.array([kp.pt for kp in keypoints], dtype=np.float32)
     return Features(points, descriptors.astype(np.uint8))
+
+
+def views(gray: np.ndarray, count: int = MAX_FEATURES) -> list[Features]:
+    """A query's features and those of its mirror (ORB is not mirror invariant: a mirrored copy matches these)."""
+    return [extract(gray, count), extract(np.ascontiguousarray(gray[:, ::-1]), count)]
 
 
 def encode(features: Features) -> bytes:

@@ -35,6 +35,8 @@ class Recipe:
     mirror: bool = False
     centre: bool = False
     local_features: bool = False
+    local_side: int = 512  # longer side of the grayscale image ORB runs on
+    local_count: int = 500  # most keypoints kept (the wire format's bound: vision.local_features.MAX_FEATURES)
     trim_borders: bool = False
 
     @property

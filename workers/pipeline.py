@@ -102,7 +102,7 @@ class Pipeline:
         to retry) is recorded."""
         try:
             chosen = recipe(self.model_for(ref.generation))
-            return decode_for(chosen, download.result(), self.settings.max_pixels, local_features.SIDE)
+            return decode_for(chosen, download.result(), self.settings.max_pixels, local=True)
         except ObjectChanged:
             out.skipped.append(ref)
         except TransientError as exc:
@@ -121,8 +121,10 @@ class Pipeline:
             vectors = self.embedders.get(model).embed(np.stack([image.pixels for _, image in part]))
             out.timings["embed"] += time.perf_counter() - started
             started = time.perf_counter()
+            count = recipe(model).local_count
             for (ref, image), vector in zip(part, vectors):
-                features = b"" if image.gray is None else local_features.encode(local_features.extract(image.gray))
+                found = None if image.gray is None else local_features.extract(image.gray, count)
+                features = b"" if found is None else local_features.encode(found)
                 out.embedded.append(Embedded(ref, vector, model, features, image.width * image.height))
             out.timings["features"] += time.perf_counter() - started
 

@@ -1,0 +1,75 @@
+"""Copies on the real stack: the worker sends local features with the vector, the index service verifies the top
+candidates (results say ``verified``), and near-duplicate groups are maintained for ``GET /duplicates``."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image, ImageOps
+
+from infra.samples import skimage_data
+from infra.stack import Stack
+
+from .helpers import wait_for
+from .test_pipeline import put, search_image, wait_indexed
+
+pytestmark = pytest.mark.slow
+
+
+def jpeg(name: str, mirror: bool = False, crop: float = 1.0, longer: int = 0, quality: int = 90) -> bytes:
+    image = Image.open(skimage_data() / name).convert("RGB")
+    w, h = image.size
+    image = image.crop((int(w * (1 - crop) / 2), int(h * (1 - crop) / 2), int(w * (1 + crop) / 2),
+                        int(h * (1 + crop) / 2)))
+    image = ImageOps.mirror(image) if mirror else image
+    if longer:
+        image.thumbnail((longer, longer))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def test_copies_are_verified_first_and_grouped(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    uploads = {
+        "astronaut.jpg": jpeg("astronaut.png"),
+        "astronaut-copy.jpg": jpeg("astronaut.png", mirror=True, crop=0.8, longer=300, quality=50),
+        "chelsea.jpg": jpeg("chelsea.png"),
+        "coffee.jpg": jpeg("coffee.png"),
+        "rocket.jpg": jpeg("rocket.jpg"),
+    }
+    etags = {name: put(s3, stack, unique_prefix + name, body) for name, body in uploads.items()}
+    for name, etag in etags.items():
+        wait_indexed(api, stack, unique_prefix + name, etag)
+
+    # A query that is a mild copy (mirror, crop, small, JPEG 40): its source and the other copy are verified.
+    results = [r for r in search_image(api, jpeg("astronaut.png", mirror=True, crop=0.85, longer=420, quality=40))
+               if r["key"].startswith(unique_prefix)]
+    assert {r["key"] for r in results[:2]} == {unique_prefix + "astronaut.jpg", unique_prefix + "astronaut-copy.jpg"}
+    assert all(r["verified"] and r["matches"] >= 10 for r in results[:2]), results[:2]
+    assert not any(r["verified"] for r in results[2:]), results[2:]
+
+    # By key: the stored object's features verify its copy; a vector query cannot rerank.
+    by_key = api.post("/search", json={"key": unique_prefix + "astronaut.jpg", "k": 5}).json()["results"]
+    assert by_key[0]["key"] == unique_prefix + "astronaut-copy.jpg"
+    unverified = api.post("/search", json={"key": unique_prefix + "astronaut.jpg", "rerank": False}).json()
+    assert all(r["matches"] is None for r in unverified["results"])
+    vector = api.post("/search", json={"vector": [1.0] * 1280, "rerank": True})
+    assert vector.status_code == 400 and "rerank" in vector.json()["error"]["message"]
+
+    # The duplicate finder confirms the pair (the copy is mirrored: the finder fetches the mirror's features).
+    def grouped() -> dict[str, Any] | None:
+        report = api.get("/duplicates", params={"prefix": unique_prefix}).json()
+        return report if report["total"] == 1 and not report["pending"] else None
+
+    report = wait_for(grouped, 60, what="the copies grouped")
+    (group,) = report["groups"]
+    assert [m["key"] for m in group["members"]] == [unique_prefix + n for n in ("astronaut.jpg", "astronaut-copy.jpg")]
+    assert group["members"][0]["pixels"] == 512 * 512  # the best copy has the most pixels
+
+    # Deleting the copy dissolves the group.
+    s3.delete_object(Bucket=stack.settings.bucket, Key=unique_prefix + "astronaut-copy.jpg")
+    wait_for(lambda: api.get("/duplicates", params={"prefix": unique_prefix}).json()["total"] == 0 or None, 60,
+             what="the group gone after the delete")
