@@ -359,7 +359,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         original = "samples/" + copy.name.replace("-flipped-crop", "")
         print(f"\nnearest to {original}  (the set holds a mirrored, cropped, brightened copy of it)")
         for hit in search_request(stack.settings, None, original, None, 3)["results"]:
-            print(f"  {hit['score']:.4f}  {hit['key']}")
+            verified = f"  verified: {hit['matches']} matching features" if hit.get("verified") else ""
+            print(f"  {hit['score']:.4f}  {hit['key']}{verified}")
     print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")
     return 0
 

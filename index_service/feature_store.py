@@ -38,25 +38,33 @@ class FeatureStore:
         self._db.execute("CREATE INDEX IF NOT EXISTS pairs_b ON pairs (b)")
         self._db.execute("CREATE TABLE IF NOT EXISTS checked (oid TEXT PRIMARY KEY, etag TEXT)")
         self._lock = threading.Lock()  # one connection, shared by the merger and the search threads
+        self._closed = False  # a retired generation: searches that started on it still finish, unverified
 
     def write(self, puts: Sequence[tuple[str, str, bytes]], deletes: Iterable[str]) -> None:
         """One transaction: ``puts`` are ``(object id, etag, features)``; objects in ``deletes`` lose their row.
         Every object written or deleted loses its duplicate pairs: its content changed, they are looked for again."""
         removed = [(oid,) for oid in deletes]
         touched = removed + [(oid,) for oid, _, _ in puts]
-        if not touched:
-            return
-        with self._lock, self._transaction():
-            self._db.executemany("DELETE FROM features WHERE oid = ?", removed)
-            self._db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?)", puts)
-            self._db.executemany("DELETE FROM pairs WHERE a = ?1 OR b = ?1", touched)
-            self._db.executemany("DELETE FROM checked WHERE oid = ?", touched)
+        with self._lock:
+            if not touched or self._closed:  # closed: a retired or abandoned generation, which nothing reads
+                return
+            with self._transaction():
+                self._db.executemany("DELETE FROM features WHERE oid = ?", removed)
+                self._db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?)", puts)
+                self._db.executemany("DELETE FROM pairs WHERE a = ?1 OR b = ?1", touched)
+                self._db.executemany("DELETE FROM checked WHERE oid = ?", touched)
 
     def add_pairs(self, checked: Sequence[tuple[str, str]], pairs: Sequence[tuple[str, str, int]]) -> int:
         """Record that each ``(object id, etag)`` in ``checked`` had its neighbours verified, with the confirmed
         ``pairs`` ``(a, b, matches)`` found. Objects changed meanwhile (their row has another etag now) are left
         out, with their pairs: they are checked again. Returns how many pairs were kept."""
-        with self._lock, self._transaction():
+        with self._lock:
+            if self._closed:
+                return 0
+            return self._add_pairs(checked, pairs)
+
+    def _add_pairs(self, checked: Sequence[tuple[str, str]], pairs: Sequence[tuple[str, str, int]]) -> int:
+        with self._transaction():
             current = {oid: etag for oid, etag, _ in self._rows([oid for oid, _ in checked] +
                                                                 [x for a, b, _ in pairs for x in (a, b)])}
             fresh = [(oid, etag) for oid, etag in checked if current.get(oid) == etag]
@@ -68,10 +76,14 @@ class FeatureStore:
 
     def pairs(self, min_matches: int = 0) -> list[tuple[str, str, int]]:
         with self._lock:
+            if self._closed:
+                return []
             return list(self._db.execute("SELECT a, b, matches FROM pairs WHERE matches >= ?", (min_matches,)))
 
     def checked(self) -> dict[str, str]:
         with self._lock:
+            if self._closed:
+                return {}
             return dict(self._db.execute("SELECT oid, etag FROM checked"))
 
     def _rows(self, oids: list[str]) -> list[tuple[str, str, bytes]]:
@@ -98,15 +110,20 @@ class FeatureStore:
             return {}
         etags = dict(wanted)
         with self._lock:
+            if self._closed:
+                return {}
             return {oid: data for oid, etag, data in self._rows(list(etags)) if etags.get(oid) == etag}
 
     def __len__(self) -> int:
         with self._lock:
+            if self._closed:
+                return 0
             return int(self._db.execute("SELECT count(*) FROM features").fetchone()[0])
 
     def close(self, remove: bool = False) -> None:
         """Close; ``remove`` also deletes the file (a retired or abandoned generation)."""
         with self._lock:
+            self._closed = True
             self._db.close()
         if remove and self.path is not None:
             for suffix in ("", "-wal", "-shm"):

@@ -69,3 +69,13 @@ def test_rerank_puts_the_verified_copy_first() -> None:
     assert ranked[0].obj.key == copy_of and ranked[0].verified and ranked[0].matches
     assert not any(h.verified for h in ranked[1:])
     assert [h.obj.key for h in ranked[1:]] == [o.key for o, _ in hits if o.key != copy_of]  # the rest keep order
+
+
+def test_a_closed_store_answers_empty() -> None:
+    """A search that started on a generation retired meanwhile finishes, unverified, instead of failing."""
+    store = FeatureStore()
+    store.write([("b/a", "e", b"x")], [])
+    store.close()
+    assert store.get([("b/a", "e")]) == {} and store.pairs() == [] and store.checked() == {} and len(store) == 0
+    store.write([("b/b", "e", b"y")], [])  # a late write to a retired generation is dropped
+    assert store.add_pairs([("b/a", "e")], []) == 0

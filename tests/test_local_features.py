@@ -55,3 +55,8 @@ def test_a_flat_image_has_no_features_and_verifies_nothing() -> None:
     flat = local_features.extract(np.full((300, 400), 128, np.uint8))
     assert len(flat) == 0
     assert local_features.best_inliers([flat], local_features.extract(gray("astronaut.png"))) == 0
+
+
+def test_images_too_thin_for_orb_have_no_features() -> None:
+    assert len(local_features.extract(np.full((1, 512), 90, np.uint8))) == 0
+    assert len(local_features.extract(np.full((512, 20), 90, np.uint8))) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import struct
 
 import cv2
@@ -21,6 +22,7 @@ import numpy as np
 MAX_FEATURES = 500  # most keypoints a record may hold (a recipe keeps at most this many)
 MAGIC = b"O1"
 RATIO = 0.8  # Lowe's ratio test
+log = logging.getLogger(__name__)
 RANSAC_PX = 6.0  # reprojection error (pixels at SIDE) of a match consistent with the transform
 MIN_INLIERS = 10  # fewer consistent matches than this is not evidence of a copy (measured: bench/README.md)
 
@@ -36,6 +38,10 @@ class Features:
         return len(self.points)
 
 
+NONE = Features(np.empty((0, 2), np.float32), np.empty((0, 32), np.uint8))
+MIN_SIDE = 48  # ORB's 31-pixel patches plus its border
+
+
 @functools.cache
 def _orb(count: int) -> cv2.ORB:
     return cv2.ORB_create(nfeatures=count, fastThreshold=10)  # type: ignore[attr-defined]
@@ -45,9 +51,15 @@ def extract(gray: np.ndarray, count: int = MAX_FEATURES) -> Features:
     """At most ``count`` ORB keypoints of a uint8 grayscale image (of at most 65535 px a side: the wire format)."""
     assert gray.ndim == 2 and gray.dtype == np.uint8 and max(gray.shape) < 65536, f"bad image {gray.shape}"
     assert 0 < count <= MAX_FEATURES, f"at most {MAX_FEATURES} features"
-    keypoints, descriptors = _orb(count).detectAndCompute(np.ascontiguousarray(gray), None)
+    if min(gray.shape) < MIN_SIDE:  # ORB's patches do not fit (and its pyramid fails on a 1-pixel side)
+        return NONE
+    try:
+        keypoints, descriptors = _orb(count).detectAndCompute(np.ascontiguousarray(gray), None)
+    except cv2.error as exc:  # an image ORB cannot handle is indexed without local features, not failed
+        log.warning("no local features for a %dx%d image: %s", gray.shape[1], gray.shape[0], exc)
+        return NONE
     if descriptors is None or not keypoints:
-        return Features(np.empty((0, 2), np.float32), np.empty((0, 32), np.uint8))
+        return NONE
     points = np.array([kp.pt for kp in keypoints], dtype=np.float32)
     return Features(points, descriptors.astype(np.uint8))
 
