@@ -44,7 +44,7 @@ def _embed(embedder: Embedder, images: list[Decoded]) -> None:
     embedder.embed(np.stack([image.pixels for image in images]))
     for image in images:
         if image.gray is not None:
-            local_features.encode(local_features.extract(image.gray, embedder.recipe.local_count))
+            local_features.encode(local_features.views(image.gray, embedder.recipe.local_count))
 
 
 def serial(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:

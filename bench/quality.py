@@ -201,7 +201,7 @@ def worker_cost(settings: Settings, recipe_: Recipe, paths: Sequence[Path]) -> d
         embedder.embed(np.stack([i.pixels for i in images]))
         for image in images:
             if image.gray is not None:
-                extra += len(local_features.encode(local_features.extract(image.gray, recipe_.local_count)))
+                extra += len(local_features.encode(local_features.views(image.gray, recipe_.local_count)))
     elapsed = time.perf_counter() - started
     return {"img_per_s": round(len(blobs) / elapsed, 1),
             "index_bytes_per_image": recipe_.dim * 4 + round(extra / len(blobs))}

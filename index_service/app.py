@@ -90,7 +90,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
                 raise HTTPError(404, "not_indexed", f"{bucket}/{query.key} is not in the index")
             exclude = object_id(bucket, query.key)
             if verify:
-                views = await run_in_threadpool(_stored_views, service, serving, bucket, query.key)
+                views = await run_in_threadpool(_stored_views, serving, bucket, query.key)
         assert query.vector is not None
         want = max(query.k, CANDIDATES) if views else query.k
         found = await run_in_threadpool(serving.search, query.vector, want, exclude)
@@ -275,16 +275,14 @@ def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bo
     return vector, local_features.views(image.gray, embedder.recipe.local_count)
 
 
-def _stored_views(service: Service, index: VectorIndex, bucket: str, key: str) -> list[local_features.Features]:
-    """The stored object's local features and, fetched from S3 (its mirror's are not stored), its mirror's."""
+def _stored_views(index: VectorIndex, bucket: str, key: str) -> list[local_features.Features]:
+    """The stored object's local features: of its image and of its mirror."""
     obj = index.get(bucket, key)
     data = index.features.get([(object_id(bucket, key), obj.etag)]).get(object_id(bucket, key)) if obj else None
     try:
-        views = [local_features.decode(data)] if data else []
+        return local_features.decode(data) if data else []
     except ValueError:
         return []
-    mirror = service.mirror_features(obj) if obj is not None and views else None
-    return views + [mirror] if mirror is not None else views
 
 
 def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:

@@ -3,9 +3,8 @@ everything per request.
 
 For each new or changed object of the serving generation, its nearest neighbours by global score (one batched
 FAISS search for many objects) are proposed, and spatial verification confirms them: enough consistent ORB
-matches between the two stored feature sets. Stored features are of the image itself, so a mirrored copy cannot
-match them; when a neighbour is very close by the (mirror-invariant) global score but does not verify, the new
-object is fetched once and its mirror's features are matched too. Confirmed pairs live in the generation's
+matches between the object's stored views (itself and its mirror) and the neighbour's own. Confirmed pairs live
+in the generation's
 feature store (``feature_store.py``), which drops an object's pairs whenever the object changes or goes; groups
 are the connected components of the pairs, computed per request (pairs are few next to objects).
 """
@@ -24,22 +23,19 @@ from vision import local_features
 from vision.local_features import Features
 
 from .vector_index import Indexed, VectorIndex
+from .verify import CANDIDATES
 
 log = logging.getLogger(__name__)
-NEIGHBOURS = 10  # proposed per object
-MIN_SCORE = 0.5  # global score below which a neighbour is not even proposed
-MIRROR_SUSPECT = 0.9  # above this, an unverified neighbour is tried against the object's mirror
+NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
+MIN_SCORE = 0.2  # global score (centred descriptor) below which a neighbour is not proposed: hard copies score ~0.35
 BATCH = 256  # objects per round (one FAISS call)
-
-FetchMirror = Callable[[Indexed], "Features | None"]
 
 
 class DuplicateFinder:
     """Runs in its own thread; ``wake`` after a merge batch. ``index`` returns the serving generation."""
 
-    def __init__(self, index: Callable[[], VectorIndex], fetch_mirror: FetchMirror) -> None:
+    def __init__(self, index: Callable[[], VectorIndex]) -> None:
         self.index = index
-        self.fetch_mirror = fetch_mirror
         self.pending: dict[str, str] = {}  # object id -> etag still to check, in the generation below
         self.generation = -1
         self.checked_objects = 0
@@ -88,7 +84,7 @@ class DuplicateFinder:
         if not batch:
             return 0
         objects = [o for oid, etag in batch if (o := _current(index, oid, etag)) is not None]
-        pairs = find_pairs(index, objects, self.fetch_mirror)
+        pairs = find_pairs(index, objects)
         index.features.add_pairs([(object_id(o.bucket, o.key), o.etag) for o in objects], pairs)
         self.checked_objects += len(objects)
         return len(batch)
@@ -99,7 +95,7 @@ def _current(index: VectorIndex, oid: str, etag: str) -> Indexed | None:
     return obj if obj is not None and obj.etag == etag else None
 
 
-def find_pairs(index: VectorIndex, objects: list[Indexed], fetch_mirror: FetchMirror) -> list[tuple[str, str, int]]:
+def find_pairs(index: VectorIndex, objects: list[Indexed], min_score: float = MIN_SCORE) -> list[tuple[str, str, int]]:
     """Confirmed ``(object id, object id, matches)`` between each of ``objects`` and its neighbours."""
     vectors = [index.vector(o.bucket, o.key) for o in objects]
     known = [(o, v) for o, v in zip(objects, vectors) if v is not None]
@@ -107,28 +103,31 @@ def find_pairs(index: VectorIndex, objects: list[Indexed], fetch_mirror: FetchMi
         return []
     ids = [object_id(o.bucket, o.key) for o, _ in known]
     neighbours = index.search_many(np.stack([v for _, v in known]), NEIGHBOURS, list(ids))
-    wanted = {(object_id(o.bucket, o.key), o.etag) for hits in neighbours for o, s in hits if s >= MIN_SCORE}
+    wanted = {(object_id(o.bucket, o.key), o.etag) for hits in neighbours for o, s in hits if s >= min_score}
     wanted |= {(oid, o.etag) for oid, (o, _) in zip(ids, known)}
     stored = index.features.get(sorted(wanted))
     pairs = []
-    for oid, (obj, _), hits in zip(ids, known, neighbours):
+    for oid, hits in zip(ids, neighbours):
         if oid not in stored:
             continue  # indexed without local features (an older model): nothing to verify with
-        views = [local_features.decode(stored[oid])]
+        views = _views(stored[oid], oid)
         for other, score in hits:
             other_id = object_id(other.bucket, other.key)
-            if score < MIN_SCORE or other_id not in stored:
+            if score < min_score or other_id not in stored or not views:
                 continue
-            candidate = local_features.decode(stored[other_id])
-            matches = local_features.best_inliers(views, candidate)
-            if matches < local_features.MIN_INLIERS and score >= MIRROR_SUSPECT and len(views) == 1:
-                mirror = fetch_mirror(obj)
-                if mirror is not None:
-                    views.append(mirror)
-                    matches = local_features.best_inliers(views, candidate)
+            candidate = _views(stored[other_id], other_id)
+            matches = local_features.best_inliers(views, candidate[0]) if candidate else 0
             if matches >= local_features.MIN_INLIERS:
                 pairs.append((oid, other_id, matches))
     return pairs
+
+
+def _views(data: bytes, oid: str) -> list[Features]:
+    try:
+        return local_features.decode(data)
+    except ValueError as exc:  # a damaged row: the object is left out of groups rather than failing the round
+        log.warning("unusable local features of %s: %s", oid, exc)
+        return []
 
 
 @dataclasses.dataclass

@@ -21,8 +21,6 @@ from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from ingest.publisher import Publisher
-from vision import local_features
-from vision.decode import decode_for
 from vision.embedders import Embedder, Embedders
 from vision.models import dims, recipe
 
@@ -34,7 +32,7 @@ from .presign import Presigner
 from .rebuild import Rebuilds
 from .reconcile import reconcile
 from .snapshots import SnapshotStore
-from .vector_index import Indexed, VectorIndex, set_search_threads
+from .vector_index import VectorIndex, set_search_threads
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class Service:
             self.s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
         )
         self.merger = Merger(self.redis, self.keys, self.apply, self.after_batch, batch=settings.merge_batch)
-        self.duplicates = DuplicateFinder(lambda: self.index, self.mirror_features)
+        self.duplicates = DuplicateFinder(lambda: self.index)
         self.loaded = threading.Event()
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
         self._restructuring = threading.Lock()
@@ -135,18 +133,6 @@ class Service:
 
     def new_generation(self, model: str, generation: int) -> VectorIndex:
         return VectorIndex(model, recipe(model).dim, generation, self.feature_store(generation))
-
-    def mirror_features(self, obj: Indexed) -> local_features.Features | None:
-        """The local features of an indexed object's mirror image, fetched from S3 (the version indexed)."""
-        try:
-            response = self.s3.get_object(Bucket=obj.bucket, Key=obj.key, IfMatch=obj.etag)
-            data = response["Body"].read(self.settings.max_object_bytes + 1)
-            chosen = recipe(self.index.model)
-            image = decode_for(chosen, data, self.settings.max_pixels, local=True)
-        except Exception as exc:  # changed, gone, unreachable, undecodable: the pair stays unconfirmed
-            log.debug("cannot fetch %s/%s for its mirror's features: %s", obj.bucket, obj.key, exc)
-            return None
-        return None if image.gray is None else local_features.views(image.gray, chosen.local_count)[1]
 
     # -- merging -------------------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ class Hit:
 
 
 def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Sequence[Features]) -> list[Hit]:
-    """``hits`` best first by global score; ``views`` the query's features (the query and its mirror)."""
+    """``hits`` best first by global score; ``views`` the query's features (the query and its mirror), matched
+    against each candidate's own (its first stored view)."""
     top = list(hits[:CANDIDATES])
     stored = index.features.get([(object_id(o.bucket, o.key), o.etag) for o, _ in top])
     checked = []
@@ -42,7 +43,7 @@ def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Seq
         matches = None
         if data is not None:
             try:
-                matches = local_features.best_inliers(list(views), local_features.decode(data))
+                matches = local_features.best_inliers(list(views), local_features.decode(data)[0])
             except ValueError as exc:  # a damaged row: verify without it rather than fail the search
                 log.warning("unusable local features of %s/%s: %s", obj.bucket, obj.key, exc)
         checked.append(Hit(obj, score, matches))

@@ -59,7 +59,7 @@ def test_copies_are_verified_first_and_grouped(stack: Stack, s3: Any, api: httpx
     vector = api.post("/search", json={"vector": [1.0] * 1280, "rerank": True})
     assert vector.status_code == 400 and "rerank" in vector.json()["error"]["message"]
 
-    # The duplicate finder confirms the pair (the copy is mirrored: the finder fetches the mirror's features).
+    # The duplicate finder confirms the pair (the copy is mirrored: its stored mirror view matches).
     def grouped() -> dict[str, Any] | None:
         report = api.get("/duplicates", params={"prefix": unique_prefix}).json()
         return report if report["total"] == 1 and not report["pending"] else None

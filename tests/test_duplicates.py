@@ -1,4 +1,4 @@
-"""Near-duplicate groups: proposed by global score, confirmed by local features (the mirror fetched when needed),
+"""Near-duplicate groups: proposed by global score, confirmed by local features (mirrored copies included),
 dropped when an object changes or goes, grouped by connected components with the best copy first."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from PIL import Image, ImageOps
 
 from bucketlens.schemas import ResultEntry
 from index_service.duplicates import DuplicateFinder, groups
-from index_service.vector_index import Indexed, VectorIndex
+from index_service.vector_index import VectorIndex
 from infra.samples import skimage_data
 from vision import local_features
 
@@ -30,7 +30,7 @@ def near(base: np.ndarray, noise: float, seed: int) -> np.ndarray:
 
 
 def entry(key: str, vector: np.ndarray, image: np.ndarray | None, pixels: int, order: int = 1) -> ResultEntry:
-    data = local_features.encode(local_features.extract(image)) if image is not None else b""
+    data = local_features.encode(local_features.views(image)) if image is not None else b""
     return ResultEntry("upsert", "b", key, f"e-{key}-{order}", "", order, 1, "m", vector, data, pixels)
 
 
@@ -47,19 +47,11 @@ def test_copies_form_groups_best_first_and_changes_undo_them() -> None:
         entry("rocket.jpg", base[1], gray("rocket.jpg"), 427 * 640),
         entry("old-model.jpg", near(base[1], 0.01, 3), None, 0),  # no features: never confirmed
     ])
-    fetched: list[str] = []
-
-    def fetch_mirror(obj: Indexed) -> local_features.Features | None:
-        fetched.append(obj.key)  # only objects whose close neighbour did not verify are fetched
-        source = {"astronaut-mirror.jpg": "astronaut.png"}.get(obj.key)
-        return local_features.extract(gray(source)) if source else None  # the mirror of a mirror
-
-    finder = DuplicateFinder(lambda: index, fetch_mirror)
+    finder = DuplicateFinder(lambda: index)
     assert finder.step() == 6 and finder.step() == 0
     (group,) = groups(index, local_features.MIN_INLIERS)
     assert [o.key for o in group.members] == ["astronaut-mirror.jpg", "astronaut.jpg", "astronaut-crop.jpg"]
-    assert group.matches >= local_features.MIN_INLIERS and "astronaut-mirror.jpg" in fetched
-    assert set(fetched) <= {"astronaut-mirror.jpg", "astronaut.jpg", "astronaut-crop.jpg"}
+    assert group.matches >= local_features.MIN_INLIERS
     assert groups(index, local_features.MIN_INLIERS, prefix="astronaut-") != []
     assert groups(index, local_features.MIN_INLIERS, bucket="other") == []
 
@@ -75,8 +67,8 @@ def test_copies_form_groups_best_first_and_changes_undo_them() -> None:
 def test_a_restart_checks_only_what_was_not_checked() -> None:
     index = VectorIndex("m", DIM)
     index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), gray("coins.png"), 1) for i in range(4)])
-    DuplicateFinder(lambda: index, lambda obj: None).step()
+    DuplicateFinder(lambda: index).step()
     (group,) = groups(index, local_features.MIN_INLIERS)  # four uploads of the same photo
     assert len(group.members) == 4 and group.pairs >= 3
-    again = DuplicateFinder(lambda: index, lambda obj: None)
+    again = DuplicateFinder(lambda: index)
     assert again.step() == 0  # all were checked at their etag

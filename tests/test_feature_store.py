@@ -29,7 +29,7 @@ def features(seed: int) -> local_features.Features:
 
 
 def upsert(key: str, order: int, seed: int, etag: str = "e", with_features: bool = True) -> ResultEntry:
-    data = local_features.encode(features(seed)) if with_features else b""
+    data = local_features.encode([features(seed)]) if with_features else b""
     return ResultEntry("upsert", "b", key, etag, "", order, 1, "m", unit(seed), data, 1000 + seed)
 
 

@@ -36,16 +36,20 @@ def test_a_mirrored_crop_is_verified_and_another_photo_is_not() -> None:
 
 
 def test_wire_format_round_trip_is_bounded() -> None:
-    features = local_features.extract(gray("chelsea.png"))
-    data = local_features.encode(features)
-    assert len(data) <= 4 + local_features.MAX_FEATURES * 36
+    found = local_features.views(gray("chelsea.png"))
+    data = local_features.encode(found)
+    assert len(data) <= 3 + local_features.MAX_VIEWS * (2 + local_features.MAX_FEATURES * 36)
     back = local_features.decode(data)
-    assert np.array_equal(back.descriptors, features.descriptors)
-    assert np.abs(back.points - features.points).max() <= 0.5
+    assert len(back) == 2
+    for before, after in zip(found, back):
+        assert np.array_equal(after.descriptors, before.descriptors)
+        assert np.abs(after.points - before.points).max() <= 0.5
+    assert len(local_features.decode(local_features.encode([local_features.NONE]))[0]) == 0
 
 
-@pytest.mark.parametrize("data", [b"", b"O1", b"XX\x01\x00" + b"\x00" * 36, b"O1\x02\x00" + b"\x00" * 36,
-                                  b"O1\xff\xff" + b"\x00" * 36])
+@pytest.mark.parametrize("data", [b"", b"O1", b"XX\x01\x01\x00" + b"\x00" * 36, b"O1\x01\x02\x00" + b"\x00" * 36,
+                                  b"O1\x03\x00\x00", b"O1\x00", b"O1\x01\x00\x00junk",
+                                  b"O1\x01\xff\xff" + b"\x00" * 36])
 def test_foreign_bytes_are_refused(data: bytes) -> None:
     with pytest.raises(ValueError):
         local_features.decode(data)

@@ -3,10 +3,12 @@
 A global descriptor proposes candidates; verification confirms that the query and a candidate show the same
 scene: ORB keypoints matched by descriptor (Lowe's ratio test), then a similarity transform (rotation, scale,
 shift: what crops, resizes and rotations do to a copy) fitted with RANSAC; the number of matches consistent with
-it is the evidence. ORB is not mirror invariant, so the query's mirror is matched too.
+it is the evidence. ORB is not mirror invariant, so an image's features are kept for it and for its mirror
+(``views``): a mirrored copy matches the mirror's.
 
-Wire format (bounded: at most ``MAX_FEATURES`` x 36 bytes + 4): ``b"O1"``, uint16 count, then per keypoint
-uint16 x, uint16 y (pixels of the grayscale image the recipe describes), then the 32-byte descriptors.
+Wire format of one object's views (bounded: at most ``MAX_VIEWS`` x (2 + ``MAX_FEATURES`` x 36) + 3 bytes):
+``b"O1"``, uint8 number of views, then per view uint16 count, per keypoint uint16 x, uint16 y (pixels of the
+grayscale image the recipe describes), then the count's 32-byte descriptors.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import struct
 import cv2
 import numpy as np
 
-MAX_FEATURES = 500  # most keypoints a record may hold (a recipe keeps at most this many)
+MAX_FEATURES = 500  # most keypoints a view may hold (a recipe keeps at most this many)
+MAX_VIEWS = 2  # the image and its mirror
 MAGIC = b"O1"
 RATIO = 0.8  # Lowe's ratio test
 log = logging.getLogger(__name__)
@@ -65,26 +68,41 @@ def extract(gray: np.ndarray, count: int = MAX_FEATURES) -> Features:
 
 
 def views(gray: np.ndarray, count: int = MAX_FEATURES) -> list[Features]:
-    """A query's features and those of its mirror (ORB is not mirror invariant: a mirrored copy matches these)."""
+    """An image's features and those of its mirror: the image's match an unmirrored copy, the mirror's a
+    mirrored one."""
     return [extract(gray, count), extract(np.ascontiguousarray(gray[:, ::-1]), count)]
 
 
-def encode(features: Features) -> bytes:
-    n = min(len(features), MAX_FEATURES)
-    points = np.clip(np.round(features.points[:n]), 0, 65535).astype("<u2")
-    return MAGIC + struct.pack("<H", n) + points.tobytes() + features.descriptors[:n].tobytes()
+def encode(found: list[Features]) -> bytes:
+    """One object's views (``views``) as bytes."""
+    assert 0 < len(found) <= MAX_VIEWS, f"1 to {MAX_VIEWS} views"
+    parts = [MAGIC, struct.pack("<B", len(found))]
+    for features in found:
+        n = min(len(features), MAX_FEATURES)
+        points = np.clip(np.round(features.points[:n]), 0, 65535).astype("<u2")
+        parts += [struct.pack("<H", n), points.tobytes(), features.descriptors[:n].tobytes()]
+    return b"".join(parts)
 
 
-def decode(data: bytes) -> Features:
+def decode(data: bytes) -> list[Features]:
     """Raises ValueError on anything that is not this format (the bytes come from Redis: never trusted)."""
-    if len(data) < 4 or data[:2] != MAGIC:
+    if len(data) < 3 or data[:2] != MAGIC or not 0 < data[2] <= MAX_VIEWS:
         raise ValueError("not an ORB feature record")
-    (n,) = struct.unpack_from("<H", data, 2)
-    if n > MAX_FEATURES or len(data) != 4 + n * 36:
-        raise ValueError(f"feature record of {len(data)} bytes does not hold {n} features")
-    points = np.frombuffer(data, dtype="<u2", count=2 * n, offset=4).reshape(n, 2).astype(np.float32)
-    descriptors = np.frombuffer(data, dtype=np.uint8, count=32 * n, offset=4 + 4 * n).reshape(n, 32)
-    return Features(points, descriptors)
+    found, offset = [], 3
+    for _ in range(data[2]):
+        if offset + 2 > len(data):
+            raise ValueError("truncated ORB feature record")
+        (n,) = struct.unpack_from("<H", data, offset)
+        end = offset + 2 + n * 36
+        if n > MAX_FEATURES or end > len(data):
+            raise ValueError(f"feature record of {len(data)} bytes does not hold {n} more features")
+        points = np.frombuffer(data, dtype="<u2", count=2 * n, offset=offset + 2).reshape(n, 2).astype(np.float32)
+        descriptors = np.frombuffer(data, dtype=np.uint8, count=32 * n, offset=offset + 2 + 4 * n).reshape(n, 32)
+        found.append(Features(points, descriptors))
+        offset = end
+    if offset != len(data):
+        raise ValueError(f"{len(data) - offset} bytes after the last view")
+    return found
 
 
 _matcher = cv2.BFMatcher(cv2.NORM_HAMMING)

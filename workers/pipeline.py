@@ -123,8 +123,7 @@ class Pipeline:
             started = time.perf_counter()
             count = recipe(model).local_count
             for (ref, image), vector in zip(part, vectors):
-                found = None if image.gray is None else local_features.extract(image.gray, count)
-                features = b"" if found is None else local_features.encode(found)
+                features = b"" if image.gray is None else local_features.encode(local_features.views(image.gray, count))
                 out.embedded.append(Embedded(ref, vector, model, features, image.width * image.height))
             out.timings["features"] += time.perf_counter() - started
 
