@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bucketlens.settings import Settings
-from index_service.verify import CANDIDATES, rank_key
+from index_service.verify import BY_MATCHES, CANDIDATES, rank_key
 from vision import local_features
 from vision.decode import decode_for
 from vision.embedders import Embedder, Finisher, fitted_path, load_embedder
@@ -52,9 +52,11 @@ VARIANTS: dict[str, Recipe] = {
     f"{SHIPPED.name} (shipped: gem+mirror+centre+trim)": dataclasses.replace(SHIPPED, local_features=False),
     "lite1 gem+mirror+centre+trim": dataclasses.replace(SHIPPED, arch="efficientnet-lite1", input_size=240,
                                                          local_features=False),
-    # Cheaper local features for the shipped descriptor (worker cost against verification quality).
-    f"{SHIPPED.name}, ORB 384 px / 300": dataclasses.replace(SHIPPED, local_side=384, local_count=300),
-    f"{SHIPPED.name}, no mirror in the model": dataclasses.replace(SHIPPED, mirror=False),
+    # Cheaper workers (cost against quality): smaller local features, no mirror pass of the network.
+    "copy-v2 ORB 384 px 300": dataclasses.replace(SHIPPED, local_side=384, local_count=300),
+    "copy-v2 no mirror pass": dataclasses.replace(SHIPPED, mirror=False),
+    "copy-v2 no mirror pass ORB 384 px 300": dataclasses.replace(SHIPPED, mirror=False, local_side=384,
+                                                                 local_count=300),
 }
 
 
@@ -134,11 +136,13 @@ def verify_top(scores: np.ndarray, query_paths: Sequence[Path], gallery_paths: S
     return counts
 
 
-def verified_order(scores: np.ndarray, counts: np.ndarray, min_matches: int) -> np.ndarray:
+def verified_order(scores: np.ndarray, counts: np.ndarray, min_matches: int, by_matches: bool = BY_MATCHES
+                   ) -> np.ndarray:
     """The service's order (``index_service.verify.rank_key``) for every query."""
     out = []
     for row_scores, row_counts in zip(scores, counts):
-        keys = [rank_key(float(s), int(c) if c >= 0 else None, min_matches) for s, c in zip(row_scores, row_counts)]
+        keys = [rank_key(float(s), int(c) if c >= 0 else None, min_matches, by_matches)
+                for s, c in zip(row_scores, row_counts)]
         out.append(sorted(range(len(keys)), key=keys.__getitem__))
     return np.asarray(out)
 
@@ -168,7 +172,7 @@ def evaluate_variant(name: str, vectors_g: np.ndarray, vectors_q: np.ndarray, re
             idx = [i for i, x in enumerate(queries) if x.photo.family in eval_half and x.edit == edit_name]
             scores = q[idx] @ g.T
             sources = [queries[i].photo.family for i in idx]
-            row = _ranked_metrics(np.argsort(-scores, axis=1), families_g, sources, "")
+            row: dict[str, Any] = _ranked_metrics(np.argsort(-scores, axis=1), families_g, sources, "")
             decision = evaluate(*pairs(scores, sources, families_g), threshold)
             row.update(threshold=round(threshold, 4), precision=round(decision.precision, 4),
                        recall=round(decision.recall, 4))
@@ -179,6 +183,10 @@ def evaluate_variant(name: str, vectors_g: np.ndarray, vectors_q: np.ndarray, re
                     decision = evaluate(*pairs(counts.astype(np.float64), sources, families_g), m)
                     row.update({f"{label_}min_matches": m, f"{label_}precision": round(decision.precision, 4),
                                 f"{label_}recall": round(decision.recall, 4)})
+                row["sweep"] = {  # source@1 by the least matches that verify, and the order among verified ones
+                    f"{'matches' if by else 'score'}@{m}": _ranked_metrics(verified_order(scores, counts, m, by),
+                                                                            families_g, sources, "")["source@1"]
+                    for m in (10, 15, 20, 25, 30, 40) for by in (True, False)}
             rows[edit_name] = row
         report["directions"].append({"label": label, "rows": rows})
     return report
@@ -214,8 +222,10 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     decoded = Decoded()
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     results: list[dict[str, Any]] = []
+    cost_sample = [x.path for x in queries[: args.cost_images]]
+    today = worker_cost(settings, BASE, cost_sample)  # the first build's worker: the baseline of every cost ratio
     summary = {"mode": "in-process", "photos": len(photos), "families": len({p.family for p in photos}),
-               "queries": len(queries), "seeds": args.seeds, "variants": results}
+               "queries": len(queries), "seeds": args.seeds, "today_worker": today, "variants": results}
     for name in names:
         verify = name in args.verify.split(",")
         variant = dataclasses.replace(VARIANTS[name], local_features=verify)
@@ -223,7 +233,8 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
         g = embed_all(embedder, decoded, [p.path for p in photos], f"{name}: gallery")
         q = embed_all(embedder, decoded, [x.path for x in queries], f"{name}: queries")
         report = evaluate_variant(name, g, q, variant, photos, queries, decoded, verify)
-        report["cost"] = worker_cost(settings, variant, [x.path for x in queries[: args.cost_images]])
+        report["cost"] = worker_cost(settings, variant, cost_sample)
+        report["cost"]["vs_today"] = round(report["cost"]["img_per_s"] / today["img_per_s"], 3)
         results.append(report)
         print_table(report)
         save(args.out, summary)  # after each variant: a long run interrupted keeps what it measured
@@ -232,8 +243,8 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any]) -> None:
     cost = report.get("cost", {})
-    print(f"\n## {report['variant']}   worker {cost.get('img_per_s', '?')} img/s, "
-          f"{cost.get('index_bytes_per_image', '?')} bytes/image")
+    print(f"\n## {report['variant']}   worker {cost.get('img_per_s', '?')} img/s ({cost.get('vs_today', '?')} x "
+          f"today's), {cost.get('index_bytes_per_image', '?')} bytes/image")
     keys = ["source@1", "source@10", "precision", "recall", "verified_source@1", "verified_source@10",
             "verified_precision", "verified_recall", "fitted_min_matches", "fitted_source@1", "fitted_precision",
             "fitted_recall"]

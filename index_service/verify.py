@@ -19,6 +19,7 @@ from .vector_index import Indexed, VectorIndex
 
 log = logging.getLogger(__name__)
 CANDIDATES = 20  # global top candidates verified per query (bench/README.md, "Quality": cost and gain)
+BY_MATCHES = True  # verified candidates ordered by their matches (bench/README.md, "Quality": the sweep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +52,10 @@ def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Seq
     return checked + [Hit(obj, score) for obj, score in hits[CANDIDATES:]]
 
 
-def rank_key(score: float, matches: int | None, min_matches: int = local_features.MIN_INLIERS) -> tuple[int, float]:
-    """Sort key of a verified search: verified candidates first, most matches first (a copy has many more
-    consistent matches than a look-alike has), then the rest by global score."""
+def rank_key(score: float, matches: int | None, min_matches: int = local_features.MIN_INLIERS,
+             by_matches: bool = BY_MATCHES) -> tuple[int, float]:
+    """Sort key of a verified search: verified candidates first, then the rest by global score. Among verified
+    ones, most matches first, or (``by_matches`` False) the global order kept."""
     if matches is not None and matches >= min_matches:
-        return (0, -float(matches))
+        return (0, -float(matches) if by_matches else -score)
     return (1, -score)

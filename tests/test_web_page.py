@@ -122,6 +122,9 @@ def test_search_by_file_then_click_through(
         assert float(cards.first.get_attribute("data-score") or 0) > 0.999
         assert 1 < cards.count() <= 8
         expect(page.get_by_test_id("query-label")).to_contain_text("chelsea.jpg")
+        # The photo's mirrored, cropped copy is confirmed by spatial verification, and says so.
+        copy = page.locator(f"[data-testid=result][data-key='{keys['augmented/chelsea-flipped-crop.jpg']}']")
+        expect(copy.get_by_test_id("result-verified")).to_contain_text("same photo")
         wait_thumbnails_loaded(page, unique_prefix)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-page-image-search.png"), full_page=True)
@@ -138,9 +141,21 @@ def test_search_by_file_then_click_through(
         wait_thumbnails_loaded(page, unique_prefix, at_least=0)
 
         page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+
+        # The Near-duplicates view: the photo and its copy form one group, the larger first.
+        wait_for(lambda: api.get("/duplicates", params={"prefix": unique_prefix}).json()["total"] == 1 or None,
+                 60, what="the copies grouped")
+        page.get_by_test_id("dup-prefix").fill(unique_prefix)
+        page.get_by_test_id("dup-submit").click()
+        group = page.get_by_test_id("dup-group")
+        expect(group).to_have_count(1)
+        members = group.get_by_test_id("dup-member")
+        expect(members).to_have_count(2)
+        expect(members.first).to_have_attribute("data-key", keys["chelsea.jpg"])  # 451x300 > the crop
+        page.screenshot(path=str(ARTIFACTS / "web-page-duplicates.png"), full_page=True)
         assert not js_errors, js_errors
         called = {path for path, _ in api_calls}
-        assert {"/stats", "/queues", "/search"} <= called, called
+        assert {"/stats", "/queues", "/search"} <= called and any(p.startswith("/duplicates?") for p in called), called
         assert all(auth == "Bearer page-token" for _, auth in api_calls), api_calls
         page.close()
     finally:
