@@ -32,7 +32,7 @@ from index_service.verify import BY_MATCHES, CANDIDATES, rank_key
 from vision import local_features
 from vision.decode import decode_for
 from vision.embedders import Embedder, Finisher, fitted_path, load_embedder
-from vision.models import DEFAULT_MODEL, RECIPES, Recipe, recipe
+from vision.models import DEFAULT_MODEL, RECIPES, Recipe
 
 from . import RESULTS
 from .corpus import Photo, ensure_photos
@@ -258,23 +258,24 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def fit(args: argparse.Namespace) -> None:
-    """Fit the default model's centring mean on every photo of the corpus and write it beside the code."""
-    chosen = recipe(DEFAULT_MODEL)
+    """Fit each centred model's mean on every photo of the corpus and write it beside the code."""
     settings = Settings.from_env(home=Path(".bucketlens"), runtime="onnx")
     photos = ensure_photos(args.photos)
-    embedder = load_embedder(settings, custom=dataclasses.replace(chosen, centre=False))
-    mean = embed_all(embedder, Decoded(), [p.path for p in photos], "gallery").mean(axis=0).astype(np.float32)
-    path = fitted_path(chosen.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, mean, allow_pickle=False)
-    print(f"wrote {path} ({path.stat().st_size} bytes) from {len(photos)} photos")
+    decoded = Decoded()
+    for chosen in [r for r in RECIPES.values() if r.centre]:
+        embedder = load_embedder(settings, custom=dataclasses.replace(chosen, centre=False))
+        mean = embed_all(embedder, decoded, [p.path for p in photos], chosen.name).mean(axis=0).astype(np.float32)
+        path = fitted_path(chosen.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, mean, allow_pickle=False)
+        print(f"wrote {path} ({path.stat().st_size} bytes) from {len(photos)} photos")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--in-process", action="store_true", help="compare descriptor variants without servers")
-    parser.add_argument("--fit", action="store_true", help="write the default model's centring mean and stop")
+    parser.add_argument("--fit", action="store_true", help="write each centred model's mean and stop")
     parser.add_argument("--variants", default="", help=f"in-process variants (default all: {', '.join(VARIANTS)})")
     parser.add_argument("--verify", default=f"{SHIPPED.name} (shipped: gem+mirror+centre+trim)",
                         help="in-process variants also measured with spatial verification")

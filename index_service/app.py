@@ -26,6 +26,7 @@ from vision.embedders import Embedder
 from vision.errors import PermanentError
 from vision.models import recipe
 
+from .duplicates import GROUP_MATCHES as DUPLICATE_MATCHES
 from .duplicates import groups as find_groups
 from .failures import Selection, clear_failures, list_failures, retry_failures
 from .metrics import CONTENT_TYPE, Metrics
@@ -111,7 +112,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         try:
             offset = max(0, int(params.get("offset", 0)))
             limit = min(1000, max(1, int(params.get("limit", 50))))
-            min_matches = max(1, int(params.get("min_matches", local_features.MIN_INLIERS)))
+            min_matches = max(1, int(params.get("min_matches", DUPLICATE_MATCHES)))
         except ValueError:
             raise HTTPError(400, "bad_parameter", "offset, limit and min_matches must be integers") from None
         serving = service.index

@@ -27,7 +27,9 @@ MAGIC = b"O1"
 RATIO = 0.8  # Lowe's ratio test
 log = logging.getLogger(__name__)
 RANSAC_PX = 6.0  # reprojection error (pixels at SIDE) of a match consistent with the transform
-MIN_INLIERS = 10  # fewer consistent matches than this is not evidence of a copy (measured: bench/README.md)
+# Fewest consistent matches that verify a copy: the best source@1 of `make quality`'s sweep (bench/README.md).
+# Different photos reach 10-15 surprisingly often (repetitive wallpapers); 99 % pair precision needs 26-37.
+MIN_INLIERS = 20
 
 cv2.setNumThreads(1)  # callers run many images in parallel; OpenCV's own pool would oversubscribe the cores
 

@@ -54,6 +54,9 @@ RECIPES: dict[str, Recipe] = {
         # The copy-detection descriptor, chosen by `make quality` (bench/README.md, "Quality").
         Recipe("lite0-copy-v2", "efficientnet-lite0", pooling="gem", mirror=True, centre=True, local_features=True,
                trim_borders=True),
+        # The same with smaller local features: workers ~1.4x faster on CPU, verification a little weaker.
+        Recipe("lite0-copy-v2-fast", "efficientnet-lite0", pooling="gem", mirror=True, centre=True,
+               local_features=True, local_side=384, local_count=300, trim_borders=True),
     )
 }
 DEFAULT_MODEL = "lite0-copy-v2"
