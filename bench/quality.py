@@ -53,7 +53,7 @@ VARIANTS: dict[str, Recipe] = {
     "lite1 gem+mirror+centre+trim": dataclasses.replace(SHIPPED, arch="efficientnet-lite1", input_size=240,
                                                          local_features=False),
     # Cheaper workers (cost against quality): smaller local features, no mirror pass of the network.
-    "copy-v2 ORB 384 px 300": dataclasses.replace(SHIPPED, local_side=384, local_count=300),
+    "lite0-copy-v2-fast (ORB 384 px, 300)": dataclasses.replace(RECIPES["lite0-copy-v2-fast"], local_features=False),
     "copy-v2 no mirror pass": dataclasses.replace(SHIPPED, mirror=False),
     "copy-v2 no mirror pass ORB 384 px 300": dataclasses.replace(SHIPPED, mirror=False, local_side=384,
                                                                  local_count=300),
@@ -284,8 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--photos", type=Path, default=Path(".bucketlens/photos"))
     parser.add_argument("--home", type=Path, help="end to end: keep the bench stack in this folder, reuse it next time")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--table", action="store_true", help="print the tables of --out's results and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.table:
+        print(summary(json.loads(args.out.read_text())))
+        return
     if args.fit:
         fit(args)
         return
@@ -297,6 +301,35 @@ def main(argv: list[str] | None = None) -> None:
         result = run_end_to_end(args)
     save(args.out, result)
     print(f"\nwrote {args.out}")
+
+
+def summary(results: dict[str, Any]) -> str:
+    """Markdown tables of a results file: per variant (in-process) and per edit (end to end); each figure is the
+    mean of the two directions (fit on one half of the families, evaluated on the other)."""
+
+    def mean(directions: list[dict[str, Any]], edit_name: str, key: str) -> float:
+        return float(np.mean([d["rows"][edit_name][key] for d in directions]))
+
+    lines = []
+    if "in-process" in results:
+        lines += ["| variant | " + " | ".join(EDITS) + " | worker vs today | bytes/image |",
+                  "|---" * (len(EDITS) + 3) + "|"]
+        for v in results["in-process"]["variants"]:
+            cost = v.get("cost", {})
+            for key, label in (("source@1", ""), ("verified_source@1", " + verification")):
+                if key in v["directions"][0]["rows"][EDITS[0]]:
+                    cells = " | ".join(f"{mean(v['directions'], e, key):.3f}" for e in EDITS)
+                    lines.append(f"| {v['variant']}{label} | {cells} | {cost.get('vs_today', '')} | "
+                                 f"{cost.get('index_bytes_per_image', '')} |")
+    if "end-to-end" in results:
+        e2e = results["end-to-end"]
+        keys = ["source@1", "source@10", "threshold", "precision", "recall", "verified_precision",
+                "verified_recall", "query_p50_ms"]
+        lines += ["", f"End to end ({e2e['model']}, {e2e['queries']} queries):", "",
+                  "| edit | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for e in EDITS:
+            lines.append(f"| {e} | " + " | ".join(f"{mean(e2e['directions'], e, k):.3f}" for k in keys) + " |")
+    return "\n".join(lines)
 
 
 def save(path: Path, result: dict[str, Any]) -> None:
