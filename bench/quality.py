@@ -53,7 +53,7 @@ VARIANTS: dict[str, Recipe] = {
     "lite1 gem+mirror+centre+trim": dataclasses.replace(SHIPPED, arch="efficientnet-lite1", input_size=240,
                                                          local_features=False),
     # Cheaper workers (cost against quality): smaller local features, no mirror pass of the network.
-    "lite0-copy-v2-fast (ORB 384 px, 300)": dataclasses.replace(RECIPES["lite0-copy-v2-fast"], local_features=False),
+    "lite0-copy-v2-fast (ORB 384 px 300)": dataclasses.replace(RECIPES["lite0-copy-v2-fast"], local_features=False),
     "copy-v2 no mirror pass": dataclasses.replace(SHIPPED, mirror=False),
     "copy-v2 no mirror pass ORB 384 px 300": dataclasses.replace(SHIPPED, mirror=False, local_side=384,
                                                                  local_count=300),
