@@ -178,9 +178,10 @@ def evaluate_variant(name: str, vectors_g: np.ndarray, vectors_q: np.ndarray, re
                        recall=round(decision.recall, 4))
             if verify:
                 counts = verify_top(scores, [queries[i].path for i in idx], gallery_paths, decoded, recipe_)
-                for label_, m in (("verified_", local_features.MIN_INLIERS), ("fitted_", min_matches)):
+                for label_, m, claim in (("verified_", local_features.MIN_INLIERS, local_features.COPY_MATCHES),
+                                         ("fitted_", min_matches, min_matches)):
                     row.update(_ranked_metrics(verified_order(scores, counts, m), families_g, sources, label_))
-                    decision = evaluate(*pairs(counts.astype(np.float64), sources, families_g), m)
+                    decision = evaluate(*pairs(counts.astype(np.float64), sources, families_g), claim)
                     row.update({f"{label_}min_matches": m, f"{label_}precision": round(decision.precision, 4),
                                 f"{label_}recall": round(decision.recall, 4)})
                 row["sweep"] = {  # source@1 by the least matches that verify, and the order among verified ones

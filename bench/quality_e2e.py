@@ -10,6 +10,7 @@ against the strongest other photos), and the service's own ``verified`` flag.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +56,7 @@ def ask(api: httpx.Client, query: Query) -> tuple[list[dict[str, Any]], float]:
 
 
 def run_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per query otherwise
     photos = ensure_photos(args.photos)
     queries = make_queries(photos, args.seeds, args.photos / "queries")
     settings = Settings.from_env(home=Path(".bucketlens"))

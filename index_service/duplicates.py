@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
 MIN_SCORE = 0.2  # global score (centred descriptor) below which a neighbour is not proposed: hard copies score ~0.35
 BATCH = 256  # objects per round (one FAISS call)
-# Default links of a group: 99 % pair precision on `make quality`'s photos needed 26-37 matches (bench/README.md).
-# Pairs are kept from ``local_features.MIN_INLIERS`` up, so a caller may ask for looser groups.
-GROUP_MATCHES = 30
+# Default links of a group: the matches that say "the same photo". Pairs are kept from
+# ``local_features.MIN_INLIERS`` up, so a caller may ask for looser groups.
+GROUP_MATCHES = local_features.COPY_MATCHES
 
 
 class DuplicateFinder:

@@ -30,7 +30,8 @@ class Hit:
 
     @property
     def verified(self) -> bool:
-        return self.matches is not None and self.matches >= local_features.MIN_INLIERS
+        """Enough matches to call it the same photo (a candidate moves up with fewer: ``rank_key``)."""
+        return self.matches is not None and self.matches >= local_features.COPY_MATCHES
 
 
 def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Sequence[Features]) -> list[Hit]:

@@ -49,26 +49,26 @@ def test_copies_form_groups_best_first_and_changes_undo_them() -> None:
     ])
     finder = DuplicateFinder(lambda: index)
     assert finder.step() == 6 and finder.step() == 0
-    (group,) = groups(index, local_features.MIN_INLIERS)
+    (group,) = groups(index, local_features.COPY_MATCHES)
     assert [o.key for o in group.members] == ["astronaut-mirror.jpg", "astronaut.jpg", "astronaut-crop.jpg"]
-    assert group.matches >= local_features.MIN_INLIERS
-    assert groups(index, local_features.MIN_INLIERS, prefix="astronaut-") != []
-    assert groups(index, local_features.MIN_INLIERS, bucket="other") == []
+    assert group.matches >= local_features.COPY_MATCHES
+    assert groups(index, local_features.COPY_MATCHES, prefix="astronaut-") != []
+    assert groups(index, local_features.COPY_MATCHES, bucket="other") == []
 
     # The mirror is deleted and the crop replaced by another photo: their pairs go, then are looked for again.
     index.apply([ResultEntry("delete", "b", "astronaut-mirror.jpg", "", "", 5, 1),
                  entry("astronaut-crop.jpg", base[2], gray("chelsea.png"), 1, order=6)])
-    assert groups(index, local_features.MIN_INLIERS) == []
+    assert groups(index, local_features.COPY_MATCHES) == []
     finder.wake([("b/astronaut-crop.jpg", "e-astronaut-crop.jpg-6")])
     finder.step()
-    assert groups(index, local_features.MIN_INLIERS) == []
+    assert groups(index, local_features.COPY_MATCHES) == []
 
 
 def test_a_restart_checks_only_what_was_not_checked() -> None:
     index = VectorIndex("m", DIM)
     index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), gray("coins.png"), 1) for i in range(4)])
     DuplicateFinder(lambda: index).step()
-    (group,) = groups(index, local_features.MIN_INLIERS)  # four uploads of the same photo
+    (group,) = groups(index, local_features.COPY_MATCHES)  # four uploads of the same photo
     assert len(group.members) == 4 and group.pairs >= 3
     again = DuplicateFinder(lambda: index)
     assert again.step() == 0  # all were checked at their etag

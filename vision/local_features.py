@@ -27,9 +27,12 @@ MAGIC = b"O1"
 RATIO = 0.8  # Lowe's ratio test
 log = logging.getLogger(__name__)
 RANSAC_PX = 6.0  # reprojection error (pixels at SIDE) of a match consistent with the transform
-# Fewest consistent matches that verify a copy: the best source@1 of `make quality`'s sweep (bench/README.md).
-# Different photos reach 10-15 surprisingly often (repetitive wallpapers); 99 % pair precision needs 26-37.
+# Fewest consistent matches that move a candidate up a search: the best source@1 of `make quality`'s sweep
+# (bench/README.md). Different photos reach 10-25 surprisingly often (repetitive wallpapers, silhouettes) ...
 MIN_INLIERS = 20
+# ... so saying "the same photo" (a search result's ``verified``, a duplicate group's link) takes more: 99 % pair
+# precision on the quality photos needed 26-37.
+COPY_MATCHES = 30
 
 cv2.setNumThreads(1)  # callers run many images in parallel; OpenCV's own pool would oversubscribe the cores
 
