@@ -57,6 +57,27 @@ class Finisher:
         return (features / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+class RecipeEmbedder:
+    """What both runtimes share: the recipe they run, its name and dimension, the input check, the finish."""
+
+    def __init__(self, recipe: Recipe, device: str) -> None:
+        self.recipe = recipe
+        self.device = device
+        self.finish = Finisher(recipe)
+
+    @property
+    def model(self) -> str:
+        return self.recipe.name
+
+    @property
+    def dim(self) -> int:
+        return self.recipe.dim
+
+    def check(self, images: np.ndarray) -> None:
+        size = self.recipe.input_size
+        assert images.ndim == 4 and images.shape[1:] == (size, size, 3), f"bad batch shape {images.shape}"
+
+
 def fitted_path(model: str) -> Path:
     return FITTED / f"{model}.npy"
 

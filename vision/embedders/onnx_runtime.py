@@ -17,7 +17,7 @@ from bucketlens.settings import Settings
 
 from .. import network
 from ..models import Recipe
-from . import Finisher, worker_processes
+from . import RecipeEmbedder, worker_processes
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,9 @@ def intra_op_threads(settings: Settings) -> int:
     return max(1, len(os.sched_getaffinity(0)) // worker_processes(settings))
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(RecipeEmbedder):
     def __init__(self, settings: Settings, recipe: Recipe) -> None:
-        self.recipe = recipe
-        self.device = "cpu"
+        super().__init__(recipe, "cpu")
         cache = Path(settings.home) / "models"
         cache.mkdir(parents=True, exist_ok=True)
         # The file name holds every recipe field the graph depends on, so an edited recipe re-exports.
@@ -71,19 +70,9 @@ class OnnxEmbedder:
         options.intra_op_num_threads = intra_op_threads(settings)
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.finish = Finisher(recipe)
-
-    @property
-    def model(self) -> str:
-        return self.recipe.name
-
-    @property
-    def dim(self) -> int:
-        return self.recipe.dim
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        size = self.recipe.input_size
-        assert images.ndim == 4 and images.shape[1:] == (size, size, 3), f"bad batch shape {images.shape}"
+        self.check(images)
         return self.finish(np.concatenate([self._run(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)]))
 
     def _run(self, images: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from bucketlens.settings import Settings
 
 from .. import network
 from ..models import Recipe
-from . import Finisher
+from . import RecipeEmbedder
 
 
 def pick_device(wanted: str) -> str:
@@ -20,27 +20,16 @@ def pick_device(wanted: str) -> str:
     return wanted
 
 
-class TorchEmbedder:
+class TorchEmbedder(RecipeEmbedder):
     def __init__(self, settings: Settings, recipe: Recipe, device: str) -> None:
+        super().__init__(recipe, device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.recipe = recipe
-        self.device = device
         self.dtype = torch.float16 if device == "cuda" and settings.half else torch.float32
         self.net = network.build(recipe).to(device=device, dtype=self.dtype)
-        self.finish = Finisher(recipe)
-
-    @property
-    def model(self) -> str:
-        return self.recipe.name
-
-    @property
-    def dim(self) -> int:
-        return self.recipe.dim
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        size = self.recipe.input_size
-        assert images.ndim == 4 and images.shape[1:] == (size, size, 3), f"bad batch shape {images.shape}"
+        self.check(images)
         batch = torch.from_numpy(np.ascontiguousarray(images))
         if self.device == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
