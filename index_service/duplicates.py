@@ -4,9 +4,9 @@ everything per request.
 For each new or changed object of the serving generation, its nearest neighbours by global score (one batched
 FAISS search for many objects) are proposed, and spatial verification confirms them: enough consistent ORB
 matches between the object's stored views (itself and its mirror) and the neighbour's own. Confirmed pairs live
-in the generation's
-feature store (``feature_store.py``), which drops an object's pairs whenever the object changes or goes; groups
-are the connected components of the pairs, computed per request (pairs are few next to objects).
+in the generation's feature store (``feature_store.py``), which drops an object's pairs whenever the object
+changes or goes; groups are stars around each group's best copy, computed per request (pairs are few next to
+objects): ``groups``.
 """
 
 from __future__ import annotations
@@ -135,36 +135,40 @@ def _views(data: bytes, oid: str) -> list[Features]:
 
 @dataclasses.dataclass
 class Group:
-    members: list[Indexed]  # best copy (most pixels) first
-    pairs: int
-    matches: int  # the weakest confirmed link's matches
+    members: list[Indexed]  # the best copy (most pixels) first, then the copies linked to it
+    pairs: int  # links from the best copy
+    matches: int  # the weakest of those links' matches
 
 
 def groups(index: VectorIndex, min_matches: int, bucket: str | None = None, prefix: str = "") -> list[Group]:
-    """Connected components of the confirmed pairs, members filtered by bucket and key prefix (a group keeps at
-    least two members), largest groups first."""
-    parent: dict[str, str] = {}
+    """Groups of copies among the objects of ``bucket`` under ``prefix``, largest first.
 
-    def root(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+    Not connected components: on a real bucket one false link (two wallpapers of one series, two crops whose
+    fill corners line up) would chain unrelated groups into one. Each group is a star around its best copy:
+    objects are taken by pixels, most first; each one not yet grouped anchors a group of its directly linked,
+    not yet grouped copies."""
+    selected: dict[str, Indexed] = {}
+    links: dict[str, dict[str, int]] = {}
+    for a, b, matches in index.features.pairs(min_matches):
+        for oid in (a, b):
+            if oid not in selected and (obj := index.get(*oid.split("/", 1))) is not None:
+                if (bucket is None or obj.bucket == bucket) and obj.key.startswith(prefix):
+                    selected[oid] = obj
+        if a in selected and b in selected:
+            links.setdefault(a, {})[b] = matches
+            links.setdefault(b, {})[a] = matches
 
-    weakest: dict[str, int] = {}
-    links: dict[str, int] = {}
-    pairs = index.features.pairs(min_matches)
-    for a, b, _ in pairs:
-        parent[root(a)] = root(b)
-    for a, _, matches in pairs:
-        r = root(a)
-        weakest[r] = min(weakest.get(r, matches), matches)
-        links[r] = links.get(r, 0) + 1
-    members: dict[str, list[Indexed]] = {}
-    for oid in parent:
-        obj = index.get(*oid.split("/", 1))
-        if obj is not None and (bucket is None or obj.bucket == bucket) and obj.key.startswith(prefix):
-            members.setdefault(root(oid), []).append(obj)
-    found = [Group(sorted(objs, key=lambda o: (-o.pixels, o.key)), links[r], weakest[r])
-             for r, objs in members.items() if len(objs) >= 2]
+    def best_first(oid: str) -> tuple[int, str]:
+        return -selected[oid].pixels, oid
+
+    grouped: set[str] = set()
+    found = []
+    for anchor in sorted(links, key=best_first):
+        if anchor in grouped:
+            continue
+        copies = sorted((oid for oid in links[anchor] if oid not in grouped), key=best_first)
+        if copies:
+            grouped.update([anchor, *copies])
+            found.append(Group([selected[anchor]] + [selected[oid] for oid in copies], len(copies),
+                               min(links[anchor][oid] for oid in copies)))
     return sorted(found, key=lambda g: (-len(g.members), g.members[0].bucket, g.members[0].key))

@@ -72,3 +72,21 @@ def test_a_restart_checks_only_what_was_not_checked() -> None:
     assert len(group.members) == 4 and group.pairs >= 3
     again = DuplicateFinder(lambda: index)
     assert again.step() == 0  # all were checked at their etag
+
+
+def test_one_false_link_does_not_chain_two_groups() -> None:
+    """Two photos, each with copies, and one spurious link between a copy of each: two groups, not one."""
+    index = VectorIndex("m", DIM)
+    keys = ["cat.jpg", "cat-2.jpg", "cat-3.jpg", "cup.jpg", "cup-2.jpg", "cup-3.jpg"]
+    index.apply([entry(k, near(np.ones(DIM, np.float32), 0.3, i), None, 1000 - i) for i, k in enumerate(keys)])
+    pairs = [("b/cat.jpg", "b/cat-2.jpg", 200), ("b/cat.jpg", "b/cat-3.jpg", 150), ("b/cup.jpg", "b/cup-2.jpg", 180),
+             ("b/cup.jpg", "b/cup-3.jpg", 90), ("b/cat-3.jpg", "b/cup-3.jpg", 35)]  # the last one is false
+    index.features.write([(f"b/{k}", f"e-{k}-1", b"x") for k in keys], [])
+    index.features.add_pairs([(f"b/{k}", f"e-{k}-1") for k in keys], pairs)
+    found = groups(index, local_features.COPY_MATCHES)
+    assert [[o.key for o in g.members] for g in found] == [["cat.jpg", "cat-2.jpg", "cat-3.jpg"],
+                                                           ["cup.jpg", "cup-2.jpg", "cup-3.jpg"]]
+    assert [(g.pairs, g.matches) for g in found] == [(2, 150), (2, 90)]
+    stricter = groups(index, 100)  # links of fewer matches do not count: cup-3 drops out
+    assert [[o.key for o in g.members] for g in stricter] == [["cat.jpg", "cat-2.jpg", "cat-3.jpg"],
+                                                              ["cup.jpg", "cup-2.jpg"]]
