@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--reindex", action="store_true", help="rebuild the FAISS structure from stored vectors")
     rebuild.add_argument("--index-type", choices=["Flat", "IVF"])
     rebuild.add_argument("--bucket")
+    rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v2")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
     reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
     reconcile.add_argument("--bucket")
@@ -375,7 +376,8 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     settings = client_settings(settings)
-    body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type}
+    body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type,
+            "model": args.model}
     response = httpx.post(api_url(settings) + "/rebuild", json=body, headers=admin_headers(settings), timeout=30)
     if response.status_code != 202:
         raise CLIError(_error_text(response))
