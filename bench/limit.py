@@ -35,21 +35,21 @@ def _batches(blobs: Sequence[bytes], size: int) -> list[Sequence[bytes]]:
     return [blobs[start : start + size] for start in range(0, len(blobs), size)]
 
 
-def _decode_batch(recipe: Recipe, blobs: Sequence[bytes], max_pixels: int) -> list[Decoded]:
+def decode_batch(recipe: Recipe, blobs: Sequence[bytes], max_pixels: int) -> list[Decoded]:
     return [decode_for(recipe, blob, max_pixels, local=True) for blob in blobs]
 
 
-def _embed(embedder: Embedder, images: list[Decoded]) -> None:
-    """What the worker does after decoding: the model on the batch, then each image's local features."""
+def describe(embedder: Embedder, images: list[Decoded]) -> int:
+    """What the worker does after decoding: the model on the batch, then each image's local features; returns
+    the bytes of those features."""
     embedder.embed(np.stack([image.pixels for image in images]))
-    for image in images:
-        if image.gray is not None:
-            local_features.encode(local_features.views(image.gray, embedder.recipe.local_count))
+    count = embedder.recipe.local_count
+    return sum(len(local_features.encode(local_features.views(i.gray, count))) for i in images if i.gray is not None)
 
 
 def serial(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:
     for batch in _batches(blobs, settings.batch_size):
-        _embed(embedders[0], _decode_batch(embedders[0].recipe, batch, settings.max_pixels))
+        describe(embedders[0], decode_batch(embedders[0].recipe, batch, settings.max_pixels))
         bar.update(len(batch))
 
 
@@ -57,12 +57,12 @@ def pipelined(embedders: list[Embedder], blobs: Sequence[bytes], settings: Setti
     batches = _batches(blobs, settings.batch_size)
     with ThreadPoolExecutor(max_workers=1) as pool:
         recipe = embedders[0].recipe
-        ahead = pool.submit(_decode_batch, recipe, batches[0], settings.max_pixels)
+        ahead = pool.submit(decode_batch, recipe, batches[0], settings.max_pixels)
         for i, batch in enumerate(batches):
             images = ahead.result()
             if i + 1 < len(batches):
-                ahead = pool.submit(_decode_batch, recipe, batches[i + 1], settings.max_pixels)
-            _embed(embedders[0], images)
+                ahead = pool.submit(decode_batch, recipe, batches[i + 1], settings.max_pixels)
+            describe(embedders[0], images)
             bar.update(len(batch))
 
 
@@ -71,7 +71,7 @@ def lanes(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings,
 
     def lane(j: int) -> None:
         for batch in _batches(blobs[j :: len(embedders)], settings.batch_size):
-            _embed(embedders[j], _decode_batch(embedders[j].recipe, batch, settings.max_pixels))
+            describe(embedders[j], decode_batch(embedders[j].recipe, batch, settings.max_pixels))
             with lock:
                 bar.update(len(batch))
 
@@ -90,12 +90,12 @@ def measure_limit(settings: Settings, blobs: Sequence[bytes], cores: int) -> dic
     variants: dict[str, tuple[Variant, list[Embedder]]] = {
         "serial": (serial, single), "pipelined": (pipelined, single), "lanes": (lanes, per_core),
     }
-    warm = _decode_batch(single[0].recipe, blobs[: settings.batch_size], settings.max_pixels)
+    warm = decode_batch(single[0].recipe, blobs[: settings.batch_size], settings.max_pixels)
     rates: dict[str, float] = {}
     cpu: dict[str, object] = {}
     for name, (run, embedders) in variants.items():
         for embedder in embedders:  # the first full-size batch of a runtime is slower (allocations)
-            _embed(embedder, warm)
+            describe(embedder, warm)
         with tqdm(total=len(blobs), unit="img", desc=f"limit: {name}", leave=False) as bar:
             meter = CpuMeter()
             run(embedders, blobs, settings, bar)

@@ -37,6 +37,7 @@ from vision.models import DEFAULT_MODEL, RECIPES, Recipe
 from . import RESULTS
 from .corpus import Photo, ensure_photos
 from .edits import EDITS, edit
+from .limit import decode_batch, describe
 from .quality_metrics import evaluate, fit_threshold, pairs, source_at, split_families
 
 log = logging.getLogger(__name__)
@@ -204,13 +205,8 @@ def worker_cost(settings: Settings, recipe_: Recipe, paths: Sequence[Path]) -> d
     embedder = load_embedder(settings, custom=dataclasses.replace(recipe_, centre=False))
     blobs = [p.read_bytes() for p in paths]
     started = time.perf_counter()
-    extra = 0
-    for start in range(0, len(blobs), 8):
-        images = [decode_for(recipe_, b, MAX_PIXELS, local=True) for b in blobs[start : start + 8]]
-        embedder.embed(np.stack([i.pixels for i in images]))
-        for image in images:
-            if image.gray is not None:
-                extra += len(local_features.encode(local_features.views(image.gray, recipe_.local_count)))
+    extra = sum(describe(embedder, decode_batch(recipe_, blobs[i : i + 8], MAX_PIXELS))  # as bench.limit measures
+                for i in range(0, len(blobs), 8))
     elapsed = time.perf_counter() - started
     return {"img_per_s": round(len(blobs) / elapsed, 1),
             "index_bytes_per_image": recipe_.dim * 4 + round(extra / len(blobs))}

@@ -278,12 +278,8 @@ def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bo
 
 def _stored_views(index: VectorIndex, bucket: str, key: str) -> list[local_features.Features]:
     """The stored object's local features: of its image and of its mirror."""
-    obj = index.get(bucket, key)
-    data = index.features.get([(object_id(bucket, key), obj.etag)]).get(object_id(bucket, key)) if obj else None
-    try:
-        return local_features.decode(data) if data else []
-    except ValueError:
-        return []
+    obj, oid = index.get(bucket, key), object_id(bucket, key)
+    return index.features.views([(oid, obj.etag)]).get(oid, []) if obj is not None else []
 
 
 def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:

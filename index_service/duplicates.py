@@ -20,7 +20,6 @@ import numpy as np
 
 from bucketlens.schemas import object_id
 from vision import local_features
-from vision.local_features import Features
 
 from .vector_index import Indexed, VectorIndex
 from .verify import CANDIDATES
@@ -108,29 +107,18 @@ def find_pairs(index: VectorIndex, objects: list[Indexed], min_score: float = MI
     neighbours = index.search_many(np.stack([v for _, v in known]), NEIGHBOURS, list(ids))
     wanted = {(object_id(o.bucket, o.key), o.etag) for hits in neighbours for o, s in hits if s >= min_score}
     wanted |= {(oid, o.etag) for oid, (o, _) in zip(ids, known)}
-    stored = index.features.get(sorted(wanted))
+    stored = index.features.views(sorted(wanted))
     pairs = []
     for oid, hits in zip(ids, neighbours):
         if oid not in stored:
             continue  # indexed without local features (an older model): nothing to verify with
-        views = _views(stored[oid], oid)
         for other, score in hits:
             other_id = object_id(other.bucket, other.key)
-            if score < min_score or other_id not in stored or not views:
-                continue
-            candidate = _views(stored[other_id], other_id)
-            matches = local_features.best_inliers(views, candidate[0]) if candidate else 0
-            if matches >= local_features.MIN_INLIERS:
-                pairs.append((oid, other_id, matches))
+            if score >= min_score and other_id in stored:
+                matches = local_features.best_inliers(stored[oid], stored[other_id][0])
+                if matches >= local_features.MIN_INLIERS:
+                    pairs.append((oid, other_id, matches))
     return pairs
-
-
-def _views(data: bytes, oid: str) -> list[Features]:
-    try:
-        return local_features.decode(data)
-    except ValueError as exc:  # a damaged row: the object is left out of groups rather than failing the round
-        log.warning("unusable local features of %s: %s", oid, exc)
-        return []
 
 
 @dataclasses.dataclass

@@ -8,7 +8,6 @@ object indexed by an older model, or before its features were kept) stays unveri
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Sequence
 
 from bucketlens.schemas import object_id
@@ -17,7 +16,6 @@ from vision.local_features import Features
 
 from .vector_index import Indexed, VectorIndex
 
-log = logging.getLogger(__name__)
 CANDIDATES = 20  # global top candidates verified per query (bench/README.md, "Quality": cost and gain)
 BY_MATCHES = True  # verified candidates ordered by their matches (bench/README.md, "Quality": the sweep)
 
@@ -38,16 +36,11 @@ def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Seq
     """``hits`` best first by global score; ``views`` the query's features (the query and its mirror), matched
     against each candidate's own (its first stored view)."""
     top = list(hits[:CANDIDATES])
-    stored = index.features.get([(object_id(o.bucket, o.key), o.etag) for o, _ in top])
+    stored = index.features.views([(object_id(o.bucket, o.key), o.etag) for o, _ in top])
     checked = []
     for obj, score in top:
-        data = stored.get(object_id(obj.bucket, obj.key))
-        matches = None
-        if data is not None:
-            try:
-                matches = local_features.best_inliers(list(views), local_features.decode(data)[0])
-            except ValueError as exc:  # a damaged row: verify without it rather than fail the search
-                log.warning("unusable local features of %s/%s: %s", obj.bucket, obj.key, exc)
+        candidate = stored.get(object_id(obj.bucket, obj.key))
+        matches = local_features.best_inliers(list(views), candidate[0]) if candidate else None
         checked.append(Hit(obj, score, matches))
     checked.sort(key=lambda h: rank_key(h.score, h.matches))
     return checked + [Hit(obj, score) for obj, score in hits[CANDIDATES:]]

@@ -79,3 +79,10 @@ def test_a_closed_store_answers_empty() -> None:
     assert store.get([("b/a", "e")]) == {} and store.pairs() == [] and store.checked() == {} and len(store) == 0
     store.write([("b/b", "e", b"y")], [])  # a late write to a retired generation is dropped
     assert store.add_pairs([("b/a", "e")], []) == 0
+
+
+def test_views_decodes_rows_and_leaves_damaged_ones_out() -> None:
+    store = FeatureStore()
+    store.write([("b/good", "e", local_features.encode([features(1)])), ("b/bad", "e", b"not features")], [])
+    found = store.views([("b/good", "e"), ("b/bad", "e")])
+    assert list(found) == ["b/good"] and len(found["b/good"][0]) == len(features(1))
