@@ -58,6 +58,10 @@ VARIANTS: dict[str, Recipe] = {
     "copy-v2 no mirror pass": dataclasses.replace(SHIPPED, mirror=False),
     "copy-v2 no mirror pass ORB 384 px 300": dataclasses.replace(SHIPPED, mirror=False, local_side=384,
                                                                  local_count=300),
+    # The network as trained (ReLU6; the first builds ran swish in its place: vision/models.py).
+    "lite0 mean relu6": dataclasses.replace(BASE, activation="relu6"),
+    "lite0-copy-v3 (relu6: gem+mirror+centre+trim)": dataclasses.replace(RECIPES["lite0-copy-v3"],
+                                                                          local_features=False),
 }
 
 

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--reindex", action="store_true", help="rebuild the FAISS structure from stored vectors")
     rebuild.add_argument("--index-type", choices=["Flat", "IVF"])
     rebuild.add_argument("--bucket")
-    rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v2")
+    rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v3")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
     reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
     reconcile.add_argument("--bucket")

@@ -1,7 +1,8 @@
 """Re-rank a search's top candidates by spatial verification (``vision.local_features``).
 
-The global descriptor proposes; local features decide. Candidates with enough geometrically consistent matches
-come first, most matches first; the rest keep their global order. A candidate whose features are not stored (an
+The global descriptor proposes; local features confirm. Each candidate's consistent matches are counted and enough
+of them mark it the same photo; where the model's recipe says so (``promote_matches``), candidates with that many
+come first, most matches first, and the rest keep their global order. A candidate whose features are not stored (an
 object indexed by an older model, or before its features were kept) stays unverified, in its global place.
 """
 
@@ -28,13 +29,14 @@ class Hit:
 
     @property
     def verified(self) -> bool:
-        """Enough matches to call it the same photo (a candidate moves up with fewer: ``rank_key``)."""
+        """Enough matches to call it the same photo."""
         return self.matches is not None and self.matches >= local_features.COPY_MATCHES
 
 
-def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Sequence[Features]) -> list[Hit]:
+def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Sequence[Features],
+           promote: int | None) -> list[Hit]:
     """``hits`` best first by global score; ``views`` the query's features (the query and its mirror), matched
-    against each candidate's own (its first stored view)."""
+    against each candidate's own (its first stored view); ``promote``: the recipe's ``promote_matches``."""
     top = list(hits[:CANDIDATES])
     stored = index.features.views([(object_id(o.bucket, o.key), o.etag) for o, _ in top])
     checked = []
@@ -42,12 +44,12 @@ def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Seq
         candidate = stored.get(object_id(obj.bucket, obj.key))
         matches = local_features.best_inliers(list(views), candidate[0]) if candidate else None
         checked.append(Hit(obj, score, matches))
-    checked.sort(key=lambda h: rank_key(h.score, h.matches))
+    if promote is not None:
+        checked.sort(key=lambda h: rank_key(h.score, h.matches, promote))
     return checked + [Hit(obj, score) for obj, score in hits[CANDIDATES:]]
 
 
-def rank_key(score: float, matches: int | None, min_matches: int = local_features.MIN_INLIERS,
-             by_matches: bool = BY_MATCHES) -> tuple[int, float]:
+def rank_key(score: float, matches: int | None, min_matches: int, by_matches: bool = BY_MATCHES) -> tuple[int, float]:
     """Sort key of a verified search: verified candidates first, then the rest by global score. Among verified
     ones, most matches first, or (``by_matches`` False) the global order kept."""
     if matches is not None and matches >= min_matches:

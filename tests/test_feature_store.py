@@ -58,17 +58,20 @@ def test_stale_entries_do_not_touch_the_store() -> None:
     assert index.get("b", "a").pixels == 1001  # type: ignore[union-attr]
 
 
-def test_rerank_puts_the_verified_copy_first() -> None:
+def test_rerank_puts_the_verified_copy_first_where_the_recipe_promotes() -> None:
     index = VectorIndex("m", DIM)
     index.apply([upsert(f"k{i}", 1, i) for i in range(30)])
     query = unit(0)
     hits = index.search(query, 25)
     copy_of = hits[10][0].key  # a candidate far down the global ranking
     seed = int(copy_of[1:])
-    ranked = rerank(index, hits, [features(seed)])
+    ranked = rerank(index, hits, [features(seed)], local_features.MIN_INLIERS)
     assert ranked[0].obj.key == copy_of and ranked[0].verified and ranked[0].matches
     assert not any(h.verified for h in ranked[1:])
     assert [h.obj.key for h in ranked[1:]] == [o.key for o, _ in hits if o.key != copy_of]  # the rest keep order
+    kept = rerank(index, hits, [features(seed)], None)  # annotate only: the global order stays
+    assert [h.obj.key for h in kept] == [o.key for o, _ in hits]
+    assert [h.obj.key for h in kept if h.verified] == [copy_of]
 
 
 def test_a_closed_store_answers_empty() -> None:

@@ -24,6 +24,13 @@ class Recipe:
     ``python -m vision.fit``), which removes the direction every photo shares and spreads unrelated photos apart.
     ``local_features``: workers also extract ORB keypoints for spatial verification (``vision/local_features.py``).
     ``trim_borders``: solid-colour borders are cut off before anything is computed (``vision/decode.py``).
+    ``promote_matches``: a search's verified candidates with at least this many consistent local matches move to
+    the top (``index_service/verify.py``); None keeps the global order and only marks the same photo. On the swish
+    graphs verification lifted every edit; on the ReLU6 graph the global order is already right for nearly every
+    edit and promoting only lost (bench/README.md, "Quality").
+    ``activation``: ``relu6``, the EfficientNet-Lite models' own. The first builds' graphs ran ``swish`` in its
+    place (``set_swish`` of efficientnet-lite-pytorch replaces every ReLU6): the descriptor still retrieved, but the
+    classifier head is meaningless on it. Those recipes keep it, so their indexes keep loading, and have no labels.
     """
 
     name: str
@@ -38,6 +45,13 @@ class Recipe:
     local_side: int = 512  # longer side of the grayscale image ORB runs on
     local_count: int = 500  # most keypoints kept (the wire format's bound: vision.local_features.MAX_FEATURES)
     trim_borders: bool = False
+    activation: str = "relu6"
+    promote_matches: int | None = None  # verified candidates with this many matches move up (None: annotate only)
+
+    @property
+    def labels(self) -> bool:
+        """Whether the classifier head's labels mean anything on this graph (``vision/labels.py``)."""
+        return self.activation == "relu6"
 
     @property
     def wheel(self) -> str:
@@ -49,17 +63,23 @@ RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
         # The first build's descriptor: the classifier's mean-pooled features. Kept so existing indexes load.
-        Recipe("efficientnet-lite0", "efficientnet-lite0"),
-        Recipe("efficientnet-lite1", "efficientnet-lite1", input_size=240),
+        Recipe("efficientnet-lite0", "efficientnet-lite0", activation="swish"),
+        Recipe("efficientnet-lite1", "efficientnet-lite1", input_size=240, activation="swish"),
         # The copy-detection descriptor, chosen by `make quality` (bench/README.md, "Quality").
         Recipe("lite0-copy-v2", "efficientnet-lite0", pooling="gem", mirror=True, centre=True, local_features=True,
-               trim_borders=True),
+               trim_borders=True, activation="swish", promote_matches=20),
         # The same with smaller local features: workers ~1.4x faster on CPU, verification a little weaker.
         Recipe("lite0-copy-v2-fast", "efficientnet-lite0", pooling="gem", mirror=True, centre=True,
+               local_features=True, local_side=384, local_count=300, trim_borders=True, activation="swish",
+               promote_matches=20),
+        # v2 on the network as trained (ReLU6): the same descriptor steps, labels, verification marks copies only.
+        Recipe("lite0-copy-v3", "efficientnet-lite0", pooling="gem", mirror=True, centre=True, local_features=True,
+               trim_borders=True),
+        Recipe("lite0-copy-v3-fast", "efficientnet-lite0", pooling="gem", mirror=True, centre=True,
                local_features=True, local_side=384, local_count=300, trim_borders=True),
     )
 }
-DEFAULT_MODEL = "lite0-copy-v2"
+DEFAULT_MODEL = "lite0-copy-v3"
 
 
 def recipe(name: str) -> Recipe:

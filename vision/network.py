@@ -3,6 +3,10 @@
 Pre-processing is ``(x - 127) / 128`` on RGB (not ImageNet mean/std), as the Lite models were trained. The graph
 holds every descriptor step that is a function of the pixels (pooling, the mirror), so both runtimes and the
 ONNX export compute the same thing; centring and L2 normalisation follow in ``vision.embedders.finish``.
+
+The graph has a second output: the ImageNet classifier head's probabilities (``vision/labels.py``), computed from
+the classifier's own input (mean-pooled, un-normalised features) whatever pooling the descriptor uses, averaged
+over the image and its mirror when the recipe mirrors. They cost one 1280 x 1000 product per view.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ SCALE = 128.0
 
 
 class FeatureNet(torch.nn.Module):
-    """uint8-range NCHW float input -> pooled features (not normalised)."""
+    """uint8-range NCHW float input -> (pooled features, not normalised; class probabilities)."""
 
     def __init__(self, net: EfficientNet, recipe: Recipe) -> None:
         super().__init__()
@@ -29,19 +33,22 @@ class FeatureNet(torch.nn.Module):
         self.gem_p = recipe.gem_p if recipe.pooling == "gem" else 0.0
         self.mirror = recipe.mirror
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
+    def view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.net.extract_features(x)
+        mean = maps.mean(dim=(2, 3))
+        probs = torch.softmax(self.net._fc(mean), dim=1)
         if not self.gem_p:
-            return maps.mean(dim=(2, 3))
+            return mean, probs
         # GeM: the features are ReLU6 outputs (>= 0); the clamp keeps pow's gradient-free export finite.
-        return maps.clamp(min=1e-6).pow(self.gem_p).mean(dim=(2, 3)).pow(1.0 / self.gem_p)
+        return maps.clamp(min=1e-6).pow(self.gem_p).mean(dim=(2, 3)).pow(1.0 / self.gem_p), probs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (x - MEAN) / SCALE
-        features = self.pool(x)
-        if self.mirror:  # a mirrored copy then gets the very same vector
-            features = features + self.pool(torch.flip(x, dims=(3,)))
-        return features
+        features, probs = self.view(x)
+        if self.mirror:  # a mirrored copy then gets the very same vector (and labels)
+            mirrored, mirrored_probs = self.view(torch.flip(x, dims=(3,)))
+            features, probs = features + mirrored, (probs + mirrored_probs) / 2
+        return features, probs
 
 
 def weights_path(recipe: Recipe) -> Path:
@@ -63,5 +70,6 @@ def build(recipe: Recipe) -> FeatureNet:
     net = EfficientNet.from_name(recipe.arch)
     state = torch.load(weights_path(recipe), map_location="cpu", weights_only=True)
     net.load_state_dict(state)
-    net.set_swish(memory_efficient=False)  # the autograd-function swish cannot be traced or exported
+    if recipe.activation == "swish":  # the first builds' graph (models.Recipe.activation); exportable swish
+        net.set_swish(memory_efficient=False)
     return FeatureNet(net, recipe).eval()

@@ -17,6 +17,8 @@ import numpy as np
 
 from bucketlens.settings import Settings
 
+from .. import labels
+from ..labels import Labels
 from ..models import Recipe, recipe
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,11 @@ class Embedder(Protocol):
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """``(N, size, size, 3)`` uint8 RGB -> ``(N, dim)`` float32, L2-normalised rows."""
+        ...
+
+    def describe(self, images: np.ndarray) -> tuple[np.ndarray, list[Labels | None]]:
+        """The vectors of ``embed`` and each image's most probable ImageNet classes (``vision/labels.py``; None
+        where the recipe's graph has no meaningful head)."""
         ...
 
 
@@ -58,7 +65,8 @@ class Finisher:
 
 
 class RecipeEmbedder:
-    """What both runtimes share: the recipe they run, its name and dimension, the input check, the finish."""
+    """What both runtimes share: the recipe they run, its name and dimension, the input check, the finish,
+    the labels; a runtime only runs the network (``run``)."""
 
     def __init__(self, recipe: Recipe, device: str) -> None:
         self.recipe = recipe
@@ -73,9 +81,19 @@ class RecipeEmbedder:
     def dim(self) -> int:
         return self.recipe.dim
 
-    def check(self, images: np.ndarray) -> None:
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return self.describe(images)[0]
+
+    def describe(self, images: np.ndarray) -> tuple[np.ndarray, list[Labels | None]]:
         size = self.recipe.input_size
         assert images.ndim == 4 and images.shape[1:] == (size, size, 3), f"bad batch shape {images.shape}"
+        features, probs = self.run(images)
+        found: list[Labels | None] = list(labels.top(probs)) if self.recipe.labels else [None] * len(images)
+        return self.finish(features), found
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The network on a checked batch: (pooled features, class probabilities), float32."""
+        raise NotImplementedError
 
 
 def fitted_path(model: str) -> Path:

@@ -34,8 +34,8 @@ def export(recipe: Recipe, path: Path) -> None:
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            net, (sample,), str(tmp), input_names=["images"], output_names=["features"],
-            dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False,
+            net, (sample,), str(tmp), input_names=["images"], output_names=["features", "probs"],
+            dynamic_axes={"images": {0: "n"}, "features": {0: "n"}, "probs": {0: "n"}}, opset_version=17, dynamo=False,
         )
     os.replace(tmp, path)
 
@@ -60,7 +60,8 @@ class OnnxEmbedder(RecipeEmbedder):
         cache = Path(settings.home) / "models"
         cache.mkdir(parents=True, exist_ok=True)
         # The file name holds every recipe field the graph depends on, so an edited recipe re-exports.
-        graph = f"{recipe.arch}-{recipe.input_size}-{recipe.pooling}{recipe.gem_p:g}-m{int(recipe.mirror)}"
+        graph = (f"{recipe.arch}-{recipe.input_size}-{recipe.pooling}{recipe.gem_p:g}-m{int(recipe.mirror)}"
+                 f"-{recipe.activation}-probs")
         path = cache / f"{graph}-{network.weights_digest(recipe)}.onnx"
         if not path.exists():
             log.info("exporting %s to ONNX at %s (once)", recipe.name, path)
@@ -71,11 +72,11 @@ class OnnxEmbedder(RecipeEmbedder):
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        self.check(images)
-        return self.finish(np.concatenate([self._run(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)]))
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self._run(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)]
+        return np.concatenate([f for f, _ in parts]), np.concatenate([p for _, p in parts])
 
-    def _run(self, images: np.ndarray) -> np.ndarray:
+    def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
-        (features,) = self.session.run(["features"], {"images": x})
-        return np.asarray(features)
+        features, probs = self.session.run(["features", "probs"], {"images": x})
+        return np.asarray(features), np.asarray(probs)

@@ -28,11 +28,10 @@ class TorchEmbedder(RecipeEmbedder):
         self.dtype = torch.float16 if device == "cuda" and settings.half else torch.float32
         self.net = network.build(recipe).to(device=device, dtype=self.dtype)
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        self.check(images)
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = torch.from_numpy(np.ascontiguousarray(images))
         if self.device == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
-            features = self.net(batch.permute(0, 3, 1, 2).to(self.dtype)).float()
-        return self.finish(features.cpu().numpy())
+            features, probs = self.net(batch.permute(0, 3, 1, 2).to(self.dtype))
+        return features.float().cpu().numpy(), probs.float().cpu().numpy()
