@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import numpy as np
 
+from .ordering import time_order
+
 SCHEMA_VERSION = 1  # object references (task payloads)
-RESULT_VERSION = 2  # result-stream entries; 2 added ``features`` and ``pixels``, version 1 entries still read
+RESULT_VERSION = 3  # result-stream entries; 2 added ``features`` and ``pixels``, 3 ``labels`` and ``modified``;
+READABLE_RESULTS = (b"1", b"2", b"3")  # older entries still read (a worker of the previous release may be running)
 OPS = ("upsert", "delete", "failed", "skipped")
 
 
@@ -37,6 +41,15 @@ class ObjectRef:
     @property
     def object_id(self) -> str:
         return object_id(self.bucket, self.key)
+
+    @property
+    def modified(self) -> float:
+        """When the object was written (seconds since the epoch): its event's time or the listing's LastModified;
+        0 when neither is known or it does not parse."""
+        try:
+            return time_order(self.event_time) / 1e9 if self.event_time else 0.0
+        except ValueError:
+            return 0.0
 
     def to_json(self) -> dict[str, Any]:
         payload = dataclasses.asdict(self)
@@ -95,6 +108,8 @@ class ResultEntry:
     vector: np.ndarray | None = None
     features: bytes = b""  # the object's local features (``vision.local_features`` format), when its model keeps them
     pixels: int = 0  # width x height of the stored image: the best of a group of copies has the most
+    labels: str = ""  # the classifier's most probable classes (``vision.labels.encode``); "" when not known
+    modified: float = 0.0  # ``ObjectRef.modified``
 
     def to_fields(self) -> dict[Any, Any]:
         """Flat Redis stream fields (typed loosely: redis-py's annotations want its own union types)."""
@@ -112,6 +127,8 @@ class ResultEntry:
             "vector": b"",
             "features": self.features,
             "pixels": str(self.pixels),
+            "labels": self.labels,
+            "modified": repr(self.modified),
         }
         if self.vector is not None:
             vector = np.ascontiguousarray(self.vector, dtype="<f4")
@@ -123,7 +140,7 @@ class ResultEntry:
     def from_fields(cls, fields: dict[bytes, bytes]) -> ResultEntry:
         try:
             get = {k.decode(): v for k, v in fields.items()}
-            if get["v"] not in (b"1", str(RESULT_VERSION).encode()):
+            if get["v"] not in READABLE_RESULTS:
                 raise SchemaError(f"unsupported result entry version {get['v']!r}")
             op = get["op"].decode()
             if op not in OPS:
@@ -134,6 +151,9 @@ class ResultEntry:
                 vector = np.frombuffer(get["vector"], dtype="<f4")
                 if vector.shape[0] != dim or dim == 0:
                     raise SchemaError(f"vector has {vector.shape[0]} values, dim says {dim}")
+            modified = float(get.get("modified", b"0"))
+            if not math.isfinite(modified):
+                raise SchemaError(f"modified is {modified}")
             return cls(
                 op=op,
                 bucket=get["bucket"].decode(),
@@ -146,6 +166,8 @@ class ResultEntry:
                 vector=vector,
                 features=get.get("features", b""),
                 pixels=int(get.get("pixels", b"0")),
+                labels=get.get("labels", b"").decode(),
+                modified=modified,
             )
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise SchemaError(f"bad result entry: {exc}") from exc

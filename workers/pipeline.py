@@ -1,5 +1,5 @@
-"""The stages of one batch, each timed: fetch (concurrent) -> decode -> embed -> features -> write; the model embeds
-what has arrived while the rest of the batch downloads."""
+"""The stages of one batch, each timed: fetch (concurrent) -> decode -> embed (vectors and labels) -> features -> write;
+the model embeds what has arrived while the rest of the batch downloads."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
-from vision import local_features
+from vision import labels, local_features
 from vision.decode import Decoded, decode_for
 from vision.embedders import Embedder, Embedders, load_embedder
 from vision.models import recipe
@@ -37,6 +37,7 @@ class Embedded:
     model: str
     features: bytes = b""  # local features, when the model's recipe keeps them
     pixels: int = 0  # width x height of the stored image
+    labels: str = ""  # the classifier's most probable classes (``vision.labels.encode``), when the model has them
 
 
 @dataclasses.dataclass
@@ -118,13 +119,14 @@ class Pipeline:
         for model in sorted(set(models)):
             part = [item for item, wanted in zip(decoded, models) if wanted == model]
             started = time.perf_counter()
-            vectors = self.embedders.get(model).embed(np.stack([image.pixels for _, image in part]))
+            vectors, found = self.embedders.get(model).describe(np.stack([image.pixels for _, image in part]))
             out.timings["embed"] += time.perf_counter() - started
             started = time.perf_counter()
             count = recipe(model).local_count
-            for (ref, image), vector in zip(part, vectors):
+            for (ref, image), vector, top in zip(part, vectors, found):
                 features = b"" if image.gray is None else local_features.encode(local_features.views(image.gray, count))
-                out.embedded.append(Embedded(ref, vector, model, features, image.width * image.height))
+                out.embedded.append(Embedded(ref, vector, model, features, image.width * image.height,
+                                             "" if top is None else labels.encode(top)))
             out.timings["features"] += time.perf_counter() - started
 
     def model_for(self, generation: int) -> str:

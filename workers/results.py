@@ -33,7 +33,8 @@ class ResultWriter:
         for item in embedded:
             ref = item.ref
             entry = ResultEntry("upsert", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order,
-                                ref.generation, item.model, item.vector, item.features, item.pixels)
+                                ref.generation, item.model, item.vector, item.features, item.pixels, item.labels,
+                                ref.modified)
             pipe.xadd(self.keys.results, entry.to_fields())
             pipe.hdel(self.keys.failures, ref.object_id)  # a later success clears the failure
         for ref, op in [(r, "failed") for r, _, _ in failed] + [(r, "skipped") for r in skipped]:
