@@ -20,22 +20,26 @@ from bucketlens.auth import token_ok
 from bucketlens.http import UNAVAILABLE, HTTPError, http_error_handler, read_limited, unavailable_handler
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
-from vision import local_features
+from vision import labels, local_features
 from vision.decode import decode_for
 from vision.embedders import Embedder
 from vision.errors import PermanentError
 from vision.models import recipe
+from vision.words import VocabularyMissing
 
 from .duplicates import GROUP_MATCHES as DUPLICATE_MATCHES
 from .duplicates import groups as find_groups
 from .failures import Selection, clear_failures, list_failures, retry_failures
+from .filters import iso
 from .metrics import CONTENT_TYPE, Metrics
-from .queries import parse_search
+from .queries import SearchQuery, parse_search
 from .queues import queue_report
 from .rebuild import RebuildConflict
 from .rebuild import public as rebuild_public
 from .reconcile import reconcile
 from .service import Service
+from .text import SUGGESTIONS, suggest
+from .text import search as text_search
 from .vector_index import VectorIndex
 from .verify import CANDIDATES, Hit, rerank
 
@@ -72,9 +76,34 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         serving = service.index  # one generation for the whole query, even if a rebuild swaps meanwhile
         started = time.perf_counter()
         query = await parse_search(request, settings.max_upload_bytes, serving.dim)
-        kind = "image" if query.image is not None else "key" if query.key is not None else "vector"
-        if query.rerank and kind == "vector":
-            raise HTTPError(400, "bad_parameter", "a vector query has nothing to verify: rerank needs an image or key")
+        kind = query.kind
+        if query.rerank and kind in ("vector", "text"):
+            raise HTTPError(400, "bad_parameter", f"a {kind} query has nothing to verify: rerank needs an image or key")
+        answer: dict[str, Any] = {}
+        if kind == "text":
+            assert query.text is not None
+            try:
+                found_text = await run_in_threadpool(text_search, serving, query.text, query.k, query.where)
+            except VocabularyMissing as exc:
+                raise HTTPError(503, "no_vocabulary", str(exc)) from exc
+            hits = [Hit(o, s) for o, s in found_text.hits]
+            answer = found_text.public()
+        else:
+            hits = await _similar(service, serving, query)
+        results = [
+            {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": round(h.score, 6),
+             "verified": h.verified, "matches": h.matches, "labels": labels.public(h.obj.labels),
+             "modified": iso(h.obj.modified), "url": service.presigner.url(h.obj.bucket, h.obj.key)}
+            for h in hits[: query.k]
+            if query.min_score is None or h.score >= query.min_score
+        ]
+        took_ms = (time.perf_counter() - started) * 1000
+        request.app.state.metrics.search_seconds.labels(kind).observe(took_ms / 1000)
+        return JSONResponse({"model": serving.model, "took_ms": round(took_ms, 3), **answer,
+                             "filter": query.where.public() if query.where else None, "results": results})
+
+    async def _similar(service: Service, serving: VectorIndex, query: SearchQuery) -> list[Hit]:
+        """An image, key or vector query: the nearest objects the filter keeps, verified where the model can."""
         verify = recipe(serving.model).local_features if query.rerank is None else query.rerank
         exclude = None
         views: list[local_features.Features] = []
@@ -94,17 +123,20 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
                 views = await run_in_threadpool(_stored_views, serving, bucket, query.key)
         assert query.vector is not None
         want = max(query.k, CANDIDATES) if views else query.k
-        found = await run_in_threadpool(serving.search, query.vector, want, exclude)
-        hits = await run_in_threadpool(rerank, serving, found, views) if views else [Hit(o, s) for o, s in found]
-        results = [
-            {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": round(h.score, 6),
-             "verified": h.verified, "matches": h.matches, "url": service.presigner.url(h.obj.bucket, h.obj.key)}
-            for h in hits[: query.k]
-            if query.min_score is None or h.score >= query.min_score
-        ]
-        took_ms = (time.perf_counter() - started) * 1000
-        request.app.state.metrics.search_seconds.labels(kind).observe(took_ms / 1000)
-        return JSONResponse({"model": serving.model, "took_ms": round(took_ms, 3), "results": results})
+        found = await run_in_threadpool(serving.search, query.vector, want, exclude, query.where or None)
+        if not views:
+            return [Hit(o, s) for o, s in found]
+        return await run_in_threadpool(rerank, serving, found, views, recipe(serving.model).promote_matches)
+
+    async def label_list(request: Request) -> Response:
+        service = service_of(request, read=True)
+        try:
+            limit = min(1000, max(1, int(request.query_params.get("limit", SUGGESTIONS))))
+        except ValueError:
+            raise HTTPError(400, "bad_parameter", "limit must be an integer") from None
+        serving = service.index
+        found = await run_in_threadpool(suggest, serving, request.query_params.get("q", ""), limit)
+        return JSONResponse({"model": serving.model, "labels_kept": recipe(serving.model).labels, "labels": found})
 
     async def duplicates(request: Request) -> Response:
         service = service_of(request, read=True)
@@ -221,6 +253,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/search", search, methods=["POST"]),
             Route("/objects/{bucket}/{key:path}", objects),
             Route("/duplicates", duplicates),
+            Route("/labels", label_list),
             Route("/stats", stats),
             Route("/queues", queues),
             Route("/metrics", metrics),
@@ -300,4 +333,5 @@ def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
     if indexed is None:
         raise HTTPError(404, "unknown_object", f"bucketlens knows nothing of {oid}")
     return {**state, "state": "indexed", "etag": indexed.etag, "order": str(indexed.order),
-            "sequencer": indexed.sequencer, "generation": indexed.generation}
+            "sequencer": indexed.sequencer, "generation": indexed.generation, "labels": labels.public(indexed.labels),
+            "modified": iso(indexed.modified)}

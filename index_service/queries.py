@@ -1,5 +1,6 @@
-"""Parse a ``POST /search`` request: an uploaded image (multipart), or JSON ``key``/``vector``; ``k``, ``min_score``,
-``rerank`` from form fields, JSON fields or query parameters."""
+"""Parse a ``POST /search`` request: an uploaded image (multipart), or JSON ``key``, ``vector`` or ``text``; the options
+``k``, ``min_score``, ``rerank`` and the filters ``bucket``, ``prefix``, ``modified_after``, ``modified_before``
+(``filters.py``) from form fields, JSON fields or query parameters."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from starlette.requests import Request
 
 from bucketlens.http import HTTPError, read_limited
 
+from . import filters
+
 MAX_K = 1000
-OPTIONS = ("k", "min_score", "rerank")
+MAX_TEXT = 500  # characters of a text query
+OPTIONS = ("k", "min_score", "rerank", *filters.FIELDS)
 
 
 @dataclasses.dataclass
@@ -28,6 +32,13 @@ class SearchQuery:
     vector: np.ndarray | None = None
     text: str | None = None
     rerank: bool | None = None  # None: the model's default (on for image and key queries when it keeps features)
+    where: filters.Filter = dataclasses.field(default_factory=filters.Filter)
+
+    @property
+    def kind(self) -> str:
+        if self.image is not None:
+            return "image"
+        return "key" if self.key is not None else "text" if self.text is not None else "vector"
 
 
 async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuery:
@@ -66,6 +77,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         query.min_score = _float_field(fields["min_score"], "min_score")
     if fields.get("rerank") not in (None, ""):
         query.rerank = _bool_field(fields["rerank"], "rerank")
+    query.where = filters.parse(fields, bucket_filters=query.key is None)
     return query
 
 
@@ -92,9 +104,14 @@ def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> N
             raise HTTPError(400, "bad_key", "bucket must be a string")
         query.key, query.bucket = payload["key"], bucket
     elif "text" in payload:
-        raise HTTPError(400, "text_unsupported", "the current model cannot embed text queries")
+        text = payload["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise HTTPError(400, "bad_text", "text must be a non-empty string")
+        if len(text) > MAX_TEXT:
+            raise HTTPError(400, "bad_text", f"text must be at most {MAX_TEXT} characters")
+        query.text = text
     else:
-        raise HTTPError(400, "empty_query", "give an image (multipart), or JSON with 'key' or 'vector'")
+        raise HTTPError(400, "empty_query", "give an image (multipart), or JSON with 'key', 'vector' or 'text'")
 
 
 def _int_field(value: Any, name: str, low: int, high: int) -> int:

@@ -18,12 +18,15 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from vision import labels
+
 from .feature_store import FeatureStore
 from .vector_index import Indexed, VectorIndex
 
 log = logging.getLogger(__name__)
 SUFFIX = ".snapshot.npz"
-VERSION = 2  # 2 added each object's pixel count and the feature store's name; version 1 snapshots still load
+VERSION = 3  # 2 added each object's pixel count and the feature store's name, 3 its labels and modification time;
+READABLE = (1, 2, 3)  # older snapshots still load (their objects without labels and times)
 
 
 class SnapshotError(ValueError):
@@ -41,7 +44,8 @@ def encode(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
         "last_id": last_id,
         "created": time.time(),
         "count": len(objects),
-        "objects": [[o.bucket, o.key, o.etag, o.sequencer, str(o.order), o.generation, o.pixels] for o in objects],
+        "objects": [[o.bucket, o.key, o.etag, o.sequencer, str(o.order), o.generation, o.pixels,
+                     None if o.labels is None else labels.encode(o.labels), o.modified] for o in objects],
         "features": index.features.path.name if index.features.path is not None else None,
         "tombstones": [[oid, str(order), when] for oid, (order, when) in tombstones.items()],
     }
@@ -64,8 +68,8 @@ def decode(data: bytes, dims: Mapping[str, int], features: Callable[[int], Featu
             vectors = archive["vectors"]
     except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise SnapshotError(f"unreadable snapshot: {exc}") from exc
-    if meta.get("v") not in (1, VERSION):
-        raise SnapshotError(f"snapshot schema version {meta.get('v')!r}, expected {VERSION} or 1")
+    if meta.get("v") not in READABLE:
+        raise SnapshotError(f"snapshot schema version {meta.get('v')!r}, expected one of {READABLE}")
     model, dim = meta.get("model"), meta.get("dim")
     if model not in dims:
         raise SnapshotError(f"snapshot is for model {model!r}; this service knows {', '.join(dims)}")
@@ -73,13 +77,24 @@ def decode(data: bytes, dims: Mapping[str, int], features: Callable[[int], Featu
         raise SnapshotError(f"snapshot has dim {dim}, but {model} embeds {dims[model]}-d vectors")
     if vectors.dtype != np.float32 or vectors.shape != (meta["count"], dim) or len(meta["objects"]) != meta["count"]:
         raise SnapshotError(f"snapshot holds {vectors.shape} {vectors.dtype} vectors for {meta['count']} objects")
-    objects = [Indexed(b, k, e, s, int(o), int(g), int(rest[0]) if rest else 0)
-               for b, k, e, s, o, g, *rest in meta["objects"]]
+    try:
+        objects = [_object(row) for row in meta["objects"]]
+    except (TypeError, ValueError) as exc:
+        raise SnapshotError(f"bad object row: {exc}") from exc
     tombstones = {oid: (int(order), float(when)) for oid, order, when in meta["tombstones"]}
     generation = int(meta["generation"])
     index = VectorIndex.from_export(model, dim, generation, objects, vectors, tombstones,
                                     meta.get("index_type", "Flat"), features(generation))
     return index, str(meta["last_id"])
+
+
+def _object(row: list[Any]) -> Indexed:
+    """One object row of any readable version: v1 has 6 fields, v2 adds pixels, v3 labels and the time."""
+    bucket, key, etag, sequencer, order, generation, *rest = row
+    pixels = int(rest[0]) if rest else 0
+    found = labels.decode(rest[1]) if len(rest) > 1 and rest[1] else None
+    modified = float(rest[2]) if len(rest) > 2 else 0.0
+    return Indexed(bucket, key, etag, sequencer, int(order), int(generation), pixels, found, modified)
 
 
 class SnapshotStore:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,15 +22,16 @@ def filled(n: int = 50, seed: int = 0) -> VectorIndex:
     index = VectorIndex("m", DIM, generation=3)
     vectors = rng.standard_normal((n, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    index.apply([ResultEntry("upsert", "b", f"dir/k {i} ü", f"e{i}", f"s{i}", 10 + i, 3, "m", v)
+    index.apply([ResultEntry("upsert", "b", f"dir/k {i} ü", f"e{i}", f"s{i}", 10 + i, 3, "m", v,
+                             labels=f"{i}:0.5,{i + 1}:0.25" if i % 2 else "", modified=1.7e9 + i)
                  for i, v in enumerate(vectors)])
     index.apply([ResultEntry("delete", "b", "dir/k 0 ü", "", "", 100, 3)])
     return index
 
 
-def contents(index: VectorIndex) -> dict[str, tuple[str, int, bytes]]:
+def contents(index: VectorIndex) -> dict[str, tuple[Any, ...]]:
     objects, vectors, _ = index.export()
-    return {o.key: (o.etag, o.order, v.tobytes()) for o, v in zip(objects, vectors)}
+    return {o.key: (o.etag, o.order, o.labels, o.modified, v.tobytes()) for o, v in zip(objects, vectors)}
 
 
 def test_round_trip_keeps_objects_vectors_tombstones_and_position(tmp_path: Path) -> None:
@@ -86,14 +88,19 @@ def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
     assert loaded.index_type == "IVF" and contents(loaded) == contents(index)
 
 
-def test_a_version_1_snapshot_still_loads(tmp_path: Path) -> None:
-    """Snapshots written before pixel counts and feature stores existed load with ``pixels`` 0."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_snapshot_still_loads(tmp_path: Path, version: int) -> None:
+    """Snapshots written before pixel counts and feature stores (v1), or labels and times (v2), existed load with
+    ``pixels`` 0, ``labels`` None and ``modified`` 0; a text or date search then simply does not find them."""
     data, meta = encode(filled(5), "4-4")
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         vectors = archive["vectors"]
-    meta.update(v=1, objects=[row[:6] for row in meta["objects"]])
-    del meta["features"]
+    meta.update(v=version, objects=[row[: 5 + version] for row in meta["objects"]])
+    if version == 1:
+        del meta["features"]
     buffer = io.BytesIO()
     np.savez(buffer, vectors=vectors, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     loaded, last_id = decode(buffer.getvalue(), {"m": DIM})
-    assert last_id == "4-4" and len(loaded) == 4 and {o.pixels for o in loaded.objects()} == {0}
+    assert last_id == "4-4" and len(loaded) == 4
+    assert {(o.labels, o.modified) for o in loaded.objects()} == {(None, 0.0)}
+    assert loaded.label_counts() == {}

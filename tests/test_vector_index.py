@@ -11,6 +11,7 @@ import pytest
 
 import index_service.vector_index as module
 from bucketlens.schemas import ResultEntry
+from index_service.filters import Filter
 from index_service.vector_index import VectorIndex
 
 DIM = 8
@@ -192,3 +193,70 @@ def test_searches_run_together_and_a_waiting_merge_goes_first() -> None:
     writer.join(5)
     reader.join(5)
     assert order == ["two readers", "writer", "late reader"]  # the waiting merge went before the late search
+
+
+def dated(key: str, seed: int, bucket: str = "b", when: float = 0.0, found: str = "") -> ResultEntry:
+    return dataclasses.replace(upsert(key, 1, seed), bucket=bucket, modified=when, labels=found)
+
+
+@pytest.fixture
+def folders() -> VectorIndex:
+    """600 objects in two buckets, three folders and three months; times unknown for some (older workers)."""
+    index = VectorIndex("m", DIM)
+    index.apply([dated(f"{('2023', '2024', 'misc')[i % 3]}/{i}", i, ("b", "c")[i % 2], 0.0 if i % 7 == 0 else
+                       1_700_000_000 + (i % 3) * 2_600_000.0) for i in range(600)])
+    return index
+
+
+def exact_answer(index: VectorIndex, query: np.ndarray, where: Filter, k: int) -> list[str]:
+    kept = [o for o in index.objects() if where.keeps(o.bucket, o.key, o.modified)]
+    scored = sorted(kept, key=lambda o: -float(index.vector(o.bucket, o.key) @ query))  # type: ignore[operator]
+    return [o.key for o in scored[:k]]
+
+
+@pytest.mark.parametrize("structure", ["Flat", "IVF"])
+@pytest.mark.parametrize("exact_limit", [10_000, 5])  # an exact scan of the kept objects, or a selector
+def test_filters_keep_exactly_their_objects(folders: VectorIndex, structure: str, exact_limit: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(module, "EXACT_LIMIT", exact_limit)
+    if structure == "IVF":
+        folders.restructure("IVF")
+        folders._faiss.nprobe = folders._faiss.nlist  # all lists: the selector path is then exact too
+    query = unit(12345)
+    for where in (Filter(prefix="2024/"), Filter(bucket="c"), Filter(bucket="b", prefix="misc/"),
+                  Filter(after=1_702_000_000), Filter(before=1_702_000_000), Filter(prefix="2023/", after=1),
+                  Filter(bucket="nope"), Filter(prefix="2025/")):
+        found = [o.key for o, _ in folders.search(query, 10, where=where)]
+        assert found == exact_answer(folders, query, where, 10), where
+        assert all(where.keeps(o.bucket, o.key, o.modified) for o, _ in folders.search(query, 300, where=where))
+
+
+def test_a_narrow_filter_still_returns_k_on_ivf(folders: VectorIndex) -> None:
+    """IVF with its default probes would rarely see a folder holding 1 % of the objects; the exact scan does."""
+    folders.apply([dated(f"tiny/{i}", 10_000 + i) for i in range(6)])
+    folders.restructure("IVF")
+    found = folders.search(unit(1), 5, where=Filter(prefix="tiny/"))
+    assert len(found) == 5 and all(o.key.startswith("tiny/") for o, _ in found)
+
+
+def test_unknown_times_are_outside_every_range(folders: VectorIndex) -> None:
+    unknown = {o.key for o in folders.objects() if o.modified == 0}
+    found = {o.key for o, _ in folders.search(unit(3), 600, where=Filter(after=1))}
+    assert unknown and not unknown & found and len(found) == 600 - len(unknown)
+
+
+def test_text_search_ranks_by_the_probability_of_the_wanted_labels() -> None:
+    index = VectorIndex("m", DIM)
+    index.apply([dated("cat", 1, found="281:0.6,285:0.3"), dated("other", 2, found="281:0.1,400:0.8"),
+                 dated("none", 3, found="400:0.9"), dated("old", 4)])
+    assert [(o.key, round(s, 3)) for o, s in index.text_search({281, 285}, 10)] == [("cat", 0.9), ("other", 0.1)]
+    assert [o.key for o, _ in index.text_search({281}, 10, Filter(prefix="oth"))] == ["other"]
+    assert index.label_counts() == {281: 2, 285: 1, 400: 2}
+    index.apply([delete("cat", 2), dataclasses.replace(dated("other", 2, found="400:0.8"), order=3)])
+    assert index.text_search({281, 285}, 10) == [] and index.label_counts() == {400: 2}
+
+
+def test_malformed_labels_keep_the_object_without_them() -> None:
+    index = VectorIndex("m", DIM)
+    index.apply([dated("k", 1, found="9999:2")])
+    assert index.get("b", "k") is not None and index.get("b", "k").labels is None  # type: ignore[union-attr]

@@ -1,0 +1,93 @@
+"""Which objects a search may return: a bucket, a key prefix (a folder), a range of modification times.
+
+The index answers a filter from structures kept for it (``vector_index.py``: the keys in sorted order, each
+object's time in an array), so a filter that keeps few objects costs little; ``keeps`` is the same rule for one
+object, used where candidates are few anyway (text search).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any, Iterable
+
+from bucketlens.http import HTTPError
+from bucketlens.schemas import object_id
+
+FIELDS = ("bucket", "prefix", "modified_after", "modified_before")
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    bucket: str | None = None
+    prefix: str = ""  # of the key, within the bucket(s)
+    after: float | None = None  # modified at or after (seconds since the epoch)
+    before: float | None = None  # modified strictly before
+
+    def __bool__(self) -> bool:
+        return bool(self.bucket or self.prefix or self.after is not None or self.before is not None)
+
+    @property
+    def dated(self) -> bool:
+        return self.after is not None or self.before is not None
+
+    def ranges(self, buckets: Iterable[str]) -> list[str]:
+        """The object-id prefixes that hold every object this filter can keep."""
+        chosen = [self.bucket] if self.bucket else sorted(buckets)
+        return [object_id(b, self.prefix) for b in chosen]
+
+    def keeps_time(self, modified: float) -> bool:
+        """An object of unknown time (0: indexed before times were kept) is outside every range."""
+        if not self.dated:
+            return True
+        if modified <= 0:
+            return False
+        return (self.after is None or modified >= self.after) and (self.before is None or modified < self.before)
+
+    def keeps(self, bucket: str, key: str, modified: float) -> bool:
+        return ((self.bucket is None or bucket == self.bucket) and key.startswith(self.prefix)
+                and self.keeps_time(modified))
+
+    def public(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "prefix": self.prefix, "modified_after": iso(self.after),
+                "modified_before": iso(self.before)}
+
+
+def parse(fields: dict[str, Any], bucket_filters: bool = True) -> Filter:
+    """A filter from request fields (JSON body, form fields or query parameters); 400 on a bad value.
+    ``bucket_filters``: False for a key query, where ``bucket`` names the key's bucket instead."""
+    bucket = fields.get("bucket") if bucket_filters else None
+    if bucket is not None and not (isinstance(bucket, str) and bucket):
+        raise HTTPError(400, "bad_parameter", "bucket must be a non-empty string")
+    prefix = fields.get("prefix") or ""
+    if not isinstance(prefix, str):
+        raise HTTPError(400, "bad_parameter", "prefix must be a string")
+    after = parse_time(fields.get("modified_after"), "modified_after")
+    before = parse_time(fields.get("modified_before"), "modified_before")
+    if after is not None and before is not None and after >= before:
+        raise HTTPError(400, "bad_parameter", "modified_after must be earlier than modified_before")
+    return Filter(bucket, prefix, after, before)
+
+
+def parse_time(value: Any, name: str) -> float | None:
+    """ISO 8601: a date (midnight UTC) or a date and time; a time without an offset is UTC."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise HTTPError(400, "bad_parameter", f"{name} must be an ISO 8601 date or time, e.g. 2024-06-01")
+    try:
+        when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise HTTPError(400, "bad_parameter",
+                        f"{name} must be an ISO 8601 date or time, e.g. 2024-06-01 or 2024-06-01T12:00:00Z; "
+                        f"got {value!r:.80}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def iso(when: float | None) -> str | None:
+    """Seconds since the epoch as ISO 8601 UTC; None for an unknown time."""
+    if not when:
+        return None
+    return dt.datetime.fromtimestamp(when, dt.UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,110 @@
+"""Text search and filters through the real stack: scikit-image's photographs in two folders, uploaded in two rounds
+(so their modification times differ), searched by words, by image within a folder, and by time range."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import httpx
+import pytest
+
+from infra.stack import Stack
+
+from .helpers import photo, wait_for
+from .test_pipeline import put, wait_indexed
+
+pytestmark = pytest.mark.slow
+
+FIRST = ("chelsea.png", "coffee.png", "rocket.jpg")  # folder a/, uploaded first
+SECOND = ("astronaut.png", "motorcycle_left.png", "camera.png")  # folder b/, uploaded once the first are indexed
+
+
+@pytest.fixture(scope="module")
+def folders(stack: Stack, s3: Any, api: httpx.Client) -> dict[str, Any]:
+    prefix = "text-" + dt.datetime.now().strftime("%H%M%S%f") + "/"
+    states = {}
+    for folder, names in (("a/", FIRST), ("b/", SECOND)):
+        etags = {f"{prefix}{folder}{n}": put(s3, stack, f"{prefix}{folder}{n}", photo(n)) for n in names}
+        states.update({key: wait_indexed(api, stack, key, etag) for key, etag in etags.items()})
+    first = max(when(states[f"{prefix}a/{n}"]["modified"]) for n in FIRST)
+    second = min(when(states[f"{prefix}b/{n}"]["modified"]) for n in SECOND)
+    assert first < second, "the second round was written after the first was indexed"
+    return {"prefix": prefix, "states": states, "between": (first + (second - first) / 2).isoformat(),
+            "second": second.isoformat()}
+
+
+def when(iso: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def text(api: httpx.Client, words: str, **options: Any) -> dict[str, Any]:
+    response = api.post("/search", json={"text": words, **options})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def keys(answer: dict[str, Any]) -> list[str]:
+    return [r["key"] for r in answer["results"]]
+
+
+def test_objects_carry_labels_and_times(folders: dict[str, Any]) -> None:
+    chelsea = folders["states"][folders["prefix"] + "a/chelsea.png"]
+    assert {"tabby", "tiger cat", "Egyptian cat"} & {label["name"] for label in chelsea["labels"]}
+    assert len(chelsea["labels"]) == 5 and chelsea["labels"][0]["id"].startswith("n")
+    assert sum(label["score"] for label in chelsea["labels"]) <= 1.0001
+    assert chelsea["modified"].endswith("Z")
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    ("cat", "a/chelsea.png"), ("cats", "a/chelsea.png"), ("a photo of a coffee", "a/coffee.png"),
+    ("cup", "a/coffee.png"), ("rocket", "a/rocket.jpg"), ("missile", "a/rocket.jpg"),
+])
+def test_words_find_the_photo_first(api: httpx.Client, folders: dict[str, Any], words: str, expected: str) -> None:
+    answer = text(api, words, prefix=folders["prefix"])
+    assert keys(answer)[0] == folders["prefix"] + expected, answer
+    assert answer["matched"] and not answer["unmatched"]
+    assert answer["results"][0]["labels"] and answer["results"][0]["score"] > 0
+
+
+def test_an_unknown_word_answers_empty_and_says_which(api: httpx.Client, folders: dict[str, Any]) -> None:
+    answer = text(api, "xyzzy", prefix=folders["prefix"])
+    assert answer["results"] == [] and answer["unmatched"] == ["xyzzy"] and answer["matched"] == []
+    mixed = text(api, "cat xyzzy", prefix=folders["prefix"])
+    assert keys(mixed)[0] == folders["prefix"] + "a/chelsea.png" and mixed["unmatched"] == ["xyzzy"]
+
+
+def test_filters_keep_exactly_their_objects(api: httpx.Client, folders: dict[str, Any]) -> None:
+    prefix, between = folders["prefix"], folders["between"]
+    image = photo("chelsea.png")
+    in_b = api.post("/search", files={"image": ("q.jpg", image, "image/jpeg")}, data={"k": "10", "prefix": prefix + "b/"})
+    assert in_b.status_code == 200, in_b.text
+    assert sorted(keys(in_b.json())) == sorted(prefix + "b/" + n for n in SECOND)  # k results: all three, no more
+
+    vector = api.post("/search", json={"key": prefix + "a/chelsea.png", "k": 50}).json()["results"]
+    assert vector, "the key query found neighbours"
+    after = api.post("/search", json={"key": prefix + "a/chelsea.png", "k": 50, "prefix": prefix,
+                                      "modified_after": between}).json()
+    assert sorted(keys(after)) == sorted(prefix + "b/" + n for n in SECOND)
+    before = api.post("/search", json={"key": prefix + "a/chelsea.png", "k": 50, "prefix": prefix,
+                                       "modified_before": folders["second"]}).json()
+    assert sorted(keys(before)) == sorted(prefix + "a/" + n for n in FIRST if n != "chelsea.png")
+    assert abs((when(after["filter"]["modified_after"]) - when(between)).total_seconds()) < 0.001
+
+
+def test_bad_filters_are_clear_errors(api: httpx.Client) -> None:
+    for body, words in (({"modified_after": "last tuesday"}, "ISO 8601"), ({"prefix": 3}, "prefix"),
+                        ({"modified_after": "2024-06-02", "modified_before": "2024-06-01"}, "earlier"),
+                        ({"text": ""}, "text"), ({"text": "x" * 501}, "at most")):
+        response = api.post("/search", json={"text": "cat", **body})
+        assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
+    rerank = api.post("/search", json={"text": "cat", "rerank": True})
+    assert rerank.status_code == 400 and "nothing to verify" in rerank.json()["error"]["message"]
+
+
+def test_labels_autocomplete_counts_what_is_indexed(api: httpx.Client, folders: dict[str, Any]) -> None:
+    response = api.get("/labels", params={"q": "espr"})
+    assert response.status_code == 200
+    found = response.json()["labels"]
+    assert found[0]["name"] == "espresso" and found[0]["count"] >= 1
+    assert all(any(w.startswith("espr") for n in f["names"] for w in [n.lower(), *n.lower().split()]) for f in found)
