@@ -36,3 +36,12 @@ def test_event_order_falls_back_to_event_time() -> None:
 def test_time_order_accepts_datetimes_and_strings() -> None:
     when = dt.datetime(2026, 11, 29, 1, 35, 25, 103000, tzinfo=dt.UTC)
     assert time_order(when) == time_order("2026-11-29T01:35:25.103Z") == time_order(when.replace(tzinfo=None))
+
+
+def test_an_objects_modification_time_comes_from_its_event_or_listing() -> None:
+    from bucketlens.schemas import ObjectRef
+
+    assert ObjectRef("b", "k", "e", event_time="2024-06-01T12:00:00.500Z").modified == 1717243200.5
+    assert ObjectRef("b", "k", "e", event_time="2024-06-01 12:00:00+00:00").modified == 1717243200.0  # LastModified
+    assert ObjectRef("b", "k", "e", event_time="yesterday").modified == 0.0
+    assert ObjectRef("b", "k", "e").modified == 0.0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import index_service.vector_index as module
-from bucketlens.schemas import ResultEntry
+from bucketlens.schemas import ResultEntry, SchemaError
 from index_service.filters import Filter
 from index_service.vector_index import VectorIndex
 
@@ -96,19 +96,29 @@ def test_stream_entry_round_trip() -> None:
     back = ResultEntry.from_fields(fields)
     assert back.key == entry.key and back.order == 2**70
     np.testing.assert_array_equal(back.vector, entry.vector)
-    with_features = dataclasses.replace(entry, features=b"O1\x00\x00", pixels=12_000_000)
+    with_features = dataclasses.replace(entry, features=b"O1\x00\x00", pixels=12_000_000, labels="281:0.5",
+                                        modified=1_700_000_000.25)
     fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in with_features.to_fields().items()}
     again = ResultEntry.from_fields(fields)
-    assert (again.features, again.pixels) == (b"O1\x00\x00", 12_000_000)
+    assert (again.features, again.pixels, again.labels, again.modified) == (
+        b"O1\x00\x00", 12_000_000, "281:0.5", 1_700_000_000.25)
+    fields[b"modified"] = b"nan"
+    with pytest.raises(SchemaError, match="modified"):
+        ResultEntry.from_fields(fields)
 
 
-def test_version_1_stream_entries_still_read() -> None:
-    """Entries written by workers before features and pixel counts existed (a rolling upgrade)."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_stream_entries_still_read(version: int) -> None:
+    """Entries written by workers before features and pixel counts (v1), or labels and times (v2), existed: a
+    rolling upgrade."""
     fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in upsert("a", 1, 1).to_fields().items()}
-    fields[b"v"] = b"1"
-    del fields[b"features"], fields[b"pixels"]
+    fields[b"v"] = str(version).encode()
+    del fields[b"labels"], fields[b"modified"]
+    if version == 1:
+        del fields[b"features"], fields[b"pixels"]
     back = ResultEntry.from_fields(fields)
     assert back.features == b"" and back.pixels == 0 and back.vector is not None
+    assert back.labels == "" and back.modified == 0.0
 
 
 def clustered(n: int, dim: int, centroids: int, seed: int = 0) -> np.ndarray:
