@@ -36,10 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     upload.add_argument("folder", type=Path)
     upload.add_argument("--prefix", default="", help="key prefix for the uploaded objects")
     upload.add_argument("--bucket")
-    search = sub.add_parser("search", help="find similar images by image file or by indexed key")
+    search = sub.add_parser("search", help="find images by image file, indexed key or words, within filters")
     search.add_argument("image", nargs="?", type=Path)
     search.add_argument("--key")
-    search.add_argument("--bucket")
+    search.add_argument("--text", help="words, e.g. 'dog' (the model's 1000 ImageNet concepts, through WordNet)")
+    search.add_argument("--bucket", help="the key's bucket; for other queries, search only this bucket")
+    search.add_argument("--prefix", help="only keys under this prefix (a folder), e.g. 2024/")
+    search.add_argument("--after", help="only objects modified at or after this ISO 8601 date or time")
+    search.add_argument("--before", help="only objects modified before this ISO 8601 date or time")
+    search.add_argument("--min-score", type=float)
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
     dups = sub.add_parser("duplicates", help="groups of near-duplicate images (copies of one photo), best first")
@@ -208,32 +213,45 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def search_request(settings: Settings, image: Path | None, key: str | None, bucket: str | None, k: int) -> Any:
+def search_request(settings: Settings, query: dict[str, Any], image: Path | None = None) -> Any:
+    """``POST /search``: ``query`` holds the request's fields (key, text, bucket, k, filters); with ``image`` they
+    travel as form fields beside the upload."""
     url = api_url(settings) + "/search"
     headers = read_headers(settings)
+    fields = {name: value for name, value in query.items() if value is not None}
     if image is not None:
         with open(image, "rb") as handle:
-            response = httpx.post(url, files={"image": (image.name, handle)}, data={"k": str(k)},
-                                  headers=headers, timeout=60)
-    elif key is not None:
-        response = httpx.post(url, json={"key": key, "bucket": bucket or settings.bucket, "k": k},
-                              headers=headers, timeout=60)
+            response = httpx.post(url, files={"image": (image.name, handle)},
+                                  data={name: str(value) for name, value in fields.items()}, headers=headers,
+                                  timeout=60)
+    elif "key" in fields or "text" in fields:
+        response = httpx.post(url, json=fields, headers=headers, timeout=60)
     else:
-        raise CLIError("give an image file or --key")
+        raise CLIError("give an image file, --key or --text")
     if response.status_code != 200:
         raise CLIError(_error_text(response))
     return response.json()
 
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
-    result = search_request(client_settings(settings), args.image, args.key, args.bucket, args.k)
+    query = {"k": args.k, "key": args.key, "text": args.text, "prefix": args.prefix, "modified_after": args.after,
+             "modified_before": args.before, "min_score": args.min_score,
+             "bucket": args.bucket or (settings.bucket if args.key else None)}
+    result = search_request(client_settings(settings), query, args.image)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{len(result['results'])} results ({result['model']}, {result['took_ms']:.1f} ms)")
+    for term in result.get("matched", []):
+        names = [label["name"] for label in term["labels"]]
+        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        print(f"  '{term['text']}' means {', '.join(names[:8])}{more}")
+    if result.get("unmatched"):
+        print(f"  no ImageNet concept for: {', '.join(result['unmatched'])}")
     for hit in result["results"]:
-        verified = f"  verified: {hit['matches']} matches" if hit.get("verified") else ""
-        print(f"{hit['score']:.4f}  {hit['bucket']}/{hit['key']}{verified}")
+        verified = f"  same photo: {hit['matches']} matches" if hit.get("verified") else ""
+        tags = f"  [{', '.join(label['name'] for label in hit['labels'][:3])}]" if hit.get("labels") else ""
+        print(f"{hit['score']:.4f}  {hit['bucket']}/{hit['key']}{verified}{tags}")
     return 0
 
 
@@ -359,7 +377,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     for copy in sorted(p for p in files if "augmented" in p.parts)[:3]:
         original = "samples/" + copy.name.replace("-flipped-crop", "")
         print(f"\nnearest to {original}  (the set holds a mirrored, cropped, brightened copy of it)")
-        for hit in search_request(stack.settings, None, original, None, 3)["results"]:
+        for hit in search_request(stack.settings, {"key": original, "k": 3})["results"]:
             verified = f"  verified: {hit['matches']} matching features" if hit.get("verified") else ""
             print(f"  {hit['score']:.4f}  {hit['key']}{verified}")
     print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")

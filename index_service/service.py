@@ -21,6 +21,7 @@ from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from ingest.publisher import Publisher
+from vision import words
 from vision.embedders import Embedder, Embedders
 from vision.models import dims, recipe
 
@@ -102,6 +103,10 @@ class Service:
         self.merger.start()
         self.duplicates.start()
         self.embedders.get(self.index.model)  # query images are embedded with the serving model
+        try:
+            words.vocabulary()  # text queries: WordNet read once (~0.6 s) before the first one, not during it
+        except words.VocabularyMissing as exc:
+            log.warning("text search is off: %s", exc)
 
     def _register_generation(self) -> None:
         delay = 0.2

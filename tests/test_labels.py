@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from bucketlens.settings import Settings
 from infra.samples import skimage_data

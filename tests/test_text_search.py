@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -11,7 +15,7 @@ import pytest
 
 from infra.stack import Stack
 
-from .helpers import photo, wait_for
+from .helpers import photo
 from .test_pipeline import put, wait_indexed
 
 pytestmark = pytest.mark.slow
@@ -77,7 +81,8 @@ def test_an_unknown_word_answers_empty_and_says_which(api: httpx.Client, folders
 def test_filters_keep_exactly_their_objects(api: httpx.Client, folders: dict[str, Any]) -> None:
     prefix, between = folders["prefix"], folders["between"]
     image = photo("chelsea.png")
-    in_b = api.post("/search", files={"image": ("q.jpg", image, "image/jpeg")}, data={"k": "10", "prefix": prefix + "b/"})
+    in_b = api.post("/search", files={"image": ("q.jpg", image, "image/jpeg")},
+                    data={"k": "10", "prefix": prefix + "b/"})
     assert in_b.status_code == 200, in_b.text
     assert sorted(keys(in_b.json())) == sorted(prefix + "b/" + n for n in SECOND)  # k results: all three, no more
 
@@ -108,3 +113,21 @@ def test_labels_autocomplete_counts_what_is_indexed(api: httpx.Client, folders: 
     found = response.json()["labels"]
     assert found[0]["name"] == "espresso" and found[0]["count"] >= 1
     assert all(any(w.startswith("espr") for n in f["names"] for w in [n.lower(), *n.lower().split()]) for f in found)
+
+
+def test_the_command_line_searches_by_words_within_a_folder_and_dates(stack: Stack, folders: dict[str, Any]) -> None:
+    env = {**os.environ, "BUCKETLENS_HOME": str(stack.home)}
+    prefix = folders["prefix"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bucketlens.cli", "search", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    found = json.loads(run("--text", "cat", "--prefix", prefix, "--json", "-k", "3").stdout)
+    assert found["results"][0]["key"] == prefix + "a/chelsea.png"
+    late = json.loads(run("--text", "cat", "--prefix", prefix, "--after", folders["between"], "--json").stdout)
+    assert late["results"] == []  # the cat is in the first round
+    printed = run("--text", "coffee xyzzy", "--prefix", prefix)
+    assert printed.returncode == 0 and prefix + "a/coffee.png" in printed.stdout and "xyzzy" in printed.stdout
+    wrong = run("--text", "cat", "--after", "soon")
+    assert wrong.returncode != 0 and "ISO 8601" in wrong.stderr

@@ -19,7 +19,7 @@ from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 from infra.samples import write_samples
 from infra.stack import Stack
 
-from .helpers import object_state, wait_for
+from .helpers import object_state, photo, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +156,68 @@ def test_search_by_file_then_click_through(
         called = {path for path, _ in api_calls}
         assert {"/stats", "/queues", "/search"} <= called and any(p.startswith("/duplicates?") for p in called), called
         assert all(auth == "Bearer page-token" for _, auth in api_calls), api_calls
+        page.close()
+    finally:
+        for key in keys.values():
+            s3.delete_object(Bucket=bucket, Key=key)
+
+
+def test_search_by_words_within_a_folder_and_by_tag(
+    browser: Browser, stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    bucket = stack.settings.bucket
+    keys = {name: f"{unique_prefix}{name}" for name in ("chelsea.png", "coffee.png")}
+    for name, key in keys.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=photo(name), ContentType="image/jpeg")
+    try:
+        for key in keys.values():
+            wait_for(functools.partial(indexed, api, bucket, key), timeout_s=180, interval_s=0.5, what=f"{key} indexed")
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        js_errors: list[str] = []
+        page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+        page.goto(stack.api_url + "/")
+        results, cards = page.get_by_test_id("results"), page.get_by_test_id("result")
+
+        # Autocomplete offers labels as the words are typed.
+        page.get_by_test_id("text-input").fill("espr")
+        expect(page.locator("#label-options option[value=espresso]")).to_have_count(1)
+
+        # Words, within this test's folder: the cat comes first, with its tags.
+        page.get_by_test_id("filter-prefix").fill(unique_prefix)
+        page.get_by_test_id("text-input").fill("cat")
+        page.get_by_test_id("text-submit").click()
+        expect(results).to_have_attribute("data-search-count", "1")
+        expect(results).to_have_attribute("data-query-kind", "text")
+        expect(cards).to_have_count(1)
+        expect(cards.first).to_have_attribute("data-key", keys["chelsea.png"])
+        tags = cards.first.get_by_test_id("result-tag")
+        expect(tags).to_have_count(3)
+        wait_thumbnails_loaded(page, unique_prefix)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-page-text-search.png"), full_page=True)
+
+        # A tag is a search by that label (not a click-through to the card's key).
+        first_tag = tags.first.inner_text()
+        tags.first.click()
+        expect(results).to_have_attribute("data-search-count", "2")
+        expect(results).to_have_attribute("data-query-kind", "text")
+        expect(page.get_by_test_id("query-label")).to_contain_text(first_tag)
+        expect(cards.first).to_have_attribute("data-key", keys["chelsea.png"])
+
+        # A word the model does not know: no results, and the page says which word.
+        page.get_by_test_id("text-input").fill("xyzzy")
+        page.get_by_test_id("text-submit").click()
+        expect(results).to_have_attribute("data-search-count", "3")
+        expect(page.get_by_test_id("unmatched")).to_contain_text("xyzzy")
+        expect(cards).to_have_count(0)
+
+        # A date range that starts after today keeps nothing.
+        page.get_by_test_id("filter-after").fill("2999-01-01")
+        page.get_by_test_id("text-input").fill("coffee")
+        page.get_by_test_id("text-submit").click()
+        expect(results).to_have_attribute("data-search-count", "4")
+        expect(cards).to_have_count(0)
+        assert not js_errors, js_errors
         page.close()
     finally:
         for key in keys.values():
