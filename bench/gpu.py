@@ -14,6 +14,11 @@ No S3, Redis or Celery. Four figures, written to one JSON file (``--out``):
   as it arrives. Beside it the same processes without the GPU (what the CPU alone allows), and
   ``bench.limit.measure_limit``'s one-process variants (``serial`` is a CUDA worker as configured: one process).
 
+``--relu6`` measures the network with the ReLU6 activations its Lite weights were trained with, in place of the Swish
+that ``vision.network.build`` puts in every block (its ``set_swish`` call): a candidate fix, measured here before
+any model name computes it (``measure_limit``'s own embedders keep the network as built: skip them with
+``--threads-images 0``).
+
 Timing: warm-up first, then ``--repeats`` timed runs of enough batches for ~0.2 s each, synchronised with the GPU
 before the clock is read; the median counts. The input batches rotate among real decoded images.
 """
@@ -59,9 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--device", default="cuda", help="cuda; cpu only for a dry run of this script")
     parser.add_argument("--batches", default="1,8,32,64,128,256", help="batch sizes of the network and embedder")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"of {', '.join(LAYOUTS)}")
+    parser.add_argument("--relu6", action="store_true", help="the network with ReLU6, not Swish (see above)")
     parser.add_argument("--workers", default="1,2,4,8,15", help="decode processes of the limit")
     parser.add_argument("--per-worker", type=int, default=256, help="images per decode process in the limit")
-    parser.add_argument("--threads-images", type=int, default=512, help="images of measure_limit's variants")
+    parser.add_argument("--threads-images", type=int, default=512, help="images of measure_limit's variants (0: skip)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=0.2, help="length of one timed run")
     parser.add_argument("--commit", default="", help="the source's commit, recorded in the result")
@@ -113,6 +120,16 @@ def rate(step: Any, batches: Sequence[Any], size: int, device: str, repeats: int
     return statistics.median(rates)
 
 
+def torch_embedder(settings: Settings, relu6: bool) -> TorchEmbedder:
+    embedder = load_embedder(settings)
+    assert isinstance(embedder, TorchEmbedder), type(embedder)
+    if relu6:
+        net = embedder.net.net
+        for module in (net, *net._blocks):
+            module._swish = torch.nn.ReLU6()
+    return embedder
+
+
 def set_layout(embedder: TorchEmbedder, layout: str) -> None:
     torch.backends.cudnn.benchmark = layout.endswith("+benchmark")
     memory = torch.channels_last if layout.startswith("channels_last") else torch.contiguous_format
@@ -132,16 +149,16 @@ def tile(pixels: np.ndarray, size: int, count: int) -> list[np.ndarray]:
 
 def models(args: argparse.Namespace, pixels: np.ndarray, photos: np.ndarray) -> dict[str, list[dict[str, Any]]]:
     """The ``network``, ``embedder`` and ``agreement`` figures."""
-    reference = load_embedder(Settings(model=args.model, device="cpu", runtime="torch", torch_threads=cores()))
+    reference = torch_embedder(Settings(model=args.model, device="cpu", runtime="torch", torch_threads=cores()),
+                               args.relu6)
     expected = reference.embed(photos)
     out: dict[str, list[dict[str, Any]]] = {"network": [], "embedder": [], "agreement": []}
     sizes = [int(size) for size in args.batches.split(",")]
     for half in (False, True):
         settings = Settings(model=args.model, device=args.device, runtime="torch", half=half)
-        embedder = load_embedder(settings)
-        assert isinstance(embedder, TorchEmbedder), type(embedder)
+        embedder = torch_embedder(settings, args.relu6)
         dtype = str(embedder.dtype).removeprefix("torch.")
-        for layout in LAYOUTS:
+        for layout in args.layouts.split(","):
             set_layout(embedder, layout)
             out["agreement"].append({"dtype": dtype, "layout": layout, **agreement(embedder.embed(photos), expected)})
             for size in sizes:
@@ -202,8 +219,7 @@ def feed(pool: Pool, recipe_: Recipe, embedder: TorchEmbedder | None, blobs: Seq
 def limit(args: argparse.Namespace, pools: dict[int, Pool], blobs: list[bytes]) -> dict[str, Any]:
     """The pipeline's limit: decode processes feeding the GPU embedder (float16, as workers run it)."""
     settings = Settings(model=args.model, device=args.device, runtime="torch")
-    embedder = load_embedder(settings)
-    assert isinstance(embedder, TorchEmbedder), type(embedder)
+    embedder = torch_embedder(settings, args.relu6)
     rows = []
     for workers, pool in pools.items():
         share = cycle(blobs, max(args.per_worker * workers, 2 * settings.batch_size * workers))
@@ -214,7 +230,7 @@ def limit(args: argparse.Namespace, pools: dict[int, Pool], blobs: list[bytes]) 
         log.warning("limit, %d decode processes: %.0f img/s without the GPU, %.0f with it (embed %.0f %% of the "
                     "time)", workers, cpu_only["images_per_s"], with_gpu["images_per_s"], 100 * with_gpu["embed_share"])
     del embedder
-    threads = measure_limit(settings, cycle(blobs, args.threads_images), cores())
+    threads = measure_limit(settings, cycle(blobs, args.threads_images), cores()) if args.threads_images else {}
     return {"batch_size": settings.batch_size, "dtype": "float16" if args.device == "cuda" else "float32",
             "processes": rows, "threads": threads}
 
@@ -247,7 +263,7 @@ def table(report: dict[str, Any]) -> str:
         alone, fed = row["cpu_only"], row["with_gpu"]
         lines.append(f"  {row['workers']:>3}: {alone['images_per_s']:>8.0f} {fed['images_per_s']:>8.0f}"
                      f" {fed['embed_share']:>6.2f} {fed['cores_busy']:>6.1f}")
-    variants = report["limit"]["threads"]["limit_variants"]
+    variants = report["limit"]["threads"].get("limit_variants", {})
     lines.append("  one process: " + ", ".join(f"{name} {value:.0f}" for name, value in variants.items()))
     return "\n".join(lines)
 
@@ -274,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": args.commit, "model": args.model, "machine": machine(args.device), "images": len(blobs),
+            "commit": args.commit, "model": args.model, "activation": "relu6" if args.relu6 else "as built (swish)",
+            "machine": machine(args.device), "images": len(blobs),
         }
         report.update(models(args, pixels, photos))
         report["limit"] = limit(args, pools, blobs)
