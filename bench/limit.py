@@ -39,12 +39,17 @@ def decode_batch(recipe: Recipe, blobs: Sequence[bytes], max_pixels: int) -> lis
     return [decode_for(recipe, blob, max_pixels, local=True) for blob in blobs]
 
 
+def local_bytes(recipe: Recipe, images: list[Decoded]) -> int:
+    """Each image's local features, encoded as the worker stores them; returns their bytes."""
+    count = recipe.local_count
+    return sum(len(local_features.encode(local_features.views(i.gray, count))) for i in images if i.gray is not None)
+
+
 def describe(embedder: Embedder, images: list[Decoded]) -> int:
     """What the worker does after decoding: the model on the batch, then each image's local features; returns
     the bytes of those features."""
     embedder.embed(np.stack([image.pixels for image in images]))
-    count = embedder.recipe.local_count
-    return sum(len(local_features.encode(local_features.views(i.gray, count))) for i in images if i.gray is not None)
+    return local_bytes(embedder.recipe, images)
 
 
 def serial(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:
