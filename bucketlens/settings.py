@@ -39,6 +39,7 @@ class Settings:
     batch_window_ms: int = 50  # ingest groups events arriving within this window into one task
     batch_size: int = 32  # most object references per task
     dedup_ttl_s: int = 3600  # how long a (bucket, key, etag, sequencer) is remembered as seen
+    wordnet: Path = Path("/usr/share/wordnet")  # WordNet 3.0 (Debian's wordnet-base), for text queries
     model: str = "lite0-copy-v3"  # a recipe of vision/models.py (DEFAULT_MODEL there)
     device: str = "auto"  # auto | cpu | cuda
     runtime: str = "auto"  # auto | torch | onnx  (which engine runs the model)

@@ -20,7 +20,7 @@ from bucketlens.auth import token_ok
 from bucketlens.http import UNAVAILABLE, HTTPError, http_error_handler, read_limited, unavailable_handler
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
-from vision import labels, local_features
+from vision import labels, local_features, words
 from vision.decode import decode_for
 from vision.embedders import Embedder
 from vision.errors import PermanentError
@@ -83,9 +83,10 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         if kind == "text":
             assert query.text is not None
             try:
-                found_text = await run_in_threadpool(text_search, serving, query.text, query.k, query.where)
+                vocabulary = await run_in_threadpool(words.vocabulary, settings.wordnet)
             except VocabularyMissing as exc:
                 raise HTTPError(503, "no_vocabulary", str(exc)) from exc
+            found_text = await run_in_threadpool(text_search, serving, vocabulary, query.text, query.k, query.where)
             hits = [Hit(o, s) for o, s in found_text.hits]
             answer = found_text.public()
         else:

@@ -104,7 +104,7 @@ class Service:
         self.duplicates.start()
         self.embedders.get(self.index.model)  # query images are embedded with the serving model
         try:
-            words.vocabulary()  # text queries: WordNet read once (~0.6 s) before the first one, not during it
+            words.vocabulary(self.settings.wordnet)  # WordNet read once (~0.6 s), before the first text query
         except words.VocabularyMissing as exc:
             log.warning("text search is off: %s", exc)
 

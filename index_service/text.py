@@ -30,8 +30,9 @@ class TextAnswer:
                 "unmatched": list(self.query.unmatched), "ignored": list(self.query.ignored)}
 
 
-def search(index: VectorIndex, text: str, k: int, where: Filter | None = None) -> TextAnswer:
-    query = words.vocabulary().match(text)
+def search(index: VectorIndex, vocabulary: words.Vocabulary, text: str, k: int, where: Filter | None = None
+           ) -> TextAnswer:
+    query = vocabulary.match(text)
     hits = index.text_search(query.classes, k, where) if query.classes else []
     return TextAnswer(hits, query)
 

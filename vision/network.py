@@ -36,11 +36,12 @@ class FeatureNet(torch.nn.Module):
     def view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.net.extract_features(x)
         mean = maps.mean(dim=(2, 3))
-        probs = torch.softmax(self.net._fc(mean), dim=1)
+        probs = torch.softmax(self.net._fc(mean).float(), dim=1)
         if not self.gem_p:
-            return mean, probs
-        # GeM: the features are ReLU6 outputs (>= 0); the clamp keeps pow's gradient-free export finite.
-        return maps.clamp(min=1e-6).pow(self.gem_p).mean(dim=(2, 3)).pow(1.0 / self.gem_p), probs
+            return mean.float(), probs
+        # GeM in float32: on the swish graphs features reach ~58, whose cube overflows float16 (NaN on CUDA). The
+        # features are >= 0 (ReLU6; swish barely below); the clamp keeps pow's gradient-free export finite.
+        return maps.float().clamp(min=1e-6).pow(self.gem_p).mean(dim=(2, 3)).pow(1.0 / self.gem_p), probs
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (x - MEAN) / SCALE

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from pathlib import Path
 from typing import Iterable
 
 from . import labels
 
-WORDNET = Path(os.environ.get("BUCKETLENS_WORDNET", "/usr/share/wordnet"))
+WORDNET = Path("/usr/share/wordnet")  # Debian's wordnet-base; BUCKETLENS_WORDNET elsewhere (bucketlens/settings.py)
 STOP_WORDS = frozenset(
     "a an and any at by for from in into is it of on or some the to with photo photos picture pictures image "
     "images showing".split()
@@ -57,8 +56,8 @@ class Vocabulary:
     def __init__(self, folder: Path = WORDNET) -> None:
         files = [folder / name for name in ("index.noun", "data.noun", "noun.exc")]
         if not all(f.exists() for f in files):
-            raise VocabularyMissing(f"text search needs WordNet 3.0 in {folder} (Debian package wordnet-base; "
-                                    "or set BUCKETLENS_WORDNET to its folder)")
+            raise VocabularyMissing(f"text search needs WordNet 3.0 in {folder} (install Debian's wordnet-base, "
+                                    "or set BUCKETLENS_WORDNET to the folder holding index.noun)")
         self.senses: dict[str, tuple[int, ...]] = {}  # lemma -> the synsets a query means by it (usual senses)
         self.all_senses: dict[str, tuple[int, ...]] = {}
         for line in files[0].read_text(encoding="utf-8").splitlines():
@@ -149,9 +148,9 @@ class Vocabulary:
 
 
 @functools.cache
-def vocabulary() -> Vocabulary:
-    """The one vocabulary of this process, loaded on first use (~1 s)."""
-    return Vocabulary()
+def vocabulary(folder: Path = WORDNET) -> Vocabulary:
+    """The one vocabulary of this process per folder, loaded on first use (~0.6 s)."""
+    return Vocabulary(folder)
 
 
 def describe(classes: Iterable[int]) -> list[dict[str, str]]:
