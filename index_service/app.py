@@ -13,11 +13,11 @@ from botocore.exceptions import ClientError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import UNAVAILABLE, HTTPError, http_error_handler, read_limited, unavailable_handler
+from bucketlens.http import UNAVAILABLE, HTTPError, JSONResponse, http_error_handler, read_limited, unavailable_handler
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
 from vision import labels, local_features, words

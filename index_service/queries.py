@@ -1,9 +1,12 @@
-"""Parse a ``POST /search`` request: an uploaded image (multipart), or JSON ``key``, ``vector`` or ``text``; the options
+"""Parse a ``POST /search`` request: an uploaded image (multipart), JSON ``key``, ``vector`` (numbers; or
+``vector_b64``: base64 of little-endian float32) or ``text``, or a raw vector (``application/octet-stream``,
+little-endian float32, options as query parameters); the options
 ``k``, ``min_score``, ``rerank`` and the filters ``bucket``, ``prefix``, ``modified_after``, ``modified_before``
 (``filters.py``) from form fields, JSON fields or query parameters."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -60,6 +63,8 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         if len(query.image) > max_bytes:
             raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
         fields.update({k: v for k, v in form.items() if k in OPTIONS and isinstance(v, str)})
+    elif content_type.startswith("application/octet-stream"):  # the compact form: no JSON to parse
+        query.vector = _float32(await read_limited(request, dim * 4 + 4), dim, "the body")
     elif content_type.startswith("application/json") or not content_type:
         body = await read_limited(request, max_bytes)
         try:
@@ -71,7 +76,8 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         fields.update({k: v for k, v in payload.items() if k in OPTIONS})
         _query_from_json(query, payload, dim)
     else:
-        raise HTTPError(415, "unsupported_media_type", "send multipart/form-data with 'image', or JSON")
+        raise HTTPError(415, "unsupported_media_type",
+                        "send multipart/form-data with 'image', JSON, or application/octet-stream (a float32 vector)")
     query.k = _int_field(fields.get("k", 10), "k", 1, MAX_K)
     if fields.get("min_score") not in (None, ""):
         query.min_score = _float_field(fields["min_score"], "min_score")
@@ -86,16 +92,16 @@ def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> N
         raw = payload["vector"]
         if not isinstance(raw, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
             raise HTTPError(400, "bad_vector", "vector must be a list of numbers")
-        if len(raw) != dim:
-            raise HTTPError(400, "bad_vector", f"vector has {len(raw)} values, the index has dimension {dim}")
         try:
-            vector = np.asarray(raw, dtype=np.float32)
+            query.vector = _vector(np.asarray(raw, dtype=np.float32), dim)
         except OverflowError:  # an integer too large for any float
             raise HTTPError(400, "bad_vector", "vector must be finite and non-zero") from None
-        norm = float(np.linalg.norm(vector)) if np.isfinite(vector).all() else math.nan
-        if not math.isfinite(norm) or norm == 0:
-            raise HTTPError(400, "bad_vector", "vector must be finite and non-zero")
-        query.vector = vector / norm
+    elif "vector_b64" in payload:
+        try:
+            data = base64.b64decode(payload["vector_b64"], validate=True)
+        except (TypeError, ValueError):
+            raise HTTPError(400, "bad_vector", "vector_b64 must be base64 of little-endian float32 values") from None
+        query.vector = _float32(data, dim, "vector_b64")
     elif "key" in payload:
         if not isinstance(payload["key"], str) or not payload["key"]:
             raise HTTPError(400, "bad_key", "key must be a non-empty string")
@@ -111,7 +117,25 @@ def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> N
             raise HTTPError(400, "bad_text", f"text must be at most {MAX_TEXT} characters")
         query.text = text
     else:
-        raise HTTPError(400, "empty_query", "give an image (multipart), or JSON with 'key', 'vector' or 'text'")
+        raise HTTPError(400, "empty_query",
+                        "give an image (multipart), or JSON with 'key', 'vector', 'vector_b64' or 'text'")
+
+
+def _float32(data: bytes, dim: int, what: str) -> np.ndarray:
+    if len(data) % 4:
+        raise HTTPError(400, "bad_vector", f"{what} holds {len(data)} bytes, not a whole number of float32 values")
+    return _vector(np.frombuffer(data, dtype="<f4"), dim)
+
+
+def _vector(vector: np.ndarray, dim: int) -> np.ndarray:
+    """A query vector of the index's dimension, finite and non-zero, normalised (float32)."""
+    if len(vector) != dim:
+        raise HTTPError(400, "bad_vector", f"vector has {len(vector)} values, the index has dimension {dim}")
+    vector = vector.astype(np.float32)
+    norm = float(np.linalg.norm(vector)) if np.isfinite(vector).all() else math.nan
+    if not math.isfinite(norm) or norm == 0:
+        raise HTTPError(400, "bad_vector", "vector must be finite and non-zero")
+    return vector / norm
 
 
 def _int_field(value: Any, name: str, low: int, high: int) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from infra.stack import Stack
@@ -130,6 +132,10 @@ def test_search_input_errors_are_clear(stack: Stack, api: httpx.Client) -> None:
         ({"json": {"vector": [float("nan")] * 1280}}, 400, "bad_json"),  # NaN is not valid JSON
         ({"content": b'{"vector": [' + b"NaN," * 1279 + b"NaN]}", "headers": {"content-type": "application/json"}},
          400, "bad_vector"),
+        ({"json": {"vector_b64": "not base64!"}}, 400, "bad_vector"),
+        ({"json": {"vector_b64": base64.b64encode(b"\0" * 1280 * 4).decode()}}, 400, "bad_vector"),  # zero vector
+        ({"content": b"\0\0\0", "headers": {"content-type": "application/octet-stream"}}, 400, "bad_vector"),
+        ({"content": b"\0" * 12, "headers": {"content-type": "application/octet-stream"}}, 400, "bad_vector"),
         ({"json": {"key": "never/uploaded.jpg"}}, 404, "not_indexed"),
         ({"json": {"key": 5}}, 400, "bad_key"),
         ({"json": {}}, 400, "empty_query"),
@@ -146,6 +152,24 @@ def test_search_input_errors_are_clear(stack: Stack, api: httpx.Client) -> None:
         assert response.status_code == status, (kwargs, response.text)
         assert response.json()["error"]["code"] == code
     assert api.get("/objects/test-images/never/seen.jpg").status_code == 404
+
+
+def test_a_vector_query_answers_the_same_in_every_form(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """JSON numbers, base64 float32 in JSON and a raw float32 body (the compact forms skip parsing 1280 numbers)."""
+    key = f"{unique_prefix}coffee.jpg"
+    wait_indexed(api, stack, key, put(s3, stack, key, photo("coffee.png")))
+    vector = np.random.default_rng(0).random(1280).astype("<f4")
+    forms = [
+        api.post("/search", json={"vector": vector.tolist(), "k": 5, "prefix": unique_prefix}),
+        api.post("/search", json={"vector_b64": base64.b64encode(vector.tobytes()).decode(), "k": 5,
+                                  "prefix": unique_prefix}),
+        api.post("/search", content=vector.tobytes(), params={"k": 5, "prefix": unique_prefix},
+                 headers={"content-type": "application/octet-stream"}),
+    ]
+    answers = [(r.status_code, [(h["key"], h["score"]) for h in r.json()["results"]]) for r in forms]
+    assert answers[0] == answers[1] == answers[2] == (200, answers[0][1]) and answers[0][1][0][0] == key
 
 
 def test_presigned_urls_work_for_awkward_keys(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
