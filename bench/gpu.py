@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"of {', '.join(LAYOUTS)}")
     parser.add_argument("--relu6", action="store_true", help="the network with ReLU6, not Swish (see above)")
     parser.add_argument("--workers", default="1,2,4,8,15", help="decode processes of the limit")
+    parser.add_argument("--steps", default="models,limit", help="of models, limit, own (worker processes that each "
+                        "decode, extract local features and embed with a model of their own on the GPU)")
+    parser.add_argument("--own", default="1,4,8,15", help="processes of the 'own' step")
     parser.add_argument("--per-worker", type=int, default=256, help="images per decode process in the limit")
     parser.add_argument("--threads-images", type=int, default=512, help="images of measure_limit's variants (0: skip)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -235,6 +238,44 @@ def limit(args: argparse.Namespace, pools: dict[int, Pool], blobs: list[bytes]) 
             "processes": rows, "threads": threads}
 
 
+def _own_worker(model: str, device: str, blobs: list[bytes], barrier: Any, results: Any) -> None:
+    """One worker process as ``worker_concurrency`` > 1 would run it on CUDA: its own model, then decode + local
+    features + embed, batch after batch."""
+    settings = Settings(model=model, device=device, runtime="torch")
+    embedder = load_embedder(settings)
+    size = settings.batch_size
+    barrier.wait()  # every process has its model: time only the work
+    started = time.perf_counter()
+    for i in range(0, len(blobs), size):
+        pixels, _ = prepare((embedder.recipe, blobs[i : i + size], settings.max_pixels))
+        embedder.embed(pixels)
+    results.put((len(blobs), started, time.perf_counter()))
+
+
+def own(args: argparse.Namespace, blobs: list[bytes]) -> list[dict[str, Any]]:
+    """Images per second of N worker processes with a model each on the GPU (spawned: CUDA does not survive fork)."""
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for n in (int(x) for x in args.own.split(",")):
+        barrier, results = context.Barrier(n), context.Queue()
+        share = cycle(blobs, args.per_worker)
+        procs = [context.Process(target=_own_worker, args=(args.model, args.device, share, barrier, results))
+                 for _ in range(n)]
+        for proc in procs:
+            proc.start()
+        meter = CpuMeter()
+        done = [results.get(timeout=600) for _ in procs]
+        for proc in procs:
+            proc.join()
+        wall = max(end for _, _, end in done) - min(start for _, start, _ in done)
+        images = sum(count for count, _, _ in done)
+        cpu = meter.report(images)
+        rows.append({"processes": n, "images": images, "images_per_s": round(images / wall, 1),
+                     "cores_busy": round(float(cpu["machine_busy_share"]) * cores(), 2)})  # type: ignore[arg-type]
+        log.warning("own models, %d processes: %.0f img/s", n, rows[-1]["images_per_s"])
+    return rows
+
+
 def cycle(blobs: list[bytes], count: int) -> list[bytes]:
     return [blobs[i % len(blobs)] for i in range(count)]
 
@@ -245,6 +286,11 @@ def jpegs(folder: Path) -> list[bytes]:
 
 def table(report: dict[str, Any]) -> str:
     lines = [f"{report['machine'].get('gpu', report['machine']['cpu'])}, torch {report['machine']['torch']}"]
+    for row in report.get("own_models", []):
+        lines.append(f"own models, {row['processes']:>3} processes: {row['images_per_s']:>7.0f} img/s, "
+                     f"{row['cores_busy']:.1f} cores busy")
+    if "network" not in report:
+        return "\n".join(lines)
     for part in ("network", "embedder"):
         lines.append(f"\n{part}: images/s by batch size")
         rows: dict[tuple[str, str], dict[int, float]] = {}
@@ -293,8 +339,13 @@ def main(argv: list[str] | None = None) -> int:
             "commit": args.commit, "model": args.model, "activation": "relu6" if args.relu6 else "as built (swish)",
             "machine": machine(args.device), "images": len(blobs),
         }
-        report.update(models(args, pixels, photos))
-        report["limit"] = limit(args, pools, blobs)
+        steps = args.steps.split(",")
+        if "models" in steps:
+            report.update(models(args, pixels, photos))
+        if "limit" in steps:
+            report["limit"] = limit(args, pools, blobs)
+        if "own" in steps:
+            report["own_models"] = own(args, blobs)
     finally:
         for pool in pools.values():
             pool.terminate()
