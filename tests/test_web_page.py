@@ -53,6 +53,16 @@ def indexed(api: httpx.Client, bucket: str, key: str) -> bool:
     return (object_state(api, bucket, key) or {}).get("state") == "indexed"
 
 
+def open_page(browser: Browser, api: httpx.Client, bucket: str, keys: list[str]) -> tuple[Page, list[str]]:
+    """Wait until ``keys`` are indexed, then a page with the JavaScript errors it will raise."""
+    for key in keys:
+        wait_for(functools.partial(indexed, api, bucket, key), timeout_s=180, interval_s=0.5, what=f"{key} indexed")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    js_errors: list[str] = []
+    page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    return page, js_errors
+
+
 def wait_thumbnails_loaded(page: Page, prefix: str, at_least: int = 1) -> None:
     """The thumbnails of this test's objects (``at_least`` of them) decoded real pixels: the presigned GETs to the
     S3 server worked. Only ours: on the shared stack other tests' objects may come and go while the page loads,
@@ -81,12 +91,7 @@ def test_search_by_file_then_click_through(
         keys[name] = unique_prefix + name
         s3.upload_file(str(samples[name]), bucket, keys[name], ExtraArgs={"ContentType": "image/jpeg"})
     try:
-        for key in keys.values():
-            wait_for(functools.partial(indexed, api, bucket, key), timeout_s=180, interval_s=0.5, what=f"{key} indexed")
-
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        js_errors: list[str] = []
-        page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+        page, js_errors = open_page(browser, api, bucket, list(keys.values()))
         api_calls: list[tuple[str, str | None]] = []  # (path, Authorization) of the page's calls to the API
 
         def record(request: Request) -> None:
@@ -170,11 +175,7 @@ def test_search_by_words_within_a_folder_and_by_tag(
     for name, key in keys.items():
         s3.put_object(Bucket=bucket, Key=key, Body=photo(name), ContentType="image/jpeg")
     try:
-        for key in keys.values():
-            wait_for(functools.partial(indexed, api, bucket, key), timeout_s=180, interval_s=0.5, what=f"{key} indexed")
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        js_errors: list[str] = []
-        page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+        page, js_errors = open_page(browser, api, bucket, list(keys.values()))
         page.goto(stack.api_url + "/")
         results, cards = page.get_by_test_id("results"), page.get_by_test_id("result")
 
