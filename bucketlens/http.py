@@ -41,14 +41,17 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
-    """Redis or S3 unreachable while serving a request: 503 (try again), not a 500 with a traceback."""
-    which = "Redis" if isinstance(exc, redis.RedisError) else "S3"
+    """Redis, S3 or the index server unreachable while serving a request: 503 (try again), not a 500 with a
+    traceback."""
+    which, code = (("Redis", "redis") if isinstance(exc, redis.RedisError) else ("S3", "s3")
+                   if isinstance(exc, BotoCoreError) else ("the index server", "index"))
     log.debug("%s unreachable during %s %s: %s", which, request.method, request.url.path, exc)
-    return error_response(503, f"{which.lower()}_unavailable", f"{which} is unreachable; try again shortly")
+    return error_response(503, f"{code}_unavailable", f"{which} is unreachable; try again shortly")
 
 
-# Exceptions of the services' dependencies that a Starlette app answers with 503 (``unavailable_handler``).
-UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, BotoCoreError)
+# Exceptions of the services' dependencies that a Starlette app answers with 503 (``unavailable_handler``). The
+# builtin ConnectionError: an index backend's server unreachable (index_service/milvus_index.py, IndexUnavailable).
+UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, BotoCoreError, ConnectionError)
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

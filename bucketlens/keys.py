@@ -95,6 +95,12 @@ class Keys:
         return f"{self.namespace}:generation:last"
 
     @property
+    def checkpoints(self) -> str:
+        """Hash: index collection name -> the last result-stream id it covers, written after the index server flushed
+        it (the Milvus backend's counterpart of a snapshot's stream position)."""
+        return f"{self.namespace}:index:checkpoints"
+
+    @property
     def celery_prefix(self) -> str:
         """Prefix of every key kombu writes (queue lists, ``unacked``, bindings)."""
         return f"{self.namespace}:celery:"

@@ -62,6 +62,15 @@ class Settings:
     tombstone_retention_s: int = 24 * 3600
     approx_threshold: int = 50_000  # above this many vectors the service builds an approximate index
     faiss_threads: int = 1  # OpenMP threads per FAISS call in the index service (concurrency comes from HTTP)
+    index_backend: str = "faiss"  # faiss (in the index service, snapshots on disk) | milvus (a Milvus server)
+    milvus_uri: str = "http://127.0.0.1:19530"  # the Milvus server's gRPC address
+    milvus_token: str = ""  # "user:password" or an API key, when the server requires authentication
+    milvus_database: str = ""  # "" : the server's default database
+    milvus_index_type: str = "HNSW"  # the approximate type above approx_threshold: HNSW or IVF (IVF_FLAT)
+    milvus_hnsw_m: int = 16  # HNSW graph degree
+    milvus_hnsw_ef_construction: int = 200
+    milvus_hnsw_ef: int = 64  # HNSW search breadth (raised to k when k is larger)
+    milvus_ivf_nprobe: int = 16  # IVF lists scanned per query (nlist is ~4 sqrt(n) at build time)
     canary_interval_s: float = 30.0  # how often the local supervisor checks services and writes a canary
     canary_timeout_s: float = 30.0  # a canary undelivered for longer is a stalled topic: restart radosgw
     log_level: str = "INFO"

@@ -27,6 +27,7 @@ from vision.errors import PermanentError
 from vision.models import recipe
 from vision.words import VocabularyMissing
 
+from .backend import Index
 from .duplicates import GROUP_MATCHES as DUPLICATE_MATCHES
 from .duplicates import groups as find_groups
 from .failures import Selection, clear_failures, list_failures, retry_failures
@@ -40,7 +41,6 @@ from .reconcile import reconcile
 from .service import Service
 from .text import SUGGESTIONS, suggest
 from .text import search as text_search
-from .vector_index import VectorIndex
 from .verify import CANDIDATES, Hit, rerank
 
 STATIC = Path(__file__).parent / "static"
@@ -103,7 +103,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         return JSONResponse({"model": serving.model, "took_ms": round(took_ms, 3), **answer,
                              "filter": query.where.public() if query.where else None, "results": results})
 
-    async def _similar(service: Service, serving: VectorIndex, query: SearchQuery) -> list[Hit]:
+    async def _similar(service: Service, serving: Index, query: SearchQuery) -> list[Hit]:
         """An image, key or vector query: the nearest objects the filter keeps, verified where the model can."""
         verify = recipe(serving.model).local_features if query.rerank is None else query.rerank
         exclude = None
@@ -310,7 +310,7 @@ def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bo
     return vector, local_features.views(image.gray, embedder.recipe.local_count)
 
 
-def _stored_views(index: VectorIndex, bucket: str, key: str) -> list[local_features.Features]:
+def _stored_views(index: Index, bucket: str, key: str) -> list[local_features.Features]:
     """The stored object's local features: of its image and of its mirror."""
     obj, oid = index.get(bucket, key), object_id(bucket, key)
     return index.features.views([(oid, obj.etag)]).get(oid, []) if obj is not None else []

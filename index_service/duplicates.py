@@ -21,7 +21,7 @@ import numpy as np
 from bucketlens.schemas import object_id
 from vision import local_features
 
-from .vector_index import Indexed, VectorIndex
+from .backend import Index, Indexed
 from .verify import CANDIDATES
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ GROUP_MATCHES = local_features.COPY_MATCHES
 class DuplicateFinder:
     """Runs in its own thread; ``wake`` after a merge batch. ``index`` returns the serving generation."""
 
-    def __init__(self, index: Callable[[], VectorIndex]) -> None:
+    def __init__(self, index: Callable[[], Index]) -> None:
         self.index = index
         self.pending: dict[str, str] = {}  # object id -> etag still to check, in the generation below
         self.generation = -1
@@ -92,12 +92,12 @@ class DuplicateFinder:
         return len(batch)
 
 
-def _current(index: VectorIndex, oid: str, etag: str) -> Indexed | None:
+def _current(index: Index, oid: str, etag: str) -> Indexed | None:
     obj = index.get(*oid.split("/", 1))
     return obj if obj is not None and obj.etag == etag else None
 
 
-def find_pairs(index: VectorIndex, objects: list[Indexed], min_score: float = MIN_SCORE) -> list[tuple[str, str, int]]:
+def find_pairs(index: Index, objects: list[Indexed], min_score: float = MIN_SCORE) -> list[tuple[str, str, int]]:
     """Confirmed ``(object id, object id, matches)`` between each of ``objects`` and its neighbours."""
     vectors = [index.vector(o.bucket, o.key) for o in objects]
     known = [(o, v) for o, v in zip(objects, vectors) if v is not None]
@@ -128,7 +128,7 @@ class Group:
     matches: int  # the weakest of those links' matches
 
 
-def groups(index: VectorIndex, min_matches: int, bucket: str | None = None, prefix: str = "") -> list[Group]:
+def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: str = "") -> list[Group]:
     """Groups of copies among the objects of ``bucket`` under ``prefix``, largest first.
 
     Not connected components: on a real bucket one false link (two wallpapers of one series, two crops whose

@@ -66,11 +66,11 @@ class Merger:
                     grouped = True
                 self.step(block_ms=500)
                 if down_since is not None:
-                    log.info("Redis reachable again after %.1f s; merging resumed", time.monotonic() - down_since)
+                    log.info("reachable again after %.1f s; merging resumed", time.monotonic() - down_since)
                     down_since, delay = None, 0.1
-            except redis.RedisError as exc:
+            except (redis.RedisError, ConnectionError) as exc:  # ConnectionError: the index server (Milvus)
                 if down_since is None:  # once per outage
-                    log.warning("merger cannot reach Redis, retrying with backoff: %s", exc)
+                    log.warning("merger cannot reach Redis or the index server, retrying with backoff: %s", exc)
                     down_since = time.monotonic()
                 grouped = False  # after a Redis restart, re-position the group at what was applied
                 self._stop.wait(delay)

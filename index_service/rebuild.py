@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODES = ("reembed", "reindex")
-INDEX_TYPES = ("Flat", "IVF")
 
 
 class RebuildConflict(RuntimeError):
@@ -70,8 +69,9 @@ class Rebuilds:
         """Start a rebuild; ``model`` (reembed only) switches the embedding model."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
-        if index_type is not None and index_type not in INDEX_TYPES:
-            raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES)}")
+        types = self.service.backend.index_types
+        if index_type is not None and index_type not in types:
+            raise ValueError(f"index_type must be one of {', '.join(types)}")
         if model is not None and mode != "reembed":
             raise ValueError("only a reembed can switch models")
         if model is not None:
@@ -251,7 +251,7 @@ class Rebuilds:
         service = self.service
         if job.mode == "reembed" and state != "done":
             if service.shadow is not None:
-                service.shadow.features.close(remove=True)
+                service.backend.discard(service.shadow)
             service.shadow = None
             service.redis.hdel(service.keys.generations, str(job.generation))
         self._expected = set()

@@ -1,8 +1,10 @@
 """The index service's resources, built once per process in the app's lifespan and passed to handlers.
 
 The service holds the serving generation (``index``) and, during a ``reembed`` rebuild, the shadow one; the
-merger feeds both; snapshots and stream trimming follow a size/time policy; above ``approx_threshold``
-vectors the serving generation is restructured into an approximate (IVF) index in the background.
+merger feeds both; checkpoints (``Backend.checkpoint``: a FAISS snapshot, a Milvus flush) and stream trimming follow
+a size/time policy; above ``approx_threshold`` vectors the serving generation is restructured into the backend's
+approximate index type in the background. Which backend holds the generations is the settings' choice
+(``backend.open_backend``)
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from bucketlens.settings import Settings
 from ingest.publisher import Publisher
 from vision import words
 from vision.embedders import Embedder, Embedders
-from vision.models import dims, recipe
+from vision.models import recipe
 
+from .backend import Index, open_backend
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .merger import Merger
@@ -32,8 +35,7 @@ from .orphans import sweep as sweep_orphans
 from .presign import Presigner
 from .rebuild import Rebuilds
 from .reconcile import reconcile
-from .snapshots import SnapshotStore
-from .vector_index import VectorIndex, set_search_threads
+from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +43,17 @@ log = logging.getLogger(__name__)
 class Service:
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         self.settings = settings
-        set_search_threads(settings.faiss_threads)
         self.keys = Keys(settings.namespace)
         self.redis = connect(settings.redis_url)
         self.s3 = make_client(settings)
         self.presigner = Presigner(settings)
         self.publisher = Publisher(settings, self.redis)
         self.embedders = Embedders(settings, embedder)
-        self.index = VectorIndex(settings.model, recipe(settings.model).dim, generation=1)  # until _load decides
-        self.shadow: VectorIndex | None = None
+        # An empty in-memory generation until _load finds or creates the real one (nothing writes to it).
+        self.index: Index = VectorIndex(settings.model, recipe(settings.model).dim, generation=1)
+        self.shadow: Index | None = None
         self.rebuilds = Rebuilds(self)
-        self.snapshots = SnapshotStore(
-            Path(settings.home) / "snapshots" / settings.namespace, settings.snapshots_kept,
-            self.s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
-        )
+        self.backend = open_backend(settings, self.redis, self.keys, self.feature_store, self.s3)
         self.merger = Merger(self.redis, self.keys, self.apply, self.after_batch, batch=settings.merge_batch)
         self.duplicates = DuplicateFinder(lambda: self.index)
         self.loaded = threading.Event()
@@ -88,12 +87,9 @@ class Service:
         threading.Thread(target=loop, name=name, daemon=True).start()
 
     def _load(self) -> None:
-        """Heavy start-up off the event loop: newest snapshot, stream replay, the model (warmed up)."""
-        try:
-            restored = self.snapshots.load_newest(dims(), self.feature_store)
-        except Exception:
-            log.exception("cannot read snapshots; starting from the stream alone")
-            restored = None
+        """Heavy start-up off the event loop: the serving generation (newest snapshot, or the Milvus collection
+        behind the alias), stream replay, the model (warmed up)."""
+        restored = self._restore()
         if restored is not None:
             self.index, self.merger.last_id = restored
         else:
@@ -108,11 +104,26 @@ class Service:
         except words.VocabularyMissing as exc:
             log.warning("text search is off: %s", exc)
 
+    def _restore(self) -> tuple[Index, str] | None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                return self.backend.load()
+            except ConnectionError as exc:  # an index server (Milvus) not up yet: wait, never start empty
+                log.warning("waiting for the index backend: %s", exc)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:
+                log.exception("cannot load the serving generation; starting from the stream alone")
+                return None
+        return None
+
     def _register_generation(self) -> None:
         delay = 0.2
         while True:
             try:
                 self.rebuilds.recover()
+                self.backend.drop_abandoned(self.index)
                 self.redis.hset(self.keys.generations, str(self.index.generation), self.index.model)
                 return
             except redis.RedisError as exc:
@@ -130,14 +141,15 @@ class Service:
                 self.snapshot()
             except Exception:
                 log.exception("final snapshot failed")
+        self.backend.close()
         self.redis.close()
 
     def feature_store(self, generation: int) -> FeatureStore:
         """The local features of one generation, on this service's disk beside its snapshots."""
         return FeatureStore(Path(self.settings.home) / "features" / self.settings.namespace / f"g{generation}.sqlite")
 
-    def new_generation(self, model: str, generation: int) -> VectorIndex:
-        return VectorIndex(model, recipe(model).dim, generation, self.feature_store(generation))
+    def new_generation(self, model: str, generation: int) -> Index:
+        return self.backend.new_generation(model, generation)
 
     # -- merging -------------------------------------------------------------------------------------------
 
@@ -174,26 +186,27 @@ class Service:
 
     def _restructure(self) -> None:
         try:
-            self.index.restructure("IVF" if self.index.index_type == "Flat" else "Flat")
+            self.index.restructure(self.backend.approximate if self.index.index_type == "Flat" else "Flat")
         except Exception:
             log.exception("restructuring the index failed; it stays %s", self.index.index_type)
         finally:
             self._restructuring.release()
 
     def snapshot(self) -> None:
-        """Write a snapshot of the serving generation, then trim the stream entries it covers."""
+        """Checkpoint the serving generation (a snapshot, or a Milvus flush), then trim the stream entries it
+        covers."""
         last_id = self.merger.last_id
         started = time.perf_counter()
-        self.snapshots.write(self.index, last_id)
+        self.backend.checkpoint(self.index, last_id)
         self.index.expire_tombstones(self.settings.tombstone_retention_s)
         self._since_snapshot = (self.merger.applied, time.monotonic())
         if self.shadow is None and last_id != "0":
             # Entries before the snapshot's position are covered by it. (During a reembed the shadow
             # generation is rebuilt from scratch after a restart, so it needs no replay either.)
             self.redis.xtrim(self.keys.results, minid=last_id, approximate=False)
-        log.info("snapshot of %d vectors at %s in %.2f s", len(self.index), last_id, time.perf_counter() - started)
+        log.info("checkpoint of %d vectors at %s in %.2f s", len(self.index), last_id, time.perf_counter() - started)
 
-    def promote(self, shadow: VectorIndex | None) -> None:
+    def promote(self, shadow: Index | None) -> None:
         """Swap the shadow generation in (atomically for readers: one reference assignment)."""
         if shadow is None:
             return
@@ -201,7 +214,7 @@ class Service:
         old = self.index
         self.index, self.shadow = shadow, None
         self.redis.hdel(self.keys.generations, str(old.generation))
-        old.features.close(remove=True)  # searches hold the generation they started with; they verify without it
+        self.backend.promote(old, shadow)
         log.info("generation %d (%d vectors) now serves; generation %d retired", shadow.generation, len(shadow),
                  old.generation)
         self.snapshot()
@@ -219,6 +232,9 @@ class Service:
             self.redis.ping()
         except redis.RedisError as exc:
             return False, f"Redis unreachable: {exc}"
+        problem = self.backend.problem()
+        if problem is not None:
+            return False, problem
         return True, "ready"
 
     def stats(self) -> dict[str, Any]:
@@ -231,7 +247,8 @@ class Service:
             "generation": index.generation,
             "last_applied_id": self.merger.last_id,
             "applied_entries": self.merger.applied,
-            "last_snapshot": self.snapshots.last,
+            "backend": self.backend.name,
+            "last_snapshot": self.backend.last,
             "rebuild": self.rebuilds.progress(),
             "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects},
         }

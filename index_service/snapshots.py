@@ -20,8 +20,9 @@ import numpy as np
 
 from vision import labels
 
+from .backend import Indexed
 from .feature_store import FeatureStore
-from .vector_index import Indexed, VectorIndex
+from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 SUFFIX = ".snapshot.npz"

@@ -12,8 +12,8 @@ from typing import Any
 
 from vision import labels, words
 
+from .backend import Index, Indexed
 from .filters import Filter
-from .vector_index import Indexed, VectorIndex
 
 SUGGESTIONS = 20  # labels returned by /labels at most
 
@@ -30,14 +30,14 @@ class TextAnswer:
                 "unmatched": list(self.query.unmatched), "ignored": list(self.query.ignored)}
 
 
-def search(index: VectorIndex, vocabulary: words.Vocabulary, text: str, k: int, where: Filter | None = None
+def search(index: Index, vocabulary: words.Vocabulary, text: str, k: int, where: Filter | None = None
            ) -> TextAnswer:
     query = vocabulary.match(text)
     hits = index.text_search(query.classes, k, where) if query.classes else []
     return TextAnswer(hits, query)
 
 
-def suggest(index: VectorIndex, prefix: str, limit: int = SUGGESTIONS) -> list[dict[str, Any]]:
+def suggest(index: Index, prefix: str, limit: int = SUGGESTIONS) -> list[dict[str, Any]]:
     """Labels whose names have a word starting with ``prefix`` (every label when it is empty), the most used
     first, with how many indexed objects keep each."""
     counts = index.label_counts()

@@ -1,4 +1,5 @@
-"""One generation of the index: a FAISS inner-product index over L2-normalised vectors, plus per-object state.
+"""The FAISS backend's generation (``backend.Index``): a FAISS inner-product index over L2-normalised vectors,
+plus per-object state.
 
 Semantics (DESIGN.md, "Index semantics"): one vector per (bucket, key); a re-upload replaces; a delete
 removes and leaves a tombstone with its order; an entry older than what the index holds is discarded.
@@ -17,7 +18,6 @@ prefix is a range), each object's modification time in an array indexed by FAISS
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import threading
@@ -29,39 +29,12 @@ import numpy as np
 from sortedcontainers import SortedList
 
 from bucketlens.schemas import ResultEntry, object_id
-from vision import labels as vision_labels
-from vision.labels import Labels
 
+from .backend import ApplyStats, Indexed, Tombstones, indexed, tombstone_after, verdict
 from .feature_store import FeatureStore
 from .filters import Filter
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Indexed:
-    """What the index holds for one object."""
-
-    bucket: str
-    key: str
-    etag: str
-    sequencer: str
-    order: int
-    generation: int
-    pixels: int = 0  # width x height of the stored image (0: not known, e.g. indexed by an older worker)
-    labels: Labels | None = None  # the classifier's most probable classes (None: model or worker had none)
-    modified: float = 0.0  # when the object was written, seconds since the epoch (0: not known)
-
-
-@dataclasses.dataclass
-class ApplyStats:
-    upserted: int = 0
-    deleted: int = 0
-    stale: int = 0
-    rejected: int = 0
-    settled: list[str] = dataclasses.field(default_factory=list)  # object ids upserted or deleted
-    # The batch's last word on each object's local features: (etag, bytes), or None to drop the row.
-    features: dict[str, tuple[str, bytes] | None] = dataclasses.field(default_factory=dict)
 
 
 def ivf_lists(n: int) -> int:
@@ -161,7 +134,7 @@ class VectorIndex:
         self._faiss: Any = build_structure("Flat", dim, np.empty(0, np.int64), np.empty((0, dim), np.float32))
         self._ids: dict[str, int] = {}
         self._objects: dict[int, Indexed] = {}
-        self._tombstones: dict[str, tuple[int, float]] = {}  # object id -> (order, time of delete)
+        self._tombstones: Tombstones = {}  # object id -> (order, time of delete)
         self._next_id = 1
         self._lock = ReadWriteLock()
         self._journal: list[tuple[str, int, np.ndarray | None]] | None = None  # set while restructuring
@@ -184,52 +157,34 @@ class VectorIndex:
         with self._lock.write():
             for entry in entries:
                 self._apply_one(entry, stats)
-            puts = [(oid, *row) for oid, row in stats.features.items() if row is not None]
-            self.features.write(puts, [oid for oid, row in stats.features.items() if row is None])
+            stats.write_features(self.features)
         return stats
 
     def _apply_one(self, entry: ResultEntry, stats: ApplyStats) -> None:
-        if entry.op not in ("upsert", "delete"):
-            return  # a worker's failed/skipped note: nothing changes in the index
         oid = object_id(entry.bucket, entry.key)
         current_id = self._ids.get(oid)
         current = self._objects.get(current_id) if current_id is not None else None
-        if current is not None and current.order > entry.order:
-            stats.stale += 1
-            return
-        if entry.op == "delete":
+        tombstone = self._tombstones.get(oid)
+        outcome = verdict(entry, current.order if current else None, tombstone[0] if tombstone else None,
+                          self.model, self.dim)
+        stats.record(outcome, entry)
+        if outcome == "delete":
             if current_id is not None:
                 self._remove(oid, current_id)
-            tombstone = self._tombstones.get(oid)
-            if tombstone is None or tombstone[0] < entry.order:
-                self._tombstones[oid] = (entry.order, time.time())
-            stats.features[oid] = None
-            stats.deleted += 1
-            stats.settled.append(oid)
-            return
-        tombstone = self._tombstones.get(oid)
-        if tombstone is not None and tombstone[0] >= entry.order:
-            stats.stale += 1  # an older version arriving after the delete must not resurrect the object
-            return
-        if entry.vector is None or entry.vector.shape != (self.dim,) or entry.model != self.model:
-            log.error("rejecting %s: model %r dim %s does not match index %r dim %d",
-                      oid, entry.model, None if entry.vector is None else entry.vector.shape, self.model, self.dim)
-            stats.rejected += 1
-            return
-        if current_id is not None:
-            self._remove(oid, current_id)
-        new_id = self._next_id
-        self._next_id += 1
-        vector = entry.vector.reshape(1, -1).astype(np.float32)
-        self._faiss.add_with_ids(vector, np.array([new_id], dtype=np.int64))
-        if self._journal is not None:
-            self._journal.append(("add", new_id, vector))
-        self._add(oid, new_id, Indexed(entry.bucket, entry.key, entry.etag, entry.sequencer, entry.order,
-                                       entry.generation, entry.pixels, _labels(oid, entry.labels), entry.modified))
-        stats.features[oid] = (entry.etag, entry.features) if entry.features else None
-        self._tombstones.pop(oid, None)
-        stats.upserted += 1
-        stats.settled.append(oid)
+            left = tombstone_after(tombstone[0] if tombstone else None, entry)
+            if left is not None:
+                self._tombstones[oid] = left
+        elif outcome == "upsert":
+            if current_id is not None:
+                self._remove(oid, current_id)
+            new_id = self._next_id
+            self._next_id += 1
+            vector = entry.vector.reshape(1, -1).astype(np.float32)  # type: ignore[union-attr]  # verdict checked
+            self._faiss.add_with_ids(vector, np.array([new_id], dtype=np.int64))
+            if self._journal is not None:
+                self._journal.append(("add", new_id, vector))
+            self._add(oid, new_id, indexed(entry))
+            self._tombstones.pop(oid, None)
 
     def _add(self, oid: str, faiss_id: int, obj: Indexed) -> None:
         """Record an object whose vector is in the structure under ``faiss_id``."""
@@ -413,7 +368,7 @@ class VectorIndex:
 
     # -- export, import, restructure -------------------------------------------------------------------------
 
-    def export(self) -> tuple[list[Indexed], np.ndarray, dict[str, tuple[int, float]]]:
+    def export(self) -> tuple[list[Indexed], np.ndarray, Tombstones]:
         """A consistent copy of objects, their vectors (same order) and tombstones, taken under the lock."""
         with self._lock.read():
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
@@ -423,7 +378,7 @@ class VectorIndex:
 
     @classmethod
     def from_export(cls, model: str, dim: int, generation: int, objects: list[Indexed], vectors: np.ndarray,
-                    tombstones: dict[str, tuple[int, float]], index_type: str = "Flat",
+                    tombstones: Tombstones, index_type: str = "Flat",
                     features: FeatureStore | None = None) -> VectorIndex:
         index = cls(model, dim, generation, features)
         ids = np.arange(1, len(objects) + 1, dtype=np.int64)
@@ -464,13 +419,3 @@ class VectorIndex:
         log.info("index generation %d is now %s over %d vectors (built in %.1f s, %d changes replayed)",
                  self.generation, index_type, len(ids), time.perf_counter() - started, len(journal or []))
 
-
-def _labels(oid: str, encoded: str) -> Labels | None:
-    """A stream entry's labels; a malformed value is logged and the object kept without labels."""
-    if not encoded:
-        return None
-    try:
-        return vision_labels.decode(encoded)
-    except ValueError as exc:
-        log.error("%s: ignoring malformed labels %r: %s", oid, encoded[:100], exc)
-        return None

@@ -15,7 +15,7 @@ from bucketlens.schemas import object_id
 from vision import local_features
 from vision.local_features import Features
 
-from .vector_index import Indexed, VectorIndex
+from .backend import Index, Indexed
 
 CANDIDATES = 20  # global top candidates verified per query (bench/README.md, "Quality": cost and gain)
 BY_MATCHES = True  # verified candidates ordered by their matches (bench/README.md, "Quality": the sweep)
@@ -33,7 +33,7 @@ class Hit:
         return self.matches is not None and self.matches >= local_features.COPY_MATCHES
 
 
-def rerank(index: VectorIndex, hits: Sequence[tuple[Indexed, float]], views: Sequence[Features],
+def rerank(index: Index, hits: Sequence[tuple[Indexed, float]], views: Sequence[Features],
            promote: int | None) -> list[Hit]:
     """``hits`` best first by global score; ``views`` the query's features (the query and its mirror), matched
     against each candidate's own (its first stored view); ``promote``: the recipe's ``promote_matches``."""

@@ -7,6 +7,7 @@ Tests isolate themselves by key prefix (``unique_prefix``) rather than by flushi
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 
 from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
-from infra.stack import Stack, running
+from infra import milvus
+from infra.stack import Stack, free_port, running
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -32,6 +34,25 @@ def stack() -> Iterator[Stack]:
                         ingest_port=0, api_port=0, canary_interval_s=5, canary_timeout_s=20)
     with running(settings, keep=bool(keep)) as stack:
         yield stack
+
+
+@pytest.fixture(scope="session")
+def milvus_uri() -> Iterator[str]:
+    """One real Milvus standalone server (PyPI's ``milvus`` 2.3.5) for the whole run: it takes 30-40 s to start.
+    Set BUCKETLENS_TEST_MILVUS to the URI of a running one to reuse it (faster locally)."""
+    reuse = os.environ.get("BUCKETLENS_TEST_MILVUS")
+    if reuse:
+        yield reuse
+        return
+    data = Path(tempfile.mkdtemp(prefix="bucketlens-milvus-"))
+    port = free_port()  # the other ports (etcd's, the coordinators') go to the first free one from their defaults
+    process = milvus.start(data, port)
+    try:
+        milvus.wait_ready(data, process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        milvus.stop(process)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""Index semantics: one vector per object, replace, delete with tombstones, stale entries discarded."""
+"""The FAISS generation's own mechanics: structures (Flat, IVF) and their recall, restructuring while merging, the
+readers-writer lock, filters on each search path, the stream entry format. The semantics every backend shares
+(replace, delete, tombstones, order, filters, text search) are in tests/test_backends.py."""
 
 from __future__ import annotations
 
@@ -33,61 +35,6 @@ def delete(key: str, order: int) -> ResultEntry:
 @pytest.fixture
 def index() -> VectorIndex:
     return VectorIndex("m", DIM)
-
-
-def test_search_finds_the_same_vector_first(index: VectorIndex) -> None:
-    index.apply([upsert(f"k{i}", 1, i) for i in range(20)])
-    (best, score), *_ = index.search(unit(7), 5)
-    assert best.key == "k7" and score == pytest.approx(1.0, abs=1e-5)
-
-
-def test_reupload_replaces(index: VectorIndex) -> None:
-    index.apply([upsert("a", 1, 1, etag="old"), upsert("a", 2, 2, etag="new")])
-    assert len(index) == 1
-    assert index.get("b", "a").etag == "new"
-    np.testing.assert_allclose(index.vector("b", "a"), unit(2), atol=1e-6)
-
-
-def test_repeated_entry_is_harmless(index: VectorIndex) -> None:
-    index.apply([upsert("a", 5, 1)] * 3)
-    assert len(index) == 1
-
-
-def test_older_entry_is_discarded(index: VectorIndex) -> None:
-    index.apply([upsert("a", 2, 2, etag="new")])
-    stats = index.apply([upsert("a", 1, 1, etag="old")])
-    assert stats.stale == 1 and index.get("b", "a").etag == "new"
-
-
-def test_delete_removes_and_tombstone_blocks_late_older_upsert(index: VectorIndex) -> None:
-    index.apply([upsert("a", 1, 1), delete("a", 2)])
-    assert index.get("b", "a") is None and index.search(unit(1), 5) == []
-    stats = index.apply([upsert("a", 1, 1)])  # a late, duplicated event for the deleted version
-    assert stats.stale == 1 and len(index) == 0
-    index.apply([upsert("a", 3, 3)])  # a genuinely newer upload comes back
-    assert index.get("b", "a").order == 3
-
-
-def test_delete_older_than_current_version_is_ignored(index: VectorIndex) -> None:
-    index.apply([upsert("a", 5, 1), delete("a", 4)])
-    assert index.get("b", "a") is not None
-
-
-def test_delete_arriving_before_its_upsert(index: VectorIndex) -> None:
-    index.apply([delete("a", 2), upsert("a", 1, 1)])
-    assert len(index) == 0
-
-
-def test_wrong_model_or_dimension_is_rejected(index: VectorIndex) -> None:
-    wrong_dim = ResultEntry("upsert", "b", "x", "e", "", 1, 1, "m", np.ones(4, dtype=np.float32) / 2)
-    stats = index.apply([upsert("y", 1, 1, model="other"), wrong_dim])
-    assert stats.rejected == 2 and len(index) == 0
-
-
-def test_search_excludes_the_query_object(index: VectorIndex) -> None:
-    index.apply([upsert(f"k{i}", 1, i) for i in range(5)])
-    hits = index.search(unit(3), 3, exclude="b/k3")
-    assert len(hits) == 3 and all(obj.key != "k3" for obj, _ in hits)
 
 
 def test_stream_entry_round_trip() -> None:
@@ -253,17 +200,6 @@ def test_unknown_times_are_outside_every_range(folders: VectorIndex) -> None:
     unknown = {o.key for o in folders.objects() if o.modified == 0}
     found = {o.key for o, _ in folders.search(unit(3), 600, where=Filter(after=1))}
     assert unknown and not unknown & found and len(found) == 600 - len(unknown)
-
-
-def test_text_search_ranks_by_the_probability_of_the_wanted_labels() -> None:
-    index = VectorIndex("m", DIM)
-    index.apply([dated("cat", 1, found="281:0.6,285:0.3"), dated("other", 2, found="281:0.1,400:0.8"),
-                 dated("none", 3, found="400:0.9"), dated("old", 4)])
-    assert [(o.key, round(s, 3)) for o, s in index.text_search({281, 285}, 10)] == [("cat", 0.9), ("other", 0.1)]
-    assert [o.key for o, _ in index.text_search({281}, 10, Filter(prefix="oth"))] == ["other"]
-    assert index.label_counts() == {281: 2, 285: 1, 400: 2}
-    index.apply([delete("cat", 2), dataclasses.replace(dated("other", 2, found="400:0.8"), order=3)])
-    assert index.text_search({281, 285}, 10) == [] and index.label_counts() == {400: 2}
 
 
 def test_malformed_labels_keep_the_object_without_them() -> None:

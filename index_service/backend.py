@@ -1,0 +1,211 @@
+"""The index contract: what the service asks of one generation of the index (``Index``) and of the store that
+keeps generations (``Backend``), and the one factory that picks an implementation from the settings.
+
+Two implementations: ``vector_index.py`` + ``faiss_backend.py`` (FAISS in this process, snapshots on local disk:
+the embedded default) and ``milvus_index.py`` (a Milvus server: one collection per generation behind an alias).
+``tests/test_backends.py`` runs the same contract against both. Ordering rules live here once (``verdict``), so
+both backends discard, delete and resurrect by the same rule.
+
+A generation's local features (``feature_store.py``) stay on the index service's disk with either backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+
+import numpy as np
+
+from bucketlens.schemas import ResultEntry, object_id
+from vision import labels as vision_labels
+from vision.labels import Labels
+
+from .feature_store import FeatureStore
+from .filters import Filter
+
+if TYPE_CHECKING:
+    import redis
+
+    from bucketlens.keys import Keys
+    from bucketlens.settings import Settings
+
+log = logging.getLogger(__name__)
+BACKENDS = ("faiss", "milvus")
+
+Tombstones = dict[str, tuple[int, float]]  # object id -> (order of the delete, when it was applied)
+
+
+@dataclasses.dataclass(frozen=True)
+class Indexed:
+    """What the index holds for one object."""
+
+    bucket: str
+    key: str
+    etag: str
+    sequencer: str
+    order: int
+    generation: int
+    pixels: int = 0  # width x height of the stored image (0: not known, e.g. indexed by an older worker)
+    labels: Labels | None = None  # the classifier's most probable classes (None: model or worker had none)
+    modified: float = 0.0  # when the object was written, seconds since the epoch (0: not known)
+
+
+@dataclasses.dataclass
+class ApplyStats:
+    upserted: int = 0
+    deleted: int = 0
+    stale: int = 0
+    rejected: int = 0
+    settled: list[str] = dataclasses.field(default_factory=list)  # object ids upserted or deleted
+    # The batch's last word on each object's local features: (etag, bytes), or None to drop the row.
+    features: dict[str, tuple[str, bytes] | None] = dataclasses.field(default_factory=dict)
+
+    def write_features(self, store: FeatureStore) -> None:
+        """The batch's local features, in one transaction (before its stream entries are acknowledged)."""
+        puts = [(oid, *row) for oid, row in self.features.items() if row is not None]
+        store.write(puts, [oid for oid, row in self.features.items() if row is None])
+
+    def record(self, outcome: str, entry: ResultEntry) -> None:
+        """Count one entry's ``verdict``."""
+        oid = object_id(entry.bucket, entry.key)
+        if outcome == "stale":
+            self.stale += 1
+        elif outcome == "reject":
+            log.error("rejecting %s: model %r dim %s does not match the index", oid, entry.model,
+                      None if entry.vector is None else entry.vector.shape)
+            self.rejected += 1
+        elif outcome == "delete":
+            self.features[oid] = None
+            self.deleted += 1
+            self.settled.append(oid)
+        elif outcome == "upsert":
+            self.features[oid] = (entry.etag, entry.features) if entry.features else None
+            self.upserted += 1
+            self.settled.append(oid)
+
+
+def verdict(entry: ResultEntry, held: int | None, tombstone: int | None, model: str, dim: int) -> str:
+    """What one stream entry does to an object whose live version has order ``held`` and whose last delete had
+    order ``tombstone`` (None: none): ``ignore`` (a worker's note), ``stale`` (older than what the index holds, or
+    an upsert no newer than the delete that removed the object: it must not come back), ``reject`` (another
+    model or dimension), ``delete`` or ``upsert``."""
+    if entry.op not in ("upsert", "delete"):
+        return "ignore"
+    if held is not None and held > entry.order:
+        return "stale"
+    if entry.op == "delete":
+        return "delete"
+    if tombstone is not None and tombstone >= entry.order:
+        return "stale"
+    if entry.vector is None or entry.vector.shape != (dim,) or entry.model != model:
+        return "reject"
+    return "upsert"
+
+
+def tombstone_after(previous: int | None, entry: ResultEntry) -> tuple[int, float] | None:
+    """The tombstone a delete leaves: its order, unless an earlier tombstone already holds a newer one."""
+    if previous is not None and previous >= entry.order:
+        return None
+    return entry.order, time.time()
+
+
+def decode_labels(oid: str, encoded: str) -> Labels | None:
+    """A stream entry's labels; a malformed value is logged and the object kept without labels."""
+    if not encoded:
+        return None
+    try:
+        return vision_labels.decode(encoded)
+    except ValueError as exc:
+        log.error("%s: ignoring malformed labels %r: %s", oid, encoded[:100], exc)
+        return None
+
+
+def indexed(entry: ResultEntry) -> Indexed:
+    """The object an applied upsert leaves in the index."""
+    return Indexed(entry.bucket, entry.key, entry.etag, entry.sequencer, entry.order, entry.generation,
+                   entry.pixels, decode_labels(object_id(entry.bucket, entry.key), entry.labels), entry.modified)
+
+
+class Index(Protocol):
+    """One generation: vectors of one model, one per object, with each object's state and the tombstones.
+
+    Searches run concurrently with ``apply`` and see each object either before or after a batch's change to it.
+    """
+
+    model: str
+    dim: int
+    generation: int
+    index_type: str
+    features: FeatureStore  # this generation's local features, on the service's disk
+
+    def __len__(self) -> int: ...
+    def apply(self, entries: Iterable[ResultEntry]) -> ApplyStats: ...
+    def expire_tombstones(self, older_than_s: float) -> int: ...
+    def get(self, bucket: str, key: str) -> Indexed | None: ...
+    def buckets(self) -> set[str]: ...
+    def objects(self) -> list[Indexed]: ...
+    def vector(self, bucket: str, key: str) -> np.ndarray | None: ...
+    def search(self, query: np.ndarray, k: int, exclude: str | None = None, where: Filter | None = None
+               ) -> list[tuple[Indexed, float]]: ...
+    def search_many(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None,
+                    where: Filter | None = None) -> list[list[tuple[Indexed, float]]]: ...
+    def text_search(self, wanted: Iterable[int], k: int, where: Filter | None = None
+                    ) -> list[tuple[Indexed, float]]: ...
+    def label_counts(self) -> dict[int, int]: ...
+    def export(self) -> tuple[list[Indexed], np.ndarray, Tombstones]: ...
+    def restructure(self, index_type: str) -> None: ...
+
+
+class Backend(Protocol):
+    """Where generations live and how they survive a restart."""
+
+    name: str
+    index_types: tuple[str, ...]  # what ``restructure`` and ``POST /rebuild``'s index_type accept
+    approximate: str  # the type a generation is restructured into above ``approx_threshold`` vectors
+    last: dict[str, Any] | None  # the newest checkpoint: time, count, last_id (``/stats``' last_snapshot)
+
+    def load(self) -> tuple[Index, str] | None:
+        """The serving generation and the last stream id it covers, or None when there is none yet."""
+        ...
+
+    def drop_abandoned(self, serving: Index) -> list[str]:
+        """Free generations other than ``serving`` that a rebuild interrupted by a restart left; their names."""
+        ...
+
+    def new_generation(self, model: str, generation: int) -> Index:
+        """An empty generation beside the serving one (the first one serves at once)."""
+        ...
+
+    def checkpoint(self, index: Index, last_id: str) -> None:
+        """Make everything applied up to stream id ``last_id`` durable; the stream may then be trimmed to it."""
+        ...
+
+    def promote(self, old: Index, new: Index) -> None:
+        """``new`` now serves (readers elsewhere see it too); ``old`` is retired."""
+        ...
+
+    def discard(self, index: Index) -> None:
+        """An abandoned generation (cancelled or failed rebuild): free whatever it holds."""
+        ...
+
+    def problem(self) -> str | None:
+        """Why the backend cannot serve now (its server unreachable), or None."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_backend(settings: Settings, redis: redis.Redis, keys: Keys, features: Callable[[int], FeatureStore],
+                 s3: Any = None) -> Backend:
+    """The backend ``settings.index_backend`` names (the only place that chooses one)."""
+    if settings.index_backend == "faiss":
+        from .faiss_backend import FaissBackend
+
+        return FaissBackend(settings, features, s3)
+    if settings.index_backend == "milvus":
+        from .milvus_index import MilvusBackend  # pymilvus is imported only when Milvus is chosen
+
+        return MilvusBackend(settings, redis, keys, features)
+    raise ValueError(f"BUCKETLENS_INDEX_BACKEND={settings.index_backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,58 @@
+"""The embedded backend: each generation a FAISS index in this process (``vector_index.py``), made durable by
+snapshots (``snapshots.py``: vectors, objects, tombstones and the last applied stream id in one file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from bucketlens.settings import Settings
+from vision.models import dims, recipe
+
+from .backend import Index
+from .feature_store import FeatureStore
+from .snapshots import SnapshotStore
+from .vector_index import VectorIndex, set_search_threads
+
+
+class FaissBackend:
+    name = "faiss"
+    index_types: tuple[str, ...] = ("Flat", "IVF")
+    approximate = "IVF"
+
+    def __init__(self, settings: Settings, features: Callable[[int], FeatureStore], s3: Any = None) -> None:
+        set_search_threads(settings.faiss_threads)
+        self.features = features
+        self.snapshots = SnapshotStore(
+            Path(settings.home) / "snapshots" / settings.namespace, settings.snapshots_kept,
+            s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
+        )
+        self.last: dict[str, Any] | None = None
+
+    def load(self) -> tuple[Index, str] | None:
+        loaded = self.snapshots.load_newest(dims(), self.features)
+        self.last = self.snapshots.last
+        return loaded
+
+    def drop_abandoned(self, serving: Index) -> list[str]:
+        return []  # a FAISS shadow generation lived in the process that built it
+
+    def new_generation(self, model: str, generation: int) -> Index:
+        return VectorIndex(model, recipe(model).dim, generation, self.features(generation))
+
+    def checkpoint(self, index: Index, last_id: str) -> None:
+        assert isinstance(index, VectorIndex), f"the FAISS backend snapshots its own generations, not {index!r}"
+        self.snapshots.write(index, last_id)
+        self.last = self.snapshots.last
+
+    def promote(self, old: Index, new: Index) -> None:
+        old.features.close(remove=True)  # searches hold the generation they started with; they verify without it
+
+    def discard(self, index: Index) -> None:
+        index.features.close(remove=True)
+
+    def problem(self) -> str | None:
+        return None  # the index is in this process
+
+    def close(self) -> None:
+        pass

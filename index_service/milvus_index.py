@@ -1,0 +1,488 @@
+"""The Milvus backend (``BUCKETLENS_INDEX_BACKEND=milvus``): each generation one Milvus collection, the serving one
+reached through an alias, so that every reader (this process, other replicas, other clients) switches at once.
+
+Mapping, as Milvus users do it:
+- Collection ``bucketlens_<namespace>_g<generation>_<millis>``; the alias ``bucketlens_<namespace>`` names the
+  serving one. A rebuild fills the next collection and ``alter_alias`` swaps it in; a cancelled or failed rebuild
+  drops its collection; a restructure (Flat -> HNSW/IVF, ``reindex``) copies the rows into a new collection of the
+  same generation with the new index and swaps the alias the same way. Model, dimension, generation and index type
+  are the collection's description (JSON), so a collection is never mixed.
+- One row per object id (the primary key): the vector and, as scalar fields, bucket, key, etag, sequencer, order,
+  generation, pixels, labels (encoded, plus ``label_ids`` as an array for filtering) and modified. Filters and text
+  search are scalar expressions on those fields.
+- **Tombstones live in the collection**: a delete upserts the object's row into a tombstone (``deleted`` true, the
+  delete's order, when it was applied, a zero vector), so the ordering rule (``backend.verdict``) reads one row per
+  object and a late older upsert finds the tombstone. Every read filters ``deleted == false``; tombstones older
+  than the retention window are deleted at each checkpoint, as with FAISS.
+- **The last applied stream id lives in Redis** (``Keys.checkpoints``, keyed by the alias), written only after
+  ``flush`` made the collection's rows durable; the stream is trimmed to it. A restart resumes the merger there and
+  replays what follows, which is harmless: an entry applied twice has the same effect (order rule).
+
+Writes come from one merger at a time (``_write``); the ordering reads use Strong consistency, searches Session
+consistency (this process reads its own writes). A batch is one ``upsert`` call; a search running meanwhile sees
+each object either before or after it, not a half-written object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import redis
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from bucketlens.keys import Keys
+from bucketlens.redis_client import text
+from bucketlens.schemas import ResultEntry, object_id
+from bucketlens.settings import Settings
+from vision import labels as vision_labels
+from vision.models import recipe
+
+from .backend import ApplyStats, Indexed, Tombstones, decode_labels, tombstone_after, verdict
+from .feature_store import FeatureStore
+from .filters import Filter
+from .vector_index import ivf_lists
+
+log = logging.getLogger(__name__)
+SCALARS = ["bucket", "key", "etag", "sequencer", "order", "generation", "pixels", "labels", "modified"]
+MAX_KEY = 4096  # bytes of a VARCHAR key or object id (S3 keys are at most 1024 bytes; other servers allow more)
+SCAN_BATCH = 4096  # rows per page when a read must go through every row
+INDEX_TYPES = {"Flat": "FLAT", "IVF": "IVF_FLAT", "HNSW": "HNSW"}
+EVERYTHING = 'oid != ""'  # a filter that keeps every row, tombstones included
+
+
+class IndexUnavailable(ConnectionError):
+    """The Milvus server cannot be reached (answered with 503 by the API)."""
+
+
+@contextlib.contextmanager
+def reachable(uri: str) -> Iterator[None]:
+    """Turn the client's 'server unavailable' errors into ``IndexUnavailable``; other errors pass unchanged."""
+    try:
+        yield
+    except MilvusException as exc:
+        message = str(exc).lower()
+        if any(s in message for s in ("unavailable", "connect", "deadline", "timeout", "not ready")):
+            raise IndexUnavailable(f"Milvus at {uri} is unreachable: {exc}") from exc
+        raise
+
+
+def literal(value: str) -> str:
+    """A string literal of Milvus's expression language (JSON's escaping is the same)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The smallest string above every string starting with ``prefix`` (None: no upper bound)."""
+    while prefix:
+        last = ord(prefix[-1]) + 1
+        if 0xD800 <= last <= 0xDFFF:
+            last = 0xE000  # surrogates cannot be encoded
+        if last <= 0x10FFFF:
+            return prefix[:-1] + chr(last)
+        prefix = prefix[:-1]
+    return None
+
+
+def expression(where: Filter | None) -> str:
+    """The live objects ``where`` keeps, as a Milvus filter (a prefix is a range of keys: Milvus 2.3's ``like``
+    takes no escaped ``%``). Objects of unknown time are outside every time range, as in ``Filter.keeps_time``."""
+    parts = ["deleted == false"]
+    if where is not None:
+        if where.bucket:
+            parts.append(f"bucket == {literal(where.bucket)}")
+        if where.prefix:
+            parts.append(f"key >= {literal(where.prefix)}")
+            end = prefix_end(where.prefix)
+            if end is not None:
+                parts.append(f"key < {literal(end)}")
+        if where.dated:
+            parts.append("modified > 0")
+            if where.after is not None:
+                parts.append(f"modified >= {where.after!r}")
+            if where.before is not None:
+                parts.append(f"modified < {where.before!r}")
+    return " and ".join(parts)
+
+
+class Connection:
+    """The client, made on first use (the index service starts before Milvus answers), and the settings' index
+    parameters."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.uri = settings.milvus_uri
+        self._client: MilvusClient | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> MilvusClient:
+        with self._lock:
+            if self._client is None:
+                with reachable(self.uri):
+                    self._client = MilvusClient(self.uri, token=self.settings.milvus_token,
+                                                db_name=self.settings.milvus_database, timeout=10)
+            return self._client
+
+    def index_params(self, index_type: str, rows: int) -> Any:
+        params = self.client.prepare_index_params()
+        if index_type == "HNSW":
+            extra = {"M": self.settings.milvus_hnsw_m, "efConstruction": self.settings.milvus_hnsw_ef_construction}
+        elif index_type == "IVF":
+            extra = {"nlist": ivf_lists(rows)}
+        else:
+            extra = {}
+        params.add_index("vector", index_type=INDEX_TYPES[index_type], metric_type="IP", params=extra)
+        return params
+
+    def search_params(self, index_type: str, want: int) -> dict[str, Any]:
+        if index_type == "HNSW":
+            return {"metric_type": "IP", "params": {"ef": max(self.settings.milvus_hnsw_ef, want)}}
+        if index_type == "IVF":
+            return {"metric_type": "IP", "params": {"nprobe": self.settings.milvus_ivf_nprobe}}
+        return {"metric_type": "IP", "params": {}}
+
+    def create(self, name: str, model: str, dim: int, generation: int, index_type: str, rows: int = 0) -> None:
+        schema = MilvusClient.create_schema(auto_id=False, description=json.dumps(
+            {"model": model, "dim": dim, "generation": generation, "index_type": index_type}))
+        schema.add_field("oid", DataType.VARCHAR, is_primary=True, max_length=MAX_KEY)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("bucket", DataType.VARCHAR, max_length=256)
+        schema.add_field("key", DataType.VARCHAR, max_length=MAX_KEY)
+        schema.add_field("etag", DataType.VARCHAR, max_length=256)
+        schema.add_field("sequencer", DataType.VARCHAR, max_length=256)
+        schema.add_field("order", DataType.INT64)
+        schema.add_field("generation", DataType.INT64)
+        schema.add_field("pixels", DataType.INT64)
+        schema.add_field("labels", DataType.VARCHAR, max_length=1024)
+        schema.add_field("label_ids", DataType.ARRAY, element_type=DataType.INT64, max_capacity=64)
+        schema.add_field("modified", DataType.DOUBLE)
+        schema.add_field("deleted", DataType.BOOL)
+        schema.add_field("deleted_at", DataType.DOUBLE)
+        with reachable(self.uri):
+            self.client.create_collection(name, schema=schema, index_params=self.index_params(index_type, rows))
+        log.info("created Milvus collection %s (%s, generation %d, %s)", name, model, generation, index_type)
+
+
+class MilvusIndex:
+    """One generation in one collection (``backend.Index``)."""
+
+    def __init__(self, connection: Connection, alias: str, collection: str, model: str, dim: int, generation: int,
+                 index_type: str, features: FeatureStore) -> None:
+        self.connection = connection
+        self.alias = alias
+        self.collection = collection
+        self.model = model
+        self.dim = dim
+        self.generation = generation
+        self.index_type = index_type
+        self.features = features
+        self._write = threading.Lock()  # one batch or restructure at a time
+        rows = self._query(expression(None), ["count(*)"])
+        self._count = int(rows[0]["count(*)"]) if rows else 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    # -- merging -------------------------------------------------------------------------------------------
+
+    def apply(self, entries: Iterable[ResultEntry]) -> ApplyStats:
+        """Apply a batch: read the rows it touches, decide each entry by the order rule, write the rows in one
+        upsert (live rows and tombstones alike), then the local features."""
+        stats = ApplyStats()
+        entries = list(entries)
+        with self._write:
+            oids = sorted({object_id(e.bucket, e.key) for e in entries if e.op in ("upsert", "delete")})
+            held = self._held(oids)
+            live_before = sum(1 for row in held.values() if not row["deleted"])
+            rows: dict[str, dict[str, Any]] = {}
+            for entry in entries:
+                oid = object_id(entry.bucket, entry.key)
+                row = held.get(oid)
+                order = None if row is None or row["deleted"] else int(row["order"])  # the live version's
+                tombstone = int(row["order"]) if row is not None and row["deleted"] else None
+                outcome = verdict(entry, order, tombstone, self.model, self.dim)
+                stats.record(outcome, entry)
+                if outcome == "delete":
+                    left = tombstone_after(tombstone, entry)
+                    if left is not None:
+                        held[oid] = rows[oid] = self._tombstone(entry, *left)
+                elif outcome == "upsert":
+                    held[oid] = rows[oid] = self._row(entry)
+            if rows:
+                with reachable(self.connection.uri):
+                    self.connection.client.upsert(self.collection, list(rows.values()))
+            self._count += sum(1 for row in held.values() if not row["deleted"]) - live_before
+            stats.write_features(self.features)
+        return stats
+
+    def _held(self, oids: list[str]) -> dict[str, dict[str, Any]]:
+        """The current rows (live or tombstone) of ``oids``, read with Strong consistency: the order rule needs
+        the latest word."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(oids), 1000):
+            part = oids[start : start + 1000]
+            expr = f"oid in [{', '.join(literal(o) for o in part)}]"
+            for row in self._query(expr, ["oid", "order", "deleted", "deleted_at"], strong=True):
+                found[row["oid"]] = row
+        return found
+
+    def _row(self, entry: ResultEntry) -> dict[str, Any]:
+        assert entry.vector is not None, "verdict accepts upserts with vectors only"
+        oid = object_id(entry.bucket, entry.key)
+        found = decode_labels(oid, entry.labels)
+        return {"oid": oid, "vector": entry.vector.astype(np.float32).tolist(), "bucket": entry.bucket,
+                "key": entry.key, "etag": entry.etag, "sequencer": entry.sequencer, "order": entry.order,
+                "generation": entry.generation, "pixels": entry.pixels,
+                "labels": vision_labels.encode(found) if found else "", "label_ids": [i for i, _ in found or ()],
+                "modified": entry.modified, "deleted": False, "deleted_at": 0.0}
+
+    def _tombstone(self, entry: ResultEntry, order: int, when: float) -> dict[str, Any]:
+        """A deleted object's row: no vector worth finding (zeros), no metadata, the delete's order and time."""
+        return {"oid": object_id(entry.bucket, entry.key), "vector": [0.0] * self.dim, "bucket": entry.bucket,
+                "key": entry.key, "etag": "", "sequencer": "", "order": order, "generation": self.generation,
+                "pixels": 0, "labels": "", "label_ids": [], "modified": 0.0, "deleted": True, "deleted_at": when}
+
+    def expire_tombstones(self, older_than_s: float) -> int:
+        cutoff = time.time() - older_than_s
+        with self._write, reachable(self.connection.uri):
+            result = self.connection.client.delete(self.collection,
+                                                   filter=f"deleted == true and deleted_at < {cutoff!r}")
+        return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def get(self, bucket: str, key: str) -> Indexed | None:
+        rows = self._query(f"oid == {literal(object_id(bucket, key))} and deleted == false", SCALARS)
+        return _indexed(rows[0]) if rows else None
+
+    def vector(self, bucket: str, key: str) -> np.ndarray | None:
+        rows = self._query(f"oid == {literal(object_id(bucket, key))} and deleted == false", ["vector"])
+        return np.asarray(rows[0]["vector"], dtype=np.float32) if rows else None
+
+    def buckets(self) -> set[str]:
+        return {row["bucket"] for row in self._scan(expression(None), ["bucket"])}
+
+    def objects(self) -> list[Indexed]:
+        return [_indexed(row) for row in self._scan(expression(None), SCALARS)]
+
+    def search(self, query: np.ndarray, k: int, exclude: str | None = None, where: Filter | None = None
+               ) -> list[tuple[Indexed, float]]:
+        assert query.shape == (self.dim,), f"query has shape {query.shape}, index dim is {self.dim}"
+        return self.search_many(query.reshape(1, -1), k, [exclude], where)[0]
+
+    def search_many(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None,
+                    where: Filter | None = None) -> list[list[tuple[Indexed, float]]]:
+        """One Milvus search for many queries; ``exclude[i]`` is an object id left out of query i's results."""
+        assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries {queries.shape}, index dim {self.dim}"
+        exclude = exclude or [None] * len(queries)
+        if self._count == 0 or len(queries) == 0:
+            return [[] for _ in queries]
+        want = k + (1 if any(exclude) else 0)
+        with reachable(self.connection.uri):
+            found = self.connection.client.search(
+                self.collection, data=np.asarray(queries, np.float32).tolist(), limit=want,
+                filter=expression(where), output_fields=SCALARS,
+                search_params=self.connection.search_params(self.index_type, want), consistency_level="Session")
+        return [[(obj, s) for obj, s in ((_indexed(hit["entity"]), float(hit["distance"])) for hit in hits)
+                 if not skip or object_id(obj.bucket, obj.key) != skip][:k]
+                for hits, skip in zip(found, exclude)]
+
+    def text_search(self, wanted: Iterable[int], k: int, where: Filter | None = None) -> list[tuple[Indexed, float]]:
+        """Objects whose kept labels give ``wanted`` the most probability (summed), best first: the candidates
+        come from an array filter on ``label_ids``, the sums are made here."""
+        wanted = set(wanted)
+        if not wanted:
+            return []
+        expr = f"{expression(where)} and array_contains_any(label_ids, {sorted(wanted)})"
+        hits = []
+        for row in self._scan(expr, SCALARS):
+            obj = _indexed(row)
+            hits.append((obj, float(sum(p for label, p in obj.labels or () if label in wanted))))
+        hits.sort(key=lambda hit: (-hit[1], hit[0].bucket, hit[0].key))
+        return hits[:k]
+
+    def label_counts(self) -> dict[int, int]:
+        """How many objects keep each label (a pass over every labelled row: Milvus 2.3 cannot group)."""
+        counts: dict[int, int] = {}
+        for row in self._scan(f'{expression(None)} and labels != ""', ["label_ids"]):
+            for label in row["label_ids"]:
+                counts[label] = counts.get(label, 0) + 1
+        return counts
+
+    # -- export, restructure -------------------------------------------------------------------------------
+
+    def export(self) -> tuple[list[Indexed], np.ndarray, Tombstones]:
+        objects, vectors, tombstones = [], [], {}
+        for row in self._scan(EVERYTHING, ["vector", "deleted", "deleted_at", *SCALARS]):
+            if row["deleted"]:
+                tombstones[row["oid"]] = (int(row["order"]), float(row["deleted_at"]))
+            else:
+                objects.append(_indexed(row))
+                vectors.append(row["vector"])
+        matrix = np.asarray(vectors, np.float32).reshape(len(vectors), self.dim)
+        return objects, matrix, tombstones
+
+    def restructure(self, index_type: str) -> None:
+        """Copy every row (tombstones too) into a new collection of this generation with ``index_type``, then
+        point the alias at it if it served. Merges wait meanwhile; searches go on against the old collection."""
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"unknown index type {index_type!r} ({', '.join(INDEX_TYPES)})")
+        with self._write:
+            started = time.perf_counter()
+            name = collection_name(self.alias, self.generation)
+            self.connection.create(name, self.model, self.dim, self.generation, index_type, self._count)
+            fields = ["vector", "label_ids", "deleted", "deleted_at", *SCALARS]
+            client = self.connection.client
+            with reachable(self.connection.uri):
+                batch: list[dict[str, Any]] = []
+                for row in self._scan(EVERYTHING, fields):
+                    batch.append(row)
+                    if len(batch) == 1000:
+                        client.insert(name, batch)
+                        batch = []
+                if batch:
+                    client.insert(name, batch)
+                client.flush(name)
+                old = self.collection
+                serving = _alias_target(client, self.alias) == old
+                if serving:
+                    client.alter_alias(name, self.alias)
+                self.collection, self.index_type = name, index_type
+                client.drop_collection(old)
+        log.info("generation %d is now %s in %s over %d vectors (copied in %.1f s)", self.generation, index_type,
+                 name, self._count, time.perf_counter() - started)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _query(self, expr: str, fields: list[str], strong: bool = False) -> list[dict[str, Any]]:
+        with reachable(self.connection.uri):
+            return list(self.connection.client.query(self.collection, filter=expr, output_fields=fields,
+                                                     consistency_level="Strong" if strong else "Session"))
+
+    def _scan(self, expr: str, fields: list[str]) -> Iterator[dict[str, Any]]:
+        """Every row ``expr`` keeps, page by page in primary-key order (a query returns at most 16,384 rows).
+        Not pymilvus's ``query_iterator``: against a 2.3 server it falls back to a client-side timestamp and
+        missed deletes made just before (seen in tests/test_backends.py)."""
+        after: str | None = None
+        while True:
+            page_expr = expr if after is None else f"({expr}) and oid > {literal(after)}"
+            with reachable(self.connection.uri):
+                page = self.connection.client.query(self.collection, filter=page_expr, limit=SCAN_BATCH,
+                                                    output_fields=["oid", *fields], consistency_level="Strong")
+            yield from page
+            if len(page) < SCAN_BATCH:
+                return
+            after = max(row["oid"] for row in page)
+
+
+def _indexed(row: dict[str, Any]) -> Indexed:
+    oid = f"{row['bucket']}/{row['key']}"
+    return Indexed(row["bucket"], row["key"], row["etag"], row["sequencer"], int(row["order"]), int(row["generation"]),
+                   int(row["pixels"]), decode_labels(oid, row["labels"]), float(row["modified"]))
+
+
+def _alias_target(client: MilvusClient, alias: str) -> str | None:
+    """The collection ``alias`` names, None when it names none. (Asking the collections of this namespace rather than
+    ``describe_alias``, which logs an error when the alias does not exist yet.)"""
+    for name in client.list_collections():
+        if name.startswith(f"{alias}_g") and alias in client.list_aliases(name)["aliases"]:
+            return str(name)
+    return None
+
+
+def collection_name(alias: str, generation: int) -> str:
+    """A new collection's name: its generation and a time stamp (a restructure makes a second one)."""
+    return f"{alias}_g{generation}_{time.time_ns() // 1_000_000}"
+
+
+class MilvusBackend:
+    """Generations as collections behind the alias ``bucketlens_<namespace>``; checkpoints in Redis."""
+
+    name = "milvus"
+    index_types = tuple(INDEX_TYPES)
+
+    def __init__(self, settings: Settings, client: redis.Redis, keys: Keys,
+                 features: Callable[[int], FeatureStore]) -> None:
+        if settings.milvus_index_type not in ("HNSW", "IVF"):
+            raise ValueError(f"BUCKETLENS_MILVUS_INDEX_TYPE={settings.milvus_index_type!r}: choose HNSW or IVF")
+        self.approximate = settings.milvus_index_type
+        self.connection = Connection(settings)
+        self.redis, self.keys, self.features = client, keys, features
+        self.alias = "bucketlens_" + "".join(c if c.isalnum() else "_" for c in settings.namespace)
+        self.last: dict[str, Any] | None = None
+
+    def load(self) -> tuple[MilvusIndex, str] | None:
+        """The collection behind the alias and its checkpoint."""
+        client = self.connection.client
+        with reachable(self.connection.uri):
+            serving = _alias_target(client, self.alias)
+            if serving is None:
+                return None
+            meta = json.loads(client.describe_collection(serving)["description"])
+        index = MilvusIndex(self.connection, self.alias, serving, meta["model"], int(meta["dim"]),
+                            int(meta["generation"]), meta["index_type"], self.features(int(meta["generation"])))
+        last_id = self.redis.hget(self.keys.checkpoints, self.alias)
+        log.info("serving Milvus collection %s: generation %d, %d vectors, stream position %s", serving,
+                 index.generation, len(index), text(last_id) if last_id else "0")
+        return index, text(last_id) if last_id else "0"
+
+    def drop_abandoned(self, serving: Any) -> list[str]:
+        """Drop the collections of this namespace other than ``serving``'s: a rebuild or restructure interrupted by
+        a restart left them (the writer calls this at start-up, once no rebuild runs)."""
+        client = self.connection.client
+        with reachable(self.connection.uri):
+            dropped = [name for name in client.list_collections()
+                       if name.startswith(f"{self.alias}_g") and name != serving.collection]
+            for name in dropped:
+                log.warning("dropping Milvus collection %s: no generation uses it (interrupted rebuild)", name)
+                client.drop_collection(name)
+        return dropped
+
+    def new_generation(self, model: str, generation: int) -> MilvusIndex:
+        name = collection_name(self.alias, generation)
+        dim = recipe(model).dim
+        self.connection.create(name, model, dim, generation, "Flat")
+        client = self.connection.client
+        with reachable(self.connection.uri):
+            if _alias_target(client, self.alias) is None:
+                client.create_alias(name, self.alias)  # the first generation serves at once
+        return MilvusIndex(self.connection, self.alias, name, model, dim, generation, "Flat", self.features(generation))
+
+    def checkpoint(self, index: Any, last_id: str) -> None:
+        """Flush the serving collection, then record ``last_id``: the stream may be trimmed to it."""
+        assert isinstance(index, MilvusIndex), f"the Milvus backend checkpoints its own generations, not {index!r}"
+        started = time.perf_counter()
+        with reachable(self.connection.uri):
+            self.connection.client.flush(index.collection)
+        self.redis.hset(self.keys.checkpoints, self.alias, last_id)
+        self.last = {"name": index.collection, "time": time.time(), "count": len(index), "last_id": last_id,
+                     "flush_s": round(time.perf_counter() - started, 3)}
+
+    def promote(self, old: Any, new: Any) -> None:
+        with reachable(self.connection.uri):
+            self.connection.client.alter_alias(new.collection, self.alias)
+            self.connection.client.drop_collection(old.collection)
+        old.features.close(remove=True)
+
+    def discard(self, index: Any) -> None:
+        with reachable(self.connection.uri):
+            self.connection.client.drop_collection(index.collection)
+        index.features.close(remove=True)
+
+    def problem(self) -> str | None:
+        try:
+            with reachable(self.connection.uri):
+                self.connection.client.get_server_version(timeout=2)
+        except (IndexUnavailable, MilvusException) as exc:
+            return f"Milvus unreachable: {exc}"
+        return None
+
+    def close(self) -> None:
+        if self.connection._client is not None:
+            self.connection._client.close()

@@ -1,0 +1,116 @@
+"""The Milvus standalone server from PyPI's ``milvus`` package (2.3.5), as one process bucketlens can supervise.
+
+The package's own ``milvus-server`` command runs the server binary as a child of a Python wrapper, and a SIGTERM'd
+wrapper once left the server behind (DESIGN.md, "Milvus"). Here the wrapper only writes the configuration and
+unpacks the binary, then *becomes* the server (``exec``): the pid the supervisor or a test fixture holds is the
+server's, and TERM then KILL reach it. The gRPC port is ours to choose; etcd, the coordinators and the metrics
+port take the first free port from their defaults up. Everything binds 127.0.0.1 (etcd and the internal ports
+answer on localhost only).
+
+``python -m infra.milvus --data DIR --port PORT`` runs it in the foreground. Start-up takes 30-40 s on these
+machines; ``wait_ready`` polls the health endpoint. A start killed while it initialised can leave a data folder
+that crashes the next start: callers use a fresh folder when a first start did not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HEALTH_FILE = "health-port"  # written into the data folder: where the server's /healthz answers
+
+
+def prepare(data: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """Write the configuration under ``data`` and unpack the binary; the command line and environment to run."""
+    import milvus  # imported here: the CLI and the FAISS backend never need it
+
+    data = data.resolve()
+    config = milvus.MilvusServerConfig()
+    config.update(data_dir=str(data), proxy_port=port)
+    config.resolve()  # binds and releases every port it picks, writes configs/milvus.yaml
+    milvus._initialize_data_files(str(data))  # the binary and its libraries, unpacked once (md5-checked)
+    health, sock = config.resolve_port(9091)
+    sock.close()
+    (data / HEALTH_FILE).write_text(str(health))
+    binary = data / "bin" / "milvus"
+    env = dict(os.environ)
+    env.update({
+        "DEPLOY_MODE": "STANDALONE",
+        "METRICS_PORT": str(health),
+        "MILVUS_RUN_DIR": str(data / "run"),
+        "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+    })
+    return [str(binary), "run", "standalone"], env
+
+
+def start(data: Path, port: int, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start the server in the background (its own process group); its output goes to ``log_path``."""
+    argv, env = prepare(data, port)
+    log_path = log_path or data / "logs" / "milvus.out"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(argv, env=env, cwd=data, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def healthy(data: Path) -> bool:
+    """The server under ``data`` answers its health check."""
+    try:
+        health = int((data / HEALTH_FILE).read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as response:
+            return b"OK" in response.read()
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+
+
+def wait_ready(data: Path, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 180.0) -> None:
+    """Wait until the server answers; raise with the log's tail if it exits or does not answer in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if healthy(data):
+            return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"milvus exited with {process.returncode} while starting: {_tail(data)}")
+        time.sleep(0.5)
+    raise TimeoutError(f"milvus did not answer within {timeout_s:.0f} s: {_tail(data)}")
+
+
+def stop(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    """TERM, then KILL after ``grace_s`` (a TERM'd server can take long to exit)."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _tail(data: Path, lines: int = 15) -> str:
+    path = data / "logs" / "milvus.out"
+    if not path.exists():
+        return "(no log)"
+    return json.dumps(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="data folder (created if missing)")
+    parser.add_argument("--port", type=int, default=19530, help="gRPC port on 127.0.0.1")
+    args = parser.parse_args()
+    args.data.mkdir(parents=True, exist_ok=True)
+    argv, env = prepare(args.data, args.port)
+    os.chdir(args.data)
+    os.execve(argv[0], argv, env)  # this process becomes the server: signals reach it directly
+
+
+if __name__ == "__main__":
+    main()

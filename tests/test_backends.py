@@ -1,0 +1,335 @@
+"""The index contract (``index_service/backend.py``), run against every backend: FAISS in this process, and a real
+Milvus standalone server (the session's ``milvus_uri``: started once, never mocked, not Milvus Lite).
+
+Each test gets its own namespace (a Milvus alias and collections of its own; a FAISS snapshot folder of its own) and
+drops what it made. Answers are checked against an exact reference computed here, so "equal on both" means both
+equal the same answer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
+from bucketlens.schemas import ResultEntry
+from bucketlens.settings import Settings
+from index_service.backend import BACKENDS, Backend, Index, open_backend
+from index_service.feature_store import FeatureStore
+from index_service.filters import Filter
+from infra.stack import free_port
+from vision.models import recipe
+
+MODEL = Settings().model
+DIM = recipe(MODEL).dim
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def upsert(key: str, order: int, seed: int, etag: str = "e", bucket: str = "b", generation: int = 1,
+           model: str = MODEL, **fields: Any) -> ResultEntry:
+    return ResultEntry("upsert", bucket, key, etag, f"{order:x}", order, generation, model, unit(seed), **fields)
+
+
+def delete(key: str, order: int, bucket: str = "b", generation: int = 1) -> ResultEntry:
+    return ResultEntry("delete", bucket, key, "", "", order, generation)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A throwaway real Redis for checkpoints (no persistence)."""
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="bucketlens-redis-"))
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    client = connect(f"redis://127.0.0.1:{port}/0")
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except Exception:
+                subprocess.run(["sleep", "0.05"], check=True)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Fixture:
+    """One backend under test, with what a test needs to open it again (a restart)."""
+
+    def __init__(self, name: str, request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> None:
+        namespace = f"c{uuid.uuid4().hex[:10]}"
+        uri = request.getfixturevalue("milvus_uri") if name == "milvus" else ""
+        self.settings = Settings(home=tmp_path, namespace=namespace, index_backend=name, milvus_uri=uri or
+                                 Settings().milvus_uri, redis_url=redis_url)
+        self.keys = Keys(namespace)
+        self.redis = connect(redis_url)
+        self.stores: dict[int, FeatureStore] = {}
+        self.opened: list[Backend] = []
+
+    def store(self, generation: int) -> FeatureStore:
+        return self.stores.setdefault(generation, FeatureStore(self.settings.home / f"g{generation}.sqlite"))
+
+    def open(self) -> Backend:
+        backend = open_backend(self.settings, self.redis, self.keys, self.store)
+        self.opened.append(backend)
+        return backend
+
+    def cleanup(self) -> None:
+        connection = getattr(self.opened[0], "connection", None) if self.opened else None
+        if connection is not None:  # drop this test's collections and alias
+            client, alias = connection.client, self.opened[0].alias  # type: ignore[attr-defined]
+            for name in client.list_collections():
+                if name.startswith(f"{alias}_g"):
+                    for other in client.list_aliases(name)["aliases"]:
+                        client.drop_alias(other)
+                    client.drop_collection(name)
+        for backend in self.opened:  # after the drops: pymilvus shares one connection per address
+            backend.close()
+        self.redis.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def fixture(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> Iterator[Fixture]:
+    made = Fixture(request.param, request, redis_url, tmp_path)
+    yield made
+    made.cleanup()
+
+
+@pytest.fixture
+def index(fixture: Fixture) -> Index:
+    return fixture.open().new_generation(MODEL, 1)
+
+
+# -- semantics: one vector per object, replace, delete, order -----------------------------------------------
+
+
+def test_search_finds_the_same_vector_first(index: Index) -> None:
+    index.apply([upsert(f"k{i}", 1, i) for i in range(20)])
+    (best, score), *_ = index.search(unit(7), 5)
+    assert best.key == "k7" and score == pytest.approx(1.0, abs=1e-5) and len(index) == 20
+
+
+def test_reupload_replaces(index: Index) -> None:
+    index.apply([upsert("a", 1, 1, etag="old")])
+    index.apply([upsert("a", 2, 2, etag="new")])
+    assert len(index) == 1
+    assert index.get("b", "a").etag == "new"  # type: ignore[union-attr]
+    np.testing.assert_allclose(index.vector("b", "a"), unit(2), atol=1e-6)  # type: ignore[arg-type]
+    assert [o.key for o, _ in index.search(unit(1), 5)] == ["a"]
+
+
+def test_repeated_entry_is_harmless(index: Index) -> None:
+    index.apply([upsert("a", 5, 1)] * 3)
+    index.apply([upsert("a", 5, 1)])
+    assert len(index) == 1 and len(index.search(unit(1), 5)) == 1
+
+
+def test_older_entry_is_discarded(index: Index) -> None:
+    index.apply([upsert("a", 2, 2, etag="new")])
+    stats = index.apply([upsert("a", 1, 1, etag="old")])
+    assert stats.stale == 1 and index.get("b", "a").etag == "new"  # type: ignore[union-attr]
+
+
+def test_delete_removes_tombstone_holds_and_a_newer_upload_comes_back(index: Index) -> None:
+    index.apply([upsert("a", 1, 1), upsert("z", 1, 9)])
+    stats = index.apply([delete("a", 2)])
+    assert stats.deleted == 1 and index.get("b", "a") is None and index.vector("b", "a") is None
+    assert [o.key for o, _ in index.search(unit(1), 5)] == ["z"] and len(index) == 1
+    stats = index.apply([upsert("a", 1, 1)])  # a late, duplicated event of the deleted version
+    assert stats.stale == 1 and index.get("b", "a") is None
+    index.apply([upsert("a", 3, 3, etag="again")])  # re-upload after delete
+    assert index.get("b", "a").etag == "again" and len(index) == 2  # type: ignore[union-attr]
+    _, _, tombstones = index.export()
+    assert "b/a" not in tombstones
+
+
+def test_delete_older_than_current_version_is_ignored(index: Index) -> None:
+    index.apply([upsert("a", 5, 1)])
+    index.apply([delete("a", 4)])
+    assert index.get("b", "a") is not None
+
+
+def test_delete_arriving_before_its_upsert(index: Index) -> None:
+    index.apply([delete("a", 2)])
+    stats = index.apply([upsert("a", 1, 1)])
+    assert stats.stale == 1 and len(index) == 0 and index.search(unit(1), 5) == []
+
+
+def test_within_one_batch_the_order_decides(index: Index) -> None:
+    stats = index.apply([upsert("a", 3, 3, etag="new"), upsert("a", 1, 1, etag="old"), delete("a", 2),
+                         delete("c", 5), upsert("c", 4, 4)])
+    assert (stats.upserted, stats.stale, stats.deleted) == (1, 3, 1)
+    assert index.get("b", "a").etag == "new" and index.get("b", "c") is None  # type: ignore[union-attr]
+
+
+def test_wrong_model_or_dimension_is_rejected(index: Index) -> None:
+    wrong_dim = ResultEntry("upsert", "b", "x", "e", "", 1, 1, MODEL, np.ones(4, dtype=np.float32) / 2)
+    stats = index.apply([upsert("y", 1, 1, model="other"), wrong_dim])
+    assert stats.rejected == 2 and len(index) == 0
+
+
+def test_tombstones_expire_after_retention(index: Index) -> None:
+    index.apply([upsert("a", 1, 1)])
+    index.apply([delete("a", 2)])
+    assert index.expire_tombstones(3600) == 0
+    assert index.apply([upsert("a", 1, 1)]).stale == 1
+    assert index.expire_tombstones(-1) == 1  # everything is older than "in one second"
+    _, _, tombstones = index.export()
+    assert tombstones == {}
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+
+
+def test_search_by_key_excludes_the_query_object_and_search_many(index: Index) -> None:
+    index.apply([upsert(f"k{i}", 1, i) for i in range(6)])
+    hits = index.search(index.vector("b", "k3"), 3, exclude="b/k3")  # type: ignore[arg-type]
+    assert len(hits) == 3 and all(obj.key != "k3" for obj, _ in hits)
+    many = index.search_many(np.stack([unit(1), unit(2)]), 2, ["b/k1", None])
+    assert [o.key for o, _ in many[1]][:1] == ["k2"] and all(o.key != "k1" for o, _ in many[0])
+
+
+def test_objects_buckets_and_export(index: Index) -> None:
+    index.apply([upsert("a", 1, 1, pixels=640 * 480, labels="281:0.5,285:0.25", modified=1_700_000_000.5),
+                 upsert("x/ü \"q\"\\.jpg", 2, 2, bucket="other")])
+    index.apply([delete("gone", 7)])
+    assert index.buckets() == {"b", "other"}
+    objects = {o.key: o for o in index.objects()}
+    assert set(objects) == {"a", "x/ü \"q\"\\.jpg"}
+    a = objects["a"]
+    assert (a.bucket, a.etag, a.sequencer, a.order, a.generation, a.pixels, a.labels, a.modified) == (
+        "b", "e", "1", 1, 1, 640 * 480, ((281, 0.5), (285, 0.25)), 1_700_000_000.5)
+    exported, vectors, tombstones = index.export()
+    assert {o.key for o in exported} == set(objects) and vectors.shape == (2, DIM)
+    assert set(tombstones) == {"b/gone"} and tombstones["b/gone"][0] == 7
+    for obj, vector in zip(exported, vectors):
+        np.testing.assert_allclose(vector, index.vector(obj.bucket, obj.key), atol=1e-6)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def folders(index: Index) -> Index:
+    """240 objects in two buckets, three folders and three months; times unknown for some (older workers)."""
+    index.apply([upsert(f"{('2023', '2024', 'misc')[i % 3]}/{i}", 1, i, bucket=("b", "c")[i % 2],
+                        modified=0.0 if i % 7 == 0 else 1_700_000_000 + (i % 3) * 2_600_000.0,
+                        labels=f"281:{0.3 + i / 1000:g},285:0.3" if i % 5 == 0 else "400:0.5" if i % 5 == 1 else "")
+                 for i in range(240)])
+    return index
+
+
+def exact(index: Index, query: np.ndarray, where: Filter, k: int) -> list[str]:
+    _, vectors, _ = index.export()
+    objects, _, _ = index.export()
+    scored = sorted(((float(v @ query), o.key) for o, v in zip(objects, vectors) if where.keeps(o.bucket, o.key,
+                                                                                                   o.modified)),
+                    reverse=True)
+    return [key for _, key in scored[:k]]
+
+
+FILTERS = [Filter(prefix="2024/"), Filter(bucket="c"), Filter(bucket="b", prefix="misc/"), Filter(prefix="2024/1"),
+           Filter(after=1_702_000_000), Filter(before=1_702_000_000), Filter(prefix="2023/", after=1),
+           Filter(bucket="nope"), Filter(prefix="2025/")]
+
+
+@pytest.mark.parametrize("where", FILTERS, ids=str)
+def test_filters_keep_exactly_their_objects(folders: Index, where: Filter) -> None:
+    query = unit(12345)
+    assert [o.key for o, _ in folders.search(query, 10, where=where)] == exact(folders, query, where, 10)
+    assert all(where.keeps(o.bucket, o.key, o.modified) for o, _ in folders.search(query, 240, where=where))
+
+
+def test_text_search_and_label_counts(folders: Index) -> None:
+    expected = sorted((sum(p for _, p in o.labels), o.bucket, o.key) for o in folders.objects()
+                      if o.labels and o.labels[0][0] == 281)[::-1]  # distinct scores: one right answer
+    found = folders.text_search({281, 285}, 10)
+    assert [(o.bucket, o.key) for o, _ in found] == [(b, k) for _, b, k in expected[:10]]
+    assert [s for _, s in found] == pytest.approx([s for s, _, _ in expected[:10]])
+    narrowed = folders.text_search({281}, 100, Filter(bucket="c", prefix="2023/"))
+    assert narrowed and all(o.bucket == "c" and o.key.startswith("2023/") for o, _ in narrowed)
+    assert folders.label_counts() == {281: 48, 285: 48, 400: 48}
+    folders.apply([delete(o.key, 2, bucket=o.bucket) for o, _ in folders.text_search({400}, 1000)])
+    assert folders.text_search({400}, 10) == [] and folders.label_counts() == {281: 48, 285: 48}
+
+
+# -- generations: restructure, checkpoint and restart, rebuild swap, abandon --------------------------------
+
+
+def test_restructure_to_the_approximate_type_keeps_every_object(fixture: Fixture) -> None:
+    backend = fixture.open()
+    index = backend.new_generation(MODEL, 1)
+    index.apply([upsert(f"k{i}", 1, i) for i in range(300)])
+    index.apply([delete("k0", 2)])
+    index.restructure(backend.approximate)
+    assert index.index_type == backend.approximate and len(index) == 299
+    assert index.search(unit(7), 1)[0][0].key == "k7"
+    assert index.apply([upsert("k0", 1, 0)]).stale == 1  # tombstones came along
+    backend.checkpoint(index, "9-0")
+    again = fixture.open().load()
+    assert again is not None and again[0].index_type == backend.approximate and len(again[0]) == 299
+
+
+def test_checkpoint_and_restart_give_the_same_index(fixture: Fixture) -> None:
+    backend = fixture.open()
+    assert backend.load() is None
+    index = backend.new_generation(MODEL, 1)
+    index.apply([upsert(f"k{i}", 1, i, labels="281:0.5") for i in range(30)])
+    index.apply([delete("k3", 2)])
+    backend.checkpoint(index, "123-4")
+    loaded = fixture.open().load()
+    assert loaded is not None
+    again, last_id = loaded
+    assert last_id == "123-4" and (again.model, again.dim, again.generation) == (MODEL, DIM, 1)
+    assert sorted(o.key for o in again.objects()) == sorted(o.key for o in index.objects())
+    assert again.apply([upsert("k3", 1, 3)]).stale == 1  # the tombstone survived the restart
+    assert again.search(unit(5), 1)[0][0].key == "k5" and again.label_counts() == {281: 29}
+
+
+def test_rebuild_swaps_generations_and_a_cancelled_one_leaves_nothing(fixture: Fixture) -> None:
+    backend = fixture.open()
+    serving = backend.new_generation(MODEL, 1)
+    serving.apply([upsert(f"k{i}", 1, i) for i in range(10)])
+    backend.checkpoint(serving, "1-0")
+    shadow = backend.new_generation(MODEL, 2)
+    shadow.apply([upsert(f"k{i}", 2, 100 + i, generation=2) for i in range(5)])
+    before = fixture.open().load()
+    assert before is not None and before[0].generation == 1 and len(before[0]) == 10  # generation 1 still serves
+    backend.promote(serving, shadow)
+    backend.checkpoint(shadow, "5-0")
+    loaded = fixture.open().load()
+    assert loaded is not None and loaded[0].generation == 2 and len(loaded[0]) == 5
+    assert loaded[0].search(unit(102), 1)[0][0].key == "k2"
+    abandoned = backend.new_generation(MODEL, 3)
+    abandoned.apply([upsert("x", 1, 1, generation=3)])
+    backend.discard(abandoned)
+    assert abandoned.features.path is None or not abandoned.features.path.exists()
+    interrupted = backend.new_generation(MODEL, 4)  # a rebuild that a restart interrupted
+    interrupted.apply([upsert("y", 1, 1, generation=4)])
+    reopened = fixture.open().load()
+    assert reopened is not None and reopened[0].generation == 2 and len(reopened[0]) == 5
+    dropped = fixture.open().drop_abandoned(reopened[0])
+    assert dropped == ([interrupted.collection] if fixture.settings.index_backend == "milvus" else [])  # type: ignore[attr-defined]
+
+
+def test_a_generation_of_another_model_never_mixes(fixture: Fixture) -> None:
+    index = fixture.open().new_generation("efficientnet-lite1", 1)
+    stats = index.apply([upsert("a", 1, 1), upsert("b", 1, 2, model="efficientnet-lite1")])
+    assert stats.rejected == 1 and len(index) == 1 and index.get("b", "b") is not None
+
+
+def test_the_factory_refuses_an_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="BUCKETLENS_INDEX_BACKEND='sqlite'"):
+        open_backend(Settings(index_backend="sqlite"), None, Keys("x"), lambda _: FeatureStore())  # type: ignore[arg-type]
