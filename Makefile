@@ -1,4 +1,5 @@
-# make demo: install what is missing, start the local stack, upload samples, run sample queries.
+# make demo: install what is missing, start the local stack, upload samples, run sample queries (BACKEND=milvus: the
+# index on a Milvus server the stack starts; BACKEND=faiss, the default, in the index service).
 # make test: the same set-up, then the whole test suite.   make bench: throughput benchmark.
 # make quality: retrieval quality on real photos and their edited copies (QUALITY_ARGS=--in-process: variants).
 SHELL := /bin/bash
@@ -26,10 +27,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/bucketlens demo
+	$(VENV)/bin/bucketlens demo $(if $(BACKEND),--backend $(BACKEND))
 
 up: install
-	$(VENV)/bin/bucketlens up
+	$(VENV)/bin/bucketlens up $(if $(BACKEND),--backend $(BACKEND))
 
 down:
 	$(VENV)/bin/bucketlens down

@@ -24,7 +24,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bucketlens", description="Event-driven image similarity for S3 buckets.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the local stack (Redis, Ceph RGW, ingest, worker, index service)")
+    up = sub.add_parser("up", help="start the local stack (Redis, Ceph RGW, ingest, worker, index service)")
+    up.add_argument("--backend", choices=["faiss", "milvus"],
+                    help="index backend (remembered by the stack; default: the one it has, else faiss)")
     sub.add_parser("down", help="stop what 'up' started")
     status = sub.add_parser("status", help="addresses, tokens and process state of the local stack")
     status.add_argument("--json", action="store_true")
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
     reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
     reconcile.add_argument("--bucket")
-    sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
+    demo = sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
+    demo.add_argument("--backend", choices=["faiss", "milvus"], help="index backend, as for 'up'")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -159,9 +162,18 @@ def api_url(settings: Settings) -> str:
     return f"http://{settings.api_host}:{settings.api_port}"
 
 
-def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+def _stack_for_up(settings: Settings, args: argparse.Namespace) -> Any:
     stack = _stack(settings)
-    print(f"starting the local stack in {stack.home} (first start creates the S3 server: ~30 s)")
+    if args.backend:
+        stack.choose_backend(args.backend)
+    extra = " and Milvus: ~40 s more" if stack.servers else ""
+    print(f"starting the local stack in {stack.home} ({stack.settings.index_backend} index; first start creates "
+          f"the S3 server: ~30 s{extra})")
+    return stack
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    stack = _stack_for_up(settings, args)
     stack.up()
     print(f"up: API {stack.api_url}  web page {stack.api_url}/  S3 {stack.settings.s3_endpoint}")
     return 0
@@ -356,8 +368,7 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from infra.samples import write_samples
 
-    stack = _stack(settings)
-    print("starting the local stack ...")
+    stack = _stack_for_up(settings, args)
     stack.up()
     folder = stack.home / "samples"
     files = write_samples(folder)

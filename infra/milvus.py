@@ -70,16 +70,18 @@ def healthy(data: Path) -> bool:
         return False
 
 
-def wait_ready(data: Path, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 180.0) -> None:
+def wait_ready(data: Path, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 180.0,
+               log_path: Path | None = None) -> None:
     """Wait until the server answers; raise with the log's tail if it exits or does not answer in time."""
+    log_path = log_path or data / "logs" / "milvus.out"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if healthy(data):
             return
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"milvus exited with {process.returncode} while starting: {_tail(data)}")
+            raise RuntimeError(f"milvus exited with {process.returncode} while starting: {_tail(log_path)}")
         time.sleep(0.5)
-    raise TimeoutError(f"milvus did not answer within {timeout_s:.0f} s: {_tail(data)}")
+    raise TimeoutError(f"milvus did not answer within {timeout_s:.0f} s: {_tail(log_path)}")
 
 
 def stop(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
@@ -94,8 +96,7 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
         process.wait(timeout=10)
 
 
-def _tail(data: Path, lines: int = 15) -> str:
-    path = data / "logs" / "milvus.out"
+def _tail(path: Path, lines: int = 15) -> str:
     if not path.exists():
         return "(no log)"
     return json.dumps(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,7 +1,8 @@
-"""The local stack behind ``bucketlens up|down|status``: Redis, Ceph RGW, ingest, one worker, the index service.
+"""The local stack behind ``bucketlens up|down|status``: Redis, Ceph RGW, ingest, one worker, the index service,
+and the servers its index backend needs (``SERVERS``: a Milvus standalone server for ``--backend milvus``).
 
-All state lives under one folder (``settings.home``): ``stack.json`` (ports, tokens), ``run/`` (pid files),
-``logs/``, ``redis/``, ``ceph/``. ``down`` stops exactly what ``up`` started, by pid file.
+All state lives under one folder (``settings.home``): ``stack.json`` (ports, tokens, the backend), ``run/`` (pid
+files), ``logs/``, ``redis/``, ``ceph/``, ``milvus/``. ``down`` stops exactly what ``up`` started, by pid file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
 
+from . import milvus
 from .canary import Canary
 from .notifications import ensure_bucket, ensure_notifications
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 INFRA = Path(__file__).resolve().parent
 SERVICES = ("ingest", "worker", "api", "supervisor")  # Python processes, started in this order
 COMMAND = {"ingest": "ingest", "worker": "worker", "api": "serve", "supervisor": "supervise"}  # their subcommands
+SERVERS: dict[str, tuple[str, ...]] = {"faiss": (), "milvus": ("milvus",)}  # what each index backend runs beside
 
 
 class StackError(RuntimeError):
@@ -51,6 +54,8 @@ class StackConfig:
     api_port: int
     webhook_token: str
     admin_token: str
+    index_backend: str = "faiss"  # chosen by ``up --backend`` (stacks made before it existed: faiss)
+    milvus_port: int = 0  # 0: not chosen yet
 
 
 def free_port(preferred: int = 0) -> int:
@@ -70,7 +75,11 @@ class Stack:
         self.base = base
         self.config = self._load_or_create_config()
         self._children: dict[str, subprocess.Popen[bytes]] = {}  # started by this process: reaped on stop
-        self.settings = dataclasses.replace(
+        self.settings = self._settings()
+
+    def _settings(self) -> Settings:
+        base, milvus_port = self.base, self.config.milvus_port
+        return dataclasses.replace(
             base,
             home=self.home,
             redis_url=f"redis://127.0.0.1:{self.config.redis_port}/0",
@@ -79,7 +88,28 @@ class Stack:
             api_port=self.config.api_port,
             webhook_token=base.webhook_token or self.config.webhook_token,
             admin_token=base.admin_token or self.config.admin_token,
+            index_backend=self.config.index_backend,
+            milvus_uri=f"http://127.0.0.1:{milvus_port}" if milvus_port else base.milvus_uri,
         )
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return SERVERS[self.config.index_backend]
+
+    def choose_backend(self, backend: str) -> None:
+        """Record the index backend this stack runs (``up --backend``); switching needs the stack down first (a
+        FAISS index does not move to Milvus by itself: README, "Index backends")."""
+        if backend not in SERVERS:
+            raise StackError(f"unknown index backend {backend!r} (one of {', '.join(SERVERS)})")
+        if backend == self.config.index_backend and (self.config.milvus_port or not SERVERS[backend]):
+            return
+        if backend != self.config.index_backend and self.pid("api") is not None:
+            raise StackError(f"the stack runs the {self.config.index_backend} backend; 'bucketlens down' first")
+        self.config.index_backend = backend
+        if SERVERS[backend] and not self.config.milvus_port:
+            self.config.milvus_port = free_port(19530)
+        self._save_config(self.config)
+        self.settings = self._settings()
 
     # -- configuration -------------------------------------------------------------------------------------
 
@@ -93,11 +123,15 @@ class Stack:
             ingest_port=free_port(self.base.ingest_port), api_port=free_port(self.base.api_port),
             webhook_token=secrets.token_urlsafe(24), admin_token=secrets.token_urlsafe(24),
         )
+        self._save_config(config)
+        return config
+
+    def _save_config(self, config: StackConfig) -> None:
+        path = self.home / "stack.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
         tmp.chmod(0o600)  # holds tokens
         os.replace(tmp, path)
-        return config
 
     @property
     def api_url(self) -> str:
@@ -115,6 +149,8 @@ class Stack:
             (self.home / folder).mkdir(parents=True, exist_ok=True)
         self.start_redis()
         self.start_ceph()
+        if "milvus" in self.servers:
+            self.start_milvus()
         s3 = make_client(self.settings)
         ensure_bucket(s3, self.settings.bucket)
         for name in services:
@@ -135,7 +171,7 @@ class Stack:
         """Stop everything, each part even when stopping another failed (then raise the first failure)."""
         steps = [lambda n=name: self.stop_service(n) for name in reversed(SERVICES)]
         errors = []
-        for step in [*steps, lambda: self._ceph("stop"), self.stop_redis]:
+        for step in [*steps, self.stop_milvus, lambda: self._ceph("stop"), self.stop_redis]:
             try:
                 step()
             except Exception as exc:
@@ -158,9 +194,12 @@ class Stack:
             "namespace": s.namespace,
             "admin_token": s.admin_token,
             "webhook_token": s.webhook_token,
+            "index_backend": s.index_backend,
+            **({"milvus_uri": s.milvus_uri} if "milvus" in self.servers else {}),
             "processes": {
                 "redis": self._redis_pid() is not None,
                 "s3": self._ceph_up(),
+                **({"milvus": self.milvus_pid() is not None} if "milvus" in self.servers else {}),
                 **{name: self.pid(name) is not None for name in SERVICES},
             },
         }
@@ -195,6 +234,40 @@ class Stack:
 
     def _redis_pid(self) -> int | None:
         return _live_pid(self.home / "run" / "redis.pid", "redis-server")
+
+    # -- Milvus --------------------------------------------------------------------------------------------
+
+    def start_milvus(self) -> None:
+        """The Milvus standalone server (30-40 s to answer). A folder whose first start never completed can crash
+        the next start, and holds nothing yet: it is made afresh."""
+        if self.milvus_pid() is not None:
+            return
+        data = self.home / "milvus"
+        completed = data / ".started"
+        if data.exists() and not completed.exists():
+            shutil.rmtree(data)
+        data.mkdir(parents=True, exist_ok=True)
+        process = milvus.start(data, self.config.milvus_port, self.home / "logs" / "milvus.log")
+        self._children["milvus"] = process
+        (self.home / "run" / "milvus.pid").write_text(str(process.pid))
+        try:
+            milvus.wait_ready(data, process, log_path=self.home / "logs" / "milvus.log")
+        except (RuntimeError, TimeoutError) as exc:
+            raise StackError(f"Milvus did not start: {exc}; see {self.home / 'logs' / 'milvus.log'}") from exc
+        completed.touch()
+
+    def stop_milvus(self, kill: bool = False) -> None:
+        """TERM, then KILL after 60 s (a TERM'd Milvus can take long to exit)."""
+        pid = self.milvus_pid()
+        if pid is not None:
+            _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 60, group=True)
+        child = self._children.pop("milvus", None)
+        if child is not None:
+            child.wait(timeout=5)
+        (self.home / "run" / "milvus.pid").unlink(missing_ok=True)
+
+    def milvus_pid(self) -> int | None:
+        return _live_pid(self.home / "run" / "milvus.pid", "milvus")
 
     # -- Ceph ----------------------------------------------------------------------------------------------
 

@@ -53,6 +53,9 @@ class Supervisor:
             stop.wait(self.settings.canary_interval_s)
 
     def tick(self) -> None:
+        if "milvus" in self.stack.servers and self.stack.milvus_pid() is None:
+            log.warning("milvus is not running; restarting it (the index service waits and resumes merging)")
+            self.stack.start_milvus()
         for name in WATCHED:
             if self.stack.pid(name) is None:
                 log.warning("%s is not running; restarting it", name)

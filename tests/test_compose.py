@@ -139,3 +139,21 @@ def test_index_service_keeps_its_state_on_a_volume(compose: dict[str, Any]) -> N
     home = environment(api)["BUCKETLENS_HOME"]
     mounts = [str(v).split(":")[1] for v in api.get("volumes", []) if ":" in str(v)]
     assert home in mounts, f"BUCKETLENS_HOME={home} is not on a volume: snapshots would die with the container"
+
+
+def test_milvus_profile(compose: dict[str, Any]) -> None:
+    """Milvus standalone as Milvus ships it (etcd, object storage, the server), under the milvus profile, reached by
+    the index service at the address its settings name; nothing of it is published."""
+    profiled = {name: s for name, s in services(compose).items() if "milvus" in (s.get("profiles") or [])}
+    images = {str(s["image"]).split(":")[0] for s in profiled.values()}
+    assert {"quay.io/coreos/etcd", "minio/minio", "milvusdb/milvus"} <= images
+    server = next(s for s in profiled.values() if str(s["image"]).startswith("milvusdb/milvus"))
+    assert server["image"].endswith(":v2.3.5") and server["command"] == ["milvus", "run", "standalone"]
+    env = environment(server)
+    etcd, minio = env["ETCD_ENDPOINTS"].split(":")[0], env["MINIO_ADDRESS"].split(":")[0]
+    assert {etcd, minio} <= set(profiled) and set(server["depends_on"]) == {etcd, minio}
+    assert all(not s.get("ports") for s in profiled.values())
+    name = next(n for n, s in profiled.items() if s is server)
+    api = environment(next(s for s in bucketlens_services(compose).values() if s["command"] == ["serve"]))
+    assert api["BUCKETLENS_MILVUS_URI"] == f"http://{name}:19530"
+    assert "BUCKETLENS_INDEX_BACKEND" in api  # chosen at `up` time; the index service itself has no profile
