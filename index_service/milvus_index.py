@@ -54,6 +54,7 @@ MAX_KEY = 4096  # bytes of a VARCHAR key or object id (S3 keys are at most 1024 
 SCAN_BATCH = 4096  # rows per page when a read must go through every row
 INDEX_TYPES = {"Flat": "FLAT", "IVF": "IVF_FLAT", "HNSW": "HNSW"}
 EVERYTHING = 'oid != ""'  # a filter that keeps every row, tombstones included
+RETIRE_AFTER_S = 30.0  # a swapped-out collection is dropped this long after the swap (searches on it finish)
 
 
 class IndexUnavailable(ConnectionError):
@@ -128,6 +129,22 @@ class Connection:
                     self._client = MilvusClient(self.uri, token=self.settings.milvus_token,
                                                 db_name=self.settings.milvus_database, timeout=10)
             return self._client
+
+    def drop_later(self, name: str, delay_s: float = RETIRE_AFTER_S) -> None:
+        """Drop a retired collection once searches that started on it have finished (a restart before then leaves
+        it to ``MilvusBackend.drop_abandoned``)."""
+
+        def drop() -> None:
+            try:
+                with reachable(self.uri):
+                    self.client.drop_collection(name)
+                log.info("dropped retired Milvus collection %s", name)
+            except Exception:
+                log.warning("could not drop retired Milvus collection %s; the next start will", name, exc_info=True)
+
+        timer = threading.Timer(delay_s, drop)
+        timer.daemon = True
+        timer.start()
 
     def index_params(self, index_type: str, rows: int) -> Any:
         params = self.client.prepare_index_params()
@@ -354,7 +371,7 @@ class MilvusIndex:
                 if serving:
                     client.alter_alias(name, self.alias)
                 self.collection, self.index_type = name, index_type
-                client.drop_collection(old)
+        self.connection.drop_later(old)
         log.info("generation %d is now %s in %s over %d vectors (copied in %.1f s)", self.generation, index_type,
                  name, self._count, time.perf_counter() - started)
 
@@ -467,7 +484,7 @@ class MilvusBackend:
     def promote(self, old: Any, new: Any) -> None:
         with reachable(self.connection.uri):
             self.connection.client.alter_alias(new.collection, self.alias)
-            self.connection.client.drop_collection(old.collection)
+        self.connection.drop_later(old.collection)
         old.features.close(remove=True)
 
     def discard(self, index: Any) -> None:

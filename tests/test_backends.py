@@ -321,7 +321,10 @@ def test_rebuild_swaps_generations_and_a_cancelled_one_leaves_nothing(fixture: F
     reopened = fixture.open().load()
     assert reopened is not None and reopened[0].generation == 2 and len(reopened[0]) == 5
     dropped = fixture.open().drop_abandoned(reopened[0])
-    assert dropped == ([interrupted.collection] if fixture.settings.index_backend == "milvus" else [])  # type: ignore[attr-defined]
+    if fixture.settings.index_backend == "milvus":  # also the swapped-out generation 1, if not dropped yet
+        assert interrupted.collection in dropped and reopened[0].collection not in dropped  # type: ignore[attr-defined]
+    else:
+        assert dropped == []
 
 
 def test_a_generation_of_another_model_never_mixes(fixture: Fixture) -> None:
