@@ -54,6 +54,10 @@ MAX_KEY = 4096  # bytes of a VARCHAR key or object id (S3 keys are at most 1024 
 SCAN_BATCH = 4096  # rows per page when a read must go through every row
 INDEX_TYPES = {"Flat": "FLAT", "IVF": "IVF_FLAT", "HNSW": "HNSW"}
 EVERYTHING = 'oid != ""'  # a filter that keeps every row, tombstones included
+# Integers on purpose: pymilvus bounds its retries by ``timeout`` only when it is an int (a float 5.0 let a search
+# against a dead server retry 75 times, ~4 minutes: seen in tests/test_faults.py).
+READ_TIMEOUT_S = 5  # a search or read against an unreachable server gives up (503) instead of retrying for minutes
+WRITE_TIMEOUT_S = 30  # a merge batch's upsert, a flush
 RETIRE_AFTER_S = 30.0  # a swapped-out collection is dropped this long after the swap (searches on it finish)
 
 
@@ -233,7 +237,7 @@ class MilvusIndex:
                     held[oid] = rows[oid] = self._row(entry)
             if rows:
                 with reachable(self.connection.uri):
-                    self.connection.client.upsert(self.collection, list(rows.values()))
+                    self.connection.client.upsert(self.collection, list(rows.values()), timeout=WRITE_TIMEOUT_S)
             self._count += sum(1 for row in held.values() if not row["deleted"]) - live_before
             stats.write_features(self.features)
         return stats
@@ -268,8 +272,8 @@ class MilvusIndex:
     def expire_tombstones(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
         with self._write, reachable(self.connection.uri):
-            result = self.connection.client.delete(self.collection,
-                                                   filter=f"deleted == true and deleted_at < {cutoff!r}")
+            expired = f"deleted == true and deleted_at < {cutoff!r}"
+            result = self.connection.client.delete(self.collection, filter=expired, timeout=WRITE_TIMEOUT_S)
         return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -305,7 +309,8 @@ class MilvusIndex:
             found = self.connection.client.search(
                 self.collection, data=np.asarray(queries, np.float32).tolist(), limit=want,
                 filter=expression(where), output_fields=SCALARS,
-                search_params=self.connection.search_params(self.index_type, want), consistency_level="Session")
+                search_params=self.connection.search_params(self.index_type, want), consistency_level="Session",
+                timeout=READ_TIMEOUT_S)
         return [[(obj, s) for obj, s in ((_indexed(hit["entity"]), float(hit["distance"])) for hit in hits)
                  if not skip or object_id(obj.bucket, obj.key) != skip][:k]
                 for hits, skip in zip(found, exclude)]
@@ -380,7 +385,8 @@ class MilvusIndex:
     def _query(self, expr: str, fields: list[str], strong: bool = False) -> list[dict[str, Any]]:
         with reachable(self.connection.uri):
             return list(self.connection.client.query(self.collection, filter=expr, output_fields=fields,
-                                                     consistency_level="Strong" if strong else "Session"))
+                                                     consistency_level="Strong" if strong else "Session",
+                                                     timeout=READ_TIMEOUT_S))
 
     def _scan(self, expr: str, fields: list[str]) -> Iterator[dict[str, Any]]:
         """Every row ``expr`` keeps, page by page in primary-key order (a query returns at most 16,384 rows).
@@ -391,7 +397,8 @@ class MilvusIndex:
             page_expr = expr if after is None else f"({expr}) and oid > {literal(after)}"
             with reachable(self.connection.uri):
                 page = self.connection.client.query(self.collection, filter=page_expr, limit=SCAN_BATCH,
-                                                    output_fields=["oid", *fields], consistency_level="Strong")
+                                                    output_fields=["oid", *fields], consistency_level="Strong",
+                                                    timeout=WRITE_TIMEOUT_S)
             yield from page
             if len(page) < SCAN_BATCH:
                 return
@@ -476,7 +483,7 @@ class MilvusBackend:
         assert isinstance(index, MilvusIndex), f"the Milvus backend checkpoints its own generations, not {index!r}"
         started = time.perf_counter()
         with reachable(self.connection.uri):
-            self.connection.client.flush(index.collection)
+            self.connection.client.flush(index.collection, timeout=WRITE_TIMEOUT_S)
         self.redis.hset(self.keys.checkpoints, self.alias, last_id)
         self.last = {"name": index.collection, "time": time.time(), "count": len(index), "last_id": last_id,
                      "flush_s": round(time.perf_counter() - started, 3)}
@@ -497,7 +504,8 @@ class MilvusBackend:
             with reachable(self.connection.uri):
                 self.connection.client.get_server_version(timeout=2)
         except (IndexUnavailable, MilvusException) as exc:
-            return f"Milvus unreachable: {exc}"
+            log.debug("Milvus health check failed: %s", exc)
+            return f"Milvus unreachable at {self.connection.uri}"
         return None
 
     def close(self) -> None:

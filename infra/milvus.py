@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -31,8 +32,22 @@ def prepare(data: Path, port: int) -> tuple[list[str], dict[str, str]]:
     """Write the configuration under ``data`` and unpack the binary; the command line and environment to run."""
     import milvus  # imported here: the CLI and the FAISS backend never need it
 
+    class Config(milvus.MilvusServerConfig):  # type: ignore[misc]
+        def try_bind_port(self, port: int) -> socket.socket | None:
+            """As the package's, with SO_REUSEADDR (as the server itself binds): a restart right after a kill
+            found its port in TIME_WAIT and refused to start for a minute."""
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+                return sock
+            except OSError:
+                sock.close()
+                return None
+
     data = data.resolve()
-    config = milvus.MilvusServerConfig()
+    config = Config()
     config.update(data_dir=str(data), proxy_port=port)
     config.resolve()  # binds and releases every port it picks, writes configs/milvus.yaml
     milvus._initialize_data_files(str(data))  # the binary and its libraries, unpacked once (md5-checked)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -36,23 +37,47 @@ def stack() -> Iterator[Stack]:
         yield stack
 
 
+class MilvusServer:
+    """The session's Milvus standalone server (PyPI's ``milvus`` 2.3.5); fault tests kill and restart it."""
+
+    def __init__(self, data: Path, port: int) -> None:
+        self.data, self.port = data, port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = milvus.start(self.data, self.port)
+        milvus.wait_ready(self.data, self.process)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            milvus.stop(self.process)
+
+
 @pytest.fixture(scope="session")
-def milvus_uri() -> Iterator[str]:
-    """One real Milvus standalone server (PyPI's ``milvus`` 2.3.5) for the whole run: it takes 30-40 s to start.
-    Set BUCKETLENS_TEST_MILVUS to the URI of a running one to reuse it (faster locally)."""
-    reuse = os.environ.get("BUCKETLENS_TEST_MILVUS")
-    if reuse:
-        yield reuse
+def milvus_server() -> Iterator[MilvusServer | None]:
+    """One real Milvus server for the whole run (it takes 30-40 s to start). With BUCKETLENS_TEST_MILVUS set to the
+    URI of a running one, that one is used instead (faster locally) and this fixture gives None."""
+    if os.environ.get("BUCKETLENS_TEST_MILVUS"):
+        yield None
         return
-    data = Path(tempfile.mkdtemp(prefix="bucketlens-milvus-"))
-    port = free_port()  # the other ports (etcd's, the coordinators') go to the first free one from their defaults
-    process = milvus.start(data, port)
+    server = MilvusServer(Path(tempfile.mkdtemp(prefix="bucketlens-milvus-")), free_port())
     try:
-        milvus.wait_ready(data, process)
-        yield f"http://127.0.0.1:{port}"
+        server.start()
+        yield server
     finally:
-        milvus.stop(process)
-        shutil.rmtree(data, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(server.data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(milvus_server: MilvusServer | None) -> str:
+    return milvus_server.uri if milvus_server is not None else os.environ["BUCKETLENS_TEST_MILVUS"]
 
 
 @pytest.fixture(scope="session")

@@ -407,3 +407,79 @@ def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
         **outcome, "failures": {k.removeprefix(unique_prefix): settled[k]["reason"] for k in slow},
         "fetch_timeout_s": timeout_s, "batch": lines[0].split("batch: ", 1)[1],
         "seconds_worker_start_to_settled": round(took, 1), "held_back_requests": len(proxy.held)})
+
+
+# ---- Milvus backend (issue 10) ------------------------------------------------------------------------------------
+# An index service of its own on the session's Milvus server (tests/conftest.py, milvus_server), beside the stack's
+# (FAISS) one: the stack gives Redis; the entries are written straight to the result stream (test_recovery.py's mix
+# of uploads, re-uploads, deletes and late stale versions), so what is checked is the index path alone.
+
+
+def test_milvus_killed_mid_merge_answers_503_then_catches_up(stack: Stack, milvus_server: Any) -> None:
+    """Milvus SIGKILLed while the service merges, down ~40 s (its restart): /readyz 503 with the reason, searches 503
+    (never 500), merging waits; once it is back (here the test restarts it, as the local stack's supervisor does)
+    every entry is applied and the index equals an uninterrupted run."""
+    import dataclasses
+    import uuid
+
+    import numpy as np
+
+    from bucketlens.keys import Keys
+    from index_service.backend import open_backend
+    from index_service.feature_store import FeatureStore
+    from index_service.vector_index import VectorIndex
+    from infra.stack import free_port
+
+    from .test_recovery import DIM, MODEL, IndexProcess, entries
+
+    if milvus_server is None:
+        pytest.skip("BUCKETLENS_TEST_MILVUS names a server this run did not start and cannot kill")
+    settings = dataclasses.replace(stack.settings, namespace=f"mf{uuid.uuid4().hex[:6]}", api_port=free_port(),
+                                   merge_batch=100, snapshot_every_entries=500, index_backend="milvus",
+                                   milvus_uri=milvus_server.uri)
+    keys, redis = Keys(settings.namespace), connect(settings.redis_url)
+    stream = entries(2000, seed=3)
+    service = IndexProcess(settings)
+    service.start()
+    wait_for(lambda: httpx.get(service.url + "/readyz", timeout=5).status_code == 200, 120, what="ready on Milvus")
+    try:
+        for entry in stream[:1000]:
+            redis.xadd(keys.results, entry.to_fields())
+        wait_for(lambda: int(service.stats()["applied_entries"]) >= 300, 120, interval_s=0.05, what="merging")
+        milvus_server.kill()
+        for entry in stream[1000:]:  # results keep arriving while Milvus is down
+            redis.xadd(keys.results, entry.to_fields())
+        ready = wait_for(lambda: (r := httpx.get(service.url + "/readyz", timeout=30)).status_code == 503 and r,
+                         60, what="/readyz 503")
+        assert "Milvus unreachable" in ready.json()["reason"]
+        query = np.ones(DIM, np.float32).tolist()
+        answer = httpx.post(service.url + "/search", json={"vector": query}, timeout=60)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "index_unavailable", answer.text
+        started = time.monotonic()
+        milvus_server.start()
+        wait_for(lambda: httpx.get(service.url + "/readyz", timeout=30).status_code == 200
+                 and redis.xinfo_groups(keys.results)[0]["lag"] == 0
+                 and not redis.xinfo_groups(keys.results)[0]["pending"], 300, what="caught up after the restart")
+        caught_up_s = time.monotonic() - started
+        service.stop(signal.SIGTERM)
+        backend = open_backend(settings, redis, keys, lambda _: FeatureStore())
+        loaded = backend.load()
+        assert loaded is not None
+        reference = VectorIndex(MODEL, DIM)
+        reference.apply(stream)
+        objects, vectors, _ = loaded[0].export()
+        expected, expected_vectors, _ = reference.export()
+        assert {o.key: (o.etag, o.order, v.tobytes()) for o, v in zip(objects, vectors)} == {
+            o.key: (o.etag, o.order, v.tobytes()) for o, v in zip(expected, expected_vectors)}
+        record_outcome("milvus_killed_mid_merge", {"entries": len(stream), "indexed": len(objects),
+                                                   "seconds_restart_to_caught_up": round(caught_up_s, 1)})
+    finally:
+        if service.process is not None and service.process.poll() is None:
+            service.stop(signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            client = open_backend(settings, redis, keys, lambda _: FeatureStore()).connection  # type: ignore[attr-defined]
+            for name in client.client.list_collections():
+                if name.startswith(f"bucketlens_{settings.namespace}_g"):
+                    for alias in client.client.list_aliases(name)["aliases"]:
+                        client.client.drop_alias(alias)
+                    client.client.drop_collection(name)
