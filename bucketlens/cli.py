@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the local stack (Redis, Ceph RGW, ingest, worker, index service)")
     up.add_argument("--backend", choices=["faiss", "milvus"],
                     help="index backend (remembered by the stack; default: the one it has, else faiss)")
+    up.add_argument("--replicas", type=int, help="index service processes answering queries (milvus; one merges)")
     sub.add_parser("down", help="stop what 'up' started")
     status = sub.add_parser("status", help="addresses, tokens and process state of the local stack")
     status.add_argument("--json", action="store_true")
@@ -166,6 +167,8 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> Any:
     stack = _stack(settings)
     if args.backend:
         stack.choose_backend(args.backend)
+    if getattr(args, "replicas", None):
+        stack.choose_replicas(args.replicas)
     extra = " and Milvus: ~40 s more" if stack.servers else ""
     print(f"starting the local stack in {stack.home} ({stack.settings.index_backend} index; first start creates "
           f"the S3 server: ~30 s{extra})")

@@ -95,6 +95,11 @@ class Keys:
         return f"{self.namespace}:generation:last"
 
     @property
+    def writer_lease(self) -> str:
+        """The name of the index service replica that merges the result stream, with a time to live (lease.py)."""
+        return f"{self.namespace}:index:writer"
+
+    @property
     def checkpoints(self) -> str:
         """Hash: index collection name -> the last result-stream id it covers, written after the index server flushed
         it (the Milvus backend's counterpart of a snapshot's stream position)."""

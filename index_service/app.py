@@ -214,7 +214,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             job = service.rebuilds.start(str(body.get("mode", "reembed")), _bucket(body), body.get("index_type"),
                                          body.get("model"))
         except RebuildConflict as exc:
-            raise HTTPError(409, "rebuild_running", str(exc)) from exc
+            raise HTTPError(409, exc.code, str(exc)) from exc
         except ValueError as exc:
             raise HTTPError(400, "bad_parameter", str(exc)) from exc
         return JSONResponse(rebuild_public(job), status_code=202)

@@ -162,6 +162,7 @@ class Backend(Protocol):
     """Where generations live and how they survive a restart."""
 
     name: str
+    shared: bool  # several index service replicas can serve one index (each reads the same server)
     index_types: tuple[str, ...]  # what ``restructure`` and ``POST /rebuild``'s index_type accept
     approximate: str  # the type a generation is restructured into above ``approx_threshold`` vectors
     last: dict[str, Any] | None  # the newest checkpoint: time, count, last_id (``/stats``' last_snapshot)

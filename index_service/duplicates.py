@@ -46,6 +46,10 @@ class DuplicateFinder:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="duplicates", daemon=True)
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
     def start(self) -> None:
         self._thread.start()
 

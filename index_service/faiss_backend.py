@@ -17,6 +17,7 @@ from .vector_index import VectorIndex, set_search_threads
 
 class FaissBackend:
     name = "faiss"
+    shared = False  # each process holds its own copy
     index_types: tuple[str, ...] = ("Flat", "IVF")
     approximate = "IVF"
 

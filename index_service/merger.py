@@ -21,11 +21,13 @@ class Merger:
 
     ``apply`` receives each batch of decoded entries; ``after`` runs once the batch is acknowledged and
     ``last_id`` covers it (the snapshot policy hooks in there, so a snapshot's stream position is exact).
+    ``may_write`` is asked before each batch is applied: False (the writer lease is lost) stops the merger, the
+    batch unapplied and unacknowledged (the next writer reads it again).
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, apply: Callable[[list[ResultEntry]], None],
                  after: Callable[[], None] = lambda: None, start_id: str = "0", batch: int = 512,
-                 consumer: str = "index-1") -> None:
+                 consumer: str = "index-1", may_write: Callable[[], bool] = lambda: True) -> None:
         self.redis = client
         self.keys = keys
         self.apply = apply
@@ -33,6 +35,7 @@ class Merger:
         self.last_id = start_id
         self.batch = batch
         self.consumer = consumer
+        self.may_write = may_write
         self.caught_up = threading.Event()
         self.applied = 0
         self.malformed = 0
@@ -42,9 +45,15 @@ class Merger:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Started and not stopped (a lost lease stops it)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def _ensure_group(self) -> None:
         """Position the group at what this process has applied: a restart replays everything after it."""
@@ -89,6 +98,10 @@ class Merger:
             self.caught_up.set()
             return 0
         (_, messages), = response
+        if not self.may_write():
+            log.warning("the writer lease is lost: merging stops before the next batch (another replica writes)")
+            self._stop.set()
+            return 0
         entries: list[ResultEntry] = []
         for _, fields in messages:
             try:

@@ -73,6 +73,8 @@ class StateCollector:
         stats = self.service.stats()
         yield _gauge("bucketlens_index_vectors", "Vectors in the serving index", stats["vectors"])
         yield _gauge("bucketlens_index_generation", "Generation of the serving index", stats["generation"])
+        yield _gauge("bucketlens_index_writer", "1 when this replica holds the writer lease and merges",
+                     int(stats["writer"]))
         info = GaugeMetricFamily("bucketlens_index_info", "The serving index's model, dimension and index type",
                                  labels=["model", "dim", "index_type"])
         info.add_metric([str(stats["model"]), str(stats["dim"]), str(stats["index_type"])], 1)

@@ -302,8 +302,8 @@ class MilvusIndex:
         """One Milvus search for many queries; ``exclude[i]`` is an object id left out of query i's results."""
         assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries {queries.shape}, index dim {self.dim}"
         exclude = exclude or [None] * len(queries)
-        if self._count == 0 or len(queries) == 0:
-            return [[] for _ in queries]
+        if len(queries) == 0:
+            return []
         want = k + (1 if any(exclude) else 0)
         with reachable(self.connection.uri):
             found = self.connection.client.search(
@@ -429,6 +429,7 @@ class MilvusBackend:
     """Generations as collections behind the alias ``bucketlens_<namespace>``; checkpoints in Redis."""
 
     name = "milvus"
+    shared = True
     index_types = tuple(INDEX_TYPES)
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys,

@@ -36,6 +36,14 @@ MODES = ("reembed", "reindex")
 class RebuildConflict(RuntimeError):
     """A rebuild is already running."""
 
+    code = "rebuild_running"
+
+
+class NotWriter(RebuildConflict):
+    """This replica does not write the index (another holds the writer lease)."""
+
+    code = "not_writer"
+
 
 @dataclasses.dataclass
 class RebuildJob:
@@ -79,6 +87,9 @@ class Rebuilds:
         if model is not None and bucket is not None and model != self.service.index.model:
             raise ValueError("a model switch re-embeds every bucket: leave out 'bucket'")
         service = self.service
+        if not service.writing.is_set():
+            raise NotWriter(f"replica {service.replica} does not write the index; the writer is "
+                                  f"{service.lease.current()}: send the rebuild there")
         with self._lock:
             if self.current is not None and self.current.state == "running":
                 raise RebuildConflict(f"rebuild {self.current.id} is running")

@@ -10,8 +10,11 @@ approximate index type in the background. Which backend holds the generations is
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +33,7 @@ from vision.models import recipe
 from .backend import Index, open_backend
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
+from .lease import WriterLease
 from .merger import Merger
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
@@ -54,7 +58,13 @@ class Service:
         self.shadow: Index | None = None
         self.rebuilds = Rebuilds(self)
         self.backend = open_backend(settings, self.redis, self.keys, self.feature_store, self.s3)
-        self.merger = Merger(self.redis, self.keys, self.apply, self.after_batch, batch=settings.merge_batch)
+        # Replicas of one namespace all answer queries; the holder of the writer lease merges (lease.py).
+        self.replica = settings.replica or f"{socket.gethostname()}:{os.getpid()}"
+        # The lease names this process, not just the replica: a restarted "api" must not renew its predecessor's.
+        self.lease = WriterLease(self.redis, self.keys.writer_lease, f"{self.replica}/{uuid.uuid4().hex[:8]}",
+                                 settings.writer_lease_s)
+        self.writing = threading.Event()
+        self.merger = self._merger("0")
         self.duplicates = DuplicateFinder(lambda: self.index)
         self.loaded = threading.Event()
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
@@ -78,7 +88,7 @@ class Service:
 
         def loop() -> None:
             while not self._stopping.wait(interval_s):
-                if self.ready()[0]:
+                if self.writing.is_set() and self.ready()[0]:
                     try:
                         job()
                     except Exception:
@@ -89,15 +99,18 @@ class Service:
     def _load(self) -> None:
         """Heavy start-up off the event loop: the serving generation (newest snapshot, or the Milvus collection
         behind the alias), stream replay, the model (warmed up)."""
+        writer = self._retry(self.lease.acquire, "take the writer lease")
         restored = self._restore()
+        while restored is None and not writer and not self._stopping.wait(1.0):
+            restored = self._restore()  # a replica that does not write waits for the writer's first generation
         if restored is not None:
-            self.index, self.merger.last_id = restored
+            self.index, last_id = restored
         else:
-            self.index = self.new_generation(self.settings.model, 1)
-        self._register_generation()
+            self.index, last_id = self.new_generation(self.settings.model, 1), "0"
+        if writer:
+            self._take_over(last_id)
         self.loaded.set()
-        self.merger.start()
-        self.duplicates.start()
+        threading.Thread(target=self._keep_role, name="role", daemon=True).start()
         self.embedders.get(self.index.model)  # query images are embedded with the serving model
         try:
             words.vocabulary(self.settings.wordnet)  # WordNet read once (~0.6 s), before the first text query
@@ -118,29 +131,88 @@ class Service:
                 return None
         return None
 
-    def _register_generation(self) -> None:
+    def _retry(self, action: Callable[[], Any], what: str) -> Any:
+        """``action`` once Redis answers (start-up waits for it rather than fail)."""
         delay = 0.2
         while True:
             try:
-                self.rebuilds.recover()
-                self.backend.drop_abandoned(self.index)
-                self.redis.hset(self.keys.generations, str(self.index.generation), self.index.model)
-                return
+                return action()
             except redis.RedisError as exc:
-                log.warning("waiting for Redis to register the serving generation: %s", exc)
+                log.warning("waiting for Redis to %s: %s", what, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def _register_generation(self) -> None:
+        def register() -> None:
+            self.rebuilds.recover()
+            self.backend.drop_abandoned(self.index)
+            self.redis.hset(self.keys.generations, str(self.index.generation), self.index.model)
+
+        self._retry(register, "register the serving generation")
+
+    # -- one writer among replicas -------------------------------------------------------------------------
+
+    def _merger(self, start_id: str) -> Merger:
+        return Merger(self.redis, self.keys, self.apply, self.after_batch, start_id=start_id,
+                      batch=self.settings.merge_batch, may_write=self.lease.renew)
+
+    def _take_over(self, last_id: str) -> None:
+        """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint)."""
+        self._register_generation()
+        self.merger = self._merger(last_id)
+        self._since_snapshot = (0, time.monotonic())
+        self.merger.start()
+        if not self.duplicates.started:
+            self.duplicates.start()
+        self.writing.set()
+        log.info("replica %s writes: merging from %s", self.replica, last_id)
+
+    def _follow(self) -> None:
+        """A replica that does not write serves what the writer made: the generation behind the alias, swapped in
+        when it changed (a rebuild, a restructure) or grew (its count is read when it is opened)."""
+        restored = self.backend.load()
+        if restored is None:
+            return
+        fresh, current = restored[0], self.index
+        if (fresh.generation, fresh.index_type, len(fresh)) == (current.generation, current.index_type, len(current)):
+            fresh.features.close()
+            return
+        self.index = fresh
+        current.features.close()  # searches still on it answer unverified
+
+    def _keep_role(self) -> None:
+        """Renew the lease while writing; otherwise try to take it, and follow the writer's serving generation
+        (a rebuild's or restructure's swap) where the backend is shared."""
+        while not self._stopping.wait(self.settings.writer_lease_s / 3):
+            try:
+                if self.writing.is_set():
+                    if not self.lease.renew() or not self.merger.running:
+                        self.merger.stop()
+                        self.writing.clear()
+                        log.warning("replica %s lost the writer lease (held by %s); it stops merging", self.replica,
+                                    self.lease.current())
+                elif self.lease.acquire():
+                    restored = self.backend.load()
+                    if restored is not None:  # what the previous writer left, up to its checkpoint
+                        self.index = restored[0]
+                    self._take_over(restored[1] if restored is not None else "0")
+                elif self.backend.shared:
+                    self._follow()
+            except Exception:
+                log.warning("replica %s: keeping its role failed; trying again", self.replica, exc_info=True)
+
     def close(self) -> None:
-        """Clean shutdown: stop merging, write a final snapshot."""
+        """Clean shutdown: stop merging, write a final checkpoint, hand the writer lease on."""
         self._stopping.set()
         self.merger.stop()
-        self.duplicates.stop()
-        if self.loaded.is_set():
+        if self.duplicates.started:
+            self.duplicates.stop()
+        if self.loaded.is_set() and self.writing.is_set():
             try:
                 self.snapshot()
+                self.lease.release()
             except Exception:
-                log.exception("final snapshot failed")
+                log.exception("final checkpoint failed")
         self.backend.close()
         self.redis.close()
 
@@ -226,7 +298,7 @@ class Service:
             return False, "loading the newest snapshot"
         if not self.embedders.loaded(self.index.model):
             return False, "loading the model"
-        if not self.merger.caught_up.is_set():
+        if self.writing.is_set() and not self.merger.caught_up.is_set():
             return False, "replaying the result stream"
         try:
             self.redis.ping()
@@ -248,6 +320,8 @@ class Service:
             "last_applied_id": self.merger.last_id,
             "applied_entries": self.merger.applied,
             "backend": self.backend.name,
+            "replica": self.replica,
+            "writer": self.writing.is_set(),
             "last_snapshot": self.backend.last,
             "rebuild": self.rebuilds.progress(),
             "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects},

@@ -34,9 +34,9 @@ from .notifications import ensure_bucket, ensure_notifications
 
 log = logging.getLogger(__name__)
 INFRA = Path(__file__).resolve().parent
-SERVICES = ("ingest", "worker", "api", "supervisor")  # Python processes, started in this order
-COMMAND = {"ingest": "ingest", "worker": "worker", "api": "serve", "supervisor": "supervise"}  # their subcommands
+COMMAND = {"ingest": "ingest", "worker": "worker", "api": "serve", "supervisor": "supervise"}  # of Stack.services
 SERVERS: dict[str, tuple[str, ...]] = {"faiss": (), "milvus": ("milvus",)}  # what each index backend runs beside
+MAX_REPLICAS = {"faiss": 1, "milvus": 16}  # index service processes: a FAISS index lives in one process
 
 
 class StackError(RuntimeError):
@@ -56,6 +56,7 @@ class StackConfig:
     admin_token: str
     index_backend: str = "faiss"  # chosen by ``up --backend`` (stacks made before it existed: faiss)
     milvus_port: int = 0  # 0: not chosen yet
+    replica_ports: list[int] = dataclasses.field(default_factory=list)  # API ports of replicas 2..N (up --replicas)
 
 
 def free_port(preferred: int = 0) -> int:
@@ -95,6 +96,35 @@ class Stack:
     @property
     def servers(self) -> tuple[str, ...]:
         return SERVERS[self.config.index_backend]
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The Python processes, in start order: index service replicas 2..N are ``api-2`` ..."""
+        replicas = tuple(f"api-{i}" for i in range(2, len(self.config.replica_ports) + 2))
+        return ("ingest", "worker", "api", *replicas, "supervisor")
+
+    @property
+    def api_urls(self) -> list[str]:
+        return [self.api_url] + [f"http://127.0.0.1:{port}" for port in self.config.replica_ports]
+
+    def choose_replicas(self, replicas: int) -> None:
+        """``up --replicas N``: N index service processes answer queries, one merges (index_service/lease.py)."""
+        most = MAX_REPLICAS[self.config.index_backend]
+        if not 1 <= replicas <= most:
+            raise StackError(f"the {self.config.index_backend} backend runs 1 to {most} index service replicas"
+                             + ("; --backend milvus shares one index between replicas" if most == 1 else ""))
+        ports = self.config.replica_ports[: replicas - 1]
+        c = self.config
+        taken = {c.redis_port, c.s3_port, c.mon_port, c.ingest_port, c.api_port, c.milvus_port, *ports}
+        candidate = c.api_port
+        while len(ports) < replicas - 1:  # the ports after the API's that no part of this stack uses, when free
+            candidate += 1
+            if candidate not in taken and free_port(candidate) == candidate:
+                ports.append(candidate)
+        for name in self.services[len(ports) + 3 : -1]:  # replicas dropped from the configuration
+            self.stop_service(name)
+        self.config.replica_ports = ports
+        self._save_config(self.config)
 
     def choose_backend(self, backend: str) -> None:
         """Record the index backend this stack runs (``up --backend``); switching needs the stack down first (a
@@ -143,8 +173,9 @@ class Stack:
 
     # -- up / down / status --------------------------------------------------------------------------------
 
-    def up(self, services: tuple[str, ...] = SERVICES, wait_ready: bool = True) -> None:
+    def up(self, services: tuple[str, ...] | None = None, wait_ready: bool = True) -> None:
         """Start whatever is not running yet; safe to call again."""
+        services = self.services if services is None else services
         for folder in ("run", "logs", "redis"):
             (self.home / folder).mkdir(parents=True, exist_ok=True)
         self.start_redis()
@@ -163,13 +194,14 @@ class Stack:
         except TimeoutError as exc:
             raise StackError(f"{exc}; see {self.home / 'logs'}") from exc
         if wait_ready and "api" in services:
-            self._wait_http(self.api_url + "/readyz", "api", 300)
+            for name, url in zip(("api", *self.services[3:-1]), self.api_urls):
+                self._wait_http(url + "/readyz", name, 300)
         if "supervisor" in services:  # after the start-up canary: one canary writer at a time
             self.start_service("supervisor")
 
     def down(self) -> None:
         """Stop everything, each part even when stopping another failed (then raise the first failure)."""
-        steps = [lambda n=name: self.stop_service(n) for name in reversed(SERVICES)]
+        steps = [lambda n=name: self.stop_service(n) for name in reversed(self.services)]
         errors = []
         for step in [*steps, self.stop_milvus, lambda: self._ceph("stop"), self.stop_redis]:
             try:
@@ -185,6 +217,7 @@ class Stack:
         return {
             "home": str(self.home),
             "api_url": self.api_url,
+            "api_urls": self.api_urls,
             "ingest_url": self.ingest_url,
             "s3_endpoint": s.s3_endpoint,
             "s3_access_key": s.s3_access_key,
@@ -200,7 +233,7 @@ class Stack:
                 "redis": self._redis_pid() is not None,
                 "s3": self._ceph_up(),
                 **({"milvus": self.milvus_pid() is not None} if "milvus" in self.servers else {}),
-                **{name: self.pid(name) is not None for name in SERVICES},
+                **{name: self.pid(name) is not None for name in self.services},
             },
         }
 
@@ -313,12 +346,16 @@ class Stack:
     def start_service(self, name: str) -> None:
         if self.pid(name) is not None:
             return
-        if name not in SERVICES:
+        if name not in self.services:
             raise StackError(f"unknown service {name!r}")
         env = {**os.environ, **self.settings.to_env()}
+        if name.startswith("api"):  # each replica its own port and name (api is replica 1)
+            ports = [self.config.api_port, *self.config.replica_ports]
+            env.update(BUCKETLENS_API_PORT=str(ports[self.services.index(name) - 2]), BUCKETLENS_REPLICA=name)
         log_file = open(self.home / "logs" / f"{name}.log", "ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "bucketlens.cli", COMMAND[name]], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "bucketlens.cli", COMMAND[name.split("-")[0]]], env=env, stdout=log_file,
+            stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent),
         )
         log_file.close()
@@ -348,7 +385,7 @@ class Stack:
                     return
             except httpx.HTTPError:
                 pass
-            if name in SERVICES and self.pid(name) is None:
+            if name in self.services and self.pid(name) is None:
                 raise StackError(f"{name} exited; see {self.home / 'logs' / (name + '.log')}")
             time.sleep(0.2)
         raise StackError(f"{name} not ready at {url} after {timeout_s:.0f} s; see {self.home / 'logs'}")

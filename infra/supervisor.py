@@ -21,10 +21,9 @@ from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 
 from .canary import Canary
-from .stack import SERVICES, Stack
+from .stack import Stack
 
 log = logging.getLogger(__name__)
-WATCHED = tuple(name for name in SERVICES if name != "supervisor")
 RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 
 
@@ -38,8 +37,12 @@ class Supervisor:
         self.grace = 0.0  # extra wait for the canary while a restarted radosgw resumes delivery
         self.failing = False  # the last tick failed (Redis or S3 away): logged once, not every tick
 
+    @property
+    def watched(self) -> tuple[str, ...]:
+        return tuple(name for name in self.stack.services if name != "supervisor")
+
     def run(self, stop: threading.Event) -> None:
-        log.info("supervising %s every %.0f s", ", ".join(WATCHED), self.settings.canary_interval_s)
+        log.info("supervising %s every %.0f s", ", ".join(self.watched), self.settings.canary_interval_s)
         while not stop.is_set():
             try:
                 self.tick()
@@ -56,7 +59,7 @@ class Supervisor:
         if "milvus" in self.stack.servers and self.stack.milvus_pid() is None:
             log.warning("milvus is not running; restarting it (the index service waits and resumes merging)")
             self.stack.start_milvus()
-        for name in WATCHED:
+        for name in self.watched:
             if self.stack.pid(name) is None:
                 log.warning("%s is not running; restarting it", name)
                 self.stack.start_service(name)

@@ -1,0 +1,44 @@
+"""One writer per namespace: the index service replicas that share a Milvus index all answer queries, and the one
+holding this Redis lease merges the result stream (issue 10, "many API replicas, one writer").
+
+The lease is a key holding the writer's name with a time to live; the writer renews it every third of that time
+and checks it before each merge batch, so a writer that was paused past its lease (SIGSTOP, a long GC, a network
+partition from Redis) finds it gone before its next write and stops merging. What it cannot cover: a pause
+between that check and the batch's upsert (one batch's worth of writes); the order rule (``backend.verdict``)
+then still keeps an older version from replacing a newer one in all but that window, and reconcile settles the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] the lease, ARGV[1] the holder, ARGV[2] the TTL in ms: extend it if we hold it.
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class WriterLease:
+    def __init__(self, client: redis.Redis, key: str, holder: str, ttl_s: float) -> None:
+        assert ttl_s > 0, "a lease needs a positive time to live"
+        self.redis, self.key, self.holder = client, key, holder
+        self.ttl_ms = int(ttl_s * 1000)
+
+    def acquire(self) -> bool:
+        """Take the lease if nobody holds it, or keep it if we do."""
+        return bool(self.redis.set(self.key, self.holder, nx=True, px=self.ttl_ms)) or self.renew()
+
+    def renew(self) -> bool:
+        """Extend the lease; False when another replica holds it now (or nobody: it expired)."""
+        return bool(self.redis.eval(_RENEW, 1, self.key, self.holder, self.ttl_ms))
+
+    def release(self) -> None:
+        self.redis.eval(_RELEASE, 1, self.key, self.holder)
+
+    def current(self) -> str | None:
+        """Who holds the lease now."""
+        raw = self.redis.get(self.key)
+        return raw.decode() if isinstance(raw, bytes) else raw

@@ -1,0 +1,117 @@
+"""Many index service replicas on one Milvus index, one writer (index_service/lease.py): a killed writer is replaced,
+a paused one finds its lease gone and stops, and the index ends equal to an uninterrupted run.
+
+The replicas are real processes (``bucketlens serve``) on the stack's Redis and the session's Milvus server; entries
+go straight into the result stream (test_recovery.py's mix of uploads, re-uploads, deletes and late stale versions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+import uuid
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
+from bucketlens.settings import Settings
+from index_service.backend import open_backend
+from index_service.feature_store import FeatureStore
+from index_service.vector_index import VectorIndex
+from infra.stack import Stack, free_port
+
+from .helpers import wait_for
+from .integrity import record_outcome
+from .test_recovery import DIM, MODEL, IndexProcess, entries
+
+pytestmark = pytest.mark.slow
+LEASE_S = 6.0
+
+
+@pytest.fixture
+def replicas(stack: Stack, milvus_uri: str) -> Iterator[tuple[Settings, list[IndexProcess]]]:
+    settings = dataclasses.replace(stack.settings, namespace=f"rep{uuid.uuid4().hex[:6]}", merge_batch=100,
+                                   snapshot_every_entries=400, index_backend="milvus", milvus_uri=milvus_uri,
+                                   writer_lease_s=LEASE_S)
+    made: list[IndexProcess] = []
+    yield settings, made
+    for process in made:
+        if process.process is not None and process.process.poll() is None:
+            process.process.send_signal(signal.SIGCONT)
+            process.stop(signal.SIGKILL)
+    backend: Any = open_backend(settings, connect(settings.redis_url), Keys(settings.namespace),
+                                lambda _: FeatureStore())
+    client = backend.connection.client
+    for name in client.list_collections():
+        if name.startswith(f"{backend.alias}_g"):
+            for alias in client.list_aliases(name)["aliases"]:
+                client.drop_alias(alias)
+            client.drop_collection(name)
+
+
+def replica(settings: Settings, made: list[IndexProcess], name: str) -> IndexProcess:
+    process = IndexProcess(dataclasses.replace(settings, api_port=free_port(), replica=name))
+    process.start()
+    made.append(process)
+    wait_for(lambda: httpx.get(process.url + "/readyz", timeout=10).status_code == 200, 120, what=f"{name} ready")
+    return process
+
+
+def writer(process: IndexProcess) -> bool:
+    try:
+        return bool(process.stats()["writer"])
+    except httpx.HTTPError:
+        return False
+
+
+def test_one_writer_a_killed_one_is_replaced_a_paused_one_stops(replicas: tuple[Settings, list[IndexProcess]]
+                                                                ) -> None:
+    settings, made = replicas
+    keys, redis = Keys(settings.namespace), connect(settings.redis_url)
+    stream = entries(3000, seed=5)
+    a = replica(settings, made, "a")
+    b = replica(settings, made, "b")
+    assert writer(a) and not writer(b)
+    assert redis.get(keys.writer_lease).startswith(b"a/")  # type: ignore[union-attr]
+
+    for entry in stream[:1000]:
+        redis.xadd(keys.results, entry.to_fields())
+    wait_for(lambda: int(a.stats()["applied_entries"]) >= 300, 120, interval_s=0.05, what="a merging")
+    a.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: writer(b), 60, interval_s=0.2, what="b takes the lease")
+    takeover_s = time.monotonic() - killed
+    for entry in stream[1000:2000]:
+        redis.xadd(keys.results, entry.to_fields())
+    wait_for(lambda: redis.xinfo_groups(keys.results)[0]["lag"] == 0, 120, what="b caught up")
+    # Queries go to every replica: b answers from what a merged and what it merged itself.
+    hits = httpx.post(b.url + "/search", json={"vector": [1.0] * DIM, "k": 3}, timeout=30)
+    assert hits.status_code == 200 and len(hits.json()["results"]) == 3, hits.text
+
+    c = replica(settings, made, "c")
+    assert not writer(c)
+    assert b.process is not None
+    b.process.send_signal(signal.SIGSTOP)  # paused past its lease: c takes over
+    wait_for(lambda: writer(c), 60, interval_s=0.2, what="c takes the lease")
+    for entry in stream[2000:]:
+        redis.xadd(keys.results, entry.to_fields())
+    b.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: not writer(b), 60, interval_s=0.2, what="b notices it lost the lease")
+    wait_for(lambda: redis.xinfo_groups(keys.results)[0]["lag"] == 0 and writer(c), 120, what="c caught up")
+    assert redis.get(keys.writer_lease).startswith(b"c/")  # type: ignore[union-attr]
+    c.stop(signal.SIGTERM)  # its final checkpoint
+
+    loaded = open_backend(settings, redis, keys, lambda _: FeatureStore()).load()
+    assert loaded is not None
+    reference = VectorIndex(MODEL, DIM)
+    reference.apply(stream)
+    objects, vectors, _ = loaded[0].export()
+    expected, expected_vectors, _ = reference.export()
+    assert {o.key: (o.etag, o.order, v.tobytes()) for o, v in zip(objects, vectors)} == {
+        o.key: (o.etag, o.order, v.tobytes()) for o, v in zip(expected, expected_vectors)}
+    record_outcome("milvus_replicas", {"entries": len(stream), "indexed": len(objects), "lease_s": LEASE_S,
+                                       "seconds_kill_to_new_writer": round(takeover_s, 1)})
