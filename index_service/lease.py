@@ -3,9 +3,11 @@ holding this Redis lease merges the result stream (issue 10, "many API replicas,
 
 The lease is a key holding the writer's name with a time to live; the writer renews it every third of that time
 and checks it before each merge batch, so a writer that was paused past its lease (SIGSTOP, a long GC, a network
-partition from Redis) finds it gone before its next write and stops merging. What it cannot cover: a pause
-between that check and the batch's upsert (one batch's worth of writes); the order rule (``backend.verdict``)
-then still keeps an older version from replacing a newer one in all but that window, and reconcile settles the rest.
+partition from Redis) finds it gone before its next write and stops merging. A pause between that check and the
+batch's upsert cannot be prevented (Milvus has no conditional write): the stale batch may overwrite newer versions
+the new writer applied meanwhile (seen in tests/test_replicas.py). So the writer checks again after each batch, and
+a writer that lost the lease during one rewinds the stream for the new writer to apply again (``Merger``), where
+the order rule puts the newer versions back; what a checkpoint trimmed meanwhile is left to reconcile.
 """
 
 from __future__ import annotations

@@ -110,6 +110,9 @@ class Merger:
                 self.malformed += 1
                 log.error("skipping malformed stream entry: %s", exc)
         self.apply(entries)
+        if not self.may_write():
+            self._yield_after_overlap(messages[0][0])
+            return 0
         self._clear_pending(entries)
         ids = [message_id for message_id, _ in messages]
         self.redis.xack(self.keys.results, self.keys.merger_group, *ids)
@@ -119,6 +122,21 @@ class Merger:
             self.caught_up.set()
         self.after()
         return len(messages)
+
+    def _yield_after_overlap(self, first_id: bytes | str) -> None:
+        """The lease went while this batch was being written (this process was paused past it): another writer may
+        have applied newer entries that the batch just overwrote, and no index server offers a conditional write to
+        prevent it. Rewind the group to before the batch and stop: the current writer reads everything from there
+        again, and the order rule puts the newer versions back. (If a checkpoint of that writer trimmed them from the
+        stream meanwhile, only a reconcile can: logged, and counted as ``writer_overlaps``.)"""
+        first = first_id.decode() if isinstance(first_id, bytes) else first_id
+        ms, seq = (int(part) for part in first.split("-"))
+        before = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
+        self.redis.xgroup_setid(self.keys.results, self.keys.merger_group, id=before)
+        self.redis.hincrby(self.keys.counters, "writer_overlaps", 1)
+        log.error("the writer lease was lost while a batch was written; the stream is rewound to %s for the current "
+                  "writer to apply again (run a reconcile if its checkpoint trimmed past it)", before)
+        self._stop.set()
 
     def _clear_pending(self, entries: list[ResultEntry]) -> None:
         """Drop the 'pending' mark of objects whose pending version was just settled."""

@@ -42,6 +42,11 @@ from .reconcile import reconcile
 from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
+# After taking the writer lease over, the stream is kept from the takeover's position on for this long: a previous
+# writer that was paused in the middle of a batch rewinds the stream to before that batch when it wakes (Merger),
+# and the entries from there must still exist for the new writer to apply them again. A pause longer than this is
+# left to reconcile (README, "Many API replicas, one writer"); Redis holds this much more of the stream meanwhile.
+TAKEOVER_HOLD_S = 600.0
 
 
 class Service:
@@ -68,6 +73,7 @@ class Service:
         self.duplicates = DuplicateFinder(lambda: self.index)
         self.loaded = threading.Event()
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
+        self._trim_floor = ("0", -TAKEOVER_HOLD_S)  # (stream id, when): not trimmed past for a while after a takeover
         self._restructuring = threading.Lock()
         self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
         self._stopping = threading.Event()
@@ -161,6 +167,8 @@ class Service:
         self._register_generation()
         self.merger = self._merger(last_id)
         self._since_snapshot = (0, time.monotonic())
+        if self.backend.shared:  # a paused writer of a shared index can wake and write; a FAISS one only to itself
+            self._trim_floor = (last_id, time.monotonic())
         self.merger.start()
         if not self.duplicates.started:
             self.duplicates.start()
@@ -272,10 +280,14 @@ class Service:
         self.backend.checkpoint(self.index, last_id)
         self.index.expire_tombstones(self.settings.tombstone_retention_s)
         self._since_snapshot = (self.merger.applied, time.monotonic())
-        if self.shadow is None and last_id != "0":
+        trim_to = last_id
+        floor, since = self._trim_floor
+        if time.monotonic() - since < TAKEOVER_HOLD_S and _stream_order(floor) < _stream_order(last_id):
+            trim_to = floor  # a previous writer paused mid-batch may still rewind to here (Merger)
+        if self.shadow is None and trim_to != "0":
             # Entries before the snapshot's position are covered by it. (During a reembed the shadow
             # generation is rebuilt from scratch after a restart, so it needs no replay either.)
-            self.redis.xtrim(self.keys.results, minid=last_id, approximate=False)
+            self.redis.xtrim(self.keys.results, minid=trim_to, approximate=False)
         log.info("checkpoint of %d vectors at %s in %.2f s", len(self.index), last_id, time.perf_counter() - started)
 
     def promote(self, shadow: Index | None) -> None:
@@ -326,3 +338,8 @@ class Service:
             "rebuild": self.rebuilds.progress(),
             "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects},
         }
+
+
+def _stream_order(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
