@@ -3,7 +3,9 @@
 against exact search once each backend has switched to the approximate type it picks (FAISS IVF, Milvus HNSW or
 IVF per ``BUCKETLENS_MILVUS_INDEX_TYPE``). Not over HTTP and not under concurrency: that is issue 10's part 6.
 
-    .venv/bin/python -m bench.backends --milvus-uri http://127.0.0.1:19530 20000   # writes bench/results/backends.json
+    .venv/bin/python -m bench.backends --milvus-uri http://127.0.0.1:19530 20000   # bench/results/backends.json
+
+(git-ignored; the committed run is ``backends-2core.json``, bench/README.md "Index backends").
 
 The Milvus side needs a running server (``python -m infra.milvus --data DIR --port PORT``, or ``bucketlens up
 --backend milvus``); vectors as ``bench.index_scale.clustered`` (a Gaussian mixture, never uniform noise).
