@@ -29,8 +29,12 @@ class WriterLease:
         self.redis, self.key, self.holder = client, key, holder
         self.ttl_ms = int(ttl_s * 1000)
 
-    def acquire(self) -> bool:
-        """Take the lease if nobody holds it, or keep it if we do."""
+    def acquire(self, force: bool = False) -> bool:
+        """Take the lease if nobody holds it, or keep it if we do (the writer calls this to renew: a lease that
+        expired while Redis was down, and that nobody took, stays its own); ``force`` takes it from whoever holds it
+        (a process whose index is its own: the newest one started is the one that merges)."""
+        if force:
+            return bool(self.redis.set(self.key, self.holder, px=self.ttl_ms))
         return bool(self.redis.set(self.key, self.holder, nx=True, px=self.ttl_ms)) or self.renew()
 
     def renew(self) -> bool:

@@ -105,10 +105,15 @@ class Service:
     def _load(self) -> None:
         """Heavy start-up off the event loop: the serving generation (newest snapshot, or the Milvus collection
         behind the alias), stream replay, the model (warmed up)."""
-        writer = self._retry(self.lease.acquire, "take the writer lease")
+        # A FAISS index lives in its process, so a (re)started one takes the lease at once; replicas of a shared index
+        # wait for it.
+        writer = self._retry(lambda: self.lease.acquire(force=not self.backend.shared), "take the writer lease")
         restored = self._restore()
         while restored is None and not writer and not self._stopping.wait(1.0):
-            restored = self._restore()  # a replica that does not write waits for the writer's first generation
+            # No generation yet and another process holds the lease: wait for the writer's first generation, or
+            # for the lease (a writer killed before it made one leaves a lease that expires).
+            writer = self._retry(self.lease.acquire, "take the writer lease")
+            restored = self._restore()
         if restored is not None:
             self.index, last_id = restored
         else:
@@ -160,7 +165,7 @@ class Service:
 
     def _merger(self, start_id: str) -> Merger:
         return Merger(self.redis, self.keys, self.apply, self.after_batch, start_id=start_id,
-                      batch=self.settings.merge_batch, may_write=self.lease.renew)
+                      batch=self.settings.merge_batch, may_write=self.lease.acquire)
 
     def _take_over(self, last_id: str) -> None:
         """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint)."""
@@ -194,7 +199,8 @@ class Service:
         while not self._stopping.wait(self.settings.writer_lease_s / 3):
             try:
                 if self.writing.is_set():
-                    if not self.lease.renew() or not self.merger.running:
+                    # acquire, not renew: a lease that expired during a Redis outage, with nobody taking it, is kept
+                    if not self.lease.acquire() or not self.merger.running:
                         self.merger.stop()
                         self.writing.clear()
                         log.warning("replica %s lost the writer lease (held by %s); it stops merging", self.replica,
@@ -206,6 +212,8 @@ class Service:
                     self._take_over(restored[1] if restored is not None else "0")
                 elif self.backend.shared:
                     self._follow()
+            except (redis.RedisError, ConnectionError) as exc:  # an outage the merger reports already, once
+                log.debug("replica %s: keeping its role waits for Redis or the index server: %s", self.replica, exc)
             except Exception:
                 log.warning("replica %s: keeping its role failed; trying again", self.replica, exc_info=True)
 
@@ -312,6 +320,8 @@ class Service:
             return False, "loading the model"
         if self.writing.is_set() and not self.merger.caught_up.is_set():
             return False, "replaying the result stream"
+        if not self.writing.is_set() and not self.backend.shared:
+            return False, "waiting for the writer lease (its index lives in the process that merges)"
         try:
             self.redis.ping()
         except redis.RedisError as exc:
