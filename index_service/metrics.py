@@ -93,6 +93,8 @@ def _queues(report: dict[str, Any]) -> Iterator[Metric]:
     yield depth
     stream = report["stream"]
     yield _gauge("bucketlens_unacked_tasks", "Tasks handed to a worker and not acknowledged yet", report["unacked"])
+    yield _gauge("bucketlens_unacked_dead_tasks", "Unacknowledged tasks no live worker holds (being handed back)",
+                 report["unacked_dead"])
     yield _gauge("bucketlens_stream_length", "Entries in the result stream (trimmed after snapshots)",
                  stream["length"])
     yield _gauge("bucketlens_stream_lag", "Result-stream entries not yet read by the merger", stream["lag"] or 0)
@@ -111,6 +113,10 @@ def _counters(counters: dict[str, int], failure_records: int) -> Iterator[Metric
     yield events
     yield _counter("bucketlens_embeddings", "Vectors written to the result stream by workers",
                    counters.get("embedded", 0))
+    yield _counter("bucketlens_tasks_restored", "Tasks of dead workers handed back to the queue",
+                   counters.get("tasks_restored", 0))
+    yield _counter("bucketlens_lost_tasks_resent", "Objects sent again because their task was lost",
+                   counters.get("orphans_resent", 0))
     failures = CounterMetricFamily("bucketlens_failures", "Objects that became failure records, by reason",
                                    labels=["reason"])
     for name, value in sorted(counters.items()):

@@ -28,10 +28,12 @@ from vision.models import dims, recipe
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .merger import Merger
+from .orphans import SWEEP_EVERY_S
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
 from .rebuild import Rebuilds
 from .reconcile import reconcile
+from .redelivery import CHECK_EVERY_S, Redelivery
 from .snapshots import SnapshotStore
 from .vector_index import VectorIndex, set_search_threads
 
@@ -55,6 +57,7 @@ class Service:
             Path(settings.home) / "snapshots" / settings.namespace, settings.snapshots_kept,
             self.s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
         )
+        self.redelivery = Redelivery(self.redis, self.keys, self.publisher.celery)
         self.merger = Merger(self.redis, self.keys, self.apply, self.after_batch, batch=settings.merge_batch)
         self.duplicates = DuplicateFinder(lambda: self.index)
         self.loaded = threading.Event()
@@ -67,14 +70,13 @@ class Service:
 
     def start(self) -> None:
         self._loader.start()
-        # Every half visibility timeout, heal objects whose task was lost (orphans.py). Its failures are Redis
-        # outages, which the merger reports already: logged at debug level only.
-        timeout = self.settings.visibility_timeout_s
-        self._every(max(5.0, timeout / 2), lambda: sweep_orphans(self, min_age_s=timeout), "orphans", logging.DEBUG)
+        # A dead worker's tasks back in the queue (redelivery.py), then objects whose task was lost (orphans.py).
+        self._every(CHECK_EVERY_S, self.redelivery.check, "redelivery")
+        self._every(SWEEP_EVERY_S, lambda: sweep_orphans(self), "orphans")
         if self.settings.reconcile_every_s > 0:
-            self._every(self.settings.reconcile_every_s, lambda: reconcile(self), "reconcile", logging.ERROR)
+            self._every(self.settings.reconcile_every_s, lambda: reconcile(self), "reconcile")
 
-    def _every(self, interval_s: float, job: Callable[[], object], name: str, failure_level: int) -> None:
+    def _every(self, interval_s: float, job: Callable[[], object], name: str) -> None:
         """Run ``job`` in a thread of its own every ``interval_s`` while the service is ready, until it stops."""
 
         def loop() -> None:
@@ -82,8 +84,10 @@ class Service:
                 if self.ready()[0]:
                     try:
                         job()
+                    except redis.RedisError as exc:  # an outage, which the merger and /readyz report already
+                        log.debug("%s met a Redis error; next attempt in %.0f s: %s", name, interval_s, exc)
                     except Exception:
-                        log.log(failure_level, "%s failed; next attempt in %.0f s", name, interval_s, exc_info=True)
+                        log.exception("%s failed; next attempt in %.0f s", name, interval_s)
 
         threading.Thread(target=loop, name=name, daemon=True).start()
 

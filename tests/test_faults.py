@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
 from infra.stack import Stack
@@ -112,6 +115,27 @@ def unacked(api: httpx.Client) -> int:
     return int(api.get("/queues").json()["unacked"])
 
 
+def held(stack: Stack, main_pid: int) -> set[str]:
+    """The delivery tags a worker's main process says it holds (its record outlives it by up to HEARTBEAT_TTL_S)."""
+    raw = connect(stack.settings.redis_url).get(Keys(stack.settings.namespace).consumer(f"{socket.gethostname()}:"
+                                                                                         f"{main_pid}"))
+    return set(json.loads(raw)["deliveries"]) if raw else set()
+
+
+def restored_tags(logs: LogWindow) -> set[str]:
+    """Delivery tags the index service handed back to the queue (index_service/redelivery.py logs them)."""
+    return {tag for line in logs.lines("api") if "handed" in line and "delivery tags:" in line
+            for tag in line.split("delivery tags:", 1)[1].split()}
+
+
+def wait_restored(api: httpx.Client, before: int) -> float:
+    """Seconds until the index service handed a dead worker's tasks back (the tasks_restored counter moved)."""
+    started = time.monotonic()
+    wait_for(lambda: counter(api, "tasks_restored") > before, 120, interval_s=0.5,
+             what="the dead worker's tasks handed back to the queue")
+    return time.monotonic() - started
+
+
 def counter(api: httpx.Client, name: str) -> int:
     return int(api.get("/queues").json()["events"].get(name, 0))
 
@@ -135,8 +159,9 @@ class LogWindow:
 # -- 1. a worker killed mid-batch -----------------------------------------------------------------------------
 
 def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    """With the default visibility timeout (600 s): the dead worker's tasks come back long before it expires."""
     bodies = image_set(unique_prefix, UPLOADS)
-    orphans = counter(api, "orphans_resent")
+    orphans, restored = counter(api, "orphans_resent"), counter(api, "tasks_restored")
     recorder = StreamRecorder(stack, unique_prefix)
     recorder.start()
     with supervisor_paused(stack):
@@ -145,15 +170,22 @@ def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx
         uploader.wait_uploaded(UPLOADS // 3)
         busy_worker(api)
         stack.stop_service("worker", kill=True)  # SIGKILL to the process group: main process and pool child
+        killed_at = time.monotonic()
         in_flight = unacked(api)
         time.sleep(3)
         stack.start_service("worker")
         restarted = time.monotonic()
+        seconds_to_restored = wait_restored(api, restored) + restarted - killed_at
         uploader.finish()
         outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
     recorder.stop()
+    assert stack.settings.visibility_timeout_s == 600  # the default: no shortcut for the test
     assert in_flight >= 1, "the kill did not leave an unacknowledged task behind"
+    report = api.get("/queues").json()
+    assert report["unacked_dead"] == 0, report
     record_outcome("worker_killed_mid_batch", {**outcome, "unacked_tasks_at_kill": in_flight,
+                                               "tasks_restored": counter(api, "tasks_restored") - restored,
+                                               "seconds_kill_to_tasks_restored": round(seconds_to_restored, 1),
                                                "lost_tasks_resent": counter(api, "orphans_resent") - orphans,
                                                "seconds_restart_to_all_indexed": round(time.monotonic() - restarted)})
 
@@ -163,10 +195,12 @@ def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx
 def test_one_of_two_workers_killed_the_other_finishes(
     stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
 ) -> None:
+    """The dead worker's tasks come back within seconds; the survivor's tasks, however long they run, never do."""
     bodies = image_set(unique_prefix, UPLOADS)
-    orphans = counter(api, "orphans_resent")
+    orphans, restored = counter(api, "orphans_resent"), counter(api, "tasks_restored")
     recorder = StreamRecorder(stack, unique_prefix)
     recorder.start()
+    logs = LogWindow(stack, ("api",))
     second = start_worker(stack, "worker-second.log")
     try:
         with supervisor_paused(stack):
@@ -176,10 +210,16 @@ def test_one_of_two_workers_killed_the_other_finishes(
             uploader.wait_uploaded(UPLOADS // 3)
             victim = busy_worker(api)
             group = os.getpgid(victim["pid"])  # the pool child's group: its worker's main process
+            survivor = stack.pid("worker") if group == second.pid else second.pid
+            assert survivor is not None
             os.killpg(group, signal.SIGKILL)
             killed = "second" if group == second.pid else "stack"
             killed_at = time.monotonic()
             in_flight = unacked(api)
+            # Tasks a restore may hand back: what was unacknowledged at the kill and the survivor did not hold.
+            at_kill = {tag.decode() for tag in connect(stack.settings.redis_url).hkeys(
+                f"{stack.settings.namespace}:celery:unacked")} - held(stack, survivor)
+            seconds_to_restored = wait_restored(api, restored)
             uploader.finish()
             outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
             if killed == "stack":
@@ -188,7 +228,12 @@ def test_one_of_two_workers_killed_the_other_finishes(
         stop_worker(second)
     recorder.stop()
     assert in_flight >= 1, "the kill did not leave an unacknowledged task behind"
+    handed_back = restored_tags(logs)
+    assert handed_back and handed_back <= at_kill, ("restored a task the survivor held or took later",
+                                                    handed_back - at_kill)
     record_outcome("one_of_two_workers_killed", {**outcome, "killed": killed, "unacked_tasks_at_kill": in_flight,
+                                                 "tasks_restored": len(handed_back),
+                                                 "seconds_kill_to_tasks_restored": round(seconds_to_restored, 1),
                                                  "lost_tasks_resent": counter(api, "orphans_resent") - orphans,
                                                  "seconds_kill_to_all_indexed": round(time.monotonic() - killed_at)})
 
