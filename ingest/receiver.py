@@ -1,7 +1,9 @@
 """The webhook receiver: ``POST /events`` from MinIO, Ceph RGW or any S3-style notifier.
 
 Answers 2xx only once every created object is in the broker and every delete is in the result stream;
-otherwise 503, so the S3 server delivers the event again. Repeated notifications are suppressed.
+otherwise 503, so the S3 server delivers the event again. Repeated notifications are suppressed. An event whose
+time-based order lies beyond now + the tolerated clock skew is acknowledged and dropped (counted as ``future``):
+applied, it would outrank every real event for its object; reconcile settles that object from the listing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from starlette.routing import Route
 from bucketlens.auth import token_ok
 from bucketlens.http import HTTPError, http_error_handler, read_limited
 from bucketlens.keys import Keys
+from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
@@ -81,6 +84,13 @@ class Receiver:
             raise HTTPError(400, "bad_event", str(exc)) from exc
         reserved = [e for e in parsed.events if e.ref.key.startswith(self.settings.reserved_prefix)]
         events = [e for e in parsed.events if not e.ref.key.startswith(self.settings.reserved_prefix)]
+        now = time.time_ns()
+        future = [e for e in events if beyond_clock_skew(e.order, now)]
+        if future:
+            events = [e for e in events if not beyond_clock_skew(e.order, now)]
+            log.warning("dropped %d events whose order is more than %d s ahead of this clock (forged, or the S3 "
+                        "server's clock is wrong), e.g. %s; a reconcile settles those objects", len(future),
+                        MAX_CLOCK_SKEW_NS // 1_000_000_000, future[0].ref.object_id)
         try:
             generations = await run_in_threadpool(self.publisher.generations)
             fresh, duplicates = await run_in_threadpool(self._unseen, events)
@@ -94,7 +104,7 @@ class Receiver:
                 await run_in_threadpool(self.publisher.write_deletes, removed)
             await self.batcher.submit(created)
             await run_in_threadpool(self._mark_seen, fresh)
-            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), reserved)
+            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), len(future), reserved)
         except Exception as exc:  # broker or Redis down: nothing was acknowledged, the S3 server retries
             self._log_redis_down(exc)
             raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
@@ -102,14 +112,15 @@ class Receiver:
             log.info("Redis reachable again")
             self._redis_down_logged = False
         return JSONResponse(
-            {"accepted": len(fresh), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved)},
+            {"accepted": len(fresh), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved),
+             "future": len(future)},
             status_code=200,
         )
 
-    def _record(self, ignored: int, duplicates: int, accepted: int, reserved: list[ObjectEvent]) -> None:
+    def _record(self, ignored: int, duplicates: int, accepted: int, future: int, reserved: list[ObjectEvent]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for name, value in (("received", accepted + duplicates + ignored), ("ignored", ignored),
-                            ("duplicated", duplicates), ("accepted", accepted)):
+        for name, value in (("received", accepted + duplicates + ignored + future), ("ignored", ignored),
+                            ("duplicated", duplicates), ("accepted", accepted), ("future", future)):
             if value:
                 pipe.hincrby(self.keys.counters, name, value)
         pipe.execute()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import time
 import uuid
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -21,7 +21,7 @@ from index_service.queues import queue_report
 from infra.stack import Stack, free_port
 from ingest.receiver import create_app
 
-FIXTURES = Path(__file__).parent / "fixtures" / "events"
+from .helpers import FIXTURES, ceph_event
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def post(client: TestClient, name: str) -> dict[str, int]:
 
 
 def test_created_event_is_a_task_in_the_live_queue(client: TestClient, settings: Settings) -> None:
-    assert post(client, "minio_put.json") == {"accepted": 1, "duplicates": 0, "ignored": 0}
+    assert post(client, "minio_put.json") == {"accepted": 1, "duplicates": 0, "ignored": 0, "future": 0}
     keys = Keys(settings.namespace)
     redis = connect(settings.redis_url)
     report = queue_report(redis, keys)
@@ -60,7 +60,7 @@ def test_created_event_is_a_task_in_the_live_queue(client: TestClient, settings:
 
 def test_a_repeated_event_is_suppressed(client: TestClient, settings: Settings) -> None:
     post(client, "ceph_put.json")
-    assert post(client, "ceph_put.json") == {"accepted": 0, "duplicates": 1, "ignored": 0}
+    assert post(client, "ceph_put.json") == {"accepted": 0, "duplicates": 1, "ignored": 0, "future": 0}
     keys = Keys(settings.namespace)
     assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 1
 
@@ -87,3 +87,29 @@ def test_redis_down_answers_503_and_does_not_remember_the_event(settings: Settin
     assert response.json()["error"]["code"] == "redis_unavailable"
     with TestClient(create_app(settings)) as client:  # Redis back: the redelivered event is not a "duplicate"
         assert post(client, "ceph_put.json")["accepted"] == 1
+
+
+@pytest.mark.parametrize("name", ["ceph_put.json", "ceph_delete.json"])
+def test_an_event_from_beyond_the_clock_skew_is_acknowledged_and_not_applied(
+    client: TestClient, settings: Settings, name: str
+) -> None:
+    keys = Keys(settings.namespace)
+    redis = connect(settings.redis_url)
+    ahead = int(time.time()) + 3600  # an hour ahead: forged, or a wrong clock on the S3 server
+    response = client.post("/events?token=secret", content=ceph_event(name, ahead).encode())
+    assert response.status_code == 200, response.text  # acknowledged: the S3 server must not deliver it forever
+    assert response.json() == {"accepted": 0, "duplicates": 0, "ignored": 0, "future": 1}
+    report = queue_report(redis, keys)
+    assert report["queues"][keys.live_queue]["depth"] == 0 and report["stream"]["length"] == 0
+    assert report["pending_objects"] == 0  # nothing waits for it: reconcile settles the object from the listing
+    assert report["events"] == {"received": 1, "future": 1}
+
+    within = client.post("/events?token=secret", content=ceph_event(name, int(time.time()) + 120).encode())
+    assert within.json()["accepted"] == 1  # two minutes ahead is clock skew, tolerated
+
+
+def test_an_opaque_sequencer_cannot_be_judged_by_the_clock(client: TestClient) -> None:
+    body = json.loads((FIXTURES / "minio_put.json").read_bytes())
+    body["Records"][0]["s3"]["object"]["sequencer"] = "F" * 32  # far beyond any real MinIO sequencer
+    response = client.post("/events?token=secret", content=json.dumps(body).encode())
+    assert response.json()["accepted"] == 1 and response.json()["future"] == 0  # README, "Threat model"
