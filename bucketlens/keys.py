@@ -109,6 +109,12 @@ class Keys:
         return f"{self.namespace}:generation:last"
 
     @property
+    def marker(self) -> str:
+        """Written by the index service when it registers its generation; Redis answering without it has lost its
+        data (a fresh Redis, a failover to an empty replica, a FLUSHALL): index_service/redis_loss.py heals."""
+        return f"{self.namespace}:index:marker"
+
+    @property
     def celery_prefix(self) -> str:
         """Prefix of every key kombu writes (queue lists, ``unacked``, bindings)."""
         return f"{self.namespace}:celery:"

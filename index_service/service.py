@@ -25,13 +25,14 @@ from vision import words
 from vision.embedders import Embedder, Embedders
 from vision.models import dims, recipe
 
+from . import redis_loss
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .merger import Merger
 from .orphans import SWEEP_EVERY_S
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
-from .rebuild import Rebuilds
+from .rebuild import RebuildJob, Rebuilds
 from .reconcile import reconcile
 from .redelivery import CHECK_EVERY_S, Redelivery
 from .snapshots import SnapshotStore
@@ -53,6 +54,7 @@ class Service:
         self.index = VectorIndex(settings.model, recipe(settings.model).dim, generation=1)  # until _load decides
         self.shadow: VectorIndex | None = None
         self.rebuilds = Rebuilds(self)
+        self.restoring: RebuildJob | None = None  # a reembed started because there was nothing to serve from
         self.snapshots = SnapshotStore(
             Path(settings.home) / "snapshots" / settings.namespace, settings.snapshots_kept,
             self.s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
@@ -61,6 +63,7 @@ class Service:
         self.merger = Merger(self.redis, self.keys, self.apply, self.after_batch, batch=settings.merge_batch)
         self.duplicates = DuplicateFinder(lambda: self.index)
         self.loaded = threading.Event()
+        self.checked = threading.Event()  # the start-up check against the bucket is done (redis_loss.py)
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
         self._restructuring = threading.Lock()
         self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
@@ -73,6 +76,7 @@ class Service:
         # A dead worker's tasks back in the queue (redelivery.py), then objects whose task was lost (orphans.py).
         self._every(CHECK_EVERY_S, self.redelivery.check, "redelivery")
         self._every(SWEEP_EVERY_S, lambda: sweep_orphans(self), "orphans")
+        self._every(redis_loss.CHECK_EVERY_S, lambda: redis_loss.check(self), "redis-loss")
         if self.settings.reconcile_every_s > 0:
             self._every(self.settings.reconcile_every_s, lambda: reconcile(self), "reconcile")
 
@@ -81,7 +85,7 @@ class Service:
 
         def loop() -> None:
             while not self._stopping.wait(interval_s):
-                if self.ready()[0]:
+                if self._running()[0]:
                     try:
                         job()
                     except redis.RedisError as exc:  # an outage, which the merger and /readyz report already
@@ -102,7 +106,7 @@ class Service:
             self.index, self.merger.last_id = restored
         else:
             self.index = self.new_generation(self.settings.model, 1)
-        self._register_generation()
+        redis_was_empty = self._register_generation()
         self.loaded.set()
         self.merger.start()
         self.duplicates.start()
@@ -111,18 +115,33 @@ class Service:
             words.vocabulary(self.settings.wordnet)  # WordNet read once (~0.6 s), before the first text query
         except words.VocabularyMissing as exc:
             log.warning("text search is off: %s", exc)
+        try:
+            self.restoring = redis_loss.restore_at_start(self, redis_was_empty, restored is not None)
+        except Exception:
+            log.exception("restoring the index at start failed; a reconcile or rebuild heals it")
+        finally:
+            self.checked.set()
 
-    def _register_generation(self) -> None:
+    def _register_generation(self) -> bool:
+        """Register the serving generation, waiting for Redis; returns whether Redis held no data of ours."""
         delay = 0.2
         while True:
             try:
                 self.rebuilds.recover()
-                self.redis.hset(self.keys.generations, str(self.index.generation), self.index.model)
-                return
+                return self.claim_redis()
             except redis.RedisError as exc:
                 log.warning("waiting for Redis to register the serving generation: %s", exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def claim_redis(self) -> bool:
+        """Register the serving generation (ingest tags events with it) and the marker that tells a Redis that
+        lost its data (redis_loss.py); returns whether the marker was missing."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.exists(self.keys.marker)
+        pipe.hset(self.keys.generations, str(self.index.generation), self.index.model)
+        pipe.set(self.keys.marker, self.index.generation)
+        return not pipe.execute()[0]
 
     def close(self) -> None:
         """Clean shutdown: stop merging, write a final snapshot."""
@@ -213,6 +232,17 @@ class Service:
     # -- reading -------------------------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        ok, reason = self._running()
+        job = self.restoring
+        if ok and not self.checked.is_set():
+            return False, "comparing the index with the bucket (no snapshot, or no data in Redis)"
+        if ok and job is not None and job.state == "running":
+            return False, (f"no snapshot and no data in Redis: re-embedding the bucket ({job.done} of {job.total} "
+                           "objects); searches answer from what is indexed so far")
+        return ok, reason
+
+    def _running(self) -> tuple[bool, str]:
+        """Loaded, replayed and connected: ready unless the index is being restored from the bucket."""
         if not self.loaded.is_set():
             return False, "loading the newest snapshot"
         if not self.embedders.loaded(self.index.model):

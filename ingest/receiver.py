@@ -30,7 +30,7 @@ from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 
 from .batcher import Batcher
-from .errors import BadEvent
+from .errors import BadEvent, NoGeneration
 from .events import ObjectEvent, parse_body
 from .publisher import Publisher
 
@@ -97,6 +97,8 @@ class Receiver:
         except redis.RedisError as exc:
             self._log_redis_down(exc)
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
+        except NoGeneration as exc:
+            raise HTTPError(503, "no_generation", f"{exc}; deliver the event again") from exc
         created = [_tag(e.ref, g) for e in fresh if e.kind == "created" for g in generations]
         removed = [_tag(e.ref, g) for e in fresh if e.kind == "removed" for g in generations]
         try:

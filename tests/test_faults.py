@@ -16,11 +16,13 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from typing import Any, Iterator
 
 import httpx
@@ -29,7 +31,7 @@ import pytest
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
-from infra.stack import Stack
+from infra.stack import Stack, free_port
 from ingest.publisher import Publisher
 
 from .helpers import object_state, wait_for
@@ -39,8 +41,10 @@ from .integrity import (
     assert_index_matches_bucket,
     failures_under,
     image_set,
+    listing,
     patient_s3,
     record_outcome,
+    reference_vectors,
 )
 from .proxy import SlowBodyProxy
 
@@ -91,10 +95,11 @@ def busy_worker(api: httpx.Client, timeout_s: float = 60) -> dict[str, Any]:
     return found[0]  # type: ignore[no-any-return]
 
 
-def start_worker(stack: Stack, log_name: str, **env: str) -> subprocess.Popen[bytes]:
-    """Another ``bucketlens worker`` process on the stack's queues (its own session, so killpg reaches it all)."""
+def start_worker(stack: Stack, log_name: str, command: str = "worker", **env: str) -> subprocess.Popen[bytes]:
+    """Another ``bucketlens worker`` (or ``command``) process on the stack's settings, changed by ``env`` (its own
+    session, so killpg reaches it all)."""
     log = open(stack.home / "logs" / log_name, "ab")
-    process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", "worker"],
+    process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", command],
                                env={**os.environ, **stack.settings.to_env(), **env}, stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
@@ -452,3 +457,116 @@ def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
         **outcome, "failures": {k.removeprefix(unique_prefix): settled[k]["reason"] for k in slow},
         "fetch_timeout_s": timeout_s, "batch": lines[0].split("batch: ", 1)[1],
         "seconds_worker_start_to_settled": round(took, 1), "held_back_requests": len(proxy.held)})
+
+
+# -- 8. Redis loses its data ----------------------------------------------------------------------------------
+
+def lose_redis_data(stack: Stack) -> None:
+    """Redis comes back empty: killed, its AOF and RDB files gone (a disk lost, a failover to an empty replica)."""
+    stack.stop_redis(kill=True)
+    folder = stack.home / "redis"
+    for path in folder.iterdir():
+        if path.name != "redis.conf":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    stack.start_redis()
+
+
+def test_redis_losing_its_data_keeps_serving_and_a_reconcile_brings_everything_back(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    before = image_set(unique_prefix + "before-", 30)
+    during = image_set(unique_prefix + "during-", UPLOADS)
+    uploads = patient_s3(stack)
+    for key, body in before.items():
+        uploads.put_object(Bucket=stack.settings.bucket, Key=key, Body=body)
+    assert_index_matches_bucket(stack, s3, api, unique_prefix + "before-", before)
+    stats = api.get("/stats").json()
+    probe = reference_vectors(stack, dict([next(iter(before.items()))]))
+    logs = LogWindow(stack, ("api", "ingest"))
+    with supervisor_paused(stack):
+        uploader = Uploader(stack, during, RATE)
+        uploader.start()
+        uploader.wait_uploaded(UPLOADS // 3)
+        lose_redis_data(stack)
+        lost_at = time.monotonic()
+        # Served from memory meanwhile: the same vectors, the same answers.
+        (vector,) = probe.values()
+        hits = api.post("/search", json={"vector": vector.tolist(), "k": 1}).json()["results"]
+        served = api.get("/stats").json()
+        wait_for(lambda: counter(api, "redis_data_lost") >= 1, 60, what="the index service noticing the loss")
+        noticed = time.monotonic() - lost_at
+        uploader.finish()
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix + "during-", during)
+        assert_index_matches_bucket(stack, s3, api, unique_prefix + "before-", before)
+    assert hits[0]["key"] == next(iter(before)) and hits[0]["score"] > 0.999
+    assert served["vectors"] >= stats["vectors"] and served["generation"] == stats["generation"]
+    generations = connect(stack.settings.redis_url).hgetall(f"{stack.settings.namespace}:generations")
+    assert generations == {str(stats["generation"]).encode(): stats["model"].encode()}, generations
+    assert all(object_state(api, stack.settings.bucket, k)["generation"] == stats["generation"] for k in during)
+    assert logs.count("api", "Redis lost its data") == 1
+    record_outcome("redis_lost_its_data", {
+        **outcome, "seconds_loss_to_noticed": round(noticed, 1),
+        "events_refused_no_generation": logs.count("ingest", "no_generation"),
+        "seconds_loss_to_all_indexed": round(time.monotonic() - lost_at)})
+
+
+# -- 9. snapshots and Redis both lost -------------------------------------------------------------------------
+
+def test_snapshots_and_redis_both_lost_reembed_the_bucket_or_restore_the_s3_copy(stack: Stack, s3: Any) -> None:
+    """An index service of its own (namespace, bucket, no notifications) starts with nothing at all: no snapshot
+    and no data in Redis. It re-embeds the bucket by itself, /readyz saying so until done; it keeps snapshots in
+    the bucket too (SNAPSHOT_S3=1), so after losing its folder and its Redis data again it restores from there."""
+    name = f"r{uuid.uuid4().hex[:8]}"
+    bucket = f"restore-{name}"
+    s3.create_bucket(Bucket=bucket)
+    bodies = image_set(f"{name}/", 24)
+    for key, body in bodies.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    port = free_port()
+    env = {"BUCKETLENS_NAMESPACE": name, "BUCKETLENS_BUCKET": bucket, "BUCKETLENS_SNAPSHOT_S3": "1",
+           "BUCKETLENS_API_PORT": str(port)}
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    service = start_worker(stack, f"api-{name}.log", "serve", **env)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        # No worker yet: the reembed cannot finish, so /readyz is seen saying why.
+        waiting = wait_for(lambda: (r := _readyz(api)) and "re-embedding the bucket (0 of 24" in r.get("reason", "")
+                           and r, 300, interval_s=0.5, what="/readyz reporting the restore")
+        worker = start_worker(stack, f"worker-{name}.log", **env)
+        wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="the restored index ready")
+        restored = api.get("/stats").json()
+        outcome = assert_index_matches_bucket(stack, s3, api, f"{name}/", bodies, bucket=bucket)
+        copies = listing(s3, bucket, stack.settings.reserved_prefix + "snapshots/")
+        assert copies, "no snapshot copy in the bucket"
+
+        stop_worker(service, signal.SIGKILL)
+        wipe_namespace(stack, name)
+        shutil.rmtree(stack.home / "snapshots" / name)
+        service = start_worker(stack, f"api-{name}.log", "serve", **env)
+        wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="ready from the S3 snapshot copy")
+        again = api.get("/stats").json()
+        assert_index_matches_bucket(stack, s3, api, f"{name}/", bodies, bucket=bucket)
+    finally:
+        for process in (service, worker):
+            if process is not None:
+                stop_worker(process)
+        api.close()
+    assert waiting["ready"] is False and "no snapshot and no data in Redis" in waiting["reason"], waiting
+    assert restored["vectors"] == len(bodies) and restored["generation"] == 2  # generation 1 was the empty one
+    assert again["vectors"] == len(bodies) and again["generation"] == restored["generation"]
+    assert again["last_snapshot"]["name"].startswith(stack.settings.reserved_prefix), again["last_snapshot"]
+    record_outcome("snapshots_and_redis_lost", {**outcome, "snapshot_copies_in_bucket": len(copies)})
+
+
+def _readyz(api: httpx.Client) -> dict[str, Any]:
+    try:
+        return api.get("/readyz", timeout=5).json()  # type: ignore[no-any-return]
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def wipe_namespace(stack: Stack, namespace: str) -> None:
+    """Every Redis key of one namespace deleted: what a fresh Redis looks like to the services using it."""
+    redis = connect(stack.settings.redis_url)
+    for key in redis.scan_iter(match=f"{namespace}:*", count=1000):
+        redis.delete(key)

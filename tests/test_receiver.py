@@ -26,7 +26,10 @@ from .helpers import FIXTURES, ceph_event
 
 @pytest.fixture
 def settings(stack: Stack) -> Settings:
-    return dataclasses.replace(stack.settings, namespace=f"r{uuid.uuid4().hex[:8]}", webhook_token="secret")
+    settings = dataclasses.replace(stack.settings, namespace=f"r{uuid.uuid4().hex[:8]}", webhook_token="secret")
+    # What the index service does as it starts: ingest tags events with the generations registered here.
+    connect(settings.redis_url).hset(Keys(settings.namespace).generations, "1", settings.model)
+    return settings
 
 
 @pytest.fixture
@@ -113,3 +116,19 @@ def test_an_opaque_sequencer_cannot_be_judged_by_the_clock(client: TestClient) -
     body["Records"][0]["s3"]["object"]["sequencer"] = "F" * 32  # far beyond any real MinIO sequencer
     response = client.post("/events?token=secret", content=json.dumps(body).encode())
     assert response.json()["accepted"] == 1 and response.json()["future"] == 0  # README, "Threat model"
+
+
+def test_no_registered_generation_answers_503_instead_of_guessing_one(stack: Stack) -> None:
+    """A fresh namespace is what Redis looks like after losing its data: no index service has registered the
+    generation to tag events with, so the S3 server must deliver the event again later."""
+    settings = dataclasses.replace(stack.settings, namespace=f"r{uuid.uuid4().hex[:8]}", webhook_token="secret")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/events?token=secret", content=(FIXTURES / "ceph_put.json").read_bytes())
+        assert response.status_code == 503 and response.json()["error"]["code"] == "no_generation", response.text
+        keys = Keys(settings.namespace)
+        assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 0
+        connect(settings.redis_url).hset(keys.generations, "7", settings.model)
+        assert post(client, "ceph_put.json")["accepted"] == 1  # delivered again once a generation is registered
+        message = json.loads(connect(settings.redis_url).lindex(keys.celery_prefix + keys.live_queue, 0))
+        (refs,), _, _ = json.loads(base64.b64decode(message["body"]))
+        assert ObjectRef.from_json(refs[0]).generation == 7
