@@ -57,6 +57,7 @@ class Settings:
     snapshot_every_s: float = 60.0
     snapshot_every_entries: int = 5000
     snapshots_kept: int = 3
+    snapshot_failure_grace_s: float = 600.0  # snapshots failing this long (disk full, read-only): /readyz says 503
     snapshot_s3: bool = False  # also keep snapshots in the bucket under <reserved_prefix>snapshots/
     reconcile_every_s: float = 0.0  # 0: only on demand (bucketlens reconcile / POST /reconcile)
     tombstone_retention_s: int = 24 * 3600

@@ -79,6 +79,11 @@ class StateCollector:
         yield info
         applied = stats.get("applied_entries", self.service.merger.applied)
         yield _counter("bucketlens_merged_entries", "Result-stream entries the merger applied since start", applied)
+        failures = stats["snapshot_failures"]
+        yield _counter("bucketlens_snapshot_failures", "Snapshots that could not be written (disk full, read-only)",
+                       failures["failures"])
+        yield _gauge("bucketlens_snapshot_failing_seconds", "How long snapshots have been failing (0: they are not)",
+                     failures["failing_s"])
         snapshot_time = _snapshot_time(stats.get("last_snapshot"))
         if snapshot_time is not None:
             yield _gauge("bucketlens_snapshot_age_seconds", "Seconds since the newest snapshot was written",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis
+from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
@@ -35,7 +36,7 @@ from .presign import Presigner
 from .rebuild import RebuildJob, Rebuilds
 from .reconcile import reconcile
 from .redelivery import CHECK_EVERY_S, Redelivery
-from .snapshots import SnapshotStore
+from .snapshots import SnapshotHealth, SnapshotStore
 from .vector_index import VectorIndex, set_search_threads
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Service:
             self.s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
         )
         self.redelivery = Redelivery(self.redis, self.keys, self.publisher.celery)
+        self.snapshot_health = SnapshotHealth(settings.snapshot_every_s, settings.snapshot_failure_grace_s)
         self.merger = Merger(self.redis, self.keys, self.apply, self.after_batch, batch=settings.merge_batch)
         self.duplicates = DuplicateFinder(lambda: self.index)
         self.loaded = threading.Event()
@@ -184,7 +186,7 @@ class Service:
         applied, when = self._since_snapshot
         due_entries = self.merger.applied - applied >= self.settings.snapshot_every_entries
         due_time = self.merger.applied > applied and time.monotonic() - when >= self.settings.snapshot_every_s
-        if due_entries or due_time:
+        if (due_entries or due_time) and time.monotonic() >= self.snapshot_health.retry_at:
             self.snapshot()
         if self._wants_restructure() and self._restructuring.acquire(blocking=False):
             threading.Thread(target=self._restructure, name="restructure", daemon=True).start()
@@ -203,11 +205,18 @@ class Service:
         finally:
             self._restructuring.release()
 
-    def snapshot(self) -> None:
-        """Write a snapshot of the serving generation, then trim the stream entries it covers."""
+    def snapshot(self) -> bool:
+        """Write a snapshot of the serving generation, then trim the stream entries it covers; returns whether it
+        was written. A disk that is full or read-only, or a refused S3 copy, is logged and counted
+        (``snapshot_health``); the stream then stays untrimmed and serving and merging go on."""
         last_id = self.merger.last_id
         started = time.perf_counter()
-        self.snapshots.write(self.index, last_id)
+        try:
+            self.snapshots.write(self.index, last_id)
+        except (OSError, BotoCoreError, ClientError) as exc:
+            self.snapshot_health.failed(exc)
+            return False
+        self.snapshot_health.written()
         self.index.expire_tombstones(self.settings.tombstone_retention_s)
         self._since_snapshot = (self.merger.applied, time.monotonic())
         if self.shadow is None and last_id != "0":
@@ -215,6 +224,7 @@ class Service:
             # generation is rebuilt from scratch after a restart, so it needs no replay either.)
             self.redis.xtrim(self.keys.results, minid=last_id, approximate=False)
         log.info("snapshot of %d vectors at %s in %.2f s", len(self.index), last_id, time.perf_counter() - started)
+        return True
 
     def promote(self, shadow: VectorIndex | None) -> None:
         """Swap the shadow generation in (atomically for readers: one reference assignment)."""
@@ -236,6 +246,8 @@ class Service:
         job = self.restoring
         if ok and not self.checked.is_set():
             return False, "comparing the index with the bucket (no snapshot, or no data in Redis)"
+        if ok and (failing := self.snapshot_health.unready_reason()):
+            return False, failing
         if ok and job is not None and job.state == "running":
             return False, (f"no snapshot and no data in Redis: re-embedding the bucket ({job.done} of {job.total} "
                            "objects); searches answer from what is indexed so far")
@@ -266,6 +278,7 @@ class Service:
             "last_applied_id": self.merger.last_id,
             "applied_entries": self.merger.applied,
             "last_snapshot": self.snapshots.last,
+            "snapshot_failures": self.snapshot_health.public(),
             "rebuild": self.rebuilds.progress(),
             "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects},
         }

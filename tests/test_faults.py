@@ -12,6 +12,7 @@ Per-fault counts and recovery times are printed (``-s``) and saved in ``tests/ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -31,6 +33,7 @@ import pytest
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
+from bucketlens.settings import Settings
 from infra.stack import Stack, free_port
 from ingest.publisher import Publisher
 
@@ -516,16 +519,8 @@ def test_snapshots_and_redis_both_lost_reembed_the_bucket_or_restore_the_s3_copy
     """An index service of its own (namespace, bucket, no notifications) starts with nothing at all: no snapshot
     and no data in Redis. It re-embeds the bucket by itself, /readyz saying so until done; it keeps snapshots in
     the bucket too (SNAPSHOT_S3=1), so after losing its folder and its Redis data again it restores from there."""
-    name = f"r{uuid.uuid4().hex[:8]}"
-    bucket = f"restore-{name}"
-    s3.create_bucket(Bucket=bucket)
-    bodies = image_set(f"{name}/", 24)
-    for key, body in bodies.items():
-        s3.put_object(Bucket=bucket, Key=key, Body=body)
-    port = free_port()
-    env = {"BUCKETLENS_NAMESPACE": name, "BUCKETLENS_BUCKET": bucket, "BUCKETLENS_SNAPSHOT_S3": "1",
-           "BUCKETLENS_API_PORT": str(port)}
-    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    name, bucket, bodies = own_bucket(s3, "restore", 24)
+    env, api = own_service(name, bucket, BUCKETLENS_SNAPSHOT_S3="1")
     service = start_worker(stack, f"api-{name}.log", "serve", **env)
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -558,6 +553,24 @@ def test_snapshots_and_redis_both_lost_reembed_the_bucket_or_restore_the_s3_copy
     record_outcome("snapshots_and_redis_lost", {**outcome, "snapshot_copies_in_bucket": len(copies)})
 
 
+def own_bucket(s3: Any, kind: str, count: int) -> tuple[str, str, dict[str, bytes]]:
+    """A namespace name, a bucket of its own (no notifications) and ``count`` images uploaded to it."""
+    name = f"{kind[0]}{uuid.uuid4().hex[:8]}"
+    bucket = f"{kind}-{name}"
+    s3.create_bucket(Bucket=bucket)
+    bodies = image_set(f"{name}/", count)
+    for key, body in bodies.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return name, bucket, bodies
+
+
+def own_service(name: str, bucket: str, **env: str) -> tuple[dict[str, str], httpx.Client]:
+    """The environment of an index service (and workers) of its own, and a client for its API."""
+    port = free_port()
+    env = {"BUCKETLENS_NAMESPACE": name, "BUCKETLENS_BUCKET": bucket, "BUCKETLENS_API_PORT": str(port), **env}
+    return env, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+
 def _readyz(api: httpx.Client) -> dict[str, Any]:
     try:
         return api.get("/readyz", timeout=5).json()  # type: ignore[no-any-return]
@@ -570,3 +583,81 @@ def wipe_namespace(stack: Stack, namespace: str) -> None:
     redis = connect(stack.settings.redis_url)
     for key in redis.scan_iter(match=f"{namespace}:*", count=1000):
         redis.delete(key)
+
+
+# -- 10. the snapshot folder full or read-only ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def disk_trouble(folder: Path, trouble: str) -> Iterator[None]:
+    """``folder`` full (a 16 KB tmpfs: a snapshot of a dozen vectors needs ~70 KB) or read-only (a read-only bind
+    mount of itself); chmod would not do: the tests run as root."""
+    if trouble == "full":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)], check=True)
+    else:
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("trouble", ["full", "read_only"])
+def test_snapshot_folder_full_or_read_only_keeps_serving_and_merging(stack: Stack, s3: Any, trouble: str) -> None:
+    name, bucket, bodies = own_bucket(s3, "disk", 12)
+    folder = stack.home / "snapshots" / name
+    folder.mkdir(parents=True)
+    env, api = own_service(name, bucket, BUCKETLENS_SNAPSHOT_EVERY_S="1", BUCKETLENS_SNAPSHOT_FAILURE_GRACE_S="5")
+    settings = dataclasses.replace(stack.settings, namespace=name, bucket=bucket)
+    redis = connect(stack.settings.redis_url)
+    logs = LogWindow(stack, (f"api-{name}",))
+    processes = [start_worker(stack, f"worker-{name}.log", **env)]
+    try:
+        with disk_trouble(folder, trouble):
+            processes.append(start_worker(stack, f"api-{name}.log", "serve", **env))
+            # It re-embeds the bucket (nothing to start from), then cannot snapshot the result.
+            failing = wait_for(lambda: "snapshots failing" in (r := _readyz(api)).get("reason", "") and r, 300,
+                               interval_s=1, what="/readyz saying snapshots fail")
+            assert_index_matches_bucket(stack, s3, api, f"{name}/", bodies, bucket=bucket)  # serving
+            more = send_more(s3, settings, api, image_set(f"{name}/more-", 4))  # merging
+            outcome = assert_index_matches_bucket(stack, s3, api, f"{name}/", {**bodies, **more}, bucket=bucket)
+            stats = api.get("/stats").json()
+            metrics = api.get("/metrics").text
+            untrimmed = redis.xlen(f"{name}:results")
+            left_behind = sorted(p.name for p in folder.iterdir())
+        # The disk is back: the next merge snapshots, trims the stream, and /readyz is ready again.
+        more.update(send_more(s3, settings, api, image_set(f"{name}/after-", 2)))
+        wait_for(lambda: _readyz(api).get("ready"), 120, interval_s=1, what="ready once snapshots are written")
+        trimmed = redis.xlen(f"{name}:results")
+        written = sorted(p.name for p in folder.iterdir())
+        stop_worker(processes.pop(), signal.SIGKILL)
+        processes.append(start_worker(stack, f"api-{name}.log", "serve", **env))
+        wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="ready after a restart")
+        assert_index_matches_bucket(stack, s3, api, f"{name}/", {**bodies, **more}, bucket=bucket)
+        reloaded = api.get("/stats").json()
+    finally:
+        for process in processes:
+            stop_worker(process)
+        api.close()
+    assert failing["ready"] is False and ("No space" if trouble == "full" else "Read-only") in failing["reason"]
+    assert stats["snapshot_failures"]["failures"] >= 1 and stats["last_snapshot"] is None, stats
+    assert re.search(r"^bucketlens_snapshot_failures_total [1-9]", metrics, re.MULTILINE), metrics[:500]
+    assert untrimmed == stats["applied_entries"], (untrimmed, stats["applied_entries"])  # nothing trimmed
+    assert left_behind == [], left_behind  # no partial snapshot, not even a temporary file
+    assert len(written) >= 1 and trimmed < untrimmed
+    assert reloaded["last_snapshot"]["name"] in written and reloaded["vectors"] == len(bodies) + len(more)
+    assert logs.count(f"api-{name}", "ERROR .*snapshot failed, serving and merging go on") == 1
+    record_outcome(f"snapshot_folder_{trouble}", {**outcome, "snapshot_failures": stats["snapshot_failures"],
+                                                  "stream_entries_kept_untrimmed": untrimmed})
+
+
+def send_more(s3: Any, settings: Settings, api: httpx.Client, bodies: dict[str, bytes]) -> dict[str, bytes]:
+    """Upload to a bucket without notifications and queue the objects as ingest would: tasks for the serving
+    generation."""
+    generation = api.get("/stats").json()["generation"]
+    refs = [ObjectRef(settings.bucket, key, s3.put_object(Bucket=settings.bucket, Key=key, Body=body)["ETag"]
+                      .strip('"'), generation=generation) for key, body in bodies.items()]
+    publisher = Publisher(settings, connect(settings.redis_url))
+    publisher.send_embeds(refs)
+    publisher.close()
+    return bodies
