@@ -38,6 +38,7 @@ class Settings:
     max_upload_bytes: int = 32 * 1024 * 1024  # /search image uploads
     batch_window_ms: int = 50  # ingest groups events arriving within this window into one task
     batch_size: int = 32  # most object references per task
+    ingest_max_memory_fraction: float = 0.9  # ingest answers 503 above this share of Redis's maxmemory
     dedup_ttl_s: int = 3600  # how long a (bucket, key, etag, sequencer) is remembered as seen
     wordnet: Path = Path("/usr/share/wordnet")  # WordNet 3.0 (Debian's wordnet-base), for text queries
     model: str = "lite0-copy-v3"  # a recipe of vision/models.py (DEFAULT_MODEL there)

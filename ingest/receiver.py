@@ -1,9 +1,11 @@
 """The webhook receiver: ``POST /events`` from MinIO, Ceph RGW or any S3-style notifier.
 
 Answers 2xx only once every created object is in the broker and every delete is in the result stream;
-otherwise 503, so the S3 server delivers the event again. Repeated notifications are suppressed. An event whose
-time-based order lies beyond now + the tolerated clock skew is acknowledged and dropped (counted as ``future``):
-applied, it would outrank every real event for its object; reconcile settles that object from the listing.
+otherwise 503, so the S3 server delivers the event again; also 503 while Redis is near its ``maxmemory``, so a
+burst never fills Redis past the room the workers' results need to drain it. Repeated notifications are
+suppressed. An event whose time-based order lies beyond now + the tolerated clock skew is acknowledged and
+dropped (counted as ``future``): applied, it would outrank every real event for its object; reconcile settles
+that object from the listing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Receiver:
         self.publisher = Publisher(settings, client)
         self.batcher = Batcher(self._flush_created, settings.batch_window_ms / 1000, settings.batch_size)
         self._redis_down_logged = False
+        self._near_full_logged = False
 
     async def _flush_created(self, refs: Sequence[ObjectRef]) -> None:
         await run_in_threadpool(self.publisher.send_embeds, refs)
@@ -65,6 +68,25 @@ class Receiver:
         for event in events:
             pipe.set(self.keys.dedup(_digest(event)), b"1", ex=self.settings.dedup_ttl_s)
         pipe.execute()
+
+    def _room_left(self) -> None:
+        """Refuse (503) above ``ingest_max_memory_fraction`` of Redis's ``maxmemory``: with ``noeviction`` a full
+        Redis refuses every write, the workers' results included, and the queue could not drain. The S3 server
+        keeps the refused events and delivers them again."""
+        info = self.redis.info("memory")
+        limit = int(info.get("maxmemory", 0))
+        used = int(info["used_memory"])
+        if limit and used >= limit * self.settings.ingest_max_memory_fraction:
+            if not self._near_full_logged:
+                log.warning("Redis holds %d of its %d bytes (maxmemory): answering 503 until the queue drains",
+                            used, limit)
+                self._near_full_logged = True
+            self.redis.hincrby(self.keys.counters, "refused_near_full", 1)
+            raise HTTPError(503, "redis_near_full", f"Redis is near its memory limit ({used} of {limit} bytes); "
+                            "deliver the event again later")
+        if self._near_full_logged:
+            log.info("Redis has room again (%d of %d bytes)", used, limit)
+            self._near_full_logged = False
 
     def _note_canaries(self, events: list[ObjectEvent]) -> None:
         now = time.time()
@@ -92,6 +114,8 @@ class Receiver:
                         "server's clock is wrong), e.g. %s; a reconcile settles those objects", len(future),
                         MAX_CLOCK_SKEW_NS // 1_000_000_000, future[0].ref.object_id)
         try:
+            if events:
+                await run_in_threadpool(self._room_left)
             generations = await run_in_threadpool(self.publisher.generations)
             fresh, duplicates = await run_in_threadpool(self._unseen, events)
         except redis.RedisError as exc:

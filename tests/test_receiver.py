@@ -6,11 +6,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 import pytest
+import redis
 from starlette.testclient import TestClient
 
 from bucketlens.keys import Keys
@@ -21,7 +24,8 @@ from index_service.queues import queue_report
 from infra.stack import Stack, free_port
 from ingest.receiver import create_app
 
-from .helpers import FIXTURES, ceph_event
+from .helpers import FIXTURES, ceph_event, wait_for
+from .integrity import record_outcome
 
 
 @pytest.fixture
@@ -132,3 +136,72 @@ def test_no_registered_generation_answers_503_instead_of_guessing_one(stack: Sta
         message = json.loads(connect(settings.redis_url).lindex(keys.celery_prefix + keys.live_queue, 0))
         (refs,), _, _ = json.loads(base64.b64decode(message["body"]))
         assert ObjectRef.from_json(refs[0]).generation == 7
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of its own with a small ``maxmemory`` and ``noeviction``, as infra/redis.conf configures it."""
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for(lambda: _pings(url), 30, interval_s=0.05, what="a Redis of its own")
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(connect(url).ping())
+    except redis.RedisError:
+        return False
+
+
+def burst_body(start: int, count: int) -> bytes:
+    body = json.loads((FIXTURES / "ceph_put.json").read_bytes())
+    (record,) = body["Records"]
+    records = []
+    for i in range(start, start + count):
+        copy = json.loads(json.dumps(record))
+        copy["s3"]["object"].update(key=f"burst/{i:06d}.jpg", eTag=f"{i:032x}")
+        records.append(copy)
+    return json.dumps({"Records": records}).encode()
+
+
+def test_a_burst_is_refused_only_near_redis_maxmemory_and_every_accepted_event_is_queued(
+    stack: Stack, small_redis: str
+) -> None:
+    settings = dataclasses.replace(stack.settings, namespace="burst", webhook_token="secret", redis_url=small_redis)
+    keys = Keys(settings.namespace)
+    client = connect(small_redis)
+    client.hset(keys.generations, "1", settings.model)
+    baseline = int(client.info("memory")["used_memory"])
+    limit = baseline + 4 * 1024 * 1024
+    client.config_set("maxmemory", limit)
+    statuses: list[int] = []
+    accepted = 0
+    with TestClient(create_app(settings)) as app:
+        for start in range(0, 200_000, 100):  # 100 events a request, until ingest says no
+            response = app.post("/events?token=secret", content=burst_body(start, 100))
+            statuses.append(response.status_code)
+            if response.status_code != 200:
+                break
+            accepted += response.json()["accepted"]
+        used = int(client.info("memory")["used_memory"])
+        refused = response.json()["error"]
+        report = queue_report(client, keys)
+        client.config_set("maxmemory", limit * 2)  # room again (as when workers drain the queue)
+        again = app.post("/events?token=secret", content=burst_body(start, 100))
+    assert statuses[-1] == 503 and set(statuses[:-1]) == {200}, statuses
+    assert refused["code"] == "redis_near_full", refused
+    assert limit * settings.ingest_max_memory_fraction <= used < limit  # refused near the limit, never at it
+    assert report["pending_objects"] == accepted  # every accepted event is queued: Redis never refused a write
+    tasks = report["queues"][keys.live_queue]["depth"]
+    assert tasks * settings.batch_size >= accepted
+    assert again.status_code == 200 and again.json()["accepted"] == 100
+    per_object = (used - baseline) / accepted
+    record_outcome("ingest_burst_small_maxmemory", {
+        "maxmemory_bytes": limit, "accepted_before_503": accepted, "used_memory_at_503": used,
+        "redis_bytes_per_queued_object": round(per_object), "tasks": tasks}, file="burst-outcomes.json")
