@@ -17,7 +17,8 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import UNAVAILABLE, HTTPError, JSONResponse, http_error_handler, read_limited, unavailable_handler
+from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, JSONResponse, read_limited
+from bucketlens.openapi import route as openapi_route
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
 from vision import labels, local_features, words
@@ -32,6 +33,7 @@ from .duplicates import groups as find_groups
 from .failures import Selection, clear_failures, list_failures, retry_failures
 from .filters import iso
 from .metrics import CONTENT_TYPE, Metrics
+from .openapi import OPENAPI
 from .queries import SearchQuery, parse_search
 from .queues import queue_report
 from .rebuild import RebuildConflict
@@ -263,8 +265,9 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/rebuild", start_rebuild, methods=["POST"]),
             Route("/rebuild/{job_id}", rebuild_state, methods=["GET", "DELETE"]),
             Route("/reconcile", start_reconcile, methods=["POST"]),
+            openapi_route(OPENAPI),
         ],
-        exception_handlers={HTTPError: http_error_handler, **{e: unavailable_handler for e in UNAVAILABLE}},
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
 

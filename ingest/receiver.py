@@ -24,8 +24,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import HTTPError, http_error_handler, read_limited
+from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, read_limited
 from bucketlens.keys import Keys
+from bucketlens.openapi import route as openapi_route
 from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
@@ -34,6 +35,7 @@ from bucketlens.settings import Settings
 from .batcher import Batcher
 from .errors import BadEvent, NoGeneration
 from .events import ObjectEvent, parse_body
+from .openapi import OPENAPI
 from .publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,7 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"ok": True})
 
     return Starlette(
-        routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz)],
-        exception_handlers={HTTPError: http_error_handler},
+        routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz), openapi_route(OPENAPI)],
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
