@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import struct
 import time
 import zlib
@@ -415,6 +416,8 @@ def test_an_event_from_the_future_cannot_hide_an_object_and_reconcile_settles_it
         assert response.status_code == 200 and response.json()["future"] == 1, response.text
     assert object_state(api, quiet, "hidden.jpg") is None  # not queued, not pending: nothing applied
     assert _events(api).get("future", 0) == future_before + 2
+    counted = re.search(r'^bucketlens_events_total\{outcome="future"\} (\S+)$', api.get("/metrics").text, re.MULTILINE)
+    assert counted and float(counted.group(1)) == future_before + 2
 
     reconciled = api.post("/reconcile", json={"bucket": quiet}, headers=admin)
     assert reconciled.status_code == 200 and reconciled.json()["missing"] == 1, reconciled.text
