@@ -35,6 +35,8 @@ SEARCH_JSON = {"anyOf": [  # the first of vector, key, text present is the query
     obj({"key": {"type": "string", "minLength": 1}}, ("key",)),
     obj({"vector": {"type": "array", "items": NUMBER, "description": "the index's dimension, finite, non-zero"}},
         ("vector",)),
+    obj({"vector_b64": {"type": "string", "contentEncoding": "base64",
+                        "description": "base64 of the vector as little-endian float32"}}, ("vector_b64",)),
     obj({"text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
                   "description": "words matched against the model's ImageNet labels"}}, ("text",)),
 ]}
@@ -102,11 +104,15 @@ PATHS: dict[str, Any] = {
                                       "503": {"description": "not ready; the reason says why",
                                               "content": {"application/json": {"schema": ref("Ready")}}}}}},
     "/search": {"post": {
-        "summary": "similar images: by image (multipart field 'image'), or JSON key, vector or text",
+        "summary": "similar images: by image (multipart field 'image'), JSON key, vector, vector_b64 or text, or a "
+                   "raw float32 vector",
         "security": READ, "parameters": _search_parameters(),
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": ref("SearchJSON")},
-            "multipart/form-data": {"schema": ref("SearchForm")}}},
+            "multipart/form-data": {"schema": ref("SearchForm")},
+            "application/octet-stream": {"schema": {
+                "type": "string", "format": "binary",
+                "description": "the vector as little-endian float32 (options as query parameters)"}}}},
         "responses": {**answer("best first", ref("SearchResults")), **errors(400, 401, 404, 413, 415, 503)},
     }},
     "/objects/{bucket}/{key}": {"get": {
@@ -118,7 +124,7 @@ PATHS: dict[str, Any] = {
     }},
     "/duplicates": {"get": {
         "summary": "groups of near-duplicate images", "security": READ,
-        "parameters": [parameter("offset", {"type": "integer", "minimum": 0}, "groups to skip"),
+        "parameters": [parameter("offset", {"type": "integer", "minimum": 0}, "groups to skip (at most 10^9)"),
                        parameter("limit", {"type": "integer", "minimum": 1}, "groups to answer (at most 1000)"),
                        parameter("min_matches", {"type": "integer", "minimum": 1}, "verified matches a pair needs"),
                        parameter("bucket", TEXT, "only this bucket"), parameter("prefix", TEXT, "only these keys")],
@@ -138,7 +144,7 @@ PATHS: dict[str, Any] = {
         "description": "metrics", "content": {"text/plain": {"schema": TEXT}}}}}},
     "/failures": {
         "get": {"summary": "failure records, newest first", "security": READ,
-                "parameters": [parameter("offset", {"type": "integer", "minimum": 0}, "records to skip"),
+                "parameters": [parameter("offset", {"type": "integer", "minimum": 0}, "records to skip (at most 10^9)"),
                                parameter("limit", {"type": "integer", "minimum": 1}, "records (at most 1000)"),
                                parameter("reason", TEXT, "only this reason"), parameter("bucket", TEXT, "only here"),
                                parameter("key", {"type": "array", "items": TEXT}, "only these keys")],
