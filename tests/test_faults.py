@@ -485,8 +485,11 @@ def test_redis_losing_its_data_keeps_serving_and_a_reconcile_brings_everything_b
     assert_index_matches_bucket(stack, s3, api, unique_prefix + "before-", before)
     stats = api.get("/stats").json()
     probe = reference_vectors(stack, dict([next(iter(before.items()))]))
-    logs = LogWindow(stack, ("api", "ingest"))
-    with supervisor_paused(stack):
+    logs = LogWindow(stack, ("api", "ingest", "worker"))
+    # The supervisor keeps running, as on the local stack: a worker that holds a task when Redis goes away can die
+    # of it (kombu 5.7.0 raises AttributeError while restoring its unacked tasks at close: README, "Redis losing its
+    # data"), and the supervisor restarts it, as compose's restart policy would.
+    try:
         uploader = Uploader(stack, during, RATE)
         uploader.start()
         uploader.wait_uploaded(UPLOADS // 3)
@@ -501,6 +504,8 @@ def test_redis_losing_its_data_keeps_serving_and_a_reconcile_brings_everything_b
         uploader.finish()
         outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix + "during-", during)
         assert_index_matches_bucket(stack, s3, api, unique_prefix + "before-", before)
+    finally:
+        restore(stack)
     assert hits[0]["key"] == next(iter(before)) and hits[0]["score"] > 0.999
     assert served["vectors"] >= stats["vectors"] and served["generation"] == stats["generation"]
     generations = connect(stack.settings.redis_url).hgetall(f"{stack.settings.namespace}:generations")
@@ -511,6 +516,7 @@ def test_redis_losing_its_data_keeps_serving_and_a_reconcile_brings_everything_b
     record_outcome("redis_lost_its_data", {
         **outcome, "seconds_loss_to_noticed": round(noticed, 1),
         "events_refused_no_generation": logs.count("ingest", "no_generation"),
+        "worker_crashes_restarted": logs.count("worker", "Unrecoverable error"),
         "seconds_loss_to_all_indexed": round(time.monotonic() - lost_at)})
 
 
