@@ -1,7 +1,9 @@
 """``python -m bench`` (``make bench``): the benchmark on the local stack, same images, model and cores.
 
 Steps: ``limit`` (decode + embed in-process), ``e2e`` (bucketlens bulk throughput, then freshness),
-``old`` (the old design), ``queries`` (search latency at each index size). Prints a table and writes
+``old`` (the old design), ``queries`` (search latency at each index size); ``burst`` only when asked
+(``--only burst``: ``--burst`` uploads with the workers stopped, then drained) and ``load`` (``--only load``:
+64 concurrent searches for 60 s while 2,000 uploads merge). Prints a table and writes
 ``bench/results/latest.json``. Quick by default (1000 images, 10k and 100k vectors); ``--images 5000`` for more.
 """
 
@@ -23,7 +25,7 @@ import httpx
 
 from bucketlens.settings import PREFIX, Settings
 
-from . import CACHE, RESULTS, ROOT, e2e, old_design, queries
+from . import CACHE, RESULTS, ROOT, burst, e2e, load, old_design, queries
 from .images import ensure_images
 from .limit import measure_limit
 from .procs import cores, load_average
@@ -31,7 +33,8 @@ from .profile import Profiler, worker_summary
 from .report import check_targets, headline, table
 from .stack import bench_stack, describe, warm_up, worker_pid
 
-STEPS = ("limit", "e2e", "old", "queries")
+STEPS = ("limit", "e2e", "old", "queries")  # the default run
+ON_REQUEST = ("burst", "load")  # long: run with --only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--index-sizes", default="10000,100000", help="query index sizes (default 10000,100000)")
     parser.add_argument("--queries", type=int, default=200, help="queries per measurement (default 200)")
     parser.add_argument("--freshness", type=int, default=20, help="single uploads timed for freshness")
-    parser.add_argument("--only", default=",".join(STEPS), help=f"steps to run (default {','.join(STEPS)})")
+    parser.add_argument("--only", default=",".join(STEPS),
+                        help=f"steps to run (default {','.join(STEPS)}; also {','.join(ON_REQUEST)})")
+    parser.add_argument("--burst", type=int, default=20_000, help="uploads of the burst step (default 20000)")
+    parser.add_argument("--load", default="64,60,2000", metavar="CLIENTS,SECONDS,UPLOADS",
+                        help="the load step: concurrent searchers, seconds, uploads merging meanwhile")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a bucketlens setting for the workers and the limit, e.g. worker_concurrency=2")
     parser.add_argument("--profile", action="store_true", help="sample the worker with py-spy during the bulk run")
@@ -71,15 +78,16 @@ def git_commit() -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = set(args.only.split(","))
-    if steps - set(STEPS):
-        raise SystemExit(f"--only: unknown steps {sorted(steps - set(STEPS))}; known: {', '.join(STEPS)}")
+    if steps - set(STEPS) - set(ON_REQUEST):
+        raise SystemExit(f"--only: unknown steps {sorted(steps - set(STEPS) - set(ON_REQUEST))}; known: "
+                         f"{', '.join(STEPS + ON_REQUEST)}")
     settings = settings_from(args.set, args.cache)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     files = ensure_images(args.cache, args.images, args.seed)
     results: dict[str, Any] = {"load_average_before": load_average()}
     if "limit" in steps:
         results["limit"] = measure_limit(settings, [path.read_bytes() for path in files], cores())
-    if steps & {"e2e", "old", "queries"}:
+    if steps & {"e2e", "old", "queries", "burst", "load"}:
         if not list((args.cache / "models").glob("*.onnx")):
             from vision.embedders import load_embedder
 
@@ -100,6 +108,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         results["e2e"]["worker_profile"] = worker_summary(profiler.out)
                     results["e2e"].update(e2e.freshness(stack, api, files, args.freshness))
                     results["e2e"].update(e2e.peak_memory(stack))
+                if "burst" in steps:
+                    results["burst"] = burst.run(stack, api, files, args.burst)
+                if "load" in steps:
+                    clients, seconds, uploads = (int(x) for x in args.load.split(","))
+                    results["load"] = load.run(stack, api, files, uploads, clients, seconds, args.seed)
             if "old" in steps:
                 results["old_design"] = old_design.run(stack.settings, files)
             if "queries" in steps:

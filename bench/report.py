@@ -42,6 +42,15 @@ ROWS = (  # (key, label, unit, format)
     ("old_design_worker_peak_rss_mb", "old design worker peak RSS", "MiB", "{:.0f}"),
     ("index_peak_rss_mb", "index service peak RSS (largest index)", "MiB", "{:.0f}"),
     ("others_cpu_share", "CPU used by others during bulk run", "", "{:.0%}"),
+    ("burst_objects", "burst: uploads with the workers stopped", "", "{:.0f}"),
+    ("burst_refused_near_full", "burst: events refused (503 near maxmemory)", "", "{:.0f}"),
+    ("burst_redis_bytes_per_queued_object", "burst: Redis bytes per queued object", "B", "{:.0f}"),
+    ("burst_seconds_workers_start_to_all_indexed", "burst: workers started -> all indexed", "s", "{:.0f}"),
+    ("burst_embedded_more_than_once", "burst: extra embeddings", "", "{:.0f}"),
+    ("load_searches_per_s", "load: searches/s (concurrent, uploads merging)", "/s", "{:.1f}"),
+    ("load_p50_ms", "load: search p50", "ms", "{:.1f}"),
+    ("load_p99_ms", "load: search p99", "ms", "{:.1f}"),
+    ("load_error_count", "load: searches not answered 200", "", "{:.0f}"),
 )
 
 
@@ -85,6 +94,12 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         out["search_image_p50_ms"] = largest["image_c1"]["p50_ms"]
         out["search_image_p99_ms"] = largest["image_c1"]["p99_ms"]
         out["index_peak_rss_mb"] = queries["index_peak_rss_mb"]
+    for step in ("burst", "load"):
+        for key, value in results.get(step, {}).items():
+            if isinstance(value, (int, float)):
+                out[f"{step}_{key}"] = value
+    if "load" in results:
+        out["load_error_count"] = sum(results["load"]["errors"].values())
     if "limit_images_per_s" in out and "bucketlens_images_per_s" in out:
         out["bucketlens_vs_limit"] = out["bucketlens_images_per_s"] / out["limit_images_per_s"]
     if "limit_cpu_ms_per_image" in out and "bucketlens_cpu_ms_per_image" in out:

@@ -9,6 +9,7 @@ import orjson
 import redis
 from botocore.exceptions import BotoCoreError
 from starlette import responses
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message)
 
 
+async def routing_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own 404 (no such path) and 405 (wrong method) in the same JSON shape as every other error."""
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+
 async def unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
     """Redis, S3 or the index server unreachable while serving a request: 503 (try again), not a 500 with a
     traceback."""
@@ -52,6 +60,10 @@ async def unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
 # Exceptions of the services' dependencies that a Starlette app answers with 503 (``unavailable_handler``). The
 # builtin ConnectionError: an index backend's server unreachable (index_service/milvus_index.py, IndexUnavailable).
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, BotoCoreError, ConnectionError)
+
+# Every Starlette app's exception handlers: errors are always ``{"error": {"code", "message"}}``.
+EXCEPTION_HANDLERS = {HTTPError: http_error_handler, StarletteHTTPException: routing_error_handler,
+                      **{e: unavailable_handler for e in UNAVAILABLE}}
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

@@ -6,6 +6,11 @@ import dataclasses
 
 EMBED_TASK = "bucketlens.embed"  # workers register it under this name; ingest and the index service send by name
 
+# Worker records (``Keys.worker``, ``Keys.consumer``) are written every HEARTBEAT_INTERVAL_S and expire
+# HEARTBEAT_TTL_S after the last write: a worker silent that long (four beats missed) counts as dead.
+HEARTBEAT_INTERVAL_S = 3.0
+HEARTBEAT_TTL_S = 12
+
 # Upper bounds (seconds) of the per-stage latency histograms that workers keep in ``Keys.stages``.
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -75,6 +80,15 @@ class Keys:
         """JSON heartbeat of one worker process; it expires when the worker stops beating (dead or hung)."""
         return f"{self.namespace}:worker:{worker_id}"
 
+    @property
+    def consumers(self) -> str:
+        """Set of worker main processes (the broker's consumers); each one's record is under ``consumer(id)``."""
+        return f"{self.namespace}:consumers"
+
+    def consumer(self, consumer_id: str) -> str:
+        """JSON of one worker main process: the delivery tags it holds unacknowledged; expires like ``worker``."""
+        return f"{self.namespace}:consumer:{consumer_id}"
+
     def deliveries(self, task_id: str) -> str:
         """How often the broker handed out one task (a redelivery cap against poison batches)."""
         return f"{self.namespace}:deliveries:{task_id}"
@@ -93,6 +107,12 @@ class Keys:
         """Highest generation number ever handed to a rebuild: numbers are never reused, since the tasks of a
         cancelled or interrupted rebuild may still be queued and must not feed a later one."""
         return f"{self.namespace}:generation:last"
+
+    @property
+    def marker(self) -> str:
+        """Written by the index service when it registers its generation; Redis answering without it has lost its
+        data (a fresh Redis, a failover to an empty replica, a FLUSHALL): index_service/redis_loss.py heals."""
+        return f"{self.namespace}:index:marker"
 
     @property
     def writer_lease(self) -> str:

@@ -1,12 +1,28 @@
 """Comparable ``order`` values for events about one object, normalised per source (DESIGN.md, "Ordering").
 
 Orders are integers: nanoseconds since the epoch for time-based sources, the sequencer's integer value for
-AWS and MinIO (whose hex sequencers compare as integers once left-padded to equal length).
+AWS and MinIO (whose hex sequencers compare as integers once left-padded to equal length). A time-based order
+can be checked against the clock: one beyond now + ``MAX_CLOCK_SKEW_NS`` would win over every real event for
+that object (a delete would hide it through re-uploads), so ingest acknowledges such an event and drops it,
+leaving the object to reconcile. An opaque sequencer cannot be checked that way (README, "Threat model").
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import NamedTuple
+
+MAX_CLOCK_SKEW_NS = 5 * 60 * 1_000_000_000
+
+
+class EventOrder(NamedTuple):
+    value: int
+    timed: bool  # nanoseconds since the epoch (Ceph sequencer, eventTime), not an opaque counter
+
+
+def beyond_clock_skew(order: EventOrder, now_ns: int) -> bool:
+    """A time-based order later than ``now_ns`` plus the clock skew tolerated between S3 server and ingest."""
+    return order.timed and order.value > now_ns + MAX_CLOCK_SKEW_NS
 
 
 def ceph_sequencer_order(sequencer: str) -> int:
@@ -34,13 +50,13 @@ def time_order(when: str | dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
 
 
-def event_order(source: str, sequencer: str, event_time: str) -> int:
+def event_order(source: str, sequencer: str, event_time: str) -> EventOrder:
     """The order of one event: its sequencer decoded for its source, else its event time."""
     try:
         if sequencer:
             if source.startswith("ceph"):
-                return ceph_sequencer_order(sequencer)
-            return hex_sequencer_order(sequencer)
+                return EventOrder(ceph_sequencer_order(sequencer), timed=True)
+            return EventOrder(hex_sequencer_order(sequencer), timed=False)
     except ValueError:
         pass  # an unusable sequencer falls back to the event time
-    return time_order(event_time) if event_time else 0
+    return EventOrder(time_order(event_time), timed=True) if event_time else EventOrder(0, timed=False)

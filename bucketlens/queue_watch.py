@@ -58,8 +58,9 @@ def render(report: dict[str, Any], rates: dict[str, float | None] | None = None)
         lines.append(f"queue {name:26} {queue['depth']:>8} tasks" + (f"  ({by_priority})" if by_priority else ""))
     stream = report["stream"]
     backlog = int(report.get("pending_objects", 0))
+    dead = int(report.get("unacked_dead", 0))
     lines += [
-        f"unacked tasks {report['unacked']:>27}",
+        f"unacked tasks {report['unacked']:>27}" + (f"  ({dead} left by dead workers, being restored)" if dead else ""),
         f"backlog {backlog:>33} objects (accepted, not merged yet)",
         f"result stream {stream['length']:>27} entries  lag {stream['lag'] if stream['lag'] is not None else '?'}"
         f"  pending {stream['pending']}",

@@ -38,6 +38,7 @@ class Settings:
     max_upload_bytes: int = 32 * 1024 * 1024  # /search image uploads
     batch_window_ms: int = 50  # ingest groups events arriving within this window into one task
     batch_size: int = 32  # most object references per task
+    ingest_max_memory_fraction: float = 0.9  # ingest answers 503 above this share of Redis's maxmemory
     dedup_ttl_s: int = 3600  # how long a (bucket, key, etag, sequencer) is remembered as seen
     wordnet: Path = Path("/usr/share/wordnet")  # WordNet 3.0 (Debian's wordnet-base), for text queries
     model: str = "lite0-copy-v3"  # a recipe of vision/models.py (DEFAULT_MODEL there)
@@ -57,6 +58,7 @@ class Settings:
     snapshot_every_s: float = 60.0
     snapshot_every_entries: int = 5000
     snapshots_kept: int = 3
+    snapshot_failure_grace_s: float = 600.0  # snapshots failing this long (disk full, read-only): /readyz says 503
     snapshot_s3: bool = False  # also keep snapshots in the bucket under <reserved_prefix>snapshots/
     reconcile_every_s: float = 0.0  # 0: only on demand (bucketlens reconcile / POST /reconcile)
     tombstone_retention_s: int = 24 * 3600

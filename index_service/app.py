@@ -7,7 +7,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 
 from botocore.exceptions import ClientError
 from starlette.applications import Starlette
@@ -17,7 +17,8 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import UNAVAILABLE, HTTPError, JSONResponse, http_error_handler, read_limited, unavailable_handler
+from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, JSONResponse, read_limited
+from bucketlens.openapi import route as openapi_route
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
 from vision import labels, local_features, words
@@ -33,6 +34,7 @@ from .duplicates import groups as find_groups
 from .failures import Selection, clear_failures, list_failures, retry_failures
 from .filters import iso
 from .metrics import CONTENT_TYPE, Metrics
+from .openapi import OPENAPI
 from .queries import SearchQuery, parse_search
 from .queues import queue_report
 from .rebuild import RebuildConflict
@@ -44,6 +46,7 @@ from .text import search as text_search
 from .verify import CANDIDATES, Hit, rerank
 
 STATIC = Path(__file__).parent / "static"
+MAX_OFFSET = 10**9  # of a listing (/failures, /duplicates): far beyond any page there is
 
 
 def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlette:
@@ -142,12 +145,11 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def duplicates(request: Request) -> Response:
         service = service_of(request, read=True)
         params = request.query_params
+        offset, limit = _page(params, 50)
         try:
-            offset = max(0, int(params.get("offset", 0)))
-            limit = min(1000, max(1, int(params.get("limit", 50))))
             min_matches = max(1, int(params.get("min_matches", DUPLICATE_MATCHES)))
         except ValueError:
-            raise HTTPError(400, "bad_parameter", "offset, limit and min_matches must be integers") from None
+            raise HTTPError(400, "bad_parameter", "min_matches must be an integer") from None
         serving = service.index
         found = await run_in_threadpool(find_groups, serving, min_matches, params.get("bucket") or None,
                                         params.get("prefix", ""))
@@ -183,11 +185,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             cleared = await run_in_threadpool(clear_failures, service.redis, service.keys, selection)
             return JSONResponse({"cleared": cleared})
         service = service_of(request, read=True)
-        try:
-            offset = max(0, int(request.query_params.get("offset", 0)))
-            limit = min(1000, max(1, int(request.query_params.get("limit", 100))))
-        except ValueError:
-            raise HTTPError(400, "bad_parameter", "offset and limit must be integers") from None
+        offset, limit = _page(request.query_params, 100)
         selection = await _selection(request, with_body=False)
         records = await run_in_threadpool(list_failures, service.redis, service.keys, selection)
         return JSONResponse({"total": len(records), "offset": offset, "limit": limit,
@@ -263,8 +261,9 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/rebuild", start_rebuild, methods=["POST"]),
             Route("/rebuild/{job_id}", rebuild_state, methods=["GET", "DELETE"]),
             Route("/reconcile", start_reconcile, methods=["POST"]),
+            openapi_route(OPENAPI),
         ],
-        exception_handlers={HTTPError: http_error_handler, **{e: unavailable_handler for e in UNAVAILABLE}},
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
 
@@ -278,6 +277,16 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise HTTPError(400, "bad_json", "body must be a JSON object")
     return payload
+
+
+def _page(params: Mapping[str, str], default_limit: int) -> tuple[int, int]:
+    """A listing's ``offset`` and ``limit``, clamped (offset to 0..MAX_OFFSET: it is echoed back, and JSON
+    encoders refuse integers beyond 64 bits; limit to 1..1000); 400 when they are not integers."""
+    try:
+        return (min(MAX_OFFSET, max(0, int(params.get("offset", 0)))),
+                min(1000, max(1, int(params.get("limit", default_limit)))))
+    except ValueError:
+        raise HTTPError(400, "bad_parameter", "offset and limit must be integers") from None
 
 
 def _bucket(body: dict[str, Any]) -> str | None:

@@ -40,6 +40,7 @@ class Merger:
         self.applied = 0
         self.malformed = 0
         self._stop = threading.Event()
+        self._rewind = threading.Event()
         self._thread = threading.Thread(target=self._run, name="merger", daemon=True)
 
     def start(self) -> None:
@@ -54,6 +55,11 @@ class Merger:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+
+    def rewind(self) -> None:
+        """Read the stream again from its start: Redis lost its data, and the new stream's ids need not sort after
+        the old ones (another server's clock). Entries read twice are applied twice, to the same effect."""
+        self._rewind.set()
 
     def _ensure_group(self) -> None:
         """Position the group at what this process has applied: a restart replays everything after it."""
@@ -70,6 +76,9 @@ class Merger:
         grouped = False
         while not self._stop.is_set():
             try:
+                if self._rewind.is_set():
+                    self._rewind.clear()
+                    self.last_id, grouped = "0", False
                 if not grouped:
                     self._ensure_group()
                     grouped = True
@@ -77,6 +86,10 @@ class Merger:
                 if down_since is not None:
                     log.info("reachable again after %.1f s; merging resumed", time.monotonic() - down_since)
                     down_since, delay = None, 0.1
+            except redis.ResponseError as exc:  # answered, but the stream or its group is gone (Redis lost data)
+                log.warning("result stream unreadable, re-creating its consumer group: %s", exc)
+                grouped = False
+                self._stop.wait(0.5)
             except (redis.RedisError, ConnectionError) as exc:  # ConnectionError: the index server (Milvus)
                 if down_since is None:  # once per outage
                     log.warning("merger cannot reach Redis or the index server, retrying with backoff: %s", exc)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGES = ("fetch", "decode", "embed", "write")
-EVENT_OUTCOMES = ("accepted", "duplicated", "ignored")  # together they make up ``received``
+EVENT_OUTCOMES = ("accepted", "duplicated", "ignored", "future")  # together they make up ``received``
 SEARCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -81,6 +81,11 @@ class StateCollector:
         yield info
         applied = stats.get("applied_entries", self.service.merger.applied)
         yield _counter("bucketlens_merged_entries", "Result-stream entries the merger applied since start", applied)
+        failures = stats["snapshot_failures"]
+        yield _counter("bucketlens_snapshot_failures", "Snapshots that could not be written (disk full, read-only)",
+                       failures["failures"])
+        yield _gauge("bucketlens_snapshot_failing_seconds", "How long snapshots have been failing (0: they are not)",
+                     failures["failing_s"])
         snapshot_time = _snapshot_time(stats.get("last_snapshot"))
         if snapshot_time is not None:
             yield _gauge("bucketlens_snapshot_age_seconds", "Seconds since the newest snapshot was written",
@@ -95,6 +100,8 @@ def _queues(report: dict[str, Any]) -> Iterator[Metric]:
     yield depth
     stream = report["stream"]
     yield _gauge("bucketlens_unacked_tasks", "Tasks handed to a worker and not acknowledged yet", report["unacked"])
+    yield _gauge("bucketlens_unacked_dead_tasks", "Unacknowledged tasks no live worker holds (being handed back)",
+                 report["unacked_dead"])
     yield _gauge("bucketlens_stream_length", "Entries in the result stream (trimmed after snapshots)",
                  stream["length"])
     yield _gauge("bucketlens_stream_lag", "Result-stream entries not yet read by the merger", stream["lag"] or 0)
@@ -113,6 +120,10 @@ def _counters(counters: dict[str, int], failure_records: int) -> Iterator[Metric
     yield events
     yield _counter("bucketlens_embeddings", "Vectors written to the result stream by workers",
                    counters.get("embedded", 0))
+    yield _counter("bucketlens_tasks_restored", "Tasks of dead workers handed back to the queue",
+                   counters.get("tasks_restored", 0))
+    yield _counter("bucketlens_lost_tasks_resent", "Objects sent again because their task was lost",
+                   counters.get("orphans_resent", 0))
     failures = CounterMetricFamily("bucketlens_failures", "Objects that became failure records, by reason",
                                    labels=["reason"])
     for name, value in sorted(counters.items()):

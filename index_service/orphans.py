@@ -5,8 +5,10 @@ merged. A task can still vanish between the broker and a worker: kombu's Redis t
 and only then records it as unacknowledged, so a worker killed in between loses it (seen in
 tests/test_faults.py: one of 120 uploads, the one whose task a SIGKILLed worker had just popped); an index service
 killed while queueing a rebuild leaves marks whose tasks were never sent. When nothing is queued, unacknowledged or
-unmerged, a mark older than the visibility timeout cannot belong to work in flight: if the index (or a failure
-record) already holds its etag the mark is stale and dropped, otherwise the object is sent to the workers again.
+unmerged (a dead worker's unacknowledged tasks are restored within seconds, redelivery.py), a mark older than
+``MIN_AGE_S`` cannot belong to work in flight: if the index (or a failure record) already holds its etag the mark
+is stale and dropped, otherwise the object is sent to the workers again. Checked every ``SWEEP_EVERY_S``, so a
+lost task comes back within ~20 s of the pipeline going idle.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ if TYPE_CHECKING:
     from .service import Service
 
 log = logging.getLogger(__name__)
+
+SWEEP_EVERY_S = 5.0
+# A mark is written just before its task is published (publish retries take under a second); a task in flight is
+# queued, unacknowledged or unmerged, which the idle check sees. 15 s leaves a wide margin for a slow publish.
+MIN_AGE_S = 15.0
 
 # KEYS[1]: the pending hash; ARGV: field, expected value, ... -> how many were removed (unchanged since read).
 _REMOVE_IF_UNCHANGED = """
@@ -45,7 +52,7 @@ def idle(service: Service) -> bool:
     return not busy and service.shadow is None
 
 
-def sweep(service: Service, min_age_s: float) -> tuple[int, int]:
+def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
     """Drop stale marks and send lost objects again, if the pipeline is idle; returns (dropped, sent again)."""
     if not idle(service):
         return 0, 0

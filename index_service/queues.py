@@ -1,5 +1,5 @@
-"""How far behind the system is: Celery queue depths (priority sub-lists included), unacked tasks,
-the result stream's length and the merger's lag, failures, live workers."""
+"""How far behind the system is: Celery queue depths (priority sub-lists included), unacked tasks (held by live
+workers, or left by dead ones), the result stream's length and the merger's lag, failures, live workers."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     for queue in keys.queues:
         for step in PRIORITY_STEPS:
             pipe.llen(_list_key(keys, queue, step))
-    pipe.hlen(keys.celery_prefix + "unacked")
+    pipe.hkeys(unacked_key(keys))
     pipe.xlen(keys.results)
     pipe.hlen(keys.failures)
     pipe.hlen(keys.pending)
@@ -34,12 +34,16 @@ def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         lengths = replies[i * len(PRIORITY_STEPS) : (i + 1) * len(PRIORITY_STEPS)]
         queues[queue] = {"depth": sum(lengths),
                          "by_priority": {str(step): n for step, n in zip(PRIORITY_STEPS, lengths, strict=True)}}
-    unacked, stream_length, failures, pending, counters, canary, worker_ids = replies[
+    tags, stream_length, failures, pending, counters, canary, worker_ids = replies[
         len(keys.queues) * len(PRIORITY_STEPS):]
     group = _group_info(client, keys)
+    held = held_deliveries(client, keys)
+    live = sum(1 for tag in tags if _text(tag) in held)
     return {
         "queues": queues,
-        "unacked": unacked,
+        "unacked": len(tags),
+        "unacked_live": live,  # held by a worker whose heartbeat is current
+        "unacked_dead": len(tags) - live,  # held by none: its worker died; index_service/redelivery.py restores it
         "stream": {"length": stream_length, "lag": group.get("lag"), "pending": group.get("pending", 0),
                    "last_delivered_id": group.get("last-delivered-id")},
         "failures": failures,
@@ -64,6 +68,23 @@ def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None 
         worker["age_s"] = round(max(0.0, now - worker.get("last_seen", now)), 3)  # clocks of other machines may differ
         workers.append(worker)
     return workers
+
+
+def unacked_key(keys: Keys) -> str:
+    """kombu's hash of delivered, unacknowledged tasks: delivery tag -> [message, exchange, routing key]."""
+    return keys.celery_prefix + "unacked"
+
+
+def held_deliveries(client: redis.Redis, keys: Keys) -> set[str]:
+    """Delivery tags that the main process of a live worker says it holds (workers/heartbeat.py, ``Deliveries``)."""
+    ids = sorted(client.smembers(keys.consumers))
+    if not ids:
+        return set()
+    held: set[str] = set()
+    for raw in client.mget([keys.consumer(_text(consumer_id)) for consumer_id in ids]):
+        if raw is not None:  # expired: that worker is dead or hung
+            held.update(json.loads(raw).get("deliveries", []))
+    return held
 
 
 def _text(value: bytes | str) -> str:

@@ -131,6 +131,16 @@ class Rebuilds:
             self._finish(job, "cancelled")
             return job
 
+    def abandon(self, reason: str) -> RebuildJob | None:
+        """Fail the running rebuild, whose queued tasks are gone (Redis lost its data); the serving generation stays."""
+        with self._lock:
+            job = self.current
+            if job is None or job.state != "running":
+                return None
+            job.error = reason
+            self._finish(job, "failed")
+            return job
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             if self.current is not None and self.current.id == job_id:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis
+from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
@@ -30,15 +31,19 @@ from vision import words
 from vision.embedders import Embedder, Embedders
 from vision.models import recipe
 
+from . import redis_loss
 from .backend import Index, open_backend
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .lease import WriterLease
 from .merger import Merger
+from .orphans import SWEEP_EVERY_S
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
-from .rebuild import Rebuilds
+from .rebuild import RebuildJob, Rebuilds
 from .reconcile import reconcile
+from .redelivery import CHECK_EVERY_S, Redelivery
+from .snapshots import SnapshotHealth
 from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,10 @@ class Service:
         self.index: Index = VectorIndex(settings.model, recipe(settings.model).dim, generation=1)
         self.shadow: Index | None = None
         self.rebuilds = Rebuilds(self)
+        self.restoring: RebuildJob | None = None  # a reembed started because there was nothing to serve from
         self.backend = open_backend(settings, self.redis, self.keys, self.feature_store, self.s3)
+        self.redelivery = Redelivery(self.redis, self.keys, self.publisher.celery)
+        self.snapshot_health = SnapshotHealth(settings.snapshot_every_s, settings.snapshot_failure_grace_s)
         # Replicas of one namespace all answer queries; the holder of the writer lease merges (lease.py).
         self.replica = settings.replica or f"{socket.gethostname()}:{os.getpid()}"
         # The lease names this process, not just the replica: a restarted "api" must not renew its predecessor's.
@@ -72,6 +80,7 @@ class Service:
         self.merger = self._merger("0")
         self.duplicates = DuplicateFinder(lambda: self.index)
         self.loaded = threading.Event()
+        self.checked = threading.Event()  # the start-up check against the bucket is done (redis_loss.py)
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
         self._trim_floor = ("0", -TAKEOVER_HOLD_S)  # (stream id, when): not trimmed past for a while after a takeover
         self._restructuring = threading.Lock()
@@ -82,23 +91,25 @@ class Service:
 
     def start(self) -> None:
         self._loader.start()
-        # Every half visibility timeout, heal objects whose task was lost (orphans.py). Its failures are Redis
-        # outages, which the merger reports already: logged at debug level only.
-        timeout = self.settings.visibility_timeout_s
-        self._every(max(5.0, timeout / 2), lambda: sweep_orphans(self, min_age_s=timeout), "orphans", logging.DEBUG)
+        # A dead worker's tasks back in the queue (redelivery.py), then objects whose task was lost (orphans.py).
+        self._every(CHECK_EVERY_S, self.redelivery.check, "redelivery")
+        self._every(SWEEP_EVERY_S, lambda: sweep_orphans(self), "orphans")
+        self._every(redis_loss.CHECK_EVERY_S, lambda: redis_loss.check(self), "redis-loss")
         if self.settings.reconcile_every_s > 0:
-            self._every(self.settings.reconcile_every_s, lambda: reconcile(self), "reconcile", logging.ERROR)
+            self._every(self.settings.reconcile_every_s, lambda: reconcile(self), "reconcile")
 
-    def _every(self, interval_s: float, job: Callable[[], object], name: str, failure_level: int) -> None:
+    def _every(self, interval_s: float, job: Callable[[], object], name: str) -> None:
         """Run ``job`` in a thread of its own every ``interval_s`` while the service is ready, until it stops."""
 
         def loop() -> None:
             while not self._stopping.wait(interval_s):
-                if self.writing.is_set() and self.ready()[0]:
+                if self.writing.is_set() and self._running()[0]:
                     try:
                         job()
+                    except redis.RedisError as exc:  # an outage, which the merger and /readyz report already
+                        log.debug("%s met a Redis error; next attempt in %.0f s: %s", name, interval_s, exc)
                     except Exception:
-                        log.log(failure_level, "%s failed; next attempt in %.0f s", name, interval_s, exc_info=True)
+                        log.exception("%s failed; next attempt in %.0f s", name, interval_s)
 
         threading.Thread(target=loop, name=name, daemon=True).start()
 
@@ -118,8 +129,7 @@ class Service:
             self.index, last_id = restored
         else:
             self.index, last_id = self.new_generation(self.settings.model, 1), "0"
-        if writer:
-            self._take_over(last_id)
+        redis_was_empty = self._take_over(last_id) if writer else False
         self.loaded.set()
         threading.Thread(target=self._keep_role, name="role", daemon=True).start()
         self.embedders.get(self.index.model)  # query images are embedded with the serving model
@@ -127,6 +137,13 @@ class Service:
             words.vocabulary(self.settings.wordnet)  # WordNet read once (~0.6 s), before the first text query
         except words.VocabularyMissing as exc:
             log.warning("text search is off: %s", exc)
+        try:
+            if writer:  # a replica that does not write restores nothing: the writer does
+                self.restoring = redis_loss.restore_at_start(self, redis_was_empty, restored is not None)
+        except Exception:
+            log.exception("restoring the index at start failed; a reconcile or rebuild heals it")
+        finally:
+            self.checked.set()
 
     def _restore(self) -> tuple[Index, str] | None:
         delay = 0.5
@@ -153,13 +170,24 @@ class Service:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _register_generation(self) -> None:
-        def register() -> None:
+    def _register_generation(self) -> bool:
+        """Register the serving generation, waiting for Redis; returns whether Redis held no data of ours."""
+
+        def register() -> bool:
             self.rebuilds.recover()
             self.backend.drop_abandoned(self.index)
-            self.redis.hset(self.keys.generations, str(self.index.generation), self.index.model)
+            return self.claim_redis()
 
-        self._retry(register, "register the serving generation")
+        return bool(self._retry(register, "register the serving generation"))
+
+    def claim_redis(self) -> bool:
+        """Register the serving generation (ingest tags events with it) and the marker that tells a Redis that
+        lost its data (redis_loss.py); returns whether the marker was missing."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.exists(self.keys.marker)
+        pipe.hset(self.keys.generations, str(self.index.generation), self.index.model)
+        pipe.set(self.keys.marker, self.index.generation)
+        return not pipe.execute()[0]
 
     # -- one writer among replicas -------------------------------------------------------------------------
 
@@ -167,9 +195,10 @@ class Service:
         return Merger(self.redis, self.keys, self.apply, self.after_batch, start_id=start_id,
                       batch=self.settings.merge_batch, may_write=self.lease.acquire)
 
-    def _take_over(self, last_id: str) -> None:
-        """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint)."""
-        self._register_generation()
+    def _take_over(self, last_id: str) -> bool:
+        """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint); returns
+        whether Redis held no data of ours."""
+        redis_was_empty = self._register_generation()
         self.merger = self._merger(last_id)
         self._since_snapshot = (0, time.monotonic())
         if self.backend.shared:  # a paused writer of a shared index can wake and write; a FAISS one only to itself
@@ -179,6 +208,7 @@ class Service:
             self.duplicates.start()
         self.writing.set()
         log.info("replica %s writes: merging from %s", self.replica, last_id)
+        return redis_was_empty
 
     def _follow(self) -> None:
         """A replica that does not write serves what the writer made: the generation behind the alias, swapped in
@@ -261,7 +291,7 @@ class Service:
         applied, when = self._since_snapshot
         due_entries = self.merger.applied - applied >= self.settings.snapshot_every_entries
         due_time = self.merger.applied > applied and time.monotonic() - when >= self.settings.snapshot_every_s
-        if due_entries or due_time:
+        if (due_entries or due_time) and time.monotonic() >= self.snapshot_health.retry_at:
             self.snapshot()
         if self._wants_restructure() and self._restructuring.acquire(blocking=False):
             threading.Thread(target=self._restructure, name="restructure", daemon=True).start()
@@ -280,12 +310,19 @@ class Service:
         finally:
             self._restructuring.release()
 
-    def snapshot(self) -> None:
-        """Checkpoint the serving generation (a snapshot, or a Milvus flush), then trim the stream entries it
-        covers."""
+    def snapshot(self) -> bool:
+        """Checkpoint the serving generation (a snapshot, or a Milvus flush), then trim the stream entries it covers;
+        returns whether it was written. A disk that is full or read-only, a refused S3 copy or an unreachable index
+        server is logged and counted (``snapshot_health``); the stream then stays untrimmed and serving and merging
+        go on."""
         last_id = self.merger.last_id
         started = time.perf_counter()
-        self.backend.checkpoint(self.index, last_id)
+        try:
+            self.backend.checkpoint(self.index, last_id)
+        except (OSError, BotoCoreError, ClientError) as exc:  # OSError covers ConnectionError (Milvus unreachable)
+            self.snapshot_health.failed(exc)
+            return False
+        self.snapshot_health.written()
         self.index.expire_tombstones(self.settings.tombstone_retention_s)
         self._since_snapshot = (self.merger.applied, time.monotonic())
         trim_to = last_id
@@ -297,6 +334,7 @@ class Service:
             # generation is rebuilt from scratch after a restart, so it needs no replay either.)
             self.redis.xtrim(self.keys.results, minid=trim_to, approximate=False)
         log.info("checkpoint of %d vectors at %s in %.2f s", len(self.index), last_id, time.perf_counter() - started)
+        return True
 
     def promote(self, shadow: Index | None) -> None:
         """Swap the shadow generation in (atomically for readers: one reference assignment)."""
@@ -314,6 +352,19 @@ class Service:
     # -- reading -------------------------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        ok, reason = self._running()
+        job = self.restoring
+        if ok and not self.checked.is_set():
+            return False, "comparing the index with the bucket (no snapshot, or no data in Redis)"
+        if ok and (failing := self.snapshot_health.unready_reason()):
+            return False, failing
+        if ok and job is not None and job.state == "running":
+            return False, (f"no snapshot and no data in Redis: re-embedding the bucket ({job.done} of {job.total} "
+                           "objects); searches answer from what is indexed so far")
+        return ok, reason
+
+    def _running(self) -> tuple[bool, str]:
+        """Loaded, replayed and connected: ready unless the index is being restored from the bucket."""
         if not self.loaded.is_set():
             return False, "loading the newest snapshot"
         if not self.embedders.loaded(self.index.model):
@@ -345,6 +396,7 @@ class Service:
             "replica": self.replica,
             "writer": self.writing.is_set(),
             "last_snapshot": self.backend.last,
+            "snapshot_failures": self.snapshot_health.public(),
             "rebuild": self.rebuilds.progress(),
             "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects},
         }

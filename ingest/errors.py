@@ -5,5 +5,6 @@ class BadEvent(ValueError):
     """The request body is not an S3 ``Records[]`` notification."""
 
 
-class BrokerUnavailable(RuntimeError):
-    """Redis did not take the task or entry; the S3 server must deliver the event again."""
+class NoGeneration(RuntimeError):
+    """No index generation is registered in Redis (the index service has not started, or Redis lost its data):
+    an event cannot be tagged with the generation that will merge it, so the S3 server must deliver it again."""

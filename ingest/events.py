@@ -11,7 +11,7 @@ import json
 from typing import Any
 from urllib.parse import unquote_plus
 
-from bucketlens.ordering import event_order
+from bucketlens.ordering import EventOrder, event_order
 from bucketlens.schemas import ObjectRef, normalise_etag
 
 from .errors import BadEvent
@@ -21,6 +21,11 @@ from .errors import BadEvent
 class ObjectEvent:
     kind: str  # "created" | "removed"
     ref: ObjectRef
+    timed: bool = False  # ``ref.order`` is a time (bucketlens/ordering.py): it can be checked against the clock
+
+    @property
+    def order(self) -> EventOrder:
+        return EventOrder(self.ref.order, self.timed)
 
 
 @dataclasses.dataclass
@@ -92,8 +97,8 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
         etag=normalise_etag(str(obj.get("eTag") or obj.get("etag") or "")),
         size=size,
         sequencer=sequencer,
-        order=order,
+        order=order.value,
         event_time=event_time,
         version_id=str(obj.get("versionId") or obj.get("version") or ""),
     )
-    return ObjectEvent(kind, ref)
+    return ObjectEvent(kind, ref, order.timed)

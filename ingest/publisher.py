@@ -15,6 +15,8 @@ from bucketlens.keys import EMBED_TASK, Keys
 from bucketlens.schemas import ObjectRef, ResultEntry
 from bucketlens.settings import Settings
 
+from .errors import NoGeneration
+
 log = logging.getLogger(__name__)
 
 
@@ -29,9 +31,14 @@ class Publisher:
         self.celery.conf.update(celery_config(settings))
 
     def generations(self) -> list[int]:
-        """Generations that must receive live events: the serving one and, during a rebuild, the shadow."""
+        """Generations that must receive live events: the serving one and, during a rebuild, the shadow.
+
+        Never guessed: a task tagged with a generation nobody merges would be embedded and then dropped."""
         found = sorted(int(g) for g in self.redis.hkeys(self.keys.generations))
-        return found or [1]
+        if not found:
+            raise NoGeneration("no index generation is registered in Redis: the index service has not started, "
+                               "or Redis lost its data and the index service has not noticed yet")
+        return found
 
     def send_embeds(self, refs: Iterable[ObjectRef], queue: str | None = None) -> int:
         """Queue embed tasks of at most ``batch_size`` references; returns the number of tasks sent.

@@ -1,7 +1,11 @@
 """The webhook receiver: ``POST /events`` from MinIO, Ceph RGW or any S3-style notifier.
 
 Answers 2xx only once every created object is in the broker and every delete is in the result stream;
-otherwise 503, so the S3 server delivers the event again. Repeated notifications are suppressed.
+otherwise 503, so the S3 server delivers the event again; also 503 while Redis is near its ``maxmemory``, so a
+burst never fills Redis past the room the workers' results need to drain it. Repeated notifications are
+suppressed. An event whose time-based order lies beyond now + the tolerated clock skew is acknowledged and
+dropped (counted as ``future``): applied, it would outrank every real event for its object; reconcile settles
+that object from the listing.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import HTTPError, http_error_handler, read_limited
+from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, read_limited
 from bucketlens.keys import Keys
+from bucketlens.openapi import route as openapi_route
+from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 
 from .batcher import Batcher
-from .errors import BadEvent
+from .errors import BadEvent, NoGeneration
 from .events import ObjectEvent, parse_body
+from .openapi import OPENAPI
 from .publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,7 @@ class Receiver:
         self.publisher = Publisher(settings, client)
         self.batcher = Batcher(self._flush_created, settings.batch_window_ms / 1000, settings.batch_size)
         self._redis_down_logged = False
+        self._near_full_logged = False
 
     async def _flush_created(self, refs: Sequence[ObjectRef]) -> None:
         await run_in_threadpool(self.publisher.send_embeds, refs)
@@ -63,6 +71,25 @@ class Receiver:
             pipe.set(self.keys.dedup(_digest(event)), b"1", ex=self.settings.dedup_ttl_s)
         pipe.execute()
 
+    def _room_left(self) -> None:
+        """Refuse (503) above ``ingest_max_memory_fraction`` of Redis's ``maxmemory``: with ``noeviction`` a full
+        Redis refuses every write, the workers' results included, and the queue could not drain. The S3 server
+        keeps the refused events and delivers them again."""
+        info = self.redis.info("memory")
+        limit = int(info.get("maxmemory", 0))
+        used = int(info["used_memory"])
+        if limit and used >= limit * self.settings.ingest_max_memory_fraction:
+            if not self._near_full_logged:
+                log.warning("Redis holds %d of its %d bytes (maxmemory): answering 503 until the queue drains",
+                            used, limit)
+                self._near_full_logged = True
+            self.redis.hincrby(self.keys.counters, "refused_near_full", 1)
+            raise HTTPError(503, "redis_near_full", f"Redis is near its memory limit ({used} of {limit} bytes); "
+                            "deliver the event again later")
+        if self._near_full_logged:
+            log.info("Redis has room again (%d of %d bytes)", used, limit)
+            self._near_full_logged = False
+
     def _note_canaries(self, events: list[ObjectEvent]) -> None:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
@@ -81,12 +108,23 @@ class Receiver:
             raise HTTPError(400, "bad_event", str(exc)) from exc
         reserved = [e for e in parsed.events if e.ref.key.startswith(self.settings.reserved_prefix)]
         events = [e for e in parsed.events if not e.ref.key.startswith(self.settings.reserved_prefix)]
+        now = time.time_ns()
+        future = [e for e in events if beyond_clock_skew(e.order, now)]
+        if future:
+            events = [e for e in events if not beyond_clock_skew(e.order, now)]
+            log.warning("dropped %d events whose order is more than %d s ahead of this clock (forged, or the S3 "
+                        "server's clock is wrong), e.g. %s; a reconcile settles those objects", len(future),
+                        MAX_CLOCK_SKEW_NS // 1_000_000_000, future[0].ref.object_id)
         try:
+            if events:
+                await run_in_threadpool(self._room_left)
             generations = await run_in_threadpool(self.publisher.generations)
             fresh, duplicates = await run_in_threadpool(self._unseen, events)
         except redis.RedisError as exc:
             self._log_redis_down(exc)
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
+        except NoGeneration as exc:
+            raise HTTPError(503, "no_generation", f"{exc}; deliver the event again") from exc
         created = [_tag(e.ref, g) for e in fresh if e.kind == "created" for g in generations]
         removed = [_tag(e.ref, g) for e in fresh if e.kind == "removed" for g in generations]
         try:
@@ -94,7 +132,7 @@ class Receiver:
                 await run_in_threadpool(self.publisher.write_deletes, removed)
             await self.batcher.submit(created)
             await run_in_threadpool(self._mark_seen, fresh)
-            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), reserved)
+            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), len(future), reserved)
         except Exception as exc:  # broker or Redis down: nothing was acknowledged, the S3 server retries
             self._log_redis_down(exc)
             raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
@@ -102,14 +140,15 @@ class Receiver:
             log.info("Redis reachable again")
             self._redis_down_logged = False
         return JSONResponse(
-            {"accepted": len(fresh), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved)},
+            {"accepted": len(fresh), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved),
+             "future": len(future)},
             status_code=200,
         )
 
-    def _record(self, ignored: int, duplicates: int, accepted: int, reserved: list[ObjectEvent]) -> None:
+    def _record(self, ignored: int, duplicates: int, accepted: int, future: int, reserved: list[ObjectEvent]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for name, value in (("received", accepted + duplicates + ignored), ("ignored", ignored),
-                            ("duplicated", duplicates), ("accepted", accepted)):
+        for name, value in (("received", accepted + duplicates + ignored + future), ("ignored", ignored),
+                            ("duplicated", duplicates), ("accepted", accepted), ("future", future)):
             if value:
                 pipe.hincrby(self.keys.counters, name, value)
         pipe.execute()
@@ -151,7 +190,7 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"ok": True})
 
     return Starlette(
-        routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz)],
-        exception_handlers={HTTPError: http_error_handler},
+        routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz), openapi_route(OPENAPI)],
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

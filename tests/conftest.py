@@ -30,8 +30,9 @@ def stack() -> Iterator[Stack]:
     """The real local stack. Set BUCKETLENS_TEST_HOME to keep and reuse one between runs (faster locally)."""
     keep = os.environ.get("BUCKETLENS_TEST_HOME")
     home = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bucketlens-test-"))
-    # The delivery watchdog runs fast here: tests/test_faults.py stalls the topic and waits for the heal.
-    settings = Settings(home=home, namespace="t", bucket="test-images", visibility_timeout_s=60, batch_window_ms=30,
+    # The delivery watchdog runs fast here: tests/test_faults.py stalls the topic and waits for the heal. Worker
+    # deaths are healed with the default timings (visibility timeout included): that is what the fault tests prove.
+    settings = Settings(home=home, namespace="t", bucket="test-images", batch_window_ms=30,
                         ingest_port=0, api_port=0, canary_interval_s=5, canary_timeout_s=20)
     with running(settings, keep=bool(keep)) as stack:
         yield stack

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import time
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -11,6 +13,8 @@ import httpx
 from PIL import Image
 
 from infra.samples import augment, skimage_data
+
+FIXTURES = Path(__file__).parent / "fixtures" / "events"
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2, what: str = "") -> Any:
@@ -41,3 +45,14 @@ def photo(name: str, transform: bool = False) -> bytes:
 def truncated_jpeg() -> bytes:
     data = photo("coffee.png")
     return data[: len(data) // 3]
+
+
+def ceph_event(name: str, seconds: int, **object_fields: str | int) -> str:
+    """A Ceph RGW fixture (``FIXTURES``) whose sequencer, a little-endian utime_t, says ``seconds`` since the
+    epoch; ``bucket`` and any ``s3.object`` field (key, eTag, size) can be replaced."""
+    body = json.loads((FIXTURES / name).read_bytes())
+    s3 = body["Records"][0]["s3"]
+    if "bucket" in object_fields:
+        s3["bucket"]["name"] = object_fields.pop("bucket")
+    s3["object"].update(object_fields, sequencer=(seconds.to_bytes(4, "little") + bytes(4)).hex().upper())
+    return json.dumps(body)

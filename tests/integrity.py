@@ -212,10 +212,10 @@ def wait_all_indexed(api: httpx.Client, bucket: str, etags: dict[str, str], time
 
 def assert_index_matches_bucket(stack: Stack, s3: Any, api: httpx.Client, prefix: str, bodies: dict[str, bytes],
                                 recorder: StreamRecorder | None = None, bad: Iterable[str] = (),
-                                timeout_s: float = 300) -> dict[str, Any]:
+                                timeout_s: float = 300, bucket: str | None = None) -> dict[str, Any]:
     """The index holds exactly the bucket's images under ``prefix`` (see the module docstring); returns counts
-    and the time it took to get there."""
-    bucket = stack.settings.bucket
+    and the time it took to get there. ``bucket``: another than the stack's."""
+    bucket = bucket or stack.settings.bucket
     bad = set(bad)
     listed = listing(s3, bucket, prefix)
     assert set(listed) == set(bodies), f"bucket listing differs from the uploads: {set(listed) ^ set(bodies)}"

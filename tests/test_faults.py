@@ -12,21 +12,29 @@ Per-fault counts and recovery times are printed (``-s``) and saved in ``tests/ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
-from bucketlens.redis_client import connect
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect, text
 from bucketlens.schemas import ObjectRef
-from infra.stack import Stack
+from bucketlens.settings import Settings
+from infra.stack import Stack, free_port
 from ingest.publisher import Publisher
 
 from .helpers import object_state, wait_for
@@ -36,8 +44,10 @@ from .integrity import (
     assert_index_matches_bucket,
     failures_under,
     image_set,
+    listing,
     patient_s3,
     record_outcome,
+    reference_vectors,
 )
 from .proxy import SlowBodyProxy
 
@@ -88,10 +98,11 @@ def busy_worker(api: httpx.Client, timeout_s: float = 60) -> dict[str, Any]:
     return found[0]  # type: ignore[no-any-return]
 
 
-def start_worker(stack: Stack, log_name: str, **env: str) -> subprocess.Popen[bytes]:
-    """Another ``bucketlens worker`` process on the stack's queues (its own session, so killpg reaches it all)."""
+def start_worker(stack: Stack, log_name: str, command: str = "worker", **env: str) -> subprocess.Popen[bytes]:
+    """Another ``bucketlens worker`` (or ``command``) process on the stack's settings, changed by ``env`` (its own
+    session, so killpg reaches it all)."""
     log = open(stack.home / "logs" / log_name, "ab")
-    process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", "worker"],
+    process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", command],
                                env={**os.environ, **stack.settings.to_env(), **env}, stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
@@ -110,6 +121,27 @@ def stop_worker(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> 
 
 def unacked(api: httpx.Client) -> int:
     return int(api.get("/queues").json()["unacked"])
+
+
+def held(stack: Stack, main_pid: int) -> set[str]:
+    """The delivery tags a worker's main process says it holds (its record outlives it by up to HEARTBEAT_TTL_S)."""
+    raw = connect(stack.settings.redis_url).get(Keys(stack.settings.namespace).consumer(f"{socket.gethostname()}:"
+                                                                                         f"{main_pid}"))
+    return set(json.loads(raw)["deliveries"]) if raw else set()
+
+
+def restored_tags(logs: LogWindow) -> set[str]:
+    """Delivery tags the index service handed back to the queue (index_service/redelivery.py logs them)."""
+    return {tag for line in logs.lines("api") if "handed" in line and "delivery tags:" in line
+            for tag in line.split("delivery tags:", 1)[1].split()}
+
+
+def wait_restored(api: httpx.Client, before: int) -> float:
+    """Seconds until the index service handed a dead worker's tasks back (the tasks_restored counter moved)."""
+    started = time.monotonic()
+    wait_for(lambda: counter(api, "tasks_restored") > before, 120, interval_s=0.5,
+             what="the dead worker's tasks handed back to the queue")
+    return time.monotonic() - started
 
 
 def counter(api: httpx.Client, name: str) -> int:
@@ -135,8 +167,9 @@ class LogWindow:
 # -- 1. a worker killed mid-batch -----------------------------------------------------------------------------
 
 def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    """With the default visibility timeout (600 s): the dead worker's tasks come back long before it expires."""
     bodies = image_set(unique_prefix, UPLOADS)
-    orphans = counter(api, "orphans_resent")
+    orphans, restored = counter(api, "orphans_resent"), counter(api, "tasks_restored")
     recorder = StreamRecorder(stack, unique_prefix)
     recorder.start()
     with supervisor_paused(stack):
@@ -145,15 +178,22 @@ def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx
         uploader.wait_uploaded(UPLOADS // 3)
         busy_worker(api)
         stack.stop_service("worker", kill=True)  # SIGKILL to the process group: main process and pool child
+        killed_at = time.monotonic()
         in_flight = unacked(api)
         time.sleep(3)
         stack.start_service("worker")
         restarted = time.monotonic()
+        seconds_to_restored = wait_restored(api, restored) + restarted - killed_at
         uploader.finish()
         outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
     recorder.stop()
+    assert stack.settings.visibility_timeout_s == 600  # the default: no shortcut for the test
     assert in_flight >= 1, "the kill did not leave an unacknowledged task behind"
+    report = api.get("/queues").json()
+    assert report["unacked_dead"] == 0, report
     record_outcome("worker_killed_mid_batch", {**outcome, "unacked_tasks_at_kill": in_flight,
+                                               "tasks_restored": counter(api, "tasks_restored") - restored,
+                                               "seconds_kill_to_tasks_restored": round(seconds_to_restored, 1),
                                                "lost_tasks_resent": counter(api, "orphans_resent") - orphans,
                                                "seconds_restart_to_all_indexed": round(time.monotonic() - restarted)})
 
@@ -163,10 +203,12 @@ def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx
 def test_one_of_two_workers_killed_the_other_finishes(
     stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
 ) -> None:
+    """The dead worker's tasks come back within seconds; the survivor's tasks, however long they run, never do."""
     bodies = image_set(unique_prefix, UPLOADS)
-    orphans = counter(api, "orphans_resent")
+    orphans, restored = counter(api, "orphans_resent"), counter(api, "tasks_restored")
     recorder = StreamRecorder(stack, unique_prefix)
     recorder.start()
+    logs = LogWindow(stack, ("api",))
     second = start_worker(stack, "worker-second.log")
     try:
         with supervisor_paused(stack):
@@ -176,10 +218,16 @@ def test_one_of_two_workers_killed_the_other_finishes(
             uploader.wait_uploaded(UPLOADS // 3)
             victim = busy_worker(api)
             group = os.getpgid(victim["pid"])  # the pool child's group: its worker's main process
+            survivor = stack.pid("worker") if group == second.pid else second.pid
+            assert survivor is not None
             os.killpg(group, signal.SIGKILL)
             killed = "second" if group == second.pid else "stack"
             killed_at = time.monotonic()
             in_flight = unacked(api)
+            # Tasks a restore may hand back: what was unacknowledged at the kill and the survivor did not hold.
+            at_kill = {text(tag) for tag in connect(stack.settings.redis_url).hkeys(
+                f"{stack.settings.namespace}:celery:unacked")} - held(stack, survivor)
+            seconds_to_restored = wait_restored(api, restored)
             uploader.finish()
             outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
             if killed == "stack":
@@ -188,7 +236,12 @@ def test_one_of_two_workers_killed_the_other_finishes(
         stop_worker(second)
     recorder.stop()
     assert in_flight >= 1, "the kill did not leave an unacknowledged task behind"
+    handed_back = restored_tags(logs)
+    assert handed_back and handed_back <= at_kill, ("restored a task the survivor held or took later",
+                                                    handed_back - at_kill)
     record_outcome("one_of_two_workers_killed", {**outcome, "killed": killed, "unacked_tasks_at_kill": in_flight,
+                                                 "tasks_restored": len(handed_back),
+                                                 "seconds_kill_to_tasks_restored": round(seconds_to_restored, 1),
                                                  "lost_tasks_resent": counter(api, "orphans_resent") - orphans,
                                                  "seconds_kill_to_all_indexed": round(time.monotonic() - killed_at)})
 
@@ -407,6 +460,214 @@ def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
         **outcome, "failures": {k.removeprefix(unique_prefix): settled[k]["reason"] for k in slow},
         "fetch_timeout_s": timeout_s, "batch": lines[0].split("batch: ", 1)[1],
         "seconds_worker_start_to_settled": round(took, 1), "held_back_requests": len(proxy.held)})
+
+
+# -- 8. Redis loses its data ----------------------------------------------------------------------------------
+
+def lose_redis_data(stack: Stack) -> None:
+    """Redis comes back empty: killed, its AOF and RDB files gone (a disk lost, a failover to an empty replica)."""
+    stack.stop_redis(kill=True)
+    folder = stack.home / "redis"
+    for path in folder.iterdir():
+        if path.name != "redis.conf":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    stack.start_redis()
+
+
+def test_redis_losing_its_data_keeps_serving_and_a_reconcile_brings_everything_back(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    before = image_set(unique_prefix + "before-", 30)
+    during = image_set(unique_prefix + "during-", UPLOADS)
+    uploads = patient_s3(stack)
+    for key, body in before.items():
+        uploads.put_object(Bucket=stack.settings.bucket, Key=key, Body=body)
+    assert_index_matches_bucket(stack, s3, api, unique_prefix + "before-", before)
+    stats = api.get("/stats").json()
+    probe = reference_vectors(stack, dict([next(iter(before.items()))]))
+    logs = LogWindow(stack, ("api", "ingest", "worker"))
+    # The supervisor keeps running, as on the local stack: a worker that holds a task when Redis goes away can die
+    # of it (kombu 5.7.0 raises AttributeError while restoring its unacked tasks at close: README, "Redis losing its
+    # data"), and the supervisor restarts it, as compose's restart policy would.
+    try:
+        uploader = Uploader(stack, during, RATE)
+        uploader.start()
+        uploader.wait_uploaded(UPLOADS // 3)
+        lose_redis_data(stack)
+        lost_at = time.monotonic()
+        # Served from memory meanwhile: the same vectors, the same answers.
+        (vector,) = probe.values()
+        hits = api.post("/search", json={"vector": vector.tolist(), "k": 1}).json()["results"]
+        served = api.get("/stats").json()
+        wait_for(lambda: counter(api, "redis_data_lost") >= 1, 60, what="the index service noticing the loss")
+        noticed = time.monotonic() - lost_at
+        uploader.finish()
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix + "during-", during)
+        assert_index_matches_bucket(stack, s3, api, unique_prefix + "before-", before)
+    finally:
+        restore(stack)
+    assert hits[0]["key"] == next(iter(before)) and hits[0]["score"] > 0.999
+    assert served["vectors"] >= stats["vectors"] and served["generation"] == stats["generation"]
+    generations = connect(stack.settings.redis_url).hgetall(f"{stack.settings.namespace}:generations")
+    assert generations == {str(stats["generation"]).encode(): stats["model"].encode()}, generations
+    assert all((object_state(api, stack.settings.bucket, k) or {}).get("generation") == stats["generation"]
+               for k in during)
+    assert logs.count("api", "Redis lost its data") == 1
+    record_outcome("redis_lost_its_data", {
+        **outcome, "seconds_loss_to_noticed": round(noticed, 1),
+        "events_refused_no_generation": logs.count("ingest", "no_generation"),
+        "worker_crashes_restarted": logs.count("worker", "Unrecoverable error"),
+        "seconds_loss_to_all_indexed": round(time.monotonic() - lost_at)})
+
+
+# -- 9. snapshots and Redis both lost -------------------------------------------------------------------------
+
+def test_snapshots_and_redis_both_lost_reembed_the_bucket_or_restore_the_s3_copy(stack: Stack, s3: Any) -> None:
+    """An index service of its own (namespace, bucket, no notifications) starts with nothing at all: no snapshot
+    and no data in Redis. It re-embeds the bucket by itself, /readyz saying so until done; it keeps snapshots in
+    the bucket too (SNAPSHOT_S3=1), so after losing its folder and its Redis data again it restores from there."""
+    name, bucket, bodies = own_bucket(s3, "restore", 24)
+    env, api = own_service(name, bucket, BUCKETLENS_SNAPSHOT_S3="1")
+    service = start_worker(stack, f"api-{name}.log", "serve", **env)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        # No worker yet: the reembed cannot finish, so /readyz is seen saying why.
+        waiting = wait_for(lambda: (r := _readyz(api)) and "re-embedding the bucket (0 of 24" in r.get("reason", "")
+                           and r, 300, interval_s=0.5, what="/readyz reporting the restore")
+        worker = start_worker(stack, f"worker-{name}.log", **env)
+        wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="the restored index ready")
+        restored = api.get("/stats").json()
+        outcome = assert_index_matches_bucket(stack, s3, api, f"{name}/", bodies, bucket=bucket)
+        copies = listing(s3, bucket, stack.settings.reserved_prefix + "snapshots/")
+        assert copies, "no snapshot copy in the bucket"
+
+        stop_worker(service, signal.SIGKILL)
+        wipe_namespace(stack, name)
+        shutil.rmtree(stack.home / "snapshots" / name)
+        service = start_worker(stack, f"api-{name}.log", "serve", **env)
+        wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="ready from the S3 snapshot copy")
+        again = api.get("/stats").json()
+        assert_index_matches_bucket(stack, s3, api, f"{name}/", bodies, bucket=bucket)
+    finally:
+        for process in (service, worker):
+            if process is not None:
+                stop_worker(process)
+        api.close()
+    assert waiting["ready"] is False and "no snapshot and no data in Redis" in waiting["reason"], waiting
+    assert restored["vectors"] == len(bodies) and restored["generation"] == 2  # generation 1 was the empty one
+    assert again["vectors"] == len(bodies) and again["generation"] == restored["generation"]
+    assert again["last_snapshot"]["name"].startswith(stack.settings.reserved_prefix), again["last_snapshot"]
+    record_outcome("snapshots_and_redis_lost", {**outcome, "snapshot_copies_in_bucket": len(copies)})
+
+
+def own_bucket(s3: Any, kind: str, count: int) -> tuple[str, str, dict[str, bytes]]:
+    """A namespace name, a bucket of its own (no notifications) and ``count`` images uploaded to it."""
+    name = f"{kind[0]}{uuid.uuid4().hex[:8]}"
+    bucket = f"{kind}-{name}"
+    s3.create_bucket(Bucket=bucket)
+    bodies = image_set(f"{name}/", count)
+    for key, body in bodies.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return name, bucket, bodies
+
+
+def own_service(name: str, bucket: str, **env: str) -> tuple[dict[str, str], httpx.Client]:
+    """The environment of an index service (and workers) of its own, and a client for its API."""
+    port = free_port()
+    env = {"BUCKETLENS_NAMESPACE": name, "BUCKETLENS_BUCKET": bucket, "BUCKETLENS_API_PORT": str(port), **env}
+    return env, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+
+def _readyz(api: httpx.Client) -> dict[str, Any]:
+    try:
+        return api.get("/readyz", timeout=5).json()  # type: ignore[no-any-return]
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def wipe_namespace(stack: Stack, namespace: str) -> None:
+    """Every Redis key of one namespace deleted: what a fresh Redis looks like to the services using it."""
+    redis = connect(stack.settings.redis_url)
+    for key in redis.scan_iter(match=f"{namespace}:*", count=1000):
+        redis.delete(key)
+
+
+# -- 10. the snapshot folder full or read-only ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def disk_trouble(folder: Path, trouble: str) -> Iterator[None]:
+    """``folder`` full (a 16 KB tmpfs: a snapshot of a dozen vectors needs ~70 KB) or read-only (a read-only bind
+    mount of itself); chmod would not do: the tests run as root."""
+    if trouble == "full":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)], check=True)
+    else:
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("trouble", ["full", "read_only"])
+def test_snapshot_folder_full_or_read_only_keeps_serving_and_merging(stack: Stack, s3: Any, trouble: str) -> None:
+    name, bucket, bodies = own_bucket(s3, "disk", 12)
+    folder = stack.home / "snapshots" / name
+    folder.mkdir(parents=True)
+    env, api = own_service(name, bucket, BUCKETLENS_SNAPSHOT_EVERY_S="1", BUCKETLENS_SNAPSHOT_FAILURE_GRACE_S="5")
+    settings = dataclasses.replace(stack.settings, namespace=name, bucket=bucket)
+    redis = connect(stack.settings.redis_url)
+    logs = LogWindow(stack, (f"api-{name}",))
+    processes = [start_worker(stack, f"worker-{name}.log", **env)]
+    try:
+        with disk_trouble(folder, trouble):
+            processes.append(start_worker(stack, f"api-{name}.log", "serve", **env))
+            # It re-embeds the bucket (nothing to start from), then cannot snapshot the result.
+            failing = wait_for(lambda: "snapshots failing" in (r := _readyz(api)).get("reason", "") and r, 300,
+                               interval_s=1, what="/readyz saying snapshots fail")
+            assert_index_matches_bucket(stack, s3, api, f"{name}/", bodies, bucket=bucket)  # serving
+            more = send_more(s3, settings, api, image_set(f"{name}/more-", 4))  # merging
+            outcome = assert_index_matches_bucket(stack, s3, api, f"{name}/", {**bodies, **more}, bucket=bucket)
+            stats = api.get("/stats").json()
+            metrics = api.get("/metrics").text
+            untrimmed = redis.xlen(f"{name}:results")
+            left_behind = sorted(p.name for p in folder.iterdir())
+        # The disk is back: the next merge snapshots, trims the stream, and /readyz is ready again.
+        more.update(send_more(s3, settings, api, image_set(f"{name}/after-", 2)))
+        wait_for(lambda: _readyz(api).get("ready"), 120, interval_s=1, what="ready once snapshots are written")
+        trimmed = redis.xlen(f"{name}:results")
+        written = sorted(p.name for p in folder.iterdir())
+        stop_worker(processes.pop(), signal.SIGKILL)
+        processes.append(start_worker(stack, f"api-{name}.log", "serve", **env))
+        wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="ready after a restart")
+        assert_index_matches_bucket(stack, s3, api, f"{name}/", {**bodies, **more}, bucket=bucket)
+        reloaded = api.get("/stats").json()
+    finally:
+        for process in processes:
+            stop_worker(process)
+        api.close()
+    assert failing["ready"] is False and ("No space" if trouble == "full" else "Read-only") in failing["reason"]
+    assert stats["snapshot_failures"]["failures"] >= 1 and stats["last_snapshot"] is None, stats
+    assert re.search(r"^bucketlens_snapshot_failures_total [1-9]", metrics, re.MULTILINE), metrics[:500]
+    assert untrimmed == stats["applied_entries"], (untrimmed, stats["applied_entries"])  # nothing trimmed
+    assert left_behind == [], left_behind  # no partial snapshot, not even a temporary file
+    assert len(written) >= 1 and trimmed < untrimmed
+    assert reloaded["last_snapshot"]["name"] in written and reloaded["vectors"] == len(bodies) + len(more)
+    assert logs.count(f"api-{name}", "ERROR .*snapshot failed, serving and merging go on") == 1
+    record_outcome(f"snapshot_folder_{trouble}", {**outcome, "snapshot_failures": stats["snapshot_failures"],
+                                                  "stream_entries_kept_untrimmed": untrimmed})
+
+
+def send_more(s3: Any, settings: Settings, api: httpx.Client, bodies: dict[str, bytes]) -> dict[str, bytes]:
+    """Upload to a bucket without notifications and queue the objects as ingest would: tasks for the serving
+    generation."""
+    generation = api.get("/stats").json()["generation"]
+    refs = [ObjectRef(settings.bucket, key, s3.put_object(Bucket=settings.bucket, Key=key, Body=body)["ETag"]
+                      .strip('"'), generation=generation) for key, body in bodies.items()]
+    publisher = Publisher(settings, connect(settings.redis_url))
+    publisher.send_embeds(refs)
+    publisher.close()
+    return bodies
 
 
 # ---- Milvus backend (issue 10) ------------------------------------------------------------------------------------

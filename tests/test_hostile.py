@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +27,7 @@ from PIL import Image
 
 from infra.stack import Stack
 
-from .helpers import object_state, wait_for
+from .helpers import ceph_event, object_state, photo, wait_for
 from .integrity import ARTIFACTS, failures_under, patient_s3, reference_vectors
 
 pytestmark = pytest.mark.slow
@@ -387,3 +389,45 @@ def test_malformed_searches_get_a_4xx_json_error(stack: Stack, api: httpx.Client
         assert response.status_code == status and "error" in response.json(), (path, body, response.text[:200])
     assert api.get("/failures", params={"offset": "1e400"}).status_code == 400
     assert api.get("/healthz").status_code == 200  # and the service still answers
+
+
+def test_an_event_from_the_future_cannot_hide_an_object_and_reconcile_settles_it(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """A forged (or clock-skewed) Ceph event an hour ahead is acknowledged and dropped: a delete does not hide an
+    indexed object, a create is left to reconcile (here in a bucket without notifications, so that nothing else
+    brings the object in)."""
+    ingest = httpx.Client(base_url=stack.ingest_url, params={"token": stack.settings.webhook_token}, timeout=30)
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    ahead = int(time.time()) + 3600
+    bucket, key = stack.settings.bucket, unique_prefix + "kept.jpg"
+    s3.put_object(Bucket=bucket, Key=key, Body=photo("astronaut.png"))
+    indexed = wait_for(lambda: (o := object_state(api, bucket, key)) and o["state"] == "indexed" and o, 120,
+                       what="the uploaded photo indexed")
+    quiet = f"quiet-{unique_prefix.strip('/')}"
+    s3.create_bucket(Bucket=quiet)
+    etag = s3.put_object(Bucket=quiet, Key="hidden.jpg", Body=photo("coffee.png"))["ETag"].strip('"')
+    future_before = _events(api).get("future", 0)
+
+    forged_delete = ingest.post("/events", content=ceph_event("ceph_delete.json", ahead, bucket=bucket, key=key))
+    forged_create = ingest.post("/events", content=ceph_event("ceph_put.json", ahead, bucket=quiet, key="hidden.jpg",
+                                                              eTag=etag))
+    for response in (forged_delete, forged_create):
+        assert response.status_code == 200 and response.json()["future"] == 1, response.text
+    assert object_state(api, quiet, "hidden.jpg") is None  # not queued, not pending: nothing applied
+    assert _events(api).get("future", 0) == future_before + 2
+    counted = re.search(r'^bucketlens_events_total\{outcome="future"\} (\S+)$', api.get("/metrics").text, re.MULTILINE)
+    assert counted and float(counted.group(1)) == future_before + 2
+
+    reconciled = api.post("/reconcile", json={"bucket": quiet}, headers=admin)
+    assert reconciled.status_code == 200 and reconciled.json()["missing"] == 1, reconciled.text
+    settled = wait_for(lambda: (o := object_state(api, quiet, "hidden.jpg")) and o["state"] == "indexed" and o, 120,
+                       what="the object of the dropped create, indexed by the reconcile")
+    assert settled["etag"] == etag and int(settled["order"]) < ahead * 10**9  # the listing's order, not the forged
+    # Merged after the forged delete would have been: the photo is still indexed, with its own order.
+    assert object_state(api, bucket, key) == indexed
+    ingest.close()
+
+
+def _events(api: httpx.Client) -> dict[str, int]:
+    return api.get("/queues").json()["events"]  # type: ignore[no-any-return]

@@ -22,7 +22,7 @@ FAMILIES = {
     "bucketlens_pending_objects", "bucketlens_events_received", "bucketlens_events", "bucketlens_embeddings",
     "bucketlens_failures", "bucketlens_failure_records", "bucketlens_stage_seconds", "bucketlens_merged_entries",
     "bucketlens_index_vectors", "bucketlens_index_generation", "bucketlens_search_seconds", "bucketlens_workers",
-    "bucketlens_redis_up",
+    "bucketlens_redis_up", "bucketlens_unacked_dead_tasks", "bucketlens_tasks_restored", "bucketlens_lost_tasks_resent",
 }
 
 
@@ -95,7 +95,8 @@ class StandIn:
 
     def stats(self) -> dict[str, Any]:
         return {"vectors": 0, "model": "m", "dim": 4, "index_type": "Flat", "generation": 1, "applied_entries": 0,
-                "last_snapshot": {"time": 1.0}}
+                "writer": True,
+                "last_snapshot": {"time": 1.0}, "snapshot_failures": {"failures": 0, "failing_s": 0.0, "error": ""}}
 
 
 def parse(text: bytes) -> dict[str, float]:
@@ -112,6 +113,7 @@ def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: 
     assert one["bucketlens_redis_up[]"] == 1 and one["bucketlens_embeddings_total[]"] == 0
     assert all(v == 0 for k, v in one.items() if k.startswith("bucketlens_queue_depth"))
     assert one["bucketlens_snapshot_age_seconds[]"] > 0
+    assert one["bucketlens_snapshot_failures_total[]"] == 0 and one["bucketlens_snapshot_failing_seconds[]"] == 0
 
 
 def test_redis_down_gives_redis_up_zero_and_the_index_metrics_not_an_error() -> None:

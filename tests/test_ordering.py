@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 
-from bucketlens.ordering import ceph_sequencer_order, event_order, hex_sequencer_order, time_order
+from bucketlens.ordering import (
+    MAX_CLOCK_SKEW_NS,
+    EventOrder,
+    beyond_clock_skew,
+    ceph_sequencer_order,
+    event_order,
+    hex_sequencer_order,
+    time_order,
+)
 
 
 def test_ceph_sequencer_example_from_design() -> None:
@@ -28,9 +36,23 @@ def test_hex_sequencers_compare_as_left_padded_integers() -> None:
 
 
 def test_event_order_falls_back_to_event_time() -> None:
-    assert event_order("minio:s3", "", "2026-11-29T01:35:25.5Z") == time_order("2026-11-29T01:35:25.5Z")
-    assert event_order("ceph:s3", "nothex", "2026-11-29T01:35:25Z") == time_order("2026-11-29T01:35:25Z")
-    assert event_order("aws:s3", "", "") == 0
+    assert event_order("minio:s3", "", "2026-11-29T01:35:25.5Z") == (time_order("2026-11-29T01:35:25.5Z"), True)
+    assert event_order("ceph:s3", "nothex", "2026-11-29T01:35:25Z") == (time_order("2026-11-29T01:35:25Z"), True)
+    assert event_order("aws:s3", "", "") == (0, False)
+
+
+def test_only_time_based_orders_are_timed() -> None:
+    assert event_order("ceph:s3", "5D810B6B61CD2E06", "").timed
+    assert not event_order("aws:s3", "0055AED6DCD90281E5", "2026-11-29T01:35:25Z").timed  # opaque, time ignored
+    assert not event_order("minio:s3", "1879B0FBA6D2E3F4", "").timed
+
+
+def test_a_timed_order_beyond_the_clock_skew_is_from_the_future() -> None:
+    now = time_order("2026-11-30T12:00:00Z")
+    assert not beyond_clock_skew(EventOrder(now + MAX_CLOCK_SKEW_NS, timed=True), now)  # skew tolerated
+    assert beyond_clock_skew(EventOrder(now + MAX_CLOCK_SKEW_NS + 1, timed=True), now)
+    assert not beyond_clock_skew(EventOrder(now - 10**18, timed=True), now)  # the past is never refused
+    assert not beyond_clock_skew(EventOrder(2**64, timed=False), now)  # an opaque sequencer cannot be judged
 
 
 def test_time_order_accepts_datetimes_and_strings() -> None:

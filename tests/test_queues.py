@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-from bucketlens.keys import EMBED_TASK, Keys
+from bucketlens.keys import EMBED_TASK, HEARTBEAT_TTL_S, Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
 from index_service.queues import queue_report
 from infra.stack import Stack
 from ingest.publisher import Publisher
-from workers.heartbeat import TTL_S
 
 from .helpers import wait_for
 
@@ -53,7 +52,7 @@ def test_live_workers_include_the_stacks_worker_with_a_recent_heartbeat(stack: S
     redis = connect(stack.settings.redis_url)
     workers = wait_for(lambda: queue_report(redis, keys)["workers"], 30, what="a worker heartbeat")
     worker = workers[0]
-    assert worker["state"] in ("idle", "busy") and 0 <= worker["age_s"] < TTL_S
+    assert worker["state"] in ("idle", "busy") and 0 <= worker["age_s"] < HEARTBEAT_TTL_S
     assert worker["pid"] > 0 and worker["hostname"] and worker["model"] == stack.settings.model
     assert worker["started"] <= worker["last_seen"]
     assert queue_report(redis, keys)["canary"]["age_s"] is not None  # the stack waited for a canary at start

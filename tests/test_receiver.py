@@ -6,11 +6,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import redis
 from starlette.testclient import TestClient
 
 from bucketlens.keys import Keys
@@ -21,12 +24,16 @@ from index_service.queues import queue_report
 from infra.stack import Stack, free_port
 from ingest.receiver import create_app
 
-FIXTURES = Path(__file__).parent / "fixtures" / "events"
+from .helpers import FIXTURES, ceph_event, wait_for
+from .integrity import record_outcome
 
 
 @pytest.fixture
 def settings(stack: Stack) -> Settings:
-    return dataclasses.replace(stack.settings, namespace=f"r{uuid.uuid4().hex[:8]}", webhook_token="secret")
+    settings = dataclasses.replace(stack.settings, namespace=f"r{uuid.uuid4().hex[:8]}", webhook_token="secret")
+    # What the index service does as it starts: ingest tags events with the generations registered here.
+    connect(settings.redis_url).hset(Keys(settings.namespace).generations, "1", settings.model)
+    return settings
 
 
 @pytest.fixture
@@ -42,7 +49,7 @@ def post(client: TestClient, name: str) -> dict[str, int]:
 
 
 def test_created_event_is_a_task_in_the_live_queue(client: TestClient, settings: Settings) -> None:
-    assert post(client, "minio_put.json") == {"accepted": 1, "duplicates": 0, "ignored": 0}
+    assert post(client, "minio_put.json") == {"accepted": 1, "duplicates": 0, "ignored": 0, "future": 0}
     keys = Keys(settings.namespace)
     redis = connect(settings.redis_url)
     report = queue_report(redis, keys)
@@ -60,7 +67,7 @@ def test_created_event_is_a_task_in_the_live_queue(client: TestClient, settings:
 
 def test_a_repeated_event_is_suppressed(client: TestClient, settings: Settings) -> None:
     post(client, "ceph_put.json")
-    assert post(client, "ceph_put.json") == {"accepted": 0, "duplicates": 1, "ignored": 0}
+    assert post(client, "ceph_put.json") == {"accepted": 0, "duplicates": 1, "ignored": 0, "future": 0}
     keys = Keys(settings.namespace)
     assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 1
 
@@ -87,3 +94,114 @@ def test_redis_down_answers_503_and_does_not_remember_the_event(settings: Settin
     assert response.json()["error"]["code"] == "redis_unavailable"
     with TestClient(create_app(settings)) as client:  # Redis back: the redelivered event is not a "duplicate"
         assert post(client, "ceph_put.json")["accepted"] == 1
+
+
+@pytest.mark.parametrize("name", ["ceph_put.json", "ceph_delete.json"])
+def test_an_event_from_beyond_the_clock_skew_is_acknowledged_and_not_applied(
+    client: TestClient, settings: Settings, name: str
+) -> None:
+    keys = Keys(settings.namespace)
+    redis = connect(settings.redis_url)
+    ahead = int(time.time()) + 3600  # an hour ahead: forged, or a wrong clock on the S3 server
+    response = client.post("/events?token=secret", content=ceph_event(name, ahead).encode())
+    assert response.status_code == 200, response.text  # acknowledged: the S3 server must not deliver it forever
+    assert response.json() == {"accepted": 0, "duplicates": 0, "ignored": 0, "future": 1}
+    report = queue_report(redis, keys)
+    assert report["queues"][keys.live_queue]["depth"] == 0 and report["stream"]["length"] == 0
+    assert report["pending_objects"] == 0  # nothing waits for it: reconcile settles the object from the listing
+    assert report["events"] == {"received": 1, "future": 1}
+
+    within = client.post("/events?token=secret", content=ceph_event(name, int(time.time()) + 120).encode())
+    assert within.json()["accepted"] == 1  # two minutes ahead is clock skew, tolerated
+
+
+def test_an_opaque_sequencer_cannot_be_judged_by_the_clock(client: TestClient) -> None:
+    body = json.loads((FIXTURES / "minio_put.json").read_bytes())
+    body["Records"][0]["s3"]["object"]["sequencer"] = "F" * 32  # far beyond any real MinIO sequencer
+    response = client.post("/events?token=secret", content=json.dumps(body).encode())
+    assert response.json()["accepted"] == 1 and response.json()["future"] == 0  # README, "Threat model"
+
+
+def test_no_registered_generation_answers_503_instead_of_guessing_one(stack: Stack) -> None:
+    """A fresh namespace is what Redis looks like after losing its data: no index service has registered the
+    generation to tag events with, so the S3 server must deliver the event again later."""
+    settings = dataclasses.replace(stack.settings, namespace=f"r{uuid.uuid4().hex[:8]}", webhook_token="secret")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/events?token=secret", content=(FIXTURES / "ceph_put.json").read_bytes())
+        assert response.status_code == 503 and response.json()["error"]["code"] == "no_generation", response.text
+        keys = Keys(settings.namespace)
+        assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 0
+        connect(settings.redis_url).hset(keys.generations, "7", settings.model)
+        assert post(client, "ceph_put.json")["accepted"] == 1  # delivered again once a generation is registered
+        message = json.loads(connect(settings.redis_url).lindex(keys.celery_prefix + keys.live_queue, 0))
+        (refs,), _, _ = json.loads(base64.b64decode(message["body"]))
+        assert ObjectRef.from_json(refs[0]).generation == 7
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of its own with a small ``maxmemory`` and ``noeviction``, as infra/redis.conf configures it."""
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for(lambda: _pings(url), 30, interval_s=0.05, what="a Redis of its own")
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(connect(url).ping())
+    except redis.RedisError:
+        return False
+
+
+def burst_body(start: int, count: int) -> bytes:
+    body = json.loads((FIXTURES / "ceph_put.json").read_bytes())
+    (record,) = body["Records"]
+    records = []
+    for i in range(start, start + count):
+        copy = json.loads(json.dumps(record))
+        copy["s3"]["object"].update(key=f"burst/{i:06d}.jpg", eTag=f"{i:032x}")
+        records.append(copy)
+    return json.dumps({"Records": records}).encode()
+
+
+def test_a_burst_is_refused_only_near_redis_maxmemory_and_every_accepted_event_is_queued(
+    stack: Stack, small_redis: str
+) -> None:
+    settings = dataclasses.replace(stack.settings, namespace="burst", webhook_token="secret", redis_url=small_redis)
+    keys = Keys(settings.namespace)
+    client = connect(small_redis)
+    client.hset(keys.generations, "1", settings.model)
+    baseline = int(client.info("memory")["used_memory"])
+    limit = baseline + 4 * 1024 * 1024
+    client.config_set("maxmemory", limit)
+    statuses: list[int] = []
+    accepted = 0
+    with TestClient(create_app(settings)) as app:
+        for start in range(0, 200_000, 100):  # 100 events a request, until ingest says no
+            response = app.post("/events?token=secret", content=burst_body(start, 100))
+            statuses.append(response.status_code)
+            if response.status_code != 200:
+                break
+            accepted += response.json()["accepted"]
+        used = int(client.info("memory")["used_memory"])
+        refused = response.json()["error"]
+        report = queue_report(client, keys)
+        client.config_set("maxmemory", limit * 2)  # room again (as when workers drain the queue)
+        again = app.post("/events?token=secret", content=burst_body(start, 100))
+    assert statuses[-1] == 503 and set(statuses[:-1]) == {200}, statuses
+    assert refused["code"] == "redis_near_full", refused
+    assert limit * settings.ingest_max_memory_fraction <= used < limit  # refused near the limit, never at it
+    assert report["pending_objects"] == accepted  # every accepted event is queued: Redis never refused a write
+    tasks = report["queues"][keys.live_queue]["depth"]
+    assert tasks * settings.batch_size >= accepted
+    assert again.status_code == 200 and again.json()["accepted"] == 100
+    per_object = (used - baseline) / accepted
+    record_outcome("ingest_burst_small_maxmemory", {
+        "maxmemory_bytes": limit, "accepted_before_503": accepted, "used_memory_at_503": used,
+        "redis_bytes_per_queued_object": round(per_object), "tasks": tasks}, file="burst-outcomes.json")

@@ -5,11 +5,22 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    task_received,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from bucketlens.celery_config import celery_config
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
 from bucketlens.settings import Settings
 
+from .heartbeat import Deliveries
 from .outages import log_outages_once
 from .pipeline import Pipeline
 from .tasks import register_tasks
@@ -46,6 +57,23 @@ def create_celery(settings: Settings) -> Celery:
     def leave(**_: object) -> None:
         if "pipeline" in resources:
             resources["pipeline"].heartbeat.stop()  # leave the live-worker list at once
+
+    # The main process receives, acknowledges and requeues tasks: it says which deliveries it holds.
+    deliveries = Deliveries(connect(settings.redis_url), Keys(settings.namespace))
+
+    @worker_ready.connect(weak=False)
+    def listed(**_: object) -> None:
+        deliveries.start()
+
+    @task_received.connect(weak=False)
+    def held(request: object = None, **_: object) -> None:
+        message = getattr(request, "message", None)
+        if message is not None:
+            deliveries.hold(message)
+
+    @worker_shutdown.connect(weak=False)
+    def gone(**_: object) -> None:
+        deliveries.stop()  # kombu restores what it still holds as it closes the channel
 
     register_tasks(app, settings, pipeline)
     return app

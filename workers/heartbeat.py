@@ -1,8 +1,12 @@
-"""Each worker process tells Redis, every few seconds, that it is alive and what it is doing.
+"""Each worker tells Redis, every few seconds, that it is alive: its pool processes what they are doing
+(``Heartbeat``), its main process which broker deliveries it holds (``Deliveries``).
 
-``GET /queues`` lists the workers whose heartbeat key still exists. The key expires ``TTL_S`` seconds after the
-last beat, on Redis's clock, so a worker that died or hangs drops out within ``TTL_S`` whatever the clocks of
-the machines say, and a worker that stops cleanly removes itself at once.
+A record is written every ``HEARTBEAT_INTERVAL_S`` (and on every batch start and end and every delivery) and
+expires ``HEARTBEAT_TTL_S`` after, on Redis's clock, so a worker that died or hangs drops out within that
+whatever the clocks of the machines say, and a worker that stops cleanly removes itself at
+once. ``GET /queues`` lists the live pool processes; the index service hands the unacknowledged tasks that no
+live main process holds back to the queue (index_service/redelivery.py), so a dead worker's tasks come back
+within seconds instead of after the broker's visibility timeout.
 """
 
 from __future__ import annotations
@@ -14,41 +18,40 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import redis
 
-from bucketlens.keys import Keys
+from bucketlens.keys import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, Keys
 
 log = logging.getLogger(__name__)
 
-INTERVAL_S = 5.0  # between beats; also written on every batch start and end
-TTL_S = 30  # a worker silent for this long is not listed any more
 
+class Beacon:
+    """A JSON record under ``key_of(id)``, listed in the set ``members``, refreshed by a daemon thread."""
 
-class Heartbeat:
-    """The state of one worker process and the daemon thread that publishes it."""
-
-    def __init__(self, client: redis.Redis, keys: Keys, model: str = "", device: str = "") -> None:
+    def __init__(self, client: redis.Redis, members: str, key_of: Callable[[str], str]) -> None:
         self.redis = client
-        self.keys = keys
-        hostname = socket.gethostname()
-        self.id = f"{hostname}:{os.getpid()}"
-        self._state: dict[str, Any] = {
-            "id": self.id, "hostname": hostname, "pid": os.getpid(), "model": model, "device": device,
-            "started": time.time(), "state": "idle", "batch_size": 0, "batch_started": None,
-            "batches": 0, "objects": 0,
-        }
-        self._lock = threading.Lock()
+        self.members = members
+        self.key_of = key_of
+        self.hostname = socket.gethostname()
+        self.pid = os.getpid()
+        self.id = f"{self.hostname}:{self.pid}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def record(self) -> dict[str, Any]:
+        """What this beacon publishes (``last_seen`` is added)."""
+        raise NotImplementedError
+
     def start(self) -> None:
-        """Start beating (once per process, after the pool forked)."""
+        """Start beating (once per process; call it in the process that beats)."""
         if self._thread is not None:
             return
+        self.pid = os.getpid()  # built before a fork, started after it
+        self.id = f"{self.hostname}:{self.pid}"
         self._forget_dead()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"beacon-{self.members}", daemon=True)
         self.beat()  # listed from now on, not one interval later
         self._thread.start()
 
@@ -60,9 +63,55 @@ class Heartbeat:
         self._thread.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.delete(self.keys.worker(self.id))
-            pipe.srem(self.keys.workers, self.id)
+            pipe.delete(self.key_of(self.id))
+            pipe.srem(self.members, self.id)
             pipe.execute()
+
+    def beat(self) -> None:
+        """Publish the record now; does nothing before ``start`` (a pipeline used outside a worker)."""
+        if self._thread is None:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(self.key_of(self.id), json.dumps({**self.record(), "last_seen": time.time()}), ex=HEARTBEAT_TTL_S)
+            pipe.sadd(self.members, self.id)
+            pipe.execute()
+        except redis.RedisError as exc:  # the worker's own Redis handling reports outages; stay quiet here
+            log.debug("heartbeat not written: %s", exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+            self.beat()
+
+    def _forget_dead(self) -> None:
+        """Drop ids whose record expired, so the set does not grow with every worker ever started.
+
+        Safe against a live worker: every beat adds its id again together with its record.
+        """
+        try:
+            ids = sorted(self.redis.smembers(self.members))
+            if not ids:
+                return
+            pipe = self.redis.pipeline(transaction=False)
+            for member in ids:
+                pipe.exists(self.key_of(member.decode() if isinstance(member, bytes) else member))
+            dead = [member for member, alive in zip(ids, pipe.execute(), strict=True) if not alive]
+            if dead:
+                self.redis.srem(self.members, *dead)
+        except redis.RedisError as exc:
+            log.debug("cannot prune dead workers: %s", exc)
+
+
+class Heartbeat(Beacon):
+    """The state of one pool process (which runs the tasks), shown in ``GET /queues``."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, model: str = "", device: str = "") -> None:
+        super().__init__(client, keys.workers, keys.worker)
+        self._state: dict[str, Any] = {
+            "model": model, "device": device, "started": time.time(), "state": "idle", "batch_size": 0,
+            "batch_started": None, "batches": 0, "objects": 0,
+        }
+        self._lock = threading.Lock()
 
     def busy(self, size: int) -> None:
         """A batch of ``size`` objects started."""
@@ -78,40 +127,43 @@ class Heartbeat:
                                batches=self._state["batches"] + 1, objects=self._state["objects"] + size)
         self.beat()
 
-    def snapshot(self) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._state, "last_seen": time.time()}
+            return {"id": self.id, "hostname": self.hostname, "pid": self.pid, **self._state}
 
-    def beat(self) -> None:
-        """Publish the current state; does nothing before ``start`` (a pipeline used outside a worker)."""
-        if self._thread is None:
-            return
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self.keys.worker(self.id), json.dumps(self.snapshot()), ex=TTL_S)
-            pipe.sadd(self.keys.workers, self.id)
-            pipe.execute()
-        except redis.RedisError as exc:  # the worker's own Redis handling reports outages; stay quiet here
-            log.debug("heartbeat not written: %s", exc)
 
-    def _run(self) -> None:
-        while not self._stop.wait(INTERVAL_S):
-            self.beat()
+class Message(Protocol):
+    """What ``Deliveries`` reads of a kombu message."""
 
-    def _forget_dead(self) -> None:
-        """Drop ids whose heartbeat expired, so the set does not grow with every worker ever started.
+    delivery_tag: str
 
-        Safe against a live worker: every beat adds its id again together with its key.
-        """
-        try:
-            ids = sorted(self.redis.smembers(self.keys.workers))
-            if not ids:
-                return
-            pipe = self.redis.pipeline(transaction=False)
-            for worker_id in ids:
-                pipe.exists(self.keys.worker(worker_id.decode() if isinstance(worker_id, bytes) else worker_id))
-            dead = [worker_id for worker_id, alive in zip(ids, pipe.execute(), strict=True) if not alive]
-            if dead:
-                self.redis.srem(self.keys.workers, *dead)
-        except redis.RedisError as exc:
-            log.debug("cannot prune dead workers: %s", exc)
+    @property
+    def acknowledged(self) -> bool: ...
+
+
+class Deliveries(Beacon):
+    """The broker deliveries a worker's main process holds: received (running, waiting for a free pool process or
+    for a retry's countdown) and not yet acknowledged, rejected or requeued.
+
+    Celery's main process receives, acknowledges and requeues every task; when it dies, whatever it held stays in
+    kombu's ``unacked`` hash until someone restores it. Beating the tags lets the index service tell those from
+    the tasks of a live worker, however long a live batch runs.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        super().__init__(client, keys.consumers, keys.consumer)
+        self._held: list[Message] = []
+        self._lock = threading.Lock()
+
+    def hold(self, message: Message) -> None:
+        """A delivery arrived (main process, before the task runs): published at once."""
+        self.start()
+        with self._lock:
+            self._held = [m for m in self._held if not m.acknowledged] + [message]
+        self.beat()
+
+    def record(self) -> dict[str, Any]:
+        with self._lock:
+            self._held = [m for m in self._held if not m.acknowledged]
+            tags = [m.delivery_tag for m in self._held]
+        return {"id": self.id, "hostname": self.hostname, "pid": self.pid, "deliveries": tags}

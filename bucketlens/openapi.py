@@ -1,0 +1,86 @@
+"""OpenAPI 3.1 documents: the pieces both services' documents are made of, so that each service keeps its own
+document in one module (``index_service/openapi.py``, ``ingest/openapi.py``) and serves it at ``GET /openapi.json``.
+
+Every error answer of every endpoint has the same body, ``{"error": {"code", "message"}}`` (``bucketlens/http.py``);
+``errors(...)`` documents it under each status an endpoint can answer with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from .http import JSONResponse
+
+Schema = dict[str, Any]
+
+ERROR: Schema = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {
+        "type": "object", "required": ["code", "message"], "additionalProperties": False,
+        "properties": {"code": {"type": "string", "description": "stable, machine-readable"},
+                       "message": {"type": "string", "description": "for people"}},
+    }},
+}
+
+STATUS_TEXT = {
+    400: "bad input", 401: "missing or wrong token", 403: "refused: no admin token is configured",
+    404: "unknown", 409: "conflict", 413: "too large", 415: "unsupported media type or not an image",
+    503: "not ready, or Redis or S3 unreachable: try again",
+}
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_content(schema: Schema) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def answer(description: str, schema: Schema, status: int = 200) -> dict[str, Any]:
+    """One successful JSON answer, keyed by status (merge with ``errors``)."""
+    return {str(status): {"description": description, "content": json_content(schema)}}
+
+
+def errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"description": STATUS_TEXT[s], "content": json_content(ref("Error"))} for s in statuses}
+
+
+def parameter(name: str, schema: Schema, description: str, where: str = "query", required: bool = False
+              ) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required or where == "path", "schema": schema,
+            "description": description}
+
+
+def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), closed: bool = False) -> Schema:
+    """A JSON object schema; ``closed``: no other properties (request bodies that refuse unknown fields)."""
+    schema: Schema = {"type": "object", "properties": properties, "required": list(required)}
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def document(title: str, description: str, paths: dict[str, Any], schemas: dict[str, Schema],
+             security: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": "1", "description": description},
+        "paths": paths,
+        "components": {"schemas": {"Error": ERROR, **schemas}, "securitySchemes": security},
+    }
+
+
+def bearer(description: str) -> dict[str, Any]:
+    return {"type": "http", "scheme": "bearer", "description": description}
+
+
+def route(doc: dict[str, Any]) -> Route:
+    """``GET /openapi.json``, answering ``doc`` (built once)."""
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(doc)
+
+    return Route("/openapi.json", openapi)

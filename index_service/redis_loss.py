@@ -1,0 +1,65 @@
+"""Redis losing its data, noticed and healed: at start-up, and within seconds while the service runs.
+
+Redis can come back empty: restarted without its AOF, a failover to an empty replica, a FLUSHALL. Everything in it
+goes: the result stream and its consumer group, the generations hash (ingest answers 503 until the serving
+generation is registered again, rather than tagging events with a guessed generation), queued and unacknowledged
+tasks, pending marks, failure records, kombu's binding tables (bucketlens publishes by queue name through the
+default exchange, which never reads them: tests/test_redis_loss.py publishes after a wipe and finds the tasks).
+The index service keeps a marker key in Redis (``Keys.marker``); Redis answering without it has lost its data.
+
+While running, the service keeps serving from its index in memory, fails a rebuild in progress (its tasks are
+gone), registers its generation and the marker again, reads the new stream from its start, and reconciles: the
+bucket listing brings back whatever was in flight. At start-up, a service that found Redis empty, or no snapshot,
+reconciles once the stream is replayed; one that has nothing at all (no snapshot, local or in the bucket, and an
+empty index) while the bucket holds objects re-embeds the bucket, and ``/readyz`` answers 503 and says so until
+that rebuild swaps in.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ingest.scanner import scan
+
+from .rebuild import RebuildJob
+from .reconcile import reconcile
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 3.0
+
+
+def check(service: Service) -> bool:
+    """Heal if Redis lost its data since the service last registered; returns whether it had."""
+    if service.redis.exists(service.keys.marker):
+        return False
+    log.error("Redis lost its data (the index service's marker %s is gone): serving from memory, registering "
+              "generation %d again, reconciling with the bucket", service.keys.marker, service.index.generation)
+    if service.rebuilds.abandon("Redis lost its data and the rebuild's queued tasks with it; start it again"):
+        log.error("the running rebuild is marked failed: its queued tasks are gone")
+    service.claim_redis()
+    service.merger.rewind()
+    service.redis.hincrby(service.keys.counters, "redis_data_lost", 1)
+    reconcile(service)
+    return True
+
+
+def restore_at_start(service: Service, redis_was_empty: bool, snapshot_loaded: bool) -> RebuildJob | None:
+    """After the stream is replayed: a reembed of the bucket when there is nothing else to serve from (returned,
+    for readiness), else a reconcile when Redis was empty or no snapshot was found; nothing otherwise."""
+    if snapshot_loaded and not redis_was_empty:
+        return None
+    service.merger.caught_up.wait()
+    settings = service.settings
+    if len(service.index) == 0 and next(iter(scan(service.s3, settings.bucket, settings.reserved_prefix)), None):
+        log.error("no snapshot (%s) and %s: re-embedding bucket %s; /readyz answers 503 until it is done",
+                  "local or in the bucket" if settings.snapshot_s3 else "local; SNAPSHOT_S3 is off",
+                  "an empty Redis" if redis_was_empty else "an empty result stream", settings.bucket)
+        return service.rebuilds.start("reembed")
+    log.warning("%s: reconciling with the bucket", "Redis held no data" if redis_was_empty else "no snapshot found")
+    reconcile(service)
+    return None

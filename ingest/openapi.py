@@ -1,0 +1,53 @@
+"""The webhook receiver's OpenAPI document (``GET /openapi.json``). ``tests/test_openapi.py`` fuzzes the running
+receiver against it."""
+
+from __future__ import annotations
+
+from bucketlens.openapi import answer, bearer, document, errors, obj
+
+INT = {"type": "integer", "minimum": 0}
+
+RECORD = obj({
+    "eventName": {"type": "string", "description": "ObjectCreated:* queues an embedding, ObjectRemoved:* a delete; "
+                                                   "others are counted as ignored (MinIO's s3: prefix is dropped)"},
+    "eventSource": {"type": "string", "description": "ceph:s3 keys arrive raw; others are URL-decoded"},
+    "eventTime": {"type": "string", "description": "ISO 8601; the order when no sequencer comes"},
+    "s3": obj({
+        "bucket": obj({"name": {"type": "string", "minLength": 1}}, ("name",)),
+        "object": obj({"key": {"type": "string", "minLength": 1}, "eTag": {"type": "string"},
+                       "size": {"type": "integer", "minimum": 0}, "sequencer": {"type": "string"},
+                       "versionId": {"type": "string"}}, ("key",)),
+    }, ("bucket", "object")),
+}, ("eventName", "s3"))
+
+SCHEMAS = {
+    "Notification": {"anyOf": [
+        obj({"Records": {"type": "array", "items": {"$ref": "#/components/schemas/Record"}}}, ("Records",)),
+        obj({"Event": {"const": "s3:TestEvent"}}, ("Event",)),
+    ]},
+    "Record": RECORD,
+    "Accepted": obj({"accepted": INT, "duplicates": INT, "ignored": INT, "future": INT},
+                    ("accepted", "duplicates", "ignored", "future")),
+}
+
+PATHS = {
+    "/events": {"post": {
+        "summary": "S3 bucket notifications (MinIO, Ceph RGW, AWS shapes); answered 2xx only once queued",
+        "security": [{"webhook": []}],
+        "parameters": [{"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "the webhook token, for notifiers that cannot add headers (Ceph RGW)"}],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Notification"}}}},
+        "responses": {**answer("queued (future: acknowledged, not applied: its order is beyond the clock skew)",
+                               {"$ref": "#/components/schemas/Accepted"}),
+                      **errors(400, 401, 413, 503)},
+    }},
+    "/healthz": {"get": {"summary": "the process is alive", "responses": answer("alive", obj({"ok": {
+        "type": "boolean"}}))}},
+}
+
+OPENAPI = document(
+    "bucketlens ingest", "The webhook receiver: S3 bucket notifications in, Celery tasks (object keys) out. 503 asks "
+    "the S3 server to deliver again (Redis unreachable or near its memory limit, no index generation registered).",
+    PATHS, SCHEMAS, {"webhook": bearer("BUCKETLENS_WEBHOOK_TOKEN (or ?token=)")},
+)

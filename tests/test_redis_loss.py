@@ -1,0 +1,40 @@
+"""What Redis losing its data does to publishing, against a real Redis (the healing itself runs on the real stack
+in tests/test_faults.py): kombu's binding tables go with everything else, and bucketlens's publishes must not
+depend on them."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+import warnings
+
+from bucketlens.keys import EMBED_TASK
+from bucketlens.redis_client import connect
+from bucketlens.schemas import ObjectRef
+from index_service.queues import queue_report
+from infra.stack import Stack
+from ingest.publisher import Publisher
+
+
+def test_publishes_after_a_wipe_reach_their_queues_without_the_binding_tables(stack: Stack) -> None:
+    settings = dataclasses.replace(stack.settings, namespace=f"l{uuid.uuid4().hex[:8]}")
+    redis = connect(settings.redis_url)
+    publisher = Publisher(settings, redis)
+    keys = publisher.keys
+    publisher.send_embeds([ObjectRef("b", "k0", "e")])  # the connection declares its queues once, here
+    assert redis.exists(keys.celery_prefix + f"_kombu.binding.{keys.live_queue}")
+    for key in redis.scan_iter(match=f"{settings.namespace}:*"):  # Redis loses its data
+        redis.delete(key)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # kombu warns (UndeliverableWarning) when it routes a message nowhere
+        publisher.send_embeds([ObjectRef("b", "k1", "e")])  # ingest
+        publisher.send_embeds([ObjectRef("b", "k2", "e")], queue=keys.rebuild_queue)  # reconcile, rebuild
+        # A worker's retry: Celery republishes with the delivery info of the message it got (default exchange).
+        publisher.celery.send_task(EMBED_TASK, args=[[ObjectRef("b", "k3", "e").to_json()]], exchange="",
+                                   routing_key=keys.live_queue)
+    depths = {name: queue["depth"] for name, queue in queue_report(redis, keys)["queues"].items()}
+    assert depths == {keys.live_queue: 2, keys.rebuild_queue: 1}
+    publisher.close()
+    for key in redis.scan_iter(match=f"{settings.namespace}:*"):
+        redis.delete(key)
