@@ -691,11 +691,13 @@ def test_milvus_killed_mid_merge_answers_503_then_catches_up(stack: Stack, milvu
     from index_service.vector_index import VectorIndex
     from infra.stack import free_port
 
-    from .test_recovery import DIM, MODEL, IndexProcess, entries
+    from .test_recovery import DIM, MODEL, IndexProcess, empty_bucket, entries
 
     if milvus_server is None:
         pytest.skip("BUCKETLENS_TEST_MILVUS names a server this run did not start and cannot kill")
-    settings = dataclasses.replace(stack.settings, namespace=f"mf{uuid.uuid4().hex[:6]}", api_port=free_port(),
+    namespace = f"mf{uuid.uuid4().hex[:6]}"
+    settings = dataclasses.replace(stack.settings, namespace=namespace, bucket=empty_bucket(stack, namespace),
+                                   api_port=free_port(),
                                    merge_batch=100, snapshot_every_entries=500, index_backend="milvus",
                                    milvus_uri=milvus_server.uri)
     keys, redis = Keys(settings.namespace), connect(settings.redis_url)

@@ -19,6 +19,7 @@ import pytest
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
+from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from index_service.backend import BACKENDS, Index, open_backend
@@ -79,11 +80,21 @@ class IndexProcess:
         self.process.wait(timeout=60)
 
 
+def empty_bucket(stack: Stack, name: str) -> str:
+    """A bucket of its own for an index service of its own: with the stack's, a service that starts with no index
+    and no data in Redis would re-embed it (index_service/redis_loss.py) and report not ready meanwhile."""
+    bucket = f"{name}-empty"
+    make_client(stack.settings).create_bucket(Bucket=bucket)
+    return bucket
+
+
 @pytest.fixture(params=BACKENDS)
 def service(stack: Stack, request: pytest.FixtureRequest) -> Iterator[IndexProcess]:
     """An index service of its own, on each backend (Milvus: the session's server)."""
     uri = request.getfixturevalue("milvus_uri") if request.param == "milvus" else stack.settings.milvus_uri
-    settings = dataclasses.replace(stack.settings, namespace=f"rec{uuid.uuid4().hex[:6]}", api_port=free_port(),
+    namespace = f"rec{uuid.uuid4().hex[:6]}"
+    settings = dataclasses.replace(stack.settings, namespace=namespace, bucket=empty_bucket(stack, namespace),
+                                   api_port=free_port(),
                                    snapshot_every_entries=700, snapshot_every_s=3600, merge_batch=100,
                                    index_backend=request.param, milvus_uri=uri)
     process = IndexProcess(settings)
