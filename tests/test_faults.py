@@ -465,13 +465,19 @@ def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
 # -- 8. Redis loses its data ----------------------------------------------------------------------------------
 
 def lose_redis_data(stack: Stack) -> None:
-    """Redis comes back empty: killed, its AOF and RDB files gone (a disk lost, a failover to an empty replica)."""
-    stack.stop_redis(kill=True)
-    folder = stack.home / "redis"
-    for path in folder.iterdir():
-        if path.name != "redis.conf":
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    stack.start_redis()
+    """Redis comes back empty: killed, its AOF and RDB files gone (a disk lost, a failover to an empty replica).
+    The supervisor is held meanwhile: restarting Redis on the files being deleted raced the test's own start (a
+    clean-clone run once found no Redis after 30 s); it runs again as soon as Redis is back."""
+    stack.stop_service("supervisor")
+    try:
+        stack.stop_redis(kill=True)
+        folder = stack.home / "redis"
+        for path in folder.iterdir():
+            if path.name != "redis.conf":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        stack.start_redis()
+    finally:
+        stack.start_service("supervisor")
 
 
 def test_redis_losing_its_data_keeps_serving_and_a_reconcile_brings_everything_back(
