@@ -14,6 +14,9 @@ from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry, SchemaError, object_id
 
 log = logging.getLogger(__name__)
+# A batch another consumer of the group read this long ago and has not acknowledged is taken over: its reader lost
+# the writer lease after reading it (a paused replica wakes, reads, then finds the lease gone) or died holding it.
+CLAIM_IDLE_MS = 2000
 
 
 class Merger:
@@ -22,7 +25,7 @@ class Merger:
     ``apply`` receives each batch of decoded entries; ``after`` runs once the batch is acknowledged and
     ``last_id`` covers it (the snapshot policy hooks in there, so a snapshot's stream position is exact).
     ``may_write`` is asked before each batch is applied: False (the writer lease is lost) stops the merger, the
-    batch unapplied and unacknowledged (the next writer reads it again).
+    batch unapplied and unacknowledged: the current writer claims it (``CLAIM_IDLE_MS``) and applies it.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, apply: Callable[[list[ResultEntry]], None],
@@ -102,15 +105,25 @@ class Merger:
                 grouped = False
                 self._stop.wait(1.0)
 
-    def step(self, block_ms: int | None = None) -> int:
-        """Read and apply one batch; returns how many entries were read."""
+    def _read(self, block_ms: int | None) -> list[tuple[Any, dict[bytes, bytes]]]:
+        """The next batch: entries other consumers read and left unacknowledged for ``CLAIM_IDLE_MS`` first (no
+        later entry was delivered to this consumer, so nobody else would ever apply them), then new ones."""
+        claimed: Any = self.redis.xautoclaim(self.keys.results, self.keys.merger_group, self.consumer,
+                                             min_idle_time=CLAIM_IDLE_MS, start_id="0-0", count=self.batch)
+        if claimed[1]:
+            log.warning("claimed %d stream entries another replica read and never acknowledged", len(claimed[1]))
+            return list(claimed[1])
         response: Any = self.redis.xreadgroup(
             self.keys.merger_group, self.consumer, {self.keys.results: ">"}, count=self.batch, block=block_ms
         )
-        if not response:
+        return list(response[0][1]) if response else []
+
+    def step(self, block_ms: int | None = None) -> int:
+        """Read and apply one batch; returns how many entries were read."""
+        messages = self._read(block_ms)
+        if not messages:
             self.caught_up.set()
             return 0
-        (_, messages), = response
         if not self.may_write():
             log.warning("the writer lease is lost: merging stops before the next batch (another replica writes)")
             self._stop.set()
@@ -129,7 +142,9 @@ class Merger:
         self._clear_pending(entries)
         ids = [message_id for message_id, _ in messages]
         self.redis.xack(self.keys.results, self.keys.merger_group, *ids)
-        self.last_id = ids[-1].decode() if isinstance(ids[-1], bytes) else ids[-1]
+        newest = ids[-1].decode() if isinstance(ids[-1], bytes) else ids[-1]
+        if stream_order(newest) > stream_order(self.last_id):  # a claimed batch can lie behind what was applied
+            self.last_id = newest
         self.applied += len(messages)
         if len(messages) < self.batch:
             self.caught_up.set()
@@ -166,3 +181,9 @@ def _settles(pending: dict[str, str], entry: ResultEntry) -> bool:
     if entry.op == "delete":
         return int(pending["order"]) <= entry.order
     return pending["etag"] == entry.etag
+
+
+def stream_order(stream_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair (milliseconds, sequence)."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -36,7 +36,7 @@ from .backend import Index, open_backend
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .lease import WriterLease
-from .merger import Merger
+from .merger import Merger, stream_order
 from .orphans import SWEEP_EVERY_S
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
@@ -327,7 +327,7 @@ class Service:
         self._since_snapshot = (self.merger.applied, time.monotonic())
         trim_to = last_id
         floor, since = self._trim_floor
-        if time.monotonic() - since < TAKEOVER_HOLD_S and _stream_order(floor) < _stream_order(last_id):
+        if time.monotonic() - since < TAKEOVER_HOLD_S and stream_order(floor) < stream_order(last_id):
             trim_to = floor  # a previous writer paused mid-batch may still rewind to here (Merger)
         if self.shadow is None and trim_to != "0":
             # Entries before the snapshot's position are covered by it. (During a reembed the shadow
@@ -400,8 +400,3 @@ class Service:
             "rebuild": self.rebuilds.progress(),
             "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects},
         }
-
-
-def _stream_order(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
