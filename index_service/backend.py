@@ -128,6 +128,18 @@ def indexed(entry: ResultEntry) -> Indexed:
                    entry.pixels, decode_labels(object_id(entry.bucket, entry.key), entry.labels), entry.modified)
 
 
+class SearchOne:
+    """``Index.search`` for both implementations: one query is a batch of one."""
+
+    dim: int
+
+    def search(self, query: np.ndarray, k: int, exclude: str | None = None, where: Filter | None = None
+               ) -> list[tuple[Indexed, float]]:
+        """The ``k`` nearest objects to one normalised query vector that ``where`` keeps, best first."""
+        assert query.shape == (self.dim,), f"query has shape {query.shape}, index dim is {self.dim}"
+        return self.search_many(query.reshape(1, -1), k, [exclude], where)[0]  # type: ignore[attr-defined]
+
+
 class Index(Protocol):
     """One generation: vectors of one model, one per object, with each object's state and the tombstones.
 

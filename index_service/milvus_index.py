@@ -43,7 +43,7 @@ from bucketlens.settings import Settings
 from vision import labels as vision_labels
 from vision.models import recipe
 
-from .backend import ApplyStats, Indexed, Tombstones, decode_labels, tombstone_after, verdict
+from .backend import ApplyStats, Indexed, SearchOne, Tombstones, decode_labels, tombstone_after, verdict
 from .feature_store import FeatureStore
 from .filters import Filter
 from .vector_index import ivf_lists
@@ -190,7 +190,7 @@ class Connection:
         log.info("created Milvus collection %s (%s, generation %d, %s)", name, model, generation, index_type)
 
 
-class MilvusIndex:
+class MilvusIndex(SearchOne):
     """One generation in one collection (``backend.Index``)."""
 
     def __init__(self, connection: Connection, alias: str, collection: str, model: str, dim: int, generation: int,
@@ -291,11 +291,6 @@ class MilvusIndex:
 
     def objects(self) -> list[Indexed]:
         return [_indexed(row) for row in self._scan(expression(None), SCALARS)]
-
-    def search(self, query: np.ndarray, k: int, exclude: str | None = None, where: Filter | None = None
-               ) -> list[tuple[Indexed, float]]:
-        assert query.shape == (self.dim,), f"query has shape {query.shape}, index dim is {self.dim}"
-        return self.search_many(query.reshape(1, -1), k, [exclude], where)[0]
 
     def search_many(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None,
                     where: Filter | None = None) -> list[list[tuple[Indexed, float]]]:

@@ -30,7 +30,7 @@ from sortedcontainers import SortedList
 
 from bucketlens.schemas import ResultEntry, object_id
 
-from .backend import ApplyStats, Indexed, Tombstones, indexed, tombstone_after, verdict
+from .backend import ApplyStats, Indexed, SearchOne, Tombstones, indexed, tombstone_after, verdict
 from .feature_store import FeatureStore
 from .filters import Filter
 
@@ -124,7 +124,7 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
-class VectorIndex:
+class VectorIndex(SearchOne):
     def __init__(self, model: str, dim: int, generation: int = 1, features: FeatureStore | None = None) -> None:
         self.model = model
         self.dim = dim
@@ -245,12 +245,6 @@ class VectorIndex:
         with self._lock.read():
             faiss_id = self._ids.get(object_id(bucket, key))
             return None if faiss_id is None else self._faiss.reconstruct(faiss_id)
-
-    def search(self, query: np.ndarray, k: int, exclude: str | None = None, where: Filter | None = None
-               ) -> list[tuple[Indexed, float]]:
-        """The ``k`` nearest objects to one normalised query vector that ``where`` keeps, best first."""
-        assert query.shape == (self.dim,), f"query has shape {query.shape}, index dim is {self.dim}"
-        return self.search_many(query.reshape(1, -1), k, [exclude], where)[0]
 
     def search_many(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None,
                     where: Filter | None = None) -> list[list[tuple[Indexed, float]]]:

@@ -686,31 +686,22 @@ def test_milvus_killed_mid_merge_answers_503_then_catches_up(stack: Stack, milvu
     """Milvus SIGKILLed while the service merges, down ~40 s (its restart): /readyz 503 with the reason, searches 503
     (never 500), merging waits; once it is back (here the test restarts it, as the local stack's supervisor does)
     every entry is applied and the index equals an uninterrupted run."""
-    import dataclasses
-    import uuid
-
     import numpy as np
 
     from bucketlens.keys import Keys
     from index_service.backend import open_backend
     from index_service.feature_store import FeatureStore
     from index_service.vector_index import VectorIndex
-    from infra.stack import free_port
 
-    from .test_recovery import DIM, MODEL, IndexProcess, empty_bucket, entries
+    from .test_recovery import DIM, MODEL, IndexProcess, entries, own_settings
 
     if milvus_server is None:
         pytest.skip("BUCKETLENS_TEST_MILVUS names a server this run did not start and cannot kill")
-    namespace = f"mf{uuid.uuid4().hex[:6]}"
-    settings = dataclasses.replace(stack.settings, namespace=namespace, bucket=empty_bucket(stack, namespace),
-                                   api_port=free_port(),
-                                   merge_batch=100, snapshot_every_entries=500, index_backend="milvus",
-                                   milvus_uri=milvus_server.uri)
+    settings = own_settings(stack, "mf", "milvus", milvus_server.uri, merge_batch=100, snapshot_every_entries=500)
     keys, redis = Keys(settings.namespace), connect(settings.redis_url)
     stream = entries(2000, seed=3)
     service = IndexProcess(settings)
-    service.start()
-    wait_for(lambda: httpx.get(service.url + "/readyz", timeout=5).status_code == 200, 120, what="ready on Milvus")
+    service.start(ready=True)
     try:
         for entry in stream[:1000]:
             redis.xadd(keys.results, entry.to_fields())

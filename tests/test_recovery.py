@@ -11,7 +11,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import numpy as np
@@ -57,13 +57,17 @@ class IndexProcess:
         self.url = f"http://127.0.0.1:{settings.api_port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, ready: bool = False) -> None:
+        """Start it and wait until it answers (``ready``: until ``/readyz`` says it serves)."""
         env = {**os.environ, **self.settings.to_env()}
         log = open(Path(self.settings.home) / "logs" / f"recovery-{self.settings.namespace}.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", "serve"], env=env, stdout=log,
                                         stderr=subprocess.STDOUT)
         log.close()
         wait_for(self.healthy, 120, what="index service up")
+        if ready:
+            wait_for(lambda: httpx.get(self.url + "/readyz", timeout=10).status_code == 200, 120,
+                     what=f"{self.settings.namespace} ({self.settings.replica}) ready")
 
     def healthy(self) -> bool:
         try:
@@ -88,16 +92,19 @@ def empty_bucket(stack: Stack, name: str) -> str:
     return bucket
 
 
+def own_settings(stack: Stack, prefix: str, backend: str, milvus_uri: str, **overrides: Any) -> Settings:
+    """Settings for an index service of its own on ``backend``: a new namespace, its own empty bucket, a free port."""
+    namespace = f"{prefix}{uuid.uuid4().hex[:6]}"
+    return dataclasses.replace(stack.settings, namespace=namespace, bucket=empty_bucket(stack, namespace),
+                               api_port=free_port(), index_backend=backend, milvus_uri=milvus_uri, **overrides)
+
+
 @pytest.fixture(params=BACKENDS)
 def service(stack: Stack, request: pytest.FixtureRequest) -> Iterator[IndexProcess]:
     """An index service of its own, on each backend (Milvus: the session's server)."""
     uri = request.getfixturevalue("milvus_uri") if request.param == "milvus" else stack.settings.milvus_uri
-    namespace = f"rec{uuid.uuid4().hex[:6]}"
-    settings = dataclasses.replace(stack.settings, namespace=namespace, bucket=empty_bucket(stack, namespace),
-                                   api_port=free_port(),
-                                   snapshot_every_entries=700, snapshot_every_s=3600, merge_batch=100,
-                                   index_backend=request.param, milvus_uri=uri)
-    process = IndexProcess(settings)
+    process = IndexProcess(own_settings(stack, "rec", request.param, uri, snapshot_every_entries=700,
+                                        snapshot_every_s=3600, merge_batch=100))
     yield process
     if process.process is not None and process.process.poll() is None:
         process.stop(signal.SIGKILL)

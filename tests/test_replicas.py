@@ -27,7 +27,7 @@ from infra.stack import Stack, free_port
 
 from .helpers import wait_for
 from .integrity import record_outcome
-from .test_recovery import DIM, MODEL, IndexProcess, empty_bucket, entries
+from .test_recovery import DIM, MODEL, IndexProcess, entries, own_settings
 
 pytestmark = pytest.mark.slow
 LEASE_S = 6.0
@@ -35,11 +35,8 @@ LEASE_S = 6.0
 
 @pytest.fixture
 def replicas(stack: Stack, milvus_uri: str) -> Iterator[tuple[Settings, list[IndexProcess]]]:
-    namespace = f"rep{uuid.uuid4().hex[:6]}"
-    settings = dataclasses.replace(stack.settings, namespace=namespace, bucket=empty_bucket(stack, namespace),
-                                   merge_batch=100,
-                                   snapshot_every_entries=400, index_backend="milvus", milvus_uri=milvus_uri,
-                                   writer_lease_s=LEASE_S)
+    settings = own_settings(stack, "rep", "milvus", milvus_uri, merge_batch=100, snapshot_every_entries=400,
+                            writer_lease_s=LEASE_S)
     made: list[IndexProcess] = []
     yield settings, made
     for process in made:
@@ -58,9 +55,8 @@ def replicas(stack: Stack, milvus_uri: str) -> Iterator[tuple[Settings, list[Ind
 
 def replica(settings: Settings, made: list[IndexProcess], name: str) -> IndexProcess:
     process = IndexProcess(dataclasses.replace(settings, api_port=free_port(), replica=name))
-    process.start()
     made.append(process)
-    wait_for(lambda: httpx.get(process.url + "/readyz", timeout=10).status_code == 200, 120, what=f"{name} ready")
+    process.start(ready=True)
     return process
 
 
