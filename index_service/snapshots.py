@@ -1,21 +1,23 @@
 """Snapshots of the serving index: vectors, per-object state, tombstones and the last applied stream id.
 
 Format: one ``.npz`` (NumPy zip) holding ``vectors`` (float32, n x dim) and ``meta``, a UTF-8 JSON document
-stored as a uint8 array. Loaded with ``allow_pickle=False``: a snapshot from S3 cannot execute code. Written to
-a temporary file, fsynced, then renamed, so a crash never leaves a half-written snapshot under a real name.
+stored as a uint8 array. Read without pickle (``allow_pickle=False``, and the vectors as raw float32): a snapshot
+from S3 cannot execute code. Written to a temporary file a chunk of vectors at a time, fsynced, then renamed, so a
+crash never leaves a half-written snapshot under a real name; read back the same way, chunk by chunk, so neither
+holds a second copy of the vectors (bench/README.md, "Memory").
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
+import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Mapping
 
 import numpy as np
 
@@ -23,7 +25,7 @@ from vision import labels
 
 from .backend import Indexed
 from .feature_store import FeatureStore
-from .vector_index import VectorIndex
+from .vector_index import CHUNK, VectorIndex, release_freed_memory
 
 log = logging.getLogger(__name__)
 SUFFIX = ".snapshot.npz"
@@ -35,8 +37,10 @@ class SnapshotError(ValueError):
     """A snapshot that cannot be used (truncated, foreign model or dimension, unknown version)."""
 
 
-def encode(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
-    objects, vectors, tombstones = index.export()
+def encode(index: VectorIndex, last_id: str, out: BinaryIO) -> dict[str, Any]:
+    """Write the snapshot of ``index`` to ``out``, its vectors a chunk at a time (``np.load`` reads the result);
+    returns its meta. Called between merge batches (the merger's thread), so objects and vectors agree."""
+    objects, ids, tombstones = index.contents()
     meta = {
         "v": VERSION,
         "model": index.model,
@@ -51,42 +55,71 @@ def encode(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
         "features": index.features.path.name if index.features.path is not None else None,
         "tombstones": [[oid, str(order), when] for oid, (order, when) in tombstones.items()],
     }
-    buffer = io.BytesIO()
-    np.savez(buffer, vectors=vectors, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    return buffer.getvalue(), meta
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("vectors.npy", "w", force_zip64=True) as member:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+                      "shape": (len(ids), index.dim)}
+            np.lib.format.write_array_header_2_0(member, header)
+            written = 0
+            for present, vectors in index.vectors_of(ids):
+                member.write(memoryview(vectors.astype("<f4", copy=False)).cast("B"))
+                written += len(present)
+            if written != len(ids):
+                raise RuntimeError(f"{len(ids) - written} objects left the index while its snapshot was written")
+        with archive.open("meta.npy", "w") as member:
+            np.lib.format.write_array(member, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    return meta
 
 
-def decode(data: bytes, dims: Mapping[str, int], features: Callable[[int], FeatureStore] = lambda _: FeatureStore()
-           ) -> tuple[VectorIndex, str]:
-    """The index and last applied stream id in ``data``; raises SnapshotError rather than half-loading.
-    ``features`` opens a generation's feature store (which lives beside the snapshots: feature_store.py).
+def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
+           features: Callable[[int], FeatureStore] = lambda _: FeatureStore()) -> tuple[VectorIndex, str]:
+    """The index and last applied stream id in the snapshot ``source`` (a path or a seekable file); raises
+    SnapshotError rather than half-loading. ``features`` opens a generation's feature store (which lives beside the
+    snapshots: feature_store.py). The vectors are read a chunk at a time into the index, never all at once.
 
     ``dims`` maps the models this service can run to their dimension: a snapshot of another model, or whose
     dimension does not match its model's, is refused. (After a model-switching rebuild the newest snapshot's
     model is not ``settings.model``, which only names the model of a brand-new index.)"""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            meta = json.loads(archive["meta"].tobytes())
-            vectors = archive["vectors"]
-    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        with zipfile.ZipFile(source) as archive:
+            meta = json.loads(np.lib.format.read_array(archive.open("meta.npy"), allow_pickle=False).tobytes())
+            if meta.get("v") not in READABLE:
+                raise SnapshotError(f"snapshot schema version {meta.get('v')!r}, expected one of {READABLE}")
+            model, dim = meta.get("model"), meta.get("dim")
+            if model not in dims:
+                raise SnapshotError(f"snapshot is for model {model!r}; this service knows {', '.join(dims)}")
+            if dim != dims[model]:
+                raise SnapshotError(f"snapshot has dim {dim}, but {model} embeds {dims[model]}-d vectors")
+            objects = [_object(row) for row in meta["objects"]]
+            tombstones = {oid: (int(order), float(when)) for oid, order, when in meta["tombstones"]}
+            if len(objects) != meta["count"]:
+                raise SnapshotError(f"snapshot lists {len(objects)} objects, its count says {meta['count']}")
+
+            def chunks() -> Iterator[np.ndarray]:
+                with archive.open("vectors.npy") as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in ((1, 0), (2, 0)):
+                        raise SnapshotError(f"snapshot vectors in .npy format {version}")
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(member)
+                    if dtype != np.float32 or fortran or shape != (meta["count"], dim):
+                        raise SnapshotError(f"snapshot holds {shape} {dtype} vectors for {meta['count']} objects")
+                    row_bytes = 4 * dim
+                    for start in range(0, shape[0], CHUNK):
+                        rows = min(CHUNK, shape[0] - start)
+                        data = member.read(rows * row_bytes)
+                        if len(data) != rows * row_bytes:
+                            raise SnapshotError(f"snapshot truncated at vector {start + len(data) // row_bytes}")
+                        yield np.frombuffer(data, "<f4").reshape(rows, dim)
+
+            generation = int(meta["generation"])
+            index = VectorIndex.restored(model, dim, generation, objects, chunks, tombstones,
+                                         meta.get("index_type", "Flat"), features(generation))
+    except SnapshotError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise SnapshotError(f"unreadable snapshot: {exc}") from exc
-    if meta.get("v") not in READABLE:
-        raise SnapshotError(f"snapshot schema version {meta.get('v')!r}, expected one of {READABLE}")
-    model, dim = meta.get("model"), meta.get("dim")
-    if model not in dims:
-        raise SnapshotError(f"snapshot is for model {model!r}; this service knows {', '.join(dims)}")
-    if dim != dims[model]:
-        raise SnapshotError(f"snapshot has dim {dim}, but {model} embeds {dims[model]}-d vectors")
-    if vectors.dtype != np.float32 or vectors.shape != (meta["count"], dim) or len(meta["objects"]) != meta["count"]:
-        raise SnapshotError(f"snapshot holds {vectors.shape} {vectors.dtype} vectors for {meta['count']} objects")
-    try:
-        objects = [_object(row) for row in meta["objects"]]
-    except (TypeError, ValueError) as exc:
-        raise SnapshotError(f"bad object row: {exc}") from exc
-    tombstones = {oid: (int(order), float(when)) for oid, order, when in meta["tombstones"]}
-    generation = int(meta["generation"])
-    index = VectorIndex.from_export(model, dim, generation, objects, vectors, tombstones,
-                                    meta.get("index_type", "Flat"), features(generation))
     return index, str(meta["last_id"])
 
 
@@ -154,13 +187,12 @@ class SnapshotStore:
         self.last: dict[str, Any] | None = None  # name, time, count, last_id of the newest snapshot written
 
     def write(self, index: VectorIndex, last_id: str) -> Path:
-        data, meta = encode(index, last_id)
         name = f"{time.time_ns():020d}-g{index.generation}{SUFFIX}"
         path = self.folder / name
         tmp = self.folder / f".{name}.tmp"
         try:
             with open(tmp, "wb") as handle:
-                handle.write(data)
+                meta = encode(index, last_id, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -168,11 +200,13 @@ class SnapshotStore:
             with contextlib.suppress(OSError):  # a full disk leaves no half file behind (a read-only one none)
                 tmp.unlink(missing_ok=True)
             raise
+        finally:
+            release_freed_memory()
         if self.s3 is not None:
-            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+            self.s3.upload_file(str(path), self.bucket, self.prefix + name)  # streamed (multipart when large)
         self._prune()
         self.last = {"name": name, "time": meta["created"], "count": meta["count"], "last_id": last_id,
-                     "bytes": len(data)}
+                     "bytes": path.stat().st_size}
         return path
 
     def _prune(self) -> None:
@@ -186,6 +220,17 @@ class SnapshotStore:
     def _local(self) -> list[Path]:
         return sorted(self.folder.glob(f"*{SUFFIX}"), reverse=True)
 
+    def _download(self, key: str) -> BinaryIO:
+        """An S3 snapshot copy in a temporary file (gone once closed), not in memory."""
+        spool = tempfile.TemporaryFile(dir=self.folder)
+        try:
+            self.s3.download_fileobj(self.bucket, key, spool)
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool  # type: ignore[return-value]
+
     def _remote(self) -> list[str]:
         listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix)
         return sorted((o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(SUFFIX)), reverse=True)
@@ -193,13 +238,14 @@ class SnapshotStore:
     def load_newest(self, dims: Mapping[str, int], features: Callable[[int], FeatureStore] = lambda _: FeatureStore()
                     ) -> tuple[VectorIndex, str] | None:
         """The newest snapshot that loads; broken ones are reported and skipped for the previous one."""
-        candidates: list[tuple[str, Any]] = [(p.name, p.read_bytes) for p in self._local()]
+        candidates: list[tuple[str, Callable[[], ContextManager[Any]]]] = [
+            (p.name, lambda p=p: contextlib.nullcontext(p)) for p in self._local()]
         if not candidates and self.s3 is not None:
-            candidates = [(k, lambda k=k: self.s3.get_object(Bucket=self.bucket, Key=k)["Body"].read())
-                          for k in self._remote()]
-        for name, read in candidates:
+            candidates = [(k, lambda k=k: self._download(k)) for k in self._remote()]
+        for name, opened in candidates:
             try:
-                index, last_id = decode(read(), dims, features)
+                with opened() as source:
+                    index, last_id = decode(source, dims, features)
             except SnapshotError as exc:
                 log.error("skipping snapshot %s: %s", name, exc)
                 continue

@@ -18,11 +18,12 @@ prefix is a range), each object's modification time in an array indexed by FAISS
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -42,26 +43,53 @@ def ivf_lists(n: int) -> int:
     return int(max(1, min(65536, n, 4 * math.sqrt(max(n, 1)))))
 
 
-def build_structure(index_type: str, dim: int, ids: np.ndarray, vectors: np.ndarray, nprobe: int = 0) -> Any:
-    """A new FAISS structure holding ``vectors`` under ``ids`` (``Flat`` or ``IVF``; IVF trains on them)."""
-    assert vectors.dtype == np.float32 and vectors.shape == (len(ids), dim), f"bad vectors {vectors.shape}"
+CHUNK = 8192  # vectors copied at a time when a structure is built from another or written out (40 MB at 1280-d)
+
+
+def training_rows(n: int) -> np.ndarray:
+    """Which of ``n`` vectors (by position) train an IVF index over them: 64 per inverted list, sorted."""
+    return np.sort(np.random.default_rng(0).choice(n, min(n, ivf_lists(n) * 64), replace=False))
+
+
+def build_structure(index_type: str, dim: int, n: int, sample: np.ndarray,
+                    chunks: Iterable[tuple[np.ndarray, np.ndarray]], nprobe: int = 0) -> Any:
+    """A new FAISS structure (``Flat`` or ``IVF``) for ``n`` vectors, filled from ``chunks`` of (ids, vectors) so
+    that building one never holds a second full copy of them; IVF trains on ``sample`` (``training_rows``)."""
     structure: Any
     if index_type == "Flat":
         structure = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif index_type == "IVF":
-        if len(ids) == 0:
+        if n == 0:
             raise ValueError("an IVF index is trained on the stored vectors, and there are none yet")
-        nlist = ivf_lists(len(ids))
+        nlist = ivf_lists(n)
         structure = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = vectors[np.random.default_rng(0).choice(len(ids), min(len(ids), nlist * 64), replace=False)]
         structure.train(sample)
         structure.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # remove + reconstruct
         structure.nprobe = nprobe or default_nprobe(nlist)
     else:
         raise ValueError(f"unknown index type {index_type!r} (Flat or IVF)")
-    if len(ids):
+    for ids, vectors in chunks:
+        assert vectors.dtype == np.float32 and vectors.shape == (len(ids), dim), f"bad vectors {vectors.shape}"
         structure.add_with_ids(vectors, ids)
     return structure
+
+
+def gather(rows: np.ndarray, chunks: Iterable[np.ndarray]) -> np.ndarray:
+    """The vectors at the sorted positions ``rows`` of a sequence given in consecutive chunks."""
+    picked, start = [], 0
+    for chunk in chunks:
+        stop = start + len(chunk)
+        inside = rows[(rows >= start) & (rows < stop)]
+        picked.append(np.array(chunk[inside - start], np.float32))
+        start = stop
+    return np.concatenate(picked)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a dropped structure back to the system (glibc keeps it otherwise: the resident size
+    stayed 0.46 x the vectors above the index after a restructure, bench/README.md "Memory")."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def set_search_threads(threads: int) -> None:
@@ -131,7 +159,7 @@ class VectorIndex(SearchOne):
         self.generation = generation
         self.features = features if features is not None else FeatureStore()  # this generation's local features
         self.index_type = "Flat"
-        self._faiss: Any = build_structure("Flat", dim, np.empty(0, np.int64), np.empty((0, dim), np.float32))
+        self._faiss: Any = build_structure("Flat", dim, 0, np.empty((0, dim), np.float32), ())
         self._ids: dict[str, int] = {}
         self._objects: dict[int, Indexed] = {}
         self._tombstones: Tombstones = {}  # object id -> (order, time of delete)
@@ -365,38 +393,69 @@ class VectorIndex(SearchOne):
     def export(self) -> tuple[list[Indexed], np.ndarray, Tombstones]:
         """A consistent copy of objects, their vectors (same order) and tombstones, taken under the lock."""
         with self._lock.read():
-            ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
-            objects = [self._objects[int(i)] for i in ids]
+            objects, ids, tombstones = self.contents()
             vectors = self._faiss.reconstruct_batch(ids) if len(ids) else np.empty((0, self.dim), np.float32)
-            return objects, np.ascontiguousarray(vectors, dtype=np.float32), dict(self._tombstones)
+            return objects, np.ascontiguousarray(vectors, dtype=np.float32), tombstones
+
+    def contents(self) -> tuple[list[Indexed], np.ndarray, Tombstones]:
+        """Objects, their FAISS ids (same order) and the tombstones, without the vectors (``vectors_of`` reads them
+        a chunk at a time: a snapshot of 1M vectors does not copy 5 GB first)."""
+        with self._lock.read():
+            ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
+            return [self._objects[int(i)] for i in ids], ids, dict(self._tombstones)
+
+    def vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) for ``ids``, ``CHUNK`` at a time, each chunk read under the lock; ids removed meanwhile
+        (by a merge running beside a restructure) are left out."""
+        for start in range(0, len(ids), CHUNK):
+            with self._lock.read():
+                chunk = ids[start : start + CHUNK]
+                present = np.fromiter((i for i in chunk if int(i) in self._objects), np.int64)
+                yield present, np.ascontiguousarray(self._faiss.reconstruct_batch(present), np.float32)
 
     @classmethod
-    def from_export(cls, model: str, dim: int, generation: int, objects: list[Indexed], vectors: np.ndarray,
-                    tombstones: Tombstones, index_type: str = "Flat",
-                    features: FeatureStore | None = None) -> VectorIndex:
+    def restored(cls, model: str, dim: int, generation: int, objects: list[Indexed],
+                 chunks: Callable[[], Iterator[np.ndarray]], tombstones: Tombstones, index_type: str = "Flat",
+                 features: FeatureStore | None = None) -> VectorIndex:
+        """An index of ``objects`` whose vectors, in the same order, ``chunks()`` yields a few rows at a time (read
+        twice for IVF: once for its training sample, once to fill it)."""
         index = cls(model, dim, generation, features)
-        ids = np.arange(1, len(objects) + 1, dtype=np.int64)
-        if not objects:
+        n = len(objects)
+        if n == 0:
             index_type = "Flat"  # nothing to train an IVF index on
-        index._faiss = build_structure(index_type, dim, ids, vectors)
+        sample = gather(training_rows(n), chunks()) if index_type == "IVF" else np.empty((0, dim), np.float32)
+        ids = np.arange(1, n + 1, dtype=np.int64)
+
+        def numbered() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            start = 0
+            for chunk in chunks():
+                yield ids[start : start + len(chunk)], np.ascontiguousarray(chunk, np.float32)
+                start += len(chunk)
+            if start != n:
+                raise ValueError(f"{start} vectors for {n} objects")
+
+        index._faiss = build_structure(index_type, dim, n, sample, numbered())
         index.index_type = index_type
         for i, obj in zip(ids, objects):
             index._add(object_id(obj.bucket, obj.key), int(i), obj)
         index._tombstones = dict(tombstones)
-        index._next_id = len(objects) + 1
+        index._next_id = n + 1
         return index
 
     def restructure(self, index_type: str) -> None:
-        """Rebuild the FAISS structure (e.g. Flat -> IVF) in the caller's thread while merges and searches go on."""
+        """Rebuild the FAISS structure (e.g. Flat -> IVF) in the caller's thread while merges and searches go on.
+        The new structure is filled from the old one a chunk at a time: peak memory is the two structures, never a
+        third copy of the vectors."""
         with self._lock.write():
             if self._journal is not None:
                 raise RuntimeError("a restructure is already running")
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
-            vectors = self._faiss.reconstruct_batch(ids) if len(ids) else np.empty((0, self.dim), np.float32)
+            sample = (self._faiss.reconstruct_batch(ids[training_rows(len(ids))]) if index_type == "IVF" and len(ids)
+                      else np.empty((0, self.dim), np.float32))
             self._journal = []
         try:
             started = time.perf_counter()
-            structure = build_structure(index_type, self.dim, ids, np.ascontiguousarray(vectors, np.float32))
+            structure = build_structure(index_type, self.dim, len(ids), sample, self.vectors_of(ids))
         except BaseException:
             with self._lock.write():
                 self._journal = None
@@ -410,6 +469,7 @@ class VectorIndex(SearchOne):
                     structure.remove_ids(np.array([faiss_id], dtype=np.int64))
             self._faiss = structure
             self.index_type = index_type
+        release_freed_memory()
         log.info("index generation %d is now %s over %d vectors (built in %.1f s, %d changes replayed)",
                  self.generation, index_type, len(ids), time.perf_counter() - started, len(journal or []))
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bucketlens.schemas import ResultEntry
+from index_service import snapshots, vector_index
 from index_service.snapshots import SnapshotError, SnapshotStore, decode, encode
 from index_service.vector_index import VectorIndex
 
@@ -55,12 +56,18 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous(tmp_path: Path) -> N
     assert last_id == "1-1" and len(loaded) == 9
 
 
+def encoded(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
+    buffer = io.BytesIO()
+    meta = encode(index, last_id, buffer)
+    return buffer.getvalue(), meta
+
+
 def test_wrong_model_or_dimension_is_refused() -> None:
-    data, _ = encode(filled(), "1-1")
+    data, _ = encoded(filled(), "1-1")
     with pytest.raises(SnapshotError, match="dim"):
-        decode(data, {"m": DIM * 2})
+        decode(io.BytesIO(data), {"m": DIM * 2})
     with pytest.raises(SnapshotError, match="other"):
-        decode(data, {"other": DIM})
+        decode(io.BytesIO(data), {"other": DIM})
 
 
 def test_a_pickled_payload_is_never_loaded() -> None:
@@ -68,7 +75,7 @@ def test_a_pickled_payload_is_never_loaded() -> None:
     meta = np.frombuffer(json.dumps({"v": 1}).encode(), dtype=np.uint8)
     np.savez(buffer, vectors=np.array([object()], dtype=object), meta=meta)  # needs pickle to load
     with pytest.raises(SnapshotError):
-        decode(buffer.getvalue(), {"m": DIM})
+        decode(buffer, {"m": DIM})
 
 
 def test_only_the_newest_are_kept(tmp_path: Path) -> None:
@@ -88,11 +95,29 @@ def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
     assert loaded.index_type == "IVF" and contents(loaded) == contents(index)
 
 
+@pytest.mark.parametrize("index_type", ["Flat", "IVF"])
+def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        index_type: str) -> None:
+    """Chunks of 7 vectors: the boundaries fall everywhere, the IVF training sample is gathered across them, and a
+    file cut short inside the vectors is refused, not half-loaded."""
+    monkeypatch.setattr(vector_index, "CHUNK", 7)
+    monkeypatch.setattr(snapshots, "CHUNK", 7)
+    index = filled(400)
+    index.restructure(index_type)
+    store = SnapshotStore(tmp_path)
+    path = store.write(index, "9-9")
+    loaded, _ = store.load_newest({"m": DIM})  # type: ignore[misc]
+    assert loaded.index_type == index_type and contents(loaded) == contents(index)
+    data = path.read_bytes()
+    with pytest.raises(SnapshotError):
+        decode(io.BytesIO(data[: len(data) // 2]), {"m": DIM})
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_an_older_snapshot_still_loads(tmp_path: Path, version: int) -> None:
     """Snapshots written before pixel counts and feature stores (v1), or labels and times (v2), existed load with
     ``pixels`` 0, ``labels`` None and ``modified`` 0; a text or date search then simply does not find them."""
-    data, meta = encode(filled(5), "4-4")
+    data, meta = encoded(filled(5), "4-4")
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         vectors = archive["vectors"]
     meta.update(v=version, objects=[row[: 5 + version] for row in meta["objects"]])
@@ -100,7 +125,7 @@ def test_an_older_snapshot_still_loads(tmp_path: Path, version: int) -> None:
         del meta["features"]
     buffer = io.BytesIO()
     np.savez(buffer, vectors=vectors, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    loaded, last_id = decode(buffer.getvalue(), {"m": DIM})
+    loaded, last_id = decode(buffer, {"m": DIM})
     assert last_id == "4-4" and len(loaded) == 4
     assert {(o.labels, o.modified) for o in loaded.objects()} == {(None, 0.0)}
     assert loaded.label_counts() == {}
