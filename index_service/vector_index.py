@@ -52,20 +52,26 @@ def training_rows(n: int) -> np.ndarray:
 
 
 def build_structure(index_type: str, dim: int, n: int, sample: np.ndarray,
-                    chunks: Iterable[tuple[np.ndarray, np.ndarray]], nprobe: int = 0) -> Any:
+                    chunks: Iterable[tuple[np.ndarray, np.ndarray]], centroids: np.ndarray | None = None) -> Any:
     """A new FAISS structure (``Flat`` or ``IVF``) for ``n`` vectors, filled from ``chunks`` of (ids, vectors) so
-    that building one never holds a second full copy of them; IVF trains on ``sample`` (``training_rows``)."""
+    that building one never holds a second full copy of them. IVF trains on ``sample`` (``training_rows``), or takes
+    the ``centroids`` of an earlier training (a snapshot's: a restart at 1M skips minutes of k-means)."""
     structure: Any
     if index_type == "Flat":
         structure = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif index_type == "IVF":
-        if n == 0:
+        if n == 0 and centroids is None:
             raise ValueError("an IVF index is trained on the stored vectors, and there are none yet")
-        nlist = ivf_lists(n)
+        nlist = ivf_lists(n) if centroids is None else len(centroids)
         structure = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        structure.train(sample)
+        if centroids is None:
+            structure.train(sample)
+        else:
+            assert centroids.shape == (nlist, dim), f"bad centroids {centroids.shape}"
+            structure.quantizer.add(np.ascontiguousarray(centroids, np.float32))
+            structure.is_trained = True
         structure.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # remove + reconstruct
-        structure.nprobe = nprobe or default_nprobe(nlist)
+        structure.nprobe = default_nprobe(nlist)
     else:
         raise ValueError(f"unknown index type {index_type!r} (Flat or IVF)")
     for ids, vectors in chunks:
@@ -404,6 +410,13 @@ class VectorIndex(SearchOne):
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
             return [self._objects[int(i)] for i in ids], ids, dict(self._tombstones)
 
+    def centroids(self) -> np.ndarray | None:
+        """An IVF structure's trained centroids (None for Flat), which a snapshot keeps."""
+        with self._lock.read():
+            if self.index_type != "IVF":
+                return None
+            return self._faiss.quantizer.reconstruct_n(0, self._faiss.nlist)  # type: ignore[no-any-return]
+
     def vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) for ``ids``, ``CHUNK`` at a time, each chunk read under the lock; ids removed meanwhile
         (by a merge running beside a restructure) are left out."""
@@ -416,14 +429,16 @@ class VectorIndex(SearchOne):
     @classmethod
     def restored(cls, model: str, dim: int, generation: int, objects: list[Indexed],
                  chunks: Callable[[], Iterator[np.ndarray]], tombstones: Tombstones, index_type: str = "Flat",
-                 features: FeatureStore | None = None) -> VectorIndex:
-        """An index of ``objects`` whose vectors, in the same order, ``chunks()`` yields a few rows at a time (read
-        twice for IVF: once for its training sample, once to fill it)."""
+                 features: FeatureStore | None = None, centroids: np.ndarray | None = None) -> VectorIndex:
+        """An index of ``objects`` whose vectors, in the same order, ``chunks()`` yields a few rows at a time. An
+        IVF index takes ``centroids`` when given; else ``chunks()`` is read twice: for its training sample, then
+        to fill it."""
         index = cls(model, dim, generation, features)
         n = len(objects)
         if n == 0:
             index_type = "Flat"  # nothing to train an IVF index on
-        sample = gather(training_rows(n), chunks()) if index_type == "IVF" else np.empty((0, dim), np.float32)
+        trains = index_type == "IVF" and centroids is None
+        sample = gather(training_rows(n), chunks()) if trains else np.empty((0, dim), np.float32)
         ids = np.arange(1, n + 1, dtype=np.int64)
 
         def numbered() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -434,12 +449,13 @@ class VectorIndex(SearchOne):
             if start != n:
                 raise ValueError(f"{start} vectors for {n} objects")
 
-        index._faiss = build_structure(index_type, dim, n, sample, numbered())
+        index._faiss = build_structure(index_type, dim, n, sample, numbered(), centroids)
         index.index_type = index_type
         for i, obj in zip(ids, objects):
             index._add(object_id(obj.bucket, obj.key), int(i), obj)
         index._tombstones = dict(tombstones)
         index._next_id = n + 1
+        release_freed_memory()
         return index
 
     def restructure(self, index_type: str) -> None:

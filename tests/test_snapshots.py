@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,9 @@ def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
 @pytest.mark.parametrize("index_type", ["Flat", "IVF"])
 def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         index_type: str) -> None:
-    """Chunks of 7 vectors: the boundaries fall everywhere, the IVF training sample is gathered across them, and a
-    file cut short inside the vectors is refused, not half-loaded."""
+    """Chunks of 7 vectors: the boundaries fall everywhere, an IVF index comes back with the centroids it was
+    trained with (v4; a v3 snapshot's is trained again on a sample gathered across the chunks), and a file cut
+    short is refused, not half-loaded."""
     monkeypatch.setattr(vector_index, "CHUNK", 7)
     monkeypatch.setattr(snapshots, "CHUNK", 7)
     index = filled(400)
@@ -108,6 +110,13 @@ def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypa
     path = store.write(index, "9-9")
     loaded, _ = store.load_newest({"m": DIM})  # type: ignore[misc]
     assert loaded.index_type == index_type and contents(loaded) == contents(index)
+    if index_type == "IVF":
+        np.testing.assert_array_equal(loaded.centroids(), index.centroids())  # type: ignore[arg-type]
+        with zipfile.ZipFile(path) as archive, zipfile.ZipFile(tmp_path / "v3.npz", "w") as older:
+            for name in ("vectors.npy", "meta.npy"):  # a v3 snapshot: no centroids
+                older.writestr(name, archive.read(name))
+        retrained, _ = decode(tmp_path / "v3.npz", {"m": DIM})
+        assert retrained.index_type == "IVF" and contents(retrained) == contents(index)
     data = path.read_bytes()
     with pytest.raises(SnapshotError):
         decode(io.BytesIO(data[: len(data) // 2]), {"m": DIM})
