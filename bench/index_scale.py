@@ -57,7 +57,7 @@ def timed_search(index: VectorIndex, queries: np.ndarray) -> tuple[list[set[str]
     return hits, float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def measure(n: int, queries_n: int = 200) -> dict[str, float]:
+def measure(n: int, queries_n: int = 200, index_type: str = "IVF") -> dict[str, float]:
     data = clustered(n + queries_n, seed=n)
     queries = data[n:].copy()
     index = VectorIndex("m", DIM)
@@ -72,7 +72,8 @@ def measure(n: int, queries_n: int = 200) -> dict[str, float]:
     row: dict[str, float] = {"n": n, "merge_vectors_per_s": round(merge_rate), "flat_p50_ms": exact_p50,
                              "flat_p99_ms": exact_p99, "raw_vector_mb": n * DIM * 4 / 2**20}
     started = time.perf_counter()
-    index.restructure("IVF")
+    index.restructure(index_type)
+    row["index_type"] = index_type  # type: ignore[assignment]
     row["ivf_build_s"] = time.perf_counter() - started
     row["ivf_lists"] = ivf_lists(n)
     sweep = []
@@ -95,11 +96,12 @@ def measure(n: int, queries_n: int = 200) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", nargs="*", type=int, default=[10_000, 100_000])
+    parser.add_argument("--index-type", default="IVF", choices=["IVF", "IVF-SQ8"], help="the approximate structure")
     args = parser.parse_args()
     set_search_threads(1)  # as the index service runs (see vector_index.set_search_threads)
     rows = []
     for n in args.sizes:  # one process per size would isolate peak memory; run sizes one at a time for that
-        rows.append(measure(n))
+        rows.append(measure(n, index_type=args.index_type))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ivf_sweep"}), flush=True)
         for s in rows[-1]["ivf_sweep"]:  # type: ignore[union-attr]
             print(f"   nprobe {s['nprobe']:>4}: recall@10 {s['recall_at_10']:.3f}  p50 {s['p50_ms']:.2f} ms  "
@@ -107,7 +109,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "index-scale.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
-    previous.update({str(r["n"]): r for r in rows})
+    previous.update({str(r["n"]) + ("" if args.index_type == "IVF" else f"-{args.index_type}"): r for r in rows})
     out.write_text(json.dumps(previous, indent=2))
 
 

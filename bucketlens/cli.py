@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--clear", action="store_true", help="delete the selected records")
     rebuild = sub.add_parser("rebuild", help="rebuild the index with no downtime (default: re-embed everything)")
     rebuild.add_argument("--reindex", action="store_true", help="rebuild the FAISS structure from stored vectors")
-    rebuild.add_argument("--index-type", choices=["Flat", "IVF", "HNSW"], help="HNSW: the Milvus backend only")
+    rebuild.add_argument("--index-type", choices=["Flat", "IVF", "IVF-SQ8", "HNSW"],
+                         help="IVF-SQ8: the FAISS backend only, HNSW: the Milvus backend only")
     rebuild.add_argument("--bucket")
     rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v3")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")

@@ -64,6 +64,7 @@ class Settings:
     tombstone_retention_s: int = 24 * 3600
     approx_threshold: int = 50_000  # above this many vectors the service builds an approximate index
     faiss_threads: int = 1  # OpenMP threads per FAISS call in the index service (concurrency comes from HTTP)
+    faiss_index_type: str = "IVF"  # the approximate type above approx_threshold: IVF or IVF-SQ8 (a quarter the memory)
     replica: str = ""  # this index service's name among replicas ("": host:pid)
     writer_lease_s: float = 10.0  # the merging replica's Redis lease: another takes over this long after it died
     index_backend: str = "faiss"  # faiss (in the index service, snapshots on disk) | milvus (a Milvus server)

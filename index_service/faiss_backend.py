@@ -12,16 +12,18 @@ from vision.models import dims, recipe
 from .backend import Index
 from .feature_store import FeatureStore
 from .snapshots import SnapshotStore
-from .vector_index import VectorIndex, set_search_threads
+from .vector_index import INDEX_TYPES, VectorIndex, set_search_threads
 
 
 class FaissBackend:
     name = "faiss"
     shared = False  # each process holds its own copy
-    index_types: tuple[str, ...] = ("Flat", "IVF")
-    approximate = "IVF"
+    index_types: tuple[str, ...] = INDEX_TYPES
 
     def __init__(self, settings: Settings, features: Callable[[int], FeatureStore], s3: Any = None) -> None:
+        if settings.faiss_index_type not in ("IVF", "IVF-SQ8"):
+            raise ValueError(f"BUCKETLENS_FAISS_INDEX_TYPE={settings.faiss_index_type!r}: choose IVF or IVF-SQ8")
+        self.approximate = settings.faiss_index_type
         set_search_threads(settings.faiss_threads)
         self.features = features
         self.snapshots = SnapshotStore(

@@ -73,7 +73,9 @@ SCHEMAS: dict[str, Schema] = {
     "Duplicates": obj({"model": TEXT, "total": INT, "offset": INT, "limit": INT, "pending": INT,
                        "groups": {"type": "array"}}, ("model", "total", "groups")),
     "RebuildRequest": obj({"mode": {"enum": ["reembed", "reindex"], "default": "reembed"},
-                           "bucket": {"type": "string", "minLength": 1}, "index_type": {"enum": ["Flat", "IVF"]},
+                           "bucket": {"type": "string", "minLength": 1},
+                           "index_type": {"enum": ["Flat", "IVF", "IVF-SQ8", "HNSW"],
+                                          "description": "IVF-SQ8: FAISS backend only; HNSW: Milvus backend only"},
                            "model": {"type": "string", "description": "switch models (reembed of every bucket)"}}),
     "RebuildJob": obj({"id": TEXT, "mode": TEXT, "generation": INT, "state":
                        {"enum": ["running", "done", "failed", "cancelled"]}, "total": INT, "done": INT, "failed": INT,

@@ -29,9 +29,10 @@ from .vector_index import CHUNK, VectorIndex, release_freed_memory
 
 log = logging.getLogger(__name__)
 SUFFIX = ".snapshot.npz"
-# 2 added each object's pixel count and the feature store's name, 3 its labels and modification time, 4 an IVF
-# index's centroids (``centroids.npy``: a restart does not train it again);
+# 2 added each object's pixel count and the feature store's name, 3 its labels and modification time, 4 what an
+# IVF index's training left (``TRAINED``: a restart does not train it again);
 VERSION = 4
+TRAINED = ("centroids", "scalar_quantizer")  # vector_index.trained_state's arrays, one .npy each
 READABLE = (1, 2, 3, 4)  # older snapshots still load (their objects without labels and times, IVF retrained)
 
 
@@ -68,10 +69,9 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO) -> dict[str, Any]:
                 written += len(present)
             if written != len(ids):
                 raise RuntimeError(f"{len(ids) - written} objects left the index while its snapshot was written")
-        centroids = index.centroids()
-        if centroids is not None:
-            with archive.open("centroids.npy", "w") as member:
-                np.lib.format.write_array(member, centroids)
+        for name, array in index.trained().items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, array)
         with archive.open("meta.npy", "w") as member:
             np.lib.format.write_array(member, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     return meta
@@ -119,14 +119,15 @@ def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
                             raise SnapshotError(f"snapshot truncated at vector {start + len(data) // row_bytes}")
                         yield np.frombuffer(data, "<f4").reshape(rows, dim)
 
-            centroids = None
-            if "centroids.npy" in archive.namelist():
-                centroids = np.lib.format.read_array(archive.open("centroids.npy"), allow_pickle=False)
-                if centroids.dtype != np.float32 or centroids.ndim != 2 or centroids.shape[1] != dim:
-                    raise SnapshotError(f"snapshot holds {centroids.shape} {centroids.dtype} centroids")
+            trained = {name: np.lib.format.read_array(archive.open(f"{name}.npy"), allow_pickle=False)
+                       for name in TRAINED if f"{name}.npy" in archive.namelist()}
+            if any(array.dtype != np.float32 for array in trained.values()) or (
+                    "centroids" in trained and trained["centroids"].shape[1:] != (dim,)) or (
+                    "scalar_quantizer" in trained and trained["scalar_quantizer"].shape != (2 * dim,)):
+                raise SnapshotError(f"snapshot holds {[(a.shape, a.dtype) for a in trained.values()]} training")
             generation = int(meta["generation"])
             index = VectorIndex.restored(model, dim, generation, objects, chunks, tombstones,
-                                         meta.get("index_type", "Flat"), features(generation), centroids)
+                                         meta.get("index_type", "Flat"), features(generation), trained)
     except SnapshotError:
         raise
     except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:

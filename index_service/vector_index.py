@@ -51,33 +51,57 @@ def training_rows(n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, min(n, ivf_lists(n) * 64), replace=False))
 
 
+INDEX_TYPES = ("Flat", "IVF", "IVF-SQ8")
+
+
 def build_structure(index_type: str, dim: int, n: int, sample: np.ndarray,
-                    chunks: Iterable[tuple[np.ndarray, np.ndarray]], centroids: np.ndarray | None = None) -> Any:
-    """A new FAISS structure (``Flat`` or ``IVF``) for ``n`` vectors, filled from ``chunks`` of (ids, vectors) so
-    that building one never holds a second full copy of them. IVF trains on ``sample`` (``training_rows``), or takes
-    the ``centroids`` of an earlier training (a snapshot's: a restart at 1M skips minutes of k-means)."""
+                    chunks: Iterable[tuple[np.ndarray, np.ndarray]], trained: dict[str, np.ndarray] | None = None
+                    ) -> Any:
+    """A new FAISS structure for ``n`` vectors, filled from ``chunks`` of (ids, vectors) so that building one never
+    holds a second full copy of them.
+
+    ``Flat``: exact. ``IVF``: inverted lists of float32 vectors. ``IVF-SQ8``: the same lists holding each vector as
+    one byte per dimension (FAISS's 8-bit scalar quantizer, a quarter of the memory; scores and ``vector`` are then
+    decoded values). An IVF type trains on ``sample`` (``training_rows``), or takes what an earlier training left
+    (``trained_state``: a snapshot's, so a restart at 1M skips minutes of k-means)."""
     structure: Any
     if index_type == "Flat":
         structure = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    elif index_type == "IVF":
-        if n == 0 and centroids is None:
+    elif index_type in ("IVF", "IVF-SQ8"):
+        if n == 0 and trained is None:
             raise ValueError("an IVF index is trained on the stored vectors, and there are none yet")
-        nlist = ivf_lists(n) if centroids is None else len(centroids)
-        structure = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        if centroids is None:
+        nlist = ivf_lists(n) if trained is None else len(trained["centroids"])
+        quantizer = faiss.IndexFlatIP(dim)
+        if index_type == "IVF":
+            structure = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:  # not by residual: a vector's code does not depend on its list, so a snapshot's codes come back exact
+            structure = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                      faiss.METRIC_INNER_PRODUCT, False)
+        if trained is None:
             structure.train(sample)
         else:
-            assert centroids.shape == (nlist, dim), f"bad centroids {centroids.shape}"
-            structure.quantizer.add(np.ascontiguousarray(centroids, np.float32))
+            assert trained["centroids"].shape == (nlist, dim), f"bad centroids {trained['centroids'].shape}"
+            structure.quantizer.add(np.ascontiguousarray(trained["centroids"], np.float32))
+            if index_type == "IVF-SQ8":
+                faiss.copy_array_to_vector(np.ascontiguousarray(trained["scalar_quantizer"], np.float32),
+                                           structure.sq.trained)
             structure.is_trained = True
         structure.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # remove + reconstruct
         structure.nprobe = default_nprobe(nlist)
     else:
-        raise ValueError(f"unknown index type {index_type!r} (Flat or IVF)")
+        raise ValueError(f"unknown index type {index_type!r} ({', '.join(INDEX_TYPES)})")
     for ids, vectors in chunks:
         assert vectors.dtype == np.float32 and vectors.shape == (len(ids), dim), f"bad vectors {vectors.shape}"
         structure.add_with_ids(vectors, ids)
     return structure
+
+
+def trained_state(structure: Any) -> dict[str, np.ndarray]:
+    """What training left in an IVF structure (centroids; the scalar quantizer's ranges), for ``build_structure``."""
+    state = {"centroids": structure.quantizer.reconstruct_n(0, structure.nlist)}
+    if isinstance(structure, faiss.IndexIVFScalarQuantizer):
+        state["scalar_quantizer"] = faiss.vector_to_array(structure.sq.trained).astype(np.float32)
+    return state
 
 
 def gather(rows: np.ndarray, chunks: Iterable[np.ndarray]) -> np.ndarray:
@@ -354,7 +378,7 @@ class VectorIndex(SearchOne):
     def _selector(self, ids: np.ndarray) -> Any:
         """Search parameters that keep ``ids``; IVF probes more lists as the filter keeps fewer objects."""
         selector = faiss.IDSelectorBatch(ids)
-        if self.index_type != "IVF":
+        if self.index_type == "Flat":
             return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         nprobe = min(self._faiss.nlist, math.ceil(self._faiss.nprobe * len(self._ids) / max(1, len(ids))))
         return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
@@ -410,12 +434,10 @@ class VectorIndex(SearchOne):
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
             return [self._objects[int(i)] for i in ids], ids, dict(self._tombstones)
 
-    def centroids(self) -> np.ndarray | None:
-        """An IVF structure's trained centroids (None for Flat), which a snapshot keeps."""
+    def trained(self) -> dict[str, np.ndarray]:
+        """What training left in an IVF structure (none for Flat), which a snapshot keeps."""
         with self._lock.read():
-            if self.index_type != "IVF":
-                return None
-            return self._faiss.quantizer.reconstruct_n(0, self._faiss.nlist)  # type: ignore[no-any-return]
+            return {} if self.index_type == "Flat" else trained_state(self._faiss)
 
     def vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) for ``ids``, ``CHUNK`` at a time, each chunk read under the lock; ids removed meanwhile
@@ -429,15 +451,15 @@ class VectorIndex(SearchOne):
     @classmethod
     def restored(cls, model: str, dim: int, generation: int, objects: list[Indexed],
                  chunks: Callable[[], Iterator[np.ndarray]], tombstones: Tombstones, index_type: str = "Flat",
-                 features: FeatureStore | None = None, centroids: np.ndarray | None = None) -> VectorIndex:
+                 features: FeatureStore | None = None, trained: dict[str, np.ndarray] | None = None) -> VectorIndex:
         """An index of ``objects`` whose vectors, in the same order, ``chunks()`` yields a few rows at a time. An
-        IVF index takes ``centroids`` when given; else ``chunks()`` is read twice: for its training sample, then
-        to fill it."""
+        IVF index takes ``trained`` (``trained_state``) when given; else ``chunks()`` is read twice: for its
+        training sample, then to fill it."""
         index = cls(model, dim, generation, features)
         n = len(objects)
         if n == 0:
             index_type = "Flat"  # nothing to train an IVF index on
-        trains = index_type == "IVF" and centroids is None
+        trains = index_type != "Flat" and not trained
         sample = gather(training_rows(n), chunks()) if trains else np.empty((0, dim), np.float32)
         ids = np.arange(1, n + 1, dtype=np.int64)
 
@@ -449,7 +471,7 @@ class VectorIndex(SearchOne):
             if start != n:
                 raise ValueError(f"{start} vectors for {n} objects")
 
-        index._faiss = build_structure(index_type, dim, n, sample, numbered(), centroids)
+        index._faiss = build_structure(index_type, dim, n, sample, numbered(), trained or None)
         index.index_type = index_type
         for i, obj in zip(ids, objects):
             index._add(object_id(obj.bucket, obj.key), int(i), obj)
@@ -466,7 +488,7 @@ class VectorIndex(SearchOne):
             if self._journal is not None:
                 raise RuntimeError("a restructure is already running")
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
-            sample = (self._faiss.reconstruct_batch(ids[training_rows(len(ids))]) if index_type == "IVF" and len(ids)
+            sample = (self._faiss.reconstruct_batch(ids[training_rows(len(ids))]) if index_type != "Flat" and len(ids)
                       else np.empty((0, self.dim), np.float32))
             self._journal = []
         try:

@@ -78,15 +78,16 @@ def clustered(n: int, dim: int, centroids: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_ivf_recall_at_10_against_exact_search_and_deletes_are_honoured() -> None:
+@pytest.mark.parametrize("index_type", ["IVF", "IVF-SQ8"])
+def test_ivf_recall_at_10_against_exact_search_and_deletes_are_honoured(index_type: str) -> None:
     dim, n = 64, 20_000
     data = clustered(n + 200, dim, 500)
     exact, approx = VectorIndex("m", dim), VectorIndex("m", dim)
     entries = [ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data[:n])]
     exact.apply(entries)
     approx.apply(entries)
-    approx.restructure("IVF")
-    assert approx.index_type == "IVF" and len(approx) == n
+    approx.restructure(index_type)
+    assert approx.index_type == index_type and len(approx) == n
     queries = data[n:]
     recall = np.mean([
         len({o.key for o, _ in exact.search(q, 10)} & {o.key for o, _ in approx.search(q, 10)}) / 10
@@ -96,6 +97,10 @@ def test_ivf_recall_at_10_against_exact_search_and_deletes_are_honoured() -> Non
     victim = approx.search(queries[0], 1)[0][0].key
     approx.apply([ResultEntry("delete", "b", victim, "", "", 2, 1)])
     assert victim not in {o.key for o, _ in approx.search(queries[0], 10)}
+    # A prefix keeping 11,111 objects searches the structure with a selector; one keeping 111, an exact scan.
+    for prefix in ("k1", "k199"):
+        found = [o.key for o, _ in approx.search(queries[1], 10, where=Filter(prefix=prefix))]
+        assert len(found) == 10 and all(key.startswith(prefix) for key in found)
 
 
 def test_restructure_replays_changes_made_while_it_builds(index: VectorIndex) -> None:
