@@ -54,7 +54,7 @@ def training_rows(n: int) -> np.ndarray:
 INDEX_TYPES = ("Flat", "IVF", "IVF-SQ8")
 
 
-def build_structure(index_type: str, dim: int, n: int, sample: np.ndarray,
+def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.ndarray],
                     chunks: Iterable[tuple[np.ndarray, np.ndarray]], trained: dict[str, np.ndarray] | None = None
                     ) -> Any:
     """A new FAISS structure for ``n`` vectors, filled from ``chunks`` of (ids, vectors) so that building one never
@@ -62,8 +62,9 @@ def build_structure(index_type: str, dim: int, n: int, sample: np.ndarray,
 
     ``Flat``: exact. ``IVF``: inverted lists of float32 vectors. ``IVF-SQ8``: the same lists holding each vector as
     one byte per dimension (FAISS's 8-bit scalar quantizer, a quarter of the memory; scores and ``vector`` are then
-    decoded values). An IVF type trains on ``sample`` (``training_rows``), or takes what an earlier training left
-    (``trained_state``: a snapshot's, so a restart at 1M skips minutes of k-means)."""
+    decoded values). An IVF type trains on ``sample()`` (``training_rows``; made and dropped before the structure
+    fills, so it never adds to the peak), or takes what an earlier training left (``trained_state``: a snapshot's,
+    so a restart at 1M skips minutes of k-means)."""
     structure: Any
     if index_type == "Flat":
         structure = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
@@ -78,7 +79,7 @@ def build_structure(index_type: str, dim: int, n: int, sample: np.ndarray,
             structure = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                       faiss.METRIC_INNER_PRODUCT, False)
         if trained is None:
-            structure.train(sample)
+            structure.train(sample())
         else:
             assert trained["centroids"].shape == (nlist, dim), f"bad centroids {trained['centroids'].shape}"
             structure.quantizer.add(np.ascontiguousarray(trained["centroids"], np.float32))
@@ -105,14 +106,20 @@ def trained_state(structure: Any) -> dict[str, np.ndarray]:
 
 
 def gather(rows: np.ndarray, chunks: Iterable[np.ndarray]) -> np.ndarray:
-    """The vectors at the sorted positions ``rows`` of a sequence given in consecutive chunks."""
-    picked, start = [], 0
+    """The vectors at the sorted positions ``rows`` of a sequence given in consecutive chunks (one array, filled in
+    place: no list of pieces to join)."""
+    picked: np.ndarray | None = None
+    start = filled = 0
     for chunk in chunks:
+        if picked is None:
+            picked = np.empty((len(rows), chunk.shape[1]), np.float32)
         stop = start + len(chunk)
         inside = rows[(rows >= start) & (rows < stop)]
-        picked.append(np.array(chunk[inside - start], np.float32))
+        picked[filled : filled + len(inside)] = chunk[inside - start]
+        filled += len(inside)
         start = stop
-    return np.concatenate(picked)
+    assert picked is not None and filled == len(rows), f"{filled} of {len(rows)} rows found"
+    return picked
 
 
 def release_freed_memory() -> None:
@@ -189,7 +196,7 @@ class VectorIndex(SearchOne):
         self.generation = generation
         self.features = features if features is not None else FeatureStore()  # this generation's local features
         self.index_type = "Flat"
-        self._faiss: Any = build_structure("Flat", dim, 0, np.empty((0, dim), np.float32), ())
+        self._faiss: Any = build_structure("Flat", dim, 0, lambda: np.empty((0, dim), np.float32), ())
         self._ids: dict[str, int] = {}
         self._objects: dict[int, Indexed] = {}
         self._tombstones: Tombstones = {}  # object id -> (order, time of delete)
@@ -459,8 +466,6 @@ class VectorIndex(SearchOne):
         n = len(objects)
         if n == 0:
             index_type = "Flat"  # nothing to train an IVF index on
-        trains = index_type != "Flat" and not trained
-        sample = gather(training_rows(n), chunks()) if trains else np.empty((0, dim), np.float32)
         ids = np.arange(1, n + 1, dtype=np.int64)
 
         def numbered() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -471,7 +476,8 @@ class VectorIndex(SearchOne):
             if start != n:
                 raise ValueError(f"{start} vectors for {n} objects")
 
-        index._faiss = build_structure(index_type, dim, n, sample, numbered(), trained or None)
+        index._faiss = build_structure(index_type, dim, n, lambda: gather(training_rows(n), chunks()), numbered(),
+                                       trained or None)
         index.index_type = index_type
         for i, obj in zip(ids, objects):
             index._add(object_id(obj.bucket, obj.key), int(i), obj)
@@ -488,9 +494,16 @@ class VectorIndex(SearchOne):
             if self._journal is not None:
                 raise RuntimeError("a restructure is already running")
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
-            sample = (self._faiss.reconstruct_batch(ids[training_rows(len(ids))]) if index_type != "Flat" and len(ids)
-                      else np.empty((0, self.dim), np.float32))
             self._journal = []
+
+        def sample() -> np.ndarray:  # rows a merge removed meanwhile are left out
+            rows = ids[training_rows(len(ids))]
+            out, filled = np.empty((len(rows), self.dim), np.float32), 0
+            for _, vectors in self.vectors_of(rows):
+                out[filled : filled + len(vectors)] = vectors
+                filled += len(vectors)
+            return out[:filled]
+
         try:
             started = time.perf_counter()
             structure = build_structure(index_type, self.dim, len(ids), sample, self.vectors_of(ids))
