@@ -1,10 +1,12 @@
 """``python -m bench`` (``make bench``): the benchmark on the local stack, same images, model and cores.
 
 Steps: ``limit`` (decode + embed in-process), ``e2e`` (bucketlens bulk throughput, then freshness),
-``old`` (the old design), ``queries`` (search latency at each index size); ``burst`` only when asked
+``old`` (the old design), ``queries`` (search latency over HTTP and in-process on real embeddings, FAISS Flat
+and the type the service picks); ``milvus`` only when asked (``--only queries,milvus``: the same for a Milvus
+server started for the step, side by side in one run); ``burst`` only when asked
 (``--only burst``: ``--burst`` uploads with the workers stopped, then drained) and ``load`` (``--only load``:
 64 concurrent searches for 60 s while 2,000 uploads merge). Prints a table and writes
-``bench/results/latest.json``. Quick by default (1000 images, 10k and 100k vectors); ``--images 5000`` for more.
+``bench/results/latest.json``. Quick by default (1000 images, 100k vectors); ``--images 5000`` for more.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ from .report import check_targets, headline, table
 from .stack import bench_stack, describe, warm_up, worker_pid
 
 STEPS = ("limit", "e2e", "old", "queries")  # the default run
-ON_REQUEST = ("burst", "load")  # long: run with --only
+ON_REQUEST = ("burst", "load", "milvus")  # long, or a server more: run with --only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000, help="images in the set (default 1000)")
-    parser.add_argument("--index-sizes", default="10000,100000", help="query index sizes (default 10000,100000)")
+    parser.add_argument("--vectors", type=int, default=100_000, help="vectors in the searched index (default 100000)")
     parser.add_argument("--queries", type=int, default=200, help="queries per measurement (default 200)")
     parser.add_argument("--freshness", type=int, default=20, help="single uploads timed for freshness")
     parser.add_argument("--only", default=",".join(STEPS),
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"load_average_before": load_average()}
     if "limit" in steps:
         results["limit"] = measure_limit(settings, [path.read_bytes() for path in files], cores())
-    if steps & {"e2e", "old", "queries", "burst", "load"}:
+    if steps & {"e2e", "old", "queries", "milvus", "burst", "load"}:
         if not list((args.cache / "models").glob("*.onnx")):
             from vision.embedders import load_embedder
 
@@ -115,10 +117,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["load"] = load.run(stack, api, files, uploads, clients, seconds, args.seed)
             if "old" in steps:
                 results["old_design"] = old_design.run(stack.settings, files)
-            if "queries" in steps:
-                sizes = [int(size) for size in args.index_sizes.split(",")]
+            backends = [name for name, step in (("faiss", "queries"), ("milvus", "milvus")) if step in steps]
+            if backends:
                 profile_to = args.out.parent / "search-profile.txt" if args.profile else None
-                results["queries"] = queries.run(stack.settings, files, sizes, args.queries, args.seed, profile_to)
+                results["queries"] = queries.run(stack.settings, files, args.vectors, args.queries, backends,
+                                                 args.seed, profile_to)
     results["load_average_after"] = load_average()
     return results
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = check_targets(flat)
     report = {
         "images": args.images, "cores": cores(), **flat, "targets": targets,
-        "settings": [*args.set], "index_sizes": args.index_sizes, "commit": git_commit(),
+        "settings": [*args.set], "vectors": args.vectors, "commit": git_commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1), "details": details,
     }

@@ -1,7 +1,8 @@
 """Both index backends side by side, in process, through the same contract (``index_service/backend.py``): merge rate
 (``apply`` in the merger's batches), checkpoint time, search p50/p99 (k=10, one query at a time), and recall@10
 against exact search once each backend has switched to the approximate type it picks (FAISS IVF, Milvus HNSW or
-IVF per ``BUCKETLENS_MILVUS_INDEX_TYPE``). Not over HTTP and not under concurrency: that is issue 10's part 6.
+IVF per ``BUCKETLENS_MILVUS_INDEX_TYPE``). Over HTTP, under concurrency and on real embeddings:
+``python -m bench --only queries,milvus`` (``bench/queries.py``).
 
     .venv/bin/python -m bench.backends --milvus-uri http://127.0.0.1:19530 20000   # bench/results/backends.json
 

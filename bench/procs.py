@@ -40,9 +40,18 @@ def tree(pid: int) -> list[int]:
 
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory (VmHWM) of one process, in MiB; 0 when it is gone."""
+    return _status_mb(pid, "VmHWM:")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory (VmRSS) of one process now, in MiB; 0 when it is gone."""
+    return _status_mb(pid, "VmRSS:")
+
+
+def _status_mb(pid: int, field: str) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass

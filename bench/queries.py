@@ -1,11 +1,21 @@
-"""Query latency over HTTP against indexes of synthetic clustered vectors, beside the same FAISS search
-in-process (``IndexFlatIP``, the service's ``faiss_threads``).
+"""Search latency over HTTP for both index backends, on real embeddings, beside the same search in-process.
 
-A dedicated index service (``bucketlens serve``, namespace ``benchq``, on the bench stack's Redis) reads a
-result stream that the benchmark fills directly with upsert entries (``ResultEntry.to_fields`` + XADD): first
-the smaller size, then the rest up to the larger one. The vectors look like real embeddings (non-negative, in a
-few thousand clusters), not uniform noise. The service keeps a flat index (``approx_threshold`` set above the
-largest size) so that both sides run the same exhaustive inner-product scan.
+One result stream (namespace ``benchq``, on the bench stack's Redis) is filled directly with upsert entries
+(``ResultEntry.to_fields`` + XADD; no workers): ``bench/real_vectors.py``'s embeddings of real photos and their
+edited copies, grown to ``vectors`` by perturbation. Index services (``bucketlens serve``) then read the whole
+stream from its start, one *setup* after another:
+
+- ``faiss Flat``: ``approx_threshold`` above the size, so the exhaustive scan;
+- ``faiss <type>``: the default threshold, so the type the service picks at that size (IVF at 100k);
+- ``milvus <type>`` (``--only ...,milvus``): a Milvus standalone server started for the step; HNSW by default.
+
+Per setup: the merge rate (vectors per second from the first merged to the last), ``POST /search`` by vector at
+concurrency 1 and 8 as a JSON list (``json``) and as raw float32 bytes (``raw``: ``application/octet-stream``),
+the same search in-process through the backend contract (FAISS: the same index type built in this process,
+restructured at the same threshold; Milvus: the service's own collection, loaded from the server), the split of
+each query from the response's ``Server-Timing`` (parse, scan, presign, encode; ``http`` is the round trip less
+their sum), recall@10 against an exact scan (all queries, and the real ones: edited copies never indexed), and
+the resident memory of every process involved before the service stops.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,54 +43,65 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
+from index_service.backend import Index, open_backend
+from index_service.feature_store import FeatureStore
+from infra import milvus
 from infra.stack import free_port
 
-from . import ROOT
+from . import ROOT, real_vectors
 from .e2e import percentile
-from .procs import tree_peak_rss_mb
+from .procs import peak_rss_mb, rss_mb, stack_pids, tree_peak_rss_mb
 from .profile import Profiler, search_summary
 
 NAMESPACE = "benchq"
+PARTS = ("parse", "scan", "presign", "encode")  # the service's Server-Timing entries
+HELD_OUT_SEED = 3  # edited copies of this seed are queries, never indexed
 
 
-def clustered_vectors(n: int, dim: int, seed: int, clusters: int = 2000) -> np.ndarray:
-    """``n`` L2-normalised, non-negative vectors around ``clusters`` centres (pooled CNN features are >= 0)."""
-    rng = np.random.default_rng(seed)
-    centres = np.abs(rng.standard_normal((clusters, dim), dtype=np.float32))
-    centres *= rng.random((clusters, dim), dtype=np.float32) < 0.3  # sparse, as ReLU features are
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 10_000):
-        rows = min(10_000, n - start)
-        picked = centres[rng.integers(0, clusters, rows)]
-        chunk = np.maximum(picked + 0.4 * rng.standard_normal((rows, dim), dtype=np.float32), 0)
-        out[start : start + rows] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
-    return out
+def key(i: int) -> str:
+    return f"synthetic/{i:07d}"
 
 
-def fill_stream(settings: Settings, vectors: np.ndarray, start: int) -> None:
-    """XADD one upsert entry per vector, as the workers would, with keys ``synthetic/<start + i>``."""
+def entries(settings: Settings, vectors: np.ndarray, order: int = 0) -> list[ResultEntry]:
+    """One upsert entry per vector, as the workers would write them, with keys ``key(i)``."""
+    return [ResultEntry("upsert", settings.bucket, key(i), f"etag{i}", "", order + i, 1, settings.model, vector)
+            for i, vector in enumerate(vectors)]
+
+
+def fill_stream(settings: Settings, vectors: np.ndarray) -> None:
+    """The stream holds exactly these upserts. They are ordered an hour ahead: a service that starts without a
+    snapshot reconciles with the bucket (``redis_loss.restore_at_start``) and deletes what it holds from before
+    the reconcile that the bucket does not list, and these objects are in no bucket."""
     client = connect(settings.redis_url)
-    keys = Keys(NAMESPACE)
-    with tqdm(total=len(vectors), unit="vec", desc="queries: fill stream", leave=False) as bar:
-        for chunk in range(0, len(vectors), 500):
-            pipe = client.pipeline(transaction=False)
-            for i, vector in enumerate(vectors[chunk : chunk + 500], start=start + chunk):
-                entry = ResultEntry("upsert", settings.bucket, f"synthetic/{i:07d}", f"etag{i}", "", i, 1,
-                                    settings.model, vector)
-                pipe.xadd(keys.results, entry.to_fields())
-            pipe.execute()
-            bar.update(min(500, len(vectors) - chunk))
+    stream = Keys(NAMESPACE).results
+    client.delete(stream)
+    rows = entries(settings, vectors, time.time_ns() + 3600 * 10**9)
+    for chunk in tqdm(range(0, len(rows), 500), unit="x500", desc="queries: fill stream", leave=False):
+        pipe = client.pipeline(transaction=False)
+        for entry in rows[chunk : chunk + 500]:
+            pipe.xadd(stream, entry.to_fields())
+        pipe.execute()
     client.close()
 
 
-class QueryService:
-    """``bucketlens serve`` in its own process, on the bench stack's Redis and model cache."""
+@dataclasses.dataclass
+class Setup:
+    backend: str
+    index_type: str  # what the service should end up with
+    settings: Settings
 
-    def __init__(self, stack_settings: Settings, largest: int) -> None:
-        # Snapshots off (a 100k snapshot while measuring would only add disk noise); a flat index at every size.
-        self.settings = dataclasses.replace(stack_settings, namespace=NAMESPACE, api_port=free_port(),
-                                            approx_threshold=largest + 1, snapshot_every_s=1e9,
-                                            snapshot_every_entries=10**9)
+    @property
+    def name(self) -> str:
+        return f"{self.backend} {self.index_type}"
+
+
+class QueryService:
+    """``bucketlens serve`` in its own process, reading the bench's stream from its start."""
+
+    def __init__(self, settings: Settings) -> None:
+        # Snapshots off (one at 100k while measuring would only add disk noise), so every start reads the stream.
+        self.settings = dataclasses.replace(settings, namespace=NAMESPACE, api_port=free_port(),
+                                            snapshot_every_s=1e9, snapshot_every_entries=10**9)
         self.url = f"http://127.0.0.1:{self.settings.api_port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -97,25 +119,38 @@ class QueryService:
         )
         log.close()
 
-    def wait_vectors(self, count: int, timeout_s: float = 600) -> dict[str, Any]:
-        """Wait until the service is ready and holds ``count`` vectors; returns its ``/stats``."""
+    def stats(self) -> dict[str, Any] | None:
+        """``/stats`` with ``ready`` added; None while the service does not answer."""
+        assert self.process is not None and self.process.poll() is None, "query service exited"
+        try:
+            ready = httpx.get(self.url + "/readyz", timeout=5).status_code == 200
+            return {**httpx.get(self.url + "/stats", timeout=5).json(), "ready": ready}
+        except httpx.HTTPError:
+            return None
+
+    def merge(self, count: int, index_type: str, timeout_s: float = 900) -> dict[str, Any]:
+        """Wait until the service is ready with ``count`` vectors in an index of ``index_type``; the merge rate from
+        its first answer (merging starts before HTTP does: up to a start-up's worth of vectors are not timed)."""
         deadline = time.monotonic() + timeout_s
+        first: tuple[float, int] | None = None
+        merged_s = None
         with tqdm(total=count, unit="vec", desc="queries: merged", leave=False) as bar:
             while time.monotonic() < deadline:
-                assert self.process is not None and self.process.poll() is None, "query service exited"
-                try:
-                    ready = httpx.get(self.url + "/readyz", timeout=5).status_code == 200
-                    stats = httpx.get(self.url + "/stats", timeout=5).json()
-                except httpx.HTTPError:
-                    ready, stats = False, {"vectors": 0}
+                stats, now = self.stats(), time.perf_counter()
+                if stats is None:
+                    time.sleep(0.1)
+                    continue
                 bar.update(stats["vectors"] - bar.n)
-                if ready and stats["vectors"] >= count:
-                    return dict(stats)
-                time.sleep(0.2)
-        raise TimeoutError(f"query service did not reach {count} vectors within {timeout_s:.0f} s")
-
-    def peak_rss_mb(self) -> float:
-        return tree_peak_rss_mb(self.process.pid) if self.process else 0.0
+                if first is None:
+                    first = (now, stats["vectors"])
+                if merged_s is None and stats["vectors"] >= count:
+                    merged_s = now - first[0]
+                if merged_s is not None and stats["ready"] and stats["index_type"] == index_type:
+                    assert first is not None
+                    return {"merge_per_s": round((count - first[1]) / max(merged_s, 1e-3)),
+                            "merge_s": round(merged_s, 1), "ready_after_merge_s": round(now - first[0] - merged_s, 1)}
+                time.sleep(0.1)
+        raise TimeoutError(f"query service did not reach {count} vectors in {index_type} within {timeout_s:.0f} s")
 
     def stop(self) -> None:
         if self.process is None:
@@ -126,32 +161,43 @@ class QueryService:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        connect(self.settings.redis_url).delete(Keys(NAMESPACE).results)
         shutil.rmtree(self.snapshots, ignore_errors=True)
 
 
-def timed(requests: Sequence[Callable[[], float | None]], concurrency: int, desc: str) -> dict[str, float]:
-    """Run the requests ``concurrency`` at a time; p50/p99 of round trips (and of ``took_ms`` when given)."""
+Request = Callable[[], dict[str, float] | None]  # one search; the server's split when it gives one
+
+
+def timed(requests: Sequence[Request], concurrency: int, desc: str) -> dict[str, float]:
+    """Run the requests ``concurrency`` at a time: p50/p99 of the round trips, p50 of each part of the split."""
     lock = threading.Lock()
     rounds: list[float] = []
-    took: list[float] = []
+    parts: dict[str, list[float]] = {}
     with tqdm(total=len(requests), unit="q", desc=desc, leave=False) as bar:
 
-        def run(request: Callable[[], float | None]) -> None:
+        def run(request: Request) -> None:
             started = time.perf_counter()
-            server_ms = request()
+            split = request()
             elapsed = (time.perf_counter() - started) * 1000
             with lock:
                 rounds.append(elapsed)
-                if server_ms is not None:
-                    took.append(server_ms)
+                if split is not None:
+                    for part, ms in {**split, "http": elapsed - sum(split.values())}.items():
+                        parts.setdefault(part, []).append(ms)
                 bar.update()
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             list(pool.map(run, requests))
     out = {"p50_ms": percentile(rounds, 50), "p99_ms": percentile(rounds, 99)}
-    if took:
-        out["took_p50_ms"] = percentile(took, 50)
+    out.update({f"{part}_p50_ms": percentile(values, 50) for part, values in parts.items()})
+    return out
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``parse;dur=0.1, scan;dur=2.0`` -> ``{"parse": 0.1, "scan": 2.0}``."""
+    out = {}
+    for item in header.split(","):
+        name, _, duration = item.strip().partition(";dur=")
+        out[name] = float(duration)
     return out
 
 
@@ -162,82 +208,159 @@ class Clients(threading.local):
         self.client = httpx.Client(base_url=url, timeout=60)
 
 
-def measure_size(service: QueryService, vectors: np.ndarray, queries: np.ndarray, images: Sequence[bytes],
-                 with_images: bool) -> dict[str, Any]:
-    """HTTP and in-process latencies against the first ``len(vectors)`` vectors."""
-    clients = Clients(service.url)
+def in_process_index(setup: Setup, vectors: np.ndarray, redis_url: str) -> tuple[Index, Callable[[], None]]:
+    """The same index the service searches, in this process, and how to let it go."""
+    settings = dataclasses.replace(setup.settings, namespace=NAMESPACE)
+    backend = open_backend(settings, connect(redis_url), Keys(NAMESPACE), lambda _: FeatureStore())
+    if backend.shared:  # Milvus: the service's own collection
+        loaded = backend.load()
+        assert loaded is not None, "the service has no Milvus collection"
+        return loaded[0], backend.close
+    # FAISS: built as the service builds it, restructured once it holds more than approx_threshold vectors.
+    index = backend.new_generation(settings.model, 1)
+    rows = entries(settings, vectors)
+    for start in range(0, len(rows), settings.merge_batch):
+        index.apply(rows[start : start + settings.merge_batch])
+        if index.index_type == "Flat" and len(index) > settings.approx_threshold:
+            index.restructure(backend.approximate)
+    assert index.index_type == setup.index_type, (index.index_type, setup.index_type)
+    return index, lambda: backend.discard(index)
 
-    def by_vector(body: bytes) -> Callable[[], float]:
-        def send() -> float:
-            response = clients.client.post("/search", content=body, headers={"content-type": "application/json"})
+
+def measure(service: QueryService, index: Index, queries: np.ndarray, exact_kth: np.ndarray,
+            real: np.ndarray, images: Sequence[bytes]) -> dict[str, Any]:
+    """HTTP (JSON and raw vectors) and in-process latencies, the split, and recall@10."""
+    clients = Clients(service.url)
+    scores: dict[int, list[float]] = {}
+
+    def by_vector(i: int, body: bytes, content_type: str) -> Request:
+        def send() -> dict[str, float]:
+            response = clients.client.post("/search", content=body, headers={"content-type": content_type})
             assert response.status_code == 200, response.text[:200]
-            return float(response.json()["took_ms"])
+            scores[i] = [hit["score"] for hit in response.json()["results"]]
+            return server_timing(response.headers["server-timing"])
         return send
 
-    def by_image(blob: bytes) -> Callable[[], float]:
-        def send() -> float:
+    def by_image(blob: bytes) -> Request:
+        def send() -> dict[str, float]:
             response = clients.client.post("/search", files={"image": ("q.jpg", blob, "image/jpeg")})
             assert response.status_code == 200, response.text[:200]
-            return float(response.json()["took_ms"])
+            return server_timing(response.headers["server-timing"])
         return send
+
+    def in_process(query: np.ndarray) -> Request:
+        def search() -> None:
+            index.search(query, 10)
+        return search
 
     def healthz() -> None:
         clients.client.get("/healthz")
 
-    bodies = [json.dumps({"vector": q.tolist(), "k": 10}).encode() for q in queries]
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    faiss.omp_set_num_threads(max(1, service.settings.faiss_threads))  # the same scan as the service runs
-
-    def in_process(query: np.ndarray) -> Callable[[], None]:
-        def search() -> None:
-            index.search(query[None], 10)
-        return search
-
-    n = len(vectors)
-    out: dict[str, Any] = {"vectors": n}
-    out["http_floor"] = timed([healthz] * len(queries), 1, f"{n}: GET /healthz")
+    bodies = {
+        "json": ([json.dumps({"vector": q.tolist(), "k": 10}).encode() for q in queries], "application/json"),
+        "raw": ([q.astype("<f4").tobytes() for q in queries], "application/octet-stream"),
+    }
+    out: dict[str, Any] = {"http_floor": timed([healthz] * len(queries), 1, "GET /healthz")}
+    # Every form searches the same queries: the first pass signs the result URLs, later ones find them cached
+    # (what popular results get), so it is kept apart.
+    raw, content_type = bodies["raw"]
+    out["raw_c1_first"] = timed([by_vector(i, body, content_type) for i, body in enumerate(raw)], 1, "first pass")
     for concurrency in (1, 8):
-        out[f"vector_c{concurrency}"] = timed([by_vector(b) for b in bodies], concurrency, f"{n}: by vector")
-        out[f"inprocess_c{concurrency}"] = timed([in_process(q) for q in queries], concurrency, f"{n}: in-process")
-    if with_images:
-        out["image_c1"] = timed([by_image(images[i % len(images)]) for i in range(len(queries) // 2)], 1,
-                                f"{n}: by image")
+        for form, (payloads, content_type) in bodies.items():
+            out[f"{form}_c{concurrency}"] = timed(
+                [by_vector(i, body, content_type) for i, body in enumerate(payloads)], concurrency,
+                f"{form} c={concurrency}")
+        out[f"inprocess_c{concurrency}"] = timed([in_process(q) for q in queries], concurrency,
+                                                 f"in-process c={concurrency}")
+    out["image_c1"] = timed([by_image(images[i % len(images)]) for i in range(len(queries) // 4)], 1, "by image")
+    # Recall@10 with ties counted: a hit scoring at least the exact 10th score belongs in a top 10.
+    found = np.array([sum(s >= kth - 1e-4 for s in scores[i][:10]) / 10 for i, kth in enumerate(exact_kth)])
+    out["recall_at_10"] = float(found.mean())
+    out["recall_at_10_real"] = float(found[real].mean())
     return out
 
 
-def run(stack_settings: Settings, image_files: Sequence[Path], sizes: Sequence[int], count: int,
-        seed: int = 0, profile_to: Path | None = None) -> dict[str, Any]:
-    """Latencies at each index size (ascending); the service is filled up to each size in turn.
+def processes(service: QueryService, stack_settings: Settings, milvus_pid: int | None) -> dict[str, Any]:
+    """Resident memory (now, and peak) of each process involved, in MiB."""
+    pids = {"index service": service.process.pid if service.process else None,
+            "redis": stack_pids(Path(stack_settings.home)).get("redis"), "milvus": milvus_pid,
+            "bench (in-process index)": os.getpid()}
+    return {name: {"rss_mb": round(rss_mb(pid), 1), "peak_rss_mb": round(peak_rss_mb(pid), 1)}
+            for name, pid in pids.items() if pid is not None}
 
-    ``profile_to``: sample the service's CPU with py-spy while the largest size is measured.
-    """
-    sizes = sorted(sizes)
-    dim = 1280
-    vectors = clustered_vectors(sizes[-1], dim, seed)
-    queries = clustered_vectors(count, dim, seed + 1)
+
+def run(stack_settings: Settings, image_files: Sequence[Path], n: int, count: int, backends: Sequence[str],
+        seed: int = 0, profile_to: Path | None = None) -> dict[str, Any]:
+    """Every setup of ``backends`` at ``n`` vectors; ``profile_to``: py-spy on each service while it answers."""
+    real = real_vectors.load(stack_settings, seeds=HELD_OUT_SEED + 1)
+    indexed, held_out = real.split(HELD_OUT_SEED)
+    vectors = real_vectors.grow(indexed, n, seed)
+    rng = np.random.default_rng(seed + 1)
+    real_queries = held_out[rng.choice(len(held_out), count // 2, replace=False)]
+    synthetic = real_vectors.perturb(indexed[rng.integers(0, len(indexed), count - count // 2)], rng)
+    queries = np.concatenate([real_queries, synthetic])
+    is_real = np.arange(len(queries)) < len(real_queries)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    exact_kth = exact.search(queries, 10)[0][:, -1]
+    del exact
+    faiss.omp_set_num_threads(max(1, stack_settings.faiss_threads))  # in-process scans as the service runs them
     images = [path.read_bytes() for path in image_files[:20]]
-    service = QueryService(stack_settings, sizes[-1])
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"vectors": n, "real_vectors": len(indexed), "queries": len(queries),
+                               "real_queries": int(is_real.sum()), "cosine_to_parent": list(real_vectors.COSINE)}
+    server: subprocess.Popen[bytes] | None = None
+    data = Path(tempfile.mkdtemp(prefix="bench-milvus-"))
     try:
-        filled = 0
-        for i, size in enumerate(sizes):
-            fill_stream(service.settings, vectors[filled:size], filled)
-            filled = size
-            if i == 0:
-                service.start()
-            stats = service.wait_vectors(size)
+        for backend in backends:
+            settings = dataclasses.replace(stack_settings, index_backend=backend)
+            if backend == "milvus":
+                port = free_port()
+                log = Path(stack_settings.home) / "logs" / "query-milvus.log"
+                server = milvus.start(data, port, log)
+                milvus.wait_ready(data, server, log_path=log)
+                settings = dataclasses.replace(settings, milvus_uri=f"http://127.0.0.1:{port}")
+            picked = "IVF" if backend == "faiss" else settings.milvus_index_type
+            setups = [Setup(backend, picked, settings)] if n > settings.approx_threshold else []
+            if backend == "faiss":  # the exhaustive scan beside it
+                setups.insert(0, Setup(backend, "Flat", dataclasses.replace(settings, approx_threshold=n + 1)))
+            for setup in setups:
+                results[setup.name] = measure_setup(setup, stack_settings, vectors, queries, exact_kth, is_real,
+                                                    images, server.pid if server else None, profile_to)
+                print(f"{setup.name}: {json.dumps(results[setup.name])}", file=sys.stderr, flush=True)
+    finally:
+        if server is not None:
+            milvus.stop(server)
+        shutil.rmtree(data, ignore_errors=True)
+        connect(stack_settings.redis_url).delete(Keys(NAMESPACE).results)
+    return results
+
+
+def measure_setup(setup: Setup, stack_settings: Settings, vectors: np.ndarray, queries: np.ndarray,
+                  exact_kth: np.ndarray, is_real: np.ndarray, images: Sequence[bytes], milvus_pid: int | None,
+                  profile_to: Path | None) -> dict[str, Any]:
+    fill_stream(stack_settings, vectors)  # again: a service trims what its last checkpoint covers when it stops
+    service = QueryService(setup.settings)
+    service.start()
+    try:
+        out = service.merge(len(vectors), setup.index_type)
+        index, release = in_process_index(setup, vectors, stack_settings.redis_url)
+        try:
             profiler = None
-            if profile_to is not None and size == sizes[-1]:
+            if profile_to is not None:
                 assert service.process is not None
-                profiler = Profiler(service.process.pid, profile_to, idle=False)
+                tag = setup.name.replace(" ", "-")
+                profiler = Profiler(service.process.pid, profile_to.with_name(f"{profile_to.stem}-{tag}.txt"),
+                                    idle=False)
                 time.sleep(1)  # py-spy attaches
-            results[str(size)] = {**measure_size(service, vectors[:size], queries, images, True),
-                                  "index_type": stats["index_type"]}
+            out.update(measure(service, index, queries, exact_kth, is_real, images))
             if profiler is not None:
                 profiler.stop()
-                results["search_profile"] = search_summary(profiler.out)
-        results["index_peak_rss_mb"] = service.peak_rss_mb()
+                out["search_profile"] = search_summary(profiler.out)
+            out["processes"] = processes(service, stack_settings, milvus_pid)
+            assert service.process is not None
+            out["index_service_tree_peak_rss_mb"] = round(tree_peak_rss_mb(service.process.pid), 1)
+        finally:
+            release()
     finally:
         service.stop()
-    return results
+    return out

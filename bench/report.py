@@ -8,7 +8,9 @@ from typing import Any
 TARGETS = {
     "bucketlens_vs_limit": (">=", 0.85, "bucketlens throughput / in-process limit"),
     "bucketlens_vs_old_design": (">=", 3.0, "bucketlens throughput / old design"),
-    "search_http_overhead_p50_ms_100k": ("<=", 2.0, "HTTP search p50 - in-process p50 (100k)"),
+    "search_faiss_ivf_raw_c1_p50_ms": ("<", 2.0, "FAISS IVF search over HTTP p50, c=1 (raw vector)"),
+    "search_faiss_ivf_http_overhead_p50_ms": ("<=", 1.0, "FAISS IVF: HTTP p50 - in-process p50, c=1 (raw)"),
+    "search_faiss_ivf_raw_c8_p99_ms": ("<", 10.0, "FAISS IVF search over HTTP p99, c=8 (raw vector)"),
     "freshness_p50_s": ("<", 1.0, "upload -> searchable, p50"),
 }
 
@@ -28,19 +30,25 @@ ROWS = (  # (key, label, unit, format)
     ("worker_vs_limit_cpu", "limit CPU / bucketlens worker CPU", "x", "{:.2f}"),
     ("freshness_p50_s", "freshness p50 (upload -> searchable)", "s", "{:.3f}"),
     ("freshness_p95_s", "freshness p95", "s", "{:.3f}"),
-    ("search_vector_p50_ms_10k", "search by vector p50, 10k, c=1", "ms", "{:.2f}"),
-    ("inprocess_search_p50_ms_10k", "in-process FAISS p50, 10k", "ms", "{:.2f}"),
-    ("search_vector_p50_ms_100k", "search by vector p50, 100k, c=1", "ms", "{:.2f}"),
-    ("search_vector_p99_ms_100k", "search by vector p99, 100k, c=1", "ms", "{:.2f}"),
-    ("search_vector_c8_p50_ms_100k", "search by vector p50, 100k, c=8", "ms", "{:.2f}"),
-    ("search_vector_c8_p99_ms_100k", "search by vector p99, 100k, c=8", "ms", "{:.2f}"),
-    ("inprocess_search_p50_ms_100k", "in-process FAISS p50, 100k, c=1", "ms", "{:.2f}"),
-    ("inprocess_search_c8_p50_ms_100k", "in-process FAISS p50, 100k, c=8", "ms", "{:.2f}"),
-    ("search_http_overhead_p50_ms_100k", "HTTP overhead p50, 100k", "ms", "{:.2f}"),
-    ("search_image_p50_ms", "search by image p50 (largest index)", "ms", "{:.2f}"),
+    *((f"search_{tag}_{key}", f"{name}: {label}", unit, fmt)
+      for tag, name in (("faiss_flat", "FAISS Flat"), ("faiss_ivf", "FAISS IVF"), ("milvus_hnsw", "Milvus HNSW"))
+      for key, label, unit, fmt in (
+          ("merge_per_s", "merged while filling", "vec/s", "{:.0f}"),
+          ("json_c1_p50_ms", "search p50, c=1, JSON vector", "ms", "{:.2f}"),
+          ("raw_c1_p50_ms", "search p50, c=1, raw vector", "ms", "{:.2f}"),
+          ("inprocess_c1_p50_ms", "in-process p50, c=1", "ms", "{:.2f}"),
+          ("http_overhead_p50_ms", "HTTP p50 - in-process p50 (raw)", "ms", "{:.2f}"),
+          ("raw_c8_p50_ms", "search p50, c=8, raw vector", "ms", "{:.2f}"),
+          ("raw_c8_p99_ms", "search p99, c=8, raw vector", "ms", "{:.2f}"),
+          ("recall_at_10", "recall@10 (all / real below)", "", "{:.3f}"),
+          ("recall_at_10_real", "recall@10, real queries", "", "{:.3f}"),
+          ("service_rss_mb", "index service RSS", "MiB", "{:.0f}"),
+      )),
+    ("search_image_p50_ms", "search by image p50 (FAISS, type it picks)", "ms", "{:.2f}"),
     ("worker_peak_rss_mb", "worker peak RSS", "MiB", "{:.0f}"),
     ("old_design_worker_peak_rss_mb", "old design worker peak RSS", "MiB", "{:.0f}"),
-    ("index_peak_rss_mb", "index service peak RSS (largest index)", "MiB", "{:.0f}"),
+    ("redis_rss_mb", "Redis RSS (stream of all vectors)", "MiB", "{:.0f}"),
+    ("milvus_rss_mb", "Milvus server RSS", "MiB", "{:.0f}"),
     ("others_cpu_share", "CPU used by others during bulk run", "", "{:.0%}"),
     ("burst_objects", "burst: uploads with the workers stopped", "", "{:.0f}"),
     ("burst_refused_near_full", "burst: events refused (503 near maxmemory)", "", "{:.0f}"),
@@ -52,10 +60,6 @@ ROWS = (  # (key, label, unit, format)
     ("load_p99_ms", "load: search p99", "ms", "{:.1f}"),
     ("load_error_count", "load: searches not answered 200", "", "{:.0f}"),
 )
-
-
-def short(size: int) -> str:
-    return f"{size // 1000}k" if size % 1000 == 0 else str(size)
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
@@ -77,23 +81,25 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     for key in ("old_design_images_per_s", "old_design_worker_peak_rss_mb", "old_design_cpu_ms_per_image"):
         if key in old:
             out[key] = old[key]
-    queries = results.get("queries", {})
-    sizes = sorted(int(k) for k in queries if k.isdigit())
-    for size in sizes:
-        q, tag = queries[str(size)], short(size)
-        out[f"search_vector_p50_ms_{tag}"] = q["vector_c1"]["p50_ms"]
-        out[f"search_vector_p99_ms_{tag}"] = q["vector_c1"]["p99_ms"]
-        out[f"search_vector_c8_p50_ms_{tag}"] = q["vector_c8"]["p50_ms"]
-        out[f"search_vector_c8_p99_ms_{tag}"] = q["vector_c8"]["p99_ms"]
-        out[f"inprocess_search_p50_ms_{tag}"] = q["inprocess_c1"]["p50_ms"]
-        out[f"inprocess_search_p99_ms_{tag}"] = q["inprocess_c1"]["p99_ms"]
-        out[f"inprocess_search_c8_p50_ms_{tag}"] = q["inprocess_c8"]["p50_ms"]
-        out[f"search_http_overhead_p50_ms_{tag}"] = q["vector_c1"]["p50_ms"] - q["inprocess_c1"]["p50_ms"]
-    if sizes:
-        largest = queries[str(sizes[-1])]
-        out["search_image_p50_ms"] = largest["image_c1"]["p50_ms"]
-        out["search_image_p99_ms"] = largest["image_c1"]["p99_ms"]
-        out["index_peak_rss_mb"] = queries["index_peak_rss_mb"]
+    for name, q in results.get("queries", {}).items():
+        if not isinstance(q, dict):
+            continue
+        tag = f"search_{name.lower().replace(' ', '_')}"
+        out[f"{tag}_merge_per_s"] = q["merge_per_s"]
+        for form in ("json", "raw", "inprocess"):
+            for c in (1, 8):
+                out[f"{tag}_{form}_c{c}_p50_ms"] = q[f"{form}_c{c}"]["p50_ms"]
+                out[f"{tag}_{form}_c{c}_p99_ms"] = q[f"{form}_c{c}"]["p99_ms"]
+        out[f"{tag}_http_overhead_p50_ms"] = q["raw_c1"]["p50_ms"] - q["inprocess_c1"]["p50_ms"]
+        out[f"{tag}_recall_at_10"] = q["recall_at_10"]
+        out[f"{tag}_recall_at_10_real"] = q["recall_at_10_real"]
+        out[f"{tag}_service_rss_mb"] = q["processes"]["index service"]["rss_mb"]
+        out["redis_rss_mb"] = max(out.get("redis_rss_mb", 0), q["processes"].get("redis", {}).get("rss_mb", 0))
+        if "milvus" in q["processes"]:
+            out["milvus_rss_mb"] = q["processes"]["milvus"]["rss_mb"]
+        if name == "faiss IVF":
+            out["search_image_p50_ms"] = q["image_c1"]["p50_ms"]
+            out["search_image_p99_ms"] = q["image_c1"]["p99_ms"]
     for step in ("burst", "load"):
         for key, value in results.get(step, {}).items():
             if isinstance(value, (int, float)):
