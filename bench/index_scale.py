@@ -57,8 +57,20 @@ def timed_search(index: VectorIndex, queries: np.ndarray) -> tuple[list[set[str]
     return hits, float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def measure(n: int, queries_n: int = 200, index_type: str = "IVF") -> dict[str, float]:
-    data = clustered(n + queries_n, seed=n)
+def real(n: int, queries_n: int) -> np.ndarray:
+    """``n`` vectors grown from the real photos' embeddings (``bench.real_vectors``), then ``queries_n`` real edited
+    copies whose edits were never indexed (seed 3 held out)."""
+    from bucketlens.settings import Settings
+
+    from . import CACHE
+    from .real_vectors import grow, load
+
+    indexed, held = load(Settings.from_env(home=CACHE)).split(held_out_seed=3)
+    return np.concatenate([grow(indexed, n, seed=n), held[:queries_n]])
+
+
+def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: bool = False) -> dict[str, float]:
+    data = real(n, queries_n) if real_set else clustered(n + queries_n, seed=n)
     queries = data[n:].copy()
     index = VectorIndex("m", DIM)
     started = time.perf_counter()
@@ -97,11 +109,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", nargs="*", type=int, default=[10_000, 100_000])
     parser.add_argument("--index-type", default="IVF", choices=["IVF", "IVF-SQ8"], help="the approximate structure")
+    parser.add_argument("--real", action="store_true",
+                        help="vectors grown from real photo embeddings, queried with held-out real edits")
     args = parser.parse_args()
     set_search_threads(1)  # as the index service runs (see vector_index.set_search_threads)
     rows = []
     for n in args.sizes:  # one process per size would isolate peak memory; run sizes one at a time for that
-        rows.append(measure(n, index_type=args.index_type))
+        rows.append(measure(n, index_type=args.index_type, real_set=args.real))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ivf_sweep"}), flush=True)
         for s in rows[-1]["ivf_sweep"]:  # type: ignore[union-attr]
             print(f"   nprobe {s['nprobe']:>4}: recall@10 {s['recall_at_10']:.3f}  p50 {s['p50_ms']:.2f} ms  "
@@ -109,7 +123,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "index-scale.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
-    previous.update({str(r["n"]) + ("" if args.index_type == "IVF" else f"-{args.index_type}"): r for r in rows})
+    suffix = ("" if args.index_type == "IVF" else f"-{args.index_type}") + ("-real" if args.real else "")
+    previous.update({f"{r['n']}{suffix}": r for r in rows})
     out.write_text(json.dumps(previous, indent=2))
 
 
