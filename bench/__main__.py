@@ -2,8 +2,8 @@
 
 Steps: ``limit`` (decode + embed in-process), ``e2e`` (bucketlens bulk throughput, then freshness),
 ``old`` (the old design), ``queries`` (search latency over HTTP and in-process on real embeddings, FAISS Flat
-and the type the service picks); ``milvus`` only when asked (``--only queries,milvus``: the same for a Milvus
-server started for the step, side by side in one run); ``burst`` only when asked
+and the type the service picks) and ``milvus`` (the same for a Milvus server started for the step, side by side
+in one run; ~5 minutes more: ``--only limit,e2e,old,queries`` leaves it out); ``burst`` only when asked
 (``--only burst``: ``--burst`` uploads with the workers stopped, then drained) and ``load`` (``--only load``:
 64 concurrent searches for 60 s while 2,000 uploads merge). Prints a table and writes
 ``bench/results/latest.json``. Quick by default (1000 images, 100k vectors); ``--images 5000`` for more.
@@ -35,8 +35,8 @@ from .profile import Profiler, worker_summary
 from .report import check_targets, headline, table
 from .stack import bench_stack, describe, warm_up, worker_pid
 
-STEPS = ("limit", "e2e", "old", "queries")  # the default run
-ON_REQUEST = ("burst", "load", "milvus")  # long, or a server more: run with --only
+STEPS = ("limit", "e2e", "old", "queries", "milvus")  # the default run
+ON_REQUEST = ("burst", "load")  # long: run with --only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
