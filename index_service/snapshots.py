@@ -1,7 +1,8 @@
 """Snapshots of the serving index: vectors, per-object state, tombstones and the last applied stream id.
 
-Format: one ``.npz`` (NumPy zip) holding ``vectors`` (float32, n x dim) and ``meta``, a UTF-8 JSON document
-stored as a uint8 array. Read without pickle (``allow_pickle=False``, and the vectors as raw float32): a snapshot
+Format: one ``.npz`` (NumPy zip) holding ``vectors`` (float32, n x dim; for an IVF-SQ8 index ``codes``, its
+8-bit codes, n x dim uint8), what IVF training left (``TRAINED``) and ``meta``, a UTF-8 JSON document stored as a
+uint8 array. Read without pickle (``allow_pickle=False``, and the vectors as raw float32): a snapshot
 from S3 cannot execute code. Written to a temporary file a chunk of vectors at a time, fsynced, then renamed, so a
 crash never leaves a half-written snapshot under a real name; read back the same way, chunk by chunk, so neither
 holds a second copy of the vectors (bench/README.md, "Memory").
@@ -25,7 +26,7 @@ from vision import labels
 
 from .backend import Indexed
 from .feature_store import FeatureStore
-from .vector_index import CHUNK, VectorIndex, release_freed_memory
+from .vector_index import CHUNK, VectorIndex, release_freed_memory, scalar_quantizer
 
 log = logging.getLogger(__name__)
 SUFFIX = ".snapshot.npz"
@@ -58,19 +59,23 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO) -> dict[str, Any]:
         "features": index.features.path.name if index.features.path is not None else None,
         "tombstones": [[oid, str(order), when] for oid, (order, when) in tombstones.items()],
     }
+    trained = index.trained()
+    codec = scalar_quantizer(trained, index.dim)  # IVF-SQ8: the vectors are kept as its 8-bit codes
+    name, dtype = ("codes.npy", np.dtype("u1")) if codec is not None else ("vectors.npy", np.dtype("<f4"))
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("vectors.npy", "w", force_zip64=True) as member:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+        with archive.open(name, "w", force_zip64=True) as member:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                       "shape": (len(ids), index.dim)}
             np.lib.format.write_array_header_2_0(member, header)
             written = 0
             for present, vectors in index.vectors_of(ids):
-                member.write(memoryview(vectors.astype("<f4", copy=False)).cast("B"))
+                rows = codec.compute_codes(vectors) if codec is not None else vectors.astype(dtype, copy=False)
+                member.write(memoryview(np.ascontiguousarray(rows)).cast("B"))
                 written += len(present)
             if written != len(ids):
                 raise RuntimeError(f"{len(ids) - written} objects left the index while its snapshot was written")
-        for name, array in index.trained().items():
-            with archive.open(f"{name}.npy", "w") as member:
+        for part, array in trained.items():
+            with archive.open(f"{part}.npy", "w") as member:
                 np.lib.format.write_array(member, array)
         with archive.open("meta.npy", "w") as member:
             np.lib.format.write_array(member, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
@@ -101,30 +106,21 @@ def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
             if len(objects) != meta["count"]:
                 raise SnapshotError(f"snapshot lists {len(objects)} objects, its count says {meta['count']}")
 
-            def chunks() -> Iterator[np.ndarray]:
-                with archive.open("vectors.npy") as member:
-                    version = np.lib.format.read_magic(member)
-                    if version not in ((1, 0), (2, 0)):
-                        raise SnapshotError(f"snapshot vectors in .npy format {version}")
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, fortran, dtype = read_header(member)
-                    if dtype != np.float32 or fortran or shape != (meta["count"], dim):
-                        raise SnapshotError(f"snapshot holds {shape} {dtype} vectors for {meta['count']} objects")
-                    row_bytes = 4 * dim
-                    for start in range(0, shape[0], CHUNK):
-                        rows = min(CHUNK, shape[0] - start)
-                        data = member.read(rows * row_bytes)
-                        if len(data) != rows * row_bytes:
-                            raise SnapshotError(f"snapshot truncated at vector {start + len(data) // row_bytes}")
-                        yield np.frombuffer(data, "<f4").reshape(rows, dim)
-
             trained = {name: np.lib.format.read_array(archive.open(f"{name}.npy"), allow_pickle=False)
                        for name in TRAINED if f"{name}.npy" in archive.namelist()}
             if any(array.dtype != np.float32 for array in trained.values()) or (
                     "centroids" in trained and trained["centroids"].shape[1:] != (dim,)) or (
                     "scalar_quantizer" in trained and trained["scalar_quantizer"].shape != (2 * dim,)):
                 raise SnapshotError(f"snapshot holds {[(a.shape, a.dtype) for a in trained.values()]} training")
+            codec = scalar_quantizer(trained, dim)
+            name, dtype = ("codes.npy", np.dtype("u1")) if codec is not None else ("vectors.npy", np.dtype("<f4"))
+            if name not in archive.namelist():
+                raise SnapshotError(f"snapshot has no {name}")
+
+            def chunks() -> Iterator[np.ndarray]:
+                for rows in _rows(archive, name, dtype, (meta["count"], dim)):
+                    yield codec.decode(rows) if codec is not None else rows
+
             generation = int(meta["generation"])
             index = VectorIndex.restored(model, dim, generation, objects, chunks, tombstones,
                                          meta.get("index_type", "Flat"), features(generation), trained)
@@ -133,6 +129,25 @@ def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
     except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise SnapshotError(f"unreadable snapshot: {exc}") from exc
     return index, str(meta["last_id"])
+
+
+def _rows(archive: zipfile.ZipFile, name: str, dtype: np.dtype[Any], shape: tuple[int, int]) -> Iterator[np.ndarray]:
+    """The rows of the .npy member ``name``, ``CHUNK`` at a time; its header must say ``dtype`` and ``shape``."""
+    with archive.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0)):
+            raise SnapshotError(f"snapshot {name} in .npy format {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        found, fortran, found_dtype = read_header(member)
+        if found_dtype != dtype or fortran or found != shape:
+            raise SnapshotError(f"snapshot {name} holds {found} {found_dtype}, expected {shape} {dtype}")
+        row_bytes = dtype.itemsize * shape[1]
+        for start in range(0, shape[0], CHUNK):
+            rows = min(CHUNK, shape[0] - start)
+            data = member.read(rows * row_bytes)
+            if len(data) != rows * row_bytes:
+                raise SnapshotError(f"snapshot truncated at row {start + len(data) // row_bytes} of {name}")
+            yield np.frombuffer(data, dtype).reshape(rows, shape[1])
 
 
 def _object(row: list[Any]) -> Indexed:

@@ -105,6 +105,16 @@ def trained_state(structure: Any) -> dict[str, np.ndarray]:
     return state
 
 
+def scalar_quantizer(trained: dict[str, np.ndarray], dim: int) -> Any:
+    """The 8-bit scalar quantizer an IVF-SQ8 structure's ``trained_state`` describes (None for other types): it
+    turns vectors into the structure's codes and back, exactly as the structure does."""
+    if "scalar_quantizer" not in trained:
+        return None
+    codec = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
+    faiss.copy_array_to_vector(np.ascontiguousarray(trained["scalar_quantizer"], np.float32), codec.trained)
+    return codec
+
+
 def gather(rows: np.ndarray, chunks: Iterable[np.ndarray]) -> np.ndarray:
     """The vectors at the sorted positions ``rows`` of a sequence given in consecutive chunks (one array, filled in
     place: no list of pieces to join)."""
