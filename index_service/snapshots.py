@@ -11,6 +11,7 @@ holds a second copy of the vectors (bench/README.md, "Memory").
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -70,7 +71,7 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO) -> dict[str, Any]:
             written = 0
             for present, vectors in index.vectors_of(ids):
                 rows = codec.compute_codes(vectors) if codec is not None else vectors.astype(dtype, copy=False)
-                member.write(memoryview(np.ascontiguousarray(rows)).cast("B"))
+                member.write(np.ascontiguousarray(rows).data.cast("B"))
                 written += len(present)
             if written != len(ids):
                 raise RuntimeError(f"{len(ids) - written} objects left the index while its snapshot was written")
@@ -266,9 +267,9 @@ class SnapshotStore:
                     ) -> tuple[VectorIndex, str] | None:
         """The newest snapshot that loads; broken ones are reported and skipped for the previous one."""
         candidates: list[tuple[str, Callable[[], ContextManager[Any]]]] = [
-            (p.name, lambda p=p: contextlib.nullcontext(p)) for p in self._local()]
+            (p.name, functools.partial(contextlib.nullcontext, p)) for p in self._local()]
         if not candidates and self.s3 is not None:
-            candidates = [(k, lambda k=k: self._download(k)) for k in self._remote()]
+            candidates = [(k, functools.partial(self._download, k)) for k in self._remote()]
         for name, opened in candidates:
             try:
                 with opened() as source:
