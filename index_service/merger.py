@@ -105,22 +105,22 @@ class Merger:
                 grouped = False
                 self._stop.wait(1.0)
 
-    def _read(self, block_ms: int | None) -> list[tuple[Any, dict[bytes, bytes]]]:
-        """The next batch: entries other consumers read and left unacknowledged for ``CLAIM_IDLE_MS`` first (no
-        later entry was delivered to this consumer, so nobody else would ever apply them), then new ones."""
+    def _read(self, block_ms: int | None) -> tuple[list[tuple[Any, dict[bytes, bytes]]], bool]:
+        """The next batch and whether it was claimed: entries other consumers read and left unacknowledged for
+        ``CLAIM_IDLE_MS`` first (they were delivered, so nobody else would ever apply them), then new ones."""
         claimed: Any = self.redis.xautoclaim(self.keys.results, self.keys.merger_group, self.consumer,
                                              min_idle_time=CLAIM_IDLE_MS, start_id="0-0", count=self.batch)
         if claimed[1]:
             log.warning("claimed %d stream entries another replica read and never acknowledged", len(claimed[1]))
-            return list(claimed[1])
+            return list(claimed[1]), True
         response: Any = self.redis.xreadgroup(
             self.keys.merger_group, self.consumer, {self.keys.results: ">"}, count=self.batch, block=block_ms
         )
-        return list(response[0][1]) if response else []
+        return (list(response[0][1]) if response else []), False
 
     def step(self, block_ms: int | None = None) -> int:
         """Read and apply one batch; returns how many entries were read."""
-        messages = self._read(block_ms)
+        messages, claimed = self._read(block_ms)
         if not messages:
             self.caught_up.set()
             return 0
@@ -146,7 +146,7 @@ class Merger:
         if stream_order(newest) > stream_order(self.last_id):  # a claimed batch can lie behind what was applied
             self.last_id = newest
         self.applied += len(messages)
-        if len(messages) < self.batch:
+        if len(messages) < self.batch and not claimed:  # a short read of new entries: the stream's end
             self.caught_up.set()
         self.after()
         return len(messages)
