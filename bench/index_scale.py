@@ -117,7 +117,7 @@ def main() -> None:
     for n in args.sizes:  # one process per size would isolate peak memory; run sizes one at a time for that
         rows.append(measure(n, index_type=args.index_type, real_set=args.real))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ivf_sweep"}), flush=True)
-        for s in rows[-1]["ivf_sweep"]:  # type: ignore[union-attr]
+        for s in rows[-1]["ivf_sweep"]:  # type: ignore[attr-defined]
             print(f"   nprobe {s['nprobe']:>4}: recall@10 {s['recall_at_10']:.3f}  p50 {s['p50_ms']:.2f} ms  "
                   f"p99 {s['p99_ms']:.2f} ms")
     RESULTS.mkdir(exist_ok=True)

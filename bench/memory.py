@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from bucketlens.schemas import ResultEntry
 from index_service.snapshots import SnapshotStore
 from index_service.vector_index import VectorIndex
@@ -51,43 +53,53 @@ class Peak:
             self.peak = max(self.peak, rss_mb())
             time.sleep(0.02)
 
-    def phase(self, started: float) -> dict[str, float]:
+    def phase(self, started: float, vectors: int) -> dict[str, float]:
+        """This phase's time and memory, also as multiples of the raw float32 bytes of the ``vectors`` held."""
         time.sleep(0.05)
-        row = {"seconds": round(time.perf_counter() - started, 1), "rest_mb": round(rss_mb() - self.base),
-               "peak_mb": round(self.peak - self.base)}
+        raw = vectors * DIM * 4 / 2**20
+        rest, top = rss_mb() - self.base, self.peak - self.base
         self.peak = rss_mb()
-        return row
+        return {"seconds": round(time.perf_counter() - started, 1), "vectors": vectors, "raw_vector_mb": round(raw),
+                "rest_mb": round(rest), "peak_mb": round(top), "rest_x_raw": round(rest / raw, 2),
+                "peak_x_raw": round(top / raw, 2)}
 
 
-def measure(n: int, folder: Path, index_type: str) -> dict[str, Any]:
-    raw = n * DIM * 4 / 2**20
+def fill(index: VectorIndex, start: int, stop: int) -> None:
+    """Objects ``start`` to ``stop`` through ``apply``, the merger's path, a batch at a time."""
+    for first in tqdm(range(start, stop, BATCH), desc=f"fill to {stop:,}", leave=False):
+        vectors = clustered(min(BATCH, stop - first), seed=first)
+        index.apply([ResultEntry("upsert", "b", f"folder/{first + i:08d}.jpg", "e", "", 1, 1, MODEL, v)
+                     for i, v in enumerate(vectors)])
+
+
+def measure(n: int, folder: Path, index_type: str, grow_to: int) -> dict[str, Any]:
+    """Fill ``n`` vectors into Flat, snapshot, switch to ``index_type``, go on filling to ``grow_to`` (as the
+    service does past its threshold), snapshot, restart; each phase's figures against the vectors held then."""
     peak = Peak()
     index = VectorIndex(MODEL, DIM)
     phases: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
-    for start in range(0, n, BATCH):
-        vectors = clustered(min(BATCH, n - start), seed=start)
-        index.apply([ResultEntry("upsert", "b", f"folder/{start + i:08d}.jpg", "e", "", 1, 1, MODEL, v)
-                     for i, v in enumerate(vectors)])
-    phases["fill (Flat)"] = peak.phase(started)
+    fill(index, 0, n)
+    phases["fill (Flat)"] = peak.phase(started, n)
     store = SnapshotStore(folder, keep=1)
     started = time.perf_counter()
     store.write(index, "1-0")
-    phases["snapshot (Flat)"] = peak.phase(started)
+    phases["snapshot (Flat)"] = peak.phase(started, n)
     started = time.perf_counter()
     index.restructure(index_type)
-    phases[f"switch Flat -> {index_type}"] = peak.phase(started)
+    phases[f"switch Flat -> {index_type}"] = peak.phase(started, n)
+    if grow_to > n:
+        started = time.perf_counter()
+        fill(index, n, grow_to)
+        phases[f"fill ({index_type}) to {grow_to:,}"] = peak.phase(started, grow_to)
     started = time.perf_counter()
     store.write(index, "2-0")
-    phases[f"snapshot ({index_type})"] = peak.phase(started)
+    phases[f"snapshot ({index_type})"] = peak.phase(started, len(index))
     del index
     load = subprocess.run([sys.executable, "-m", "bench.memory", "--load", str(folder)], capture_output=True,
                           text=True, check=True)
     phases[f"restart: load ({index_type})"] = json.loads(load.stdout.strip().splitlines()[-1])
-    for row in phases.values():
-        row["rest_x_raw"] = round(row["rest_mb"] / raw, 2)
-        row["peak_x_raw"] = round(row["peak_mb"] / raw, 2)
-    return {"n": n, "dim": DIM, "index_type": index_type, "raw_vector_mb": round(raw), "phases": phases}
+    return {"n": n, "grow_to": max(n, grow_to), "dim": DIM, "index_type": index_type, "phases": phases}
 
 
 def load(folder: Path) -> dict[str, float]:
@@ -95,27 +107,29 @@ def load(folder: Path) -> dict[str, float]:
     started = time.perf_counter()
     loaded = SnapshotStore(folder).load_newest({MODEL: DIM})
     assert loaded is not None and loaded[0].index_type != "Flat", "the benchmark's snapshot did not load"
-    return peak.phase(started)
+    return peak.phase(started, len(loaded[0]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n", nargs="?", type=int, default=1_000_000)
     parser.add_argument("--index-type", default="IVF", choices=["IVF", "IVF-SQ8"], help="the approximate structure")
+    parser.add_argument("--grow-to", type=int, default=0, metavar="N",
+                        help="after the switch, go on filling the approximate index to N vectors")
     parser.add_argument("--load", type=Path, help=argparse.SUPPRESS)  # the restart, in its own process
     args = parser.parse_args()
     if args.load:
         print(json.dumps(load(args.load)))
         return
     with tempfile.TemporaryDirectory(prefix="bucketlens-memory-") as folder:
-        result = measure(args.n, Path(folder), args.index_type)
+        result = measure(args.n, Path(folder), args.index_type, args.grow_to)
     for name, row in result["phases"].items():
-        print(f"{name:22} {row['seconds']:7.1f} s   at rest {row['rest_x_raw']:.2f} x raw   "
-              f"peak {row['peak_x_raw']:.2f} x raw", flush=True)
+        print(f"{name:28} {row['seconds']:7.1f} s   at rest {row['rest_x_raw']:.2f} x raw ({row['rest_mb']:,} MB)  "
+              f"peak {row['peak_x_raw']:.2f} x raw ({row['peak_mb']:,} MB)", flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "memory.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
-    previous[f"{args.n}-{args.index_type}"] = result
+    previous[f"{max(args.n, args.grow_to)}-{args.index_type}"] = result
     out.write_text(json.dumps(previous, indent=2) + "\n")
 
 
