@@ -1,12 +1,16 @@
 """``python -m bench`` (``make bench``): the benchmark on the local stack, same images, model and cores.
 
-Steps: ``limit`` (decode + embed in-process), ``e2e`` (bucketlens bulk throughput, then freshness),
-``old`` (the old design), ``queries`` (search latency over HTTP and in-process on real embeddings, FAISS Flat
+Steps: ``limit`` (decode + embed in-process), ``e2e`` (bucketlens bulk throughput, then freshness), ``old`` (the
+old design), ``fair`` (the worker confined to a core of its own and everything else to the others, against the
+limit on that core: live uploads, a reembed backfill, the seed design as written and the kind re-creation; ~6
+minutes, ``bench/fair.py``), ``queries`` (search latency over HTTP and in-process on real embeddings, FAISS Flat
 and the type the service picks) and ``milvus`` (the same for a Milvus server started for the step, side by side
-in one run; ~5 minutes more: ``--only limit,e2e,old,queries`` leaves it out); ``burst`` only when asked
-(``--only burst``: ``--burst`` uploads with the workers stopped, then drained) and ``load`` (``--only load``:
-64 concurrent searches for 60 s while 2,000 uploads merge). Prints a table and writes
-``bench/results/latest.json``. Quick by default (1000 images, 100k vectors); ``--images 5000`` for more.
+in one run; ~5 minutes more: ``--only limit,e2e,old,fair,queries`` leaves it out). Only when asked: ``burst``
+(``--only burst``: ``--burst`` uploads with the workers stopped, then drained), ``load`` (``--only load``: 64
+concurrent searches for 60 s while 2,000 uploads merge) and ``soak`` (``--only soak``: ``--soak`` distinct images
+through the stack at its own pace, every process's RSS sampled each second: ``bench/soak.py``). Prints a table
+and writes ``bench/results/latest.json``. Quick by default (1000 images, 100k vectors); ``--images 5000`` for
+more.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import httpx
 
 from bucketlens.settings import PREFIX, Settings
 
-from . import CACHE, RESULTS, ROOT, burst, e2e, load, old_design, queries
+from . import CACHE, RESULTS, ROOT, burst, e2e, fair, load, old_design, queries, soak
 from .images import ensure_images
 from .limit import measure_limit
 from .procs import cores, load_average
@@ -35,8 +39,8 @@ from .profile import Profiler, worker_summary
 from .report import check_targets, headline, table
 from .stack import bench_stack, describe, warm_up, worker_pid
 
-STEPS = ("limit", "e2e", "old", "queries", "milvus")  # the default run
-ON_REQUEST = ("burst", "load")  # long: run with --only
+STEPS = ("limit", "e2e", "old", "fair", "queries", "milvus")  # the default run
+ON_REQUEST = ("burst", "load", "soak")  # long: run with --only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(STEPS),
                         help=f"steps to run (default {','.join(STEPS)}; also {','.join(ON_REQUEST)})")
     parser.add_argument("--burst", type=int, default=20_000, help="uploads of the burst step (default 20000)")
+    parser.add_argument("--soak", type=int, default=20_000, help="distinct images of the soak step (default 20000)")
     parser.add_argument("--load", default="64,60,2000", metavar="CLIENTS,SECONDS,UPLOADS",
                         help="the load step: concurrent searchers, seconds, uploads merging meanwhile")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -89,11 +94,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"load_average_before": load_average()}
     if "limit" in steps:
         results["limit"] = measure_limit(settings, [path.read_bytes() for path in files], cores())
-    if steps & {"e2e", "old", "queries", "milvus", "burst", "load"}:
-        if not list((args.cache / "models").glob("*.onnx")):
-            from vision.embedders import load_embedder
+    if steps & {"e2e", "old", "fair", "queries", "milvus", "burst", "load"} and not list(
+            (args.cache / "models").glob("*.onnx")):
+        from vision.embedders import load_embedder
 
-            load_embedder(settings)  # exports the model into the cache once
+        load_embedder(settings)  # exports the model into the cache once
+    if steps & {"e2e", "old", "queries", "milvus", "burst", "load"}:
         started = time.perf_counter()
         with bench_stack(settings, args.cache / "models", args.home) as stack:
             results["stack"] = {"up_seconds": time.perf_counter() - started, **describe(stack)}
@@ -115,6 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if "load" in steps:
                     clients, seconds, uploads = (int(x) for x in args.load.split(","))
                     results["load"] = load.run(stack, api, files, uploads, clients, seconds, args.seed)
+                if "soak" in steps:
+                    results["soak"] = soak.run(stack, api, ensure_images(args.cache, args.soak, args.seed))
             if "old" in steps:
                 results["old_design"] = old_design.run(stack.settings, files)
             backends = [name for name, step in (("faiss", "queries"), ("milvus", "milvus")) if step in steps]
@@ -122,6 +130,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 profile_to = args.out.parent / "search-profile.txt" if args.profile else None
                 results["queries"] = queries.run(stack.settings, files, args.vectors, args.queries, backends,
                                                  args.seed, profile_to)
+    if "fair" in steps:  # a stack of its own, after the other one is gone: the cores are split between them
+        results["fair"] = fair.run(settings, files, args.cache / "models", args.out.parent / "fair-profile.txt")
     results["load_average_after"] = load_average()
     return results
 

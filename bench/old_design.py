@@ -6,7 +6,10 @@ Celery worker process decodes and embeds ONE image per task and returns the vect
 result backend. Same Redis as the bench stack (its own queue), same model, runtime, settings and decode
 function as the bucketlens workers. JSON serializer (the old design pickled; JSON is the fairer baseline here).
 
-Run the worker with ``python -m bench.old_design REDIS_URL QUEUE`` (settings from ``BUCKETLENS_*``).
+As the seed wrote it (``bench.fair``): ``runtime=torch`` (eager) and ``pool="solo"`` (the worker process runs
+each task itself); the kinder re-creation keeps the service's runtime and pool.
+
+Run the worker with ``python -m bench.old_design REDIS_URL QUEUE [POOL]`` (settings from ``BUCKETLENS_*``).
 """
 
 from __future__ import annotations
@@ -44,39 +47,45 @@ def create_app(redis_url: str, queue: str, settings: Settings | None = None) -> 
         return app
     resources: dict[str, Any] = {}
 
-    @worker_process_init.connect(weak=False)
-    def load_model(**_: object) -> None:
+    @worker_process_init.connect(weak=False)  # a prefork child; with the solo pool, the first (warm-up) task
+    def load_model(**_: object) -> Any:
         from vision.embedders import load_embedder
 
-        resources["embedder"] = load_embedder(settings)
+        if "embedder" not in resources:
+            resources["embedder"] = load_embedder(settings)
+        return resources["embedder"]
 
     @app.task(name=TASK)
     def embed(image_b64: str) -> list[float]:
         from vision.decode import decode
 
         pixels = decode(base64.b64decode(image_b64), settings.max_pixels)
-        vector: np.ndarray = resources["embedder"].embed(pixels[None])[0]
+        vector: np.ndarray = load_model().embed(pixels[None])[0]
         return vector.tolist()  # type: ignore[no-any-return]
 
     return app
 
 
-def start_worker(settings: Settings, queue: str, log_path: Path) -> subprocess.Popen[bytes]:
-    """One Celery worker process (``settings.worker_concurrency`` pool children, as the bucketlens worker)."""
+def start_worker(settings: Settings, queue: str, log_path: Path, pool: str = "prefork",
+                 cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+    """One Celery worker process (``settings.worker_concurrency`` pool children, as the bucketlens worker, or
+    none with ``pool="solo"``), confined to ``cpus`` when given."""
     env = {**os.environ, **settings.to_env()}
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "bench.old_design", settings.redis_url, queue], env=env, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            cwd=str(ROOT),
+            [sys.executable, "-m", "bench.old_design", settings.redis_url, queue, pool], env=env, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(ROOT),
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
 
 
-def run(settings: Settings, files: Sequence[Path], queue: str = "bench-old") -> dict[str, Any]:
-    """Time the old design on ``files``: first file read -> FAISS index built."""
+def run(settings: Settings, files: Sequence[Path], queue: str = "bench-old", pool: str = "prefork",
+        cpus: set[int] | None = None) -> dict[str, Any]:
+    """Time the old design on ``files``: first file read -> FAISS index built. ``pool`` and ``cpus``: the
+    worker's Celery pool and the cores it may use (default: the caller's)."""
     app = create_app(settings.redis_url, queue)
     embed = app.signature(TASK)
-    worker = start_worker(settings, queue, Path(settings.home) / "logs" / "old-design-worker.log")
+    worker = start_worker(settings, queue, Path(settings.home) / "logs" / "old-design-worker.log", pool, cpus)
     try:
         embed.apply_async(args=[base64.b64encode(files[0].read_bytes()).decode()]).get(timeout=300)  # warm
         meter = CpuMeter(Path(settings.home), {"old-design-worker": worker.pid})
@@ -107,10 +116,10 @@ def run(settings: Settings, files: Sequence[Path], queue: str = "bench-old") -> 
 
 
 def main() -> None:
-    redis_url, queue = sys.argv[1], sys.argv[2]
+    redis_url, queue, pool = sys.argv[1], sys.argv[2], (sys.argv[3:] or ["prefork"])[0]
     settings = Settings.from_env()
     app = create_app(redis_url, queue, settings)
-    app.worker_main(["worker", "-Q", queue, "-c", str(settings.worker_concurrency), "--loglevel", "WARNING",
+    app.worker_main(["worker", "-Q", queue, "-P", pool, "-c", str(settings.worker_concurrency), "--loglevel", "WARNING",
                      "-n", f"old-design-{os.getpid()}@%h", "--without-gossip", "--without-mingle"])
 
 

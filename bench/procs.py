@@ -64,6 +64,7 @@ def tree_peak_rss_mb(pid: int) -> float:
 
 
 TICKS = os.sysconf("SC_CLK_TCK")
+ALL_CORES = os.sched_getaffinity(0)  # as the bench started, before any pinning
 
 
 def cpu_seconds(pid: int) -> float:
@@ -94,11 +95,31 @@ def stack_cpu_seconds(home: Path) -> dict[str, float]:
     return {name: sum(cpu_seconds(p) for p in tree(pid)) for name, pid in stack_pids(home).items()}
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds every core of the machine has spent busy since boot (``/proc/stat``), all users included."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+def _busy(line: str) -> float:
+    values = [int(v) for v in line.split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
     return (sum(values[:8]) - idle) / TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (``/proc/stat``), all users included."""
+    return _busy(Path("/proc/stat").read_text().split("\n", 1)[0])
+
+
+def core_busy_seconds() -> dict[int, float]:
+    """CPU seconds each core the bench may use has spent busy since boot, all users included."""
+    return {int(line.split()[0][3:]): _busy(line) for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("cpu") and line[3].isdigit() and int(line.split()[0][3:]) in ALL_CORES}
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Confine every thread of ``pids`` to ``cpus``; threads and processes they start later inherit it."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except (ProcessLookupError, PermissionError):
+                continue  # a thread that ended meanwhile
 
 
 class CpuMeter:
@@ -112,6 +133,7 @@ class CpuMeter:
         self.pids = pids or {}
         self.started = time.perf_counter()
         self.machine = machine_busy_seconds()
+        self.cores = core_busy_seconds()
         self.own = time.process_time()
         self.stack = self._processes()
 
@@ -128,10 +150,12 @@ class CpuMeter:
         own = time.process_time() - self.own
         stack = {name: value - self.stack.get(name, 0.0) for name, value in self._processes().items()}
         ours = own + sum(stack.values())
+        per_core = {core: busy - self.cores.get(core, busy) for core, busy in core_busy_seconds().items()}
         return {
             "cpu_ms_per_image": round(ours * 1000 / images, 2),
             "bench_process_cpu_ms_per_image": round(own * 1000 / images, 2),
             "stack_cpu_ms_per_image": {name: round(v * 1000 / images, 2) for name, v in stack.items()},
-            "machine_busy_share": round(machine / (wall * cores()), 3),
-            "others_cpu_share": round(max(0.0, machine - ours) / (wall * cores()), 3),
+            "machine_busy_share": round(machine / (wall * len(ALL_CORES)), 3),
+            "others_cpu_share": round(max(0.0, machine - ours) / (wall * len(ALL_CORES)), 3),
+            "core_busy_share": {str(core): round(busy / wall, 3) for core, busy in sorted(per_core.items())},
         }

@@ -11,6 +11,7 @@ The raw samples (collapsed stacks with counts) are kept next to the results.
 from __future__ import annotations
 
 import collections
+import re
 import shutil
 import signal
 import subprocess
@@ -18,15 +19,18 @@ import sys
 from pathlib import Path
 
 IDLE = "between tasks (Celery)"
-# What a task-running thread is doing: the first pattern (in this order) found in its stack names the stage.
+# What a task-running thread is doing: the first pattern (a regular expression, in this order) found in its stack
+# names the stage. py-spy writes each frame as ``qualified.name (path/relative/to/sys.path.py:line)``.
 WORKER_STAGES = (
-    ("embed: ONNX Runtime", "Session.run ("),
-    ("embed: torch", "TorchEmbedder.embed ("),
-    ("embed: other", ".embed (workers/embedders"),
-    ("decode", "decode (workers/decode.py"),
-    ("fetch: waiting on S3", "wait (concurrent/futures/_base.py"),
-    ("write: Redis", "Pipeline.write (workers/pipeline.py"),
-    ("task: other", "register_tasks.<locals>.embed ("),
+    (IDLE, r"\(\S*workers/heartbeat\.py"),  # the liveness beacon's thread, waiting between beats
+    ("embed: ONNX Runtime", r"run \(\S*onnxruntime_inference_collection\.py"),
+    ("embed: torch", r"\(\S*torch/nn/modules/"),
+    ("local features", r"\(\S*vision/local_features\.py"),
+    ("decode", r"\(\S*vision/decode\.py"),
+    ("fetch: waiting on S3", r"wait \(\S*concurrent/futures/_base\.py"),
+    ("fetch: S3 download (fetch pool threads)", r"\(\S*workers/fetch\.py"),
+    ("write: Redis", r"write \(\S*workers/(pipeline|results)\.py"),
+    ("task: other", r"\(\S*workers/"),
     (IDLE, ""),
 )
 SEARCH_STAGES = (
@@ -45,11 +49,11 @@ WAITING = ("Condition.wait (threading.py", "EpollSelector.select (selectors.py",
 class Profiler:
     """``py-spy record`` on ``pid`` and its subprocesses; ``idle`` also samples threads that wait."""
 
-    def __init__(self, pid: int, out: Path, idle: bool, rate: int = 50) -> None:
+    def __init__(self, pid: int, out: Path, idle: bool, rate: int = 50, nonblocking: bool = False) -> None:
         self.out = out
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         command = [exe, "record", "--pid", str(pid), "--subprocesses", "--threads", "--format", "raw",
-                   "--rate", str(rate), "--output", str(out)]
+                   "--rate", str(rate), "--output", str(out), *(["--nonblocking"] if nonblocking else [])]
         self.process = subprocess.Popen(command + (["--idle"] if idle else []), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
 
@@ -78,7 +82,7 @@ def worker_summary(raw: Path) -> dict[str, float]:
     """Share of the task threads' wall time per stage (threads that spent >5 % of their time in tasks)."""
     threads: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for thread, stack, count in _samples(raw):
-        threads[thread][next(name for name, pattern in WORKER_STAGES if pattern in stack)] += count
+        threads[thread][next(name for name, pattern in WORKER_STAGES if re.search(pattern, stack))] += count
     total: collections.Counter[str] = collections.Counter()
     for counter in threads.values():
         if sum(counter.values()) - counter[IDLE] > 0.05 * sum(counter.values()):

@@ -12,6 +12,10 @@ TARGETS = {
     "search_faiss_ivf_http_overhead_p50_ms": ("<=", 1.0, "FAISS IVF: HTTP p50 - in-process p50, c=1 (raw)"),
     "search_faiss_ivf_raw_c8_p99_ms": ("<", 10.0, "FAISS IVF search over HTTP p99, c=8 (raw vector)"),
     "freshness_p50_s": ("<", 1.0, "upload -> searchable, p50"),
+    "fair_backfill_vs_limit": (">=", 0.95, "fair: reembed (worker on its own core) / limit on that core"),
+    "fair_live_vs_seed_as_written": (">=", 3.0, "fair: live uploads / the seed design as written, same cores"),
+    "soak_worst_growth": ("<=", 0.10, "soak: most any process grew after the first 2,000 images"),
+    "soak_last_vs_second_quarter": (">=", 0.90, "soak: last quarter's throughput / the second quarter's"),
 }
 
 ROWS = (  # (key, label, unit, format)
@@ -44,6 +48,20 @@ ROWS = (  # (key, label, unit, format)
           ("recall_at_10_real", "recall@10, real queries", "", "{:.3f}"),
           ("service_rss_mb", "index service RSS", "MiB", "{:.0f}"),
       )),
+    ("fair_limit_images_per_s", "fair: limit on the worker's core alone", "img/s", "{:.1f}"),
+    ("fair_live_images_per_s", "fair: live uploads end to end", "img/s", "{:.1f}"),
+    ("fair_backfill_images_per_s", "fair: backfill (reembed, POST /rebuild)", "img/s", "{:.1f}"),
+    ("fair_seed_as_written_images_per_s", "fair: seed as written (eager torch, solo)", "img/s", "{:.1f}"),
+    ("fair_seed_kind_images_per_s", "fair: seed, kinder re-creation", "img/s", "{:.1f}"),
+    ("fair_live_vs_limit", "fair: live / limit", "x", "{:.2f}"),
+    ("fair_backfill_vs_limit", "fair: backfill / limit", "x", "{:.2f}"),
+    ("fair_live_vs_seed_as_written", "fair: live / seed as written", "x", "{:.2f}"),
+    ("fair_live_vs_seed_kind", "fair: live / seed, kinder", "x", "{:.2f}"),
+    *((f"fair_{run}_{key}", f"fair: {run.replace('_', ' ')}: {label}", unit, fmt)
+      for run in ("limit", "live", "backfill", "seed_as_written", "seed_kind")
+      for key, label, unit, fmt in (("cpu_ms_per_image", "CPU per image", "ms", "{:.1f}"),
+                                    ("worker_core_busy", "worker core busy", "", "{:.0%}"),
+                                    ("other_cores_busy", "other cores busy", "", "{:.0%}"))),
     ("search_image_p50_ms", "search by image p50 (FAISS, type it picks)", "ms", "{:.2f}"),
     ("worker_peak_rss_mb", "worker peak RSS", "MiB", "{:.0f}"),
     ("old_design_worker_peak_rss_mb", "old design worker peak RSS", "MiB", "{:.0f}"),
@@ -58,6 +76,10 @@ ROWS = (  # (key, label, unit, format)
     ("load_searches_per_s", "load: searches/s (concurrent, uploads merging)", "/s", "{:.1f}"),
     ("load_p50_ms", "load: search p50", "ms", "{:.1f}"),
     ("load_p99_ms", "load: search p99", "ms", "{:.1f}"),
+    ("soak_images", "soak: distinct images uploaded", "", "{:.0f}"),
+    ("soak_images_per_s", "soak: throughput", "img/s", "{:.1f}"),
+    ("soak_last_vs_second_quarter", "soak: last / second quarter's throughput", "x", "{:.2f}"),
+    ("soak_worst_growth", "soak: largest RSS growth after 2,000 images", "", "{:.1%}"),
     ("load_error_count", "load: searches not answered 200", "", "{:.0f}"),
 )
 
@@ -100,7 +122,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         if name == "faiss IVF":
             out["search_image_p50_ms"] = q["image_c1"]["p50_ms"]
             out["search_image_p99_ms"] = q["image_c1"]["p99_ms"]
-    for step in ("burst", "load"):
+    out.update(fair_headline(results.get("fair", {})))
+    for step in ("burst", "load", "soak"):
         for key, value in results.get(step, {}).items():
             if isinstance(value, (int, float)):
                 out[f"{step}_{key}"] = value
@@ -113,6 +136,26 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         out["worker_vs_limit_cpu"] = out["limit_cpu_ms_per_image"] / out["bucketlens_worker_cpu_ms_per_image"]
     if "old_design_images_per_s" in out and "bucketlens_images_per_s" in out:
         out["bucketlens_vs_old_design"] = out["bucketlens_images_per_s"] / out["old_design_images_per_s"]
+    return out
+
+
+def fair_headline(fair: dict[str, Any]) -> dict[str, Any]:
+    """The fair step's rates, ratios, CPU per image and the busy share of the worker's core and the others."""
+    if "ratios" not in fair:
+        return {}
+    out: dict[str, Any] = {f"fair_{name}": value for name, value in fair["ratios"].items()}
+    limit = fair["limit_cpu"][fair["limit_variant"]]
+    runs = {"limit": (fair["limit_images_per_s"], limit),
+            "live": (fair["live"]["bucketlens_images_per_s"], fair["live"]),
+            "backfill": (fair["backfill"]["images_per_s"], fair["backfill"]),
+            **{run: (fair[run]["old_design_images_per_s"], fair[run]) for run in ("seed_as_written", "seed_kind")}}
+    for run, (rate, report) in runs.items():
+        cpu = {key.removeprefix("bucketlens_").removeprefix("old_design_"): v for key, v in report.items()}
+        busy = cpu["core_busy_share"]
+        out[f"fair_{run}_images_per_s"] = rate
+        out[f"fair_{run}_cpu_ms_per_image"] = cpu["cpu_ms_per_image"]
+        out[f"fair_{run}_worker_core_busy"] = sum(busy[str(c)] for c in fair["worker_core"])
+        out[f"fair_{run}_other_cores_busy"] = sum(busy[str(c)] for c in fair["other_cores"]) / len(fair["other_cores"])
     return out
 
 
