@@ -94,12 +94,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"load_average_before": load_average()}
     if "limit" in steps:
         results["limit"] = measure_limit(settings, [path.read_bytes() for path in files], cores())
-    if steps & {"e2e", "old", "fair", "queries", "milvus", "burst", "load"} and not list(
+    if steps & {"e2e", "old", "fair", "queries", "milvus", "burst", "load", "soak"} and not list(
             (args.cache / "models").glob("*.onnx")):
         from vision.embedders import load_embedder
 
         load_embedder(settings)  # exports the model into the cache once
-    if steps & {"e2e", "old", "queries", "milvus", "burst", "load"}:
+    if steps & {"e2e", "old", "queries", "milvus", "burst", "load", "soak"}:
         started = time.perf_counter()
         with bench_stack(settings, args.cache / "models", args.home) as stack:
             results["stack"] = {"up_seconds": time.perf_counter() - started, **describe(stack)}
