@@ -10,7 +10,7 @@ Each figure is set against the limit measured in-process on the worker's core al
 - ``limit``: decode + embed + local features in-process on the worker core (``bench.limit``, one lane).
 - ``live``: every image uploaded by 16 threads, first upload -> last vector merged (``bench.e2e.throughput``).
 - ``backfill``: ``POST /rebuild`` in mode ``reembed`` of the whole bucket (the images and the warm-up object),
-  request -> swap, with the worker sampled by py-spy (``--nonblocking``, from the other core) meanwhile.
+  request -> swap, with the worker's on-CPU time sampled by py-spy (``--nonblocking``, from the other core).
 - ``seed``: the old design (``bench.old_design``) on the same cores: as the seed wrote it (eager torch,
   ``--pool=solo``) and the kinder re-creation (the service's runtime, a prefork pool child), its worker on the
   worker core, its caller on the others.
@@ -35,7 +35,7 @@ from infra.stack import Stack
 from . import e2e, old_design
 from .limit import measure_limit
 from .procs import ALL_CORES, CpuMeter, pin, tree
-from .profile import Profiler, worker_summary
+from .profile import Profiler, worker_cpu_summary
 from .stack import bench_stack, warm_up, worker_pid
 
 
@@ -78,7 +78,7 @@ def run(settings: Settings, files: Sequence[Path], models: Path, profile_to: Pat
 def reembed(stack: Stack, api: httpx.Client, profile_to: Path, timeout_s: float = 3600) -> dict[str, Any]:
     """``POST /rebuild`` (mode ``reembed``) of the stack's bucket, timed from the request to the swap."""
     headers = {"Authorization": f"Bearer {stack.settings.admin_token}"}
-    profiler = Profiler(worker_pid(stack), profile_to, idle=True, nonblocking=True)
+    profiler = Profiler(worker_pid(stack), profile_to, idle=False, nonblocking=True)
     time.sleep(1)  # py-spy attaches
     meter = CpuMeter(stack.home)
     response = api.post("/rebuild", json={"mode": "reembed"}, headers=headers)
@@ -98,4 +98,4 @@ def reembed(stack: Stack, api: httpx.Client, profile_to: Path, timeout_s: float 
         raise RuntimeError(f"the rebuild ended {job['state']}: {job.get('error')}")
     return {"objects": job["total"], "failed": job["failed"], "seconds": elapsed,
             "images_per_s": job["total"] / elapsed, **meter.report(job["total"]),
-            "worker_profile": worker_summary(profile_to)}
+            "worker_cpu_profile": worker_cpu_summary(profile_to)}

@@ -45,11 +45,11 @@ def local_bytes(recipe: Recipe, images: list[Decoded]) -> int:
     return sum(len(local_features.encode(local_features.views(i.gray, count))) for i in images if i.gray is not None)
 
 
-def describe(embedder: Embedder, images: list[Decoded]) -> int:
+def describe(embedder: Embedder, images: list[Decoded]) -> tuple[np.ndarray, int]:
     """What the worker does after decoding: the model on the batch, then each image's local features; returns
-    the bytes of those features."""
-    embedder.embed(np.stack([image.pixels for image in images]))
-    return local_bytes(embedder.recipe, images)
+    the vectors and the bytes of those features."""
+    vectors = embedder.embed(np.stack([image.pixels for image in images]))
+    return vectors, local_bytes(embedder.recipe, images)
 
 
 def serial(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings, bar: tqdm) -> None:

@@ -2,9 +2,10 @@
 
 The caller reads each image file, base64-encodes it into its own Celery task, sends every task, then waits on
 each result in turn (``future.get``) and builds a FAISS ``IndexFlatIP`` from all vectors at the end. One
-Celery worker process decodes and embeds ONE image per task and returns the vector through Celery's Redis
-result backend. Same Redis as the bench stack (its own queue), same model, runtime, settings and decode
-function as the bucketlens workers. JSON serializer (the old design pickled; JSON is the fairer baseline here).
+Celery worker process does to ONE image per task what a bucketlens worker does to each (``bench.limit``'s
+decode and describe: decode as the model's recipe says, embed, local features) and returns the vector through
+Celery's Redis result backend. Same Redis as the bench stack (its own queue), same model, runtime and settings
+as the bucketlens workers. JSON serializer (the old design pickled; JSON is the fairer baseline here).
 
 As the seed wrote it (``bench.fair``): ``runtime=torch`` (eager) and ``pool="solo"`` (the worker process runs
 each task itself); the kinder re-creation keeps the service's runtime and pool.
@@ -57,10 +58,12 @@ def create_app(redis_url: str, queue: str, settings: Settings | None = None) -> 
 
     @app.task(name=TASK)
     def embed(image_b64: str) -> list[float]:
-        from vision.decode import decode
+        from .limit import decode_batch, describe
 
-        pixels = decode(base64.b64decode(image_b64), settings.max_pixels)
-        vector: np.ndarray = load_model().embed(pixels[None])[0]
+        embedder = load_model()  # the same work per image as the service's worker: decode, embed, local features
+        vectors, _ = describe(embedder, decode_batch(embedder.recipe, [base64.b64decode(image_b64)],
+                                                     settings.max_pixels))
+        vector: np.ndarray = vectors[0]
         return vector.tolist()  # type: ignore[no-any-return]
 
     return app

@@ -1,7 +1,7 @@
 """Where the time goes, sampled with py-spy while the bench runs (``--profile``).
 
 - The worker (and its pool children) during the bulk run, wall clock: how the threads that run tasks split
-  their time between the pipeline's stages.
+  their time between the pipeline's stages; during the fair step's backfill, on-CPU: where the worker's core goes.
 - The query index service during the searches at the largest index size, on-CPU samples only: what a search
   spends its CPU on besides the FAISS scan.
 
@@ -32,6 +32,13 @@ WORKER_STAGES = (
     ("write: Redis", r"write \(\S*workers/(pipeline|results)\.py"),
     ("task: other", r"\(\S*workers/"),
     (IDLE, ""),
+)
+WORKER_CPU_STAGES = (
+    *WORKER_STAGES[1:-2],
+    ("Celery, kombu, billiard (task hand-over, acks)", r"\(\S*(celery|kombu|billiard)/"),
+    ("liveness beacon", r"\(\S*workers/heartbeat\.py"),
+    ("task: other", r"\(\S*workers/"),
+    ("other", ""),
 )
 SEARCH_STAGES = (
     ("FAISS search", "search (index_service/vector_index.py"),
@@ -88,6 +95,15 @@ def worker_summary(raw: Path) -> dict[str, float]:
         if sum(counter.values()) - counter[IDLE] > 0.05 * sum(counter.values()):
             total.update(counter)
     return _shares(total, WORKER_STAGES)
+
+
+def worker_cpu_summary(raw: Path) -> dict[str, float]:
+    """Share of the worker's on-CPU samples (recorded without ``idle``) per stage, every thread and pool process
+    counted: the task thread's stages, the fetch pool's S3 requests, Celery's own work."""
+    total: collections.Counter[str] = collections.Counter()
+    for _, stack, count in _samples(raw):
+        total[next(name for name, pattern in WORKER_CPU_STAGES if re.search(pattern, stack))] += count
+    return _shares(total, WORKER_CPU_STAGES)
 
 
 def search_summary(raw: Path) -> dict[str, float]:

@@ -209,7 +209,7 @@ def worker_cost(settings: Settings, recipe_: Recipe, paths: Sequence[Path]) -> d
     embedder = load_embedder(settings, custom=dataclasses.replace(recipe_, centre=False))
     blobs = [p.read_bytes() for p in paths]
     started = time.perf_counter()
-    extra = sum(describe(embedder, decode_batch(recipe_, blobs[i : i + 8], MAX_PIXELS))  # as bench.limit measures
+    extra = sum(describe(embedder, decode_batch(recipe_, blobs[i : i + 8], MAX_PIXELS))[1]  # as bench.limit does
                 for i in range(0, len(blobs), 8))
     elapsed = time.perf_counter() - started
     return {"img_per_s": round(len(blobs) / elapsed, 1),

@@ -162,3 +162,36 @@ def test_sigkill_mid_merge_then_restart_equals_an_uninterrupted_run(service: Ind
         client = backend.connection.client  # type: ignore[attr-defined]
         client.drop_alias(backend.alias)  # type: ignore[attr-defined]  # this test's alias and collection
         client.drop_collection(recovered.collection)  # type: ignore[attr-defined]
+
+
+def test_reconcile_sends_what_the_index_lacks_and_deletes_what_the_bucket_lost(service: IndexProcess) -> None:
+    """The listing is the authority on both backends: an object the index lacks and one it holds at an older etag
+    go to the workers (the rebuild queue), an indexed object the bucket no longer has is deleted, and the rest is
+    left alone."""
+    from index_service.queues import queue_report
+
+    s = service.settings
+    keys, redis, s3 = Keys(s.namespace), connect(s.redis_url), make_client(s)
+    service.start(ready=True)  # on an empty bucket: nothing to re-embed at start
+    rng = np.random.default_rng(11)
+    vector = rng.standard_normal(DIM).astype(np.float32)
+    etag = s3.put_object(Bucket=s.bucket, Key="kept.jpg", Body=b"kept")["ETag"].strip('"')
+    for i, (key, held) in enumerate((("kept.jpg", etag), ("changed.jpg", "an-older-etag"), ("gone.jpg", "e"))):
+        redis.xadd(keys.results, ResultEntry("upsert", s.bucket, key, held, f"{i:x}", int(1e18) + i, 1, MODEL,
+                                             vector / np.linalg.norm(vector)).to_fields())
+    wait_for(lambda: service.stats()["vectors"] == 3, 60, what="three objects indexed")
+    s3.put_object(Bucket=s.bucket, Key="changed.jpg", Body=b"changed")
+    s3.put_object(Bucket=s.bucket, Key="missing.jpg", Body=b"missing")  # no notification: the bucket has none
+
+    headers = {"Authorization": f"Bearer {s.admin_token}"}
+    report = httpx.post(service.url + "/reconcile", json={"bucket": s.bucket}, headers=headers, timeout=60).json()
+    assert {k: report[k] for k in ("listed", "missing", "changed", "removed", "failed")} == {
+        "listed": 3, "missing": 1, "changed": 1, "removed": 1, "failed": 0}, report
+    assert queue_report(redis, keys)["pending_objects"] == 2
+    wait_for(lambda: service.stats()["vectors"] == 2, 60, what="the lost object deleted")
+    states = {key: httpx.get(f"{service.url}/objects/{s.bucket}/{key}", timeout=30)
+              for key in ("kept.jpg", "changed.jpg", "missing.jpg", "gone.jpg")}
+    assert states["kept.jpg"].json()["state"] == "indexed" and states["kept.jpg"].json()["etag"] == etag
+    assert states["changed.jpg"].json()["state"] == "pending", states["changed.jpg"].text
+    assert states["missing.jpg"].json()["state"] == "pending", states["missing.jpg"].text
+    assert states["gone.jpg"].status_code == 404, states["gone.jpg"].text

@@ -100,6 +100,10 @@ def test_one_writer_a_killed_one_is_replaced_a_paused_one_stops(replicas: tuple[
     b = replica(settings, made, "b")
     assert writer(a) and not writer(b)
     assert redis.get(keys.writer_lease).startswith(b"a/")  # type: ignore[union-attr]
+    for process, writes in ((a, True), (b, False)):  # /stats, /queues and /metrics say which replica writes
+        assert httpx.get(process.url + "/queues", timeout=30).json()["index"] == {
+            "replica": process.settings.replica, "writer": writes, "writer_lease": "a"}
+        assert f"bucketlens_index_writer {float(writes)}" in httpx.get(process.url + "/metrics", timeout=30).text
 
     for entry in stream[:1000]:
         redis.xadd(keys.results, entry.to_fields())
