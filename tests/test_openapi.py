@@ -10,6 +10,7 @@ clear failure records of the shared stack. The receiver is fuzzed with its webho
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any, Iterator
 
 import httpx
@@ -31,7 +32,7 @@ from ingest.openapi import OPENAPI as INGEST_DOCUMENT
 
 from .integrity import record_outcome
 
-CASES = 150  # generated requests per operation (and media type); the whole fuzz stays under two minutes
+CASES = 300  # generated requests per operation (and media type); the whole fuzz stays under two minutes
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 FUZZ = settings(max_examples=CASES, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
@@ -40,10 +41,12 @@ COUNTS: dict[str, collections.Counter[str]] = {"index service": collections.Coun
 
 @pytest.fixture(scope="module", autouse=True)
 def report_counts() -> Iterator[None]:
+    started = time.monotonic()
     yield
     outcome = {service: {"cases": sum(counts.values()), "by_status": dict(sorted(counts.items()))}
                for service, counts in COUNTS.items()}
-    record_outcome("openapi_fuzz", {**outcome, "cases_per_operation": CASES}, file="openapi-fuzz.json")
+    record_outcome("openapi_fuzz", {**outcome, "cases_per_operation": CASES,
+                                    "seconds": round(time.monotonic() - started, 1)}, file="openapi-fuzz.json")
 
 
 @pytest.fixture(scope="module")
