@@ -7,7 +7,9 @@ about the pipeline. Here the bucketlens worker (one pool process, one runtime th
 index service, the supervisor, this bench and py-spy) to the others, with ``sched_setaffinity`` on every thread.
 Each figure is set against the limit measured in-process on the worker's core alone:
 
-- ``limit``: decode + embed + local features in-process on the worker core (``bench.limit``, one lane).
+- ``limit``: decode + embed + local features in-process on the worker core (``bench.limit``, one lane); then
+  the best variant again with a busy loop on every other core (``limit_others_busy_images_per_s``): the control
+  for what a busy neighbour core costs the worker's core by itself.
 - ``live``: every image uploaded by 16 threads, first upload -> last vector merged (``bench.e2e.throughput``).
 - ``backfill``: ``POST /rebuild`` in mode ``reembed`` of the whole bucket (the images and the warm-up object),
   request -> swap, with the worker's on-CPU time sampled by py-spy (``--nonblocking``, from the other core).
@@ -20,11 +22,14 @@ Each with CPU-ms per image and each core's busy share (``core_busy_share``: all 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import httpx
 from tqdm import tqdm
@@ -50,6 +55,9 @@ def run(settings: Settings, files: Sequence[Path], models: Path, profile_to: Pat
         pin(me, worker_core)
         limit = measure_limit(one, [path.read_bytes() for path in files], 1)
         results.update((key, limit[key]) for key in ("limit_images_per_s", "limit_variant", "limit_cpu"))
+        with spinning(rest):  # the control: the same limit while the other cores are busy, as they are below
+            busy = measure_limit(one, [path.read_bytes() for path in files], 1, only=[str(limit["limit_variant"])])
+        results["limit_others_busy_images_per_s"] = busy["limit_images_per_s"]
         pin(me, rest)  # the stack started from here inherits the other cores
         with bench_stack(one, models) as stack:
             pin(tree(worker_pid(stack)), worker_core)
@@ -65,6 +73,7 @@ def run(settings: Settings, files: Sequence[Path], models: Path, profile_to: Pat
     limit_rate = results["limit_images_per_s"]
     live_rate = results["live"]["bucketlens_images_per_s"]
     results["ratios"] = {
+        "limit_others_busy_vs_idle": results["limit_others_busy_images_per_s"] / limit_rate,
         "live_vs_limit": live_rate / limit_rate,
         "backfill_vs_limit": results["backfill"]["images_per_s"] / limit_rate,
         "live_vs_seed_as_written": live_rate / results["seed_as_written"]["old_design_images_per_s"],
@@ -73,6 +82,20 @@ def run(settings: Settings, files: Sequence[Path], models: Path, profile_to: Pat
                                         / results["seed_as_written"]["old_design_images_per_s"]),
     }
     return results
+
+
+@contextlib.contextmanager
+def spinning(cpus: set[int]) -> Iterator[None]:
+    """A busy loop on each of ``cpus`` (no memory traffic): two vCPUs of a VM can be hyperthreads of one
+    physical core, and then a busy neighbour slows the worker's core even with nothing shared in software."""
+    loop = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", loop, str(cpu)]) for cpu in cpus]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def reembed(stack: Stack, api: httpx.Client, profile_to: Path, timeout_s: float = 3600) -> dict[str, Any]:

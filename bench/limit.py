@@ -87,8 +87,9 @@ def lanes(embedders: list[Embedder], blobs: Sequence[bytes], settings: Settings,
 Variant = Callable[[list[Embedder], Sequence[bytes], Settings, tqdm], None]
 
 
-def measure_limit(settings: Settings, blobs: Sequence[bytes], cores: int) -> dict[str, object]:
-    """Images per second of each variant on ``blobs``; the best is ``limit_images_per_s``."""
+def measure_limit(settings: Settings, blobs: Sequence[bytes], cores: int,
+                  only: Sequence[str] = ("serial", "pipelined", "lanes")) -> dict[str, object]:
+    """Images per second of each variant (``only`` those) on ``blobs``; the best is ``limit_images_per_s``."""
     shared = dataclasses.replace(settings, torch_threads=settings.torch_threads or cores)
     single = [load_embedder(shared)]
     per_core = [load_embedder(dataclasses.replace(settings, torch_threads=1)) for _ in range(cores)]
@@ -98,7 +99,7 @@ def measure_limit(settings: Settings, blobs: Sequence[bytes], cores: int) -> dic
     warm = decode_batch(single[0].recipe, blobs[: settings.batch_size], settings.max_pixels)
     rates: dict[str, float] = {}
     cpu: dict[str, object] = {}
-    for name, (run, embedders) in variants.items():
+    for name, (run, embedders) in ((name, variants[name]) for name in only):
         for embedder in embedders:  # the first full-size batch of a runtime is slower (allocations)
             describe(embedder, warm)
         with tqdm(total=len(blobs), unit="img", desc=f"limit: {name}", leave=False) as bar:

@@ -53,6 +53,7 @@ ROWS = (  # (key, label, unit, format)
     ("fair_backfill_images_per_s", "fair: backfill (reembed, POST /rebuild)", "img/s", "{:.1f}"),
     ("fair_seed_as_written_images_per_s", "fair: seed as written (eager torch, solo)", "img/s", "{:.1f}"),
     ("fair_seed_kind_images_per_s", "fair: seed, kinder re-creation", "img/s", "{:.1f}"),
+    ("fair_limit_others_busy_vs_idle", "fair: limit, other core spinning / idle", "x", "{:.2f}"),
     ("fair_live_vs_limit", "fair: live / limit", "x", "{:.2f}"),
     ("fair_backfill_vs_limit", "fair: backfill / limit", "x", "{:.2f}"),
     ("fair_live_vs_seed_as_written", "fair: live / seed as written", "x", "{:.2f}"),
