@@ -1,0 +1,56 @@
+"""The bench's own arithmetic: the soak's growth per process and the fair step's headline figures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.procs import ALL_CORES, core_busy_seconds, pin
+from bench.report import check_targets, fair_headline
+from bench.soak import growth
+
+
+def sample(t: float, merged: int, **rss: float) -> dict[str, object]:
+    return {"t": t, "merged": merged, "rss_mb": rss}
+
+
+def test_growth_is_measured_from_the_settled_point_and_the_index_service_net_of_what_it_holds() -> None:
+    samples = [sample(0, 100, worker=500, api=300), sample(1, 2000, worker=600, api=400),
+               sample(2, 3000, worker=630, api=520), sample(3, 4000, worker=610, api=500)]
+    rows = growth(samples, settled=2000, vector_bytes=2**20 // 10)  # 0.1 MiB a vector: 200 MiB for 2,000 more
+    assert rows["worker"] == {"rss_at_settled_mb": 600, "peak_after_mb": 630, "final_mb": 610, "growth": 0.05}
+    assert rows["api"]["growth"] == 0.3 and rows["api"]["held_vectors_mb"] == 200.0
+    assert rows["api"]["growth_beyond_held"] == round((520 - 200) / 400 - 1, 3)
+
+
+def test_fair_headline_ratios_busy_shares_and_targets() -> None:
+    report = {"core_busy_share": {"0": 1.0, "1": 0.9}, "cpu_ms_per_image": 100.0}
+    fair = {
+        "worker_core": [1], "other_cores": [0], "limit_images_per_s": 10.0, "limit_variant": "serial",
+        "limit_cpu": {"serial": {"core_busy_share": {"0": 0.1, "1": 1.0}, "cpu_ms_per_image": 90.0}},
+        "live": {"bucketlens_images_per_s": 8.0, **{f"bucketlens_{k}": v for k, v in report.items()}},
+        "backfill": {"images_per_s": 9.6, **report},
+        "seed_as_written": {"old_design_images_per_s": 2.0, **{f"old_design_{k}": v for k, v in report.items()}},
+        "seed_kind": {"old_design_images_per_s": 4.0, **{f"old_design_{k}": v for k, v in report.items()}},
+        "ratios": {"backfill_vs_limit": 0.96, "live_vs_seed_as_written": 4.0},
+    }
+    flat = fair_headline(fair)
+    assert flat["fair_limit_worker_core_busy"] == 1.0 and flat["fair_limit_other_cores_busy"] == 0.1
+    assert flat["fair_backfill_images_per_s"] == 9.6 and flat["fair_seed_kind_cpu_ms_per_image"] == 100.0
+    targets = check_targets(flat)
+    assert targets["fair_backfill_vs_limit"]["met"] is True and targets["fair_live_vs_seed_as_written"]["met"]
+    assert fair_headline({"skipped": "needs 2 cores"}) == {}
+
+
+@pytest.mark.skipif(len(ALL_CORES) < 2, reason="needs 2 cores")
+def test_pin_confines_every_thread_and_the_cores_are_read_per_core() -> None:
+    me = [os.getpid()]
+    first = min(ALL_CORES)
+    try:
+        pin(me, {first})
+        assert os.sched_getaffinity(0) == {first}
+    finally:
+        pin(me, set(ALL_CORES))
+    assert os.sched_getaffinity(0) == ALL_CORES
+    assert set(core_busy_seconds()) == ALL_CORES
