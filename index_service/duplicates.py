@@ -7,6 +7,11 @@ matches between the object's stored views (itself and its mirror) and the neighb
 in the generation's feature store (``feature_store.py``), which drops an object's pairs whenever the object
 changes or goes; groups are stars around each group's best copy, computed per request (pairs are few next to
 objects): ``groups``.
+
+Verification is the service's heaviest work (~0.3 CPU-seconds per object on busy photo sets: ORB matching and
+RANSAC against every proposed neighbour), so while objects keep arriving the finder keeps to a share of one core
+(``duplicates_cpu_share``) and leaves the rest to the workers and searches; once the index is quiet it runs freely
+and catches up (``pending`` in ``/stats`` and ``/duplicates`` says how far behind it is).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -31,19 +37,25 @@ BATCH = 256  # objects per round (one FAISS call)
 # Default links of a group: the matches that say "the same photo". Pairs are kept from
 # ``local_features.MIN_INLIERS`` up, so a caller may ask for looser groups.
 GROUP_MATCHES = local_features.COPY_MATCHES
+ARRIVING_S = 5.0  # objects merged this recently: ingest is running, so the finder keeps to its CPU share
 
 
 class DuplicateFinder:
-    """Runs in its own thread; ``wake`` after a merge batch. ``index`` returns the serving generation."""
+    """Runs in its own thread; ``wake`` after a merge batch. ``index`` returns the serving generation.
+    ``cpu_share``: the share of one core the thread may use while objects arrive (1: no limit)."""
 
-    def __init__(self, index: Callable[[], Index]) -> None:
+    def __init__(self, index: Callable[[], Index], cpu_share: float = 1.0) -> None:
+        if not 0 < cpu_share <= 1:
+            raise ValueError(f"duplicates_cpu_share must be above 0 and at most 1, not {cpu_share}")
         self.index = index
+        self.cpu_share = cpu_share
         self.pending: dict[str, str] = {}  # object id -> etag still to check, in the generation below
         self.generation = -1
         self.checked_objects = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._arrived = -ARRIVING_S  # monotonic time of the last wake with changed objects
         self._thread = threading.Thread(target=self._run, name="duplicates", daemon=True)
 
     @property
@@ -62,6 +74,8 @@ class DuplicateFinder:
         """``changed``: ``(object id, etag)`` upserted in the serving generation since the last call."""
         with self._lock:
             self.pending.update(changed)
+        if changed:
+            self._arrived = time.monotonic()
         self._wake.set()
 
     def _run(self) -> None:
@@ -69,10 +83,20 @@ class DuplicateFinder:
             self._wake.wait(timeout=5.0)
             self._wake.clear()
             try:
-                while not self._stop.is_set() and self.step():
-                    pass
+                while not self._stop.is_set():
+                    began = time.thread_time()
+                    if not self.step():
+                        break
+                    self._stop.wait(self.pause(time.thread_time() - began))
             except Exception:
                 log.exception("looking for duplicates failed; trying again at the next merge")
+
+    def pause(self, spent_s: float) -> float:
+        """Seconds to rest after a step that took ``spent_s`` of this thread's CPU: enough to keep to the share
+        while objects arrive, none when the index is quiet."""
+        if self.cpu_share >= 1 or time.monotonic() - self._arrived > ARRIVING_S:
+            return 0.0
+        return spent_s * (1 - self.cpu_share) / self.cpu_share
 
     def step(self) -> int:
         """Check one batch of pending objects; returns how many were checked."""
@@ -102,20 +126,19 @@ def _current(index: Index, oid: str, etag: str) -> Indexed | None:
 
 
 def find_pairs(index: Index, objects: list[Indexed], min_score: float = MIN_SCORE) -> list[tuple[str, str, int]]:
-    """Confirmed ``(object id, object id, matches)`` between each of ``objects`` and its neighbours."""
-    vectors = [index.vector(o.bucket, o.key) for o in objects]
-    known = [(o, v) for o, v in zip(objects, vectors) if v is not None]
+    """Confirmed ``(object id, object id, matches)`` between each of ``objects`` and its neighbours. Objects
+    indexed without local features (an older model) have nothing to verify with and are not searched for."""
+    stored = index.features.views([(object_id(o.bucket, o.key), o.etag) for o in objects])
+    known = [(o, v) for o in objects
+             if object_id(o.bucket, o.key) in stored and (v := index.vector(o.bucket, o.key)) is not None]
     if not known:
         return []
     ids = [object_id(o.bucket, o.key) for o, _ in known]
     neighbours = index.search_many(np.stack([v for _, v in known]), NEIGHBOURS, list(ids))
     wanted = {(object_id(o.bucket, o.key), o.etag) for hits in neighbours for o, s in hits if s >= min_score}
-    wanted |= {(oid, o.etag) for oid, (o, _) in zip(ids, known)}
-    stored = index.features.views(sorted(wanted))
+    stored |= index.features.views(sorted(w for w in wanted if w[0] not in stored))
     pairs = []
     for oid, hits in zip(ids, neighbours):
-        if oid not in stored:
-            continue  # indexed without local features (an older model): nothing to verify with
         for other, score in hits:
             other_id = object_id(other.bucket, other.key)
             if score >= min_score and other_id in stored:

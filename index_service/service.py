@@ -78,7 +78,7 @@ class Service:
                                  settings.writer_lease_s)
         self.writing = threading.Event()
         self.merger = self._merger("0")
-        self.duplicates = DuplicateFinder(lambda: self.index)
+        self.duplicates = DuplicateFinder(lambda: self.index, settings.duplicates_cpu_share)
         self.loaded = threading.Event()
         self.checked = threading.Event()  # the start-up check against the bucket is done (redis_loss.py)
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)

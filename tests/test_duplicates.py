@@ -4,9 +4,11 @@ dropped when an object changes or goes, grouped by connected components with the
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image, ImageOps
 
 from bucketlens.schemas import ResultEntry
+from index_service import duplicates
 from index_service.duplicates import DuplicateFinder, groups
 from index_service.vector_index import VectorIndex
 from infra.samples import skimage_data
@@ -90,3 +92,20 @@ def test_one_false_link_does_not_chain_two_groups() -> None:
     stricter = groups(index, 100)  # links of fewer matches do not count: cup-3 drops out
     assert [[o.key for o in g.members] for g in stricter] == [["cat.jpg", "cat-2.jpg", "cat-3.jpg"],
                                                               ["cup.jpg", "cup-2.jpg"]]
+
+
+def test_while_objects_arrive_the_finder_keeps_to_its_cpu_share(monkeypatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(duplicates.time, "monotonic", lambda: now[0])
+    index = VectorIndex("m", DIM)
+    finder = DuplicateFinder(lambda: index, cpu_share=0.25)
+    assert finder.pause(0.3) == 0  # nothing arrived: it runs freely
+    finder.wake([("b/k", "e")])
+    assert finder.pause(0.3) == pytest.approx(0.9)  # 0.3 s of CPU, 0.9 s of rest: a quarter of one core
+    now[0] += duplicates.ARRIVING_S + 0.1
+    assert finder.pause(0.3) == 0  # quiet again: it catches up
+    unlimited = DuplicateFinder(lambda: index, cpu_share=1)
+    unlimited.wake([("b/k", "e")])
+    assert unlimited.pause(0.3) == 0
+    with pytest.raises(ValueError, match="duplicates_cpu_share"):
+        DuplicateFinder(lambda: index, cpu_share=0)
