@@ -45,6 +45,7 @@ from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from index_service.backend import Index, open_backend
 from index_service.feature_store import FeatureStore
+from index_service.vector_index import set_search_threads
 from infra import milvus
 from infra.stack import free_port
 
@@ -312,7 +313,7 @@ def run(stack_settings: Settings, image_files: Sequence[Path], n: int, count: in
     exact.add(vectors)
     exact_kth = exact.search(queries, 10)[0][:, -1]
     del exact
-    faiss.omp_set_num_threads(max(1, stack_settings.faiss_threads))  # in-process scans as the service runs them
+    set_search_threads(stack_settings.faiss_threads)  # in-process scans as the service runs them, in any thread
     images = [path.read_bytes() for path in image_files[:20]]
     results: dict[str, Any] = {"vectors": n, "real_vectors": len(indexed), "queries": len(queries),
                                "real_queries": int(is_real.sum()), "cosine_to_parent": list(real_vectors.COSINE)}

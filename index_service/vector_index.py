@@ -139,11 +139,24 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+_search_threads = 0  # FAISS's OpenMP threads per search in this process; 0: OpenMP's default (one per core)
+_configured = threading.local()  # .threads: what this thread last set
+
+
 def set_search_threads(threads: int) -> None:
-    """FAISS's OpenMP threads for this process. One query at a time scans faster on one thread when the cores
-    are shared (measured: 100k x 1280 flat, 2 busy cores: p50 38 ms on 1 thread, 98 ms on 2); concurrency
-    comes from the HTTP thread pool instead."""
-    faiss.omp_set_num_threads(max(1, threads))
+    """FAISS's OpenMP threads per search in this process. One query at a time scans faster on one thread when the
+    cores are shared (measured: 100k x 1280 flat, 2 busy cores: p50 38 ms on 1 thread, 98 ms on 2); concurrency
+    comes from the HTTP thread pool instead. OpenMP keeps the count per thread, and a thread started later
+    begins at the default, so every searching thread applies it itself (``_use_search_threads``)."""
+    global _search_threads
+    _search_threads = max(1, threads)
+    _use_search_threads()
+
+
+def _use_search_threads() -> None:
+    if _search_threads and getattr(_configured, "threads", None) != _search_threads:
+        faiss.omp_set_num_threads(_search_threads)
+        _configured.threads = _search_threads
 
 
 # A filter that keeps at most this many objects is answered by an exact scan over them (always k results, exact;
@@ -329,6 +342,7 @@ class VectorIndex(SearchOne):
         assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries {queries.shape}, index dim {self.dim}"
         exclude = exclude or [None] * len(queries)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _use_search_threads()
         with self._lock.read():
             selected = self._select(where) if where else None
             n = len(self._ids) if selected is None else len(selected)

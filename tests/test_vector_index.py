@@ -211,3 +211,24 @@ def test_malformed_labels_keep_the_object_without_them() -> None:
     index = VectorIndex("m", DIM)
     index.apply([dated("k", 1, found="9999:2")])
     assert index.get("b", "k") is not None and index.get("b", "k").labels is None  # type: ignore[union-attr]
+
+
+def test_searches_from_threads_started_later_use_the_configured_openmp_threads() -> None:
+    import faiss
+
+    index = VectorIndex("m", DIM)
+    index.apply([upsert(f"k{i}", i, i) for i in range(20)])
+    seen: list[int] = []
+
+    def search() -> None:
+        index.search(unit(1), 3)
+        seen.append(faiss.omp_get_max_threads())
+
+    module.set_search_threads(7)  # not any machine's default (one per core) that these tests run on
+    try:
+        thread = threading.Thread(target=search)  # like the HTTP thread pool's: started after the setting
+        thread.start()
+        thread.join()
+        assert seen == [7]
+    finally:
+        module.set_search_threads(1)
