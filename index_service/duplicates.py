@@ -17,6 +17,7 @@ and catches up (``pending`` in ``/stats`` and ``/duplicates`` says how far behin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
 MIN_SCORE = 0.2  # global score (centred descriptor) below which a neighbour is not proposed: hard copies score ~0.35
 BATCH = 256  # objects per round (one FAISS call)
+ARRIVING_BATCH = 8  # ... while objects arrive: a round then costs seconds, not minutes, before its rest
 # Default links of a group: the matches that say "the same photo". Pairs are kept from
 # ``local_features.MIN_INLIERS`` up, so a caller may ask for looser groups.
 GROUP_MATCHES = local_features.COPY_MATCHES
@@ -85,7 +87,7 @@ class DuplicateFinder:
             try:
                 while not self._stop.is_set():
                     began = time.thread_time()
-                    if not self.step():
+                    if not self.step(BATCH if self._quiet() else ARRIVING_BATCH):
                         break
                     self._stop.wait(self.pause(time.thread_time() - began))
             except Exception:
@@ -94,12 +96,13 @@ class DuplicateFinder:
     def pause(self, spent_s: float) -> float:
         """Seconds to rest after a step that took ``spent_s`` of this thread's CPU: enough to keep to the share
         while objects arrive, none when the index is quiet."""
-        if self.cpu_share >= 1 or time.monotonic() - self._arrived > ARRIVING_S:
-            return 0.0
-        return spent_s * (1 - self.cpu_share) / self.cpu_share
+        return 0.0 if self._quiet() else spent_s * (1 - self.cpu_share) / self.cpu_share
 
-    def step(self) -> int:
-        """Check one batch of pending objects; returns how many were checked."""
+    def _quiet(self) -> bool:
+        return self.cpu_share >= 1 or time.monotonic() - self._arrived > ARRIVING_S
+
+    def step(self, limit: int = BATCH) -> int:
+        """Check up to ``limit`` pending objects; returns how many were checked."""
         index = self.index()
         if index.generation != self.generation:  # start, or a rebuild swapped: whatever is unchecked is pending
             checked = index.features.checked()
@@ -108,7 +111,7 @@ class DuplicateFinder:
                 self.pending = {object_id(o.bucket, o.key): o.etag for o in index.objects()
                                 if checked.get(object_id(o.bucket, o.key)) != o.etag}
         with self._lock:
-            batch = list(self.pending.items())[:BATCH]
+            batch = list(itertools.islice(self.pending.items(), limit))
             for oid, _ in batch:
                 del self.pending[oid]
         if not batch:
