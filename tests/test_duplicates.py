@@ -107,5 +107,7 @@ def test_while_objects_arrive_the_finder_keeps_to_its_cpu_share(monkeypatch) -> 
     unlimited = DuplicateFinder(lambda: index, cpu_share=1)
     unlimited.wake([("b/k", "e")])
     assert unlimited.pause(0.3) == 0
+    index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), None, 1) for i in range(3)])
+    assert finder.step(limit=2) == 2 and finder.step(limit=2) == 1  # rounds of at most ``limit`` objects
     with pytest.raises(ValueError, match="duplicates_cpu_share"):
         DuplicateFinder(lambda: index, cpu_share=0)
