@@ -36,10 +36,10 @@ NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
 MIN_SCORE = 0.2  # global score (centred descriptor) below which a neighbour is not proposed: hard copies score ~0.35
 BATCH = 256  # objects per round (one FAISS call)
 ARRIVING_BATCH = 8  # ... while objects arrive: a round then costs seconds, not minutes, before its rest
+ARRIVING_S = 5.0  # objects merged this recently: ingest is running, so the finder keeps to its CPU share
 # Default links of a group: the matches that say "the same photo". Pairs are kept from
 # ``local_features.MIN_INLIERS`` up, so a caller may ask for looser groups.
 GROUP_MATCHES = local_features.COPY_MATCHES
-ARRIVING_S = 5.0  # objects merged this recently: ingest is running, so the finder keeps to its CPU share
 
 
 class DuplicateFinder:

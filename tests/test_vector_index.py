@@ -231,4 +231,4 @@ def test_searches_from_threads_started_later_use_the_configured_openmp_threads()
         thread.join()
         assert seen == [7]
     finally:
-        module.set_search_threads(1)
+        module.set_search_threads(1)  # the service's default (BUCKETLENS_FAISS_THREADS) for the tests after
