@@ -45,9 +45,11 @@ class ObjectRef:
     @property
     def modified(self) -> float:
         """When the object was written (seconds since the epoch): its event's time or the listing's LastModified;
-        0 when neither is known or it does not parse."""
+        0 when neither is known or it does not parse. To the millisecond, the precision of S3 listings: Ceph's
+        events carry microseconds, and one object reached by an event and by a listing (a reembed, a reconcile)
+        must keep one time, or a time filter at its own shown time would keep it once and drop it the next."""
         try:
-            return time_order(self.event_time) / 1e9 if self.event_time else 0.0
+            return time_order(self.event_time) // 1_000_000 / 1e3 if self.event_time else 0.0
         except ValueError:
             return 0.0
 

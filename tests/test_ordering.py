@@ -65,5 +65,7 @@ def test_an_objects_modification_time_comes_from_its_event_or_listing() -> None:
 
     assert ObjectRef("b", "k", "e", event_time="2024-06-01T12:00:00.500Z").modified == 1717243200.5
     assert ObjectRef("b", "k", "e", event_time="2024-06-01 12:00:00+00:00").modified == 1717243200.0  # LastModified
+    assert ObjectRef("b", "k", "e", event_time="2024-06-01T12:00:00.502677Z").modified == (  # a Ceph event
+        ObjectRef("b", "k", "e", event_time="2024-06-01 12:00:00.502000+00:00").modified)  # its listing
     assert ObjectRef("b", "k", "e", event_time="yesterday").modified == 0.0
     assert ObjectRef("b", "k", "e").modified == 0.0
