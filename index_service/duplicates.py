@@ -57,7 +57,7 @@ class DuplicateFinder:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._arrived = -ARRIVING_S  # monotonic time of the last wake with changed objects
+        self._arrived = -ARRIVING_S  # monotonic time of the last merge (``arriving``)
         self._thread = threading.Thread(target=self._run, name="duplicates", daemon=True)
 
     @property
@@ -77,8 +77,13 @@ class DuplicateFinder:
         with self._lock:
             self.pending.update(changed)
         if changed:
-            self._arrived = time.monotonic()
+            self.arriving()
         self._wake.set()
+
+    def arriving(self) -> None:
+        """Objects are being merged, into the serving generation or a rebuild's shadow: ingest or a reembed
+        needs the cores, so for the next ``ARRIVING_S`` the finder keeps to its CPU share."""
+        self._arrived = time.monotonic()
 
     def _run(self) -> None:
         while not self._stop.is_set():

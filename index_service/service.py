@@ -282,6 +282,7 @@ class Service:
             elif shadow is not None and generation == shadow.generation:
                 shadow.apply(part)
                 self.rebuilds.observe(part)
+                self.duplicates.arriving()  # a reembed's workers need the cores as much as ingest's
             else:
                 log.debug("dropping %d entries of generation %d (not serving, not being built)", len(part),
                           generation)
