@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -68,7 +69,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
     elif content_type.startswith("application/json") or not content_type:
         body = await read_limited(request, max_bytes)
         try:
-            payload = json.loads(body) if body else {}
+            payload = _json(body) if body else {}
         except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply to parse
             raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
         if not isinstance(payload, dict):
@@ -87,10 +88,19 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
     return query
 
 
+def _json(body: bytes) -> Any:
+    """orjson parses a vector of 1,280 numbers ~3x faster than ``json``; what it refuses (NaN, numbers beyond a
+    double) goes to ``json`` so that such a body gets the same answer as before (``bad_vector``, not ``bad_json``)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> None:
     if "vector" in payload:
         raw = payload["vector"]
-        if not isinstance(raw, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
+        if not isinstance(raw, list) or not set(map(type, raw)) <= {int, float}:  # bool is neither
             raise HTTPError(400, "bad_vector", "vector must be a list of numbers")
         try:
             query.vector = _vector(np.asarray(raw, dtype=np.float32), dim)
