@@ -3,7 +3,9 @@ plus per-object state.
 
 Semantics (DESIGN.md, "Index semantics"): one vector per (bucket, key); a re-upload replaces; a delete
 removes and leaves a tombstone with its order; an entry older than what the index holds is discarded.
-All mutation happens under one lock, batch by batch, so a search never sees a half-applied batch.
+All mutation happens under one lock, batch by batch, so a search never sees a half-applied batch; a batch's
+removes and adds reach FAISS in one call each (``_flush``): one vector at a time, an IVF add costs ~6x as much
+(each assigns its list alone) and a Flat remove compacts the whole array every time (~50 ms at 50,000 vectors).
 
 Structures: ``Flat`` (exact scan; ``IndexIDMap2`` keeps id -> vector) or ``IVF`` (``IndexIVFFlat`` with a
 hashtable direct map, so ``remove_ids`` and ``reconstruct`` work and deletes take effect at once).
@@ -225,7 +227,9 @@ class VectorIndex(SearchOne):
         self._tombstones: Tombstones = {}  # object id -> (order, time of delete)
         self._next_id = 1
         self._lock = ReadWriteLock()
-        self._journal: list[tuple[str, int, np.ndarray | None]] | None = None  # set while restructuring
+        self._journal: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None  # set while restructuring
+        self._adding: dict[int, np.ndarray] = {}  # FAISS id -> vector, in this batch (``_flush``)
+        self._removing: list[int] = []  # FAISS ids to remove, in this batch
         self._sorted: SortedList = SortedList()  # object ids, for prefix ranges
         self._modified = np.zeros(1024, np.float64)  # FAISS id -> modification time (0: unknown or no object)
         self._bucket_of = np.full(1024, -1, np.int32)  # FAISS id -> bucket code (-1: no object)
@@ -243,10 +247,27 @@ class VectorIndex(SearchOne):
         """Apply a batch atomically with respect to searches."""
         stats = ApplyStats()
         with self._lock.write():
-            for entry in entries:
-                self._apply_one(entry, stats)
+            try:
+                for entry in entries:
+                    self._apply_one(entry, stats)
+            finally:
+                self._flush()
             stats.write_features(self.features)
         return stats
+
+    def _flush(self) -> None:
+        """Hand the batch's removes, then its adds, to FAISS (and to a running restructure's journal)."""
+        if self._removing:
+            removing, self._removing = np.array(self._removing, np.int64), []
+            self._faiss.remove_ids(removing)
+            if self._journal is not None:
+                self._journal.append(("remove", removing, None))
+        if self._adding:
+            ids = np.fromiter(self._adding, np.int64, len(self._adding))
+            vectors, self._adding = np.stack(list(self._adding.values())), {}
+            self._faiss.add_with_ids(vectors, ids)
+            if self._journal is not None:
+                self._journal.append(("add", ids, vectors))
 
     def _apply_one(self, entry: ResultEntry, stats: ApplyStats) -> None:
         oid = object_id(entry.bucket, entry.key)
@@ -267,10 +288,7 @@ class VectorIndex(SearchOne):
                 self._remove(oid, current_id)
             new_id = self._next_id
             self._next_id += 1
-            vector = entry.vector.reshape(1, -1).astype(np.float32)  # type: ignore[union-attr]  # verdict checked
-            self._faiss.add_with_ids(vector, np.array([new_id], dtype=np.int64))
-            if self._journal is not None:
-                self._journal.append(("add", new_id, vector))
+            self._adding[new_id] = entry.vector.reshape(-1).astype(np.float32)  # type: ignore[union-attr]  # verdict checked
             self._add(oid, new_id, indexed(entry))
             self._tombstones.pop(oid, None)
 
@@ -291,9 +309,8 @@ class VectorIndex(SearchOne):
             self._posting_arrays.pop(label, None)
 
     def _remove(self, oid: str, faiss_id: int) -> None:
-        self._faiss.remove_ids(np.array([faiss_id], dtype=np.int64))
-        if self._journal is not None:
-            self._journal.append(("remove", faiss_id, None))
+        if self._adding.pop(faiss_id, None) is None:  # added in this batch: it never reaches FAISS
+            self._removing.append(faiss_id)
         obj = self._objects.pop(faiss_id)
         del self._ids[oid]
         self._sorted.remove(oid)
@@ -538,14 +555,15 @@ class VectorIndex(SearchOne):
             raise
         with self._lock.write():
             journal, self._journal = self._journal, None
-            for op, faiss_id, vector in journal or []:  # what merged while the structure was built
+            for op, faiss_ids, vectors in journal or []:  # what merged while the structure was built
                 if op == "add":
-                    structure.add_with_ids(vector, np.array([faiss_id], dtype=np.int64))
+                    structure.add_with_ids(vectors, faiss_ids)
                 else:
-                    structure.remove_ids(np.array([faiss_id], dtype=np.int64))
+                    structure.remove_ids(faiss_ids)
             self._faiss = structure
             self.index_type = index_type
         release_freed_memory()
         log.info("index generation %d is now %s over %d vectors (built in %.1f s, %d changes replayed)",
-                 self.generation, index_type, len(ids), time.perf_counter() - started, len(journal or []))
+                 self.generation, index_type, len(ids), time.perf_counter() - started,
+                 sum(len(faiss_ids) for _, faiss_ids, _ in journal or []))
 

@@ -111,7 +111,7 @@ def test_restructure_replays_changes_made_while_it_builds(index: VectorIndex) ->
     def slow_build(*args: object, **kwargs: object) -> object:
         started.set()
         structure = real_build(*args, **kwargs)
-        index.apply([upsert("k2", 3, 102), delete("k3", 3), upsert("new", 1, 103)])  # merged mid-build
+        index.apply([upsert("k2", 3, 102), delete("k3", 3), upsert("new", 1, 105), upsert("new", 2, 103)])
         return structure
 
     module.build_structure = slow_build  # type: ignore[assignment]
@@ -124,6 +124,31 @@ def test_restructure_replays_changes_made_while_it_builds(index: VectorIndex) ->
     np.testing.assert_allclose(index.vector("b", "k2"), unit(102), atol=1e-6)
     keys = {o.key for o, _ in index.search(unit(103), 50)}
     assert "new" in keys and "k3" not in keys
+    assert index._faiss.ntotal == len(index) == 40  # the first "new" never reached either structure
+
+
+@pytest.mark.parametrize("structure", ["Flat", "IVF"])
+def test_a_batch_reaches_faiss_in_one_call_each_and_changes_within_it_cancel(structure: str) -> None:
+    index = VectorIndex("m", DIM)
+    index.apply([upsert(f"k{i}", 1, i) for i in range(300)])
+    if structure != "Flat":
+        index.restructure(structure)
+    calls: list[tuple[str, int]] = []
+    faiss_index = index._faiss
+    add, remove = faiss_index.add_with_ids, faiss_index.remove_ids
+    faiss_index.add_with_ids = lambda v, ids: (calls.append(("add", len(ids))), add(v, ids))[1]
+    faiss_index.remove_ids = lambda ids: (calls.append(("remove", len(ids))), remove(ids))[1]
+    index.apply([
+        upsert("k1", 2, 501), upsert("k1", 3, 502),  # replaced twice: the first replacement never reaches FAISS
+        upsert("k2", 2, 503), delete("k2", 3),  # replaced, then deleted
+        upsert("fresh", 1, 504), delete("fresh", 2),  # added and deleted in one batch: nothing to do
+        upsert("other", 1, 505), delete("k4", 2),
+    ])
+    assert calls == [("remove", 3), ("add", 2)]  # k1, k2, k4 out; k1's last vector and "other" in
+    assert faiss_index.ntotal == len(index) == 299
+    np.testing.assert_allclose(index.vector("b", "k1"), unit(502), atol=1e-6)
+    assert index.get("b", "k2") is None and index.get("b", "fresh") is None and index.get("b", "k4") is None
+    assert index.search(unit(505), 1)[0][0].key == "other"
 
 
 def test_searches_run_together_and_a_waiting_merge_goes_first() -> None:
