@@ -5,6 +5,10 @@ Vectors are shaped like real embeddings (DESIGN.md): a Gaussian mixture around a
 normalised; uniform random vectors would defeat every approximate index and prove nothing.
 
     .venv/bin/python -m bench.index_scale 10000 100000 1000000     # writes bench/results/index-scale.json
+
+``--grown-from 50000`` measures the structure the index service serves at that size instead: it switches to the
+approximate type once the index passes ``approx_threshold`` (50,000 by default), trained on what it holds then,
+and merges everything after into those lists.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import resource
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from bucketlens.schemas import ResultEntry
-from index_service.vector_index import VectorIndex, default_nprobe, ivf_lists, set_search_threads
+from index_service.vector_index import VectorIndex, default_nprobe, set_search_threads
 
 DIM = 1280
 RESULTS = Path(__file__).parent / "results"
@@ -69,33 +74,53 @@ def real(n: int, queries_n: int) -> np.ndarray:
     return np.concatenate([grow(indexed, n, seed=n), held[:queries_n]])
 
 
-def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: bool = False) -> dict[str, float]:
+def exact(data: np.ndarray, queries: np.ndarray, k: int = 10) -> list[set[str]]:
+    """The true ``k`` nearest rows of ``data`` for each query: FAISS's brute force, as the Flat index scans."""
+    _, rows = faiss.knn(queries, data, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return [{f"k{i}" for i in row} for row in rows]
+
+
+def merge(index: VectorIndex, data: np.ndarray, start: int, stop: int) -> None:
+    batch = 2000
+    for first in range(start, stop, batch):  # the merger's path: ResultEntry batches through apply()
+        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", data[i])
+                     for i in range(first, min(stop, first + batch))])
+
+
+def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: bool = False,
+            grown_from: int = 0) -> dict[str, float]:
     data = real(n, queries_n) if real_set else clustered(n + queries_n, seed=n)
     queries = data[n:].copy()
     index = VectorIndex("m", DIM)
+    row: dict[str, float] = {"n": n, "raw_vector_mb": n * DIM * 4 / 2**20}
     started = time.perf_counter()
-    batch = 2000
-    for start in range(0, n, batch):  # the merger's path: ResultEntry batches through apply()
-        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", data[i])
-                     for i in range(start, min(n, start + batch))])
-    merge_rate = n / (time.perf_counter() - started)
-    del data  # from here on the process holds what the index service holds
-    exact_hits, exact_p50, exact_p99 = timed_search(index, queries)
-    row: dict[str, float] = {"n": n, "merge_vectors_per_s": round(merge_rate), "flat_p50_ms": exact_p50,
-                             "flat_p99_ms": exact_p99, "raw_vector_mb": n * DIM * 4 / 2**20}
-    started = time.perf_counter()
-    index.restructure(index_type)
+    if grown_from:  # the service's path: the switch at the threshold, then every later merge into those lists
+        merge(index, data, 0, grown_from)
+        index.restructure(index_type)
+        merge(index, data, grown_from, n)
+        row["grown_from"] = grown_from
+        row["merge_vectors_per_s"] = round(n / (time.perf_counter() - started))
+        exact_hits = exact(data[:n], queries)
+        del data
+    else:
+        merge(index, data, 0, n)
+        row["merge_vectors_per_s"] = round(n / (time.perf_counter() - started))
+        del data  # from here on the process holds what the index service holds
+        exact_hits, row["flat_p50_ms"], row["flat_p99_ms"] = timed_search(index, queries)
+        started = time.perf_counter()
+        index.restructure(index_type)
+        row["ivf_build_s"] = time.perf_counter() - started
     row["index_type"] = index_type  # type: ignore[assignment]
-    row["ivf_build_s"] = time.perf_counter() - started
-    row["ivf_lists"] = ivf_lists(n)
+    nlist = index._faiss.nlist
+    row["ivf_lists"] = nlist
     sweep = []
-    for nprobe in sorted({4, 8, 16, 32, 64, 128, default_nprobe(ivf_lists(n))}):
+    for nprobe in sorted({4, 8, 16, 32, 64, 128, default_nprobe(nlist)}):
         index._faiss.nprobe = nprobe
         hits, p50, p99 = timed_search(index, queries)
         recall = float(np.mean([len(a & b) / 10 for a, b in zip(hits, exact_hits)]))
         sweep.append({"nprobe": nprobe, "recall_at_10": recall, "p50_ms": p50, "p99_ms": p99})
     row["ivf_sweep"] = sweep  # type: ignore[assignment]
-    default = next(s for s in sweep if s["nprobe"] == default_nprobe(ivf_lists(n)))
+    default = next(s for s in sweep if s["nprobe"] == default_nprobe(nlist))
     row.update(ivf_nprobe=default["nprobe"], ivf_recall_at_10=default["recall_at_10"], ivf_p50_ms=default["p50_ms"],
                ivf_p99_ms=default["p99_ms"])
     row["peak_rss_mb"] = peak_rss_mb()
@@ -111,11 +136,14 @@ def main() -> None:
     parser.add_argument("--index-type", default="IVF", choices=["IVF", "IVF-SQ8"], help="the approximate structure")
     parser.add_argument("--real", action="store_true",
                         help="vectors grown from real photo embeddings, queried with held-out real edits")
+    parser.add_argument("--grown-from", type=int, default=0, metavar="N",
+                        help="switch to the approximate type at N vectors and merge the rest into it, as the "
+                             "service does (N = its approx_threshold, 50000 by default)")
     args = parser.parse_args()
     set_search_threads(1)  # as the index service runs (see vector_index.set_search_threads)
     rows = []
     for n in args.sizes:  # one process per size would isolate peak memory; run sizes one at a time for that
-        rows.append(measure(n, index_type=args.index_type, real_set=args.real))
+        rows.append(measure(n, index_type=args.index_type, real_set=args.real, grown_from=args.grown_from))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ivf_sweep"}), flush=True)
         for s in rows[-1]["ivf_sweep"]:  # type: ignore[attr-defined]
             print(f"   nprobe {s['nprobe']:>4}: recall@10 {s['recall_at_10']:.3f}  p50 {s['p50_ms']:.2f} ms  "
@@ -123,7 +151,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "index-scale.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
-    suffix = ("" if args.index_type == "IVF" else f"-{args.index_type}") + ("-real" if args.real else "")
+    suffix = (("" if args.index_type == "IVF" else f"-{args.index_type}") + ("-real" if args.real else "")
+              + (f"-grown-from-{args.grown_from}" if args.grown_from else ""))
     previous.update({f"{r['n']}{suffix}": r for r in rows})
     out.write_text(json.dumps(previous, indent=2))
 
