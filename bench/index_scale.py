@@ -8,7 +8,7 @@ normalised; uniform random vectors would defeat every approximate index and prov
 
 ``--grown-from 50000`` measures the structure the index service serves at that size instead: it switches to the
 approximate type once the index passes ``approx_threshold`` (50,000 by default), trained on what it holds then,
-and merges everything after into those lists.
+merges everything after into those lists, and retrains them each time they hold 4x what they were made for.
 """
 
 from __future__ import annotations
@@ -80,11 +80,17 @@ def exact(data: np.ndarray, queries: np.ndarray, k: int = 10) -> list[set[str]]:
     return [{f"k{i}" for i in row} for row in rows]
 
 
-def merge(index: VectorIndex, data: np.ndarray, start: int, stop: int) -> None:
-    batch = 2000
+def merge(index: VectorIndex, data: np.ndarray, start: int, stop: int) -> int:
+    """Apply rows ``start:stop`` in the merger's batches; an approximate structure whose lists are outgrown is
+    retrained as the index service does (``Service._restructure_into``). Returns how many retrains that took."""
+    batch, retrains = 2000, 0
     for first in range(start, stop, batch):  # the merger's path: ResultEntry batches through apply()
         index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", data[i])
                      for i in range(first, min(stop, first + batch))])
+        if index.outgrown():
+            index.restructure(index.index_type)
+            retrains += 1
+    return retrains
 
 
 def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: bool = False,
@@ -97,7 +103,7 @@ def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: boo
     if grown_from:  # the service's path: the switch at the threshold, then every later merge into those lists
         merge(index, data, 0, grown_from)
         index.restructure(index_type)
-        merge(index, data, grown_from, n)
+        row["retrains"] = merge(index, data, grown_from, n)
         row["grown_from"] = grown_from
         row["merge_vectors_per_s"] = round(n / (time.perf_counter() - started))
         exact_hits = exact(data[:n], queries)

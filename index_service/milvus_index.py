@@ -345,6 +345,9 @@ class MilvusIndex(SearchOne):
         matrix = np.asarray(vectors, np.float32).reshape(len(vectors), self.dim)
         return objects, matrix, tombstones
 
+    def outgrown(self) -> bool:
+        return False  # Milvus builds an index per sealed segment, each of a bounded size, with the same parameters
+
     def restructure(self, index_type: str) -> None:
         """Copy every row (tombstones too) into a new collection of this generation with ``index_type``, then
         point the alias at it if it served. Merges wait meanwhile; searches go on against the old collection."""

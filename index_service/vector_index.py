@@ -66,29 +66,32 @@ def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.n
     one byte per dimension (FAISS's 8-bit scalar quantizer, a quarter of the memory; scores and ``vector`` are then
     decoded values). An IVF type trains on ``sample()`` (``training_rows``; made and dropped before the structure
     fills, so it never adds to the peak), or takes what an earlier training left (``trained_state``: a snapshot's,
-    so a restart at 1M skips minutes of k-means)."""
+    so a restart at 1M skips minutes of k-means). ``trained`` without centroids (only an IVF-SQ8 structure's
+    ``scalar_quantizer``): new lists, the old codes, so that retraining an outgrown IVF-SQ8 does not quantize its
+    already quantized vectors a second time."""
     structure: Any
     if index_type == "Flat":
         structure = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif index_type in ("IVF", "IVF-SQ8"):
         if n == 0 and trained is None:
             raise ValueError("an IVF index is trained on the stored vectors, and there are none yet")
-        nlist = ivf_lists(n) if trained is None else len(trained["centroids"])
+        centroids = (trained or {}).get("centroids")
+        nlist = ivf_lists(n) if centroids is None else len(centroids)
         quantizer = faiss.IndexFlatIP(dim)
         if index_type == "IVF":
             structure = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         else:  # not by residual: a vector's code does not depend on its list, so a snapshot's codes come back exact
             structure = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                       faiss.METRIC_INNER_PRODUCT, False)
-        if trained is None:
+        if centroids is None:
             structure.train(sample())
         else:
-            assert trained["centroids"].shape == (nlist, dim), f"bad centroids {trained['centroids'].shape}"
-            structure.quantizer.add(np.ascontiguousarray(trained["centroids"], np.float32))
-            if index_type == "IVF-SQ8":
-                faiss.copy_array_to_vector(np.ascontiguousarray(trained["scalar_quantizer"], np.float32),
-                                           structure.sq.trained)
+            assert centroids.shape == (nlist, dim), f"bad centroids {centroids.shape}"
+            structure.quantizer.add(np.ascontiguousarray(centroids, np.float32))
             structure.is_trained = True
+        if index_type == "IVF-SQ8" and trained:
+            faiss.copy_array_to_vector(np.ascontiguousarray(trained["scalar_quantizer"], np.float32),
+                                       structure.sq.trained)
         structure.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # remove + reconstruct
         structure.nprobe = default_nprobe(nlist)
     else:
@@ -165,6 +168,13 @@ def _use_search_threads() -> None:
 # ~1 µs per object: bench.text_filters);
 # one that keeps more searches the structure with a selector (IVF then probes more lists, in proportion).
 EXACT_LIMIT = 5_000
+
+
+def lists_outgrown(nlist: int, n: int) -> bool:
+    """Whether IVF lists made for fewer vectors now hold ``n``: 4x as many as they were sized for (each list 2x
+    ``ivf_lists``' size), so a search at the same nprobe scans 2x what lists made today would make it scan. The
+    index service retrains such a structure (``VectorIndex.restructure`` into its own type)."""
+    return ivf_lists(n) >= 2 * nlist
 
 
 def default_nprobe(nlist: int) -> int:
@@ -483,6 +493,11 @@ class VectorIndex(SearchOne):
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
             return [self._objects[int(i)] for i in ids], ids, dict(self._tombstones)
 
+    def outgrown(self) -> bool:
+        """IVF lists sized for a quarter of what they now hold, or less (``lists_outgrown``)."""
+        with self._lock.read():
+            return self.index_type != "Flat" and lists_outgrown(self._faiss.nlist, len(self))
+
     def trained(self) -> dict[str, np.ndarray]:
         """What training left in an IVF structure (none for Flat), which a snapshot keeps."""
         with self._lock.read():
@@ -537,6 +552,8 @@ class VectorIndex(SearchOne):
                 raise RuntimeError("a restructure is already running")
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
             self._journal = []
+            keep = ({"scalar_quantizer": trained_state(self._faiss)["scalar_quantizer"]}
+                    if index_type == self.index_type == "IVF-SQ8" else None)  # retrained lists, the same codes
 
         def sample() -> np.ndarray:  # rows a merge removed meanwhile are left out
             rows = ids[training_rows(len(ids))]
@@ -548,7 +565,7 @@ class VectorIndex(SearchOne):
 
         try:
             started = time.perf_counter()
-            structure = build_structure(index_type, self.dim, len(ids), sample, self.vectors_of(ids))
+            structure = build_structure(index_type, self.dim, len(ids), sample, self.vectors_of(ids), keep)
         except BaseException:
             with self._lock.write():
                 self._journal = None

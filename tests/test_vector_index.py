@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import pytest
 import index_service.vector_index as module
 from bucketlens.schemas import ResultEntry, SchemaError
 from index_service.filters import Filter
+from index_service.service import Service
 from index_service.vector_index import VectorIndex
 
 DIM = 8
@@ -101,6 +103,33 @@ def test_ivf_recall_at_10_against_exact_search_and_deletes_are_honoured(index_ty
     for prefix in ("k1", "k199"):
         found = [o.key for o, _ in approx.search(queries[1], 10, where=Filter(prefix=prefix))]
         assert len(found) == 10 and all(key.startswith(prefix) for key in found)
+
+
+@pytest.mark.parametrize("index_type", ["IVF", "IVF-SQ8"])
+def test_outgrown_lists_are_retrained_and_an_sq8_structure_keeps_its_codes(index_type: str) -> None:
+    dim = 32
+    data = clustered(5000, dim, 200)
+    entries = [ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data)]
+    index = VectorIndex("m", dim)
+    index.apply(entries[:1000])
+    index.restructure(index_type)  # the switch at the threshold: lists made for 1,000 vectors
+    made_for = index._faiss.nlist
+    index.apply(entries[1000:3000])
+    assert not index.outgrown()  # 3x: not yet
+    index.apply(entries[3000:])
+    assert index.outgrown() and module.ivf_lists(5000) >= 2 * made_for
+    before = {k: index.vector("b", k) for k in ("k0", "k2500", "k4999")}
+    top = [o.key for o, _ in index.search(data[7], 10)]
+    service = SimpleNamespace(index=index, settings=SimpleNamespace(approx_threshold=1000),
+                              backend=SimpleNamespace(approximate=index_type))
+    assert Service._restructure_into(service) == index_type  # type: ignore[arg-type]
+    index.restructure(index_type)
+    assert index._faiss.nlist == module.ivf_lists(5000) and not index.outgrown()
+    assert Service._restructure_into(service) is None  # type: ignore[arg-type]
+    for key, vector in before.items():  # IVF-SQ8: the same 8-bit codes, not the decoded vectors quantized again
+        np.testing.assert_array_equal(index.vector("b", key), vector)
+    index._faiss.nprobe = index._faiss.nlist  # every list: the same answer as before, whatever the lists
+    assert [o.key for o, _ in index.search(data[7], 10)][:5] == top[:5]
 
 
 def test_restructure_replays_changes_made_while_it_builds(index: VectorIndex) -> None:
