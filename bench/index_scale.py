@@ -23,6 +23,7 @@ import faiss
 import numpy as np
 
 from bucketlens.schemas import ResultEntry
+from index_service.backend import restructure_into
 from index_service.vector_index import VectorIndex, default_nprobe, set_search_threads
 
 DIM = 1280
@@ -80,17 +81,31 @@ def exact(data: np.ndarray, queries: np.ndarray, k: int = 10) -> list[set[str]]:
     return [{f"k{i}" for i in row} for row in rows]
 
 
-def merge(index: VectorIndex, data: np.ndarray, start: int, stop: int) -> int:
-    """Apply rows ``start:stop`` in the merger's batches; an approximate structure whose lists are outgrown is
-    retrained as the index service does (``Service._restructure_into``). Returns how many retrains that took."""
-    batch, retrains = 2000, 0
-    for first in range(start, stop, batch):  # the merger's path: ResultEntry batches through apply()
-        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", data[i])
-                     for i in range(first, min(stop, first + batch))])
-        if index.outgrown():
-            index.restructure(index.index_type)
-            retrains += 1
-    return retrains
+BATCH = 2000  # entries per ``apply``
+
+
+def merge(index: VectorIndex, data: np.ndarray, rows: range | np.ndarray, order: int = 1,
+          threshold: int | None = None, index_type: str = "IVF") -> int:
+    """Apply ``rows`` of ``data`` as uploads (keys ``k<row>``) in batches. With ``threshold`` (``approx_threshold``),
+    the structure changes when the index service would change it (``backend.restructure_into``: the switch to
+    ``index_type``, then a retrain each time its lists are outgrown). Returns how many restructures that took."""
+    restructures = 0
+    for first in range(0, len(rows), BATCH):  # the merger's path: ResultEntry batches through apply()
+        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", order, 1, "m", data[i])
+                     for i in rows[first : first + BATCH]])
+        if threshold is not None and (target := restructure_into(index, threshold, index_type)):
+            index.restructure(target)
+            restructures += 1
+    return restructures
+
+
+def reupload_rate(index: VectorIndex, data: np.ndarray, n: int, count: int = 2048) -> int:
+    """Re-uploads per second of ``count`` objects already indexed (the same vectors, a newer order): each one
+    replaces a vector, which once cost a Flat index a compaction of its whole array per object."""
+    rows = np.random.default_rng(1).choice(n, min(n, count), replace=False)
+    started = time.perf_counter()
+    merge(index, data, rows, order=2)
+    return round(len(rows) / (time.perf_counter() - started))
 
 
 def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: bool = False,
@@ -101,16 +116,16 @@ def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: boo
     row: dict[str, float] = {"n": n, "raw_vector_mb": n * DIM * 4 / 2**20}
     started = time.perf_counter()
     if grown_from:  # the service's path: the switch at the threshold, then every later merge into those lists
-        merge(index, data, 0, grown_from)
-        index.restructure(index_type)
-        row["retrains"] = merge(index, data, grown_from, n)
+        row["retrains"] = merge(index, data, range(n), threshold=grown_from, index_type=index_type) - 1
         row["grown_from"] = grown_from
         row["merge_vectors_per_s"] = round(n / (time.perf_counter() - started))
+        row["reupload_per_s"] = reupload_rate(index, data, n)
         exact_hits = exact(data[:n], queries)
         del data
     else:
-        merge(index, data, 0, n)
+        merge(index, data, range(n))
         row["merge_vectors_per_s"] = round(n / (time.perf_counter() - started))
+        row["flat_reupload_per_s"] = reupload_rate(index, data, n)
         del data  # from here on the process holds what the index service holds
         exact_hits, row["flat_p50_ms"], row["flat_p99_ms"] = timed_search(index, queries)
         started = time.perf_counter()

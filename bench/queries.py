@@ -43,7 +43,7 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
-from index_service.backend import Index, open_backend
+from index_service.backend import Index, open_backend, restructure_into
 from index_service.feature_store import FeatureStore
 from index_service.vector_index import set_search_threads
 from infra import milvus
@@ -228,8 +228,8 @@ def in_process_index(setup: Setup, vectors: np.ndarray, redis_url: str) -> tuple
     rows = entries(settings, vectors)
     for start in range(0, len(rows), settings.merge_batch):
         index.apply(rows[start : start + settings.merge_batch])
-        if index.index_type == "Flat" and len(index) > settings.approx_threshold:
-            index.restructure(backend.approximate)
+        if target := restructure_into(index, settings.approx_threshold, backend.approximate):
+            index.restructure(target)
     assert index.index_type == setup.index_type, (index.index_type, setup.index_type)
     return index, lambda: backend.discard(index)
 

@@ -32,7 +32,7 @@ from vision.embedders import Embedder, Embedders
 from vision.models import recipe
 
 from . import redis_loss
-from .backend import Index, open_backend
+from .backend import Index, open_backend, restructure_into
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .lease import WriterLease
@@ -294,20 +294,9 @@ class Service:
         due_time = self.merger.applied > applied and time.monotonic() - when >= self.settings.snapshot_every_s
         if (due_entries or due_time) and time.monotonic() >= self.snapshot_health.retry_at:
             self.snapshot()
-        if (target := self._restructure_into()) and self._restructuring.acquire(blocking=False):
+        target = restructure_into(self.index, self.settings.approx_threshold, self.backend.approximate)
+        if target and self._restructuring.acquire(blocking=False):
             threading.Thread(target=self._restructure, args=(target,), name="restructure", daemon=True).start()
-
-    def _restructure_into(self) -> str | None:
-        """The structure the serving generation should become now, if any: approximate above ``approx_threshold``
-        vectors, exact again below half of it, and retrained once its lists are outgrown (4x the vectors they
-        were made for: at 1M real-grown vectors, lists made at 50,000 took 17.1 ms p50 to search, lists made at
-        1M 10.9 ms, at the same recall; bench/README.md "Scale")."""
-        index, threshold = self.index, self.settings.approx_threshold
-        if index.index_type == "Flat":
-            return self.backend.approximate if len(index) > threshold else None
-        if len(index) < threshold // 2:
-            return "Flat"
-        return index.index_type if index.outgrown() else None
 
     def _restructure(self, index_type: str) -> None:
         try:

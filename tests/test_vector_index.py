@@ -7,15 +7,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import index_service.vector_index as module
 from bucketlens.schemas import ResultEntry, SchemaError
+from index_service.backend import restructure_into
 from index_service.filters import Filter
-from index_service.service import Service
 from index_service.vector_index import VectorIndex
 
 DIM = 8
@@ -120,12 +119,10 @@ def test_outgrown_lists_are_retrained_and_an_sq8_structure_keeps_its_codes(index
     assert index.outgrown() and module.ivf_lists(5000) >= 2 * made_for
     before = {k: index.vector("b", k) for k in ("k0", "k2500", "k4999")}
     top = [o.key for o, _ in index.search(data[7], 10)]
-    service = SimpleNamespace(index=index, settings=SimpleNamespace(approx_threshold=1000),
-                              backend=SimpleNamespace(approximate=index_type))
-    assert Service._restructure_into(service) == index_type  # type: ignore[arg-type]
+    assert restructure_into(index, 1000, index_type) == index_type
     index.restructure(index_type)
     assert index._faiss.nlist == module.ivf_lists(5000) and not index.outgrown()
-    assert Service._restructure_into(service) is None  # type: ignore[arg-type]
+    assert restructure_into(index, 1000, index_type) is None
     for key, vector in before.items():  # IVF-SQ8: the same 8-bit codes, not the decoded vectors quantized again
         np.testing.assert_array_equal(index.vector("b", key), vector)
     index._faiss.nprobe = index._faiss.nlist  # every list: the same answer as before, whatever the lists
