@@ -110,6 +110,8 @@ def reupload_rate(index: VectorIndex, data: np.ndarray, n: int, count: int = 204
 
 def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: bool = False,
             grown_from: int = 0) -> dict[str, float]:
+    if grown_from >= n:
+        raise SystemExit(f"--grown-from {grown_from}: the index must grow past it, so give sizes above it, not {n}")
     data = real(n, queries_n) if real_set else clustered(n + queries_n, seed=n)
     queries = data[n:].copy()
     index = VectorIndex("m", DIM)
