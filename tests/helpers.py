@@ -12,6 +12,7 @@ from urllib.parse import quote
 import httpx
 from PIL import Image
 
+from index_service.backend import Index
 from infra.samples import augment, skimage_data
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
@@ -56,3 +57,23 @@ def ceph_event(name: str, seconds: int, **object_fields: str | int) -> str:
         s3["bucket"]["name"] = object_fields.pop("bucket")
     s3["object"].update(object_fields, sequencer=(seconds.to_bytes(4, "little") + bytes(4)).hex().upper())
     return json.dumps(body)
+
+
+def index_difference(actual: Index, expected: Index) -> str:
+    """How ``actual`` differs from ``expected`` in objects (key, etag, order, vector) and in length, in a few lines;
+    empty when they agree. (pytest's own diff of two dicts of thousands of vectors ran past the 900 s timeout.)"""
+    def contents(index: Index) -> dict[str, tuple[str, int, bytes]]:
+        objects, vectors, _ = index.export()
+        return {o.key: (o.etag, o.order, v.tobytes()) for o, v in zip(objects, vectors)}
+
+    have, want = contents(actual), contents(expected)
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    changed = sorted(key for key in want.keys() & have.keys() if want[key] != have[key])
+    lines = [f"{len(missing)} missing: {missing[:5]}"] if missing else []
+    lines += [f"{len(extra)} extra: {extra[:5]}"] if extra else []
+    if changed:
+        lines.append(f"{len(changed)} differ (etag, order, same vector), held vs expected: " + "; ".join(
+            f"{key} {have[key][:2]}, {want[key][:2]}, {have[key][2] == want[key][2]}" for key in changed[:5]))
+    if len(actual) != len(have) or len(expected) != len(want):
+        lines.append(f"lengths {len(actual)} and {len(expected)} for {len(have)} and {len(want)} objects exported")
+    return "\n".join(lines)
