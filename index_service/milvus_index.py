@@ -207,18 +207,24 @@ class MilvusIndex(SearchOne):
         self.index_type = index_type
         self.features = features
         self._write = threading.Lock()  # one batch or restructure at a time
-        self._count: int | None = None  # live objects, counted when first asked, then kept by ``apply``
+        self._count: int | None = None  # exact, kept by ``apply`` from this process's first batch on
 
     def __len__(self) -> int:
-        if self._count is None:
-            self._count = self._live_objects()
-        return self._count
+        """Live objects. The writer counts them one per key before its first batch and keeps the count; a replica
+        that only reads asks the server's ``count(*)`` (5 ms at 100,000 rows, against 6 s for the exact count), which
+        also counts old rows that a killed writer left beside new ones, until the replay deletes them."""
+        if self._count is not None:
+            return self._count
+        rows = self._query(expression(None), ["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
 
-    def _live_objects(self) -> int:
-        """The live rows, one per primary key. Not ``count(*)``: Milvus 2.3 also counts the old version of an upserted
-        row until a compaction removes it (milvus-io/milvus#27515; 1,222 for 1,176 objects after a SIGKILL mid-merge
-        in tests/test_recovery.py)."""
-        return sum(1 for _ in self._scan(expression(None), []))
+    def _live_objects(self, oids: list[str] | None = None) -> int:
+        """How many objects (of ``oids``; None: all) have a live row, one per key, whatever rows lie beside it.
+        ``count(*)`` counts rows: 1,222 for 1,176 objects in CI after a SIGKILL mid-merge."""
+        if oids is None:
+            return sum(1 for _ in self._scan(expression(None), []))
+        return sum(len(self._query(f"deleted == false and oid in [{', '.join(literal(o) for o in oids[i : i + 1000])}]",
+                                   ["oid"], strong=True)) for i in range(0, len(oids), 1000))
 
     # -- merging -------------------------------------------------------------------------------------------
 
@@ -228,11 +234,13 @@ class MilvusIndex(SearchOne):
         stats = ApplyStats()
         entries = list(entries)
         with self._write:
-            count = len(self)
+            if self._count is None:
+                self._count = self._live_objects()
             oids = sorted({object_id(e.bucket, e.key) for e in entries if e.op in ("upsert", "delete")})
             held = self._held(oids)
             live_before = sum(1 for row in held.values() if not row["deleted"])
             rows: dict[str, dict[str, Any]] = {}
+            replayed: list[str] = []  # deletes applied again: the tombstone may have an old live row beside it
             for entry in entries:
                 oid = object_id(entry.bucket, entry.key)
                 row = held.get(oid)
@@ -244,14 +252,18 @@ class MilvusIndex(SearchOne):
                     left = tombstone_after(tombstone, entry)
                     if left is None and row is not None and tombstone == entry.order:  # a replay (see above)
                         left = tombstone, float(row["deleted_at"])
+                        if oid not in rows:  # the tombstone is the server's, not this batch's
+                            replayed.append(oid)
                     if left is not None:
                         held[oid] = rows[oid] = self._tombstone(entry, *left)
                 elif outcome == "upsert":
                     held[oid] = rows[oid] = self._row(entry)
+            if replayed:  # counted before the upsert deletes them
+                live_before += self._live_objects(replayed)
             if rows:
                 with reachable(self.connection.uri):
                     self.connection.client.upsert(self.collection, list(rows.values()), timeout=WRITE_TIMEOUT_S)
-            self._count = count + sum(1 for row in held.values() if not row["deleted"]) - live_before
+            self._count += sum(1 for row in held.values() if not row["deleted"]) - live_before
             stats.write_features(self.features)
         return stats
 

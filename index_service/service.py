@@ -83,7 +83,6 @@ class Service:
         self.checked = threading.Event()  # the start-up check against the bucket is done (redis_loss.py)
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
         self._trim_floor = ("0", -TAKEOVER_HOLD_S)  # (stream id, when): not trimmed past for a while after a takeover
-        self._followed = "0"  # the writer's checkpoint that the served generation was read at (a replica that follows)
         self._restructuring = threading.Lock()
         self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
         self._stopping = threading.Event()
@@ -128,7 +127,6 @@ class Service:
             restored = self._restore()
         if restored is not None:
             self.index, last_id = restored
-            self._followed = last_id
         else:
             self.index, last_id = self.new_generation(self.settings.model, 1), "0"
         redis_was_empty = self._take_over(last_id) if writer else False
@@ -214,17 +212,15 @@ class Service:
 
     def _follow(self) -> None:
         """A replica that does not write serves what the writer made: the generation behind the alias, swapped in
-        when it changed (a rebuild, a restructure) or the writer checkpointed it since (its count is read then)."""
+        when it changed (a rebuild, a restructure) or grew (its count is read when it is opened)."""
         restored = self.backend.load()
         if restored is None:
             return
-        (fresh, position), current = restored, self.index
-        if (fresh.generation, fresh.index_type, position) == (current.generation, current.index_type, self._followed):
+        fresh, current = restored[0], self.index
+        if (fresh.generation, fresh.index_type, len(fresh)) == (current.generation, current.index_type, len(current)):
             fresh.features.close()
             return
-        log.info("replica %s serves generation %d (%s): %d vectors at the writer's checkpoint %s", self.replica,
-                 fresh.generation, fresh.index_type, len(fresh), position)
-        self.index, self._followed = fresh, position
+        self.index = fresh
         current.features.close()  # searches still on it answer unverified
 
     def _keep_role(self) -> None:

@@ -134,17 +134,19 @@ def test_sigkill_mid_merge_then_restart_equals_an_uninterrupted_run(service: Ind
     service.start()
     wait_for(lambda: service.stats()["applied_entries"] and redis.xinfo_groups(keys.results)[0]["lag"] == 0,
              120, what="replay finished")
+    reference = VectorIndex(MODEL, DIM)
+    reference.apply(stream)
+    assert len(reference) > 100
+    wait_for(lambda: service.stats()["vectors"] == len(reference), 30,
+             what=f"the restarted writer to count {len(reference)} objects")
     service.stop(signal.SIGTERM)  # clean shutdown writes a final checkpoint (snapshot, or Milvus flush)
 
     backend = open_backend(service.settings, redis, keys, lambda _: FeatureStore())
     loaded = backend.load()
     assert loaded is not None
     recovered = loaded[0]
-    reference = VectorIndex(MODEL, DIM)
-    reference.apply(stream)
 
     assert not index_difference(recovered, reference), index_difference(recovered, reference)
-    assert len(reference) > 100
     # The checkpoints let the stream be trimmed: Redis keeps only what the newest one does not cover (with Milvus,
     # the stream position is recorded, and the stream trimmed, only after the collection was flushed).
     assert redis.xlen(keys.results) < len(stream)
