@@ -9,8 +9,9 @@ in one run; ~5 minutes more: ``--only limit,e2e,old,fair,queries`` leaves it out
 (``--only burst``: ``--burst`` uploads with the workers stopped, then drained), ``load`` (``--only load``: 64
 concurrent searches for 60 s while 2,000 uploads merge) and ``soak`` (``--only soak``: ``--soak`` distinct images
 through the stack at its own pace, every process's RSS sampled each second: ``bench/soak.py``). Prints a table
-and writes ``bench/results/latest.json``. Quick by default (1000 images, 100k vectors); ``--images 5000`` for
-more.
+and writes ``bench/results/latest.json`` (every default step, one run: its ratios share a baseline) or, for a
+run of other steps, ``latest-<steps>.json``, so that a partial run never hides the full one. Quick by default
+(1000 images, 100k vectors); ``--images 5000`` for more.
 """
 
 from __future__ import annotations
@@ -63,8 +64,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=CACHE,
                         help="where the image set and the exported model are kept")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, help="where the report goes (default: see above)")
+    args = parser.parse_args(argv)
+    args.out = args.out or default_out(args.only)
+    return args
+
+
+def default_out(only: str) -> Path:
+    """``latest.json`` for the default steps (or more), ``latest-<steps>.json`` for any other selection."""
+    steps = set(only.split(","))
+    return RESULTS / ("latest.json" if steps >= set(STEPS) else f"latest-{'-'.join(sorted(steps))}.json")
 
 
 def settings_from(pairs: list[str], cache: Path) -> Settings:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from bench.__main__ import STEPS, parse_args
 from bench.procs import ALL_CORES, core_busy_seconds, pin
 from bench.report import check_targets, fair_headline
 from bench.soak import growth
@@ -54,3 +55,11 @@ def test_pin_confines_every_thread_and_the_cores_are_read_per_core() -> None:
         pin(me, set(ALL_CORES))
     assert os.sched_getaffinity(0) == ALL_CORES
     assert set(core_busy_seconds()) == ALL_CORES
+
+
+def test_a_partial_run_writes_a_report_of_its_own_and_the_default_run_latest_json() -> None:
+    assert parse_args([]).out.name == "latest.json"
+    assert parse_args(["--only", ",".join((*STEPS, "soak"))]).out.name == "latest.json"
+    assert parse_args(["--only", "fair"]).out.name == "latest-fair.json"
+    assert parse_args(["--only", "queries,limit"]).out.name == "latest-limit-queries.json"
+    assert parse_args(["--only", "fair", "--out", "/tmp/x.json"]).out.name == "x.json"
