@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from typing import Iterable, Sequence
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import pytest
 import index_service.vector_index as module
 from bucketlens.schemas import ResultEntry, SchemaError
 from index_service.backend import restructure_into
+from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
 from index_service.vector_index import VectorIndex
 
@@ -207,6 +209,24 @@ def test_searches_run_together_and_a_waiting_merge_goes_first() -> None:
     reader.join(5)
     assert order == ["two readers", "writer", "late reader"]  # the waiting merge went before the late search
 
+
+
+def test_local_features_are_committed_outside_the_write_lock() -> None:
+    """SQLite's commit is most of a batch with features (``bench.merge_stall``): a search must not wait for it. The
+    store's write searches from another thread; with the write lock still held that search would wait."""
+    found: list[list[str]] = []
+
+    class SearchingStore(FeatureStore):
+        def write(self, puts: Sequence[tuple[str, str, bytes]], deletes: Iterable[str]) -> None:
+            searcher = threading.Thread(target=lambda: found.append([o.key for o, _ in index.search(unit(1), 1)]))
+            searcher.start()
+            searcher.join(5)
+            super().write(puts, deletes)
+
+    index = VectorIndex("m", DIM, features=SearchingStore())
+    index.apply([dataclasses.replace(upsert("k1", 1, 1), features=b"views")])
+    assert found == [["k1"]]  # the batch was searchable while its features were being written
+    assert index.features.get([("b/k1", "e")]) == {"b/k1": b"views"}  # and they were written before apply returned
 
 def dated(key: str, seed: int, bucket: str = "b", when: float = 0.0, found: str = "") -> ResultEntry:
     return dataclasses.replace(upsert(key, 1, seed), bucket=bucket, modified=when, labels=found)
