@@ -11,21 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import tempfile
-import time
 from typing import Any
 
 import httpx
-from redis import RedisError
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.settings import Settings
-from infra.stack import free_port
 from ingest.receiver import create_app
 
 from . import ROOT
+from .stack import scratch_redis
 
 RECORD = json.loads((ROOT / "tests" / "fixtures" / "events" / "ceph_put.json").read_bytes())["Records"][0]
 
@@ -63,29 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.burst_memory", description=__doc__)
     parser.add_argument("--objects", type=int, default=3000)
     args = parser.parse_args()
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
-                                   "--save", "", "--dir", folder], stdout=subprocess.DEVNULL)
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            deadline = time.monotonic() + 30
-            while not _pings(url):
-                if time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start")
-                time.sleep(0.05)
-            for concurrency in (1, 64):
-                print(json.dumps(asyncio.run(measure(url, args.objects, concurrency))))
-        finally:
-            server.terminate()
-            server.wait(10)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(connect(url).ping())
-    except RedisError:
-        return False
+    with scratch_redis("--appendonly", "yes") as url:
+        for concurrency in (1, 64):
+            print(json.dumps(asyncio.run(measure(url, args.objects, concurrency))))
 
 
 if __name__ == "__main__":
