@@ -155,7 +155,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         params = request.query_params
         offset, limit = _page(params, 50)
         try:
-            min_matches = max(1, int(params.get("min_matches", DUPLICATE_MATCHES)))
+            # Clamped like offset: SQLite refuses integers beyond 64 bits (a fuzzed 1.3e20 answered 500).
+            min_matches = min(MAX_OFFSET, max(1, int(params.get("min_matches", DUPLICATE_MATCHES))))
         except ValueError:
             raise HTTPError(400, "bad_parameter", "min_matches must be an integer") from None
         serving = service.index

@@ -131,7 +131,7 @@ PATHS: dict[str, Any] = {
         "summary": "groups of near-duplicate images", "security": READ,
         "parameters": [parameter("offset", {"type": "integer", "minimum": 0}, "groups to skip (at most 10^9)"),
                        parameter("limit", {"type": "integer", "minimum": 1}, "groups to answer (at most 1000)"),
-                       parameter("min_matches", {"type": "integer", "minimum": 1}, "verified matches a pair needs"),
+                       parameter("min_matches", {"type": "integer", "minimum": 1}, "verified matches a pair needs (at most 10^9)"),
                        parameter("bucket", TEXT, "only this bucket"), parameter("prefix", TEXT, "only these keys")],
         "responses": {**answer("a page of groups", ref("Duplicates")), **errors(400, 401, 503)},
     }},
