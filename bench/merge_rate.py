@@ -14,9 +14,7 @@ import cProfile
 import json
 import os
 import pstats
-import tempfile
 import time
-from pathlib import Path
 
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -28,7 +26,7 @@ from index_service.merger import Merger
 from index_service.vector_index import VectorIndex, set_search_threads
 
 from .index_scale import DIM, clustered
-from .stack import scratch_redis
+from .stack import scratch_folder, scratch_redis
 
 
 def measure(url: str, n: int, feature_bytes: int, profile: bool) -> dict[str, object]:
@@ -43,8 +41,8 @@ def measure(url: str, n: int, feature_bytes: int, profile: bool) -> dict[str, ob
             pipe.xadd(keys.results, entry.to_fields())
         pipe.execute()
     del data
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent / ".bucketlens") as folder:
-        index = VectorIndex("m", DIM, 1, FeatureStore(Path(folder) / "features.sqlite"))
+    with scratch_folder() as folder:
+        index = VectorIndex("m", DIM, 1, FeatureStore(folder / "features.sqlite"))
         merger = Merger(client, keys, index.apply)
         merger._ensure_group()
         profiler = cProfile.Profile() if profile else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from index_service.feature_store import FeatureStore
 from index_service.vector_index import VectorIndex, set_search_threads
 
 from .index_scale import DIM, RESULTS, clustered
+from .stack import scratch_folder
 
 BATCH = 512  # the merger's batch (``Merger.batch``)
 
@@ -62,8 +62,8 @@ def measure(n: int, batches: int, feature_bytes: int, idle_s: float = 5.0) -> di
     data = clustered(n + batches * BATCH + 50, seed=n)
     queries = data[-50:]
     blob = os.urandom(feature_bytes)
-    with tempfile.TemporaryDirectory(dir=RESULTS.parent.parent / ".bucketlens") as folder:
-        store = TimedStore(Path(folder) / "features.sqlite")
+    with scratch_folder() as folder:
+        store = TimedStore(folder / "features.sqlite")
         index = VectorIndex("m", DIM, 1, store)
         for start in range(0, n, 2000):  # the vectors already held: no features, to fill fast
             index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", data[i])

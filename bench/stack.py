@@ -24,9 +24,20 @@ from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
 from infra.stack import Stack, free_port, running
 
+from . import ROOT
 from .procs import stack_pids
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A temporary folder on the project's disk, removed at the end: not /tmp, which may be a tmpfs where SQLite's
+    commits never reach a disk."""
+    parent = ROOT / ".bucketlens"
+    parent.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent) as folder:
+        yield Path(folder)
 
 
 @contextlib.contextmanager
