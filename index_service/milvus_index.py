@@ -20,6 +20,11 @@ Mapping, as Milvus users do it:
   again is also written again, a delete's tombstone included: an upsert is a delete and an insert to Milvus 2.3, and
   a writer killed during one can leave the old row beside the new (an object deleted in that batch stayed findable
   by ``deleted == false``: tests/test_recovery.py); the rewrite deletes every older row of the key.
+- **Each checkpoint repairs keys with more than one row** (``MilvusIndex.repair``). Old rows also survived beside
+  rows that no replay rewrites (tests/test_replicas.py, after a writer was killed: versions only the dead writer had
+  written, found beside its successor's newer ones). A query then answers either row, and ``count(*)`` counts both.
+  The writer knows how many objects have a row, so one ``count(*)`` tells whether any key has two; only then are
+  they looked for, and each is written again with its newest row (the order rule's winner).
 
 Writes come from one merger at a time (``_write``); the ordering reads use Strong consistency, searches Session
 consistency (this process reads its own writes). A batch is one ``upsert`` call; a search running meanwhile sees
@@ -53,6 +58,7 @@ from .vector_index import ivf_lists
 
 log = logging.getLogger(__name__)
 SCALARS = ["bucket", "key", "etag", "sequencer", "order", "generation", "pixels", "labels", "modified"]
+ROW = ["vector", "label_ids", "deleted", "deleted_at", *SCALARS]  # every field of a row but the primary key
 MAX_KEY = 4096  # bytes of a VARCHAR key or object id (S3 keys are at most 1024 bytes; other servers allow more)
 SCAN_BATCH = 4096  # rows per page when a read must go through every row
 INDEX_TYPES = {"Flat": "FLAT", "IVF": "IVF_FLAT", "HNSW": "HNSW"}
@@ -207,7 +213,10 @@ class MilvusIndex(SearchOne):
         self.index_type = index_type
         self.features = features
         self._write = threading.Lock()  # one batch or restructure at a time
-        self._count: int | None = None  # exact, kept by ``apply`` from this process's first batch on
+        # Exact, one per key, counted before this process's first write and kept by each write since: live objects,
+        # and objects with a row (live or tombstone; ``repair`` compares it with the rows there are).
+        self._count: int | None = None
+        self._keys: int | None = None
 
     def __len__(self) -> int:
         """Live objects. The writer counts them one per key before its first batch and keeps the count; a replica
@@ -218,10 +227,14 @@ class MilvusIndex(SearchOne):
         rows = self._query(expression(None), ["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
-    def _live_objects(self) -> int:
-        """How many objects have a live row, one per key, whatever rows lie beside it. ``count(*)`` counts rows:
-        1,222 for 1,176 objects in CI after a SIGKILL mid-merge."""
-        return sum(1 for _ in self._scan(expression(None), []))
+    def _tally(self) -> None:
+        """Count the live objects and the objects with a row, one per key, whatever rows lie beside it. ``count(*)``
+        counts rows: 1,222 for 1,176 objects in CI after a SIGKILL mid-merge."""
+        live = keys = 0
+        for row in self._scan(EVERYTHING, ["deleted"]):
+            keys += 1
+            live += not row["deleted"]
+        self._count, self._keys = live, keys
 
     # -- merging -------------------------------------------------------------------------------------------
 
@@ -231,10 +244,12 @@ class MilvusIndex(SearchOne):
         stats = ApplyStats()
         entries = list(entries)
         with self._write:
-            if self._count is None:
-                self._count = self._live_objects()
+            if self._count is None or self._keys is None:
+                self._tally()
+            assert self._count is not None and self._keys is not None
             oids = sorted({object_id(e.bucket, e.key) for e in entries if e.op in ("upsert", "delete")})
             held = self._held(oids)
+            keys_before = len(held)
             live_before = sum(1 for row in held.values() if not row["deleted"])
             rows: dict[str, dict[str, Any]] = {}
             replayed: list[str] = []  # deletes applied again: the tombstone may have an old live row beside it
@@ -261,6 +276,7 @@ class MilvusIndex(SearchOne):
                 with reachable(self.connection.uri):
                     self.connection.client.upsert(self.collection, list(rows.values()), timeout=WRITE_TIMEOUT_S)
             self._count += sum(1 for row in held.values() if not row["deleted"]) - live_before
+            self._keys += len(held) - keys_before
             stats.write_features(self.features)
         return stats
 
@@ -293,10 +309,63 @@ class MilvusIndex(SearchOne):
 
     def expire_tombstones(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
-        with self._write, reachable(self.connection.uri):
-            expired = f"deleted == true and deleted_at < {cutoff!r}"
-            result = self.connection.client.delete(self.collection, filter=expired, timeout=WRITE_TIMEOUT_S)
-        return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
+        expired = f"deleted == true and deleted_at < {cutoff!r}"
+        with self._write:
+            rows = self._rows(expired)
+            if rows:
+                with reachable(self.connection.uri):
+                    self.connection.client.delete(self.collection, filter=expired, timeout=WRITE_TIMEOUT_S)
+                if self._keys is not None:
+                    self._keys -= rows  # a key with two tombstones counts twice: the next repair recounts
+        return rows
+
+    def repair(self) -> int:
+        """Write every object that has more than one row again, with its newest row; returns how many there were
+        (the checkpoint calls it: see the module's docstring)."""
+        with self._write:
+            return self._repair()
+
+    def _repair(self) -> int:
+        if self._keys is None:
+            return 0  # this process has not written: the writer that did repairs
+        rows = self._rows(EVERYTHING)
+        if rows == self._keys:
+            return 0
+        started = time.perf_counter()
+        doubled = list(self._doubled([row["oid"] for row in self._scan(EVERYTHING, [])]))
+        if doubled:
+            with reachable(self.connection.uri):
+                self.connection.client.upsert(self.collection, [self._newest(oid) for oid in doubled],
+                                              timeout=WRITE_TIMEOUT_S)
+        keys = self._keys
+        self._tally()
+        log.warning("%d rows for %d objects (%d counted): %d objects had more than one row, written again with their "
+                    "newest in %.1f s", rows, self._keys, keys, len(doubled), time.perf_counter() - started)
+        return len(doubled)
+
+    def _doubled(self, oids: list[str]) -> Iterator[str]:
+        """The ids among ``oids`` (each has a row) that have more than one: each part whose ``count(*)`` is above
+        its length is halved until single ids are left."""
+        parts = [oids[start : start + 1000] for start in range(0, len(oids), 1000)]
+        while parts:
+            part = parts.pop()
+            if self._rows(f"oid in [{', '.join(literal(o) for o in part)}]") > len(part):
+                if len(part) == 1:
+                    yield part[0]
+                else:
+                    parts += [part[: len(part) // 2], part[len(part) // 2 :]]
+
+    def _newest(self, oid: str) -> dict[str, Any]:
+        """The row of ``oid`` with the highest order. A query answers one row per key, so it is asked again without
+        the orders seen until nothing is left."""
+        seen: list[dict[str, Any]] = []
+        while True:
+            orders = [int(row["order"]) for row in seen]
+            expr = f"oid == {literal(oid)}" + (f" and order not in {orders}" if orders else "")
+            rows = self._query(expr, ROW, strong=True)
+            if not rows:
+                return max(seen, key=lambda row: int(row["order"]))
+            seen += rows
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -358,7 +427,7 @@ class MilvusIndex(SearchOne):
 
     def export(self) -> tuple[list[Indexed], np.ndarray, Tombstones]:
         objects, vectors, tombstones = [], [], {}
-        for row in self._scan(EVERYTHING, ["vector", "deleted", "deleted_at", *SCALARS]):
+        for row in self._scan(EVERYTHING, ROW):
             if row["deleted"]:
                 tombstones[row["oid"]] = (int(row["order"]), float(row["deleted_at"]))
             else:
@@ -377,13 +446,13 @@ class MilvusIndex(SearchOne):
             raise ValueError(f"unknown index type {index_type!r} ({', '.join(INDEX_TYPES)})")
         with self._write:
             started = time.perf_counter()
+            self._repair()  # the copy takes one row per key, whichever a query answers
             name = collection_name(self.alias, self.generation)
             self.connection.create(name, self.model, self.dim, self.generation, index_type, len(self))
-            fields = ["vector", "label_ids", "deleted", "deleted_at", *SCALARS]
             client = self.connection.client
             with reachable(self.connection.uri):
                 batch: list[dict[str, Any]] = []
-                for row in self._scan(EVERYTHING, fields):
+                for row in self._scan(EVERYTHING, ROW):
                     batch.append(row)
                     if len(batch) == 1000:
                         client.insert(name, batch)
@@ -407,6 +476,11 @@ class MilvusIndex(SearchOne):
             return list(self.connection.client.query(self.collection, filter=expr, output_fields=fields,
                                                      consistency_level="Strong" if strong else "Session",
                                                      timeout=READ_TIMEOUT_S))
+
+    def _rows(self, expr: str) -> int:
+        """How many rows ``expr`` keeps (``count(*)``: rows, not keys)."""
+        rows = self._query(expr, ["count(*)"], strong=True)
+        return int(rows[0]["count(*)"]) if rows else 0
 
     def _scan(self, expr: str, fields: list[str]) -> Iterator[dict[str, Any]]:
         """Every row ``expr`` keeps, page by page in primary-key order (a query returns at most 16,384 rows).
@@ -500,14 +574,16 @@ class MilvusBackend:
         return MilvusIndex(self.connection, self.alias, name, model, dim, generation, "Flat", self.features(generation))
 
     def checkpoint(self, index: Any, last_id: str) -> None:
-        """Flush the serving collection, then record ``last_id``: the stream may be trimmed to it."""
+        """Repair keys with more than one row, flush the serving collection, then record ``last_id``: the stream may be
+        trimmed to it."""
         assert isinstance(index, MilvusIndex), f"the Milvus backend checkpoints its own generations, not {index!r}"
         started = time.perf_counter()
+        repaired = index.repair()
         with reachable(self.connection.uri):
             self.connection.client.flush(index.collection, timeout=WRITE_TIMEOUT_S)
         self.redis.hset(self.keys.checkpoints, self.alias, last_id)
         self.last = {"name": index.collection, "time": time.time(), "count": len(index), "last_id": last_id,
-                     "flush_s": round(time.perf_counter() - started, 3)}
+                     "flush_s": round(time.perf_counter() - started, 3), "repaired_objects": repaired}
 
     def promote(self, old: Any, new: Any) -> None:
         with reachable(self.connection.uri):
