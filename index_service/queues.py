@@ -18,9 +18,7 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 
 def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
-    for queue in keys.queues:
-        for step in PRIORITY_STEPS:
-            pipe.llen(_list_key(keys, queue, step))
+    _queue_lengths(pipe, keys)
     pipe.hkeys(unacked_key(keys))
     pipe.xlen(keys.results)
     pipe.hlen(keys.failures)
@@ -52,6 +50,15 @@ def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         "canary": _canary(canary),
         "workers": live_workers(client, keys, worker_ids),
     }
+
+
+def tasks_outstanding(client: redis.Redis, keys: Keys) -> bool:
+    """Whether a task waits in a queue or is held, unacknowledged, by a worker: objects are on their way to the index
+    (a worker writes a task's results only once the whole task is embedded, so merges alone leave gaps)."""
+    pipe = client.pipeline(transaction=False)
+    _queue_lengths(pipe, keys)
+    pipe.hlen(unacked_key(keys))
+    return any(pipe.execute())
 
 
 def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None = None) -> list[dict[str, Any]]:
@@ -106,6 +113,13 @@ def _canary(fields: dict[bytes, bytes]) -> dict[str, Any]:
         "lag_s": round(float(fields[b"lag_s"]), 3) if b"lag_s" in fields else None,
         "waiting_s": round(max(0.0, waiting), 3),
     }
+
+
+def _queue_lengths(pipe: Any, keys: Keys) -> None:
+    """Queue on ``pipe`` the length of every queue's list at each priority, queue by queue."""
+    for queue in keys.queues:
+        for step in PRIORITY_STEPS:
+            pipe.llen(_list_key(keys, queue, step))
 
 
 def _list_key(keys: Keys, queue: str, step: int) -> str:

@@ -40,6 +40,7 @@ from .merger import Merger, stream_order
 from .orphans import SWEEP_EVERY_S
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
+from .queues import tasks_outstanding
 from .rebuild import RebuildJob, Rebuilds
 from .reconcile import reconcile
 from .redelivery import CHECK_EVERY_S, Redelivery
@@ -78,7 +79,7 @@ class Service:
                                  settings.writer_lease_s)
         self.writing = threading.Event()
         self.merger = self._merger("0")
-        self.duplicates = DuplicateFinder(lambda: self.index, settings.duplicates_cpu_share)
+        self.duplicates = DuplicateFinder(lambda: self.index, settings.duplicates_cpu_share, self._tasks_outstanding)
         self.loaded = threading.Event()
         self.checked = threading.Event()  # the start-up check against the bucket is done (redis_loss.py)
         self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
@@ -268,6 +269,14 @@ class Service:
 
     def new_generation(self, model: str, generation: int) -> Index:
         return self.backend.new_generation(model, generation)
+
+    def _tasks_outstanding(self) -> bool:
+        """Objects on their way to the index (the duplicate finder keeps to its share meanwhile); True when Redis
+        cannot say."""
+        try:
+            return tasks_outstanding(self.redis, self.keys)
+        except redis.RedisError:
+            return True
 
     # -- merging -------------------------------------------------------------------------------------------
 

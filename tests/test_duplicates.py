@@ -106,6 +106,12 @@ def test_while_objects_arrive_the_finder_keeps_to_its_cpu_share(monkeypatch) -> 
     assert finder.pause(0.3) == 0  # quiet again: it catches up
     finder.arriving()  # a rebuild's merges into its shadow generation: nothing new to check, but the cores are busy
     assert finder.pause(0.3) == pytest.approx(0.9)
+    now[0] += duplicates.ARRIVING_S + 0.1
+    busy = [True]  # nothing merged lately, but tasks wait or are being embedded: a worker writes a task's results
+    waiting = DuplicateFinder(lambda: index, cpu_share=0.25, busy=lambda: busy[0])  # only when all are embedded
+    assert waiting.pause(0.3) == pytest.approx(0.9)
+    busy[0] = False
+    assert waiting.pause(0.3) == 0
     unlimited = DuplicateFinder(lambda: index, cpu_share=1)
     unlimited.wake([("b/k", "e")])
     assert unlimited.pause(0.3) == 0

@@ -8,7 +8,7 @@ import uuid
 from bucketlens.keys import EMBED_TASK, HEARTBEAT_TTL_S, Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
-from index_service.queues import queue_report
+from index_service.queues import queue_report, tasks_outstanding
 from infra.stack import Stack
 from ingest.publisher import Publisher
 
@@ -21,6 +21,7 @@ def test_depths_count_every_priority_and_an_empty_queue_reads_zero(stack: Stack)
     redis = connect(settings.redis_url)
     publisher = Publisher(settings, redis)
     assert queue_report(redis, keys)["queues"][keys.live_queue]["depth"] == 0
+    assert not tasks_outstanding(redis, keys)
 
     refs = [ObjectRef("b", f"k{i}", "e") for i in range(5)]
     assert publisher.send_embeds(refs) == 3  # batches of two references
@@ -34,6 +35,11 @@ def test_depths_count_every_priority_and_an_empty_queue_reads_zero(stack: Stack)
     assert report["queues"][keys.rebuild_queue]["depth"] == 1
     assert report["unacked"] == 0 and report["stream"]["length"] == 0
     assert report["pending_objects"] == 5
+    assert tasks_outstanding(redis, keys)
+    redis.delete(*(key for key in redis.scan_iter(keys.celery_prefix + "*") if b"unacked" not in key))
+    assert not tasks_outstanding(redis, keys)  # the queues are empty
+    redis.hset(keys.celery_prefix + "unacked", "tag-1", "[]")  # a task in a worker's hands
+    assert tasks_outstanding(redis, keys)
     publisher.close()
 
 
