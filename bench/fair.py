@@ -104,6 +104,7 @@ def reembed(stack: Stack, api: httpx.Client, profile_to: Path, timeout_s: float 
     profiler = Profiler(worker_pid(stack), profile_to, idle=False, nonblocking=True)
     time.sleep(1)  # py-spy attaches
     meter = CpuMeter(stack.home)
+    finder_s = api.get("/stats").json()["duplicates"]["cpu_s"]
     response = api.post("/rebuild", json={"mode": "reembed"}, headers=headers)
     response.raise_for_status()
     job = response.json()
@@ -116,9 +117,11 @@ def reembed(stack: Stack, api: httpx.Client, profile_to: Path, timeout_s: float 
             bar.total = job["total"]
             bar.update(job["done"] - bar.n)
     elapsed = meter.elapsed()
+    finder_s = api.get("/stats").json()["duplicates"]["cpu_s"] - finder_s
     profiler.stop()
     if job["state"] != "done":
         raise RuntimeError(f"the rebuild ended {job['state']}: {job.get('error')}")
     return {"objects": job["total"], "failed": job["failed"], "seconds": elapsed,
             "images_per_s": job["total"] / elapsed, **meter.report(job["total"]),
+            "duplicate_finder_core_share": round(finder_s / elapsed, 3),  # its share is duplicates_cpu_share
             "worker_cpu_profile": worker_cpu_summary(profile_to)}

@@ -58,6 +58,8 @@ ROWS = (  # (key, label, unit, format)
     ("fair_backfill_vs_limit", "fair: backfill / limit", "x", "{:.2f}"),
     ("fair_live_vs_seed_as_written", "fair: live / seed as written", "x", "{:.2f}"),
     ("fair_live_vs_seed_kind", "fair: live / seed, kinder", "x", "{:.2f}"),
+    ("fair_backfill_duplicate_finder_core_share", "fair: backfill: duplicate finder's share of a core", "",
+     "{:.0%}"),
     *((f"fair_{run}_{key}", f"fair: {run.replace('_', ' ')}: {label}", unit, fmt)
       for run in ("limit", "live", "backfill", "seed_as_written", "seed_kind")
       for key, label, unit, fmt in (("cpu_ms_per_image", "CPU per image", "ms", "{:.1f}"),
@@ -157,6 +159,8 @@ def fair_headline(fair: dict[str, Any]) -> dict[str, Any]:
         out[f"fair_{run}_cpu_ms_per_image"] = cpu["cpu_ms_per_image"]
         out[f"fair_{run}_worker_core_busy"] = sum(busy[str(c)] for c in fair["worker_core"])
         out[f"fair_{run}_other_cores_busy"] = sum(busy[str(c)] for c in fair["other_cores"]) / len(fair["other_cores"])
+    if "duplicate_finder_core_share" in fair["backfill"]:
+        out["fair_backfill_duplicate_finder_core_share"] = fair["backfill"]["duplicate_finder_core_share"]
     return out
 
 

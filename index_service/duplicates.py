@@ -60,6 +60,7 @@ class DuplicateFinder:
         self.pending: dict[str, str] = {}  # object id -> etag still to check, in the generation below
         self.generation = -1
         self.checked_objects = 0
+        self.cpu_s = 0.0  # this thread's CPU time in its rounds (``/stats``: what it took from the cores)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -98,9 +99,12 @@ class DuplicateFinder:
             try:
                 while not self._stop.is_set():
                     began = time.thread_time()
-                    if not self.step(BATCH if self._quiet() else ARRIVING_BATCH):
+                    checked = self.step(BATCH if self._quiet() else ARRIVING_BATCH)
+                    spent = time.thread_time() - began
+                    self.cpu_s += spent
+                    if not checked:
                         break
-                    self._stop.wait(self.pause(time.thread_time() - began))
+                    self._stop.wait(self.pause(spent))
             except Exception:
                 log.exception("looking for duplicates failed; trying again at the next merge")
 

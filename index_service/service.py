@@ -403,5 +403,6 @@ class Service:
             "last_snapshot": self.backend.last,
             "snapshot_failures": self.snapshot_health.public(),
             "rebuild": self.rebuilds.progress(),
-            "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects},
+            "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects,
+                           "cpu_s": round(self.duplicates.cpu_s, 3)},
         }

@@ -31,7 +31,7 @@ def test_fair_headline_ratios_busy_shares_and_targets() -> None:
         "worker_core": [1], "other_cores": [0], "limit_images_per_s": 10.0, "limit_variant": "serial",
         "limit_cpu": {"serial": {"core_busy_share": {"0": 0.1, "1": 1.0}, "cpu_ms_per_image": 90.0}},
         "live": {"bucketlens_images_per_s": 8.0, **{f"bucketlens_{k}": v for k, v in report.items()}},
-        "backfill": {"images_per_s": 9.6, **report},
+        "backfill": {"images_per_s": 9.6, "duplicate_finder_core_share": 0.25, **report},
         "seed_as_written": {"old_design_images_per_s": 2.0, **{f"old_design_{k}": v for k, v in report.items()}},
         "seed_kind": {"old_design_images_per_s": 4.0, **{f"old_design_{k}": v for k, v in report.items()}},
         "ratios": {"backfill_vs_limit": 0.96, "live_vs_seed_as_written": 4.0},
@@ -39,6 +39,7 @@ def test_fair_headline_ratios_busy_shares_and_targets() -> None:
     flat = fair_headline(fair)
     assert flat["fair_limit_worker_core_busy"] == 1.0 and flat["fair_limit_other_cores_busy"] == 0.1
     assert flat["fair_backfill_images_per_s"] == 9.6 and flat["fair_seed_kind_cpu_ms_per_image"] == 100.0
+    assert flat["fair_backfill_duplicate_finder_core_share"] == 0.25
     targets = check_targets(flat)
     assert targets["fair_backfill_vs_limit"]["met"] is True and targets["fair_live_vs_seed_as_written"]["met"]
     assert fair_headline({"skipped": "needs 2 cores"}) == {}

@@ -68,6 +68,8 @@ def test_copies_are_verified_first_and_grouped(stack: Stack, s3: Any, api: httpx
     (group,) = report["groups"]
     assert [m["key"] for m in group["members"]] == [unique_prefix + n for n in ("astronaut.jpg", "astronaut-copy.jpg")]
     assert group["members"][0]["pixels"] == 512 * 512  # the best copy has the most pixels
+    finder = api.get("/stats").json()["duplicates"]
+    assert finder["checked"] >= 2 and finder["cpu_s"] > 0, finder  # verifying the pair took CPU, and it is told
     beyond = api.get("/duplicates", params={"prefix": unique_prefix, "min_matches": 10**20})  # past SQLite's 64 bits
     assert beyond.status_code == 200 and beyond.json()["total"] == 0, beyond.text
 
