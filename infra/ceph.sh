@@ -101,7 +101,9 @@ osd memory target = 939524096
 osd max object name len = 2048
 osd max object namespace len = 64
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$PORT
+# tcp_nodelay: without it each GET on a kept-alive connection waited ~40 ms for the client's delayed ACK before the
+# body went out (300 GETs of 60 KB one after another: 44 ms each, 2.2 ms with it)
+rgw frontends = beast endpoint=127.0.0.1:$PORT tcp_nodelay=1
 rgw data = $C/rgw.a
 rgw curl low speed time = 5
 EOF
