@@ -9,8 +9,8 @@ removes and adds reach FAISS in one call each (``_flush``): one vector at a time
 
 Structures: ``Flat`` (exact scan; ``IndexIDMap2`` keeps id -> vector) or ``IVF`` (``IndexIVFFlat`` with a
 hashtable direct map, so ``remove_ids`` and ``reconstruct`` work and deletes take effect at once).
-``restructure`` swaps one for the other while merges continue: changes made during the build are
-journalled and replayed onto the new structure before the swap.
+``restructure`` swaps one for the other while merges and searches continue: the vectors move into the new structure
+a chunk at a time, and the old one hands back each chunk's memory as it goes (``Moving``).
 
 Beside the vectors, for filters and text search (``filters.py``, ``text.py``): the object ids in sorted order (a
 prefix is a range), each object's modification time in an array indexed by FAISS id, and each label's postings
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import math
+import mmap
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -99,6 +101,7 @@ def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.n
     for ids, vectors in chunks:
         assert vectors.dtype == np.float32 and vectors.shape == (len(ids), dim), f"bad vectors {vectors.shape}"
         structure.add_with_ids(vectors, ids)
+        release_freed_memory()  # what growing lists left behind (restart at 1M: 1.59x the vectors at the peak, else)
     return structure
 
 
@@ -142,6 +145,160 @@ def release_freed_memory() -> None:
     stayed 0.46 x the vectors above the index after a restructure, bench/README.md "Memory")."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def release_pages(pointer: Any, start: int, stop: int) -> None:
+    """Hand back to the system the whole pages between bytes ``start`` and ``stop`` of the buffer at ``pointer`` (a
+    FAISS ``uint8_t*``), which its structure no longer uses: a FAISS vector that shrinks keeps its capacity, and
+    ``madvise(MADV_DONTNEED)`` frees the pages under it (zeroed if they are ever written again)."""
+    address, page = faiss.rev_swig_ptr(pointer, 1).ctypes.data, mmap.PAGESIZE
+    first, last = -(-(address + start) // page) * page, (address + stop) // page * page
+    if last > first:
+        with contextlib.suppress(OSError, AttributeError):
+            _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4: MADV_DONTNEED
+
+
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def search_structure(structure: Any, queries: np.ndarray, k: int, keep: np.ndarray | None = None,
+                     objects: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` (scores, FAISS ids) per query in ``structure`` (-1 where it holds fewer); with ``keep``, only
+    those ids, and an IVF structure probes more lists in proportion to how few of the ``objects`` they are."""
+    if isinstance(structure, Moving):
+        return best_of([search_structure(part, queries, k, keep, objects) for part in structure.parts()], k)
+    if keep is None:
+        return structure.search(queries, k)
+    selector = faiss.IDSelectorBatch(keep)
+    if not is_ivf(structure):
+        return structure.search(queries, k, params=faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
+    nprobe = min(structure.nlist, math.ceil(structure.nprobe * objects / max(1, len(keep))))
+    return structure.search(queries, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))  # type: ignore[call-arg]
+
+
+def is_ivf(structure: Any) -> bool:
+    """Whether a FAISS structure has inverted lists (IVF, IVF-SQ8)."""
+    return isinstance(structure, faiss.IndexIVF)
+
+
+def best_of(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` per query of several (scores, ids) answers to the same queries."""
+    scores, ids = np.concatenate([s for s, _ in parts], axis=1), np.concatenate([i for _, i in parts], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+class Moving:
+    """A restructure under way (``VectorIndex.restructure``), standing in for the FAISS structure: the vectors leave
+    ``old`` for the trained, initially empty ``new`` a chunk at a time, and each chunk's memory in ``old`` goes back
+    to the system as it leaves, so the two hold about one copy of the vectors between them (filling ``new`` beside
+    the whole of ``old`` peaked at 2.56x the vectors' bytes at 1M with IVF: bench/README.md "Memory"). Meanwhile
+    merges add to ``new`` and remove from whichever holds the id, and searches ask both (``search_structure``).
+
+    A chunk is the end of a Flat ``old`` (its array shrinks from the end) or whole lists of an IVF one. Its vectors
+    are read under the read lock and their lists in ``new`` found with no lock held (``next_chunk``, ``lists_for``:
+    the costly part, ~1 s for 8,192 vectors at 4,000 lists); only ``move`` needs the write lock."""
+
+    def __init__(self, old: Any, new: Any, index_type: str) -> None:
+        self.old: Any = old
+        self.new: Any = new
+        self.index_type = index_type
+        self._in_new = np.zeros(0, bool)  # FAISS id -> whether ``new`` holds it
+        self._lists_done = 0  # an IVF ``old``: its lists below this one are empty
+        self._taken: list[tuple[int, int]] = []  # ... the lists ``next_chunk`` took, and their sizes then
+        self._taken_to = 0  # ... and the list after them
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.old.ntotal + self.new.ntotal)
+
+    def parts(self) -> list[Any]:
+        return [part for part in (self.old, self.new) if part.ntotal]
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.new.add_with_ids(vectors, ids)
+        self._mark(ids)
+
+    def remove_ids(self, ids: np.ndarray) -> None:
+        held = self._held(ids)
+        for part, which in ((self.new, held), (self.old, ~held)):
+            if which.any():
+                part.remove_ids(np.ascontiguousarray(ids[which]))
+
+    def reconstruct(self, faiss_id: int) -> np.ndarray:
+        return self.reconstruct_batch(np.array([faiss_id], np.int64))[0]
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        held = self._held(ids)
+        out = np.empty((len(ids), self.new.d), np.float32)
+        for part, which in ((self.new, held), (self.old, ~held)):
+            if which.any():
+                out[which] = part.reconstruct_batch(np.ascontiguousarray(ids[which]))
+        return out
+
+    def next_chunk(self, most: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the next ~``most`` vectors to move, read from ``old`` (read lock); none when it is
+        empty."""
+        if is_ivf(self.old):
+            lists, no, count = self.old.invlists, self._lists_done, 0
+            self._taken = []
+            while no < self.old.nlist and count < most:
+                if size := lists.list_size(no):
+                    self._taken.append((no, size))
+                    count += size
+                no += 1
+            self._taken_to = no
+            picked = [faiss.rev_swig_ptr(lists.get_ids(no), size).copy() for no, size in self._taken]
+            ids = np.concatenate(picked) if picked else np.empty(0, np.int64)
+        else:
+            n = self.old.ntotal  # an IndexIDMap2: the ids in the order of its array
+            ids = faiss.rev_swig_ptr(self.old.id_map.data(), n)[max(0, n - most) :].copy() if n else np.empty(0, int)
+        vectors = self.old.reconstruct_batch(ids) if len(ids) else np.empty((0, self.new.d), np.float32)
+        return ids, np.ascontiguousarray(vectors, np.float32)
+
+    def lists_for(self, vectors: np.ndarray) -> np.ndarray | None:
+        """The lists of ``new`` the vectors go to (an IVF ``new``; no lock needed: its centroids no longer change)."""
+        if not is_ivf(self.new) or not len(vectors):
+            return None
+        return np.ascontiguousarray(self.new.quantizer.search(vectors, 1)[1].ravel())
+
+    def move(self, ids: np.ndarray, vectors: np.ndarray, lists: np.ndarray | None) -> None:
+        """Move a chunk from ``next_chunk`` (less what merges removed meanwhile) into ``new`` and hand back what it
+        held in ``old`` (write lock)."""
+        if len(ids):
+            if lists is None:
+                self.new.add_with_ids(vectors, ids)
+            else:
+                self.new.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+            self._mark(ids)
+        if is_ivf(self.old):
+            if len(ids):
+                self.old.remove_ids(ids)
+            for no, size in self._taken:  # a list's buffer stays where it was as it empties
+                release_pages(self.old.invlists.get_codes(no), 0, size * self.old.code_size)
+            self._taken, self._lists_done = [], self._taken_to
+        elif len(ids):
+            flat: Any = faiss.downcast_index(self.old.index)  # the IndexFlat under the id map
+            before = self.old.ntotal
+            self.old.remove_ids(ids)
+            release_pages(flat.codes.data(), self.old.ntotal * flat.code_size, before * flat.code_size)
+
+    def _mark(self, ids: np.ndarray) -> None:
+        top = int(ids.max()) + 1 if len(ids) else 0
+        if top > len(self._in_new):
+            self._in_new = np.concatenate([self._in_new, np.zeros(max(top, 2 * len(self._in_new)), bool)])
+        self._in_new[ids] = True
+
+    def _held(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` ``new`` holds."""
+        held = np.zeros(len(ids), bool)
+        inside = ids < len(self._in_new)
+        held[inside] = self._in_new[ids[inside]]
+        return held
 
 
 _search_threads = 0  # FAISS's OpenMP threads per search in this process; 0: OpenMP's default (one per core)
@@ -237,7 +394,7 @@ class VectorIndex(SearchOne):
         self._tombstones: Tombstones = {}  # object id -> (order, time of delete)
         self._next_id = 1
         self._lock = ReadWriteLock()
-        self._journal: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None  # set while restructuring
+        self._restructuring = False
         self._adding: dict[int, np.ndarray] = {}  # FAISS id -> vector, in this batch (``_flush``)
         self._removing: list[int] = []  # FAISS ids to remove, in this batch
         self._sorted: SortedList = SortedList()  # object ids, for prefix ranges
@@ -269,18 +426,14 @@ class VectorIndex(SearchOne):
         return stats
 
     def _flush(self) -> None:
-        """Hand the batch's removes, then its adds, to FAISS (and to a running restructure's journal)."""
+        """Hand the batch's removes, then its adds, to FAISS."""
         if self._removing:
             removing, self._removing = np.array(self._removing, np.int64), []
             self._faiss.remove_ids(removing)
-            if self._journal is not None:
-                self._journal.append(("remove", removing, None))
         if self._adding:
             ids = np.fromiter(self._adding, np.int64, len(self._adding))
             vectors, self._adding = np.stack(list(self._adding.values())), {}
             self._faiss.add_with_ids(vectors, ids)
-            if self._journal is not None:
-                self._journal.append(("add", ids, vectors))
 
     def _apply_one(self, entry: ResultEntry, stats: ApplyStats) -> None:
         oid = object_id(entry.bucket, entry.key)
@@ -380,11 +533,11 @@ class VectorIndex(SearchOne):
                 return [[] for _ in queries]
             want = min(n, k + (1 if any(exclude) else 0))
             if selected is None:
-                scores, ids = self._faiss.search(queries, want)
+                scores, ids = search_structure(self._faiss, queries, want)
             elif len(selected) <= EXACT_LIMIT:
                 scores, ids = self._exact(queries, selected, want)
             else:
-                scores, ids = self._faiss.search(queries, want, params=self._selector(selected))
+                scores, ids = search_structure(self._faiss, queries, want, selected, len(self._ids))
                 if (ids < 0).any():  # the probed lists held too few of the kept objects
                     scores, ids = self._exact(queries, selected, want)
             objects = self._objects  # rows as Python numbers: numpy scalars hash and convert ~2x slower
@@ -426,24 +579,13 @@ class VectorIndex(SearchOne):
     def _exact(self, queries: np.ndarray, ids: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
         """The best ``want`` of ``ids`` for each query by exact inner product, in chunks (bounded memory). FAISS
         scans each chunk: numpy's BLAS threads stall when the cores are busy (measured: 17 ms against 0.3 ms)."""
-        best_scores = np.empty((len(queries), 0), np.float32)
-        best_ids = np.empty((len(queries), 0), np.int64)
+        best = (np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))
         for start in range(0, len(ids), 8192):
             chunk = ids[start : start + 8192]
             scores, at = faiss.knn(queries, self._faiss.reconstruct_batch(chunk), min(want, len(chunk)),
                                    metric=faiss.METRIC_INNER_PRODUCT)
-            best_scores = np.concatenate([best_scores, scores], axis=1)
-            best_ids = np.concatenate([best_ids, chunk[at]], axis=1)
-        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :want]
-        return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_ids, order, axis=1)
-
-    def _selector(self, ids: np.ndarray) -> Any:
-        """Search parameters that keep ``ids``; IVF probes more lists as the filter keeps fewer objects."""
-        selector = faiss.IDSelectorBatch(ids)
-        if self.index_type == "Flat":
-            return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
-        nprobe = min(self._faiss.nlist, math.ceil(self._faiss.nprobe * len(self._ids) / max(1, len(ids))))
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
+            best = best_of([best, (scores, chunk[at])], want)
+        return best
 
     def text_search(self, wanted: Iterable[int], k: int, where: Filter | None = None) -> list[tuple[Indexed, float]]:
         """The ``k`` objects whose kept labels give the ``wanted`` labels the most probability (summed), best
@@ -499,12 +641,14 @@ class VectorIndex(SearchOne):
     def outgrown(self) -> bool:
         """IVF lists sized for a quarter of what they now hold, or less (``lists_outgrown``)."""
         with self._lock.read():
-            return self.index_type != "Flat" and lists_outgrown(self._faiss.nlist, len(self))
+            structure = self._faiss  # never while a restructure is moving the vectors
+            return is_ivf(structure) and lists_outgrown(structure.nlist, len(self))
 
     def trained(self) -> dict[str, np.ndarray]:
         """What training left in an IVF structure (none for Flat), which a snapshot keeps."""
         with self._lock.read():
-            return {} if self.index_type == "Flat" else trained_state(self._faiss)
+            structure = self._faiss.old if isinstance(self._faiss, Moving) else self._faiss  # the one index_type names
+            return trained_state(structure) if is_ivf(structure) else {}
 
     def vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) for ``ids``, ``CHUNK`` at a time, each chunk read under the lock; ids removed meanwhile
@@ -548,17 +692,50 @@ class VectorIndex(SearchOne):
 
     def restructure(self, index_type: str) -> None:
         """Rebuild the FAISS structure (e.g. Flat -> IVF) in the caller's thread while merges and searches go on.
-        The new structure is filled from the old one a chunk at a time: peak memory is the two structures, never a
-        third copy of the vectors."""
+        An IVF type is trained on a sample first; then the vectors move into the new structure a chunk at a time
+        (``Moving``), so the old and the new one together hold about one copy of them. A restructure that failed
+        while moving (the ``Moving`` is left in place, and serves) is finished by the next call, whatever its type."""
         with self._lock.write():
-            if self._journal is not None:
+            if self._restructuring:
                 raise RuntimeError("a restructure is already running")
+            self._restructuring = True
+        try:
+            started = time.perf_counter()
+            moving = self._faiss if isinstance(self._faiss, Moving) else self._trained_beside(index_type)
+            moved, longest = 0, 0.0  # vectors moved; the longest a move kept searches waiting
+            while True:
+                with self._lock.read():
+                    ids, vectors = moving.next_chunk(CHUNK)
+                    if not len(ids) and moving.old.ntotal:
+                        raise RuntimeError(f"{moving.old.ntotal} vectors left that no chunk takes")
+                lists = moving.lists_for(vectors)
+                with self._lock.write():
+                    held = time.perf_counter()
+                    left = np.fromiter((int(i) in self._objects for i in ids), bool, len(ids))  # not removed meanwhile
+                    moving.move(ids[left], vectors[left], None if lists is None else lists[left])
+                    if not moving.old.ntotal:
+                        self._faiss, self.index_type = moving.new, moving.index_type
+                    longest = max(longest, time.perf_counter() - held)
+                moved += int(left.sum())
+                release_freed_memory()  # what the new lists left behind as they grew
+                if moving.new is self._faiss:
+                    break
+        finally:
+            self._restructuring = False
+        release_freed_memory()
+        log.info("index generation %d is now %s over %d vectors (built in %.1f s; %d moved, each chunk holding "
+                 "searches for at most %.0f ms)", self.generation, self.index_type, len(self),
+                 time.perf_counter() - started, moved, 1000 * longest)
+
+    def _trained_beside(self, index_type: str) -> Moving:
+        """A new, empty structure of ``index_type``, trained on a sample of the vectors (rows a merge removed
+        meanwhile are left out), put in beside the current one."""
+        with self._lock.read():
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
-            self._journal = []
             keep = ({"scalar_quantizer": trained_state(self._faiss)["scalar_quantizer"]}
                     if index_type == self.index_type == "IVF-SQ8" else None)  # retrained lists, the same codes
 
-        def sample() -> np.ndarray:  # rows a merge removed meanwhile are left out
+        def sample() -> np.ndarray:
             rows = ids[training_rows(len(ids))]
             out, filled = np.empty((len(rows), self.dim), np.float32), 0
             for _, vectors in self.vectors_of(rows):
@@ -566,24 +743,7 @@ class VectorIndex(SearchOne):
                 filled += len(vectors)
             return out[:filled]
 
-        try:
-            started = time.perf_counter()
-            structure = build_structure(index_type, self.dim, len(ids), sample, self.vectors_of(ids), keep)
-        except BaseException:
-            with self._lock.write():
-                self._journal = None
-            raise
+        structure = build_structure(index_type, self.dim, len(ids), sample, (), keep)
         with self._lock.write():
-            journal, self._journal = self._journal, None
-            for op, faiss_ids, vectors in journal or []:  # what merged while the structure was built
-                if op == "add":
-                    structure.add_with_ids(vectors, faiss_ids)
-                else:
-                    structure.remove_ids(faiss_ids)
-            self._faiss = structure
-            self.index_type = index_type
-        release_freed_memory()
-        log.info("index generation %d is now %s over %d vectors (built in %.1f s, %d changes replayed)",
-                 self.generation, index_type, len(ids), time.perf_counter() - started,
-                 sum(len(faiss_ids) for _, faiss_ids, _ in journal or []))
-
+            self._faiss = Moving(self._faiss, structure, index_type)
+            return self._faiss

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import index_service.vector_index as module
-from bucketlens.schemas import ResultEntry, SchemaError
+from bucketlens.schemas import ResultEntry, SchemaError, object_id
 from index_service.backend import restructure_into
 from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
@@ -131,7 +131,7 @@ def test_outgrown_lists_are_retrained_and_an_sq8_structure_keeps_its_codes(index
     assert [o.key for o, _ in index.search(data[7], 10)][:5] == top[:5]
 
 
-def test_restructure_replays_changes_made_while_it_builds(index: VectorIndex) -> None:
+def test_restructure_keeps_changes_made_while_it_trains(index: VectorIndex) -> None:
     index.apply([upsert(f"k{i}", 1, i) for i in range(40)])
     started = threading.Event()
     real_build = module.build_structure
@@ -153,6 +153,107 @@ def test_restructure_replays_changes_made_while_it_builds(index: VectorIndex) ->
     keys = {o.key for o, _ in index.search(unit(103), 50)}
     assert "new" in keys and "k3" not in keys
     assert index._faiss.ntotal == len(index) == 40  # the first "new" never reached either structure
+
+
+@pytest.mark.parametrize("steps", [("IVF",), ("IVF", "IVF"), ("IVF-SQ8", "IVF"), ("IVF", "Flat")],
+                         ids=["Flat->IVF", "IVF->IVF", "IVF-SQ8->IVF", "IVF->Flat"])
+def test_merges_and_searches_between_the_chunks_of_a_restructure(steps: tuple[str, ...],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vectors move a few at a time (``Moving``); between two chunks a merge replaces, deletes and adds objects
+    wherever their vectors are, and a search or ``vector`` finds every object, moved or not."""
+    dim, n = 16, 600
+    data = clustered(n + 10, dim, 40)
+    index = VectorIndex("m", dim)
+    index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data[:n])])
+    for step in steps[:-1]:
+        index.restructure(step)
+    monkeypatch.setattr(module, "CHUNK", 50)
+    seen: list[tuple[int, int]] = []
+    gone: list[str] = []
+    real_lists_for = module.Moving.lists_for
+
+    def between_chunks(moving: module.Moving, vectors: np.ndarray) -> np.ndarray | None:
+        seen.append((moving.old.ntotal, moving.new.ntotal))
+        if len(seen) == 4:  # some moved, some not: replace one of each, delete one of each, add one
+            held = {key: moving._held(np.array([index._ids[object_id("b", key)]]))[0]
+                    for key in (f"k{i}" for i in range(10, n))}
+            moved, left = [k for k, h in held.items() if h][:2], [k for k, h in held.items() if not h][:2]
+            assert len(moved) == len(left) == 2, (moved, left)
+            gone.extend([moved[1], left[1]])
+            index.apply([ResultEntry("upsert", "b", moved[0], "e2", "", 2, 1, "m", data[n]),
+                         ResultEntry("upsert", "b", left[0], "e2", "", 2, 1, "m", data[n + 1]),
+                         ResultEntry("delete", "b", moved[1], "", "", 2, 1),
+                         ResultEntry("delete", "b", left[1], "", "", 2, 1),
+                         ResultEntry("upsert", "b", "fresh", "e", "", 1, 1, "m", data[n + 2])])
+        for key in ("k2", "k5", "fresh" if gone else "k9"):  # moved or not, each object is there
+            vector = index.vector("b", key)
+            assert vector is not None and index.search(vector, 1)[0][0].key == key
+        assert not {o.key for o, _ in index.search(data[5], 50)} & set(gone)
+        return real_lists_for(moving, vectors)
+
+    monkeypatch.setattr(module.Moving, "lists_for", between_chunks)
+    index.restructure(steps[-1])
+    assert index.index_type == steps[-1] and not isinstance(index._faiss, module.Moving)
+    assert len(seen) > 5 and all(old + new == n for old, new in seen[:4])
+    assert index._faiss.ntotal == len(index) == n - 1  # 600, two deleted, one added
+    assert all(index.get("b", key) is None for key in gone)
+    for key, vector in (("fresh", data[n + 2]), ("k2", data[2])):
+        np.testing.assert_allclose(index.vector("b", key), vector, atol=0.02)  # IVF-SQ8: decoded from 8 bits
+        assert index.search(vector, 1)[0][0].key == key
+
+
+@pytest.mark.parametrize("old", ["Flat", "IVF"])
+def test_a_restructure_that_fails_while_moving_keeps_serving_and_the_next_one_finishes_it(
+        old: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dim, n = 16, 400
+    data = clustered(n, dim, 30)
+    index = VectorIndex("m", dim)
+    index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data)])
+    if old != "Flat":
+        index.restructure(old)
+    monkeypatch.setattr(module, "CHUNK", 100)
+    real_lists_for, calls = module.Moving.lists_for, []
+
+    def fails_once(moving: module.Moving, vectors: np.ndarray) -> np.ndarray | None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("no room for the lists")
+        return real_lists_for(moving, vectors)
+
+    monkeypatch.setattr(module.Moving, "lists_for", fails_once)
+    with pytest.raises(MemoryError):
+        index.restructure("IVF")
+    assert isinstance(index._faiss, module.Moving) and index.index_type == old  # part moved, both serve
+    assert 0 < index._faiss.new.ntotal < n and index._faiss.ntotal == n
+    assert [index.search(index.vector("b", f"k{i}"), 1)[0][0].key for i in range(0, n, 40)] == [
+        f"k{i}" for i in range(0, n, 40)]
+    index.restructure("IVF")
+    assert index.index_type == "IVF" and index._faiss.ntotal == n and not index.outgrown()
+
+
+def test_a_chunk_that_leaves_the_old_structure_hands_its_memory_back() -> None:
+    """A shrinking FAISS array keeps its capacity; ``release_pages`` frees the pages under what it no longer uses."""
+
+    def resident_mb() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * module.mmap.PAGESIZE / 2**20
+
+    dim, n = 1280, 20_000  # 98 MB of vectors
+    old = module.build_structure("Flat", dim, n, lambda: np.empty((0, dim), np.float32), ())
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 5000):
+        old.add_with_ids(rng.standard_normal((5000, dim)).astype(np.float32), np.arange(start, start + 5000))
+    moving = module.Moving(old, module.build_structure("Flat", dim, 0, lambda: np.empty((0, dim), np.float32), ()),
+                           "Flat")
+    before = resident_mb()
+    for _ in range(2):
+        ids, vectors = moving.next_chunk(5000)
+        moving.move(ids, vectors, moving.lists_for(vectors))
+        del ids, vectors
+    module.release_freed_memory()
+    assert moving.old.ntotal == moving.new.ntotal == n // 2
+    grown = resident_mb() - before
+    assert grown < 20, f"{grown:.0f} MB more resident after moving 49 MB of vectors: the old array kept them"
 
 
 @pytest.mark.parametrize("structure", ["Flat", "IVF"])
