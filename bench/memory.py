@@ -4,8 +4,11 @@ service goes through: filling (the merger's path), a snapshot, the Flat -> IVF s
     .venv/bin/python -m bench.memory 1000000 [--index-type IVF-SQ8]   # bench/results/memory.json (committed: ...-2core)
 
 Resident size is sampled every 20 ms from /proc (the peak of each phase, above the process's size before the index
-existed). The load runs in a fresh process, as a restart does. Vectors are ``bench.index_scale.clustered``, made a
-batch at a time so that the benchmark holds no copy of its own (memory does not depend on how real they are).
+existed, and the whole process's). The load runs in a fresh process, as a restart does. Vectors are
+``bench.index_scale.clustered``, made a batch at a time so that the benchmark holds no copy of its own (memory does
+not depend on how real they are).
+
+    .venv/bin/python -m bench.memory 50000 --index-type IVF-SQ8 --grow-to 5000000   # 5M, switched at 50,000
 """
 
 from __future__ import annotations
@@ -57,11 +60,12 @@ class Peak:
         """This phase's time and memory, also as multiples of the raw float32 bytes of the ``vectors`` held."""
         time.sleep(0.05)
         raw = vectors * DIM * 4 / 2**20
-        rest, top = rss_mb() - self.base, self.peak - self.base
-        self.peak = rss_mb()
+        whole, whole_top = rss_mb(), self.peak
+        rest, top = whole - self.base, whole_top - self.base
+        self.peak = whole
         return {"seconds": round(time.perf_counter() - started, 1), "vectors": vectors, "raw_vector_mb": round(raw),
                 "rest_mb": round(rest), "peak_mb": round(top), "rest_x_raw": round(rest / raw, 2),
-                "peak_x_raw": round(top / raw, 2)}
+                "peak_x_raw": round(top / raw, 2), "process_rest_mb": round(whole), "process_peak_mb": round(whole_top)}
 
 
 def fill(index: VectorIndex, start: int, stop: int) -> None:
@@ -125,7 +129,8 @@ def main() -> None:
         result = measure(args.n, Path(folder), args.index_type, args.grow_to)
     for name, row in result["phases"].items():
         print(f"{name:28} {row['seconds']:7.1f} s   at rest {row['rest_x_raw']:.2f} x raw ({row['rest_mb']:,} MB)  "
-              f"peak {row['peak_x_raw']:.2f} x raw ({row['peak_mb']:,} MB)", flush=True)
+              f"peak {row['peak_x_raw']:.2f} x raw ({row['peak_mb']:,} MB)  "
+              f"process {row['process_rest_mb']:,} / {row['process_peak_mb']:,} MB", flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "memory.json"
     previous = json.loads(out.read_text()) if out.exists() else {}

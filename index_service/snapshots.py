@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zipfile
@@ -42,9 +43,12 @@ class SnapshotError(ValueError):
     """A snapshot that cannot be used (truncated, foreign model or dimension, unknown version)."""
 
 
-def encode(index: VectorIndex, last_id: str, out: BinaryIO) -> dict[str, Any]:
+def encode(index: VectorIndex, last_id: str, out: BinaryIO, spool: Path | None = None) -> dict[str, Any]:
     """Write the snapshot of ``index`` to ``out``, its vectors a chunk at a time (``np.load`` reads the result);
-    returns its meta. Called between merge batches (the merger's thread), so objects and vectors agree."""
+    returns its meta, less the objects and tombstones. Called between merge batches (the merger's thread), so
+    objects and vectors agree. The meta's JSON is made a few thousand objects at a time in a file in ``spool`` (at
+    5M objects it is ~1 GB, and made whole it held 2.7 GB while the vectors were written: bench/README.md
+    "Memory")."""
     objects, ids, tombstones = index.contents()
     meta = {
         "v": VERSION,
@@ -55,10 +59,16 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO) -> dict[str, Any]:
         "last_id": last_id,
         "created": time.time(),
         "count": len(objects),
-        "objects": [[o.bucket, o.key, o.etag, o.sequencer, str(o.order), o.generation, o.pixels,
-                     None if o.labels is None else labels.encode(o.labels), o.modified] for o in objects],
         "features": index.features.path.name if index.features.path is not None else None,
-        "tombstones": [[oid, str(order), when] for oid, (order, when) in tombstones.items()],
+    }
+
+    def object_row(o: Indexed) -> list[Any]:
+        return [o.bucket, o.key, o.etag, o.sequencer, str(o.order), o.generation, o.pixels,
+                None if o.labels is None else labels.encode(o.labels), o.modified]
+
+    lists: dict[str, tuple[list[Any], Callable[[Any], Any]]] = {
+        "objects": (objects, object_row),
+        "tombstones": (list(tombstones.items()), lambda item: [item[0], str(item[1][0]), item[1][1]]),
     }
     trained = index.trained()
     codec = scalar_quantizer(trained, index.dim)  # IVF-SQ8: the vectors are kept as its 8-bit codes
@@ -78,9 +88,29 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO) -> dict[str, Any]:
         for part, array in trained.items():
             with archive.open(f"{part}.npy", "w") as member:
                 np.lib.format.write_array(member, array)
-        with archive.open("meta.npy", "w") as member:
-            np.lib.format.write_array(member, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        _write_json(archive, "meta.npy", meta, lists, spool)
     return meta
+
+
+def _write_json(archive: zipfile.ZipFile, name: str, fields: dict[str, Any],
+                lists: dict[str, tuple[list[Any], Callable[[Any], Any]]], spool: Path | None) -> None:
+    """The .npy member ``name``: a UTF-8 JSON object of ``fields`` and, for each of ``lists``, the list of its
+    items as its function writes them, made a slice at a time in a spooled file (its length goes in the header)."""
+    with tempfile.SpooledTemporaryFile(64 * 2**20, dir=None if spool is None else str(spool)) as text:
+        text.write(json.dumps(fields)[:-1].encode())  # all but the closing brace
+        for key, (items, row) in lists.items():
+            text.write(f", {json.dumps(key)}: [".encode())
+            for start in range(0, len(items), 4096):
+                part = json.dumps([row(item) for item in items[start : start + 4096]])[1:-1]  # no brackets
+                text.write(((", " if start else "") + part).encode())
+            text.write(b"]")
+        text.write(b"}")
+        size = text.tell()
+        text.seek(0)
+        with archive.open(name, "w", force_zip64=True) as member:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype("u1")), "fortran_order": False, "shape": (size,)}
+            np.lib.format.write_array_header_2_0(member, header)
+            shutil.copyfileobj(text, member, 2**20)
 
 
 def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
@@ -220,7 +250,7 @@ class SnapshotStore:
         tmp = self.folder / f".{name}.tmp"
         try:
             with open(tmp, "wb") as handle:
-                meta = encode(index, last_id, handle)
+                meta = encode(index, last_id, handle, self.folder)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)

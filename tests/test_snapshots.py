@@ -37,7 +37,7 @@ def contents(index: VectorIndex) -> dict[str, tuple[Any, ...]]:
 
 
 def test_round_trip_keeps_objects_vectors_tombstones_and_position(tmp_path: Path) -> None:
-    index = filled()
+    index = filled(9000)  # the meta's JSON is written 4,096 objects at a time
     store = SnapshotStore(tmp_path)
     store.write(index, "1700000000000-5")
     loaded, last_id = SnapshotStore(tmp_path).load_newest({"m": DIM})  # type: ignore[misc]
@@ -133,9 +133,11 @@ def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypa
 def test_an_older_snapshot_still_loads(tmp_path: Path, version: int) -> None:
     """Snapshots written before pixel counts and feature stores (v1), or labels and times (v2), existed load with
     ``pixels`` 0, ``labels`` None and ``modified`` 0; a text or date search then simply does not find them."""
-    data, meta = encoded(filled(5), "4-4")
+    data, _ = encoded(filled(5), "4-4")
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         vectors = archive["vectors"]
+        meta = json.loads(archive["meta"].tobytes())
+    assert len(meta["objects"]) == 4 and meta["count"] == 4
     meta.update(v=version, objects=[row[: 5 + version] for row in meta["objects"]])
     if version == 1:
         del meta["features"]
