@@ -365,6 +365,31 @@ def test_filters_keep_exactly_their_objects(folders: VectorIndex, structure: str
         assert all(where.keeps(o.bucket, o.key, o.modified) for o, _ in folders.search(query, 300, where=where))
 
 
+@pytest.mark.parametrize("exact_limit", [10_000, 5])
+def test_filters_keep_exactly_their_objects_while_the_vectors_move(folders: VectorIndex, exact_limit: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half way through a Flat -> IVF move, a filtered search asks both structures (with a selector each, or an
+    exact scan of the kept objects wherever their vectors are) and gets the exact answer."""
+    monkeypatch.setattr(module, "EXACT_LIMIT", exact_limit)
+    monkeypatch.setattr(module, "CHUNK", 100)
+    real_lists_for, checked = module.Moving.lists_for, []
+
+    def half_way(moving: module.Moving, vectors: np.ndarray) -> np.ndarray | None:
+        if moving.old.ntotal and moving.new.ntotal and not checked:
+            moving.new.nprobe = moving.new.nlist  # all lists: the selector path is then exact too
+            query = unit(12345)
+            for where in (Filter(prefix="2024/"), Filter(bucket="c"), Filter(after=1_702_000_000),
+                          Filter(prefix="2023/", after=1)):
+                found = [o.key for o, _ in folders.search(query, 10, where=where)]
+                assert found == exact_answer(folders, query, where, 10), where
+            checked.append(moving.new.ntotal)
+        return real_lists_for(moving, vectors)
+
+    monkeypatch.setattr(module.Moving, "lists_for", half_way)
+    folders.restructure("IVF")
+    assert checked and folders.index_type == "IVF"
+
+
 def test_a_narrow_filter_still_returns_k_on_ivf(folders: VectorIndex) -> None:
     """IVF with its default probes would rarely see a folder holding 1 % of the objects; the exact scan does."""
     folders.apply([dated(f"tiny/{i}", 10_000 + i) for i in range(6)])
