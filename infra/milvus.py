@@ -94,9 +94,9 @@ def wait_ready(data: Path, process: subprocess.Popen[bytes] | None = None, timeo
         if healthy(data):
             return
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"milvus exited with {process.returncode} while starting: {_tail(log_path)}")
+            raise RuntimeError(f"milvus exited with {process.returncode} while starting: {log_tail(log_path)}")
         time.sleep(0.5)
-    raise TimeoutError(f"milvus did not answer within {timeout_s:.0f} s: {_tail(log_path)}")
+    raise TimeoutError(f"milvus did not answer within {timeout_s:.0f} s: {log_tail(log_path)}")
 
 
 def stop(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
@@ -111,7 +111,8 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
         process.wait(timeout=10)
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` of a server's log, for an error message."""
     if not path.exists():
         return "(no log)"
     return json.dumps(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,18 +1,23 @@
 """What Redis losing its data does to publishing, against a real Redis (the healing itself runs on the real stack
 in tests/test_faults.py): kombu's binding tables go with everything else, and bucketlens's publishes must not
-depend on them."""
+depend on them. And a Redis that cannot start says why."""
 
 from __future__ import annotations
 
 import dataclasses
+import socket
 import uuid
 import warnings
+from pathlib import Path
+
+import pytest
 
 from bucketlens.keys import EMBED_TASK
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
+from bucketlens.settings import Settings
 from index_service.queues import queue_report
-from infra.stack import Stack
+from infra.stack import Stack, StackError
 from ingest.publisher import Publisher
 
 
@@ -38,3 +43,16 @@ def test_publishes_after_a_wipe_reach_their_queues_without_the_binding_tables(st
     publisher.close()
     for key in redis.scan_iter(match=f"{settings.namespace}:*"):
         redis.delete(key)
+
+
+def test_a_redis_that_cannot_start_says_why(tmp_path: Path) -> None:
+    """Its port taken: Redis exits at once, is started once more, and the error quotes its log."""
+    stack = Stack(Settings(home=tmp_path, namespace="t", ingest_port=0, api_port=0))
+    for folder in ("run", "logs", "redis"):  # as ``Stack.up`` makes them
+        (tmp_path / folder).mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", stack.config.redis_port))
+        taken.listen()
+        with pytest.raises(StackError, match=f"port {stack.config.redis_port} within 3 s: .*Address already in use"):
+            stack.start_redis(timeout_s=3)
+    assert (tmp_path / "logs" / "redis.log").read_text().count("Address already in use") == 2
