@@ -142,11 +142,18 @@ def gather(rows: np.ndarray, chunks: Iterable[np.ndarray]) -> np.ndarray:
     return picked
 
 
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def release_freed_memory() -> None:
     """Hand memory freed by a dropped structure back to the system (glibc keeps it otherwise: the resident size
     stayed 0.46 x the vectors above the index after a restructure, bench/README.md "Memory")."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
 
 
 def release_pages(pointer: Any, start: int, stop: int) -> None:
@@ -158,13 +165,6 @@ def release_pages(pointer: Any, start: int, stop: int) -> None:
     if last > first:
         with contextlib.suppress(OSError, AttributeError):
             _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4: MADV_DONTNEED
-
-
-@functools.cache
-def _libc() -> Any:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 def search_structure(structure: Any, queries: np.ndarray, k: int, keep: np.ndarray | None = None,
@@ -226,20 +226,16 @@ class Moving:
         self._mark(ids)
 
     def remove_ids(self, ids: np.ndarray) -> None:
-        held = self._held(ids)
-        for part, which in ((self.new, held), (self.old, ~held)):
-            if which.any():
-                part.remove_ids(np.ascontiguousarray(ids[which]))
+        for part, which in self._by_part(ids):
+            part.remove_ids(np.ascontiguousarray(ids[which]))
 
     def reconstruct(self, faiss_id: int) -> np.ndarray:
         return self.reconstruct_batch(np.array([faiss_id], np.int64))[0]
 
     def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
-        held = self._held(ids)
         out = np.empty((len(ids), self.new.d), np.float32)
-        for part, which in ((self.new, held), (self.old, ~held)):
-            if which.any():
-                out[which] = part.reconstruct_batch(np.ascontiguousarray(ids[which]))
+        for part, which in self._by_part(ids):
+            out[which] = part.reconstruct_batch(np.ascontiguousarray(ids[which]))
         return out
 
     def next_chunk(self, most: int) -> tuple[np.ndarray, np.ndarray]:
@@ -294,6 +290,11 @@ class Moving:
         if top > len(self._in_new):
             self._in_new = np.concatenate([self._in_new, np.zeros(max(top, 2 * len(self._in_new)), bool)])
         self._in_new[ids] = True
+
+    def _by_part(self, ids: np.ndarray) -> list[tuple[Any, np.ndarray]]:
+        """(structure, which of ``ids`` it holds) for each of ``new`` and ``old`` that holds any of them."""
+        held = self._held(ids)
+        return [(part, which) for part, which in ((self.new, held), (self.old, ~held)) if which.any()]
 
     def _held(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` ``new`` holds."""
