@@ -9,6 +9,10 @@ normalised; uniform random vectors would defeat every approximate index and prov
 ``--grown-from 50000`` measures the structure the index service serves at that size instead: it switches to the
 approximate type once the index passes ``approx_threshold`` (50,000 by default), trained on what it holds then,
 merges everything after into those lists, and retrains them each time they hold 4x what they were made for.
+``--real`` vectors are made again block by block whenever read, and exact search runs over them 100,000 at a time,
+so any size fits: the process then holds the index and little else (``rss_mb``, ``peak_rss_mb``).
+
+    .venv/bin/python -m bench.index_scale 5000000 --real --grown-from 50000 --index-type IVF-SQ8
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from bucketlens.schemas import ResultEntry
 from index_service.backend import restructure_into
 from index_service.vector_index import VectorIndex, default_nprobe, set_search_threads
+
+from .real_vectors import Grown
 
 DIM = 1280
 RESULTS = Path(__file__).parent / "results"
@@ -63,46 +70,63 @@ def timed_search(index: VectorIndex, queries: np.ndarray) -> tuple[list[set[str]
     return hits, float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def real(n: int, queries_n: int) -> np.ndarray:
-    """``n`` vectors grown from the real photos' embeddings (``bench.real_vectors``), then ``queries_n`` real edited
-    copies whose edits were never indexed (seed 3 held out)."""
+def real(n: int, queries_n: int) -> tuple[Grown, np.ndarray]:
+    """``n`` vectors grown from the real photos' embeddings (``bench.real_vectors``, made again block by block
+    whenever read: 5M of them would not fit in memory), and ``queries_n`` real edited copies whose edits were never
+    indexed (seed 3 held out)."""
     from bucketlens.settings import Settings
 
     from . import CACHE
-    from .real_vectors import grow, load
+    from .real_vectors import load
 
     indexed, held = load(Settings.from_env(home=CACHE)).split(held_out_seed=3)
-    return np.concatenate([grow(indexed, n, seed=n), held[:queries_n]])
+    return Grown(indexed, n, seed=n), held[:queries_n].copy()
 
 
-def exact(data: np.ndarray, queries: np.ndarray, k: int = 10) -> list[set[str]]:
-    """The true ``k`` nearest rows of ``data`` for each query: FAISS's brute force, as the Flat index scans."""
-    _, rows = faiss.knn(queries, data, k, metric=faiss.METRIC_INNER_PRODUCT)
-    return [{f"k{i}" for i in row} for row in rows]
+def exact(data: Grown | np.ndarray, n: int, queries: np.ndarray, k: int = 10) -> list[set[str]]:
+    """The true ``k`` nearest of the first ``n`` rows of ``data`` for each query: FAISS's brute force (as the Flat
+    index scans) over 100,000 rows at a time, keeping the best ``k`` so far."""
+    best_d = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in tqdm(range(0, n, 100_000), desc="exact search", leave=False):
+        d, i = faiss.knn(queries, data[start : min(n, start + 100_000)], k, metric=faiss.METRIC_INNER_PRODUCT)
+        d, i = np.hstack([best_d, d]), np.hstack([best_i, i + start])
+        top = np.argsort(-d, axis=1, kind="stable")[:, :k]
+        best_d, best_i = np.take_along_axis(d, top, 1), np.take_along_axis(i, top, 1)
+    return [{f"k{i}" for i in row} for row in best_i]
+
+
+def rss_mb() -> float:
+    """This process's resident size now."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 BATCH = 2000  # entries per ``apply``
 
 
-def merge(index: VectorIndex, data: np.ndarray, rows: range | np.ndarray, order: int = 1,
+def merge(index: VectorIndex, data: Grown | np.ndarray, rows: range | np.ndarray, order: int = 1,
           threshold: int | None = None, index_type: str = "IVF") -> int:
     """Apply ``rows`` of ``data`` as uploads (keys ``k<row>``) in batches. With ``threshold`` (``approx_threshold``),
     the structure changes when the index service would change it (``backend.restructure_into``: the switch to
     ``index_type``, then a retrain each time its lists are outgrown). Returns how many restructures that took."""
     restructures = 0
-    for first in range(0, len(rows), BATCH):  # the merger's path: ResultEntry batches through apply()
-        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", order, 1, "m", data[i])
-                     for i in rows[first : first + BATCH]])
+    for first in tqdm(range(0, len(rows), BATCH), desc=f"merge {len(rows):,}", leave=False):
+        part = rows[first : first + BATCH]  # the merger's path: ResultEntry batches through apply()
+        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", order, 1, "m", v) for i, v in zip(part, data[part])])
         if threshold is not None and (target := restructure_into(index, threshold, index_type)):
             index.restructure(target)
             restructures += 1
     return restructures
 
 
-def reupload_rate(index: VectorIndex, data: np.ndarray, n: int, count: int = 2048) -> int:
+def reupload_rate(index: VectorIndex, data: Grown | np.ndarray, n: int, count: int = 2048) -> int:
     """Re-uploads per second of ``count`` objects already indexed (the same vectors, a newer order): each one
     replaces a vector, which once cost a Flat index a compaction of its whole array per object."""
-    rows = np.random.default_rng(1).choice(n, min(n, count), replace=False)
+    rows = np.sort(np.random.default_rng(1).choice(n, min(n, count), replace=False))
     started = time.perf_counter()
     merge(index, data, rows, order=2)
     return round(len(rows) / (time.perf_counter() - started))
@@ -112,8 +136,11 @@ def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: boo
             grown_from: int = 0) -> dict[str, float]:
     if grown_from >= n:
         raise SystemExit(f"--grown-from {grown_from}: the index must grow past it, so give sizes above it, not {n}")
-    data = real(n, queries_n) if real_set else clustered(n + queries_n, seed=n)
-    queries = data[n:].copy()
+    if real_set:
+        data, queries = real(n, queries_n)
+    else:
+        data = clustered(n + queries_n, seed=n)
+        queries = data[n:].copy()
     index = VectorIndex("m", DIM)
     row: dict[str, float] = {"n": n, "raw_vector_mb": n * DIM * 4 / 2**20}
     started = time.perf_counter()
@@ -122,7 +149,7 @@ def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: boo
         row["grown_from"] = grown_from
         row["merge_vectors_per_s"] = round(n / (time.perf_counter() - started))
         row["reupload_per_s"] = reupload_rate(index, data, n)
-        exact_hits = exact(data[:n], queries)
+        exact_hits = exact(data, n, queries)
         del data
     else:
         merge(index, data, range(n))
@@ -146,7 +173,7 @@ def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: boo
     default = next(s for s in sweep if s["nprobe"] == default_nprobe(nlist))
     row.update(ivf_nprobe=default["nprobe"], ivf_recall_at_10=default["recall_at_10"], ivf_p50_ms=default["p50_ms"],
                ivf_p99_ms=default["p99_ms"])
-    row["peak_rss_mb"] = peak_rss_mb()
+    row["rss_mb"], row["peak_rss_mb"] = rss_mb(), peak_rss_mb()
     for key, value in list(row.items()):
         if isinstance(value, float):
             row[key] = round(value, 3)

@@ -29,18 +29,10 @@ from bucketlens.schemas import ResultEntry
 from index_service.snapshots import SnapshotStore
 from index_service.vector_index import VectorIndex
 
-from .index_scale import DIM, RESULTS, clustered
+from .index_scale import DIM, RESULTS, clustered, rss_mb
 
 MODEL = "m"
 BATCH = 2000
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 class Peak:

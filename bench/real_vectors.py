@@ -79,16 +79,50 @@ def perturb(parents: np.ndarray, rng: np.random.Generator, cosine: tuple[float, 
     return out / np.linalg.norm(out, axis=1, keepdims=True)  # float rounding only
 
 
+class Grown:
+    """``n`` vectors: the ``real`` rows first (as many as fit), then perturbed copies of random real rows. Rows are
+    made a block at a time when read, each block from its own random stream, so a set of any size costs no memory
+    and reads the same every time (5M x 1280 floats would be 25.6 GB)."""
+
+    BLOCK = 10_000
+
+    def __init__(self, real: np.ndarray, n: int, seed: int, cosine: tuple[float, float] = COSINE) -> None:
+        self.real, self.n, self.seed, self.cosine = real, n, seed, cosine
+        self.dim = real.shape[1]
+        self._last: tuple[int, np.ndarray] | None = None  # the block read last (reads go block by block)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def block(self, b: int) -> np.ndarray:
+        if self._last is not None and self._last[0] == b:
+            return self._last[1]
+        start, stop = b * self.BLOCK, min(self.n, (b + 1) * self.BLOCK)
+        out = np.empty((stop - start, self.dim), dtype=np.float32)
+        kept = max(0, min(stop, len(self.real)) - start)
+        out[:kept] = self.real[start : start + kept]
+        if kept < len(out):
+            rng = np.random.default_rng((self.seed, b))
+            out[kept:] = perturb(self.real[rng.integers(0, len(self.real), len(out) - kept)], rng, self.cosine)
+        self._last = b, out
+        return out
+
+    def __getitem__(self, rows: slice | range | np.ndarray) -> np.ndarray:
+        """The rows at these positions (a slice, a range or an array of positions), in that order."""
+        if isinstance(rows, slice):
+            rows = range(*rows.indices(self.n))
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        blocks = rows // self.BLOCK
+        for b in np.unique(blocks):
+            here = blocks == b
+            out[here] = self.block(int(b))[rows[here] - b * self.BLOCK]
+        return out
+
+
 def grow(real: np.ndarray, n: int, seed: int, cosine: tuple[float, float] = COSINE) -> np.ndarray:
-    """``n`` vectors: the ``real`` rows first (as many as fit), then perturbed copies of random real rows."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, real.shape[1]), dtype=np.float32)
-    kept = min(n, len(real))
-    out[:kept] = real[:kept]
-    for start in range(kept, n, 10_000):
-        rows = min(10_000, n - start)
-        out[start : start + rows] = perturb(real[rng.integers(0, len(real), rows)], rng, cosine)
-    return out
+    """``Grown``'s ``n`` vectors, all in memory."""
+    return Grown(real, n, seed, cosine)[:n]
 
 
 def main() -> None:
