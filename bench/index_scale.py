@@ -108,6 +108,11 @@ def rss_mb() -> float:
 BATCH = 2000  # entries per ``apply``
 
 
+def upserts(rows: range | np.ndarray, vectors: np.ndarray, order: int) -> list[ResultEntry]:
+    """Uploads of the objects ``k<row>`` with these vectors."""
+    return [ResultEntry("upsert", "b", f"k{i}", "e", "", order, 1, "m", v) for i, v in zip(rows, vectors)]
+
+
 def merge(index: VectorIndex, data: Grown | np.ndarray, rows: range | np.ndarray, order: int = 1,
           threshold: int | None = None, index_type: str = "IVF") -> int:
     """Apply ``rows`` of ``data`` as uploads (keys ``k<row>``) in batches. With ``threshold`` (``approx_threshold``),
@@ -116,7 +121,7 @@ def merge(index: VectorIndex, data: Grown | np.ndarray, rows: range | np.ndarray
     restructures = 0
     for first in tqdm(range(0, len(rows), BATCH), desc=f"merge {len(rows):,}", leave=False):
         part = rows[first : first + BATCH]  # the merger's path: ResultEntry batches through apply()
-        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", order, 1, "m", v) for i, v in zip(part, data[part])])
+        index.apply(upserts(part, data[part], order))
         if threshold is not None and (target := restructure_into(index, threshold, index_type)):
             index.restructure(target)
             restructures += 1
@@ -127,8 +132,10 @@ def reupload_rate(index: VectorIndex, data: Grown | np.ndarray, n: int, count: i
     """Re-uploads per second of ``count`` objects already indexed (the same vectors, a newer order): each one
     replaces a vector, which once cost a Flat index a compaction of its whole array per object."""
     rows = np.sort(np.random.default_rng(1).choice(n, min(n, count), replace=False))
+    vectors = data[rows]  # before the clock starts: a grown set makes its rows when read
     started = time.perf_counter()
-    merge(index, data, rows, order=2)
+    for first in range(0, len(rows), BATCH):
+        index.apply(upserts(rows[first : first + BATCH], vectors[first : first + BATCH], order=2))
     return round(len(rows) / (time.perf_counter() - started))
 
 
@@ -144,14 +151,17 @@ def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: boo
     index = VectorIndex("m", DIM)
     row: dict[str, float] = {"n": n, "raw_vector_mb": n * DIM * 4 / 2**20}
     started = time.perf_counter()
-    if grown_from:  # the service's path: the switch at the threshold, then every later merge into those lists
+    if grown_from:  # the service's path: the switch at the threshold, then every later merge into those lists,
+        # merges and restructures on all cores (the service's merger thread), searches on one
         row["retrains"] = merge(index, data, range(n), threshold=grown_from, index_type=index_type) - 1
         row["grown_from"] = grown_from
         row["merge_vectors_per_s"] = round(n / (time.perf_counter() - started))
         row["reupload_per_s"] = reupload_rate(index, data, n)
         exact_hits = exact(data, n, queries)
         del data
+        set_search_threads(1)
     else:
+        set_search_threads(1)  # everything on one thread: the Flat scan is timed, then the structure built once
         merge(index, data, range(n))
         row["merge_vectors_per_s"] = round(n / (time.perf_counter() - started))
         row["flat_reupload_per_s"] = reupload_rate(index, data, n)
@@ -190,7 +200,6 @@ def main() -> None:
                         help="switch to the approximate type at N vectors and merge the rest into it, as the "
                              "service does (N = its approx_threshold, 50000 by default)")
     args = parser.parse_args()
-    set_search_threads(1)  # as the index service runs (see vector_index.set_search_threads)
     rows = []
     for n in args.sizes:  # one process per size would isolate peak memory; run sizes one at a time for that
         rows.append(measure(n, index_type=args.index_type, real_set=args.real, grown_from=args.grown_from))
