@@ -9,7 +9,9 @@ Each figure is set against the limit measured in-process on the worker's core al
 
 - ``limit``: decode + embed + local features in-process on the worker core (``bench.limit``, one lane); then
   the best variant again with a busy loop on every other core (``limit_others_busy_images_per_s``): the control
-  for what a busy neighbour core costs the worker's core by itself.
+  for what a busy neighbour core costs the worker's core by itself; and once more after the backfill, the worker
+  idle (``limit_after_images_per_s``): this host's speed drifts within a run, so the backfill is also set against
+  the mean of the limits measured before and after it (``backfill_vs_limit_before_and_after``).
 - ``live``: every image uploaded by 16 threads, first upload -> last vector merged (``bench.e2e.throughput``).
 - ``backfill``: ``POST /rebuild`` in mode ``reembed`` of the whole bucket (the images and the warm-up object),
   request -> swap, with the worker's on-CPU time sampled by py-spy (``--nonblocking``, from the other core).
@@ -65,6 +67,10 @@ def run(settings: Settings, files: Sequence[Path], models: Path, profile_to: Pat
                 warm_up(stack, api, files[0].read_bytes())
                 results["live"] = e2e.throughput(stack, api, files)
                 results["backfill"] = reembed(stack, api, profile_to)
+            pin(me, worker_core)  # the limit again, the worker idle: this host's speed drifts over a run
+            again = measure_limit(one, [path.read_bytes() for path in files], 1, only=[str(limit["limit_variant"])])
+            results["limit_after_images_per_s"] = again["limit_images_per_s"]
+            pin(me, rest)
             seed = dataclasses.replace(stack.settings, runtime="torch")
             results["seed_as_written"] = old_design.run(seed, files, pool="solo", cpus=worker_core)
             results["seed_kind"] = old_design.run(stack.settings, files, cpus=worker_core)
@@ -76,6 +82,9 @@ def run(settings: Settings, files: Sequence[Path], models: Path, profile_to: Pat
         "limit_others_busy_vs_idle": results["limit_others_busy_images_per_s"] / limit_rate,
         "live_vs_limit": live_rate / limit_rate,
         "backfill_vs_limit": results["backfill"]["images_per_s"] / limit_rate,
+        "limit_after_vs_before": results["limit_after_images_per_s"] / limit_rate,
+        "backfill_vs_limit_before_and_after": (results["backfill"]["images_per_s"]
+                                               / ((limit_rate + results["limit_after_images_per_s"]) / 2)),
         "live_vs_seed_as_written": live_rate / results["seed_as_written"]["old_design_images_per_s"],
         "live_vs_seed_kind": live_rate / results["seed_kind"]["old_design_images_per_s"],
         "backfill_vs_seed_as_written": (results["backfill"]["images_per_s"]
