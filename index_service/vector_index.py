@@ -87,13 +87,20 @@ def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.n
         else:  # not by residual: a vector's code does not depend on its list, so a snapshot's codes come back exact
             structure = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                       faiss.METRIC_INNER_PRODUCT, False)
-        if centroids is None:
-            structure.train(sample())
+        if centroids is None:  # the lists, trained as a plain IVF over the same quantizer: FAISS's own IVF-SQ8
+            # training would also copy 100,000 of the vectors to train the codes on (0.1x the raw vectors at 1M,
+            # at a switch's peak), where their ranges are one pass over the sample below
+            x = sample()
+            faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT).train(x)
+            if index_type == "IVF-SQ8" and not trained:
+                trained = {"scalar_quantizer": minmax_ranges(x)}
+            del x
         else:
             assert centroids.shape == (nlist, dim), f"bad centroids {centroids.shape}"
-            structure.quantizer.add(np.ascontiguousarray(centroids, np.float32))
-            structure.is_trained = True
-        if index_type == "IVF-SQ8" and trained:
+            quantizer.add(np.ascontiguousarray(centroids, np.float32))
+        structure.is_trained = True
+        if index_type == "IVF-SQ8":
+            assert trained is not None
             faiss.copy_array_to_vector(np.ascontiguousarray(trained["scalar_quantizer"], np.float32),
                                        structure.sq.trained)
         structure.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # remove + reconstruct
@@ -105,6 +112,13 @@ def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.n
         structure.add_with_ids(vectors, ids)
         release_freed_memory()  # what growing lists left behind (restart at 1M: 1.59x the vectors at the peak, else)
     return structure
+
+
+def minmax_ranges(x: np.ndarray) -> np.ndarray:
+    """The 8-bit scalar quantizer's state for vectors ``x``, as FAISS trains it (``RS_minmax``): each dimension's
+    lowest value, then its range."""
+    low = x.min(axis=0)
+    return np.concatenate([low, x.max(axis=0) - low]).astype(np.float32)
 
 
 def trained_state(structure: Any) -> dict[str, np.ndarray]:

@@ -107,6 +107,26 @@ def test_ivf_recall_at_10_against_exact_search_and_deletes_are_honoured(index_ty
 
 
 @pytest.mark.parametrize("index_type", ["IVF", "IVF-SQ8"])
+def test_a_structure_is_trained_as_faiss_trains_it(index_type: str) -> None:
+    """The lists are trained as a plain IVF and an IVF-SQ8's code ranges in one pass over the sample (not FAISS's
+    IVF-SQ8 training, which copies up to 100,000 of the vectors first): on a sample within 100,000, the same state."""
+    import faiss
+
+    dim, n = 32, 3000
+    data = clustered(n, dim, 100)
+    ours = module.build_structure(index_type, dim, n, lambda: data, [])
+    quantizer = faiss.IndexFlatIP(dim)
+    faiss_own = (faiss.IndexIVFFlat(quantizer, dim, ours.nlist, faiss.METRIC_INNER_PRODUCT) if index_type == "IVF"
+                 else faiss.IndexIVFScalarQuantizer(quantizer, dim, ours.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                    faiss.METRIC_INNER_PRODUCT, False))
+    faiss_own.train(data)
+    want, got = module.trained_state(faiss_own), module.trained_state(ours)
+    assert want.keys() == got.keys() == ({"centroids"} | ({"scalar_quantizer"} if index_type == "IVF-SQ8" else set()))
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.parametrize("index_type", ["IVF", "IVF-SQ8"])
 def test_outgrown_lists_are_retrained_and_an_sq8_structure_keeps_its_codes(index_type: str) -> None:
     dim = 32
     data = clustered(5000, dim, 200)
