@@ -59,6 +59,7 @@ ROWS = (  # (key, label, unit, format)
     ("fair_limit_after_vs_before", "fair: limit after the backfill / before", "x", "{:.2f}"),
     ("fair_backfill_vs_limit_before_and_after", "fair: backfill / mean of the limits before and after", "x",
      "{:.2f}"),
+    ("fair_backfill_vs_limit_others_busy", "fair: backfill / limit with the other core spinning", "x", "{:.2f}"),
     ("fair_live_vs_seed_as_written", "fair: live / seed as written", "x", "{:.2f}"),
     ("fair_live_vs_seed_kind", "fair: live / seed, kinder", "x", "{:.2f}"),
     ("fair_backfill_duplicate_finder_core_share", "fair: backfill: duplicate finder's share of a core", "",
