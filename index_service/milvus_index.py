@@ -535,6 +535,7 @@ class MilvusBackend:
         self.redis, self.keys, self.features = client, keys, features
         self.alias = "bucketlens_" + "".join(c if c.isalnum() else "_" for c in settings.namespace)
         self.last: dict[str, Any] | None = None
+        self._loaded: str | None = None  # the collection ``load`` found last
 
     def load(self) -> tuple[MilvusIndex, str] | None:
         """The collection behind the alias and its checkpoint."""
@@ -547,8 +548,10 @@ class MilvusBackend:
         index = MilvusIndex(self.connection, self.alias, serving, meta["model"], int(meta["dim"]),
                             int(meta["generation"]), meta["index_type"], self.features(int(meta["generation"])))
         last_id = self.redis.hget(self.keys.checkpoints, self.alias)
-        log.info("serving Milvus collection %s: generation %d, %d vectors, stream position %s", serving,
-                 index.generation, len(index), text(last_id) if last_id else "0")
+        # A replica that reads loads every few seconds to follow the writer: said once per collection
+        level, self._loaded = (logging.INFO if serving != self._loaded else logging.DEBUG), serving
+        log.log(level, "serving Milvus collection %s: generation %d, %d vectors, stream position %s", serving,
+                index.generation, len(index), text(last_id) if last_id else "0")
         return index, text(last_id) if last_id else "0"
 
     def drop_abandoned(self, serving: Any) -> list[str]:

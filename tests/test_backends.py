@@ -8,6 +8,7 @@ equal the same answer.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -297,6 +298,21 @@ def test_checkpoint_and_restart_give_the_same_index(fixture: Fixture) -> None:
     assert sorted(o.key for o in again.objects()) == sorted(o.key for o in index.objects())
     assert again.apply([upsert("k3", 1, 3)]).stale == 1  # the tombstone survived the restart
     assert again.search(unit(5), 1)[0][0].key == "k5" and again.label_counts() == {281: 29}
+
+
+@pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
+def test_a_reader_following_the_writer_says_which_collection_it_serves_once(fixture: Fixture,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A replica that reads loads the alias's collection every few seconds (``service._follow``): one INFO line for
+    each collection it finds, not one per load."""
+    writer = fixture.open()
+    writer.new_generation(MODEL, 1)
+    reader = fixture.open()
+    with caplog.at_level(logging.INFO, logger="index_service.milvus_index"):
+        for _ in range(3):
+            assert reader.load() is not None
+        said = [r for r in caplog.records if r.getMessage().startswith("serving Milvus collection")]
+        assert len(said) == 1, [r.getMessage() for r in said]
 
 
 @pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
