@@ -83,13 +83,13 @@ def real(n: int, queries_n: int) -> tuple[Grown, np.ndarray]:
     return Grown(indexed, n, seed=n), held[:queries_n].copy()
 
 
-def exact(data: Grown | np.ndarray, n: int, queries: np.ndarray, k: int = 10) -> list[set[str]]:
+def exact(data: Grown | np.ndarray, n: int, queries: np.ndarray, k: int = 10, rows: int = 100_000) -> list[set[str]]:
     """The true ``k`` nearest of the first ``n`` rows of ``data`` for each query: FAISS's brute force (as the Flat
-    index scans) over 100,000 rows at a time, keeping the best ``k`` so far."""
+    index scans) over ``rows`` rows at a time, keeping the best ``k`` so far."""
     best_d = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
-    for start in tqdm(range(0, n, 100_000), desc="exact search", leave=False):
-        d, i = faiss.knn(queries, data[start : min(n, start + 100_000)], k, metric=faiss.METRIC_INNER_PRODUCT)
+    for start in tqdm(range(0, n, rows), desc="exact search", leave=False):
+        d, i = faiss.knn(queries, data[start : min(n, start + rows)], k, metric=faiss.METRIC_INNER_PRODUCT)
         d, i = np.hstack([best_d, d]), np.hstack([best_i, i + start])
         top = np.argsort(-d, axis=1, kind="stable")[:, :k]
         best_d, best_i = np.take_along_axis(d, top, 1), np.take_along_axis(i, top, 1)

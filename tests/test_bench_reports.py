@@ -1,13 +1,18 @@
-"""The bench's own arithmetic: the soak's growth per process and the fair step's headline figures."""
+"""The bench's own arithmetic: the soak's growth per process, the fair step's headline figures, and the
+real-grown vectors and exact search the index benches measure recall with."""
 
 from __future__ import annotations
 
 import os
 
+import faiss
+import numpy as np
 import pytest
 
 from bench.__main__ import STEPS, parse_args
+from bench.index_scale import exact
 from bench.procs import ALL_CORES, core_busy_seconds, pin
+from bench.real_vectors import Grown, grow
 from bench.report import check_targets, fair_headline
 from bench.soak import growth
 
@@ -64,3 +69,22 @@ def test_a_partial_run_writes_a_report_of_its_own_and_the_default_run_latest_jso
     assert parse_args(["--only", "fair"]).out.name == "latest-fair.json"
     assert parse_args(["--only", "queries,limit"]).out.name == "latest-limit-queries.json"
     assert parse_args(["--only", "fair", "--out", "/tmp/x.json"]).out.name == "x.json"
+
+
+def test_grown_vectors_read_the_same_however_they_are_read_and_exact_search_merges_its_parts() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((30, 16)).astype(np.float32)
+    real /= np.linalg.norm(real, axis=1, keepdims=True)
+    grown = Grown(real, 250, seed=3)
+    grown.BLOCK = 40  # many blocks on a small set
+    whole = grown[:250]
+    np.testing.assert_array_equal(whole[:30], real)  # the real rows first
+    cosine_to_parent = (whole[30:] @ real.T).max(axis=1)
+    assert np.all(cosine_to_parent >= 0.85 - 1e-5) and np.all(np.linalg.norm(whole, axis=1) > 0.999)
+    rows = np.array([249, 0, 41, 40, 39, 120])
+    np.testing.assert_array_equal(grown[rows], whole[rows])  # any order, across blocks
+    np.testing.assert_array_equal(Grown(real, 250, seed=3)[:250], grow(real, 250, seed=3))
+    assert not np.array_equal(Grown(real, 250, seed=4)[:250], whole)
+    queries = rng.standard_normal((5, 16)).astype(np.float32)
+    _, want = faiss.knn(queries, whole, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    assert exact(grown, 250, queries, rows=7) == [{f"k{i}" for i in row} for row in want]
