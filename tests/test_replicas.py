@@ -12,7 +12,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -70,10 +70,20 @@ def rows_per_key(index: Any) -> str:
 
 
 def repairs_logged(settings: Settings) -> list[str]:
-    """The replicas' log lines about repairs and leases (they share one log file)."""
+    """The replicas' last log lines about repairs, leases, claims and checkpoints (they share one log file)."""
     log = Path(settings.home) / "logs" / f"recovery-{settings.namespace}.log"
     return [line for line in log.read_text(errors="replace").splitlines()
-            if any(word in line for word in ("rows for", "lease", "claimed", "ERROR"))][-20:]
+            if any(word in line for word in ("rows for", "lease", "claimed", "checkpoint", "ERROR"))][-20:]
+
+
+def caught_up(settings: Settings, redis: Any, keys: Keys, who: str,
+              also: Callable[[], bool] = lambda: True) -> None:
+    """Wait until the writer has merged every entry in the stream (and ``also``); a timeout says what the replicas
+    logged meanwhile."""
+    try:
+        wait_for(lambda: redis.xinfo_groups(keys.results)[0]["lag"] == 0 and also(), 120, what=f"{who} caught up")
+    except AssertionError as exc:
+        raise AssertionError("\n".join([str(exc), *repairs_logged(settings)])) from None
 
 
 def writer(process: IndexProcess) -> bool:
@@ -130,7 +140,7 @@ def test_one_writer_a_killed_one_is_replaced_a_paused_one_stops(replicas: tuple[
     takeover_s = time.monotonic() - killed
     for entry in stream[1000:2000]:
         redis.xadd(keys.results, entry.to_fields())
-    wait_for(lambda: redis.xinfo_groups(keys.results)[0]["lag"] == 0, 120, what="b caught up")
+    caught_up(settings, redis, keys, "b")
     # Queries go to every replica: b answers from what a merged and what it merged itself.
     hits = httpx.post(b.url + "/search", json={"vector": [1.0] * DIM, "k": 3}, timeout=30)
     assert hits.status_code == 200 and len(hits.json()["results"]) == 3, hits.text
@@ -146,13 +156,13 @@ def test_one_writer_a_killed_one_is_replaced_a_paused_one_stops(replicas: tuple[
             redis.xadd(keys.results, entry.to_fields())
         b.process.send_signal(signal.SIGCONT)
         wait_for(lambda: not writer(b), 60, interval_s=0.2, what="b notices it lost the lease")
-        wait_for(lambda: redis.xinfo_groups(keys.results)[0]["lag"] == 0 and writer(c), 120, what="c caught up")
+        caught_up(settings, redis, keys, "c", also=lambda: writer(c))
         assert redis.get(keys.writer_lease).startswith(b"c/")  # type: ignore[union-attr]
         last = c
     else:
         for entry in stream[2000:]:
             redis.xadd(keys.results, entry.to_fields())
-        wait_for(lambda: redis.xinfo_groups(keys.results)[0]["lag"] == 0, 120, what="b caught up")
+        caught_up(settings, redis, keys, "b")
     last.stop(signal.SIGTERM)  # its final checkpoint
 
     loaded = open_backend(settings, redis, keys, lambda _: FeatureStore()).load()
