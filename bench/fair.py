@@ -53,12 +53,16 @@ def run(settings: Settings, files: Sequence[Path], models: Path, profile_to: Pat
     one = dataclasses.replace(settings, worker_concurrency=1, torch_threads=1)
     me = [os.getpid()]
     results: dict[str, Any] = {"worker_core": sorted(worker_core), "other_cores": sorted(rest)}
+
+    def limit_here(**variants: Any) -> dict[str, Any]:  # on the cores this process is pinned to now
+        return measure_limit(one, [path.read_bytes() for path in files], 1, **variants)
+
     try:
         pin(me, worker_core)
-        limit = measure_limit(one, [path.read_bytes() for path in files], 1)
+        limit = limit_here()
         results.update((key, limit[key]) for key in ("limit_images_per_s", "limit_variant", "limit_cpu"))
         with spinning(rest):  # the control: the same limit while the other cores are busy, as they are below
-            busy = measure_limit(one, [path.read_bytes() for path in files], 1, only=[str(limit["limit_variant"])])
+            busy = limit_here(only=[str(limit["limit_variant"])])
         results["limit_others_busy_images_per_s"] = busy["limit_images_per_s"]
         pin(me, rest)  # the stack started from here inherits the other cores
         with bench_stack(one, models) as stack:
@@ -68,7 +72,7 @@ def run(settings: Settings, files: Sequence[Path], models: Path, profile_to: Pat
                 results["live"] = e2e.throughput(stack, api, files)
                 results["backfill"] = reembed(stack, api, profile_to)
             pin(me, worker_core)  # the limit again, the worker idle: this host's speed drifts over a run
-            again = measure_limit(one, [path.read_bytes() for path in files], 1, only=[str(limit["limit_variant"])])
+            again = limit_here(only=[str(limit["limit_variant"])])
             results["limit_after_images_per_s"] = again["limit_images_per_s"]
             pin(me, rest)
             seed = dataclasses.replace(stack.settings, runtime="torch")

@@ -28,10 +28,12 @@ import numpy as np
 from tqdm import tqdm
 
 from bucketlens.schemas import ResultEntry
+from bucketlens.settings import Settings
 from index_service.backend import restructure_into
 from index_service.vector_index import VectorIndex, default_nprobe, set_search_threads
 
-from .real_vectors import Grown
+from . import CACHE
+from .real_vectors import Grown, load
 
 DIM = 1280
 RESULTS = Path(__file__).parent / "results"
@@ -74,11 +76,6 @@ def real(n: int, queries_n: int) -> tuple[Grown, np.ndarray]:
     """``n`` vectors grown from the real photos' embeddings (``bench.real_vectors``, made again block by block
     whenever read: 5M of them would not fit in memory), and ``queries_n`` real edited copies whose edits were never
     indexed (seed 3 held out)."""
-    from bucketlens.settings import Settings
-
-    from . import CACHE
-    from .real_vectors import load
-
     indexed, held = load(Settings.from_env(home=CACHE)).split(held_out_seed=3)
     return Grown(indexed, n, seed=n), held[:queries_n].copy()
 
