@@ -1,12 +1,12 @@
 """Snapshots of the serving index: vectors, per-object state, tombstones and the last applied stream id.
 
-Format: one ``.npz`` (NumPy zip) holding ``vectors`` (float32, n x dim; for an IVF-SQ8 index ``codes``, its
-8-bit codes, n x dim uint8), what IVF training left (``TRAINED``) and ``meta``, a UTF-8 JSON document stored as a
-uint8 array. Read without pickle (``allow_pickle=False``, and the vectors as raw float32): a snapshot
-from S3 cannot execute code. Written to a temporary file a chunk of vectors at a time, fsynced, then renamed, so a
-crash never leaves a half-written snapshot under a real name; read back the same way, chunk by chunk, so neither
-holds a second copy of the vectors (bench/README.md, "Memory").
-"""
+Format: one ``.npz`` (NumPy zip) holding ``vectors`` (float32, n x dim; for an IVF-SQ8 index ``float16``, the
+float16 vectors its searches re-rank with, from which a restore makes its 8-bit codes again), what IVF training
+left (``TRAINED``) and ``meta``, a UTF-8 JSON document stored as a uint8 array. Read without pickle
+(``allow_pickle=False``, and the vectors as raw numbers): a snapshot from S3 cannot execute code. Written to a
+temporary file a chunk of vectors at a time, fsynced, then renamed, so a crash never leaves a half-written snapshot
+under a real name; read back the same way, chunk by chunk, so neither holds a second copy of the vectors
+(bench/README.md, "Memory")."""
 
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ from .vector_index import CHUNK, VectorIndex, release_freed_memory, scalar_quant
 log = logging.getLogger(__name__)
 SUFFIX = ".snapshot.npz"
 # 2 added each object's pixel count and the feature store's name, 3 its labels and modification time, 4 what an
-# IVF index's training left (``TRAINED``: a restart does not train it again);
-VERSION = 4
+# IVF index's training left (``TRAINED``: a restart does not train it again), 5 an IVF-SQ8 index's vectors as
+# float16 (v4 held its 8-bit codes: a restored index re-ranks with those decoded until its objects are uploaded again)
+VERSION = 5
 TRAINED = ("centroids", "scalar_quantizer")  # vector_index.trained_state's arrays, one .npy each
-READABLE = (1, 2, 3, 4)  # older snapshots still load (their objects without labels and times, IVF retrained)
+READABLE = (1, 2, 3, 4, 5)  # older snapshots still load (their objects without labels and times, IVF retrained)
 
 
 class SnapshotError(ValueError):
@@ -71,8 +72,7 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO, spool: Path | None =
         "tombstones": (list(tombstones.items()), lambda item: [item[0], str(item[1][0]), item[1][1]]),
     }
     trained = index.trained()
-    codec = scalar_quantizer(trained, index.dim)  # IVF-SQ8: the vectors are kept as its 8-bit codes
-    name, dtype = ("codes.npy", np.dtype("u1")) if codec is not None else ("vectors.npy", np.dtype("<f4"))
+    name, dtype, _ = _vectors_member(VERSION, trained, index.dim)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open(name, "w", force_zip64=True) as member:
             header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
@@ -80,8 +80,7 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO, spool: Path | None =
             np.lib.format.write_array_header_2_0(member, header)
             written = 0
             for present, vectors in index.vectors_of(ids):
-                rows = codec.compute_codes(vectors) if codec is not None else vectors.astype(dtype, copy=False)
-                member.write(np.ascontiguousarray(rows).data.cast("B"))
+                member.write(np.ascontiguousarray(vectors, dtype).data.cast("B"))
                 written += len(present)
             if written != len(ids):
                 raise RuntimeError(f"{len(ids) - written} objects left the index while its snapshot was written")
@@ -143,14 +142,13 @@ def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
                     "centroids" in trained and trained["centroids"].shape[1:] != (dim,)) or (
                     "scalar_quantizer" in trained and trained["scalar_quantizer"].shape != (2 * dim,)):
                 raise SnapshotError(f"snapshot holds {[(a.shape, a.dtype) for a in trained.values()]} training")
-            codec = scalar_quantizer(trained, dim)
-            name, dtype = ("codes.npy", np.dtype("u1")) if codec is not None else ("vectors.npy", np.dtype("<f4"))
+            name, dtype, decoded = _vectors_member(meta["v"], trained, dim)
             if name not in archive.namelist():
                 raise SnapshotError(f"snapshot has no {name}")
 
             def chunks() -> Iterator[np.ndarray]:
                 for rows in _rows(archive, name, dtype, (meta["count"], dim)):
-                    yield codec.decode(rows) if codec is not None else rows
+                    yield decoded(rows)
 
             generation = int(meta["generation"])
             index = VectorIndex.restored(model, dim, generation, objects, chunks, tombstones,
@@ -160,6 +158,17 @@ def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
     except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise SnapshotError(f"unreadable snapshot: {exc}") from exc
     return index, str(meta["last_id"])
+
+
+def _vectors_member(version: int, trained: dict[str, np.ndarray], dim: int
+                    ) -> tuple[str, np.dtype[Any], Callable[[np.ndarray], np.ndarray]]:
+    """Where a snapshot of ``version`` keeps its vectors: the .npy member's name, its dtype, and what makes float32
+    rows of its rows."""
+    if "scalar_quantizer" not in trained:
+        return "vectors.npy", np.dtype("<f4"), lambda rows: rows
+    if version >= 5:
+        return "float16.npy", np.dtype("<f2"), lambda rows: rows.astype(np.float32)
+    return "codes.npy", np.dtype("u1"), scalar_quantizer(trained, dim).decode
 
 
 def _rows(archive: zipfile.ZipFile, name: str, dtype: np.dtype[Any], shape: tuple[int, int]) -> Iterator[np.ndarray]:

@@ -108,13 +108,18 @@ def test_cancel_keeps_the_serving_generation_and_reindex_switches_structure(
     assert api.get("/rebuild/nope").status_code == 404
     assert api.post("/rebuild", json={"mode": "sideways"}, headers=admin(stack)).status_code == 400
 
-    for index_type in ("IVF", "Flat"):
+    for index_type in ("IVF-SQ8", "IVF", "Flat"):  # IVF-SQ8: its searches re-rank from its float16 vector file
         job = api.post("/rebuild", json={"mode": "reindex", "index_type": index_type}, headers=admin(stack)).json()
         done = wait_for(lambda j=job: (s := api.get(f"/rebuild/{j['id']}").json())["state"] != "running" and s, 60)
         assert done["state"] == "done", done
         stats = api.get("/stats").json()
         assert stats["index_type"] == index_type and stats["generation"] == generation
         assert len(api.post("/search", json={"vector": [1.0] * 1280, "k": 3}).json()["results"]) == 3
+        like = api.post("/search", json={"bucket": stack.settings.bucket, "key": unique_prefix + PHOTOS[0], "k": 3,
+                                             "prefix": unique_prefix})
+        hits = like.json()["results"]  # the object's stored vector: the three others, best first
+        assert {h["key"] for h in hits} == {unique_prefix + n for n in PHOTOS[1:4]}, like.text
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
 def set_notifications(stack: Stack, bucket: str, on: bool) -> None:

@@ -57,6 +57,12 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous(tmp_path: Path) -> N
     assert last_id == "1-1" and len(loaded) == 9
 
 
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def encoded(index: VectorIndex, last_id: str) -> tuple[bytes, dict[str, Any]]:
     buffer = io.BytesIO()
     meta = encode(index, last_id, buffer)
@@ -100,8 +106,8 @@ def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
 def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         index_type: str) -> None:
     """Chunks of 7 vectors: the boundaries fall everywhere, an IVF index comes back with what its training left
-    (v4; a v3 snapshot's is trained again on a sample gathered across the chunks), IVF-SQ8 keeps its codes and they
-    come back exact, and a file cut short is refused, not half-loaded."""
+    (v4; a v3 snapshot's is trained again on a sample gathered across the chunks), IVF-SQ8 keeps its float16 vectors
+    (v5; a v4 snapshot's 8-bit codes still load, decoded), and a file cut short is refused, not half-loaded."""
     monkeypatch.setattr(vector_index, "CHUNK", 7)
     monkeypatch.setattr(snapshots, "CHUNK", 7)
     index = filled(400)
@@ -120,10 +126,21 @@ def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypa
                 older.writestr(name, archive.read(name))
         retrained, _ = decode(tmp_path / "v3.npz", {"m": DIM})
         assert retrained.index_type == "IVF" and contents(retrained) == contents(index)
-    if index_type == "IVF-SQ8":  # the codes, a byte a dimension, not float32 vectors
-        with zipfile.ZipFile(path) as archive:
+    if index_type == "IVF-SQ8":  # the float16 vectors it re-ranks with (v5), from which a restore makes its codes
+        with zipfile.ZipFile(path) as archive, zipfile.ZipFile(tmp_path / "v4.npz", "w") as older:
             assert "vectors.npy" not in archive.namelist()
-            assert archive.getinfo("codes.npy").file_size < len(index) * DIM + 200
+            assert archive.getinfo("float16.npy").file_size < len(index) * DIM * 2 + 200
+            codec = vector_index.scalar_quantizer(index.trained(), DIM)
+            _, vectors, _ = index.export()
+            meta = json.loads(np.lib.format.read_array(archive.open("meta.npy")).tobytes())
+            older.writestr("codes.npy", npy(codec.compute_codes(vectors)))  # a v4 snapshot: the codes
+            older.writestr("meta.npy", npy(np.frombuffer(json.dumps({**meta, "v": 4}).encode(), np.uint8)))
+            for name in ("centroids.npy", "scalar_quantizer.npy"):
+                older.writestr(name, archive.read(name))
+        from_codes, _ = decode(tmp_path / "v4.npz", {"m": DIM})
+        assert from_codes.index_type == "IVF-SQ8" and len(from_codes) == len(index)
+        _, decoded, _ = from_codes.export()
+        np.testing.assert_array_equal(decoded, codec.decode(codec.compute_codes(vectors)).astype(np.float16))
     data = path.read_bytes()
     with pytest.raises(SnapshotError):
         decode(io.BytesIO(data[: len(data) // 2]), {"m": DIM})

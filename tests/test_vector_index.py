@@ -17,6 +17,7 @@ from bucketlens.schemas import ResultEntry, SchemaError, object_id
 from index_service.backend import restructure_into
 from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
+from index_service.vector_file import VectorFile
 from index_service.vector_index import VectorIndex
 
 DIM = 8
@@ -106,6 +107,57 @@ def test_ivf_recall_at_10_against_exact_search_and_deletes_are_honoured(index_ty
         assert len(found) == 10 and all(key.startswith(prefix) for key in found)
 
 
+def test_ivf_sq8_orders_what_its_codes_find_by_their_float16_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crowded collection (20 photos' 1,000 near copies each): the 8-bit codes alone cannot order a query's nearest
+    neighbours, the float16 copies can, with or without a filter wide enough to search the structure; the scores
+    are the float16 vectors'."""
+    dim, parents, copies = 64, 20, 1000
+    rng = np.random.default_rng(0)
+    photos = rng.standard_normal((parents, dim)).astype(np.float32)
+    photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+    data = np.repeat(photos, copies, axis=0) + 0.3 / np.sqrt(dim) * rng.standard_normal((parents * copies, dim))
+    queries = photos + 0.3 / np.sqrt(dim) * rng.standard_normal((parents, dim))
+    data, queries = ((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32) for x in (data, queries))
+    index = VectorIndex("m", dim)
+    index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data)])
+    index.restructure("IVF-SQ8")
+    index._faiss.nprobe = index._faiss.nlist  # every list: what is left to lose is the codes'
+    exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+
+    def recall(found: Iterable[Iterable[int]]) -> float:
+        return float(np.mean([len(set(row) & set(want)) / 10 for row, want in zip(found, exact)]))
+
+    def keys(hits: list[list[tuple[module.Indexed, float]]]) -> list[list[int]]:
+        return [[int(o.key[1:]) for o, _ in row] for row in hits]
+
+    codes_alone = module.search_structure(index._faiss, queries, 10)[1] - 1  # FAISS ids are positions + 1
+    assert recall(codes_alone) < 0.9  # the set is crowded enough to tell
+    hits = index.search_many(queries, 10)
+    assert recall(keys(hits)) >= 0.98
+    for query, row in zip(queries, hits):
+        for obj, score in row:
+            assert score == pytest.approx(float(data[int(obj.key[1:])].astype(np.float16).astype(np.float32) @ query),
+                                          abs=1e-5)
+    monkeypatch.setattr(module, "EXACT_LIMIT", 100)  # a prefix keeping 11,111 objects searches the structure
+    wide = index.search_many(queries, 10, where=Filter(prefix="k1"))
+    assert all(o.key.startswith("k1") for row in wide for o, _ in row)
+    kept = np.array([i for i in range(len(data)) if f"k{i}".startswith("k1")])
+    exact = kept[np.argsort(-(queries @ data[kept].T), axis=1)[:, :10]]
+    assert recall(keys(wide)) >= 0.98
+
+
+def test_a_vector_file_reads_rows_by_id_in_any_order() -> None:
+    file = VectorFile(DIM)
+    vectors = np.stack([unit(i) for i in range(8)])
+    ids = np.array([7, 5, 6, 1, 2, 3, 40, 41])  # runs written out of order
+    file.write(ids, vectors)
+    asked = np.array([41, 5, 5, 1, 7, 2])
+    np.testing.assert_array_equal(file.read(asked), vectors[[7, 1, 1, 3, 0, 4]].astype(np.float16))
+    assert file.read(np.empty(0, np.int64)).shape == (0, DIM)
+    with pytest.raises(RuntimeError, match="no rows for FAISS ids 42"):
+        file.read(np.array([42, 43]))
+
+
 @pytest.mark.parametrize("index_type", ["IVF", "IVF-SQ8"])
 def test_a_structure_is_trained_as_faiss_trains_it(index_type: str) -> None:
     """The lists are trained as a plain IVF and an IVF-SQ8's code ranges in one pass over the sample (not FAISS's
@@ -139,14 +191,14 @@ def test_outgrown_lists_are_retrained_and_an_sq8_structure_keeps_its_codes(index
     assert not index.outgrown()  # 3x: not yet
     index.apply(entries[3000:])
     assert index.outgrown() and module.ivf_lists(5000) >= 2 * made_for
-    before = {k: index.vector("b", k) for k in ("k0", "k2500", "k4999")}
+    before = {k: index._faiss.reconstruct(index._ids[object_id("b", k)]) for k in ("k0", "k2500", "k4999")}
     top = [o.key for o, _ in index.search(data[7], 10)]
     assert restructure_into(index, 1000, index_type) == index_type
     index.restructure(index_type)
     assert index._faiss.nlist == module.ivf_lists(5000) and not index.outgrown()
     assert restructure_into(index, 1000, index_type) is None
-    for key, vector in before.items():  # IVF-SQ8: the same 8-bit codes, not the decoded vectors quantized again
-        np.testing.assert_array_equal(index.vector("b", key), vector)
+    for key, vector in before.items():  # IVF-SQ8: the same 8-bit codes, made again from the same float16 vectors
+        np.testing.assert_allclose(index._faiss.reconstruct(index._ids[object_id("b", key)]), vector, atol=4e-3)
     index._faiss.nprobe = index._faiss.nlist  # every list: the same answer as before, whatever the lists
     assert [o.key for o, _ in index.search(data[7], 10)][:5] == top[:5]
 
@@ -175,12 +227,16 @@ def test_restructure_keeps_changes_made_while_it_trains(index: VectorIndex) -> N
     assert index._faiss.ntotal == len(index) == 40  # the first "new" never reached either structure
 
 
-@pytest.mark.parametrize("steps", [("IVF",), ("IVF", "IVF"), ("IVF-SQ8", "IVF"), ("IVF", "Flat")],
-                         ids=["Flat->IVF", "IVF->IVF", "IVF-SQ8->IVF", "IVF->Flat"])
+@pytest.mark.parametrize("steps", [("IVF",), ("IVF", "IVF"), ("IVF-SQ8", "IVF"), ("IVF", "Flat"), ("IVF-SQ8",),
+                                   ("IVF-SQ8", "IVF-SQ8")],
+                         ids=["Flat->IVF", "IVF->IVF", "IVF-SQ8->IVF", "IVF->Flat", "Flat->IVF-SQ8",
+                              "IVF-SQ8->IVF-SQ8"])
 def test_merges_and_searches_between_the_chunks_of_a_restructure(steps: tuple[str, ...],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The vectors move a few at a time (``Moving``); between two chunks a merge replaces, deletes and adds objects
-    wherever their vectors are, and a search or ``vector`` finds every object, moved or not."""
+    wherever their vectors are, and a search or ``vector`` finds every object, moved or not. Into IVF-SQ8, the float16
+    vector file ends up with every object's latest vector (from the old structure's, or the merge's); out of it, the
+    new structure takes those, not the decoded codes, and the file goes."""
     dim, n = 16, 600
     data = clustered(n + 10, dim, 40)
     index = VectorIndex("m", dim)
@@ -218,8 +274,15 @@ def test_merges_and_searches_between_the_chunks_of_a_restructure(steps: tuple[st
     assert index._faiss.ntotal == len(index) == n - 1  # 600, two deleted, one added
     assert all(index.get("b", key) is None for key in gone)
     for key, vector in (("fresh", data[n + 2]), ("k2", data[2])):
-        np.testing.assert_allclose(index.vector("b", key), vector, atol=0.02)  # IVF-SQ8: decoded from 8 bits
+        np.testing.assert_allclose(index.vector("b", key), vector, atol=2e-3)  # float16 from IVF-SQ8, not its codes
         assert index.search(vector, 1)[0][0].key == key
+    assert (index._file is not None) == (steps[-1] == "IVF-SQ8")
+    if steps[-1] == "IVF-SQ8":
+        latest = dict(zip((f"k{i}" for i in range(n)), data), fresh=data[n + 2])
+        objects, vectors, _ = index.export()
+        for obj, vector in zip(objects, vectors):
+            if obj.etag == "e":  # not replaced
+                np.testing.assert_array_equal(vector, latest[obj.key].astype(np.float16))
 
 
 @pytest.mark.parametrize("old", ["Flat", "IVF"])
@@ -267,7 +330,8 @@ def test_a_chunk_that_leaves_the_old_structure_hands_its_memory_back() -> None:
                            "Flat")
     before = resident_mb()
     for _ in range(2):
-        ids, vectors = moving.next_chunk(5000)
+        ids = moving.next_chunk(5000)
+        vectors = moving.reconstruct_batch(ids)
         moving.move(ids, vectors, moving.lists_for(vectors))
         del ids, vectors
     module.release_freed_memory()
