@@ -462,8 +462,7 @@ class VectorIndex(SearchOne):
         if self._adding:
             ids = np.fromiter(self._adding, np.int64, len(self._adding))
             vectors, self._adding = np.stack(list(self._adding.values())), {}
-            if self._file is not None:  # first: a write that fails (a full disk) leaves the structure as it was
-                self._file.write(ids, vectors)
+            self._write_file(ids, vectors)
             self._faiss.add_with_ids(vectors, ids)
             self._added_since_trim += len(ids)
 
@@ -733,8 +732,7 @@ class VectorIndex(SearchOne):
             start = 0
             for chunk in chunks():
                 numbers, vectors = ids[start : start + len(chunk)], np.ascontiguousarray(chunk, np.float32)
-                if index._file is not None:
-                    index._file.write(numbers, vectors)
+                index._write_file(numbers, vectors)
                 yield numbers, vectors
                 start += len(chunk)
             if start != n:
@@ -770,8 +768,8 @@ class VectorIndex(SearchOne):
                     if not len(ids) and moving.old.ntotal:
                         raise RuntimeError(f"{moving.old.ntotal} vectors left that no chunk takes")
                     vectors = self._vectors(ids)  # out of IVF-SQ8: its float16 vectors, not its decoded codes
-                if self._file is not None and not self._file_complete:  # into IVF-SQ8: the old vectors are exact
-                    self._file.write(ids, vectors)  # (a row removed meanwhile is never read: ids are not reused)
+                if not self._file_complete:  # into IVF-SQ8 (a file not complete yet): the old vectors are exact
+                    self._write_file(ids, vectors)  # (a row removed meanwhile is never read: ids are not reused)
                 lists = moving.lists_for(vectors)
                 with self._lock.write():
                     held = time.perf_counter()
@@ -816,6 +814,19 @@ class VectorIndex(SearchOne):
             if index_type == "IVF-SQ8" and self._file is None:
                 self._file = self._new_file()  # every add from now on; the moving chunks fill in the rest
             return self._faiss
+
+    def _write_file(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Store vectors in the float16 file, if there is one. One that cannot be written (a full disk) is given up,
+        logged, rather than failing the merge batch or the restructure: searches go by the codes alone until a
+        restructure or a restart makes a new one (from the codes, for the vectors merged meanwhile)."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(ids, vectors)
+        except OSError as exc:
+            log.error("index generation %d: the float16 vector file cannot be written (%s); searches go by the 8-bit "
+                      "codes alone until the index is restructured or restarted", self.generation, exc)
+            self._file, self._file_complete = None, False
 
     def _new_file(self) -> VectorFile:
         """An empty float16 vector file, on the disk beside this generation's feature store (a temporary folder for an

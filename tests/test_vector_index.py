@@ -146,6 +146,32 @@ def test_ivf_sq8_orders_what_its_codes_find_by_their_float16_vectors(monkeypatch
     assert recall(keys(wide)) >= 0.98
 
 
+def test_a_vector_file_that_cannot_be_written_is_given_up_and_nothing_is_lost(monkeypatch: pytest.MonkeyPatch,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk under IVF-SQ8's float16 file fails neither the merge batch nor the search: the index logs it and
+    goes by the codes alone, and the next restructure makes a new file."""
+    dim = 16
+    data = clustered(602, dim, 40)
+    index = VectorIndex("m", dim)
+    index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data[:600])])
+    index.restructure("IVF-SQ8")
+    assert index._file_complete
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(VectorFile, "write", full)
+        index.apply([ResultEntry("upsert", "b", "new", "e", "", 1, 1, "m", data[600])])
+    assert "cannot be written" in caplog.text and index._file is None and not index._file_complete
+    assert index.search(data[600], 1)[0][0].key == "new" and len(index) == 601
+    np.testing.assert_allclose(index.vector("b", "new"), data[600], atol=0.02)  # decoded from the codes
+    index.restructure("IVF-SQ8")
+    assert index._file_complete and index.search(data[600], 1)[0][0].key == "new"
+    index.apply([ResultEntry("upsert", "b", "newer", "e", "", 1, 1, "m", data[601])])
+    np.testing.assert_allclose(index.vector("b", "newer"), data[601], atol=2e-3)  # float16 again
+
+
 def test_a_vector_file_reads_rows_by_id_in_any_order() -> None:
     file = VectorFile(DIM)
     vectors = np.stack([unit(i) for i in range(8)])
