@@ -91,10 +91,22 @@ def workers(api: httpx.Client) -> list[dict[str, Any]]:
     return response.json()["workers"] if response.status_code == 200 else []  # type: ignore[no-any-return]
 
 
-def busy_worker(api: httpx.Client, timeout_s: float = 60) -> dict[str, Any]:
-    """A worker in the middle of a batch (its heartbeat says busy)."""
-    found = wait_for(lambda: [w for w in workers(api) if w["state"] == "busy"], timeout_s, interval_s=0.02,
-                     what="a worker busy with a batch")
+def busy_worker(stack: Stack, api: httpx.Client, timeout_s: float = 60) -> dict[str, Any]:
+    """A worker in the middle of a batch: its heartbeat says busy and its main process holds tasks that are still
+    unacknowledged now (a heartbeat's "busy" can be a second old, its batch acknowledged since, and a kill then
+    leaves nothing to hand back)."""
+    redis = connect(stack.settings.redis_url)
+
+    def holds_unacked(worker: dict[str, Any]) -> bool:
+        try:
+            main = os.getpgid(worker["pid"])  # the pool child's group: its worker's main process
+        except ProcessLookupError:
+            return False
+        unacked_now = {text(tag) for tag in redis.hkeys(f"{stack.settings.namespace}:celery:unacked")}
+        return bool(held(stack, main) & unacked_now)
+
+    found = wait_for(lambda: [w for w in workers(api) if w["state"] == "busy" and holds_unacked(w)], timeout_s,
+                     interval_s=0.02, what="a worker busy with unacknowledged tasks")
     return found[0]  # type: ignore[no-any-return]
 
 
@@ -176,7 +188,7 @@ def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx
         uploader = Uploader(stack, bodies, RATE)
         uploader.start()
         uploader.wait_uploaded(UPLOADS // 3)
-        busy_worker(api)
+        busy_worker(stack, api)
         stack.stop_service("worker", kill=True)  # SIGKILL to the process group: main process and pool child
         killed_at = time.monotonic()
         in_flight = unacked(api)
@@ -216,7 +228,7 @@ def test_one_of_two_workers_killed_the_other_finishes(
             uploader = Uploader(stack, bodies, RATE)
             uploader.start()
             uploader.wait_uploaded(UPLOADS // 3)
-            victim = busy_worker(api)
+            victim = busy_worker(stack, api)
             group = os.getpgid(victim["pid"])  # the pool child's group: its worker's main process
             survivor = stack.pid("worker") if group == second.pid else second.pid
             assert survivor is not None
