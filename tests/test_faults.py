@@ -148,11 +148,21 @@ def restored_tags(logs: LogWindow) -> set[str]:
             for tag in line.split("delivery tags:", 1)[1].split()}
 
 
-def wait_restored(api: httpx.Client, before: int) -> float:
-    """Seconds until the index service handed a dead worker's tasks back (the tasks_restored counter moved)."""
+def wait_restored(stack: Stack, api: httpx.Client, before: int) -> float:
+    """Seconds until the index service handed a dead worker's tasks back (the tasks_restored counter moved). A
+    timeout says what the queues and the index service's log showed (it failed twice in whole-suite runs, never
+    alone: the redelivery check runs only while the service writes and merges)."""
     started = time.monotonic()
-    wait_for(lambda: counter(api, "tasks_restored") > before, 120, interval_s=0.5,
-             what="the dead worker's tasks handed back to the queue")
+    since = LogWindow(stack, ("api",))
+    try:
+        wait_for(lambda: counter(api, "tasks_restored") > before, 120, interval_s=0.5,
+                 what="the dead worker's tasks handed back to the queue")
+    except AssertionError as exc:
+        report = api.get("/queues").json()
+        said = [line for line in since.lines("api") if re.search(r"WARNING|ERROR|lease|merg|redeliver", line)]
+        raise AssertionError(f"{exc}; unacked {report.get('unacked')}, workers {report.get('workers')}, events "
+                             f"{report.get('events')}, stats {api.get('/stats').json()}; the index service "
+                             f"said: {said[-20:]}") from None
     return time.monotonic() - started
 
 
@@ -195,7 +205,7 @@ def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx
         time.sleep(3)
         stack.start_service("worker")
         restarted = time.monotonic()
-        seconds_to_restored = wait_restored(api, restored) + restarted - killed_at
+        seconds_to_restored = wait_restored(stack, api, restored) + restarted - killed_at
         uploader.finish()
         outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
     recorder.stop()
@@ -239,7 +249,7 @@ def test_one_of_two_workers_killed_the_other_finishes(
             # Tasks a restore may hand back: what was unacknowledged at the kill and the survivor did not hold.
             at_kill = {text(tag) for tag in connect(stack.settings.redis_url).hkeys(
                 f"{stack.settings.namespace}:celery:unacked")} - held(stack, survivor)
-            seconds_to_restored = wait_restored(api, restored)
+            seconds_to_restored = wait_restored(stack, api, restored)
             uploader.finish()
             outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
             if killed == "stack":
