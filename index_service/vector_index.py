@@ -819,10 +819,11 @@ class VectorIndex(SearchOne):
         """Store vectors in the float16 file, if there is one. One that cannot be written (a full disk) is given up,
         logged, rather than failing the merge batch or the restructure: searches go by the codes alone until a
         restructure or a restart makes a new one (from the codes, for the vectors merged meanwhile)."""
-        if self._file is None:
+        file = self._file  # read once: a restructure's chunk (no lock held) and a merge batch may both write
+        if file is None:
             return
         try:
-            self._file.write(ids, vectors)
+            file.write(ids, vectors)
         except OSError as exc:
             log.error("index generation %d: the float16 vector file cannot be written (%s); searches go by the 8-bit "
                       "codes alone until the index is restructured or restarted", self.generation, exc)

@@ -34,6 +34,7 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect, text
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
+from index_service.queues import unacked_key
 from infra.stack import Stack, free_port
 from ingest.publisher import Publisher
 
@@ -102,7 +103,7 @@ def busy_worker(stack: Stack, api: httpx.Client, timeout_s: float = 60) -> dict[
             main = os.getpgid(worker["pid"])  # the pool child's group: its worker's main process
         except ProcessLookupError:
             return False
-        unacked_now = {text(tag) for tag in redis.hkeys(f"{stack.settings.namespace}:celery:unacked")}
+        unacked_now = {text(tag) for tag in redis.hkeys(unacked_key(Keys(stack.settings.namespace)))}
         return bool(held(stack, main) & unacked_now)
 
     found = wait_for(lambda: [w for w in workers(api) if w["state"] == "busy" and holds_unacked(w)], timeout_s,
