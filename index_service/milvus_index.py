@@ -439,6 +439,9 @@ class MilvusIndex(SearchOne):
         matrix = np.asarray(vectors, np.float32).reshape(len(vectors), self.dim)
         return objects, matrix, tombstones
 
+    def file_bytes(self) -> int:
+        return 0  # the vectors live on the Milvus server
+
     def outgrown(self) -> bool:
         return False  # Milvus builds an index per sealed segment, each of a bounded size, with the same parameters
 

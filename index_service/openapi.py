@@ -59,6 +59,8 @@ SCHEMAS: dict[str, Schema] = {
                        ("bucket", "key", "state", "indexed", "etag", "order", "generation")),
     "Ready": obj({"ready": BOOL, "reason": TEXT}, ("ready", "reason")),
     "Stats": obj({"vectors": INT, "model": TEXT, "dim": INT, "index_type": TEXT, "generation": INT,
+                  "vector_file_bytes": {"type": "integer",
+                                        "description": "IVF-SQ8's float16 vectors on disk (0 for other types)"},
                   "last_applied_id": TEXT, "last_snapshot": {"type": ["object", "null"]},
                   "snapshot_failures": obj({"failures": INT, "failing_s": NUMBER, "error": TEXT}),
                   "rebuild": {"type": ["object", "null"]}, "backend": TEXT, "replica": TEXT,

@@ -394,6 +394,7 @@ class Service:
             "model": index.model,
             "dim": index.dim,
             "index_type": index.index_type,
+            "vector_file_bytes": index.file_bytes(),
             "generation": index.generation,
             "last_applied_id": self.merger.last_id,
             "applied_entries": self.merger.applied,

@@ -10,16 +10,22 @@ resident size.
 
 The file is anonymous (unlinked from the start: gone when the index is closed or the process ends). It is not
 durable state: a restart rebuilds it from the snapshot, which stores an IVF-SQ8 index's vectors as float16 for it
-(``snapshots.py``). FAISS ids are never reused, so a row, once written, never changes; a removed object's row
-stays as a hole until the next restart renumbers the index.
+(``snapshots.py``). FAISS ids are never reused, so a row, once written, never changes. A removed object's row
+stays in place until the next restart renumbers the index, but the disk under it is handed back as soon as every
+row sharing a filesystem block with it is removed too (``release``): re-uploading a library does not double the
+file's footprint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import os
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +38,8 @@ class VectorFile:
         self._file = tempfile.TemporaryFile(dir=folder)
         weakref.finalize(self, self._file.close)  # closed once dropped (searches may still hold a retired index)
         self._row = 2 * dim  # bytes per float16 row
+        self._block = os.fstat(self._file.fileno()).st_blksize
+        self._dead = np.zeros(0, np.int32)  # filesystem block -> bytes of removed rows in it
 
     def write(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Store ``vectors`` (one row per id; ids distinct), one ``pwrite`` per run of consecutive ids."""
@@ -49,6 +57,48 @@ class VectorFile:
             if os.preadv(self._file.fileno(), [rows[lo:hi].data], int(unique[lo]) * self._row) != (hi - lo) * self._row:
                 raise RuntimeError(f"the vector file holds no rows for FAISS ids {unique[lo]}..{unique[hi - 1]}")
         return rows[inverse.reshape(-1)].astype(np.float32)
+
+    def release(self, ids: np.ndarray) -> None:
+        """The rows at ``ids`` (distinct, each released once) are never read again: hand back to the filesystem each
+        block that now holds only released rows (a hole reads as zeros). Rows of 2.5 KB share 4 KB blocks, so a
+        block goes once all its rows have; one ``fallocate`` per run of such blocks."""
+        if not len(ids):
+            return
+        starts = ids.astype(np.int64) * self._row
+        ends = starts + self._row
+        first, last = starts // self._block, (ends - 1) // self._block
+        if int(last.max()) >= len(self._dead):
+            grown = max(int(last.max()) + 1, 2 * len(self._dead))
+            self._dead = np.concatenate([self._dead, np.zeros(grown - len(self._dead), np.int32)])
+        touched = []
+        for step in range(int((last - first).max()) + 1):  # each row's first, second, ... block
+            on = first + step <= last
+            blocks = first[on] + step
+            overlap = np.minimum(ends[on], (blocks + 1) * self._block) - np.maximum(starts[on], blocks * self._block)
+            np.add.at(self._dead, blocks, overlap.astype(np.int32))
+            touched.append(blocks)
+        emptied = np.unique(np.concatenate(touched))
+        emptied = emptied[self._dead[emptied] >= self._block]
+        for lo, hi in _runs(emptied):
+            _punch(self._file.fileno(), int(emptied[lo]) * self._block, (hi - lo) * self._block)
+
+    def disk_bytes(self) -> int:
+        """What the file takes on disk now (its holes excluded)."""
+        return os.fstat(self._file.fileno()).st_blocks * 512
+
+
+@functools.cache
+def _fallocate() -> Any:
+    function = ctypes.CDLL("libc.so.6", use_errno=True).fallocate
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return function
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Hand a byte range of a file back to the filesystem, keeping its size; where that cannot be done (a filesystem
+    without hole punching), the range keeps its blocks: it is only space."""
+    with contextlib.suppress(OSError, AttributeError):
+        _fallocate()(fd, 0x01 | 0x02, offset, length)  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
 def _runs(ids: np.ndarray) -> list[tuple[int, int]]:

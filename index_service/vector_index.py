@@ -459,6 +459,8 @@ class VectorIndex(SearchOne):
         if self._removing:
             removing, self._removing = np.array(self._removing, np.int64), []
             self._faiss.remove_ids(removing)
+            if (file := self._file) is not None:
+                file.release(removing)
         if self._adding:
             ids = np.fromiter(self._adding, np.int64, len(self._adding))
             vectors, self._adding = np.stack(list(self._adding.values())), {}
@@ -690,6 +692,10 @@ class VectorIndex(SearchOne):
         with self._lock.read():
             ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
             return [self._objects[int(i)] for i in ids], ids, dict(self._tombstones)
+
+    def file_bytes(self) -> int:
+        file = self._file
+        return 0 if file is None else file.disk_bytes()
 
     def outgrown(self) -> bool:
         """IVF lists sized for a quarter of what they now hold, or less (``lists_outgrown``)."""

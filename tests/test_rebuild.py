@@ -114,6 +114,7 @@ def test_cancel_keeps_the_serving_generation_and_reindex_switches_structure(
         assert done["state"] == "done", done
         stats = api.get("/stats").json()
         assert stats["index_type"] == index_type and stats["generation"] == generation
+        assert (stats["vector_file_bytes"] >= stats["vectors"] * 2 * 1280) == (index_type == "IVF-SQ8"), stats
         assert len(api.post("/search", json={"vector": [1.0] * 1280, "k": 3}).json()["results"]) == 3
         like = api.post("/search", json={"bucket": stack.settings.bucket, "key": unique_prefix + PHOTOS[0], "k": 3,
                                              "prefix": unique_prefix})

@@ -184,6 +184,37 @@ def test_a_vector_file_reads_rows_by_id_in_any_order() -> None:
         file.read(np.array([42, 43]))
 
 
+def test_removed_rows_give_their_disk_back_once_their_blocks_hold_no_live_row() -> None:
+    """Rows of 2.5 KB share 4 KB blocks: a block goes back to the filesystem once every row in it is released, and
+    the rows still live read as written."""
+    dim = 1280
+    file = VectorFile(dim)
+    vectors = np.random.default_rng(0).standard_normal((400, dim)).astype(np.float32)
+    file.write(np.arange(1, 401), vectors)
+    written = file.disk_bytes()
+    assert written >= 400 * 2 * dim
+    file.release(np.arange(1, 201, 2))  # every other row: no block is free of live rows yet
+    assert file.disk_bytes() == written
+    file.release(np.arange(2, 201, 2)[::-1])  # the rest of the first half, in any order
+    assert written - file.disk_bytes() >= 200 * 2 * dim - 2 * 4096  # all but the blocks shared with live rows
+    np.testing.assert_array_equal(file.read(np.arange(201, 401)), vectors[200:].astype(np.float16))
+
+
+def test_an_ivf_sq8_index_re_uploaded_in_full_keeps_its_file_size() -> None:
+    dim = 640  # rows of 1,280 bytes: ids of one batch fill whole blocks
+    data = clustered(1200, dim, 40)
+    index = VectorIndex("m", dim)
+    index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data[:600])])
+    index.restructure("IVF-SQ8")
+    before = index.file_bytes()
+    assert before >= 600 * 2 * dim
+    for round_ in range(3):  # the whole library uploaded again, three times, with new vectors
+        index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 2 + round_, 2 + round_, "m", data[600 + i])
+                     for i in range(600)])
+    assert index.file_bytes() <= before + 2 * 4096  # not 4x
+    assert index.search(data[601], 1)[0][0].key == "k1"
+
+
 @pytest.mark.parametrize("index_type", ["IVF", "IVF-SQ8"])
 def test_a_structure_is_trained_as_faiss_trains_it(index_type: str) -> None:
     """The lists are trained as a plain IVF and an IVF-SQ8's code ranges in one pass over the sample (not FAISS's
