@@ -2,7 +2,8 @@
 
 Format: one ``.npz`` (NumPy zip) holding ``vectors`` (float32, n x dim; for an IVF-SQ8 index ``float16``, the
 float16 vectors its searches re-rank with, from which a restore makes its 8-bit codes again), what IVF training
-left (``TRAINED``) and ``meta``, a UTF-8 JSON document stored as a uint8 array. Read without pickle
+left (``TRAINED``) and ``meta``, a UTF-8 JSON document stored as a uint8 array (``left``: the rows of objects a
+merge removed while the snapshot was written, zeros that a restore skips). Read without pickle
 (``allow_pickle=False``, and the vectors as raw numbers): a snapshot from S3 cannot execute code. Written to a
 temporary file a chunk of vectors at a time, fsynced, then renamed, so a crash never leaves a half-written snapshot
 under a real name; read back the same way, chunk by chunk, so neither holds a second copy of the vectors
@@ -34,10 +35,11 @@ log = logging.getLogger(__name__)
 SUFFIX = ".snapshot.npz"
 # 2 added each object's pixel count and the feature store's name, 3 its labels and modification time, 4 what an
 # IVF index's training left (``TRAINED``: a restart does not train it again), 5 an IVF-SQ8 index's vectors as
-# float16 (v4 held its 8-bit codes: a restored index re-ranks with those decoded until its objects are uploaded again)
-VERSION = 5
+# float16 (v4 held its 8-bit codes: a restored index re-ranks with those decoded until its objects are uploaded again),
+# 6 ``left``: the rows of objects that a merge removed while the snapshot was written (zeros, skipped by a restore)
+VERSION = 6
 TRAINED = ("centroids", "scalar_quantizer")  # vector_index.trained_state's arrays, one .npy each
-READABLE = (1, 2, 3, 4, 5)  # older snapshots still load (their objects without labels and times, IVF retrained)
+READABLE = (1, 2, 3, 4, 5, 6)  # older snapshots still load (their objects without labels and times, IVF retrained)
 
 
 class SnapshotError(ValueError):
@@ -46,11 +48,14 @@ class SnapshotError(ValueError):
 
 def encode(index: VectorIndex, last_id: str, out: BinaryIO, spool: Path | None = None) -> dict[str, Any]:
     """Write the snapshot of ``index`` to ``out``, its vectors a chunk at a time (``np.load`` reads the result);
-    returns its meta, less the objects and tombstones. Called between merge batches (the merger's thread), so
-    objects and vectors agree. The meta's JSON is made a few thousand objects at a time in a file in ``spool`` (at
-    5M objects it is ~1 GB, and made whole it held 2.7 GB while the vectors were written: bench/README.md
-    "Memory")."""
+    returns its meta, less the objects and tombstones. ``last_id`` must have been applied before this is called;
+    merges go on while it runs (a checkpoint has a thread of its own): the snapshot holds the objects the index held
+    when it began, less those a merge removed before their chunk was read (their rows are zeros, listed in ``left``).
+    Each of those went in a batch after ``last_id``, which a restore replays. The meta's JSON is made a few thousand
+    objects at a time in a file in ``spool`` (at 5M objects it is ~1 GB, and made whole it held 2.7 GB while the
+    vectors were written: bench/README.md "Memory")."""
     objects, ids, tombstones = index.contents()
+    trained = index.trained()
     meta = {
         "v": VERSION,
         "model": index.model,
@@ -71,23 +76,26 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO, spool: Path | None =
         "objects": (objects, object_row),
         "tombstones": (list(tombstones.items()), lambda item: [item[0], str(item[1][0]), item[1][1]]),
     }
-    trained = index.trained()
     name, dtype, _ = _vectors_member(VERSION, trained, index.dim)
+    left: list[int] = []
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open(name, "w", force_zip64=True) as member:
             header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                       "shape": (len(ids), index.dim)}
             np.lib.format.write_array_header_2_0(member, header)
-            written = 0
-            for present, vectors in index.vectors_of(ids):
+            start = 0
+            for kept, vectors in index.vectors_of(ids):
+                left += (start + np.flatnonzero(~kept)).tolist()
                 member.write(np.ascontiguousarray(vectors, dtype).data.cast("B"))
-                written += len(present)
-            if written != len(ids):
-                raise RuntimeError(f"{len(ids) - written} objects left the index while its snapshot was written")
+                start += len(kept)
         for part, array in trained.items():
             with archive.open(f"{part}.npy", "w") as member:
                 np.lib.format.write_array(member, array)
+        meta["left"] = left
         _write_json(archive, "meta.npy", meta, lists, spool)
+    if left:
+        log.info("%d objects left the index while its snapshot was written; a restore replays their changes",
+                 len(left))
     return meta
 
 
@@ -145,10 +153,17 @@ def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
             name, dtype, decoded = _vectors_member(meta["v"], trained, dim)
             if name not in archive.namelist():
                 raise SnapshotError(f"snapshot has no {name}")
+            kept = np.ones(len(objects), bool)
+            kept[np.asarray(meta.get("left", []), np.int64)] = False  # objects removed while it was written (v6)
+            if not kept.all():
+                objects = [o for o, keep in zip(objects, kept) if keep]
 
             def chunks() -> Iterator[np.ndarray]:
+                start = 0
                 for rows in _rows(archive, name, dtype, (meta["count"], dim)):
-                    yield decoded(rows)
+                    mine = kept[start : start + len(rows)]
+                    yield decoded(rows if mine.all() else rows[mine])
+                    start += len(rows)
 
             generation = int(meta["generation"])
             index = VectorIndex.restored(model, dim, generation, objects, chunks, tombstones,
@@ -272,8 +287,8 @@ class SnapshotStore:
         if self.s3 is not None:
             self.s3.upload_file(str(path), self.bucket, self.prefix + name)  # streamed (multipart when large)
         self._prune()
-        self.last = {"name": name, "time": meta["created"], "count": meta["count"], "last_id": last_id,
-                     "bytes": path.stat().st_size}
+        self.last = {"name": name, "time": meta["created"], "count": meta["count"] - len(meta["left"]),
+                     "last_id": last_id, "bytes": path.stat().st_size}
         return path
 
     def _prune(self) -> None:

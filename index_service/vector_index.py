@@ -710,13 +710,20 @@ class VectorIndex(SearchOne):
             return trained_state(structure) if is_ivf(structure) else {}
 
     def vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, vectors) for ``ids``, ``CHUNK`` at a time, each chunk read under the lock; ids removed meanwhile
-        (by a merge running beside a restructure) are left out."""
+        """(kept, vectors) for ``ids``, ``CHUNK`` at a time, each chunk read under the lock (not held while the caller
+        uses it): a row per id, and zeros where ``kept`` says the id was removed meanwhile (by a merge beside a
+        restructure or a checkpoint)."""
         for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
             with self._lock.read():
-                chunk = ids[start : start + CHUNK]
-                present = np.fromiter((i for i in chunk if int(i) in self._objects), np.int64)
-                yield present, self._vectors(present)
+                kept = np.fromiter((int(i) in self._objects for i in chunk), bool, len(chunk))
+                present = self._vectors(chunk[kept])
+            if kept.all():
+                yield kept, present
+            else:
+                rows = np.zeros((len(chunk), self.dim), np.float32)
+                rows[kept] = present
+                yield kept, rows
 
     @classmethod
     def restored(cls, model: str, dim: int, generation: int, objects: list[Indexed],
@@ -809,9 +816,9 @@ class VectorIndex(SearchOne):
         def sample() -> np.ndarray:
             rows = ids[training_rows(len(ids))]
             out, filled = np.empty((len(rows), self.dim), np.float32), 0
-            for _, vectors in self.vectors_of(rows):
-                out[filled : filled + len(vectors)] = vectors
-                filled += len(vectors)
+            for kept, vectors in self.vectors_of(rows):
+                out[filled : filled + kept.sum()] = vectors[kept]
+                filled += kept.sum()
             return out[:filled]
 
         structure = build_structure(index_type, self.dim, len(ids), sample, (), keep)

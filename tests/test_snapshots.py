@@ -146,6 +146,44 @@ def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypa
         decode(io.BytesIO(data[: len(data) // 2]), {"m": DIM})
 
 
+@pytest.mark.parametrize("index_type", ["Flat", "IVF-SQ8"])
+def test_a_snapshot_written_while_merges_go_on_replays_to_the_live_index(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        index_type: str) -> None:
+    """A checkpoint runs beside the merger: a batch applied after its first chunk was written re-uploads an object
+    already written (the snapshot keeps the old version), one not yet written (it leaves the snapshot, v6's
+    ``left``), deletes one not yet written (it leaves too) and adds one. The snapshot loads, and replaying the batch (what came after its stream
+    position) gives the live index's objects and vectors."""
+    monkeypatch.setattr(vector_index, "CHUNK", 7)
+    monkeypatch.setattr(snapshots, "CHUNK", 7)
+    index = filled(60)
+    index.restructure(index_type)
+    fresh = np.random.default_rng(1).standard_normal((3, DIM)).astype(np.float32)
+    fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+    batch = [ResultEntry("upsert", "b", "dir/k 2 ü", "e2'", "s", 200, 3, "m", fresh[0]),
+             ResultEntry("upsert", "b", "dir/k 40 ü", "e40'", "s", 201, 3, "m", fresh[1]),
+             ResultEntry("delete", "b", "dir/k 50 ü", "", "", 202, 3),
+             ResultEntry("upsert", "b", "dir/new", "n", "s", 203, 3, "m", fresh[2])]
+    chunks = index.vectors_of
+
+    def merging_meanwhile(ids: np.ndarray) -> Any:
+        for n, chunk in enumerate(chunks(ids)):
+            yield chunk
+            if n == 0:
+                index.apply(batch)
+
+    monkeypatch.setattr(index, "vectors_of", merging_meanwhile)
+    store = SnapshotStore(tmp_path)
+    store.write(index, "9-9")
+    loaded, last_id = store.load_newest({"m": DIM})  # type: ignore[misc]
+    held = {o.key: o.etag for o in loaded.objects()}
+    assert held["dir/k 2 ü"] == "e2" and "dir/k 40 ü" not in held and "dir/k 50 ü" not in held
+    assert "dir/new" not in held
+    assert last_id == "9-9" and len(loaded) == 57 == store.last["count"] and loaded.index_type == index_type
+    loaded.apply(batch)
+    assert contents(loaded) == contents(index) and len(loaded) == len(index) == 59
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_an_older_snapshot_still_loads(tmp_path: Path, version: int) -> None:
     """Snapshots written before pixel counts and feature stores (v1), or labels and times (v2), existed load with
