@@ -82,7 +82,9 @@ class Service:
         self.duplicates = DuplicateFinder(lambda: self.index, settings.duplicates_cpu_share, self._tasks_outstanding)
         self.loaded = threading.Event()
         self.checked = threading.Event()  # the start-up check against the bucket is done (redis_loss.py)
-        self._since_snapshot = (0, time.monotonic())  # (entries applied at last snapshot, when)
+        # the last checkpoint: (entries applied when it began, when it ended, how long it took)
+        self._since_snapshot = (0, time.monotonic(), 0.0)
+        self._checkpointing = threading.Lock()  # one checkpoint at a time
         self._trim_floor = ("0", -TAKEOVER_HOLD_S)  # (stream id, when): not trimmed past for a while after a takeover
         self._restructuring = threading.Lock()
         self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
@@ -201,7 +203,7 @@ class Service:
         whether Redis held no data of ours."""
         redis_was_empty = self._register_generation()
         self.merger = self._merger(last_id)
-        self._since_snapshot = (0, time.monotonic())
+        self._since_snapshot = (0, time.monotonic(), 0.0)
         if self.backend.shared:  # a paused writer of a shared index can wake and write; a FAISS one only to itself
             self._trim_floor = (last_id, time.monotonic())
         self.merger.start()
@@ -297,12 +299,17 @@ class Service:
                           generation)
 
     def after_batch(self) -> None:
-        """Snapshot policy and the switch to an approximate index (merger thread, between batches)."""
-        applied, when = self._since_snapshot
-        due_entries = self.merger.applied - applied >= self.settings.snapshot_every_entries
-        due_time = self.merger.applied > applied and time.monotonic() - when >= self.settings.snapshot_every_s
-        if (due_entries or due_time) and time.monotonic() >= self.snapshot_health.retry_at:
-            self.snapshot()
+        """Snapshot policy and the switch to an approximate index (merger thread, between batches). Both run in a
+        thread of their own, so merging goes on meanwhile (a snapshot of 1M vectors takes 15-20 s here, 10 s or more
+        of it without a merge when it ran on this thread: bench/README.md, "Merging"). A checkpoint that took d
+        seconds is followed by at least d seconds without one, so a busy stream does not keep the disk writing."""
+        applied, when, took = self._since_snapshot
+        waited = time.monotonic() - when
+        due_entries = self.merger.applied - applied >= self.settings.snapshot_every_entries and waited >= took
+        due_time = self.merger.applied > applied and waited >= self.settings.snapshot_every_s
+        if ((due_entries or due_time) and time.monotonic() >= self.snapshot_health.retry_at
+                and self._checkpointing.acquire(blocking=False)):
+            threading.Thread(target=self._checkpoint_beside, name="checkpoint", daemon=True).start()
         target = restructure_into(self.index, self.settings.approx_threshold, self.backend.approximate)
         if target and self._restructuring.acquire(blocking=False):
             threading.Thread(target=self._restructure, args=(target,), name="restructure", daemon=True).start()
@@ -315,30 +322,49 @@ class Service:
         finally:
             self._restructuring.release()
 
+    def _checkpoint_beside(self) -> None:
+        try:
+            self._checkpoint()
+        except Exception:
+            log.exception("checkpoint failed; the next batch tries again")
+        finally:
+            self._checkpointing.release()
+
     def snapshot(self) -> bool:
+        """Checkpoint now, once a checkpoint already running is done (a clean shutdown's last, a promoted
+        generation's first); returns whether it was written."""
+        with self._checkpointing:
+            return self._checkpoint()
+
+    def _checkpoint(self) -> bool:
         """Checkpoint the serving generation (a snapshot, or a Milvus flush), then trim the stream entries it covers;
-        returns whether it was written. A disk that is full or read-only, a refused S3 copy or an unreachable index
-        server is logged and counted (``snapshot_health``); the stream then stays untrimmed and serving and merging
-        go on."""
-        last_id = self.merger.last_id
+        returns whether it was written. Merges go on meanwhile: the checkpoint covers what was applied when it began
+        (and may hold more, which a restore's replay applies again to the same result). A disk that is full or
+        read-only, a refused S3 copy or an unreachable index server is logged and counted (``snapshot_health``); the
+        stream then stays untrimmed and serving and merging go on."""
+        merger, index = self.merger, self.index
+        last_id, applied = merger.last_id, merger.applied
         started = time.perf_counter()
         try:
-            self.backend.checkpoint(self.index, last_id)
+            self.backend.checkpoint(index, last_id)
         except (OSError, BotoCoreError, ClientError) as exc:  # OSError covers ConnectionError (Milvus unreachable)
             self.snapshot_health.failed(exc)
             return False
         self.snapshot_health.written()
-        self.index.expire_tombstones(self.settings.tombstone_retention_s)
-        self._since_snapshot = (self.merger.applied, time.monotonic())
+        index.expire_tombstones(self.settings.tombstone_retention_s)
+        took = time.perf_counter() - started
+        if merger is self.merger:  # (a takeover meanwhile started counting again)
+            self._since_snapshot = (applied, time.monotonic(), took)
         trim_to = last_id
         floor, since = self._trim_floor
         if time.monotonic() - since < TAKEOVER_HOLD_S and stream_order(floor) < stream_order(last_id):
             trim_to = floor  # a previous writer paused mid-batch may still rewind to here (Merger)
-        if self.shadow is None and trim_to != "0":
+        if self.shadow is None and index is self.index and trim_to != "0":
             # Entries before the snapshot's position are covered by it. (During a reembed the shadow
-            # generation is rebuilt from scratch after a restart, so it needs no replay either.)
+            # generation is rebuilt from scratch after a restart, so it needs no replay either; a generation
+            # promoted meanwhile trims after its own first checkpoint.)
             self.redis.xtrim(self.keys.results, minid=trim_to, approximate=False)
-        log.info("checkpoint of %d vectors at %s in %.2f s", len(self.index), last_id, time.perf_counter() - started)
+        log.info("checkpoint of %d vectors at %s in %.2f s", len(index), last_id, took)
         return True
 
     def promote(self, shadow: Index | None) -> None:
