@@ -305,9 +305,9 @@ class Service:
         seconds is followed by at least d seconds without one, so a busy stream does not keep the disk writing."""
         applied, when, took = self._since_snapshot
         waited = time.monotonic() - when
-        due_entries = self.merger.applied - applied >= self.settings.snapshot_every_entries and waited >= took
+        due_entries = self.merger.applied - applied >= self.settings.snapshot_every_entries
         due_time = self.merger.applied > applied and waited >= self.settings.snapshot_every_s
-        if ((due_entries or due_time) and time.monotonic() >= self.snapshot_health.retry_at
+        if ((due_entries or due_time) and waited >= took and time.monotonic() >= self.snapshot_health.retry_at
                 and self._checkpointing.acquire(blocking=False)):
             threading.Thread(target=self._checkpoint_beside, name="checkpoint", daemon=True).start()
         target = restructure_into(self.index, self.settings.approx_threshold, self.backend.approximate)
