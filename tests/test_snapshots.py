@@ -152,8 +152,8 @@ def test_a_snapshot_written_while_merges_go_on_replays_to_the_live_index(tmp_pat
                                                                         index_type: str) -> None:
     """A checkpoint runs beside the merger: a batch applied after its first chunk was written re-uploads an object
     already written (the snapshot keeps the old version), one not yet written (it leaves the snapshot, v6's
-    ``left``), deletes one not yet written (it leaves too) and adds one. The snapshot loads, and replaying the batch (what came after its stream
-    position) gives the live index's objects and vectors."""
+    ``left``), deletes one not yet written (it leaves too) and adds one. The snapshot loads, and replaying the batch
+    (what came after its stream position) gives the live index's objects and vectors."""
     monkeypatch.setattr(vector_index, "CHUNK", 7)
     monkeypatch.setattr(snapshots, "CHUNK", 7)
     index = filled(60)
