@@ -300,9 +300,10 @@ class Service:
 
     def after_batch(self) -> None:
         """Snapshot policy and the switch to an approximate index (merger thread, between batches). Both run in a
-        thread of their own, so merging goes on meanwhile (a snapshot of 1M vectors takes 15-20 s here, 10 s or more
-        of it without a merge when it ran on this thread: bench/README.md, "Merging"). A checkpoint that took d
-        seconds is followed by at least d seconds without one, so a busy stream does not keep the disk writing."""
+        thread of their own, so merging goes on meanwhile (a snapshot of 1M vectors takes 12-20 s here, and the
+        merger, which wrote it between batches until 554a28e, merged nothing meanwhile: bench/README.md, "Merges
+        while a snapshot is written"). A checkpoint that took d seconds is followed by at least d seconds without
+        one, so a busy stream does not keep the disk writing."""
         applied, when, took = self._since_snapshot
         waited = time.monotonic() - when
         due_entries = self.merger.applied - applied >= self.settings.snapshot_every_entries
