@@ -40,6 +40,7 @@ SUFFIX = ".snapshot.npz"
 VERSION = 6
 TRAINED = ("centroids", "scalar_quantizer")  # vector_index.trained_state's arrays, one .npy each
 READABLE = (1, 2, 3, 4, 5, 6)  # older snapshots still load (their objects without labels and times, IVF retrained)
+ABANDONED_S = 600  # a snapshot's temporary file untouched this long was left by a killed writer
 
 
 class SnapshotError(ValueError):
@@ -292,9 +293,15 @@ class SnapshotStore:
         return path
 
     def _prune(self) -> None:
-        """Older snapshots still hold deleted images' vectors: keep only the newest few."""
+        """Older snapshots still hold deleted images' vectors: keep only the newest few. A temporary file that has not
+        grown for ``ABANDONED_S`` is what a process killed while writing a snapshot left (as large as the index)."""
         for old in self._local()[self.keep :]:
             old.unlink(missing_ok=True)
+        for partial in self.folder.glob(f".*{SUFFIX}.tmp"):
+            with contextlib.suppress(OSError):  # (gone meanwhile: renamed by the writer that was still on it)
+                if time.time() - partial.stat().st_mtime > ABANDONED_S:
+                    partial.unlink()
+                    log.warning("removed %s, a snapshot its writer never finished", partial.name)
         if self.s3 is not None:
             for key in self._remote()[self.keep :]:
                 self.s3.delete_object(Bucket=self.bucket, Key=key)

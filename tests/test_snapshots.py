@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,17 @@ def test_only_the_newest_are_kept(tmp_path: Path) -> None:
         store.write(filled(5, seed=i), f"{i}-0")
     assert len(list(tmp_path.glob("*.snapshot.npz"))) == 2
     assert store.load_newest({"m": DIM})[1] == "3-0"  # type: ignore[index]
+
+
+def test_a_snapshot_a_killed_writer_left_half_written_is_removed(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    abandoned, growing = tmp_path / ".1-g1.snapshot.npz.tmp", tmp_path / ".2-g1.snapshot.npz.tmp"
+    abandoned.write_bytes(b"half")
+    growing.write_bytes(b"half")
+    an_hour_ago = time.time() - 3600
+    os.utime(abandoned, (an_hour_ago, an_hour_ago))
+    store.write(filled(5), "1-0")
+    assert not abandoned.exists() and growing.exists()  # another writer may still be on a fresh one
 
 
 def test_restored_ivf_index_keeps_its_type(tmp_path: Path) -> None:
