@@ -68,6 +68,7 @@ class Rebuilds:
         self.service = service
         self.current: RebuildJob | None = None
         self._expected: set[str] = set()
+        self._completing = False  # the running job's last step (restructure, swap) has started
         self._lock = threading.RLock()
 
     # -- public --------------------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ class Rebuilds:
             )
             self.current = job
             self._expected = set()
+            self._completing = False
             self._save(job)
             if mode == "reembed":
                 service.shadow = service.new_generation(job.model, job.generation)
@@ -257,14 +259,25 @@ class Rebuilds:
             self._finish(job, "done")
 
     def _maybe_complete(self, job: RebuildJob) -> None:
-        if job.state == "running" and job.listed and not self._expected:
-            shadow = self.service.shadow
-            if shadow is not None and job.index_type != shadow.index_type and len(shadow):
-                shadow.restructure(job.index_type)
-            self.service.promote(shadow)
-            self._finish(job, "done")
+        """Once every listed object is settled, complete the job in a thread of its own: ``observe`` runs on the
+        merger's thread, and restructuring a shadow of 1M vectors into IVF takes minutes, during which live uploads
+        would not be merged (nor, with this lock held, ``/stats`` answer)."""
+        if job.state == "running" and job.listed and not self._expected and not self._completing:
+            self._completing = True
+            threading.Thread(target=self._guard, args=(job, self._complete), name=f"rebuild-{job.id}-complete",
+                             daemon=True).start()
         elif job.done % 100 == 0:
             self._save(job)
+
+    def _complete(self, job: RebuildJob) -> None:
+        """Give the shadow the job's structure (merges and searches go on meanwhile), then swap it in."""
+        shadow = self.service.shadow
+        if shadow is not None and job.index_type != shadow.index_type and len(shadow):
+            shadow.restructure(job.index_type)
+        with self._lock:
+            if job.state == "running":  # (not cancelled meanwhile)
+                self.service.promote(shadow)
+                self._finish(job, "done")
 
     def _finish(self, job: RebuildJob, state: str) -> None:
         job.state = state

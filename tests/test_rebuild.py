@@ -179,15 +179,17 @@ def test_reembed_with_another_model_feeds_both_generations_then_switches_back(
     bad = api.post("/rebuild", json={"mode": "reembed", "model": "efficientnet-lite9"}, headers=admin(stack))
     assert bad.status_code == 400 and "unknown model" in bad.json()["error"]["message"]
 
-    for model in ("efficientnet-lite1", serving["model"]):
-        job = api.post("/rebuild", json={"mode": "reembed", "model": model}, headers=admin(stack))
+    # The first also restructures its new generation (off the merger's thread) before the swap.
+    for model, index_type in (("efficientnet-lite1", "IVF-SQ8"), (serving["model"], serving["index_type"])):
+        job = api.post("/rebuild", json={"mode": "reembed", "model": model, "index_type": index_type},
+                       headers=admin(stack))
         assert job.status_code == 202, job.text
         key = f"{unique_prefix}live-during-{model}.jpg"  # a live upload while two models are in use
         s3.put_object(Bucket=bucket, Key=key, Body=photo("chelsea.png", transform=True))
         url = f"/rebuild/{job.json()['id']}"
         done = wait_for(lambda u=url: (s := api.get(u).json())["state"] != "running" and s, 300, interval_s=0.5,
                         what=f"rebuild to {model}")
-        assert done["state"] == "done", done
+        assert done["state"] == "done" and done["index_type"] == index_type, done
         stats = api.get("/stats").json()
         assert stats["model"] == model and stats["vectors"] > 0
         wait_for(lambda k=key: indexed_etag(api, bucket, k), 60, what=f"{key} indexed under {model}")
