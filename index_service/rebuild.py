@@ -273,6 +273,8 @@ class Rebuilds:
         """Give the shadow the job's structure (merges and searches go on meanwhile), then swap it in."""
         shadow = self.service.shadow
         if shadow is not None and job.index_type != shadow.index_type and len(shadow):
+            log.info("rebuild %s: every object settled; making generation %d %s before the swap", job.id,
+                     shadow.generation, job.index_type)
             shadow.restructure(job.index_type)
         with self._lock:
             if job.state == "running":  # (not cancelled meanwhile)
