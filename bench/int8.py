@@ -10,10 +10,17 @@ ONNX Runtime quantizes a convolution's output over its whole calibrated range (t
 unless the ReLU6 after it (a ``Clip``) is quantized too, which folds the clip into it ([0, 6], 0.024 a step). With
 ``Clip`` among the quantized types the vectors reach cosine 0.98, and 0.997 with the stem and the first four blocks
 (the high-resolution, few-channel layers) left in float (bench/README.md, "int8 on CPU").
+
+``--quality``: the issue's second bar, ``make quality``'s global ranking (source@1 per edit, in-process, no
+verification) with the int8 graph of a variant (``--variant``) against float32's: each direction's graph is
+calibrated on that direction's fitting half of the gallery, and only its evaluation half's queries are scored.
+Writes ``bench/results/int8-quality.json``.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,6 +39,8 @@ from vision.models import DEFAULT_MODEL, recipe
 
 from . import RESULTS
 from .corpus import ensure_photos
+from .quality import Decoded, evaluate_variant, make_queries
+from .quality_metrics import split_families
 
 RELU6 = ["Conv", "Clip"]  # each ReLU6 folded into the convolution before it
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -68,32 +77,95 @@ def describe(s: ort.InferenceSession, images: np.ndarray, finish: Finisher) -> t
     return finish(np.concatenate([o[0] for o in out])), np.concatenate([o[1] for o in out]), rate
 
 
-def main() -> None:
+def prepare(home: Path) -> tuple[Path, Path]:
+    """The default model's float32 graph (exported once) and its copy prepared for quantization."""
     chosen = recipe(DEFAULT_MODEL)
-    home = Path(".bucketlens")
     OnnxEmbedder(Settings(home=home, runtime="onnx"), chosen)  # exports the float32 graph once
     source = next((home / "models").glob(f"{chosen.arch}-{chosen.input_size}-gem3-m1-relu6-probs-*.onnx"))
+    prepared = home / "models" / "int8-prepared.onnx"
+    quant_pre_process(str(source), str(prepared))
+    return source, prepared
+
+
+def quantized(prepared: Path, out: Path, calibration: np.ndarray, options: dict[str, Any]) -> Path:
+    """``prepared`` quantized as a variant's ``options`` say (``float_blocks``: the stem and that many first blocks
+    left in float), calibrated on ``calibration`` (NCHW float32)."""
+    import onnx
+
+    options = dict(options)
+    blocks = options.pop("float_blocks", None)
+    early = [] if blocks is None else ["_conv_stem", *(f"_blocks.{b}/" for b in range(blocks))]
+    convs = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
+    exclude = [c for c in convs if any(part in c for part in early)]
+    quantize_static(str(prepared), str(out), Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=exclude,
+                    **options)
+    return out
+
+
+def features(s: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
+    """The graph's pooled features of NHWC uint8 ``images``, L2-normalised (not centred)."""
+    out = [s.run(["features"], {"images": images[i : i + 8].transpose(0, 3, 1, 2).astype(np.float32)})[0]
+           for i in range(0, len(images), 8)]
+    rows = np.concatenate(out)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def quality(seeds: int, variant: str) -> None:
+    home = Path(".bucketlens")
+    source, prepared = prepare(home)
+    shipped = dataclasses.replace(recipe(DEFAULT_MODEL), local_features=False)
+    photos = ensure_photos(home / "photos")
+    queries = make_queries(photos, seeds, home / "photos" / "queries")
+    decoded = Decoded()
+    gallery = decoded.pixels([p.path for p in photos], shipped)
+    asked = decoded.pixels([q.path for q in queries], shipped)
+    families = [p.family for p in photos]
+    halves = split_families(families)
+    runs = {"float32": [features(session(source), x) for x in (gallery, asked)]}
+    for direction, fit_half in enumerate(halves):  # each direction's graph calibrated on its own fitting half
+        calibration = gallery[[f in fit_half for f in families]].transpose(0, 3, 1, 2).astype(np.float32)
+        graph = quantized(prepared, home / "models" / f"int8-quality-{direction}.onnx", calibration,
+                          VARIANTS[variant])
+        runs[f"int8 {direction}"] = [features(session(graph), x) for x in (gallery, asked)]
+    reports = {name: evaluate_variant(name, g, q, shipped, photos, queries, decoded, False)
+               for name, (g, q) in runs.items()}
+    result: dict[str, Any] = {"model": DEFAULT_MODEL, "int8": variant, "seeds": seeds, "edits": {}}
+    for edit_name in reports["float32"]["directions"][0]["rows"]:
+        float32 = np.mean([d["rows"][edit_name]["source@1"] for d in reports["float32"]["directions"]])
+        int8 = np.mean([reports[f"int8 {i}"]["directions"][i]["rows"][edit_name]["source@1"] for i in (0, 1)])
+        result["edits"][edit_name] = {"float32": round(float(float32), 4), "int8": round(float(int8), 4),
+                                      "points": round(float(100 * (int8 - float32)), 1)}
+        print(edit_name, result["edits"][edit_name])
+    path = RESULTS / "int8-quality.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**previous, variant: result}, indent=2) + "\n")  # one entry per variant
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.int8", description=__doc__.splitlines()[0])
+    parser.add_argument("--quality", action="store_true", help="make quality's ranking with int8 against float32")
+    parser.add_argument("--seeds", type=int, default=5, help="--quality: edited copies of each photo and edit")
+    parser.add_argument("--variant", default="convolutions and ReLU6, stem and blocks 0-3 in float", choices=VARIANTS,
+                        help="--quality: the int8 graph measured")
+    args = parser.parse_args()
+    if args.quality:
+        quality(args.seeds, args.variant)
+        return
+    chosen = recipe(DEFAULT_MODEL)
+    home = Path(".bucketlens")
+    source, prepared = prepare(home)
     photos = [p.path for p in ensure_photos(home / "photos")]
     images = np.stack([decode_for(chosen, p.read_bytes(), 64_000_000).pixels for p in photos])
     images = images.transpose(0, 3, 1, 2).astype(np.float32)
     calibration, evaluation = images[::2], images[1::2]
     finish = Finisher(chosen)
-    prepared = home / "models" / "int8-prepared.onnx"
-    quant_pre_process(str(source), str(prepared))
     v32, p32, rate32 = describe(session(source), evaluation, finish)
     report: dict[str, Any] = {"model": DEFAULT_MODEL, "calibration_images": len(calibration),
                               "evaluation_images": len(evaluation), "float32_img_per_s": round(rate32, 1),
                               "variants": {}}
-    convs = [n.name for n in __import__("onnx").load(str(prepared)).graph.node if n.op_type == "Conv"]
     for name, options in VARIANTS.items():
-        options = dict(options)
-        blocks = options.pop("float_blocks", None)
-        early = [] if blocks is None else ["_conv_stem", *(f"_blocks.{b}/" for b in range(blocks))]
-        exclude = [c for c in convs if any(part in c for part in early)]
-        out = home / "models" / f"int8-{len(report['variants'])}.onnx"
-        quantize_static(str(prepared), str(out), Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=exclude,
-                        **options)
+        out = quantized(prepared, home / "models" / f"int8-{len(report['variants'])}.onnx", calibration, options)
         v8, p8, rate8 = describe(session(out), evaluation, finish)
         cosine = (v32 * v8).sum(axis=1)
         report["variants"][name] = {"cosine_min": round(float(cosine.min()), 4),
