@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bucketlens.settings import Settings
 from vision.decode import decode_for
 from vision.embedders import Finisher
-from vision.embedders.onnx_runtime import OnnxEmbedder
+from vision.embedders.onnx_runtime import FLOAT_BLOCKS, exported, int8_ranges_path, quantize
 from vision.models import DEFAULT_MODEL, recipe
 
 from . import RESULTS
@@ -77,30 +77,34 @@ def describe(s: ort.InferenceSession, images: np.ndarray, finish: Finisher) -> t
     return finish(np.concatenate([o[0] for o in out])), np.concatenate([o[1] for o in out]), rate
 
 
-def prepare(home: Path) -> tuple[Path, Path]:
-    """The default model's float32 graph (exported once) and its copy prepared for quantization."""
-    chosen = recipe(DEFAULT_MODEL)
-    OnnxEmbedder(Settings(home=home, runtime="onnx"), chosen)  # exports the float32 graph once
-    source = next((home / "models").glob(f"{chosen.arch}-{chosen.input_size}-gem3-m1-relu6-probs-*.onnx"))
-    prepared = home / "models" / "int8-prepared.onnx"
-    quant_pre_process(str(source), str(prepared))
-    return source, prepared
-
-
-def quantized(prepared: Path, out: Path, calibration: np.ndarray, options: dict[str, Any]) -> Path:
-    """``prepared`` quantized as a variant's ``options`` say (``float_blocks``: the stem and that many first blocks
-    left in float), calibrated on ``calibration`` (NCHW float32)."""
-    import onnx
-
+def quantized(source: Path, out: Path, calibration: np.ndarray, options: dict[str, Any]) -> Path:
+    """``source`` quantized as a variant's ``options`` say (``float_blocks``: the stem and that many first blocks
+    left in float), calibrated on ``calibration`` (NCHW float32), as the int8 runtime makes its graph."""
     options = dict(options)
-    blocks = options.pop("float_blocks", None)
-    early = [] if blocks is None else ["_conv_stem", *(f"_blocks.{b}/" for b in range(blocks))]
-    convs = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
-    exclude = [c for c in convs if any(part in c for part in early)]
-    quantize_static(str(prepared), str(out), Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=exclude,
-                    **options)
+    quantize(source, out, Reader(calibration), float_blocks=options.pop("float_blocks", None), **options)
     return out
+
+
+def fit(home: Path) -> None:
+    """The activation ranges the int8 runtime quantizes with (``vision/fitted/<graph>.int8.json``), fitted on the
+    gallery photos of the quality corpus's first half of families (``--quality``'s first direction)."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    chosen = recipe(DEFAULT_MODEL)
+    source = exported(Settings(home=home, runtime="onnx"), chosen)
+    photos = ensure_photos(home / "photos")
+    half = split_families([p.family for p in photos])[0]
+    images = Decoded().pixels([p.path for p in photos if p.family in half], chosen)
+    prepared, augmented = home / "models" / "int8-fit-prepared.onnx", home / "models" / "int8-fit-augmented.onnx"
+    quant_pre_process(str(source), str(prepared))
+    calibrator = create_calibrator(prepared, RELU6, augmented_model_path=str(augmented))
+    calibrator.collect_data(Reader(images.transpose(0, 3, 1, 2).astype(np.float32)))
+    ranges = {name: [float(np.ravel(data.range_value[0])[0]), float(np.ravel(data.range_value[1])[0])]
+              for name, data in calibrator.compute_data().items()}
+    path = int8_ranges_path(chosen)
+    path.write_text(json.dumps({"export": source.name, "float_blocks": FLOAT_BLOCKS, "photos": len(images),
+                                "ranges": ranges}, indent=1) + "\n")
+    print(f"{len(ranges)} activation ranges from {len(images)} photos -> {path}")
 
 
 def features(s: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
@@ -113,7 +117,7 @@ def features(s: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
 
 def quality(seeds: int, variant: str) -> None:
     home = Path(".bucketlens")
-    source, prepared = prepare(home)
+    source = exported(Settings(home=home, runtime="onnx"), recipe(DEFAULT_MODEL))
     shipped = dataclasses.replace(recipe(DEFAULT_MODEL), local_features=False)
     photos = ensure_photos(home / "photos")
     queries = make_queries(photos, seeds, home / "photos" / "queries")
@@ -125,7 +129,7 @@ def quality(seeds: int, variant: str) -> None:
     runs = {"float32": [features(session(source), x) for x in (gallery, asked)]}
     for direction, fit_half in enumerate(halves):  # each direction's graph calibrated on its own fitting half
         calibration = gallery[[f in fit_half for f in families]].transpose(0, 3, 1, 2).astype(np.float32)
-        graph = quantized(prepared, home / "models" / f"int8-quality-{direction}.onnx", calibration,
+        graph = quantized(source, home / "models" / f"int8-quality-{direction}.onnx", calibration,
                           VARIANTS[variant])
         runs[f"int8 {direction}"] = [features(session(graph), x) for x in (gallery, asked)]
     reports = {name: evaluate_variant(name, g, q, shipped, photos, queries, decoded, False)
@@ -145,16 +149,20 @@ def quality(seeds: int, variant: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.int8", description=__doc__.splitlines()[0])
     parser.add_argument("--quality", action="store_true", help="make quality's ranking with int8 against float32")
+    parser.add_argument("--fit", action="store_true", help="write the int8 runtime's activation ranges")
     parser.add_argument("--seeds", type=int, default=5, help="--quality: edited copies of each photo and edit")
     parser.add_argument("--variant", default="convolutions and ReLU6, stem and blocks 0-3 in float", choices=VARIANTS,
                         help="--quality: the int8 graph measured")
     args = parser.parse_args()
+    home = Path(".bucketlens")
+    if args.fit:
+        fit(home)
+        return
     if args.quality:
         quality(args.seeds, args.variant)
         return
     chosen = recipe(DEFAULT_MODEL)
-    home = Path(".bucketlens")
-    source, prepared = prepare(home)
+    source = exported(Settings(home=home, runtime="onnx"), chosen)
     photos = [p.path for p in ensure_photos(home / "photos")]
     images = np.stack([decode_for(chosen, p.read_bytes(), 64_000_000).pixels for p in photos])
     images = images.transpose(0, 3, 1, 2).astype(np.float32)
@@ -165,7 +173,7 @@ def main() -> None:
                               "evaluation_images": len(evaluation), "float32_img_per_s": round(rate32, 1),
                               "variants": {}}
     for name, options in VARIANTS.items():
-        out = quantized(prepared, home / "models" / f"int8-{len(report['variants'])}.onnx", calibration, options)
+        out = quantized(source, home / "models" / f"int8-{len(report['variants'])}.onnx", calibration, options)
         v8, p8, rate8 = describe(session(out), evaluation, finish)
         cosine = (v32 * v8).sum(axis=1)
         report["variants"][name] = {"cosine_min": round(float(cosine.min()), 4),

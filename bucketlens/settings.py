@@ -43,7 +43,7 @@ class Settings:
     wordnet: Path = Path("/usr/share/wordnet")  # WordNet 3.0 (Debian's wordnet-base), for text queries
     model: str = "lite0-copy-v3"  # a recipe of vision/models.py (DEFAULT_MODEL there)
     device: str = "auto"  # auto | cpu | cuda
-    runtime: str = "auto"  # auto | torch | onnx  (which engine runs the model)
+    runtime: str = "auto"  # auto | torch | onnx | onnx-int8  (which engine runs the model)
     half: bool = True  # half precision on CUDA
     torch_threads: int = 0  # 0: all cores
     max_object_bytes: int = 50 * 1024 * 1024

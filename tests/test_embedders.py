@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +16,10 @@ from PIL import Image
 from bucketlens.settings import Settings
 from infra.samples import augment, skimage_data
 from vision.decode import decode
+from vision.embedders import onnx_runtime
 from vision.embedders.onnx_runtime import OnnxEmbedder, intra_op_threads
 from vision.embedders.torch_runtime import TorchEmbedder, pick_device
-from vision.models import RECIPES
+from vision.models import DEFAULT_MODEL, RECIPES
 from vision.network import weights_path
 
 LITE0 = RECIPES["efficientnet-lite0"]
@@ -65,6 +68,32 @@ def test_onnx_runtime_matches_torch(torch_embedder: TorchEmbedder, batch: np.nda
                                     tmp_path_factory: pytest.TempPathFactory) -> None:
     onnx = OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("onnx")), LITE0)
     np.testing.assert_allclose(onnx.embed(batch), torch_embedder.embed(batch), atol=1e-4)
+
+
+def test_the_int8_runtime_embeds_within_cosine_099_of_float32(batch: np.ndarray,
+                                                              tmp_path_factory: pytest.TempPathFactory,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``runtime=onnx-int8``: the int8 graph is made on first use from the float32 export and the activation ranges
+    shipped in ``vision/fitted``; six photos and their edits embed as float32 does, to cosine 0.99. Ranges fitted
+    on another export are refused, not used."""
+    chosen = RECIPES[DEFAULT_MODEL]
+    home = tmp_path_factory.mktemp("int8")
+    float32 = OnnxEmbedder(Settings(home=home, runtime="onnx"), chosen).embed(batch)
+    int8 = OnnxEmbedder(Settings(home=home, runtime="onnx-int8"), chosen)
+    cosine = (int8.embed(batch) * float32).sum(axis=1)
+    assert cosine.mean() >= 0.99 and cosine.min() >= 0.98, cosine
+    graphs = {path.name for path in (home / "models").iterdir()}
+    assert len(graphs) == 2 and len({name.replace("-int8.onnx", ".onnx") for name in graphs}) == 1, graphs
+
+    foreign = tmp_path_factory.mktemp("foreign") / "ranges.json"
+    saved = json.loads(onnx_runtime.int8_ranges_path(chosen).read_text())
+    foreign.write_text(json.dumps({**saved, "export": "another-export.onnx"}))
+    monkeypatch.setattr(onnx_runtime, "int8_ranges_path", lambda _: foreign)
+    with pytest.raises(ValueError, match="was fitted on another-export.onnx"):
+        OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("int8-foreign"), runtime="onnx-int8"), chosen)
+    monkeypatch.setattr(onnx_runtime, "int8_ranges_path", lambda _: Path("/nonexistent.json"))
+    with pytest.raises(ValueError, match="bench.int8 --fit"):
+        OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("int8-none"), runtime="onnx-int8"), chosen)
 
 
 def test_device_selection_on_a_cpu_machine() -> None:

@@ -2,7 +2,7 @@
 (``torch_runtime``, ``onnx_runtime``).
 
 ``load_embedder(settings)`` picks the runtime: torch on CUDA when present, ONNX Runtime on CPU when installed
-(measured faster there, see bench/README.md), eager torch otherwise.
+(measured faster there, see bench/README.md), eager torch otherwise; ``onnx-int8`` when asked for (CPU).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def load_embedder(settings: Settings, model: str | None = None, custom: Recipe |
     runtime = settings.runtime
     if runtime == "auto":
         runtime = "torch" if device == "cuda" else _onnx_if_available()
-    if runtime == "onnx":
+    if runtime in ("onnx", "onnx-int8"):
         from .onnx_runtime import OnnxEmbedder
 
         embedder: Embedder = OnnxEmbedder(settings, chosen)
