@@ -91,6 +91,9 @@ def test_the_int8_runtime_embeds_within_cosine_099_of_float32(batch: np.ndarray,
     monkeypatch.setattr(onnx_runtime, "int8_ranges_path", lambda _: foreign)
     with pytest.raises(ValueError, match="was fitted on another-export.onnx"):
         OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("int8-foreign"), runtime="onnx-int8"), chosen)
+    foreign.write_text(json.dumps({**saved, "ranges": dict(list(saved["ranges"].items())[1:])}))
+    with pytest.raises(ValueError, match="lack 1 of this graph's activations"):  # exported with other names
+        OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("int8-names"), runtime="onnx-int8"), chosen)
     monkeypatch.setattr(onnx_runtime, "int8_ranges_path", lambda _: Path("/nonexistent.json"))
     with pytest.raises(ValueError, match="bench.int8 --fit"):
         OnnxEmbedder(Settings(home=tmp_path_factory.mktemp("int8-none"), runtime="onnx-int8"), chosen)

@@ -112,6 +112,11 @@ def quantize(source: Path, out: Path, calibration: Any = None, ranges: dict[str,
         shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
         early = [] if float_blocks is None else ["_conv_stem", *(f"_blocks.{b}/" for b in range(float_blocks))]
         if ranges is not None:
+            weights = {i.name for i in model.graph.initializer}
+            needed = {t for n in model.graph.node if n.op_type in ("Conv", "Clip") for t in (*n.input[:1], *n.output)}
+            if missing := needed - weights - ranges.keys():  # another exporter's names: nothing to quantize them by
+                raise ValueError(f"the fitted int8 ranges lack {len(missing)} of this graph's activations (e.g. "
+                                 f"{min(missing)}): refit with `python -m bench.int8 --fit`, or run float32")
             options["extra_options"] = {"TensorQuantOverrides": {
                 name: [{"rmin": np.float32(low), "rmax": np.float32(high)}] for name, (low, high) in ranges.items()}}
             calibration = One(shape)
