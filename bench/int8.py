@@ -15,6 +15,9 @@ unless the ReLU6 after it (a ``Clip``) is quantized too, which folds the clip in
 verification) with the int8 graph of a variant (``--variant``) against float32's: each direction's graph is
 calibrated on that direction's fitting half of the gallery, and only its evaluation half's queries are scored.
 Writes ``bench/results/int8-quality.json``.
+
+``--limit``: what a CPU worker gains, the in-process limit (decode, embed, local features: ``bench.limit``'s serial
+variant) on one core with one runtime thread, float32 and int8 in turn, twice. Writes ``bench/results/int8-limit.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -146,10 +150,29 @@ def quality(seeds: int, variant: str) -> None:
     path.write_text(json.dumps({**previous, variant: result}, indent=2) + "\n")  # one entry per variant
 
 
+def limit(home: Path) -> None:
+    from .images import ensure_images
+    from .limit import measure_limit
+
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # one core, as the fair step gives the worker
+    blobs = [path.read_bytes() for path in ensure_images(home / "bench-cache", 256)]
+    rates: dict[str, list[float]] = {}
+    for _ in range(2):
+        for runtime in ("onnx", "onnx-int8"):
+            settings = Settings.from_env(home=home, runtime=runtime, torch_threads=1, worker_concurrency=1)
+            rate = measure_limit(settings, blobs, 1, only=("serial",))["limit_images_per_s"]
+            rates.setdefault(runtime, []).append(round(float(rate), 1))  # type: ignore[arg-type]
+    result = {"images": len(blobs), "img_per_s": rates,
+              "int8_vs_float32": round(sum(rates["onnx-int8"]) / sum(rates["onnx"]), 2)}
+    print(result)
+    (RESULTS / "int8-limit.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.int8", description=__doc__.splitlines()[0])
     parser.add_argument("--quality", action="store_true", help="make quality's ranking with int8 against float32")
     parser.add_argument("--fit", action="store_true", help="write the int8 runtime's activation ranges")
+    parser.add_argument("--limit", action="store_true", help="a CPU worker's in-process limit, float32 and int8")
     parser.add_argument("--seeds", type=int, default=5, help="--quality: edited copies of each photo and edit")
     parser.add_argument("--variant", default="convolutions and ReLU6, stem and blocks 0-3 in float", choices=VARIANTS,
                         help="--quality: the int8 graph measured")
@@ -157,6 +180,9 @@ def main() -> None:
     home = Path(".bucketlens")
     if args.fit:
         fit(home)
+        return
+    if args.limit:
+        limit(home)
         return
     if args.quality:
         quality(args.seeds, args.variant)
