@@ -119,8 +119,7 @@ def features(s: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def quality(seeds: int, variant: str) -> None:
-    home = Path(".bucketlens")
+def quality(home: Path, seeds: int, variant: str) -> None:
     source = exported(Settings(home=home, runtime="onnx"), recipe(DEFAULT_MODEL))
     shipped = dataclasses.replace(recipe(DEFAULT_MODEL), local_features=False)
     photos = ensure_photos(home / "photos")
@@ -185,7 +184,7 @@ def main() -> None:
         limit(home)
         return
     if args.quality:
-        quality(args.seeds, args.variant)
+        quality(home, args.seeds, args.variant)
         return
     chosen = recipe(DEFAULT_MODEL)
     source = exported(Settings(home=home, runtime="onnx"), chosen)

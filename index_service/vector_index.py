@@ -817,8 +817,9 @@ class VectorIndex(SearchOne):
             rows = ids[training_rows(len(ids))]
             out, filled = np.empty((len(rows), self.dim), np.float32), 0
             for kept, vectors in self.vectors_of(rows):
-                out[filled : filled + kept.sum()] = vectors[kept]
-                filled += kept.sum()
+                present = vectors[kept]
+                out[filled : filled + len(present)] = present
+                filled += len(present)
             return out[:filled]
 
         structure = build_structure(index_type, self.dim, len(ids), sample, (), keep)
