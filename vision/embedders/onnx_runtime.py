@@ -15,6 +15,7 @@ and it ties (its labels: the same top-1 class for 94.5 % of images, float32's am
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -133,20 +134,22 @@ def quantize(source: Path, out: Path, calibration: Any = None, ranges: dict[str,
 
 
 def int8_graph(settings: Settings, recipe: Recipe) -> Path:
-    """The int8 copy of ``recipe``'s graph, made once from the fitted ranges; refuses ranges fitted on another
-    export (the tensors are named by the exporter) rather than guess."""
+    """The int8 copy of ``recipe``'s graph, made once from the fitted ranges and named by their digest (as the
+    export is by the weights'), so ranges refitted in a later version make a new graph rather than reuse the old
+    one; refuses ranges fitted on another export (the tensors are named by the exporter) rather than guess."""
     source = exported(settings, recipe)
-    path = source.with_name(f"{source.stem}-int8.onnx")
-    if path.exists():
-        return path
     fitted = int8_ranges_path(recipe)
     if not fitted.exists():
         raise ValueError(f"runtime onnx-int8 needs the activation ranges fitted for {graph_name(recipe)} at {fitted}: "
                          "`python -m bench.int8 --fit`, or run float32 (runtime onnx)")
-    saved = json.loads(fitted.read_text())
+    text = fitted.read_bytes()
+    saved = json.loads(text)
     if saved["export"] != source.name:
         raise ValueError(f"{fitted} was fitted on {saved['export']}, not on this export ({source.name}): refit with "
                          "`python -m bench.int8 --fit`, or run float32 (runtime onnx)")
+    path = source.with_name(f"{source.stem}-int8-{hashlib.sha256(text).hexdigest()[:16]}.onnx")
+    if path.exists():
+        return path
     log.info("making the int8 graph of %s at %s (once)", recipe.name, path)
     quantize(source, path, ranges=saved["ranges"], float_blocks=saved["float_blocks"])
     return path
