@@ -39,13 +39,25 @@ for l in d.get("lockers",[]): print(l["name"], l["cookie"])' | while read -r who
     done
   done || true
 }
+start_rgw() {  # radosgw's HTTP server on $PORT. tcp_nodelay: without it each GET on a kept-alive connection waited
+  # ~40 ms for the client's delayed ACK before the body went out (300 GETs of 60 KB one after another: 44 ms each,
+  # 2.2 ms with it). Ceph 16 (Debian 12's) runs civetweb: its beast aborts radosgw on every multi-object delete
+  # (DeleteObjects: `aws s3 rm --recursive`, rclone, mc) in a bucket with a persistent notification topic
+  # (rgw::notify::publish_reserve in the coroutine RGWDeleteMultiObj spawns per object); civetweb deletes them in
+  # turn. Later releases have no civetweb and run beast.
+  local frontend="beast endpoint=127.0.0.1:$PORT tcp_nodelay=1" quiet=()
+  if radosgw --version 2>/dev/null | grep -q '^ceph version 16\.'; then
+    frontend="civetweb port=127.0.0.1:$PORT tcp_nodelay=1"; quiet=(--debug-civetweb 0/0)  # (no access log line)
+  fi
+  radosgw -c $CONF -n client.rgw.a --rgw-frontends "$frontend" "${quiet[@]}"
+}
 start_daemons() {  # starts only what is not running (radosgw alone may be down, e.g. during a watchdog restart)
   [ -n "$(pid_of mon.a)" ] || ceph-mon -c $CONF -i a
   [ -n "$(pid_of osd.0)" ] || ceph-osd -c $CONF -i 0 2>/dev/null   # returns after the store is mounted (~3 s)
   wait_osd_active   # after a SIGKILL the osdmap still has the old osd address: rgw started earlier stalls ~10 s
   [ -n "$(pid_of client.rgw.a)" ] && return 0
   [ "${NOTIF_LOCK_BREAK:-1}" = 1 ] && break_notif_locks
-  radosgw -c $CONF -n client.rgw.a
+  start_rgw
 }
 
 case $CMD in
@@ -101,9 +113,7 @@ osd memory target = 939524096
 osd max object name len = 2048
 osd max object namespace len = 64
 [client.rgw.a]
-# tcp_nodelay: without it each GET on a kept-alive connection waited ~40 ms for the client's delayed ACK before the
-# body went out (300 GETs of 60 KB one after another: 44 ms each, 2.2 ms with it)
-rgw frontends = beast endpoint=127.0.0.1:$PORT tcp_nodelay=1
+# rgw frontends: given on radosgw's command line by start_rgw (frontend), which depends on the Ceph release
 rgw data = $C/rgw.a
 rgw curl low speed time = 5
 EOF
@@ -117,7 +127,7 @@ EOF
   ceph-osd -c ceph.conf -i $ID --mkfs --osd-uuid $OSDUUID > log/osd-mkfs.out 2>&1
   ceph-osd -c ceph.conf -i $ID
   timeout 30 ceph -c ceph.conf osd set noout >/dev/null 2>&1 || true
-  radosgw -c ceph.conf -n client.rgw.a
+  start_rgw
   wait_s3
   radosgw-admin -c ceph.conf user create --uid=test --display-name=test --access-key=${S3_ACCESS_KEY:-rgwkey} --secret-key=${S3_SECRET_KEY:-rgwsecret} >/dev/null 2>&1
   ;;
@@ -134,7 +144,7 @@ kill)
   sleep 0.5 ;;
 stop-rgw)  # the S3 endpoint goes away, the cluster stays (fault tests, the delivery watchdog)
   p=$(pid_of client.rgw.a); [ -n "$p" ] && { kill -TERM $p; for i in $(seq 1 300); do kill -0 $p 2>/dev/null || break; sleep 0.1; done; } || true ;;
-start-rgw) cd $C; [ -n "$(pid_of client.rgw.a)" ] || { break_notif_locks; radosgw -c $CONF -n client.rgw.a; }; wait_s3 ;;
+start-rgw) cd $C; [ -n "$(pid_of client.rgw.a)" ] || { break_notif_locks; start_rgw; }; wait_s3 ;;
 pids) for d in mon.a osd.0 client.rgw.a; do echo -n "$d=$(pid_of $d) "; done; echo ;;
 *) echo "bad cmd" >&2; exit 2 ;;
 esac

@@ -72,6 +72,20 @@ def test_overwrite_replaces_and_delete_removes(stack: Stack, s3: Any, api: httpx
     assert key not in [r["key"] for r in search_image(api, photo("coffee.png"), k=100)]
 
 
+def test_a_multi_object_delete_removes_every_object(stack: Stack, s3: Any, api: httpx.Client,
+                                                    unique_prefix: str) -> None:
+    """DeleteObjects (`aws s3 rm --recursive`, rclone, mc), which aborted Ceph 16's radosgw under beast with the
+    stack's persistent notification topic (infra/ceph.sh, start_rgw)."""
+    keys = [f"{unique_prefix}bulk-{name}.jpg" for name in ("chelsea.png", "coffee.png", "rocket.jpg")]
+    for key, name in zip(keys, ("chelsea.png", "coffee.png", "rocket.jpg")):
+        wait_indexed(api, stack, key, put(s3, stack, key, photo(name)))
+    answer = s3.delete_objects(Bucket=stack.settings.bucket, Delete={"Objects": [{"Key": key} for key in keys]})
+    assert sorted(d["Key"] for d in answer["Deleted"]) == sorted(keys) and not answer.get("Errors")
+    wait_for(lambda: all(object_state(api, stack.settings.bucket, key) is None for key in keys), 60,
+             what="every object deleted")
+    assert s3.list_objects_v2(Bucket=stack.settings.bucket, Prefix=f"{unique_prefix}bulk-")["KeyCount"] == 0
+
+
 def test_duplicate_notifications_give_one_vector(
     stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
 ) -> None:
