@@ -235,15 +235,24 @@ def search_request(settings: Settings, query: dict[str, Any], image: Path | None
     url = api_url(settings) + "/search"
     headers = read_headers(settings)
     fields = {name: value for name, value in query.items() if value is not None}
+    # The service answers one kind of query: an upload ignores key and text, a key hides text. Filters, k and
+    # min_score go with any kind.
+    kinds = [name for name, given in (("an image file", image is not None), ("--key", "key" in fields),
+                                      ("--text", "text" in fields)) if given]
+    if len(kinds) != 1:
+        given = f" (got {' and '.join(kinds)})" if kinds else ""
+        raise CLIError(f"search by one of an image file, --key or --text{given}; filters go with any of them")
     if image is not None:
-        with open(image, "rb") as handle:
+        try:
+            handle = open(image, "rb")
+        except OSError as exc:
+            raise CLIError(f"cannot read {image}: {exc.strerror}") from exc
+        with handle:
             response = httpx.post(url, files={"image": (image.name, handle)},
                                   data={name: str(value) for name, value in fields.items()}, headers=headers,
                                   timeout=60)
-    elif "key" in fields or "text" in fields:
-        response = httpx.post(url, json=fields, headers=headers, timeout=60)
     else:
-        raise CLIError("give an image file, --key or --text")
+        response = httpx.post(url, json=fields, headers=headers, timeout=60)
     if response.status_code != 200:
         raise CLIError(_error_text(response))
     return response.json()
@@ -436,10 +445,23 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                           headers=admin_headers(settings), timeout=600)
     if response.status_code != 200:
         raise CLIError(_error_text(response))
-    report = response.json()
-    print(f"listed {report['listed']}: {report['missing']} missing and {report['changed']} changed sent for "
-          f"embedding, {report['removed']} removed ({report['seconds']} s)")
+    print(reconcile_summary(response.json(), args.bucket))
     return 0
+
+
+def reconcile_summary(report: dict[str, Any], bucket: str | None) -> str:
+    """One line from ``POST /reconcile``'s answer. ``failed`` counts objects among the missing and changed whose
+    listed version already failed by its content (not an image, corrupt, ...): reconcile leaves those to
+    ``failures --retry`` rather than embedding the same bad bytes again."""
+    failed = report.get("failed", 0)
+    sent = report["missing"] + report["changed"] - failed
+    left = ""
+    if failed:
+        retry = f"bucketlens failures{f' --bucket {bucket}' if bucket else ''} --retry"
+        left = (f", {failed} not sent (the listed version already failed by its content: `bucketlens failures` "
+                f"lists them, `{retry}` sends them again)")
+    return (f"listed {report['listed']}: {report['missing']} missing, {report['changed']} changed; {sent} sent for "
+            f"embedding{left}; {report['removed']} removed ({report['seconds']} s)")
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,12 +169,17 @@ def test_search_by_file_then_click_through(
 
 
 def test_search_by_words_within_a_folder_and_by_tag(
-    browser: Browser, stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+    browser: Browser, stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str, tmp_path: Path
 ) -> None:
     bucket = stack.settings.bucket
     keys = {name: f"{unique_prefix}{name}" for name in ("chelsea.png", "coffee.png")}
     for name, key in keys.items():
         s3.put_object(Bucket=bucket, Key=key, Body=photo(name), ContentType="image/jpeg")
+    # A format the workers index but Chromium cannot show.
+    tiff = tmp_path / "coffee.tif"
+    Image.open(io.BytesIO(photo("coffee.png"))).save(tiff, "TIFF")
+    keys["coffee.tif"] = unique_prefix + "coffee.tif"
+    s3.upload_file(str(tiff), bucket, keys["coffee.tif"], ExtraArgs={"ContentType": "image/tiff"})
     try:
         page, js_errors = open_page(browser, api, bucket, list(keys.values()))
         page.goto(stack.api_url + "/")
@@ -218,6 +224,40 @@ def test_search_by_words_within_a_folder_and_by_tag(
         page.get_by_test_id("text-submit").click()
         expect(results).to_have_attribute("data-search-count", "4")
         expect(cards).to_have_count(0)
+
+        # The TIFF is found, and shows a placeholder that names it rather than a broken image.
+        page.get_by_test_id("filter-after").fill("")
+        page.get_by_test_id("text-submit").click()
+        expect(results).to_have_attribute("data-search-count", "5")
+        expect(cards).to_have_count(2)
+        tiff_thumb = results.locator(f'[data-key="{keys["coffee.tif"]}"] [data-testid=result-thumb]')
+        tiff_thumb.scroll_into_view_if_needed()
+        expect(tiff_thumb).to_have_class(re.compile(r"\bbroken\b"))
+        expect(tiff_thumb).to_have_attribute("src", re.compile(r"^data:image/svg\+xml,.*no%20preview.*coffee\.tif"))
+        expect(tiff_thumb).to_have_js_property("naturalWidth", 160)  # the placeholder decoded
+        wait_thumbnails_loaded(page, keys["coffee.png"])  # the JPEG beside it shows its pixels
+        page.screenshot(path=str(ARTIFACTS / "web-page-tiff.png"), full_page=True)
+
+        # A failed search takes the previous results away with it: they do not answer the failed query.
+        page.get_by_test_id("key-input").fill(unique_prefix + "no-such-image.jpg")
+        page.get_by_test_id("key-submit").click()
+        expect(page.get_by_test_id("error")).to_contain_text("not in the index")
+        expect(cards).to_have_count(0)
+        expect(page.get_by_test_id("query")).to_be_hidden()  # the heading and the "2 results" line
+
+        # A file searched by: the TIFF's own preview is the placeholder too (the search itself works).
+        page.get_by_test_id("file-input").set_input_files(str(tiff))
+        expect(results).to_have_attribute("data-search-count", "6")
+        expect(page.get_by_test_id("error")).to_be_hidden()
+        expect(page.get_by_test_id("query-thumb")).to_have_class(re.compile(r"\bbroken\b"))
+
+        # A file that is not an image, refused by the page itself: a failed search as well.
+        page.get_by_test_id("file-input").set_input_files(
+            {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"})
+        expect(page.get_by_test_id("error")).to_contain_text("notes.txt is not an image")
+        expect(cards).to_have_count(0)
+        expect(page.get_by_test_id("query")).to_be_hidden()
+        expect(page.get_by_test_id("spinner")).to_be_hidden()
         assert not js_errors, js_errors
         page.close()
     finally:

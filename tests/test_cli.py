@@ -1,0 +1,146 @@
+"""The command line's own logic, in milliseconds: what it sends, what it prints, how it refuses. The index service
+is a small HTTP server on a free port that answers what each test gives it; the CLI reaches it through the
+environment, as it would reach a real one."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bucketlens.cli import main
+
+
+class FakeAPI:
+    """Answers ``answers[(method, path)]`` (status, JSON body) and keeps every request it got."""
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, str], tuple[int, Any]] = {}
+        self.requests: list[dict[str, Any]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                api.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                     "body": body})
+                status, payload = api.answers.get((self.command, self.path.split("?")[0]),
+                                                  (404, {"error": {"code": "not_found", "message": self.path}}))
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = answer
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet: pytest shows what matters
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+
+@pytest.fixture
+def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAPI]:
+    fake = FakeAPI()
+    thread = threading.Thread(target=fake.server.serve_forever, daemon=True)
+    thread.start()
+    # The CLI reads its settings from the environment at its edge; a home with no stack.json keeps it off any
+    # local stack.
+    for name, value in {"HOME": str(tmp_path), "API_HOST": "127.0.0.1", "API_PORT": str(fake.port),
+                        "ADMIN_TOKEN": "admin", "READ_TOKEN": ""}.items():
+        monkeypatch.setenv("BUCKETLENS_" + name, value)
+    try:
+        yield fake
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+        thread.join()
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], *words: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert all(word in err for word in words), err
+    return err
+
+
+# -- reconcile ------------------------------------------------------------------------------------------------
+
+RECONCILED = {"listed": 196, "missing": 5, "changed": 0, "removed": 0, "failed": 5, "seconds": 0.4}
+
+
+def test_reconcile_says_what_was_sent_and_what_was_left_to_failures_retry(
+    api: FakeAPI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.answers[("POST", "/reconcile")] = (200, RECONCILED)
+    assert main(["reconcile"]) == 0
+    out = capsys.readouterr().out
+    assert "0 sent for embedding" in out, out
+    assert "5 not sent" in out and "already failed by its content" in out, out
+    assert "bucketlens failures --retry" in out, out
+    assert api.requests[0]["headers"]["Authorization"] == "Bearer admin"
+
+
+def test_reconcile_names_the_bucket_in_the_retry_hint_and_counts_both_kinds(
+    api: FakeAPI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.answers[("POST", "/reconcile")] = (200, {**RECONCILED, "missing": 7, "changed": 2, "failed": 3, "removed": 1})
+    assert main(["reconcile", "--bucket", "photos"]) == 0
+    out = capsys.readouterr().out
+    assert "7 missing, 2 changed" in out and "6 sent for embedding" in out and "3 not sent" in out, out
+    assert "bucketlens failures --bucket photos --retry" in out and "1 removed" in out, out
+    assert json.loads(api.requests[0]["body"]) == {"bucket": "photos"}
+
+
+def test_reconcile_with_no_failures_prints_no_retry_hint(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    api.answers[("POST", "/reconcile")] = (200, {**RECONCILED, "failed": 0})
+    assert main(["reconcile"]) == 0
+    out = capsys.readouterr().out
+    assert "5 sent for embedding" in out and "failures" not in out, out
+
+
+# -- search ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("what", ["missing", "folder"])
+def test_search_by_a_file_it_cannot_read_is_one_line_and_exit_1(
+    api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str
+) -> None:
+    path = tmp_path / "no-such.jpg" if what == "missing" else tmp_path
+    assert main(["search", str(path)]) == 1
+    one_error_line(capsys, "bucketlens search:", str(path))
+    assert not api.requests
+
+
+@pytest.mark.parametrize("args", [["--key", "a.jpg", "IMAGE"], ["--text", "dog", "IMAGE"],
+                                  ["--key", "a.jpg", "--text", "dog"]])
+def test_search_refuses_two_kinds_of_query(
+    api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    image = tmp_path / "q.jpg"
+    image.write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["search", *[str(image) if a == "IMAGE" else a for a in args]]) == 1
+    one_error_line(capsys, "bucketlens search:", "one of")
+    assert not api.requests
+
+
+def test_search_by_file_sends_the_filters_beside_the_image(
+    api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.answers[("POST", "/search")] = (200, {"model": "m", "took_ms": 1.0, "results": [
+        {"bucket": "b", "key": "2024/x.jpg", "score": 0.9, "verified": False, "matches": None, "labels": None}]})
+    image = tmp_path / "q.jpg"
+    image.write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["search", str(image), "--prefix", "2024/", "-k", "3"]) == 0
+    assert "b/2024/x.jpg" in capsys.readouterr().out
+    sent = api.requests[0]
+    assert sent["headers"]["Content-Type"].startswith("multipart/form-data")
+    assert b"not really a jpeg" in sent["body"] and b'name="prefix"\r\n\r\n2024/' in sent["body"]
+    assert b'name="key"' not in sent["body"]
