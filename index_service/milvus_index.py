@@ -386,6 +386,10 @@ class MilvusIndex(SearchOne):
     def objects(self) -> list[Indexed]:
         return [_indexed(row) for row in self._scan(expression(None), SCALARS)]
 
+    def tombstones(self) -> Tombstones:
+        return {row["oid"]: (int(row["order"]), float(row["deleted_at"]))
+                for row in self._scan("deleted == true", ["oid", "order", "deleted_at"])}
+
     def search_many(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None,
                     where: Filter | None = None) -> list[list[tuple[Indexed, float]]]:
         """One Milvus search for many queries; ``exclude[i]`` is an object id left out of query i's results."""

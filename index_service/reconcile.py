@@ -41,6 +41,7 @@ def reconcile(service: Service, bucket: str | None = None) -> ReconcileReport:
     serving = service.index
     buckets = [bucket] if bucket else sorted({service.settings.bucket} | serving.buckets())
     indexed = {object_id(o.bucket, o.key): o for o in serving.objects() if o.bucket in buckets}
+    buried = serving.tombstones()  # (read before the listing: every delete it records happened before it)
     to_embed: list[ObjectRef] = []
     seen: set[str] = set()
     for name in buckets:
@@ -54,8 +55,11 @@ def reconcile(service: Service, bucket: str | None = None) -> ReconcileReport:
                 report.changed += 1
             else:
                 continue
-            # Order it after what the index holds so the listing's version wins over a stale one.
-            order = max(ref.order, current.order + 1 if current else 0)
+            # Order it after what the index holds, so the listing's version wins over a stale one, and after a
+            # delete the listing came after (a deleted version of a versioned object whose key lives on, a delete
+            # marker removed: the tombstone is newer than the object's last modification).
+            held = current.order if current else buried.get(ref.object_id, (-1, 0.0))[0]
+            order = max(ref.order, held + 1)
             to_embed.append(dataclasses.replace(ref, order=order))
     to_embed = _without_known_failures(service, to_embed)
     report.failed = report.missing + report.changed - len(to_embed)

@@ -545,6 +545,10 @@ class VectorIndex(SearchOne):
         with self._lock.read():
             return list(self._objects.values())
 
+    def tombstones(self) -> Tombstones:
+        with self._lock.read():
+            return dict(self._tombstones)
+
     def vector(self, bucket: str, key: str) -> np.ndarray | None:
         with self._lock.read():
             faiss_id = self._ids.get(object_id(bucket, key))

@@ -19,7 +19,7 @@ from .errors import BadEvent
 
 @dataclasses.dataclass(frozen=True)
 class ObjectEvent:
-    kind: str  # "created" | "removed"
+    kind: str  # "created" | "removed" | "version_removed" (see parse_record)
     ref: ObjectRef
     timed: bool = False  # ``ref.order`` is a time (bucketlens/ordering.py): it can be checked against the clock
 
@@ -101,4 +101,9 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
         event_time=event_time,
         version_id=str(obj.get("versionId") or obj.get("version") or ""),
     )
+    if name == "ObjectRemoved:Delete" and ref.version_id:
+        # One version of a versioned object deleted for good: the key's current version, if it has one (an older
+        # version, or the one a removed delete marker hid), stays. Ingest asks S3 (receiver.Receiver._settle).
+        # Deleting the current version without a version id leaves a delete marker: ObjectRemoved:DeleteMarkerCreated.
+        kind = "version_removed"
     return ObjectEvent(kind, ref, order.timed)

@@ -5,18 +5,21 @@ otherwise 503, so the S3 server delivers the event again; also 503 while Redis i
 burst never fills Redis past the room the workers' results need to drain it. Repeated notifications are
 suppressed. An event whose time-based order lies beyond now + the tolerated clock skew is acknowledged and
 dropped (counted as ``future``): applied, it would outrank every real event for its object; reconcile settles
-that object from the listing.
+that object from the listing. A version of a versioned object deleted for good may leave the key with a current
+version: ingest asks S3 which (``Receiver._settle``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
 from typing import AsyncIterator, Sequence
 
 import redis
+from botocore.exceptions import BotoCoreError, ClientError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -29,11 +32,12 @@ from bucketlens.keys import Keys
 from bucketlens.openapi import route as openapi_route
 from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew
 from bucketlens.redis_client import connect
-from bucketlens.schemas import ObjectRef
+from bucketlens.s3 import make_client
+from bucketlens.schemas import ObjectRef, normalise_etag
 from bucketlens.settings import Settings
 
 from .batcher import Batcher
-from .errors import BadEvent, NoGeneration
+from .errors import BadEvent, NoGeneration, S3Unavailable
 from .events import ObjectEvent, parse_body
 from .openapi import OPENAPI
 from .publisher import Publisher
@@ -47,6 +51,7 @@ class Receiver:
         self.keys = Keys(settings.namespace)
         self.redis = client
         self.publisher = Publisher(settings, client)
+        self.s3 = make_client(settings)  # (only to settle a deleted version: _settle)
         self.batcher = Batcher(self._flush_created, settings.batch_window_ms / 1000, settings.batch_size)
         self._redis_down_logged = False
         self._near_full_logged = False
@@ -125,8 +130,12 @@ class Receiver:
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
         except NoGeneration as exc:
             raise HTTPError(503, "no_generation", f"{exc}; deliver the event again") from exc
-        created = [_tag(e.ref, g) for e in fresh if e.kind == "created" for g in generations]
-        removed = [_tag(e.ref, g) for e in fresh if e.kind == "removed" for g in generations]
+        try:
+            settled = await run_in_threadpool(self._settle, fresh)
+        except S3Unavailable as exc:
+            raise HTTPError(503, "s3_unavailable", f"{exc}; deliver the event again") from exc
+        created = [_tag(e.ref, g) for e in settled if e.kind == "created" for g in generations]
+        removed = [_tag(e.ref, g) for e in settled if e.kind == "removed" for g in generations]
         try:
             if removed:
                 await run_in_threadpool(self.publisher.write_deletes, removed)
@@ -144,6 +153,34 @@ class Receiver:
              "future": len(future)},
             status_code=200,
         )
+
+    def _settle(self, events: list[ObjectEvent]) -> list[ObjectEvent]:
+        """Each deleted version (``version_removed``) becomes what S3 holds for its key now: its current version,
+        to embed (a non-current version deleted, or a delete marker removed: the object is there), or a delete.
+        Either is ordered at the version's deletion, after the events that came before it (a delete marker's
+        tombstone included) and before any that come after."""
+        settled = []
+        for event in events:
+            if event.kind != "version_removed":
+                settled.append(event)
+                continue
+            ref = event.ref
+            try:
+                head = self.s3.head_object(Bucket=ref.bucket, Key=ref.key)
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status not in (404, 405):  # (405: the current version is a delete marker)
+                    log.warning("cannot tell whether %s has a current version after version %s was deleted (%s); "
+                                "removing it from the index, a reconcile restores it", ref.object_id,
+                                ref.version_id, exc)
+                settled.append(dataclasses.replace(event, kind="removed"))
+                continue
+            except BotoCoreError as exc:
+                raise S3Unavailable(f"S3 is unreachable to settle a deleted version: {exc}") from exc
+            current = dataclasses.replace(ref, etag=normalise_etag(head["ETag"]), size=int(head["ContentLength"]),
+                                          version_id=str(head.get("VersionId") or ""))
+            settled.append(ObjectEvent("created", current, event.timed))
+        return settled
 
     def _record(self, ignored: int, duplicates: int, accepted: int, future: int, reserved: list[ObjectEvent]) -> None:
         pipe = self.redis.pipeline(transaction=False)

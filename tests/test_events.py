@@ -38,6 +38,23 @@ def test_ceph_delete_is_ordered_after_its_put() -> None:
     assert delete.ref.order > put.ref.order
 
 
+def test_a_deleted_version_is_told_from_a_delete() -> None:
+    """A version deleted for good may leave the key a current version (the receiver asks S3); a delete in an
+    unversioned bucket (Ceph sends an empty versionId) and a delete marker remove the object."""
+    record = json.loads(load("ceph_delete.json"))["Records"][0]
+
+    def kind(name: str, version: str) -> str:
+        changed = {**record, "eventName": name, "s3": {**record["s3"], "object": {**record["s3"]["object"],
+                                                                                   "versionId": version}}}
+        (event,) = parse_body(json.dumps({"Records": [changed]}).encode()).events
+        return event.kind
+
+    assert kind("ObjectRemoved:Delete", "") == "removed"
+    assert kind("ObjectRemoved:DeleteMarkerCreated", "7fQkV2") == "removed"
+    assert kind("ObjectRemoved:Delete", "7fQkV2") == "version_removed"
+    assert kind("s3:ObjectRemoved:Delete", "null") == "version_removed"  # (a suspended bucket's null version)
+
+
 def test_minio_keys_are_url_decoded_with_plus_as_space() -> None:
     (event,) = parse_body(load("minio_put.json")).events
     assert event.kind == "created"

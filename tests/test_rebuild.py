@@ -236,3 +236,49 @@ def test_rebuild_progress_answers_while_a_promote_holds_the_lock() -> None:
     release.set()
     holder.join()
     assert [answer and answer["progress"] for answer in answers] == [0.75, 0.75]
+
+
+def test_a_versioned_bucket_indexes_whatever_version_is_current(stack: Stack, s3: Any, api: httpx.Client) -> None:
+    """Deleting a version for good, or removing a delete marker, leaves the key's current version indexed (ingest
+    asks S3 what the key holds: ``Receiver._settle``); a reconcile restores an object whose event was missed although
+    the index holds a newer tombstone for it (the listing came after the delete)."""
+    bucket, key = "test-versions", "kept.jpg"
+    ensure_bucket(s3, bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    set_notifications(stack, bucket, on=True)
+
+    def indexed(version: dict[str, Any], after: int = -1) -> dict[str, Any]:
+        etag = version["ETag"].strip('"')
+
+        def current() -> dict[str, Any] | None:
+            state = object_state(api, bucket, key)
+            ok = state and state["state"] == "indexed" and state["etag"] == etag and int(state["order"]) > after
+            return state if ok else None
+
+        return wait_for(current, 90, what=f"{key} indexed with etag {etag} after order {after}")  # type: ignore
+
+    def gone(what: str) -> None:
+        wait_for(lambda: object_state(api, bucket, key) is None, 60, what=what)
+
+    first = s3.put_object(Bucket=bucket, Key=key, Body=photo(PHOTOS[0]))
+    indexed(first)
+    second = s3.put_object(Bucket=bucket, Key=key, Body=photo(PHOTOS[1]))
+    before = indexed(second)
+    s3.delete_object(Bucket=bucket, Key=key, VersionId=first["VersionId"])  # an old version: the current one stays
+    indexed(second, after=int(before["order"]))  # (settled again, at the deletion's order)
+    marker = s3.delete_object(Bucket=bucket, Key=key)
+    gone(f"{key} hidden by a delete marker")
+    s3.delete_object(Bucket=bucket, Key=key, VersionId=marker["VersionId"])  # undeleted
+    indexed(second)
+    s3.delete_object(Bucket=bucket, Key=key, VersionId=second["VersionId"])  # its last version
+    gone(f"{key} deleted with its last version")
+
+    third = s3.put_object(Bucket=bucket, Key=key, Body=photo(PHOTOS[2]))
+    indexed(third)
+    marker = s3.delete_object(Bucket=bucket, Key=key)
+    gone(f"{key} hidden by a delete marker")
+    set_notifications(stack, bucket, on=False)
+    s3.delete_object(Bucket=bucket, Key=key, VersionId=marker["VersionId"])  # undeleted, and the index never hears
+    report = api.post("/reconcile", json={"bucket": bucket}, headers=admin(stack)).json()
+    assert report["missing"] == 1 and report["failed"] == 0, report
+    indexed(third)
