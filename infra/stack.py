@@ -231,8 +231,8 @@ class Stack:
             "index_backend": s.index_backend,
             **({"milvus_uri": s.milvus_uri} if "milvus" in self.servers else {}),
             "processes": {
-                "redis": self._redis_pid() is not None,
-                "s3": self._ceph_up(),
+                "redis": self.redis_pid() is not None,
+                "s3": self.s3_up(),
                 **({"milvus": self.milvus_pid() is not None} if "milvus" in self.servers else {}),
                 **{name: self.pid(name) is not None for name in self.services},
             },
@@ -243,7 +243,7 @@ class Stack:
     def start_redis(self, timeout_s: float = 30) -> None:
         """Start Redis and wait until it answers; a Redis that exits while starting is started once more, and one
         that never answers is reported with the end of its log (a port taken, a bad file)."""
-        if self._redis_pid() is not None:
+        if self.redis_pid() is not None:
             return
         conf = self.home / "redis" / "redis.conf"
         conf.write_text(
@@ -262,18 +262,18 @@ class Stack:
                     if client.ping():
                         return
                 time.sleep(0.1)
-            if self._redis_pid() is not None:
+            if self.redis_pid() is not None:
                 break  # running, not answering
             log.warning("Redis exited while starting (attempt %d): %s", attempt, milvus.log_tail(logs))
         raise StackError(f"Redis did not answer on port {self.config.redis_port} within {timeout_s:.0f} s: "
                          f"{milvus.log_tail(logs, 5)}; see {logs}")
 
     def stop_redis(self, kill: bool = False) -> None:
-        pid = self._redis_pid()
+        pid = self.redis_pid()
         if pid is not None:
             _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30)
 
-    def _redis_pid(self) -> int | None:
+    def redis_pid(self) -> int | None:
         return _live_pid(self.home / "run" / "redis.pid", "redis-server")
 
     # -- Milvus --------------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ class Stack:
     # -- Ceph ----------------------------------------------------------------------------------------------
 
     def start_ceph(self) -> None:
-        if self._ceph_up():
+        if self.s3_up():
             return
         ceph = self.home / "ceph"
         env = {**os.environ, "S3_ACCESS_KEY": self.settings.s3_access_key,
@@ -342,7 +342,7 @@ class Stack:
     def start_s3(self) -> None:
         self._ceph("start-rgw")
 
-    def _ceph_up(self) -> bool:
+    def s3_up(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.config.s3_port), timeout=1):
                 return True

@@ -1,7 +1,8 @@
 """The local stack's supervisor (``bucketlens supervise``, started by ``bucketlens up``).
 
-Every ``canary_interval_s`` it restarts services that died (the receiver must always be up: Ceph 16 stops
-delivering a topic whose endpoint refused connections for 10 s or more) and proves delivery end to end with a
+Every ``canary_interval_s`` it restarts services and servers that died (Redis, radosgw, Milvus, ingest, the
+workers, the index services; the receiver must always be up: Ceph 16 stops delivering a topic whose endpoint
+refused connections for 10 s or more) and proves delivery end to end with a
 canary object. When a canary is not delivered within ``canary_timeout_s`` it restarts radosgw (which resumes
 the stalled topic and redelivers its queue) and runs a reconcile to heal whatever was missed. A restarted radosgw
 picks its persistent queues up only when it rereads their list (every 30 s), so the first canary after a restart
@@ -56,6 +57,12 @@ class Supervisor:
             stop.wait(self.settings.canary_interval_s)
 
     def tick(self) -> None:
+        if self.stack.redis_pid() is None:  # before anything that needs it, the canary included
+            log.warning("redis is not running; restarting it (its append-only file brings back what it held)")
+            self.stack.start_redis()
+        if not self.stack.s3_up():  # radosgw died (the canary would find it only after canary_timeout_s)
+            log.warning("the S3 server does not answer; starting whatever of it is not running")
+            self.stack.start_ceph()
         if "milvus" in self.stack.servers and self.stack.milvus_pid() is None:
             log.warning("milvus is not running; restarting it (the index service waits and resumes merging)")
             self.stack.start_milvus()

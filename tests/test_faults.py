@@ -321,6 +321,32 @@ def test_redis_restart_loses_nothing_and_services_reconnect(
             line for line in logs.lines(name) if re.search(r"WARNING|ERROR", line))
 
 
+def test_the_supervisor_restarts_a_dead_redis_and_a_dead_radosgw(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """Nobody restarts them by hand here: the supervisor's next tick does (CANARY_INTERVAL_S, 5 s in the suite's
+    stack), and what is uploaded afterwards is indexed. (Until this test's fix, a dead Redis stayed dead and every
+    tick failed on it; a dead radosgw waited for the canary's timeout.)"""
+    bodies = image_set(unique_prefix, 6)
+    keys = list(bodies)
+    try:
+        redis = stack.redis_pid()
+        assert redis is not None
+        os.kill(redis, signal.SIGKILL)
+        wait_for(lambda: stack.redis_pid() is None, 10, what="redis gone")
+        wait_for(stack.redis_pid, 60, what="redis restarted by the supervisor")
+        os.kill(int((stack.home / "ceph" / "run" / "client.rgw.a.pid").read_text()), signal.SIGKILL)
+        wait_for(lambda: not stack.s3_up(), 10, what="radosgw gone")
+        wait_for(stack.s3_up, 60, what="radosgw restarted by the supervisor")
+        uploads = patient_s3(stack)
+        for key in keys:
+            uploads.put_object(Bucket=stack.settings.bucket, Key=key, Body=bodies[key])
+        wait_for(lambda: all((state := object_state(api, stack.settings.bucket, key)) and state["state"] == "indexed"
+                             for key in keys), 180, what="every upload after the restarts indexed")
+    finally:
+        restore(stack)
+
+
 # -- 4. S3 unreachable ----------------------------------------------------------------------------------------
 
 def test_s3_unreachable_fetches_retry_and_succeed(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
