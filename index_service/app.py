@@ -7,11 +7,12 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Iterator, Mapping
 
 from botocore.exceptions import ClientError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
@@ -35,7 +36,7 @@ from .failures import Selection, clear_failures, list_failures, retry_failures
 from .filters import iso
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import OPENAPI
-from .queries import SearchQuery, parse_search
+from .queries import SearchQuery, decimal, parse_search
 from .queues import queue_report
 from .rebuild import RebuildConflict
 from .rebuild import public as rebuild_public
@@ -47,6 +48,17 @@ from .verify import CANDIDATES, Hit, rerank
 
 STATIC = Path(__file__).parent / "static"
 MAX_OFFSET = 10**9  # of a listing (/failures, /duplicates): far beyond any page there is
+MAX_LIMIT = 1000  # items of a listing's page
+
+
+class KeyConvertor(PathConvertor):
+    """An object key in a path (``{key:key}``): any characters, '/' and newlines included (Starlette's ``path``
+    stops at a newline, so such a key could not be asked about)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("key", KeyConvertor())
 
 
 def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlette:
@@ -142,10 +154,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def label_list(request: Request) -> Response:
         service = service_of(request, read=True)
-        try:
-            limit = min(1000, max(1, int(request.query_params.get("limit", SUGGESTIONS))))
-        except ValueError:
-            raise HTTPError(400, "bad_parameter", "limit must be an integer") from None
+        limit = _count(request.query_params, "limit", SUGGESTIONS, 1, MAX_LIMIT)
         serving = service.index
         found = await run_in_threadpool(suggest, serving, request.query_params.get("q", ""), limit)
         return JSONResponse({"model": serving.model, "labels_kept": recipe(serving.model).labels, "labels": found})
@@ -154,11 +163,10 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service = service_of(request, read=True)
         params = request.query_params
         offset, limit = _page(params, 50)
-        try:
-            # Clamped like offset: SQLite refuses integers beyond 64 bits (a fuzzed 1.3e20 answered 500).
-            min_matches = min(MAX_OFFSET, max(1, int(params.get("min_matches", DUPLICATE_MATCHES))))
-        except ValueError:
-            raise HTTPError(400, "bad_parameter", "min_matches must be an integer") from None
+        # Pairs with fewer matches are never kept, so a lower floor would answer as this one while saying otherwise.
+        # Clamped like offset: SQLite refuses integers beyond 64 bits (a fuzzed 1.3e20 answered 500).
+        min_matches = _count(params, "min_matches", DUPLICATE_MATCHES, local_features.MIN_INLIERS, MAX_OFFSET,
+                             "pairs with fewer consistent matches are not kept")
         serving = service.index
         found = await run_in_threadpool(find_groups, serving, min_matches, params.get("bucket") or None,
                                         params.get("prefix", ""))
@@ -221,8 +229,12 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def start_rebuild(request: Request) -> Response:
         service = admin_service(request)
         body = await _json_object(request)
+        bucket = _bucket(body)
+        if bucket is not None:  # now, not in the job's thread as a failed job that took a generation number
+            with _known_bucket(bucket):
+                await run_in_threadpool(service.s3.head_bucket, Bucket=bucket)
         try:
-            job = service.rebuilds.start(str(body.get("mode", "reembed")), _bucket(body), body.get("index_type"),
+            job = service.rebuilds.start(str(body.get("mode", "reembed")), bucket, body.get("index_type"),
                                          body.get("model"))
         except RebuildConflict as exc:
             raise HTTPError(409, exc.code, str(exc)) from exc
@@ -245,12 +257,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def start_reconcile(request: Request) -> Response:
         service = admin_service(request)
         bucket = _bucket(await _json_object(request))
-        try:
+        with _known_bucket(bucket):  # the listing, its first step, finds out
             report = await run_in_threadpool(reconcile, service, bucket)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
-                raise HTTPError(404, "unknown_bucket", f"no bucket {bucket!r}") from exc
-            raise
         return JSONResponse(dataclasses.asdict(report))
 
     async def page(request: Request) -> Response:
@@ -263,7 +271,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/search", search, methods=["POST"]),
-            Route("/objects/{bucket}/{key:path}", objects),
+            Route("/objects/{bucket}/{key:key}", objects),
             Route("/duplicates", duplicates),
             Route("/labels", label_list),
             Route("/stats", stats),
@@ -293,13 +301,21 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 
 def _page(params: Mapping[str, str], default_limit: int) -> tuple[int, int]:
-    """A listing's ``offset`` and ``limit``, clamped (offset to 0..MAX_OFFSET: it is echoed back, and JSON
-    encoders refuse integers beyond 64 bits; limit to 1..1000); 400 when they are not integers."""
-    try:
-        return (min(MAX_OFFSET, max(0, int(params.get("offset", 0)))),
-                min(1000, max(1, int(params.get("limit", default_limit)))))
-    except ValueError:
-        raise HTTPError(400, "bad_parameter", "offset and limit must be integers") from None
+    """A listing's ``offset`` (at least 0) and ``limit`` (at least 1), or 400 (``_count``)."""
+    return _count(params, "offset", 0, 0, MAX_OFFSET), _count(params, "limit", default_limit, 1, MAX_LIMIT)
+
+
+def _count(params: Mapping[str, str], name: str, default: int, least: int, most: int, why: str = "") -> int:
+    """The integer query parameter ``name`` (``default`` when absent): 400 when it is not a decimal integer or is
+    below ``least`` (``why`` says why that is the floor); above ``most`` it is ``most`` (the answer echoes it, and
+    JSON encoders and SQLite refuse integers beyond 64 bits)."""
+    if name not in params:
+        return default
+    number = decimal(params[name], name)
+    if number < least:
+        raise HTTPError(400, "bad_parameter", f"{name} must be at least {least}{': ' + why if why else ''}; "
+                                              f"got {number}")
+    return min(most, number)
 
 
 def _bucket(body: dict[str, Any]) -> str | None:
@@ -307,6 +323,19 @@ def _bucket(body: dict[str, Any]) -> str | None:
     if bucket is not None and not (isinstance(bucket, str) and bucket):
         raise HTTPError(400, "bad_parameter", "bucket must be a non-empty string")
     return bucket
+
+
+@contextlib.contextmanager
+def _known_bucket(bucket: str | None) -> Iterator[None]:
+    """S3 saying that a job's bucket does not exist, within the request, as 404 ``unknown_bucket`` (rebuild and
+    reconcile; ``bucket`` None: the service's buckets, one of which S3 names)."""
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        if error.get("Code") not in ("NoSuchBucket", "404"):  # 404: a HEAD's answer, which has no body to say more
+            raise
+        raise HTTPError(404, "unknown_bucket", f"no bucket {error.get('BucketName') or bucket!r}") from exc
 
 
 async def _selection(request: Request, with_body: bool = True) -> Selection:

@@ -2,7 +2,8 @@
 every status it answers with. ``tests/test_openapi.py`` fuzzes the running service against it.
 
 A search option or filter is declared once, in ``SEARCH_FIELDS``: it becomes a JSON body field, a multipart form
-field and a query parameter of ``POST /search`` at once, as ``queries.py`` reads it from all three.
+field and a query parameter of ``POST /search`` at once, as ``queries.py`` reads it from all three. Search bodies are
+closed (``queries.py`` refuses unknown fields) and hold exactly one query.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from bucketlens.openapi import Schema, answer, bearer, document, errors, obj, parameter, ref
+from vision.local_features import MIN_INLIERS
 
+from .duplicates import GROUP_MATCHES
 from .queries import MAX_K, MAX_TEXT
 
 TEXT = {"type": "string"}
@@ -31,21 +34,20 @@ SEARCH_FIELDS: dict[str, tuple[Schema, str]] = {
     "modified_before": (TIME, "only objects modified before this time"),
 }
 
-SEARCH_JSON = {"anyOf": [  # the first of vector, key, text present is the query
-    obj({"key": {"type": "string", "minLength": 1}}, ("key",)),
-    obj({"vector": {"type": "array", "items": NUMBER, "description": "the index's dimension, finite, non-zero"}},
-        ("vector",)),
-    obj({"vector_b64": {"type": "string", "contentEncoding": "base64",
-                        "description": "base64 of the vector as little-endian float32"}}, ("vector_b64",)),
-    obj({"text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
-                  "description": "words matched against the model's ImageNet labels"}}, ("text",)),
-]}
+SEARCH_OPTIONS = {name: schema for name, (schema, _) in SEARCH_FIELDS.items()}
+SEARCH_QUERIES: dict[str, Schema] = {  # queries.QUERIES: a JSON body holds exactly one
+    "key": {"type": "string", "minLength": 1},
+    "vector": {"type": "array", "items": NUMBER, "description": "the index's dimension, finite, non-zero"},
+    "vector_b64": {"type": "string", "contentEncoding": "base64",
+                   "description": "base64 of the vector as little-endian float32"},
+    "text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
+             "description": "words matched against the model's ImageNet labels"},
+}
 
 SCHEMAS: dict[str, Schema] = {
-    "SearchOptions": obj({name: schema for name, (schema, _) in SEARCH_FIELDS.items()}),
-    "SearchJSON": {"allOf": [SEARCH_JSON, ref("SearchOptions")]},
-    "SearchForm": {"allOf": [obj({"image": {"type": "string", "format": "binary"}}, ("image",)),
-                             ref("SearchOptions")]},
+    "SearchJSON": {"oneOf": [obj({name: schema, **SEARCH_OPTIONS}, (name,), closed=True)
+                             for name, schema in SEARCH_QUERIES.items()]},
+    "SearchForm": obj({"image": {"type": "string", "format": "binary"}, **SEARCH_OPTIONS}, ("image",), closed=True),
     "Hit": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT, "score": NUMBER, "verified": BOOL, "matches": INT,
                 "labels": {"type": ["array", "null"]}, "modified": NULLABLE_TEXT,
                 "url": {"type": "string", "description": "presigned GET"}},
@@ -126,22 +128,26 @@ PATHS: dict[str, Any] = {
         "summary": "whether and how an object is indexed, or its failure record", "security": READ,
         "parameters": [parameter("bucket", {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}, "bucket",
                                  "path"),
-                       parameter("key", {"type": "string", "minLength": 1}, "object key (may hold '/')", "path")],
+                       parameter("key", {"type": "string", "minLength": 1},
+                                 "object key, percent-encoded (may hold '/', newlines, any character)", "path")],
         "responses": {**answer("known", ref("ObjectState")), **errors(401, 404, 503)},
     }},
     "/duplicates": {"get": {
         "summary": "groups of near-duplicate images", "security": READ,
-        "parameters": [parameter("offset", {"type": "integer", "minimum": 0}, "groups to skip (at most 10^9)"),
-                       parameter("limit", {"type": "integer", "minimum": 1}, "groups to answer (at most 1000)"),
-                       parameter("min_matches", {"type": "integer", "minimum": 1},
-                                 "verified matches a pair needs (at most 10^9)"),
+        "parameters": [parameter("offset", {"type": "integer", "minimum": 0}, "groups to skip (above 10^9: 10^9)"),
+                       parameter("limit", {"type": "integer", "minimum": 1, "default": 50},
+                                 "groups to answer (above 1000: 1000)"),
+                       parameter("min_matches", {"type": "integer", "minimum": MIN_INLIERS, "default": GROUP_MATCHES},
+                                 f"verified matches a link needs (at least {MIN_INLIERS}: pairs with fewer are not "
+                                 "kept; above 10^9 answered as 10^9)"),
                        parameter("bucket", TEXT, "only this bucket"), parameter("prefix", TEXT, "only these keys")],
         "responses": {**answer("a page of groups", ref("Duplicates")), **errors(400, 401, 503)},
     }},
     "/labels": {"get": {
         "summary": "the model's labels (for text search), the most used first", "security": READ,
         "parameters": [parameter("q", TEXT, "labels with a word starting with this"),
-                       parameter("limit", {"type": "integer"}, "how many (clamped to 1..1000)")],
+                       parameter("limit", {"type": "integer", "minimum": 1, "default": 20},
+                                 "how many (above 1000: 1000)")],
         "responses": {**answer("labels", ref("Labels")), **errors(400, 401, 503)},
     }},
     "/stats": {"get": {"summary": "the serving index", "responses": {**answer("stats", ref("Stats")),
@@ -152,8 +158,10 @@ PATHS: dict[str, Any] = {
         "description": "metrics", "content": {"text/plain": {"schema": TEXT}}}}}},
     "/failures": {
         "get": {"summary": "failure records, newest first", "security": READ,
-                "parameters": [parameter("offset", {"type": "integer", "minimum": 0}, "records to skip (at most 10^9)"),
-                               parameter("limit", {"type": "integer", "minimum": 1}, "records (at most 1000)"),
+                "parameters": [parameter("offset", {"type": "integer", "minimum": 0},
+                                         "records to skip (above 10^9: 10^9)"),
+                               parameter("limit", {"type": "integer", "minimum": 1, "default": 100},
+                                         "records (above 1000: 1000)"),
                                parameter("reason", TEXT, "only this reason"), parameter("bucket", TEXT, "only here"),
                                parameter("key", {"type": "array", "items": TEXT}, "only these keys")],
                 "responses": {**answer("a page of records", ref("Failures")), **errors(400, 401, 503)}},
@@ -171,7 +179,7 @@ PATHS: dict[str, Any] = {
     "/rebuild": {"post": {
         "summary": "start a rebuild (reembed: a new generation beside the serving one; reindex: restructure)",
         "security": ADMIN, "requestBody": {"required": False, **_json("RebuildRequest")},
-        "responses": {**answer("started", ref("RebuildJob"), 202), **errors(400, 401, 403, 409, 503)},
+        "responses": {**answer("started", ref("RebuildJob"), 202), **errors(400, 401, 403, 404, 409, 503)},
     }},
     "/rebuild/{job_id}": {
         "get": {"summary": "a rebuild's state", "parameters": [parameter("job_id", TEXT, "job id", "path")],

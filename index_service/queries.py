@@ -2,7 +2,12 @@
 ``vector_b64``: base64 of little-endian float32) or ``text``, or a raw vector (``application/octet-stream``,
 little-endian float32, options as query parameters); the options
 ``k``, ``min_score``, ``rerank`` and the filters ``bucket``, ``prefix``, ``modified_after``, ``modified_before``
-(``filters.py``) from form fields, JSON fields or query parameters."""
+(``filters.py``) from form fields, JSON fields or query parameters.
+
+A request is one query: a second one (a key beside the image, text beside the key) is refused rather than ignored,
+and so is a field of no meaning here (a typo such as ``prefx`` would otherwise search unfiltered). JSON values have
+their JSON types (``k`` an integer, not ``2.5``, ``"5"`` or ``true``; ``10.0`` is 10, as in JSON Schema); form fields
+and query parameters are strings by nature, read strictly (``k`` a decimal integer)."""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ import base64
 import dataclasses
 import json
 import math
-from typing import Any
+import re
+from typing import Any, Iterable
 
 import numpy as np
 import orjson
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 
 from bucketlens.http import HTTPError, read_limited
@@ -24,6 +30,12 @@ from . import filters
 MAX_K = 1000
 MAX_TEXT = 500  # characters of a text query
 OPTIONS = ("k", "min_score", "rerank", *filters.FIELDS)
+QUERIES = ("key", "vector", "vector_b64", "text")  # what a JSON body searches by: exactly one of them
+JSON_FIELDS = (*QUERIES, *OPTIONS)  # bucket (a filter) names a key query's bucket instead
+FORM_FIELDS = ("image", *OPTIONS)
+PARAMETERS = (*OPTIONS, "token")  # token: the read token, for clients that cannot send a header (bucketlens/auth.py)
+DECIMAL = re.compile(r"[+-]?[0-9]+")
+NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 @dataclasses.dataclass
@@ -47,7 +59,8 @@ class SearchQuery:
 
 async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuery:
     content_type = request.headers.get("content-type", "")
-    fields: dict[str, Any] = dict(request.query_params)
+    _only(request.query_params.keys(), PARAMETERS, "query parameter")
+    fields: dict[str, Any] = _typed(request.query_params.items())
     query = SearchQuery()
     if content_type.startswith("multipart/form-data"):
         declared = request.headers.get("content-length")
@@ -57,13 +70,11 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
             form = await request.form(max_files=1, max_fields=10)
         except Exception as exc:
             raise HTTPError(400, "bad_form", f"cannot parse the multipart body: {exc}") from exc
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'")
-        query.image = await upload.read(max_bytes + 1)
-        if len(query.image) > max_bytes:
-            raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
-        fields.update({k: v for k, v in form.items() if k in OPTIONS and isinstance(v, str)})
+        try:
+            query.image = await _image(form, max_bytes)
+        finally:
+            await form.close()  # the spooled upload (a file beyond 1 MB) now, not whenever it is collected
+        fields.update(_typed((k, v) for k, v in form.multi_items() if k != "image"))
     elif content_type.startswith("application/octet-stream"):  # the compact form: no JSON to parse
         query.vector = _float32(await read_limited(request, dim * 4 + 4), dim, "the body")
     elif content_type.startswith("application/json") or not content_type:
@@ -74,18 +85,80 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
             raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
         if not isinstance(payload, dict):
             raise HTTPError(400, "bad_json", "body must be a JSON object")
+        _only(payload, JSON_FIELDS, "field")
         fields.update({k: v for k, v in payload.items() if k in OPTIONS})
         _query_from_json(query, payload, dim)
     else:
         raise HTTPError(415, "unsupported_media_type",
                         "send multipart/form-data with 'image', JSON, or application/octet-stream (a float32 vector)")
-    query.k = _int_field(fields.get("k", 10), "k", 1, MAX_K)
-    if fields.get("min_score") not in (None, ""):
-        query.min_score = _float_field(fields["min_score"], "min_score")
-    if fields.get("rerank") not in (None, ""):
-        query.rerank = _bool_field(fields["rerank"], "rerank")
+    query.k = _integer(fields.get("k", 10), "k", 1, MAX_K)
+    if fields.get("min_score") is not None:
+        query.min_score = _number(fields["min_score"], "min_score")
+    if fields.get("rerank") is not None:
+        query.rerank = _boolean(fields["rerank"], "rerank")
     query.where = filters.parse(fields, bucket_filters=query.key is None)
     return query
+
+
+async def _image(form: FormData, max_bytes: int) -> bytes:
+    """The uploaded image of a multipart search, the only query of its form."""
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile):
+        raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'")
+    _one_query(["image", *(name for name in QUERIES if name in form)])
+    _only(form.keys(), FORM_FIELDS, "form field")
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
+    return data
+
+
+def _only(names: Iterable[str], accepted: tuple[str, ...], what: str) -> None:
+    """400 naming the fields that mean nothing to a search (a typo would otherwise go unnoticed)."""
+    unknown = sorted(set(names) - set(accepted))
+    if unknown:
+        raise HTTPError(400, "unknown_field", f"unknown {what}{'s' if len(unknown) > 1 else ''} "
+                                              f"{', '.join(map(repr, unknown))}; a search takes {', '.join(accepted)}")
+
+
+def _one_query(given: list[str]) -> None:
+    if len(given) > 1:
+        raise HTTPError(400, "ambiguous_query", f"give exactly one query (an image, or one of {', '.join(QUERIES)}), "
+                                                f"not {' and '.join(given)}")
+
+
+def _typed(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Form fields or query parameters, strings by nature, as the JSON values they stand for: ``k`` a decimal
+    integer, ``min_score`` a decimal number, ``rerank`` true/false/1/0/yes/no/on/off; an empty ``min_score`` or
+    ``rerank`` is not given. The filters stay strings."""
+    fields: dict[str, Any] = {}
+    for name, value in items:
+        if not isinstance(value, str):
+            raise HTTPError(400, "bad_parameter", f"{name} must be a text field, not a file")
+        if name == "k":
+            fields[name] = decimal(value, name)
+        elif name == "min_score" and value:
+            if not NUMBER.fullmatch(value):
+                raise HTTPError(400, "bad_parameter", f"{name} must be a decimal number; got {value!r:.40}")
+            fields[name] = float(value)
+        elif name == "rerank" and value:
+            if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise HTTPError(400, "bad_parameter", f"{name} must be true or false; got {value!r:.40}")
+            fields[name] = value.lower() in ("1", "true", "yes", "on")
+        elif name not in ("min_score", "rerank"):
+            fields[name] = value
+    return fields
+
+
+def decimal(text: str, name: str) -> int:
+    """A decimal integer given as text (a form field, a query parameter): digits with an optional sign; 400 for
+    anything else (``2.5``, ``1e3``, ``0x10``, ``1_000``)."""
+    if not DECIMAL.fullmatch(text):
+        raise HTTPError(400, "bad_parameter", f"{name} must be a decimal integer; got {text!r:.40}")
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (4,300)
+        raise HTTPError(400, "bad_parameter", f"{name} has {len(text)} digits: too large") from None
 
 
 def _json(body: bytes) -> Any:
@@ -98,6 +171,7 @@ def _json(body: bytes) -> Any:
 
 
 def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> None:
+    _one_query([name for name in QUERIES if name in payload])
     if "vector" in payload:
         raw = payload["vector"]
         if not isinstance(raw, list) or not set(map(type, raw)) <= {int, float}:  # bool is neither
@@ -148,29 +222,40 @@ def _vector(vector: np.ndarray, dim: int) -> np.ndarray:
     return vector / norm
 
 
-def _int_field(value: Any, name: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 parses as a float infinity
-        raise HTTPError(400, "bad_parameter", f"{name} must be an integer") from None
-    if isinstance(value, bool) or not low <= number <= high:
-        raise HTTPError(400, "bad_parameter", f"{name} must be between {low} and {high}")
-    return number
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    """A JSON integer (``_typed`` made one of a form field) from ``low`` to ``high``; 400 for any other value. As in
+    JSON Schema (the OpenAPI document's ``integer``), ``10.0`` is the integer 10; ``2.5`` is no integer."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HTTPError(400, "bad_parameter", f"{name} must be an integer; got {_shown(value)}")
+    if not low <= value <= high:
+        raise HTTPError(400, "bad_parameter", f"{name} must be between {low} and {high}; got {_shown(value)}")
+    return value
 
 
-def _float_field(value: Any, name: str) -> float:
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise HTTPError(400, "bad_parameter", f"{name} must be a number; got {_shown(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise HTTPError(400, "bad_parameter", f"{name} must be a number") from None
-    if isinstance(value, bool) or not math.isfinite(number):
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):
         raise HTTPError(400, "bad_parameter", f"{name} must be a finite number")
     return number
 
 
-def _bool_field(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.lower() in ("1", "true", "yes", "on")
-    raise HTTPError(400, "bad_parameter", f"{name} must be true or false")
+def _boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise HTTPError(400, "bad_parameter", f"{name} must be true or false; got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value as JSON writes it, shortened: the message says what was sent (``2.5``, ``"5"``, ``true``)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -122,8 +122,9 @@ def _write_json(archive: zipfile.ZipFile, name: str, fields: dict[str, Any],
 
 
 def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
-           features: Callable[[int], FeatureStore] = lambda _: FeatureStore()) -> tuple[VectorIndex, str]:
-    """The index and last applied stream id in the snapshot ``source`` (a path or a seekable file); raises
+           features: Callable[[int], FeatureStore] = lambda _: FeatureStore()) -> tuple[VectorIndex, dict[str, Any]]:
+    """The index in the snapshot ``source`` (a path or a seekable file) and its meta (``encode``'s, less the lists
+    of objects and tombstones: the last applied stream id, when it was created, ...); raises
     SnapshotError rather than half-loading. ``features`` opens a generation's feature store (which lives beside the
     snapshots: feature_store.py). The vectors are read a chunk at a time into the index, never all at once.
 
@@ -173,7 +174,7 @@ def decode(source: str | Path | BinaryIO, dims: Mapping[str, int],
         raise
     except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise SnapshotError(f"unreadable snapshot: {exc}") from exc
-    return index, str(meta["last_id"])
+    return index, {k: v for k, v in meta.items() if k not in ("objects", "tombstones", "left")}
 
 
 def _vectors_member(version: int, trained: dict[str, np.ndarray], dim: int
@@ -334,11 +335,12 @@ class SnapshotStore:
         for name, opened in candidates:
             try:
                 with opened() as source:
-                    index, last_id = decode(source, dims, features)
+                    index, meta = decode(source, dims, features)
             except SnapshotError as exc:
                 log.error("skipping snapshot %s: %s", name, exc)
                 continue
+            last_id = str(meta["last_id"])
             log.info("loaded snapshot %s: %d vectors, stream position %s", name, len(index), last_id)
-            self.last = {"name": name, "time": None, "count": len(index), "last_id": last_id}
+            self.last = {"name": name, "time": meta.get("created"), "count": len(index), "last_id": last_id}
             return index, last_id
         return None

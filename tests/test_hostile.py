@@ -5,6 +5,9 @@ animations, EXIF rotation, odd keys) is uploaded to the bucket; each one must en
 their EXIF rotation applied) or as a failure record with a specific reason, while the worker process never dies
 and its memory stays bounded. Malformed requests to ``/events`` and ``/search`` get a 4xx JSON error, never a 500
 or a hang. The outcome table is printed (``-s``) and saved as ``tests/artifacts/hostile-outcomes.json``.
+
+The rules those answers follow (one query per search, JSON types, no unknown fields, listing bounds, any key
+addressable, a rebuild of an unknown bucket refused) are also checked without the stack, on the app itself (fast).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import httpx
@@ -24,14 +28,21 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
+from bucketlens.http import EXCEPTION_HANDLERS, JSONResponse
+from bucketlens.settings import Settings
+from index_service.app import create_app
+from index_service.queries import parse_search
+from index_service.rebuild import RebuildJob
 from infra.stack import Stack
 
 from .helpers import ceph_event, object_state, photo, wait_for
 from .integrity import ARTIFACTS, failures_under, patient_s3, reference_vectors
-
-pytestmark = pytest.mark.slow
-
 
 # -- the corpus -----------------------------------------------------------------------------------------------
 
@@ -209,6 +220,7 @@ def settle(api: httpx.Client, bucket: str, key: str, etag: str) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_hostile_objects_are_indexed_or_fail_with_a_reason(
     stack: Stack, api: httpx.Client, unique_prefix: str
 ) -> None:
@@ -317,6 +329,7 @@ EVENTS_CASES: list[tuple[str, dict[str, Any], int, str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs,status,code", EVENTS_CASES, ids=[c[0] for c in EVENTS_CASES])
 def test_malformed_events_get_a_4xx_json_error(
     stack: Stack, name: str, kwargs: dict[str, Any], status: int, code: str
@@ -349,6 +362,17 @@ def search_cases(dim: int, max_upload: int) -> list[tuple[str, dict[str, Any], i
         ("k = 1e400", {"content": b'{"vector": [' + nums + b'1], "k": 1e400}', "headers": JSON}, 400, "bad_parameter"),
         ("k = 0", {"json": {"vector": [1.0] * dim, "k": 0}}, 400, "bad_parameter"),
         ("k a string", {"json": {"vector": [1.0] * dim, "k": "many"}}, 400, "bad_parameter"),
+        ("k = 2.5", {"json": {"vector": [1.0] * dim, "k": 2.5}}, 400, "bad_parameter"),
+        ("k a numeric string", {"json": {"vector": [1.0] * dim, "k": "5"}}, 400, "bad_parameter"),
+        ("k = true", {"json": {"vector": [1.0] * dim, "k": True}}, 400, "bad_parameter"),
+        ("k = 2.5 as a form field", {"files": {"image": ("x.jpg", b"abc", "image/jpeg")}, "data": {"k": "2.5"}}, 400,
+         "bad_parameter"),
+        ("a misspelt filter", {"json": {"vector": [1.0] * dim, "prefx": "a/"}}, 400, "unknown_field"),
+        ("a misspelt query parameter", {"json": {"vector": [1.0] * dim}, "params": {"prefx": "a/"}}, 400,
+         "unknown_field"),
+        ("key and text", {"json": {"key": "a.jpg", "text": "cat"}}, 400, "ambiguous_query"),
+        ("an image and a key", {"files": {"image": ("x.jpg", b"abc", "image/jpeg")}, "data": {"key": "a.jpg"}}, 400,
+         "ambiguous_query"),
         ("min_score a list", {"json": {"vector": [1.0] * dim, "min_score": []}}, 400, "bad_parameter"),
         ("key a number", {"json": {"key": 5}}, 400, "bad_key"),
         ("bucket a number", {"json": {"key": "a.jpg", "bucket": 5}}, 400, "bad_key"),
@@ -374,6 +398,7 @@ def search_cases(dim: int, max_upload: int) -> list[tuple[str, dict[str, Any], i
     ]
 
 
+@pytest.mark.slow
 def test_malformed_searches_get_a_4xx_json_error(stack: Stack, api: httpx.Client) -> None:
     cases = search_cases(api.get("/stats").json()["dim"], stack.settings.max_upload_bytes)
     got = {}
@@ -384,13 +409,21 @@ def test_malformed_searches_get_a_4xx_json_error(stack: Stack, api: httpx.Client
     admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
     for path, body, status in [("/reconcile", {"bucket": 5}, 400), ("/reconcile", {"bucket": "no-such-bucket"}, 404),
                                ("/rebuild", {"mode": "reindex", "bucket": ["b"]}, 400),
-                               ("/rebuild", {"mode": ["reembed"]}, 400), ("/failures/retry", DEEP, 413)]:
+                               ("/rebuild", {"mode": ["reembed"]}, 400), ("/failures/retry", DEEP, 413),
+                               ("/rebuild", {"mode": "reembed", "bucket": "no-such-bucket"}, 404)]:
         response = api.post(path, headers=admin, **({"content": body} if isinstance(body, bytes) else {"json": body}))
         assert response.status_code == status and "error" in response.json(), (path, body, response.text[:200])
     assert api.get("/failures", params={"offset": "1e400"}).status_code == 400
+    for path, params in (("/failures", {"offset": "-3"}), ("/duplicates", {"limit": "0"}), ("/labels", {"limit": "-1"}),
+                         ("/duplicates", {"min_matches": "10"})):
+        response = api.get(path, params=params)
+        assert response.status_code == 400 and "at least" in response.json()["error"]["message"], response.text
+    unknown = api.get("/objects/" + stack.settings.bucket + "/never%0Aseen.jpg")  # asked about, not a missing route
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_object", unknown.text
     assert api.get("/healthz").status_code == 200  # and the service still answers
 
 
+@pytest.mark.slow
 def test_an_event_from_the_future_cannot_hide_an_object_and_reconcile_settles_it(
     stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
 ) -> None:
@@ -431,3 +464,149 @@ def test_an_event_from_the_future_cannot_hide_an_object_and_reconcile_settles_it
 
 def _events(api: httpx.Client) -> dict[str, int]:
     return api.get("/queues").json()["events"]  # type: ignore[no-any-return]
+
+
+# -- the rules, on the app without the stack ------------------------------------------------------------------
+
+DIM = 4
+
+
+@pytest.fixture(scope="module")
+def parser() -> TestClient:
+    """``parse_search`` behind a route of its own: what a search request is parsed into, or its 4xx."""
+
+    async def parsed(request: Request) -> Response:
+        query = await parse_search(request, 1 << 20, DIM)
+        return JSONResponse({"kind": query.kind, "k": query.k, "min_score": query.min_score, "rerank": query.rerank,
+                             "key": query.key, "bucket": query.bucket, "filter": query.where.public()})
+
+    return TestClient(Starlette(routes=[Route("/search", parsed, methods=["POST"])],
+                                exception_handlers=EXCEPTION_HANDLERS))
+
+
+def app_around(service: Any, **settings: Any) -> TestClient:
+    """The index service's app around ``service``, a stand-in with only what the requests reach (no lifespan)."""
+    app = create_app(Settings(**settings))
+    app.state.service = service
+    return TestClient(app)
+
+
+def error(response: httpx.Response) -> tuple[int, str, str]:
+    body = response.json()["error"]
+    return response.status_code, body["code"], body["message"]
+
+
+IMAGE = {"image": ("q.jpg", b"not decoded by the parser", "image/jpeg")}
+
+
+@pytest.mark.parametrize(("value", "shown"), [(2.5, "2.5"), ("5", '"5"'), (True, "true"), (None, "null"), ([5], "[5]")])
+def test_a_json_k_must_be_a_json_integer(parser: TestClient, value: Any, shown: str) -> None:
+    status, code, message = error(parser.post("/search", json={"vector": [1.0] * DIM, "k": value}))
+    assert (status, code) == (400, "bad_parameter") and message == f"k must be an integer; got {shown}"
+    # JSON Schema's integer (the OpenAPI document's): 5.0 is 5, as clients generated from the document may send it.
+    assert parser.post("/search", json={"vector": [1.0] * DIM, "k": 5.0}).json()["k"] == 5
+
+
+def test_other_json_options_must_have_their_json_types(parser: TestClient) -> None:
+    for field, value, words in (("min_score", "0.5", "number"), ("min_score", True, "number"),
+                                ("rerank", "true", "true or false"), ("rerank", 1, "true or false")):
+        status, code, message = error(parser.post("/search", json={"key": "a.jpg", field: value}))
+        assert (status, code) == (400, "bad_parameter") and words in message, (field, value, message)
+    fine = parser.post("/search", json={"key": "a.jpg", "k": 5, "min_score": 0.5, "rerank": False}).json()
+    assert (fine["k"], fine["min_score"], fine["rerank"]) == (5, 0.5, False)
+
+
+def test_form_fields_and_query_parameters_are_read_strictly(parser: TestClient) -> None:
+    fine = parser.post("/search", files=IMAGE, data={"k": "5", "min_score": "0.25", "rerank": "false"}).json()
+    assert (fine["kind"], fine["k"], fine["min_score"], fine["rerank"]) == ("image", 5, 0.25, False)
+    assert parser.post("/search", content=b"\0\0\x80\x3f" * DIM, params={"k": "7"},
+                       headers={"content-type": "application/octet-stream"}).json()["k"] == 7
+    for k in ("2.5", "1e3", "0x10", "1_000", " 5", "five", ""):
+        status, code, message = error(parser.post("/search", files=IMAGE, data={"k": k}))
+        assert (status, code) == (400, "bad_parameter") and "decimal integer" in message, (k, message)
+    for name, value in (("min_score", "nan"), ("min_score", "0.5x"), ("rerank", "maybe")):
+        assert error(parser.post("/search", files=IMAGE, data={name: value}))[:2] == (400, "bad_parameter")
+
+
+def test_unknown_fields_are_named_with_the_accepted_ones(parser: TestClient) -> None:
+    status, code, message = error(parser.post("/search", json={"text": "cat", "prefx": "a/"}))
+    assert (status, code) == (400, "unknown_field") and "'prefx'" in message and "prefix" in message
+    status, code, message = error(parser.post("/search", json={"vector": [1.0] * DIM}, params={"k": "3", "kk": "1"}))
+    assert (status, code) == (400, "unknown_field") and "'kk'" in message and "modified_after" in message
+    status, code, message = error(parser.post("/search", files=IMAGE, data={"prefx": "a/"}))
+    assert (status, code) == (400, "unknown_field") and "'prefx'" in message
+    token = parser.post("/search", json={"text": "cat"}, params={"token": "t"})  # the read token's parameter
+    assert token.status_code == 200, token.text
+
+
+def test_a_search_is_exactly_one_query(parser: TestClient) -> None:
+    for body in ({"key": "a.jpg", "text": "cat"}, {"vector": [1.0] * DIM, "key": "a.jpg"},
+                 {"vector": [1.0] * DIM, "vector_b64": "AAAA"}):
+        status, code, message = error(parser.post("/search", json=body))
+        assert (status, code) == (400, "ambiguous_query") and "exactly one" in message, body
+    for field in ("key", "text", "vector"):
+        status, code, message = error(parser.post("/search", files=IMAGE, data={field: "x"}))
+        assert (status, code) == (400, "ambiguous_query") and f"image and {field}" in message
+    # What README documents as meaningful together still is: a key and its bucket, filters on any query.
+    key = parser.post("/search", json={"key": "a.jpg", "bucket": "b", "prefix": "x/"}).json()
+    assert (key["kind"], key["bucket"], key["filter"]["prefix"], key["filter"]["bucket"]) == ("key", "b", "x/", None)
+    image = parser.post("/search", files=IMAGE, data={"prefix": "x/", "bucket": "b", "k": "3"}).json()
+    assert (image["kind"], image["k"], image["filter"]["bucket"]) == ("image", 3, "b")
+
+
+def test_listings_refuse_counts_below_their_least() -> None:
+    client = app_around(SimpleNamespace())  # refused before the service is asked anything
+    for path, params, least in (("/labels", {"limit": "0"}, 1), ("/labels", {"limit": "-1"}, 1),
+                                ("/duplicates", {"limit": "0"}, 1), ("/duplicates", {"offset": "-3"}, 0),
+                                ("/failures", {"limit": "-1"}, 1), ("/failures", {"offset": "-1"}, 0),
+                                ("/duplicates", {"min_matches": "0"}, 20), ("/duplicates", {"min_matches": "10"}, 20),
+                                ("/duplicates", {"limit": "2.5"}, None)):
+        status, code, message = error(client.get(path, params=params))
+        assert (status, code) == (400, "bad_parameter"), (path, params, message)
+        assert (f"must be at least {least}" if least is not None else "decimal integer") in message, message
+    assert "pairs with fewer" in error(client.get("/duplicates", params={"min_matches": "19"}))[2]
+
+
+def test_duplicates_default_to_the_same_photo_and_clamp_large_pages() -> None:
+    asked: list[int] = []
+    index = SimpleNamespace(model="m", features=SimpleNamespace(pairs=lambda least: asked.append(least) or []))
+    client = app_around(SimpleNamespace(index=index, duplicates=SimpleNamespace(pending={})))
+    assert client.get("/duplicates").json()["limit"] == 50 and asked == [30]  # README: default 30
+    page = client.get("/duplicates", params={"min_matches": "20", "limit": "5000", "offset": str(10**12)}).json()
+    assert (page["limit"], page["offset"], asked[-1]) == (1000, 10**9, 20)
+
+
+@pytest.mark.parametrize("key", ["two\nlines.jpg", "ends with a newline\n", "\nstarts.jpg", "dir/a\r\nb.jpg"])
+def test_every_key_can_be_asked_about(key: str) -> None:
+    """Starlette's ``path`` convertor stops at a newline: such a key answered the router's 404 (or, ending in one,
+    was asked about without it)."""
+    service = SimpleNamespace(index=SimpleNamespace(get=lambda bucket, key: None, generation=1),
+                              redis=SimpleNamespace(hmget=lambda name, fields: [None]),
+                              keys=SimpleNamespace(failures="failures", pending="pending"))
+    quoted = "".join(c if c.isalnum() or c in "/._ " else f"%{ord(c):02X}" for c in key)
+    status, code, message = error(app_around(service).get(f"/objects/b/{quoted}"))
+    assert (status, code, message) == (404, "unknown_object", f"bucketlens knows nothing of b/{key}")
+
+
+def test_a_rebuild_of_an_unknown_bucket_is_refused_before_it_starts() -> None:
+    from botocore.exceptions import ClientError as BotoClientError
+
+    started: list[str | None] = []
+
+    def head_bucket(Bucket: str) -> dict[str, Any]:  # noqa: N803 (boto's keyword)
+        if Bucket != "images":
+            raise BotoClientError({"Error": {"Code": "404", "Message": "Not Found"}}, "HeadBucket")
+        return {}
+
+    def start(mode: str, bucket: str | None, index_type: str | None, model: str | None) -> RebuildJob:
+        started.append(bucket)
+        return RebuildJob("job", mode, 2, "m", "Flat", bucket)
+
+    service = SimpleNamespace(s3=SimpleNamespace(head_bucket=head_bucket), rebuilds=SimpleNamespace(start=start))
+    client = app_around(service, admin_token="admin")
+    admin = {"Authorization": "Bearer admin"}
+    status, code, message = error(client.post("/rebuild", json={"bucket": "nosuchbucket"}, headers=admin))
+    assert (status, code, message) == (404, "unknown_bucket", "no bucket 'nosuchbucket'") and started == []
+    assert client.post("/rebuild", json={"bucket": "images"}, headers=admin).status_code == 202
+    assert client.post("/rebuild", json={}, headers=admin).status_code == 202  # every bucket: nothing to check
+    assert started == ["images", None]

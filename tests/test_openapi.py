@@ -63,7 +63,7 @@ def test_the_documents_served_are_the_documents_in_the_code(stack: Stack) -> Non
     assert httpx.get(stack.api_url + "/openapi.json").json() == INDEX_DOCUMENT
     assert httpx.get(stack.ingest_url + "/openapi.json").json() == INGEST_DOCUMENT
     served = {(path, method) for path, methods in INDEX_DOCUMENT["paths"].items() for method in methods}
-    routes = {(route.path.replace("{key:path}", "{key}"), method.lower())
+    routes = {(route.path.replace("{key:key}", "{key}"), method.lower())
               for route in _index_routes() for method in (route.methods or ()) if method != "HEAD"}
     assert routes - {("/", "get"), ("/openapi.json", "get")} == served  # every route documented, nothing more
 

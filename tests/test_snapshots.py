@@ -42,8 +42,10 @@ def test_round_trip_keeps_objects_vectors_tombstones_and_position(tmp_path: Path
     index = filled(9000)  # the meta's JSON is written 4,096 objects at a time
     store = SnapshotStore(tmp_path)
     store.write(index, "1700000000000-5")
-    loaded, last_id = SnapshotStore(tmp_path).load_newest({"m": DIM})  # type: ignore[misc]
+    restarted = SnapshotStore(tmp_path)
+    loaded, last_id = restarted.load_newest({"m": DIM})  # type: ignore[misc]
     assert last_id == "1700000000000-5" and loaded.generation == 3
+    assert store.last and restarted.last and restarted.last["time"] == store.last["time"] is not None  # /stats
     assert contents(loaded) == contents(index)
     # The tombstone survived: a late upsert of the deleted object's old version stays out.
     late = ResultEntry("upsert", "b", "dir/k 0 ü", "e0", "s0", 10, 3, "m", np.eye(DIM, dtype=np.float32)[0])
@@ -211,7 +213,8 @@ def test_an_older_snapshot_still_loads(tmp_path: Path, version: int) -> None:
         del meta["features"]
     buffer = io.BytesIO()
     np.savez(buffer, vectors=vectors, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    loaded, last_id = decode(buffer, {"m": DIM})
+    loaded, meta = decode(buffer, {"m": DIM})
+    last_id = meta["last_id"]
     assert last_id == "4-4" and len(loaded) == 4
     assert {(o.labels, o.modified) for o in loaded.objects()} == {(None, 0.0)}
     assert loaded.label_counts() == {}

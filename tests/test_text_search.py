@@ -1,5 +1,6 @@
 """Text search and filters through the real stack: scikit-image's photographs in two folders, uploaded in two rounds
-(so their modification times differ), searched by words, by image within a folder, and by time range."""
+(so their modification times differ), searched by words, by image within a folder, and by time range. How a query's
+words are told apart and reported (any script, accents, symbols) is checked on the vocabulary alone (fast)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,20 @@ from typing import Any
 import httpx
 import pytest
 
+from index_service.text import TextAnswer
 from infra.stack import Stack
+from vision import words as vocabularies
 
 from .helpers import photo
 from .test_pipeline import put, wait_indexed
 
-pytestmark = pytest.mark.slow
-
 FIRST = ("chelsea.png", "coffee.png", "rocket.jpg")  # folder a/, uploaded first
 SECOND = ("astronaut.png", "motorcycle_left.png", "camera.png")  # folder b/, uploaded once the first are indexed
+
+
+@pytest.fixture(scope="module")
+def vocabulary() -> vocabularies.Vocabulary:
+    return vocabularies.vocabulary()
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +58,7 @@ def keys(answer: dict[str, Any]) -> list[str]:
     return [r["key"] for r in answer["results"]]
 
 
+@pytest.mark.slow
 def test_objects_carry_labels_and_times(folders: dict[str, Any]) -> None:
     chelsea = folders["states"][folders["prefix"] + "a/chelsea.png"]
     assert {"tabby", "tiger cat", "Egyptian cat"} & {label["name"] for label in chelsea["labels"]}
@@ -60,6 +67,7 @@ def test_objects_carry_labels_and_times(folders: dict[str, Any]) -> None:
     assert chelsea["modified"].endswith("Z")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("words", "expected"), [
     ("cat", "a/chelsea.png"), ("cats", "a/chelsea.png"), ("a photo of a coffee", "a/coffee.png"),
     ("cup", "a/coffee.png"), ("rocket", "a/rocket.jpg"), ("missile", "a/rocket.jpg"),
@@ -71,13 +79,19 @@ def test_words_find_the_photo_first(api: httpx.Client, folders: dict[str, Any], 
     assert answer["results"][0]["labels"] and answer["results"][0]["score"] > 0
 
 
+@pytest.mark.slow
 def test_an_unknown_word_answers_empty_and_says_which(api: httpx.Client, folders: dict[str, Any]) -> None:
     answer = text(api, "xyzzy", prefix=folders["prefix"])
     assert answer["results"] == [] and answer["unmatched"] == ["xyzzy"] and answer["matched"] == []
     mixed = text(api, "cat xyzzy", prefix=folders["prefix"])
     assert keys(mixed)[0] == folders["prefix"] + "a/chelsea.png" and mixed["unmatched"] == ["xyzzy"]
+    typed = text(api, "Café 日本 🐱 cat <b>cat</b>", prefix=folders["prefix"])
+    assert keys(typed)[0] == folders["prefix"] + "a/chelsea.png"
+    assert (typed["unmatched"], typed["ignored"], [m["text"] for m in typed["matched"]]) == (
+        ["Café", "日本", "b"], ["🐱", "<", ">"], ["cat"])
 
 
+@pytest.mark.slow
 def test_filters_keep_exactly_their_objects(api: httpx.Client, folders: dict[str, Any]) -> None:
     prefix, between = folders["prefix"], folders["between"]
     image = photo("chelsea.png")
@@ -97,16 +111,19 @@ def test_filters_keep_exactly_their_objects(api: httpx.Client, folders: dict[str
     assert abs((when(after["filter"]["modified_after"]) - when(between)).total_seconds()) < 0.001
 
 
+@pytest.mark.slow
 def test_bad_filters_are_clear_errors(api: httpx.Client) -> None:
     for body, words in (({"modified_after": "last tuesday"}, "ISO 8601"), ({"prefix": 3}, "prefix"),
                         ({"modified_after": "2024-06-02", "modified_before": "2024-06-01"}, "earlier"),
-                        ({"text": ""}, "text"), ({"text": "x" * 501}, "at most")):
+                        ({"text": ""}, "text"), ({"text": "x" * 501}, "at most"),
+                        ({"prefx": "a/"}, "'prefx'"), ({"key": "a.jpg"}, "exactly one"), ({"k": 2.5}, "integer")):
         response = api.post("/search", json={"text": "cat", **body})
         assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
     rerank = api.post("/search", json={"text": "cat", "rerank": True})
     assert rerank.status_code == 400 and "nothing to verify" in rerank.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_labels_autocomplete_counts_what_is_indexed(api: httpx.Client, folders: dict[str, Any]) -> None:
     response = api.get("/labels", params={"q": "espr"})
     assert response.status_code == 200
@@ -115,6 +132,7 @@ def test_labels_autocomplete_counts_what_is_indexed(api: httpx.Client, folders: 
     assert all(any(w.startswith("espr") for n in f["names"] for w in [n.lower(), *n.lower().split()]) for f in found)
 
 
+@pytest.mark.slow
 def test_the_command_line_searches_by_words_within_a_folder_and_dates(stack: Stack, folders: dict[str, Any]) -> None:
     env = {**os.environ, "BUCKETLENS_HOME": str(stack.home)}
     prefix = folders["prefix"]
@@ -131,3 +149,32 @@ def test_the_command_line_searches_by_words_within_a_folder_and_dates(stack: Sta
     assert printed.returncode == 0 and prefix + "a/coffee.png" in printed.stdout and "xyzzy" in printed.stdout
     wrong = run("--text", "cat", "--after", "soon")
     assert wrong.returncode != 0 and "ISO 8601" in wrong.stderr
+
+
+@pytest.mark.parametrize(("query", "matched", "unmatched", "ignored"), [
+    ("café 日本 🐱", [], ["café", "日本"], ["🐱"]),
+    ("<script>alert(1)</script>", [], ["script", "alert", "1"], ["<", ">"]),
+    ("Éspresso", ["Éspresso"], [], []),
+    ("a cat.", ["cat"], [], ["a"]),
+    ("Xyzzy xyzzy XYZZY", [], ["Xyzzy"], []),
+    ("a photo of a dog and a cat and a dog", ["dog", "cat"], [], ["a", "photo", "of", "and"]),
+    ("हिन्दी 👍🏽 ❤️ 👨‍👩‍👧", [], ["हिन्दी"], ["👍🏽", "❤️", "👨‍👩‍👧"]),
+    ("jack-o'-lantern, R.V. and carpenter’s kit", ["jack-o'-lantern", "R.V.", "carpenter’s kit"], [], ["and"]),
+    ("cafe\u0301 dog_cat", ["dog", "cat"], ["café"], []),
+])
+def test_every_word_typed_is_reported_once_as_typed(vocabulary: vocabularies.Vocabulary, query: str,
+                                                     matched: list[str], unmatched: list[str], ignored: list[str]
+                                                     ) -> None:
+    """Words of any script, looked up without accents or case (the vocabulary is ASCII), reported as typed; a word
+    that means nothing is never mangled ("café" once answered "caf") nor dropped ("日本"), and symbols are listed
+    as ignored, each once."""
+    answer = TextAnswer([], vocabulary.match(query)).public()
+    assert [m["text"] for m in answer["matched"]] == matched
+    assert (answer["unmatched"], answer["ignored"]) == (unmatched, ignored)
+
+
+def test_accents_and_case_are_folded_for_the_lookup(vocabulary: vocabularies.Vocabulary) -> None:
+    (term,) = vocabulary.match("ÉSPRESSO").terms
+    assert (term.text, term.lemma) == ("ÉSPRESSO", "espresso")
+    assert set(term.classes) == vocabulary.match("espresso").classes
+    assert vocabularies.fold("Straße ﬁsh carpenter’s") == "strasse fish carpenter's"

@@ -4,8 +4,10 @@ A query word reaches a class when the class *is* what the word names or a kind o
 (WordNet's sense-tagged ones, the most frequent first; the first sense when none is tagged) and every hyponym of
 them, so "dog" reaches each breed and "vehicle" cars, trucks and boats. A word that is one of a class's ImageNet
 names reaches that class whatever its sense ("cup" is ImageNet's cup although WordNet ranks that sense fifth). Words
-are lower-cased; plurals and other inflections go through WordNet's own noun rules and exception list (morphy);
-two- and three-word names ("golden retriever", "hot dog") are tried before single words. ImageNet class ids are
+are letters and digits of any script ("café", "日本"), looked up case-folded and without accents ("Café" is "cafe":
+the vocabulary is ASCII) and reported as typed; plurals and other inflections go through WordNet's own noun rules and
+exception list (morphy); two- and three-word names ("golden retriever", "hot dog") are tried before single words.
+Symbols and emoji ("🐱", "<") are not words: they are reported as ignored, like stop words. ImageNet class ids are
 WordNet noun offsets (``n02123045`` is offset 2123045 in ``data.noun``), which is how classes meet the graph.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable
 
@@ -28,6 +31,12 @@ STOP_WORDS = frozenset(
 NOUN_RULES = (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"),
               ("ies", "y"))
 LONGEST_NAME = 3  # words in the longest name tried as one
+# A query is split on each character's class: w a letter or digit (any script), m a mark (an accent, an emoji's
+# variation selector, the zero-width joiner of an emoji sequence: part of what it follows), c a hyphen or apostrophe
+# and d a dot (inside a word: "jack-o'-lantern", "T-shirt"; the abbreviation "R.V." keeps its last dot), s a symbol
+# or emoji (a skin tone too), space for the rest (spaces, other punctuation, control characters).
+CLASSES = {"-": "c", "'": "c", "\u2019": "c", ".": "d", "\u200d": "m"}
+TOKEN = re.compile(r"(?P<word>(?:w[wm]*d)+w[wm]*d|w[wm]*(?:[cd]+w[wm]*)*)|[sm]+")
 
 
 class VocabularyMissing(RuntimeError):
@@ -44,8 +53,8 @@ class Term:
 @dataclasses.dataclass(frozen=True)
 class TextQuery:
     terms: tuple[Term, ...]
-    unmatched: tuple[str, ...]  # words that reach no class
-    ignored: tuple[str, ...]  # stop words ("a", "photo of", ...)
+    unmatched: tuple[str, ...]  # words that reach no class, as typed, each once
+    ignored: tuple[str, ...]  # stop words ("a", "photo of", ...) and symbols ("🐱"), as typed, each once
 
     @property
     def classes(self) -> frozenset[int]:
@@ -124,27 +133,51 @@ class Vocabulary:
         return tuple(sorted(found))
 
     def match(self, text: str) -> TextQuery:
-        """Split ``text`` into terms (longest known names first), each with the classes it reaches."""
-        words = re.findall(r"[a-z0-9][a-z0-9'.-]*", text.lower())
-        terms: list[Term] = []
-        unmatched: list[str] = []
-        ignored: list[str] = []
+        """Split ``text`` into terms (longest known names first), each with the classes it reaches; and the words
+        that reach none, and the stop words then the symbols, each once (as first typed) in the query's order."""
+        tokens = split(text)
+        typed = [t for t, is_word in tokens if is_word]
+        words = [fold(t) for t in typed]
+        terms: dict[str, Term] = {}  # by what was looked up: "Cat" and "cat" are one term, like one unmatched word
+        unmatched: dict[str, str] = {}
+        ignored: dict[str, str] = {}
         i = 0
         while i < len(words):
             for size in range(min(LONGEST_NAME, len(words) - i), 0, -1):
-                phrase = words[i : i + size]
+                phrase, said = words[i : i + size], " ".join(typed[i : i + size])
                 if size == 1 and phrase[0] in STOP_WORDS:
-                    ignored.append(phrase[0])
+                    ignored.setdefault(phrase[0], said)
                     break
                 lemma = self.lemma("_".join(phrase))
                 classes = self.classes_of(lemma) if lemma else ()
                 if classes:
-                    terms.append(Term(" ".join(phrase), lemma.replace("_", " ") if lemma else "", classes))
+                    terms.setdefault(" ".join(phrase), Term(said, lemma.replace("_", " ") if lemma else "", classes))
                     break
                 if size == 1:
-                    unmatched.append(phrase[0])
+                    unmatched.setdefault(phrase[0], said)
             i += size
-        return TextQuery(tuple(terms), tuple(unmatched), tuple(ignored))
+        for symbol in (t for t, is_word in tokens if not is_word):
+            ignored.setdefault(symbol, symbol)
+        return TextQuery(tuple(terms.values()), tuple(unmatched.values()), tuple(ignored.values()))
+
+
+def split(text: str) -> list[tuple[str, bool]]:
+    """The words (True) and symbols (False) of ``text`` as typed, in order (``CLASSES``, ``TOKEN``): "café 日本 🐱"
+    is café, 日本 and 🐱; "<script>alert(1)" is <, script, >, alert and 1."""
+    text = unicodedata.normalize("NFC", text)  # an accent typed as a combining mark is one letter with its letter
+    classes = "".join(CLASSES.get(c) or _class(unicodedata.category(c)) for c in text)
+    return [(text[m.start() : m.end()], m.group("word") is not None) for m in TOKEN.finditer(classes)]
+
+
+def _class(category: str) -> str:
+    return {"L": "w", "N": "w", "M": "m", "S": "s"}.get(category[0], " ")
+
+
+def fold(word: str) -> str:
+    """How a word is looked up: case-folded ("Straße" -> "strasse"), without accents ("café" -> "cafe") and in plain
+    forms ("ﬁ" -> "fi", a typographic apostrophe -> "'")."""
+    plain = unicodedata.normalize("NFKD", word.casefold()).replace("\u2019", "'")
+    return "".join(c for c in plain if unicodedata.category(c)[0] != "M")
 
 
 @functools.cache
