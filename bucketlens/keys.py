@@ -115,6 +115,12 @@ class Keys:
         return f"{self.namespace}:index:marker"
 
     @property
+    def index_type(self) -> str:
+        """The index type a rebuild asked for (``POST /rebuild``'s ``index_type``), kept whatever the index's size;
+        absent (and after ``"index_type": "auto"``): the size policy (``APPROX_THRESHOLD``) picks."""
+        return f"{self.namespace}:index:type"
+
+    @property
     def writer_lease(self) -> str:
         """The name of the index service replica that merges the result stream, with a time to live (lease.py)."""
         return f"{self.namespace}:index:writer"

@@ -179,11 +179,14 @@ class Index(Protocol):
         ...
 
 
-def restructure_into(index: Index, approx_threshold: int, approximate: str) -> str | None:
+def restructure_into(index: Index, approx_threshold: int, approximate: str, chosen: str | None = None) -> str | None:
     """The structure ``index`` should become now, if any: ``approximate`` above ``approx_threshold`` vectors,
     exact again below half of it, and its own type again once its lists are outgrown (4x the vectors they were
     made for: at 1M real-grown vectors, lists made at 50,000 took 17.1 ms p50 to search, lists made at 1M 10.9 ms,
-    at the same recall; bench/README.md "The index as it grows")."""
+    at the same recall; bench/README.md "The index as it grows"). A type a rebuild asked for (``chosen``) is kept
+    whatever the size, and made again when outgrown."""
+    if chosen is not None:
+        return chosen if index.index_type != chosen or index.outgrown() else None
     if index.index_type == "Flat":
         return approximate if len(index) > approx_threshold else None
     if len(index) < approx_threshold // 2:

@@ -61,6 +61,9 @@ SCHEMAS: dict[str, Schema] = {
                        ("bucket", "key", "state", "indexed", "etag", "order", "generation")),
     "Ready": obj({"ready": BOOL, "reason": TEXT}, ("ready", "reason")),
     "Stats": obj({"vectors": INT, "model": TEXT, "dim": INT, "index_type": TEXT, "generation": INT,
+                  "index_type_chosen": {"type": ["string", "null"],
+                                        "description": "the type a rebuild asked for, kept whatever the size; "
+                                                       "null: APPROX_THRESHOLD's size policy picks"},
                   "vector_file_bytes": {"type": "integer",
                                         "description": "IVF-SQ8's float16 vectors on disk (0 for other types)"},
                   "last_applied_id": TEXT, "last_snapshot": {"type": ["object", "null"]},
@@ -81,8 +84,10 @@ SCHEMAS: dict[str, Schema] = {
                        "groups": {"type": "array"}}, ("model", "total", "groups")),
     "RebuildRequest": obj({"mode": {"enum": ["reembed", "reindex"], "default": "reembed"},
                            "bucket": {"type": "string", "minLength": 1},
-                           "index_type": {"enum": ["Flat", "IVF", "IVF-SQ8", "HNSW"],
-                                          "description": "IVF-SQ8: FAISS backend only; HNSW: Milvus backend only"},
+                           "index_type": {"enum": ["Flat", "IVF", "IVF-SQ8", "HNSW", "auto"],
+                                          "description": "kept whatever the index's size from the job's end on "
+                                                         "(auto: the size policy picks again); IVF-SQ8: FAISS "
+                                                         "backend only; HNSW: Milvus backend only"},
                            "model": {"type": "string", "description": "switch models (reembed of every bucket)"}}),
     "RebuildJob": obj({"id": TEXT, "mode": TEXT, "generation": INT, "state":
                        {"enum": ["running", "done", "failed", "cancelled"]}, "total": INT, "done": INT, "failed": INT,

@@ -26,6 +26,8 @@ from ingest.scanner import scan
 from vision.models import recipe
 from vision.network import weights_path
 
+from .backend import restructure_into
+
 if TYPE_CHECKING:
     from .service import Service
 
@@ -53,6 +55,7 @@ class RebuildJob:
     model: str
     index_type: str
     bucket: str | None = None
+    chosen: str | None = None  # index_type as asked (a type, or "auto"): kept from the swap on (Service.choose_type)
     state: str = "running"  # running | done | failed | cancelled
     total: int = 0
     done: int = 0
@@ -79,8 +82,8 @@ class Rebuilds:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         types = self.service.backend.index_types
-        if index_type is not None and index_type not in types:
-            raise ValueError(f"index_type must be one of {', '.join(types)}")
+        if index_type is not None and index_type not in (*types, "auto"):
+            raise ValueError(f"index_type must be one of {', '.join(types)} or auto (the size policy picks)")
         if model is not None and mode != "reembed":
             raise ValueError("only a reembed can switch models")
         if model is not None:
@@ -95,10 +98,14 @@ class Rebuilds:
             if self.current is not None and self.current.state == "running":
                 raise RebuildConflict(f"rebuild {self.current.id} is running")
             serving = service.index
+            wanted = index_type or serving.index_type
+            if index_type == "auto":  # what the size policy makes of the serving index now
+                policy = restructure_into(serving, service.settings.approx_threshold, service.backend.approximate)
+                wanted = policy or serving.index_type
             job = RebuildJob(
                 id=uuid.uuid4().hex[:12], mode=mode, bucket=bucket, model=model or serving.model,
                 generation=self._new_generation(serving.generation) if mode == "reembed" else serving.generation,
-                index_type=index_type or serving.index_type,
+                index_type=wanted, chosen=index_type,
             )
             self.current = job
             self._expected = set()
@@ -251,9 +258,13 @@ class Rebuilds:
         self._save(job)
 
     def _reindex(self, job: RebuildJob) -> None:
-        job.total = len(self.service.index)
+        service = self.service
+        job.total = len(service.index)
         self._save(job)
-        self.service.index.restructure(job.index_type)
+        with service.restructuring:  # (the size policy's restructure waits, then finds nothing to do)
+            if job.chosen:
+                service.choose_type(job.chosen)
+            service.index.restructure(job.index_type)
         with self._lock:
             job.done = job.total
             self._finish(job, "done")
@@ -276,8 +287,10 @@ class Rebuilds:
             log.info("rebuild %s: every object settled; making generation %d %s before the swap", job.id,
                      shadow.generation, job.index_type)
             shadow.restructure(job.index_type)
-        with self._lock:
+        with self.service.restructuring, self._lock:  # (the size policy waits for the chosen type)
             if job.state == "running":  # (not cancelled meanwhile)
+                if job.chosen:
+                    self.service.choose_type(job.chosen)
                 self.service.promote(shadow)
                 self._finish(job, "done")
 

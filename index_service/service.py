@@ -22,7 +22,7 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.keys import Keys
-from bucketlens.redis_client import connect
+from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
@@ -86,7 +86,8 @@ class Service:
         self._since_snapshot = (0, time.monotonic(), 0.0)
         self._checkpointing = threading.Lock()  # one checkpoint at a time
         self._trim_floor = ("0", -TAKEOVER_HOLD_S)  # (stream id, when): not trimmed past for a while after a takeover
-        self._restructuring = threading.Lock()
+        self.restructuring = threading.Lock()  # one restructure of the serving index at a time (rebuild.py too)
+        self.chosen_type: str | None = None  # the index type a rebuild asked for (Keys.index_type), read on takeover
         self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
         self._stopping = threading.Event()
 
@@ -202,6 +203,7 @@ class Service:
         """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint); returns
         whether Redis held no data of ours."""
         redis_was_empty = self._register_generation()
+        self.chosen_type = text(raw) if (raw := self.redis.get(self.keys.index_type)) else None
         self.merger = self._merger(last_id)
         self._since_snapshot = (0, time.monotonic(), 0.0)
         if self.backend.shared:  # a paused writer of a shared index can wake and write; a FAISS one only to itself
@@ -311,8 +313,9 @@ class Service:
         if ((due_entries or due_time) and waited >= took and time.monotonic() >= self.snapshot_health.retry_at
                 and self._checkpointing.acquire(blocking=False)):
             threading.Thread(target=self._checkpoint_beside, name="checkpoint", daemon=True).start()
-        target = restructure_into(self.index, self.settings.approx_threshold, self.backend.approximate)
-        if target and self._restructuring.acquire(blocking=False):
+        target = restructure_into(self.index, self.settings.approx_threshold, self.backend.approximate,
+                                  self.chosen_type)
+        if target and self.restructuring.acquire(blocking=False):
             threading.Thread(target=self._restructure, args=(target,), name="restructure", daemon=True).start()
 
     def _restructure(self, index_type: str) -> None:
@@ -321,7 +324,7 @@ class Service:
         except Exception:
             log.exception("restructuring the index into %s failed; it stays %s", index_type, self.index.index_type)
         finally:
-            self._restructuring.release()
+            self.restructuring.release()
 
     def _checkpoint_beside(self) -> None:
         try:
@@ -367,6 +370,14 @@ class Service:
             self.redis.xtrim(self.keys.results, minid=trim_to, approximate=False)
         log.info("checkpoint of %d vectors at %s in %.2f s", len(index), last_id, took)
         return True
+
+    def choose_type(self, index_type: str) -> None:
+        """Keep ``index_type`` whatever the index's size (``auto``: let the size policy pick again)."""
+        if index_type == "auto":
+            self.redis.delete(self.keys.index_type)
+        else:
+            self.redis.set(self.keys.index_type, index_type)
+        self.chosen_type = None if index_type == "auto" else index_type
 
     def promote(self, shadow: Index | None) -> None:
         """Swap the shadow generation in (atomically for readers: one reference assignment)."""
@@ -421,6 +432,7 @@ class Service:
             "model": index.model,
             "dim": index.dim,
             "index_type": index.index_type,
+            "index_type_chosen": self.chosen_type,
             "vector_file_bytes": index.file_bytes(),
             "generation": index.generation,
             "last_applied_id": self.merger.last_id,

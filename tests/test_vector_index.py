@@ -254,6 +254,11 @@ def test_outgrown_lists_are_retrained_and_an_sq8_structure_keeps_its_codes(index
     index.restructure(index_type)
     assert index._faiss.nlist == module.ivf_lists(5000) and not index.outgrown()
     assert restructure_into(index, 1000, index_type) is None
+    # A type a rebuild asked for stays whatever the size (the policy would make 5,000 vectors Flat at 20,000),
+    # and is made again when outgrown; another chosen type is switched to.
+    assert restructure_into(index, 20_000, index_type) == "Flat"
+    assert restructure_into(index, 20_000, index_type, chosen=index_type) is None
+    assert restructure_into(index, 1000, index_type, chosen="Flat") == "Flat"
     for key, vector in before.items():  # IVF-SQ8: the same 8-bit codes, made again from the same float16 vectors
         np.testing.assert_allclose(index._faiss.reconstruct(index._ids[object_id("b", key)]), vector, atol=4e-3)
     index._faiss.nprobe = index._faiss.nlist  # every list: the same answer as before, whatever the lists
