@@ -48,7 +48,9 @@ SCHEMAS: dict[str, Schema] = {
     "SearchJSON": {"oneOf": [obj({name: schema, **SEARCH_OPTIONS}, (name,), closed=True)
                              for name, schema in SEARCH_QUERIES.items()]},
     "SearchForm": obj({"image": {"type": "string", "format": "binary"}, **SEARCH_OPTIONS}, ("image",), closed=True),
-    "Hit": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT, "score": NUMBER, "verified": BOOL, "matches": INT,
+    "Hit": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT, "score": NUMBER, "verified": BOOL,
+                "matches": {"type": ["integer", "null"],
+                            "description": "local features matched with the query's (null: not checked)"},
                 "labels": {"type": ["array", "null"]}, "modified": NULLABLE_TEXT,
                 "url": {"type": "string", "description": "presigned GET"}},
                ("bucket", "key", "etag", "score", "url")),

@@ -63,6 +63,7 @@ class Supervisor:
         if not self.stack.s3_up():  # radosgw died (the canary would find it only after canary_timeout_s)
             log.warning("the S3 server does not answer; starting whatever of it is not running")
             self.stack.start_ceph()
+            self.grace = RESTART_GRACE_S  # (as after a heal: its persistent queues resume within ~30 s)
         if "milvus" in self.stack.servers and self.stack.milvus_pid() is None:
             log.warning("milvus is not running; restarting it (the index service waits and resumes merging)")
             self.stack.start_milvus()

@@ -338,6 +338,11 @@ def test_the_supervisor_restarts_a_dead_redis_and_a_dead_radosgw(
         os.kill(int((stack.home / "ceph" / "run" / "client.rgw.a.pid").read_text()), signal.SIGKILL)
         wait_for(lambda: not stack.s3_up(), 10, what="radosgw gone")
         wait_for(stack.s3_up, 60, what="radosgw restarted by the supervisor")
+        # A restarted radosgw resumes its persistent queue once it rereads the list (~30 s): the supervisor's
+        # canaries show when notifications flow again (until then, what follows would be left to a reconcile).
+        restarted, canary = time.time(), Keys(stack.settings.namespace).canary
+        redis = connect(stack.settings.redis_url)
+        wait_for(lambda: float(redis.hget(canary, "delivered") or 0) > restarted, 150, what="a canary delivered")
         uploads = patient_s3(stack)
         for key in keys:
             uploads.put_object(Bucket=stack.settings.bucket, Key=key, Body=bodies[key])
