@@ -15,10 +15,13 @@ wait_s3() {  # wait until rgw answers HTTP on $PORT
   for i in $(seq 1 600); do curl -s -o /dev/null http://127.0.0.1:$PORT/ && return 0; sleep 0.2; done
   echo "rgw did not come up" >&2; return 1
 }
-pid_of() {  # pid from pid file, only if that process is really the expected daemon
+pid_of() {  # pid from pid file, only if that process is really the expected daemon, and alive: a SIGKILLed one
+  # stays a zombie until its parent reaps it (here that took minutes), and counting it as running left a crashed
+  # radosgw down: `start` skipped it, then waited for an S3 that never came
   local p; p=$(cat $C/run/$1.pid 2>/dev/null || true); [ -n "$p" ] || return 0
   case $1 in mon.*) n=ceph-mon;; osd.*) n=ceph-osd;; *) n=radosgw;; esac
-  [ "$(cat /proc/$p/comm 2>/dev/null)" = "$n" ] && echo $p || true
+  [ "$(cat /proc/$p/comm 2>/dev/null)" = "$n" ] || return 0
+  grep -q '^State:[[:space:]]*Z' /proc/$p/status 2>/dev/null || echo $p
 }
 wait_osd_active() {  # OSD admin socket reports state=active (booted into the current osdmap)
   local p; p=$(pid_of osd.0)
