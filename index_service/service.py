@@ -373,11 +373,12 @@ class Service:
 
     def choose_type(self, index_type: str) -> None:
         """Keep ``index_type`` whatever the index's size (``auto``: let the size policy pick again)."""
-        if index_type == "auto":
+        chosen = None if index_type == "auto" else index_type
+        if chosen is None:
             self.redis.delete(self.keys.index_type)
         else:
-            self.redis.set(self.keys.index_type, index_type)
-        self.chosen_type = None if index_type == "auto" else index_type
+            self.redis.set(self.keys.index_type, chosen)
+        self.chosen_type = chosen
 
     def promote(self, shadow: Index | None) -> None:
         """Swap the shadow generation in (atomically for readers: one reference assignment)."""

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
@@ -51,10 +52,14 @@ class Receiver:
         self.keys = Keys(settings.namespace)
         self.redis = client
         self.publisher = Publisher(settings, client)
-        self.s3 = make_client(settings)  # (only to settle a deleted version: _settle)
         self.batcher = Batcher(self._flush_created, settings.batch_window_ms / 1000, settings.batch_size)
         self._redis_down_logged = False
         self._near_full_logged = False
+
+    @functools.cached_property
+    def s3(self) -> Any:
+        """Only to settle a deleted version (``_settle``): made when the first one arrives, not at start-up."""
+        return make_client(self.settings)
 
     async def _flush_created(self, refs: Sequence[ObjectRef]) -> None:
         await run_in_threadpool(self.publisher.send_embeds, refs)
@@ -130,10 +135,12 @@ class Receiver:
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
         except NoGeneration as exc:
             raise HTTPError(503, "no_generation", f"{exc}; deliver the event again") from exc
-        try:
-            settled = await run_in_threadpool(self._settle, fresh)
-        except S3Unavailable as exc:
-            raise HTTPError(503, "s3_unavailable", f"{exc}; deliver the event again") from exc
+        settled = fresh
+        if any(e.kind == "version_removed" for e in fresh):  # (rare: the usual request makes no trip to S3)
+            try:
+                settled = await run_in_threadpool(self._settle, fresh)
+            except S3Unavailable as exc:
+                raise HTTPError(503, "s3_unavailable", f"{exc}; deliver the event again") from exc
         created = [_tag(e.ref, g) for e in settled if e.kind == "created" for g in generations]
         removed = [_tag(e.ref, g) for e in settled if e.kind == "removed" for g in generations]
         try:

@@ -36,6 +36,7 @@ LONGEST_NAME = 3  # words in the longest name tried as one
 # and d a dot (inside a word: "jack-o'-lantern", "T-shirt"; the abbreviation "R.V." keeps its last dot), s a symbol
 # or emoji (a skin tone too), space for the rest (spaces, other punctuation, control characters).
 CLASSES = {"-": "c", "'": "c", "\u2019": "c", ".": "d", "\u200d": "m"}
+CATEGORY_CLASSES = {"L": "w", "N": "w", "M": "m", "S": "s"}  # by a Unicode category's first letter; others: space
 TOKEN = re.compile(r"(?P<word>(?:w[wm]*d)+w[wm]*d|w[wm]*(?:[cd]+w[wm]*)*)|[sm]+")
 
 
@@ -165,12 +166,8 @@ def split(text: str) -> list[tuple[str, bool]]:
     """The words (True) and symbols (False) of ``text`` as typed, in order (``CLASSES``, ``TOKEN``): "café 日本 🐱"
     is café, 日本 and 🐱; "<script>alert(1)" is <, script, >, alert and 1."""
     text = unicodedata.normalize("NFC", text)  # an accent typed as a combining mark is one letter with its letter
-    classes = "".join(CLASSES.get(c) or _class(unicodedata.category(c)) for c in text)
+    classes = "".join(CLASSES.get(c) or CATEGORY_CLASSES.get(unicodedata.category(c)[0], " ") for c in text)
     return [(text[m.start() : m.end()], m.group("word") is not None) for m in TOKEN.finditer(classes)]
-
-
-def _class(category: str) -> str:
-    return {"L": "w", "N": "w", "M": "m", "S": "s"}.get(category[0], " ")
 
 
 def fold(word: str) -> str:
