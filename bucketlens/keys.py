@@ -132,6 +132,12 @@ class Keys:
         return f"{self.namespace}:index:checkpoints"
 
     @property
+    def checkpoint_times(self) -> str:
+        """Hash: index alias -> when its checkpoint was written (Unix seconds), so ``/stats``' ``last_snapshot``
+        survives a restart on Milvus as it does in a FAISS snapshot's header."""
+        return f"{self.namespace}:index:checkpoint-times"
+
+    @property
     def celery_prefix(self) -> str:
         """Prefix of every key kombu writes (queue lists, ``unacked``, bindings)."""
         return f"{self.namespace}:celery:"

@@ -558,6 +558,9 @@ class MilvusBackend:
         index = MilvusIndex(self.connection, self.alias, serving, meta["model"], int(meta["dim"]),
                             int(meta["generation"]), meta["index_type"], self.features(int(meta["generation"])))
         last_id = self.redis.hget(self.keys.checkpoints, self.alias)
+        written = self.redis.hget(self.keys.checkpoint_times, self.alias)
+        if last_id and written and (self.last is None or float(written) > self.last["time"]):  # a restart; a reader
+            self.last = {"name": serving, "time": float(written), "count": len(index), "last_id": text(last_id)}
         # A replica that reads loads every few seconds to follow the writer: said once per collection
         level, self._loaded = (logging.INFO if serving != self._loaded else logging.DEBUG), serving
         log.log(level, "serving Milvus collection %s: generation %d, %d vectors, stream position %s", serving,
@@ -594,8 +597,12 @@ class MilvusBackend:
         repaired = index.repair()
         with reachable(self.connection.uri):
             self.connection.client.flush(index.collection, timeout=WRITE_TIMEOUT_S)
-        self.redis.hset(self.keys.checkpoints, self.alias, last_id)
-        self.last = {"name": index.collection, "time": time.time(), "count": len(index), "last_id": last_id,
+        now = time.time()
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.keys.checkpoints, self.alias, last_id)
+            pipe.hset(self.keys.checkpoint_times, self.alias, now)
+            pipe.execute()
+        self.last = {"name": index.collection, "time": now, "count": len(index), "last_id": last_id,
                      "flush_s": round(time.perf_counter() - started, 3), "repaired_objects": repaired}
 
     def promote(self, old: Any, new: Any) -> None:

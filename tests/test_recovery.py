@@ -139,6 +139,10 @@ def test_sigkill_mid_merge_then_restart_equals_an_uninterrupted_run(service: Ind
     assert at_kill < len(stream), f"all {at_kill} entries merged before the kill: not mid-merge"
 
     service.start()
+    # Restored from the checkpoint before the kill, and /stats says when it was written (before the next one).
+    restored = wait_for(lambda: (stats := service.stats())["vectors"] and stats, 60, interval_s=0.05,
+                        what="the index restored")
+    assert restored["last_snapshot"], f"the checkpoint before the kill is not reported: {restored}"
     wait_for(lambda: service.stats()["applied_entries"] and redis.xinfo_groups(keys.results)[0]["lag"] == 0,
              120, what="replay finished")
     reference = VectorIndex(MODEL, DIM)
