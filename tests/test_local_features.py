@@ -35,6 +35,19 @@ def test_a_mirrored_crop_is_verified_and_another_photo_is_not() -> None:
     assert local_features.inliers(copy[0], astronaut) < local_features.MIN_INLIERS
 
 
+def test_a_candidate_with_a_handful_of_keypoints_does_not_match_everything() -> None:
+    """A smooth image (a sky, a gradient) keeps a few keypoints; every keypoint of an unrelated query can be nearest
+    to one of them. Those many-to-one matches, and a transform that shrinks the query to a point, once counted as
+    60 consistent matches ("the same photo")."""
+    rng = np.random.default_rng(5)
+    few = rng.integers(0, 256, (3, 32), dtype=np.uint8)
+    candidate = local_features.Features(np.array([[200, 150], [260, 150], [230, 190]], np.float32), few)
+    near_first = np.repeat(few[:1], 60, axis=0)
+    near_first[:, 0] ^= rng.integers(0, 2, 60, dtype=np.uint8)  # one bit apart at most: always nearest to it
+    query = local_features.Features(rng.uniform(0, 512, (60, 2)).astype(np.float32), near_first)
+    assert local_features.inliers(query, candidate) < local_features.MIN_INLIERS
+
+
 def test_wire_format_round_trip_is_bounded() -> None:
     found = local_features.views(gray("chelsea.png"))
     data = local_features.encode(found)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import struct
 
 import cv2
@@ -27,6 +28,9 @@ MAGIC = b"O1"
 RATIO = 0.8  # Lowe's ratio test
 log = logging.getLogger(__name__)
 RANSAC_PX = 6.0  # reprojection error (pixels at SIDE) of a match consistent with the transform
+# The scale a copy's transform may have, query to stored object: a 10 % crop enlarged (~0.3) to a 64-pixel
+# thumbnail of a 512-pixel original (8); a transform outside shrinks or blows the query up to a degenerate point.
+MIN_SCALE, MAX_SCALE = 1 / 16, 16.0
 # Fewest consistent matches that move a candidate up a search: the best source@1 of `make quality`'s sweep
 # (bench/README.md). Different photos reach 10-25 surprisingly often (repetitive wallpapers, silhouettes) ...
 MIN_INLIERS = 20
@@ -114,18 +118,31 @@ _matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
 
 
 def inliers(query: Features, candidate: Features) -> int:
-    """Matches consistent with one similarity transform from ``query`` to ``candidate`` (0 when too few)."""
+    """Matches consistent with one similarity transform from ``query`` to ``candidate`` (0 when too few).
+
+    Matches are one-to-one (a candidate keypoint keeps its best match only) and the transform must keep a
+    plausible scale: a candidate with a handful of keypoints (a smooth sky, a gradient wallpaper) otherwise takes
+    every query keypoint as a match, and a transform that shrinks the query to a point held them all, so such an
+    image "matched" 60-200 times with unrelated photos (bench/README.md, "Held-out photos and edits")."""
     if len(query) < 3 or len(candidate) < 3:
         return 0
     pairs = _matcher.knnMatch(query.descriptors, candidate.descriptors, k=2)
-    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
+    best: dict[int, cv2.DMatch] = {}
+    for p in pairs:
+        if len(p) == 2 and p[0].distance < RATIO * p[1].distance:
+            kept = best.get(p[0].trainIdx)
+            if kept is None or p[0].distance < kept.distance:
+                best[p[0].trainIdx] = p[0]
+    good = list(best.values())
     if len(good) < 3:
         return 0
     src = query.points[[m.queryIdx for m in good]]
     dst = candidate.points[[m.trainIdx for m in good]]
-    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX,
-                                          maxIters=500, confidence=0.99)
-    return 0 if mask is None else int(mask.sum())
+    transform, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX,
+                                                  maxIters=500, confidence=0.99)
+    if mask is None or not MIN_SCALE <= math.hypot(transform[0, 0], transform[1, 0]) <= MAX_SCALE:
+        return 0
+    return int(mask.sum())
 
 
 def best_inliers(queries: list[Features], candidate: Features) -> int:
