@@ -32,6 +32,7 @@ from bucketlens.schemas import object_id
 from vision import local_features
 
 from .backend import Index, Indexed
+from .feature_store import PAIRS_VERSION
 from .verify import CANDIDATES
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class DuplicateFinder:
         """Check up to ``limit`` pending objects; returns how many were checked."""
         index = self.index()
         if index.generation != self.generation:  # start, or a rebuild swapped: whatever is unchecked is pending
+            if index.features.pairs_version < PAIRS_VERSION:
+                recount(index)
             checked = index.features.checked()
             with self._lock:
                 self.generation = index.generation
@@ -141,6 +144,20 @@ class DuplicateFinder:
 def _current(index: Index, oid: str, etag: str) -> Indexed | None:
     obj = index.get(*oid.split("/", 1))
     return obj if obj is not None and obj.etag == etag else None
+
+
+def recount(index: Index) -> None:
+    """Count the matches of pairs stored by an older count (``feature_store.PAIRS_VERSION``) again, as
+    ``find_pairs`` counts them now; pairs that no longer reach ``MIN_INLIERS`` go."""
+    started = time.monotonic()
+    stale = index.features.pairs()
+    etags = {oid: obj.etag for a, b, _ in stale for oid in (a, b) if (obj := index.get(*oid.split("/", 1)))}
+    stored = index.features.views(sorted(etags.items()))
+    recounted = [(a, b, local_features.best_inliers(stored[a], stored[b][0]) if a in stored and b in stored else 0)
+                 for a, b, _ in stale]
+    dropped = index.features.recount_pairs(recounted)
+    log.info("counted the matches of %d duplicate pairs again (%.1f s): %d were not copies", len(stale),
+             time.monotonic() - started, dropped)
 
 
 def find_pairs(index: Index, objects: list[Indexed], min_score: float = MIN_SCORE) -> list[tuple[str, str, int]]:

@@ -21,6 +21,10 @@ from typing import Iterable, Iterator, Sequence
 from vision import local_features
 
 log = logging.getLogger(__name__)
+# How the pairs' matches were counted (SQLite's user_version). 1: matches could be many-to-one, which linked smooth
+# images (few keypoints) to unrelated photos; 2: one-to-one at a plausible scale (``local_features.inliers``). A
+# store of an older count keeps its pairs until the duplicate finder counts them again (``recount_pairs``).
+PAIRS_VERSION = 2
 
 
 class FeatureStore:
@@ -39,6 +43,9 @@ class FeatureStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS pairs (a TEXT, b TEXT, matches INTEGER, PRIMARY KEY (a, b))")
         self._db.execute("CREATE INDEX IF NOT EXISTS pairs_b ON pairs (b)")
         self._db.execute("CREATE TABLE IF NOT EXISTS checked (oid TEXT PRIMARY KEY, etag TEXT)")
+        self.pairs_version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if self.pairs_version < PAIRS_VERSION and self._db.execute("SELECT 1 FROM pairs LIMIT 1").fetchone() is None:
+            self._set_pairs_version()  # a new store, or one without pairs: nothing was counted the older way
         self._lock = threading.Lock()  # one connection, shared by the merger and the search threads
         self._closed = False  # a retired generation: searches that started on it still finish, unverified
 
@@ -86,6 +93,25 @@ class FeatureStore:
             self._db.executemany("INSERT OR REPLACE INTO checked VALUES (?, ?)", fresh)
             self._db.executemany("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?)", kept)
         return len(kept)
+
+    def recount_pairs(self, recounted: Sequence[tuple[str, str, int]]) -> int:
+        """Store the pairs of an older count (``pairs_version`` below ``PAIRS_VERSION``) counted again: each
+        ``(a, b, matches)`` keeps its new count, or goes below ``local_features.MIN_INLIERS``. Pairs that changed
+        objects dropped meanwhile stay dropped. Returns how many were dropped."""
+        dropped = [(a, b) for a, b, m in recounted if m < local_features.MIN_INLIERS]
+        with self._lock:
+            if self._closed:
+                return 0
+            with self._transaction():
+                self._db.executemany("UPDATE pairs SET matches = ? WHERE a = ? AND b = ?",
+                                     [(m, a, b) for a, b, m in recounted])
+                self._db.executemany("DELETE FROM pairs WHERE a = ? AND b = ?", dropped)
+                self._set_pairs_version()
+        return len(dropped)
+
+    def _set_pairs_version(self) -> None:
+        self._db.execute(f"PRAGMA user_version = {PAIRS_VERSION}")
+        self.pairs_version = PAIRS_VERSION
 
     def pairs(self, min_matches: int = 0) -> list[tuple[str, str, int]]:
         with self._lock:

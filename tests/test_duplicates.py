@@ -3,13 +3,17 @@ dropped when an object changes or goes, grouped by connected components with the
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from bucketlens.schemas import ResultEntry
-from index_service import duplicates
+from index_service import duplicates, feature_store
 from index_service.duplicates import DuplicateFinder, groups
+from index_service.feature_store import FeatureStore
 from index_service.vector_index import VectorIndex
 from infra.samples import skimage_data
 from vision import local_features
@@ -74,6 +78,30 @@ def test_a_restart_checks_only_what_was_not_checked() -> None:
     assert len(group.members) == 4 and group.pairs >= 3
     again = DuplicateFinder(lambda: index)
     assert again.step() == 0  # all were checked at their etag
+
+
+def test_pairs_of_an_older_count_are_counted_again(tmp_path: Path) -> None:
+    """A store whose pairs were counted before matches were one-to-one (a smooth image took every keypoint of an
+    unrelated photo as a match): its pairs are counted again when the finder opens it, and a false one goes."""
+    path = tmp_path / "g1.sqlite"
+    index = VectorIndex("m", DIM, features=FeatureStore(path))
+    v = near(np.ones(DIM, np.float32), 0, 0)
+    index.apply([entry("astronaut.jpg", v, gray("astronaut.png"), 1),
+                 entry("crop.jpg", v, gray("astronaut.png", crop=0.8), 1),
+                 entry("coffee.jpg", v, gray("coffee.png"), 1)])
+    checked = [(f"b/{k}", f"e-{k}-1") for k in ("astronaut.jpg", "crop.jpg", "coffee.jpg")]
+    index.features.add_pairs(checked, [("b/astronaut.jpg", "b/crop.jpg", 99), ("b/astronaut.jpg", "b/coffee.jpg", 60)])
+    index.features.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 1")  # as a store written by the older count is
+
+    index.features = FeatureStore(path)
+    assert index.features.pairs_version == 1
+    DuplicateFinder(lambda: index).step()
+    pairs = index.features.pairs()
+    assert [(a, b) for a, b, _ in pairs] == [("b/astronaut.jpg", "b/crop.jpg")]
+    assert local_features.COPY_MATCHES <= pairs[0][2] != 99
+    assert FeatureStore(path).pairs_version == feature_store.PAIRS_VERSION  # counted once, not at every start
 
 
 def test_one_false_link_does_not_chain_two_groups() -> None:
