@@ -194,11 +194,11 @@ def _run(args: list[str], what: str, cwd: Path | None = None) -> subprocess.Comp
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
 
 
-def fetch_packages(folder: Path) -> Path:
+def fetch_packages(folder: Path, packages: tuple[str, ...] = PACKAGES) -> Path:
     """Download the wallpaper packages into ``folder/debs`` and unpack them into ``folder/root``; returns the root."""
     debs, root = folder / "debs", folder / "root"
     debs.mkdir(parents=True, exist_ok=True)
-    missing = [p for p in PACKAGES if not list(debs.glob(f"{p}_*.deb"))]
+    missing = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
     if missing:
         what = "downloading the wallpaper packages"
         done = _run(["apt-get", "download", *missing], what, cwd=debs)
@@ -208,7 +208,7 @@ def fetch_packages(folder: Path) -> Path:
             done = _run(["apt-get", "download", *missing], what, cwd=debs)
             if done.returncode != 0:
                 raise RuntimeError(f"apt-get download {' '.join(missing)} failed: {done.stderr.strip()}")
-    for package in PACKAGES:
+    for package in packages:
         deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
         done = _run(["dpkg", "-x", str(deb), str(root)], "unpacking the wallpaper packages")
         if done.returncode != 0:

@@ -40,6 +40,7 @@ from index_service.app import create_app
 from index_service.queries import parse_search
 from index_service.rebuild import RebuildJob
 from infra.stack import Stack
+from vision.local_features import COPY_MATCHES, MIN_INLIERS
 
 from .helpers import ceph_event, object_state, photo, wait_for
 from .integrity import ARTIFACTS, failures_under, patient_s3, reference_vectors
@@ -559,21 +560,22 @@ def test_listings_refuse_counts_below_their_least() -> None:
     for path, params, least in (("/labels", {"limit": "0"}, 1), ("/labels", {"limit": "-1"}, 1),
                                 ("/duplicates", {"limit": "0"}, 1), ("/duplicates", {"offset": "-3"}, 0),
                                 ("/failures", {"limit": "-1"}, 1), ("/failures", {"offset": "-1"}, 0),
-                                ("/duplicates", {"min_matches": "0"}, 20), ("/duplicates", {"min_matches": "10"}, 20),
+                                ("/duplicates", {"min_matches": "0"}, MIN_INLIERS),
+                                ("/duplicates", {"min_matches": "5"}, MIN_INLIERS),
                                 ("/duplicates", {"limit": "2.5"}, None)):
         status, code, message = error(client.get(path, params=params))
         assert (status, code) == (400, "bad_parameter"), (path, params, message)
         assert (f"must be at least {least}" if least is not None else "decimal integer") in message, message
-    assert "pairs with fewer" in error(client.get("/duplicates", params={"min_matches": "19"}))[2]
+    assert "pairs with fewer" in error(client.get("/duplicates", params={"min_matches": str(MIN_INLIERS - 1)}))[2]
 
 
 def test_duplicates_default_to_the_same_photo_and_clamp_large_pages() -> None:
     asked: list[int] = []
     index = SimpleNamespace(model="m", features=SimpleNamespace(pairs=lambda least: asked.append(least) or []))
     client = app_around(SimpleNamespace(index=index, duplicates=SimpleNamespace(pending={})))
-    assert client.get("/duplicates").json()["limit"] == 50 and asked == [30]  # README: default 30
-    page = client.get("/duplicates", params={"min_matches": "20", "limit": "5000", "offset": str(10**12)}).json()
-    assert (page["limit"], page["offset"], asked[-1]) == (1000, 10**9, 20)
+    assert client.get("/duplicates").json()["limit"] == 50 and asked == [COPY_MATCHES]  # README: "the same photo"
+    page = client.get("/duplicates", params={"min_matches": "25", "limit": "5000", "offset": str(10**12)}).json()
+    assert (page["limit"], page["offset"], asked[-1]) == (1000, 10**9, 25)
 
 
 @pytest.mark.parametrize("key", ["two\nlines.jpg", "ends with a newline\n", "\nstarts.jpg", "dir/a\r\nb.jpg"])

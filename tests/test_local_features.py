@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from infra.samples import skimage_data
-from vision import local_features
+from vision import local_features, models
 
 
 def gray(name: str, mirror: bool = False, crop: float = 1.0) -> np.ndarray:
@@ -77,3 +77,8 @@ def test_a_flat_image_has_no_features_and_verifies_nothing() -> None:
 def test_images_too_thin_for_orb_have_no_features() -> None:
     assert len(local_features.extract(np.full((1, 512), 90, np.uint8))) == 0
     assert len(local_features.extract(np.full((512, 20), 90, np.uint8))) == 0
+
+
+def test_the_recipes_promote_from_the_matches_that_keep_a_pair() -> None:
+    assert models.PROMOTE_MATCHES == local_features.MIN_INLIERS
+    assert models.RECIPES[models.DEFAULT_MODEL].promote_matches == local_features.MIN_INLIERS

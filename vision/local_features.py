@@ -31,12 +31,14 @@ RANSAC_PX = 6.0  # reprojection error (pixels at SIDE) of a match consistent wit
 # The scale a copy's transform may have, query to stored object: a 10 % crop enlarged (~0.3) to a 64-pixel
 # thumbnail of a 512-pixel original (8); a transform outside shrinks or blows the query up to a degenerate point.
 MIN_SCALE, MAX_SCALE = 1 / 16, 16.0
-# Fewest consistent matches that move a candidate up a search: the best source@1 of `make quality`'s sweep
-# (bench/README.md). Different photos reach 10-25 surprisingly often (repetitive wallpapers, silhouettes) ...
-MIN_INLIERS = 20
-# ... so saying "the same photo" (a search result's ``verified``, a duplicate group's link) takes more: 99 % pair
-# precision on the quality photos needed 26-37.
-COPY_MATCHES = 30
+# Fewest consistent matches that move a candidate up a search and keep a duplicate pair. Counted one-to-one, an
+# unrelated photo reached at most 7 among 54,000 candidates of the held-out photos (``bench.heldout``), and 99 % pair
+# precision on the quality photos needed 6-8 (bench/README.md, "Held-out photos and edits"); the sweep of
+# `make quality` gains the same from 10 to 25.
+MIN_INLIERS = 12
+# Saying "the same photo" (a search result's ``verified``, a duplicate group's default link) keeps a wider margin:
+# different photos that share a logo, a sign or an app's window frame can agree on a part of their keypoints.
+COPY_MATCHES = 20
 
 cv2.setNumThreads(1)  # callers run many images in parallel; OpenCV's own pool would oversubscribe the cores
 
