@@ -221,6 +221,35 @@ def test_worker_killed_mid_batch_loses_nothing(stack: Stack, s3: Any, api: httpx
                                                "seconds_restart_to_all_indexed": round(time.monotonic() - restarted)})
 
 
+def test_a_worker_that_cannot_load_its_model_takes_no_task(stack: Stack, s3: Any, api: httpx.Client,
+                                                            unique_prefix: str) -> None:
+    """A worker added with settings it cannot run (CUDA asked for on a machine without it) once took tasks,
+    failed each one at once and acknowledged it: the objects stayed pending, with no failure record and no sign in
+    GET /queues. It shuts down now, and what it took goes back to the queue for the workers that can embed."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the worker would load its model")
+    bodies = image_set(unique_prefix, 40)
+    recorder = StreamRecorder(stack, unique_prefix)
+    recorder.start()
+    bad = start_worker(stack, "worker-no-cuda.log", BUCKETLENS_DEVICE="cuda", BUCKETLENS_WORKER_CONCURRENCY="1")
+    try:
+        uploader = Uploader(stack, bodies, RATE)  # arriving while the bad worker starts, consumes and stops
+        uploader.start()
+        bad.wait(timeout=120)  # it stops by itself (without the fix it ran on, eating tasks)
+        uploader.finish()
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
+    finally:
+        stop_worker(bad)
+    recorder.stop()
+    failed = failures_under(api, stack.settings.bucket, unique_prefix)
+    assert not failed, failed
+    log = (stack.home / "logs" / "worker-no-cuda.log").read_text()
+    assert "cannot load its model" in log and "BUCKETLENS_DEVICE=cuda" in log, log[-2000:]
+    record_outcome("worker_without_its_model", outcome)
+
+
 # -- 2. one of two workers killed -----------------------------------------------------------------------------
 
 def test_one_of_two_workers_killed_the_other_finishes(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 
 from celery import Celery
+from celery.exceptions import Reject
 from celery.signals import (
     task_postrun,
     task_prerun,
@@ -42,16 +45,32 @@ def create_celery(settings: Settings) -> Celery:
 
     @worker_process_init.connect(weak=False)
     def warm_up(**_: object) -> None:
-        pipeline().heartbeat.start()  # load and warm the model before the first task arrives, then say so
+        try:
+            pipeline().heartbeat.start()  # load and warm the model before the first task arrives, then say so
+        except Exception:
+            # A worker that cannot embed (no CUDA where asked, a broken model file) must not take tasks: each
+            # would fail at once and be acknowledged, lost. The main process shuts down and gives back what it
+            # holds; tasks already handed to this process go back too (``ready_pipeline``).
+            log.critical("this worker cannot load its model and shuts down; its tasks go back to the queue",
+                         exc_info=True)
+            os.kill(os.getppid(), signal.SIGTERM)
+
+    def ready_pipeline() -> Pipeline:
+        try:
+            return pipeline()
+        except Exception as exc:
+            raise Reject(f"this worker cannot load its model: {type(exc).__name__}: {exc}", requeue=True) from exc
 
     @task_prerun.connect(weak=False)
     def batch_started(args: tuple[object, ...] = (), **_: object) -> None:
         refs = args[0] if args else []
-        pipeline().heartbeat.busy(len(refs) if isinstance(refs, list) else 0)  # shown in GET /queues
+        if "pipeline" in resources:  # not when it could not be built: the task gives the batch back
+            resources["pipeline"].heartbeat.busy(len(refs) if isinstance(refs, list) else 0)  # GET /queues shows it
 
     @task_postrun.connect(weak=False)
     def batch_ended(**_: object) -> None:
-        pipeline().heartbeat.idle()
+        if "pipeline" in resources:
+            resources["pipeline"].heartbeat.idle()
 
     @worker_process_shutdown.connect(weak=False)
     def leave(**_: object) -> None:
@@ -75,5 +94,5 @@ def create_celery(settings: Settings) -> Celery:
     def gone(**_: object) -> None:
         deliveries.stop()  # kombu restores what it still holds as it closes the channel
 
-    register_tasks(app, settings, pipeline)
+    register_tasks(app, settings, ready_pipeline)
     return app
