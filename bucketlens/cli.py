@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--clear", action="store_true", help="delete the selected records")
     rebuild = sub.add_parser("rebuild", help="rebuild the index with no downtime (default: re-embed everything)")
     rebuild.add_argument("--reindex", action="store_true", help="rebuild the FAISS structure from stored vectors")
-    rebuild.add_argument("--index-type", choices=["Flat", "IVF", "IVF-SQ8", "HNSW"],
-                         help="IVF-SQ8: the FAISS backend only, HNSW: the Milvus backend only")
+    rebuild.add_argument("--index-type", choices=["Flat", "IVF", "IVF-SQ8", "HNSW", "auto"],
+                         help="IVF-SQ8: the FAISS backend only, HNSW: the Milvus backend only; auto: the size "
+                              "policy (BUCKETLENS_APPROX_THRESHOLD) picks again")
     rebuild.add_argument("--bucket")
     rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v3")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
@@ -82,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--backend", choices=["faiss", "milvus"], help="index backend, as for 'up'")
     args = parser.parse_args(argv)
 
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # a setting that does not parse or is out of bounds: refused before anything starts
+        print(f"bucketlens: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     handler = COMMANDS[args.command]
@@ -427,13 +432,19 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     print(f"rebuild {job['id']} started ({job['mode']}, generation {job['generation']})")
     if not args.wait:
         return 0
-    with tqdm(total=max(job["total"], 1), unit="obj", desc=job["mode"]) as bar:
-        while job["state"] == "running":
-            time.sleep(1)
-            job = httpx.get(f"{api_url(settings)}/rebuild/{job['id']}", timeout=30).json()
-            bar.total = max(job["total"], 1)
-            bar.n = job["done"]
-            bar.refresh()
+    url = f"{api_url(settings)}/rebuild/{job['id']}"
+    try:
+        with tqdm(total=max(job["total"], 1), unit="obj", desc=job["mode"]) as bar:
+            while job["state"] == "running":
+                time.sleep(1)
+                job = httpx.get(url, timeout=30).json()
+                bar.total = max(job["total"], 1)
+                bar.n = job["done"]
+                bar.refresh()
+    except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the rebuild: say where it goes on
+        print(f"stopped waiting; rebuild {job['id']} still runs: GET {url}; cancel with DELETE {url} (admin token)",
+              file=sys.stderr)
+        return 130
     print(f"rebuild {job['id']} {job['state']}: {job['done']}/{job['total']} settled, {job['failed']} failed"
           + (f" ({job['error']})" if job.get("error") else ""))
     return 0 if job["state"] == "done" else 1

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
+
+from vision.models import RECIPES  # names only: vision/models.py imports neither torch nor OpenCV
 
 PREFIX = "BUCKETLENS_"
 
@@ -81,6 +84,14 @@ class Settings:
     canary_timeout_s: float = 30.0  # a canary undelivered for longer is a stalled topic: restart radosgw
     log_level: str = "INFO"
 
+    def __post_init__(self) -> None:
+        """Refuse a value outside its field's choices or bounds, so that a process stops at start, naming the
+        variable, rather than failing late or quietly doing something else."""
+        problems = [problem for field in dataclasses.fields(self)
+                    if (problem := _problem(field.name, getattr(self, field.name)))]
+        if problems:
+            raise ValueError("; ".join(problems))
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``environ`` (default ``os.environ``); explicit keyword overrides win."""
@@ -104,6 +115,65 @@ class Settings:
     @property
     def presign_endpoint(self) -> str:
         return self.s3_public_endpoint or self.s3_endpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The numbers a setting accepts: from ``low`` (``low`` itself too unless ``open``) up to ``high``."""
+
+    low: float
+    high: float = math.inf
+    open: bool = False
+
+    def admits(self, value: float) -> bool:
+        return (value > self.low if self.open else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        low = f"above {self.low:g}" if self.open else f"at least {self.low:g}"
+        return low if math.isinf(self.high) else f"{low} and at most {self.high:g}"
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": tuple(RECIPES),
+    "device": ("auto", "cpu", "cuda"),
+    "runtime": ("auto", "torch", "onnx", "onnx-int8"),
+    "faiss_index_type": ("IVF", "IVF-SQ8"),
+    "index_backend": ("faiss", "milvus"),  # index_service.backend.BACKENDS (tests/test_settings.py holds them equal)
+    "milvus_index_type": ("HNSW", "IVF"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}
+
+# Every int and float field has a bound (tests/test_settings.py tries -1 on each). 0 is accepted where it means
+# something (README, "Settings"): a free port, one worker process per core, all cores, no waiting, no retries, no
+# grace, off, tombstones not kept, an approximate index from the first vector.
+PORT = Bound(0, 65535)
+COUNT = Bound(1)  # counts, sizes, limits
+ZERO_MEANS = Bound(0)
+DURATION = Bound(0, open=True)
+SHARE = Bound(0, 1, open=True)
+BOUNDS: dict[str, Bound] = {
+    **dict.fromkeys(("ingest_port", "api_port"), PORT),
+    **dict.fromkeys(("max_body_bytes", "max_upload_bytes", "batch_size", "dedup_ttl_s", "max_object_bytes",
+                     "max_pixels", "fetch_concurrency", "visibility_timeout_s", "max_redeliveries", "merge_batch",
+                     "snapshot_every_entries", "snapshots_kept", "faiss_threads", "milvus_hnsw_m",
+                     "milvus_hnsw_ef_construction", "milvus_hnsw_ef", "milvus_ivf_nprobe"), COUNT),
+    **dict.fromkeys(("batch_window_ms", "torch_threads", "max_retries", "worker_concurrency",
+                     "snapshot_failure_grace_s", "reconcile_every_s", "tombstone_retention_s", "approx_threshold"),
+                    ZERO_MEANS),
+    **dict.fromkeys(("fetch_timeout_s", "snapshot_every_s", "writer_lease_s", "canary_interval_s",
+                     "canary_timeout_s"), DURATION),
+    **dict.fromkeys(("ingest_max_memory_fraction", "duplicates_cpu_share"), SHARE),
+}
+
+
+def _problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the field ``name``, said with the variable that sets it, or None."""
+    given = f"{PREFIX}{name.upper()}={value!r}"
+    if name in CHOICES and value not in CHOICES[name]:
+        return f"{given}: choose one of {', '.join(CHOICES[name])}"
+    if name in BOUNDS and not BOUNDS[name].admits(value):
+        return f"{given}: must be {BOUNDS[name]}"
+    return None
 
 
 def _convert(field: dataclasses.Field[Any], raw: str) -> Any:

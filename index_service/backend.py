@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from bucketlens.settings import Settings
 
 log = logging.getLogger(__name__)
-BACKENDS = ("faiss", "milvus")
+BACKENDS = ("faiss", "milvus")  # what ``bucketlens.settings`` accepts for ``index_backend``
 
 Tombstones = dict[str, tuple[int, float]]  # object id -> (order of the delete, when it was applied)
 
@@ -241,8 +241,6 @@ def open_backend(settings: Settings, redis: redis.Redis, keys: Keys, features: C
         from .faiss_backend import FaissBackend
 
         return FaissBackend(settings, features, s3)
-    if settings.index_backend == "milvus":
-        from .milvus_index import MilvusBackend  # pymilvus is imported only when Milvus is chosen
+    from .milvus_index import MilvusBackend  # pymilvus is imported only when Milvus is chosen (Settings checked it)
 
-        return MilvusBackend(settings, redis, keys, features)
-    raise ValueError(f"BUCKETLENS_INDEX_BACKEND={settings.index_backend!r}: choose one of {', '.join(BACKENDS)}")
+    return MilvusBackend(settings, redis, keys, features)

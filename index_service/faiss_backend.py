@@ -21,8 +21,6 @@ class FaissBackend:
     index_types: tuple[str, ...] = INDEX_TYPES
 
     def __init__(self, settings: Settings, features: Callable[[int], FeatureStore], s3: Any = None) -> None:
-        if settings.faiss_index_type not in ("IVF", "IVF-SQ8"):
-            raise ValueError(f"BUCKETLENS_FAISS_INDEX_TYPE={settings.faiss_index_type!r}: choose IVF or IVF-SQ8")
         self.approximate = settings.faiss_index_type
         set_search_threads(settings.faiss_threads)
         self.features = features

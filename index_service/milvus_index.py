@@ -538,8 +538,6 @@ class MilvusBackend:
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys,
                  features: Callable[[int], FeatureStore]) -> None:
-        if settings.milvus_index_type not in ("HNSW", "IVF"):
-            raise ValueError(f"BUCKETLENS_MILVUS_INDEX_TYPE={settings.milvus_index_type!r}: choose HNSW or IVF")
         self.approximate = settings.milvus_index_type
         self.connection = Connection(settings)
         self.redis, self.keys, self.features = client, keys, features

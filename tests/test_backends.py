@@ -429,6 +429,3 @@ def test_a_generation_of_another_model_never_mixes(fixture: Fixture) -> None:
     assert stats.rejected == 1 and len(index) == 1 and index.get("b", "b") is not None
 
 
-def test_the_factory_refuses_an_unknown_backend() -> None:
-    with pytest.raises(ValueError, match="BUCKETLENS_INDEX_BACKEND='sqlite'"):
-        open_backend(Settings(index_backend="sqlite"), None, Keys("x"), lambda _: FeatureStore())  # type: ignore[arg-type]

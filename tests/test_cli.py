@@ -5,7 +5,12 @@ environment, as it would reach a real one."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -70,6 +75,84 @@ def one_error_line(capsys: pytest.CaptureFixture[str], *words: str) -> str:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert all(word in err for word in words), err
     return err
+
+
+def cli_process(args: list[str], **environ: str) -> subprocess.Popen[str]:
+    """``python -m bucketlens.cli`` in a process of its own, with the test's environment and ``environ`` over it."""
+    return subprocess.Popen([sys.executable, "-m", "bucketlens.cli", *args], env={**os.environ, **environ},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# -- settings -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("variable", "raw", "refusal"), [
+    ("BUCKETLENS_BATCH_SIZE", "abc", "BUCKETLENS_BATCH_SIZE='abc' is not a valid int"),
+    ("BUCKETLENS_MERGE_BATCH", "0", "BUCKETLENS_MERGE_BATCH=0: must be at least 1"),
+    ("BUCKETLENS_RUNTIME", "tensorrt", "BUCKETLENS_RUNTIME='tensorrt': choose one of auto, torch, onnx, onnx-int8"),
+])
+def test_a_bad_setting_is_one_line_and_exit_2_from_a_real_process(
+    tmp_path: Path, variable: str, raw: str, refusal: str
+) -> None:
+    process = cli_process(["status"], BUCKETLENS_HOME=str(tmp_path), **{variable: raw})
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and err == f"bucketlens: {refusal}\n" and not out, (out, err)
+    assert not list(tmp_path.iterdir()), "the stack's folder was set up before the settings were checked"
+
+
+def test_up_refuses_a_bad_setting_before_it_starts_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The home is a file: were the settings not checked first, 'up' would stop at once on making its folder there
+    # rather than start servers.
+    home = tmp_path / "home"
+    home.write_text("")
+    monkeypatch.setenv("BUCKETLENS_HOME", str(home))
+    monkeypatch.setenv("BUCKETLENS_MODEL", "nosuchmodel")
+    assert main(["up"]) == 2
+    one_error_line(capsys, "bucketlens: BUCKETLENS_MODEL='nosuchmodel': choose one of ", "lite0-copy-v3")
+    assert list(tmp_path.iterdir()) == [home]
+
+
+def test_a_client_command_sends_nothing_with_a_bad_setting(
+    api: FakeAPI, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BUCKETLENS_DEVICE", "tpu")
+    assert main(["rebuild"]) == 2
+    one_error_line(capsys, "bucketlens: BUCKETLENS_DEVICE='tpu': choose one of auto, cpu, cuda")
+    assert not api.requests
+
+
+# -- rebuild --------------------------------------------------------------------------------------------------
+
+RUNNING = {"id": "r1", "mode": "reindex", "generation": 3, "state": "running", "total": 10, "done": 4, "failed": 0}
+
+
+def test_rebuild_index_type_auto_goes_to_the_service(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    api.answers[("POST", "/rebuild")] = (202, RUNNING)
+    assert main(["rebuild", "--reindex", "--index-type", "auto"]) == 0
+    assert json.loads(api.requests[0]["body"])["index_type"] == "auto"
+    assert "rebuild r1 started" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_waiting_says_the_rebuild_goes_on_and_how_to_cancel_it(api: FakeAPI) -> None:
+    api.answers[("POST", "/rebuild")] = (202, RUNNING)
+    api.answers[("GET", "/rebuild/r1")] = (200, RUNNING)
+    with cli_process(["rebuild", "--reindex", "--wait"]) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().startswith("rebuild r1 started")
+            deadline = time.monotonic() + 30
+            while not any(request["method"] == "GET" for request in api.requests):  # waiting, not still starting
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=30)
+        finally:
+            process.kill()  # only where the test failed before the process ended
+    url = f"http://127.0.0.1:{api.port}/rebuild/r1"
+    assert process.returncode == 130, err
+    assert f"stopped waiting; rebuild r1 still runs: GET {url}; cancel with DELETE {url} (admin token)" in err, err
+    assert "Traceback" not in err and not any(request["method"] == "DELETE" for request in api.requests)
 
 
 # -- reconcile ------------------------------------------------------------------------------------------------

@@ -52,3 +52,62 @@ def test_overrides_win_and_to_env_round_trips() -> None:
 def test_bad_values_are_refused_with_the_variable_named(variable: str, raw: str, kind: str) -> None:
     with pytest.raises(ValueError, match=f"^{variable}='{re.escape(raw)}' is not a valid {kind}$"):
         Settings.from_env({variable: raw})
+
+
+
+def test_the_defaults_are_valid() -> None:
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize(("environ", "refusal"), [
+    ({"BUCKETLENS_MERGE_BATCH": "0"}, "BUCKETLENS_MERGE_BATCH=0: must be at least 1"),
+    ({"BUCKETLENS_BATCH_SIZE": "-5"}, "BUCKETLENS_BATCH_SIZE=-5: must be at least 1"),
+    ({"BUCKETLENS_WORKER_CONCURRENCY": "-1"}, "BUCKETLENS_WORKER_CONCURRENCY=-1: must be at least 0"),
+    ({"BUCKETLENS_API_PORT": "65536"}, "BUCKETLENS_API_PORT=65536: must be at least 0 and at most 65535"),
+    ({"BUCKETLENS_FETCH_TIMEOUT_S": "0"}, "BUCKETLENS_FETCH_TIMEOUT_S=0.0: must be above 0"),
+    ({"BUCKETLENS_INGEST_MAX_MEMORY_FRACTION": "1.5"},
+     "BUCKETLENS_INGEST_MAX_MEMORY_FRACTION=1.5: must be above 0 and at most 1"),
+    ({"BUCKETLENS_RUNTIME": "tensorrt"}, "BUCKETLENS_RUNTIME='tensorrt': choose one of auto, torch, onnx, onnx-int8"),
+    ({"BUCKETLENS_DEVICE": "tpu"}, "BUCKETLENS_DEVICE='tpu': choose one of auto, cpu, cuda"),
+    ({"BUCKETLENS_INDEX_BACKEND": "nosuch"}, "BUCKETLENS_INDEX_BACKEND='nosuch': choose one of faiss, milvus"),
+    ({"BUCKETLENS_FAISS_INDEX_TYPE": "HNSW"}, "BUCKETLENS_FAISS_INDEX_TYPE='HNSW': choose one of IVF, IVF-SQ8"),
+    ({"BUCKETLENS_MILVUS_INDEX_TYPE": "IVF-SQ8"}, "BUCKETLENS_MILVUS_INDEX_TYPE='IVF-SQ8': choose one of HNSW, IVF"),
+    ({"BUCKETLENS_MODEL": "nosuchmodel"}, "BUCKETLENS_MODEL='nosuchmodel': choose one of efficientnet-lite0, "),
+    ({"BUCKETLENS_LOG_LEVEL": "info"},
+     "BUCKETLENS_LOG_LEVEL='info': choose one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ({"BUCKETLENS_DEVICE": "tpu", "BUCKETLENS_MERGE_BATCH": "0"},  # every problem at once, in the fields' order
+     "BUCKETLENS_DEVICE='tpu': choose one of auto, cpu, cuda; BUCKETLENS_MERGE_BATCH=0: must be at least 1"),
+])
+def test_values_outside_the_choices_or_bounds_are_refused_with_the_variable_named(
+    environ: dict[str, str], refusal: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(refusal)}"):
+        Settings.from_env(environ)
+
+
+@pytest.mark.parametrize("field", [field.name for field in dataclasses.fields(Settings)
+                                   if field.type in ("int", "float")])
+def test_no_number_takes_a_negative_value(field: str) -> None:
+    """Every number is bounded: a field added without a bound fails here."""
+    with pytest.raises(ValueError, match=f"^BUCKETLENS_{field.upper()}=-1: must be "):
+        Settings.from_env({}, **{field: -1})
+
+
+def test_zero_is_accepted_where_it_means_something() -> None:
+    """A free port, one worker process per core, all cores, no waiting, no retries, off, no grace."""
+    settings = Settings(api_port=0, ingest_port=0, worker_concurrency=0, torch_threads=0, batch_window_ms=0,
+                        max_retries=0, reconcile_every_s=0, snapshot_failure_grace_s=0, approx_threshold=0)
+    assert settings.api_port == 0 and settings.worker_concurrency == 0
+    assert Settings(duplicates_cpu_share=1, ingest_max_memory_fraction=1).duplicates_cpu_share == 1
+
+
+def test_settings_made_in_code_are_checked_too() -> None:
+    with pytest.raises(ValueError, match="^BUCKETLENS_SNAPSHOTS_KEPT=0: must be at least 1$"):
+        dataclasses.replace(Settings(), snapshots_kept=0)
+
+
+def test_the_backends_settings_accept_are_the_ones_the_service_opens() -> None:
+    from bucketlens.settings import CHOICES
+    from index_service.backend import BACKENDS
+
+    assert CHOICES["index_backend"] == BACKENDS
