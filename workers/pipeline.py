@@ -47,6 +47,7 @@ class Outcome:
     skipped: list[ObjectRef] = dataclasses.field(default_factory=list)
     transient: list[tuple[ObjectRef, str]] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    abandoned: int = 0  # objects of a generation no index merges any more: dropped, not embedded
 
 
 class Pipeline:
@@ -61,8 +62,7 @@ class Pipeline:
         self.embedders = Embedders(settings, default)
         self.redis = client or connect(settings.redis_url)
         self.writer = ResultWriter(self.redis, self.keys)
-        self._models: dict[int, str] = {}
-        self._models_read = 0.0
+        self._models: dict[int, str] = {}  # generation -> model, read at each batch
         self.heartbeat = Heartbeat(self.redis, self.keys, default.model, default.device)
 
     def process(self, refs: Sequence[ObjectRef]) -> Outcome:
@@ -73,6 +73,8 @@ class Pipeline:
         (``fetch``: waiting for downloads). Every list in the outcome keeps the order of ``refs``.
         """
         out = Outcome(timings={"fetch": 0.0, "decode": 0.0, "embed": 0.0, "features": 0.0})
+        if self._read_generations():  # once a batch: a generation gone since the batch was queued is not embedded
+            refs = [ref for ref in refs if not self._abandoned(ref, out)]
         limits = (self.settings.max_object_bytes, self.settings.fetch_timeout_s)
         futures = {self.pool.submit(fetch, self.s3, ref, *limits): ref for ref in refs}
         pending = set(futures)
@@ -131,15 +133,25 @@ class Pipeline:
 
     def model_for(self, generation: int) -> str:
         """The model a generation is embedded with (a model-switching rebuild names another one)."""
-        age = time.monotonic() - self._models_read
-        if age > 10 or (generation not in self._models and age > 1):  # a new generation: look again, not per object
-            try:
-                raw = self.redis.hgetall(self.keys.generations)
-                self._models = {int(g): text(m) for g, m in raw.items()}
-                self._models_read = time.monotonic()
-            except redis.RedisError:
-                pass  # keep what we knew; the write stage retries Redis anyway
         return self._models.get(generation, self.settings.model)
+
+    def _read_generations(self) -> bool:
+        """The generations an index merges, with their models (``Keys.generations``); False when Redis could not
+        say (what was known stays, and abandons nothing: a rebuild's new generation may be missing from it)."""
+        try:
+            self._models = {int(g): text(m) for g, m in self.redis.hgetall(self.keys.generations).items()}
+            return True
+        except redis.RedisError:
+            return False  # the write stage retries Redis anyway
+
+    def _abandoned(self, ref: ObjectRef, out: Outcome) -> bool:
+        """Whether no index merges ``ref``'s generation any more: its rebuild was cancelled or failed after
+        queueing it (or a swap retired it: the serving generation got the same event). Such refs are dropped
+        unfetched; an empty list (Redis lost it) abandons nothing."""
+        if not self._models or ref.generation in self._models:
+            return False
+        out.abandoned += 1
+        return True
 
     def write(self, out: Outcome, attempts: int) -> None:
         """Write the outcome, retrying in-task while Redis is briefly away (a retry cannot be queued then)."""
@@ -163,7 +175,8 @@ class Pipeline:
         except redis.RedisError as exc:
             log.warning("write-stage timing lost: %s", exc)
         log.info(
-            "batch: %d embedded, %d failed, %d skipped, %d to retry; %s",
+            "batch: %d embedded, %d failed, %d skipped, %d to retry%s; %s",
             len(out.embedded), len(out.failed), len(out.skipped), len(out.transient),
+            f", {out.abandoned} of a cancelled or retired generation dropped" if out.abandoned else "",
             " ".join(f"{k}={v * 1000:.0f}ms" for k, v in out.timings.items()),
         )
