@@ -196,6 +196,7 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     status = _stack(settings).status()
+    status["index"] = _index_state(status["api_url"])
     if args.json:
         print(json.dumps(status))
     else:
@@ -203,7 +204,22 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{name:8} {'up' if up else 'down'}")
         print(f"API {status['api_url']}  ingest {status['ingest_url']}  S3 {status['s3_endpoint']}  "
               f"bucket {status['bucket']}")
+        if (index := status["index"]) is not None:
+            rebuild = index["rebuild"]
+            print(f"index: {index['vectors']} vectors, model {index['model']}, generation {index['generation']}, "
+                  f"{index['index_type']}" + (f"; rebuild {rebuild['id']} {rebuild['state']} "
+                                              f"{rebuild['done']}/{rebuild['total']}" if rebuild else ""))
     return 0
+
+
+def _index_state(url: str) -> dict[str, Any] | None:
+    """What the index service serves (``GET /stats``'s model, generation, vectors, index type and the running or
+    last rebuild), or None when it does not answer."""
+    try:
+        stats = httpx.get(f"{url}/stats", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return {k: stats.get(k) for k in ("model", "generation", "vectors", "index_type", "rebuild")}
 
 
 # -- client commands ------------------------------------------------------------------------------------------

@@ -227,3 +227,24 @@ def test_search_by_file_sends_the_filters_beside_the_image(
     assert sent["headers"]["Content-Type"].startswith("multipart/form-data")
     assert b"not really a jpeg" in sent["body"] and b'name="prefix"\r\n\r\n2024/' in sent["body"]
     assert b'name="key"' not in sent["body"]
+
+
+def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
+    # A local stack whose index service is the stand-in (nothing else of it runs).
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
+        "admin_token": "admin"}))
+    rebuild = {"id": "r1", "state": "running", "done": 4, "total": 10}
+    api.answers[("GET", "/stats")] = (200, {"model": "lite0-copy-v3", "generation": 3, "vectors": 12,
+                                            "index_type": "Flat", "rebuild": rebuild, "dim": 1280})
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["index"] == {"model": "lite0-copy-v3", "generation": 3, "vectors": 12, "index_type": "Flat",
+                               "rebuild": rebuild}
+    assert main(["status"]) == 0
+    assert "index: 12 vectors, model lite0-copy-v3, generation 3, Flat; rebuild r1 running 4/10" in \
+        capsys.readouterr().out
+    api.server.shutdown()  # no index service: the stack's state alone, index null
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["index"] is None
