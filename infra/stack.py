@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import httpx
 import redis
 
+from bucketlens.cli import CLIError
 from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
@@ -40,7 +41,7 @@ SERVERS: dict[str, tuple[str, ...]] = {"faiss": (), "milvus": ("milvus",)}  # wh
 MAX_REPLICAS = {"faiss": 1, "milvus": 16}  # index service processes: a FAISS index lives in one process
 
 
-class StackError(RuntimeError):
+class StackError(CLIError):  # the CLI says it in one line
     """A part of the local stack did not come up; the message says which and where its log is."""
 
 

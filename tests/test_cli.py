@@ -248,3 +248,9 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     api.server.shutdown()  # no index service: the stack's state alone, index null
     assert main(["status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["index"] is None
+
+
+def test_a_stack_that_cannot_do_what_is_asked_says_so_in_one_line(api: FakeAPI,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["up", "--replicas", "3"]) == 1  # FAISS: one process holds the index; refused before starting
+    one_error_line(capsys, "bucketlens up:", "1 to 1 index service replicas", "--backend milvus")
