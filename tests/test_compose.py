@@ -4,6 +4,7 @@ silently (a renamed setting, a removed subcommand, a port published on every int
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,11 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     if isinstance(env, list):  # the "NAME=value" list form
         return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
     return {str(k): str(v) for k, v in env.items()}
+
+
+def interpolated(env: dict[str, str]) -> dict[str, str]:
+    """``env`` as compose passes it with none of the variables set: ``${NAME:-default}`` becomes the default."""
+    return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v) for k, v in env.items()}
 
 
 def bucketlens_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -106,7 +112,7 @@ def test_gpu_worker(compose: dict[str, Any]) -> None:
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     env = environment(worker)
     assert env["BUCKETLENS_DEVICE"] == "cuda"
-    assert Settings.from_env(env).half is True
+    assert Settings.from_env(interpolated(env)).half is True
     cpu = [s for s in bucketlens_services(compose).values() if s["command"] == ["worker"] and s not in gpu]
     assert cpu and all(not s.get("profiles") for s in cpu), "the CPU worker runs without a profile"
 
