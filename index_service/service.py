@@ -180,6 +180,7 @@ class Service:
         def register() -> bool:
             self.rebuilds.recover()
             self.backend.drop_abandoned(self.index)
+            self._drop_abandoned_features()
             return self.claim_redis()
 
         return bool(self._retry(register, "register the serving generation"))
@@ -269,7 +270,20 @@ class Service:
 
     def feature_store(self, generation: int) -> FeatureStore:
         """The local features of one generation, on this service's disk beside its snapshots."""
-        return FeatureStore(Path(self.settings.home) / "features" / self.settings.namespace / f"g{generation}.sqlite")
+        return FeatureStore(self._features_folder / f"g{generation}.sqlite")
+
+    @property
+    def _features_folder(self) -> Path:
+        return Path(self.settings.home) / "features" / self.settings.namespace
+
+    def _drop_abandoned_features(self) -> None:
+        """Delete the feature stores of generations other than the serving one: a rebuild interrupted by a restart
+        left its shadow's (a promote or a cancel removes them otherwise; snapshots name the serving one's)."""
+        kept = self.index.features.path
+        for path in self._features_folder.glob("g*.sqlite*"):  # the store, its -wal and -shm
+            if kept is not None and path.name.split("-")[0] != kept.name:
+                log.warning("deleting %s: no generation uses it (interrupted rebuild)", path)
+                path.unlink(missing_ok=True)
 
     def new_generation(self, model: str, generation: int) -> Index:
         return self.backend.new_generation(model, generation)

@@ -79,8 +79,10 @@ def one_error_line(capsys: pytest.CaptureFixture[str], *words: str) -> str:
 
 def cli_process(args: list[str], **environ: str) -> subprocess.Popen[str]:
     """``python -m bucketlens.cli`` in a process of its own, with the test's environment and ``environ`` over it."""
+    # SIGINT as a terminal delivers it: a background job (CI's, a nohup'd run) starts its children with it ignored
     return subprocess.Popen([sys.executable, "-m", "bucketlens.cli", *args], env={**os.environ, **environ},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # -- settings -------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
     at most ``gray_side`` when that is not 0. ``trim``: solid-colour borders (padding, letterboxing) are cut off
     first, so a padded copy is described like its source."""
     if not data:
-        raise PermanentError("empty", "object has zero bytes")
+        raise PermanentError("empty", "the file is empty (zero bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
