@@ -22,6 +22,8 @@ import struct
 import cv2
 import numpy as np
 
+from .models import PROMOTE_MATCHES
+
 MAX_FEATURES = 500  # most keypoints a view may hold (a recipe keeps at most this many)
 MAX_VIEWS = 2  # the image and its mirror
 MAGIC = b"O1"
@@ -35,7 +37,7 @@ MIN_SCALE, MAX_SCALE = 1 / 16, 16.0
 # unrelated photo reached at most 7 among 54,000 candidates of the held-out photos (``bench.heldout``), and 99 % pair
 # precision on the quality photos needed 6-8 (bench/README.md, "Held-out photos and edits"); the sweep of
 # `make quality` gains the same from 10 to 25.
-MIN_INLIERS = 12
+MIN_INLIERS = PROMOTE_MATCHES
 # Saying "the same photo" (a search result's ``verified``, a duplicate group's default link) keeps a wider margin:
 # different photos that share a logo, a sign or an app's window frame can agree on a part of their keypoints.
 COPY_MATCHES = 20

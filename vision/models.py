@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-# ``vision.local_features.MIN_INLIERS`` (not imported: settings and the CLI read this module, and OpenCV takes a
-# while to load); tests/test_local_features.py holds them equal.
+# Consistent local matches that move a candidate up a search (``vision.local_features.MIN_INLIERS`` is this value;
+# it is defined here because settings and the CLI read this module and OpenCV takes a while to load).
 PROMOTE_MATCHES = 12
 
 
