@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--bucket")
     rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v3")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
+    rebuild.add_argument("--cancel", nargs="?", const="", metavar="ID",
+                         help="cancel a running rebuild (the one running when no ID is given); the serving index stays")
     reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
     reconcile.add_argument("--bucket")
     demo = sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
@@ -439,6 +441,8 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     settings = client_settings(settings)
+    if args.cancel is not None:
+        return cancel_rebuild(settings, args.cancel)
     body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type,
             "model": args.model}
     response = httpx.post(api_url(settings) + "/rebuild", json=body, headers=admin_headers(settings), timeout=30)
@@ -458,12 +462,29 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
                 bar.n = job["done"]
                 bar.refresh()
     except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the rebuild: say where it goes on
-        print(f"stopped waiting; rebuild {job['id']} still runs: GET {url}; cancel with DELETE {url} (admin token)",
-              file=sys.stderr)
+        print(f"stopped waiting; rebuild {job['id']} still runs: GET {url}; cancel it with "
+              f"`bucketlens rebuild --cancel {job['id']}`", file=sys.stderr)
         return 130
     print(f"rebuild {job['id']} {job['state']}: {job['done']}/{job['total']} settled, {job['failed']} failed"
           + (f" ({job['error']})" if job.get("error") else ""))
     return 0 if job["state"] == "done" else 1
+
+
+def cancel_rebuild(settings: Settings, job_id: str) -> int:
+    """``DELETE /rebuild/{id}``; with no id, of the rebuild ``/stats`` says is running."""
+    url = api_url(settings)
+    if not job_id:
+        running = (_index_state(url) or {}).get("rebuild")
+        if not running or running["state"] != "running":
+            raise CLIError("no rebuild is running" + (f" (the last, {running['id']}, is {running['state']})"
+                                                      if running else ""))
+        job_id = running["id"]
+    response = httpx.delete(f"{url}/rebuild/{job_id}", headers=admin_headers(settings), timeout=30)
+    if response.status_code != 200:
+        raise CLIError(_error_text(response))
+    job = response.json()
+    print(f"rebuild {job['id']} {job['state']} at {job['done']}/{job['total']}; the serving index stays as it was")
+    return 0
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:

@@ -153,8 +153,33 @@ def test_ctrl_c_while_waiting_says_the_rebuild_goes_on_and_how_to_cancel_it(api:
             process.kill()  # only where the test failed before the process ended
     url = f"http://127.0.0.1:{api.port}/rebuild/r1"
     assert process.returncode == 130, err
-    assert f"stopped waiting; rebuild r1 still runs: GET {url}; cancel with DELETE {url} (admin token)" in err, err
+    assert f"stopped waiting; rebuild r1 still runs: GET {url}; cancel it with `bucketlens rebuild --cancel r1`" \
+        in err, err
     assert "Traceback" not in err and not any(request["method"] == "DELETE" for request in api.requests)
+
+
+def test_cancel_with_no_id_cancels_the_running_rebuild(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    api.answers[("GET", "/stats")] = (200, {"rebuild": {**RUNNING, "done": 3, "total": 10}})
+    api.answers[("DELETE", "/rebuild/r1")] = (200, {**RUNNING, "state": "cancelled", "done": 3, "total": 10})
+    assert main(["rebuild", "--cancel"]) == 0
+    deletes = [r for r in api.requests if r["method"] == "DELETE"]
+    assert [r["path"] for r in deletes] == ["/rebuild/r1"] and deletes[0]["headers"]["Authorization"] == "Bearer admin"
+    assert "rebuild r1 cancelled at 3/10" in capsys.readouterr().out
+
+
+def test_cancel_when_nothing_runs_says_so_and_sends_nothing(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    api.answers[("GET", "/stats")] = (200, {"rebuild": {**RUNNING, "state": "done"}})
+    assert main(["rebuild", "--cancel"]) == 1
+    one_error_line(capsys, "no rebuild is running", "r1", "done")
+    assert not any(r["method"] == "DELETE" for r in api.requests)
+
+
+def test_cancel_of_a_finished_rebuild_says_what_the_service_said(api: FakeAPI,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    refusal = {"error": {"code": "not_running", "message": "rebuild r0 is not running"}}
+    api.answers[("DELETE", "/rebuild/r0")] = (409, refusal)
+    assert main(["rebuild", "--cancel", "r0"]) == 1
+    one_error_line(capsys, "409 not_running", "rebuild r0 is not running")
 
 
 # -- reconcile ------------------------------------------------------------------------------------------------
