@@ -8,12 +8,18 @@ the stalled topic and redelivers its queue) and runs a reconcile to heal whateve
 picks its persistent queues up only when it rereads their list (every 30 s), so the first canary after a restart
 gets ``RESTART_GRACE_S`` more: without it, a timeout under ~30 s restarted radosgw again and again, never leaving
 it the time to resume (seen in tests/test_faults.py with ``canary_timeout_s=20``).
+
+A service that dies again within ``STABLE_S`` of its restart (a setting it refuses, a model it cannot load) is
+restarted after twice the wait of the last time, up to ``MAX_BACKOFF_S``, with its log's last line in the
+supervisor's log: a crash loop does not spend the machine on loading a model every tick.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 
 import httpx
 
@@ -22,10 +28,23 @@ from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 
 from .canary import Canary
+from .milvus import log_tail
 from .stack import Stack
 
 log = logging.getLogger(__name__)
 RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
+STABLE_S = 120.0  # a restarted service that ran this long is well again
+MAX_BACKOFF_S = 600.0
+
+
+@dataclasses.dataclass
+class Restarts:
+    at: float | None = None  # monotonic time of the last restart; None: none since the service was last well
+    quick: int = 0  # restarts in a row that it did not survive for STABLE_S
+
+    def wait_s(self, interval_s: float) -> float:
+        """How long after the last restart the next one may come."""
+        return 0.0 if not self.quick else min(interval_s * 2 ** self.quick, MAX_BACKOFF_S)
 
 
 class Supervisor:
@@ -37,6 +56,7 @@ class Supervisor:
         self.canary = Canary(self.settings, make_client(self.settings), self.redis)
         self.grace = 0.0  # extra wait for the canary while a restarted radosgw resumes delivery
         self.failing = False  # the last tick failed (Redis or S3 away): logged once, not every tick
+        self.restarts: dict[str, Restarts] = {}
 
     @property
     def watched(self) -> tuple[str, ...]:
@@ -68,15 +88,33 @@ class Supervisor:
             log.warning("milvus is not running; restarting it (the index service waits and resumes merging)")
             self.stack.start_milvus()
         for name in self.watched:
-            if self.stack.pid(name) is None:
-                log.warning("%s is not running; restarting it", name)
-                self.stack.start_service(name)
+            self.keep_up(name, time.monotonic())
         pending, age = self.canary.check()
         if pending is None:
             self.grace = 0.0
             self.canary.write()
         elif age > self.settings.canary_timeout_s + self.grace:
             self.heal(age)
+
+    def keep_up(self, name: str, now: float) -> None:
+        """Restart ``name`` if it is not running, backing off while it keeps dying soon after its restarts."""
+        restarts = self.restarts.setdefault(name, Restarts())
+        if self.stack.pid(name) is not None:
+            if restarts.at is not None and now - restarts.at >= STABLE_S:
+                self.restarts[name] = Restarts()
+            return
+        if restarts.at is not None:  # it died before it was well again
+            if now - restarts.at < restarts.wait_s(self.settings.canary_interval_s):
+                return
+            restarts.quick += 1
+            logs = self.stack.home / "logs" / f"{name}.log"
+            log.warning("%s died again within %.0f s of its restart (%d in a row); restarting it, the next time after "
+                        "%.0f s; its log %s ends %s", name, STABLE_S, restarts.quick, restarts.wait_s(
+                            self.settings.canary_interval_s), logs, log_tail(logs, 1))
+        else:
+            log.warning("%s is not running; restarting it", name)
+        restarts.at = now
+        self.stack.start_service(name)
 
     def heal(self, age: float) -> None:
         log.warning("canary undelivered for %.0f s: restarting radosgw, then reconciling", age)
