@@ -101,6 +101,15 @@ def test_a_bad_setting_is_one_line_and_exit_2_from_a_real_process(
     assert not list(tmp_path.iterdir()), "the stack's folder was set up before the settings were checked"
 
 
+def test_celery_started_by_hand_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+    """``celery -A workers.main worker`` (a user's own command line, as workers/__init__.py offers) reads them too."""
+    process = subprocess.run([sys.executable, "-m", "celery", "-A", "workers.main", "worker", "--pool=solo"],
+                             env={**os.environ, "BUCKETLENS_HOME": str(tmp_path), "BUCKETLENS_BATCH_SIZE": "0"},
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2, (process.stdout, process.stderr)
+    assert process.stderr == "bucketlens: BUCKETLENS_BATCH_SIZE=0: must be at least 1\n", process.stderr
+
+
 def test_up_refuses_a_bad_setting_before_it_starts_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
