@@ -40,11 +40,12 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     assert 100 < pixels.mean() < 140  # 30000/65535 of full scale, not saturated white
 
 
-def test_exif_orientation_is_applied() -> None:
+@pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])  # HEIF: a phone's photo; pillow-heif stores the turn as its own
+def test_exif_orientation_is_applied_once(fmt: str) -> None:
     image = half_red_half_blue(64, 32)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW when displayed
-    pixels = decode(encode(image, "JPEG", exif=exif.tobytes()), LIMIT)
+    pixels = decode(encode(image, fmt, exif=exif.tobytes()), LIMIT)
     top, bottom = pixels[:50].mean(axis=(0, 1)), pixels[-50:].mean(axis=(0, 1))
     assert top[0] > 200 and top[2] < 60  # displayed upright: red on top, blue at the bottom
     assert bottom[2] > 200 and bottom[0] < 60
@@ -68,6 +69,7 @@ def test_transparent_png_is_composited_on_white() -> None:
         (b"hello, I am text with a .jpg name", "not_an_image"),
         (encode(half_red_half_blue(400, 400), "JPEG")[:600], "corrupt"),
         (encode(half_red_half_blue(400, 400), "PNG")[:200], "corrupt"),
+        (encode(half_red_half_blue(400, 400), "HEIF")[:300], "corrupt"),
     ],
 )
 def test_bad_objects_raise_permanent_errors(data: bytes, reason: str) -> None:
@@ -82,6 +84,12 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     with pytest.raises(PermanentError) as info:
         decode(bomb, LIMIT)
     assert info.value.reason == "too_many_pixels"
+
+
+def test_a_heic_photo_decodes_as_its_png_does() -> None:
+    photo = Image.open(io.BytesIO(encode(half_red_half_blue(640, 480), "PNG")))
+    from_heic, from_png = (decode(encode(photo, fmt, quality=90), LIMIT) for fmt in ("HEIF", "PNG"))
+    assert np.abs(from_heic.astype(int) - from_png).mean() < 3
 
 
 def test_large_jpeg_uses_draft_mode_and_keeps_content() -> None:

@@ -13,6 +13,7 @@ addressable, a rebuild of an unknown bucket refused) are also checked without th
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import json
 import re
@@ -124,6 +125,7 @@ class Case:
     name: str  # the key under the test's prefix
     body: Callable[[], bytes]
     expect: str  # "indexed" or the failure reason
+    encoding: str = ""  # the object's Content-Encoding
 
 
 def png_solid(side: int) -> bytes:
@@ -137,6 +139,13 @@ def png_solid(side: int) -> bytes:
 
 def float_tiff() -> bytes:
     return _save(Image.fromarray(np.asarray(_photo().convert("L"), dtype=np.float32)), "TIFF")  # mode F
+
+
+def heic_upright() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = _photo(name="coffee.png").transpose(Image.Transpose.ROTATE_90)  # as the sensor saw it
+    return _save(turned, "HEIF", quality=80, exif=exif.tobytes())  # pillow-heif stores the turn as HEIF's own
 
 
 def jpeg(name: str = "chelsea.png") -> bytes:
@@ -172,6 +181,9 @@ def corpus() -> list[Case]:
         Case("animated GIF", "animated.gif", lambda: animated("GIF"), "indexed"),
         Case("animated WebP", "animated.webp", lambda: animated("WEBP"), "indexed"),
         Case("WebP", "still.webp", lambda: _save(_photo(), "WEBP", quality=80), "indexed"),
+        Case("HEIC, as a phone saves a photo held upright (EXIF orientation 6)", "phone.heic", heic_upright,
+             "indexed"),
+        Case("truncated HEIC", "truncated.heic", lambda: (d := heic_upright())[: len(d) // 2], "corrupt"),
         Case("AVIF", "still.avif", lambda: _save(_photo(name="astronaut.png"), "AVIF"), "indexed"),
         Case("EXIF-rotated JPEG (orientation 6)", "exif-rotated.jpg", exif_rotated_jpeg, "indexed"),
         Case("progressive JPEG", "progressive.jpg", lambda: _save(_photo(), "JPEG", progressive=True), "indexed"),
@@ -182,6 +194,12 @@ def corpus() -> list[Case]:
         Case("PDF", "document.pdf", pdf, "not_an_image"),
         Case("PNG header then garbage", "garbage.png", lambda: _save(_photo(), "PNG")[:33] + b"\x5a" * 5000, "corrupt"),
         Case("JPEG with a PNG extension", "really-a-jpeg.png", lambda: jpeg("camera.png"), "indexed"),
+        Case("gzipped JPEG stored with Content-Encoding: gzip", "gzipped.jpg", lambda: gzip.compress(jpeg("moon.png")),
+             "indexed", encoding="gzip"),
+        Case("plain JPEG labelled Content-Encoding: gzip", "mislabelled.jpg", lambda: jpeg("coins.png"), "indexed",
+             encoding="gzip"),
+        Case("gzip bomb (60 MB of zeros in 60 KB)", "gzip-bomb.jpg", lambda: gzip.compress(bytes(60 << 20)),
+             "too_large", encoding="gzip"),
         Case("key with spaces, + and %", "a b+c%20d 100%.jpg", lambda: jpeg("coffee.png"), "indexed"),
         Case("unicode key", "ünïcødé/写真 📷.jpg", lambda: jpeg("rocket.jpg"), "indexed"),
         Case("key of 1024 bytes (the S3 limit)", key_of(1024), lambda: jpeg("astronaut.png"), "indexed"),
@@ -238,7 +256,8 @@ def test_hostile_objects_are_indexed_or_fail_with_a_reason(
     for case in cases:
         key = unique_prefix + case.name
         try:
-            etags[case.name] = s3.put_object(Bucket=bucket, Key=key, Body=bodies[case.name])["ETag"].strip('"')
+            extra = {"ContentEncoding": case.encoding} if case.encoding else {}
+            etags[case.name] = s3.put_object(Bucket=bucket, Key=key, Body=bodies[case.name], **extra)["ETag"].strip('"')
         except ClientError as exc:
             outcomes[case.kind] = f"refused by S3 ({exc.response['Error']['Code']})"
     settled = wait_for(lambda: all(settle(api, bucket, unique_prefix + n, e) for n, e in etags.items()), 300,

@@ -1,5 +1,7 @@
 """Bytes -> the model's square RGB input (and, for spatial verification, a small grayscale image): EXIF
-orientation applied, any mode converted, bombs refused."""
+orientation applied, any mode converted, bombs refused. Any format Pillow reads, and HEIC/HEIF (phone cameras'
+photos) through pillow-heif, which applies a HEIF's own rotation and mirroring and clears the EXIF orientation it
+stood for."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import io
 import warnings
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import PermanentError
@@ -15,6 +18,8 @@ from .models import Recipe
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey half-image
 Image.MAX_IMAGE_PIXELS = None  # bucketlens checks the pixel count itself, with its own limit and message
+pillow_heif.register_heif_opener()
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,8 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
     except PermanentError:
         raise
     except UnidentifiedImageError as exc:
+        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:  # a phone photo cut short: its boxes do not parse
+            raise PermanentError("corrupt", f"HEIF/AVIF ({data[8:12].decode()}) that cannot be read") from exc
         raise PermanentError("not_an_image", "not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, MemoryError) as exc:
         raise PermanentError("corrupt", f"image cannot be decoded: {exc}") from exc

@@ -3,12 +3,15 @@ per-object limits.
 
 Both limits hold *during* the download, not only between chunks: the body is read with ``read1`` (whatever one
 receive brings, so a server that drips bytes cannot hold a read for long) and the socket's timeout is the time
-left before the deadline (so a server that stalls cannot hold it at all).
+left before the deadline (so a server that stalls cannot hold it at all). An object stored with
+``Content-Encoding: gzip`` (``aws s3 cp --content-encoding gzip``; a browser given its URL inflates it) is inflated
+here, within the same size limit.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -49,10 +52,13 @@ def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
         length = int(response.get("ContentLength") or 0)
         if length > max_bytes:
             raise PermanentError("too_large", f"object is {length} bytes, the limit is {max_bytes}")
-        return _read_body(body, max_bytes, deadline, timeout_s)
+        data = _read_body(body, max_bytes, deadline, timeout_s)
     except (PermanentError, TransientError):
         body.close()  # an unfinished body is dropped with its connection, never read to the end
         raise
+    if str(response.get("ContentEncoding", "")).strip().lower() in ("gzip", "x-gzip"):
+        return _gunzip(data, max_bytes)
+    return data
 
 
 def _read_body(body: Any, max_bytes: int, deadline: float, timeout_s: float) -> bytes:
@@ -77,6 +83,19 @@ def _read_body(body: Any, max_bytes: int, deadline: float, timeout_s: float) -> 
         if size > max_bytes:
             raise PermanentError("too_large", f"object exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
+
+
+def _gunzip(data: bytes, max_bytes: int) -> bytes:
+    """The inflated bytes of a gzip body; the bytes as they are when they are not gzip (a header set by mistake:
+    the decoder judges them)."""
+    inflater = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer
+    try:
+        inflated = inflater.decompress(data, max_bytes + 1)
+    except zlib.error:
+        return data
+    if len(inflated) > max_bytes:
+        raise PermanentError("too_large", f"object inflates past the limit of {max_bytes} bytes (it is gzipped)")
+    return inflated
 
 
 def _too_slow(timeout_s: float, size: int) -> str:
