@@ -72,6 +72,18 @@ def free_port(preferred: int = 0) -> int:
     raise StackError("no free port on 127.0.0.1")
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something listens on (or holds) ``port`` of 127.0.0.1; connections left in TIME_WAIT by a process
+    that exited do not count (SO_REUSEADDR, as the servers themselves bind)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
 class Stack:
     def __init__(self, base: Settings) -> None:
         self.home = Path(base.home).resolve()
@@ -180,6 +192,7 @@ class Stack:
         services = self.services if services is None else services
         for folder in ("run", "logs", "redis"):
             (self.home / folder).mkdir(parents=True, exist_ok=True)
+        self.check_ports(services)
         self.start_redis()
         self.start_ceph()
         if "milvus" in self.servers:
@@ -213,6 +226,26 @@ class Stack:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+    def check_ports(self, services: tuple[str, ...]) -> None:
+        """Refuse, before starting anything, a port of this stack that another program holds. A second stack whose
+        ``stack.json`` names the same ports (made while the first was down) would otherwise take the first one's
+        Redis and S3 server for its own (both answer) and point that bucket's notifications at itself."""
+        c = self.config
+        owners = [("redis", c.redis_port, self.redis_pid()), ("ceph-mon", c.mon_port, self.ceph_pid("mon.a")),
+                  ("S3 (radosgw)", c.s3_port, self.ceph_pid("client.rgw.a"))]
+        if "milvus" in self.servers:
+            owners.append(("milvus", c.milvus_port, self.milvus_pid()))
+        api_ports = dict(zip(("api", *self.services[3:-1]), (c.api_port, *c.replica_ports)))
+        for name in services:
+            port = c.ingest_port if name == "ingest" else api_ports.get(name)
+            if port is not None:
+                owners.append((name, port, self.pid(name)))
+        for name, port, pid in owners:
+            if pid is None and port_in_use(port):
+                raise StackError(f"port {port}, this stack's {name} port, is in use by another program (another "
+                                 f"bucketlens stack?): stop that, or give this stack another port in "
+                                 f"{self.home / 'stack.json'}")
 
     def status(self) -> dict[str, Any]:
         s = self.settings
@@ -335,6 +368,11 @@ class Stack:
             )
         if result.returncode != 0:
             raise StackError(f"ceph.sh {command} failed; see {self.home / 'logs' / 'ceph-script.log'}")
+
+    def ceph_pid(self, daemon: str) -> int | None:
+        """The pid of this stack's Ceph ``daemon`` (``mon.a``, ``client.rgw.a``) if it runs."""
+        comm = "radosgw" if daemon.startswith("client.rgw") else "ceph-" + daemon.split(".")[0]
+        return _live_pid(self.home / "ceph" / "run" / f"{daemon}.pid", comm)
 
     def stop_s3(self) -> None:
         """Stop radosgw only (the cluster stays): the S3 endpoint becomes unreachable."""

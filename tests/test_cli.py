@@ -4,6 +4,7 @@ environment, as it would reach a real one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from bucketlens.cli import main
+from infra.stack import Stack, free_port
 
 
 class FakeAPI:
@@ -122,6 +124,29 @@ def test_up_refuses_a_bad_setting_before_it_starts_anything(
     assert main(["up"]) == 2
     one_error_line(capsys, "bucketlens: BUCKETLENS_MODEL='nosuchmodel': choose one of ", "lite0-copy-v3")
     assert list(tmp_path.iterdir()) == [home]
+
+
+@pytest.mark.parametrize(("shared", "name"), [("redis_port", "redis"), ("s3_port", "S3 (radosgw)"),
+                                             ("api_port", "api")])
+def test_up_refuses_a_port_another_stack_holds_before_it_starts_anything(
+    stack: Stack, tmp_path: Path, shared: str, name: str
+) -> None:
+    """A second stack whose stack.json names one of the running stack's ports (both were made while the other was
+    down) took that Redis or S3 server for its own, and pointed its bucket's notifications at itself."""
+    home = tmp_path / "second"
+    home.mkdir()
+    config = dataclasses.asdict(stack.config)
+    ports = {key: getattr(stack.config, key) if key == shared else free_port()
+             for key in ("redis_port", "s3_port", "mon_port", "ingest_port", "api_port")}
+    (home / "stack.json").write_text(json.dumps({**config, **ports, "webhook_token": "w2", "admin_token": "a2"}))
+    process = cli_process(["up"], BUCKETLENS_HOME=str(home))
+    try:
+        out, err = process.communicate(timeout=300)
+    finally:  # (stops by the second stack's pid files: never the first one's processes)
+        cli_process(["down"], BUCKETLENS_HOME=str(home)).communicate(timeout=300)
+    assert process.returncode == 1, (out, err)
+    assert f"port {ports[shared]}, this stack's {name} port, is in use by another program" in err, err
+    assert not list((home / "run").glob("*.pid")) and not (home / "ceph").exists()
 
 
 def test_a_client_command_sends_nothing_with_a_bad_setting(
