@@ -1,17 +1,19 @@
 """The local stack's supervisor (``bucketlens supervise``, started by ``bucketlens up``).
 
-Every ``canary_interval_s`` it restarts services and servers that died (Redis, radosgw, Milvus, ingest, the
-workers, the index services; the receiver must always be up: Ceph 16 stops delivering a topic whose endpoint
-refused connections for 10 s or more) and proves delivery end to end with a
-canary object. When a canary is not delivered within ``canary_timeout_s`` it restarts radosgw (which resumes
-the stalled topic and redelivers its queue) and runs a reconcile to heal whatever was missed. A restarted radosgw
-picks its persistent queues up only when it rereads their list (every 30 s), so the first canary after a restart
-gets ``RESTART_GRACE_S`` more: without it, a timeout under ~30 s restarted radosgw again and again, never leaving
-it the time to resume (seen in tests/test_faults.py with ``canary_timeout_s=20``).
+Every ``WATCH_S`` it restarts services and servers that died (Redis, radosgw, Milvus, ingest, the workers, the
+index services; the receiver above all: Ceph 16 stops delivering a topic whose endpoint refused connections for
+10 s or more, until radosgw restarts). Every ``canary_interval_s`` it proves delivery end to end with a canary
+object. When a canary is not delivered within ``canary_timeout_s`` it restarts radosgw (which resumes the stalled
+topic and redelivers its queue) and runs a reconcile to heal whatever was missed; a reconcile that fails (the
+index service away) is tried again at the next check. A restarted radosgw picks its persistent queues up only when
+it rereads their list (every 30 s), so the canary written after a restart gets ``RESTART_GRACE_S`` more: without
+it, a timeout under ~30 s restarted radosgw again and again, never leaving it the time to resume (seen in
+tests/test_faults.py with ``canary_timeout_s=20``).
 
 A service that dies again within ``STABLE_S`` of its restart (a setting it refuses, a model it cannot load) is
-restarted after twice the wait of the last time, up to ``MAX_BACKOFF_S``, with its log's last line in the
-supervisor's log: a crash loop does not spend the machine on loading a model every tick.
+restarted at once the first time, then after twice the wait of the last time (from ``2 * canary_interval_s`` up to
+``MAX_BACKOFF_S``), with its log's last line in the supervisor's log: a crash loop does not spend the machine on
+loading a model every few seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -32,6 +35,7 @@ from .milvus import log_tail
 from .stack import Stack
 
 log = logging.getLogger(__name__)
+WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect: cheap)
 RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 STABLE_S = 120.0  # a restarted service that ran this long is well again
 MAX_BACKOFF_S = 600.0
@@ -55,7 +59,8 @@ class Supervisor:
         self.keys = Keys(self.settings.namespace)
         self.canary = Canary(self.settings, make_client(self.settings), self.redis)
         self.grace = 0.0  # extra wait for the canary while a restarted radosgw resumes delivery
-        self.failing = False  # the last tick failed (Redis or S3 away): logged once, not every tick
+        self.reconcile_owed = False  # a heal's reconcile has not been answered yet
+        self.failing: set[str] = set()  # steps whose last attempt failed: logged once, not every time
         self.restarts: dict[str, Restarts] = {}
 
     @property
@@ -63,32 +68,46 @@ class Supervisor:
         return tuple(name for name in self.stack.services if name != "supervisor")
 
     def run(self, stop: threading.Event) -> None:
-        log.info("supervising %s every %.0f s", ", ".join(self.watched), self.settings.canary_interval_s)
+        log.info("supervising %s (every %.0f s; delivery every %.0f s)", ", ".join(self.watched), WATCH_S,
+                 self.settings.canary_interval_s)
+        next_check = 0.0
         while not stop.is_set():
-            try:
-                self.tick()
-                if self.failing:
-                    log.info("supervisor ticks work again")
-                    self.failing = False
-            except Exception:
-                if not self.failing:
-                    log.exception("supervisor tick failed; retrying every %.0f s", self.settings.canary_interval_s)
-                    self.failing = True
-            stop.wait(self.settings.canary_interval_s)
+            self.attempt("process watch", self.keep_processes_up)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.settings.canary_interval_s
+                self.attempt("delivery check", self.check_delivery)
+            stop.wait(WATCH_S)
 
-    def tick(self) -> None:
+    def attempt(self, what: str, step: Callable[[], None]) -> None:
+        """``step``; a failure (Redis or S3 away) is logged once, until it works again."""
+        try:
+            step()
+        except Exception:
+            if what not in self.failing:
+                log.exception("supervisor %s failed; retrying", what)
+                self.failing.add(what)
+            return
+        if what in self.failing:
+            log.info("supervisor %s works again", what)
+            self.failing.discard(what)
+
+    def keep_processes_up(self) -> None:
         if self.stack.redis_pid() is None:  # before anything that needs it, the canary included
             log.warning("redis is not running; restarting it (its append-only file brings back what it held)")
             self.stack.start_redis()
         if not self.stack.s3_up():  # radosgw died (the canary would find it only after canary_timeout_s)
             log.warning("the S3 server does not answer; starting whatever of it is not running")
             self.stack.start_ceph()
-            self.grace = RESTART_GRACE_S  # (as after a heal: its persistent queues resume within ~30 s)
+            self.restarted_radosgw()
         if "milvus" in self.stack.servers and self.stack.milvus_pid() is None:
             log.warning("milvus is not running; restarting it (the index service waits and resumes merging)")
             self.stack.start_milvus()
         for name in self.watched:
             self.keep_up(name, time.monotonic())
+
+    def check_delivery(self) -> None:
+        if self.reconcile_owed:
+            self.reconcile()
         pending, age = self.canary.check()
         if pending is None:
             self.grace = 0.0
@@ -121,8 +140,20 @@ class Supervisor:
         self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
         self.stack.stop_s3()
         self.stack.start_s3()
+        self.restarted_radosgw()
+        self.reconcile_owed = True
+        self.reconcile()
+
+    def restarted_radosgw(self) -> None:
+        """A canary written now, with the grace: the one outstanding was written before the restart (and the one
+        delivered last, before it died: taking that for delivery after the restart ended the grace at once)."""
         self.grace = RESTART_GRACE_S
         self.canary.write()
+
+    def reconcile(self) -> None:
         response = httpx.post(f"{self.stack.api_url}/reconcile", json={},
                               headers={"Authorization": f"Bearer {self.settings.admin_token}"}, timeout=600)
+        if response.status_code == 409 or response.status_code >= 500:  # busy or not ready: at the next check
+            raise RuntimeError(f"reconcile after the stall: {response.status_code} {response.text[:300]}")
         log.info("reconcile after the stall: %s %s", response.status_code, response.text[:300])
+        self.reconcile_owed = False

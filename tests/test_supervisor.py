@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bucketlens.settings import Settings
-from infra.supervisor import MAX_BACKOFF_S, STABLE_S, Supervisor
+from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, STABLE_S, Supervisor
 
 
 class Services:
@@ -78,3 +79,93 @@ def test_a_service_well_again_is_restarted_at_once_next_time(stack: Services) ->
 def test_a_running_service_is_left_alone(stack: Services) -> None:
     supervisor = Supervisor(stack)  # type: ignore[arg-type]
     assert starts_over(supervisor, stack, 600, dies=False) == [] and stack.starts == 0
+
+
+# -- the delivery check ---------------------------------------------------------------------------------------
+
+class Canary:
+    """Stands in for infra/canary.py: the outstanding canary and its age, as the test sets them."""
+
+    def __init__(self) -> None:
+        self.pending: str | None = None  # the last one was delivered
+        self.age = 0.0
+        self.written = 0
+
+    def check(self) -> tuple[str | None, float]:
+        return self.pending, self.age
+
+    def write(self) -> None:
+        self.pending, self.age = f"canary-{self.written}", 0.0
+        self.written += 1
+
+
+class Servers(Services):
+    """The stand-in stack with an S3 server that is up or down, and an API address nobody answers on."""
+
+    servers = ()
+    api_url = "http://127.0.0.1:9"
+
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.s3 = True
+        self.s3_starts = 0
+
+    def redis_pid(self) -> int:
+        return 1
+
+    def s3_up(self) -> bool:
+        return self.s3
+
+    def start_ceph(self) -> None:
+        self.s3, self.s3_starts = True, self.s3_starts + 1
+
+    def stop_s3(self) -> None:
+        self.s3 = False
+
+    start_s3 = start_ceph
+
+
+class Counters:
+    def hincrby(self, *args: object) -> None:
+        pass
+
+
+def supervised(home: Path) -> tuple[Supervisor, Servers, Canary]:
+    stack = Servers(home)
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+    supervisor.canary, supervisor.redis = Canary(), Counters()  # type: ignore[assignment]
+    return supervisor, stack, supervisor.canary  # type: ignore[return-value]
+
+
+def test_a_restarted_radosgw_gets_its_grace_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The canary delivered before radosgw died ended the grace of its restart at the next check, and the check
+    after restarted it again while it resumed (S3 refused connections twice for one death)."""
+    monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    timeout = supervisor.settings.canary_timeout_s
+    stack.s3 = False  # killed; the last canary was delivered before
+    supervisor.keep_processes_up()
+    assert stack.s3_starts == 1
+    canary.age = timeout + RESTART_GRACE_S - 1  # still resuming its persistent queues
+    supervisor.check_delivery()
+    assert stack.s3_starts == 1, "restarted again within the grace"
+    canary.age = timeout + RESTART_GRACE_S + 1  # never resumed: healed
+    supervisor.check_delivery()
+    assert stack.s3_starts == 2
+
+
+def test_a_heal_whose_reconcile_fails_reconciles_at_the_next_check(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor, stack, canary = supervised(tmp_path)
+    canary.write()
+    canary.age = supervisor.settings.canary_timeout_s + 1
+    with pytest.raises(httpx.ConnectError):  # the index service is away (nobody answers on its address)
+        supervisor.check_delivery()
+    assert stack.s3_starts == 1
+    canary.pending = None  # the canary written after the restart arrives: no more heals
+    posts: list[str] = []
+    monkeypatch.setattr(httpx, "post", lambda url, **k: posts.append(url) or httpx.Response(200, json={}))
+    supervisor.check_delivery()
+    assert posts == ["http://127.0.0.1:9/reconcile"] and stack.s3_starts == 1
+    supervisor.check_delivery()
+    assert len(posts) == 1, "reconciled once the reconcile answered"
