@@ -10,6 +10,7 @@ import collections
 from typing import Any
 
 RATE_COUNTERS = {"in": "accepted", "out": "embedded"}  # events in/s, embeddings out/s
+DELIVERY_LATE_S = 10.0  # a canary's notification takes well under a second when delivery flows
 
 
 class Rates:
@@ -78,6 +79,9 @@ def render(report: dict[str, Any], rates: dict[str, float | None] | None = None)
     canary = report.get("canary", {})
     if canary.get("age_s") is not None:
         lines.append(f"canary       last notification {duration_text(canary['age_s'])} ago")
+    if (waiting := canary.get("waiting_s") or 0) > DELIVERY_LATE_S:  # the queues above cannot show a stall
+        lines.append(f"DELIVERY     the canary uploaded {duration_text(waiting)} ago has not been notified yet: "
+                     "uploads since then may not be counted above (the supervisor heals a stalled topic)")
     return "\n".join(lines)
 
 

@@ -50,3 +50,13 @@ def test_render_shows_depths_rates_eta_and_workers() -> None:
     assert "canary       last notification 1 min 15 s ago" in text
     once = render(report())
     assert "ETA" not in once and "0 live" in once
+
+
+def test_a_late_canary_is_said_where_the_queues_look_empty() -> None:
+    """A stalled topic leaves every queue at 0: uploads acknowledged by S3 are nowhere yet (an operator waited for
+    "queues empty" and checked too early). Only the outstanding canary's age shows it."""
+    late = report()
+    late["canary"]["waiting_s"] = 35.0
+    assert "DELIVERY     the canary uploaded 35 s ago has not been notified yet" in render(late)
+    late["canary"]["waiting_s"] = 0.4  # delivery flows
+    assert "DELIVERY" not in render(late)
