@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nskipped ({len(skipped)}):")
     for skip in skipped:
         print(f"  {skip.name:45s} {skip.reason}")
+    print(f"\nthe photos: {(args.folder / 'gallery').resolve()}")
 
 
 if __name__ == "__main__":

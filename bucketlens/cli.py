@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import mimetypes
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,8 @@ import httpx
 
 from .settings import Settings
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+CLIENT_COMMANDS = {"upload", "search", "duplicates", "queues", "failures", "rebuild", "reconcile"}  # talk to a stack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     queues = sub.add_parser("queues", help="queue depths, stream lag, failures, live workers")
     queues.add_argument("--json", action="store_true")
     queues.add_argument("--watch", action="store_true", help="refresh every second, with rates and an ETA to drain")
-    queues.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
+    queues.add_argument("--interval", type=_positive, default=1.0, help="seconds between refreshes with --watch")
     failures = sub.add_parser("failures", help="list failure records; send the objects again or clear them")
     failures.add_argument("--reason", help="only records with this reason (e.g. not_an_image, corrupt)")
     failures.add_argument("--bucket", help="only objects of this bucket")
@@ -94,12 +96,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     handler = COMMANDS[args.command]
     try:
+        if args.command in CLIENT_COMMANDS:
+            settings = client_settings(settings)
         return handler(settings, args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bucketlens failures --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error as Python exits)
+        return 1
+    except httpx.TransportError as exc:
+        print(f"bucketlens {args.command}: no answer from {_address(exc)} ({exc}): is the stack up? "
+              f"`bucketlens status` says", file=sys.stderr)
+        return 1
     except (httpx.HTTPError, CLIError) as exc:
         print(f"bucketlens {args.command}: {exc}", file=sys.stderr)
         return 1
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def _address(exc: httpx.TransportError) -> str:
+    try:
+        url = exc.request.url
+    except RuntimeError:  # (an error raised before any request was built)
+        return "the index service"
+    return f"{url.scheme}://{url.netloc.decode()}"
 
 
 class CLIError(RuntimeError):
@@ -173,13 +199,18 @@ def api_url(settings: Settings) -> str:
 
 def _stack_for_up(settings: Settings, args: argparse.Namespace) -> Any:
     stack = _stack(settings)
+    for name in ("api_port", "ingest_port"):  # chosen at the first `up` and kept: an override would be lost silently
+        variable = f"BUCKETLENS_{name.upper()}"
+        if variable in os.environ and getattr(settings, name) != getattr(stack.config, name):
+            print(f"note: {variable}={getattr(settings, name)} is not used: this stack keeps its {name} "
+                  f"{getattr(stack.config, name)} in {stack.home / 'stack.json'} (edit it there while it is down)")
     if args.backend:
         stack.choose_backend(args.backend)
-    if getattr(args, "replicas", None):
+    if getattr(args, "replicas", None) is not None:
         stack.choose_replicas(args.replicas)
     extra = " and Milvus: ~40 s more" if stack.servers else ""
-    print(f"starting the local stack in {stack.home} ({stack.settings.index_backend} index; first start creates "
-          f"the S3 server: ~30 s{extra})")
+    first = "" if (stack.home / "ceph").exists() else f"; first start creates the S3 server: ~30 s{extra}"
+    print(f"starting the local stack in {stack.home} ({stack.settings.index_backend} index{first})")
     return stack
 
 
@@ -191,6 +222,9 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
+    if not (Path(settings.home) / "stack.json").exists():  # (a Stack would set one up, to stop nothing)
+        print(f"no local stack in {Path(settings.home).resolve()}: nothing to stop")
+        return 0
     _stack(settings).down()
     print("down")
     return 0
@@ -227,28 +261,44 @@ def _index_state(url: str) -> dict[str, Any] | None:
 # -- client commands ------------------------------------------------------------------------------------------
 
 def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
     from tqdm import tqdm
 
     from .s3 import make_client
 
-    settings = client_settings(settings)
     if not args.folder.is_dir():
         raise CLIError(f"{args.folder} is not a folder")
-    files = sorted(p for p in args.folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(p for p in args.folder.rglob("*") if p.is_file())
+    files = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.folder}")
     bucket = args.bucket or settings.bucket
     s3 = make_client(settings)
+    try:  # before the progress bar: a missing bucket or S3 away fails every file the same way
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        missing = exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket")
+        raise CLIError(f"no bucket {bucket!r} at {settings.s3_endpoint}" if missing
+                       else f"cannot use bucket {bucket!r} at {settings.s3_endpoint}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise CLIError(f"S3 at {settings.s3_endpoint}: {exc}") from exc
 
     def put(path: Path) -> None:
         key = args.prefix + path.relative_to(args.folder).as_posix()
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type})
 
-    with ThreadPoolExecutor(max_workers=8) as pool, tqdm(total=len(files), unit="img", desc="upload") as bar:
-        for _ in pool.map(put, files):
-            bar.update()
-    print(f"uploaded {len(files)} images to s3://{bucket}/{args.prefix}")
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool, tqdm(total=len(files), unit="img", desc="upload") as bar:
+            for _ in pool.map(put, files):
+                bar.update()
+    except (Boto3Error, BotoCoreError, ClientError) as exc:
+        raise CLIError(f"upload to s3://{bucket} at {settings.s3_endpoint} failed: {exc}") from exc
+    skipped = len(found) - len(files)
+    print(f"uploaded {len(files)} images to s3://{bucket}/{args.prefix}"
+          + (f"; {skipped} other files left out (by their names: not {', '.join(sorted(IMAGE_SUFFIXES))})"
+             if skipped else ""))
     return 0
 
 
@@ -285,7 +335,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     query = {"k": args.k, "key": args.key, "text": args.text, "prefix": args.prefix, "modified_after": args.after,
              "modified_before": args.before, "min_score": args.min_score,
              "bucket": args.bucket or (settings.bucket if args.key else None)}
-    result = search_request(client_settings(settings), query, args.image)
+    result = search_request(settings, query, args.image)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -340,7 +390,6 @@ def fetch_queue_report(settings: Settings) -> Any:
 def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
     from .queue_watch import Rates, render
 
-    settings = client_settings(settings)
     if not args.watch:
         report = fetch_queue_report(settings)
         print(json.dumps(report, indent=2) if args.json else render(report))
@@ -366,7 +415,6 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
-    settings = client_settings(settings)
     selection = {name: value for name, value in (("reason", args.reason), ("bucket", args.bucket)) if value}
     if args.retry or args.clear:
         method, path, status = ("POST", "/failures/retry", 202) if args.retry else ("DELETE", "/failures", 200)
@@ -415,7 +463,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 300
     while wanted:
         for key, etag in list(wanted.items()):
-            state = httpx.get(f"{stack.api_url}/objects/{stack.settings.bucket}/{quote(key)}", timeout=10)
+            state = httpx.get(f"{stack.api_url}/objects/{stack.settings.bucket}/{quote(key)}",
+                              headers=read_headers(stack.settings), timeout=10)
             if state.status_code == 200 and state.json()["state"] == "indexed" and state.json()["etag"] == etag:
                 del wanted[key]
         if wanted and time.monotonic() > deadline:
@@ -440,7 +489,6 @@ def admin_headers(settings: Settings) -> dict[str, str]:
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    settings = client_settings(settings)
     if args.cancel is not None:
         return cancel_rebuild(settings, args.cancel)
     body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type,
@@ -488,7 +536,6 @@ def cancel_rebuild(settings: Settings, job_id: str) -> int:
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    settings = client_settings(settings)
     response = httpx.post(api_url(settings) + "/reconcile", json={"bucket": args.bucket},
                           headers=admin_headers(settings), timeout=600)
     if response.status_code != 200:

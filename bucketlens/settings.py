@@ -166,9 +166,14 @@ BOUNDS: dict[str, Bound] = {
 }
 
 
+NOT_EMPTY = ("home", "bucket", "namespace")  # an empty home wrote the stack's state into the working folder
+
+
 def _problem(name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the field ``name``, said with the variable that sets it, or None."""
     given = f"{PREFIX}{name.upper()}={value!r}"
+    if name in NOT_EMPTY and not str(value).strip():
+        return f"{PREFIX}{name.upper()} is empty: give a value or leave it unset"
     if name in CHOICES and value not in CHOICES[name]:
         return f"{given}: choose one of {', '.join(CHOICES[name])}"
     if name in BOUNDS and not BOUNDS[name].admits(value):
@@ -188,7 +193,7 @@ def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
         if kind == "float":
             return float(raw)
         if kind == "Path":
-            return Path(raw)
+            return Path(raw) if raw.strip() else raw  # (Path("") is ".": left empty for the check of empties)
     except ValueError as exc:
         raise ValueError(f"{PREFIX}{field.name.upper()}={raw!r} is not a valid {kind}") from exc
     return raw

@@ -315,3 +315,86 @@ def test_a_stack_that_cannot_do_what_is_asked_says_so_in_one_line(api: FakeAPI,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["up", "--replicas", "3"]) == 1  # FAISS: one process holds the index; refused before starting
     one_error_line(capsys, "bucketlens up:", "1 to 1 index service replicas", "--backend milvus")
+    assert main(["up", "--replicas", "0"]) == 1  # was taken for "not given"
+    one_error_line(capsys, "bucketlens up:", "1 to 1 index service replicas")
+    with pytest.raises(SystemExit) as refused:  # `queues --watch --interval 0` spun ~7 refreshes a second
+        main(["queues", "--watch", "--interval", "0"])
+    assert refused.value.code == 2
+
+
+# -- client commands ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["duplicates"], ["queues"], ["failures"], ["search", "--key", "a.jpg"],
+                                     ["reconcile"], ["rebuild"]])
+def test_every_client_command_asks_the_local_stacks_index_service(api: FakeAPI, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   command: list[str]) -> None:
+    """The stack's ports are in its stack.json, not in the environment (`duplicates` asked port 7400, whatever
+    answered there: another stack's groups)."""
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
+        "admin_token": "admin"}))
+    monkeypatch.setenv("BUCKETLENS_API_PORT", str(free_port()))  # nothing there
+    main(command)
+    assert api.requests, f"{command[0]} did not ask the stack's index service"
+
+
+def test_an_index_service_that_does_not_answer_is_named_in_one_line(api: FakeAPI, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    monkeypatch.setenv("BUCKETLENS_API_PORT", str(port))
+    assert main(["queues"]) == 1  # was "bucketlens queues: [Errno 111] Connection refused"
+    one_error_line(capsys, f"bucketlens queues: no answer from http://127.0.0.1:{port} (", "Connection refused",
+                   "is the stack up? `bucketlens status` says")
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback(api: FakeAPI) -> None:
+    """`bucketlens failures --json | head -5` ended in a BrokenPipeError traceback."""
+    api.answers[("GET", "/queues")] = (200, {"queues": {}, "padding": "x" * 100_000})
+    process = cli_process(["queues", "--json"])
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader has gone before the answer is written
+    with process.stderr:
+        err = process.stderr.read()
+    process.wait(timeout=60)
+    assert "Traceback" not in err and process.returncode == 1, err
+
+
+def test_down_where_no_stack_was_set_up_sets_none_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "never-up"
+    monkeypatch.setenv("BUCKETLENS_HOME", str(home))
+    assert main(["down"]) == 0
+    assert "nothing to stop" in capsys.readouterr().out and not home.exists()  # wrote ports and tokens before
+
+
+def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket_in_one_line(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    unique_prefix: str
+) -> None:
+    import pillow_heif
+    from PIL import Image
+
+    pillow_heif.register_heif_opener()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(tmp_path / "phone.HEIC")
+    Image.new("RGB", (64, 48), (40, 200, 40)).save(tmp_path / "camera.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    monkeypatch.setenv("BUCKETLENS_HOME", str(stack.home))
+    assert main(["upload", str(tmp_path), "--prefix", unique_prefix, "--bucket", stack.settings.bucket]) == 0
+    out = capsys.readouterr().out
+    assert f"uploaded 2 images to s3://{stack.settings.bucket}/{unique_prefix}; 1 other files left out" in out, out
+    assert main(["upload", str(tmp_path), "--bucket", "no-such-bucket-here"]) == 1  # was a traceback
+    one_error_line(capsys, "bucketlens upload: no bucket 'no-such-bucket-here' at http://127.0.0.1:")
+
+
+def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The stack keeps the ports of its first `up` (stack.json): `BUCKETLENS_API_PORT=47999 bucketlens up` kept
+    another port without a word."""
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
+        "admin_token": "admin"}))
+    monkeypatch.setenv("BUCKETLENS_API_PORT", "47999")
+    assert main(["up", "--replicas", "3"]) == 1  # refused before starting anything, after the note
+    assert (f"note: BUCKETLENS_API_PORT=47999 is not used: this stack keeps its api_port {api.port} in "
+            f"{tmp_path / 'stack.json'}") in capsys.readouterr().out

@@ -111,3 +111,11 @@ def test_the_backends_settings_accept_are_the_ones_the_service_opens() -> None:
     from index_service.backend import BACKENDS
 
     assert CHOICES["index_backend"] == BACKENDS
+
+
+@pytest.mark.parametrize("variable", ["BUCKETLENS_HOME", "BUCKETLENS_BUCKET", "BUCKETLENS_NAMESPACE"])
+def test_an_empty_name_is_refused(variable: str) -> None:
+    """`BUCKETLENS_HOME=` wrote the stack's stack.json (ports, tokens) into the working folder; an empty bucket
+    failed at the first upload with a traceback."""
+    with pytest.raises(ValueError, match=f"^{variable} is empty: give a value or leave it unset$"):
+        Settings.from_env({variable: " "})
