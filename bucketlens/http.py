@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -30,6 +31,15 @@ class HTTPError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+def only(names: Iterable[str], accepted: Iterable[str], what: str, taker: str) -> None:
+    """400 ``unknown_field`` naming the fields or parameters of no meaning to ``taker`` (a typo would otherwise go
+    unnoticed: ``DELETE /failures?reasn=corrupt`` cleared every record)."""
+    unknown = sorted(set(names) - set(accepted))
+    if unknown:
+        raise HTTPError(400, "unknown_field", f"unknown {what}{'s' if len(unknown) > 1 else ''} "
+                                              f"{', '.join(map(repr, unknown))}; {taker} takes {', '.join(accepted)}")
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:

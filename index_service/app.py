@@ -18,7 +18,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, JSONResponse, read_limited
+from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, JSONResponse, only, read_limited
 from bucketlens.openapi import route as openapi_route
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
@@ -154,14 +154,15 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def label_list(request: Request) -> Response:
         service = service_of(request, read=True)
-        limit = _count(request.query_params, "limit", SUGGESTIONS, 1, MAX_LIMIT)
+        params = _params(request, ("q", "limit"), "/labels")
+        limit = _count(params, "limit", SUGGESTIONS, 1, MAX_LIMIT)
         serving = service.index
-        found = await run_in_threadpool(suggest, serving, request.query_params.get("q", ""), limit)
+        found = await run_in_threadpool(suggest, serving, params.get("q", ""), limit)
         return JSONResponse({"model": serving.model, "labels_kept": recipe(serving.model).labels, "labels": found})
 
     async def duplicates(request: Request) -> Response:
         service = service_of(request, read=True)
-        params = request.query_params
+        params = _params(request, ("bucket", "prefix", "min_matches", "offset", "limit"), "/duplicates")
         offset, limit = _page(params, 50)
         # Pairs with fewer matches are never kept, so a lower floor would answer as this one while saying otherwise.
         # Clamped like offset: SQLite refuses integers beyond 64 bits (a fuzzed 1.3e20 answered 500).
@@ -206,8 +207,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             cleared = await run_in_threadpool(clear_failures, service.redis, service.keys, selection)
             return JSONResponse({"cleared": cleared})
         service = service_of(request, read=True)
-        offset, limit = _page(request.query_params, 100)
         selection = await _selection(request, with_body=False)
+        offset, limit = _page(request.query_params, 100)
         records = await run_in_threadpool(list_failures, service.redis, service.keys, selection)
         return JSONResponse({"total": len(records), "offset": offset, "limit": limit,
                              "failures": records[offset : offset + limit]})
@@ -228,7 +229,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def start_rebuild(request: Request) -> Response:
         service = admin_service(request)
-        body = await _json_object(request)
+        _params(request, (), "/rebuild")
+        body = await _json_object(request, ("mode", "bucket", "index_type", "model"), "/rebuild")
         bucket = _bucket(body)
         if bucket is not None:  # now, not in the job's thread as a failed job that took a generation number
             with _known_bucket(bucket):
@@ -245,18 +247,18 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def rebuild_state(request: Request) -> Response:
         service = service_of(request)
         job_id = request.path_params["job_id"]
-        if request.method == "DELETE":
-            service = admin_service(request)
-            if service.rebuilds.cancel(job_id) is None:
-                raise HTTPError(409, "not_running", f"rebuild {job_id} is not running")
+        cancelled = request.method == "DELETE" and admin_service(request).rebuilds.cancel(job_id) is not None
         state = await run_in_threadpool(service.rebuilds.get, job_id)
         if state is None:
             raise HTTPError(404, "unknown_rebuild", f"no rebuild {job_id}")
+        if request.method == "DELETE" and not cancelled:
+            raise HTTPError(409, "not_running", f"rebuild {job_id} is {state['state']}, not running")
         return JSONResponse(state)
 
     async def start_reconcile(request: Request) -> Response:
         service = admin_service(request)
-        bucket = _bucket(await _json_object(request))
+        _params(request, (), "/reconcile")
+        bucket = _bucket(await _json_object(request, ("bucket",), "/reconcile"))
         with _known_bucket(bucket):  # the listing, its first step, finds out
             report = await run_in_threadpool(reconcile, service, bucket)
         return JSONResponse(dataclasses.asdict(report))
@@ -289,7 +291,15 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     )
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+def _params(request: Request, accepted: tuple[str, ...], taker: str) -> Mapping[str, str]:
+    """The query parameters, or 400 ``unknown_field`` for one of no meaning to ``taker`` (``token``: the read or
+    admin token, for clients that cannot send a header, is taken everywhere)."""
+    only(request.query_params.keys(), (*accepted, "token"), "query parameter", taker)
+    return request.query_params
+
+
+async def _json_object(request: Request, accepted: tuple[str, ...], taker: str) -> dict[str, Any]:
+    """The JSON object body (empty: ``{}``), or 400: not JSON, not an object, or a field of no meaning to ``taker``."""
     body = await read_limited(request, 64 * 1024)
     try:
         payload = json.loads(body) if body.strip() else {}
@@ -297,6 +307,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
         raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise HTTPError(400, "bad_json", "body must be a JSON object")
+    only(payload, accepted, "field", taker)
     return payload
 
 
@@ -340,7 +351,9 @@ def _known_bucket(bucket: str | None) -> Iterator[None]:
 
 async def _selection(request: Request, with_body: bool = True) -> Selection:
     """Which failure records a request means (query parameters, JSON body: see ``Selection.parse``)."""
-    body = await _json_object(request) if with_body else {}
+    taker = f"{request.method} {request.url.path}"
+    _params(request, (*Selection.PARAMETERS, *(() if with_body else ("offset", "limit"))), taker)
+    body = await _json_object(request, Selection.FIELDS, taker) if with_body else {}
     try:
         return Selection.parse(request.query_params, body, request.query_params.getlist("key"))
     except ValueError as exc:

@@ -41,15 +41,18 @@ class Selection:
     bucket: str | None = None
     keys: frozenset[str] | None = None  # object keys (with ``bucket``, or in any bucket)
 
+    PARAMETERS = ("reason", "bucket", "key")  # query parameters (key repeatable)
+    FIELDS = ("reason", "bucket", "keys")  # JSON body
+
     @classmethod
     def parse(cls, query: Mapping[str, str], body: Mapping[str, Any] | None = None,
               query_keys: Sequence[str] = ()) -> Selection:
         """From query parameters (``reason``, ``bucket``, repeated ``key``) and an optional JSON body (``reason``,
         ``bucket``, ``keys``; the body wins); raises ValueError on bad types."""
-        merged: dict[str, Any] = {name: query[name] for name in ("reason", "bucket") if query.get(name)}
+        merged: dict[str, Any] = {name: query[name] for name in ("reason", "bucket") if query.get(name)}  # (not key)
         if query_keys:
             merged["keys"] = list(query_keys)
-        merged.update({k: v for k, v in (body or {}).items() if k in ("reason", "bucket", "keys") and v})
+        merged.update({k: v for k, v in (body or {}).items() if k in cls.FIELDS and v})
         for name in ("reason", "bucket"):
             if name in merged and not isinstance(merged[name], str):
                 raise ValueError(f"{name} must be a string")

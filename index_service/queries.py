@@ -23,7 +23,7 @@ import orjson
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 
-from bucketlens.http import HTTPError, read_limited
+from bucketlens.http import HTTPError, only, read_limited
 
 from . import filters
 
@@ -59,7 +59,7 @@ class SearchQuery:
 
 async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuery:
     content_type = request.headers.get("content-type", "")
-    _only(request.query_params.keys(), PARAMETERS, "query parameter")
+    only(request.query_params.keys(), PARAMETERS, "query parameter", "a search")
     fields: dict[str, Any] = _typed(request.query_params.items())
     query = SearchQuery()
     if content_type.startswith("multipart/form-data"):
@@ -85,7 +85,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
             raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
         if not isinstance(payload, dict):
             raise HTTPError(400, "bad_json", "body must be a JSON object")
-        _only(payload, JSON_FIELDS, "field")
+        only(payload, JSON_FIELDS, "field", "a search")
         fields.update({k: v for k, v in payload.items() if k in OPTIONS})
         _query_from_json(query, payload, dim)
     else:
@@ -106,19 +106,11 @@ async def _image(form: FormData, max_bytes: int) -> bytes:
     if not isinstance(upload, UploadFile):
         raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'")
     _one_query(["image", *(name for name in QUERIES if name in form)])
-    _only(form.keys(), FORM_FIELDS, "form field")
+    only(form.keys(), FORM_FIELDS, "form field", "a search")
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
     return data
-
-
-def _only(names: Iterable[str], accepted: tuple[str, ...], what: str) -> None:
-    """400 naming the fields that mean nothing to a search (a typo would otherwise go unnoticed)."""
-    unknown = sorted(set(names) - set(accepted))
-    if unknown:
-        raise HTTPError(400, "unknown_field", f"unknown {what}{'s' if len(unknown) > 1 else ''} "
-                                              f"{', '.join(map(repr, unknown))}; a search takes {', '.join(accepted)}")
 
 
 def _one_query(given: list[str]) -> None:

@@ -18,7 +18,7 @@ NO_OP_EVENT = json.dumps({"Records": []}).encode()
 # Each admin request is one that, once past the token check, answers 4xx or changes nothing.
 ADMIN_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("POST", "/rebuild", {"json": {"mode": "sideways"}}, 400),
-    ("DELETE", "/rebuild/no-such-job", {}, 409),
+    ("DELETE", "/rebuild/no-such-job", {}, 404),
     ("POST", "/reconcile", {"json": {"bucket": 5}}, 400),
     ("POST", "/failures/retry", {"json": {"bucket": "test-images", "keys": ["never/failed.jpg"]}}, 202),
     ("DELETE", "/failures", {"json": {"bucket": "test-images", "keys": ["never/failed.jpg"]}}, 200),

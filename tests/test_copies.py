@@ -52,7 +52,8 @@ def test_copies_are_verified_first_and_grouped(stack: Stack, s3: Any, api: httpx
     assert not any(r["verified"] for r in results[2:]), results[2:]
 
     # By key: the stored object's features verify its copy; a vector query cannot rerank.
-    by_key = api.post("/search", json={"key": unique_prefix + "astronaut.jpg", "k": 5}).json()["results"]
+    by_key = api.post("/search", json={"key": unique_prefix + "astronaut.jpg", "k": 5, "prefix": unique_prefix}
+                      ).json()["results"]  # (other tests upload the same photo)
     assert by_key[0]["key"] == unique_prefix + "astronaut-copy.jpg"
     unverified = api.post("/search", json={"key": unique_prefix + "astronaut.jpg", "rerank": False}).json()
     assert all(r["matches"] is None for r in unverified["results"])
@@ -72,6 +73,8 @@ def test_copies_are_verified_first_and_grouped(stack: Stack, s3: Any, api: httpx
     assert finder["checked"] >= 2 and finder["cpu_s"] > 0, finder  # verifying the pair took CPU, and it is told
     beyond = api.get("/duplicates", params={"prefix": unique_prefix, "min_matches": 10**20})  # past SQLite's 64 bits
     assert beyond.status_code == 200 and beyond.json()["total"] == 0, beyond.text
+    typo = api.get("/duplicates", params={"prefx": unique_prefix})  # answered unfiltered before
+    assert typo.status_code == 400 and typo.json()["error"]["code"] == "unknown_field", typo.text
 
     # Deleting the copy dissolves the group.
     s3.delete_object(Bucket=stack.settings.bucket, Key=unique_prefix + "astronaut-copy.jpg")

@@ -62,6 +62,14 @@ def test_bad_objects_are_listed_retried_and_cleared(stack: Stack, s3: Any, api: 
     assert api.post("/failures/retry", json=selection, headers={"Authorization": "Bearer nope"}).status_code == 401
     assert api.request("DELETE", "/failures", json=selection).status_code == 401
     assert len(records(api, stack, [empty, text])) == 2  # refused requests changed nothing
+    # A typo in a selection is refused: it was read as no selection, all records (`?reasn=` cleared every one)
+    for method, path in (("DELETE", "/failures"), ("POST", "/failures/retry")):
+        typo = api.request(method, path, json={"reasn": "empty"}, headers=admin)
+        assert typo.status_code == 400 and typo.json()["error"]["code"] == "unknown_field", typo.text
+        assert "'reasn'" in typo.json()["error"]["message"]
+        assert api.request(method, path, params={"reasn": "empty"}, headers=admin).status_code == 400
+    assert api.get("/failures", params={"reasn": "empty"}).status_code == 400
+    assert len(records(api, stack, [empty, text])) == 2
 
     response = api.post("/failures/retry", json=selection, headers=admin)
     assert response.status_code == 202 and response.json()["retried"] == 2

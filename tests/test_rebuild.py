@@ -107,7 +107,13 @@ def test_cancel_keeps_the_serving_generation_and_reindex_switches_structure(
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert api.get("/stats").json()["generation"] == generation
     assert api.get("/rebuild/nope").status_code == 404
+    assert api.delete("/rebuild/nope", headers=admin(stack)).status_code == 404  # was 409 "not running"
+    again = api.delete(f"/rebuild/{job['id']}", headers=admin(stack))
+    assert again.status_code == 409 and "is cancelled, not running" in again.json()["error"]["message"]
     assert api.post("/rebuild", json={"mode": "sideways"}, headers=admin(stack)).status_code == 400
+    typo = api.post("/rebuild", json={"mode": "reembed", "modle": "x"}, headers=admin(stack))  # not started
+    assert typo.status_code == 400 and typo.json()["error"]["code"] == "unknown_field", typo.text
+    assert api.post("/reconcile", json={"buckt": "x"}, headers=admin(stack)).status_code == 400
 
     def reindex(index_type: str) -> dict[str, Any]:
         job = api.post("/rebuild", json={"mode": "reindex", "index_type": index_type}, headers=admin(stack)).json()

@@ -130,6 +130,7 @@ def test_labels_autocomplete_counts_what_is_indexed(api: httpx.Client, folders: 
     found = response.json()["labels"]
     assert found[0]["name"] == "espresso" and found[0]["count"] >= 1
     assert all(any(w.startswith("espr") for n in f["names"] for w in [n.lower(), *n.lower().split()]) for f in found)
+    assert api.get("/labels", params={"qq": "espr"}).status_code == 400  # a typo: answered with every label before
 
 
 @pytest.mark.slow
