@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bucketlens.openapi import Schema, answer, bearer, document, errors, obj, parameter, ref
+from bucketlens.openapi import Schema, answer, bearer, document, errors, json_content, obj, parameter, ref
 from vision.local_features import MIN_INLIERS
 
 from .duplicates import GROUP_MATCHES
@@ -44,60 +44,197 @@ SEARCH_QUERIES: dict[str, Schema] = {  # queries.QUERIES: a JSON body holds exac
              "description": "words matched against the model's ImageNet labels"},
 }
 
+NULLABLE_NUMBER = {"type": ["number", "null"]}
+TEXTS = {"type": "array", "items": TEXT}
+
+
+def nullable(schema: Schema) -> Schema:
+    """``schema`` or null."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def counts(description: str) -> Schema:
+    """An object of integers by name."""
+    return {"type": "object", "additionalProperties": INT, "description": description}
+
+
 SCHEMAS: dict[str, Schema] = {
     "SearchJSON": {"oneOf": [obj({name: schema, **SEARCH_OPTIONS}, (name,), closed=True)
                              for name, schema in SEARCH_QUERIES.items()]},
     "SearchForm": obj({"image": {"type": "string", "format": "binary"}, **SEARCH_OPTIONS}, ("image",), closed=True),
-    "Hit": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT, "score": NUMBER, "verified": BOOL,
+    "Tag": obj({"id": {"type": "string", "description": "WordNet 3.0 synset id of the ImageNet class"},
+                "name": TEXT, "score": {"type": "number", "description": "the classifier's probability"}},
+               ("id", "name", "score")),
+    "Tags": {"type": ["array", "null"], "items": ref("Tag"),
+             "description": "the object's tags, most probable first (null: its model or worker kept none)"},
+    "Class": obj({"id": {"type": "string", "description": "WordNet 3.0 synset id"}, "name": TEXT}, ("id", "name")),
+    "Hit": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT,
+                "score": {"type": "number", "description": "cosine similarity (text: summed class probability)"},
+                "verified": {"type": "boolean", "description": "confirmed the same photo by local features"},
                 "matches": {"type": ["integer", "null"],
                             "description": "local features matched with the query's (null: not checked)"},
-                "labels": {"type": ["array", "null"]}, "modified": NULLABLE_TEXT,
+                "labels": ref("Tags"),
+                "modified": {"type": ["string", "null"], "description": "ISO 8601 UTC (null: unknown)"},
                 "url": {"type": "string", "description": "presigned GET"}},
-               ("bucket", "key", "etag", "score", "url")),
-    "SearchResults": obj({"model": TEXT, "took_ms": NUMBER, "filter": {"type": ["object", "null"]},
-                          "results": {"type": "array", "items": ref("Hit")}}, ("model", "took_ms", "results")),
-    "ObjectState": obj({"bucket": TEXT, "key": TEXT, "indexed": BOOL,
-                        "state": {"enum": ["indexed", "pending", "failed"]}, "etag": TEXT, "order": TEXT,
-                        "generation": INT, "failure": obj({"reason": TEXT, "message": TEXT, "attempts": INT,
-                                                           "time": NUMBER})},
-                       ("bucket", "key", "state", "indexed", "etag", "order", "generation")),
+               ("bucket", "key", "etag", "score", "verified", "matches", "labels", "modified", "url")),
+    "Filter": {**obj({"bucket": NULLABLE_TEXT, "prefix": TEXT,
+                      "modified_after": {"type": ["string", "null"], "description": "ISO 8601 UTC"},
+                      "modified_before": {"type": ["string", "null"], "description": "ISO 8601 UTC"}},
+                     ("bucket", "prefix", "modified_after", "modified_before")),
+               "type": ["object", "null"], "description": "the filter applied (null: none)"},
+    "SearchResults": obj({
+        "model": TEXT, "took_ms": NUMBER, "filter": ref("Filter"),
+        "matched": {"type": "array", "description": "text queries: what each word meant",
+                    "items": obj({"text": {"type": "string", "description": "the words as typed"},
+                                  "lemma": {"type": "string", "description": "WordNet's lemma"},
+                                  "labels": {"type": "array", "items": ref("Class"),
+                                             "description": "the classes it reaches"}},
+                                 ("text", "lemma", "labels"))},
+        "unmatched": {**TEXTS, "description": "text queries: words that reach no class, as typed"},
+        "ignored": {**TEXTS, "description": "text queries: stop words and symbols, not looked up"},
+        "results": {"type": "array", "items": ref("Hit")}}, ("model", "took_ms", "filter", "results")),
+    "ObjectState": obj({"bucket": TEXT, "key": TEXT,
+                        "indexed": {"type": "boolean", "description": "some version of it is in the index"},
+                        "state": {"enum": ["indexed", "pending", "failed"]},
+                        "etag": {"type": "string", "description": "of the version the state is about"},
+                        "order": {"type": "string", "description": "the version's event order (an integer)"},
+                        "generation": INT,
+                        "sequencer": {"type": "string", "description": "indexed: the S3 event sequencer"},
+                        "labels": ref("Tags"),
+                        "modified": {"type": ["string", "null"], "description": "indexed: ISO 8601 UTC (null: "
+                                                                               "unknown)"},
+                        "failure": {**obj({"reason": TEXT, "message": TEXT, "attempts": INT,
+                                           "time": {"type": "number", "description": "seconds since the epoch"}},
+                                          ("reason", "message", "attempts", "time")), "description": "failed: why"}},
+                       ("bucket", "key", "state", "indexed", "etag", "order", "generation"))
+                    | {"description": "sequencer, labels and modified: indexed only; failure: failed only"},
     "Ready": obj({"ready": BOOL, "reason": TEXT}, ("ready", "reason")),
+    "Snapshot": obj({"name": {"type": "string", "description": "snapshot file, or Milvus collection"},
+                     "time": {"type": ["number", "null"], "description": "when it was written (seconds since the "
+                                                                         "epoch)"},
+                     "count": {"type": "integer", "description": "vectors it holds"},
+                     "last_id": {"type": "string", "description": "the last stream entry it covers"},
+                     "bytes": {"type": "integer", "description": "FAISS: the file's size (one this process wrote)"},
+                     "flush_s": {"type": "number", "description": "Milvus: how long the flush took"},
+                     "repaired_objects": {"type": "integer",
+                                          "description": "Milvus: keys with more than one row, repaired"}},
+                    ("name", "time", "count", "last_id")),
     "Stats": obj({"vectors": INT, "model": TEXT, "dim": INT, "index_type": TEXT, "generation": INT,
                   "index_type_chosen": {"type": ["string", "null"],
                                         "description": "the type a rebuild asked for, kept whatever the size; "
                                                        "null: APPROX_THRESHOLD's size policy picks"},
                   "vector_file_bytes": {"type": "integer",
                                         "description": "IVF-SQ8's float16 vectors on disk (0 for other types)"},
-                  "last_applied_id": TEXT, "last_snapshot": {"type": ["object", "null"]},
-                  "snapshot_failures": obj({"failures": INT, "failing_s": NUMBER, "error": TEXT}),
-                  "rebuild": {"type": ["object", "null"]}, "backend": TEXT, "replica": TEXT,
-                  "writer": {"type": "boolean", "description": "this replica merges the stream"}},
-                 ("vectors", "model", "dim", "generation")),
-    "Queues": obj({"queues": {"type": "object"}, "unacked": INT, "unacked_live": INT, "unacked_dead": INT,
-                   "stream": {"type": "object"}, "failures": INT, "pending_objects": INT, "events": {"type": "object"},
-                   "canary": {"type": "object"}, "workers": {"type": "array", "items": {"type": "object"}},
-                   "index": obj({"replica": TEXT, "writer": BOOL, "writer_lease": {"type": ["string", "null"]}})},
-                  ("queues", "unacked", "unacked_live", "unacked_dead", "stream", "failures", "workers")),
-    "Failures": obj({"total": INT, "offset": INT, "limit": INT, "failures": {"type": "array"}},
+                  "last_applied_id": {"type": "string", "description": "the last stream entry merged"},
+                  "applied_entries": {"type": "integer",
+                                      "description": "stream entries merged by this process's merger"},
+                  "last_snapshot": {**nullable(ref("Snapshot")), "description": "the newest checkpoint (null: none "
+                                                                                "yet)"},
+                  "snapshot_failures": obj({"failures": INT, "failing_s": NUMBER, "error": TEXT},
+                                           ("failures", "failing_s", "error")),
+                  "rebuild": {**nullable(ref("RebuildJob")), "description": "the running or last rebuild of this "
+                                                                            "process (null: none)"},
+                  "backend": {"enum": ["faiss", "milvus"]}, "replica": TEXT,
+                  "writer": {"type": "boolean", "description": "this replica merges the stream"},
+                  "duplicates": obj({"pending": {"type": "integer", "description": "objects not yet checked"},
+                                     "checked": {"type": "integer", "description": "objects checked since start"},
+                                     "cpu_s": {"type": "number",
+                                               "description": "the finder's CPU seconds since start"}},
+                                    ("pending", "checked", "cpu_s"))},
+                 ("vectors", "model", "dim", "index_type", "index_type_chosen", "vector_file_bytes", "generation",
+                  "last_applied_id", "applied_entries", "backend", "replica", "writer", "last_snapshot",
+                  "snapshot_failures", "rebuild", "duplicates")),
+    "Worker": obj({"id": TEXT, "hostname": TEXT, "pid": INT, "model": TEXT, "device": TEXT,
+                   "started": NUMBER, "state": {"enum": ["idle", "busy"]},
+                   "batch_size": {"type": "integer", "description": "objects of the current batch"},
+                   "batch_started": NULLABLE_NUMBER, "batches": INT, "objects": INT,
+                   "last_seen": {"type": "number", "description": "its last heartbeat (seconds since the epoch)"},
+                   "age_s": {"type": "number", "description": "seconds since its last heartbeat"}},
+                  ("id", "age_s")),
+    "Queues": obj({
+        "queues": {"type": "object", "description": "by queue name",
+                   "additionalProperties": obj({"depth": INT, "by_priority": counts("by priority (0, 3, 6, 9)")},
+                                               ("depth", "by_priority"))},
+        "unacked": {"type": "integer", "description": "tasks delivered to workers, not yet acknowledged"},
+        "unacked_live": {"type": "integer", "description": "held by a live worker"},
+        "unacked_dead": {"type": "integer", "description": "held by none: their worker died (redelivered)"},
+        "stream": obj({"length": INT, "lag": {"type": ["integer", "null"], "description": "entries not yet read"},
+                       "pending": {"type": "integer", "description": "read, not yet acknowledged"},
+                       "last_delivered_id": NULLABLE_TEXT}, ("length", "lag", "pending", "last_delivered_id")),
+        "failures": {"type": "integer", "description": "failure records"},
+        "pending_objects": {"type": "integer", "description": "objects sent to the workers, not yet indexed"},
+        "events": counts("event counters of ingest"),
+        "canary": obj({"last_seen": NULLABLE_NUMBER, "age_s": NULLABLE_NUMBER, "lag_s": NULLABLE_NUMBER,
+                       "waiting_s": NUMBER}, ("last_seen", "age_s", "lag_s", "waiting_s")),
+        "workers": {"type": "array", "items": ref("Worker"), "description": "live workers"},
+        "index": obj({"replica": TEXT, "writer": BOOL,
+                      "writer_lease": {"type": ["string", "null"],
+                                       "description": "the replica that merges the stream now"}},
+                     ("replica", "writer", "writer_lease"))},
+        ("queues", "unacked", "unacked_live", "unacked_dead", "stream", "failures", "pending_objects", "events",
+         "canary", "workers", "index")),
+    "FailureRecord": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT,
+                          "order": {"type": "string", "description": "the version's event order (an integer)"},
+                          "reason": {"type": "string", "description": "stable, machine-readable"},
+                          "message": TEXT, "attempts": INT,
+                          "time": {"type": "number", "description": "seconds since the epoch"}, "generation": INT},
+                         ("bucket", "key", "reason", "message", "attempts", "time")),
+    "Failures": obj({"total": INT, "offset": INT, "limit": INT,
+                     "failures": {"type": "array", "items": ref("FailureRecord")}},
                     ("total", "offset", "limit", "failures")),
-    "FailureSelection": obj({"reason": TEXT, "bucket": TEXT, "keys": {"type": "array", "items": TEXT}}),
-    "Labels": obj({"model": TEXT, "labels_kept": BOOL, "labels": {"type": "array"}}, ("model", "labels")),
-    "Duplicates": obj({"model": TEXT, "total": INT, "offset": INT, "limit": INT, "pending": INT,
-                       "groups": {"type": "array"}}, ("model", "total", "groups")),
+    "FailureSelection": obj({"reason": TEXT, "bucket": TEXT, "keys": {"type": "array", "items": TEXT}},
+                            closed=True),
+    "Labels": obj({"model": TEXT, "labels_kept": {"type": "boolean", "description": "the model keeps tags"},
+                   "labels": {"type": "array", "items": obj({
+                       "id": {"type": "string", "description": "WordNet 3.0 synset id"}, "name": TEXT,
+                       "names": {**TEXTS, "description": "ImageNet's names for the class"},
+                       "count": {"type": "integer", "description": "indexed objects that keep it"}},
+                       ("id", "name", "names", "count"))}},
+                  ("model", "labels_kept", "labels")),
+    "Duplicates": obj({"model": TEXT, "total": INT, "offset": INT, "limit": INT,
+                       "pending": {"type": "integer", "description": "objects not yet checked"},
+                       "groups": {"type": "array", "items": obj({
+                           "size": INT, "pairs": {"type": "integer", "description": "links from the best copy"},
+                           "min_matches": {"type": "integer", "description": "the weakest link's matches"},
+                           "members": {"type": "array", "description": "the best copy (most pixels) first",
+                                       "items": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT,
+                                                     "pixels": {"type": "integer",
+                                                                "description": "width x height (0: unknown)"},
+                                                     "url": {"type": "string", "description": "presigned GET"}},
+                                                    ("bucket", "key", "etag", "pixels", "url"))}},
+                           ("size", "pairs", "min_matches", "members"))}},
+                      ("model", "total", "offset", "limit", "pending", "groups")),
     "RebuildRequest": obj({"mode": {"enum": ["reembed", "reindex"], "default": "reembed"},
                            "bucket": {"type": "string", "minLength": 1},
                            "index_type": {"enum": ["Flat", "IVF", "IVF-SQ8", "HNSW", "auto"],
                                           "description": "kept whatever the index's size from the job's end on "
                                                          "(auto: the size policy picks again); IVF-SQ8: FAISS "
                                                          "backend only; HNSW: Milvus backend only"},
-                           "model": {"type": "string", "description": "switch models (reembed of every bucket)"}}),
-    "RebuildJob": obj({"id": TEXT, "mode": TEXT, "generation": INT, "state":
-                       {"enum": ["running", "done", "failed", "cancelled"]}, "total": INT, "done": INT, "failed": INT,
-                       "started": NUMBER, "finished": {"type": ["number", "null"]}, "error": TEXT},
-                      ("id", "mode", "state", "total", "done", "failed", "started")),
-    "BucketRequest": obj({"bucket": {"type": "string", "minLength": 1}}),
-    "Reconcile": obj({"listed": INT, "missing": INT, "changed": INT, "removed": INT, "failed": INT,
-                      "seconds": NUMBER}, ("listed", "missing", "changed", "removed")),
+                           "model": {"type": "string", "description": "switch models (reembed of every bucket)"}},
+                          closed=True),
+    "RebuildJob": obj({"id": TEXT, "mode": {"enum": ["reembed", "reindex"]},
+                       "generation": {"type": "integer", "description": "the generation it builds"},
+                       "model": {"type": "string", "description": "the model it embeds with"},
+                       "index_type": {"type": "string", "description": "the type the index gets"},
+                       "bucket": {"type": ["string", "null"], "description": "the one bucket (null: every bucket)"},
+                       "chosen": {"type": ["string", "null"],
+                                  "description": "index_type as asked (a type or auto; null: not asked)"},
+                       "state": {"enum": ["running", "done", "failed", "cancelled"]},
+                       "total": {"type": "integer", "description": "objects listed so far"},
+                       "done": {"type": "integer", "description": "objects settled"},
+                       "failed": {"type": "integer", "description": "objects that failed"},
+                       "listed": {"type": "boolean", "description": "the listing is complete"},
+                       "progress": {"type": "number", "minimum": 0, "maximum": 1, "description": "done / total"},
+                       "started": {"type": "number", "description": "seconds since the epoch"},
+                       "finished": {"type": ["number", "null"], "description": "seconds since the epoch"},
+                       "error": {"type": "string", "description": "why it failed (empty otherwise)"}},
+                      ("id", "mode", "generation", "model", "index_type", "bucket", "chosen", "state", "total",
+                       "done", "failed", "listed", "progress", "started", "finished", "error")),
+    "BucketRequest": obj({"bucket": {"type": "string", "minLength": 1}}, closed=True),
+    "Reconcile": obj({"listed": INT, "missing": INT, "changed": INT, "removed": INT,
+                      "failed": {"type": "integer", "description": "missing or changed, not sent: that version "
+                                                                  "already failed by its content"},
+                      "seconds": NUMBER}, ("listed", "missing", "changed", "removed", "failed", "seconds")),
 }
 
 READ: list[dict[str, list[str]]] = [{}, {"read": []}]  # open on the local stack; the read token when one is configured
@@ -112,8 +249,19 @@ def _json(name: str) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": ref(name)}}}
 
 
+def _selection_parameters() -> list[dict[str, Any]]:
+    """Which failure records (``failures.Selection``): query parameters, or a JSON body's fields (which win)."""
+    return [parameter("reason", TEXT, "only this reason"), parameter("bucket", TEXT, "only this bucket"),
+            parameter("key", {"type": "array", "items": TEXT}, "only these keys (repeatable)")]
+
+
+def _error(status: int, description: str) -> dict[str, Any]:
+    """One error answer with a description of its own (``errors`` gives each status a generic one)."""
+    return {str(status): {"description": description, "content": json_content(ref("Error"))}}
+
+
 PATHS: dict[str, Any] = {
-    "/healthz": {"get": {"summary": "the process is alive", "responses": answer("alive", obj({"ok": BOOL}))}},
+    "/healthz": {"get": {"summary": "the process is alive", "responses": answer("alive", obj({"ok": BOOL}, ("ok",)))}},
     "/readyz": {"get": {"summary": "ready: index loaded, stream replayed, model warm, Redis answering, snapshots "
                                    "written",
                         "responses": {**answer("ready", ref("Ready")),
@@ -169,16 +317,18 @@ PATHS: dict[str, Any] = {
                                          "records to skip (above 10^9: 10^9)"),
                                parameter("limit", {"type": "integer", "minimum": 1, "default": 100},
                                          "records (above 1000: 1000)"),
-                               parameter("reason", TEXT, "only this reason"), parameter("bucket", TEXT, "only here"),
-                               parameter("key", {"type": "array", "items": TEXT}, "only these keys")],
+                               *_selection_parameters()],
                 "responses": {**answer("a page of records", ref("Failures")), **errors(400, 401, 503)}},
-        "delete": {"summary": "clear the selected failure records", "security": ADMIN,
+        "delete": {"summary": "clear the selected failure records (query parameters or JSON body; none: all)",
+                   "security": ADMIN, "parameters": _selection_parameters(),
                    "requestBody": {"required": False, **_json("FailureSelection")},
                    "responses": {**answer("cleared", obj({"cleared": INT}, ("cleared",))),
                                  **errors(400, 401, 403, 503)}},
     },
     "/failures/retry": {"post": {
-        "summary": "send the selected failed objects to the workers again", "security": ADMIN,
+        "summary": "send the selected failed objects to the workers again and drop their records (query "
+                   "parameters or JSON body; none: all)",
+        "security": ADMIN, "parameters": _selection_parameters(),
         "requestBody": {"required": False, **_json("FailureSelection")},
         "responses": {**answer("queued", obj({"retried": INT, "tasks": INT}, ("retried", "tasks")), 202),
                       **errors(400, 401, 403, 503)},
@@ -186,19 +336,28 @@ PATHS: dict[str, Any] = {
     "/rebuild": {"post": {
         "summary": "start a rebuild (reembed: a new generation beside the serving one; reindex: restructure)",
         "security": ADMIN, "requestBody": {"required": False, **_json("RebuildRequest")},
-        "responses": {**answer("started", ref("RebuildJob"), 202), **errors(400, 401, 403, 404, 409, 503)},
+        "responses": {**answer("started", ref("RebuildJob"), 202), **errors(400, 401, 403),
+                      **_error(404, "unknown_bucket: the bucket does not exist"),
+                      **_error(409, "rebuild_running: one runs already; not_writer: this replica does not write "
+                                    "the index"),
+                      **errors(503)},
     }},
     "/rebuild/{job_id}": {
         "get": {"summary": "a rebuild's state", "parameters": [parameter("job_id", TEXT, "job id", "path")],
-                "responses": {**answer("the job", ref("RebuildJob")), **errors(404, 503)}},
+                "responses": {**answer("the job", ref("RebuildJob")), **_error(404, "unknown_rebuild: no such job"),
+                              **errors(503)}},
         "delete": {"summary": "cancel a running rebuild (the serving generation stays)", "security": ADMIN,
                    "parameters": [parameter("job_id", TEXT, "job id", "path")],
-                   "responses": {**answer("cancelled", ref("RebuildJob")), **errors(401, 403, 404, 409, 503)}},
+                   "responses": {**answer("cancelled", ref("RebuildJob")), **errors(401, 403),
+                                 **_error(404, "unknown_rebuild: no such job"),
+                                 **_error(409, "not_running: the job is done, failed or cancelled already"),
+                                 **errors(503)}},
     },
     "/reconcile": {"post": {
         "summary": "list the bucket and bring the index to it", "security": ADMIN,
         "requestBody": {"required": False, **_json("BucketRequest")},
-        "responses": {**answer("done", ref("Reconcile")), **errors(400, 401, 403, 404, 503)},
+        "responses": {**answer("done", ref("Reconcile")), **errors(400, 401, 403),
+                      **_error(404, "unknown_bucket: the bucket does not exist"), **errors(503)},
     }},
 }
 
