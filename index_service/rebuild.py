@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODES = ("reembed", "reindex")
+SAVE_EVERY_S = 1.0  # a running job's progress is written to Redis at most this often (it was every 100th object,
+# when a batch happened to end on one: an interrupted job reported done 0)
 
 
 class RebuildConflict(RuntimeError):
@@ -72,6 +74,7 @@ class Rebuilds:
         self.current: RebuildJob | None = None
         self._expected: set[str] = set()
         self._completing = False  # the running job's last step (restructure, swap) has started
+        self._saved_at = 0.0  # monotonic time the job's record was last written to Redis
         self._lock = threading.RLock()
 
     # -- public --------------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ class Rebuilds:
             self._completing = True
             threading.Thread(target=self._guard, args=(job, self._complete), name=f"rebuild-{job.id}-complete",
                              daemon=True).start()
-        elif job.done % 100 == 0:
+        elif time.monotonic() - self._saved_at >= SAVE_EVERY_S:  # (what a restart reports of an interrupted job)
             self._save(job)
 
     def _complete(self, job: RebuildJob) -> None:
@@ -308,6 +311,7 @@ class Rebuilds:
         log.info("rebuild %s %s: %d/%d settled, %d failed", job.id, state, job.done, job.total, job.failed)
 
     def _save(self, job: RebuildJob) -> None:
+        self._saved_at = time.monotonic()
         keys = self.service.keys
         pipe = self.service.redis.pipeline()
         pipe.set(keys.rebuild_job(job.id), json.dumps(public(job)), ex=30 * 86400)

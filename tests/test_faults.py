@@ -494,8 +494,12 @@ def test_index_service_killed_during_rebuild(stack: Stack, s3: Any, api: httpx.C
         started = api.post("/rebuild", json={"mode": "reembed"}, headers=admin)
         assert started.status_code == 202, started.text
         job = started.json()
-        wait_for(lambda: api.get(f"/rebuild/{job['id']}").json()["total"] > 0, 60, what="rebuild listing sent")
-        assert api.get(f"/rebuild/{job['id']}").json()["state"] == "running"
+        url = f"/rebuild/{job['id']}"
+        wait_for(lambda: api.get(url).json()["done"] > 0, 120, what="objects of the rebuild settled")
+        time.sleep(1.2)  # past rebuild.SAVE_EVERY_S: the next settle writes the progress to Redis
+        settled = api.get(url).json()["done"]
+        wait_for(lambda: api.get(url).json()["done"] > settled, 120, what="a settle after that")
+        assert api.get(url).json()["state"] == "running"
         stack.stop_service("api", kill=True)
         killed_at = time.monotonic()
         time.sleep(2)
@@ -510,6 +514,7 @@ def test_index_service_killed_during_rebuild(stack: Stack, s3: Any, api: httpx.C
         uploader.finish()
         outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies)
     assert state["state"] == "failed" and "restarted" in state["error"], state
+    assert state["done"] > 0, state  # how far it got (reported 0: the progress was written every 100th object)
     assert not shadow_features_left, f"{shadow_features} was left on disk"
     assert stats["generation"] == generation and stats["rebuild"] is None, stats
     assert answered.status_code == 200 and len(answered.json()["results"]) == 3
