@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .settings import Settings
+from .settings import Settings, unknown_variables
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 CLIENT_COMMANDS = {"upload", "search", "duplicates", "queues", "failures", "rebuild", "reconcile"}  # talk to a stack
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a setting that does not parse or is out of bounds: refused before anything starts
         print(f"bucketlens: {exc}", file=sys.stderr)
         return 2
+    for note in unknown_variables(os.environ):
+        print(f"bucketlens: note: {note}", file=sys.stderr)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     handler = COMMANDS[args.command]

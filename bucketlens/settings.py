@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from pathlib import Path
@@ -164,6 +165,22 @@ BOUNDS: dict[str, Bound] = {
                      "canary_timeout_s"), DURATION),
     **dict.fromkeys(("ingest_max_memory_fraction", "duplicates_cpu_share"), SHARE),
 }
+
+
+NOT_SETTINGS = ("BUCKETLENS_TEST_HOME", "BUCKETLENS_TEST_MILVUS")  # the test suite's own (tests/conftest.py)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A note for each ``BUCKETLENS_`` variable that is no setting (a typo would be ignored without a word), with
+    the setting it likely meant."""
+    names = [PREFIX + field.name.upper() for field in dataclasses.fields(Settings)]
+    notes = []
+    for variable in sorted(environ):
+        if variable.startswith(PREFIX) and variable not in names and variable not in NOT_SETTINGS:
+            meant = difflib.get_close_matches(variable, names, n=1, cutoff=0.8)
+            notes.append(f"{variable} is not a setting" + (f" (did you mean {meant[0]}?)" if meant else "")
+                         + "; it is ignored")
+    return notes
 
 
 NOT_EMPTY = ("home", "bucket", "namespace")  # an empty home wrote the stack's state into the working folder

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketlens.settings import Settings
+from bucketlens.settings import Settings, unknown_variables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -119,3 +119,10 @@ def test_an_empty_name_is_refused(variable: str) -> None:
     failed at the first upload with a traceback."""
     with pytest.raises(ValueError, match=f"^{variable} is empty: give a value or leave it unset$"):
         Settings.from_env({variable: " "})
+
+
+def test_a_variable_that_is_no_setting_is_noted_with_the_likely_one() -> None:
+    notes = unknown_variables({"BUCKETLENS_BATCHSIZE": "4", "BUCKETLENS_FROBNICATE": "1", "BUCKETLENS_BATCH_SIZE": "4",
+                               "BUCKETLENS_TEST_HOME": "/tmp/x", "HOME": "/root"})
+    assert notes == ["BUCKETLENS_BATCHSIZE is not a setting (did you mean BUCKETLENS_BATCH_SIZE?); it is ignored",
+                     "BUCKETLENS_FROBNICATE is not a setting; it is ignored"]
