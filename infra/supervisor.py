@@ -60,6 +60,7 @@ class Supervisor:
         self.canary = Canary(self.settings, make_client(self.settings), self.redis)
         self.grace = 0.0  # extra wait for the canary while a restarted radosgw resumes delivery
         self.reconcile_owed = False  # a heal's reconcile has not been answered yet
+        self.reconciler: threading.Thread | None = None
         self.failing: set[str] = set()  # steps whose last attempt failed: logged once, not every time
         self.restarts: dict[str, Restarts] = {}
 
@@ -107,7 +108,7 @@ class Supervisor:
 
     def check_delivery(self) -> None:
         if self.reconcile_owed:
-            self.reconcile()
+            self.start_reconcile()
         pending, age = self.canary.check()
         if pending is None:
             self.grace = 0.0
@@ -142,7 +143,7 @@ class Supervisor:
         self.stack.start_s3()
         self.restarted_radosgw()
         self.reconcile_owed = True
-        self.reconcile()
+        self.start_reconcile()
 
     def restarted_radosgw(self) -> None:
         """A canary written now, with the grace: the one outstanding was written before the restart (and the one
@@ -150,10 +151,23 @@ class Supervisor:
         self.grace = RESTART_GRACE_S
         self.canary.write()
 
+    def start_reconcile(self) -> None:
+        """The owed reconcile, in a thread of its own: on a large bucket it takes minutes, and a process that dies
+        meanwhile must not wait for it to be restarted."""
+        if self.reconciler is None or not self.reconciler.is_alive():
+            self.reconciler = threading.Thread(target=self.reconcile, name="reconcile", daemon=True)
+            self.reconciler.start()
+
     def reconcile(self) -> None:
-        response = httpx.post(f"{self.stack.api_url}/reconcile", json={},
-                              headers={"Authorization": f"Bearer {self.settings.admin_token}"}, timeout=600)
+        try:
+            response = httpx.post(f"{self.stack.api_url}/reconcile", json={},
+                                  headers={"Authorization": f"Bearer {self.settings.admin_token}"}, timeout=600)
+        except httpx.HTTPError as exc:
+            log.warning("reconcile after the stall: %s; again at the next check", exc)
+            return
         if response.status_code == 409 or response.status_code >= 500:  # busy or not ready: at the next check
-            raise RuntimeError(f"reconcile after the stall: {response.status_code} {response.text[:300]}")
+            log.warning("reconcile after the stall: %s %s; again at the next check", response.status_code,
+                        response.text[:300])
+            return
         log.info("reconcile after the stall: %s %s", response.status_code, response.text[:300])
         self.reconcile_owed = False
