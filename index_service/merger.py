@@ -30,11 +30,13 @@ class Merger:
 
     def __init__(self, client: redis.Redis, keys: Keys, apply: Callable[[list[ResultEntry]], None],
                  after: Callable[[], None] = lambda: None, start_id: str = "0", batch: int = 512,
-                 consumer: str = "index-1", may_write: Callable[[], bool] = lambda: True) -> None:
+                 consumer: str = "index-1", may_write: Callable[[], bool] = lambda: True,
+                 idle: Callable[[], None] = lambda: None) -> None:
         self.redis = client
         self.keys = keys
         self.apply = apply
-        self.after = after
+        self.after = after  # after each batch applied
+        self.idle = idle  # after each read that found nothing new (every ~0.5 s while the stream is quiet)
         self.last_id = start_id
         self.batch = batch
         self.consumer = consumer
@@ -123,6 +125,7 @@ class Merger:
         messages, claimed = self._read(block_ms)
         if not messages:
             self.caught_up.set()
+            self.idle()
             return 0
         if not self.may_write():
             log.warning("the writer lease is lost: merging stops before the next batch (another replica writes)")

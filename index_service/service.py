@@ -198,7 +198,7 @@ class Service:
 
     def _merger(self, start_id: str) -> Merger:
         return Merger(self.redis, self.keys, self.apply, self.after_batch, start_id=start_id,
-                      batch=self.settings.merge_batch, may_write=self.lease.acquire)
+                      batch=self.settings.merge_batch, may_write=self.lease.acquire, idle=self.retry_snapshot)
 
     def _take_over(self, last_id: str) -> bool:
         """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint); returns
@@ -331,6 +331,12 @@ class Service:
                                   self.chosen_type)
         if target and self.restructuring.acquire(blocking=False):
             threading.Thread(target=self._restructure, args=(target,), name="restructure", daemon=True).start()
+
+    def retry_snapshot(self) -> None:
+        """While the stream is quiet: a snapshot that failed (a full or read-only disk) is retried once its wait is
+        over, not at the next merge (an idle service stayed 503 "snapshots failing" after the disk was freed)."""
+        if self.snapshot_health.failing_since is not None:
+            self.after_batch()
 
     def _restructure(self, index_type: str) -> None:
         try:

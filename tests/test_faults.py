@@ -736,12 +736,17 @@ def wipe_namespace(stack: Stack, namespace: str) -> None:
 
 # -- 10. the snapshot folder full or read-only ----------------------------------------------------------------
 
+FILLER = "filler"
+
+
 @contextlib.contextmanager
 def disk_trouble(folder: Path, trouble: str) -> Iterator[None]:
-    """``folder`` full (a 16 KB tmpfs: a snapshot of a dozen vectors needs ~70 KB) or read-only (a read-only bind
+    """``folder`` full (a 16 KB tmpfs filled by ``FILLER``: a snapshot of the still empty serving generation, taken
+    as the service's first re-embed merges, fitted in the 16 KB and sometimes was) or read-only (a read-only bind
     mount of itself); chmod would not do: the tests run as root."""
     if trouble == "full":
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)], check=True)
+        subprocess.run(["dd", "if=/dev/zero", f"of={folder / FILLER}", "bs=4k"], capture_output=True)  # to ENOSPC
     else:
         subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
         subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
@@ -773,17 +778,18 @@ def test_snapshot_folder_full_or_read_only_keeps_serving_and_merging(stack: Stac
             stats = api.get("/stats").json()
             metrics = api.get("/metrics").text
             untrimmed = redis.xlen(f"{name}:results")
-            left_behind = sorted(p.name for p in folder.iterdir())
-        # The disk is back: the next merge snapshots, trims the stream, and /readyz is ready again.
-        more.update(send_more(s3, settings, api, image_set(f"{name}/after-", 2)))
+            left_behind = sorted(p.name for p in folder.iterdir() if p.name != FILLER)
+        # The disk is back: with nothing more uploaded, the next retry snapshots, trims the stream, and /readyz is
+        # ready again (a retry waited for the next merge: an idle service stayed 503 for good).
         wait_for(lambda: _readyz(api).get("ready"), 120, interval_s=1, what="ready once snapshots are written")
         trimmed = redis.xlen(f"{name}:results")
         written = sorted(p.name for p in folder.iterdir())
         stop_worker(processes.pop(), signal.SIGKILL)
         processes.append(start_worker(stack, f"api-{name}.log", "serve", **env))
         wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="ready after a restart")
+        reloaded, snapshotted = api.get("/stats").json(), len(bodies) + len(more)
+        more.update(send_more(s3, settings, api, image_set(f"{name}/after-", 2)))  # merging goes on
         assert_index_matches_bucket(stack, s3, api, f"{name}/", {**bodies, **more}, bucket=bucket)
-        reloaded = api.get("/stats").json()
     finally:
         for process in processes:
             stop_worker(process)
@@ -794,7 +800,7 @@ def test_snapshot_folder_full_or_read_only_keeps_serving_and_merging(stack: Stac
     assert untrimmed == stats["applied_entries"], (untrimmed, stats["applied_entries"])  # nothing trimmed
     assert left_behind == [], left_behind  # no partial snapshot, not even a temporary file
     assert len(written) >= 1 and trimmed < untrimmed
-    assert reloaded["last_snapshot"]["name"] in written and reloaded["vectors"] == len(bodies) + len(more)
+    assert reloaded["last_snapshot"]["name"] in written and reloaded["vectors"] == snapshotted
     assert logs.count(f"api-{name}", "ERROR .*snapshot failed, serving and merging go on") == 1
     record_outcome(f"snapshot_folder_{trouble}", {**outcome, "snapshot_failures": stats["snapshot_failures"],
                                                   "stream_entries_kept_untrimmed": untrimmed})
