@@ -349,10 +349,16 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     if result.get("unmatched"):
         print(f"  no ImageNet concept for: {', '.join(result['unmatched'])}")
     for hit in result["results"]:
-        verified = f"  same photo: {hit['matches']} matches" if hit.get("verified") else ""
         tags = f"  [{', '.join(label['name'] for label in hit['labels'][:3])}]" if hit.get("labels") else ""
-        print(f"{hit['score']:.4f}  {hit['bucket']}/{hit['key']}{verified}{tags}")
+        print(f"{hit['score']:.4f}  {hit['bucket']}/{hit['key']}{same_photo(hit)}{tags}")
     return 0
+
+
+def same_photo(hit: dict[str, Any]) -> str:
+    """What a search result says when it is the same photo as the query (empty when it is not)."""
+    if hit.get("identical"):
+        return "  same photo: identical file"
+    return f"  same photo: {hit['matches']} matches" if hit.get("verified") else ""
 
 
 def cmd_duplicates(settings: Settings, args: argparse.Namespace) -> int:
@@ -476,8 +482,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         original = "samples/" + copy.name.replace("-flipped-crop", "")
         print(f"\nnearest to {original}  (the set holds a mirrored, cropped, brightened copy of it)")
         for hit in search_request(stack.settings, {"key": original, "k": 3})["results"]:
-            verified = f"  verified: {hit['matches']} matching features" if hit.get("verified") else ""
-            print(f"  {hit['score']:.4f}  {hit['key']}{verified}")
+            print(f"  {hit['score']:.4f}  {hit['key']}{same_photo(hit)}")
     print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")
     return 0
 

@@ -44,7 +44,7 @@ from .reconcile import reconcile
 from .service import Service
 from .text import SUGGESTIONS, suggest
 from .text import search as text_search
-from .verify import CANDIDATES, Hit, rerank
+from .verify import CANDIDATES, Hit, content_etag, rerank
 
 STATIC = Path(__file__).parent / "static"
 MAX_OFFSET = 10**9  # of a listing (/failures, /duplicates): far beyond any page there is
@@ -110,7 +110,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         scanned = time.perf_counter()
         results = [
             {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": round(h.score, 6),
-             "verified": h.verified, "matches": h.matches, "labels": labels.public(h.obj.labels),
+             "verified": h.verified, "matches": h.matches, "identical": h.identical,
+             "labels": labels.public(h.obj.labels),
              "modified": iso(h.obj.modified), "url": service.presigner.url(h.obj.bucket, h.obj.key)}
             for h in hits[: query.k]
             if query.min_score is None or h.score >= query.min_score
@@ -129,7 +130,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def _similar(service: Service, serving: Index, query: SearchQuery) -> list[Hit]:
         """An image, key or vector query: the nearest objects the filter keeps, verified where the model can."""
         verify = recipe(serving.model).local_features if query.rerank is None else query.rerank
-        exclude = None
+        exclude, etag = None, ""  # etag: the query's content, whose byte-identical copies are the same photo
         views: list[local_features.Features] = []
         if query.image is not None:
             if not service.embedders.loaded(serving.model):
@@ -137,6 +138,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             embedder = service.embedders.get(serving.model)
             query.vector, views = await run_in_threadpool(_describe_image, embedder, query.image,
                                                           settings.max_pixels, verify)
+            etag = content_etag(query.image)
         elif query.key is not None:
             bucket = query.bucket or settings.bucket
             query.vector = await run_in_threadpool(serving.vector, bucket, query.key)
@@ -144,13 +146,13 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
                 raise HTTPError(404, "not_indexed", f"{bucket}/{query.key} is not in the index")
             exclude = object_id(bucket, query.key)
             if verify:
-                views = await run_in_threadpool(_stored_views, serving, bucket, query.key)
+                views, etag = await run_in_threadpool(_stored_views, serving, bucket, query.key)
         assert query.vector is not None
         want = max(query.k, CANDIDATES) if views else query.k
         found = await run_in_threadpool(serving.search, query.vector, want, exclude, query.where or None)
         if not views:
             return [Hit(o, s) for o, s in found]
-        return await run_in_threadpool(rerank, serving, found, views, recipe(serving.model).promote_matches)
+        return await run_in_threadpool(rerank, serving, found, views, recipe(serving.model).promote_matches, etag)
 
     async def label_list(request: Request) -> Response:
         service = service_of(request, read=True)
@@ -374,10 +376,12 @@ def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bo
     return vector, local_features.views(image.gray, embedder.recipe.local_count)
 
 
-def _stored_views(index: Index, bucket: str, key: str) -> list[local_features.Features]:
-    """The stored object's local features: of its image and of its mirror."""
+def _stored_views(index: Index, bucket: str, key: str) -> tuple[list[local_features.Features], str]:
+    """The stored object's local features (of its image and of its mirror), and its etag."""
     obj, oid = index.get(bucket, key), object_id(bucket, key)
-    return index.features.views([(oid, obj.etag)]).get(oid, []) if obj is not None else []
+    if obj is None:
+        return [], ""
+    return index.features.views([(oid, obj.etag)]).get(oid, []), obj.etag
 
 
 def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:

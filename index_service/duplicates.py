@@ -3,10 +3,11 @@ everything per request.
 
 For each new or changed object of the serving generation, its nearest neighbours by global score (one batched
 FAISS search for many objects) are proposed, and spatial verification confirms them: enough consistent ORB
-matches between the object's stored views (itself and its mirror) and the neighbour's own. Confirmed pairs live
-in the generation's feature store (``feature_store.py``), which drops an object's pairs whenever the object
-changes or goes; groups are stars around each group's best copy, computed per request (pairs are few next to
-objects): ``groups``.
+matches between the object's stored views (itself and its mirror) and the neighbour's own, or the same bytes
+(equal etags: ``verify.IDENTICAL`` matches, so exact copies of an image without keypoints are grouped too).
+Confirmed pairs live in the generation's feature store (``feature_store.py``), which drops an object's pairs
+whenever the object changes or goes; groups are stars around each group's best copy, computed per request (pairs
+are few next to objects): ``groups``.
 
 Verification is the service's heaviest work (~0.3 CPU-seconds per object on busy photo sets: ORB matching and
 RANSAC against every proposed neighbour), so while objects keep arriving the finder keeps to a share of one core
@@ -33,7 +34,7 @@ from vision import local_features
 
 from .backend import Index, Indexed
 from .feature_store import PAIRS_VERSION
-from .verify import CANDIDATES
+from .verify import CANDIDATES, evidence
 
 log = logging.getLogger(__name__)
 NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
@@ -153,7 +154,7 @@ def recount(index: Index) -> None:
     stale = index.features.pairs()
     etags = {oid: obj.etag for a, b, _ in stale for oid in (a, b) if (obj := index.get(*oid.split("/", 1)))}
     stored = index.features.views(sorted(etags.items()))
-    recounted = [(a, b, local_features.best_inliers(stored[a], stored[b][0]) if a in stored and b in stored else 0)
+    recounted = [(a, b, evidence(stored[a], etags[a], stored[b], etags[b]) if a in stored and b in stored else 0)
                  for a, b, _ in stale]
     dropped = index.features.recount_pairs(recounted)
     log.info("counted the matches of %d duplicate pairs again (%.1f s): %d were not copies", len(stale),
@@ -173,11 +174,11 @@ def find_pairs(index: Index, objects: list[Indexed], min_score: float = MIN_SCOR
     wanted = {(object_id(o.bucket, o.key), o.etag) for hits in neighbours for o, s in hits if s >= min_score}
     stored |= index.features.views(sorted(w for w in wanted if w[0] not in stored))
     pairs = []
-    for oid, hits in zip(ids, neighbours):
+    for (obj, _), oid, hits in zip(known, ids, neighbours):
         for other, score in hits:
             other_id = object_id(other.bucket, other.key)
             if score >= min_score and other_id in stored:
-                matches = local_features.best_inliers(stored[oid], stored[other_id][0])
+                matches = evidence(stored[oid], obj.etag, stored[other_id], other.etag)
                 if matches >= local_features.MIN_INLIERS:
                     pairs.append((oid, other_id, matches))
     return pairs

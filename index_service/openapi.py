@@ -15,6 +15,7 @@ from vision.local_features import MIN_INLIERS
 
 from .duplicates import GROUP_MATCHES
 from .queries import MAX_K, MAX_TEXT
+from .verify import IDENTICAL
 
 TEXT = {"type": "string"}
 INT = {"type": "integer"}
@@ -70,13 +71,17 @@ SCHEMAS: dict[str, Schema] = {
     "Class": obj({"id": {"type": "string", "description": "WordNet 3.0 synset id"}, "name": TEXT}, ("id", "name")),
     "Hit": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT,
                 "score": {"type": "number", "description": "cosine similarity (text: summed class probability)"},
-                "verified": {"type": "boolean", "description": "confirmed the same photo by local features"},
+                "verified": {"type": "boolean",
+                             "description": "confirmed the same photo by local features, or the same bytes"},
                 "matches": {"type": ["integer", "null"],
-                            "description": "local features matched with the query's (null: not checked)"},
+                            "description": "local features matched with the query's (null: not checked; "
+                                           f"{IDENTICAL} for the same bytes)"},
+                "identical": {"type": "boolean",
+                              "description": "the same bytes as the query image or object (equal etags)"},
                 "labels": ref("Tags"),
                 "modified": {"type": ["string", "null"], "description": "ISO 8601 UTC (null: unknown)"},
                 "url": {"type": "string", "description": "presigned GET"}},
-               ("bucket", "key", "etag", "score", "verified", "matches", "labels", "modified", "url")),
+               ("bucket", "key", "etag", "score", "verified", "matches", "identical", "labels", "modified", "url")),
     "Filter": {**obj({"bucket": NULLABLE_TEXT, "prefix": TEXT,
                       "modified_after": {"type": ["string", "null"], "description": "ISO 8601 UTC"},
                       "modified_before": {"type": ["string", "null"], "description": "ISO 8601 UTC"}},

@@ -7,6 +7,7 @@ import io
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
@@ -80,3 +81,33 @@ def test_copies_are_verified_first_and_grouped(stack: Stack, s3: Any, api: httpx
     s3.delete_object(Bucket=stack.settings.bucket, Key=unique_prefix + "astronaut-copy.jpg")
     wait_for(lambda: api.get("/duplicates", params={"prefix": unique_prefix}).json()["total"] == 0 or None, 60,
              what="the group gone after the delete")
+
+
+def test_exact_copies_of_a_smooth_image_are_the_same_photo(stack: Stack, s3: Any, api: httpx.Client,
+                                                           unique_prefix: str) -> None:
+    """A gradient (a clear sky, a wallpaper) has no keypoints, so local features cannot confirm anything; its
+    byte-identical copies are still the same photo, in searches and duplicate groups (an independent check found
+    them all unconfirmed). The same picture stored as other bytes stays a look-alike: nothing proves it a copy."""
+    sky = Image.fromarray(np.tile(np.linspace(60, 220, 640)[:, None, None], (1, 480, 3)).astype(np.uint8))
+    original, reencoded = io.BytesIO(), io.BytesIO()
+    sky.save(original, "JPEG", quality=92)
+    sky.save(reencoded, "JPEG", quality=70)
+    uploads = {"sky.jpg": original.getvalue(), "sky-copy.jpg": original.getvalue(), "sky-70.jpg": reencoded.getvalue()}
+    for name, body in uploads.items():
+        wait_indexed(api, stack, unique_prefix + name, put(s3, stack, unique_prefix + name, body))
+
+    found = api.post("/search", files={"image": ("q.jpg", original.getvalue(), "image/jpeg")},
+                     data={"prefix": unique_prefix}).json()["results"]
+    same = {r["key"]: (r["verified"], r["identical"]) for r in found}
+    assert same == {unique_prefix + "sky.jpg": (True, True), unique_prefix + "sky-copy.jpg": (True, True),
+                    unique_prefix + "sky-70.jpg": (False, False)}, found
+    assert {r["key"] for r in found[:2]} == {unique_prefix + "sky.jpg", unique_prefix + "sky-copy.jpg"}
+    by_key = api.post("/search", json={"key": unique_prefix + "sky.jpg", "prefix": unique_prefix}).json()["results"]
+    assert [(r["key"], r["identical"]) for r in by_key][0] == (unique_prefix + "sky-copy.jpg", True), by_key
+
+    def grouped() -> list[Any] | None:
+        report = api.get("/duplicates", params={"prefix": unique_prefix}).json()
+        return report["groups"] if report["total"] and not report["pending"] else None
+
+    (group,) = wait_for(grouped, 60, what="the exact copies grouped")
+    assert sorted(m["key"] for m in group["members"]) == [unique_prefix + "sky-copy.jpg", unique_prefix + "sky.jpg"]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from bucketlens.schemas import ResultEntry
-from index_service import duplicates, feature_store
+from index_service import duplicates, feature_store, verify
 from index_service.duplicates import DuplicateFinder, groups
 from index_service.feature_store import FeatureStore
 from index_service.vector_index import VectorIndex
@@ -35,9 +35,10 @@ def near(base: np.ndarray, noise: float, seed: int) -> np.ndarray:
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-def entry(key: str, vector: np.ndarray, image: np.ndarray | None, pixels: int, order: int = 1) -> ResultEntry:
+def entry(key: str, vector: np.ndarray, image: np.ndarray | None, pixels: int, order: int = 1,
+          etag: str = "") -> ResultEntry:
     data = local_features.encode(local_features.views(image)) if image is not None else b""
-    return ResultEntry("upsert", "b", key, f"e-{key}-{order}", "", order, 1, "m", vector, data, pixels)
+    return ResultEntry("upsert", "b", key, etag or f"e-{key}-{order}", "", order, 1, "m", vector, data, pixels)
 
 
 def test_copies_form_groups_best_first_and_changes_undo_them() -> None:
@@ -78,6 +79,21 @@ def test_a_restart_checks_only_what_was_not_checked() -> None:
     assert len(group.members) == 4 and group.pairs >= 3
     again = DuplicateFinder(lambda: index)
     assert again.step() == 0  # all were checked at their etag
+
+
+def test_byte_identical_copies_are_grouped_without_keypoints() -> None:
+    """A smooth image (a clear sky) has no keypoints to match: its exact copies (equal etags) are one group anyway;
+    the same pixels stored as other bytes (another etag) cannot be told from a look-alike, and stay out."""
+    sky = np.tile(np.linspace(90, 200, 512)[:, None], (1, 512)).astype(np.uint8)
+    assert len(local_features.extract(sky)) == 0
+    v = near(np.ones(DIM, np.float32), 0, 0)
+    index = VectorIndex("m", DIM)
+    index.apply([entry("sky.jpg", v, sky, 4, etag="md5-a"), entry("sky-copy.jpg", v, sky, 2, etag="md5-a"),
+                 entry("sky-copy-2.jpg", v, sky, 1, etag="md5-a"), entry("sky.png", v, sky, 3, etag="md5-b")])
+    DuplicateFinder(lambda: index).step()
+    (group,) = groups(index, local_features.COPY_MATCHES)
+    assert [o.key for o in group.members] == ["sky.jpg", "sky-copy.jpg", "sky-copy-2.jpg"]
+    assert group.matches == verify.IDENTICAL
 
 
 def test_pairs_of_an_older_count_are_counted_again(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bucketlens.schemas import ResultEntry
+from index_service import verify
 from index_service.feature_store import FeatureStore
 from index_service.vector_index import VectorIndex
 from index_service.verify import rerank
@@ -72,6 +73,24 @@ def test_rerank_puts_the_verified_copy_first_where_the_recipe_promotes() -> None
     kept = rerank(index, hits, [features(seed)], None)  # annotate only: the global order stays
     assert [h.obj.key for h in kept] == [o.key for o, _ in hits]
     assert [h.obj.key for h in kept if h.verified] == [copy_of]
+
+
+def test_rerank_calls_the_same_bytes_the_same_photo_without_keypoints() -> None:
+    """A smooth image (a clear sky) has no keypoints: its byte-identical copy (equal etags) is the same photo, ahead
+    of matched copies; a candidate of other bytes is not, however close its vector."""
+    index = VectorIndex("m", DIM)
+    sky = local_features.encode([local_features.NONE])
+    index.apply([ResultEntry("upsert", "b", "sky", "md5-sky", "", 1, 1, "m", unit(0), sky, 1),
+                 ResultEntry("upsert", "b", "sky-recompressed", "md5-other", "", 1, 1, "m", unit(0), sky, 1),
+                 upsert("copy", 1, 3, etag="md5-copy")])
+    hits = index.search(unit(0), 3)
+    ranked = rerank(index, hits, [local_features.NONE], local_features.MIN_INLIERS, etag="md5-sky")
+    assert [(h.obj.key, h.verified, h.identical) for h in ranked[:2]] == [("sky", True, True),
+                                                                          ("sky-recompressed", False, False)]
+    assert ranked[0].matches == verify.IDENTICAL and ranked[1].matches == 0
+    textured = rerank(index, hits, [features(3)], local_features.MIN_INLIERS, etag="md5-sky")
+    assert [h.obj.key for h in textured if h.verified] == ["sky", "copy"]  # identical first, then by matches
+    assert not any(h.identical for h in rerank(index, hits, [features(3)], local_features.MIN_INLIERS))  # no etag
 
 
 def test_a_closed_store_answers_empty() -> None:
