@@ -4,7 +4,7 @@ everything per request.
 For each new or changed object of the serving generation, its nearest neighbours by global score (one batched
 FAISS search for many objects) are proposed, and spatial verification confirms them: enough consistent ORB
 matches between the object's stored views (itself and its mirror) and the neighbour's own, or the same bytes
-(equal etags: ``verify.IDENTICAL`` matches, so exact copies of an image without keypoints are grouped too).
+(equal etags: ``local_features.IDENTICAL`` matches, so exact copies of an image without keypoints are grouped too).
 Confirmed pairs live in the generation's feature store (``feature_store.py``), which drops an object's pairs
 whenever the object changes or goes; groups are stars around each group's best copy, computed per request (pairs
 are few next to objects): ``groups``.
@@ -33,7 +33,7 @@ from bucketlens.schemas import object_id
 from vision import local_features
 
 from .backend import Index, Indexed
-from .feature_store import PAIRS_VERSION
+from .feature_store import ONE_TO_ONE
 from .verify import CANDIDATES, evidence
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class DuplicateFinder:
         """Check up to ``limit`` pending objects; returns how many were checked."""
         index = self.index()
         if index.generation != self.generation:  # start, or a rebuild swapped: whatever is unchecked is pending
-            if index.features.pairs_version < PAIRS_VERSION:
+            if index.features.pairs_version < ONE_TO_ONE:
                 recount(index)
             checked = index.features.checked()
             with self._lock:

@@ -22,9 +22,11 @@ from vision import local_features
 
 log = logging.getLogger(__name__)
 # How the pairs' matches were counted (SQLite's user_version). 1: matches could be many-to-one, which linked smooth
-# images (few keypoints) to unrelated photos; 2: one-to-one at a plausible scale (``local_features.inliers``). A
-# store of an older count keeps its pairs until the duplicate finder counts them again (``recount_pairs``).
-PAIRS_VERSION = 2
+# images (few keypoints) to unrelated photos; 2: one-to-one at a plausible scale (``local_features.inliers``); 3:
+# objects of equal etags (the same bytes) are linked too, with ``local_features.IDENTICAL`` matches. A store below 2
+# keeps its pairs until the duplicate finder counts them again (``recount_pairs``); one below 3 gets its identical
+# pairs when opened (one query, not a new verification of every object).
+ONE_TO_ONE, PAIRS_VERSION = 2, 3
 
 
 class FeatureStore:
@@ -44,8 +46,14 @@ class FeatureStore:
         self._db.execute("CREATE INDEX IF NOT EXISTS pairs_b ON pairs (b)")
         self._db.execute("CREATE TABLE IF NOT EXISTS checked (oid TEXT PRIMARY KEY, etag TEXT)")
         self.pairs_version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if self.pairs_version < PAIRS_VERSION and self._db.execute("SELECT 1 FROM pairs LIMIT 1").fetchone() is None:
-            self._set_pairs_version()  # a new store, or one without pairs: nothing was counted the older way
+        if self.pairs_version < PAIRS_VERSION:
+            counted = self._db.execute("SELECT 1 FROM pairs LIMIT 1").fetchone() is not None
+            with self._transaction():
+                self._db.execute("INSERT OR REPLACE INTO pairs SELECT x.oid, y.oid, ? FROM features x JOIN features y"
+                                 " ON x.etag = y.etag AND x.oid < y.oid WHERE x.etag != ''",
+                                 (local_features.IDENTICAL,))
+            if self.pairs_version >= ONE_TO_ONE or not counted:  # else ``recount_pairs`` sets it, once counted
+                self._set_pairs_version()
         self._lock = threading.Lock()  # one connection, shared by the merger and the search threads
         self._closed = False  # a retired generation: searches that started on it still finish, unverified
 

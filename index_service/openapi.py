@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from bucketlens.openapi import Schema, answer, bearer, document, errors, json_content, obj, parameter, ref
-from vision.local_features import MIN_INLIERS
+from vision.local_features import IDENTICAL, MIN_INLIERS
 
 from .duplicates import GROUP_MATCHES
 from .queries import MAX_K, MAX_TEXT
-from .verify import IDENTICAL
 
 TEXT = {"type": "string"}
 INT = {"type": "integer"}

@@ -7,7 +7,7 @@ object indexed by an older model, or before its features were kept) stays unveri
 
 The same bytes are the same photo whatever their keypoints: a smooth image (a clear sky, a gradient wallpaper) has
 none to match, so its exact copies went unconfirmed. A candidate whose etag equals the query's (the MD5 of a query
-image's bytes, or the etag of the object searched by key) counts ``IDENTICAL`` matches.
+image's bytes, or the etag of the object searched by key) counts ``local_features.IDENTICAL`` matches.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from .backend import Index, Indexed
 
 CANDIDATES = 20  # global top candidates verified per query (bench/README.md, "Quality": cost and gain)
 BY_MATCHES = True  # verified candidates ordered by their matches (bench/README.md, "Quality": the sweep)
-IDENTICAL = local_features.MAX_FEATURES  # the matches of a byte-identical copy: every keypoint a view may hold
 
 
 @dataclasses.dataclass(frozen=True)
 class Hit:
     obj: Indexed
     score: float
-    matches: int | None = None  # consistent local matches (``IDENTICAL`` for the same bytes); None when not verified
+    matches: int | None = None  # consistent local matches (IDENTICAL for the same bytes); None: not verified
     identical: bool = False  # the same bytes as the query (equal etags)
 
     @property
@@ -68,10 +67,10 @@ def same_bytes(etag: str, other: str) -> bool:
 
 
 def evidence(views: Sequence[Features], etag: str, candidate: Sequence[Features], candidate_etag: str) -> int:
-    """How strongly a candidate is the same photo: ``IDENTICAL`` for the same bytes, else the consistent local
-    matches of ``views`` (an image's, or a stored object's) with the candidate's first view."""
+    """How strongly a candidate is the same photo: ``local_features.IDENTICAL`` for the same bytes, else the
+    consistent local matches of ``views`` (an image's, or a stored object's) with the candidate's first view."""
     if same_bytes(etag, candidate_etag):
-        return IDENTICAL
+        return local_features.IDENTICAL
     return local_features.best_inliers(list(views), candidate[0]) if candidate else 0
 
 

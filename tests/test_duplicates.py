@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from bucketlens.schemas import ResultEntry
-from index_service import duplicates, feature_store, verify
+from index_service import duplicates, feature_store
 from index_service.duplicates import DuplicateFinder, groups
 from index_service.feature_store import FeatureStore
 from index_service.vector_index import VectorIndex
@@ -93,7 +93,23 @@ def test_byte_identical_copies_are_grouped_without_keypoints() -> None:
     DuplicateFinder(lambda: index).step()
     (group,) = groups(index, local_features.COPY_MATCHES)
     assert [o.key for o in group.members] == ["sky.jpg", "sky-copy.jpg", "sky-copy-2.jpg"]
-    assert group.matches == verify.IDENTICAL
+    assert group.matches == local_features.IDENTICAL
+
+
+def test_a_store_of_an_older_count_gets_its_identical_pairs_when_opened(tmp_path: Path) -> None:
+    """Objects checked before equal etags were linked keep their checked mark: their identical pairs are added in
+    one query when the store is opened, without verifying every object again; other pairs keep their count."""
+    path = tmp_path / "g1.sqlite"
+    store = FeatureStore(path)
+    store.write([("b/sky", "md5-a", b"x"), ("b/sky-copy", "md5-a", b"x"), ("b/other", "md5-b", b"x"),
+                 ("b/crop", "md5-c", b"x")], [])
+    store.add_pairs([("b/other", "md5-b"), ("b/crop", "md5-c")], [("b/crop", "b/other", 40)])
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 2")
+    opened = FeatureStore(path)
+    assert sorted(opened.pairs()) == [("b/crop", "b/other", 40), ("b/sky", "b/sky-copy", local_features.IDENTICAL)]
+    assert opened.pairs_version == feature_store.PAIRS_VERSION
 
 
 def test_pairs_of_an_older_count_are_counted_again(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from bucketlens.schemas import ResultEntry
-from index_service import verify
 from index_service.feature_store import FeatureStore
 from index_service.vector_index import VectorIndex
 from index_service.verify import rerank
@@ -87,7 +86,7 @@ def test_rerank_calls_the_same_bytes_the_same_photo_without_keypoints() -> None:
     ranked = rerank(index, hits, [local_features.NONE], local_features.MIN_INLIERS, etag="md5-sky")
     assert [(h.obj.key, h.verified, h.identical) for h in ranked[:2]] == [("sky", True, True),
                                                                           ("sky-recompressed", False, False)]
-    assert ranked[0].matches == verify.IDENTICAL and ranked[1].matches == 0
+    assert ranked[0].matches == local_features.IDENTICAL and ranked[1].matches == 0
     textured = rerank(index, hits, [features(3)], local_features.MIN_INLIERS, etag="md5-sky")
     assert [h.obj.key for h in textured if h.verified] == ["sky", "copy"]  # identical first, then by matches
     assert not any(h.identical for h in rerank(index, hits, [features(3)], local_features.MIN_INLIERS))  # no etag

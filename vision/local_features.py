@@ -41,6 +41,9 @@ MIN_INLIERS = PROMOTE_MATCHES
 # Saying "the same photo" (a search result's ``verified``, a duplicate group's default link) keeps a wider margin:
 # different photos that share a logo, a sign or an app's window frame can agree on a part of their keypoints.
 COPY_MATCHES = 20
+# The matches counted for a byte-identical copy (equal etags; ``index_service.verify``): every keypoint a view may
+# hold, so such a copy is the same photo whatever its keypoints (a smooth image has none to match).
+IDENTICAL = MAX_FEATURES
 
 cv2.setNumThreads(1)  # callers run many images in parallel; OpenCV's own pool would oversubscribe the cores
 
