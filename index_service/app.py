@@ -108,8 +108,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         else:
             hits = await _similar(service, serving, query)
         scanned = time.perf_counter()
-        results = [
-            {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": round(h.score, 6),
+        results = [  # a cosine of float32 sums can pass 1 by ~1e-4 (an identical image): it is said as 1
+            {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": round(min(h.score, 1.0), 6),
              "verified": h.verified, "matches": h.matches, "identical": h.identical,
              "labels": labels.public(h.obj.labels),
              "modified": iso(h.obj.modified), "url": service.presigner.url(h.obj.bucket, h.obj.key)}

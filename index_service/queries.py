@@ -60,7 +60,7 @@ class SearchQuery:
 async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuery:
     content_type = request.headers.get("content-type", "")
     only(request.query_params.keys(), PARAMETERS, "query parameter", "a search")
-    fields: dict[str, Any] = _typed(request.query_params.items())
+    fields: dict[str, Any] = _typed(request.query_params.multi_items())
     query = SearchQuery()
     if content_type.startswith("multipart/form-data"):
         declared = request.headers.get("content-length")
@@ -74,7 +74,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
             query.image = await _image(form, max_bytes)
         finally:
             await form.close()  # the spooled upload (a file beyond 1 MB) now, not whenever it is collected
-        fields.update(_typed((k, v) for k, v in form.multi_items() if k != "image"))
+        _combine(fields, _typed((k, v) for k, v in form.multi_items() if k != "image"), "form")
     elif content_type.startswith("application/octet-stream"):  # the compact form: no JSON to parse
         query.vector = _float32(await read_limited(request, dim * 4 + 4), dim, "the body")
     elif content_type.startswith("application/json") or not content_type:
@@ -86,7 +86,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         if not isinstance(payload, dict):
             raise HTTPError(400, "bad_json", "body must be a JSON object")
         only(payload, JSON_FIELDS, "field", "a search")
-        fields.update({k: v for k, v in payload.items() if k in OPTIONS})
+        _combine(fields, {k: v for k, v in payload.items() if k in OPTIONS}, "body")
         _query_from_json(query, payload, dim)
     else:
         raise HTTPError(415, "unsupported_media_type",
@@ -119,12 +119,26 @@ def _one_query(given: list[str]) -> None:
                                                 f"not {' and '.join(given)}")
 
 
+def _combine(fields: dict[str, Any], more: dict[str, Any], where: str) -> None:
+    """Add the options of the body (``where``: form or body) to the query parameters'; one given in both places
+    with two values is 400 (which one was meant?), with the same value it is that value."""
+    for name, value in more.items():
+        if name in fields and fields[name] != value:
+            raise HTTPError(400, "bad_parameter", f"{name} is given twice, {fields[name]!r:.40} as a query parameter "
+                                                  f"and {value!r:.40} in the {where}: give it once")
+        fields[name] = value
+
+
 def _typed(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """Form fields or query parameters, strings by nature, as the JSON values they stand for: ``k`` a decimal
     integer, ``min_score`` a decimal number, ``rerank`` true/false/1/0/yes/no/on/off; an empty ``min_score`` or
-    ``rerank`` is not given. The filters stay strings."""
+    ``rerank`` is not given. The filters stay strings. A name repeated with another value is 400."""
     fields: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
     for name, value in items:
+        if seen.setdefault(name, value) != value:
+            raise HTTPError(400, "bad_parameter", f"{name} is given twice, as {seen[name]!r:.40} and {value!r:.40}: "
+                                                  "give it once")
         if not isinstance(value, str):
             raise HTTPError(400, "bad_parameter", f"{name} must be a text field, not a file")
         if name == "k":

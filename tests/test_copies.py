@@ -102,6 +102,7 @@ def test_exact_copies_of_a_smooth_image_are_the_same_photo(stack: Stack, s3: Any
     assert same == {unique_prefix + "sky.jpg": (True, True), unique_prefix + "sky-copy.jpg": (True, True),
                     unique_prefix + "sky-70.jpg": (False, False)}, found
     assert {r["key"] for r in found[:2]} == {unique_prefix + "sky.jpg", unique_prefix + "sky-copy.jpg"}
+    assert all(-1 <= r["score"] <= 1 for r in found), found  # a cosine (float32 sums of the same vector reach 1.0001)
     by_key = api.post("/search", json={"key": unique_prefix + "sky.jpg", "prefix": unique_prefix}).json()["results"]
     assert [(r["key"], r["identical"]) for r in by_key][0] == (unique_prefix + "sky-copy.jpg", True), by_key
 

@@ -390,6 +390,13 @@ def search_cases(dim: int, max_upload: int) -> list[tuple[str, dict[str, Any], i
         ("a misspelt filter", {"json": {"vector": [1.0] * dim, "prefx": "a/"}}, 400, "unknown_field"),
         ("a misspelt query parameter", {"json": {"vector": [1.0] * dim}, "params": {"prefx": "a/"}}, 400,
          "unknown_field"),
+        ("k as a query parameter and in the body", {"json": {"vector": [1.0] * dim, "k": 5}, "params": {"k": "6"}},
+         400, "bad_parameter"),  # the body's was taken
+        ("k twice as a query parameter", {"json": {"vector": [1.0] * dim}, "params": [("k", "5"), ("k", "6")]}, 400,
+         "bad_parameter"),  # the last was taken
+        ("prefix as a query parameter and a form field", {"files": {"image": ("x.jpg", b"abc", "image/jpeg")},
+                                                          "data": {"prefix": "a/"}, "params": {"prefix": "b/"}},
+         400, "bad_parameter"),
         ("key and text", {"json": {"key": "a.jpg", "text": "cat"}}, 400, "ambiguous_query"),
         ("an image and a key", {"files": {"image": ("x.jpg", b"abc", "image/jpeg")}, "data": {"key": "a.jpg"}}, 400,
          "ambiguous_query"),
@@ -420,12 +427,15 @@ def search_cases(dim: int, max_upload: int) -> list[tuple[str, dict[str, Any], i
 
 @pytest.mark.slow
 def test_malformed_searches_get_a_4xx_json_error(stack: Stack, api: httpx.Client) -> None:
-    cases = search_cases(api.get("/stats").json()["dim"], stack.settings.max_upload_bytes)
+    dim = api.get("/stats").json()["dim"]
+    cases = search_cases(dim, stack.settings.max_upload_bytes)
     got = {}
     for name, kwargs, status, code in cases:
         response = api.post("/search", timeout=60, **kwargs)
         got[name] = (response.status_code, response.json().get("error", {}).get("code"))
         assert got[name] == (status, code), (name, response.text[:300])
+    same = api.post("/search", json={"vector": [1.0] * dim, "k": 3}, params={"k": "3"})  # twice, one meaning
+    assert same.status_code == 200 and len(same.json()["results"]) <= 3, same.text
     admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
     for path, body, status in [("/reconcile", {"bucket": 5}, 400), ("/reconcile", {"bucket": "no-such-bucket"}, 404),
                                ("/rebuild", {"mode": "reindex", "bucket": ["b"]}, 400),
