@@ -232,6 +232,9 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+NOT_RUNNING = 3  # `status`'s exit code when a process of the stack is down (as LSB init scripts' status says)
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     status = _stack(settings).status()
     status["index"] = _index_state(status["api_url"])
@@ -247,7 +250,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"index: {index['vectors']} vectors, model {index['model']}, generation {index['generation']}, "
                   f"{index['index_type']}" + (f"; rebuild {rebuild['id']} {rebuild['state']} "
                                               f"{rebuild['done']}/{rebuild['total']}" if rebuild else ""))
-    return 0
+    return 0 if all(status["processes"].values()) else NOT_RUNNING
 
 
 def _index_state(url: str) -> dict[str, Any] | None:
