@@ -57,7 +57,6 @@ from .procs import peak_rss_mb, rss_mb, stack_pids, tree_peak_rss_mb
 from .profile import Profiler, search_summary
 
 NAMESPACE = "benchq"
-PARTS = ("parse", "scan", "presign", "encode")  # the service's Server-Timing entries
 HELD_OUT_SEED = 3  # edited copies of this seed are queries, never indexed
 
 

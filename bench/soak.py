@@ -31,7 +31,6 @@ from infra.stack import Stack
 
 from .procs import rss_mb, stack_pids, tree
 
-GROWTH_TARGET = 0.10
 QUARTERS = 4
 
 

@@ -458,6 +458,7 @@ class Service:
             "generation": index.generation,
             "last_applied_id": self.merger.last_id,
             "applied_entries": self.merger.applied,
+            "malformed_entries": self.merger.malformed,
             "backend": self.backend.name,
             "replica": self.replica,
             "writer": self.writing.is_set(),

@@ -204,3 +204,20 @@ def test_reconcile_sends_what_the_index_lacks_and_deletes_what_the_bucket_lost(s
     assert states["changed.jpg"].json()["state"] == "pending", states["changed.jpg"].text
     assert states["missing.jpg"].json()["state"] == "pending", states["missing.jpg"].text
     assert states["gone.jpg"].status_code == 404, states["gone.jpg"].text
+
+
+def test_a_malformed_stream_entry_is_skipped_counted_and_acknowledged(stack: Stack) -> None:
+    """An entry the merger cannot read (a foreign writer, a damaged Redis) is logged, counted in ``/stats`` and
+    acknowledged: it neither stops the entries after it nor stays pending to be read again after a restart."""
+    process = IndexProcess(own_settings(stack, "bad", "faiss", stack.settings.milvus_uri))
+    keys, redis = Keys(process.settings.namespace), connect(process.settings.redis_url)
+    process.start(ready=True)
+    try:
+        redis.xadd(keys.results, {"op": "upsert", "bucket": "bk"})  # no key, no order, no vector
+        (good,) = [e for e in entries(2) if e.op == "upsert"][:1]
+        redis.xadd(keys.results, good.to_fields())
+        stats = wait_for(lambda: (s := process.stats())["applied_entries"] >= 1 and s, 60, what="the good entry merged")
+        assert (stats["malformed_entries"], stats["vectors"]) == (1, 1), stats
+        assert redis.xpending(keys.results, keys.merger_group)["pending"] == 0
+    finally:
+        process.stop(signal.SIGTERM)
