@@ -32,6 +32,7 @@ class Settings:
     bucket: str = "images"  # the bucket the local stack and the CLI use by default
     reserved_prefix: str = "_bucketlens/"  # never indexed: canaries, snapshots kept in the bucket
     webhook_token: str = ""  # required on POST /events when set
+    sns_hosts: str = ""  # hosts besides Amazon SNS's whose SubscribeURL ingest visits (comma-separated)
     admin_token: str = ""  # required on rebuild and failure retry/clear
     read_token: str = ""  # when set, required on search, objects and the page
     ingest_host: str = "127.0.0.1"

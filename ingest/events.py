@@ -2,6 +2,11 @@
 
 Key encoding differs: MinIO and AWS URL-encode keys (``+`` for space), Ceph RGW sends them raw.
 MinIO prefixes event names with ``s3:``; AWS sends ``s3:TestEvent`` when a notification is set up.
+
+AWS S3 reaches an HTTP endpoint through an Amazon SNS topic: each message comes in SNS's envelope (``Type``,
+``TopicArn``, the S3 notification as the ``Message`` string), and a new subscription first sends a
+``SubscriptionConfirmation`` whose ``SubscribeURL`` must be visited (``ParsedBody.subscribe_url``: the receiver
+does it). A subscription with raw message delivery sends the S3 notification itself.
 """
 
 from __future__ import annotations
@@ -32,16 +37,48 @@ class ObjectEvent:
 class ParsedBody:
     events: list[ObjectEvent]
     ignored: int  # records of other kinds (test events, restores, ...)
+    subscribe_url: str = ""  # an Amazon SNS subscription to confirm by visiting this URL
+    topic: str = ""  # the SNS topic's ARN, when the body came through SNS
+
+
+SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 
 
 def parse_body(body: bytes) -> ParsedBody:
     """Parse one notification request body; raises :class:`BadEvent` with a message for clients."""
+    payload = _object(body, "body")
+    if payload.get("Type") in SNS_TYPES and "TopicArn" in payload:
+        return _sns(payload)
+    return _records(payload)
+
+
+def _object(text: bytes | str, what: str) -> dict[str, Any]:
     try:
-        payload = json.loads(body)
+        payload = json.loads(text)
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply to parse
-        raise BadEvent(f"body is not JSON: {exc}") from exc
+        raise BadEvent(f"{what} is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
-        raise BadEvent("body must be a JSON object with a Records list")
+        raise BadEvent(f"{what} must be a JSON object with a Records list")
+    return payload
+
+
+def _sns(envelope: dict[str, Any]) -> ParsedBody:
+    """An Amazon SNS message: a notification's S3 records, or a subscription to confirm."""
+    topic = str(envelope["TopicArn"])
+    if envelope["Type"] == "Notification":
+        message = envelope.get("Message")
+        if not isinstance(message, str):
+            raise BadEvent("SNS Notification without a Message string")
+        return dataclasses.replace(_records(_object(message, "the SNS Message")), topic=topic)
+    if envelope["Type"] == "SubscriptionConfirmation":
+        url = envelope.get("SubscribeURL")
+        if not isinstance(url, str) or not url:
+            raise BadEvent("SNS SubscriptionConfirmation without a SubscribeURL")
+        return ParsedBody([], 1, subscribe_url=url, topic=topic)
+    return ParsedBody([], 1, topic=topic)  # UnsubscribeConfirmation: nothing to do
+
+
+def _records(payload: dict[str, Any]) -> ParsedBody:
     if "Records" not in payload:
         if payload.get("Event") == "s3:TestEvent":  # AWS set-up probe
             return ParsedBody([], 1)

@@ -24,23 +24,35 @@ SCHEMAS = {
     "Notification": {"anyOf": [
         obj({"Records": {"type": "array", "items": {"$ref": "#/components/schemas/Record"}}}, ("Records",)),
         obj({"Event": {"const": "s3:TestEvent"}}, ("Event",)),
+        {"$ref": "#/components/schemas/SNSMessage"},
     ]},
+    "SNSMessage": obj({
+        "Type": {"enum": ["Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"]},
+        "TopicArn": {"type": "string"},
+        "Message": {"type": "string", "description": "a Notification's S3 notification, as a JSON string"},
+        "SubscribeURL": {"type": "string", "description": "visited to confirm a subscription, on Amazon SNS's "
+                                                          "hosts (sns.<region>.amazonaws.com, https) or SNS_HOSTS"},
+    }, ("Type", "TopicArn")),
     "Record": RECORD,
     "Accepted": obj({"accepted": INT, "duplicates": INT, "ignored": INT, "future": INT},
                     ("accepted", "duplicates", "ignored", "future")),
+    "Confirmed": obj({"confirmed": {"const": True}, "topic": {"type": "string"}}, ("confirmed", "topic")),
 }
 
 PATHS = {
     "/events": {"post": {
-        "summary": "S3 bucket notifications (MinIO, Ceph RGW, AWS shapes); answered 2xx only once queued",
+        "summary": "S3 bucket notifications (MinIO, Ceph RGW, AWS shapes, AWS through an SNS topic); answered 2xx "
+                   "only once queued; an SNS subscription is confirmed (403 when its URL is not Amazon SNS's)",
         "security": [{"webhook": []}],
         "parameters": [{"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
                         "description": "the webhook token, for notifiers that cannot add headers (Ceph RGW)"}],
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/Notification"}}}},
-        "responses": {**answer("queued (future: acknowledged, not applied: its order is beyond the clock skew)",
-                               {"$ref": "#/components/schemas/Accepted"}),
-                      **errors(400, 401, 413, 503)},
+        "responses": {**answer("queued (future: acknowledged, not applied: its order is beyond the clock skew), or "
+                               "an SNS subscription confirmed",
+                               {"anyOf": [{"$ref": "#/components/schemas/Accepted"},
+                                          {"$ref": "#/components/schemas/Confirmed"}]}),
+                      **errors(400, 401, 403, 413, 503)},
     }},
     "/healthz": {"get": {"summary": "the process is alive", "responses": answer("alive", obj({"ok": {
         "type": "boolean"}}))}},

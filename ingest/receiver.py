@@ -6,7 +6,8 @@ burst never fills Redis past the room the workers' results need to drain it. Rep
 suppressed. An event whose time-based order lies beyond now + the tolerated clock skew is acknowledged and
 dropped (counted as ``future``): applied, it would outrank every real event for its object; reconcile settles
 that object from the listing. A version of a versioned object deleted for good may leave the key with a current
-version: ingest asks S3 which (``Receiver._settle``).
+version: ingest asks S3 which (``Receiver._settle``). An Amazon SNS subscription (AWS S3 -> SNS -> this
+endpoint) is confirmed by visiting its ``SubscribeURL``, only on Amazon SNS's own hosts (``Receiver._confirm``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import re
 import time
 from typing import Any, AsyncIterator, Sequence
+from urllib.parse import urlsplit
 
+import httpx
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from starlette.applications import Starlette
@@ -39,11 +43,12 @@ from bucketlens.settings import Settings
 
 from .batcher import Batcher
 from .errors import BadEvent, NoGeneration, S3Unavailable
-from .events import ObjectEvent, parse_body
+from .events import ObjectEvent, ParsedBody, parse_body
 from .openapi import OPENAPI
 from .publisher import Publisher
 
 log = logging.getLogger(__name__)
+AMAZON_SNS = re.compile(r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?")  # the hosts of SubscribeURLs (over https)
 
 
 class Receiver:
@@ -116,6 +121,8 @@ class Receiver:
             parsed = parse_body(body)
         except BadEvent as exc:
             raise HTTPError(400, "bad_event", str(exc)) from exc
+        if parsed.subscribe_url:
+            return await run_in_threadpool(self._confirm, parsed)
         reserved = [e for e in parsed.events if e.ref.key.startswith(self.settings.reserved_prefix)]
         events = [e for e in parsed.events if not e.ref.key.startswith(self.settings.reserved_prefix)]
         now = time.time_ns()
@@ -160,6 +167,32 @@ class Receiver:
              "future": len(future)},
             status_code=200,
         )
+
+    def _confirm(self, parsed: ParsedBody) -> JSONResponse:
+        """Confirm an SNS subscription by visiting its SubscribeURL: on Amazon SNS's hosts over https, or on a host
+        of ``sns_hosts``; never elsewhere (the body chooses the URL: ingest must not fetch whatever it names).
+        A failed visit answers 503, and SNS sends the confirmation again."""
+        url = urlsplit(parsed.subscribe_url)
+        host = url.hostname or ""
+        extra = {h.strip() for h in self.settings.sns_hosts.split(",") if h.strip()}
+        if not ((url.scheme == "https" and AMAZON_SNS.fullmatch(host)) or (url.scheme in ("http", "https")
+                                                                           and host in extra)):
+            log.warning("not confirming the SNS subscription to %s: its SubscribeURL is on %r, not Amazon SNS "
+                        "(BUCKETLENS_SNS_HOSTS names other hosts)", parsed.topic, host)
+            raise HTTPError(403, "subscription_refused", f"not confirming the SNS subscription to {parsed.topic}: "
+                            f"its SubscribeURL is on {host!r}, not sns.<region>.amazonaws.com over https "
+                            "(BUCKETLENS_SNS_HOSTS names other hosts to trust)")
+        try:
+            response = httpx.get(parsed.subscribe_url, timeout=10)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:  # said without the URL: its token confirms the subscription
+            reason = (f"HTTP {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError)
+                      else str(exc) or type(exc).__name__)
+            log.warning("could not confirm the SNS subscription to %s at %s: %s", parsed.topic, host, reason)
+            raise HTTPError(503, "subscription_unconfirmed", f"could not confirm the SNS subscription to "
+                            f"{parsed.topic} at {host}: {reason}; send the confirmation again") from exc
+        log.info("confirmed the SNS subscription to %s", parsed.topic)
+        return JSONResponse({"confirmed": True, "topic": parsed.topic})
 
     def _settle(self, events: list[ObjectEvent]) -> list[ObjectEvent]:
         """Each deleted version (``version_removed``) becomes what S3 holds for its key now: its current version,

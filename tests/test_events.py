@@ -83,6 +83,31 @@ def test_aws_test_event_is_ignored() -> None:
     assert parsed.events == [] and parsed.ignored == 1
 
 
+def test_aws_through_sns_is_unwrapped_and_a_subscription_is_to_be_confirmed() -> None:
+    """AWS S3 reaches an HTTP endpoint through an SNS topic: the notification is the envelope's Message string."""
+    wrapped = parse_body(load("sns_notification.json"))
+    assert wrapped.events == parse_body(load("aws_put.json")).events and not wrapped.subscribe_url
+    assert wrapped.topic == "arn:aws:sns:eu-west-1:111122223333:photo-archive-uploads"
+    test_event = json.loads(load("sns_notification.json")) | {"Message": load("aws_test_event.json").decode()}
+    assert parse_body(json.dumps(test_event).encode()).ignored == 1
+    confirm = parse_body(load("sns_subscription_confirmation.json"))
+    assert confirm.events == [] and confirm.subscribe_url.startswith("https://sns.eu-west-1.amazonaws.com/?Action=")
+    unsubscribed = {**json.loads(load("sns_subscription_confirmation.json")), "Type": "UnsubscribeConfirmation"}
+    assert not parse_body(json.dumps(unsubscribed).encode()).subscribe_url  # nothing to do
+
+
+@pytest.mark.parametrize("envelope, message", [
+    ({"Message": "{not json"}, "the SNS Message is not JSON"),
+    ({"Message": {"Records": []}}, "without a Message string"),
+    ({"Message": "[]"}, "the SNS Message must be a JSON object"),
+    ({"Type": "SubscriptionConfirmation", "SubscribeURL": None}, "without a SubscribeURL"),
+])
+def test_malformed_sns_envelopes_raise_bad_event(envelope: dict[str, object], message: str) -> None:
+    body = json.loads(load("sns_notification.json")) | envelope
+    with pytest.raises(BadEvent, match=message):
+        parse_body(json.dumps(body).encode())
+
+
 def test_unknown_event_kinds_are_ignored_and_counted() -> None:
     record = json.loads(load("ceph_put.json"))["Records"][0]
     other = {**record, "eventName": "ObjectRestore:Completed"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from typing import Any
+from urllib.parse import quote_plus
 
 import httpx
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from infra.stack import Stack
 
-from .helpers import object_state, photo, truncated_jpeg, wait_for
+from .helpers import FIXTURES, object_state, photo, truncated_jpeg, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -194,3 +195,25 @@ def test_presigned_urls_work_for_awkward_keys(stack: Stack, s3: Any, api: httpx.
     (hit,) = [r for r in search_image(api, body, k=50) if r["key"] == key]
     response = httpx.get(hit["url"])  # signed by index_service/presign.py, served by radosgw
     assert response.status_code == 200 and response.content == body
+
+
+def test_an_aws_event_through_sns_is_indexed(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    """AWS S3 -> SNS topic -> ingest: the envelope's Message is the notification, with AWS's URL-encoded key and
+    hex sequencer. Sent to the running ingest for an object of a bucket without notifications of its own, so
+    that only this event can bring it in."""
+    bucket, key = f"sns-{unique_prefix.strip('/')}", "trips/new york/times sq+night 東京.jpg"
+    s3.create_bucket(Bucket=bucket)
+    etag = s3.put_object(Bucket=bucket, Key=key, Body=photo("coffee.png"))["ETag"].strip('"')
+    envelope = json.loads((FIXTURES / "sns_notification.json").read_bytes())
+    notification = json.loads(envelope["Message"])
+    notification["Records"][0]["s3"]["bucket"]["name"] = bucket
+    notification["Records"][0]["s3"]["object"].update(key=quote_plus(key, safe="/"), eTag=etag, size=1)
+    envelope["Message"] = json.dumps(notification)
+    response = httpx.post(f"{stack.ingest_url}/events", params={"token": stack.settings.webhook_token},
+                          content=json.dumps(envelope), timeout=30,
+                          headers={"content-type": "text/plain; charset=UTF-8", "x-amz-sns-message-type":
+                                   "Notification"})  # as SNS posts it
+    assert response.status_code == 200 and response.json()["accepted"] == 1, response.text
+    state = wait_for(lambda: (o := object_state(api, bucket, key)) and o["state"] == "indexed" and o, 120,
+                     what="the object of the SNS event indexed")
+    assert state["etag"] == etag

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.server
 import json
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -84,6 +86,69 @@ def test_bearer_header_is_accepted_as_well(client: TestClient) -> None:
     body = (FIXTURES / "aws_test_event.json").read_bytes()
     assert client.post("/events", content=body, headers={"Authorization": "Bearer secret"}).status_code == 200
     assert client.post("/events", content=body).status_code == 401
+
+
+def test_an_aws_event_through_sns_is_queued_like_any_other(client: TestClient, settings: Settings) -> None:
+    assert post(client, "sns_notification.json") == {"accepted": 1, "duplicates": 0, "ignored": 0, "future": 0}
+    keys = Keys(settings.namespace)
+    assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 1
+    assert post(client, "aws_put.json")["duplicates"] == 1  # the same event, sent raw: one task
+
+
+class FakeSNS(http.server.BaseHTTPRequestHandler):
+    """Stands in for Amazon SNS's confirmation endpoint (this machine reaches no AWS): records each visit."""
+    visits: list[str] = []
+    status = 200
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        FakeSNS.visits.append(self.path)
+        self.send_response(FakeSNS.status)
+        self.end_headers()
+        self.wfile.write(b"<ConfirmSubscriptionResponse/>")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_sns() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeSNS)
+    FakeSNS.visits, FakeSNS.status = [], 200
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def confirmation(subscribe_url: str) -> bytes:
+    body = json.loads((FIXTURES / "sns_subscription_confirmation.json").read_bytes())
+    return json.dumps({**body, "SubscribeURL": subscribe_url}).encode()
+
+
+def test_an_sns_subscription_is_confirmed_only_on_a_trusted_host(settings: Settings, fake_sns: int) -> None:
+    """Ingest visits a SubscribeURL on Amazon SNS's hosts (over https) or on a host of ``sns_hosts``; a body that
+    names any other URL (the body chooses it: ingest must not fetch whatever it is told) is refused unvisited."""
+    local = f"http://127.0.0.1:{fake_sns}/?Action=ConfirmSubscription&Token=t1"
+    with TestClient(create_app(settings)) as client:  # no extra hosts: only Amazon SNS's
+        for url in (local, f"https://sns.eu-west-1.amazonaws.com.example.org:{fake_sns}/",
+                    f"https://sns.eu-west-1.amazonaws.com@127.0.0.1:{fake_sns}/", "file:///etc/passwd"):
+            refused = client.post("/events?token=secret", content=confirmation(url))
+            assert refused.status_code == 403 and refused.json()["error"]["code"] == "subscription_refused", url
+        assert "Token=" not in refused.text
+    assert FakeSNS.visits == []
+    trusting = dataclasses.replace(settings, sns_hosts="sns.internal, 127.0.0.1")
+    with TestClient(create_app(trusting)) as client:
+        confirmed = client.post("/events?token=secret", content=confirmation(local))
+        assert confirmed.status_code == 200, confirmed.text
+        assert confirmed.json() == {"confirmed": True,
+                                    "topic": "arn:aws:sns:eu-west-1:111122223333:photo-archive-uploads"}
+        assert FakeSNS.visits == ["/?Action=ConfirmSubscription&Token=t1"]
+        FakeSNS.status = 500  # SNS sends the confirmation again on a 5xx
+        failed = client.post("/events?token=secret", content=confirmation(local))
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "subscription_unconfirmed"
+        assert "HTTP 500" in failed.text and "Token=" not in failed.text, failed.text
+        assert client.post("/events", content=confirmation(local)).status_code == 401  # the webhook token first
+    assert len(FakeSNS.visits) == 2
 
 
 def test_redis_down_answers_503_and_does_not_remember_the_event(settings: Settings) -> None:
