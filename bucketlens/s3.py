@@ -1,4 +1,6 @@
-"""The one way every part opens an S3 client (boto3, path-style addressing, bounded retries)."""
+"""The one way every part opens an S3 client (boto3, path-style addressing, bounded retries), and finds the
+credentials it signs with: the settings' keys, or, when they are empty, boto3's own chain (``AWS_*`` variables,
+``~/.aws``, an instance or task role, with its session token, renewed before it expires)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.credentials import Credentials
 
 from .settings import Settings
 
@@ -23,8 +26,20 @@ def make_client(settings: Settings, endpoint: str | None = None, read_timeout: f
     return boto3.client(
         "s3",
         endpoint_url=endpoint or settings.s3_endpoint,
-        aws_access_key_id=settings.s3_access_key,
-        aws_secret_access_key=settings.s3_secret_key,
+        aws_access_key_id=settings.s3_access_key or None,
+        aws_secret_access_key=settings.s3_secret_key or None,
         region_name=settings.s3_region,
         config=config,
     )
+
+
+def credentials(settings: Settings) -> Credentials:
+    """What requests are signed with (``Presigner`` signs URLs itself); raises ``ValueError`` when the keys are
+    empty and boto3's chain finds none."""
+    if settings.s3_access_key or settings.s3_secret_key:
+        return Credentials(settings.s3_access_key, settings.s3_secret_key)
+    found = boto3.Session().get_credentials()
+    if found is None:
+        raise ValueError("BUCKETLENS_S3_ACCESS_KEY is empty and boto3 finds no credentials (AWS_ACCESS_KEY_ID, "
+                         "~/.aws/credentials, an instance role)")
+    return found

@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 
+from bucketlens.s3 import credentials
 from bucketlens.settings import Settings
 
 CACHE_LIMIT = 50_000
@@ -23,7 +23,7 @@ CACHE_LIMIT = 50_000
 class Presigner:
     def __init__(self, settings: Settings, expires_s: int = 3600) -> None:
         self.endpoint = settings.presign_endpoint.rstrip("/")
-        self.credentials = Credentials(settings.s3_access_key, settings.s3_secret_key)
+        self.credentials = credentials(settings)  # a role's are renewed as they near expiry
         self.region = settings.s3_region
         self.expires_s = expires_s
         self._cache: dict[tuple[str, str], tuple[float, str]] = {}

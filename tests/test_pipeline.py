@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from typing import Any
 from urllib.parse import quote_plus
@@ -11,6 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
+from bucketlens.s3 import make_client
+from index_service.presign import Presigner
 from infra.stack import Stack
 
 from .helpers import FIXTURES, object_state, photo, truncated_jpeg, wait_for
@@ -217,3 +220,25 @@ def test_an_aws_event_through_sns_is_indexed(stack: Stack, s3: Any, api: httpx.C
     state = wait_for(lambda: (o := object_state(api, bucket, key)) and o["state"] == "indexed" and o, 120,
                      what="the object of the SNS event indexed")
     assert state["etag"] == etag
+
+
+def test_empty_s3_keys_take_boto3s_own_credentials(stack: Stack, s3: Any, monkeypatch: pytest.MonkeyPatch,
+                                                    unique_prefix: str) -> None:
+    """On AWS the keys usually come from an instance or task role: with both settings empty, the clients and the
+    presigned URLs use boto3's chain (here its environment variables, holding the local S3 server's keys)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", stack.settings.s3_access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", stack.settings.s3_secret_key)
+    chained = dataclasses.replace(stack.settings, s3_access_key="", s3_secret_key="")
+    key = unique_prefix + "role.jpg"
+    make_client(chained).put_object(Bucket=chained.bucket, Key=key, Body=b"bytes signed by the chain's keys")
+    fetched = httpx.get(Presigner(chained).url(chained.bucket, key), timeout=30)
+    assert fetched.status_code == 200 and fetched.content == b"bytes signed by the chain's keys", fetched.text
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    assert httpx.get(Presigner(chained).url(chained.bucket, key), timeout=30).status_code == 403  # signed by them
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ValueError, match="boto3 finds no credentials"):
+        Presigner(chained)
