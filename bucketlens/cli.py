@@ -236,6 +236,9 @@ NOT_RUNNING = 3  # `status`'s exit code when a process of the stack is down (as 
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    if not (Path(settings.home) / "stack.json").exists():  # (a Stack would set one up, with ports nothing uses)
+        print(f"no local stack in {Path(settings.home).resolve()}: `bucketlens up` starts one", file=sys.stderr)
+        return NOT_RUNNING
     status = _stack(settings).status()
     status["index"] = _index_state(status["api_url"])
     if args.json:

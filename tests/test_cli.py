@@ -290,6 +290,16 @@ def test_search_by_file_sends_the_filters_beside_the_image(
     assert b'name="key"' not in sent["body"]
 
 
+def test_status_without_a_stack_says_so_and_sets_none_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """It invented ports and tokens (writing a stack.json) and printed them as the stack's addresses."""
+    monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path / "nothing-here"))
+    assert main(["status", "--json"]) == NOT_RUNNING
+    out, err = capsys.readouterr()
+    assert out == "" and "no local stack in" in err and "bucketlens up" in err, err
+    assert not (tmp_path / "nothing-here").exists()
+
+
 def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                            ) -> None:
     # A local stack whose index service is the stand-in (nothing else of it runs).
