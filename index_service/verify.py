@@ -7,7 +7,7 @@ object indexed by an older model, or before its features were kept) stays unveri
 
 The same bytes are the same photo whatever their keypoints: a smooth image (a clear sky, a gradient wallpaper) has
 none to match, so its exact copies went unconfirmed. A candidate whose etag equals the query's (the MD5 of a query
-image's bytes, or the etag of the object searched by key) counts ``local_features.IDENTICAL`` matches.
+image's bytes, or the etag of the object searched by key) counts ``local_features.IDENTICAL`` matches and comes first.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def rerank(index: Index, hits: Sequence[tuple[Indexed, float]], views: Sequence[
         checked.append(Hit(obj, score, matches, identical))
     if promote is not None:
         checked.sort(key=lambda h: rank_key(h.score, h.matches, promote))
+    # The query's own bytes first, whatever the recipe promotes: their vector may differ a little (another runtime,
+    # int8 workers: cosine ~0.997), and a look-alike must not pass them.
+    checked.sort(key=lambda h: not h.identical)
     return checked + [Hit(obj, score) for obj, score in hits[CANDIDATES:]]
 
 

@@ -90,6 +90,10 @@ def test_rerank_calls_the_same_bytes_the_same_photo_without_keypoints() -> None:
     textured = rerank(index, hits, [features(3)], local_features.MIN_INLIERS, etag="md5-sky")
     assert [h.obj.key for h in textured if h.verified] == ["sky", "copy"]  # identical first, then by matches
     assert not any(h.identical for h in rerank(index, hits, [features(3)], local_features.MIN_INLIERS))  # no etag
+    behind = sorted(hits, key=lambda h: h[0].key != "sky-recompressed")  # the look-alike first, as when the
+    assert behind[0][0].key == "sky-recompressed"  # stored vector came from another runtime (int8 workers)
+    kept = rerank(index, behind, [local_features.NONE], None, etag="md5-sky")  # a recipe that promotes nothing
+    assert [h.obj.key for h in kept][:2] == ["sky", "sky-recompressed"]
 
 
 def test_a_closed_store_answers_empty() -> None:
