@@ -41,6 +41,7 @@ class ParsedBody:
     topic: str = ""  # the SNS topic's ARN, when the body came through SNS
 
 
+MAX_SEQUENCER = 64  # characters; AWS's and MinIO's are 18, Ceph's 16
 SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 
 
@@ -76,6 +77,14 @@ def _sns(envelope: dict[str, Any]) -> ParsedBody:
             raise BadEvent("SNS SubscriptionConfirmation without a SubscribeURL")
         return ParsedBody([], 1, subscribe_url=url, topic=topic)
     return ParsedBody([], 1, topic=topic)  # UnsubscribeConfirmation: nothing to do
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _records(payload: dict[str, Any]) -> ParsedBody:
@@ -121,7 +130,11 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
         raise BadEvent(f"Records[{index}] has an empty or non-string bucket or key")
     source = str(record.get("eventSource", ""))
     key = raw_key if source.startswith("ceph") else unquote_plus(raw_key)
+    if not _utf8(bucket) or not _utf8(key):
+        raise BadEvent(f"Records[{index}] has a bucket or key that is not valid UTF-8 (a lone surrogate)")
     sequencer = str(obj.get("sequencer") or "")
+    if len(sequencer) > MAX_SEQUENCER:  # (thousands of hex digits made an order no int-to-text conversion takes)
+        raise BadEvent(f"Records[{index}] has a sequencer of {len(sequencer)} characters (at most {MAX_SEQUENCER})")
     event_time = str(record.get("eventTime") or "")
     try:
         size = int(obj.get("size") or 0)

@@ -177,7 +177,7 @@ class Receiver:
         extra = {h.strip() for h in self.settings.sns_hosts.split(",") if h.strip()}
         if not ((url.scheme == "https" and AMAZON_SNS.fullmatch(host)) or (url.scheme in ("http", "https")
                                                                            and host in extra)):
-            log.warning("not confirming the SNS subscription to %s: its SubscribeURL is on %r, not Amazon SNS "
+            log.warning("not confirming the SNS subscription to %r: its SubscribeURL is on %r, not Amazon SNS "
                         "(BUCKETLENS_SNS_HOSTS names other hosts)", parsed.topic, host)
             raise HTTPError(403, "subscription_refused", f"not confirming the SNS subscription to {parsed.topic}: "
                             f"its SubscribeURL is on {host!r}, not sns.<region>.amazonaws.com over https "
@@ -185,13 +185,16 @@ class Receiver:
         try:
             response = httpx.get(parsed.subscribe_url, timeout=10)
             response.raise_for_status()
+        except httpx.InvalidURL as exc:  # (a port such as ':1x' passes the host check)
+            raise HTTPError(403, "subscription_refused", f"the SubscribeURL of {parsed.topic} is not a valid URL: "
+                            f"{exc}") from exc
         except httpx.HTTPError as exc:  # said without the URL: its token confirms the subscription
             reason = (f"HTTP {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError)
                       else str(exc) or type(exc).__name__)
-            log.warning("could not confirm the SNS subscription to %s at %s: %s", parsed.topic, host, reason)
+            log.warning("could not confirm the SNS subscription to %r at %r: %s", parsed.topic, host, reason)
             raise HTTPError(503, "subscription_unconfirmed", f"could not confirm the SNS subscription to "
                             f"{parsed.topic} at {host}: {reason}; send the confirmation again") from exc
-        log.info("confirmed the SNS subscription to %s", parsed.topic)
+        log.info("confirmed the SNS subscription to %r", parsed.topic)
         return JSONResponse({"confirmed": True, "topic": parsed.topic})
 
     def _settle(self, events: list[ObjectEvent]) -> list[ObjectEvent]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,12 @@ def test_solid_borders_are_trimmed_and_photos_are_left_alone(fill: tuple[int, in
     with_trim = decode_image(encode(padded, "PNG"), LIMIT, trim=True).pixels.astype(np.float32)
     without = decode_image(encode(padded, "PNG"), LIMIT).pixels.astype(np.float32)
     assert np.abs(with_trim - source).mean() < np.abs(without - source).mean() / 3
+
+
+def test_a_codec_that_fails_otherwise_makes_the_object_corrupt_not_the_batch() -> None:
+    """Pillow's AVIF plugin raises RuntimeError on this mutated file (an independent check's fuzzing): it failed
+    every object of its batch as `internal`, again after each reconcile, and /search answered 500."""
+    data = (Path(__file__).parent / "fixtures" / "images" / "corrupt-yuv.avif").read_bytes()
+    with pytest.raises(PermanentError) as refused:
+        decode(data, 64_000_000)
+    assert refused.value.reason == "corrupt" and "RuntimeError" in str(refused.value)

@@ -127,6 +127,10 @@ def test_unknown_event_kinds_are_ignored_and_counted() -> None:
         (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": ""}}}]}',
          "empty"),
         (b"\xff\xfe", "not JSON"),
+        (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "a",'
+         b' "sequencer": "' + b"F" * 3580 + b'"}}}]}', "sequencer of 3580 characters"),  # was a 503 for its batch
+        (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": '
+         b'"\\ud800x.jpg"}}}]}', "not valid UTF-8"),  # a lone surrogate: was a 500
     ],
 )
 def test_malformed_bodies_raise_bad_event(body: bytes, message: str) -> None:
