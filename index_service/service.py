@@ -226,6 +226,9 @@ class Service:
         if (fresh.generation, fresh.index_type, len(fresh)) == (current.generation, current.index_type, len(current)):
             fresh.features.close()
             return
+        # A rebuild that moved to another model: image queries need it here too (never loaded, this replica said
+        # "loading the model" until it was restarted).
+        self.embedders.get(fresh.model)
         self.index = fresh
         current.features.close()  # searches still on it answer unverified
 

@@ -558,7 +558,9 @@ class VectorIndex(SearchOne):
                     where: Filter | None = None) -> list[list[tuple[Indexed, float]]]:
         """One FAISS call for many queries (a flat scan reads the vectors once for all of them); ``exclude[i]``
         is an object id left out of query i's results. With a filter that keeps at most ``EXACT_LIMIT`` objects
-        the answer is an exact scan over them; with a larger one, the structure is searched with a selector."""
+        the answer is an exact scan over them; with a larger one, the structure is searched with a selector. Where
+        the probed lists hold fewer than ``k`` kept objects, an exact scan answers instead: ``k`` results come
+        whenever that many are kept."""
         assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries {queries.shape}, index dim {self.dim}"
         exclude = exclude or [None] * len(queries)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -573,8 +575,9 @@ class VectorIndex(SearchOne):
                 scores, ids = self._exact(queries, selected, want)
             else:
                 scores, ids = self._approximate(queries, want, selected)
-                if selected is not None and (ids < 0).any():  # the probed lists held too few of the kept objects
-                    scores, ids = self._exact(queries, selected, want)
+                if (ids < 0).any():  # the probed lists held too few of the kept objects (a large k: unfiltered too)
+                    every = np.fromiter(self._ids.values(), np.int64, len(self._ids)) if selected is None else selected
+                    scores, ids = self._exact(queries, every, want)
             objects = self._objects  # rows as Python numbers: numpy scalars hash and convert ~2x slower
             found = [[(objects[i], s) for s, i in zip(row_s.tolist(), row_i.tolist()) if i in objects]
                      for row_s, row_i in zip(scores, ids)]

@@ -4,8 +4,8 @@ The package's own ``milvus-server`` command runs the server binary as a child of
 wrapper once left the server behind (DESIGN.md, "Milvus"). Here the wrapper only writes the configuration and
 unpacks the binary, then *becomes* the server (``exec``): the pid the supervisor or a test fixture holds is the
 server's, and TERM then KILL reach it. The gRPC port is ours to choose; etcd, the coordinators and the metrics
-port take the first free port from their defaults up. Everything binds 127.0.0.1 (etcd and the internal ports
-answer on localhost only).
+port take the first free port from their defaults up. Only the embedded etcd binds 127.0.0.1: Milvus 2.3.5 listens
+on all interfaces for its gRPC and internal ports and has no setting to change it (README, "Ports": firewall them).
 
 ``python -m infra.milvus --data DIR --port PORT`` runs it in the foreground. Start-up takes 30-40 s on these
 machines; ``wait_ready`` polls the health endpoint. A start killed while it initialised can leave a data folder
