@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -499,6 +500,18 @@ def admin_headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.admin_token}"}
 
 
+def writer_url(settings: Settings) -> str:
+    """The index service that merges (rebuilds and reconciles run there): of a local stack with several replicas,
+    the one whose ``/stats`` says ``writer`` (the others answer 409 not_writer); else the API address."""
+    if (Path(settings.home) / "stack.json").exists():
+        urls = _stack(settings).api_urls
+        for url in urls if len(urls) > 1 else ():
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                if httpx.get(f"{url}/stats", timeout=5).json().get("writer"):
+                    return str(url)
+    return api_url(settings)
+
+
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -506,14 +519,15 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         return cancel_rebuild(settings, args.cancel)
     body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type,
             "model": args.model}
-    response = httpx.post(api_url(settings) + "/rebuild", json=body, headers=admin_headers(settings), timeout=30)
+    writer = writer_url(settings)
+    response = httpx.post(writer + "/rebuild", json=body, headers=admin_headers(settings), timeout=30)
     if response.status_code != 202:
         raise CLIError(_error_text(response))
     job = response.json()
     print(f"rebuild {job['id']} started ({job['mode']}, generation {job['generation']})")
     if not args.wait:
         return 0
-    url = f"{api_url(settings)}/rebuild/{job['id']}"
+    url = f"{writer}/rebuild/{job['id']}"
     try:
         with tqdm(total=max(job["total"], 1), unit="obj", desc=job["mode"]) as bar:
             while job["state"] == "running":
@@ -533,7 +547,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
 
 def cancel_rebuild(settings: Settings, job_id: str) -> int:
     """``DELETE /rebuild/{id}``; with no id, of the rebuild ``/stats`` says is running."""
-    url = api_url(settings)
+    url = writer_url(settings)
     if not job_id:
         running = (_index_state(url) or {}).get("rebuild")
         if not running or running["state"] != "running":
@@ -549,7 +563,7 @@ def cancel_rebuild(settings: Settings, job_id: str) -> int:
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    response = httpx.post(api_url(settings) + "/reconcile", json={"bucket": args.bucket},
+    response = httpx.post(writer_url(settings) + "/reconcile", json={"bucket": args.bucket},
                           headers=admin_headers(settings), timeout=600)
     if response.status_code != 200:
         raise CLIError(_error_text(response))

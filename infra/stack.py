@@ -122,11 +122,16 @@ class Stack:
         return [self.api_url] + [f"http://127.0.0.1:{port}" for port in self.config.replica_ports]
 
     def choose_replicas(self, replicas: int) -> None:
-        """``up --replicas N``: N index service processes answer queries, one merges (index_service/lease.py)."""
+        """``up --replicas N``: N index service processes answer queries, one merges (index_service/lease.py). A
+        running stack keeps its count until it is down: its supervisor restarted a dropped replica, which `down`
+        then left running (an independent check)."""
         most = MAX_REPLICAS[self.config.index_backend]
         if not 1 <= replicas <= most:
             raise StackError(f"the {self.config.index_backend} backend runs 1 to {most} index service replicas"
                              + ("; --backend milvus shares one index between replicas" if most == 1 else ""))
+        running = len(self.config.replica_ports) + 1
+        if replicas != running and self.pid("api") is not None:
+            raise StackError(f"the stack runs {running} index service replica(s); 'bucketlens down' first")
         ports = self.config.replica_ports[: replicas - 1]
         c = self.config
         taken = {c.redis_port, c.s3_port, c.mon_port, c.ingest_port, c.api_port, c.milvus_port, *ports}
@@ -135,8 +140,6 @@ class Stack:
             candidate += 1
             if candidate not in taken and free_port(candidate) == candidate:
                 ports.append(candidate)
-        for name in self.services[len(ports) + 3 : -1]:  # replicas dropped from the configuration
-            self.stop_service(name)
         self.config.replica_ports = ports
         self._save_config(self.config)
 

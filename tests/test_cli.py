@@ -328,6 +328,52 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     assert json.loads(capsys.readouterr().out)["index"] is None
 
 
+def test_rebuild_and_reconcile_go_to_the_replica_that_writes(api: FakeAPI, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """With replicas, only the writer rebuilds and reconciles; the CLI asked the first one, which answered 409
+    not_writer, and `--cancel` said "no rebuild is running" while the writer's ran (an independent check)."""
+    reader = FakeAPI()
+    threading.Thread(target=reader.server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "stack.json").write_text(json.dumps({
+            "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": reader.port,
+            "webhook_token": "w", "admin_token": "admin", "index_backend": "milvus", "milvus_port": 3,
+            "replica_ports": [api.port]}))
+        reader.answers[("GET", "/stats")] = (200, {"writer": False})
+        api.answers[("GET", "/stats")] = (200, {"writer": True, "rebuild": {"id": "r9", "state": "running"}})
+        api.answers[("DELETE", "/rebuild/r9")] = (200, {"id": "r9", "state": "cancelled", "done": 3, "total": 9})
+        api.answers[("POST", "/reconcile")] = (200, {"listed": 0, "missing": 0, "changed": 0, "removed": 0,
+                                                     "seconds": 0.1})
+        assert main(["rebuild", "--cancel"]) == 0
+        assert "rebuild r9 cancelled at 3/9" in capsys.readouterr().out
+        assert main(["reconcile"]) == 0
+        assert [r["path"] for r in api.requests if r["method"] != "GET"] == ["/rebuild/r9", "/reconcile"]
+        assert all(r["method"] == "GET" for r in reader.requests)
+    finally:
+        reader.server.shutdown()
+        reader.server.server_close()
+
+
+def test_a_running_stack_keeps_its_replica_count_until_it_is_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`up --replicas 1` on a running 2-replica stack dropped api-2 from stack.json while the supervisor kept
+    restarting it, and `down` then left it running (an independent check)."""
+    config = {"redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": 2, "webhook_token": "w",
+              "admin_token": "a", "index_backend": "milvus", "milvus_port": 3, "replica_ports": [4]}
+    (tmp_path / "stack.json").write_text(json.dumps(config))
+    (tmp_path / "run").mkdir()
+    api = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands for the running api
+    try:
+        (tmp_path / "run" / "api.pid").write_text(str(api.pid))
+        monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path))
+        assert main(["up", "--replicas", "1"]) == 1
+        one_error_line(capsys, "bucketlens up:", "runs 2 index service replica(s); 'bucketlens down' first")
+        assert json.loads((tmp_path / "stack.json").read_text())["replica_ports"] == [4]
+    finally:
+        api.kill()
+        api.wait()
+
+
 def test_a_stack_that_cannot_do_what_is_asked_says_so_in_one_line(api: FakeAPI,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["up", "--replicas", "3"]) == 1  # FAISS: one process holds the index; refused before starting
