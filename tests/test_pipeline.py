@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import json
 from typing import Any
 from urllib.parse import quote_plus
@@ -11,6 +12,7 @@ from urllib.parse import quote_plus
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from bucketlens.s3 import make_client
 from index_service.presign import Presigner
@@ -242,3 +244,19 @@ def test_empty_s3_keys_take_boto3s_own_credentials(stack: Stack, s3: Any, monkey
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(ValueError, match="boto3 finds no credentials"):
         Presigner(chained)
+
+
+def test_result_urls_never_serve_the_uploaders_content_type(stack: Stack, s3: Any, unique_prefix: str) -> None:
+    """A valid PNG followed by HTML, stored as text/html, is indexed like any PNG; its result URL rendered the HTML
+    and ran the uploader's script on the S3 server's origin (an independent security check). URLs now say the
+    type S3 answers with: the key's image type, else application/octet-stream."""
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(png, "PNG")
+    body = png.getvalue() + b"<html><body><script>alert(document.domain)</script>"
+    presigner = Presigner(stack.settings)
+    for name, served in (("poly.png", "image/png"), ("poly.html", "application/octet-stream"),
+                         ("poly.svg", "application/octet-stream")):
+        s3.put_object(Bucket=stack.settings.bucket, Key=unique_prefix + name, Body=body, ContentType="text/html")
+        fetched = httpx.get(presigner.url(stack.settings.bucket, unique_prefix + name), timeout=30)
+        assert fetched.status_code == 200 and fetched.content == body, fetched.text[:200]
+        assert fetched.headers["content-type"] == served, (name, fetched.headers)
