@@ -61,6 +61,11 @@ class KeyConvertor(PathConvertor):
 register_url_convertor("key", KeyConvertor())
 
 
+# The web page is not framed by other sites, not sniffed, and sends no Referer (it is opened as /?token=... when a
+# read token is set).
+PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
+
 def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlette:
     """The index service; ``embedder`` lets tests share one loaded model across apps."""
 
@@ -267,7 +272,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def page(request: Request) -> Response:
         service_of(request, read=True)
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     return Starlette(
         routes=[

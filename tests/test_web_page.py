@@ -101,7 +101,9 @@ def test_search_by_file_then_click_through(
 
         page.on("request", record)
         # Opened with a read token, the page passes it on as a bearer token (the stack sets none, so any passes).
-        page.goto(stack.api_url + "/?token=page-token")
+        opened = page.goto(stack.api_url + "/?token=page-token")
+        assert opened is not None and opened.headers["referrer-policy"] == "no-referrer"  # the token stays here
+        assert opened.headers["x-frame-options"] == "DENY" and opened.headers["x-content-type-options"] == "nosniff"
 
         # Status strip: filled from /stats and /queues, refreshed every 2 s.
         expect(page.get_by_test_id("status-dot")).to_have_class(re.compile(r"\bok\b"), timeout=10_000)
