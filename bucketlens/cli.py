@@ -357,8 +357,15 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
         print(f"  no ImageNet concept for: {', '.join(result['unmatched'])}")
     for hit in result["results"]:
         tags = f"  [{', '.join(label['name'] for label in hit['labels'][:3])}]" if hit.get("labels") else ""
-        print(f"{hit['score']:.4f}  {hit['bucket']}/{hit['key']}{same_photo(hit)}{tags}")
+        print(f"{hit['score']:.4f}  {plain(hit['bucket'] + '/' + hit['key'])}{same_photo(hit)}{tags}")
     return 0
+
+
+def plain(text: str) -> str:
+    """An uploader's text (a key, a failure message) for the terminal: characters that are not printable (escape
+    sequences, which can retitle or clear the terminal or write its clipboard; bidi overrides, which show
+    `x\u202egpj.exe` as `xexe.jpg`) are written as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def same_photo(hit: dict[str, Any]) -> str:
@@ -385,7 +392,7 @@ def cmd_duplicates(settings: Settings, args: argparse.Namespace) -> int:
         print(f"{group['size']} copies (links of >= {group['min_matches']} matches):")
         for i, member in enumerate(group["members"]):
             pixels = f"{member['pixels'] / 1e6:.1f} MP" if member["pixels"] else "size unknown"
-            print(f"  {'best' if i == 0 else '    '}  {member['bucket']}/{member['key']}  ({pixels})")
+            print(f"  {'best' if i == 0 else '    '}  {plain(member['bucket'] + '/' + member['key'])}  ({pixels})")
     pending = f"; {report['pending']} objects still being checked" if report["pending"] else ""
     print(f"{report['total']} groups{pending}")
     return 0
@@ -457,8 +464,8 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     for record in page["failures"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
-        print(f"{when}  {record['reason']:16} x{record['attempts']}  {record['bucket']}/{record['key']}: "
-              f"{record['message']}")
+        print(f"{when}  {record['reason']:16} x{record['attempts']}  {plain(record['bucket'] + '/' + record['key'])}: "
+              f"{plain(record['message'])}")
     shown = len(page["failures"])
     print(f"{page['total']} failure records" + (f" (newest {shown} shown)" if page["total"] > shown else ""))
     return 0
@@ -489,7 +496,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         original = "samples/" + copy.name.replace("-flipped-crop", "")
         print(f"\nnearest to {original}  (the set holds a mirrored, cropped, brightened copy of it)")
         for hit in search_request(stack.settings, {"key": original, "k": 3})["results"]:
-            print(f"  {hit['score']:.4f}  {hit['key']}{same_photo(hit)}")
+            print(f"  {hit['score']:.4f}  {plain(hit['key'])}{same_photo(hit)}")
     print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")
     return 0
 

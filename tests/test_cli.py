@@ -283,13 +283,14 @@ def test_search_by_file_sends_the_filters_beside_the_image(
          "labels": None},
         {"bucket": "b", "key": "2024/crop.jpg", "score": 0.8, "verified": True, "matches": 41, "identical": False,
          "labels": None},
-        {"bucket": "b", "key": "2024/x.jpg", "score": 0.4, "verified": False, "matches": 3, "labels": None}]})
+        {"bucket": "b", "key": "2024/\x1b]0;PWNED\x07\u202egpj.exe", "score": 0.4, "verified": False, "matches": 3,
+         "labels": None}]})
     image = tmp_path / "q.jpg"
     image.write_bytes(b"\xff\xd8 not really a jpeg")
     assert main(["search", str(image), "--prefix", "2024/", "-k", "3"]) == 0
     assert capsys.readouterr().out.splitlines()[-3:] == ["1.0000  b/2024/sky.jpg  same photo: identical file",
                                                          "0.8000  b/2024/crop.jpg  same photo: 41 matches",
-                                                         "0.4000  b/2024/x.jpg"]
+                                                         "0.4000  b/2024/\\x1b]0;PWNED\\x07\\u202egpj.exe"]
     sent = api.requests[0]
     assert sent["headers"]["Content-Type"].startswith("multipart/form-data")
     assert b"not really a jpeg" in sent["body"] and b'name="prefix"\r\n\r\n2024/' in sent["body"]
