@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
+from starlette.types import Message
 
 from bucketlens.http import HTTPError, only, read_limited
 
@@ -67,7 +68,9 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
         try:
-            form = await request.form(max_files=1, max_fields=10)
+            form = await _bounded(request, max_bytes + FORM_SLACK).form(max_files=1, max_fields=10)
+        except HTTPError:
+            raise
         except Exception as exc:
             raise HTTPError(400, "bad_form", f"cannot parse the multipart body: {exc}") from exc
         try:
@@ -98,6 +101,25 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         query.rerank = _boolean(fields["rerank"], "rerank")
     query.where = filters.parse(fields, bucket_filters=query.key is None)
     return query
+
+
+FORM_SLACK = 1 << 20  # bytes of a multipart body beside its image: boundaries, headers, the other fields
+
+
+def _bounded(request: Request, limit: int) -> Request:
+    """``request`` whose body refuses (413) past ``limit`` bytes as it arrives: a chunked upload (no Content-Length)
+    was spooled to disk whole before its size was judged (200 MB of disk for one request, in a security check)."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise HTTPError(413, "too_large", f"upload exceeds {limit - FORM_SLACK} bytes")
+        return message
+
+    return Request(request.scope, receive)
 
 
 async def _image(form: FormData, max_bytes: int) -> bytes:
