@@ -193,6 +193,9 @@ class Stack:
     def up(self, services: tuple[str, ...] | None = None, wait_ready: bool = True) -> None:
         """Start whatever is not running yet; safe to call again."""
         services = self.services if services is None else services
+        # Only its owner reads the stack's folder: the Ceph OSD's block file holds every image and the push
+        # endpoint's token, Redis's files the queues, the logs the keys (they were all readable by any local user).
+        self.home.chmod(0o700)
         for folder in ("run", "logs", "redis"):
             (self.home / folder).mkdir(parents=True, exist_ok=True)
         self.check_ports(services)

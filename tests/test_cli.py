@@ -445,6 +445,7 @@ def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket
     (tmp_path / "notes.txt").write_text("not an image")
     monkeypatch.setenv("BUCKETLENS_HOME", str(stack.home))
     assert main(["status"]) == 0, capsys.readouterr().out  # every process runs (it is 3 when one is down)
+    assert stack.home.stat().st_mode & 0o777 == 0o700  # the OSD's block file holds every image: owner only
     capsys.readouterr()
     assert main(["upload", str(tmp_path), "--prefix", unique_prefix, "--bucket", stack.settings.bucket]) == 0
     out = capsys.readouterr().out
