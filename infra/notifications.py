@@ -21,6 +21,12 @@ def ensure_bucket(s3: Any, bucket: str) -> None:
         s3.create_bucket(Bucket=bucket)
 
 
+def notification_id(settings: Settings) -> str:
+    """The bucket notification's Id: one per namespace, so that a second deployment's (README, "Moving an index
+    from FAISS to Milvus") can be removed alone (a stack set up before keeps its "bucketlens")."""
+    return f"bucketlens-{settings.namespace}"
+
+
 def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> str:
     """Create (or update) the persistent topic and bind it to the bucket; returns the topic ARN."""
     sns = boto3.client(
@@ -40,7 +46,8 @@ def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> str
         return arn
     s3.put_bucket_notification_configuration(
         Bucket=settings.bucket,
-        NotificationConfiguration={"TopicConfigurations": [{"Id": "bucketlens", "TopicArn": arn, "Events": EVENTS}]},
+        NotificationConfiguration={"TopicConfigurations": [{"Id": notification_id(settings), "TopicArn": arn,
+                                                            "Events": EVENTS}]},
     )
     log.info("bucket %s now notifies %s", settings.bucket, arn)
     return arn
