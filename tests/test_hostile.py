@@ -12,12 +12,14 @@ addressable, a rebuild of an unknown bucket refused) are also checked without th
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gzip
 import io
 import json
 import re
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -37,6 +39,7 @@ from starlette.testclient import TestClient
 
 from bucketlens.http import EXCEPTION_HANDLERS, JSONResponse
 from bucketlens.settings import Settings
+from index_service import app as app_module
 from index_service.app import create_app
 from index_service.queries import parse_search
 from index_service.rebuild import RebuildJob
@@ -582,6 +585,34 @@ def test_a_search_is_exactly_one_query(parser: TestClient) -> None:
     assert (key["kind"], key["bucket"], key["filter"]["prefix"], key["filter"]["bucket"]) == ("key", "b", "x/", None)
     image = parser.post("/search", files=IMAGE, data={"prefix": "x/", "bucket": "b", "k": "3"}).json()
     assert (image["kind"], image["k"], image["filter"]["bucket"]) == ("image", 3, "b")
+
+
+def test_query_images_are_decoded_a_few_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each decode may hold ~1.3 GB; the thread pool let 40 run at once (three took the service to 4.4 GB in a
+    security check). Twice ``DECODES`` searches by image at once: at most ``DECODES`` decode together, all answer."""
+    running, most, lock = 0, 0, threading.Lock()
+
+    def describe(*args: Any) -> tuple[np.ndarray, list[Any]]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+        return np.ones(4, np.float32) / 2, []
+
+    monkeypatch.setattr(app_module, "_describe_image", describe)
+    model = Settings().model
+    serving = SimpleNamespace(model=model, dim=4, search=lambda *args: [])
+    service = SimpleNamespace(index=serving, embedders=SimpleNamespace(loaded=lambda m: True, get=lambda m: None))
+    client = app_around(service)
+    client.app.state.metrics = SimpleNamespace(search_seconds=SimpleNamespace(  # type: ignore[attr-defined]
+        labels=lambda kind: SimpleNamespace(observe=lambda seconds: None)))
+    with concurrent.futures.ThreadPoolExecutor(2 * app_module.DECODES) as pool:
+        answers = list(pool.map(lambda _: client.post("/search", files=IMAGE), range(2 * app_module.DECODES)))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+    assert 1 < most <= app_module.DECODES, most
 
 
 def test_listings_refuse_counts_below_their_least() -> None:
