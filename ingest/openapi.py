@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from bucketlens.openapi import answer, bearer, document, errors, obj
 
+from .events import SNS_TYPES
+
 INT = {"type": "integer", "minimum": 0}
 
 RECORD = obj({
@@ -27,7 +29,7 @@ SCHEMAS = {
         {"$ref": "#/components/schemas/SNSMessage"},
     ]},
     "SNSMessage": obj({
-        "Type": {"enum": ["Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"]},
+        "Type": {"enum": list(SNS_TYPES)},
         "TopicArn": {"type": "string"},
         "Message": {"type": "string", "description": "a Notification's S3 notification, as a JSON string"},
         "SubscribeURL": {"type": "string", "description": "visited to confirm a subscription, on Amazon SNS's "
