@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vision.decode import decode
+from vision.decode import MAX_JPEG_SCANS, decode
 from workers.errors import PermanentError
 
 LIMIT = 10_000_000
@@ -85,6 +85,33 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     with pytest.raises(PermanentError) as info:
         decode(bomb, LIMIT)
     assert info.value.reason == "too_many_pixels"
+
+
+STUFFED_OR_RESTART = {0x00, *range(0xD0, 0xD8)}  # what may follow 0xFF inside a JPEG scan's data
+
+
+def with_repeated_scan(jpeg: bytes, times: int) -> bytes:
+    """A progressive JPEG with its shortest scan given ``times`` more times before the end: a scan bomb (a security
+    check's file of 10,000 scans took 34-46 s to decode), which Pillow decodes as a valid image."""
+    scans, start = [], jpeg.find(b"\xff\xda")
+    while start != -1:
+        end = start + 2 + int.from_bytes(jpeg[start + 2 : start + 4], "big")  # past the SOS header
+        while jpeg[(end := jpeg.index(b"\xff", end)) + 1] in STUFFED_OR_RESTART:  # to the next marker
+            end += 2
+        scans.append(jpeg[start:end])
+        start = jpeg.find(b"\xff\xda", end)
+    end_of_image = jpeg.rindex(b"\xff\xd9")
+    return jpeg[:end_of_image] + min(scans, key=len) * times + jpeg[end_of_image:]
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
+    progressive = encode(half_red_half_blue(1024, 768), "JPEG", quality=90, progressive=True)
+    assert decode(progressive, LIMIT).shape == (224, 224, 3)  # ~10 scans
+    bomb = with_repeated_scan(progressive, MAX_JPEG_SCANS)
+    Image.open(io.BytesIO(bomb)).load()  # a valid image: the limit is what refuses it
+    with pytest.raises(PermanentError) as refused:
+        decode(bomb, LIMIT)
+    assert refused.value.reason == "corrupt" and f"at most {MAX_JPEG_SCANS}" in str(refused.value)
 
 
 def test_a_heic_photo_decodes_as_its_png_does() -> None:

@@ -19,6 +19,7 @@ from .models import Recipe
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey half-image
 Image.MAX_IMAGE_PIXELS = None  # bucketlens checks the pixel count itself, with its own limit and message
 pillow_heif.register_heif_opener()
+MAX_JPEG_SCANS = 100  # a progressive photo has about 10; each scan is another pass over the whole image
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
 
 
@@ -56,6 +57,10 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
             if width * height > max_pixels:
                 raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels")
             if image.format == "JPEG":
+                # A scan bomb: libjpeg has no limit of its own, and 10,000 repeated scans took 34-46 s to decode.
+                # Every scan starts with an SOS marker, which entropy-coded data never holds (0xFF is stuffed).
+                if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+                    raise PermanentError("corrupt", f"JPEG of {scans} scans: at most {MAX_JPEG_SCANS} are decoded")
                 # Decode at a reduced scale (1/2, 1/4, 1/8) when the photo is much larger than what is needed.
                 image.draft("RGB", (max(size, gray_side), max(size, gray_side)))
             image.load()
