@@ -3,11 +3,14 @@
 Requests whose first line contains a ``stall`` marker get their response headers and the first bytes of the
 body, then nothing more (the connection stays open); ``drip`` markers get the body one byte every
 ``drip_interval_s``. Everything else passes through untouched. HTTP/1.1 without pipelining is assumed (one
-request in flight per connection), which is what boto3/urllib3 do.
+request in flight per connection), which is what boto3/urllib3 do. A side that closes closes the other, as on a
+direct connection: a client kept a connection the server had closed and its next request waited out its read
+timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -37,11 +40,7 @@ class SlowBodyProxy:
 
     def close(self) -> None:
         self._closed.set()
-        for sock in [self._listener, *self._sockets]:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        _close(self._listener, *self._sockets)
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -67,6 +66,8 @@ class SlowBodyProxy:
                 upstream.sendall(data)
         except OSError:
             pass
+        finally:
+            _close(client, upstream)
 
     def _responses(self, upstream: socket.socket, client: socket.socket, mode: list[str]) -> None:
         try:
@@ -77,7 +78,7 @@ class SlowBodyProxy:
                 head, sep, body = data.partition(HEAD_END)
                 client.sendall(head + sep + body[: self.body_prefix])
                 rest = body[self.body_prefix :]
-                while not self._closed.is_set():  # hold the connection open; drip or send nothing
+                while not self._closed.is_set() and client.fileno() != -1:  # hold the connection; drip or send nothing
                     if mode[0] == "drip":
                         if not rest:
                             rest = upstream.recv(65536)
@@ -88,3 +89,13 @@ class SlowBodyProxy:
                     time.sleep(self.drip_interval_s)
         except OSError:
             pass
+        finally:
+            _close(upstream, client)
+
+
+def _close(*sockets: socket.socket) -> None:
+    """Shut down, then close: a thread blocked in ``recv`` on the socket wakes (``close`` alone leaves it)."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()

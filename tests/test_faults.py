@@ -500,9 +500,20 @@ def test_a_killed_receiver_is_back_before_the_topic_stalls(
 
 # -- 6. the index service killed during a rebuild -------------------------------------------------------------
 
+REBUILD_FLOOR = 300  # objects in the bucket, so that a reembed outlasts the checks made while it runs
+
+
 def test_index_service_killed_during_rebuild(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
     bodies = image_set(unique_prefix, UPLOADS)
     admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    # A whole-suite run has hundreds of objects by now; this file alone had ~40, whose reembed was done before the
+    # test could see it running.
+    seed_prefix = unique_prefix.rstrip("/") + "-seed/"
+    seed = image_set(seed_prefix, max(0, REBUILD_FLOOR - len(listing(s3, stack.settings.bucket, ""))))
+    if seed:
+        for key, body in seed.items():
+            s3.put_object(Bucket=stack.settings.bucket, Key=key, Body=body)
+        assert_index_matches_bucket(stack, s3, api, seed_prefix, seed)
     with supervisor_paused(stack):
         uploader = Uploader(stack, bodies, RATE)
         uploader.start()
@@ -598,8 +609,11 @@ def test_huge_and_stalling_objects_fail_clearly_and_the_batch_goes_on(
             try:                                                                 # own tasks may finish first)
                 lines = wait_for(lambda: [x for x in log.lines("worker-proxied") if mixed in x], 60, what=mixed)
             except AssertionError:
-                raise AssertionError("no batch indexed the good objects beside the slow ones:\n" + "\n".join(
-                    x for x in log.lines("worker-proxied") if "batch:" in x)) from None
+                failed = failures_under(api, bucket, unique_prefix)
+                good = {k: f"{r['reason']}: {r['message']}" for k, r in failed.items() if k in bodies}
+                batches = "\n".join(x for x in log.lines("worker-proxied") if "batch:" in x)
+                raise AssertionError(f"no batch indexed the good objects beside the slow ones:\n{batches}\n"
+                                     f"good objects that failed: {good}") from None
             took = time.monotonic() - started
     finally:
         if worker is not None:
