@@ -36,8 +36,9 @@ SCHEMAS = {
                                                           "hosts (sns.<region>.amazonaws.com, https) or SNS_HOSTS"},
     }, ("Type", "TopicArn")),
     "Record": RECORD,
-    "Accepted": obj({"accepted": INT, "duplicates": INT, "ignored": INT, "future": INT},
-                    ("accepted", "duplicates", "ignored", "future")),
+    "Accepted": obj({"accepted": INT, "duplicates": INT, "ignored": INT, "future": INT, "stale_deletes": {
+        **INT, "description": "deletes not applied: S3 still holds the key (written again since, or forged)"}},
+                    ("accepted", "duplicates", "ignored", "future", "stale_deletes")),
     "Confirmed": obj({"confirmed": {"const": True}, "topic": {"type": "string"}}, ("confirmed", "topic")),
 }
 

@@ -48,6 +48,7 @@ from .openapi import OPENAPI
 from .publisher import Publisher
 
 log = logging.getLogger(__name__)
+DELETES = ("removed", "version_removed")  # the event kinds checked against S3 before they are applied
 AMAZON_SNS = re.compile(r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?")  # the hosts of SubscribeURLs (over https)
 
 
@@ -60,10 +61,11 @@ class Receiver:
         self.batcher = Batcher(self._flush_created, settings.batch_window_ms / 1000, settings.batch_size)
         self._redis_down_logged = False
         self._near_full_logged = False
+        self._head_refused_logged = False
 
     @functools.cached_property
     def s3(self) -> Any:
-        """Only to settle a deleted version (``_settle``): made when the first one arrives, not at start-up."""
+        """Only to check deletes (``_settle``): made when the first one arrives, not at start-up."""
         return make_client(self.settings)
 
     async def _flush_created(self, refs: Sequence[ObjectRef]) -> None:
@@ -142,12 +144,13 @@ class Receiver:
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
         except NoGeneration as exc:
             raise HTTPError(503, "no_generation", f"{exc}; deliver the event again") from exc
-        settled = fresh
-        if any(e.kind == "version_removed" for e in fresh):  # (rare: the usual request makes no trip to S3)
+        settled, stale = fresh, 0
+        if any(e.kind in DELETES for e in fresh):  # (uploads, the usual request, make no trip to S3)
             try:
                 settled = await run_in_threadpool(self._settle, fresh)
             except S3Unavailable as exc:
                 raise HTTPError(503, "s3_unavailable", f"{exc}; deliver the event again") from exc
+            stale = len(fresh) - len(settled)
         created = [_tag(e.ref, g) for e in settled if e.kind == "created" for g in generations]
         removed = [_tag(e.ref, g) for e in settled if e.kind == "removed" for g in generations]
         try:
@@ -155,7 +158,7 @@ class Receiver:
                 await run_in_threadpool(self.publisher.write_deletes, removed)
             await self.batcher.submit(created)
             await run_in_threadpool(self._mark_seen, fresh)
-            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), len(future), reserved)
+            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), len(future), stale, reserved)
         except Exception as exc:  # broker or Redis down: nothing was acknowledged, the S3 server retries
             self._log_redis_down(exc)
             raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
@@ -164,7 +167,7 @@ class Receiver:
             self._redis_down_logged = False
         return JSONResponse(
             {"accepted": len(fresh), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved),
-             "future": len(future)},
+             "future": len(future), "stale_deletes": stale},
             status_code=200,
         )
 
@@ -198,37 +201,52 @@ class Receiver:
         return JSONResponse({"confirmed": True, "topic": parsed.topic})
 
     def _settle(self, events: list[ObjectEvent]) -> list[ObjectEvent]:
-        """Each deleted version (``version_removed``) becomes what S3 holds for its key now: its current version,
-        to embed (a non-current version deleted, or a delete marker removed: the object is there), or a delete.
-        Either is ordered at the version's deletion, after the events that came before it (a delete marker's
-        tombstone included) and before any that come after."""
+        """Each delete as what S3 holds for its key now (a HEAD). A delete of a key S3 still holds is dropped: the
+        key was written again since (that write's own event brings it), or the delete is forged (whoever holds the
+        webhook token could otherwise hide any object). A deleted version (``version_removed``) becomes the key's
+        current version, to embed (a non-current version deleted, or a delete marker removed: the object is there),
+        or a delete; either is ordered at the version's deletion, after the events that came before it (a delete
+        marker's tombstone included) and before any that come after."""
         settled = []
         for event in events:
-            if event.kind != "version_removed":
+            if event.kind not in DELETES:
                 settled.append(event)
                 continue
             ref = event.ref
-            try:
-                head = self.s3.head_object(Bucket=ref.bucket, Key=ref.key)
-            except ClientError as exc:
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if status not in (404, 405):  # (405: the current version is a delete marker)
-                    log.warning("cannot tell whether %s has a current version after version %s was deleted (%s); "
-                                "removing it from the index, a reconcile restores it", ref.object_id,
-                                ref.version_id, exc)
+            head = self._head(ref)
+            if head is None:
                 settled.append(dataclasses.replace(event, kind="removed"))
-                continue
-            except BotoCoreError as exc:
-                raise S3Unavailable(f"S3 is unreachable to settle a deleted version: {exc}") from exc
-            current = dataclasses.replace(ref, etag=normalise_etag(head["ETag"]), size=int(head["ContentLength"]),
-                                          version_id=str(head.get("VersionId") or ""))
-            settled.append(ObjectEvent("created", current, event.timed))
+            elif event.kind == "version_removed":
+                current = dataclasses.replace(ref, etag=normalise_etag(head["ETag"]),
+                                              size=int(head["ContentLength"]),
+                                              version_id=str(head.get("VersionId") or ""))
+                settled.append(ObjectEvent("created", current, event.timed))
+            else:
+                log.warning("not removing %r: S3 still holds it (etag %s), written again since its delete or the "
+                            "delete is forged", ref.object_id, normalise_etag(head["ETag"]))
         return settled
 
-    def _record(self, ignored: int, duplicates: int, accepted: int, future: int, reserved: list[ObjectEvent]) -> None:
+    def _head(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """S3's HEAD of the key's current version; None when it holds none, or when S3 refuses to say (the delete is
+        then applied, as without the check: a reconcile restores an object removed by mistake)."""
+        try:
+            return self.s3.head_object(Bucket=ref.bucket, Key=ref.key)  # type: ignore[no-any-return]
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status not in (404, 405) and not self._head_refused_logged:  # (405: a delete marker is current)
+                log.warning("cannot ask S3 whether %r is still stored (%s): deletes are applied unchecked; a "
+                            "reconcile restores what a forged one removes", ref.object_id, exc)
+                self._head_refused_logged = True
+            return None
+        except BotoCoreError as exc:
+            raise S3Unavailable(f"S3 is unreachable to check a delete: {exc}") from exc
+
+    def _record(self, ignored: int, duplicates: int, accepted: int, future: int, stale: int,
+                reserved: list[ObjectEvent]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for name, value in (("received", accepted + duplicates + ignored + future), ("ignored", ignored),
-                            ("duplicated", duplicates), ("accepted", accepted), ("future", future)):
+                            ("duplicated", duplicates), ("accepted", accepted), ("future", future),
+                            ("stale_deletes", stale)):
             if value:
                 pipe.hincrby(self.keys.counters, name, value)
         pipe.execute()

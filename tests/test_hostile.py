@@ -25,6 +25,7 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -46,7 +47,7 @@ from index_service.rebuild import RebuildJob
 from infra.stack import Stack
 from vision.local_features import COPY_MATCHES, MIN_INLIERS
 
-from .helpers import ceph_event, object_state, photo, wait_for
+from .helpers import FIXTURES, ceph_event, object_state, photo, wait_for
 from .integrity import ARTIFACTS, failures_under, patient_s3, reference_vectors
 
 # -- the corpus -----------------------------------------------------------------------------------------------
@@ -492,6 +493,40 @@ def test_an_event_from_the_future_cannot_hide_an_object_and_reconcile_settles_it
     assert settled["etag"] == etag and int(settled["order"]) < ahead * 10**9  # the listing's order, not the forged
     # Merged after the forged delete would have been: the photo is still indexed, with its own order.
     assert object_state(api, bucket, key) == indexed
+    ingest.close()
+
+
+@pytest.mark.slow
+def test_a_forged_delete_cannot_hide_a_stored_object(stack: Stack, s3: Any, api: httpx.Client,
+                                                     unique_prefix: str) -> None:
+    """Ingest asks S3 about each delete: one of a key S3 still holds is dropped. A forged MinIO delete with a
+    far-higher sequencer (opaque: no clock judges it) hid the photo, and after a reconcile the real delete no longer
+    removed it (a security check). Now the photo stays, a reconcile changes nothing, the real delete removes it."""
+    ingest = httpx.Client(base_url=stack.ingest_url, params={"token": stack.settings.webhook_token}, timeout=30)
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    bucket, key, other = stack.settings.bucket, unique_prefix + "kept.jpg", unique_prefix + "deleted.jpg"
+
+    def indexed(name: str) -> dict[str, Any]:
+        return wait_for(lambda: (o := object_state(api, bucket, name)) and o["state"] == "indexed" and o, 120,
+                        what=f"{name} indexed")  # type: ignore[no-any-return]
+
+    s3.put_object(Bucket=bucket, Key=key, Body=photo("astronaut.png"))
+    s3.put_object(Bucket=bucket, Key=other, Body=photo("coffee.png"))
+    before, _ = indexed(key), indexed(other)
+    forged = json.loads((FIXTURES / "minio_delete.json").read_bytes())
+    forged["Records"][0]["s3"]["bucket"]["name"] = bucket
+    forged["Records"][0]["s3"]["object"].update(key=quote(key), sequencer="F" * 32)
+    answer = ingest.post("/events", content=json.dumps(forged))
+    assert answer.status_code == 200 and answer.json()["stale_deletes"] == 1, answer.text
+    s3.delete_object(Bucket=bucket, Key=other)  # a real delete after it: merged, so would the forged one be
+    wait_for(lambda: object_state(api, bucket, other) is None, 120, what=f"{other} removed by its real delete")
+    assert object_state(api, bucket, key) == before
+    assert _events(api).get("stale_deletes", 0) >= 1
+
+    reconciled = api.post("/reconcile", json={"bucket": bucket}, headers=admin)
+    assert reconciled.status_code == 200, reconciled.text
+    s3.delete_object(Bucket=bucket, Key=key)
+    wait_for(lambda: object_state(api, bucket, key) is None, 120, what=f"{key} removed by its real delete")
     ingest.close()
 
 

@@ -29,6 +29,8 @@ from ingest.receiver import create_app
 from .helpers import FIXTURES, ceph_event, wait_for
 from .integrity import record_outcome
 
+NONE = {"accepted": 0, "duplicates": 0, "ignored": 0, "future": 0, "stale_deletes": 0}  # a response's counts
+
 
 @pytest.fixture
 def settings(stack: Stack) -> Settings:
@@ -51,7 +53,7 @@ def post(client: TestClient, name: str) -> dict[str, int]:
 
 
 def test_created_event_is_a_task_in_the_live_queue(client: TestClient, settings: Settings) -> None:
-    assert post(client, "minio_put.json") == {"accepted": 1, "duplicates": 0, "ignored": 0, "future": 0}
+    assert post(client, "minio_put.json") == {**NONE, "accepted": 1}
     keys = Keys(settings.namespace)
     redis = connect(settings.redis_url)
     report = queue_report(redis, keys)
@@ -69,7 +71,7 @@ def test_created_event_is_a_task_in_the_live_queue(client: TestClient, settings:
 
 def test_a_repeated_event_is_suppressed(client: TestClient, settings: Settings) -> None:
     post(client, "ceph_put.json")
-    assert post(client, "ceph_put.json") == {"accepted": 0, "duplicates": 1, "ignored": 0, "future": 0}
+    assert post(client, "ceph_put.json") == {**NONE, "duplicates": 1}
     keys = Keys(settings.namespace)
     assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 1
 
@@ -82,6 +84,20 @@ def test_delete_goes_straight_to_the_result_stream(client: TestClient, settings:
     assert (entry.op, entry.bucket, entry.key) == ("delete", "capture", "dir/a b+c%d ü.jpg")
 
 
+def test_a_delete_waits_for_s3_to_say_the_key_is_not_stored(settings: Settings) -> None:
+    """Ingest asks S3 about each delete before applying it (a forged one must not hide a stored object): with S3
+    unreachable, the delete is refused so that the S3 server delivers it again; an upload needs no S3."""
+    away = dataclasses.replace(settings, s3_endpoint=f"http://127.0.0.1:{free_port()}")
+    with TestClient(create_app(away)) as client:
+        refused = client.post("/events?token=secret", content=(FIXTURES / "ceph_delete.json").read_bytes())
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "s3_unavailable", refused.text
+        assert post(client, "ceph_put.json")["accepted"] == 1
+    assert connect(settings.redis_url).xlen(Keys(settings.namespace).results) == 0
+    with TestClient(create_app(settings)) as client:  # S3 back: the redelivered delete is applied
+        assert post(client, "ceph_delete.json")["accepted"] == 1
+    assert connect(settings.redis_url).xlen(Keys(settings.namespace).results) == 1
+
+
 def test_bearer_header_is_accepted_as_well(client: TestClient) -> None:
     body = (FIXTURES / "aws_test_event.json").read_bytes()
     assert client.post("/events", content=body, headers={"Authorization": "Bearer secret"}).status_code == 200
@@ -89,7 +105,7 @@ def test_bearer_header_is_accepted_as_well(client: TestClient) -> None:
 
 
 def test_an_aws_event_through_sns_is_queued_like_any_other(client: TestClient, settings: Settings) -> None:
-    assert post(client, "sns_notification.json") == {"accepted": 1, "duplicates": 0, "ignored": 0, "future": 0}
+    assert post(client, "sns_notification.json") == {**NONE, "accepted": 1}
     keys = Keys(settings.namespace)
     assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 1
     assert post(client, "aws_put.json")["duplicates"] == 1  # the same event, sent raw: one task
@@ -170,7 +186,7 @@ def test_an_event_from_beyond_the_clock_skew_is_acknowledged_and_not_applied(
     ahead = int(time.time()) + 3600  # an hour ahead: forged, or a wrong clock on the S3 server
     response = client.post("/events?token=secret", content=ceph_event(name, ahead).encode())
     assert response.status_code == 200, response.text  # acknowledged: the S3 server must not deliver it forever
-    assert response.json() == {"accepted": 0, "duplicates": 0, "ignored": 0, "future": 1}
+    assert response.json() == {**NONE, "future": 1}
     report = queue_report(redis, keys)
     assert report["queues"][keys.live_queue]["depth"] == 0 and report["stream"]["length"] == 0
     assert report["pending_objects"] == 0  # nothing waits for it: reconcile settles the object from the listing
