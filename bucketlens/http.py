@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -10,8 +11,10 @@ import orjson
 import redis
 from botocore.exceptions import BotoCoreError
 from starlette import responses
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,54 @@ class JSONResponse(responses.JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def allowed_hosts(setting: str, bind: str) -> frozenset[str] | None:
+    """The ``Host`` names a server answers (lower case, without port); None: any. ``setting`` lists them
+    (comma-separated, ``*``: any); when it is empty, a server bound to a loopback address answers only the loopback
+    names: a web page elsewhere whose DNS name is rebound to 127.0.0.1 would otherwise read it through the user's
+    browser (DNS rebinding), and no other name reaches a loopback address legitimately."""
+    names = {name.strip().lower().strip("[]") for name in setting.split(",") if name.strip()}
+    if "*" in names:
+        return None
+    if names:
+        return frozenset(names)
+    try:
+        loopback = bind == "localhost" or ipaddress.ip_address(bind.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return LOOPBACK_NAMES if loopback else None
+
+
+class HostGuard:
+    """ASGI middleware: 400 ``bad_host`` for a request whose ``Host`` is not among ``allowed`` (a request without
+    one, which no browser sends, passes)."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allowed is not None and scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            if host and _host_name(host) not in self.allowed:
+                names = ", ".join(sorted(self.allowed))
+                await error_response(400, "bad_host", f"this server answers requests for {names}, not {host!r} "
+                                     "(a guard against DNS rebinding); BUCKETLENS_ALLOWED_HOSTS names the hosts "
+                                     "clients use")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """A ``Host`` header's name, lower case, without its port or an IPv6 address's brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class HTTPError(Exception):

@@ -38,6 +38,7 @@ class Settings:
     ingest_host: str = "127.0.0.1"
     ingest_port: int = 7401
     api_host: str = "127.0.0.1"
+    allowed_hosts: str = ""  # Host names the API answers (comma-separated; *: any); "": loopback names if bound there
     api_port: int = 7400
     max_body_bytes: int = 4 * 1024 * 1024  # /events bodies
     max_upload_bytes: int = 32 * 1024 * 1024  # /search image uploads

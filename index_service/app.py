@@ -15,12 +15,13 @@ from botocore.exceptions import ClientError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, JSONResponse, only, read_limited
+from bucketlens.http import EXCEPTION_HANDLERS, HostGuard, HTTPError, JSONResponse, allowed_hosts, only, read_limited
 from bucketlens.openapi import route as openapi_route
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
@@ -303,6 +304,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             openapi_route(OPENAPI),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(HostGuard, allowed=allowed_hosts(settings.allowed_hosts, settings.api_host))],
         lifespan=lifespan,
     )
 

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from bucketlens.http import LOOPBACK_NAMES, allowed_hosts
 from infra.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -93,3 +94,26 @@ def test_no_token_in_logs_or_public_responses(stack: Stack, api: httpx.Client, l
         for path, body in public.items():
             assert token not in body, f"the {name} token is in GET {path}"
     assert_no_token_in_logs(stack)
+
+
+def test_a_loopback_api_answers_only_loopback_host_names(stack: Stack, api: httpx.Client) -> None:
+    """DNS rebinding: a web page on evil.example whose name is rebound to 127.0.0.1 makes the user's browser ask
+    the local API with ``Host: evil.example``; an API bound to loopback without a read token answered it (a
+    security check). Loopback names are answered, any other is 400 ``bad_host`` naming the setting."""
+    port = stack.settings.api_port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert api.get("/stats", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "[::2]"):
+        refused = api.post("/search", json={"key": "any.jpg"}, headers={"Host": host})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "bad_host", (host, refused.text)
+        assert "BUCKETLENS_ALLOWED_HOSTS" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("setting", "bind", "allowed"), [
+    ("", "127.0.0.1", LOOPBACK_NAMES), ("", "::1", LOOPBACK_NAMES), ("", "localhost", LOOPBACK_NAMES),
+    ("", "0.0.0.0", None), ("", "10.0.0.5", None),  # reached from elsewhere: names are the operator's to say
+    ("*", "127.0.0.1", None), ("Images.Example.com, [::1]", "0.0.0.0", {"images.example.com", "::1"}),
+])
+def test_the_hosts_answered_follow_the_setting_and_the_bind_address(setting: str, bind: str,
+                                                                    allowed: frozenset[str] | None) -> None:
+    assert allowed_hosts(setting, bind) == allowed

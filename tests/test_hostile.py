@@ -556,7 +556,7 @@ def app_around(service: Any, **settings: Any) -> TestClient:
     """The index service's app around ``service``, a stand-in with only what the requests reach (no lifespan)."""
     app = create_app(Settings(**settings))
     app.state.service = service
-    return TestClient(app)
+    return TestClient(app, base_url="http://127.0.0.1")  # the app binds 127.0.0.1: only its names are answered
 
 
 def error(response: httpx.Response) -> tuple[int, str, str]:
