@@ -219,7 +219,17 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> Any:
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     stack = _stack_for_up(settings, args)
-    stack.up()
+    running = any(stack.status()["processes"].values())
+    try:
+        stack.up()
+    except KeyboardInterrupt:  # (a first start takes a while: it left its servers running, unknown to the user)
+        if running:
+            print("up: interrupted; what ran before goes on running (`bucketlens status` says what runs)",
+                  file=sys.stderr)
+        else:
+            print("up: interrupted: stopping what it started", file=sys.stderr)
+            stack.down()
+        raise
     print(f"up: API {stack.api_url}  web page {stack.api_url}/  S3 {stack.settings.s3_endpoint}")
     return 0
 

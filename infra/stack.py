@@ -358,10 +358,17 @@ class Stack:
         ceph = self.home / "ceph"
         env = {**os.environ, "S3_ACCESS_KEY": self.settings.s3_access_key,
                "S3_SECRET_KEY": self.settings.s3_secret_key}
+        creating = self.home / "ceph.creating"  # (beside the folder: ceph.sh init makes that one)
+        if creating.exists():  # a first start cut short (Ctrl-C): a cluster without its S3 user, holding nothing
+            self._ceph("kill")
+            shutil.rmtree(ceph, ignore_errors=True)
         command = "start" if (ceph / "ceph.conf").exists() else "init"
         if command == "init" and ceph.exists():
             raise StackError(f"{ceph} exists without ceph.conf; remove it to re-create the S3 server")
+        if command == "init":
+            creating.touch()
         self._ceph(command, env=env)
+        creating.unlink(missing_ok=True)
 
     def _ceph(self, command: str, env: dict[str, str] | None = None) -> None:
         ceph = self.home / "ceph"

@@ -22,6 +22,8 @@ import pytest
 from bucketlens.cli import NOT_RUNNING, main
 from infra.stack import Stack, free_port
 
+from .helpers import wait_for
+
 
 class FakeAPI:
     """Answers ``answers[(method, path)]`` (status, JSON body) and keeps every request it got."""
@@ -147,6 +149,45 @@ def test_up_refuses_a_port_another_stack_holds_before_it_starts_anything(
     assert process.returncode == 1, (out, err)
     assert f"port {ports[shared]}, this stack's {name} port, is in use by another program" in err, err
     assert not list((home / "run").glob("*.pid")) and not (home / "ceph").exists()
+
+
+def processes_of(home: Path) -> list[str]:
+    """The command lines of the processes that name ``home`` in their arguments (Redis, Ceph) or in their
+    ``BUCKETLENS_HOME`` (the services)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # (gone meanwhile, or not a process)
+            continue
+        if str(home) in argv or f"BUCKETLENS_HOME={home}".encode() in environ:
+            found.append(argv)
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_first_up_stops_what_it_started_and_the_next_up_starts(tmp_path: Path) -> None:
+    """A first ``up`` takes a while (it creates the S3 server); Ctrl-C left Redis and half a Ceph cluster running,
+    and the next ``up`` started that cluster without its S3 user."""
+    home = tmp_path / "stack"
+    first = cli_process(["up"], BUCKETLENS_HOME=str(home))
+    try:
+        wait_for(lambda: (home / "ceph" / "ceph.conf").exists(), 120, what="the S3 server being created")
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=300)
+        assert first.returncode == 130 and "up: interrupted: stopping what it started" in err, (out, err)
+        assert "Traceback" not in err, err
+        assert processes_of(home) == [], "left running after the interrupted up"
+        second = cli_process(["up"], BUCKETLENS_HOME=str(home))
+        out, err = second.communicate(timeout=900)
+        assert second.returncode == 0 and "up: API" in out, (out, err)
+        status = cli_process(["status"], BUCKETLENS_HOME=str(home))
+        out, err = status.communicate(timeout=60)
+        assert status.returncode == 0, (out, err)
+    finally:
+        cli_process(["down"], BUCKETLENS_HOME=str(home)).communicate(timeout=300)
+    assert processes_of(home) == []
 
 
 def test_a_client_command_sends_nothing_with_a_bad_setting(
