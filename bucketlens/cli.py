@@ -212,7 +212,7 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> Any:
     if getattr(args, "replicas", None) is not None:
         stack.choose_replicas(args.replicas)
     extra = " and Milvus: ~40 s more" if stack.servers else ""
-    first = "" if (stack.home / "ceph").exists() else f"; first start creates the S3 server: ~30 s{extra}"
+    first = "" if stack.s3_created() else f"; first start creates the S3 server: ~30 s{extra}"
     print(f"starting the local stack in {stack.home} ({stack.settings.index_backend} index{first})")
     return stack
 

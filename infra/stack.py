@@ -358,28 +358,45 @@ class Stack:
         ceph = self.home / "ceph"
         env = {**os.environ, "S3_ACCESS_KEY": self.settings.s3_access_key,
                "S3_SECRET_KEY": self.settings.s3_secret_key}
-        creating = self.home / "ceph.creating"  # (beside the folder: ceph.sh init makes that one)
-        if creating.exists():  # a first start cut short (Ctrl-C): a cluster without its S3 user, holding nothing
+        if self._creating.exists():  # a first start cut short (Ctrl-C): a cluster without its S3 user, holding nothing
             self._ceph("kill")
             shutil.rmtree(ceph, ignore_errors=True)
         command = "start" if (ceph / "ceph.conf").exists() else "init"
         if command == "init" and ceph.exists():
             raise StackError(f"{ceph} exists without ceph.conf; remove it to re-create the S3 server")
         if command == "init":
-            creating.touch()
+            self._creating.touch()
         self._ceph(command, env=env)
-        creating.unlink(missing_ok=True)
+        self._creating.unlink(missing_ok=True)
+
+    @property
+    def _creating(self) -> Path:
+        """Present while the S3 server is being created (beside its folder: ceph.sh init makes that one)."""
+        return self.home / "ceph.creating"
+
+    def s3_created(self) -> bool:
+        """Whether this stack's S3 server was created (a first ``up`` creates it, ~30 s)."""
+        return (self.home / "ceph" / "ceph.conf").exists() and not self._creating.exists()
 
     def _ceph(self, command: str, env: dict[str, str] | None = None) -> None:
         ceph = self.home / "ceph"
         if command != "init" and not (ceph / "ceph.conf").exists():
             return
         with open(self.home / "logs" / "ceph-script.log", "ab") as out:
-            result = subprocess.run(
+            # A session of its own, ended whole when this one is interrupted: killing the script alone (what
+            # subprocess.run does on Ctrl-C) left its subshells and tools running (`timeout` makes a process group
+            # of its own: only the session holds them all).
+            script = subprocess.Popen(
                 ["bash", str(INFRA / "ceph.sh"), command, str(ceph), str(self.config.s3_port),
-                 str(self.config.mon_port)], stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600,
+                 str(self.config.mon_port)], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
-        if result.returncode != 0:
+            try:
+                returncode = script.wait(timeout=600)
+            except BaseException:
+                _kill_session(script.pid)
+                script.wait()
+                raise
+        if returncode != 0:
             raise StackError(f"ceph.sh {command} failed; see {self.home / 'logs' / 'ceph-script.log'}")
 
     def ceph_pid(self, daemon: str) -> int | None:
@@ -478,6 +495,17 @@ def _live_pid(path: Path, comm_prefix: str) -> int | None:
     if stat.split(") ", 1)[-1].startswith("Z") or not comm.startswith(comm_prefix[:15]):
         return None
     return pid
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of the session ``sid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # (after the command's name, which may hold spaces)
+            if int(fields[3]) == sid:  # state, ppid, pgrp, session
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
 
 
 def _terminate(pid: int, sig: int, timeout_s: float, group: bool = False) -> None:
