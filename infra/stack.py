@@ -338,10 +338,10 @@ class Stack:
         completed.touch()
 
     def stop_milvus(self, kill: bool = False) -> None:
-        """TERM, then KILL after 60 s (a TERM'd Milvus can take long to exit)."""
+        """TERM, then KILL after ``milvus.GRACE_S`` (Milvus 2.3.5 never ends a graceful stop: ``milvus.stop``)."""
         pid = self.milvus_pid()
         if pid is not None:
-            _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 60, group=True)
+            _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, milvus.GRACE_S, group=True)
         child = self._children.pop("milvus", None)
         if child is not None:
             child.wait(timeout=5)
