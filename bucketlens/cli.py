@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="run one Celery worker")
     sub.add_parser("serve", help="run the index service (uvicorn)")
     sub.add_parser("supervise", help="run the local stack's supervisor (restarts, delivery watchdog)")
-    upload = sub.add_parser("upload", help="upload a folder of images to the bucket")
-    upload.add_argument("folder", type=Path)
+    upload = sub.add_parser("upload", help="upload images to the bucket: files, and folders with all below them")
+    upload.add_argument("paths", nargs="+", type=Path, metavar="path",
+                        help="an image file (its key: its name) or a folder (keys: the paths below it)")
     upload.add_argument("--prefix", default="", help="key prefix for the uploaded objects")
     upload.add_argument("--bucket")
     search = sub.add_parser("search", help="find images by image file, indexed key or words, within filters")
@@ -286,12 +287,9 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
 
     from .s3 import make_client
 
-    if not args.folder.is_dir():
-        raise CLIError(f"{args.folder} is not a folder")
-    found = sorted(p for p in args.folder.rglob("*") if p.is_file())
-    files = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+    files, skipped = upload_plan(args.paths, args.prefix)
     if not files:
-        raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.folder}")
+        raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(map(str, args.paths))}")
     bucket = args.bucket or settings.bucket
     s3 = make_client(settings)
     try:  # before the progress bar: a missing bucket or S3 away fails every file the same way
@@ -303,22 +301,41 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     except BotoCoreError as exc:
         raise CLIError(f"S3 at {settings.s3_endpoint}: {exc}") from exc
 
-    def put(path: Path) -> None:
-        key = args.prefix + path.relative_to(args.folder).as_posix()
+    def put(item: tuple[str, Path]) -> None:
+        key, path = item
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type})
 
     try:
         with ThreadPoolExecutor(max_workers=8) as pool, tqdm(total=len(files), unit="img", desc="upload") as bar:
-            for _ in pool.map(put, files):
+            for _ in pool.map(put, files.items()):
                 bar.update()
     except (Boto3Error, BotoCoreError, ClientError) as exc:
         raise CLIError(f"upload to s3://{bucket} at {settings.s3_endpoint} failed: {exc}") from exc
-    skipped = len(found) - len(files)
     print(f"uploaded {len(files)} images to s3://{bucket}/{args.prefix}"
           + (f"; {skipped} other files left out (by their names: not {', '.join(sorted(IMAGE_SUFFIXES))})"
              if skipped else ""))
     return 0
+
+
+def upload_plan(paths: list[Path], prefix: str) -> tuple[dict[str, Path], int]:
+    """The key of each image to upload (a file: ``prefix`` + its name; a folder's: ``prefix`` + its path below the
+    folder) and how many other files were left out (not images by their names)."""
+    keys: dict[str, Path] = {}
+    skipped = 0
+    for path in paths:
+        if path.is_dir():
+            named = [(p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*")) if p.is_file()]
+        elif path.is_file():
+            named = [(path.name, path)]
+        else:
+            raise CLIError(f"{path}: no such file or folder")
+        for name, file in named:
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped += 1
+            elif keys.setdefault(prefix + name, file).resolve() != file.resolve():
+                raise CLIError(f"{keys[prefix + name]} and {file} would both be uploaded as {prefix + name!r}")
+    return keys, skipped
 
 
 def search_request(settings: Settings, query: dict[str, Any], image: Path | None = None) -> Any:

@@ -495,6 +495,28 @@ def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket
     one_error_line(capsys, "bucketlens upload: no bucket 'no-such-bucket-here' at http://127.0.0.1:")
 
 
+def test_upload_takes_files_and_folders_and_refuses_two_files_for_one_key(
+    stack: Stack, s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    unique_prefix: str
+) -> None:
+    """``bucketlens upload photo.jpg`` said "is not a folder": files are taken too, beside folders."""
+    from PIL import Image
+
+    for path, colour in (("a/sub/one.jpg", (200, 40, 40)), ("b/two.png", (40, 200, 40)), ("b/one.jpg", (9, 9, 200))):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 48), colour).save(tmp_path / path)
+    monkeypatch.setenv("BUCKETLENS_HOME", str(stack.home))
+    bucket = ["--bucket", stack.settings.bucket, "--prefix", unique_prefix]
+    assert main(["upload", str(tmp_path / "b" / "two.png"), str(tmp_path / "a"), *bucket]) == 0
+    assert "uploaded 2 images" in capsys.readouterr().out
+    listed = s3.list_objects_v2(Bucket=stack.settings.bucket, Prefix=unique_prefix)["Contents"]
+    assert sorted(o["Key"].removeprefix(unique_prefix) for o in listed) == ["sub/one.jpg", "two.png"]
+    assert main(["upload", str(tmp_path / "b" / "one.jpg"), str(tmp_path / "a" / "sub"), *bucket]) == 1
+    one_error_line(capsys, "/b/one.jpg", "/a/sub/one.jpg", f"would both be uploaded as '{unique_prefix}one.jpg'")
+    assert main(["upload", str(tmp_path / "missing.jpg"), *bucket]) == 1
+    one_error_line(capsys, "missing.jpg: no such file or folder")
+
+
 def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """The stack keeps the ports of its first `up` (stack.json): `BUCKETLENS_API_PORT=47999 bucketlens up` kept
