@@ -193,7 +193,10 @@ def search_structure(structure: Any, queries: np.ndarray, k: int, keep: np.ndarr
         return best_of([search_structure(part, queries, k, keep, objects) for part in structure.parts()], k)
     if keep is None:
         return structure.search(queries, k)
-    selector = faiss.IDSelectorBatch(keep)
+    bits = np.zeros(int(keep.max(initial=-1)) + 1, bool)
+    bits[keep] = True
+    packed = np.packbits(bits, bitorder="little")  # (kept alive while it is searched: the selector points into it)
+    selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(packed))  # IDSelectorBatch's set took 10 ms at 250k
     if not is_ivf(structure):
         return structure.search(queries, k, params=faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
     nprobe = min(structure.nlist, math.ceil(structure.nprobe * objects / max(1, len(keep))))
@@ -346,6 +349,7 @@ RERANK_TIMES, RERANK_LEAST = 4, 40
 # ~1 µs per object: bench.text_filters);
 # one that keeps more searches the structure with a selector (IVF then probes more lists, in proportion).
 EXACT_LIMIT = 5_000
+BROAD = 0.5  # a filter keeping at least this share of the objects is applied to the results of a search without it
 
 
 def lists_outgrown(nlist: int, n: int) -> bool:
@@ -557,8 +561,10 @@ class VectorIndex(SearchOne):
     def search_many(self, queries: np.ndarray, k: int, exclude: list[str | None] | None = None,
                     where: Filter | None = None) -> list[list[tuple[Indexed, float]]]:
         """One FAISS call for many queries (a flat scan reads the vectors once for all of them); ``exclude[i]``
-        is an object id left out of query i's results. With a filter that keeps at most ``EXACT_LIMIT`` objects
-        the answer is an exact scan over them; with a larger one, the structure is searched with a selector. Where
+        is an object id left out of query i's results. With a filter that keeps at least ``BROAD`` of the objects,
+        the structure's results without it are filtered (enough of them fetched); with one that keeps at most
+        ``EXACT_LIMIT`` objects, the answer is an exact scan over them; otherwise, the structure is searched with a
+        selector. Where
         the probed lists hold fewer than ``k`` kept objects, an exact scan answers instead: ``k`` results come
         whenever that many are kept."""
         assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries {queries.shape}, index dim {self.dim}"
@@ -566,23 +572,62 @@ class VectorIndex(SearchOne):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         _use_search_threads()
         with self._lock.read():
-            selected = self._select(where) if where else None
-            n = len(self._ids) if selected is None else len(selected)
-            if n == 0:
-                return [[] for _ in queries]
-            want = min(n, k + (1 if any(exclude) else 0))
-            if selected is not None and len(selected) <= EXACT_LIMIT:
-                scores, ids = self._exact(queries, selected, want)
-            else:
-                scores, ids = self._approximate(queries, want, selected)
-                if (ids < 0).any():  # the probed lists held too few of the kept objects (a large k: unfiltered too)
-                    every = np.fromiter(self._ids.values(), np.int64, len(self._ids)) if selected is None else selected
-                    scores, ids = self._exact(queries, every, want)
-            objects = self._objects  # rows as Python numbers: numpy scalars hash and convert ~2x slower
-            found = [[(objects[i], s) for s, i in zip(row_s.tolist(), row_i.tolist()) if i in objects]
-                     for row_s, row_i in zip(scores, ids)]
+            found = None
+            if where and (share := self._share(where)) >= BROAD:
+                found = self._kept_of_more(queries, k + (1 if any(exclude) else 0), where, share)
+            if found is None:
+                found = self._found(queries, k + (1 if any(exclude) else 0), where)
         return [[(obj, s) for obj, s in hits if not skip or object_id(obj.bucket, obj.key) != skip][:k]
                 for hits, skip in zip(found, exclude)]
+
+    def _found(self, queries: np.ndarray, k: int, where: Filter | None) -> list[list[tuple[Indexed, float]]]:
+        """The best ``k`` per query of the objects ``where`` keeps: an exact scan of them, or the structure searched
+        with a selector, or all of them (caller holds the lock)."""
+        selected = self._select(where) if where else None  # (None too when it keeps every object)
+        n = len(self._ids) if selected is None else len(selected)
+        if n == 0:
+            return [[] for _ in queries]
+        want = min(n, k)
+        if selected is not None and len(selected) <= EXACT_LIMIT:
+            scores, ids = self._exact(queries, selected, want)
+        else:
+            scores, ids = self._approximate(queries, want, selected)
+            if (ids < 0).any():  # the probed lists held too few of the kept objects (a large k: unfiltered too)
+                every = np.fromiter(self._ids.values(), np.int64, len(self._ids)) if selected is None else selected
+                scores, ids = self._exact(queries, every, want)
+        objects = self._objects  # rows as Python numbers: numpy scalars hash and convert ~2x slower
+        return [[(objects[i], s) for s, i in zip(row_s.tolist(), row_i.tolist()) if i in objects]
+                for row_s, row_i in zip(scores, ids)]
+
+    def _share(self, where: Filter) -> float:
+        """At least the share of the objects that ``where`` keeps (caller holds the lock), found without gathering
+        their ids: the least of the prefix's, the bucket's and the time range's shares."""
+        total = max(1, len(self._ids))
+        shares = [1.0]
+        if where.prefix:
+            shares.append(sum(stop - begin for begin, stop in map(self._prefix_range, where.ranges(self._buckets())))
+                          / total)
+        elif where.bucket:
+            shares.append(self._bucket_counts.get(where.bucket, 0) / total)
+        if where.dated:
+            shares.append(int(np.count_nonzero(self._dated_mask(where, self._modified))) / total)
+        return min(shares)
+
+    def _kept_of_more(self, queries: np.ndarray, want: int, where: Filter, share: float
+                      ) -> list[list[tuple[Indexed, float]]] | None:
+        """For a filter that keeps most objects: the structure's best ``want / share`` (twice over) without a
+        selector, those ``where`` keeps, best first; None when a query keeps fewer than ``want`` of them (the caller
+        then selects). (Gathering the ids of 247k kept objects of 250k took most of a search's time.)"""
+        fetch = min(len(self._ids), math.ceil(2 * want / share) + 16)
+        scores, ids = self._approximate(queries, fetch, None)
+        objects, found = self._objects, []
+        for row_s, row_i in zip(scores.tolist(), ids.tolist()):
+            hits = [(obj, s) for s, i in zip(row_s, row_i)
+                    if (obj := objects.get(i)) is not None and where.keeps(obj.bucket, obj.key, obj.modified)]
+            if len(hits) < want:
+                return None
+            found.append(hits[:want])
+        return found
 
     def _approximate(self, queries: np.ndarray, want: int, selected: np.ndarray | None
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -609,32 +654,51 @@ class VectorIndex(SearchOne):
             return np.empty((0, self.dim), np.float32)
         return np.ascontiguousarray(self._faiss.reconstruct_batch(ids), np.float32)
 
-    def _select(self, where: Filter) -> np.ndarray:
-        """The FAISS ids of the objects ``where`` keeps (caller holds the lock): a prefix is a range of the sorted
-        ids, a bucket and a time range are array comparisons."""
-        ids: np.ndarray | None = None
+    def _select(self, where: Filter) -> np.ndarray | None:
+        """The FAISS ids of the objects ``where`` keeps, or None when it keeps every object (caller holds the lock).
+        A time range and a bucket are array comparisons; a prefix is ranges of the sorted object ids, whose ids are
+        gathered in C, or, where the time range keeps fewer objects, a check of those objects' keys. (Gathered one by
+        one in Python, a prefix holding 247k of 250k objects took ~250 ms a search, holding the GIL.)"""
+        dated = self._dated(where) if where.dated else None
         if where.prefix:
-            oids = [oid for start in where.ranges(self._buckets()) for oid in self._range(start)]
-            ids = np.fromiter((self._ids[oid] for oid in oids), dtype=np.int64, count=len(oids))
+            starts = where.ranges(self._buckets())
+            ranges = [self._prefix_range(start) for start in starts]
+            if dated is not None and len(dated) < sum(stop - begin for begin, stop in ranges):
+                objects = self._objects
+                return dated[[object_id(objects[i].bucket, objects[i].key).startswith(tuple(starts))
+                              for i in dated.tolist()]]
+            ids = np.concatenate([np.fromiter(map(self._ids.__getitem__, self._sorted.islice(begin, stop)),
+                                              np.int64, count=stop - begin) for begin, stop in ranges] or
+                                 [np.empty(0, np.int64)])
         elif where.bucket:
             code = self._bucket_codes.get(where.bucket, -2)
             ids = np.flatnonzero(self._bucket_of == code)
-        if where.dated:
-            times = self._modified if ids is None else self._modified[ids]
-            keep = times > 0
-            if where.after is not None:
-                keep &= times >= where.after
-            if where.before is not None:
-                keep &= times < where.before
-            ids = np.flatnonzero(keep) if ids is None else ids[keep]
-        assert ids is not None, "an empty filter selects nothing: search without one"
-        return ids.astype(np.int64, copy=False)
+        else:
+            assert dated is not None, "an empty filter selects nothing: search without one"
+            ids = dated
+        if dated is not None and ids is not dated:
+            ids = ids[self._dated_mask(where, self._modified[ids])]
+        return None if len(ids) == len(self._ids) else ids.astype(np.int64, copy=False)
 
-    def _range(self, start: str) -> Iterator[str]:
-        for oid in self._sorted.irange(minimum=start):
-            if not oid.startswith(start):
-                return
-            yield oid
+    def _prefix_range(self, start: str) -> tuple[int, int]:
+        """The positions in the sorted object ids of those that begin with ``start``."""
+        begin = self._sorted.bisect_left(start)
+        stop = self._sorted.bisect_left(start + "\U0010ffff")  # past them all but those that go on with U+10FFFF
+        while stop < len(self._sorted) and self._sorted[stop].startswith(start):
+            stop += 1
+        return begin, stop
+
+    def _dated(self, where: Filter) -> np.ndarray:
+        return np.flatnonzero(self._dated_mask(where, self._modified))
+
+    @staticmethod
+    def _dated_mask(where: Filter, times: np.ndarray) -> np.ndarray:
+        keep = times > 0
+        if where.after is not None:
+            keep &= times >= where.after
+        if where.before is not None:
+            keep &= times < where.before
+        return keep
 
     def _buckets(self) -> set[str]:
         return {bucket for bucket, count in self._bucket_counts.items() if count}
@@ -660,9 +724,9 @@ class VectorIndex(SearchOne):
                 return []
             ids = np.concatenate([i for i, _ in parts])
             scores = np.bincount(ids, weights=np.concatenate([p for _, p in parts]), minlength=len(self._modified))
-            if where:
+            if where and (selected := self._select(where)) is not None:
                 kept = np.zeros(len(scores), bool)
-                kept[self._select(where)] = True
+                kept[selected] = True
                 scores[~kept] = 0.0
             found = np.flatnonzero(scores > 0)
             if len(found) > k:

@@ -496,16 +496,18 @@ def exact_answer(index: VectorIndex, query: np.ndarray, where: Filter, k: int) -
 
 @pytest.mark.parametrize("structure", ["Flat", "IVF"])
 @pytest.mark.parametrize("exact_limit", [10_000, 5])  # an exact scan of the kept objects, or a selector
-def test_filters_keep_exactly_their_objects(folders: VectorIndex, structure: str, exact_limit: int,
+@pytest.mark.parametrize("broad", [0.5, 2.0])  # half kept: applied to an unfiltered search's results, or not
+def test_filters_keep_exactly_their_objects(folders: VectorIndex, structure: str, exact_limit: int, broad: float,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module, "EXACT_LIMIT", exact_limit)
+    monkeypatch.setattr(module, "BROAD", broad)
     if structure == "IVF":
         folders.restructure("IVF")
         folders._faiss.nprobe = folders._faiss.nlist  # all lists: the selector path is then exact too
     query = unit(12345)
     for where in (Filter(prefix="2024/"), Filter(bucket="c"), Filter(bucket="b", prefix="misc/"),
                   Filter(after=1_702_000_000), Filter(before=1_702_000_000), Filter(prefix="2023/", after=1),
-                  Filter(bucket="nope"), Filter(prefix="2025/")):
+                  Filter(bucket="nope"), Filter(prefix="2025/"), Filter(after=1), Filter(bucket="b", after=1)):
         found = [o.key for o, _ in folders.search(query, 10, where=where)]
         assert found == exact_answer(folders, query, where, 10), where
         assert all(where.keeps(o.bucket, o.key, o.modified) for o, _ in folders.search(query, 300, where=where))
