@@ -126,3 +126,13 @@ def test_a_variable_that_is_no_setting_is_noted_with_the_likely_one() -> None:
                                "BUCKETLENS_TEST_HOME": "/tmp/x", "HOME": "/root"})
     assert notes == ["BUCKETLENS_BATCHSIZE is not a setting (did you mean BUCKETLENS_BATCH_SIZE?); it is ignored",
                      "BUCKETLENS_FROBNICATE is not a setting; it is ignored"]
+
+
+def test_the_fetch_timeout_bounds_the_workers_downloads_only() -> None:
+    """``FETCH_TIMEOUT_S`` was every S3 client's read timeout: 0.05 made ``up`` and ``upload`` fail with tracebacks
+    (an independent check of unusual settings). The workers' client still waits that long at most."""
+    from bucketlens.s3 import READ_TIMEOUT_S, make_client
+
+    settings = Settings(fetch_timeout_s=0.05)
+    assert make_client(settings).meta.config.read_timeout == READ_TIMEOUT_S
+    assert make_client(settings, read_timeout=settings.fetch_timeout_s).meta.config.read_timeout == 0.05

@@ -56,7 +56,7 @@ class Pipeline:
     def __init__(self, settings: Settings, embedder: Embedder | None = None, client: redis.Redis | None = None):
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.s3 = make_client(settings)
+        self.s3 = make_client(settings, read_timeout=settings.fetch_timeout_s)  # (fetch.py holds it per object)
         self.pool = ThreadPoolExecutor(max_workers=settings.fetch_concurrency, thread_name_prefix="fetch")
         default = embedder or load_embedder(settings)
         self.embedders = Embedders(settings, default)
