@@ -368,6 +368,7 @@ class Stack:
             self._creating.touch()
         self._ceph(command, env=env)
         self._creating.unlink(missing_ok=True)
+        self._check_s3()
 
     @property
     def _creating(self) -> Path:
@@ -410,13 +411,25 @@ class Stack:
 
     def start_s3(self) -> None:
         self._ceph("start-rgw")
+        self._check_s3()
 
     def s3_up(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.config.s3_port), timeout=1):
-                return True
-        except OSError:
-            return False
+        """Whether this stack's radosgw runs and holds its port (another stack's S3 server on that port, one that
+        took the port while this radosgw started, was once taken for it: buckets, notifications and uploads went
+        there, and the index drifted from its own bucket)."""
+        pid = self.ceph_pid("client.rgw.a")
+        return pid is not None and _listens(pid, self.config.s3_port)
+
+    def _check_s3(self) -> None:
+        """Raise unless this stack's radosgw holds its port within a few seconds of its start."""
+        deadline = time.monotonic() + 15
+        while not self.s3_up():
+            if time.monotonic() > deadline:
+                log = self.home / "ceph" / "log" / "client.rgw.a.log"
+                raise StackError(f"this stack's radosgw does not hold its port {self.config.s3_port}"
+                                 + (" (another program answers there)" if _answers(self.config.s3_port) else "")
+                                 + f"; see {log}")
+            time.sleep(0.2)
 
     # -- Python services -----------------------------------------------------------------------------------
 
@@ -495,6 +508,28 @@ def _live_pid(path: Path, comm_prefix: str) -> int | None:
     if stat.split(") ", 1)[-1].startswith("Z") or not comm.startswith(comm_prefix[:15]):
         return None
     return pid
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on ``port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return False
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _kill_session(sid: int) -> None:

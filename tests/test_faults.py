@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.server
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -35,7 +37,7 @@ from bucketlens.redis_client import connect, text
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 from index_service.queues import unacked_key
-from infra.stack import Stack, free_port
+from infra.stack import Stack, StackError, free_port
 from ingest.publisher import Publisher
 
 from .helpers import index_difference, object_state, wait_for
@@ -398,6 +400,26 @@ def test_the_supervisor_restarts_a_dead_redis_and_a_dead_radosgw(
         assert counter(api, "canary_stalls") == stalls_before
     finally:
         restore(stack)
+
+
+def test_another_server_on_the_s3_port_is_not_taken_for_this_stacks(stack: Stack) -> None:
+    """Another stack's S3 server took this stack's port while its radosgw started (an independent check, two stacks
+    made together): `up` succeeded against it, made the bucket and notifications there, and the index drifted from
+    its own bucket. Now a radosgw that does not hold its port is an error naming it, and `status` says S3 is down."""
+    with supervisor_paused(stack):
+        stack.stop_s3()
+        squatter = http.server.ThreadingHTTPServer(("127.0.0.1", stack.config.s3_port),
+                                                   http.server.BaseHTTPRequestHandler)
+        threading.Thread(target=squatter.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(StackError, match=f"does not hold its port {stack.config.s3_port} \\(another program"):
+                stack.start_s3()
+            assert not stack.s3_up() and not stack.status()["processes"]["s3"]
+        finally:
+            squatter.shutdown()
+            squatter.server_close()
+            stack.stop_s3()  # (the radosgw that could not bind, if it still runs)
+    assert stack.s3_up()  # restored by this stack's own radosgw
 
 
 # -- 4. S3 unreachable ----------------------------------------------------------------------------------------
