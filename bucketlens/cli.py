@@ -609,12 +609,12 @@ def reconcile_summary(report: dict[str, Any], bucket: str | None) -> str:
     """One line from ``POST /reconcile``'s answer. ``failed`` counts objects among the missing and changed whose
     listed version already failed by its content (not an image, corrupt, ...): reconcile leaves those to
     ``failures --retry`` rather than embedding the same bad bytes again."""
-    failed = report.get("failed", 0)
-    sent = report["missing"] + report["changed"] - failed
-    left = ""
+    failed, in_flight = report.get("failed", 0), report.get("in_flight", 0)
+    sent = report["missing"] + report["changed"] - failed - in_flight
+    left = f", {in_flight} on their way already" if in_flight else ""
     if failed:
         retry = f"bucketlens failures{f' --bucket {bucket}' if bucket else ''} --retry"
-        left = (f", {failed} not sent (the listed version already failed by its content: `bucketlens failures` "
+        left += (f", {failed} not sent (the listed version already failed by its content: `bucketlens failures` "
                 f"lists them, `{retry}` sends them again)")
     return (f"listed {report['listed']}: {report['missing']} missing, {report['changed']} changed; {sent} sent for "
             f"embedding{left}; {report['removed']} removed ({report['seconds']} s)")

@@ -241,7 +241,10 @@ SCHEMAS: dict[str, Schema] = {
     "Reconcile": obj({"listed": INT, "missing": INT, "changed": INT, "removed": INT,
                       "failed": {"type": "integer", "description": "missing or changed, not sent: that version "
                                                                   "already failed by its content"},
-                      "seconds": NUMBER}, ("listed", "missing", "changed", "removed", "failed", "seconds")),
+                      "in_flight": {"type": "integer", "description": "missing or changed, not sent: that version "
+                                                                     "is queued already"},
+                      "seconds": NUMBER}, ("listed", "missing", "changed", "removed", "failed", "in_flight",
+                                           "seconds")),
 }
 
 READ: list[dict[str, list[str]]] = [{}, {"read": []}]  # open on the local stack; the read token when one is configured

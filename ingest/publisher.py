@@ -63,13 +63,16 @@ class Publisher:
         return tasks
 
     def write_deletes(self, refs: Iterable[ObjectRef]) -> None:
-        """Deletes need no worker: they go straight to the result stream."""
-        pipe = self.redis.pipeline(transaction=False)
-        for ref in refs:
-            entry = ResultEntry("delete", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation)
-            pipe.xadd(self.keys.results, entry.to_fields())
-            pipe.hdel(self.keys.failures, ref.object_id)
-        pipe.execute()
+        """Deletes need no worker: they go straight to the result stream, 1,000 to a pipeline (a reconcile's 250k
+        in one held ~0.5 GB and reached Redis all at once after 22 s: a scale check)."""
+        refs = list(refs)
+        for start in range(0, len(refs), 1000):
+            pipe = self.redis.pipeline(transaction=False)
+            for ref in refs[start : start + 1000]:
+                entry = ResultEntry("delete", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation)
+                pipe.xadd(self.keys.results, entry.to_fields())
+                pipe.hdel(self.keys.failures, ref.object_id)
+            pipe.execute()
 
     def close(self) -> None:
         self.celery.close()

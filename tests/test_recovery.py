@@ -197,6 +197,10 @@ def test_reconcile_sends_what_the_index_lacks_and_deletes_what_the_bucket_lost(s
     assert {k: report[k] for k in ("listed", "missing", "changed", "removed", "failed")} == {
         "listed": 3, "missing": 1, "changed": 1, "removed": 1, "failed": 0}, report
     assert queue_report(redis, keys)["pending_objects"] == 2
+    queued = queue_report(redis, keys)["queues"][keys.rebuild_queue]["depth"]
+    again = httpx.post(service.url + "/reconcile", json={"bucket": s.bucket}, headers=headers, timeout=60).json()
+    assert (again["missing"], again["changed"], again["in_flight"]) == (1, 1, 2), again  # on their way: not sent
+    assert queue_report(redis, keys)["queues"][keys.rebuild_queue]["depth"] == queued  # (twice: an independent check)
     wait_for(lambda: service.stats()["vectors"] == 2, 60, what="the lost object deleted")
     states = {key: httpx.get(f"{service.url}/objects/{s.bucket}/{key}", timeout=30)
               for key in ("kept.jpg", "changed.jpg", "missing.jpg", "gone.jpg")}
