@@ -505,7 +505,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     stack.up()
     folder = stack.home / "samples"
     files = write_samples(folder)
-    cmd_upload(stack.settings, argparse.Namespace(folder=folder, prefix="samples/", bucket=None))
+    cmd_upload(stack.settings, argparse.Namespace(paths=[folder], prefix="samples/", bucket=None))
     print("waiting until every sample is searchable ...")
     # Each file's MD5 is its S3 etag (single-part uploads): wait for exactly these versions, not a vector count.
     wanted = {"samples/" + p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
@@ -522,7 +522,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     for copy in sorted(p for p in files if "augmented" in p.parts)[:3]:
         original = "samples/" + copy.name.replace("-flipped-crop", "")
         print(f"\nnearest to {original}  (the set holds a mirrored, cropped, brightened copy of it)")
-        for hit in search_request(stack.settings, {"key": original, "k": 3})["results"]:
+        query = {"key": original, "bucket": stack.settings.bucket, "k": 3}
+        for hit in search_request(stack.settings, query)["results"]:
             print(f"  {hit['score']:.4f}  {plain(hit['key'])}{same_photo(hit)}")
     print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")
     return 0

@@ -517,6 +517,20 @@ def test_upload_takes_files_and_folders_and_refuses_two_files_for_one_key(
     one_error_line(capsys, "missing.jpg: no such file or folder")
 
 
+def test_demo_uploads_the_samples_and_finds_each_edited_copys_source(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make demo` (README's first command) on a running stack: the samples are uploaded and searched."""
+    monkeypatch.setenv("BUCKETLENS_HOME", str(stack.home))
+    monkeypatch.setenv("BUCKETLENS_BUCKET", stack.settings.bucket)
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "uploaded" in out and out.count("\nnearest to samples/") == 3, out
+    for block in out.split("\nnearest to ")[1:]:  # (by key, itself left out) its edited copy first, the same photo
+        stem = block.split("  (", 1)[0].removeprefix("samples/").removesuffix(".jpg")
+        assert f"samples/augmented/{stem}-flipped-crop.jpg  same photo" in block.split("\n")[1], block
+
+
 def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """The stack keeps the ports of its first `up` (stack.json): `BUCKETLENS_API_PORT=47999 bucketlens up` kept
