@@ -231,7 +231,11 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
             print("up: interrupted: stopping what it started", file=sys.stderr)
             stack.down()
         raise
-    print(f"up: API {stack.api_url}  web page {stack.api_url}/  S3 {stack.settings.s3_endpoint}")
+    if running:
+        print("note: processes that were running keep the settings they started with; `bucketlens down` and `up` "
+              "start them with the settings given now")
+    page = f"{stack.api_url}/" + (f"?token={quote(stack.settings.read_token)}" if stack.settings.read_token else "")
+    print(f"up: API {stack.api_url}  web page {page}  S3 {stack.settings.s3_endpoint}")
     return 0
 
 

@@ -205,7 +205,8 @@ def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
     try:
         if kind == "bool":
             if raw.lower() not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
-                raise ValueError(raw)
+                raise ValueError(f"{PREFIX}{field.name.upper()}={raw!r} is not a valid bool: give 1/0, true/false, "
+                                 "yes/no or on/off")
             return raw.lower() in {"1", "true", "yes", "on"}
         if kind == "int":
             return int(raw)
@@ -214,5 +215,8 @@ def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
         if kind == "Path":
             return Path(raw) if raw.strip() else raw  # (Path("") is ".": left empty for the check of empties)
     except ValueError as exc:
-        raise ValueError(f"{PREFIX}{field.name.upper()}={raw!r} is not a valid {kind}") from exc
+        if str(exc).startswith(PREFIX):
+            raise
+        example = {"int": ": a whole number", "float": ": a number"}.get(kind, "")
+        raise ValueError(f"{PREFIX}{field.name.upper()}={raw!r} is not a valid {kind}{example}") from exc
     return raw

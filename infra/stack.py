@@ -269,6 +269,7 @@ class Stack:
             "namespace": s.namespace,
             "admin_token": s.admin_token,
             "webhook_token": s.webhook_token,
+            **({"read_token": s.read_token} if s.read_token else {}),
             "index_backend": s.index_backend,
             **({"milvus_uri": s.milvus_uri} if "milvus" in self.servers else {}),
             "processes": {

@@ -92,7 +92,7 @@ def cli_process(args: list[str], **environ: str) -> subprocess.Popen[str]:
 # -- settings -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("variable", "raw", "refusal"), [
-    ("BUCKETLENS_BATCH_SIZE", "abc", "BUCKETLENS_BATCH_SIZE='abc' is not a valid int"),
+    ("BUCKETLENS_BATCH_SIZE", "abc", "BUCKETLENS_BATCH_SIZE='abc' is not a valid int: a whole number"),
     ("BUCKETLENS_MERGE_BATCH", "0", "BUCKETLENS_MERGE_BATCH=0: must be at least 1"),
     ("BUCKETLENS_RUNTIME", "tensorrt", "BUCKETLENS_RUNTIME='tensorrt': choose one of auto, torch, onnx, onnx-int8"),
 ])
@@ -529,6 +529,21 @@ def test_demo_uploads_the_samples_and_finds_each_edited_copys_source(
     for block in out.split("\nnearest to ")[1:]:  # (by key, itself left out) its edited copy first, the same photo
         stem = block.split("  (", 1)[0].removeprefix("samples/").removesuffix(".jpg")
         assert f"samples/augmented/{stem}-flipped-crop.jpg  same photo" in block.split("\n")[1], block
+
+
+def test_up_on_a_running_stack_says_its_processes_keep_their_settings(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`BATCH_SIZE=4 bucketlens up` on a running stack changed nothing without a word; with a read token, the web
+    page's address lacked it (the page answered 401) and `status --json` did not give it (an independent check)."""
+    monkeypatch.setenv("BUCKETLENS_HOME", str(stack.home))
+    monkeypatch.setenv("BUCKETLENS_BUCKET", stack.settings.bucket)
+    monkeypatch.setenv("BUCKETLENS_READ_TOKEN", "r t")
+    assert main(["up"]) == 0
+    out = capsys.readouterr().out
+    assert "keep the settings they started with" in out and "?token=r%20t" in out, out
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["read_token"] == "r t"
 
 
 def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -43,14 +43,14 @@ def test_overrides_win_and_to_env_round_trips() -> None:
     assert Settings.from_env(settings.to_env()) == settings
 
 
-@pytest.mark.parametrize(("variable", "raw", "kind"), [
-    ("BUCKETLENS_API_PORT", "80a", "int"),
-    ("BUCKETLENS_BATCH_SIZE", "3.5", "int"),
-    ("BUCKETLENS_HALF", "maybe", "bool"),
-    ("BUCKETLENS_FETCH_TIMEOUT_S", "soon", "float"),
+@pytest.mark.parametrize(("variable", "raw", "kind"), [  # with what is accepted (a bool's words were not said)
+    ("BUCKETLENS_API_PORT", "80a", "int: a whole number"),
+    ("BUCKETLENS_BATCH_SIZE", "3.5", "int: a whole number"),
+    ("BUCKETLENS_HALF", "maybe", "bool: give 1/0, true/false, yes/no or on/off"),
+    ("BUCKETLENS_FETCH_TIMEOUT_S", "soon", "float: a number"),
 ])
 def test_bad_values_are_refused_with_the_variable_named(variable: str, raw: str, kind: str) -> None:
-    with pytest.raises(ValueError, match=f"^{variable}='{re.escape(raw)}' is not a valid {kind}$"):
+    with pytest.raises(ValueError, match=f"^{variable}='{re.escape(raw)}' is not a valid {re.escape(kind)}$"):
         Settings.from_env({variable: raw})
 
 
