@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     dups.add_argument("--bucket")
     dups.add_argument("--prefix", default="", help="only keys under this prefix (a folder)")
     dups.add_argument("--min-matches", type=int, help="consistent local matches a link needs (default: the service's)")
-    dups.add_argument("--limit", type=int, default=50)
+    dups.add_argument("--limit", type=int, default=50, help="most groups to list (at most 1000 a page)")
+    dups.add_argument("--offset", type=int, default=0, help="groups to skip first (the next page)")
     dups.add_argument("--json", action="store_true")
     queues = sub.add_parser("queues", help="queue depths, stream lag, failures, live workers")
     queues.add_argument("--json", action="store_true")
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     failures.add_argument("--reason", help="only records with this reason (e.g. not_an_image, corrupt)")
     failures.add_argument("--bucket", help="only objects of this bucket")
     failures.add_argument("--key", action="append", help="only this object key (repeatable; with --bucket)")
-    failures.add_argument("--limit", type=int, default=100, help="most records to list")
+    failures.add_argument("--limit", type=int, default=100, help="most records to list (at most 1000 a page)")
+    failures.add_argument("--offset", type=int, default=0, help="records to skip first, newest first (the next page)")
     failures.add_argument("--json", action="store_true")
     action = failures.add_mutually_exclusive_group()
     action.add_argument("--retry", action="store_true", help="send the selected objects to the workers again")
@@ -407,7 +409,7 @@ def same_photo(hit: dict[str, Any]) -> str:
 
 
 def cmd_duplicates(settings: Settings, args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {"prefix": args.prefix, "limit": args.limit}
+    params: dict[str, Any] = {"prefix": args.prefix, "limit": args.limit, "offset": args.offset}
     if args.bucket:
         params["bucket"] = args.bucket
     if args.min_matches is not None:
@@ -425,7 +427,7 @@ def cmd_duplicates(settings: Settings, args: argparse.Namespace) -> int:
             pixels = f"{member['pixels'] / 1e6:.1f} MP" if member["pixels"] else "size unknown"
             print(f"  {'best' if i == 0 else '    '}  {plain(member['bucket'] + '/' + member['key'])}  ({pixels})")
     pending = f"; {report['pending']} objects still being checked" if report["pending"] else ""
-    print(f"{report['total']} groups{pending}")
+    print(f"{report['total']} groups{page_note(report['total'], args.offset, len(report['groups']))}{pending}")
     return 0
 
 
@@ -485,7 +487,7 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
             print(f"cleared {result['cleared']} failure records")
         return 0
     response = httpx.get(api_url(settings) + "/failures", params={**selection, "key": args.key or [],
-                                                                  "limit": args.limit},
+                                                                  "limit": args.limit, "offset": args.offset},
                          headers=read_headers(settings), timeout=30)
     if response.status_code != 200:
         raise CLIError(_error_text(response))
@@ -497,9 +499,19 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
         print(f"{when}  {record['reason']:16} x{record['attempts']}  {plain(record['bucket'] + '/' + record['key'])}: "
               f"{plain(record['message'])}")
-    shown = len(page["failures"])
-    print(f"{page['total']} failure records" + (f" (newest {shown} shown)" if page["total"] > shown else ""))
+    print(f"{page['total']} failure records{page_note(page['total'], args.offset, len(page['failures']))}")
     return 0
+
+
+def page_note(total: int, offset: int, shown: int) -> str:
+    """Which of ``total`` items a page listed, when not all ("1013 groups" after 50 of them said nothing of the
+    rest, and --limit above 1000 was answered as 1000 without a word)."""
+    if shown == total:
+        return ""
+    if not shown:
+        return f" (none from {offset + 1} on)"
+    return f" ({offset + 1}-{offset + shown} shown; --offset {offset + shown} lists the next)" \
+        if offset + shown < total else f" ({offset + 1}-{offset + shown} shown)"
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:

@@ -292,6 +292,24 @@ def test_reconcile_with_no_failures_prints_no_retry_hint(api: FakeAPI, capsys: p
     assert "5 sent for embedding" in out and "failures" not in out, out
 
 
+def test_listings_say_which_page_they_show_and_take_an_offset(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    """With 1,013 duplicate groups the CLI printed 50 and "1013 groups" without a word of the rest, and had no
+    --offset to reach them (a scale check)."""
+    group = {"size": 2, "pairs": 1, "min_matches": 20, "members": [
+        {"bucket": "b", "key": f"k{i}.jpg", "etag": "e", "pixels": 0, "url": "u"} for i in range(2)]}
+    api.answers[("GET", "/duplicates")] = (200, {"model": "m", "total": 1013, "offset": 0, "limit": 50, "pending": 0,
+                                                 "groups": [group] * 50})
+    assert main(["duplicates"]) == 0
+    assert "1013 groups (1-50 shown; --offset 50 lists the next)" in capsys.readouterr().out
+    record = {"bucket": "b", "key": "k.jpg", "etag": "e", "reason": "corrupt", "message": "m", "attempts": 1,
+              "time": 0.0}
+    api.answers[("GET", "/failures")] = (200, {"total": 1003, "offset": 1000, "limit": 100,
+                                               "failures": [record] * 3})
+    assert main(["failures", "--offset", "1000"]) == 0
+    assert "1003 failure records (1001-1003 shown)" in capsys.readouterr().out
+    assert "offset=1000" in api.requests[-1]["path"]
+
+
 # -- search ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("what", ["missing", "folder"])
