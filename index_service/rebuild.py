@@ -268,6 +268,7 @@ class Rebuilds:
             if job.chosen:
                 service.choose_type(job.chosen)
             service.index.restructure(job.index_type)
+        service.snapshot()  # the new structure: a restart loaded the old one (no snapshot came until the next merge)
         with self._lock:
             job.done = job.total
             self._finish(job, "done")

@@ -116,10 +116,13 @@ def test_cancel_keeps_the_serving_generation_and_reindex_switches_structure(
     assert api.post("/reconcile", json={"buckt": "x"}, headers=admin(stack)).status_code == 400
 
     def reindex(index_type: str) -> dict[str, Any]:
+        snapshot = api.get("/stats").json()["last_snapshot"]
         job = api.post("/rebuild", json={"mode": "reindex", "index_type": index_type}, headers=admin(stack)).json()
         done = wait_for(lambda j=job: (s := api.get(f"/rebuild/{j['id']}").json())["state"] != "running" and s, 60)
         assert done["state"] == "done", done
-        return api.get("/stats").json()  # type: ignore[no-any-return]
+        stats = api.get("/stats").json()
+        assert stats["last_snapshot"] != snapshot  # the new structure is kept (a restart loaded the old one)
+        return stats  # type: ignore[no-any-return]
 
     for index_type in ("IVF-SQ8", "IVF", "Flat"):  # IVF-SQ8: its searches re-rank from its float16 vector file
         stats = reindex(index_type)
