@@ -158,7 +158,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             bucket = query.bucket or settings.bucket
             query.vector = await run_in_threadpool(serving.vector, bucket, query.key)
             if query.vector is None:
-                raise HTTPError(404, "not_indexed", f"{bucket}/{query.key} is not in the index")
+                raise HTTPError(404, "not_indexed", await run_in_threadpool(_not_indexed, service, bucket, query.key))
             exclude = object_id(bucket, query.key)
             if verify:
                 views, etag = await run_in_threadpool(_stored_views, serving, bucket, query.key)
@@ -404,6 +404,19 @@ def _stored_views(index: Index, bucket: str, key: str) -> tuple[list[local_featu
     if obj is None:
         return [], ""
     return index.features.views([(oid, obj.etag)]).get(oid, []), obj.etag
+
+
+def _not_indexed(service: Service, bucket: str, key: str) -> str:
+    """Why an object cannot be searched by: it failed (its reason said: a search by it only said "not in the
+    index"), it is queued, or bucketlens does not know it."""
+    said = f"{bucket}/{key} is not in the index"
+    try:
+        state = _object_state(service, bucket, key)
+    except HTTPError:
+        return said
+    if state["state"] == "failed":
+        return f"{said}: it failed ({state['failure']['reason']}: {state['failure']['message']})"
+    return f"{said} yet: it is queued for embedding" if state["state"] == "pending" else said
 
 
 def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:

@@ -50,6 +50,8 @@ def test_bad_objects_are_listed_retried_and_cleared(stack: Stack, s3: Any, api: 
     assert found[empty]["reason"] == "empty" and found[text]["reason"] == "not_an_image"
     assert found[empty]["attempts"] == 1 and found[text]["etag"]
     assert object_state(api, bucket, text)["state"] == "failed"  # type: ignore[index]
+    by_key = api.post("/search", json={"bucket": bucket, "key": text})  # said only "not in the index"
+    assert by_key.status_code == 404 and "it failed (not_an_image: " in by_key.json()["error"]["message"], by_key.text
     by_reason = api.get("/failures", params={"reason": "empty", "bucket": bucket}).json()["failures"]
     assert empty in [r["key"] for r in by_reason] and text not in [r["key"] for r in by_reason]
 
