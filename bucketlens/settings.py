@@ -157,7 +157,7 @@ SHARE = Bound(0, 1, open=True)
 BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(("ingest_port", "api_port"), PORT),
     **dict.fromkeys(("max_body_bytes", "max_upload_bytes", "batch_size", "dedup_ttl_s", "max_object_bytes",
-                     "max_pixels", "fetch_concurrency", "visibility_timeout_s", "max_redeliveries", "merge_batch",
+                     "max_pixels", "fetch_concurrency", "max_redeliveries", "merge_batch",
                      "snapshot_every_entries", "snapshots_kept", "faiss_threads", "milvus_hnsw_m",
                      "milvus_hnsw_ef_construction", "milvus_hnsw_ef", "milvus_ivf_nprobe"), COUNT),
     **dict.fromkeys(("batch_window_ms", "torch_threads", "max_retries", "worker_concurrency",
@@ -166,6 +166,9 @@ BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(("fetch_timeout_s", "snapshot_every_s", "writer_lease_s", "canary_interval_s",
                      "canary_timeout_s"), DURATION),
     **dict.fromkeys(("ingest_max_memory_fraction", "duplicates_cpu_share"), SHARE),
+    # Above the slowest live batch: a shorter one hands a running batch to another worker, which counted it as a
+    # worker's death (at 1 s, with MAX_REDELIVERIES=1, a reembed swapped in 2 of 34 vectors: an independent check).
+    "visibility_timeout_s": Bound(60),
 }
 
 

@@ -65,6 +65,7 @@ def test_the_defaults_are_valid() -> None:
     ({"BUCKETLENS_WORKER_CONCURRENCY": "-1"}, "BUCKETLENS_WORKER_CONCURRENCY=-1: must be at least 0"),
     ({"BUCKETLENS_API_PORT": "65536"}, "BUCKETLENS_API_PORT=65536: must be at least 0 and at most 65535"),
     ({"BUCKETLENS_FETCH_TIMEOUT_S": "0"}, "BUCKETLENS_FETCH_TIMEOUT_S=0.0: must be above 0"),
+    ({"BUCKETLENS_VISIBILITY_TIMEOUT_S": "1"}, "BUCKETLENS_VISIBILITY_TIMEOUT_S=1: must be at least 60"),
     ({"BUCKETLENS_INGEST_MAX_MEMORY_FRACTION": "1.5"},
      "BUCKETLENS_INGEST_MAX_MEMORY_FRACTION=1.5: must be above 0 and at most 1"),
     ({"BUCKETLENS_RUNTIME": "tensorrt"}, "BUCKETLENS_RUNTIME='tensorrt': choose one of auto, torch, onnx, onnx-int8"),
