@@ -105,7 +105,7 @@ def test_duplicate_notifications_give_one_vector(
     url = f"{stack.ingest_url}/events?token={stack.settings.webhook_token}"
     first, second = httpx.post(url, content=body), httpx.post(url, content=body)
     assert first.json()["accepted"] == 1
-    assert second.json() == {"accepted": 0, "duplicates": 1, "ignored": 0, "future": 0}
+    assert second.json() == {"accepted": 0, "duplicates": 1, "ignored": 0, "future": 0, "stale_deletes": 0}
     stats = api.get("/stats").json()
     wait_for(lambda: api.get("/queues").json()["stream"]["lag"] == 0, 60, what="stream drained")
     assert api.get("/stats").json()["vectors"] >= stats["vectors"]
