@@ -420,6 +420,11 @@ def test_another_server_on_the_s3_port_is_not_taken_for_this_stacks(stack: Stack
             squatter.server_close()
             stack.stop_s3()  # (the radosgw that could not bind, if it still runs)
     assert stack.s3_up()  # restored by this stack's own radosgw
+    # A restarted radosgw resumes its persistent queue once it rereads the list (~30 s): the next test uploads and
+    # expects notifications (the S3-outage test found its backlog not yet queued when S3 went away).
+    restarted, canary = time.time(), Keys(stack.settings.namespace).canary
+    redis = connect(stack.settings.redis_url)
+    wait_for(lambda: float(redis.hget(canary, "delivered") or 0) > restarted, 150, what="a canary delivered")
 
 
 # -- 4. S3 unreachable ----------------------------------------------------------------------------------------
