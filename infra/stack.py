@@ -429,7 +429,7 @@ class Stack:
             if time.monotonic() > deadline:
                 log = self.home / "ceph" / "log" / "client.rgw.a.log"
                 raise StackError(f"this stack's radosgw does not hold its port {self.config.s3_port}"
-                                 + (" (another program answers there)" if _answers(self.config.s3_port) else "")
+                                 + (" (another program holds it)" if port_in_use(self.config.s3_port) else "")
                                  + f"; see {log}")
             time.sleep(0.2)
 
@@ -524,14 +524,6 @@ def _listens(pid: int, port: int) -> bool:
     with contextlib.suppress(OSError):
         return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
     return False
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _kill_session(sid: int) -> None:
