@@ -193,14 +193,20 @@ def search_structure(structure: Any, queries: np.ndarray, k: int, keep: np.ndarr
         return best_of([search_structure(part, queries, k, keep, objects) for part in structure.parts()], k)
     if keep is None:
         return structure.search(queries, k)
-    bits = np.zeros(int(keep.max(initial=-1)) + 1, bool)
-    bits[keep] = True
-    packed = np.packbits(bits, bitorder="little")  # (kept alive while it is searched: the selector points into it)
-    selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(packed))  # IDSelectorBatch's set took 10 ms at 250k
+    selector, bitmap = kept_selector(keep)  # (the bitmap kept alive while it is searched: the selector points into it)
     if not is_ivf(structure):
         return structure.search(queries, k, params=faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
     nprobe = min(structure.nlist, math.ceil(structure.nprobe * objects / max(1, len(keep))))
     return structure.search(queries, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))  # type: ignore[call-arg]
+
+
+def kept_selector(keep: np.ndarray) -> tuple[Any, np.ndarray]:
+    """A FAISS selector of the ids in ``keep``, and the bitmap it reads (IDSelectorBatch's set took 10 ms at 250k).
+    FAISS takes the bitmap's size in bytes: given its bits, it read past the end and kept ids that were not kept."""
+    bits = np.zeros(int(keep.max(initial=-1)) + 1, bool)
+    bits[keep] = True
+    bitmap = np.packbits(bits, bitorder="little")
+    return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap
 
 
 def is_ivf(structure: Any) -> bool:

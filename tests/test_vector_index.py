@@ -513,6 +513,15 @@ def test_filters_keep_exactly_their_objects(folders: VectorIndex, structure: str
         assert all(where.keeps(o.bucket, o.key, o.modified) for o, _ in folders.search(query, 300, where=where))
 
 
+@pytest.mark.parametrize("keep", [[], [0], [7], [8], [3, 9, 600], list(range(0, 1000, 3))])
+def test_the_selector_reads_only_its_bitmap(keep: list[int]) -> None:
+    """FAISS's bitmap selector takes its size in bytes: given in bits, it read up to 8x past the bitmap, and a
+    filtered search with a large k kept whatever ids that memory happened to mark (a whole-suite CI run)."""
+    selector, bitmap = module.kept_selector(np.array(keep, np.int64))
+    assert selector.n == len(bitmap)  # FAISS reads bitmap[id // 8] for every id // 8 < n
+    assert [i for i in range(8 * len(bitmap) + 16) if selector.is_member(i)] == keep
+
+
 @pytest.mark.parametrize("exact_limit", [10_000, 5])
 def test_filters_keep_exactly_their_objects_while_the_vectors_move(folders: VectorIndex, exact_limit: int,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
