@@ -24,6 +24,9 @@ class Merger:
 
     ``apply`` receives each batch of decoded entries; ``after`` runs once the batch is acknowledged and
     ``last_id`` covers it (the snapshot policy hooks in there, so a snapshot's stream position is exact).
+    ``last_id`` is where this merger's own reads of new entries have reached: a claimed batch lies
+    behind the group's position, maybe past entries not yet read (a writer restarted from an older snapshot claims
+    the batch it was killed in before it reads the entries in between), so it never moves ``last_id``.
     ``may_write`` is asked before each batch is applied: False (the writer lease is lost) stops the merger, the
     batch unapplied and unacknowledged: the current writer claims it (``CLAIM_IDLE_MS``) and applies it.
     """
@@ -146,8 +149,8 @@ class Merger:
         ids = [message_id for message_id, _ in messages]
         self.redis.xack(self.keys.results, self.keys.merger_group, *ids)
         newest = ids[-1].decode() if isinstance(ids[-1], bytes) else ids[-1]
-        if stream_order(newest) > stream_order(self.last_id):  # a claimed batch can lie behind what was applied
-            self.last_id = newest
+        if not claimed and stream_order(newest) > stream_order(self.last_id):
+            self.last_id = newest  # (never a claimed batch's: unread entries may lie between, which a checkpoint trims)
         self.applied += len(messages)
         if len(messages) < self.batch and not claimed:  # a short read of new entries: the stream's end
             self.caught_up.set()

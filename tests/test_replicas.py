@@ -116,6 +116,32 @@ def test_a_batch_read_by_a_writer_that_lost_the_lease_is_claimed_by_the_next(sta
     redis.delete(keys.results)
 
 
+def test_a_restarted_writer_claiming_its_last_batch_keeps_its_position_behind_the_unread(stack: Stack) -> None:
+    """A writer killed mid-batch leaves that batch delivered and unacknowledged; restarted from an older snapshot, it
+    claims the batch before it reads the entries in between (XAUTOCLAIM comes first). Its position must not move past
+    those: the next checkpoint trimmed the stream to it, and the entries between, not yet read, were lost (the
+    SIGKILL test in test_recovery.py, 3 of 4 whole-suite runs: the restarted writer never reached the reference)."""
+    keys, redis = Keys(f"restart{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
+    stream = entries(40, seed=3)
+    ids = [redis.xadd(keys.results, entry.to_fields()).decode() for entry in stream]
+    killed = Merger(redis, keys, apply=lambda batch: None, batch=8)
+    killed._ensure_group()
+    for _ in range(3):
+        killed.step()  # 24 applied; the snapshot covers the first 8
+    redis.xreadgroup(keys.merger_group, killed.consumer, {keys.results: ">"}, count=8)  # read, then killed
+    time.sleep(CLAIM_IDLE_MS / 1000 + 0.1)
+    applied: list[Any] = []
+    restarted = Merger(redis, keys, apply=applied.extend, batch=8, start_id=ids[7])  # the same consumer name
+    restarted._ensure_group()
+    assert restarted.step() == 8 and [e.sequencer for e in applied] == [e.sequencer for e in stream[24:32]]
+    assert restarted.last_id == ids[7]  # the claimed batch lies past 16 entries not yet read again
+    while restarted.step():
+        pass
+    assert restarted.last_id == ids[-1]
+    assert {e.sequencer for e in applied} == {e.sequencer for e in stream[8:]}
+    redis.delete(keys.results)
+
+
 @pytest.mark.parametrize("pause", [False, True], ids=["kill", "kill-then-pause"])
 def test_one_writer_a_killed_one_is_replaced_a_paused_one_stops(replicas: tuple[Settings, list[IndexProcess]],
                                                                 pause: bool) -> None:
