@@ -128,6 +128,13 @@ def indexed(entry: ResultEntry) -> Indexed:
                    entry.pixels, decode_labels(object_id(entry.bucket, entry.key), entry.labels), entry.modified)
 
 
+def upsert_of(obj: Indexed, vector: np.ndarray, generation: int, model: str, features: bytes = b"") -> ResultEntry:
+    """The upsert that leaves ``obj`` in an index of ``generation`` (``indexed``'s inverse: labels and time kept)."""
+    return ResultEntry("upsert", obj.bucket, obj.key, obj.etag, obj.sequencer, obj.order, generation, model, vector,
+                       features, obj.pixels, "" if obj.labels is None else vision_labels.encode(obj.labels),
+                       obj.modified)
+
+
 class SearchOne:
     """``Index.search`` for both implementations: one query is a batch of one."""
 

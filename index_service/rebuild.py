@@ -26,7 +26,7 @@ from ingest.scanner import scan
 from vision.models import recipe
 from vision.network import weights_path
 
-from .backend import restructure_into
+from .backend import restructure_into, upsert_of
 
 if TYPE_CHECKING:
     from .service import Service
@@ -231,7 +231,9 @@ class Rebuilds:
         """A rebuild of one bucket keeps every other bucket's objects (and tombstones) as they are.
 
         They go in through ``apply`` like stream entries, after live events already feed the shadow, so a newer
-        live version that got there first wins by order."""
+        live version that got there first wins by order. Events ingest tagged for the serving generation alone (they
+        came before the shadow's) reach the shadow too when they are merged (``carries``): after this copy, they
+        went to the serving generation only, and the promote lost them (an upload missing, a deleted object back)."""
         shadow = self.service.shadow
         if shadow is None:
             return
@@ -239,17 +241,20 @@ class Rebuilds:
         objects, vectors, tombstones = serving.export()
         kept = [(o, v) for o, v in zip(objects, vectors) if o.bucket != job.bucket]
         features = serving.features.get([(object_id(o.bucket, o.key), o.etag) for o, _ in kept])
-        entries = [
-            ResultEntry("upsert", o.bucket, o.key, o.etag, o.sequencer, o.order, shadow.generation, shadow.model, v,
-                        features.get(object_id(o.bucket, o.key), b""), o.pixels)
-            for o, v in kept
-        ]
+        entries = [upsert_of(o, v, shadow.generation, shadow.model, features.get(object_id(o.bucket, o.key), b""))
+                   for o, v in kept]
         for oid, (order, _) in tombstones.items():
             bucket, key = split_object_id(oid)
             if bucket != job.bucket:
                 entries.append(ResultEntry("delete", bucket, key, "", "", order, shadow.generation))
         shadow.apply(entries)
         log.info("rebuild %s of bucket %s carries over %d entries of other buckets", job.id, job.bucket, len(entries))
+
+    def carries(self, bucket: str) -> bool:
+        """Whether the serving generation's entries for ``bucket`` also go to the shadow: a bucket a running rebuild
+        of another bucket carries over (``_carry_over``)."""
+        job = self.current
+        return job is not None and job.state == "running" and job.mode == "reembed" and job.bucket not in (None, bucket)
 
     def _send(self, job: RebuildJob, refs: list[Any]) -> None:
         if job.state != "running" or not refs:

@@ -9,6 +9,7 @@ approximate index type in the background. Which backend holds the generations is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -309,6 +310,8 @@ class Service:
             if generation == serving.generation:
                 stats = serving.apply(part)
                 self.duplicates.wake([(oid, row[0]) for oid, row in stats.features.items() if row is not None])
+                if shadow is not None and (carried := [e for e in part if self.rebuilds.carries(e.bucket)]):
+                    shadow.apply([dataclasses.replace(e, generation=shadow.generation) for e in carried])
             elif shadow is not None and generation == shadow.generation:
                 shadow.apply(part)
                 self.rebuilds.observe(part)

@@ -5,23 +5,39 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from bucketlens.schemas import ResultEntry
+from index_service.filters import Filter
 from index_service.rebuild import RebuildJob, Rebuilds
+from index_service.service import Service
+from index_service.vector_index import VectorIndex
 from infra.notifications import ensure_bucket, ensure_notifications
 from infra.stack import Stack
 
 from .helpers import object_state, photo, wait_for
 
 pytestmark = pytest.mark.slow
+DIM = 8
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "coins.png",
           "camera.png", "moon.png")
+
+
+def unit(seed: int) -> np.ndarray:
+    vector = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def upsert(bucket: str, key: str, order: int, **fields: Any) -> ResultEntry:
+    return ResultEntry("upsert", bucket, key, f"e{order}", "", order, 1, "m", unit(order), **fields)
 
 
 def admin(stack: Stack) -> dict[str, str]:
@@ -241,6 +257,47 @@ def test_reembed_of_one_bucket_keeps_the_other_buckets(stack: Stack, s3: Any, ap
         assert state is not None and state["state"] == "indexed", (key, state)
     switch = {"mode": "reembed", "bucket": other, "model": "efficientnet-lite1"}
     assert api.post("/rebuild", json=switch, headers=admin(stack)).status_code == 400
+
+
+def carrying_service(bucket: str) -> tuple[SimpleNamespace, VectorIndex, VectorIndex]:
+    """A service whose running reembed of ``bucket`` has a shadow generation 2 beside serving generation 1, with
+    ``Service.apply`` of its own (pure logic: no stack)."""
+    serving, shadow = VectorIndex("m", DIM, 1), VectorIndex("m", DIM, 2)
+    service = SimpleNamespace(index=serving, shadow=shadow,
+                              duplicates=SimpleNamespace(wake=lambda found: None, arriving=lambda: None))
+    service.rebuilds = Rebuilds(service)  # type: ignore[arg-type]
+    service.rebuilds.current = RebuildJob("j", "reembed", 2, "m", "Flat", bucket=bucket)
+    service.apply = lambda entries: Service.apply(service, entries)  # type: ignore[arg-type]
+    return service, serving, shadow
+
+
+def test_a_one_bucket_reembed_carries_the_other_buckets_labels_and_times_over() -> None:
+    """Carried-over objects lost their labels and modification times: after the promote, text search and a date
+    filter no longer found any object of the other buckets (an independent review)."""
+    service, serving, shadow = carrying_service("photos")
+    serving.apply([upsert("other", f"k{i}", i, labels="281:0.9", modified=1_700_000_000.0 + i) for i in range(3)])
+    service.rebuilds._carry_over(service.rebuilds.current)
+    for i in range(3):
+        assert shadow.get("other", f"k{i}") == dataclasses.replace(serving.get("other", f"k{i}"), generation=2)
+    assert len(shadow.text_search([281], 10)) == 3
+    assert len(shadow.search(unit(0), 10, where=Filter(after=1_600_000_000.0))) == 3
+
+
+def test_the_serving_generations_late_entries_of_carried_buckets_reach_the_shadow() -> None:
+    """An upload or delete in another bucket whose event reached ingest before the rebuild's generation was
+    registered is tagged for the serving generation only; merged after the carry-over's copy, it reached only the
+    generation the promote retires (an upload went missing, a deleted object came back: an independent review).
+    The rebuilt bucket's own entries stay out: the rebuild embeds that bucket itself."""
+    service, serving, shadow = carrying_service("photos")
+    serving.apply([upsert("other", "doomed", 1)])
+    service.rebuilds._carry_over(service.rebuilds.current)
+    service.apply([upsert("other", "uploaded", 5), ResultEntry("delete", "other", "doomed", "", "", 6, 1),
+                   upsert("photos", "rebuilt-here", 7)])
+    assert sorted(o.key for o in serving.objects()) == ["rebuilt-here", "uploaded"]
+    assert sorted(o.key for o in shadow.objects()) == ["uploaded"]
+    service.rebuilds.current.state = "done"  # promoted: entries go where their generation says again
+    service.apply([upsert("other", "after", 8)])
+    assert shadow.get("other", "after") is None
 
 
 def test_rebuild_progress_answers_while_a_promote_holds_the_lock() -> None:
