@@ -56,12 +56,12 @@ def encode(index: VectorIndex, last_id: str, out: BinaryIO, spool: Path | None =
     objects at a time in a file in ``spool`` (at 5M objects it is ~1 GB, and made whole it held 2.7 GB while the
     vectors were written: bench/README.md "Memory")."""
     objects, ids, tombstones = index.contents()
-    trained = index.trained()
+    index_type, trained = index.structure()
     meta = {
         "v": VERSION,
         "model": index.model,
         "dim": index.dim,
-        "index_type": index.index_type,
+        "index_type": index_type,
         "generation": index.generation,
         "last_id": last_id,
         "created": time.time(),

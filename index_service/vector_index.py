@@ -780,11 +780,13 @@ class VectorIndex(SearchOne):
             structure = self._faiss  # never while a restructure is moving the vectors
             return is_ivf(structure) and lists_outgrown(structure.nlist, len(self))
 
-    def trained(self) -> dict[str, np.ndarray]:
-        """What training left in an IVF structure (none for Flat), which a snapshot keeps."""
+    def structure(self) -> tuple[str, dict[str, np.ndarray]]:
+        """The index type and what its training left (none for Flat), which a snapshot keeps, read together: a
+        snapshot that read them apart across a restructure's swap (IVF -> IVF-SQ8) named IVF-SQ8 with IVF's
+        training, and could not be loaded (an independent review)."""
         with self._lock.read():
             structure = self._faiss.old if isinstance(self._faiss, Moving) else self._faiss  # the one index_type names
-            return trained_state(structure) if is_ivf(structure) else {}
+            return self.index_type, trained_state(structure) if is_ivf(structure) else {}
 
     def vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(kept, vectors) for ``ids``, ``CHUNK`` at a time, each chunk read under the lock (not held while the caller

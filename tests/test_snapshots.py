@@ -132,9 +132,9 @@ def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypa
     loaded, _ = store.load_newest({"m": DIM})  # type: ignore[misc]
     assert loaded.index_type == index_type and contents(loaded) == contents(index)
     if index_type != "Flat":
-        assert loaded.trained().keys() == index.trained().keys()
-        for name, array in index.trained().items():
-            np.testing.assert_array_equal(loaded.trained()[name], array)
+        assert loaded.structure()[1].keys() == index.structure()[1].keys()
+        for name, array in index.structure()[1].items():
+            np.testing.assert_array_equal(loaded.structure()[1][name], array)
     if index_type == "IVF":
         with zipfile.ZipFile(path) as archive, zipfile.ZipFile(tmp_path / "v3.npz", "w") as older:
             for name in ("vectors.npy", "meta.npy"):  # a v3 snapshot: no trained state
@@ -145,7 +145,7 @@ def test_vectors_are_written_and_read_a_chunk_at_a_time(tmp_path: Path, monkeypa
         with zipfile.ZipFile(path) as archive, zipfile.ZipFile(tmp_path / "v4.npz", "w") as older:
             assert "vectors.npy" not in archive.namelist()
             assert archive.getinfo("float16.npy").file_size < len(index) * DIM * 2 + 200
-            codec = vector_index.scalar_quantizer(index.trained(), DIM)
+            codec = vector_index.scalar_quantizer(index.structure()[1], DIM)
             _, vectors, _ = index.export()
             meta = json.loads(np.lib.format.read_array(archive.open("meta.npy")).tobytes())
             older.writestr("codes.npy", npy(codec.compute_codes(vectors)))  # a v4 snapshot: the codes
