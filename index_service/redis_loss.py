@@ -10,7 +10,8 @@ The index service keeps a marker key in Redis (``Keys.marker``); Redis answering
 While running, the service keeps serving from its index in memory, fails a rebuild in progress (its tasks are
 gone), registers its generation and the marker again, reads the new stream from its start, and reconciles: the
 bucket listing brings back whatever was in flight. At start-up, a service that found Redis empty, or no snapshot,
-reconciles once the stream is replayed; one that has nothing at all (no snapshot, local or in the bucket, and an
+or a stream trimmed past its snapshot (an older one, loaded because the newest would not), reconciles once the
+stream is replayed; one that has nothing at all (no snapshot, local or in the bucket, and an
 empty index) while the bucket holds objects re-embeds the bucket, and ``/readyz`` answers 503 and says so until
 that rebuild swaps in.
 """
@@ -48,10 +49,21 @@ def check(service: Service) -> bool:
     return True
 
 
-def restore_at_start(service: Service, redis_was_empty: bool, snapshot_loaded: bool) -> RebuildJob | None:
+def trimmed_past(service: Service, position: str) -> bool:
+    """Whether the result stream no longer holds the entry at ``position`` (an applied entry's id), so entries after
+    it may be gone. A checkpoint trims the stream to its position and keeps the entry there: a restore from an older
+    snapshot (the newest would not load: truncated, unreadable by this release) finds its own position trimmed, and
+    the entries between the two are in neither; a checkpoint that began before Redis lost its data finds its
+    position in no stream (the new one's ids need not sort after it: a trim to it could drop unread entries)."""
+    return position != "0" and not service.redis.xrange(service.keys.results, min=position, max=position)
+
+
+def restore_at_start(service: Service, redis_was_empty: bool, snapshot_loaded: bool,
+                     trimmed: bool = False) -> RebuildJob | None:
     """After the stream is replayed: a reembed of the bucket when there is nothing else to serve from (returned,
-    for readiness), else a reconcile when Redis was empty or no snapshot was found; nothing otherwise."""
-    if snapshot_loaded and not redis_was_empty:
+    for readiness), else a reconcile when Redis was empty, no snapshot was found or the stream was ``trimmed`` past
+    the snapshot's position; nothing otherwise."""
+    if snapshot_loaded and not redis_was_empty and not trimmed:
         return None
     service.merger.caught_up.wait()
     settings = service.settings
@@ -60,6 +72,8 @@ def restore_at_start(service: Service, redis_was_empty: bool, snapshot_loaded: b
                   "local or in the bucket" if settings.snapshot_s3 else "local; SNAPSHOT_S3 is off",
                   "an empty Redis" if redis_was_empty else "an empty result stream", settings.bucket)
         return service.rebuilds.start("reembed")
-    log.warning("%s: reconciling with the bucket", "Redis held no data" if redis_was_empty else "no snapshot found")
+    log.warning("%s: reconciling with the bucket", "Redis held no data" if redis_was_empty else
+                "no snapshot found" if not snapshot_loaded else
+                "the result stream no longer holds what followed the snapshot loaded (a newer one was not loaded)")
     reconcile(service)
     return None

@@ -134,6 +134,9 @@ class Service:
             self.index, last_id = restored
         else:
             self.index, last_id = self.new_generation(self.settings.model, 1), "0"
+        # (Asked before the merger starts: its checkpoints trim the stream.)
+        trimmed = writer and restored is not None and self._retry(lambda: redis_loss.trimmed_past(self, last_id),
+                                                                   "read the result stream")
         redis_was_empty = self._take_over(last_id) if writer else False
         self.loaded.set()
         threading.Thread(target=self._keep_role, name="role", daemon=True).start()
@@ -144,7 +147,7 @@ class Service:
             log.warning("text search is off: %s", exc)
         try:
             if writer:  # a replica that does not write restores nothing: the writer does
-                self.restoring = redis_loss.restore_at_start(self, redis_was_empty, restored is not None)
+                self.restoring = redis_loss.restore_at_start(self, redis_was_empty, restored is not None, trimmed)
         except Exception:
             log.exception("restoring the index at start failed; a reconcile or rebuild heals it")
         finally:
@@ -390,10 +393,12 @@ class Service:
         floor, since = self._trim_floor
         if time.monotonic() - since < TAKEOVER_HOLD_S and stream_order(floor) < stream_order(last_id):
             trim_to = floor  # a previous writer paused mid-batch may still rewind to here (Merger)
-        if self.shadow is None and index is self.index and trim_to != "0":
+        if (self.shadow is None and index is self.index and trim_to != "0"
+                and not redis_loss.trimmed_past(self, trim_to)):
             # Entries before the snapshot's position are covered by it. (During a reembed the shadow
             # generation is rebuilt from scratch after a restart, so it needs no replay either; a generation
-            # promoted meanwhile trims after its own first checkpoint.)
+            # promoted meanwhile trims after its own first checkpoint. A stream without the entry at that position
+            # is another one: Redis lost its data meanwhile, and the new stream's ids need not sort after it.)
             self.redis.xtrim(self.keys.results, minid=trim_to, approximate=False)
         log.info("checkpoint at %s (%d vectors then; merges went on) in %.2f s", last_id, vectors, took)
         return True

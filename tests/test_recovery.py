@@ -24,6 +24,7 @@ from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from index_service.backend import BACKENDS, open_backend
 from index_service.feature_store import FeatureStore
+from index_service.queues import queue_report
 from index_service.vector_index import VectorIndex
 from infra.stack import Stack, free_port
 
@@ -177,8 +178,6 @@ def test_reconcile_sends_what_the_index_lacks_and_deletes_what_the_bucket_lost(s
     """The listing is the authority on both backends: an object the index lacks and one it holds at an older etag
     go to the workers (the rebuild queue), an indexed object the bucket no longer has is deleted, and the rest is
     left alone."""
-    from index_service.queues import queue_report
-
     s = service.settings
     keys, redis, s3 = Keys(s.namespace), connect(s.redis_url), make_client(s)
     service.start(ready=True)  # on an empty bucket: nothing to re-embed at start
@@ -244,5 +243,46 @@ def test_the_end_of_a_burst_is_checkpointed_and_trimmed_while_the_stream_is_quie
         wait_for(lambda: process.stats()["applied_entries"] == len(burst), 60, what="the burst merged")
         # Nothing arrives after it: the stream is trimmed to the last entry once a checkpoint covers them all.
         wait_for(lambda: redis.xlen(keys.results) <= 1, 30, what="the burst's entries trimmed by a checkpoint")
+    finally:
+        process.stop(signal.SIGTERM)
+
+
+def test_a_restore_from_an_older_snapshot_reconciles_what_the_trimmed_stream_lost(stack: Stack) -> None:
+    """A checkpoint trims the stream to the newest snapshot; when that one does not load (truncated, or written by
+    a newer release), the previous one does, and the entries between the two are in neither: the restart reconciles
+    with the bucket, which sends the object they held to the workers again (it was lost silently: a review)."""
+    s = own_settings(stack, "older", "faiss", stack.settings.milvus_uri, snapshot_every_entries=1,
+                     snapshot_every_s=3600)
+    process, keys, redis, s3 = IndexProcess(s), Keys(s.namespace), connect(s.redis_url), make_client(s)
+    process.start(ready=True)
+    vector = np.ones(DIM, np.float32) / np.sqrt(DIM)
+
+    def uploaded(key: str, order: int) -> dict[str, Any]:
+        etag = s3.put_object(Bucket=s.bucket, Key=key, Body=key.encode())["ETag"].strip('"')
+        return ResultEntry("upsert", s.bucket, key, etag, f"{order:x}", order, 1, MODEL, vector).to_fields()
+
+    def snapshots() -> list[Path]:
+        return sorted((Path(s.home) / "snapshots" / s.namespace).glob("*.snapshot.npz"))
+
+    try:
+        redis.xadd(keys.results, uploaded("first.jpg", 1))
+        wait_for(lambda: len(snapshots()) == 1 and process.stats()["last_snapshot"], 60, what="the first checkpoint")
+        pipe = redis.pipeline()  # one batch, so the next checkpoint comes after both
+        pipe.xadd(keys.results, uploaded("second.jpg", 2))
+        pipe.xadd(keys.results, uploaded("third.jpg", 3))
+        pipe.execute()
+        wait_for(lambda: len(snapshots()) == 2 and redis.xlen(keys.results) == 1, 60,
+                 what="the second checkpoint, the stream trimmed to it")
+    finally:
+        process.stop(signal.SIGKILL)  # (no last checkpoint at shutdown)
+    newest = snapshots()[-1]
+    newest.write_bytes(newest.read_bytes()[:-100])
+    process.start(ready=True)
+    try:
+        assert process.stats()["vectors"] == 2  # first.jpg from the older snapshot, third.jpg from the stream
+        wait_for(lambda: queue_report(redis, keys)["pending_objects"] == 1, 60,
+                 what="second.jpg, lost between the two snapshots, sent to the workers again")
+        state = httpx.get(f"{process.url}/objects/{s.bucket}/second.jpg", timeout=30).json()
+        assert state["state"] == "pending", state
     finally:
         process.stop(signal.SIGTERM)

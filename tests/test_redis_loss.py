@@ -9,14 +9,19 @@ import socket
 import uuid
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from bucketlens.keys import EMBED_TASK
+from bucketlens.keys import EMBED_TASK, Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 from index_service.queues import queue_report
+from index_service.service import Service
+from index_service.snapshots import SnapshotHealth
+from index_service.vector_index import VectorIndex
 from infra.stack import Stack, StackError
 from ingest.publisher import Publisher
 
@@ -56,3 +61,30 @@ def test_a_redis_that_cannot_start_says_why(tmp_path: Path) -> None:
         with pytest.raises(StackError, match=f"port {stack.config.redis_port} within 3 s: .*Address already in use"):
             stack.start_redis(timeout_s=3)
     assert (tmp_path / "logs" / "redis.log").read_text().count("Address already in use") == 2
+
+
+def test_a_checkpoint_whose_position_is_in_no_stream_trims_nothing() -> None:
+    """A checkpoint takes its stream position as it begins and trims the stream to it as it ends. If Redis lost its
+    data in between (a failover to an empty replica), the stream is a new one whose ids need not sort after that
+    position (another server's clock), and the trim dropped new entries not yet read (an independent review). The
+    checkpoint now trims only a stream that still holds the entry at its position. (Pure logic: a stand-in Redis.)"""
+    trims: list[str] = []
+    held: list[Any] = []  # what XRANGE finds at the position: nothing, in a new stream
+
+    class Redis:
+        def xrange(self, name: str, min: str, max: str) -> list[Any]:
+            return held
+
+        def xtrim(self, name: str, minid: str, approximate: bool) -> None:
+            trims.append(minid)
+
+    service: Any = SimpleNamespace(
+        merger=SimpleNamespace(last_id="1796313507409-48", applied=1), index=VectorIndex("m", 8),
+        backend=SimpleNamespace(checkpoint=lambda index, last_id: None), snapshot_health=SnapshotHealth(60, 60),
+        settings=SimpleNamespace(tombstone_retention_s=86_400), _since_snapshot=(0, 0.0, 0.0),
+        _trim_floor=("0", -1e9), shadow=None, redis=Redis(), keys=Keys("t"))
+    assert Service._checkpoint(service)
+    assert trims == []
+    held.append((b"1796313507409-48", {}))  # the stream the position came from
+    assert Service._checkpoint(service)
+    assert trims == ["1796313507409-48"]
