@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="cancel a running rebuild (the one running when no ID is given); the serving index stays")
     reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
     reconcile.add_argument("--bucket")
+    reconcile.add_argument("--dry-run", action="store_true",
+                           help="only say what it would send for embedding and remove from the index")
     demo = sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
     demo.add_argument("--backend", choices=["faiss", "milvus"], help="index backend, as for 'up'")
     args = parser.parse_args(argv)
@@ -614,8 +616,8 @@ def cancel_rebuild(settings: Settings, job_id: str) -> int:
 
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    response = httpx.post(writer_url(settings) + "/reconcile", json={"bucket": args.bucket},
-                          headers=admin_headers(settings), timeout=600)
+    body = {"bucket": args.bucket, **({"dry_run": True} if args.dry_run else {})}  # (a server before it refuses it)
+    response = httpx.post(writer_url(settings) + "/reconcile", json=body, headers=admin_headers(settings), timeout=600)
     if response.status_code != 200:
         raise CLIError(_error_text(response))
     print(reconcile_summary(response.json(), args.bucket))
@@ -633,6 +635,10 @@ def reconcile_summary(report: dict[str, Any], bucket: str | None) -> str:
         retry = f"bucketlens failures{f' --bucket {bucket}' if bucket else ''} --retry"
         left += (f", {failed} not sent (the listed version already failed by its content: `bucketlens failures` "
                 f"lists them, `{retry}` sends them again)")
+    if report.get("dry_run"):
+        return (f"dry run, nothing changed: listed {report['listed']}: {report['missing']} missing, "
+                f"{report['changed']} changed; {sent} would be sent for embedding{left}; {report['removed']} would be "
+                f"removed from the index ({report['seconds']} s)")
     return (f"listed {report['listed']}: {report['missing']} missing, {report['changed']} changed; {sent} sent for "
             f"embedding{left}; {report['removed']} removed ({report['seconds']} s)")
 

@@ -275,9 +275,13 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def start_reconcile(request: Request) -> Response:
         service = admin_service(request)
         _params(request, (), "/reconcile")
-        bucket = _bucket(await _json_object(request, ("bucket",), "/reconcile"))
+        body = await _json_object(request, ("bucket", "dry_run"), "/reconcile")
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise HTTPError(400, "bad_parameter", f"dry_run must be true or false, got {json.dumps(dry_run)[:100]}")
+        bucket = _bucket(body)
         with _known_bucket(bucket):  # the listing, its first step, finds out
-            report = await run_in_threadpool(reconcile, service, bucket)
+            report = await run_in_threadpool(reconcile, service, bucket, dry_run)
         return JSONResponse(dataclasses.asdict(report))
 
     async def page(request: Request) -> Response:

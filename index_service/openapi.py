@@ -237,14 +237,17 @@ SCHEMAS: dict[str, Schema] = {
                        "error": {"type": "string", "description": "why it failed (empty otherwise)"}},
                       ("id", "mode", "generation", "model", "index_type", "bucket", "chosen", "state", "total",
                        "done", "failed", "listed", "progress", "started", "finished", "error")),
-    "BucketRequest": obj({"bucket": {"type": "string", "minLength": 1}}, closed=True),
+    "ReconcileRequest": obj({"bucket": {"type": "string", "minLength": 1},
+                             "dry_run": {"type": "boolean", "description": "count only: send and remove nothing"}},
+                            closed=True),
     "Reconcile": obj({"listed": INT, "missing": INT, "changed": INT, "removed": INT,
                       "failed": {"type": "integer", "description": "missing or changed, not sent: that version "
                                                                   "already failed by its content"},
                       "in_flight": {"type": "integer", "description": "missing or changed, not sent: that version "
                                                                      "is queued already"},
-                      "seconds": NUMBER}, ("listed", "missing", "changed", "removed", "failed", "in_flight",
-                                           "seconds")),
+                      "seconds": NUMBER,
+                      "dry_run": {"type": "boolean", "description": "counted only: nothing sent, nothing removed"}},
+                     ("listed", "missing", "changed", "removed", "failed", "in_flight", "seconds", "dry_run")),
 }
 
 READ: list[dict[str, list[str]]] = [{}, {"read": []}]  # open on the local stack; the read token when one is configured
@@ -365,7 +368,7 @@ PATHS: dict[str, Any] = {
     },
     "/reconcile": {"post": {
         "summary": "list the bucket and bring the index to it", "security": ADMIN,
-        "requestBody": {"required": False, **_json("BucketRequest")},
+        "requestBody": {"required": False, **_json("ReconcileRequest")},
         "responses": {**answer("done", ref("Reconcile")), **errors(400, 401, 403),
                       **_error(404, "unknown_bucket: the bucket does not exist"), **errors(503)},
     }},

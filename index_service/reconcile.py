@@ -34,9 +34,13 @@ class ReconcileReport:
     failed: int = 0  # missing or changed, but this very version already failed by content: left to /failures/retry
     in_flight: int = 0  # missing or changed, but this very version is queued already (its task not yet merged)
     seconds: float = 0.0
+    dry_run: bool = False  # counted only: nothing was sent, nothing removed
 
 
-def reconcile(service: Service, bucket: str | None = None) -> ReconcileReport:
+def reconcile(service: Service, bucket: str | None = None, dry_run: bool = False) -> ReconcileReport:
+    """Compare ``bucket`` (None: the service's buckets) with the index and heal it; ``dry_run``: only count what it
+    would send and remove (a listing that lost most of the bucket, a wrong bucket or prefix, removes most of the
+    index)."""
     started = time.monotonic()
     started_order = time_order(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1)))
     report = ReconcileReport()
@@ -72,14 +76,14 @@ def reconcile(service: Service, bucket: str | None = None) -> ReconcileReport:
     to_embed = _without(service, to_embed, service.keys.pending, lambda mark, ref: _queued(mark, ref, oldest))
     report.in_flight = report.missing + report.changed - report.failed - len(to_embed)
     gone = [o for oid, o in indexed.items() if oid not in seen and o.order < started_order]
-    for generation in service.publisher.generations():
+    for generation in [] if dry_run else service.publisher.generations():
         service.publisher.send_embeds([dataclasses.replace(r, generation=generation) for r in to_embed],
                                       queue=service.keys.rebuild_queue)
         service.publisher.write_deletes([
             ObjectRef(o.bucket, o.key, o.etag, order=max(o.order + 1, started_order), generation=generation)
             for o in gone
         ])
-    report.removed = len(gone)
+    report.removed, report.dry_run = len(gone), dry_run
     report.seconds = round(time.monotonic() - started, 3)
     log.info("reconcile: %s", report)
     return report

@@ -293,6 +293,16 @@ def test_reconcile_with_no_failures_prints_no_retry_hint(api: FakeAPI, capsys: p
     assert "5 sent for embedding" in out and "failures" not in out, out
 
 
+def test_reconcile_dry_run_asks_for_one_and_says_nothing_changed(api: FakeAPI,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    api.answers[("POST", "/reconcile")] = (200, {**RECONCILED, "failed": 0, "removed": 4000, "dry_run": True})
+    assert main(["reconcile", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(api.requests[0]["body"]) == {"bucket": None, "dry_run": True}
+    assert out.startswith("dry run, nothing changed:") and "5 would be sent for embedding" in out, out
+    assert "4000 would be removed from the index" in out, out
+
+
 def test_listings_say_which_page_they_show_and_take_an_offset(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
     """With 1,013 duplicate groups the CLI printed 50 and "1013 groups" without a word of the rest, and had no
     --offset to reach them (a scale check)."""

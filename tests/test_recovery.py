@@ -192,9 +192,16 @@ def test_reconcile_sends_what_the_index_lacks_and_deletes_what_the_bucket_lost(s
     s3.put_object(Bucket=s.bucket, Key="missing.jpg", Body=b"missing")  # no notification: the bucket has none
 
     headers = {"Authorization": f"Bearer {s.admin_token}"}
+    counted = {"listed": 3, "missing": 1, "changed": 1, "removed": 1, "failed": 0}
+    dry = httpx.post(service.url + "/reconcile", json={"bucket": s.bucket, "dry_run": True}, headers=headers,
+                     timeout=60).json()
+    assert {k: dry[k] for k in (*counted, "dry_run")} == {**counted, "dry_run": True}, dry
+    assert queue_report(redis, keys)["pending_objects"] == 0 and service.stats()["vectors"] == 3  # nothing done
+    assert redis.xlen(keys.results) == 3  # (no delete written)
+    refused = httpx.post(service.url + "/reconcile", json={"dry_run": "yes"}, headers=headers, timeout=60)
+    assert refused.status_code == 400 and "dry_run must be true or false" in refused.text, refused.text
     report = httpx.post(service.url + "/reconcile", json={"bucket": s.bucket}, headers=headers, timeout=60).json()
-    assert {k: report[k] for k in ("listed", "missing", "changed", "removed", "failed")} == {
-        "listed": 3, "missing": 1, "changed": 1, "removed": 1, "failed": 0}, report
+    assert {k: report[k] for k in (*counted, "dry_run")} == {**counted, "dry_run": False}, report
     assert queue_report(redis, keys)["pending_objects"] == 2
     queued = queue_report(redis, keys)["queues"][keys.rebuild_queue]["depth"]
     again = httpx.post(service.url + "/reconcile", json={"bucket": s.bucket}, headers=headers, timeout=60).json()
