@@ -18,6 +18,8 @@ from bucketlens.ordering import time_order
 from bucketlens.schemas import ObjectRef, object_id
 from ingest.scanner import scan
 
+from .backend import Indexed
+
 if TYPE_CHECKING:
     from .service import Service
 
@@ -41,8 +43,8 @@ def reconcile(service: Service, bucket: str | None = None, dry_run: bool = False
     """Compare ``bucket`` (None: the service's buckets) with the index and heal it; ``dry_run``: only count what it
     would send and remove (a listing that lost most of the bucket, a wrong bucket or prefix, removes most of the
     index)."""
-    started = time.monotonic()
-    started_order = time_order(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1)))
+    started, began = time.monotonic(), time.time() - 1
+    started_order = time_order(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)))
     report = ReconcileReport()
     serving = service.index
     buckets = [bucket] if bucket else sorted({service.settings.bucket} | serving.buckets())
@@ -75,7 +77,7 @@ def reconcile(service: Service, bucket: str | None = None, dry_run: bool = False
     oldest = time.time() - service.settings.visibility_timeout_s
     to_embed = _without(service, to_embed, service.keys.pending, lambda mark, ref: _queued(mark, ref, oldest))
     report.in_flight = report.missing + report.changed - report.failed - len(to_embed)
-    gone = [o for oid, o in indexed.items() if oid not in seen and o.order < started_order]
+    gone = [o for oid, o in indexed.items() if oid not in seen and written_before(o, began, started_order)]
     for generation in [] if dry_run else service.publisher.generations():
         service.publisher.send_embeds([dataclasses.replace(r, generation=generation) for r in to_embed],
                                       queue=service.keys.rebuild_queue)
@@ -87,6 +89,14 @@ def reconcile(service: Service, bucket: str | None = None, dry_run: bool = False
     report.seconds = round(time.monotonic() - started, 3)
     log.info("reconcile: %s", report)
     return report
+
+
+def written_before(obj: Indexed, when: float, when_order: int) -> bool:
+    """Whether ``obj`` was written before ``when`` (seconds since the epoch; ``when_order``, the same as an order):
+    by its modification time where known, else by its order. An order is a time for Ceph's events and listings, but
+    AWS's sequencers are opaque (~6e18 and more, beyond any time in nanoseconds), so an object indexed from an AWS
+    event was never found gone."""
+    return obj.modified < when if obj.modified else obj.order < when_order
 
 
 def _without(service: Service, refs: list[ObjectRef], records: str,

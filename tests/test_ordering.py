@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 from bucketlens.ordering import (
@@ -13,6 +14,8 @@ from bucketlens.ordering import (
     hex_sequencer_order,
     time_order,
 )
+from index_service.backend import Indexed
+from index_service.reconcile import written_before
 
 
 def test_ceph_sequencer_example_from_design() -> None:
@@ -69,3 +72,16 @@ def test_an_objects_modification_time_comes_from_its_event_or_listing() -> None:
         ObjectRef("b", "k", "e", event_time="2024-06-01 12:00:00.502000+00:00").modified)  # its listing
     assert ObjectRef("b", "k", "e", event_time="yesterday").modified == 0.0
     assert ObjectRef("b", "k", "e").modified == 0.0
+
+
+def test_reconcile_finds_an_object_indexed_from_an_aws_event_gone() -> None:
+    """Reconcile removes an object the listing lacks only if it was written before the listing began. It asked the
+    object's order: for an AWS event that is the opaque sequencer (~6e18 here, beyond any time in nanoseconds), so
+    such an object was never removed. Its modification time (the event's time) answers for every server."""
+    began = dt.datetime(2026, 12, 3, tzinfo=dt.UTC).timestamp()
+    aws = Indexed("b", "k", "e", "0055AED6DCD90281E5", hex_sequencer_order("0055AED6DCD90281E5"), 1,
+                  modified=began - 3600)
+    assert written_before(aws, began, time_order("2026-12-03T00:00:00Z"))
+    assert not written_before(dataclasses.replace(aws, modified=began + 1), began, time_order("2026-12-03T00:00:00Z"))
+    unknown = dataclasses.replace(aws, order=time_order("2026-12-02T23:00:00Z"), modified=0.0)  # an older worker's
+    assert written_before(unknown, began, time_order("2026-12-03T00:00:00Z"))
