@@ -76,6 +76,7 @@ class Rebuilds:
         self._completing = False  # the running job's last step (restructure, swap) has started
         self._saved_at = 0.0  # monotonic time the job's record was last written to Redis
         self._lock = threading.RLock()
+        self._retired: tuple[int, str] | None = None  # (generation, rebuilt bucket) of the last one-bucket promote
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -256,6 +257,14 @@ class Rebuilds:
         job = self.current
         return job is not None and job.state == "running" and job.mode == "reembed" and job.bucket not in (None, bucket)
 
+    def carried_past(self, generation: int, bucket: str) -> bool:
+        """Whether an entry of ``generation`` for ``bucket`` goes to the serving generation: the generation a
+        one-bucket reembed retired, for a bucket it carried over. Its event came before the rebuild began (tagged for
+        the old generation alone), its result after the promote: it was dropped (an upload lost, a deleted object
+        kept: an independent review)."""
+        retired = self._retired
+        return retired is not None and retired[0] == generation and retired[1] != bucket
+
     def _send(self, job: RebuildJob, refs: list[Any]) -> None:
         if job.state != "running" or not refs:
             return
@@ -300,6 +309,8 @@ class Rebuilds:
             if job.state == "running":  # (not cancelled meanwhile)
                 if job.chosen:
                     self.service.choose_type(job.chosen)
+                if job.mode == "reembed" and job.bucket:
+                    self._retired = (self.service.index.generation, job.bucket)
                 self.service.promote(shadow)
                 self._finish(job, "done")
 

@@ -319,6 +319,8 @@ class Service:
                 shadow.apply(part)
                 self.rebuilds.observe(part)
                 self.duplicates.arriving()  # a reembed's workers need the cores as much as ingest's
+            elif late := [e for e in part if self.rebuilds.carried_past(generation, e.bucket)]:
+                serving.apply([dataclasses.replace(e, generation=serving.generation) for e in late])
             else:
                 log.debug("dropping %d entries of generation %d (not serving, not being built)", len(part),
                           generation)

@@ -15,6 +15,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry
 from index_service.filters import Filter
 from index_service.rebuild import RebuildJob, Rebuilds
@@ -263,8 +264,21 @@ def carrying_service(bucket: str) -> tuple[SimpleNamespace, VectorIndex, VectorI
     """A service whose running reembed of ``bucket`` has a shadow generation 2 beside serving generation 1, with
     ``Service.apply`` of its own (pure logic: no stack)."""
     serving, shadow = VectorIndex("m", DIM, 1), VectorIndex("m", DIM, 2)
-    service = SimpleNamespace(index=serving, shadow=shadow,
+
+    class JobRecords:  # where the job is saved (Redis): nothing to keep here
+        def pipeline(self) -> JobRecords:
+            return self
+
+        def set(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def execute(self) -> None:
+            pass
+
+    service = SimpleNamespace(index=serving, shadow=shadow, redis=JobRecords(), keys=Keys("t"),
+                              restructuring=threading.Lock(),
                               duplicates=SimpleNamespace(wake=lambda found: None, arriving=lambda: None))
+    service.promote = lambda new: (setattr(service, "index", new), setattr(service, "shadow", None))
     service.rebuilds = Rebuilds(service)  # type: ignore[arg-type]
     service.rebuilds.current = RebuildJob("j", "reembed", 2, "m", "Flat", bucket=bucket)
     service.apply = lambda entries: Service.apply(service, entries)  # type: ignore[arg-type]
@@ -298,6 +312,23 @@ def test_the_serving_generations_late_entries_of_carried_buckets_reach_the_shado
     service.rebuilds.current.state = "done"  # promoted: entries go where their generation says again
     service.apply([upsert("other", "after", 8)])
     assert shadow.get("other", "after") is None
+
+
+def test_the_retired_generations_late_entries_of_carried_buckets_reach_the_promoted_one() -> None:
+    """Such an entry can also come after the promote (its worker read the generations before it): the retired
+    generation is neither serving nor built, and it was dropped (an independent review: an upload lost with its
+    pending mark cleared; a deleted object still searchable). The rebuilt bucket's own stay dropped: the rebuild
+    listed and embedded that bucket for the new generation."""
+    service, serving, shadow = carrying_service("photos")
+    serving.apply([upsert("other", "doomed", 1)])
+    job = service.rebuilds.current
+    service.rebuilds._carry_over(job)
+    service.rebuilds._complete(job)  # every object of the rebuilt bucket settled: the shadow is promoted
+    assert service.index is shadow and job.state == "done"
+    service.apply([upsert("other", "uploaded", 5), ResultEntry("delete", "other", "doomed", "", "", 6, 1),
+                   upsert("photos", "stale", 7)])
+    assert sorted(o.key for o in shadow.objects()) == ["uploaded"]
+    assert shadow.get("other", "uploaded").generation == 2  # type: ignore[union-attr]
 
 
 def test_rebuild_progress_answers_while_a_promote_holds_the_lock() -> None:
