@@ -178,5 +178,6 @@ class ResultEntry:
 def failure_record(ref: ObjectRef, reason: str, message: str, attempts: int, when: float) -> str:
     return json.dumps(
         {"bucket": ref.bucket, "key": ref.key, "etag": ref.etag, "order": str(ref.order), "reason": reason,
-         "message": message[:500], "attempts": attempts, "time": when, "generation": ref.generation}
+         "message": message[:500], "attempts": attempts, "time": when, "generation": ref.generation,
+         "event_time": ref.event_time}
     )

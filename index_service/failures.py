@@ -132,4 +132,5 @@ def _refs(record: dict[str, Any], generations: list[int]) -> list[ObjectRef]:
     recorded = int(record.get("generation", 1))
     targets = [recorded] if recorded in generations else generations
     return [ObjectRef(bucket=record["bucket"], key=record["key"], etag=record.get("etag", ""),
-                      order=int(record.get("order", 0)), generation=generation) for generation in targets]
+                      order=int(record.get("order", 0)), event_time=record.get("event_time", ""),
+                      generation=generation) for generation in targets]

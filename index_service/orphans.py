@@ -76,7 +76,8 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
         if (held is not None and held.etag == mark["etag"]) or (failure and failure["etag"] == mark["etag"]):
             stale += [field, raw]
         else:
-            lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]), generation=serving.generation))
+            lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]),
+                                  event_time=mark.get("event_time", ""), generation=serving.generation))
     dropped = int(redis.register_script(_REMOVE_IF_UNCHANGED)(keys=[keys.pending], args=stale)) if stale else 0
     sent = 0
     if lost and idle(service):  # still idle: nothing started meanwhile that could settle them

@@ -51,7 +51,8 @@ class Publisher:
         queued = time.time()  # lets the index service tell a lost task from one in flight (index_service/orphans.py)
         self.redis.hset(
             self.keys.pending,
-            mapping={ref.object_id: json.dumps({"etag": ref.etag, "order": str(ref.order), "queued": queued})
+            mapping={ref.object_id: json.dumps({"etag": ref.etag, "order": str(ref.order), "queued": queued,
+                                                "event_time": ref.event_time})  # (a resent ref keeps its time)
                      for ref in refs},
         )
         size = max(1, self.settings.batch_size)

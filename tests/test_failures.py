@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from index_service.failures import Selection
+from bucketlens.schemas import ObjectRef, failure_record
+from index_service.failures import Selection, _refs
 from infra.stack import Stack
 
 from .helpers import object_state, wait_for
@@ -99,3 +100,15 @@ def test_selection_from_query_and_body() -> None:
         Selection.parse({}, {"keys": "k"})
     with pytest.raises(ValueError, match="reason must be a string"):
         Selection.parse({}, {"reason": 3})
+
+
+def test_an_object_sent_again_keeps_its_modification_time() -> None:
+    """A failure retried (and a lost task the orphan sweep sends again, from its pending mark) went out without its
+    event's time, so the object was indexed as modified at 0, and every date filter left it out (an independent
+    review). The record keeps the time and the ref sent again carries it."""
+    ref = ObjectRef("b", "k.jpg", "e", order=5, event_time="2024-05-01T10:00:00.123Z", generation=1)
+    record = json.loads(failure_record(ref, "fetch_timeout", "too slow", 1, 0.0))
+    (again,) = _refs(record, [1])
+    assert again.modified == ref.modified > 0
+    assert _refs({k: v for k, v in record.items() if k != "event_time"}, [1])[0].modified == 0  # an older record
+
