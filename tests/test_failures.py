@@ -7,14 +7,21 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef, failure_record
 from index_service.failures import Selection, _refs
 from infra.stack import Stack
+from workers.pipeline import Embedded
+from workers.results import ResultWriter
 
 from .helpers import object_state, wait_for
 
@@ -112,3 +119,40 @@ def test_an_object_sent_again_keeps_its_modification_time() -> None:
     assert again.modified == ref.modified > 0
     assert _refs({k: v for k, v in record.items() if k != "event_time"}, [1])[0].modified == 0  # an older record
 
+
+def test_a_worker_settles_only_the_version_it_handled(stack: Stack) -> None:
+    """A success cleared the object's failure record whatever its version, and a failed or skipped version dropped
+    the object's pending mark whatever version it named (an independent review): a late success of v1 hid corrupt
+    v2's record; a skipped v1 dropped v2's mark, so a lost v2 task was never sent again. On the real Redis, with
+    AWS-sized orders that differ in the last digit (beyond a double's precision)."""
+    keys, redis = Keys(f"settle{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
+    writer = ResultWriter(redis, keys)
+    v1 = ObjectRef("b", "k.jpg", "etag1", order=6174108383193498085)
+    v2 = ObjectRef("b", "k.jpg", "etag2", order=6174108383193498086)
+
+    def embedded(ref: ObjectRef) -> Embedded:
+        return Embedded(ref, np.ones(4, np.float32) / 2, "m")
+
+    def failure() -> str | None:
+        raw = redis.hget(keys.failures, v1.object_id)
+        return json.loads(raw)["etag"] if raw else None
+
+    try:
+        writer.write([], [(v2, "corrupt", "cannot identify image file")], [], {})
+        writer.write([embedded(v1)], [], [], {})  # an older version's late success
+        assert failure() == "etag2"
+        listed = ObjectRef("b", "k.jpg", "etag2", order=v2.order - 10)  # v2 as a listing orders it
+        writer.write([embedded(listed)], [], [], {})
+        assert failure() is None
+        writer.write([], [(v1, "corrupt", "bad")], [], {})
+        writer.write([embedded(v2)], [], [], {})  # a newer version's success clears an older one's record
+        assert failure() is None
+
+        redis.hset(keys.pending, v1.object_id, json.dumps({"etag": "etag2", "order": str(v2.order),
+                                                             "queued": time.time()}))
+        writer.write([], [(v1, "corrupt", "bad")], [v1], {})  # v1 failed, then skipped: v2's mark stays
+        assert redis.hexists(keys.pending, v1.object_id)
+        writer.write([], [], [v2], {})
+        assert not redis.hexists(keys.pending, v1.object_id)
+    finally:
+        redis.delete(keys.results, keys.failures, keys.pending, keys.counters, keys.stages)
