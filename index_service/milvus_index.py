@@ -71,6 +71,11 @@ WRITE_TIMEOUT_S = 30  # a merge batch's upsert, a flush
 RETIRE_AFTER_S = 30.0  # a swapped-out collection is dropped this long after the swap (searches on it finish)
 
 
+# What Milvus's errors say when the server, or part of it, is not there (yet): its restart, its query nodes.
+UNAVAILABLE = ("unavailable", "connect", "deadline", "timeout", "not ready", "not loaded", "shard leader",
+               "shard delegator", "channel not", "node not", "not available")
+
+
 class IndexUnavailable(ConnectionError):
     """The Milvus server cannot be reached (answered with 503 by the API)."""
 
@@ -78,13 +83,14 @@ class IndexUnavailable(ConnectionError):
 @contextlib.contextmanager
 def reachable(uri: str) -> Iterator[None]:
     """Turn the client's 'server unavailable' errors into ``IndexUnavailable``; other errors pass unchanged. A
-    restarted server answers before it has loaded its collections again (~25 s: "collection not loaded"): that
-    is unavailable too, not a 500."""
+    restarted server answers before it has loaded its collections again (~25 s: "collection not loaded"), and
+    while its query nodes take their shards back ("fail to search on all shard leaders", "shard delegator not
+    found", a channel not available: searches were 500 then in a whole-suite run): that is unavailable too."""
     try:
         yield
     except MilvusException as exc:
         message = str(exc).lower()
-        if any(s in message for s in ("unavailable", "connect", "deadline", "timeout", "not ready", "not loaded")):
+        if any(s in message for s in UNAVAILABLE):
             raise IndexUnavailable(f"Milvus at {uri} is unreachable: {exc}") from exc
         raise
 

@@ -443,3 +443,21 @@ def test_a_generation_of_another_model_never_mixes(fixture: Fixture) -> None:
     assert stats.rejected == 1 and len(index) == 1 and index.get("b", "b") is not None
 
 
+
+
+@pytest.mark.parametrize("message", [
+    "fail to search on all shard leaders, err=context canceled", "shard delegator not found",
+    "channel not available", "collection not loaded[collection=1]", "server unavailable"])
+def test_a_milvus_that_is_coming_back_is_unavailable_not_an_error(message: str) -> None:
+    """While a restarted Milvus's query nodes take their shards back, searches failed with 500 (a whole-suite run
+    of the Milvus fault test): that is the server not there yet, 503 ``index_unavailable`` like its being down."""
+    from pymilvus import MilvusException
+
+    from index_service.milvus_index import IndexUnavailable, reachable
+
+    with pytest.raises(IndexUnavailable, match="unreachable"):
+        with reachable("http://127.0.0.1:19530"):
+            raise MilvusException(code=1502, message=message)
+    with pytest.raises(MilvusException):  # anything else is ours: a 500 that says so
+        with reachable("http://127.0.0.1:19530"):
+            raise MilvusException(code=1100, message="invalid expression: prefix like")
