@@ -154,5 +154,9 @@ def test_a_worker_settles_only_the_version_it_handled(stack: Stack) -> None:
         assert redis.hexists(keys.pending, v1.object_id)
         writer.write([], [], [v2], {})
         assert not redis.hexists(keys.pending, v1.object_id)
+        redis.hset(keys.failures, v1.object_id, "not json")  # whatever wrote it: it goes, and the batch is written
+        redis.hset(keys.pending, v1.object_id, "[1]")
+        writer.write([embedded(v2)], [], [v1], {})
+        assert not redis.hexists(keys.failures, v1.object_id) and not redis.hexists(keys.pending, v1.object_id)
     finally:
         redis.delete(keys.results, keys.failures, keys.pending, keys.counters, keys.stages)

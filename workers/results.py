@@ -25,20 +25,28 @@ local function not_newer(order, than)
   if #order ~= #than then return #order < #than end
   return order <= than
 end
+local function read(raw)  -- a record that is not ours (no JSON object with an etag) goes, as any record did before
+  local ok, record = pcall(cjson.decode, raw)
+  if ok and type(record) == 'table' and type(record['etag']) == 'string' then return record end
+  return nil
+end
 local n = tonumber(ARGV[1])
 for i = 2, 3 * n, 3 do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   if raw then
-    local record = cjson.decode(raw)
-    if record['etag'] == ARGV[i + 1] or not_newer(tostring(record['order'] or '0'), ARGV[i + 2]) then
+    local record = read(raw)
+    if not record or record['etag'] == ARGV[i + 1] or not_newer(tostring(record['order'] or '0'), ARGV[i + 2]) then
       redis.call('HDEL', KEYS[1], ARGV[i])
     end
   end
 end
 for i = 3 * n + 2, #ARGV, 2 do
   local raw = redis.call('HGET', KEYS[2], ARGV[i])
-  if raw and cjson.decode(raw)['etag'] == ARGV[i + 1] then
-    redis.call('HDEL', KEYS[2], ARGV[i])
+  if raw then
+    local mark = read(raw)
+    if not mark or mark['etag'] == ARGV[i + 1] then
+      redis.call('HDEL', KEYS[2], ARGV[i])
+    end
   end
 end
 """
