@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Iterable
@@ -14,6 +13,7 @@ from bucketlens.celery_config import celery_config
 from bucketlens.keys import EMBED_TASK, Keys
 from bucketlens.schemas import ObjectRef, ResultEntry
 from bucketlens.settings import Settings
+from bucketlens.versions import Versions
 
 from .errors import NoGeneration
 
@@ -27,6 +27,7 @@ class Publisher:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.redis = client
+        self.versions = Versions(client, self.keys)
         self.celery = Celery("bucketlens-publisher", set_as_current=False)
         self.celery.conf.update(celery_config(settings))
 
@@ -49,12 +50,10 @@ class Publisher:
         if not refs:
             return 0
         queued = time.time()  # lets the index service tell a lost task from one in flight (index_service/orphans.py)
-        self.redis.hset(
-            self.keys.pending,
-            mapping={ref.object_id: json.dumps({"etag": ref.etag, "order": str(ref.order), "queued": queued,
-                                                "event_time": ref.event_time})  # (a resent ref keeps its time)
-                     for ref in refs},
-        )
+        for start in range(0, len(refs), 1000):
+            pipe = self.redis.pipeline(transaction=False)
+            self.versions.mark_pending(pipe, refs[start : start + 1000], queued)  # (a resent ref keeps its time)
+            pipe.execute()
         size = max(1, self.settings.batch_size)
         tasks = 0
         for start in range(0, len(refs), size):
@@ -72,7 +71,7 @@ class Publisher:
             for ref in refs[start : start + 1000]:
                 entry = ResultEntry("delete", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation)
                 pipe.xadd(self.keys.results, entry.to_fields())
-                pipe.hdel(self.keys.failures, ref.object_id)
+            self.versions.settle(pipe, refs[start : start + 1000])  # clears an older version's failure record
             pipe.execute()
 
     def close(self) -> None:

@@ -3,6 +3,7 @@ with the admin token; plus the selection rules."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef, failure_record
 from index_service.failures import Selection, _refs
 from infra.stack import Stack
+from ingest.publisher import Publisher
 from workers.pipeline import Embedded
 from workers.results import ResultWriter
 
@@ -160,3 +162,39 @@ def test_a_worker_settles_only_the_version_it_handled(stack: Stack) -> None:
         assert not redis.hexists(keys.failures, v1.object_id) and not redis.hexists(keys.pending, v1.object_id)
     finally:
         redis.delete(keys.results, keys.failures, keys.pending, keys.counters, keys.stages)
+
+
+def test_a_late_event_never_replaces_a_newer_versions_pending_mark(stack: Stack) -> None:
+    """Ingest wrote an object's pending mark whatever version it named (an independent review): v1's event arriving
+    after v2's replaced v2's mark, and a lost v2 task was then healed as v1. A delete cleared a newer version's
+    failure record the same way. Orders differ in the last digit of an AWS-sized sequencer."""
+    settings = dataclasses.replace(stack.settings, namespace=f"mark{uuid.uuid4().hex[:6]}")
+    keys, redis = Keys(settings.namespace), connect(settings.redis_url)
+    publisher = Publisher(settings, redis)
+    v1 = ObjectRef("b", "k.jpg", "etag1", order=6174108383193498085, event_time="2024-05-01T10:00:00Z")
+    v2 = dataclasses.replace(v1, etag="etag2", order=v1.order + 1)
+
+    def mark() -> dict[str, Any]:
+        return json.loads(redis.hget(keys.pending, v1.object_id) or "null")
+
+    try:
+        publisher.send_embeds([v2])
+        publisher.send_embeds([v1])  # late
+        assert mark()["etag"] == "etag2"
+        first = mark()["queued"]
+        publisher.send_embeds([v2])  # sent again (a retry, an orphan): its mark is refreshed
+        assert mark()["etag"] == "etag2" and mark()["queued"] > first and mark()["event_time"] == v1.event_time
+        publisher.send_embeds([dataclasses.replace(v1, etag="etag3", order=v2.order + 1)])  # a newer version
+        assert mark()["etag"] == "etag3"
+        redis.hset(keys.pending, v1.object_id, "not ours")
+        publisher.send_embeds([v1])
+        assert mark()["etag"] == "etag1"
+
+        redis.hset(keys.failures, v1.object_id, failure_record(v2, "corrupt", "bad", 1, 0.0))
+        publisher.write_deletes([v1])  # a late delete of v1
+        assert redis.hexists(keys.failures, v1.object_id)
+        publisher.write_deletes([dataclasses.replace(v1, etag="", order=v2.order + 1)])
+        assert not redis.hexists(keys.failures, v1.object_id)
+    finally:
+        publisher.close()
+        redis.delete(keys.results, keys.failures, keys.pending, *redis.scan_iter(keys.celery_prefix + "*"))

@@ -1,0 +1,89 @@
+"""Pending marks and failure records (``Keys.pending``, ``Keys.failures``) name one version of an object (its etag
+and order); each writer changes a record only for its own version or an older one, in one Lua call.
+
+Events reach ingest out of order, and workers finish out of order: a late v1 must not replace v2's pending mark
+(v2's task, if lost, would never be sent again), a late success of v1 must not clear corrupt v2's failure record,
+and a skipped v1 must not drop v2's mark (an independent review). A record that is not ours (no JSON object with an
+etag) is replaced or dropped rather than failing the caller's write. Orders are decimal strings, compared as such:
+Lua's numbers lose digits past 2^53 (AWS sequencers are ~6e18).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import redis
+
+from .keys import Keys
+from .schemas import ObjectRef
+
+_COMMON = """
+local function not_newer(order, than)
+  if #order ~= #than then return #order < #than end
+  return order <= than
+end
+local function read(raw)
+  local ok, record = pcall(cjson.decode, raw)
+  if ok and type(record) == 'table' and type(record['etag']) == 'string' then return record end
+  return nil
+end
+local function replaceable(raw, etag, order)  -- no record, not ours, this version's, or an older version's
+  local record = raw and read(raw)
+  return not record or record['etag'] == etag or not_newer(tostring(record['order'] or '0'), order)
+end
+"""
+
+# KEYS[1]: failure records, KEYS[2]: pending marks; ARGV[1]: n, then n (object id, etag, order) of versions that
+# succeeded (embedded or deleted), then (object id, etag) of versions settled otherwise (failed, skipped). A success
+# clears a failure record of its version (same etag: a listing orders the same version a little apart from its
+# event) or of an older one; a settled version drops its own pending mark only.
+_SETTLE = _COMMON + """
+local n = tonumber(ARGV[1])
+for i = 2, 3 * n, 3 do
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  if raw and replaceable(raw, ARGV[i + 1], ARGV[i + 2]) then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+for i = 3 * n + 2, #ARGV, 2 do
+  local raw = redis.call('HGET', KEYS[2], ARGV[i])
+  if raw then
+    local mark = read(raw)
+    if not mark or mark['etag'] == ARGV[i + 1] then redis.call('HDEL', KEYS[2], ARGV[i]) end
+  end
+end
+"""
+
+# KEYS[1]: pending marks; ARGV: (object id, etag, order, mark) per version queued. A mark replaces one of the same
+# version (a resend refreshes its time) or an older one's, never a newer version's.
+_MARK = _COMMON + """
+for i = 1, #ARGV, 4 do
+  if replaceable(redis.call('HGET', KEYS[1], ARGV[i]), ARGV[i + 1], ARGV[i + 2]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 3])
+  end
+end
+"""
+
+
+class Versions:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.keys = keys
+        self._settle = client.register_script(_SETTLE)
+        self._mark = client.register_script(_MARK)
+
+    def settle(self, pipe: redis.client.Pipeline, succeeded: Sequence[ObjectRef],
+               others: Sequence[ObjectRef] = ()) -> None:
+        """Queue on ``pipe``: ``succeeded`` versions clear a failure record of theirs or an older version's;
+        ``others`` (failed, skipped) drop their own pending mark."""
+        if succeeded or others:
+            args: list[str | int] = [len(succeeded)]
+            args += [x for r in succeeded for x in (r.object_id, r.etag, str(r.order))]
+            args += [x for r in others for x in (r.object_id, r.etag)]
+            self._settle(keys=[self.keys.failures, self.keys.pending], args=args, client=pipe)
+
+    def mark_pending(self, pipe: redis.client.Pipeline, refs: Sequence[ObjectRef], queued: float) -> None:
+        """Queue on ``pipe``: a pending mark (etag, order, when queued, event time) per ref, unless a newer version's
+        is there (orphans.py sends the marked version again if its task is lost)."""
+        if refs:
+            args = [x for r in refs for x in (r.object_id, r.etag, str(r.order), json.dumps(
+                {"etag": r.etag, "order": str(r.order), "queued": queued, "event_time": r.event_time}))]
+            self._mark(keys=[self.keys.pending], args=args, client=pipe)
