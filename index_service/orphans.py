@@ -45,15 +45,22 @@ return removed
 """
 
 
-def idle(service: Service) -> bool:
-    """Nothing queued, handed out, or written and not merged; no rebuild building a shadow generation."""
+def quiet(service: Service) -> bool:
+    """Nothing queued, handed out, or written and not merged."""
     report = queue_report(service.redis, service.keys)
-    busy = any(q["depth"] for q in report["queues"].values()) or report["unacked"] or report["stream"]["lag"]
-    return not busy and service.shadow is None
+    return not (any(q["depth"] for q in report["queues"].values()) or report["unacked"] or report["stream"]["lag"])
+
+
+def idle(service: Service) -> bool:
+    """Quiet, and no rebuild building a shadow generation (whose marks name objects the serving index holds)."""
+    return service.shadow is None and quiet(service)
 
 
 def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
-    """Drop stale marks and send lost objects again, if the pipeline is idle; returns (dropped, sent again)."""
+    """Drop stale marks and send lost objects again, if the pipeline is idle; returns (dropped, sent again). During a
+    rebuild, the rebuild's lost objects are sent again instead (``Rebuilds.resend_lost``)."""
+    if service.shadow is not None:
+        return 0, service.rebuilds.resend_lost(min_age_s)
     if not idle(service):
         return 0, 0
     redis, keys = service.redis, service.keys

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from bucketlens.redis_client import text
 from bucketlens.schemas import ResultEntry, object_id, split_object_id
-from ingest.scanner import scan
+from ingest.scanner import head, scan
 from vision.models import recipe
 from vision.network import weights_path
 
 from .backend import restructure_into, upsert_of
+from .orphans import quiet
 
 if TYPE_CHECKING:
     from .service import Service
@@ -75,6 +76,8 @@ class Rebuilds:
         self._expected: set[str] = set()
         self._completing = False  # the running job's last step (restructure, swap) has started
         self._saved_at = 0.0  # monotonic time the job's record was last written to Redis
+        self._listed_at = 0.0  # monotonic time the running job's listing was all sent
+        self._suspects: set[str] = set()  # listed objects unsettled at the last sweep (resend_lost)
         self._lock = threading.RLock()
         self._retired: tuple[int, str] | None = None  # (generation, rebuilt bucket) of the last one-bucket promote
 
@@ -115,13 +118,16 @@ class Rebuilds:
             self._expected = set()
             self._completing = False
             self._save(job)
-            if mode == "reembed":
-                service.shadow = service.new_generation(job.model, job.generation)
-                # From here on ingest feeds live events to both generations.
-                service.redis.hset(service.keys.generations, str(job.generation), job.model)
-                target = self._list_and_send
-            else:
-                target = self._reindex
+            try:
+                if mode == "reembed":
+                    service.shadow = service.new_generation(job.model, job.generation)
+                    # From here on ingest feeds live events to both generations.
+                    service.redis.hset(service.keys.generations, str(job.generation), job.model)
+            except Exception as exc:  # (Milvus or Redis down) a job left running refused every later rebuild
+                job.error = f"{type(exc).__name__}: {exc}"
+                self._finish(job, "failed")
+                raise
+            target = self._list_and_send if mode == "reembed" else self._reindex
         threading.Thread(target=self._guard, args=(job, target), name=f"rebuild-{job.id}", daemon=True).start()
         log.info("rebuild %s started: %s, generation %d", job.id, mode, job.generation)
         return job
@@ -225,8 +231,43 @@ class Rebuilds:
         self._send(job, batch)
         with self._lock:
             job.listed = True
+            self._listed_at = time.monotonic()
             self._save(job)
             self._maybe_complete(job)
+
+    def resend_lost(self, min_age_s: float) -> int:
+        """Called every few seconds: listed objects still unsettled at two sweeps in a row while the pipeline is
+        quiet (nothing queued, unacknowledged or unmerged, orphans.py) lost their tasks (a worker killed between
+        popping a task and recording it), and the job waited for them until cancelled. Each is sent again as a
+        listing now sees it; one gone since is settled. Returns how many were sent."""
+        service = self.service
+        calm = quiet(service)
+        with self._lock:
+            job = self.current
+            if (job is None or job.state != "running" or not job.listed or self._completing
+                    or time.monotonic() - self._listed_at < min_age_s or not calm):
+                self._suspects = set()
+                return 0
+            # unsettled at two quiet sweeps in a row: not a batch the merger was applying at one of them
+            lost, self._suspects = sorted(self._suspects & self._expected), set(self._expected)
+        refs = []
+        for oid in lost:
+            ref = head(service.s3, *split_object_id(oid), generation=job.generation)
+            if ref is not None:
+                refs.append(ref)
+                continue
+            with self._lock:
+                if job.state == "running" and oid in self._expected:  # gone: as a skipped object settles
+                    self._expected.discard(oid)
+                    job.done += 1
+        if refs:
+            service.publisher.send_embeds(refs, queue=service.keys.rebuild_queue)
+            service.redis.hincrby(service.keys.counters, "orphans_resent", len(refs))
+            log.warning("rebuild %s: sent %d listed objects to the workers again: their tasks were lost (e.g. %s)",
+                        job.id, len(refs), refs[0].object_id)
+        with self._lock:
+            self._maybe_complete(job)
+        return len(refs)
 
     def _carry_over(self, job: RebuildJob) -> None:
         """A rebuild of one bucket keeps every other bucket's objects (and tombstones) as they are.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Iterator
+
+from botocore.exceptions import ClientError
 
 from bucketlens.ordering import time_order
 from bucketlens.schemas import ObjectRef, normalise_etag
@@ -16,12 +19,20 @@ def scan(s3: Any, bucket: str, reserved_prefix: str, generation: int = 1) -> Ite
             key = item["Key"]
             if key.startswith(reserved_prefix):
                 continue
-            yield ObjectRef(
-                bucket=bucket,
-                key=key,
-                etag=normalise_etag(item.get("ETag", "")),
-                size=int(item.get("Size", 0)),
-                order=time_order(item["LastModified"]),
-                event_time=item["LastModified"].isoformat(),
-                generation=generation,
-            )
+            yield _ref(bucket, key, item.get("ETag", ""), item.get("Size", 0), item["LastModified"], generation)
+
+
+def head(s3: Any, bucket: str, key: str, generation: int = 1) -> ObjectRef | None:
+    """One object as ``scan`` lists it, or None once it is gone."""
+    try:
+        meta = s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NoSuchBucket"):
+            return None
+        raise
+    return _ref(bucket, key, meta.get("ETag", ""), meta.get("ContentLength", 0), meta["LastModified"], generation)
+
+
+def _ref(bucket: str, key: str, etag: str, size: int, modified: dt.datetime, generation: int) -> ObjectRef:
+    return ObjectRef(bucket=bucket, key=key, etag=normalise_etag(etag), size=int(size), order=time_order(modified),
+                     event_time=modified.isoformat(), generation=generation)

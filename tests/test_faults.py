@@ -986,3 +986,30 @@ def test_a_cancelled_rebuild_leaves_its_queued_tasks_unembedded(stack: Stack, s3
     s3.put_object(Bucket=stack.settings.bucket, Key=key, Body=next(iter(image_set(key, 1).values())))
     wait_for(lambda: (state := object_state(api, stack.settings.bucket, key)) and state["state"] == "indexed", 120,
              what=f"{key} indexed")
+
+
+def test_a_rebuild_whose_listing_task_was_lost_completes(stack: Stack, s3: Any, api: httpx.Client,
+                                                         unique_prefix: str) -> None:
+    """A rebuild's task lost between the broker and a worker (a worker killed after popping it, before recording
+    it) left the rebuild waiting for its objects until cancelled: the orphan sweep stands aside while a shadow
+    generation is built (an independent review). Once the pipeline is quiet, they are now sent again."""
+    bodies = image_set(unique_prefix, 12)
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    uploader = Uploader(stack, bodies, RATE)
+    uploader.start()
+    uploader.finish()
+    assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies)
+    keys, redis = Keys(stack.settings.namespace), connect(stack.settings.redis_url)
+    resent = counter(api, "orphans_resent")
+    with supervisor_paused(stack):
+        stack.stop_service("worker")  # the tasks wait in the queue
+        job = api.post("/rebuild", json={"mode": "reembed"}, headers=admin).json()
+        wait_for(lambda: api.get(f"/rebuild/{job['id']}").json()["listed"], 120, what="the rebuild's listing queued")
+        lost = json.loads(redis.lpop(keys.celery_prefix + keys.rebuild_queue) or "null")  # as a killed worker's
+        assert lost is not None, "no rebuild task was queued"
+    wait_for(lambda: api.get(f"/rebuild/{job['id']}").json()["state"] != "running", 180,
+             what="the rebuild completed")
+    done = api.get(f"/rebuild/{job['id']}").json()
+    assert done["state"] == "done" and done["done"] == done["total"], done
+    assert counter(api, "orphans_resent") > resent
+    assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies)

@@ -275,6 +275,12 @@ def carrying_service(bucket: str) -> tuple[SimpleNamespace, VectorIndex, VectorI
         def execute(self) -> None:
             pass
 
+        def incr(self, key: str) -> int:
+            return 2
+
+        def hdel(self, *args: Any) -> None:
+            pass
+
     service = SimpleNamespace(index=serving, shadow=shadow, redis=JobRecords(), keys=Keys("t"),
                               restructuring=threading.Lock(),
                               duplicates=SimpleNamespace(wake=lambda found: None, arriving=lambda: None))
@@ -329,6 +335,25 @@ def test_the_retired_generations_late_entries_of_carried_buckets_reach_the_promo
                    upsert("photos", "stale", 7)])
     assert sorted(o.key for o in shadow.objects()) == ["uploaded"]
     assert shadow.get("other", "uploaded").generation == 2  # type: ignore[union-attr]
+
+
+def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
+    """Creating the shadow generation failed (Milvus down, say): the job stayed "running", and every later rebuild
+    was refused as already running until the service restarted (an independent review)."""
+    service, serving, _ = carrying_service("photos")
+    service.rebuilds.current, service.shadow = None, None
+    service.writing, service.backend = threading.Event(), SimpleNamespace(index_types=("Flat",), discard=None)
+    service.writing.set()
+
+    def unavailable(model: str, generation: int) -> VectorIndex:
+        raise ConnectionError("the index server is down")
+
+    service.new_generation = unavailable
+    for _ in range(2):  # the second is not refused as "already running"
+        with pytest.raises(ConnectionError):
+            service.rebuilds.start("reembed")
+        job = service.rebuilds.current
+        assert job.state == "failed" and "the index server is down" in job.error and service.shadow is None
 
 
 def test_rebuild_progress_answers_while_a_promote_holds_the_lock() -> None:
