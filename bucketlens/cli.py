@@ -472,10 +472,11 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
-    selection = {name: value for name, value in (("reason", args.reason), ("bucket", args.bucket)) if value}
+    selection = {name: value for name, value in (("reason", args.reason), ("bucket", args.bucket))
+                 if value is not None}  # (an empty one is the server's 400, not "every record")
     if args.retry or args.clear:
         method, path, status = ("POST", "/failures/retry", 202) if args.retry else ("DELETE", "/failures", 200)
-        body = {**selection, "keys": args.key} if args.key else selection
+        body = {**selection, "keys": args.key} if args.key is not None else selection
         response = httpx.request(method, api_url(settings) + path, json=body, headers=admin_headers(settings),
                                  timeout=120)
         if response.status_code != status:

@@ -315,9 +315,14 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
 def _params(request: Request, accepted: tuple[str, ...], taker: str) -> Mapping[str, str]:
     """The query parameters, or 400 ``unknown_field`` for one of no meaning to ``taker`` (``token``: the read or
-    admin token, for clients that cannot send a header, is taken everywhere)."""
-    only(request.query_params.keys(), (*accepted, "token"), "query parameter", taker)
-    return request.query_params
+    admin token, for clients that cannot send a header, is taken everywhere), and 400 ``bad_parameter`` for one
+    given twice (``?limit=5&limit=6`` took the last; only ``key`` may repeat)."""
+    params = request.query_params
+    only(params.keys(), (*accepted, "token"), "query parameter", taker)
+    for name in set(params.keys()) - {"key"}:
+        if len(values := params.getlist(name)) > 1:
+            raise HTTPError(400, "bad_parameter", f"{name} is given {len(values)} times: give it once")
+    return params
 
 
 async def _json_object(request: Request, accepted: tuple[str, ...], taker: str) -> dict[str, Any]:

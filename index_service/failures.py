@@ -48,17 +48,26 @@ class Selection:
     def parse(cls, query: Mapping[str, str], body: Mapping[str, Any] | None = None,
               query_keys: Sequence[str] = ()) -> Selection:
         """From query parameters (``reason``, ``bucket``, repeated ``key``) and an optional JSON body (``reason``,
-        ``bucket``, ``keys``; the body wins); raises ValueError on bad types."""
-        merged: dict[str, Any] = {name: query[name] for name in ("reason", "bucket") if query.get(name)}  # (not key)
+        ``bucket``, ``keys``). Raises ValueError on a value that is empty or of the wrong type, and on one given in
+        both places with two values: an empty selection means every record, and a blank ``reason`` or an empty
+        ``keys`` list once cleared (or retried) them all (an independent review)."""
+        merged: dict[str, Any] = {name: query[name] for name in ("reason", "bucket") if name in query}  # (not key)
         if query_keys:
             merged["keys"] = list(query_keys)
-        merged.update({k: v for k, v in (body or {}).items() if k in cls.FIELDS and v})
+        for name, value in (body or {}).items():
+            if name in cls.FIELDS:
+                if name in merged and merged[name] != value:
+                    raise ValueError(f"{name} is given twice, {merged[name]!r:.40} as a query parameter and "
+                                     f"{value!r:.40} in the body: give it once")
+                merged[name] = value
         for name in ("reason", "bucket"):
-            if name in merged and not isinstance(merged[name], str):
-                raise ValueError(f"{name} must be a string")
+            if name in merged and not (isinstance(merged[name], str) and merged[name]):
+                raise ValueError(f"{name} must be a non-empty string (leave it out to select every record)")
         names = merged.get("keys")
-        if names is not None and not (isinstance(names, list) and all(isinstance(k, str) for k in names)):
-            raise ValueError("keys must be a list of strings")
+        if "keys" in merged and not (isinstance(names, list) and names and all(isinstance(k, str) and k
+                                                                              for k in names)):
+            raise ValueError("keys must be a non-empty list of non-empty strings (leave it out to select every "
+                             "record)")
         return cls(merged.get("reason"), merged.get("bucket"), frozenset(names) if names is not None else None)
 
     def matches(self, record: Mapping[str, Any]) -> bool:

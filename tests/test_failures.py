@@ -101,14 +101,29 @@ def test_selection_from_query_and_body() -> None:
     assert Selection().matches(record)
     assert Selection.parse({"reason": "corrupt"}).matches(record)
     assert not Selection.parse({"reason": "empty"}).matches(record)
-    assert Selection.parse({"reason": "empty"}, {"reason": "corrupt", "keys": ["k"]}).matches(record)  # body wins
+    assert Selection.parse({"reason": "corrupt"}, {"reason": "corrupt", "keys": ["k"]}).matches(record)
     assert not Selection.parse({}, {"bucket": "other"}).matches(record)
     assert Selection.parse({"bucket": "b"}, None, ["k", "j"]).matches(record)
     assert not Selection.parse({}, None, ["j"]).matches(record)
-    with pytest.raises(ValueError, match="keys must be a list of strings"):
+    with pytest.raises(ValueError, match="keys must be a non-empty list of non-empty strings"):
         Selection.parse({}, {"keys": "k"})
-    with pytest.raises(ValueError, match="reason must be a string"):
+    with pytest.raises(ValueError, match="reason must be a non-empty string"):
         Selection.parse({}, {"reason": 3})
+    with pytest.raises(ValueError, match="reason is given twice"):  # the body won, silently
+        Selection.parse({"reason": "empty"}, {"reason": "corrupt"})
+
+
+@pytest.mark.parametrize("query, body, keys", [
+    ({"reason": ""}, None, []), ({}, {"keys": []}, []), ({}, {"reason": None}, []), ({}, {"reason": ""}, []),
+    ({}, {"bucket": 0}, []), ({}, None, [""]), ({"bucket": ""}, None, []),
+])
+def test_an_empty_or_mistyped_selection_is_refused_not_read_as_every_record(
+        query: dict[str, str], body: dict[str, Any] | None, keys: list[str]) -> None:
+    """Empty and falsy values were dropped before their types were checked, and an empty selection means every
+    record: ``DELETE /failures?reason=`` or ``{"keys": []}`` cleared them all, and a retry sent every failed object
+    again (an independent review)."""
+    with pytest.raises(ValueError, match="non-empty"):
+        Selection.parse(query, body, keys)
 
 
 def test_an_object_sent_again_keeps_its_modification_time() -> None:
@@ -198,3 +213,21 @@ def test_a_late_event_never_replaces_a_newer_versions_pending_mark(stack: Stack)
     finally:
         publisher.close()
         redis.delete(keys.results, keys.failures, keys.pending, *redis.scan_iter(keys.celery_prefix + "*"))
+
+
+def test_an_empty_selection_over_http_clears_nothing(stack: Stack, api: httpx.Client) -> None:
+    """``DELETE /failures?reason=`` and ``{"keys": []}`` cleared every record, and ``?limit=5&limit=6`` took the
+    last (an independent review): each is 400 now, and the records stay."""
+    keys, redis = Keys(stack.settings.namespace), connect(stack.settings.redis_url)
+    ref = ObjectRef(stack.settings.bucket, f"empty-selection-{uuid.uuid4().hex[:6]}.jpg", "e", order=1)
+    redis.hset(keys.failures, ref.object_id, failure_record(ref, "corrupt", "bad", 1, time.time()))
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    try:
+        for answer in (api.delete("/failures?reason=", headers=admin),
+                       api.request("DELETE", "/failures", json={"keys": []}, headers=admin),
+                       api.post("/failures/retry", json={"reason": None}, headers=admin),
+                       api.get("/failures?limit=5&limit=6")):
+            assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_parameter", answer.text
+        assert redis.hexists(keys.failures, ref.object_id)
+    finally:
+        redis.hdel(keys.failures, ref.object_id)
