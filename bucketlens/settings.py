@@ -152,7 +152,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 PORT = Bound(0, 65535)
 COUNT = Bound(1)  # counts, sizes, limits
 ZERO_MEANS = Bound(0)
-DURATION = Bound(0, open=True)
+# (infinity passed and crashed the writer lease at start; 0.0004 s made a lease of 0 ms)
+DURATION = Bound(0.001, 365 * 86400)
 SHARE = Bound(0, 1, open=True)
 BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(("ingest_port", "api_port"), PORT),
@@ -188,7 +189,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return notes
 
 
-NOT_EMPTY = ("home", "bucket", "namespace")  # an empty home wrote the stack's state into the working folder
+# An empty home wrote the stack's state into the working folder; an empty host bound every interface.
+NOT_EMPTY = ("home", "bucket", "namespace", "ingest_host", "api_host")
 
 
 def _problem(name: str, value: Any) -> str | None:
@@ -196,6 +198,8 @@ def _problem(name: str, value: Any) -> str | None:
     given = f"{PREFIX}{name.upper()}={value!r}"
     if name in NOT_EMPTY and not str(value).strip():
         return f"{PREFIX}{name.upper()} is empty: give a value or leave it unset"
+    if name.endswith("_host") and str(value) != str(value).strip():
+        return f"{given}: has spaces around it"
     if name in CHOICES and value not in CHOICES[name]:
         return f"{given}: choose one of {', '.join(CHOICES[name])}"
     if name in BOUNDS and not BOUNDS[name].admits(value):

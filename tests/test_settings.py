@@ -64,7 +64,11 @@ def test_the_defaults_are_valid() -> None:
     ({"BUCKETLENS_BATCH_SIZE": "-5"}, "BUCKETLENS_BATCH_SIZE=-5: must be at least 1"),
     ({"BUCKETLENS_WORKER_CONCURRENCY": "-1"}, "BUCKETLENS_WORKER_CONCURRENCY=-1: must be at least 0"),
     ({"BUCKETLENS_API_PORT": "65536"}, "BUCKETLENS_API_PORT=65536: must be at least 0 and at most 65535"),
-    ({"BUCKETLENS_FETCH_TIMEOUT_S": "0"}, "BUCKETLENS_FETCH_TIMEOUT_S=0.0: must be above 0"),
+    ({"BUCKETLENS_FETCH_TIMEOUT_S": "0"},
+     "BUCKETLENS_FETCH_TIMEOUT_S=0.0: must be at least 0.001 and at most 3.1536e+07"),
+    ({"BUCKETLENS_WRITER_LEASE_S": "inf"},
+     "BUCKETLENS_WRITER_LEASE_S=inf: must be at least 0.001 and at most 3.1536e+07"),
+    ({"BUCKETLENS_API_HOST": " 127.0.0.1"}, "BUCKETLENS_API_HOST=' 127.0.0.1': has spaces around it"),
     ({"BUCKETLENS_VISIBILITY_TIMEOUT_S": "1"}, "BUCKETLENS_VISIBILITY_TIMEOUT_S=1: must be at least 60"),
     ({"BUCKETLENS_INGEST_MAX_MEMORY_FRACTION": "1.5"},
      "BUCKETLENS_INGEST_MAX_MEMORY_FRACTION=1.5: must be above 0 and at most 1"),
@@ -114,10 +118,11 @@ def test_the_backends_settings_accept_are_the_ones_the_service_opens() -> None:
     assert CHOICES["index_backend"] == BACKENDS
 
 
-@pytest.mark.parametrize("variable", ["BUCKETLENS_HOME", "BUCKETLENS_BUCKET", "BUCKETLENS_NAMESPACE"])
+@pytest.mark.parametrize("variable", ["BUCKETLENS_HOME", "BUCKETLENS_BUCKET", "BUCKETLENS_NAMESPACE",
+                                      "BUCKETLENS_INGEST_HOST", "BUCKETLENS_API_HOST"])
 def test_an_empty_name_is_refused(variable: str) -> None:
     """`BUCKETLENS_HOME=` wrote the stack's stack.json (ports, tokens) into the working folder; an empty bucket
-    failed at the first upload with a traceback."""
+    failed at the first upload with a traceback; an empty host bound every interface (an independent review)."""
     with pytest.raises(ValueError, match=f"^{variable} is empty: give a value or leave it unset$"):
         Settings.from_env({variable: " "})
 
