@@ -41,11 +41,19 @@ def hex_sequencer_order(sequencer: str) -> int:
 
 
 def time_order(when: str | dt.datetime) -> int:
-    """Nanoseconds since the epoch of an ISO-8601 ``eventTime`` or a listing's ``LastModified``."""
+    """Nanoseconds since the epoch of an ISO-8601 ``eventTime`` or a listing's ``LastModified``; ValueError for a
+    time before the epoch or past year 9999 in UTC (an eventTime of year 1 was indexed as modified in year 1, and
+    every search that found the object answered 500 rendering it: an independent review)."""
     if isinstance(when, str):
         when = dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
+    try:
+        when = when.astimezone(dt.UTC)
+    except OverflowError as exc:
+        raise ValueError(f"{when.isoformat()} is out of range") from exc
+    if when.year < 1970:
+        raise ValueError(f"{when.isoformat()} is before 1970")
     delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
 

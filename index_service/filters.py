@@ -77,17 +77,25 @@ def parse_time(value: Any, name: str) -> float | None:
         raise HTTPError(400, "bad_parameter", f"{name} must be an ISO 8601 date or time, e.g. 2024-06-01")
     try:
         when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = when.timestamp()
+        iso(seconds, strict=True)  # (echoed in the answer: a UTC time in years 1 to 9999)
+    except (ValueError, OverflowError):  # not ISO 8601, or a UTC time past year 1 or 9999 (was a 500)
         raise HTTPError(400, "bad_parameter",
-                        f"{name} must be an ISO 8601 date or time, e.g. 2024-06-01 or 2024-06-01T12:00:00Z; "
-                        f"got {value!r:.80}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
+                        f"{name} must be an ISO 8601 date or time in years 1 to 9999 UTC, e.g. 2024-06-01 or "
+                        f"2024-06-01T12:00:00Z; got {value!r:.80}") from None
+    return seconds
 
 
-def iso(when: float | None) -> str | None:
-    """Seconds since the epoch as ISO 8601 UTC; None for an unknown time."""
+def iso(when: float | None, strict: bool = False) -> str | None:
+    """Seconds since the epoch as ISO 8601 UTC; None for an unknown time, or (unless ``strict``) for one that is
+    out of range."""
     if not when:
         return None
-    return dt.datetime.fromtimestamp(when, dt.UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return dt.datetime.fromtimestamp(when, dt.UTC).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        if strict:
+            raise
+        return None

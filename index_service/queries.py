@@ -195,7 +195,12 @@ def _json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        return json.loads(body)
+        payload = json.loads(body)
+    try:  # orjson refuses a lone surrogate ("\ud83d"), ``json`` takes it: a 500 where the string was used
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise HTTPError(400, "bad_json", "body holds a string that is not valid UTF-8 (a lone surrogate)") from None
+    return payload
 
 
 def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> None:

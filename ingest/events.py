@@ -115,10 +115,12 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
     name = name.removeprefix("s3:")
     if name.startswith("ObjectCreated:"):
         kind = "created"
-    elif name.startswith("ObjectRemoved:"):
-        kind = "removed"
+    elif name.startswith(("ObjectRemoved:", "LifecycleExpiration:")) or name == "ObjectLifecycle:Expiration:Current":
+        kind = "removed"  # (a lifecycle rule's expiry was ignored, and the object stayed searchable)
+    elif name == "ObjectLifecycle:Expiration:DeleteMarker":
+        kind = "version_removed"  # a delete marker gone: the key's older version may be current again
     else:
-        return None
+        return None  # (a non-current version expired or an upload aborted: nothing indexed changes)
     try:
         s3 = record["s3"]
         bucket = s3["bucket"]["name"]
@@ -151,7 +153,9 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
         event_time=event_time,
         version_id=str(obj.get("versionId") or obj.get("version") or ""),
     )
-    if name == "ObjectRemoved:Delete" and ref.version_id:
+    if not all(_utf8(text) for text in (ref.etag, ref.sequencer, ref.event_time, ref.version_id, source)):
+        raise BadEvent(f"Records[{index}] has a field that is not valid UTF-8 (a lone surrogate)")  # (was a 500)
+    if name in ("ObjectRemoved:Delete", "LifecycleExpiration:Delete") and ref.version_id:
         # One version of a versioned object deleted for good: the key's current version, if it has one (an older
         # version, or the one a removed delete marker hid), stays. Ingest asks S3 (receiver.Receiver._settle).
         # Deleting the current version without a version id leaves a delete marker: ObjectRemoved:DeleteMarkerCreated.

@@ -10,8 +10,10 @@ from .events import SNS_TYPES
 INT = {"type": "integer", "minimum": 0}
 
 RECORD = obj({
-    "eventName": {"type": "string", "description": "ObjectCreated:* queues an embedding, ObjectRemoved:* a delete; "
-                                                   "others are counted as ignored (MinIO's s3: prefix is dropped)"},
+    "eventName": {"type": "string", "description": "ObjectCreated:* queues an embedding; ObjectRemoved:*, "
+                                                   "LifecycleExpiration:* and ObjectLifecycle:Expiration:Current or "
+                                                   ":DeleteMarker a delete; others are counted as ignored (MinIO's "
+                                                   "s3: prefix is dropped)"},
     "eventSource": {"type": "string", "description": "ceph:s3 keys arrive raw; others are URL-decoded"},
     "eventTime": {"type": "string", "description": "ISO 8601; the order when no sequencer comes"},
     "s3": obj({

@@ -115,6 +115,30 @@ def test_unknown_event_kinds_are_ignored_and_counted() -> None:
     assert len(parsed.events) == 1 and parsed.ignored == 1
 
 
+@pytest.mark.parametrize("name, kind", [
+    ("LifecycleExpiration:Delete", "removed"), ("s3:LifecycleExpiration:DeleteMarkerCreated", "removed"),
+    ("ObjectLifecycle:Expiration:Current", "removed"), ("ObjectLifecycle:Expiration:DeleteMarker", "version_removed"),
+    ("ObjectLifecycle:Expiration:NonCurrent", None), ("ObjectLifecycle:Expiration:AbortMultipartUpload", None),
+    ("ObjectLifecycle:Transition:Current", None),
+])
+def test_a_lifecycle_expiry_is_a_delete(name: str, kind: str | None) -> None:
+    """A lifecycle rule's expiry was acknowledged as ignored, and the expired object stayed searchable (an
+    independent review). A non-current version's expiry changes nothing indexed."""
+    record = {**json.loads(load("ceph_put.json"))["Records"][0], "eventName": name}
+    parsed = parse_body(json.dumps({"Records": [record]}).encode())
+    assert [e.kind for e in parsed.events] == ([kind] if kind else []) and parsed.ignored == (0 if kind else 1)
+
+
+def test_an_event_time_out_of_range_is_no_modification_time() -> None:
+    """Year 1 was kept as the object's modification time, and every search that found the object answered 500
+    (an independent review). With a sequencer to order by, the event is taken and the time is unknown."""
+    record = {**json.loads(load("ceph_put.json"))["Records"][0], "eventTime": "0001-01-01T00:00:00+01:00"}
+    (event,) = parse_body(json.dumps({"Records": [record]}).encode()).events
+    assert event.ref.order > 0 and event.ref.modified == 0.0
+    with pytest.raises(ValueError, match="before 1970"):
+        time_order("1969-12-31T23:59:59Z")
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
@@ -131,6 +155,10 @@ def test_unknown_event_kinds_are_ignored_and_counted() -> None:
          b' "sequencer": "' + b"F" * 3580 + b'"}}}]}', "sequencer of 3580 characters"),  # was a 503 for its batch
         (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": '
          b'"\\ud800x.jpg"}}}]}', "not valid UTF-8"),  # a lone surrogate: was a 500
+        *((b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "a",'
+           b' "' + field + b'": "\\ud800"}}}]}', "not valid UTF-8") for field in (b"eTag", b"versionId", b"sequencer")),
+        (b'{"Records": [{"eventName": "ObjectCreated:Put", "eventTime": "0001-01-01T00:00:00+01:00", "s3": '
+         b'{"bucket": {"name": "b"}, "object": {"key": "a"}}}]}', "bad size or eventTime"),  # ordered by it
     ],
 )
 def test_malformed_bodies_raise_bad_event(body: bytes, message: str) -> None:
