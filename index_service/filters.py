@@ -59,8 +59,8 @@ def parse(fields: dict[str, Any], bucket_filters: bool = True) -> Filter:
     bucket = fields.get("bucket") if bucket_filters else None
     if bucket is not None and not (isinstance(bucket, str) and bucket):
         raise HTTPError(400, "bad_parameter", "bucket must be a non-empty string")
-    prefix = fields.get("prefix") or ""
-    if not isinstance(prefix, str):
+    prefix = "" if fields.get("prefix") is None else fields["prefix"]
+    if not isinstance(prefix, str):  # (0, false and [] were read as no prefix)
         raise HTTPError(400, "bad_parameter", "prefix must be a string")
     after = parse_time(fields.get("modified_after"), "modified_after")
     before = parse_time(fields.get("modified_before"), "modified_before")

@@ -91,6 +91,10 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         only(payload, JSON_FIELDS, "field", "a search")
         _combine(fields, {k: v for k, v in payload.items() if k in OPTIONS}, "body")
         _query_from_json(query, payload, dim)
+        if query.key is not None:  # the key's bucket, from the body or a query parameter (?bucket= was ignored)
+            query.bucket = fields.get("bucket")
+            if query.bucket is not None and not (isinstance(query.bucket, str) and query.bucket):
+                raise HTTPError(400, "bad_key", "bucket must be a non-empty string")
     else:
         raise HTTPError(415, "unsupported_media_type",
                         "send multipart/form-data with 'image', JSON, or application/octet-stream (a float32 vector)")
@@ -222,10 +226,7 @@ def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> N
     elif "key" in payload:
         if not isinstance(payload["key"], str) or not payload["key"]:
             raise HTTPError(400, "bad_key", "key must be a non-empty string")
-        bucket = payload.get("bucket")
-        if bucket is not None and not isinstance(bucket, str):
-            raise HTTPError(400, "bad_key", "bucket must be a string")
-        query.key, query.bucket = payload["key"], bucket
+        query.key = payload["key"]  # (its bucket: parse_search)
     elif "text" in payload:
         text = payload["text"]
         if not isinstance(text, str) or not text.strip():

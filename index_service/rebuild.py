@@ -88,6 +88,9 @@ class Rebuilds:
         """Start a rebuild; ``model`` (reembed only) switches the embedding model."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        for name, value in (("index_type", index_type), ("model", model)):
+            if value is not None and not isinstance(value, str):  # (a list was a 500)
+                raise ValueError(f"{name} must be a string")
         types = self.service.backend.index_types
         if index_type is not None and index_type not in (*types, "auto"):
             raise ValueError(f"index_type must be one of {', '.join(types)} or auto (the size policy picks)")

@@ -635,6 +635,12 @@ def test_a_search_is_exactly_one_query(parser: TestClient) -> None:
     assert (key["kind"], key["bucket"], key["filter"]["prefix"], key["filter"]["bucket"]) == ("key", "b", "x/", None)
     image = parser.post("/search", files=IMAGE, data={"prefix": "x/", "bucket": "b", "k": "3"}).json()
     assert (image["kind"], image["k"], image["filter"]["bucket"]) == ("image", 3, "b")
+    key = parser.post("/search", json={"key": "a.jpg"}, params={"bucket": "b"}).json()  # (?bucket= was ignored)
+    assert (key["kind"], key["bucket"], key["filter"]["bucket"]) == ("key", "b", None)
+    for body, params in (({"key": "a.jpg", "bucket": ""}, {}), ({"key": "a.jpg", "bucket": "b"}, {"bucket": "c"})):
+        assert error(parser.post("/search", json=body, params=params))[0] == 400
+    for prefix in (0, False, []):  # were read as no prefix
+        assert error(parser.post("/search", json={"text": "cat", "prefix": prefix}))[:2] == (400, "bad_parameter")
 
 
 def test_query_images_are_decoded_a_few_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -349,6 +349,9 @@ def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
         raise ConnectionError("the index server is down")
 
     service.new_generation = unavailable
+    for wrong in ({"model": ["m"]}, {"index_type": {"t": 1}}):  # (a list was a 500)
+        with pytest.raises(ValueError, match="must be a string"):
+            service.rebuilds.start("reembed", **wrong)
     for _ in range(2):  # the second is not refused as "already running"
         with pytest.raises(ConnectionError):
             service.rebuilds.start("reembed")
