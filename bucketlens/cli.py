@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import mimetypes
 import os
 import sys
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--prefix", help="only keys under this prefix (a folder), e.g. 2024/")
     search.add_argument("--after", help="only objects modified at or after this ISO 8601 date or time")
     search.add_argument("--before", help="only objects modified before this ISO 8601 date or time")
-    search.add_argument("--min-score", type=float)
+    search.add_argument("--min-score", type=_finite)
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
     dups = sub.add_parser("duplicates", help="groups of near-duplicate images (copies of one photo), best first")
@@ -116,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bucketlens {args.command}: no answer from {_address(exc)} ({exc}): is the stack up? "
               f"`bucketlens status` says", file=sys.stderr)
         return 1
-    except (httpx.HTTPError, CLIError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, CLIError) as exc:
         print(f"bucketlens {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except json.JSONDecodeError as exc:  # a proxy's error page, another server on the port
+        print(f"bucketlens {args.command}: the server's answer is not JSON ({exc}): is BUCKETLENS_API_PORT the "
+              f"index service's port? `bucketlens status` says", file=sys.stderr)
         return 1
 
 
@@ -125,6 +130,13 @@ def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # (nan went out as JSON no server reads, with a traceback)
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
 
 
@@ -202,7 +214,8 @@ def client_settings(settings: Settings) -> Settings:
 
 
 def api_url(settings: Settings) -> str:
-    return f"http://{settings.api_host}:{settings.api_port}"
+    host = settings.api_host
+    return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{settings.api_port}"  # IPv6
 
 
 def _stack_for_up(settings: Settings, args: argparse.Namespace) -> Any:
@@ -566,6 +579,25 @@ def writer_url(settings: Settings) -> str:
     return api_url(settings)
 
 
+def _rebuild_state(url: str, job: dict[str, Any], patience_s: float = 300) -> dict[str, Any]:
+    """The job as the service says now; while the service is briefly away (a restart, Redis or Milvus coming back:
+    5xx or no answer), the job as it last was, for up to ``patience_s`` (the wait ended in a traceback)."""
+    away = time.monotonic()
+    while True:
+        try:
+            response = httpx.get(url, timeout=30)
+            if response.status_code == 200:
+                return response.json()  # type: ignore[no-any-return]
+            if response.status_code < 500:
+                raise CLIError(_error_text(response))
+            trouble = _error_text(response)
+        except httpx.TransportError as exc:
+            trouble = f"no answer ({exc})"
+        if time.monotonic() - away > patience_s:
+            raise CLIError(f"rebuild {job['id']}: {trouble} for {patience_s:.0f} s; it may still run: GET {url}")
+        time.sleep(2)
+
+
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -586,7 +618,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         with tqdm(total=max(job["total"], 1), unit="obj", desc=job["mode"]) as bar:
             while job["state"] == "running":
                 time.sleep(1)
-                job = httpx.get(url, timeout=30).json()
+                job = _rebuild_state(url, job)
                 bar.total = max(job["total"], 1)
                 bar.n = job["done"]
                 bar.refresh()

@@ -594,3 +594,28 @@ def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monke
     assert main(["up", "--replicas", "3"]) == 1  # refused before starting anything, after the note
     assert (f"note: BUCKETLENS_API_PORT=47999 is not used: this stack keeps its api_port {api.port} in "
             f"{tmp_path / 'stack.json'}") in capsys.readouterr().out
+
+
+def test_waiting_outlasts_a_service_briefly_away(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 503 while waiting (the service restarting, Redis coming back) ended the wait with a traceback (an
+    independent review); the wait goes on, and a 4xx is one line."""
+    api.answers[("POST", "/rebuild")] = (202, RUNNING)
+    api.answers[("GET", "/rebuild/r1")] = (503, {"error": {"code": "redis_unavailable", "message": "Redis is down"}})
+    threading.Timer(3, lambda: api.answers.update({("GET", "/rebuild/r1"): (
+        200, {**RUNNING, "state": "done", "done": 4, "total": 4})})).start()
+    assert main(["rebuild", "--reindex", "--wait"]) == 0
+    assert "rebuild r1 done: 4/4 settled" in capsys.readouterr().out
+    api.answers[("GET", "/rebuild/r1")] = (404, {"error": {"code": "unknown_rebuild", "message": "no rebuild r1"}})
+    assert main(["rebuild", "--reindex", "--wait"]) == 1
+    err = capsys.readouterr().err  # (the progress bar's, then one line)
+    assert err.endswith("bucketlens rebuild: 404 unknown_rebuild: no rebuild r1\n") and "Traceback" not in err
+
+
+def test_a_non_finite_min_score_and_an_ipv6_host_are_no_tracebacks(api: FakeAPI, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--text", "cat", "--min-score", "nan"])
+    assert exit_.value.code == 2 and "must be a finite number" in capsys.readouterr().err
+    monkeypatch.setenv("BUCKETLENS_API_HOST", "::1")  # nothing answers there: the one line of a server down
+    assert main(["search", "--text", "cat"]) == 1
+    one_error_line(capsys, f"http://[::1]:{api.port}")
