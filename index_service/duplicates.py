@@ -161,8 +161,10 @@ def recount(index: Index) -> None:
              time.monotonic() - started, dropped)
 
 
-def find_pairs(index: Index, objects: list[Indexed], min_score: float = MIN_SCORE) -> list[tuple[str, str, int]]:
-    """Confirmed ``(object id, object id, matches)`` between each of ``objects`` and its neighbours. Objects
+def find_pairs(index: Index, objects: list[Indexed],
+               min_score: float = MIN_SCORE) -> list[tuple[str, str, int, str]]:
+    """Confirmed ``(object id, object id, matches, the second's etag)`` between each of ``objects`` and its
+    neighbours. Objects
     indexed without local features (an older model) have nothing to verify with and are not searched for."""
     stored = index.features.views([(object_id(o.bucket, o.key), o.etag) for o in objects])
     known = [(o, v) for o in objects
@@ -180,7 +182,7 @@ def find_pairs(index: Index, objects: list[Indexed], min_score: float = MIN_SCOR
             if score >= min_score and other_id in stored:
                 matches = evidence(stored[oid], obj.etag, stored[other_id], other.etag)
                 if matches >= local_features.MIN_INLIERS:
-                    pairs.append((oid, other_id, matches))
+                    pairs.append((oid, other_id, matches, other.etag))
     return pairs
 
 

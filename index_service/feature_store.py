@@ -82,22 +82,25 @@ class FeatureStore:
                 log.warning("unusable local features of %s: %s", oid, exc)
         return found
 
-    def add_pairs(self, checked: Sequence[tuple[str, str]], pairs: Sequence[tuple[str, str, int]]) -> int:
+    def add_pairs(self, checked: Sequence[tuple[str, str]], pairs: Sequence[tuple[str, str, int, str]]) -> int:
         """Record that each ``(object id, etag)`` in ``checked`` had its neighbours verified, with the confirmed
-        ``pairs`` ``(a, b, matches)`` found. Objects changed meanwhile (their row has another etag now) are left
-        out, with their pairs: they are checked again. Returns how many pairs were kept."""
+        ``pairs`` ``(a, b, matches, b's etag)`` found. Objects changed meanwhile (their row has another etag now)
+        are left out, with their pairs: they are checked again. A pair whose neighbour changed meanwhile is left
+        out too: it was verified against the neighbour's old image, and its re-upload had dropped its pairs
+        already, so the stale pair stayed in ``/duplicates`` (an independent review). Returns how many pairs
+        were kept."""
         with self._lock:
             if self._closed:
                 return 0
             return self._add_pairs(checked, pairs)
 
-    def _add_pairs(self, checked: Sequence[tuple[str, str]], pairs: Sequence[tuple[str, str, int]]) -> int:
+    def _add_pairs(self, checked: Sequence[tuple[str, str]], pairs: Sequence[tuple[str, str, int, str]]) -> int:
         with self._transaction():
             current = {oid: etag for oid, etag, _ in self._rows([oid for oid, _ in checked] +
-                                                                [x for a, b, _ in pairs for x in (a, b)])}
+                                                                [x for a, b, _, _ in pairs for x in (a, b)])}
             fresh = [(oid, etag) for oid, etag in checked if current.get(oid) == etag]
             valid = {oid for oid, _ in fresh}
-            kept = [(min(a, b), max(a, b), m) for a, b, m in pairs if a in valid and b in current]
+            kept = [(min(a, b), max(a, b), m) for a, b, m, etag in pairs if a in valid and current.get(b) == etag]
             self._db.executemany("INSERT OR REPLACE INTO checked VALUES (?, ?)", fresh)
             self._db.executemany("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?)", kept)
         return len(kept)

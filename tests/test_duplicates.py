@@ -103,7 +103,7 @@ def test_a_store_of_an_older_count_gets_its_identical_pairs_when_opened(tmp_path
     store = FeatureStore(path)
     store.write([("b/sky", "md5-a", b"x"), ("b/sky-copy", "md5-a", b"x"), ("b/other", "md5-b", b"x"),
                  ("b/crop", "md5-c", b"x")], [])
-    store.add_pairs([("b/other", "md5-b"), ("b/crop", "md5-c")], [("b/crop", "b/other", 40)])
+    store.add_pairs([("b/other", "md5-b"), ("b/crop", "md5-c")], [("b/crop", "b/other", 40, "md5-b")])
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 2")
@@ -122,7 +122,8 @@ def test_pairs_of_an_older_count_are_counted_again(tmp_path: Path) -> None:
                  entry("crop.jpg", v, gray("astronaut.png", crop=0.8), 1),
                  entry("coffee.jpg", v, gray("coffee.png"), 1)])
     checked = [(f"b/{k}", f"e-{k}-1") for k in ("astronaut.jpg", "crop.jpg", "coffee.jpg")]
-    index.features.add_pairs(checked, [("b/astronaut.jpg", "b/crop.jpg", 99), ("b/astronaut.jpg", "b/coffee.jpg", 60)])
+    index.features.add_pairs(checked, [("b/astronaut.jpg", "b/crop.jpg", 99, "e-crop.jpg-1"),
+                                       ("b/astronaut.jpg", "b/coffee.jpg", 60, "e-coffee.jpg-1")])
     index.features.close()
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 1")  # as a store written by the older count is
@@ -144,7 +145,8 @@ def test_one_false_link_does_not_chain_two_groups() -> None:
     pairs = [("b/cat.jpg", "b/cat-2.jpg", 200), ("b/cat.jpg", "b/cat-3.jpg", 150), ("b/cup.jpg", "b/cup-2.jpg", 180),
              ("b/cup.jpg", "b/cup-3.jpg", 90), ("b/cat-3.jpg", "b/cup-3.jpg", 35)]  # the last one is false
     index.features.write([(f"b/{k}", f"e-{k}-1", b"x") for k in keys], [])
-    index.features.add_pairs([(f"b/{k}", f"e-{k}-1") for k in keys], pairs)
+    index.features.add_pairs([(f"b/{k}", f"e-{k}-1") for k in keys],
+                             [(a, b, m, f"e-{b.removeprefix('b/')}-1") for a, b, m in pairs])
     found = groups(index, local_features.COPY_MATCHES)
     assert [[o.key for o in g.members] for g in found] == [["cat.jpg", "cat-2.jpg", "cat-3.jpg"],
                                                            ["cup.jpg", "cup-2.jpg", "cup-3.jpg"]]

@@ -111,3 +111,16 @@ def test_views_decodes_rows_and_leaves_damaged_ones_out() -> None:
     store.write([("b/good", "e", local_features.encode([features(1)])), ("b/bad", "e", b"not features")], [])
     found = store.views([("b/good", "e"), ("b/bad", "e")])
     assert list(found) == ["b/good"] and len(found["b/good"][0]) == len(features(1))
+
+
+def test_a_pair_verified_against_a_neighbour_changed_since_is_not_kept(tmp_path: Path) -> None:
+    """A round verifies ``a`` against ``b`` as ``b`` was; ``b`` re-uploaded meanwhile dropped its pairs, and the
+    round then stored the stale pair, which nothing removed: ``/duplicates`` showed b's new image as a copy of
+    ``a`` (an independent review)."""
+    store = FeatureStore(tmp_path / "f.sqlite")
+    store.write([("bk/a.jpg", "a1", b"x"), ("bk/b.jpg", "b1", b"x")], [])
+    store.write([("bk/b.jpg", "b2", b"y")], [])  # re-uploaded while the round verified a against b1
+    assert store.add_pairs([("bk/a.jpg", "a1")], [("bk/a.jpg", "bk/b.jpg", 50, "b1")]) == 0
+    assert store.pairs() == []
+    assert store.add_pairs([("bk/a.jpg", "a1")], [("bk/a.jpg", "bk/b.jpg", 50, "b2")]) == 1
+    store.close()
