@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import heapq
 import logging
 import math
 import mmap
@@ -735,9 +736,16 @@ class VectorIndex(SearchOne):
                 kept[selected] = True
                 scores[~kept] = 0.0
             found = np.flatnonzero(scores > 0)
-            if len(found) > k:
-                found = found[np.argpartition(-scores[found], k - 1)[:k]]
-            hits = [(self._objects[int(i)], float(scores[i])) for i in found]
+            hits: list[tuple[Indexed, float]] = []
+            if len(found) > k:  # the objects tied at the k-th score are cut by name, as the order below (and
+                # Milvus) has it: argpartition cut them by internal id, and k=3 was not the start of k=5
+                cut = -np.partition(-scores[found], k - 1)[k - 1]
+                above, tied = found[scores[found] > cut], found[scores[found] == cut]
+                named = heapq.nsmallest(k - len(above), (self._objects[int(i)] for i in tied),
+                                        key=lambda o: (o.bucket, o.key))
+                hits = [(o, float(cut)) for o in named]
+                found = above
+            hits += [(self._objects[int(i)], float(scores[i])) for i in found]
         return sorted(hits, key=lambda hit: (-hit[1], hit[0].bucket, hit[0].key))
 
     def _posting_array(self, label: int) -> tuple[np.ndarray, np.ndarray]:

@@ -267,6 +267,15 @@ def test_text_search_and_label_counts(folders: Index) -> None:
     assert folders.text_search({400}, 10) == [] and folders.label_counts() == {281: 48, 285: 48}
 
 
+def test_text_search_cuts_ties_by_name_on_every_backend(index: Index) -> None:
+    """Probabilities are kept to 4 places, so ties are common: FAISS cut the objects tied at the k-th score by
+    internal id (k=3 was not the start of k=5) and Milvus by name (an independent review). Both cut by name."""
+    index.apply([upsert(f"a{i:02}", 1, i, labels="207:1") for i in (11, 3, 7, 0, 9, 1, 5, 10, 2, 8, 4, 6)]
+                + [upsert("best", 1, 99, labels="207:1,208:0.5")])
+    assert [o.key for o, _ in index.text_search({207, 208}, 3)] == ["best", "a00", "a01"]
+    assert [o.key for o, _ in index.text_search({207}, 5)] == ["a00", "a01", "a02", "a03", "a04"]
+
+
 # -- generations: restructure, checkpoint and restart, rebuild swap, abandon --------------------------------
 
 
