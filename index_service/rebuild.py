@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODES = ("reembed", "reindex")
+CARRY_CHUNK = 1000  # entries a one-bucket reembed carries over per apply
 SAVE_EVERY_S = 1.0  # a running job's progress is written to Redis at most this often (it was every 100th object,
 # when a batch happened to end on one: an interrupted job reported done 0)
 
@@ -285,15 +286,18 @@ class Rebuilds:
         serving = self.service.index
         objects, vectors, tombstones = serving.export()
         kept = [(o, v) for o, v in zip(objects, vectors) if o.bucket != job.bucket]
-        features = serving.features.get([(object_id(o.bucket, o.key), o.etag) for o, _ in kept])
-        entries = [upsert_of(o, v, shadow.generation, shadow.model, features.get(object_id(o.bucket, o.key), b""))
-                   for o, v in kept]
-        for oid, (order, _) in tombstones.items():
-            bucket, key = split_object_id(oid)
-            if bucket != job.bucket:
-                entries.append(ResultEntry("delete", bucket, key, "", "", order, shadow.generation))
-        shadow.apply(entries)
-        log.info("rebuild %s of bucket %s carries over %d entries of other buckets", job.id, job.bucket, len(entries))
+        for start in range(0, len(kept), CARRY_CHUNK):  # (one Milvus upsert of every row: ~0.5 GB per 100k)
+            chunk = kept[start : start + CARRY_CHUNK]
+            features = serving.features.get([(object_id(o.bucket, o.key), o.etag) for o, _ in chunk])
+            shadow.apply([upsert_of(o, v, shadow.generation, shadow.model,
+                                    features.get(object_id(o.bucket, o.key), b"")) for o, v in chunk])
+        deletes = [ResultEntry("delete", bucket, key, "", "", order, shadow.generation)
+                   for oid, (order, _) in tombstones.items()
+                   for bucket, key in [split_object_id(oid)] if bucket != job.bucket]
+        for start in range(0, len(deletes), CARRY_CHUNK):
+            shadow.apply(deletes[start : start + CARRY_CHUNK])
+        log.info("rebuild %s of bucket %s carries over %d objects and %d tombstones of other buckets", job.id,
+                 job.bucket, len(kept), len(deletes))
 
     def carries(self, bucket: str) -> bool:
         """Whether the serving generation's entries for ``bucket`` also go to the shadow: a bucket a running rebuild
