@@ -118,13 +118,20 @@ async def unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, f"{code}_unavailable", f"{which} is unreachable; try again shortly")
 
 
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else: a 500 in the same JSON shape (it was text/plain), naming what went wrong; the server logs the
+    traceback (Starlette raises the exception on after this answer)."""
+    return error_response(500, "internal_error", f"{type(exc).__name__} while serving {request.method} "
+                          f"{request.url.path}: a bug; the service's log has the traceback")
+
+
 # Exceptions of the services' dependencies that a Starlette app answers with 503 (``unavailable_handler``). The
 # builtin ConnectionError: an index backend's server unreachable (index_service/milvus_index.py, IndexUnavailable).
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, BotoCoreError, ConnectionError)
 
 # Every Starlette app's exception handlers: errors are always ``{"error": {"code", "message"}}``.
 EXCEPTION_HANDLERS = {HTTPError: http_error_handler, StarletteHTTPException: routing_error_handler,
-                      **{e: unavailable_handler for e in UNAVAILABLE}}
+                      **{e: unavailable_handler for e in UNAVAILABLE}, Exception: internal_error_handler}
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

@@ -11,7 +11,7 @@ Lua's numbers lose digits past 2^53 (AWS sequencers are ~6e18).
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Any, Sequence
 
 import redis
 
@@ -62,6 +62,19 @@ for i = 1, #ARGV, 4 do
   end
 end
 """
+
+
+def record(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A pending mark or failure record as Python reads it: None for none, and for one that is not ours (not a
+    JSON object with an etag: something else wrote into the namespace), which every reader skips (GET /failures
+    answered 500 for every page) and the Lua scripts above replace or drop."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("etag"), str) else None
 
 
 class Versions:

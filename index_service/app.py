@@ -25,6 +25,7 @@ from bucketlens.http import EXCEPTION_HANDLERS, HostGuard, HTTPError, JSONRespon
 from bucketlens.openapi import route as openapi_route
 from bucketlens.schemas import object_id
 from bucketlens.settings import Settings
+from bucketlens.versions import record
 from vision import labels, local_features, words
 from vision.decode import decode_for
 from vision.embedders import Embedder
@@ -433,8 +434,7 @@ def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
     indexed = service.index.get(bucket, key)
     failure_raw, pending_raw = service.redis.hmget(service.keys.failures, [oid]) + service.redis.hmget(
         service.keys.pending, [oid])
-    failure = json.loads(failure_raw) if failure_raw else None
-    pending = json.loads(pending_raw) if pending_raw else None
+    failure, pending = record(failure_raw), record(pending_raw)
     state = {"bucket": bucket, "key": key, "indexed": indexed is not None}
     if failure and (indexed is None or failure["etag"] != indexed.etag):
         return {**state, "state": "failed", "etag": failure["etag"], "order": failure["order"],

@@ -9,13 +9,13 @@ is never lost.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Iterable, Mapping, Sequence, cast
 
 import redis
 
 from bucketlens.keys import Keys
 from bucketlens.schemas import ObjectRef, object_id
+from bucketlens.versions import record
 from ingest.publisher import Publisher
 
 CHUNK = 500  # records per Lua call: keeps each call short, Redis serves others in between
@@ -121,7 +121,8 @@ def _read(client: redis.Redis, keys: Keys, selection: Selection) -> list[Item]:
     else:
         pairs = client.hgetall(keys.failures).items()
     items = cast(Iterable[tuple[bytes, bytes | None]], pairs)  # the client answers bytes (bucketlens.redis_client)
-    return [(field, raw, record) for field, raw in items if raw and selection.matches(record := json.loads(raw))]
+    return [(field, raw, found) for field, raw in items
+            if raw and (found := record(raw)) is not None and selection.matches(found)]
 
 
 def _remove_unchanged(client: redis.Redis, keys: Keys, items: list[Item]) -> dict[bytes, tuple[bytes, dict[str, Any]]]:

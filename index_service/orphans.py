@@ -13,12 +13,12 @@ lost task comes back within ~20 s of the pipeline going idle.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from bucketlens.schemas import ObjectRef, split_object_id
+from bucketlens.versions import record
 
 from .queues import queue_report
 
@@ -66,7 +66,7 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
     redis, keys = service.redis, service.keys
     marks = cast(dict[bytes, bytes], redis.hgetall(keys.pending))  # the client answers bytes
     old = {field: raw for field, raw in marks.items()
-           if time.time() - float(json.loads(raw).get("queued", 0)) >= min_age_s}
+           if (mark := record(raw)) is not None and time.time() - float(mark.get("queued", 0)) >= min_age_s}
     if not old:
         return 0, 0
     fields = list(old)
@@ -75,11 +75,10 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
     stale: list[bytes] = []
     lost: list[ObjectRef] = []
     for field, raw in old.items():
-        mark = json.loads(raw)
+        mark = cast(dict[str, Any], record(raw))
         bucket, key = split_object_id(field.decode())
         held = serving.get(bucket, key)
-        recorded = failures[field]
-        failure = json.loads(recorded) if recorded else None
+        failure = record(failures[field])
         if (held is not None and held.etag == mark["etag"]) or (failure and failure["etag"] == mark["etag"]):
             stale += [field, raw]
         else:

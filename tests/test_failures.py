@@ -217,7 +217,7 @@ def test_a_late_event_never_replaces_a_newer_versions_pending_mark(stack: Stack)
 
 def test_an_empty_selection_over_http_clears_nothing(stack: Stack, api: httpx.Client) -> None:
     """``DELETE /failures?reason=`` and ``{"keys": []}`` cleared every record, and ``?limit=5&limit=6`` took the
-    last (an independent review): each is 400 now, and the records stay."""
+    last (an independent review): each is 400 now, and the records stay. A record that is not ours is skipped."""
     keys, redis = Keys(stack.settings.namespace), connect(stack.settings.redis_url)
     ref = ObjectRef(stack.settings.bucket, f"empty-selection-{uuid.uuid4().hex[:6]}.jpg", "e", order=1)
     redis.hset(keys.failures, ref.object_id, failure_record(ref, "corrupt", "bad", 1, time.time()))
@@ -229,5 +229,9 @@ def test_an_empty_selection_over_http_clears_nothing(stack: Stack, api: httpx.Cl
                        api.get("/failures?limit=5&limit=6")):
             assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_parameter", answer.text
         assert redis.hexists(keys.failures, ref.object_id)
+        redis.hset(keys.failures, ref.object_id + ".foreign", "not ours")  # skipped, not a 500 for every page
+        listed = api.get("/failures", params={"bucket": ref.bucket, "limit": 1000})
+        assert listed.status_code == 200 and ref.key in [r["key"] for r in listed.json()["failures"]]
+        assert api.get(f"/objects/{ref.bucket}/{ref.key}.foreign").status_code == 404  # (was 500)
     finally:
-        redis.hdel(keys.failures, ref.object_id)
+        redis.hdel(keys.failures, ref.object_id, ref.object_id + ".foreign")

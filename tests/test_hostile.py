@@ -728,3 +728,13 @@ def test_a_rebuild_of_an_unknown_bucket_is_refused_before_it_starts() -> None:
     assert client.post("/rebuild", json={"bucket": "images"}, headers=admin).status_code == 202
     assert client.post("/rebuild", json={}, headers=admin).status_code == 202  # every bucket: nothing to check
     assert started == ["images", None]
+
+
+def test_an_unexpected_error_is_a_json_500() -> None:
+    """A bug answered text/plain "Internal Server Error", unlike every other error (an independent review)."""
+    app = create_app(Settings())
+    app.state.service = SimpleNamespace()  # no index: /labels fails on an AttributeError, as a bug would
+    client = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    answer = client.get("/labels")
+    assert answer.status_code == 500 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"]["code"] == "internal_error" and "AttributeError" in answer.json()["error"]["message"]
