@@ -59,7 +59,7 @@ class SearchQuery:
 
 
 async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuery:
-    content_type = request.headers.get("content-type", "")
+    content_type = request.headers.get("content-type", "").lower()  # (Application/JSON was a 415)
     only(request.query_params.keys(), PARAMETERS, "query parameter", "a search")
     fields: dict[str, Any] = _typed(request.query_params.multi_items())
     query = SearchQuery()
@@ -250,10 +250,11 @@ def _vector(vector: np.ndarray, dim: int) -> np.ndarray:
     if len(vector) != dim:
         raise HTTPError(400, "bad_vector", f"vector has {len(vector)} values, the index has dimension {dim}")
     vector = vector.astype(np.float32)
-    norm = float(np.linalg.norm(vector)) if np.isfinite(vector).all() else math.nan
+    wide = vector.astype(np.float64)  # (float32's norm of [1e-30, 0, ...] is 0, of [3e38, 3e38, ...] infinite)
+    norm = float(np.linalg.norm(wide)) if np.isfinite(vector).all() else math.nan
     if not math.isfinite(norm) or norm == 0:
         raise HTTPError(400, "bad_vector", "vector must be finite and non-zero")
-    return vector / norm
+    return (wide / norm).astype(np.float32)
 
 
 def _integer(value: Any, name: str, low: int, high: int) -> int:

@@ -139,7 +139,11 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
         raise BadEvent(f"Records[{index}] has a sequencer of {len(sequencer)} characters (at most {MAX_SEQUENCER})")
     event_time = str(record.get("eventTime") or "")
     try:
-        size = int(obj.get("size") or 0)
+        size = obj.get("size") or 0
+        if isinstance(size, float) and size.is_integer():  # (JSON Schema's integer: 5.0 is 5)
+            size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:  # (-5, 1.9 and true were taken)
+            raise ValueError(f"size must be a whole number of bytes, not {size!r:.40}")
         order = event_order(source, sequencer, event_time)
     except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a size of 1e400 is a float infinity
         raise BadEvent(f"Records[{index}] has a bad size or eventTime: {exc}") from exc

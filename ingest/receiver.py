@@ -116,6 +116,9 @@ class Receiver:
         pipe.execute()
 
     async def handle(self, request: Request) -> JSONResponse:
+        if "origin" in request.headers:  # S3 servers and SNS send none; browsers send one with every POST
+            raise HTTPError(403, "forbidden", "ingest takes notifications from S3 servers, not from web pages (the "
+                            "request has an Origin header): with no webhook token, any page could post events")
         if not token_ok(request, self.settings.webhook_token):
             raise HTTPError(401, "unauthorized", "missing or wrong webhook token")
         body = await read_limited(request, self.settings.max_body_bytes)

@@ -157,6 +157,8 @@ def test_an_event_time_out_of_range_is_no_modification_time() -> None:
          b'"\\ud800x.jpg"}}}]}', "not valid UTF-8"),  # a lone surrogate: was a 500
         *((b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "a",'
            b' "' + field + b'": "\\ud800"}}}]}', "not valid UTF-8") for field in (b"eTag", b"versionId", b"sequencer")),
+        *((b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "a",'
+           b' "size": ' + size + b'}}}]}', "size must be a whole number") for size in (b"-5", b"1.9", b"true", b'"7"')),
         (b'{"Records": [{"eventName": "ObjectCreated:Put", "eventTime": "0001-01-01T00:00:00+01:00", "s3": '
          b'{"bucket": {"name": "b"}, "object": {"key": "a"}}}]}', "bad size or eventTime"),  # ordered by it
     ],

@@ -622,6 +622,15 @@ def test_dates_past_the_calendar_and_lone_surrogates_are_400(parser: TestClient)
     assert fine.status_code == 200 and fine.json()["filter"]["prefix"] == "\U0001f431/"
 
 
+def test_tiny_and_huge_vectors_and_a_capitalised_content_type_are_taken(parser: TestClient) -> None:
+    """float32's norm of [1e-30, 0, ...] is 0 and of [3e38, 3e38, ...] infinite: both were refused as not finite;
+    ``Application/JSON`` was a 415 (an independent review)."""
+    for values in ([1e-30] + [0.0] * (DIM - 1), [3e38] * DIM):
+        assert parser.post("/search", json={"vector": values}).status_code == 200
+    answer = parser.post("/search", content=json.dumps({"text": "cat"}), headers={"content-type": "Application/JSON"})
+    assert answer.status_code == 200, answer.text
+
+
 def test_a_search_is_exactly_one_query(parser: TestClient) -> None:
     for body in ({"key": "a.jpg", "text": "cat"}, {"vector": [1.0] * DIM, "key": "a.jpg"},
                  {"vector": [1.0] * DIM, "vector_b64": "AAAA"}):

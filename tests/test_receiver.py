@@ -102,6 +102,9 @@ def test_bearer_header_is_accepted_as_well(client: TestClient) -> None:
     body = (FIXTURES / "aws_test_event.json").read_bytes()
     assert client.post("/events", content=body, headers={"Authorization": "Bearer secret"}).status_code == 200
     assert client.post("/events", content=body).status_code == 401
+    # A web page's post (browsers send an Origin; S3 servers and SNS do not), with the token or without one.
+    page = client.post("/events?token=secret", content=body, headers={"Origin": "https://elsewhere.example"})
+    assert page.status_code == 403 and page.json()["error"]["code"] == "forbidden"
 
 
 def test_an_aws_event_through_sns_is_queued_like_any_other(client: TestClient, settings: Settings) -> None:
