@@ -263,8 +263,11 @@ class Receiver:
 
 
 def _digest(event: ObjectEvent) -> str:
+    """What makes a delivery the same event: a redelivery repeats all of it. The event time too: from a notifier
+    that sends no sequencer, a put, delete, put of the same bytes within the dedup TTL dropped the second put,
+    and the delete's tombstone hid the object (an independent review)."""
     ref = event.ref
-    raw = "\0".join((event.kind, ref.bucket, ref.key, ref.etag, ref.sequencer, ref.version_id))
+    raw = "\0".join((event.kind, ref.bucket, ref.key, ref.etag, ref.sequencer, ref.version_id, ref.event_time))
     return hashlib.sha1(raw.encode()).hexdigest()
 
 

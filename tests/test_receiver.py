@@ -24,7 +24,8 @@ from bucketlens.schemas import ObjectRef, ResultEntry
 from bucketlens.settings import Settings
 from index_service.queues import queue_report
 from infra.stack import Stack, free_port
-from ingest.receiver import create_app
+from ingest.events import ObjectEvent
+from ingest.receiver import _digest, create_app
 
 from .helpers import FIXTURES, ceph_event, wait_for
 from .integrity import record_outcome
@@ -289,3 +290,14 @@ def test_a_burst_is_refused_only_near_redis_maxmemory_and_every_accepted_event_i
     record_outcome("ingest_burst_small_maxmemory", {
         "maxmemory_bytes": limit, "accepted_before_503": accepted, "used_memory_at_503": used,
         "redis_bytes_per_queued_object": round(per_object), "tasks": tasks}, file="burst-outcomes.json")
+
+
+def test_a_notifier_without_sequencers_has_its_second_put_of_the_same_bytes_taken() -> None:
+    """Without a sequencer, the dedup key of put, delete, put of the same bytes was the same for both puts: the
+    second was dropped as a duplicate, and the delete's tombstone hid the object (an independent review). The
+    event time tells them apart; a redelivery repeats it."""
+    first = ObjectEvent("created", ObjectRef("b", "k.jpg", "e", event_time="2026-12-03T10:00:00Z"))
+    again = ObjectEvent("created", ObjectRef("b", "k.jpg", "e", event_time="2026-12-03T10:05:00Z"))
+    assert _digest(first) != _digest(again)
+    assert _digest(first) == _digest(ObjectEvent("created", ObjectRef("b", "k.jpg", "e",
+                                                                       event_time="2026-12-03T10:00:00Z")))
