@@ -368,15 +368,21 @@ class MilvusIndex(SearchOne):
                     parts += [part[: len(part) // 2], part[len(part) // 2 :]]
 
     def _newest(self, oid: str) -> dict[str, Any]:
-        """The row of ``oid`` with the highest order. A query answers one row per key, so it is asked again without
-        the orders seen until nothing is left."""
+        """The row of ``oid`` with the highest order; on a tie, the tombstone (a delete of the same order wins,
+        ``backend.verdict``: the repair kept whichever it saw first, and a deleted object came back)."""
+        found = [row for deleted in ("false", "true")
+                 if (row := self._newest_where(f"oid == {literal(oid)} and deleted == {deleted}")) is not None]
+        return max(found, key=lambda row: (int(row["order"]), bool(row["deleted"])))
+
+    def _newest_where(self, expr: str) -> dict[str, Any] | None:
+        """The row matching ``expr`` with the highest order. A query answers one row per key, so it is asked again
+        without the orders seen until nothing is left."""
         seen: list[dict[str, Any]] = []
         while True:
             orders = [int(row["order"]) for row in seen]
-            expr = f"oid == {literal(oid)}" + (f" and order not in {orders}" if orders else "")
-            rows = self._query(expr, ROW, strong=True)
+            rows = self._query(expr + (f" and order not in {orders}" if orders else ""), ROW, strong=True)
             if not rows:
-                return max(seen, key=lambda row: int(row["order"]))
+                return max(seen, key=lambda row: int(row["order"])) if seen else None
             seen += rows
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -416,7 +422,7 @@ class MilvusIndex(SearchOne):
         answers = [[(_indexed(hit["entity"]), float(hit["distance"])) for hit in hits] for hits in found]
         if self.index_type != "Flat" and any(len(hits) < want for hits in answers):
             answers = self._complete(queries, want, where, answers)
-        return [[(obj, s) for obj, s in hits if not skip or object_id(obj.bucket, obj.key) != skip][:k]
+        return [_distinct([(obj, s) for obj, s in hits if not skip or object_id(obj.bucket, obj.key) != skip])[:k]
                 for hits, skip in zip(answers, exclude)]
 
     def _complete(self, queries: np.ndarray, want: int, where: Filter | None,
@@ -447,10 +453,13 @@ class MilvusIndex(SearchOne):
         if not wanted:
             return []
         expr = f"{expression(where)} and array_contains_any(label_ids, {sorted(wanted)})"
-        hits = []
+        newest: dict[str, Indexed] = {}  # (a key with two rows until the next repair: its newest)
         for row in self._scan(expr, SCALARS):
             obj = _indexed(row)
-            hits.append((obj, float(sum(p for label, p in obj.labels or () if label in wanted))))
+            oid = object_id(obj.bucket, obj.key)
+            if oid not in newest or newest[oid].order < obj.order:
+                newest[oid] = obj
+        hits = [(obj, float(sum(p for label, p in obj.labels or () if label in wanted))) for obj in newest.values()]
         hits.sort(key=lambda hit: (-hit[1], hit[0].bucket, hit[0].key))
         return hits[:k]
 
@@ -539,6 +548,14 @@ class MilvusIndex(SearchOne):
                 return
             yield from page
             after = max(row["oid"] for row in page)
+
+
+def _distinct(hits: list[tuple[Indexed, float]]) -> list[tuple[Indexed, float]]:
+    """Each object once, at its best score: a key with two rows (until the checkpoint's repair) came back twice."""
+    best: dict[str, tuple[Indexed, float]] = {}
+    for obj, score in hits:  # (best first)
+        best.setdefault(object_id(obj.bucket, obj.key), (obj, score))
+    return list(best.values())
 
 
 def _indexed(row: dict[str, Any]) -> Indexed:

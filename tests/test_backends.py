@@ -470,3 +470,24 @@ def test_a_milvus_that_is_coming_back_is_unavailable_not_an_error(message: str) 
     with pytest.raises(MilvusException):  # anything else is ours: a 500 that says so
         with reachable("http://127.0.0.1:19530"):
             raise MilvusException(code=1100, message="invalid expression: prefix like")
+
+
+def test_milvus_answers_a_doubled_key_once_and_its_repair_keeps_a_tied_tombstone() -> None:
+    """A writer killed mid-upsert can leave a key two rows until the checkpoint's repair (milvus_index's
+    docstring): searches answered it twice, and the repair kept whichever of a live row and a tombstone of the
+    same order it saw first, where the order rule lets the delete win (an independent review; pure logic)."""
+    from index_service.backend import Indexed
+    from index_service.milvus_index import MilvusIndex, _distinct
+
+    old, new = Indexed("b", "k", "e1", "", 1, 1), Indexed("b", "k", "e2", "", 2, 1)
+    other = Indexed("b", "j", "e", "", 1, 1)
+    assert _distinct([(old, 0.9), (other, 0.8), (new, 0.7)]) == [(old, 0.9), (other, 0.8)]
+    rows = [{"oid": "b/k", "order": "5", "deleted": False}, {"oid": "b/k", "order": "5", "deleted": True}]
+    index = MilvusIndex.__new__(MilvusIndex)
+
+    def query(expr: str, fields: Any, strong: bool = False) -> list[dict[str, Any]]:  # one row per key, as Milvus
+        return [row for row in rows if row["order"] not in expr.partition("not in")[2]
+                and f"deleted == {str(row['deleted']).lower()}" in expr][:1]
+
+    index._query = query  # type: ignore[method-assign]
+    assert index._newest("b/k")["deleted"] is True
