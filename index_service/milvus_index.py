@@ -490,7 +490,7 @@ class MilvusIndex(SearchOne):
     def outgrown(self) -> bool:
         return False  # Milvus builds an index per sealed segment, each of a bounded size, with the same parameters
 
-    def restructure(self, index_type: str) -> None:
+    def restructure(self, index_type: str, progress: Callable[[int], None] | None = None) -> None:
         """Copy every row (tombstones too) into a new collection of this generation with ``index_type``, then
         point the alias at it if it served. Merges wait meanwhile; searches go on against the old collection."""
         if index_type not in INDEX_TYPES:
@@ -503,11 +503,15 @@ class MilvusIndex(SearchOne):
             client = self.connection.client
             with reachable(self.connection.uri):
                 batch: list[dict[str, Any]] = []
+                copied = 0  # live objects (the job's total), tombstones left out of the count
                 for row in self._scan(EVERYTHING, ROW):
                     batch.append(row)
+                    copied += not row["deleted"]
                     if len(batch) == 1000:
                         client.insert(name, batch)
                         batch = []
+                        if progress is not None:
+                            progress(copied)
                 if batch:
                     client.insert(name, batch)
                 client.flush(name)

@@ -329,11 +329,17 @@ class Rebuilds:
         with service.restructuring:  # (the size policy's restructure waits, then finds nothing to do)
             if job.chosen:
                 service.choose_type(job.chosen)
-            service.index.restructure(job.index_type)
+            service.index.restructure(job.index_type, progress=lambda moved: self._progress(job, moved))
         service.snapshot()  # the new structure: a restart loaded the old one (no snapshot came until the next merge)
         with self._lock:
             job.done = job.total
             self._finish(job, "done")
+
+    def _progress(self, job: RebuildJob, moved: int) -> None:
+        """A reindex's objects in the new structure so far (its progress read 0 until the end: minutes at 1M)."""
+        job.done = min(moved, job.total)
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            self._save(job)
 
     def _maybe_complete(self, job: RebuildJob) -> None:
         """Once every listed object is settled, complete the job in a thread of its own: ``observe`` runs on the

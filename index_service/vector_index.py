@@ -849,7 +849,7 @@ class VectorIndex(SearchOne):
         release_freed_memory()
         return index
 
-    def restructure(self, index_type: str) -> None:
+    def restructure(self, index_type: str, progress: Callable[[int], None] | None = None) -> None:
         """Rebuild the FAISS structure (e.g. Flat -> IVF) in the caller's thread while merges and searches go on.
         An IVF type is trained on a sample first; then the vectors move into the new structure a chunk at a time
         (``Moving``), so the old and the new one together hold about one copy of them. A restructure that failed
@@ -882,6 +882,8 @@ class VectorIndex(SearchOne):
                         self._file_complete = self._file is not None
                     longest = max(longest, time.perf_counter() - held)
                 moved += int(left.sum())
+                if progress is not None:
+                    progress(moved)
                 release_freed_memory()  # what the new lists left behind as they grew
                 if moving.new is self._faiss:
                     break

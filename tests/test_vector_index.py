@@ -586,3 +586,13 @@ def test_searches_from_threads_started_later_use_the_configured_openmp_threads()
         assert seen == [7]
     finally:
         module.set_search_threads(1)  # the service's default (BUCKETLENS_FAISS_THREADS) for the tests after
+
+
+def test_a_restructure_says_how_far_it_got(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reindex job read done 0 until its end (minutes at 1M): the restructure tells its progress chunk by chunk."""
+    monkeypatch.setattr(module, "CHUNK", 50)
+    index = VectorIndex("m", DIM)
+    index.apply([upsert(f"k{i}", 1, i) for i in range(180)])
+    told: list[int] = []
+    index.restructure("Flat", progress=told.append)
+    assert told == [50, 100, 150, 180] and len(index) == 180
