@@ -17,6 +17,7 @@ from .duplicates import GROUP_MATCHES
 from .queries import MAX_K, MAX_TEXT
 
 TEXT = {"type": "string"}
+SOME_TEXT = {"type": "string", "minLength": 1}
 INT = {"type": "integer"}
 NUMBER = {"type": "number"}
 BOOL = {"type": "boolean"}
@@ -191,8 +192,8 @@ SCHEMAS: dict[str, Schema] = {
     "Failures": obj({"total": INT, "offset": INT, "limit": INT,
                      "failures": {"type": "array", "items": ref("FailureRecord")}},
                     ("total", "offset", "limit", "failures")),
-    "FailureSelection": obj({"reason": TEXT, "bucket": TEXT, "keys": {"type": "array", "items": TEXT}},
-                            closed=True),
+    "FailureSelection": obj({"reason": SOME_TEXT, "bucket": SOME_TEXT,
+                             "keys": {"type": "array", "items": SOME_TEXT, "minItems": 1}}, closed=True),
     "Labels": obj({"model": TEXT, "labels_kept": {"type": "boolean", "description": "the model keeps tags"},
                    "labels": {"type": "array", "items": obj({
                        "id": {"type": "string", "description": "WordNet 3.0 synset id"}, "name": TEXT,
@@ -265,9 +266,10 @@ def _json(name: str) -> dict[str, Any]:
 
 
 def _selection_parameters() -> list[dict[str, Any]]:
-    """Which failure records (``failures.Selection``): query parameters, or a JSON body's fields (which win)."""
-    return [parameter("reason", TEXT, "only this reason"), parameter("bucket", TEXT, "only this bucket"),
-            parameter("key", {"type": "array", "items": TEXT}, "only these keys (repeatable)")]
+    """Which failure records (``failures.Selection``): query parameters, or a JSON body's fields (one given in
+    both with two values is 400; an empty one is 400, not "every record")."""
+    return [parameter("reason", SOME_TEXT, "only this reason"), parameter("bucket", SOME_TEXT, "only this bucket"),
+            parameter("key", {"type": "array", "items": SOME_TEXT}, "only these keys (repeatable)")]
 
 
 def _error(status: int, description: str) -> dict[str, Any]:

@@ -47,7 +47,8 @@ SCHEMAS = {
 PATHS = {
     "/events": {"post": {
         "summary": "S3 bucket notifications (MinIO, Ceph RGW, AWS shapes, AWS through an SNS topic); answered 2xx "
-                   "only once queued; an SNS subscription is confirmed (403 when its URL is not Amazon SNS's)",
+                   "only once queued; an SNS subscription is confirmed (403 when its URL is not Amazon SNS's, and for "
+                   "a request with an Origin header: a web page's)",
         "security": [{"webhook": []}],
         "parameters": [{"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
                         "description": "the webhook token, for notifiers that cannot add headers (Ceph RGW)"}],
