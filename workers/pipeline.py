@@ -45,7 +45,9 @@ class Outcome:
     embedded: list[Embedded] = dataclasses.field(default_factory=list)
     failed: list[tuple[ObjectRef, str, str]] = dataclasses.field(default_factory=list)
     skipped: list[ObjectRef] = dataclasses.field(default_factory=list)
-    transient: list[tuple[ObjectRef, str]] = dataclasses.field(default_factory=list)
+    # Retried with the task; (ref, reason once the retries are spent, message): unreachable (S3), internal (a model
+    # call that raised: CUDA out of memory, a model that cannot load).
+    transient: list[tuple[ObjectRef, str, str]] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     abandoned: int = 0  # objects of a generation no index merges any more: dropped, not embedded
 
@@ -83,8 +85,10 @@ class Pipeline:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             out.timings["fetch"] += time.perf_counter() - started
 
-            started = time.perf_counter()
-            decoded = [(futures[f], pixels) for f in done if (pixels := self._decode(futures[f], f, out)) is not None]
+            started = time.perf_counter()  # (each body dropped as it is decoded: the whole batch's stayed in memory)
+            decoded = [(ref, pixels) for f in done
+                       if (pixels := self._decode(ref := futures.pop(f), f, out)) is not None]
+            done.clear()
             out.timings["decode"] += time.perf_counter() - started
 
             if decoded:
@@ -109,7 +113,7 @@ class Pipeline:
         except ObjectChanged:
             out.skipped.append(ref)
         except TransientError as exc:
-            out.transient.append((ref, str(exc)))
+            out.transient.append((ref, "unreachable", str(exc)))
         except PermanentError as exc:
             out.failed.append((ref, exc.reason, str(exc)))
         return None
@@ -121,8 +125,16 @@ class Pipeline:
         for model in sorted(set(models)):
             part = [item for item, wanted in zip(decoded, models) if wanted == model]
             started = time.perf_counter()
-            vectors, found = self.embedders.get(model).describe(np.stack([image.pixels for _, image in part]))
-            out.timings["embed"] += time.perf_counter() - started
+            try:
+                vectors, found = self.embedders.get(model).describe(np.stack([image.pixels for _, image in part]))
+            except Exception as exc:  # CUDA out of memory, a rebuild's model that cannot load: these objects are
+                # retried; the rest of the batch, another model's objects included, goes on (the whole batch, what
+                # was embedded too, became permanent failures: an independent review)
+                log.exception("the %s model failed on %d objects; they are retried", model, len(part))
+                out.transient += [(ref, "internal", f"{type(exc).__name__}: {exc}") for ref, _ in part]
+                continue
+            finally:
+                out.timings["embed"] += time.perf_counter() - started
             started = time.perf_counter()
             count = recipe(model).local_count
             for (ref, image), vector, top in zip(part, vectors, found):

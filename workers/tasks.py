@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import redis
 from celery import Celery, Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
 from bucketlens.keys import EMBED_TASK
 from bucketlens.schemas import ObjectRef, SchemaError
@@ -54,8 +54,22 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
             p.redis.expire(deliveries, 7 * 86400)
         except redis.RedisError as exc:  # Redis went away as the task started: give the batch back untouched
             raise Reject(f"Redis unreachable: {exc}", requeue=True) from exc
-        if count > settings.max_redeliveries:  # this batch keeps killing workers
-            p.write(Outcome(failed=[(r, "worker_lost", "the worker died on this batch repeatedly") for r in batch]), 0)
+        if count > settings.max_redeliveries:  # this object keeps killing workers (a batch is split first, below)
+            _written(p, Outcome(failed=[(r, "worker_lost", "the worker died on this object repeatedly")
+                                        for r in batch]), 0)
+            _forget(p, deliveries)
+            return
+        if count > 1 and len(batch) > 1:  # delivered again: a worker died on it (or it outlived the visibility
+            # timeout). Each object goes on as a task of its own, so that a poison object fails alone: after
+            # MAX_REDELIVERIES every object of its batch became worker_lost (an independent review).
+            queue = (self.request.delivery_info or {}).get("routing_key") or p.keys.live_queue
+            try:
+                for ref in batch:
+                    self.app.send_task(EMBED_TASK, args=[[ref.to_json()]], queue=queue)
+            except Exception as exc:  # the broker away: the batch comes back whole (what was sent is harmless twice)
+                raise Reject(f"could not split the batch: {exc}", requeue=True) from exc
+            log.warning("a batch of %d objects was delivered %d times: sent again one object per task", len(batch),
+                        count)
             _forget(p, deliveries)
             return
         try:
@@ -65,12 +79,22 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
             out = Outcome(failed=[(ref, "internal", f"{type(exc).__name__}: {exc}") for ref in batch])
         attempts = self.request.retries + 1
         if out.transient and self.request.retries >= settings.max_retries:
-            out.failed += [(ref, "unreachable", message) for ref, message in out.transient]
-        try:
-            p.write(out, attempts)
-        except TransientError as exc:
-            raise Reject(str(exc), requeue=True) from exc
+            out.failed += out.transient
+        _written(p, out, attempts)
         _forget(p, deliveries)
         if out.transient and self.request.retries < settings.max_retries:
-            retry = [ref.to_json() for ref, _ in out.transient]
-            raise self.retry(args=[retry], countdown=backoff(self.request.retries))
+            retry = [ref.to_json() for ref, _, _ in out.transient]
+            try:
+                raise self.retry(args=[retry], countdown=backoff(self.request.retries))
+            except Retry:
+                raise
+            except Exception as exc:  # the retry not queued: acknowledged, its objects were lost (review)
+                raise Reject(f"could not queue the retry: {exc}", requeue=True) from exc
+
+
+def _written(p: Pipeline, out: Outcome, attempts: int) -> None:
+    """Write the outcome, or give the task back (a task that raised is acknowledged, its outcome lost)."""
+    try:
+        p.write(out, attempts)
+    except TransientError as exc:
+        raise Reject(str(exc), requeue=True) from exc
