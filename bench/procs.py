@@ -82,8 +82,8 @@ def stack_pids(home: Path) -> dict[str, int]:
     found: dict[str, int] = {}
     for pid_file in [*(home / "run").glob("*.pid"), *(home / "ceph" / "run").glob("*.pid")]:
         try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
+            pid = int(pid_file.read_text().split()[0])  # (ours also hold the start time: infra/stack.py)
+        except (OSError, ValueError, IndexError):
             continue
         if Path(f"/proc/{pid}").exists():
             found[pid_file.stem] = pid

@@ -332,7 +332,7 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         process = milvus.start(data, self.config.milvus_port, self.home / "logs" / "milvus.log")
         self._children["milvus"] = process
-        (self.home / "run" / "milvus.pid").write_text(str(process.pid))
+        (self.home / "run" / "milvus.pid").write_text(_pid_record(process.pid))
         try:
             milvus.wait_ready(data, process, log_path=self.home / "logs" / "milvus.log")
         except (RuntimeError, TimeoutError) as exc:
@@ -452,7 +452,7 @@ class Stack:
         )
         log_file.close()
         self._children[name] = process
-        (self.home / "run" / f"{name}.pid").write_text(str(process.pid))
+        (self.home / "run" / f"{name}.pid").write_text(_pid_record(process.pid))
 
     def stop_service(self, name: str, kill: bool = False) -> None:
         pid = self.pid(name)
@@ -500,16 +500,23 @@ def running(settings: Settings, keep: bool = False, restart: tuple[str, ...] = (
 
 
 def _live_pid(path: Path, comm_prefix: str) -> int | None:
-    """The pid in ``path`` if that process is alive and is what we started (not a recycled pid)."""
+    """The pid in ``path`` if that process is alive and is what we started (not a recycled pid): its name, and
+    where the file has it (``_pid_record``), its start time. By name alone, a stale file's pid reused by any
+    Python process was taken for a service, and ``down`` killed it (an independent review)."""
     try:
-        pid = int(path.read_text().strip())
+        pid, *started = path.read_text().split()
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].split()
     except (OSError, ValueError):
         return None
-    if stat.split(") ", 1)[-1].startswith("Z") or not comm.startswith(comm_prefix[:15]):
+    if fields[0] == "Z" or not comm.startswith(comm_prefix[:15]) or started[:1] not in ([], [fields[19]]):
         return None
-    return pid
+    return int(pid)
+
+
+def _pid_record(pid: int) -> str:
+    """What a pid file of ours holds: the pid and the process's start time (clock ticks since boot)."""
+    return f"{pid} {Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[-1].split()[19]}"
 
 
 def _listens(pid: int, port: int) -> bool:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
 import pytest
 
 from bucketlens.settings import Settings
+from infra.stack import _live_pid, _pid_record
 from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, STABLE_S, Supervisor
 
 
@@ -172,3 +174,17 @@ def test_a_heal_whose_reconcile_fails_reconciles_at_the_next_check(tmp_path: Pat
     supervisor.check_delivery()
     supervisor.reconciler.join()
     assert len(posts) == 1, "reconciled once the reconcile answered"
+
+
+def test_a_pid_file_names_its_process_by_start_time_too(tmp_path: Path) -> None:
+    """By name alone, a stale pid file whose pid a new Python process reused was taken for a service: `status`
+    said it was up and `down` killed it (an independent review). The file keeps the start time too."""
+    path, name = tmp_path / "x.pid", Path("/proc/self/comm").read_text().strip()
+    path.write_text(_pid_record(os.getpid()))
+    assert _live_pid(path, name) == os.getpid()
+    path.write_text(f"{os.getpid()} 1")  # the pid reused: another start time
+    assert _live_pid(path, name) is None
+    path.write_text(str(os.getpid()))  # a file of an earlier release: by name, as before
+    assert _live_pid(path, name) == os.getpid()
+    path.write_text("")
+    assert _live_pid(path, name) is None
