@@ -176,8 +176,9 @@ class Stack:
     def _save_config(self, config: StackConfig) -> None:
         path = self.home / "stack.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        tmp.chmod(0o600)  # holds tokens
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:  # holds tokens
+            file.write(json.dumps(dataclasses.asdict(config), indent=2))  # (readable by all until a chmod, before)
         os.replace(tmp, path)
 
     @property
