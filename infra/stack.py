@@ -275,7 +275,7 @@ class Stack:
             **({"milvus_uri": s.milvus_uri} if "milvus" in self.servers else {}),
             "processes": {
                 "redis": self.redis_pid() is not None,
-                "s3": self.s3_up(),
+                "s3": self.ceph_up(),
                 **({"milvus": self.milvus_pid() is not None} if "milvus" in self.servers else {}),
                 **{name: self.pid(name) is not None for name in self.services},
             },
@@ -356,7 +356,7 @@ class Stack:
     # -- Ceph ----------------------------------------------------------------------------------------------
 
     def start_ceph(self) -> None:
-        if self.s3_up():
+        if self.ceph_up():
             return
         ceph = self.home / "ceph"
         env = {**os.environ, "S3_ACCESS_KEY": self.settings.s3_access_key,
@@ -422,6 +422,12 @@ class Stack:
         there, and the index drifted from its own bucket)."""
         pid = self.ceph_pid("client.rgw.a")
         return pid is not None and _listens(pid, self.config.s3_port)
+
+    def ceph_up(self) -> bool:
+        """Whether this stack's S3 server works: radosgw holds its port, and the monitor and the OSD behind it run
+        (with either dead, radosgw held its port and every request hung, and nothing restarted them: an
+        independent review)."""
+        return self.s3_up() and all(self.ceph_pid(daemon) is not None for daemon in ("mon.a", "osd.0"))
 
     def _check_s3(self) -> None:
         """Raise unless this stack's radosgw holds its port within a few seconds of its start."""

@@ -96,7 +96,8 @@ class Supervisor:
         if self.stack.redis_pid() is None:  # before anything that needs it, the canary included
             log.warning("redis is not running; restarting it (its append-only file brings back what it held)")
             self.stack.start_redis()
-        if not self.stack.s3_up():  # radosgw died (the canary would find it only after canary_timeout_s)
+        if not self.stack.ceph_up():  # radosgw, its OSD or monitor died (the canary would find it only after
+            # canary_timeout_s, and heal only radosgw)
             log.warning("the S3 server does not answer; starting whatever of it is not running")
             self.stack.start_ceph()
             self.restarted_radosgw()

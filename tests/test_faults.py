@@ -402,6 +402,25 @@ def test_the_supervisor_restarts_a_dead_redis_and_a_dead_radosgw(
         restore(stack)
 
 
+def test_the_supervisor_restarts_a_dead_ceph_osd(stack: Stack, s3: Any, api: httpx.Client,
+                                                 unique_prefix: str) -> None:
+    """With the OSD dead, radosgw held its port and every request hung: the supervisor, which looked at radosgw
+    alone, restarted nothing and `status` said S3 was up (an independent review)."""
+    osd = stack.ceph_pid("osd.0")
+    assert osd is not None
+    try:
+        os.kill(osd, signal.SIGKILL)
+        wait_for(lambda: stack.ceph_pid("osd.0") != osd, 10, what="the OSD gone")
+        wait_for(lambda: stack.ceph_pid("osd.0") is not None and stack.status()["processes"]["s3"], 90,
+                 what="the OSD restarted by the supervisor")
+        key = unique_prefix + "after-osd.jpg"
+        patient_s3(stack).put_object(Bucket=stack.settings.bucket, Key=key, Body=next(iter(image_set(key, 1).values())))
+        wait_for(lambda: (state := object_state(api, stack.settings.bucket, key)) and state["state"] == "indexed", 180,
+                 what=f"{key} indexed")
+    finally:
+        restore(stack)
+
+
 def test_another_server_on_the_s3_port_is_not_taken_for_this_stacks(stack: Stack) -> None:
     """Another stack's S3 server took this stack's port while its radosgw started (an independent check, two stacks
     made together): `up` succeeded against it, made the bucket and notifications there, and the index drifted from

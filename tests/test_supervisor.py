@@ -115,7 +115,7 @@ class Servers(Services):
     def redis_pid(self) -> int:
         return 1
 
-    def s3_up(self) -> bool:
+    def ceph_up(self) -> bool:
         return self.s3
 
     def start_ceph(self) -> None:
