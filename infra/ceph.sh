@@ -140,7 +140,9 @@ stop)
     p=$(pid_of $d); [ -n "$p" ] || continue
     kill -TERM $p 2>/dev/null || true
     for i in $(seq 1 300); do kill -0 $p 2>/dev/null || break; sleep 0.1; done
-    if kill -0 $p 2>/dev/null; then echo "$d ($p) still alive after 30s" >&2; fi
+    if kill -0 $p 2>/dev/null; then  # (it stayed running after `down` said down)
+      echo "$d ($p) still alive after 30s: killed" >&2; kill -KILL $p 2>/dev/null || true
+    fi
   done ;;
 kill)
   for d in client.rgw.a osd.0 mon.a; do p=$(pid_of $d); [ -n "$p" ] && kill -KILL $p 2>/dev/null || true; done
