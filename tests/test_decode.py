@@ -41,6 +41,16 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     assert 100 < pixels.mean() < 140  # 30000/65535 of full scale, not saturated white
 
 
+@pytest.mark.parametrize("low, high", [(100_000, 1_000_000), (-500, 500)])
+def test_thirty_two_bit_beyond_sixteen_is_scaled_by_its_own_range(low: int, high: int) -> None:
+    """Scaled by 16 bits' peak, a 32-bit image's values past 65535 were all white and negative ones all black (an
+    independent review): its halves could not be told apart."""
+    values = np.full((32, 64), low, dtype=np.int32)
+    values[:, 32:] = high
+    pixels = decode(encode(Image.fromarray(values, "I"), "TIFF"), LIMIT).astype(int)
+    assert pixels[:, :100].mean() < 30 and pixels[:, 124:].mean() > 225
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])  # HEIF: a phone's photo; pillow-heif stores the turn as its own
 def test_exif_orientation_is_applied_once(fmt: str) -> None:
     image = half_red_half_blue(64, 32)

@@ -135,10 +135,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # Scaled a band of rows at a time: float64 copies of the whole image took 2.6 GB for one 64 MP 16-bit PNG.
         pixels = np.asarray(image)
-        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        low, high = float(pixels.min()), float(pixels.max())
+        floor, peak = 0.0, 65535.0 if image.mode.startswith("I;16") or high > 255 else 255.0
+        if low < 0 or high > 65535:  # a 32-bit image beyond 16 bits: its own range (it was all white or black)
+            floor, peak = low, max(high - low, 1.0)
         scaled = np.empty(pixels.shape, np.uint8)
         for top in range(0, len(pixels), ROWS):
-            band = pixels[top : top + ROWS].astype(np.float32) * np.float32(255.0 / peak)
+            band = (pixels[top : top + ROWS].astype(np.float32) - np.float32(floor)) * np.float32(255.0 / peak)
             scaled[top : top + ROWS] = np.clip(band, 0, 255)
         image = Image.fromarray(scaled, "L")
     elif image.mode == "F":
