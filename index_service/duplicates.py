@@ -164,8 +164,8 @@ def recount(index: Index) -> None:
 def find_pairs(index: Index, objects: list[Indexed],
                min_score: float = MIN_SCORE) -> list[tuple[str, str, int, str]]:
     """Confirmed ``(object id, object id, matches, the second's etag)`` between each of ``objects`` and its
-    neighbours. Objects
-    indexed without local features (an older model) have nothing to verify with and are not searched for."""
+    neighbours. Objects indexed without local features (an older model) have nothing to verify with and are not
+    searched for."""
     stored = index.features.views([(object_id(o.bucket, o.key), o.etag) for o in objects])
     known = [(o, v) for o in objects
              if object_id(o.bucket, o.key) in stored and (v := index.vector(o.bucket, o.key)) is not None]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -12,6 +11,7 @@ import redis
 
 from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry, SchemaError, object_id
+from bucketlens.versions import record
 
 log = logging.getLogger(__name__)
 # A batch another consumer of the group read this long ago and has not acknowledged is taken over: its reader lost
@@ -178,7 +178,8 @@ class Merger:
             return
         oids = [object_id(e.bucket, e.key) for e in entries]
         marks = self.redis.hmget(self.keys.pending, oids)
-        done = [oid for oid, mark, e in zip(oids, marks, entries) if mark and _settles(json.loads(mark), e)]
+        done = [oid for oid, mark, e in zip(oids, marks, entries)
+                if (found := record(mark)) is not None and _settles(found, e)]
         if done:
             self.redis.hdel(self.keys.pending, *done)
 

@@ -199,12 +199,7 @@ class Rebuilds:
             if job is None or job.state != "running":
                 return
             for entry in entries:
-                oid = object_id(entry.bucket, entry.key)
-                if oid in self._expected:
-                    self._expected.discard(oid)
-                    job.done += 1
-                    if entry.op == "failed":
-                        job.failed += 1
+                self._settle(job, object_id(entry.bucket, entry.key), failed=entry.op == "failed")
             self._maybe_complete(job)
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -261,9 +256,8 @@ class Rebuilds:
                 refs.append(ref)
                 continue
             with self._lock:
-                if job.state == "running" and oid in self._expected:  # gone: as a skipped object settles
-                    self._expected.discard(oid)
-                    job.done += 1
+                if job.state == "running":  # gone: as a skipped object settles
+                    self._settle(job, oid)
         if refs:
             service.publisher.send_embeds(refs, queue=service.keys.rebuild_queue)
             service.redis.hincrby(service.keys.counters, "orphans_resent", len(refs))
@@ -272,6 +266,14 @@ class Rebuilds:
         with self._lock:
             self._maybe_complete(job)
         return len(refs)
+
+    def _settle(self, job: RebuildJob, oid: str, failed: bool = False) -> None:
+        """A listed object settled in the new generation (under the lock)."""
+        if oid in self._expected:
+            self._expected.discard(oid)
+            job.done += 1
+            if failed:
+                job.failed += 1
 
     def _carry_over(self, job: RebuildJob) -> None:
         """A rebuild of one bucket keeps every other bucket's objects (and tombstones) as they are.
@@ -338,8 +340,7 @@ class Rebuilds:
     def _progress(self, job: RebuildJob, moved: int) -> None:
         """A reindex's objects in the new structure so far (its progress read 0 until the end: minutes at 1M)."""
         job.done = min(moved, job.total)
-        if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
-            self._save(job)
+        self._save_due(job)
 
     def _maybe_complete(self, job: RebuildJob) -> None:
         """Once every listed object is settled, complete the job in a thread of its own: ``observe`` runs on the
@@ -349,8 +350,8 @@ class Rebuilds:
             self._completing = True
             threading.Thread(target=self._guard, args=(job, self._complete), name=f"rebuild-{job.id}-complete",
                              daemon=True).start()
-        elif time.monotonic() - self._saved_at >= SAVE_EVERY_S:  # (what a restart reports of an interrupted job)
-            self._save(job)
+        else:
+            self._save_due(job)
 
     def _complete(self, job: RebuildJob) -> None:
         """Give the shadow the job's structure (merges and searches go on meanwhile), then swap it in."""
@@ -380,6 +381,11 @@ class Rebuilds:
         self._expected = set()
         self._save(job)
         log.info("rebuild %s %s: %d/%d settled, %d failed", job.id, state, job.done, job.total, job.failed)
+
+    def _save_due(self, job: RebuildJob) -> None:
+        """Save a running job's progress at most every ``SAVE_EVERY_S`` (what a restart reports of it)."""
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            self._save(job)
 
     def _save(self, job: RebuildJob) -> None:
         self._saved_at = time.monotonic()

@@ -9,13 +9,13 @@ already (a pending mark younger than the visibility timeout) are not sent twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
 from bucketlens.ordering import time_order
 from bucketlens.schemas import ObjectRef, object_id
+from bucketlens.versions import record
 from ingest.scanner import scan
 
 from .backend import Indexed
@@ -106,7 +106,8 @@ def _without(service: Service, refs: list[ObjectRef], records: str,
     for start in range(0, len(refs), 1000):
         part = refs[start : start + 1000]
         found = service.redis.hmget(records, [ref.object_id for ref in part])
-        kept += [ref for ref, raw in zip(part, found, strict=True) if not raw or not drop(json.loads(raw), ref)]
+        kept += [ref for ref, raw in zip(part, found, strict=True)
+                 if (held := record(raw)) is None or not drop(held, ref)]
     return kept
 
 
