@@ -40,6 +40,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+import grpc
 import numpy as np
 import redis
 from pymilvus import DataType, MilvusClient, MilvusException
@@ -73,11 +74,23 @@ RETIRE_AFTER_S = 30.0  # a swapped-out collection is dropped this long after the
 
 # What Milvus's errors say when the server, or part of it, is not there (yet): its restart, its query nodes.
 UNAVAILABLE = ("unavailable", "connect", "deadline", "timeout", "not ready", "not loaded", "shard leader",
-               "shard delegator", "channel not", "node not", "not available")
+               "shard delegator", "channel not", "node not", "not available", "lack", "recovering")
+# The same by Milvus's own error codes (pkg/util/merr, stable since 2.3), which a message may not spell out: service
+# unavailable, limits, a collection or partition not (fully) loaded or recovering, a replica, channel, segment or node
+# not found or not available, IO, the server's cancel and timeout. (Code 1, "service not ready", is also pymilvus's
+# code for its own errors: the message decides.)
+UNAVAILABLE_CODES = frozenset({2, 4, 8, 11, 12, 101, 103, 106, 201, 202, 400, 401, 500, 501, 503, 504, 600, 601, 602,
+                               604, 901, 902, 903, 904, 905, 906, 1001, 1002, 10000, 10001})
 
 
 class IndexUnavailable(ConnectionError):
     """The Milvus server cannot be reached (answered with 503 by the API)."""
+
+
+# gRPC's codes for a call that did not get through; pymilvus passes some on as they are, not as a MilvusException
+# (a deadline passed: a search's READ_TIMEOUT_S while a restarted server loads its segments).
+UNAVAILABLE_GRPC = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 @contextlib.contextmanager
@@ -85,13 +98,19 @@ def reachable(uri: str) -> Iterator[None]:
     """Turn the client's 'server unavailable' errors into ``IndexUnavailable``; other errors pass unchanged. A
     restarted server answers before it has loaded its collections again (~25 s: "collection not loaded"), and
     while its query nodes take their shards back ("fail to search on all shard leaders", "shard delegator not
-    found", a channel not available: searches were 500 then in a whole-suite run): that is unavailable too."""
+    found", a channel not available, a segment lacking, a deadline passed: searches were 500 then in whole-suite
+    runs): that is unavailable too."""
     try:
         yield
     except MilvusException as exc:
         message = str(exc).lower()
-        if any(s in message for s in UNAVAILABLE):
+        if exc.code in UNAVAILABLE_CODES or any(s in message for s in UNAVAILABLE):
             raise IndexUnavailable(f"Milvus at {uri} is unreachable: {exc}") from exc
+        raise
+    except grpc.RpcError as exc:
+        code = exc.code() if callable(getattr(exc, "code", None)) else None  # (a grpc.Call, which every one is)
+        if code in UNAVAILABLE_GRPC:
+            raise IndexUnavailable(f"Milvus at {uri} is unreachable: {code}") from exc
         raise
 
 
