@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis
+from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.keys import Keys
@@ -383,7 +384,7 @@ class Service:
         started = time.perf_counter()
         try:
             self.backend.checkpoint(index, last_id)
-        except (OSError, BotoCoreError, ClientError) as exc:  # OSError covers ConnectionError (Milvus unreachable)
+        except (OSError, BotoCoreError, ClientError, Boto3Error) as exc:  # OSError: ConnectionError (Milvus)
             self.snapshot_health.failed(exc)
             return False
         self.snapshot_health.written()

@@ -21,9 +21,11 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
+from boto3.exceptions import Boto3Error
+from botocore.exceptions import BotoCoreError, ClientError
 
 from vision import labels
 
@@ -286,14 +288,17 @@ class SnapshotStore:
             raise
         finally:
             release_freed_memory()
-        if self.s3 is not None:
-            self.s3.upload_file(str(path), self.bucket, self.prefix + name)  # streamed (multipart when large)
-        self._prune()
+        try:
+            if self.s3 is not None:
+                self.s3.upload_file(str(path), self.bucket, self.prefix + name)  # streamed (multipart when large)
+                self._prune_remote()
+        finally:  # (a refused S3 copy left every local one behind: a full snapshot more per attempt)
+            self._prune_local()
         self.last = {"name": name, "time": meta["created"], "count": meta["count"] - len(meta["left"]),
                      "last_id": last_id, "bytes": path.stat().st_size}
         return path
 
-    def _prune(self) -> None:
+    def _prune_local(self) -> None:
         """Older snapshots still hold deleted images' vectors: keep only the newest few. A temporary file that has not
         grown for ``ABANDONED_S`` is what a process killed while writing a snapshot left (as large as the index)."""
         for old in self._local()[self.keep :]:
@@ -303,9 +308,10 @@ class SnapshotStore:
                 if time.time() - partial.stat().st_mtime > ABANDONED_S:
                     partial.unlink()
                     log.warning("removed %s, a snapshot its writer never finished", partial.name)
-        if self.s3 is not None:
-            for key in self._remote()[self.keep :]:
-                self.s3.delete_object(Bucket=self.bucket, Key=key)
+
+    def _prune_remote(self) -> None:
+        for key in self._remote()[self.keep :]:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
 
     def _local(self) -> list[Path]:
         return sorted(self.folder.glob(f"*{SUFFIX}"), reverse=True)
@@ -327,17 +333,35 @@ class SnapshotStore:
 
     def load_newest(self, dims: Mapping[str, int], features: Callable[[int], FeatureStore] = lambda _: FeatureStore()
                     ) -> tuple[VectorIndex, str] | None:
-        """The newest snapshot that loads; broken ones are reported and skipped for the previous one."""
-        candidates: list[tuple[str, Callable[[], ContextManager[Any]]]] = [
-            (p.name, functools.partial(contextlib.nullcontext, p)) for p in self._local()]
-        if not candidates and self.s3 is not None:
-            candidates = [(k, functools.partial(self._download, k)) for k in self._remote()]
+        """The newest snapshot that loads, the local ones first, then the S3 copies; one that does not load is reported
+        and skipped for the previous one. S3 unreachable or refusing raises ``ConnectionError``: the caller waits for
+        it, as for a Milvus server, rather than start empty (the next checkpoints then pruned the real copies: an
+        independent review)."""
+        local = [(p.name, functools.partial(contextlib.nullcontext, p)) for p in self._local()]
+        loaded = self._first_loading(local, dims, features)
+        if loaded is not None or self.s3 is None:
+            return loaded
+        try:
+            return self._first_loading([(k, functools.partial(self._download, k)) for k in self._remote()], dims,
+                                       features)
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
+            where = f"s3://{self.bucket}/{self.prefix}"
+            raise ConnectionError(f"cannot read the snapshot copies in {where}: {exc}") from exc
+
+    def _first_loading(self, candidates: Sequence[tuple[str, Callable[[], ContextManager[Any]]]],
+                       dims: Mapping[str, int], features: Callable[[int], FeatureStore]
+                       ) -> tuple[VectorIndex, str] | None:
         for name, opened in candidates:
             try:
                 with opened() as source:
                     index, meta = decode(source, dims, features)
             except SnapshotError as exc:
                 log.error("skipping snapshot %s: %s", name, exc)
+                continue
+            except (BotoCoreError, ClientError, Boto3Error):
+                raise
+            except Exception:  # (a bug decoding it must not hide the older ones)
+                log.exception("skipping snapshot %s, which did not load", name)
                 continue
             last_id = str(meta["last_id"])
             log.info("loaded snapshot %s: %d vectors, stream position %s", name, len(index), last_id)

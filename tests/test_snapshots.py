@@ -61,6 +61,84 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous(tmp_path: Path) -> N
     assert last_id == "1-1" and len(loaded) == 9
 
 
+class StandInS3:
+    """Just enough of boto3's S3 client for ``SnapshotStore``'s copies, in memory; ``down`` makes every call fail as
+    an unreachable or refusing server does (pure logic: the real path is tests/test_faults.py, SNAPSHOT_S3=1)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            from botocore.exceptions import EndpointConnectionError
+
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    def upload_file(self, path: str, bucket: str, key: str) -> None:
+        if self.down:  # what boto3's transfer makes of a refused upload: not a ClientError
+            from boto3.exceptions import S3UploadFailedError
+
+            raise S3UploadFailedError("Failed to upload: An error occurred (AccessDenied)")
+        self.objects[key] = Path(path).read_bytes()
+
+    def list_objects_v2(self, Bucket: str, Prefix: str) -> dict[str, Any]:  # noqa: N803 (boto3's names)
+        self._check()
+        return {"Contents": [{"Key": k} for k in self.objects if k.startswith(Prefix)]}
+
+    def download_fileobj(self, bucket: str, key: str, target: Any) -> None:
+        self._check()
+        target.write(self.objects[key])
+
+    def delete_object(self, Bucket: str, Key: str) -> None:  # noqa: N803
+        self._check()
+        del self.objects[Key]
+
+
+def test_s3_trouble_never_starts_an_empty_index_and_a_refused_copy_keeps_the_folder_bounded(tmp_path: Path) -> None:
+    """An S3 error at start-up was taken for "no snapshot": the service started an empty generation, and its
+    checkpoints then pruned the real copies; a refused copy escaped the checkpoint's error handling and left one
+    more full local snapshot per attempt (an independent review)."""
+    from boto3.exceptions import S3UploadFailedError
+
+    s3 = StandInS3()
+    SnapshotStore(tmp_path / "old", keep=2, s3=s3, bucket="b", prefix="p/").write(filled(30), "5-5")
+    fresh = SnapshotStore(tmp_path / "fresh", keep=2, s3=s3, bucket="b", prefix="p/")  # a new disk
+    s3.down = True
+    with pytest.raises(ConnectionError, match="s3://b/p/"):  # the service waits for S3, as for a Milvus server
+        fresh.load_newest({"m": DIM})
+    for _ in range(4):
+        with pytest.raises(S3UploadFailedError):
+            fresh.write(filled(10), "6-6")
+    assert len(list(fresh.folder.glob(f"*{snapshots.SUFFIX}"))) == 2 and len(s3.objects) == 1
+    s3.down = False
+    for local in fresh.folder.glob(f"*{snapshots.SUFFIX}"):  # every local copy broken: the S3 copy is next
+        local.write_bytes(b"not a snapshot")
+    loaded, last_id = fresh.load_newest({"m": DIM})  # type: ignore[misc]
+    assert last_id == "5-5" and len(loaded) == 29
+
+
+def test_a_snapshot_that_fails_to_load_in_any_way_leaves_the_older_ones(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a ``SnapshotError`` moved on to the previous snapshot: any other error decoding the newest (a bug, a
+    structure that does not build) gave up on all of them, and the service started empty."""
+    store = SnapshotStore(tmp_path, keep=3)
+    store.write(filled(10), "1-1")
+    store.write(filled(20), "2-2")
+    decode_one = snapshots.decode
+    calls = []
+
+    def failing_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise IndexError("list index out of range")
+        return decode_one(*args, **kwargs)
+
+    monkeypatch.setattr(snapshots, "decode", failing_first)
+    loaded, last_id = store.load_newest({"m": DIM})  # type: ignore[misc]
+    assert last_id == "1-1" and len(loaded) == 9
+
+
 def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, array, allow_pickle=False)
