@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _positive(text: str) -> float:
-    value = float(text)
+    value = _finite(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
     return value
@@ -291,10 +291,14 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 def _index_state(url: str) -> dict[str, Any] | None:
     """What the index service serves (``GET /stats``'s model, generation, vectors, index type and the running or
-    last rebuild), or None when it does not answer."""
+    last rebuild), or None when it does not answer, or answers an error (a replica whose Milvus is down: an object
+    of nulls, which scripts took for a live index)."""
     try:
-        stats = httpx.get(f"{url}/stats", timeout=5).json()
+        response = httpx.get(f"{url}/stats", timeout=5)
+        stats = response.json()
     except (httpx.HTTPError, ValueError):
+        return None
+    if response.status_code != 200 or not isinstance(stats, dict):
         return None
     return {k: stats.get(k) for k in ("model", "generation", "vectors", "index_type", "rebuild")}
 
@@ -635,7 +639,10 @@ def cancel_rebuild(settings: Settings, job_id: str) -> int:
     """``DELETE /rebuild/{id}``; with no id, of the rebuild ``/stats`` says is running."""
     url = writer_url(settings)
     if not job_id:
-        running = (_index_state(url) or {}).get("rebuild")
+        state = _index_state(url)
+        if state is None:  # (it said "no rebuild is running")
+            raise CLIError(f"no answer from the index service at {url}: cannot tell which rebuild runs")
+        running = state.get("rebuild")
         if not running or running["state"] != "running":
             raise CLIError("no rebuild is running" + (f" (the last, {running['id']}, is {running['state']})"
                                                       if running else ""))

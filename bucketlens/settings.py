@@ -154,6 +154,7 @@ COUNT = Bound(1)  # counts, sizes, limits
 ZERO_MEANS = Bound(0)
 # (infinity passed and crashed the writer lease at start; 0.0004 s made a lease of 0 ms)
 DURATION = Bound(0.001, 365 * 86400)
+ZERO_OR_DURATION = Bound(0, 365 * 86400)  # (RECONCILE_EVERY_S=inf passed, and the reconcile thread died at its wait)
 SHARE = Bound(0, 1, open=True)
 BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(("ingest_port", "api_port"), PORT),
@@ -161,9 +162,9 @@ BOUNDS: dict[str, Bound] = {
                      "max_pixels", "fetch_concurrency", "max_redeliveries", "merge_batch",
                      "snapshot_every_entries", "snapshots_kept", "faiss_threads", "milvus_hnsw_m",
                      "milvus_hnsw_ef_construction", "milvus_hnsw_ef", "milvus_ivf_nprobe"), COUNT),
-    **dict.fromkeys(("batch_window_ms", "torch_threads", "max_retries", "worker_concurrency",
-                     "snapshot_failure_grace_s", "reconcile_every_s", "tombstone_retention_s", "approx_threshold"),
+    **dict.fromkeys(("batch_window_ms", "torch_threads", "max_retries", "worker_concurrency", "approx_threshold"),
                     ZERO_MEANS),
+    **dict.fromkeys(("snapshot_failure_grace_s", "reconcile_every_s", "tombstone_retention_s"), ZERO_OR_DURATION),
     **dict.fromkeys(("fetch_timeout_s", "snapshot_every_s", "writer_lease_s", "canary_interval_s",
                      "canary_timeout_s"), DURATION),
     **dict.fromkeys(("ingest_max_memory_fraction", "duplicates_cpu_share"), SHARE),
@@ -191,6 +192,9 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 
 # An empty home wrote the stack's state into the working folder; an empty host bound every interface.
 NOT_EMPTY = ("home", "bucket", "namespace", "ingest_host", "api_host")
+# A URL without its scheme ended in a library's traceback that named no variable. (S3_PUBLIC_ENDPOINT may be empty.)
+SCHEMES = {"redis_url": ("redis://", "rediss://", "unix://"), "s3_endpoint": ("http://", "https://"),
+           "s3_public_endpoint": ("http://", "https://")}
 
 
 def _problem(name: str, value: Any) -> str | None:
@@ -200,6 +204,8 @@ def _problem(name: str, value: Any) -> str | None:
         return f"{PREFIX}{name.upper()} is empty: give a value or leave it unset"
     if name.endswith("_host") and str(value) != str(value).strip():
         return f"{given}: has spaces around it"
+    if name in SCHEMES and value and not str(value).lower().startswith(SCHEMES[name]):
+        return f"{given}: give a URL starting with {' or '.join(SCHEMES[name])}"
     if name in CHOICES and value not in CHOICES[name]:
         return f"{given}: choose one of {', '.join(CHOICES[name])}"
     if name in BOUNDS and not BOUNDS[name].admits(value):

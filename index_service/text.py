@@ -39,12 +39,13 @@ def search(index: Index, vocabulary: words.Vocabulary, text: str, k: int, where:
 
 def suggest(index: Index, prefix: str, limit: int = SUGGESTIONS) -> list[dict[str, Any]]:
     """Labels whose names have a word starting with ``prefix`` (every label when it is empty), the most used
-    first, with how many indexed objects keep each."""
+    first, with how many indexed objects keep each. Words are compared as text search looks them up
+    (``words.fold``: "Éspr" suggested nothing, where a search for "Éspresso" finds espresso)."""
     counts = index.label_counts()
-    wanted = prefix.strip().lower()
+    wanted = words.fold(prefix.strip())
     found = []
     for c in labels.classes():
-        names = [n.lower() for n in c.names]
+        names = [words.fold(n) for n in c.names]
         if not wanted or any(w.startswith(wanted) for n in names for w in [n, *n.split()]):
             found.append((counts.get(c.index, 0), c))
     found.sort(key=lambda item: (-item[0], item[1].name.lower()))

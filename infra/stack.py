@@ -163,7 +163,11 @@ class Stack:
     def _load_or_create_config(self) -> StackConfig:
         path = self.home / "stack.json"
         if path.exists():
-            return StackConfig(**json.loads(path.read_text()))
+            try:  # (the CLI tells users to edit it: a typo was blamed on the server, a wrong field a traceback)
+                return StackConfig(**json.loads(path.read_text()))
+            except (ValueError, TypeError) as exc:
+                raise StackError(f"{path} is not a stack file this version reads ({exc}): fix it, or move it away "
+                                 "for a new one") from exc
         self.home.mkdir(parents=True, exist_ok=True)
         config = StackConfig(
             redis_port=free_port(6390), s3_port=free_port(7480), mon_port=free_port(3300),

@@ -394,9 +394,29 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     assert main(["status"]) == NOT_RUNNING
     assert "index: 12 vectors, model lite0-copy-v3, generation 3, Flat; rebuild r1 running 4/10" in \
         capsys.readouterr().out
+    # An error answer (a replica whose Milvus is down) is no index either: it was an object of nulls.
+    api.answers[("GET", "/stats")] = (503, {"error": {"code": "index_unavailable", "message": "Milvus is down"}})
+    assert main(["status", "--json"]) == NOT_RUNNING
+    assert json.loads(capsys.readouterr().out)["index"] is None
     api.server.shutdown()  # no index service: the stack's state alone, index null
     assert main(["status", "--json"]) == NOT_RUNNING
     assert json.loads(capsys.readouterr().out)["index"] is None
+    assert main(["rebuild", "--cancel"]) == 1  # it said "no rebuild is running"
+    one_error_line(capsys, "no answer from the index service at", "cannot tell which rebuild runs")
+
+
+@pytest.mark.parametrize("content", ['{"redis_port": 1,}', '{"redis_prot": 1}', "[]"])
+def test_a_stack_file_edited_wrong_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str], content: str) -> None:
+    """The CLI tells users to edit stack.json: a typo was blamed on the server's answer and BUCKETLENS_API_PORT, a
+    misspelt field was a traceback (an independent review)."""
+    monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path))
+    (tmp_path / "stack.json").write_text(content)
+    assert main(["status"]) != 0
+    one_error_line(capsys, str(tmp_path / "stack.json"), "is not a stack file this version reads")
+    with pytest.raises(SystemExit, match="2"):  # argparse's own refusal: it was a traceback
+        main(["queues", "--watch", "--interval", "inf"])
+    assert "must be a finite number, not inf" in capsys.readouterr().err
 
 
 def test_rebuild_and_reconcile_go_to_the_replica_that_writes(api: FakeAPI, tmp_path: Path,

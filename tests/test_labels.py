@@ -102,3 +102,16 @@ def test_unknown_and_stop_words_are_reported(vocabulary: words.Vocabulary) -> No
 def test_missing_wordnet_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(words.VocabularyMissing, match="wordnet-base"):
         words.Vocabulary(tmp_path)
+
+
+def test_autocomplete_folds_accents_and_case_as_text_search_does() -> None:
+    """``/labels?q=Éspr`` suggested nothing while a text search for "Éspresso" found espresso (an independent
+    review): both now compare words through ``words.fold``."""
+    from types import SimpleNamespace
+
+    from index_service.text import suggest
+
+    index = SimpleNamespace(label_counts=lambda: {})
+    for typed in ("Éspr", "espr", "ESPR", " Espr "):
+        assert "espresso" in [s["name"] for s in suggest(index, typed)], typed  # type: ignore[arg-type]
+    assert suggest(index, "zzzqx") == []  # type: ignore[arg-type]
