@@ -6,7 +6,7 @@ Mapping, as Milvus users do it:
   serving one. A rebuild fills the next collection and ``alter_alias`` swaps it in; a cancelled or failed rebuild
   drops its collection; a restructure (Flat -> HNSW/IVF, ``reindex``) copies the rows into a new collection of the
   same generation with the new index and swaps the alias the same way. Model, dimension, generation and index type
-  are the collection's description (JSON), so a collection is never mixed.
+  are the collection's description (JSON), so a collection is never mixed, with its layout (``SCHEMA``).
 - One row per object id (the primary key): the vector and, as scalar fields, bucket, key, etag, sequencer, order,
   generation, pixels, labels (encoded, plus ``label_ids`` as an array for filtering) and modified. Filters and text
   search are scalar expressions on those fields.
@@ -70,6 +70,12 @@ EVERYTHING = 'oid != ""'  # a filter that keeps every row, tombstones included
 READ_TIMEOUT_S = 5  # a search or read against an unreachable server gives up (503) instead of retrying for minutes
 WRITE_TIMEOUT_S = 30  # a merge batch's upsert, a flush
 RETIRE_AFTER_S = 30.0  # a swapped-out collection is dropped this long after the swap (searches on it finish)
+# A collection's layout, in its description. 2: ``order`` is the order's decimal text, of any size (1, still read and
+# written: INT64, where an order past 2**63 could not be written and the merger retried that batch forever; AWS's
+# sequencers read as seconds x 2**32 and pass it in 2038, a forged one at once). ``rebuild --reindex`` copies a
+# collection into this layout.
+SCHEMA = 2
+ORDER_DIGITS = 80  # an order's decimal digits at most (ingest: sequencers of at most 64 hex digits, < 2**256)
 
 
 # What Milvus's errors say when the server, or part of it, is not there (yet): its restart, its query nodes.
@@ -205,16 +211,20 @@ class Connection:
             return {"metric_type": "IP", "params": {"nprobe": self.settings.milvus_ivf_nprobe}}
         return {"metric_type": "IP", "params": {}}
 
-    def create(self, name: str, model: str, dim: int, generation: int, index_type: str, rows: int = 0) -> None:
+    def create(self, name: str, model: str, dim: int, generation: int, index_type: str, rows: int = 0,
+               layout: int = SCHEMA) -> None:
         schema = MilvusClient.create_schema(auto_id=False, description=json.dumps(
-            {"model": model, "dim": dim, "generation": generation, "index_type": index_type}))
+            {"model": model, "dim": dim, "generation": generation, "index_type": index_type, "schema": layout}))
         schema.add_field("oid", DataType.VARCHAR, is_primary=True, max_length=MAX_KEY)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("bucket", DataType.VARCHAR, max_length=256)
         schema.add_field("key", DataType.VARCHAR, max_length=MAX_KEY)
         schema.add_field("etag", DataType.VARCHAR, max_length=256)
         schema.add_field("sequencer", DataType.VARCHAR, max_length=256)
-        schema.add_field("order", DataType.INT64)
+        if layout >= 2:
+            schema.add_field("order", DataType.VARCHAR, max_length=ORDER_DIGITS)
+        else:
+            schema.add_field("order", DataType.INT64)
         schema.add_field("generation", DataType.INT64)
         schema.add_field("pixels", DataType.INT64)
         schema.add_field("labels", DataType.VARCHAR, max_length=1024)
@@ -231,8 +241,9 @@ class MilvusIndex(SearchOne):
     """One generation in one collection (``backend.Index``)."""
 
     def __init__(self, connection: Connection, alias: str, collection: str, model: str, dim: int, generation: int,
-                 index_type: str, features: FeatureStore) -> None:
+                 index_type: str, features: FeatureStore, layout: int = SCHEMA) -> None:
         self.connection = connection
+        self.layout = layout  # the collection's ``SCHEMA``
         self.alias = alias
         self.collection = collection
         self.model = model
@@ -327,7 +338,7 @@ class MilvusIndex(SearchOne):
         oid = object_id(entry.bucket, entry.key)
         found = decode_labels(oid, entry.labels)
         return {"oid": oid, "vector": entry.vector.astype(np.float32).tolist(), "bucket": entry.bucket,
-                "key": entry.key, "etag": entry.etag, "sequencer": entry.sequencer, "order": entry.order,
+                "key": entry.key, "etag": entry.etag, "sequencer": entry.sequencer, "order": self._order(entry.order),
                 "generation": entry.generation, "pixels": entry.pixels,
                 "labels": vision_labels.encode(found) if found else "", "label_ids": [i for i, _ in found or ()],
                 "modified": entry.modified, "deleted": False, "deleted_at": 0.0}
@@ -335,8 +346,9 @@ class MilvusIndex(SearchOne):
     def _tombstone(self, entry: ResultEntry, order: int, when: float) -> dict[str, Any]:
         """A deleted object's row: no vector worth finding (zeros), no metadata, the delete's order and time."""
         return {"oid": object_id(entry.bucket, entry.key), "vector": [0.0] * self.dim, "bucket": entry.bucket,
-                "key": entry.key, "etag": "", "sequencer": "", "order": order, "generation": self.generation,
-                "pixels": 0, "labels": "", "label_ids": [], "modified": 0.0, "deleted": True, "deleted_at": when}
+                "key": entry.key, "etag": "", "sequencer": "", "order": self._order(order),
+                "generation": self.generation, "pixels": 0, "labels": "", "label_ids": [], "modified": 0.0,
+                "deleted": True, "deleted_at": when}
 
     def expire_tombstones(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
@@ -399,7 +411,8 @@ class MilvusIndex(SearchOne):
         seen: list[dict[str, Any]] = []
         while True:
             orders = [int(row["order"]) for row in seen]
-            rows = self._query(expr + (f" and order not in {orders}" if orders else ""), ROW, strong=True)
+            kept = f" and order not in [{', '.join(json.dumps(self._order(o)) for o in orders)}]" if orders else ""
+            rows = self._query(expr + kept, ROW, strong=True)
             if not rows:
                 return max(seen, key=lambda row: int(row["order"])) if seen else None
             seen += rows
@@ -524,7 +537,7 @@ class MilvusIndex(SearchOne):
                 batch: list[dict[str, Any]] = []
                 copied = 0  # live objects (the job's total), tombstones left out of the count
                 for row in self._scan(EVERYTHING, ROW):
-                    batch.append(row)
+                    batch.append({**row, "order": str(int(row["order"]))})  # (into the current ``SCHEMA``)
                     copied += not row["deleted"]
                     if len(batch) == 1000:
                         client.insert(name, batch)
@@ -538,12 +551,22 @@ class MilvusIndex(SearchOne):
                 serving = _alias_target(client, self.alias) == old
                 if serving:
                     client.alter_alias(name, self.alias)
-                self.collection, self.index_type = name, index_type
+                self.collection, self.index_type, self.layout = name, index_type, SCHEMA
         self.connection.drop_later(old)
         log.info("generation %d is now %s in %s over %d vectors (copied in %.1f s)", self.generation, index_type,
                  name, len(self), time.perf_counter() - started)
 
     # -- helpers -------------------------------------------------------------------------------------------
+
+    def _order(self, order: int) -> int | str:
+        """An order as the collection's ``order`` field holds it (read back with ``int``)."""
+        if self.layout >= 2:
+            return str(order)
+        if not -(2**63) <= order < 2**63:
+            raise ValueError(f"order {order} does not fit {self.collection}'s INT64 order field (schema 1): "
+                             f"`bucketlens rebuild --reindex` copies the collection into schema {SCHEMA}, "
+                             "which holds any order")
+        return order
 
     def _query(self, expr: str, fields: list[str], strong: bool = False) -> list[dict[str, Any]]:
         with reachable(self.connection.uri):
@@ -626,7 +649,8 @@ class MilvusBackend:
                 return None
             meta = json.loads(client.describe_collection(serving)["description"])
         index = MilvusIndex(self.connection, self.alias, serving, meta["model"], int(meta["dim"]),
-                            int(meta["generation"]), meta["index_type"], self.features(int(meta["generation"])))
+                            int(meta["generation"]), meta["index_type"], self.features(int(meta["generation"])),
+                            int(meta.get("schema", 1)))
         last_id = self.redis.hget(self.keys.checkpoints, self.alias)
         written = self.redis.hget(self.keys.checkpoint_times, self.alias)
         if last_id and written and (self.last is None or float(written) > self.last["time"]):  # a restart; a reader

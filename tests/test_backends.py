@@ -339,6 +339,54 @@ def test_a_reader_following_the_writer_says_which_collection_it_serves_once(fixt
         assert len(said) == 1, [r.getMessage() for r in said]
 
 
+def test_orders_past_64_bits_keep_the_order_rule(fixture: Fixture) -> None:
+    """An opaque sequencer can be any size (ingest takes up to 64 hex digits; AWS's pass 2**63 in 2038): Milvus kept
+    ``order`` as INT64, could not write such a row, and the merger retried that batch forever."""
+    backend = fixture.open()
+    index = backend.new_generation(MODEL, 1)
+    big = 2**64 + 5
+    index.apply([upsert("a", big, 1, etag="new"), upsert("b", 2**200, 2), upsert("c", 3, 3)])
+    assert index.apply([upsert("a", big - 1, 4, etag="old")]).stale == 1
+    index.apply([delete("b", 2**200 + 1)])
+    assert index.apply([upsert("b", 2**200, 2)]).stale == 1  # the tombstone's order holds
+    backend.checkpoint(index, "3-0")
+    loaded = fixture.open().load()
+    assert loaded is not None
+    assert sorted((o.key, o.etag, o.order) for o in loaded[0].objects()) == [("a", "new", big), ("c", "e", 3)]
+    assert loaded[0].search(unit(1), 1)[0][0].order == big
+    assert loaded[0].apply([upsert("b", 2**200, 2)]).stale == 1  # and so after a restart
+
+
+@pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
+def test_a_schema_1_collection_is_still_served_and_a_reindex_moves_it_to_text_orders(fixture: Fixture) -> None:
+    """Collections made before orders were text (schema 1, INT64) load and merge as before; an order past 2**63
+    there is refused with what to do, and ``rebuild --reindex`` copies the collection, tombstones too, into the
+    current schema."""
+    from index_service.milvus_index import SCHEMA, collection_name
+
+    backend: Any = fixture.open()
+    name = collection_name(backend.alias, 1)
+    backend.connection.create(name, MODEL, DIM, 1, "Flat", layout=1)
+    backend.connection.client.create_alias(name, backend.alias)
+    loaded = backend.load()
+    assert loaded is not None
+    index = loaded[0]
+    assert index.layout == 1
+    index.apply([upsert("a", 5, 1), upsert("b", 6, 2)])
+    index.apply([delete("b", 7)])
+    assert index.apply([upsert("a", 4, 3)]).stale == 1
+    with pytest.raises(ValueError, match="rebuild --reindex"):
+        index.apply([upsert("c", 2**63, 3)])
+    index.restructure("Flat")
+    assert index.layout == SCHEMA == 2
+    index.apply([upsert("c", 2**63, 3)])
+    assert index.apply([upsert("b", 6, 2)]).stale == 1  # the tombstone came along
+    backend.checkpoint(index, "4-0")
+    again = fixture.open().load()
+    assert again is not None and again[0].layout == 2  # type: ignore[attr-defined]
+    assert sorted((o.key, o.order) for o in again[0].objects()) == [("a", 5), ("c", 2**63)]
+
+
 @pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
 def test_old_rows_left_beside_a_key_count_once_and_a_replay_deletes_them(fixture: Fixture) -> None:
     """Milvus 2.3 can keep an object's old row beside its new one (its upsert is a delete and an insert; seen after
@@ -501,6 +549,7 @@ def test_milvus_answers_a_doubled_key_once_and_its_repair_keeps_a_tied_tombstone
     assert _distinct([(old, 0.9), (other, 0.8), (new, 0.7)]) == [(old, 0.9), (other, 0.8)]
     rows = [{"oid": "b/k", "order": "5", "deleted": False}, {"oid": "b/k", "order": "5", "deleted": True}]
     index = MilvusIndex.__new__(MilvusIndex)
+    index.layout = 2  # (orders as text)
 
     def query(expr: str, fields: Any, strong: bool = False) -> list[dict[str, Any]]:  # one row per key, as Milvus
         return [row for row in rows if row["order"] not in expr.partition("not in")[2]
