@@ -52,7 +52,15 @@ class StateCollector:
         self.service = service
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._index()
+        try:
+            stats: dict[str, Any] | None = self.service.stats()
+        except ConnectionError as exc:  # (a Milvus replica counts on the server) the rest of the metrics still come
+            log.warning("metrics without the index: %s", exc)
+            stats = None
+        yield _gauge("bucketlens_index_up", "1 when the index (for Milvus: its server) answered this scrape",
+                     int(stats is not None))
+        if stats is not None:
+            yield from _index(stats)
         up = GaugeMetricFamily("bucketlens_redis_up", "1 when Redis answered this scrape")
         try:
             report = queue_report(self.service.redis, self.service.keys)
@@ -69,27 +77,28 @@ class StateCollector:
         yield from _workers(report)
         yield _stage_histogram({(k.decode() if isinstance(k, bytes) else k): v for k, v in stages.items()})
 
-    def _index(self) -> Iterator[Metric]:
-        stats = self.service.stats()
-        yield _gauge("bucketlens_index_vectors", "Vectors in the serving index", stats["vectors"])
-        yield _gauge("bucketlens_index_generation", "Generation of the serving index", stats["generation"])
-        yield _gauge("bucketlens_index_writer", "1 when this replica holds the writer lease and merges",
-                     int(stats["writer"]))
-        info = GaugeMetricFamily("bucketlens_index_info", "The serving index's model, dimension and index type",
-                                 labels=["model", "dim", "index_type"])
-        info.add_metric([str(stats["model"]), str(stats["dim"]), str(stats["index_type"])], 1)
-        yield info
-        applied = stats.get("applied_entries", self.service.merger.applied)
-        yield _counter("bucketlens_merged_entries", "Result-stream entries the merger applied since start", applied)
-        failures = stats["snapshot_failures"]
-        yield _counter("bucketlens_snapshot_failures", "Snapshots that could not be written (disk full, read-only)",
-                       failures["failures"])
-        yield _gauge("bucketlens_snapshot_failing_seconds", "How long snapshots have been failing (0: they are not)",
-                     failures["failing_s"])
-        snapshot_time = _snapshot_time(stats.get("last_snapshot"))
-        if snapshot_time is not None:
-            yield _gauge("bucketlens_snapshot_age_seconds", "Seconds since the newest snapshot was written",
-                         max(0.0, time.time() - snapshot_time))
+
+def _index(stats: dict[str, Any]) -> Iterator[Metric]:
+    """The serving index's metrics, from ``Service.stats``."""
+    yield _gauge("bucketlens_index_vectors", "Vectors in the serving index", stats["vectors"])
+    yield _gauge("bucketlens_index_generation", "Generation of the serving index", stats["generation"])
+    yield _gauge("bucketlens_index_writer", "1 when this replica holds the writer lease and merges",
+                 int(stats["writer"]))
+    info = GaugeMetricFamily("bucketlens_index_info", "The serving index's model, dimension and index type",
+                             labels=["model", "dim", "index_type"])
+    info.add_metric([str(stats["model"]), str(stats["dim"]), str(stats["index_type"])], 1)
+    yield info
+    yield _counter("bucketlens_merged_entries", "Result-stream entries the merger applied since start",
+                   stats["applied_entries"])
+    failures = stats["snapshot_failures"]
+    yield _counter("bucketlens_snapshot_failures", "Snapshots that could not be written (disk full, read-only)",
+                   failures["failures"])
+    yield _gauge("bucketlens_snapshot_failing_seconds", "How long snapshots have been failing (0: they are not)",
+                 failures["failing_s"])
+    snapshot_time = _snapshot_time(stats.get("last_snapshot"))
+    if snapshot_time is not None:
+        yield _gauge("bucketlens_snapshot_age_seconds", "Seconds since the newest snapshot was written",
+                     max(0.0, time.time() - snapshot_time))
 
 
 def _queues(report: dict[str, Any]) -> Iterator[Metric]:
@@ -104,7 +113,11 @@ def _queues(report: dict[str, Any]) -> Iterator[Metric]:
                  report["unacked_dead"])
     yield _gauge("bucketlens_stream_length", "Entries in the result stream (trimmed after snapshots)",
                  stream["length"])
-    yield _gauge("bucketlens_stream_lag", "Result-stream entries not yet read by the merger", stream["lag"] or 0)
+    # Redis cannot say the lag after the merger's group is moved inside an untrimmed stream (a restart after a
+    # rebuild, a Redis restart while behind: ``XINFO`` answers nil until the merger reads the last entry), which is
+    # when the backlog is large: then the stream's length, which holds every unread entry (it was exported as 0).
+    yield _gauge("bucketlens_stream_lag", "Result-stream entries not yet read by the merger (when Redis cannot say: "
+                 "the stream's length, an upper bound)", stream["length"] if stream["lag"] is None else stream["lag"])
     yield _gauge("bucketlens_stream_pending", "Result-stream entries read by the merger and not acknowledged",
                  stream["pending"])
     yield _gauge("bucketlens_pending_objects", "Objects whose event was accepted and whose vector is not merged yet",

@@ -81,6 +81,7 @@ class Service:
                                  settings.writer_lease_s)
         self.writing = threading.Event()
         self.merger = self._merger("0")
+        self._applied_before = 0  # entries earlier mergers of this process applied (the lease lost and taken again)
         self.duplicates = DuplicateFinder(lambda: self.index, settings.duplicates_cpu_share, self._tasks_outstanding)
         self.loaded = threading.Event()
         self.checked = threading.Event()  # the start-up check against the bucket is done (redis_loss.py)
@@ -210,6 +211,7 @@ class Service:
         whether Redis held no data of ours."""
         redis_was_empty = self._register_generation()
         self.chosen_type = text(raw) if (raw := self.redis.get(self.keys.index_type)) else None
+        self._applied_before += self.merger.applied
         self.merger = self._merger(last_id)
         self._since_snapshot = (0, time.monotonic(), 0.0)
         if self.backend.shared:  # a paused writer of a shared index can wake and write; a FAISS one only to itself
@@ -472,7 +474,7 @@ class Service:
             "vector_file_bytes": index.file_bytes(),
             "generation": index.generation,
             "last_applied_id": self.merger.last_id,
-            "applied_entries": self.merger.applied,
+            "applied_entries": self._applied_before + self.merger.applied,
             "malformed_entries": self.merger.malformed,
             "backend": self.backend.name,
             "replica": self.replica,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from typing import Any
 
@@ -91,7 +90,6 @@ class StandIn:
     def __init__(self, redis_url: str) -> None:
         self.keys = Keys(f"m{uuid.uuid4().hex[:8]}")
         self.redis = connect(redis_url)
-        self.merger = dataclasses.make_dataclass("M", [("applied", int)])(0)
 
     def stats(self) -> dict[str, Any]:
         return {"vectors": 0, "model": "m", "dim": 4, "index_type": "Flat", "generation": 1, "applied_entries": 0,
@@ -119,6 +117,31 @@ def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: 
 def test_redis_down_gives_redis_up_zero_and_the_index_metrics_not_an_error() -> None:
     text = parse(Metrics(StandIn("redis://127.0.0.1:1/0")).render())  # type: ignore[arg-type]
     assert text["bucketlens_redis_up[]"] == 0 and text["bucketlens_index_vectors[]"] == 0
+
+
+def test_an_unknown_stream_lag_is_the_length_and_an_index_down_leaves_the_rest(stack: Stack) -> None:
+    """Redis cannot say the lag after the merger's group is moved inside an untrimmed stream (a restart after a
+    rebuild): it was exported as 0, so an alert on a growing lag stayed quiet through the whole replay. A Milvus
+    replica whose server is down made the whole scrape a 503: Redis's metrics went with it (an independent review)."""
+    from index_service.milvus_index import IndexUnavailable
+
+    service = StandIn(stack.settings.redis_url)
+    ids = [service.redis.xadd(service.keys.results, {"n": str(i)}) for i in range(50)]
+    service.redis.xgroup_create(service.keys.results, service.keys.merger_group, id="0")
+    service.redis.xgroup_setid(service.keys.results, service.keys.merger_group, id=ids[20])  # as the merger does
+    assert service.redis.xinfo_groups(service.keys.results)[0]["lag"] is None  # the state is real
+    text = parse(Metrics(service).render())  # type: ignore[arg-type]
+    assert text["bucketlens_stream_lag[]"] == text["bucketlens_stream_length[]"] == 50
+    assert text["bucketlens_index_up[]"] == 1
+
+    def down() -> dict[str, Any]:
+        raise IndexUnavailable("Milvus at http://127.0.0.1:1 is unreachable: deadline exceeded")
+
+    service.stats = down  # type: ignore[method-assign]
+    text = parse(Metrics(service).render())  # type: ignore[arg-type]
+    assert text["bucketlens_index_up[]"] == 0 and "bucketlens_index_vectors[]" not in text
+    assert text["bucketlens_redis_up[]"] == 1 and text["bucketlens_stream_length[]"] == 50
+    service.redis.delete(service.keys.results)
 
 
 def test_stage_histogram_from_cumulative_worker_counters() -> None:
