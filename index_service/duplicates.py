@@ -200,16 +200,21 @@ def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: st
     fill corners line up) would chain unrelated groups into one. Each group is a star around its best copy:
     objects are taken by pixels, most first; each one not yet grouped anchors a group of its directly linked,
     not yet grouped copies."""
-    selected: dict[str, Indexed] = {}
+    looked: dict[str, Indexed | None] = {}  # each object asked once (a Milvus query each), and only if selected
+
+    def chosen(oid: str) -> Indexed | None:
+        if oid not in looked:
+            in_bucket, _, key = oid.partition("/")  # (a bucket name has no "/")
+            wanted = (bucket is None or in_bucket == bucket) and key.startswith(prefix)
+            looked[oid] = index.get(in_bucket, key) if wanted else None
+        return looked[oid]
+
     links: dict[str, dict[str, int]] = {}
     for a, b, matches in index.features.pairs(min_matches):
-        for oid in (a, b):
-            if oid not in selected and (obj := index.get(*oid.split("/", 1))) is not None:
-                if (bucket is None or obj.bucket == bucket) and obj.key.startswith(prefix):
-                    selected[oid] = obj
-        if a in selected and b in selected:
+        if chosen(a) is not None and chosen(b) is not None:
             links.setdefault(a, {})[b] = matches
             links.setdefault(b, {})[a] = matches
+    selected = {oid: obj for oid, obj in looked.items() if obj is not None}
 
     def best_first(oid: str) -> tuple[int, str]:
         return -selected[oid].pixels, oid

@@ -181,3 +181,25 @@ def test_while_objects_arrive_the_finder_keeps_to_its_cpu_share(monkeypatch) -> 
     assert finder.step(limit=2) == 2 and finder.step(limit=2) == 1  # rounds of at most ``limit`` objects
     with pytest.raises(ValueError, match="duplicates_cpu_share"):
         DuplicateFinder(lambda: index, cpu_share=0)
+
+
+def test_groups_ask_the_index_once_per_selected_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``groups`` asked the index for every object of every pair, on every request and page, and only then
+    looked at the bucket and prefix: on Milvus each is a query (40,002 for a prefix that selects one pair of
+    20,000 stored: an independent review). The object id says bucket and key; each selected object is asked once."""
+    index = VectorIndex("m", DIM)
+    keys = ["cat.jpg", "cat-2.jpg", "cat-3.jpg", "cup.jpg", "cup-2.jpg"]
+    index.apply([entry(k, near(np.ones(DIM, np.float32), 0.3, i), None, 1000 - i) for i, k in enumerate(keys)])
+    pairs = [("b/cat.jpg", "b/cat-2.jpg", 200), ("b/cat.jpg", "b/cat-3.jpg", 150), ("b/cat-2.jpg", "b/cat-3.jpg", 90),
+             ("b/cup.jpg", "b/cup-2.jpg", 180)]
+    index.features.write([(f"b/{k}", f"e-{k}-1", b"x") for k in keys], [])
+    index.features.add_pairs([(f"b/{k}", f"e-{k}-1") for k in keys],
+                             [(a, b, m, f"e-{b.removeprefix('b/')}-1") for a, b, m in pairs])
+    asked: list[str] = []
+    get = index.get
+    monkeypatch.setattr(index, "get", lambda bucket, key: asked.append(key) or get(bucket, key))
+    (group,) = groups(index, local_features.COPY_MATCHES, prefix="cup")
+    assert [o.key for o in group.members] == ["cup.jpg", "cup-2.jpg"] and sorted(asked) == ["cup-2.jpg", "cup.jpg"]
+    asked.clear()
+    assert len(groups(index, local_features.COPY_MATCHES)) == 2 and sorted(asked) == sorted(keys)
+    assert groups(index, local_features.COPY_MATCHES, bucket="other") == []
