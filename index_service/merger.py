@@ -18,6 +18,34 @@ log = logging.getLogger(__name__)
 # the writer lease after reading it (a paused replica wakes, reads, then finds the lease gone) or died holding it.
 CLAIM_IDLE_MS = 2000
 
+# Move the group (KEYS[1], ARGV[1]) back to ARGV[2] only if it has gone past it: a writer that lost its lease rewinds
+# for the current one, which may not have read that far yet (a FAISS writer replaying from its snapshot): moving it
+# forward skipped what lay between, for good. Ids compare as decimal text, exactly, whatever their size.
+_REWIND = """
+local function after(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if ams ~= bms then
+    if #ams ~= #bms then return #ams > #bms end
+    return ams > bms
+  end
+  if #aseq ~= #bseq then return #aseq > #bseq end
+  return aseq > bseq
+end
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  if fields['name'] == ARGV[1] then
+    if after(fields['last-delivered-id'], ARGV[2]) then
+      redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[2])
+      return 1
+    end
+    return 0
+  end
+end
+return 0
+"""
+
 
 class Merger:
     """Runs in its own thread; ``caught_up`` is set once the stream has been replayed to its end.
@@ -166,10 +194,14 @@ class Merger:
         first = first_id.decode() if isinstance(first_id, bytes) else first_id
         ms, seq = (int(part) for part in first.split("-"))
         before = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
-        self.redis.xgroup_setid(self.keys.results, self.keys.merger_group, id=before)
+        moved = self.redis.register_script(_REWIND)(keys=[self.keys.results], args=[self.keys.merger_group, before])
         self.redis.hincrby(self.keys.counters, "writer_overlaps", 1)
-        log.error("the writer lease was lost while a batch was written; the stream is rewound to %s for the current "
-                  "writer to apply again (run a reconcile if its checkpoint trimmed past it)", before)
+        if moved:
+            log.error("the writer lease was lost while a batch was written; the stream is rewound to %s for the "
+                      "current writer to apply again (run a reconcile if its checkpoint trimmed past it)", before)
+        else:
+            log.error("the writer lease was lost while a batch was written; the current writer has not read past %s "
+                      "yet and applies it after this one", before)
         self._stop.set()
 
     def _clear_pending(self, entries: list[ResultEntry]) -> None:

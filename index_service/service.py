@@ -398,6 +398,11 @@ class Service:
         floor, since = self._trim_floor
         if time.monotonic() - since < TAKEOVER_HOLD_S and stream_order(floor) < stream_order(last_id):
             trim_to = floor  # a previous writer paused mid-batch may still rewind to here (Merger)
+        held = self._oldest_pending()
+        if held is not None and stream_order(held) < stream_order(trim_to):
+            # A batch another reader of the group took and did not acknowledge (the previous writer's, stopped with
+            # its lease gone): the claim (CLAIM_IDLE_MS) applies it next. Trimmed, it was lost: a delete for good.
+            trim_to = held
         if (self.shadow is None and index is self.index and trim_to != "0"
                 and not redis_loss.trimmed_past(self, trim_to)):
             # Entries before the snapshot's position are covered by it. (During a reembed the shadow
@@ -407,6 +412,14 @@ class Service:
             self.redis.xtrim(self.keys.results, minid=trim_to, approximate=False)
         log.info("checkpoint at %s (%d vectors then; merges went on) in %.2f s", last_id, vectors, took)
         return True
+
+    def _oldest_pending(self) -> str | None:
+        """The oldest stream id read by a reader of the merger's group and not acknowledged, or None."""
+        try:
+            summary = self.redis.xpending(self.keys.results, self.keys.merger_group)
+        except redis.ResponseError:  # no group (Redis lost its data meanwhile)
+            return None
+        return text(summary["min"]) if summary.get("pending") else None
 
     def choose_type(self, index_type: str) -> None:
         """Keep ``index_type`` whatever the index's size (``auto``: let the size policy pick again)."""

@@ -22,7 +22,7 @@ from bucketlens.redis_client import connect
 from bucketlens.settings import Settings
 from index_service.backend import open_backend
 from index_service.feature_store import FeatureStore
-from index_service.merger import CLAIM_IDLE_MS, Merger
+from index_service.merger import CLAIM_IDLE_MS, Merger, stream_order
 from index_service.milvus_index import EVERYTHING
 from index_service.vector_index import VectorIndex
 from infra.stack import Stack, free_port
@@ -113,6 +113,37 @@ def test_a_batch_read_by_a_writer_that_lost_the_lease_is_claimed_by_the_next(sta
     assert sorted(e.key for e in applied) == sorted(e.key for e in stream)
     assert redis.xpending(keys.results, keys.merger_group)["pending"] == 0
     assert current.last_id == ids[-1].decode()
+    redis.delete(keys.results)
+
+
+def test_a_writer_that_lost_its_lease_never_moves_the_group_forward_and_trims_stop_at_its_batch(stack: Stack
+                                                                                                ) -> None:
+    """An old writer that finds its lease gone mid-batch rewinds the group to before its batch, for the current
+    writer to apply it again. A FAISS writer replaying from an older snapshot may not have read that far: the
+    "rewind" moved it forward, past entries it never read. And a checkpoint trimmed the stream to the current
+    writer's position, past a batch another reader held unacknowledged: a delete in it was lost for good (an
+    independent review)."""
+    from types import SimpleNamespace
+
+    from index_service.service import Service
+
+    keys, redis = Keys(f"rewind{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
+    ids = [redis.xadd(keys.results, entry.to_fields()).decode() for entry in entries(30, seed=5)]
+    current = Merger(redis, keys, apply=lambda batch: None, batch=8, consumer="current")
+    current._ensure_group()
+    current.step()  # the current writer has read 8
+    old = Merger(redis, keys, apply=lambda batch: None, batch=8, consumer="old")
+    holder = SimpleNamespace(redis=redis, keys=keys)
+    assert Service._oldest_pending(holder) is None  # type: ignore[arg-type]
+    redis.xreadgroup(keys.merger_group, "old", {keys.results: ">"}, count=4)  # the old writer's batch, held
+    assert Service._oldest_pending(holder) == ids[8]  # type: ignore[arg-type]  # a trim stops there
+    redis.xgroup_setid(keys.results, keys.merger_group, id=ids[7])  # the current writer behind the old one's batch
+    old._yield_after_overlap(ids[20])
+    assert redis.xinfo_groups(keys.results)[0]["last-delivered-id"].decode() == ids[7]  # not moved forward
+    redis.xgroup_setid(keys.results, keys.merger_group, id=ids[25])  # the current writer past it: rewound
+    old._yield_after_overlap(ids[20])
+    rewound = stream_order(redis.xinfo_groups(keys.results)[0]["last-delivered-id"].decode())
+    assert stream_order(ids[19]) <= rewound < stream_order(ids[20])  # just before the old writer's batch
     redis.delete(keys.results)
 
 
