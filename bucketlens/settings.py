@@ -65,7 +65,7 @@ class Settings:
     snapshot_every_entries: int = 5000
     snapshots_kept: int = 3
     snapshot_failure_grace_s: float = 600.0  # snapshots failing this long (disk full, read-only): /readyz says 503
-    snapshot_s3: bool = False  # also keep snapshots in the bucket under <reserved_prefix>snapshots/
+    snapshot_s3: bool = False  # also keep snapshots in the bucket under <reserved_prefix>snapshots/<namespace>/
     duplicates_cpu_share: float = 0.25  # of one core, for verifying copies while objects arrive; 1: no limit
     reconcile_every_s: float = 0.0  # 0: only on demand (bucketlens reconcile / POST /reconcile)
     tombstone_retention_s: int = 24 * 3600

@@ -24,9 +24,12 @@ class FaissBackend:
         self.approximate = settings.faiss_index_type
         set_search_threads(settings.faiss_threads)
         self.features = features
+        # S3 copies per namespace: two deployments on one bucket pruned each other's, and a fresh disk loaded the
+        # other's index. Copies from before, directly under ``snapshots/``, are still read (never pruned).
+        shared = f"{settings.reserved_prefix}snapshots/"
         self.snapshots = SnapshotStore(
             Path(settings.home) / "snapshots" / settings.namespace, settings.snapshots_kept,
-            s3 if settings.snapshot_s3 else None, settings.bucket, f"{settings.reserved_prefix}snapshots/",
+            s3 if settings.snapshot_s3 else None, settings.bucket, f"{shared}{settings.namespace}/", older=shared,
         )
         self.last: dict[str, Any] | None = None
 

@@ -262,18 +262,31 @@ class SnapshotHealth:
         return {"failures": self.failures, "failing_s": round(self.failing_s(), 1), "error": self.error}
 
 
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class SnapshotStore:
     """Snapshots in a local folder and, optionally, under an S3 prefix; keeps the newest ``keep``."""
 
-    def __init__(self, folder: Path, keep: int = 3, s3: Any = None, bucket: str = "", prefix: str = "") -> None:
+    def __init__(self, folder: Path, keep: int = 3, s3: Any = None, bucket: str = "", prefix: str = "",
+                 older: str | None = None) -> None:
         self.folder = folder
         self.keep = max(1, keep)
         self.s3, self.bucket, self.prefix = s3, bucket, prefix
+        self.older = older  # a prefix whose copies (directly under it) are read when ``prefix`` holds none
         self.folder.mkdir(parents=True, exist_ok=True)
         self.last: dict[str, Any] | None = None  # name, time, count, last_id of the newest snapshot written
 
     def write(self, index: VectorIndex, last_id: str) -> Path:
-        name = f"{time.time_ns():020d}-g{index.generation}{SUFFIX}"
+        # Named after the newest there is even if the clock stepped back: named by the clock alone, each new snapshot
+        # sorted below the older ones and was pruned as soon as written (an independent review).
+        newest = max((int(p.name[:20]) for p in self._local() if p.name[:20].isdigit()), default=0)
+        name = f"{max(time.time_ns(), newest + 1):020d}-g{index.generation}{SUFFIX}"
         path = self.folder / name
         tmp = self.folder / f".{name}.tmp"
         try:
@@ -282,6 +295,7 @@ class SnapshotStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+            _sync_folder(self.folder)  # the rename itself is durable before the stream is trimmed to it
         except OSError:
             with contextlib.suppress(OSError):  # a full disk leaves no half file behind (a read-only one none)
                 tmp.unlink(missing_ok=True)
@@ -327,9 +341,12 @@ class SnapshotStore:
         spool.seek(0)
         return spool  # type: ignore[return-value]
 
-    def _remote(self) -> list[str]:
-        listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix)
-        return sorted((o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(SUFFIX)), reverse=True)
+    def _remote(self, prefix: str | None = None) -> list[str]:
+        """The S3 copies directly under ``prefix`` (``self.prefix``), newest first."""
+        prefix = self.prefix if prefix is None else prefix
+        listing = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return sorted((key for o in listing.get("Contents", []) if (key := o["Key"]).endswith(SUFFIX)
+                       and "/" not in key[len(prefix) :]), reverse=True)
 
     def load_newest(self, dims: Mapping[str, int], features: Callable[[int], FeatureStore] = lambda _: FeatureStore()
                     ) -> tuple[VectorIndex, str] | None:
@@ -342,8 +359,8 @@ class SnapshotStore:
         if loaded is not None or self.s3 is None:
             return loaded
         try:
-            return self._first_loading([(k, functools.partial(self._download, k)) for k in self._remote()], dims,
-                                       features)
+            remote = self._remote() or (self._remote(self.older) if self.older is not None else [])
+            return self._first_loading([(k, functools.partial(self._download, k)) for k in remote], dims, features)
         except (BotoCoreError, ClientError, Boto3Error) as exc:
             where = f"s3://{self.bucket}/{self.prefix}"
             raise ConnectionError(f"cannot read the snapshot copies in {where}: {exc}") from exc

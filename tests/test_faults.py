@@ -757,7 +757,7 @@ def test_snapshots_and_redis_both_lost_reembed_the_bucket_or_restore_the_s3_copy
         wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="the restored index ready")
         restored = api.get("/stats").json()
         outcome = assert_index_matches_bucket(stack, s3, api, f"{name}/", bodies, bucket=bucket)
-        copies = listing(s3, bucket, stack.settings.reserved_prefix + "snapshots/")
+        copies = listing(s3, bucket, stack.settings.reserved_prefix + f"snapshots/{name}/")  # (its namespace's)
         assert copies, "no snapshot copy in the bucket"
 
         stop_worker(service, signal.SIGKILL)

@@ -118,6 +118,41 @@ def test_s3_trouble_never_starts_an_empty_index_and_a_refused_copy_keeps_the_fol
     assert last_id == "5-5" and len(loaded) == 29
 
 
+def test_s3_copies_are_kept_per_namespace_and_the_shared_folder_of_before_is_still_read(tmp_path: Path) -> None:
+    """Every namespace's copies went under one prefix: two deployments on one bucket pruned each other's, and a
+    fresh disk loaded the other's index (an independent review)."""
+    s3 = StandInS3()
+    before = SnapshotStore(tmp_path / "before", keep=2, s3=s3, bucket="b", prefix="_bl/snapshots/")
+    before.write(filled(30), "1-1")  # a copy of the shared layout
+
+    def store(namespace: str, folder: str) -> SnapshotStore:
+        return SnapshotStore(tmp_path / folder, keep=2, s3=s3, bucket="b", prefix=f"_bl/snapshots/{namespace}/",
+                             older="_bl/snapshots/")
+
+    for _ in range(3):
+        store("other", "other").write(filled(10), "9-9")
+    assert len([k for k in s3.objects if k.startswith("_bl/snapshots/other/")]) == 2 and len(s3.objects) == 3
+    loaded, last_id = store("ours", "fresh-disk").load_newest({"m": DIM})  # type: ignore[misc]
+    assert last_id == "1-1" and len(loaded) == 29  # the copy of before, not the other namespace's
+    store("ours", "ours").write(filled(20), "2-2")
+    loaded, last_id = store("ours", "another-fresh-disk").load_newest({"m": DIM})  # type: ignore[misc]
+    assert last_id == "2-2" and len(loaded) == 19
+
+
+def test_a_clock_stepped_back_still_makes_the_newest_snapshot_the_newest(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots were named by the clock alone: after it stepped back, each new one sorted below the older ones and
+    was pruned as soon as written, and every checkpoint failed (an independent review)."""
+    store = SnapshotStore(tmp_path, keep=2)
+    store.write(filled(10), "1-1")
+    monkeypatch.setattr(snapshots.time, "time_ns", lambda: 1_000_000_000)  # 1970: an hour, a year back alike
+    for n, last_id in ((20, "2-2"), (30, "3-3")):
+        store.write(filled(n), last_id)
+    assert len(list(tmp_path.glob(f"*{snapshots.SUFFIX}"))) == 2
+    loaded, last_id = store.load_newest({"m": DIM})  # type: ignore[misc]
+    assert last_id == "3-3" and len(loaded) == 29
+
+
 def test_a_snapshot_that_fails_to_load_in_any_way_leaves_the_older_ones(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a ``SnapshotError`` moved on to the previous snapshot: any other error decoding the newest (a bug, a
