@@ -70,6 +70,7 @@ EVERYTHING = 'oid != ""'  # a filter that keeps every row, tombstones included
 READ_TIMEOUT_S = 5  # a search or read against an unreachable server gives up (503) instead of retrying for minutes
 WRITE_TIMEOUT_S = 30  # a merge batch's upsert, a flush
 RETIRE_AFTER_S = 30.0  # a swapped-out collection is dropped this long after the swap (searches on it finish)
+LABEL_COUNTS_S = 30.0  # how long one pass's label counts answer autocomplete
 # A collection's layout, in its description. 2: ``order`` is the order's decimal text, of any size (1, still read and
 # written: INT64, where an order past 2**63 could not be written and the merger retried that batch forever; AWS's
 # sequencers read as seconds x 2**32 and pass it in 2038, a forged one at once). ``rebuild --reindex`` copies a
@@ -252,6 +253,8 @@ class MilvusIndex(SearchOne):
         self.index_type = index_type
         self.features = features
         self._write = threading.Lock()  # one batch or restructure at a time
+        self._counting = threading.Lock()  # one pass for ``label_counts`` at a time; the others wait for its answer
+        self._label_counts: tuple[float, dict[int, int] | None] = (0.0, None)
         # Exact, one per key, counted before this process's first write and kept by each write since: live objects,
         # and objects with a row (live or tombstone; ``repair`` compares it with the rows there are).
         self._count: int | None = None
@@ -317,6 +320,8 @@ class MilvusIndex(SearchOne):
             if rows:
                 with reachable(self.connection.uri):
                     self.connection.client.upsert(self.collection, list(rows.values()), timeout=WRITE_TIMEOUT_S)
+            if rows:
+                self._label_counts = (0.0, None)  # the writer's own writes show at once (a reader's within the time)
             self._count += sum(1 for row in held.values() if not row["deleted"]) - live_before
             self._keys += len(held) - keys_before
             stats.write_features(self.features)
@@ -496,12 +501,18 @@ class MilvusIndex(SearchOne):
         return hits[:k]
 
     def label_counts(self) -> dict[int, int]:
-        """How many objects keep each label (a pass over every labelled row: Milvus 2.3 cannot group)."""
-        counts: dict[int, int] = {}
-        for row in self._scan(f'{expression(None)} and labels != ""', ["label_ids"]):
-            for label in row["label_ids"]:
-                counts[label] = counts.get(label, 0) + 1
-        return counts
+        """How many objects keep each label: a pass over every labelled row (Milvus 2.3 cannot group), kept for
+        ``LABEL_COUNTS_S`` or until this process writes. The web page asks at each keystroke: at 1M objects that was
+        ~245 queries each (an independent review); autocomplete's counts need not be exact to the second."""
+        with self._counting:
+            made, counts = self._label_counts
+            if counts is None or time.monotonic() - made > LABEL_COUNTS_S:
+                counts = {}
+                for row in self._scan(f'{expression(None)} and labels != ""', ["label_ids"]):
+                    for label in row["label_ids"]:
+                        counts[label] = counts.get(label, 0) + 1
+                self._label_counts = time.monotonic(), counts
+            return counts
 
     # -- export, restructure -------------------------------------------------------------------------------
 
@@ -715,11 +726,21 @@ class MilvusBackend:
             with reachable(self.connection.uri):
                 self.connection.client.get_server_version(timeout=2)
                 state = self.connection.client.get_load_state(self.alias, timeout=2)["state"]
-        except (IndexUnavailable, MilvusException) as exc:
+        except (IndexUnavailable, MilvusException, grpc.RpcError) as exc:
             log.debug("Milvus health check failed: %s", exc)
             return f"Milvus unreachable at {self.connection.uri}"
         if state in (LoadState.Loading, LoadState.NotLoad):  # (NotExist: no generation yet, or not an alias here)
             return f"Milvus at {self.connection.uri} is loading the serving collection (after a restart)"
+        if state == LoadState.Loaded:
+            # "Loaded" came while searches still failed: the query nodes were taking their shards back (searches
+            # 503 while /readyz said ready, in a whole-suite run). A one-row query goes the way a search goes.
+            try:
+                with reachable(self.connection.uri):
+                    self.connection.client.query(self.alias, filter=EVERYTHING, output_fields=["oid"], limit=1,
+                                                 timeout=2)
+            except (IndexUnavailable, MilvusException, grpc.RpcError) as exc:
+                log.debug("Milvus query check failed: %s", exc)
+                return f"Milvus at {self.connection.uri} does not answer queries yet (after a restart)"
         return None
 
     def close(self) -> None:

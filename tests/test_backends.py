@@ -268,6 +268,18 @@ def test_text_search_and_label_counts(folders: Index) -> None:
     assert folders.text_search({400}, 10) == [] and folders.label_counts() == {281: 48, 285: 48}
 
 
+@pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
+def test_milvus_label_counts_are_one_pass_per_while_and_the_writer_sees_its_own_writes(folders: Index) -> None:
+    """Autocomplete asks at each keystroke, and on Milvus each answer was a pass over every labelled row."""
+    index: Any = folders
+    passes = []
+    scan = index._scan
+    index._scan = lambda expr, fields: passes.append(expr) or scan(expr, fields)
+    assert index.label_counts() == index.label_counts() == {281: 48, 285: 48, 400: 48} and len(passes) == 1
+    index.apply([delete(o.key, 2, bucket=o.bucket) for o, _ in index.text_search({400}, 1000)])
+    assert index.label_counts() == {281: 48, 285: 48} and len(passes) == 3  # (text_search scans too)
+
+
 def test_text_search_cuts_ties_by_name_on_every_backend(index: Index) -> None:
     """Probabilities are kept to 4 places, so ties are common: FAISS cut the objects tied at the k-th score by
     internal id (k=3 was not the start of k=5) and Milvus by name (an independent review). Both cut by name."""
