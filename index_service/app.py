@@ -265,7 +265,10 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def rebuild_state(request: Request) -> Response:
         service = service_of(request)
         job_id = request.path_params["job_id"]
-        cancelled = request.method == "DELETE" and admin_service(request).rebuilds.cancel(job_id) is not None
+        try:
+            cancelled = request.method == "DELETE" and admin_service(request).rebuilds.cancel(job_id) is not None
+        except RebuildConflict as exc:
+            raise HTTPError(409, "not_cancellable", str(exc)) from exc
         state = await run_in_threadpool(service.rebuilds.get, job_id)
         if state is None:
             raise HTTPError(404, "unknown_rebuild", f"no rebuild {job_id}")

@@ -367,7 +367,8 @@ PATHS: dict[str, Any] = {
                    "parameters": [parameter("job_id", TEXT, "job id", "path")],
                    "responses": {**answer("cancelled", ref("RebuildJob")), **errors(401, 403),
                                  **_error(404, "unknown_rebuild: no such job"),
-                                 **_error(409, "not_running: the job is done, failed or cancelled already"),
+                                 **_error(409, "not_running: the job is done, failed or cancelled already; "
+                                          "not_cancellable: a reindex, which ends by itself"),
                                  **errors(503)}},
     },
     "/reconcile": {"post": {

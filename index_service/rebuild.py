@@ -151,6 +151,9 @@ class Rebuilds:
             job = self.current
             if job is None or job.id != job_id or job.state != "running":
                 return None
+            if job.mode == "reindex":  # its restructure cannot be stopped: "cancelled" let the next rebuild start
+                raise RebuildConflict(f"rebuild {job_id} is a reindex, which cannot be cancelled: it ends by itself "
+                                      "(its progress says how far it is)")
             self._finish(job, "cancelled")
             return job
 
@@ -223,6 +226,8 @@ class Rebuilds:
         batch = []
         for bucket in buckets:
             for ref in scan(service.s3, bucket, service.settings.reserved_prefix, job.generation):
+                if job.state != "running":  # cancelled: it listed the whole bucket on, then saved itself as current
+                    return
                 batch.append(ref)
                 if len(batch) >= 1000:
                     self._send(job, batch)
@@ -373,12 +378,13 @@ class Rebuilds:
         job.state = state
         job.finished = time.time()
         service = self.service
-        if job.mode == "reembed" and state != "done":
-            if service.shadow is not None:
-                service.backend.discard(service.shadow)
-            service.shadow = None
-            service.redis.hdel(service.keys.generations, str(job.generation))
-        self._expected = set()
+        if job is self.current:  # (an ended job's thread must not touch the next job's shadow or objects)
+            if job.mode == "reembed" and state != "done":
+                if service.shadow is not None:
+                    service.backend.discard(service.shadow)
+                service.shadow = None
+                service.redis.hdel(service.keys.generations, str(job.generation))
+            self._expected = set()
         self._save(job)
         log.info("rebuild %s %s: %d/%d settled, %d failed", job.id, state, job.done, job.total, job.failed)
 
@@ -392,7 +398,8 @@ class Rebuilds:
         keys = self.service.keys
         pipe = self.service.redis.pipeline()
         pipe.set(keys.rebuild_job(job.id), json.dumps(public(job)), ex=30 * 86400)
-        pipe.set(keys.rebuild_current, job.id)
+        if job is self.current:  # (an ended job's thread must not point a restart at itself)
+            pipe.set(keys.rebuild_current, job.id)
         pipe.execute()
 
 

@@ -18,7 +18,7 @@ from botocore.credentials import Credentials
 from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry
 from index_service.filters import Filter
-from index_service.rebuild import RebuildJob, Rebuilds
+from index_service.rebuild import RebuildConflict, RebuildJob, Rebuilds
 from index_service.service import Service
 from index_service.vector_index import VectorIndex
 from infra.notifications import ensure_bucket, ensure_notifications
@@ -420,3 +420,20 @@ def test_a_versioned_bucket_indexes_whatever_version_is_current(stack: Stack, s3
     report = api.post("/reconcile", json={"bucket": bucket}, headers=admin(stack)).json()
     assert report["missing"] == 1 and report["failed"] == 0, report
     indexed(third)
+
+
+def test_a_reindex_cannot_be_cancelled_and_an_ended_jobs_thread_leaves_the_next_job_alone() -> None:
+    """Cancelling a reindex answered "cancelled" while its restructure went on; the next rebuild could start, and
+    when the restructure ended, its thread marked the old job done and emptied the new reembed's objects still to
+    come: the new generation was promoted with 2 of 5 objects (an independent review)."""
+    service, _, _ = carrying_service("photos")
+    rebuilds = service.rebuilds
+    rebuilds.current = RebuildJob("r", "reindex", 1, "m", "Flat")
+    with pytest.raises(RebuildConflict, match="cannot be cancelled"):
+        rebuilds.cancel("r")
+    assert rebuilds.current.state == "running"
+    ended = RebuildJob("old", "reembed", 3, "m", "Flat", state="cancelled")
+    rebuilds.current = RebuildJob("new", "reembed", 4, "m", "Flat")
+    rebuilds._expected = {"photos/a", "photos/b"}
+    rebuilds._finish(ended, "cancelled")  # what the old job's thread does last
+    assert rebuilds._expected == {"photos/a", "photos/b"} and rebuilds.current.id == "new"
