@@ -63,3 +63,25 @@ def test_live_workers_include_the_stacks_worker_with_a_recent_heartbeat(stack: S
     assert worker["started"] <= worker["last_seen"]
     assert queue_report(redis, keys)["canary"]["age_s"] is not None  # the stack waited for a canary at start
     assert queue_report(redis, keys)["canary"]["lag_s"] is not None  # ... and measured its delivery lag
+
+
+def test_the_pipeline_is_not_quiet_while_the_merger_holds_a_batch_or_redis_cannot_say_the_lag(stack: Stack) -> None:
+    """The lost-task sweep took results the merger had read and not yet applied, and a lag Redis could not say
+    (after the merger's group moved inside an untrimmed stream), for nothing left: it sent them to the workers again
+    as lost (an independent review)."""
+    from types import SimpleNamespace
+
+    from index_service.orphans import quiet
+
+    keys, redis = Keys(f"quiet{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
+    service = SimpleNamespace(redis=redis, keys=keys)
+    ids = [redis.xadd(keys.results, {"n": str(i)}) for i in range(10)]
+    redis.xgroup_create(keys.results, keys.merger_group, id="0")
+    redis.xreadgroup(keys.merger_group, "merger", {keys.results: ">"})
+    assert redis.xinfo_groups(keys.results)[0]["lag"] == 0
+    assert not quiet(service)  # type: ignore[arg-type]  # read, being applied
+    redis.xack(keys.results, keys.merger_group, *ids)
+    assert quiet(service)  # type: ignore[arg-type]
+    redis.xgroup_setid(keys.results, keys.merger_group, id=ids[4])  # as the merger does at a restart
+    assert redis.xinfo_groups(keys.results)[0]["lag"] is None and not quiet(service)  # type: ignore[arg-type]
+    redis.delete(keys.results)
