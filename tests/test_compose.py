@@ -37,7 +37,7 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 def interpolated(env: dict[str, str]) -> dict[str, str]:
     """``env`` as compose passes it with none of the variables set: ``${NAME:-default}`` becomes the default."""
-    return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v) for k, v in env.items()}
+    return {k: re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", v) for k, v in env.items()}
 
 
 def bucketlens_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
