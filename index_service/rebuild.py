@@ -158,7 +158,8 @@ class Rebuilds:
             return job
 
     def abandon(self, reason: str) -> RebuildJob | None:
-        """Fail the running rebuild, whose queued tasks are gone (Redis lost its data); the serving generation stays."""
+        """Fail the running rebuild, which cannot go on (its queued tasks are gone: Redis lost its data; this replica
+        lost the writer lease); the serving generation stays."""
         with self._lock:
             job = self.current
             if job is None or job.state != "running":

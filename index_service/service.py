@@ -251,6 +251,9 @@ class Service:
                         self.writing.clear()
                         log.warning("replica %s lost the writer lease (held by %s); it stops merging", self.replica,
                                     self.lease.current())
+                        # Its rebuild cannot go on (taking the lease back later, it resent the same objects forever
+                        # and refused every new rebuild: an independent review); the new writer drops its shadow.
+                        self.rebuilds.abandon(f"replica {self.replica} lost the writer lease during the rebuild")
                 elif self.lease.acquire():
                     restored = self.backend.load()
                     if restored is not None:  # what the previous writer left, up to its checkpoint
