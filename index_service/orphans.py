@@ -31,6 +31,7 @@ SWEEP_EVERY_S = 5.0
 # A mark is written just before its task is published (publish retries take under a second); a task in flight is
 # queued, unacknowledged or unmerged, which the idle check sees. 15 s leaves a wide margin for a slow publish.
 MIN_AGE_S = 15.0
+CHUNK = 1000  # marks per Lua call that drops stale ones; above this many lost objects, they go to the rebuild queue
 
 # KEYS[1]: the pending hash; ARGV: field, expected value, ... -> how many were removed (unchanged since read).
 _REMOVE_IF_UNCHANGED = """
@@ -88,10 +89,14 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
         else:
             lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]),
                                   event_time=mark.get("event_time", ""), generation=serving.generation))
-    dropped = int(redis.register_script(_REMOVE_IF_UNCHANGED)(keys=[keys.pending], args=stale)) if stale else 0
+    remove = redis.register_script(_REMOVE_IF_UNCHANGED)
+    dropped = sum(int(remove(keys=[keys.pending], args=stale[start : start + 2 * CHUNK]))  # (one call blocks Redis)
+                  for start in range(0, len(stale), 2 * CHUNK))
     sent = 0
     if lost and idle(service):  # still idle: nothing started meanwhile that could settle them
-        service.publisher.send_embeds(lost)
+        # Many at once (a reembed abandoned by a restart left a mark per listed object) go to the rebuild queue, so
+        # that uploads arriving meanwhile do not wait behind them (an independent review).
+        service.publisher.send_embeds(lost, queue=keys.rebuild_queue if len(lost) > CHUNK else None)
         sent = len(lost)
         redis.hincrby(keys.counters, "orphans_resent", len(lost))
         log.warning("sent %d objects to the workers again: their tasks were lost (e.g. %s)", len(lost),
