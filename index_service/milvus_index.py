@@ -320,7 +320,6 @@ class MilvusIndex(SearchOne):
             if rows:
                 with reachable(self.connection.uri):
                     self.connection.client.upsert(self.collection, list(rows.values()), timeout=WRITE_TIMEOUT_S)
-            if rows:
                 self._label_counts = (0.0, None)  # the writer's own writes show at once (a reader's within the time)
             self._count += sum(1 for row in held.values() if not row["deleted"]) - live_before
             self._keys += len(held) - keys_before

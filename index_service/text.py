@@ -8,6 +8,7 @@ inside images, no open vocabulary (README, "Text search").
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from vision import labels, words
@@ -44,9 +45,14 @@ def suggest(index: Index, prefix: str, limit: int = SUGGESTIONS) -> list[dict[st
     counts = index.label_counts()
     wanted = words.fold(prefix.strip())
     found = []
-    for c in labels.classes():
-        names = [words.fold(n) for n in c.names]
+    for c, names in _folded_names():
         if not wanted or any(w.startswith(wanted) for n in names for w in [n, *n.split()]):
             found.append((counts.get(c.index, 0), c))
     found.sort(key=lambda item: (-item[0], item[1].name.lower()))
     return [{"id": c.synset, "name": c.name, "names": list(c.names), "count": n} for n, c in found[:limit]]
+
+
+@functools.cache
+def _folded_names() -> tuple[tuple[labels.ImageNetClass, tuple[str, ...]], ...]:
+    """Each class with its names as ``words.fold`` makes them, folded once (autocomplete asks at each keystroke)."""
+    return tuple((c, tuple(words.fold(n) for n in c.names)) for c in labels.classes())
