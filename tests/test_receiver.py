@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import http.server
 import json
+import re
 import subprocess
 import threading
 import time
@@ -281,14 +282,18 @@ def test_a_burst_is_refused_only_near_redis_maxmemory_and_every_accepted_event_i
         again = app.post("/events?token=secret", content=burst_body(start, 100))
     assert statuses[-1] == 503 and set(statuses[:-1]) == {200}, statuses
     assert refused["code"] == "redis_near_full", refused
-    assert limit * settings.ingest_max_memory_fraction <= used < limit  # refused near the limit, never at it
+    # Refused near the limit, never at it. The figure ingest refused at is the one its message names: Redis's own
+    # figure read afterwards can already be lower (it was 50 KB lower in one CI run; buffers freed meanwhile).
+    seen, named_limit = map(int, re.search(r"\((\d+) of (\d+) bytes\)", refused["message"]).groups())
+    assert named_limit == limit and limit * settings.ingest_max_memory_fraction <= seen < limit, refused
+    assert used < limit
     assert report["pending_objects"] == accepted  # every accepted event is queued: Redis never refused a write
     tasks = report["queues"][keys.live_queue]["depth"]
     assert tasks * settings.batch_size >= accepted
     assert again.status_code == 200 and again.json()["accepted"] == 100
-    per_object = (used - baseline) / accepted
+    per_object = (seen - baseline) / accepted
     record_outcome("ingest_burst_small_maxmemory", {
-        "maxmemory_bytes": limit, "accepted_before_503": accepted, "used_memory_at_503": used,
+        "maxmemory_bytes": limit, "accepted_before_503": accepted, "used_memory_at_503": seen,
         "redis_bytes_per_queued_object": round(per_object), "tasks": tasks}, file="burst-outcomes.json")
 
 
