@@ -147,8 +147,15 @@ stop)
 kill)
   for d in client.rgw.a osd.0 mon.a; do p=$(pid_of $d); [ -n "$p" ] && kill -KILL $p 2>/dev/null || true; done
   sleep 0.5 ;;
-stop-rgw)  # the S3 endpoint goes away, the cluster stays (fault tests, the delivery watchdog)
-  p=$(pid_of client.rgw.a); [ -n "$p" ] && { kill -TERM $p; for i in $(seq 1 300); do kill -0 $p 2>/dev/null || break; sleep 0.1; done; } || true ;;
+stop-rgw)  # the S3 endpoint goes away, the cluster stays (fault tests, the delivery watchdog). One that outlives
+  # its TERM by 30 s is killed: left running, `start-rgw` took it for up and started none, while it no longer served
+  p=$(pid_of client.rgw.a); [ -n "$p" ] || exit 0
+  kill -TERM $p 2>/dev/null || true
+  for i in $(seq 1 300); do [ -z "$(pid_of client.rgw.a)" ] && break; sleep 0.1; done  # (a zombie is gone)
+  if [ -n "$(pid_of client.rgw.a)" ]; then
+    echo "client.rgw.a ($p) still alive 30 s after SIGTERM: killed" >&2; kill -KILL $p 2>/dev/null || true
+    for i in $(seq 1 100); do [ -z "$(pid_of client.rgw.a)" ] && break; sleep 0.1; done
+  fi ;;
 start-rgw) cd $C; [ -n "$(pid_of client.rgw.a)" ] || { break_notif_locks; start_rgw; }; wait_s3 ;;
 pids) for d in mon.a osd.0 client.rgw.a; do echo -n "$d=$(pid_of $d) "; done; echo ;;
 *) echo "bad cmd" >&2; exit 2 ;;

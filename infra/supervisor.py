@@ -59,6 +59,7 @@ class Supervisor:
         self.keys = Keys(self.settings.namespace)
         self.canary = Canary(self.settings, make_client(self.settings), self.redis)
         self.grace = 0.0  # extra wait for the canary while a restarted radosgw resumes delivery
+        self.judging = False  # whether the outstanding canary is this supervisor's own
         self.reconcile_owed = False  # a heal's reconcile has not been answered yet
         self.reconciler: threading.Thread | None = None
         self.failing: set[str] = set()  # steps whose last attempt failed: logged once, not every time
@@ -114,8 +115,13 @@ class Supervisor:
         if pending is None:
             self.grace = 0.0
             self.canary.write()
+        elif not self.judging:  # outstanding from before this supervisor started: radosgw has often just been
+            # started with it (`bucketlens up`, a test's restore) and is resuming its queues; that old canary
+            # restarted it again at once. A canary of its own, with the grace
+            self.restarted_radosgw()
         elif age > self.settings.canary_timeout_s + self.grace:
             self.heal(age)
+        self.judging = True
 
     def keep_up(self, name: str, now: float) -> None:
         """Restart ``name`` if it is not running, backing off while it keeps dying soon after its restarts."""
@@ -140,10 +146,13 @@ class Supervisor:
     def heal(self, age: float) -> None:
         log.warning("canary undelivered for %.0f s: restarting radosgw, then reconciling", age)
         self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
-        self.stack.stop_s3()
-        self.stack.start_s3()
-        self.restarted_radosgw()
         self.reconcile_owed = True
+        try:
+            self.stack.stop_s3()
+            self.stack.start_s3()
+        finally:  # a restart that failed is tried again after the grace too, not at each check (every few seconds,
+            # which left radosgw no time to start)
+            self.restarted_radosgw()
         self.start_reconcile()
 
     def restarted_radosgw(self) -> None:

@@ -37,6 +37,7 @@ from bucketlens.redis_client import connect, text
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 from index_service.queues import unacked_key
+from infra.milvus import log_tail
 from infra.stack import Stack, StackError, free_port
 from ingest.publisher import Publisher
 
@@ -64,9 +65,12 @@ RATE = 10.0  # uploads per second while the fault happens
 
 @contextlib.contextmanager
 def supervisor_paused(stack: Stack) -> Iterator[None]:
-    """The supervisor would restart what a test stops on purpose (and heal what it breaks): pause it."""
+    """The supervisor would restart what a test stops on purpose (and heal what it breaks): pause it. What it was
+    restarting when stopped is running when the test starts."""
     stack.stop_service("supervisor")
     try:
+        stack.start_redis()
+        stack.start_s3()
         yield
     finally:
         restore(stack)
@@ -87,6 +91,19 @@ def _ready(stack: Stack) -> bool:
         return httpx.get(stack.api_url + "/readyz", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def wait_for_a_canary(stack: Stack, since: float, timeout_s: float = 150) -> None:
+    """Until the supervisor's canary written after ``since`` is delivered (a restarted radosgw resumes its persistent
+    queue once it rereads the list, ~30 s). On a timeout, what the supervisor and the S3 script did meanwhile."""
+    redis, canary = connect(stack.settings.redis_url), Keys(stack.settings.namespace).canary
+    try:
+        wait_for(lambda: float(redis.hget(canary, "delivered") or 0) > since, timeout_s, what="a canary delivered")
+    except AssertionError as exc:
+        logs = stack.home / "logs"
+        raise AssertionError(f"{exc}; the canary: {redis.hgetall(canary)}; the supervisor's log ends "
+                             f"{log_tail(logs / 'supervisor.log', 20)}; ceph.sh's "
+                             f"{log_tail(logs / 'ceph-script.log', 10)}") from None
 
 
 def workers(api: httpx.Client) -> list[dict[str, Any]]:
@@ -387,9 +404,7 @@ def test_the_supervisor_restarts_a_dead_redis_and_a_dead_radosgw(
         wait_for(stack.s3_up, 60, what="radosgw restarted by the supervisor")
         # A restarted radosgw resumes its persistent queue once it rereads the list (~30 s): the supervisor's
         # canaries show when notifications flow again (until then, what follows would be left to a reconcile).
-        restarted, canary = time.time(), Keys(stack.settings.namespace).canary
-        redis = connect(stack.settings.redis_url)
-        wait_for(lambda: float(redis.hget(canary, "delivered") or 0) > restarted, 150, what="a canary delivered")
+        wait_for_a_canary(stack, since=time.time())
         uploads = patient_s3(stack)
         for key in keys:
             uploads.put_object(Bucket=stack.settings.bucket, Key=key, Body=bodies[key])
@@ -441,9 +456,7 @@ def test_another_server_on_the_s3_port_is_not_taken_for_this_stacks(stack: Stack
     assert stack.s3_up()  # restored by this stack's own radosgw
     # A restarted radosgw resumes its persistent queue once it rereads the list (~30 s): the next test uploads and
     # expects notifications (the S3-outage test found its backlog not yet queued when S3 went away).
-    restarted, canary = time.time(), Keys(stack.settings.namespace).canary
-    redis = connect(stack.settings.redis_url)
-    wait_for(lambda: float(redis.hget(canary, "delivered") or 0) > restarted, 150, what="a canary delivered")
+    wait_for_a_canary(stack, since=time.time())
 
 
 # -- 4. S3 unreachable ----------------------------------------------------------------------------------------
@@ -519,9 +532,7 @@ def test_a_killed_receiver_is_back_before_the_topic_stalls(
     try:
         stack.start_service("supervisor")
         # Delivery flows before the kill (a heal of the test before, or its radosgw restart, is not counted here).
-        started, canary = time.time(), Keys(stack.settings.namespace).canary
-        redis = connect(stack.settings.redis_url)
-        wait_for(lambda: float(redis.hget(canary, "delivered") or 0) > started, 150, what="a canary delivered")
+        wait_for_a_canary(stack, since=time.time())
         stalls_before = counter(api, "canary_stalls")
         uploader = Uploader(stack, bodies, rate=2)
         uploader.start()
@@ -829,8 +840,9 @@ def disk_trouble(folder: Path, trouble: str) -> Iterator[None]:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
     try:
         yield
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+    finally:  # the service can hold a file open there for a moment (a snapshot being written): busy, try again
+        wait_for(lambda: subprocess.run(["umount", str(folder)], capture_output=True).returncode == 0, 30,
+                 what=f"{folder} unmounted")
 
 
 @pytest.mark.parametrize("trouble", ["full", "read_only"])

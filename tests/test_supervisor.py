@@ -156,10 +156,47 @@ def test_a_restarted_radosgw_gets_its_grace_once(tmp_path: Path, monkeypatch: py
     assert stack.s3_starts == 2
 
 
+def test_a_canary_from_before_the_supervisor_started_restarts_nothing(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The canary a stopped supervisor left outstanding restarted the radosgw just started with the new supervisor
+    (`bucketlens up`, a fault test's restore) at its first check, while that radosgw resumed its queues."""
+    monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    canary.pending, canary.age = "left-by-the-last-supervisor", 3600.0
+    supervisor.check_delivery()
+    assert stack.s3_starts == 0 and canary.pending == "canary-0", "restarted radosgw for a canary not its own"
+    canary.age = supervisor.settings.canary_timeout_s + RESTART_GRACE_S - 1  # resuming
+    supervisor.check_delivery()
+    assert stack.s3_starts == 0
+    canary.age = supervisor.settings.canary_timeout_s + RESTART_GRACE_S + 1  # its own, never delivered: healed
+    supervisor.check_delivery()
+    assert stack.s3_starts == 1
+
+
+def test_a_failed_heal_waits_for_the_grace_before_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart that raised left the grace unset: the next check (seconds later) healed again, and again,
+    leaving radosgw no time to start."""
+    monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    supervisor.check_delivery()
+
+    def refused() -> None:
+        stack.s3_starts += 1
+        raise RuntimeError("radosgw does not hold its port")
+
+    stack.start_s3 = refused  # type: ignore[method-assign]
+    canary.age = supervisor.settings.canary_timeout_s + 1
+    with pytest.raises(RuntimeError):
+        supervisor.check_delivery()
+    canary.age = supervisor.settings.canary_timeout_s + 1  # the next check, a few seconds on
+    supervisor.check_delivery()
+    assert stack.s3_starts == 1, "healed again within the grace"
+
+
 def test_a_heal_whose_reconcile_fails_reconciles_at_the_next_check(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     supervisor, stack, canary = supervised(tmp_path)
-    canary.write()
+    supervisor.check_delivery()  # its canary, written
     canary.age = supervisor.settings.canary_timeout_s + 1
     supervisor.check_delivery()  # the index service is away (nobody answers on its address)
     assert supervisor.reconciler is not None
