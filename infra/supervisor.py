@@ -8,7 +8,7 @@ topic and redelivers its queue) and runs a reconcile to heal whatever was missed
 index service away) is tried again at the next check. A restarted radosgw picks its persistent queues up only when
 it rereads their list (every 30 s), so the canary written after a restart gets ``RESTART_GRACE_S`` more: without
 it, a timeout under ~30 s restarted radosgw again and again, never leaving it the time to resume (seen in
-tests/test_faults.py with ``canary_timeout_s=20``).
+tests/test_faults.py with ``canary_timeout_s=20``); each heal in a row without a delivery doubles that grace.
 
 A service that dies again within ``STABLE_S`` of its restart (a setting it refuses, a model it cannot load) is
 restarted at once the first time, then after twice the wait of the last time (from ``2 * canary_interval_s`` up to
@@ -60,6 +60,7 @@ class Supervisor:
         self.canary = Canary(self.settings, make_client(self.settings), self.redis)
         self.grace = 0.0  # extra wait for the canary while a restarted radosgw resumes delivery
         self.judging = False  # whether the outstanding canary is this supervisor's own
+        self.stalls = 0  # heals in a row with no canary delivered since
         self.reconcile_owed = False  # a heal's reconcile has not been answered yet
         self.reconciler: threading.Thread | None = None
         self.failing: set[str] = set()  # steps whose last attempt failed: logged once, not every time
@@ -113,7 +114,7 @@ class Supervisor:
             self.start_reconcile()
         pending, age = self.canary.check()
         if pending is None:
-            self.grace = 0.0
+            self.grace, self.stalls = 0.0, 0
             self.canary.write()
         elif not self.judging:  # outstanding from before this supervisor started: radosgw has often just been
             # started with it (`bucketlens up`, a test's restore) and is resuming its queues; that old canary
@@ -147,18 +148,22 @@ class Supervisor:
         log.warning("canary undelivered for %.0f s: restarting radosgw, then reconciling", age)
         self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
         self.reconcile_owed = True
+        self.stalls += 1
         try:
             self.stack.stop_s3()
             self.stack.start_s3()
         finally:  # a restart that failed is tried again after the grace too, not at each check (every few seconds,
             # which left radosgw no time to start)
-            self.restarted_radosgw()
+            self.restarted_radosgw(RESTART_GRACE_S * 2 ** (self.stalls - 1))
         self.start_reconcile()
 
-    def restarted_radosgw(self) -> None:
+    def restarted_radosgw(self, grace: float = RESTART_GRACE_S) -> None:
         """A canary written now, with the grace: the one outstanding was written before the restart (and the one
-        delivered last, before it died: taking that for delivery after the restart ended the grace at once)."""
-        self.grace = RESTART_GRACE_S
+        delivered last, before it died: taking that for delivery after the restart ended the grace at once). Each
+        heal in a row that brought no delivery doubles it (up to ``MAX_BACKOFF_S``): a radosgw that takes longer to
+        resume its queues (another's lock on them lasts until it expires) was otherwise restarted before it could,
+        again and again."""
+        self.grace = min(grace, MAX_BACKOFF_S)
         self.canary.write()
 
     def start_reconcile(self) -> None:

@@ -193,6 +193,31 @@ def test_a_failed_heal_waits_for_the_grace_before_the_next(tmp_path: Path, monke
     assert stack.s3_starts == 1, "healed again within the grace"
 
 
+def test_heals_in_a_row_without_a_delivery_wait_longer_each_time(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A radosgw that needs longer than the grace to resume its queues (another's lock on them lasts until it
+    expires) was restarted before it could, again and again: each heal in a row doubles the grace."""
+    monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    supervisor.check_delivery()
+    timeout = supervisor.settings.canary_timeout_s
+    waits = []
+    for _ in range(6):
+        canary.age = timeout + supervisor.grace + 1
+        supervisor.check_delivery()
+        supervisor.reconciler.join()  # type: ignore[union-attr]
+        waits.append(supervisor.grace)
+    assert stack.s3_starts == 6 and waits == [RESTART_GRACE_S * 2 ** n for n in range(4)] + [MAX_BACKOFF_S] * 2
+    canary.age = timeout + waits[-1] - 1  # within the last grace: no restart
+    supervisor.check_delivery()
+    assert stack.s3_starts == 6
+    canary.pending = None  # delivered at last: the next stall's restart gets the first grace again
+    supervisor.check_delivery()
+    canary.age = timeout + 1
+    supervisor.check_delivery()
+    assert stack.s3_starts == 7 and supervisor.grace == RESTART_GRACE_S
+
+
 def test_a_heal_whose_reconcile_fails_reconciles_at_the_next_check(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     supervisor, stack, canary = supervised(tmp_path)
