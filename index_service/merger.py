@@ -62,7 +62,8 @@ class Merger:
     def __init__(self, client: redis.Redis, keys: Keys, apply: Callable[[list[ResultEntry]], None],
                  after: Callable[[], None] = lambda: None, start_id: str = "0", batch: int = 512,
                  consumer: str = "index-1", may_write: Callable[[], bool] = lambda: True,
-                 idle: Callable[[], None] = lambda: None) -> None:
+                 idle: Callable[[], None] = lambda: None,
+                 owed: Callable[[list[ResultEntry]], set[str]] = lambda entries: set()) -> None:
         self.redis = client
         self.keys = keys
         self.apply = apply
@@ -72,6 +73,7 @@ class Merger:
         self.batch = batch
         self.consumer = consumer
         self.may_write = may_write
+        self.owed = owed  # of a batch just applied, the objects whose version another generation still waits for
         self.caught_up = threading.Event()
         self.applied = 0
         self.malformed = 0
@@ -205,13 +207,14 @@ class Merger:
         self._stop.set()
 
     def _clear_pending(self, entries: list[ResultEntry]) -> None:
-        """Drop the 'pending' mark of objects whose pending version was just settled."""
+        """Drop the 'pending' mark of objects whose pending version was just settled, in every generation fed."""
         if not entries:
             return
         oids = [object_id(e.bucket, e.key) for e in entries]
         marks = self.redis.hmget(self.keys.pending, oids)
+        owed = self.owed(entries)
         done = [oid for oid, mark, e in zip(oids, marks, entries)
-                if (found := record(mark)) is not None and _settles(found, e)]
+                if (found := record(mark)) is not None and _settles(found, e) and oid not in owed]
         if done:
             self.redis.hdel(self.keys.pending, *done)
 

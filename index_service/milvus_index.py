@@ -38,7 +38,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -426,6 +426,14 @@ class MilvusIndex(SearchOne):
     def get(self, bucket: str, key: str) -> Indexed | None:
         rows = self._query(f"oid == {literal(object_id(bucket, key))} and deleted == false", SCALARS)
         return _indexed(rows[0]) if rows else None
+
+    def etags(self, oids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for start in range(0, len(oids), 1000):
+            part = oids[start : start + 1000]
+            expr = f"deleted == false and oid in [{', '.join(literal(o) for o in part)}]"
+            found.update((row["oid"], row["etag"]) for row in self._query(expr, ["oid", "etag"], strong=True))
+        return found
 
     def vector(self, bucket: str, key: str) -> np.ndarray | None:
         rows = self._query(f"oid == {literal(object_id(bucket, key))} and deleted == false", ["vector"])

@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
-from bucketlens.schemas import ResultEntry
+from bucketlens.schemas import ResultEntry, object_id
 from bucketlens.settings import Settings
 from ingest.publisher import Publisher
 from vision import words
@@ -204,7 +204,8 @@ class Service:
 
     def _merger(self, start_id: str) -> Merger:
         return Merger(self.redis, self.keys, self.apply, self.after_batch, start_id=start_id,
-                      batch=self.settings.merge_batch, may_write=self.lease.acquire, idle=self.when_idle)
+                      batch=self.settings.merge_batch, may_write=self.lease.acquire, idle=self.when_idle,
+                      owed=self.owed)
 
     def _take_over(self, last_id: str) -> bool:
         """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint); returns
@@ -330,6 +331,22 @@ class Service:
             else:
                 log.debug("dropping %d entries of generation %d (not serving, not being built)", len(part),
                           generation)
+
+    def owed(self, entries: list[ResultEntry]) -> set[str]:
+        """Of ``entries`` just applied, the objects whose version the other generation does not hold yet. During a
+        rebuild ingest sends a live upload to both generations under one pending mark, which stays until both hold
+        it: the first result dropped it, and the other generation's task, if lost, was never sent again (an
+        independent review). After the promote the lost-task sweep judges what is left against the new serving."""
+        serving, shadow = self.index, self.shadow
+        if shadow is None:
+            return set()
+        owed: set[str] = set()
+        for generation, other in ((serving.generation, shadow), (shadow.generation, serving)):
+            oids = {object_id(e.bucket, e.key): e.etag for e in entries
+                    if e.generation == generation and e.op == "upsert"}
+            held = other.etags(list(oids)) if oids else {}
+            owed.update(oid for oid, etag in oids.items() if held.get(oid) != etag)
+        return owed
 
     def after_batch(self) -> None:
         """Snapshot policy and the switch to an approximate index (merger thread, between batches). Both run in a

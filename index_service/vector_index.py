@@ -31,7 +31,7 @@ import math
 import mmap
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -547,6 +547,10 @@ class VectorIndex(SearchOne):
     def get(self, bucket: str, key: str) -> Indexed | None:
         faiss_id = self._ids.get(object_id(bucket, key))
         return None if faiss_id is None else self._objects.get(faiss_id)
+
+    def etags(self, oids: Sequence[str]) -> dict[str, str]:
+        held = ((oid, self._objects.get(faiss_id)) for oid in oids if (faiss_id := self._ids.get(oid)) is not None)
+        return {oid: indexed.etag for oid, indexed in held if indexed is not None}
 
     def buckets(self) -> set[str]:
         with self._lock.read():

@@ -8,11 +8,13 @@ equal the same answer.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
 import tempfile
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +30,8 @@ from bucketlens.settings import Settings
 from index_service.backend import BACKENDS, Backend, Index, open_backend
 from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
+from index_service.merger import Merger
+from index_service.service import Service
 from infra.stack import free_port
 from vision.models import recipe
 
@@ -217,11 +221,41 @@ def test_objects_buckets_and_export(index: Index) -> None:
     a = objects["a"]
     assert (a.bucket, a.etag, a.sequencer, a.order, a.generation, a.pixels, a.labels, a.modified) == (
         "b", "e", "1", 1, 1, 640 * 480, ((281, 0.5), (285, 0.25)), 1_700_000_000.5)
+    assert index.etags(["b/a", "other/x/ü \"q\"\\.jpg", "b/gone", "b/never"]) == {
+        "b/a": "e", "other/x/ü \"q\"\\.jpg": "e"}
     exported, vectors, tombstones = index.export()
     assert {o.key for o in exported} == set(objects) and vectors.shape == (2, DIM)
     assert set(tombstones) == {"b/gone"} and tombstones["b/gone"][0] == 7
     for obj, vector in zip(exported, vectors):
         np.testing.assert_allclose(vector, index.vector(obj.bucket, obj.key), atol=1e-6)  # type: ignore[arg-type]
+
+
+def test_a_pending_mark_stays_until_both_generations_hold_its_version(fixture: Fixture) -> None:
+    """During a rebuild ingest sends a live upload to both generations under one pending mark. The first result
+    dropped it, and the other generation's task, if lost, was never sent again (an independent review)."""
+    backend = fixture.open()
+    service = types.SimpleNamespace(index=backend.new_generation(MODEL, 1), shadow=backend.new_generation(MODEL, 2))
+    merger = Merger(fixture.redis, fixture.keys, apply=lambda entries: None,
+                    owed=lambda entries: Service.owed(service, entries))  # type: ignore[arg-type]
+    mark = json.dumps({"etag": "en", "order": "5", "queued": time.time(), "event_time": ""})
+
+    def merged(entry: ResultEntry) -> bool:
+        """Whether the mark is gone once ``entry`` is applied to its generation."""
+        (service.index if entry.generation == 1 else service.shadow).apply([entry])
+        merger._clear_pending([entry])
+        return fixture.redis.hget(fixture.keys.pending, "b/new") is None
+
+    fixture.redis.hset(fixture.keys.pending, "b/new", mark)
+    assert not merged(upsert("new", 5, 1, etag="en", generation=1)), "dropped before the shadow held it"
+    assert merged(upsert("new", 5, 2, etag="en", generation=2))
+    fixture.redis.hset(fixture.keys.pending, "b/new", mark.replace('"en"', '"e2"').replace('"5"', '"6"'))
+    assert not merged(upsert("new", 6, 3, etag="e2", generation=2)), "dropped before the serving one held it"
+    assert merged(upsert("new", 6, 3, etag="e2", generation=1))
+    service.shadow = None  # no rebuild: the serving generation's result is the only one
+    fixture.redis.hset(fixture.keys.pending, "b/later", json.dumps({"etag": "e2", "order": "7", "queued": 0}))
+    service.index.apply([upsert("later", 7, 4, etag="e2")])
+    merger._clear_pending([upsert("later", 7, 4, etag="e2")])
+    assert fixture.redis.hget(fixture.keys.pending, "b/later") is None
 
 
 @pytest.fixture
