@@ -154,7 +154,7 @@ class Supervisor:
             self.stack.start_s3()
         finally:  # a restart that failed is tried again after the grace too, not at each check (every few seconds,
             # which left radosgw no time to start)
-            self.restarted_radosgw(RESTART_GRACE_S * 2 ** (self.stalls - 1))
+            self.restarted_radosgw(RESTART_GRACE_S * 2 ** min(self.stalls - 1, 8))  # (past the cap by then)
         self.start_reconcile()
 
     def restarted_radosgw(self, grace: float = RESTART_GRACE_S) -> None:
