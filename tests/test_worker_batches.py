@@ -18,6 +18,7 @@ import workers.pipeline as pipeline_module
 from bucketlens.keys import EMBED_TASK
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
+from workers.errors import TransientError
 from workers.pipeline import Outcome, Pipeline
 from workers.tasks import register_tasks
 
@@ -99,6 +100,36 @@ def test_a_model_call_that_raises_retries_its_objects_and_keeps_the_rest(monkeyp
     assert crashed and "a.png" not in crashed and not first.failed
     assert sorted([e.ref.key for e in first.embedded] + crashed) == ["a.png", "b.png", "c.png"]
     assert [e.ref.key for e in retried.embedded] == crashed and not retried.failed
+
+
+def test_a_download_past_its_deadline_is_retried_then_fails_as_fetch_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stall mid-body (an OSD that blocks for a while) made the object a ``fetch_timeout`` failure at once, while
+    the same stall before the headers was retried; now both are retried, and only an object that times out on every
+    attempt becomes a ``fetch_timeout`` failure."""
+    calls: dict[str, int] = {}
+
+    def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
+        calls[ref.key] = calls.get(ref.key, 0) + 1
+        if ref.key == "never.png" or (ref.key == "once.png" and calls[ref.key] == 1):
+            raise TransientError(f"download did not finish within {timeout_s:g} s (7 bytes read)",
+                                 reason="fetch_timeout")
+        return png()
+
+    monkeypatch.setattr(pipeline_module, "fetch", fetch)
+    p = Pipeline(Settings(), embedder=Model(), client=Redis())  # type: ignore[arg-type]
+    app, written, _ = task_around(p)
+    refs = [ObjectRef("b", key, "e-" + key).to_json() for key in ("ok.png", "once.png", "never.png")]
+    app.tasks[EMBED_TASK].apply(args=[refs], retries=0)
+    p.pool.shutdown()
+    retries = Settings().max_retries
+    assert calls == {"ok.png": 1, "once.png": 2, "never.png": retries + 1} and len(written) == retries + 1
+    assert [(r.key, reason) for r, reason, _ in written[0].transient] == [("once.png", "fetch_timeout"),
+                                                                         ("never.png", "fetch_timeout")]
+    assert [e.ref.key for e in written[0].embedded] == ["ok.png"] and not written[0].failed
+    assert [e.ref.key for e in written[1].embedded] == ["once.png"]
+    last = written[-1]
+    assert [(r.key, reason) for r, reason, _ in last.failed] == [("never.png", "fetch_timeout")]
+    assert not last.transient  # spent: the batch's log line says failed, not "to retry"
 
 
 def test_a_batch_delivered_again_goes_on_one_object_per_task() -> None:

@@ -6,7 +6,12 @@ __all__ = ["ObjectChanged", "PermanentError", "TransientError"]
 
 
 class TransientError(RuntimeError):
-    """S3 or Redis unreachable, a 5xx: retry with backoff."""
+    """S3 or Redis unreachable, a 5xx, a download past its deadline: retry with backoff. ``reason`` is the failure
+    recorded once the retries are spent."""
+
+    def __init__(self, message: str, reason: str = "unreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ObjectChanged(LookupError):

@@ -3,7 +3,9 @@ per-object limits.
 
 Both limits hold *during* the download, not only between chunks: the body is read with ``read1`` (whatever one
 receive brings, so a server that drips bytes cannot hold a read for long) and the socket's timeout is the time
-left before the deadline (so a server that stalls cannot hold it at all). An object stored with
+left before the deadline (so a server that stalls cannot hold it at all). A download past its deadline is retried
+like an unreachable server (a stall may be brief: an OSD that blocks, a network that drops packets for a while);
+once the task's retries are spent it is a ``fetch_timeout`` failure. An object stored with
 ``Content-Encoding: gzip`` (``aws s3 cp --content-encoding gzip``; a browser given its URL inflates it) is inflated
 here, within the same size limit.
 """
@@ -29,7 +31,7 @@ GONE = {"NoSuchKey", "404", "PreconditionFailed", "412", "NoSuchBucket"}
 def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
     """The object's bytes if it still has the event's etag.
 
-    Raises ObjectChanged (skip), PermanentError (too large, too slow) or TransientError (retry).
+    Raises ObjectChanged (skip), PermanentError (too large) or TransientError (retry: unreachable, too slow).
     """
     deadline = time.monotonic() + timeout_s
     kwargs = {"Bucket": ref.bucket, "Key": ref.key}
@@ -68,13 +70,13 @@ def _read_body(body: Any, max_bytes: int, deadline: float, timeout_s: float) -> 
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise PermanentError("fetch_timeout", _too_slow(timeout_s, size))
+            raise TransientError(_too_slow(timeout_s, size), reason="fetch_timeout")
         try:
             if not raw.closed:  # closed once the whole body is in: nothing left to wait for
                 body.set_socket_timeout(left)
             chunk = raw.read1(CHUNK)
         except (TimeoutError, ReadTimeoutError) as exc:
-            raise PermanentError("fetch_timeout", _too_slow(timeout_s, size)) from exc
+            raise TransientError(_too_slow(timeout_s, size), reason="fetch_timeout") from exc
         except (URLLib3Error, OSError) as exc:  # connection reset or closed early: the server's fault, retry
             raise TransientError(f"download interrupted after {size} bytes: {exc}") from exc
         if not chunk:

@@ -45,8 +45,8 @@ class Outcome:
     embedded: list[Embedded] = dataclasses.field(default_factory=list)
     failed: list[tuple[ObjectRef, str, str]] = dataclasses.field(default_factory=list)
     skipped: list[ObjectRef] = dataclasses.field(default_factory=list)
-    # Retried with the task; (ref, reason once the retries are spent, message): unreachable (S3), internal (a model
-    # call that raised: CUDA out of memory, a model that cannot load).
+    # Retried with the task; (ref, reason once the retries are spent, message): unreachable (S3), fetch_timeout (a
+    # download past its deadline), internal (a model call that raised: CUDA out of memory, a model that cannot load).
     transient: list[tuple[ObjectRef, str, str]] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     abandoned: int = 0  # objects of a generation no index merges any more: dropped, not embedded
@@ -113,7 +113,7 @@ class Pipeline:
         except ObjectChanged:
             out.skipped.append(ref)
         except TransientError as exc:
-            out.transient.append((ref, "unreachable", str(exc)))
+            out.transient.append((ref, exc.reason, str(exc)))
         except PermanentError as exc:
             out.failed.append((ref, exc.reason, str(exc)))
         return None

@@ -79,7 +79,8 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
             out = Outcome(failed=[(ref, "internal", f"{type(exc).__name__}: {exc}") for ref in batch])
         attempts = self.request.retries + 1
         if out.transient and self.request.retries >= settings.max_retries:
-            out.failed += out.transient
+            out.failed += out.transient  # the retries spent: failure records, not "to retry" in the batch's log line
+            out.transient = []
         _written(p, out, attempts)
         _forget(p, deliveries)
         if out.transient and self.request.retries < settings.max_retries:
