@@ -70,13 +70,13 @@ def _read_body(body: Any, max_bytes: int, deadline: float, timeout_s: float) -> 
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TransientError(_too_slow(timeout_s, size), reason="fetch_timeout")
+            raise _too_slow(timeout_s, size)
         try:
             if not raw.closed:  # closed once the whole body is in: nothing left to wait for
                 body.set_socket_timeout(left)
             chunk = raw.read1(CHUNK)
         except (TimeoutError, ReadTimeoutError) as exc:
-            raise TransientError(_too_slow(timeout_s, size), reason="fetch_timeout") from exc
+            raise _too_slow(timeout_s, size) from exc
         except (URLLib3Error, OSError) as exc:  # connection reset or closed early: the server's fault, retry
             raise TransientError(f"download interrupted after {size} bytes: {exc}") from exc
         if not chunk:
@@ -100,5 +100,5 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
     return inflated
 
 
-def _too_slow(timeout_s: float, size: int) -> str:
-    return f"download did not finish within {timeout_s:g} s ({size} bytes read)"
+def _too_slow(timeout_s: float, size: int) -> TransientError:
+    return TransientError(f"download did not finish within {timeout_s:g} s ({size} bytes read)", reason="fetch_timeout")

@@ -83,7 +83,7 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
             out.transient = []
         _written(p, out, attempts)
         _forget(p, deliveries)
-        if out.transient and self.request.retries < settings.max_retries:
+        if out.transient:  # (emptied above once the retries are spent)
             retry = [ref.to_json() for ref, _, _ in out.transient]
             try:
                 raise self.retry(args=[retry], countdown=backoff(self.request.retries))
