@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from celery import Celery
 from PIL import Image
 
@@ -76,7 +77,7 @@ def task_around(p: Pipeline) -> tuple[Celery, list[Outcome], list[dict[str, Any]
     """The embed task around ``p``, with what it writes and the tasks it sends kept."""
     written: list[Outcome] = []
     sent: list[dict[str, Any]] = []
-    p.write = lambda out, attempts: written.append(out)  # type: ignore[method-assign]
+    p.write = lambda out, attempts, since: written.append(out)  # type: ignore[method-assign]
     APP.send_task = lambda name, args, queue: sent.append({"name": name, "args": args, "queue": queue})  # type: ignore
     CURRENT["pipeline"] = p
     return APP, written, sent
@@ -130,6 +131,35 @@ def test_a_download_past_its_deadline_is_retried_then_fails_as_fetch_timeout(mon
     last = written[-1]
     assert [(r.key, reason) for r, reason, _ in last.failed] == [("never.png", "fetch_timeout")]
     assert not last.transient  # spent: the batch's log line says failed, not "to retry"
+
+
+class Writer:
+    """A result writer whose first ``failures`` writes find Redis away."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    def write(self, *args: Any) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    def record_timings(self, timings: dict[str, float]) -> None:
+        pass
+
+
+def test_a_write_waits_for_redis_only_while_the_task_is_young() -> None:
+    """The write retried Redis for half the visibility timeout counted from the write: after a slow batch it was
+    still retrying when the broker handed the batch to another worker. It counts from the task's start now."""
+    p = Pipeline(Settings(), embedder=Model(), client=Redis())  # type: ignore[arg-type]
+    p.writer = writer = Writer(failures=1)  # type: ignore[assignment]
+    p.write(Outcome(), 1, since=time.monotonic())
+    assert writer.calls == 2  # Redis back at the second try: written
+    p.writer = writer = Writer(failures=10**6)  # type: ignore[assignment]
+    with pytest.raises(TransientError, match="Redis unreachable for too long"):
+        p.write(Outcome(), 1, since=time.monotonic() - Settings().visibility_timeout_s / 2)
+    assert writer.calls == 1  # half the visibility timeout spent already: the task is given back at once
+    p.pool.shutdown()
 
 
 def test_a_batch_delivered_again_goes_on_one_object_per_task() -> None:

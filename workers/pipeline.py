@@ -165,11 +165,13 @@ class Pipeline:
         out.abandoned += 1
         return True
 
-    def write(self, out: Outcome, attempts: int) -> None:
-        """Write the outcome, retrying in-task while Redis is briefly away (a retry cannot be queued then)."""
+    def write(self, out: Outcome, attempts: int, since: float) -> None:
+        """Write the outcome, retrying in-task while Redis is briefly away (a retry cannot be queued then), for up
+        to half the visibility timeout counted from ``since`` (``time.monotonic()`` when the task started): a slow
+        batch must not still be retrying its write when the broker hands it to another worker."""
         started = time.perf_counter()
         delay = 0.2
-        deadline = time.monotonic() + self.settings.visibility_timeout_s / 2
+        deadline = since + self.settings.visibility_timeout_s / 2
         while True:
             try:
                 self.writer.write(out.embedded, out.failed, out.skipped, out.timings, attempts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any, Callable
 
 import redis
@@ -46,6 +47,7 @@ def _forget(p: Pipeline, deliveries: str) -> None:
 def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipeline]) -> None:
     @app.task(name=EMBED_TASK, bind=True, max_retries=settings.max_retries)
     def embed(self: Task, refs: list[dict[str, Any]]) -> None:
+        started = time.monotonic()
         batch = parse_refs(refs)
         p = pipeline()
         deliveries = p.keys.deliveries(self.request.id)
@@ -56,7 +58,7 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
             raise Reject(f"Redis unreachable: {exc}", requeue=True) from exc
         if count > settings.max_redeliveries:  # this object keeps killing workers (a batch is split first, below)
             _written(p, Outcome(failed=[(r, "worker_lost", "the worker died on this object repeatedly")
-                                        for r in batch]), 0)
+                                        for r in batch]), 0, started)
             _forget(p, deliveries)
             return
         if count > 1 and len(batch) > 1:  # delivered again: a worker died on it (or it outlived the visibility
@@ -81,7 +83,7 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
         if out.transient and self.request.retries >= settings.max_retries:
             out.failed += out.transient  # the retries spent: failure records, not "to retry" in the batch's log line
             out.transient = []
-        _written(p, out, attempts)
+        _written(p, out, attempts, started)
         _forget(p, deliveries)
         if out.transient:  # (emptied above once the retries are spent)
             retry = [ref.to_json() for ref, _, _ in out.transient]
@@ -93,9 +95,9 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
                 raise Reject(f"could not queue the retry: {exc}", requeue=True) from exc
 
 
-def _written(p: Pipeline, out: Outcome, attempts: int) -> None:
+def _written(p: Pipeline, out: Outcome, attempts: int, since: float) -> None:
     """Write the outcome, or give the task back (a task that raised is acknowledged, its outcome lost)."""
     try:
-        p.write(out, attempts)
+        p.write(out, attempts, since)
     except TransientError as exc:
         raise Reject(str(exc), requeue=True) from exc
