@@ -231,11 +231,15 @@ class Receiver:
 
     def _head(self, ref: ObjectRef) -> dict[str, Any] | None:
         """S3's HEAD of the key's current version; None when it holds none, or when S3 refuses to say (the delete is
-        then applied, as without the check: a reconcile restores an object removed by mistake)."""
+        then applied, as without the check: a reconcile restores an object removed by mistake). S3 failing or
+        throttling (5xx, 429) is S3 unreachable: the delete waits (it was applied unchecked, so a forged delete hid
+        a stored object whenever S3 was busy: an independent review)."""
         try:
             return self.s3.head_object(Bucket=ref.bucket, Key=ref.key)  # type: ignore[no-any-return]
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int) and (status >= 500 or status == 429):
+                raise S3Unavailable(f"S3 answered HTTP {status} to a check of a delete: {exc}") from exc
             if status not in (404, 405) and not self._head_refused_logged:  # (405: a delete marker is current)
                 log.warning("cannot ask S3 whether %r is still stored (%s): deletes are applied unchecked; a "
                             "reconcile restores what a forged one removes", ref.object_id, exc)

@@ -100,6 +100,40 @@ def test_a_delete_waits_for_s3_to_say_the_key_is_not_stored(settings: Settings) 
     assert connect(settings.redis_url).xlen(Keys(settings.namespace).results) == 1
 
 
+class BusyS3(http.server.BaseHTTPRequestHandler):
+    """An S3 server that answers every HEAD with ``status`` (throttling, failing): counts the requests."""
+    status, heads = 503, 0
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's name)
+        BusyS3.heads += 1
+        self.send_response(BusyS3.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [503, 500, 429])
+def test_a_delete_waits_while_s3_is_busy_or_failing(settings: Settings, status: int) -> None:
+    """A 503 SlowDown, a 500 or a 429 to the delete's HEAD was taken for "S3 holds nothing": the delete was applied
+    unchecked, so a forged one hid a stored object whenever S3 throttled (an independent review). Now the delete is
+    refused (503) and the S3 server delivers it again."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BusyS3)
+    BusyS3.status, BusyS3.heads = status, 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    busy = dataclasses.replace(settings, s3_endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        with TestClient(create_app(busy)) as client:
+            refused = client.post("/events?token=secret", content=(FIXTURES / "ceph_delete.json").read_bytes())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "s3_unavailable", refused.text
+    assert f"HTTP {status}" in refused.json()["error"]["message"] and BusyS3.heads >= 1
+    assert connect(settings.redis_url).xlen(Keys(settings.namespace).results) == 0
+
+
 def test_bearer_header_is_accepted_as_well(client: TestClient) -> None:
     body = (FIXTURES / "aws_test_event.json").read_bytes()
     assert client.post("/events", content=body, headers={"Authorization": "Bearer secret"}).status_code == 200
