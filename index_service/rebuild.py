@@ -172,7 +172,11 @@ class Rebuilds:
         if (job := self.current) is not None and job.id == job_id:
             return public(job)
         raw = self.service.redis.get(self.service.keys.rebuild_job(job_id))
-        return json.loads(raw) if raw else None
+        try:
+            job = json.loads(raw) if raw else None
+        except ValueError:  # not a job: ``current`` names the key holding the newest job's id (it answered 500)
+            return None
+        return job if isinstance(job, dict) and job.get("id") == job_id else None
 
     def progress(self) -> dict[str, Any] | None:
         """The running or last job as it stands. Readers (``/stats``, ``GET /rebuild``) take no lock: the job's

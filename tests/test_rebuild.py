@@ -124,6 +124,8 @@ def test_cancel_keeps_the_serving_generation_and_reindex_switches_structure(
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert api.get("/stats").json()["generation"] == generation
     assert api.get("/rebuild/nope").status_code == 404
+    current = api.get("/rebuild/current")  # the key naming the newest job, not a job: it answered 500
+    assert current.status_code == 404 and current.json()["error"]["code"] == "unknown_rebuild", current.text
     assert api.delete("/rebuild/nope", headers=admin(stack)).status_code == 404  # was 409 "not running"
     again = api.delete(f"/rebuild/{job['id']}", headers=admin(stack))
     assert again.status_code == 409 and "is cancelled, not running" in again.json()["error"]["message"]
