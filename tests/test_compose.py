@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from bucketlens.cli import COMMANDS
+from bucketlens.http import allowed_hosts
 from bucketlens.settings import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,15 @@ def test_services_bind_all_interfaces_inside_their_containers(compose: dict[str,
     by_command = {s["command"][0]: environment(s) for s in bucketlens_services(compose).values()}
     assert by_command["ingest"]["BUCKETLENS_INGEST_HOST"] == "0.0.0.0"
     assert by_command["serve"]["BUCKETLENS_API_HOST"] == "0.0.0.0"
+
+
+def test_the_api_answers_only_loopback_names_unless_told(compose: dict[str, Any]) -> None:
+    """Bound to 0.0.0.0 in its container, the API answered any ``Host``: the DNS-rebinding guard was off behind a
+    loopback-only port (an independent review)."""
+    (api,) = [s for s in bucketlens_services(compose).values() if s["command"] == ["serve"]]
+    env = interpolated(environment(api))
+    assert allowed_hosts(env["BUCKETLENS_ALLOWED_HOSTS"], env["BUCKETLENS_API_HOST"]) == {"localhost", "127.0.0.1",
+                                                                                         "::1"}
 
 
 def test_gpu_worker(compose: dict[str, Any]) -> None:
