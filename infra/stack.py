@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import httpx
 import redis
@@ -214,7 +215,8 @@ class Stack:
             if name != "supervisor":
                 self.start_service(name)
         self._wait_http(self.ingest_url + "/healthz", "ingest", 60)
-        ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={self.settings.webhook_token}")
+        token = quote(self.settings.webhook_token, safe="")  # a token of the user's may hold "+", "&" or "#"
+        ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={token}")
         if self.pid("supervisor") is None:  # (a running one writes the canaries: one writer at a time)
             try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
                 Canary(self.settings, s3, connect(self.settings.redis_url)).wait(90)
