@@ -197,11 +197,17 @@ SCHEMES = {"redis_url": ("redis://", "rediss://", "unix://"), "s3_endpoint": ("h
            "s3_public_endpoint": ("http://", "https://")}
 
 
+TOKENS = ("webhook_token", "admin_token", "read_token")
+
+
 def _problem(name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the field ``name``, said with the variable that sets it, or None."""
     given = f"{PREFIX}{name.upper()}={value!r}"
     if name in NOT_EMPTY and not str(value).strip():
         return f"{PREFIX}{name.upper()} is empty: give a value or leave it unset"
+    if name in TOKENS and not all("!" <= c <= "~" for c in value):  # (said without the value: it is a secret)
+        return (f"{PREFIX}{name.upper()} holds a space, a control or a non-ASCII character: give printable ASCII (a "
+                "token travels in an HTTP header, where such a one never matched; a file's trailing newline?)")
     if name.endswith("_host") and str(value) != str(value).strip():
         return f"{given}: has spaces around it"
     if name in SCHEMES and value and not str(value).lower().startswith(SCHEMES[name]):
