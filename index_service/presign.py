@@ -24,6 +24,9 @@ from bucketlens.s3 import credentials
 from bucketlens.settings import Settings
 
 CACHE_LIMIT = 50_000
+# botocore renews a role's credentials 10-15 min before they expire: a URL handed out up to 5 min after it was
+# signed still has 5 min or more before its session token expires.
+SESSION_CACHE_S = 300
 
 
 def served_type(key: str) -> str:
@@ -49,10 +52,15 @@ class Presigner:
         # Path-style, with the key percent-encoded as botocore encodes it ('/' and '~' kept).
         request = AWSRequest(method="GET", url=f"{self.endpoint}/{quote(bucket)}/{quote(key, safe='/~')}",
                              params={"response-content-type": served_type(key)})
-        S3SigV4QueryAuth(self.credentials, "s3", self.region, expires=self.expires_s).add_auth(request)
+        # One consistent set (a role's key id, secret and session token are renewed together; read one by one
+        # across a renewal they mixed), and a URL signed with a session token is kept no longer than
+        # SESSION_CACHE_S: it stops working with the token, whatever its own expiry says.
+        frozen = self.credentials.get_frozen_credentials()
+        S3SigV4QueryAuth(frozen, "s3", self.region, expires=self.expires_s).add_auth(request)
         url: str = request.url
+        life = self.expires_s / 2 if frozen.token is None else min(self.expires_s / 2, SESSION_CACHE_S)
         with self._lock:
             if len(self._cache) >= CACHE_LIMIT:
                 self._cache.clear()
-            self._cache[(bucket, key)] = (now + self.expires_s / 2, url)
+            self._cache[(bucket, key)] = (now + life, url)
         return url
