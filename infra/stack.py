@@ -520,9 +520,12 @@ def _live_pid(path: Path, comm_prefix: str) -> int | None:
         pid, *started = path.read_text().split()
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].split()
+        owner = os.stat(f"/proc/{pid}").st_uid
     except (OSError, ValueError):
         return None
     if fields[0] == "Z" or not comm.startswith(comm_prefix[:15]) or started[:1] not in ([], [fields[19]]):
+        return None
+    if owner != os.getuid():  # another user's (the system's own redis-server, named in a stale daemon pid file)
         return None
     return int(pid)
 
@@ -560,7 +563,7 @@ def _kill_session(sid: int) -> None:
 def _terminate(pid: int, sig: int, timeout_s: float, group: bool = False) -> None:
     try:
         os.killpg(pid, sig) if group else os.kill(pid, sig)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # gone, or not ours to stop
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,8 @@ import pytest
 from bucketlens.settings import Settings
 from infra.stack import _live_pid, _pid_record
 from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, STABLE_S, Supervisor
+
+from .helpers import wait_for
 
 
 class Services:
@@ -250,3 +253,18 @@ def test_a_pid_file_names_its_process_by_start_time_too(tmp_path: Path) -> None:
     assert _live_pid(path, name) == os.getpid()
     path.write_text("")
     assert _live_pid(path, name) is None
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="starts a process as another user")
+def test_a_daemons_pid_file_naming_another_users_process_is_not_ours(tmp_path: Path) -> None:
+    """Redis and Ceph write their own pid files (the pid alone): a stale one naming another user's process of that
+    name (the system's own redis-server) was taken for the stack's, which ``down`` then tried to kill (review 10)."""
+    other = subprocess.Popen(["sleep", "30"], user=65534)  # nobody
+    try:
+        path = tmp_path / "redis.pid"
+        path.write_text(str(other.pid))
+        wait_for(lambda: Path(f"/proc/{other.pid}/comm").read_text().strip() == "sleep", 10)
+        assert _live_pid(path, "sleep") is None
+    finally:
+        other.kill()
+        other.wait()
