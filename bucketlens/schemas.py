@@ -181,3 +181,15 @@ def failure_record(ref: ObjectRef, reason: str, message: str, attempts: int, whe
          "message": message[:500], "attempts": attempts, "time": when, "generation": ref.generation,
          "event_time": ref.event_time}
     )
+
+
+def json_object(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A JSON object read from Redis, or None for nothing there and for anything else (something else wrote into
+    the namespace, or another version of bucketlens): every reader skips it rather than answering 500."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import redis
 
 from .keys import Keys
-from .schemas import ObjectRef
+from .schemas import ObjectRef, json_object
 
 _COMMON = """
 local function not_newer(order, than)
@@ -68,13 +68,8 @@ def record(raw: bytes | str | None) -> dict[str, Any] | None:
     """A pending mark or failure record as Python reads it: None for none, and for one that is not ours (not a
     JSON object with an etag: something else wrote into the namespace), which every reader skips (GET /failures
     answered 500 for every page) and the Lua scripts above replace or drop."""
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) and isinstance(value.get("etag"), str) else None
+    value = json_object(raw)
+    return value if value is not None and isinstance(value.get("etag"), str) else None
 
 
 class Versions:

@@ -440,11 +440,11 @@ def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
     failure, pending = record(failure_raw), record(pending_raw)
     state = {"bucket": bucket, "key": key, "indexed": indexed is not None}
     if failure and (indexed is None or failure["etag"] != indexed.etag):
-        return {**state, "state": "failed", "etag": failure["etag"], "order": failure["order"],
-                "generation": failure["generation"],
-                "failure": {k: failure[k] for k in ("reason", "message", "attempts", "time")}}
+        return {**state, "state": "failed", "etag": failure["etag"], "order": failure.get("order"),
+                "generation": failure.get("generation"),
+                "failure": {k: failure.get(k) for k in ("reason", "message", "attempts", "time")}}
     if pending and (indexed is None or pending["etag"] != indexed.etag):
-        return {**state, "state": "pending", "etag": pending["etag"], "order": pending["order"],
+        return {**state, "state": "pending", "etag": pending["etag"], "order": pending.get("order"),
                 "generation": service.index.generation}
     if indexed is None:
         raise HTTPError(404, "unknown_object", f"bucketlens knows nothing of {oid}")

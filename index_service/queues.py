@@ -3,13 +3,13 @@ workers, or left by dead ones), the result stream's length and the merger's lag,
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import redis
 
 from bucketlens.keys import Keys
+from bucketlens.schemas import json_object
 
 # kombu's Redis transport keeps priorities 3, 6, 9 in sub-lists named queue + "\x06\x16" + priority.
 PRIORITY_SEP = "\x06\x16"
@@ -69,10 +69,10 @@ def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None 
     now = time.time()
     workers = []
     for raw in client.mget([keys.worker(_text(worker_id)) for worker_id in ids]):
-        if raw is None:  # expired: dead or hung for longer than the heartbeat's TTL
+        worker = json_object(raw)  # None: expired (dead or hung for longer than the heartbeat's TTL), or not ours
+        if worker is None or not isinstance(last_seen := worker.get("last_seen", now), (int, float)):
             continue
-        worker = json.loads(raw)
-        worker["age_s"] = round(max(0.0, now - worker.get("last_seen", now)), 3)  # clocks of other machines may differ
+        worker["age_s"] = round(max(0.0, now - last_seen), 3)  # clocks of other machines may differ
         workers.append(worker)
     return workers
 
@@ -89,8 +89,9 @@ def held_deliveries(client: redis.Redis, keys: Keys) -> set[str]:
         return set()
     held: set[str] = set()
     for raw in client.mget([keys.consumer(_text(consumer_id)) for consumer_id in ids]):
-        if raw is not None:  # expired: that worker is dead or hung
-            held.update(json.loads(raw).get("deliveries", []))
+        consumer = json_object(raw)  # None: expired (that worker is dead or hung), or not ours
+        if consumer is not None and isinstance(tags := consumer.get("deliveries"), list):
+            held.update(tag for tag in tags if isinstance(tag, str))
     return held
 
 

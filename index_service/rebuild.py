@@ -21,7 +21,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from bucketlens.redis_client import text
-from bucketlens.schemas import ResultEntry, object_id, split_object_id
+from bucketlens.schemas import ResultEntry, json_object, object_id, split_object_id
 from ingest.scanner import head, scan
 from vision.models import recipe
 from vision.network import weights_path
@@ -171,12 +171,9 @@ class Rebuilds:
     def get(self, job_id: str) -> dict[str, Any] | None:
         if (job := self.current) is not None and job.id == job_id:
             return public(job)
-        raw = self.service.redis.get(self.service.keys.rebuild_job(job_id))
-        try:
-            job = json.loads(raw) if raw else None
-        except ValueError:  # not a job: ``current`` names the key holding the newest job's id (it answered 500)
-            return None
-        return job if isinstance(job, dict) and job.get("id") == job_id else None
+        # Only a job of that id: ``GET /rebuild/current`` read the key naming the newest job, and answered 500.
+        stored = json_object(self.service.redis.get(self.service.keys.rebuild_job(job_id)))
+        return stored if stored is not None and stored.get("id") == job_id else None
 
     def progress(self) -> dict[str, Any] | None:
         """The running or last job as it stands. Readers (``/stats``, ``GET /rebuild``) take no lock: the job's
@@ -188,8 +185,8 @@ class Rebuilds:
         service = self.service
         raw = service.redis.get(service.keys.rebuild_current)
         if raw:
-            job = json.loads(service.redis.get(service.keys.rebuild_job(text(raw))) or b"{}")
-            if job.get("state") == "running":
+            job = self.get(text(raw))
+            if job is not None and job.get("state") == "running":
                 job.update(state="failed", finished=time.time(),
                            error="the index service restarted during the rebuild; the serving generation is intact")
                 service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)

@@ -233,5 +233,8 @@ def test_an_empty_selection_over_http_clears_nothing(stack: Stack, api: httpx.Cl
         listed = api.get("/failures", params={"bucket": ref.bucket, "limit": 1000})
         assert listed.status_code == 200 and ref.key in [r["key"] for r in listed.json()["failures"]]
         assert api.get(f"/objects/{ref.bucket}/{ref.key}.foreign").status_code == 404  # (was 500)
+        redis.hset(keys.failures, ref.object_id + ".bare", '{"etag": "e2"}')  # an etag and nothing else (was 500)
+        bare = api.get(f"/objects/{ref.bucket}/{ref.key}.bare")
+        assert bare.status_code == 200 and bare.json()["state"] == "failed" and bare.json()["order"] is None, bare.text
     finally:
-        redis.hdel(keys.failures, ref.object_id, ref.object_id + ".foreign")
+        redis.hdel(keys.failures, ref.object_id, ref.object_id + ".foreign", ref.object_id + ".bare")

@@ -8,7 +8,7 @@ import uuid
 from bucketlens.keys import EMBED_TASK, HEARTBEAT_TTL_S, Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef
-from index_service.queues import queue_report, tasks_outstanding
+from index_service.queues import held_deliveries, queue_report, tasks_outstanding
 from infra.stack import Stack
 from ingest.publisher import Publisher
 
@@ -51,6 +51,26 @@ def test_an_empty_namespace_reports_zeros_no_workers_and_no_canary(stack: Stack)
     assert report["stream"]["length"] == 0 and report["stream"]["lag"] == 0
     assert report["workers"] == [] and report["canary"] == {"last_seen": None, "age_s": None, "lag_s": None,
                                                             "waiting_s": 0.0}
+
+
+def test_heartbeats_and_consumer_records_that_are_not_ours_are_skipped(stack: Stack) -> None:
+    """One heartbeat or consumer record that is not a JSON object of the fields read (another version of the worker,
+    something else writing into the namespace) made ``/queues`` answer 500 (an independent review)."""
+    keys = Keys(f"q{uuid.uuid4().hex[:8]}")
+    redis = connect(stack.settings.redis_url)
+    odd = {"list": b"[1, 2]", "text": b'{"last_seen": "yesterday"}', "garbage": b"not json"}
+    for name, raw in {**odd, "good": b'{"last_seen": 1e12, "state": "idle"}'}.items():
+        redis.sadd(keys.workers, name)
+        redis.set(keys.worker(name), raw, ex=60)
+    for name, raw in {"count": b'{"deliveries": 5}', "list": b"[]", "good": b'{"deliveries": ["tag-1", 7]}'}.items():
+        redis.sadd(keys.consumers, name)
+        redis.set(keys.consumer(name), raw, ex=60)
+    try:
+        assert [w["state"] for w in queue_report(redis, keys)["workers"]] == ["idle"]
+        assert held_deliveries(redis, keys) == {"tag-1"}
+    finally:
+        redis.delete(keys.workers, keys.consumers, *(keys.worker(n) for n in (*odd, "good")),
+                     *(keys.consumer(n) for n in ("count", "list", "good")))
 
 
 def test_live_workers_include_the_stacks_worker_with_a_recent_heartbeat(stack: Stack) -> None:
