@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -41,6 +42,9 @@ class ParsedBody:
     topic: str = ""  # the SNS topic's ARN, when the body came through SNS
 
 
+# What S3 servers accept as a bucket name (AWS's legacy names and Ceph's relaxed ones: capitals and "_" too). Not
+# an access point's ARN: botocore sends a request for one to another host, signed with bucketlens's keys.
+BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 MAX_SEQUENCER = 64  # characters; AWS's and MinIO's are 18, Ceph's 16
 SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 
@@ -130,6 +134,8 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
         raise BadEvent(f"Records[{index}] lacks s3.bucket.name or s3.object.key") from exc
     if not isinstance(bucket, str) or not isinstance(raw_key, str) or not bucket or not raw_key:
         raise BadEvent(f"Records[{index}] has an empty or non-string bucket or key")
+    if not BUCKET_NAME.fullmatch(bucket):
+        raise BadEvent(f"Records[{index}] has a bucket that is not an S3 bucket name: {bucket[:80]!r}")
     source = str(record.get("eventSource", ""))
     key = raw_key if source.startswith("ceph") else unquote_plus(raw_key)
     if not _utf8(bucket) or not _utf8(key):
