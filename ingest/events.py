@@ -45,6 +45,7 @@ class ParsedBody:
 # What S3 servers accept as a bucket name (AWS's legacy names and Ceph's relaxed ones: capitals and "_" too). Not
 # an access point's ARN: botocore sends a request for one to another host, signed with bucketlens's keys.
 BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+MAX_RECORDS = 1000  # per body: S3 servers send one (each a HEAD for a delete, on a thread all requests share)
 MAX_SEQUENCER = 64  # characters; AWS's and MinIO's are 18, Ceph's 16
 SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 
@@ -99,6 +100,8 @@ def _records(payload: dict[str, Any]) -> ParsedBody:
     records = payload["Records"]
     if not isinstance(records, list):
         raise BadEvent("Records must be a list")
+    if len(records) > MAX_RECORDS:
+        raise BadEvent(f"{len(records)} records in one body: at most {MAX_RECORDS} are taken (S3 servers send one)")
     parsed = ParsedBody([], 0)
     for index, record in enumerate(records):
         event = parse_record(record, index)

@@ -72,11 +72,15 @@ class Receiver:
         await run_in_threadpool(self.publisher.send_embeds, refs)
 
     def _unseen(self, events: list[ObjectEvent]) -> tuple[list[ObjectEvent], int]:
-        """Events not queued before (by bucket, key, etag, sequencer); the rest are duplicates."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Events not queued before (by bucket, key, etag, sequencer), each once however often the body repeats it;
+        the rest are duplicates."""
+        distinct: dict[str, ObjectEvent] = {}
         for event in events:
-            pipe.exists(self.keys.dedup(_digest(event)))
-        fresh = [event for event, seen in zip(events, pipe.execute()) if not seen]
+            distinct.setdefault(_digest(event), event)
+        pipe = self.redis.pipeline(transaction=False)
+        for digest in distinct:
+            pipe.exists(self.keys.dedup(digest))
+        fresh = [event for event, seen in zip(distinct.values(), pipe.execute()) if not seen]
         return fresh, len(events) - len(fresh)
 
     def _mark_seen(self, events: list[ObjectEvent]) -> None:

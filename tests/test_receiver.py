@@ -86,6 +86,16 @@ def test_delete_goes_straight_to_the_result_stream(client: TestClient, settings:
     assert (entry.op, entry.bucket, entry.key) == ("delete", "capture", "dir/a b+c%d ü.jpg")
 
 
+def test_a_body_that_repeats_an_event_queues_it_once(client: TestClient, settings: Settings) -> None:
+    """Each copy of a delete in one body was another HEAD to S3, one after another (a 4 MB body: ~38,000); now each
+    distinct event is settled once and the copies are duplicates (an independent review)."""
+    body = json.loads((FIXTURES / "ceph_delete.json").read_bytes())
+    repeated = json.dumps({"Records": body["Records"] * 50}).encode()
+    answer = client.post("/events?token=secret", content=repeated)
+    assert answer.status_code == 200 and answer.json() == {**NONE, "accepted": 1, "duplicates": 49}, answer.text
+    assert connect(settings.redis_url).xlen(Keys(settings.namespace).results) == 1
+
+
 def test_a_delete_waits_for_s3_to_say_the_key_is_not_stored(settings: Settings) -> None:
     """Ingest asks S3 about each delete before applying it (a forged one must not hide a stored object): with S3
     unreachable, the delete is refused so that the S3 server delivers it again; an upload needs no S3."""
