@@ -1,8 +1,8 @@
 """End-to-end delivery proof: a canary object under the reserved prefix must produce its notification.
 
-The receiver marks every reserved-prefix event it gets (``keys.canary_seen(key)``, and ``last_key``/``last_seen``
-in ``keys.canary``); the writer records what it wrote and when (``pending_key``, ``written``) and, once its
-own canary is seen, the lag (``lag_s``). Events arrive out of order, so each canary is checked by its own key.
+The writer records what it wrote and when (``pending_key``, ``written``) before it writes it; the receiver marks
+that key's event when it arrives (``keys.canary_seen(key)``, and ``last_key``/``last_seen`` in ``keys.canary``), and
+no other reserved-prefix event; once its canary is seen, the writer records the lag (``lag_s``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, read_limited
 from bucketlens.keys import Keys
 from bucketlens.openapi import route as openapi_route
 from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew
-from bucketlens.redis_client import connect
+from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ObjectRef, normalise_etag
 from bucketlens.settings import Settings
@@ -112,12 +112,16 @@ class Receiver:
             self._near_full_logged = False
 
     def _note_canaries(self, events: list[ObjectEvent]) -> None:
-        now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for event in events:
-            pipe.set(self.keys.canary_seen(event.ref.key), now, ex=3600)
-            pipe.hset(self.keys.canary, mapping={"last_key": event.ref.key, "last_seen": now})
-        pipe.execute()
+        """Mark the outstanding canary (``infra/canary.py``: its writer names it in ``pending_key``) as delivered.
+        Other reserved-prefix events (snapshot copies, a canary seen already) change nothing: each one was marked,
+        so one body of forged ones wrote thousands of keys and made a stalled topic look healthy (review 10)."""
+        key = text(self.redis.hget(self.keys.canary, "pending_key") or b"")
+        if key and any(event.ref.key == key for event in events):
+            now = time.time()
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(self.keys.canary_seen(key), now, ex=3600)
+            pipe.hset(self.keys.canary, mapping={"last_key": key, "last_seen": now})
+            pipe.execute()
 
     async def handle(self, request: Request) -> JSONResponse:
         if "origin" in request.headers:  # S3 servers and SNS send none; browsers send one with every POST

@@ -49,7 +49,11 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 def post(client: TestClient, name: str) -> dict[str, int]:
-    response = client.post("/events?token=secret", content=(FIXTURES / name).read_bytes())
+    return post_body(client, (FIXTURES / name).read_bytes())
+
+
+def post_body(client: TestClient, body: bytes) -> dict[str, int]:
+    response = client.post("/events?token=secret", content=body)
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -94,6 +98,23 @@ def test_a_body_that_repeats_an_event_queues_it_once(client: TestClient, setting
     answer = client.post("/events?token=secret", content=repeated)
     assert answer.status_code == 200 and answer.json() == {**NONE, "accepted": 1, "duplicates": 49}, answer.text
     assert connect(settings.redis_url).xlen(Keys(settings.namespace).results) == 1
+
+
+def test_only_the_outstanding_canary_is_marked_delivered(client: TestClient, settings: Settings) -> None:
+    """Every reserved-prefix event was marked as a canary's (a key kept an hour each, and ``last_seen`` fresh), so
+    one body of forged ones wrote thousands of keys and made a stalled topic look healthy (review 10)."""
+    keys, redis = Keys(settings.namespace), connect(settings.redis_url)
+    body = json.loads(ceph_event("ceph_put.json", int(time.time())))
+    record = body["Records"][0]
+    canaries = [f"{settings.reserved_prefix}canary/{n}" for n in range(20)]
+    body["Records"] = [{**record, "s3": {**record["s3"], "object": {**record["s3"]["object"], "key": key}}}
+                       for key in canaries]
+    assert post_body(client, json.dumps(body).encode())["ignored"] == 20  # (never indexed)
+    assert not list(redis.scan_iter(keys.canary_seen("*"))) and not redis.hexists(keys.canary, "last_seen")
+    redis.hset(keys.canary, "pending_key", canaries[7])  # what the canary writer does before its PUT
+    post_body(client, json.dumps(body).encode())
+    assert [k.decode() for k in redis.scan_iter(keys.canary_seen("*"))] == [keys.canary_seen(canaries[7])]
+    assert redis.hget(keys.canary, "last_key").decode() == canaries[7]
 
 
 def test_a_delete_waits_for_s3_to_say_the_key_is_not_stored(settings: Settings) -> None:
