@@ -595,12 +595,12 @@ def test_up_on_a_running_stack_says_its_processes_keep_their_settings(
     page's address lacked it (the page answered 401) and `status --json` did not give it (an independent check)."""
     monkeypatch.setenv("BUCKETLENS_HOME", str(stack.home))
     monkeypatch.setenv("BUCKETLENS_BUCKET", stack.settings.bucket)
-    monkeypatch.setenv("BUCKETLENS_READ_TOKEN", "r t")
+    monkeypatch.setenv("BUCKETLENS_READ_TOKEN", "r+t&")
     assert main(["up"]) == 0
     out = capsys.readouterr().out
-    assert "keep the settings they started with" in out and "?token=r%20t" in out, out
+    assert "keep the settings they started with" in out and "?token=r%2Bt%26" in out, out
     assert main(["status", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["read_token"] == "r t"
+    assert json.loads(capsys.readouterr().out)["read_token"] == "r+t&"
 
 
 def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
