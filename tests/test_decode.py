@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vision.decode import MAX_JPEG_SCANS, decode
+from vision.decode import MAX_JPEG_SCANS, decode, decode_image
 from workers.errors import PermanentError
 
 LIMIT = 10_000_000
@@ -138,7 +138,7 @@ def test_large_jpeg_uses_draft_mode_and_keeps_content() -> None:
 @pytest.mark.parametrize("fill", [(255, 255, 255), (0, 0, 0), (40, 160, 90)])
 def test_solid_borders_are_trimmed_and_photos_are_left_alone(fill: tuple[int, int, int]) -> None:
     from infra.samples import skimage_data
-    from vision.decode import decode_image, trim_borders
+    from vision.decode import trim_borders
 
     photo = Image.open(skimage_data() / "chelsea.png").convert("RGB")  # 451 x 300
     padded = Image.new("RGB", (451 + 40 + 70, 300 + 30 + 20), fill)
@@ -153,6 +153,21 @@ def test_solid_borders_are_trimmed_and_photos_are_left_alone(fill: tuple[int, in
     with_trim = decode_image(encode(padded, "PNG"), LIMIT, trim=True).pixels.astype(np.float32)
     without = decode_image(encode(padded, "PNG"), LIMIT).pixels.astype(np.float32)
     assert np.abs(with_trim - source).mean() < np.abs(without - source).mean() / 3
+
+
+def test_a_letterboxed_copy_counts_the_pixels_of_its_picture_not_of_its_borders() -> None:
+    """Duplicate groups are led by the copy with the most pixels: a letterboxed copy of a photo led its group,
+    its black bars counted (an independent check). Pixels are counted after trimming, at full scale also where
+    a large JPEG is decoded at a reduced one."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8))
+    boxed = Image.new("RGB", (2000, 1500 + 2 * 250), (0, 0, 0))
+    boxed.paste(picture, (0, 250))
+    for image, fmt in ((picture, "JPEG"), (boxed, "JPEG"), (boxed, "PNG")):
+        decoded = decode_image(encode(image, fmt, quality=90), LIMIT, trim=True)
+        assert abs(decoded.width - 2000) <= 16 and abs(decoded.height - 1500) <= 16, (image.size, fmt, decoded.width,
+                                                                                      decoded.height)
+    untrimmed = decode_image(encode(boxed, "PNG"), LIMIT)
+    assert (untrimmed.width, untrimmed.height) == (2000, 2000)  # (a recipe that keeps borders counts them)
 
 
 def test_a_codec_that_fails_otherwise_makes_the_object_corrupt_not_the_batch() -> None:

@@ -27,8 +27,8 @@ HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"
 class Decoded:
     pixels: np.ndarray  # size x size x 3 uint8 RGB, the model's input
     gray: np.ndarray | None  # uint8, longer side at most ``gray_side``, aspect kept (None unless asked for)
-    width: int  # of the stored image, after EXIF orientation: how many pixels a copy has
-    height: int
+    width: int  # of the picture, after EXIF orientation and (with ``trim``) without its borders: how many pixels
+    height: int  # a copy has (a letterboxed copy is no bigger than its source: it was the group's "best copy")
 
 
 def decode(data: bytes, max_pixels: int, size: int = 224) -> np.ndarray:
@@ -68,7 +68,10 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
             if (image.width > image.height) != (width > height):  # EXIF turned it (the header size is pre-draft)
                 width, height = height, width
             if trim:
+                untrimmed = image.size  # (after draft: a reduced scale of ``width`` x ``height``)
                 image = trim_borders(image)
+                width = round(width * image.width / untrimmed[0])
+                height = round(height * image.height / untrimmed[1])
             gray = None
             if gray_side:
                 scale = min(1.0, gray_side / max(image.size))
