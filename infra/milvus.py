@@ -117,11 +117,14 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = GRACE_S) -> None:
         process.wait(timeout=10)
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
-    """The last ``lines`` of a server's log, for an error message."""
+def log_tail(path: Path, lines: int = 15, since: int = 0) -> str:
+    """The last ``lines`` of a server's log written after its byte ``since``, for an error message."""
     if not path.exists():
         return "(no log)"
-    return json.dumps(path.read_text(errors="replace").splitlines()[-lines:])
+    with path.open("rb") as log:
+        log.seek(since)
+        tail = log.read().decode(errors="replace").splitlines()[-lines:]
+    return json.dumps(tail) if tail else "(nothing)"
 
 
 def main() -> None:

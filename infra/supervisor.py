@@ -12,12 +12,13 @@ tests/test_faults.py with ``canary_timeout_s=20``); each heal in a row without a
 
 A service that dies again within ``STABLE_S`` of its restart (a setting it refuses, a model it cannot load) is
 restarted at once the first time, then after twice the wait of the last time (from ``2 * canary_interval_s`` up to
-``MAX_BACKOFF_S``), with its log's last line in the supervisor's log: a crash loop does not spend the machine on
+``MAX_BACKOFF_S``), with the last line it wrote to its log since then in the supervisor's log: a crash loop does not spend the machine on
 loading a model every few seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -45,6 +46,7 @@ MAX_BACKOFF_S = 600.0
 class Restarts:
     at: float | None = None  # monotonic time of the last restart; None: none since the service was last well
     quick: int = 0  # restarts in a row that it did not survive for STABLE_S
+    log_from: int = 0  # the size of its log at the last restart: what the restarted process wrote comes after
 
     def wait_s(self, interval_s: float) -> float:
         """How long after the last restart the next one may come."""
@@ -137,11 +139,13 @@ class Supervisor:
             restarts.quick += 1
             logs = self.stack.home / "logs" / f"{name}.log"
             log.warning("%s died again within %.0f s of its restart (%d in a row); restarting it, the next time after "
-                        "%.0f s; its log %s ends %s", name, STABLE_S, restarts.quick, restarts.wait_s(
-                            self.settings.canary_interval_s), logs, log_tail(logs, 1))
+                        "%.0f s; what it wrote to %s ends %s", name, STABLE_S, restarts.quick, restarts.wait_s(
+                            self.settings.canary_interval_s), logs, log_tail(logs, 1, restarts.log_from))
         else:
             log.warning("%s is not running; restarting it", name)
         restarts.at = now
+        with contextlib.suppress(OSError):  # (no log yet: from its start)
+            restarts.log_from = (self.stack.home / "logs" / f"{name}.log").stat().st_size
         self.stack.start_service(name)
 
     def heal(self, age: float) -> None:

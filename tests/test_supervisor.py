@@ -26,8 +26,9 @@ class Services:
         self.services = ["supervisor", "worker"]
         self.up = True
         self.starts = 0
+        self.writes = True  # whether a start writes to the service's log
         (home / "logs").mkdir()
-        (home / "logs" / "worker.log").write_text("loading\nbucketlens worker: BUCKETLENS_DEVICE='cuda': no CUDA\n")
+        (home / "logs" / "worker.log").write_text("an earlier process's last line\n")
 
     def pid(self, name: str) -> int | None:
         return 1234 if self.up else None
@@ -35,6 +36,9 @@ class Services:
     def start_service(self, name: str) -> None:
         self.starts += 1
         self.up = True
+        if self.writes:
+            with (self.home / "logs" / "worker.log").open("a") as log:
+                log.write("loading\nbucketlens worker: BUCKETLENS_DEVICE='cuda': no CUDA\n")
 
 
 def starts_over(supervisor: Supervisor, stack: Services, seconds: float, dies: bool) -> list[float]:
@@ -64,7 +68,11 @@ def test_a_service_that_keeps_dying_is_restarted_less_and_less_often(stack: Serv
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert gaps[:5] == [30, 60, 120, 240, 480], gaps  # the first restart at once, then twice the wait each time
     assert max(gaps) <= MAX_BACKOFF_S + 30 and len(times) < 12, times  # every tick would have been 120
-    assert "its log" in caplog.text and "no CUDA" in caplog.text  # says why, from the service's own log
+    assert "what it wrote to" in caplog.text and "no CUDA" in caplog.text  # says why, from the service's own log
+    caplog.clear()
+    stack.writes = False  # a process that dies before it writes a word: nothing of an earlier one is quoted for it
+    starts_over(Supervisor(stack), stack, 120, dies=True)  # type: ignore[arg-type]
+    assert "ends (nothing)" in caplog.text and "no CUDA" not in caplog.text, caplog.text
 
 
 def test_a_service_well_again_is_restarted_at_once_next_time(stack: Services) -> None:
