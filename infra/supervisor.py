@@ -12,8 +12,8 @@ tests/test_faults.py with ``canary_timeout_s=20``); each heal in a row without a
 
 A service that dies again within ``STABLE_S`` of its restart (a setting it refuses, a model it cannot load) is
 restarted at once the first time, then after twice the wait of the last time (from ``2 * canary_interval_s`` up to
-``MAX_BACKOFF_S``), with the last line it wrote to its log since then in the supervisor's log: a crash loop does not spend the machine on
-loading a model every few seconds.
+``MAX_BACKOFF_S``), with the last line it wrote to its log since then in the supervisor's log: a crash loop does not
+spend the machine on loading a model every few seconds.
 """
 
 from __future__ import annotations
