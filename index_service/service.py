@@ -470,7 +470,9 @@ class Service:
         ok, reason = self._running()
         job = self.restoring
         if ok and not self.checked.is_set():
-            return False, "comparing the index with the bucket (no snapshot, or no data in Redis)"
+            # (Said at every start, a snapshot loaded or not: it read "no snapshot, or no data in Redis" regardless.)
+            return False, ("starting: loading the model and the vocabulary, then comparing the index with the bucket "
+                           "where the snapshot or Redis's data is missing")
         if ok and (failing := self.snapshot_health.unready_reason()):
             return False, failing
         if ok and job is not None and job.state == "running":
