@@ -505,6 +505,10 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
             print(f"sent {result['retried']} objects to the workers again ({result['tasks']} tasks)")
         else:
             print(f"cleared {result['cleared']} failure records")
+        if not args.json and not result["retried" if args.retry else "cleared"] and body:  # a typo in a value?
+            chosen = [f"{name} {value!r}" for name, value in selection.items()] + (
+                [f"key {key!r}" for key in args.key] if args.key else [])
+            print(f"no failure record has {' and '.join(chosen)}: `bucketlens failures` lists them")
         return 0
     response = httpx.get(api_url(settings) + "/failures", params={**selection, "key": args.key or [],
                                                                   "limit": args.limit, "offset": args.offset},

@@ -286,6 +286,22 @@ def test_reconcile_names_the_bucket_in_the_retry_hint_and_counts_both_kinds(
     assert json.loads(api.requests[0]["body"]) == {"bucket": "photos"}
 
 
+def test_clearing_or_retrying_a_selection_that_matches_nothing_says_so(api: FakeAPI,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`failures --clear --reason corrpt` (a typo) said "cleared 0 failure records" and nothing more (an independent
+    check): nothing was lost, but nothing told the user the selection matched nothing."""
+    api.answers[("DELETE", "/failures")] = (200, {"cleared": 0})
+    api.answers[("POST", "/failures/retry")] = (202, {"retried": 0, "tasks": 0})
+    assert main(["failures", "--clear", "--reason", "corrpt"]) == 0
+    assert capsys.readouterr().out == ("cleared 0 failure records\nno failure record has reason 'corrpt': "
+                                       "`bucketlens failures` lists them\n")
+    assert main(["failures", "--retry", "--bucket", "photos", "--key", "a.jpg"]) == 0
+    assert "no failure record has bucket 'photos' and key 'a.jpg'" in capsys.readouterr().out
+    api.answers[("DELETE", "/failures")] = (200, {"cleared": 3})
+    assert main(["failures", "--clear", "--reason", "corrupt"]) == 0
+    assert capsys.readouterr().out == "cleared 3 failure records\n"
+
+
 def test_reconcile_with_no_failures_prints_no_retry_hint(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
     api.answers[("POST", "/reconcile")] = (200, {**RECONCILED, "failed": 0})
     assert main(["reconcile"]) == 0
