@@ -338,14 +338,15 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     except (Boto3Error, BotoCoreError, ClientError) as exc:
         raise CLIError(f"upload to s3://{bucket} at {settings.s3_endpoint} failed: {exc}") from exc
     print(f"uploaded {len(files)} images to s3://{bucket}/{args.prefix}"
-          + (f"; {skipped} other files left out (by their names: not {', '.join(sorted(IMAGE_SUFFIXES))})"
+          + (f"; {skipped} other files left out (by their names: not {', '.join(sorted(IMAGE_SUFFIXES))}, or "
+             "macOS's ._ metadata)"
              if skipped else ""))
     return 0
 
 
 def upload_plan(paths: list[Path], prefix: str) -> tuple[dict[str, Path], int]:
     """The key of each image to upload (a file: ``prefix`` + its name; a folder's: ``prefix`` + its path below the
-    folder) and how many other files were left out (not images by their names)."""
+    folder) and how many other files were left out (not images by their names, or macOS's ``._`` metadata)."""
     keys: dict[str, Path] = {}
     skipped = 0
     for path in paths:
@@ -356,8 +357,8 @@ def upload_plan(paths: list[Path], prefix: str) -> tuple[dict[str, Path], int]:
         else:
             raise CLIError(f"{path}: no such file or folder")
         for name, file in named:
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped += 1
+            if file.suffix.lower() not in IMAGE_SUFFIXES or file.name.startswith("._"):  # (macOS's AppleDouble
+                skipped += 1  # metadata beside a copied photo: "._IMG_1.jpg" is no image, and was a failure record)
             elif keys.setdefault(prefix + name, file).resolve() != file.resolve():
                 raise CLIError(f"{keys[prefix + name]} and {file} would both be uploaded as {prefix + name!r}")
     return keys, skipped

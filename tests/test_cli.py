@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bucketlens.cli import NOT_RUNNING, main
+from bucketlens.cli import NOT_RUNNING, main, upload_plan
 from infra.stack import Stack, free_port
 
 from .helpers import object_state, wait_for
@@ -536,6 +536,16 @@ def test_down_where_no_stack_was_set_up_sets_none_up(tmp_path: Path, monkeypatch
     monkeypatch.setenv("BUCKETLENS_HOME", str(home))
     assert main(["down"]) == 0
     assert "nothing to stop" in capsys.readouterr().out and not home.exists()  # wrote ports and tokens before
+
+
+def test_upload_leaves_out_macos_metadata_files_but_not_hidden_folders(tmp_path: Path) -> None:
+    """A folder copied from a Mac holds "._IMG_1.jpg" (AppleDouble metadata) beside each photo: each was uploaded
+    and became a not_an_image failure record (an independent check)."""
+    for name in ("a.jpg", "._a.jpg", "sub/.hidden/b.png", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    keys, skipped = upload_plan([tmp_path], "p/")
+    assert sorted(keys) == ["p/a.jpg", "p/sub/.hidden/b.png"] and skipped == 2
 
 
 def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket_in_one_line(
