@@ -133,11 +133,11 @@ class Supervisor:
             if restarts.at is not None and now - restarts.at >= STABLE_S:
                 self.restarts[name] = Restarts()
             return
+        logs = self.stack.home / "logs" / f"{name}.log"
         if restarts.at is not None:  # it died before it was well again
             if now - restarts.at < restarts.wait_s(self.settings.canary_interval_s):
                 return
             restarts.quick += 1
-            logs = self.stack.home / "logs" / f"{name}.log"
             log.warning("%s died again within %.0f s of its restart (%d in a row); restarting it, the next time after "
                         "%.0f s; what it wrote to %s ends %s", name, STABLE_S, restarts.quick, restarts.wait_s(
                             self.settings.canary_interval_s), logs, log_tail(logs, 1, restarts.log_from))
@@ -145,7 +145,7 @@ class Supervisor:
             log.warning("%s is not running; restarting it", name)
         restarts.at = now
         with contextlib.suppress(OSError):  # (no log yet: from its start)
-            restarts.log_from = (self.stack.home / "logs" / f"{name}.log").stat().st_size
+            restarts.log_from = logs.stat().st_size
         self.stack.start_service(name)
 
     def heal(self, age: float) -> None:

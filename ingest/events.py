@@ -141,8 +141,8 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
         raise BadEvent(f"Records[{index}] has a bucket that is not an S3 bucket name: {bucket[:80]!r}")
     source = str(record.get("eventSource", ""))
     key = raw_key if source.startswith("ceph") else unquote_plus(raw_key)
-    if not _utf8(bucket) or not _utf8(key):
-        raise BadEvent(f"Records[{index}] has a bucket or key that is not valid UTF-8 (a lone surrogate)")
+    if not _utf8(key):  # (a bucket name is ASCII: BUCKET_NAME)
+        raise BadEvent(f"Records[{index}] has a key that is not valid UTF-8 (a lone surrogate)")
     sequencer = str(obj.get("sequencer") or "")
     if len(sequencer) > MAX_SEQUENCER:  # (thousands of hex digits made an order no int-to-text conversion takes)
         raise BadEvent(f"Records[{index}] has a sequencer of {len(sequencer)} characters (at most {MAX_SEQUENCER})")
