@@ -13,11 +13,16 @@ No S3, Redis or Celery. Four figures, written to one JSON file (``--out``):
   worker does to an image, ``bench.limit``'s functions) run in N processes; this process embeds each batch on the GPU
   as it arrives. Beside it the same processes without the GPU (what the CPU alone allows), and
   ``bench.limit.measure_limit``'s one-process variants (``serial`` is a CUDA worker as configured: one process).
+- ``own``: N worker processes, each with its own model on the GPU, decoding, extracting local features and embedding
+  batch after batch: what ``bucketlens worker`` runs on CUDA (one process per core), less S3 and Redis.
+- ``seed``: the design bucketlens replaced (``bench.old_design``) as the seed wrote it, on this GPU: one worker
+  process (``--pool=solo``), eager torch, one image per task (base64 in, decode, the model on a batch of one, local
+  features, the vector as a JSON list out). Without Celery and Redis, which only slow it: an upper bound on its rate,
+  so ``own`` over it is a lower bound on bucketlens against the seed.
 
-``--relu6`` measures the network with the ReLU6 activations its Lite weights were trained with, in place of the Swish
-that ``vision.network.build`` puts in every block (its ``set_swish`` call): a candidate fix, measured here before
-any model name computes it (``measure_limit``'s own embedders keep the network as built: skip them with
-``--threads-images 0``).
+``--relu6`` measures a swish model's network (``--model lite0-copy-v2``) with the ReLU6 activations its Lite weights
+were trained with, as ``lite0-copy-v3`` (the default) builds it (``measure_limit``'s own embedders keep the network as
+built: skip them with ``--threads-images 0``).
 
 Timing: warm-up first, then ``--repeats`` timed runs of enough batches for ~0.2 s each, synchronised with the GPU
 before the clock is read; the median counts. The input batches rotate among real decoded images.
@@ -26,6 +31,7 @@ before the clock is read; the median counts. The input batches rotate among real
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import json
 import logging
@@ -49,7 +55,7 @@ from vision.embedders.torch_runtime import TorchEmbedder
 from vision.models import DEFAULT_MODEL, Recipe, recipe
 
 from . import CACHE, RESULTS
-from .limit import decode_batch, local_bytes, measure_limit
+from .limit import decode_batch, describe, local_bytes, measure_limit
 from .procs import CpuMeter, cores
 
 log = logging.getLogger(__name__)
@@ -67,9 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"of {', '.join(LAYOUTS)}")
     parser.add_argument("--relu6", action="store_true", help="the network with ReLU6, not Swish (see above)")
     parser.add_argument("--workers", default="1,2,4,8,15", help="decode processes of the limit")
-    parser.add_argument("--steps", default="models,limit", help="of models, limit, own (worker processes that each "
-                        "decode, extract local features and embed with a model of their own on the GPU)")
+    parser.add_argument("--steps", default="models,limit", help="of models, limit, own, seed (see above)")
     parser.add_argument("--own", default="1,4,8,15", help="processes of the 'own' step")
+    parser.add_argument("--seed-images", type=int, default=256, help="images of the 'seed' step")
     parser.add_argument("--per-worker", type=int, default=256, help="images per decode process in the limit")
     parser.add_argument("--threads-images", type=int, default=512, help="images of measure_limit's variants (0: skip)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -276,6 +282,29 @@ def own(args: argparse.Namespace, blobs: list[bytes]) -> list[dict[str, Any]]:
     return rows
 
 
+def seed(args: argparse.Namespace, blobs: list[bytes]) -> dict[str, Any]:
+    """Images per second of the seed's worker as written (see the module's docstring), in this process."""
+    settings = Settings(model=args.model, device=args.device, runtime="torch")
+    embedder = torch_embedder(settings, args.relu6)
+    tasks = [base64.b64encode(blob).decode() for blob in cycle(blobs, args.seed_images)]  # the caller's side
+
+    def task(payload: str) -> str:
+        vectors, _ = describe(embedder, decode_batch(embedder.recipe, [base64.b64decode(payload)], settings.max_pixels))
+        return json.dumps(vectors[0].tolist())
+
+    task(tasks[0])  # the solo worker's warm-up task
+    meter = CpuMeter()
+    for payload in tasks:
+        task(payload)
+    wall = meter.elapsed()
+    cpu = meter.report(len(tasks))
+    row = {"images": len(tasks), "images_per_s": round(len(tasks) / wall, 1),
+           "dtype": str(embedder.dtype).removeprefix("torch."),
+           "cores_busy": round(float(cpu["machine_busy_share"]) * cores(), 2)}  # type: ignore[arg-type]
+    log.warning("the seed as written, one image per task: %.1f img/s", row["images_per_s"])
+    return row
+
+
 def cycle(blobs: list[bytes], count: int) -> list[bytes]:
     return [blobs[i % len(blobs)] for i in range(count)]
 
@@ -289,6 +318,12 @@ def table(report: dict[str, Any]) -> str:
     for row in report.get("own_models", []):
         lines.append(f"own models, {row['processes']:>3} processes: {row['images_per_s']:>7.0f} img/s, "
                      f"{row['cores_busy']:.1f} cores busy")
+    if "seed" in report:
+        seed_rate = report["seed"]["images_per_s"]
+        lines.append(f"the seed as written (one process, one image per task): {seed_rate:.1f} img/s")
+        for row in report.get("own_models", []):
+            lines.append(f"  own models, {row['processes']} processes / the seed: "
+                         f"{row['images_per_s'] / seed_rate:.1f}x")
     if "network" not in report:
         return "\n".join(lines)
     for part in ("network", "embedder"):
@@ -336,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": args.commit, "model": args.model, "activation": "relu6" if args.relu6 else "as built (swish)",
+            "commit": args.commit, "model": args.model, "activation": "relu6" if args.relu6 else chosen.activation,
             "machine": machine(args.device), "images": len(blobs),
         }
         steps = args.steps.split(",")
@@ -346,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             report["limit"] = limit(args, pools, blobs)
         if "own" in steps:
             report["own_models"] = own(args, blobs)
+        if "seed" in steps:
+            report["seed"] = seed(args, blobs)
     finally:
         for pool in pools.values():
             pool.terminate()
