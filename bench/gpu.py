@@ -18,7 +18,8 @@ No S3, Redis or Celery. Four figures, written to one JSON file (``--out``):
 - ``seed``: the design bucketlens replaced (``bench.old_design``) as the seed wrote it, on this GPU: one worker
   process (``--pool=solo``), eager torch, one image per task (base64 in, decode, the model on a batch of one, local
   features, the vector as a JSON list out). Without Celery and Redis, which only slow it: an upper bound on its rate,
-  so ``own`` over it is a lower bound on bucketlens against the seed.
+  so ``own`` over it is a lower bound on bucketlens against the seed. With ``--seed-kind``, also its kinder
+  re-creation: ``own``'s N processes, each task one image.
 
 ``--relu6`` measures a swish model's network (``--model lite0-copy-v2``) with the ReLU6 activations its Lite weights
 were trained with, as ``lite0-copy-v3`` (the default) builds it (``measure_limit``'s own embedders keep the network as
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", default="models,limit", help="of models, limit, own, seed (see above)")
     parser.add_argument("--own", default="1,4,8,15", help="processes of the 'own' step")
     parser.add_argument("--seed-images", type=int, default=256, help="images of the 'seed' step")
+    parser.add_argument("--seed-kind", default="", help="processes of the seed's kinder re-creation (the 'seed' step): "
+                        "N worker processes, one image per task, as the 'own' step runs them (e.g. 8,15)")
     parser.add_argument("--per-worker", type=int, default=256, help="images per decode process in the limit")
     parser.add_argument("--threads-images", type=int, default=512, help="images of measure_limit's variants (0: skip)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -244,13 +247,13 @@ def limit(args: argparse.Namespace, pools: dict[int, Pool], blobs: list[bytes]) 
             "processes": rows, "threads": threads}
 
 
-def _own_worker(model: str, device: str, blobs: list[bytes], barrier: Any, results: Any) -> None:
+def _own_worker(model: str, device: str, blobs: list[bytes], size: int, barrier: Any, results: Any) -> None:
     """One worker process as ``worker_concurrency`` > 1 would run it on CUDA: its own model, then decode + local
-    features + embed, batch after batch."""
+    features + embed, batch after batch (``size`` images each)."""
     settings = Settings(model=model, device=device, runtime="torch")
     embedder = load_embedder(settings)
-    size = settings.batch_size
-    barrier.wait()  # every process has its model: time only the work
+    embedder.embed(prepare((embedder.recipe, blobs[:size], settings.max_pixels))[0])  # warm-up, as the seed's
+    barrier.wait()  # every process has its model, warmed up: time only the work
     started = time.perf_counter()
     for i in range(0, len(blobs), size):
         pixels, _ = prepare((embedder.recipe, blobs[i : i + size], settings.max_pixels))
@@ -258,14 +261,15 @@ def _own_worker(model: str, device: str, blobs: list[bytes], barrier: Any, resul
     results.put((len(blobs), started, time.perf_counter()))
 
 
-def own(args: argparse.Namespace, blobs: list[bytes]) -> list[dict[str, Any]]:
-    """Images per second of N worker processes with a model each on the GPU (spawned: CUDA does not survive fork)."""
+def own(args: argparse.Namespace, blobs: list[bytes], counts: str, size: int) -> list[dict[str, Any]]:
+    """Images per second of N worker processes (each of ``counts``) with a model each on the GPU, in batches of
+    ``size`` (spawned: CUDA does not survive fork)."""
     context = multiprocessing.get_context("spawn")
     rows = []
-    for n in (int(x) for x in args.own.split(",")):
+    for n in (int(x) for x in counts.split(",")):
         barrier, results = context.Barrier(n), context.Queue()
         share = cycle(blobs, args.per_worker)
-        procs = [context.Process(target=_own_worker, args=(args.model, args.device, share, barrier, results))
+        procs = [context.Process(target=_own_worker, args=(args.model, args.device, share, size, barrier, results))
                  for _ in range(n)]
         for proc in procs:
             proc.start()
@@ -278,7 +282,7 @@ def own(args: argparse.Namespace, blobs: list[bytes]) -> list[dict[str, Any]]:
         cpu = meter.report(images)
         rows.append({"processes": n, "images": images, "images_per_s": round(images / wall, 1),
                      "cores_busy": round(float(cpu["machine_busy_share"]) * cores(), 2)})  # type: ignore[arg-type]
-        log.warning("own models, %d processes: %.0f img/s", n, rows[-1]["images_per_s"])
+        log.warning("own models, %d processes, batches of %d: %.0f img/s", n, size, rows[-1]["images_per_s"])
     return rows
 
 
@@ -324,6 +328,9 @@ def table(report: dict[str, Any]) -> str:
         for row in report.get("own_models", []):
             lines.append(f"  own models, {row['processes']} processes / the seed: "
                          f"{row['images_per_s'] / seed_rate:.1f}x")
+        for row in report.get("seed_kind", []):
+            lines.append(f"the seed, kinder ({row['processes']} processes, one image per task): "
+                         f"{row['images_per_s']:.1f} img/s")
     if "network" not in report:
         return "\n".join(lines)
     for part in ("network", "embedder"):
@@ -380,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         if "limit" in steps:
             report["limit"] = limit(args, pools, blobs)
         if "own" in steps:
-            report["own_models"] = own(args, blobs)
+            report["own_models"] = own(args, blobs, args.own, Settings().batch_size)
         if "seed" in steps:
             report["seed"] = seed(args, blobs)
+            if args.seed_kind:
+                report["seed_kind"] = own(args, blobs, args.seed_kind, 1)
     finally:
         for pool in pools.values():
             pool.terminate()
