@@ -1,13 +1,18 @@
-"""The bench's own arithmetic: the soak's growth per process, the fair step's headline figures, and the
-real-grown vectors and exact search the index benches measure recall with."""
+"""The bench's own arithmetic: the soak's growth per process, the fair step's headline figures, the
+real-grown vectors and exact search the index benches measure recall with, and the GPU script's steps on the CPU."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from PIL import Image
 
 from bench.__main__ import STEPS, parse_args
 from bench.index_scale import exact
@@ -88,3 +93,25 @@ def test_grown_vectors_read_the_same_however_they_are_read_and_exact_search_merg
     queries = rng.standard_normal((5, 16)).astype(np.float32)
     _, want = faiss.knn(queries, whole, 10, metric=faiss.METRIC_INNER_PRODUCT)
     assert exact(grown, 250, queries, rows=7) == [{f"k{i}" for i in row} for row in want]
+
+
+def test_the_gpu_script_runs_its_seed_and_worker_steps_on_the_cpu(tmp_path: Path) -> None:
+    """`bench.gpu` runs on lent machines, where a mistake costs device time: its steps that compare bucketlens with
+    the seed run here, on the CPU, and report a rate for each and the ratio between them."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--steps", "own,seed", "--own", "1", "--seed-kind", "1",
+         "--per-worker", "2", "--seed-images", "2", "--workers", "1", "--images", str(images), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["activation"] == "relu6" and report["machine"]["cpu_cores"] >= 1
+    assert report["own_models"][0]["images"] == 2 and report["own_models"][0]["images_per_s"] > 0
+    assert report["seed"]["images"] == 2 and report["seed"]["images_per_s"] > 0
+    assert report["seed_kind"][0]["processes"] == 1 and report["seed_kind"][0]["images_per_s"] > 0
+    assert "own models, 1 processes / the seed: " in result.stdout
