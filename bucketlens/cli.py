@@ -218,7 +218,9 @@ def api_url(settings: Settings) -> str:
     return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{settings.api_port}"  # IPv6
 
 
-def _stack_for_up(settings: Settings, args: argparse.Namespace) -> Any:
+def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, dict[str, bool]]:
+    """The local stack `up` and `demo` start, once what it was asked to change is noted; and which of its processes
+    ran before."""
     stack = _stack(settings)
     for name in ("api_port", "ingest_port"):  # chosen at the first `up` and kept: an override would be lost silently
         variable = f"BUCKETLENS_{name.upper()}"
@@ -229,15 +231,19 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> Any:
         stack.choose_backend(args.backend)
     if getattr(args, "replicas", None) is not None:
         stack.choose_replicas(args.replicas)
-    extra = " and Milvus: ~40 s more" if stack.servers else ""
-    first = "" if stack.s3_created() else f"; first start creates the S3 server: ~30 s{extra}"
-    print(f"starting the local stack in {stack.home} ({stack.settings.index_backend} index{first})")
-    return stack
+    processes = stack.status()["processes"]
+    if all(processes.values()):
+        print(f"the local stack in {stack.home} is running ({stack.settings.index_backend} index)")
+    else:
+        extra = " and Milvus: ~40 s more" if stack.servers else ""
+        first = "" if stack.s3_created() else f"; first start creates the S3 server: ~30 s{extra}"
+        print(f"starting the local stack in {stack.home} ({stack.settings.index_backend} index{first})")
+    return stack, processes
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    stack = _stack_for_up(settings, args)
-    running = any(stack.status()["processes"].values())
+    stack, processes = _stack_for_up(settings, args)
+    running = any(processes.values())
     try:
         stack.up()
     except KeyboardInterrupt:  # (a first start takes a while: it left its servers running, unknown to the user)
@@ -542,7 +548,7 @@ def page_note(total: int, offset: int, shown: int) -> str:
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from infra.samples import write_samples
 
-    stack = _stack_for_up(settings, args)
+    stack, _ = _stack_for_up(settings, args)
     stack.up()
     folder = stack.home / "samples"
     files = write_samples(folder)

@@ -625,6 +625,7 @@ def test_up_on_a_running_stack_says_its_processes_keep_their_settings(
     assert main(["up"]) == 0
     out = capsys.readouterr().out
     assert "keep the settings they started with" in out and "?token=r%2Bt%26" in out, out
+    assert "is running" in out and "starting the local stack" not in out, out  # (it said "starting" on a running one)
     assert main(["status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["read_token"] == "r+t&"
 
