@@ -90,7 +90,13 @@ def verdict(entry: ResultEntry, held: int | None, tombstone: int | None, model: 
     """What one stream entry does to an object whose live version has order ``held`` and whose last delete had
     order ``tombstone`` (None: none): ``ignore`` (a worker's note), ``stale`` (older than what the index holds, or
     an upsert no newer than the delete that removed the object: it must not come back), ``reject`` (another
-    model or dimension), ``delete`` or ``upsert``."""
+    model or dimension), ``delete`` or ``upsert``.
+
+    A ``failed`` note of a version newer than the one held deletes it: the key no longer holds that picture (it
+    was overwritten by an empty file, a text, a truncated upload), and a result would show it under the key while
+    its link serves the new bytes (an independent check)."""
+    if entry.op == "failed":
+        return "delete" if held is not None and held < entry.order else "ignore"
     if entry.op not in ("upsert", "delete"):
         return "ignore"
     if held is not None and held > entry.order:
@@ -105,10 +111,12 @@ def verdict(entry: ResultEntry, held: int | None, tombstone: int | None, model: 
 
 
 def tombstone_after(previous: int | None, entry: ResultEntry) -> tuple[int, float] | None:
-    """The tombstone a delete leaves: its order, unless an earlier tombstone already holds a newer one."""
-    if previous is not None and previous >= entry.order:
+    """The tombstone a delete leaves: its order (a failed version's: just below it, so that older versions stay
+    out and that very version is indexed once a retry reads it), unless an earlier tombstone holds a newer one."""
+    order = entry.order - 1 if entry.op == "failed" else entry.order
+    if previous is not None and previous >= order:
         return None
-    return entry.order, time.time()
+    return order, time.time()
 
 
 def decode_labels(oid: str, encoded: str) -> Labels | None:

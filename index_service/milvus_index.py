@@ -292,7 +292,7 @@ class MilvusIndex(SearchOne):
             if self._count is None or self._keys is None:
                 self._tally()
             assert self._count is not None and self._keys is not None
-            oids = sorted({object_id(e.bucket, e.key) for e in entries if e.op in ("upsert", "delete")})
+            oids = sorted({object_id(e.bucket, e.key) for e in entries if e.op in ("upsert", "delete", "failed")})
             held = self._held(oids)
             keys_before = len(held)
             live_before = sum(1 for row in held.values() if not row["deleted"])

@@ -2,7 +2,8 @@
 another etag) are sent for embedding; indexed objects that no longer exist are deleted. This heals events
 that were never delivered. Objects whose listed version already failed for a reason its bytes decide (empty,
 not an image, corrupt, too many pixels, too large) are not sent again, that is ``POST /failures/retry``'s call:
-every reconcile, each watchdog heal included, re-embedded every bad object of the bucket. Failures that a later
+every reconcile, each watchdog heal included, re-embedded every bad object of the bucket. An older version the
+index still holds of such an object is removed: the key no longer holds that picture. Failures that a later
 attempt can undo (S3 unreachable, too slow, a lost worker) are sent again. Objects whose listed version is queued
 already (a pending mark younger than the visibility timeout) are not sent twice."""
 
@@ -69,8 +70,11 @@ def reconcile(service: Service, bucket: str | None = None, dry_run: bool = False
             held = current.order if current else buried.get(ref.object_id, (-1, 0.0))[0]
             order = max(ref.order, held + 1)
             to_embed.append(dataclasses.replace(ref, order=order))
+    listed_versions = to_embed
     to_embed = _without(service, to_embed, service.keys.failures, _settled)
     report.failed = report.missing + report.changed - len(to_embed)
+    sent = {ref.object_id for ref in to_embed}
+    superseded = [o for ref in listed_versions if ref.object_id not in sent and (o := indexed.get(ref.object_id))]
     # A version queued less than a visibility timeout ago is on its way (a reconcile every few seconds sent a whole
     # backlog again each time: 97 embeddings for 35 uploads in an independent check); an older mark may be a lost
     # task (orphans.py), sent again.
@@ -84,8 +88,10 @@ def reconcile(service: Service, bucket: str | None = None, dry_run: bool = False
         service.publisher.write_deletes([
             ObjectRef(o.bucket, o.key, o.etag, order=max(o.order + 1, started_order), generation=generation)
             for o in gone
+        ] + [  # at the held version's own order: nothing newer is touched, and a retry of the failed one comes in
+            ObjectRef(o.bucket, o.key, o.etag, order=o.order, generation=generation) for o in superseded
         ])
-    report.removed, report.dry_run = len(gone), dry_run
+    report.removed, report.dry_run = len(gone) + len(superseded), dry_run
     report.seconds = round(time.monotonic() - started, 3)
     log.info("reconcile: %s", report)
     return report

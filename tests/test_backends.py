@@ -53,6 +53,11 @@ def delete(key: str, order: int, bucket: str = "b", generation: int = 1) -> Resu
     return ResultEntry("delete", bucket, key, "", "", order, generation)
 
 
+def failed(key: str, order: int, etag: str = "bad") -> ResultEntry:
+    """A worker's note that this version of the key could not be indexed (not an image, corrupt, ...)."""
+    return ResultEntry("failed", "b", key, etag, f"{order:x}", order, 1)
+
+
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A throwaway real Redis for checkpoints (no persistence)."""
@@ -163,6 +168,20 @@ def test_delete_removes_tombstone_holds_and_a_newer_upload_comes_back(index: Ind
     assert index.get("b", "a").etag == "again" and len(index) == 2  # type: ignore[union-attr]
     _, _, tombstones = index.export()
     assert "b/a" not in tombstones
+
+
+def test_a_newer_version_that_failed_takes_the_older_picture_out(index: Index) -> None:
+    """A photo overwritten with a text, an empty or a truncated file stayed searchable under its key, its result
+    linking to the new bytes (an independent check): a failed newer version now removes the older one."""
+    index.apply([upsert("a", 1, 1, etag="photo"), upsert("z", 1, 9)])
+    stats = index.apply([failed("a", 2)])
+    assert stats.deleted == 1 and index.get("b", "a") is None and index.vector("b", "a") is None
+    assert [o.key for o, _ in index.search(unit(1), 5)] == ["z"] and len(index) == 1
+    assert index.apply([upsert("a", 1, 1, etag="photo")]).stale == 1  # a late event of the older version
+    index.apply([upsert("a", 2, 2, etag="bad")])  # that very version, read on a retry, is indexed
+    assert index.get("b", "a").etag == "bad"  # type: ignore[union-attr]
+    stats = index.apply([failed("a", 2), failed("a", 1, etag="photo"), failed("q", 5)])  # the held one, an older
+    assert stats.deleted == 0 and index.get("b", "a").etag == "bad" and len(index) == 2  # type: ignore[union-attr]
 
 
 def test_delete_older_than_current_version_is_ignored(index: Index) -> None:

@@ -25,7 +25,7 @@ from ingest.publisher import Publisher
 from workers.pipeline import Embedded
 from workers.results import ResultWriter
 
-from .helpers import object_state, wait_for
+from .helpers import object_state, photo, wait_for
 
 
 def cli(stack: Stack, *args: str) -> Any:
@@ -94,6 +94,24 @@ def test_bad_objects_are_listed_retried_and_cleared(stack: Stack, s3: Any, api: 
     assert cli(stack, "--clear", "--bucket", bucket, "--key", text) == {"cleared": 1}
     assert records(api, stack, [empty, text]) == {}
     assert object_state(api, bucket, text) is None  # nothing pending, nothing failed, never indexed
+
+
+@pytest.mark.slow
+def test_a_photo_overwritten_with_a_broken_file_leaves_the_index(stack: Stack, s3: Any, api: httpx.Client,
+                                                                 unique_prefix: str) -> None:
+    """Overwritten with a text or a truncated upload, a photo stayed searchable under its key at score 1.0, and its
+    result's link served the new bytes (an independent check). The failed version now takes the older one out."""
+    bucket, key = stack.settings.bucket, f"{unique_prefix}overwritten.jpg"
+    original = photo("coffee.png")
+    s3.put_object(Bucket=bucket, Key=key, Body=original)
+    wait_for(lambda: (state := object_state(api, bucket, key)) and state["state"] == "indexed", 90,
+             what="the photo indexed")
+    s3.put_object(Bucket=bucket, Key=key, Body=b"this is not an image\n")
+    state = wait_for(lambda: (found := object_state(api, bucket, key)) and not found["indexed"] and found, 90,
+                     what="the photo out of the index")
+    assert state["state"] == "failed" and state["failure"]["reason"] == "not_an_image", state
+    hits = api.post("/search", files={"image": ("q.jpg", original, "image/jpeg")}, data={"k": "50"})
+    assert hits.status_code == 200 and key not in [hit["key"] for hit in hits.json()["results"]], hits.text
 
 
 def test_selection_from_query_and_body() -> None:

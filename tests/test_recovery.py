@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +21,7 @@ import pytest
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
-from bucketlens.schemas import ResultEntry
+from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
 from bucketlens.settings import Settings
 from index_service.backend import BACKENDS, open_backend
 from index_service.feature_store import FeatureStore
@@ -214,6 +215,31 @@ def test_reconcile_sends_what_the_index_lacks_and_deletes_what_the_bucket_lost(s
     assert states["changed.jpg"].json()["state"] == "pending", states["changed.jpg"].text
     assert states["missing.jpg"].json()["state"] == "pending", states["missing.jpg"].text
     assert states["gone.jpg"].status_code == 404, states["gone.jpg"].text
+
+
+def test_reconcile_takes_out_an_older_picture_whose_key_now_holds_a_failed_version(service: IndexProcess) -> None:
+    """An index that holds a photo under a key whose listed version already failed by its content (overwritten with
+    a text, its failure note lost or merged before failed versions removed older ones): reconcile left it searchable
+    ("6 not sent ... 0 removed", an independent check). It now removes the older picture and keeps the record."""
+    s = service.settings
+    keys, redis, s3 = Keys(s.namespace), connect(s.redis_url), make_client(s)
+    service.start(ready=True)
+    vector = np.random.default_rng(12).standard_normal(DIM).astype(np.float32)
+    redis.xadd(keys.results, ResultEntry("upsert", s.bucket, "broken.jpg", "photo-etag", "1", int(1e18), 1, MODEL,
+                                         vector / np.linalg.norm(vector)).to_fields())
+    wait_for(lambda: service.stats()["vectors"] == 1, 60, what="the photo indexed")
+    etag = s3.put_object(Bucket=s.bucket, Key="broken.jpg", Body=b"not an image")["ETag"].strip('"')
+    now = ObjectRef(s.bucket, "broken.jpg", etag, order=int(1e18) + 5, generation=1)
+    redis.hset(keys.failures, now.object_id, failure_record(now, "not_an_image", "cannot identify image file", 1,
+                                                            time.time()))
+    headers = {"Authorization": f"Bearer {s.admin_token}"}
+    report = httpx.post(service.url + "/reconcile", json={"bucket": s.bucket}, headers=headers, timeout=60).json()
+    assert (report["changed"], report["failed"], report["removed"]) == (1, 1, 1), report
+    wait_for(lambda: service.stats()["vectors"] == 0, 60, what="the older picture removed")
+    state = httpx.get(f"{service.url}/objects/{s.bucket}/broken.jpg", timeout=30).json()
+    assert (state["state"], state["indexed"], state["etag"]) == ("failed", False, etag), state
+    again = httpx.post(service.url + "/reconcile", json={"bucket": s.bucket}, headers=headers, timeout=60).json()
+    assert (again["changed"], again["missing"], again["failed"], again["removed"]) == (0, 1, 1, 0), again
 
 
 def test_a_malformed_stream_entry_is_skipped_counted_and_acknowledged(stack: Stack) -> None:
