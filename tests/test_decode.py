@@ -51,6 +51,26 @@ def test_thirty_two_bit_beyond_sixteen_is_scaled_by_its_own_range(low: int, high
     assert pixels[:, :100].mean() < 30 and pixels[:, 124:].mean() > 225
 
 
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_a_float_image_of_a_photo_decodes_as_the_photo_does(scale: float) -> None:
+    """A float TIFF with values 0..1 (the usual convention) was clipped to 0..255, that is to 0 and 1: an all-black
+    image, indexed without a word (an independent check). Both conventions now decode as the 8-bit photo does."""
+    gray = half_red_half_blue().convert("L")
+    gray.paste(255, (0, 0, 16, 16))
+    values = np.asarray(gray, np.float32) / 255.0 * np.float32(scale)
+    expected = decode(encode(gray, "PNG"), LIMIT).astype(int)
+    pixels = decode(encode(Image.fromarray(values, "F"), "TIFF"), LIMIT).astype(int)
+    assert np.abs(pixels - expected).max() <= 1
+
+
+def test_a_float_image_with_nan_and_a_range_of_its_own_keeps_its_picture() -> None:
+    values = np.full((32, 64), -3.0, np.float32)
+    values[:, 32:] = 5.0
+    values[0, 0] = np.nan
+    pixels = decode(encode(Image.fromarray(values, "F"), "TIFF"), LIMIT).astype(int)
+    assert pixels[:, :100].mean() < 30 and pixels[:, 124:].mean() > 225
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])  # HEIF: a phone's photo; pillow-heif stores the turn as its own
 def test_exif_orientation_is_applied_once(fmt: str) -> None:
     image = half_red_half_blue(64, 32)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import warnings
 
 import numpy as np
@@ -134,21 +135,33 @@ def _orient(image: Image.Image) -> Image.Image:
 ROWS = 256  # rows of a 16- or 32-bit image scaled to 8 bits at a time
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # Scaled a band of rows at a time: float64 copies of the whole image took 2.6 GB for one 64 MP 16-bit PNG.
-        pixels = np.asarray(image)
-        low, high = float(pixels.min()), float(pixels.max())
-        floor, peak = 0.0, 65535.0 if image.mode.startswith("I;16") or high > 255 else 255.0
-        if low < 0 or high > 65535:  # a 32-bit image beyond 16 bits: its own range (it was all white or black)
+def _to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """One band of 16- or 32-bit integers or of floats scaled to 0..255. Integers by 16 bits' peak, or 8 bits' where
+    a 32-bit image stays below 256, or by their own range past 16 bits (it was all white or black). Floats: 0..1,
+    the usual convention (clipped to 0..255, a float TIFF of a photo became an all-black image, indexed without a
+    word: an independent check), 0..255, or their own range; NaN is black. A band of rows at a time: float64 copies
+    of the whole image took 2.6 GB for one 64 MP 16-bit PNG."""
+    low, high = float(pixels.min()), float(pixels.max())
+    if not (math.isfinite(low) and math.isfinite(high)):  # a float image with NaN or infinities
+        finite = pixels[np.isfinite(pixels)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode == "F":
+        floor, peak = (0.0, 1.0) if 0 <= low and high <= 1 else (0.0, 255.0) if 0 <= low and high <= 255 else (
+            low, max(high - low, 1e-6))
+    else:
+        floor, peak = 0.0, 65535.0 if mode.startswith("I;16") or high > 255 else 255.0
+        if low < 0 or high > 65535:
             floor, peak = low, max(high - low, 1.0)
-        scaled = np.empty(pixels.shape, np.uint8)
-        for top in range(0, len(pixels), ROWS):
-            band = (pixels[top : top + ROWS].astype(np.float32) - np.float32(floor)) * np.float32(255.0 / peak)
-            scaled[top : top + ROWS] = np.clip(band, 0, 255)
-        image = Image.fromarray(scaled, "L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    scaled = np.empty(pixels.shape, np.uint8)
+    for top in range(0, len(pixels), ROWS):
+        band = (pixels[top : top + ROWS].astype(np.float32) - np.float32(floor)) * np.float32(255.0 / peak)
+        scaled[top : top + ROWS] = np.clip(np.nan_to_num(band, nan=0.0, posinf=255.0, neginf=0.0), 0, 255)
+    return scaled
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = Image.fromarray(_to_8_bits(np.asarray(image), image.mode), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # no copy of a 64 MP RGBA image
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
