@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -207,10 +208,16 @@ def _stack(settings: Settings) -> Any:
 
 
 def client_settings(settings: Settings) -> Settings:
-    """Settings for client commands: the local stack's (ports, tokens) when one was set up here."""
+    """Settings for client commands: the local stack's (ports, tokens) when one was set up here, with the bucket and
+    tokens its index service runs with, where this shell does not set them."""
     if (Path(settings.home) / "stack.json").exists():
-        return _stack(settings).settings  # type: ignore[no-any-return]
+        return _stack(settings).for_clients(_explicit())  # type: ignore[no-any-return]
     return settings
+
+
+def _explicit() -> list[str]:
+    """The settings this shell sets (``BUCKETLENS_*`` variables)."""
+    return [field.name for field in dataclasses.fields(Settings) if f"BUCKETLENS_{field.name.upper()}" in os.environ]
 
 
 def api_url(settings: Settings) -> str:
@@ -257,9 +264,14 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     if running:
         print("note: processes that were running keep the settings they started with; `bucketlens down` and `up` "
               "start them with the settings given now")
-    page = f"{stack.api_url}/" + (f"?token={quote(stack.settings.read_token)}" if stack.settings.read_token else "")
+    page = page_url(stack.api_url, stack.for_clients().read_token)  # the running service's token: ran, it keeps it
     print(f"up: API {stack.api_url}  web page {page}  S3 {stack.settings.s3_endpoint}")
     return 0
+
+
+def page_url(api: str, read_token: str) -> str:
+    """The web page's address; with a read token, the page sends the one in its address with each call."""
+    return f"{api}/" + (f"?token={quote(read_token, safe='')}" if read_token else "")
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
@@ -278,7 +290,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if not (Path(settings.home) / "stack.json").exists():  # (a Stack would set one up, with ports nothing uses)
         print(f"no local stack in {Path(settings.home).resolve()}: `bucketlens up` starts one", file=sys.stderr)
         return NOT_RUNNING
-    status = _stack(settings).status()
+    stack = _stack(settings)
+    status = stack.status(stack.for_clients(_explicit()))
     status["index"] = _index_state(status["api_url"])
     if args.json:
         print(json.dumps(status))
@@ -694,10 +707,16 @@ def reconcile_summary(report: dict[str, Any], bucket: str | None) -> str:
             f"embedding{left}; {report['removed']} removed ({report['seconds']} s)")
 
 
+TOKEN_VARIABLES = {"missing or wrong read token": "BUCKETLENS_READ_TOKEN",
+                   "missing or wrong admin token": "BUCKETLENS_ADMIN_TOKEN"}
+
+
 def _error_text(response: httpx.Response) -> str:
     try:
         error = response.json()["error"]
-        return f"{response.status_code} {error['code']}: {error['message']}"
+        hint = TOKEN_VARIABLES.get(error["message"])
+        return f"{response.status_code} {error['code']}: {error['message']}" + (
+            f" (the CLI sends {hint}: set it to the index service's)" if hint else "")
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}: {response.text[:200]}"
 

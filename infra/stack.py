@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 from urllib.parse import quote
 
 import httpx
@@ -29,6 +29,7 @@ import redis
 from bucketlens.cli import CLIError
 from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
+from bucketlens.schemas import json_object
 from bucketlens.settings import Settings
 
 from . import milvus
@@ -40,6 +41,20 @@ INFRA = Path(__file__).resolve().parent
 COMMAND = {"ingest": "ingest", "worker": "worker", "api": "serve", "supervisor": "supervise"}  # of Stack.services
 SERVERS: dict[str, tuple[str, ...]] = {"faiss": (), "milvus": ("milvus",)}  # what each index backend runs beside
 MAX_REPLICAS = {"faiss": 1, "milvus": 16}  # index service processes: a FAISS index lives in one process
+# What client commands take from the index service that runs, unless their own shell sets it: it may have been
+# started from another shell, with a bucket and tokens of its own (a new shell's CLI got 401s and named the
+# default bucket: an independent check).
+RUNNING_API = ("bucket", "read_token", "admin_token")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole (a temporary file renamed), readable by this user alone: it holds tokens
+    (a file readable by all until a chmod, before)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(text)
+    os.replace(tmp, path)
 
 
 class StackError(CLIError):  # the CLI says it in one line
@@ -179,12 +194,7 @@ class Stack:
         return config
 
     def _save_config(self, config: StackConfig) -> None:
-        path = self.home / "stack.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:  # holds tokens
-            file.write(json.dumps(dataclasses.asdict(config), indent=2))  # (readable by all until a chmod, before)
-        os.replace(tmp, path)
+        _write_private(self.home / "stack.json", json.dumps(dataclasses.asdict(config), indent=2))
 
     @property
     def api_url(self) -> str:
@@ -261,8 +271,18 @@ class Stack:
                                  f"bucketlens stack?): stop that, or give this stack another port in "
                                  f"{self.home / 'stack.json'}")
 
-    def status(self) -> dict[str, Any]:
-        s = self.settings
+    def for_clients(self, explicit: Iterable[str] = ()) -> Settings:
+        """The settings client commands use: the stack's, with the bucket and tokens (``RUNNING_API``) of its index
+        service while it runs, but those named in ``explicit`` (set in the client's own shell)."""
+        path = self.home / "run" / "api-settings.json"
+        started = json_object(path.read_text()) if path.exists() and self.pid("api") is not None else None
+        kept = {name: started[name] for name in RUNNING_API
+                if started is not None and isinstance(started.get(name), str) and name not in set(explicit)}
+        return dataclasses.replace(self.settings, **kept)
+
+    def status(self, settings: Settings | None = None) -> dict[str, Any]:
+        """Addresses, credentials and process states (``settings``: the client's view, ``for_clients``)."""
+        s = settings or self.settings
         return {
             "home": str(self.home),
             "api_url": self.api_url,
@@ -466,6 +486,9 @@ class Stack:
         log_file.close()
         self._children[name] = process
         (self.home / "run" / f"{name}.pid").write_text(_pid_record(process.pid))
+        if name == "api":  # for client commands in any shell (for_clients); it holds tokens
+            _write_private(self.home / "run" / "api-settings.json",
+                           json.dumps({field: getattr(self.settings, field) for field in RUNNING_API}))
 
     def stop_service(self, name: str, kill: bool = False) -> None:
         pid = self.pid(name)

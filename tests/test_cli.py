@@ -20,8 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from bucketlens.cli import NOT_RUNNING, main, upload_plan
-from infra.stack import Stack, free_port
+from bucketlens.cli import NOT_RUNNING, _error_text, client_settings, main, page_url, upload_plan
+from bucketlens.settings import Settings
+from infra.stack import Stack, _pid_record, free_port
 
 from .helpers import object_state, wait_for
 
@@ -624,10 +625,51 @@ def test_up_on_a_running_stack_says_its_processes_keep_their_settings(
     monkeypatch.setenv("BUCKETLENS_READ_TOKEN", "r+t&")
     assert main(["up"]) == 0
     out = capsys.readouterr().out
-    assert "keep the settings they started with" in out and "?token=r%2Bt%26" in out, out
+    assert "keep the settings they started with" in out, out
     assert "is running" in out and "starting the local stack" not in out, out  # (it said "starting" on a running one)
+    # The page's address carries the token the running service has (none: it kept its settings), not this shell's
+    assert f"web page {stack.api_url}/  " in out, out
     assert main(["status", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["read_token"] == "r+t&"
+    assert json.loads(capsys.readouterr().out)["read_token"] == "r+t&"  # this shell's own word, for its commands
+    assert page_url("http://h:1", "r+t&/ ?") == "http://h:1/?token=r%2Bt%26%2F%20%3F"
+
+
+def test_another_shells_commands_take_the_bucket_and_tokens_of_the_running_service(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`BUCKETLENS_READ_TOKEN=... BUCKETLENS_BUCKET=my.photos bucketlens up`, then a new shell: its commands got 401
+    with no hint and `status` named the default bucket (an independent check). Client commands now take the bucket
+    and tokens the index service runs with (recorded when the stack starts it), unless their own shell sets them."""
+    for name in ("BUCKETLENS_BUCKET", "BUCKETLENS_READ_TOKEN", "BUCKETLENS_ADMIN_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BUCKETLENS_HOME", str(stack.home))
+    assert Settings.from_env().bucket != stack.settings.bucket  # (the default: what this shell alone would name)
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bucket"] == stack.settings.bucket
+    assert client_settings(Settings.from_env()).bucket == stack.settings.bucket
+    monkeypatch.setenv("BUCKETLENS_BUCKET", "another-bucket")
+    assert client_settings(Settings.from_env()).bucket == "another-bucket"  # the shell's own word wins
+
+
+def test_client_settings_come_from_a_running_service_only(tmp_path: Path) -> None:
+    stack = Stack(Settings(home=tmp_path))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "api-settings.json").write_text(json.dumps(
+        {"bucket": "my.photos-2024", "read_token": "rt", "admin_token": "mine", "s3_endpoint": "http://elsewhere"}))
+    assert stack.for_clients().bucket == Settings().bucket  # no index service runs: the record is not its
+    (tmp_path / "run" / "api.pid").write_text(_pid_record(os.getpid()))  # this process stands in for one
+    seen = stack.for_clients()
+    assert (seen.bucket, seen.read_token, seen.admin_token) == ("my.photos-2024", "rt", "mine")
+    assert seen.s3_endpoint == stack.settings.s3_endpoint  # only the bucket and tokens are taken
+    assert stack.for_clients(["read_token"]).read_token == ""  # what the client's shell sets stays
+
+
+def test_a_401_names_the_variable_the_cli_sends() -> None:
+    for variable, message in (("BUCKETLENS_READ_TOKEN", "missing or wrong read token"),
+                              ("BUCKETLENS_ADMIN_TOKEN", "missing or wrong admin token")):
+        response = httpx.Response(401, json={"error": {"code": "unauthorized", "message": message}})
+        assert _error_text(response) == f"401 unauthorized: {message} (the CLI sends {variable}: set it to the " \
+                                        "index service's)"
 
 
 def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
