@@ -109,6 +109,16 @@ def test_bad_objects_raise_permanent_errors(data: bytes, reason: str) -> None:
     assert info.value.reason == reason
 
 
+def test_postscript_is_not_an_image_and_never_reaches_ghostscript() -> None:
+    """Pillow hands an EPS file to Ghostscript where it is installed; here (none) it was a `corrupt` failure
+    ("Unable to locate Ghostscript"), which the file is not (an independent check)."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+    for data in (eps, b"\xc5\xd0\xd3\xc6" + bytes(26) + eps):
+        with pytest.raises(PermanentError) as failure:
+            decode(data, LIMIT)
+        assert failure.value.reason == "not_an_image" and "PostScript (EPS)" in str(failure.value)
+
+
 def test_decompression_bomb_is_refused_before_decoding() -> None:
     bomb = encode(Image.new("L", (12_000, 12_000)), "PNG")  # ~100 KB on disk, 144 MP
     assert len(bomb) < 1_000_000

@@ -20,6 +20,11 @@ from .models import Recipe
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey half-image
 Image.MAX_IMAGE_PIXELS = None  # bucketlens checks the pixel count itself, with its own limit and message
 pillow_heif.register_heif_opener()
+Image.init()
+# Every format Pillow reads but EPS, which it hands to Ghostscript where that is installed (a program with a long
+# list of code-execution flaws, run on an untrusted upload or bucket object: an independent check).
+FORMATS = tuple(sorted(set(Image.OPEN) - {"EPS"}))
+POSTSCRIPT = (b"%!PS", b"\xc5\xd0\xd3\xc6")  # EPS, and EPS with a DOS binary header
 MAX_JPEG_SCANS = 100  # a progressive photo has about 10; each scan is another pass over the whole image
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
 
@@ -53,7 +58,7 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels")
@@ -85,6 +90,8 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
     except UnidentifiedImageError as exc:
         if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:  # a phone photo cut short: its boxes do not parse
             raise PermanentError("corrupt", f"HEIF/AVIF ({data[8:12].decode()}) that cannot be read") from exc
+        if data.startswith(POSTSCRIPT):
+            raise PermanentError("not_an_image", "PostScript (EPS) is not read: it would need Ghostscript") from exc
         raise PermanentError("not_an_image", "not a recognised image format") from exc
     except Exception as exc:  # any codec's failure on untrusted bytes (Pillow's AVIF plugin raises RuntimeError)
         raise PermanentError("corrupt", f"image cannot be decoded: {type(exc).__name__}: {exc}") from exc
