@@ -643,11 +643,11 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     url = f"{writer}/rebuild/{job['id']}"
     try:
-        with tqdm(total=max(job["total"], 1), unit="obj", desc=job["mode"]) as bar:
+        with tqdm(total=job["total"] or None, unit="obj", desc=job["mode"]) as bar:  # (none while it lists: 0/1)
             while job["state"] == "running":
                 time.sleep(1)
                 job = _rebuild_state(url, job)
-                bar.total = max(job["total"], 1)
+                bar.total = job["total"] or None
                 bar.n = job["done"]
                 bar.refresh()
     except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the rebuild: say where it goes on
