@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="an image file (its key: its name) or a folder (keys: the paths below it)")
     upload.add_argument("--prefix", default="", help="key prefix for the uploaded objects")
     upload.add_argument("--bucket")
+    upload.add_argument("--hidden", action="store_true", help="also what a folder holds under names that start with "
+                        "'.' and in Synology's @eaDir (thumbnails, caches: left out by default)")
     search = sub.add_parser("search", help="find images by image file, indexed key or words, within filters")
     search.add_argument("image", nargs="?", type=Path)
     search.add_argument("--key")
@@ -331,7 +333,7 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
 
     from .s3 import make_client
 
-    files, skipped = upload_plan(args.paths, args.prefix)
+    files, skipped, hidden = upload_plan(args.paths, args.prefix, args.hidden)
     if not files:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(map(str, args.paths))}")
     bucket = args.bucket or settings.bucket
@@ -359,18 +361,30 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     print(f"uploaded {len(files)} images to s3://{bucket}/{args.prefix}"
           + (f"; {skipped} other files left out (by their names: not {', '.join(sorted(IMAGE_SUFFIXES))}, or "
              "macOS's ._ metadata)"
-             if skipped else ""))
+             if skipped else "")
+          + (f"; {hidden} hidden files left out (names starting with '.', @eaDir; --hidden takes them)" if hidden
+             else ""))
     return 0
 
 
-def upload_plan(paths: list[Path], prefix: str) -> tuple[dict[str, Path], int]:
+HIDDEN_FOLDERS = {"@eaDir"}  # Synology's thumbnails beside each photo
+
+
+def upload_plan(paths: list[Path], prefix: str, hidden: bool = False) -> tuple[dict[str, Path], int, int]:
     """The key of each image to upload (a file: ``prefix`` + its name; a folder's: ``prefix`` + its path below the
-    folder) and how many other files were left out (not images by their names, or macOS's ``._`` metadata)."""
+    folder), how many other files were left out (not images by their names, or macOS's ``._`` metadata), and how
+    many hidden ones a folder held (names below it that start with ``.``, ``HIDDEN_FOLDERS``), unless ``hidden``:
+    ``.thumbnails/`` and ``@eaDir/`` added thumbnails of every photo (an independent check)."""
     keys: dict[str, Path] = {}
-    skipped = 0
+    skipped = left_hidden = 0
     for path in paths:
         if path.is_dir():
             named = [(p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*")) if p.is_file()]
+            if not hidden:
+                shown = [(name, file) for name, file in named
+                         if not any(part.startswith(".") or part in HIDDEN_FOLDERS for part in name.split("/"))]
+                left_hidden += len(named) - len(shown)
+                named = shown
         elif path.is_file():
             named = [(path.name, path)]
         else:
@@ -380,7 +394,7 @@ def upload_plan(paths: list[Path], prefix: str) -> tuple[dict[str, Path], int]:
                 skipped += 1  # metadata beside a copied photo: "._IMG_1.jpg" is no image, and was a failure record)
             elif keys.setdefault(prefix + name, file).resolve() != file.resolve():
                 raise CLIError(f"{keys[prefix + name]} and {file} would both be uploaded as {prefix + name!r}")
-    return keys, skipped
+    return keys, skipped, left_hidden
 
 
 def search_request(settings: Settings, query: dict[str, Any], image: Path | None = None) -> Any:
@@ -565,7 +579,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     stack.up()
     folder = stack.home / "samples"
     files = write_samples(folder)
-    cmd_upload(stack.settings, argparse.Namespace(paths=[folder], prefix="samples/", bucket=None))
+    cmd_upload(stack.settings, argparse.Namespace(paths=[folder], prefix="samples/", bucket=None, hidden=False))
     print("waiting until every sample is searchable ...")
     # Each file's MD5 is its S3 etag (single-part uploads): wait for exactly these versions, not a vector count.
     wanted = {"samples/" + p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in files}

@@ -539,14 +539,19 @@ def test_down_where_no_stack_was_set_up_sets_none_up(tmp_path: Path, monkeypatch
     assert "nothing to stop" in capsys.readouterr().out and not home.exists()  # wrote ports and tokens before
 
 
-def test_upload_leaves_out_macos_metadata_files_but_not_hidden_folders(tmp_path: Path) -> None:
+def test_upload_leaves_out_macos_metadata_and_hidden_files_unless_asked(tmp_path: Path) -> None:
     """A folder copied from a Mac holds "._IMG_1.jpg" (AppleDouble metadata) beside each photo: each was uploaded
-    and became a not_an_image failure record (an independent check)."""
-    for name in ("a.jpg", "._a.jpg", "sub/.hidden/b.png", "notes.txt"):
+    and became a not_an_image failure record; `.thumbnails/` and Synology's `@eaDir/` added a thumbnail of each photo
+    (independent checks). A hidden file named on its own is uploaded."""
+    for name in ("a.jpg", "._a.jpg", "sub/.hidden/b.png", ".c.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    keys, skipped = upload_plan([tmp_path], "p/")
-    assert sorted(keys) == ["p/a.jpg", "p/sub/.hidden/b.png"] and skipped == 2
+    keys, skipped, hidden = upload_plan([tmp_path], "p/")
+    assert sorted(keys) == ["p/a.jpg"] and (skipped, hidden) == (1, 4)  # (notes.txt; "._a.jpg" is hidden too)
+    keys, skipped, hidden = upload_plan([tmp_path], "p/", hidden=True)
+    assert sorted(keys) == ["p/.c.jpg", "p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "p/a.jpg", "p/sub/.hidden/b.png"]
+    assert (skipped, hidden) == (2, 0)
+    assert sorted(upload_plan([tmp_path / ".c.jpg"], "")[0]) == [".c.jpg"]
 
 
 def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket_in_one_line(
