@@ -23,15 +23,17 @@ from starlette.routing import Route
 from bucketlens.auth import token_ok
 from bucketlens.http import EXCEPTION_HANDLERS, HostGuard, HTTPError, JSONResponse, allowed_hosts, only, read_limited
 from bucketlens.openapi import route as openapi_route
-from bucketlens.schemas import object_id
+from bucketlens.schemas import ObjectRef, object_id
 from bucketlens.settings import Settings
 from bucketlens.versions import record
 from vision import labels, local_features, words
-from vision.decode import decode_for
+from vision.decode import decode_for, preview_jpeg
 from vision.embedders import Embedder
 from vision.errors import PermanentError
 from vision.models import recipe
 from vision.words import VocabularyMissing
+from workers.errors import ObjectChanged, TransientError
+from workers.fetch import fetch
 
 from .backend import Index
 from .duplicates import GROUP_MATCHES as DUPLICATE_MATCHES
@@ -203,6 +205,16 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         bucket, key = request.path_params["bucket"], request.path_params["key"]
         return JSONResponse(await run_in_threadpool(_object_state, service, bucket, key))
 
+    async def preview(request: Request) -> Response:
+        """A JPEG of an indexed object for the web page, where the browser cannot show the file (HEIC, TIFF): every
+        result of an iPhone's library showed "no preview" (an independent check). Only indexed objects: the service
+        is no way to read any key of any bucket."""
+        service = service_of(request, read=True)
+        bucket, key = request.path_params["bucket"], request.path_params["key"]
+        etag, body = await run_in_threadpool(_preview, service, decoding, bucket, key)
+        return Response(body, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600", "ETag": f'"{etag}-preview"'})
+
     async def stats(request: Request) -> Response:
         return JSONResponse(service_of(request).stats())
 
@@ -299,6 +311,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             Route("/readyz", readyz),
             Route("/search", search, methods=["POST"]),
             Route("/objects/{bucket}/{key:key}", objects),
+            Route("/preview/{bucket}/{key:key}", preview),
             Route("/duplicates", duplicates),
             Route("/labels", label_list),
             Route("/stats", stats),
@@ -389,6 +402,25 @@ async def _selection(request: Request, with_body: bool = True) -> Selection:
         return Selection.parse(request.query_params, body, request.query_params.getlist("key"))
     except ValueError as exc:
         raise HTTPError(400, "bad_parameter", str(exc)) from exc
+
+
+def _preview(service: Service, decoding: threading.BoundedSemaphore, bucket: str, key: str) -> tuple[str, bytes]:
+    """The indexed version of ``bucket/key`` read from S3 (with the workers' limits) and made a small JPEG once one
+    of the ``DECODES`` places is free; its etag."""
+    obj = service.index.get(bucket, key)
+    if obj is None:
+        raise HTTPError(404, "unknown_object", f"{bucket}/{key} is not in the index")
+    settings = service.settings
+    try:
+        data = fetch(service.s3, ObjectRef(bucket, key, obj.etag), settings.max_object_bytes, settings.fetch_timeout_s)
+        with decoding:
+            return obj.etag, preview_jpeg(data, settings.max_pixels)
+    except ObjectChanged as exc:
+        raise HTTPError(404, "object_changed", f"{bucket}/{key} changed or went since it was indexed") from exc
+    except TransientError as exc:
+        raise HTTPError(503, "s3_unavailable", str(exc)) from exc
+    except PermanentError as exc:
+        raise HTTPError(413 if exc.reason in ("too_large", "too_many_pixels") else 415, exc.reason, str(exc)) from exc
 
 
 def _describe_bounded(decoding: threading.BoundedSemaphore, *args: Any) -> tuple[Any, list[local_features.Features]]:

@@ -277,6 +277,10 @@ def _error(status: int, description: str) -> dict[str, Any]:
     return {str(status): {"description": description, "content": json_content(ref("Error"))}}
 
 
+OBJECT_PATH = [parameter("bucket", {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}, "bucket", "path"),
+               parameter("key", {"type": "string", "minLength": 1},
+                         "object key, percent-encoded (may hold '/', newlines, any character)", "path")]
+
 PATHS: dict[str, Any] = {
     "/healthz": {"get": {"summary": "the process is alive", "responses": answer("alive", obj({"ok": BOOL}, ("ok",)))}},
     "/readyz": {"get": {"summary": "ready: index loaded, stream replayed, model warm, Redis answering, snapshots "
@@ -298,11 +302,15 @@ PATHS: dict[str, Any] = {
     }},
     "/objects/{bucket}/{key}": {"get": {
         "summary": "whether and how an object is indexed, or its failure record", "security": READ,
-        "parameters": [parameter("bucket", {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}, "bucket",
-                                 "path"),
-                       parameter("key", {"type": "string", "minLength": 1},
-                                 "object key, percent-encoded (may hold '/', newlines, any character)", "path")],
+        "parameters": OBJECT_PATH,
         "responses": {**answer("known", ref("ObjectState")), **errors(401, 404, 503)},
+    }},
+    "/preview/{bucket}/{key}": {"get": {
+        "summary": "a small JPEG of an indexed object, for a browser that cannot show its file (HEIC, TIFF, ...)",
+        "security": READ, "parameters": OBJECT_PATH,
+        "responses": {"200": {"description": "the indexed version, oriented, its longer side at most 320 pixels",
+                              "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                      **errors(401, 404, 413, 415, 503)},
     }},
     "/duplicates": {"get": {
         "summary": "groups of near-duplicate images", "security": READ,

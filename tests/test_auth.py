@@ -117,3 +117,19 @@ def test_a_loopback_api_answers_only_loopback_host_names(stack: Stack, api: http
 def test_the_hosts_answered_follow_the_setting_and_the_bind_address(setting: str, bind: str,
                                                                     allowed: frozenset[str] | None) -> None:
     assert allowed_hosts(setting, bind) == allowed
+
+
+def test_with_a_read_token_every_read_route_needs_it() -> None:
+    """The read token guards every route that shows the index's contents, the image previews included (checked
+    before the route touches the service: no Redis or S3 is needed to see the refusal)."""
+    from starlette.testclient import TestClient
+
+    from bucketlens.settings import Settings
+    from index_service.app import create_app
+
+    client = TestClient(create_app(Settings(read_token="rt")), base_url="http://127.0.0.1")  # (no lifespan: no service)
+    for method, path in (("GET", "/"), ("POST", "/search"), ("GET", "/objects/b/k.jpg"), ("GET", "/preview/b/k.jpg"),
+                         ("GET", "/duplicates"), ("GET", "/labels"), ("GET", "/failures")):
+        for params in ({}, {"token": "wrong"}):
+            refused = client.request(method, path, params=params)
+            assert refused.status_code == 401, (method, path, refused.text)

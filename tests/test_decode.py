@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vision.decode import MAX_JPEG_SCANS, decode, decode_image
+from vision.decode import MAX_JPEG_SCANS, decode, decode_image, preview_jpeg
 from workers.errors import PermanentError
 
 LIMIT = 10_000_000
@@ -107,6 +107,21 @@ def test_bad_objects_raise_permanent_errors(data: bytes, reason: str) -> None:
     with pytest.raises(PermanentError) as info:
         decode(data, LIMIT)
     assert info.value.reason == reason
+
+
+def test_a_preview_is_a_small_upright_jpeg_of_any_format_and_keeps_the_limits() -> None:
+    upright = half_red_half_blue(400, 200)  # red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    turned = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)  # as a camera stores it
+    for fmt, data in (("TIFF", encode(upright, "TIFF")), ("HEIF", encode(upright, "HEIF")), ("JPEG", turned)):
+        preview = Image.open(io.BytesIO(preview_jpeg(data, LIMIT)))
+        assert preview.format == "JPEG" and preview.size == (320, 160), (fmt, preview.size)
+        left, right = np.asarray(preview)[:, :100].mean(axis=(0, 1)), np.asarray(preview)[:, -100:].mean(axis=(0, 1))
+        assert left[0] > 200 > left[2] and right[2] > 200 > right[0], (fmt, left, right)
+    with pytest.raises(PermanentError) as failure:
+        preview_jpeg(encode(upright, "PNG"), 1000)
+    assert failure.value.reason == "too_many_pixels"
 
 
 def test_postscript_is_not_an_image_and_never_reaches_ghostscript() -> None:

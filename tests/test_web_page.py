@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 import httpx
 import pytest
@@ -228,18 +228,21 @@ def test_search_by_words_within_a_folder_and_by_tag(
         expect(results).to_have_attribute("data-search-count", "4")
         expect(cards).to_have_count(0)
 
-        # The TIFF is found, and shows a placeholder that names it rather than a broken image.
+        # The TIFF, which Chromium cannot show, is found and shows the service's JPEG of it (it showed "no preview").
         page.get_by_test_id("filter-after").fill("")
         page.get_by_test_id("text-submit").click()
         expect(results).to_have_attribute("data-search-count", "5")
         expect(cards).to_have_count(2)
         tiff_thumb = results.locator(f'[data-key="{keys["coffee.tif"]}"] [data-testid=result-thumb]')
         tiff_thumb.scroll_into_view_if_needed()
-        expect(tiff_thumb).to_have_class(re.compile(r"\bbroken\b"))
-        expect(tiff_thumb).to_have_attribute("src", re.compile(r"^data:image/svg\+xml,.*no%20preview.*coffee\.tif"))
-        expect(tiff_thumb).to_have_js_property("naturalWidth", 160)  # the placeholder decoded
-        wait_thumbnails_loaded(page, keys["coffee.png"])  # the JPEG beside it shows its pixels
+        expect(tiff_thumb).to_have_attribute("src", re.compile(r"^/preview/"))
+        wait_thumbnails_loaded(page, unique_prefix, at_least=2)  # both show their pixels, none the placeholder
         page.screenshot(path=str(ARTIFACTS / "web-page-tiff.png"), full_page=True)
+        preview = api.get(f"/preview/{bucket}/{quote(keys['coffee.tif'])}")
+        assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg", preview.text[:200]
+        assert max(Image.open(io.BytesIO(preview.content)).size) == 320
+        unknown = api.get(f"/preview/{bucket}/{quote(unique_prefix)}no-such-image.tif")  # never a way to read S3
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_object", unknown.text
 
         # A failed search takes the previous results away with it: they do not answer the failed query.
         page.get_by_test_id("key-input").fill(unique_prefix + "no-such-image.jpg")

@@ -5,10 +5,12 @@ stood for."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pillow_heif
@@ -53,38 +55,62 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
     """Decode one image (first frame of an animation): the model input, and a grayscale copy whose longer side is
     at most ``gray_side`` when that is not 0. ``trim``: solid-colour borders (padding, letterboxing) are cut off
     first, so a padded copy is described like its source."""
+    with _decoding(data):
+        image, width, height = _open_rgb(data, max_pixels, max(size, gray_side))
+        if trim:
+            untrimmed = image.size  # (after draft: a reduced scale of ``width`` x ``height``)
+            image = trim_borders(image)
+            width = round(width * image.width / untrimmed[0])
+            height = round(height * image.height / untrimmed[1])
+        gray = None
+        if gray_side:
+            scale = min(1.0, gray_side / max(image.size))
+            target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            gray = np.asarray(image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0).convert("L"))
+        square = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return Decoded(np.asarray(square, dtype=np.uint8), gray, width, height)
+
+
+def preview_jpeg(data: bytes, max_pixels: int, side: int = 320) -> bytes:
+    """A JPEG of the image (first frame) whose longer side is at most ``side``, for a browser that cannot show the
+    file itself (HEIC, TIFF, ...): oriented, in RGB, decoded as the model's input is, with the same limits."""
+    with _decoding(data):
+        image, _, _ = _open_rgb(data, max_pixels, side)
+        image.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        return out.getvalue()
+
+
+def _open_rgb(data: bytes, max_pixels: int, side: int) -> tuple[Image.Image, int, int]:
+    """The image oriented and in RGB (a large JPEG decoded at a reduced scale still above ``side``), and its
+    width and height before that scale."""
     if not data:
         raise PermanentError("empty", "the file is empty (zero bytes)")
+    image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels")
+    if image.format == "JPEG":
+        # A scan bomb: libjpeg has no limit of its own, and 10,000 repeated scans took 34-46 s to decode.
+        # Every scan starts with an SOS marker, which entropy-coded data never holds (0xFF is stuffed).
+        if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise PermanentError("corrupt", f"JPEG of {scans} scans: at most {MAX_JPEG_SCANS} are decoded")
+        image.draft("RGB", (side, side))  # decoded at a reduced scale (1/2, 1/4, 1/8) where it is much larger
+    image.load()
+    image = _to_rgb(_orient(image))
+    if (image.width > image.height) != (width > height):  # EXIF turned it (the header size is pre-draft)
+        width, height = height, width
+    return image, width, height
+
+
+@contextlib.contextmanager
+def _decoding(data: bytes) -> Iterator[None]:
+    """Decoding ``data``'s failures as PermanentErrors: untrusted bytes, whatever the codec raises."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels")
-            if image.format == "JPEG":
-                # A scan bomb: libjpeg has no limit of its own, and 10,000 repeated scans took 34-46 s to decode.
-                # Every scan starts with an SOS marker, which entropy-coded data never holds (0xFF is stuffed).
-                if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-                    raise PermanentError("corrupt", f"JPEG of {scans} scans: at most {MAX_JPEG_SCANS} are decoded")
-                # Decode at a reduced scale (1/2, 1/4, 1/8) when the photo is much larger than what is needed.
-                image.draft("RGB", (max(size, gray_side), max(size, gray_side)))
-            image.load()
-            image = _to_rgb(_orient(image))
-            if (image.width > image.height) != (width > height):  # EXIF turned it (the header size is pre-draft)
-                width, height = height, width
-            if trim:
-                untrimmed = image.size  # (after draft: a reduced scale of ``width`` x ``height``)
-                image = trim_borders(image)
-                width = round(width * image.width / untrimmed[0])
-                height = round(height * image.height / untrimmed[1])
-            gray = None
-            if gray_side:
-                scale = min(1.0, gray_side / max(image.size))
-                target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-                gray = np.asarray(image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0).convert("L"))
-            square = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-            return Decoded(np.asarray(square, dtype=np.uint8), gray, width, height)
+            yield
     except PermanentError:
         raise
     except UnidentifiedImageError as exc:
