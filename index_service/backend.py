@@ -86,17 +86,20 @@ class ApplyStats:
             self.settled.append(oid)
 
 
-def verdict(entry: ResultEntry, held: int | None, tombstone: int | None, model: str, dim: int) -> str:
-    """What one stream entry does to an object whose live version has order ``held`` and whose last delete had
-    order ``tombstone`` (None: none): ``ignore`` (a worker's note), ``stale`` (older than what the index holds, or
-    an upsert no newer than the delete that removed the object: it must not come back), ``reject`` (another
-    model or dimension), ``delete`` or ``upsert``.
+def verdict(entry: ResultEntry, held: int | None, tombstone: int | None, model: str, dim: int,
+            held_etag: str = "") -> str:
+    """What one stream entry does to an object whose live version has order ``held`` and etag ``held_etag`` and
+    whose last delete had order ``tombstone`` (None: none): ``ignore`` (a worker's note), ``stale`` (older than
+    what the index holds, or an upsert no newer than the delete that removed the object: it must not come back),
+    ``reject`` (another model or dimension), ``delete`` or ``upsert``.
 
-    A ``failed`` note of a version newer than the one held deletes it: the key no longer holds that picture (it
-    was overwritten by an empty file, a text, a truncated upload), and a result would show it under the key while
-    its link serves the new bytes (an independent check)."""
+    A ``failed`` note of a newer version, of other bytes, deletes the one held: the key no longer holds that
+    picture (it was overwritten by an empty file, a text, a truncated upload), and a result would show it under
+    the key while its link serves the new bytes (an independent check). The same bytes under a higher order (a
+    listing orders a version by its time in ms, its event by a sequencer; an identical re-upload) are the held
+    picture itself, whose task failed for a passing reason: it stays."""
     if entry.op == "failed":
-        return "delete" if held is not None and held < entry.order else "ignore"
+        return "delete" if held is not None and held < entry.order and held_etag != entry.etag else "ignore"
     if entry.op not in ("upsert", "delete"):
         return "ignore"
     if held is not None and held > entry.order:

@@ -303,7 +303,7 @@ class MilvusIndex(SearchOne):
                 row = held.get(oid)
                 order = None if row is None or row["deleted"] else int(row["order"])  # the live version's
                 tombstone = int(row["order"]) if row is not None and row["deleted"] else None
-                outcome = verdict(entry, order, tombstone, self.model, self.dim)
+                outcome = verdict(entry, order, tombstone, self.model, self.dim, str(row["etag"]) if row else "")
                 stats.record(outcome, entry)
                 if outcome == "delete":
                     left = tombstone_after(tombstone, entry)
@@ -333,7 +333,7 @@ class MilvusIndex(SearchOne):
         for start in range(0, len(oids), 1000):
             part = oids[start : start + 1000]
             expr = f"{'deleted == false and ' if live else ''}oid in [{', '.join(literal(o) for o in part)}]"
-            for row in self._query(expr, ["oid", "order", "deleted", "deleted_at"], strong=True):
+            for row in self._query(expr, ["oid", "order", "deleted", "deleted_at", "etag"], strong=True):
                 found[row["oid"]] = row
         return found
 

@@ -485,7 +485,7 @@ class VectorIndex(SearchOne):
         current = self._objects.get(current_id) if current_id is not None else None
         tombstone = self._tombstones.get(oid)
         outcome = verdict(entry, current.order if current else None, tombstone[0] if tombstone else None,
-                          self.model, self.dim)
+                          self.model, self.dim, current.etag if current else "")
         stats.record(outcome, entry)
         if outcome == "delete":
             if current_id is not None:
