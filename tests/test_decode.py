@@ -61,6 +61,10 @@ def test_a_float_image_of_a_photo_decodes_as_the_photo_does(scale: float) -> Non
     expected = decode(encode(gray, "PNG"), LIMIT).astype(int)
     pixels = decode(encode(Image.fromarray(values, "F"), "TIFF"), LIMIT).astype(int)
     assert np.abs(pixels - expected).max() <= 1
+    if scale == 1.0:  # processing leaves some overshoot: one value past 1 read the rest as 0..255, all black
+        values[0, 0] = 1.05
+        pixels = decode(encode(Image.fromarray(values, "F"), "TIFF"), LIMIT).astype(int)
+        assert np.abs(pixels - expected).max() <= 2
 
 
 def test_a_float_image_with_nan_and_a_range_of_its_own_keeps_its_picture() -> None:

@@ -171,15 +171,15 @@ ROWS = 256  # rows of a 16- or 32-bit image scaled to 8 bits at a time
 def _to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
     """One band of 16- or 32-bit integers or of floats scaled to 0..255. Integers by 16 bits' peak, or 8 bits' where
     a 32-bit image stays below 256, or by their own range past 16 bits (it was all white or black). Floats: 0..1,
-    the usual convention (clipped to 0..255, a float TIFF of a photo became an all-black image, indexed without a
-    word: an independent check), 0..255, or their own range; NaN is black. A band of rows at a time: float64 copies
+    the usual convention, up to 2 (clipped to 0..255, a float TIFF of a photo became an all-black image, indexed
+    without a word: an independent check), 0..255, or their own range; NaN is black. A band of rows at a time: float64 copies
     of the whole image took 2.6 GB for one 64 MP 16-bit PNG."""
     low, high = float(pixels.min()), float(pixels.max())
     if not (math.isfinite(low) and math.isfinite(high)):  # a float image with NaN or infinities
         finite = pixels[np.isfinite(pixels)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if mode == "F":
-        floor, peak = (0.0, 1.0) if 0 <= low and high <= 1 else (0.0, 255.0) if 0 <= low and high <= 255 else (
+    if mode == "F":  # (0..1 with some overshoot, as processing leaves it, is still 0..1: it was read as 0..255)
+        floor, peak = (0.0, 1.0) if 0 <= low and high <= 2 else (0.0, 255.0) if 0 <= low and high <= 255 else (
             low, max(high - low, 1e-6))
     else:
         floor, peak = 0.0, 65535.0 if mode.startswith("I;16") or high > 255 else 255.0
