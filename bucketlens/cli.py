@@ -218,8 +218,9 @@ def client_settings(settings: Settings) -> Settings:
 
 
 def _explicit() -> list[str]:
-    """The settings this shell sets (``BUCKETLENS_*`` variables)."""
-    return [field.name for field in dataclasses.fields(Settings) if f"BUCKETLENS_{field.name.upper()}" in os.environ]
+    """The settings this shell sets (``BUCKETLENS_*`` variables, an empty one not: ``BUCKETLENS_ADMIN_TOKEN=`` sent
+    the token of ``stack.json``, neither none nor the running service's)."""
+    return [field.name for field in dataclasses.fields(Settings) if os.environ.get(f"BUCKETLENS_{field.name.upper()}")]
 
 
 def api_url(settings: Settings) -> str:
@@ -335,7 +336,8 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
 
     files, skipped, hidden = upload_plan(args.paths, args.prefix, args.hidden)
     if not files:
-        raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(map(str, args.paths))}")
+        raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(map(str, args.paths))}"
+                       + (f" ({hidden} hidden files left out: --hidden takes them)" if hidden else ""))
     bucket = args.bucket or settings.bucket
     s3 = make_client(settings)
     try:  # before the progress bar: a missing bucket or S3 away fails every file the same way
@@ -577,17 +579,18 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
     stack, _ = _stack_for_up(settings, args)
     stack.up()
+    client = stack.for_clients(_explicit())  # (a stack that ran before keeps its bucket and tokens)
     folder = stack.home / "samples"
     files = write_samples(folder)
-    cmd_upload(stack.settings, argparse.Namespace(paths=[folder], prefix="samples/", bucket=None, hidden=False))
+    cmd_upload(client, argparse.Namespace(paths=[folder], prefix="samples/", bucket=None, hidden=False))
     print("waiting until every sample is searchable ...")
     # Each file's MD5 is its S3 etag (single-part uploads): wait for exactly these versions, not a vector count.
     wanted = {"samples/" + p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
     deadline = time.monotonic() + 300
     while wanted:
         for key, etag in list(wanted.items()):
-            state = httpx.get(f"{stack.api_url}/objects/{stack.settings.bucket}/{quote(key)}",
-                              headers=read_headers(stack.settings), timeout=10)
+            state = httpx.get(f"{stack.api_url}/objects/{client.bucket}/{quote(key)}",
+                              headers=read_headers(client), timeout=10)
             if state.status_code == 200 and state.json()["state"] == "indexed" and state.json()["etag"] == etag:
                 del wanted[key]
         if wanted and time.monotonic() > deadline:
@@ -596,8 +599,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     for copy in sorted(p for p in files if "augmented" in p.parts)[:3]:
         original = "samples/" + copy.name.replace("-flipped-crop", "")
         print(f"\nnearest to {original}  (the set holds a mirrored, cropped, brightened copy of it)")
-        query = {"key": original, "bucket": stack.settings.bucket, "k": 3}
-        for hit in search_request(stack.settings, query)["results"]:
+        query = {"key": original, "bucket": client.bucket, "k": 3}
+        for hit in search_request(client, query)["results"]:
             print(f"  {hit['score']:.4f}  {plain(hit['key'])}{same_photo(hit)}")
     print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")
     return 0

@@ -28,7 +28,7 @@ ERROR: Schema = {
 STATUS_TEXT = {
     400: "bad input", 401: "missing or wrong token", 403: "refused: no admin token is configured",
     404: "unknown", 409: "conflict", 413: "too large", 415: "unsupported media type or not an image",
-    503: "not ready, or Redis or S3 unreachable: try again",
+    502: "the S3 server refused the service's request", 503: "not ready, or Redis or S3 unreachable: try again",
 }
 
 

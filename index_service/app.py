@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -76,11 +77,15 @@ PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", 
 # cores), and each decode may hold ~1.3 GB (a 64 MP RGBA PNG): three at once took the service to 4.4 GB, and the
 # thread pool's 40 would have taken far more than the machine (a security check).
 DECODES = max(2, os.cpu_count() or 2)
+# Previews fetched and decoded at once (``GET /preview``), beside the searches' places: a page of 50 HEIC results
+# would otherwise take them all. Waiting previews hold no thread of the pool that searches run in.
+PREVIEWS = max(1, DECODES // 2)
 
 
 def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlette:
     """The index service; ``embedder`` lets tests share one loaded model across apps."""
     decoding = threading.BoundedSemaphore(DECODES)
+    previewing = asyncio.Semaphore(PREVIEWS)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -211,9 +216,11 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         is no way to read any key of any bucket."""
         service = service_of(request, read=True)
         bucket, key = request.path_params["bucket"], request.path_params["key"]
-        etag, body = await run_in_threadpool(_preview, service, decoding, bucket, key)
-        return Response(body, media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=3600", "ETag": f'"{etag}-preview"'})
+        wanted = _params(request, ("etag",), "GET /preview").get("etag")
+        async with previewing:
+            etag, body = await run_in_threadpool(_preview, service, bucket, key, wanted)
+        cache = "private, max-age=86400" if wanted else "private, no-cache"  # (an address that names the version)
+        return Response(body, media_type="image/jpeg", headers={"Cache-Control": cache, "ETag": f'"{etag}-preview"'})
 
     async def stats(request: Request) -> Response:
         return JSONResponse(service_of(request).stats())
@@ -404,22 +411,26 @@ async def _selection(request: Request, with_body: bool = True) -> Selection:
         raise HTTPError(400, "bad_parameter", str(exc)) from exc
 
 
-def _preview(service: Service, decoding: threading.BoundedSemaphore, bucket: str, key: str) -> tuple[str, bytes]:
-    """The indexed version of ``bucket/key`` read from S3 (with the workers' limits) and made a small JPEG once one
-    of the ``DECODES`` places is free; its etag."""
+def _preview(service: Service, bucket: str, key: str, wanted: str | None) -> tuple[str, bytes]:
+    """The indexed version of ``bucket/key`` (``wanted``: only if it has that etag; a page's results name theirs)
+    read from S3 with the workers' limits and made a small JPEG; its etag."""
     obj = service.index.get(bucket, key)
     if obj is None:
         raise HTTPError(404, "unknown_object", f"{bucket}/{key} is not in the index")
+    changed = HTTPError(404, "object_changed", f"{bucket}/{key} changed or went since it was indexed")
+    if wanted is not None and wanted != obj.etag:
+        raise changed
     settings = service.settings
     try:
         data = fetch(service.s3, ObjectRef(bucket, key, obj.etag), settings.max_object_bytes, settings.fetch_timeout_s)
-        with decoding:
-            return obj.etag, preview_jpeg(data, settings.max_pixels)
+        return obj.etag, preview_jpeg(data, settings.max_pixels)
     except ObjectChanged as exc:
-        raise HTTPError(404, "object_changed", f"{bucket}/{key} changed or went since it was indexed") from exc
+        raise changed from exc
     except TransientError as exc:
         raise HTTPError(503, "s3_unavailable", str(exc)) from exc
     except PermanentError as exc:
+        if exc.reason == "access_denied":
+            raise HTTPError(502, "s3_refused", str(exc)) from exc
         raise HTTPError(413 if exc.reason in ("too_large", "too_many_pixels") else 415, exc.reason, str(exc)) from exc
 
 

@@ -307,10 +307,12 @@ PATHS: dict[str, Any] = {
     }},
     "/preview/{bucket}/{key}": {"get": {
         "summary": "a small JPEG of an indexed object, for a browser that cannot show its file (HEIC, TIFF, ...)",
-        "security": READ, "parameters": OBJECT_PATH,
+        "security": READ,
+        "parameters": [*OBJECT_PATH, parameter("etag", TEXT, "only this version (404 object_changed for another); "
+                                               "the answer may then be kept a day")],
         "responses": {"200": {"description": "the indexed version, oriented, its longer side at most 320 pixels",
                               "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
-                      **errors(401, 404, 413, 415, 503)},
+                      **errors(400, 401, 404, 413, 415, 502, 503)},
     }},
     "/duplicates": {"get": {
         "summary": "groups of near-duplicate images", "security": READ,

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bucketlens.cli import NOT_RUNNING, _error_text, client_settings, main, page_url, upload_plan
+from bucketlens.cli import NOT_RUNNING, _error_text, _explicit, client_settings, main, page_url, upload_plan
 from bucketlens.settings import Settings
 from infra.stack import Stack, _pid_record, free_port
 
@@ -539,7 +539,9 @@ def test_down_where_no_stack_was_set_up_sets_none_up(tmp_path: Path, monkeypatch
     assert "nothing to stop" in capsys.readouterr().out and not home.exists()  # wrote ports and tokens before
 
 
-def test_upload_leaves_out_macos_metadata_and_hidden_files_unless_asked(tmp_path: Path) -> None:
+def test_upload_leaves_out_macos_metadata_and_hidden_files_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A folder copied from a Mac holds "._IMG_1.jpg" (AppleDouble metadata) beside each photo: each was uploaded
     and became a not_an_image failure record; `.thumbnails/` and Synology's `@eaDir/` added a thumbnail of each photo
     (independent checks). A hidden file named on its own is uploaded."""
@@ -552,6 +554,9 @@ def test_upload_leaves_out_macos_metadata_and_hidden_files_unless_asked(tmp_path
     assert sorted(keys) == ["p/.c.jpg", "p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "p/a.jpg", "p/sub/.hidden/b.png"]
     assert (skipped, hidden) == (2, 0)
     assert sorted(upload_plan([tmp_path / ".c.jpg"], "")[0]) == [".c.jpg"]
+    monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path / "no-stack"))
+    assert main(["upload", str(tmp_path / "sub")]) == 1  # (only a hidden folder's image below it)
+    one_error_line(capsys, "no images", "(1 hidden files left out: --hidden takes them)")
 
 
 def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket_in_one_line(
@@ -667,6 +672,15 @@ def test_client_settings_come_from_a_running_service_only(tmp_path: Path) -> Non
     assert (seen.bucket, seen.read_token, seen.admin_token) == ("my.photos-2024", "rt", "mine")
     assert seen.s3_endpoint == stack.settings.s3_endpoint  # only the bucket and tokens are taken
     assert stack.for_clients(["read_token"]).read_token == ""  # what the client's shell sets stays
+
+
+
+def test_an_empty_variable_is_not_a_setting_of_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BUCKETLENS_ADMIN_TOKEN=`` counted as set: the CLI sent stack.json's token, neither none nor the running
+    service's, and got 401 (an independent review)."""
+    monkeypatch.setenv("BUCKETLENS_ADMIN_TOKEN", "")
+    monkeypatch.setenv("BUCKETLENS_READ_TOKEN", "rt")
+    assert "admin_token" not in _explicit() and "read_token" in _explicit()
 
 
 def test_a_401_names_the_variable_the_cli_sends() -> None:

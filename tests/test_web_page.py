@@ -238,9 +238,15 @@ def test_search_by_words_within_a_folder_and_by_tag(
         expect(tiff_thumb).to_have_attribute("src", re.compile(r"^/preview/"))
         wait_thumbnails_loaded(page, unique_prefix, at_least=2)  # both show their pixels, none the placeholder
         page.screenshot(path=str(ARTIFACTS / "web-page-tiff.png"), full_page=True)
-        preview = api.get(f"/preview/{bucket}/{quote(keys['coffee.tif'])}")
+        tiff_path = f"/preview/{bucket}/{quote(keys['coffee.tif'])}"
+        preview = api.get(tiff_path)
         assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg", preview.text[:200]
         assert max(Image.open(io.BytesIO(preview.content)).size) == 320
+        etag = object_state(api, bucket, keys["coffee.tif"])["etag"]  # type: ignore[index]
+        named = api.get(tiff_path, params={"etag": etag})  # the page names the version: a browser may keep it
+        assert named.status_code == 200 and "max-age" in named.headers["cache-control"], named.headers
+        other = api.get(tiff_path, params={"etag": "another-version"})
+        assert other.status_code == 404 and other.json()["error"]["code"] == "object_changed", other.text
         unknown = api.get(f"/preview/{bucket}/{quote(unique_prefix)}no-such-image.tif")  # never a way to read S3
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_object", unknown.text
 
