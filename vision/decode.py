@@ -172,8 +172,8 @@ def _to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
     """One band of 16- or 32-bit integers or of floats scaled to 0..255. Integers by 16 bits' peak, or 8 bits' where
     a 32-bit image stays below 256, or by their own range past 16 bits (it was all white or black). Floats: 0..1,
     the usual convention, up to 2 (clipped to 0..255, a float TIFF of a photo became an all-black image, indexed
-    without a word: an independent check), 0..255, or their own range; NaN is black. A band of rows at a time: float64 copies
-    of the whole image took 2.6 GB for one 64 MP 16-bit PNG."""
+    without a word: an independent check), 0..255, or their own range; NaN is black. A band of rows at a time:
+    float64 copies of the whole image took 2.6 GB for one 64 MP 16-bit PNG."""
     low, high = float(pixels.min()), float(pixels.max())
     if not (math.isfinite(low) and math.isfinite(high)):  # a float image with NaN or infinities
         finite = pixels[np.isfinite(pixels)]
