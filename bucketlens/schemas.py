@@ -15,9 +15,14 @@ import numpy as np
 from .ordering import time_order
 
 SCHEMA_VERSION = 1  # object references (task payloads)
-RESULT_VERSION = 3  # result-stream entries; 2 added ``features`` and ``pixels``, 3 ``labels`` and ``modified``;
-READABLE_RESULTS = (b"1", b"2", b"3")  # older entries still read (a worker of the previous release may be running)
+# Result-stream entries: 2 added ``features`` and ``pixels``, 3 ``labels`` and ``modified``, 4 a ``failed`` note's
+# ``reason``. Older entries are still read: a worker of the previous release may be running.
+RESULT_VERSION = 4
+READABLE_RESULTS = (b"1", b"2", b"3", b"4")
 OPS = ("upsert", "delete", "failed", "skipped")
+# Failure reasons that the object's bytes decide: the same version fails again whatever the retry (the others, S3
+# unreachable, too slow, a lost worker, can pass).
+CONTENT_REASONS = frozenset({"empty", "not_an_image", "corrupt", "too_many_pixels", "too_large"})
 
 
 class SchemaError(ValueError):
@@ -112,6 +117,7 @@ class ResultEntry:
     pixels: int = 0  # width x height of the stored image: the best of a group of copies has the most
     labels: str = ""  # the classifier's most probable classes (``vision.labels.encode``); "" when not known
     modified: float = 0.0  # ``ObjectRef.modified``
+    reason: str = ""  # a ``failed`` note's failure reason ("" in entries of version 3 and before)
 
     def to_fields(self) -> dict[Any, Any]:
         """Flat Redis stream fields (typed loosely: redis-py's annotations want its own union types)."""
@@ -131,6 +137,7 @@ class ResultEntry:
             "pixels": str(self.pixels),
             "labels": self.labels,
             "modified": repr(self.modified),
+            "reason": self.reason,
         }
         if self.vector is not None:
             vector = np.ascontiguousarray(self.vector, dtype="<f4")
@@ -170,6 +177,7 @@ class ResultEntry:
                 pixels=int(get.get("pixels", b"0")),
                 labels=get.get("labels", b"").decode(),
                 modified=modified,
+                reason=get.get("reason", b"").decode(),
             )
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise SchemaError(f"bad result entry: {exc}") from exc

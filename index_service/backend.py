@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from bucketlens.schemas import ResultEntry, object_id
+from bucketlens.schemas import CONTENT_REASONS, ResultEntry, object_id
 from vision import labels as vision_labels
 from vision.labels import Labels
 
@@ -97,9 +97,13 @@ def verdict(entry: ResultEntry, held: int | None, tombstone: int | None, model: 
     picture (it was overwritten by an empty file, a text, a truncated upload), and a result would show it under
     the key while its link serves the new bytes (an independent check). The same bytes under a higher order (a
     listing orders a version by its time in ms, its event by a sequencer; an identical re-upload) are the held
-    picture itself, whose task failed for a passing reason: it stays."""
+    picture itself, whose task failed for a passing reason: it stays. A version that failed by its content while
+    nothing is held leaves a tombstone too (below it): an older version's upsert merged after it must not bring
+    back a picture the key no longer holds (the older task downloaded before the overwrite, and finished last)."""
     if entry.op == "failed":
-        return "delete" if held is not None and held < entry.order and held_etag != entry.etag else "ignore"
+        if held is None:
+            return "delete" if entry.reason in CONTENT_REASONS else "ignore"
+        return "delete" if held < entry.order and held_etag != entry.etag else "ignore"
     if entry.op not in ("upsert", "delete"):
         return "ignore"
     if held is not None and held > entry.order:

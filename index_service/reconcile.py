@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from bucketlens.ordering import time_order
-from bucketlens.schemas import ObjectRef, object_id
+from bucketlens.schemas import CONTENT_REASONS, ObjectRef, object_id
 from bucketlens.versions import record
 from ingest.scanner import scan
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from .service import Service
 
 log = logging.getLogger(__name__)
-SETTLED_BY_CONTENT = frozenset({"empty", "not_an_image", "corrupt", "too_many_pixels", "too_large"})
 
 
 @dataclasses.dataclass
@@ -122,4 +121,4 @@ def _queued(mark: dict[str, str], ref: ObjectRef, oldest: float) -> bool:
 
 
 def _settled(failure: dict[str, str], ref: ObjectRef) -> bool:
-    return failure["etag"] == ref.etag and failure["reason"] in SETTLED_BY_CONTENT
+    return failure["etag"] == ref.etag and failure["reason"] in CONTENT_REASONS

@@ -18,8 +18,9 @@ import pytest
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
-from bucketlens.schemas import ObjectRef, failure_record
+from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
 from index_service.failures import Selection, _refs
+from index_service.merger import stream_order
 from infra.stack import Stack
 from ingest.publisher import Publisher
 from workers.pipeline import Embedded
@@ -112,6 +113,22 @@ def test_a_photo_overwritten_with_a_broken_file_leaves_the_index(stack: Stack, s
     assert state["state"] == "failed" and state["failure"]["reason"] == "not_an_image", state
     hits = api.post("/search", files={"image": ("q.jpg", original, "image/jpeg")}, data={"k": "50"})
     assert hits.status_code == 200 and key not in [hit["key"] for hit in hits.json()["results"]], hits.text
+    # The other order: the text's note merged while nothing was held, then the photo's upsert (its task downloaded
+    # before the overwrite and finished last), sent here as the worker would have written it.
+    redis, keys = connect(stack.settings.redis_url), Keys(stack.settings.namespace)
+    written = [ResultEntry.from_fields(fields) for _, fields in redis.xrange(keys.results)]
+    photo_entry = next(e for e in written if e.op == "upsert" and e.key == key)
+    note = next(e for e in written if e.op == "failed" and e.key == key)
+    assert note.reason == "not_an_image", note
+    late = f"{unique_prefix}late.jpg"
+    s3.put_object(Bucket=bucket, Key=late, Body=b"this is not an image either\n")
+    failure = wait_for(lambda: (found := object_state(api, bucket, late)) and found["state"] == "failed" and found,
+                       90, what="the text's failure")
+    last = redis.xadd(keys.results, dataclasses.replace(photo_entry, key=late, order=int(failure["order"]) - 5)
+                      .to_fields())
+    wait_for(lambda: stream_order(api.get("/stats").json()["last_applied_id"]) >= stream_order(last.decode()), 60,
+             what="the late upsert merged")
+    assert not object_state(api, bucket, late)["indexed"]
 
 
 def test_selection_from_query_and_body() -> None:

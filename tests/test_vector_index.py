@@ -53,23 +53,28 @@ def test_stream_entry_round_trip() -> None:
     again = ResultEntry.from_fields(fields)
     assert (again.features, again.pixels, again.labels, again.modified) == (
         b"O1\x00\x00", 12_000_000, "281:0.5", 1_700_000_000.25)
+    note = ResultEntry("failed", "b", "a", "e", "", 3, 1, reason="not_an_image")
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in note.to_fields().items()}
+    assert ResultEntry.from_fields(fields).reason == "not_an_image"
     fields[b"modified"] = b"nan"
     with pytest.raises(SchemaError, match="modified"):
         ResultEntry.from_fields(fields)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_older_stream_entries_still_read(version: int) -> None:
-    """Entries written by workers before features and pixel counts (v1), or labels and times (v2), existed: a
-    rolling upgrade."""
+    """Entries written by workers before features and pixel counts (v1), labels and times (v2), or a failed note's
+    reason (v3) existed: a rolling upgrade."""
     fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in upsert("a", 1, 1).to_fields().items()}
     fields[b"v"] = str(version).encode()
-    del fields[b"labels"], fields[b"modified"]
+    del fields[b"reason"]
+    if version <= 2:
+        del fields[b"labels"], fields[b"modified"]
     if version == 1:
         del fields[b"features"], fields[b"pixels"]
     back = ResultEntry.from_fields(fields)
     assert back.features == b"" and back.pixels == 0 and back.vector is not None
-    assert back.labels == "" and back.modified == 0.0
+    assert back.labels == "" and back.modified == 0.0 and back.reason == ""
 
 
 def clustered(n: int, dim: int, centroids: int, seed: int = 0) -> np.ndarray:

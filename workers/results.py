@@ -38,8 +38,9 @@ class ResultWriter:
                                 ref.generation, item.model, item.vector, item.features, item.pixels, item.labels,
                                 ref.modified)
             pipe.xadd(self.keys.results, entry.to_fields())
-        for ref, op in [(r, "failed") for r, _, _ in failed] + [(r, "skipped") for r in skipped]:
-            note = ResultEntry(op, ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation)
+        for ref, op, reason in [(r, "failed", why) for r, why, _ in failed] + [(r, "skipped", "") for r in skipped]:
+            note = ResultEntry(op, ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation,
+                               reason=reason)
             pipe.xadd(self.keys.results, note.to_fields())
         for ref, reason, message in failed:
             pipe.hset(self.keys.failures, ref.object_id, failure_record(ref, reason, message, attempts, now))
