@@ -35,6 +35,14 @@ def take(connection: Connection, queue: str) -> Any:
     return message
 
 
+@dataclasses.dataclass
+class Received:
+    """What Celery's main process makes of a delivery (``celery.worker.request.Request``), read by ``Deliveries``."""
+
+    message: Any
+    acknowledged: bool = False  # asked the broker to acknowledge or reject it
+
+
 def test_only_tasks_no_live_worker_holds_go_back_after_the_grace(publisher: Publisher) -> None:
     keys, redis = publisher.keys, publisher.redis
     refs = [ObjectRef("b", f"k{i}", "e") for i in range(2)]
@@ -42,7 +50,7 @@ def test_only_tasks_no_live_worker_holds_go_back_after_the_grace(publisher: Publ
     with publisher.celery.connection_for_read() as connection:
         alive, dead = take(connection, keys.live_queue), take(connection, keys.live_queue)
         worker = Deliveries(redis, keys)
-        worker.hold(alive)  # the other one's worker died before it could say so (or its record expired)
+        worker.hold(Received(alive))  # the other one's worker died before it could say so (or its record expired)
         try:
             report = queue_report(redis, keys)
             assert (report["unacked"], report["unacked_live"], report["unacked_dead"]) == (2, 1, 1)
@@ -76,7 +84,7 @@ def test_a_dead_workers_held_tasks_go_back_once_its_record_expired(publisher: Pu
     with publisher.celery.connection_for_read() as connection:
         message = take(connection, keys.live_queue)
         worker = Deliveries(redis, keys)
-        worker.hold(message)
+        worker.hold(Received(message))
         redelivery = Redelivery(redis, keys, publisher.celery)
         assert redelivery.check(now=0.0) == [] and redelivery.check(now=GRACE_S) == []
         worker._stop.set()  # the worker dies: no more beats, and its record expires (HEARTBEAT_TTL_S, here at once)
@@ -87,3 +95,30 @@ def test_a_dead_workers_held_tasks_go_back_once_its_record_expired(publisher: Pu
         message.ack()  # a worker that was only frozen acknowledges late: nothing breaks, nothing is doubled
         report = queue_report(redis, keys)
         assert report["unacked"] == 0 and report["queues"][keys.live_queue]["depth"] == 1
+
+
+def test_a_task_whose_acknowledgement_redis_never_got_goes_back(publisher: Publisher) -> None:
+    """Redis restarting as a worker acknowledged a finished task: Celery logged "Couldn't ack" and marked the request
+    acknowledged, the message stayed in kombu's ``unacked`` hash, and the live worker said it held it: ``unacked`` 1
+    with every worker idle until the visibility timeout, 10 minutes (an independent check)."""
+    keys, redis = publisher.keys, publisher.redis
+    publisher.send_embeds([ObjectRef("b", "k", "e")])
+    with publisher.celery.connection_for_read() as connection:
+        message = take(connection, keys.live_queue)
+        request = Received(message)
+        worker = Deliveries(redis, keys)
+        worker.hold(request)
+        try:
+            assert queue_report(redis, keys)["unacked_live"] == 1
+            request.acknowledged = True  # the ack was sent to a Redis that was going down
+            worker.beat()
+            assert json.loads(redis.get(keys.consumer(worker.id)))["deliveries"] == []
+            assert queue_report(redis, keys)["unacked_dead"] == 1
+            redelivery = Redelivery(redis, keys, publisher.celery)
+            assert redelivery.check(now=0.0) == [] and redelivery.check(now=GRACE_S) == [message.delivery_tag]
+            again = take(connection, keys.live_queue)
+            assert again.payload == message.payload
+            again.ack()
+        finally:
+            worker.stop()
+    assert queue_report(redis, keys)["unacked"] == 0

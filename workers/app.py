@@ -23,7 +23,7 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.settings import Settings
 
-from .heartbeat import Deliveries
+from .heartbeat import Deliveries, Request
 from .outages import log_outages_once
 from .pipeline import Pipeline
 from .tasks import register_tasks
@@ -85,10 +85,9 @@ def create_celery(settings: Settings) -> Celery:
         deliveries.start()
 
     @task_received.connect(weak=False)
-    def held(request: object = None, **_: object) -> None:
-        message = getattr(request, "message", None)
-        if message is not None:
-            deliveries.hold(message)
+    def held(request: Request | None = None, **_: object) -> None:
+        if request is not None:
+            deliveries.hold(request)
 
     @worker_shutdown.connect(weak=False)
     def gone(**_: object) -> None:

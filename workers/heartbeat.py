@@ -141,6 +141,21 @@ class Message(Protocol):
     def acknowledged(self) -> bool: ...
 
 
+class Request(Protocol):
+    """What ``Deliveries`` reads of a Celery request (``celery.worker.request.Request``)."""
+
+    message: Message
+    acknowledged: bool  # the worker asked the broker to acknowledge or reject the message, whether or not it heard
+
+
+def settled(request: Request) -> bool:
+    """The request's message is no longer the worker's: acknowledged, rejected or requeued, or asked to be. An ack
+    that Redis never got (restarting) leaves the message unacknowledged, and a live worker said it held that task
+    until the visibility timeout put it back (``unacked`` 1 with every worker idle for 10 minutes: an independent
+    check); unheld, it goes back after the grace and is embedded again, to the same result."""
+    return request.acknowledged or request.message.acknowledged
+
+
 class Deliveries(Beacon):
     """The broker deliveries a worker's main process holds: received (running, waiting for a free pool process or
     for a retry's countdown) and not yet acknowledged, rejected or requeued.
@@ -152,18 +167,18 @@ class Deliveries(Beacon):
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         super().__init__(client, keys.consumers, keys.consumer)
-        self._held: list[Message] = []
+        self._held: list[Request] = []
         self._lock = threading.Lock()
 
-    def hold(self, message: Message) -> None:
+    def hold(self, request: Request) -> None:
         """A delivery arrived (main process, before the task runs): published at once."""
         self.start()
         with self._lock:
-            self._held = [m for m in self._held if not m.acknowledged] + [message]
+            self._held = [r for r in self._held if not settled(r)] + [request]
         self.beat()
 
     def record(self) -> dict[str, Any]:
         with self._lock:
-            self._held = [m for m in self._held if not m.acknowledged]
-            tags = [m.delivery_tag for m in self._held]
+            self._held = [r for r in self._held if not settled(r)]
+            tags = [r.message.delivery_tag for r in self._held]
         return {"id": self.id, "hostname": self.hostname, "pid": self.pid, "deliveries": tags}
