@@ -173,7 +173,10 @@ SCHEMAS: dict[str, Schema] = {
         "pending_objects": {"type": "integer", "description": "objects sent to the workers, not yet indexed"},
         "events": counts("event counters of ingest"),
         "canary": obj({"last_seen": NULLABLE_NUMBER, "age_s": NULLABLE_NUMBER, "lag_s": NULLABLE_NUMBER,
-                       "waiting_s": NUMBER}, ("last_seen", "age_s", "lag_s", "waiting_s")),
+                       "waiting_s": NUMBER,
+                       "after_restart": {"type": "boolean", "description": "the outstanding canary was written just "
+                                         "after the S3 server was (re)started: uploads may wait ~30 s in its topic"}},
+                      ("last_seen", "age_s", "lag_s", "waiting_s", "after_restart")),
         "workers": {"type": "array", "items": ref("Worker"), "description": "live workers"},
         "index": obj({"replica": TEXT, "writer": BOOL,
                       "writer_lease": {"type": ["string", "null"],

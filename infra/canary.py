@@ -27,9 +27,12 @@ class Canary:
         self.redis = client
         self.keys = Keys(settings.namespace)
 
-    def write(self) -> str:
+    def write(self, after_restart: bool = False) -> str:
+        """Upload a canary; ``after_restart``: the S3 server was just (re)started, and its notifications resume only
+        within ~30 s (Ceph 16's persistent topics): ``bucketlens queues`` says so at once."""
         key = f"{self.settings.reserved_prefix}canary/{time.time_ns()}"
-        self.redis.hset(self.keys.canary, mapping={"pending_key": key, "written": time.time()})
+        self.redis.hset(self.keys.canary, mapping={"pending_key": key, "written": time.time(),
+                                                   "after_restart": int(after_restart)})
         self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=b"canary")
         return key
 

@@ -168,7 +168,7 @@ class Supervisor:
         resume its queues (another's lock on them lasts until it expires) was otherwise restarted before it could,
         again and again."""
         self.grace = min(grace, MAX_BACKOFF_S)
-        self.canary.write()
+        self.canary.write(after_restart=True)
 
     def start_reconcile(self) -> None:
         """The owed reconcile, in a thread of its own: on a large bucket it takes minutes, and a process that dies

@@ -233,8 +233,10 @@ class Receiver:
                                               version_id=str(head.get("VersionId") or ""))
                 settled.append(ObjectEvent("created", current, event.timed))
             else:
-                log.warning("not removing %r: S3 still holds it (etag %s), written again since its delete or the "
-                            "delete is forged", ref.object_id, normalise_etag(head["ETag"]))
+                # INFO: a delete and an upload again soon after (the usual case) logged a WARNING each, 16-29 a minute
+                # in an independent check; they are counted (``stale_deletes``)
+                log.info("not removing %r: S3 still holds it (etag %s), written again since its delete (or the "
+                         "delete is forged)", ref.object_id, normalise_etag(head["ETag"]))
         return settled
 
     def _head(self, ref: ObjectRef) -> dict[str, Any] | None:
