@@ -67,6 +67,7 @@ class Supervisor:
         self.reconciler: threading.Thread | None = None
         self.failing: set[str] = set()  # steps whose last attempt failed: logged once, not every time
         self.restarts: dict[str, Restarts] = {}
+        self.redis_restarted: float | None = None  # monotonic time this supervisor last started Redis
 
     @property
     def watched(self) -> tuple[str, ...]:
@@ -100,6 +101,7 @@ class Supervisor:
         if self.stack.redis_pid() is None:  # before anything that needs it, the canary included
             log.warning("redis is not running; restarting it (its append-only file brings back what it held)")
             self.stack.start_redis()
+            self.redis_restarted = time.monotonic()
         if not self.stack.ceph_up():  # radosgw, its OSD or monitor died (the canary would find it only after
             # canary_timeout_s, and heal only radosgw)
             log.warning("the S3 server does not answer; starting whatever of it is not running")
@@ -133,6 +135,10 @@ class Supervisor:
             if restarts.at is not None and now - restarts.at >= STABLE_S:
                 self.restarts[name] = Restarts()
             return
+        if restarts.at is not None and self.redis_restarted is not None and self.redis_restarted >= restarts.at:
+            # Redis was restarted since: a worker dies of that (kombu 5.7.0's crash on a reconnect), not of itself.
+            # Counted, two Redis restarts left the stack without workers for minutes (an independent check).
+            restarts = self.restarts[name] = Restarts()
         logs = self.stack.home / "logs" / f"{name}.log"
         if restarts.at is not None:  # it died before it was well again
             if now - restarts.at < restarts.wait_s(self.settings.canary_interval_s):

@@ -89,6 +89,19 @@ def test_a_service_well_again_is_restarted_at_once_next_time(stack: Services) ->
     assert stack.starts == 7
 
 
+def test_a_death_after_a_redis_restart_is_not_held_against_the_service(stack: Services) -> None:
+    """A worker dies of a Redis restart (kombu 5.7.0's crash on a reconnect): counted as dying of itself, two Redis
+    restarts left the stack without workers for minutes (an independent check)."""
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+    last = starts_over(supervisor, stack, 600, dies=True)[-1]  # backing off by now
+    starts, stack.up = stack.starts, False
+    supervisor.keep_up("worker", last + 30)
+    assert stack.starts == starts, "backing off"
+    supervisor.redis_restarted = last + 40
+    supervisor.keep_up("worker", last + 45)
+    assert stack.starts == starts + 1, "a death after a Redis restart waited for the back-off"
+
+
 def test_a_running_service_is_left_alone(stack: Services) -> None:
     supervisor = Supervisor(stack)  # type: ignore[arg-type]
     assert starts_over(supervisor, stack, 600, dies=False) == [] and stack.starts == 0
