@@ -81,8 +81,9 @@ def render(report: dict[str, Any], rates: dict[str, float | None] | None = None)
         lines.append(f"canary       last notification {duration_text(canary['age_s'])} ago")
     waiting = canary.get("waiting_s") or 0
     if canary.get("after_restart"):  # nothing above shows uploads waiting in the restarted server's topic
-        lines.append(f"DELIVERY     the S3 server was restarted {duration_text(waiting)} ago and has not notified "
-                     "since (Ceph resumes within ~30 s): uploads since then may not be counted above")
+        lines.append(f"DELIVERY     no notification since the S3 server or its supervisor was restarted "
+                     f"{duration_text(waiting)} ago (Ceph resumes within ~30 s): uploads since then may not be "
+                     "counted above")
     elif waiting > DELIVERY_LATE_S:  # the queues above cannot show a stall
         lines.append(f"DELIVERY     the canary uploaded {duration_text(waiting)} ago has not been notified yet: "
                      "uploads since then may not be counted above (the supervisor heals a stalled topic)")

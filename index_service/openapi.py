@@ -175,7 +175,8 @@ SCHEMAS: dict[str, Schema] = {
         "canary": obj({"last_seen": NULLABLE_NUMBER, "age_s": NULLABLE_NUMBER, "lag_s": NULLABLE_NUMBER,
                        "waiting_s": NUMBER,
                        "after_restart": {"type": "boolean", "description": "the outstanding canary was written just "
-                                         "after the S3 server was (re)started: uploads may wait ~30 s in its topic"}},
+                                         "after the S3 server (or the supervisor) was restarted: uploads may wait "
+                                         "~30 s in its topic"}},
                       ("last_seen", "age_s", "lag_s", "waiting_s", "after_restart")),
         "workers": {"type": "array", "items": ref("Worker"), "description": "live workers"},
         "index": obj({"replica": TEXT, "writer": BOOL,

@@ -147,10 +147,14 @@ def _lag(client: redis.Redis, keys: Keys, group: dict[str, Any]) -> int | None:
     """The stream entries the merger has not read. Redis counts them from the group's ``entries-read``, which a
     restart can bring back below the stream's count (Redis 7.0 with AOF): a lag of 99 with every entry merged and 2
     in the stream, for good, and the service never looked caught up again (an independent check). Nothing is left
-    once the group has read the stream's last entry, and never more than the stream holds."""
-    stream = client.xinfo_stream(keys.results)
-    last = stream.get("last-generated-id")
-    if (last.decode() if isinstance(last, bytes) else last) == group.get("last-delivered-id"):
+    once the group has read the stream's last entry, and never more than the stream holds (an empty stream: none;
+    the group of a service started from a snapshot over an emptied Redis sits at the snapshot's id)."""
+    try:
+        stream = client.xinfo_stream(keys.results)
+    except redis.ResponseError:  # the stream went meanwhile (Redis flushed)
+        return 0
+    last, length = stream.get("last-generated-id"), int(stream["length"])
+    if length == 0 or (last.decode() if isinstance(last, bytes) else last) == group.get("last-delivered-id"):
         return 0
     lag = group.get("lag")
-    return None if lag is None else max(1, min(int(lag), int(stream["length"])))
+    return None if lag is None else max(1, min(int(lag), length))

@@ -61,4 +61,4 @@ def test_a_late_canary_is_said_where_the_queues_look_empty() -> None:
     late["canary"]["waiting_s"] = 0.4  # delivery flows
     assert "DELIVERY" not in render(late)
     late["canary"]["after_restart"] = True  # the canary written just after the S3 server was restarted
-    assert "DELIVERY     the S3 server was restarted 0 s ago and has not notified since" in render(late)
+    assert "DELIVERY     no notification since the S3 server or its supervisor was restarted 0 s ago" in render(late)
