@@ -67,6 +67,7 @@ class DuplicateFinder:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._arrived = -ARRIVING_S  # monotonic time of the last merge (``arriving``)
+        self._failing = False  # the last round failed (logged once)
         self._thread = threading.Thread(target=self._run, name="duplicates", daemon=True)
 
     @property
@@ -107,8 +108,14 @@ class DuplicateFinder:
                     if not checked:
                         break
                     self._stop.wait(self.pause(spent))
-            except Exception:
-                log.exception("looking for duplicates failed; trying again at the next merge")
+            except Exception:  # said once, not every few seconds while the index server is away
+                if not self._failing:
+                    log.exception("looking for duplicates failed; trying again every few seconds (said once)")
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("looking for duplicates works again")
+                self._failing = False
 
     def pause(self, spent_s: float) -> float:
         """Seconds to rest after a step that took ``spent_s`` of this thread's CPU: enough to keep to the share
@@ -135,9 +142,16 @@ class DuplicateFinder:
                 del self.pending[oid]
         if not batch:
             return 0
-        objects = [o for oid, etag in batch if (o := _current(index, oid, etag)) is not None]
-        pairs = find_pairs(index, objects)
-        index.features.add_pairs([(object_id(o.bucket, o.key), o.etag) for o in objects], pairs)
+        try:
+            objects = [o for oid, etag in batch if (o := _current(index, oid, etag)) is not None]
+            pairs = find_pairs(index, objects)
+            index.features.add_pairs([(object_id(o.bucket, o.key), o.etag) for o in objects], pairs)
+        except Exception:  # the index server away (Milvus restarting): checked later, not dropped (every retry took
+            # another batch, and a Milvus restart left identical copies ungrouped for good: an independent check)
+            with self._lock:
+                for oid, etag in batch:
+                    self.pending.setdefault(oid, etag)  # (a newer version that arrived meanwhile stays)
+            raise
         self.checked_objects += len(objects)
         return len(batch)
 

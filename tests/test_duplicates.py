@@ -81,6 +81,32 @@ def test_a_restart_checks_only_what_was_not_checked() -> None:
     assert again.step() == 0  # all were checked at their etag
 
 
+def test_objects_whose_check_failed_are_checked_later() -> None:
+    """With Milvus restarting, each try of the finder took a batch from the pending objects and failed: identical
+    copies stayed ungrouped for good (an independent check)."""
+    index = VectorIndex("m", DIM)
+    index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), gray("coins.png"), 1) for i in range(4)])
+    finder = DuplicateFinder(lambda: index)
+    search_many, calls = index.search_many, []
+
+    def away(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        raise ConnectionError("the index server is restarting")
+
+    index.search_many = away  # type: ignore[method-assign]
+    for _ in range(3):
+        with pytest.raises(ConnectionError):
+            finder.step(limit=2)
+    assert len(calls) == 3 and len(finder.pending) == 4
+    finder.wake([("b/k0", "e-k0-9")])  # a newer version meanwhile
+    index.search_many = search_many  # type: ignore[method-assign]
+    assert finder.pending["b/k0"] == "e-k0-9"
+    while finder.step(limit=2):
+        pass
+    (group,) = groups(index, local_features.COPY_MATCHES)
+    assert {o.key for o in group.members} >= {"k1", "k2", "k3"}
+
+
 def test_byte_identical_copies_are_grouped_without_keypoints() -> None:
     """A smooth image (a clear sky) has no keypoints to match: its exact copies (equal etags) are one group anyway;
     the same pixels stored as other bytes (another etag) cannot be told from a look-alike, and stay out."""
