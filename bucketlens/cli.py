@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the local stack (Redis, Ceph RGW, ingest, worker, index service)")
     up.add_argument("--backend", choices=["faiss", "milvus"],
-                    help="index backend (remembered by the stack; default: the one it has, else faiss)")
+                    help="index backend (remembered by the stack; default: BUCKETLENS_INDEX_BACKEND, else the one it "
+                    "has, else faiss)")
     up.add_argument("--replicas", type=int, help="index service processes answering queries (milvus; one merges)")
     sub.add_parser("down", help="stop what 'up' started")
     status = sub.add_parser("status", help="addresses, tokens and process state of the local stack")
@@ -237,8 +238,9 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, di
         if variable in os.environ and getattr(settings, name) != getattr(stack.config, name):
             print(f"note: {variable}={getattr(settings, name)} is not used: this stack keeps its {name} "
                   f"{getattr(stack.config, name)} in {stack.home / 'stack.json'} (edit it there while it is down)")
-    if args.backend:
-        stack.choose_backend(args.backend)
+    # BUCKETLENS_INDEX_BACKEND as --backend: alone, it was ignored and a FAISS stack started (an independent check)
+    if backend := args.backend or ("index_backend" in _explicit() and settings.index_backend):
+        stack.choose_backend(backend)
     if getattr(args, "replicas", None) is not None:
         stack.choose_replicas(args.replicas)
     processes = stack.status()["processes"]

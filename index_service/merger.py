@@ -146,7 +146,8 @@ class Merger:
         claimed: Any = self.redis.xautoclaim(self.keys.results, self.keys.merger_group, self.consumer,
                                              min_idle_time=CLAIM_IDLE_MS, start_id="0-0", count=self.batch)
         if claimed[1]:
-            log.warning("claimed %d stream entries another replica read and never acknowledged", len(claimed[1]))
+            log.warning("claimed %d stream entries read and never acknowledged (a batch that could not be applied, "
+                        "or another replica's)", len(claimed[1]))
             return list(claimed[1]), True
         response: Any = self.redis.xreadgroup(
             self.keys.merger_group, self.consumer, {self.keys.results: ">"}, count=self.batch, block=block_ms

@@ -57,8 +57,10 @@ class StateCollector:
         except ConnectionError as exc:  # (a Milvus replica counts on the server) the rest of the metrics still come
             log.warning("metrics without the index: %s", exc)
             stats = None
+        # The writer answers its stats from memory: its Milvus server is asked too (it read 1 through a whole Milvus
+        # outage while searches answered 503: an independent check).
         yield _gauge("bucketlens_index_up", "1 when the index (for Milvus: its server) answered this scrape",
-                     int(stats is not None))
+                     int(stats is not None and self.service.backend.problem() is None))
         if stats is not None:
             yield from _index(stats)
         up = GaugeMetricFamily("bucketlens_redis_up", "1 when Redis answered this scrape")

@@ -4,6 +4,7 @@ environment, as it would reach a real one."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -20,7 +21,16 @@ from typing import Any
 import httpx
 import pytest
 
-from bucketlens.cli import NOT_RUNNING, _error_text, _explicit, client_settings, main, page_url, upload_plan
+from bucketlens.cli import (
+    NOT_RUNNING,
+    _error_text,
+    _explicit,
+    _stack_for_up,
+    client_settings,
+    main,
+    page_url,
+    upload_plan,
+)
 from bucketlens.settings import Settings
 from infra.stack import Stack, _pid_record, free_port
 
@@ -128,6 +138,17 @@ def test_up_refuses_a_bad_setting_before_it_starts_anything(
     assert main(["up"]) == 2
     one_error_line(capsys, "bucketlens: BUCKETLENS_MODEL='nosuchmodel': choose one of ", "lite0-copy-v3")
     assert list(tmp_path.iterdir()) == [home]
+
+
+def test_up_takes_the_index_backend_its_shell_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``BUCKETLENS_INDEX_BACKEND=milvus bucketlens up`` started a FAISS stack (an independent check): only
+    ``--backend`` was read. (Nothing is started here: the stack is chosen, not run.)"""
+    monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path))
+    monkeypatch.setenv("BUCKETLENS_INDEX_BACKEND", "milvus")
+    stack, _ = _stack_for_up(Settings.from_env(), argparse.Namespace(backend=None))
+    assert stack.settings.index_backend == "milvus" and "(milvus index" in capsys.readouterr().out
+    assert json.loads((tmp_path / "stack.json").read_text())["index_backend"] == "milvus"
 
 
 @pytest.mark.parametrize(("shared", "name"), [("redis_port", "redis"), ("s3_port", "S3 (radosgw)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import uuid
 from typing import Any
 
@@ -90,6 +91,8 @@ class StandIn:
     def __init__(self, redis_url: str) -> None:
         self.keys = Keys(f"m{uuid.uuid4().hex[:8]}")
         self.redis = connect(redis_url)
+        self.problem: str | None = None  # the backend's (its server unreachable)
+        self.backend = types.SimpleNamespace(problem=lambda: self.problem)
 
     def stats(self) -> dict[str, Any]:
         return {"vectors": 0, "model": "m", "dim": 4, "index_type": "Flat", "generation": 1, "applied_entries": 0,
@@ -133,6 +136,9 @@ def test_an_unknown_stream_lag_is_the_length_and_an_index_down_leaves_the_rest(s
     text = parse(Metrics(service).render())  # type: ignore[arg-type]
     assert text["bucketlens_stream_lag[]"] == text["bucketlens_stream_length[]"] == 50
     assert text["bucketlens_index_up[]"] == 1
+    service.problem = "Milvus unreachable at http://127.0.0.1:1"  # the writer's stats come from memory
+    text = parse(Metrics(service).render())  # type: ignore[arg-type]
+    assert text["bucketlens_index_up[]"] == 0 and text["bucketlens_index_vectors[]"] == 0
 
     def down() -> dict[str, Any]:
         raise IndexUnavailable("Milvus at http://127.0.0.1:1 is unreachable: deadline exceeded")
