@@ -53,18 +53,6 @@ for i = 3 * n + 2, #ARGV, 2 do
 end
 """
 
-# KEYS[1]: failure records; ARGV: (object id, etag, order) per version the index has moved past: its record goes if it
-# is still that very version's (a newer version's, written meanwhile, stays).
-_FORGET = _COMMON + """
-for i = 1, #ARGV, 3 do
-  local raw = redis.call('HGET', KEYS[1], ARGV[i])
-  local record = raw and read(raw)
-  if record and record['etag'] == ARGV[i + 1] and tostring(record['order']) == ARGV[i + 2] then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-  end
-end
-"""
-
 # KEYS[1]: pending marks; ARGV: (object id, etag, order, mark) per version queued. A mark replaces one of the same
 # version (a resend refreshes its time) or an older one's, never a newer version's.
 _MARK = _COMMON + """
@@ -89,7 +77,6 @@ class Versions:
         self.keys = keys
         self._settle = client.register_script(_SETTLE)
         self._mark = client.register_script(_MARK)
-        self._forget = client.register_script(_FORGET)
 
     def settle(self, pipe: redis.client.Pipeline, succeeded: Sequence[ObjectRef],
                others: Sequence[ObjectRef] = ()) -> None:
@@ -100,14 +87,6 @@ class Versions:
             args += [x for r in succeeded for x in (r.object_id, r.etag, str(r.order))]
             args += [x for r in others for x in (r.object_id, r.etag)]
             self._settle(keys=[self.keys.failures, self.keys.pending], args=args, client=pipe)
-
-    def forget_failures(self, client: redis.Redis, versions: Sequence[tuple[str, str, int]]) -> None:
-        """Drop the failure record of each (object id, etag, order) that is still that version's: a worker writes it
-        after reading the bytes, and a delete of the key that came meanwhile had cleared the records already (a
-        record of a key S3 no longer held, kept for good: an independent check)."""
-        if versions:
-            self._forget(keys=[self.keys.failures], args=[x for v in versions for x in (v[0], v[1], str(v[2]))],
-                         client=client)
 
     def mark_pending(self, pipe: redis.client.Pipeline, refs: Sequence[ObjectRef], queued: float) -> None:
         """Queue on ``pipe``: a pending mark (etag, order, when queued, event time) per ref, unless a newer version's

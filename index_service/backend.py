@@ -59,8 +59,6 @@ class ApplyStats:
     stale: int = 0
     rejected: int = 0
     settled: list[str] = dataclasses.field(default_factory=list)  # object ids upserted or deleted
-    # Failed notes of versions the index has moved past (a newer one held or buried): their failure records go.
-    superseded: list[ResultEntry] = dataclasses.field(default_factory=list)
     # The batch's last word on each object's local features: (etag, bytes), or None to drop the row.
     features: dict[str, tuple[str, bytes] | None] = dataclasses.field(default_factory=dict)
 
@@ -74,8 +72,6 @@ class ApplyStats:
         oid = object_id(entry.bucket, entry.key)
         if outcome == "stale":
             self.stale += 1
-            if entry.op == "failed":
-                self.superseded.append(entry)
         elif outcome == "reject":
             log.error("rejecting %s: model %r dim %s does not match the index", oid, entry.model,
                       None if entry.vector is None else entry.vector.shape)
@@ -103,12 +99,8 @@ def verdict(entry: ResultEntry, held: int | None, tombstone: int | None, model: 
     listing orders a version by its time in ms, its event by a sequencer; an identical re-upload) are the held
     picture itself, whose task failed for a passing reason: it stays. A version that failed by its content while
     nothing is held leaves a tombstone too (below it): an older version's upsert merged after it must not bring
-    back a picture the key no longer holds (the older task downloaded before the overwrite, and finished last).
-    A ``failed`` note older than what the index holds or buried is ``stale``: the key has moved on, and the failure
-    record its worker wrote after the newer version's event (a delete) had cleared the records is out of date."""
+    back a picture the key no longer holds (the older task downloaded before the overwrite, and finished last)."""
     if entry.op == "failed":
-        if (held is not None and held > entry.order) or (tombstone is not None and tombstone >= entry.order):
-            return "stale"
         if held is None:
             return "delete" if entry.reason in CONTENT_REASONS else "ignore"
         return "delete" if held < entry.order and held_etag != entry.etag else "ignore"

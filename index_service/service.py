@@ -28,7 +28,6 @@ from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry, object_id
 from bucketlens.settings import Settings
-from bucketlens.versions import Versions
 from ingest.publisher import Publisher
 from vision import words
 from vision.embedders import Embedder, Embedders
@@ -63,7 +62,6 @@ class Service:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.redis = connect(settings.redis_url)
-        self.versions = Versions(self.redis, self.keys)
         self.s3 = make_client(settings)
         self.presigner = Presigner(settings)
         self.publisher = Publisher(settings, self.redis)
@@ -321,8 +319,6 @@ class Service:
             part = [e for e in entries if e.generation == generation]
             if generation == serving.generation:
                 stats = serving.apply(part)
-                self.versions.forget_failures(self.redis, [(object_id(e.bucket, e.key), e.etag, e.order)
-                                                           for e in stats.superseded])
                 self.duplicates.wake([(oid, row[0]) for oid, row in stats.features.items() if row is not None])
                 if shadow is not None and (carried := [e for e in part if self.rebuilds.carries(e.bucket)]):
                     shadow.apply([dataclasses.replace(e, generation=shadow.generation) for e in carried])

@@ -202,16 +202,6 @@ def test_a_version_that_failed_by_its_content_keeps_an_older_picture_merged_afte
     assert index.apply([upsert("c", 1, 3, etag="photo")]).upserted == 1
 
 
-def test_a_failed_note_older_than_what_the_index_holds_or_buried_is_stale(index: Index) -> None:
-    """Its worker wrote the failure record after a newer version's event (a delete) had cleared the records: the
-    note is stale and named, and the service drops that record (a record of a key S3 no longer held stayed for good:
-    an independent check)."""
-    index.apply([upsert("a", 5, 1), delete("d", 5)])
-    stats = index.apply([failed("a", 3), failed("d", 4, reason="corrupt"), failed("d", 6, reason="corrupt")])
-    assert stats.stale == 2 and [(e.key, e.order) for e in stats.superseded] == [("a", 3), ("d", 4)]
-    assert index.get("b", "a") is not None
-
-
 def test_delete_older_than_current_version_is_ignored(index: Index) -> None:
     index.apply([upsert("a", 5, 1)])
     index.apply([delete("a", 4)])

@@ -18,7 +18,7 @@ import pytest
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
-from bucketlens.schemas import ObjectRef, ResultEntry, failure_record, object_id
+from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
 from index_service.failures import Selection, _refs
 from index_service.merger import stream_order
 from infra.stack import Stack
@@ -129,28 +129,6 @@ def test_a_photo_overwritten_with_a_broken_file_leaves_the_index(stack: Stack, s
     wait_for(lambda: stream_order(api.get("/stats").json()["last_applied_id"]) >= stream_order(last.decode()), 60,
              what="the late upsert merged")
     assert not object_state(api, bucket, late)["indexed"]
-
-
-def test_a_failure_record_written_after_its_keys_delete_goes_when_its_note_merges(
-        stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
-    """A broken upload deleted while its worker's batch ran: the delete cleared the failure records when it came, the
-    worker wrote its record after, and it stayed for good, ``/objects`` saying ``failed`` for a key S3 no longer held
-    (an independent check). Written here as that worker writes, after the delete: the record, then its note."""
-    bucket, key = stack.settings.bucket, f"{unique_prefix}deleted-broken.jpg"
-    oid = object_id(bucket, key)
-    s3.put_object(Bucket=bucket, Key=key, Body=b"this is not an image\n")
-    wait_for(lambda: (found := object_state(api, bucket, key)) and found["state"] == "failed", 90, what="the failure")
-    redis, keys = connect(stack.settings.redis_url), Keys(stack.settings.namespace)
-    record_raw = redis.hget(keys.failures, oid)
-    note = next(e for _, fields in redis.xrange(keys.results)
-                if (e := ResultEntry.from_fields(fields)).op == "failed" and e.key == key)
-    s3.delete_object(Bucket=bucket, Key=key)
-    wait_for(lambda: object_state(api, bucket, key) is None, 90, what="the delete")
-    redis.hset(keys.failures, oid, record_raw)
-    last = redis.xadd(keys.results, note.to_fields())
-    wait_for(lambda: stream_order(api.get("/stats").json()["last_applied_id"]) >= stream_order(last.decode()), 60,
-             what="the note merged")
-    assert redis.hget(keys.failures, oid) is None and object_state(api, bucket, key) is None
 
 
 def test_selection_from_query_and_body() -> None:
