@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from bucketlens.outage import Outage
 from bucketlens.schemas import object_id
 from vision import local_features
 
@@ -67,7 +68,7 @@ class DuplicateFinder:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._arrived = -ARRIVING_S  # monotonic time of the last merge (``arriving``)
-        self._failing = False  # the last round failed (logged once)
+        self._outage = Outage(log, "looking for duplicates works again")
         self._thread = threading.Thread(target=self._run, name="duplicates", daemon=True)
 
     @property
@@ -109,13 +110,9 @@ class DuplicateFinder:
                         break
                     self._stop.wait(self.pause(spent))
             except Exception:  # said once, not every few seconds while the index server is away
-                if not self._failing:
-                    log.exception("looking for duplicates failed; trying again every few seconds (said once)")
-                self._failing = True
+                self._outage.failed("looking for duplicates failed; trying again every few seconds (said once)")
             else:
-                if self._failing:
-                    log.info("looking for duplicates works again")
-                self._failing = False
+                self._outage.worked()
 
     def pause(self, spent_s: float) -> float:
         """Seconds to rest after a step that took ``spent_s`` of this thread's CPU: enough to keep to the share

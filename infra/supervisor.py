@@ -28,6 +28,7 @@ from collections.abc import Callable
 import httpx
 
 from bucketlens.keys import Keys
+from bucketlens.outage import Outage
 from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 
@@ -65,7 +66,7 @@ class Supervisor:
         self.stalls = 0  # heals in a row with no canary delivered since
         self.reconcile_owed = False  # a heal's reconcile has not been answered yet
         self.reconciler: threading.Thread | None = None
-        self.failing: set[str] = set()  # steps whose last attempt failed: logged once, not every time
+        self.outages: dict[str, Outage] = {}  # per step: a failure is logged once, not every time
         self.restarts: dict[str, Restarts] = {}
         self.redis_restarted: float | None = None  # monotonic time this supervisor last started Redis
 
@@ -86,16 +87,13 @@ class Supervisor:
 
     def attempt(self, what: str, step: Callable[[], None]) -> None:
         """``step``; a failure (Redis or S3 away) is logged once, until it works again."""
+        outage = self.outages.setdefault(what, Outage(log, f"supervisor {what} works again"))
         try:
             step()
         except Exception:
-            if what not in self.failing:
-                log.exception("supervisor %s failed; retrying", what)
-                self.failing.add(what)
+            outage.failed("supervisor %s failed; retrying", what)
             return
-        if what in self.failing:
-            log.info("supervisor %s works again", what)
-            self.failing.discard(what)
+        outage.worked()
 
     def keep_processes_up(self) -> None:
         if self.stack.redis_pid() is None:  # before anything that needs it, the canary included

@@ -36,6 +36,7 @@ from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, read_limited
 from bucketlens.keys import Keys
 from bucketlens.openapi import route as openapi_route
 from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew
+from bucketlens.outage import Outage
 from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ObjectRef, normalise_etag
@@ -49,6 +50,7 @@ from .publisher import Publisher
 
 log = logging.getLogger(__name__)
 DELETES = ("removed", "version_removed")  # the event kinds checked against S3 before they are applied
+REDIS_DOWN = "cannot queue events, answering 503 until Redis is back: %s"  # said once per outage
 AMAZON_SNS = re.compile(r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?")  # the hosts of SubscribeURLs (over https)
 
 
@@ -59,8 +61,8 @@ class Receiver:
         self.redis = client
         self.publisher = Publisher(settings, client)
         self.batcher = Batcher(self._flush_created, settings.batch_window_ms / 1000, settings.batch_size)
-        self._redis_down_logged = False
-        self._near_full_logged = False
+        self._redis_down = Outage(log, "Redis reachable again")
+        self._near_full = Outage(log, "Redis has room again (%d of %d bytes)")
         self._head_refused_logged = False
 
     @functools.cached_property
@@ -100,16 +102,12 @@ class Receiver:
         limit = int(info.get("maxmemory", 0))
         used = int(info["used_memory"])
         if limit and used >= limit * self.settings.ingest_max_memory_fraction:
-            if not self._near_full_logged:
-                log.warning("Redis holds %d of its %d bytes (maxmemory): answering 503 until the queue drains",
-                            used, limit)
-                self._near_full_logged = True
+            self._near_full.failed("Redis holds %d of its %d bytes (maxmemory): answering 503 until the queue drains",
+                                   used, limit, level=logging.WARNING, exc_info=False)
             self.redis.hincrby(self.keys.counters, "refused_near_full", 1)
             raise HTTPError(503, "redis_near_full", f"Redis is near its memory limit ({used} of {limit} bytes); "
                             "deliver the event again later")
-        if self._near_full_logged:
-            log.info("Redis has room again (%d of %d bytes)", used, limit)
-            self._near_full_logged = False
+        self._near_full.worked(used, limit)
 
     def _note_canaries(self, events: list[ObjectEvent]) -> None:
         """Mark the outstanding canary (``infra/canary.py``: its writer names it in ``pending_key``) as delivered.
@@ -151,7 +149,7 @@ class Receiver:
             generations = await run_in_threadpool(self.publisher.generations)
             fresh, duplicates = await run_in_threadpool(self._unseen, events)
         except redis.RedisError as exc:
-            self._log_redis_down(exc)
+            self._redis_down.failed(REDIS_DOWN, exc, level=logging.WARNING, exc_info=False)
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
         except NoGeneration as exc:
             raise HTTPError(503, "no_generation", f"{exc}; deliver the event again") from exc
@@ -171,11 +169,9 @@ class Receiver:
             await run_in_threadpool(self._mark_seen, fresh)
             await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), len(future), stale, reserved)
         except Exception as exc:  # broker or Redis down: nothing was acknowledged, the S3 server retries
-            self._log_redis_down(exc)
+            self._redis_down.failed(REDIS_DOWN, exc, level=logging.WARNING, exc_info=False)
             raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
-        if self._redis_down_logged:
-            log.info("Redis reachable again")
-            self._redis_down_logged = False
+        self._redis_down.worked()
         return JSONResponse(
             {"accepted": len(fresh), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved),
              "future": len(future), "stale_deletes": stale},
@@ -269,11 +265,6 @@ class Receiver:
         pipe.execute()
         if reserved:
             self._note_canaries(reserved)
-
-    def _log_redis_down(self, exc: BaseException) -> None:
-        if not self._redis_down_logged:  # once per outage, not once per request
-            log.warning("cannot queue events, answering 503 until Redis is back: %s", exc)
-            self._redis_down_logged = True
 
 
 def _digest(event: ObjectEvent) -> str:
