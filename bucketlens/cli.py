@@ -718,12 +718,15 @@ def reconcile_summary(report: dict[str, Any], bucket: str | None) -> str:
         retry = f"bucketlens failures{f' --bucket {bucket}' if bucket else ''} --retry"
         left += (f", {failed} not sent (the listed version already failed by its content: `bucketlens failures` "
                 f"lists them, `{retry}` sends them again)")
+    cleared = report.get("failures_cleared", 0)
     if report.get("dry_run"):
+        records = f"; {cleared} failure records of objects no longer in the bucket would go" if cleared else ""
         return (f"dry run, nothing changed: listed {report['listed']}: {report['missing']} missing, "
                 f"{report['changed']} changed; {sent} would be sent for embedding{left}; {report['removed']} would be "
-                f"removed from the index ({report['seconds']} s)")
+                f"removed from the index{records} ({report['seconds']} s)")
+    records = f"; {cleared} failure records of objects no longer in the bucket cleared" if cleared else ""
     return (f"listed {report['listed']}: {report['missing']} missing, {report['changed']} changed; {sent} sent for "
-            f"embedding{left}; {report['removed']} removed ({report['seconds']} s)")
+            f"embedding{left}; {report['removed']} removed{records} ({report['seconds']} s)")
 
 
 TOKEN_VARIABLES = {"missing or wrong read token": "BUCKETLENS_READ_TOKEN",

@@ -9,7 +9,7 @@ is never lost.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence, cast
+from typing import Any, Collection, Iterable, Mapping, Sequence, cast
 
 import redis
 
@@ -85,6 +85,20 @@ def list_failures(client: redis.Redis, keys: Keys, selection: Selection = Select
 def clear_failures(client: redis.Redis, keys: Keys, selection: Selection = Selection()) -> int:
     """Remove the selected records; returns how many were removed."""
     return len(_remove_unchanged(client, keys, _read(client, keys, selection)))
+
+
+def clear_gone(client: redis.Redis, keys: Keys, buckets: Collection[str], listed: Collection[str], before: float,
+               dry_run: bool = False) -> int:
+    """Remove the records of objects in ``buckets`` that a listing begun at ``before`` (seconds since the epoch) did
+    not find (``listed``: object ids), written before it began; returns how many (``dry_run``: counted only).
+
+    A delete clears the records when it comes, but a worker that had read the broken bytes before writes its record
+    after it, and that record of a key S3 no longer holds stayed, ``/objects`` saying ``failed`` (an independent
+    check). A record written since the listing began may be of an upload it did not see: it stays."""
+    gone = [(field, raw, found) for field, raw, found in _read(client, keys, Selection())
+            if found.get("bucket") in buckets and object_id(found["bucket"], found.get("key", "")) not in listed
+            and float(found.get("time") or 0) < before]
+    return len(gone) if dry_run else len(_remove_unchanged(client, keys, gone))
 
 
 def retry_failures(client: redis.Redis, keys: Keys, publisher: Publisher, selection: Selection = Selection()

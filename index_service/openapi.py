@@ -252,9 +252,12 @@ SCHEMAS: dict[str, Schema] = {
                                                                   "already failed by its content"},
                       "in_flight": {"type": "integer", "description": "missing or changed, not sent: that version "
                                                                      "is queued already"},
+                      "failures_cleared": {"type": "integer", "description": "failure records of objects the "
+                                                                            "listing did not find, removed"},
                       "seconds": NUMBER,
                       "dry_run": {"type": "boolean", "description": "counted only: nothing sent, nothing removed"}},
-                     ("listed", "missing", "changed", "removed", "failed", "in_flight", "seconds", "dry_run")),
+                     ("listed", "missing", "changed", "removed", "failed", "in_flight", "failures_cleared", "seconds",
+                      "dry_run")),
 }
 
 READ: list[dict[str, list[str]]] = [{}, {"read": []}]  # open on the local stack; the read token when one is configured

@@ -3,7 +3,8 @@ another etag) are sent for embedding; indexed objects that no longer exist are d
 that were never delivered. Objects whose listed version already failed for a reason its bytes decide (empty,
 not an image, corrupt, too many pixels, too large) are not sent again, that is ``POST /failures/retry``'s call:
 every reconcile, each watchdog heal included, re-embedded every bad object of the bucket. An older version the
-index still holds of such an object is removed: the key no longer holds that picture. Failures that a later
+index still holds of such an object is removed: the key no longer holds that picture. Failure records of objects
+the listing did not find go too. Failures that a later
 attempt can undo (S3 unreachable, too slow, a lost worker) are sent again. Objects whose listed version is queued
 already (a pending mark younger than the visibility timeout) are not sent twice."""
 
@@ -20,6 +21,7 @@ from bucketlens.versions import record
 from ingest.scanner import scan
 
 from .backend import Indexed
+from .failures import clear_gone
 
 if TYPE_CHECKING:
     from .service import Service
@@ -35,6 +37,7 @@ class ReconcileReport:
     removed: int = 0
     failed: int = 0  # missing or changed, but this very version already failed by content: left to /failures/retry
     in_flight: int = 0  # missing or changed, but this very version is queued already (its task not yet merged)
+    failures_cleared: int = 0  # failure records of objects the listing did not find (S3 no longer holds them)
     seconds: float = 0.0
     dry_run: bool = False  # counted only: nothing was sent, nothing removed
 
@@ -91,6 +94,7 @@ def reconcile(service: Service, bucket: str | None = None, dry_run: bool = False
             ObjectRef(o.bucket, o.key, o.etag, order=o.order, generation=generation) for o in superseded
         ])
     report.removed, report.dry_run = len(gone) + len(superseded), dry_run
+    report.failures_cleared = clear_gone(service.redis, service.keys, buckets, seen, began, dry_run)
     report.seconds = round(time.monotonic() - started, 3)
     log.info("reconcile: %s", report)
     return report

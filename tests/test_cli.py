@@ -300,10 +300,12 @@ def test_reconcile_says_what_was_sent_and_what_was_left_to_failures_retry(
 def test_reconcile_names_the_bucket_in_the_retry_hint_and_counts_both_kinds(
     api: FakeAPI, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    api.answers[("POST", "/reconcile")] = (200, {**RECONCILED, "missing": 7, "changed": 2, "failed": 3, "removed": 1})
+    api.answers[("POST", "/reconcile")] = (200, {**RECONCILED, "missing": 7, "changed": 2, "failed": 3, "removed": 1,
+                                                 "failures_cleared": 2})
     assert main(["reconcile", "--bucket", "photos"]) == 0
     out = capsys.readouterr().out
     assert "7 missing, 2 changed" in out and "6 sent for embedding" in out and "3 not sent" in out, out
+    assert "1 removed; 2 failure records of objects no longer in the bucket cleared" in out, out
     assert "bucketlens failures --bucket photos --retry" in out and "1 removed" in out, out
     assert json.loads(api.requests[0]["body"]) == {"bucket": "photos"}
 

@@ -18,7 +18,7 @@ import pytest
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
-from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
+from bucketlens.schemas import ObjectRef, ResultEntry, failure_record, object_id
 from index_service.failures import Selection, _refs
 from index_service.merger import stream_order
 from infra.stack import Stack
@@ -129,6 +129,39 @@ def test_a_photo_overwritten_with_a_broken_file_leaves_the_index(stack: Stack, s
     wait_for(lambda: stream_order(api.get("/stats").json()["last_applied_id"]) >= stream_order(last.decode()), 60,
              what="the late upsert merged")
     assert not object_state(api, bucket, late)["indexed"]
+
+
+@pytest.mark.slow
+def test_a_reconcile_clears_the_failure_records_of_objects_the_bucket_no_longer_holds(
+        stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    """A broken upload deleted while its worker's batch ran: the delete cleared the failure records when it came, the
+    worker wrote its record after, and it stayed for good, ``/objects`` saying ``failed`` for a key S3 no longer held
+    (an independent check). Written here as that worker writes, after the delete; a reconcile removes it, and keeps
+    the records of a broken object S3 still holds and of one written after its listing began."""
+    bucket, gone, kept = stack.settings.bucket, f"{unique_prefix}deleted-broken.jpg", f"{unique_prefix}broken.jpg"
+    for key in (gone, kept):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"this is not an image\n")
+    wait_for(lambda: len(records(api, stack, [gone, kept])) == 2, 90, what="the failures")
+    redis, keys = connect(stack.settings.redis_url), Keys(stack.settings.namespace)
+    late_raw = redis.hget(keys.failures, object_id(bucket, gone))
+    s3.delete_object(Bucket=bucket, Key=gone)
+    wait_for(lambda: object_state(api, bucket, gone) is None, 90, what="the delete")
+    redis.hset(keys.failures, object_id(bucket, gone), late_raw)  # the late worker's write
+    unseen = f"{unique_prefix}uploaded-during-the-listing.jpg"  # its record written after the listing began
+    redis.hset(keys.failures, object_id(bucket, unseen), failure_record(
+        ObjectRef(bucket, unseen, "e1", order=1), "corrupt", "truncated", 1, time.time() + 60))
+    assert object_state(api, bucket, gone)["state"] == "failed"  # type: ignore[index]
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+
+    time.sleep(1.5)  # a reconcile keeps a record written in the second before it began (clocks of two hosts)
+    counted = api.post("/reconcile", json={"dry_run": True}, headers=admin, timeout=120)
+    assert counted.status_code == 200 and counted.json()["failures_cleared"] >= 1, counted.text
+    assert set(records(api, stack, [gone, kept, unseen])) == {gone, kept, unseen}  # a dry run removes nothing
+    done = api.post("/reconcile", json={}, headers=admin, timeout=120)
+    assert done.status_code == 200 and done.json()["failures_cleared"] >= 1, done.text
+    assert set(records(api, stack, [gone, kept, unseen])) == {kept, unseen}
+    assert object_state(api, bucket, gone) is None
+    redis.hdel(keys.failures, object_id(bucket, unseen))
 
 
 def test_selection_from_query_and_body() -> None:
