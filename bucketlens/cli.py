@@ -309,14 +309,17 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             rebuild = index["rebuild"]
             print(f"index: {index['vectors']} vectors, model {index['model']}, generation {index['generation']}, "
                   f"{index['index_type']}" + (f"; rebuild {rebuild['id']} {rebuild['state']} "
-                                              f"{rebuild['done']}/{rebuild['total']}" if rebuild else ""))
+                                              f"{rebuild['done']}/{rebuild['total']}" if rebuild else "")
+                  + ("" if index["ready"] else f"; not ready: {index['reason'] or 'no reason given'}"))
     return 0 if all(status["processes"].values()) else NOT_RUNNING
 
 
 def _index_state(url: str) -> dict[str, Any] | None:
     """What the index service serves (``GET /stats``'s model, generation, vectors, index type and the running or
-    last rebuild), or None when it does not answer, or answers an error (a replica whose Milvus is down: an object
-    of nulls, which scripts took for a live index)."""
+    last rebuild) and whether it is ready (``GET /readyz``'s ``ready`` and ``reason``), or None when it does not
+    answer, or answers an error (a replica whose Milvus is down: an object of nulls, which scripts took for a live
+    index). The index service's writer answers ``/stats`` from memory: with its Milvus server frozen, ``status``
+    said every process was up and showed the index, while searches answered 503 (an independent check)."""
     try:
         response = httpx.get(f"{url}/stats", timeout=5)
         stats = response.json()
@@ -324,7 +327,13 @@ def _index_state(url: str) -> dict[str, Any] | None:
         return None
     if response.status_code != 200 or not isinstance(stats, dict):
         return None
-    return {k: stats.get(k) for k in ("model", "generation", "vectors", "index_type", "rebuild")}
+    state = {k: stats.get(k) for k in ("model", "generation", "vectors", "index_type", "rebuild")}
+    try:
+        ready = httpx.get(f"{url}/readyz", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        ready = {"reason": "GET /readyz did not answer within 10 s"}
+    ready = ready if isinstance(ready, dict) else {}
+    return {**state, "ready": ready.get("ready") is True, "reason": str(ready.get("reason") or "")}
 
 
 # -- client commands ------------------------------------------------------------------------------------------

@@ -426,14 +426,23 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     rebuild = {"id": "r1", "state": "running", "done": 4, "total": 10}
     api.answers[("GET", "/stats")] = (200, {"model": "lite0-copy-v3", "generation": 3, "vectors": 12,
                                             "index_type": "Flat", "rebuild": rebuild, "dim": 1280})
+    api.answers[("GET", "/readyz")] = (200, {"ready": True, "reason": ""})
     assert main(["status", "--json"]) == NOT_RUNNING  # the stack's processes are down: a health check sees it
     status = json.loads(capsys.readouterr().out)
     assert not any(status["processes"].values())
     assert status["index"] == {"model": "lite0-copy-v3", "generation": 3, "vectors": 12, "index_type": "Flat",
-                               "rebuild": rebuild}
+                               "rebuild": rebuild, "ready": True, "reason": ""}
     assert main(["status"]) == NOT_RUNNING
-    assert "index: 12 vectors, model lite0-copy-v3, generation 3, Flat; rebuild r1 running 4/10" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "index: 12 vectors, model lite0-copy-v3, generation 3, Flat; rebuild r1 running 4/10\n" in out, out
+    # The writer answers /stats from memory: with its Milvus server frozen, status showed the index and nothing more
+    # (an independent check), while /readyz said why searches failed.
+    frozen = "Milvus at http://127.0.0.1:19530 does not answer: deadline exceeded"
+    api.answers[("GET", "/readyz")] = (503, {"ready": False, "reason": frozen})
+    assert main(["status"]) == NOT_RUNNING
+    assert f"Flat; rebuild r1 running 4/10; not ready: {frozen}\n" in capsys.readouterr().out
+    assert main(["status", "--json"]) == NOT_RUNNING
+    assert json.loads(capsys.readouterr().out)["index"]["reason"] == frozen
     # An error answer (a replica whose Milvus is down) is no index either: it was an object of nulls.
     api.answers[("GET", "/stats")] = (503, {"error": {"code": "index_unavailable", "message": "Milvus is down"}})
     assert main(["status", "--json"]) == NOT_RUNNING
