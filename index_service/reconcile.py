@@ -4,9 +4,9 @@ that were never delivered. Objects whose listed version already failed for a rea
 not an image, corrupt, too many pixels, too large) are not sent again, that is ``POST /failures/retry``'s call:
 every reconcile, each watchdog heal included, re-embedded every bad object of the bucket. An older version the
 index still holds of such an object is removed: the key no longer holds that picture. Failure records of objects
-the listing did not find go too. Failures that a later
-attempt can undo (S3 unreachable, too slow, a lost worker) are sent again. Objects whose listed version is queued
-already (a pending mark younger than the visibility timeout) are not sent twice."""
+the listing did not find go too. Failures that a later attempt can undo (S3 unreachable, too slow, a lost worker)
+are sent again. Objects whose listed version is queued already (a pending mark younger than the visibility timeout)
+are not sent twice."""
 
 from __future__ import annotations
 
