@@ -103,7 +103,7 @@ class QueryService:
     def __init__(self, settings: Settings) -> None:
         # Snapshots off (one at 100k while measuring would only add disk noise), so every start reads the stream.
         self.settings = dataclasses.replace(settings, namespace=NAMESPACE, api_port=free_port(),
-                                            snapshot_every_s=1e9, snapshot_every_entries=10**9)
+                                            snapshot_every_s=365 * 86400, snapshot_every_entries=10**9)
         self.url = f"http://127.0.0.1:{self.settings.api_port}"
         self.process: subprocess.Popen[bytes] | None = None
 

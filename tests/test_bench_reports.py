@@ -17,9 +17,11 @@ from PIL import Image
 from bench.__main__ import STEPS, parse_args
 from bench.index_scale import exact
 from bench.procs import ALL_CORES, core_busy_seconds, pin
+from bench.queries import QueryService
 from bench.real_vectors import Grown, grow
 from bench.report import check_targets, fair_headline
 from bench.soak import growth
+from bucketlens.settings import Settings
 
 
 def sample(t: float, merged: int, **rss: float) -> dict[str, object]:
@@ -93,6 +95,13 @@ def test_grown_vectors_read_the_same_however_they_are_read_and_exact_search_merg
     queries = rng.standard_normal((5, 16)).astype(np.float32)
     _, want = faiss.knn(queries, whole, 10, metric=faiss.METRIC_INNER_PRODUCT)
     assert exact(grown, 250, queries, rows=7) == [{f"k{i}" for i in row} for row in want]
+
+
+def test_the_search_steps_service_takes_settings_the_service_accepts(tmp_path: Path) -> None:
+    """Its "snapshots off" was 1e9 s, which the settings' bounds (a year at most) refused since they came in: the
+    search step of ``make bench`` stopped with a ValueError before it measured anything."""
+    service = QueryService(Settings(home=tmp_path))
+    assert service.settings.snapshot_every_s >= 86400 and service.url.startswith("http://127.0.0.1:")
 
 
 def test_the_gpu_script_runs_its_seed_and_worker_steps_on_the_cpu(tmp_path: Path) -> None:
