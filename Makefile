@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
-APT_PACKAGES := redis-server radosgw ceph-mon ceph-osd ceph-common chromium chromium-driver wordnet-base
+APT_PACKAGES := redis-server radosgw ceph-mon ceph-osd ceph-common chromium chromium-driver wordnet-base wrk
 
 .PHONY: install system-deps demo test test-quick bench quality lint up down clean
 

@@ -14,8 +14,10 @@ concurrency 1 and 8 as a JSON list (``json``) and as raw float32 bytes (``raw``:
 the same search in-process through the backend contract (FAISS: the same index type built in this process,
 restructured at the same threshold; Milvus: the service's own collection, loaded from the server), the split of
 each query from the response's ``Server-Timing`` (parse, scan, presign, encode; ``http`` is the round trip less
-their sum), recall@10 against an exact scan (all queries, and the real ones: edited copies never indexed), and
-the resident memory of every process involved before the service stops.
+their sum), raw searches at concurrency 1 and 8 for ``WRK_SECONDS`` each from ``wrk`` (Debian's C load generator,
+``bench/search.lua``: a client that costs the shared cores little, beside this process's Python threads),
+recall@10 against an exact scan (all queries, and the real ones: edited copies never indexed), and the resident
+memory of every process involved before the service stops.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from .procs import peak_rss_mb, rss_mb, stack_pids, tree_peak_rss_mb
 from .profile import Profiler, search_summary
 
 NAMESPACE = "benchq"
+WRK_SECONDS = 10
 HELD_OUT_SEED = 3  # edited copies of this seed are queries, never indexed
 
 
@@ -297,12 +300,32 @@ def measure(service: QueryService, index: Index, queries: np.ndarray, exact_kth:
                 f"{form} c={concurrency}", healthz)
         out[f"inprocess_c{concurrency}"] = timed([in_process(q) for q in queries], concurrency,
                                                  f"in-process c={concurrency}")
+    for concurrency in (1, 8):
+        out[f"raw_c{concurrency}_wrk"] = wrk_search(service.url, raw, concurrency)
     out["image_c1"] = timed([by_image(images[i % len(images)]) for i in range(len(queries) // 4)], 1, "by image",
                            warm_httpx)
     # Recall@10 with ties counted: a hit scoring at least the exact 10th score belongs in a top 10.
     found = np.array([sum(s >= kth - 1e-4 for s in scores[i][:10]) / 10 for i, kth in enumerate(exact_kth)])
     out["recall_at_10"] = float(found.mean())
     out["recall_at_10_real"] = float(found[real].mean())
+    return out
+
+
+def wrk_search(url: str, bodies: Sequence[bytes], concurrency: int, seconds: int = WRK_SECONDS) -> dict[str, Any]:
+    """``POST /search`` with ``bodies`` (raw vectors, in turn) on ``concurrency`` keep-alive connections for
+    ``seconds``, from ``wrk``: one thread in C, so the service's latency is not the Python client's CPU. Closed loop
+    like ``timed``: each connection sends its next search when the last is answered."""
+    if shutil.which("wrk") is None:
+        return {"skipped": "wrk is not installed (make install adds it: apt-get install wrk)"}
+    with tempfile.NamedTemporaryFile(suffix=".bin") as file:
+        file.write(b"".join(bodies))
+        file.flush()
+        env = {**os.environ, "BODIES": file.name, "BODY_BYTES": str(len(bodies[0]))}
+        done = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s",
+                               "-s", str(ROOT / "bench" / "search.lua"), url],
+                              env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["errors"] == out["non_2xx"] == 0, done.stdout
     return out
 
 

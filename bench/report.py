@@ -11,6 +11,8 @@ TARGETS = {
     "search_faiss_ivf_raw_c1_p50_ms": ("<", 2.0, "FAISS IVF search over HTTP p50, c=1 (raw vector)"),
     "search_faiss_ivf_http_overhead_p50_ms": ("<=", 1.0, "FAISS IVF: HTTP p50 - in-process p50, c=1 (raw)"),
     "search_faiss_ivf_raw_c8_p99_ms": ("<", 10.0, "FAISS IVF search over HTTP p99, c=8 (raw vector)"),
+    "search_faiss_ivf_raw_c1_wrk_p50_ms": ("<", 2.0, "FAISS IVF search over HTTP p50, c=1 (raw), from wrk: a C client"),
+    "search_faiss_ivf_raw_c8_wrk_p99_ms": ("<", 10.0, "FAISS IVF search over HTTP p99, c=8 (raw), from wrk"),
     "freshness_p50_s": ("<", 1.0, "upload -> searchable, p50"),
     "fair_backfill_vs_limit": (">=", 0.95, "fair: reembed (worker on its own core) / limit on that core"),
     "fair_live_vs_seed_as_written": (">=", 3.0, "fair: live uploads / the seed design as written, same cores"),
@@ -44,6 +46,9 @@ ROWS = (  # (key, label, unit, format)
           ("http_overhead_p50_ms", "HTTP p50 - in-process p50 (raw)", "ms", "{:.2f}"),
           ("raw_c8_p50_ms", "search p50, c=8, raw vector", "ms", "{:.2f}"),
           ("raw_c8_p99_ms", "search p99, c=8, raw vector", "ms", "{:.2f}"),
+          ("raw_c1_wrk_p50_ms", "wrk client: search p50, c=1, raw", "ms", "{:.2f}"),
+          ("raw_c8_wrk_p50_ms", "wrk client: search p50, c=8, raw", "ms", "{:.2f}"),
+          ("raw_c8_wrk_p99_ms", "wrk client: search p99, c=8, raw", "ms", "{:.2f}"),
           ("recall_at_10", "recall@10 (all / real below)", "", "{:.3f}"),
           ("recall_at_10_real", "recall@10, real queries", "", "{:.3f}"),
           ("service_rss_mb", "index service RSS", "MiB", "{:.0f}"),
@@ -119,6 +124,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             for c in (1, 8):
                 out[f"{tag}_{form}_c{c}_p50_ms"] = q[f"{form}_c{c}"]["p50_ms"]
                 out[f"{tag}_{form}_c{c}_p99_ms"] = q[f"{form}_c{c}"]["p99_ms"]
+        for c in (1, 8):
+            if "p50_ms" in (wrk := q.get(f"raw_c{c}_wrk", {})):  # (skipped without wrk installed)
+                out[f"{tag}_raw_c{c}_wrk_p50_ms"], out[f"{tag}_raw_c{c}_wrk_p99_ms"] = wrk["p50_ms"], wrk["p99_ms"]
         out[f"{tag}_http_overhead_p50_ms"] = q["raw_c1"]["p50_ms"] - q["inprocess_c1"]["p50_ms"]
         out[f"{tag}_recall_at_10"] = q["recall_at_10"]
         out[f"{tag}_recall_at_10_real"] = q["recall_at_10_real"]

@@ -1,12 +1,16 @@
 """The bench's own arithmetic: the soak's growth per process, the fair step's headline figures, the
-real-grown vectors and exact search the index benches measure recall with, and the GPU script's steps on the CPU."""
+real-grown vectors and exact search the index benches measure recall with, the GPU script's steps on the CPU, and
+the search step's C client."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import faiss
@@ -17,7 +21,7 @@ from PIL import Image
 from bench.__main__ import STEPS, parse_args
 from bench.index_scale import exact
 from bench.procs import ALL_CORES, core_busy_seconds, pin
-from bench.queries import QueryService
+from bench.queries import QueryService, wrk_search
 from bench.real_vectors import Grown, grow
 from bench.report import check_targets, fair_headline
 from bench.soak import growth
@@ -97,13 +101,6 @@ def test_grown_vectors_read_the_same_however_they_are_read_and_exact_search_merg
     assert exact(grown, 250, queries, rows=7) == [{f"k{i}" for i in row} for row in want]
 
 
-def test_the_search_steps_service_takes_settings_the_service_accepts(tmp_path: Path) -> None:
-    """Its "snapshots off" was 1e9 s, which the settings' bounds (a year at most) refused since they came in: the
-    search step of ``make bench`` stopped with a ValueError before it measured anything."""
-    service = QueryService(Settings(home=tmp_path))
-    assert service.settings.snapshot_every_s >= 86400 and service.url.startswith("http://127.0.0.1:")
-
-
 def test_the_gpu_script_runs_its_seed_and_worker_steps_on_the_cpu(tmp_path: Path) -> None:
     """`bench.gpu` runs on lent machines, where a mistake costs device time: its steps that compare bucketlens with
     the seed run here, on the CPU, and report a rate for each and the ratio between them."""
@@ -124,3 +121,46 @@ def test_the_gpu_script_runs_its_seed_and_worker_steps_on_the_cpu(tmp_path: Path
     assert report["seed"]["images"] == 2 and report["seed"]["images_per_s"] > 0
     assert report["seed_kind"][0]["processes"] == 1 and report["seed_kind"][0]["images_per_s"] > 0
     assert "own models, 1 processes / the seed: " in result.stdout
+
+
+def test_the_search_steps_service_takes_settings_the_service_accepts(tmp_path: Path) -> None:
+    """Its "snapshots off" was 1e9 s, which the settings' bounds (a year at most) refused since they came in: the
+    search step of ``make bench`` stopped with a ValueError before it measured anything."""
+    service = QueryService(Settings(home=tmp_path))
+    assert service.settings.snapshot_every_s >= 86400 and service.url.startswith("http://127.0.0.1:")
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make install adds it)")
+def test_wrk_posts_each_raw_vector_in_turn_and_reports_its_latencies() -> None:
+    """``bench/search.lua`` under the real ``wrk``: every request is a POST of one whole body, taken in turn, and
+    the step reads the percentiles wrk printed."""
+    bodies = [np.full(1280, i, dtype="<f4").tobytes() for i in range(3)]
+    seen: list[tuple[str, str, bytes]] = []
+
+    class Search(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn answers
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Search)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = wrk_search(f"http://127.0.0.1:{server.server_address[1]}", bodies, 2, seconds=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out["requests"] >= 3 and out["requests"] <= len(seen) + 2, out  # (wrk stops with up to c unanswered)
+    assert 0 < out["p50_ms"] <= out["p99_ms"] <= out["max_ms"], out
+    assert {(path, kind) for path, kind, _ in seen} == {("/search", "application/octet-stream")}
+    assert {body for _, _, body in seen} == set(bodies)
+    counts = [sum(body == sent for _, _, body in seen) for sent in bodies]
+    assert max(counts) - min(counts) <= 2, counts  # in turn: no body is sent twice before the others once
