@@ -207,6 +207,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def objects(request: Request) -> Response:
         service = service_of(request, read=True)
+        _params(request, (), "GET /objects")  # (``?etag=``, which /preview takes, was ignored here without a word)
         bucket, key = request.path_params["bucket"], request.path_params["key"]
         return JSONResponse(await run_in_threadpool(_object_state, service, bucket, key))
 
@@ -217,6 +218,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service = service_of(request, read=True)
         bucket, key = request.path_params["bucket"], request.path_params["key"]
         wanted = _params(request, ("etag",), "GET /preview").get("etag")
+        if wanted == "":  # (was 404 object_changed: the object had not changed)
+            raise HTTPError(400, "bad_parameter", "etag is empty: give the indexed version's etag, or leave it out")
         async with previewing:
             etag, body = await run_in_threadpool(_preview, service, bucket, key, wanted)
         cache = "private, max-age=86400" if wanted else "private, no-cache"  # (an address that names the version)

@@ -70,9 +70,13 @@ def parse(fields: dict[str, Any], bucket_filters: bool = True) -> Filter:
 
 
 def parse_time(value: Any, name: str) -> float | None:
-    """ISO 8601: a date (midnight UTC) or a date and time; a time without an offset is UTC."""
-    if value in (None, ""):
+    """ISO 8601: a date (midnight UTC) or a date and time; a time without an offset is UTC. None: no bound; an empty
+    string is 400 (a script's unset variable searched every date without a word: an independent check)."""
+    if value is None:
         return None
+    if value == "":
+        raise HTTPError(400, "bad_parameter", f"{name} is empty: give a date or time such as 2024-06-01, or leave "
+                                              "it out")
     if not isinstance(value, str):
         raise HTTPError(400, "bad_parameter", f"{name} must be an ISO 8601 date or time, e.g. 2024-06-01")
     try:

@@ -130,6 +130,7 @@ async def _image(form: FormData, max_bytes: int) -> bytes:
     """The uploaded image of a multipart search, the only query of its form."""
     upload = form.get("image")
     if not isinstance(upload, UploadFile):
+        only(form.keys(), FORM_FIELDS, "form field", "a search")  # ``imag``: a typo, not a missing image
         raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'")
     _one_query(["image", *(name for name in QUERIES if name in form)])
     only(form.keys(), FORM_FIELDS, "form field", "a search")
@@ -157,8 +158,8 @@ def _combine(fields: dict[str, Any], more: dict[str, Any], where: str) -> None:
 
 def _typed(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """Form fields or query parameters, strings by nature, as the JSON values they stand for: ``k`` a decimal
-    integer, ``min_score`` a decimal number, ``rerank`` true/false/1/0/yes/no/on/off; an empty ``min_score`` or
-    ``rerank`` is not given. The filters stay strings. A name repeated with another value is 400."""
+    integer, ``min_score`` a decimal number, ``rerank`` true/false/1/0/yes/no/on/off; an empty one is 400 (it was
+    read as not given: an independent check). The filters stay strings. A name repeated with another value is 400."""
     fields: dict[str, Any] = {}
     seen: dict[str, Any] = {}
     for name, value in items:
@@ -167,17 +168,20 @@ def _typed(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
                                                   "give it once")
         if not isinstance(value, str):
             raise HTTPError(400, "bad_parameter", f"{name} must be a text field, not a file")
+        if name in ("min_score", "rerank") and not value:
+            raise HTTPError(400, "bad_parameter", f"{name} is empty: give a value, or leave it out for the default")
         if name == "k":
             fields[name] = decimal(value, name)
-        elif name == "min_score" and value:
+        elif name == "min_score":
             if not NUMBER.fullmatch(value):
                 raise HTTPError(400, "bad_parameter", f"{name} must be a decimal number; got {value!r:.40}")
             fields[name] = float(value)
-        elif name == "rerank" and value:
+        elif name == "rerank":
             if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise HTTPError(400, "bad_parameter", f"{name} must be true or false; got {value!r:.40}")
+                raise HTTPError(400, "bad_parameter", f"{name} must be true or false (1/0, yes/no and on/off are "
+                                                      f"read too); got {value!r:.40}")
             fields[name] = value.lower() in ("1", "true", "yes", "on")
-        elif name not in ("min_score", "rerank"):
+        else:
             fields[name] = value
     return fields
 

@@ -167,13 +167,14 @@ class Receiver:
                 await run_in_threadpool(self.publisher.write_deletes, removed)
             await self.batcher.submit(created)
             await run_in_threadpool(self._mark_seen, fresh)
-            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(fresh), len(future), stale, reserved)
+            await run_in_threadpool(self._record, parsed.ignored, duplicates, len(settled), len(future), stale,
+                                    reserved)
         except Exception as exc:  # broker or Redis down: nothing was acknowledged, the S3 server retries
             self._redis_down.failed(REDIS_DOWN, exc, level=logging.WARNING, exc_info=False)
             raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
         self._redis_down.worked()
         return JSONResponse(
-            {"accepted": len(fresh), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved),
+            {"accepted": len(settled), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved),
              "future": len(future), "stale_deletes": stale},
             status_code=200,
         )
@@ -257,7 +258,7 @@ class Receiver:
     def _record(self, ignored: int, duplicates: int, accepted: int, future: int, stale: int,
                 reserved: list[ObjectEvent]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for name, value in (("received", accepted + duplicates + ignored + future), ("ignored", ignored),
+        for name, value in (("received", accepted + duplicates + ignored + future + stale), ("ignored", ignored),
                             ("duplicated", duplicates), ("accepted", accepted), ("future", future),
                             ("stale_deletes", stale)):
             if value:

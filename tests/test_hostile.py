@@ -518,6 +518,7 @@ def test_a_forged_delete_cannot_hide_a_stored_object(stack: Stack, s3: Any, api:
     forged["Records"][0]["s3"]["object"].update(key=quote(key), sequencer="F" * 32)
     answer = ingest.post("/events", content=json.dumps(forged))
     assert answer.status_code == 200 and answer.json()["stale_deletes"] == 1, answer.text
+    assert answer.json()["accepted"] == 0, answer.text  # dropped, so not also counted as accepted
     s3.delete_object(Bucket=bucket, Key=other)  # a real delete after it: merged, so would the forged one be
     wait_for(lambda: object_state(api, bucket, other) is None, 120, what=f"{other} removed by its real delete")
     assert object_state(api, bucket, key) == before
@@ -596,6 +597,22 @@ def test_form_fields_and_query_parameters_are_read_strictly(parser: TestClient) 
         assert error(parser.post("/search", files=IMAGE, data={name: value}))[:2] == (400, "bad_parameter")
 
 
+def test_an_empty_option_or_filter_is_refused_not_read_as_absent(parser: TestClient) -> None:
+    """``--after "$SINCE"`` with SINCE unset searched every date without a word, as did an empty ``min_score`` or
+    ``rerank`` (an independent check): each is 400 now, in a form, a query parameter or JSON. JSON null is still
+    the default."""
+    for name in ("min_score", "rerank", "modified_after", "modified_before"):
+        for sent in (parser.post("/search", files=IMAGE, data={name: ""}),
+                     parser.post("/search", json={"key": "a.jpg"}, params={name: ""})):
+            status, code, message = error(sent)
+            assert (status, code) == (400, "bad_parameter") and f"{name} is empty" in message, (name, message)
+    for name in ("modified_after", "modified_before"):
+        status, code, message = error(parser.post("/search", json={"key": "a.jpg", name: ""}))
+        assert (status, code) == (400, "bad_parameter") and f"{name} is empty" in message, message
+    fine = parser.post("/search", json={"key": "a.jpg", "min_score": None, "rerank": None, "modified_after": None})
+    assert fine.status_code == 200 and fine.json()["filter"]["modified_after"] is None, fine.text
+
+
 def test_unknown_fields_are_named_with_the_accepted_ones(parser: TestClient) -> None:
     status, code, message = error(parser.post("/search", json={"text": "cat", "prefx": "a/"}))
     assert (status, code) == (400, "unknown_field") and "'prefx'" in message and "prefix" in message
@@ -603,6 +620,8 @@ def test_unknown_fields_are_named_with_the_accepted_ones(parser: TestClient) -> 
     assert (status, code) == (400, "unknown_field") and "'kk'" in message and "modified_after" in message
     status, code, message = error(parser.post("/search", files=IMAGE, data={"prefx": "a/"}))
     assert (status, code) == (400, "unknown_field") and "'prefx'" in message
+    status, code, message = error(parser.post("/search", files={"imag": IMAGE["image"]}))  # (was missing_image)
+    assert (status, code) == (400, "unknown_field") and "'imag'" in message and "image" in message
     token = parser.post("/search", json={"text": "cat"}, params={"token": "t"})  # the read token's parameter
     assert token.status_code == 200, token.text
 
@@ -692,6 +711,10 @@ def test_listings_refuse_counts_below_their_least() -> None:
         assert (status, code) == (400, "bad_parameter"), (path, params, message)
         assert (f"must be at least {least}" if least is not None else "decimal integer") in message, message
     assert "pairs with fewer" in error(client.get("/duplicates", params={"min_matches": str(MIN_INLIERS - 1)}))[2]
+    status, code, message = error(client.get("/preview/b/k.jpg", params={"etag": ""}))  # (was 404 object_changed)
+    assert (status, code) == (400, "bad_parameter") and "etag is empty" in message
+    status, code, message = error(client.get("/objects/b/k.jpg", params={"etag": "x"}))  # (was ignored)
+    assert (status, code) == (400, "unknown_field") and "'etag'" in message
 
 
 def test_duplicates_default_to_the_same_photo_and_clamp_large_pages() -> None:
