@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     queues = sub.add_parser("queues", help="queue depths, stream lag, failures, live workers")
     queues.add_argument("--json", action="store_true")
     queues.add_argument("--watch", action="store_true", help="refresh every second, with rates and an ETA to drain")
-    queues.add_argument("--interval", type=_positive, default=1.0, help="seconds between refreshes with --watch")
+    queues.add_argument("--interval", type=_positive, help="seconds between refreshes with --watch (default 1)")
     failures = sub.add_parser("failures", help="list failure records; send the objects again or clear them")
     failures.add_argument("--reason", help="only records with this reason (e.g. not_an_image, corrupt)")
     failures.add_argument("--bucket", help="only objects of this bucket")
@@ -97,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
     demo.add_argument("--backend", choices=["faiss", "milvus"], help="index backend, as for 'up'")
     args = parser.parse_args(argv)
+    # Options that mean nothing with the others given were ignored without a word (an independent check).
+    if args.command == "queues" and args.interval is not None and not args.watch:
+        parser.error("queues: --interval is how often --watch refreshes: add --watch")
+    if args.command == "rebuild" and args.cancel is not None and (
+            given := [flag for flag, value in (("--wait", args.wait), ("--reindex", args.reindex),
+                                               ("--index-type", args.index_type), ("--bucket", args.bucket),
+                                               ("--model", args.model)) if value]):
+        parser.error(f"rebuild: --cancel takes no {' or '.join(given)}")
 
     try:
         settings = Settings.from_env()
@@ -138,7 +146,10 @@ def _positive(text: str) -> float:
 
 
 def _finite(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:  # (argparse said "invalid _finite value")
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
     if not math.isfinite(value):  # (nan went out as JSON no server reads, with a traceback)
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
@@ -293,7 +304,10 @@ NOT_RUNNING = 3  # `status`'s exit code when a process of the stack is down (as 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if not (Path(settings.home) / "stack.json").exists():  # (a Stack would set one up, with ports nothing uses)
-        print(f"no local stack in {Path(settings.home).resolve()}: `bucketlens up` starts one", file=sys.stderr)
+        missing = f"no local stack in {Path(settings.home).resolve()}: `bucketlens up` starts one"
+        if args.json:  # (a script reading stdout got an empty string to parse)
+            print(json.dumps({"processes": {}, "index": None, "error": missing}))
+        print(missing, file=sys.stderr)
         return NOT_RUNNING
     stack = _stack(settings)
     status = stack.status(stack.for_clients(_explicit()))
@@ -371,12 +385,14 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
                 bar.update()
     except (Boto3Error, BotoCoreError, ClientError) as exc:
         raise CLIError(f"upload to s3://{bucket} at {settings.s3_endpoint} failed: {exc}") from exc
-    print(f"uploaded {len(files)} images to s3://{bucket}/{args.prefix}"
-          + (f"; {skipped} other files left out (by their names: not {', '.join(sorted(IMAGE_SUFFIXES))}, or "
-             "macOS's ._ metadata)"
-             if skipped else "")
-          + (f"; {hidden} hidden files left out (names starting with '.', @eaDir; --hidden takes them)" if hidden
-             else ""))
+    first = min(files)  # (a prefix without '/' joins the names: "a/b" uploads "a/bphoto.jpg")
+    where = (f"s3://{bucket}/{args.prefix}" if args.prefix.endswith("/") or not args.prefix
+             else f"s3://{bucket} under the key prefix {args.prefix!r} (e.g. {first!r}: add '/' for a folder)")
+    print(f"uploaded {counted(len(files), 'image')} to {where}"
+          + (f"; {counted(skipped, 'other file')} left out (by their names: not "
+             f"{', '.join(sorted(IMAGE_SUFFIXES))}, or macOS's ._ metadata)" if skipped else "")
+          + (f"; {counted(hidden, 'hidden file')} left out (names starting with '.', @eaDir; --hidden takes them)"
+             if hidden else ""))
     return 0
 
 
@@ -447,7 +463,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{len(result['results'])} results ({result['model']}, {result['took_ms']:.1f} ms)")
+    print(f"{counted(len(result['results']), 'result')} ({result['model']}, {result['took_ms']:.1f} ms)")
     for term in result.get("matched", []):
         names = [label["name"] for label in term["labels"]]
         more = f" and {len(names) - 8} more" if len(names) > 8 else ""
@@ -458,6 +474,11 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
         tags = f"  [{', '.join(label['name'] for label in hit['labels'][:3])}]" if hit.get("labels") else ""
         print(f"{hit['score']:.4f}  {plain(hit['bucket'] + '/' + hit['key'])}{same_photo(hit)}{tags}")
     return 0
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 result``, ``2 results``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def plain(text: str) -> str:
@@ -530,7 +551,7 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
                 else:
                     print(f"{clear}bucketlens queues  {time.strftime('%H:%M:%S')}  (Ctrl-C to stop)\n"
                           + render(report, current), flush=True)
-            time.sleep(max(0.1, args.interval))
+            time.sleep(args.interval or 1.0)
     except KeyboardInterrupt:
         return 0
 
@@ -549,9 +570,10 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result))
         elif args.retry:
-            print(f"sent {result['retried']} objects to the workers again ({result['tasks']} tasks)")
+            print(f"sent {counted(result['retried'], 'object')} to the workers again "
+                  f"({counted(result['tasks'], 'task')})")
         else:
-            print(f"cleared {result['cleared']} failure records")
+            print(f"cleared {counted(result['cleared'], 'failure record')}")
         if not args.json and not result["retried" if args.retry else "cleared"] and body:  # a typo in a value?
             chosen = [f"{name} {value!r}" for name, value in selection.items()] + (
                 [f"key {key!r}" for key in args.key] if args.key else [])
@@ -570,7 +592,7 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
         print(f"{when}  {record['reason']:16} x{record['attempts']}  {plain(record['bucket'] + '/' + record['key'])}: "
               f"{plain(record['message'])}")
-    print(f"{page['total']} failure records{page_note(page['total'], args.offset, len(page['failures']))}")
+    print(f"{counted(page['total'], 'failure record')}{page_note(page['total'], args.offset, len(page['failures']))}")
     return 0
 
 

@@ -413,7 +413,8 @@ def test_status_without_a_stack_says_so_and_sets_none_up(tmp_path: Path, monkeyp
     monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path / "nothing-here"))
     assert main(["status", "--json"]) == NOT_RUNNING
     out, err = capsys.readouterr()
-    assert out == "" and "no local stack in" in err and "bucketlens up" in err, err
+    assert json.loads(out) == {"processes": {}, "index": None, "error": err.strip()}, out  # (stdout was empty)
+    assert "no local stack in" in err and "bucketlens up" in err, err
     assert not (tmp_path / "nothing-here").exists()
 
 
@@ -525,6 +526,22 @@ def test_a_stack_that_cannot_do_what_is_asked_says_so_in_one_line(api: FakeAPI,
     assert refused.value.code == 2
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["queues", "--interval", "2"], ["--interval is how often --watch refreshes"]),
+    (["rebuild", "--cancel", "--wait"], ["--cancel takes no --wait"]),
+    (["rebuild", "--cancel", "r1", "--model", "m", "--reindex"], ["--cancel takes no --reindex or --model"]),
+    (["search", "--text", "cat", "--min-score", "x"], ["--min-score: must be a number, not 'x'"]),
+])
+def test_options_that_mean_nothing_together_or_do_not_parse_are_refused(
+        args: list[str], words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--interval`` without ``--watch`` and ``rebuild --cancel --wait`` were ignored without a word, and a
+    ``--min-score`` that is no number said "invalid _finite value" (an independent check)."""
+    with pytest.raises(SystemExit) as refused:
+        main(args)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and all(word in err for word in words) and "_finite" not in err, err
+
+
 # -- client commands ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [["duplicates"], ["queues"], ["failures"], ["search", "--key", "a.jpg"],
@@ -608,9 +625,14 @@ def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket
     capsys.readouterr()
     assert main(["upload", str(tmp_path), "--prefix", unique_prefix, "--bucket", stack.settings.bucket]) == 0
     out = capsys.readouterr().out
-    assert f"uploaded 2 images to s3://{stack.settings.bucket}/{unique_prefix}; 1 other files left out" in out, out
+    assert f"uploaded 2 images to s3://{stack.settings.bucket}/{unique_prefix}; 1 other file left out" in out, out
     assert main(["upload", str(tmp_path), "--bucket", "no-such-bucket-here"]) == 1  # was a traceback
     one_error_line(capsys, "bucketlens upload: no bucket 'no-such-bucket-here' at http://127.0.0.1:")
+    # A prefix without '/' joins the names; the line read like a folder's (an independent check).
+    joined = unique_prefix + "nosl"
+    assert main(["upload", str(tmp_path / "camera.jpg"), "--prefix", joined, "--bucket", stack.settings.bucket]) == 0
+    assert (f"uploaded 1 image to s3://{stack.settings.bucket} under the key prefix {joined!r} "
+            f"(e.g. '{joined}camera.jpg': add '/' for a folder)") in capsys.readouterr().out
 
 
 def test_upload_takes_files_and_folders_and_refuses_two_files_for_one_key(
