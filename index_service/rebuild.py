@@ -94,7 +94,9 @@ class Rebuilds:
                 raise ValueError(f"{name} must be a string")
         types = self.service.backend.index_types
         if index_type is not None and index_type not in (*types, "auto"):
-            raise ValueError(f"index_type must be one of {', '.join(types)} or auto (the size policy picks)")
+            other = {"IVF-SQ8": "the FAISS backend", "HNSW": "the Milvus backend"}.get(index_type)
+            raise ValueError(f"index_type must be one of {', '.join(types)} or auto (the size policy picks)"
+                             + (f"; {index_type} is {other}'s only" if other else ""))
         if model is not None and mode != "reembed":
             raise ValueError("only a reembed can switch models")
         if model is not None:
