@@ -29,6 +29,10 @@ class SchemaError(ValueError):
     """A payload or stream entry that does not match the schema."""
 
 
+class NewerVersion(SchemaError):
+    """A stream entry of a later version than this release reads: a worker was upgraded before the index service."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectRef:
     """What a task carries for one object: never its bytes."""
@@ -150,6 +154,9 @@ class ResultEntry:
         try:
             get = {k.decode(): v for k, v in fields.items()}
             if get["v"] not in READABLE_RESULTS:
+                if get["v"].isdigit() and int(get["v"]) > RESULT_VERSION:
+                    raise NewerVersion(f"result entry of version {get['v'].decode()}: this index service reads "
+                                       f"versions up to {RESULT_VERSION}")
                 raise SchemaError(f"unsupported result entry version {get['v']!r}")
             op = get["op"].decode()
             if op not in OPS:
@@ -179,6 +186,8 @@ class ResultEntry:
                 modified=modified,
                 reason=get.get("reason", b"").decode(),
             )
+        except SchemaError:
+            raise
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise SchemaError(f"bad result entry: {exc}") from exc
 

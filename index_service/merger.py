@@ -10,7 +10,8 @@ from typing import Any, Callable
 import redis
 
 from bucketlens.keys import Keys
-from bucketlens.schemas import ResultEntry, SchemaError, object_id
+from bucketlens.redis_client import text
+from bucketlens.schemas import NewerVersion, ResultEntry, SchemaError, object_id
 from bucketlens.versions import record
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class Merger:
     the batch it was killed in before it reads the entries in between), so it never moves ``last_id``.
     ``may_write`` is asked before each batch is applied: False (the writer lease is lost) stops the merger, the
     batch unapplied and unacknowledged: the current writer claims it (``CLAIM_IDLE_MS``) and applies it.
+    An entry of a later version than this release reads (workers upgraded first) is held, not skipped: left
+    unacknowledged, so checkpoints do not trim past it (``Service._oldest_pending``) and the upgraded index service
+    claims and applies it. Skipped, it was lost until the object was embedded again.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, apply: Callable[[list[ResultEntry]], None],
@@ -77,6 +81,8 @@ class Merger:
         self.caught_up = threading.Event()
         self.applied = 0
         self.malformed = 0
+        self.held: set[str] = set()  # ids of the entries of a later version, left unacknowledged
+        self._claim_from = "0-0"  # XAUTOCLAIM's cursor: held entries never hide other claimable ones behind them
         self._stop = threading.Event()
         self._rewind = threading.Event()
         self._thread = threading.Thread(target=self._run, name="merger", daemon=True)
@@ -144,10 +150,12 @@ class Merger:
         """The next batch and whether it was claimed: entries other consumers read and left unacknowledged for
         ``CLAIM_IDLE_MS`` first (they were delivered, so nobody else would ever apply them), then new ones."""
         claimed: Any = self.redis.xautoclaim(self.keys.results, self.keys.merger_group, self.consumer,
-                                             min_idle_time=CLAIM_IDLE_MS, start_id="0-0", count=self.batch)
+                                             min_idle_time=CLAIM_IDLE_MS, start_id=self._claim_from, count=self.batch)
+        self._claim_from = text(claimed[0])  # ("0-0" once the pending list has been gone through)
         if claimed[1]:
-            log.warning("claimed %d stream entries read and never acknowledged (a batch that could not be applied, "
-                        "or another replica's)", len(claimed[1]))
+            if fresh := [i for i, _ in claimed[1] if text(i) not in self.held]:
+                log.warning("claimed %d stream entries read and never acknowledged (a batch that could not be "
+                            "applied, or another replica's)", len(fresh))
             return list(claimed[1]), True
         response: Any = self.redis.xreadgroup(
             self.keys.merger_group, self.consumer, {self.keys.results: ">"}, count=self.batch, block=block_ms
@@ -166,23 +174,32 @@ class Merger:
             self._stop.set()
             return 0
         entries: list[ResultEntry] = []
-        for _, fields in messages:
+        held: list[str] = []
+        for message_id, fields in messages:
             try:
                 entries.append(ResultEntry.from_fields(fields))
+            except NewerVersion as exc:
+                held.append(text(message_id))
+                if held[-1] not in self.held:
+                    log.error("holding stream entry %s, unapplied and unacknowledged, until an upgraded index service "
+                              "applies it: %s (upgrade the index service; its checkpoints keep the stream from this "
+                              "entry on)", held[-1], exc)
             except SchemaError as exc:
                 self.malformed += 1
                 log.error("skipping malformed stream entry: %s", exc)
+        self.held.update(held)
         self.apply(entries)
         if not self.may_write():
             self._yield_after_overlap(messages[0][0])
             return 0
         self._clear_pending(entries)
         ids = [message_id for message_id, _ in messages]
-        self.redis.xack(self.keys.results, self.keys.merger_group, *ids)
-        newest = ids[-1].decode() if isinstance(ids[-1], bytes) else ids[-1]
+        if done := [i for i in ids if text(i) not in held]:
+            self.redis.xack(self.keys.results, self.keys.merger_group, *done)
+        newest = text(ids[-1])
         if not claimed and stream_order(newest) > stream_order(self.last_id):
             self.last_id = newest  # (never a claimed batch's: unread entries may lie between, which a checkpoint trims)
-        self.applied += len(messages)
+        self.applied += len(messages) - len(held)
         if len(messages) < self.batch and not claimed:  # a short read of new entries: the stream's end
             self.caught_up.set()
         self.after()

@@ -136,6 +136,10 @@ SCHEMAS: dict[str, Schema] = {
                   "malformed_entries": {"type": "integer",
                                         "description": "stream entries this process's merger could not read and "
                                                        "skipped (logged)"},
+                  "newer_entries_held": {"type": "integer",
+                                         "description": "stream entries of a later version (workers upgraded "
+                                                        "first) this process's merger holds unacknowledged for an "
+                                                        "upgraded index service to apply (logged)"},
                   "last_snapshot": {**nullable(ref("Snapshot")), "description": "the newest checkpoint (null: none "
                                                                                 "yet)"},
                   "snapshot_failures": obj({"failures": INT, "failing_s": NUMBER, "error": TEXT},
@@ -150,8 +154,8 @@ SCHEMAS: dict[str, Schema] = {
                                                "description": "the finder's CPU seconds since start"}},
                                     ("pending", "checked", "cpu_s"))},
                  ("vectors", "model", "dim", "index_type", "index_type_chosen", "vector_file_bytes", "generation",
-                  "last_applied_id", "applied_entries", "malformed_entries", "backend", "replica", "writer",
-                  "last_snapshot", "snapshot_failures", "rebuild", "duplicates")),
+                  "last_applied_id", "applied_entries", "malformed_entries", "newer_entries_held", "backend",
+                  "replica", "writer", "last_snapshot", "snapshot_failures", "rebuild", "duplicates")),
     "Worker": obj({"id": TEXT, "hostname": TEXT, "pid": INT, "model": TEXT, "device": TEXT,
                    "started": NUMBER, "state": {"enum": ["idle", "busy"]},
                    "batch_size": {"type": "integer", "description": "objects of the current batch"},

@@ -512,6 +512,7 @@ class Service:
             "last_applied_id": self.merger.last_id,
             "applied_entries": self._applied_before + self.merger.applied,
             "malformed_entries": self.merger.malformed,
+            "newer_entries_held": len(self.merger.held),
             "backend": self.backend.name,
             "replica": self.replica,
             "writer": self.writing.is_set(),

@@ -18,13 +18,15 @@ import httpx
 import numpy as np
 import pytest
 
+from bucketlens import schemas
 from bucketlens.keys import Keys
-from bucketlens.redis_client import connect
+from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
 from bucketlens.settings import Settings
 from index_service.backend import BACKENDS, open_backend
 from index_service.feature_store import FeatureStore
+from index_service.merger import CLAIM_IDLE_MS, Merger
 from index_service.queues import queue_report
 from index_service.vector_index import VectorIndex
 from infra.stack import Stack, free_port
@@ -257,6 +259,36 @@ def test_a_malformed_stream_entry_is_skipped_counted_and_acknowledged(stack: Sta
         assert redis.xpending(keys.results, keys.merger_group)["pending"] == 0
     finally:
         process.stop(signal.SIGTERM)
+
+
+def test_an_entry_of_a_later_version_is_held_until_an_upgraded_index_service_applies_it(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers upgraded before the index service write entries it cannot read: it counted them malformed and
+    acknowledged them, and each such object stayed out of the index until it was embedded again (review 14). Now
+    the entry is held: applied by no one, left unacknowledged (a checkpoint trims no further), claimed again and held
+    by this release, and claimed and applied by the upgraded one."""
+    keys, redis = Keys(f"newer{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
+    current, later = [e for e in entries(20, seed=11) if e.op == "upsert"][:2]
+    later_version = str(schemas.RESULT_VERSION + 1)
+    redis.xadd(keys.results, current.to_fields())
+    held = text(redis.xadd(keys.results, {**later.to_fields(), "v": later_version}))
+    applied: list[ResultEntry] = []
+    old = Merger(redis, keys, apply=applied.extend, batch=8, consumer="old")
+    old._ensure_group()
+    assert old.step() == 2 and [e.key for e in applied] == [current.key]
+    assert (old.malformed, old.held, old.applied) == (0, {held}, 1)
+    pending = redis.xpending(keys.results, keys.merger_group)
+    assert (pending["pending"], text(pending["min"])) == (1, held)  # the oldest pending: checkpoints trim to it
+    time.sleep(CLAIM_IDLE_MS / 1000 + 0.2)
+    assert old.step() == 1 and len(applied) == 1  # claimed again, held again
+    assert redis.xpending(keys.results, keys.merger_group)["pending"] == 1
+    monkeypatch.setattr(schemas, "READABLE_RESULTS", (*schemas.READABLE_RESULTS, later_version.encode()))
+    upgraded = Merger(redis, keys, apply=applied.extend, batch=8, consumer="upgraded")
+    wait_for(lambda: upgraded.step() >= 0 and len(applied) == 2, 30, interval_s=0.1, what="the held entry applied")
+    assert (applied[1].key, applied[1].order, not upgraded.held) == (later.key, later.order, True)
+    assert np.array_equal(applied[1].vector, later.vector)
+    assert redis.xpending(keys.results, keys.merger_group)["pending"] == 0
+    redis.delete(keys.results)
 
 
 def test_the_end_of_a_burst_is_checkpointed_and_trimmed_while_the_stream_is_quiet(stack: Stack) -> None:
