@@ -81,6 +81,7 @@ class Rebuilds:
         self._suspects: set[str] = set()  # listed objects unsettled at the last sweep (resend_lost)
         self._lock = threading.RLock()
         self._retired: tuple[int, str] | None = None  # (generation, rebuilt bucket) of the last one-bucket promote
+        self._before: dict[str, Any] | None = None  # the newest job of a previous process, as stored (``recover``)
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -178,9 +179,11 @@ class Rebuilds:
         return stored if stored is not None and stored.get("id") == job_id else None
 
     def progress(self) -> dict[str, Any] | None:
-        """The running or last job as it stands. Readers (``/stats``, ``GET /rebuild``) take no lock: the job's
-        fields are plain values, and a promote holds the lock while it writes its snapshot (~15 s at 1M)."""
-        return public(job) if (job := self.current) is not None else None
+        """The running or last job as it stands, a previous process's included (after a restart ``/stats`` said
+        none, though ``GET /rebuild/{id}`` had it: an independent check). Readers (``/stats``, ``GET /rebuild``)
+        take no lock: the job's fields are plain values, and a promote holds the lock while it writes its snapshot
+        (~15 s at 1M)."""
+        return public(job) if (job := self.current) is not None else self._before
 
     def recover(self) -> None:
         """At start-up: a job left running by a previous process cannot resume its in-memory shadow."""
@@ -193,6 +196,7 @@ class Rebuilds:
                            error="the index service restarted during the rebuild; the serving generation is intact")
                 service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
                 log.warning("rebuild %s was interrupted by a restart and is marked failed", job["id"])
+            self._before = job
         for generation in service.redis.hkeys(service.keys.generations):
             if int(generation) != service.index.generation:
                 service.redis.hdel(service.keys.generations, generation)

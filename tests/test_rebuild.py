@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ from botocore.credentials import Credentials
 from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry
 from index_service.filters import Filter
-from index_service.rebuild import RebuildConflict, RebuildJob, Rebuilds
+from index_service.rebuild import RebuildConflict, RebuildJob, Rebuilds, public
 from index_service.service import Service
 from index_service.vector_index import VectorIndex
 from infra.notifications import ensure_bucket, ensure_notifications
@@ -361,6 +362,25 @@ def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
             service.rebuilds.start("reembed")
         job = service.rebuilds.current
         assert job.state == "failed" and "the index server is down" in job.error and service.shadow is None
+
+
+def test_a_restarted_service_still_reports_the_last_rebuild() -> None:
+    """``/stats`` ``rebuild`` (and so ``status`` and ``rebuild --cancel``'s "the last ... is done") said null after
+    any restart, though ``GET /rebuild/{id}`` still had the job (an independent check). A job left running is
+    reported failed."""
+    keys = Keys("t")
+    for state, reported in (("done", "done"), ("running", "failed")):
+        job = RebuildJob(id="j1", mode="reembed", generation=4, model="m", index_type="Flat", total=3, done=3,
+                         state=state)
+        stored = {keys.rebuild_current: b"j1", keys.rebuild_job("j1"): json.dumps(public(job)).encode()}
+        redis = SimpleNamespace(get=stored.get, set=lambda key, value, ex=None, into=stored: into.update({key: value}),
+                                hkeys=lambda key: [], hdel=lambda *args: 0)
+        service = SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=4))
+        rebuilds = Rebuilds(service)  # type: ignore[arg-type]
+        assert rebuilds.progress() is None
+        rebuilds.recover()
+        last = rebuilds.progress()
+        assert last is not None and (last["id"], last["state"]) == ("j1", reported), last
 
 
 def test_rebuild_progress_answers_while_a_promote_holds_the_lock() -> None:
