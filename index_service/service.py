@@ -471,8 +471,8 @@ class Service:
         job = self.restoring
         if ok and not self.checked.is_set():
             # (Said at every start, a snapshot loaded or not: it read "no snapshot, or no data in Redis" regardless.)
-            return False, ("starting: loading the model and the vocabulary, then comparing the index with the bucket "
-                           "where the snapshot or Redis's data is missing")
+            return False, ("starting: loading the model and the vocabulary (and, only if the snapshot or Redis's "
+                           "data is missing, comparing the index with the bucket)")
         if ok and (failing := self.snapshot_health.unready_reason()):
             return False, failing
         if ok and job is not None and job.state == "running":
