@@ -27,6 +27,11 @@ def test_a_worker_is_listed_while_it_beats_shows_its_batch_and_leaves_when_stopp
         (worker,) = live_workers(redis, keys)
         assert worker["state"] == "idle" and worker["batches"] == 1 and worker["objects"] == 3
         assert worker["model"] == "m" and worker["device"] == "cpu" and worker["age_s"] < 5
+        heartbeat.busy(4)  # a batch delivered again, sent on one object per task: those tasks count the objects
+        heartbeat.handed_on()
+        heartbeat.idle()
+        (worker,) = live_workers(redis, keys)
+        assert (worker["batches"], worker["objects"]) == (2, 3)
     finally:
         heartbeat.stop()
     assert live_workers(redis, keys) == [] and not redis.smembers(keys.workers)

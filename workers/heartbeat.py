@@ -119,6 +119,12 @@ class Heartbeat(Beacon):
             self._state.update(state="busy", batch_size=size, batch_started=time.time())
         self.beat()
 
+    def handed_on(self) -> None:
+        """The current batch was sent on as tasks of its own, which count its objects when they run (it was counted
+        twice: 30 objects shown for 15 embedded after a worker's death, an independent check)."""
+        with self._lock:
+            self._state.update(batch_size=0)
+
     def idle(self) -> None:
         """The current batch ended (written, retried or failed)."""
         with self._lock:

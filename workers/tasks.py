@@ -72,6 +72,7 @@ def register_tasks(app: Celery, settings: Settings, pipeline: Callable[[], Pipel
                 raise Reject(f"could not split the batch: {exc}", requeue=True) from exc
             log.warning("a batch of %d objects was delivered %d times: sent again one object per task", len(batch),
                         count)
+            p.heartbeat.handed_on()
             _forget(p, deliveries)
             return
         try:
