@@ -82,7 +82,7 @@ class Merger:
         self.applied = 0
         self.malformed = 0
         self.held: set[str] = set()  # ids of the entries of a later version, left unacknowledged
-        self._claim_from = "0-0"  # XAUTOCLAIM's cursor: held entries never hide other claimable ones behind them
+        self._claim_from = "0-0"  # where the next claim starts: held entries never hide other claimable ones
         self._stop = threading.Event()
         self._rewind = threading.Event()
         self._thread = threading.Thread(target=self._run, name="merger", daemon=True)
@@ -123,6 +123,8 @@ class Merger:
                 if self._rewind.is_set():
                     self._rewind.clear()
                     self.last_id, grouped = "0", False
+                    self.held.clear()  # (Redis lost them with the stream)
+                    self._claim_from = "0-0"
                 if not grouped:
                     self._ensure_group()
                     grouped = True
@@ -149,14 +151,20 @@ class Merger:
     def _read(self, block_ms: int | None) -> tuple[list[tuple[Any, dict[bytes, bytes]]], bool]:
         """The next batch and whether it was claimed: entries other consumers read and left unacknowledged for
         ``CLAIM_IDLE_MS`` first (they were delivered, so nobody else would ever apply them), then new ones."""
-        claimed: Any = self.redis.xautoclaim(self.keys.results, self.keys.merger_group, self.consumer,
-                                             min_idle_time=CLAIM_IDLE_MS, start_id=self._claim_from, count=self.batch)
-        self._claim_from = text(claimed[0])  # ("0-0" once the pending list has been gone through)
-        if claimed[1]:
-            if fresh := [i for i, _ in claimed[1] if text(i) not in self.held]:
+        # Ids first: the entries held here are claimed again (their idle time restarts) but neither fetched nor
+        # handed back as a batch (thousands of them, claimed in turn every 2 s, kept new entries from being read).
+        ids: Any = self.redis.xautoclaim(self.keys.results, self.keys.merger_group, self.consumer,
+                                         min_idle_time=CLAIM_IDLE_MS, start_id=self._claim_from, count=self.batch,
+                                         justid=True)
+        # (redis-py drops XAUTOCLAIM's cursor with JUSTID: the next claim starts after the last id a full one gave)
+        self._claim_from = stream_after(text(ids[-1])) if len(ids) == self.batch else "0-0"
+        if fresh := [i for i in ids if text(i) not in self.held]:
+            claimed: Any = self.redis.xclaim(self.keys.results, self.keys.merger_group, self.consumer,
+                                             min_idle_time=0, message_ids=fresh)
+            if claimed := [(i, fields) for i, fields in claimed if fields is not None]:
                 log.warning("claimed %d stream entries read and never acknowledged (a batch that could not be "
-                            "applied, or another replica's)", len(fresh))
-            return list(claimed[1]), True
+                            "applied, or another replica's)", len(claimed))
+                return claimed, True
         response: Any = self.redis.xreadgroup(
             self.keys.merger_group, self.consumer, {self.keys.results: ">"}, count=self.batch, block=block_ms
         )
@@ -211,9 +219,7 @@ class Merger:
         prevent it. Rewind the group to before the batch and stop: the current writer reads everything from there
         again, and the order rule puts the newer versions back. (If a checkpoint of that writer trimmed them from the
         stream meanwhile, only a reconcile can: logged, and counted as ``writer_overlaps``.)"""
-        first = first_id.decode() if isinstance(first_id, bytes) else first_id
-        ms, seq = (int(part) for part in first.split("-"))
-        before = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
+        before = stream_before(text(first_id))
         moved = self.redis.register_script(_REWIND)(keys=[self.keys.results], args=[self.keys.merger_group, before])
         self.redis.hincrby(self.keys.counters, "writer_overlaps", 1)
         if moved:
@@ -247,3 +253,15 @@ def stream_order(stream_id: str) -> tuple[int, int]:
     """A stream id as a sortable pair (milliseconds, sequence)."""
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def stream_before(stream_id: str) -> str:
+    """The greatest id below ``stream_id``: a position from which a read gets ``stream_id`` again."""
+    ms, seq = stream_order(stream_id)
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
+
+
+def stream_after(stream_id: str) -> str:
+    """The least id above ``stream_id``."""
+    ms, seq = stream_order(stream_id)
+    return f"{ms}-{seq + 1}"

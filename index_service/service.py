@@ -38,7 +38,7 @@ from .backend import Index, open_backend, restructure_into
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .lease import WriterLease
-from .merger import Merger, stream_order
+from .merger import Merger, stream_before, stream_order
 from .orphans import SWEEP_EVERY_S
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
@@ -403,6 +403,13 @@ class Service:
         stream then stays untrimmed and serving and merging go on."""
         merger, index = self.merger, self.index
         last_id, applied, vectors = merger.last_id, merger.applied, len(index)
+        held = self._oldest_pending()
+        if held is not None and stream_order(held) <= stream_order(last_id):
+            # Read, and not applied here (an entry of a later version, held; a batch of another replica's, claimed
+            # next): a restore from this checkpoint must read it again. Positioned after it, the snapshot lacked
+            # it for good once an upgraded writer had claimed and acknowledged it and then died before its own
+            # first checkpoint (review 18). What lies between is applied twice, to the same effect.
+            last_id = stream_before(held)
         started = time.perf_counter()
         try:
             self.backend.checkpoint(index, last_id)
@@ -418,7 +425,7 @@ class Service:
         floor, since = self._trim_floor
         if time.monotonic() - since < TAKEOVER_HOLD_S and stream_order(floor) < stream_order(last_id):
             trim_to = floor  # a previous writer paused mid-batch may still rewind to here (Merger)
-        held = self._oldest_pending()
+        held = self._oldest_pending()  # (again: the claim may have taken and applied it meanwhile)
         if held is not None and stream_order(held) < stream_order(trim_to):
             # A batch another reader of the group took and did not acknowledge (the previous writer's, stopped with
             # its lease gone): the claim (CLAIM_IDLE_MS) applies it next. Trimmed, it was lost: a delete for good.
@@ -519,6 +526,6 @@ class Service:
             "last_snapshot": self.backend.last,
             "snapshot_failures": self.snapshot_health.public(),
             "rebuild": self.rebuilds.progress(),
-            "duplicates": {"pending": len(self.duplicates.pending), "checked": self.duplicates.checked_objects,
+            "duplicates": {"pending": self.duplicates.pending, "checked": self.duplicates.checked_objects,
                            "cpu_s": round(self.duplicates.cpu_s, 3)},
         }

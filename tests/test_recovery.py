@@ -26,7 +26,7 @@ from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
 from bucketlens.settings import Settings
 from index_service.backend import BACKENDS, open_backend
 from index_service.feature_store import FeatureStore
-from index_service.merger import CLAIM_IDLE_MS, Merger
+from index_service.merger import CLAIM_IDLE_MS, Merger, stream_before
 from index_service.queues import queue_report
 from index_service.vector_index import VectorIndex
 from infra.stack import Stack, free_port
@@ -265,8 +265,9 @@ def test_an_entry_of_a_later_version_is_held_until_an_upgraded_index_service_app
         stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers upgraded before the index service write entries it cannot read: it counted them malformed and
     acknowledged them, and each such object stayed out of the index until it was embedded again (review 14). Now
-    the entry is held: applied by no one, left unacknowledged (a checkpoint trims no further), claimed again and held
-    by this release, and claimed and applied by the upgraded one."""
+    the entry is held: applied by no one, left unacknowledged (a checkpoint trims no further), claimed again by this
+    release without being fetched or handed back as a batch (thousands of them, in turn every 2 s, kept new entries
+    from being read: review 18), and claimed and applied by the upgraded one."""
     keys, redis = Keys(f"newer{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
     current, later = [e for e in entries(20, seed=11) if e.op == "upsert"][:2]
     later_version = str(schemas.RESULT_VERSION + 1)
@@ -280,15 +281,39 @@ def test_an_entry_of_a_later_version_is_held_until_an_upgraded_index_service_app
     pending = redis.xpending(keys.results, keys.merger_group)
     assert (pending["pending"], text(pending["min"])) == (1, held)  # the oldest pending: checkpoints trim to it
     time.sleep(CLAIM_IDLE_MS / 1000 + 0.2)
-    assert old.step() == 1 and len(applied) == 1  # claimed again, held again
-    assert redis.xpending(keys.results, keys.merger_group)["pending"] == 1
+    newest = redis.xadd(keys.results, entries(20, seed=12)[0].to_fields())
+    assert old.step() == 1 and len(applied) == 2  # past the held entry, claimed again, to the new one
+    assert redis.xpending(keys.results, keys.merger_group)["pending"] == 1 and old.last_id == text(newest)
     monkeypatch.setattr(schemas, "READABLE_RESULTS", (*schemas.READABLE_RESULTS, later_version.encode()))
     upgraded = Merger(redis, keys, apply=applied.extend, batch=8, consumer="upgraded")
-    wait_for(lambda: upgraded.step() >= 0 and len(applied) == 2, 30, interval_s=0.1, what="the held entry applied")
-    assert (applied[1].key, applied[1].order, not upgraded.held) == (later.key, later.order, True)
-    assert np.array_equal(applied[1].vector, later.vector)
+    wait_for(lambda: upgraded.step() >= 0 and len(applied) == 3, 30, interval_s=0.1, what="the held entry applied")
+    assert (applied[2].key, applied[2].order, not upgraded.held) == (later.key, later.order, True)
+    assert np.array_equal(applied[2].vector, later.vector)
     assert redis.xpending(keys.results, keys.merger_group)["pending"] == 0
     redis.delete(keys.results)
+
+
+def test_a_checkpoint_is_positioned_before_an_entry_it_does_not_hold(stack: Stack) -> None:
+    """A held entry (a later version) lies behind the merger's position; a snapshot positioned at the merger's
+    position lacked it, and a restore from it never read it again (review 18): a writer upgraded from it claimed and
+    acknowledged the entry, then died before its own first checkpoint. The snapshot is positioned just before it."""
+    process = IndexProcess(own_settings(stack, "pos", "faiss", stack.settings.milvus_uri, snapshot_every_s=1))
+    keys, redis = Keys(process.settings.namespace), connect(process.settings.redis_url)
+    process.start(ready=True)
+    try:
+        first, later, last = [e for e in entries(20, seed=13) if e.op == "upsert"][:3]
+        redis.xadd(keys.results, first.to_fields())
+        held = text(redis.xadd(keys.results, {**later.to_fields(), "v": str(schemas.RESULT_VERSION + 1)}))
+        newest = text(redis.xadd(keys.results, last.to_fields()))
+        merged = wait_for(lambda: (s := process.stats())["last_applied_id"] == newest and s, 60, what="merged")
+        assert (merged["newer_entries_held"], merged["vectors"]) == (1, 2), merged
+        after = time.time()
+        snapshot = wait_for(lambda: (s := process.stats()["last_snapshot"]) and s["time"] > after and s, 60,
+                            what="a checkpoint after the merge")
+        assert snapshot["last_id"] == stream_before(held), (snapshot, held)
+        assert redis.xrange(keys.results, min=held, max=held)  # not trimmed
+    finally:
+        process.stop(signal.SIGTERM)
 
 
 def test_the_end_of_a_burst_is_checkpointed_and_trimmed_while_the_stream_is_quiet(stack: Stack) -> None:
