@@ -60,7 +60,10 @@ class DuplicateFinder:
         self.index = index
         self.cpu_share = cpu_share
         self.busy = busy
-        self.pending: dict[str, str] = {}  # object id -> etag still to check, in the generation below
+        # Object id -> etag still to check, in the generation below: what arrived since it was seen first (a copy
+        # just uploaded waited behind a reembed's whole backlog, minutes: an independent check), then the rest.
+        self.arrivals: dict[str, str] = {}
+        self.backlog: dict[str, str] = {}
         self.generation = -1
         self.checked_objects = 0
         self.cpu_s = 0.0  # this thread's CPU time in its rounds (``/stats``: what it took from the cores)
@@ -70,6 +73,11 @@ class DuplicateFinder:
         self._arrived = -ARRIVING_S  # monotonic time of the last merge (``arriving``)
         self._outage = Outage(log, "looking for duplicates works again")
         self._thread = threading.Thread(target=self._run, name="duplicates", daemon=True)
+
+    @property
+    def pending(self) -> int:
+        """How many objects are still to check (the two are disjoint)."""
+        return len(self.arrivals) + len(self.backlog)
 
     @property
     def started(self) -> bool:
@@ -86,7 +94,9 @@ class DuplicateFinder:
     def wake(self, changed: Sequence[tuple[str, str]] = ()) -> None:
         """``changed``: ``(object id, etag)`` upserted in the serving generation since the last call."""
         with self._lock:
-            self.pending.update(changed)
+            for oid, etag in changed:
+                self.backlog.pop(oid, None)
+                self.arrivals[oid] = etag
         if changed:
             self.arriving()
         self._wake.set()
@@ -131,12 +141,16 @@ class DuplicateFinder:
             checked = index.features.checked()
             with self._lock:
                 self.generation = index.generation
-                self.pending = {object_id(o.bucket, o.key): o.etag for o in index.objects()
-                                if checked.get(object_id(o.bucket, o.key)) != o.etag}
+                self.arrivals = {oid: etag for oid, etag in self.arrivals.items()  # (of this generation, unchecked)
+                                 if checked.get(oid) != etag and _current(index, oid, etag) is not None}
+                unchecked = ((object_id(o.bucket, o.key), o.etag) for o in index.objects())
+                self.backlog = {oid: etag for oid, etag in unchecked
+                                if checked.get(oid) != etag and oid not in self.arrivals}
         with self._lock:
-            batch = list(itertools.islice(self.pending.items(), limit))
+            batch = list(itertools.islice(itertools.chain(self.arrivals.items(), self.backlog.items()), limit))
             for oid, _ in batch:
-                del self.pending[oid]
+                if self.arrivals.pop(oid, None) is None:
+                    del self.backlog[oid]
         if not batch:
             return 0
         try:
@@ -147,7 +161,8 @@ class DuplicateFinder:
             # another batch, and a Milvus restart left identical copies ungrouped for good: an independent check)
             with self._lock:
                 for oid, etag in batch:
-                    self.pending.setdefault(oid, etag)  # (a newer version that arrived meanwhile stays)
+                    if oid not in self.arrivals:  # (a newer version that arrived meanwhile stays)
+                        self.backlog.setdefault(oid, etag)
             raise
         self.checked_objects += len(objects)
         return len(batch)
