@@ -129,9 +129,10 @@ def _bounded(request: Request, limit: int) -> Request:
 async def _image(form: FormData, max_bytes: int) -> bytes:
     """The uploaded image of a multipart search, the only query of its form."""
     upload = form.get("image")
-    if not isinstance(upload, UploadFile):
-        only(form.keys(), FORM_FIELDS, "form field", "a search")  # ``imag``: a typo, not a missing image
-        raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'")
+    if not isinstance(upload, UploadFile):  # (naming a typo such as ``imag``: an independent check)
+        unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+        raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'"
+                        + (f"; it has {', '.join(map(repr, unknown))}, of no meaning here" if unknown else ""))
     _one_query(["image", *(name for name in QUERIES if name in form)])
     only(form.keys(), FORM_FIELDS, "form field", "a search")
     data = await upload.read(max_bytes + 1)
