@@ -323,9 +323,13 @@ def wrk_search(url: str, bodies: Sequence[bytes], concurrency: int, seconds: int
         env = {**os.environ, "BODIES": file.name, "BODY_BYTES": str(len(bodies[0]))}
         done = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s",
                                "-s", str(ROOT / "bench" / "search.lua"), url],
-                              env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["errors"] == out["non_2xx"] == 0, done.stdout
+                              env=env, capture_output=True, text=True, timeout=seconds + 60)
+    try:
+        out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):  # wrk failed: its own words, not a JSON error, and the step goes on
+        return {"skipped": f"wrk exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}"}
+    if out["errors"] or out["non_2xx"]:  # (counted, not asserted: a figure with errors in it is not a latency)
+        out["skipped"] = f"{out['errors']} failed and {out['non_2xx']} non-2xx answers of {out['requests']}"
     return out
 
 

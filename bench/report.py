@@ -125,7 +125,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                 out[f"{tag}_{form}_c{c}_p50_ms"] = q[f"{form}_c{c}"]["p50_ms"]
                 out[f"{tag}_{form}_c{c}_p99_ms"] = q[f"{form}_c{c}"]["p99_ms"]
         for c in (1, 8):
-            if "p50_ms" in (wrk := q.get(f"raw_c{c}_wrk", {})):  # (skipped without wrk installed)
+            if "skipped" not in (wrk := q.get(f"raw_c{c}_wrk", {"skipped": "not run"})):  # (no wrk, or errors)
                 out[f"{tag}_raw_c{c}_wrk_p50_ms"], out[f"{tag}_raw_c{c}_wrk_p99_ms"] = wrk["p50_ms"], wrk["p99_ms"]
         out[f"{tag}_http_overhead_p50_ms"] = q["raw_c1"]["p50_ms"] - q["inprocess_c1"]["p50_ms"]
         out[f"{tag}_recall_at_10"] = q["recall_at_10"]

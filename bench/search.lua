@@ -1,5 +1,5 @@
--- wrk script: POST /search with raw float32 vectors read from BODIES (one DIM*4-byte body after another), each
--- connection's requests cycling through them; at the end one JSON line of the latency percentiles (ms).
+-- wrk script: POST /search with raw float32 vectors read from BODIES (one DIM*4-byte body after another), the
+-- thread's requests cycling through them; at the end one JSON line of the latency percentiles (ms).
 local path = os.getenv("BODIES")
 local size = tonumber(os.getenv("BODY_BYTES"))
 local bodies = {}

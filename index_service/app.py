@@ -203,7 +203,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             for g in found[offset : offset + limit]
         ]
         return JSONResponse({"model": serving.model, "total": len(found), "offset": offset, "limit": limit,
-                             "pending": len(service.duplicates.pending), "groups": page})
+                             "pending": service.duplicates.pending, "groups": page})
 
     async def objects(request: Request) -> Response:
         service = service_of(request, read=True)

@@ -145,8 +145,8 @@ SCHEMAS: dict[str, Schema] = {
                   "snapshot_failures": obj({"failures": INT, "failing_s": NUMBER, "error": TEXT},
                                            ("failures", "failing_s", "error")),
                   "rebuild": {**nullable(ref("RebuildJob")), "description": "the running or last rebuild, of this "
-                                                                            "process or the one before it (null: "
-                                                                            "none)"},
+                                                                            "process or (on the writer) the one "
+                                                                            "before it (null: none)"},
                   "backend": {"enum": ["faiss", "milvus"]}, "replica": TEXT,
                   "writer": {"type": "boolean", "description": "this replica merges the stream"},
                   "duplicates": obj({"pending": {"type": "integer", "description": "objects not yet checked"},
