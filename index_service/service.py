@@ -38,7 +38,7 @@ from .backend import Index, open_backend, restructure_into
 from .duplicates import DuplicateFinder
 from .feature_store import FeatureStore
 from .lease import WriterLease
-from .merger import Merger, stream_before, stream_order
+from .merger import Merger, stream_order
 from .orphans import SWEEP_EVERY_S
 from .orphans import sweep as sweep_orphans
 from .presign import Presigner
@@ -408,8 +408,11 @@ class Service:
             # Read, and not applied here (an entry of a later version, held; a batch of another replica's, claimed
             # next): a restore from this checkpoint must read it again. Positioned after it, the snapshot lacked
             # it for good once an upgraded writer had claimed and acknowledged it and then died before its own
-            # first checkpoint (review 18). What lies between is applied twice, to the same effect.
-            last_id = stream_before(held)
+            # first checkpoint (review 18). The position is the entry before it (a position is an entry the stream
+            # holds: ``redis_loss.trimmed_past``), "0" for none; what lies between is applied twice, to the same
+            # effect.
+            before: Any = self.redis.xrevrange(self.keys.results, max=f"({held}", min="-", count=1)
+            last_id = text(before[0][0]) if before else "0"
         started = time.perf_counter()
         try:
             self.backend.checkpoint(index, last_id)

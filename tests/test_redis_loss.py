@@ -78,6 +78,10 @@ def test_a_checkpoint_whose_position_is_in_no_stream_trims_nothing() -> None:
         def xtrim(self, name: str, minid: str, approximate: bool) -> None:
             trims.append(minid)
 
+        def xrevrange(self, name: str, max: str, min: str, count: int) -> list[Any]:
+            assert (max, min, count) == ("(1796313507409-7", "-", 1)
+            return [(b"1796313507409-5", {})]  # the entry before the one held unacknowledged
+
     service: Any = SimpleNamespace(
         merger=SimpleNamespace(last_id="1796313507409-48", applied=1), index=VectorIndex("m", 8),
         backend=SimpleNamespace(checkpoint=lambda index, last_id: None), snapshot_health=SnapshotHealth(60, 60),
@@ -93,4 +97,7 @@ def test_a_checkpoint_whose_position_is_in_no_stream_trims_nothing() -> None:
     service.shadow = VectorIndex("m", 8, generation=2)
     assert Service._checkpoint(service) and trims == ["1796313507409-48"] * 2
     service._oldest_pending = lambda: "1796313507409-7"
-    assert Service._checkpoint(service) and trims[-1] == "1796313507409-7"
+    # ... and positioned before it, at an entry the stream holds: a restore reads it again (review 18)
+    positions: list[str] = []
+    service.backend = SimpleNamespace(checkpoint=lambda index, last_id: positions.append(last_id))
+    assert Service._checkpoint(service) and trims[-1] == "1796313507409-5" and positions == ["1796313507409-5"]
