@@ -4,6 +4,7 @@ the search step's C client."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,9 +17,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from bench.__main__ import STEPS, parse_args
+from bench.colour_profiles import display_p3_profile
 from bench.index_scale import exact
 from bench.procs import ALL_CORES, core_busy_seconds, pin
 from bench.queries import QueryService, wrk_search
@@ -164,3 +166,10 @@ def test_wrk_posts_each_raw_vector_in_turn_and_reports_its_latencies() -> None:
     assert {body for _, _, body in seen} == set(bodies)
     counts = [sum(body == sent for _, _, body in seen) for sent in bodies]
     assert max(counts) - min(counts) <= 2, counts  # in turn: no body is sent twice before the others once
+
+
+def test_the_display_p3_profile_is_one_littlecms_reads_and_it_is_wider_than_srgb() -> None:
+    p3 = ImageCms.ImageCmsProfile(io.BytesIO(display_p3_profile()))
+    red = ImageCms.profileToProfile(Image.new("RGB", (1, 1), (255, 0, 0)), ImageCms.createProfile("sRGB"), p3)
+    r, g, b = red.getpixel((0, 0))  # sRGB's red is inside P3's gamut: (234, 51, 35) in Display P3
+    assert 225 <= r <= 242 and 40 <= g <= 62 and 25 <= b <= 45, (r, g, b)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from vision.decode import MAX_JPEG_SCANS, decode, decode_image, preview_jpeg
 from workers.errors import PermanentError
@@ -126,6 +126,19 @@ def test_a_preview_is_a_small_upright_jpeg_of_any_format_and_keeps_the_limits() 
     with pytest.raises(PermanentError) as failure:
         preview_jpeg(encode(upright, "PNG"), 1000)
     assert failure.value.reason == "too_many_pixels"
+
+
+def test_a_preview_keeps_an_rgb_colour_profile_and_drops_one_of_other_data() -> None:
+    """A phone's Display P3 photo untagged reads as sRGB in a browser, its colours washed out; a CMYK profile
+    described the pixels before they were made RGB."""
+    rgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # (any profile: its header is read)
+    rgb = rgb[:16] + b"RGB " + rgb[20:]
+    cmyk = rgb[:16] + b"CMYK" + rgb[20:]
+    for fmt in ("HEIF", "TIFF", "JPEG"):
+        data = encode(half_red_half_blue(400, 200), fmt, icc_profile=rgb)
+        assert Image.open(io.BytesIO(preview_jpeg(data, LIMIT))).info.get("icc_profile") == rgb, fmt
+    data = encode(Image.new("CMYK", (40, 30)), "JPEG", icc_profile=cmyk)
+    assert "icc_profile" not in Image.open(io.BytesIO(preview_jpeg(data, LIMIT))).info
 
 
 def test_postscript_is_not_an_image_and_never_reaches_ghostscript() -> None:

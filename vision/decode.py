@@ -73,13 +73,21 @@ def decode_image(data: bytes, max_pixels: int, size: int = 224, gray_side: int =
 
 def preview_jpeg(data: bytes, max_pixels: int, side: int = 320) -> bytes:
     """A JPEG of the image (first frame) whose longer side is at most ``side``, for a browser that cannot show the
-    file itself (HEIC, TIFF, ...): oriented, in RGB, decoded as the model's input is, with the same limits."""
+    file itself (HEIC, TIFF, ...): oriented, in RGB, decoded as the model's input is, with the same limits. An RGB
+    colour profile goes with it (a phone's Display P3 HEIC looked washed out as untagged sRGB); another kind (CMYK,
+    grey) described pixels that are RGB no longer, and is left out."""
     with _decoding(data):
         image, _, _ = _open_rgb(data, max_pixels, side)
         image.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        profile = image.info.get("icc_profile")
         out = io.BytesIO()
-        image.save(out, "JPEG", quality=85)
+        image.save(out, "JPEG", quality=85, icc_profile=profile if _rgb_profile(profile) else None)
         return out.getvalue()
+
+
+def _rgb_profile(profile: object) -> bool:
+    """Whether ``profile`` is an ICC profile of RGB data (its header's colour space field, bytes 16-19)."""
+    return isinstance(profile, bytes) and profile[16:20] == b"RGB "
 
 
 def _open_rgb(data: bytes, max_pixels: int, side: int) -> tuple[Image.Image, int, int]:
