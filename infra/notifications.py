@@ -1,13 +1,24 @@
 """Bucket notifications through the S3 API: an SNS-style topic pushing to the ingest receiver, then
 ``PutBucketNotificationConfiguration``. Idempotent: Ceph *adds* configurations instead of replacing them,
-so the current configuration is read first."""
+so the current configuration is read first.
+
+Ceph copies the topic into a notification when the notification is put, and queues each event with the push
+endpoint of its time: a topic updated alone changed nothing, and an event queued with an earlier webhook token
+was refused (401) and sent again, hundreds of times a second, forever (Ceph 16 has no retry limit; an
+independent check). A changed endpoint therefore takes the topic (and its queue) down and puts both again."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import boto3
+import httpx
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 from bucketlens.settings import Settings
 
@@ -27,8 +38,11 @@ def notification_id(settings: Settings) -> str:
     return f"bucketlens-{settings.namespace}"
 
 
-def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> str:
-    """Create (or update) the persistent topic and bind it to the bucket; returns the topic ARN."""
+def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> bool:
+    """Create (or update) the persistent topic and bind it to the bucket. Returns whether events queued for an
+    earlier endpoint were dropped with it (a reconcile finds the uploads they named). Another bucketlens
+    notification of the bucket that pushes to the same receiver (a namespace used before) is removed: each upload
+    was delivered, queued and embedded twice (an independent check)."""
     sns = boto3.client(
         "sns",
         endpoint_url=settings.s3_endpoint,
@@ -36,18 +50,69 @@ def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> str
         aws_secret_access_key=settings.s3_secret_key,
         region_name=settings.s3_region,
     )
+    name = f"{settings.namespace}-{settings.bucket}"
+    endpoints = _endpoints(sns)
+    before = next((arn for arn in endpoints if arn.rsplit(":", 1)[-1] == name), "")
+    old = endpoints.get(before)
+    dropped = old is not None and unquote(old) != unquote(push_endpoint)
+    if dropped:
+        sns.delete_topic(TopicArn=before)
+        log.warning("the push endpoint of %s changed: its topic and the events queued for the old endpoint were "
+                    "dropped", name)
     # Persistent: radosgw queues events while the receiver is down or answers 5xx, and redelivers them.
     arn: str = sns.create_topic(
-        Name=f"{settings.namespace}-{settings.bucket}",
+        Name=name,
         Attributes={"push-endpoint": push_endpoint, "persistent": "true"},
     )["TopicArn"]
-    current = s3.get_bucket_notification_configuration(Bucket=settings.bucket)
-    if any(t.get("TopicArn") == arn for t in current.get("TopicConfigurations", [])):
-        return arn
-    s3.put_bucket_notification_configuration(
-        Bucket=settings.bucket,
-        NotificationConfiguration={"TopicConfigurations": [{"Id": notification_id(settings), "TopicArn": arn,
-                                                            "Events": EVENTS}]},
-    )
-    log.info("bucket %s now notifies %s", settings.bucket, arn)
-    return arn
+    current = s3.get_bucket_notification_configuration(Bucket=settings.bucket).get("TopicConfigurations", [])
+    ours = [c["Id"] for c in current if c.get("TopicArn") == arn]
+    if dropped or not ours:
+        s3.put_bucket_notification_configuration(  # (the same Id again replaces that notification)
+            Bucket=settings.bucket,
+            NotificationConfiguration={"TopicConfigurations": [{"Id": (ours or [notification_id(settings)])[0],
+                                                                "TopicArn": arn, "Events": EVENTS}]},
+        )
+        log.info("bucket %s now notifies %s", settings.bucket, arn)
+    for config in current:
+        other = config.get("TopicArn")
+        if (other != arn and str(config.get("Id", "")).startswith("bucketlens")
+                and _receiver(endpoints.get(other)) == _receiver(push_endpoint)):
+            remove_notifications(settings, settings.bucket, config["Id"])
+            sns.delete_topic(TopicArn=other)
+            log.warning("removed notification %s of bucket %s: it pushed to the same receiver", config["Id"],
+                        settings.bucket)
+    return dropped
+
+
+def remove_notifications(settings: Settings, bucket: str, notification: str = "") -> None:
+    """Remove one notification of ``bucket`` by its Id, or all of them (Ceph's ``DELETE ?notification``: boto3 has
+    no call for it)."""
+    url = f"{settings.s3_endpoint}/{bucket}?notification" + (f"={notification}" if notification else "")
+    request = AWSRequest(method="DELETE", url=url)
+    S3SigV4Auth(Credentials(settings.s3_access_key, settings.s3_secret_key), "s3", settings.s3_region).add_auth(request)
+    httpx.delete(url, headers=dict(request.headers), timeout=60).raise_for_status()
+
+
+def _endpoints(sns: Any) -> dict[str, str | None]:
+    """Each topic's ARN and push endpoint (None where the server names none: not Ceph)."""
+    found: dict[str, str | None] = {}
+    token = ""
+    while True:
+        page = sns.list_topics(**({"NextToken": token} if token else {}))
+        for topic in page.get("Topics", []):
+            attributes = sns.get_topic_attributes(TopicArn=topic["TopicArn"]).get("Attributes", {})
+            try:
+                found[topic["TopicArn"]] = json.loads(attributes["EndPoint"])["EndpointAddress"]
+            except (KeyError, TypeError, ValueError):
+                found[topic["TopicArn"]] = None
+        token = page.get("NextToken") or ""
+        if not token:
+            return found
+
+
+def _receiver(endpoint: str | None) -> tuple[str, str, str] | None:
+    """The receiver an endpoint names, its token (query) aside."""
+    if not endpoint:
+        return None
+    parts = urlsplit(endpoint)
+    return parts.scheme, parts.netloc, parts.path.rstrip("/")

@@ -226,7 +226,7 @@ class Stack:
                 self.start_service(name)
         self._wait_http(self.ingest_url + "/healthz", "ingest", 60)
         token = quote(self.settings.webhook_token, safe="")  # a token of the user's may hold "+", "&" or "#"
-        ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={token}")
+        dropped = ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={token}")
         if self.pid("supervisor") is None:  # (a running one writes the canaries: one writer at a time)
             try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
                 Canary(self.settings, s3, connect(self.settings.redis_url)).wait(90)
@@ -235,8 +235,23 @@ class Stack:
         if wait_ready and "api" in services:
             for name, url in zip(("api", *self.services[3:-1]), self.api_urls):
                 self._wait_http(url + "/readyz", name, 300)
+        if dropped:  # (a changed webhook token or ingest port): uploads while the stack was down went with them
+            self._reconcile(ready=wait_ready and "api" in services)
         if "supervisor" in services:  # after the start-up canary: one canary writer at a time
             self.start_service("supervisor")
+
+    def _reconcile(self, ready: bool) -> None:
+        print("the notification's push endpoint changed, and the events queued for the old one were dropped: "
+              + ("reconciling with the bucket" if ready else "run `bucketlens reconcile` once the stack is up"),
+              file=sys.stderr)
+        if not ready:
+            return
+        try:
+            response = httpx.post(f"{self.api_url}/reconcile", json={}, timeout=600,
+                                  headers={"Authorization": f"Bearer {self.settings.admin_token}"})
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise StackError(f"reconcile failed ({exc}): run `bucketlens reconcile` once the stack is up") from exc
 
     def down(self) -> None:
         """Stop everything, each part even when stopping another failed (then raise the first failure)."""

@@ -146,17 +146,21 @@ def test_a_reconcile_clears_the_failure_records_of_objects_the_bucket_no_longer_
     late_raw = redis.hget(keys.failures, object_id(bucket, gone))
     s3.delete_object(Bucket=bucket, Key=gone)
     wait_for(lambda: object_state(api, bucket, gone) is None, 90, what="the delete")
-    redis.hset(keys.failures, object_id(bucket, gone), late_raw)  # the late worker's write
     unseen = f"{unique_prefix}uploaded-during-the-listing.jpg"  # its record written after the listing began
     redis.hset(keys.failures, object_id(bucket, unseen), failure_record(
         ObjectRef(bucket, unseen, "e1", order=1), "corrupt", "truncated", 1, time.time() + 60))
-    assert object_state(api, bucket, gone)["state"] == "failed"  # type: ignore[index]
     admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
-
-    time.sleep(1.5)  # a reconcile keeps a record written in the second before it began (clocks of two hosts)
-    counted = api.post("/reconcile", json={"dry_run": True}, headers=admin, timeout=120)
-    assert counted.status_code == 200 and counted.json()["failures_cleared"] >= 1, counted.text
-    assert set(records(api, stack, [gone, kept, unseen])) == {gone, kept, unseen}  # a dry run removes nothing
+    for _ in range(3):  # the stack's supervisor reconciles after a stalled canary: one in the window clears it first
+        redis.hset(keys.failures, object_id(bucket, gone), late_raw)  # the late worker's write
+        assert object_state(api, bucket, gone)["state"] == "failed"  # type: ignore[index]
+        time.sleep(1.5)  # a reconcile keeps a record written in the second before it began (clocks of two hosts)
+        counted = api.post("/reconcile", json={"dry_run": True}, headers=admin, timeout=120)
+        assert counted.status_code == 200, counted.text
+        left = set(records(api, stack, [gone, kept, unseen]))
+        if counted.json()["failures_cleared"] >= 1 and left == {gone, kept, unseen}:  # a dry run removes nothing
+            break
+    else:
+        raise AssertionError(f"three dry runs in a row: {counted.text}, records left {left}")
     done = api.post("/reconcile", json={}, headers=admin, timeout=120)
     assert done.status_code == 200 and done.json()["failures_cleared"] >= 1, done.text
     assert set(records(api, stack, [gone, kept, unseen])) == {kept, unseen}

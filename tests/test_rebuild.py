@@ -12,9 +12,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 
 from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry
@@ -22,7 +19,7 @@ from index_service.filters import Filter
 from index_service.rebuild import RebuildConflict, RebuildJob, Rebuilds, public
 from index_service.service import Service
 from index_service.vector_index import VectorIndex
-from infra.notifications import ensure_bucket, ensure_notifications
+from infra.notifications import ensure_bucket, ensure_notifications, remove_notifications
 from infra.stack import Stack
 
 from .helpers import object_state, photo, wait_for
@@ -172,12 +169,7 @@ def set_notifications(stack: Stack, bucket: str, on: bool) -> None:
     if on:
         ensure_notifications(settings, stack_s3(stack), f"{stack.ingest_url}/events?token={settings.webhook_token}")
         return
-    url = f"{settings.s3_endpoint}/{bucket}?notification"
-    request = AWSRequest(method="DELETE", url=url)
-    credentials = Credentials(settings.s3_access_key, settings.s3_secret_key)
-    S3SigV4Auth(credentials, "s3", settings.s3_region).add_auth(request)
-    response = httpx.delete(url, headers=dict(request.headers))
-    assert response.status_code in (200, 204), response.text
+    remove_notifications(settings, bucket)
 
 
 def stack_s3(stack: Stack) -> Any:

@@ -1,0 +1,93 @@
+"""Bucket notifications on the real Ceph RGW: a changed push endpoint and a namespace used before."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from infra.notifications import ensure_bucket, ensure_notifications, remove_notifications
+from infra.stack import Stack
+
+from .helpers import wait_for
+
+
+class Receiver:
+    """A webhook receiver that accepts one token: events with another are refused (401), as ingest refuses them."""
+
+    def __init__(self) -> None:
+        self.token = "A"
+        self.seen: list[tuple[str, str]] = []  # (token, key) of each delivery, refused ones included
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                token = self.path.partition("token=")[2]
+                receiver.seen += [(token, r["s3"]["object"]["key"]) for r in body.get("Records", [])]
+                self.send_response(200 if token == receiver.token else 401)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/events"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+def test_a_changed_endpoint_rebinds_the_bucket_and_drops_what_was_queued_for_the_old_one(
+        stack: Stack, s3: Any, receiver: Receiver) -> None:
+    """Ceph copies the topic into the notification: with the topic alone updated, every event went on with the old
+    webhook token (refused); and one queued with it was sent again hundreds of times a second, forever. An
+    independent check: a stack brought up again with another BUCKETLENS_WEBHOOK_TOKEN indexed nothing."""
+    settings = dataclasses.replace(stack.settings, namespace="notify", bucket="test-notify")
+    ensure_bucket(s3, settings.bucket)
+    sns = boto3.client("sns", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key,
+                       aws_secret_access_key=settings.s3_secret_key, region_name=settings.s3_region)
+    try:
+        assert ensure_notifications(settings, s3, receiver.url + "?token=A") is False  # (new: nothing dropped)
+        assert ensure_notifications(settings, s3, receiver.url + "?token=A") is False  # (unchanged)
+        s3.put_object(Bucket=settings.bucket, Key="first", Body=b"x")
+        wait_for(lambda: ("A", "first") in receiver.seen, 120, what="the first event")
+
+        receiver.token = "B"  # ingest restarted with another token: the event of an upload meanwhile is refused
+        s3.put_object(Bucket=settings.bucket, Key="while-down", Body=b"x")
+        wait_for(lambda: ("A", "while-down") in receiver.seen, 60, what="the event queued with the old token")
+        assert ensure_notifications(settings, s3, receiver.url + "?token=B") is True
+        s3.put_object(Bucket=settings.bucket, Key="after", Body=b"x")
+        wait_for(lambda: ("B", "after") in receiver.seen, 120, what="an event with the new token")
+        refused = receiver.seen.count(("A", "while-down"))
+        time.sleep(3)
+        assert receiver.seen.count(("A", "while-down")) == refused  # no longer sent again
+        assert not any(key == "after" and token == "A" for token, key in receiver.seen)
+
+        # The same receiver under another namespace: the earlier namespace's notification goes.
+        renamed = dataclasses.replace(settings, namespace="notify2")
+        assert ensure_notifications(renamed, s3, receiver.url + "?token=B") is False
+        configs = s3.get_bucket_notification_configuration(Bucket=settings.bucket)["TopicConfigurations"]
+        assert [c["Id"] for c in configs] == ["bucketlens-notify2"], configs
+        s3.put_object(Bucket=settings.bucket, Key="once", Body=b"x")
+        wait_for(lambda: ("B", "once") in receiver.seen, 120, what="the renamed namespace's event")
+    finally:
+        remove_notifications(settings, settings.bucket)
+        for name in ("notify-test-notify", "notify2-test-notify"):
+            with contextlib.suppress(ClientError):  # (one not made yet)
+                sns.delete_topic(TopicArn=f"arn:aws:sns:default::{name}")
