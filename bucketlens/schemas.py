@@ -19,6 +19,7 @@ SCHEMA_VERSION = 1  # object references (task payloads)
 # ``reason``. Older entries are still read: a worker of the previous release may be running.
 RESULT_VERSION = 4
 READABLE_RESULTS = (b"1", b"2", b"3", b"4")
+UNIT_TOLERANCE = 0.01  # how far from 1 an upsert's vector length may be (every model's are normalised; float16 on CUDA)
 OPS = ("upsert", "delete", "failed", "skipped")
 # Failure reasons that the object's bytes decide: the same version fails again whatever the retry (the others, S3
 # unreachable, too slow, a lost worker, can pass).
@@ -167,6 +168,9 @@ class ResultEntry:
                 vector = np.frombuffer(get["vector"], dtype="<f4")
                 if vector.shape[0] != dim or dim == 0:
                     raise SchemaError(f"vector has {vector.shape[0]} values, dim says {dim}")
+                norm = float(np.linalg.norm(vector.astype(np.float64)))  # (NaN or infinite with such a value)
+                if not abs(norm - 1) <= UNIT_TOLERANCE:  # one of huge values came first for half the queries
+                    raise SchemaError(f"vector's length is {norm:.6g}: workers write vectors of length 1")
             modified = float(get.get("modified", b"0"))
             if not math.isfinite(modified):
                 raise SchemaError(f"modified is {modified}")
