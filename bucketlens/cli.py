@@ -249,7 +249,7 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, di
     stack = _stack(settings)
     for name in ("api_port", "ingest_port"):  # chosen at the first `up` and kept: an override would be lost silently
         variable = f"BUCKETLENS_{name.upper()}"
-        if variable in os.environ and getattr(settings, name) != getattr(stack.config, name):
+        if variable in os.environ and getattr(settings, name) not in (0, getattr(stack.config, name)):  # 0: any
             print(f"note: {variable}={getattr(settings, name)} is not used: this stack keeps its {name} "
                   f"{getattr(stack.config, name)} in {stack.home / 'stack.json'} (edit it there while it is down)")
     # BUCKETLENS_INDEX_BACKEND as --backend: alone, it was ignored and a FAISS stack started (an independent check)

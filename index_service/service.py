@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -142,7 +143,13 @@ class Service:
         redis_was_empty = self._take_over(last_id) if writer else False
         self.loaded.set()
         threading.Thread(target=self._keep_role, name="role", daemon=True).start()
-        self.embedders.get(self.index.model)  # query images are embedded with the serving model
+        try:
+            self.embedders.get(self.index.model)  # query images are embedded with the serving model
+        except Exception as exc:  # BUCKETLENS_DEVICE=cuda without a GPU: /readyz said "loading the model" for good
+            log.critical("the index service cannot load its model %s and stops: %s: %s", self.index.model,
+                         type(exc).__name__, exc)
+            os.kill(os.getpid(), signal.SIGTERM)  # (uvicorn's shutdown: the supervisor restarts it, backing off)
+            return
         try:
             words.vocabulary(self.settings.wordnet)  # WordNet read once (~0.6 s), before the first text query
         except words.VocabularyMissing as exc:

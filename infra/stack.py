@@ -529,7 +529,8 @@ class Stack:
             except httpx.HTTPError:
                 pass
             if name in self.services and self.pid(name) is None:
-                raise StackError(f"{name} exited; see {self.home / 'logs' / (name + '.log')}")
+                log_file = self.home / "logs" / f"{name}.log"
+                raise StackError(f"{name} exited{last_error(log_file)}; see {log_file}")
             time.sleep(0.2)
         raise StackError(f"{name} not ready at {url} after {timeout_s:.0f} s; see {self.home / 'logs'}")
 
@@ -548,6 +549,17 @@ def running(settings: Settings, keep: bool = False, restart: tuple[str, ...] = (
         if not keep:
             stack.down()
             shutil.rmtree(stack.home, ignore_errors=True)
+
+
+def last_error(log_file: Path) -> str:
+    """': ' and the last CRITICAL or ERROR line of a log's last 64 kB (what a process that exited said last of
+    why), or nothing."""
+    with contextlib.suppress(OSError), log_file.open("rb") as log:
+        log.seek(max(0, log_file.stat().st_size - 65536))
+        for line in reversed(log.read().decode(errors="replace").splitlines()):
+            if " CRITICAL " in line or " ERROR " in line:
+                return f": {line.strip()}"
+    return ""
 
 
 def _live_pid(path: Path, comm_prefix: str) -> int | None:

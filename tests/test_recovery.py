@@ -29,7 +29,7 @@ from index_service.feature_store import FeatureStore
 from index_service.merger import CLAIM_IDLE_MS, Merger
 from index_service.queues import queue_report
 from index_service.vector_index import VectorIndex
-from infra.stack import Stack, free_port
+from infra.stack import Stack, free_port, last_error
 
 from .helpers import index_difference, wait_for
 
@@ -65,10 +65,10 @@ class IndexProcess:
         """Start it and wait until it answers (``ready``: until ``/readyz`` says it serves)."""
         env = {**os.environ, **self.settings.to_env()}
         log = open(Path(self.settings.home) / "logs" / f"recovery-{self.settings.namespace}.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", "serve"], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)
+        self.process = process = subprocess.Popen([sys.executable, "-m", "bucketlens.cli", "serve"], env=env,
+                                                  stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_for(self.healthy, 120, what="index service up")
+        wait_for(lambda: self.healthy() or process.poll() is not None, 120, what="index service up (or exited)")
         if ready:
             wait_for(lambda: httpx.get(self.url + "/readyz", timeout=10).status_code == 200, 120,
                      what=f"{self.settings.namespace} ({self.settings.replica}) ready")
@@ -242,6 +242,24 @@ def test_reconcile_takes_out_an_older_picture_whose_key_now_holds_a_failed_versi
     assert (state["state"], state["indexed"], state["etag"]) == ("failed", False, etag), state
     again = httpx.post(service.url + "/reconcile", json={"bucket": s.bucket}, headers=headers, timeout=60).json()
     assert (again["changed"], again["missing"], again["failed"], again["removed"]) == (0, 1, 1, 0), again
+
+
+def test_an_index_service_that_cannot_load_its_model_stops_and_says_why(stack: Stack) -> None:
+    """BUCKETLENS_DEVICE=cuda without a GPU: the loader's thread died, and /readyz said "loading the model" for good,
+    `up` waiting minutes without a word (review 19). It stops, as a worker does, and says why; the supervisor
+    restarts it, backing off."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the index service would load its model")
+    process = IndexProcess(own_settings(stack, "nocuda", "faiss", stack.settings.milvus_uri, device="cuda"))
+    process.start()
+    assert process.process is not None
+    process.process.wait(timeout=120)
+    log_file = Path(process.settings.home) / "logs" / f"recovery-{process.settings.namespace}.log"
+    said = last_error(log_file)  # what `up` quotes of a process that exited
+    assert " CRITICAL " in said and "cannot load its model" in said and "BUCKETLENS_DEVICE=cuda" in said, (
+        log_file.read_text()[-2000:])
 
 
 def test_a_malformed_stream_entry_is_skipped_counted_and_acknowledged(stack: Stack) -> None:
