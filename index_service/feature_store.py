@@ -151,7 +151,8 @@ class FeatureStore:
             yield
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # (a COMMIT that failed ended it: "no transaction is active"
+                self._db.execute("ROLLBACK")  # hid the disk that was full)
             raise
 
     def get(self, wanted: Sequence[tuple[str, str]]) -> dict[str, bytes]:

@@ -82,6 +82,7 @@ class Merger:
         self.applied = 0
         self.malformed = 0
         self.held: set[str] = set()  # ids of the entries of a later version, left unacknowledged
+        self.failing = StepFailures()  # steps that raised (the features folder's disk full): /readyz, /stats
         self._claim_from = "0-0"  # where the next claim starts: held entries never hide other claimable ones
         self._stop = threading.Event()
         self._rewind = threading.Event()
@@ -129,6 +130,7 @@ class Merger:
                     self._ensure_group()
                     grouped = True
                 self.step(block_ms=500)
+                self.failing.worked()
                 if down_since is not None:
                     log.info("reachable again after %.1f s; merging resumed", time.monotonic() - down_since)
                     down_since, delay = None, 0.1
@@ -143,8 +145,8 @@ class Merger:
                 grouped = False  # after a Redis restart, re-position the group at what was applied
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
-            except Exception:
-                log.exception("merger step failed; retrying")
+            except Exception as exc:
+                self.failing.failed(exc)
                 grouped = False
                 self._stop.wait(1.0)
 
@@ -265,3 +267,46 @@ def stream_after(stream_id: str) -> str:
     """The least id above ``stream_id``."""
     ms, seq = stream_order(stream_id)
     return f"{ms}-{seq + 1}"
+
+
+class StepFailures:
+    """A run of merge steps that raised (the features folder's disk full, a bug): the batch stays unacknowledged and
+    is tried again every second, its objects searchable but not made durable, and the result stream grows. It was
+    a 30-line traceback every second and nothing else: /readyz ready, /stats and `status` quiet (review 20). The first
+    failure of a run is logged with its traceback, then one line a minute; ``/readyz`` answers 503 once the run has
+    lasted ``snapshot_failure_grace_s`` (``Service.ready``)."""
+
+    def __init__(self) -> None:
+        self.failures = 0  # since start
+        self.since: float | None = None  # monotonic
+        self.error = ""
+        self._said = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self.failures += 1
+        self.error = f"{type(exc).__name__}: {exc}"
+        if self.since is None:
+            self.since = self._said = now
+            log.exception("merge step failed; the batch is tried again every second, its stream entries stay "
+                          "unacknowledged meanwhile")
+        elif now - self._said >= 60:
+            self._said = now
+            log.error("merge steps failing for %.0f s: %s", now - self.since, self.error)
+
+    def worked(self) -> None:
+        if self.since is not None:
+            log.warning("merge steps work again after failing for %.0f s", time.monotonic() - self.since)
+            self.since, self.error = None, ""
+
+    def failing_s(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
+
+    def unready_reason(self, grace_s: float) -> str | None:
+        if self.since is None or self.failing_s() < grace_s:
+            return None
+        return (f"merge steps failing for {self.failing_s():.0f} s ({self.error}): new results are searchable but "
+                "not stored, and the result stream grows; see the index service's log")
+
+    def public(self) -> dict[str, object]:
+        return {"failures": self.failures, "failing_s": round(self.failing_s(), 1), "error": self.error}

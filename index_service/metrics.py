@@ -97,6 +97,11 @@ def _index(stats: dict[str, Any]) -> Iterator[Metric]:
                    failures["failures"])
     yield _gauge("bucketlens_snapshot_failing_seconds", "How long snapshots have been failing (0: they are not)",
                  failures["failing_s"])
+    merging = stats["merge_failures"]
+    yield _counter("bucketlens_merge_failures", "Merge steps that raised (the features folder's disk full)",
+                   merging["failures"])
+    yield _gauge("bucketlens_merge_failing_seconds", "How long merge steps have been failing (0: they are not)",
+                 merging["failing_s"])
     snapshot_time = _snapshot_time(stats.get("last_snapshot"))
     if snapshot_time is not None:
         yield _gauge("bucketlens_snapshot_age_seconds", "Seconds since the newest snapshot was written",

@@ -144,6 +144,10 @@ SCHEMAS: dict[str, Schema] = {
                                                                                 "yet)"},
                   "snapshot_failures": obj({"failures": INT, "failing_s": NUMBER, "error": TEXT},
                                            ("failures", "failing_s", "error")),
+                  "merge_failures": {**obj({"failures": INT, "failing_s": NUMBER, "error": TEXT},
+                                              ("failures", "failing_s", "error")),
+                                     "description": "merge steps that raised since start (the features folder's "
+                                                    "disk full), how long the current run has lasted, its error"},
                   "rebuild": {**nullable(ref("RebuildJob")), "description": "the running or last rebuild, of this "
                                                                             "process or (on the writer) the one "
                                                                             "before it (null: none)"},
@@ -156,7 +160,8 @@ SCHEMAS: dict[str, Schema] = {
                                     ("pending", "checked", "cpu_s"))},
                  ("vectors", "model", "dim", "index_type", "index_type_chosen", "vector_file_bytes", "generation",
                   "last_applied_id", "applied_entries", "malformed_entries", "newer_entries_held", "backend",
-                  "replica", "writer", "last_snapshot", "snapshot_failures", "rebuild", "duplicates")),
+                  "replica", "writer", "last_snapshot", "snapshot_failures", "merge_failures", "rebuild",
+                  "duplicates")),
     "Worker": obj({"id": TEXT, "hostname": TEXT, "pid": INT, "model": TEXT, "device": TEXT,
                    "started": NUMBER, "state": {"enum": ["idle", "busy"]},
                    "batch_size": {"type": "integer", "description": "objects of the current batch"},

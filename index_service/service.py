@@ -490,7 +490,8 @@ class Service:
             # (Said at every start, a snapshot loaded or not: it read "no snapshot, or no data in Redis" regardless.)
             return False, ("starting: loading the model and the vocabulary (and, only if the snapshot or Redis's "
                            "data is missing, comparing the index with the bucket)")
-        if ok and (failing := self.snapshot_health.unready_reason()):
+        if ok and (failing := self.snapshot_health.unready_reason()
+                   or self.merger.failing.unready_reason(self.settings.snapshot_failure_grace_s)):
             return False, failing
         if ok and job is not None and job.state == "running":
             return False, (f"no snapshot and no data in Redis: re-embedding the bucket ({job.done} of {job.total} "
@@ -535,6 +536,7 @@ class Service:
             "writer": self.writing.is_set(),
             "last_snapshot": self.backend.last,
             "snapshot_failures": self.snapshot_health.public(),
+            "merge_failures": self.merger.failing.public(),
             "rebuild": self.rebuilds.progress(),
             "duplicates": {"pending": self.duplicates.pending, "checked": self.duplicates.checked_objects,
                            "cpu_s": round(self.duplicates.cpu_s, 3)},

@@ -97,7 +97,8 @@ class StandIn:
     def stats(self) -> dict[str, Any]:
         return {"vectors": 0, "model": "m", "dim": 4, "index_type": "Flat", "generation": 1, "applied_entries": 0,
                 "writer": True,
-                "last_snapshot": {"time": 1.0}, "snapshot_failures": {"failures": 0, "failing_s": 0.0, "error": ""}}
+                "last_snapshot": {"time": 1.0}, "snapshot_failures": {"failures": 0, "failing_s": 0.0, "error": ""},
+                "merge_failures": {"failures": 2, "failing_s": 3.5, "error": "OperationalError: disk full"}}
 
 
 def parse(text: bytes) -> dict[str, float]:
@@ -115,6 +116,7 @@ def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: 
     assert all(v == 0 for k, v in one.items() if k.startswith("bucketlens_queue_depth"))
     assert one["bucketlens_snapshot_age_seconds[]"] > 0
     assert one["bucketlens_snapshot_failures_total[]"] == 0 and one["bucketlens_snapshot_failing_seconds[]"] == 0
+    assert one["bucketlens_merge_failures_total[]"] == 2 and one["bucketlens_merge_failing_seconds[]"] == 3.5
 
 
 def test_redis_down_gives_redis_up_zero_and_the_index_metrics_not_an_error() -> None:

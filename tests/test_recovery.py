@@ -395,3 +395,42 @@ def test_a_restore_from_an_older_snapshot_reconciles_what_the_trimmed_stream_los
         assert state["state"] == "pending", state
     finally:
         process.stop(signal.SIGTERM)
+
+
+def test_a_merge_step_that_keeps_failing_is_counted_and_said_then_resumes_where_it_stopped(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """The features folder's disk full: each step raised, a 30-line traceback every second, while /readyz said ready
+    and /stats nothing (review 20). Now the run is counted, its first failure logged with its traceback and the
+    rest a line a minute, /readyz says why once it has lasted the grace, and merging resumes at the same batch."""
+    keys, redis = Keys(f"fail{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
+    stream = [e for e in entries(20, seed=13) if e.op == "upsert"][:3]
+    for entry in stream:
+        redis.xadd(keys.results, entry.to_fields())
+    applied: list[ResultEntry] = []
+    full = threading.Event()
+    full.set()
+
+    def apply(batch: list[ResultEntry]) -> None:
+        if full.is_set():
+            raise OSError(28, "No space left on device")
+        applied.extend(batch)
+
+    merger = Merger(redis, keys, apply=apply, batch=8, consumer="full")
+    merger.start()
+    try:
+        wait_for(lambda: merger.failing.failures >= 3, 30, what="three failed steps")
+        state = merger.failing.public()
+        assert state["error"] == "OSError: [Errno 28] No space left on device" and state["failing_s"] > 0, state
+        assert merger.failing.unready_reason(3600) is None  # (within the grace)
+        assert "No space left on device" in (merger.failing.unready_reason(0) or "")
+        tracebacks = [r for r in caplog.records if r.name == "index_service.merger" and r.exc_info]
+        assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]  # once, not at every step
+        assert applied == [] and redis.xpending(keys.results, keys.merger_group)["pending"] == len(stream)
+        full.clear()
+        wait_for(lambda: len(applied) == len(stream), 30, what="merging resumed")
+        assert [e.key for e in applied] == [e.key for e in stream]
+        wait_for(lambda: merger.failing.public()["failing_s"] == 0, 10, what="the run ended")
+        assert merger.failing.unready_reason(0) is None and merger.failing.failures >= 3
+        assert redis.xpending(keys.results, keys.merger_group)["pending"] == 0
+    finally:
+        merger.stop()
