@@ -10,6 +10,7 @@ from typing import Any, Callable
 import redis
 
 from bucketlens.keys import Keys
+from bucketlens.outage import FailureRun
 from bucketlens.redis_client import text
 from bucketlens.schemas import NewerVersion, ResultEntry, SchemaError, object_id
 from bucketlens.versions import record
@@ -269,7 +270,7 @@ def stream_after(stream_id: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
-class StepFailures:
+class StepFailures(FailureRun):
     """A run of merge steps that raised (the features folder's disk full, a bug): the batch stays unacknowledged and
     is tried again every second, its objects searchable but not made durable, and the result stream grows. It was
     a 30-line traceback every second and nothing else: /readyz ready, /stats and `status` quiet (review 20). The first
@@ -277,36 +278,27 @@ class StepFailures:
     lasted ``snapshot_failure_grace_s`` (``Service.ready``)."""
 
     def __init__(self) -> None:
-        self.failures = 0  # since start
-        self.since: float | None = None  # monotonic
-        self.error = ""
-        self._said = 0.0
+        super().__init__()
+        self._said = 0.0  # monotonic: the last line logged
 
-    def failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self.failures += 1
-        self.error = f"{type(exc).__name__}: {exc}"
-        if self.since is None:
-            self.since = self._said = now
+    def failed(self, exc: BaseException) -> bool:
+        begins = super().failed(exc)
+        if begins:
+            self._said = time.monotonic()
             log.exception("merge step failed; the batch is tried again every second, its stream entries stay "
                           "unacknowledged meanwhile")
-        elif now - self._said >= 60:
-            self._said = now
-            log.error("merge steps failing for %.0f s: %s", now - self.since, self.error)
+        elif time.monotonic() - self._said >= 60:
+            self._said = time.monotonic()
+            log.error("merge steps failing for %.0f s: %s", self.failing_s(), self.error)
+        return begins
 
-    def worked(self) -> None:
-        if self.since is not None:
-            log.warning("merge steps work again after failing for %.0f s", time.monotonic() - self.since)
-            self.since, self.error = None, ""
-
-    def failing_s(self) -> float:
-        return 0.0 if self.since is None else time.monotonic() - self.since
+    def worked(self) -> float | None:
+        if (lasted := super().worked()) is not None:
+            log.warning("merge steps work again after failing for %.0f s", lasted)
+        return lasted
 
     def unready_reason(self, grace_s: float) -> str | None:
-        if self.since is None or self.failing_s() < grace_s:
+        if not self.lasted(grace_s):
             return None
         return (f"merge steps failing for {self.failing_s():.0f} s ({self.error}): new results are searchable but "
                 "not stored, and the result stream grows; see the index service's log")
-
-    def public(self) -> dict[str, object]:
-        return {"failures": self.failures, "failing_s": round(self.failing_s(), 1), "error": self.error}

@@ -27,6 +27,7 @@ import numpy as np
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bucketlens.outage import FailureRun
 from vision import labels
 
 from .backend import Indexed
@@ -218,48 +219,37 @@ def _object(row: list[Any]) -> Indexed:
     return Indexed(bucket, key, etag, sequencer, int(order), int(generation), pixels, found, modified)
 
 
-class SnapshotHealth:
+class SnapshotHealth(FailureRun):
     """Whether snapshots are being written: a disk that is full or read-only (or a refused S3 copy) must not stop
     serving or merging, but it must show (log, metrics, and ``/readyz`` once it has lasted ``grace_s``), since the
     result stream is not trimmed meanwhile and a restart would replay all of it."""
 
     def __init__(self, retry_s: float, grace_s: float) -> None:
+        super().__init__()
         self.retry_s = retry_s
         self.grace_s = grace_s
-        self.failures = 0  # since start
-        self.failing_since: float | None = None  # monotonic
-        self.error = ""
         self.retry_at = 0.0  # monotonic: no attempt before (a full disk is not hammered after every merge)
 
-    def failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self.failures += 1
-        self.error = f"{type(exc).__name__}: {exc}"
-        self.retry_at = now + self.retry_s
-        if self.failing_since is None:
-            self.failing_since = now
+    def failed(self, exc: BaseException) -> bool:
+        begins = super().failed(exc)
+        self.retry_at = time.monotonic() + self.retry_s
+        if begins:
             log.error("snapshot failed, serving and merging go on, the result stream is not trimmed; retrying every "
                       "%.0f s, /readyz answers 503 after %.0f s of this: %s", self.retry_s, self.grace_s, self.error)
         else:
-            log.warning("snapshot failed again (failing for %.0f s): %s", now - self.failing_since, self.error)
+            log.warning("snapshot failed again (failing for %.0f s): %s", self.failing_s(), self.error)
+        return begins
 
     def written(self) -> None:
-        if self.failing_since is not None:
-            log.warning("snapshot written again after failing for %.0f s", time.monotonic() - self.failing_since)
-        self.failing_since, self.error = None, ""
-
-    def failing_s(self) -> float:
-        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
+        if (lasted := self.worked()) is not None:
+            log.warning("snapshot written again after failing for %.0f s", lasted)
 
     def unready_reason(self) -> str | None:
         """Why ``/readyz`` should answer 503, once snapshots have failed for longer than ``grace_s``."""
-        if self.failing_since is None or self.failing_s() < self.grace_s:
+        if not self.lasted(self.grace_s):
             return None
         return (f"snapshots failing for {self.failing_s():.0f} s ({self.error}); the result stream is not trimmed "
                 "meanwhile: free the snapshot folder's disk or make it writable")
-
-    def public(self) -> dict[str, Any]:
-        return {"failures": self.failures, "failing_s": round(self.failing_s(), 1), "error": self.error}
 
 
 def _sync_folder(folder: Path) -> None:
