@@ -230,7 +230,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def queues(request: Request) -> Response:
         service = service_of(request)
-        report = await run_in_threadpool(queue_report, service.redis, service.keys)
+        report = await run_in_threadpool(queue_report, service.probe, service.keys)
         writer = await run_in_threadpool(service.lease.current)  # which replica merges the stream now
         report["index"] = {"replica": service.replica, "writer": service.writing.is_set(),
                            "writer_lease": writer.rsplit("/", 1)[0] if writer else None}

@@ -65,8 +65,8 @@ class StateCollector:
             yield from _index(stats)
         up = GaugeMetricFamily("bucketlens_redis_up", "1 when Redis answered this scrape")
         try:
-            report = queue_report(self.service.redis, self.service.keys)
-            stages = self.service.redis.hgetall(self.service.keys.stages)
+            report = queue_report(self.service.probe, self.service.keys)
+            stages = self.service.probe.hgetall(self.service.keys.stages)
         except redis.RedisError as exc:
             log.warning("metrics without Redis: %s", exc)
             up.add_metric([], 0)

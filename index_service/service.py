@@ -25,7 +25,7 @@ from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.keys import Keys
-from bucketlens.redis_client import connect, text
+from bucketlens.redis_client import connect, probe, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ResultEntry, object_id
 from bucketlens.settings import Settings
@@ -63,6 +63,7 @@ class Service:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.redis = connect(settings.redis_url)
+        self.probe = probe(settings.redis_url)  # /readyz, /queues, the metrics: an answer within seconds
         self.s3 = make_client(settings)
         self.presigner = Presigner(settings)
         self.publisher = Publisher(settings, self.redis)
@@ -509,7 +510,7 @@ class Service:
         if not self.writing.is_set() and not self.backend.shared:
             return False, "waiting for the writer lease (its index lives in the process that merges)"
         try:
-            self.redis.ping()
+            self.probe.ping()
         except redis.RedisError as exc:
             return False, f"Redis unreachable: {exc}"
         problem = self.backend.problem()

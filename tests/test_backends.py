@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 import types
@@ -32,8 +31,9 @@ from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
 from index_service.merger import Merger
 from index_service.service import Service
-from infra.stack import free_port
 from vision.models import recipe
+
+from .helpers import own_redis
 
 MODEL = Settings().model
 DIM = recipe(MODEL).dim
@@ -61,22 +61,11 @@ def failed(key: str, order: int, etag: str = "bad", reason: str = "") -> ResultE
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A throwaway real Redis for checkpoints (no persistence)."""
-    port = free_port()
     folder = Path(tempfile.mkdtemp(prefix="bucketlens-redis-"))
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
-    client = connect(f"redis://127.0.0.1:{port}/0")
     try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except Exception:
-                subprocess.run(["sleep", "0.05"], check=True)
-        yield f"redis://127.0.0.1:{port}/0"
+        with own_redis(folder) as (url, _):
+            yield url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import time
 import types
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,11 +14,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bucketlens.keys import STAGE_BUCKETS, Keys, stage_bucket_field
-from bucketlens.redis_client import connect
+from bucketlens.redis_client import connect, probe
 from index_service.metrics import Metrics, _stage_histogram
 from infra.stack import Stack
 
-from .helpers import object_state, photo, wait_for
+from .helpers import object_state, own_redis, photo, wait_for
 
 FAMILIES = {
     "bucketlens_queue_depth", "bucketlens_unacked_tasks", "bucketlens_stream_length", "bucketlens_stream_lag",
@@ -91,6 +94,7 @@ class StandIn:
     def __init__(self, redis_url: str) -> None:
         self.keys = Keys(f"m{uuid.uuid4().hex[:8]}")
         self.redis = connect(redis_url)
+        self.probe = probe(redis_url)
         self.problem: str | None = None  # the backend's (its server unreachable)
         self.backend = types.SimpleNamespace(problem=lambda: self.problem)
 
@@ -122,6 +126,23 @@ def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: 
 def test_redis_down_gives_redis_up_zero_and_the_index_metrics_not_an_error() -> None:
     text = parse(Metrics(StandIn("redis://127.0.0.1:1/0")).render())  # type: ignore[arg-type]
     assert text["bucketlens_redis_up[]"] == 0 and text["bucketlens_index_vectors[]"] == 0
+
+
+def test_a_frozen_redis_gives_redis_up_zero_before_a_scrape_gives_up(tmp_path: Path) -> None:
+    """Redis stopped (SIGSTOP), not dead: each call waited out 10 s, three times, so a scrape took 41 s and
+    /readyz 70 s, past Prometheus's and a prober's own timeouts (10 s by default), and `redis_up 0` reached no
+    one (review 20). The probes try once, for PROBE_TIMEOUT_S."""
+    with own_redis(tmp_path) as (url, process):
+        service = StandIn(url)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            text = parse(Metrics(service).render())  # type: ignore[arg-type]
+            took = time.monotonic() - started
+        finally:
+            process.send_signal(signal.SIGCONT)
+    assert text["bucketlens_redis_up[]"] == 0 and text["bucketlens_index_vectors[]"] == 0
+    assert took < 10, took  # (one try of 2 s; it was 40 s and more)
 
 
 def test_an_unknown_stream_lag_is_the_length_and_an_index_down_leaves_the_rest(stack: Stack) -> None:

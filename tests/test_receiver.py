@@ -8,7 +8,6 @@ import dataclasses
 import http.server
 import json
 import re
-import subprocess
 import threading
 import time
 import uuid
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import redis
 from starlette.testclient import TestClient
 
 from bucketlens.keys import Keys
@@ -28,7 +26,7 @@ from infra.stack import Stack, free_port
 from ingest.events import ObjectEvent
 from ingest.receiver import _digest, create_app
 
-from .helpers import FIXTURES, ceph_event, wait_for
+from .helpers import FIXTURES, ceph_event, own_redis
 from .integrity import record_outcome
 
 NONE = {"accepted": 0, "duplicates": 0, "ignored": 0, "future": 0, "stale_deletes": 0}  # a response's counts
@@ -292,22 +290,8 @@ def test_no_registered_generation_answers_503_instead_of_guessing_one(stack: Sta
 @pytest.fixture
 def small_redis(tmp_path: Path) -> Iterator[str]:
     """A Redis of its own with a small ``maxmemory`` and ``noeviction``, as infra/redis.conf configures it."""
-    port = free_port()
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(tmp_path)],
-                               stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    wait_for(lambda: _pings(url), 30, interval_s=0.05, what="a Redis of its own")
-    yield url
-    process.terminate()
-    process.wait(10)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(connect(url).ping())
-    except redis.RedisError:
-        return False
+    with own_redis(tmp_path, "--maxmemory-policy", "noeviction") as (url, _):
+        yield url
 
 
 def burst_body(start: int, count: int) -> bytes:
