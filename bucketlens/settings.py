@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -132,8 +133,13 @@ class Bound:
         return (value > self.low if self.open else value >= self.low) and value <= self.high
 
     def __str__(self) -> str:
-        low = f"above {self.low:g}" if self.open else f"at least {self.low:g}"
-        return low if math.isinf(self.high) else f"{low} and at most {self.high:g}"
+        low = f"above {_number(self.low)}" if self.open else f"at least {_number(self.low)}"
+        return low if math.isinf(self.high) else f"{low} and at most {_number(self.high)}"
+
+
+def _number(x: float) -> str:
+    """``x`` as a person writes it: 31536000, not 3.1536e+07 (review 19)."""
+    return str(int(x)) if x == int(x) else f"{x:g}"
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -198,6 +204,9 @@ SCHEMES = {"redis_url": ("redis://", "rediss://", "unix://"), "s3_endpoint": ("h
 
 
 TOKENS = ("webhook_token", "admin_token", "read_token")
+# What S3 servers accept as a bucket name (AWS's legacy names and Ceph's relaxed ones: capitals and "_" too). Not
+# an access point's ARN: botocore sends a request for one to another host, signed with bucketlens's keys.
+BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 
 
 def _problem(name: str, value: Any) -> str | None:
@@ -208,6 +217,8 @@ def _problem(name: str, value: Any) -> str | None:
     if name in TOKENS and not all("!" <= c <= "~" for c in value):  # (said without the value: it is a secret)
         return (f"{PREFIX}{name.upper()} holds a space, a control or a non-ASCII character: give printable ASCII (a "
                 "token travels in an HTTP header, where such a one never matched; a file's trailing newline?)")
+    if name == "bucket" and not BUCKET_NAME.fullmatch(str(value)):
+        return f"{given}: an S3 bucket name holds letters, digits, '.', '-' and '_' only"
     if name.endswith("_host") and str(value) != str(value).strip():
         return f"{given}: has spaces around it"
     if name in SCHEMES and value and not str(value).lower().startswith(SCHEMES[name]):

@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import httpx
 import redis
+from botocore.exceptions import ClientError, ParamValidationError
 
 from bucketlens.cli import CLIError
 from bucketlens.redis_client import connect
@@ -220,7 +221,10 @@ class Stack:
         if "milvus" in self.servers:
             self.start_milvus()
         s3 = make_client(self.settings)
-        ensure_bucket(s3, self.settings.bucket)
+        try:
+            ensure_bucket(s3, self.settings.bucket)
+        except (ClientError, ParamValidationError) as exc:  # (a traceback that named no setting)
+            raise StackError(f"the S3 server refused BUCKETLENS_BUCKET={self.settings.bucket!r}: {exc}") from exc
         for name in services:
             if name != "supervisor":
                 self.start_service(name)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 from urllib.parse import unquote_plus
 
 from bucketlens.ordering import EventOrder, event_order
 from bucketlens.schemas import ObjectRef, normalise_etag
+from bucketlens.settings import BUCKET_NAME
 
 from .errors import BadEvent
 
@@ -42,9 +42,6 @@ class ParsedBody:
     topic: str = ""  # the SNS topic's ARN, when the body came through SNS
 
 
-# What S3 servers accept as a bucket name (AWS's legacy names and Ceph's relaxed ones: capitals and "_" too). Not
-# an access point's ARN: botocore sends a request for one to another host, signed with bucketlens's keys.
-BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 MAX_RECORDS = 1000  # per body: S3 servers send one (each a HEAD for a delete, on a thread all requests share)
 MAX_SEQUENCER = 64  # characters; AWS's and MinIO's are 18, Ceph's 16
 SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
