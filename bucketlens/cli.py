@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in unknown_variables(os.environ):
         print(f"bucketlens: note: {note}", file=sys.stderr)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for library in ("httpx", "httpcore", "botocore", "boto3", "s3transfer", "urllib3"):  # at DEBUG they wrote ~300
+        logging.getLogger(library).setLevel(logging.WARNING)  # lines an `up`, signed requests and tokens (review 19)
     # faiss-cpu's one library dispatches AVX2/AVX512 at run time; its loader still logs the absence of per-SIMD
     # modules as ModuleNotFoundError lines at each start (all that `grep Error api.log` found: an independent check)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
