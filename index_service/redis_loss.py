@@ -68,12 +68,16 @@ def restore_at_start(service: Service, redis_was_empty: bool, snapshot_loaded: b
     service.merger.caught_up.wait()
     settings = service.settings
     if len(service.index) == 0 and next(iter(scan(service.s3, settings.bucket, settings.reserved_prefix)), None):
-        log.error("no snapshot (%s) and %s: re-embedding bucket %s; /readyz answers 503 until it is done",
-                  "local or in the bucket" if settings.snapshot_s3 else "local; SNAPSHOT_S3 is off",
-                  "an empty Redis" if redis_was_empty else "an empty result stream", settings.bucket)
+        log.warning("no snapshot (%s) and %s (a first start, or both lost): re-embedding bucket %s; /readyz answers "
+                    "503 until it is done", "local or in the bucket" if settings.snapshot_s3 else
+                    "local; SNAPSHOT_S3 is off", "an empty Redis" if redis_was_empty else "an empty result stream",
+                    settings.bucket)
         return service.rebuilds.start("reembed")
-    log.warning("%s: reconciling with the bucket", "Redis held no data" if redis_was_empty else
-                "no snapshot found" if not snapshot_loaded else
-                "the result stream no longer holds what followed the snapshot loaded (a newer one was not loaded)")
+    if not snapshot_loaded and redis_was_empty:  # (alarming words at every first start: review 19)
+        log.info("no snapshot and no data in Redis (a first start, or both lost): reconciling with the bucket")
+    else:
+        log.warning("%s: reconciling with the bucket", "Redis held no data" if redis_was_empty else
+                    "no snapshot found" if not snapshot_loaded else
+                    "the result stream no longer holds what followed the snapshot loaded (a newer one was not loaded)")
     reconcile(service)
     return None
