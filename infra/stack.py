@@ -524,14 +524,19 @@ class Stack:
 
     # -- readiness -----------------------------------------------------------------------------------------
 
+    @staticmethod
+    def answers(url: str, timeout_s: float = 5.0) -> bool:
+        """Whether ``url`` answers 200 within ``timeout_s``."""
+        try:
+            return httpx.get(url, timeout=timeout_s).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def _wait_http(self, url: str, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if self.answers(url, 2):
+                return
             if name in self.services and self.pid(name) is None:
                 log_file = self.home / "logs" / f"{name}.log"
                 raise StackError(f"{name} exited{last_error(log_file)}; see {log_file}")

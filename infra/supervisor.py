@@ -4,7 +4,8 @@ Every ``WATCH_S`` it restarts services and servers that died (Redis, radosgw, Mi
 index services; the receiver above all: Ceph 16 stops delivering a topic whose endpoint refused connections for
 10 s or more, until radosgw restarts). Every ``canary_interval_s`` it proves delivery end to end with a canary
 object. When a canary is not delivered within ``canary_timeout_s`` it restarts radosgw (which resumes the stalled
-topic and redelivers its queue) and runs a reconcile to heal whatever was missed; a reconcile that fails (the
+topic and redelivers its queue; ingest too when it does not answer its health check: hung, its pid alive) and
+runs a reconcile to heal whatever was missed; a reconcile that fails (the
 index service away) is tried again at the next check. A restarted radosgw picks its persistent queues up only when
 it rereads their list (every 30 s), so the canary written after a restart gets ``RESTART_GRACE_S`` more: without
 it, a timeout under ~30 s restarted radosgw again and again, never leaving it the time to resume (seen in
@@ -153,10 +154,15 @@ class Supervisor:
         self.stack.start_service(name)
 
     def heal(self, age: float) -> None:
-        log.warning("canary undelivered for %.0f s: restarting radosgw, then reconciling", age)
+        hung = "ingest" in self.stack.services and not self.stack.answers(self.stack.ingest_url + "/healthz")
+        log.warning("canary undelivered for %.0f s%s: restarting %sradosgw, then reconciling", age,
+                    "; ingest does not answer its health check" if hung else "", "ingest and " if hung else "")
         self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
         self.reconcile_owed = True
         self.stalls += 1
+        if hung:  # alive but not answering (its pid is there): only a restart ends it; radosgw's topic stalled too
+            self.stack.stop_service("ingest", kill=True)
+            self.stack.start_service("ingest")
         try:
             self.stack.stop_s3()
             self.stack.start_s3()

@@ -244,6 +244,30 @@ def test_heals_in_a_row_without_a_delivery_wait_longer_each_time(tmp_path: Path,
     assert stack.s3_starts == 7 and supervisor.grace == RESTART_GRACE_S
 
 
+def test_a_heal_restarts_an_ingest_that_does_not_answer_as_well_as_radosgw(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ingest alive but not answering (frozen, hung) has a pid, so the process watch left it alone, and each heal
+    restarted radosgw only: its log blamed radosgw (review 20), and a hung one was never healed."""
+    monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    stack.services = ["ingest", "worker", "supervisor"]
+    restarts: list[str] = []
+    stack.stop_service = lambda name, kill=False: restarts.append(f"stop {name} kill={kill}")  # type: ignore[attr-defined]
+    stack.start_service = lambda name: restarts.append(f"start {name}")  # type: ignore[method-assign]
+    answering = {"http://127.0.0.1:9/healthz": True}
+    stack.answers = lambda url, timeout_s=5.0: answering[url]  # type: ignore[attr-defined]
+    stack.ingest_url = "http://127.0.0.1:9"  # type: ignore[attr-defined]
+    supervisor.check_delivery()
+    canary.age = supervisor.settings.canary_timeout_s + 1
+    supervisor.check_delivery()  # ingest answers: radosgw alone
+    assert stack.s3_starts == 1 and restarts == []
+    supervisor.reconciler.join()  # type: ignore[union-attr]
+    answering["http://127.0.0.1:9/healthz"] = False
+    canary.age = supervisor.settings.canary_timeout_s + supervisor.grace + 1
+    supervisor.check_delivery()
+    assert restarts == ["stop ingest kill=True", "start ingest"] and stack.s3_starts == 2
+
+
 def test_a_heal_whose_reconcile_fails_reconciles_at_the_next_check(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     supervisor, stack, canary = supervised(tmp_path)
