@@ -100,6 +100,8 @@ def _endpoints(sns: Any) -> dict[str, str | None]:
     while True:
         page = sns.list_topics(**({"NextToken": token} if token else {}))
         for topic in page.get("Topics", []):
+            if topic["TopicArn"] in found:  # (Ceph 16 lists each topic twice)
+                continue
             attributes = sns.get_topic_attributes(TopicArn=topic["TopicArn"]).get("Attributes", {})
             try:
                 found[topic["TopicArn"]] = json.loads(attributes["EndPoint"])["EndpointAddress"]
