@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -650,14 +649,10 @@ def admin_headers(settings: Settings) -> dict[str, str]:
 
 
 def writer_url(settings: Settings) -> str:
-    """The index service that merges (rebuilds and reconciles run there): of a local stack with several replicas,
-    the one whose ``/stats`` says ``writer`` (the others answer 409 not_writer); else the API address."""
+    """The index service that merges (rebuilds and reconciles run there): a local stack's writer replica
+    (``Stack.writer_url``), else the API address."""
     if (Path(settings.home) / "stack.json").exists():
-        urls = _stack(settings).api_urls
-        for url in urls if len(urls) > 1 else ():
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                if httpx.get(f"{url}/stats", timeout=5).json().get("writer"):
-                    return str(url)
+        return _stack(settings).writer_url()  # type: ignore[no-any-return]
     return api_url(settings)
 
 

@@ -251,11 +251,24 @@ class Stack:
         if not ready:
             return
         try:
-            response = httpx.post(f"{self.api_url}/reconcile", json={}, timeout=600,
-                                  headers={"Authorization": f"Bearer {self.settings.admin_token}"})
-            response.raise_for_status()
+            self.reconcile().raise_for_status()
         except httpx.HTTPError as exc:
             raise StackError(f"reconcile failed ({exc}): run `bucketlens reconcile` once the stack is up") from exc
+
+    def writer_url(self) -> str:
+        """The index service that merges (rebuilds and reconciles run there): of several replicas, the one whose
+        ``/stats`` says ``writer`` (the others answer 409 not_writer, and the lease moves when the writer dies);
+        else the API's address."""
+        for url in self.api_urls if len(self.api_urls) > 1 else ():
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                if httpx.get(f"{url}/stats", timeout=5).json().get("writer"):
+                    return url
+        return self.api_url
+
+    def reconcile(self) -> httpx.Response:
+        """``POST /reconcile`` at the writer, as the admin (a large bucket's takes minutes)."""
+        return httpx.post(f"{self.writer_url()}/reconcile", json={}, timeout=600,
+                          headers={"Authorization": f"Bearer {self.settings.admin_token}"})
 
     def down(self) -> None:
         """Stop everything, each part even when stopping another failed (then raise the first failure)."""

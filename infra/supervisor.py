@@ -189,8 +189,7 @@ class Supervisor:
 
     def reconcile(self) -> None:
         try:
-            response = httpx.post(f"{self.stack.api_url}/reconcile", json={},
-                                  headers={"Authorization": f"Bearer {self.settings.admin_token}"}, timeout=600)
+            response = self.stack.reconcile()
         except httpx.HTTPError as exc:
             log.warning("reconcile after the stall: %s; again at the next check", exc)
             return

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from bucketlens.settings import Settings
-from infra.stack import _live_pid, _pid_record
+from infra.stack import Stack, _live_pid, _pid_record
 from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, STABLE_S, Supervisor
 
 from .helpers import wait_for
@@ -132,6 +132,8 @@ class Servers(Services):
 
     servers = ()
     api_url = "http://127.0.0.1:9"
+    api_urls = [api_url]
+    writer_url, reconcile = Stack.writer_url, Stack.reconcile
 
     def __init__(self, home: Path) -> None:
         super().__init__(home)
@@ -315,3 +317,20 @@ def test_a_daemons_pid_file_naming_another_users_process_is_not_ours(tmp_path: P
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_heal_reconciles_at_the_replica_that_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With Milvus replicas the writer lease moves when the writer dies; the heal's reconcile went to the first
+    replica's address, which then answers 409 not_writer, and was owed again at every check for good."""
+    replicas = {"http://127.0.0.1:9": False, "http://127.0.0.1:10": True}  # the first was restarted: not the writer
+    monkeypatch.setattr(httpx, "get", lambda url, **k: httpx.Response(200, json={
+        "writer": replicas[url.removesuffix("/stats")]}))
+    posts: list[str] = []
+    monkeypatch.setattr(httpx, "post", lambda url, **k: posts.append(url) or httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    stack.api_urls = list(replicas)
+    supervisor.check_delivery()
+    canary.age = supervisor.settings.canary_timeout_s + 1
+    supervisor.check_delivery()
+    supervisor.reconciler.join()  # type: ignore[union-attr]
+    assert posts == ["http://127.0.0.1:10/reconcile"] and not supervisor.reconcile_owed
