@@ -251,6 +251,11 @@ class Backend(Protocol):
         """``new`` now serves (readers elsewhere see it too); ``old`` is retired."""
         ...
 
+    def retire(self, old: Index) -> None:
+        """Free what ``old`` still holds, now that the generation promoted over it is checkpointed (before, a restart
+        may restore ``old``)."""
+        ...
+
     def discard(self, index: Index) -> None:
         """An abandoned generation (cancelled or failed rebuild): free whatever it holds."""
         ...

@@ -50,6 +50,9 @@ class FaissBackend:
         self.last = self.snapshots.last
 
     def promote(self, old: Index, new: Index) -> None:
+        pass  # until the new generation's first snapshot, a restart restores the old one, with its feature store
+
+    def retire(self, old: Index) -> None:
         old.features.close(remove=True)  # searches hold the generation they started with; they verify without it
 
     def discard(self, index: Index) -> None:

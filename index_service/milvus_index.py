@@ -723,6 +723,9 @@ class MilvusBackend:
         self.connection.drop_later(old.collection)
         old.features.close(remove=True)
 
+    def retire(self, old: Any) -> None:
+        pass  # freed by the promote: from the alias's move on, a restart restores the new generation
+
     def discard(self, index: Any) -> None:
         with reachable(self.connection.uri):
             self.connection.client.drop_collection(index.collection)

@@ -196,6 +196,15 @@ class Rebuilds:
                            error="the index service restarted during the rebuild; the serving generation is intact")
                 service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
                 log.warning("rebuild %s was interrupted by a restart and is marked failed", job["id"])
+            elif job is not None and job.get("state") == "done" and job.get("generation", 0) > service.index.generation:
+                # Swapped in, and the process ended before the new generation's first checkpoint: the old one was
+                # restored, fed every change since (Service.promote).
+                job.update(state="failed", error="the index service restarted before the rebuilt generation's first "
+                           "snapshot was written; the previous generation serves, with every change since: run the "
+                           "rebuild again")
+                service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
+                log.warning("rebuild %s swapped its generation in, but it was never snapshotted: marked failed",
+                            job["id"])
             self._before = job
         for generation in service.redis.hkeys(service.keys.generations):
             if int(generation) != service.index.generation:

@@ -548,7 +548,11 @@ def test_rebuild_swaps_generations_and_a_cancelled_one_leaves_nothing(fixture: F
     before = fixture.open().load()
     assert before is not None and before[0].generation == 1 and len(before[0]) == 10  # generation 1 still serves
     backend.promote(serving, shadow)
+    if fixture.settings.index_backend == "faiss":  # a restart before the new one's first snapshot restores the old one
+        assert serving.features.path is not None and serving.features.path.exists()
     backend.checkpoint(shadow, "5-0")
+    backend.retire(serving)
+    assert serving.features.path is None or not serving.features.path.exists()
     loaded = fixture.open().load()
     assert loaded is not None and loaded[0].generation == 2 and len(loaded[0]) == 5
     assert loaded[0].search(unit(102), 1)[0][0].key == "k2"

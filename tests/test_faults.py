@@ -898,6 +898,58 @@ def test_snapshot_folder_full_or_read_only_keeps_serving_and_merging(stack: Stac
                                                   "stream_entries_kept_untrimmed": untrimmed})
 
 
+def test_a_restart_before_a_swapped_in_generations_first_snapshot_loses_nothing(stack: Stack, s3: Any) -> None:
+    """A reembed's swap stopped feeding the old generation at once, and the new one's first snapshot came after (15-20
+    s at 1M; never, on a read-only disk). A restart before that snapshot restored the old generation, and the replay
+    dropped the entries of the new one: uploads and deletes since the swap were lost for good (review 22). The old
+    generation is now fed until the new one is durable; the job is said failed after such a restart."""
+    name, bucket, bodies = own_bucket(s3, "swap", 6)
+    folder = stack.home / "snapshots" / name
+    folder.mkdir(parents=True)
+    env, api = own_service(name, bucket, BUCKETLENS_SNAPSHOT_EVERY_S="1")
+    admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    processes = [start_worker(stack, f"worker-{name}.log", **env),
+                 start_worker(stack, f"api-{name}.log", "serve", **env)]
+    try:
+        wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="ready (the bucket re-embedded)")
+        assert_index_matches_bucket(stack, s3, api, f"{name}/", bodies, bucket=bucket)
+        wait_for(lambda: (api.get("/stats").json()["last_snapshot"] or {}).get("count") == len(bodies), 120,
+                 interval_s=1, what="a snapshot of every object")
+        generation = api.get("/stats").json()["generation"]
+        with disk_trouble(folder, "read_only"):
+            started = api.post("/rebuild", json={"mode": "reembed"}, headers=admin)
+            assert started.status_code == 202, started.text
+            job = started.json()
+            wait_for(lambda: api.get(f"/rebuild/{job['id']}").json()["state"] == "done", 300, interval_s=1,
+                     what="the rebuild swapped in (its snapshot failing)")
+            assert api.get("/stats").json()["generation"] == job["generation"] > generation
+            # Since the swap: a new upload and a delete, sent to the generations fed now (as ingest would)
+            more = image_set(f"{name}/after-", 2)
+            for key, body in more.items():
+                s3.put_object(Bucket=bucket, Key=key, Body=body)
+            deleted = sorted(bodies)[0]
+            s3.delete_object(Bucket=bucket, Key=deleted)
+            kept = {**{k: v for k, v in bodies.items() if k != deleted}, **more}
+            assert api.post("/reconcile", json={}, headers=admin).status_code == 200
+            assert_index_matches_bucket(stack, s3, api, f"{name}/", kept, bucket=bucket)
+            wait_for(lambda: (object_state(api, bucket, deleted) or {}).get("state") != "indexed", 60,
+                     what="the deleted object out of the index")
+            stop_worker(processes.pop(), signal.SIGKILL)  # before any snapshot of the new generation
+        processes.append(start_worker(stack, f"api-{name}.log", "serve", **env))
+        wait_for(lambda: _readyz(api).get("ready"), 300, interval_s=1, what="ready after the restart")
+        after = api.get("/stats").json()
+        state = api.get(f"/rebuild/{job['id']}").json()
+        assert_index_matches_bucket(stack, s3, api, f"{name}/", kept, bucket=bucket, timeout_s=30)
+        left = object_state(api, bucket, deleted)
+    finally:
+        for process in processes:
+            stop_worker(process)
+        api.close()
+    assert after["generation"] == generation, after  # the old generation, restored from its snapshot
+    assert (left or {}).get("state") != "indexed", left
+    assert state["state"] == "failed" and "snapshot" in state["error"], state
+
+
 def send_more(s3: Any, settings: Settings, api: httpx.Client, bodies: dict[str, bytes]) -> dict[str, bytes]:
     """Upload to a bucket without notifications and queue the objects as ingest would: tasks for the serving
     generation."""
