@@ -3,7 +3,8 @@ and order); each writer changes a record only for its own version or an older on
 
 Events reach ingest out of order, and workers finish out of order: a late v1 must not replace v2's pending mark
 (v2's task, if lost, would never be sent again), a late success of v1 must not clear corrupt v2's failure record,
-and a skipped v1 must not drop v2's mark (an independent review). A record that is not ours (no JSON object with an
+a skipped v1 must not drop v2's mark (an independent review), and a late failure of v1 must not replace corrupt v2's
+record (every reconcile sent v2 again: review 22). A record that is not ours (no JSON object with an
 etag) is replaced or dropped rather than failing the caller's write. Orders are decimal strings, compared as such:
 Lua's numbers lose digits past 2^53 (AWS sequencers are ~6e18).
 """
@@ -53,9 +54,9 @@ for i = 3 * n + 2, #ARGV, 2 do
 end
 """
 
-# KEYS[1]: pending marks; ARGV: (object id, etag, order, mark) per version queued. A mark replaces one of the same
-# version (a resend refreshes its time) or an older one's, never a newer version's.
-_MARK = _COMMON + """
+# KEYS[1]: pending marks or failure records; ARGV: (object id, etag, order, record) per version. A record replaces
+# one of the same version (a resend refreshes its time) or an older one's, never a newer version's.
+_PUT = _COMMON + """
 for i = 1, #ARGV, 4 do
   if replaceable(redis.call('HGET', KEYS[1], ARGV[i]), ARGV[i + 1], ARGV[i + 2]) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 3])
@@ -76,7 +77,7 @@ class Versions:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.keys = keys
         self._settle = client.register_script(_SETTLE)
-        self._mark = client.register_script(_MARK)
+        self._put = client.register_script(_PUT)
 
     def settle(self, pipe: redis.client.Pipeline, succeeded: Sequence[ObjectRef],
                others: Sequence[ObjectRef] = ()) -> None:
@@ -94,4 +95,11 @@ class Versions:
         if refs:
             args = [x for r in refs for x in (r.object_id, r.etag, str(r.order), json.dumps(
                 {"etag": r.etag, "order": str(r.order), "queued": queued, "event_time": r.event_time}))]
-            self._mark(keys=[self.keys.pending], args=args, client=pipe)
+            self._put(keys=[self.keys.pending], args=args, client=pipe)
+
+    def record_failures(self, pipe: redis.client.Pipeline, records: Sequence[tuple[ObjectRef, str]]) -> None:
+        """Queue on ``pipe``: a failure record (``schemas.failure_record``) per ref, unless a newer version's is
+        there."""
+        if records:
+            args = [x for r, raw in records for x in (r.object_id, r.etag, str(r.order), raw)]
+            self._put(keys=[self.keys.failures], args=args, client=pipe)

@@ -478,6 +478,13 @@ def _not_indexed(service: Service, bucket: str, key: str) -> str:
     return f"{said} yet: it is queued for embedding" if state["state"] == "pending" else said
 
 
+def _older(record: dict[str, Any], order: int) -> bool:
+    """Whether a failure record names a version older than ``order`` (an older version's task that failed after the
+    newer one was indexed: the record is stale, review 22)."""
+    named = str(record.get("order", ""))
+    return named.isdigit() and int(named) < order
+
+
 def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
     oid = object_id(bucket, key)
     indexed = service.index.get(bucket, key)
@@ -485,7 +492,7 @@ def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
         service.keys.pending, [oid])
     failure, pending = record(failure_raw), record(pending_raw)
     state = {"bucket": bucket, "key": key, "indexed": indexed is not None}
-    if failure and (indexed is None or failure["etag"] != indexed.etag):
+    if failure and (indexed is None or failure["etag"] != indexed.etag and not _older(failure, indexed.order)):
         return {**state, "state": "failed", "etag": failure["etag"], "order": failure.get("order"),
                 "generation": failure.get("generation"),
                 "failure": {k: failure.get(k) for k in ("reason", "message", "attempts", "time")}}

@@ -236,6 +236,11 @@ def test_a_worker_settles_only_the_version_it_handled(stack: Stack) -> None:
         writer.write([], [(v1, "corrupt", "bad")], [], {})
         writer.write([embedded(v2)], [], [], {})  # a newer version's success clears an older one's record
         assert failure() is None
+        writer.write([], [(v2, "corrupt", "cannot identify image file")], [], {})
+        writer.write([], [(v1, "fetch_timeout", "timed out")], [], {})  # an older version's late failure
+        assert failure() == "etag2", "it replaced corrupt v2's record, which every reconcile then sent again"
+        writer.write([embedded(v2)], [], [], {})
+        assert failure() is None
 
         redis.hset(keys.pending, v1.object_id, json.dumps({"etag": "etag2", "order": str(v2.order),
                                                              "queued": time.time()}))

@@ -738,6 +738,19 @@ def test_every_key_can_be_asked_about(key: str) -> None:
     assert (status, code, message) == (404, "unknown_object", f"bucketlens knows nothing of b/{key}")
 
 
+def test_an_indexed_object_with_an_older_versions_failure_record_reads_indexed() -> None:
+    """v1's task failed after v2 was indexed (it fetched before the overwrite): ``GET /objects`` said failed."""
+    held = SimpleNamespace(etag="etag2", order=20, sequencer="", generation=1, labels=None, modified=None)
+    records = {"failures": json.dumps({"etag": "etag1", "order": "10", "reason": "fetch_timeout", "message": "x"})}
+    service = SimpleNamespace(index=SimpleNamespace(get=lambda bucket, key: held, generation=1),
+                              redis=SimpleNamespace(hmget=lambda name, fields: [records.get(name)]),
+                              keys=SimpleNamespace(failures="failures", pending="pending"))
+    client = app_around(service)
+    assert client.get("/objects/b/k.jpg").json()["state"] == "indexed"
+    held.order = 5  # the record's version is the newer one: it failed, and an older version still answers
+    assert client.get("/objects/b/k.jpg").json()["state"] == "failed"
+
+
 def test_a_rebuild_of_an_unknown_bucket_is_refused_before_it_starts() -> None:
     from botocore.exceptions import ClientError as BotoClientError
 

@@ -42,8 +42,9 @@ class ResultWriter:
             note = ResultEntry(op, ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation,
                                reason=reason)
             pipe.xadd(self.keys.results, note.to_fields())
-        for ref, reason, message in failed:
-            pipe.hset(self.keys.failures, ref.object_id, failure_record(ref, reason, message, attempts, now))
+        self.versions.record_failures(pipe, [(ref, failure_record(ref, reason, message, attempts, now))
+                                             for ref, reason, message in failed])
+        for _, reason, _ in failed:
             pipe.hincrby(self.keys.counters, f"failed:{reason}", 1)
         self.versions.settle(pipe, [item.ref for item in embedded], [r for r, _, _ in failed] + list(skipped))
         if embedded:
