@@ -410,6 +410,10 @@ class Service:
         (and may hold more, which a restore's replay applies again to the same result). A disk that is full or
         read-only, a refused S3 copy or an unreachable index server is logged and counted (``snapshot_health``); the
         stream then stays untrimmed and serving and merging go on."""
+        if not self.lease.acquire():  # a writer paused past its lease (review 22: its Milvus repair overwrote rows)
+            log.info("no checkpoint: replica %s does not hold the writer lease (%s does)", self.replica,
+                     self.lease.current())
+            return False
         merger, index = self.merger, self.index
         last_id, applied, vectors = merger.last_id, merger.applied, len(index)
         held = self._oldest_pending()
@@ -449,7 +453,8 @@ class Service:
             # A batch another reader of the group took and did not acknowledge (the previous writer's, stopped with
             # its lease gone): the claim (CLAIM_IDLE_MS) applies it next. Trimmed, it was lost: a delete for good.
             trim_to = held
-        if index is self.index and trim_to != "0" and not redis_loss.trimmed_past(self, trim_to):
+        if (index is self.index and trim_to != "0" and self.lease.acquire()
+                and not redis_loss.trimmed_past(self, trim_to)):
             # Entries before the snapshot's position are covered by it. During a reembed the shadow generation
             # needs no replay either: the merger applied its entries up to the same position, and a restart fails
             # the job and drops the shadow (the stream was left untrimmed for the whole reembed, ~27 KB an object:

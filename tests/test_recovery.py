@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import httpx
@@ -31,7 +32,7 @@ from index_service.queues import queue_report
 from index_service.vector_index import VectorIndex
 from infra.stack import Stack, free_port, last_error
 
-from .helpers import index_difference, wait_for
+from .helpers import index_difference, own_redis, wait_for
 
 pytestmark = pytest.mark.slow
 DIM = 1280
@@ -434,3 +435,27 @@ def test_a_merge_step_that_keeps_failing_is_counted_and_said_then_resumes_where_
         assert redis.xpending(keys.results, keys.merger_group)["pending"] == 0
     finally:
         merger.stop()
+
+
+def test_a_writer_that_lost_its_lease_neither_checkpoints_nor_trims(tmp_path: Path) -> None:
+    """A checkpoint never asked for the lease: a writer paused past it still checkpointed when it woke (a Milvus
+    repair overwrote the new writer's rows) and trimmed the stream to its own position (review 22). On a real
+    Redis, through the service's own checkpoint."""
+    from index_service.service import Service
+
+    with own_redis(tmp_path) as (url, _):
+        settings = Settings(home=str(tmp_path), redis_url=url, namespace="lease", s3_endpoint="http://127.0.0.1:9")
+        service = Service(settings, embedder=SimpleNamespace(model=MODEL, device="cpu"))  # type: ignore[arg-type]
+        assert service.lease.acquire(force=True)
+        service.index = service.new_generation(MODEL, 1)
+        stream = entries(40)
+        ids = [text(service.redis.xadd(service.keys.results, e.to_fields())) for e in stream]
+        service.index.apply(stream)
+        service.merger.last_id = ids[-1]
+        service.redis.set(service.keys.writer_lease, "another replica")  # it took over while this one was paused
+        assert service.snapshot() is False
+        assert service.redis.xlen(service.keys.results) == 40 and service.backend.last is None
+        service.redis.delete(service.keys.writer_lease)  # expired, nobody took it: this one holds it again
+        assert service.snapshot() is True
+        assert service.redis.xlen(service.keys.results) == 1 and service.backend.last["count"] == len(service.index)
+        service.backend.close()
