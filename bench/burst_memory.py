@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -48,11 +49,13 @@ async def measure(url: str, objects: int, concurrency: int) -> dict[str, Any]:
                 response = await client.post("/events?token=bench", content=_body(i, settings.namespace))
                 response.raise_for_status()
 
+        started = time.perf_counter()
         await asyncio.gather(*(deliver(i) for i in range(objects)))
+        seconds = time.perf_counter() - started
         grown = int(redis.info("memory")["used_memory"]) - before
     return {"objects": objects, "concurrent_deliveries": concurrency,
             "tasks": redis.llen(keys.celery_prefix + keys.live_queue),
-            "bytes_per_queued_object": round(grown / objects)}
+            "bytes_per_queued_object": round(grown / objects), "events_per_s": round(objects / seconds)}
 
 
 def main() -> None:

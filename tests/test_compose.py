@@ -146,6 +146,7 @@ def test_redis_is_durable(compose: dict[str, Any]) -> None:
     command = redis["command"]
     assert command[:1] == ["redis-server"]
     assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "always"  # a power loss loses no acknowledged event
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     assert redis.get("volumes"), "AOF needs a volume to survive the container"
 

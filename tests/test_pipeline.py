@@ -42,6 +42,14 @@ def search_image(api: httpx.Client, data: bytes, k: int = 10) -> list[dict[str, 
     return response.json()["results"]  # type: ignore[no-any-return]
 
 
+def test_the_stacks_redis_fsyncs_before_it_answers(stack: Stack) -> None:
+    """With ``everysec`` a power loss of the Redis host lost up to a second of events ingest had acknowledged."""
+    from bucketlens.redis_client import connect
+
+    config = connect(stack.settings.redis_url).config_get("append*")
+    assert (config["appendonly"], config["appendfsync"]) == ("yes", "always"), config
+
+
 def test_upload_becomes_searchable_and_near_duplicates_are_found(
     stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
 ) -> None:
