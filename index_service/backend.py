@@ -251,6 +251,11 @@ class Backend(Protocol):
         """``new`` now serves (readers elsewhere see it too); ``old`` is retired."""
         ...
 
+    def moved_from(self, current: Index) -> Index | None:
+        """For a replica that does not write: the generation the shared index serves now, when the writer moved it
+        off ``current`` (a rebuild's or a restructure's swap); else None."""
+        ...
+
     def retire(self, old: Index) -> None:
         """Free what ``old`` still holds, now that the generation promoted over it is checkpointed (before, a restart
         may restore ``old``)."""

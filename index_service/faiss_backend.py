@@ -52,6 +52,9 @@ class FaissBackend:
     def promote(self, old: Index, new: Index) -> None:
         pass  # until the new generation's first snapshot, a restart restores the old one, with its feature store
 
+    def moved_from(self, current: Index) -> Index | None:
+        return None  # a FAISS index is its process's own: no other process moves it
+
     def retire(self, old: Index) -> None:
         old.features.close(remove=True)  # searches hold the generation they started with; they verify without it
 

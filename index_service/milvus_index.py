@@ -723,6 +723,19 @@ class MilvusBackend:
         self.connection.drop_later(old.collection)
         old.features.close(remove=True)
 
+    def moved_from(self, current: Any) -> MilvusIndex | None:
+        # By the collection behind the alias: a reader compared counts, which read the current collection, so once the
+        # writer had dropped it (a reader paused past a swap; a reindex to the same type and size) every comparison
+        # failed and every search answered 500 until a restart (review 21).
+        restored = self.load()
+        if restored is None:
+            return None
+        fresh = restored[0]
+        if fresh.collection == current.collection:
+            fresh.features.close()
+            return None
+        return fresh
+
     def retire(self, old: Any) -> None:
         pass  # freed by the promote: from the alias's move on, a restart restores the new generation
 

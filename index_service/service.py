@@ -135,6 +135,11 @@ class Service:
             # for the lease (a writer killed before it made one leaves a lease that expires).
             writer = self._retry(self.lease.acquire, "take the writer lease")
             restored = self._restore()
+        if writer and self.backend.shared:
+            # _restore may have waited for the index server (restarting) past the lease, which nobody renewed
+            # meanwhile: another replica may write by now (review 21: two writers, and this one, taking over late,
+            # failed the other's running rebuild and dropped its collection).
+            writer = self._retry(self.lease.acquire, "take the writer lease")
         if restored is not None:
             self.index, last_id = restored
         else:
@@ -234,14 +239,11 @@ class Service:
         return redis_was_empty
 
     def _follow(self) -> None:
-        """A replica that does not write serves what the writer made: the generation behind the alias, swapped in
-        when it changed (a rebuild, a restructure) or grew (its count is read when it is opened)."""
-        restored = self.backend.load()
-        if restored is None:
-            return
-        fresh, current = restored[0], self.index
-        if (fresh.generation, fresh.index_type, len(fresh)) == (current.generation, current.index_type, len(current)):
-            fresh.features.close()
+        """A replica that does not write serves what the writer made: the generation the shared index serves, swapped
+        in when the writer moved it (a rebuild, a restructure)."""
+        current = self.index
+        fresh = self.backend.moved_from(current)
+        if fresh is None:
             return
         # A rebuild that moved to another model: image queries need it here too (never loaded, this replica said
         # "loading the model" until it was restarted).

@@ -411,6 +411,27 @@ def test_a_reader_following_the_writer_says_which_collection_it_serves_once(fixt
         assert len(said) == 1, [r.getMessage() for r in said]
 
 
+@pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
+def test_a_reader_follows_the_writer_off_a_collection_already_dropped(fixture: Fixture) -> None:
+    """A replica that reads found a swap by comparing counts, read from its current collection: once the writer had
+    dropped that (the reader paused past a rebuild's swap; a reindex to the same type and size), every comparison
+    failed, and every search answered 500 until a restart (review 21)."""
+    writer = fixture.open()
+    index = writer.new_generation(MODEL, 1)
+    index.apply([upsert(f"k{i}", 1, i) for i in range(5)])
+    reader = fixture.open()
+    loaded = reader.load()
+    assert loaded is not None
+    current = loaded[0]
+    assert reader.moved_from(current) is None  # nothing moved
+    old = index.collection  # type: ignore[attr-defined]
+    index.restructure(index.index_type)  # the same type and size, in a new collection
+    writer.connection.client.drop_collection(old)  # type: ignore[attr-defined]  # (drop_later's, come early)
+    fresh = reader.moved_from(current)
+    assert fresh is not None and fresh.collection == index.collection and len(fresh) == 5  # type: ignore[attr-defined]
+    assert fresh.search(unit(3), 1)[0][0].key == "k3"
+
+
 def test_orders_past_64_bits_keep_the_order_rule(fixture: Fixture) -> None:
     """An opaque sequencer can be any size (ingest takes up to 64 hex digits; AWS's pass 2**63 in 2038): Milvus kept
     ``order`` as INT64, could not write such a row, and the merger retried that batch forever."""

@@ -459,3 +459,30 @@ def test_a_writer_that_lost_its_lease_neither_checkpoints_nor_trims(tmp_path: Pa
         assert service.snapshot() is True
         assert service.redis.xlen(service.keys.results) == 1 and service.backend.last["count"] == len(service.index)
         service.backend.close()
+
+
+def test_a_replica_whose_lease_passed_while_it_waited_for_the_index_does_not_write(tmp_path: Path) -> None:
+    """A replica took the lease as it started, then waited for a restarting Milvus past the lease, and took over
+    on its stale flag: two writers, and the late one failed the other's running rebuild and dropped its collection
+    (review 21). Through the service's own start-up, on a real Redis, the index server stood in for."""
+    from index_service.service import Service
+
+    with own_redis(tmp_path) as (url, _):
+        settings = Settings(home=str(tmp_path), redis_url=url, namespace="late", s3_endpoint="http://127.0.0.1:9")
+        service = Service(settings, embedder=SimpleNamespace(model=MODEL, device="cpu"))  # type: ignore[arg-type]
+        service.backend.shared = True  # type: ignore[misc]  # as Milvus's
+
+        def restore() -> tuple[Any, str]:  # the wait: meanwhile the lease expired and another replica took it
+            service.redis.set(service.keys.writer_lease, "another replica")
+            return service.new_generation(MODEL, 3), "0"
+
+        recovered: list[bool] = []
+        service._restore = restore  # type: ignore[method-assign]
+        service.rebuilds.recover = lambda: recovered.append(True)  # type: ignore[method-assign]
+        try:
+            service._load()
+            assert not service.writing.is_set() and recovered == []  # a reader: the other replica's rebuild is its own
+            assert service.index.generation == 3 and service.redis.get(service.keys.writer_lease) == b"another replica"
+        finally:
+            service._stopping.set()
+            service.backend.close()
