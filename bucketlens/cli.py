@@ -252,6 +252,10 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, di
         if variable in os.environ and getattr(settings, name) not in (0, getattr(stack.config, name)):  # 0: any
             print(f"note: {variable}={getattr(settings, name)} is not used: this stack keeps its {name} "
                   f"{getattr(stack.config, name)} in {stack.home / 'stack.json'} (edit it there while it is down)")
+    if "BUCKETLENS_MILVUS_URI" in os.environ and stack.config.milvus_port and settings.milvus_uri != (
+            kept := f"http://127.0.0.1:{stack.config.milvus_port}"):
+        print(f"note: BUCKETLENS_MILVUS_URI={settings.milvus_uri} is not used: this stack keeps its Milvus server at "
+              f"{kept} ({stack.home / 'stack.json'}, milvus_port)")
     # BUCKETLENS_INDEX_BACKEND as --backend: alone, it was ignored and a FAISS stack started (an independent check)
     if backend := args.backend or ("index_backend" in _explicit() and settings.index_backend):
         stack.choose_backend(backend)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import redis
@@ -170,8 +170,8 @@ class Stack:
         if backend != self.config.index_backend and self.pid("api") is not None:
             raise StackError(f"the stack runs the {self.config.index_backend} backend; 'bucketlens down' first")
         self.config.index_backend = backend
-        if SERVERS[backend] and not self.config.milvus_port:
-            self.config.milvus_port = free_port(19530)
+        if SERVERS[backend] and not self.config.milvus_port:  # BUCKETLENS_MILVUS_URI's port (ignored: review 21)
+            self.config.milvus_port = free_port(urlsplit(self.base.milvus_uri).port or 19530)
         self._save_config(self.config)
         self.settings = self._settings()
 

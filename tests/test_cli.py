@@ -151,6 +151,21 @@ def test_up_takes_the_index_backend_its_shell_sets(tmp_path: Path, monkeypatch: 
     assert json.loads((tmp_path / "stack.json").read_text())["index_backend"] == "milvus"
 
 
+def test_up_starts_milvus_on_the_port_its_shell_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``BUCKETLENS_MILVUS_URI`` was ignored: the stack's Milvus took 19530 whatever it said, without a word (review
+    21). A stack that has its port keeps it, and says so. (Nothing is started here.)"""
+    port = free_port()
+    monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path))
+    monkeypatch.setenv("BUCKETLENS_MILVUS_URI", f"http://127.0.0.1:{port}")
+    stack, _ = _stack_for_up(Settings.from_env(), argparse.Namespace(backend="milvus"))
+    assert stack.config.milvus_port == port and stack.settings.milvus_uri == f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("BUCKETLENS_MILVUS_URI", f"http://127.0.0.1:{port + 1}")
+    stack, _ = _stack_for_up(Settings.from_env(), argparse.Namespace(backend=None))
+    assert stack.config.milvus_port == port
+    assert f"BUCKETLENS_MILVUS_URI=http://127.0.0.1:{port + 1} is not used" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("shared", "name"), [("redis_port", "redis"), ("s3_port", "S3 (radosgw)"),
                                              ("api_port", "api")])
 def test_up_refuses_a_port_another_stack_holds_before_it_starts_anything(
