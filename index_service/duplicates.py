@@ -51,15 +51,17 @@ GROUP_MATCHES = local_features.COPY_MATCHES
 class DuplicateFinder:
     """Runs in its own thread; ``wake`` after a merge batch. ``index`` returns the serving generation.
     ``cpu_share``: the share of one core the thread may use while objects arrive (1: no limit); ``busy``: whether
-    objects are on their way though none was merged lately (tasks queued or being embedded)."""
+    objects are on their way though none was merged lately (tasks queued or being embedded); ``active``: whether this
+    process looks at all (a replica of a shared index that does not write leaves it to the writer)."""
 
     def __init__(self, index: Callable[[], Index], cpu_share: float = 1.0,
-                 busy: Callable[[], bool] = lambda: False) -> None:
+                 busy: Callable[[], bool] = lambda: False, active: Callable[[], bool] = lambda: True) -> None:
         if not 0 < cpu_share <= 1:
             raise ValueError(f"duplicates_cpu_share must be above 0 and at most 1, not {cpu_share}")
         self.index = index
         self.cpu_share = cpu_share
         self.busy = busy
+        self.active = active
         # Object id -> etag still to check, in the generation below: what arrived since it was seen first (a copy
         # just uploaded waited behind a reembed's whole backlog, minutes: an independent check), then the rest.
         self.arrivals: dict[str, str] = {}
@@ -110,6 +112,9 @@ class DuplicateFinder:
         while not self._stop.is_set():
             self._wake.wait(timeout=5.0)
             self._wake.clear()
+            if not self.active():  # (a former writer checked every object again beside the new one: review 21)
+                self.generation = -1  # active again, it finds what the other writer left unchecked meanwhile
+                continue
             try:
                 while not self._stop.is_set():
                     began = time.thread_time()

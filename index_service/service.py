@@ -85,7 +85,8 @@ class Service:
         self.writing = threading.Event()
         self.merger = self._merger("0")
         self._applied_before = 0  # entries earlier mergers of this process applied (the lease lost and taken again)
-        self.duplicates = DuplicateFinder(lambda: self.index, settings.duplicates_cpu_share, self._tasks_outstanding)
+        self.duplicates = DuplicateFinder(lambda: self.index, settings.duplicates_cpu_share, self._tasks_outstanding,
+                                          self.writing.is_set)
         self.loaded = threading.Event()
         self.checked = threading.Event()  # the start-up check against the bucket is done (redis_loss.py)
         # the last checkpoint: (entries applied when it began, when it ended, how long it took)

@@ -4,6 +4,8 @@ dropped when an object changes or goes, grouped by connected components with the
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ from index_service.feature_store import FeatureStore
 from index_service.vector_index import VectorIndex
 from infra.samples import skimage_data
 from vision import local_features
+
+from .helpers import wait_for
 
 DIM = 16
 
@@ -79,6 +83,25 @@ def test_a_restart_checks_only_what_was_not_checked() -> None:
     assert len(group.members) == 4 and group.pairs >= 3
     again = DuplicateFinder(lambda: index)
     assert again.step() == 0  # all were checked at their etag
+
+
+def test_a_replica_that_does_not_write_leaves_the_checking_to_the_writer() -> None:
+    """A former writer of a shared index kept its finder running: every object was checked twice (review 21)."""
+    index = VectorIndex("m", DIM)
+    index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), gray("coins.png"), 1) for i in range(4)])
+    writing = threading.Event()
+    finder = DuplicateFinder(lambda: index, active=writing.is_set)
+    finder.start()
+    try:
+        finder.wake([("b/k0", "e-k0-1")])
+        time.sleep(1.0)
+        assert finder.checked_objects == 0 and groups(index, local_features.COPY_MATCHES) == []
+        writing.set()  # it writes again
+        finder.wake()
+        wait_for(lambda: finder.checked_objects == 4, 60, what="the four objects checked")
+    finally:
+        finder.stop()
+    assert len(groups(index, local_features.COPY_MATCHES)[0].members) == 4
 
 
 def test_objects_whose_check_failed_are_checked_later() -> None:
