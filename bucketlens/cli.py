@@ -318,7 +318,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return NOT_RUNNING
     stack = _stack(settings)
     status = stack.status(stack.for_clients(_explicit()))
-    status["index"] = _index_state(status["api_url"])
+    status["index"] = _index_state(stack.writer_url())  # (a reader's /stats shows the rebuild it ran as the writer)
     if args.json:
         print(json.dumps(status))
     else:

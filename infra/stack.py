@@ -257,13 +257,22 @@ class Stack:
 
     def writer_url(self) -> str:
         """The index service that merges (rebuilds and reconciles run there): of several replicas, the one whose
-        ``/stats`` says ``writer`` (the others answer 409 not_writer, and the lease moves when the writer dies);
-        else the API's address."""
-        for url in self.api_urls if len(self.api_urls) > 1 else ():
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                if httpx.get(f"{url}/stats", timeout=5).json().get("writer"):
-                    return url
-        return self.api_url
+        ``/stats`` says ``writer`` (the others answer 409 not_writer), waiting while none does (the writer died: its
+        lease expires and another takes it within ``WRITER_LEASE_S`` and a third); else the API's address."""
+        if len(self.api_urls) == 1:
+            return self.api_url
+        deadline = time.monotonic() + self.settings.writer_lease_s * 4 / 3 + 2
+        while True:
+            answered = False
+            for url in self.api_urls:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    writes = httpx.get(f"{url}/stats", timeout=5).json().get("writer")
+                    answered = True
+                    if writes:
+                        return url
+            if not answered or time.monotonic() > deadline:  # (down: no wait; the 409 names the lease's holder)
+                return self.api_url
+            time.sleep(1.0)
 
     def reconcile(self) -> httpx.Response:
         """``POST /reconcile`` at the writer, as the admin (a large bucket's takes minutes)."""

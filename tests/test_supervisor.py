@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import httpx
@@ -334,3 +335,8 @@ def test_a_heal_reconciles_at_the_replica_that_writes(tmp_path: Path, monkeypatc
     supervisor.check_delivery()
     supervisor.reconciler.join()  # type: ignore[union-attr]
     assert posts == ["http://127.0.0.1:10/reconcile"] and not supervisor.reconcile_owed
+    replicas["http://127.0.0.1:10"] = False  # it died: the lease moves within WRITER_LEASE_S and a third
+    moved = threading.Timer(1.5, lambda: replicas.update({"http://127.0.0.1:9": True}))
+    moved.start()
+    assert stack.writer_url() == "http://127.0.0.1:9"  # (was the first address at once: 409 not_writer)
+    moved.join()
