@@ -71,7 +71,7 @@ class Service:
         # An empty in-memory generation until _load finds or creates the real one (nothing writes to it).
         self.index: Index = VectorIndex(settings.model, recipe(settings.model).dim, generation=1)
         self.shadow: Index | None = None
-        self.retiring: Index | None = None  # the generation a promote swapped out: fed until the new one's checkpoint
+        self.retiring: list[Index] = []  # generations a promote swapped out: fed until the new one's checkpoint
         self.rebuilds = Rebuilds(self)
         self.restoring: RebuildJob | None = None  # a reembed started because there was nothing to serve from
         self.backend = open_backend(settings, self.redis, self.keys, self.feature_store, self.s3)
@@ -436,13 +436,14 @@ class Service:
             self.snapshot_health.failed(exc)
             return False
         self.snapshot_health.written()
-        if index is self.index and (retiring := self.retiring) is not None:
-            # Ingest feeds the generation a promote swapped out until the new one is durable: a restart before this
-            # restores the old one (the newest snapshot), and its replay drops the new one's entries, so an upload
+        if index is self.index and (retiring := self.retiring):
+            # Ingest feeds the generations a promote swapped out until the new one is durable: a restart before this
+            # restores an old one (the newest snapshot), and its replay drops the new one's entries, so an upload
             # or delete since the swap tagged for the new one alone was lost for good (review 22).
-            self.redis.hdel(self.keys.generations, str(retiring.generation))
-            self.backend.retire(retiring)
-            self.retiring = None
+            self.redis.hdel(self.keys.generations, *(str(old.generation) for old in retiring))
+            for old in retiring:
+                self.backend.retire(old)
+            self.retiring = []
         index.expire_tombstones(self.settings.tombstone_retention_s)
         took = time.perf_counter() - started
         if merger is self.merger:  # (a takeover meanwhile started counting again)
@@ -492,7 +493,8 @@ class Service:
             return
         self.embedders.get(shadow.model)  # queries must be embedded like the new generation (already warm)
         old = self.index
-        self.index, self.shadow, self.retiring = shadow, None, old
+        self.index, self.shadow = shadow, None
+        self.retiring.append(old)  # (with any swapped out before it and not retired yet: a restart may restore it)
         self.backend.promote(old, shadow)
         log.info("generation %d (%d vectors) now serves; generation %d retired", shadow.generation, len(shadow),
                  old.generation)

@@ -87,7 +87,7 @@ def test_a_checkpoint_whose_position_is_in_no_stream_trims_nothing() -> None:
         backend=SimpleNamespace(checkpoint=lambda index, last_id: None), snapshot_health=SnapshotHealth(60, 60),
         settings=SimpleNamespace(tombstone_retention_s=86_400), _since_snapshot=(0, 0.0, 0.0),
         _trim_floor=("0", -1e9), shadow=None, redis=Redis(), keys=Keys("t"), _oldest_pending=lambda: None,
-        lease=SimpleNamespace(acquire=lambda: True), retiring=None)
+        lease=SimpleNamespace(acquire=lambda: True), retiring=[])
     assert Service._checkpoint(service)
     assert trims == []
     held.append((b"1796313507409-48", {}))  # the stream the position came from
