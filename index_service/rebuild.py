@@ -105,7 +105,7 @@ class Rebuilds:
         if model is not None and bucket is not None and model != self.service.index.model:
             raise ValueError("a model switch re-embeds every bucket: leave out 'bucket'")
         service = self.service
-        if not service.writing.is_set():
+        if not service.writing.is_set() or not service.lease.acquire():  # (the flag lags a lease lost: review 21)
             raise NotWriter(f"replica {service.replica} does not write the index; the writer is "
                                   f"{service.lease.current()}: send the rebuild there")
         with self._lock:

@@ -269,6 +269,10 @@ class Service:
                         self.rebuilds.abandon(f"replica {self.replica} lost the writer lease during the rebuild")
                 elif self.lease.acquire():
                     restored = self.backend.load()
+                    if not self.lease.acquire():  # the load waited for a stalled index server past the lease:
+                        if restored is not None:  # another replica writes by now (review 21, as at start-up)
+                            restored[0].features.close()
+                        continue
                     if restored is not None:  # what the previous writer left, up to its checkpoint
                         self.index = restored[0]
                     self._take_over(restored[1] if restored is not None else "0")

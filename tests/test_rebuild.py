@@ -16,7 +16,7 @@ import pytest
 from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry
 from index_service.filters import Filter
-from index_service.rebuild import RebuildConflict, RebuildJob, Rebuilds, public
+from index_service.rebuild import NotWriter, RebuildConflict, RebuildJob, Rebuilds, public
 from index_service.service import Service
 from index_service.vector_index import VectorIndex
 from infra.notifications import ensure_bucket, ensure_notifications, remove_notifications
@@ -339,6 +339,7 @@ def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
     service.rebuilds.current, service.shadow = None, None
     service.writing, service.backend = threading.Event(), SimpleNamespace(index_types=("Flat",), discard=None)
     service.writing.set()
+    service.lease = SimpleNamespace(acquire=lambda: True)
 
     def unavailable(model: str, generation: int) -> VectorIndex:
         raise ConnectionError("the index server is down")
@@ -354,6 +355,19 @@ def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
             service.rebuilds.start("reembed")
         job = service.rebuilds.current
         assert job.state == "failed" and "the index server is down" in job.error and service.shadow is None
+
+
+def test_a_replica_whose_lease_moved_refuses_a_rebuild_though_its_flag_lags() -> None:
+    """The writing flag follows a lost lease only at the next renewal: a replica stalled on its index server accepted
+    a rebuild, which the replica that had taken the lease then failed, dropping its collection (review 21)."""
+    service, _, _ = carrying_service("photos")
+    service.rebuilds.current, service.shadow = None, None
+    service.writing, service.backend = threading.Event(), SimpleNamespace(index_types=("Flat",), discard=None)
+    service.writing.set()
+    service.replica, service.lease = "api", SimpleNamespace(acquire=lambda: False, current=lambda: "api-2/f9d3")
+    with pytest.raises(NotWriter, match="the writer is api-2/f9d3"):
+        service.rebuilds.start("reembed")
+    assert service.rebuilds.current is None and service.shadow is None
 
 
 def test_a_restarted_service_still_reports_the_last_rebuild() -> None:

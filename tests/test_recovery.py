@@ -486,3 +486,34 @@ def test_a_replica_whose_lease_passed_while_it_waited_for_the_index_does_not_wri
         finally:
             service._stopping.set()
             service.backend.close()
+
+
+def test_a_reader_whose_takeover_waited_past_the_lease_stays_a_reader(tmp_path: Path) -> None:
+    """The same wait on a running replica: taking the lease after the writer died, it waited for a stalled Milvus
+    past the lease, and took over although another replica had taken it meanwhile (review 21's re-check)."""
+    from index_service.service import Service
+
+    with own_redis(tmp_path) as (url, _):
+        settings = Settings(home=str(tmp_path), redis_url=url, namespace="stall", s3_endpoint="http://127.0.0.1:9",
+                            writer_lease_s=0.6)
+        service = Service(settings, embedder=SimpleNamespace(model=MODEL, device="cpu"))  # type: ignore[arg-type]
+        service.backend.shared = True  # type: ignore[misc]  # as Milvus's
+
+        def load() -> tuple[Any, str]:  # stalled: meanwhile the lease expired and another replica took it
+            service.redis.set(service.keys.writer_lease, "another replica")
+            return service.new_generation(MODEL, 3), "0"
+
+        recovered: list[bool] = []
+        service.backend.load = load  # type: ignore[method-assign]
+        service.rebuilds.recover = lambda: recovered.append(True)  # type: ignore[method-assign]
+        role = threading.Thread(target=service._keep_role)
+        role.start()
+        try:
+            wait_for(lambda: service.redis.get(service.keys.writer_lease) == b"another replica", 10,
+                     what="the takeover tried")
+            time.sleep(0.5)
+            assert not service.writing.is_set() and recovered == [] and service.index.generation == 1
+        finally:
+            service._stopping.set()
+            role.join()
+            service.backend.close()
