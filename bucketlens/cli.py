@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -247,15 +247,14 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, di
     """The local stack `up` and `demo` start, once what it was asked to change is noted; and which of its processes
     ran before."""
     stack = _stack(settings)
-    for name in ("api_port", "ingest_port"):  # chosen at the first `up` and kept: an override would be lost silently
-        variable = f"BUCKETLENS_{name.upper()}"
-        if variable in os.environ and getattr(settings, name) not in (0, getattr(stack.config, name)):  # 0: any
-            print(f"note: {variable}={getattr(settings, name)} is not used: this stack keeps its {name} "
-                  f"{getattr(stack.config, name)} in {stack.home / 'stack.json'} (edit it there while it is down)")
-    if "BUCKETLENS_MILVUS_URI" in os.environ and stack.config.milvus_port and settings.milvus_uri != (
-            kept := f"http://127.0.0.1:{stack.config.milvus_port}"):
-        print(f"note: BUCKETLENS_MILVUS_URI={settings.milvus_uri} is not used: this stack keeps its Milvus server at "
-              f"{kept} ({stack.home / 'stack.json'}, milvus_port)")
+    # Chosen at the first `up` (Milvus's: at the first with that backend) and kept: an override would be lost silently.
+    for variable, name, asked in (("BUCKETLENS_API_PORT", "api_port", settings.api_port),
+                                  ("BUCKETLENS_INGEST_PORT", "ingest_port", settings.ingest_port),
+                                  ("BUCKETLENS_MILVUS_URI", "milvus_port", urlsplit(settings.milvus_uri).port)):
+        kept = getattr(stack.config, name)
+        if variable in os.environ and kept and asked not in (0, kept):  # 0: any
+            print(f"note: {variable}={os.environ[variable]} is not used: this stack keeps its {name} {kept} in "
+                  f"{stack.home / 'stack.json'} (edit it there while it is down)")
     # BUCKETLENS_INDEX_BACKEND as --backend: alone, it was ignored and a FAISS stack started (an independent check)
     if backend := args.backend or ("index_backend" in _explicit() and settings.index_backend):
         stack.choose_backend(backend)

@@ -191,20 +191,18 @@ class Rebuilds:
         raw = service.redis.get(service.keys.rebuild_current)
         if raw:
             job = self.get(text(raw))
-            if job is not None and job.get("state") == "running":
-                job.update(state="failed", finished=time.time(),
-                           error="the index service restarted during the rebuild; the serving generation is intact")
-                service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
-                log.warning("rebuild %s was interrupted by a restart and is marked failed", job["id"])
-            elif job is not None and job.get("state") == "done" and job.get("generation", 0) > service.index.generation:
+            state, error = (job or {}).get("state"), ""
+            if state == "running":
+                error = "the index service restarted during the rebuild; the serving generation is intact"
+            elif state == "done" and job is not None and job.get("generation", 0) > service.index.generation:
                 # Swapped in, and the process ended before the new generation's first checkpoint: the old one was
                 # restored, fed every change since (Service.promote).
-                job.update(state="failed", error="the index service restarted before the rebuilt generation's first "
-                           "snapshot was written; the previous generation serves, with every change since: run the "
-                           "rebuild again")
+                error = ("the index service restarted before the rebuilt generation's first snapshot was written; "
+                         "the previous generation serves, with every change since: run the rebuild again")
+            if job is not None and error:
+                job.update(state="failed", finished=job.get("finished") or time.time(), error=error)
                 service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
-                log.warning("rebuild %s swapped its generation in, but it was never snapshotted: marked failed",
-                            job["id"])
+                log.warning("rebuild %s is marked failed: %s", job["id"], error)
             self._before = job
         for generation in service.redis.hkeys(service.keys.generations):
             if int(generation) != service.index.generation:
