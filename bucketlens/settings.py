@@ -86,6 +86,7 @@ class Settings:
     milvus_ivf_nprobe: int = 16  # IVF lists scanned per query (nlist is ~4 sqrt(n) at build time)
     canary_interval_s: float = 30.0  # how often the local supervisor checks services and writes a canary
     canary_timeout_s: float = 30.0  # a canary undelivered for longer is a stalled topic: restart radosgw
+    liveness_timeout_s: float = 60.0  # a local-stack process running but silent this long is hung: kill, restart
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -172,7 +173,7 @@ BOUNDS: dict[str, Bound] = {
                     ZERO_MEANS),
     **dict.fromkeys(("snapshot_failure_grace_s", "reconcile_every_s", "tombstone_retention_s"), ZERO_OR_DURATION),
     **dict.fromkeys(("fetch_timeout_s", "snapshot_every_s", "writer_lease_s", "canary_interval_s",
-                     "canary_timeout_s"), DURATION),
+                     "canary_timeout_s", "liveness_timeout_s"), DURATION),
     **dict.fromkeys(("ingest_max_memory_fraction", "duplicates_cpu_share"), SHARE),
     # Above the slowest live batch: a shorter one hands a running batch to another worker, which counted it as a
     # worker's death (at 1 s, with MAX_REDELIVERIES=1, a reembed swapped in 2 of 34 vectors: an independent check).

@@ -138,6 +138,11 @@ class Stack:
     def api_urls(self) -> list[str]:
         return [self.api_url] + [f"http://127.0.0.1:{port}" for port in self.config.replica_ports]
 
+    @property
+    def replica_urls(self) -> dict[str, str]:
+        """Each index service replica's name and address (``api`` is replica 1)."""
+        return dict(zip(self.services[2:-1], self.api_urls))
+
     def choose_replicas(self, replicas: int) -> None:
         """``up --replicas N``: N index service processes answer queries, one merges (index_service/lease.py). A
         running stack keeps its count until it is down: its supervisor restarted a dropped replica, which `down`
@@ -237,7 +242,7 @@ class Stack:
             except TimeoutError as exc:
                 raise StackError(f"{exc}; see {self.home / 'logs'}") from exc
         if wait_ready and "api" in services:
-            for name, url in zip(("api", *self.services[3:-1]), self.api_urls):
+            for name, url in self.replica_urls.items():
                 self._wait_http(url + "/readyz", name, 300)
         if dropped:  # (a changed webhook token or ingest port): uploads while the stack was down went with them
             self._reconcile(ready=wait_ready and "api" in services)

@@ -15,25 +15,34 @@ A service that dies again within ``STABLE_S`` of its restart (a setting it refus
 restarted at once the first time, then after twice the wait of the last time (from ``2 * canary_interval_s`` up to
 ``MAX_BACKOFF_S``), with the last line it wrote to its log since then in the supervisor's log: a crash loop does not
 spend the machine on loading a model every few seconds.
+
+A process running but hung (frozen, wedged: its pid is there) is found by infra/liveness.py's questions and killed
+in a thread of their own (the delivery check waits out a frozen Redis's timeouts, again and again: a kill there came
+minutes late), and started again by the process watch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 
 import httpx
+import redis
 
 from bucketlens.keys import Keys
 from bucketlens.outage import Outage
-from bucketlens.redis_client import connect
+from bucketlens.redis_client import connect, probe
 from bucketlens.s3 import make_client
 
+from . import milvus
 from .canary import Canary
+from .liveness import PROBE_EVERY_S, Liveness, Probe, serves
 from .milvus import log_tail
 from .stack import Stack
 
@@ -70,6 +79,8 @@ class Supervisor:
         self.outages: dict[str, Outage] = {}  # per step: a failure is logged once, not every time
         self.restarts: dict[str, Restarts] = {}
         self.redis_restarted: float | None = None  # monotonic time this supervisor last started Redis
+        self.liveness = Liveness(self.settings.liveness_timeout_s)
+        self.acting = threading.Lock()  # the process watch's starts and the liveness thread's kills, one at a time
 
     @property
     def watched(self) -> tuple[str, ...]:
@@ -78,9 +89,11 @@ class Supervisor:
     def run(self, stop: threading.Event) -> None:
         log.info("supervising %s (every %.0f s; delivery every %.0f s)", ", ".join(self.watched), WATCH_S,
                  self.settings.canary_interval_s)
+        threading.Thread(target=self.ask_forever, args=(stop,), name="liveness", daemon=True).start()
         next_check = 0.0
         while not stop.is_set():
-            self.attempt("process watch", self.keep_processes_up)
+            with self.acting:
+                self.attempt("process watch", self.keep_processes_up)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.canary_interval_s
                 self.attempt("delivery check", self.check_delivery)
@@ -95,6 +108,58 @@ class Supervisor:
             outage.failed("supervisor %s failed; retrying", what)
             return
         outage.worked()
+
+    def ask_forever(self, stop: threading.Event) -> None:
+        """The liveness questions, and the kills of what they found hung, every ``PROBE_EVERY_S`` until ``stop``."""
+        asker = probe(self.settings.redis_url)  # one try of 2 s: a frozen Redis must not hold the worker's question
+        while not stop.wait(PROBE_EVERY_S):
+            self.attempt("liveness check", lambda: self.liveness.probe(self.probes(asker), time.monotonic))
+            with self.acting:
+                self.attempt("hung process kill", lambda: self.kill_hung(asker))
+
+    def probes(self, asker: redis.Redis) -> dict[str, tuple[int | None, Probe, bool]]:
+        """Each watched process: its pid (None: not running), the question that shows it alive, and whether its
+        silence counts before its first answer (an HTTP service's: a refused connection is no answer)."""
+        def pings(pid: int) -> bool:
+            try:
+                return bool(asker.ping())
+            except redis.RedisError:
+                return False
+
+        def beats(pid: int) -> bool | None:  # the main process's delivery record (None: Redis cannot say)
+            try:
+                return bool(asker.exists(self.keys.consumer(f"{socket.gethostname()}:{pid}")))
+            except redis.RedisError:
+                return None
+
+        urls = {"ingest": self.stack.ingest_url, **self.stack.replica_urls}
+        asks: dict[str, Probe] = {"redis": pings, "worker": beats,
+                                  **{name: serves(url + "/healthz") for name, url in urls.items()}}
+        if "milvus" in self.stack.servers:
+            asks["milvus"] = lambda pid: milvus.healthy(self.stack.home / "milvus")
+        return {name: (self.process(name)[0], ask, name in urls) for name, ask in asks.items()}
+
+    def process(self, name: str) -> tuple[int | None, Callable[..., None]]:
+        """A watched process's pid (None: not running) and what stops it."""
+        if name == "redis":
+            return self.stack.redis_pid(), self.stack.stop_redis
+        if name == "milvus":
+            return self.stack.milvus_pid(), self.stack.stop_milvus
+        return self.stack.pid(name), functools.partial(self.stack.stop_service, name)
+
+    def kill_hung(self, counters: redis.Redis) -> None:
+        """Kill what the liveness questions found hung; the process watch starts it again."""
+        for name, (pid, silent) in self.liveness.hung(time.monotonic()).items():
+            self.liveness.forget(name)
+            running, stop = self.process(name)
+            if running != pid:  # (it died or was restarted meanwhile)
+                continue
+            log.warning("%s (pid %d) is running but has answered nothing for %.0f s (frozen or hung); killing it to "
+                        "start it again", name, pid, silent)
+            stop(kill=True)
+            if name != "redis":  # (GET /queues shows it among the counters; a frozen Redis would hold this call)
+                with contextlib.suppress(redis.RedisError):
+                    counters.hincrby(self.keys.counters, "hung_restarts", 1)
 
     def keep_processes_up(self) -> None:
         if self.stack.redis_pid() is None:  # before anything that needs it, the canary included

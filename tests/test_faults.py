@@ -417,6 +417,67 @@ def test_the_supervisor_restarts_a_dead_redis_and_a_dead_radosgw(
         restore(stack)
 
 
+def test_the_supervisor_restarts_a_frozen_worker_and_index_service(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """Frozen (SIGSTOP), a process keeps its pid, and the process watch left it be for good: every search waited, and
+    with the stack's one worker frozen no upload was indexed (the index service hands a frozen worker's tasks back
+    to the queue, with nobody to take them). With the default LIVENESS_TIMEOUT_S the supervisor kills both and
+    starts them again, and what was uploaded meanwhile is indexed."""
+    assert stack.settings.liveness_timeout_s == Settings().liveness_timeout_s  # the default users run
+    bodies = image_set(unique_prefix, 4)
+    bucket = stack.settings.bucket
+    hung_before = counter(api, "hung_restarts")
+    frozen = {name: stack.pid(name) for name in ("worker", "api")}
+    try:
+        for pid in frozen.values():
+            assert pid is not None
+            os.killpg(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        uploads = patient_s3(stack)
+        for key, body in bodies.items():
+            uploads.put_object(Bucket=bucket, Key=key, Body=body)
+        wait_for(lambda: all(stack.pid(name) not in (None, pid) for name, pid in frozen.items()),
+                 stack.settings.liveness_timeout_s + 120, what="the frozen worker and index service restarted")
+        restarted_s = time.monotonic() - frozen_at
+        wait_for(lambda: all((state := object_state(api, bucket, key)) and state["state"] == "indexed"
+                             for key in bodies), 300, what="every upload made while they were frozen indexed")
+        key = next(iter(bodies))
+        found = api.post("/search", json={"key": key, "bucket": bucket, "prefix": unique_prefix}).json()["results"]
+        assert {hit["key"] for hit in found} == set(bodies) - {key}  # (the suite's images recur under other prefixes)
+        assert counter(api, "hung_restarts") == hung_before + 2
+        assert stack.settings.liveness_timeout_s <= restarted_s, restarted_s  # not before the timeout
+        log = (stack.home / "logs" / "supervisor.log").read_text()
+        assert all(f"{name} (pid {pid}) is running but has answered nothing" in log for name, pid in frozen.items())
+        record_outcome("frozen_worker_and_api", {"seconds_freeze_to_both_restarted": round(restarted_s)})
+    finally:
+        for pid in frozen.values():
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.killpg(pid, signal.SIGCONT)  # (still there if the supervisor never killed it)
+        restore(stack)
+
+
+def test_the_supervisor_restarts_a_frozen_redis(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:
+    """A frozen Redis stalled the whole stack for as long as it stayed frozen; killed, it comes back from its
+    append-only file (fsynced at every write) with what it held."""
+    key = unique_prefix + "after-redis.jpg"
+    redis = stack.redis_pid()
+    assert redis is not None
+    try:
+        os.kill(redis, signal.SIGSTOP)
+        wait_for(lambda: stack.redis_pid() not in (None, redis), stack.settings.liveness_timeout_s + 120,
+                 what="the frozen Redis restarted")
+        patient_s3(stack).put_object(Bucket=stack.settings.bucket, Key=key, Body=next(iter(image_set(key, 1).values())))
+        wait_for(lambda: (state := object_state(api, stack.settings.bucket, key)) and state["state"] == "indexed", 240,
+                 what=f"{key} indexed")
+        assert f"redis (pid {redis}) is running but has answered nothing" in (
+            stack.home / "logs" / "supervisor.log").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(redis, signal.SIGCONT)
+        restore(stack)
+
+
 def test_the_supervisor_restarts_a_dead_ceph_osd(stack: Stack, s3: Any, api: httpx.Client,
                                                  unique_prefix: str) -> None:
     """With the OSD dead, radosgw held its port and every request hung: the supervisor, which looked at radosgw

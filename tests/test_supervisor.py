@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from bucketlens.settings import Settings
+from infra import liveness as liveness_module
+from infra.liveness import Liveness, Watch, serves
 from infra.stack import Stack, _live_pid, _pid_record
 from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, STABLE_S, Supervisor
 
@@ -340,3 +344,76 @@ def test_a_heal_reconciles_at_the_replica_that_writes(tmp_path: Path, monkeypatc
     moved.start()
     assert stack.writer_url() == "http://127.0.0.1:9"  # (was the first address at once: 409 not_writer)
     moved.join()
+
+
+# -- liveness ---------------------------------------------------------------------------------------------------
+
+def test_liveness_judges_a_process_only_once_it_answered_and_then_fell_silent() -> None:
+    liveness = Liveness(timeout_s=60)
+    answers: dict[str, bool | None] = {"api": False, "worker": True}
+    pids = {"api": 10, "worker": 20}
+
+    def ask(at: float) -> dict[str, tuple[int, float]]:
+        liveness.probe({name: (pids[name], lambda pid, n=name: answers[n], False) for name in pids}, lambda: at)
+        return liveness.hung(at)
+
+    assert ask(0) == {} and ask(500) == {}  # api never answered since it started (a model, a snapshot loading)
+    answers.update(api=True)
+    assert ask(505) == {}
+    answers.update(api=False, worker=False)
+    assert ask(510) == {} and ask(569) == {}  # silent since 510: 59 s
+    assert ask(570) == {"api": (10, 60.0), "worker": (20, 60.0)}
+    answers.update(worker=None)  # Redis cannot say: the worker's count starts again
+    assert ask(575) == {"api": (10, 65.0)}
+    answers.update(worker=False)
+    assert ask(580) == {"api": (10, 70.0)} and ask(639) == {"api": (10, 129.0)}
+    assert ask(640) == {"api": (10, 130.0), "worker": (20, 60.0)}
+    pids.update(api=11)  # restarted: the new process is judged afresh, from its first answer on
+    assert ask(645) == {"worker": (20, 65.0)}
+    liveness.forget("worker")
+    assert ask(650) == {}
+
+
+def test_an_http_service_is_silent_once_its_port_takes_connections_it_does_not_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service binds its port once its start-up is done: a refused connection says nothing (None), a connection
+    taken and never answered (frozen: the kernel takes it for the process) is silence, counted at once."""
+    monkeypatch.setattr(liveness_module, "PROBE_TIMEOUT_S", 0.5)
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(8)  # and never accepts, as a SIGSTOPped server
+        ask = serves(f"http://127.0.0.1:{frozen.getsockname()[1]}/healthz")
+        assert ask(1) is False
+    assert ask(1) is None  # closed: refused
+    liveness = Liveness(timeout_s=60)
+    liveness.probe({"api": (7, ask, True)}, lambda: 0.0)
+    liveness.probe({"api": (7, lambda pid: False, True)}, lambda: 1.0)
+    assert liveness.hung(61.0) == {"api": (7, 60.0)}  # silent from its first question on: no answer needed first
+
+
+def test_the_supervisor_kills_a_hung_service_and_the_process_watch_starts_it(stack: Services) -> None:
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+    counters = Counted()
+    stops: list[tuple[str, bool]] = []
+
+    def stop_service(name: str, kill: bool = False) -> None:
+        stops.append((name, kill))
+        stack.up = False
+
+    stack.stop_service = stop_service  # type: ignore[attr-defined]
+    supervisor.liveness.watches["worker"] = Watch(pid=4321, started=True, silent_since=0.0)  # another process
+    supervisor.kill_hung(counters)  # type: ignore[arg-type]
+    assert stops == [] and supervisor.liveness.watches == {}  # the hung one is gone already: nothing killed
+    supervisor.liveness.watches["worker"] = Watch(pid=1234, started=True, silent_since=time.monotonic() - 61)
+    supervisor.kill_hung(counters)  # type: ignore[arg-type]
+    assert stops == [("worker", True)] and counters.counts == {"hung_restarts": 1}
+    supervisor.keep_up("worker", time.monotonic())
+    assert stack.starts == 1 and stack.up
+
+
+class Counted:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def hincrby(self, key: str, name: str, by: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + by

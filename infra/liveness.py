@@ -1,0 +1,90 @@
+"""Which of the local stack's processes are running but hung: a pid that the supervisor's process watch sees, and no
+answer behind it.
+
+A frozen (SIGSTOP) or wedged process keeps its pid, so the process watch left it alone for good: a hung index service
+answered no search, a hung worker took no task (the index service hands a hung worker's tasks back to the queue,
+with nobody left to take them), a hung Redis stalled everything. The supervisor asks each one, in a thread of its
+own (a hung process holds a question for its whole timeout), every ``PROBE_EVERY_S``: ingest and the index services
+their ``/healthz``, the worker whether its main process's delivery record (workers/heartbeat.py, rewritten every
+3 s by a thread of its own) is in Redis, Redis a PING, Milvus its health check. One silent for
+``liveness_timeout_s`` is hung: the supervisor kills it, and its process watch starts it again. Silence counts only
+once a process has started: an HTTP service from when its port takes connections (it binds once its start-up is
+done; a refused connection is no answer either way), the others from their first answer (a worker loading its
+model, a Redis loading its file, a Milvus starting are not silent). A question that cannot be answered now (the
+worker's, while Redis is away) starts the count again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
+
+import httpx
+
+PROBE_EVERY_S = 5.0
+PROBE_TIMEOUT_S = 5.0  # for each HTTP health check
+
+
+@dataclasses.dataclass
+class Watch:
+    pid: int
+    started: bool = False  # its silence counts
+    silent_since: float | None = None  # when the first question it left unanswered since its last answer was asked
+
+
+Probe = Callable[[int], "bool | None"]  # (the pid) -> answered; None: cannot tell now
+
+
+def serves(url: str) -> Probe:
+    """An HTTP service's question: ``url`` answers 200 within ``PROBE_TIMEOUT_S``; None while it takes no
+    connections (starting, or exiting)."""
+    def ask(pid: int) -> bool | None:
+        try:
+            return httpx.get(url, timeout=PROBE_TIMEOUT_S).status_code == 200
+        except httpx.ConnectError:
+            return None
+        except httpx.HTTPError:
+            return False
+    return ask
+
+
+class Liveness:
+    """The processes that started and then went silent for ``timeout_s``."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.watches: dict[str, Watch] = {}
+        self.lock = threading.Lock()  # the probes run in their thread, ``hung`` in the supervisor's
+
+    def probe(self, probes: Mapping[str, tuple[int | None, Probe, bool]], now: Callable[[], float]) -> None:
+        """Ask each process once; ``probes``: name: (its pid or None when not running, its question, whether its
+        silence counts before its first answer)."""
+        for name, (pid, ask, started) in probes.items():
+            if pid is None:
+                with self.lock:
+                    self.watches.pop(name, None)
+                continue
+            asked = now()
+            answer = ask(pid)
+            with self.lock:
+                watch = self.watches.get(name)
+                if watch is None or watch.pid != pid:  # a new process: what the last one did is not held against it
+                    watch = self.watches[name] = Watch(pid, started)
+                if answer:
+                    watch.started, watch.silent_since = True, None
+                elif answer is None:
+                    watch.silent_since = None
+                elif watch.silent_since is None:
+                    watch.silent_since = asked
+
+    def hung(self, now: float) -> dict[str, tuple[int, float]]:
+        """name: (pid, seconds silent) of each hung process."""
+        with self.lock:
+            return {name: (watch.pid, now - watch.silent_since) for name, watch in self.watches.items()
+                    if watch.started and watch.silent_since is not None and now - watch.silent_since >= self.timeout_s}
+
+    def forget(self, name: str) -> None:
+        """``name`` was killed: its next process is watched afresh."""
+        with self.lock:
+            self.watches.pop(name, None)
