@@ -476,6 +476,8 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
         print(f"  '{term['text']}' means {', '.join(names[:8])}{more}")
     if result.get("unmatched"):
         print(f"  no ImageNet concept for: {', '.join(result['unmatched'])}")
+    if result.get("ignored"):  # ("photo of a" answered "0 results" and no reason)
+        print(f"  not looked up (stop words, symbols): {' '.join(result['ignored'])}")
     for hit in result["results"]:
         tags = f"  [{', '.join(label['name'] for label in hit['labels'][:3])}]" if hit.get("labels") else ""
         print(f"{hit['score']:.4f}  {plain(hit['bucket'] + '/' + hit['key'])}{same_photo(hit)}{tags}")

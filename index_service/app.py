@@ -41,6 +41,7 @@ from .duplicates import GROUP_MATCHES as DUPLICATE_MATCHES
 from .duplicates import groups as find_groups
 from .failures import Selection, clear_failures, list_failures, retry_failures
 from .filters import iso
+from .filters import parse as parse_filter
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import OPENAPI
 from .queries import SearchQuery, decimal, parse_search
@@ -131,13 +132,17 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         else:
             hits = await _similar(service, serving, query)
         scanned = time.perf_counter()
-        results = [  # a cosine of float32 sums can pass 1 by ~1e-4 (an identical image): it is said as 1
-            {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": round(min(h.score, 1.0), 6),
+        # A cosine of float32 sums can pass 1 by ~1e-4 (an identical image): it is said as 1. min_score keeps what
+        # shows at least it (a raw 0.8999999999999999 shown as 0.9 was dropped by min_score 0.9), before the cut at k
+        # (after it, a low-scoring copy that verification moved up took a place, then was dropped: k-1 results).
+        shown = ((h, round(min(h.score, 1.0), 6)) for h in hits)
+        kept = [(h, score) for h, score in shown if query.min_score is None or score >= query.min_score][: query.k]
+        results = [
+            {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": score,
              "verified": h.verified, "matches": h.matches, "identical": h.identical,
              "labels": labels.public(h.obj.labels),
              "modified": iso(h.obj.modified), "url": service.presigner.url(h.obj.bucket, h.obj.key)}
-            for h in hits[: query.k]
-            if query.min_score is None or h.score >= query.min_score
+            for h, score in kept
         ]
         listed = time.perf_counter()
         took_ms = (listed - started) * 1000
@@ -193,9 +198,9 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         # Clamped like offset: SQLite refuses integers beyond 64 bits (a fuzzed 1.3e20 answered 500).
         min_matches = _count(params, "min_matches", DUPLICATE_MATCHES, local_features.MIN_INLIERS, MAX_OFFSET,
                              "pairs with fewer consistent matches are not kept")
+        where = parse_filter({name: params.get(name) for name in ("bucket", "prefix")})  # (an empty bucket: 400)
         serving = service.index
-        found = await run_in_threadpool(find_groups, serving, min_matches, params.get("bucket") or None,
-                                        params.get("prefix", ""))
+        found = await run_in_threadpool(find_groups, serving, min_matches, where.bucket, where.prefix)
         page = [
             {"size": len(g.members), "pairs": g.pairs, "min_matches": g.matches,
              "members": [{"bucket": o.bucket, "key": o.key, "etag": o.etag, "pixels": o.pixels,

@@ -150,6 +150,26 @@ def upsert_of(obj: Indexed, vector: np.ndarray, generation: int, model: str, fea
                        obj.modified)
 
 
+TIES = 64  # at most this many more objects are fetched to cut those tied at the k-th score by name
+Hits = list[tuple[Indexed, float]]
+
+
+def nearest(fetch: Callable[[int], list[Hits]], k: int, exclude: Sequence[str | None]) -> list[Hits]:
+    """The ``k`` best of each query, from ``fetch(n)`` (each query's ``n`` best, best first), without its object
+    ``exclude[i]``; in score order and, among equal scores, by bucket and key. The objects tied at the k-th score are
+    all fetched before the cut (up to ``TIES`` more), so that the cut is by name too: byte-identical copies score
+    alike, and they came in the structure's own order, so k=1 answered one copy and k=2 two others (review 23)."""
+    n = k + (1 if any(exclude) else 0) + 1  # one more than the cut needs: a tie across the cut shows
+    while True:
+        rows = fetch(n)
+        kept = [[hit for hit in row if not skip or object_id(hit[0].bucket, hit[0].key) != skip]
+                for row, skip in zip(rows, exclude)]
+        if n >= k + TIES or not any(len(row) == n and len(hits) > k and row[-1][1] >= hits[k - 1][1]
+                                    for row, hits in zip(rows, kept)):
+            return [sorted(hits, key=lambda hit: (-hit[1], hit[0].bucket, hit[0].key))[:k] for hits in kept]
+        n = min(2 * n, k + TIES)
+
+
 class SearchOne:
     """``Index.search`` for both implementations: one query is a batch of one."""
 

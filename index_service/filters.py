@@ -49,8 +49,9 @@ class Filter:
                 and self.keeps_time(modified))
 
     def public(self) -> dict[str, Any]:
-        return {"bucket": self.bucket, "prefix": self.prefix, "modified_after": iso(self.after),
-                "modified_before": iso(self.before)}
+        return {"bucket": self.bucket, "prefix": self.prefix,  # (a bound at the epoch, 0, is a bound: not iso's None)
+                "modified_after": None if self.after is None else utc(self.after),
+                "modified_before": None if self.before is None else utc(self.before)}
 
 
 def parse(fields: dict[str, Any], bucket_filters: bool = True) -> Filter:
@@ -95,8 +96,11 @@ def parse_time(value: Any, name: str) -> float | None:
 def iso(when: float | None, strict: bool = False) -> str | None:
     """Seconds since the epoch as ISO 8601 UTC; None for an unknown time, or (unless ``strict``) for one that is
     out of range."""
-    if not when:
-        return None
+    return utc(when, strict) if when else None
+
+
+def utc(when: float, strict: bool = False) -> str | None:
+    """``iso`` of a known time."""
     try:
         return dt.datetime.fromtimestamp(when, dt.UTC).isoformat().replace("+00:00", "Z")
     except (ValueError, OverflowError, OSError):

@@ -53,7 +53,7 @@ from bucketlens.settings import Settings
 from vision import labels as vision_labels
 from vision.models import recipe
 
-from .backend import ApplyStats, Indexed, SearchOne, Tombstones, decode_labels, tombstone_after, verdict
+from .backend import ApplyStats, Indexed, SearchOne, Tombstones, decode_labels, nearest, tombstone_after, verdict
 from .feature_store import FeatureStore
 from .filters import Filter
 from .vector_index import EXACT_LIMIT, ivf_lists
@@ -453,21 +453,22 @@ class MilvusIndex(SearchOne):
                     where: Filter | None = None) -> list[list[tuple[Indexed, float]]]:
         """One Milvus search for many queries; ``exclude[i]`` is an object id left out of query i's results."""
         assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries {queries.shape}, index dim {self.dim}"
-        exclude = exclude or [None] * len(queries)
         if len(queries) == 0:
             return []
-        want = k + (1 if any(exclude) else 0)
-        with reachable(self.connection.uri):
-            found = self.connection.client.search(
-                self.collection, data=np.asarray(queries, np.float32).tolist(), limit=want,
-                filter=expression(where), output_fields=SCALARS,
-                search_params=self.connection.search_params(self.index_type, want), consistency_level="Session",
-                timeout=READ_TIMEOUT_S)
-        answers = [[(_indexed(hit["entity"]), float(hit["distance"])) for hit in hits] for hits in found]
-        if self.index_type != "Flat" and any(len(hits) < want for hits in answers):
-            answers = self._complete(queries, want, where, answers)
-        return [_distinct([(obj, s) for obj, s in hits if not skip or object_id(obj.bucket, obj.key) != skip])[:k]
-                for hits, skip in zip(answers, exclude)]
+
+        def fetch(want: int) -> list[list[tuple[Indexed, float]]]:
+            with reachable(self.connection.uri):
+                found = self.connection.client.search(
+                    self.collection, data=np.asarray(queries, np.float32).tolist(), limit=want,
+                    filter=expression(where), output_fields=SCALARS,
+                    search_params=self.connection.search_params(self.index_type, want), consistency_level="Session",
+                    timeout=READ_TIMEOUT_S)
+            answers = [[(_indexed(hit["entity"]), float(hit["distance"])) for hit in hits] for hits in found]
+            if self.index_type != "Flat" and any(len(hits) < want for hits in answers):
+                answers = self._complete(queries, want, where, answers)
+            return [_distinct(hits) for hits in answers]
+
+        return nearest(fetch, k, exclude or [None] * len(queries))
 
     def _complete(self, queries: np.ndarray, want: int, where: Filter | None,
                   answers: list[list[tuple[Indexed, float]]]) -> list[list[tuple[Indexed, float]]]:

@@ -39,7 +39,7 @@ from sortedcontainers import SortedList
 
 from bucketlens.schemas import ResultEntry, object_id
 
-from .backend import ApplyStats, Indexed, SearchOne, Tombstones, indexed, tombstone_after, verdict
+from .backend import ApplyStats, Indexed, SearchOne, Tombstones, indexed, nearest, tombstone_after, verdict
 from .feature_store import FeatureStore
 from .filters import Filter
 from .vector_file import VectorFile
@@ -579,17 +579,17 @@ class VectorIndex(SearchOne):
         the probed lists hold fewer than ``k`` kept objects, an exact scan answers instead: ``k`` results come
         whenever that many are kept."""
         assert queries.ndim == 2 and queries.shape[1] == self.dim, f"queries {queries.shape}, index dim {self.dim}"
-        exclude = exclude or [None] * len(queries)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         _use_search_threads()
-        with self._lock.read():
-            found = None
-            if where and (share := self._share(where)) >= BROAD:
-                found = self._kept_of_more(queries, k + (1 if any(exclude) else 0), where, share)
-            if found is None:
-                found = self._found(queries, k + (1 if any(exclude) else 0), where)
-        return [[(obj, s) for obj, s in hits if not skip or object_id(obj.bucket, obj.key) != skip][:k]
-                for hits, skip in zip(found, exclude)]
+
+        def fetch(n: int) -> list[list[tuple[Indexed, float]]]:
+            with self._lock.read():
+                found = None
+                if where and (share := self._share(where)) >= BROAD:
+                    found = self._kept_of_more(queries, n, where, share)
+                return found if found is not None else self._found(queries, n, where)
+
+        return nearest(fetch, k, exclude or [None] * len(queries))
 
     def _found(self, queries: np.ndarray, k: int, where: Filter | None) -> list[list[tuple[Indexed, float]]]:
         """The best ``k`` per query of the objects ``where`` keeps: an exact scan of them, or the structure searched

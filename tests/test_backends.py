@@ -26,7 +26,7 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
-from index_service.backend import BACKENDS, Backend, Index, open_backend
+from index_service.backend import BACKENDS, TIES, Backend, Index, Indexed, nearest, open_backend
 from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
 from index_service.merger import Merger
@@ -235,6 +235,34 @@ def test_search_by_key_excludes_the_query_object_and_search_many(index: Index) -
     assert len(hits) == 3 and all(obj.key != "k3" for obj, _ in hits)
     many = index.search_many(np.stack([unit(1), unit(2)]), 2, ["b/k1", None])
     assert [o.key for o, _ in many[1]][:1] == ["k2"] and all(o.key != "k1" for o, _ in many[0])
+
+
+def test_objects_of_equal_score_come_by_name_and_so_does_the_cut_at_k(index: Index) -> None:
+    """Byte-identical copies score alike; Milvus and FAISS each answered them in an order of their own, and k=1 was
+    not the start of k=2 (review 23). The tie group across the cut is fetched whole (here past the first fetch)."""
+    copies = sorted(f"copies/c{i}" for i in range(12))
+    index.apply([upsert(key, 1, 5) for key in reversed(copies)] + [upsert(f"k{i}", 1, 100 + i) for i in range(20)])
+    for k in (1, 2, 5, 12):
+        assert [o.key for o, _ in index.search(unit(5), k)] == copies[:k], k
+    assert [o.key for o, _ in index.search(unit(5), 2, exclude="b/" + copies[0])] == copies[1:3]
+
+
+def test_a_tie_across_the_cut_is_fetched_whole_before_the_cut() -> None:
+    tied = [Indexed("b", f"t{i:02}", "e", "", i, 1, 0, None, 0.0) for i in range(30)]
+    asked: list[int] = []
+
+    def fetch(n: int) -> list[list[tuple[Indexed, float]]]:  # the structure's own order: names backwards
+        asked.append(n)
+        return [[(obj, 1.0) for obj in reversed(tied)][:n]]
+
+    assert [o.key for o, _ in nearest(fetch, 2, [None])[0]] == ["t00", "t01"]
+    assert asked == [3, 6, 12, 24, 48]  # until the last fetched scored below the cut, or all came
+    asked.clear()
+    assert [o.key for o, _ in nearest(fetch, 2, ["b/t00"])[0]] == ["t01", "t02"]
+    many = [Indexed("b", f"m{i:03}", "e", "", i, 1, 0, None, 0.0) for i in range(200)]
+    asked.clear()
+    nearest(lambda n: asked.append(n) or [[(obj, 1.0) for obj in many][:n]], 2, [None])
+    assert asked[-1] == 2 + TIES  # and no further: a tie of more objects than that is cut where the fetch ends
 
 
 def test_objects_buckets_and_export(index: Index) -> None:

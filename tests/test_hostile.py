@@ -711,6 +711,8 @@ def test_listings_refuse_counts_below_their_least() -> None:
         assert (status, code) == (400, "bad_parameter"), (path, params, message)
         assert (f"must be at least {least}" if least is not None else "decimal integer") in message, message
     assert "pairs with fewer" in error(client.get("/duplicates", params={"min_matches": str(MIN_INLIERS - 1)}))[2]
+    status, code, message = error(client.get("/duplicates", params={"bucket": ""}))  # (was every bucket: review 23)
+    assert (status, code) == (400, "bad_parameter") and "bucket" in message
     status, code, message = error(client.get("/preview/b/k.jpg", params={"etag": ""}))  # (was 404 object_changed)
     assert (status, code) == (400, "bad_parameter") and "etag is empty" in message
     status, code, message = error(client.get("/objects/b/k.jpg", params={"etag": "x"}))  # (was ignored)

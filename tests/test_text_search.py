@@ -112,6 +112,20 @@ def test_filters_keep_exactly_their_objects(api: httpx.Client, folders: dict[str
 
 
 @pytest.mark.slow
+def test_min_score_keeps_every_result_whose_shown_score_reaches_it(api: httpx.Client, folders: dict[str, Any]) -> None:
+    """Scores are shown to 6 decimals and min_score compared the raw value: a result shown at 0.9 (a sum of
+    0.8999999999999999) or at a cosine rounded up was dropped by a min_score of its own shown score (review 23)."""
+    prefix = folders["prefix"]
+    for query in ({"text": "cat cup rocket camera"}, {"key": prefix + "a/chelsea.png"}):
+        shown = api.post("/search", json={**query, "k": 50, "prefix": prefix}).json()["results"]
+        assert len(shown) >= 3, shown
+        for result in shown:
+            kept = api.post("/search", json={**query, "k": 50, "prefix": prefix, "min_score": result["score"]}).json()
+            assert result["key"] in keys(kept), (query, result)
+            assert all(other["score"] >= result["score"] for other in kept["results"])
+
+
+@pytest.mark.slow
 def test_bad_filters_are_clear_errors(api: httpx.Client) -> None:
     for body, words in (({"modified_after": "last tuesday"}, "ISO 8601"), ({"prefix": 3}, "prefix"),
                         ({"modified_after": "2024-06-02", "modified_before": "2024-06-01"}, "earlier"),
@@ -148,6 +162,8 @@ def test_the_command_line_searches_by_words_within_a_folder_and_dates(stack: Sta
     assert late["results"] == []  # the cat is in the first round
     printed = run("--text", "coffee xyzzy", "--prefix", prefix)
     assert printed.returncode == 0 and prefix + "a/coffee.png" in printed.stdout and "xyzzy" in printed.stdout
+    stop_words = run("--text", "photo of a", "--prefix", prefix)  # said "0 results" and no reason (review 23)
+    assert "0 results" in stop_words.stdout and "not looked up (stop words, symbols): photo of a" in stop_words.stdout
     wrong = run("--text", "cat", "--after", "soon")
     assert wrong.returncode != 0 and "ISO 8601" in wrong.stderr
 

@@ -563,12 +563,41 @@ def test_filters_keep_exactly_their_objects_while_the_vectors_move(folders: Vect
     assert checked and folders.index_type == "IVF"
 
 
+@pytest.mark.parametrize("structure", ["Flat", "IVF", "IVF-SQ8"])
+@pytest.mark.parametrize("exact_limit", [10_000, 5])  # an exact scan of the kept objects, or a selector
+@pytest.mark.parametrize("broad", [0.5, 2.0])
+def test_objects_of_equal_score_come_by_name_and_so_does_the_cut_at_k(folders: VectorIndex, structure: str,
+                                                                    exact_limit: int, broad: float,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte-identical copies score alike, and they came in the structure's own order: k=1 answered one copy, k=2
+    two others, and a filter that kept them all a third set (review 23)."""
+    monkeypatch.setattr(module, "EXACT_LIMIT", exact_limit)
+    monkeypatch.setattr(module, "BROAD", broad)
+    copies = sorted(f"copies/c{i}" for i in range(12))
+    folders.apply([dated(key, 777) for key in reversed(copies)])
+    if structure != "Flat":
+        folders.restructure(structure)
+        folders._faiss.nprobe = folders._faiss.nlist
+    for where in (None, Filter(prefix="copies/"), Filter(bucket="b")):
+        for k in (1, 2, 3, 12, 13):
+            found = [o.key for o, _ in folders.search(unit(777), k, where=where)]
+            assert found[:12] == copies[:k], (where, k)
+    found = [o.key for o, _ in folders.search(unit(777), 3, exclude=object_id("b", copies[0]))]
+    assert found == copies[1:4]
+
+
 def test_a_narrow_filter_still_returns_k_on_ivf(folders: VectorIndex) -> None:
     """IVF with its default probes would rarely see a folder holding 1 % of the objects; the exact scan does."""
     folders.apply([dated(f"tiny/{i}", 10_000 + i) for i in range(6)])
     folders.restructure("IVF")
     found = folders.search(unit(1), 5, where=Filter(prefix="tiny/"))
     assert len(found) == 5 and all(o.key.startswith("tiny/") for o, _ in found)
+
+
+def test_a_bound_at_the_epoch_is_echoed_as_one() -> None:
+    """The answer's filter said null for modified_after 1970-01-01 though it applied it (review 23)."""
+    assert Filter(after=0.0).public()["modified_after"] == "1970-01-01T00:00:00Z"
+    assert Filter(before=1.5).public()["modified_before"] == "1970-01-01T00:00:01.500000Z"
 
 
 def test_unknown_times_are_outside_every_range(folders: VectorIndex) -> None:
