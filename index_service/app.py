@@ -22,7 +22,16 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import EXCEPTION_HANDLERS, HostGuard, HTTPError, JSONResponse, allowed_hosts, only, read_limited
+from bucketlens.http import (
+    EXCEPTION_HANDLERS,
+    HostGuard,
+    HTTPError,
+    JSONResponse,
+    allowed_hosts,
+    only,
+    read_limited,
+    unavailable_handler,
+)
 from bucketlens.openapi import route as openapi_route
 from bucketlens.schemas import ObjectRef, object_id
 from bucketlens.settings import Settings
@@ -231,7 +240,14 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         return Response(body, media_type="image/jpeg", headers={"Cache-Control": cache, "ETag": f'"{etag}-preview"'})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(service_of(request).stats())
+        service = service_of(request)
+        try:
+            return JSONResponse(service.stats())
+        except ConnectionError as exc:  # the index server away: its 503 says still which replica writes (the CLI
+            # looks for the writer by it, and waited out the lease for one that said so: ~15 s, then a 409)
+            response = await unavailable_handler(request, exc)
+            body = {**json.loads(response.body), "replica": service.replica, "writer": service.writing.is_set()}
+            return JSONResponse(body, status_code=503)
 
     async def queues(request: Request) -> Response:
         service = service_of(request)

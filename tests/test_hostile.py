@@ -719,6 +719,20 @@ def test_listings_refuse_counts_below_their_least() -> None:
     assert (status, code) == (400, "unknown_field") and "'etag'" in message
 
 
+def test_stats_with_the_index_server_away_still_says_which_replica_writes() -> None:
+    """/stats answered 503 with nothing else while Milvus was down, so the CLI, which finds the writer by it, waited
+    out the lease (~15 s) for a replica that said it wrote, then sent rebuild and status to the first (review 21b)."""
+    def away() -> None:
+        raise ConnectionError("Milvus at http://127.0.0.1:1 is unreachable")
+
+    writing = threading.Event()
+    writing.set()
+    client = app_around(SimpleNamespace(stats=away, replica="api-2", writing=writing))
+    response = client.get("/stats")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "index_unavailable", response.text
+    assert (response.json()["writer"], response.json()["replica"]) == (True, "api-2")
+
+
 def test_duplicates_default_to_the_same_photo_and_clamp_large_pages() -> None:
     asked: list[int] = []
     index = SimpleNamespace(model="m", features=SimpleNamespace(pairs=lambda least: asked.append(least) or []))
