@@ -246,7 +246,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         except ConnectionError as exc:  # the index server away: its 503 says still which replica writes (the CLI
             # looks for the writer by it, and waited out the lease for one that said so: ~15 s, then a 409)
             response = await unavailable_handler(request, exc)
-            body = {**json.loads(response.body), "replica": service.replica, "writer": service.writing.is_set()}
+            body = {**json.loads(bytes(response.body)), "replica": service.replica, "writer": service.writing.is_set()}
             return JSONResponse(body, status_code=503)
 
     async def queues(request: Request) -> Response:

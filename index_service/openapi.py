@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bucketlens.openapi import Schema, answer, bearer, document, errors, json_content, obj, parameter, ref
+from bucketlens.openapi import ERROR, Schema, answer, bearer, document, errors, json_content, obj, parameter, ref
 from vision.local_features import IDENTICAL, MIN_INLIERS
 
 from .duplicates import GROUP_MATCHES
@@ -349,8 +349,10 @@ PATHS: dict[str, Any] = {
                                  "how many (above 1000: 1000)")],
         "responses": {**answer("labels", ref("Labels")), **errors(400, 401, 503)},
     }},
-    "/stats": {"get": {"summary": "the serving index", "responses": {**answer("stats", ref("Stats")),
-                                                                       **errors(503)}}},
+    "/stats": {"get": {"summary": "the serving index", "responses": {**answer("stats", ref("Stats")), "503": {
+        "description": "the index server (Milvus) unreachable: still which replica this is and whether it writes",
+        "content": json_content(obj({"error": ERROR["properties"]["error"], "replica": {"type": "string"},
+                                     "writer": {"type": "boolean"}}, ("error",), closed=True))}}}},
     "/queues": {"get": {"summary": "queue depths, unacked tasks (live and dead workers), stream, failures, workers",
                         "responses": {**answer("the queue report", ref("Queues")), **errors(503)}}},
     "/metrics": {"get": {"summary": "Prometheus text format", "responses": {"200": {

@@ -49,6 +49,7 @@ from vision.local_features import COPY_MATCHES, MIN_INLIERS
 
 from .helpers import FIXTURES, ceph_event, object_state, photo, wait_for
 from .integrity import ARTIFACTS, failures_under, patient_s3, reference_vectors
+from .test_openapi import documented
 
 # -- the corpus -----------------------------------------------------------------------------------------------
 
@@ -731,6 +732,7 @@ def test_stats_with_the_index_server_away_still_says_which_replica_writes() -> N
     response = client.get("/stats")
     assert response.status_code == 503 and response.json()["error"]["code"] == "index_unavailable", response.text
     assert (response.json()["writer"], response.json()["replica"]) == (True, "api-2")
+    documented(response, "/stats", "get")  # (the OpenAPI document's 503 for /stats: the Error object closed it)
 
 
 def test_duplicates_default_to_the_same_photo_and_clamp_large_pages() -> None:
