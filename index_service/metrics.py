@@ -144,6 +144,10 @@ def _counters(counters: dict[str, int], failure_records: int) -> Iterator[Metric
                    counters.get("tasks_restored", 0))
     yield _counter("bucketlens_lost_tasks_resent", "Objects sent again because their task was lost",
                    counters.get("orphans_resent", 0))
+    yield _counter("bucketlens_canary_stalls", "Canaries the local supervisor saw undelivered, and healed",
+                   counters.get("canary_stalls", 0))
+    yield _counter("bucketlens_hung_restarts", "Processes the local supervisor killed as running but silent",
+                   counters.get("hung_restarts", 0))
     failures = CounterMetricFamily("bucketlens_failures", "Objects that became failure records, by reason",
                                    labels=["reason"])
     for name, value in sorted(counters.items()):

@@ -446,6 +446,7 @@ def test_the_supervisor_restarts_a_frozen_worker_and_index_service(
         found = api.post("/search", json={"key": key, "bucket": bucket, "prefix": unique_prefix}).json()["results"]
         assert {hit["key"] for hit in found} == set(bodies) - {key}  # (the suite's images recur under other prefixes)
         assert counter(api, "hung_restarts") == hung_before + 2
+        assert f"bucketlens_hung_restarts_total {hung_before + 2:.1f}" in api.get("/metrics").text
         assert stack.settings.liveness_timeout_s <= restarted_s, restarted_s  # not before the timeout
         log = (stack.home / "logs" / "supervisor.log").read_text()
         assert all(f"{name} (pid {pid}) is running but has answered nothing" in log for name, pid in frozen.items())
