@@ -39,13 +39,19 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from bucketlens.http import EXCEPTION_HANDLERS, JSONResponse
+from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
 from index_service import app as app_module
 from index_service.app import create_app
+from index_service.presign import Presigner
 from index_service.queries import parse_search
 from index_service.rebuild import RebuildJob
+from index_service.vector_index import VectorIndex
+from infra.samples import skimage_data
 from infra.stack import Stack
+from vision import local_features
 from vision.local_features import COPY_MATCHES, MIN_INLIERS
+from vision.models import recipe
 
 from .helpers import FIXTURES, ceph_event, object_state, photo, wait_for
 from .integrity import ARTIFACTS, failures_under, patient_s3, reference_vectors
@@ -733,6 +739,40 @@ def test_stats_with_the_index_server_away_still_says_which_replica_writes() -> N
     assert response.status_code == 503 and response.json()["error"]["code"] == "index_unavailable", response.text
     assert (response.json()["writer"], response.json()["replica"]) == (True, "api-2")
     documented(response, "/stats", "get")  # (the OpenAPI document's 503 for /stats: the Error object closed it)
+
+
+def test_min_score_applies_before_the_cut_at_k_though_verification_moved_a_copy_up() -> None:
+    """A crop of the query photo scores low globally; verification moves it first (158 matches), min_score then
+    dropped it after the cut at k: 2 results for k=3 though 6 objects passed min_score (review 23)."""
+    model = Settings().model
+    dim = recipe(model).dim
+
+    def features(name: str, crop: float = 1.0) -> bytes:
+        image = Image.open(skimage_data() / name).convert("L")
+        w, h = image.size
+        return local_features.encode(local_features.views(np.asarray(image.crop((0, 0, int(w * crop), int(h * crop))))))
+
+    def scored(cosine: float, axis: int) -> np.ndarray:  # a unit vector at ``cosine`` to the query's (axis 0)
+        vector = np.zeros(dim, np.float32)
+        vector[0], vector[axis] = cosine, np.sqrt(1 - cosine**2)
+        return vector / np.linalg.norm(vector)
+
+    def upsert(key: str, vector: np.ndarray, order: int, found: bytes) -> ResultEntry:
+        return ResultEntry("upsert", "b", key, f"e-{order}", str(order), order, 1, model, vector, found, 0, "", 0.0)
+
+    others = ("coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "camera.png", "horse.png")
+    index = VectorIndex(model, dim)
+    index.apply([upsert("query.jpg", scored(1.0, 1), 1, features("astronaut.png")),
+                 upsert("crop.jpg", scored(0.6, 2), 2, features("astronaut.png", crop=0.8))]
+                + [upsert(f"near{i}.jpg", scored(0.9 - i * 0.01, 3 + i), 3 + i, features(name))
+                   for i, name in enumerate(others)])
+    client = app_around(SimpleNamespace(index=index, presigner=Presigner(Settings())))
+    client.app.state.metrics = SimpleNamespace(search_seconds=SimpleNamespace(  # type: ignore[attr-defined]
+        labels=lambda kind: SimpleNamespace(observe=lambda seconds: None)))
+    verified = client.post("/search", json={"key": "query.jpg", "bucket": "b", "k": 3}).json()["results"]
+    assert verified[0]["key"] == "crop.jpg" and verified[0]["verified"], verified  # moved up by its matches
+    kept = client.post("/search", json={"key": "query.jpg", "bucket": "b", "k": 3, "min_score": 0.8}).json()
+    assert [r["key"] for r in kept["results"]] == ["near0.jpg", "near1.jpg", "near2.jpg"], kept
 
 
 def test_duplicates_default_to_the_same_photo_and_clamp_large_pages() -> None:
