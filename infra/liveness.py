@@ -1,17 +1,18 @@
 """Which of the local stack's processes are running but hung: a pid that the supervisor's process watch sees, and no
 answer behind it.
 
-A frozen (SIGSTOP) or wedged process keeps its pid, so the process watch left it alone for good: a hung index service
-answered no search, a hung worker took no task (the index service hands a hung worker's tasks back to the queue,
-with nobody left to take them), a hung Redis stalled everything. The supervisor asks each one, in a thread of its
-own (a hung process holds a question for its whole timeout), every ``PROBE_EVERY_S``: ingest and the index services
-their ``/healthz``, the worker whether its main process's delivery record (workers/heartbeat.py, rewritten every
-3 s by a thread of its own) is in Redis, Redis a PING, Milvus its health check. One silent for
-``liveness_timeout_s`` is hung: the supervisor kills it, and its process watch starts it again. Silence counts only
-once a process has started: an HTTP service from when its port takes connections (it binds once its start-up is
-done; a refused connection is no answer either way), the others from their first answer (a worker loading its
-model, a Redis loading its file, a Milvus starting are not silent). A question that cannot be answered now (the
-worker's, while Redis is away) starts the count again.
+A frozen (SIGSTOP) or wedged process keeps its pid, so the process watch left it alone for good: a hung index
+service answered no search, a hung worker took no task (the index service hands a hung worker's tasks back to the
+queue, with nobody left to take them), a hung Redis stalled everything, and a hung radosgw waited for the canary's
+heal (its uploads and the supervisor's own S3 calls waited out boto3's timeouts: 184 s). The supervisor asks each
+one, in a thread of its own (a hung process holds a question for its whole timeout), every ``PROBE_EVERY_S``: ingest
+and the index services their ``/healthz``, radosgw its S3 endpoint (any answer), the worker whether its main
+process's delivery record (workers/heartbeat.py, rewritten every 3 s by a thread of its own) is in Redis, Redis a
+PING, Milvus its health check. One silent for ``liveness_timeout_s`` is hung: the supervisor kills it, and its
+process watch starts it again. Silence counts only once a process has started: an HTTP service from when its port
+takes connections (it binds once its start-up is done; a refused connection is no answer either way), the others
+from their first answer (a worker loading its model, a Redis loading its file, a Milvus starting are not silent). A
+question that cannot be answered now (the worker's, while Redis is away) starts the count again.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ Probe = Callable[[int], "bool | None"]  # (the pid) -> answered; None: cannot te
 
 
 def serves(url: str) -> Probe:
-    """An HTTP service's question: ``url`` answers 200 within ``PROBE_TIMEOUT_S``; None while it takes no
-    connections (starting, or exiting)."""
+    """An HTTP server's question: ``url`` answers, whatever its status, within ``PROBE_TIMEOUT_S``; None while it
+    takes no connections (starting, or exiting)."""
     def ask(pid: int) -> bool | None:
         try:
-            return httpx.get(url, timeout=PROBE_TIMEOUT_S).status_code == 200
+            httpx.get(url, timeout=PROBE_TIMEOUT_S)
+            return True
         except httpx.ConnectError:
             return None
         except httpx.HTTPError:

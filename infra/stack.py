@@ -480,8 +480,11 @@ class Stack:
         comm = "radosgw" if daemon.startswith("client.rgw") else "ceph-" + daemon.split(".")[0]
         return _live_pid(self.home / "ceph" / "run" / f"{daemon}.pid", comm)
 
-    def stop_s3(self) -> None:
-        """Stop radosgw only (the cluster stays): the S3 endpoint becomes unreachable."""
+    def stop_s3(self, kill: bool = False) -> None:
+        """Stop radosgw only (the cluster stays): the S3 endpoint becomes unreachable. ``kill``: SIGKILL first (a
+        frozen radosgw keeps the script's TERM until it is thawed)."""
+        if kill and (pid := self.ceph_pid("client.rgw.a")) is not None:
+            _terminate(pid, signal.SIGKILL, 30)
         self._ceph("stop-rgw")
 
     def start_s3(self) -> None:

@@ -132,9 +132,10 @@ class Supervisor:
             except redis.RedisError:
                 return None
 
-        urls = {"ingest": self.stack.ingest_url, **self.stack.replica_urls}
-        asks: dict[str, Probe] = {"redis": pings, "worker": beats,
-                                  **{name: serves(url + "/healthz") for name, url in urls.items()}}
+        urls = {"ingest": self.stack.ingest_url + "/healthz",
+                **{name: url + "/healthz" for name, url in self.stack.replica_urls.items()},
+                "radosgw": self.settings.s3_endpoint + "/"}
+        asks: dict[str, Probe] = {"redis": pings, "worker": beats, **{name: serves(url) for name, url in urls.items()}}
         if "milvus" in self.stack.servers:
             asks["milvus"] = lambda pid: milvus.healthy(self.stack.home / "milvus")
         return {name: (self.process(name)[0], ask, name in urls) for name, ask in asks.items()}
@@ -145,6 +146,8 @@ class Supervisor:
             return self.stack.redis_pid(), self.stack.stop_redis
         if name == "milvus":
             return self.stack.milvus_pid(), self.stack.stop_milvus
+        if name == "radosgw":
+            return self.stack.ceph_pid("client.rgw.a"), self.stack.stop_s3
         return self.stack.pid(name), functools.partial(self.stack.stop_service, name)
 
     def kill_hung(self, counters: redis.Redis) -> None:

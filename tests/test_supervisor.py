@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
@@ -377,7 +378,8 @@ def test_liveness_judges_a_process_only_once_it_answered_and_then_fell_silent() 
 def test_an_http_service_is_silent_once_its_port_takes_connections_it_does_not_answer(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A service binds its port once its start-up is done: a refused connection says nothing (None), a connection
-    taken and never answered (frozen: the kernel takes it for the process) is silence, counted at once."""
+    taken and never answered (frozen: the kernel takes it for the process) is silence, counted at once; any HTTP
+    answer, an error included, is an answer (radosgw's to an anonymous GET)."""
     monkeypatch.setattr(liveness_module, "PROBE_TIMEOUT_S", 0.5)
     with socket.socket() as frozen:
         frozen.bind(("127.0.0.1", 0))
@@ -385,6 +387,10 @@ def test_an_http_service_is_silent_once_its_port_takes_connections_it_does_not_a
         ask = serves(f"http://127.0.0.1:{frozen.getsockname()[1]}/healthz")
         assert ask(1) is False
     assert ask(1) is None  # closed: refused
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501 to every GET
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    assert serves(f"http://127.0.0.1:{server.server_port}/")(1) is True  # an answer, whatever its status
+    server.server_close()
     liveness = Liveness(timeout_s=60)
     liveness.probe({"api": (7, ask, True)}, lambda: 0.0)
     liveness.probe({"api": (7, lambda pid: False, True)}, lambda: 1.0)
