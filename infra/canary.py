@@ -34,6 +34,9 @@ class Canary:
         self.redis.hset(self.keys.canary, mapping={"pending_key": key, "written": time.time(),
                                                    "after_restart": int(after_restart)})
         self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=b"canary")
+        # Its age counts from S3's acknowledgement: a PUT held by a frozen S3 server and answered as it thawed was
+        # judged undelivered at once, and the radosgw that had just resumed was restarted (review 24).
+        self.redis.hset(self.keys.canary, "written", time.time())
         return key
 
     def check(self) -> tuple[str | None, float]:
@@ -45,7 +48,7 @@ class Canary:
         written = float(state.get("written", 0))
         seen = self.redis.get(self.keys.canary_seen(pending))
         if seen is not None:
-            lag = float(seen) - written
+            lag = max(0.0, float(seen) - written)  # (its event can come before S3 answered the PUT)
             self.redis.hset(self.keys.canary, mapping={"pending_key": "", "lag_s": lag, "delivered": float(seen)})
             try:  # its work is done: without this the bucket gained a canary object every interval, forever
                 self.s3.delete_object(Bucket=self.settings.bucket, Key=pending)

@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import redis
@@ -51,6 +52,7 @@ WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect
 RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 STABLE_S = 120.0  # a restarted service that ran this long is well again
 MAX_BACKOFF_S = 600.0
+CHECK_TIMEOUT_S = 5.0  # the supervisor's own Redis and S3 calls
 
 
 @dataclasses.dataclass
@@ -68,9 +70,10 @@ class Supervisor:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.settings = stack.settings
-        self.redis = connect(self.settings.redis_url)
+        # Short waits: a frozen Redis or S3 server held each check for minutes with the services' (10 s x 4; 60 s x 2)
+        self.redis = connect(self.settings.redis_url, CHECK_TIMEOUT_S, retries=1)
         self.keys = Keys(self.settings.namespace)
-        self.canary = Canary(self.settings, make_client(self.settings), self.redis)
+        self.canary = Canary(self.settings, make_client(self.settings, read_timeout=CHECK_TIMEOUT_S), self.redis)
         self.grace = 0.0  # extra wait for the canary while a restarted radosgw resumes delivery
         self.judging = False  # whether the outstanding canary is this supervisor's own
         self.stalls = 0  # heals in a row with no canary delivered since
@@ -80,6 +83,7 @@ class Supervisor:
         self.restarts: dict[str, Restarts] = {}
         self.redis_restarted: float | None = None  # monotonic time this supervisor last started Redis
         self.liveness = Liveness(self.settings.liveness_timeout_s)
+        self.beaten: set[int] = set()  # worker pool processes seen beating
         self.acting = threading.Lock()  # the process watch's starts and the liveness thread's kills, one at a time
 
     @property
@@ -90,14 +94,19 @@ class Supervisor:
         log.info("supervising %s (every %.0f s; delivery every %.0f s)", ", ".join(self.watched), WATCH_S,
                  self.settings.canary_interval_s)
         threading.Thread(target=self.ask_forever, args=(stop,), name="liveness", daemon=True).start()
-        next_check = 0.0
+        threading.Thread(target=self.check_forever, args=(stop,), name="delivery", daemon=True).start()
         while not stop.is_set():
             with self.acting:
                 self.attempt("process watch", self.keep_processes_up)
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + self.settings.canary_interval_s
-                self.attempt("delivery check", self.check_delivery)
             stop.wait(WATCH_S)
+
+    def check_forever(self, stop: threading.Event) -> None:
+        """The delivery check every ``canary_interval_s`` until ``stop``, in a thread of its own: its S3 and Redis
+        calls wait out their timeouts on a frozen server, and the process watch waited with them (a crashed worker
+        was restarted 5 min 49 s late while radosgw was frozen: review 24)."""
+        while not stop.is_set():
+            self.attempt("delivery check", self.check_delivery)
+            stop.wait(self.settings.canary_interval_s)
 
     def attempt(self, what: str, step: Callable[[], None]) -> None:
         """``step``; a failure (Redis or S3 away) is logged once, until it works again."""
@@ -126,19 +135,28 @@ class Supervisor:
             except redis.RedisError:
                 return False
 
-        def beats(pid: int) -> bool | None:  # the main process's delivery record (None: Redis cannot say)
-            try:
-                return bool(asker.exists(self.keys.consumer(f"{socket.gethostname()}:{pid}")))
-            except redis.RedisError:
-                return None
-
         urls = {"ingest": self.stack.ingest_url + "/healthz",
                 **{name: url + "/healthz" for name, url in self.stack.replica_urls.items()},
                 "radosgw": self.settings.s3_endpoint + "/"}
-        asks: dict[str, Probe] = {"redis": pings, "worker": beats, **{name: serves(url) for name, url in urls.items()}}
+        asks: dict[str, Probe] = {"redis": pings, "worker": functools.partial(self.beats, asker),
+                                  **{name: serves(url) for name, url in urls.items()}}
         if "milvus" in self.stack.servers:
             asks["milvus"] = lambda pid: milvus.healthy(self.stack.home / "milvus")
         return {name: (self.process(name)[0], ask, name in urls) for name, ask in asks.items()}
+
+    def beats(self, asker: redis.Redis, pid: int) -> bool | None:
+        """Whether the worker whose main process is ``pid`` beats: its delivery record, and once any of its pool
+        processes has beaten, one of their heartbeats (a pool process loading its model has none yet). Pool
+        processes hung under a main process that beat left it taking tasks nobody ran, for good (review 24).
+        None: Redis cannot say."""
+        host, pool = socket.gethostname(), pool_of(pid)
+        try:
+            main = asker.exists(self.keys.consumer(f"{host}:{pid}"))
+            beating = {child for child in pool if asker.exists(self.keys.worker(f"{host}:{child}"))}
+        except redis.RedisError:
+            return None
+        self.beaten |= beating
+        return bool(main) and bool(beating or not self.beaten & set(pool))
 
     def process(self, name: str) -> tuple[int | None, Callable[..., None]]:
         """A watched process's pid (None: not running) and what stops it."""
@@ -228,15 +246,16 @@ class Supervisor:
         self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
         self.reconcile_owed = True
         self.stalls += 1
-        if hung:  # alive but not answering (its pid is there): only a restart ends it; radosgw's topic stalled too
-            self.stack.stop_service("ingest", kill=True)
-            self.stack.start_service("ingest")
-        try:
-            self.stack.stop_s3()
-            self.stack.start_s3()
-        finally:  # a restart that failed is tried again after the grace too, not at each check (every few seconds,
-            # which left radosgw no time to start)
-            self.restarted_radosgw(RESTART_GRACE_S * 2 ** min(self.stalls - 1, 8))  # (past the cap by then)
+        with self.acting:  # (the process watch starts nothing meanwhile: one radosgw start at a time)
+            if hung:  # alive but not answering (its pid is there): only a restart ends it; radosgw's topic too
+                self.stack.stop_service("ingest", kill=True)
+                self.stack.start_service("ingest")
+            try:
+                self.stack.stop_s3()
+                self.stack.start_s3()
+            finally:  # a restart that failed is tried again after the grace too, not at each check (every few
+                # seconds, which left radosgw no time to start)
+                self.restarted_radosgw(RESTART_GRACE_S * 2 ** min(self.stalls - 1, 8))  # (past the cap by then)
         self.start_reconcile()
 
     def restarted_radosgw(self, grace: float = RESTART_GRACE_S) -> None:
@@ -267,3 +286,11 @@ class Supervisor:
             return
         log.info("reconcile after the stall: %s %s", response.status_code, response.text[:300])
         self.reconcile_owed = False
+
+
+def pool_of(pid: int) -> list[int]:
+    """The child processes of ``pid`` (a Celery worker's pool), [] when Linux does not say."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []

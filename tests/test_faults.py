@@ -39,6 +39,7 @@ from bucketlens.settings import Settings
 from index_service.queues import unacked_key
 from infra.milvus import log_tail
 from infra.stack import Stack, StackError, free_port
+from infra.supervisor import pool_of
 from ingest.publisher import Publisher
 
 from .helpers import index_difference, object_state, wait_for
@@ -421,18 +422,22 @@ def test_the_supervisor_restarts_a_frozen_worker_and_index_service(
     stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
 ) -> None:
     """Frozen (SIGSTOP), a process keeps its pid, and the process watch left it be for good: every search waited, and
-    with the stack's one worker frozen no upload was indexed (the index service hands a frozen worker's tasks back
-    to the queue, with nobody to take them). With the default LIVENESS_TIMEOUT_S the supervisor kills both and
-    starts them again, and what was uploaded meanwhile is indexed."""
+    with the stack's one worker frozen no upload was indexed. Here the worker's pool processes are frozen and its
+    main process is not: it goes on taking tasks and beating, so they counted as held by a live worker and nobody
+    ran them (review 24). With the default LIVENESS_TIMEOUT_S the supervisor kills both services and starts them
+    again, and what was uploaded meanwhile is indexed."""
     assert stack.settings.liveness_timeout_s == Settings().liveness_timeout_s  # the default users run
     bodies = image_set(unique_prefix, 4)
     bucket = stack.settings.bucket
     hung_before = counter(api, "hung_restarts")
     frozen = {name: stack.pid(name) for name in ("worker", "api")}
+    assert None not in frozen.values()
+    pool = pool_of(frozen["worker"])  # type: ignore[arg-type]
+    assert pool, "the worker runs its pool processes"
     try:
-        for pid in frozen.values():
-            assert pid is not None
-            os.killpg(pid, signal.SIGSTOP)
+        os.killpg(frozen["api"], signal.SIGSTOP)  # type: ignore[arg-type]
+        for child in pool:
+            os.kill(child, signal.SIGSTOP)
         frozen_at = time.monotonic()
         uploads = patient_s3(stack)
         for key, body in bodies.items():
@@ -452,9 +457,9 @@ def test_the_supervisor_restarts_a_frozen_worker_and_index_service(
         assert all(f"{name} (pid {pid}) is running but has answered nothing" in log for name, pid in frozen.items())
         record_outcome("frozen_worker_and_api", {"seconds_freeze_to_both_restarted": round(restarted_s)})
     finally:
-        for pid in frozen.values():
+        for pid in (frozen["api"], *pool):
             with contextlib.suppress(ProcessLookupError, TypeError):
-                os.killpg(pid, signal.SIGCONT)  # (still there if the supervisor never killed it)
+                os.kill(pid, signal.SIGCONT)  # type: ignore[arg-type]  # (there if the supervisor never killed it)
         restore(stack)
 
 

@@ -10,12 +10,14 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from bucketlens.settings import Settings
 from infra import liveness as liveness_module
+from infra import supervisor as supervisor_module
 from infra.liveness import Liveness, Watch, serves
 from infra.stack import Stack, _live_pid, _pid_record
 from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, STABLE_S, Supervisor
@@ -423,3 +425,24 @@ class Counted:
 
     def hincrby(self, key: str, name: str, by: int) -> None:
         self.counts[name] = self.counts.get(name, 0) + by
+
+
+def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool processes hung under a main process that beat: its tasks were held by a live worker and never ran, and
+    the worker counted as alive (review 24). A pool process loading its model (none of them has beaten yet) is no
+    silence."""
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+    host, keys = socket.gethostname(), supervisor.keys
+    records: set[str] = {keys.consumer(f"{host}:100")}
+    asker = SimpleNamespace(exists=lambda key: int(key in records))
+    monkeypatch.setattr(supervisor_module, "pool_of", lambda pid: [101, 102] if pid == 100 else [])
+    assert supervisor.beats(asker, 100) is True  # (loading: no pool process has beaten yet)
+    records |= {keys.worker(f"{host}:101"), keys.worker(f"{host}:102")}
+    assert supervisor.beats(asker, 100) is True
+    records -= {keys.worker(f"{host}:101")}
+    assert supervisor.beats(asker, 100) is True  # one of two still beats
+    records -= {keys.worker(f"{host}:102")}
+    assert supervisor.beats(asker, 100) is False  # both silent
+    records.clear()
+    assert supervisor.beats(asker, 100) is False  # the main process silent
