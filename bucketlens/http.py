@@ -93,8 +93,9 @@ def only(names: Iterable[str], accepted: Iterable[str], what: str, taker: str) -
                                               f"{', '.join(map(repr, unknown))}; {taker} takes {', '.join(accepted)}")
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(status: int, code: str, message: str, **beside: Any) -> JSONResponse:
+    """An error answer; ``beside``: fields of the body beside ``error``."""
+    return JSONResponse({"error": {"code": code, "message": message}, **beside}, status_code=status)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -109,13 +110,17 @@ async def routing_error_handler(request: Request, exc: Exception) -> JSONRespons
     return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
 
 
-async def unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+def unavailable_response(request: Request, exc: Exception, **beside: Any) -> JSONResponse:
     """Redis, S3 or the index server unreachable while serving a request: 503 (try again), not a 500 with a
-    traceback."""
+    traceback; ``beside``: fields of the body beside ``error``."""
     which, code = (("Redis", "redis") if isinstance(exc, redis.RedisError) else ("S3", "s3")
                    if isinstance(exc, BotoCoreError) else ("the index server", "index"))
     log.debug("%s unreachable during %s %s: %s", which, request.method, request.url.path, exc)
-    return error_response(503, f"{code}_unavailable", f"{which} is unreachable; try again shortly")
+    return error_response(503, f"{code}_unavailable", f"{which} is unreachable; try again shortly", **beside)
+
+
+async def unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    return unavailable_response(request, exc)
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -30,7 +30,7 @@ from bucketlens.http import (
     allowed_hosts,
     only,
     read_limited,
-    unavailable_handler,
+    unavailable_response,
 )
 from bucketlens.openapi import route as openapi_route
 from bucketlens.schemas import ObjectRef, object_id
@@ -245,9 +245,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             return JSONResponse(service.stats())
         except ConnectionError as exc:  # the index server away: its 503 says still which replica writes (the CLI
             # looks for the writer by it, and waited out the lease for one that said so: ~15 s, then a 409)
-            response = await unavailable_handler(request, exc)
-            body = {**json.loads(bytes(response.body)), "replica": service.replica, "writer": service.writing.is_set()}
-            return JSONResponse(body, status_code=503)
+            return unavailable_response(request, exc, replica=service.replica, writer=service.writing.is_set())
 
     async def queues(request: Request) -> Response:
         service = service_of(request)

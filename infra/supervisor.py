@@ -16,9 +16,10 @@ restarted at once the first time, then after twice the wait of the last time (fr
 ``MAX_BACKOFF_S``), with the last line it wrote to its log since then in the supervisor's log: a crash loop does not
 spend the machine on loading a model every few seconds.
 
-A process running but hung (frozen, wedged: its pid is there) is found by infra/liveness.py's questions and killed
-in a thread of their own (the delivery check waits out a frozen Redis's timeouts, again and again: a kill there came
-minutes late), and started again by the process watch.
+A process running but hung (frozen, wedged: its pid is there) is found by infra/liveness.py's questions and killed,
+and started again by the process watch. The process watch, the delivery check and the liveness questions each run
+in a thread of their own: a frozen Redis or S3 server holds a call for its whole timeout, and a restart or a kill
+waiting behind one came minutes late (review 24).
 """
 
 from __future__ import annotations
