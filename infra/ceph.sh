@@ -31,7 +31,7 @@ wait_osd_active() {  # OSD admin socket reports state=active (booted into the cu
 }
 break_notif_locks() {  # drop the previous radosgw's ownership locks on persistent-topic queues
   # (otherwise the new radosgw waits ~90 s for them to expire before delivering queued notifications)
-  local R="rados -c $CONF -p default.rgw.log -N notif"
+  local R="timeout 20 rados -c $CONF -p default.rgw.log -N notif"  # (with the OSD hung they can wait for good: review 24)
   $R ls 2>/dev/null | grep -v '^queues_list_object$' | while read -r q; do
     $R lock info "$q" "${q}_lock" 2>/dev/null | python3 -c '
 import json,sys

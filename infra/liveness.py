@@ -8,24 +8,33 @@ heal (its uploads and the supervisor's own S3 calls waited out boto3's timeouts:
 one, in a thread of its own (a hung process holds a question for its whole timeout), every ``PROBE_EVERY_S``: ingest
 and the index services their ``/healthz``, radosgw its S3 endpoint (any answer), the worker whether its main
 process's delivery record and a pool process's heartbeat (workers/heartbeat.py, each rewritten every 3 s by a thread
-of its own) are in Redis, Redis a PING, Milvus its health check. One silent for ``liveness_timeout_s`` is hung: the
+of its own) are in Redis, Redis a PING, Milvus its health check, the Ceph monitor and OSD their admin sockets (the
+OSD, too, whether it holds an op past ``STUCK_OP_S``). One silent for ``liveness_timeout_s`` is hung: the
 supervisor kills it, and its process watch starts it again. Silence counts only once a process has started: an HTTP
 service from when its port takes connections (it binds once its start-up is done; a refused connection is no answer
-either way), the others from their first answer (a worker loading its model, a Redis loading its file, a Milvus
-starting are not silent). A question that cannot be answered now (the worker's, while Redis is away) starts the
-count again.
+either way), a Ceph daemon from when its admin socket does (made early in its start), the others from their first
+answer (a worker loading its model, a Redis loading its file, a Milvus starting are not silent). A question that
+cannot be answered now (the worker's, while Redis is away) starts the count again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import socket
+import struct
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import httpx
 
+log = logging.getLogger(__name__)
 PROBE_EVERY_S = 5.0
-PROBE_TIMEOUT_S = 5.0  # for each HTTP health check
+PROBE_TIMEOUT_S = 5.0  # for each HTTP health check and admin socket question
+STUCK_OP_S = 30.0  # Ceph's own osd_op_complaint_time: an OSD op in flight longer is a slow request
 
 
 @dataclasses.dataclass
@@ -49,6 +58,52 @@ def serves(url: str) -> Probe:
             return None
         except httpx.HTTPError:
             return False
+    return ask
+
+
+def admin_socket(path: Path, prefix: str) -> Any:
+    """A Ceph daemon's JSON answer to the command ``prefix`` on its admin socket, within ``PROBE_TIMEOUT_S``: what
+    ``ceph --admin-daemon`` sends (the command and a NUL; the answer's length in 4 bytes, big-endian, then the
+    answer), without starting a Python interpreter every few seconds."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT_S)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"prefix": prefix, "format": "json"}).encode() + b"\0")
+        (size,) = struct.unpack(">I", _receive(sock, 4))
+        return json.loads(_receive(sock, size))
+
+
+def _receive(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        if not (chunk := sock.recv(size - len(data))):
+            raise ConnectionError(f"the admin socket closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def ceph_daemon(run: Path, name: str, osd: bool = False) -> Probe:
+    """A Ceph daemon's question: its admin socket (``run``/``name``.``pid``.asok) answers, and for an ``osd`` no op
+    has been in flight for ``STUCK_OP_S`` or more. After a 90 s freeze an OSD answered, while ops on some of its
+    placement groups stayed "waiting for readable" for good; a radosgw started after that never came up (review 24).
+    The first question to find an op stuck logs it. None while it has no socket (starting, or exiting)."""
+    stuck_in: set[int] = set()  # the pids whose stuck ops were logged
+
+    def ask(pid: int) -> bool | None:
+        try:
+            answer = admin_socket(run / f"{name}.{pid}.asok", "dump_ops_in_flight" if osd else "version")
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except (OSError, ValueError, struct.error):  # (a timeout is an OSError)
+            return False
+        stuck = [op for op in answer.get("ops", []) if osd and op.get("age", 0) >= STUCK_OP_S]
+        if stuck and pid not in stuck_in:
+            oldest = max(stuck, key=lambda op: op.get("age", 0))
+            log.warning("%s (pid %d) holds %d ops in flight for %.0f s or more; the oldest, %.0f s: %s (%s)", name,
+                        pid, len(stuck), STUCK_OP_S, oldest.get("age", 0), str(oldest.get("description"))[:200],
+                        oldest.get("type_data", {}).get("flag_point"))
+            stuck_in.add(pid)
+        return not stuck
     return ask
 
 

@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import redis
-from botocore.exceptions import ClientError, ParamValidationError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from bucketlens.cli import CLIError
 from bucketlens.redis_client import connect
@@ -35,6 +35,7 @@ from bucketlens.settings import Settings
 
 from . import milvus
 from .canary import Canary
+from .liveness import ceph_daemon
 from .notifications import ensure_bucket, ensure_notifications
 
 log = logging.getLogger(__name__)
@@ -226,16 +227,18 @@ class Stack:
         if "milvus" in self.servers:
             self.start_milvus()
         s3 = make_client(self.settings)
-        try:
-            ensure_bucket(s3, self.settings.bucket)
-        except (ClientError, ParamValidationError) as exc:  # (a traceback that named no setting)
-            raise StackError(f"the S3 server refused BUCKETLENS_BUCKET={self.settings.bucket!r}: {exc}") from exc
+        with self._s3_answers():
+            try:
+                ensure_bucket(s3, self.settings.bucket)
+            except (ClientError, ParamValidationError) as exc:  # (a traceback that named no setting)
+                raise StackError(f"the S3 server refused BUCKETLENS_BUCKET={self.settings.bucket!r}: {exc}") from exc
         for name in services:
             if name != "supervisor":
                 self.start_service(name)
         self._wait_http(self.ingest_url + "/healthz", "ingest", 60)
         token = quote(self.settings.webhook_token, safe="")  # a token of the user's may hold "+", "&" or "#"
-        dropped = ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={token}")
+        with self._s3_answers():
+            dropped = ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={token}")
         if self.pid("supervisor") is None:  # (a running one writes the canaries: one writer at a time)
             try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
                 Canary(self.settings, s3, connect(self.settings.redis_url)).wait(90)
@@ -248,6 +251,18 @@ class Stack:
             self._reconcile(ready=wait_ready and "api" in services)
         if "supervisor" in services:  # after the start-up canary: one canary writer at a time
             self.start_service("supervisor")
+
+    @contextlib.contextmanager
+    def _s3_answers(self) -> Iterator[None]:
+        """An S3 server that takes connections but does not answer (its OSD frozen or wedged) is a StackError that
+        says so: ``up`` ended in a 40-line botocore traceback."""
+        try:
+            yield
+        except BotoCoreError as exc:
+            raise StackError(f"the S3 server at {self.settings.s3_endpoint} does not answer ({exc}); its logs are in "
+                             f"{self.home / 'ceph' / 'log'}. A running supervisor restarts a hung Ceph daemon "
+                             f"within {self.settings.liveness_timeout_s:.0f} s; `bucketlens up` again after "
+                             "that") from exc
 
     def _reconcile(self, ready: bool) -> None:
         print("the notification's push endpoint changed, and the events queued for the old one were dropped: "
@@ -428,6 +443,10 @@ class Stack:
     # -- Ceph ----------------------------------------------------------------------------------------------
 
     def start_ceph(self) -> None:
+        if (osd := self.hung_osd()) is not None:  # (after a freeze, `up` ended in S3 timeouts: review 24)
+            log.warning("the Ceph OSD (pid %d) does not answer its admin socket or holds an op stuck; restarting it",
+                        osd)
+            self.kill_ceph("osd.0")
         if self.ceph_up():
             return
         ceph = self.home / "ceph"
@@ -479,6 +498,18 @@ class Stack:
         """The pid of this stack's Ceph ``daemon`` (``mon.a``, ``client.rgw.a``) if it runs."""
         comm = "radosgw" if daemon.startswith("client.rgw") else "ceph-" + daemon.split(".")[0]
         return _live_pid(self.home / "ceph" / "run" / f"{daemon}.pid", comm)
+
+    def hung_osd(self) -> int | None:
+        """The pid of this stack's OSD if it runs but does not answer its admin socket, or holds an op stuck
+        (infra/liveness.py's ``ceph_daemon``)."""
+        pid = self.ceph_pid("osd.0")
+        return pid if pid is not None and ceph_daemon(self.home / "ceph" / "run", "osd.0", osd=True)(pid) is False \
+            else None
+
+    def kill_ceph(self, daemon: str) -> None:
+        """SIGKILL this stack's Ceph ``daemon`` (hung); ``start_ceph`` starts it again."""
+        if (pid := self.ceph_pid(daemon)) is not None:
+            _terminate(pid, signal.SIGKILL, 30)
 
     def stop_s3(self, kill: bool = False) -> None:
         """Stop radosgw only (the cluster stays): the S3 endpoint becomes unreachable. ``kill``: SIGKILL first (a

@@ -4,7 +4,8 @@ Every ``WATCH_S`` it restarts services and servers that died (Redis, radosgw, Mi
 index services; the receiver above all: Ceph 16 stops delivering a topic whose endpoint refused connections for
 10 s or more, until radosgw restarts). Every ``canary_interval_s`` it proves delivery end to end with a canary
 object. When a canary is not delivered within ``canary_timeout_s`` it restarts radosgw (which resumes the stalled
-topic and redelivers its queue; ingest too when it does not answer its health check: hung, its pid alive) and
+topic and redelivers its queue; ingest too when it does not answer its health check: hung, its pid alive; the OSD
+instead when the OSD is the one hung) and
 runs a reconcile to heal whatever was missed; a reconcile that fails (the
 index service away) is tried again at the next check. A restarted radosgw picks its persistent queues up only when
 it rereads their list (every 30 s), so the canary written after a restart gets ``RESTART_GRACE_S`` more: without
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.keys import Keys
 from bucketlens.outage import Outage
@@ -44,9 +46,9 @@ from bucketlens.s3 import make_client
 
 from . import milvus
 from .canary import Canary
-from .liveness import PROBE_EVERY_S, Liveness, Probe, serves
+from .liveness import PROBE_EVERY_S, Liveness, Probe, ceph_daemon, serves
 from .milvus import log_tail
-from .stack import Stack
+from .stack import Stack, StackError
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect: cheap)
@@ -85,6 +87,8 @@ class Supervisor:
         self.redis_restarted: float | None = None  # monotonic time this supervisor last started Redis
         self.liveness = Liveness(self.settings.liveness_timeout_s)
         self.beaten: set[int] = set()  # worker pool processes seen beating
+        run = stack.home / "ceph" / "run"
+        self.ceph_asks = {"ceph-mon": ceph_daemon(run, "mon.a"), "ceph-osd": ceph_daemon(run, "osd.0", osd=True)}
         self.acting = threading.Lock()  # the process watch's starts and the liveness thread's kills, one at a time
 
     @property
@@ -110,10 +114,15 @@ class Supervisor:
             stop.wait(self.settings.canary_interval_s)
 
     def attempt(self, what: str, step: Callable[[], None]) -> None:
-        """``step``; a failure (Redis or S3 away) is logged once, until it works again."""
+        """``step``; a failure is logged once, until it works again: a server away (Redis, S3, a process start) in
+        one line (each kill of a frozen Redis was followed by a 60-line traceback: review 24), anything else with its
+        traceback."""
         outage = self.outages.setdefault(what, Outage(log, f"supervisor {what} works again"))
         try:
             step()
+        except (redis.RedisError, BotoCoreError, ClientError, httpx.HTTPError, OSError, StackError) as exc:
+            outage.failed("supervisor %s failed (%s: %s); retrying", what, type(exc).__name__, exc, exc_info=False)
+            return
         except Exception:
             outage.failed("supervisor %s failed; retrying", what)
             return
@@ -129,7 +138,8 @@ class Supervisor:
 
     def probes(self, asker: redis.Redis) -> dict[str, tuple[int | None, Probe, bool]]:
         """Each watched process: its pid (None: not running), the question that shows it alive, and whether its
-        silence counts before its first answer (an HTTP service's: a refused connection is no answer)."""
+        silence counts before its first answer (an HTTP service's or a Ceph daemon's: a refused connection is no
+        answer; an OSD frozen when the supervisor started was otherwise never judged)."""
         def pings(pid: int) -> bool:
             try:
                 return bool(asker.ping())
@@ -139,11 +149,12 @@ class Supervisor:
         urls = {"ingest": self.stack.ingest_url + "/healthz",
                 **{name: url + "/healthz" for name, url in self.stack.replica_urls.items()},
                 "radosgw": self.settings.s3_endpoint + "/"}
-        asks: dict[str, Probe] = {"redis": pings, "worker": functools.partial(self.beats, asker),
+        asks: dict[str, Probe] = {"redis": pings, "worker": functools.partial(self.beats, asker), **self.ceph_asks,
                                   **{name: serves(url) for name, url in urls.items()}}
         if "milvus" in self.stack.servers:
             asks["milvus"] = lambda pid: milvus.healthy(self.stack.home / "milvus")
-        return {name: (self.process(name)[0], ask, name in urls) for name, ask in asks.items()}
+        counts_at_once = {*urls, *self.ceph_asks}
+        return {name: (self.process(name)[0], ask, name in counts_at_once) for name, ask in asks.items()}
 
     def beats(self, asker: redis.Redis, pid: int) -> bool | None:
         """Whether the worker whose main process is ``pid`` beats: its delivery record, and once any of its pool
@@ -167,6 +178,9 @@ class Supervisor:
             return self.stack.milvus_pid(), self.stack.stop_milvus
         if name == "radosgw":
             return self.stack.ceph_pid("client.rgw.a"), self.stack.stop_s3
+        if name in self.ceph_asks:  # (the process watch's start_ceph starts it again)
+            daemon = name.removeprefix("ceph-") + (".a" if name == "ceph-mon" else ".0")
+            return self.stack.ceph_pid(daemon), lambda kill: self.stack.kill_ceph(daemon)
         return self.stack.pid(name), functools.partial(self.stack.stop_service, name)
 
     def kill_hung(self, counters: redis.Redis) -> None:
@@ -241,19 +255,33 @@ class Supervisor:
         self.stack.start_service(name)
 
     def heal(self, age: float) -> None:
-        hung = "ingest" in self.stack.services and not self.stack.answers(self.stack.ingest_url + "/healthz")
-        log.warning("canary undelivered for %.0f s%s: restarting %sradosgw, then reconciling", age,
-                    "; ingest does not answer its health check" if hung else "", "ingest and " if hung else "")
+        """Restart what stalled delivery: the OSD when it does not answer its admin socket or holds an op stuck
+        (restarting radosgw does not help then: its start-up waited on the OSD for good, and it broke the uploads the
+        OSD held: review 24); otherwise radosgw, and ingest first when it does not answer its health check (hung:
+        its pid is there). Then a reconcile heals whatever was missed."""
+        osd = self.stack.hung_osd()
+        hung = osd is None and "ingest" in self.stack.services and not self.stack.answers(
+            self.stack.ingest_url + "/healthz")
+        if osd is not None:
+            log.warning("canary undelivered for %.0f s; the Ceph OSD (pid %s) does not answer its admin socket or "
+                        "holds an op stuck: restarting it, then reconciling", age, osd)
+        else:
+            log.warning("canary undelivered for %.0f s%s: restarting %sradosgw, then reconciling", age,
+                        "; ingest does not answer its health check" if hung else "", "ingest and " if hung else "")
         self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
         self.reconcile_owed = True
         self.stalls += 1
         with self.acting:  # (the process watch starts nothing meanwhile: one radosgw start at a time)
-            if hung:  # alive but not answering (its pid is there): only a restart ends it; radosgw's topic too
-                self.stack.stop_service("ingest", kill=True)
-                self.stack.start_service("ingest")
             try:
-                self.stack.stop_s3()
-                self.stack.start_s3()
+                if osd is not None:
+                    self.stack.kill_ceph("osd.0")
+                    self.stack.start_ceph()
+                else:
+                    if hung:  # alive but not answering: only a restart ends it; radosgw's topic too
+                        self.stack.stop_service("ingest", kill=True)
+                        self.stack.start_service("ingest")
+                    self.stack.stop_s3()
+                    self.stack.start_s3()
             finally:  # a restart that failed is tried again after the grace too, not at each check (every few
                 # seconds, which left radosgw no time to start)
                 self.restarted_radosgw(RESTART_GRACE_S * 2 ** min(self.stalls - 1, 8))  # (past the cap by then)

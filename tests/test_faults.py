@@ -11,6 +11,7 @@ Per-fault counts and recovery times are printed (``-s``) and saved in ``tests/ar
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import http.server
@@ -506,6 +507,53 @@ def test_the_supervisor_restarts_a_dead_ceph_osd(stack: Stack, s3: Any, api: htt
                  what=f"{key} indexed")
     finally:
         restore(stack)
+
+
+def test_the_supervisor_restarts_a_frozen_ceph_osd(stack: Stack, s3: Any, api: httpx.Client,
+                                                   unique_prefix: str) -> None:
+    """A frozen OSD kept its pid: radosgw answered, `status` said S3 was up and every upload waited. The canary's heal
+    restarted radosgw, which broke the uploads the OSD held, and whose start-up then waited on the OSD; and after a
+    thaw, ops on some placement groups stayed "waiting for readable" for good (review 24). The supervisor asks the
+    OSD's admin socket and restarts the OSD, not radosgw; the upload it held completes and is indexed."""
+    osd, radosgw = stack.ceph_pid("osd.0"), stack.ceph_pid("client.rgw.a")
+    assert osd is not None and radosgw is not None
+    key = unique_prefix + "during-the-osd-freeze.jpg"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            os.kill(osd, signal.SIGSTOP)
+            upload = pool.submit(patient_s3(stack).put_object, Bucket=stack.settings.bucket, Key=key,
+                                 Body=next(iter(image_set(key, 1).values())))
+            wait_for(lambda: stack.ceph_pid("osd.0") not in (None, osd) and stack.ceph_up(),
+                     stack.settings.liveness_timeout_s + 120, what="the frozen OSD restarted")
+            upload.result(timeout=120)  # (held by the frozen OSD, not failed)
+            wait_for(lambda: (state := object_state(api, stack.settings.bucket, key)) and state["state"] == "indexed",
+                     240, what=f"{key} indexed")
+            assert stack.ceph_pid("client.rgw.a") == radosgw, "radosgw restarted: the OSD was the one hung"
+            log = (stack.home / "logs" / "supervisor.log").read_text()
+            assert (f"the Ceph OSD (pid {osd}) does not answer its admin socket" in log  # the canary's heal
+                    or f"ceph-osd (pid {osd}) is running but has answered nothing" in log)  # or the liveness kill
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(osd, signal.SIGCONT)
+            restore(stack)
+
+
+def test_starting_the_s3_server_restarts_a_ceph_osd_that_does_not_answer(stack: Stack, s3: Any,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """`bucketlens up` over a frozen or wedged OSD ended in a botocore traceback (an S3 read timeout), and started no
+    supervisor to heal it. Starting the S3 server restarts such an OSD first."""
+    with supervisor_paused(stack):
+        osd = stack.ceph_pid("osd.0")
+        assert osd is not None
+        os.kill(osd, signal.SIGSTOP)
+        try:
+            stack.start_ceph()
+            assert stack.ceph_pid("osd.0") not in (None, osd) and stack.ceph_up()
+            assert f"the Ceph OSD (pid {osd}) does not answer its admin socket" in caplog.text
+            assert s3.list_objects_v2(Bucket=stack.settings.bucket, MaxKeys=1)["KeyCount"] == 1  # (its bucket index)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(osd, signal.SIGCONT)
 
 
 def test_another_server_on_the_s3_port_is_not_taken_for_this_stacks(stack: Stack) -> None:

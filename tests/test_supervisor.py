@@ -3,22 +3,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
+import redis
 
 from bucketlens.settings import Settings
 from infra import liveness as liveness_module
 from infra import supervisor as supervisor_module
-from infra.liveness import Liveness, Watch, serves
+from infra.liveness import Liveness, Watch, ceph_daemon, serves
 from infra.stack import Stack, _live_pid, _pid_record
 from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, STABLE_S, Supervisor
 
@@ -147,6 +152,16 @@ class Servers(Services):
         super().__init__(home)
         self.s3 = True
         self.s3_starts = 0
+        self.osd_kills = 0
+        self.osd_hung: int | None = None
+
+    def hung_osd(self) -> int | None:
+        return self.osd_hung
+
+    def kill_ceph(self, daemon: str) -> None:
+        assert daemon == "osd.0"
+        self.osd_kills += 1
+        self.s3 = False
 
     def redis_pid(self) -> int:
         return 1
@@ -278,6 +293,23 @@ def test_a_heal_restarts_an_ingest_that_does_not_answer_as_well_as_radosgw(tmp_p
     assert restarts == ["stop ingest kill=True", "start ingest"] and stack.s3_starts == 2
 
 
+def test_a_heal_restarts_an_osd_that_holds_an_op_stuck_not_radosgw(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivery stalled behind a frozen or wedged OSD: the heal restarted radosgw, which broke the uploads the OSD
+    held, and whose start-up then waited on the OSD for good (review 24). It restarts the OSD instead."""
+    posts: list[str] = []
+    monkeypatch.setattr(httpx, "post", lambda url, **k: posts.append(url) or httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    stack.stop_s3 = lambda: pytest.fail("radosgw restarted")  # type: ignore[method-assign]
+    stack.osd_hung = 77
+    supervisor.check_delivery()
+    canary.age = supervisor.settings.canary_timeout_s + 1
+    supervisor.check_delivery()
+    supervisor.reconciler.join()  # type: ignore[union-attr]
+    assert stack.osd_kills == 1 and stack.s3_starts == 1 and supervisor.grace == RESTART_GRACE_S
+    assert posts == ["http://127.0.0.1:9/reconcile"]  # what the stall missed
+
+
 def test_a_heal_whose_reconcile_fails_reconciles_at_the_next_check(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     supervisor, stack, canary = supervised(tmp_path)
@@ -399,6 +431,53 @@ def test_an_http_service_is_silent_once_its_port_takes_connections_it_does_not_a
     assert liveness.hung(61.0) == {"api": (7, 60.0)}  # silent from its first question on: no answer needed first
 
 
+@contextlib.contextmanager
+def admin_socket(path: Path, answer: dict[str, object] | None) -> Iterator[None]:
+    """A Ceph admin socket at ``path`` that answers every command with ``answer`` as it is then; None: one that takes
+    connections and answers nothing (its daemon frozen)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(8)
+
+        def serve() -> None:
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:  # closed
+                    return
+                with connection:
+                    request = b""
+                    while not request.endswith(b"\0"):
+                        request += connection.recv(1024)
+                    body = json.dumps(answer).encode()
+                    connection.sendall(struct.pack(">I", len(body)) + body)
+
+        if answer is not None:
+            threading.Thread(target=serve, daemon=True).start()
+        yield
+        server.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_ceph_daemon_is_silent_when_its_admin_socket_is_or_an_osd_holds_an_op_stuck(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A frozen OSD answered nothing and was never restarted; after a 90 s freeze one answered, while ops on some of
+    its placement groups stayed "waiting for readable" for good (review 24). Both are silence."""
+    monkeypatch.setattr(liveness_module, "PROBE_TIMEOUT_S", 0.5)
+    ask = ceph_daemon(tmp_path, "osd.0", osd=True)
+    assert ask(7) is None  # no socket yet: starting
+    op = {"age": 3.0, "description": "osd_op(client.4175.0:9 3.2 notify.0 [create])",
+          "type_data": {"flag_point": "waiting for readable"}}
+    with admin_socket(tmp_path / "osd.0.7.asok", {"ops": [op], "num_ops": 1}):
+        assert ask(7) is True  # an op in flight, not for long
+        op["age"] = 31.0
+        assert ask(7) is False and ask(7) is False
+    assert caplog.text.count("holds 1 ops in flight") == 1 and "notify.0 [create]" in caplog.text  # logged once
+    with admin_socket(tmp_path / "osd.0.8.asok", None):
+        assert ask(8) is False  # frozen: takes the connection, answers nothing
+    with admin_socket(tmp_path / "mon.a.9.asok", {"version": "16.2.15"}):
+        assert ceph_daemon(tmp_path, "mon.a")(9) is True
+
+
 def test_the_supervisor_kills_a_hung_service_and_the_process_watch_starts_it(stack: Services) -> None:
     supervisor = Supervisor(stack)  # type: ignore[arg-type]
     counters = Counted()
@@ -446,3 +525,24 @@ def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services
     assert supervisor.beats(asker, 100) is False  # both silent
     records.clear()
     assert supervisor.beats(asker, 100) is False  # the main process silent
+
+
+def test_a_step_failing_on_a_server_away_is_one_line_and_anything_else_its_traceback(
+        stack: Services, caplog: pytest.LogCaptureFixture) -> None:
+    """Each kill of a frozen Redis was followed by a 60-line traceback of the supervisor's own delivery check
+    (review 24): a server away is said in one line, once; a bug keeps its traceback."""
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+
+    def away() -> None:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    def bug() -> None:
+        raise KeyError("oops")
+
+    supervisor.attempt("delivery check", away)
+    supervisor.attempt("delivery check", away)
+    supervisor.attempt("process watch", bug)
+    [first, second] = caplog.records
+    assert first.getMessage() == ("supervisor delivery check failed (ConnectionError: Connection reset by peer); "
+                                  "retrying") and not first.exc_info
+    assert second.exc_info is not None and second.exc_info[0] is KeyError
