@@ -56,7 +56,7 @@ start_rgw() {  # radosgw's HTTP server on $PORT. tcp_nodelay: without it each GE
 }
 start_daemons() {  # starts only what is not running (radosgw alone may be down, e.g. during a watchdog restart)
   [ -n "$(pid_of mon.a)" ] || ceph-mon -c $CONF -i a
-  [ -n "$(pid_of osd.0)" ] || ceph-osd -c $CONF -i 0 2>/dev/null   # returns after the store is mounted (~3 s)
+  [ -n "$(pid_of osd.0)" ] || ceph-osd -c $CONF -i 0   # returns after the store is mounted (~3 s)
   wait_osd_active   # after a SIGKILL the osdmap still has the old osd address: rgw started earlier stalls ~10 s
   [ -n "$(pid_of client.rgw.a)" ] && return 0
   [ "${NOTIF_LOCK_BREAK:-1}" = 1 ] && break_notif_locks

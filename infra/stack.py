@@ -362,7 +362,7 @@ class Stack:
             **({"milvus_uri": s.milvus_uri} if "milvus" in self.servers else {}),
             "processes": {
                 "redis": self.redis_pid() is not None,
-                "s3": self.ceph_up(),
+                "s3": self.ceph_up() and self.hung_osd() is None,  # (a frozen OSD said up: review 24)
                 **({"milvus": self.milvus_pid() is not None} if "milvus" in self.servers else {}),
                 **{name: self.pid(name) is not None for name in self.services},
             },
@@ -689,7 +689,10 @@ def _terminate(pid: int, sig: int, timeout_s: float, group: bool = False) -> Non
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
-            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1].startswith("Z"):
+            # A zombie is gone once its other threads are: the group's leader shows Z while they still exit holding
+            # its files (a Ceph OSD started again at once failed on the old one's lock on its pid file)
+            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1].startswith("Z") and len(
+                    os.listdir(f"/proc/{pid}/task")) <= 1:
                 os.waitpid(pid, os.WNOHANG)
         except (ProcessLookupError, ChildProcessError, FileNotFoundError):
             return

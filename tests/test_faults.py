@@ -541,12 +541,14 @@ def test_the_supervisor_restarts_a_frozen_ceph_osd(stack: Stack, s3: Any, api: h
 def test_starting_the_s3_server_restarts_a_ceph_osd_that_does_not_answer(stack: Stack, s3: Any,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """`bucketlens up` over a frozen or wedged OSD ended in a botocore traceback (an S3 read timeout), and started no
-    supervisor to heal it. Starting the S3 server restarts such an OSD first."""
+    supervisor to heal it, while `status` said S3 was up. Now `status` says it is not, and starting the S3 server
+    restarts such an OSD first."""
     with supervisor_paused(stack):
         osd = stack.ceph_pid("osd.0")
         assert osd is not None
         os.kill(osd, signal.SIGSTOP)
         try:
+            assert not stack.status()["processes"]["s3"]  # (`bucketlens status` said "s3 up")
             stack.start_ceph()
             assert stack.ceph_pid("osd.0") not in (None, osd) and stack.ceph_up()
             assert f"the Ceph OSD (pid {osd}) does not answer its admin socket" in caplog.text
