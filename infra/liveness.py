@@ -142,6 +142,12 @@ class Liveness:
             return {name: (watch.pid, now - watch.silent_since) for name, watch in self.watches.items()
                     if watch.started and watch.silent_since is not None and now - watch.silent_since >= self.timeout_s}
 
+    def forget_all(self) -> None:
+        """Every process is judged afresh (the supervisor could not ask for a while: a silence it saw before that
+        says nothing of now)."""
+        with self.lock:
+            self.watches.clear()
+
     def forget(self, name: str) -> None:
         """``name`` was killed: its next process is watched afresh."""
         with self.lock:

@@ -131,7 +131,15 @@ class Supervisor:
     def ask_forever(self, stop: threading.Event) -> None:
         """The liveness questions, and the kills of what they found hung, every ``PROBE_EVERY_S`` until ``stop``."""
         asker = probe(self.settings.redis_url)  # one try of 2 s: a frozen Redis must not hold the worker's question
-        while not stop.wait(PROBE_EVERY_S):
+        while True:
+            waited = time.monotonic()
+            if stop.wait(PROBE_EVERY_S):
+                return
+            if (late := time.monotonic() - waited - PROBE_EVERY_S) >= self.settings.liveness_timeout_s:
+                # (frozen itself, or starved of CPU: nothing said so, and its counts went on meanwhile: review 24)
+                log.warning("the supervisor itself stood still for %.0f s (frozen, or the machine overloaded); every "
+                            "process's silence is counted afresh", late)
+                self.liveness.forget_all()
             self.attempt("liveness check", lambda: self.liveness.probe(self.probes(asker), time.monotonic))
             with self.acting:
                 self.attempt("hung process kill", lambda: self.kill_hung(asker))

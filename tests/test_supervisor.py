@@ -546,3 +546,19 @@ def test_a_step_failing_on_a_server_away_is_one_line_and_anything_else_its_trace
     assert first.getMessage() == ("supervisor delivery check failed (ConnectionError: Connection reset by peer); "
                                   "retrying") and not first.exc_info
     assert second.exc_info is not None and second.exc_info[0] is KeyError
+
+
+def test_a_supervisor_that_stood_still_says_so_and_counts_every_silence_afresh(
+        stack: Services, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Frozen for 91 s, the supervisor logged nothing of it, and judged the processes on silences it had not seen
+    (review 24)."""
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+    supervisor.liveness.watches["worker"] = Watch(pid=1234, started=True, silent_since=0.0)
+    clock = iter([0.0, 5.0 + 61.0, 66.0])  # before the first wait; after it, 61 s late; before the second
+    monkeypatch.setattr(supervisor_module, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    waits = iter([False, True])
+    steps: list[str] = []
+    supervisor.attempt = lambda what, step: steps.append(what)  # type: ignore[method-assign]
+    supervisor.ask_forever(SimpleNamespace(wait=lambda s: next(waits)))  # type: ignore[arg-type]
+    assert "the supervisor itself stood still for 61 s" in caplog.text
+    assert supervisor.liveness.watches == {} and steps == ["liveness check", "hung process kill"]
