@@ -11,8 +11,12 @@ set -euo pipefail
 CMD=${1:?cmd}; C=${2:?absolute state dir}; PORT=${3:-7480}; MON_PORT=${4:-3300}
 CONF=$C/ceph.conf
 
-wait_s3() {  # wait until rgw answers HTTP on $PORT
-  for i in $(seq 1 600); do curl -s -o /dev/null http://127.0.0.1:$PORT/ && return 0; sleep 0.2; done
+wait_s3() {  # wait until rgw answers HTTP on $PORT, for 2 minutes at most (each try 2 s at most: a frozen radosgw
+  # held a try without a limit, and the supervisor with it: review 25)
+  local deadline=$((SECONDS + 120))
+  while [ $SECONDS -lt $deadline ]; do
+    curl -s -o /dev/null -m 2 http://127.0.0.1:$PORT/ && return 0; sleep 0.2
+  done
   echo "rgw did not come up" >&2; return 1
 }
 pid_of() {  # pid from pid file, only if that process is really the expected daemon, and alive: a SIGKILLed one
@@ -24,9 +28,10 @@ pid_of() {  # pid from pid file, only if that process is really the expected dae
   grep -q '^State:[[:space:]]*Z' /proc/$p/status 2>/dev/null || echo $p
 }
 wait_osd_active() {  # OSD admin socket reports state=active (booted into the current osdmap)
-  local p; p=$(pid_of osd.0)
-  for i in $(seq 1 300); do
-    ceph --admin-daemon $C/run/osd.0.$p.asok status 2>/dev/null | grep -q '"state": "active"' && return 0; sleep 0.2
+  local p deadline=$((SECONDS + 120)); p=$(pid_of osd.0)
+  while [ $SECONDS -lt $deadline ]; do
+    timeout 5 ceph --admin-daemon $C/run/osd.0.$p.asok status 2>/dev/null | grep -q '"state": "active"' && return 0
+    sleep 0.2
   done; echo "osd not active" >&2; return 1
 }
 break_notif_locks() {  # drop the previous radosgw's ownership locks on persistent-topic queues
@@ -52,17 +57,25 @@ start_rgw() {  # radosgw's HTTP server on $PORT. tcp_nodelay: without it each GE
   if radosgw --version 2>/dev/null | grep -q '^ceph version 16\.'; then
     frontend="civetweb port=127.0.0.1:$PORT tcp_nodelay=1"; quiet=(--debug-civetweb 0/0)  # (no access log line)
   fi
-  radosgw -c $CONF -n client.rgw.a --rgw-frontends "$frontend" "${quiet[@]}"
+  radosgw -c $CONF -n client.rgw.a --rgw-frontends "$frontend" "${quiet[@]}" 9>&-
+}
+drop_dead_sockets() {  # the admin sockets of daemons that were killed (each is named by its pid)
+  local s p; for s in $C/run/*.asok; do p=${s%.asok}; p=${p##*.}; [ -e "$s" ] && [ ! -e /proc/$p ] && rm -f "$s"; done; true
 }
 start_daemons() {  # starts only what is not running (radosgw alone may be down, e.g. during a watchdog restart)
-  [ -n "$(pid_of mon.a)" ] || ceph-mon -c $CONF -i a
-  [ -n "$(pid_of osd.0)" ] || ceph-osd -c $CONF -i 0   # returns after the store is mounted (~3 s)
+  drop_dead_sockets
+  [ -n "$(pid_of mon.a)" ] || ceph-mon -c $CONF -i a 9>&-   # (9: the lock below, not for the daemons to hold)
+  [ -n "$(pid_of osd.0)" ] || ceph-osd -c $CONF -i 0 9>&-   # returns after the store is mounted (~3 s)
   wait_osd_active   # after a SIGKILL the osdmap still has the old osd address: rgw started earlier stalls ~10 s
   [ -n "$(pid_of client.rgw.a)" ] && return 0
   [ "${NOTIF_LOCK_BREAK:-1}" = 1 ] && break_notif_locks
   start_rgw
 }
 
+case $CMD in start|stop|stop-rgw|start-rgw)  # one at a time per cluster: `up` and the supervisor both started an OSD
+  # that had died at once, and the second failed on the first's lock on its pid file
+  exec 9>"$C/run/ceph.sh.lock"; flock -w 600 9 || { echo "another ceph.sh held $C/run/ceph.sh.lock for 600 s" >&2; exit 1; }
+esac
 case $CMD in
 init)
   [ -e $C/ceph.conf ] && { echo "$C exists" >&2; exit 1; }

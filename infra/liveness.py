@@ -86,15 +86,16 @@ def ceph_daemon(run: Path, name: str, osd: bool = False) -> Probe:
     """A Ceph daemon's question: its admin socket (``run``/``name``.``pid``.asok) answers, and for an ``osd`` no op
     has been in flight for ``STUCK_OP_S`` or more. After a 90 s freeze an OSD answered, while ops on some of its
     placement groups stayed "waiting for readable" for good; a radosgw started after that never came up (review 24).
-    The first question to find an op stuck logs it. None while it has no socket (starting, or exiting)."""
+    The first question to find an op stuck logs it. None while it has no socket, or answers something else than
+    JSON (for ~5 s of its start an OSD's socket answers that ``dump_ops_in_flight`` is "not defined": review 25)."""
     stuck_in: set[int] = set()  # the pids whose stuck ops were logged
 
     def ask(pid: int) -> bool | None:
         try:
             answer = admin_socket(run / f"{name}.{pid}.asok", "dump_ops_in_flight" if osd else "version")
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError, ValueError):
             return None
-        except (OSError, ValueError, struct.error):  # (a timeout is an OSError)
+        except (OSError, struct.error):  # (a timeout is an OSError)
             return False
         stuck = [op for op in answer.get("ops", []) if osd and op.get("age", 0) >= STUCK_OP_S]
         if stuck and pid not in stuck_in:

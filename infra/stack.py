@@ -446,7 +446,7 @@ class Stack:
         if (osd := self.hung_osd()) is not None:  # (after a freeze, `up` ended in S3 timeouts: review 24)
             log.warning("the Ceph OSD (pid %d) does not answer its admin socket or holds an op stuck; restarting it",
                         osd)
-            self.kill_ceph("osd.0")
+            self.kill_ceph("osd.0", osd)
         if self.ceph_up():
             return
         ceph = self.home / "ceph"
@@ -506,9 +506,10 @@ class Stack:
         return pid if pid is not None and ceph_daemon(self.home / "ceph" / "run", "osd.0", osd=True)(pid) is False \
             else None
 
-    def kill_ceph(self, daemon: str) -> None:
-        """SIGKILL this stack's Ceph ``daemon`` (hung); ``start_ceph`` starts it again."""
-        if (pid := self.ceph_pid(daemon)) is not None:
+    def kill_ceph(self, daemon: str, pid: int | None) -> None:
+        """SIGKILL this stack's Ceph ``daemon`` if it is still process ``pid`` (judged hung: not the one a start put
+        in its place meanwhile); ``start_ceph`` starts it again."""
+        if pid is not None and self.ceph_pid(daemon) == pid:
             _terminate(pid, signal.SIGKILL, 30)
 
     def stop_s3(self, kill: bool = False) -> None:
@@ -533,7 +534,12 @@ class Stack:
         """Whether this stack's S3 server works: radosgw holds its port, and the monitor and the OSD behind it run
         (with either dead, radosgw held its port and every request hung, and nothing restarted them: an
         independent review)."""
-        return self.s3_up() and all(self.ceph_pid(daemon) is not None for daemon in ("mon.a", "osd.0"))
+        return not self.ceph_missing()
+
+    def ceph_missing(self) -> list[str]:
+        """What of this stack's S3 server is not running (``ceph_up``), for a log line that says which."""
+        missing = [f"ceph-{daemon[:3]}" for daemon in ("mon.a", "osd.0") if self.ceph_pid(daemon) is None]
+        return missing if self.s3_up() else [*missing, f"radosgw on port {self.config.s3_port}"]
 
     def _check_s3(self) -> None:
         """Raise unless this stack's radosgw holds its port within a few seconds of its start."""

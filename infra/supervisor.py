@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class Supervisor:
         self.redis_restarted: float | None = None  # monotonic time this supervisor last started Redis
         self.liveness = Liveness(self.settings.liveness_timeout_s)
         self.beaten: set[int] = set()  # worker pool processes seen beating
+        self.kills: dict[str, tuple[float, int]] = {}  # per process: when it was last killed as hung, kills in a row
         run = stack.home / "ceph" / "run"
         self.ceph_asks = {"ceph-mon": ceph_daemon(run, "mon.a"), "ceph-osd": ceph_daemon(run, "osd.0", osd=True)}
         self.acting = threading.Lock()  # the process watch's starts and the liveness thread's kills, one at a time
@@ -120,7 +122,8 @@ class Supervisor:
         outage = self.outages.setdefault(what, Outage(log, f"supervisor {what} works again"))
         try:
             step()
-        except (redis.RedisError, BotoCoreError, ClientError, httpx.HTTPError, OSError, StackError) as exc:
+        except (redis.RedisError, BotoCoreError, ClientError, httpx.HTTPError, OSError, StackError,
+                subprocess.SubprocessError) as exc:
             outage.failed("supervisor %s failed (%s: %s); retrying", what, type(exc).__name__, exc, exc_info=False)
             return
         except Exception:
@@ -188,18 +191,26 @@ class Supervisor:
             return self.stack.ceph_pid("client.rgw.a"), self.stack.stop_s3
         if name in self.ceph_asks:  # (the process watch's start_ceph starts it again)
             daemon = name.removeprefix("ceph-") + (".a" if name == "ceph-mon" else ".0")
-            return self.stack.ceph_pid(daemon), lambda kill: self.stack.kill_ceph(daemon)
+            pid = self.stack.ceph_pid(daemon)
+            return pid, lambda kill: self.stack.kill_ceph(daemon, pid)
         return self.stack.pid(name), functools.partial(self.stack.stop_service, name)
 
     def kill_hung(self, counters: redis.Redis) -> None:
-        """Kill what the liveness questions found hung; the process watch starts it again."""
-        for name, (pid, silent) in self.liveness.hung(time.monotonic()).items():
+        """Kill what the liveness questions found hung, once it has left one more question unanswered (the count
+        went on while this waited for a start to end: a radosgw that answered again after a 90 s wait for a start
+        was killed for the silence before: review 25); the process watch starts it again."""
+        now = time.monotonic()
+        for name, (pid, silent) in self.liveness.hung(now).items():
             self.liveness.forget(name)
             running, stop = self.process(name)
-            if running != pid:  # (it died or was restarted meanwhile)
+            if running != pid or self.probes(counters)[name][1](pid):  # (restarted meanwhile; answers now)
                 continue
+            last, in_a_row = self.kills.get(name, (None, 0))
+            in_a_row = in_a_row + 1 if last is not None and now - last <= STABLE_S + self.liveness.timeout_s else 1
+            self.kills[name] = (now, in_a_row)
             log.warning("%s (pid %d) is running but has answered nothing for %.0f s (frozen or hung); killing it to "
-                        "start it again", name, pid, silent)
+                        "start it again%s", name, pid, silent, "" if in_a_row == 1 else
+                        f" ({in_a_row} kills in a row: starting it again has not helped; its log may say why)")
             stop(kill=True)
             if name != "redis":  # (GET /queues shows it among the counters; a frozen Redis would hold this call)
                 with contextlib.suppress(redis.RedisError):
@@ -210,9 +221,9 @@ class Supervisor:
             log.warning("redis is not running; restarting it (its append-only file brings back what it held)")
             self.stack.start_redis()
             self.redis_restarted = time.monotonic()
-        if not self.stack.ceph_up():  # radosgw, its OSD or monitor died (the canary would find it only after
-            # canary_timeout_s, and heal only radosgw)
-            log.warning("the S3 server does not answer; starting whatever of it is not running")
+        if missing := self.stack.ceph_missing():  # radosgw, its OSD or monitor died (the canary would find it only
+            # after canary_timeout_s, and heal only radosgw)
+            log.warning("the S3 server does not answer (%s not running); starting it again", ", ".join(missing))
             self.stack.start_ceph()
             self.restarted_radosgw()
         if "milvus" in self.stack.servers and self.stack.milvus_pid() is None:
@@ -267,22 +278,23 @@ class Supervisor:
         (restarting radosgw does not help then: its start-up waited on the OSD for good, and it broke the uploads the
         OSD held: review 24); otherwise radosgw, and ingest first when it does not answer its health check (hung:
         its pid is there). Then a reconcile heals whatever was missed."""
-        osd = self.stack.hung_osd()
-        hung = osd is None and "ingest" in self.stack.services and not self.stack.answers(
-            self.stack.ingest_url + "/healthz")
-        if osd is not None:
-            log.warning("canary undelivered for %.0f s; the Ceph OSD (pid %s) does not answer its admin socket or "
-                        "holds an op stuck: restarting it, then reconciling", age, osd)
-        else:
-            log.warning("canary undelivered for %.0f s%s: restarting %sradosgw, then reconciling", age,
-                        "; ingest does not answer its health check" if hung else "", "ingest and " if hung else "")
         self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
         self.reconcile_owed = True
         self.stalls += 1
-        with self.acting:  # (the process watch starts nothing meanwhile: one radosgw start at a time)
+        with self.acting:  # (the process watch starts nothing meanwhile: one start at a time. What to restart is
+            # judged within: an OSD it started meanwhile was killed for an answer of the one before: review 25)
+            osd = self.stack.hung_osd()
+            hung = osd is None and "ingest" in self.stack.services and not self.stack.answers(
+                self.stack.ingest_url + "/healthz")
+            if osd is not None:
+                log.warning("canary undelivered for %.0f s; the Ceph OSD (pid %s) does not answer its admin socket or "
+                            "holds an op stuck: restarting it, then reconciling", age, osd)
+            else:
+                log.warning("canary undelivered for %.0f s%s: restarting %sradosgw, then reconciling", age,
+                            "; ingest does not answer its health check" if hung else "", "ingest and " if hung else "")
             try:
                 if osd is not None:
-                    self.stack.kill_ceph("osd.0")
+                    self.stack.kill_ceph("osd.0", osd)
                     self.stack.start_ceph()
                 else:
                     if hung:  # alive but not answering: only a restart ends it; radosgw's topic too

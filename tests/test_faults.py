@@ -558,6 +558,22 @@ def test_starting_the_s3_server_restarts_a_ceph_osd_that_does_not_answer(stack: 
                 os.kill(osd, signal.SIGCONT)
 
 
+def test_two_starts_of_the_s3_server_at_once_start_one_osd(stack: Stack, s3: Any) -> None:
+    """`bucketlens up` while the supervisor restarts a dead OSD: both started one, and the second failed on the
+    first's lock on its pid file (`ceph.sh start failed`). The script takes its turn."""
+    with supervisor_paused(stack):
+        osd = stack.ceph_pid("osd.0")
+        assert osd is not None
+        stack.kill_ceph("osd.0", osd)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for start in [pool.submit(stack.start_ceph) for _ in range(2)]:
+                start.result(timeout=300)
+        assert stack.ceph_pid("osd.0") not in (None, osd) and stack.ceph_up()
+        assert [path.name for path in (stack.home / "ceph" / "run").glob("osd.0.*.asok")] == [
+            f"osd.0.{stack.ceph_pid('osd.0')}.asok"]  # (the killed one's socket is gone)
+        assert s3.list_objects_v2(Bucket=stack.settings.bucket, MaxKeys=1)["KeyCount"] == 1
+
+
 def test_another_server_on_the_s3_port_is_not_taken_for_this_stacks(stack: Stack) -> None:
     """Another stack's S3 server took this stack's port while its radosgw started (an independent check, two stacks
     made together): `up` succeeded against it, made the bucket and notifications there, and the index drifted from

@@ -158,16 +158,16 @@ class Servers(Services):
     def hung_osd(self) -> int | None:
         return self.osd_hung
 
-    def kill_ceph(self, daemon: str) -> None:
-        assert daemon == "osd.0"
+    def kill_ceph(self, daemon: str, pid: int) -> None:
+        assert (daemon, pid) == ("osd.0", self.osd_hung)
         self.osd_kills += 1
         self.s3 = False
 
     def redis_pid(self) -> int:
         return 1
 
-    def ceph_up(self) -> bool:
-        return self.s3
+    def ceph_missing(self) -> list[str]:
+        return [] if self.s3 else ["radosgw on port 9"]
 
     def start_ceph(self) -> None:
         self.s3, self.s3_starts = True, self.s3_starts + 1
@@ -432,9 +432,9 @@ def test_an_http_service_is_silent_once_its_port_takes_connections_it_does_not_a
 
 
 @contextlib.contextmanager
-def admin_socket(path: Path, answer: dict[str, object] | None) -> Iterator[None]:
-    """A Ceph admin socket at ``path`` that answers every command with ``answer`` as it is then; None: one that takes
-    connections and answers nothing (its daemon frozen)."""
+def admin_socket(path: Path, answer: dict[str, object] | bytes | None) -> Iterator[None]:
+    """A Ceph admin socket at ``path`` that answers every command with ``answer`` as it is then (bytes: as they are);
+    None: one that takes connections and answers nothing (its daemon frozen)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(str(path))
         server.listen(8)
@@ -449,7 +449,7 @@ def admin_socket(path: Path, answer: dict[str, object] | None) -> Iterator[None]
                     request = b""
                     while not request.endswith(b"\0"):
                         request += connection.recv(1024)
-                    body = json.dumps(answer).encode()
+                    body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
                     connection.sendall(struct.pack(">I", len(body)) + body)
 
         if answer is not None:
@@ -474,14 +474,19 @@ def test_a_ceph_daemon_is_silent_when_its_admin_socket_is_or_an_osd_holds_an_op_
     assert caplog.text.count("holds 1 ops in flight") == 1 and "notify.0 [create]" in caplog.text  # logged once
     with admin_socket(tmp_path / "osd.0.8.asok", None):
         assert ask(8) is False  # frozen: takes the connection, answers nothing
+    with admin_socket(tmp_path / "osd.0.10.asok", b"command not defined"):
+        assert ask(10) is None  # starting: for ~5 s its socket knows no dump_ops_in_flight yet (review 25)
     with admin_socket(tmp_path / "mon.a.9.asok", {"version": "16.2.15"}):
         assert ceph_daemon(tmp_path, "mon.a")(9) is True
 
 
-def test_the_supervisor_kills_a_hung_service_and_the_process_watch_starts_it(stack: Services) -> None:
+def test_the_supervisor_kills_a_hung_service_and_the_process_watch_starts_it(
+        stack: Services, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     supervisor = Supervisor(stack)  # type: ignore[arg-type]
     counters = Counted()
     stops: list[tuple[str, bool]] = []
+    answers = {1234: False}
+    monkeypatch.setattr(supervisor, "probes", lambda asker: {"worker": (1234, lambda pid: answers[pid], False)})
 
     def stop_service(name: str, kill: bool = False) -> None:
         stops.append((name, kill))
@@ -491,11 +496,19 @@ def test_the_supervisor_kills_a_hung_service_and_the_process_watch_starts_it(sta
     supervisor.liveness.watches["worker"] = Watch(pid=4321, started=True, silent_since=0.0)  # another process
     supervisor.kill_hung(counters)  # type: ignore[arg-type]
     assert stops == [] and supervisor.liveness.watches == {}  # the hung one is gone already: nothing killed
+    answers[1234] = True  # silent for 61 s, and answers the last question (asked while a start held the kill)
     supervisor.liveness.watches["worker"] = Watch(pid=1234, started=True, silent_since=time.monotonic() - 61)
     supervisor.kill_hung(counters)  # type: ignore[arg-type]
-    assert stops == [("worker", True)] and counters.counts == {"hung_restarts": 1}
-    supervisor.keep_up("worker", time.monotonic())
-    assert stack.starts == 1 and stack.up
+    assert stops == [] and supervisor.liveness.watches == {}  # counted afresh
+    answers[1234] = False
+    for kill in (1, 2):
+        supervisor.liveness.watches["worker"] = Watch(pid=1234, started=True, silent_since=time.monotonic() - 61)
+        supervisor.kill_hung(counters)  # type: ignore[arg-type]
+        assert stops == [("worker", True)] * kill and counters.counts == {"hung_restarts": kill}
+        supervisor.keep_up("worker", time.monotonic())
+        assert stack.starts == kill and stack.up
+    assert caplog.text.count("kills in a row") == 1
+    assert "(2 kills in a row: starting it again has not helped" in caplog.text
 
 
 class Counted:
