@@ -203,8 +203,8 @@ class Supervisor:
         for name, (pid, silent) in self.liveness.hung(now).items():
             self.liveness.forget(name)
             running, stop = self.process(name)
-            if running != pid or self.probes(counters)[name][1](pid):  # (restarted meanwhile; answers now)
-                continue
+            if running != pid or self.probes(counters)[name][1](pid) is not False:  # (restarted meanwhile; answers
+                continue  # now, or cannot be asked now: counted afresh, as the questions do)
             last, in_a_row = self.kills.get(name, (None, 0))
             in_a_row = in_a_row + 1 if last is not None and now - last <= STABLE_S + self.liveness.timeout_s else 1
             self.kills[name] = (now, in_a_row)
