@@ -514,8 +514,11 @@ def test_the_supervisor_kills_a_hung_service_and_the_process_watch_starts_it(
 class Counted:
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        self.away = False  # Redis does not answer
 
     def hincrby(self, key: str, name: str, by: int) -> None:
+        if self.away:
+            raise redis.ConnectionError("Connection refused")
         self.counts[name] = self.counts.get(name, 0) + by
 
 
@@ -575,3 +578,18 @@ def test_a_supervisor_that_stood_still_says_so_and_counts_every_silence_afresh(
     supervisor.ask_forever(SimpleNamespace(wait=lambda s: next(waits)))  # type: ignore[arg-type]
     assert "the supervisor itself stood still for 61 s" in caplog.text
     assert supervisor.liveness.watches == {} and steps == ["liveness check", "hung process kill"]
+
+
+def test_a_redis_kill_is_counted_once_redis_answers_again(stack: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis's own kills were left out of ``hung_restarts`` (the count goes to the Redis just killed: review 24)."""
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+    monkeypatch.setattr(supervisor, "probes", lambda asker: {"redis": (1, lambda pid: False, False)})
+    monkeypatch.setattr(supervisor, "process", lambda name: (1, lambda kill: None))
+    counters = Counted()
+    counters.away = True
+    supervisor.liveness.watches["redis"] = Watch(pid=1, started=True, silent_since=time.monotonic() - 61)
+    supervisor.kill_hung(counters)  # type: ignore[arg-type]
+    assert counters.counts == {} and supervisor.uncounted == 1
+    counters.away = False  # started again from its file
+    supervisor.kill_hung(counters)  # type: ignore[arg-type]
+    assert counters.counts == {"hung_restarts": 1} and supervisor.uncounted == 0
