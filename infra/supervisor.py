@@ -57,6 +57,7 @@ RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; 
 STABLE_S = 120.0  # a restarted service that ran this long is well again
 MAX_BACKOFF_S = 600.0
 CHECK_TIMEOUT_S = 5.0  # the supervisor's own Redis and S3 calls
+CEPH_DAEMONS = {"ceph-mon": "mon.a", "ceph-osd": "osd.0"}  # watched name: Ceph's name
 
 
 @dataclasses.dataclass
@@ -91,7 +92,8 @@ class Supervisor:
         self.kills: dict[str, tuple[float, int]] = {}  # per process: when it was last killed as hung, kills in a row
         self.uncounted = 0  # hung processes killed (or restarted by a heal) not yet counted in Redis
         run = stack.home / "ceph" / "run"
-        self.ceph_asks = {"ceph-mon": ceph_daemon(run, "mon.a"), "ceph-osd": ceph_daemon(run, "osd.0", osd=True)}
+        self.ceph_asks = {name: ceph_daemon(run, daemon, osd=name == "ceph-osd")
+                          for name, daemon in CEPH_DAEMONS.items()}
         self.acting = threading.Lock()  # the process watch's starts and the liveness thread's kills, one at a time
 
     @property
@@ -190,8 +192,7 @@ class Supervisor:
             return self.stack.milvus_pid(), self.stack.stop_milvus
         if name == "radosgw":
             return self.stack.ceph_pid("client.rgw.a"), self.stack.stop_s3
-        if name in self.ceph_asks:  # (the process watch's start_ceph starts it again)
-            daemon = name.removeprefix("ceph-") + (".a" if name == "ceph-mon" else ".0")
+        if (daemon := CEPH_DAEMONS.get(name)) is not None:  # (the process watch's start_ceph starts it again)
             pid = self.stack.ceph_pid(daemon)
             return pid, lambda kill: self.stack.kill_ceph(daemon, pid)
         return self.stack.pid(name), functools.partial(self.stack.stop_service, name)
