@@ -28,6 +28,7 @@ from bucketlens.http import (
     HTTPError,
     JSONResponse,
     allowed_hosts,
+    json_object,
     only,
     read_limited,
     unavailable_response,
@@ -373,13 +374,7 @@ def _params(request: Request, accepted: tuple[str, ...], taker: str) -> Mapping[
 
 async def _json_object(request: Request, accepted: tuple[str, ...], taker: str) -> dict[str, Any]:
     """The JSON object body (empty: ``{}``), or 400: not JSON, not an object, or a field of no meaning to ``taker``."""
-    body = await read_limited(request, 64 * 1024)
-    try:
-        payload = json.loads(body) if body.strip() else {}
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply to parse
-        raise HTTPError(400, "bad_json", f"body is not JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise HTTPError(400, "bad_json", "body must be a JSON object")
+    payload = json_object(await read_limited(request, 64 * 1024))
     only(payload, accepted, "field", taker)
     return payload
 

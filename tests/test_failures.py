@@ -81,6 +81,9 @@ def test_bad_objects_are_listed_retried_and_cleared(stack: Stack, s3: Any, api: 
         assert typo.status_code == 400 and typo.json()["error"]["code"] == "unknown_field", typo.text
         assert "'reasn'" in typo.json()["error"]["message"]
         assert api.request(method, path, params={"reasn": "empty"}, headers=admin).status_code == 400
+        twice = api.request(method, path, content=b'{"bucket": "%s", "bucket": "other"}' % bucket.encode(),
+                            headers={**admin, "content-type": "application/json"})  # (was read last-wins)
+        assert twice.status_code == 400 and "'bucket' given twice" in twice.json()["error"]["message"], twice.text
     assert api.get("/failures", params={"reasn": "empty"}).status_code == 400
     assert len(records(api, stack, [empty, text])) == 2
 

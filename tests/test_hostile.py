@@ -408,6 +408,8 @@ def search_cases(dim: int, max_upload: int) -> list[tuple[str, dict[str, Any], i
         ("prefix as a query parameter and a form field", {"files": {"image": ("x.jpg", b"abc", "image/jpeg")},
                                                           "data": {"prefix": "a/"}, "params": {"prefix": "b/"}},
          400, "bad_parameter"),
+        ("k twice in the body", {"content": b'{"vector": [' + nums + b'1], "k": 5, "k": 6}', "headers": JSON}, 400,
+         "bad_json"),  # the last was taken
         ("key and text", {"json": {"key": "a.jpg", "text": "cat"}}, 400, "ambiguous_query"),
         ("an image and a key", {"files": {"image": ("x.jpg", b"abc", "image/jpeg")}, "data": {"key": "a.jpg"}}, 400,
          "ambiguous_query"),
@@ -631,6 +633,20 @@ def test_unknown_fields_are_named_with_the_accepted_ones(parser: TestClient) -> 
     assert (status, code) == (400, "missing_image") and "'imag', of no meaning here" in message, message
     token = parser.post("/search", json={"text": "cat"}, params={"token": "t"})  # the read token's parameter
     assert token.status_code == 200, token.text
+
+
+def test_a_member_named_twice_in_a_json_body_is_400(parser: TestClient) -> None:
+    """It was read last-wins, where an option given twice as query parameters or form fields is 400 (review 23)."""
+    vector = b'"vector": [' + b"1," * (DIM - 1) + b"1]"
+    for body, named in ((b'{%s, "k": 5, "k": 6}' % vector, "'k'"), (b'{%s, "k": 5, "k": 5}' % vector, "'k'"),
+                        (b'{"text": "cat", "pr\\u0065fix": "a/", "prefix": "b/"}', "'prefix'"),
+                        (b'{"key": "a.jpg", "key": "b.jpg", "bucket": "x", "bucket": "y"}', "'bucket', 'key'")):
+        status, code, message = error(parser.post("/search", content=body, headers=JSON))
+        assert (status, code) == (400, "bad_json") and message.startswith(f"{named} given twice"), message
+    # A name written again inside a string value is no member given twice (it is parsed again to be sure).
+    fine = parser.post("/search", content=b'{"text": "cat", "prefix": "a\\"prefix"}',
+                       headers={"content-type": "application/json"})
+    assert fine.status_code == 200 and fine.json()["filter"]["prefix"] == 'a"prefix', fine.text
 
 
 def test_dates_past_the_calendar_and_lone_surrogates_are_400(parser: TestClient) -> None:
