@@ -62,7 +62,7 @@ from .reconcile import reconcile
 from .service import Service
 from .text import SUGGESTIONS, suggest
 from .text import search as text_search
-from .verify import CANDIDATES, Hit, content_etag, rerank
+from .verify import CANDIDATES, Hit, content_etag, rerank, same_bytes
 
 STATIC = Path(__file__).parent / "static"
 MAX_OFFSET = 10**9  # of a listing (/failures, /duplicates): far beyond any page there is
@@ -183,13 +183,12 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             if query.vector is None:
                 raise HTTPError(404, "not_indexed", await run_in_threadpool(_not_indexed, service, bucket, query.key))
             exclude = object_id(bucket, query.key)
-            if verify:
-                views, etag = await run_in_threadpool(_stored_views, serving, bucket, query.key)
+            views, etag = await run_in_threadpool(_stored_views, serving, bucket, query.key, verify)
         assert query.vector is not None
         want = max(query.k, CANDIDATES) if views else query.k
         found = await run_in_threadpool(serving.search, query.vector, want, exclude, query.where or None)
-        if not views:
-            return [Hit(o, s) for o, s in found]
+        if not views:  # (unverified, in the model's order: the query's own bytes are still said)
+            return [Hit(o, s, identical=same_bytes(etag, o.etag)) for o, s in found]
         return await run_in_threadpool(rerank, serving, found, views, recipe(serving.model).promote_matches, etag)
 
     async def label_list(request: Request) -> Response:
@@ -471,12 +470,12 @@ def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bo
     return vector, local_features.views(image.gray, embedder.recipe.local_count)
 
 
-def _stored_views(index: Index, bucket: str, key: str) -> tuple[list[local_features.Features], str]:
-    """The stored object's local features (of its image and of its mirror), and its etag."""
+def _stored_views(index: Index, bucket: str, key: str, verify: bool) -> tuple[list[local_features.Features], str]:
+    """The stored object's local features (of its image and of its mirror; none unless ``verify``), and its etag."""
     obj, oid = index.get(bucket, key), object_id(bucket, key)
     if obj is None:
         return [], ""
-    return index.features.views([(oid, obj.etag)]).get(oid, []), obj.etag
+    return index.features.views([(oid, obj.etag)]).get(oid, []) if verify else [], obj.etag
 
 
 def _not_indexed(service: Service, bucket: str, key: str) -> str:

@@ -105,6 +105,15 @@ def test_exact_copies_of_a_smooth_image_are_the_same_photo(stack: Stack, s3: Any
     assert all(-1 <= r["score"] <= 1 for r in found), found  # a cosine (float32 sums of the same vector reach 1.0001)
     by_key = api.post("/search", json={"key": unique_prefix + "sky.jpg", "prefix": unique_prefix}).json()["results"]
     assert [(r["key"], r["identical"]) for r in by_key][0] == (unique_prefix + "sky-copy.jpg", True), by_key
+    # Without rerank the same bytes are still said (they were not: every result said false), and nothing verified.
+    plain = api.post("/search", files={"image": ("q.jpg", original.getvalue(), "image/jpeg")},
+                     data={"prefix": unique_prefix, "rerank": "false"}).json()["results"]
+    assert {r["key"]: (r["verified"], r["identical"]) for r in plain} == {
+        key: (False, identical) for key, (_, identical) in same.items()}, plain
+    plain_by_key = api.post("/search", json={"key": unique_prefix + "sky.jpg", "prefix": unique_prefix,
+                                             "rerank": False}).json()["results"]
+    assert {r["key"]: r["identical"] for r in plain_by_key} == {unique_prefix + "sky-copy.jpg": True,
+                                                                unique_prefix + "sky-70.jpg": False}, plain_by_key
 
     def grouped() -> list[Any] | None:
         report = api.get("/duplicates", params={"prefix": unique_prefix}).json()
