@@ -49,7 +49,9 @@ return removed
 def quiet(service: Service) -> bool:
     """Nothing queued, handed out, or written and not merged: read by the merger and not yet applied counts too, and
     a lag Redis cannot say (after the merger's group moved inside an untrimmed stream) is not taken for none (both
-    sent results not merged yet again as lost: an independent review)."""
+    sent results not merged yet again as lost: an independent review). Entries the merger holds (of a later version,
+    ``Merger.held``) count as unmerged, so the sweep waits while they are held: their objects' marks would look lost,
+    and each one sent again would come back as another held entry, every sweep, until the index service upgrades."""
     report = queue_report(service.redis, service.keys)
     stream = report["stream"]
     unmerged = stream["pending"] or (stream["lag"] if stream["lag"] is not None else stream["length"])
