@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     upload.add_argument("paths", nargs="+", type=Path, metavar="path",
                         help="an image file (its key: its name) or a folder (keys: the paths below it)")
     upload.add_argument("--prefix", default="", help="key prefix for the uploaded objects")
-    upload.add_argument("--bucket")
+    upload.add_argument("--bucket", help="the bucket to upload to (default: BUCKETLENS_BUCKET, the stack's)")
     upload.add_argument("--hidden", action="store_true", help="also what a folder holds under names that start with "
                         "'.' and in Synology's @eaDir (thumbnails, caches: left out by default)")
     search = sub.add_parser("search", help="find images by image file, indexed key or words, within filters")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
     dups = sub.add_parser("duplicates", help="groups of near-duplicate images (copies of one photo), best first")
-    dups.add_argument("--bucket")
+    dups.add_argument("--bucket", help="only groups of this bucket")
     dups.add_argument("--prefix", default="", help="only keys under this prefix (a folder)")
     dups.add_argument("--min-matches", type=int, help="consistent local matches a link needs (default: the service's)")
     dups.add_argument("--limit", type=int, default=50, help="most groups to list (at most 1000 a page)")
@@ -84,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--index-type", choices=["Flat", "IVF", "IVF-SQ8", "HNSW", "auto"],
                          help="IVF-SQ8: the FAISS backend only, HNSW: the Milvus backend only; auto: the size "
                               "policy (BUCKETLENS_APPROX_THRESHOLD) picks again")
-    rebuild.add_argument("--bucket")
+    rebuild.add_argument("--bucket", help="re-embed only this bucket, keeping the others as they are (default: "
+                                          "every bucket the index holds, and BUCKETLENS_BUCKET)")
     rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v3")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
     rebuild.add_argument("--cancel", nargs="?", const="", metavar="ID",
                          help="cancel a running rebuild (the one running when no ID is given); the serving index stays")
     reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
-    reconcile.add_argument("--bucket")
+    reconcile.add_argument("--bucket", help="list only this bucket (default: every bucket the index holds, and "
+                                            "BUCKETLENS_BUCKET)")
     reconcile.add_argument("--dry-run", action="store_true",
                            help="only say what it would send for embedding and remove from the index")
     demo = sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")

@@ -333,7 +333,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service_of(request, read=True)
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", page),
             Route("/healthz", healthz),
@@ -357,6 +357,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         middleware=[Middleware(HostGuard, allowed=allowed_hosts(settings.allowed_hosts, settings.api_host))],
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # ``/stats/`` was an empty 307, not the JSON 404 every path gets
+    return app
 
 
 def _params(request: Request, accepted: tuple[str, ...], taker: str) -> Mapping[str, str]:

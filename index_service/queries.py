@@ -71,14 +71,19 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         except HTTPError:
             raise
         except Exception as exc:
-            raise HTTPError(400, "bad_form", f"cannot parse the multipart body: {exc}") from exc
+            detail = getattr(exc, "detail", exc)  # (Starlette's own said "400: Too many files. ...")
+            raise HTTPError(400, "bad_form", f"cannot parse the multipart body: {detail}") from exc
         try:
             query.image = await _image(form, max_bytes)
         finally:
             await form.close()  # the spooled upload (a file beyond 1 MB) now, not whenever it is collected
         _combine(fields, _typed((k, v) for k, v in form.multi_items() if k != "image"), "form")
     elif content_type.startswith("application/octet-stream"):  # the compact form: no JSON to parse
-        query.vector = _float32(await read_limited(request, dim * 4 + 4), dim, "the body")
+        try:
+            body = await read_limited(request, dim * 4)
+        except HTTPError:  # (an image posted raw was 413 "body exceeds 5124 bytes": not what was wrong)
+            raise _wrong_size("the body", f"more than {dim * 4} bytes", dim) from None
+        query.vector = _float32(body, dim, "the body")
     elif content_type.startswith("application/json") or not content_type:
         payload = json_object(await read_limited(request, max_bytes))
         only(payload, JSON_FIELDS, "field", "a search")
@@ -91,7 +96,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
     else:
         raise HTTPError(415, "unsupported_media_type",
                         "send multipart/form-data with 'image', JSON, or application/octet-stream (a float32 vector)")
-    query.k = _integer(fields.get("k", 10), "k", 1, MAX_K)
+    query.k = _integer(10 if fields.get("k") is None else fields["k"], "k", 1, MAX_K)  # (JSON null: the default)
     if fields.get("min_score") is not None:
         query.min_score = _number(fields["min_score"], "min_score")
     if fields.get("rerank") is not None:
@@ -124,8 +129,12 @@ async def _image(form: FormData, max_bytes: int) -> bytes:
     upload = form.get("image")
     if not isinstance(upload, UploadFile):  # (naming a typo such as ``imag``: an independent check)
         unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+        had = sorted(set(form.keys()) - set(unknown) - {"image"})
         raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'"
-                        + (f"; it has {', '.join(map(repr, unknown))}, of no meaning here" if unknown else ""))
+                        + ("; 'image' came as a text field, not a file (curl: -F image=@photo.jpg)"
+                           if "image" in form else "")
+                        + (f"; it has {', '.join(map(repr, unknown))}, of no meaning here" if unknown else "")
+                        + (f"; it has {', '.join(map(repr, had))}" if had else ""))
     _one_query(["image", *(name for name in QUERIES if name in form)])
     only(form.keys(), FORM_FIELDS, "form field", "a search")
     data = await upload.read(max_bytes + 1)
@@ -224,9 +233,16 @@ def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> N
 
 
 def _float32(data: bytes, dim: int, what: str) -> np.ndarray:
-    if len(data) % 4:
-        raise HTTPError(400, "bad_vector", f"{what} holds {len(data)} bytes, not a whole number of float32 values")
+    """A vector sent as little-endian float32 bytes."""
+    if len(data) != dim * 4:
+        raise _wrong_size(what, f"{len(data)} bytes", dim)
     return _vector(np.frombuffer(data, dtype="<f4"), dim)
+
+
+def _wrong_size(what: str, size: str, dim: int) -> HTTPError:
+    return HTTPError(400, "bad_vector", f"{what} holds {size}: a vector of this index is {dim * 4} bytes ({dim} "
+                     "little-endian float32)" + ("; send an image as the multipart/form-data field 'image'"
+                                                 if what == "the body" else ""))
 
 
 def _vector(vector: np.ndarray, dim: int) -> np.ndarray:

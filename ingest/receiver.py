@@ -299,8 +299,10 @@ def create_app(settings: Settings) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
-    return Starlette(
+    app = Starlette(
         routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz), openapi_route(OPENAPI)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # ``/stats/`` was an empty 307, not the JSON 404 every path gets
+    return app

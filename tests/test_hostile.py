@@ -577,12 +577,14 @@ def error(response: httpx.Response) -> tuple[int, str, str]:
 IMAGE = {"image": ("q.jpg", b"not decoded by the parser", "image/jpeg")}
 
 
-@pytest.mark.parametrize(("value", "shown"), [(2.5, "2.5"), ("5", '"5"'), (True, "true"), (None, "null"), ([5], "[5]")])
+@pytest.mark.parametrize(("value", "shown"), [(2.5, "2.5"), ("5", '"5"'), (True, "true"), ([5], "[5]")])
 def test_a_json_k_must_be_a_json_integer(parser: TestClient, value: Any, shown: str) -> None:
     status, code, message = error(parser.post("/search", json={"vector": [1.0] * DIM, "k": value}))
     assert (status, code) == (400, "bad_parameter") and message == f"k must be an integer; got {shown}"
     # JSON Schema's integer (the OpenAPI document's): 5.0 is 5, as clients generated from the document may send it.
     assert parser.post("/search", json={"vector": [1.0] * DIM, "k": 5.0}).json()["k"] == 5
+    # null is the default, as for every other option (it was 400: review 26)
+    assert parser.post("/search", json={"vector": [1.0] * DIM, "k": None}).json()["k"] == 10
 
 
 def test_other_json_options_must_have_their_json_types(parser: TestClient) -> None:
@@ -631,8 +633,30 @@ def test_unknown_fields_are_named_with_the_accepted_ones(parser: TestClient) -> 
     assert (status, code) == (400, "unknown_field") and "'prefx'" in message
     status, code, message = error(parser.post("/search", files={"imag": IMAGE["image"]}))  # (the typo went unsaid)
     assert (status, code) == (400, "missing_image") and "'imag', of no meaning here" in message, message
+    status, code, message = error(parser.post("/search", files={"k": (None, "2")}))  # (it named no field: review 26)
+    assert (status, code) == (400, "missing_image") and message.endswith("it has 'k'"), message
+    status, code, message = error(parser.post("/search", files={"image": (None, "hello")}))
+    assert (status, code) == (400, "missing_image") and "'image' came as a text field, not a file" in message
     token = parser.post("/search", json={"text": "cat"}, params={"token": "t"})  # the read token's parameter
     assert token.status_code == 200, token.text
+
+
+def test_a_raw_body_of_the_wrong_size_says_what_a_raw_vector_is(parser: TestClient) -> None:
+    """An image posted as application/octet-stream was 413 "body exceeds 5124 bytes" (review 26)."""
+    raw = {"content-type": "application/octet-stream"}
+    for body, size in ((b"\xff\xd8" + b"\0" * 9000, f"more than {DIM * 4} bytes"), (b"\0" * 12, "12 bytes"),
+                       (b"\0" * (DIM * 4 + 4), f"more than {DIM * 4} bytes")):
+        status, code, message = error(parser.post("/search", content=body, headers=raw))
+        assert (status, code) == (400, "bad_vector"), message
+        assert message == (f"the body holds {size}: a vector of this index is {DIM * 4} bytes ({DIM} little-endian "
+                           "float32); send an image as the multipart/form-data field 'image'"), message
+
+
+def test_paths_with_a_trailing_slash_get_the_json_404() -> None:
+    client = app_around(SimpleNamespace())
+    for path in ("/stats/", "/search/", "/objects/images"):
+        answer = client.get(path, follow_redirects=False)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (404, "not_found"), (path, answer.text)
 
 
 def test_a_member_named_twice_in_a_json_body_is_400(parser: TestClient) -> None:
