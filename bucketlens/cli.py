@@ -231,6 +231,11 @@ def client_settings(settings: Settings) -> Settings:
     tokens its index service runs with, where this shell does not set them."""
     if (Path(settings.home) / "stack.json").exists():
         return _stack(settings).for_clients(_explicit())  # type: ignore[no-any-return]
+    if not {"api_host", "api_port", "s3_endpoint"} & set(_explicit()):  # (they went to whatever held the default
+        # ports, another user's stack or S3 server included, and said nothing: review 26)
+        print(f"bucketlens: note: no local stack in {Path(settings.home).resolve()} (the home is .bucketlens in the "
+              f"current folder unless BUCKETLENS_HOME says); using the default addresses: API {api_url(settings)}, "
+              f"S3 {settings.s3_endpoint}", file=sys.stderr)
     return settings
 
 

@@ -433,6 +433,22 @@ def test_status_without_a_stack_says_so_and_sets_none_up(tmp_path: Path, monkeyp
     assert not (tmp_path / "nothing-here").exists()
 
 
+def test_a_client_command_without_a_stack_says_which_addresses_it_uses(
+        api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Run outside the stack's folder, search and upload went to whatever held the default ports (another user's
+    stack, another S3 server) and said nothing (review 26). Addresses the shell sets are no surprise: no note."""
+    client_settings(Settings.from_env())  # (what main() gives a client command; the fixture sets the API's port)
+    assert capsys.readouterr().err == ""
+    for name in ("BUCKETLENS_API_HOST", "BUCKETLENS_API_PORT"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("BUCKETLENS_S3_ENDPOINT", raising=False)
+    assert client_settings(Settings.from_env()).api_port == 7400
+    err = capsys.readouterr().err
+    assert err.startswith(f"bucketlens: note: no local stack in {tmp_path / 'elsewhere'} ") and (
+        "API http://127.0.0.1:7400, S3 http://127.0.0.1:7480" in err), err
+
+
 def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                            ) -> None:
     # A local stack whose index service is the stand-in (nothing else of it runs).
