@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -19,10 +20,17 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from .settings import Settings, unknown_variables
+from .settings import BUCKET_NAME, Settings, unknown_variables
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 CLIENT_COMMANDS = {"upload", "search", "duplicates", "queues", "failures", "rebuild", "reconcile"}  # talk to a stack
+
+
+def bucket_name(text: str) -> str:
+    """A ``--bucket`` an S3 server could hold (botocore said a wrong one with two long regular expressions)."""
+    if not BUCKET_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is no S3 bucket name: letters, digits, '.', '-' and '_' only")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     upload.add_argument("paths", nargs="+", type=Path, metavar="path",
                         help="an image file (its key: its name) or a folder (keys: the paths below it)")
     upload.add_argument("--prefix", default="", help="key prefix for the uploaded objects")
-    upload.add_argument("--bucket", help="the bucket to upload to (default: BUCKETLENS_BUCKET, the stack's)")
+    upload.add_argument("--bucket", type=bucket_name,
+                        help="the bucket to upload to (default: BUCKETLENS_BUCKET, the stack's)")
     upload.add_argument("--hidden", action="store_true", help="also what a folder holds under names that start with "
                         "'.' and in Synology's @eaDir (thumbnails, caches: left out by default)")
     search = sub.add_parser("search", help="find images by image file, indexed key or words, within filters")
     search.add_argument("image", nargs="?", type=Path)
     search.add_argument("--key")
     search.add_argument("--text", help="words, e.g. 'dog' (the model's 1000 ImageNet concepts, through WordNet)")
-    search.add_argument("--bucket", help="the key's bucket; for other queries, search only this bucket")
+    search.add_argument("--bucket", type=bucket_name,
+                        help="the key's bucket; for other queries, search only this bucket")
     search.add_argument("--prefix", help="only keys under this prefix (a folder), e.g. 2024/")
     search.add_argument("--after", help="only objects modified at or after this ISO 8601 date or time")
     search.add_argument("--before", help="only objects modified before this ISO 8601 date or time")
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
     dups = sub.add_parser("duplicates", help="groups of near-duplicate images (copies of one photo), best first")
-    dups.add_argument("--bucket", help="only groups of this bucket")
+    dups.add_argument("--bucket", type=bucket_name, help="only groups of this bucket")
     dups.add_argument("--prefix", default="", help="only keys under this prefix (a folder)")
     dups.add_argument("--min-matches", type=int, help="consistent local matches a link needs (default: the service's)")
     dups.add_argument("--limit", type=int, default=50, help="most groups to list (at most 1000 a page)")
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     queues.add_argument("--interval", type=_positive, help="seconds between refreshes with --watch (default 1)")
     failures = sub.add_parser("failures", help="list failure records; send the objects again or clear them")
     failures.add_argument("--reason", help="only records with this reason (e.g. not_an_image, corrupt)")
-    failures.add_argument("--bucket", help="only objects of this bucket")
+    failures.add_argument("--bucket", type=bucket_name, help="only objects of this bucket")
     failures.add_argument("--key", action="append", help="only this object key (repeatable; with --bucket)")
     failures.add_argument("--limit", type=int, default=100, help="most records to list (at most 1000 a page)")
     failures.add_argument("--offset", type=int, default=0, help="records to skip first, newest first (the next page)")
@@ -84,20 +94,28 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--index-type", choices=["Flat", "IVF", "IVF-SQ8", "HNSW", "auto"],
                          help="IVF-SQ8: the FAISS backend only, HNSW: the Milvus backend only; auto: the size "
                               "policy (BUCKETLENS_APPROX_THRESHOLD) picks again")
-    rebuild.add_argument("--bucket", help="re-embed only this bucket, keeping the others as they are (default: "
-                                          "every bucket the index holds, and BUCKETLENS_BUCKET)")
+    rebuild.add_argument("--bucket", type=bucket_name,
+                         help="re-embed only this bucket, keeping the others as they are (default: every bucket the "
+                         "index holds, and BUCKETLENS_BUCKET)")
     rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v3")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
     rebuild.add_argument("--cancel", nargs="?", const="", metavar="ID",
                          help="cancel a running rebuild (the one running when no ID is given); the serving index stays")
     reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
-    reconcile.add_argument("--bucket", help="list only this bucket (default: every bucket the index holds, and "
-                                            "BUCKETLENS_BUCKET)")
+    reconcile.add_argument("--bucket", type=bucket_name,
+                           help="list only this bucket (default: every bucket the index holds, and BUCKETLENS_BUCKET)")
     reconcile.add_argument("--dry-run", action="store_true",
                            help="only say what it would send for embedding and remove from the index")
     demo = sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
     demo.add_argument("--backend", choices=["faiss", "milvus"], help="index backend, as for 'up'")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own usage, and the option likely meant (the top-level usage listed the commands)
+        command = sub.choices[args.command]
+        options = [o for action in command._actions for o in action.option_strings]
+        likely = [match for word in extra if word.startswith("--")
+                  for match in difflib.get_close_matches(word.split("=")[0], options, n=1)]
+        command.error(f"unrecognized arguments: {' '.join(extra)}"
+                      + (f" (did you mean {', '.join(likely)}?)" if likely else ""))
     # Options that mean nothing with the others given were ignored without a word (an independent check).
     if args.command == "queues" and args.interval is not None and not args.watch:
         parser.error("queues: --interval is how often --watch refreshes: add --watch")
@@ -328,8 +346,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status))
     else:
+        width = max(map(len, status["processes"]))  # ("supervisor" is longer than 8)
         for name, up in status["processes"].items():
-            print(f"{name:8} {'up' if up else 'down'}")
+            print(f"{name:{width}} {'up' if up else 'down'}")
         print(f"API {status['api_url']}  ingest {status['ingest_url']}  S3 {status['s3_endpoint']}  "
               f"bucket {status['bucket']}")
         if (index := status["index"]) is not None:
@@ -367,7 +386,7 @@ def _index_state(url: str) -> dict[str, Any] | None:
 
 def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
     from tqdm import tqdm
 
     from .s3 import make_client
@@ -385,7 +404,8 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
         raise CLIError(f"no bucket {bucket!r} at {settings.s3_endpoint}" if missing
                        else f"cannot use bucket {bucket!r} at {settings.s3_endpoint}: {exc}") from exc
     except BotoCoreError as exc:
-        raise CLIError(f"S3 at {settings.s3_endpoint}: {exc}") from exc
+        away = ": is the stack up? `bucketlens status` says" if isinstance(exc, EndpointConnectionError) else ""
+        raise CLIError(f"S3 at {settings.s3_endpoint}: {exc}{away}") from exc
 
     def put(item: tuple[str, Path]) -> None:
         key, path = item
@@ -590,9 +610,7 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         else:
             print(f"cleared {counted(result['cleared'], 'failure record')}")
         if not args.json and not result["retried" if args.retry else "cleared"] and body:  # a typo in a value?
-            chosen = [f"{name} {value!r}" for name, value in selection.items()] + (
-                [f"key {key!r}" for key in args.key] if args.key else [])
-            print(f"no failure record has {' and '.join(chosen)}: `bucketlens failures` lists them")
+            print(_none_has(selection, args.key))
         return 0
     response = httpx.get(api_url(settings) + "/failures", params={**selection, "key": args.key or [],
                                                                   "limit": args.limit, "offset": args.offset},
@@ -608,7 +626,14 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         print(f"{when}  {record['reason']:16} x{record['attempts']}  {plain(record['bucket'] + '/' + record['key'])}: "
               f"{plain(record['message'])}")
     print(f"{counted(page['total'], 'failure record')}{page_note(page['total'], args.offset, len(page['failures']))}")
+    if not page["total"] and (selection or args.key):  # a typo in a value? (`--reason corupt` said only "0")
+        print(_none_has(selection, args.key))
     return 0
+
+
+def _none_has(selection: dict[str, str], keys: list[str] | None) -> str:
+    chosen = [f"{name} {value!r}" for name, value in selection.items()] + [f"key {key!r}" for key in keys or []]
+    return f"no failure record has {' and '.join(chosen)}: `bucketlens failures` lists them"
 
 
 def page_note(total: int, offset: int, shown: int) -> str:
@@ -763,11 +788,12 @@ def reconcile_summary(report: dict[str, Any], bucket: str | None) -> str:
                 f"lists them, `{retry}` sends them again)")
     cleared = report.get("failures_cleared", 0)
     if report.get("dry_run"):
-        records = f"; {cleared} failure records of objects no longer in the bucket would go" if cleared else ""
+        records = (f"; {counted(cleared, 'failure record')} of objects no longer in the bucket would go"
+                   if cleared else "")
         return (f"dry run, nothing changed: listed {report['listed']}: {report['missing']} missing, "
                 f"{report['changed']} changed; {sent} would be sent for embedding{left}; {report['removed']} would be "
                 f"removed from the index{records} ({report['seconds']} s)")
-    records = f"; {cleared} failure records of objects no longer in the bucket cleared" if cleared else ""
+    records = f"; {counted(cleared, 'failure record')} of objects no longer in the bucket cleared" if cleared else ""
     return (f"listed {report['listed']}: {report['missing']} missing, {report['changed']} changed; {sent} sent for "
             f"embedding{left}; {report['removed']} removed{records} ({report['seconds']} s)")
 

@@ -29,6 +29,7 @@ from bucketlens.cli import (
     client_settings,
     main,
     page_url,
+    reconcile_summary,
     upload_plan,
 )
 from bucketlens.settings import Settings
@@ -321,6 +322,7 @@ def test_reconcile_names_the_bucket_in_the_retry_hint_and_counts_both_kinds(
     out = capsys.readouterr().out
     assert "7 missing, 2 changed" in out and "6 sent for embedding" in out and "3 not sent" in out, out
     assert "1 removed; 2 failure records of objects no longer in the bucket cleared" in out, out
+    assert "1 failure record of" in reconcile_summary({**RECONCILED, "failures_cleared": 1}, None)  # ("1 ... records")
     assert "bucketlens failures --bucket photos --retry" in out and "1 removed" in out, out
     assert json.loads(api.requests[0]["body"]) == {"bucket": "photos"}
 
@@ -339,6 +341,12 @@ def test_clearing_or_retrying_a_selection_that_matches_nothing_says_so(api: Fake
     api.answers[("DELETE", "/failures")] = (200, {"cleared": 3})
     assert main(["failures", "--clear", "--reason", "corrupt"]) == 0
     assert capsys.readouterr().out == "cleared 3 failure records\n"
+    # Listing too (it said "0 failure records" alone: review 26)
+    api.answers[("GET", "/failures")] = (200, {"total": 0, "offset": 0, "limit": 100, "failures": []})
+    assert main(["failures", "--reason", "corupt"]) == 0
+    assert capsys.readouterr().out == ("0 failure records\nno failure record has reason 'corupt': "
+                                       "`bucketlens failures` lists them\n")
+    assert main(["failures"]) == 0 and capsys.readouterr().out == "0 failure records\n"
 
 
 def test_reconcile_with_no_failures_prints_no_retry_hint(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
@@ -467,6 +475,8 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     assert main(["status"]) == NOT_RUNNING
     out = capsys.readouterr().out
     assert "index: 12 vectors, model lite0-copy-v3, generation 3, Flat; rebuild r1 running 4/10\n" in out, out
+    states = [line for line in out.splitlines() if line.endswith((" up", " down"))]  # one column ("supervisor")
+    assert len(states) == len(status["processes"]) and len({line.rindex(" ") for line in states}) == 1, out
     # The writer answers /stats from memory: with its Milvus server frozen, status showed the index and nothing more
     # (an independent check), while /readyz said why searches failed.
     frozen = "Milvus at http://127.0.0.1:19530 does not answer: deadline exceeded"
@@ -562,6 +572,11 @@ def test_a_stack_that_cannot_do_what_is_asked_says_so_in_one_line(api: FakeAPI,
     (["rebuild", "--cancel", "--wait"], ["--cancel takes no --wait"]),
     (["rebuild", "--cancel", "r1", "--model", "m", "--reindex"], ["--cancel takes no --reindex or --model"]),
     (["search", "--text", "cat", "--min-score", "x"], ["--min-score: must be a number, not 'x'"]),
+    # a typo: the command's usage and the option likely meant (the top-level usage listed the commands: review 26)
+    (["search", "--prefx", "a/", "--text", "cat"], ["usage: bucketlens search ", "bucketlens search: error: "
+                                                   "unrecognized arguments: --prefx (did you mean --prefix?)"]),
+    (["status", "--jsn"], ["usage: bucketlens status [-h] [--json]", "--jsn (did you mean --json?)"]),
+    (["upload", "--bucket", "Bad_Bucket!", "a.jpg"], ["argument --bucket: 'Bad_Bucket!' is no S3 bucket name"]),
 ])
 def test_options_that_mean_nothing_together_or_do_not_parse_are_refused(
         args: list[str], words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
