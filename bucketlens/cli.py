@@ -741,7 +741,10 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
               f"`bucketlens rebuild --cancel {job['id']}`", file=sys.stderr)
         return 130
     print(f"rebuild {job['id']} {job['state']}: {job['done']}/{job['total']} settled, {job['failed']} failed"
-          + (f" ({job['error']})" if job.get("error") else ""))
+          + (f" ({job['error']})" if job.get("error") else "")
+          # (a reembed under a tighter limit swapped in without them, and only `failures --retry` brings them back)
+          + (": not in the index now; `bucketlens failures` says why, `bucketlens failures --retry` sends them "
+             "again (after raising a limit)" if job["failed"] and job["state"] == "done" else ""))
     return 0 if job["state"] == "done" else 1
 
 

@@ -804,6 +804,18 @@ def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monke
             f"{tmp_path / 'stack.json'}") in capsys.readouterr().out
 
 
+def test_a_rebuild_that_left_objects_out_says_how_to_bring_them_back(api: FakeAPI,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A reembed under a lower MAX_PIXELS swapped in without 38 of 65 objects and said "38 failed" alone; raising
+    the limit again did not bring them back, only `failures --retry` does (review 26)."""
+    api.answers[("POST", "/rebuild")] = (202, RUNNING)
+    api.answers[("GET", "/rebuild/r1")] = (200, {**RUNNING, "state": "done", "done": 65, "total": 65, "failed": 38})
+    assert main(["rebuild", "--wait"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "rebuild r1 done: 65/65 settled, 38 failed: not in the index now; `bucketlens failures` says why, "
+        "`bucketlens failures --retry` sends them again (after raising a limit)")
+
+
 def test_waiting_outlasts_a_service_briefly_away(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
     """A 503 while waiting (the service restarting, Redis coming back) ended the wait with a traceback (an
     independent review); the wait goes on, and a 4xx is one line."""
