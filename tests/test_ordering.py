@@ -74,6 +74,17 @@ def test_an_objects_modification_time_comes_from_its_event_or_listing() -> None:
     assert ObjectRef("b", "k", "e").modified == 0.0
 
 
+def test_a_listed_objects_time_is_written_as_an_events() -> None:
+    """Failure records showed "2026-12-05T18:10:50.362801Z" (an event's) beside "2026-12-05T18:03:24.310000+00:00"
+    (a listing's: review 26); the same instant orders the same either way."""
+    from ingest.scanner import _ref
+
+    listed = dt.datetime(2026, 12, 5, 20, 3, 24, 310000, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    ref = _ref("b", "k", '"e"', 1, listed, generation=1)
+    assert ref.event_time == "2026-12-05T18:03:24.310000Z"
+    assert ref.order == time_order(listed) == time_order(ref.event_time)
+
+
 def test_reconcile_finds_an_object_indexed_from_an_aws_event_gone() -> None:
     """Reconcile removes an object the listing lacks only if it was written before the listing began. It asked the
     object's order: for an AWS event that is the opaque sequencer (~6e18 here, beyond any time in nanoseconds), so
