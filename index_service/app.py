@@ -305,6 +305,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
 
     async def rebuild_state(request: Request) -> Response:
         service = service_of(request)
+        _params(request, (), "/rebuild/{id}")  # (``?x=1`` was taken, where /objects refuses it: review 26)
         job_id = request.path_params["job_id"]
         try:
             cancelled = request.method == "DELETE" and admin_service(request).rebuilds.cancel(job_id) is not None

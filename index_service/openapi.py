@@ -320,7 +320,7 @@ PATHS: dict[str, Any] = {
     "/objects/{bucket}/{key}": {"get": {
         "summary": "whether and how an object is indexed, or its failure record", "security": READ,
         "parameters": OBJECT_PATH,
-        "responses": {**answer("known", ref("ObjectState")), **errors(401, 404, 503)},
+        "responses": {**answer("known", ref("ObjectState")), **errors(400, 401, 404, 503)},
     }},
     "/preview/{bucket}/{key}": {"get": {
         "summary": "a small JPEG of an indexed object, for a browser that cannot show its file (HEIC, TIFF, ...)",
@@ -391,10 +391,10 @@ PATHS: dict[str, Any] = {
     "/rebuild/{job_id}": {
         "get": {"summary": "a rebuild's state", "parameters": [parameter("job_id", TEXT, "job id", "path")],
                 "responses": {**answer("the job", ref("RebuildJob")), **_error(404, "unknown_rebuild: no such job"),
-                              **errors(503)}},
+                              **errors(400, 503)}},
         "delete": {"summary": "cancel a running rebuild (the serving generation stays)", "security": ADMIN,
                    "parameters": [parameter("job_id", TEXT, "job id", "path")],
-                   "responses": {**answer("cancelled", ref("RebuildJob")), **errors(401, 403),
+                   "responses": {**answer("cancelled", ref("RebuildJob")), **errors(400, 401, 403),
                                  **_error(404, "unknown_rebuild: no such job"),
                                  **_error(409, "not_running: the job is done, failed or cancelled already; "
                                           "not_cancellable: a reindex, which ends by itself"),

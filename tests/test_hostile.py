@@ -764,6 +764,8 @@ def test_listings_refuse_counts_below_their_least() -> None:
     assert (status, code) == (400, "bad_parameter") and "etag is empty" in message
     status, code, message = error(client.get("/objects/b/k.jpg", params={"etag": "x"}))  # (was ignored)
     assert (status, code) == (400, "unknown_field") and "'etag'" in message
+    status, code, message = error(client.get("/rebuild/r1", params={"x": "1"}))  # (was taken: review 26)
+    assert (status, code) == (400, "unknown_field") and "'x'" in message and "/rebuild/{id}" in message
 
 
 def test_stats_with_the_index_server_away_still_says_which_replica_writes() -> None:
