@@ -11,6 +11,7 @@ import logging
 import math
 import mimetypes
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -488,11 +489,18 @@ def search_request(settings: Settings, query: dict[str, Any], image: Path | None
     return response.json()
 
 
+SEARCH_OPTIONS = {"modified_after": "--after", "modified_before": "--before", "min_score": "--min-score"}
+
+
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     query = {"k": args.k, "key": args.key, "text": args.text, "prefix": args.prefix, "modified_after": args.after,
              "modified_before": args.before, "min_score": args.min_score,
              "bucket": args.bucket or (settings.bucket if args.key else None)}
-    result = search_request(settings, query, args.image)
+    try:
+        result = search_request(settings, query, args.image)
+    except CLIError as exc:  # said with the options typed ("modified_after must be ..." where --after was given)
+        raise CLIError(re.sub(r"\b(modified_after|modified_before|min_score)\b",
+                              lambda field: SEARCH_OPTIONS[field.group()], str(exc))) from None
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -831,6 +831,15 @@ def test_waiting_outlasts_a_service_briefly_away(api: FakeAPI, capsys: pytest.Ca
     assert err.endswith("bucketlens rebuild: 404 unknown_rebuild: no rebuild r1\n") and "Traceback" not in err
 
 
+def test_a_search_refused_names_the_options_typed(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    """The service's message names its fields; the user typed --after (review 26)."""
+    api.answers[("POST", "/search")] = (400, {"error": {"code": "bad_parameter", "message": (
+        "modified_after must be an ISO 8601 date or time (2024-06-01 or 2024-06-01T12:00:00Z); got 'notadate'")}})
+    assert main(["search", "--text", "cat", "--after", "notadate"]) == 1
+    one_error_line(capsys, "bucketlens search: 400 bad_parameter: --after must be an ISO 8601 date or time",
+                   "got 'notadate'")
+
+
 def test_a_non_finite_min_score_and_an_ipv6_host_are_no_tracebacks(api: FakeAPI, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
