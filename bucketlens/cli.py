@@ -250,12 +250,22 @@ def client_settings(settings: Settings) -> Settings:
     tokens its index service runs with, where this shell does not set them."""
     if (Path(settings.home) / "stack.json").exists():
         return _stack(settings).for_clients(_explicit())  # type: ignore[no-any-return]
+    _unsaid_defaults.clear()
     if not {"api_host", "api_port", "s3_endpoint"} & set(_explicit()):  # (they went to whatever held the default
         # ports, another user's stack or S3 server included, and said nothing: review 26)
-        print(f"bucketlens: note: no local stack in {Path(settings.home).resolve()} (the home is .bucketlens in the "
-              f"current folder unless BUCKETLENS_HOME says); using the default addresses: API {api_url(settings)}, "
-              f"S3 {settings.s3_endpoint}", file=sys.stderr)
+        _unsaid_defaults.append(f"bucketlens: note: no local stack in {Path(settings.home).resolve()} (the home is "
+                                ".bucketlens in the current folder unless BUCKETLENS_HOME says); using the default "
+                                f"addresses: API {api_url(settings)}, S3 {settings.s3_endpoint}")
     return settings
+
+
+_unsaid_defaults: list[str] = []  # the note above, said once a command first reaches for an address (not before
+# an error of its own: "no images in ...")
+
+
+def _say_defaults() -> None:
+    while _unsaid_defaults:
+        print(_unsaid_defaults.pop(), file=sys.stderr)
 
 
 def _explicit() -> list[str]:
@@ -265,6 +275,7 @@ def _explicit() -> list[str]:
 
 
 def api_url(settings: Settings) -> str:
+    _say_defaults()
     host = settings.api_host
     return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{settings.api_port}"  # IPv6
 
@@ -397,6 +408,7 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(map(str, args.paths))}"
                        + (f" ({hidden} hidden files left out: --hidden takes them)" if hidden else ""))
     bucket = args.bucket or settings.bucket
+    _say_defaults()
     s3 = make_client(settings)
     try:  # before the progress bar: a missing bucket or S3 away fails every file the same way
         s3.head_bucket(Bucket=bucket)
@@ -680,7 +692,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     for copy in sorted(p for p in files if "augmented" in p.parts)[:3]:
         original = "samples/" + copy.name.replace("-flipped-crop", "")
         print(f"\nnearest to {original}  (the set holds a mirrored, cropped, brightened copy of it)")
-        query = {"key": original, "bucket": client.bucket, "k": 3}
+        query = {"key": original, "bucket": client.bucket, "k": 3, "prefix": "samples/"}  # (a bucket in use holds
+        # other copies of these well-known photos: they came first, and the sample set's own copy went unseen)
         for hit in search_request(client, query)["results"]:
             print(f"  {hit['score']:.4f}  {plain(hit['key'])}{same_photo(hit)}")
     print(f"\nweb page and API: {stack.api_url}/   (bucketlens status --json for everything else)")

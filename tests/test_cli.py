@@ -26,6 +26,7 @@ from bucketlens.cli import (
     _error_text,
     _explicit,
     _stack_for_up,
+    api_url,
     client_settings,
     main,
     page_url,
@@ -445,14 +446,18 @@ def test_a_client_command_without_a_stack_says_which_addresses_it_uses(
         api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Run outside the stack's folder, search and upload went to whatever held the default ports (another user's
     stack, another S3 server) and said nothing (review 26). Addresses the shell sets are no surprise: no note."""
-    client_settings(Settings.from_env())  # (what main() gives a client command; the fixture sets the API's port)
+    api_url(client_settings(Settings.from_env()))  # (what main() gives a client command; the fixture sets the port)
     assert capsys.readouterr().err == ""
     for name in ("BUCKETLENS_API_HOST", "BUCKETLENS_API_PORT"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path / "elsewhere"))
     monkeypatch.delenv("BUCKETLENS_S3_ENDPOINT", raising=False)
-    assert client_settings(Settings.from_env()).api_port == 7400
+    settings = client_settings(Settings.from_env())
+    assert settings.api_port == 7400 and capsys.readouterr().err == ""  # (said once it reaches for an address: not
+    api_url(settings)  # before an error of its own, "no images in ...")
+    api_url(settings)  # (once)
     err = capsys.readouterr().err
+    assert err.count("note:") == 1, err
     assert err.startswith(f"bucketlens: note: no local stack in {tmp_path / 'elsewhere'} ") and (
         "API http://127.0.0.1:7400, S3 http://127.0.0.1:7480" in err), err
 

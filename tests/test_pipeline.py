@@ -67,7 +67,8 @@ def test_upload_becomes_searchable_and_near_duplicates_are_found(
     assert best["url"].startswith(stack.settings.s3_endpoint) and "Signature" in best["url"]
     assert httpx.get(best["url"]).content == photo("chelsea.png")  # the presigned URL really serves it
 
-    mine = [r for r in search_image(api, photo("rocket.jpg", transform=True), k=50) if r["key"] in etags]
+    mine = [r for r in search_image(api, photo("rocket.jpg", transform=True), prefix=unique_prefix)
+            if r["key"] in etags]
     assert mine[0]["key"] == f"{unique_prefix}rocket.jpg.jpg"
 
     by_key = api.post("/search", json={"key": f"{unique_prefix}coffee.png.jpg", "bucket": stack.settings.bucket})
@@ -208,7 +209,7 @@ def test_presigned_urls_work_for_awkward_keys(stack: Stack, s3: Any, api: httpx.
     key = f"{unique_prefix}a b+c%20d ü~ (1)&x=y.jpg"
     body = photo("horse.png")
     wait_indexed(api, stack, key, put(s3, stack, key, body))
-    (hit,) = [r for r in search_image(api, body, k=50) if r["key"] == key]
+    (hit,) = [r for r in search_image(api, body, prefix=unique_prefix) if r["key"] == key]
     response = httpx.get(hit["url"])  # signed by index_service/presign.py, served by radosgw
     assert response.status_code == 200 and response.content == body
 
