@@ -11,7 +11,6 @@ import logging
 import math
 import mimetypes
 import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -113,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # the command's own usage, and the option likely meant (the top-level usage listed the commands)
         command = sub.choices[args.command]
         options = [o for action in command._actions for o in action.option_strings]
-        likely = [match for word in extra if word.startswith("--")
-                  for match in difflib.get_close_matches(word.split("=")[0], options, n=1)]
+        words = [word.split("=")[0] for word in extra if word.startswith("--")]
+        likely = [match for word in words if word not in options
+                  for match in difflib.get_close_matches(word, options, n=1)]
+        placed = [word for word in words if word in options]  # (`bucketlens --json status`)
         command.error(f"unrecognized arguments: {' '.join(extra)}"
-                      + (f" (did you mean {', '.join(likely)}?)" if likely else ""))
+                      + (f" (did you mean {', '.join(likely)}?)" if likely else "")
+                      + (f" ({', '.join(placed)} goes after the command: bucketlens {args.command} "
+                         f"{' '.join(placed)})" if placed else ""))
     # Options that mean nothing with the others given were ignored without a word (an independent check).
     if args.command == "queues" and args.interval is not None and not args.watch:
         parser.error("queues: --interval is how often --watch refreshes: add --watch")
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     # modules as ModuleNotFoundError lines at each start (all that `grep Error api.log` found: an independent check)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     handler = COMMANDS[args.command]
+    _unsaid_defaults.clear()  # (a note left unsaid by an earlier call in this process)
     try:
         if args.command in CLIENT_COMMANDS:
             settings = client_settings(settings)
@@ -250,22 +254,24 @@ def client_settings(settings: Settings) -> Settings:
     tokens its index service runs with, where this shell does not set them."""
     if (Path(settings.home) / "stack.json").exists():
         return _stack(settings).for_clients(_explicit())  # type: ignore[no-any-return]
-    _unsaid_defaults.clear()
-    if not {"api_host", "api_port", "s3_endpoint"} & set(_explicit()):  # (they went to whatever held the default
-        # ports, another user's stack or S3 server included, and said nothing: review 26)
-        _unsaid_defaults.append(f"bucketlens: note: no local stack in {Path(settings.home).resolve()} (the home is "
-                                ".bucketlens in the current folder unless BUCKETLENS_HOME says); using the default "
-                                f"addresses: API {api_url(settings)}, S3 {settings.s3_endpoint}")
+    explicit = set(_explicit())  # (the defaults went to whatever held their ports, another user's stack or S3
+    # server included, and said nothing: review 26)
+    for server, address, names in (("API", api_url(settings), {"api_host", "api_port"}),
+                                   ("S3", settings.s3_endpoint, {"s3_endpoint"})):
+        if not names & explicit:
+            _unsaid_defaults[server] = (f"bucketlens: note: no local stack in {Path(settings.home).resolve()} (the "
+                                        "home is .bucketlens in the current folder unless BUCKETLENS_HOME says); "
+                                        f"using the default {server} address, {address}")
     return settings
 
 
-_unsaid_defaults: list[str] = []  # the note above, said once a command first reaches for an address (not before
-# an error of its own: "no images in ...")
+_unsaid_defaults: dict[str, str] = {}  # server -> the note above, said once a command first reaches for that server
+# (not before an error of its own: "no images in ...")
 
 
-def _say_defaults() -> None:
-    while _unsaid_defaults:
-        print(_unsaid_defaults.pop(), file=sys.stderr)
+def _say_defaults(server: str) -> None:
+    if note := _unsaid_defaults.pop(server, None):
+        print(note, file=sys.stderr)
 
 
 def _explicit() -> list[str]:
@@ -275,7 +281,7 @@ def _explicit() -> list[str]:
 
 
 def api_url(settings: Settings) -> str:
-    _say_defaults()
+    _say_defaults("API")
     host = settings.api_host
     return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{settings.api_port}"  # IPv6
 
@@ -408,7 +414,7 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(map(str, args.paths))}"
                        + (f" ({hidden} hidden files left out: --hidden takes them)" if hidden else ""))
     bucket = args.bucket or settings.bucket
-    _say_defaults()
+    _say_defaults("S3")
     s3 = make_client(settings)
     try:  # before the progress bar: a missing bucket or S3 away fails every file the same way
         s3.head_bucket(Bucket=bucket)
@@ -472,11 +478,13 @@ def upload_plan(paths: list[Path], prefix: str, hidden: bool = False) -> tuple[d
     return keys, skipped, left_hidden
 
 
+# the service's fields that CLI options set under other names, for its errors (``_error_text``)
+SEARCH_OPTIONS = {"modified_after": "--after", "modified_before": "--before", "min_score": "--min-score"}
+
+
 def search_request(settings: Settings, query: dict[str, Any], image: Path | None = None) -> Any:
     """``POST /search``: ``query`` holds the request's fields (key, text, bucket, k, filters); with ``image`` they
     travel as form fields beside the upload."""
-    url = api_url(settings) + "/search"
-    headers = read_headers(settings)
     fields = {name: value for name, value in query.items() if value is not None}
     # The service answers one kind of query: an upload ignores key and text, a key hides text. Filters, k and
     # min_score go with any kind.
@@ -485,11 +493,12 @@ def search_request(settings: Settings, query: dict[str, Any], image: Path | None
     if len(kinds) != 1:
         given = f" (got {' and '.join(kinds)})" if kinds else ""
         raise CLIError(f"search by one of an image file, --key or --text{given}; filters go with any of them")
-    if image is not None:
-        try:
-            handle = open(image, "rb")
-        except OSError as exc:
-            raise CLIError(f"cannot read {image}: {exc.strerror}") from exc
+    try:
+        handle = open(image, "rb") if image is not None else None
+    except OSError as exc:
+        raise CLIError(f"cannot read {image}: {exc.strerror}") from exc
+    url, headers = api_url(settings) + "/search", read_headers(settings)  # (after its own checks: the no-stack note)
+    if image is not None and handle is not None:
         with handle:
             response = httpx.post(url, files={"image": (image.name, handle)},
                                   data={name: str(value) for name, value in fields.items()}, headers=headers,
@@ -497,22 +506,15 @@ def search_request(settings: Settings, query: dict[str, Any], image: Path | None
     else:
         response = httpx.post(url, json=fields, headers=headers, timeout=60)
     if response.status_code != 200:
-        raise CLIError(_error_text(response))
+        raise CLIError(_error_text(response, SEARCH_OPTIONS))
     return response.json()
-
-
-SEARCH_OPTIONS = {"modified_after": "--after", "modified_before": "--before", "min_score": "--min-score"}
 
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     query = {"k": args.k, "key": args.key, "text": args.text, "prefix": args.prefix, "modified_after": args.after,
              "modified_before": args.before, "min_score": args.min_score,
              "bucket": args.bucket or (settings.bucket if args.key else None)}
-    try:
-        result = search_request(settings, query, args.image)
-    except CLIError as exc:  # said with the options typed ("modified_after must be ..." where --after was given)
-        raise CLIError(re.sub(r"\b(modified_after|modified_before|min_score)\b",
-                              lambda field: SEARCH_OPTIONS[field.group()], str(exc))) from None
+    result = search_request(settings, query, args.image)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -580,7 +582,7 @@ def read_headers(settings: Settings) -> dict[str, str]:
 def fetch_queue_report(settings: Settings) -> Any:
     response = httpx.get(api_url(settings) + "/queues", timeout=10)
     if response.status_code != 200:
-        raise CLIError(_error_text(response))
+        raise CLIError(_error_text(response, SEARCH_OPTIONS))
     return response.json()
 
 
@@ -826,11 +828,16 @@ TOKEN_VARIABLES = {"missing or wrong read token": "BUCKETLENS_READ_TOKEN",
                    "missing or wrong admin token": "BUCKETLENS_ADMIN_TOKEN"}
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: httpx.Response, options: dict[str, str] | None = None) -> str:
+    """The service's error in one line; ``options``: its field names -> the CLI options that set them, for a
+    message that starts with one ("modified_after must be ..." where --after was typed)."""
     try:
         error = response.json()["error"]
         hint = TOKEN_VARIABLES.get(error["message"])
-        return f"{response.status_code} {error['code']}: {error['message']}" + (
+        message = str(error["message"])
+        if options and (field := message.split(" ", 1)[0]) in options:
+            message = options[field] + message[len(field):]
+        return f"{response.status_code} {error['code']}: {message}" + (
             f" (the CLI sends {hint}: set it to the index service's)" if hint else "")
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}: {response.text[:200]}"

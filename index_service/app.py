@@ -376,9 +376,7 @@ def _params(request: Request, accepted: tuple[str, ...], taker: str) -> Mapping[
 
 async def _json_object(request: Request, accepted: tuple[str, ...], taker: str) -> dict[str, Any]:
     """The JSON object body (empty: ``{}``), or 400: not JSON, not an object, or a field of no meaning to ``taker``."""
-    payload = json_object(await read_limited(request, 64 * 1024))
-    only(payload, accepted, "field", taker)
-    return payload
+    return json_object(await read_limited(request, 64 * 1024), accepted, taker)
 
 
 def _page(params: Mapping[str, str], default_limit: int) -> tuple[int, int]:

@@ -72,12 +72,14 @@ SCHEMAS: dict[str, Schema] = {
     "Hit": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT,
                 "score": {"type": "number", "description": "cosine similarity (text: summed class probability)"},
                 "verified": {"type": "boolean",
-                             "description": "confirmed the same photo by local features, or the same bytes"},
+                             "description": "confirmed the same photo by local features, or the same bytes, "
+                                            "when candidates were verified (rerank)"},
                 "matches": {"type": ["integer", "null"],
                             "description": "local features matched with the query's (null: not checked; "
                                            f"{IDENTICAL} for the same bytes)"},
                 "identical": {"type": "boolean",
-                              "description": "the same bytes as the query image or object (equal etags)"},
+                              "description": "the same bytes as the query image or object (equal etags), with "
+                                             "or without rerank"},
                 "labels": ref("Tags"),
                 "modified": {"type": ["string", "null"], "description": "ISO 8601 UTC (null: unknown)"},
                 "url": {"type": "string", "description": "presigned GET"}},

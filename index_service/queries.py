@@ -85,9 +85,9 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
             raise _wrong_size("the body", f"more than {dim * 4} bytes", dim) from None
         query.vector = _float32(body, dim, "the body")
     elif content_type.startswith("application/json") or not content_type:
-        payload = json_object(await read_limited(request, max_bytes))
-        only(payload, JSON_FIELDS, "field", "a search")
-        _combine(fields, {k: v for k, v in payload.items() if k in OPTIONS}, "body")
+        payload = json_object(await read_limited(request, max_bytes), JSON_FIELDS, "a search")
+        # (null is the default: beside ``?k=5`` it was "given twice")
+        _combine(fields, {k: v for k, v in payload.items() if k in OPTIONS and v is not None}, "body")
         _query_from_json(query, payload, dim)
         if query.key is not None:  # the key's bucket, from the body or a query parameter (?bucket= was ignored)
             query.bucket = fields.get("bucket")
@@ -129,12 +129,12 @@ async def _image(form: FormData, max_bytes: int) -> bytes:
     upload = form.get("image")
     if not isinstance(upload, UploadFile):  # (naming a typo such as ``imag``: an independent check)
         unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
-        had = sorted(set(form.keys()) - set(unknown) - {"image"})
+        had = [*map(repr, sorted(set(form.keys()) - set(unknown) - {"image"})),
+               *(f"{name!r}, of no meaning here" for name in unknown)]
         raise HTTPError(400, "missing_image", "multipart search needs a file field named 'image'"
                         + ("; 'image' came as a text field, not a file (curl: -F image=@photo.jpg)"
                            if "image" in form else "")
-                        + (f"; it has {', '.join(map(repr, unknown))}, of no meaning here" if unknown else "")
-                        + (f"; it has {', '.join(map(repr, had))}" if had else ""))
+                        + (f"; it has {', '.join(had)}" if had else ""))
     _one_query(["image", *(name for name in QUERIES if name in form)])
     only(form.keys(), FORM_FIELDS, "form field", "a search")
     data = await upload.read(max_bytes + 1)

@@ -299,10 +299,8 @@ def create_app(settings: Settings) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
-    app = Starlette(
+    return Starlette(  # (redirect_slashes stays: a notifier set up with ``/events/`` is redirected, as it was)
         routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz), openapi_route(OPENAPI)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
-    app.router.redirect_slashes = False  # ``/stats/`` was an empty 307, not the JSON 404 every path gets
-    return app

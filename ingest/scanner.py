@@ -34,6 +34,7 @@ def head(s3: Any, bucket: str, key: str, generation: int = 1) -> ObjectRef | Non
 
 
 def _ref(bucket: str, key: str, etag: str, size: int, modified: dt.datetime, generation: int) -> ObjectRef:
+    modified = modified if modified.tzinfo else modified.replace(tzinfo=dt.UTC)  # (naive: UTC, as ``time_order``)
     return ObjectRef(bucket=bucket, key=key, etag=normalise_etag(etag), size=int(size), order=time_order(modified),
                      event_time=modified.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),  # (as an
                      generation=generation)  # event's: failure records showed "...Z" and "...+00:00" side by side)
