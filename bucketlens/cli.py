@@ -256,7 +256,7 @@ def client_settings(settings: Settings) -> Settings:
         return _stack(settings).for_clients(_explicit())  # type: ignore[no-any-return]
     explicit = set(_explicit())  # (the defaults went to whatever held their ports, another user's stack or S3
     # server included, and said nothing: review 26)
-    for server, address, names in (("API", api_url(settings), {"api_host", "api_port"}),
+    for server, address, names in (("API", _api_address(settings), {"api_host", "api_port"}),
                                    ("S3", settings.s3_endpoint, {"s3_endpoint"})):
         if not names & explicit:
             _unsaid_defaults[server] = (f"bucketlens: note: no local stack in {Path(settings.home).resolve()} (the "
@@ -281,7 +281,12 @@ def _explicit() -> list[str]:
 
 
 def api_url(settings: Settings) -> str:
+    """The index service's address, for a request to it (the no-stack note is said first, once)."""
     _say_defaults("API")
+    return _api_address(settings)
+
+
+def _api_address(settings: Settings) -> str:
     host = settings.api_host
     return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{settings.api_port}"  # IPv6
 
@@ -582,7 +587,7 @@ def read_headers(settings: Settings) -> dict[str, str]:
 def fetch_queue_report(settings: Settings) -> Any:
     response = httpx.get(api_url(settings) + "/queues", timeout=10)
     if response.status_code != 200:
-        raise CLIError(_error_text(response, SEARCH_OPTIONS))
+        raise CLIError(_error_text(response))
     return response.json()
 
 
