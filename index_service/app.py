@@ -304,17 +304,18 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         return JSONResponse(rebuild_public(job), status_code=202)
 
     async def rebuild_state(request: Request) -> Response:
-        service = service_of(request)
+        cancelling = request.method == "DELETE"  # the token first: a request without it learns nothing more
+        service = admin_service(request) if cancelling else service_of(request)
         _params(request, (), "/rebuild/{id}")  # (``?x=1`` was taken, where /objects refuses it: review 26)
         job_id = request.path_params["job_id"]
         try:
-            cancelled = request.method == "DELETE" and admin_service(request).rebuilds.cancel(job_id) is not None
+            cancelled = cancelling and service.rebuilds.cancel(job_id) is not None
         except RebuildConflict as exc:
             raise HTTPError(409, "not_cancellable", str(exc)) from exc
         state = await run_in_threadpool(service.rebuilds.get, job_id)
         if state is None:
             raise HTTPError(404, "unknown_rebuild", f"no rebuild {job_id}")
-        if request.method == "DELETE" and not cancelled:
+        if cancelling and not cancelled:
             raise HTTPError(409, "not_running", f"rebuild {job_id} is {state['state']}, not running")
         return JSONResponse(state)
 

@@ -2,8 +2,9 @@
 every status it answers with. ``tests/test_openapi.py`` fuzzes the running service against it.
 
 A search option or filter is declared once, in ``SEARCH_FIELDS``: it becomes a JSON body field, a multipart form
-field and a query parameter of ``POST /search`` at once, as ``queries.py`` reads it from all three. Search bodies are
-closed (``queries.py`` refuses unknown fields) and hold exactly one query.
+field and a query parameter of ``POST /search`` at once, as ``queries.py`` reads it from all three (in a JSON body
+it may be null: the default). Search bodies are closed (``queries.py`` refuses unknown fields) and hold exactly one
+query.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ SEARCH_FIELDS: dict[str, tuple[Schema, str]] = {
     "modified_before": (TIME, "only objects modified before this time"),
 }
 
+
+def nullable(schema: Schema) -> Schema:
+    """``schema`` or null."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 SEARCH_OPTIONS = {name: schema for name, (schema, _) in SEARCH_FIELDS.items()}
+JSON_SEARCH_OPTIONS = {name: nullable(schema) for name, schema in SEARCH_OPTIONS.items()}  # null: the default
 SEARCH_QUERIES: dict[str, Schema] = {  # queries.QUERIES: a JSON body holds exactly one
     "key": {"type": "string", "minLength": 1},
     "vector": {"type": "array", "items": NUMBER, "description": "the index's dimension, finite, non-zero"},
@@ -49,18 +57,13 @@ NULLABLE_NUMBER = {"type": ["number", "null"]}
 TEXTS = {"type": "array", "items": TEXT}
 
 
-def nullable(schema: Schema) -> Schema:
-    """``schema`` or null."""
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
 def counts(description: str) -> Schema:
     """An object of integers by name."""
     return {"type": "object", "additionalProperties": INT, "description": description}
 
 
 SCHEMAS: dict[str, Schema] = {
-    "SearchJSON": {"oneOf": [obj({name: schema, **SEARCH_OPTIONS}, (name,), closed=True)
+    "SearchJSON": {"oneOf": [obj({name: schema, **JSON_SEARCH_OPTIONS}, (name,), closed=True)
                              for name, schema in SEARCH_QUERIES.items()]},
     "SearchForm": obj({"image": {"type": "string", "format": "binary"}, **SEARCH_OPTIONS}, ("image",), closed=True),
     "Tag": obj({"id": {"type": "string", "description": "WordNet 3.0 synset id of the ImageNet class"},

@@ -20,6 +20,7 @@ NO_OP_EVENT = json.dumps({"Records": []}).encode()
 ADMIN_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("POST", "/rebuild", {"json": {"mode": "sideways"}}, 400),
     ("DELETE", "/rebuild/no-such-job", {}, 404),
+    ("DELETE", "/rebuild/no-such-job?x=1", {}, 400),  # the token is checked before the parameters
     ("POST", "/reconcile", {"json": {"bucket": 5}}, 400),
     ("POST", "/failures/retry", {"json": {"bucket": "test-images", "keys": ["never/failed.jpg"]}}, 202),
     ("DELETE", "/failures", {"json": {"bucket": "test-images", "keys": ["never/failed.jpg"]}}, 200),
