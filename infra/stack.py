@@ -176,6 +176,11 @@ class Stack:
         if backend != self.config.index_backend and self.pid("api") is not None:
             raise StackError(f"the stack runs the {self.config.index_backend} backend; 'bucketlens down' first")
         self.config.index_backend = backend
+        if len(self.config.replica_ports) >= MAX_REPLICAS[backend]:  # two FAISS services fought for the lease, and
+            # `up` waited 5 minutes for the one clients ask, which held an empty index (review 29)
+            print(f"note: the {backend} backend runs {MAX_REPLICAS[backend]} index service replica(s); this stack "
+                  f"ran {len(self.config.replica_ports) + 1}, the others are dropped ('up --replicas N' to change it)")
+            del self.config.replica_ports[MAX_REPLICAS[backend] - 1 :]
         if SERVERS[backend] and not self.config.milvus_port:  # BUCKETLENS_MILVUS_URI's port (ignored: review 21)
             self.config.milvus_port = free_port(urlsplit(self.base.milvus_uri).port or 19530)
         self._save_config(self.config)

@@ -563,6 +563,22 @@ def test_a_running_stack_keeps_its_replica_count_until_it_is_down(tmp_path: Path
         api.wait()
 
 
+def test_a_switch_to_faiss_drops_the_replicas_it_cannot_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`up --backend faiss` on a stack that ran two Milvus replicas started two FAISS index services, which fought
+    for the writer lease; the one clients ask held an empty index and `up` failed after 5 minutes (review 29)."""
+    config = {"redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": 2, "webhook_token": "w",
+              "admin_token": "a", "index_backend": "milvus", "milvus_port": 3, "replica_ports": [4, 5]}
+    (tmp_path / "stack.json").write_text(json.dumps(config))
+    monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path))
+    stack, _ = _stack_for_up(Settings.from_env(), argparse.Namespace(backend="faiss"))
+    assert stack.services == ("ingest", "worker", "api", "supervisor")
+    assert json.loads((tmp_path / "stack.json").read_text())["replica_ports"] == []
+    assert "the faiss backend runs 1 index service replica(s); this stack ran 3" in capsys.readouterr().out
+    stack, _ = _stack_for_up(Settings.from_env(), argparse.Namespace(backend="milvus"))  # back: one, until asked
+    assert stack.services == ("ingest", "worker", "api", "supervisor") and "replica" not in capsys.readouterr().out
+
+
 def test_a_stack_that_cannot_do_what_is_asked_says_so_in_one_line(api: FakeAPI,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["up", "--replicas", "3"]) == 1  # FAISS: one process holds the index; refused before starting
