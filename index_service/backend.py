@@ -276,6 +276,11 @@ class Backend(Protocol):
         off ``current`` (a rebuild's or a restructure's swap); else None."""
         ...
 
+    def stopped_writing(self, index: Index) -> None:
+        """This process lost the writer lease and only reads ``index`` from now on: what it kept of its own writes
+        (a shared index's count) is no longer true."""
+        ...
+
     def retire(self, old: Index) -> None:
         """Free what ``old`` still holds, now that the generation promoted over it is checkpointed (before, a restart
         may restore ``old``)."""

@@ -55,6 +55,9 @@ class FaissBackend:
     def moved_from(self, current: Index) -> Index | None:
         return None  # a FAISS index is its process's own: no other process moves it
 
+    def stopped_writing(self, index: Index) -> None:
+        pass  # a FAISS index is this process's own: what it holds is what it wrote
+
     def retire(self, old: Index) -> None:
         old.features.close(remove=True)  # searches hold the generation they started with; they verify without it
 

@@ -262,6 +262,7 @@ class Service:
                     if not self.lease.acquire() or not self.merger.running:
                         self.merger.stop()
                         self.writing.clear()
+                        self.backend.stopped_writing(self.index)
                         log.warning("replica %s lost the writer lease (held by %s); it stops merging", self.replica,
                                     self.lease.current())
                         # Its rebuild cannot go on (taking the lease back later, it resent the same objects forever
