@@ -52,17 +52,19 @@ class StateCollector:
         self.service = service
 
     def collect(self) -> Iterator[Metric]:
+        index = self.service.index
         try:
-            stats: dict[str, Any] | None = self.service.stats()
-        except ConnectionError as exc:  # (a Milvus replica counts on the server) the rest of the metrics still come
-            log.warning("metrics without the index: %s", exc)
-            stats = None
-        # The writer answers its stats from memory: its Milvus server is asked too (it read 1 through a whole Milvus
-        # outage while searches answered 503: an independent check).
+            vectors: int | None = len(index)
+        except ConnectionError as exc:  # (Milvus counts on the server) the rest of the metrics still come
+            log.warning("metrics without the index's vector count: %s", exc)
+            vectors = None
+        # The writer counts from memory: its Milvus server is asked too (it read 1 through a whole Milvus outage
+        # while searches answered 503: an independent check).
         yield _gauge("bucketlens_index_up", "1 when the index (for Milvus: its server) answered this scrape",
-                     int(stats is not None and self.service.backend.problem() is None))
-        if stats is not None:
-            yield from _index(stats)
+                     int(vectors is not None and self.service.backend.problem() is None))
+        # From memory, so an outage still says which replica writes and how merging stands (review 29: only
+        # bucketlens_index_up was left)
+        yield from _index(self.service.state(index), vectors)
         up = GaugeMetricFamily("bucketlens_redis_up", "1 when Redis answered this scrape")
         try:
             report = queue_report(self.service.probe, self.service.keys)
@@ -80,9 +82,10 @@ class StateCollector:
         yield _stage_histogram({(k.decode() if isinstance(k, bytes) else k): v for k, v in stages.items()})
 
 
-def _index(stats: dict[str, Any]) -> Iterator[Metric]:
-    """The serving index's metrics, from ``Service.stats``."""
-    yield _gauge("bucketlens_index_vectors", "Vectors in the serving index", stats["vectors"])
+def _index(stats: dict[str, Any], vectors: int | None) -> Iterator[Metric]:
+    """The serving index's metrics, from ``Service.state`` and the vector count (None: the index server is away)."""
+    if vectors is not None:
+        yield _gauge("bucketlens_index_vectors", "Vectors in the serving index", vectors)
     yield _gauge("bucketlens_index_generation", "Generation of the serving index", stats["generation"])
     yield _gauge("bucketlens_index_writer", "1 when this replica holds the writer lease and merges",
                  int(stats["writer"]))

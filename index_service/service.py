@@ -542,9 +542,14 @@ class Service:
         return True, "ready"
 
     def stats(self) -> dict[str, Any]:
+        """``GET /stats``; raises ``ConnectionError`` where a shared index's server cannot count the vectors."""
         index = self.index
+        return {"vectors": len(index), **self.state(index)}
+
+    def state(self, index: Index) -> dict[str, Any]:
+        """What ``stats`` says of ``index`` and this replica besides the vector count: from memory, so it is there
+        through an index server's outage too (``/metrics``)."""
         return {
-            "vectors": len(index),
             "model": index.model,
             "dim": index.dim,
             "index_type": index.index_type,
