@@ -54,15 +54,44 @@ def prepare(data: Path, port: int) -> tuple[list[str], dict[str, str]]:
     health, sock = config.resolve_port(9091)
     sock.close()
     (data / HEALTH_FILE).write_text(str(health))
+    etcd = data / "configs" / "embedEtcd.yaml"
+    etcd.write_text(_etcd_config(int(config.configurable_items["etcd_port"][1])))
     binary = data / "bin" / "milvus"
     env = dict(os.environ)
     env.update({
         "DEPLOY_MODE": "STANDALONE",
         "METRICS_PORT": str(health),
         "MILVUS_RUN_DIR": str(data / "run"),
+        "ETCD_CONFIG_PATH": str(etcd),
         "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}",
     })
     return [str(binary), "run", "standalone"], env
+
+
+def _etcd_config(client: int) -> str:
+    """The embedded etcd's ports: the package sets only the client port in ``milvus.yaml``, which the embedded etcd
+    does not read, so it listened on 2379 and 2380 whatever was chosen, and a second Milvus on the machine (another
+    stack, the test session's) crashed at start (review 29). The peer port is the first free one from 2380 up."""
+    peer = next(port for port in range(2380, 65536) if port != client and _free(port))
+    return "\n".join([
+        "name: default",
+        f"listen-client-urls: http://127.0.0.1:{client}",
+        f"advertise-client-urls: http://127.0.0.1:{client}",
+        f"listen-peer-urls: http://127.0.0.1:{peer}",
+        f"initial-advertise-peer-urls: http://127.0.0.1:{peer}",
+        f"initial-cluster: default=http://127.0.0.1:{peer}",
+        "",
+    ])
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the server binds: a kill's TIME_WAIT)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def start(data: Path, port: int, log_path: Path | None = None) -> subprocess.Popen[bytes]:

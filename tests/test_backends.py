@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import tempfile
 import time
 import types
@@ -682,3 +683,35 @@ def test_milvus_answers_a_doubled_key_once_and_its_repair_keeps_a_tied_tombstone
 
     index._query = query  # type: ignore[method-assign]
     assert index._newest("b/k")["deleted"] is True
+
+
+def test_a_second_milvus_server_starts_beside_another(milvus_uri: str, tmp_path: Path) -> None:
+    """Two Milvus stacks on one machine (or a stack beside the test session's server): the embedded etcd listened on
+    2379 and 2380 whatever port the package chose for it, and the second server crashed at start with "bind: address
+    already in use" (review 29). Here 2379 and 2380 are held (by the session's server, or by this test)."""
+    from pymilvus import MilvusClient
+
+    from infra import milvus
+    from infra.stack import free_port
+
+    held = []
+    for port in (2379, 2380):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+            held.append(sock)
+        except OSError:  # the session's server holds it
+            sock.close()
+    try:
+        port = free_port()
+        process = milvus.start(tmp_path, port)
+        try:
+            milvus.wait_ready(tmp_path, process)  # raises with its log's tail if it exits
+            assert MilvusClient(uri=f"http://127.0.0.1:{port}").list_collections() == []
+            etcd = (tmp_path / "configs" / "embedEtcd.yaml").read_text()
+            assert "127.0.0.1:2379\n" not in etcd and "127.0.0.1:2380\n" not in etcd, etcd
+        finally:
+            milvus.stop(process)
+    finally:
+        for sock in held:
+            sock.close()
