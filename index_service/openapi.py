@@ -418,6 +418,6 @@ OPENAPI = document(
     "Similarity search over the images of S3 buckets, kept up to date from bucket notifications. Errors are "
     "JSON `{\"error\": {\"code\", \"message\"}}`.",
     PATHS, SCHEMAS,
-    {"read": bearer("BUCKETLENS_READ_TOKEN, when set (also accepted as ?token=)"),
+    {"read": bearer("BUCKETLENS_READ_TOKEN, when set, or the admin token (also accepted as ?token=)"),
      "admin": bearer("BUCKETLENS_ADMIN_TOKEN (also accepted as ?token=)")},
 )

@@ -128,9 +128,14 @@ def test_with_a_read_token_every_read_route_needs_it() -> None:
     from bucketlens.settings import Settings
     from index_service.app import create_app
 
-    client = TestClient(create_app(Settings(read_token="rt")), base_url="http://127.0.0.1")  # (no lifespan: no service)
+    client = TestClient(create_app(Settings(read_token="rt", admin_token="at")),  # (no lifespan: no service)
+                        base_url="http://127.0.0.1")
     for method, path in (("GET", "/"), ("POST", "/search"), ("GET", "/objects/b/k.jpg"), ("GET", "/preview/b/k.jpg"),
                          ("GET", "/duplicates"), ("GET", "/labels"), ("GET", "/failures")):
-        for params in ({}, {"token": "wrong"}):
+        for params in ({}, {"token": "wrong"}, {"token": "r"}, {"token": "atx"}):
             refused = client.request(method, path, params=params)
             assert refused.status_code == 401, (method, path, refused.text)
+    for token in ("rt", "at"):  # the admin token reads too (review 28: an operator holding it was refused a search)
+        assert client.get("/", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert TestClient(create_app(Settings(read_token="rt")), base_url="http://127.0.0.1").get(
+        "/", params={"token": ""}).status_code == 401  # no admin token set: an empty one opens nothing

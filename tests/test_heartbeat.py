@@ -32,6 +32,11 @@ def test_a_worker_is_listed_while_it_beats_shows_its_batch_and_leaves_when_stopp
         heartbeat.idle()
         (worker,) = live_workers(redis, keys)
         assert (worker["batches"], worker["objects"]) == (2, 3)
+        heartbeat.busy(2)  # its batches' model is the index's, not its own setting's (review 28)
+        heartbeat.embedding(["m-old", "m-new"])  # a model-switching rebuild
+        heartbeat.idle()
+        (worker,) = live_workers(redis, keys)
+        assert worker["model"] == "m-old, m-new"
     finally:
         heartbeat.stop()
     assert live_workers(redis, keys) == [] and not redis.smembers(keys.workers)

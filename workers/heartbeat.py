@@ -119,6 +119,12 @@ class Heartbeat(Beacon):
             self._state.update(state="busy", batch_size=size, batch_started=time.time())
         self.beat()
 
+    def embedding(self, models: list[str]) -> None:
+        """The models the current batch runs: its generations' (a model-switching rebuild: two), which a worker takes
+        from the index, not from its own ``BUCKETLENS_MODEL`` (shown until its first batch: review 28)."""
+        with self._lock:
+            self._state.update(model=", ".join(models))
+
     def handed_on(self) -> None:
         """The current batch was sent on as tasks of its own, which count its objects when they run (it was counted
         twice: 30 objects shown for 15 embedded after a worker's death, an independent check)."""
