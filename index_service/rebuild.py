@@ -68,6 +68,7 @@ class RebuildJob:
     started: float = dataclasses.field(default_factory=time.time)
     finished: float | None = None
     error: str = ""
+    backend: str = ""  # the index backend it ran on: a stack switched to the other one leaves its jobs alone
 
 
 class Rebuilds:
@@ -119,7 +120,7 @@ class Rebuilds:
             job = RebuildJob(
                 id=uuid.uuid4().hex[:12], mode=mode, bucket=bucket, model=model or serving.model,
                 generation=self._new_generation(serving.generation) if mode == "reembed" else serving.generation,
-                index_type=wanted, chosen=index_type,
+                index_type=wanted, chosen=index_type, backend=service.backend.name,
             )
             self.current = job
             self._expected = set()
@@ -191,6 +192,10 @@ class Rebuilds:
         raw = service.redis.get(service.keys.rebuild_current)
         if raw:
             job = self.get(text(raw))
+            if job is not None and (job.get("backend") or service.backend.name) != service.backend.name:
+                # The stack was switched from the other backend, whose generations this index never had: a finished
+                # Milvus rebuild was marked failed, and stayed so after switching back (review 29)
+                job = None
             state, error = (job or {}).get("state"), ""
             if state == "running":
                 error = "the index service restarted during the rebuild; the serving generation is intact"

@@ -127,6 +127,7 @@ class Service:
     def _load(self) -> None:
         """Heavy start-up off the event loop: the serving generation (newest snapshot, or the Milvus collection
         behind the alias), stream replay, the model (warmed up)."""
+        self._own_features()
         # A FAISS index lives in its process, so a (re)started one takes the lease at once; replicas of a shared index
         # wait for it.
         writer = self._retry(lambda: self.lease.acquire(force=not self.backend.shared), "take the writer lease")
@@ -305,7 +306,25 @@ class Service:
 
     @property
     def _features_folder(self) -> Path:
-        return Path(self.settings.home) / "features" / self.settings.namespace
+        """Each backend keeps its own: a stack switched from one backend to the other deleted the other's stores as
+        abandoned, and switched back, every object indexed before answered unverified until a reembed (review 29).
+        FAISS's is where both were before; Milvus's moved into its own at its first start (``_own_features``)."""
+        folder = Path(self.settings.home) / "features" / self.settings.namespace
+        return folder if self.settings.index_backend == "faiss" else folder / self.settings.index_backend
+
+    def _own_features(self) -> None:
+        """A Milvus service's first start with its own features folder moves its stores there from the folder it
+        shared with FAISS (before: each start deleted the other backend's, so what is there is the last one's)."""
+        folder = self._features_folder
+        if self.settings.index_backend == "faiss" or folder.exists():
+            return
+        folder.mkdir(parents=True, exist_ok=True)  # (replicas sharing a home may start together)
+        for path in folder.parent.glob("g*.sqlite*"):
+            try:
+                path.rename(folder / path.name)
+                log.info("moved %s into %s (each backend keeps its own local features)", path.name, folder)
+            except FileNotFoundError:
+                pass  # another replica moved it
 
     def _drop_abandoned_features(self) -> None:
         """Delete the feature stores of generations other than the serving one: a rebuild interrupted by a restart

@@ -124,3 +124,34 @@ def test_a_pair_verified_against_a_neighbour_changed_since_is_not_kept(tmp_path:
     assert store.pairs() == []
     assert store.add_pairs([("bk/a.jpg", "a1")], [("bk/a.jpg", "bk/b.jpg", 50, "b2")]) == 1
     store.close()
+
+
+def test_each_backend_keeps_its_own_local_features(tmp_path: Path) -> None:
+    """A stack switched from Milvus to FAISS and back: each start deleted the other backend's feature stores as an
+    "interrupted rebuild", and every object indexed before answered unverified until a reembed (review 29). FAISS's
+    stay where both were; a Milvus service's first start moves its stores into a folder of its own, once."""
+    from types import SimpleNamespace
+
+    from bucketlens.settings import Settings
+    from index_service.service import Service
+
+    shared = tmp_path / "features" / "t"
+    shared.mkdir(parents=True)
+    for name in ("g2.sqlite", "g2.sqlite-wal"):  # a Milvus stack's, from before
+        (shared / name).write_bytes(b"milvus")
+
+    def service(backend: str) -> SimpleNamespace:
+        made = SimpleNamespace(settings=Settings(home=str(tmp_path), namespace="t", index_backend=backend))
+        made._features_folder = Service._features_folder.fget(made)  # type: ignore[attr-defined]
+        Service._own_features(made)  # type: ignore[arg-type]
+        return made
+
+    assert service("faiss")._features_folder == shared and sorted(p.name for p in shared.glob("g*")) == [
+        "g2.sqlite", "g2.sqlite-wal"]  # FAISS moves nothing
+    milvus = service("milvus")
+    assert milvus._features_folder == shared / "milvus"
+    assert sorted(p.name for p in milvus._features_folder.iterdir()) == ["g2.sqlite", "g2.sqlite-wal"]
+    assert not list(shared.glob("g*"))
+    (shared / "g1.sqlite").write_bytes(b"faiss")  # FAISS's, made after the switch: a later Milvus start leaves it
+    service("milvus")
+    assert (shared / "g1.sqlite").read_bytes() == b"faiss" and not (milvus._features_folder / "g1.sqlite").exists()

@@ -381,12 +381,33 @@ def test_a_restarted_service_still_reports_the_last_rebuild() -> None:
         stored = {keys.rebuild_current: b"j1", keys.rebuild_job("j1"): json.dumps(public(job)).encode()}
         redis = SimpleNamespace(get=stored.get, set=lambda key, value, ex=None, into=stored: into.update({key: value}),
                                 hkeys=lambda key: [], hdel=lambda *args: 0)
-        service = SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=4))
+        service = SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=4),
+                                  backend=SimpleNamespace(name="faiss"))
         rebuilds = Rebuilds(service)  # type: ignore[arg-type]
         assert rebuilds.progress() is None
         rebuilds.recover()
         last = rebuilds.progress()
         assert last is not None and (last["id"], last["state"]) == ("j1", reported), last
+
+
+def test_a_stack_switched_to_the_other_backend_leaves_its_rebuilds_alone() -> None:
+    """A FAISS service started where a Milvus one had finished a rebuild (`up --backend faiss` on the same stack)
+    marked it failed, "restarted before the rebuilt generation's first snapshot": its own index was at an older
+    generation. Back on Milvus, /stats and status kept saying failed (review 29)."""
+    keys = Keys("t")
+    job = RebuildJob(id="j1", mode="reembed", generation=2, model="m", index_type="Flat", total=3, done=3,
+                     state="done", backend="milvus")
+    record = json.dumps(public(job)).encode()
+    stored = {keys.rebuild_current: b"j1", keys.rebuild_job("j1"): record}
+    redis = SimpleNamespace(get=stored.get, set=lambda key, value, ex=None: stored.update({key: value}),
+                            hkeys=lambda key: [], hdel=lambda *args: 0)
+    for backend, generation, reported in (("faiss", 1, None), ("milvus", 2, "done")):
+        service = SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=generation),
+                                  backend=SimpleNamespace(name=backend))
+        rebuilds = Rebuilds(service)  # type: ignore[arg-type]
+        rebuilds.recover()
+        assert stored[keys.rebuild_job("j1")] == record  # untouched
+        assert (rebuilds.progress() or {}).get("state") == reported
 
 
 def test_rebuild_progress_answers_while_a_promote_holds_the_lock() -> None:
