@@ -354,9 +354,10 @@ class Rebuilds:
         job.total = len(service.index)
         self._save(job)
         with service.restructuring:  # (the size policy's restructure waits, then finds nothing to do)
-            if job.chosen:
-                service.choose_type(job.chosen)
             service.index.restructure(job.index_type, progress=lambda moved: self._progress(job, moved))
+            if job.chosen:  # from the job's end on: chosen first, a reindex killed midway was marked failed, and the
+                # restarted service made its type anyway (review 29)
+                service.choose_type(job.chosen)
         service.snapshot()  # the new structure: a restart loaded the old one (no snapshot came until the next merge)
         with self._lock:
             job.done = job.total

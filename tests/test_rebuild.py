@@ -488,3 +488,24 @@ def test_a_reindex_cannot_be_cancelled_and_an_ended_jobs_thread_leaves_the_next_
     rebuilds._expected = {"photos/a", "photos/b"}
     rebuilds._finish(ended, "cancelled")  # what the old job's thread does last
     assert rebuilds._expected == {"photos/a", "photos/b"} and rebuilds.current.id == "new"
+
+
+def test_a_reindex_keeps_its_type_only_once_its_restructure_ends() -> None:
+    """A reindex killed midway was marked failed ("the serving generation is intact"), and the restarted service
+    made the type it asked for all the same: the type had been kept before the restructure (review 29)."""
+    service, serving, _ = carrying_service("photos")
+    chosen: list[str] = []
+    service.choose_type = chosen.append
+    service.snapshot = lambda: None
+
+    def killed(index_type: str, progress: Any = None) -> None:
+        raise RuntimeError("killed midway")
+
+    serving.restructure = killed  # type: ignore[method-assign]
+    job = RebuildJob("r", "reindex", 1, "m", "IVF", chosen="IVF")
+    with pytest.raises(RuntimeError):
+        service.rebuilds._reindex(job)
+    assert chosen == []
+    serving.restructure = lambda index_type, progress=None: None  # type: ignore[method-assign]
+    service.rebuilds._reindex(job)
+    assert chosen == ["IVF"] and job.state == "done"
