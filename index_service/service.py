@@ -10,6 +10,7 @@ approximate index type in the background. Which backend holds the generations is
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
@@ -314,17 +315,23 @@ class Service:
 
     def _own_features(self) -> None:
         """A Milvus service's first start with its own features folder moves its stores there from the folder it
-        shared with FAISS (before: each start deleted the other backend's, so what is there is the last one's)."""
+        shared with FAISS (before: each start deleted the other backend's, so what is there is the last one's). The
+        folder appears whole (moved into a side folder, then renamed), under a lock: replicas sharing a home start
+        together, and one that found the folder half filled would have opened an empty store."""
         folder = self._features_folder
         if self.settings.index_backend == "faiss" or folder.exists():
             return
-        folder.mkdir(parents=True, exist_ok=True)  # (replicas sharing a home may start together)
-        for path in folder.parent.glob("g*.sqlite*"):
-            try:
-                path.rename(folder / path.name)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
+            if folder.exists():  # another replica moved them meanwhile
+                return
+            moving = folder.with_name(f".{folder.name}.moving")
+            moving.mkdir(exist_ok=True)  # (left by a start killed midway: its files are in it already)
+            for path in folder.parent.glob("g*.sqlite*"):
+                path.rename(moving / path.name)
                 log.info("moved %s into %s (each backend keeps its own local features)", path.name, folder)
-            except FileNotFoundError:
-                pass  # another replica moved it
+            moving.rename(folder)
 
     def _drop_abandoned_features(self) -> None:
         """Delete the feature stores of generations other than the serving one: a rebuild interrupted by a restart
