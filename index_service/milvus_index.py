@@ -259,22 +259,24 @@ class MilvusIndex(SearchOne):
         # and objects with a row (live or tombstone; ``repair`` compares it with the rows there are).
         self._count: int | None = None
         self._keys: int | None = None
+        self._reading = False  # the writer lease was lost: the counts above are no longer kept (``stop_counting``)
 
     def __len__(self) -> int:
         """Live objects. The writer counts them one per key before its first batch and keeps the count; a replica
         that only reads asks the server's ``count(*)`` (5 ms at 100,000 rows, against 6 s for the exact count), which
         also counts old rows that a killed writer left beside new ones, until the replay deletes them."""
-        if self._count is not None:
-            return self._count
+        count = self._count  # (read once: the role thread may set ``_reading`` meanwhile)
+        if count is not None and not self._reading:
+            return count
         rows = self._query(expression(None), ["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
     def stop_counting(self) -> None:
         """Leave the count to the server's ``count(*)``, as a replica that only reads does: a writer that lost its
         lease (paused past it) kept the count of its own writes, and reported 700 objects for good where the server
-        held 932 (review 29). A lease taken again loads a new handle, which counts before its first write."""
-        with self._write:
-            self._count = self._keys = None
+        held 932 (review 29). A flag, not the write lock, which a reindex's copy holds for minutes. A lease taken
+        again loads a new handle, which counts before its first write (this one would count again too)."""
+        self._reading = True
 
     def _tally(self) -> None:
         """Count the objects with a row, one per key whatever rows lie beside it (``count(*)`` counts rows: 1,222 for
@@ -296,8 +298,9 @@ class MilvusIndex(SearchOne):
         stats = ApplyStats()
         entries = list(entries)
         with self._write:
-            if self._count is None or self._keys is None:
+            if self._count is None or self._keys is None or self._reading:
                 self._tally()
+                self._reading = False
             assert self._count is not None and self._keys is not None
             oids = sorted({object_id(e.bucket, e.key) for e in entries if e.op in ("upsert", "delete", "failed")})
             held = self._held(oids)

@@ -192,14 +192,13 @@ class Rebuilds:
         raw = service.redis.get(service.keys.rebuild_current)
         if raw:
             job = self.get(text(raw))
-            if job is not None and (job.get("backend") or service.backend.name) != service.backend.name:
-                # The stack was switched from the other backend, whose generations this index never had: a finished
-                # Milvus rebuild was marked failed, and stayed so after switching back (review 29)
-                job = None
+            # A job of the other backend (the stack was switched): its generations are not this index's, so a finished
+            # one was marked failed, and stayed so after switching back (review 29). One left running did fail.
+            ours = job is not None and (job.get("backend") or service.backend.name) == service.backend.name
             state, error = (job or {}).get("state"), ""
             if state == "running":
                 error = "the index service restarted during the rebuild; the serving generation is intact"
-            elif state == "done" and job is not None and job.get("generation", 0) > service.index.generation:
+            elif state == "done" and ours and job is not None and job.get("generation", 0) > service.index.generation:
                 # Swapped in, and the process ended before the new generation's first checkpoint: the old one was
                 # restored, fed every change since (Service.promote).
                 error = ("the index service restarted before the rebuilt generation's first snapshot was written; "
@@ -208,7 +207,7 @@ class Rebuilds:
                 job.update(state="failed", finished=job.get("finished") or time.time(), error=error)
                 service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
                 log.warning("rebuild %s is marked failed: %s", job["id"], error)
-            self._before = job
+            self._before = job if ours or error else None
         for generation in service.redis.hkeys(service.keys.generations):
             if int(generation) != service.index.generation:
                 service.redis.hdel(service.keys.generations, generation)
@@ -355,10 +354,10 @@ class Rebuilds:
         self._save(job)
         with service.restructuring:  # (the size policy's restructure waits, then finds nothing to do)
             service.index.restructure(job.index_type, progress=lambda moved: self._progress(job, moved))
-            if job.chosen:  # from the job's end on: chosen first, a reindex killed midway was marked failed, and the
-                # restarted service made its type anyway (review 29)
+            service.snapshot()  # the new structure (a restart loaded the old one: no snapshot came until a merge)
+            if job.chosen:  # once the new structure is durable: chosen first, a reindex killed midway was marked
+                # failed, and the restarted service made its type anyway (review 29)
                 service.choose_type(job.chosen)
-        service.snapshot()  # the new structure: a restart loaded the old one (no snapshot came until the next merge)
         with self._lock:
             job.done = job.total
             self._finish(job, "done")

@@ -9,12 +9,14 @@ approximate index type in the background. Which backend holds the generations is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -48,6 +50,7 @@ from .queues import tasks_outstanding
 from .rebuild import RebuildJob, Rebuilds
 from .reconcile import reconcile
 from .redelivery import CHECK_EVERY_S, Redelivery
+from .snapshots import SUFFIX as SNAPSHOT_SUFFIX
 from .snapshots import SnapshotHealth
 from .vector_index import VectorIndex
 
@@ -128,7 +131,6 @@ class Service:
     def _load(self) -> None:
         """Heavy start-up off the event loop: the serving generation (newest snapshot, or the Milvus collection
         behind the alias), stream replay, the model (warmed up)."""
-        self._own_features()
         # A FAISS index lives in its process, so a (re)started one takes the lease at once; replicas of a shared index
         # wait for it.
         writer = self._retry(lambda: self.lease.acquire(force=not self.backend.shared), "take the writer lease")
@@ -303,35 +305,47 @@ class Service:
 
     def feature_store(self, generation: int) -> FeatureStore:
         """The local features of one generation, on this service's disk beside its snapshots."""
-        return FeatureStore(self._features_folder / f"g{generation}.sqlite")
+        path = self._features_folder / f"g{generation}.sqlite"
+        if self.settings.index_backend != "faiss" and not path.exists():
+            try:
+                self._adopt_shared_store(path)
+            except (OSError, sqlite3.Error):  # (its searches go unverified: features are no reason to stop)
+                log.exception("cannot take %s over from %s", path.name, path.parent.parent)
+        return FeatureStore(path)
 
     @property
     def _features_folder(self) -> Path:
         """Each backend keeps its own: a stack switched from one backend to the other deleted the other's stores as
         abandoned, and switched back, every object indexed before answered unverified until a reembed (review 29).
-        FAISS's is where both were before; Milvus's moved into its own at its first start (``_own_features``)."""
+        FAISS's is where both were before; Milvus's is in it, ``milvus/``."""
         folder = Path(self.settings.home) / "features" / self.settings.namespace
         return folder if self.settings.index_backend == "faiss" else folder / self.settings.index_backend
 
-    def _own_features(self) -> None:
-        """A Milvus service's first start with its own features folder moves its stores there from the folder it
-        shared with FAISS (before: each start deleted the other backend's, so what is there is the last one's). The
-        folder appears whole (moved into a side folder, then renamed), under a lock: replicas sharing a home start
-        together, and one that found the folder half filled would have opened an empty store."""
-        folder = self._features_folder
-        if self.settings.index_backend == "faiss" or folder.exists():
+    def _adopt_shared_store(self, path: Path) -> None:
+        """A Milvus generation's store made before each backend had its folder lies in FAISS's: it is taken over,
+        moved, or copied where FAISS has run in this home (one of its snapshots may name the file, which both
+        backends' generation 1 shared). Under a lock: replicas sharing a home start together."""
+        shared = path.parent.parent / path.name
+        if not shared.exists():
             return
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / ".adopt.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
-            if folder.exists():  # another replica moved them meanwhile
+            if path.exists():  # another replica took it over meanwhile
                 return
-            moving = folder.with_name(f".{folder.name}.moving")
-            moving.mkdir(exist_ok=True)  # (left by a start killed midway: its files are in it already)
-            for path in folder.parent.glob("g*.sqlite*"):
-                path.rename(moving / path.name)
-                log.info("moved %s into %s (each backend keeps its own local features)", path.name, folder)
-            moving.rename(folder)
+            snapshots = Path(self.settings.home) / "snapshots" / self.settings.namespace
+            if any(snapshots.glob(f"*{SNAPSHOT_SUFFIX}")):
+                copy = path.with_name(f".{path.name}.copy")
+                with contextlib.closing(sqlite3.connect(shared)) as source, \
+                        contextlib.closing(sqlite3.connect(copy)) as target:
+                    source.backup(target)  # (consistent, the store's write-ahead log included)
+                copy.rename(path)
+                log.info("copied %s into %s: FAISS's index in this home may use it too", shared, path.parent)
+                return
+            for suffix in ("-wal", "-shm", ""):  # the log before the store: a store seen is whole
+                with contextlib.suppress(FileNotFoundError):
+                    shared.with_name(shared.name + suffix).rename(path.with_name(path.name + suffix))
+            log.info("moved %s into %s (each backend keeps its own local features)", shared, path.parent)
 
     def _drop_abandoned_features(self) -> None:
         """Delete the feature stores of generations other than the serving one: a rebuild interrupted by a restart

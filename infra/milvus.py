@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HEALTH_FILE = "health-port"  # written into the data folder: where the server's /healthz answers
 
@@ -55,7 +56,7 @@ def prepare(data: Path, port: int) -> tuple[list[str], dict[str, str]]:
     sock.close()
     (data / HEALTH_FILE).write_text(str(health))
     etcd = data / "configs" / "embedEtcd.yaml"
-    etcd.write_text(_etcd_config(int(config.configurable_items["etcd_port"][1])))
+    etcd.write_text(_etcd_config(config))
     binary = data / "bin" / "milvus"
     env = dict(os.environ)
     env.update({
@@ -68,11 +69,15 @@ def prepare(data: Path, port: int) -> tuple[list[str], dict[str, str]]:
     return [str(binary), "run", "standalone"], env
 
 
-def _etcd_config(client: int) -> str:
+def _etcd_config(config: Any) -> str:
     """The embedded etcd's ports: the package sets only the client port in ``milvus.yaml``, which the embedded etcd
     does not read, so it listened on 2379 and 2380 whatever was chosen, and a second Milvus on the machine (another
     stack, the test session's) crashed at start (review 29). The peer port is the first free one from 2380 up."""
-    peer = next(port for port in range(2380, 65536) if port != client and _free(port))
+    client = int(config.configurable_items["etcd_port"][1])
+    peer = 2380
+    while peer == client or (sock := config.try_bind_port(peer)) is None:
+        peer += 1
+    sock.close()
     return "\n".join([
         "name: default",
         f"listen-client-urls: http://127.0.0.1:{client}",
@@ -82,16 +87,6 @@ def _etcd_config(client: int) -> str:
         f"initial-cluster: default=http://127.0.0.1:{peer}",
         "",
     ])
-
-
-def _free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the server binds: a kill's TIME_WAIT)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def start(data: Path, port: int, log_path: Path | None = None) -> subprocess.Popen[bytes]:

@@ -153,7 +153,7 @@ class Stack:
             raise StackError(f"the {self.config.index_backend} backend runs 1 to {most} index service replicas"
                              + ("; --backend milvus shares one index between replicas" if most == 1 else ""))
         running = len(self.config.replica_ports) + 1
-        if replicas != running and self.pid("api") is not None:
+        if replicas != running and self._index_service_runs():
             raise StackError(f"the stack runs {running} index service replica(s); 'bucketlens down' first")
         ports = self.config.replica_ports[: replicas - 1]
         c = self.config
@@ -166,6 +166,10 @@ class Stack:
         self.config.replica_ports = ports
         self._save_config(self.config)
 
+    def _index_service_runs(self) -> bool:
+        """Any of this stack's index service replicas runs (``api`` may have died while ``api-2`` runs on)."""
+        return any(self.pid(name) is not None for name in self.replica_urls)
+
     def choose_backend(self, backend: str) -> None:
         """Record the index backend this stack runs (``up --backend``); switching needs the stack down first (a
         FAISS index does not move to Milvus by itself: README, "Index backends")."""
@@ -173,13 +177,13 @@ class Stack:
             raise StackError(f"unknown index backend {backend!r} (one of {', '.join(SERVERS)})")
         if backend == self.config.index_backend and (self.config.milvus_port or not SERVERS[backend]):
             return
-        if backend != self.config.index_backend and self.pid("api") is not None:
+        if backend != self.config.index_backend and self._index_service_runs():
             raise StackError(f"the stack runs the {self.config.index_backend} backend; 'bucketlens down' first")
         self.config.index_backend = backend
         if len(self.config.replica_ports) >= MAX_REPLICAS[backend]:  # two FAISS services fought for the lease, and
             # `up` waited 5 minutes for the one clients ask, which held an empty index (review 29)
             print(f"note: the {backend} backend runs {MAX_REPLICAS[backend]} index service replica(s); this stack "
-                  f"ran {len(self.config.replica_ports) + 1}, the others are dropped ('up --replicas N' to change it)")
+                  f"ran {len(self.config.replica_ports) + 1}, the others are dropped")
             del self.config.replica_ports[MAX_REPLICAS[backend] - 1 :]
         if SERVERS[backend] and not self.config.milvus_port:  # BUCKETLENS_MILVUS_URI's port (ignored: review 21)
             self.config.milvus_port = free_port(urlsplit(self.base.milvus_uri).port or 19530)

@@ -4,6 +4,7 @@ for the etag the index holds, and rerank puts verified copies first."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +130,8 @@ def test_a_pair_verified_against_a_neighbour_changed_since_is_not_kept(tmp_path:
 def test_each_backend_keeps_its_own_local_features(tmp_path: Path) -> None:
     """A stack switched from Milvus to FAISS and back: each start deleted the other backend's feature stores as an
     "interrupted rebuild", and every object indexed before answered unverified until a reembed (review 29). FAISS's
-    stay where both were; a Milvus service's first start moves its stores into a folder of its own, once."""
+    stay where both were; a Milvus generation's store from before is taken over into ``milvus/``: moved, or copied
+    where FAISS has run in this home (review 30: moving every store took FAISS's away)."""
     from types import SimpleNamespace
 
     from bucketlens.settings import Settings
@@ -137,21 +139,32 @@ def test_each_backend_keeps_its_own_local_features(tmp_path: Path) -> None:
 
     shared = tmp_path / "features" / "t"
     shared.mkdir(parents=True)
-    for name in ("g2.sqlite", "g2.sqlite-wal"):  # a Milvus stack's, from before
-        (shared / name).write_bytes(b"milvus")
 
-    def service(backend: str) -> SimpleNamespace:
+    def service(backend: str) -> Any:
         made = SimpleNamespace(settings=Settings(home=str(tmp_path), namespace="t", index_backend=backend))
         made._features_folder = Service._features_folder.fget(made)  # type: ignore[attr-defined]
-        Service._own_features(made)  # type: ignore[arg-type]
+        made._adopt_shared_store = lambda path: Service._adopt_shared_store(made, path)  # type: ignore[arg-type]
         return made
 
-    assert service("faiss")._features_folder == shared and sorted(p.name for p in shared.glob("g*")) == [
-        "g2.sqlite", "g2.sqlite-wal"]  # FAISS moves nothing
-    milvus = service("milvus")
-    assert milvus._features_folder == shared / "milvus"
-    assert sorted(p.name for p in milvus._features_folder.iterdir()) == ["g2.sqlite", "g2.sqlite-wal"]
-    assert sorted(p.name for p in shared.iterdir()) == [".milvus.lock", "milvus"]  # moved whole: no side folder left
-    (shared / "g1.sqlite").write_bytes(b"faiss")  # FAISS's, made after the switch: a later Milvus start leaves it
-    service("milvus")
-    assert (shared / "g1.sqlite").read_bytes() == b"faiss" and not (milvus._features_folder / "g1.sqlite").exists()
+    def store(path: Path, key: str) -> None:
+        kept = FeatureStore(path)
+        kept.write([(key, "e", b"f" * 8)], [])
+        kept.close()
+
+    def holds(kept: FeatureStore, key: str) -> bool:
+        return kept.get([(key, "e")]) == {key: b"f" * 8}
+
+    store(shared / "g2.sqlite", "milvus/two.jpg")  # a Milvus stack's serving store, from before
+    faiss, milvus = service("faiss"), service("milvus")
+    assert Service.feature_store(faiss, 2).path == shared / "g2.sqlite"  # FAISS takes nothing over
+    moved = Service.feature_store(milvus, 2)
+    assert moved.path == shared / "milvus" / "g2.sqlite" and holds(moved, "milvus/two.jpg")
+    assert not list(shared.glob("g2*"))  # FAISS never ran here: moved
+    # FAISS ran here (a snapshot of it): a store both backends' generation 1 shared is copied, not taken away
+    store(shared / "g1.sqlite", "both/one.jpg")
+    (tmp_path / "snapshots" / "t").mkdir(parents=True)
+    (tmp_path / "snapshots" / "t" / "0001.snapshot.npz").write_bytes(b"")
+    copied = Service.feature_store(milvus, 1)
+    assert copied.path == shared / "milvus" / "g1.sqlite" and holds(copied, "both/one.jpg")
+    assert holds(FeatureStore(shared / "g1.sqlite"), "both/one.jpg")
+    assert Service.feature_store(milvus, 3).path == shared / "milvus" / "g3.sqlite"  # a new one: nothing to take

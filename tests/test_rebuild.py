@@ -408,6 +408,12 @@ def test_a_stack_switched_to_the_other_backend_leaves_its_rebuilds_alone() -> No
         rebuilds.recover()
         assert stored[keys.rebuild_job("j1")] == record  # untouched
         assert (rebuilds.progress() or {}).get("state") == reported
+    # One left running by the other backend is over all the same (`down` came between): it stayed "running" for good
+    stored[keys.rebuild_job("j1")] = json.dumps(public(dataclasses.replace(job, state="running"))).encode()
+    rebuilds = Rebuilds(SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=1),  # type: ignore[arg-type]
+                                        backend=SimpleNamespace(name="faiss")))
+    rebuilds.recover()
+    assert json.loads(stored[keys.rebuild_job("j1")])["state"] == "failed"
 
 
 def test_rebuild_progress_answers_while_a_promote_holds_the_lock() -> None:
@@ -507,5 +513,10 @@ def test_a_reindex_keeps_its_type_only_once_its_restructure_ends() -> None:
         service.rebuilds._reindex(job)
     assert chosen == []
     serving.restructure = lambda index_type, progress=None: None  # type: ignore[method-assign]
+    service.snapshot = lambda: killed("")  # FAISS: the new structure is durable once its snapshot is written
+    with pytest.raises(RuntimeError):
+        service.rebuilds._reindex(job)
+    assert chosen == []
+    service.snapshot = lambda: None
     service.rebuilds._reindex(job)
     assert chosen == ["IVF"] and job.state == "done"

@@ -215,8 +215,11 @@ def test_one_writer_a_killed_one_is_replaced_a_paused_one_stops(replicas: tuple[
         wait_for(lambda: not writer(b), 60, interval_s=0.2, what="b notices it lost the lease")
         caught_up(settings, redis, keys, "c", also=lambda: writer(c))
         assert redis.get(keys.writer_lease).startswith(b"c/")  # type: ignore[union-attr]
-        # b only reads now: it reports the server's count, not the count of its own writes, frozen (review 29)
-        wait_for(lambda: b.stats()["vectors"] == c.stats()["vectors"], 30, interval_s=0.5, what="b counts c's writes")
+        # b only reads now: it reports the server's count(*), as a reader just opened does, not the count of its own
+        # writes, frozen (review 29). (Not c's exact count: rows a left doubled count until a checkpoint repairs them.)
+        reader = open_backend(settings, redis, keys, lambda _: FeatureStore()).load()
+        assert reader is not None
+        wait_for(lambda: b.stats()["vectors"] == len(reader[0]), 30, interval_s=0.5, what="b counts c's writes")
         last = c
     else:
         for entry in stream[2000:]:
