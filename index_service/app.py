@@ -316,7 +316,9 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         _params(request, (), "/rebuild/{id}")  # (``?x=1`` was taken, where /objects refuses it: review 26)
         job_id = request.path_params["job_id"]
         try:
-            cancelled = cancelling and service.rebuilds.cancel(job_id) is not None
+            # (in a thread: the rebuilds' lock is held by a promote while it writes its snapshot, ~15 s at 1M, and
+            # on the event loop every other request waited with it: review 30)
+            cancelled = cancelling and await run_in_threadpool(service.rebuilds.cancel, job_id) is not None
         except RebuildConflict as exc:
             raise HTTPError(409, "not_cancellable", str(exc)) from exc
         state = await run_in_threadpool(service.rebuilds.get, job_id)
