@@ -78,6 +78,7 @@ class Service:
         self.retiring: list[Index] = []  # generations a promote swapped out: fed until the new one's checkpoint
         self.rebuilds = Rebuilds(self)
         self.restoring: RebuildJob | None = None  # a reembed started because there was nothing to serve from
+        self._made: set[int] = set()  # generations this process made: their feature stores start empty
         self.backend = open_backend(settings, self.redis, self.keys, self.feature_store, self.s3)
         self.redelivery = Redelivery(self.redis, self.keys, self.publisher.celery)
         self.snapshot_health = SnapshotHealth(settings.snapshot_every_s, settings.snapshot_failure_grace_s)
@@ -306,7 +307,7 @@ class Service:
     def feature_store(self, generation: int) -> FeatureStore:
         """The local features of one generation, on this service's disk beside its snapshots."""
         path = self._features_folder / f"g{generation}.sqlite"
-        if self.settings.index_backend != "faiss" and not path.exists():
+        if self.settings.index_backend != "faiss" and generation not in self._made and not path.exists():
             try:
                 self._adopt_shared_store(path)
             except (OSError, sqlite3.Error):  # (its searches go unverified: features are no reason to stop)
@@ -357,6 +358,7 @@ class Service:
                 path.unlink(missing_ok=True)
 
     def new_generation(self, model: str, generation: int) -> Index:
+        self._made.add(generation)  # (a rebuild's: a store of that number in FAISS's folder is not this one's)
         return self.backend.new_generation(model, generation)
 
     def _tasks_outstanding(self) -> bool:

@@ -141,7 +141,8 @@ def test_each_backend_keeps_its_own_local_features(tmp_path: Path) -> None:
     shared.mkdir(parents=True)
 
     def service(backend: str) -> Any:
-        made = SimpleNamespace(settings=Settings(home=str(tmp_path), namespace="t", index_backend=backend))
+        made = SimpleNamespace(settings=Settings(home=str(tmp_path), namespace="t", index_backend=backend),
+                               _made={5})  # a generation this process made (a rebuild's)
         made._features_folder = Service._features_folder.fget(made)  # type: ignore[attr-defined]
         made._adopt_shared_store = lambda path: Service._adopt_shared_store(made, path)  # type: ignore[arg-type]
         return made
@@ -167,4 +168,6 @@ def test_each_backend_keeps_its_own_local_features(tmp_path: Path) -> None:
     copied = Service.feature_store(milvus, 1)
     assert copied.path == shared / "milvus" / "g1.sqlite" and holds(copied, "both/one.jpg")
     assert holds(FeatureStore(shared / "g1.sqlite"), "both/one.jpg")
-    assert Service.feature_store(milvus, 3).path == shared / "milvus" / "g3.sqlite"  # a new one: nothing to take
+    assert Service.feature_store(milvus, 3).path == shared / "milvus" / "g3.sqlite"  # none there: nothing to take
+    store(shared / "g5.sqlite", "faiss/five.jpg")  # FAISS's generation 5, and Milvus's rebuild makes its own 5
+    assert not holds(Service.feature_store(milvus, 5), "faiss/five.jpg") and (shared / "g5.sqlite").exists()
