@@ -257,10 +257,10 @@ SCHEMAS: dict[str, Schema] = {
                        "started": {"type": "number", "description": "seconds since the epoch"},
                        "finished": {"type": ["number", "null"], "description": "seconds since the epoch"},
                        "error": {"type": "string", "description": "why it failed (empty otherwise)"},
-                       "backend": {"type": "string", "description": "the index backend it ran on (absent or empty: "
-                                                                   "a job of an earlier version)"}},
+                       "backend": {"type": "string", "description": "the index backend it ran on (empty: a job of "
+                                                                   "an earlier version)"}},
                       ("id", "mode", "generation", "model", "index_type", "bucket", "chosen", "state", "total",
-                       "done", "failed", "listed", "progress", "started", "finished", "error")),
+                       "done", "failed", "listed", "progress", "started", "finished", "error", "backend")),
     "ReconcileRequest": obj({"bucket": {"type": "string", "minLength": 1},
                              "dry_run": {"type": "boolean", "description": "count only: send and remove nothing"}},
                             closed=True),

@@ -177,7 +177,10 @@ class Rebuilds:
             return public(job)
         # Only a job of that id: ``GET /rebuild/current`` read the key naming the newest job, and answered 500.
         stored = json_object(self.service.redis.get(self.service.keys.rebuild_job(job_id)))
-        return stored if stored is not None and stored.get("id") == job_id else None
+        if stored is None or stored.get("id") != job_id:
+            return None
+        stored.setdefault("backend", "")  # (a job of an earlier version)
+        return stored
 
     def progress(self) -> dict[str, Any] | None:
         """The running or last job as it stands, a previous process's included (after a restart ``/stats`` said

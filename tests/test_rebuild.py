@@ -337,7 +337,8 @@ def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
     was refused as already running until the service restarted (an independent review)."""
     service, serving, _ = carrying_service("photos")
     service.rebuilds.current, service.shadow = None, None
-    service.writing, service.backend = threading.Event(), SimpleNamespace(index_types=("Flat",), discard=None)
+    service.writing = threading.Event()
+    service.backend = SimpleNamespace(index_types=("Flat",), discard=None, name="faiss")
     service.writing.set()
     service.lease = SimpleNamespace(acquire=lambda: True)
 
@@ -362,7 +363,8 @@ def test_a_replica_whose_lease_moved_refuses_a_rebuild_though_its_flag_lags() ->
     a rebuild, which the replica that had taken the lease then failed, dropping its collection (review 21)."""
     service, _, _ = carrying_service("photos")
     service.rebuilds.current, service.shadow = None, None
-    service.writing, service.backend = threading.Event(), SimpleNamespace(index_types=("Flat",), discard=None)
+    service.writing = threading.Event()
+    service.backend = SimpleNamespace(index_types=("Flat",), discard=None, name="faiss")
     service.writing.set()
     service.replica, service.lease = "api", SimpleNamespace(acquire=lambda: False, current=lambda: "api-2/f9d3")
     with pytest.raises(NotWriter, match="the writer is api-2/f9d3"):
