@@ -113,12 +113,13 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service: Service = request.app.state.service
         return service
 
-    def may_read(request: Request) -> None:
-        """The read token, or the admin token where one is set: an operator holding the stronger token was refused
-        a search (review 28)."""
-        admin = bool(settings.admin_token) and token_ok(request, settings.admin_token)
+    def may_read(request: Request, admin_too: bool = True) -> None:
+        """The read token, or (``admin_too``) the admin token where one is set: an operator holding the stronger
+        token was refused a search (review 28)."""
+        admin = admin_too and bool(settings.admin_token) and token_ok(request, settings.admin_token)
         if not token_ok(request, settings.read_token) and not admin:
-            raise HTTPError(401, "unauthorized", "missing or wrong read token")
+            page = "" if admin_too else " (the web page takes the read token)"
+            raise HTTPError(401, "unauthorized", f"missing or wrong read token{page}")
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -341,9 +342,9 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         return JSONResponse(dataclasses.asdict(report))
 
     async def page(request: Request) -> Response:
-        if not token_ok(request, settings.read_token):  # not the admin token: the page carries its token in preview
-            # addresses, and query strings end up in browser history and proxy logs (review 30)
-            raise HTTPError(401, "unauthorized", "missing or wrong read token (the web page takes the read token)")
+        # Not the admin token: the page carries its token in preview addresses, and query strings end up in browser
+        # history and proxy logs (review 30).
+        may_read(request, admin_too=False)
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     app = Starlette(

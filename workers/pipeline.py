@@ -122,9 +122,10 @@ class Pipeline:
         """One model call per model among ``decoded`` (a model-switching rebuild embeds two generations), then
         the local features of the objects whose model keeps them."""
         models = [self.model_for(ref.generation) for ref, _ in decoded]
-        if models:
-            self.heartbeat.embedding(sorted(set(models)))
-        for model in sorted(set(models)):
+        running = sorted(set(models))
+        if running:
+            self.heartbeat.embedding(running)
+        for model in running:
             part = [item for item, wanted in zip(decoded, models) if wanted == model]
             started = time.perf_counter()
             try:
