@@ -202,3 +202,26 @@ def test_a_batchs_bodies_are_dropped_as_they_are_decoded(monkeypatch: pytest.Mon
         p.pool.shutdown()
     assert len(out.embedded) == count
     assert max(held) < (p.settings.fetch_concurrency + 2) * size < count * size, [h >> 20 for h in held]
+
+
+def test_the_heartbeat_names_the_models_a_batch_is_embedded_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/queues`` showed a worker's own ``BUCKETLENS_MODEL`` while it embedded with the index's (review 28): the
+    pipeline tells its heartbeat the models of each batch's generations, both during a model-switching rebuild."""
+    class Generations(Redis):
+        def hgetall(self, key: str) -> dict[bytes, bytes]:
+            return {b"1": b"lite0-copy-v3", b"2": b"lite0-copy-v3-fast"}
+
+    fast = Model()
+    fast.model = "lite0-copy-v3-fast"
+    monkeypatch.setattr(pipeline_module, "fetch", lambda s3, ref, max_bytes, timeout_s: png())
+    p = Pipeline(Settings(model="lite0-copy-v3"), embedder=Model(), client=Generations())  # type: ignore[arg-type]
+    p.embedders._loaded[fast.model] = fast  # type: ignore[assignment]
+    told: list[list[str]] = []
+    p.heartbeat.embedding = told.append  # type: ignore[method-assign]
+    try:
+        out = p.process([ObjectRef("b", f"{i}.png", "e", generation=1 + i % 2) for i in range(4)])
+    finally:
+        p.pool.shutdown()
+    assert {e.model for e in out.embedded} == {"lite0-copy-v3", "lite0-copy-v3-fast"} and len(out.embedded) == 4
+    assert told and set().union(*told) == {"lite0-copy-v3", "lite0-copy-v3-fast"}
+    assert all(models == sorted(set(models)) for models in told)  # each call names a model once, in order
