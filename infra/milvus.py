@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .ports import lease
+
 HEALTH_FILE = "health-port"  # written into the data folder: where the server's /healthz answers
 
 
@@ -56,7 +58,7 @@ def prepare(data: Path, port: int) -> tuple[list[str], dict[str, str]]:
     sock.close()
     (data / HEALTH_FILE).write_text(str(health))
     etcd = data / "configs" / "embedEtcd.yaml"
-    etcd.write_text(_etcd_config(config))
+    etcd.write_text(_etcd_config(config, data))
     binary = data / "bin" / "milvus"
     env = dict(os.environ)
     env.update({
@@ -69,15 +71,19 @@ def prepare(data: Path, port: int) -> tuple[list[str], dict[str, str]]:
     return [str(binary), "run", "standalone"], env
 
 
-def _etcd_config(config: Any) -> str:
+def _etcd_config(config: Any, data: Path) -> str:
     """The embedded etcd's ports: the package sets only the client port in ``milvus.yaml``, which the embedded etcd
     does not read, so it listened on 2379 and 2380 whatever was chosen, and a second Milvus on the machine (another
-    stack, the test session's) crashed at start (review 29). The peer port is the first free one from 2380 up."""
+    stack, the test session's) crashed at start (review 29). The peer port is the first free one from 2380 up that
+    no other Milvus starting meanwhile chose (``ports.lease``: review 30)."""
     client = int(config.configurable_items["etcd_port"][1])
     peer = 2380
-    while peer == client or (sock := config.try_bind_port(peer)) is None:
+    while True:
+        if peer != client and (sock := config.try_bind_port(peer)) is not None:
+            sock.close()
+            if lease(peer, by=str(data)):
+                break
         peer += 1
-    sock.close()
     return "\n".join([
         "name: default",
         f"listen-client-urls: http://127.0.0.1:{client}",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +37,7 @@ from . import milvus
 from .canary import Canary
 from .liveness import ceph_daemon
 from .notifications import ensure_bucket, ensure_notifications
+from .ports import free_port, port_in_use
 
 log = logging.getLogger(__name__)
 INFRA = Path(__file__).resolve().parent
@@ -77,29 +78,6 @@ class StackConfig:
     index_backend: str = "faiss"  # chosen by ``up --backend`` (stacks made before it existed: faiss)
     milvus_port: int = 0  # 0: not chosen yet
     replica_ports: list[int] = dataclasses.field(default_factory=list)  # API ports of replicas 2..N (up --replicas)
-
-
-def free_port(preferred: int = 0) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise StackError("no free port on 127.0.0.1")
-
-
-def port_in_use(port: int) -> bool:
-    """Whether something listens on (or holds) ``port`` of 127.0.0.1; connections left in TIME_WAIT by a process
-    that exited do not count (SO_REUSEADDR, as the servers themselves bind)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-        return False
 
 
 class Stack:
@@ -161,7 +139,7 @@ class Stack:
         candidate = c.api_port
         while len(ports) < replicas - 1:  # the ports after the API's that no part of this stack uses, when free
             candidate += 1
-            if candidate not in taken and free_port(candidate) == candidate:
+            if candidate not in taken and free_port(candidate, by=str(self.home)) == candidate:
                 ports.append(candidate)
         self.config.replica_ports = ports
         self._save_config(self.config)
@@ -186,7 +164,7 @@ class Stack:
                   f"ran {len(self.config.replica_ports) + 1}, the others are dropped")
             del self.config.replica_ports[MAX_REPLICAS[backend] - 1 :]
         if SERVERS[backend] and not self.config.milvus_port:  # BUCKETLENS_MILVUS_URI's port (ignored: review 21)
-            self.config.milvus_port = free_port(urlsplit(self.base.milvus_uri).port or 19530)
+            self.config.milvus_port = free_port(urlsplit(self.base.milvus_uri).port or 19530, by=str(self.home))
         self._save_config(self.config)
         self.settings = self._settings()
 
@@ -201,9 +179,10 @@ class Stack:
                 raise StackError(f"{path} is not a stack file this version reads ({exc}): fix it, or move it away "
                                  "for a new one") from exc
         self.home.mkdir(parents=True, exist_ok=True)
+        chosen = functools.partial(free_port, by=str(self.home))
         config = StackConfig(
-            redis_port=free_port(6390), s3_port=free_port(7480), mon_port=free_port(3300),
-            ingest_port=free_port(self.base.ingest_port), api_port=free_port(self.base.api_port),
+            redis_port=chosen(6390), s3_port=chosen(7480), mon_port=chosen(3300),
+            ingest_port=chosen(self.base.ingest_port), api_port=chosen(self.base.api_port),
             webhook_token=secrets.token_urlsafe(24), admin_token=secrets.token_urlsafe(24),
         )
         self._save_config(config)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -157,7 +158,9 @@ def test_up_starts_milvus_on_the_port_its_shell_sets(tmp_path: Path, monkeypatch
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """``BUCKETLENS_MILVUS_URI`` was ignored: the stack's Milvus took 19530 whatever it said, without a word (review
     21). A stack that has its port keeps it, and says so. (Nothing is started here.)"""
-    port = free_port()
+    with socket.socket() as sock:  # (not free_port: a port it leased is not the stack's to take)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path))
     monkeypatch.setenv("BUCKETLENS_MILVUS_URI", f"http://127.0.0.1:{port}")
     stack, _ = _stack_for_up(Settings.from_env(), argparse.Namespace(backend="milvus"))

@@ -1,0 +1,78 @@
+"""Ports chosen for local stacks are leased machine-wide until bound (infra/ports.py). Pure logic: the lease file
+lives in the test's folder, and nothing is started."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from bucketlens.settings import Settings
+from infra import ports
+from infra.stack import Stack
+
+
+@pytest.fixture(autouse=True)
+def leases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "leases.json"
+    monkeypatch.setattr(ports, "LEASES", path)
+    return path
+
+
+def chosen(stack: Stack) -> set[int]:
+    return {port for name, port in dataclasses.asdict(stack.config).items() if name.endswith("_port") and port}
+
+
+def test_two_stacks_made_before_either_binds_choose_different_ports(tmp_path: Path) -> None:
+    """Review 31: a second ``up`` started while the first made its Ceph cluster chose the first's S3, ingest and
+    API ports (nothing listened there yet): its servers never started, and its status showed the other's index."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        preferred = sock.getsockname()[1]  # free now, as 7400 is on a machine without a stack
+    first = Stack(Settings(home=tmp_path / "a", api_port=preferred))
+    second = Stack(Settings(home=tmp_path / "b", api_port=preferred))
+    assert len(chosen(first)) == len(chosen(second)) == 5
+    assert not chosen(first) & chosen(second), (first.config, second.config)
+    assert first.config.api_port == preferred  # the first takes the preferred ports where they are free
+    first.choose_backend("milvus")  # a port chosen later is leased too
+    second.choose_backend("milvus")
+    assert first.config.milvus_port != second.config.milvus_port
+    assert Stack(Settings(home=tmp_path / "a")).config == first.config  # a stack's own choice stays its own
+
+
+def test_a_lease_holds_a_port_for_others_only_and_runs_out(leases: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = ports.free_port(by="me")
+    assert ports.free_port(port, by="me") == port  # the holder may choose it again
+    assert ports.free_port(port, by="other") != port and ports.free_port(port) != port
+    assert not ports.lease(port, by="other") and ports.lease(port, by="me")
+    monkeypatch.setattr(ports, "LEASE_S", -1.0)
+    ports.lease(port, by="me")  # (its lease, renewed, has run out)
+    monkeypatch.undo()
+    monkeypatch.setattr(ports, "LEASES", leases)
+    assert ports.free_port(port, by="other") == port
+    assert ports.free_port(port, by="third") != port  # ... and the other's, new, holds
+
+
+def test_a_bound_port_is_never_chosen_whatever_the_leases_say() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        held = sock.getsockname()[1]
+        assert ports.free_port(held, by="me") != held
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[]", '{"7400": 3}', '{"7400": {"until": "soon"}}'])
+def test_a_damaged_lease_file_is_read_as_no_leases(leases: Path, content: str) -> None:
+    leases.write_text(content)
+    port = ports.free_port()
+    assert list(json.loads(leases.read_text())) == [str(port)]
+
+
+def test_without_a_lease_file_ports_are_chosen_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(ports, "LEASES", tmp_path / "missing" / "leases.json")  # (cannot be made)
+    assert ports.free_port() > 0
+    assert "port leases in" in caplog.text
