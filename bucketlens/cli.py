@@ -11,6 +11,7 @@ import logging
 import math
 import mimetypes
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,12 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from vision.models import RECIPES
+
 from .settings import BUCKET_NAME, Settings, unknown_variables
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+JSON_HELP = "print the service's answer as JSON (for scripts)"
 CLIENT_COMMANDS = {"upload", "search", "duplicates", "queues", "failures", "rebuild", "reconcile"}  # talk to a stack
 
 
@@ -43,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--replicas", type=int, help="index service processes answering queries (milvus; one merges)")
     sub.add_parser("down", help="stop what 'up' started")
     status = sub.add_parser("status", help="addresses, tokens and process state of the local stack")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print it as JSON (for scripts: the fields the README "
+                        "lists)")
     sub.add_parser("ingest", help="run the webhook receiver (uvicorn)")
     sub.add_parser("worker", help="run one Celery worker")
     sub.add_parser("serve", help="run the index service (uvicorn)")
@@ -57,35 +62,36 @@ def main(argv: list[str] | None = None) -> int:
     upload.add_argument("--hidden", action="store_true", help="also what a folder holds under names that start with "
                         "'.' and in Synology's @eaDir (thumbnails, caches: left out by default)")
     search = sub.add_parser("search", help="find images by image file, indexed key or words, within filters")
-    search.add_argument("image", nargs="?", type=Path)
-    search.add_argument("--key")
+    search.add_argument("image", nargs="?", type=Path, help="a local image file: its nearest images")
+    search.add_argument("--key", help="an indexed object's key: its nearest images (itself left out)")
     search.add_argument("--text", help="words, e.g. 'dog' (the model's 1000 ImageNet concepts, through WordNet)")
     search.add_argument("--bucket", type=bucket_name,
                         help="the key's bucket; for other queries, search only this bucket")
     search.add_argument("--prefix", help="only keys under this prefix (a folder), e.g. 2024/")
     search.add_argument("--after", help="only objects modified at or after this ISO 8601 date or time")
     search.add_argument("--before", help="only objects modified before this ISO 8601 date or time")
-    search.add_argument("--min-score", type=_finite)
-    search.add_argument("-k", type=int, default=10)
-    search.add_argument("--json", action="store_true")
+    search.add_argument("--min-score", type=_finite,
+                        help="only results scoring at least this (cosine, -1 to 1; copies score ~0.8 and more)")
+    search.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    search.add_argument("--json", action="store_true", help=JSON_HELP)
     dups = sub.add_parser("duplicates", help="groups of near-duplicate images (copies of one photo), best first")
     dups.add_argument("--bucket", type=bucket_name, help="only groups of this bucket")
     dups.add_argument("--prefix", default="", help="only keys under this prefix (a folder)")
     dups.add_argument("--min-matches", type=int, help="consistent local matches a link needs (default: the service's)")
     dups.add_argument("--limit", type=int, default=50, help="most groups to list (at most 1000 a page)")
     dups.add_argument("--offset", type=int, default=0, help="groups to skip first (the next page)")
-    dups.add_argument("--json", action="store_true")
+    dups.add_argument("--json", action="store_true", help=JSON_HELP)
     queues = sub.add_parser("queues", help="queue depths, stream lag, failures, live workers")
-    queues.add_argument("--json", action="store_true")
+    queues.add_argument("--json", action="store_true", help=JSON_HELP)
     queues.add_argument("--watch", action="store_true", help="refresh every second, with rates and an ETA to drain")
     queues.add_argument("--interval", type=_positive, help="seconds between refreshes with --watch (default 1)")
     failures = sub.add_parser("failures", help="list failure records; send the objects again or clear them")
     failures.add_argument("--reason", help="only records with this reason (e.g. not_an_image, corrupt)")
     failures.add_argument("--bucket", type=bucket_name, help="only objects of this bucket")
     failures.add_argument("--key", action="append", help="only this object key (repeatable; with --bucket)")
-    failures.add_argument("--limit", type=int, default=100, help="most records to list (at most 1000 a page)")
-    failures.add_argument("--offset", type=int, default=0, help="records to skip first, newest first (the next page)")
-    failures.add_argument("--json", action="store_true")
+    failures.add_argument("--limit", type=int, help="most records to list (default 100, at most 1000 a page)")
+    failures.add_argument("--offset", type=int, help="records to skip first, newest first (the next page)")
+    failures.add_argument("--json", action="store_true", help=JSON_HELP)
     action = failures.add_mutually_exclusive_group()
     action.add_argument("--retry", action="store_true", help="send the selected objects to the workers again")
     action.add_argument("--clear", action="store_true", help="delete the selected records")
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--bucket", type=bucket_name,
                          help="re-embed only this bucket, keeping the others as they are (default: every bucket the "
                          "index holds, and BUCKETLENS_BUCKET)")
-    rebuild.add_argument("--model", help="re-embed with another model (vision/models.py), e.g. lite0-copy-v3")
+    rebuild.add_argument("--model", help=f"re-embed with another model: {', '.join(RECIPES)}")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
     rebuild.add_argument("--cancel", nargs="?", const="", metavar="ID",
                          help="cancel a running rebuild (the one running when no ID is given); the serving index stays")
@@ -122,12 +128,17 @@ def main(argv: list[str] | None = None) -> int:
                          f"{' '.join(placed)})" if placed else ""))
     # Options that mean nothing with the others given were ignored without a word (an independent check).
     if args.command == "queues" and args.interval is not None and not args.watch:
-        parser.error("queues: --interval is how often --watch refreshes: add --watch")
+        queues.error("--interval is how often --watch refreshes: add --watch")
     if args.command == "rebuild" and args.cancel is not None and (
             given := [flag for flag, value in (("--wait", args.wait), ("--reindex", args.reindex),
                                                ("--index-type", args.index_type), ("--bucket", args.bucket),
                                                ("--model", args.model)) if value]):
-        parser.error(f"rebuild: --cancel takes no {' or '.join(given)}")
+        rebuild.error(f"--cancel takes no {' or '.join(given)}")
+    if args.command == "failures" and (args.retry or args.clear) and (
+            given := [flag for flag, value in (("--limit", args.limit), ("--offset", args.offset))
+                      if value is not None]):
+        failures.error(f"{' and '.join(given)} {'page' if len(given) > 1 else 'pages'} the listing; --retry and "
+                       "--clear act on every record selected (--reason, --bucket, --key)")
 
     try:
         settings = Settings.from_env()
@@ -366,14 +377,16 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     stack = _stack(settings)
     status = stack.status(stack.for_clients(_explicit()))
     status["index"] = _index_state(stack.writer_url())  # (a reader's /stats shows the rebuild it ran as the writer)
+    # The address that opens the page, with the running service's read token (only `up` said it: review 31)
+    status["page_url"] = page_url(status["api_url"], stack.for_clients().read_token)
     if args.json:
         print(json.dumps(status))
     else:
         width = max(map(len, status["processes"]))  # ("supervisor" is longer than 8)
         for name, up in status["processes"].items():
             print(f"{name:{width}} {'up' if up else 'down'}")
-        print(f"API {status['api_url']}  ingest {status['ingest_url']}  S3 {status['s3_endpoint']}  "
-              f"bucket {status['bucket']}")
+        print(f"API {status['api_url']}  web page {status['page_url']}  ingest {status['ingest_url']}  "
+              f"S3 {status['s3_endpoint']}  bucket {status['bucket']}")
         if (index := status["index"]) is not None:
             rebuild = index["rebuild"]
             print(f"index: {index['vectors']} vectors, model {index['model']}, generation {index['generation']}, "
@@ -484,7 +497,9 @@ def upload_plan(paths: list[Path], prefix: str, hidden: bool = False) -> tuple[d
 
 
 # the service's fields that CLI options set under other names, for its errors (``_error_text``)
-SEARCH_OPTIONS = {"modified_after": "--after", "modified_before": "--before", "min_score": "--min-score"}
+SEARCH_OPTIONS = {"modified_after": "--after", "modified_before": "--before", "min_score": "--min-score",
+                  "text": "--text", "key": "--key", "k": "-k", "prefix": "--prefix"}
+DUPLICATES_OPTIONS = {"min_matches": "--min-matches", "prefix": "--prefix", "limit": "--limit", "offset": "--offset"}
 
 
 def search_request(settings: Settings, query: dict[str, Any], image: Path | None = None) -> Any:
@@ -565,7 +580,7 @@ def cmd_duplicates(settings: Settings, args: argparse.Namespace) -> int:
         params["min_matches"] = args.min_matches
     response = httpx.get(api_url(settings) + "/duplicates", params=params, headers=read_headers(settings), timeout=60)
     if response.status_code != 200:
-        raise CLIError(_error_text(response))
+        raise CLIError(_error_text(response, DUPLICATES_OPTIONS))
     report = response.json()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -573,11 +588,19 @@ def cmd_duplicates(settings: Settings, args: argparse.Namespace) -> int:
     for group in report["groups"]:
         print(f"{group['size']} copies (links of >= {group['min_matches']} matches):")
         for i, member in enumerate(group["members"]):
-            pixels = f"{member['pixels'] / 1e6:.1f} MP" if member["pixels"] else "size unknown"
+            pixels = pixel_count(member["pixels"])
             print(f"  {'best' if i == 0 else '    '}  {plain(member['bucket'] + '/' + member['key'])}  ({pixels})")
     pending = f"; {report['pending']} objects still being checked" if report["pending"] else ""
-    print(f"{report['total']} groups{page_note(report['total'], args.offset, len(report['groups']))}{pending}")
+    print(f"{counted(report['total'], 'group')}{page_note(report['total'], args.offset, len(report['groups']))}"
+          f"{pending}")
     return 0
+
+
+def pixel_count(pixels: int) -> str:
+    """``12.2 MP``; a small image in pixels (a 151x150 copy was "0.0 MP": review 31)."""
+    if not pixels:
+        return "size unknown"
+    return f"{pixels / 1e6:.1f} MP" if pixels >= 100_000 else f"{pixels:,} pixels"
 
 
 def read_headers(settings: Settings) -> dict[str, str]:
@@ -639,8 +662,9 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         if not args.json and not result["retried" if args.retry else "cleared"] and body:  # a typo in a value?
             print(_none_has(selection, args.key))
         return 0
+    limit, offset = 100 if args.limit is None else args.limit, args.offset or 0
     response = httpx.get(api_url(settings) + "/failures", params={**selection, "key": args.key or [],
-                                                                  "limit": args.limit, "offset": args.offset},
+                                                                  "limit": limit, "offset": offset},
                          headers=read_headers(settings), timeout=30)
     if response.status_code != 200:
         raise CLIError(_error_text(response))
@@ -652,7 +676,7 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
         print(f"{when}  {record['reason']:16} x{record['attempts']}  {plain(record['bucket'] + '/' + record['key'])}: "
               f"{plain(record['message'])}")
-    print(f"{counted(page['total'], 'failure record')}{page_note(page['total'], args.offset, len(page['failures']))}")
+    print(f"{counted(page['total'], 'failure record')}{page_note(page['total'], offset, len(page['failures']))}")
     if not page["total"] and (selection or args.key):  # a typo in a value? (`--reason corupt` said only "0")
         print(_none_has(selection, args.key))
     return 0
@@ -771,8 +795,9 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     print(f"rebuild {job['id']} {job['state']}: {job['done']}/{job['total']} settled, {job['failed']} failed"
           + (f" ({job['error']})" if job.get("error") else "")
           # (a reembed under a tighter limit swapped in without them, and only `failures --retry` brings them back)
-          + (": not in the index now; `bucketlens failures` says why, `bucketlens failures --retry` sends them "
-             "again (after raising a limit)" if job["failed"] and job["state"] == "done" else ""))
+          + (": not in the new index (a corrupt or empty file, no image, or over a limit such as "
+             "BUCKETLENS_MAX_PIXELS); `bucketlens failures` says which and why, `bucketlens failures --retry` sends "
+             "them again once mended" if job["failed"] and job["state"] == "done" else ""))
     return 0 if job["state"] == "done" else 1
 
 
@@ -840,8 +865,9 @@ def _error_text(response: httpx.Response, options: dict[str, str] | None = None)
         error = response.json()["error"]
         hint = TOKEN_VARIABLES.get(error["message"])
         message = str(error["message"])
-        if options and (field := message.split(" ", 1)[0]) in options:
-            message = options[field] + message[len(field):]
+        for field, option in (options or {}).items():  # a field leading the message, or a name_with_underscores
+            # anywhere in it ("--after must be earlier than modified_before": review 31)
+            message = re.sub(rf"^{field}\b(?!-)" if "_" not in field else rf"\b{field}\b", option, message)
         return f"{response.status_code} {error['code']}: {message}" + (
             f" (the CLI sends {hint}: set it to the index service's)" if hint else "")
     except (ValueError, KeyError, TypeError):

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
@@ -82,6 +82,13 @@ register_url_convertor("key", KeyConvertor())
 # The web page is not framed by other sites, not sniffed, and sends no Referer (it is opened as /?token=... when a
 # read token is set).
 PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+TOKEN_PAGE = """<!doctype html><html lang="en"><meta charset="utf-8"><title>bucketlens: read token needed</title>
+<body style="font-family: system-ui, sans-serif; max-width: 640px; margin: 60px auto; line-height: 1.5">
+<h1>This page needs the read token</h1>
+<p>{given}Open the page as <code>/?token=READ_TOKEN</code>. On the local stack <code>bucketlens status</code> prints
+this address with its token; otherwise the token is <code>BUCKETLENS_READ_TOKEN</code> where the index service runs.
+The admin token does not open the page.</p></body></html>
+"""
 
 
 # Query images decoded and embedded at once; the rest wait their turn. The work is CPU-bound (no gain past the
@@ -344,7 +351,11 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def page(request: Request) -> Response:
         # Not the admin token: the page carries its token in preview addresses, and query strings end up in browser
         # history and proxy logs (review 30).
-        may_read(request, admin_too=False)
+        try:
+            may_read(request, admin_too=False)
+        except HTTPError:  # a browser showed the API's JSON error, and no way on (review 31)
+            given = "The token in this address is not the read token. " if "token" in request.query_params else ""
+            return HTMLResponse(TOKEN_PAGE.format(given=given), status_code=401, headers=PAGE_HEADERS)
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     app = Starlette(

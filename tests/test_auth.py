@@ -139,6 +139,11 @@ def test_with_a_read_token_every_read_route_needs_it() -> None:
     # The admin token reads too (review 28: an operator holding it was refused a search), but opens no web page,
     # which puts its token into preview addresses (review 30).
     assert client.get("/", params={"token": "at"}).status_code == 401
+    # A browser is told how to open the page, not shown the API's JSON (review 31); the token is never echoed.
+    for params, wrong in (({}, False), ({"token": "r<b>"}, True)):
+        refused = client.get("/", params=params)
+        assert refused.headers["content-type"].startswith("text/html") and "/?token=READ_TOKEN" in refused.text
+        assert ("is not the read token" in refused.text) == wrong and "r<b>" not in refused.text
     served = TestClient(client.app, base_url="http://127.0.0.1", raise_server_exceptions=False)  # past the check:
     assert served.get("/labels", headers={"Authorization": "Bearer at"}).status_code == 500  # no service here
     assert TestClient(create_app(Settings(read_token="rt")), base_url="http://127.0.0.1").get(

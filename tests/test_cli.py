@@ -379,6 +379,12 @@ def test_listings_say_which_page_they_show_and_take_an_offset(api: FakeAPI, caps
                                                  "groups": [group] * 50})
     assert main(["duplicates"]) == 0
     assert "1013 groups (1-50 shown; --offset 50 lists the next)" in capsys.readouterr().out
+    small = {**group["members"][0], "pixels": 151 * 150}  # (was "0.0 MP", and "1 groups": review 31)
+    api.answers[("GET", "/duplicates")] = (200, {"model": "m", "total": 1, "offset": 0, "limit": 50, "pending": 0,
+                                                 "groups": [{**group, "members": [small, small]}]})
+    assert main(["duplicates"]) == 0
+    out = capsys.readouterr().out
+    assert "(22,650 pixels)" in out and out.endswith("\n1 group\n"), out
     record = {"bucket": "b", "key": "k.jpg", "etag": "e", "reason": "corrupt", "message": "m", "attempts": 1,
               "time": 0.0}
     api.answers[("GET", "/failures")] = (200, {"total": 1003, "offset": 1000, "limit": 100,
@@ -480,6 +486,7 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     assert main(["status", "--json"]) == NOT_RUNNING  # the stack's processes are down: a health check sees it
     status = json.loads(capsys.readouterr().out)
     assert not any(status["processes"].values())
+    assert status["page_url"] == f"http://127.0.0.1:{api.port}/"  # (no read token here: the address alone)
     assert status["index"] == {"model": "lite0-copy-v3", "generation": 3, "vectors": 12, "index_type": "Flat",
                                "rebuild": rebuild, "ready": True, "reason": ""}
     assert main(["status"]) == NOT_RUNNING
@@ -598,6 +605,9 @@ def test_a_stack_that_cannot_do_what_is_asked_says_so_in_one_line(api: FakeAPI,
     (["rebuild", "--cancel", "--wait"], ["--cancel takes no --wait"]),
     (["rebuild", "--cancel", "r1", "--model", "m", "--reindex"], ["--cancel takes no --reindex or --model"]),
     (["search", "--text", "cat", "--min-score", "x"], ["--min-score: must be a number, not 'x'"]),
+    (["failures", "--retry", "--limit", "5"], ["usage: bucketlens failures ", "--limit pages the listing"]),
+    (["failures", "--clear", "--offset", "0"], ["--offset pages the listing"]),  # (was ignored: review 31)
+    (["rebuild", "--cancel", "--wait"], ["usage: bucketlens rebuild "]),  # its own usage, not the command list's
     # a typo: the command's usage and the option likely meant (the top-level usage listed the commands: review 26)
     (["search", "--prefx", "a/", "--text", "cat"], ["usage: bucketlens search ", "bucketlens search: error: "
                                                    "unrecognized arguments: --prefx (did you mean --prefix?)"]),
@@ -768,7 +778,9 @@ def test_up_on_a_running_stack_says_its_processes_keep_their_settings(
     # The page's address carries the token the running service has (none: it kept its settings), not this shell's
     assert f"web page {stack.api_url}/  " in out, out
     assert main(["status", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["read_token"] == "r+t&"  # this shell's own word, for its commands
+    status = json.loads(capsys.readouterr().out)
+    assert status["read_token"] == "r+t&"  # this shell's own word, for its commands
+    assert status["page_url"] == f"{stack.api_url}/"  # the page opens with the service's (none), as `up` says
     assert page_url("http://h:1", "r+t&/ ?") == "http://h:1/?token=r%2Bt%26%2F%20%3F"
 
 
@@ -840,8 +852,9 @@ def test_a_rebuild_that_left_objects_out_says_how_to_bring_them_back(api: FakeAP
     api.answers[("GET", "/rebuild/r1")] = (200, {**RUNNING, "state": "done", "done": 65, "total": 65, "failed": 38})
     assert main(["rebuild", "--wait"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "rebuild r1 done: 65/65 settled, 38 failed: not in the index now; `bucketlens failures` says why, "
-        "`bucketlens failures --retry` sends them again (after raising a limit)")
+        "rebuild r1 done: 65/65 settled, 38 failed: not in the new index (a corrupt or empty file, no image, or over "
+        "a limit such as BUCKETLENS_MAX_PIXELS); `bucketlens failures` says which and why, `bucketlens failures "
+        "--retry` sends them again once mended")  # (not "after raising a limit" for corrupt files: review 31)
 
 
 def test_waiting_outlasts_a_service_briefly_away(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
@@ -866,6 +879,18 @@ def test_a_search_refused_names_the_options_typed(api: FakeAPI, capsys: pytest.C
     assert main(["search", "--text", "cat", "--after", "notadate"]) == 1
     one_error_line(capsys, "bucketlens search: 400 bad_parameter: --after must be an ISO 8601 date or time",
                    "got 'notadate'")
+    # Every field it names, not only the first word (review 31); plain words are options only leading the message.
+    for message, said in (("modified_after must be earlier than modified_before",
+                           "--after must be earlier than --before"),
+                          ("text must be a non-empty string", "--text must be a non-empty string"),
+                          ("a key of text must be given", "a key of text must be given")):
+        api.answers[("POST", "/search")] = (400, {"error": {"code": "bad_parameter", "message": message}})
+        assert main(["search", "--text", "cat"]) == 1
+        one_error_line(capsys, f"bucketlens search: 400 bad_parameter: {said}\n")
+    api.answers[("GET", "/duplicates")] = (400, {"error": {"code": "bad_parameter", "message": "min_matches must be "
+                                                           "at least 12"}})
+    assert main(["duplicates", "--min-matches", "5"]) == 1
+    one_error_line(capsys, "bucketlens duplicates: 400 bad_parameter: --min-matches must be at least 12")
 
 
 def test_a_non_finite_min_score_and_an_ipv6_host_are_no_tracebacks(api: FakeAPI, monkeypatch: pytest.MonkeyPatch,
