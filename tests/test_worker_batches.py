@@ -225,3 +225,27 @@ def test_the_heartbeat_names_the_models_a_batch_is_embedded_with(monkeypatch: py
     assert {e.model for e in out.embedded} == {"lite0-copy-v3", "lite0-copy-v3-fast"} and len(out.embedded) == 4
     assert told and set().union(*told) == {"lite0-copy-v3", "lite0-copy-v3-fast"}
     assert all(models == sorted(set(models)) for models in told)  # each call names a model once, in order
+
+
+def test_the_log_names_each_object_that_failed(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+                                               ) -> None:
+    """The batch's line said "1 failed" and no key (review 31); a key an uploader chose is written escaped."""
+    class Writer:
+        def write(self, *args: Any) -> None:
+            pass
+
+        def record_timings(self, timings: dict[str, float]) -> None:
+            pass
+
+    monkeypatch.setattr(pipeline_module, "fetch", lambda s3, ref, max_bytes, timeout_s: b"no image" if "bad" in
+                        ref.key else png())
+    p = Pipeline(Settings(), embedder=Model(), client=Redis())  # type: ignore[arg-type]
+    p.writer = Writer()  # type: ignore[assignment]
+    try:
+        out = p.process([ObjectRef("b", key, "e") for key in ("good.png", "bad\nforged line.jpg")])
+    finally:
+        p.pool.shutdown()
+    caplog.set_level("INFO", logger=pipeline_module.log.name)
+    p.write(out, 1, since=time.monotonic())
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed:")]
+    assert line.startswith("failed: 'b/bad\\nforged line.jpg' (") and "\n" not in line, line
