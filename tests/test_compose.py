@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,12 @@ def test_build_dockerfiles_exist(compose: dict[str, Any]) -> None:
         args = {} if isinstance(build, str) else (build.get("args") or {})
         declared = {line.split()[1].split("=")[0] for line in text.splitlines() if line.startswith("ARG ")}
         assert set(args) <= declared, f"{name}: build args {sorted(set(args) - declared)} not declared"
+        # Every package the project installs is copied in: vision/ was not, and every service died at its first
+        # import (review 33).
+        packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+        copied = {line.split()[1] for line in text.splitlines() if line.startswith("COPY ")}
+        missing = [p.rstrip("*") for p in packages["include"] if p.rstrip("*") not in copied]
+        assert not missing, f"{dockerfile} copies no {missing} (pyproject.toml installs them)"
 
 
 def test_ports_are_published_on_loopback_only(compose: dict[str, Any]) -> None:
