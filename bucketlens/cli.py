@@ -428,6 +428,10 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     from .s3 import make_client
 
     files, skipped, hidden = upload_plan(args.paths, args.prefix, args.hidden)
+    if args.prefix.startswith("/") or {".", ".."} & set(args.prefix.split("/")):  # (accepted without a word: review
+        # 31; S3 takes such keys, browsers and HTTP libraries rewrite their addresses)
+        print(f"note: keys under {args.prefix!r} have a leading '/' or a '.' or '..' segment: searches find them, but "
+              "their presigned URLs do not open in browsers (README, \"HTTP API\"; the web page shows /preview)")
     if not files:
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(map(str, args.paths))}"
                        + (f" ({hidden} hidden files left out: --hidden takes them)" if hidden else ""))
@@ -460,7 +464,8 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
              else f"s3://{bucket} under the key prefix {args.prefix!r} (e.g. {first!r}: add '/' for a folder)")
     print(f"uploaded {counted(len(files), 'image')} to {where}"
           + (f"; {counted(skipped, 'other file')} left out (by their names: not "
-             f"{', '.join(sorted(IMAGE_SUFFIXES))}, or macOS's ._ metadata)" if skipped else "")
+             f"{', '.join(sorted(IMAGE_SUFFIXES))}, or macOS's ._ metadata; or links that lead nowhere)"
+             if skipped else "")
           + (f"; {counted(hidden, 'hidden file')} left out (names starting with '.', @eaDir; --hidden takes them)"
              if hidden else ""))
     return 0
@@ -478,7 +483,9 @@ def upload_plan(paths: list[Path], prefix: str, hidden: bool = False) -> tuple[d
     skipped = left_hidden = 0
     for path in paths:
         if path.is_dir():
-            named = [(p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*")) if p.is_file()]
+            below, unreadable = _files_below(path)
+            skipped += unreadable
+            named = [(p.relative_to(path).as_posix(), p) for p in below]
             if not hidden:
                 shown = [(name, file) for name, file in named
                          if not any(part.startswith(".") or part in HIDDEN_FOLDERS for part in name.split("/"))]
@@ -494,6 +501,29 @@ def upload_plan(paths: list[Path], prefix: str, hidden: bool = False) -> tuple[d
             elif keys.setdefault(prefix + name, file).resolve() != file.resolve():
                 raise CLIError(f"{keys[prefix + name]} and {file} would both be uploaded as {prefix + name!r}")
     return keys, skipped, left_hidden
+
+
+def _files_below(folder: Path) -> tuple[list[Path], int]:
+    """The files below ``folder``, through linked folders as ``aws s3 sync`` goes (each real folder once: a link
+    loop ends), and how many entries are no file (links that lead nowhere, sockets): a linked folder's photos and a
+    broken link were left out without a word (review 31)."""
+    files: list[Path] = []
+    others = 0
+    seen: set[str] = set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        folders.sort()  # (the same keys each time where a link and its target are both below)
+        for name in names:
+            file = Path(root, name)
+            if file.is_file():
+                files.append(file)
+            else:
+                others += 1
+    return sorted(files), others
 
 
 # the service's fields that CLI options set under other names, for its errors (``_error_text``)

@@ -692,6 +692,19 @@ def test_upload_leaves_out_macos_metadata_and_hidden_files_unless_asked(
     one_error_line(capsys, "no images", "(1 hidden files left out: --hidden takes them)")
 
 
+def test_upload_goes_through_linked_folders_once_and_counts_broken_links(tmp_path: Path) -> None:
+    """A linked folder's photos and a broken link were left out without a word (review 31); a link loop ends."""
+    (tmp_path / "photos/2023").mkdir(parents=True)
+    (tmp_path / "photos/2023/a.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere/b.jpg").write_bytes(b"x")
+    (tmp_path / "photos/linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "photos/loop").symlink_to(tmp_path / "photos")
+    (tmp_path / "photos/broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    keys, skipped, hidden = upload_plan([tmp_path / "photos"], "")
+    assert sorted(keys) == ["2023/a.jpg", "linked/b.jpg"] and (skipped, hidden) == (1, 0)
+
+
 def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket_in_one_line(
     stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     unique_prefix: str
