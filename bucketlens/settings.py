@@ -52,7 +52,7 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda
     runtime: str = "auto"  # auto | torch | onnx | onnx-int8  (which engine runs the model)
     half: bool = True  # half precision on CUDA
-    torch_threads: int = 0  # 0: all cores
+    torch_threads: int = 0  # 0: the cores shared among the worker processes (ONNX Runtime); torch's own default
     max_object_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 64_000_000  # decompression-bomb guard
     fetch_timeout_s: float = 30.0  # per-object download deadline
@@ -60,7 +60,7 @@ class Settings:
     visibility_timeout_s: int = 600  # broker redelivers an unacknowledged task after this
     max_redeliveries: int = 5
     max_retries: int = 8
-    worker_concurrency: int = 0  # worker processes; 0: one per core on CPU (measured best), one on CUDA
+    worker_concurrency: int = 0  # worker processes; 0: one per core (vision.embedders.worker_processes)
     merge_batch: int = 512
     snapshot_every_s: float = 60.0
     snapshot_every_entries: int = 5000
@@ -84,7 +84,7 @@ class Settings:
     milvus_hnsw_ef_construction: int = 200
     milvus_hnsw_ef: int = 64  # HNSW search breadth (raised to k when k is larger)
     milvus_ivf_nprobe: int = 16  # IVF lists scanned per query (nlist is ~4 sqrt(n) at build time)
-    canary_interval_s: float = 30.0  # how often the local supervisor checks services and writes a canary
+    canary_interval_s: float = 30.0  # how often the local supervisor writes a canary (services: every second)
     canary_timeout_s: float = 30.0  # a canary undelivered for longer is a stalled topic: restart radosgw
     liveness_timeout_s: float = 60.0  # a local-stack process running but silent this long is hung: kill, restart
     log_level: str = "INFO"

@@ -25,7 +25,8 @@ class Recipe:
     ``pooling``: how the last feature map becomes a vector, ``mean`` (the classifier's own) or ``gem`` (generalised
     mean with exponent ``gem_p``, which weights strong local activations: better for instance retrieval).
     ``centre``: subtract the mean descriptor fitted on photos (``vision/fitted/<name>.npy``, made by
-    ``python -m vision.fit``), which removes the direction every photo shares and spreads unrelated photos apart.
+    ``python -m bench.quality --fit``), which removes the direction every photo shares and spreads unrelated photos
+    apart.
     ``local_features``: workers also extract ORB keypoints for spatial verification (``vision/local_features.py``).
     ``trim_borders``: solid-colour borders are cut off before anything is computed (``vision/decode.py``).
     ``promote_matches``: a search's verified candidates with at least this many consistent local matches move to
