@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import httpx
 from redis import RedisError
@@ -93,7 +94,7 @@ def wait_indexed(api: httpx.Client, bucket: str, key: str, timeout_s: float = 12
     """Seconds until ``GET /objects/{bucket}/{key}`` says ``indexed``, polling every ``poll_s``."""
     started = time.perf_counter()
     while time.perf_counter() - started < timeout_s:
-        response = api.get(f"/objects/{bucket}/{key}")
+        response = api.get(f"/objects/{bucket}/{quote(key, safe='/')}")  # (a key with #, ? or %: review 33)
         if response.status_code == 200 and response.json()["state"] == "indexed":
             return time.perf_counter() - started
         if response.status_code == 200 and response.json()["state"] == "failed":
