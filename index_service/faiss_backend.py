@@ -3,7 +3,6 @@ snapshots (``snapshots.py``: vectors, objects, tombstones and the last applied s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 from bucketlens.settings import Settings
@@ -11,7 +10,7 @@ from vision.models import dims, recipe
 
 from .backend import Index
 from .feature_store import FeatureStore
-from .snapshots import SnapshotStore
+from .snapshots import SnapshotStore, local_folder
 from .vector_index import INDEX_TYPES, VectorIndex, set_search_threads
 
 
@@ -28,7 +27,7 @@ class FaissBackend:
         # other's index. Copies from before, directly under ``snapshots/``, are still read (never pruned).
         shared = f"{settings.reserved_prefix}snapshots/"
         self.snapshots = SnapshotStore(
-            Path(settings.home) / "snapshots" / settings.namespace, settings.snapshots_kept,
+            local_folder(settings.home, settings.namespace), settings.snapshots_kept,
             s3 if settings.snapshot_s3 else None, settings.bucket, f"{shared}{settings.namespace}/", older=shared,
         )
         self.last: dict[str, Any] | None = None

@@ -51,7 +51,7 @@ from .rebuild import RebuildJob, Rebuilds
 from .reconcile import reconcile
 from .redelivery import CHECK_EVERY_S, Redelivery
 from .snapshots import SUFFIX as SNAPSHOT_SUFFIX
-from .snapshots import SnapshotHealth
+from .snapshots import SnapshotHealth, local_folder
 from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ class Service:
             fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
             if path.exists():  # another replica took it over meanwhile
                 return
-            snapshots = Path(self.settings.home) / "snapshots" / self.settings.namespace
+            snapshots = local_folder(self.settings.home, self.settings.namespace)
             if any(snapshots.glob(f"*{SNAPSHOT_SUFFIX}")):
                 copy = path.with_name(f".{path.name}.copy")
                 with contextlib.closing(sqlite3.connect(shared)) as source, \

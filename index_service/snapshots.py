@@ -260,6 +260,12 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def local_folder(home: str | Path, namespace: str) -> Path:
+    """Where a namespace's snapshots lie on disk (the FAISS backend writes them; a Milvus service looks whether FAISS
+    ran in this home)."""
+    return Path(home) / "snapshots" / namespace
+
+
 class SnapshotStore:
     """Snapshots in a local folder and, optionally, under an S3 prefix; keeps the newest ``keep``."""
 
