@@ -23,7 +23,7 @@ import httpx
 
 from vision.models import RECIPES
 
-from .settings import BUCKET_NAME, Settings, unknown_variables
+from .settings import ALL_INDEX_TYPES, BUCKET_NAME, INDEX_TYPES, Settings, only_backend, unknown_variables
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 JSON_HELP = "print the service's answer as JSON (for scripts)"
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bucketlens", description="Event-driven image similarity for S3 buckets.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the local stack (Redis, Ceph RGW, ingest, worker, index service)")
-    up.add_argument("--backend", choices=["faiss", "milvus"],
+    up.add_argument("--backend", choices=list(INDEX_TYPES),
                     help="index backend (remembered by the stack; default: BUCKETLENS_INDEX_BACKEND, else the one it "
                     "has, else faiss)")
     up.add_argument("--replicas", type=int, help="index service processes answering queries (milvus; one merges)")
@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--clear", action="store_true", help="delete the selected records")
     rebuild = sub.add_parser("rebuild", help="rebuild the index with no downtime (default: re-embed everything)")
     rebuild.add_argument("--reindex", action="store_true", help="rebuild the FAISS structure from stored vectors")
-    rebuild.add_argument("--index-type", choices=["Flat", "IVF", "IVF-SQ8", "HNSW", "auto"],
-                         help="IVF-SQ8: the FAISS backend only, HNSW: the Milvus backend only; auto: the size "
-                              "policy (BUCKETLENS_APPROX_THRESHOLD) picks again")
+    rebuild.add_argument("--index-type", choices=[*ALL_INDEX_TYPES, "auto"],
+                         help=", ".join(f"{t}: the {b} backend only" for t in ALL_INDEX_TYPES
+                                        if (b := only_backend(t))) + "; auto: the size policy "
+                              "(BUCKETLENS_APPROX_THRESHOLD) picks again")
     rebuild.add_argument("--bucket", type=bucket_name,
                          help="re-embed only this bucket, keeping the others as they are (default: every bucket the "
                          "index holds, and BUCKETLENS_BUCKET)")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     reconcile.add_argument("--dry-run", action="store_true",
                            help="only say what it would send for embedding and remove from the index")
     demo = sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
-    demo.add_argument("--backend", choices=["faiss", "milvus"], help="index backend, as for 'up'")
+    demo.add_argument("--backend", choices=list(INDEX_TYPES), help="index backend, as for 'up'")
     args, extra = parser.parse_known_args(argv)
     if extra:  # the command's own usage, and the option likely meant (the top-level usage listed the commands)
         command = sub.choices[args.command]

@@ -10,9 +10,19 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from vision.models import RECIPES  # names only: vision/models.py imports neither torch nor OpenCV
+from vision.models import DEFAULT_MODEL, RECIPES  # names only: vision/models.py imports neither torch nor OpenCV
 
 PREFIX = "BUCKETLENS_"
+# The index backends (index_service/faiss_backend.py, milvus_index.py), each with the index types it builds: the
+# exact scan first, then the approximate ones (the size policy's BUCKETLENS_FAISS_/MILVUS_INDEX_TYPE).
+INDEX_TYPES: dict[str, tuple[str, ...]] = {"faiss": ("Flat", "IVF", "IVF-SQ8"), "milvus": ("Flat", "HNSW", "IVF")}
+ALL_INDEX_TYPES = tuple(dict.fromkeys(t for types in INDEX_TYPES.values() for t in types))
+
+
+def only_backend(index_type: str) -> str | None:
+    """The one backend that builds ``index_type`` (None: several or none)."""
+    builders = [name for name, types in INDEX_TYPES.items() if index_type in types]
+    return builders[0] if len(builders) == 1 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +58,7 @@ class Settings:
     ingest_max_memory_fraction: float = 0.9  # ingest answers 503 above this share of Redis's maxmemory
     dedup_ttl_s: int = 3600  # how long a (bucket, key, etag, sequencer) is remembered as seen
     wordnet: Path = Path("/usr/share/wordnet")  # WordNet 3.0 (Debian's wordnet-base), for text queries
-    model: str = "lite0-copy-v3"  # a recipe of vision/models.py (DEFAULT_MODEL there)
+    model: str = DEFAULT_MODEL  # a recipe of vision/models.py
     device: str = "auto"  # auto | cpu | cuda
     runtime: str = "auto"  # auto | torch | onnx | onnx-int8  (which engine runs the model)
     half: bool = True  # half precision on CUDA
@@ -147,9 +157,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model": tuple(RECIPES),
     "device": ("auto", "cpu", "cuda"),
     "runtime": ("auto", "torch", "onnx", "onnx-int8"),
-    "faiss_index_type": ("IVF", "IVF-SQ8"),
-    "index_backend": ("faiss", "milvus"),  # index_service.backend.BACKENDS (tests/test_settings.py holds them equal)
-    "milvus_index_type": ("HNSW", "IVF"),
+    "faiss_index_type": INDEX_TYPES["faiss"][1:],
+    "index_backend": tuple(INDEX_TYPES),
+    "milvus_index_type": INDEX_TYPES["milvus"][1:],
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
 

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from bucketlens.settings import Settings
 
 log = logging.getLogger(__name__)
-BACKENDS = ("faiss", "milvus")  # what ``bucketlens.settings`` accepts for ``index_backend``
 
 Tombstones = dict[str, tuple[int, float]]  # object id -> (order of the delete, when it was applied)
 

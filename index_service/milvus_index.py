@@ -49,6 +49,7 @@ from pymilvus.client.types import LoadState
 from bucketlens.keys import Keys
 from bucketlens.redis_client import text
 from bucketlens.schemas import ResultEntry, object_id
+from bucketlens.settings import INDEX_TYPES as BACKEND_TYPES
 from bucketlens.settings import Settings
 from vision import labels as vision_labels
 from vision.models import recipe
@@ -658,7 +659,7 @@ class MilvusBackend:
 
     name = "milvus"
     shared = True
-    index_types = tuple(INDEX_TYPES)
+    index_types = BACKEND_TYPES["milvus"]
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys,
                  features: Callable[[int], FeatureStore]) -> None:

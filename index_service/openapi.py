@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from bucketlens.openapi import ERROR, Schema, answer, bearer, document, errors, json_content, obj, parameter, ref
+from bucketlens.settings import ALL_INDEX_TYPES, INDEX_TYPES
 from vision.local_features import IDENTICAL, MIN_INLIERS
 
 from .duplicates import GROUP_MATCHES
@@ -156,7 +157,7 @@ SCHEMAS: dict[str, Schema] = {
                   "rebuild": {**nullable(ref("RebuildJob")), "description": "the running or last rebuild, of this "
                                                                             "process or (on the writer) the one "
                                                                             "before it (null: none)"},
-                  "backend": {"enum": ["faiss", "milvus"]}, "replica": TEXT,
+                  "backend": {"enum": list(INDEX_TYPES)}, "replica": TEXT,
                   "writer": {"type": "boolean", "description": "this replica merges the stream"},
                   "duplicates": obj({"pending": {"type": "integer", "description": "objects not yet checked"},
                                      "checked": {"type": "integer", "description": "objects checked since start"},
@@ -235,7 +236,7 @@ SCHEMAS: dict[str, Schema] = {
                       ("model", "total", "offset", "limit", "pending", "groups")),
     "RebuildRequest": obj({"mode": {"enum": ["reembed", "reindex"], "default": "reembed"},
                            "bucket": {"type": "string", "minLength": 1},
-                           "index_type": {"enum": ["Flat", "IVF", "IVF-SQ8", "HNSW", "auto"],
+                           "index_type": {"enum": [*ALL_INDEX_TYPES, "auto"],
                                           "description": "kept whatever the index's size from the job's end on "
                                                          "(auto: the size policy picks again); IVF-SQ8: FAISS "
                                                          "backend only; HNSW: Milvus backend only"},

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from bucketlens.redis_client import text
 from bucketlens.schemas import ResultEntry, json_object, object_id, split_object_id
+from bucketlens.settings import only_backend
 from ingest.scanner import head, scan
 from vision.models import recipe
 from vision.network import weights_path
@@ -96,9 +97,9 @@ class Rebuilds:
                 raise ValueError(f"{name} must be a string")
         types = self.service.backend.index_types
         if index_type is not None and index_type not in (*types, "auto"):
-            other = {"IVF-SQ8": "the FAISS backend", "HNSW": "the Milvus backend"}.get(index_type)
+            other = only_backend(index_type)
             raise ValueError(f"index_type must be one of {', '.join(types)} or auto (the size policy picks)"
-                             + (f"; {index_type} is {other}'s only" if other else ""))
+                             + (f"; {index_type} is the {other} backend's only" if other else ""))
         if model is not None and mode != "reembed":
             raise ValueError("only a reembed can switch models")
         if model is not None:

@@ -38,6 +38,7 @@ import numpy as np
 from sortedcontainers import SortedList
 
 from bucketlens.schemas import ResultEntry, object_id
+from bucketlens.settings import INDEX_TYPES as BACKEND_TYPES
 
 from .backend import ApplyStats, Indexed, SearchOne, Tombstones, indexed, nearest, tombstone_after, verdict
 from .feature_store import FeatureStore
@@ -62,7 +63,7 @@ def training_rows(n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, min(n, ivf_lists(n) * 64), replace=False))
 
 
-INDEX_TYPES = ("Flat", "IVF", "IVF-SQ8")
+INDEX_TYPES = BACKEND_TYPES["faiss"]
 
 
 def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.ndarray],

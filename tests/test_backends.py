@@ -26,8 +26,8 @@ import pytest
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ResultEntry
-from bucketlens.settings import Settings
-from index_service.backend import BACKENDS, TIES, Backend, Index, Indexed, nearest, open_backend
+from bucketlens.settings import INDEX_TYPES, Settings
+from index_service.backend import TIES, Backend, Index, Indexed, nearest, open_backend
 from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
 from index_service.merger import Merger
@@ -105,7 +105,7 @@ class Fixture:
         self.redis.close()
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=list(INDEX_TYPES))
 def fixture(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> Iterator[Fixture]:
     made = Fixture(request.param, request, redis_url, tmp_path)
     yield made

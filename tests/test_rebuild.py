@@ -349,7 +349,7 @@ def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
     for wrong in ({"model": ["m"]}, {"index_type": {"t": 1}}):  # (a list was a 500)
         with pytest.raises(ValueError, match="must be a string"):
             service.rebuilds.start("reembed", **wrong)
-    with pytest.raises(ValueError, match="HNSW is the Milvus backend's only"):  # (said only what FAISS takes)
+    with pytest.raises(ValueError, match="HNSW is the milvus backend's only"):  # (said only what FAISS takes)
         service.rebuilds.start("reindex", index_type="HNSW")
     for _ in range(2):  # the second is not refused as "already running"
         with pytest.raises(ConnectionError):

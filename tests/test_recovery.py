@@ -24,8 +24,8 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
-from bucketlens.settings import Settings
-from index_service.backend import BACKENDS, open_backend
+from bucketlens.settings import INDEX_TYPES, Settings
+from index_service.backend import open_backend
 from index_service.feature_store import FeatureStore
 from index_service.merger import CLAIM_IDLE_MS, Merger
 from index_service.queues import queue_report
@@ -104,7 +104,7 @@ def own_settings(stack: Stack, prefix: str, backend: str, milvus_uri: str, **ove
                                api_port=free_port(), index_backend=backend, milvus_uri=milvus_uri, **overrides)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=list(INDEX_TYPES))
 def service(stack: Stack, request: pytest.FixtureRequest) -> Iterator[IndexProcess]:
     """An index service of its own, on each backend (Milvus: the session's server)."""
     uri = request.getfixturevalue("milvus_uri") if request.param == "milvus" else stack.settings.milvus_uri

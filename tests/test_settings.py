@@ -131,13 +131,6 @@ def test_settings_made_in_code_are_checked_too() -> None:
         dataclasses.replace(Settings(), snapshots_kept=0)
 
 
-def test_the_backends_settings_accept_are_the_ones_the_service_opens() -> None:
-    from bucketlens.settings import CHOICES
-    from index_service.backend import BACKENDS
-
-    assert CHOICES["index_backend"] == BACKENDS
-
-
 @pytest.mark.parametrize("variable", ["BUCKETLENS_HOME", "BUCKETLENS_BUCKET", "BUCKETLENS_NAMESPACE",
                                       "BUCKETLENS_INGEST_HOST", "BUCKETLENS_API_HOST"])
 def test_an_empty_name_is_refused(variable: str) -> None:
