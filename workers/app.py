@@ -23,8 +23,8 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.settings import Settings
 
+from .celery_logging import log_outages_once
 from .heartbeat import Deliveries, Request
-from .outages import log_outages_once
 from .pipeline import Pipeline
 from .tasks import register_tasks
 
