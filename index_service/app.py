@@ -34,9 +34,9 @@ from bucketlens.http import (
     unavailable_response,
 )
 from bucketlens.openapi import route as openapi_route
+from bucketlens.records import record
 from bucketlens.schemas import ObjectRef, object_id
 from bucketlens.settings import Settings
-from bucketlens.versions import record
 from vision import labels, local_features, words
 from vision.decode import decode_for, preview_jpeg
 from vision.embedders import Embedder

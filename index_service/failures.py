@@ -14,8 +14,8 @@ from typing import Any, Collection, Iterable, Mapping, Sequence, cast
 import redis
 
 from bucketlens.keys import Keys
+from bucketlens.records import record
 from bucketlens.schemas import ObjectRef, object_id
-from bucketlens.versions import record
 from ingest.publisher import Publisher
 
 CHUNK = 500  # records per Lua call: keeps each call short, Redis serves others in between

@@ -11,9 +11,9 @@ import redis
 
 from bucketlens.keys import Keys
 from bucketlens.outage import FailureRun
+from bucketlens.records import record
 from bucketlens.redis_client import text
 from bucketlens.schemas import NewerVersion, ResultEntry, SchemaError, object_id
-from bucketlens.versions import record
 
 log = logging.getLogger(__name__)
 # A batch another consumer of the group read this long ago and has not acknowledged is taken over: its reader lost

@@ -17,8 +17,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from bucketlens.records import record
 from bucketlens.schemas import ObjectRef, split_object_id
-from bucketlens.versions import record
 
 from .queues import queue_report
 

@@ -16,8 +16,8 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from bucketlens.ordering import time_order
+from bucketlens.records import record
 from bucketlens.schemas import CONTENT_REASONS, ObjectRef, object_id
-from bucketlens.versions import record
 from ingest.scanner import scan
 
 from .backend import Indexed

@@ -11,9 +11,9 @@ from celery import Celery
 
 from bucketlens.celery_config import celery_config
 from bucketlens.keys import EMBED_TASK, Keys
+from bucketlens.records import Records
 from bucketlens.schemas import ObjectRef, ResultEntry
 from bucketlens.settings import Settings
-from bucketlens.versions import Versions
 
 from .errors import NoGeneration
 
@@ -27,7 +27,7 @@ class Publisher:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.redis = client
-        self.versions = Versions(client, self.keys)
+        self.records = Records(client, self.keys)
         self.celery = Celery("bucketlens-publisher", set_as_current=False)
         self.celery.conf.update(celery_config(settings))
 
@@ -52,7 +52,7 @@ class Publisher:
         queued = time.time()  # lets the index service tell a lost task from one in flight (index_service/orphans.py)
         for start in range(0, len(refs), 1000):
             pipe = self.redis.pipeline(transaction=False)
-            self.versions.mark_pending(pipe, refs[start : start + 1000], queued)  # (a resent ref keeps its time)
+            self.records.mark_pending(pipe, refs[start : start + 1000], queued)  # (a resent ref keeps its time)
             pipe.execute()
         size = max(1, self.settings.batch_size)
         tasks = 0
@@ -71,7 +71,7 @@ class Publisher:
             for ref in refs[start : start + 1000]:
                 entry = ResultEntry("delete", ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation)
                 pipe.xadd(self.keys.results, entry.to_fields())
-            self.versions.settle(pipe, refs[start : start + 1000])  # clears an older version's failure record
+            self.records.settle(pipe, refs[start : start + 1000])  # clears an older version's failure record
             pipe.execute()
 
     def close(self) -> None:

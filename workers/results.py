@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Sequence
 import redis
 
 from bucketlens.keys import STAGE_BUCKETS, Keys, stage_bucket_field
+from bucketlens.records import Records
 from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
-from bucketlens.versions import Versions
 
 if TYPE_CHECKING:
     from .pipeline import Embedded
@@ -19,7 +19,7 @@ class ResultWriter:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.redis = client
         self.keys = keys
-        self.versions = Versions(client, keys)
+        self.records = Records(client, keys)
 
     def write(
         self,
@@ -42,11 +42,11 @@ class ResultWriter:
             note = ResultEntry(op, ref.bucket, ref.key, ref.etag, ref.sequencer, ref.order, ref.generation,
                                reason=reason)
             pipe.xadd(self.keys.results, note.to_fields())
-        self.versions.record_failures(pipe, [(ref, failure_record(ref, reason, message, attempts, now))
+        self.records.record_failures(pipe, [(ref, failure_record(ref, reason, message, attempts, now))
                                              for ref, reason, message in failed])
         for _, reason, _ in failed:
             pipe.hincrby(self.keys.counters, f"failed:{reason}", 1)
-        self.versions.settle(pipe, [item.ref for item in embedded], [r for r, _, _ in failed] + list(skipped))
+        self.records.settle(pipe, [item.ref for item in embedded], [r for r, _, _ in failed] + list(skipped))
         if embedded:
             pipe.hincrby(self.keys.counters, "embedded", len(embedded))
         self._observe(pipe, timings)

@@ -73,7 +73,7 @@ def record(raw: bytes | str | None) -> dict[str, Any] | None:
     return value if value is not None and isinstance(value.get("etag"), str) else None
 
 
-class Versions:
+class Records:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.keys = keys
         self._settle = client.register_script(_SETTLE)
