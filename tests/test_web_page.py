@@ -55,11 +55,13 @@ def indexed(api: httpx.Client, bucket: str, key: str) -> bool:
     return (object_state(api, bucket, key) or {}).get("state") == "indexed"
 
 
-def open_page(browser: Browser, api: httpx.Client, bucket: str, keys: list[str]) -> tuple[Page, list[str]]:
+def open_page(
+    browser: Browser, api: httpx.Client, bucket: str, keys: list[str], viewport: tuple[int, int] = (1280, 900)
+) -> tuple[Page, list[str]]:
     """Wait until ``keys`` are indexed, then a page with the JavaScript errors it will raise."""
     for key in keys:
         wait_for(functools.partial(indexed, api, bucket, key), timeout_s=180, interval_s=0.5, what=f"{key} indexed")
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
     js_errors: list[str] = []
     page.on("pageerror", lambda exc: js_errors.append(str(exc)))
     return page, js_errors
@@ -155,7 +157,7 @@ def test_search_by_file_then_click_through(
         # suite these copies waited behind earlier tests' objects for over 60 s once.
         wait_for(lambda: api.get("/duplicates", params={"prefix": unique_prefix}).json()["total"] == 1 or None,
                  180, what="the copies grouped")
-        page.get_by_test_id("dup-prefix").fill(unique_prefix)
+        page.get_by_test_id("filter-prefix").fill(unique_prefix)  # the one folder box serves the groups too
         page.get_by_test_id("dup-submit").click()
         group = page.get_by_test_id("dup-group")
         expect(group).to_have_count(1)
@@ -223,17 +225,18 @@ def test_search_by_words_within_a_folder_and_by_tag(
         expect(page.get_by_test_id("unmatched")).to_contain_text("xyzzy")
         expect(cards).to_have_count(0)
 
-        # A date range that starts after today keeps nothing.
-        page.get_by_test_id("filter-after").fill("2999-01-01")
+        # A date range that starts after today keeps nothing: picking the date runs the shown search again.
         page.get_by_test_id("text-input").fill("coffee")
         page.get_by_test_id("text-submit").click()
         expect(results).to_have_attribute("data-search-count", "4")
+        expect(cards).to_have_count(2)
+        page.get_by_test_id("filter-after").fill("2999-01-01")
+        expect(results).to_have_attribute("data-search-count", "5")
         expect(cards).to_have_count(0)
 
         # The TIFF, which Chromium cannot show, is found and shows the service's JPEG of it (it showed "no preview").
         page.get_by_test_id("filter-after").fill("")
-        page.get_by_test_id("text-submit").click()
-        expect(results).to_have_attribute("data-search-count", "5")
+        expect(results).to_have_attribute("data-search-count", "6")
         expect(cards).to_have_count(2)
         tiff_thumb = results.locator(f'[data-key="{keys["coffee.tif"]}"] [data-testid=result-thumb]')
         tiff_thumb.scroll_into_view_if_needed()
@@ -261,7 +264,7 @@ def test_search_by_words_within_a_folder_and_by_tag(
 
         # A file searched by: the TIFF's own preview is the placeholder too (the search itself works).
         page.get_by_test_id("file-input").set_input_files(str(tiff))
-        expect(results).to_have_attribute("data-search-count", "6")
+        expect(results).to_have_attribute("data-search-count", "7")
         expect(page.get_by_test_id("error")).to_be_hidden()
         expect(page.get_by_test_id("query-thumb")).to_have_class(re.compile(r"\bbroken\b"))
 
@@ -318,5 +321,136 @@ def test_the_near_duplicates_view_pages_through_every_group(browser: Browser, st
     page.get_by_test_id("dup-submit").click()  # asked again: from the first page
     expect(groups).to_have_count(50)
     assert asked == [(0, 50), (50, 50), (100, 50), (0, 50)]
+    # A member is a button (it was a mouse-only figure): the keyboard opens it, and its title names the whole key.
+    member = groups.first.get_by_test_id("dup-member").first
+    expect(member).to_have_attribute("title", re.compile(r"^b/g0-0\.jpg\n"))
+    member.focus()
+    with page.expect_request(lambda request: request.url.endswith("/search")) as opened:
+        page.keyboard.press("Enter")
+    assert opened.value.post_data_json == {"key": "g0-0.jpg", "k": 12, "bucket": "b"}, opened.value.post_data
     assert not js_errors, js_errors
+    page.close()
+
+
+def search_bodies(page: Page, stack: Stack) -> list[dict[str, Any]]:
+    """The JSON bodies of the page's searches from now on, as they are sent."""
+    bodies: list[dict[str, Any]] = []
+    page.on("request", lambda request: bodies.append(request.post_data_json)
+            if request.url == stack.api_url + "/search" and request.method == "POST" else None)
+    return bodies
+
+
+def test_filters_run_the_shown_search_again_and_tags_answer_the_keyboard(
+    browser: Browser, stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """Review 31: Enter on a focused tag ran the card's key search (the tag was inside the card's button); a
+    changed folder left results from outside it on show; no way to hide weak matches; suggestions of labels that
+    no object keeps, and a picked one took the words typed before it away."""
+    bucket = stack.settings.bucket
+    keys = {name: unique_prefix + name for name in ("a/chelsea.png", "b/chelsea.png", "b/coffee.png")}
+    for name, key in keys.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=photo(name.split("/")[1]), ContentType="image/jpeg")
+    try:
+        page, js_errors = open_page(browser, api, bucket, list(keys.values()))
+        page.goto(stack.api_url + "/")
+        bodies = search_bodies(page, stack)
+        results, cards = page.get_by_test_id("results"), page.get_by_test_id("result")
+
+        # Suggestions: only labels some object keeps, each keeping the words typed before the last one.
+        labels = api.get("/labels", params={"q": "ta", "limit": 12}).json()["labels"]
+        kept = [label["name"] for label in labels if label["count"] > 0]
+        assert kept and len(kept) < len(labels), labels  # the page has labels nothing keeps to leave out
+        page.get_by_test_id("text-input").fill("coffee ta")
+        options = page.locator("#label-options option")
+        expect(options).to_have_count(len(kept))
+        assert [options.nth(i).get_attribute("value") for i in range(len(kept))] == [f"coffee {n}" for n in kept]
+
+        # A changed folder (Enter in its box) runs the shown search again, within the new folder.
+        page.get_by_test_id("filter-prefix").fill(unique_prefix)
+        page.get_by_test_id("text-input").fill("cat")
+        page.get_by_test_id("text-submit").click()
+        expect(results).to_have_attribute("data-search-count", "1")
+        expect(cards).to_have_count(2)
+        page.get_by_test_id("filter-prefix").fill(unique_prefix + "b/")
+        page.get_by_test_id("filter-prefix").press("Enter")
+        expect(results).to_have_attribute("data-search-count", "2")
+        expect(cards).to_have_count(1)
+        assert [cards.nth(i).get_attribute("data-key") for i in range(cards.count())] == [keys["b/chelsea.png"]]
+        assert bodies[-1] == {"text": "cat", "k": 12, "prefix": unique_prefix + "b/"}, bodies
+
+        # Enter and Space on a focused tag search by the tag, and by nothing else.
+        for count, press in (("3", "Enter"), ("4", "Space")):
+            tag = cards.first.get_by_test_id("result-tag").first
+            name = tag.inner_text()
+            tag.focus()
+            page.keyboard.press(press)
+            expect(results).to_have_attribute("data-search-count", count)
+            expect(results).to_have_attribute("data-query-kind", "text")
+            expect(page.get_by_test_id("query-label")).to_have_text(f"Words: {name}")
+        assert not [body for body in bodies if "key" in body], bodies
+
+        # A min score: an unrelated photo's neighbours are all below it, and the page says that nothing is similar.
+        page.get_by_test_id("filter-prefix").fill(unique_prefix)
+        page.get_by_test_id("key-input").fill(keys["b/coffee.png"])
+        page.get_by_test_id("key-submit").click()  # (leaving the folder box ran the tag search again first)
+        expect(results).to_have_attribute("data-query-kind", "key")
+        expect(cards).to_have_count(2)
+        searched = int(results.get_attribute("data-search-count") or 0)
+        page.get_by_test_id("filter-min-score").fill("0.99")
+        page.get_by_test_id("filter-min-score").press("Enter")
+        expect(results).to_have_attribute("data-search-count", str(searched + 1))
+        expect(cards).to_have_count(0)
+        expect(page.get_by_test_id("empty")).to_have_text("No similar images found.")
+        assert bodies[-1] == {"key": keys["b/coffee.png"], "k": 12, "prefix": unique_prefix, "min_score": 0.99}
+        page.get_by_test_id("filter-min-score").fill("")  # empty: no minimum, k results again
+        page.get_by_test_id("filter-min-score").press("Enter")
+        expect(results).to_have_attribute("data-search-count", str(searched + 2))
+        expect(cards).to_have_count(2)
+        assert not js_errors, js_errors
+        page.close()
+    finally:
+        for key in keys.values():
+            s3.delete_object(Bucket=bucket, Key=key)
+
+
+def test_a_phone_sees_the_results_of_its_search(
+    browser: Browser, stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """At 375 px the status chips wrapped into rows that a sticky header kept over a third of the screen, and the
+    results came below the fold with no scroll to them: a search seemed to do nothing (review 31)."""
+    bucket = stack.settings.bucket
+    key = unique_prefix + "chelsea.png"
+    s3.put_object(Bucket=bucket, Key=key, Body=photo("chelsea.png"), ContentType="image/jpeg")
+    try:
+        page, js_errors = open_page(browser, api, bucket, [key], viewport=(375, 740))
+        page.goto(stack.api_url + "/")
+        results = page.get_by_test_id("results")
+        assert page.evaluate("document.getElementById('results').getBoundingClientRect().top") > 740  # (the fold)
+        assert page.evaluate("getComputedStyle(document.querySelector('header')).position") != "sticky"
+        page.get_by_test_id("filter-prefix").fill(unique_prefix)
+        page.get_by_test_id("text-input").fill("cat")
+        page.get_by_test_id("text-submit").click()
+        expect(results).to_have_attribute("data-search-count", "1")
+        expect(page.get_by_test_id("result").first).to_be_in_viewport()
+        expect(page.get_by_test_id("query")).to_be_in_viewport()
+        assert not js_errors, js_errors
+        page.close()
+    finally:
+        s3.delete_object(Bucket=bucket, Key=key)
+
+
+def test_a_service_that_does_not_answer_is_named(browser: Browser, stack: Stack) -> None:
+    """The page said the browser's "Failed to fetch" beside the last counts, as though they were current."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(stack.api_url + "/")
+    expect(page.get_by_test_id("status-dot")).to_have_class(re.compile(r"\bok\b"), timeout=10_000)
+    expect(page.get_by_test_id("status")).not_to_have_class(re.compile(r"\bstale\b"))
+    page.route(re.compile(r".*/(stats|queues|search)$"), lambda route: route.abort("connectionrefused"))
+    host = urlparse(stack.api_url).netloc
+    no_answer = re.compile(re.escape(f"index service at {host} does not answer (is the stack up? `bucketlens status`)"))
+    expect(page.get_by_test_id("status-error")).to_contain_text(no_answer, timeout=10_000)
+    expect(page.get_by_test_id("status")).to_have_class(re.compile(r"\bstale\b"))
+    page.get_by_test_id("text-input").fill("cat")
+    page.get_by_test_id("text-submit").click()
+    expect(page.get_by_test_id("error")).to_have_text(no_answer)
     page.close()
