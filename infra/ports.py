@@ -43,8 +43,11 @@ def free_port(preferred: int = 0, by: str = "") -> int:
 
 
 def lease(port: int, by: str) -> bool:
-    """Lease ``port`` to ``by``; False when another chooser holds it."""
+    """Lease ``port`` to ``by`` (a stack's folder); False when another stack holds it. A lease of a caller that
+    binds at once (``by`` "") is taken over: whether it did bind is ``port_in_use``'s to say."""
     with _leases() as held:
+        if not held.get(str(port), {}).get("by"):
+            held.pop(str(port), None)
         return _take(held, port, by)
 
 

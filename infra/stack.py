@@ -37,7 +37,7 @@ from . import milvus
 from .canary import Canary
 from .liveness import ceph_daemon
 from .notifications import ensure_bucket, ensure_notifications
-from .ports import free_port, port_in_use
+from .ports import free_port, lease, port_in_use
 
 log = logging.getLogger(__name__)
 INFRA = Path(__file__).resolve().parent
@@ -315,7 +315,9 @@ class Stack:
             if port is not None:
                 owners.append((name, port, self.pid(name)))
         for name, port, pid in owners:
-            if pid is None and port_in_use(port):
+            # (leased to this stack until bound: a stack set up meanwhile chose another's ports, review 32; one
+            # that chose this port while this stack was down holds the lease)
+            if pid is None and (port_in_use(port) or not lease(port, by=str(self.home))):
                 raise StackError(f"port {port}, this stack's {name} port, is in use by another program (another "
                                  f"bucketlens stack?): stop that, or give this stack another port in "
                                  f"{self.home / 'stack.json'}")

@@ -12,7 +12,7 @@ import pytest
 
 from bucketlens.settings import Settings
 from infra import ports
-from infra.stack import Stack
+from infra.stack import Stack, StackError
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +41,10 @@ def test_two_stacks_made_before_either_binds_choose_different_ports(tmp_path: Pa
     second.choose_backend("milvus")
     assert first.config.milvus_port != second.config.milvus_port
     assert Stack(Settings(home=tmp_path / "a")).config == first.config  # a stack's own choice stays its own
+    first.check_ports(first.services)  # its start leases its ports again, ...
+    second.config.api_port = first.config.api_port  # ... so one that chose them meanwhile is refused (review 32)
+    with pytest.raises(StackError, match=f"port {first.config.api_port}, this stack's api port, is in use"):
+        second.check_ports(second.services)
 
 
 def test_a_lease_holds_a_port_for_others_only_and_runs_out(leases: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,6 +52,8 @@ def test_a_lease_holds_a_port_for_others_only_and_runs_out(leases: Path, monkeyp
     assert ports.free_port(port, by="me") == port  # the holder may choose it again
     assert ports.free_port(port, by="other") != port and ports.free_port(port) != port
     assert not ports.lease(port, by="other") and ports.lease(port, by="me")
+    quick = ports.free_port()  # a caller that binds at once holds it from other choosers, not from a stack's start
+    assert ports.free_port(quick, by="other") != quick and ports.lease(quick, by="other")
     monkeypatch.setattr(ports, "LEASE_S", -1.0)
     ports.lease(port, by="me")  # (its lease, renewed, has run out)
     monkeypatch.undo()
