@@ -676,6 +676,12 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
     selection = {name: value for name, value in (("reason", args.reason), ("bucket", args.bucket))
                  if value is not None}  # (an empty one is the server's 400, not "every record")
     if args.retry or args.clear:
+        if args.clear and not selection and args.key is None and sys.stdin.isatty():  # (every record went, unasked:
+            # review 31; a script, not at a terminal, clears them as before)
+            answer = input("clear every failure record (they say which objects could not be indexed)? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing cleared (--reason, --bucket or --key choose some)")
+                return 1
         method, path, status = ("POST", "/failures/retry", 202) if args.retry else ("DELETE", "/failures", 200)
         body = {**selection, "keys": args.key} if args.key is not None else selection
         response = httpx.request(method, api_url(settings) + path, json=body, headers=admin_headers(settings),

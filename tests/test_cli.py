@@ -353,6 +353,21 @@ def test_clearing_or_retrying_a_selection_that_matches_nothing_says_so(api: Fake
     assert main(["failures"]) == 0 and capsys.readouterr().out == "0 failure records\n"
 
 
+def test_clearing_every_failure_record_at_a_terminal_asks_first(api: FakeAPI, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`failures --clear` with no selection deleted every record without a word (review 31); a script, not at a
+    terminal, is not asked."""
+    api.answers[("DELETE", "/failures")] = (200, {"cleared": 5})
+    answers = iter(["", "y"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    assert main(["failures", "--clear"]) == 1 and not api.requests
+    assert "nothing cleared" in capsys.readouterr().out
+    assert main(["failures", "--clear"]) == 0 and capsys.readouterr().out == "cleared 5 failure records\n"
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    assert main(["failures", "--clear"]) == 0 and len(api.requests) == 2
+
+
 def test_reconcile_with_no_failures_prints_no_retry_hint(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
     api.answers[("POST", "/reconcile")] = (200, {**RECONCILED, "failed": 0})
     assert main(["reconcile"]) == 0
