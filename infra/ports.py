@@ -24,6 +24,8 @@ from bucketlens.cli import CLIError
 log = logging.getLogger(__name__)
 LEASES = Path(tempfile.gettempdir()) / "bucketlens-ports.json"
 LEASE_S = 900.0  # longer than a first `up` takes to bind what it chose
+LOCK_WAIT_S = 5.0  # the lock is held for a moment; longer, and the leases are done without
+_said = False  # whether this process said the leases are unavailable
 
 
 def free_port(preferred: int = 0, by: str = "") -> int:
@@ -73,24 +75,49 @@ def _take(held: dict[str, Any], port: int, by: str) -> bool:
 
 @contextlib.contextmanager
 def _leases() -> Iterator[dict[str, Any]]:
-    """The leases that have not run out, for the caller to read and add to, written back under one lock."""
-    try:
-        fd = os.open(LEASES, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:  # (another user's file, a read-only /tmp): choose as before, without leases
-        log.warning("port leases in %s unavailable (%s): a stack started meanwhile may choose the same ports",
-                    LEASES, exc)
-        yield {}
+    """The leases that have not run out, for the caller to read and add to, written back under one lock. Leases only
+    steer choices: where the file cannot be used (another user's, a link, a lock held for long), ports are chosen
+    as before, without them."""
+    try:  # (not through a link another local user put there: it would write wherever the link points)
+        fd = os.open(LEASES, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        yield _without(f"cannot open it ({exc})")
         return
     with os.fdopen(fd, "r+") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)  # (released when the file closes)
+        with contextlib.suppress(OSError):  # readable and writable by every user's stacks (not only umask's)
+            os.fchmod(fd, 0o666)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (released when the file closes)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    yield _without(f"held locked for over {LOCK_WAIT_S:.0f} s")
+                    return
+                time.sleep(0.05)
         try:
-            found = json.loads(file.read() or "{}")
+            found = json.loads(file.read(1 << 20) or "{}")
         except ValueError:
             found = {}
         now = time.time()
         held = {port: lease for port, lease in (found.items() if isinstance(found, dict) else ())
                 if isinstance(lease, dict) and isinstance(lease.get("until"), (int, float)) and lease["until"] > now}
         yield held
-        file.seek(0)
-        file.truncate()
-        file.write(json.dumps(held))
+        try:
+            file.seek(0)
+            file.truncate()
+            file.write(json.dumps(held))
+            file.flush()
+        except OSError as exc:  # (a full disk: the leases are lost, the choice stands)
+            _without(f"cannot write it ({exc})")
+
+
+def _without(reason: str) -> dict[str, Any]:
+    """No leases (said once a process)."""
+    global _said
+    if not _said:
+        _said = True
+        log.warning("port leases in %s unavailable: %s; a stack set up meanwhile may choose the same ports",
+                    LEASES, reason)
+    return {}

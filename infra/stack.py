@@ -315,9 +315,9 @@ class Stack:
             if port is not None:
                 owners.append((name, port, self.pid(name)))
         for name, port, pid in owners:
-            # (leased to this stack until bound: a stack set up meanwhile chose another's ports, review 32; one
-            # that chose this port while this stack was down holds the lease)
-            if pid is None and (port_in_use(port) or not lease(port, by=str(self.home))):
+            if pid is None:  # leased to this stack until bound: a stack set up meanwhile chooses others (review 32)
+                lease(port, by=str(self.home))  # (a lease of another's alone refuses nothing: review 34)
+            if pid is None and port_in_use(port):
                 raise StackError(f"port {port}, this stack's {name} port, is in use by another program (another "
                                  f"bucketlens stack?): stop that, or give this stack another port in "
                                  f"{self.home / 'stack.json'}")

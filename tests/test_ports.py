@@ -4,6 +4,7 @@ lives in the test's folder, and nothing is started."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import socket
 from pathlib import Path
@@ -19,6 +20,7 @@ from infra.stack import Stack, StackError
 def leases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "leases.json"
     monkeypatch.setattr(ports, "LEASES", path)
+    monkeypatch.setattr(ports, "_said", False)
     return path
 
 
@@ -41,10 +43,18 @@ def test_two_stacks_made_before_either_binds_choose_different_ports(tmp_path: Pa
     second.choose_backend("milvus")
     assert first.config.milvus_port != second.config.milvus_port
     assert Stack(Settings(home=tmp_path / "a")).config == first.config  # a stack's own choice stays its own
-    first.check_ports(first.services)  # its start leases its ports again, ...
-    second.config.api_port = first.config.api_port  # ... so one that chose them meanwhile is refused (review 32)
-    with pytest.raises(StackError, match=f"port {first.config.api_port}, this stack's api port, is in use"):
-        second.check_ports(second.services)
+    # A start leases the stack's ports again (review 32), so a stack set up meanwhile chooses others; a lease
+    # alone refuses no start (its holder may be gone: review 34), a port in use does.
+    ports.LEASES.unlink()
+    first.check_ports(first.services)
+    assert not chosen(Stack(Settings(home=tmp_path / "c", api_port=preferred))) & chosen(first)
+    second.config.api_port = first.config.api_port
+    second.check_ports(second.services)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", first.config.api_port))
+        sock.listen()
+        with pytest.raises(StackError, match=f"port {first.config.api_port}, this stack's api port, is in use"):
+            second.check_ports(second.services)
 
 
 def test_a_lease_holds_a_port_for_others_only_and_runs_out(leases: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,6 +85,21 @@ def test_a_damaged_lease_file_is_read_as_no_leases(leases: Path, content: str) -
     leases.write_text(content)
     port = ports.free_port()
     assert list(json.loads(leases.read_text())) == [str(port)]
+
+
+def test_a_link_or_a_lock_held_long_leaves_ports_chosen_without_leases(tmp_path: Path, leases: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another local user's link in /tmp made the leases overwrite the file it points to, and a lock held forever hung
+    every ``up`` (review 34)."""
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    leases.symlink_to(target)
+    assert ports.free_port() > 0 and target.read_text() == "keep"
+    leases.unlink()
+    monkeypatch.setattr(ports, "LOCK_WAIT_S", 0.2)
+    with open(leases, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert ports.free_port() > 0
 
 
 def test_without_a_lease_file_ports_are_chosen_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
