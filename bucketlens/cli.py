@@ -505,25 +505,29 @@ def upload_plan(paths: list[Path], prefix: str, hidden: bool = False) -> tuple[d
 
 
 def _files_below(folder: Path) -> tuple[list[Path], int]:
-    """The files below ``folder``, through linked folders as ``aws s3 sync`` goes (each real folder once: a link
-    loop ends), and how many entries are no file (links that lead nowhere, sockets): a linked folder's photos and a
-    broken link were left out without a word (review 31)."""
+    """The files below ``folder``, through linked folders as ``aws s3 sync`` goes, and how many entries are no file
+    (links that lead nowhere, sockets): a linked folder's photos and a broken link were left out without a word
+    (review 31). The real folders come first, then the links whose folders were not reached yet, each folder once:
+    a link sorted before its folder took its photos under its own name, or hid them (``.latest``: review 34)."""
     files: list[Path] = []
     others = 0
     seen: set[str] = set()
-    for root, folders, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            folders.clear()
-            continue
-        seen.add(real)
-        folders.sort()  # (the same keys each time where a link and its target are both below)
-        for name in names:
-            file = Path(root, name)
-            if file.is_file():
-                files.append(file)
-            else:
-                others += 1
+    pending = [folder]
+    while pending:
+        links: list[Path] = []
+        for root, folders, names in os.walk(pending.pop(0)):
+            if os.path.realpath(root) in seen:
+                folders.clear()
+                continue
+            seen.add(os.path.realpath(root))
+            links += [Path(root, name) for name in folders if os.path.islink(os.path.join(root, name))]
+            for name in names:
+                file = Path(root, name)
+                if file.is_file():
+                    files.append(file)
+                else:
+                    others += 1
+        pending += sorted(link for link in links if os.path.realpath(link) not in seen)
     return sorted(files), others
 
 
@@ -903,8 +907,10 @@ def _error_text(response: httpx.Response, options: dict[str, str] | None = None)
         hint = TOKEN_VARIABLES.get(error["message"])
         message = str(error["message"])
         for field, option in (options or {}).items():  # a field leading the message, or a name_with_underscores
-            # anywhere in it ("--after must be earlier than modified_before": review 31)
-            message = re.sub(rf"^{field}\b(?!-)" if "_" not in field else rf"\b{field}\b", option, message)
+            # anywhere in it ("--after must be earlier than modified_before": review 31), not a part of a key quoted
+            # in it ("text/scan.jpg", ".../modified_after.jpg": review 34)
+            message = re.sub(rf"^{field}(?= )" if "_" not in field else rf"(?<![\w/.'-]){field}(?![\w/.'-])",
+                             option, message)
         return f"{response.status_code} {error['code']}: {message}" + (
             f" (the CLI sends {hint}: set it to the index service's)" if hint else "")
     except (ValueError, KeyError, TypeError):

@@ -708,7 +708,9 @@ def test_upload_leaves_out_macos_metadata_and_hidden_files_unless_asked(
 
 
 def test_upload_goes_through_linked_folders_once_and_counts_broken_links(tmp_path: Path) -> None:
-    """A linked folder's photos and a broken link were left out without a word (review 31); a link loop ends."""
+    """A linked folder's photos and a broken link were left out without a word (review 31); a link loop ends; a
+    link to a folder below takes nothing from it, whatever their order (review 34: ``.latest`` hid 2023's photos,
+    ``00-best`` took them under its name)."""
     (tmp_path / "photos/2023").mkdir(parents=True)
     (tmp_path / "photos/2023/a.jpg").write_bytes(b"x")
     (tmp_path / "elsewhere").mkdir()
@@ -716,6 +718,8 @@ def test_upload_goes_through_linked_folders_once_and_counts_broken_links(tmp_pat
     (tmp_path / "photos/linked").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "photos/loop").symlink_to(tmp_path / "photos")
     (tmp_path / "photos/broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "photos/.latest").symlink_to(tmp_path / "photos/2023")
+    (tmp_path / "photos/00-best").symlink_to(tmp_path / "photos/2023")
     keys, skipped, hidden = upload_plan([tmp_path / "photos"], "")
     assert sorted(keys) == ["2023/a.jpg", "linked/b.jpg"] and (skipped, hidden) == (1, 0)
 
@@ -911,7 +915,10 @@ def test_a_search_refused_names_the_options_typed(api: FakeAPI, capsys: pytest.C
     for message, said in (("modified_after must be earlier than modified_before",
                            "--after must be earlier than --before"),
                           ("text must be a non-empty string", "--text must be a non-empty string"),
-                          ("a key of text must be given", "a key of text must be given")):
+                          ("a key of text must be given", "a key of text must be given"),
+                          # (not within a key it quotes: review 34)
+                          ("text/scan.jpg: no object 'a/modified_after.jpg'",
+                           "text/scan.jpg: no object 'a/modified_after.jpg'")):
         api.answers[("POST", "/search")] = (400, {"error": {"code": "bad_parameter", "message": message}})
         assert main(["search", "--text", "cat"]) == 1
         one_error_line(capsys, f"bucketlens search: 400 bad_parameter: {said}\n")
