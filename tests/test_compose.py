@@ -93,6 +93,24 @@ def test_build_dockerfiles_exist(compose: dict[str, Any]) -> None:
         assert not missing, f"{dockerfile} copies no {missing} (pyproject.toml installs them)"
 
 
+def test_every_data_file_of_a_package_is_installed_with_it() -> None:
+    """The int8 calibration (vision/fitted/*.json) was left out of the wheel and the image: BUCKETLENS_RUNTIME=
+    onnx-int8 failed there (review 34). Every tracked file of a package that is not Python is in package-data, but
+    the Dockerfile (a build input, not a runtime file)."""
+    import fnmatch
+    import subprocess
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    data = setuptools["package-data"]
+    packages = [p.rstrip("*") for p in setuptools["packages"]["find"]["include"]]
+    tracked = subprocess.run(["git", "ls-files", *packages], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    left_out = [path for path in tracked if not path.endswith(".py") and path != "infra/Dockerfile"
+                and not any(fnmatch.fnmatch(path.split("/", 1)[1], pattern)
+                            for pattern in data.get(path.split("/", 1)[0], []))]
+    assert tracked and not left_out, f"not in pyproject.toml's package-data: {left_out}"
+
+
 def test_ports_are_published_on_loopback_only(compose: dict[str, Any]) -> None:
     published = 0
     for name, service in services(compose).items():
