@@ -11,13 +11,13 @@ from vision.models import dims, recipe
 from .backend import Index
 from .feature_store import FeatureStore
 from .snapshots import SnapshotStore, local_folder
-from .vector_index import INDEX_TYPES, VectorIndex, set_search_threads
+from .vector_index import FAISS_TYPES, VectorIndex, set_search_threads
 
 
 class FaissBackend:
     name = "faiss"
     shared = False  # each process holds its own copy
-    index_types: tuple[str, ...] = INDEX_TYPES
+    index_types: tuple[str, ...] = FAISS_TYPES
 
     def __init__(self, settings: Settings, features: Callable[[int], FeatureStore], s3: Any = None) -> None:
         self.approximate = settings.faiss_index_type

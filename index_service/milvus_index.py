@@ -49,8 +49,7 @@ from pymilvus.client.types import LoadState
 from bucketlens.keys import Keys
 from bucketlens.redis_client import text
 from bucketlens.schemas import ResultEntry, object_id
-from bucketlens.settings import INDEX_TYPES as BACKEND_TYPES
-from bucketlens.settings import Settings
+from bucketlens.settings import INDEX_TYPES, Settings
 from vision import labels as vision_labels
 from vision.models import recipe
 
@@ -64,7 +63,7 @@ SCALARS = ["bucket", "key", "etag", "sequencer", "order", "generation", "pixels"
 ROW = ["vector", "label_ids", "deleted", "deleted_at", *SCALARS]  # every field of a row but the primary key
 MAX_KEY = 4096  # bytes of a VARCHAR key or object id (S3 keys are at most 1024 bytes; other servers allow more)
 SCAN_BATCH = 4096  # rows per page when a read must go through every row
-INDEX_TYPES = {"Flat": "FLAT", "IVF": "IVF_FLAT", "HNSW": "HNSW"}
+SERVER_NAMES = {"Flat": "FLAT", "IVF": "IVF_FLAT", "HNSW": "HNSW"}  # each of INDEX_TYPES["milvus"], as Milvus calls it
 EVERYTHING = 'oid != ""'  # a filter that keeps every row, tombstones included
 # Integers on purpose: pymilvus bounds its retries by ``timeout`` only when it is an int (a float 5.0 let a search
 # against a dead server retry 75 times, ~4 minutes: seen in tests/test_faults.py).
@@ -203,7 +202,7 @@ class Connection:
             extra = {"nlist": ivf_lists(rows)}
         else:
             extra = {}
-        params.add_index("vector", index_type=INDEX_TYPES[index_type], metric_type="IP", params=extra)
+        params.add_index("vector", index_type=SERVER_NAMES[index_type], metric_type="IP", params=extra)
         return params
 
     def search_params(self, index_type: str, want: int) -> dict[str, Any]:
@@ -555,8 +554,8 @@ class MilvusIndex(SearchOne):
     def restructure(self, index_type: str, progress: Callable[[int], None] | None = None) -> None:
         """Copy every row (tombstones too) into a new collection of this generation with ``index_type``, then
         point the alias at it if it served. Merges wait meanwhile; searches go on against the old collection."""
-        if index_type not in INDEX_TYPES:
-            raise ValueError(f"unknown index type {index_type!r} ({', '.join(INDEX_TYPES)})")
+        if index_type not in SERVER_NAMES:
+            raise ValueError(f"unknown index type {index_type!r} ({', '.join(INDEX_TYPES['milvus'])})")
         with self._write:
             started = time.perf_counter()
             self._repair()  # the copy takes one row per key, whichever a query answers
@@ -659,7 +658,7 @@ class MilvusBackend:
 
     name = "milvus"
     shared = True
-    index_types = BACKEND_TYPES["milvus"]
+    index_types = INDEX_TYPES["milvus"]
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys,
                  features: Callable[[int], FeatureStore]) -> None:

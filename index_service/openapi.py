@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from bucketlens.openapi import ERROR, Schema, answer, bearer, document, errors, json_content, obj, parameter, ref
-from bucketlens.settings import ALL_INDEX_TYPES, INDEX_TYPES
+from bucketlens.settings import ALL_INDEX_TYPES, INDEX_TYPES, only_backend
 from vision.local_features import IDENTICAL, MIN_INLIERS
 
 from .duplicates import GROUP_MATCHES
@@ -238,8 +238,9 @@ SCHEMAS: dict[str, Schema] = {
                            "bucket": {"type": "string", "minLength": 1},
                            "index_type": {"enum": [*ALL_INDEX_TYPES, "auto"],
                                           "description": "kept whatever the index's size from the job's end on "
-                                                         "(auto: the size policy picks again); IVF-SQ8: FAISS "
-                                                         "backend only; HNSW: Milvus backend only"},
+                                                         "(auto: the size policy picks again); " + "; ".join(
+                                                             f"{t}: the {b} backend only" for t in ALL_INDEX_TYPES
+                                                             if (b := only_backend(t)))},
                            "model": {"type": "string", "description": "switch models (reembed of every bucket)"}},
                           closed=True),
     "RebuildJob": obj({"id": TEXT, "mode": {"enum": ["reembed", "reindex"]},

@@ -38,7 +38,7 @@ import numpy as np
 from sortedcontainers import SortedList
 
 from bucketlens.schemas import ResultEntry, object_id
-from bucketlens.settings import INDEX_TYPES as BACKEND_TYPES
+from bucketlens.settings import INDEX_TYPES
 
 from .backend import ApplyStats, Indexed, SearchOne, Tombstones, indexed, nearest, tombstone_after, verdict
 from .feature_store import FeatureStore
@@ -63,7 +63,7 @@ def training_rows(n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, min(n, ivf_lists(n) * 64), replace=False))
 
 
-INDEX_TYPES = BACKEND_TYPES["faiss"]
+FAISS_TYPES = INDEX_TYPES["faiss"]
 
 
 def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.ndarray],
@@ -112,7 +112,7 @@ def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.n
         structure.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # remove + reconstruct
         structure.nprobe = default_nprobe(nlist)
     else:
-        raise ValueError(f"unknown index type {index_type!r} ({', '.join(INDEX_TYPES)})")
+        raise ValueError(f"unknown index type {index_type!r} ({', '.join(FAISS_TYPES)})")
     for ids, vectors in chunks:
         assert vectors.dtype == np.float32 and vectors.shape == (len(ids), dim), f"bad vectors {vectors.shape}"
         structure.add_with_ids(vectors, ids)
