@@ -390,21 +390,41 @@ def test_filters_run_the_shown_search_again_and_tags_answer_the_keyboard(
         assert not [body for body in bodies if "key" in body], bodies
 
         # A min score: an unrelated photo's neighbours are all below it, and the page says that nothing is similar.
+        searched = int(results.get_attribute("data-search-count") or 0)
         page.get_by_test_id("filter-prefix").fill(unique_prefix)
         page.get_by_test_id("key-input").fill(keys["b/coffee.png"])
-        page.get_by_test_id("key-submit").click()  # (leaving the folder box ran the tag search again first)
+        page.get_by_test_id("key-submit").click()  # (leaving the folder box ran the tag search again, which
+        # disabled this button: the click was lost, review 34)
         expect(results).to_have_attribute("data-query-kind", "key")
         expect(cards).to_have_count(2)
-        searched = int(results.get_attribute("data-search-count") or 0)
+        page.wait_for_timeout(1500)  # (past the filters' pause: nothing runs again, the key search has them)
+        expect(results).to_have_attribute("data-search-count", str(searched + 1))
+        searched += 1
         page.get_by_test_id("filter-min-score").fill("0.99")
         page.get_by_test_id("filter-min-score").press("Enter")
         expect(results).to_have_attribute("data-search-count", str(searched + 1))
         expect(cards).to_have_count(0)
-        expect(page.get_by_test_id("empty")).to_have_text("No similar images found.")
+        expect(page.get_by_test_id("empty")).to_have_text(
+            "No similar images found with a score of at least 0.99 (the min score box).")
         assert bodies[-1] == {"key": keys["b/coffee.png"], "k": 12, "prefix": unique_prefix, "min_score": 0.99}
         page.get_by_test_id("filter-min-score").fill("")  # empty: no minimum, k results again
         page.get_by_test_id("filter-min-score").press("Enter")
         expect(results).to_have_attribute("data-search-count", str(searched + 2))
+        expect(cards).to_have_count(2)
+        page.get_by_test_id("filter-min-score").fill("80")  # out of range: not sent, the box marked invalid
+        page.get_by_test_id("filter-min-score").press("Enter")
+        assert page.get_by_test_id("filter-min-score").evaluate("box => !box.checkValidity()")
+        expect(results).to_have_attribute("data-search-count", str(searched + 2))  # (the filters are as before)
+        page.get_by_test_id("filter-min-score").fill("")
+
+        # A date typed digit by digit runs the search once, when the typing pauses (review 34: once a year typed,
+        # 0002, 0020, 0202, 2020, each an image search's upload and embedding).
+        page.get_by_test_id("filter-after").focus()
+        page.keyboard.type("01012020")
+        expect(results).to_have_attribute("data-search-count", str(searched + 3))
+        page.wait_for_timeout(1500)
+        expect(results).to_have_attribute("data-search-count", str(searched + 3))
+        assert bodies[-1]["modified_after"] == "2020-01-01" and "min_score" not in bodies[-1], bodies[-1]
         expect(cards).to_have_count(2)
         assert not js_errors, js_errors
         page.close()
