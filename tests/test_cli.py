@@ -749,6 +749,11 @@ def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket
     assert main(["upload", str(tmp_path / "camera.jpg"), "--prefix", joined, "--bucket", stack.settings.bucket]) == 0
     assert (f"uploaded 1 image to s3://{stack.settings.bucket} under the key prefix {joined!r} "
             f"(e.g. '{joined}camera.jpg': add '/' for a folder)") in capsys.readouterr().out
+    # A prefix whose keys browsers cannot open by presigned URL is uploaded, with a note (review 31).
+    dotted = f"{unique_prefix}../odd/"
+    assert main(["upload", str(tmp_path / "camera.jpg"), "--prefix", dotted, "--bucket", stack.settings.bucket]) == 0
+    out = capsys.readouterr().out
+    assert f"note: keys under {dotted!r} have a leading '/' or a '.' or '..' segment" in out, out
 
 
 def test_upload_takes_files_and_folders_and_refuses_two_files_for_one_key(
