@@ -156,6 +156,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             answer = found_text.public()
         else:
             hits = await _similar(service, serving, query)
+            if kind == "key":  # (its bucket: the service's default where the query named none)
+                answer = {"query_object": {"bucket": query.bucket, "key": query.key}}
         scanned = time.perf_counter()
         # A cosine of float32 sums can pass 1 by ~1e-4 (an identical image): it is said as 1. min_score keeps what
         # shows at least it (a raw 0.8999999999999999 shown as 0.9 was dropped by min_score 0.9), before the cut at k
@@ -193,7 +195,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
                                                           settings.max_pixels, verify)
             etag = content_etag(query.image)
         elif query.key is not None:
-            bucket = query.bucket or settings.bucket
+            bucket = query.bucket = query.bucket or settings.bucket
             query.vector = await run_in_threadpool(serving.vector, bucket, query.key)
             if query.vector is None:
                 raise HTTPError(404, "not_indexed", await run_in_threadpool(_not_indexed, service, bucket, query.key))

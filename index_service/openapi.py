@@ -103,6 +103,9 @@ SCHEMAS: dict[str, Schema] = {
                                  ("text", "lemma", "labels"))},
         "unmatched": {**TEXTS, "description": "text queries: words that reach no class, as typed"},
         "ignored": {**TEXTS, "description": "text queries: stop words and symbols, not looked up"},
+        "query_object": {**obj({"bucket": TEXT, "key": TEXT}, ("bucket", "key")),
+                         "description": "key queries: the object searched by (its bucket the service's default "
+                                        "where the query named none)"},
         "results": {"type": "array", "items": ref("Hit")}}, ("model", "took_ms", "filter", "results")),
     "ObjectState": obj({"bucket": TEXT, "key": TEXT,
                         "indexed": {"type": "boolean", "description": "some version of it is in the index"},

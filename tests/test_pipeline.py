@@ -74,6 +74,9 @@ def test_upload_becomes_searchable_and_near_duplicates_are_found(
     by_key = api.post("/search", json={"key": f"{unique_prefix}coffee.png.jpg", "bucket": stack.settings.bucket})
     assert by_key.status_code == 200
     assert f"{unique_prefix}coffee.png.jpg" not in [r["key"] for r in by_key.json()["results"]]
+    # A key named without its bucket is the default bucket's, and the answer says which (the web page shows it).
+    by_key = api.post("/search", json={"key": f"{unique_prefix}coffee.png.jpg", "k": 1})
+    assert by_key.json()["query_object"] == {"bucket": stack.settings.bucket, "key": f"{unique_prefix}coffee.png.jpg"}
 
 
 def test_overwrite_replaces_and_delete_removes(stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str) -> None:

@@ -406,6 +406,10 @@ def test_filters_run_the_shown_search_again_and_tags_answer_the_keyboard(
         expect(cards).to_have_count(0)
         expect(page.get_by_test_id("empty")).to_have_text(
             "No similar images found with a score of at least 0.99 (the min score box).")
+        # The typed key's own picture, though no result names its bucket (the answer does).
+        expect(page.get_by_test_id("query-thumb")).to_be_visible()
+        preview = f"/preview/{quote(bucket, safe='')}/{quote(keys['b/coffee.png'], safe='')}?"
+        expect(page.get_by_test_id("query-thumb")).to_have_attribute("src", re.compile("^" + re.escape(preview)))
         assert bodies[-1] == {"key": keys["b/coffee.png"], "k": 12, "prefix": unique_prefix, "min_score": 0.99}
         page.get_by_test_id("filter-min-score").fill("")  # empty: no minimum, k results again
         page.get_by_test_id("filter-min-score").press("Enter")
