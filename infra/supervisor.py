@@ -254,7 +254,7 @@ class Supervisor:
             # restarted it again at once. A canary of its own, with the grace
             self.restarted_radosgw()
         elif age > self.settings.canary_timeout_s + self.grace:
-            self.heal(age)
+            self.heal()
         self.judging = True
 
     def keep_up(self, name: str, now: float) -> None:
@@ -283,16 +283,23 @@ class Supervisor:
             restarts.log_from = logs.stat().st_size
         self.stack.start_service(name)
 
-    def heal(self, age: float) -> None:
+    def heal(self) -> None:
         """Restart what stalled delivery: the OSD when it does not answer its admin socket or holds an op stuck
         (restarting radosgw does not help then: its start-up waited on the OSD for good, and it broke the uploads the
         OSD held: review 24); otherwise radosgw, and ingest first when it does not answer its health check (hung:
         its pid is there). Then a reconcile heals whatever was missed."""
-        self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
-        self.reconcile_owed = True
-        self.stalls += 1
         with self.acting:  # (the process watch starts nothing meanwhile: one start at a time. What to restart is
             # judged within: an OSD it started meanwhile was killed for an answer of the one before: review 25)
+            # The stall too: a canary written as radosgw died stays undelivered while the process watch starts it
+            # again (20-30 s on a busy host), and this heal, waiting for the lock, then restarted the radosgw just
+            # started (a flake review). A dead one is the process watch's to start; once it has, its canary counts.
+            pending, age = self.canary.check()
+            if (pending is None or age <= self.settings.canary_timeout_s + self.grace
+                    or self.stack.ceph_missing()):
+                return
+            self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
+            self.reconcile_owed = True
+            self.stalls += 1
             osd = self.stack.hung_osd()
             hung = osd is None and "ingest" in self.stack.services and not self.stack.answers(
                 self.stack.ingest_url + "/healthz")

@@ -224,6 +224,40 @@ def test_a_canary_from_before_the_supervisor_started_restarts_nothing(tmp_path: 
     assert stack.s3_starts == 1
 
 
+def test_a_stall_the_process_watch_is_restarting_radosgw_for_is_not_healed(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A canary written as radosgw died stays undelivered while the process watch starts it again (20-30 s on a
+    busy host). The delivery check found it overdue meanwhile, waited for the process watch's lock, then counted a
+    stall and restarted the radosgw just started (a flake review: S3 refused connections twice for one death)."""
+    monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    supervisor.check_delivery()
+    overdue = supervisor.settings.canary_timeout_s + 1
+    stack.s3, canary.age = False, overdue  # dead, and its canary overdue before the process watch came round
+    supervisor.check_delivery()
+    assert (stack.s3_starts, supervisor.stalls) == (0, 0), "a dead radosgw is the process watch's to start"
+    asked, check = threading.Event(), canary.check
+
+    def checked() -> tuple[str | None, float]:
+        answer = check()
+        asked.set()
+        return answer
+
+    canary.check = checked  # type: ignore[method-assign]
+    with supervisor.acting:  # the process watch, starting it
+        checking = threading.Thread(target=supervisor.check_delivery)
+        checking.start()
+        assert asked.wait(5)  # found overdue: on to heal, which waits for the lock
+        stack.start_ceph()
+        supervisor.restarted_radosgw()  # as keep_processes_up does: a canary of its own, with the grace
+    checking.join(5)
+    assert not checking.is_alive()
+    assert (stack.s3_starts, supervisor.stalls) == (1, 0), "healed a stall the restart had already ended"
+    canary.age = overdue + supervisor.grace  # that canary never delivered: healed
+    supervisor.check_delivery()
+    assert (stack.s3_starts, supervisor.stalls) == (2, 1)
+
+
 def test_a_failed_heal_waits_for_the_grace_before_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart that raised left the grace unset: the next check (seconds later) healed again, and again,
     leaving radosgw no time to start."""
