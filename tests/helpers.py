@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import httpx
 import redis
+from botocore.exceptions import EndpointConnectionError
 from PIL import Image
 
 from bucketlens.redis_client import connect
@@ -23,15 +24,44 @@ from infra.stack import free_port
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 
 
+# A server away for a moment (refused, reset, timed out; a restarted one binds its port only after its start-up):
+# no answer yet, to a poll. (redis-py's BusyLoadingError, a Redis loading its append-only file, is a ConnectionError.)
+AWAY = (httpx.TransportError, redis.ConnectionError, redis.TimeoutError, EndpointConnectionError)
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2, what: str = "") -> Any:
-    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout_s``."""
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout_s``. A server that is
+    away (``AWAY``) is polled again, and the last such error is named on a timeout; any other error fails at once."""
     deadline = time.monotonic() + timeout_s
+    away: Exception | None = None
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except AWAY as exc:
+            away, value = exc, None
         if value:
             return value
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what or predicate}")
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what or predicate}"
+                         + (f" (last: {away!r})" if away is not None else ""))
+
+
+def wait_rebuild(api: httpx.Client, job_id: str, stall_s: float = 180, what: str = "the rebuild finished"
+                 ) -> dict[str, Any]:
+    """The rebuild job once it is no longer running. It fails once the job's progress has stood still for
+    ``stall_s``, not after a fixed time: a reembed of the stack's bucket re-embeds every earlier test's objects
+    (~1,300 late in the suite), and a fixed 180-300 s passed or failed by the pace of the host."""
+    seen, moved = None, time.monotonic()
+    while True:
+        job: dict[str, Any] = api.get(f"/rebuild/{job_id}").json()
+        if job["state"] != "running":
+            return job
+        progress = (job["listed"], job["total"], job["done"], job["failed"])
+        if progress != seen:
+            seen, moved = progress, time.monotonic()
+        elif time.monotonic() - moved > stall_s:
+            raise AssertionError(f"{what}: no progress for {stall_s:.0f} s: {job}")
+        time.sleep(0.5)
 
 
 def object_state(api: httpx.Client, bucket: str, key: str) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ import pytest
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
-from bucketlens.schemas import ObjectRef, ResultEntry, failure_record, object_id
+from bucketlens.schemas import ObjectRef, failure_record, object_id
 from index_service.failures import Selection, _refs
 from index_service.merger import stream_order
 from infra.stack import Stack
@@ -27,6 +27,7 @@ from workers.pipeline import Embedded
 from workers.results import ResultWriter
 
 from .helpers import object_state, photo, wait_for
+from .integrity import StreamRecorder
 
 
 def cli(stack: Stack, *args: str) -> Any:
@@ -107,6 +108,8 @@ def test_a_photo_overwritten_with_a_broken_file_leaves_the_index(stack: Stack, s
     result's link served the new bytes (an independent check). The failed version now takes the older one out."""
     bucket, key = stack.settings.bucket, f"{unique_prefix}overwritten.jpg"
     original = photo("coffee.png")
+    recorder = StreamRecorder(stack, unique_prefix)  # (a checkpoint trims the stream exactly: read as written)
+    recorder.start()
     s3.put_object(Bucket=bucket, Key=key, Body=original)
     wait_for(lambda: (state := object_state(api, bucket, key)) and state["state"] == "indexed", 90,
              what="the photo indexed")
@@ -119,9 +122,10 @@ def test_a_photo_overwritten_with_a_broken_file_leaves_the_index(stack: Stack, s
     # The other order: the text's note merged while nothing was held, then the photo's upsert (its task downloaded
     # before the overwrite and finished last), sent here as the worker would have written it.
     redis, keys = connect(stack.settings.redis_url), Keys(stack.settings.namespace)
-    written = [ResultEntry.from_fields(fields) for _, fields in redis.xrange(keys.results)]
-    photo_entry = next(e for e in written if e.op == "upsert" and e.key == key)
-    note = next(e for e in written if e.op == "failed" and e.key == key)
+    wait_for(lambda: {"upsert", "failed"} <= {e.op for e in recorder.entries.get(key, [])}, 10, what="both read")
+    recorder.stop()
+    photo_entry = next(e for e in recorder.entries[key] if e.op == "upsert")
+    note = next(e for e in recorder.entries[key] if e.op == "failed")
     assert note.reason == "not_an_image", note
     late = f"{unique_prefix}late.jpg"
     s3.put_object(Bucket=bucket, Key=late, Body=b"this is not an image either\n")

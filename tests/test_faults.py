@@ -43,7 +43,7 @@ from infra.stack import Stack, StackError, free_port
 from infra.supervisor import pool_of
 from ingest.publisher import Publisher
 
-from .helpers import index_difference, object_state, wait_for
+from .helpers import index_difference, object_state, wait_for, wait_rebuild
 from .integrity import (
     StreamRecorder,
     Uploader,
@@ -400,7 +400,7 @@ def test_the_supervisor_restarts_a_dead_redis_and_a_dead_radosgw(
         wait_for(stack.redis_pid, 60, what="redis restarted by the supervisor")
         os.kill(int((stack.home / "ceph" / "run" / "client.rgw.a.pid").read_text()), signal.SIGKILL)
         wait_for(lambda: not stack.s3_up(), 10, what="radosgw gone")
-        wait_for(stack.s3_up, 60, what="radosgw restarted by the supervisor")
+        wait_for(stack.s3_up, 180, what="radosgw restarted by the supervisor")
         # A restarted radosgw resumes its persistent queue once it rereads the list (~30 s): the supervisor's
         # canaries show when notifications flow again (until then, what follows would be left to a reconcile).
         wait_for_a_canary(stack, since=time.time())
@@ -499,7 +499,7 @@ def test_the_supervisor_restarts_a_dead_ceph_osd(stack: Stack, s3: Any, api: htt
     try:
         os.kill(osd, signal.SIGKILL)
         wait_for(lambda: stack.ceph_pid("osd.0") != osd, 10, what="the OSD gone")
-        wait_for(lambda: stack.ceph_pid("osd.0") is not None and stack.status()["processes"]["s3"], 90,
+        wait_for(lambda: stack.ceph_pid("osd.0") is not None and stack.status()["processes"]["s3"], 180,
                  what="the OSD restarted by the supervisor")
         key = unique_prefix + "after-osd.jpg"
         patient_s3(stack).put_object(Bucket=stack.settings.bucket, Key=key, Body=next(iter(image_set(key, 1).values())))
@@ -1172,6 +1172,8 @@ def test_milvus_killed_mid_merge_answers_503_then_catches_up(stack: Stack, milvu
     finally:
         if service.process is not None and service.process.poll() is None:
             service.stop(signal.SIGKILL)
+        if milvus_server.process is not None and milvus_server.process.poll() is not None:
+            milvus_server.start()  # (left dead by a failure above, it failed every later Milvus test too)
         with contextlib.suppress(Exception):
             client = open_backend(settings, redis, keys, lambda _: FeatureStore()).connection  # type: ignore[attr-defined]
             for name in client.client.list_collections():
@@ -1237,9 +1239,7 @@ def test_a_rebuild_whose_listing_task_was_lost_completes(stack: Stack, s3: Any, 
         wait_for(lambda: api.get(f"/rebuild/{job['id']}").json()["listed"], 120, what="the rebuild's listing queued")
         lost = json.loads(redis.lpop(keys.celery_prefix + keys.rebuild_queue) or "null")  # as a killed worker's
         assert lost is not None, "no rebuild task was queued"
-    wait_for(lambda: api.get(f"/rebuild/{job['id']}").json()["state"] != "running", 180,
-             what="the rebuild completed")
-    done = api.get(f"/rebuild/{job['id']}").json()
+    done = wait_rebuild(api, job["id"])  # (its lost objects are sent again once the pipeline is quiet)
     assert done["state"] == "done" and done["done"] == done["total"], done
     assert counter(api, "orphans_resent") > resent
     assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies)

@@ -22,7 +22,7 @@ from index_service.vector_index import VectorIndex
 from infra.notifications import ensure_bucket, ensure_notifications, remove_notifications
 from infra.stack import Stack
 
-from .helpers import object_state, photo, wait_for
+from .helpers import object_state, photo, wait_for, wait_rebuild
 
 pytestmark = pytest.mark.slow
 DIM = 8
@@ -90,8 +90,7 @@ def test_reembed_under_concurrent_uploads_deletes_and_queries(
         for key in keys[-4:]:
             s3.delete_object(Bucket=bucket, Key=key)
 
-        done = wait_for(lambda: (j := api.get(f"/rebuild/{job['id']}").json())["state"] != "running" and j,
-                        300, interval_s=0.5, what="rebuild finished")
+        done = wait_rebuild(api, job["id"])
     finally:
         stop.set()
         queries.join()
@@ -221,9 +220,7 @@ def test_reembed_with_another_model_feeds_both_generations_then_switches_back(
         assert job.status_code == 202, job.text
         key = f"{unique_prefix}live-during-{model}.jpg"  # a live upload while two models are in use
         s3.put_object(Bucket=bucket, Key=key, Body=photo("chelsea.png", transform=True))
-        url = f"/rebuild/{job.json()['id']}"
-        done = wait_for(lambda u=url: (s := api.get(u).json())["state"] != "running" and s, 300, interval_s=0.5,
-                        what=f"rebuild to {model}")
+        done = wait_rebuild(api, job.json()["id"], what=f"the rebuild to {model} finished")
         assert done["state"] == "done" and done["index_type"] == index_type, done
         stats = api.get("/stats").json()
         assert stats["model"] == model and stats["vectors"] > 0
@@ -244,8 +241,7 @@ def test_reembed_of_one_bucket_keeps_the_other_buckets(stack: Stack, s3: Any, ap
 
     job = api.post("/rebuild", json={"mode": "reembed", "bucket": stack.settings.bucket}, headers=admin(stack))
     assert job.status_code == 202, job.text
-    done = wait_for(lambda: (s := api.get(f"/rebuild/{job.json()['id']}").json())["state"] != "running" and s,
-                    300, interval_s=0.5, what="one-bucket rebuild")
+    done = wait_rebuild(api, job.json()["id"], what="the one-bucket rebuild finished")
     assert done["state"] == "done", done
     assert api.get("/stats").json()["generation"] == done["generation"]
     for key in keys:  # carried over into the new generation, not dropped

@@ -448,17 +448,17 @@ def test_searches_run_together_and_a_waiting_merge_goes_first() -> None:
     with lock.read():
         with lock.read():  # a second search does not wait for the first
             order.append("two readers")
-        writer_waiting = threading.Event()
 
         def write() -> None:
-            writer_waiting.set()
             with lock.write():
                 order.append("writer")
 
         writer = threading.Thread(target=write)
         writer.start()
-        writer_waiting.wait()
-        time.sleep(0.05)  # the writer now waits for the first search to finish
+        deadline = time.monotonic() + 10
+        while lock._writers_waiting == 0 and time.monotonic() < deadline:  # (a sleep stood in for this: a flake)
+            time.sleep(0.001)
+        assert lock._writers_waiting == 1  # the writer now waits for the first search to finish
 
         def late_read() -> None:
             with lock.read():
