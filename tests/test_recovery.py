@@ -122,9 +122,12 @@ def test_sigkill_mid_merge_then_restart_equals_an_uninterrupted_run(service: Ind
     service.start()
 
     added: list[bytes] = []
+    killed = threading.Event()
 
     def produce() -> None:  # entries keep arriving while the service merges, as from busy workers
         for start in range(0, len(stream), 50):
+            if start == 2000:  # the rest after the kill: mid-merge however fast the merger (a slow first
+                killed.wait(120)  # checkpoint could let it merge all 3,000 first: a flake review)
             pipe = redis.pipeline()
             for entry in stream[start : start + 50]:
                 pipe.xadd(keys.results, entry.to_fields())
@@ -138,8 +141,11 @@ def test_sigkill_mid_merge_then_restart_equals_an_uninterrupted_run(service: Ind
         stats = service.stats()
         return int(stats["applied_entries"]) if int(stats["applied_entries"]) >= 1200 and stats["last_snapshot"] else 0
 
-    at_kill = wait_for(merged, 120, interval_s=0.02, what="half merged and a checkpoint written")
-    service.stop(signal.SIGKILL)
+    try:
+        at_kill = wait_for(merged, 120, interval_s=0.02, what="half merged and a checkpoint written")
+        service.stop(signal.SIGKILL)
+    finally:
+        killed.set()
     producer.join()
     assert at_kill < len(stream), f"all {at_kill} entries merged before the kill: not mid-merge"
 
