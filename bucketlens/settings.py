@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from vision.models import DEFAULT_MODEL, RECIPES  # names only: vision/models.py imports neither torch nor OpenCV
 
@@ -104,6 +105,9 @@ class Settings:
         variable, rather than failing late or quietly doing something else."""
         problems = [problem for field in dataclasses.fields(self)
                     if (problem := _problem(field.name, getattr(self, field.name)))]
+        if bool(self.s3_access_key) != bool(self.s3_secret_key):  # (one was sent as None, signed with "" elsewhere)
+            problems.append(f"{PREFIX}S3_ACCESS_KEY and {PREFIX}S3_SECRET_KEY: give both, or neither for anonymous "
+                            "access (one is empty)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -207,11 +211,13 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return notes
 
 
-# An empty home wrote the stack's state into the working folder; an empty host bound every interface.
-NOT_EMPTY = ("home", "bucket", "namespace", "ingest_host", "api_host")
+# An empty home wrote the stack's state into the working folder; an empty host bound every interface; an empty
+# reserved prefix reserved every key (nothing was indexed, and a reconcile emptied the index); an empty WordNet folder
+# stopped the index service short of ready (review 48).
+NOT_EMPTY = ("home", "bucket", "namespace", "ingest_host", "api_host", "reserved_prefix", "wordnet", "s3_region")
 # A URL without its scheme ended in a library's traceback that named no variable. (S3_PUBLIC_ENDPOINT may be empty.)
 SCHEMES = {"redis_url": ("redis://", "rediss://", "unix://"), "s3_endpoint": ("http://", "https://"),
-           "s3_public_endpoint": ("http://", "https://")}
+           "s3_public_endpoint": ("http://", "https://"), "milvus_uri": ("http://", "https://", "tcp://")}
 
 
 TOKENS = ("webhook_token", "admin_token", "read_token")
@@ -230,10 +236,15 @@ def _problem(name: str, value: Any) -> str | None:
                 "token travels in an HTTP header, where such a one never matched; a file's trailing newline?)")
     if name == "bucket" and not BUCKET_NAME.fullmatch(str(value)):
         return f"{given}: an S3 bucket name holds letters, digits, '.', '-' and '_' only"
-    if name.endswith("_host") and str(value) != str(value).strip():
+    if (name.endswith("_host") or name == "replica") and str(value) != str(value).strip():
         return f"{given}: has spaces around it"
     if name in SCHEMES and value and not str(value).lower().startswith(SCHEMES[name]):
         return f"{given}: give a URL starting with {' or '.join(SCHEMES[name])}"
+    if name in SCHEMES and value:
+        try:
+            urlsplit(str(value)).port  # noqa: B018  (raises on a port that is no number or out of range)
+        except ValueError as exc:
+            return f"{given}: {exc}"
     if name in CHOICES and value not in CHOICES[name]:
         return f"{given}: choose one of {', '.join(CHOICES[name])}"
     if name in BOUNDS and not BOUNDS[name].admits(value):

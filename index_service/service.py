@@ -165,8 +165,8 @@ class Service:
             return
         try:
             words.vocabulary(self.settings.wordnet)  # WordNet read once (~0.6 s), before the first text query
-        except words.VocabularyMissing as exc:
-            log.warning("text search is off: %s", exc)
+        except Exception as exc:  # (missing or damaged: readiness never waits on it; a dead loader left it 503)
+            log.warning("text search is off: %s: %s", type(exc).__name__, exc)
         try:
             if writer:  # a replica that does not write restores nothing: the writer does
                 self.restoring = redis_loss.restore_at_start(self, redis_was_empty, restored is not None, trimmed)

@@ -77,6 +77,15 @@ def test_the_defaults_are_valid() -> None:
      "BUCKETLENS_S3_ENDPOINT='localhost:7480': give a URL starting with http:// or https://"),
     ({"BUCKETLENS_REDIS_URL": "127.0.0.1:6379"},
      "BUCKETLENS_REDIS_URL='127.0.0.1:6379': give a URL starting with redis:// or rediss:// or unix://"),
+    ({"BUCKETLENS_MILVUS_URI": "127.0.0.1:19530"},
+     "BUCKETLENS_MILVUS_URI='127.0.0.1:19530': give a URL starting with http:// or https:// or tcp://"),
+    ({"BUCKETLENS_MILVUS_URI": "http://127.0.0.1:abc"},  # (any `up` ended in a traceback: review 48)
+     "BUCKETLENS_MILVUS_URI='http://127.0.0.1:abc': Port could not be cast to integer value as 'abc'"),
+    ({"BUCKETLENS_S3_ENDPOINT": "http://127.0.0.1:99999"},
+     "BUCKETLENS_S3_ENDPOINT='http://127.0.0.1:99999': Port out of range 0-65535"),
+    ({"BUCKETLENS_REPLICA": " "}, "BUCKETLENS_REPLICA=' ': has spaces around it"),
+    ({"BUCKETLENS_S3_SECRET_KEY": ""}, "BUCKETLENS_S3_ACCESS_KEY and BUCKETLENS_S3_SECRET_KEY: give both, or "
+                                       "neither for anonymous access (one is empty)"),
     ({"BUCKETLENS_VISIBILITY_TIMEOUT_S": "1"}, "BUCKETLENS_VISIBILITY_TIMEOUT_S=1: must be at least 60"),
     ({"BUCKETLENS_INGEST_MAX_MEMORY_FRACTION": "1.5"},
      "BUCKETLENS_INGEST_MAX_MEMORY_FRACTION=1.5: must be above 0 and at most 1"),
@@ -132,12 +141,16 @@ def test_settings_made_in_code_are_checked_too() -> None:
 
 
 @pytest.mark.parametrize("variable", ["BUCKETLENS_HOME", "BUCKETLENS_BUCKET", "BUCKETLENS_NAMESPACE",
-                                      "BUCKETLENS_INGEST_HOST", "BUCKETLENS_API_HOST"])
-def test_an_empty_name_is_refused(variable: str) -> None:
+                                      "BUCKETLENS_INGEST_HOST", "BUCKETLENS_API_HOST", "BUCKETLENS_RESERVED_PREFIX",
+                                      "BUCKETLENS_WORDNET", "BUCKETLENS_S3_REGION"])
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_name_is_refused(variable: str, empty: str) -> None:
     """`BUCKETLENS_HOME=` wrote the stack's stack.json (ports, tokens) into the working folder; an empty bucket
-    failed at the first upload with a traceback; an empty host bound every interface (an independent review)."""
+    failed at the first upload with a traceback; an empty host bound every interface (an independent review). An
+    empty reserved prefix reserved every key: nothing was indexed, and a reconcile emptied the index; an empty WordNet
+    folder left the index service short of ready for good (review 48)."""
     with pytest.raises(ValueError, match=f"^{variable} is empty: give a value or leave it unset$"):
-        Settings.from_env({variable: " "})
+        Settings.from_env({variable: empty})
 
 
 def test_a_variable_that_is_no_setting_is_noted_with_the_likely_one() -> None:
