@@ -9,6 +9,7 @@ independent check). A changed endpoint therefore takes the topic (and its queue)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -43,13 +44,7 @@ def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> boo
     earlier endpoint were dropped with it (a reconcile finds the uploads they named). Another bucketlens
     notification of the bucket that pushes to the same receiver (a namespace used before) is removed: each upload
     was delivered, queued and embedded twice (an independent check)."""
-    sns = boto3.client(
-        "sns",
-        endpoint_url=settings.s3_endpoint,
-        aws_access_key_id=settings.s3_access_key,
-        aws_secret_access_key=settings.s3_secret_key,
-        region_name=settings.s3_region,
-    )
+    sns = _sns(settings)
     name = f"{settings.namespace}-{settings.bucket}"
     endpoints = _endpoints(sns)
     before = next((arn for arn in endpoints if arn.rsplit(":", 1)[-1] == name), "")
@@ -84,6 +79,24 @@ def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> boo
     return dropped
 
 
+def follow_endpoint(settings: Settings, s3: Any, push_endpoint: str) -> list[str]:
+    """Put again the notifications of the other buckets this namespace was set up for (a ``BUCKETLENS_BUCKET`` used
+    before: the index holds them too) that push to this receiver at another endpoint, i.e. an earlier webhook token:
+    ingest refused their events (401) from then on, silently (review 48). Returns those buckets."""
+    endpoints = _endpoints(_sns(settings))
+    ids = (notification_id(settings), "bucketlens")  # ("bucketlens": a stack set up before namespaced Ids)
+    followed = []
+    for bucket in sorted({b["Name"] for b in s3.list_buckets().get("Buckets", [])} - {settings.bucket}):
+        for config in s3.get_bucket_notification_configuration(Bucket=bucket).get("TopicConfigurations", []):
+            endpoint = endpoints.get(config.get("TopicArn"))
+            if (config.get("Id") in ids and endpoint and _receiver(endpoint) == _receiver(push_endpoint)
+                    and unquote(endpoint) != unquote(push_endpoint)):
+                ensure_notifications(dataclasses.replace(settings, bucket=bucket), s3, push_endpoint)
+                followed.append(bucket)
+                break
+    return followed
+
+
 def remove_notifications(settings: Settings, bucket: str, notification: str = "") -> None:
     """Remove one notification of ``bucket`` by its Id, or all of them (Ceph's ``DELETE ?notification``: boto3 has
     no call for it)."""
@@ -91,6 +104,11 @@ def remove_notifications(settings: Settings, bucket: str, notification: str = ""
     request = AWSRequest(method="DELETE", url=url)
     S3SigV4Auth(Credentials(settings.s3_access_key, settings.s3_secret_key), "s3", settings.s3_region).add_auth(request)
     httpx.delete(url, headers=dict(request.headers), timeout=60).raise_for_status()
+
+
+def _sns(settings: Settings) -> Any:
+    return boto3.client("sns", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key,
+                        aws_secret_access_key=settings.s3_secret_key, region_name=settings.s3_region)
 
 
 def _endpoints(sns: Any) -> dict[str, str | None]:

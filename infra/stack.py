@@ -36,7 +36,7 @@ from bucketlens.settings import Settings
 from . import milvus
 from .canary import Canary
 from .liveness import ceph_daemon
-from .notifications import ensure_bucket, ensure_notifications
+from .notifications import ensure_bucket, ensure_notifications, follow_endpoint
 from .ports import free_port, lease, port_in_use
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,18 @@ INFRA = Path(__file__).resolve().parent
 COMMAND = {"ingest": "ingest", "worker": "worker", "api": "serve", "supervisor": "supervise"}  # of Stack.services
 SERVERS: dict[str, tuple[str, ...]] = {"faiss": (), "milvus": ("milvus",)}  # what each index backend runs beside
 MAX_REPLICAS = {"faiss": 1, "milvus": 16}  # index service processes: a FAISS index lives in one process
-# What client commands take from the index service that runs, unless their own shell sets it: it may have been
-# started from another shell, with a bucket and tokens of its own (a new shell's CLI got 401s and named the
-# default bucket: an independent check).
-RUNNING_API = ("bucket", "read_token", "admin_token")
+# What client commands take from the services that run, unless their own shell sets it: they may have been started
+# from another shell, with a bucket and tokens of their own (a new shell's CLI got 401s and named the default
+# bucket: an independent check; `status --json` named the stack's webhook token, not the one ingest took: review 48).
+RUNNING = {"api": ("bucket", "read_token", "admin_token"), "ingest": ("webhook_token",)}
+
+
+def reach(host: str) -> str:
+    """Where to reach a server that binds ``host`` (``API_HOST``, ``INGEST_HOST``): a wildcard on loopback, an IPv6
+    address in brackets. (127.0.0.1 always: `up` waited 300 s for a service bound to ::1 or a LAN one, review 48.)"""
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -115,7 +123,8 @@ class Stack:
 
     @property
     def api_urls(self) -> list[str]:
-        return [self.api_url] + [f"http://127.0.0.1:{port}" for port in self.config.replica_ports]
+        host = reach(self.settings.api_host)
+        return [f"http://{host}:{port}" for port in (self.config.api_port, *self.config.replica_ports)]
 
     @property
     def replica_urls(self) -> dict[str, str]:
@@ -193,11 +202,11 @@ class Stack:
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.config.api_port}"
+        return self.api_urls[0]
 
     @property
     def ingest_url(self) -> str:
-        return f"http://127.0.0.1:{self.config.ingest_port}"
+        return f"http://{reach(self.settings.ingest_host)}:{self.config.ingest_port}"
 
     # -- up / down / status --------------------------------------------------------------------------------
 
@@ -225,8 +234,12 @@ class Stack:
                 self.start_service(name)
         self._wait_http(self.ingest_url + "/healthz", "ingest", 60)
         token = quote(self.settings.webhook_token, safe="")  # a token of the user's may hold "+", "&" or "#"
+        endpoint = f"{self.ingest_url}/events?token={token}"
         with self._s3_answers():
-            dropped = ensure_notifications(self.settings, s3, f"{self.ingest_url}/events?token={token}")
+            dropped = ensure_notifications(self.settings, s3, endpoint)
+            if followed := follow_endpoint(self.settings, s3, endpoint):
+                log.warning("the notifications of %s now push to the new endpoint too", ", ".join(followed))
+                dropped = True
         if self.pid("supervisor") is None:  # (a running one writes the canaries: one writer at a time)
             try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
                 Canary(self.settings, s3, connect(self.settings.redis_url)).wait(90)
@@ -323,12 +336,15 @@ class Stack:
                                  f"{self.home / 'stack.json'}")
 
     def for_clients(self, explicit: Iterable[str] = ()) -> Settings:
-        """The settings client commands use: the stack's, with the bucket and tokens (``RUNNING_API``) of its index
-        service while it runs, but those named in ``explicit`` (set in the client's own shell)."""
-        path = self.home / "run" / "api-settings.json"
-        started = json_object(path.read_text()) if path.exists() and self.pid("api") is not None else None
-        kept = {name: started[name] for name in RUNNING_API
-                if started is not None and isinstance(started.get(name), str) and name not in set(explicit)}
+        """The settings client commands use: the stack's, with the bucket and tokens (``RUNNING``) its index service
+        and ingest were started with while they run, but those named in ``explicit`` (set in the client's own
+        shell)."""
+        kept: dict[str, Any] = {}
+        for service, names in RUNNING.items():
+            path = self.home / "run" / f"{service}-settings.json"
+            started = (json_object(path.read_text()) if path.exists() and self.pid(service) is not None else None) or {}
+            kept.update({name: started[name] for name in names
+                         if isinstance(started.get(name), str) and name not in set(explicit)})
         return dataclasses.replace(self.settings, **kept)
 
     def status(self, settings: Settings | None = None) -> dict[str, Any]:
@@ -562,9 +578,9 @@ class Stack:
         log_file.close()
         self._children[name] = process
         (self.home / "run" / f"{name}.pid").write_text(_pid_record(process.pid))
-        if name == "api":  # for client commands in any shell (for_clients); it holds tokens
-            _write_private(self.home / "run" / "api-settings.json",
-                           json.dumps({field: getattr(self.settings, field) for field in RUNNING_API}))
+        if name in RUNNING:  # for client commands in any shell (for_clients); it holds tokens
+            _write_private(self.home / "run" / f"{name}-settings.json",
+                           json.dumps({field: getattr(self.settings, field) for field in RUNNING[name]}))
 
     def stop_service(self, name: str, kill: bool = False) -> None:
         pid = self.pid(name)

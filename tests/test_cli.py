@@ -849,6 +849,12 @@ def test_client_settings_come_from_a_running_service_only(tmp_path: Path) -> Non
     assert (seen.bucket, seen.read_token, seen.admin_token) == ("my.photos-2024", "rt", "mine")
     assert seen.s3_endpoint == stack.settings.s3_endpoint  # only the bucket and tokens are taken
     assert stack.for_clients(["read_token"]).read_token == ""  # what the client's shell sets stays
+    # Ingest's webhook token likewise: `status --json` named the stack's, which ingest refused (review 48).
+    (tmp_path / "run" / "ingest-settings.json").write_text(json.dumps({"webhook_token": "wt", "bucket": "not-its"}))
+    assert stack.for_clients().webhook_token == stack.settings.webhook_token  # no ingest runs
+    (tmp_path / "run" / "ingest.pid").write_text(_pid_record(os.getpid()))
+    seen = stack.for_clients()
+    assert (seen.webhook_token, seen.bucket) == ("wt", "my.photos-2024")  # (a bucket is the index service's word)
 
 
 

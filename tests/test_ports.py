@@ -107,3 +107,14 @@ def test_without_a_lease_file_ports_are_chosen_as_before(tmp_path: Path, monkeyp
     monkeypatch.setattr(ports, "LEASES", tmp_path / "missing" / "leases.json")  # (cannot be made)
     assert ports.free_port() > 0
     assert "port leases in" in caplog.text
+
+
+@pytest.mark.parametrize(("host", "url"), [("127.0.0.1", "http://127.0.0.1"), ("0.0.0.0", "http://127.0.0.1"),
+                                           ("::1", "http://[::1]"), ("::", "http://[::1]"),
+                                           ("192.168.1.20", "http://192.168.1.20")])
+def test_the_stack_reaches_its_services_where_they_bind(tmp_path: Path, host: str, url: str) -> None:
+    """`BUCKETLENS_API_HOST=::1 bucketlens up` (or a LAN address) waited 300 s for /readyz at 127.0.0.1, where
+    nothing listened, then failed (review 48)."""
+    stack = Stack(Settings(home=tmp_path, api_host=host, ingest_host=host))
+    assert stack.api_url == f"{url}:{stack.config.api_port}"
+    assert stack.ingest_url == f"{url}:{stack.config.ingest_port}"
