@@ -23,7 +23,7 @@ import httpx
 
 from vision.models import RECIPES
 
-from .settings import ALL_INDEX_TYPES, BUCKET_NAME, INDEX_TYPES, Settings, only_backend, unknown_variables
+from .settings import ALL_INDEX_TYPES, BUCKET_NAME, INDEX_TYPES, Settings, only_backend, reach, unknown_variables
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 JSON_HELP = "print the service's answer as JSON (for scripts)"
@@ -299,8 +299,7 @@ def api_url(settings: Settings) -> str:
 
 
 def _api_address(settings: Settings) -> str:
-    host = settings.api_host
-    return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{settings.api_port}"  # IPv6
+    return f"http://{reach(settings.api_host)}:{settings.api_port}"
 
 
 def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, dict[str, bool]]:

@@ -31,7 +31,7 @@ from bucketlens.cli import CLIError
 from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 from bucketlens.schemas import json_object
-from bucketlens.settings import Settings
+from bucketlens.settings import Settings, reach
 
 from . import milvus
 from .canary import Canary
@@ -47,15 +47,8 @@ MAX_REPLICAS = {"faiss": 1, "milvus": 16}  # index service processes: a FAISS in
 # What client commands take from the services that run, unless their own shell sets it: they may have been started
 # from another shell, with a bucket and tokens of their own (a new shell's CLI got 401s and named the default
 # bucket: an independent check; `status --json` named the stack's webhook token, not the one ingest took: review 48).
-RUNNING = {"api": ("bucket", "read_token", "admin_token"), "ingest": ("webhook_token",)}
-
-
-def reach(host: str) -> str:
-    """Where to reach a server that binds ``host`` (``API_HOST``, ``INGEST_HOST``): a wildcard on loopback, an IPv6
-    address in brackets. (127.0.0.1 always: `up` waited 300 s for a service bound to ::1 or a LAN one, review 48.)"""
-    if host in ("0.0.0.0", "::"):
-        return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
-    return f"[{host}]" if ":" in host else host
+# The addresses they bind are the stack's own way to them too (``API_HOST`` set in the shell of `up` alone).
+RUNNING = {"api": ("bucket", "read_token", "admin_token", "api_host"), "ingest": ("webhook_token", "ingest_host")}
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -109,6 +102,7 @@ class Stack:
             admin_token=base.admin_token or self.config.admin_token,
             index_backend=self.config.index_backend,
             milvus_uri=f"http://127.0.0.1:{milvus_port}" if milvus_port else base.milvus_uri,
+            **{name: value for name, value in self._started().items() if name.endswith("_host")},
         )
 
     @property
@@ -339,13 +333,17 @@ class Stack:
         """The settings client commands use: the stack's, with the bucket and tokens (``RUNNING``) its index service
         and ingest were started with while they run, but those named in ``explicit`` (set in the client's own
         shell)."""
-        kept: dict[str, Any] = {}
+        kept = {name: value for name, value in self._started().items() if name not in set(explicit)}
+        return dataclasses.replace(self.settings, **kept)
+
+    def _started(self) -> dict[str, Any]:
+        """What the running services were started with of ``RUNNING``."""
+        found: dict[str, Any] = {}
         for service, names in RUNNING.items():
             path = self.home / "run" / f"{service}-settings.json"
             started = (json_object(path.read_text()) if path.exists() and self.pid(service) is not None else None) or {}
-            kept.update({name: started[name] for name in names
-                         if isinstance(started.get(name), str) and name not in set(explicit)})
-        return dataclasses.replace(self.settings, **kept)
+            found.update({name: started[name] for name in names if isinstance(started.get(name), str)})
+        return found
 
     def status(self, settings: Settings | None = None) -> dict[str, Any]:
         """Addresses, credentials and process states (``settings``: the client's view, ``for_clients``)."""
@@ -681,15 +679,23 @@ def _listens(pid: int, port: int) -> bool:
     return False
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of the session ``sid``."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # (after the command's name, which may hold spaces)
-            if int(fields[3]) == sid:  # state, ppid, pgrp, session
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            continue
+def _kill_session(sid: int, timeout_s: float = 5.0) -> None:
+    """SIGKILL every process of the session ``sid``, pass after pass until none is left but zombies: a subshell
+    forked during a pass escaped it, and ran on after an interrupted `up` (a test saw it once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        killed = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # (after the command's name: it may hold spaces)
+                if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+                    killed += 1
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+        if not killed or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _terminate(pid: int, sig: int, timeout_s: float, group: bool = False) -> None:
