@@ -106,8 +106,8 @@ class Settings:
         problems = [problem for field in dataclasses.fields(self)
                     if (problem := _problem(field.name, getattr(self, field.name)))]
         if bool(self.s3_access_key) != bool(self.s3_secret_key):  # (one was sent as None, signed with "" elsewhere)
-            problems.append(f"{PREFIX}S3_ACCESS_KEY and {PREFIX}S3_SECRET_KEY: give both, or neither for anonymous "
-                            "access (one is empty)")
+            problems.append(f"{PREFIX}S3_ACCESS_KEY and {PREFIX}S3_SECRET_KEY: give both, or neither for boto3's own "
+                            "credential chain (one is empty)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -217,7 +217,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 NOT_EMPTY = ("home", "bucket", "namespace", "ingest_host", "api_host", "reserved_prefix", "wordnet", "s3_region")
 # A URL without its scheme ended in a library's traceback that named no variable. (S3_PUBLIC_ENDPOINT may be empty.)
 SCHEMES = {"redis_url": ("redis://", "rediss://", "unix://"), "s3_endpoint": ("http://", "https://"),
-           "s3_public_endpoint": ("http://", "https://"), "milvus_uri": ("http://", "https://", "tcp://")}
+           "s3_public_endpoint": ("http://", "https://"),
+           "milvus_uri": ("http://", "https://", "tcp://", "tcp:", "grpc://", "unix:")}  # (pymilvus's forms)
 
 
 TOKENS = ("webhook_token", "admin_token", "read_token")

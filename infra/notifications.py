@@ -20,6 +20,7 @@ import httpx
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.settings import Settings
 
@@ -81,19 +82,26 @@ def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> boo
 
 def follow_endpoint(settings: Settings, s3: Any, push_endpoint: str) -> list[str]:
     """Put again the notifications of the other buckets this namespace was set up for (a ``BUCKETLENS_BUCKET`` used
-    before: the index holds them too) that push to this receiver at another endpoint, i.e. an earlier webhook token:
-    ingest refused their events (401) from then on, silently (review 48). Returns those buckets."""
+    before: the index holds them too) that push to another endpoint: an earlier webhook token (ingest refused their
+    events, 401, from then on, silently: review 48), ingest host or port. A notification of the Id bucketlens used
+    before namespaces is followed only when it pushes to this receiver. Best effort, bucket by bucket: a bucket that
+    cannot be read or put is named in a warning. Ceph only (``_endpoints`` needs its SNS). Returns those followed."""
     endpoints = _endpoints(_sns(settings))
-    ids = (notification_id(settings), "bucketlens")  # ("bucketlens": a stack set up before namespaced Ids)
     followed = []
     for bucket in sorted({b["Name"] for b in s3.list_buckets().get("Buckets", [])} - {settings.bucket}):
-        for config in s3.get_bucket_notification_configuration(Bucket=bucket).get("TopicConfigurations", []):
-            endpoint = endpoints.get(config.get("TopicArn"))
-            if (config.get("Id") in ids and endpoint and _receiver(endpoint) == _receiver(push_endpoint)
-                    and unquote(endpoint) != unquote(push_endpoint)):
-                ensure_notifications(dataclasses.replace(settings, bucket=bucket), s3, push_endpoint)
-                followed.append(bucket)
-                break
+        try:
+            configs = s3.get_bucket_notification_configuration(Bucket=bucket).get("TopicConfigurations", [])
+            for config in configs:
+                endpoint = endpoints.get(config.get("TopicArn"))
+                ours = config.get("Id") == notification_id(settings) or (
+                    config.get("Id") == "bucketlens" and _receiver(endpoint) == _receiver(push_endpoint))
+                if ours and endpoint and unquote(endpoint) != unquote(push_endpoint):
+                    ensure_notifications(dataclasses.replace(settings, bucket=bucket), s3, push_endpoint)
+                    followed.append(bucket)
+                    break
+        except (ClientError, BotoCoreError, httpx.HTTPError) as exc:
+            log.warning("the notification of bucket %s could not be put again (%s); its events may not reach ingest: "
+                        "`bucketlens reconcile` finds what they named", bucket, exc)
     return followed
 
 

@@ -24,20 +24,25 @@ from infra.stack import free_port
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 
 
-# A server away for a moment (refused, reset, timed out; a restarted one binds its port only after its start-up):
-# no answer yet, to a poll. (redis-py's BusyLoadingError, a Redis loading its append-only file, is a ConnectionError.)
-AWAY = (httpx.TransportError, redis.ConnectionError, redis.TimeoutError, EndpointConnectionError)
+# A server not listening (yet: a restarted one binds its port only after its start-up): no answer yet, to a poll.
+# Not a connection that broke mid-request or a request that timed out: a crash or a hang must fail the test (a
+# restart by the supervisor would otherwise pass it). (redis-py's BusyLoadingError, a Redis loading its append-only
+# file, is a ConnectionError; so is its AuthenticationError, which is not retried.)
+AWAY = (httpx.ConnectError, redis.ConnectionError, EndpointConnectionError)
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 60, interval_s: float = 0.2, what: str = "") -> Any:
     """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout_s``. A server that is
-    away (``AWAY``) is polled again, and the last such error is named on a timeout; any other error fails at once."""
+    not listening (``AWAY``) is polled again, and named on a timeout if the last poll met it; any other error fails
+    at once."""
     deadline = time.monotonic() + timeout_s
     away: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            value = predicate()
+            value, away = predicate(), None
         except AWAY as exc:
+            if isinstance(exc, redis.AuthenticationError):
+                raise
             away, value = exc, None
         if value:
             return value

@@ -884,6 +884,8 @@ def test_client_settings_come_from_a_running_service_only(tmp_path: Path) -> Non
     (tmp_path / "run" / "ingest.pid").write_text(_pid_record(os.getpid()))
     seen = stack.for_clients()
     assert (seen.webhook_token, seen.bucket) == ("wt", "my.photos-2024")  # (a bucket is the index service's word)
+    # And `up` from a shell without it points the notifications at the token ingest takes (review 50).
+    assert Stack(Settings(home=tmp_path)).settings.webhook_token == "wt"
 
 
 

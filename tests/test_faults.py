@@ -1194,7 +1194,10 @@ def test_milvus_killed_mid_merge_answers_503_then_catches_up(stack: Stack, milvu
         if service.process is not None and service.process.poll() is None:
             service.stop(signal.SIGKILL)
         if milvus_server.process is not None and milvus_server.process.poll() is not None:
-            milvus_server.start()  # (left dead by a failure above, it failed every later Milvus test too)
+            try:  # (left dead by a failure above, it failed every later Milvus test too)
+                milvus_server.start()
+            except Exception as exc:  # (not in place of the failure above)
+                print(f"milvus did not start again: {exc}", file=sys.stderr)
         with contextlib.suppress(Exception):
             client = open_backend(settings, redis, keys, lambda _: FeatureStore()).connection  # type: ignore[attr-defined]
             for name in client.client.list_collections():

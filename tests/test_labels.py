@@ -104,6 +104,14 @@ def test_missing_wordnet_is_a_clear_error(tmp_path: Path) -> None:
         words.Vocabulary(tmp_path)
 
 
+def test_a_damaged_wordnet_is_a_missing_one(tmp_path: Path) -> None:
+    """Damaged files made every text query a 500 (a parse error), not 503 ``no_vocabulary`` (review 50)."""
+    for name in ("index.noun", "data.noun", "noun.exc"):
+        (tmp_path / name).write_bytes(b"cat n 1 x\n\xff\xfe")
+    with pytest.raises(words.VocabularyMissing, match="cannot be read .* wordnet-base"):
+        words.vocabulary(tmp_path)
+
+
 def test_autocomplete_folds_accents_and_case_as_text_search_does() -> None:
     """``/labels?q=Éspr`` suggested nothing while a text search for "Éspresso" found espresso (an independent
     review): both now compare words through ``words.fold``."""

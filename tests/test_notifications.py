@@ -97,28 +97,33 @@ def test_a_changed_endpoint_is_followed_by_the_buckets_set_up_before(stack: Stac
                                                                        receiver: Receiver) -> None:
     """A bucket set up under an earlier BUCKETLENS_BUCKET keeps notifying ingest (the index holds it too), but `up`
     with a new webhook token put only the current bucket's topic again: the earlier one's events were refused
-    (401), silently, until a reconcile (review 48). `up` now puts every such bucket's again."""
+    (401), silently, until a reconcile (review 48). `up` now puts every such bucket's again, and those of an
+    earlier ingest address too (review 50)."""
     settings = dataclasses.replace(stack.settings, namespace="follow", bucket="test-follow-now")
     before = dataclasses.replace(settings, bucket="test-follow-before")
+    moved = dataclasses.replace(settings, bucket="test-follow-moved")
     elsewhere = dataclasses.replace(settings, namespace="follow-other", bucket="test-follow-other")
-    for bucket in (settings.bucket, before.bucket, elsewhere.bucket):
+    for bucket in (settings.bucket, before.bucket, moved.bucket, elsewhere.bucket):
         ensure_bucket(s3, bucket)
     sns = boto3.client("sns", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key,
                        aws_secret_access_key=settings.s3_secret_key, region_name=settings.s3_region)
     try:
         ensure_notifications(before, s3, receiver.url + "?token=A")  # an earlier BUCKETLENS_BUCKET
+        ensure_notifications(moved, s3, "http://127.0.0.1:9/events?token=A")  # an earlier ingest port
         ensure_notifications(elsewhere, s3, receiver.url + "?token=A")  # another namespace's: not ours to move
         receiver.token = "B"
         assert ensure_notifications(settings, s3, receiver.url + "?token=B") is False  # (new: nothing dropped)
-        assert follow_endpoint(settings, s3, receiver.url + "?token=B") == [before.bucket]
+        assert follow_endpoint(settings, s3, receiver.url + "?token=B") == [before.bucket, moved.bucket]
         assert follow_endpoint(settings, s3, receiver.url + "?token=B") == []  # (followed: nothing to do)
         s3.put_object(Bucket=before.bucket, Key="after", Body=b"x")
         wait_for(lambda: ("B", "after") in receiver.seen, 120, what="the earlier bucket's event, with the new token")
         assert ("A", "after") not in receiver.seen
+        s3.put_object(Bucket=moved.bucket, Key="moved", Body=b"x")
+        wait_for(lambda: ("B", "moved") in receiver.seen, 120, what="the moved bucket's event, at the new address")
         s3.put_object(Bucket=elsewhere.bucket, Key="theirs", Body=b"x")
         wait_for(lambda: ("A", "theirs") in receiver.seen, 120, what="the other namespace's event, as it was")
     finally:
-        for each in (settings, before, elsewhere):
+        for each in (settings, before, moved, elsewhere):
             remove_notifications(each, each.bucket)
             with contextlib.suppress(ClientError):
                 sns.delete_topic(TopicArn=f"arn:aws:sns:default::{each.namespace}-{each.bucket}")

@@ -146,8 +146,8 @@ def test_sigkill_mid_merge_then_restart_equals_an_uninterrupted_run(service: Ind
         service.stop(signal.SIGKILL)
     finally:
         killed.set()
-    producer.join()
-    assert at_kill < len(stream), f"all {at_kill} entries merged before the kill: not mid-merge"
+    producer.join()  # (at least the last 1,000 entries arrived after the kill: the restart has them to merge)
+    assert at_kill <= 2000, at_kill
 
     service.start()
     # Restored from the checkpoint before the kill, and /stats says when it was written (before the next one).

@@ -78,14 +78,15 @@ def test_the_defaults_are_valid() -> None:
     ({"BUCKETLENS_REDIS_URL": "127.0.0.1:6379"},
      "BUCKETLENS_REDIS_URL='127.0.0.1:6379': give a URL starting with redis:// or rediss:// or unix://"),
     ({"BUCKETLENS_MILVUS_URI": "127.0.0.1:19530"},
-     "BUCKETLENS_MILVUS_URI='127.0.0.1:19530': give a URL starting with http:// or https:// or tcp://"),
+     "BUCKETLENS_MILVUS_URI='127.0.0.1:19530': give a URL starting with http:// or https:// or tcp:// or tcp: or "
+     "grpc:// or unix:"),
     ({"BUCKETLENS_MILVUS_URI": "http://127.0.0.1:abc"},  # (any `up` ended in a traceback: review 48)
      "BUCKETLENS_MILVUS_URI='http://127.0.0.1:abc': Port could not be cast to integer value as 'abc'"),
     ({"BUCKETLENS_S3_ENDPOINT": "http://127.0.0.1:99999"},
      "BUCKETLENS_S3_ENDPOINT='http://127.0.0.1:99999': Port out of range 0-65535"),
     ({"BUCKETLENS_REPLICA": " "}, "BUCKETLENS_REPLICA=' ': has spaces around it"),
     ({"BUCKETLENS_S3_SECRET_KEY": ""}, "BUCKETLENS_S3_ACCESS_KEY and BUCKETLENS_S3_SECRET_KEY: give both, or "
-                                       "neither for anonymous access (one is empty)"),
+                                       "neither for boto3's own credential chain (one is empty)"),
     ({"BUCKETLENS_VISIBILITY_TIMEOUT_S": "1"}, "BUCKETLENS_VISIBILITY_TIMEOUT_S=1: must be at least 60"),
     ({"BUCKETLENS_INGEST_MAX_MEMORY_FRACTION": "1.5"},
      "BUCKETLENS_INGEST_MAX_MEMORY_FRACTION=1.5: must be above 0 and at most 1"),

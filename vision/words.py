@@ -179,8 +179,14 @@ def fold(word: str) -> str:
 
 @functools.cache
 def vocabulary(folder: Path = WORDNET) -> Vocabulary:
-    """The one vocabulary of this process per folder, loaded on first use (~0.6 s)."""
-    return Vocabulary(folder)
+    """The one vocabulary of this process per folder, loaded on first use (~0.6 s). Damaged files are missing ones
+    (text queries answered 500, not 503 ``no_vocabulary``: review 50)."""
+    try:
+        return Vocabulary(folder)
+    except (OSError, ValueError, IndexError) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise VocabularyMissing(f"WordNet in {folder} cannot be read ({type(exc).__name__}: {exc}); reinstall "
+                                "Debian's wordnet-base, or set BUCKETLENS_WORDNET to the folder holding index.noun"
+                                ) from exc
 
 
 def describe(classes: Iterable[int]) -> list[dict[str, str]]:
