@@ -90,7 +90,7 @@ class Stack:
         self.settings = self._settings()
 
     def _settings(self) -> Settings:
-        base, milvus_port = self.base, self.config.milvus_port
+        base, milvus_port, started = self.base, self.config.milvus_port, self._started()
         return dataclasses.replace(
             base,
             home=self.home,
@@ -98,11 +98,13 @@ class Stack:
             s3_endpoint=f"http://127.0.0.1:{self.config.s3_port}",
             ingest_port=self.config.ingest_port,
             api_port=self.config.api_port,
-            webhook_token=base.webhook_token or self.config.webhook_token,
+            webhook_token=started.get("webhook_token") or base.webhook_token or self.config.webhook_token,
             admin_token=base.admin_token or self.config.admin_token,
             index_backend=self.config.index_backend,
             milvus_uri=f"http://127.0.0.1:{milvus_port}" if milvus_port else base.milvus_uri,
-            **{name: value for name, value in self._started().items() if name.endswith("_host")},
+            # The way to the running services: where they bind, and the token ingest takes (`up` from a shell
+            # without BUCKETLENS_WEBHOOK_TOKEN pointed the notifications at stack.json's, refused: review 50).
+            **{name: value for name, value in started.items() if name.endswith("_host")},
         )
 
     @property
@@ -232,7 +234,8 @@ class Stack:
         with self._s3_answers():
             dropped = ensure_notifications(self.settings, s3, endpoint)
             if followed := follow_endpoint(self.settings, s3, endpoint):
-                log.warning("the notifications of %s now push to the new endpoint too", ", ".join(followed))
+                print(f"the notifications of {', '.join(followed)} (set up under an earlier BUCKETLENS_BUCKET) now "
+                      "push to this ingest's address and token too", file=sys.stderr)
                 dropped = True
         if self.pid("supervisor") is None:  # (a running one writes the canaries: one writer at a time)
             try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
@@ -331,8 +334,8 @@ class Stack:
 
     def for_clients(self, explicit: Iterable[str] = ()) -> Settings:
         """The settings client commands use: the stack's, with the bucket and tokens (``RUNNING``) its index service
-        and ingest were started with while they run, but those named in ``explicit`` (set in the client's own
-        shell)."""
+        and ingest were started with while they run, but those named in ``explicit`` (set in the client's own shell).
+        (The addresses they bind and ingest's token are the stack's own way to them, whatever the shell: _settings.)"""
         kept = {name: value for name, value in self._started().items() if name not in set(explicit)}
         return dataclasses.replace(self.settings, **kept)
 
@@ -387,20 +390,24 @@ class Stack:
         )
         logs = self.home / "logs" / "redis.log"
         for attempt in (1, 2):  # one more start if the first exited (seen once in a clean-clone run, cause unknown)
+            since = logs.stat().st_size if logs.exists() else 0
             subprocess.run(["redis-server", str(conf)], check=True)
             # Short timeouts, no retries: a port squatted by something that never answers must not hang the start.
             client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
+            started = time.monotonic()
+            while time.monotonic() < started + timeout_s:
                 with contextlib.suppress(Exception):
                     if client.ping():
                         return
+                if self.redis_pid() is None and time.monotonic() > started + 3:  # (its pid file: at once)
+                    break  # exited: waiting on (30 s, twice) held the supervisor's other restarts (review 49)
                 time.sleep(0.1)
             if self.redis_pid() is not None:
                 break  # running, not answering
-            log.warning("Redis exited while starting (attempt %d): %s", attempt, milvus.log_tail(logs))
-        raise StackError(f"Redis did not answer on port {self.config.redis_port} within {timeout_s:.0f} s: "
-                         f"{milvus.log_tail(logs, 5)}; see {logs}")
+            log.warning("Redis exited while starting (attempt %d): %s%s", attempt, milvus.log_tail(logs, 3, since),
+                        free_space(self.home / "redis"))
+        raise StackError(f"Redis did not answer on port {self.config.redis_port}: {milvus.log_tail(logs, 3)}"
+                         f"{free_space(self.home / 'redis')}; see {logs}")
 
     def stop_redis(self, kill: bool = False) -> None:
         pid = self.redis_pid()
@@ -540,6 +547,10 @@ class Stack:
         independent review)."""
         return not self.ceph_missing()
 
+    def ceph_dead(self) -> list[str]:
+        """This stack's Ceph daemons whose process does not run (the process watch starts them)."""
+        return [daemon for daemon in ("mon.a", "osd.0", "client.rgw.a") if self.ceph_pid(daemon) is None]
+
     def ceph_missing(self) -> list[str]:
         """What of this stack's S3 server is not running (``ceph_up``), for a log line that says which."""
         missing = [f"ceph-{daemon[:3]}" for daemon in ("mon.a", "osd.0") if self.ceph_pid(daemon) is None]
@@ -623,6 +634,7 @@ def running(settings: Settings, keep: bool = False, restart: tuple[str, ...] = (
     try:
         for name in restart:
             stack.stop_service(name)
+        stack.settings = stack._settings()  # (what the stopped ones ran with is no longer the way to them)
         stack.up()
         yield stack
     finally:
@@ -677,6 +689,14 @@ def _listens(pid: int, port: int) -> bool:
     with contextlib.suppress(OSError):
         return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
     return False
+
+
+def free_space(folder: Path) -> str:
+    """``; N MB free in folder``, for a message about a server that exited (a full disk makes Redis exit at its first
+    write: review 49), or nothing."""
+    with contextlib.suppress(OSError):
+        return f"; {shutil.disk_usage(folder).free // 2**20} MB free in {folder}"
+    return ""
 
 
 def _kill_session(sid: int, timeout_s: float = 5.0) -> None:

@@ -49,7 +49,7 @@ from . import milvus
 from .canary import Canary
 from .liveness import PROBE_EVERY_S, Liveness, Probe, ceph_daemon, serves
 from .milvus import log_tail
-from .stack import Stack, StackError
+from .stack import Stack, StackError, free_space
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect: cheap)
@@ -227,9 +227,10 @@ class Supervisor:
                 self.uncounted = 0
 
     def keep_processes_up(self) -> None:
-        if self.stack.redis_pid() is None:  # before anything that needs it, the canary included
-            log.warning("redis is not running; restarting it (its append-only file brings back what it held)")
-            self.stack.start_redis()
+        # Redis before anything that needs it, the canary included; backing off like the services: one that died at
+        # each start (its disk full: `appendfsync always` exits at a failed write) was restarted every second, and
+        # each line said only that its append-only file brings back what it held (review 49).
+        if self.keep_up("redis", time.monotonic()):
             self.redis_restarted = time.monotonic()
         if missing := self.stack.ceph_missing():  # radosgw, its OSD or monitor died (the canary would find it only
             # after canary_timeout_s, and heal only radosgw)
@@ -257,31 +258,36 @@ class Supervisor:
             self.heal()
         self.judging = True
 
-    def keep_up(self, name: str, now: float) -> None:
-        """Restart ``name`` if it is not running, backing off while it keeps dying soon after its restarts."""
+    def keep_up(self, name: str, now: float) -> bool:
+        """Restart ``name`` (a service, or ``redis``) if it is not running, backing off while it keeps dying soon
+        after its restarts; whether it was started."""
         restarts = self.restarts.setdefault(name, Restarts())
-        if self.stack.pid(name) is not None:
+        if (self.stack.redis_pid() if name == "redis" else self.stack.pid(name)) is not None:
             if restarts.at is not None and now - restarts.at >= STABLE_S:
                 self.restarts[name] = Restarts()
-            return
-        if restarts.at is not None and self.redis_restarted is not None and self.redis_restarted >= restarts.at:
+            return False
+        if (name != "redis" and restarts.at is not None and self.redis_restarted is not None
+                and self.redis_restarted >= restarts.at):
             # Redis was restarted since: a worker dies of that (kombu 5.7.0's crash on a reconnect), not of itself.
             # Counted, two Redis restarts left the stack without workers for minutes (an independent check).
             restarts = self.restarts[name] = Restarts()
         logs = self.stack.home / "logs" / f"{name}.log"
         if restarts.at is not None:  # it died before it was well again
             if now - restarts.at < restarts.wait_s(self.settings.canary_interval_s):
-                return
+                return False
             restarts.quick += 1
             log.warning("%s died again within %.0f s of its restart (%d in a row); restarting it, the next time after "
-                        "%.0f s; what it wrote to %s ends %s", name, STABLE_S, restarts.quick, restarts.wait_s(
-                            self.settings.canary_interval_s), logs, log_tail(logs, 1, restarts.log_from))
+                        "%.0f s; what it wrote to %s ends %s%s", name, STABLE_S, restarts.quick, restarts.wait_s(
+                            self.settings.canary_interval_s), logs, log_tail(logs, 2, restarts.log_from),
+                        free_space(self.stack.home / "redis") if name == "redis" else "")
         else:
-            log.warning("%s is not running; restarting it", name)
+            log.warning("%s is not running; restarting it%s", name, " (its append-only file brings back what it held)"
+                        if name == "redis" else "")
         restarts.at = now
         with contextlib.suppress(OSError):  # (no log yet: from its start)
             restarts.log_from = logs.stat().st_size
-        self.stack.start_service(name)
+        self.stack.start_redis() if name == "redis" else self.stack.start_service(name)
+        return True
 
     def heal(self) -> None:
         """Restart what stalled delivery: the OSD when it does not answer its admin socket or holds an op stuck
@@ -292,10 +298,10 @@ class Supervisor:
             # judged within: an OSD it started meanwhile was killed for an answer of the one before: review 25)
             # The stall too: a canary written as radosgw died stays undelivered while the process watch starts it
             # again (20-30 s on a busy host), and this heal, waiting for the lock, then restarted the radosgw just
-            # started (a flake review). A dead one is the process watch's to start; once it has, its canary counts.
+            # started (a flake review). A daemon whose process is gone is the process watch's to start, and its
+            # canary counts from then; one that runs but holds no port is healed here, as before.
             pending, age = self.canary.check()
-            if (pending is None or age <= self.settings.canary_timeout_s + self.grace
-                    or self.stack.ceph_missing()):
+            if pending is None or age <= self.settings.canary_timeout_s + self.grace or self.stack.ceph_dead():
                 return
             self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
             self.reconcile_owed = True

@@ -115,6 +115,32 @@ def test_a_death_after_a_redis_restart_is_not_held_against_the_service(stack: Se
     assert stack.starts == starts + 1, "a death after a Redis restart waited for the back-off"
 
 
+def test_a_redis_that_dies_at_each_start_is_restarted_less_and_less_often_and_the_log_says_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its disk full, Redis exits at its first write (`appendfsync always`): it was restarted every second, each time
+    with a line saying only that its append-only file brings back what it held (review 49)."""
+    redis_starts: list[float] = []
+
+    class DyingRedis(Services):
+        def redis_pid(self) -> int | None:
+            return None  # (dead again by each tick)
+
+        def start_redis(self) -> None:
+            redis_starts.append(now)
+            with (self.home / "logs" / "redis.log").open("a") as log:
+                log.write("# Short write while writing to the AOF file (No space left on device)\n"
+                          "# Can't recover from AOF write error when the AOF fsync policy is 'always'. Exiting...\n")
+
+    dying = DyingRedis(tmp_path)
+    (tmp_path / "redis").mkdir()
+    supervisor = Supervisor(dying)  # type: ignore[arg-type]
+    for tick in range(120):  # every 5 s (WATCH_S) for 10 minutes
+        now = tick * 5.0
+        assert supervisor.keep_up("redis", now) == (now in redis_starts)
+    assert redis_starts == [0.0, 5.0, 65.0, 185.0, 425.0], redis_starts  # (every tick, 120, before)
+    assert "No space left on device" in caplog.text and "MB free in" in caplog.text, caplog.text
+
+
 def test_a_running_service_is_left_alone(stack: Services) -> None:
     supervisor = Supervisor(stack)  # type: ignore[arg-type]
     assert starts_over(supervisor, stack, 600, dies=False) == [] and stack.starts == 0
@@ -168,6 +194,9 @@ class Servers(Services):
 
     def ceph_missing(self) -> list[str]:
         return [] if self.s3 else ["radosgw on port 9"]
+
+    def ceph_dead(self) -> list[str]:
+        return [] if self.s3 else ["client.rgw.a"]
 
     def start_ceph(self) -> None:
         self.s3, self.s3_starts = True, self.s3_starts + 1
@@ -273,6 +302,7 @@ def test_a_failed_heal_waits_for_the_grace_before_the_next(tmp_path: Path, monke
     canary.age = supervisor.settings.canary_timeout_s + 1
     with pytest.raises(RuntimeError):
         supervisor.check_delivery()
+    stack.s3 = True  # (its process runs again, and delivery still stalls: a heal's case, but for the grace)
     canary.age = supervisor.settings.canary_timeout_s + 1  # the next check, a few seconds on
     supervisor.check_delivery()
     assert stack.s3_starts == 1, "healed again within the grace"
