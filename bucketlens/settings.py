@@ -253,11 +253,14 @@ def _problem(name: str, value: Any) -> str | None:
     return None
 
 
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}  # a host that binds every interface: its loopback
+
+
 def reach(host: str) -> str:
     """Where to reach a server that binds ``host`` (``API_HOST``, ``INGEST_HOST``): a wildcard on loopback, an IPv6
     address in brackets. (127.0.0.1 always: `up` waited 300 s for a service bound to ::1 or a LAN one, review 48.)"""
-    if host in ("0.0.0.0", "::"):
-        return "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+    if host in WILDCARDS:
+        return WILDCARDS[host]
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 

@@ -98,12 +98,12 @@ class Stack:
             s3_endpoint=f"http://127.0.0.1:{self.config.s3_port}",
             ingest_port=self.config.ingest_port,
             api_port=self.config.api_port,
+            # The way to the running services: the token ingest takes (`up` from a shell without
+            # BUCKETLENS_WEBHOOK_TOKEN pointed the notifications at stack.json's, refused: review 50), where they bind.
             webhook_token=started.get("webhook_token") or base.webhook_token or self.config.webhook_token,
             admin_token=base.admin_token or self.config.admin_token,
             index_backend=self.config.index_backend,
             milvus_uri=f"http://127.0.0.1:{milvus_port}" if milvus_port else base.milvus_uri,
-            # The way to the running services: where they bind, and the token ingest takes (`up` from a shell
-            # without BUCKETLENS_WEBHOOK_TOKEN pointed the notifications at stack.json's, refused: review 50).
             **{name: value for name, value in started.items() if name.endswith("_host")},
         )
 
@@ -553,7 +553,7 @@ class Stack:
 
     def ceph_missing(self) -> list[str]:
         """What of this stack's S3 server is not running (``ceph_up``), for a log line that says which."""
-        missing = [f"ceph-{daemon[:3]}" for daemon in ("mon.a", "osd.0") if self.ceph_pid(daemon) is None]
+        missing = [f"ceph-{daemon[:3]}" for daemon in self.ceph_dead() if daemon != "client.rgw.a"]
         return missing if self.s3_up() else [*missing, f"radosgw on port {self.config.s3_port}"]
 
     def _check_s3(self) -> None:
@@ -699,22 +699,27 @@ def free_space(folder: Path) -> str:
     return ""
 
 
+def session_members(sid: int) -> list[int]:
+    """The processes of the session ``sid`` that are not zombies."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # (after the command's name, which may hold spaces)
+            if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
+                members.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return members
+
+
 def _kill_session(sid: int, timeout_s: float = 5.0) -> None:
     """SIGKILL every process of the session ``sid``, pass after pass until none is left but zombies: a subshell
     forked during a pass escaped it, and ran on after an interrupted `up` (a test saw it once)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        killed = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()  # (after the command's name: it may hold spaces)
-                if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
-                    os.kill(int(stat.parent.name), signal.SIGKILL)
-                    killed += 1
-            except (OSError, IndexError, ValueError):  # gone meanwhile
-                continue
-        if not killed or time.monotonic() > deadline:
-            return
+    while (members := session_members(sid)) and time.monotonic() < deadline:
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):  # (gone meanwhile)
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
 
 

@@ -36,7 +36,7 @@ from bucketlens.cli import (
     upload_plan,
 )
 from bucketlens.settings import Settings
-from infra.stack import Stack, _kill_session, _pid_record, free_port
+from infra.stack import Stack, _kill_session, _pid_record, free_port, session_members
 
 from .helpers import object_state, wait_for
 
@@ -219,17 +219,7 @@ def test_a_script_session_is_killed_whole_though_it_forks_meanwhile() -> None:
         time.sleep(0.5)  # (forking all the while)
         _kill_session(script.pid)
         script.wait(10)
-
-        def alive() -> list[int]:
-            left = []
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                with contextlib.suppress(OSError):
-                    fields = stat.read_text().rsplit(")", 1)[1].split()
-                    if int(fields[3]) == script.pid and fields[0] != "Z":
-                        left.append(int(stat.parent.name))
-            return left
-
-        assert alive() == []
+        assert session_members(script.pid) == []
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(script.pid, signal.SIGKILL)
