@@ -716,10 +716,18 @@ def _kill_session(sid: int, timeout_s: float = 5.0) -> None:
     """SIGKILL every process of the session ``sid``, pass after pass until none is left but zombies: a subshell
     forked during a pass escaped it, and ran on after an interrupted `up` (a test saw it once)."""
     deadline = time.monotonic() + timeout_s
-    while (members := session_members(sid)) and time.monotonic() < deadline:
-        for pid in members:
-            with contextlib.suppress(ProcessLookupError):  # (gone meanwhile)
-                os.kill(pid, signal.SIGKILL)
+    while True:
+        killed = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):  # (killed as found: a pass that listed first left more time)
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+                    killed += 1
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+        if not killed or time.monotonic() > deadline:
+            return
         time.sleep(0.05)
 
 
