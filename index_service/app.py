@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
@@ -67,6 +67,7 @@ from .verify import CANDIDATES, Hit, content_etag, rerank, same_bytes
 STATIC = Path(__file__).parent / "static"
 MAX_OFFSET = 10**9  # of a listing (/failures, /duplicates): far beyond any page there is
 MAX_LIMIT = 1000  # items of a listing's page
+BUCKET_CHECK_S = 3.0  # the most a search with no result waits on S3 to say whether its bucket filter exists
 
 
 class KeyConvertor(PathConvertor):
@@ -164,6 +165,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         # (after it, a low-scoring copy that verification moved up took a place, then was dropped: k-1 results).
         shown = ((h, round(min(h.score, 1.0), 6)) for h in hits)
         kept = [(h, score) for h, score in shown if query.min_score is None or score >= query.min_score][: query.k]
+        if not kept and query.where is not None:
+            await _say_unknown_bucket(service, query.where.bucket)
         results = [
             {"bucket": h.obj.bucket, "key": h.obj.key, "etag": h.obj.etag, "score": score,
              "verified": h.verified, "matches": h.matches, "identical": h.identical,
@@ -227,6 +230,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         where = parse_filter({name: params.get(name) for name in ("bucket", "prefix")})  # (an empty bucket: 400)
         serving = service.index
         found = await run_in_threadpool(find_groups, serving, min_matches, where.bucket, where.prefix)
+        if not found:
+            await _say_unknown_bucket(service, where.bucket)
         page = [
             {"size": len(g.members), "pairs": g.pairs, "min_matches": g.matches,
              "members": [{"bucket": o.bucket, "key": o.key, "etag": o.etag, "pixels": o.pixels,
@@ -441,6 +446,15 @@ def _known_bucket(bucket: str | None) -> Iterator[None]:
         if error.get("Code") not in ("NoSuchBucket", "404"):  # 404: a HEAD's answer, which has no body to say more
             raise
         raise HTTPError(404, "unknown_bucket", f"no bucket {error.get('BucketName') or bucket!r}") from exc
+
+
+async def _say_unknown_bucket(service: Service, bucket: str | None) -> None:
+    """404 ``unknown_bucket`` for a filter's ``bucket`` that S3 does not have: a typo answered 0 results, as an empty
+    bucket does. Asked of an empty answer only; an S3 that is away, refuses or takes over 3 s leaves it empty."""
+    if bucket is None:
+        return
+    with contextlib.suppress(ClientError, BotoCoreError, asyncio.TimeoutError), _known_bucket(bucket):
+        await asyncio.wait_for(run_in_threadpool(service.s3.head_bucket, Bucket=bucket), BUCKET_CHECK_S)
 
 
 async def _selection(request: Request, with_body: bool = True) -> Selection:

@@ -327,7 +327,10 @@ PATHS: dict[str, Any] = {
             "application/octet-stream": {"schema": {
                 "type": "string", "format": "binary",
                 "description": "the vector as little-endian float32 (options as query parameters)"}}}},
-        "responses": {**answer("best first", ref("SearchResults")), **errors(400, 401, 404, 413, 415, 503)},
+        "responses": {**answer("best first", ref("SearchResults")), **errors(400, 401),
+                      **_error(404, "not_indexed: the key of a key query is not in the index; unknown_bucket: no "
+                                    "result, and the bucket filter names a bucket S3 does not have"),
+                      **errors(413, 415, 503)},
     }},
     "/objects/{bucket}/{key}": {"get": {
         "summary": "whether and how an object is indexed, or its failure record", "security": READ,
@@ -352,7 +355,9 @@ PATHS: dict[str, Any] = {
                                  f"verified matches a link needs (at least {MIN_INLIERS}: pairs with fewer are not "
                                  "kept; above 10^9 answered as 10^9)"),
                        parameter("bucket", TEXT, "only this bucket"), parameter("prefix", TEXT, "only these keys")],
-        "responses": {**answer("a page of groups", ref("Duplicates")), **errors(400, 401, 503)},
+        "responses": {**answer("a page of groups", ref("Duplicates")), **errors(400, 401),
+                      **_error(404, "unknown_bucket: no group, and the bucket filter names a bucket S3 does not have"),
+                      **errors(503)},
     }},
     "/labels": {"get": {
         "summary": "the model's labels (for text search), the most used first", "security": READ,

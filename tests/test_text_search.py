@@ -138,6 +138,27 @@ def test_bad_filters_are_clear_errors(api: httpx.Client) -> None:
 
 
 @pytest.mark.slow
+def test_a_bucket_filter_that_names_no_bucket_is_404_where_an_empty_bucket_is_no_result(api: httpx.Client,
+                                                                                       s3: Any) -> None:
+    """``--bucket`` with a typo answered 0 results, as an empty bucket does, where rebuild and reconcile say 404."""
+    empty = "empty-" + dt.datetime.now().strftime("%H%M%S%f")
+    s3.create_bucket(Bucket=empty)
+    try:
+        for query in ({"text": "cat"}, {"vector": [0.0] * 1279 + [1.0]}):
+            missing = api.post("/search", json={**query, "bucket": "no-such-bucket"})
+            assert missing.status_code == 404, missing.text
+            said = missing.json()["error"]
+            assert (said["code"], said["message"]) == ("unknown_bucket", "no bucket 'no-such-bucket'")
+            found = api.post("/search", json={**query, "bucket": empty})
+            assert found.status_code == 200 and found.json()["results"] == [], found.text
+        groups = api.get("/duplicates", params={"bucket": "no-such-bucket"})
+        assert groups.status_code == 404 and groups.json()["error"]["code"] == "unknown_bucket", groups.text
+        assert api.get("/duplicates", params={"bucket": empty}).json()["groups"] == []
+    finally:
+        s3.delete_bucket(Bucket=empty)
+
+
+@pytest.mark.slow
 def test_labels_autocomplete_counts_what_is_indexed(api: httpx.Client, folders: dict[str, Any]) -> None:
     response = api.get("/labels", params={"q": "espr"})
     assert response.status_code == 200
