@@ -345,6 +345,10 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     if running:
         print("note: processes that were running keep the settings they started with; `bucketlens down` and `up` "
               "start them with the settings given now")
+    index = _index_state(stack.writer_url())
+    if index is not None and (rebuild := index["rebuild"]) and rebuild["state"] == "failed":  # (a `down` during a
+        # rebuild fails it, and nothing said so until `status`: review 49)
+        print(f"note: the last rebuild, {rebuild['id']} ({rebuild['mode']}), failed: {rebuild['error']}")
     page = page_url(stack.api_url, stack.for_clients().read_token)  # the running service's token: ran, it keeps it
     print(f"up: API {stack.api_url}  web page {page}  S3 {stack.settings.s3_endpoint}")
     return 0
@@ -392,6 +396,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"index: {index['vectors']} vectors, model {index['model']}, generation {index['generation']}, "
                   f"{index['index_type']}" + (f"; rebuild {rebuild['id']} {rebuild['state']} "
                                               f"{rebuild['done']}/{rebuild['total']}" if rebuild else "")
+                  + (f" ({rebuild['error']})" if rebuild and rebuild["state"] == "failed" and rebuild["error"] else "")
                   + ("" if index["ready"] else f"; not ready: {index['reason'] or 'no reason given'}"))
     return 0 if all(status["processes"].values()) else NOT_RUNNING
 

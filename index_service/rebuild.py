@@ -201,7 +201,7 @@ class Rebuilds:
             ours = job is not None and (job.get("backend") or service.backend.name) == service.backend.name
             state, error = (job or {}).get("state"), ""
             if state == "running":
-                error = "the index service restarted during the rebuild; the serving generation is intact"
+                error = "the index service restarted during the rebuild; the serving generation is intact: run it again"
             elif state == "done" and ours and job is not None and job.get("generation", 0) > service.index.generation:
                 # Swapped in, and the process ended before the new generation's first checkpoint: the old one was
                 # restored, fed every change since (Service.promote).

@@ -908,6 +908,28 @@ def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monke
             f"{tmp_path / 'stack.json'}") in capsys.readouterr().out
 
 
+def test_up_and_status_say_why_the_last_rebuild_failed(api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A `down` during a rebuild fails it; the next `up` said nothing, and `status` only "rebuild r1 failed 4/10"
+    (review 49)."""
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
+        "admin_token": "admin"}))
+    monkeypatch.setattr(Stack, "up", lambda self: None)  # (the services are the fake API)
+    why = "the index service restarted during the rebuild; the serving generation is intact: run it again"
+    failed = {**RUNNING, "state": "failed", "error": why}
+    api.answers[("GET", "/stats")] = (200, {"model": "m", "generation": 3, "vectors": 9, "index_type": "Flat",
+                                            "rebuild": failed})
+    assert main(["up"]) == 0
+    assert f"note: the last rebuild, r1 (reindex), failed: {why}\n" in capsys.readouterr().out
+    main(["status"])
+    assert f"; rebuild r1 failed 4/10 ({why})" in capsys.readouterr().out
+    api.answers[("GET", "/stats")] = (200, {"model": "m", "generation": 3, "vectors": 9, "index_type": "Flat",
+                                            "rebuild": {**failed, "state": "done", "error": ""}})
+    assert main(["up"]) == 0
+    assert "rebuild" not in capsys.readouterr().out
+
+
 def test_a_rebuild_that_left_objects_out_says_how_to_bring_them_back(api: FakeAPI,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A reembed under a lower MAX_PIXELS swapped in without 38 of 65 objects and said "38 failed" alone; raising
