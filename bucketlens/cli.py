@@ -23,6 +23,7 @@ import httpx
 
 from vision.models import RECIPES
 
+from .errors import CLIError
 from .settings import ALL_INDEX_TYPES, BUCKET_NAME, INDEX_TYPES, Settings, only_backend, reach, unknown_variables
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -201,10 +202,6 @@ def _address(exc: httpx.TransportError) -> str:
     except RuntimeError:  # (an error raised before any request was built)
         return "the index service"
     return f"{url.scheme}://{url.netloc.decode()}"
-
-
-class CLIError(RuntimeError):
-    pass
 
 
 # -- services -------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from bucketlens.cli import CLIError
+from bucketlens.errors import CLIError
 
 log = logging.getLogger(__name__)
 LEASES = Path(tempfile.gettempdir()) / "bucketlens-ports.json"

@@ -27,7 +27,7 @@ import httpx
 import redis
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from bucketlens.cli import CLIError
+from bucketlens.errors import CLIError
 from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 from bucketlens.schemas import json_object
