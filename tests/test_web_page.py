@@ -138,6 +138,7 @@ def test_search_by_file_then_click_through(
         expect(page.get_by_test_id("query-label")).to_contain_text("chelsea.jpg")
         # Spatial verification confirms the photo itself (other tests' copies of it may fill the rest), and says so.
         expect(cards.first.get_by_test_id("result-verified")).to_contain_text("same photo")
+        expect(page.get_by_test_id("query-meta")).to_contain_text("copies of the same photo first, then by score")
         wait_thumbnails_loaded(page, unique_prefix)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-page-image-search.png"), full_page=True)
