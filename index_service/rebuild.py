@@ -20,8 +20,11 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+from bucketlens.outage import Outage
 from bucketlens.redis_client import text
-from bucketlens.schemas import ResultEntry, json_object, object_id, split_object_id
+from bucketlens.schemas import CONTENT_REASONS, ObjectRef, ResultEntry, json_object, object_id, split_object_id
 from bucketlens.settings import only_backend
 from ingest.scanner import head, scan
 from vision.models import recipe
@@ -38,6 +41,8 @@ MODES = ("reembed", "reindex")
 CARRY_CHUNK = 1000  # entries a one-bucket reembed carries over per apply
 SAVE_EVERY_S = 1.0  # a running job's progress is written to Redis at most this often (it was every 100th object,
 # when a batch happened to end on one: an interrupted job reported done 0)
+PASSING_ROUNDS = 3  # failures of a listed object the serving generation holds, for a reason other than its bytes,
+# before the job fails (``_failed_passing``)
 
 
 class RebuildConflict(RuntimeError):
@@ -81,6 +86,8 @@ class Rebuilds:
         self._saved_at = 0.0  # monotonic time the job's record was last written to Redis
         self._listed_at = 0.0  # monotonic time the running job's listing was all sent
         self._suspects: set[str] = set()  # listed objects unsettled at the last sweep (resend_lost)
+        self._passing: dict[str, int] = {}  # listed object -> its failures for a passing reason (_failed_passing)
+        self._s3_away = Outage(log, "rebuild %s: S3 answers again; listed objects are sent again")
         self._lock = threading.RLock()
         self._retired: tuple[int, str] | None = None  # (generation, rebuilt bucket) of the last one-bucket promote
         self._before: dict[str, Any] | None = None  # the newest job of a previous process, as stored (``recover``)
@@ -125,6 +132,7 @@ class Rebuilds:
             )
             self.current = job
             self._expected = set()
+            self._passing = {}
             self._completing = False
             self._save(job)
             try:
@@ -225,7 +233,14 @@ class Rebuilds:
             if job is None or job.state != "running":
                 return
             for entry in entries:
-                self._settle(job, object_id(entry.bucket, entry.key), failed=entry.op == "failed")
+                oid = object_id(entry.bucket, entry.key)
+                if (entry.op == "failed" and entry.reason and entry.reason not in CONTENT_REASONS
+                        and oid in self._expected and self.service.index.get(entry.bucket, entry.key) is not None):
+                    self._failed_passing(job, oid, entry.reason)
+                    if job.state != "running":
+                        return
+                else:
+                    self._settle(job, oid, failed=entry.op == "failed")
             self._maybe_complete(job)
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -277,9 +292,15 @@ class Rebuilds:
                 return 0
             # unsettled at two quiet sweeps in a row: not a batch the merger was applying at one of them
             lost, self._suspects = sorted(self._suspects & self._expected), set(self._expected)
-        refs = []
+        refs: list[ObjectRef] = []
         for oid in lost:
-            ref = head(service.s3, *split_object_id(oid), generation=job.generation)
+            try:
+                ref = head(service.s3, *split_object_id(oid), generation=job.generation)
+            except (BotoCoreError, ClientError) as exc:  # S3 away: these wait for a later quiet sweep
+                self._s3_away.failed("rebuild %s: listed objects wait to be sent again: S3 did not answer (%s)",
+                                     job.id, exc, level=logging.WARNING, exc_info=False)
+                break
+            self._s3_away.worked(job.id)
             if ref is not None:
                 refs.append(ref)
                 continue
@@ -294,6 +315,20 @@ class Rebuilds:
         with self._lock:
             self._maybe_complete(job)
         return len(refs)
+
+    def _failed_passing(self, job: RebuildJob, oid: str, reason: str) -> None:
+        """A listed object the serving generation holds failed in the new one for a reason other than its bytes (S3
+        away past the workers' retries, a model the workers cannot run): settled, it was left out of the generation
+        swapped in, and a search no longer found it (review 53: an S3 outage during a reembed; a model switch whose
+        model no worker ran swapped in an empty index). It stays expected, so ``resend_lost`` sends it again once
+        the pipeline is quiet and S3 answers; failed ``PASSING_ROUNDS`` times, it fails the job, and the serving
+        generation stays (under the lock)."""
+        rounds = self._passing[oid] = self._passing.get(oid, 0) + 1
+        if rounds >= PASSING_ROUNDS:
+            job.error = (f"{oid} failed {rounds} times in the new generation for a reason other than its content "
+                         f"({reason}), which would have left it out; the serving generation is kept: `bucketlens "
+                         "failures` says why, and the rebuild can run again once that is mended")
+            self._finish(job, "failed")
 
     def _settle(self, job: RebuildJob, oid: str, failed: bool = False) -> None:
         """A listed object settled in the new generation (under the lock)."""

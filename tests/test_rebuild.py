@@ -16,7 +16,7 @@ import pytest
 from bucketlens.keys import Keys
 from bucketlens.schemas import ResultEntry
 from index_service.filters import Filter
-from index_service.rebuild import NotWriter, RebuildConflict, RebuildJob, Rebuilds, public
+from index_service.rebuild import PASSING_ROUNDS, NotWriter, RebuildConflict, RebuildJob, Rebuilds, public
 from index_service.service import Service
 from index_service.vector_index import VectorIndex
 from infra.notifications import ensure_bucket, ensure_notifications, remove_notifications
@@ -326,6 +326,41 @@ def test_the_retired_generations_late_entries_of_carried_buckets_reach_the_promo
                    upsert("photos", "stale", 7)])
     assert sorted(o.key for o in shadow.objects()) == ["uploaded"]
     assert shadow.get("other", "uploaded").generation == 2  # type: ignore[union-attr]
+
+
+def test_a_reembed_swaps_in_nothing_that_lost_held_objects_for_a_passing_reason() -> None:
+    """Review 53: a listed object whose new-generation task failed for a reason other than its bytes (S3 away past
+    the workers' retries; a model no worker can run) counted as settled, and the job swapped in a generation
+    without it: objects searchable before were gone (all of them, for a model the workers could not load). Such
+    an object now waits to be sent again (``resend_lost``); one that keeps failing fails the job, and the serving
+    generation stays."""
+    for outcome in ("embedded at last", "failing still"):
+        service, serving, shadow = carrying_service(None)
+        service.backend = SimpleNamespace(discard=lambda generation: None)
+        serving.apply([upsert("photos", f"k{i}", i) for i in range(4)])
+        rebuilds, job = service.rebuilds, service.rebuilds.current
+        job.listed = True
+        rebuilds._expected = {f"photos/k{i}" for i in range(5)}  # k4: new, which nothing serves yet
+
+        def failed(key: str, reason: str) -> ResultEntry:
+            return ResultEntry("failed", "photos", key, "e", "", 10, 2, reason=reason)
+
+        embedded = [dataclasses.replace(upsert("photos", f"k{i}", 10 + i), generation=2) for i in range(3)]
+        rebuilds.observe([*embedded[:2], failed("k2", "unreachable"), failed("k3", "corrupt"),
+                          failed("k4", "unreachable")])
+        # k3 failed by its bytes; k4 leaves out nothing a search found: both settle. k2 waits to be sent again.
+        assert rebuilds._expected == {"photos/k2"} and job.state == "running", (rebuilds._expected, job)
+        assert (job.done, job.failed) == (4, 2)
+        if outcome == "embedded at last":
+            rebuilds.observe([embedded[2]])
+            wait_for(lambda held=service, built=shadow: held.index is built, 10, what="the new generation swapped in")
+            assert job.state == "done" and (job.done, job.failed) == (5, 2)
+        else:
+            for _ in range(PASSING_ROUNDS - 1):
+                rebuilds.observe([failed("k2", "internal")])
+            assert job.state == "failed" and service.index is serving and service.shadow is None
+            assert job.error.startswith(f"photos/k2 failed {PASSING_ROUNDS} times in the new generation for a "
+                                        "reason other than its content (internal)"), job.error
 
 
 def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
