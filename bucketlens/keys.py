@@ -39,6 +39,11 @@ class Keys:
         return f"{self.namespace}:failures"
 
     @property
+    def auto_retries(self) -> str:
+        """Hash: object id -> how many times the index service sent it again by itself (failures.retry_passing)."""
+        return f"{self.namespace}:auto-retries"
+
+    @property
     def pending(self) -> str:
         """Hash: object id -> JSON {etag, order} for events seen whose vector is not merged yet."""
         return f"{self.namespace}:pending"

@@ -3,13 +3,14 @@
 Workers write one record per object into the ``Keys.failures`` hash and delete it when the object later
 succeeds. Retry and clear remove a record only if it is still the one that was read (compare and delete in
 one Lua call), so a record that a worker rewrote meanwhile, for example after the retry itself failed again,
-is never lost.
+is never lost. Records of S3 being away or slow are retried by the index service itself (``retry_passing``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, Iterable, Mapping, Sequence, cast
+import logging
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence, cast
 
 import redis
 
@@ -18,7 +19,15 @@ from bucketlens.records import record
 from bucketlens.schemas import ObjectRef, object_id
 from ingest.publisher import Publisher
 
+log = logging.getLogger(__name__)
+
 CHUNK = 500  # records per Lua call: keeps each call short, Redis serves others in between
+# Reasons of S3 away or slow, which a later attempt mends: ``retry_passing`` makes it. Not the object's bytes
+# (``CONTENT_REASONS``), S3 refusing access, a worker dying on the object, or a bug: those wait for the user.
+RETRIED_BY_ITSELF = frozenset({"unreachable", "fetch_timeout"})
+RETRY_FIRST_S = 120.0  # a record's first retry comes this long after it was written, each next one 4x as long after
+RETRY_MOST_S = 4 * 3600.0  # its own record, at most this
+RETRY_EVERY_S = 30.0  # how often the index service looks
 
 # KEYS[1]: the failures hash; ARGV: field, expected value, field, expected value, ... -> the fields removed.
 _REMOVE_IF_UNCHANGED = """
@@ -109,20 +118,61 @@ def retry_failures(client: redis.Redis, keys: Keys, publisher: Publisher, select
     event (or a reconcile) brings the newer version. A record of a generation no longer fed (a finished or
     cancelled rebuild) is sent to the generations fed now.
     """
-    taken = _remove_unchanged(client, keys, _read(client, keys, selection))
+    taken, tasks = _send_again(client, keys, publisher, _read(client, keys, selection))
+    return len(taken), tasks
+
+
+def retry_passing(client: redis.Redis, keys: Keys, publisher: Publisher, s3_answers: Callable[[], bool],
+                  now: float) -> int:
+    """Send again the objects whose record says S3 was away or slow (``RETRIED_BY_ITSELF``); returns how many.
+
+    An outage past the workers' retries (~3 min) failed every upload queued meanwhile for good, and a key
+    overwritten then lost its older picture too; only ``failures --retry`` or a reconcile brought them back
+    (review 53). A record is sent again ``RETRY_FIRST_S`` after it was written, and each time after that 4x as
+    long after its new record (``Keys.auto_retries`` counts the rounds until the object has neither such a record
+    nor a pending mark), and only while ``s3_answers()``. Many at once go to the rebuild queue, behind uploads."""
+    items = [item for item in _read(client, keys, Selection()) if item[2].get("reason") in RETRIED_BY_ITSELF]
+    rounds = {field: int(n) for field, n in cast(dict[bytes, bytes], client.hgetall(keys.auto_retries)).items()}
+    recorded = {field for field, _, _ in items}
+    unrecorded = [field for field in rounds if field not in recorded]
+    if unrecorded:  # settled since (indexed, deleted, cleared, failed by content) unless sent and not back yet
+        marks = cast(list[bytes | None], client.hmget(keys.pending, unrecorded))
+        if over := [field for field, mark in zip(unrecorded, marks, strict=True) if mark is None]:
+            client.hdel(keys.auto_retries, *over)
+    due = [item for item in items
+           if now - float(item[2].get("time") or 0) >= min(RETRY_FIRST_S * 4 ** rounds.get(item[0], 0), RETRY_MOST_S)]
+    if not due or not s3_answers():
+        return 0
+    taken, _ = _send_again(client, keys, publisher, due, queue=keys.rebuild_queue if len(due) > CHUNK else None)
+    pipe = client.pipeline(transaction=False)
+    for field in taken:
+        pipe.hincrby(keys.auto_retries, field, 1)
+    pipe.hincrby(keys.counters, "failures_retried", len(taken))
+    pipe.execute()
+    if taken:
+        record = next(iter(taken.values()))[1]
+        log.warning("sent %d failed objects to the workers again: S3 was away or slow for them, and answers now "
+                    "(e.g. %s/%s: %s)", len(taken), record["bucket"], record["key"], record["reason"])
+    return len(taken)
+
+
+def _send_again(client: redis.Redis, keys: Keys, publisher: Publisher, items: list[Item], queue: str | None = None
+                ) -> tuple[dict[bytes, tuple[bytes, dict[str, Any]]], int]:
+    """Take the records of ``items`` that are unchanged and send their objects again; (the records taken, tasks)."""
+    taken = _remove_unchanged(client, keys, items)
     if not taken:
-        return 0, 0
+        return taken, 0
     generations = publisher.generations()
     refs = [ref for _, record in taken.values() for ref in _refs(record, generations)]
     try:
-        tasks = publisher.send_embeds(refs)
+        tasks = publisher.send_embeds(refs, queue=queue)
     except Exception:  # nothing was sent: put back what we took, unless a worker wrote a newer record meanwhile
         pipe = client.pipeline(transaction=False)
         for field, (raw, _) in taken.items():
             pipe.hsetnx(keys.failures, field, raw)
         pipe.execute()
         raise
-    return len(taken), tasks
+    return taken, tasks
 
 
 Item = tuple[bytes, bytes, dict[str, Any]]  # hash field, stored JSON, parsed record

@@ -40,6 +40,7 @@ from vision.models import recipe
 from . import redis_loss
 from .backend import Index, open_backend, restructure_into
 from .duplicates import DuplicateFinder
+from .failures import RETRY_EVERY_S, retry_passing
 from .feature_store import FeatureStore
 from .lease import WriterLease
 from .merger import Merger, stream_order
@@ -111,6 +112,8 @@ class Service:
         self._every(CHECK_EVERY_S, self.redelivery.check, "redelivery")
         self._every(SWEEP_EVERY_S, lambda: sweep_orphans(self), "orphans")
         self._every(redis_loss.CHECK_EVERY_S, lambda: redis_loss.check(self), "redis-loss")
+        self._every(RETRY_EVERY_S, lambda: retry_passing(self.redis, self.keys, self.publisher, self.s3_answers,
+                                                         time.time()), "failures")
         if self.settings.reconcile_every_s > 0:
             self._every(self.settings.reconcile_every_s, lambda: reconcile(self), "reconcile")
 
@@ -563,6 +566,14 @@ class Service:
             return False, (f"no snapshot and no data in Redis: re-embedding the bucket ({job.done} of {job.total} "
                            "objects); searches answer from what is indexed so far")
         return ok, reason
+
+    def s3_answers(self) -> bool:
+        """Whether S3 answers a HEAD of the service's bucket now."""
+        try:
+            self.s3.head_bucket(Bucket=self.settings.bucket)
+        except (BotoCoreError, ClientError):
+            return False
+        return True
 
     def _running(self) -> tuple[bool, str]:
         """Loaded, replayed and connected: ready unless the index is being restored from the bucket."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,10 +20,11 @@ import pytest
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef, failure_record, object_id
-from index_service.failures import Selection, _refs
+from index_service.failures import RETRY_FIRST_S, Selection, _refs, retry_passing
 from index_service.merger import stream_order
 from infra.stack import Stack
 from ingest.publisher import Publisher
+from ingest.scanner import head
 from workers.pipeline import Embedded
 from workers.results import ResultWriter
 
@@ -322,3 +324,68 @@ def test_an_empty_selection_over_http_clears_nothing(stack: Stack, api: httpx.Cl
         assert bare.status_code == 200 and bare.json()["state"] == "failed" and bare.json()["order"] is None, bare.text
     finally:
         redis.hdel(keys.failures, ref.object_id, ref.object_id + ".foreign", ref.object_id + ".bare")
+
+
+def test_failures_of_s3_away_are_sent_again_by_themselves_less_and_less_often(stack: Stack) -> None:
+    """Review 53: an S3 outage past the workers' retries (~3 min) failed every upload queued meanwhile for good (an
+    overwritten key lost its older picture too); only `failures --retry` or a reconcile brought them back. Such a
+    record is now sent again by the index service while S3 answers, each time 4x as long after the last; a failure
+    by the object's bytes is not. On the real Redis, with the real publisher (its tasks go to a namespace of its
+    own, which no worker reads)."""
+    settings = dataclasses.replace(stack.settings, namespace=f"auto{uuid.uuid4().hex[:6]}")
+    keys, redis = Keys(settings.namespace), connect(settings.redis_url)
+    publisher = Publisher(settings, redis)
+    away, corrupt = ObjectRef("b", "away.jpg", "e1", order=1), ObjectRef("b", "bad.jpg", "e2", order=2)
+    answers = [False]
+
+    def fail(ref: ObjectRef, reason: str, when: float) -> None:
+        redis.hset(keys.failures, ref.object_id, failure_record(ref, reason, "S3 did not answer", 9, when))
+
+    def retry(now: float) -> int:
+        return retry_passing(redis, keys, publisher, lambda: answers[0], now)
+
+    redis.hset(keys.generations, "1", "m")  # (as the index service registers its serving generation)
+    try:
+        fail(away, "unreachable", 1000.0)
+        fail(corrupt, "corrupt", 1000.0)
+        assert retry(1000 + RETRY_FIRST_S - 1) == 0  # too soon
+        assert retry(1000 + RETRY_FIRST_S) == 0 and redis.hexists(keys.failures, away.object_id)  # S3 still away
+        answers[0] = True
+        assert retry(1000 + RETRY_FIRST_S) == 1
+        assert not redis.hexists(keys.failures, away.object_id) and redis.hexists(keys.pending, away.object_id)
+        assert redis.hexists(keys.failures, corrupt.object_id)  # its bytes: the same again, whatever the retry
+        assert retry(9000) == 0 and redis.hget(keys.auto_retries, away.object_id) == b"1"  # in flight: counted still
+        fail(away, "fetch_timeout", 2000.0)  # and failed again
+        assert retry(2000 + 4 * RETRY_FIRST_S - 1) == 0
+        assert retry(2000 + 4 * RETRY_FIRST_S) == 1 and redis.hget(keys.auto_retries, away.object_id) == b"2"
+        redis.hdel(keys.pending, away.object_id)  # indexed at last: the worker took its mark away
+        assert retry(9000) == 0 and not redis.hexists(keys.auto_retries, away.object_id)
+    finally:
+        publisher.close()
+        redis.delete(keys.failures, keys.pending, keys.auto_retries, keys.counters, keys.generations,
+                     *redis.scan_iter(keys.celery_prefix + "*"))
+
+
+@pytest.mark.slow
+def test_an_object_whose_fetch_met_s3_away_is_indexed_once_s3_answers(stack: Stack, s3: Any, api: httpx.Client) -> None:
+    """The index service's own sweep, at its default timing: a record of S3 away, written as the workers write it
+    once their retries are spent, for an object in a bucket no notification covers (only the retry brings it)."""
+    bucket, key = f"auto-retry-{uuid.uuid4().hex[:8]}", "coffee.jpg"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key=key, Body=photo("coffee.png"))
+    keys, redis = Keys(stack.settings.namespace), connect(stack.settings.redis_url)
+    found = head(s3, bucket, key, generation=api.get("/stats").json()["generation"])
+    assert found is not None
+    redis.hset(keys.failures, found.object_id, failure_record(found, "unreachable", "S3 unreachable: refused", 9,
+                                                              time.time() - RETRY_FIRST_S))
+    try:
+        wait_for(lambda: (object_state(api, bucket, key) or {}).get("state") == "indexed", 180,
+                 what="the object sent again and indexed")
+        assert not redis.hexists(keys.failures, found.object_id)
+        retried = re.search(r"^bucketlens_failures_retried_total (\S+)$", api.get("/metrics").text, re.MULTILINE)
+        assert retried is not None and float(retried.group(1)) >= 1
+    finally:
+        s3.delete_object(Bucket=bucket, Key=key)
+        admin = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+        assert api.post("/reconcile", json={"bucket": bucket}, headers=admin).status_code == 200  # out of the index
+        s3.delete_bucket(Bucket=bucket)
