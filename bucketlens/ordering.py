@@ -40,6 +40,13 @@ def hex_sequencer_order(sequencer: str) -> int:
     return int(sequencer, 16)
 
 
+def event_time(when: dt.datetime) -> str:
+    """A listing's ``LastModified`` as an event's ``eventTime`` says it (failure records showed "...Z" and
+    "...+00:00" side by side); naive: UTC, as ``time_order`` takes it."""
+    when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def time_order(when: str | dt.datetime) -> int:
     """Nanoseconds since the epoch of an ISO-8601 ``eventTime`` or a listing's ``LastModified``; ValueError for a
     time before the epoch or past year 9999 in UTC (an eventTime of year 1 was indexed as modified in year 1, and

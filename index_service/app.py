@@ -479,7 +479,8 @@ def _preview(service: Service, bucket: str, key: str, wanted: str | None) -> tup
         raise changed
     settings = service.settings
     try:
-        data = fetch(service.s3, ObjectRef(bucket, key, obj.etag), settings.max_object_bytes, settings.fetch_timeout_s)
+        data = fetch(service.s3, ObjectRef(bucket, key, obj.etag), settings.max_object_bytes,
+                     settings.fetch_timeout_s).data
         return obj.etag, preview_jpeg(data, settings.max_pixels)
     except ObjectChanged as exc:
         raise changed from exc

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from botocore.exceptions import ClientError
 
-from bucketlens.ordering import time_order
+from bucketlens.ordering import event_time, time_order
 from bucketlens.schemas import ObjectRef, normalise_etag
 
 
@@ -34,7 +34,5 @@ def head(s3: Any, bucket: str, key: str, generation: int = 1) -> ObjectRef | Non
 
 
 def _ref(bucket: str, key: str, etag: str, size: int, modified: dt.datetime, generation: int) -> ObjectRef:
-    modified = modified if modified.tzinfo else modified.replace(tzinfo=dt.UTC)  # (naive: UTC, as ``time_order``)
     return ObjectRef(bucket=bucket, key=key, etag=normalise_etag(etag), size=int(size), order=time_order(modified),
-                     event_time=modified.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),  # (as an
-                     generation=generation)  # event's: failure records showed "...Z" and "...+00:00" side by side)
+                     event_time=event_time(modified), generation=generation)

@@ -20,6 +20,7 @@ from bucketlens.keys import EMBED_TASK
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 from workers.errors import TransientError
+from workers.fetch import Fetched
 from workers.pipeline import Outcome, Pipeline
 from workers.tasks import register_tasks
 
@@ -86,9 +87,9 @@ def task_around(p: Pipeline) -> tuple[Celery, list[Outcome], list[dict[str, Any]
 def test_a_model_call_that_raises_retries_its_objects_and_keeps_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     """One exception in the model call (CUDA out of memory, a rebuild's model that cannot load) made every object
     of the batch a permanent ``internal`` failure, those embedded already too (an independent review)."""
-    def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
+    def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> Fetched:
         time.sleep(0.0 if ref.key == "a.png" else 0.5)  # a.png first, then b and c: two model calls
-        return png()
+        return Fetched(png(), "")
 
     monkeypatch.setattr(pipeline_module, "fetch", fetch)
     p = Pipeline(Settings(), embedder=Model(failing=(2,)), client=Redis())  # type: ignore[arg-type]
@@ -109,12 +110,12 @@ def test_a_download_past_its_deadline_is_retried_then_fails_as_fetch_timeout(mon
     attempt becomes a ``fetch_timeout`` failure."""
     calls: dict[str, int] = {}
 
-    def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
+    def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> Fetched:
         calls[ref.key] = calls.get(ref.key, 0) + 1
         if ref.key == "never.png" or (ref.key == "once.png" and calls[ref.key] == 1):
             raise TransientError(f"download did not finish within {timeout_s:g} s (7 bytes read)",
                                  reason="fetch_timeout")
-        return png()
+        return Fetched(png(), "")
 
     monkeypatch.setattr(pipeline_module, "fetch", fetch)
     p = Pipeline(Settings(), embedder=Model(), client=Redis())  # type: ignore[arg-type]
@@ -180,9 +181,9 @@ def test_a_batchs_bodies_are_dropped_as_they_are_decoded(monkeypatch: pytest.Mon
     independent review). Now about ``fetch_concurrency`` bodies at a time."""
     size, count = 2 << 20, 24
 
-    def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
+    def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> Fetched:
         time.sleep(0.03 * int(ref.key.split(".")[0]))  # one after another
-        return png(size)
+        return Fetched(png(size), "")
 
     held: list[int] = []
     embed = Pipeline._embed
@@ -213,7 +214,7 @@ def test_the_heartbeat_names_the_models_a_batch_is_embedded_with(monkeypatch: py
 
     fast = Model()
     fast.model = "lite0-copy-v3-fast"
-    monkeypatch.setattr(pipeline_module, "fetch", lambda s3, ref, max_bytes, timeout_s: png())
+    monkeypatch.setattr(pipeline_module, "fetch", lambda s3, ref, max_bytes, timeout_s: Fetched(png(), ""))
     p = Pipeline(Settings(model="lite0-copy-v3"), embedder=Model(), client=Generations())  # type: ignore[arg-type]
     p.embedders._loaded[fast.model] = fast  # type: ignore[assignment]
     told: list[list[str]] = []
@@ -237,8 +238,8 @@ def test_the_log_names_each_object_that_failed(monkeypatch: pytest.MonkeyPatch, 
         def record_timings(self, timings: dict[str, float]) -> None:
             pass
 
-    monkeypatch.setattr(pipeline_module, "fetch", lambda s3, ref, max_bytes, timeout_s: b"no image" if "bad" in
-                        ref.key else png())
+    monkeypatch.setattr(pipeline_module, "fetch", lambda s3, ref, max_bytes, timeout_s: Fetched(
+        b"no image" if "bad" in ref.key else png(), ""))
     p = Pipeline(Settings(), embedder=Model(), client=Redis())  # type: ignore[arg-type]
     p.writer = Writer()  # type: ignore[assignment]
     try:
@@ -249,3 +250,20 @@ def test_the_log_names_each_object_that_failed(monkeypatch: pytest.MonkeyPatch, 
     p.write(out, 1, since=time.monotonic())
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed:")]
     assert line.startswith("failed: 'b/bad\\nforged line.jpg' (") and "\n" not in line, line
+
+
+def test_an_object_sent_again_without_a_time_is_indexed_with_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failure records and pending marks of the release before 2026-12-02 name no time: retried after an upgrade,
+    their objects were indexed with none, and every date filter left them out (review 51). The object's own
+    LastModified, which the download answers with, stands in; a ref's own time is kept."""
+    written = "2024-05-01T10:00:00.123456Z"
+    monkeypatch.setattr(pipeline_module, "fetch", lambda *args: Fetched(png(), written))
+    p = Pipeline(Settings(), embedder=Model(), client=Redis())  # type: ignore[arg-type]
+    try:
+        out = p.process([ObjectRef("b", "old.png", "e1"),
+                         ObjectRef("b", "new.png", "e2", event_time="2025-01-01T00:00:00Z")])
+    finally:
+        p.pool.shutdown()
+    assert [(e.ref.key, e.ref.event_time) for e in out.embedded] == [("old.png", written),
+                                                                      ("new.png", "2025-01-01T00:00:00Z")]
+    assert out.embedded[0].ref.modified == 1714557600.123

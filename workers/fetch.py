@@ -12,14 +12,16 @@ here, within the same size limit.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError as URLLib3Error
 from urllib3.exceptions import ReadTimeoutError
 
+from bucketlens.ordering import event_time
 from bucketlens.schemas import ObjectRef
 
 from .errors import ObjectChanged, PermanentError, TransientError
@@ -28,8 +30,13 @@ CHUNK = 256 * 1024
 GONE = {"NoSuchKey", "404", "PreconditionFailed", "412", "NoSuchBucket"}
 
 
-def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
-    """The object's bytes if it still has the event's etag.
+class Fetched(NamedTuple):
+    data: bytes
+    modified: str  # S3's LastModified, as an event's time says it ("" when it gave none)
+
+
+def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> Fetched:
+    """The object's bytes, and when it was written, if it still has the event's etag.
 
     Raises ObjectChanged (skip), PermanentError (too large) or TransientError (retry: unreachable, too slow).
     """
@@ -59,8 +66,9 @@ def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> bytes:
         body.close()  # an unfinished body is dropped with its connection, never read to the end
         raise
     if str(response.get("ContentEncoding", "")).strip().lower() in ("gzip", "x-gzip"):
-        return _gunzip(data, max_bytes)
-    return data
+        data = _gunzip(data, max_bytes)
+    written = response.get("LastModified")
+    return Fetched(data, event_time(written) if isinstance(written, dt.datetime) else "")
 
 
 def _read_body(body: Any, max_bytes: int, deadline: float, timeout_s: float) -> bytes:

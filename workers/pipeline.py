@@ -23,7 +23,7 @@ from vision.embedders import Embedder, Embedders, load_embedder
 from vision.models import recipe
 
 from .errors import ObjectChanged, PermanentError, TransientError
-from .fetch import fetch
+from .fetch import Fetched, fetch
 from .heartbeat import Heartbeat
 from .results import ResultWriter
 
@@ -80,6 +80,7 @@ class Pipeline:
         limits = (self.settings.max_object_bytes, self.settings.fetch_timeout_s)
         futures = {self.pool.submit(fetch, self.s3, ref, *limits): ref for ref in refs}
         pending = set(futures)
+        dated: dict[int, ObjectRef] = {}  # id(ref) -> the ref with its object's time, where the ref had none
         while pending:
             started = time.perf_counter()
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -87,7 +88,7 @@ class Pipeline:
 
             started = time.perf_counter()  # (each body dropped as it is decoded: the whole batch's stayed in memory)
             decoded = [(ref, pixels) for f in done
-                       if (pixels := self._decode(ref := futures.pop(f), f, out)) is not None]
+                       if (pixels := self._decode(ref := futures.pop(f), f, out, dated)) is not None]
             done.clear()
             out.timings["decode"] += time.perf_counter() - started
 
@@ -99,17 +100,24 @@ class Pipeline:
             del out.timings["features"]
         position = {id(ref): i for i, ref in enumerate(refs)}
         out.embedded.sort(key=lambda item: position[id(item.ref)])
+        out.embedded = [dataclasses.replace(e, ref=dated.get(id(e.ref), e.ref)) for e in out.embedded]
         for items in (out.failed, out.transient):
             items.sort(key=lambda item: position[id(item[0])])
         out.skipped.sort(key=lambda ref: position[id(ref)])
         return out
 
-    def _decode(self, ref: ObjectRef, download: Future[bytes], out: Outcome) -> Decoded | None:
+    def _decode(self, ref: ObjectRef, download: Future[Fetched], out: Outcome, dated: dict[int, ObjectRef]
+                ) -> Decoded | None:
         """The object's pixels as its generation's model wants them, or None once its outcome (skipped, failed,
-        to retry) is recorded."""
+        to retry) is recorded. A ref with no time (a failure record or pending mark of a release before 2026-12-02,
+        sent again) gets the object's own: such objects were indexed with none, and every date filter left them
+        out (review 51)."""
         try:
             chosen = recipe(self.model_for(ref.generation))
-            return decode_for(chosen, download.result(), self.settings.max_pixels, local=True)
+            fetched = download.result()
+            if not ref.event_time and fetched.modified:
+                dated[id(ref)] = dataclasses.replace(ref, event_time=fetched.modified)
+            return decode_for(chosen, fetched.data, self.settings.max_pixels, local=True)
         except ObjectChanged:
             out.skipped.append(ref)
         except TransientError as exc:
