@@ -576,6 +576,11 @@ class MilvusIndex(SearchOne):
                 if batch:
                     client.insert(name, batch)
                 client.flush(name)
+                if self._reading:  # the writer lease went meanwhile: the new writer loaded the alias and writes the
+                    # old collection, which the swap would have retired and dropped under it (review 53)
+                    client.drop_collection(name)
+                    raise RuntimeError(f"this process lost the writer lease while it restructured {self.collection} "
+                                       f"into {index_type}; the collection serves on, as the new writer's")
                 old = self.collection
                 serving = _alias_target(client, self.alias) == old
                 if serving:

@@ -31,6 +31,7 @@ from index_service.backend import TIES, Backend, Index, Indexed, nearest, open_b
 from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
 from index_service.merger import Merger
+from index_service.milvus_index import _alias_target
 from index_service.service import Service
 from vision.models import recipe
 
@@ -393,6 +394,22 @@ def test_restructure_to_the_approximate_type_keeps_every_object(fixture: Fixture
     backend.checkpoint(index, "9-0")
     again = fixture.open().load()
     assert again is not None and again[0].index_type == backend.approximate and len(again[0]) == 299
+
+
+@pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
+def test_a_milvus_restructure_whose_writer_lost_the_lease_leaves_the_alias_alone(fixture: Fixture) -> None:
+    """Review 53: a replica that lost the writer lease during a restructure's copy still moved the alias and retired
+    the old collection, into which the new writer went on merging: dropped 30 s later, with what it had merged."""
+    backend = fixture.open()
+    index = backend.new_generation(MODEL, 1)
+    index.apply([upsert(f"k{i}", 1, i) for i in range(30)])
+    client, alias, served = index.connection.client, index.alias, index.collection  # type: ignore[attr-defined]
+    named = _alias_target(client, alias)
+    backend.stopped_writing(index)  # the role thread saw the lease go while the copy ran
+    with pytest.raises(RuntimeError, match="lost the writer lease"):
+        index.restructure(backend.approximate)
+    assert index.collection == served and _alias_target(client, alias) == named  # type: ignore[attr-defined]
+    assert [name for name in client.list_collections() if name.startswith(f"{alias}_g")] == [served]
 
 
 def test_an_approximate_index_answers_k_whenever_the_filter_keeps_that_many(fixture: Fixture) -> None:
