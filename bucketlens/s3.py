@@ -15,7 +15,8 @@ from .settings import Settings
 READ_TIMEOUT_S = 60.0  # a request's wait for S3's answer; the workers' downloads have FETCH_TIMEOUT_S
 
 
-def make_client(settings: Settings, endpoint: str | None = None, read_timeout: float = READ_TIMEOUT_S) -> Any:
+def make_client(settings: Settings, endpoint: str | None = None, read_timeout: float = READ_TIMEOUT_S,
+                attempts: int = 2) -> Any:
     """An S3 client for ``endpoint`` (default: the internal one); thread-safe, share it. (``FETCH_TIMEOUT_S`` was
     every client's read timeout: a small one broke ``up``, ``upload`` and the services with tracebacks.)"""
     config = Config(
@@ -23,7 +24,7 @@ def make_client(settings: Settings, endpoint: str | None = None, read_timeout: f
         signature_version="s3v4",
         connect_timeout=3,
         read_timeout=read_timeout,
-        retries={"max_attempts": 2, "mode": "standard"},
+        retries={"max_attempts": attempts, "mode": "standard"},
         max_pool_connections=max(10, settings.fetch_concurrency * 2),
     )
     return boto3.client(

@@ -454,7 +454,7 @@ async def _say_unknown_bucket(service: Service, bucket: str | None) -> None:
     if bucket is None:
         return
     with contextlib.suppress(ClientError, BotoCoreError, asyncio.TimeoutError), _known_bucket(bucket):
-        await asyncio.wait_for(run_in_threadpool(service.s3.head_bucket, Bucket=bucket), BUCKET_CHECK_S)
+        await asyncio.wait_for(run_in_threadpool(service.s3_probe.head_bucket, Bucket=bucket), BUCKET_CHECK_S)
 
 
 async def _selection(request: Request, with_body: bool = True) -> Selection:

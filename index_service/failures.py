@@ -26,7 +26,8 @@ CHUNK = 500  # records per Lua call: keeps each call short, Redis serves others 
 # (``CONTENT_REASONS``), S3 refusing access, a worker dying on the object, or a bug: those wait for the user.
 RETRIED_BY_ITSELF = frozenset({"unreachable", "fetch_timeout"})
 RETRY_FIRST_S = 120.0  # a record's first retry comes this long after it was written, each next one 4x as long after
-RETRY_MOST_S = 4 * 3600.0  # its own record, at most this
+RETRY_MOST_S = 4 * 3600.0  # its own record, at most this,
+RETRY_ROUNDS = 6  # and no more than this many times (~11 h): an object that times out whatever S3 does is the user's
 RETRY_EVERY_S = 30.0  # how often the index service looks
 
 # KEYS[1]: the failures hash; ARGV: field, expected value, field, expected value, ... -> the fields removed.
@@ -123,24 +124,28 @@ def retry_failures(client: redis.Redis, keys: Keys, publisher: Publisher, select
 
 
 def retry_passing(client: redis.Redis, keys: Keys, publisher: Publisher, s3_answers: Callable[[], bool],
-                  now: float) -> int:
+                  now: float, leave: Collection[int] = ()) -> int:
     """Send again the objects whose record says S3 was away or slow (``RETRIED_BY_ITSELF``); returns how many.
 
     An outage past the workers' retries (~3 min) failed every upload queued meanwhile for good, and a key
     overwritten then lost its older picture too; only ``failures --retry`` or a reconcile brought them back
     (review 53). A record is sent again ``RETRY_FIRST_S`` after it was written, and each time after that 4x as
-    long after its new record (``Keys.auto_retries`` counts the rounds until the object has neither such a record
-    nor a pending mark), and only while ``s3_answers()``. Many at once go to the rebuild queue, behind uploads."""
-    items = [item for item in _read(client, keys, Selection()) if item[2].get("reason") in RETRIED_BY_ITSELF]
+    long after its new record, ``RETRY_ROUNDS`` times at most (``Keys.auto_retries`` counts the rounds until the
+    object has neither such a record nor a pending mark), and only while ``s3_answers()``. Records of the
+    generations in ``leave`` (a running rebuild's, which sends its objects again itself) stay. Many at once go to
+    the rebuild queue, behind uploads."""
     rounds = {field: int(n) for field, n in cast(dict[bytes, bytes], client.hgetall(keys.auto_retries)).items()}
+    # The marks before the records: a worker's failure writes its record and drops its mark at once, and between
+    # a read of the records and one of the marks it looked settled, its rounds forgotten (review 54).
+    marks = dict(zip(rounds, cast(list[bytes | None], client.hmget(keys.pending, list(rounds))), strict=True)
+                 ) if rounds else {}
+    items = [item for item in _read(client, keys, Selection()) if item[2].get("reason") in RETRIED_BY_ITSELF]
     recorded = {field for field, _, _ in items}
-    unrecorded = [field for field in rounds if field not in recorded]
-    if unrecorded:  # settled since (indexed, deleted, cleared, failed by content) unless sent and not back yet
-        marks = cast(list[bytes | None], client.hmget(keys.pending, unrecorded))
-        if over := [field for field, mark in zip(unrecorded, marks, strict=True) if mark is None]:
-            client.hdel(keys.auto_retries, *over)
+    if over := [field for field in rounds if field not in recorded and marks[field] is None]:  # settled since
+        client.hdel(keys.auto_retries, *over)  # (indexed, deleted, cleared, failed by content)
     due = [item for item in items
-           if now - float(item[2].get("time") or 0) >= min(RETRY_FIRST_S * 4 ** rounds.get(item[0], 0), RETRY_MOST_S)]
+           if rounds.get(item[0], 0) < RETRY_ROUNDS and str(item[2].get("generation", "1")) not in map(str, leave)
+           and now - float(item[2].get("time") or 0) >= min(RETRY_FIRST_S * 4 ** rounds.get(item[0], 0), RETRY_MOST_S)]
     if not due or not s3_answers():
         return 0
     taken, _ = _send_again(client, keys, publisher, due, queue=keys.rebuild_queue if len(due) > CHUNK else None)
@@ -159,13 +164,13 @@ def retry_passing(client: redis.Redis, keys: Keys, publisher: Publisher, s3_answ
 def _send_again(client: redis.Redis, keys: Keys, publisher: Publisher, items: list[Item], queue: str | None = None
                 ) -> tuple[dict[bytes, tuple[bytes, dict[str, Any]]], int]:
     """Take the records of ``items`` that are unchanged and send their objects again; (the records taken, tasks)."""
+    generations = publisher.generations()  # (before the records are taken: an error after lost them, review 54)
     taken = _remove_unchanged(client, keys, items)
     if not taken:
         return taken, 0
-    generations = publisher.generations()
-    refs = [ref for _, record in taken.values() for ref in _refs(record, generations)]
     try:
-        tasks = publisher.send_embeds(refs, queue=queue)
+        tasks = publisher.send_embeds([ref for _, record in taken.values() for ref in _refs(record, generations)],
+                                      queue=queue)
     except Exception:  # nothing was sent: put back what we took, unless a worker wrote a newer record meanwhile
         pipe = client.pipeline(transaction=False)
         for field, (raw, _) in taken.items():

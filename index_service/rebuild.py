@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.outage import Outage
 from bucketlens.redis_client import text
-from bucketlens.schemas import CONTENT_REASONS, ObjectRef, ResultEntry, json_object, object_id, split_object_id
+from bucketlens.schemas import ObjectRef, ResultEntry, json_object, object_id, split_object_id
 from bucketlens.settings import only_backend
 from ingest.scanner import head, scan
 from vision.models import recipe
@@ -41,8 +41,11 @@ MODES = ("reembed", "reindex")
 CARRY_CHUNK = 1000  # entries a one-bucket reembed carries over per apply
 SAVE_EVERY_S = 1.0  # a running job's progress is written to Redis at most this often (it was every 100th object,
 # when a batch happened to end on one: an interrupted job reported done 0)
-PASSING_ROUNDS = 3  # failures of a listed object the serving generation holds, for a reason other than its bytes,
-# before the job fails (``_failed_passing``)
+# Failures a later attempt can mend (S3 away or slow; a model call that raised: a model no worker runs, CUDA out of
+# memory): a listed object the serving generation holds waits for one (``_failed_passing``), up to PASSING_ROUNDS
+# attempts that failed, then the job fails. Refused access and a worker dying on the object do not pass: settled.
+PASSING = frozenset({"unreachable", "fetch_timeout", "internal"})
+PASSING_ROUNDS = 3
 
 
 class RebuildConflict(RuntimeError):
@@ -86,7 +89,8 @@ class Rebuilds:
         self._saved_at = 0.0  # monotonic time the job's record was last written to Redis
         self._listed_at = 0.0  # monotonic time the running job's listing was all sent
         self._suspects: set[str] = set()  # listed objects unsettled at the last sweep (resend_lost)
-        self._passing: dict[str, int] = {}  # listed object -> its failures for a passing reason (_failed_passing)
+        self._passing: dict[str, int] = {}  # listed object -> its attempts failed for a passing reason
+        self._counted: set[str] = set()  # ... whose failure is counted since it was last sent (one per attempt)
         self._s3_away = Outage(log, "rebuild %s: S3 answers again; listed objects are sent again")
         self._lock = threading.RLock()
         self._retired: tuple[int, str] | None = None  # (generation, rebuilt bucket) of the last one-bucket promote
@@ -132,7 +136,7 @@ class Rebuilds:
             )
             self.current = job
             self._expected = set()
-            self._passing = {}
+            self._passing, self._counted = {}, set()
             self._completing = False
             self._save(job)
             try:
@@ -228,14 +232,19 @@ class Rebuilds:
 
     def observe(self, entries: list[ResultEntry]) -> None:
         """Entries applied to the shadow generation: count the listed objects they settle."""
+        job = self.current
+        if job is None or job.state != "running":
+            return
+        # Which passing failures the serving generation holds, asked in one read before the lock and before anything
+        # is counted: a Milvus query that raised there (the merger retries the batch) counted them again (review 54)
+        passing = [object_id(e.bucket, e.key) for e in entries if e.op == "failed" and e.reason in PASSING]
+        held = self.service.index.etags(passing) if passing else {}
         with self._lock:
-            job = self.current
-            if job is None or job.state != "running":
+            if job is not self.current or job.state != "running":
                 return
             for entry in entries:
                 oid = object_id(entry.bucket, entry.key)
-                if (entry.op == "failed" and entry.reason and entry.reason not in CONTENT_REASONS
-                        and oid in self._expected and self.service.index.get(entry.bucket, entry.key) is not None):
+                if entry.op == "failed" and entry.reason in PASSING and oid in held and oid in self._expected:
                     self._failed_passing(job, oid, entry.reason)
                     if job.state != "running":
                         return
@@ -296,9 +305,16 @@ class Rebuilds:
         for oid in lost:
             try:
                 ref = head(service.s3, *split_object_id(oid), generation=job.generation)
-            except (BotoCoreError, ClientError) as exc:  # S3 away: these wait for a later quiet sweep
-                self._s3_away.failed("rebuild %s: listed objects wait to be sent again: S3 did not answer (%s)",
-                                     job.id, exc, level=logging.WARNING, exc_info=False)
+            except ClientError as exc:
+                if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500) >= 500:
+                    self._wait_for_s3(job, exc)  # (a 5xx: S3 away)
+                    break
+                with self._lock:  # S3 answers, and refuses it (403): it cannot be embedded, and settles failed
+                    if job.state == "running":  # (a break here left the job running for good: review 54)
+                        self._settle(job, oid, failed=True)
+                continue
+            except BotoCoreError as exc:
+                self._wait_for_s3(job, exc)
                 break
             self._s3_away.worked(job.id)
             if ref is not None:
@@ -307,6 +323,8 @@ class Rebuilds:
             with self._lock:
                 if job.state == "running":  # gone: as a skipped object settles
                     self._settle(job, oid)
+        with self._lock:  # a failure of theirs from now on is a new attempt's
+            self._counted.difference_update(ref.object_id for ref in refs)
         if refs:
             service.publisher.send_embeds(refs, queue=service.keys.rebuild_queue)
             service.redis.hincrby(service.keys.counters, "orphans_resent", len(refs))
@@ -316,13 +334,22 @@ class Rebuilds:
             self._maybe_complete(job)
         return len(refs)
 
+    def _wait_for_s3(self, job: RebuildJob, exc: Exception) -> None:
+        """S3 away: the objects to send again wait for a later quiet sweep (said once until S3 answers)."""
+        self._s3_away.failed("rebuild %s: listed objects wait to be sent again: S3 did not answer (%s)", job.id, exc,
+                             level=logging.WARNING, exc_info=False)
+
     def _failed_passing(self, job: RebuildJob, oid: str, reason: str) -> None:
         """A listed object the serving generation holds failed in the new one for a reason other than its bytes (S3
         away past the workers' retries, a model the workers cannot run): settled, it was left out of the generation
         swapped in, and a search no longer found it (review 53: an S3 outage during a reembed; a model switch whose
         model no worker ran swapped in an empty index). It stays expected, so ``resend_lost`` sends it again once
         the pipeline is quiet and S3 answers; failed ``PASSING_ROUNDS`` times, it fails the job, and the serving
-        generation stays (under the lock)."""
+        generation stays (under the lock). One failure counts per attempt: an object's live event and its listing
+        failed together in one S3 blip, two rounds for one attempt (review 54)."""
+        if oid in self._counted:
+            return
+        self._counted.add(oid)
         rounds = self._passing[oid] = self._passing.get(oid, 0) + 1
         if rounds >= PASSING_ROUNDS:
             job.error = (f"{oid} failed {rounds} times in the new generation for a reason other than its content "

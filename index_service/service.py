@@ -70,6 +70,9 @@ class Service:
         self.redis = connect(settings.redis_url)
         self.probe = probe(settings.redis_url)  # /readyz, /queues, the metrics: an answer within seconds
         self.s3 = make_client(settings)
+        # Whether S3 answers, or has a bucket, asked beside other work: a call that S3 holds ends within ~5 s, and
+        # a timed-out check does not leave its thread waiting up to 2 minutes on the shared client (review 54).
+        self.s3_probe = make_client(settings, read_timeout=2.0, attempts=1)
         self.presigner = Presigner(settings)
         self.publisher = Publisher(settings, self.redis)
         self.embedders = Embedders(settings, embedder)
@@ -112,8 +115,7 @@ class Service:
         self._every(CHECK_EVERY_S, self.redelivery.check, "redelivery")
         self._every(SWEEP_EVERY_S, lambda: sweep_orphans(self), "orphans")
         self._every(redis_loss.CHECK_EVERY_S, lambda: redis_loss.check(self), "redis-loss")
-        self._every(RETRY_EVERY_S, lambda: retry_passing(self.redis, self.keys, self.publisher, self.s3_answers,
-                                                         time.time()), "failures")
+        self._every(RETRY_EVERY_S, self._retry_passing, "failures")
         if self.settings.reconcile_every_s > 0:
             self._every(self.settings.reconcile_every_s, lambda: reconcile(self), "reconcile")
 
@@ -567,11 +569,18 @@ class Service:
                            "objects); searches answer from what is indexed so far")
         return ok, reason
 
+    def _retry_passing(self) -> None:
+        shadow = self.shadow  # (its records are the running rebuild's to send again)
+        retry_passing(self.redis, self.keys, self.publisher, self.s3_answers, time.time(),
+                      leave=() if shadow is None else (shadow.generation,))
+
     def s3_answers(self) -> bool:
-        """Whether S3 answers a HEAD of the service's bucket now."""
+        """Whether S3 answers now (a HEAD of the service's bucket: any answer below 500, a 403 or 404 too)."""
         try:
-            self.s3.head_bucket(Bucket=self.settings.bucket)
-        except (BotoCoreError, ClientError):
+            self.s3_probe.head_bucket(Bucket=self.settings.bucket)
+        except ClientError as exc:
+            return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500) < 500
+        except BotoCoreError:
             return False
         return True
 

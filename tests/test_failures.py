@@ -20,7 +20,7 @@ import pytest
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef, failure_record, object_id
-from index_service.failures import RETRY_FIRST_S, Selection, _refs, retry_passing
+from index_service.failures import RETRY_FIRST_S, RETRY_ROUNDS, Selection, _refs, retry_passing
 from index_service.merger import stream_order
 from infra.stack import Stack
 from ingest.publisher import Publisher
@@ -360,6 +360,13 @@ def test_failures_of_s3_away_are_sent_again_by_themselves_less_and_less_often(st
         assert retry(2000 + 4 * RETRY_FIRST_S) == 1 and redis.hget(keys.auto_retries, away.object_id) == b"2"
         redis.hdel(keys.pending, away.object_id)  # indexed at last: the worker took its mark away
         assert retry(9000) == 0 and not redis.hexists(keys.auto_retries, away.object_id)
+        # A running rebuild's records are its own to send again; and rounds end, the record left for the user.
+        shadow = dataclasses.replace(away, generation=2)
+        fail(shadow, "unreachable", 1000.0)
+        assert retry_passing(redis, keys, publisher, lambda: True, 9000, leave=(2,)) == 0
+        redis.hset(keys.auto_retries, away.object_id, RETRY_ROUNDS)
+        redis.hset(keys.pending, away.object_id, "{}")  # (still marked: the count stays)
+        assert retry(10**9) == 0 and redis.hexists(keys.failures, away.object_id)
     finally:
         publisher.close()
         redis.delete(keys.failures, keys.pending, keys.auto_retries, keys.counters, keys.generations,

@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from botocore.exceptions import ClientError
 
+import index_service.rebuild as rebuild_module
 from bucketlens.keys import Keys
-from bucketlens.schemas import ResultEntry
+from bucketlens.schemas import ObjectRef, ResultEntry
 from index_service.filters import Filter
 from index_service.rebuild import PASSING_ROUNDS, NotWriter, RebuildConflict, RebuildJob, Rebuilds, public
 from index_service.service import Service
@@ -333,34 +335,63 @@ def test_a_reembed_swaps_in_nothing_that_lost_held_objects_for_a_passing_reason(
     the workers' retries; a model no worker can run) counted as settled, and the job swapped in a generation
     without it: objects searchable before were gone (all of them, for a model the workers could not load). Such
     an object now waits to be sent again (``resend_lost``); one that keeps failing fails the job, and the serving
-    generation stays."""
+    generation stays. One failure counts per attempt (its live event and its listing failed in one S3 blip: review
+    54); refused access and a worker dying on the object do not pass (a job waited for good on a 403: review 54)."""
     for outcome in ("embedded at last", "failing still"):
         service, serving, shadow = carrying_service(None)
         service.backend = SimpleNamespace(discard=lambda generation: None)
         serving.apply([upsert("photos", f"k{i}", i) for i in range(4)])
         rebuilds, job = service.rebuilds, service.rebuilds.current
         job.listed = True
-        rebuilds._expected = {f"photos/k{i}" for i in range(5)}  # k4: new, which nothing serves yet
+        rebuilds._expected = {f"photos/k{i}" for i in range(6)}  # k4: new, which nothing serves yet
+        serving.apply([upsert("photos", "k5", 5)])
 
         def failed(key: str, reason: str) -> ResultEntry:
             return ResultEntry("failed", "photos", key, "e", "", 10, 2, reason=reason)
 
         embedded = [dataclasses.replace(upsert("photos", f"k{i}", 10 + i), generation=2) for i in range(3)]
         rebuilds.observe([*embedded[:2], failed("k2", "unreachable"), failed("k3", "corrupt"),
-                          failed("k4", "unreachable")])
-        # k3 failed by its bytes; k4 leaves out nothing a search found: both settle. k2 waits to be sent again.
+                          failed("k4", "unreachable"), failed("k5", "access_denied"), failed("k2", "fetch_timeout")])
+        # k3 failed by its bytes, k5 by S3's refusal; k4 leaves out nothing a search found: they settle. k2 waits to
+        # be sent again, one failed attempt counted.
         assert rebuilds._expected == {"photos/k2"} and job.state == "running", (rebuilds._expected, job)
-        assert (job.done, job.failed) == (4, 2)
+        assert (job.done, job.failed) == (5, 3) and rebuilds._passing == {"photos/k2": 1}
         if outcome == "embedded at last":
             rebuilds.observe([embedded[2]])
             wait_for(lambda held=service, built=shadow: held.index is built, 10, what="the new generation swapped in")
-            assert job.state == "done" and (job.done, job.failed) == (5, 2)
+            assert job.state == "done" and (job.done, job.failed) == (6, 3)
         else:
             for _ in range(PASSING_ROUNDS - 1):
+                rebuilds._counted.clear()  # sent again (resend_lost)
                 rebuilds.observe([failed("k2", "internal")])
             assert job.state == "failed" and service.index is serving and service.shadow is None
             assert job.error.startswith(f"photos/k2 failed {PASSING_ROUNDS} times in the new generation for a "
                                         "reason other than its content (internal)"), job.error
+
+
+def test_a_listed_object_s3_refuses_settles_failed_and_the_lost_after_it_are_sent(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``resend_lost`` took S3's 403 on a HEAD for S3 away and stopped there at every sweep: the job stayed running
+    for good, and the lost objects listed after that one were never sent (review 54)."""
+    service, _, _ = carrying_service(None)
+    rebuilds, job = service.rebuilds, service.rebuilds.current
+    job.listed, rebuilds._expected = True, {"photos/a", "photos/b"}
+
+    def head(s3: Any, bucket: str, key: str, generation: int) -> ObjectRef:
+        if key == "a":
+            raise ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+                              "HeadObject")
+        return ObjectRef(bucket, key, "e", generation=generation)
+
+    sent: list[ObjectRef] = []
+    monkeypatch.setattr(rebuild_module, "quiet", lambda service: True)
+    monkeypatch.setattr(rebuild_module, "head", head)
+    service.s3, service.publisher = None, SimpleNamespace(send_embeds=lambda refs, queue: sent.extend(refs))
+    service.redis.hincrby = lambda *args: 0
+    assert rebuilds.resend_lost(0) == 0  # the first quiet sweep: suspects
+    assert rebuilds.resend_lost(0) == 1
+    assert [ref.key for ref in sent] == ["b"] and rebuilds._expected == {"photos/b"} and job.failed == 1
 
 
 def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:

@@ -503,6 +503,22 @@ def test_the_address_keeps_each_search_and_a_label_of_several_words_is_suggested
         expect(page.get_by_test_id("query")).to_be_hidden()
         expect(cards).to_have_count(0)
         expect(page.get_by_test_id("empty")).to_be_visible()
+
+        # An image search names its file there, and Back to it asks for the file (it cleared the page, review 54);
+        # the near-duplicates view is kept too.
+        page.get_by_test_id("filter-prefix").fill(unique_prefix)
+        page.get_by_test_id("file-input").set_input_files(
+            {"name": "query.jpg", "mimeType": "image/jpeg", "buffer": photo("chelsea.png")})
+        expect(results).to_have_attribute("data-query-kind", "image")
+        assert address() == {"image": ["query.jpg"], "prefix": [unique_prefix]}, page.url
+        page.get_by_test_id("dup-submit").click()
+        expect(page.get_by_test_id("duplicates")).to_be_visible()
+        assert address() == {"duplicates": ["1"], "prefix": [unique_prefix]}, page.url
+        page.reload()
+        expect(page.get_by_test_id("dup-summary")).to_be_visible()
+        page.go_back()
+        expect(page.get_by_test_id("empty")).to_have_text(
+            "A search by the image query.jpg: drop or pick it again to run it.")
         assert not js_errors, js_errors
         page.close()
     finally:
