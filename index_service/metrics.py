@@ -147,7 +147,7 @@ def _counters(counters: dict[str, int], failure_records: int) -> Iterator[Metric
                    counters.get("tasks_restored", 0))
     yield _counter("bucketlens_lost_tasks_resent", "Objects sent again because their task was lost",
                    counters.get("orphans_resent", 0))
-    yield _counter("bucketlens_failures_retried", "Failed objects sent again by the index service once S3 answered",
+    yield _counter("bucketlens_failures_retried", "Failed objects sent again by the index service itself (S3 away)",
                    counters.get("failures_retried", 0))
     yield _counter("bucketlens_canary_stalls", "Canaries the local supervisor saw undelivered, and healed",
                    counters.get("canary_stalls", 0))

@@ -327,9 +327,16 @@ class Rebuilds:
             self._counted.difference_update(ref.object_id for ref in refs)
         if refs:
             service.publisher.send_embeds(refs, queue=service.keys.rebuild_queue)
-            service.redis.hincrby(service.keys.counters, "orphans_resent", len(refs))
-            log.warning("rebuild %s: sent %d listed objects to the workers again: their tasks were lost (e.g. %s)",
-                        job.id, len(refs), refs[0].object_id)
+            # Those whose attempt failed for a passing reason are not lost tasks: the counter and the line of the
+            # lost pointed at a worker or the broker after an S3 outage (review 55)
+            failed = [ref for ref in refs if ref.object_id in self._passing]
+            lost_ones = [ref for ref in refs if ref.object_id not in self._passing]
+            for counter, part, why in (("failures_retried", failed, "their last attempt met S3 away or slow, or the "
+                                        "model failing"), ("orphans_resent", lost_ones, "their tasks were lost")):
+                if part:
+                    service.redis.hincrby(service.keys.counters, counter, len(part))
+                    log.warning("rebuild %s: sent %d listed objects to the workers again: %s (e.g. %s)", job.id,
+                                len(part), why, part[0].object_id)
         with self._lock:
             self._maybe_complete(job)
         return len(refs)

@@ -388,10 +388,13 @@ def test_a_listed_object_s3_refuses_settles_failed_and_the_lost_after_it_are_sen
     monkeypatch.setattr(rebuild_module, "quiet", lambda service: True)
     monkeypatch.setattr(rebuild_module, "head", head)
     service.s3, service.publisher = None, SimpleNamespace(send_embeds=lambda refs, queue: sent.extend(refs))
-    service.redis.hincrby = lambda *args: 0
+    counted: list[tuple[str, int]] = []
+    service.redis.hincrby = lambda key, field, n: counted.append((field, n))
+    rebuilds._passing = {"photos/b": 1}  # its attempt failed with S3 away: not a lost task (review 55)
     assert rebuilds.resend_lost(0) == 0  # the first quiet sweep: suspects
     assert rebuilds.resend_lost(0) == 1
     assert [ref.key for ref in sent] == ["b"] and rebuilds._expected == {"photos/b"} and job.failed == 1
+    assert counted == [("failures_retried", 1)]
 
 
 def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
