@@ -9,6 +9,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
 
 from .settings import Settings
 
@@ -35,6 +36,12 @@ def make_client(settings: Settings, endpoint: str | None = None, read_timeout: f
         region_name=settings.s3_region,
         config=config,
     )
+
+
+def answered(exc: ClientError) -> bool:
+    """Whether S3 answered the request that raised ``exc`` (a status below 500: refused, not found), rather than
+    being away (a 5xx, or no status said)."""
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500) < 500
 
 
 def credentials(settings: Settings) -> Credentials:

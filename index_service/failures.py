@@ -141,10 +141,11 @@ def retry_passing(client: redis.Redis, keys: Keys, publisher: Publisher, s3_answ
                  ) if rounds else {}
     items = [item for item in _read(client, keys, Selection()) if item[2].get("reason") in RETRIED_BY_ITSELF]
     recorded = {field for field, _, _ in items}
+    left = {str(generation) for generation in leave}
     if over := [field for field in rounds if field not in recorded and marks[field] is None]:  # settled since
         client.hdel(keys.auto_retries, *over)  # (indexed, deleted, cleared, failed by content)
     due = [item for item in items
-           if rounds.get(item[0], 0) < RETRY_ROUNDS and str(item[2].get("generation", "1")) not in map(str, leave)
+           if rounds.get(item[0], 0) < RETRY_ROUNDS and str(item[2].get("generation", "1")) not in left
            and now - float(item[2].get("time") or 0) >= min(RETRY_FIRST_S * 4 ** rounds.get(item[0], 0), RETRY_MOST_S)]
     if not due or not s3_answers():
         return 0

@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.outage import Outage
 from bucketlens.redis_client import text
+from bucketlens.s3 import answered
 from bucketlens.schemas import ObjectRef, ResultEntry, json_object, object_id, split_object_id
 from bucketlens.settings import only_backend
 from ingest.scanner import head, scan
@@ -306,7 +307,7 @@ class Rebuilds:
             try:
                 ref = head(service.s3, *split_object_id(oid), generation=job.generation)
             except ClientError as exc:
-                if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500) >= 500:
+                if not answered(exc):
                     self._wait_for_s3(job, exc)  # (a 5xx: S3 away)
                     break
                 with self._lock:  # S3 answers, and refuses it (403): it cannot be embedded, and settles failed

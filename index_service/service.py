@@ -29,7 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect, probe, text
-from bucketlens.s3 import make_client
+from bucketlens.s3 import answered, make_client
 from bucketlens.schemas import ResultEntry, object_id
 from bucketlens.settings import Settings
 from ingest.publisher import Publisher
@@ -579,7 +579,7 @@ class Service:
         try:
             self.s3_probe.head_bucket(Bucket=self.settings.bucket)
         except ClientError as exc:
-            return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500) < 500
+            return answered(exc)
         except BotoCoreError:
             return False
         return True

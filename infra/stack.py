@@ -701,15 +701,19 @@ def free_space(folder: Path) -> str:
 
 def session_members(sid: int) -> list[int]:
     """The processes of the session ``sid`` that are not zombies."""
-    members = []
+    return list(_scan_session(sid))
+
+
+def _scan_session(sid: int) -> Iterator[int]:
+    """``session_members``, each as the scan of /proc finds it."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # (after the command's name, which may hold spaces)
-            if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
-                members.append(int(stat.parent.name))
+            member = int(fields[3]) == sid and fields[0] != "Z"  # state, ppid, pgrp, session
         except (OSError, IndexError, ValueError):  # gone meanwhile
             continue
-    return members
+        if member:
+            yield int(stat.parent.name)
 
 
 def _kill_session(sid: int, timeout_s: float = 5.0) -> None:
@@ -718,14 +722,12 @@ def _kill_session(sid: int, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         killed = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):  # (killed as found: a pass that listed first left more time)
+        for pid in _scan_session(sid):  # (killed as found: a pass that listed first left more time)
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) == sid and fields[0] != "Z":
-                    os.kill(int(stat.parent.name), signal.SIGKILL)
-                    killed += 1
-            except (OSError, IndexError, ValueError):  # gone meanwhile
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # gone meanwhile
                 continue
+            killed += 1
         if not killed or time.monotonic() > deadline:
             return
         time.sleep(0.05)
