@@ -47,6 +47,9 @@ SAVE_EVERY_S = 1.0  # a running job's progress is written to Redis at most this 
 # attempts that failed, then the job fails. Refused access and a worker dying on the object do not pass: settled.
 PASSING = frozenset({"unreachable", "fetch_timeout", "internal"})
 PASSING_ROUNDS = 3
+# Distinct listed objects failed ``internal`` with none embedded in the new generation: the workers cannot run its
+# model, and the job fails then (``_model_fails``) rather than after PASSING_ROUNDS passes over the whole listing.
+MODEL_FAILS = 50
 
 
 class RebuildConflict(RuntimeError):
@@ -92,6 +95,8 @@ class Rebuilds:
         self._suspects: set[str] = set()  # listed objects unsettled at the last sweep (resend_lost)
         self._passing: dict[str, int] = {}  # listed object -> its attempts failed for a passing reason
         self._counted: set[str] = set()  # ... whose failure is counted since it was last sent (one per attempt)
+        self._internal: set[str] = set()  # objects whose attempt in the new generation failed ``internal``
+        self._embedded = False  # whether the new generation was given a vector yet (its model runs somewhere)
         self._s3_away = Outage(log, "rebuild %s: S3 answers again; listed objects are sent again")
         self._lock = threading.RLock()
         self._retired: tuple[int, str] | None = None  # (generation, rebuilt bucket) of the last one-bucket promote
@@ -137,7 +142,7 @@ class Rebuilds:
             )
             self.current = job
             self._expected = set()
-            self._passing, self._counted = {}, set()
+            self._passing, self._counted, self._internal, self._embedded = {}, set(), set(), False
             self._completing = False
             self._save(job)
             try:
@@ -245,12 +250,17 @@ class Rebuilds:
                 return
             for entry in entries:
                 oid = object_id(entry.bucket, entry.key)
+                self._embedded |= entry.op == "upsert"
+                if entry.op == "failed" and entry.reason == "internal":
+                    self._internal.add(oid)
                 if entry.op == "failed" and entry.reason in PASSING and oid in held and oid in self._expected:
                     self._failed_passing(job, oid, entry.reason)
                     if job.state != "running":
                         return
                 else:
                     self._settle(job, oid, failed=entry.op == "failed")
+            if self._model_fails(job):
+                return
             self._maybe_complete(job)
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -364,6 +374,27 @@ class Rebuilds:
                          f"({reason}), which would have left it out; the serving generation is kept: `bucketlens "
                          "failures` says why, and the rebuild can run again once that is mended")
             self._finish(job, "failed")
+
+    def _model_fails(self, job: RebuildJob) -> bool:
+        """Whether the job failed now because the workers cannot run its model (under the lock): no object was
+        embedded in the new generation, and ``MODEL_FAILS`` objects, or every one still awaited once all are
+        listed, failed ``internal`` (the model would not load, or raised at every call). A model switch that no
+        worker could run failed only after three passes over the listing, each object's worker retries spent three
+        times (hours at 1M objects), and one whose objects the serving generation did not hold swapped in an empty
+        index (review 54)."""
+        if self._embedded or not self._internal or not (
+                len(self._internal) >= MODEL_FAILS or job.listed and self._expected <= self._internal):
+            return False
+        example = sorted(self._internal)[0]
+        raw = self.service.redis.hget(self.service.keys.failures, example)
+        message = (json_object(raw) or {}).get("message") or "no message recorded"
+        job.error = (f"the workers could not embed with model {job.model}: no object was embedded in the new "
+                     f"generation, and {len(self._internal)} failed (internal; e.g. {example}: {message}); the "
+                     "serving generation is kept: see the "
+                     "workers' logs and `bucketlens failures --reason internal`, and run the rebuild again once "
+                     "the model runs")
+        self._finish(job, "failed")
+        return True
 
     def _settle(self, job: RebuildJob, oid: str, failed: bool = False) -> None:
         """A listed object settled in the new generation (under the lock)."""

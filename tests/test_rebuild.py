@@ -18,7 +18,7 @@ import index_service.rebuild as rebuild_module
 from bucketlens.keys import Keys
 from bucketlens.schemas import ObjectRef, ResultEntry
 from index_service.filters import Filter
-from index_service.rebuild import PASSING_ROUNDS, NotWriter, RebuildConflict, RebuildJob, Rebuilds, public
+from index_service.rebuild import MODEL_FAILS, PASSING_ROUNDS, NotWriter, RebuildConflict, RebuildJob, Rebuilds, public
 from index_service.service import Service
 from index_service.vector_index import VectorIndex
 from infra.notifications import ensure_bucket, ensure_notifications, remove_notifications
@@ -367,6 +367,39 @@ def test_a_reembed_swaps_in_nothing_that_lost_held_objects_for_a_passing_reason(
             assert job.state == "failed" and service.index is serving and service.shadow is None
             assert job.error.startswith(f"photos/k2 failed {PASSING_ROUNDS} times in the new generation for a "
                                         "reason other than its content (internal)"), job.error
+
+
+def test_a_model_no_worker_can_run_fails_the_job_at_once_and_one_that_runs_somewhere_does_not() -> None:
+    """A model switch that no worker could run failed only after three passes over the listing (each object's
+    worker retries spent three times: hours at 1M objects), and where the serving generation held none of the
+    objects it swapped in an empty index (review 54). Now ``MODEL_FAILS`` distinct objects failed ``internal``
+    with none embedded, or every awaited one once all are listed, fail the job, quoting a worker's message."""
+    def failed(key: str) -> ResultEntry:
+        return ResultEntry("failed", "photos", key, "e", "", 10, 2, reason="internal")
+
+    for case in ("many", "all listed", "runs somewhere"):
+        service, serving, _ = carrying_service(None)
+        service.backend = SimpleNamespace(discard=lambda generation: None)
+        message = json.dumps({"message": "RuntimeError: the model's weights are not installed"})
+        service.redis.hget = lambda key, field, said=message: said
+        rebuilds, job = service.rebuilds, service.rebuilds.current
+        listing = [f"k{i}" for i in range(MODEL_FAILS + 10 if case != "all listed" else 3)]
+        serving.apply([upsert("photos", key, i) for i, key in enumerate(listing[:2])])  # held: they stay awaited
+        rebuilds._expected = {f"photos/{key}" for key in listing}
+        job.listed = case == "all listed"
+        if case == "runs somewhere":  # a GPU worker embeds while the CPU ones cannot load it: the rounds decide
+            rebuilds.observe([dataclasses.replace(upsert("photos", "k9", 9), generation=2)])
+        enough = MODEL_FAILS if case == "many" else len(listing)
+        rebuilds.observe([failed(key) for key in listing[: enough - 1]])
+        assert job.state == "running", job.error  # one short: the next may still embed
+        rebuilds.observe([failed(listing[enough - 1])])
+        if case == "runs somewhere":
+            assert job.state == "running" and service.index is serving
+            continue
+        assert job.state == "failed" and service.index is serving and service.shadow is None, job
+        assert job.error.startswith(f"the workers could not embed with model m: no object was embedded in the new "
+                                    f"generation, and {enough} failed (internal; e.g. photos/k0: RuntimeError: "
+                                    "the model's weights are not installed)"), job.error
 
 
 def test_a_listed_object_s3_refuses_settles_failed_and_the_lost_after_it_are_sent(
