@@ -40,7 +40,7 @@ from vision.models import recipe
 from . import redis_loss
 from .backend import Index, open_backend, restructure_into
 from .duplicates import DuplicateFinder
-from .failures import RETRY_EVERY_S, retry_passing
+from .failures import RETRY_EVERY_S, Passing, retry_passing
 from .feature_store import FeatureStore
 from .lease import WriterLease
 from .merger import Merger, stream_order
@@ -73,6 +73,7 @@ class Service:
         # Whether S3 answers, or has a bucket, asked beside other work: a call that S3 holds ends within ~5 s, and
         # a timed-out check does not leave its thread waiting up to 2 minutes on the shared client (review 54).
         self.s3_probe = make_client(settings, read_timeout=2.0, attempts=1)
+        self._passing = Passing()  # the failure records the service sends again by itself (``_retry_passing``)
         self.presigner = Presigner(settings)
         self.publisher = Publisher(settings, self.redis)
         self.embedders = Embedders(settings, embedder)
@@ -572,7 +573,7 @@ class Service:
     def _retry_passing(self) -> None:
         shadow = self.shadow  # (its records are the running rebuild's to send again)
         retry_passing(self.redis, self.keys, self.publisher, self.s3_answers, time.time(),
-                      leave=() if shadow is None else (shadow.generation,))
+                      leave=() if shadow is None else (shadow.generation,), passing=self._passing)
 
     def s3_answers(self) -> bool:
         """Whether S3 answers now (a HEAD of the service's bucket: any answer below 500, a 403 or 404 too)."""
