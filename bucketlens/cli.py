@@ -717,11 +717,20 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
     for record in page["failures"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
         print(f"{when}  {record['reason']:16} x{record['attempts']}  {plain(record['bucket'] + '/' + record['key'])}: "
-              f"{plain(record['message'])}")
+              f"{plain(record['message'])}" + _retry_note(record))
     print(f"{counted(page['total'], 'failure record')}{page_note(page['total'], offset, len(page['failures']))}")
     if not page["total"] and (selection or args.key):  # a typo in a value? (`--reason corupt` said only "0")
         print(_none_has(selection, args.key))
     return 0
+
+
+def _retry_note(record: dict[str, Any]) -> str:
+    """When the service sends a record's object again by itself (S3 was away or slow for it), or that it gave up."""
+    so_far = f"; {counted(record['retries'], 'time')} so far" if record.get("retries") else ""
+    if (at := record.get("retry_at")) is None:
+        return f" (sent again by itself {counted(record['retries'], 'time')}: yours to retry)" if so_far else ""
+    when = f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}, if" if at > time.time() else "once"
+    return f" (to be sent again by itself {when} S3 answers{so_far})"
 
 
 def _none_has(selection: dict[str, str], keys: list[str] | None) -> str:
@@ -829,6 +838,9 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
                 job = _rebuild_state(url, job)
                 bar.total = job["total"] or None
                 bar.n = job["done"]
+                if job.get("retrying"):  # (waiting on S3 or the model: the bar stood still, saying nothing)
+                    bar.set_postfix_str(f"{job['retrying']} to send again, once S3 and the queues are quiet",
+                                        refresh=False)
                 bar.refresh()
     except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the rebuild: say where it goes on
         print(f"stopped waiting; rebuild {job['id']} still runs: GET {url}; cancel it with "

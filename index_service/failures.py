@@ -88,9 +88,24 @@ class Selection:
 
 
 def list_failures(client: redis.Redis, keys: Keys, selection: Selection = Selection()) -> list[dict[str, Any]]:
-    """The selected records, newest first."""
-    records = [record for _, _, record in _read(client, keys, selection)]
+    """The selected records, newest first, each with ``retries`` (the times the index service sent its object
+    again by itself) and ``retry_at`` (when it will next: ``retry_time``)."""
+    items = _read(client, keys, selection)
+    passing = [field for field, _, found in items if found.get("reason") in RETRIED_BY_ITSELF]
+    counts = cast(list[bytes | None], client.hmget(keys.auto_retries, passing)) if passing else []
+    rounds = {field: int(n or 0) for field, n in zip(passing, counts, strict=True)}
+    records = [{**found, "retries": rounds.get(field, 0), "retry_at": retry_time(found, rounds.get(field, 0))}
+               for field, _, found in items]
     return sorted(records, key=lambda r: (-r["time"], r["bucket"], r["key"]))
+
+
+def retry_time(record: Mapping[str, Any], rounds: int) -> float | None:
+    """When the index service sends ``record``'s object again by itself (``retry_passing``), if S3 answers then
+    (a running rebuild sends its own generation's sooner: ``Rebuilds.resend_lost``); None: only the user does
+    (``retry_failures``)."""
+    if record.get("reason") not in RETRIED_BY_ITSELF or rounds >= RETRY_ROUNDS:
+        return None
+    return float(record.get("time") or 0) + min(RETRY_FIRST_S * 4**rounds, RETRY_MOST_S)
 
 
 def clear_failures(client: redis.Redis, keys: Keys, selection: Selection = Selection()) -> int:
@@ -170,9 +185,8 @@ def retry_passing(client: redis.Redis, keys: Keys, publisher: Publisher, s3_answ
     left = {str(generation) for generation in leave}
     if over := [field for field in rounds if field not in recorded and marks[field] is None]:  # settled since
         client.hdel(keys.auto_retries, *over)  # (indexed, deleted, cleared, failed by content)
-    due = [item for item in items
-           if rounds.get(item[0], 0) < RETRY_ROUNDS and str(item[2].get("generation", "1")) not in left
-           and now - float(item[2].get("time") or 0) >= min(RETRY_FIRST_S * 4 ** rounds.get(item[0], 0), RETRY_MOST_S)]
+    due = [item for item in items if str(item[2].get("generation", "1")) not in left
+           and (at := retry_time(item[2], rounds.get(item[0], 0))) is not None and now >= at]
     if not due or not s3_answers():
         return 0
     taken, _ = _send_again(client, keys, publisher, due, queue=keys.rebuild_queue if len(due) > CHUNK else None)

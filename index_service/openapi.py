@@ -210,8 +210,12 @@ SCHEMAS: dict[str, Schema] = {
                           "message": TEXT, "attempts": INT,
                           "time": {"type": "number", "description": "seconds since the epoch"}, "generation": INT,
                           "event_time": {"type": "string",
-                                         "description": "when the version was written (ISO 8601; empty: unknown)"}},
-                         ("bucket", "key", "reason", "message", "attempts", "time")),
+                                         "description": "when the version was written (ISO 8601; empty: unknown)"},
+                          "retries": {"type": "integer", "description": "times the service sent it again by itself"},
+                          "retry_at": {"type": ["number", "null"], "description": "when the service sends it again by "
+                                       "itself, if S3 answers then (unreachable, fetch_timeout: at most 6 times); "
+                                       "null: only POST /failures/retry does"}},
+                         ("bucket", "key", "reason", "message", "attempts", "time", "retries", "retry_at")),
     "Failures": obj({"total": INT, "offset": INT, "limit": INT,
                      "failures": {"type": "array", "items": ref("FailureRecord")}},
                     ("total", "offset", "limit", "failures")),
@@ -263,9 +267,11 @@ SCHEMAS: dict[str, Schema] = {
                        "finished": {"type": ["number", "null"], "description": "seconds since the epoch"},
                        "error": {"type": "string", "description": "why it failed (empty otherwise)"},
                        "backend": {"type": "string", "description": "the index backend it ran on (empty: a job of "
-                                                                   "an earlier version)"}},
+                                                                   "an earlier version)"},
+                       "retrying": {"type": "integer", "description": "objects it waits on after an attempt that met "
+                                    "S3 away or slow, or the model failing: sent again once the queues are quiet"}},
                       ("id", "mode", "generation", "model", "index_type", "bucket", "chosen", "state", "total",
-                       "done", "failed", "listed", "progress", "started", "finished", "error", "backend")),
+                       "done", "failed", "listed", "progress", "started", "finished", "error", "backend", "retrying")),
     "ReconcileRequest": obj({"bucket": {"type": "string", "minLength": 1},
                              "dry_run": {"type": "boolean", "description": "count only: send and remove nothing"}},
                             closed=True),

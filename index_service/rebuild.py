@@ -82,6 +82,7 @@ class RebuildJob:
     finished: float | None = None
     error: str = ""
     backend: str = ""  # the index backend it ran on: a stack switched to the other one leaves its jobs alone
+    retrying: int = 0  # listed objects awaited after an attempt that failed for a passing reason (sent again)
 
 
 class Rebuilds:
@@ -199,6 +200,7 @@ class Rebuilds:
         if stored is None or stored.get("id") != job_id:
             return None
         stored.setdefault("backend", "")  # (a job of an earlier version)
+        stored.setdefault("retrying", 0)
         return stored
 
     def progress(self) -> dict[str, Any] | None:
@@ -369,6 +371,7 @@ class Rebuilds:
             return
         self._counted.add(oid)
         rounds = self._passing[oid] = self._passing.get(oid, 0) + 1
+        job.retrying = len(self._expected.intersection(self._passing))
         if rounds >= PASSING_ROUNDS:
             job.error = (f"{oid} failed {rounds} times in the new generation for a reason other than its content "
                          f"({reason}), which would have left it out; the serving generation is kept: `bucketlens "
@@ -403,6 +406,8 @@ class Rebuilds:
             job.done += 1
             if failed:
                 job.failed += 1
+            if oid in self._passing:
+                job.retrying -= 1
 
     def _carry_over(self, job: RebuildJob) -> None:
         """A rebuild of one bucket keeps every other bucket's objects (and tombstones) as they are.

@@ -17,10 +17,20 @@ import httpx
 import numpy as np
 import pytest
 
+from bucketlens.cli import _retry_note
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef, failure_record, object_id
-from index_service.failures import RESCAN_S, RETRY_FIRST_S, RETRY_ROUNDS, Passing, Selection, _refs, retry_passing
+from index_service.failures import (
+    RESCAN_S,
+    RETRY_FIRST_S,
+    RETRY_ROUNDS,
+    Passing,
+    Selection,
+    _refs,
+    list_failures,
+    retry_passing,
+)
 from index_service.merger import stream_order
 from infra.stack import Stack
 from ingest.publisher import Publisher
@@ -357,6 +367,12 @@ def test_failures_of_s3_away_are_sent_again_by_themselves_less_and_less_often(st
         assert retry(9000) == 0 and redis.hget(keys.auto_retries, away.object_id) == b"1"  # in flight: counted still
         fail(away, "fetch_timeout", 2000.0)  # and failed again
         assert retry(2000 + 4 * RETRY_FIRST_S - 1) == 0
+        # `failures` says when, and how often so far (an operator saw such a record and could not tell: review 55)
+        listed = {found["key"]: found for found in list_failures(redis, keys)}
+        assert (listed["away.jpg"]["retries"], listed["away.jpg"]["retry_at"]) == (1, 2000 + 4 * RETRY_FIRST_S)
+        assert (listed["bad.jpg"]["retries"], listed["bad.jpg"]["retry_at"]) == (0, None)
+        assert "to be sent again by itself once S3 answers; 1 time so far" in _retry_note(listed["away.jpg"])
+        assert _retry_note(listed["bad.jpg"]) == ""
         assert retry(2000 + 4 * RETRY_FIRST_S) == 1 and redis.hget(keys.auto_retries, away.object_id) == b"2"
         redis.hdel(keys.pending, away.object_id)  # indexed at last: the worker took its mark away
         assert retry(9000) == 0 and not redis.hexists(keys.auto_retries, away.object_id)
@@ -367,6 +383,9 @@ def test_failures_of_s3_away_are_sent_again_by_themselves_less_and_less_often(st
         redis.hset(keys.auto_retries, away.object_id, RETRY_ROUNDS)
         redis.hset(keys.pending, away.object_id, "{}")  # (still marked: the count stays)
         assert retry(10**9) == 0 and redis.hexists(keys.failures, away.object_id)
+        given_up = next(found for found in list_failures(redis, keys) if found["key"] == "away.jpg")
+        assert (given_up["retries"], given_up["retry_at"]) == (RETRY_ROUNDS, None)
+        assert _retry_note(given_up) == f" (sent again by itself {RETRY_ROUNDS} times: yours to retry)"
     finally:
         publisher.close()
         redis.delete(keys.failures, keys.pending, keys.auto_retries, keys.counters, keys.generations,

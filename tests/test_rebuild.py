@@ -355,11 +355,11 @@ def test_a_reembed_swaps_in_nothing_that_lost_held_objects_for_a_passing_reason(
         # k3 failed by its bytes, k5 by S3's refusal; k4 leaves out nothing a search found: they settle. k2 waits to
         # be sent again, one failed attempt counted.
         assert rebuilds._expected == {"photos/k2"} and job.state == "running", (rebuilds._expected, job)
-        assert (job.done, job.failed) == (5, 3) and rebuilds._passing == {"photos/k2": 1}
+        assert (job.done, job.failed) == (5, 3) and rebuilds._passing == {"photos/k2": 1} and job.retrying == 1
         if outcome == "embedded at last":
             rebuilds.observe([embedded[2]])
             wait_for(lambda held=service, built=shadow: held.index is built, 10, what="the new generation swapped in")
-            assert job.state == "done" and (job.done, job.failed) == (6, 3)
+            assert job.state == "done" and (job.done, job.failed, job.retrying) == (6, 3, 0)
         else:
             for _ in range(PASSING_ROUNDS - 1):
                 rebuilds._counted.clear()  # sent again (resend_lost)
