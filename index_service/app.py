@@ -86,9 +86,10 @@ PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", 
 TOKEN_PAGE = """<!doctype html><html lang="en"><meta charset="utf-8"><title>bucketlens: read token needed</title>
 <body style="font-family: system-ui, sans-serif; max-width: 640px; margin: 60px auto; line-height: 1.5">
 <h1>This page needs the read token</h1>
-<p>{given}Open the page as <code>/?token=READ_TOKEN</code>. On the local stack <code>bucketlens status</code> prints
-this address with its token; otherwise the token is <code>BUCKETLENS_READ_TOKEN</code> where the index service runs.
-The admin token does not open the page.</p></body></html>
+<p>The token in this address is not the read token. Open the page as <code>/?token=READ_TOKEN</code>. On the
+local stack <code>bucketlens status</code> prints this address with its token; otherwise the token is
+<code>BUCKETLENS_READ_TOKEN</code> where the index service runs. The admin token does not open the page.</p>
+</body></html>
 """
 
 
@@ -356,13 +357,15 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         return JSONResponse(dataclasses.asdict(report))
 
     async def page(request: Request) -> Response:
-        # Not the admin token: the page carries its token in preview addresses, and query strings end up in browser
-        # history and proxy logs (review 30).
-        try:
-            may_read(request, admin_too=False)
-        except HTTPError:  # a browser showed the API's JSON error, and no way on (review 31)
-            given = "The token in this address is not the read token. " if "token" in request.query_params else ""
-            return HTMLResponse(TOKEN_PAGE.format(given=given), status_code=401, headers=PAGE_HEADERS)
+        # The page holds nothing of the index: opened without a token it is served, and uses the one it keeps for
+        # its tab, taken out of the address when it was opened with one (a reload of /?text=cat carries none). A
+        # token in the address must be the read token, not the admin token: the page carries it in preview addresses,
+        # and query strings end up in browser history and proxy logs (review 30).
+        if "token" in request.query_params:
+            try:
+                may_read(request, admin_too=False)
+            except HTTPError:  # a browser showed the API's JSON error, and no way on (review 31)
+                return HTMLResponse(TOKEN_PAGE, status_code=401, headers=PAGE_HEADERS)
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     app = Starlette(

@@ -133,17 +133,22 @@ def test_with_a_read_token_every_read_route_needs_it() -> None:
     for method, path in (("GET", "/"), ("POST", "/search"), ("GET", "/objects/b/k.jpg"), ("GET", "/preview/b/k.jpg"),
                          ("GET", "/duplicates"), ("GET", "/labels"), ("GET", "/failures")):
         for params in ({}, {"token": "wrong"}, {"token": "r"}, {"token": "atx"}):
+            if path == "/" and not params:  # the page itself holds nothing of the index (below)
+                continue
             refused = client.request(method, path, params=params)
             assert refused.status_code == 401, (method, path, refused.text)
-    assert client.get("/", headers={"Authorization": "Bearer rt"}).status_code == 200
+    assert client.get("/", params={"token": "rt"}).status_code == 200
+    # Opened without a token, the page is served: it takes the read token out of the address it was opened with and
+    # keeps it for its tab, so that a reload of /?text=cat, which carries none, still opens (review 52's leftover:
+    # shared links and the history carried the token). Its calls to the API need the token, as before.
+    assert client.get("/", params={"text": "cat"}).status_code == 200
     # The admin token reads too (review 28: an operator holding it was refused a search), but opens no web page,
     # which puts its token into preview addresses (review 30).
     assert client.get("/", params={"token": "at"}).status_code == 401
     # A browser is told how to open the page, not shown the API's JSON (review 31); the token is never echoed.
-    for params, wrong in (({}, False), ({"token": "r<b>"}, True)):
-        refused = client.get("/", params=params)
-        assert refused.headers["content-type"].startswith("text/html") and "/?token=READ_TOKEN" in refused.text
-        assert ("is not the read token" in refused.text) == wrong and "r<b>" not in refused.text
+    refused = client.get("/", params={"token": "r<b>"})
+    assert refused.headers["content-type"].startswith("text/html") and "/?token=READ_TOKEN" in refused.text
+    assert "is not the read token" in refused.text and "r<b>" not in refused.text
     served = TestClient(client.app, base_url="http://127.0.0.1", raise_server_exceptions=False)  # past the check:
     assert served.get("/labels", headers={"Authorization": "Bearer at"}).status_code == 500  # no service here
     assert TestClient(create_app(Settings(read_token="rt")), base_url="http://127.0.0.1").get(

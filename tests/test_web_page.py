@@ -110,6 +110,8 @@ def test_search_by_file_then_click_through(
         opened = page.goto(stack.api_url + "/?token=page-token")
         assert opened is not None and opened.headers["referrer-policy"] == "no-referrer"  # the token stays here
         assert opened.headers["x-frame-options"] == "DENY" and opened.headers["x-content-type-options"] == "nosniff"
+        # ... kept for the tab and taken out of the address: the history and a shared link do not carry it
+        assert page.url == stack.api_url + "/", page.url
 
         # Status strip: filled from /stats and /queues, refreshed every 2 s.
         expect(page.get_by_test_id("status-dot")).to_have_class(re.compile(r"\bok\b"), timeout=10_000)
@@ -169,11 +171,25 @@ def test_search_by_file_then_click_through(
         expect(members).to_have_count(2)
         expect(members.first).to_have_attribute("data-key", keys["chelsea.jpg"])  # 451x300 > the crop
         page.screenshot(path=str(ARTIFACTS / "web-page-duplicates.png"), full_page=True)
+        # A reload of the view's address (no token in it) shows it again, the kept token on its calls (below)
+        assert "duplicates=1" in page.url and "token" not in page.url, page.url
+        page.reload()
+        expect(page.get_by_test_id("dup-group")).to_have_count(1)
         assert not js_errors, js_errors
         called = {path for path, _ in api_calls}
         assert {"/stats", "/queues", "/search"} <= called and any(p.startswith("/duplicates?") for p in called), called
         assert all(auth == "Bearer page-token" for _, auth in api_calls), api_calls
         page.close()
+        # A shared link opened elsewhere, with no token kept, where the service wants one: the search says how to
+        # open the page, not the API's bare "missing or wrong read token" (the API's refusal stands in here: this
+        # stack sets no read token; test_auth has the service's).
+        elsewhere = browser.new_page()
+        elsewhere.route("**/search", lambda route: route.fulfill(status=401, json={"error": {
+            "code": "unauthorized", "message": "missing or wrong read token"}}))
+        elsewhere.goto(f"{stack.api_url}/?text=cat")
+        expect(elsewhere.get_by_test_id("error")).to_contain_text("this page needs the read token: open it as "
+                                                                  "/?token=READ_TOKEN")
+        elsewhere.close()
     finally:
         for key in keys.values():
             s3.delete_object(Bucket=bucket, Key=key)
