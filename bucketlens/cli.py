@@ -342,6 +342,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     if running:
         print("note: processes that were running keep the settings they started with; `bucketlens down` and `up` "
               "start them with the settings given now")
+    if other := stack.other_code():
+        print(other_code_note(other))
     index = _index_state(stack.writer_url())
     if index is not None and (rebuild := index["rebuild"]) and rebuild["state"] == "failed":  # (a `down` during a
         # rebuild fails it, and nothing said so until `status`: review 49)
@@ -349,6 +351,11 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     page = page_url(stack.api_url, stack.for_clients().read_token)  # the running service's token: ran, it keeps it
     print(f"up: API {stack.api_url}  web page {page}  S3 {stack.settings.s3_endpoint}")
     return 0
+
+
+def other_code_note(names: list[str]) -> str:
+    return (f"note: {', '.join(names)} {'runs' if len(names) == 1 else 'run'} other code than this checkout's (started "
+            "before it changed: an upgrade); `bucketlens down` and `up` start them on it")
 
 
 def page_url(api: str, read_token: str) -> str:
@@ -380,6 +387,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     status["index"] = _index_state(stack.writer_url())  # (a reader's /stats shows the rebuild it ran as the writer)
     # The address that opens the page, with the running service's read token (only `up` said it: review 31)
     status["page_url"] = page_url(status["api_url"], stack.for_clients().read_token)
+    status["other_code"] = stack.other_code()
     if args.json:
         print(json.dumps(status))
     else:
@@ -395,6 +403,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                                               f"{rebuild['done']}/{rebuild['total']}" if rebuild else "")
                   + (f" ({rebuild['error']})" if rebuild and rebuild["state"] == "failed" and rebuild["error"] else "")
                   + ("" if index["ready"] else f"; not ready: {index['reason'] or 'no reason given'}"))
+        if status["other_code"]:
+            print(other_code_note(status["other_code"]))
     return 0 if all(status["processes"].values()) else NOT_RUNNING
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ MAX_REPLICAS = {"faiss": 1, "milvus": 16}  # index service processes: a FAISS in
 # bucket: an independent check; `status --json` named the stack's webhook token, not the one ingest took: review 48).
 # The addresses they bind are the stack's own way to them too (``API_HOST`` set in the shell of `up` alone).
 RUNNING = {"api": ("bucket", "read_token", "admin_token", "api_host"), "ingest": ("webhook_token", "ingest_host")}
+PACKAGES = ("bucketlens", "ingest", "workers", "index_service", "infra", "vision")  # the code the services run
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -587,6 +589,7 @@ class Stack:
         log_file.close()
         self._children[name] = process
         (self.home / "run" / f"{name}.pid").write_text(_pid_record(process.pid))
+        (self.home / "run" / f"{name}.code").write_text(code_version())
         if name in RUNNING:  # for client commands in any shell (for_clients); it holds tokens
             _write_private(self.home / "run" / f"{name}-settings.json",
                            json.dumps({field: getattr(self.settings, field) for field in RUNNING[name]}))
@@ -599,10 +602,19 @@ class Stack:
         if child is not None:
             child.wait(timeout=5)
         (self.home / "run" / f"{name}.pid").unlink(missing_ok=True)
+        (self.home / "run" / f"{name}.code").unlink(missing_ok=True)
 
     def pid(self, name: str) -> int | None:
         """The pid of a running service of this stack, or None."""
         return _live_pid(self.home / "run" / f"{name}.pid", "python")
+
+    def other_code(self) -> list[str]:
+        """The running services started from other code than this checkout's now (``code_version``): an upgrade
+        while they ran, after which `up` started only what was missing, and nothing said that the rest ran the old
+        release on (review 51)."""
+        current = code_version()
+        return [name for name in self.services if self.pid(name) is not None
+                and _read_text(self.home / "run" / f"{name}.code") != current]
 
     # -- readiness -----------------------------------------------------------------------------------------
 
@@ -670,6 +682,24 @@ def _live_pid(path: Path, comm_prefix: str) -> int | None:
     if owner != os.getuid():  # another user's (the system's own redis-server, named in a stale daemon pid file)
         return None
     return int(pid)
+
+
+def code_version() -> str:
+    """A digest of the services' code as it is on disk now (what a process started now imports)."""
+    root = INFRA.parent
+    digest = hashlib.sha256()
+    for path in sorted(path for package in PACKAGES for pattern in ("*.py", "*.html")
+                       for path in (root / package).rglob(pattern)):
+        digest.update(f"{path.relative_to(root)}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:  # (a process of a release that wrote none)
+        return None
 
 
 def _pid_record(pid: int) -> str:

@@ -36,7 +36,7 @@ from bucketlens.cli import (
     upload_plan,
 )
 from bucketlens.settings import Settings
-from infra.stack import Stack, _kill_session, _pid_record, free_port, session_members
+from infra.stack import Stack, _kill_session, _pid_record, code_version, free_port, session_members
 
 from .helpers import object_state, wait_for
 
@@ -928,6 +928,44 @@ def test_up_and_status_say_why_the_last_rebuild_failed(api: FakeAPI, tmp_path: P
                                             "rebuild": {**failed, "state": "done", "error": ""}})
     assert main(["up"]) == 0
     assert "rebuild" not in capsys.readouterr().out
+
+
+def test_up_and_status_name_the_processes_that_run_other_code(api: FakeAPI, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """An upgrade while the stack ran: `up` started only what was missing, and nothing said that the rest ran the
+    old release on (review 51). Real processes stand for the services (the pid files as the stack writes them)."""
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
+        "admin_token": "admin"}))
+    monkeypatch.setattr(Stack, "up", lambda self: None)
+    api.answers[("GET", "/stats")] = (200, {"model": "m", "generation": 3, "vectors": 9, "index_type": "Flat",
+                                            "rebuild": None})
+    (tmp_path / "run").mkdir()
+    services = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        for name, process in zip(("ingest", "worker"), services, strict=True):
+            (tmp_path / "run" / f"{name}.pid").write_text(_pid_record(process.pid))
+        (tmp_path / "run" / "ingest.code").write_text(code_version())  # started from this checkout
+        (tmp_path / "run" / "api.code").write_text("older")  # not running: nothing to say of it
+        # the worker's: none (started by a release before this one wrote them)
+        assert main(["up"]) == 0
+        note = ("note: worker runs other code than this checkout's (started before it changed: an upgrade); "
+                "`bucketlens down` and `up` start them on it")
+        assert note in capsys.readouterr().out
+        main(["status"])
+        assert note in capsys.readouterr().out
+        (tmp_path / "run" / "ingest.code").write_text("older")
+        main(["status", "--json"])
+        assert json.loads(capsys.readouterr().out)["other_code"] == ["ingest", "worker"]
+        for name in ("ingest", "worker"):
+            (tmp_path / "run" / f"{name}.code").write_text(code_version())
+        assert main(["up"]) == 0
+        assert "other code" not in capsys.readouterr().out
+    finally:
+        for process in services:
+            process.kill()
+            process.wait()
 
 
 def test_a_rebuild_that_left_objects_out_says_how_to_bring_them_back(api: FakeAPI,
