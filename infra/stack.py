@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -210,6 +211,28 @@ class Stack:
 
     def up(self, services: tuple[str, ...] | None = None, wait_ready: bool = True) -> None:
         """Start whatever is not running yet; safe to call again."""
+        with self._one_at_a_time("up"):
+            self._up(services, wait_ready)
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self, command: str) -> Iterator[None]:
+        """One `up` or `down` at a time on this home; another waits for it. Two `up`s at once both found a service
+        missing and started it twice, the second failing on ports the first took (an old "left alone" item)."""
+        (self.home / "run").mkdir(parents=True, exist_ok=True)
+        with open(self.home / "run" / "up.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                print(f"waiting for another `bucketlens {lock.read().strip() or 'up'}` on {self.home} to end",
+                      file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.truncate(0)
+            lock.write(f"{command} (pid {os.getpid()})")
+            lock.flush()
+            yield
+
+    def _up(self, services: tuple[str, ...] | None, wait_ready: bool) -> None:
         services = self.services if services is None else services
         # Only its owner reads the stack's folder: the Ceph OSD's block file holds every image and the push
         # endpoint's token, Redis's files the queues, the logs the keys (they were all readable by any local user).
@@ -303,12 +326,13 @@ class Stack:
         """Stop everything, each part even when stopping another failed (then raise the first failure)."""
         steps = [lambda n=name: self.stop_service(n) for name in reversed(self.services)]
         errors = []
-        for step in [*steps, self.stop_milvus, lambda: self._ceph("stop"), self.stop_redis]:
-            try:
-                step()
-            except Exception as exc:
-                log.error("while stopping the stack: %s", exc)
-                errors.append(exc)
+        with self._one_at_a_time("down"):
+            for step in [*steps, self.stop_milvus, lambda: self._ceph("stop"), self.stop_redis]:
+                try:
+                    step()
+                except Exception as exc:
+                    log.error("while stopping the stack: %s", exc)
+                    errors.append(exc)
         if errors:
             raise errors[0]
 

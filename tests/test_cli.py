@@ -968,6 +968,35 @@ def test_up_and_status_name_the_processes_that_run_other_code(api: FakeAPI, tmp_
             process.wait()
 
 
+def test_one_up_or_down_at_a_time_on_a_home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two `up`s at once on one home both found a service missing and started it twice. A second `up` or `down`
+    now waits for the first, and says so; here the first is another process holding the stack's lock as `up` does."""
+    stack = Stack(Settings(home=tmp_path))
+    released = tmp_path / "released"
+    (tmp_path / "run").mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, time
+with open({str(tmp_path / "run" / "up.lock")!r}, "a+") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.write("up (pid 1234)"); lock.flush()
+    print("held", flush=True)
+    time.sleep(2)
+    open({str(released)!r}, "w").close()
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with stack._one_at_a_time("down"):
+            assert released.exists()  # only once the first one ended
+            assert (tmp_path / "run" / "up.lock").read_text() == f"down (pid {os.getpid()})"
+        assert f"waiting for another `bucketlens up (pid 1234)` on {tmp_path} to end" in capsys.readouterr().err
+        with stack._one_at_a_time("up"):  # free: no wait, nothing said
+            pass
+        assert capsys.readouterr().err == ""
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
 def test_a_rebuild_that_left_objects_out_says_how_to_bring_them_back(api: FakeAPI,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A reembed under a lower MAX_PIXELS swapped in without 38 of 65 objects and said "38 failed" alone; raising
