@@ -568,6 +568,39 @@ def test_a_phone_sees_the_results_of_its_search(
         s3.delete_object(Bucket=bucket, Key=key)
 
 
+def test_the_failures_chip_lists_the_objects_that_could_not_be_indexed(
+    browser: Browser, stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """The status strip counted failures, and nothing on the page said which objects or why (review 52): the chip
+    opens their list, newest first, kept in the address as the other views are."""
+    bucket, key = stack.settings.bucket, unique_prefix + "notes.jpg"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"a shopping list, not a photo", ContentType="image/jpeg")
+    try:
+        wait_for(lambda: (object_state(api, bucket, key) or {}).get("state") == "failed", 180,
+                 what="the text file's failure record")
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        js_errors: list[str] = []
+        page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+        page.goto(stack.api_url + "/")
+        expect(page.get_by_test_id("stat-failures")).not_to_have_text("–")
+        page.get_by_test_id("chip-failures").click()
+        row = page.locator(f"[data-testid=failure][data-key='{key}']")
+        expect(row).to_have_count(1)
+        expect(row.locator("td.reason")).to_have_text("not_an_image")
+        expect(row.locator("td.key")).to_have_text(f"{bucket}/{key}")
+        expect(page.get_by_test_id("failures-summary")).to_contain_text("could not be indexed")
+        assert "failures=1" in page.url, page.url
+        page.reload()  # the address shows the list again
+        expect(page.locator(f"[data-testid=failure][data-key='{key}']")).to_have_count(1)
+        page.get_by_test_id("text-input").fill("cat")  # another search puts the list away
+        page.get_by_test_id("text-submit").click()
+        expect(page.get_by_test_id("failures")).to_be_hidden()
+        assert not js_errors, js_errors
+        page.close()
+    finally:
+        s3.delete_object(Bucket=bucket, Key=key)
+
+
 def test_a_service_that_does_not_answer_is_named(browser: Browser, stack: Stack) -> None:
     """The page said the browser's "Failed to fetch" beside the last counts, as though they were current."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
