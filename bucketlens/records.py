@@ -55,11 +55,21 @@ end
 """
 
 # KEYS[1]: pending marks or failure records; ARGV: (object id, etag, order, record) per version. A record replaces
-# one of the same version (a resend refreshes its time) or an older one's, never a newer version's.
+# one of the same version (a resend refreshes its time) or an older one's, never a newer version's. Of the same
+# version it keeps the higher order: a listing orders a version by its time in ms, a little below its event's
+# sequencer, and a record of a rebuild's listing that replaced the event's was sent again below the tombstone that
+# the event's failure left, and discarded as older (review 57: `failures --retry` after a cancelled rebuild).
 _PUT = _COMMON + """
 for i = 1, #ARGV, 4 do
-  if replaceable(redis.call('HGET', KEYS[1], ARGV[i]), ARGV[i + 1], ARGV[i + 2]) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 3])
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  if replaceable(raw, ARGV[i + 1], ARGV[i + 2]) then
+    local old, new = raw and read(raw), ARGV[i + 3]
+    if old and old['etag'] == ARGV[i + 1] and old['order'] and not not_newer(tostring(old['order']), ARGV[i + 2]) then
+      local record = cjson.decode(new)
+      record['order'] = tostring(old['order'])
+      new = cjson.encode(record)
+    end
+    redis.call('HSET', KEYS[1], ARGV[i], new)
   end
 end
 """

@@ -127,6 +127,19 @@ def clear_gone(client: redis.Redis, keys: Keys, buckets: Collection[str], listed
     return len(gone) if dry_run else len(_remove_unchanged(client, keys, gone))
 
 
+def clear_held(client: redis.Redis, keys: Keys, generation: int, held: Callable[[list[str]], Mapping[str, str]]
+               ) -> int:
+    """Remove the records of ``generation`` (a rebuild's, cancelled or failed) of versions the serving generation
+    holds (``held``: object ids -> the etags it holds of them); returns how many. A cancelled rebuild under a lower
+    ``MAX_PIXELS`` left ~20 records on photos that searches found, counted as failures for good (review 57). A
+    record of a version it does not hold stays: it replaced the serving generation's own failure of that version."""
+    items = [item for item in _read(client, keys, Selection()) if str(item[2].get("generation")) == str(generation)]
+    etags = held([object_id(found["bucket"], found["key"]) for _, _, found in items]) if items else {}
+    return len(_remove_unchanged(client, keys, [item for item in items
+                                                if etags.get(object_id(item[2]["bucket"], item[2]["key"]))
+                                                == item[2].get("etag")]))
+
+
 def retry_failures(client: redis.Redis, keys: Keys, publisher: Publisher, selection: Selection = Selection()
                    ) -> tuple[int, int]:
     """Send the selected objects to the workers again and remove their records; returns (objects, tasks).

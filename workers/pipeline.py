@@ -185,7 +185,10 @@ class Pipeline:
         deadline = since + self.settings.visibility_timeout_s / 2
         while True:
             try:
-                self.writer.write(out.embedded, out.failed, out.skipped, out.timings, attempts)
+                gone: set[int] = set()  # (read again: a rebuild cancelled while the batch ran; Redis not saying
+                if out.failed and self._read_generations() and self._models:  # abandons nothing)
+                    gone = {ref.generation for ref, _, _ in out.failed if ref.generation not in self._models}
+                self.writer.write(out.embedded, out.failed, out.skipped, out.timings, attempts, abandoned=gone)
                 break
             except redis.RedisError as exc:
                 if time.monotonic() > deadline:

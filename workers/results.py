@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Collection, Sequence
 
 import redis
 
@@ -28,8 +28,11 @@ class ResultWriter:
         skipped: Sequence[ObjectRef],
         timings: dict[str, float],
         attempts: int = 1,
+        abandoned: Collection[int] = (),
     ) -> None:
-        """One pipeline: stream entries, cleared or new failure records, pending marks, timings."""
+        """One pipeline: stream entries, cleared or new failure records, pending marks, timings. A failure of an
+        ``abandoned`` generation (a rebuild cancelled or failed while the batch ran) writes no record: it would
+        name an object that the serving generation holds as failed, for good (review 57)."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
         for item in embedded:
@@ -43,7 +46,7 @@ class ResultWriter:
                                reason=reason)
             pipe.xadd(self.keys.results, note.to_fields())
         self.records.record_failures(pipe, [(ref, failure_record(ref, reason, message, attempts, now))
-                                             for ref, reason, message in failed])
+                                             for ref, reason, message in failed if ref.generation not in abandoned])
         for _, reason, _ in failed:
             pipe.hincrby(self.keys.counters, f"failed:{reason}", 1)
         self.records.settle(pipe, [item.ref for item in embedded], [r for r, _, _ in failed] + list(skipped))
