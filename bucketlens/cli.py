@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                               "(BUCKETLENS_APPROX_THRESHOLD) picks again")
     rebuild.add_argument("--bucket", type=bucket_name,
                          help="re-embed only this bucket, keeping the others as they are (default: every bucket the "
-                         "index holds, and BUCKETLENS_BUCKET)")
-    rebuild.add_argument("--model", help=f"re-embed with another model: {', '.join(RECIPES)}")
+                         "index holds, and BUCKETLENS_BUCKET; not with --reindex, nor with --model, which re-embeds "
+                         "every bucket)")
+    rebuild.add_argument("--model", help=f"re-embed every bucket with another model: {', '.join(RECIPES)}")
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
     rebuild.add_argument("--cancel", nargs="?", const="", metavar="ID",
                          help="cancel a running rebuild (the one running when no ID is given); the serving index stays")
@@ -348,6 +349,10 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     if index is not None and (rebuild := index["rebuild"]) and rebuild["state"] == "failed":  # (a `down` during a
         # rebuild fails it, and nothing said so until `status`: review 49)
         print(f"note: the last rebuild, {rebuild['id']} ({rebuild['mode']}), failed: {rebuild['error']}")
+    if index is not None and "model" in _explicit() and index["model"] != settings.model:  # (it said nothing, and
+        # the workers showed the new model beside an index of the old one: review 57)
+        print(f"note: the index keeps its model, {index['model']}: BUCKETLENS_MODEL={settings.model} does not change "
+              f"an index; `bucketlens rebuild --model {settings.model} --wait` moves it (no downtime)")
     page = page_url(stack.api_url, stack.for_clients().read_token)  # the running service's token: ran, it keeps it
     print(f"up: API {stack.api_url}  web page {page}  S3 {stack.settings.s3_endpoint}")
     return 0
@@ -498,9 +503,9 @@ def upload_plan(paths: list[Path], prefix: str, hidden: bool = False) -> tuple[d
             below, unreadable = _files_below(path)
             skipped += unreadable
             named = [(p.relative_to(path).as_posix(), p) for p in below]
-            if not hidden:
-                shown = [(name, file) for name, file in named
-                         if not any(part.startswith(".") or part in HIDDEN_FOLDERS for part in name.split("/"))]
+            if not hidden:  # (a file of macOS's ._ metadata is no hidden photo: counted below, as --hidden does)
+                shown = [(name, file) for name, file in named if file.name.startswith("._")
+                         and not _hidden(name.rpartition("/")[0]) or not _hidden(name)]
                 left_hidden += len(named) - len(shown)
                 named = shown
         elif path.is_file():
@@ -513,6 +518,10 @@ def upload_plan(paths: list[Path], prefix: str, hidden: bool = False) -> tuple[d
             elif keys.setdefault(prefix + name, file).resolve() != file.resolve():
                 raise CLIError(f"{keys[prefix + name]} and {file} would both be uploaded as {prefix + name!r}")
     return keys, skipped, left_hidden
+
+
+def _hidden(name: str) -> bool:
+    return any(part.startswith(".") or part in HIDDEN_FOLDERS for part in name.split("/"))
 
 
 def _files_below(folder: Path) -> tuple[list[Path], int]:

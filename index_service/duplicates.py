@@ -219,7 +219,7 @@ def find_pairs(index: Index, objects: list[Indexed],
 
 @dataclasses.dataclass
 class Group:
-    members: list[Indexed]  # the best copy (most pixels) first, then the copies linked to it
+    members: list[Indexed]  # the best copy (most pixels; of equal ones the oldest) first, then its copies
     pairs: int  # links from the best copy
     matches: int  # the weakest of those links' matches
 
@@ -229,8 +229,8 @@ def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: st
 
     Not connected components: on a real bucket one false link (two wallpapers of one series, two crops whose
     fill corners line up) would chain unrelated groups into one. Each group is a star around its best copy:
-    objects are taken by pixels, most first; each one not yet grouped anchors a group of its directly linked,
-    not yet grouped copies."""
+    objects are taken by pixels, most first (the oldest first of equal ones); each one not yet grouped anchors a
+    group of its directly linked, not yet grouped copies."""
     looked: dict[str, Indexed | None] = {}  # each object asked once (a Milvus query each), and only if selected
 
     def chosen(oid: str) -> Indexed | None:
@@ -247,8 +247,10 @@ def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: st
             links.setdefault(b, {})[a] = matches
     selected = {oid: obj for oid, obj in looked.items() if obj is not None}
 
-    def best_first(oid: str) -> tuple[int, str]:
-        return -selected[oid].pixels, oid
+    def best_first(oid: str) -> tuple[int, float, str]:  # of equal pixels, the oldest: most often the original (by
+        # key, "copies/astronaut_desat.webp" was the best over "samples/astronaut.png": review 57); unknown times last
+        held = selected[oid]
+        return -held.pixels, held.modified or float("inf"), oid
 
     grouped: set[str] = set()
     found = []

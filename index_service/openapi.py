@@ -233,7 +233,8 @@ SCHEMAS: dict[str, Schema] = {
                        "groups": {"type": "array", "items": obj({
                            "size": INT, "pairs": {"type": "integer", "description": "links from the best copy"},
                            "min_matches": {"type": "integer", "description": "the weakest link's matches"},
-                           "members": {"type": "array", "description": "the best copy (most pixels) first",
+                           "members": {"type": "array",
+                                       "description": "the best copy (most pixels; of equal ones the oldest) first",
                                        "items": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT,
                                                      "pixels": {"type": "integer",
                                                                 "description": "width x height (0: unknown)"},

@@ -57,6 +57,11 @@ class SearchQuery:
         return "key" if self.key is not None else "text" if self.text is not None else "vector"
 
 
+def too_large(max_bytes: int) -> HTTPError:
+    """A query image over the limit, which names its setting (review 57: "upload exceeds 100000 bytes" alone)."""
+    return HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes (BUCKETLENS_MAX_UPLOAD_BYTES)")
+
+
 async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuery:
     content_type = request.headers.get("content-type", "").lower()  # (Application/JSON was a 415)
     only(request.query_params.keys(), PARAMETERS, "query parameter", "a search")
@@ -65,7 +70,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
     if content_type.startswith("multipart/form-data"):
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
+            raise too_large(max_bytes)
         try:
             form = await _bounded(request, max_bytes + FORM_SLACK).form(max_files=1, max_fields=10)
         except HTTPError:
@@ -118,7 +123,7 @@ def _bounded(request: Request, limit: int) -> Request:
         message = await request.receive()
         received += len(message.get("body", b""))
         if received > limit:
-            raise HTTPError(413, "too_large", f"upload exceeds {limit - FORM_SLACK} bytes")
+            raise too_large(limit - FORM_SLACK)
         return message
 
     return Request(request.scope, receive)
@@ -139,7 +144,7 @@ async def _image(form: FormData, max_bytes: int) -> bytes:
     only(form.keys(), FORM_FIELDS, "form field", "a search")
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise HTTPError(413, "too_large", f"upload exceeds {max_bytes} bytes")
+        raise too_large(max_bytes)
     return data
 
 
@@ -222,8 +227,10 @@ def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> N
         query.key = payload["key"]  # (its bucket: parse_search)
     elif "text" in payload:
         text = payload["text"]
-        if not isinstance(text, str) or not text.strip():
-            raise HTTPError(400, "bad_text", "text must be a non-empty string")
+        if not isinstance(text, str):
+            raise HTTPError(400, "bad_text", "text must be a string of words")
+        if not text.strip():  # ("   " was told "must be a non-empty string": review 57)
+            raise HTTPError(400, "bad_text", "text has no words")
         if len(text) > MAX_TEXT:
             raise HTTPError(400, "bad_text", f"text must be at most {MAX_TEXT} characters")
         query.text = text

@@ -3,6 +3,7 @@ dropped when an object changes or goes, grouped by connected components with the
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -142,6 +143,22 @@ def test_objects_just_merged_are_checked_before_the_backlog() -> None:
     finder.wake([("b/k5", "e-k5-2")])  # merged just now: a new version of the backlog's last object
     assert finder.pending == 5 and finder.step(limit=1) == 1
     assert index.features.checked().get("b/k5") == "e-k5-2" and finder.pending == 4
+
+
+def test_of_copies_with_equal_pixels_the_oldest_is_the_best() -> None:
+    """The best copy of equal pixels was the one whose key sorts first: a JPEG at quality 40 and a desaturated WebP
+    were shown as the best over their lossless originals (review 57). The oldest goes first: most often the
+    original, its copies made after it; an object of unknown time (an older worker's) after those of known ones."""
+    v = near(np.ones(DIM, np.float32), 0, 0)
+    photo = gray("astronaut.png")
+    index = VectorIndex("m", DIM)
+    index.apply([dataclasses.replace(entry(key, v, photo, 512 * 512), modified=modified) for key, modified in (
+        ("copies/astronaut_q40.jpg", 1_700_000_200.0), ("samples/astronaut.png", 1_700_000_100.0),
+        ("a-unknown-time.png", 0.0))])
+    DuplicateFinder(lambda: index).step()
+    (group,) = groups(index, local_features.COPY_MATCHES)
+    assert [o.key for o in group.members] == ["samples/astronaut.png", "copies/astronaut_q40.jpg",
+                                              "a-unknown-time.png"]
 
 
 def test_byte_identical_copies_are_grouped_without_keypoints() -> None:

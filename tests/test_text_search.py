@@ -129,7 +129,7 @@ def test_min_score_keeps_every_result_whose_shown_score_reaches_it(api: httpx.Cl
 def test_bad_filters_are_clear_errors(api: httpx.Client) -> None:
     for body, words in (({"modified_after": "last tuesday"}, "ISO 8601"), ({"prefix": 3}, "prefix"),
                         ({"modified_after": "2024-06-02", "modified_before": "2024-06-01"}, "earlier"),
-                        ({"text": ""}, "text"), ({"text": "x" * 501}, "at most"),
+                        ({"text": ""}, "text"), ({"text": "   "}, "no words"), ({"text": "x" * 501}, "at most"),
                         ({"prefx": "a/"}, "'prefx'"), ({"key": "a.jpg"}, "exactly one"), ({"k": 2.5}, "integer")):
         response = api.post("/search", json={"text": "cat", **body})
         assert response.status_code == 400 and words in response.json()["error"]["message"], response.text

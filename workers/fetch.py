@@ -60,7 +60,8 @@ def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> Fetched:
     try:
         length = int(response.get("ContentLength") or 0)
         if length > max_bytes:
-            raise PermanentError("too_large", f"object is {length} bytes, the limit is {max_bytes}")
+            raise PermanentError("too_large",
+                                 f"object is {length} bytes, the limit is {max_bytes} (BUCKETLENS_MAX_OBJECT_BYTES)")
         data = _read_body(body, max_bytes, deadline, timeout_s)
     except (PermanentError, TransientError):
         body.close()  # an unfinished body is dropped with its connection, never read to the end
@@ -91,7 +92,8 @@ def _read_body(body: Any, max_bytes: int, deadline: float, timeout_s: float) -> 
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
-            raise PermanentError("too_large", f"object exceeds the limit of {max_bytes} bytes")
+            raise PermanentError("too_large",
+                                 f"object exceeds the limit of {max_bytes} bytes (BUCKETLENS_MAX_OBJECT_BYTES)")
         chunks.append(chunk)
 
 
@@ -104,7 +106,8 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
     except zlib.error:
         return data
     if len(inflated) > max_bytes:
-        raise PermanentError("too_large", f"object inflates past the limit of {max_bytes} bytes (it is gzipped)")
+        raise PermanentError("too_large", f"object inflates past the limit of {max_bytes} bytes (it is gzipped; "
+                                          "BUCKETLENS_MAX_OBJECT_BYTES)")
     return inflated
 
 
