@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                     "has, else faiss)")
     up.add_argument("--replicas", type=int, help="index service processes answering queries (milvus; one merges)")
     sub.add_parser("down", help="stop what 'up' started")
-    status = sub.add_parser("status", help="addresses, tokens and process state of the local stack")
+    status = sub.add_parser("status", help="process state and addresses of the local stack (--json: tokens too)")
     status.add_argument("--json", action="store_true", help="print it as JSON (for scripts: the fields the README "
                         "lists)")
     sub.add_parser("ingest", help="run the webhook receiver (uvicorn)")
@@ -601,7 +601,7 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     if result.get("unmatched"):
         print(f"  no ImageNet concept for: {', '.join(result['unmatched'])}")
     if result.get("ignored"):  # ("photo of a" answered "0 results" and no reason)
-        print(f"  not looked up (stop words, symbols): {' '.join(result['ignored'])}")
+        print(f"  not looked up (stop words, symbols): {', '.join(result['ignored'])}")  # (one entry from the next)
     for hit in result["results"]:
         tags = f"  [{', '.join(label['name'] for label in hit['labels'][:3])}]" if hit.get("labels") else ""
         print(f"{hit['score']:.4f}  {plain(hit['bucket'] + '/' + hit['key'])}{same_photo(hit)}{tags}")
