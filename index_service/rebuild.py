@@ -234,6 +234,8 @@ class Rebuilds:
                 job.update(state="failed", finished=job.get("finished") or time.time(), error=error)
                 service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
                 log.warning("rebuild %s is marked failed: %s", job["id"], error)
+                if state == "running" and job.get("mode") == "reembed":  # (as a cancel: its records of what serves)
+                    self._clear_held(job["id"], int(job["generation"]))
             self._before = job if ours or error else None
         for generation in service.redis.hkeys(service.keys.generations):
             if int(generation) != service.index.generation:
@@ -396,9 +398,8 @@ class Rebuilds:
         message = (json_object(raw) or {}).get("message") or "no message recorded"
         job.error = (f"the workers could not embed with model {job.model}: no object was embedded in the new "
                      f"generation, and {len(self._internal)} failed (internal; e.g. {example}: {message}); the "
-                     "serving generation is kept: see the "
-                     "workers' logs and `bucketlens failures --reason internal`, and run the rebuild again once "
-                     "the model runs")
+                     "serving generation is kept: see the workers' logs and `bucketlens failures --reason internal`, "
+                     "and run the rebuild again once the model runs")
         self._finish(job, "failed")
         return True
 
@@ -517,21 +518,22 @@ class Rebuilds:
                     service.backend.discard(service.shadow)
                 service.shadow = None
                 service.redis.hdel(service.keys.generations, str(job.generation))
-                threading.Thread(target=self._clear_held, args=(job,), name=f"rebuild-{job.id}-records",
-                                 daemon=True).start()  # (off the merger's thread and the lock: every record is read)
+                # (off the merger's thread: it reads every failure record)
+                threading.Thread(target=self._clear_held, args=(job.id, job.generation),
+                                 name=f"rebuild-{job.id}-records", daemon=True).start()
             self._expected = set()
         self._save(job)
         log.info("rebuild %s %s: %d/%d settled, %d failed", job.id, state, job.done, job.total, job.failed)
 
-    def _clear_held(self, job: RebuildJob) -> None:
-        """The failure records the ended generation left on objects the serving one holds (``clear_held``)."""
+    def _clear_held(self, job_id: str, generation: int) -> None:
+        """The failure records an ended generation left on objects the serving one holds (``clear_held``)."""
         service = self.service
         try:
-            if cleared := clear_held(service.redis, service.keys, job.generation, service.index.etags):
+            if cleared := clear_held(service.redis, service.keys, generation, service.index.etags):
                 log.info("rebuild %s: removed %d failure records of generation %d, whose objects generation %d "
-                         "holds", job.id, cleared, job.generation, service.index.generation)
+                         "holds", job_id, cleared, generation, service.index.generation)
         except Exception:  # (Redis or Milvus away: the records stay, as before)
-            log.exception("rebuild %s: could not remove its generation's failure records", job.id)
+            log.exception("rebuild %s: could not remove its generation's failure records", job_id)
 
     def _save_due(self, job: RebuildJob) -> None:
         """Save a running job's progress at most every ``SAVE_EVERY_S`` (what a restart reports of it)."""

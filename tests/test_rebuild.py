@@ -472,24 +472,27 @@ def test_a_replica_whose_lease_moved_refuses_a_rebuild_though_its_flag_lags() ->
     assert service.rebuilds.current is None and service.shadow is None
 
 
-def test_a_restarted_service_still_reports_the_last_rebuild() -> None:
+def test_a_restarted_service_still_reports_the_last_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
     """``/stats`` ``rebuild`` (and so ``status`` and ``rebuild --cancel``'s "the last ... is done") said null after
     any restart, though ``GET /rebuild/{id}`` still had the job (an independent check). A job left running is
-    reported failed."""
+    reported failed, and its generation's failure records of objects the serving one holds go, as at a cancel."""
     keys = Keys("t")
+    cleared: list[int] = []
+    monkeypatch.setattr(rebuild_module, "clear_held", lambda redis, keys, generation, held: cleared.append(generation))
     for state, reported in (("done", "done"), ("running", "failed")):
         job = RebuildJob(id="j1", mode="reembed", generation=4, model="m", index_type="Flat", total=3, done=3,
                          state=state)
         stored = {keys.rebuild_current: b"j1", keys.rebuild_job("j1"): json.dumps(public(job)).encode()}
         redis = SimpleNamespace(get=stored.get, set=lambda key, value, ex=None, into=stored: into.update({key: value}),
                                 hkeys=lambda key: [], hdel=lambda *args: 0)
-        service = SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=4),
+        service = SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=4, etags=None),
                                   backend=SimpleNamespace(name="faiss"))
         rebuilds = Rebuilds(service)  # type: ignore[arg-type]
         assert rebuilds.progress() is None
         rebuilds.recover()
         last = rebuilds.progress()
         assert last is not None and (last["id"], last["state"]) == ("j1", reported), last
+        assert cleared == ([4] if state == "running" else []), cleared
 
 
 def test_a_stack_switched_to_the_other_backend_leaves_its_rebuilds_alone() -> None:
