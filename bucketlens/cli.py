@@ -333,7 +333,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     try:
         stack.up()
     except KeyboardInterrupt:  # (a first start takes a while: it left its servers running, unknown to the user)
-        if running:
+        if running or stack.found_running is not False:  # (nor one that waited for another `up`: review 58)
             print("up: interrupted; what ran before goes on running (`bucketlens status` says what runs)",
                   file=sys.stderr)
         else:
@@ -857,9 +857,9 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
                 job = _rebuild_state(url, job)
                 bar.total = job["total"] or None
                 bar.n = job["done"]
-                if job.get("retrying"):  # (waiting on S3 or the model: the bar stood still, saying nothing)
-                    bar.set_postfix_str(f"{job['retrying']} to send again, once S3 and the queues are quiet",
-                                        refresh=False)
+                # (waiting on S3 or the model: the bar stood still, saying nothing)
+                bar.set_postfix_str(f"{job['retrying']} to send again, once S3 and the queues are quiet"
+                                    if job.get("retrying") else "", refresh=False)
                 bar.refresh()
     except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the rebuild: say where it goes on
         print(f"stopped waiting; rebuild {job['id']} still runs: GET {url}; cancel it with "

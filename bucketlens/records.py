@@ -64,10 +64,13 @@ for i = 1, #ARGV, 4 do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   if replaceable(raw, ARGV[i + 1], ARGV[i + 2]) then
     local old, new = raw and read(raw), ARGV[i + 3]
-    if old and old['etag'] == ARGV[i + 1] and old['order'] and not not_newer(tostring(old['order']), ARGV[i + 2]) then
-      local record = cjson.decode(new)
-      record['order'] = tostring(old['order'])
-      new = cjson.encode(record)
+    local kept = old and old['etag'] == ARGV[i + 1] and type(old['order']) == 'string' and old['order']
+    if kept and kept:match('^%d+$') and not not_newer(kept, ARGV[i + 2]) then  -- (an order of ours: digits)
+      local ok, record = pcall(cjson.decode, new)  -- (cjson refuses what Python's json writes of a lone surrogate)
+      if ok then
+        record['order'] = kept
+        new = cjson.encode(record)
+      end
     end
     redis.call('HSET', KEYS[1], ARGV[i], new)
   end

@@ -243,8 +243,10 @@ def _read(client: redis.Redis, keys: Keys, selection: Selection, fields: Sequenc
     only if its text names one)."""
     if fields is None and selection.bucket is not None and selection.keys is not None:  # exact fields
         fields = sorted(object_id(selection.bucket, key).encode() for key in selection.keys)
-    if fields is not None:
-        pairs: Iterable[Any] = zip(fields, client.hmget(keys.failures, fields), strict=True) if fields else ()
+    if fields is not None:  # in steps, as the whole read below (one HMGET of 100k fields held Redis 68 ms: review 58)
+        parts = [fields[start : start + CHUNK] for start in range(0, len(fields), CHUNK)]
+        pairs: Iterable[Any] = [pair for part in parts
+                                for pair in zip(part, client.hmget(keys.failures, part), strict=True)]
     else:  # in steps: one HGETALL held Redis 62 ms at 100k records
         pairs = dict(client.hscan_iter(keys.failures, count=1000)).items()
     items = cast(Iterable[tuple[bytes, bytes | None]], pairs)  # the client answers bytes (bucketlens.redis_client)

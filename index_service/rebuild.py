@@ -234,12 +234,13 @@ class Rebuilds:
                 job.update(state="failed", finished=job.get("finished") or time.time(), error=error)
                 service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
                 log.warning("rebuild %s is marked failed: %s", job["id"], error)
-                if state == "running" and job.get("mode") == "reembed":  # (as a cancel: its records of what serves)
-                    self._clear_held(job["id"], int(job["generation"]))
             self._before = job if ours or error else None
         for generation in service.redis.hkeys(service.keys.generations):
             if int(generation) != service.index.generation:
                 service.redis.hdel(service.keys.generations, generation)
+        if raw and job is not None and state == "running" and job.get("mode") == "reembed":  # as at a cancel: its
+            # generation's records of what serves (after it left the hash: workers write none for it from then on)
+            self._clear_held(job["id"], int(job["generation"]))
 
     # -- called by the service from the merger thread -----------------------------------------------------
 
@@ -302,7 +303,8 @@ class Rebuilds:
             job.listed = True
             self._listed_at = time.monotonic()
             self._save(job)
-            self._maybe_complete(job)
+            if not self._model_fails(job):  # (every object failed before the listing ended: review 58)
+                self._maybe_complete(job)
 
     def resend_lost(self, min_age_s: float) -> int:
         """Called every few seconds: listed objects still unsettled at two sweeps in a row while the pipeline is
@@ -379,9 +381,15 @@ class Rebuilds:
         job.retrying = len(self._expected.intersection(self._passing))
         if rounds >= PASSING_ROUNDS:
             job.error = (f"{oid} failed {rounds} times in the new generation for a reason other than its content "
-                         f"({reason}), which would have left it out; the serving generation is kept: `bucketlens "
-                         "failures` says why, and the rebuild can run again once that is mended")
+                         f"({reason}: {self._recorded(oid)}), which would have left it out; the serving generation is "
+                         "kept: the workers' logs say more, and the rebuild can run again once that is mended")
             self._finish(job, "failed")
+
+    def _recorded(self, oid: str) -> str:
+        """What the failure record of ``oid`` says went wrong: the job's error quotes it, since the job's end takes
+        its generation's records of objects the serving one holds away (``_clear_held``: review 58)."""
+        raw = self.service.redis.hget(self.service.keys.failures, oid)
+        return str((json_object(raw) or {}).get("message") or "no message recorded")
 
     def _model_fails(self, job: RebuildJob) -> bool:
         """Whether the job failed now because the workers cannot run its model (under the lock): no object was
@@ -390,16 +398,16 @@ class Rebuilds:
         worker could run failed only after three passes over the listing, each object's worker retries spent three
         times (hours at 1M objects), and one whose objects the serving generation did not hold swapped in an empty
         index (review 54)."""
+        awaited = self._expected  # (none awaited is not "every one failed": a rebuild whose one object failed so,
+        # not held, failed rather than completing: review 58)
         if self._embedded or not self._internal or not (
-                len(self._internal) >= MODEL_FAILS or job.listed and self._expected <= self._internal):
+                len(self._internal) >= MODEL_FAILS or job.listed and awaited and awaited <= self._internal):
             return False
         example = sorted(self._internal)[0]
-        raw = self.service.redis.hget(self.service.keys.failures, example)
-        message = (json_object(raw) or {}).get("message") or "no message recorded"
         job.error = (f"the workers could not embed with model {job.model}: no object was embedded in the new "
-                     f"generation, and {len(self._internal)} failed (internal; e.g. {example}: {message}); the "
-                     "serving generation is kept: see the workers' logs and `bucketlens failures --reason internal`, "
-                     "and run the rebuild again once the model runs")
+                     f"generation, and {len(self._internal)} failed (internal; e.g. {example}: "
+                     f"{self._recorded(example)}); the serving generation is kept: see the workers' logs, and run the "
+                     "rebuild again once the model runs")
         self._finish(job, "failed")
         return True
 
@@ -511,6 +519,7 @@ class Rebuilds:
     def _finish(self, job: RebuildJob, state: str) -> None:
         job.state = state
         job.finished = time.time()
+        job.retrying = 0  # (it waits on nothing now)
         service = self.service
         if job is self.current:  # (an ended job's thread must not touch the next job's shadow or objects)
             if job.mode == "reembed" and state != "done":

@@ -90,6 +90,7 @@ class Stack:
         self.base = base
         self.config = self._load_or_create_config()
         self._children: dict[str, subprocess.Popen[bytes]] = {}  # started by this process: reaped on stop
+        self.found_running: bool | None = None  # whether anything ran as this process's `up` began (None: not yet)
         self.settings = self._settings()
 
     def _settings(self) -> Settings:
@@ -212,6 +213,9 @@ class Stack:
     def up(self, services: tuple[str, ...] | None = None, wait_ready: bool = True) -> None:
         """Start whatever is not running yet; safe to call again."""
         with self._one_at_a_time("up"):
+            # What ran when it began: an `up` that waited for another, then was interrupted, stopped what that one
+            # started (review 58); `cmd_up` stops only what it started
+            self.found_running = any(self.status()["processes"].values())
             self._up(services, wait_ready)
 
     @contextlib.contextmanager

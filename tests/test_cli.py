@@ -1004,6 +1004,26 @@ with open({str(tmp_path / "run" / "up.lock")!r}, "a+") as lock:
         holder.communicate()
 
 
+def test_an_up_interrupted_while_it_waits_for_another_stops_nothing(
+        api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C on an `up` waiting for another one (nothing ran when it began) took the "stopping what it started"
+    way, and its `down` stopped the whole stack the first `up` had just started (review 58)."""
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
+        "admin_token": "admin"}))
+
+    @contextlib.contextmanager
+    def interrupted_while_waiting(self: Stack, command: str) -> Iterator[None]:
+        raise KeyboardInterrupt
+        yield
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(Stack, "_one_at_a_time", interrupted_while_waiting)
+    monkeypatch.setattr(Stack, "down", lambda self: stopped.append(True))
+    assert main(["up"]) == 130
+    assert not stopped and "what ran before goes on running" in capsys.readouterr().err
+
+
 def test_a_rebuild_that_left_objects_out_says_how_to_bring_them_back(api: FakeAPI,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A reembed under a lower MAX_PIXELS swapped in without 38 of 65 objects and said "38 failed" alone; raising

@@ -445,6 +445,16 @@ def test_a_cancelled_rebuild_leaves_no_record_on_what_serves_nor_one_sent_below_
         writer.write([], [(late, "too_large", "too big")], [], {}, abandoned={6})
         assert not redis.hexists(keys.failures, late.object_id)
         assert redis.hget(keys.counters, "failed:too_large") == b"1" and redis.xlen(keys.results) == 4
+        # An order the record's writer was not ours (a number, null) is not kept (review 58: "1e+20", "userdata"),
+        # and a record cjson cannot read (a lone surrogate, which Python's json writes) is written as it is
+        odd = ObjectRef("b", "odd.png", "e4", order=9, generation=4)
+        for foreign in ('{"etag": "e4", "order": 1e20}', '{"etag": "e4", "order": null}'):
+            redis.hset(keys.failures, odd.object_id, foreign)
+            writer.write([], [(odd, "corrupt", "bad")], [], {})
+            assert json.loads(redis.hget(keys.failures, odd.object_id))["order"] == "9"
+        redis.hset(keys.failures, odd.object_id, json.dumps({"etag": "e4", "order": "99"}))
+        writer.write([], [(odd, "corrupt", "bad \ud800 bytes")], [], {})
+        assert json.loads(redis.hget(keys.failures, odd.object_id))["message"] == "bad \ud800 bytes"
     finally:
         redis.delete(keys.failures, keys.pending, keys.counters, keys.results, keys.stages)
 

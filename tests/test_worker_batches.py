@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import time
 import tracemalloc
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -160,6 +161,23 @@ def test_a_write_waits_for_redis_only_while_the_task_is_young() -> None:
     with pytest.raises(TransientError, match="Redis unreachable for too long"):
         p.write(Outcome(), 1, since=time.monotonic() - Settings().visibility_timeout_s / 2)
     assert writer.calls == 1  # half the visibility timeout spent already: the task is given back at once
+    p.pool.shutdown()
+
+
+def test_failures_of_a_cancelled_rebuild_write_no_record_and_of_a_retired_generation_do() -> None:
+    """A batch of a rebuild cancelled while it ran left failure records on objects the serving generation holds
+    (review 57). Its generation is newer than every one merged; an older one missing from the generations is
+    retired, and a one-bucket reembed's still feeds the serving generation its other buckets' results, so its
+    failures keep their records (review 58)."""
+    client = Redis()
+    client.hgetall = lambda key: {b"5": b"m"}  # type: ignore[method-assign]  # generation 5 serves
+    p = Pipeline(Settings(), embedder=Model(), client=client)  # type: ignore[arg-type]
+    said: dict[str, Any] = {}
+    p.writer = SimpleNamespace(write=lambda *args, abandoned: said.update(abandoned=abandoned),  # type: ignore[assignment]
+                               record_timings=lambda timings: None)
+    failed = [(ObjectRef("b", f"k{g}.jpg", "e", generation=g), "too_large", "big") for g in (4, 5, 6)]
+    p.write(Outcome(failed=failed), 1, since=time.monotonic())
+    assert said["abandoned"] == {6}
     p.pool.shutdown()
 
 

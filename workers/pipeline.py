@@ -185,9 +185,12 @@ class Pipeline:
         deadline = since + self.settings.visibility_timeout_s / 2
         while True:
             try:
-                gone: set[int] = set()  # (read again: a rebuild cancelled while the batch ran; Redis not saying
-                if out.failed and self._read_generations() and self._models:  # abandons nothing)
-                    gone = {ref.generation for ref, _, _ in out.failed if ref.generation not in self._models}
+                # A rebuild's generation cancelled or failed while the batch ran (read again; Redis not saying
+                # abandons nothing): newer than every one merged. An older one is retired, and a one-bucket reembed's
+                # still feeds the serving generation its other buckets' results (``carried_past``: review 58).
+                gone: set[int] = set()
+                if out.failed and self._read_generations() and self._models:
+                    gone = {ref.generation for ref, _, _ in out.failed if ref.generation > max(self._models)}
                 self.writer.write(out.embedded, out.failed, out.skipped, out.timings, attempts, abandoned=gone)
                 break
             except redis.RedisError as exc:
