@@ -459,7 +459,9 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
         s3.head_bucket(Bucket=bucket)
     except ClientError as exc:
         missing = exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket")
-        raise CLIError(f"no bucket {bucket!r} at {settings.s3_endpoint}" if missing
+        hint = (f" (the stack's is {settings.bucket!r}: leave out --bucket)" if args.bucket
+                and args.bucket != settings.bucket else "") + "; create it with your S3 tools first"  # (review 57)
+        raise CLIError(f"no bucket {bucket!r} at {settings.s3_endpoint}{hint}" if missing
                        else f"cannot use bucket {bucket!r} at {settings.s3_endpoint}: {exc}") from exc
     except BotoCoreError as exc:
         away = ": is the stack up? `bucketlens status` says" if isinstance(exc, EndpointConnectionError) else ""

@@ -231,10 +231,10 @@ SCHEMAS: dict[str, Schema] = {
     "Duplicates": obj({"model": TEXT, "total": INT, "offset": INT, "limit": INT,
                        "pending": {"type": "integer", "description": "objects not yet checked"},
                        "groups": {"type": "array", "items": obj({
-                           "size": INT, "pairs": {"type": "integer", "description": "links from the best copy"},
+                           "size": INT, "pairs": {"type": "integer", "description": "links from the largest copy"},
                            "min_matches": {"type": "integer", "description": "the weakest link's matches"},
                            "members": {"type": "array",
-                                       "description": "the best copy (most pixels; of equal ones the oldest) first",
+                                       "description": "the best copy (most pixels; within 3 % of those, the oldest)",
                                        "items": obj({"bucket": TEXT, "key": TEXT, "etag": TEXT,
                                                      "pixels": {"type": "integer",
                                                                 "description": "width x height (0: unknown)"},

@@ -64,6 +64,21 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _create_private(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` whole and private, unless it exists (then False): of two processes making it at
+    once, one wins and the other reads it."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        file.write(text)
+    try:
+        os.link(tmp, path)  # (fails where the file exists: a rename would replace it)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
 class StackError(CLIError):  # the CLI says it in one line
     """A part of the local stack did not come up; the message says which and where its log is."""
 
@@ -194,7 +209,10 @@ class Stack:
             ingest_port=chosen(self.base.ingest_port), api_port=chosen(self.base.api_port),
             webhook_token=secrets.token_urlsafe(24), admin_token=secrets.token_urlsafe(24),
         )
-        self._save_config(config)
+        # Two first `up`s at once each chose ports and wrote them, and the one that waited for the other's lock
+        # started on the ports the file no longer named (review 59): the first file made stands, the other reads it.
+        if not _create_private(path, json.dumps(dataclasses.asdict(config), indent=2)):
+            return self._load_or_create_config()
         return config
 
     def _save_config(self, config: StackConfig) -> None:

@@ -761,7 +761,8 @@ def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket
     out = capsys.readouterr().out
     assert f"uploaded 2 images to s3://{stack.settings.bucket}/{unique_prefix}; 1 other file left out" in out, out
     assert main(["upload", str(tmp_path), "--bucket", "no-such-bucket-here"]) == 1  # was a traceback
-    one_error_line(capsys, "bucketlens upload: no bucket 'no-such-bucket-here' at http://127.0.0.1:")
+    one_error_line(capsys, "bucketlens upload: no bucket 'no-such-bucket-here' at http://127.0.0.1:",
+                   f"(the stack's is {stack.settings.bucket!r}: leave out --bucket); create it with your S3 tools")
     # A prefix without '/' joins the names; the line read like a folder's (an independent check).
     joined = unique_prefix + "nosl"
     assert main(["upload", str(tmp_path / "camera.jpg"), "--prefix", joined, "--bucket", stack.settings.bucket]) == 0
@@ -1002,6 +1003,28 @@ with open({str(tmp_path / "run" / "up.lock")!r}, "a+") as lock:
     finally:
         holder.kill()
         holder.communicate()
+
+
+def test_two_first_ups_at_once_take_one_stack_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two first `up`s released at once on a new home each chose ports and wrote them; the one that waited for
+    the other's lock then started on ports the file no longer named, and the stack stayed broken (review 59). The
+    first file made stands; the other process reads it. Here the other `up` writes its file while this one
+    chooses its ports."""
+    import infra.stack as stack_module
+
+    theirs = {"redis_port": 41001, "s3_port": 41002, "mon_port": 41003, "ingest_port": 41004, "api_port": 41005,
+              "webhook_token": "their-w", "admin_token": "their-a"}
+    chosen = stack_module.free_port
+
+    def racing(preferred: int, by: str = "") -> int:
+        if not (tmp_path / "stack.json").exists():
+            (tmp_path / "stack.json").write_text(json.dumps(theirs))
+        return chosen(preferred, by=by)
+
+    monkeypatch.setattr(stack_module, "free_port", racing)
+    stack = Stack(Settings(home=tmp_path))
+    assert (stack.config.api_port, stack.config.admin_token) == (41005, "their-a")
+    assert json.loads((tmp_path / "stack.json").read_text()) == theirs and not list(tmp_path.glob("*.tmp"))
 
 
 def test_an_up_interrupted_while_it_waits_for_another_stops_nothing(
