@@ -439,6 +439,7 @@ def _index_state(url: str) -> dict[str, Any] | None:
 
 def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     from boto3.exceptions import Boto3Error
+    from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
     from tqdm import tqdm
 
@@ -467,10 +468,14 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
         away = ": is the stack up? `bucketlens status` says" if isinstance(exc, EndpointConnectionError) else ""
         raise CLIError(f"S3 at {settings.s3_endpoint}: {exc}{away}") from exc
 
+    # One PUT for every file the workers index (boto3 sent those over 8 MB in parts, and an object's etag was then no
+    # MD5: a search with the same file did not say it identical, review 61).
+    whole = TransferConfig(multipart_threshold=max(8 * 1024 * 1024, settings.max_object_bytes + 1))
+
     def put(item: tuple[str, Path]) -> None:
         key, path = item
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type})
+        s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type}, Config=whole)
 
     try:
         with ThreadPoolExecutor(max_workers=8) as pool, tqdm(total=len(files), unit="img", desc="upload") as bar:

@@ -33,14 +33,16 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 def allowed_hosts(setting: str, bind: str) -> frozenset[str] | None:
     """The ``Host`` names a server answers (lower case, without port); None: any. ``setting`` lists them
-    (comma-separated, ``*``: any); when it is empty, a server bound to a loopback address answers only the loopback
-    names: a web page elsewhere whose DNS name is rebound to 127.0.0.1 would otherwise read it through the user's
-    browser (DNS rebinding), and no other name reaches a loopback address legitimately."""
+    (comma-separated, ``*``: any), beside the loopback names, which no rebound page can send (a proxy's name alone
+    locked out the stack's own probes and the CLI: `up` waited 300 s, review 61); when it is empty, a server bound
+    to a loopback address answers only the loopback names: a web page elsewhere whose DNS name is rebound to
+    127.0.0.1 would otherwise read it through the user's browser (DNS rebinding), and no other name reaches a
+    loopback address legitimately."""
     names = {name.strip().lower().strip("[]") for name in setting.split(",") if name.strip()}
     if "*" in names:
         return None
     if names:
-        return frozenset(names)
+        return frozenset(names) | LOOPBACK_NAMES
     try:
         loopback = bind == "localhost" or ipaddress.ip_address(bind.strip("[]")).is_loopback
     except ValueError:

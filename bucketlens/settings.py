@@ -171,27 +171,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # something (README, "Settings"): a free port, one worker process per core, all cores, no waiting, no retries, no
 # grace, off, tombstones not kept, an approximate index from the first vector.
 PORT = Bound(0, 65535)
-COUNT = Bound(1)  # counts, sizes, limits
-ZERO_MEANS = Bound(0)
+# Bounded above too: a merge batch or a dedup TTL past Redis's 64-bit integers passed, and the service then never
+# became ready (ingest answered 503 to every event), with log lines that blamed a Redis outage (review 61).
+MOST = 2**31 - 1
+COUNT = Bound(1, MOST)  # counts, sizes, limits
+ZERO_MEANS = Bound(0, MOST)
+YEAR_S = 365 * 86400
 # (infinity passed and crashed the writer lease at start; 0.0004 s made a lease of 0 ms)
-DURATION = Bound(0.001, 365 * 86400)
-ZERO_OR_DURATION = Bound(0, 365 * 86400)  # (RECONCILE_EVERY_S=inf passed, and the reconcile thread died at its wait)
+DURATION = Bound(0.001, YEAR_S)
+ZERO_OR_DURATION = Bound(0, YEAR_S)  # (RECONCILE_EVERY_S=inf passed, and the reconcile thread died at its wait)
 SHARE = Bound(0, 1, open=True)
 BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(("ingest_port", "api_port"), PORT),
-    **dict.fromkeys(("max_body_bytes", "max_upload_bytes", "batch_size", "dedup_ttl_s", "max_object_bytes",
+    **dict.fromkeys(("max_body_bytes", "max_upload_bytes", "batch_size", "max_object_bytes",
                      "max_pixels", "fetch_concurrency", "max_redeliveries", "merge_batch",
                      "snapshot_every_entries", "snapshots_kept", "faiss_threads", "milvus_hnsw_m",
                      "milvus_hnsw_ef_construction", "milvus_hnsw_ef", "milvus_ivf_nprobe"), COUNT),
-    **dict.fromkeys(("batch_window_ms", "torch_threads", "max_retries", "worker_concurrency", "approx_threshold"),
-                    ZERO_MEANS),
+    **dict.fromkeys(("torch_threads", "max_retries", "worker_concurrency", "approx_threshold"), ZERO_MEANS),
+    "batch_window_ms": Bound(0, YEAR_S * 1000),
+    "dedup_ttl_s": Bound(1, YEAR_S),
     **dict.fromkeys(("snapshot_failure_grace_s", "reconcile_every_s", "tombstone_retention_s"), ZERO_OR_DURATION),
     **dict.fromkeys(("fetch_timeout_s", "snapshot_every_s", "writer_lease_s", "canary_interval_s",
                      "canary_timeout_s", "liveness_timeout_s"), DURATION),
     **dict.fromkeys(("ingest_max_memory_fraction", "duplicates_cpu_share"), SHARE),
     # Above the slowest live batch: a shorter one hands a running batch to another worker, which counted it as a
     # worker's death (at 1 s, with MAX_REDELIVERIES=1, a reembed swapped in 2 of 34 vectors: an independent check).
-    "visibility_timeout_s": Bound(60),
+    "visibility_timeout_s": Bound(60, YEAR_S),
 }
 
 
@@ -225,6 +230,9 @@ TOKENS = ("webhook_token", "admin_token", "read_token")
 # What S3 servers accept as a bucket name (AWS's legacy names and Ceph's relaxed ones: capitals and "_" too). Not
 # an access point's ARN: botocore sends a request for one to another host, signed with bucketlens's keys.
 BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+# It names Redis keys, Celery queues and the bucket's notification and topic: Ceph refused to remove a notification
+# whose Id held ':', ' ' or '+' (403), and every later `up` stopped there (review 61).
+NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _problem(name: str, value: Any) -> str | None:
@@ -237,6 +245,8 @@ def _problem(name: str, value: Any) -> str | None:
                 "token travels in an HTTP header, where such a one never matched; a file's trailing newline?)")
     if name == "bucket" and not BUCKET_NAME.fullmatch(str(value)):
         return f"{given}: an S3 bucket name holds letters, digits, '.', '-' and '_' only"
+    if name == "namespace" and not NAMESPACE.fullmatch(str(value)):
+        return f"{given}: a namespace holds letters, digits, '-' and '_' only, at most 64 of them"
     if (name.endswith("_host") or name == "replica") and str(value) != str(value).strip():
         return f"{given}: has spaces around it"
     if name in SCHEMES and value and not str(value).lower().startswith(SCHEMES[name]):

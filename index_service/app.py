@@ -62,7 +62,7 @@ from .reconcile import reconcile
 from .service import Service
 from .text import SUGGESTIONS, suggest
 from .text import search as text_search
-from .verify import CANDIDATES, Hit, content_etag, rerank, same_bytes
+from .verify import CANDIDATES, Content, Hit, QueryBytes, rerank, same_bytes
 
 STATIC = Path(__file__).parent / "static"
 MAX_OFFSET = 10**9  # of a listing (/failures, /duplicates): far beyond any page there is
@@ -189,7 +189,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def _similar(service: Service, serving: Index, query: SearchQuery) -> list[Hit]:
         """An image, key or vector query: the nearest objects the filter keeps, verified where the model can."""
         verify = recipe(serving.model).local_features if query.rerank is None else query.rerank
-        exclude, etag = None, ""  # etag: the query's content, whose byte-identical copies are the same photo
+        exclude: str | None = None
+        etag: Content = ""  # the query's content, whose byte-identical copies are the same photo
         views: list[local_features.Features] = []
         if query.image is not None:
             if not service.embedders.loaded(serving.model):
@@ -197,7 +198,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             embedder = service.embedders.get(serving.model)
             query.vector, views = await run_in_threadpool(_describe_bounded, decoding, embedder, query.image,
                                                           settings.max_pixels, verify)
-            etag = content_etag(query.image)
+            etag = QueryBytes(query.image)
         elif query.key is not None:
             bucket = query.bucket = query.bucket or settings.bucket
             query.vector = await run_in_threadpool(serving.vector, bucket, query.key)

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import boto3
 import httpx
@@ -107,8 +107,9 @@ def follow_endpoint(settings: Settings, s3: Any, push_endpoint: str) -> list[str
 
 def remove_notifications(settings: Settings, bucket: str, notification: str = "") -> None:
     """Remove one notification of ``bucket`` by its Id, or all of them (Ceph's ``DELETE ?notification``: boto3 has
-    no call for it)."""
-    url = f"{settings.s3_endpoint}/{bucket}?notification" + (f"={notification}" if notification else "")
+    no call for it). The Id percent-encoded: Ceph refused one with ':', ' ' or '+' sent as it is (403), which an
+    earlier release's namespace could hold (review 61)."""
+    url = f"{settings.s3_endpoint}/{bucket}?notification" + (f"={quote(notification, safe='')}" if notification else "")
     request = AWSRequest(method="DELETE", url=url)
     S3SigV4Auth(Credentials(settings.s3_access_key, settings.s3_secret_key), "s3", settings.s3_region).add_auth(request)
     httpx.delete(url, headers=dict(request.headers), timeout=60).raise_for_status()

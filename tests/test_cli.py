@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -109,7 +110,7 @@ def cli_process(args: list[str], **environ: str) -> subprocess.Popen[str]:
 
 @pytest.mark.parametrize(("variable", "raw", "refusal"), [
     ("BUCKETLENS_BATCH_SIZE", "abc", "BUCKETLENS_BATCH_SIZE='abc' is not a valid int: a whole number"),
-    ("BUCKETLENS_MERGE_BATCH", "0", "BUCKETLENS_MERGE_BATCH=0: must be at least 1"),
+    ("BUCKETLENS_MERGE_BATCH", "0", "BUCKETLENS_MERGE_BATCH=0: must be at least 1 and at most 2147483647"),
     ("BUCKETLENS_RUNTIME", "tensorrt", "BUCKETLENS_RUNTIME='tensorrt': choose one of auto, torch, onnx, onnx-int8"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_2_from_a_real_process(
@@ -127,7 +128,8 @@ def test_celery_started_by_hand_refuses_a_bad_setting_in_one_line(tmp_path: Path
                              env={**os.environ, "BUCKETLENS_HOME": str(tmp_path), "BUCKETLENS_BATCH_SIZE": "0"},
                              capture_output=True, text=True, timeout=120)
     assert process.returncode == 2, (process.stdout, process.stderr)
-    assert process.stderr == "bucketlens: BUCKETLENS_BATCH_SIZE=0: must be at least 1\n", process.stderr
+    assert process.stderr == "bucketlens: BUCKETLENS_BATCH_SIZE=0: must be at least 1 and at most 2147483647\n", (
+        process.stderr)
 
 
 def test_up_refuses_a_bad_setting_before_it_starts_anything(
@@ -795,6 +797,12 @@ def test_upload_takes_files_and_folders_and_refuses_two_files_for_one_key(
     one_error_line(capsys, "/b/one.jpg", "/a/sub/one.jpg", f"would both be uploaded as '{unique_prefix}one.jpg'")
     assert main(["upload", str(tmp_path / "missing.jpg"), *bucket]) == 1
     one_error_line(capsys, "missing.jpg: no such file or folder")
+    # A file the workers index goes up in one PUT, so that its etag is its MD5 (over 8 MB boto3 sent it in parts, and
+    # a search with the same file never said it identical: review 61).
+    Image.new("RGB", (1800, 1750), (90, 120, 200)).save(tmp_path / "big.bmp")  # 9.4 MB
+    assert main(["upload", str(tmp_path / "big.bmp"), *bucket]) == 0
+    etag = s3.head_object(Bucket=stack.settings.bucket, Key=unique_prefix + "big.bmp")["ETag"].strip('"')
+    assert etag == hashlib.md5((tmp_path / "big.bmp").read_bytes()).hexdigest(), etag
 
 
 def test_demo_uploads_the_samples_and_finds_each_edited_copys_source(

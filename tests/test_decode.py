@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,21 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     image = Image.fromarray(np.full((20, 20), 30000, dtype=np.uint16))
     pixels = decode(encode(image, "PNG"), LIMIT)
     assert 100 < pixels.mean() < 140  # 30000/65535 of full scale, not saturated white
+
+
+@pytest.mark.parametrize(("bits", "mode"), [(8, "I;16"), (10, "I;16"), (12, "I;16"), (12, "I"), (14, "I;16")])
+def test_a_sixteen_bit_file_of_fewer_bits_decodes_as_its_picture(bits: int, mode: str) -> None:
+    """A 16-bit PNG or TIFF holding a 12-bit sensor's values (0..4095) was scaled by 65535: a black picture, found
+    by nothing that shows it, and unrelated ones alike (review 61). Scaled by the peak of the bits they use."""
+    gray = half_red_half_blue().convert("L")
+    gray.paste(255, (0, 0, 16, 16))
+    expected = decode(encode(gray, "PNG"), LIMIT).astype(int)
+    values = np.asarray(gray, np.uint32) * ((2**bits - 1) / 255)
+    image = (Image.fromarray(values.round().astype(np.uint16)) if mode == "I;16"
+             else Image.fromarray(values.round().astype(np.int32), "I"))
+    assert image.mode == mode
+    pixels = decode(encode(image, "PNG" if mode == "I;16" else "TIFF"), LIMIT).astype(int)
+    assert np.abs(pixels - expected).max() <= 2, (bits, mode, pixels.max())
 
 
 @pytest.mark.parametrize("low, high", [(100_000, 1_000_000), (-500, 500)])
@@ -111,6 +127,27 @@ def test_bad_objects_raise_permanent_errors(data: bytes, reason: str) -> None:
     with pytest.raises(PermanentError) as info:
         decode(data, LIMIT)
     assert info.value.reason == reason
+
+
+def float_rgb_tiff(width: int = 8, height: int = 4) -> bytes:
+    """A valid TIFF of 3 channels of 32-bit floats (as tifffile writes one), which Pillow does not read."""
+    pixels = np.random.default_rng(0).random((height, width, 3), np.float32).tobytes()
+    after = 8 + 2 + 12 * 10 + 4  # header, the directory's 10 entries, the next directory's offset
+    entries = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, after), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, 1, after + 12), (277, 3, 1, 3), (278, 3, 1, height), (279, 4, 1, len(pixels)),
+               (339, 3, 3, after + 6)]  # bits per sample and sample format (3: float) point past the directory
+    data = b"II*\x00" + struct.pack("<IH", 8, len(entries)) + b"".join(
+        struct.pack("<HHII", tag, kind, count, value) if kind == 4 or count > 1
+        else struct.pack("<HHIHH", tag, kind, count, value, 0) for tag, kind, count, value in entries)
+    return data + struct.pack("<I3H3H", 0, 32, 32, 32, 3, 3, 3) + pixels
+
+
+def test_a_tiff_of_samples_not_read_says_so_and_not_that_it_is_no_image() -> None:
+    """A valid float RGB TIFF was "not_an_image: not a recognised image format" (review 61)."""
+    with pytest.raises(PermanentError) as info:
+        decode(float_rgb_tiff(), LIMIT)
+    assert info.value.reason == "corrupt" and "TIFF that cannot be read" in str(info.value), str(info.value)
+    assert "8- or 16-bit samples" in str(info.value)
 
 
 def test_a_preview_is_a_small_upright_jpeg_of_any_format_and_keeps_the_limits() -> None:

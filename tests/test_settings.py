@@ -71,6 +71,15 @@ def test_the_defaults_are_valid() -> None:
     ({"BUCKETLENS_API_HOST": " 127.0.0.1"}, "BUCKETLENS_API_HOST=' 127.0.0.1': has spaces around it"),
     ({"BUCKETLENS_BUCKET": "Bad_Bucket!"},
      "BUCKETLENS_BUCKET='Bad_Bucket!': an S3 bucket name holds letters, digits, '.', '-' and '_' only"),
+    ({"BUCKETLENS_NAMESPACE": "p:q"},  # (Ceph refused to remove its notification, and every later up stopped)
+     "BUCKETLENS_NAMESPACE='p:q': a namespace holds letters, digits, '-' and '_' only, at most 64 of them"),
+    ({"BUCKETLENS_NAMESPACE": "a b"}, "BUCKETLENS_NAMESPACE='a b': a namespace holds letters, digits, '-' and '_'"),
+    ({"BUCKETLENS_MERGE_BATCH": str(10**20)},  # (the index service never became ready: review 61)
+     f"BUCKETLENS_MERGE_BATCH={10**20}: must be at least 1 and at most 2147483647"),
+    ({"BUCKETLENS_DEDUP_TTL_S": str(10**20)},  # (ingest answered 503 to every event)
+     f"BUCKETLENS_DEDUP_TTL_S={10**20}: must be at least 1 and at most 31536000"),
+    ({"BUCKETLENS_BATCH_WINDOW_MS": str(10**12)},
+     f"BUCKETLENS_BATCH_WINDOW_MS={10**12}: must be at least 0 and at most 31536000000"),
     ({"BUCKETLENS_RECONCILE_EVERY_S": "inf"},
      "BUCKETLENS_RECONCILE_EVERY_S=inf: must be at least 0 and at most 31536000"),
     ({"BUCKETLENS_S3_ENDPOINT": "localhost:7480"},
@@ -128,6 +137,14 @@ def test_no_number_takes_a_negative_value(field: str) -> None:
         Settings.from_env({}, **{field: -1})
 
 
+@pytest.mark.parametrize("field", [field.name for field in dataclasses.fields(Settings)
+                                   if field.type in ("int", "float")])
+def test_no_number_takes_a_value_past_what_redis_and_the_clock_hold(field: str) -> None:
+    """Every number is bounded above too (review 61: 10**20 passed and broke the services later)."""
+    with pytest.raises(ValueError, match=f"^BUCKETLENS_{field.upper()}=1e\\+20: must be .* and at most "):
+        Settings.from_env({}, **{field: 1e20})
+
+
 def test_zero_is_accepted_where_it_means_something() -> None:
     """A free port, one worker process per core, all cores, no waiting, no retries, off, no grace."""
     settings = Settings(api_port=0, ingest_port=0, worker_concurrency=0, torch_threads=0, batch_window_ms=0,
@@ -137,7 +154,7 @@ def test_zero_is_accepted_where_it_means_something() -> None:
 
 
 def test_settings_made_in_code_are_checked_too() -> None:
-    with pytest.raises(ValueError, match="^BUCKETLENS_SNAPSHOTS_KEPT=0: must be at least 1$"):
+    with pytest.raises(ValueError, match="^BUCKETLENS_SNAPSHOTS_KEPT=0: must be at least 1 and at most 2147483647$"):
         dataclasses.replace(Settings(), snapshots_kept=0)
 
 

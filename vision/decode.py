@@ -26,6 +26,7 @@ Image.init()
 # Every format Pillow reads but EPS, which it hands to Ghostscript where that is installed (a program with a long
 # list of code-execution flaws, run on an untrusted upload or bucket object: an independent check).
 FORMATS = tuple(sorted(set(Image.OPEN) - {"EPS"}))
+TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
 POSTSCRIPT = (b"%!PS", b"\xc5\xd0\xd3\xc6")  # EPS, and EPS with a DOS binary header
 MAX_JPEG_SCANS = 100  # a progressive photo has about 10; each scan is another pass over the whole image
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
@@ -124,6 +125,9 @@ def _decoding(data: bytes) -> Iterator[None]:
     except UnidentifiedImageError as exc:
         if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:  # a phone photo cut short: its boxes do not parse
             raise PermanentError("corrupt", f"HEIF/AVIF ({data[8:12].decode()}) that cannot be read") from exc
+        if data[:4] in TIFF:  # (a float RGB TIFF, a valid file, was "not a recognised image format": review 61)
+            raise PermanentError("corrupt", "TIFF that cannot be read: damaged, or of samples not read here (e.g. "
+                                 "3 or 4 channels of floats): save it with 8- or 16-bit samples") from exc
         if data.startswith(POSTSCRIPT):
             raise PermanentError("not_an_image", "PostScript (EPS) is not read: it would need Ghostscript") from exc
         raise PermanentError("not_an_image", "not a recognised image format") from exc
@@ -176,9 +180,14 @@ def _orient(image: Image.Image) -> Image.Image:
 ROWS = 256  # rows of a 16- or 32-bit image scaled to 8 bits at a time
 
 
+# The bit depths integer samples are stored at: a 16-bit file of a 10-, 12- or 14-bit sensor (microscopes,
+# telescopes, machine-vision cameras) was scaled by 65535 and indexed as a black picture (review 61).
+DEPTHS = (255, 1023, 4095, 16383, 65535)
+
+
 def _to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
-    """One band of 16- or 32-bit integers or of floats scaled to 0..255. Integers by 16 bits' peak, or 8 bits' where
-    a 32-bit image stays below 256, or by their own range past 16 bits (it was all white or black). Floats: 0..1,
+    """One band of 16- or 32-bit integers or of floats scaled to 0..255. Integers by the peak of the fewest bits
+    that hold them (8, 10, 12, 14 or 16), or by their own range past 16 bits (it was all white or black). Floats: 0..1,
     the usual convention, up to 2 (clipped to 0..255, a float TIFF of a photo became an all-black image, indexed
     without a word: an independent check), 0..255, or their own range; NaN is black. A band of rows at a time:
     float64 copies of the whole image took 2.6 GB for one 64 MP 16-bit PNG."""
@@ -190,8 +199,8 @@ def _to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
         floor, peak = (0.0, 1.0) if 0 <= low and high <= 2 else (0.0, 255.0) if 0 <= low and high <= 255 else (
             low, max(high - low, 1e-6))
     else:
-        floor, peak = 0.0, 65535.0 if mode.startswith("I;16") or high > 255 else 255.0
-        if low < 0 or high > 65535:
+        floor, peak = 0.0, float(next((depth for depth in DEPTHS if high <= depth), DEPTHS[-1]))
+        if low < 0 or high > DEPTHS[-1]:
             floor, peak = low, max(high - low, 1.0)
     scaled = np.empty(pixels.shape, np.uint8)
     for top in range(0, len(pixels), ROWS):
