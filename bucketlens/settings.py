@@ -232,7 +232,7 @@ TOKENS = ("webhook_token", "admin_token", "read_token")
 BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # It names Redis keys, Celery queues and the bucket's notification and topic: Ceph refused to remove a notification
 # whose Id held ':', ' ' or '+' (403), and every later `up` stopped there (review 61).
-NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _problem(name: str, value: Any) -> str | None:
@@ -246,7 +246,7 @@ def _problem(name: str, value: Any) -> str | None:
     if name == "bucket" and not BUCKET_NAME.fullmatch(str(value)):
         return f"{given}: an S3 bucket name holds letters, digits, '.', '-' and '_' only"
     if name == "namespace" and not NAMESPACE.fullmatch(str(value)):
-        return f"{given}: a namespace holds letters, digits, '-' and '_' only, at most 64 of them"
+        return f"{given}: a namespace holds letters, digits, '.', '-' and '_' only, at most 64 of them"
     if (name.endswith("_host") or name == "replica") and str(value) != str(value).strip():
         return f"{given}: has spaces around it"
     if name in SCHEMES and value and not str(value).lower().startswith(SCHEMES[name]):
