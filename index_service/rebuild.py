@@ -103,6 +103,9 @@ class Rebuilds:
         self._lock = threading.RLock()
         self._retired: tuple[int, str] | None = None  # (generation, rebuilt bucket) of the last one-bucket promote
         self._before: dict[str, Any] | None = None  # the newest job of a previous process, as stored (``recover``)
+        # The running reembed's generation once it is in the generations hash, until just before it leaves it:
+        # what redis_loss.check expects there beside the serving one.
+        self.registered: int | None = None
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -154,6 +157,7 @@ class Rebuilds:
                     service.shadow = service.new_generation(job.model, job.generation)
                     # From here on ingest feeds live events to both generations.
                     service.redis.hset(service.keys.generations, str(job.generation), job.model)
+                    self.registered = job.generation
             except Exception as exc:  # (Milvus or Redis down) a job left running refused every later rebuild
                 job.error = f"{type(exc).__name__}: {exc}"
                 self._finish(job, "failed")
@@ -235,9 +239,7 @@ class Rebuilds:
                 service.redis.set(service.keys.rebuild_job(job["id"]), json.dumps(job), ex=30 * 86400)
                 log.warning("rebuild %s is marked failed: %s", job["id"], error)
             self._before = job if ours or error else None
-        for generation in service.redis.hkeys(service.keys.generations):
-            if int(generation) != service.index.generation:
-                service.redis.hdel(service.keys.generations, generation)
+        service.forget_other_generations()
         if raw and job is not None and state == "running" and job.get("mode") == "reembed":  # as at a cancel: its
             # generation's records of what serves (after it left the hash: workers write none for it from then on)
             self._clear_held(job["id"], int(job["generation"]))
@@ -522,6 +524,7 @@ class Rebuilds:
         job.retrying = 0  # (it waits on nothing now)
         service = self.service
         if job is self.current:  # (an ended job's thread must not touch the next job's shadow or objects)
+            self.registered = None  # (before it leaves the hash, or serves)
             if job.mode == "reembed" and state != "done":
                 if service.shadow is not None:
                     service.backend.discard(service.shadow)

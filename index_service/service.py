@@ -159,7 +159,7 @@ class Service:
         # (Asked before the merger starts: its checkpoints trim the stream.)
         trimmed = writer and restored is not None and self._retry(lambda: redis_loss.trimmed_past(self, last_id),
                                                                    "read the result stream")
-        redis_was_empty = self._take_over(last_id) if writer else False
+        redis_lost = self._take_over(last_id) if writer else ""
         self.loaded.set()
         threading.Thread(target=self._keep_role, name="role", daemon=True).start()
         try:
@@ -175,7 +175,7 @@ class Service:
             log.warning("text search is off: %s: %s", type(exc).__name__, exc)
         try:
             if writer:  # a replica that does not write restores nothing: the writer does
-                self.restoring = redis_loss.restore_at_start(self, redis_was_empty, restored is not None, trimmed)
+                self.restoring = redis_loss.restore_at_start(self, redis_lost, restored is not None, trimmed)
         except Exception:
             log.exception("restoring the index at start failed; a reconcile or rebuild heals it")
         finally:
@@ -206,25 +206,35 @@ class Service:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _register_generation(self) -> bool:
-        """Register the serving generation, waiting for Redis; returns whether Redis held no data of ours."""
+    def _register_generation(self) -> str:
+        """Register the serving generation, waiting for Redis; returns what Redis lacked of ours, said ("": none)."""
 
-        def register() -> bool:
-            self.rebuilds.recover()
+        def register() -> str:
+            self.rebuilds.recover()  # (drops the other generations from the hash, never the serving one)
             self.backend.drop_abandoned(self.index)
             self._drop_abandoned_features()
             return self.claim_redis()
 
-        return bool(self._retry(register, "register the serving generation"))
+        return str(self._retry(register, "register the serving generation"))
 
-    def claim_redis(self) -> bool:
+    def claim_redis(self) -> str:
         """Register the serving generation (ingest tags events with it) and the marker that tells a Redis that
-        lost its data (redis_loss.py); returns whether the marker was missing."""
+        lost its data (redis_loss.py); returns what Redis lacked before, said (``redis_loss.missing``): "" when
+        it held both."""
+        lacked = redis_loss.missing(self, [self.index.generation])
         pipe = self.redis.pipeline(transaction=True)
-        pipe.exists(self.keys.marker)
         pipe.hset(self.keys.generations, str(self.index.generation), self.index.model)
         pipe.set(self.keys.marker, self.index.generation)
-        return not pipe.execute()[0]
+        pipe.execute()
+        return lacked
+
+    def forget_other_generations(self) -> None:
+        """Take out of the generations hash what neither serves nor is fed until the serving one is durable
+        (``retiring``): ingest tags each event with every generation there, and workers embed it for each."""
+        kept = {self.index.generation, *(old.generation for old in self.retiring)}
+        others = [field for field in self.redis.hkeys(self.keys.generations) if int(field) not in kept]
+        if others:
+            self.redis.hdel(self.keys.generations, *others)
 
     # -- one writer among replicas -------------------------------------------------------------------------
 
@@ -233,10 +243,10 @@ class Service:
                       batch=self.settings.merge_batch, may_write=self.lease.acquire, idle=self.when_idle,
                       owed=self.owed)
 
-    def _take_over(self, last_id: str) -> bool:
-        """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint); returns
-        whether Redis held no data of ours."""
-        redis_was_empty = self._register_generation()
+    def _take_over(self, last_id: str) -> str:
+        """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint); returns what
+        Redis lacked of ours, said ("": none)."""
+        redis_lost = self._register_generation()
         self.chosen_type = text(raw) if (raw := self.redis.get(self.keys.index_type)) else None
         self._applied_before += self.merger.applied
         self.merger = self._merger(last_id)
@@ -248,7 +258,7 @@ class Service:
             self.duplicates.start()
         self.writing.set()
         log.info("replica %s writes: merging from %s", self.replica, last_id)
-        return redis_was_empty
+        return redis_lost
 
     def _follow(self) -> None:
         """A replica that does not write serves what the writer made: the generation the shared index serves, swapped

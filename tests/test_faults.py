@@ -912,6 +912,40 @@ def test_redis_losing_its_data_keeps_serving_and_a_reconcile_brings_everything_b
         "seconds_loss_to_all_indexed": round(time.monotonic() - lost_at)})
 
 
+def test_redis_gone_back_to_a_copy_from_before_a_rebuild_is_noticed_and_healed(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """A Redis backup restored, a failover to a replica that lagged, or an AOF cut short by `redis-check-aof --fix`
+    brings back the generations hash of before the last rebuild: the marker is there, the serving generation is
+    not, and ingest tagged every event with the retired one, whose results the merger dropped. Every upload,
+    overwrite and delete since was lost, with nothing said, and reconciles too (an independent review restored a
+    real AOF copy). Made here as such a copy leaves that hash (the rest of Redis as it is: a copy from within a
+    generation was shown harmless), on the shared stack's serving generation."""
+    bodies = image_set(unique_prefix, 4)
+    keys = list(bodies)
+    for key, body in bodies.items():
+        s3.put_object(Bucket=stack.settings.bucket, Key=key, Body=body)
+    assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies)
+    stats = api.get("/stats").json()
+    redis = connect(stack.settings.redis_url)
+    generations = f"{stack.settings.namespace}:generations"
+    healed, logs = counter(api, "redis_data_lost"), LogWindow(stack, ("api",))
+
+    redis.hdel(generations, str(stats["generation"]))
+    redis.hset(generations, str(stats["generation"] - 1), stats["model"])
+    now = {keys[0]: bodies[keys[1]], keys[1]: bodies[keys[1]], keys[3]: bodies[keys[3]]}  # overwritten, deleted
+    s3.put_object(Bucket=stack.settings.bucket, Key=keys[0], Body=now[keys[0]])
+    s3.delete_object(Bucket=stack.settings.bucket, Key=keys[2])
+    now[unique_prefix + "new.jpg"] = image_set(unique_prefix + "new-", 1).popitem()[1]
+    s3.put_object(Bucket=stack.settings.bucket, Key=unique_prefix + "new.jpg", Body=now[unique_prefix + "new.jpg"])
+
+    assert_index_matches_bucket(stack, s3, api, unique_prefix, now, timeout_s=120)
+    wait_for(lambda: object_state(api, stack.settings.bucket, keys[2]) is None, 60, what="the deleted object gone")
+    assert counter(api, "redis_data_lost") == healed + 1
+    assert redis.hgetall(generations) == {str(stats["generation"]).encode(): stats["model"].encode()}
+    assert logs.count("api", "Redis went back to an older copy of its data") == 1
+
+
 # -- 9. snapshots and Redis both lost -------------------------------------------------------------------------
 
 def test_snapshots_and_redis_both_lost_reembed_the_bucket_or_restore_the_s3_copy(stack: Stack, s3: Any) -> None:

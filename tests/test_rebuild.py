@@ -491,10 +491,9 @@ def test_a_restarted_service_still_reports_the_last_rebuild(monkeypatch: pytest.
         job = RebuildJob(id="j1", mode="reembed", generation=4, model="m", index_type="Flat", total=3, done=3,
                          state=state)
         stored = {keys.rebuild_current: b"j1", keys.rebuild_job("j1"): json.dumps(public(job)).encode()}
-        redis = SimpleNamespace(get=stored.get, set=lambda key, value, ex=None, into=stored: into.update({key: value}),
-                                hkeys=lambda key: [], hdel=lambda *args: 0)
+        redis = SimpleNamespace(get=stored.get, set=lambda key, value, ex=None, into=stored: into.update({key: value}))
         service = SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=4, etags=None),
-                                  backend=SimpleNamespace(name="faiss"))
+                                  backend=SimpleNamespace(name="faiss"), forget_other_generations=lambda: None)
         rebuilds = Rebuilds(service)  # type: ignore[arg-type]
         assert rebuilds.progress() is None
         rebuilds.recover()
@@ -512,11 +511,10 @@ def test_a_stack_switched_to_the_other_backend_leaves_its_rebuilds_alone() -> No
                      state="done", backend="milvus")
     record = json.dumps(public(job)).encode()
     stored = {keys.rebuild_current: b"j1", keys.rebuild_job("j1"): record}
-    redis = SimpleNamespace(get=stored.get, set=lambda key, value, ex=None: stored.update({key: value}),
-                            hkeys=lambda key: [], hdel=lambda *args: 0)
+    redis = SimpleNamespace(get=stored.get, set=lambda key, value, ex=None: stored.update({key: value}))
     for backend, generation, reported in (("faiss", 1, None), ("milvus", 2, "done")):
         service = SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=generation),
-                                  backend=SimpleNamespace(name=backend))
+                                  backend=SimpleNamespace(name=backend), forget_other_generations=lambda: None)
         rebuilds = Rebuilds(service)  # type: ignore[arg-type]
         rebuilds.recover()
         assert stored[keys.rebuild_job("j1")] == record  # untouched
@@ -524,7 +522,7 @@ def test_a_stack_switched_to_the_other_backend_leaves_its_rebuilds_alone() -> No
     # One left running by the other backend is over all the same (`down` came between): it stayed "running" for good
     stored[keys.rebuild_job("j1")] = json.dumps(public(dataclasses.replace(job, state="running"))).encode()
     rebuilds = Rebuilds(SimpleNamespace(redis=redis, keys=keys, index=SimpleNamespace(generation=1),  # type: ignore[arg-type]
-                                        backend=SimpleNamespace(name="faiss")))
+                                        backend=SimpleNamespace(name="faiss"), forget_other_generations=lambda: None))
     rebuilds.recover()
     assert json.loads(stored[keys.rebuild_job("j1")])["state"] == "failed"
 
