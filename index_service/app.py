@@ -315,9 +315,11 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         _params(request, (), "/rebuild")
         body = await _json_object(request, ("mode", "bucket", "index_type", "model"), "/rebuild")
         bucket = _bucket(body)
-        if bucket is not None:  # now, not in the job's thread as a failed job that took a generation number
-            with _known_bucket(bucket):
-                await run_in_threadpool(service.s3.head_bucket, Bucket=bucket)
+        if body.get("mode", "reembed") == "reembed":  # now, not in the job's thread as a failed job that took a
+            # generation number (a reembed of every bucket whose default one was gone started: review 60)
+            for listed in [bucket] if bucket else sorted({settings.bucket} | service.index.buckets()):
+                with _known_bucket(listed):
+                    await run_in_threadpool(service.s3.head_bucket, Bucket=listed)
         try:
             job = service.rebuilds.start(str(body.get("mode", "reembed")), bucket, body.get("index_type"),
                                          body.get("model"))
@@ -440,16 +442,29 @@ def _bucket(body: dict[str, Any]) -> str | None:
 
 
 @contextlib.contextmanager
-def _known_bucket(bucket: str | None) -> Iterator[None]:
-    """S3 saying that a job's bucket does not exist, within the request, as 404 ``unknown_bucket`` (rebuild and
-    reconcile; ``bucket`` None: the service's buckets, one of which S3 names)."""
+def _known_bucket(bucket: str | None, job: bool = True) -> Iterator[None]:
+    """S3 saying that a bucket does not exist, within the request, as 404 ``unknown_bucket`` (``bucket`` None: the
+    service's buckets, one of which S3 names). For a ``job`` (rebuild, reconcile) also S3 refusing, as 502
+    ``s3_refused`` with S3's code (credentials that stopped working answered 500, "a bug", every 30 s: review 60),
+    and S3 away, as 503 ``s3_unavailable``; and the 404 says what keeps a removed bucket's objects."""
     try:
         yield
     except ClientError as exc:
         error = exc.response.get("Error", {})
-        if error.get("Code") not in ("NoSuchBucket", "404"):  # 404: a HEAD's answer, which has no body to say more
+        name = error.get("BucketName") or bucket
+        if error.get("Code") in ("NoSuchBucket", "404"):  # 404: a HEAD's answer, which has no body to say more
+            raise HTTPError(404, "unknown_bucket", f"no bucket {name!r}" + (
+                " at S3; if it was removed (its objects with it, no notifications), the index keeps them until it "
+                "is created again and reconciled (the local stack's `bucketlens up` creates it)" if job else "")
+            ) from exc
+        if not job:
             raise
-        raise HTTPError(404, "unknown_bucket", f"no bucket {error.get('BucketName') or bucket!r}") from exc
+        raise HTTPError(502, "s3_refused", f"S3 refused {error.get('Code')}: {error.get('Message') or exc} (check "
+                        "BUCKETLENS_S3_ACCESS_KEY, BUCKETLENS_S3_SECRET_KEY and the bucket's policy)") from exc
+    except BotoCoreError as exc:
+        if not job:
+            raise
+        raise HTTPError(503, "s3_unavailable", f"S3 does not answer: {exc}") from exc
 
 
 async def _say_unknown_bucket(service: Service, bucket: str | None) -> None:
@@ -457,7 +472,7 @@ async def _say_unknown_bucket(service: Service, bucket: str | None) -> None:
     bucket does. Asked of an empty answer only; an S3 that is away, refuses or takes over 3 s leaves it empty."""
     if bucket is None:
         return
-    with contextlib.suppress(ClientError, BotoCoreError, asyncio.TimeoutError), _known_bucket(bucket):
+    with contextlib.suppress(ClientError, BotoCoreError, asyncio.TimeoutError), _known_bucket(bucket, job=False):
         await asyncio.wait_for(run_in_threadpool(service.s3_probe.head_bucket, Bucket=bucket), BUCKET_CHECK_S)
 
 

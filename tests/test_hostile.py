@@ -862,11 +862,16 @@ def test_an_indexed_object_with_an_older_versions_failure_record_reads_indexed()
 
 
 def test_a_rebuild_of_an_unknown_bucket_is_refused_before_it_starts() -> None:
+    """A reembed of every bucket checks each the index holds too (one removed out of band started a job that
+    failed NoSuchBucket), and S3 refusing is 502 ``s3_refused``, not 500 "a bug" (review 60)."""
     from botocore.exceptions import ClientError as BotoClientError
 
     started: list[str | None] = []
+    held = {"images"}
 
     def head_bucket(Bucket: str) -> dict[str, Any]:  # noqa: N803 (boto's keyword)
+        if Bucket == "locked":
+            raise BotoClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "HeadBucket")
         if Bucket != "images":
             raise BotoClientError({"Error": {"Code": "404", "Message": "Not Found"}}, "HeadBucket")
         return {}
@@ -875,14 +880,22 @@ def test_a_rebuild_of_an_unknown_bucket_is_refused_before_it_starts() -> None:
         started.append(bucket)
         return RebuildJob("job", mode, 2, "m", "Flat", bucket)
 
-    service = SimpleNamespace(s3=SimpleNamespace(head_bucket=head_bucket), rebuilds=SimpleNamespace(start=start))
+    service = SimpleNamespace(s3=SimpleNamespace(head_bucket=head_bucket), rebuilds=SimpleNamespace(start=start),
+                              index=SimpleNamespace(buckets=lambda: held))
     client = app_around(service, admin_token="admin")
     admin = {"Authorization": "Bearer admin"}
     status, code, message = error(client.post("/rebuild", json={"bucket": "nosuchbucket"}, headers=admin))
-    assert (status, code, message) == (404, "unknown_bucket", "no bucket 'nosuchbucket'") and started == []
+    assert (status, code) == (404, "unknown_bucket") and started == []
+    assert message.startswith("no bucket 'nosuchbucket' at S3; if it was removed"), message
     assert client.post("/rebuild", json={"bucket": "images"}, headers=admin).status_code == 202
-    assert client.post("/rebuild", json={}, headers=admin).status_code == 202  # every bucket: nothing to check
+    assert client.post("/rebuild", json={}, headers=admin).status_code == 202  # every bucket: all there
     assert started == ["images", None]
+    held.add("removed")
+    assert error(client.post("/rebuild", json={}, headers=admin))[:2] == (404, "unknown_bucket")
+    assert client.post("/rebuild", json={"mode": "reindex"}, headers=admin).status_code == 202  # (lists nothing)
+    status, code, message = error(client.post("/rebuild", json={"bucket": "locked"}, headers=admin))
+    assert (status, code) == (502, "s3_refused") and "AccessDenied: Access Denied" in message, message
+    assert started == ["images", None, None]
 
 
 def test_an_unexpected_error_is_a_json_500() -> None:
