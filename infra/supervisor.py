@@ -53,6 +53,7 @@ from .stack import Stack, StackError, free_space
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect: cheap)
+SERVERS = {"redis": "redis", "s3": "ceph"}  # the stack's servers the process watch keeps up: their data folders
 RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 STABLE_S = 120.0  # a restarted service that ran this long is well again
 MAX_BACKOFF_S = 600.0
@@ -232,11 +233,10 @@ class Supervisor:
         # each line said only that its append-only file brings back what it held (review 49).
         if self.keep_up("redis", time.monotonic()):
             self.redis_restarted = time.monotonic()
-        if missing := self.stack.ceph_missing():  # radosgw, its OSD or monitor died (the canary would find it only
-            # after canary_timeout_s, and heal only radosgw)
-            log.warning("the S3 server does not answer (%s not running); starting it again", ", ".join(missing))
-            self.stack.start_ceph()
-            self.restarted_radosgw()
+        # radosgw, its OSD or monitor died (the canary would find it only after canary_timeout_s, and heal only
+        # radosgw); backing off too: an OSD that died at each start (its disk full) was started every second, and
+        # nothing but ceph-script.log said why (review 60)
+        self.keep_up("s3", time.monotonic())
         if "milvus" in self.stack.servers and self.stack.milvus_pid() is None:
             log.warning("milvus is not running; restarting it (the index service waits and resumes merging)")
             self.stack.start_milvus()
@@ -259,34 +259,40 @@ class Supervisor:
         self.judging = True
 
     def keep_up(self, name: str, now: float) -> bool:
-        """Restart ``name`` (a service, or ``redis``) if it is not running, backing off while it keeps dying soon
-        after its restarts; whether it was started."""
+        """Restart ``name`` (a service, ``redis``, or ``s3``: the Ceph daemons) if it is not running, backing off
+        while it keeps dying soon after its restarts; whether it was started."""
         restarts = self.restarts.setdefault(name, Restarts())
-        if (self.stack.redis_pid() if name == "redis" else self.stack.pid(name)) is not None:
+        missing = self.stack.ceph_missing() if name == "s3" else []
+        if not missing and (name == "s3" or (self.stack.redis_pid() if name == "redis" else self.stack.pid(name))):
             if restarts.at is not None and now - restarts.at >= STABLE_S:
                 self.restarts[name] = Restarts()
             return False
-        if (name != "redis" and restarts.at is not None and self.redis_restarted is not None
+        if (name not in SERVERS and restarts.at is not None and self.redis_restarted is not None
                 and self.redis_restarted >= restarts.at):
             # Redis was restarted since: a worker dies of that (kombu 5.7.0's crash on a reconnect), not of itself.
             # Counted, two Redis restarts left the stack without workers for minutes (an independent check).
             restarts = self.restarts[name] = Restarts()
-        logs = self.stack.home / "logs" / f"{name}.log"
+        logs = self.stack.home / "logs" / ("ceph-script.log" if name == "s3" else f"{name}.log")
+        said = f"the S3 server ({', '.join(missing)})" if name == "s3" else name
         if restarts.at is not None:  # it died before it was well again
             if now - restarts.at < restarts.wait_s(self.settings.canary_interval_s):
                 return False
             restarts.quick += 1
             log.warning("%s died again within %.0f s of its restart (%d in a row); restarting it, the next time after "
-                        "%.0f s; what it wrote to %s ends %s%s", name, STABLE_S, restarts.quick, restarts.wait_s(
+                        "%.0f s; what it wrote to %s ends %s%s", said, STABLE_S, restarts.quick, restarts.wait_s(
                             self.settings.canary_interval_s), logs, log_tail(logs, 2, restarts.log_from),
-                        free_space(self.stack.home / "redis") if name == "redis" else "")
+                        free_space(self.stack.home / SERVERS[name]) if name in SERVERS else "")
         else:
-            log.warning("%s is not running; restarting it%s", name, " (its append-only file brings back what it held)"
+            log.warning("%s is not running; restarting it%s", said, " (its append-only file brings back what it held)"
                         if name == "redis" else "")
         restarts.at = now
         with contextlib.suppress(OSError):  # (no log yet: from its start)
             restarts.log_from = logs.stat().st_size
-        self.stack.start_redis() if name == "redis" else self.stack.start_service(name)
+        if name == "s3":
+            self.stack.start_ceph()
+            self.restarted_radosgw()
+        else:
+            self.stack.start_redis() if name == "redis" else self.stack.start_service(name)
         return True
 
     def heal(self) -> None:

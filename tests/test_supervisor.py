@@ -219,6 +219,31 @@ def supervised(home: Path) -> tuple[Supervisor, Servers, Canary]:
     return supervisor, stack, supervisor.canary  # type: ignore[return-value]
 
 
+def test_an_s3_server_that_dies_at_each_start_is_restarted_less_and_less_often_and_the_log_says_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its disk full, the Ceph OSD died at each start: it was started every second, each time with a line that said
+    only that it was not running; the cause was in ceph-script.log alone (review 60)."""
+    supervisor, stack, _ = supervised(tmp_path)
+    ceph_starts: list[float] = []
+
+    def start_ceph() -> None:
+        ceph_starts.append(now)
+        with (stack.home / "logs" / "ceph-script.log").open("a") as log:
+            log.write("ceph-osd: write_meta: (28) No space left on device\n")
+
+    stack.ceph_missing = lambda: ["ceph-osd"]  # type: ignore[method-assign]  # (dead again by each tick)
+    stack.start_ceph = start_ceph  # type: ignore[method-assign]
+    (tmp_path / "ceph").mkdir()
+    for tick in range(120):  # every 5 s (WATCH_S) for 10 minutes
+        now = tick * 5.0
+        assert supervisor.keep_up("s3", now) == (now in ceph_starts)
+    assert ceph_starts == [0.0, 5.0, 65.0, 185.0, 425.0], ceph_starts  # (every tick, 120, before)
+    assert "the S3 server (ceph-osd) died again" in caplog.text, caplog.text
+    assert "No space left on device" in caplog.text and "MB free in" in caplog.text, caplog.text
+    stack.ceph_missing = lambda: []  # type: ignore[method-assign]
+    assert supervisor.keep_up("s3", 600.0) is False
+
+
 def test_a_restarted_radosgw_gets_its_grace_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The canary delivered before radosgw died ended the grace of its restart at the next check, and the check
     after restarted it again while it resumed (S3 refused connections twice for one death)."""
