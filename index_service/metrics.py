@@ -153,6 +153,8 @@ def _counters(counters: dict[str, int], failure_records: int) -> Iterator[Metric
                    counters.get("canary_stalls", 0))
     yield _counter("bucketlens_hung_restarts", "Processes the local supervisor killed as running but silent",
                    counters.get("hung_restarts", 0))
+    yield _counter("bucketlens_notifications_restored", "Bucket notifications (or buckets) the local supervisor found "
+                   "gone and made again", counters.get("notifications_restored", 0))
     failures = CounterMetricFamily("bucketlens_failures", "Objects that became failure records, by reason",
                                    labels=["reason"])
     for name, value in sorted(counters.items()):

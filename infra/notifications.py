@@ -80,6 +80,14 @@ def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> boo
     return dropped
 
 
+def notified(settings: Settings, s3: Any, push_endpoint: str) -> bool:
+    """Whether the bucket has a notification whose topic pushes to ``push_endpoint`` (someone may have removed it,
+    or the bucket, since ``ensure_notifications``: the supervisor asks before it takes a stall for radosgw's)."""
+    endpoints = _endpoints(_sns(settings))
+    configs = s3.get_bucket_notification_configuration(Bucket=settings.bucket).get("TopicConfigurations", [])
+    return any(unquote(endpoints.get(c.get("TopicArn")) or "") == unquote(push_endpoint) for c in configs)
+
+
 def follow_endpoint(settings: Settings, s3: Any, push_endpoint: str) -> list[str]:
     """Put again the notifications of the other buckets this namespace was set up for (a ``BUCKETLENS_BUCKET`` used
     before: the index holds them too) that push to another endpoint: an earlier webhook token (ingest refused their

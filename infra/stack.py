@@ -38,7 +38,7 @@ from bucketlens.settings import Settings, reach
 from . import milvus
 from .canary import Canary
 from .liveness import ceph_daemon
-from .notifications import ensure_bucket, ensure_notifications, follow_endpoint
+from .notifications import ensure_bucket, ensure_notifications, follow_endpoint, notified
 from .ports import free_port, lease, port_in_use
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,22 @@ class Stack:
             self.found_running = any(self.status()["processes"].values())
             self._up(services, wait_ready)
 
+    def push_endpoint(self) -> str:
+        """Where the bucket's notification pushes: this stack's ingest, with its webhook token."""
+        token = quote(self.settings.webhook_token, safe="")  # a token of the user's may hold "+", "&" or "#"
+        return f"{self.ingest_url}/events?token={token}"
+
+    def notified(self) -> bool:
+        """Whether the bucket still notifies this stack's ingest (``notifications.notified``)."""
+        return notified(self.settings, make_client(self.settings), self.push_endpoint())
+
+    def notify(self) -> None:
+        """The bucket and its notification to this stack's ingest, made again as `up` makes them (someone removed
+        the notification, or the bucket, since)."""
+        s3 = make_client(self.settings)
+        ensure_bucket(s3, self.settings.bucket)
+        ensure_notifications(self.settings, s3, self.push_endpoint())
+
     @contextlib.contextmanager
     def _one_at_a_time(self, command: str) -> Iterator[None]:
         """One `up` or `down` at a time on this home; another waits for it. Two `up`s at once both found a service
@@ -276,8 +292,7 @@ class Stack:
             if name != "supervisor":
                 self.start_service(name)
         self._wait_http(self.ingest_url + "/healthz", "ingest", 60)
-        token = quote(self.settings.webhook_token, safe="")  # a token of the user's may hold "+", "&" or "#"
-        endpoint = f"{self.ingest_url}/events?token={token}"
+        endpoint = self.push_endpoint()
         with self._s3_answers():
             dropped = ensure_notifications(self.settings, s3, endpoint)
             if followed := follow_endpoint(self.settings, s3, endpoint):

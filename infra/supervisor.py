@@ -244,6 +244,26 @@ class Supervisor:
             self.keep_up(name, time.monotonic())
 
     def check_delivery(self) -> None:
+        try:
+            self._check_delivery()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchBucket":
+                raise
+            self.notify_again(f"bucket {self.settings.bucket} is gone (removed without notifications: the index still "
+                              "holds its objects)")
+
+    def notify_again(self, why: str) -> None:
+        """Make the bucket and its notification again, as `up` does, and reconcile: a removed notification was taken
+        for a stalled topic, radosgw restarted again and again with growing waits (up to 10 minutes), and uploads
+        were indexed only at the reconciles after; a removed bucket failed every delivery check (review 60)."""
+        log.warning("%s: making it again as `bucketlens up` does, then reconciling", why)
+        self.redis.hincrby(self.keys.counters, "notifications_restored", 1)
+        self.stack.notify()
+        self.reconcile_owed = True
+        self.restarted_radosgw()  # a canary of its own, with the grace (a new topic's first event takes 4-21 s)
+        self.start_reconcile()
+
+    def _check_delivery(self) -> None:
         if self.reconcile_owed:
             self.start_reconcile()
         pending, age = self.canary.check()
@@ -311,6 +331,10 @@ class Supervisor:
                 return
             self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
             self.reconcile_owed = True
+            if not self.stack.notified():  # (no restart brings back what someone removed)
+                self.notify_again(f"canary undelivered for {age:.0f} s: bucket {self.settings.bucket} does not notify "
+                                  "ingest (its notification was removed, or the bucket deleted and created again)")
+                return
             self.stalls += 1
             osd = self.stack.hung_osd()
             hung = osd is None and "ingest" in self.stack.services and not self.stack.answers(

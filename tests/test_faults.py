@@ -39,6 +39,7 @@ from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 from index_service.queues import unacked_key
 from infra.milvus import log_tail
+from infra.notifications import remove_notifications
 from infra.stack import Stack, StackError, free_port
 from infra.supervisor import pool_of
 from ingest.publisher import Publisher
@@ -671,6 +672,27 @@ def test_receiver_down_stalls_the_topic_and_the_watchdog_heals_it(
     record_outcome("receiver_down_30s", {**outcome, "receiver_down_s": round(up_at - down_at, 1),
                                          "watchdog_heals": stalls,
                                          "seconds_receiver_up_to_all_indexed": round(time.monotonic() - up_at)})
+
+
+def test_a_removed_bucket_notification_is_made_again_not_healed_by_restarting_radosgw(
+    stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
+) -> None:
+    """Someone removes the bucket's notification (or deletes the bucket and makes it again): the supervisor took the
+    undelivered canary for a stalled topic and restarted radosgw, again and again with growing waits (up to 10
+    minutes), and uploads were indexed only at the reconciles after (review 60). It puts the notification back, as
+    `up` does, and reconciles; radosgw is left alone."""
+    bodies = image_set(unique_prefix, 6)
+    restored, radosgw = counter(api, "notifications_restored"), stack.ceph_pid("client.rgw.a")
+    remove_notifications(stack.settings, stack.settings.bucket)
+    try:
+        for key, body in bodies.items():
+            s3.put_object(Bucket=stack.settings.bucket, Key=key, Body=body)
+        assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, timeout_s=300)
+        assert stack.notified()
+    finally:
+        stack.notify()  # (as `up` would, whatever happened)
+    assert counter(api, "notifications_restored") == restored + 1
+    assert stack.ceph_pid("client.rgw.a") == radosgw, "radosgw was restarted"
 
 
 def test_a_killed_receiver_is_back_before_the_topic_stalls(

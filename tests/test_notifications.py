@@ -15,7 +15,13 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from infra.notifications import ensure_bucket, ensure_notifications, follow_endpoint, remove_notifications
+from infra.notifications import (
+    ensure_bucket,
+    ensure_notifications,
+    follow_endpoint,
+    notified,
+    remove_notifications,
+)
 from infra.stack import Stack
 
 from .helpers import wait_for
@@ -63,8 +69,11 @@ def test_a_changed_endpoint_rebinds_the_bucket_and_drops_what_was_queued_for_the
     sns = boto3.client("sns", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key,
                        aws_secret_access_key=settings.s3_secret_key, region_name=settings.s3_region)
     try:
+        assert not notified(settings, s3, receiver.url + "?token=A")
         assert ensure_notifications(settings, s3, receiver.url + "?token=A") is False  # (new: nothing dropped)
         assert ensure_notifications(settings, s3, receiver.url + "?token=A") is False  # (unchanged)
+        assert notified(settings, s3, receiver.url + "?token=A")  # (what the supervisor asks at a stall: review 60)
+        assert not notified(settings, s3, receiver.url + "?token=B")
         s3.put_object(Bucket=settings.bucket, Key="first", Body=b"x")
         wait_for(lambda: ("A", "first") in receiver.seen, 120, what="the first event")
 
@@ -84,6 +93,9 @@ def test_a_changed_endpoint_rebinds_the_bucket_and_drops_what_was_queued_for_the
         assert ensure_notifications(renamed, s3, receiver.url + "?token=B") is False
         configs = s3.get_bucket_notification_configuration(Bucket=settings.bucket)["TopicConfigurations"]
         assert [c["Id"] for c in configs] == ["bucketlens-notify2"], configs
+        remove_notifications(settings, settings.bucket)  # someone removes it
+        assert not notified(renamed, s3, receiver.url + "?token=B")
+        ensure_notifications(renamed, s3, receiver.url + "?token=B")
         s3.put_object(Bucket=settings.bucket, Key="once", Body=b"x")
         wait_for(lambda: ("B", "once") in receiver.seen, 120, what="the renamed namespace's event")
     finally:

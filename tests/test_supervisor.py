@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import redis
+from botocore.exceptions import ClientError
 
 from bucketlens.settings import Settings
 from infra import liveness as liveness_module
@@ -180,6 +181,14 @@ class Servers(Services):
         self.s3_starts = 0
         self.osd_kills = 0
         self.osd_hung: int | None = None
+        self.notification = True  # whether the bucket notifies ingest
+        self.notified_again = 0
+
+    def notified(self) -> bool:
+        return self.notification
+
+    def notify(self) -> None:
+        self.notification, self.notified_again = True, self.notified_again + 1
 
     def hung_osd(self) -> int | None:
         return self.osd_hung
@@ -259,6 +268,34 @@ def test_a_restarted_radosgw_gets_its_grace_once(tmp_path: Path, monkeypatch: py
     canary.age = timeout + RESTART_GRACE_S + 1  # never resumed: healed
     supervisor.check_delivery()
     assert stack.s3_starts == 2
+
+
+def test_a_removed_notification_or_bucket_is_made_again_not_taken_for_a_stalled_radosgw(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone removed the bucket's notification, or the bucket: the stall was healed by restarting radosgw, again
+    and again with growing waits (up to 10 minutes), uploads indexed only at the reconciles after; a removed bucket
+    failed every delivery check (review 60). Both are made again, as `up` makes them, and reconciled."""
+    reconciles: list[str] = []
+    monkeypatch.setattr(httpx, "post", lambda url, *a, **k: reconciles.append(url) or httpx.Response(200, json={}))
+    supervisor, stack, canary = supervised(tmp_path)
+    supervisor.check_delivery()
+    stack.notification, canary.age = False, supervisor.settings.canary_timeout_s + 1
+    supervisor.check_delivery()
+    assert (stack.notified_again, stack.s3_starts, supervisor.stalls) == (1, 0, 0)
+    assert canary.after_restart and supervisor.grace > 0  # its own canary, with the grace a new topic needs
+    wait_for(lambda: reconciles, 5, what="the reconcile")
+
+    write = canary.write
+
+    def gone(after_restart: bool = False) -> None:  # until the bucket is made again
+        if stack.notified_again < 2:
+            raise ClientError({"Error": {"Code": "NoSuchBucket", "Message": "The specified bucket does not exist"}},
+                              "PutObject")
+        write(after_restart)
+
+    canary.pending, canary.write = None, gone  # type: ignore[method-assign]
+    supervisor.check_delivery()  # (the fresh canary after a delivery fails: no bucket)
+    assert stack.notified_again == 2
 
 
 def test_a_canary_from_before_the_supervisor_started_restarts_nothing(tmp_path: Path,
