@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from bucketlens.ordering import time_order
+from bucketlens.ordering import MAX_CLOCK_SKEW_NS, time_order
 from bucketlens.records import record
 from bucketlens.schemas import CONTENT_REASONS, ObjectRef, object_id
 from ingest.scanner import scan
@@ -104,8 +104,11 @@ def written_before(obj: Indexed, when: float, when_order: int) -> bool:
     """Whether ``obj`` was written before ``when`` (seconds since the epoch; ``when_order``, the same as an order):
     by its modification time where known, else by its order. An order is a time for Ceph's events and listings, but
     AWS's sequencers are opaque (~6e18 and more, beyond any time in nanoseconds), so an object indexed from an AWS
-    event was never found gone."""
-    return obj.modified < when if obj.modified else obj.order < when_order
+    event was never found gone. A modification time past the clock skew ingest accepts is an S3 clock that ran
+    ahead, not an upload during the listing: such an object, deleted, stayed searchable until that time (review 60)."""
+    if obj.modified:
+        return obj.modified < when or obj.modified > when + MAX_CLOCK_SKEW_NS / 1e9
+    return obj.order < when_order
 
 
 def _without(service: Service, refs: list[ObjectRef], records: str,
