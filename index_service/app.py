@@ -209,8 +209,9 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         assert query.vector is not None
         want = max(query.k, CANDIDATES) if views else query.k
         found = await run_in_threadpool(serving.search, query.vector, want, exclude, query.where or None)
-        if not views:  # (unverified, in the model's order: the query's own bytes are still said)
-            return [Hit(o, s, identical=same_bytes(etag, o.etag)) for o, s in found]
+        if not views:  # (unverified, in the model's order: the query's own bytes are still said, off the event
+            # loop: an image's etags in parts read it once for each part size tried)
+            return await run_in_threadpool(lambda: [Hit(o, s, identical=same_bytes(etag, o.etag)) for o, s in found])
         return await run_in_threadpool(rerank, serving, found, views, recipe(serving.model).promote_matches, etag)
 
     async def label_list(request: Request) -> Response:
@@ -317,7 +318,11 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         bucket = _bucket(body)
         if body.get("mode", "reembed") == "reembed":  # now, not in the job's thread as a failed job that took a
             # generation number (a reembed of every bucket whose default one was gone started: review 60)
-            for listed in [bucket] if bucket else sorted({settings.bucket} | service.index.buckets()):
+            try:  # (off the event loop: a Milvus index reads every row for them)
+                held = set() if bucket else await run_in_threadpool(service.index.buckets)
+            except ConnectionError as exc:
+                raise HTTPError(503, "not_ready", f"the index server does not answer: {exc}") from exc
+            for listed in [bucket] if bucket else sorted({settings.bucket} | held):
                 with _known_bucket(listed):
                     await run_in_threadpool(service.s3.head_bucket, Bucket=listed)
         try:

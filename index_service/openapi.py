@@ -410,7 +410,7 @@ PATHS: dict[str, Any] = {
                       **_error(404, "unknown_bucket: the bucket does not exist"),
                       **_error(409, "rebuild_running: one runs already; not_writer: this replica does not write "
                                     "the index"),
-                      **errors(503)},
+                      **_error(502, "s3_refused: S3 refused to say whether the bucket exists"), **errors(503)},
     }},
     "/rebuild/{job_id}": {
         "get": {"summary": "a rebuild's state", "parameters": [parameter("job_id", TEXT, "job id", "path")],
@@ -428,7 +428,8 @@ PATHS: dict[str, Any] = {
         "summary": "list the bucket and bring the index to it", "security": ADMIN,
         "requestBody": {"required": False, **_json("ReconcileRequest")},
         "responses": {**answer("done", ref("Reconcile")), **errors(400, 401, 403),
-                      **_error(404, "unknown_bucket: the bucket does not exist"), **errors(503)},
+                      **_error(404, "unknown_bucket: the bucket does not exist"),
+                      **_error(502, "s3_refused: S3 refused the listing"), **errors(503)},
     }},
 }
 

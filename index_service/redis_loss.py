@@ -43,6 +43,8 @@ def check(service: Service) -> bool:
     gone = missing(service, [serving.generation, *([] if building is None else [building])])
     if not gone or service.index is not serving or service.rebuilds.registered != building:
         return False  # (or a swap or a rebuild's end meanwhile, which takes a generation out of the hash)
+    if not service.lease.acquire():  # a writer paused past its lease: the hash is the new writer's now
+        return False
     log.error("Redis %s: serving from memory, registering generation %d again, reconciling with the bucket",
               gone, serving.generation)
     if service.rebuilds.abandon("Redis lost data, and the rebuild's queued tasks with it; start it again"):
@@ -70,7 +72,8 @@ def missing(service: Service, generations: list[int]) -> str:
     unknown = [generation for generation, model in zip(generations, registered, strict=True) if model is None]
     if unknown:
         return (f"went back to an older copy of its data (a backup restored, a failover to a replica that lagged, an "
-                f"AOF cut short): generation {unknown[0]} is not in {service.keys.generations}")
+                f"AOF cut short; or the stack switched index backends): generation {unknown[0]} is not in "
+                f"{service.keys.generations}")
     return ""
 
 

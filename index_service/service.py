@@ -232,6 +232,8 @@ class Service:
         """Take out of the generations hash what neither serves nor is fed until the serving one is durable
         (``retiring``): ingest tags each event with every generation there, and workers embed it for each."""
         kept = {self.index.generation, *(old.generation for old in self.retiring)}
+        if (building := self.rebuilds.registered) is not None:  # (one that started meanwhile: its own to drop)
+            kept.add(building)
         others = [field for field in self.redis.hkeys(self.keys.generations) if int(field) not in kept]
         if others:
             self.redis.hdel(self.keys.generations, *others)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -19,6 +20,7 @@ import boto3
 import httpx
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -40,13 +42,20 @@ def notification_id(settings: Settings) -> str:
     return f"bucketlens-{settings.namespace}"
 
 
+def topic_name(settings: Settings) -> str:
+    """The bucket's topic: ``<namespace>-<bucket>``, the namespace's characters other than letters, digits, '.', '-'
+    and '_' as '-' (Ceph named the topic of a namespace with a space "a+b-...", and one with ':' was never found by
+    its ARN's last part, so a changed webhook token never reached the notification: review 61)."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '-', settings.namespace)}-{settings.bucket}"
+
+
 def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> bool:
     """Create (or update) the persistent topic and bind it to the bucket. Returns whether events queued for an
     earlier endpoint were dropped with it (a reconcile finds the uploads they named). Another bucketlens
     notification of the bucket that pushes to the same receiver (a namespace used before) is removed: each upload
     was delivered, queued and embedded twice (an independent check)."""
     sns = _sns(settings)
-    name = f"{settings.namespace}-{settings.bucket}"
+    name = topic_name(settings)
     endpoints = _endpoints(sns)
     before = next((arn for arn in endpoints if arn.rsplit(":", 1)[-1] == name), "")
     old = endpoints.get(before)
@@ -80,10 +89,11 @@ def ensure_notifications(settings: Settings, s3: Any, push_endpoint: str) -> boo
     return dropped
 
 
-def notified(settings: Settings, s3: Any, push_endpoint: str) -> bool:
+def notified(settings: Settings, s3: Any, push_endpoint: str, timeout_s: float | None = None) -> bool:
     """Whether the bucket has a notification whose topic pushes to ``push_endpoint`` (someone may have removed it,
-    or the bucket, since ``ensure_notifications``: the supervisor asks before it takes a stall for radosgw's)."""
-    endpoints = _endpoints(_sns(settings))
+    or the bucket, since ``ensure_notifications``: the supervisor asks before it takes a stall for radosgw's);
+    ``timeout_s``: each call's, tried once (a frozen radosgw must not hold the supervisor)."""
+    endpoints = _endpoints(_sns(settings, timeout_s))
     configs = s3.get_bucket_notification_configuration(Bucket=settings.bucket).get("TopicConfigurations", [])
     return any(unquote(endpoints.get(c.get("TopicArn")) or "") == unquote(push_endpoint) for c in configs)
 
@@ -123,9 +133,11 @@ def remove_notifications(settings: Settings, bucket: str, notification: str = ""
     httpx.delete(url, headers=dict(request.headers), timeout=60).raise_for_status()
 
 
-def _sns(settings: Settings) -> Any:
+def _sns(settings: Settings, timeout_s: float | None = None) -> Any:
+    config = None if timeout_s is None else Config(connect_timeout=timeout_s, read_timeout=timeout_s,
+                                                   retries={"max_attempts": 1, "mode": "standard"})
     return boto3.client("sns", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key,
-                        aws_secret_access_key=settings.s3_secret_key, region_name=settings.s3_region)
+                        aws_secret_access_key=settings.s3_secret_key, region_name=settings.s3_region, config=config)
 
 
 def _endpoints(sns: Any) -> dict[str, str | None]:

@@ -241,9 +241,11 @@ class Stack:
         token = quote(self.settings.webhook_token, safe="")  # a token of the user's may hold "+", "&" or "#"
         return f"{self.ingest_url}/events?token={token}"
 
-    def notified(self) -> bool:
-        """Whether the bucket still notifies this stack's ingest (``notifications.notified``)."""
-        return notified(self.settings, make_client(self.settings), self.push_endpoint())
+    def notified(self, timeout_s: float) -> bool:
+        """Whether the bucket still notifies this stack's ingest (``notifications.notified``; each call within
+        ``timeout_s``, tried once)."""
+        s3 = make_client(self.settings, read_timeout=timeout_s, attempts=1)
+        return notified(self.settings, s3, self.push_endpoint(), timeout_s)
 
     def notify(self) -> None:
         """The bucket and its notification to this stack's ingest, made again as `up` makes them (someone removed

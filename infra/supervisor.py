@@ -319,7 +319,14 @@ class Supervisor:
         """Restart what stalled delivery: the OSD when it does not answer its admin socket or holds an op stuck
         (restarting radosgw does not help then: its start-up waited on the OSD for good, and it broke the uploads the
         OSD held: review 24); otherwise radosgw, and ingest first when it does not answer its health check (hung:
-        its pid is there). Then a reconcile heals whatever was missed."""
+        its pid is there). Then a reconcile heals whatever was missed. A bucket that no longer notifies ingest is
+        made to again instead (asked first, within the supervisor's short timeouts: a frozen radosgw held the
+        question for minutes; no answer heals as before)."""
+        try:
+            renotify = not self.stack.notified(CHECK_TIMEOUT_S)
+        except (BotoCoreError, ClientError, httpx.HTTPError, OSError) as exc:
+            log.info("cannot tell whether bucket %s notifies ingest (%s): healing the stall", self.settings.bucket, exc)
+            renotify = False
         with self.acting:  # (the process watch starts nothing meanwhile: one start at a time. What to restart is
             # judged within: an OSD it started meanwhile was killed for an answer of the one before: review 25)
             # The stall too: a canary written as radosgw died stays undelivered while the process watch starts it
@@ -331,7 +338,7 @@ class Supervisor:
                 return
             self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
             self.reconcile_owed = True
-            if not self.stack.notified():  # (no restart brings back what someone removed)
+            if renotify:  # (no restart brings back what someone removed)
                 self.notify_again(f"canary undelivered for {age:.0f} s: bucket {self.settings.bucket} does not notify "
                                   "ingest (its notification was removed, or the bucket deleted and created again)")
                 return

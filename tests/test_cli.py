@@ -110,7 +110,7 @@ def cli_process(args: list[str], **environ: str) -> subprocess.Popen[str]:
 
 @pytest.mark.parametrize(("variable", "raw", "refusal"), [
     ("BUCKETLENS_BATCH_SIZE", "abc", "BUCKETLENS_BATCH_SIZE='abc' is not a valid int: a whole number"),
-    ("BUCKETLENS_MERGE_BATCH", "0", "BUCKETLENS_MERGE_BATCH=0: must be at least 1 and at most 2147483647"),
+    ("BUCKETLENS_MERGE_BATCH", "0", "BUCKETLENS_MERGE_BATCH=0: must be at least 1 and at most 9007199254740991"),
     ("BUCKETLENS_RUNTIME", "tensorrt", "BUCKETLENS_RUNTIME='tensorrt': choose one of auto, torch, onnx, onnx-int8"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_2_from_a_real_process(
@@ -128,7 +128,7 @@ def test_celery_started_by_hand_refuses_a_bad_setting_in_one_line(tmp_path: Path
                              env={**os.environ, "BUCKETLENS_HOME": str(tmp_path), "BUCKETLENS_BATCH_SIZE": "0"},
                              capture_output=True, text=True, timeout=120)
     assert process.returncode == 2, (process.stdout, process.stderr)
-    assert process.stderr == "bucketlens: BUCKETLENS_BATCH_SIZE=0: must be at least 1 and at most 2147483647\n", (
+    assert process.stderr == "bucketlens: BUCKETLENS_BATCH_SIZE=0: must be at least 1 and at most 9007199254740991\n", (
         process.stderr)
 
 

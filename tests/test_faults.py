@@ -688,7 +688,7 @@ def test_a_removed_bucket_notification_is_made_again_not_healed_by_restarting_ra
         for key, body in bodies.items():
             s3.put_object(Bucket=stack.settings.bucket, Key=key, Body=body)
         assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, timeout_s=300)
-        assert stack.notified()
+        assert stack.notified(5)
     finally:
         stack.notify()  # (as `up` would, whatever happened)
     assert counter(api, "notifications_restored") == restored + 1

@@ -21,6 +21,7 @@ from infra.notifications import (
     follow_endpoint,
     notified,
     remove_notifications,
+    topic_name,
 )
 from infra.stack import Stack
 
@@ -168,3 +169,14 @@ def test_a_notification_an_earlier_release_named_with_odd_characters_is_removed(
         for name in ("odd-test-odd-id", "p-q-test-odd-id"):
             with contextlib.suppress(ClientError):
                 sns.delete_topic(TopicArn=f"arn:aws:sns:default::{name}")
+
+
+def test_a_namespace_of_any_characters_makes_a_topic_name_ceph_finds_again() -> None:
+    """Ceph named the topic of a namespace with a space "a+b-...", and one with ':' was never found by its ARN's last
+    part: a changed webhook token never reached the notification (review 61)."""
+    from bucketlens.settings import Settings
+
+    assert topic_name(Settings(namespace="p:q", bucket="images")) == "p-q-images"
+    assert topic_name(Settings(namespace="bl", bucket="my.photos")) == "bl-my.photos"
+    arn = f"arn:aws:sns:default::{topic_name(Settings(namespace='p:q+r', bucket='images'))}"
+    assert arn.rsplit(":", 1)[-1] == "p-q-r-images"

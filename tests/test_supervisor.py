@@ -181,10 +181,12 @@ class Servers(Services):
         self.s3_starts = 0
         self.osd_kills = 0
         self.osd_hung: int | None = None
-        self.notification = True  # whether the bucket notifies ingest
+        self.notification: bool | None = True  # whether the bucket notifies ingest (None: S3 does not say)
         self.notified_again = 0
 
-    def notified(self) -> bool:
+    def notified(self, timeout_s: float) -> bool:
+        if self.notification is None:  # S3 does not say
+            raise httpx.ConnectError("refused")
         return self.notification
 
     def notify(self) -> None:
@@ -296,6 +298,10 @@ def test_a_removed_notification_or_bucket_is_made_again_not_taken_for_a_stalled_
     canary.pending, canary.write = None, gone  # type: ignore[method-assign]
     supervisor.check_delivery()  # (the fresh canary after a delivery fails: no bucket)
     assert stack.notified_again == 2
+    canary.write = write  # type: ignore[method-assign]
+    stack.notification, canary.pending, canary.age = None, "late", 10_000.0  # S3 does not answer the question
+    supervisor.check_delivery()
+    assert (stack.notified_again, stack.s3_starts) == (2, 1), "no answer: healed as a stall"
 
 
 def test_a_canary_from_before_the_supervisor_started_restarts_nothing(tmp_path: Path,
