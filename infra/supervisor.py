@@ -54,6 +54,7 @@ from .stack import Stack, StackError, free_space
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect: cheap)
 SERVERS = {"redis": "redis", "s3": "ceph"}  # the stack's servers the process watch keeps up: their data folders
+LOGS = {"s3": "ceph-script.log"}  # where a server's start writes, where not logs/<name>.log
 RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 STABLE_S = 120.0  # a restarted service that ran this long is well again
 MAX_BACKOFF_S = 600.0
@@ -282,8 +283,8 @@ class Supervisor:
         """Restart ``name`` (a service, ``redis``, or ``s3``: the Ceph daemons) if it is not running, backing off
         while it keeps dying soon after its restarts; whether it was started."""
         restarts = self.restarts.setdefault(name, Restarts())
-        missing = self.stack.ceph_missing() if name == "s3" else []
-        if not missing and (name == "s3" or (self.stack.redis_pid() if name == "redis" else self.stack.pid(name))):
+        said = self._down(name)
+        if not said:
             if restarts.at is not None and now - restarts.at >= STABLE_S:
                 self.restarts[name] = Restarts()
             return False
@@ -292,8 +293,7 @@ class Supervisor:
             # Redis was restarted since: a worker dies of that (kombu 5.7.0's crash on a reconnect), not of itself.
             # Counted, two Redis restarts left the stack without workers for minutes (an independent check).
             restarts = self.restarts[name] = Restarts()
-        logs = self.stack.home / "logs" / ("ceph-script.log" if name == "s3" else f"{name}.log")
-        said = f"the S3 server ({', '.join(missing)})" if name == "s3" else name
+        logs = self.stack.home / "logs" / LOGS.get(name, f"{name}.log")
         if restarts.at is not None:  # it died before it was well again
             if now - restarts.at < restarts.wait_s(self.settings.canary_interval_s):
                 return False
@@ -314,6 +314,13 @@ class Supervisor:
         else:
             self.stack.start_redis() if name == "redis" else self.stack.start_service(name)
         return True
+
+    def _down(self, name: str) -> str:
+        """What of ``name`` is not running, said ("": it runs)."""
+        if name == "s3":
+            missing = self.stack.ceph_missing()
+            return f"the S3 server ({', '.join(missing)})" if missing else ""
+        return "" if (self.stack.redis_pid() if name == "redis" else self.stack.pid(name)) is not None else name
 
     def heal(self) -> None:
         """Restart what stalled delivery: the OSD when it does not answer its admin socket or holds an op stuck
