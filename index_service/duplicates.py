@@ -40,7 +40,7 @@ from .verify import CANDIDATES, evidence
 log = logging.getLogger(__name__)
 NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
 MIN_SCORE = 0.2  # global score (centred descriptor) below which a neighbour is not proposed: hard copies score ~0.35
-BATCH = 64  # objects per round (one FAISS call) when quiet: ~20 s of verification, so new arrivals wait at most that
+BATCH = 64  # objects per round (one FAISS call) when quiet: ~20 s of verification; a new arrival waits about a round
 ARRIVING_BATCH = 8  # ... while objects arrive: a round then costs seconds, not minutes, before its rest
 ARRIVING_S = 5.0  # objects merged this recently: ingest is running, so the finder keeps to its CPU share
 # Default links of a group: the matches that say "the same photo". Pairs are kept from
@@ -63,7 +63,10 @@ class DuplicateFinder:
         self.busy = busy
         self.active = active
         # Object id -> etag still to check, in the generation below: what arrived since it was seen first (a copy
-        # just uploaded waited behind a reembed's whole backlog, minutes: an independent check), then the rest.
+        # just uploaded waited behind a reembed's whole backlog, minutes: an independent check), then the rest. Each
+        # round takes half its objects from the newest arrivals: a copy uploaded after a bulk import's thousands
+        # (or, in CI, after the whole suite's photos: over 420 s) waited behind all of them. The other half goes
+        # oldest first, so nothing waits for ever while uploads go on.
         self.arrivals: dict[str, str] = {}
         self.backlog: dict[str, str] = {}
         self.generation = -1
@@ -151,11 +154,16 @@ class DuplicateFinder:
                 unchecked = ((object_id(o.bucket, o.key), o.etag) for o in index.objects())
                 self.backlog = {oid: etag for oid, etag in unchecked
                                 if checked.get(oid) != etag and oid not in self.arrivals}
-        with self._lock:
-            batch = list(itertools.islice(itertools.chain(self.arrivals.items(), self.backlog.items()), limit))
-            for oid, _ in batch:
+        with self._lock:  # half the newest arrivals, then the oldest of what is pending
+            newest = list(itertools.islice(reversed(self.arrivals.items()), (limit + 1) // 2))
+            for oid, _ in newest:
+                del self.arrivals[oid]
+            oldest = list(itertools.islice(itertools.chain(self.arrivals.items(), self.backlog.items()),
+                                           limit - len(newest)))
+            for oid, _ in oldest:
                 if self.arrivals.pop(oid, None) is None:
                     del self.backlog[oid]
+            batch = newest + oldest
         if not batch:
             return 0
         try:

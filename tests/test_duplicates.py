@@ -145,6 +145,26 @@ def test_objects_just_merged_are_checked_before_the_backlog() -> None:
     assert index.features.checked().get("b/k5") == "e-k5-2" and finder.pending == 4
 
 
+def test_a_copy_just_uploaded_is_checked_before_a_pile_of_earlier_arrivals_and_the_oldest_still_move() -> None:
+    """Arrivals went oldest first: late in the whole suite the web page test's copies waited behind every earlier
+    test's photos for over 420 s (CI, 2026-12-06), as a user's copy would behind a bulk import. Each round now takes
+    half from the newest arrivals and half from the oldest."""
+    index = VectorIndex("m", DIM)
+    image = gray("coins.png")
+    index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), image, 1) for i in range(10)])
+    finder = DuplicateFinder(lambda: index)
+    assert finder.step(limit=10) == 10 and finder.pending == 0
+    index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), image, 1, order=2) for i in range(10)])
+    finder.wake([(f"b/k{i}", f"e-k{i}-2") for i in range(10)])  # a bulk import's arrivals, k0 first
+    assert finder.pending == 10 and finder.step(limit=4) == 4
+    checked = {oid for oid, etag in index.features.checked().items() if etag.endswith("-2")}
+    assert checked == {"b/k9", "b/k8", "b/k0", "b/k1"}  # two newest, two oldest
+    index.apply([entry("copy", near(np.ones(DIM, np.float32), 0.3, 99), image, 1)])
+    finder.wake([("b/copy", "e-copy-1")])  # then the user's copy
+    assert finder.step(limit=1) == 1 and index.features.checked().get("b/copy") == "e-copy-1"
+    assert finder.pending == 6
+
+
 def test_of_copies_with_about_the_most_pixels_the_oldest_is_the_best() -> None:
     """The best copy of equal pixels was the one whose key sorts first: a JPEG at quality 40 and a desaturated WebP
     were shown as the best over their lossless originals (review 57). The oldest goes first: most often the
