@@ -53,8 +53,10 @@ from .stack import Stack, StackError, free_space
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect: cheap)
-SERVERS = {"redis": "redis", "s3": "ceph"}  # the stack's servers the process watch keeps up: their data folders
+SERVERS = {"redis": "redis", "s3": "ceph", "milvus": "milvus"}  # the servers the process watch keeps up: their data
 LOGS = {"s3": "ceph-script.log"}  # where a server's start writes, where not logs/<name>.log
+RESTARTED = {"redis": " (its append-only file brings back what it held)",  # said with a restart
+             "milvus": " (the index service waits and resumes merging)"}
 RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 STABLE_S = 120.0  # a restarted service that ran this long is well again
 MAX_BACKOFF_S = 600.0
@@ -238,9 +240,8 @@ class Supervisor:
         # radosgw); backing off too: an OSD that died at each start (its disk full) was started every second, and
         # nothing but ceph-script.log said why (review 60)
         self.keep_up("s3", time.monotonic())
-        if "milvus" in self.stack.servers and self.stack.milvus_pid() is None:
-            log.warning("milvus is not running; restarting it (the index service waits and resumes merging)")
-            self.stack.start_milvus()
+        if "milvus" in self.stack.servers:  # (backing off too: it was started every second, 30-40 s a start: review 63)
+            self.keep_up("milvus", time.monotonic())
         for name in self.watched:
             self.keep_up(name, time.monotonic())
 
@@ -280,8 +281,8 @@ class Supervisor:
         self.judging = True
 
     def keep_up(self, name: str, now: float) -> bool:
-        """Restart ``name`` (a service, ``redis``, or ``s3``: the Ceph daemons) if it is not running, backing off
-        while it keeps dying soon after its restarts; whether it was started."""
+        """Restart ``name`` (a service, ``redis``, ``milvus`` or ``s3``: the Ceph daemons) if it is not running,
+        backing off while it keeps dying soon after its restarts; whether it was started."""
         restarts = self.restarts.setdefault(name, Restarts())
         said = self._down(name)
         if not said:
@@ -303,16 +304,19 @@ class Supervisor:
                             self.settings.canary_interval_s), logs, log_tail(logs, 2, restarts.log_from),
                         free_space(self.stack.home / SERVERS[name]) if name in SERVERS else "")
         else:
-            log.warning("%s is not running; restarting it%s", said, " (its append-only file brings back what it held)"
-                        if name == "redis" else "")
+            log.warning("%s is not running; restarting it%s", said, RESTARTED.get(name, ""))
         restarts.at = now
         with contextlib.suppress(OSError):  # (no log yet: from its start)
             restarts.log_from = logs.stat().st_size
         if name == "s3":
             self.stack.start_ceph()
             self.restarted_radosgw()
+        elif name == "redis":
+            self.stack.start_redis()
+        elif name == "milvus":
+            self.stack.start_milvus()
         else:
-            self.stack.start_redis() if name == "redis" else self.stack.start_service(name)
+            self.stack.start_service(name)
         return True
 
     def _down(self, name: str) -> str:
@@ -320,7 +324,13 @@ class Supervisor:
         if name == "s3":
             missing = self.stack.ceph_missing()
             return f"the S3 server ({', '.join(missing)})" if missing else ""
-        return "" if (self.stack.redis_pid() if name == "redis" else self.stack.pid(name)) is not None else name
+        if name == "redis":
+            pid = self.stack.redis_pid()
+        elif name == "milvus":
+            pid = self.stack.milvus_pid()
+        else:
+            pid = self.stack.pid(name)
+        return "" if pid is not None else name
 
     def heal(self) -> None:
         """Restart what stalled delivery: the OSD when it does not answer its admin socket or holds an op stuck

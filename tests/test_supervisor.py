@@ -255,6 +255,29 @@ def test_an_s3_server_that_dies_at_each_start_is_restarted_less_and_less_often_a
     assert supervisor.keep_up("s3", 600.0) is False
 
 
+def test_a_milvus_that_dies_at_each_start_is_restarted_less_and_less_often(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Milvus had a branch of its own in the process watch: one that died at each start was started every second
+    (30-40 s a start, holding the watch), with no back-off, log tail or free space (review 63)."""
+    supervisor, stack, _ = supervised(tmp_path)
+    milvus_starts: list[float] = []
+
+    def start_milvus() -> None:
+        milvus_starts.append(now)
+        with (stack.home / "logs" / "milvus.log").open("a") as log:
+            log.write("[FATAL] open milvus/rdb_data: no space left on device\n")
+
+    stack.milvus_pid = lambda: None  # type: ignore[method-assign]  # (dead again by each tick)
+    stack.start_milvus = start_milvus  # type: ignore[method-assign]
+    (tmp_path / "milvus").mkdir()
+    for tick in range(120):
+        now = tick * 5.0
+        assert supervisor.keep_up("milvus", now) == (now in milvus_starts)
+    assert milvus_starts == [0.0, 5.0, 65.0, 185.0, 425.0], milvus_starts
+    assert "milvus died again" in caplog.text and "no space left on device" in caplog.text, caplog.text
+    assert "MB free in" in caplog.text, caplog.text
+
+
 def test_a_restarted_radosgw_gets_its_grace_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The canary delivered before radosgw died ended the grace of its restart at the next check, and the check
     after restarted it again while it resumed (S3 refused connections twice for one death)."""
