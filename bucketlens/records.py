@@ -12,7 +12,7 @@ Lua's numbers lose digits past 2^53 (AWS sequencers are ~6e18).
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import redis
 
@@ -76,6 +76,29 @@ for i = 1, #ARGV, 4 do
   end
 end
 """
+
+
+# KEYS[1]: a hash; ARGV: field, the value read, ... -> the fields removed (those that still held what was read)
+_REMOVE_IF_UNCHANGED = """
+local removed = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    removed[#removed + 1] = ARGV[i]
+  end
+end
+return removed
+"""
+REMOVE_CHUNK = 500  # fields per Lua call: keeps each call short, Redis serves others in between
+
+
+def remove_unchanged(client: redis.Redis, key: str, read: Mapping[bytes, bytes]) -> list[bytes]:
+    """Delete each field of hash ``key`` that still holds the value ``read`` gives it (a record settled meanwhile
+    stays); the fields deleted."""
+    script = client.register_script(_REMOVE_IF_UNCHANGED)
+    fields = list(read)
+    parts = [fields[start : start + REMOVE_CHUNK] for start in range(0, len(fields), REMOVE_CHUNK)]
+    return [field for part in parts for field in script(keys=[key], args=[v for f in part for v in (f, read[f])])]
 
 
 def record(raw: bytes | str | None) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Collection, Iterable, Mapping, Sequence, cast
 import redis
 
 from bucketlens.keys import Keys
-from bucketlens.records import record
+from bucketlens.records import record, remove_unchanged
 from bucketlens.schemas import ObjectRef, object_id
 from ingest.publisher import Publisher
 
@@ -30,18 +30,6 @@ RETRY_MOST_S = 4 * 3600.0  # its own record, at most this,
 RETRY_ROUNDS = 6  # and no more than this many times (~11 h): an object that times out whatever S3 does is the user's
 RETRY_EVERY_S = 30.0  # how often the index service looks
 RESCAN_S = 600.0  # ... reading every record at least this often; in between, only when a worker counted a new one
-
-# KEYS[1]: the failures hash; ARGV: field, expected value, field, expected value, ... -> the fields removed.
-_REMOVE_IF_UNCHANGED = """
-local removed = {}
-for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    removed[#removed + 1] = ARGV[i]
-  end
-end
-return removed
-"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,15 +246,9 @@ def _read(client: redis.Redis, keys: Keys, selection: Selection, fields: Sequenc
 
 def _remove_unchanged(client: redis.Redis, keys: Keys, items: list[Item]) -> dict[bytes, tuple[bytes, dict[str, Any]]]:
     """Delete each record that still holds what was read; returns the deleted ones (stored JSON, parsed) by field."""
-    script = client.register_script(_REMOVE_IF_UNCHANGED)
     by_field = {field: (raw, record) for field, raw, record in items}
-    removed: dict[bytes, tuple[bytes, dict[str, Any]]] = {}
-    fields = list(by_field)
-    for start in range(0, len(fields), CHUNK):
-        args = [value for field in fields[start : start + CHUNK] for value in (field, by_field[field][0])]
-        for field in script(keys=[keys.failures], args=args):
-            removed[field] = by_field[field]
-    return removed
+    removed = remove_unchanged(client, keys.failures, {field: raw for field, (raw, _) in by_field.items()})
+    return {field: by_field[field] for field in removed}
 
 
 def _refs(record: dict[str, Any], generations: list[int]) -> list[ObjectRef]:

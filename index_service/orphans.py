@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from bucketlens.records import record
+from bucketlens.records import record, remove_unchanged
 from bucketlens.schemas import ObjectRef, split_object_id
 
 from .queues import queue_report
@@ -31,19 +31,7 @@ SWEEP_EVERY_S = 5.0
 # A mark is written just before its task is published (publish retries take under a second); a task in flight is
 # queued, unacknowledged or unmerged, which the idle check sees. 15 s leaves a wide margin for a slow publish.
 MIN_AGE_S = 15.0
-CHUNK = 1000  # marks per Lua call that drops stale ones; above this many lost objects, they go to the rebuild queue
-
-# KEYS[1]: the pending hash; ARGV: field, expected value, ... -> how many were removed (unchanged since read).
-_REMOVE_IF_UNCHANGED = """
-local removed = 0
-for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    removed = removed + 1
-  end
-end
-return removed
-"""
+CHUNK = 1000  # above this many lost objects, they go to the rebuild queue
 
 
 def quiet(service: Service) -> bool:
@@ -79,7 +67,7 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
     fields = list(old)
     failures = dict(zip(fields, cast(list[bytes | None], redis.hmget(keys.failures, fields)), strict=True))
     serving = service.index
-    stale: list[bytes] = []
+    stale: dict[bytes, bytes] = {}
     lost: list[ObjectRef] = []
     for field, raw in old.items():
         mark = cast(dict[str, Any], record(raw))
@@ -87,13 +75,11 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
         held = serving.get(bucket, key)
         failure = record(failures[field])
         if (held is not None and held.etag == mark["etag"]) or (failure and failure["etag"] == mark["etag"]):
-            stale += [field, raw]
+            stale[field] = raw
         else:
             lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]),
                                   event_time=mark.get("event_time", ""), generation=serving.generation))
-    remove = redis.register_script(_REMOVE_IF_UNCHANGED)
-    dropped = sum(int(remove(keys=[keys.pending], args=stale[start : start + 2 * CHUNK]))  # (one call blocks Redis)
-                  for start in range(0, len(stale), 2 * CHUNK))
+    dropped = len(remove_unchanged(redis, keys.pending, stale))
     sent = 0
     if lost and idle(service):  # still idle: nothing started meanwhile that could settle them
         # Many at once (a reembed abandoned by a restart left a mark per listed object) go to the rebuild queue, so

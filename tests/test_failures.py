@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 
 from bucketlens.cli import _retry_note
 from bucketlens.keys import Keys
+from bucketlens.records import REMOVE_CHUNK, remove_unchanged
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef, failure_record, object_id
 from index_service.failures import (
@@ -39,7 +41,7 @@ from ingest.scanner import head
 from workers.pipeline import Embedded
 from workers.results import ResultWriter
 
-from .helpers import object_state, photo, wait_for
+from .helpers import object_state, own_redis, photo, wait_for
 from .integrity import StreamRecorder
 
 
@@ -227,6 +229,20 @@ def test_an_object_sent_again_keeps_its_modification_time() -> None:
     (again,) = _refs(record, [1])
     assert again.modified == ref.modified > 0
     assert _refs({k: v for k, v in record.items() if k != "event_time"}, [1])[0].modified == 0  # an older record
+
+
+def test_records_are_removed_only_if_unchanged_since_read_in_short_calls(tmp_path: Path) -> None:
+    """One compare-and-delete serves the failure records and the pending marks (it was written twice: review 63),
+    in calls of ``REMOVE_CHUNK`` fields; a record written again meanwhile stays."""
+    with own_redis(tmp_path) as (url, _):
+        client = connect(url)
+        read = {f"b/k{i}".encode(): f'{{"etag": "e{i}"}}'.encode() for i in range(2 * REMOVE_CHUNK + 3)}
+        client.hset("h", mapping=read)
+        client.hset("h", "b/k7", '{"etag": "newer"}')  # settled and queued again since it was read
+        client.hdel("h", "b/k9")  # gone meanwhile
+        removed = remove_unchanged(client, "h", read)
+        assert sorted(removed) == sorted(set(read) - {b"b/k7", b"b/k9"})
+        assert client.hgetall("h") == {b"b/k7": b'{"etag": "newer"}'}
 
 
 def test_a_worker_settles_only_the_version_it_handled(stack: Stack) -> None:
