@@ -16,9 +16,8 @@ from .settings import Settings
 READ_TIMEOUT_S = 60.0  # a request's wait for S3's answer; the workers' downloads have FETCH_TIMEOUT_S
 
 
-def make_client(settings: Settings, endpoint: str | None = None, read_timeout: float = READ_TIMEOUT_S,
-                attempts: int = 2) -> Any:
-    """An S3 client for ``endpoint`` (default: the internal one); thread-safe, share it. (``FETCH_TIMEOUT_S`` was
+def make_client(settings: Settings, read_timeout: float = READ_TIMEOUT_S, attempts: int = 2) -> Any:
+    """An S3 client for ``settings.s3_endpoint``; thread-safe, share it. (``FETCH_TIMEOUT_S`` was
     every client's read timeout: a small one broke ``up``, ``upload`` and the services with tracebacks.)"""
     config = Config(
         s3={"addressing_style": "path"},
@@ -30,7 +29,7 @@ def make_client(settings: Settings, endpoint: str | None = None, read_timeout: f
     )
     return boto3.client(
         "s3",
-        endpoint_url=endpoint or settings.s3_endpoint,
+        endpoint_url=settings.s3_endpoint,
         aws_access_key_id=settings.s3_access_key or None,
         aws_secret_access_key=settings.s3_secret_key or None,
         region_name=settings.s3_region,

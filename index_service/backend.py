@@ -53,11 +53,12 @@ class Indexed:
 
 @dataclasses.dataclass
 class ApplyStats:
+    """What one batch did: its counts (read by the backends' contract tests) and its local features."""
+
     upserted: int = 0
     deleted: int = 0
     stale: int = 0
     rejected: int = 0
-    settled: list[str] = dataclasses.field(default_factory=list)  # object ids upserted or deleted
     # The batch's last word on each object's local features: (etag, bytes), or None to drop the row.
     features: dict[str, tuple[str, bytes] | None] = dataclasses.field(default_factory=dict)
 
@@ -78,11 +79,9 @@ class ApplyStats:
         elif outcome == "delete":
             self.features[oid] = None
             self.deleted += 1
-            self.settled.append(oid)
         elif outcome == "upsert":
             self.features[oid] = (entry.etag, entry.features) if entry.features else None
             self.upserted += 1
-            self.settled.append(oid)
 
 
 def verdict(entry: ResultEntry, held: int | None, tombstone: int | None, model: str, dim: int,

@@ -228,13 +228,13 @@ class Stack:
 
     # -- up / down / status --------------------------------------------------------------------------------
 
-    def up(self, services: tuple[str, ...] | None = None, wait_ready: bool = True) -> None:
+    def up(self) -> None:
         """Start whatever is not running yet; safe to call again."""
         with self._one_at_a_time("up"):
             # What ran when it began: an `up` that waited for another, then was interrupted, stopped what that one
             # started (review 58); `cmd_up` stops only what it started
             self.found_running = any(self.status()["processes"].values())
-            self._up(services, wait_ready)
+            self._up()
 
     def push_endpoint(self) -> str:
         """Where the bucket's notification pushes: this stack's ingest, with its webhook token."""
@@ -272,14 +272,13 @@ class Stack:
             lock.flush()
             yield
 
-    def _up(self, services: tuple[str, ...] | None, wait_ready: bool) -> None:
-        services = self.services if services is None else services
+    def _up(self) -> None:
         # Only its owner reads the stack's folder: the Ceph OSD's block file holds every image and the push
         # endpoint's token, Redis's files the queues, the logs the keys (they were all readable by any local user).
         self.home.chmod(0o700)
         for folder in ("run", "logs", "redis"):
             (self.home / folder).mkdir(parents=True, exist_ok=True)
-        self.check_ports(services)
+        self.check_ports()
         self.start_redis()
         self.start_ceph()
         if "milvus" in self.servers:
@@ -290,7 +289,7 @@ class Stack:
                 ensure_bucket(s3, self.settings.bucket)
             except (ClientError, ParamValidationError) as exc:  # (a traceback that named no setting)
                 raise StackError(f"the S3 server refused BUCKETLENS_BUCKET={self.settings.bucket!r}: {exc}") from exc
-        for name in services:
+        for name in self.services:
             if name != "supervisor":
                 self.start_service(name)
         self._wait_http(self.ingest_url + "/healthz", "ingest", 60)
@@ -306,13 +305,11 @@ class Stack:
                 Canary(self.settings, s3, connect(self.settings.redis_url)).wait(90)
             except TimeoutError as exc:
                 raise StackError(f"{exc}; see {self.home / 'logs'}") from exc
-        if wait_ready and "api" in services:
-            for name, url in self.replica_urls.items():
-                self._wait_http(url + "/readyz", name, 300)
+        for name, url in self.replica_urls.items():
+            self._wait_http(url + "/readyz", name, 300)
         if dropped:  # (a changed webhook token or ingest port): uploads while the stack was down went with them
-            self._reconcile(ready=wait_ready and "api" in services)
-        if "supervisor" in services:  # after the start-up canary: one canary writer at a time
-            self.start_service("supervisor")
+            self._reconcile()
+        self.start_service("supervisor")  # after the start-up canary: one canary writer at a time
 
     @contextlib.contextmanager
     def _s3_answers(self) -> Iterator[None]:
@@ -326,12 +323,9 @@ class Stack:
                              f"within {self.settings.liveness_timeout_s:.0f} s; `bucketlens up` again after "
                              "that") from exc
 
-    def _reconcile(self, ready: bool) -> None:
+    def _reconcile(self) -> None:
         print("the notification's push endpoint changed, and the events queued for the old one were dropped: "
-              + ("reconciling with the bucket" if ready else "run `bucketlens reconcile` once the stack is up"),
-              file=sys.stderr)
-        if not ready:
-            return
+              "reconciling with the bucket", file=sys.stderr)
         try:
             self.reconcile().raise_for_status()
         except httpx.HTTPError as exc:
@@ -375,7 +369,7 @@ class Stack:
         if errors:
             raise errors[0]
 
-    def check_ports(self, services: tuple[str, ...]) -> None:
+    def check_ports(self) -> None:
         """Refuse, before starting anything, a port of this stack that another program holds. A second stack whose
         ``stack.json`` names the same ports (made while the first was down) would otherwise take the first one's
         Redis and S3 server for its own (both answer) and point that bucket's notifications at itself."""
@@ -385,7 +379,7 @@ class Stack:
         if "milvus" in self.servers:
             owners.append(("milvus", c.milvus_port, self.milvus_pid()))
         api_ports = dict(zip(("api", *self.services[3:-1]), (c.api_port, *c.replica_ports)))
-        for name in services:
+        for name in self.services:
             port = c.ingest_port if name == "ingest" else api_ports.get(name)
             if port is not None:
                 owners.append((name, port, self.pid(name)))

@@ -46,15 +46,15 @@ def test_two_stacks_made_before_either_binds_choose_different_ports(tmp_path: Pa
     # A start leases the stack's ports again (review 32), so a stack set up meanwhile chooses others; a lease
     # alone refuses no start (its holder may be gone: review 34), a port in use does.
     ports.LEASES.unlink()
-    first.check_ports(first.services)
+    first.check_ports()
     assert not chosen(Stack(Settings(home=tmp_path / "c", api_port=preferred))) & chosen(first)
     second.config.api_port = first.config.api_port
-    second.check_ports(second.services)
+    second.check_ports()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", first.config.api_port))
         sock.listen()
         with pytest.raises(StackError, match=f"port {first.config.api_port}, this stack's api port, is in use"):
-            second.check_ports(second.services)
+            second.check_ports()
 
 
 def test_a_lease_holds_a_port_for_others_only_and_runs_out(leases: Path, monkeypatch: pytest.MonkeyPatch) -> None:
