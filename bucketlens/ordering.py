@@ -47,12 +47,18 @@ def event_time(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_iso(text: str) -> dt.datetime:
+    """An ISO-8601 date or time, aware: ``Z`` or ``z`` is UTC, and so is a time without an offset; ValueError if it
+    is not one (one parse for events, listings and search filters: only the filters took ``z``: review 63)."""
+    when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
 def time_order(when: str | dt.datetime) -> int:
     """Nanoseconds since the epoch of an ISO-8601 ``eventTime`` or a listing's ``LastModified``; ValueError for a
     time before the epoch or past year 9999 in UTC (an eventTime of year 1 was indexed as modified in year 1, and
     every search that found the object answered 500 rendering it: an independent review)."""
-    if isinstance(when, str):
-        when = dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    when = parse_iso(when) if isinstance(when, str) else when
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     try:

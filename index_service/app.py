@@ -50,7 +50,7 @@ from .backend import Index
 from .duplicates import GROUP_MATCHES as DUPLICATE_MATCHES
 from .duplicates import groups as find_groups
 from .failures import Selection, clear_failures, list_failures, retry_failures
-from .filters import iso
+from .filters import bucket_field, iso
 from .filters import parse as parse_filter
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import OPENAPI
@@ -315,7 +315,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service = admin_service(request)
         _params(request, (), "/rebuild")
         body = await _json_object(request, ("mode", "bucket", "index_type", "model"), "/rebuild")
-        bucket = _bucket(body)
+        bucket = bucket_field(body.get("bucket"))
         if body.get("mode", "reembed") == "reembed":  # now, not in the job's thread as a failed job that took a
             # generation number (a reembed of every bucket whose default one was gone started: review 60)
             try:  # (off the event loop: a Milvus index reads every row for them)
@@ -359,7 +359,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         dry_run = body.get("dry_run", False)
         if not isinstance(dry_run, bool):
             raise HTTPError(400, "bad_parameter", f"dry_run must be true or false, got {json.dumps(dry_run)[:100]}")
-        bucket = _bucket(body)
+        bucket = bucket_field(body.get("bucket"))
         with _known_bucket(bucket):  # the listing, its first step, finds out
             report = await run_in_threadpool(reconcile, service, bucket, dry_run)
         return JSONResponse(dataclasses.asdict(report))
@@ -437,13 +437,6 @@ def _count(params: Mapping[str, str], name: str, default: int, least: int, most:
         raise HTTPError(400, "bad_parameter", f"{name} must be at least {least}{': ' + why if why else ''}; "
                                               f"got {number}")
     return min(most, number)
-
-
-def _bucket(body: dict[str, Any]) -> str | None:
-    bucket = body.get("bucket")
-    if bucket is not None and not (isinstance(bucket, str) and bucket):
-        raise HTTPError(400, "bad_parameter", "bucket must be a non-empty string")
-    return bucket
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import datetime as dt
 from typing import Any, Iterable
 
 from bucketlens.http import HTTPError
+from bucketlens.ordering import parse_iso
 from bucketlens.schemas import object_id
 
 FIELDS = ("bucket", "prefix", "modified_after", "modified_before")
@@ -54,12 +55,17 @@ class Filter:
                 "modified_before": None if self.before is None else utc(self.before)}
 
 
+def bucket_field(value: Any, code: str = "bad_parameter") -> str | None:
+    """A request's ``bucket``: None when not given; 400 ``code`` when not a non-empty string."""
+    if value is not None and not (isinstance(value, str) and value):
+        raise HTTPError(400, code, "bucket must be a non-empty string")
+    return value
+
+
 def parse(fields: dict[str, Any], bucket_filters: bool = True) -> Filter:
     """A filter from request fields (JSON body, form fields or query parameters); 400 on a bad value.
     ``bucket_filters``: False for a key query, where ``bucket`` names the key's bucket instead."""
-    bucket = fields.get("bucket") if bucket_filters else None
-    if bucket is not None and not (isinstance(bucket, str) and bucket):
-        raise HTTPError(400, "bad_parameter", "bucket must be a non-empty string")
+    bucket = bucket_field(fields.get("bucket")) if bucket_filters else None
     prefix = "" if fields.get("prefix") is None else fields["prefix"]
     if not isinstance(prefix, str):  # (0, false and [] were read as no prefix)
         raise HTTPError(400, "bad_parameter", "prefix must be a string")
@@ -81,10 +87,7 @@ def parse_time(value: Any, name: str) -> float | None:
     if not isinstance(value, str):
         raise HTTPError(400, "bad_parameter", f"{name} must be an ISO 8601 date or time, e.g. 2024-06-01")
     try:
-        when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.UTC)
-        seconds = when.timestamp()
+        seconds = parse_iso(value).timestamp()
         iso(seconds, strict=True)  # (echoed in the answer: a UTC time in years 1 to 9999)
     except (ValueError, OverflowError):  # not ISO 8601, or a UTC time past year 1 or 9999 (was a 500)
         raise HTTPError(400, "bad_parameter",

@@ -95,9 +95,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
         _combine(fields, {k: v for k, v in payload.items() if k in OPTIONS and v is not None}, "body")
         _query_from_json(query, payload, dim)
         if query.key is not None:  # the key's bucket, from the body or a query parameter (?bucket= was ignored)
-            query.bucket = fields.get("bucket")
-            if query.bucket is not None and not (isinstance(query.bucket, str) and query.bucket):
-                raise HTTPError(400, "bad_key", "bucket must be a non-empty string")
+            query.bucket = filters.bucket_field(fields.get("bucket"), "bad_key")
     else:
         raise HTTPError(415, "unsupported_media_type",
                         "send multipart/form-data with 'image', JSON, or application/octet-stream (a float32 vector)")

@@ -61,6 +61,7 @@ def test_a_timed_order_beyond_the_clock_skew_is_from_the_future() -> None:
 def test_time_order_accepts_datetimes_and_strings() -> None:
     when = dt.datetime(2026, 11, 29, 1, 35, 25, 103000, tzinfo=dt.UTC)
     assert time_order(when) == time_order("2026-11-29T01:35:25.103Z") == time_order(when.replace(tzinfo=None))
+    assert time_order("2026-11-29T01:35:25.103z") == time_order(when)  # (a search filter took it; an event did not)
 
 
 def test_an_objects_modification_time_comes_from_its_event_or_listing() -> None:
