@@ -39,6 +39,10 @@ from .verify import CANDIDATES, evidence
 
 log = logging.getLogger(__name__)
 NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
+# ... and up to this many, for a photo with more copies than that: with 20 proposed, a copy whose neighbours were all
+# other copies never met the rest (the web page test's photo and its flipped copy, 25-33 apart late in the whole
+# suite). Each deeper neighbour costs a verification (~5 ms): at most 4x an object's usual cost
+MOST_NEIGHBOURS = 80
 MIN_SCORE = 0.2  # global score (centred descriptor) below which a neighbour is not proposed: hard copies score ~0.35
 BATCH = 64  # objects per round (one FAISS call) when quiet: ~20 s of verification; a new arrival waits about a round
 ARRIVING_BATCH = 8  # ... while objects arrive: a round then costs seconds, not minutes, before its rest
@@ -204,24 +208,36 @@ def find_pairs(index: Index, objects: list[Indexed],
                min_score: float = MIN_SCORE) -> list[tuple[str, str, int, str]]:
     """Confirmed ``(object id, object id, matches, the second's etag)`` between each of ``objects`` and its
     neighbours. Objects indexed without local features (an older model) have nothing to verify with and are not
-    searched for."""
+    searched for. One whose furthest proposed neighbour is still a copy may have more copies than were proposed:
+    it is searched again, twice as deep, up to ``MOST_NEIGHBOURS``."""
     stored = index.features.views([(object_id(o.bucket, o.key), o.etag) for o in objects])
-    known = [(o, v) for o in objects
-             if object_id(o.bucket, o.key) in stored and (v := index.vector(o.bucket, o.key)) is not None]
-    if not known:
-        return []
-    ids = [object_id(o.bucket, o.key) for o, _ in known]
-    neighbours = index.search_many(np.stack([v for _, v in known]), NEIGHBOURS, list(ids))
-    wanted = {(object_id(o.bucket, o.key), o.etag) for hits in neighbours for o, s in hits if s >= min_score}
-    stored |= index.features.views(sorted(w for w in wanted if w[0] not in stored))
+    searched = {object_id(o.bucket, o.key): (o, v) for o in objects
+                if object_id(o.bucket, o.key) in stored and (v := index.vector(o.bucket, o.key)) is not None}
+    verified: dict[str, set[str]] = {oid: set() for oid in searched}  # neighbours checked, per object
     pairs = []
-    for (obj, _), oid, hits in zip(known, ids, neighbours):
-        for other, score in hits:
-            other_id = object_id(other.bucket, other.key)
-            if score >= min_score and other_id in stored:
-                matches = evidence(stored[oid], obj.etag, stored[other_id], other.etag)
+    depth = NEIGHBOURS
+    while searched:
+        ids = list(searched)
+        found = index.search_many(np.stack([v for _, v in searched.values()]), depth, list(ids))
+        proposed = {oid: [(o, s) for o, s in hits if object_id(o.bucket, o.key) not in verified[oid]]
+                    for oid, hits in zip(ids, found)}
+        wanted = {(object_id(o.bucket, o.key), o.etag) for hits in proposed.values() for o, s in hits if s >= min_score}
+        stored |= index.features.views(sorted(w for w in wanted if w[0] not in stored))
+        deeper = {}
+        for oid, hits in zip(ids, found):
+            obj = searched[oid][0]
+            matches = 0
+            for other, score in proposed[oid]:
+                other_id = object_id(other.bucket, other.key)
+                verified[oid].add(other_id)
+                matches = (evidence(stored[oid], obj.etag, stored[other_id], other.etag)
+                           if score >= min_score and other_id in stored else 0)
                 if matches >= local_features.MIN_INLIERS:
                     pairs.append((oid, other_id, matches, other.etag))
+            if len(hits) == depth and matches >= local_features.MIN_INLIERS:  # the furthest was a copy too
+                deeper[oid] = searched[oid]
+        searched = deeper if depth < MOST_NEIGHBOURS else {}
+        depth *= 2
     return pairs
 
 

@@ -165,6 +165,22 @@ def test_a_copy_just_uploaded_is_checked_before_a_pile_of_earlier_arrivals_and_t
     assert finder.pending == 6
 
 
+def test_a_photo_with_more_copies_than_one_search_proposes_still_links_every_copy() -> None:
+    """Each object's 20 nearest were proposed: a copy whose 20 nearest were all other copies never met the rest. Late
+    in the whole suite the web page test's photo and its flipped copy each had 20 other tests' copies of the photo
+    nearer, and were never grouped (CI, 2026-12-06: 420 s). The search goes deeper while the furthest is a copy."""
+    index = VectorIndex("m", DIM)
+    base, image = np.ones(DIM, np.float32), gray("coins.png")
+    index.apply([entry(f"other/k{i}", near(base, 0.05, i), image, 1) for i in range(30)]  # nearer one another
+                + [entry("mine/a", near(base, 0.2, 100), image, 1), entry("mine/b", near(base, 0.3, 101), image, 1)])
+    finder = DuplicateFinder(lambda: index)
+    while finder.step():
+        pass
+    (group,) = groups(index, local_features.COPY_MATCHES, prefix="mine/")
+    assert {o.key for o in group.members} == {"mine/a", "mine/b"}
+    assert len(groups(index, local_features.COPY_MATCHES)[0].members) == 32
+
+
 def test_of_copies_with_about_the_most_pixels_the_oldest_is_the_best() -> None:
     """The best copy of equal pixels was the one whose key sorts first: a JPEG at quality 40 and a desaturated WebP
     were shown as the best over their lossless originals (review 57). The oldest goes first: most often the
