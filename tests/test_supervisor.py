@@ -26,7 +26,7 @@ from infra import liveness as liveness_module
 from infra import supervisor as supervisor_module
 from infra.liveness import Liveness, Watch, ceph_daemon, serves
 from infra.stack import Stack, _live_pid, _pid_record
-from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, STABLE_S, Supervisor
+from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, SERVERS, STABLE_S, Supervisor
 
 from .helpers import wait_for
 
@@ -230,52 +230,36 @@ def supervised(home: Path) -> tuple[Supervisor, Servers, Canary]:
     return supervisor, stack, supervisor.canary  # type: ignore[return-value]
 
 
-def test_an_s3_server_that_dies_at_each_start_is_restarted_less_and_less_often_and_the_log_says_why(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("name, log_file, said", [
+    ("s3", "ceph-script.log", "the S3 server (ceph-osd) died again"),
+    ("milvus", "milvus.log", "milvus died again"),
+])
+def test_a_server_that_dies_at_each_start_is_restarted_less_and_less_often_and_the_log_says_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, log_file: str, said: str) -> None:
     """Its disk full, the Ceph OSD died at each start: it was started every second, each time with a line that said
-    only that it was not running; the cause was in ceph-script.log alone (review 60)."""
+    only that it was not running; the cause was in ceph-script.log alone (review 60). Milvus had a branch of its own
+    in the process watch, with no back-off, log tail or free space (review 63)."""
     supervisor, stack, _ = supervised(tmp_path)
-    ceph_starts: list[float] = []
+    starts: list[float] = []
 
-    def start_ceph() -> None:
-        ceph_starts.append(now)
-        with (stack.home / "logs" / "ceph-script.log").open("a") as log:
-            log.write("ceph-osd: write_meta: (28) No space left on device\n")
+    def start() -> None:
+        starts.append(now)
+        with (stack.home / "logs" / log_file).open("a") as log:
+            log.write("write_meta: (28) No space left on device\n")
 
-    stack.ceph_missing = lambda: ["ceph-osd"]  # type: ignore[method-assign]  # (dead again by each tick)
-    stack.start_ceph = start_ceph  # type: ignore[method-assign]
-    (tmp_path / "ceph").mkdir()
+    down: list[str] = ["ceph-osd"]  # (dead again by each tick)
+    stack.ceph_missing = lambda: down  # type: ignore[method-assign]
+    stack.milvus_pid = lambda: None if down else 1  # type: ignore[method-assign]
+    stack.start_ceph = stack.start_milvus = start  # type: ignore[method-assign]
+    (tmp_path / SERVERS[name]).mkdir()
     for tick in range(120):  # every 5 s (WATCH_S) for 10 minutes
         now = tick * 5.0
-        assert supervisor.keep_up("s3", now) == (now in ceph_starts)
-    assert ceph_starts == [0.0, 5.0, 65.0, 185.0, 425.0], ceph_starts  # (every tick, 120, before)
-    assert "the S3 server (ceph-osd) died again" in caplog.text, caplog.text
+        assert supervisor.keep_up(name, now) == (now in starts)
+    assert starts == [0.0, 5.0, 65.0, 185.0, 425.0], starts  # (every tick, 120, before)
+    assert said in caplog.text, caplog.text
     assert "No space left on device" in caplog.text and "MB free in" in caplog.text, caplog.text
-    stack.ceph_missing = lambda: []  # type: ignore[method-assign]
-    assert supervisor.keep_up("s3", 600.0) is False
-
-
-def test_a_milvus_that_dies_at_each_start_is_restarted_less_and_less_often(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Milvus had a branch of its own in the process watch: one that died at each start was started every second
-    (30-40 s a start, holding the watch), with no back-off, log tail or free space (review 63)."""
-    supervisor, stack, _ = supervised(tmp_path)
-    milvus_starts: list[float] = []
-
-    def start_milvus() -> None:
-        milvus_starts.append(now)
-        with (stack.home / "logs" / "milvus.log").open("a") as log:
-            log.write("[FATAL] open milvus/rdb_data: no space left on device\n")
-
-    stack.milvus_pid = lambda: None  # type: ignore[method-assign]  # (dead again by each tick)
-    stack.start_milvus = start_milvus  # type: ignore[method-assign]
-    (tmp_path / "milvus").mkdir()
-    for tick in range(120):
-        now = tick * 5.0
-        assert supervisor.keep_up("milvus", now) == (now in milvus_starts)
-    assert milvus_starts == [0.0, 5.0, 65.0, 185.0, 425.0], milvus_starts
-    assert "milvus died again" in caplog.text and "no space left on device" in caplog.text, caplog.text
-    assert "MB free in" in caplog.text, caplog.text
+    down.clear()
+    assert supervisor.keep_up(name, 600.0) is False
 
 
 def test_a_restarted_radosgw_gets_its_grace_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
