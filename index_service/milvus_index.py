@@ -126,6 +126,16 @@ def literal(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _parts(oids: Sequence[str]) -> Iterator[Sequence[str]]:
+    """``oids`` in parts short enough for one expression each (1000)."""
+    return (oids[start : start + 1000] for start in range(0, len(oids), 1000))
+
+
+def _among(oids: Iterable[str]) -> str:
+    """The expression of a row whose object id is one of ``oids``."""
+    return f"oid in [{', '.join(literal(o) for o in oids)}]"
+
+
 def prefix_end(prefix: str) -> str | None:
     """The smallest string above every string starting with ``prefix`` (None: no upper bound)."""
     while prefix:
@@ -339,13 +349,9 @@ class MilvusIndex(SearchOne):
     def _held(self, oids: list[str], live: bool = False) -> dict[str, dict[str, Any]]:
         """The current rows (live or tombstone; ``live``: live rows only) of ``oids``, read with Strong consistency:
         the order rule needs the latest word."""
-        found: dict[str, dict[str, Any]] = {}
-        for start in range(0, len(oids), 1000):
-            part = oids[start : start + 1000]
-            expr = f"{'deleted == false and ' if live else ''}oid in [{', '.join(literal(o) for o in part)}]"
-            for row in self._query(expr, ["oid", "order", "deleted", "deleted_at", "etag"], strong=True):
-                found[row["oid"]] = row
-        return found
+        fields = ["oid", "order", "deleted", "deleted_at", "etag"]
+        return {row["oid"]: row for part in _parts(oids)
+                for row in self._query(f"{'deleted == false and ' if live else ''}{_among(part)}", fields, strong=True)}
 
     def _row(self, entry: ResultEntry) -> dict[str, Any]:
         assert entry.vector is not None, "verdict accepts upserts with vectors only"
@@ -403,10 +409,10 @@ class MilvusIndex(SearchOne):
     def _doubled(self, oids: list[str]) -> Iterator[str]:
         """The ids among ``oids`` (each has a row) that have more than one: each part whose ``count(*)`` is above
         its length is halved until single ids are left."""
-        parts = [oids[start : start + 1000] for start in range(0, len(oids), 1000)]
+        parts = list(_parts(oids))
         while parts:
             part = parts.pop()
-            if self._rows(f"oid in [{', '.join(literal(o) for o in part)}]") > len(part):
+            if self._rows(_among(part)) > len(part):
                 if len(part) == 1:
                     yield part[0]
                 else:
@@ -438,12 +444,7 @@ class MilvusIndex(SearchOne):
         return _indexed(rows[0]) if rows else None
 
     def etags(self, oids: Sequence[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for start in range(0, len(oids), 1000):
-            part = oids[start : start + 1000]
-            expr = f"deleted == false and oid in [{', '.join(literal(o) for o in part)}]"
-            found.update((row["oid"], row["etag"]) for row in self._query(expr, ["oid", "etag"], strong=True))
-        return found
+        return {oid: row["etag"] for oid, row in self._held(list(oids), live=True).items()}
 
     def vector(self, bucket: str, key: str) -> np.ndarray | None:
         rows = self._query(f"oid == {literal(object_id(bucket, key))} and deleted == false", ["vector"])
