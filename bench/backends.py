@@ -28,23 +28,13 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from bucketlens.schemas import ResultEntry
 from bucketlens.settings import Settings
-from index_service.backend import Index, open_backend
+from index_service.backend import open_backend
 from index_service.feature_store import FeatureStore
 
-from .index_scale import RESULTS, clustered
+from .index_scale import RESULTS, clustered, timed_search
 
 MODEL = Settings().model
 BATCH = Settings().merge_batch
-
-
-def search_times(index: Index, queries: np.ndarray) -> tuple[list[list[str]], float, float]:
-    hits, times = [], []
-    for q in queries:
-        started = time.perf_counter()
-        found = index.search(q, 10)
-        times.append((time.perf_counter() - started) * 1000)
-        hits.append([o.key for o, _ in found])
-    return hits, float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
 def measure(backend_name: str, n: int, settings: Settings, redis_url: str) -> dict[str, Any]:
@@ -62,12 +52,12 @@ def measure(backend_name: str, n: int, settings: Settings, redis_url: str) -> di
     started = time.perf_counter()
     backend.checkpoint(index, "1-0")
     checkpoint_s = time.perf_counter() - started
-    exact, flat_p50, flat_p99 = search_times(index, queries)
+    exact, flat_p50, flat_p99 = timed_search(index, queries)
     started = time.perf_counter()
     index.restructure(backend.approximate)
     restructure_s = time.perf_counter() - started
-    approx, p50, p99 = search_times(index, queries)
-    recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
+    approx, p50, p99 = timed_search(index, queries)
+    recall = float(np.mean([len(a & e) / 10 for a, e in zip(approx, exact)]))
     row = {"backend": backend_name, "vectors": n, "merge_per_s": round(n / merge_s),
            "checkpoint_s": round(checkpoint_s, 2),
            "flat_p50_ms": round(flat_p50, 2), "flat_p99_ms": round(flat_p99, 2), "approximate": backend.approximate,

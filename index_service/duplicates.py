@@ -2,9 +2,10 @@
 everything per request.
 
 For each new or changed object of the serving generation, its nearest neighbours by global score (one batched
-FAISS search for many objects) are proposed, and spatial verification confirms them: enough consistent ORB
-matches between the object's stored views (itself and its mirror) and the neighbour's own, or the same bytes
-(equal etags: ``local_features.IDENTICAL`` matches, so exact copies of an image without keypoints are grouped too).
+FAISS search for many objects; 20, and 20 more where the 20th is a copy too: ``find_pairs``) are proposed, and
+spatial verification confirms them: enough consistent ORB matches between the object's stored views (itself and its
+mirror) and the neighbour's own, or the same bytes (equal etags: ``local_features.IDENTICAL`` matches, so exact
+copies of an image without keypoints are grouped too).
 Confirmed pairs live in the generation's feature store (``feature_store.py``), which drops an object's pairs
 whenever the object changes or goes; groups are stars around each group's best copy, computed per request (pairs
 are few next to objects): ``groups``.
@@ -41,10 +42,12 @@ log = logging.getLogger(__name__)
 NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
 # ... and up to this many, for a photo with more copies than that: with 20 proposed, a copy whose neighbours were all
 # other copies never met the rest (the web page test's photo and its flipped copy, 25-33 apart late in the whole
-# suite). Each deeper neighbour costs a verification (~5 ms): at most 4x an object's usual cost
-MOST_NEIGHBOURS = 80
+# suite). Each further neighbour costs a verification (~5 ms): at most 2x an object's usual cost, paid where its
+# nearest 20 are all copies (a set of 1,000 views of each of 20 photos pays it for every object, and is grouped in
+# parts: 80 was 4x there, and still split a photo of 150 copies: review 64)
+MOST_NEIGHBOURS = 40
 MIN_SCORE = 0.2  # global score (centred descriptor) below which a neighbour is not proposed: hard copies score ~0.35
-BATCH = 64  # objects per round (one FAISS call) when quiet: ~20 s of verification; a new arrival waits about a round
+BATCH = 64  # objects per round (one FAISS call) when quiet: ~20 s of verification (up to 2x: MOST_NEIGHBOURS)
 ARRIVING_BATCH = 8  # ... while objects arrive: a round then costs seconds, not minutes, before its rest
 ARRIVING_S = 5.0  # objects merged this recently: ingest is running, so the finder keeps to its CPU share
 # Default links of a group: the matches that say "the same photo". Pairs are kept from
@@ -69,8 +72,7 @@ class DuplicateFinder:
         # Object id -> etag still to check, in the generation below: what arrived since it was seen first (a copy
         # just uploaded waited behind a reembed's whole backlog, minutes: an independent check), then the rest. Each
         # round takes half its objects from the newest arrivals: a copy uploaded after a bulk import's thousands
-        # (or, in CI, after the whole suite's photos: over 420 s) waited behind all of them. The other half goes
-        # oldest first, so nothing waits for ever while uploads go on.
+        # waited behind all of them. The other half goes oldest first, through the arrivals, then the rest.
         self.arrivals: dict[str, str] = {}
         self.backlog: dict[str, str] = {}
         self.generation = -1
@@ -164,9 +166,12 @@ class DuplicateFinder:
                 del self.arrivals[oid]
             oldest = list(itertools.islice(itertools.chain(self.arrivals.items(), self.backlog.items()),
                                            limit - len(newest)))
+            arrived = {oid for oid, _ in newest}  # (put back where they were if the round fails)
             for oid, _ in oldest:
                 if self.arrivals.pop(oid, None) is None:
                     del self.backlog[oid]
+                else:
+                    arrived.add(oid)
             batch = newest + oldest
         if not batch:
             return 0
@@ -179,7 +184,7 @@ class DuplicateFinder:
             with self._lock:
                 for oid, etag in batch:
                     if oid not in self.arrivals:  # (a newer version that arrived meanwhile stays)
-                        self.backlog.setdefault(oid, etag)
+                        (self.arrivals if oid in arrived else self.backlog)[oid] = etag
             raise
         self.checked_objects += len(objects)
         return len(batch)
@@ -208,36 +213,33 @@ def find_pairs(index: Index, objects: list[Indexed],
                min_score: float = MIN_SCORE) -> list[tuple[str, str, int, str]]:
     """Confirmed ``(object id, object id, matches, the second's etag)`` between each of ``objects`` and its
     neighbours. Objects indexed without local features (an older model) have nothing to verify with and are not
-    searched for. One whose furthest proposed neighbour is still a copy may have more copies than were proposed:
-    it is searched again, twice as deep, up to ``MOST_NEIGHBOURS``."""
+    searched for. Each is verified against its ``NEIGHBOURS`` nearest, then, if the furthest of those is a copy too
+    (it may have more copies than were proposed), the next ones, twice as many each time, up to ``MOST_NEIGHBOURS``."""
     stored = index.features.views([(object_id(o.bucket, o.key), o.etag) for o in objects])
-    searched = {object_id(o.bucket, o.key): (o, v) for o in objects
-                if object_id(o.bucket, o.key) in stored and (v := index.vector(o.bucket, o.key)) is not None}
-    verified: dict[str, set[str]] = {oid: set() for oid in searched}  # neighbours checked, per object
+    known = [(o, v) for o in objects
+             if object_id(o.bucket, o.key) in stored and (v := index.vector(o.bucket, o.key)) is not None]
+    if not known:
+        return []
+    ids = [object_id(o.bucket, o.key) for o, _ in known]
+    neighbours = index.search_many(np.stack([v for _, v in known]), MOST_NEIGHBOURS, list(ids))
+    todo = [(obj, oid, hits) for (obj, _), oid, hits in zip(known, ids, neighbours)]
     pairs = []
-    depth = NEIGHBOURS
-    while searched:
-        ids = list(searched)
-        found = index.search_many(np.stack([v for _, v in searched.values()]), depth, list(ids))
-        proposed = {oid: [(o, s) for o, s in hits if object_id(o.bucket, o.key) not in verified[oid]]
-                    for oid, hits in zip(ids, found)}
-        wanted = {(object_id(o.bucket, o.key), o.etag) for hits in proposed.values() for o, s in hits if s >= min_score}
+    start, end = 0, NEIGHBOURS
+    while todo and start < MOST_NEIGHBOURS:
+        proposed = [[(o, s) for o, s in hits[start:end] if s >= min_score] for _, _, hits in todo]
+        wanted = {(object_id(o.bucket, o.key), o.etag) for hits in proposed for o, _ in hits}
         stored |= index.features.views(sorted(w for w in wanted if w[0] not in stored))
-        deeper = {}
-        for oid, hits in zip(ids, found):
-            obj = searched[oid][0]
+        deeper = []
+        for (obj, oid, hits), near in zip(todo, proposed):
             matches = 0
-            for other, score in proposed[oid]:
+            for other, _ in near:
                 other_id = object_id(other.bucket, other.key)
-                verified[oid].add(other_id)
-                matches = (evidence(stored[oid], obj.etag, stored[other_id], other.etag)
-                           if score >= min_score and other_id in stored else 0)
+                matches = evidence(stored[oid], obj.etag, stored[other_id], other.etag) if other_id in stored else 0
                 if matches >= local_features.MIN_INLIERS:
                     pairs.append((oid, other_id, matches, other.etag))
-            if len(hits) == depth and matches >= local_features.MIN_INLIERS:  # the furthest was a copy too
-                deeper[oid] = searched[oid]
-        searched = deeper if depth < MOST_NEIGHBOURS else {}
-        depth *= 2
+            if len(near) == end - start and matches >= local_features.MIN_INLIERS:  # the furthest was a copy too
+                deeper.append((obj, oid, hits))
+        todo, start, end = deeper, end, end * 2
     return pairs
 
 

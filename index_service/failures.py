@@ -21,7 +21,7 @@ from ingest.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
-CHUNK = 500  # records per Lua call: keeps each call short, Redis serves others in between
+CHUNK = 500  # records per HMGET step (Redis serves others in between); above this many due: the rebuild queue
 # Reasons of S3 away or slow, which a later attempt mends: ``retry_passing`` makes it. Not the object's bytes
 # (``CONTENT_REASONS``), S3 refusing access, a worker dying on the object, or a bug: those wait for the user.
 RETRIED_BY_ITSELF = frozenset({"unreachable", "fetch_timeout"})
