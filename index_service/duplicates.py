@@ -107,6 +107,7 @@ class DuplicateFinder:
         with self._lock:
             for oid, etag in changed:
                 self.backlog.pop(oid, None)
+                self.arrivals.pop(oid, None)  # (a new version is the newest arrival: review 64)
                 self.arrivals[oid] = etag
         if changed:
             self.arriving()

@@ -172,6 +172,9 @@ def test_a_copy_just_uploaded_is_checked_before_a_pile_of_earlier_arrivals_and_t
     index.search_many = search_many  # type: ignore[method-assign]
     assert finder.step(limit=1) == 1 and index.features.checked().get("b/copy") == "e-copy-1"
     assert finder.pending == 6
+    index.apply([entry("k2", near(np.ones(DIM, np.float32), 0.3, 2), image, 1, order=3)])
+    finder.wake([("b/k2", "e-k2-3")])  # the oldest arrival, uploaded again: now the newest
+    assert finder.step(limit=1) == 1 and index.features.checked().get("b/k2") == "e-k2-3"
 
 
 def test_a_photo_with_more_copies_than_one_search_proposes_still_links_every_copy() -> None:
