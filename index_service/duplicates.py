@@ -75,6 +75,7 @@ class DuplicateFinder:
         # waited behind all of them. The other half goes oldest first, through the arrivals, then the rest.
         self.arrivals: dict[str, str] = {}
         self.backlog: dict[str, str] = {}
+        self.checking = 0  # objects of the round in progress
         self.generation = -1
         self.checked_objects = 0
         self.cpu_s = 0.0  # this thread's CPU time in its rounds (``/stats``: what it took from the cores)
@@ -87,8 +88,8 @@ class DuplicateFinder:
 
     @property
     def pending(self) -> int:
-        """How many objects are still to check (the two are disjoint)."""
-        return len(self.arrivals) + len(self.backlog)
+        """How many objects are still to check (the three are disjoint)."""
+        return len(self.arrivals) + len(self.backlog) + self.checking
 
     @property
     def started(self) -> bool:
@@ -174,6 +175,7 @@ class DuplicateFinder:
                 else:
                     arrived.add(oid)
             batch = newest + oldest
+            self.checking = len(batch)  # (a round of objects with many copies takes a while: review 64)
         if not batch:
             return 0
         try:
@@ -187,6 +189,8 @@ class DuplicateFinder:
                     if oid not in self.arrivals:  # (a newer version that arrived meanwhile stays)
                         (self.arrivals if oid in arrived else self.backlog)[oid] = etag
             raise
+        finally:
+            self.checking = 0
         self.checked_objects += len(objects)
         return len(batch)
 

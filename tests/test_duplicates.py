@@ -161,15 +161,17 @@ def test_a_copy_just_uploaded_is_checked_before_a_pile_of_earlier_arrivals_and_t
     assert checked == {"b/k9", "b/k8", "b/k0", "b/k1"}  # two newest, two oldest
     index.apply([entry("copy", near(np.ones(DIM, np.float32), 0.3, 99), image, 1)])
     finder.wake([("b/copy", "e-copy-1")])  # then the user's copy
-    search_many = index.search_many
+    search_many, during = index.search_many, []
 
     def away(*args: object, **kwargs: object) -> object:
+        during.append(finder.pending)  # the round in progress counts as pending
         raise ConnectionError("the index server is restarting")
 
     index.search_many = away  # type: ignore[method-assign]
     with pytest.raises(ConnectionError):  # a failed round puts it back among the newest (was: the backlog's end)
         finder.step(limit=1)
     index.search_many = search_many  # type: ignore[method-assign]
+    assert during == [7] and finder.pending == 7
     assert finder.step(limit=1) == 1 and index.features.checked().get("b/copy") == "e-copy-1"
     assert finder.pending == 6
     index.apply([entry("k2", near(np.ones(DIM, np.float32), 0.3, 2), image, 1, order=3)])
