@@ -122,7 +122,7 @@ class Supervisor:
             self.attempt("delivery check", self.check_delivery)
             stop.wait(self.settings.canary_interval_s)
 
-    def attempt(self, what: str, step: Callable[[], None]) -> None:
+    def attempt(self, what: str, step: Callable[[], object]) -> None:
         """``step``; a failure is logged once, until it works again: a server away (Redis, S3, a process start) in
         one line (each kill of a frozen Redis was followed by a 60-line traceback: review 24), anything else with its
         traceback."""
@@ -234,16 +234,17 @@ class Supervisor:
         # Redis before anything that needs it, the canary included; backing off like the services: one that died at
         # each start (its disk full: `appendfsync always` exits at a failed write) was restarted every second, and
         # each line said only that its append-only file brings back what it held (review 49).
-        if self.keep_up("redis", time.monotonic()):
-            self.redis_restarted = time.monotonic()
+        self.attempt("restart of redis", self.keep_redis_up)
         # radosgw, its OSD or monitor died (the canary would find it only after canary_timeout_s, and heal only
         # radosgw); backing off too: an OSD that died at each start (its disk full) was started every second, and
-        # nothing but ceph-script.log said why (review 60)
-        self.keep_up("s3", time.monotonic())
-        if "milvus" in self.stack.servers:  # (backing off too: it was started every second, 30-40 s a start: review 63)
-            self.keep_up("milvus", time.monotonic())
-        for name in self.watched:
-            self.keep_up(name, time.monotonic())
+        # nothing but ceph-script.log said why (review 60). Milvus too (it was started every second, 30-40 s a start:
+        # review 63). Each in an attempt of its own: a start that failed skipped the rest that round (review 64).
+        for name in ("s3", *(("milvus",) if "milvus" in self.stack.servers else ()), *self.watched):
+            self.attempt(f"restart of {name}", functools.partial(self.keep_up, name))
+
+    def keep_redis_up(self) -> None:
+        if self.keep_up("redis"):
+            self.redis_restarted = time.monotonic()
 
     def check_delivery(self) -> None:
         try:
@@ -280,9 +281,11 @@ class Supervisor:
             self.heal()
         self.judging = True
 
-    def keep_up(self, name: str, now: float) -> bool:
+    def keep_up(self, name: str, now: float | None = None) -> bool:
         """Restart ``name`` (a service, ``redis``, ``milvus`` or ``s3``: the Ceph daemons) if it is not running,
-        backing off while it keeps dying soon after its restarts; whether it was started."""
+        backing off while it keeps dying soon after its restarts; whether it was started. ``now``: monotonic (the
+        clock's, unless told)."""
+        now = time.monotonic() if now is None else now
         restarts = self.restarts.setdefault(name, Restarts())
         said = self._down(name)
         if not said:

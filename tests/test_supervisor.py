@@ -25,7 +25,7 @@ from bucketlens.settings import Settings
 from infra import liveness as liveness_module
 from infra import supervisor as supervisor_module
 from infra.liveness import Liveness, Watch, ceph_daemon, serves
-from infra.stack import Stack, _live_pid, _pid_record
+from infra.stack import Stack, StackError, _live_pid, _pid_record
 from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, SERVERS, STABLE_S, Supervisor
 
 from .helpers import wait_for
@@ -260,6 +260,24 @@ def test_a_server_that_dies_at_each_start_is_restarted_less_and_less_often_and_t
     assert "No space left on device" in caplog.text and "MB free in" in caplog.text, caplog.text
     down.clear()
     assert supervisor.keep_up(name, 600.0) is False
+
+
+def test_a_server_whose_start_fails_does_not_hold_back_the_services(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Milvus that died as it started ended the process watch's round: a dead worker (or ingest) after it in the
+    round was not restarted until a round without a Milvus start (review 64)."""
+    supervisor, stack, _ = supervised(tmp_path)
+
+    def start_milvus() -> None:
+        raise StackError("Milvus did not start: it exited with code 1")
+
+    stack.servers = ("milvus",)  # type: ignore[assignment]
+    stack.milvus_pid = lambda: None  # type: ignore[attr-defined]
+    stack.start_milvus = start_milvus  # type: ignore[attr-defined]
+    stack.up = False  # the worker died too
+    supervisor.keep_processes_up()
+    assert stack.starts == 1, "the worker was not restarted"
+    assert "supervisor restart of milvus failed (StackError: Milvus did not start" in caplog.text, caplog.text
 
 
 def test_a_restarted_radosgw_gets_its_grace_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
