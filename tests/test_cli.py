@@ -100,10 +100,14 @@ def one_error_line(capsys: pytest.CaptureFixture[str], *words: str) -> str:
 
 def cli_process(args: list[str], **environ: str) -> subprocess.Popen[str]:
     """``python -m bucketlens.cli`` in a process of its own, with the test's environment and ``environ`` over it."""
-    # SIGINT as a terminal delivers it: a background job (CI's, a nohup'd run) starts its children with it ignored
+    # SIGINT as a terminal delivers it: a background job (CI's, a nohup'd run) starts its children with it ignored,
+    # and an ignored signal stays ignored across exec, a handled one does not. (A preexec_fn reset it in the child,
+    # but made Python fork rather than spawn, and the fork ran the handlers gRPC, loaded in pytest by the Milvus
+    # tests, registered: a child aborted (-6, "epoll_wait error: Bad file descriptor") in a clean-clone run.)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return subprocess.Popen([sys.executable, "-m", "bucketlens.cli", *args], env={**os.environ, **environ},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 # -- settings -------------------------------------------------------------------------------------------------
