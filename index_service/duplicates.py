@@ -70,9 +70,11 @@ class DuplicateFinder:
         self.busy = busy
         self.active = active
         # Object id -> etag still to check, in the generation below: what arrived since it was seen first (a copy
-        # just uploaded waited behind a reembed's whole backlog, minutes: an independent check), then the rest. Each
-        # round takes half its objects from the newest arrivals: a copy uploaded after a bulk import's thousands
-        # waited behind all of them. The other half goes oldest first, through the arrivals, then the rest.
+        # just uploaded waited behind a reembed's whole backlog, minutes: an independent check), then the rest,
+        # oldest written first. Each round takes half its objects from the newest: the arrivals, latest first, then
+        # the rest, latest written first (a copy uploaded after a bulk import's thousands waited behind all of them,
+        # and after a rebuild's swap or a restart, when everything unchecked is the rest). The other half goes
+        # oldest first, through the arrivals, then the rest: every object moves.
         self.arrivals: dict[str, str] = {}
         self.backlog: dict[str, str] = {}
         self.checking = 0  # objects of the round in progress
@@ -159,21 +161,17 @@ class DuplicateFinder:
                 self.generation = index.generation
                 self.arrivals = {oid: etag for oid, etag in self.arrivals.items()  # (of this generation, unchecked)
                                  if checked.get(oid) != etag and _current(index, oid, etag) is not None}
-                unchecked = ((object_id(o.bucket, o.key), o.etag) for o in index.objects())
-                self.backlog = {oid: etag for oid, etag in unchecked
-                                if checked.get(oid) != etag and oid not in self.arrivals}
-        with self._lock:  # half the newest arrivals, then the oldest of what is pending
-            newest = list(itertools.islice(reversed(self.arrivals.items()), (limit + 1) // 2))
-            for oid, _ in newest:
-                del self.arrivals[oid]
+                # oldest written first: after a swap or a restart the newest half starts from the latest uploads
+                written = ((object_id(o.bucket, o.key), o) for o in sorted(index.objects(), key=lambda o: o.modified))
+                self.backlog = {oid: o.etag for oid, o in written
+                                if checked.get(oid) != o.etag and oid not in self.arrivals}
+        with self._lock:  # half the newest pending (arrivals, then the backlog's latest), then the oldest
+            newest = list(itertools.islice(itertools.chain(reversed(self.arrivals.items()),
+                                                           reversed(self.backlog.items())), (limit + 1) // 2))
+            arrived = self._take(newest)  # (put back where they were if the round fails)
             oldest = list(itertools.islice(itertools.chain(self.arrivals.items(), self.backlog.items()),
                                            limit - len(newest)))
-            arrived = {oid for oid, _ in newest}  # (put back where they were if the round fails)
-            for oid, _ in oldest:
-                if self.arrivals.pop(oid, None) is None:
-                    del self.backlog[oid]
-                else:
-                    arrived.add(oid)
+            arrived |= self._take(oldest)
             batch = newest + oldest
             self.checking = len(batch)  # (a round of objects with many copies takes a while: review 64)
         if not batch:
@@ -193,6 +191,17 @@ class DuplicateFinder:
             self.checking = 0
         self.checked_objects += len(objects)
         return len(batch)
+
+
+    def _take(self, items: list[tuple[str, str]]) -> set[str]:
+        """Take ``items`` out of the arrivals or the backlog; returns those that were arrivals."""
+        arrived = set()
+        for oid, _ in items:
+            if self.arrivals.pop(oid, None) is None:
+                del self.backlog[oid]
+            else:
+                arrived.add(oid)
+        return arrived
 
 
 def _current(index: Index, oid: str, etag: str) -> Indexed | None:

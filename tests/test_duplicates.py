@@ -138,11 +138,11 @@ def test_objects_just_merged_are_checked_before_the_backlog() -> None:
     index = VectorIndex("m", DIM)
     index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), gray("coins.png"), 1) for i in range(6)])
     finder = DuplicateFinder(lambda: index)
-    assert finder.step(limit=1) == 1 and finder.pending == 5  # the generation's backlog, in its order
-    index.apply([entry("k5", near(np.ones(DIM, np.float32), 0.3, 5), gray("coins.png"), 1, order=2)])
-    finder.wake([("b/k5", "e-k5-2")])  # merged just now: a new version of the backlog's last object
+    assert finder.step(limit=1) == 1 and finder.pending == 5  # the generation's backlog, its latest (k5) first
+    index.apply([entry("k0", near(np.ones(DIM, np.float32), 0.3, 0), gray("coins.png"), 1, order=2)])
+    finder.wake([("b/k0", "e-k0-2")])  # merged just now: a new version of the backlog's first object
     assert finder.pending == 5 and finder.step(limit=1) == 1
-    assert index.features.checked().get("b/k5") == "e-k5-2" and finder.pending == 4
+    assert index.features.checked().get("b/k0") == "e-k0-2" and finder.pending == 4
 
 
 def test_a_copy_just_uploaded_is_checked_before_a_pile_of_earlier_arrivals_and_the_oldest_still_move() -> None:
@@ -177,6 +177,20 @@ def test_a_copy_just_uploaded_is_checked_before_a_pile_of_earlier_arrivals_and_t
     index.apply([entry("k2", near(np.ones(DIM, np.float32), 0.3, 2), image, 1, order=3)])
     finder.wake([("b/k2", "e-k2-3")])  # the oldest arrival, uploaded again: now the newest
     assert finder.step(limit=1) == 1 and index.features.checked().get("b/k2") == "e-k2-3"
+
+
+def test_after_a_restart_or_a_swap_the_latest_written_objects_are_checked_first_and_the_oldest_still_move() -> None:
+    """After a rebuild's swap or a restart everything unchecked was one backlog in the index's order, and half of
+    each round had no arrivals to take: a copy uploaded just before waited behind the whole bucket. Half of each round
+    now takes the latest written, the other half the oldest."""
+    index = VectorIndex("m", DIM)
+    image = gray("coins.png")
+    written = [5, 2, 9, 0, 7, 1, 8, 3, 6, 4]  # k0 was written 6th, k2 last
+    index.apply([dataclasses.replace(entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), image, 1),
+                                     modified=1_700_000_000.0 + at) for i, at in enumerate(written)])
+    finder = DuplicateFinder(lambda: index)  # as a service starts, or a swap finds: nothing checked, nothing arrived
+    assert finder.step(limit=4) == 4 and finder.pending == 6
+    assert set(index.features.checked()) == {"b/k2", "b/k6", "b/k3", "b/k5"}  # written last, 9th; 1st, 2nd
 
 
 def test_a_photo_with_more_copies_than_one_search_proposes_still_links_every_copy() -> None:
