@@ -48,6 +48,16 @@ def test_a_candidate_with_a_handful_of_keypoints_does_not_match_everything() -> 
     assert local_features.inliers(query, candidate) < local_features.MIN_INLIERS
 
 
+def test_matches_that_all_start_at_one_point_are_no_evidence_and_no_error() -> None:
+    """OpenCV gives no transform for matches from a single point (keypoints of several pyramid levels on one pixel,
+    as stored): ``inliers`` raised TypeError on it."""
+    rng = np.random.default_rng(1)
+    descriptors = rng.integers(0, 256, (6, 32), dtype=np.uint8)
+    spread = local_features.Features(rng.integers(0, 300, (6, 2)).astype(np.float32), descriptors)
+    one_point = local_features.Features(np.full((6, 2), 10, np.float32), descriptors)
+    assert local_features.inliers(one_point, spread) == 0 and local_features.inliers(one_point, one_point) == 0
+
+
 def test_wire_format_round_trip_is_bounded() -> None:
     found = local_features.views(gray("chelsea.png"))
     data = local_features.encode(found)

@@ -147,7 +147,9 @@ def inliers(query: Features, candidate: Features) -> int:
     dst = candidate.points[[m.trainIdx for m in good]]
     transform, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX,
                                                   maxIters=500, confidence=0.99)
-    if mask is None or not MIN_SCALE <= math.hypot(transform[0, 0], transform[1, 0]) <= MAX_SCALE:
+    if transform is None or not MIN_SCALE <= math.hypot(transform[0, 0], transform[1, 0]) <= MAX_SCALE:
+        # (None, with a mask of zeros, when every match starts at one point: it raised TypeError, failing the
+        # search, and a round of the duplicate finder each time it was tried again)
         return 0
     return int(mask.sum())
 
