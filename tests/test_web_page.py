@@ -55,16 +55,22 @@ def make_unique(path: Path, seed: str) -> None:
     image.crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(path, quality=92)
 
 
-def why_not_grouped(api: httpx.Client, prefix: str, photo: str, copy: str) -> str:
-    """What the service says of two objects that were not grouped: the finder's state, and where each ranks among
-    the other's 40 nearest, with its matches."""
+def why_not_grouped(stack: Stack, api: httpx.Client, prefix: str, photo: str, copy: str) -> str:
+    """What the service says of two objects that were not grouped: the finder's state, where each ranks among the
+    other's 40 nearest, with its matches, and what the index service logged of duplicates."""
+    stats = api.get("/stats").json()
     said = [f"/duplicates: {api.get('/duplicates', params={'prefix': prefix}).text[:2000]}",
-            f"/stats duplicates: {api.get('/stats').json().get('duplicates')}"]
+            f"/stats: duplicates {stats.get('duplicates')}, index_type {stats.get('index_type')}, "
+            f"vectors {stats.get('vectors')}, generation {stats.get('generation')}, writer {stats.get('writer')}"]
+    log = stack.home / "logs" / "api.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    said += [line[:400] for line in lines if "duplicates" in line or "ERROR" in line][-15:]
     for key, other in ((photo, copy), (copy, photo)):
-        hits = api.post("/search", json={"key": key, "k": 40}).json().get("results", [])
-        rank = next((i for i, h in enumerate(hits) if h["key"] == other), None)
-        said.append(f"from {key}: {other} at rank {rank} of {len(hits)}"
-                    + (f" ({hits[rank]})" if rank is not None else f"; the last: {hits[-1:]}"))
+        for rerank in (False, True):  # by global score (the finder's proposals), then as a search orders them
+            hits = api.post("/search", json={"key": key, "k": 40, "rerank": rerank}).json().get("results", [])
+            rank = next((i for i, h in enumerate(hits) if h["key"] == other), None)
+            said.append(f"from {key} (rerank {rerank}): {other} at rank {rank} of {len(hits)}: "
+                        + str({f: hits[rank].get(f) for f in ("score", "matches")} if rank is not None else hits[-1:]))
     return "\n".join(said)
 
 
@@ -184,9 +190,9 @@ def test_search_by_file_then_click_through(
         # of each round from the newest arrivals (~64 objects per 20 s round, fewer while objects arrive).
         try:
             wait_for(lambda: api.get("/duplicates", params={"prefix": unique_prefix}).json()["total"] == 1 or None,
-                     180, what="the copies grouped")
+                     300, what="the copies grouped")
         except AssertionError as exc:  # (CI failed here twice where local runs passed: say what the finder saw)
-            said = why_not_grouped(api, unique_prefix, keys["chelsea.jpg"], keys[COPY])
+            said = why_not_grouped(stack, api, unique_prefix, keys["chelsea.jpg"], keys[COPY])
             raise AssertionError(f"{exc}\n{said}") from exc
         page.get_by_test_id("filter-prefix").fill(unique_prefix)  # the one folder box serves the groups too
         page.get_by_test_id("dup-submit").click()
