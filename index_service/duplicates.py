@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import sqlite3
 import threading
 import time
 from typing import Callable, Sequence
@@ -54,7 +53,6 @@ ARRIVING_S = 5.0  # objects merged this recently: ingest is running, so the find
 # Default links of a group: the matches that say "the same photo". Pairs are kept from
 # ``local_features.MIN_INLIERS`` up, so a caller may ask for looser groups.
 GROUP_MATCHES = local_features.COPY_MATCHES
-AWAY = (OSError, sqlite3.OperationalError)  # the index server or the store's disk away: the round is tried again
 
 
 class DuplicateFinder:
@@ -179,47 +177,21 @@ class DuplicateFinder:
         if not batch:
             return 0
         try:
-            done = self._check(index, batch)
-        except AWAY:  # the index server away (Milvus restarting): checked later, not dropped (every retry took
+            objects = [o for oid, etag in batch if (o := _current(index, oid, etag)) is not None]
+            pairs = find_pairs(index, objects)
+            index.features.add_pairs([(object_id(o.bucket, o.key), o.etag) for o in objects], pairs)
+        except Exception:  # the index server away (Milvus restarting): checked later, not dropped (every retry took
             # another batch, and a Milvus restart left identical copies ungrouped for good: an independent check)
-            self._put_back(batch, arrived)
+            with self._lock:
+                for oid, etag in batch:
+                    if oid not in self.arrivals:  # (a newer version that arrived meanwhile stays)
+                        (self.arrivals if oid in arrived else self.backlog)[oid] = etag
             raise
-        except Exception:  # a fault that some object meets (a bug): the round was tried again and again, the same
-            # newest arrivals first, and no object was checked any more. Each is checked alone now; where others
-            # are checked, one that meets it again is said and left unchecked, until it changes or the service
-            # starts again (where all meet it, it is no object's: the round is tried again, as when away).
-            done, faulty = 0, []
-            for at, item in enumerate(batch):
-                try:
-                    done += self._check(index, [item])
-                except AWAY:
-                    self._put_back(batch[at:], arrived)
-                    raise
-                except Exception as exc:
-                    faulty.append((item, exc))
-            if len(faulty) == len(batch):
-                self._put_back(batch, arrived)
-                raise
-            for (oid, _), error in faulty:
-                log.error("looking for duplicates of %s failed; it stays unchecked until it changes or the service "
-                          "starts again", oid, exc_info=error)
         finally:
             self.checking = 0
-        self.checked_objects += done
+        self.checked_objects += len(objects)
         return len(batch)
 
-    @staticmethod
-    def _check(index: Index, batch: list[tuple[str, str]]) -> int:
-        """Look for the copies of ``batch``'s objects still current; returns how many were."""
-        objects = [o for oid, etag in batch if (o := _current(index, oid, etag)) is not None]
-        index.features.add_pairs([(object_id(o.bucket, o.key), o.etag) for o in objects], find_pairs(index, objects))
-        return len(objects)
-
-    def _put_back(self, items: list[tuple[str, str]], arrived: set[str]) -> None:
-        with self._lock:
-            for oid, etag in items:
-                if oid not in self.arrivals:  # (a newer version that arrived meanwhile stays)
-                    (self.arrivals if oid in arrived else self.backlog)[oid] = etag
 
     def _take(self, items: list[tuple[str, str]]) -> set[str]:
         """Take ``items`` out of the arrivals or the backlog; returns those that were arrivals."""
