@@ -154,21 +154,11 @@ class DuplicateFinder:
         """Check up to ``limit`` pending objects; returns how many were checked."""
         index = self.index()
         if index.generation != self.generation:  # start, or a rebuild swapped: whatever is unchecked is pending
-            if index.features.pairs_version < ONE_TO_ONE:
-                recount(index)
-            checked = index.features.checked()
-            with self._lock:
-                self.generation = index.generation
-                self.arrivals = {oid: etag for oid, etag in self.arrivals.items()  # (of this generation, unchecked)
-                                 if checked.get(oid) != etag and _current(index, oid, etag) is not None}
-                # oldest written first: after a swap or a restart the newest half starts from the latest uploads
-                written = ((object_id(o.bucket, o.key), o) for o in sorted(index.objects(), key=lambda o: o.modified))
-                self.backlog = {oid: o.etag for oid, o in written
-                                if checked.get(oid) != o.etag and oid not in self.arrivals}
+            self._look_again(index)
         with self._lock:  # half the newest pending (arrivals, then the backlog's latest), then the oldest
             newest = list(itertools.islice(itertools.chain(reversed(self.arrivals.items()),
                                                            reversed(self.backlog.items())), (limit + 1) // 2))
-            arrived = self._take(newest)  # (put back where they were if the round fails)
+            arrived = self._take(newest)
             oldest = list(itertools.islice(itertools.chain(self.arrivals.items(), self.backlog.items()),
                                            limit - len(newest)))
             arrived |= self._take(oldest)
@@ -182,16 +172,42 @@ class DuplicateFinder:
             index.features.add_pairs([(object_id(o.bucket, o.key), o.etag) for o in objects], pairs)
         except Exception:  # the index server away (Milvus restarting): checked later, not dropped (every retry took
             # another batch, and a Milvus restart left identical copies ungrouped for good: an independent check)
-            with self._lock:
-                for oid, etag in batch:
-                    if oid not in self.arrivals:  # (a newer version that arrived meanwhile stays)
-                        (self.arrivals if oid in arrived else self.backlog)[oid] = etag
+            self._put_back(newest, oldest, arrived)
             raise
         finally:
             self.checking = 0
         self.checked_objects += len(objects)
         return len(batch)
 
+    def _look_again(self, index: Index) -> None:
+        """At a start or a rebuild's swap, whatever of ``index`` is unchecked is pending: the arrivals still current,
+        then the rest, oldest written first (unknown times first). The index is asked outside the lock (a Milvus
+        collection's scan, which ``wake`` waited on in the merger), and the generation is taken on only once it
+        answered (a scan that failed, Milvus not loaded yet after a start, left nothing pending for good)."""
+        if index.features.pairs_version < ONE_TO_ONE:
+            recount(index)
+        checked = index.features.checked()
+        with self._lock:
+            seen = dict(self.arrivals)
+        gone = {oid for oid, etag in seen.items() if checked.get(oid) == etag or _current(index, oid, etag) is None}
+        written = [(object_id(o.bucket, o.key), o.etag) for o in sorted(index.objects(), key=lambda o: o.modified)]
+        with self._lock:  # (what arrived meanwhile stays)
+            self.arrivals = {oid: etag for oid, etag in self.arrivals.items() if oid not in gone or seen[oid] != etag}
+            self.backlog = {oid: etag for oid, etag in written if checked.get(oid) != etag and oid not in self.arrivals}
+            self.generation = index.generation
+
+    def _put_back(self, newest: list[tuple[str, str]], oldest: list[tuple[str, str]], arrived: set[str]) -> None:
+        """A failed round's objects, back where they were taken from: the newest at the end, the oldest at the
+        front (all at the end, a restart's retries took the oldest for the latest uploads). A newer version that
+        arrived meanwhile stays where it is."""
+        with self._lock:
+            woken = set(self.arrivals)
+
+            def part(items: list[tuple[str, str]], arrivals: bool) -> list[tuple[str, str]]:
+                return [(oid, etag) for oid, etag in items if (oid in arrived) == arrivals and oid not in woken]
+
+            self.arrivals = dict(part(oldest, True) + list(self.arrivals.items()) + part(newest[::-1], True))
+            self.backlog = dict(part(oldest, False) + list(self.backlog.items()) + part(newest[::-1], False))
 
     def _take(self, items: list[tuple[str, str]]) -> set[str]:
         """Take ``items`` out of the arrivals or the backlog; returns those that were arrivals."""

@@ -138,7 +138,7 @@ def test_objects_just_merged_are_checked_before_the_backlog() -> None:
     index = VectorIndex("m", DIM)
     index.apply([entry(f"k{i}", near(np.ones(DIM, np.float32), 0.3, i), gray("coins.png"), 1) for i in range(6)])
     finder = DuplicateFinder(lambda: index)
-    assert finder.step(limit=1) == 1 and finder.pending == 5  # the generation's backlog, its latest (k5) first
+    assert finder.step(limit=1) == 1 and finder.pending == 5  # the backlog's latest first (equal times: k5)
     index.apply([entry("k0", near(np.ones(DIM, np.float32), 0.3, 0), gray("coins.png"), 1, order=2)])
     finder.wake([("b/k0", "e-k0-2")])  # merged just now: a new version of the backlog's first object
     assert finder.pending == 5 and finder.step(limit=1) == 1
@@ -191,6 +191,32 @@ def test_after_a_restart_or_a_swap_the_latest_written_objects_are_checked_first_
     finder = DuplicateFinder(lambda: index)  # as a service starts, or a swap finds: nothing checked, nothing arrived
     assert finder.step(limit=4) == 4 and finder.pending == 6
     assert set(index.features.checked()) == {"b/k2", "b/k6", "b/k3", "b/k5"}  # written last, 9th; 1st, 2nd
+
+
+def test_rounds_that_fail_put_their_objects_back_where_they_were_and_a_failed_look_is_taken_again() -> None:
+    """A failed round put its objects back at the end: after a restart's retries the oldest were taken for the latest
+    uploads (review 65). And the generation was taken on before the index was asked for its objects: where that
+    failed (Milvus not loaded yet after a start), nothing was pending for the rest of the generation."""
+    index = VectorIndex("m", DIM)
+    image = gray("coins.png")
+    index.apply([dataclasses.replace(entry(f"k{i:02d}", near(np.ones(DIM, np.float32), 0.3, i), image, 1),
+                                     modified=1_700_000_000.0 + i) for i in range(12)])  # k11 written last
+    finder = DuplicateFinder(lambda: index)
+    objects, search_many = index.objects, index.search_many
+
+    def away(*args: object, **kwargs: object) -> object:
+        raise ConnectionError("the index server is restarting")
+
+    index.objects = away  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        finder.step(limit=4)
+    index.objects, index.search_many = objects, away  # type: ignore[method-assign]
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            finder.step(limit=4)
+    assert finder.pending == 12
+    index.search_many = search_many  # type: ignore[method-assign]
+    assert finder.step(limit=4) == 4 and set(index.features.checked()) == {"b/k11", "b/k10", "b/k00", "b/k01"}
 
 
 def test_a_photo_with_more_copies_than_one_search_proposes_still_links_every_copy() -> None:
