@@ -81,7 +81,10 @@ ORDER_DIGITS = 80  # an order's decimal digits at most (ingest: sequencers of at
 
 # What Milvus's errors say when the server, or part of it, is not there (yet): its restart, its query nodes.
 UNAVAILABLE = ("unavailable", "connect", "deadline", "timeout", "not ready", "not loaded", "shard leader",
-               "shard delegator", "channel not", "node not", "not available", "lack", "recovering")
+               "shard delegator", "channel not", "node not", "not available", "lack", "recovering",
+               # ... and what a server killed mid-call leaves in the client: gRPC's INTERNAL or UNKNOWN with the
+               # stream cut, and pymilvus's "Unexpected error" around a call on the channel it closed (review 65)
+               "stream removed", "rst_stream", "socket closed", "connection reset", "closed channel")
 # The same by Milvus's own error codes (pkg/util/merr, stable since 2.3), which a message may not spell out: service
 # unavailable, limits, a collection or partition not (fully) loaded or recovering, a replica, channel, segment or node
 # not found or not available, IO, the server's cancel and timeout. (Code 1, "service not ready", is also pymilvus's
@@ -116,7 +119,8 @@ def reachable(uri: str) -> Iterator[None]:
         raise
     except grpc.RpcError as exc:
         code = exc.code() if callable(getattr(exc, "code", None)) else None  # (a grpc.Call, which every one is)
-        if code in UNAVAILABLE_GRPC:
+        details = str(exc.details() if callable(getattr(exc, "details", None)) else exc).lower()
+        if code in UNAVAILABLE_GRPC or any(s in details for s in UNAVAILABLE):
             raise IndexUnavailable(f"Milvus at {uri} is unreachable: {code}") from exc
         raise
 

@@ -646,12 +646,18 @@ def test_a_generation_of_another_model_never_mixes(fixture: Fixture) -> None:
 
 
 
-class DeadlinePassed(grpc.RpcError):
-    """What a search whose ``timeout`` passed raises through pymilvus: grpc's own error, not a MilvusException
-    (a grpc.Call too, whose other methods are left out here)."""
+class RpcFailed(grpc.RpcError):
+    """What pymilvus passes on as it is from grpc, not as a MilvusException: a search whose ``timeout`` passed, a
+    stream the server cut when it was killed (a grpc.Call too, whose other methods are left out here)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 @pytest.mark.parametrize("code, message", [
@@ -660,7 +666,9 @@ class DeadlinePassed(grpc.RpcError):
     (1, "segment lacks[segment=445]"), (1, "collection on recovering"),
     # By Milvus's code alone (pkg/util/merr): the wording varies by version and by which node answers.
     (602, "fail to search on QueryNode 1"), (501, "fail to search"), (401, "failed to get shard leaders"),
-    (10001, "failed to search")])
+    (10001, "failed to search"),
+    # A server killed mid-call: pymilvus wraps grpc's error on the channel it closed as its "Unexpected error".
+    (1, "Unexpected error, message=<Cannot invoke RPC on closed channel!>")])
 def test_a_milvus_that_is_coming_back_is_unavailable_not_an_error(code: int, message: str) -> None:
     """While a restarted Milvus's query nodes take their shards back, searches failed with 500 (whole-suite runs
     of the Milvus fault test, twice): that is the server not there yet, 503 ``index_unavailable`` like its being
@@ -672,12 +680,18 @@ def test_a_milvus_that_is_coming_back_is_unavailable_not_an_error(code: int, mes
     with pytest.raises(IndexUnavailable, match="unreachable"):
         with reachable("http://127.0.0.1:19530"):
             raise MilvusException(code=code, message=message)
-    with pytest.raises(IndexUnavailable, match="DEADLINE_EXCEEDED"):  # pymilvus passes a passed deadline on as is
-        with reachable("http://127.0.0.1:19530"):
-            raise DeadlinePassed()
+    for cut in (RpcFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+                RpcFailed(grpc.StatusCode.UNKNOWN, "Stream removed"),
+                RpcFailed(grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2")):
+        with pytest.raises(IndexUnavailable, match=cut.code().name):
+            with reachable("http://127.0.0.1:19530"):
+                raise cut
     with pytest.raises(MilvusException):  # anything else is ours: a 500 that says so
         with reachable("http://127.0.0.1:19530"):
             raise MilvusException(code=1100, message="invalid expression: prefix like")
+    with pytest.raises(grpc.RpcError):
+        with reachable("http://127.0.0.1:19530"):
+            raise RpcFailed(grpc.StatusCode.INTERNAL, "failed to parse the expression")
 
 
 def test_milvus_answers_a_doubled_key_once_and_its_repair_keeps_a_tied_tombstone() -> None:
