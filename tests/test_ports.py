@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import random
 import socket
 from pathlib import Path
 
@@ -24,6 +25,20 @@ def leases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def unused_port() -> int:
+    """A port nothing binds, below the kernel's range for outgoing connections (32768-60999): one the kernel
+    picked (port 0) could be taken by any process's next connection before the test chose it (a flake whole-suite
+    runs met with a live stack beside it)."""
+    for port in random.Random().sample(range(20_000, 32_000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 20000-31999")
+
+
 def chosen(stack: Stack) -> set[int]:
     return {port for name, port in dataclasses.asdict(stack.config).items() if name.endswith("_port") and port}
 
@@ -31,9 +46,7 @@ def chosen(stack: Stack) -> set[int]:
 def test_two_stacks_made_before_either_binds_choose_different_ports(tmp_path: Path) -> None:
     """Review 31: a second ``up`` started while the first made its Ceph cluster chose the first's S3, ingest and
     API ports (nothing listened there yet): its servers never started, and its status showed the other's index."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        preferred = sock.getsockname()[1]  # free now, as 7400 is on a machine without a stack
+    preferred = unused_port()  # free now, as 7400 is on a machine without a stack
     first = Stack(Settings(home=tmp_path / "a", api_port=preferred))
     second = Stack(Settings(home=tmp_path / "b", api_port=preferred))
     assert len(chosen(first)) == len(chosen(second)) == 5
