@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,7 +39,7 @@ from vision.models import DEFAULT_MODEL, recipe
 
 from . import RESULTS
 from .corpus import RASTER, Photo, Skipped, _check, ensure_photos, fetch_packages, flat_reason, normalise
-from .edits import Edit, rng_for
+from .edits import Edit, crop, rng_for
 from .quality import Decoded, embed_all, verified_order, verify_top
 
 log = logging.getLogger(__name__)
@@ -79,13 +78,6 @@ def held_photos(folder: Path) -> list[Photo]:
     for skip in skipped:
         log.info("skipped %s: %s", skip.name, skip.reason)
     return photos
-
-
-def _crop(image: Image.Image, rng: np.random.Generator, area: float) -> Image.Image:
-    w, h = image.size
-    cw, ch = int(w * math.sqrt(area)), int(h * math.sqrt(area))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    return image.crop((x, y, x + cw, y + ch))
 
 
 def _thumbnail(image: Image.Image, side: int) -> Image.Image:
@@ -151,8 +143,8 @@ EDITS: dict[str, Edit] = {
     "gray": lambda image, rng: ImageOps.grayscale(image).convert("RGB"),
     "blur": lambda image, rng: image.filter(ImageFilter.GaussianBlur(max(image.size) / 300)),
     "noise": _noise,
-    "crop50": lambda image, rng: _crop(image, rng, 0.5),
-    "crop25": lambda image, rng: _crop(image, rng, 0.25),
+    "crop50": lambda image, rng: crop(image, rng, 0.5),
+    "crop25": lambda image, rng: crop(image, rng, 0.25),
     "stretch": lambda image, rng: image.resize((int(image.width * 1.5), image.height), Image.Resampling.BICUBIC),
     "thumb160": lambda image, rng: _thumbnail(image, 160),
     "thumb64": lambda image, rng: _thumbnail(image, 64),
