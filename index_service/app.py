@@ -267,7 +267,9 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
     async def stats(request: Request) -> Response:
         service = service_of(request)
         try:
-            return JSONResponse(service.stats())
+            # (in a thread: a Milvus replica counts its rows, up to its read timeout while Milvus is slow, and the web
+            # page polls this; on the event loop every request waited: review 66)
+            return JSONResponse(await run_in_threadpool(service.stats))
         except ConnectionError as exc:  # the index server away: its 503 says still which replica writes (the CLI
             # looks for the writer by it, and waited out the lease for one that said so: ~15 s, then a 409)
             return unavailable_response(request, exc, replica=service.replica, writer=service.writing.is_set())
@@ -325,9 +327,10 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             for listed in [bucket] if bucket else sorted({settings.bucket} | held):
                 with _known_bucket(listed):
                     await run_in_threadpool(service.s3.head_bucket, Bucket=listed)
-        try:
-            job = service.rebuilds.start(str(body.get("mode", "reembed")), bucket, body.get("index_type"),
-                                         body.get("model"))
+        try:  # (in a thread: it waits for the rebuilds' lock, which a promote holds while it swaps, and on Milvus
+            # it makes a collection: on the event loop every other request waited with it, review 66)
+            job = await run_in_threadpool(service.rebuilds.start, str(body.get("mode", "reembed")), bucket,
+                                          body.get("index_type"), body.get("model"))
         except RebuildConflict as exc:
             raise HTTPError(409, exc.code, str(exc)) from exc
         except ValueError as exc:
@@ -340,8 +343,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         _params(request, (), "/rebuild/{id}")  # (``?x=1`` was taken, where /objects refuses it: review 26)
         job_id = request.path_params["job_id"]
         try:
-            # (in a thread: the rebuilds' lock is held by a promote while it writes its snapshot, ~15 s at 1M, and
-            # on the event loop every other request waited with it: review 30)
+            # (in a thread: the rebuilds' lock is held by a swap, and on the event loop every other request waited
+            # with it: review 30, when the swap wrote its snapshot under the lock)
             cancelled = cancelling and await run_in_threadpool(service.rebuilds.cancel, job_id) is not None
         except RebuildConflict as exc:
             raise HTTPError(409, "not_cancellable", str(exc)) from exc
@@ -559,9 +562,11 @@ def _older(record: dict[str, Any], order: int) -> bool:
 
 def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
     oid = object_id(bucket, key)
-    indexed = service.index.get(bucket, key)
+    # Redis's records before the index: a mark is taken away only once the index holds its version, so merged in
+    # between it is seen indexed; read the other way, it was in neither, a 404 "knows nothing of it" (review 66).
     failure_raw, pending_raw = service.redis.hmget(service.keys.failures, [oid]) + service.redis.hmget(
         service.keys.pending, [oid])
+    indexed = service.index.get(bucket, key)
     failure, pending = record(failure_raw), record(pending_raw)
     state = {"bucket": bucket, "key": key, "indexed": indexed is not None}
     if failure and (indexed is None or failure["etag"] != indexed.etag and not _older(failure, indexed.order)):

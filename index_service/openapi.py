@@ -270,9 +270,13 @@ SCHEMAS: dict[str, Schema] = {
                        "backend": {"type": "string", "description": "the index backend it ran on (empty: a job of "
                                                                    "an earlier version)"},
                        "retrying": {"type": "integer", "description": "objects it waits on after an attempt that met "
-                                    "S3 away or slow, or the model failing: sent again once the queues are quiet"}},
+                                    "S3 away or slow, or the model failing: sent again once the queues are quiet"},
+                       "retired": {"type": ["integer", "null"], "description": "a one-bucket reembed that swapped "
+                                   "in: the generation it retired, whose late results for the other buckets go to "
+                                   "the new one"}},
                       ("id", "mode", "generation", "model", "index_type", "bucket", "chosen", "state", "total",
-                       "done", "failed", "listed", "progress", "started", "finished", "error", "backend", "retrying")),
+                       "done", "failed", "listed", "progress", "started", "finished", "error", "backend", "retrying",
+                       "retired")),
     "ReconcileRequest": obj({"bucket": {"type": "string", "minLength": 1},
                              "dry_run": {"type": "boolean", "description": "count only: send and remove nothing"}},
                             closed=True),

@@ -104,6 +104,9 @@ class Service:
         self._checkpointing = threading.Lock()  # one checkpoint at a time
         self._trim_floor = ("0", -TAKEOVER_HOLD_S)  # (stream id, when): not trimmed past for a while after a takeover
         self.restructuring = threading.Lock()  # one restructure of the serving index at a time (rebuild.py too)
+        # Held by a batch's routing (``apply``) and by what changes the generations it routes to (a rebuild's start,
+        # its swap, its end): neither falls inside a batch (review 66). Taken after ``Rebuilds._lock``, never before.
+        self.routing = threading.Lock()
         self.chosen_type: str | None = None  # the index type a rebuild asked for (Keys.index_type), read on takeover
         self._loader = threading.Thread(target=self._load, name="loader", daemon=True)
         self._stopping = threading.Event()
@@ -390,35 +393,46 @@ class Service:
     # -- merging -------------------------------------------------------------------------------------------
 
     def apply(self, entries: list[ResultEntry]) -> None:
-        """Route a batch to the serving and shadow generations (merger thread)."""
-        serving, shadow = self.index, self.shadow
-        for generation in sorted({e.generation for e in entries}):
-            part = [e for e in entries if e.generation == generation]
-            if generation == serving.generation:
-                stats = serving.apply(part)
-                self.duplicates.wake([(oid, row[0]) for oid, row in stats.features.items() if row is not None])
-                if shadow is not None and (carried := [e for e in part if self.rebuilds.carries(e.bucket)]):
-                    shadow.apply([dataclasses.replace(e, generation=shadow.generation) for e in carried])
-            elif shadow is not None and generation == shadow.generation:
-                shadow.apply(part)
-                self.rebuilds.observe(part)
-                self.duplicates.arriving()  # a reembed's workers need the cores as much as ingest's
-            elif late := [e for e in part if self.rebuilds.carried_past(generation, e.bucket)]:
-                serving.apply([dataclasses.replace(e, generation=serving.generation) for e in late])
-            else:
-                log.debug("dropping %d entries of generation %d (not serving, not being built)", len(part),
-                          generation)
+        """Route a batch to the serving and shadow generations (merger thread). Under ``routing``: a one-bucket
+        reembed that began during a batch's Milvus write copied the other buckets before the write landed, and the
+        batch, routed with no shadow yet, reached the serving generation alone; one that ended during a batch saw its
+        carried entries go to the retired generation alone (review 66)."""
+        built: list[ResultEntry] = []
+        with self.routing:
+            serving, shadow = self.index, self.shadow
+            for generation in sorted({e.generation for e in entries}):
+                part = [e for e in entries if e.generation == generation]
+                if generation == serving.generation:
+                    stats = serving.apply(part)
+                    self.duplicates.wake([(oid, row[0]) for oid, row in stats.features.items() if row is not None])
+                    if shadow is not None and (carried := [e for e in part if self.rebuilds.carries(e.bucket)]):
+                        shadow.apply([dataclasses.replace(e, generation=shadow.generation) for e in carried])
+                elif shadow is not None and generation == shadow.generation:
+                    shadow.apply(part)
+                    built = part
+                elif late := [e for e in part if self.rebuilds.carried_past(generation, e.bucket)]:
+                    serving.apply([dataclasses.replace(e, generation=serving.generation) for e in late])
+                else:
+                    log.debug("dropping %d entries of generation %d (not serving, not being built)", len(part),
+                              generation)
+        if built:  # (out of ``routing``: observe takes the rebuilds' lock, which a swap holds while it takes routing)
+            self.rebuilds.observe(built)
+            self.duplicates.arriving()  # a reembed's workers need the cores as much as ingest's
 
     def owed(self, entries: list[ResultEntry]) -> set[str]:
         """Of ``entries`` just applied, the objects whose version the other generation does not hold yet. During a
         rebuild ingest sends a live upload to both generations under one pending mark, which stays until both hold
         it: the first result dropped it, and the other generation's task, if lost, was never sent again (an
-        independent review). After the promote the lost-task sweep judges what is left against the new serving."""
+        independent review). A result of neither generation (a retired one's, merged after the swap: dropped) leaves
+        the mark while the serving generation lacks its version: that one's own task, if lost, is sent again by the
+        lost-task sweep, which judges what is left against the serving generation (review 66)."""
         serving, shadow = self.index, self.shadow
-        if shadow is None:
-            return set()
+        ours = {serving.generation} | ({shadow.generation} if shadow is not None else set())
+        pairs = [(generation, serving) for generation in {e.generation for e in entries} - ours]
+        if shadow is not None:
+            pairs += [(serving.generation, shadow), (shadow.generation, serving)]
         owed: set[str] = set()
-        for generation, other in ((serving.generation, shadow), (shadow.generation, serving)):
+        for generation, other in pairs:
             oids = {object_id(e.bucket, e.key): e.etag for e in entries
                     if e.generation == generation and e.op == "upsert"}
             held = other.etags(list(oids)) if oids else {}
@@ -553,17 +567,18 @@ class Service:
 
     def promote(self, shadow: Index | None) -> None:
         """Swap the shadow generation in (atomically for readers: one reference assignment); the old one is fed
-        until the new one's first checkpoint (``_checkpoint``)."""
+        until the new one's first checkpoint (``_checkpoint``), which the caller asks for (``snapshot``) once it let
+        go of its locks."""
         if shadow is None:
             return
         self.embedders.get(shadow.model)  # queries must be embedded like the new generation (already warm)
         old = self.index
-        self.index, self.shadow = shadow, None
+        with self.routing:
+            self.index, self.shadow = shadow, None
         self.retiring.append(old)  # (with any swapped out before it and not retired yet: a restart may restore it)
         self.backend.promote(old, shadow)
         log.info("generation %d (%d vectors) now serves; generation %d retired", shadow.generation, len(shadow),
                  old.generation)
-        self.snapshot()
 
     # -- reading -------------------------------------------------------------------------------------------
 

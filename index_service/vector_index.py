@@ -773,15 +773,20 @@ class VectorIndex(SearchOne):
     def export(self) -> tuple[list[Indexed], np.ndarray, Tombstones]:
         """A consistent copy of objects, their vectors (same order) and tombstones, taken under the lock."""
         with self._lock.read():
-            objects, ids, tombstones = self.contents()
+            objects, ids, tombstones = self._contents()
             return objects, self._vectors(ids), tombstones
 
     def contents(self) -> tuple[list[Indexed], np.ndarray, Tombstones]:
         """Objects, their FAISS ids (same order) and the tombstones, without the vectors (``vectors_of`` reads them
         a chunk at a time: a snapshot of 1M vectors does not copy 5 GB first)."""
         with self._lock.read():
-            ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
-            return [self._objects[int(i)] for i in ids], ids, dict(self._tombstones)
+            return self._contents()
+
+    def _contents(self) -> tuple[list[Indexed], np.ndarray, Tombstones]:
+        """``contents``, under the reader lock already held: taken twice by one thread, a merge waiting between the
+        two (writers go first) left both waiting for good, and every search behind them (review 66)."""
+        ids = np.fromiter(self._objects.keys(), dtype=np.int64, count=len(self._objects))
+        return [self._objects[int(i)] for i in ids], ids, dict(self._tombstones)
 
     def file_bytes(self) -> int:
         file = self._file

@@ -312,6 +312,15 @@ def test_a_pending_mark_stays_until_both_generations_hold_its_version(fixture: F
     service.index.apply([upsert("later", 7, 4, etag="e2")])
     merger._clear_pending([upsert("later", 7, 4, etag="e2")])
     assert fixture.redis.hget(fixture.keys.pending, "b/later") is None
+    # Review 66: a result of the generation a swap retired is dropped; it took the mark away while the generation
+    # swapped in lacked the version, whose own task, if lost, the sweep then had no mark to send again by.
+    service.index = backend.new_generation(MODEL, 3)  # generation 1 retired
+    fixture.redis.hset(fixture.keys.pending, "b/swapped", json.dumps({"etag": "e3", "order": "8", "queued": 0}))
+    merger._clear_pending([upsert("swapped", 8, 5, etag="e3", generation=1)])
+    assert fixture.redis.hget(fixture.keys.pending, "b/swapped") is not None, "dropped, and the serving one lacks it"
+    service.index.apply([upsert("swapped", 8, 5, etag="e3", generation=3)])
+    merger._clear_pending([upsert("swapped", 8, 5, etag="e3", generation=3)])
+    assert fixture.redis.hget(fixture.keys.pending, "b/swapped") is None
 
 
 @pytest.fixture

@@ -848,6 +848,25 @@ def test_every_key_can_be_asked_about(key: str) -> None:
     assert (status, code, message) == (404, "unknown_object", f"bucketlens knows nothing of b/{key}")
 
 
+def test_an_object_merged_while_it_is_asked_about_is_never_unknown() -> None:
+    """Review 66: ``GET /objects`` read the index, then Redis's records: merged in between (the index took it, then
+    the mark went), the object was in neither read, and a client polling after its upload read "knows nothing of it"."""
+    held = SimpleNamespace(etag="e1", order=1, sequencer="", generation=1, labels=None, modified=None)
+    records = {"pending": json.dumps({"etag": "e1", "order": "1", "queued": 0})}
+
+    def merged_now(bucket: str, key: str) -> None:  # the index is read before the merge lands; then it lands
+        records.pop("pending")
+        index.get = lambda bucket, key: held
+        return None
+
+    index = SimpleNamespace(get=merged_now, generation=1)
+    service = SimpleNamespace(index=index, redis=SimpleNamespace(hmget=lambda name, fields: [records.get(name)]),
+                              keys=SimpleNamespace(failures="failures", pending="pending"))
+    client = app_around(service)
+    assert client.get("/objects/b/k.jpg").json()["state"] == "pending"  # (as it was when the request came)
+    assert client.get("/objects/b/k.jpg").json()["state"] == "indexed"
+
+
 def test_an_indexed_object_with_an_older_versions_failure_record_reads_indexed() -> None:
     """v1's task failed after v2 was indexed (it fetched before the overwrite): ``GET /objects`` said failed."""
     held = SimpleNamespace(etag="etag2", order=20, sequencer="", generation=1, labels=None, modified=None)

@@ -253,10 +253,12 @@ def test_reembed_of_one_bucket_keeps_the_other_buckets(stack: Stack, s3: Any, ap
     assert api.post("/rebuild", json=switch, headers=admin(stack)).status_code == 400
 
 
-def carrying_service(bucket: str) -> tuple[SimpleNamespace, VectorIndex, VectorIndex]:
+def carrying_service(bucket: str, serving: VectorIndex | None = None) -> tuple[SimpleNamespace, VectorIndex,
+                                                                               VectorIndex]:
     """A service whose running reembed of ``bucket`` has a shadow generation 2 beside serving generation 1, with
     ``Service.apply`` of its own (pure logic: no stack)."""
-    serving, shadow = VectorIndex("m", DIM, 1), VectorIndex("m", DIM, 2)
+    serving = VectorIndex("m", DIM, 1) if serving is None else serving  # (an empty index is falsy: it has a length)
+    shadow = VectorIndex("m", DIM, 2)
 
     class JobRecords:  # where the job is saved (Redis): nothing to keep here
         def pipeline(self) -> JobRecords:
@@ -274,8 +276,11 @@ def carrying_service(bucket: str) -> tuple[SimpleNamespace, VectorIndex, VectorI
         def hdel(self, *args: Any) -> None:
             pass
 
+        def hset(self, *args: Any) -> None:
+            pass
+
     service = SimpleNamespace(index=serving, shadow=shadow, redis=JobRecords(), keys=Keys("t"),
-                              restructuring=threading.Lock(),
+                              restructuring=threading.Lock(), routing=threading.Lock(), snapshot=lambda: True,
                               duplicates=SimpleNamespace(wake=lambda found: None, arriving=lambda: None))
     service.promote = lambda new: (setattr(service, "index", new), setattr(service, "shadow", None))
     service.rebuilds = Rebuilds(service)  # type: ignore[arg-type]
@@ -323,11 +328,65 @@ def test_the_retired_generations_late_entries_of_carried_buckets_reach_the_promo
     job = service.rebuilds.current
     service.rebuilds._carry_over(job)
     service.rebuilds._complete(job)  # every object of the rebuilt bucket settled: the shadow is promoted
-    assert service.index is shadow and job.state == "done"
+    assert service.index is shadow and job.state == "done" and job.retired == 1  # (saved: a restart reads it)
     service.apply([upsert("other", "uploaded", 5), ResultEntry("delete", "other", "doomed", "", "", 6, 1),
                    upsert("photos", "stale", 7)])
     assert sorted(o.key for o in shadow.objects()) == ["uploaded"]
     assert shadow.get("other", "uploaded").generation == 2  # type: ignore[union-attr]
+
+
+def test_a_one_bucket_reembed_that_starts_during_a_batchs_write_carries_that_batch_over() -> None:
+    """Review 66: the merger routed a batch with no shadow yet, and its write to the serving index (a Milvus round
+    trip) landed after the rebuild, started meanwhile, had copied the other buckets: the batch reached neither the
+    copy nor the shadow, and the promote lost it (an upload missing, a deleted object back). A start now waits
+    for the batch in flight, so the copy holds it."""
+    writing, landed = threading.Event(), threading.Event()
+
+    class SlowServing(VectorIndex):  # a write that takes as long as Milvus's read-then-upsert
+        def apply(self, entries: Any) -> Any:
+            writing.set()
+            time.sleep(0.3)
+            try:
+                return super().apply(entries)
+            finally:
+                landed.set()
+
+    service, serving, shadow = carrying_service("photos", SlowServing("m", DIM, 1))
+    service.rebuilds.current, service.shadow = None, None
+    service.writing, service.lease = threading.Event(), SimpleNamespace(acquire=lambda: True)
+    service.writing.set()
+    service.backend = SimpleNamespace(index_types=("Flat",), discard=None, name="faiss")
+    service.new_generation = lambda model, generation: shadow
+    copied = threading.Event()
+    service.rebuilds._list_and_send = lambda job: (service.rebuilds._carry_over(job), copied.set())
+    merger = threading.Thread(target=service.apply, args=([upsert("other", "uploaded", 5)],))
+    merger.start()
+    assert writing.wait(5)
+    job = service.rebuilds.start("reembed", bucket="photos")
+    assert copied.wait(5) and job.state == "running"
+    merger.join(5)
+    assert landed.is_set() and serving.get("other", "uploaded") is not None
+    assert shadow.get("other", "uploaded") is not None  # ... and the generation the promote swaps in holds it too
+
+
+def test_a_promote_writes_the_new_generations_snapshot_with_its_locks_let_go() -> None:
+    """Review 66: the swap wrote the new generation's first snapshot (12-20 s at 1M vectors) under the rebuilds' lock:
+    a rebuild's start waited that long, on the event loop, and so did the merger's next batch."""
+    service, _, shadow = carrying_service("photos")
+
+    def free(lock: Any) -> bool:
+        """Whether another thread (a rebuild's start, the merger) could take ``lock`` now."""
+        taken: list[bool] = []
+        other = threading.Thread(target=lambda: taken.append(lock.acquire(timeout=0)) or (taken[0] and lock.release()))
+        other.start()
+        other.join()
+        return taken == [True]
+
+    seen: list[tuple[bool, bool, bool]] = []
+    service.snapshot = lambda: seen.append((free(service.rebuilds._lock), free(service.restructuring),
+                                            service.index is shadow))
+    service.rebuilds._complete(service.rebuilds.current)
+    assert seen == [(True, True, True)] and service.rebuilds.current.state == "done"
 
 
 def test_a_reembed_swaps_in_nothing_that_lost_held_objects_for_a_passing_reason() -> None:
@@ -502,6 +561,22 @@ def test_a_restarted_service_still_reports_the_last_rebuild(monkeypatch: pytest.
         assert cleared == ([4] if state == "running" else []), cleared
 
 
+def test_a_one_bucket_swaps_late_entries_still_reach_the_new_generation_after_a_restart() -> None:
+    """Review 66: where the retired generation's late entries for carried buckets go was kept in memory only: a
+    restart after the swap replayed them from the stream and dropped them (an upload lost, a deleted object back)."""
+    keys = Keys("t")
+    for retired, generation, carried in ((3, 4, True), (None, 4, False), (3, 5, False)):  # (an older job: none)
+        job = RebuildJob(id="j1", mode="reembed", generation=4, model="m", index_type="Flat", bucket="photos",
+                         state="done", retired=retired)
+        stored = {keys.rebuild_current: b"j1", keys.rebuild_job("j1"): json.dumps(public(job)).encode()}
+        service = SimpleNamespace(redis=SimpleNamespace(get=stored.get), keys=keys,
+                                  index=SimpleNamespace(generation=generation), backend=SimpleNamespace(name="faiss"),
+                                  forget_other_generations=lambda: None)
+        rebuilds = Rebuilds(service)  # type: ignore[arg-type]
+        rebuilds.recover()
+        assert rebuilds.carried_past(3, "other") is carried and not rebuilds.carried_past(3, "photos")
+
+
 def test_a_stack_switched_to_the_other_backend_leaves_its_rebuilds_alone() -> None:
     """A FAISS service started where a Milvus one had finished a rebuild (`up --backend faiss` on the same stack)
     marked it failed, "restarted before the rebuilt generation's first snapshot": its own index was at an older
@@ -529,7 +604,7 @@ def test_a_stack_switched_to_the_other_backend_leaves_its_rebuilds_alone() -> No
 
 def test_rebuild_progress_answers_while_a_promote_holds_the_lock() -> None:
     """``/stats`` and ``GET /rebuild`` read the job without the rebuilds lock, which a promote holds while it
-    writes its snapshot (~15 s at 1M vectors)."""
+    swaps (it wrote its snapshot under it too, ~15 s at 1M vectors, until review 66)."""
     rebuilds = Rebuilds(service=None)  # type: ignore[arg-type]  # progress and get need no service
     rebuilds.current = RebuildJob(id="j1", mode="reembed", generation=2, model="m", index_type="IVF", total=4, done=3)
     held, release, answers = threading.Event(), threading.Event(), []

@@ -4,11 +4,12 @@ readers-writer lock, filters on each search path, the stream entry format. The s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -40,6 +41,29 @@ def delete(key: str, order: int) -> ResultEntry:
 @pytest.fixture
 def index() -> VectorIndex:
     return VectorIndex("m", DIM)
+
+
+def test_an_export_takes_the_reader_lock_once_so_a_merge_waiting_meanwhile_cannot_stall_it(
+        index: VectorIndex) -> None:
+    """Review 66: ``export`` took the reader lock, then again through ``contents``; a merge that began waiting
+    between the two (writers go first) waited for the first, and the second for the merge: both for good, and
+    every search behind them."""
+    index.apply([upsert(f"k{i}", i + 1, i) for i in range(10)])
+    read, depth, deepest = index._lock.read, [0], [0]
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[None]:
+        with read():
+            depth[0] += 1
+            deepest[0] = max(deepest[0], depth[0])
+            try:
+                yield
+            finally:
+                depth[0] -= 1
+
+    index._lock.read = counted  # type: ignore[method-assign]
+    objects, vectors, _ = index.export()
+    assert len(objects) == 10 and vectors.shape == (10, DIM) and deepest[0] == 1
 
 
 def test_stream_entry_round_trip() -> None:
