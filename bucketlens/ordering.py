@@ -1,7 +1,8 @@
 """Comparable ``order`` values for events about one object, normalised per source (DESIGN.md, "Ordering").
 
-Orders are integers: nanoseconds since the epoch for time-based sources, the sequencer's integer value for
-AWS and MinIO (whose hex sequencers compare as integers once left-padded to equal length). A time-based order
+Orders are integers: nanoseconds since the epoch for time-based sources (Ceph's sequencer, MinIO's, which is the
+hex of its event time, an event time), the sequencer's integer value for AWS (whose hex sequencers compare as
+integers once left-padded to equal length). A time-based order
 can be checked against the clock: one beyond now + ``MAX_CLOCK_SKEW_NS`` would win over every real event for
 that object (a delete would hide it through re-uploads), so ingest acknowledges such an event and drops it,
 leaving the object to reconcile. An opaque sequencer cannot be checked that way (README, "Threat model").
@@ -77,7 +78,9 @@ def event_order(source: str, sequencer: str, event_time: str) -> EventOrder:
         if sequencer:
             if source.startswith("ceph"):
                 return EventOrder(ceph_sequencer_order(sequencer), timed=True)
-            return EventOrder(hex_sequencer_order(sequencer), timed=False)
+            # MinIO's is the hex of its event time in nanoseconds (``fmt.Sprintf("%X", eventTime.UnixNano())``):
+            # checked against the clock like Ceph's (review 68); AWS's is an opaque counter.
+            return EventOrder(hex_sequencer_order(sequencer), timed=source.startswith("minio"))
     except ValueError:
         pass  # an unusable sequencer falls back to the event time
     return EventOrder(time_order(event_time), timed=True) if event_time else EventOrder(0, timed=False)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import redis
 
 from bucketlens.keys import Keys
 from bucketlens.outage import FailureRun
-from bucketlens.records import record
+from bucketlens.records import record, remove_unchanged
 from bucketlens.redis_client import text
 from bucketlens.schemas import NewerVersion, ResultEntry, SchemaError, object_id
 
@@ -238,12 +238,12 @@ class Merger:
         if not entries:
             return
         oids = [object_id(e.bucket, e.key) for e in entries]
-        marks = self.redis.hmget(self.keys.pending, oids)
+        marks = cast(list[bytes | None], self.redis.hmget(self.keys.pending, oids))  # (the client answers bytes)
         owed = self.owed(entries)
-        done = [oid for oid, mark, e in zip(oids, marks, entries)
-                if (found := record(mark)) is not None and _settles(found, e) and oid not in owed]
-        if done:
-            self.redis.hdel(self.keys.pending, *done)
+        done = {oid.encode(): mark for oid, mark, e in zip(oids, marks, entries)
+                if mark is not None and (found := record(mark)) is not None and _settles(found, e) and oid not in owed}
+        if done:  # (only marks still as read: a newer version's, written meanwhile, went too: review 68)
+            remove_unchanged(self.redis, self.keys.pending, done)
 
 
 def _settles(pending: dict[str, str], entry: ResultEntry) -> bool:

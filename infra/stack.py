@@ -420,6 +420,10 @@ class Stack:
             "s3_secret_key": s.s3_secret_key,
             "bucket": s.bucket,
             "redis_url": s.redis_url,
+            # the ports this stack chose (the Ceph monitor's showed nowhere else: review 67; replicas': ``api_urls``;
+            # the OSD takes its own in 6800-7300)
+            "ports": {name.removesuffix("_port"): port for name, port in dataclasses.asdict(self.config).items()
+                      if name.endswith("_port") and port},
             "namespace": s.namespace,
             "admin_token": s.admin_token,
             "webhook_token": s.webhook_token,

@@ -321,6 +321,13 @@ def test_a_pending_mark_stays_until_both_generations_hold_its_version(fixture: F
     service.index.apply([upsert("swapped", 8, 5, etag="e3", generation=3)])
     merger._clear_pending([upsert("swapped", 8, 5, etag="e3", generation=3)])
     assert fixture.redis.hget(fixture.keys.pending, "b/swapped") is None
+    # Review 68: a newer version's mark, written between the merger's read of the marks and its delete, stays.
+    newer = json.dumps({"etag": "e9", "order": "9", "queued": 0})
+    fixture.redis.hset(fixture.keys.pending, "b/raced", json.dumps({"etag": "e8", "order": "8", "queued": 0}))
+    racing = Merger(fixture.redis, fixture.keys, apply=lambda entries: None,
+                    owed=lambda entries: (fixture.redis.hset(fixture.keys.pending, "b/raced", newer), set())[1])
+    racing._clear_pending([upsert("raced", 8, 6, etag="e8", generation=3)])
+    assert fixture.redis.hget(fixture.keys.pending, "b/raced") == newer.encode()
 
 
 @pytest.fixture

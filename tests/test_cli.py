@@ -524,6 +524,8 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     status = json.loads(capsys.readouterr().out)
     assert not any(status["processes"].values())
     assert status["page_url"] == f"http://127.0.0.1:{api.port}/"  # (no read token here: the address alone)
+    # Every port the stack chose (review 67: the Ceph monitor's, taken elsewhere, showed nowhere but stack.json).
+    assert status["ports"] == {"redis": 1, "s3": 1, "mon": 1, "ingest": 1, "api": api.port}
     assert status["index"] == {"model": "lite0-copy-v3", "generation": 3, "vectors": 12, "index_type": "Flat",
                                "rebuild": rebuild, "ready": True, "reason": ""}
     assert main(["status"]) == NOT_RUNNING

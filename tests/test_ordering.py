@@ -47,7 +47,10 @@ def test_event_order_falls_back_to_event_time() -> None:
 def test_only_time_based_orders_are_timed() -> None:
     assert event_order("ceph:s3", "5D810B6B61CD2E06", "").timed
     assert not event_order("aws:s3", "0055AED6DCD90281E5", "2026-11-29T01:35:25Z").timed  # opaque, time ignored
-    assert not event_order("minio:s3", "1879B0FBA6D2E3F4", "").timed
+    # MinIO's sequencer is its event time in nanoseconds, in hex: a clock far ahead is caught like Ceph's (review 68)
+    assert event_order("minio:s3", "1879B0FBA6D2E3F4", "") == (0x1879B0FBA6D2E3F4, True)
+    assert event_order("minio:s3", f"{time_order('2026-11-29T01:35:25.5Z'):X}", "2026-11-29T01:35:25.5Z") == (
+        time_order("2026-11-29T01:35:25.5Z"), True)
 
 
 def test_a_timed_order_beyond_the_clock_skew_is_from_the_future() -> None:

@@ -105,6 +105,22 @@ def test_a_model_call_that_raises_retries_its_objects_and_keeps_the_rest(monkeyp
     assert [e.ref.key for e in retried.embedded] == crashed and not retried.failed
 
 
+def test_a_rebuilds_model_this_release_does_not_know_retries_its_objects_and_keeps_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 68: with the index service upgraded first (README, "Upgrading"), a reembed with a model only the new
+    release knows reached workers of the old one; looking its recipe up raised, and every object of the batch,
+    the serving generation's copy of the same upload too, became a permanent ``internal`` failure."""
+    monkeypatch.setattr(pipeline_module, "fetch", lambda s3, ref, max_bytes, timeout_s: Fetched(png(), ""))
+    redis = Redis()
+    redis.hgetall = lambda key: {b"1": Settings().model.encode(), b"2": b"lite0-copy-v9"}  # type: ignore[method-assign]
+    p = Pipeline(Settings(), embedder=Model(), client=redis)  # type: ignore[arg-type]
+    out = p.process([ObjectRef("b", "k.png", "e1", generation=1), ObjectRef("b", "k.png", "e1", generation=2)])
+    p.pool.shutdown()
+    assert [e.ref.generation for e in out.embedded] == [1] and not out.failed
+    assert [(r.generation, reason) for r, reason, _ in out.transient] == [(2, "internal")]
+    assert "lite0-copy-v9" in out.transient[0][2]
+
+
 def test_a_download_past_its_deadline_is_retried_then_fails_as_fetch_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stall mid-body (an OSD that blocks for a while) made the object a ``fetch_timeout`` failure at once, while
     the same stall before the headers was retried; now both are retried, and only an object that times out on every

@@ -20,7 +20,7 @@ from bucketlens.settings import Settings
 from vision import labels, local_features
 from vision.decode import Decoded, decode_for
 from vision.embedders import Embedder, Embedders, load_embedder
-from vision.models import recipe
+from vision.models import UnknownModel, recipe
 
 from .errors import ObjectChanged, PermanentError, TransientError
 from .fetch import Fetched, fetch
@@ -124,6 +124,10 @@ class Pipeline:
             out.transient.append((ref, exc.reason, str(exc)))
         except PermanentError as exc:
             out.failed.append((ref, exc.reason, str(exc)))
+        except UnknownModel as exc:  # a rebuild's model this worker's release does not know (the index service is
+            # upgraded first: README, "Upgrading"): retried like a model that cannot load, and the rest of the batch,
+            # the serving generation's copy of the same upload included, goes on (it failed whole: review 68)
+            out.transient.append((ref, "internal", str(exc)))
         return None
 
     def _embed(self, decoded: list[tuple[ObjectRef, Decoded]], out: Outcome) -> None:
