@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGES = ("fetch", "decode", "embed", "write")
-EVENT_OUTCOMES = ("accepted", "duplicated", "ignored", "future", "stale_deletes")  # together: ``received``
+EVENT_OUTCOMES = ("accepted", "duplicated", "ignored", "future", "stale_deletes", "reserved")  # sum: ``received``
 SEARCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -141,6 +141,9 @@ def _counters(counters: dict[str, int], failure_records: int) -> Iterator[Metric
     for outcome in EVENT_OUTCOMES:
         events.add_metric([outcome], counters.get(outcome, 0))
     yield events
+    yield _counter("bucketlens_events_unauthorized", "Requests to ingest's /events refused for a missing or wrong "
+                   "webhook token (a bucket notification still pushing an earlier one loses its events)",
+                   counters.get("unauthorized", 0))
     yield _counter("bucketlens_embeddings", "Vectors written to the result stream by workers",
                    counters.get("embedded", 0))
     yield _counter("bucketlens_tasks_restored", "Tasks of dead workers handed back to the queue",

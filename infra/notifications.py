@@ -102,8 +102,10 @@ def follow_endpoint(settings: Settings, s3: Any, push_endpoint: str) -> list[str
     """Put again the notifications of the other buckets this namespace was set up for (a ``BUCKETLENS_BUCKET`` used
     before: the index holds them too) that push to another endpoint: an earlier webhook token (ingest refused their
     events, 401, from then on, silently: review 48), ingest host or port. A notification of the Id bucketlens used
-    before namespaces is followed only when it pushes to this receiver. Best effort, bucket by bucket: a bucket that
-    cannot be read or put is named in a warning. Ceph only (``_endpoints`` needs its SNS). Returns those followed."""
+    before namespaces is followed only when it pushes to this receiver. One made by hand that pushes to this receiver
+    with another token is named in a warning: its events are refused (review 67). Best effort, bucket by bucket: a
+    bucket that cannot be read or put is named in a warning. Ceph only (``_endpoints`` needs its SNS). Returns those
+    followed."""
     endpoints = _endpoints(_sns(settings))
     followed = []
     for bucket in sorted({b["Name"] for b in s3.list_buckets().get("Buckets", [])} - {settings.bucket}):
@@ -117,6 +119,12 @@ def follow_endpoint(settings: Settings, s3: Any, push_endpoint: str) -> list[str
                     ensure_notifications(dataclasses.replace(settings, bucket=bucket), s3, push_endpoint)
                     followed.append(bucket)
                     break
+                if endpoint and _receiver(endpoint) == _receiver(push_endpoint) and unquote(endpoint) != unquote(
+                        push_endpoint):  # made by hand (README): not ours to change, and its events are refused
+                    log.warning("notification %s of bucket %s pushes to this ingest with another webhook token (or "
+                                "none): ingest refuses its events (401); put its topic %s again with the current "
+                                "token, then run `bucketlens reconcile --bucket %s` (review 67)", config.get("Id"),
+                                bucket, str(config.get("TopicArn")).rsplit(":", 1)[-1], bucket)
         except (ClientError, BotoCoreError, httpx.HTTPError) as exc:
             log.warning("the notification of bucket %s could not be put again (%s); its events may not reach ingest: "
                         "`bucketlens reconcile` finds what they named", bucket, exc)

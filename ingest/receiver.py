@@ -51,6 +51,7 @@ from .publisher import Publisher
 log = logging.getLogger(__name__)
 DELETES = ("removed", "version_removed")  # the event kinds checked against S3 before they are applied
 REDIS_DOWN = "cannot queue events, answering 503 until Redis is back: %s"  # said once per outage
+REFUSED_LOG_S = 60.0  # requests refused for their token: one warning per this many seconds, with their count
 AMAZON_SNS = re.compile(r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?")  # the hosts of SubscribeURLs (over https)
 
 
@@ -64,6 +65,7 @@ class Receiver:
         self._redis_down = Outage(log, "Redis reachable again")
         self._near_full = Outage(log, "Redis has room again (%d of %d bytes)")
         self._head_refused_logged = False
+        self._refused = (0, 0.0)  # requests refused for their token since the last warning, and when that was
 
     @functools.cached_property
     def s3(self) -> Any:
@@ -109,6 +111,24 @@ class Receiver:
                             "deliver the event again later")
         self._near_full.worked(used, limit)
 
+    def _note_refused(self) -> None:
+        """Count a request refused for its token (``unauthorized``), and say so at most once a minute: a bucket
+        notification still pushing an earlier webhook token (one made by hand, which ``up`` does not put again) lost
+        every event, with no log line and no metric (review 67)."""
+        count, said = self._refused
+        count += 1
+        if time.monotonic() - said >= REFUSED_LOG_S:
+            log.warning("refused %d notification request(s) with a missing or wrong webhook token since the last such "
+                        "warning: an S3 bucket notification that pushes an earlier token loses its events; put it "
+                        "again with the current one (README, \"Notifications from your S3 server\"), then run "
+                        "`bucketlens reconcile`", count)
+            count, said = 0, time.monotonic()
+        self._refused = (count, said)
+        try:
+            self.redis.hincrby(self.keys.counters, "unauthorized", 1)
+        except redis.RedisError:
+            pass  # (the warning said it; Redis away is said by the requests that need it)
+
     def _note_canaries(self, events: list[ObjectEvent]) -> None:
         """Mark the outstanding canary (``infra/canary.py``: its writer names it in ``pending_key``) as delivered.
         Other reserved-prefix events (snapshot copies, a canary seen already) change nothing: each one was marked,
@@ -126,6 +146,7 @@ class Receiver:
             raise HTTPError(403, "forbidden", "ingest takes notifications from S3 servers, not from web pages (the "
                             "request has an Origin header): with no webhook token, any page could post events")
         if not token_ok(request, self.settings.webhook_token):
+            await run_in_threadpool(self._note_refused)
             raise HTTPError(401, "unauthorized", "missing or wrong webhook token")
         body = await read_limited(request, self.settings.max_body_bytes)
         try:
@@ -257,10 +278,13 @@ class Receiver:
 
     def _record(self, ignored: int, duplicates: int, accepted: int, future: int, stale: int,
                 reserved: list[ObjectEvent]) -> None:
+        """Count the records by outcome; ``reserved``, under the reserved prefix (canaries, snapshot copies, and
+        whatever else is put there), are answered ``ignored`` and counted apart: they were counted nowhere (review
+        67), and in ``ignored`` every canary would be."""
         pipe = self.redis.pipeline(transaction=False)
-        for name, value in (("received", accepted + duplicates + ignored + future + stale), ("ignored", ignored),
-                            ("duplicated", duplicates), ("accepted", accepted), ("future", future),
-                            ("stale_deletes", stale)):
+        for name, value in (("received", accepted + duplicates + ignored + future + stale + len(reserved)),
+                            ("ignored", ignored), ("duplicated", duplicates), ("accepted", accepted),
+                            ("future", future), ("stale_deletes", stale), ("reserved", len(reserved))):
             if value:
                 pipe.hincrby(self.keys.counters, name, value)
         pipe.execute()

@@ -27,6 +27,7 @@ FAMILIES = {
     "bucketlens_index_vectors", "bucketlens_index_generation", "bucketlens_search_seconds", "bucketlens_workers",
     "bucketlens_redis_up", "bucketlens_unacked_dead_tasks", "bucketlens_tasks_restored", "bucketlens_lost_tasks_resent",
     "bucketlens_canary_stalls", "bucketlens_hung_restarts", "bucketlens_failures_retried",
+    "bucketlens_events_unauthorized",
 }
 
 

@@ -124,10 +124,18 @@ def quantize(source: Path, out: Path, calibration: Any = None, ranges: dict[str,
                 name: [{"rmin": np.float32(low), "rmax": np.float32(high)}] for name, (low, high) in ranges.items()}}
             calibration = One(shape)
         tmp = out.with_suffix(f".tmp{os.getpid()}")
-        quantize_static(str(prepared), str(tmp), calibration, quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        op_types_to_quantize=options.pop("op_types_to_quantize", ["Conv", "Clip"]),
-                        nodes_to_exclude=[c for c in convs if any(part in c for part in early)], **options)
+        # The quantizer says each scale it widens at INFO on the root logger itself: 111 lines in a worker's log at
+        # its first start (review 67). Its warnings pass; what other loggers say passes (a logger's filter sees only
+        # its own records).
+        root, quiet = logging.getLogger(), lambda record: record.levelno >= logging.WARNING
+        root.addFilter(quiet)
+        try:
+            quantize_static(str(prepared), str(tmp), calibration, quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            op_types_to_quantize=options.pop("op_types_to_quantize", ["Conv", "Clip"]),
+                            nodes_to_exclude=[c for c in convs if any(part in c for part in early)], **options)
+        finally:
+            root.removeFilter(quiet)
         os.replace(tmp, out)
     finally:
         prepared.unlink(missing_ok=True)
