@@ -124,7 +124,8 @@ def wait_ready(data: Path, process: subprocess.Popen[bytes] | None = None, timeo
         if healthy(data):
             return
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"milvus exited with {process.returncode} while starting: {log_tail(log_path)}")
+            raise RuntimeError(f"milvus exited with {process.returncode} while starting: {crash_line(log_path)}"
+                               f"{log_tail(log_path)}")
         time.sleep(0.5)
     raise TimeoutError(f"milvus did not answer within {timeout_s:.0f} s: {log_tail(log_path)}")
 
@@ -145,6 +146,19 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = GRACE_S) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+def crash_line(path: Path) -> str:
+    """The last line of a server's log that says why it died (Go's ``panic:`` or ``fatal error:``, Milvus's
+    ``[FATAL]``), then "; ": a crash's tail is goroutine dumps that say nothing (a whole-suite run's only clue
+    was "goroutine 189 [runnable]")."""
+    if not path.exists():
+        return ""
+    with path.open("rb") as log:
+        log.seek(max(0, log.seek(0, 2) - 1_000_000))
+        lines = log.read().decode(errors="replace").splitlines()
+    said = [line for line in lines if line.startswith(("panic:", "fatal error:")) or "[FATAL]" in line]
+    return f"{said[-1][:500]}; " if said else ""
 
 
 def log_tail(path: Path, lines: int = 15, since: int = 0) -> str:

@@ -676,6 +676,19 @@ class RpcFailed(grpc.RpcError):
         return self._details
 
 
+def test_a_milvus_that_dies_while_starting_says_why(tmp_path: Path) -> None:
+    """A whole-suite run's Milvus aborted as it started, and the error quoted the log's tail: goroutine dumps of its
+    embedded etcd, not the line that said why."""
+    from infra import milvus
+
+    log = tmp_path / "logs" / "milvus.out"
+    log.parent.mkdir()
+    log.write_text("starting\nfatal error: concurrent map writes\n\ngoroutine 189 [runnable]:\n" + "\tframe\n" * 40)
+    died = types.SimpleNamespace(poll=lambda: -6, returncode=-6)
+    with pytest.raises(RuntimeError, match="exited with -6 while starting: fatal error: concurrent map writes; "):
+        milvus.wait_ready(tmp_path, died, timeout_s=5)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("code, message", [
     (1502, "fail to search on all shard leaders, err=context canceled"), (1502, "shard delegator not found"),
     (1502, "channel not available"), (1502, "collection not loaded[collection=1]"), (1502, "server unavailable"),
