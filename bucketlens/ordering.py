@@ -1,8 +1,8 @@
 """Comparable ``order`` values for events about one object, normalised per source (DESIGN.md, "Ordering").
 
 Orders are integers: nanoseconds since the epoch for time-based sources (Ceph's sequencer, MinIO's, which is the
-hex of its event time, an event time), the sequencer's integer value for AWS (whose hex sequencers compare as
-integers once left-padded to equal length). A time-based order
+hex of its event or modification time, an event time), the sequencer's integer value for AWS (whose hex sequencers
+compare as integers once left-padded to equal length). A time-based order
 can be checked against the clock: one beyond now + ``MAX_CLOCK_SKEW_NS`` would win over every real event for
 that object (a delete would hide it through re-uploads), so ingest acknowledges such an event and drops it,
 leaving the object to reconcile. An opaque sequencer cannot be checked that way (README, "Threat model").
@@ -78,8 +78,9 @@ def event_order(source: str, sequencer: str, event_time: str) -> EventOrder:
         if sequencer:
             if source.startswith("ceph"):
                 return EventOrder(ceph_sequencer_order(sequencer), timed=True)
-            # MinIO's is the hex of its event time in nanoseconds (``fmt.Sprintf("%X", eventTime.UnixNano())``):
-            # checked against the clock like Ceph's (review 68); AWS's is an opaque counter.
+            # MinIO's is the hex of a time in nanoseconds (its event time, ``fmt.Sprintf("%X",
+            # eventTime.UnixNano())``; the object's modification time in later releases): checked against the clock
+            # like Ceph's (review 68); AWS's is an opaque counter.
             return EventOrder(hex_sequencer_order(sequencer), timed=source.startswith("minio"))
     except ValueError:
         pass  # an unusable sequencer falls back to the event time

@@ -562,10 +562,11 @@ def _older(record: dict[str, Any], order: int) -> bool:
 
 def _object_state(service: Service, bucket: str, key: str) -> dict[str, Any]:
     oid = object_id(bucket, key)
-    # Redis's records before the index: a mark is taken away only once the index holds its version, so merged in
-    # between it is seen indexed; read the other way, it was in neither, a 404 "knows nothing of it" (review 66).
-    failure_raw, pending_raw = service.redis.hmget(service.keys.failures, [oid]) + service.redis.hmget(
-        service.keys.pending, [oid])
+    # The mark, then the failure record, then the index: a mark is taken away only once its version is indexed, or
+    # failed (with the record, in one transaction), so an object settled meanwhile is seen so; read the other way,
+    # it was in neither read, a 404 "knows nothing of it" (reviews 66, 69).
+    pending_raw, failure_raw = service.redis.hmget(service.keys.pending, [oid]) + service.redis.hmget(
+        service.keys.failures, [oid])
     indexed = service.index.get(bucket, key)
     failure, pending = record(failure_raw), record(pending_raw)
     state = {"bucket": bucket, "key": key, "indexed": indexed is not None}

@@ -138,6 +138,10 @@ class Rebuilds:
         with self._lock:
             if self.current is not None and self.current.state == "running":
                 raise RebuildConflict(f"rebuild {self.current.id} is running")
+            if service.retiring:  # (swapped in, its first snapshot not written: a restart then restored the old
+                # generation and marked a rebuild started meanwhile failed, and the swapped one read done: review 69)
+                raise RebuildConflict("the last rebuild's generation is being made durable (its first snapshot); "
+                                      "start the next one in a moment")
             serving = service.index
             wanted = index_type or serving.index_type
             if index_type == "auto":  # what the size policy makes of the serving index now
@@ -529,8 +533,12 @@ class Rebuilds:
             self._finish(job, "done")
         # The new generation's first snapshot (12-20 s at 1M), with the locks let go: under them a rebuild's start
         # waited, and the merger's next batch in ``observe`` (review 66). A restart before it is written restores the
-        # old generation and marks the job failed (``recover``), as one during it did.
-        self.service.snapshot()
+        # old generation and marks the job failed (``recover``), as one during it did; a rebuild asked for meanwhile
+        # is refused (``start``: the old generation is still ``retiring``).
+        try:
+            self.service.snapshot()
+        except Exception:  # (the job is done: not "rebuild ... failed"; the next checkpoint writes it)
+            log.exception("rebuild %s is done; the new generation's first snapshot could not be written", job.id)
 
     def _finish(self, job: RebuildJob, state: str) -> None:
         job.state = state
@@ -541,9 +549,13 @@ class Rebuilds:
             self.registered = None  # (before it leaves the hash, or serves)
             if job.mode == "reembed" and state != "done":
                 with service.routing:  # (not inside a batch: ``Service.apply``)
-                    if service.shadow is not None:
-                        service.backend.discard(service.shadow)
-                    service.shadow = None
+                    shadow, service.shadow = service.shadow, None
+                if shadow is not None:  # (after: dropping a Milvus collection held the merger up to 10 s)
+                    try:
+                        service.backend.discard(shadow)
+                    except Exception:  # (Milvus away: the job ends all the same, and its shadow is left)
+                        log.exception("rebuild %s: its generation %d could not be dropped", job.id,
+                                      shadow.generation)
                 service.redis.hdel(service.keys.generations, str(job.generation))
                 # (off the merger's thread: it reads every failure record)
                 threading.Thread(target=self._clear_held, args=(job.id, job.generation),

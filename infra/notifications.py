@@ -108,7 +108,7 @@ def follow_endpoint(settings: Settings, s3: Any, push_endpoint: str) -> list[str
     followed."""
     endpoints = _endpoints(_sns(settings))
     followed = []
-    for bucket in sorted({b["Name"] for b in s3.list_buckets().get("Buckets", [])} - {settings.bucket}):
+    for bucket in sorted({b["Name"] for b in s3.list_buckets().get("Buckets", [])}):  # (this one's is put already)
         try:
             configs = s3.get_bucket_notification_configuration(Bucket=bucket).get("TopicConfigurations", [])
             for config in configs:

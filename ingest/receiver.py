@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import re
 import time
 from typing import Any, AsyncIterator, Sequence
@@ -65,7 +66,7 @@ class Receiver:
         self._redis_down = Outage(log, "Redis reachable again")
         self._near_full = Outage(log, "Redis has room again (%d of %d bytes)")
         self._head_refused_logged = False
-        self._refused = (0, 0.0)  # requests refused for their token since the last warning, and when that was
+        self._refused = (0, -math.inf)  # requests refused for their token since the last warning, and when that was
 
     @functools.cached_property
     def s3(self) -> Any:

@@ -281,6 +281,7 @@ def carrying_service(bucket: str, serving: VectorIndex | None = None) -> tuple[S
 
     service = SimpleNamespace(index=serving, shadow=shadow, redis=JobRecords(), keys=Keys("t"),
                               restructuring=threading.Lock(), routing=threading.Lock(), snapshot=lambda: True,
+                              retiring=[],
                               duplicates=SimpleNamespace(wake=lambda found: None, arriving=lambda: None))
     service.promote = lambda new: (setattr(service, "index", new), setattr(service, "shadow", None))
     service.rebuilds = Rebuilds(service)  # type: ignore[arg-type]
@@ -523,6 +524,37 @@ def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
             service.rebuilds.start("reembed")
         job = service.rebuilds.current
         assert job.state == "failed" and "the index server is down" in job.error and service.shadow is None
+
+
+def test_a_rebuild_waits_for_the_last_swaps_snapshot_and_a_failed_one_drops_its_shadow_outside_the_routing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review 69: with the swap's snapshot written after the locks, a rebuild started in between, and a restart
+    then restored the old generation, failed the new job and left the swapped one "done". A start is refused until
+    the swapped-in generation is durable. And a job that fails drops its shadow after letting the merger's routing
+    go (dropping a Milvus collection held a batch up to 10 s), and ends even where the drop fails."""
+    service, _, shadow = carrying_service("photos")
+    service.rebuilds.current = None
+    service.writing, service.lease = threading.Event(), SimpleNamespace(acquire=lambda: True)
+    service.writing.set()
+    service.backend = SimpleNamespace(index_types=("Flat",), name="faiss")
+    service.retiring = [SimpleNamespace(generation=1)]  # swapped out, the new generation's snapshot not written
+    with pytest.raises(RebuildConflict, match="being made durable"):
+        service.rebuilds.start("reembed")
+    assert service.rebuilds.current is None
+
+    routing_free: list[bool] = []
+
+    def discard(index: Any) -> None:
+        routing_free.append(service.routing.acquire(blocking=False) and (service.routing.release() or True))
+        raise ConnectionError("Milvus is away")
+
+    service.backend.discard = discard
+    job = service.rebuilds.current = RebuildJob("j", "reembed", 2, "m", "Flat")
+    service.shadow = shadow
+    with service.rebuilds._lock:
+        service.rebuilds._finish(job, "failed")
+    assert job.state == "failed" and service.shadow is None and routing_free == [True]
+    assert "its generation 2 could not be dropped" in caplog.text
 
 
 def test_a_replica_whose_lease_moved_refuses_a_rebuild_though_its_flag_lags() -> None:
