@@ -51,6 +51,7 @@ PASSING_ROUNDS = 3
 # Distinct listed objects failed ``internal`` with none embedded in the new generation: the workers cannot run its
 # model, and the job fails then (``_model_fails``) rather than after PASSING_ROUNDS passes over the whole listing.
 MODEL_FAILS = 50
+DURABLE_WAIT_S = 120.0  # a start waits this long for the last swap's first snapshot (12-20 s at 1M vectors)
 
 
 class RebuildConflict(RuntimeError):
@@ -103,6 +104,8 @@ class Rebuilds:
         self._s3_away = Outage(log, "rebuild %s: S3 answers again; listed objects are sent again")
         self._lock = threading.RLock()
         self._retired: tuple[int, str] | None = None  # (generation, rebuilt bucket) of the last one-bucket promote
+        self._durable = threading.Event()  # clear from a swap until the swapped-in generation's first snapshot
+        self._durable.set()
         self._before: dict[str, Any] | None = None  # the newest job of a previous process, as stored (``recover``)
         # The running reembed's generation once it is in the generations hash, until just before it leaves it:
         # what redis_loss.check expects there beside the serving one.
@@ -135,13 +138,16 @@ class Rebuilds:
         if not service.writing.is_set() or not service.lease.acquire():  # (the flag lags a lease lost: review 21)
             raise NotWriter(f"replica {service.replica} does not write the index; the writer is "
                                   f"{service.lease.current()}: send the rebuild there")
+        # Not while the last swap's generation is not durable: a restart then restored the old generation, marked
+        # a rebuild started meanwhile failed, and left the swapped one done (review 69). Its snapshot is waited for
+        # (seconds; 12-20 s at 1M), and one that failed (a disk full) refuses.
+        self._durable.wait(DURABLE_WAIT_S)
         with self._lock:
             if self.current is not None and self.current.state == "running":
                 raise RebuildConflict(f"rebuild {self.current.id} is running")
-            if service.retiring:  # (swapped in, its first snapshot not written: a restart then restored the old
-                # generation and marked a rebuild started meanwhile failed, and the swapped one read done: review 69)
-                raise RebuildConflict("the last rebuild's generation is being made durable (its first snapshot); "
-                                      "start the next one in a moment")
+            if service.retiring:
+                raise RebuildConflict("the last rebuild's generation is not durable yet (its first snapshot is not "
+                                      "written: /stats snapshot_failures says why); start the next one once it is")
             serving = service.index
             wanted = index_type or serving.index_type
             if index_type == "auto":  # what the size policy makes of the serving index now
@@ -521,24 +527,28 @@ class Rebuilds:
             log.info("rebuild %s: every object settled; making generation %d %s before the swap", job.id,
                      shadow.generation, job.index_type)
             shadow.restructure(job.index_type)
-        with self.service.restructuring, self._lock:  # (the size policy waits for the chosen type)
-            if job.state != "running":  # (cancelled meanwhile)
-                return
-            if job.chosen:
-                self.service.choose_type(job.chosen)
-            if job.mode == "reembed" and job.bucket:
-                job.retired = self.service.index.generation
-                self._retired = (job.retired, job.bucket)
-            self.service.promote(shadow)
-            self._finish(job, "done")
-        # The new generation's first snapshot (12-20 s at 1M), with the locks let go: under them a rebuild's start
-        # waited, and the merger's next batch in ``observe`` (review 66). A restart before it is written restores the
-        # old generation and marks the job failed (``recover``), as one during it did; a rebuild asked for meanwhile
-        # is refused (``start``: the old generation is still ``retiring``).
         try:
-            self.service.snapshot()
-        except Exception:  # (the job is done: not "rebuild ... failed"; the next checkpoint writes it)
-            log.exception("rebuild %s is done; the new generation's first snapshot could not be written", job.id)
+            with self.service.restructuring, self._lock:  # (the size policy waits for the chosen type)
+                if job.state != "running":  # (cancelled meanwhile)
+                    return
+                if job.chosen:
+                    self.service.choose_type(job.chosen)
+                if job.mode == "reembed" and job.bucket:
+                    job.retired = self.service.index.generation
+                    self._retired = (job.retired, job.bucket)
+                self._durable.clear()
+                self.service.promote(shadow)
+                self._finish(job, "done")
+            # The new generation's first snapshot (12-20 s at 1M), with the locks let go: under them the merger's
+            # next batch waited in ``observe``, and a rebuild's start (review 66), which now waits for ``_durable``.
+            # A restart before it is written restores the old generation and marks the job failed (``recover``), as
+            # one during it did.
+            try:
+                self.service.snapshot()
+            except Exception:  # (the job is done: not "rebuild ... failed"; the next checkpoint writes it)
+                log.exception("rebuild %s is done; the new generation's first snapshot could not be written", job.id)
+        finally:
+            self._durable.set()
 
     def _finish(self, job: RebuildJob, state: str) -> None:
         job.state = state

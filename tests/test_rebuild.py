@@ -538,9 +538,14 @@ def test_a_rebuild_waits_for_the_last_swaps_snapshot_and_a_failed_one_drops_its_
     service.writing.set()
     service.backend = SimpleNamespace(index_types=("Flat",), name="faiss")
     service.retiring = [SimpleNamespace(generation=1)]  # swapped out, the new generation's snapshot not written
-    with pytest.raises(RebuildConflict, match="being made durable"):
+    with pytest.raises(RebuildConflict, match="not durable yet"):  # (its snapshot failed: a disk full)
         service.rebuilds.start("reembed")
     assert service.rebuilds.current is None
+    service.rebuilds._durable.clear()  # a swap whose snapshot is being written: a start waits for it
+    threading.Timer(0.3, lambda: (service.retiring.clear(), service.rebuilds._durable.set())).start()
+    started = time.monotonic()
+    assert service.rebuilds.start("reindex").mode == "reindex" and time.monotonic() - started >= 0.25
+    wait_for(lambda: service.rebuilds.current.state == "done", 10, what="the reindex done")
 
     routing_free: list[bool] = []
 
