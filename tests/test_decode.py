@@ -196,6 +196,21 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     assert info.value.reason == "too_many_pixels"
 
 
+def test_an_image_inside_a_container_is_held_to_the_pixel_limit_before_it_is_decoded() -> None:
+    """An ICNS entry is 1024x1024 by its type, and its header says so; the PNG inside may be any size, and Pillow
+    decoded it whole before checking (review 70: 1.6 GB from a 1.6 MB file). Pillow's own check, which sees the
+    inner image, now runs at bucketlens's limit."""
+    png = encode(Image.new("L", (12_000, 12_000)), "PNG")  # 144 MP, ~100 KB
+    entry = b"ic10" + struct.pack(">I", 8 + len(png)) + png
+    icns = b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+    assert Image.open(io.BytesIO(icns)).size == (1024, 1024)
+    for call in (decode, preview_jpeg):
+        with pytest.raises(PermanentError) as info:
+            call(icns, LIMIT)
+        assert info.value.reason == "too_many_pixels", info.value
+        assert f"144000000 pixels exceed {LIMIT} (BUCKETLENS_MAX_PIXELS)" in str(info.value)
+
+
 STUFFED_OR_RESTART = {0x00, *range(0xD0, 0xD8)}  # what may follow 0xFF inside a JPEG scan's data
 
 

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import io
 import math
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -20,7 +21,6 @@ from .errors import PermanentError
 from .models import Recipe
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey half-image
-Image.MAX_IMAGE_PIXELS = None  # bucketlens checks the pixel count itself, with its own limit and message
 pillow_heif.register_heif_opener()
 Image.init()
 # Every format Pillow reads but EPS, which it hands to Ghostscript where that is installed (a program with a long
@@ -96,10 +96,13 @@ def _open_rgb(data: bytes, max_pixels: int, side: int) -> tuple[Image.Image, int
     width and height before that scale."""
     if not data:
         raise PermanentError("empty", "the file is empty (zero bytes)")
+    # Pillow's own check, at bucketlens's limit (every caller in a process passes the same setting): it sees the
+    # header's size as the file is opened, and the image inside a container where that is read at load. An ICNS
+    # entry that claims 1024x1024 and holds a 20000x20000 PNG passed a check of the header alone and decoded
+    # 1.6 GB from a 1.6 MB file (review 70).
+    Image.MAX_IMAGE_PIXELS = max_pixels
     image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
     width, height = image.size
-    if width * height > max_pixels:
-        raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels (BUCKETLENS_MAX_PIXELS)")
     if image.format == "JPEG":
         # A scan bomb: libjpeg has no limit of its own, and 10,000 repeated scans took 34-46 s to decode.
         # Every scan starts with an SOS marker, which entropy-coded data never holds (0xFF is stuffed).
@@ -122,6 +125,10 @@ def _decoding(data: bytes) -> Iterator[None]:
             yield
     except PermanentError:
         raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:  # (a warning: made an error above)
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))  # "Image size (N pixels) exceeds limit of M pixels, ..."
+        raise PermanentError("too_many_pixels", f"{pixels[1] if pixels else 'more'} pixels exceed "
+                             f"{Image.MAX_IMAGE_PIXELS} (BUCKETLENS_MAX_PIXELS)") from exc
     except UnidentifiedImageError as exc:
         if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:  # a phone photo cut short: its boxes do not parse
             raise PermanentError("corrupt", f"HEIF/AVIF ({data[8:12].decode()}) that cannot be read") from exc
