@@ -14,6 +14,7 @@ from typing import Any, Iterable
 from bucketlens.http import HTTPError
 from bucketlens.ordering import parse_iso
 from bucketlens.schemas import object_id
+from bucketlens.settings import BUCKET_NAME
 
 FIELDS = ("bucket", "prefix", "modified_after", "modified_before")
 
@@ -56,9 +57,13 @@ class Filter:
 
 
 def bucket_field(value: Any, code: str = "bad_parameter") -> str | None:
-    """A request's ``bucket``: None when not given; 400 ``code`` when not a non-empty string."""
+    """A request's ``bucket``: None when not given; 400 ``code`` when not a non-empty string, or not a bucket name.
+    (An access point's ARN in a filter made the service send a HEAD, signed with its S3 keys, to a host the ARN
+    named: review 70.)"""
     if value is not None and not (isinstance(value, str) and value):
         raise HTTPError(400, code, "bucket must be a non-empty string")
+    if value is not None and not BUCKET_NAME.fullmatch(value):
+        raise HTTPError(400, code, f"bucket {value[:80]!r} is not an S3 bucket name (letters, digits, '.', '-', '_')")
     return value
 
 

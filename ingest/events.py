@@ -43,6 +43,7 @@ class ParsedBody:
 
 
 MAX_RECORDS = 1000  # per body: S3 servers send one (each a HEAD for a delete, on a thread all requests share)
+MAX_KEY_BYTES = 1024  # UTF-8 bytes of an S3 object key (AWS, MinIO and Ceph alike)
 MAX_SEQUENCER = 64  # characters; AWS's and MinIO's are 18, Ceph's 16
 SNS_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 
@@ -140,6 +141,8 @@ def parse_record(record: Any, index: int = 0) -> ObjectEvent | None:
     key = raw_key if source.startswith("ceph") else unquote_plus(raw_key)
     if not _utf8(key):  # (a bucket name is ASCII: BUCKET_NAME)
         raise BadEvent(f"Records[{index}] has a key that is not valid UTF-8 (a lone surrogate)")
+    if (length := len(key.encode())) > MAX_KEY_BYTES:  # (S3 makes none; one stopped a Milvus index merging: review 70)
+        raise BadEvent(f"Records[{index}] has a key of {length} bytes: S3 keys have at most {MAX_KEY_BYTES}")
     sequencer = str(obj.get("sequencer") or "")
     if len(sequencer) > MAX_SEQUENCER:  # (thousands of hex digits made an order no int-to-text conversion takes)
         raise BadEvent(f"Records[{index}] has a sequencer of {len(sequencer)} characters (at most {MAX_SEQUENCER})")
