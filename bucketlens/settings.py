@@ -233,11 +233,14 @@ BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # It names Redis keys, Celery queues and the bucket's notification: one with a space made a Ceph topic named "a+b-..."
 # that nothing found again (review 61). Other characters pass (the topic's name has them as '-').
 NAMESPACE = re.compile(r"[!-~]+")
+PASSWORD_IN_URL = re.compile(r"(//[^/@:]*:)[^/@]*@")  # scheme://user:PASSWORD@host
 
 
 def _problem(name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the field ``name``, said with the variable that sets it, or None."""
-    given = f"{PREFIX}{name.upper()}={value!r}"
+    # (a URL's password was printed with it, to stderr and the service logs: review 70)
+    shown = PASSWORD_IN_URL.sub(r"\1***@", value) if name in SCHEMES and isinstance(value, str) else value
+    given = f"{PREFIX}{name.upper()}={shown!r}"
     if name in NOT_EMPTY and not str(value).strip():
         return f"{PREFIX}{name.upper()} is empty: give a value or leave it unset"
     if name in TOKENS and not all("!" <= c <= "~" for c in value):  # (said without the value: it is a secret)

@@ -73,7 +73,7 @@ class ApplyStats:
         if outcome == "stale":
             self.stale += 1
         elif outcome == "reject":
-            log.error("rejecting %s: model %r dim %s does not match the index", oid, entry.model,
+            log.error("rejecting %r: model %r dim %s does not match the index", oid, entry.model,
                       None if entry.vector is None else entry.vector.shape)
             self.rejected += 1
         elif outcome == "delete":
@@ -131,7 +131,7 @@ def decode_labels(oid: str, encoded: str) -> Labels | None:
     try:
         return vision_labels.decode(encoded)
     except ValueError as exc:
-        log.error("%s: ignoring malformed labels %r: %s", oid, encoded[:100], exc)
+        log.error("%r: ignoring malformed labels %r: %s", oid, encoded[:100], exc)
         return None
 
 

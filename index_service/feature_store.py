@@ -79,7 +79,7 @@ class FeatureStore:
             try:
                 found[oid] = local_features.decode(data)
             except ValueError as exc:
-                log.warning("unusable local features of %s: %s", oid, exc)
+                log.warning("unusable local features of %r: %s", oid, exc)
         return found
 
     def add_pairs(self, checked: Sequence[tuple[str, str]], pairs: Sequence[tuple[str, str, int, str]]) -> int:

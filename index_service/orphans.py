@@ -87,7 +87,7 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
         service.publisher.send_embeds(lost, queue=keys.rebuild_queue if len(lost) > CHUNK else None)
         sent = len(lost)
         redis.hincrby(keys.counters, "orphans_resent", len(lost))
-        log.warning("sent %d objects to the workers again: their tasks were lost (e.g. %s)", len(lost),
+        log.warning("sent %d objects to the workers again: their tasks were lost (e.g. %r)", len(lost),
                     lost[0].object_id)
     if dropped:
         log.info("dropped %d stale pending marks (their etag is indexed or failed already)", dropped)

@@ -375,7 +375,7 @@ class Rebuilds:
                                         "model failing"), ("orphans_resent", lost_ones, "their tasks were lost")):
                 if part:
                     service.redis.hincrby(service.keys.counters, counter, len(part))
-                    log.warning("rebuild %s: sent %d listed objects to the workers again: %s (e.g. %s)", job.id,
+                    log.warning("rebuild %s: sent %d listed objects to the workers again: %s (e.g. %r)", job.id,
                                 len(part), why, part[0].object_id)
         with self._lock:
             self._maybe_complete(job)

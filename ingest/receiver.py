@@ -163,7 +163,7 @@ class Receiver:
         if future:
             events = [e for e in events if not beyond_clock_skew(e.order, now)]
             log.warning("dropped %d events whose order is more than %d s ahead of this clock (forged, or the S3 "
-                        "server's clock is wrong), e.g. %s; a reconcile settles those objects", len(future),
+                        "server's clock is wrong), e.g. %r; a reconcile settles those objects", len(future),
                         MAX_CLOCK_SKEW_NS // 1_000_000_000, future[0].ref.object_id)
         try:
             if events:
