@@ -208,20 +208,20 @@ def _address(exc: httpx.TransportError) -> str:
 # -- services -------------------------------------------------------------------------------------------------
 
 def run_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
     from ingest.receiver import create_app
 
-    uvicorn.run(create_app(settings), host=settings.ingest_host, port=settings.ingest_port, log_level="warning")
+    from .serving import serve
+
+    serve(create_app(settings), settings.ingest_host, settings.ingest_port)
     return 0
 
 
 def run_serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
     from index_service.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning")
+    from .serving import serve
+
+    serve(create_app(settings), settings.api_host, settings.api_port)
     return 0
 
 
@@ -348,7 +348,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     index = _index_state(stack.writer_url())
     if index is not None and (rebuild := index["rebuild"]) and rebuild["state"] == "failed":  # (a `down` during a
         # rebuild fails it, and nothing said so until `status`: review 49)
-        print(f"note: the last rebuild, {rebuild['id']} ({rebuild['mode']}), failed: {rebuild['error']}")
+        print(f"note: the last rebuild, {rebuild['id']} ({rebuild['mode']}), failed: {plain(rebuild['error'])}")
     if index is not None and "model" in _explicit() and index["model"] != settings.model:  # (it said nothing, and
         # the workers showed the new model beside an index of the old one: review 57)
         print(f"note: the index keeps its model, {index['model']}: BUCKETLENS_MODEL={settings.model} does not change "

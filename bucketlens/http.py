@@ -6,8 +6,9 @@ import ipaddress
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import redis
@@ -22,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class JSONResponse(responses.JSONResponse):
-    """Starlette's JSON answer, encoded by orjson: a search's results encode ~5x faster than with ``json``."""
+    """Starlette's JSON answer, encoded by orjson: a search's results encode ~5x faster than with ``json``. Never
+    sniffed by a browser as anything else (an error's message can quote a request's text)."""
+
+    def __init__(self, content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(content, status_code, {"X-Content-Type-Options": "nosniff", **(headers or {})}, **kwargs)
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
@@ -51,23 +57,42 @@ def allowed_hosts(setting: str, bind: str) -> frozenset[str] | None:
 
 
 class HostGuard:
-    """ASGI middleware: 400 ``bad_host`` for a request whose ``Host`` is not among ``allowed`` (a request without
-    one, which no browser sends, passes)."""
+    """ASGI middleware for a server that browsers reach: 400 ``bad_host`` for a request whose ``Host`` is not among
+    ``allowed`` (a request without one, which no browser sends, passes), and 403 ``cross_origin`` for one that a
+    page of another origin sent (browsers name it in ``Origin``; the CLI and other clients send none). A page
+    elsewhere could make the user's browser post searches to a local API without a read token: it cannot read the
+    answers, but it spent the service's CPU and memory (review 70)."""
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
         self.app = app
         self.allowed = allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.allowed is not None and scope["type"] == "http":
-            host = Headers(scope=scope).get("host", "")
-            if host and _host_name(host) not in self.allowed:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host = headers.get("host", "")
+            if self.allowed is not None and host and _host_name(host) not in self.allowed:
                 names = ", ".join(sorted(self.allowed))
                 await error_response(400, "bad_host", f"this server answers requests for {names}, not {host!r} "
                                      "(a guard against DNS rebinding); BUCKETLENS_ALLOWED_HOSTS names the hosts "
                                      "clients use")(scope, receive, send)
                 return
+            origin = headers.get("origin")
+            if origin is not None and not self._same_origin(origin, host):
+                await error_response(403, "cross_origin", f"this server answers its own pages, not a page of "
+                                     f"{origin[:200]!r} (a guard against cross-site requests); behind a proxy that "
+                                     "changes Host, name the address clients use in BUCKETLENS_ALLOWED_HOSTS"
+                                     )(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    def _same_origin(self, origin: str, host: str) -> bool:
+        """Whether a page of ``origin`` is this server's own: the address it was asked by (``Host``), or a name
+        that ``BUCKETLENS_ALLOWED_HOSTS`` gives (a proxy's; not a loopback name, which any local server has)."""
+        netloc = urlsplit(origin).netloc.lower()  # ("null", a sandboxed page's: none)
+        if netloc and netloc == host.strip().lower():
+            return True
+        return bool(netloc) and self.allowed is not None and _host_name(netloc) in self.allowed - LOOPBACK_NAMES
 
 
 def _host_name(host: str) -> str:

@@ -156,3 +156,31 @@ def test_with_a_read_token_every_read_route_needs_it() -> None:
     assert served.get("/labels", headers={"Authorization": "Bearer at"}).status_code == 500  # no service here
     assert TestClient(create_app(Settings(read_token="rt")), base_url="http://127.0.0.1").get(
         "/", params={"token": ""}).status_code == 401  # no admin token set: an empty one opens nothing
+
+
+def test_a_page_of_another_origin_is_refused_and_the_pages_own_is_served() -> None:
+    """A page elsewhere could make the user's browser post searches to a local API without a read token (it cannot
+    read the answers, but they cost the service; review 70). Browsers name a page's origin; other clients send
+    none."""
+    from starlette.testclient import TestClient
+
+    from bucketlens.settings import Settings
+    from index_service.app import create_app
+
+    client = TestClient(create_app(Settings()), base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+    for origin in ("https://evil.example", "http://localhost:3000", "http://127.0.0.1:9999", "null"):
+        refused = client.post("/search", json={"key": "a.jpg"}, headers={"Origin": origin})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "cross_origin", (origin, refused.text)
+        assert "BUCKETLENS_ALLOWED_HOSTS" in refused.json()["error"]["message"]
+        assert refused.headers["x-content-type-options"] == "nosniff"
+    for headers in ({"Origin": "http://127.0.0.1:8000"}, {}):  # past the guard: no service here
+        assert client.post("/search", json={"key": "a.jpg"}, headers=headers).status_code == 500, headers
+    # Behind a proxy that sends its own Host, the address clients use is the one BUCKETLENS_ALLOWED_HOSTS names.
+    proxied = TestClient(create_app(Settings(allowed_hosts="images.example.com")), base_url="http://127.0.0.1:8000",
+                         raise_server_exceptions=False)
+    assert proxied.post("/search", json={"key": "a.jpg"},
+                        headers={"Origin": "https://images.example.com"}).status_code == 500
+    assert proxied.post("/search", json={"key": "a.jpg"},
+                        headers={"Origin": "https://other.example.com"}).status_code == 403
+    policy = client.get("/").headers["content-security-policy"]  # the page runs its own script and nothing else
+    assert "script-src 'sha256-" in policy and "default-src 'none'" in policy and "connect-src 'self'" in policy
