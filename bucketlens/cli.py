@@ -345,10 +345,10 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
               "start them with the settings given now")
     if other := stack.other_code():
         print(other_code_note(other))
-    index = _index_state(stack.writer_url())
+    index = _index_state(stack.writer_url(), read_headers(stack.for_clients()))
     if index is not None and (rebuild := index["rebuild"]) and rebuild["state"] == "failed":  # (a `down` during a
         # rebuild fails it, and nothing said so until `status`: review 49)
-        print(f"note: the last rebuild, {rebuild['id']} ({rebuild['mode']}), failed: {plain(rebuild['error'])}")
+        print(f"note: the last rebuild, {rebuild['id']} ({rebuild['mode']}), failed: {why_failed(rebuild)}")
     if index is not None and "model" in _explicit() and index["model"] != settings.model:  # (it said nothing, and
         # the workers showed the new model beside an index of the old one: review 57)
         print(f"note: the index keeps its model, {index['model']}: BUCKETLENS_MODEL={settings.model} does not change "
@@ -389,7 +389,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return NOT_RUNNING
     stack = _stack(settings)
     status = stack.status(stack.for_clients(_explicit()))
-    status["index"] = _index_state(stack.writer_url())  # (a reader's /stats shows the rebuild it ran as the writer)
+    # (a reader's /stats shows the rebuild it ran as the writer)
+    status["index"] = _index_state(stack.writer_url(), read_headers(stack.for_clients()))
     # The address that opens the page, with the running service's read token (only `up` said it: review 31)
     status["page_url"] = page_url(status["api_url"], stack.for_clients().read_token)
     status["other_code"] = stack.other_code()
@@ -406,21 +407,22 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"index: {index['vectors']} vectors, model {index['model']}, generation {index['generation']}, "
                   f"{index['index_type']}" + (f"; rebuild {rebuild['id']} {rebuild['state']} "
                                               f"{rebuild['done']}/{rebuild['total']}" if rebuild else "")
-                  + (f" ({rebuild['error']})" if rebuild and rebuild["state"] == "failed" and rebuild["error"] else "")
+                  + (f" ({why_failed(rebuild)})" if rebuild and rebuild["state"] == "failed" and rebuild["error"]
+                     else "")
                   + ("" if index["ready"] else f"; not ready: {index['reason'] or 'no reason given'}"))
         if status["other_code"]:
             print(other_code_note(status["other_code"]))
     return 0 if all(status["processes"].values()) else NOT_RUNNING
 
 
-def _index_state(url: str) -> dict[str, Any] | None:
+def _index_state(url: str, headers: dict[str, str] | None = None) -> dict[str, Any] | None:
     """What the index service serves (``GET /stats``'s model, generation, vectors, index type and the running or
     last rebuild) and whether it is ready (``GET /readyz``'s ``ready`` and ``reason``), or None when it does not
     answer, or answers an error (a replica whose Milvus is down: an object of nulls, which scripts took for a live
     index). The index service's writer answers ``/stats`` from memory: with its Milvus server frozen, ``status``
     said every process was up and showed the index, while searches answered 503 (an independent check)."""
     try:
-        response = httpx.get(f"{url}/stats", timeout=5)
+        response = httpx.get(f"{url}/stats", headers=headers, timeout=5)
         stats = response.json()
     except (httpx.HTTPError, ValueError):
         return None
@@ -665,6 +667,12 @@ def pixel_count(pixels: int) -> str:
     return f"{pixels / 1e6:.1f} MP" if pixels >= 100_000 else f"{pixels:,} pixels"
 
 
+def why_failed(job: dict[str, Any]) -> str:
+    """A failed rebuild's ``error``, and the object it names where the service showed it (to a reader)."""
+    detail = job.get("error_detail")
+    return plain(job["error"] + (f": {detail}" if detail else ""))
+
+
 def read_headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.read_token}"} if settings.read_token else {}
 
@@ -822,13 +830,13 @@ def writer_url(settings: Settings) -> str:
     return api_url(settings)
 
 
-def _rebuild_state(url: str, job: dict[str, Any], patience_s: float = 300) -> dict[str, Any]:
+def _rebuild_state(url: str, job: dict[str, Any], headers: dict[str, str], patience_s: float = 300) -> dict[str, Any]:
     """The job as the service says now; while the service is briefly away (a restart, Redis or Milvus coming back:
     5xx or no answer), the job as it last was, for up to ``patience_s`` (the wait ended in a traceback)."""
     away = time.monotonic()
     while True:
         try:
-            response = httpx.get(url, timeout=30)
+            response = httpx.get(url, headers=headers, timeout=30)
             if response.status_code == 200:
                 return response.json()  # type: ignore[no-any-return]
             if response.status_code < 500:
@@ -861,7 +869,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         with tqdm(total=job["total"] or None, unit="obj", desc=job["mode"]) as bar:  # (none while it lists: 0/1)
             while job["state"] == "running":
                 time.sleep(1)
-                job = _rebuild_state(url, job)
+                job = _rebuild_state(url, job, admin_headers(settings))
                 bar.total = job["total"] or None
                 bar.n = job["done"]
                 # (waiting on S3 or the model: the bar stood still, saying nothing)
@@ -873,7 +881,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
               f"`bucketlens rebuild --cancel {job['id']}`", file=sys.stderr)
         return 130
     print(f"rebuild {job['id']} {job['state']}: {job['done']}/{job['total']} settled, {job['failed']} failed"
-          + (f" ({job['error']})" if job.get("error") else "")
+          + (f" ({why_failed(job)})" if job.get("error") else "")
           # (a reembed under a tighter limit swapped in without them, and only `failures --retry` brings them back)
           + (": not in the new index (a corrupt or empty file, no image, or over a limit such as "
              "BUCKETLENS_MAX_PIXELS); `bucketlens failures` says which and why, `bucketlens failures --retry` sends "

@@ -135,13 +135,20 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service: Service = request.app.state.service
         return service
 
-    def may_read(request: Request, admin_too: bool = True) -> None:
-        """The read token, or (``admin_too``) the admin token where one is set: an operator holding the stronger
-        token was refused a search (review 28)."""
+    def reader(request: Request, admin_too: bool = True) -> bool:
+        """Whether ``request`` may read the index: the read token, or (``admin_too``) the admin token where one is
+        set (an operator holding the stronger token was refused a search: review 28)."""
         admin = admin_too and bool(settings.admin_token) and token_ok(request, settings.admin_token)
-        if not token_ok(request, settings.read_token) and not admin:
+        return token_ok(request, settings.read_token) or admin
+
+    def may_read(request: Request, admin_too: bool = True) -> None:
+        if not reader(request, admin_too):
             page = "" if admin_too else " (the web page takes the read token)"
             raise HTTPError(401, "unauthorized", f"missing or wrong read token{page}")
+
+    def shown(request: Request, job: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A rebuild job as an open endpoint shows it: ``error_detail`` names an object, so only to a reader."""
+        return job if job is None or reader(request) else {**job, "error_detail": None}
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -282,7 +289,8 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         try:
             # (in a thread: a Milvus replica counts its rows, up to its read timeout while Milvus is slow, and the web
             # page polls this; on the event loop every request waited: review 66)
-            return JSONResponse(await run_in_threadpool(service.stats))
+            stats = await run_in_threadpool(service.stats)
+            return JSONResponse({**stats, "rebuild": shown(request, stats["rebuild"])})
         except ConnectionError as exc:  # the index server away: its 503 says still which replica writes (the CLI
             # looks for the writer by it, and waited out the lease for one that said so: ~15 s, then a 409)
             return unavailable_response(request, exc, replica=service.replica, writer=service.writing.is_set())
@@ -366,7 +374,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             raise HTTPError(404, "unknown_rebuild", f"no rebuild {job_id}")
         if cancelling and not cancelled:
             raise HTTPError(409, "not_running", f"rebuild {job_id} is {state['state']}, not running")
-        return JSONResponse(state)
+        return JSONResponse(shown(request, state))
 
     async def start_reconcile(request: Request) -> Response:
         service = admin_service(request)

@@ -267,6 +267,9 @@ SCHEMAS: dict[str, Schema] = {
                        "started": {"type": "number", "description": "seconds since the epoch"},
                        "finished": {"type": ["number", "null"], "description": "seconds since the epoch"},
                        "error": {"type": "string", "description": "why it failed (empty otherwise)"},
+                       "error_detail": {"type": ["string", "null"], "description": "the object that failed it, and "
+                                        "what its failure said (empty if none); null where the request holds no "
+                                        "read or admin token that the service asks for: it names a key"},
                        "backend": {"type": "string", "description": "the index backend it ran on (empty: a job of "
                                                                    "an earlier version)"},
                        "retrying": {"type": "integer", "description": "objects it waits on after an attempt that met "
@@ -275,8 +278,8 @@ SCHEMAS: dict[str, Schema] = {
                                    "in: the generation it retired, whose late results for the other buckets go to "
                                    "the new one"}},
                       ("id", "mode", "generation", "model", "index_type", "bucket", "chosen", "state", "total",
-                       "done", "failed", "listed", "progress", "started", "finished", "error", "backend", "retrying",
-                       "retired")),
+                       "done", "failed", "listed", "progress", "started", "finished", "error", "error_detail",
+                       "backend", "retrying", "retired")),
     "ReconcileRequest": obj({"bucket": {"type": "string", "minLength": 1},
                              "dry_run": {"type": "boolean", "description": "count only: send and remove nothing"}},
                             closed=True),

@@ -86,6 +86,10 @@ class RebuildJob:
     backend: str = ""  # the index backend it ran on: a stack switched to the other one leaves its jobs alone
     retrying: int = 0  # listed objects awaited after an attempt that failed for a passing reason (sent again)
     retired: int | None = None  # a one-bucket reembed's: the generation its swap retired (``carried_past``)
+    # What ``error`` leaves out: the object that failed the job and what its failure said. It names a key, so only a
+    # reader sees it (``GET /rebuild/{id}`` and ``/stats`` are open: review 70); the job's end clears that failure's
+    # record (``_clear_held``), so nothing else keeps it.
+    error_detail: str = ""
 
 
 class Rebuilds:
@@ -222,6 +226,7 @@ class Rebuilds:
         stored.setdefault("backend", "")  # (a job of an earlier version)
         stored.setdefault("retrying", 0)
         stored.setdefault("retired", None)
+        stored.setdefault("error_detail", "")
         return stored
 
     def progress(self) -> dict[str, Any] | None:
@@ -400,9 +405,10 @@ class Rebuilds:
         rounds = self._passing[oid] = self._passing.get(oid, 0) + 1
         job.retrying = len(self._expected.intersection(self._passing))
         if rounds >= PASSING_ROUNDS:
-            job.error = (f"{oid} failed {rounds} times in the new generation for a reason other than its content "
-                         f"({reason}: {self._recorded(oid)}), which would have left it out; the serving generation is "
-                         "kept: the workers' logs say more, and the rebuild can run again once that is mended")
+            job.error = (f"an object failed {rounds} times in the new generation for a reason other than its content "
+                         f"({reason}), which would have left it out; the serving generation is kept: the workers' "
+                         "logs say more, and the rebuild can run again once that is mended")
+            job.error_detail = f"{oid}: {self._recorded(oid)}"
             self._finish(job, "failed")
 
     def _recorded(self, oid: str) -> str:
@@ -425,9 +431,9 @@ class Rebuilds:
             return False
         example = sorted(self._internal)[0]
         job.error = (f"the workers could not embed with model {job.model}: no object was embedded in the new "
-                     f"generation, and {len(self._internal)} failed (internal; e.g. {example}: "
-                     f"{self._recorded(example)}); the serving generation is kept: see the workers' logs, and run the "
-                     "rebuild again once the model runs")
+                     f"generation, and {len(self._internal)} failed (internal); the serving generation is kept: see "
+                     "the workers' logs, and run the rebuild again once the model runs")
+        job.error_detail = f"e.g. {example}: {self._recorded(example)}"
         self._finish(job, "failed")
         return True
 

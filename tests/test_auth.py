@@ -184,3 +184,25 @@ def test_a_page_of_another_origin_is_refused_and_the_pages_own_is_served() -> No
                         headers={"Origin": "https://other.example.com"}).status_code == 403
     policy = client.get("/").headers["content-security-policy"]  # the page runs its own script and nothing else
     assert "script-src 'sha256-" in policy and "default-src 'none'" in policy and "connect-src 'self'" in policy
+
+
+def test_a_failed_rebuilds_object_is_shown_to_readers_only() -> None:
+    """``GET /rebuild/{id}`` and ``/stats`` are open; a rebuild failed by one object's passing failures named its
+    key and its failure's message there (review 70). The key is in ``error_detail``, shown with a token only."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from bucketlens.settings import Settings
+    from index_service.app import create_app
+
+    job = {"id": "j1", "state": "failed", "error": "an object failed 3 times ...", "error_detail": "photos/x.jpg: no"}
+    app = create_app(Settings(read_token="rt", admin_token="at"))
+    app.state.service = SimpleNamespace(rebuilds=SimpleNamespace(get=lambda job_id: dict(job)),
+                                        stats=lambda: {"model": "m", "rebuild": dict(job)})
+    client = TestClient(app, base_url="http://127.0.0.1")
+    for token, detail in ((None, None), ("wrong", None), ("rt", "photos/x.jpg: no"), ("at", "photos/x.jpg: no")):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        for answer in (client.get("/rebuild/j1", headers=headers).json(),
+                       client.get("/stats", headers=headers).json()["rebuild"]):
+            assert answer["error"] == job["error"] and answer["error_detail"] == detail, (token, answer)

@@ -426,8 +426,9 @@ def test_a_reembed_swaps_in_nothing_that_lost_held_objects_for_a_passing_reason(
                 rebuilds._counted.clear()  # sent again (resend_lost)
                 rebuilds.observe([failed("k2", "internal")])
             assert job.state == "failed" and service.index is serving and service.shadow is None
-            assert job.error.startswith(f"photos/k2 failed {PASSING_ROUNDS} times in the new generation for a "
-                                        "reason other than its content (internal: CUDA out of memory)"), job.error
+            assert job.error.startswith(f"an object failed {PASSING_ROUNDS} times in the new generation for a "
+                                        "reason other than its content (internal)"), job.error
+            assert job.error_detail == "photos/k2: CUDA out of memory"  # (a key: for readers only, review 70)
 
 
 def test_a_model_no_worker_can_run_fails_the_job_at_once_and_one_that_runs_somewhere_does_not() -> None:
@@ -466,8 +467,8 @@ def test_a_model_no_worker_can_run_fails_the_job_at_once_and_one_that_runs_somew
             continue
         assert job.state == "failed" and service.index is serving and service.shadow is None, job
         assert job.error.startswith("the workers could not embed with model m: no object was embedded in the new "
-                                    f"generation, and {enough} failed (internal; e.g. photos/k0: RuntimeError: "
-                                    "the model's weights are not installed)"), job.error
+                                    f"generation, and {enough} failed (internal)"), job.error
+        assert job.error_detail == "e.g. photos/k0: RuntimeError: the model's weights are not installed"
 
 
 def test_a_listed_object_s3_refuses_settles_failed_and_the_lost_after_it_are_sent(
