@@ -44,7 +44,7 @@ def allowed_hosts(setting: str, bind: str) -> frozenset[str] | None:
     to a loopback address answers only the loopback names: a web page elsewhere whose DNS name is rebound to
     127.0.0.1 would otherwise read it through the user's browser (DNS rebinding), and no other name reaches a
     loopback address legitimately."""
-    names = {name.strip().lower().strip("[]") for name in setting.split(",") if name.strip()}
+    names = _names(setting)
     if "*" in names:
         return None
     if names:
@@ -56,6 +56,11 @@ def allowed_hosts(setting: str, bind: str) -> frozenset[str] | None:
     return LOOPBACK_NAMES if loopback else None
 
 
+def _names(setting: str) -> frozenset[str]:
+    """The names ``BUCKETLENS_ALLOWED_HOSTS`` lists, lower case, IPv6 addresses without brackets."""
+    return frozenset(name.strip().lower().strip("[]") for name in setting.split(",") if name.strip())
+
+
 class HostGuard:
     """ASGI middleware for a server that browsers reach: 400 ``bad_host`` for a request whose ``Host`` is not among
     ``allowed`` (a request without one, which no browser sends, passes), and 403 ``cross_origin`` for one that a
@@ -63,9 +68,10 @@ class HostGuard:
     elsewhere could make the user's browser post searches to a local API without a read token: it cannot read the
     answers, but it spent the service's CPU and memory (review 70)."""
 
-    def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
+    def __init__(self, app: ASGIApp, setting: str, bind: str) -> None:
         self.app = app
-        self.allowed = allowed
+        self.allowed = allowed_hosts(setting, bind)
+        self.named = _names(setting)  # (beside "*" too: a page of a proxy's name is this server's own)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -87,12 +93,15 @@ class HostGuard:
         await self.app(scope, receive, send)
 
     def _same_origin(self, origin: str, host: str) -> bool:
-        """Whether a page of ``origin`` is this server's own: the address it was asked by (``Host``), or a name
-        that ``BUCKETLENS_ALLOWED_HOSTS`` gives (a proxy's; not a loopback name, which any local server has)."""
+        """Whether a page of ``origin`` is this server's own: the address it was asked by (``Host``); else, for a
+        name that is not a loopback one (any local server's page has those, on its own port), the name it was asked
+        by (a proxy that passes its own name without its port) or one ``BUCKETLENS_ALLOWED_HOSTS`` lists (a proxy
+        that sends its upstream's address as ``Host``)."""
         netloc = urlsplit(origin).netloc.lower()  # ("null", a sandboxed page's: none)
-        if netloc and netloc == host.strip().lower():
-            return True
-        return bool(netloc) and self.allowed is not None and _host_name(netloc) in self.allowed - LOOPBACK_NAMES
+        if not netloc or netloc == host.strip().lower():
+            return bool(netloc)
+        name = _host_name(netloc)
+        return name not in LOOPBACK_NAMES and (name == _host_name(host) or name in self.named)
 
 
 def _host_name(host: str) -> str:

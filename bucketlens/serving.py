@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -21,8 +20,12 @@ HEAD_TIMEOUT_S = 20.0
 
 
 class BoundedHead(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing a head over ``MAX_HEAD_BYTES`` and closing one not whole in time."""
+    """uvicorn's httptools protocol, refusing a head over ``MAX_HEAD_BYTES`` and closing one not whole in time.
 
+    The bytes are counted as they arrive: httptools hands over a header only once it has ended, so a header that
+    never ends (a value streamed for good) was never counted (review 72)."""
+
+    _in_head = True  # from the connection's start (or a request's first byte) to the end of its headers
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
 
@@ -34,27 +37,29 @@ class BoundedHead(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            room = MAX_HEAD_BYTES - self._head_bytes
+            if len(data) > room:  # the head must end within ``room``: parse that much first, and see
+                super().data_received(data[:room])
+                if self._in_head and not self.transport.is_closing():
+                    self.send_400_response(f"request head over {MAX_HEAD_BYTES} bytes")
+                if self.transport.is_closing():
+                    return
+                data = data[room:]
+            else:
+                self._head_bytes += len(data)
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_bytes = 0
+        self._in_head, self._head_bytes = True, 0
         self._arm()
 
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._disarm()
         super().on_headers_complete()
-
-    def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > MAX_HEAD_BYTES:  # (uvicorn answers a parser error 400 and closes the connection)
-            raise httptools.HttpParserError(f"request head over {MAX_HEAD_BYTES} bytes")
 
     def _arm(self) -> None:
         self._disarm()
@@ -67,7 +72,9 @@ class BoundedHead(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._head_timer = None
-        if not self.transport.is_closing():
+        if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head waits for the answer
+            self._arm()  # before it (uvicorn reads no more meanwhile): closing lost that answer (review 72)
+        elif not self.transport.is_closing():
             self.transport.close()
 
 

@@ -233,7 +233,7 @@ BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # It names Redis keys, Celery queues and the bucket's notification: one with a space made a Ceph topic named "a+b-..."
 # that nothing found again (review 61). Other characters pass (the topic's name has them as '-').
 NAMESPACE = re.compile(r"[!-~]+")
-PASSWORD_IN_URL = re.compile(r"(//[^/@:]*:)[^/@]*@")  # scheme://user:PASSWORD@host
+PASSWORD_IN_URL = re.compile(r"(//[^/@:]*:).*@")  # scheme://user:PASSWORD@host (to the last '@': it may hold '/')
 
 
 def _problem(name: str, value: Any) -> str | None:
@@ -257,8 +257,9 @@ def _problem(name: str, value: Any) -> str | None:
     if name in SCHEMES and value:
         try:
             urlsplit(str(value)).port  # noqa: B018  (raises on a port that is no number or out of range)
-        except ValueError as exc:
-            return f"{given}: {exc}"
+        except ValueError as exc:  # (its message quotes what it read as the port: part of a password, with a '/')
+            return f"{given}: " + (str(exc) if "@" not in str(value) else "no port number after the host (a password "
+                                   "holding '/', '@' or ':' must be percent-encoded)")
     if name in CHOICES and value not in CHOICES[name]:
         return f"{given}: choose one of {', '.join(CHOICES[name])}"
     if name in BOUNDS and not BOUNDS[name].admits(value):

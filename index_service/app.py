@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,6 @@ from bucketlens.http import (
     HostGuard,
     HTTPError,
     JSONResponse,
-    allowed_hosts,
     json_object,
     only,
     read_limited,
@@ -86,9 +86,9 @@ def _page_policy(page: str) -> str:
     """The web page's Content-Security-Policy: its own inline script (by hash) and style, the API of its own
     origin, and images from anywhere (results are presigned URLs of the S3 server) or made in the page; nothing
     else. The page puts every server string into the DOM as text; the policy is there should that ever slip."""
-    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
-    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    return (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+                      for script in re.findall(r"<script>(.*?)</script>", page, re.DOTALL))
+    return (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
             "img-src 'self' http: https: data: blob:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
@@ -421,7 +421,7 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
             openapi_route(OPENAPI),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(HostGuard, allowed=allowed_hosts(settings.allowed_hosts, settings.api_host))],
+        middleware=[Middleware(HostGuard, setting=settings.allowed_hosts, bind=settings.api_host)],
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # ``/stats/`` was an empty 307, not the JSON 404 every path gets

@@ -226,7 +226,10 @@ class Rebuilds:
         stored.setdefault("backend", "")  # (a job of an earlier version)
         stored.setdefault("retrying", 0)
         stored.setdefault("retired", None)
-        stored.setdefault("error_detail", "")
+        if "error_detail" not in stored:  # a job of an earlier release: its error may name an object (review 72)
+            stored["error_detail"] = stored.get("error", "")
+            if stored["error_detail"]:
+                stored["error"] = "it failed under an earlier release: error_detail says why"
         return stored
 
     def progress(self) -> dict[str, Any] | None:

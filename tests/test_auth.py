@@ -183,6 +183,17 @@ def test_a_page_of_another_origin_is_refused_and_the_pages_own_is_served() -> No
                         headers={"Origin": "https://images.example.com"}).status_code == 500
     assert proxied.post("/search", json={"key": "a.jpg"},
                         headers={"Origin": "https://other.example.com"}).status_code == 403
+    # A proxy that passes its own name without its port (nginx's $host), and "*" beside a name (review 72); a
+    # loopback name on another port is another local server's page, whatever the Host.
+    for setting, host, origin, status in (
+            ("", "images.example.com", "https://images.example.com:8443", 500),
+            ("*, images.example.com", "127.0.0.1:8000", "https://images.example.com", 500),
+            ("*", "127.0.0.1:8000", "https://images.example.com", 403),
+            ("", "localhost:8000", "http://localhost:3000", 403)):
+        guarded = TestClient(create_app(Settings(allowed_hosts=setting, api_host="0.0.0.0")),
+                             base_url=f"http://{host}", raise_server_exceptions=False)
+        answer = guarded.post("/search", json={"key": "a.jpg"}, headers={"Origin": origin})
+        assert answer.status_code == status, (setting, host, origin, answer.text)
     policy = client.get("/").headers["content-security-policy"]  # the page runs its own script and nothing else
     assert "script-src 'sha256-" in policy and "default-src 'none'" in policy and "connect-src 'self'" in policy
 

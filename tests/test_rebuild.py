@@ -744,3 +744,15 @@ def test_a_reindex_keeps_its_type_only_once_its_restructure_ends() -> None:
     service.snapshot = lambda: None
     service.rebuilds._reindex(job)
     assert chosen == ["IVF"] and job.state == "done"
+
+
+def test_a_job_failed_under_an_earlier_release_keeps_its_error_for_readers() -> None:
+    """Its ``error`` may name an object, and ``/stats`` and ``GET /rebuild/{id}`` are open: it moves to
+    ``error_detail``, which only readers see (review 72)."""
+    old = {"id": "j1", "mode": "reembed", "state": "failed", "error": "photos/x.jpg failed 3 times ..."}
+    service = SimpleNamespace(redis=SimpleNamespace(get=lambda key: json.dumps(old)), keys=Keys("t"))
+    job = Rebuilds(service).get("j1")  # type: ignore[arg-type]
+    assert job is not None and job["error_detail"] == old["error"] and "photos/" not in job["error"], job
+    done = {**old, "state": "done", "error": ""}
+    service.redis.get = lambda key: json.dumps(done)
+    assert Rebuilds(service).get("j1")["error_detail"] == ""  # type: ignore[arg-type,index]

@@ -103,6 +103,8 @@ def _open_rgb(data: bytes, max_pixels: int, side: int) -> tuple[Image.Image, int
     Image.MAX_IMAGE_PIXELS = max_pixels
     image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
     width, height = image.size
+    if width * height > max_pixels:  # (Pillow's is a warning below 2x, made an error by a filter other threads share)
+        raise PermanentError("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels (BUCKETLENS_MAX_PIXELS)")
     if image.format == "JPEG":
         # A scan bomb: libjpeg has no limit of its own, and 10,000 repeated scans took 34-46 s to decode.
         # Every scan starts with an SOS marker, which entropy-coded data never holds (0xFF is stuffed).
