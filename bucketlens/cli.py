@@ -856,8 +856,8 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         return cancel_rebuild(settings, args.cancel)
     body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type,
             "model": args.model}
-    writer = writer_url(settings)
-    response = httpx.post(writer + "/rebuild", json=body, headers=admin_headers(settings), timeout=30)
+    writer, headers = writer_url(settings), admin_headers(settings)
+    response = httpx.post(writer + "/rebuild", json=body, headers=headers, timeout=30)
     if response.status_code != 202:
         raise CLIError(_error_text(response))
     job = response.json()
@@ -869,7 +869,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         with tqdm(total=job["total"] or None, unit="obj", desc=job["mode"]) as bar:  # (none while it lists: 0/1)
             while job["state"] == "running":
                 time.sleep(1)
-                job = _rebuild_state(url, job, admin_headers(settings))
+                job = _rebuild_state(url, job, headers)
                 bar.total = job["total"] or None
                 bar.n = job["done"]
                 # (waiting on S3 or the model: the bar stood still, saying nothing)
