@@ -54,7 +54,7 @@ async def measure(url: str, objects: int, concurrency: int) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         grown = int(redis.info("memory")["used_memory"]) - before
     return {"objects": objects, "concurrent_deliveries": concurrency,
-            "tasks": redis.llen(keys.celery_prefix + keys.live_queue),
+            "tasks": redis.llen(keys.queue_list(keys.live_queue)),
             "bytes_per_queued_object": round(grown / objects), "events_per_s": round(objects / seconds)}
 
 

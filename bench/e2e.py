@@ -14,7 +14,7 @@ import httpx
 from tqdm import tqdm
 
 from bucketlens.keys import Keys
-from bucketlens.redis_client import connect
+from bucketlens.redis_client import connect, text
 from bucketlens.s3 import make_client
 from infra.stack import Stack
 
@@ -69,7 +69,7 @@ def throughput(stack: Stack, api: httpx.Client, files: Sequence[Path], uploaders
         for upload in uploads:
             upload.result()  # re-raises an upload error
     cpu = meter.report(len(files))
-    stages = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in redis.hgetall(keys.stages).items()}
+    stages = {text(k): float(v) for k, v in redis.hgetall(keys.stages).items()}
     counts = {name.split(":")[0]: stages[name] for name in stages if name.endswith(":count")}
     return {
         "bucketlens_images_per_s": len(files) / elapsed,

@@ -8,6 +8,9 @@ EMBED_TASK = "bucketlens.embed"  # workers register it under this name; ingest a
 
 # Worker records (``Keys.worker``, ``Keys.consumer``) are written every HEARTBEAT_INTERVAL_S and expire
 # HEARTBEAT_TTL_S after the last write: a worker silent that long (four beats missed) counts as dead.
+# kombu's Redis transport keeps priorities 3, 6, 9 in sub-lists named queue + "\x06\x16" + priority.
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
 HEARTBEAT_INTERVAL_S = 3.0
 HEARTBEAT_TTL_S = 12
 
@@ -146,6 +149,15 @@ class Keys:
     def celery_prefix(self) -> str:
         """Prefix of every key kombu writes (queue lists, ``unacked``, bindings)."""
         return f"{self.namespace}:celery:"
+
+    @property
+    def unacked(self) -> str:
+        """kombu's hash of delivered, unacknowledged tasks: delivery tag -> [message, exchange, routing key]."""
+        return self.celery_prefix + "unacked"
+
+    def queue_list(self, queue: str, step: int = 0) -> str:
+        """kombu's list holding ``queue``'s tasks of priority ``step`` (one of ``PRIORITY_STEPS``)."""
+        return self.celery_prefix + (queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}")
 
     @property
     def live_queue(self) -> str:

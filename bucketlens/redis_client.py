@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 
-def text(value: bytes | str) -> str:
-    """A Redis reply as text (this client returns bytes; typing allows either)."""
+@overload
+def text(value: bytes | str) -> str: ...
+@overload
+def text(value: None) -> None: ...
+def text(value: bytes | str | None) -> str | None:
+    """A Redis reply as text (this client returns bytes; typing allows either), or None for a missing one."""
     return value.decode() if isinstance(value, bytes) else value
 
 

@@ -16,6 +16,8 @@ import logging
 
 import redis
 
+from bucketlens.redis_client import text
+
 log = logging.getLogger(__name__)
 
 # KEYS[1] the lease, ARGV[1] the holder, ARGV[2] the TTL in ms: extend it if we hold it.
@@ -47,4 +49,4 @@ class WriterLease:
     def current(self) -> str | None:
         """Who holds the lease now."""
         raw = self.redis.get(self.key)
-        return raw.decode() if isinstance(raw, bytes) else raw
+        return text(raw)

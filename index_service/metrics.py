@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from bucketlens.keys import STAGE_BUCKETS, stage_bucket_field
+from bucketlens.redis_client import text
 
 from .queues import queue_report
 from .service import Service
@@ -79,7 +80,7 @@ class StateCollector:
         yield from _queues(report)
         yield from _counters(report["events"], report["failures"])
         yield from _workers(report)
-        yield _stage_histogram({(k.decode() if isinstance(k, bytes) else k): v for k, v in stages.items()})
+        yield _stage_histogram({text(k): v for k, v in stages.items()})
 
 
 def _index(stats: dict[str, Any], vectors: int | None) -> Iterator[Metric]:

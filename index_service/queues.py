@@ -8,18 +8,15 @@ from typing import Any
 
 import redis
 
-from bucketlens.keys import Keys
+from bucketlens.keys import PRIORITY_STEPS, Keys
+from bucketlens.redis_client import text
 from bucketlens.schemas import json_object
-
-# kombu's Redis transport keeps priorities 3, 6, 9 in sub-lists named queue + "\x06\x16" + priority.
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (0, 3, 6, 9)
 
 
 def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
     _queue_lengths(pipe, keys)
-    pipe.hkeys(unacked_key(keys))
+    pipe.hkeys(keys.unacked)
     pipe.xlen(keys.results)
     pipe.hlen(keys.failures)
     pipe.hlen(keys.pending)
@@ -36,7 +33,7 @@ def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         len(keys.queues) * len(PRIORITY_STEPS):]
     group = _group_info(client, keys)
     held = held_deliveries(client, keys)
-    live = sum(1 for tag in tags if _text(tag) in held)
+    live = sum(1 for tag in tags if text(tag) in held)
     return {
         "queues": queues,
         "unacked": len(tags),
@@ -57,7 +54,7 @@ def tasks_outstanding(client: redis.Redis, keys: Keys) -> bool:
     (a worker writes a task's results only once the whole task is embedded, so merges alone leave gaps)."""
     pipe = client.pipeline(transaction=False)
     _queue_lengths(pipe, keys)
-    pipe.hlen(unacked_key(keys))
+    pipe.hlen(keys.unacked)
     return any(pipe.execute())
 
 
@@ -68,7 +65,7 @@ def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None 
         return []
     now = time.time()
     workers = []
-    for raw in client.mget([keys.worker(_text(worker_id)) for worker_id in ids]):
+    for raw in client.mget([keys.worker(text(worker_id)) for worker_id in ids]):
         worker = json_object(raw)  # None: expired (dead or hung for longer than the heartbeat's TTL), or not ours
         if worker is None or not isinstance(last_seen := worker.get("last_seen", now), (int, float)):
             continue
@@ -77,26 +74,17 @@ def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None 
     return workers
 
 
-def unacked_key(keys: Keys) -> str:
-    """kombu's hash of delivered, unacknowledged tasks: delivery tag -> [message, exchange, routing key]."""
-    return keys.celery_prefix + "unacked"
-
-
 def held_deliveries(client: redis.Redis, keys: Keys) -> set[str]:
     """Delivery tags that the main process of a live worker says it holds (workers/heartbeat.py, ``Deliveries``)."""
     ids = sorted(client.smembers(keys.consumers))
     if not ids:
         return set()
     held: set[str] = set()
-    for raw in client.mget([keys.consumer(_text(consumer_id)) for consumer_id in ids]):
+    for raw in client.mget([keys.consumer(text(consumer_id)) for consumer_id in ids]):
         consumer = json_object(raw)  # None: expired (that worker is dead or hung), or not ours
         if consumer is not None and isinstance(tags := consumer.get("deliveries"), list):
             held.update(tag for tag in tags if isinstance(tag, str))
     return held
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _canary(fields: dict[bytes, bytes]) -> dict[str, Any]:
@@ -123,11 +111,7 @@ def _queue_lengths(pipe: Any, keys: Keys) -> None:
     """Queue on ``pipe`` the length of every queue's list at each priority, queue by queue."""
     for queue in keys.queues:
         for step in PRIORITY_STEPS:
-            pipe.llen(_list_key(keys, queue, step))
-
-
-def _list_key(keys: Keys, queue: str, step: int) -> str:
-    return keys.celery_prefix + (queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}")
+            pipe.llen(keys.queue_list(queue, step))
 
 
 def _group_info(client: redis.Redis, keys: Keys) -> dict[str, Any]:
@@ -136,9 +120,8 @@ def _group_info(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     except redis.ResponseError:  # no stream yet
         return {"lag": 0, "pending": 0}
     for group in groups:
-        name = group.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) == keys.merger_group:
-            info = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in group.items()}
+        if text(group["name"]) == keys.merger_group:
+            info = {k: text(v) for k, v in group.items()}
             return {**info, "lag": _lag(client, keys, info)}
     return {"lag": None, "pending": 0}
 
@@ -153,8 +136,8 @@ def _lag(client: redis.Redis, keys: Keys, group: dict[str, Any]) -> int | None:
         stream = client.xinfo_stream(keys.results)
     except redis.ResponseError:  # the stream went meanwhile (Redis flushed)
         return 0
-    last, length = stream.get("last-generated-id"), int(stream["length"])
-    if length == 0 or (last.decode() if isinstance(last, bytes) else last) == group.get("last-delivered-id"):
+    last, length = stream["last-generated-id"], int(stream["length"])
+    if length == 0 or text(last) == group.get("last-delivered-id"):
         return 0
     lag = group.get("lag")
     return None if lag is None else max(1, min(int(lag), length))

@@ -21,7 +21,7 @@ from celery import Celery
 from bucketlens.keys import HEARTBEAT_INTERVAL_S, Keys
 from bucketlens.redis_client import text
 
-from .queues import held_deliveries, unacked_key
+from .queues import held_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Redelivery:
         """Restore the tasks unheld for ``GRACE_S`` (by this process's clock); returns their delivery tags."""
         now = time.monotonic() if now is None else now
         try:
-            tags = {text(tag) for tag in self.redis.hkeys(unacked_key(self.keys))}
+            tags = {text(tag) for tag in self.redis.hkeys(self.keys.unacked)}
             unheld = tags - held_deliveries(self.redis, self.keys)
         except redis.RedisError:
             self._unheld_since.clear()  # live workers could not beat either: give them a grace period again

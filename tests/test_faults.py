@@ -37,7 +37,6 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect, text
 from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
-from index_service.queues import unacked_key
 from infra.milvus import log_tail
 from infra.notifications import remove_notifications
 from infra.stack import Stack, StackError, free_port
@@ -122,7 +121,7 @@ def busy_worker(stack: Stack, api: httpx.Client, timeout_s: float = 60) -> dict[
             main = os.getpgid(worker["pid"])  # the pool child's group: its worker's main process
         except ProcessLookupError:
             return False
-        unacked_now = {text(tag) for tag in redis.hkeys(unacked_key(Keys(stack.settings.namespace)))}
+        unacked_now = {text(tag) for tag in redis.hkeys(Keys(stack.settings.namespace).unacked)}
         return bool(held(stack, main) & unacked_now)
 
     found = wait_for(lambda: [w for w in workers(api) if w["state"] == "busy" and holds_unacked(w)], timeout_s,
@@ -1318,7 +1317,7 @@ def test_a_rebuild_whose_listing_task_was_lost_completes(stack: Stack, s3: Any, 
         stack.stop_service("worker")  # the tasks wait in the queue
         job = api.post("/rebuild", json={"mode": "reembed"}, headers=admin).json()
         wait_for(lambda: api.get(f"/rebuild/{job['id']}").json()["listed"], 120, what="the rebuild's listing queued")
-        lost = json.loads(redis.lpop(keys.celery_prefix + keys.rebuild_queue) or "null")  # as a killed worker's
+        lost = json.loads(redis.lpop(keys.queue_list(keys.rebuild_queue)) or "null")  # as a killed worker's
         assert lost is not None, "no rebuild task was queued"
     done = wait_rebuild(api, job["id"])  # (its lost objects are sent again once the pipeline is quiet)
     assert done["state"] == "done" and done["done"] == done["total"], done

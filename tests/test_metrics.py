@@ -7,7 +7,7 @@ import time
 import types
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -107,13 +107,32 @@ class StandIn:
                 "merge_failures": {"failures": 2, "failing_s": 3.5, "error": "OperationalError: disk full"}}
 
 
+MakeStandIn = Callable[[str], StandIn]
+
+
+@pytest.fixture
+def stand_in() -> Iterator[MakeStandIn]:
+    """Makes StandIns and closes their clients after the test (a client left to the garbage collector was an
+    unclosed socket, which failed the session once it was collected after the last test)."""
+    made: list[StandIn] = []
+
+    def make(redis_url: str) -> StandIn:
+        made.append(StandIn(redis_url))
+        return made[-1]
+
+    yield make
+    for service in made:
+        service.redis.close()
+        service.probe.close()
+
+
 def parse(text: bytes) -> dict[str, float]:
     return {s.name + str(sorted(s.labels.items())): s.value
             for f in text_string_to_metric_families(text.decode()) for s in f.samples}
 
 
-def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: Stack) -> None:
-    first, second = Metrics(StandIn(stack.settings.redis_url)), Metrics(StandIn(stack.settings.redis_url))  # type: ignore[arg-type]
+def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: Stack, stand_in: MakeStandIn) -> None:
+    first, second = Metrics(stand_in(stack.settings.redis_url)), Metrics(stand_in(stack.settings.redis_url))  # type: ignore[arg-type]
     first.search_seconds.labels("image").observe(0.02)
     one, two = parse(first.render()), parse(second.render())
     assert one["bucketlens_search_seconds_count[('by', 'image')]"] == 1
@@ -125,17 +144,17 @@ def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: 
     assert one["bucketlens_merge_failures_total[]"] == 2 and one["bucketlens_merge_failing_seconds[]"] == 3.5
 
 
-def test_redis_down_gives_redis_up_zero_and_the_index_metrics_not_an_error() -> None:
-    text = parse(Metrics(StandIn("redis://127.0.0.1:1/0")).render())  # type: ignore[arg-type]
+def test_redis_down_gives_redis_up_zero_and_the_index_metrics_not_an_error(stand_in: MakeStandIn) -> None:
+    text = parse(Metrics(stand_in("redis://127.0.0.1:1/0")).render())  # type: ignore[arg-type]
     assert text["bucketlens_redis_up[]"] == 0 and text["bucketlens_index_vectors[]"] == 0
 
 
-def test_a_frozen_redis_gives_redis_up_zero_before_a_scrape_gives_up(tmp_path: Path) -> None:
+def test_a_frozen_redis_gives_redis_up_zero_before_a_scrape_gives_up(tmp_path: Path, stand_in: MakeStandIn) -> None:
     """Redis stopped (SIGSTOP), not dead: each call waited out 10 s, three times, so a scrape took 41 s and
     /readyz 70 s, past Prometheus's and a prober's own timeouts (10 s by default), and `redis_up 0` reached no
     one (review 20). The probes try once, for PROBE_TIMEOUT_S."""
     with own_redis(tmp_path) as (url, process):
-        service = StandIn(url)
+        service = stand_in(url)
         process.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -147,13 +166,14 @@ def test_a_frozen_redis_gives_redis_up_zero_before_a_scrape_gives_up(tmp_path: P
     assert took < 10, took  # (one try of 2 s; it was 40 s and more)
 
 
-def test_an_unknown_stream_lag_is_the_length_and_an_index_down_leaves_the_rest(stack: Stack) -> None:
+def test_an_unknown_stream_lag_is_the_length_and_an_index_down_leaves_the_rest(stack: Stack,
+                                                                              stand_in: MakeStandIn) -> None:
     """Redis cannot say the lag after the merger's group is moved inside an untrimmed stream (a restart after a
     rebuild): it was exported as 0, so an alert on a growing lag stayed quiet through the whole replay. A Milvus
     replica whose server is down made the whole scrape a 503: Redis's metrics went with it (an independent review)."""
     from index_service.milvus_index import IndexUnavailable
 
-    service = StandIn(stack.settings.redis_url)
+    service = stand_in(stack.settings.redis_url)
     ids = [service.redis.xadd(service.keys.results, {"n": str(i)}) for i in range(50)]
     service.redis.xgroup_create(service.keys.results, service.keys.merger_group, id="0")
     service.redis.xgroup_setid(service.keys.results, service.keys.merger_group, id=ids[20])  # as the merger does

@@ -41,7 +41,7 @@ def test_depths_count_every_priority_and_an_empty_queue_reads_zero(stack: Stack)
     assert tasks_outstanding(redis, keys)
     redis.delete(*(key for key in redis.scan_iter(keys.celery_prefix + "*") if b"unacked" not in key))
     assert not tasks_outstanding(redis, keys)  # the queues are empty
-    redis.hset(keys.celery_prefix + "unacked", "tag-1", "[]")  # a task in a worker's hands
+    redis.hset(keys.unacked, "tag-1", "[]")  # a task in a worker's hands
     assert tasks_outstanding(redis, keys)
     publisher.close()
 

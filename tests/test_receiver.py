@@ -63,7 +63,7 @@ def test_created_event_is_a_task_in_the_live_queue(client: TestClient, settings:
     report = queue_report(redis, keys)
     assert report["queues"][keys.live_queue]["depth"] == 1
     assert report["queues"][keys.rebuild_queue]["depth"] == 0
-    message = json.loads(redis.lindex(keys.celery_prefix + keys.live_queue, 0))
+    message = json.loads(redis.lindex(keys.queue_list(keys.live_queue), 0))
     assert message["content-type"] == "application/json"  # never pickle
     assert message["headers"]["task"] == "bucketlens.embed"
     (refs,), _, _ = json.loads(base64.b64decode(message["body"]))
@@ -297,7 +297,7 @@ def test_no_registered_generation_answers_503_instead_of_guessing_one(stack: Sta
         assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 0
         connect(settings.redis_url).hset(keys.generations, "7", settings.model)
         assert post(client, "ceph_put.json")["accepted"] == 1  # delivered again once a generation is registered
-        message = json.loads(connect(settings.redis_url).lindex(keys.celery_prefix + keys.live_queue, 0))
+        message = json.loads(connect(settings.redis_url).lindex(keys.queue_list(keys.live_queue), 0))
         (refs,), _, _ = json.loads(base64.b64decode(message["body"]))
         assert ObjectRef.from_json(refs[0]).generation == 7
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 import redis
 
 from bucketlens.keys import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, Keys
+from bucketlens.redis_client import text
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Beacon:
                 return
             pipe = self.redis.pipeline(transaction=False)
             for member in ids:
-                pipe.exists(self.key_of(member.decode() if isinstance(member, bytes) else member))
+                pipe.exists(self.key_of(text(member)))
             dead = [member for member, alive in zip(ids, pipe.execute(), strict=True) if not alive]
             if dead:
                 self.redis.srem(self.members, *dead)
