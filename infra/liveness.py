@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 PROBE_EVERY_S = 5.0
 PROBE_TIMEOUT_S = 5.0  # for each HTTP health check and admin socket question
 STUCK_OP_S = 30.0  # Ceph's own osd_op_complaint_time: an OSD op in flight longer is a slow request
+# An op that began a hair after the dump's own clock reading has an age that wrapped around Ceph 16's unsigned
+# seconds: 4294967296 s, logged as stuck while the OSD answered well (review 73). No real op is that old.
+WRAPPED_AGE_S = 2.0**31
 
 
 @dataclasses.dataclass
@@ -97,7 +100,7 @@ def ceph_daemon(run: Path, name: str, osd: bool = False) -> Probe:
             return None
         except (OSError, struct.error):  # (a timeout is an OSError)
             return False
-        stuck = [op for op in answer.get("ops", []) if osd and op.get("age", 0) >= STUCK_OP_S]
+        stuck = [op for op in answer.get("ops", []) if osd and STUCK_OP_S <= op.get("age", 0) < WRAPPED_AGE_S]
         if stuck and pid not in stuck_in:
             oldest = max(stuck, key=lambda op: op.get("age", 0))
             log.warning("%s (pid %d) holds %d ops in flight for %.0f s or more; the oldest, %.0f s: %s (%s)", name,

@@ -175,10 +175,10 @@ class Supervisor:
         return {name: (self.process(name)[0], ask, name in counts_at_once) for name, ask in asks.items()}
 
     def beats(self, asker: redis.Redis, pid: int) -> bool | None:
-        """Whether the worker whose main process is ``pid`` beats: its delivery record, and once any of its pool
-        processes has beaten, one of their heartbeats (a pool process loading its model has none yet). Pool
-        processes hung under a main process that beat left it taking tasks nobody ran, for good (review 24).
-        None: Redis cannot say."""
+        """Whether the worker whose main process is ``pid`` beats: its delivery record, and the heartbeat of each of
+        its pool processes that has beaten before (one loading its model has none yet). Pool processes hung under a
+        main process that beat left it taking tasks nobody ran, for good (review 24); so did one hung pool process
+        beside one that beat, with the batch it held (review 73). None: Redis cannot say."""
         host, pool = socket.gethostname(), pool_of(pid)
         try:
             main = asker.exists(self.keys.consumer(f"{host}:{pid}"))
@@ -186,7 +186,7 @@ class Supervisor:
         except redis.RedisError:
             return None
         self.beaten |= beating
-        return bool(main) and bool(beating or not self.beaten & set(pool))
+        return bool(main) and self.beaten & set(pool) <= beating
 
     def process(self, name: str) -> tuple[int | None, Callable[..., None]]:
         """A watched process's pid (None: not running) and what stops it."""

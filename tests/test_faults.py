@@ -433,17 +433,18 @@ def test_the_supervisor_restarts_a_frozen_worker_and_index_service(
     stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
 ) -> None:
     """Frozen (SIGSTOP), a process keeps its pid, and the process watch left it be for good: every search waited, and
-    with the stack's one worker frozen no upload was indexed. Here the worker's pool processes are frozen and its
-    main process is not: it goes on taking tasks and beating, so they counted as held by a live worker and nobody
-    ran them (review 24). With the default LIVENESS_TIMEOUT_S the supervisor kills both services and starts them
-    again, and what was uploaded meanwhile is indexed."""
+    with the stack's one worker frozen no upload was indexed. Here one of the worker's pool processes is frozen and
+    its main process is not: it goes on taking tasks and beating, so what it hands the frozen one counted as held by
+    a live worker and nobody ran it (review 24 froze them all; review 73 one of two, which the supervisor took for
+    alive while the other beat: 30 uploads pending for 213 s). With the default LIVENESS_TIMEOUT_S the supervisor
+    kills both services and starts them again, and what was uploaded meanwhile is indexed."""
     assert stack.settings.liveness_timeout_s == Settings().liveness_timeout_s  # the default users run
     bodies = image_set(unique_prefix, 4)
     bucket = stack.settings.bucket
     hung_before = counter(api, "hung_restarts")
     frozen = {name: stack.pid(name) for name in ("worker", "api")}
     assert None not in frozen.values()
-    pool = pool_of(frozen["worker"])  # type: ignore[arg-type]
+    pool = pool_of(frozen["worker"])[:1]  # type: ignore[arg-type]
     assert pool, "the worker runs its pool processes"
     try:
         os.killpg(frozen["api"], signal.SIGSTOP)  # type: ignore[arg-type]
