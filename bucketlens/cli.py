@@ -390,7 +390,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     stack = _stack(settings)
     status = stack.status(stack.for_clients(_explicit()))
     # (a reader's /stats shows the rebuild it ran as the writer)
-    status["index"] = _index_state(stack.writer_url(), read_headers(stack.for_clients()))
+    headers = read_headers(stack.for_clients())
+    status["index"] = _index_state(stack.writer_url(), headers)
+    status["work"] = None if status["index"] is None else _work(stack.writer_url(), headers)
     # The address that opens the page, with the running service's read token (only `up` said it: review 31)
     status["page_url"] = page_url(status["api_url"], stack.for_clients().read_token)
     status["other_code"] = stack.other_code()
@@ -410,6 +412,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                   + (f" ({why_failed(rebuild)})" if rebuild and rebuild["state"] == "failed" and rebuild["error"]
                      else "")
                   + ("" if index["ready"] else f"; not ready: {index['reason'] or 'no reason given'}"))
+        else:  # (the line was left out: a frozen index service looked like a healthy one: review 73)
+            print(f"index: no answer from {stack.writer_url()} (frozen, starting or failing: "
+                  f"{stack.home / 'logs' / 'api.log'} may say)")
+        if (work := status["work"]) is not None:
+            print(f"work: {work['pending_objects']} objects on their way to the index, {work['workers_live']} worker "
+                  f"processes live, {work['failures']} failures" + ("" if work["workers_live"] or not
+                  work["pending_objects"] else f"; no live worker takes them ({stack.home / 'logs' / 'worker.log'})"))
         if status["other_code"]:
             print(other_code_note(status["other_code"]))
     return 0 if all(status["processes"].values()) else NOT_RUNNING
@@ -435,6 +444,22 @@ def _index_state(url: str, headers: dict[str, str] | None = None) -> dict[str, A
         ready = {"reason": "GET /readyz did not answer within 10 s"}
     ready = ready if isinstance(ready, dict) else {}
     return {**state, "ready": ready.get("ready") is True, "reason": str(ready.get("reason") or "")}
+
+
+def _work(url: str, headers: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """What is on its way to the index (``GET /queues``): objects accepted and not merged yet, live worker processes
+    and failure records; None when the index service does not answer. Every process up did not mean uploads were
+    indexed: with one worker's pool processes frozen, ``status`` said all was well while 30 uploads waited
+    (review 73)."""
+    try:
+        response = httpx.get(f"{url}/queues", headers=headers, timeout=5)
+        report = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if response.status_code != 200 or not isinstance(report, dict):
+        return None
+    return {"pending_objects": report.get("pending_objects"), "workers_live": len(report.get("workers") or []),
+            "failures": report.get("failures")}
 
 
 # -- client commands ------------------------------------------------------------------------------------------

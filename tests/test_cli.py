@@ -520,6 +520,8 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     api.answers[("GET", "/stats")] = (200, {"model": "lite0-copy-v3", "generation": 3, "vectors": 12,
                                             "index_type": "Flat", "rebuild": rebuild, "dim": 1280})
     api.answers[("GET", "/readyz")] = (200, {"ready": True, "reason": ""})
+    # Every process up did not say whether uploads were indexed (review 73: a worker's pool processes frozen).
+    api.answers[("GET", "/queues")] = (200, {"pending_objects": 30, "failures": 2, "workers": [], "unacked": 1})
     assert main(["status", "--json"]) == NOT_RUNNING  # the stack's processes are down: a health check sees it
     status = json.loads(capsys.readouterr().out)
     assert not any(status["processes"].values())
@@ -531,6 +533,9 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     assert main(["status"]) == NOT_RUNNING
     out = capsys.readouterr().out
     assert "index: 12 vectors, model lite0-copy-v3, generation 3, Flat; rebuild r1 running 4/10\n" in out, out
+    assert status["work"] == {"pending_objects": 30, "workers_live": 0, "failures": 2}
+    assert ("work: 30 objects on their way to the index, 0 worker processes live, 2 failures; no live worker takes "
+            f"them ({tmp_path / 'logs' / 'worker.log'})\n") in out, out
     states = [line for line in out.splitlines() if line.endswith((" up", " down"))]  # one column ("supervisor")
     assert len(states) == len(status["processes"]) and len({line.rindex(" ") for line in states}) == 1, out
     # The writer answers /stats from memory: with its Milvus server frozen, status showed the index and nothing more
@@ -548,6 +553,10 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     api.server.shutdown()  # no index service: the stack's state alone, index null
     assert main(["status", "--json"]) == NOT_RUNNING
     assert json.loads(capsys.readouterr().out)["index"] is None
+    assert main(["status"]) == NOT_RUNNING  # (the line was left out: a frozen index service looked like a live one)
+    out = capsys.readouterr().out
+    assert f"index: no answer from http://127.0.0.1:{api.port} (frozen, starting or failing: " in out, out
+    assert "work:" not in out, out
     assert main(["rebuild", "--cancel"]) == 1  # it said "no rebuild is running"
     one_error_line(capsys, "no answer from the index service at", "cannot tell which rebuild runs")
 
