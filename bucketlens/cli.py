@@ -430,12 +430,7 @@ def _index_state(url: str, headers: dict[str, str] | None = None) -> dict[str, A
     answer, or answers an error (a replica whose Milvus is down: an object of nulls, which scripts took for a live
     index). The index service's writer answers ``/stats`` from memory: with its Milvus server frozen, ``status``
     said every process was up and showed the index, while searches answered 503 (an independent check)."""
-    try:
-        response = httpx.get(f"{url}/stats", headers=headers, timeout=5)
-        stats = response.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    if response.status_code != 200 or not isinstance(stats, dict):
+    if (stats := _answer(f"{url}/stats", headers)) is None:
         return None
     state = {k: stats.get(k) for k in ("model", "generation", "vectors", "index_type", "rebuild")}
     try:
@@ -451,15 +446,20 @@ def _work(url: str, headers: dict[str, str] | None = None) -> dict[str, Any] | N
     and failure records; None when the index service does not answer. Every process up did not mean uploads were
     indexed: with one worker's pool processes frozen, ``status`` said all was well while 30 uploads waited
     (review 73)."""
-    try:
-        response = httpx.get(f"{url}/queues", headers=headers, timeout=5)
-        report = response.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    if response.status_code != 200 or not isinstance(report, dict):
+    if (report := _answer(f"{url}/queues", headers)) is None:
         return None
     return {"pending_objects": report.get("pending_objects"), "workers_live": len(report.get("workers") or []),
             "failures": report.get("failures")}
+
+
+def _answer(url: str, headers: dict[str, str] | None) -> dict[str, Any] | None:
+    """A GET's JSON object, or None when it does not answer within 5 s, or answers an error."""
+    try:
+        response = httpx.get(url, headers=headers, timeout=5)
+        answer = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return answer if response.status_code == 200 and isinstance(answer, dict) else None
 
 
 # -- client commands ------------------------------------------------------------------------------------------
