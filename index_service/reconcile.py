@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from bucketlens.ordering import MAX_CLOCK_SKEW_NS, time_order
+from bucketlens.ordering import MAX_CLOCK_SKEW_NS
 from bucketlens.records import record
 from bucketlens.schemas import CONTENT_REASONS, ObjectRef, object_id
 from ingest.scanner import scan
@@ -47,7 +47,7 @@ def reconcile(service: Service, bucket: str | None = None, dry_run: bool = False
     would send and remove (a listing that lost most of the bucket, a wrong bucket or prefix, removes most of the
     index)."""
     started, began = time.monotonic(), time.time() - 1
-    started_order = time_order(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)))
+    started_order = int(began) * 1_000_000_000  # as an order: nanoseconds since the epoch, to the second
     report = ReconcileReport()
     serving = service.index
     buckets = [bucket] if bucket else sorted({service.settings.bucket} | serving.buckets())
