@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -18,12 +17,11 @@ from typing import Any, Iterator
 from urllib.parse import quote
 
 import httpx
-from redis import RedisError
 
-from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
-from infra.stack import Stack, free_port, running
+from infra.stack import Stack, running
+from infra.stack import scratch_redis as redis_server
 
 from . import ROOT
 from .procs import stack_pids
@@ -43,30 +41,9 @@ def scratch_folder() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def scratch_redis(*options: str) -> Iterator[str]:
-    """A ``redis-server`` of its own on a free port of 127.0.0.1, in a temporary folder, with ``options`` (e.g.
-    ``--appendonly yes``); yields its URL and stops it at the end."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--dir", folder, *options], stdout=subprocess.DEVNULL)
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            deadline = time.monotonic() + 30
-            while not _pings(url):
-                if time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start")
-                time.sleep(0.05)
-            yield url
-        finally:
-            server.terminate()
-            server.wait(10)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(connect(url).ping())
-    except RedisError:
-        return False
+    """A ``redis-server`` of its own (``infra.stack.scratch_redis``) in a temporary folder; yields its URL."""
+    with tempfile.TemporaryDirectory() as folder, redis_server(Path(folder), *options) as (url, _):
+        yield url
 
 
 @contextlib.contextmanager

@@ -716,6 +716,35 @@ def running(settings: Settings, keep: bool = False, restart: tuple[str, ...] = (
             shutil.rmtree(stack.home, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_redis(folder: Path, *options: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A ``redis-server`` of its own on a free port of 127.0.0.1, without persistence unless ``options`` ask for it
+    (e.g. ``--appendonly yes``), its files in ``folder``: its URL and process, for tests and benchmarks; stopped
+    afterwards."""
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(folder), *options], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 30
+        while not _pings(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"a scratch redis-server on port {port} did not start (options: {options})")
+            time.sleep(0.05)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _pings(url: str) -> bool:
+    with connect(url, timeout_s=2, retries=0) as client:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+
 def last_error(log_file: Path) -> str:
     """': ' and the last CRITICAL or ERROR line of a log's last 64 kB (what a process that exited said last of
     why), or nothing."""

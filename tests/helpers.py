@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import quote
 
 import httpx
@@ -16,10 +14,8 @@ import redis
 from botocore.exceptions import EndpointConnectionError
 from PIL import Image
 
-from bucketlens.redis_client import connect
 from index_service.backend import Index
 from infra.samples import augment, skimage_data
-from infra.stack import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 
@@ -119,23 +115,3 @@ def index_difference(actual: Index, expected: Index) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def own_redis(folder: Path, *options: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real Redis of its own (no persistence, ``options`` added), its URL and process; stopped afterwards."""
-    port = free_port()
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(folder), *options], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_for(lambda: _pings(url), 30, interval_s=0.05, what="a Redis of its own")
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(connect(url).ping())
-    except redis.RedisError:
-        return False

@@ -33,9 +33,8 @@ from index_service.filters import Filter
 from index_service.merger import Merger
 from index_service.milvus_index import _alias_target
 from index_service.service import Service
+from infra.stack import scratch_redis
 from vision.models import recipe
-
-from .helpers import own_redis
 
 MODEL = Settings().model
 DIM = recipe(MODEL).dim
@@ -65,7 +64,7 @@ def redis_url() -> Iterator[str]:
     """A throwaway real Redis for checkpoints (no persistence)."""
     folder = Path(tempfile.mkdtemp(prefix="bucketlens-redis-"))
     try:
-        with own_redis(folder) as (url, _):
+        with scratch_redis(folder) as (url, _):
             yield url
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -35,13 +35,13 @@ from index_service.failures import (
     retry_passing,
 )
 from index_service.merger import stream_order
-from infra.stack import Stack
+from infra.stack import Stack, scratch_redis
 from ingest.publisher import Publisher
 from ingest.scanner import head
 from workers.pipeline import Embedded
 from workers.results import ResultWriter
 
-from .helpers import object_state, own_redis, photo, wait_for
+from .helpers import object_state, photo, wait_for
 from .integrity import StreamRecorder
 
 
@@ -234,7 +234,7 @@ def test_an_object_sent_again_keeps_its_modification_time() -> None:
 def test_records_are_removed_only_if_unchanged_since_read_in_short_calls(tmp_path: Path) -> None:
     """One compare-and-delete serves the failure records and the pending marks (it was written twice: review 63),
     in calls of ``REMOVE_CHUNK`` fields; a record written again meanwhile stays."""
-    with own_redis(tmp_path) as (url, _):
+    with scratch_redis(tmp_path) as (url, _):
         client = connect(url)
         read = {f"b/k{i}".encode(): f'{{"etag": "e{i}"}}'.encode() for i in range(2 * REMOVE_CHUNK + 3)}
         client.hset("h", mapping=read)

@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bucketlens.keys import STAGE_BUCKETS, Keys, stage_bucket_field
 from bucketlens.redis_client import connect, probe
 from index_service.metrics import Metrics, _stage_histogram
-from infra.stack import Stack
+from infra.stack import Stack, scratch_redis
 
-from .helpers import object_state, own_redis, photo, wait_for
+from .helpers import object_state, photo, wait_for
 
 FAMILIES = {
     "bucketlens_queue_depth", "bucketlens_unacked_tasks", "bucketlens_stream_length", "bucketlens_stream_lag",
@@ -153,7 +153,7 @@ def test_a_frozen_redis_gives_redis_up_zero_before_a_scrape_gives_up(tmp_path: P
     """Redis stopped (SIGSTOP), not dead: each call waited out 10 s, three times, so a scrape took 41 s and
     /readyz 70 s, past Prometheus's and a prober's own timeouts (10 s by default), and `redis_up 0` reached no
     one (review 20). The probes try once, for PROBE_TIMEOUT_S."""
-    with own_redis(tmp_path) as (url, process):
+    with scratch_redis(tmp_path) as (url, process):
         service = stand_in(url)
         process.send_signal(signal.SIGSTOP)
         try:

@@ -22,11 +22,11 @@ from bucketlens.redis_client import connect
 from bucketlens.schemas import ObjectRef, ResultEntry
 from bucketlens.settings import Settings
 from index_service.queues import queue_report
-from infra.stack import Stack, free_port
+from infra.stack import Stack, free_port, scratch_redis
 from ingest.events import ObjectEvent
 from ingest.receiver import _digest, create_app
 
-from .helpers import FIXTURES, ceph_event, own_redis
+from .helpers import FIXTURES, ceph_event
 from .integrity import record_outcome
 
 NONE = {"accepted": 0, "duplicates": 0, "ignored": 0, "future": 0, "stale_deletes": 0}  # a response's counts
@@ -305,7 +305,7 @@ def test_no_registered_generation_answers_503_instead_of_guessing_one(stack: Sta
 @pytest.fixture
 def small_redis(tmp_path: Path) -> Iterator[str]:
     """A Redis of its own with a small ``maxmemory`` and ``noeviction``, as infra/redis.conf configures it."""
-    with own_redis(tmp_path, "--maxmemory-policy", "noeviction") as (url, _):
+    with scratch_redis(tmp_path, "--maxmemory-policy", "noeviction") as (url, _):
         yield url
 
 

@@ -30,9 +30,9 @@ from index_service.feature_store import FeatureStore
 from index_service.merger import CLAIM_IDLE_MS, Merger
 from index_service.queues import queue_report
 from index_service.vector_index import VectorIndex
-from infra.stack import Stack, free_port, last_error
+from infra.stack import Stack, free_port, last_error, scratch_redis
 
-from .helpers import index_difference, own_redis, wait_for
+from .helpers import index_difference, wait_for
 
 pytestmark = pytest.mark.slow
 DIM = 1280
@@ -450,7 +450,7 @@ def test_a_writer_that_lost_its_lease_neither_checkpoints_nor_trims(tmp_path: Pa
     Redis, through the service's own checkpoint."""
     from index_service.service import Service
 
-    with own_redis(tmp_path) as (url, _):
+    with scratch_redis(tmp_path) as (url, _):
         settings = Settings(home=str(tmp_path), redis_url=url, namespace="lease", s3_endpoint="http://127.0.0.1:9")
         service = Service(settings, embedder=SimpleNamespace(model=MODEL, device="cpu"))  # type: ignore[arg-type]
         assert service.lease.acquire(force=True)
@@ -474,7 +474,7 @@ def test_a_replica_whose_lease_passed_while_it_waited_for_the_index_does_not_wri
     (review 21). Through the service's own start-up, on a real Redis, the index server stood in for."""
     from index_service.service import Service
 
-    with own_redis(tmp_path) as (url, _):
+    with scratch_redis(tmp_path) as (url, _):
         settings = Settings(home=str(tmp_path), redis_url=url, namespace="late", s3_endpoint="http://127.0.0.1:9")
         service = Service(settings, embedder=SimpleNamespace(model=MODEL, device="cpu"))  # type: ignore[arg-type]
         service.backend.shared = True  # type: ignore[misc]  # as Milvus's
@@ -500,7 +500,7 @@ def test_a_reader_whose_takeover_waited_past_the_lease_stays_a_reader(tmp_path: 
     past the lease, and took over although another replica had taken it meanwhile (review 21's re-check)."""
     from index_service.service import Service
 
-    with own_redis(tmp_path) as (url, _):
+    with scratch_redis(tmp_path) as (url, _):
         settings = Settings(home=str(tmp_path), redis_url=url, namespace="stall", s3_endpoint="http://127.0.0.1:9",
                             writer_lease_s=0.6)
         service = Service(settings, embedder=SimpleNamespace(model=MODEL, device="cpu"))  # type: ignore[arg-type]
