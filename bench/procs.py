@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from infra.procfs import children, stat_fields
+
 
 def cores() -> int:
     """Cores this process may run on (what the workers, the model and the limit all share)."""
@@ -15,17 +17,6 @@ def cores() -> int:
 def load_average() -> float:
     """One-minute load average: other work on a shared machine shows here and skews every number."""
     return os.getloadavg()[0]
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (every thread's children)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def tree(pid: int) -> list[int]:
@@ -70,8 +61,8 @@ ALL_CORES = os.sched_getaffinity(0)  # as the bench started, before any pinning
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process so far (its reaped children included)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    except (OSError, IndexError):
+        fields = stat_fields(pid)
+    except OSError:
         return 0.0
     # after the command name: state is field 3, utime/stime/cutime/cstime are fields 14-17 (1-based)
     return sum(int(value) for value in fields[11:15]) / TICKS

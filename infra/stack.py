@@ -40,6 +40,7 @@ from .canary import Canary
 from .liveness import ceph_daemon
 from .notifications import ensure_bucket, ensure_notifications, follow_endpoint, notified
 from .ports import free_port, lease, port_in_use
+from .procfs import START_TIME, stat_fields
 
 log = logging.getLogger(__name__)
 INFRA = Path(__file__).resolve().parent
@@ -763,11 +764,11 @@ def _live_pid(path: Path, comm_prefix: str) -> int | None:
     try:
         pid, *started = path.read_text().split()
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].split()
+        fields = stat_fields(pid)
         owner = os.stat(f"/proc/{pid}").st_uid
     except (OSError, ValueError):
         return None
-    if fields[0] == "Z" or not comm.startswith(comm_prefix[:15]) or started[:1] not in ([], [fields[19]]):
+    if fields[0] == "Z" or not comm.startswith(comm_prefix[:15]) or started[:1] not in ([], [fields[START_TIME]]):
         return None
     if owner != os.getuid():  # another user's (the system's own redis-server, named in a stale daemon pid file)
         return None
@@ -794,7 +795,7 @@ def _read_text(path: Path) -> str | None:
 
 def _pid_record(pid: int) -> str:
     """What a pid file of ours holds: the pid and the process's start time (clock ticks since boot)."""
-    return f"{pid} {Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[-1].split()[19]}"
+    return f"{pid} {stat_fields(pid)[START_TIME]}"
 
 
 def _listens(pid: int, port: int) -> bool:
@@ -828,7 +829,7 @@ def _scan_session(sid: int) -> Iterator[int]:
     """``session_members``, each as the scan of /proc finds it."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # (after the command's name, which may hold spaces)
+            fields = stat_fields(stat.parent.name)
             member = int(fields[3]) == sid and fields[0] != "Z"  # state, ppid, pgrp, session
         except (OSError, IndexError, ValueError):  # gone meanwhile
             continue
@@ -864,7 +865,7 @@ def _terminate(pid: int, sig: int, timeout_s: float, group: bool = False) -> Non
             os.kill(pid, 0)
             # A zombie is gone once its other threads are: the group's leader shows Z while they still exit holding
             # its files (a Ceph OSD started again at once failed on the old one's lock on its pid file)
-            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1].startswith("Z") and len(
+            if stat_fields(pid)[0] == "Z" and len(
                     os.listdir(f"/proc/{pid}/task")) <= 1:
                 os.waitpid(pid, os.WNOHANG)
         except (ProcessLookupError, ChildProcessError, FileNotFoundError):

@@ -34,7 +34,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import redis
@@ -49,6 +48,7 @@ from . import milvus
 from .canary import Canary
 from .liveness import PROBE_EVERY_S, Liveness, Probe, ceph_daemon, serves
 from .milvus import log_tail
+from .procfs import children
 from .stack import Stack, StackError, free_space
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class Supervisor:
         its pool processes that has beaten before (one loading its model has none yet). Pool processes hung under a
         main process that beat left it taking tasks nobody ran, for good (review 24); so did one hung pool process
         beside one that beat, with the batch it held (review 73). None: Redis cannot say."""
-        host, pool = socket.gethostname(), pool_of(pid)
+        host, pool = socket.gethostname(), children(pid)
         try:
             main = asker.exists(self.keys.consumer(f"{host}:{pid}"))
             beating = {child for child in pool if asker.exists(self.keys.worker(f"{host}:{child}"))}
@@ -419,9 +419,3 @@ class Supervisor:
         self.reconcile_owed = False
 
 
-def pool_of(pid: int) -> list[int]:
-    """The child processes of ``pid`` (a Celery worker's pool), [] when Linux does not say."""
-    try:
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []

@@ -39,8 +39,8 @@ from bucketlens.schemas import ObjectRef
 from bucketlens.settings import Settings
 from infra.milvus import log_tail
 from infra.notifications import remove_notifications
+from infra.procfs import children
 from infra.stack import Stack, StackError, free_port
-from infra.supervisor import pool_of
 from ingest.publisher import Publisher
 
 from .helpers import index_difference, object_state, wait_for, wait_rebuild
@@ -444,7 +444,7 @@ def test_the_supervisor_restarts_a_frozen_worker_and_index_service(
     hung_before = counter(api, "hung_restarts")
     frozen = {name: stack.pid(name) for name in ("worker", "api")}
     assert None not in frozen.values()
-    pool = pool_of(frozen["worker"])[:1]  # type: ignore[arg-type]
+    pool = children(frozen["worker"])[:1]  # type: ignore[arg-type]
     assert pool, "the worker runs its pool processes"
     try:
         os.killpg(frozen["api"], signal.SIGSTOP)  # type: ignore[arg-type]

@@ -692,7 +692,7 @@ def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services
     records: set[str] = {keys.consumer(f"{host}:100")}
     asker = SimpleNamespace(exists=lambda key: int(key in records))
     pool = [101, 102]
-    monkeypatch.setattr(supervisor_module, "pool_of", lambda pid: pool if pid == 100 else [])
+    monkeypatch.setattr(supervisor_module, "children", lambda pid: pool if pid == 100 else [])
     assert supervisor.beats(asker, 100) is True  # (loading: no pool process has beaten yet)
     records |= {keys.worker(f"{host}:101")}
     assert supervisor.beats(asker, 100) is True  # (102 still loading)

@@ -1,0 +1,25 @@
+"""What Linux says of a process in /proc: its stat fields and its children."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+START_TIME = 19  # of ``stat_fields``: when the process started, in clock ticks since boot
+
+
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command's name (which may hold spaces and parentheses): the state
+    first (``Z``: a zombie), then ppid, pgrp, session, ...; OSError when the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid``, forked by any of its threads (a Celery worker's pool, a stack's services);
+    [] when Linux does not say."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError):  # (a thread that ended meanwhile)
+            continue
+    return found
