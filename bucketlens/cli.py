@@ -470,7 +470,7 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
     from tqdm import tqdm
 
-    from .s3 import make_client
+    from .s3 import error_code, make_client
 
     files, skipped, hidden = upload_plan(args.paths, args.prefix, args.hidden)
     if args.prefix.startswith("/") or {".", ".."} & set(args.prefix.split("/")):  # (accepted without a word: review
@@ -486,7 +486,7 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     try:  # before the progress bar: a missing bucket or S3 away fails every file the same way
         s3.head_bucket(Bucket=bucket)
     except ClientError as exc:
-        missing = exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket")
+        missing = error_code(exc) in ("404", "NoSuchBucket")
         hint = (f" (the stack's is {settings.bucket!r}: leave out --bucket)" if args.bucket
                 and args.bucket != settings.bucket else "") + "; create it with your S3 tools first"  # (review 57)
         raise CLIError(f"no bucket {bucket!r} at {settings.s3_endpoint}{hint}" if missing

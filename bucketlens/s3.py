@@ -37,10 +37,22 @@ def make_client(settings: Settings, read_timeout: float = READ_TIMEOUT_S, attemp
     )
 
 
+def error_code(exc: ClientError) -> str:
+    """S3's error code in the answer that raised ``exc`` (``NoSuchKey``, ``AccessDenied``; a HEAD's answer has no
+    body, and botocore names it by its status: ``404``), or ""."""
+    return str(exc.response.get("Error", {}).get("Code") or "")
+
+
+def http_status(exc: ClientError) -> int | None:
+    """The HTTP status of the answer that raised ``exc``; None when none was said."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
+
+
 def answered(exc: ClientError) -> bool:
     """Whether S3 answered the request that raised ``exc`` (a status below 500: refused, not found), rather than
     being away (a 5xx, or no status said)."""
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500) < 500
+    return (http_status(exc) or 500) < 500
 
 
 def credentials(settings: Settings) -> Credentials:

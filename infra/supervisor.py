@@ -42,7 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from bucketlens.keys import Keys
 from bucketlens.outage import Outage
 from bucketlens.redis_client import connect, probe
-from bucketlens.s3 import make_client
+from bucketlens.s3 import error_code, make_client
 
 from . import milvus
 from .canary import Canary
@@ -250,7 +250,7 @@ class Supervisor:
         try:
             self._check_delivery()
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "NoSuchBucket":
+            if error_code(exc) != "NoSuchBucket":
                 raise
             self.notify_again(f"bucket {self.settings.bucket} is gone (removed without notifications: the index still "
                               "holds its objects)")

@@ -39,7 +39,7 @@ from bucketlens.openapi import route as openapi_route
 from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew
 from bucketlens.outage import Outage
 from bucketlens.redis_client import connect, text
-from bucketlens.s3 import make_client
+from bucketlens.s3 import http_status, make_client
 from bucketlens.schemas import ObjectRef, normalise_etag
 from bucketlens.settings import Settings
 
@@ -266,8 +266,8 @@ class Receiver:
         try:
             return self.s3.head_object(Bucket=ref.bucket, Key=ref.key)  # type: ignore[no-any-return]
         except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(status, int) and (status >= 500 or status == 429):
+            status = http_status(exc)
+            if status is not None and (status >= 500 or status == 429):
                 raise S3Unavailable(f"S3 answered HTTP {status} to a check of a delete: {exc}") from exc
             if status not in (404, 405) and not self._head_refused_logged:  # (405: a delete marker is current)
                 log.warning("cannot ask S3 whether %r is still stored (%s): deletes are applied unchecked; a "

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 from botocore.exceptions import ClientError
 
 from bucketlens.ordering import event_time, time_order
+from bucketlens.s3 import error_code
 from bucketlens.schemas import ObjectRef, normalise_etag
 
 
@@ -27,7 +28,7 @@ def head(s3: Any, bucket: str, key: str, generation: int = 1) -> ObjectRef | Non
     try:
         meta = s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NoSuchBucket"):
+        if error_code(exc) in ("404", "NoSuchKey", "NoSuchBucket"):
             return None
         raise
     return _ref(bucket, key, meta.get("ETag", ""), meta.get("ContentLength", 0), meta["LastModified"], generation)

@@ -22,6 +22,7 @@ from urllib3.exceptions import HTTPError as URLLib3Error
 from urllib3.exceptions import ReadTimeoutError
 
 from bucketlens.ordering import event_time
+from bucketlens.s3 import error_code, http_status
 from bucketlens.schemas import ObjectRef
 
 from .errors import ObjectChanged, PermanentError, TransientError
@@ -47,8 +48,7 @@ def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> Fetched:
     try:
         response = s3.get_object(**kwargs)
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        code, status = error_code(exc), http_status(exc)
         if code in GONE or status in (404, 412):
             raise ObjectChanged(f"{ref.object_id} is gone or changed ({code or status})") from exc
         if status == 403 or code == "AccessDenied":
