@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import httpx
 from tqdm import tqdm
 
+from bucketlens.auth import bearer
 from bucketlens.settings import Settings
 from infra.stack import Stack
 
@@ -117,7 +118,7 @@ def spinning(cpus: set[int]) -> Iterator[None]:
 
 def reembed(stack: Stack, api: httpx.Client, profile_to: Path, timeout_s: float = 3600) -> dict[str, Any]:
     """``POST /rebuild`` (mode ``reembed``) of the stack's bucket, timed from the request to the swap."""
-    headers = {"Authorization": f"Bearer {stack.settings.admin_token}"}
+    headers = bearer(stack.settings.admin_token)
     profiler = Profiler(worker_pid(stack), profile_to, idle=False, nonblocking=True)
     time.sleep(1)  # py-spy attaches
     meter = CpuMeter(stack.home)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING
 
-from starlette.requests import Request
+if TYPE_CHECKING:  # (the CLI imports ``bearer`` without a server's packages)
+    from starlette.requests import Request
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The headers that present ``token`` as ``presented_token`` reads it (none for an empty one)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def presented_token(request: Request) -> str:

@@ -23,6 +23,7 @@ import httpx
 
 from vision.models import RECIPES
 
+from .auth import bearer
 from .errors import CLIError
 from .settings import ALL_INDEX_TYPES, BUCKET_NAME, INDEX_TYPES, Settings, only_backend, reach, unknown_variables
 
@@ -699,7 +700,7 @@ def why_failed(job: dict[str, Any]) -> str:
 
 
 def read_headers(settings: Settings) -> dict[str, str]:
-    return {"Authorization": f"Bearer {settings.read_token}"} if settings.read_token else {}
+    return bearer(settings.read_token)
 
 
 def fetch_queue_report(settings: Settings) -> Any:
@@ -844,7 +845,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def admin_headers(settings: Settings) -> dict[str, str]:
     if not settings.admin_token:
         raise CLIError("no admin token: run against the local stack or set BUCKETLENS_ADMIN_TOKEN")
-    return {"Authorization": f"Bearer {settings.admin_token}"}
+    return bearer(settings.admin_token)
 
 
 def writer_url(settings: Settings) -> str:

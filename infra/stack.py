@@ -29,6 +29,7 @@ import httpx
 import redis
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
+from bucketlens.auth import bearer
 from bucketlens.errors import CLIError
 from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
@@ -354,7 +355,7 @@ class Stack:
     def reconcile(self) -> httpx.Response:
         """``POST /reconcile`` at the writer, as the admin (a large bucket's takes minutes)."""
         return httpx.post(f"{self.writer_url()}/reconcile", json={}, timeout=600,
-                          headers={"Authorization": f"Bearer {self.settings.admin_token}"})
+                          headers=bearer(self.settings.admin_token))
 
     def down(self) -> None:
         """Stop everything, each part even when stopping another failed (then raise the first failure)."""
