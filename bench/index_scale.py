@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import time
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from index_service.backend import Index, restructure_into
 from index_service.vector_index import VectorIndex, default_nprobe, set_search_threads
 
 from . import CACHE
+from .procs import peak_rss_mb, rss_mb
 from .real_vectors import Grown, load
 
 DIM = 1280
@@ -56,10 +57,6 @@ def clustered(n: int, seed: int) -> np.ndarray:
         x = centres[rng.integers(0, subs, m)] + rng.standard_normal((m, DIM)).astype(np.float32)
         out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed_search(index: Index, queries: np.ndarray) -> tuple[list[set[str]], float, float]:
@@ -92,15 +89,6 @@ def exact(data: Grown | np.ndarray, n: int, queries: np.ndarray, k: int = 10, ro
         top = np.argsort(-d, axis=1, kind="stable")[:, :k]
         best_d, best_i = np.take_along_axis(d, top, 1), np.take_along_axis(i, top, 1)
     return [{f"k{i}" for i in row} for row in best_i]
-
-
-def rss_mb() -> float:
-    """This process's resident size now."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 BATCH = 2000  # entries per ``apply``
@@ -188,7 +176,7 @@ def measure(n: int, queries_n: int = 200, index_type: str = "IVF", real_set: boo
                ivf_p99_ms=default["p99_ms"])
     if real_keys:
         row["ivf_real_recall_at_10"] = default["real_recall_at_10"]
-    row["rss_mb"], row["peak_rss_mb"] = rss_mb(), peak_rss_mb()
+    row["rss_mb"], row["peak_rss_mb"] = rss_mb(os.getpid()), peak_rss_mb(os.getpid())
     for key, value in list(row.items()):
         if isinstance(value, float):
             row[key] = round(value, 3)

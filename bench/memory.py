@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,8 @@ from bucketlens.schemas import ResultEntry
 from index_service.snapshots import SnapshotStore
 from index_service.vector_index import VectorIndex
 
-from .index_scale import DIM, RESULTS, clustered, rss_mb
+from .index_scale import DIM, RESULTS, clustered
+from .procs import rss_mb
 
 MODEL = "m"
 BATCH = 2000
@@ -39,20 +41,20 @@ class Peak:
     """The highest resident size since the last ``phase``, sampled in a thread."""
 
     def __init__(self) -> None:
-        self.base = rss_mb()
+        self.base = rss_mb(os.getpid())
         self.peak = self.base
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, rss_mb())
+            self.peak = max(self.peak, rss_mb(os.getpid()))
             time.sleep(0.02)
 
     def phase(self, started: float, vectors: int) -> dict[str, float]:
         """This phase's time and memory, also as multiples of the raw float32 bytes of the ``vectors`` held."""
         time.sleep(0.05)
         raw = vectors * DIM * 4 / 2**20
-        whole, whole_top = rss_mb(), self.peak
+        whole, whole_top = rss_mb(os.getpid()), self.peak
         rest, top = whole - self.base, whole_top - self.base
         self.peak = whole
         return {"seconds": round(time.perf_counter() - started, 1), "vectors": vectors, "raw_vector_mb": round(raw),
