@@ -21,9 +21,9 @@ import httpx
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bucketlens.s3 import credentials
 from bucketlens.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,16 @@ def remove_notifications(settings: Settings, bucket: str, notification: str = ""
     earlier release's namespace could hold (review 61)."""
     url = f"{settings.s3_endpoint}/{bucket}?notification" + (f"={quote(notification, safe='')}" if notification else "")
     request = AWSRequest(method="DELETE", url=url)
-    S3SigV4Auth(Credentials(settings.s3_access_key, settings.s3_secret_key), "s3", settings.s3_region).add_auth(request)
+    S3SigV4Auth(credentials(settings), "s3", settings.s3_region).add_auth(request)
     httpx.delete(url, headers=dict(request.headers), timeout=60).raise_for_status()
 
 
 def _sns(settings: Settings, timeout_s: float | None = None) -> Any:
     config = None if timeout_s is None else Config(connect_timeout=timeout_s, read_timeout=timeout_s,
                                                    retries={"max_attempts": 1, "mode": "standard"})
-    return boto3.client("sns", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key,
-                        aws_secret_access_key=settings.s3_secret_key, region_name=settings.s3_region, config=config)
+    return boto3.client("sns", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key or None,
+                        aws_secret_access_key=settings.s3_secret_key or None, region_name=settings.s3_region,
+                        config=config)  # (empty keys: boto3's own chain, as ``make_client`` and ``credentials``)
 
 
 def _endpoints(sns: Any) -> dict[str, str | None]:
