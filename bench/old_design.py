@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from celery.signals import worker_process_init
 from tqdm import tqdm
 
 from bucketlens.settings import Settings
+from infra.procfs import stop_process
 
 from . import ROOT
 from .procs import CpuMeter, tree_peak_rss_mb
@@ -106,12 +106,7 @@ def run(settings: Settings, files: Sequence[Path], queue: str = "bench-old", poo
         for future in futures:
             future.forget()
     finally:
-        worker.terminate()  # Celery's warm shutdown stops its pool children too
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process(worker, 30, group=True)  # Celery's warm shutdown stops its pool children too
         app.close()
     return {"old_design_images_per_s": len(files) / elapsed, "old_design_seconds": elapsed,
             "old_design_vectors": index.ntotal, "old_design_worker_peak_rss_mb": peak,

@@ -27,7 +27,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from index_service.backend import Index, open_backend, restructure_into
 from index_service.feature_store import FeatureStore
 from index_service.vector_index import set_search_threads
 from infra import milvus
+from infra.procfs import stop_process
 from infra.stack import free_port
 
 from . import ROOT, real_vectors
@@ -160,12 +160,7 @@ class QueryService:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_process(self.process, 30, group=True)
         shutil.rmtree(self.snapshots, ignore_errors=True)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .ports import lease
+from .procfs import stop_process
 
 HEALTH_FILE = "health-port"  # written into the data folder: where the server's /healthz answers
 
@@ -138,14 +138,7 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = GRACE_S) -> None:
     coordinators first, then its nodes retry them forever ("find no available rootcoord" in its log); the 60 s
     once waited made `bucketlens down` take ~71 s. Killing loses nothing of bucketlens's: the checkpoint is recorded
     only after a flush, and the merger replays the stream from it."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    stop_process(process, grace_s)
 
 
 def crash_line(path: Path) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 START_TIME = 19  # of ``stat_fields``: when the process started, in clock ticks since boot
@@ -11,6 +14,18 @@ def stat_fields(pid: int | str) -> list[str]:
     """The fields of ``/proc/<pid>/stat`` after the command's name (which may hold spaces and parentheses): the state
     first (``Z``: a zombie), then ppid, pgrp, session, ...; OSError when the process is gone."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_s: float, group: bool = False) -> None:
+    """TERM, then KILL after ``grace_s`` (``group``: KILL its whole process group, what it started included)."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL) if group else process.kill()
+        process.wait(timeout=10)
 
 
 def children(pid: int) -> list[int]:
