@@ -24,13 +24,11 @@ import io
 import json
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
-from tqdm import tqdm
 
 from bucketlens.settings import Settings
 from vision import local_features
@@ -40,7 +38,7 @@ from vision.models import DEFAULT_MODEL, recipe
 from . import RESULTS
 from .corpus import RASTER, Photo, Skipped, _check, ensure_photos, fetch_packages, flat_reason, normalise
 from .edits import Edit, crop, rng_for
-from .quality import Decoded, embed_all, verified_order, verify_top
+from .quality import Decoded, embed_all, make_queries, verified_order, verify_top
 
 log = logging.getLogger(__name__)
 HELD_PACKAGES = ("mate-backgrounds", "ukui-wallpapers")
@@ -164,42 +162,29 @@ def edited(name: str, image: Image.Image, seed: int) -> bytes:
     return out.getvalue()
 
 
-def make_queries(photos: Sequence[Photo], seeds: int, folder: Path) -> list[tuple[Photo, str, Path]]:
-    queries = [(p, e, folder / f"{e}-{s}" / p.path.name) for e in EDITS for s in range(seeds) for p in photos]
-
-    def write(query: tuple[Photo, str, Path]) -> None:
-        photo, name, path = query
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(photo.path) as image:
-            path.write_bytes(edited(name, image.convert("RGB"), int(path.parent.name.rsplit("-", 1)[1])))
-
-    todo = [q for q in queries if not q[2].exists()]
-    with ThreadPoolExecutor(2) as pool:
-        list(tqdm(pool.map(write, todo), total=len(todo), desc="edited copies", disable=not todo))
-    return queries
-
-
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     corpus, held = ensure_photos(args.photos), held_photos(args.held)
     gallery = corpus + held
-    queries = make_queries(held, args.seeds, args.held / "queries") + make_queries(corpus, 1, args.held / "queries")
+    queries = [*make_queries(held, args.seeds, args.held / "queries", EDITS, edited),
+               *make_queries(corpus, 1, args.held / "queries", EDITS, edited)]
     model = recipe(args.model)
     settings = Settings.from_env(home=Path(".bucketlens"), runtime="onnx", worker_concurrency=1)
     embedder = load_embedder(settings, args.model)
     decoded = Decoded()
     g = embed_all(embedder, decoded, [p.path for p in gallery], "gallery")
-    q = embed_all(embedder, decoded, [path for _, _, path in queries], "queries")
+    q = embed_all(embedder, decoded, [query.path for query in queries], "queries")
     scores = q @ g.T
     families = np.array([p.family for p in gallery])
     if model.local_features:
-        counts = verify_top(scores, [path for _, _, path in queries], [p.path for p in gallery], decoded, model)
+        counts = verify_top(scores, [query.path for query in queries], [p.path for p in gallery], decoded, model)
         order = (verified_order(scores, counts, model.promote_matches) if model.promote_matches is not None
                  else np.argsort(-scores, axis=1))
     else:
         counts, order = np.full(scores.shape, -1), np.argsort(-scores, axis=1)
     rows: dict[str, dict[str, Any]] = {}
-    for i, (photo, name, _) in enumerate(queries):
-        row = rows.setdefault(f"{photo.source if photo.source == 'held' else 'corpus'}/{name}",
+    for i, query in enumerate(queries):
+        photo = query.photo
+        row = rows.setdefault(f"{photo.source if photo.source == 'held' else 'corpus'}/{query.edit}",
                               {"queries": 0, "source@1": 0, "source@10": 0, "verified": 0, "unrelated_copy": 0,
                                "unrelated_link": 0})
         source = families == photo.family

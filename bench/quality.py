@@ -21,7 +21,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -73,9 +73,11 @@ class Query:
     path: Path
 
 
-def make_queries(photos: Sequence[Photo], seeds: int, folder: Path) -> list[Query]:
-    """Every photo x every edit x seed, written once as files (the end-to-end mode uploads the same bytes)."""
-    queries = [Query(p, e, s, folder / f"{e}-{s}" / p.path.name) for e in EDITS for s in range(seeds) for p in photos]
+def make_queries(photos: Sequence[Photo], seeds: int, folder: Path, edits: Iterable[str] = EDITS,
+                 edit: Callable[[str, Image.Image, int], bytes] = edit) -> list[Query]:
+    """Every photo x every one of ``edits`` x seed, written once as files by ``edit`` (the end-to-end mode uploads
+    the same bytes; the held-out check makes its own edits)."""
+    queries = [Query(p, e, s, folder / f"{e}-{s}" / p.path.name) for e in edits for s in range(seeds) for p in photos]
     todo = [q for q in queries if not q.path.exists()]
 
     def write(q: Query) -> None:
