@@ -416,7 +416,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         else:  # (the line was left out: a frozen index service looked like a healthy one: review 73)
             print(f"index: no answer from {stack.writer_url()} (frozen, starting or failing: "
                   f"{stack.home / 'logs' / 'api.log'} may say)")
-        if (work := status["work"]) is not None:
+        if (work := status["work"]) is None:
+            if index is not None:  # (Redis away: /stats answers from memory, /queues cannot)
+                print(f"work: no answer from {stack.writer_url()}/queues")
+        else:
             print(f"work: {work['pending_objects']} objects on their way to the index, {work['workers_live']} worker "
                   f"processes live, {work['failures']} failures" + ("" if work["workers_live"] or not
                   work["pending_objects"] else f"; no live worker takes them ({stack.home / 'logs' / 'worker.log'})"))

@@ -7,14 +7,15 @@ queue, with nobody left to take them), a hung Redis stalled everything, and a hu
 heal (its uploads and the supervisor's own S3 calls waited out boto3's timeouts: 184 s). The supervisor asks each
 one, in a thread of its own (a hung process holds a question for its whole timeout), every ``PROBE_EVERY_S``: ingest
 and the index services their ``/healthz``, radosgw its S3 endpoint (any answer), the worker whether its main
-process's delivery record and a pool process's heartbeat (workers/heartbeat.py, each rewritten every 3 s by a thread
-of its own) are in Redis, Redis a PING, Milvus its health check, the Ceph monitor and OSD their admin sockets (the
-OSD, too, whether it holds an op past ``STUCK_OP_S``). One silent for ``liveness_timeout_s`` is hung: the
-supervisor kills it, and its process watch starts it again. Silence counts only once a process has started: an HTTP
-service from when its port takes connections (it binds once its start-up is done; a refused connection is no answer
-either way), a Ceph daemon from when its admin socket does (made early in its start), the others from their first
-answer (a worker loading its model, a Redis loading its file, a Milvus starting are not silent). A question that
-cannot be answered now (the worker's, while Redis is away) starts the count again.
+process's delivery record and the heartbeat of each pool process that has beaten (workers/heartbeat.py, each
+rewritten every 3 s by a thread of its own) are in Redis, Redis a PING, Milvus its health check, the Ceph monitor
+and OSD their admin sockets (the OSD, too, whether it holds an op past ``STUCK_OP_S``). One silent for
+``liveness_timeout_s`` is hung: the supervisor kills it, and its process watch starts it again. Silence counts only
+once a process has started: an HTTP service from when its port takes connections (it binds once its start-up is
+done; a refused connection is no answer either way), a Ceph daemon from when its admin socket does (made early in
+its start), the others from their first answer (a worker loading its model, a Redis loading its file, a Milvus
+starting are not silent). A question that cannot be answered now (the worker's, while Redis is away) starts the
+count again.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,7 +26,8 @@ def stop_process(process: subprocess.Popen[bytes], grace_s: float, group: bool =
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL) if group else process.kill()
-        process.wait(timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # (one stuck in the kernel: raising in a caller's
+            process.wait(timeout=10)  # ``finally`` hid what failed there)
 
 
 def children(pid: int) -> list[int]:

@@ -93,6 +93,7 @@ class Supervisor:
         self.redis_restarted: float | None = None  # monotonic time this supervisor last started Redis
         self.liveness = Liveness(self.settings.liveness_timeout_s)
         self.beaten: set[int] = set()  # worker pool processes seen beating
+        self.silent_pool: set[int] = set()  # those of them silent now (logged as each went silent)
         self.kills: dict[str, tuple[float, int]] = {}  # per process: when it was last killed as hung, kills in a row
         self.uncounted = 0  # hung processes killed (or restarted by a heal) not yet counted in Redis
         run = stack.home / "ceph" / "run"
@@ -185,8 +186,14 @@ class Supervisor:
             beating = {child for child in pool if asker.exists(self.keys.worker(f"{host}:{child}"))}
         except redis.RedisError:
             return None
-        self.beaten |= beating
-        return bool(main) and self.beaten & set(pool) <= beating
+        # (pruned to the pool as it is: a new pool process given a gone one's pid is loading, not silent)
+        self.beaten = (self.beaten & set(pool)) | beating
+        silent = self.beaten - beating
+        if new := sorted(silent - self.silent_pool):  # (the kill's own line names the worker's main process)
+            log.info("worker pool process %s (of the worker, pid %d) stopped beating: the worker counts as silent "
+                     "while it does", ", ".join(map(str, new)), pid)
+        self.silent_pool = silent
+        return bool(main) and not silent
 
     def process(self, name: str) -> tuple[int | None, Callable[..., None]]:
         """A watched process's pid (None: not running) and what stops it."""

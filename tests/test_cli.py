@@ -546,6 +546,9 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     assert f"Flat; rebuild r1 running 4/10; not ready: {frozen}\n" in capsys.readouterr().out
     assert main(["status", "--json"]) == NOT_RUNNING
     assert json.loads(capsys.readouterr().out)["index"]["reason"] == frozen
+    api.answers[("GET", "/queues")] = (503, {"error": {"code": "redis_unavailable", "message": "Redis is away"}})
+    assert main(["status"]) == NOT_RUNNING  # (/stats answers from memory while Redis is away; /queues cannot)
+    assert f"work: no answer from http://127.0.0.1:{api.port}/queues\n" in capsys.readouterr().out
     # An error answer (a replica whose Milvus is down) is no index either: it was an object of nulls.
     api.answers[("GET", "/stats")] = (503, {"error": {"code": "index_unavailable", "message": "Milvus is down"}})
     assert main(["status", "--json"]) == NOT_RUNNING

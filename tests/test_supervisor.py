@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import logging
 import os
 import socket
 import struct
@@ -681,8 +682,8 @@ class Counted:
         self.counts[name] = self.counts.get(name, 0) + by
 
 
-def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Pool processes hung under a main process that beat: its tasks were held by a live worker and never ran, and
     the worker counted as alive (review 24). One hung pool process beside one that beat did the same with the batch
     it held, for as long as it hung (review 73: 30 uploads pending for 213 s, nothing said). A pool process loading
@@ -699,8 +700,13 @@ def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services
     records |= {keys.worker(f"{host}:102")}
     assert supervisor.beats(asker, 100) is True
     records -= {keys.worker(f"{host}:101")}
+    caplog.set_level(logging.INFO, logger="infra.supervisor")
     assert supervisor.beats(asker, 100) is False  # one of two silent: it holds its batch
+    assert supervisor.beats(asker, 100) is False
+    assert caplog.text.count("worker pool process 101 (of the worker, pid 100) stopped beating") == 1
     pool[0] = 103  # 101 gone, and a new pool process loading in its place
+    assert supervisor.beats(asker, 100) is True
+    pool[0] = 101  # and one given the gone one's pid: loading, not silent (review 75)
     assert supervisor.beats(asker, 100) is True
     records -= {keys.worker(f"{host}:102")}
     assert supervisor.beats(asker, 100) is False  # every one that beat silent

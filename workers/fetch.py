@@ -53,7 +53,7 @@ def fetch(s3: Any, ref: ObjectRef, max_bytes: int, timeout_s: float) -> Fetched:
             raise ObjectChanged(f"{ref.object_id} is gone or changed ({code or status})") from exc
         if status == 403 or code == "AccessDenied":
             raise PermanentError("access_denied", f"S3 refused access: {code}") from exc
-        raise TransientError(f"S3 error {code or status} for {ref.object_id}") from exc
+        raise TransientError(f"S3 error {code or status or '(no status)'} for {ref.object_id}") from exc
     except BotoCoreError as exc:  # connection refused, timeouts, closed connections
         raise TransientError(f"S3 unreachable: {exc}") from exc
     body = response["Body"]

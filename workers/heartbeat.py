@@ -82,7 +82,10 @@ class Beacon:
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL_S):
-            self.beat()
+            try:
+                self.beat()
+            except Exception:  # (a thread that died of it left a live process silent: the supervisor kills it)
+                log.exception("heartbeat not written")
 
     def _forget_dead(self) -> None:
         """Drop ids whose record expired, so the set does not grow with every worker ever started.
