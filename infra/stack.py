@@ -41,7 +41,7 @@ from .canary import Canary
 from .liveness import ceph_daemon
 from .notifications import ensure_bucket, ensure_notifications, follow_endpoint, notified
 from .ports import free_port, lease, port_in_use
-from .procfs import START_TIME, stat_fields
+from .procfs import START_TIME, stat_fields, stop_process
 
 log = logging.getLogger(__name__)
 INFRA = Path(__file__).resolve().parent
@@ -735,8 +735,7 @@ def scratch_redis(folder: Path, *options: str) -> Iterator[tuple[str, subprocess
             time.sleep(0.05)
         yield url, process
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_process(process, 10)
 
 
 def _pings(url: str) -> bool:
