@@ -10,7 +10,8 @@ and the index services their ``/healthz``, radosgw its S3 endpoint (any answer),
 process's delivery record and the heartbeat of each pool process that has beaten (workers/heartbeat.py, each
 rewritten every 3 s by a thread of its own) are in Redis, Redis a PING, Milvus its health check, the Ceph monitor
 and OSD their admin sockets (the OSD, too, whether it holds an op past ``STUCK_OP_S``). One silent for
-``liveness_timeout_s`` is hung: the supervisor kills it, and its process watch starts it again. Silence counts only
+``liveness_timeout_s`` is hung: the supervisor kills it, and its process watch starts it again (a worker whose main
+process beats loses only its silent pool processes, which it replaces itself). Silence counts only
 once a process has started: an HTTP service from when its port takes connections (it binds once its start-up is
 done; a refused connection is no answer either way), a Ceph daemon from when its admin socket does (made early in
 its start), the others from their first answer (a worker loading its model, a Redis loading its file, a Milvus

@@ -29,6 +29,8 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -94,6 +96,7 @@ class Supervisor:
         self.liveness = Liveness(self.settings.liveness_timeout_s)
         self.beaten: set[int] = set()  # worker pool processes seen beating
         self.silent_pool: set[int] = set()  # those of them silent now (logged as each went silent)
+        self.main_beats = False  # whether the worker's main process beat at the last question
         self.kills: dict[str, tuple[float, int]] = {}  # per process: when it was last killed as hung, kills in a row
         self.uncounted = 0  # hung processes killed (or restarted by a heal) not yet counted in Redis
         run = stack.home / "ceph" / "run"
@@ -192,8 +195,8 @@ class Supervisor:
         if new := sorted(silent - self.silent_pool):  # (the kill's own line names the worker's main process)
             log.info("worker pool process %s (of the worker, pid %d) stopped beating: the worker counts as silent "
                      "while it does", ", ".join(map(str, new)), pid)
-        self.silent_pool = silent
-        return bool(main) and not silent
+        self.silent_pool, self.main_beats = silent, bool(main)
+        return self.main_beats and not silent
 
     def process(self, name: str) -> tuple[int | None, Callable[..., None]]:
         """A watched process's pid (None: not running) and what stops it."""
@@ -222,12 +225,29 @@ class Supervisor:
             last, in_a_row = self.kills.get(name, (None, 0))
             in_a_row = in_a_row + 1 if last is not None and now - last <= STABLE_S + self.liveness.timeout_s else 1
             self.kills[name] = (now, in_a_row)
-            log.warning("%s (pid %d) is running but has answered nothing for %.0f s (frozen or hung); killing it to "
-                        "start it again%s", name, pid, silent, "" if in_a_row == 1 else
+            what = f"{name} (pid {pid})"
+            if name == "worker" and self.main_beats:  # (the main process beats: only pool processes hang)
+                what, stop = self.pool_kill(pid)
+            log.warning("%s is running but has answered nothing for %.0f s (frozen or hung); killing it to start it "
+                        "again%s", what, silent, "" if in_a_row == 1 else
                         f" ({in_a_row} kills in a row: starting it again has not helped; its log may say why)")
             stop(kill=True)
             self.uncounted += 1
         self.count_kills(counters)
+
+    def pool_kill(self, pid: int) -> tuple[str, Callable[..., None]]:
+        """The silent pool processes of the worker whose main process is ``pid``, named, and what kills them. The
+        worker starts a pool process in place of each one killed, and Celery gives the batch it held back to the queue
+        (``task_reject_on_worker_lost``); the batches of the others go on. (Killing the whole worker ran theirs again,
+        counted towards ``MAX_REDELIVERIES``, and loaded the model again: review 75.)"""
+        pool = sorted(self.silent_pool)
+
+        def kill(kill: bool = True) -> None:
+            for child in pool:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+
+        return f"worker pool process {', '.join(map(str, pool))} (of the worker, pid {pid})", kill
 
     def count_kills(self, counters: redis.Redis) -> None:
         """Count the kills not counted yet (``hung_restarts``, in ``GET /queues`` and the metrics), once Redis

@@ -8,6 +8,7 @@ import http.server
 import json
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -712,6 +713,41 @@ def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services
     assert supervisor.beats(asker, 100) is False  # every one that beat silent
     records.clear()
     assert supervisor.beats(asker, 100) is False  # the main process silent
+
+
+def test_a_silent_pool_process_is_killed_alone_and_a_silent_main_process_kills_the_worker(
+        stack: Services, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """One hung pool process restarted the whole worker: the batch of the other, which beat, ran again (counted
+    towards MAX_REDELIVERIES) and the model was loaded again (review 75). Only the silent one is killed (the worker
+    starts another, and Celery gives its batch back); a worker whose main process is silent is killed whole."""
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+    host, keys = socket.gethostname(), supervisor.keys
+    pool = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    hung, beating = (process.pid for process in pool)
+    records = {keys.consumer(f"{host}:1234"), keys.worker(f"{host}:{hung}"), keys.worker(f"{host}:{beating}")}
+    counters = Counted()
+    asker = SimpleNamespace(exists=lambda key: int(key in records), hincrby=counters.hincrby)
+    monkeypatch.setattr(supervisor_module, "children", lambda pid: [hung, beating] if pid == 1234 else [])
+    monkeypatch.setattr(supervisor, "probes", lambda asker: {"worker": (1234, lambda pid: supervisor.beats(asker, pid),
+                                                                        False)})
+    stops: list[tuple[str, bool]] = []
+    stack.stop_service = lambda name, kill=False: stops.append((name, kill))  # type: ignore[attr-defined]
+    try:
+        assert supervisor.beats(asker, 1234) is True  # type: ignore[arg-type]
+        records.discard(keys.worker(f"{host}:{hung}"))
+        supervisor.liveness.watches["worker"] = Watch(pid=1234, started=True, silent_since=time.monotonic() - 61)
+        supervisor.kill_hung(asker)  # type: ignore[arg-type]
+        assert pool[0].wait(10) == -signal.SIGKILL and pool[1].poll() is None and stops == []
+        assert f"worker pool process {hung} (of the worker, pid 1234) is running but has answered" in caplog.text
+        assert counters.counts == {"hung_restarts": 1}
+        records.discard(keys.consumer(f"{host}:1234"))  # the main process silent: the whole worker goes
+        supervisor.liveness.watches["worker"] = Watch(pid=1234, started=True, silent_since=time.monotonic() - 61)
+        supervisor.kill_hung(asker)  # type: ignore[arg-type]
+        assert stops == [("worker", True)] and pool[1].poll() is None and counters.counts == {"hung_restarts": 2}
+    finally:
+        for process in pool:
+            process.kill()
+            process.wait()
 
 
 def test_a_step_failing_on_a_server_away_is_one_line_and_anything_else_its_traceback(
