@@ -16,7 +16,7 @@ from botocore.exceptions import BotoCoreError
 from starlette import responses
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,14 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message)
 
 
+async def disconnect_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A client that hung up before its body was whole, or was cut off for sending it too slowly
+    (bucketlens/serving.py): said in one line, not as a bug with a traceback; the answer reaches nobody."""
+    log.info("%s %s: the client went before its request body was whole (hung up, or cut off as too slow)",
+             request.method, request.url.path)
+    return error_response(400, "client_disconnected", "the request body was not whole")
+
+
 async def routing_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own 404 (no such path) and 405 (wrong method) in the same JSON shape as every other error."""
     assert isinstance(exc, StarletteHTTPException)
@@ -174,6 +182,7 @@ UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, BotoCoreError, Connect
 
 # Every Starlette app's exception handlers: errors are always ``{"error": {"code", "message"}}``.
 EXCEPTION_HANDLERS = {HTTPError: http_error_handler, StarletteHTTPException: routing_error_handler,
+                      ClientDisconnect: disconnect_handler,
                       **{e: unavailable_handler for e in UNAVAILABLE}, Exception: internal_error_handler}
 
 

@@ -1,18 +1,22 @@
-"""The HTTP server under ingest and the index service bounds each request's head (bucketlens/serving.py), at its
-shipped limits: a real uvicorn, run by ``serve``, on a free loopback port."""
+"""The HTTP server under ingest and the index service bounds each request's head and how slowly its body may come
+(bucketlens/serving.py), at its shipped limits: a real uvicorn, run by ``serve``, on a free loopback port, with a
+route that reads its body as the services' routes do (``read_limited``)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from bucketlens.serving import HEAD_TIMEOUT_S, MAX_HEAD_BYTES
+from bucketlens.serving import HEAD_TIMEOUT_S, MAX_HEAD_BYTES, MIN_BODY_RATE
 from infra.ports import free_port
 
 APP = """
@@ -20,15 +24,27 @@ import sys
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from bucketlens.http import EXCEPTION_HANDLERS, read_limited
 from bucketlens.serving import serve
-serve(Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))]), "127.0.0.1", int(sys.argv[1]))
+
+async def size(request):
+    return PlainTextResponse(str(len(await read_limited(request, 1 << 24))))
+
+routes = [Route("/", lambda request: PlainTextResponse("ok")), Route("/body", size, methods=["POST"])]
+serve(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), "127.0.0.1", int(sys.argv[1]))
 """
 
 
 @pytest.fixture(scope="module")
-def port() -> Iterator[int]:
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serving") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def port(server_log: Path) -> Iterator[int]:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", APP, str(port)])
+    with server_log.open("wb") as log:
+        server = subprocess.Popen([sys.executable, "-c", APP, str(port)], stderr=log)
     try:
         for _ in range(200):
             try:
@@ -83,3 +99,44 @@ def test_a_silent_or_half_sent_head_is_closed_in_time_and_a_whole_one_is_served(
     with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:  # a keep-alive client between requests
         assert client.get("/").text == "ok"
         assert client.get("/").text == "ok"
+
+
+def send_body(port: int, size: int, rate: float) -> tuple[int, bytes, float]:
+    """POST ``size`` bytes to ``/body`` at ``rate`` bytes a second (0: none after the head); the answer's status (0:
+    none) and body, and the seconds from the head to the close."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(HEAD_TIMEOUT_S + 30)
+        sock.sendall(b"POST /body HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                     % size)
+        start, sent, piece = time.monotonic(), 0, max(1, int(rate / 10))
+        try:
+            while rate and sent < size:
+                sock.sendall(b"a" * min(piece, size - sent))
+                sent += min(piece, size - sent)
+                time.sleep(max(0.0, start + sent / rate - time.monotonic()))
+        except OSError:  # cut off while sending: the answer is in the socket
+            pass
+        answer = b""
+        while chunk := closed(sock):  # (to the close: the server closes a ``Connection: close`` one once answered)
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]) if head else 0, body, time.monotonic() - start
+
+
+def test_a_body_that_trickles_in_is_answered_408_and_a_slow_steady_one_is_served(port: int, server_log: Path) -> None:
+    """A body that trickled in (a byte a second, or none after the head) held its connection for as long as the
+    client cared to send: both servers had no timeout for it (README, "Security", until now). A body that keeps
+    ``MIN_BODY_RATE`` on average past the grace is read whole, however long it takes. A client cut off is said in
+    one line, not as a bug with a traceback."""
+    steady = int(MIN_BODY_RATE * 1.5 * (HEAD_TIMEOUT_S + 5))  # past the grace, at 1.5x the least rate
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = [pool.submit(send_body, port, size, rate)
+                   for size, rate in ((10_000, 1.0), (10_000, 0), (steady, 1.5 * MIN_BODY_RATE))]
+        (trickle, trickle_body, trickle_s), (silent, _, silent_s), (ok, ok_body, ok_s) = (a.result() for a in answers)
+    assert (trickle, silent) == (408, 408)
+    assert json.loads(trickle_body)["error"]["code"] == "body_too_slow"
+    assert HEAD_TIMEOUT_S - 1 < min(trickle_s, silent_s) and max(trickle_s, silent_s) < HEAD_TIMEOUT_S + 10
+    assert (ok, ok_body) == (200, str(steady).encode()) and ok_s > HEAD_TIMEOUT_S
+    assert httpx.get(f"http://127.0.0.1:{port}/").text == "ok"
+    said = server_log.read_text()
+    assert "Traceback" not in said and "Exception in ASGI application" not in said, said
