@@ -122,10 +122,17 @@ class Keys:
         data (a fresh Redis, a failover to an empty replica, a FLUSHALL): index_service/redis_loss.py heals."""
         return f"{self.namespace}:index:marker"
 
+    def index_type(self, backend: str) -> str:
+        """The index type a rebuild on ``backend`` asked for (``POST /rebuild``'s ``index_type``), kept whatever the
+        index's size; absent (and after ``"index_type": "auto"``): the size policy (``APPROX_THRESHOLD``) picks. Each
+        backend its own: with one key for both, HNSW asked of Milvus became a FAISS restructure that failed twice a
+        second once the stack switched (review 76)."""
+        return f"{self.namespace}:index:type:{backend}"
+
     @property
-    def index_type(self) -> str:
-        """The index type a rebuild asked for (``POST /rebuild``'s ``index_type``), kept whatever the index's size;
-        absent (and after ``"index_type": "auto"``): the size policy (``APPROX_THRESHOLD``) picks."""
+    def index_type_before(self) -> str:
+        """The one index type key of both backends before ``index_type``: read while a backend has none of its own,
+        where the type is one it makes."""
         return f"{self.namespace}:index:type"
 
     @property

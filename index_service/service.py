@@ -38,7 +38,7 @@ from vision.embedders import Embedder, Embedders
 from vision.models import recipe
 
 from . import redis_loss
-from .backend import Index, open_backend, restructure_into
+from .backend import Backend, Index, open_backend, restructure_into
 from .duplicates import DuplicateFinder
 from .failures import RETRY_EVERY_S, Passing, retry_passing
 from .feature_store import FeatureStore
@@ -252,7 +252,7 @@ class Service:
         """This replica holds the lease: merge from ``last_id`` (the serving generation's checkpoint); returns what
         Redis lacked of ours, said ("": none)."""
         redis_lost = self._register_generation()
-        self.chosen_type = text(raw) if (raw := self.redis.get(self.keys.index_type)) else None
+        self.chosen_type = chosen_type(self.redis, self.keys, self.backend)
         self._applied_before += self.merger.applied
         self.merger = self._merger(last_id)
         self._since_snapshot = (0, time.monotonic(), 0.0)
@@ -268,6 +268,7 @@ class Service:
     def _follow(self) -> None:
         """A replica that does not write serves what the writer made: the generation the shared index serves, swapped
         in when the writer moved it (a rebuild, a restructure)."""
+        self.chosen_type = chosen_type(self.redis, self.keys, self.backend)  # (its /stats says it: the writer's)
         current = self.index
         fresh = self.backend.moved_from(current)
         if fresh is None:
@@ -558,12 +559,7 @@ class Service:
 
     def choose_type(self, index_type: str) -> None:
         """Keep ``index_type`` whatever the index's size (``auto``: let the size policy pick again)."""
-        chosen = None if index_type == "auto" else index_type
-        if chosen is None:
-            self.redis.delete(self.keys.index_type)
-        else:
-            self.redis.set(self.keys.index_type, chosen)
-        self.chosen_type = chosen
+        self.chosen_type = choose_type(self.redis, self.keys, self.backend, index_type)
 
     def promote(self, shadow: Index | None) -> None:
         """Swap the shadow generation in (atomically for readers: one reference assignment); the old one is fed
@@ -660,3 +656,33 @@ class Service:
             "duplicates": {"pending": self.duplicates.pending, "checked": self.duplicates.checked_objects,
                            "cpu_s": round(self.duplicates.cpu_s, 3)},
         }
+
+
+def choose_type(client: redis.Redis, keys: Keys, backend: Backend, index_type: str) -> str | None:
+    """Keep ``index_type`` as ``backend``'s, whatever the index's size (``auto``: the size policy picks again);
+    returns what is kept (None: the size policy)."""
+    chosen = None if index_type == "auto" else index_type
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.index_type_before)  # (what it said is settled either way)
+    if chosen is None:
+        pipe.delete(keys.index_type(backend.name))
+    else:
+        pipe.set(keys.index_type(backend.name), chosen)
+    pipe.execute()
+    return chosen
+
+
+def chosen_type(client: redis.Redis, keys: Keys, backend: Backend) -> str | None:
+    """The index type a rebuild asked for on ``backend`` (``Keys.index_type``; the one key of both backends before
+    it, while this one has none), None where the size policy picks. One that ``backend`` does not make is left to the
+    size policy (said, where it is ``backend``'s own: written by a newer version)."""
+    for key in (keys.index_type(backend.name), keys.index_type_before):
+        if raw := client.get(key):
+            chosen = text(raw)
+            if chosen in backend.index_types:
+                return chosen
+            if key != keys.index_type_before:
+                log.warning("the index type %r asked for is not one the %s backend makes (%s): the size policy picks",
+                            chosen, backend.name, ", ".join(backend.index_types))
+            return None
+    return None

@@ -32,7 +32,7 @@ from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
 from index_service.merger import Merger
 from index_service.milvus_index import _alias_target
-from index_service.service import Service
+from index_service.service import Service, choose_type, chosen_type
 from infra.stack import scratch_redis
 from vision.models import recipe
 
@@ -774,3 +774,29 @@ def test_a_second_milvus_server_starts_beside_another(milvus_uri: str, tmp_path:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_each_backend_keeps_the_index_type_asked_of_it(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """HNSW asked of Milvus was kept in one key of both backends: switched to FAISS, the index service tried to
+    restructure into HNSW twice a second, each time with a traceback; IVF-SQ8 asked of FAISS kept a Milvus index
+    Flat past its threshold (review 76). Each backend keeps its own; the one key of before still counts where it
+    names a type the backend makes."""
+    keys, client = Keys(f"c{uuid.uuid4().hex[:10]}"), connect(redis_url)
+    milvus, faiss = (types.SimpleNamespace(name=name, index_types=INDEX_TYPES[name]) for name in ("milvus", "faiss"))
+    try:
+        assert choose_type(client, keys, milvus, "HNSW") == "HNSW"  # type: ignore[arg-type]
+        assert [chosen_type(client, keys, b) for b in (milvus, faiss)] == ["HNSW", None]  # type: ignore[arg-type]
+        choose_type(client, keys, faiss, "IVF-SQ8")  # type: ignore[arg-type]
+        assert [chosen_type(client, keys, b) for b in (milvus, faiss)] == ["HNSW", "IVF-SQ8"]  # type: ignore[arg-type]
+        assert choose_type(client, keys, milvus, "auto") is None  # type: ignore[arg-type]
+        assert [chosen_type(client, keys, b) for b in (milvus, faiss)] == [None, "IVF-SQ8"]  # type: ignore[arg-type]
+        client.set(keys.index_type_before, "HNSW")  # the one key, written before each backend had its own
+        assert [chosen_type(client, keys, b) for b in (milvus, faiss)] == ["HNSW", "IVF-SQ8"]  # type: ignore[arg-type]
+        client.set(keys.index_type("faiss"), "HNSW")  # (a type it does not make: a newer version's)
+        assert chosen_type(client, keys, faiss) is None  # type: ignore[arg-type]
+        assert "the index type 'HNSW' asked for is not one the faiss backend makes" in caplog.text
+        choose_type(client, keys, faiss, "IVF")  # type: ignore[arg-type]
+        assert client.get(keys.index_type_before) is None  # (settled by any choice)
+    finally:
+        client.delete(keys.index_type("faiss"), keys.index_type("milvus"), keys.index_type_before)
+        client.close()
