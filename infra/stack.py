@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -351,6 +352,15 @@ class Stack:
             if not answered or time.monotonic() > deadline:  # (down: no wait; the 409 names the lease's holder)
                 return self.api_url
             time.sleep(1.0)
+
+    def serving_url(self) -> str:
+        """An index service to ask (searches, listings): of several replicas, the first that takes connections (with
+        replica 1 down, every CLI search failed while another served: review 76); else the API's address."""
+        for url in self.api_urls if len(self.api_urls) > 1 else ():
+            address = urlsplit(url)
+            with contextlib.suppress(OSError), socket.create_connection((address.hostname, address.port), timeout=1):
+                return url
+        return self.api_url
 
     def reconcile(self) -> httpx.Response:
         """``POST /reconcile`` at the writer, as the admin (a large bucket's takes minutes)."""
