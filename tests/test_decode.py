@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from vision.decode import MAX_JPEG_SCANS, decode, decode_image, preview_jpeg
+from vision.decode import MAX_JPEG_SCANS, decode, decode_for, decode_image, preview_jpeg
+from vision.models import DEFAULT_MODEL, recipe
 from workers.errors import PermanentError
 
 LIMIT = 10_000_000
@@ -291,3 +292,17 @@ def test_a_codec_that_fails_otherwise_makes_the_object_corrupt_not_the_batch() -
     with pytest.raises(PermanentError) as refused:
         decode(data, 64_000_000)
     assert refused.value.reason == "corrupt" and "RuntimeError" in str(refused.value)
+
+
+def test_the_model_input_of_a_large_jpeg_is_the_same_with_local_features_or_without() -> None:
+    """A search with ``rerank=false`` decoded a large JPEG at the model's reduced scale, where the worker decodes at
+    the local features' scale: the stored file's own copy scored 0.993-0.999, not 1.0 (review 76), and a
+    ``min_score`` cut depended on the flag."""
+    from infra.samples import skimage_data
+
+    photo = Image.open(skimage_data() / "chelsea.png").convert("RGB").resize((2400, 1800))
+    data = encode(photo, "JPEG", quality=90)
+    chosen = recipe(DEFAULT_MODEL)
+    worker, query = (decode_for(chosen, data, LIMIT, local=local) for local in (True, False))
+    assert query.gray is None and worker.gray is not None
+    np.testing.assert_array_equal(query.pixels, worker.pixels)
