@@ -97,7 +97,9 @@ def build_structure(index_type: str, dim: int, n: int, sample: Callable[[], np.n
             # training would also copy 100,000 of the vectors to train the codes on (0.1x the raw vectors at 1M,
             # at a switch's peak), where their ranges are one pass over the sample below
             x = sample()
-            faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT).train(x)
+            lists = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            lists.cp.min_points_per_centroid = 1  # (a small index, APPROX_THRESHOLD set low, has fewer than FAISS's
+            lists.train(x)  # 39 a list, by ~4 sqrt(n) lists: its warning on stderr at each training was noise)
             if index_type == "IVF-SQ8" and not trained:
                 trained = {"scalar_quantizer": minmax_ranges(x)}
             del x

@@ -147,6 +147,20 @@ def test_ivf_recall_at_10_against_exact_search_and_deletes_are_honoured(index_ty
         assert len(found) == 10 and all(key.startswith(prefix) for key in found)
 
 
+@pytest.mark.parametrize("index_type", ["IVF", "IVF-SQ8"])
+def test_a_small_ivf_index_is_trained_without_faiss_warning_on_stderr(index_type: str,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """With APPROX_THRESHOLD set low, each training printed FAISS's "WARNING clustering 73 points to 34 centroids:
+    please provide at least 1326 training points" (review 76): ~4 sqrt(n) lists hold fewer than its 39 a list
+    below ~24,000 vectors. The index still finds what it holds."""
+    data = clustered(300, 32, 40)
+    index = VectorIndex("m", 32)
+    index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(data)])
+    index.restructure(index_type)
+    assert index.index_type == index_type and index.search(data[7], 1)[0][0].key == "k7"
+    assert "WARNING clustering" not in capfd.readouterr().err
+
+
 def test_ivf_sq8_orders_what_its_codes_find_by_their_float16_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
     """A crowded collection (20 photos' 1,000 near copies each): the 8-bit codes alone cannot order a query's nearest
     neighbours, the float16 copies can, with or without a filter wide enough to search the structure; the scores
