@@ -1,13 +1,16 @@
-"""The HTTP server under ingest and the index service: uvicorn on httptools, with each request's head bounded.
+"""The HTTP server under ingest and the index service: uvicorn on httptools, with each request's head and body bounded.
 
 httptools bounds neither a request head's size nor how long it takes to arrive, and uvicorn checks neither
 before the app (and its token checks) sees the request: one connection streaming header lines grew a server by
 300 MB, and silent or half-sent heads held connections for good (review 70). A head (request line and headers)
 may hold ``MAX_HEAD_BYTES`` and must be whole within ``HEAD_TIMEOUT_S`` of the connection or of its first byte;
-a request past either is answered 400 or closed. A body must arrive at ``MIN_BODY_RATE`` bytes a second on average,
-after ``HEAD_TIMEOUT_S`` of grace, or it is answered 408 and closed: one that trickled in held its connection for as
-long as the client cared to send (review 70 left it to a proxy). How much a body may hold is each route's
-(``read_limited``). A server exposed beyond this host still belongs behind a proxy (README, "Security")."""
+a request past either is answered 400 or closed. So is a chunked body whose framing (chunk sizes, their
+extensions, trailers: bytes httptools keeps or drops, never hands on as body) outgrows ``MAX_HEAD_BYTES`` beyond
+the body's own size: a trailer streamed for good grew the server as a header did (review 77). A body must arrive at
+``MIN_BODY_RATE`` bytes a second on average, after ``HEAD_TIMEOUT_S`` of grace, or it is answered 408 and closed:
+one that trickled in held its connection for as long as the client cared to send (review 70 left it to a proxy).
+How much a body may hold is each route's (``read_limited``). A server exposed beyond this host still belongs behind
+a proxy (README, "Security")."""
 
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ class BoundedHead(HttpToolsProtocol):
     _timer: asyncio.TimerHandle | None = None  # the head's deadline, then the body's
     _body_from = 0.0  # the loop's time the body's allowance counts from
     _body_bytes = 0
+    _in_body = False  # from the end of a request's headers to the end of its body
+    _framing = 0  # bytes received since the headers ended, less the body's: chunked framing and trailers
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -57,7 +62,11 @@ class BoundedHead(HttpToolsProtocol):
                 data = data[room:]
             else:
                 self._head_bytes += len(data)
+        elif self._in_body:
+            self._framing += len(data)  # (on_body takes the body's bytes back off)
         super().data_received(data)
+        if self._in_body and self._framing > MAX_HEAD_BYTES + self._body_bytes and not self.transport.is_closing():
+            self.send_400_response(f"chunked framing or trailers over {MAX_HEAD_BYTES} bytes beyond the body")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -67,15 +76,18 @@ class BoundedHead(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+        self._in_body, self._framing = True, 0
         self._body_from, self._body_bytes = self.loop.time(), 0  # (a request without a body completes at once)
         self._arm_at(self._body_due(), self._body_too_slow)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
+        self._framing -= len(body)
         self._arm_at(self._body_due(), self._body_too_slow)  # (a due time passed already: at once)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         self._disarm()
         super().on_message_complete()
 
@@ -110,7 +122,8 @@ class BoundedHead(HttpToolsProtocol):
                 f"the request body arrived slower than {MIN_BODY_RATE} bytes a second (after {HEAD_TIMEOUT_S:.0f} s "
                 f"of grace): {self._body_bytes} bytes came")}}).encode()
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+                                 b"x-content-type-options: nosniff\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                                 % (len(body), body))
         self.transport.close()
 
     def _too_slow(self) -> None:

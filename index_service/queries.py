@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from starlette.datastructures import FormData, UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from bucketlens.http import HTTPError, json_object, only, read_limited
@@ -73,7 +73,7 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
             raise too_large(max_bytes)
         try:
             form = await _bounded(request, max_bytes + FORM_SLACK).form(max_files=1, max_fields=10)
-        except HTTPError:
+        except (HTTPError, ClientDisconnect):  # (a client gone is said as such: bucketlens/http.py)
             raise
         except Exception as exc:
             detail = getattr(exc, "detail", exc)  # (Starlette's own said "400: Too many files. ...")

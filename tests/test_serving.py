@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -24,13 +25,19 @@ import sys
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+import asyncio
 from bucketlens.http import EXCEPTION_HANDLERS, read_limited
-from bucketlens.serving import serve
+from bucketlens.serving import HEAD_TIMEOUT_S, MIN_BODY_RATE, serve
 
 async def size(request):
     return PlainTextResponse(str(len(await read_limited(request, 1 << 24))))
 
-routes = [Route("/", lambda request: PlainTextResponse("ok")), Route("/body", size, methods=["POST"])]
+async def late(request):  # an app that reads the body only well past its due time (busy, say)
+    await asyncio.sleep(HEAD_TIMEOUT_S + 8)
+    return await size(request)
+
+routes = [Route("/", lambda request: PlainTextResponse("ok")), Route("/body", size, methods=["POST"]),
+          Route("/late", late, methods=["POST"])]
 serve(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), "127.0.0.1", int(sys.argv[1]))
 """
 
@@ -101,19 +108,25 @@ def test_a_silent_or_half_sent_head_is_closed_in_time_and_a_whole_one_is_served(
         assert client.get("/").text == "ok"
 
 
-def send_body(port: int, size: int, rate: float) -> tuple[int, bytes, float]:
-    """POST ``size`` bytes to ``/body`` at ``rate`` bytes a second (0: none after the head); the answer's status (0:
-    none) and body, and the seconds from the head to the close."""
+def send_body(port: int, size: int, rate: float, path: str = "/body", chunked: bool = False
+              ) -> tuple[int, bytes, float]:
+    """POST ``size`` bytes to ``path`` at ``rate`` bytes a second (0: none after the head; inf: at once), in chunks
+    of a tenth of a second's bytes with ``chunked``; the answer's status (0: none) and body, and the seconds from
+    the head to the close."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.settimeout(HEAD_TIMEOUT_S + 30)
-        sock.sendall(b"POST /body HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-                     % size)
-        start, sent, piece = time.monotonic(), 0, max(1, int(rate / 10))
+        length = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s\r\n\r\n"
+                     % (path.encode(), length))
+        start, sent, piece = time.monotonic(), 0, max(1, int(min(rate, size) / 10))
         try:
             while rate and sent < size:
-                sock.sendall(b"a" * min(piece, size - sent))
-                sent += min(piece, size - sent)
+                part = b"a" * min(piece, size - sent)
+                sock.sendall(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+                sent += len(part)
                 time.sleep(max(0.0, start + sent / rate - time.monotonic()))
+            if chunked and rate:
+                sock.sendall(b"0\r\n\r\n")
         except OSError:  # cut off while sending: the answer is in the socket
             pass
         answer = b""
@@ -126,17 +139,37 @@ def send_body(port: int, size: int, rate: float) -> tuple[int, bytes, float]:
 def test_a_body_that_trickles_in_is_answered_408_and_a_slow_steady_one_is_served(port: int, server_log: Path) -> None:
     """A body that trickled in (a byte a second, or none after the head) held its connection for as long as the
     client cared to send: both servers had no timeout for it (README, "Security", until now). A body that keeps
-    ``MIN_BODY_RATE`` on average past the grace is read whole, however long it takes. A client cut off is said in
-    one line, not as a bug with a traceback."""
+    ``MIN_BODY_RATE`` on average past the grace is read whole, however long it takes, chunked or not; so is one
+    sent at once to an app that reads it only past its due time (not the client's slowness). A client cut off is
+    said in one line, not as a bug with a traceback."""
     steady = int(MIN_BODY_RATE * 1.5 * (HEAD_TIMEOUT_S + 5))  # past the grace, at 1.5x the least rate
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        answers = [pool.submit(send_body, port, size, rate)
-                   for size, rate in ((10_000, 1.0), (10_000, 0), (steady, 1.5 * MIN_BODY_RATE))]
-        (trickle, trickle_body, trickle_s), (silent, _, silent_s), (ok, ok_body, ok_s) = (a.result() for a in answers)
+    late = 256 * 1024  # (more than uvicorn buffers before it stops reading: 64 KiB)
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        answers = [pool.submit(send_body, port, *how) for how in (
+            (10_000, 1.0), (10_000, 0), (steady, 1.5 * MIN_BODY_RATE), (steady, 1.5 * MIN_BODY_RATE, "/body", True),
+            (late, math.inf, "/late"))]
+        (trickle, trickle_body, trickle_s), (silent, _, silent_s), *served = (a.result() for a in answers)
     assert (trickle, silent) == (408, 408)
     assert json.loads(trickle_body)["error"]["code"] == "body_too_slow"
     assert HEAD_TIMEOUT_S - 1 < min(trickle_s, silent_s) and max(trickle_s, silent_s) < HEAD_TIMEOUT_S + 10
-    assert (ok, ok_body) == (200, str(steady).encode()) and ok_s > HEAD_TIMEOUT_S
+    assert [(status, body) for status, body, _ in served] == [(200, str(size).encode()) for size in (steady, steady,
+                                                                                                    late)]
+    assert all(seconds > HEAD_TIMEOUT_S for _, _, seconds in served)
     assert httpx.get(f"http://127.0.0.1:{port}/").text == "ok"
     said = server_log.read_text()
     assert "Traceback" not in said and "Exception in ASGI application" not in said, said
+
+
+def test_chunked_framing_or_trailers_past_the_limit_are_refused(port: int) -> None:
+    """A chunked body's trailer is read as a header is, after the head's limit stopped counting and without a byte
+    of body to time: one streamed for good grew the server at the line's rate (review 77)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"POST /body HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\nX-Trailer: ")
+        sent = 0
+        with pytest.raises(OSError):  # reset or broken pipe once the server has refused and closed
+            while sent < 100 * MAX_HEAD_BYTES:
+                sock.sendall(b"a" * 1000)
+                sent += 1000
+        assert sent < 100 * MAX_HEAD_BYTES
