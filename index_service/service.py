@@ -31,7 +31,7 @@ from bucketlens.keys import Keys
 from bucketlens.redis_client import connect, probe, text
 from bucketlens.s3 import answered, make_client
 from bucketlens.schemas import ResultEntry, object_id
-from bucketlens.settings import Settings
+from bucketlens.settings import INDEX_TYPES, Settings
 from ingest.publisher import Publisher
 from vision import words
 from vision.embedders import Embedder, Embedders
@@ -268,7 +268,8 @@ class Service:
     def _follow(self) -> None:
         """A replica that does not write serves what the writer made: the generation the shared index serves, swapped
         in when the writer moved it (a rebuild, a restructure)."""
-        self.chosen_type = chosen_type(self.redis, self.keys, self.backend)  # (its /stats says it: the writer's)
+        # (its /stats says the writer's choice; said by the writer, not every few seconds here too)
+        self.chosen_type = chosen_type(self.redis, self.keys, self.backend, say=False)
         current = self.index
         fresh = self.backend.moved_from(current)
         if fresh is None:
@@ -663,7 +664,11 @@ def choose_type(client: redis.Redis, keys: Keys, backend: Backend, index_type: s
     returns what is kept (None: the size policy)."""
     chosen = None if index_type == "auto" else index_type
     pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.index_type_before)  # (what it said is settled either way)
+    if (before := client.get(keys.index_type_before)) is not None:  # each other backend it was a choice of keeps
+        for name, made in INDEX_TYPES.items():  # it as its own (review 77), and the one key goes
+            if name != backend.name and text(before) in made:
+                pipe.set(keys.index_type(name), before, nx=True)
+        pipe.delete(keys.index_type_before)
     if chosen is None:
         pipe.delete(keys.index_type(backend.name))
     else:
@@ -672,16 +677,16 @@ def choose_type(client: redis.Redis, keys: Keys, backend: Backend, index_type: s
     return chosen
 
 
-def chosen_type(client: redis.Redis, keys: Keys, backend: Backend) -> str | None:
+def chosen_type(client: redis.Redis, keys: Keys, backend: Backend, say: bool = True) -> str | None:
     """The index type a rebuild asked for on ``backend`` (``Keys.index_type``; the one key of both backends before
     it, while this one has none), None where the size policy picks. One that ``backend`` does not make is left to the
-    size policy (said, where it is ``backend``'s own: written by a newer version)."""
+    size policy (said, with ``say``, where it is ``backend``'s own: written by a newer version)."""
     for key in (keys.index_type(backend.name), keys.index_type_before):
         if raw := client.get(key):
             chosen = text(raw)
             if chosen in backend.index_types:
                 return chosen
-            if key != keys.index_type_before:
+            if say and key != keys.index_type_before:
                 log.warning("the index type %r asked for is not one the %s backend makes (%s): the size policy picks",
                             chosen, backend.name, ", ".join(backend.index_types))
             return None

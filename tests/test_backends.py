@@ -795,8 +795,10 @@ def test_each_backend_keeps_the_index_type_asked_of_it(redis_url: str, caplog: p
         client.set(keys.index_type("faiss"), "HNSW")  # (a type it does not make: a newer version's)
         assert chosen_type(client, keys, faiss) is None  # type: ignore[arg-type]
         assert "the index type 'HNSW' asked for is not one the faiss backend makes" in caplog.text
+        client.delete(keys.index_type("milvus"))
         choose_type(client, keys, faiss, "IVF")  # type: ignore[arg-type]
-        assert client.get(keys.index_type_before) is None  # (settled by any choice)
+        assert client.get(keys.index_type_before) is None  # (settled by any choice: Milvus keeps what it said)
+        assert [chosen_type(client, keys, b) for b in (milvus, faiss)] == ["HNSW", "IVF"]  # type: ignore[arg-type]
     finally:
         client.delete(keys.index_type("faiss"), keys.index_type("milvus"), keys.index_type_before)
         client.close()
