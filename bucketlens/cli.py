@@ -293,7 +293,7 @@ def _explicit() -> list[str]:
 
 def api_url(settings: Settings) -> str:
     """The index service's address, for a request to it (the no-stack note is said first, once): a local stack's
-    first replica that takes connections (``Stack.serving_url``)."""
+    first replica that answers (``Stack.serving_url``)."""
     _say_defaults("API")
     if (Path(settings.home) / "stack.json").exists():
         return _stack(settings).serving_url()  # type: ignore[no-any-return]

@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -354,11 +353,12 @@ class Stack:
             time.sleep(1.0)
 
     def serving_url(self) -> str:
-        """An index service to ask (searches, listings): of several replicas, the first that takes connections (with
-        replica 1 down, every CLI search failed while another served: review 76); else the API's address."""
+        """An index service to ask (searches, listings): of several replicas, the first that answers its health check
+        within 2 s (with replica 1 down, every CLI search failed while another served: review 76; a frozen one
+        takes connections and answers nothing: review 77); else the API's address."""
         for url in self.api_urls if len(self.api_urls) > 1 else ():
-            address = urlsplit(url)
-            with contextlib.suppress(OSError), socket.create_connection((address.hostname, address.port), timeout=1):
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"{url}/healthz", timeout=2)
                 return url
         return self.api_url
 

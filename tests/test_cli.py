@@ -578,18 +578,24 @@ def test_a_stack_file_edited_wrong_is_one_line_naming_it(tmp_path: Path, monkeyp
     assert "must be a finite number, not inf" in capsys.readouterr().err
 
 
-def test_searches_and_listings_go_to_a_replica_that_takes_connections(api: FakeAPI, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("first", ["down", "frozen"])
+def test_searches_and_listings_go_to_a_replica_that_answers(api: FakeAPI, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str], first: str) -> None:
     """With replicas, every search and listing went to replica 1: with it down, `bucketlens search` said "no answer
-    ... is the stack up?" while replica 2 served, and `status` said the index was well (review 76)."""
+    ... is the stack up?" while replica 2 served, and `status` said the index was well (review 76). A frozen one
+    takes connections and answers nothing (review 77)."""
+    frozen = socket.create_server(("127.0.0.1", 0))  # (listens, never accepts: the kernel completes handshakes)
+    port = frozen.getsockname()[1] if first == "frozen" else free_port()
     (tmp_path / "stack.json").write_text(json.dumps({
-        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": free_port(), "webhook_token": "w",
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": port, "webhook_token": "w",
         "admin_token": "admin", "index_backend": "milvus", "milvus_port": 3, "replica_ports": [api.port]}))
+    api.answers[("GET", "/healthz")] = (200, {"ok": True})
     api.answers[("POST", "/search")] = (200, {"model": "m", "took_ms": 1.0, "results": [
         {"bucket": "b", "key": "sky.jpg", "score": 0.9, "verified": False, "matches": 0, "labels": None}]})
-    assert main(["search", "--key", "cloud.jpg"]) == 0
+    with frozen:
+        assert main(["search", "--key", "cloud.jpg"]) == 0
     assert "0.9000  b/sky.jpg" in capsys.readouterr().out
-    assert [r["path"] for r in api.requests] == ["/search"]
+    assert [r["path"] for r in api.requests] == ["/healthz", "/search"]
 
 
 def test_rebuild_and_reconcile_go_to_the_replica_that_writes(api: FakeAPI, tmp_path: Path,
