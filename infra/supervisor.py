@@ -95,7 +95,7 @@ class Supervisor:
         self.redis_restarted: float | None = None  # monotonic time this supervisor last started Redis
         self.liveness = Liveness(self.settings.liveness_timeout_s)
         self.beaten: set[int] = set()  # worker pool processes seen beating
-        self.silent_pool: set[int] = set()  # those of them silent now (logged as each went silent)
+        self.silent_pool: dict[int, float] = {}  # those of them silent now: since when (logged as each went silent)
         self.main_beats = False  # whether the worker's main process beat at the last question
         self.kills: dict[str, tuple[float, int]] = {}  # per process: when it was last killed as hung, kills in a row
         self.uncounted = 0  # hung processes killed (or restarted by a heal) not yet counted in Redis
@@ -192,10 +192,12 @@ class Supervisor:
         # (pruned to the pool as it is: a new pool process given a gone one's pid is loading, not silent)
         self.beaten = (self.beaten & set(pool)) | beating
         silent = self.beaten - beating
-        if new := sorted(silent - self.silent_pool):  # (the kill's own line names the worker's main process)
+        if new := sorted(silent - self.silent_pool.keys()):  # (the kill's own line names the worker's main process)
             log.info("worker pool process %s (of the worker, pid %d) stopped beating: the worker counts as silent "
                      "while it does", ", ".join(map(str, new)), pid)
-        self.silent_pool, self.main_beats = silent, bool(main)
+        now = time.monotonic()
+        self.silent_pool = {child: self.silent_pool.get(child, now) for child in silent}
+        self.main_beats = bool(main)
         return self.main_beats and not silent
 
     def process(self, name: str) -> tuple[int | None, Callable[..., None]]:
@@ -222,12 +224,14 @@ class Supervisor:
             running, stop = self.process(name)
             if running != pid or self.probes(counters)[name][1](pid) is not False:  # (restarted meanwhile; answers
                 continue  # now, or cannot be asked now: counted afresh, as the questions do)
+            what = f"{name} (pid {pid})"
+            if name == "worker" and self.main_beats:  # (the main process beats: only pool processes hang)
+                if (pool := self.pool_kill(pid, now)) is None:
+                    continue
+                what, stop = pool
             last, in_a_row = self.kills.get(name, (None, 0))
             in_a_row = in_a_row + 1 if last is not None and now - last <= STABLE_S + self.liveness.timeout_s else 1
             self.kills[name] = (now, in_a_row)
-            what = f"{name} (pid {pid})"
-            if name == "worker" and self.main_beats:  # (the main process beats: only pool processes hang)
-                what, stop = self.pool_kill(pid)
             log.warning("%s is running but has answered nothing for %.0f s (frozen or hung); killing it to start it "
                         "again%s", what, silent, "" if in_a_row == 1 else
                         f" ({in_a_row} kills in a row: starting it again has not helped; its log may say why)")
@@ -235,12 +239,18 @@ class Supervisor:
             self.uncounted += 1
         self.count_kills(counters)
 
-    def pool_kill(self, pid: int) -> tuple[str, Callable[..., None]]:
-        """The silent pool processes of the worker whose main process is ``pid``, named, and what kills them. The
-        worker starts a pool process in place of each one killed, and Celery gives the batch it held back to the queue
-        (``task_reject_on_worker_lost``); the batches of the others go on. (Killing the whole worker ran theirs again,
-        counted towards ``MAX_REDELIVERIES``, and loaded the model again: review 75.)"""
-        pool = sorted(self.silent_pool)
+    def pool_kill(self, pid: int, now: float) -> tuple[str, Callable[..., None]] | None:
+        """The pool processes of the worker whose main process is ``pid`` silent for ``liveness_timeout_s``, named,
+        and what kills them; None when none has been (the worker's silence was first one's, then another's: counted
+        afresh). The worker starts a pool process in place of each one killed, and Celery gives the batch it held
+        back to the queue (``task_reject_on_worker_lost``); the batches of the others go on. (Killing the whole
+        worker ran theirs again, counted towards ``MAX_REDELIVERIES``, and loaded the model again: review 75; one
+        that had just gone silent beside one hung went with it: review 77.)"""
+        # (``since`` is when the answer came, a little after the worker's count began, at the question)
+        long = self.liveness.timeout_s - PROBE_EVERY_S / 2
+        pool = sorted(child for child, since in self.silent_pool.items() if now - since >= long)
+        if not pool:
+            return None
 
         def kill(kill: bool = True) -> None:
             for child in pool:

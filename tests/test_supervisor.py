@@ -718,8 +718,9 @@ def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services
 def test_a_silent_pool_process_is_killed_alone_and_a_silent_main_process_kills_the_worker(
         stack: Services, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """One hung pool process restarted the whole worker: the batch of the other, which beat, ran again (counted
-    towards MAX_REDELIVERIES) and the model was loaded again (review 75). Only the silent one is killed (the worker
-    starts another, and Celery gives its batch back); a worker whose main process is silent is killed whole."""
+    towards MAX_REDELIVERIES) and the model was loaded again (review 75). Only the one silent for the timeout is
+    killed (the worker starts another, and Celery gives its batch back), not one that has just gone silent beside
+    it (review 77); a worker whose main process is silent is killed whole."""
     supervisor = Supervisor(stack)  # type: ignore[arg-type]
     host, keys = socket.gethostname(), supervisor.keys
     pool = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
@@ -735,6 +736,9 @@ def test_a_silent_pool_process_is_killed_alone_and_a_silent_main_process_kills_t
     try:
         assert supervisor.beats(asker, 1234) is True  # type: ignore[arg-type]
         records.discard(keys.worker(f"{host}:{hung}"))
+        assert supervisor.beats(asker, 1234) is False  # type: ignore[arg-type]
+        supervisor.silent_pool[hung] -= 61  # (silent since a minute ago)
+        records.discard(keys.worker(f"{host}:{beating}"))  # and the other only now
         supervisor.liveness.watches["worker"] = Watch(pid=1234, started=True, silent_since=time.monotonic() - 61)
         supervisor.kill_hung(asker)  # type: ignore[arg-type]
         assert pool[0].wait(10) == -signal.SIGKILL and pool[1].poll() is None and stops == []
