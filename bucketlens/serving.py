@@ -110,8 +110,10 @@ class BoundedHead(HttpToolsProtocol):
 
     def _body_too_slow(self) -> None:
         self._timer = None
-        if self.flow.read_paused:  # the app has not taken what came yet (or a pipelined request waits for the one
-            # before it): not the client's slowness. Its allowance starts again from now.
+        if self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue):
+            # The app has not taken what came yet (or a pipelined request waits for the one before it), or has not
+            # asked for the body that a client sending ``Expect: 100-continue`` holds back until it does (review
+            # 77): not the client's slowness. Its allowance starts again from now.
             self._body_from = self.loop.time() - self._body_bytes / MIN_BODY_RATE
             self._arm_at(self._body_due(), self._body_too_slow)
             return

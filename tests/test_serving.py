@@ -108,17 +108,19 @@ def test_a_silent_or_half_sent_head_is_closed_in_time_and_a_whole_one_is_served(
         assert client.get("/").text == "ok"
 
 
-def send_body(port: int, size: int, rate: float, path: str = "/body", chunked: bool = False
+def send_body(port: int, size: int, rate: float, path: str = "/body", chunked: bool = False, expect: bool = False
               ) -> tuple[int, bytes, float]:
     """POST ``size`` bytes to ``path`` at ``rate`` bytes a second (0: none after the head; inf: at once), in chunks
-    of a tenth of a second's bytes with ``chunked``; the answer's status (0: none) and body, and the seconds from
-    the head to the close."""
+    of a tenth of a second's bytes with ``chunked``, once the server says ``100 Continue`` with ``expect``; the
+    answer's status (0: none) and body, and the seconds from the head to the close."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.settimeout(HEAD_TIMEOUT_S + 30)
         length = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s\r\n\r\n"
-                     % (path.encode(), length))
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s\r\n%s\r\n"
+                     % (path.encode(), length, b"Expect: 100-continue\r\n" if expect else b""))
         start, sent, piece = time.monotonic(), 0, max(1, int(min(rate, size) / 10))
+        if expect:
+            assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             while rate and sent < size:
                 part = b"a" * min(piece, size - sent)
@@ -140,20 +142,21 @@ def test_a_body_that_trickles_in_is_answered_408_and_a_slow_steady_one_is_served
     """A body that trickled in (a byte a second, or none after the head) held its connection for as long as the
     client cared to send: both servers had no timeout for it (README, "Security", until now). A body that keeps
     ``MIN_BODY_RATE`` on average past the grace is read whole, however long it takes, chunked or not; so is one
-    sent at once to an app that reads it only past its due time (not the client's slowness). A client cut off is
-    said in one line, not as a bug with a traceback."""
+    sent at once to an app that reads it only past its due time, and one held back for ``100 Continue`` until such
+    an app asks for it (neither is the client's slowness). A client cut off is said in one line, not as a bug with a
+    traceback."""
     steady = int(MIN_BODY_RATE * 1.5 * (HEAD_TIMEOUT_S + 5))  # past the grace, at 1.5x the least rate
     late = 256 * 1024  # (more than uvicorn buffers before it stops reading: 64 KiB)
-    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
         answers = [pool.submit(send_body, port, *how) for how in (
             (10_000, 1.0), (10_000, 0), (steady, 1.5 * MIN_BODY_RATE), (steady, 1.5 * MIN_BODY_RATE, "/body", True),
-            (late, math.inf, "/late"))]
+            (late, math.inf, "/late"), (late, math.inf, "/late", False, True))]
         (trickle, trickle_body, trickle_s), (silent, _, silent_s), *served = (a.result() for a in answers)
     assert (trickle, silent) == (408, 408)
     assert json.loads(trickle_body)["error"]["code"] == "body_too_slow"
     assert HEAD_TIMEOUT_S - 1 < min(trickle_s, silent_s) and max(trickle_s, silent_s) < HEAD_TIMEOUT_S + 10
-    assert [(status, body) for status, body, _ in served] == [(200, str(size).encode()) for size in (steady, steady,
-                                                                                                    late)]
+    assert [(status, body) for status, body, _ in served] == [(200, str(size).encode())
+                                                              for size in (steady, steady, late, late)]
     assert all(seconds > HEAD_TIMEOUT_S for _, _, seconds in served)
     assert httpx.get(f"http://127.0.0.1:{port}/").text == "ok"
     said = server_log.read_text()
