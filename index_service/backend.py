@@ -230,8 +230,11 @@ def restructure_into(index: Index, approx_threshold: int, approximate: str, chos
     exact again below half of it, and its own type again once its lists are outgrown (4x the vectors they were
     made for: at 1M real-grown vectors, lists made at 50,000 took 17.1 ms p50 to search, lists made at 1M 10.9 ms,
     at the same recall; bench/README.md "The index as it grows"). A type a rebuild asked for (``chosen``) is kept
-    whatever the size, and made again when outgrown."""
+    whatever the size, and made again when outgrown, once the index holds a vector to train it on (an empty one, a
+    rebuild's of an empty bucket, tried and failed with a traceback at each merge and twice a second idle)."""
     if chosen is not None:
+        if chosen != "Flat" and not len(index):
+            return None
         return chosen if index.index_type != chosen or index.outgrown() else None
     if index.index_type == "Flat":
         return approximate if len(index) > approx_threshold else None

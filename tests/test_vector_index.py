@@ -319,6 +319,17 @@ def test_outgrown_lists_are_retrained_and_an_sq8_structure_keeps_its_codes(index
     assert [o.key for o, _ in index.search(data[7], 10)][:5] == top[:5]
 
 
+@pytest.mark.parametrize("index_type", ["IVF", "IVF-SQ8"])
+def test_a_chosen_approximate_type_waits_for_a_vector_to_train_on(index: VectorIndex, index_type: str) -> None:
+    """A rebuild of an empty bucket that asked for IVF left an empty Flat index with IVF chosen: each merge and each
+    idle half second tried to restructure it, and failed with a traceback ("there are none yet")."""
+    assert restructure_into(index, 1000, index_type, chosen=index_type) is None
+    index.apply([upsert("k0", 1, 0)])
+    assert restructure_into(index, 1000, index_type, chosen=index_type) == index_type
+    index.restructure(index_type)
+    assert index.index_type == index_type and index.search(unit(0), 1)[0][0].key == "k0"
+
+
 def test_restructure_keeps_changes_made_while_it_trains(index: VectorIndex) -> None:
     index.apply([upsert(f"k{i}", 1, i) for i in range(40)])
     started = threading.Event()
