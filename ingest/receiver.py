@@ -36,7 +36,7 @@ from bucketlens.auth import token_ok
 from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, read_limited
 from bucketlens.keys import Keys
 from bucketlens.openapi import route as openapi_route
-from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew
+from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew, event_time
 from bucketlens.outage import Outage
 from bucketlens.redis_client import connect, text
 from bucketlens.s3 import http_status, make_client
@@ -235,8 +235,8 @@ class Receiver:
         key was written again since (that write's own event brings it), or the delete is forged (whoever holds the
         webhook token could otherwise hide any object). A deleted version (``version_removed``) becomes the key's
         current version, to embed (a non-current version deleted, or a delete marker removed: the object is there),
-        or a delete; either is ordered at the version's deletion, after the events that came before it (a delete
-        marker's tombstone included) and before any that come after."""
+        with that version's time, or a delete; either is ordered at the version's deletion, after the events that
+        came before it (a delete marker's tombstone included) and before any that come after."""
         settled = []
         for event in events:
             if event.kind not in DELETES:
@@ -246,10 +246,12 @@ class Receiver:
             head = self._head(ref)
             if head is None:
                 settled.append(dataclasses.replace(event, kind="removed"))
-            elif event.kind == "version_removed":
+            elif event.kind == "version_removed":  # (with the version's own time: the deletion's made a search
+                # by date miss it, and a reconcile never mended it: review 78)
                 current = dataclasses.replace(ref, etag=normalise_etag(head["ETag"]),
                                               size=int(head["ContentLength"]),
-                                              version_id=str(head.get("VersionId") or ""))
+                                              version_id=str(head.get("VersionId") or ""),
+                                              event_time=event_time(head["LastModified"]))
                 settled.append(ObjectEvent("created", current, event.timed))
             else:
                 # INFO: a delete and an upload again soon after (the usual case) logged a WARNING each, 16-29 a minute
