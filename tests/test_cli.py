@@ -37,9 +37,10 @@ from bucketlens.cli import (
     upload_plan,
 )
 from bucketlens.settings import Settings
+from infra.notifications import ensure_bucket, remove_notifications
 from infra.stack import Stack, _kill_session, _pid_record, code_version, free_port, session_members
 
-from .helpers import object_state, wait_for
+from .helpers import object_state, photo, wait_for
 
 
 class FakeAPI:
@@ -884,6 +885,36 @@ def test_up_on_a_running_stack_says_its_processes_keep_their_settings(
     assert status["read_token"] == "r+t&"  # this shell's own word, for its commands
     assert status["page_url"] == f"{stack.api_url}/"  # the page opens with the service's (none), as `up` says
     assert page_url("http://h:1", "r+t&/ ?") == "http://h:1/?token=r%2Bt%26%2F%20%3F"
+
+
+def test_up_on_a_bucket_that_holds_photos_already_indexes_them(
+    stack: Stack, s3: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`BUCKETLENS_BUCKET=existing bucketlens up` subscribed a bucket of 60 photos and indexed none of them, and
+    nothing said so: only a reconcile by hand found them (review 78)."""
+    bucket = "test-held-before"
+    ensure_bucket(s3, bucket)
+    keys = ["before/a.jpg", "before/b.jpg"]
+    for key, name in zip(keys, ("chelsea.png", "coffee.png")):
+        s3.put_object(Bucket=bucket, Key=key, Body=photo(name))
+    monkeypatch.setenv("BUCKETLENS_HOME", str(stack.home))
+    monkeypatch.setenv("BUCKETLENS_BUCKET", bucket)
+    settings = dataclasses.replace(stack.settings, bucket=bucket)
+    try:
+        assert main(["up"]) == 0
+        assert f"bucket {bucket} holds objects it never told this stack of: reconciling" in capsys.readouterr().err
+        with httpx.Client(base_url=stack.api_url, timeout=30) as index:
+            wait_for(lambda: all((state := object_state(index, bucket, key)) and state["state"] == "indexed"
+                                 for key in keys), 120, what="the photos the bucket held before indexed")
+        assert main(["up"]) == 0  # (told of it now: no reconcile again)
+        assert "reconciling" not in capsys.readouterr().err
+    finally:
+        for key in keys:  # (notified: their deletes take them out of the index)
+            s3.delete_object(Bucket=bucket, Key=key)
+        with httpx.Client(base_url=stack.api_url, timeout=30) as index:
+            wait_for(lambda: all(object_state(index, bucket, key) is None for key in keys), 120,
+                     what="the bucket's photos gone from the index")
+        remove_notifications(settings, bucket)
 
 
 def test_another_shells_commands_take_the_bucket_and_tokens_of_the_running_service(
