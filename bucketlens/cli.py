@@ -890,10 +890,20 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
             "model": args.model}
     writer, headers = writer_url(settings), admin_headers(settings)
     response = httpx.post(writer + "/rebuild", json=body, headers=headers, timeout=30)
-    if response.status_code != 202:
+    running = ((_answer(f"{writer}/stats", headers) or {}).get("rebuild") or {}) if response.status_code == 409 else {}
+    if running.get("state") == "running" and args.wait:  # (it answered 409 with no word of how to follow the one
+        # that runs: review 78)
+        print(f"rebuild {running['id']} ({running['mode']}) runs already, and was not started again: following it",
+              file=sys.stderr)
+        job = running
+    elif running.get("state") == "running":
+        raise CLIError(f"{_error_text(response)}; follow it with `bucketlens rebuild --wait`, or cancel it with "
+                       f"`bucketlens rebuild --cancel {running['id']}`")
+    elif response.status_code != 202:
         raise CLIError(_error_text(response))
-    job = response.json()
-    print(f"rebuild {job['id']} started ({job['mode']}, generation {job['generation']})")
+    else:
+        job = response.json()
+        print(f"rebuild {job['id']} started ({job['mode']}, generation {job['generation']})")
     if not args.wait:
         return 0
     url = f"{writer}/rebuild/{job['id']}"

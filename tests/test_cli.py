@@ -299,6 +299,21 @@ def test_ctrl_c_while_waiting_says_the_rebuild_goes_on_and_how_to_cancel_it(api:
     assert "Traceback" not in err and not any(request["method"] == "DELETE" for request in api.requests)
 
 
+def test_a_rebuild_asked_for_while_one_runs_says_how_to_follow_it_and_wait_follows_it(
+        api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    """`rebuild --wait` while a rebuild ran answered the 409 with no word of how to follow the one running (review
+    78)."""
+    api.answers[("POST", "/rebuild")] = (409, {"error": {"code": "running", "message": "rebuild r1 is running"}})
+    api.answers[("GET", "/stats")] = (200, {"rebuild": {**RUNNING, "done": 3, "total": 10}})
+    assert main(["rebuild"]) == 1
+    one_error_line(capsys, "rebuild r1 is running", "`bucketlens rebuild --wait`", "`bucketlens rebuild --cancel r1`")
+    api.answers[("GET", "/rebuild/r1")] = (200, {**RUNNING, "state": "done", "done": 10, "total": 10})
+    assert main(["rebuild", "--wait"]) == 0
+    out, err = capsys.readouterr()
+    assert "rebuild r1 (reindex) runs already, and was not started again: following it" in err, err
+    assert "rebuild r1 done: 10/10 settled" in out, out
+
+
 def test_cancel_with_no_id_cancels_the_running_rebuild(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
     api.answers[("GET", "/stats")] = (200, {"rebuild": {**RUNNING, "done": 3, "total": 10}})
     api.answers[("DELETE", "/rebuild/r1")] = (200, {**RUNNING, "state": "cancelled", "done": 3, "total": 10})
