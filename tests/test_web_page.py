@@ -473,8 +473,11 @@ def test_filters_run_the_shown_search_again_and_tags_answer_the_keyboard(
         page.get_by_test_id("filter-min-score").fill("80")  # out of range: not sent, the box marked invalid
         page.get_by_test_id("filter-min-score").press("Enter")
         assert page.get_by_test_id("filter-min-score").evaluate("box => !box.checkValidity()")
+        expect(page.get_by_test_id("error")).to_have_text(  # said, not only the box's bubble (review 78)
+            "min score: a score from -1 to 1 (cosine); empty: no least score")
         expect(results).to_have_attribute("data-search-count", str(searched + 2))  # (the filters are as before)
         page.get_by_test_id("filter-min-score").fill("")
+        expect(page.get_by_test_id("error")).to_be_hidden()  # mended: the message goes
 
         # A date typed digit by digit runs the search once, when the typing pauses (review 34: once a year typed,
         # 0002, 0020, 0202, 2020, each an image search's upload and embedding).
