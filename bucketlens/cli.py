@@ -782,8 +782,9 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     for record in page["failures"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
-        print(f"{when}  {record['reason']:16} x{record['attempts']}  {plain(record['bucket'] + '/' + record['key'])}: "
-              f"{plain(record['message'])}" + _retry_note(record))
+        tries = f" (after {record['attempts']} tries)" if record["attempts"] > 1 else ""  # (`x1` read as N failures)
+        print(f"{when}  {record['reason']:16} {plain(record['bucket'] + '/' + record['key'])}: "
+              f"{plain(record['message'])}{tries}" + _retry_note(record))
     print(f"{counted(page['total'], 'failure record')}{page_note(page['total'], offset, len(page['failures']))}")
     if not page["total"] and (selection or args.key):  # a typo in a value? (`--reason corupt` said only "0")
         print(_none_has(selection, args.key))

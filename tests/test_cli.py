@@ -391,6 +391,21 @@ def test_clearing_or_retrying_a_selection_that_matches_nothing_says_so(api: Fake
     assert main(["failures"]) == 0 and capsys.readouterr().out == "0 failure records\n"
 
 
+def test_the_failures_listing_says_how_many_tries_an_object_took(api: FakeAPI,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Each record's line named its task's attempts as `x1`, read as "failed once" whatever the object's history
+    (review 78): the tries are said in words, and only when there were several."""
+    record = {"bucket": "photos", "key": "a.jpg", "reason": "corrupt", "message": "broken data stream",
+              "attempts": 1, "time": 1764500000.0, "retries": 0, "retry_at": None}
+    api.answers[("GET", "/failures")] = (200, {"total": 2, "offset": 0, "limit": 100, "failures": [
+        record, {**record, "key": "b.jpg", "reason": "fetch_timeout", "message": "no answer in 30 s", "attempts": 9}]})
+    assert main(["failures"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("  corrupt          photos/a.jpg: broken data stream"), lines
+    assert lines[1].endswith("  fetch_timeout    photos/b.jpg: no answer in 30 s (after 9 tries)"), lines
+    assert lines[2] == "2 failure records"
+
+
 def test_clearing_every_failure_record_at_a_terminal_asks_first(api: FakeAPI, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """`failures --clear` with no selection deleted every record without a word (review 31); a script, not at a
