@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 # and the entries from there must still exist for the new writer to apply them again. A pause longer than this is
 # left to reconcile (README, "Many API replicas, one writer"); Redis holds this much more of the stream meanwhile.
 TAKEOVER_HOLD_S = 600.0
+RESTRUCTURE_RETRY_S = 30.0  # a failed restructure is tried again after this long, twice as long each time in a row,
+RESTRUCTURE_RETRY_MAX_S = 600.0  # up to this
 
 
 class Service:
@@ -104,6 +106,8 @@ class Service:
         self._checkpointing = threading.Lock()  # one checkpoint at a time
         self._trim_floor = ("0", -TAKEOVER_HOLD_S)  # (stream id, when): not trimmed past for a while after a takeover
         self.restructuring = threading.Lock()  # one restructure of the serving index at a time (rebuild.py too)
+        self._restructure_wait = 0.0  # after a failed restructure: how long until the next try (``_restructure_due``)
+        self._restructure_at = 0.0  # (time.monotonic())
         # Held by a batch's routing (``apply``) and by what changes the generations it routes to (a rebuild's start,
         # its swap, its end): neither falls inside a batch (review 66). Taken after ``Rebuilds._lock``, never before.
         self.routing = threading.Lock()
@@ -454,9 +458,16 @@ class Service:
         if ((due_entries or due_time) and waited >= took and time.monotonic() >= self.snapshot_health.retry_at
                 and self._checkpointing.acquire(blocking=False)):
             threading.Thread(target=self._checkpoint_beside, name="checkpoint", daemon=True).start()
+        self._restructure_due()
+
+    def _restructure_due(self) -> None:
+        """The structure the size policy (or a rebuild's choice) asks for, made in a thread of its own. One that
+        failed (out of memory, say) is tried again after ``RESTRUCTURE_RETRY_S``, twice as long after each failure in
+        a row, up to ``RESTRUCTURE_RETRY_MAX_S``: it was tried again at every batch and twice a second idle, each
+        time with a traceback in the log."""
         target = restructure_into(self.index, self.settings.approx_threshold, self.backend.approximate,
                                   self.chosen_type)
-        if target and self.restructuring.acquire(blocking=False):
+        if target and time.monotonic() >= self._restructure_at and self.restructuring.acquire(blocking=False):
             threading.Thread(target=self._restructure, args=(target,), name="restructure", daemon=True).start()
 
     def when_idle(self) -> None:
@@ -469,8 +480,12 @@ class Service:
     def _restructure(self, index_type: str) -> None:
         try:
             self.index.restructure(index_type)
+            self._restructure_wait = 0.0
         except Exception:
-            log.exception("restructuring the index into %s failed; it stays %s", index_type, self.index.index_type)
+            self._restructure_wait = min(max(2 * self._restructure_wait, RESTRUCTURE_RETRY_S), RESTRUCTURE_RETRY_MAX_S)
+            self._restructure_at = time.monotonic() + self._restructure_wait
+            log.exception("restructuring the index into %s failed; it stays %s, and is tried again in %.0f s",
+                          index_type, self.index.index_type, self._restructure_wait)
         finally:
             self.restructuring.release()
 

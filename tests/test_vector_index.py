@@ -9,6 +9,7 @@ import dataclasses
 import math
 import threading
 import time
+from types import SimpleNamespace
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from bucketlens.schemas import ResultEntry, SchemaError, object_id
 from index_service.backend import restructure_into
 from index_service.feature_store import FeatureStore
 from index_service.filters import Filter
+from index_service.service import Service
 from index_service.vector_file import VectorFile
 from index_service.vector_index import VectorIndex
 
@@ -439,6 +441,53 @@ def test_a_restructure_that_fails_while_moving_keeps_serving_and_the_next_one_fi
         f"k{i}" for i in range(0, n, 40)]
     index.restructure("IVF")
     assert index.index_type == "IVF" and index._faiss.ntotal == n and not index.outgrown()
+
+
+def test_a_restructure_that_fails_is_tried_again_less_and_less_often(monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A restructure that failed for want of memory (say) was tried again at every merged batch and twice a second
+    while idle, each time with a traceback: now after 30 s, twice as long each time in a row, up to 10 minutes, and
+    the log says when. The index serves as it was meanwhile."""
+    index = VectorIndex("m", 16)
+    vectors = clustered(40, 16, 20)
+    index.apply([ResultEntry("upsert", "b", f"k{i}", "e", "", 1, 1, "m", v) for i, v in enumerate(vectors)])
+    tries: list[str] = []
+
+    def fails(index_type: str, progress: object = None) -> None:
+        tries.append(index_type)
+        raise MemoryError("no room for the lists")
+
+    monkeypatch.setattr(index, "restructure", fails)
+    service = SimpleNamespace(index=index, settings=SimpleNamespace(approx_threshold=10), chosen_type=None,
+                              backend=SimpleNamespace(approximate="IVF"), restructuring=threading.Lock(),
+                              _restructure_wait=0.0, _restructure_at=0.0)
+    service._restructure = lambda index_type: Service._restructure(service, index_type)  # type: ignore[arg-type]
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+
+    def batches(seconds: float) -> None:
+        """A merged batch every 0.5 s, for ``seconds``."""
+        for _ in range(int(seconds * 2)):
+            Service._restructure_due(service)  # type: ignore[arg-type]
+            wait_for_release(service.restructuring)
+            now[0] += 0.5
+
+    batches(29)
+    assert tries == ["IVF"] and "tried again in 30 s" in caplog.text
+    batches(2)
+    assert len(tries) == 2 and "tried again in 60 s" in caplog.text
+    batches(3600)
+    assert len(tries) == 10, tries  # at 90, 210, 450 and 930 s, then every 600 s: 1530, 2130, 2730, 3330
+    assert index.index_type == "Flat" and index.search(index.vector("b", "k3"), 1)[0][0].key == "k3"
+    monkeypatch.setattr(index, "restructure", lambda index_type, progress=None: tries.append("made"))
+    batches(601)
+    assert tries[-1] == "made" and service._restructure_wait == 0.0  # (a later failure waits 30 s again)
+
+
+def wait_for_release(lock: threading.Lock) -> None:
+    """The restructure thread's end (it releases ``lock``)."""
+    with lock:
+        pass
 
 
 def test_a_chunk_that_leaves_the_old_structure_hands_its_memory_back() -> None:
