@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 import redis
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import DataType, MilvusClient, MilvusException, connections
 from pymilvus.client.types import LoadState
 
 from bucketlens.keys import Keys
@@ -186,6 +186,12 @@ class Connection:
     @property
     def client(self) -> MilvusClient:
         with self._lock:
+            if self._client is not None and not connections.has_connection(self._client._using):
+                # Its connection was closed: pymilvus shares one per address, and another client of it in this
+                # process (a second backend, a library) closing its own closes ours. Every call said "should create
+                # connection first", which reads as unavailable: searches answered 503 until a restart.
+                log.warning("the connection to Milvus at %s was closed; connecting again", self.uri)
+                self._client = None
             if self._client is None:
                 with reachable(self.uri):
                     self._client = MilvusClient(self.uri, token=self.settings.milvus_token,

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 import pytest
+from pymilvus import MilvusClient
 
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
@@ -425,6 +426,20 @@ def test_a_milvus_restructure_whose_writer_lost_the_lease_leaves_the_alias_alone
         index.restructure(backend.approximate)
     assert index.collection == served and _alias_target(client, alias) == named  # type: ignore[attr-defined]
     assert [name for name in client.list_collections() if name.startswith(f"{alias}_g")] == [served]
+
+
+@pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
+def test_a_milvus_connection_closed_under_the_index_is_made_again(fixture: Fixture) -> None:
+    """pymilvus shares one connection per address: another client of it in the process closing its own closed the
+    index's too, and every search answered 503 ("should create connection first") until a restart."""
+    index = fixture.open().new_generation(MODEL, 1)
+    index.apply([upsert(f"k{i}", 1, i) for i in range(5)])
+    other = MilvusClient(fixture.settings.milvus_uri)
+    assert other._using == index.connection.client._using  # type: ignore[attr-defined]  # (the shared one)
+    other.close()
+    assert [o.key for o, _ in index.search(unit(3), 1)] == ["k3"]
+    index.apply([upsert("k9", 2, 9)])
+    assert index.get("b", "k9") is not None
 
 
 def test_an_approximate_index_answers_k_whenever_the_filter_keeps_that_many(fixture: Fixture) -> None:
