@@ -64,21 +64,7 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
            if (mark := record(raw)) is not None and time.time() - float(mark.get("queued", 0)) >= min_age_s}
     if not old:
         return 0, 0
-    fields = list(old)
-    failures = dict(zip(fields, cast(list[bytes | None], redis.hmget(keys.failures, fields)), strict=True))
-    serving = service.index
-    stale: dict[bytes, bytes] = {}
-    lost: list[ObjectRef] = []
-    for field, raw in old.items():
-        mark = cast(dict[str, Any], record(raw))
-        bucket, key = split_object_id(field.decode())
-        held = serving.get(bucket, key)
-        failure = record(failures[field])
-        if (held is not None and held.etag == mark["etag"]) or (failure and failure["etag"] == mark["etag"]):
-            stale[field] = raw
-        else:
-            lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]),
-                                  event_time=mark.get("event_time", ""), generation=serving.generation))
+    stale, lost = _settled(service, old)
     dropped = len(remove_unchanged(redis, keys.pending, stale))
     sent = 0
     if lost and idle(service):  # still idle: nothing started meanwhile that could settle them
@@ -92,3 +78,39 @@ def sweep(service: Service, min_age_s: float = MIN_AGE_S) -> tuple[int, int]:
     if dropped:
         log.info("dropped %d stale pending marks (their etag is indexed or failed already)", dropped)
     return dropped, sent
+
+
+def drop_settled(service: Service) -> int:
+    """Drop the pending marks whose version is settled already, of any age and with work in flight; the number
+    dropped. Called when a reembed rebuild ends: its marks, one per object it listed, counted as backlog until the
+    next idle sweep, though the workers drop a cancelled job's queued tasks unfetched (review 78: 1,318 objects "on
+    their way" for ~15 s, with every queue empty). Not while a rebuild runs: its marks name what the serving index
+    holds (a mark rewritten meanwhile stays: ``remove_unchanged``)."""
+    if service.shadow is not None:
+        return 0
+    marks = {field: raw for field, raw in cast(dict[bytes, bytes], service.redis.hgetall(service.keys.pending)).items()
+             if record(raw) is not None}
+    stale, _ = _settled(service, marks)
+    return len(remove_unchanged(service.redis, service.keys.pending, stale))
+
+
+def _settled(service: Service, marks: dict[bytes, bytes]) -> tuple[dict[bytes, bytes], list[ObjectRef]]:
+    """``marks`` (pending marks that are ours) split: those whose version the serving index or a failure record
+    holds already (stale), and the objects of the others, at the serving generation."""
+    fields = list(marks)
+    failures = dict(zip(fields, cast(list[bytes | None], service.redis.hmget(service.keys.failures, fields)),
+                        strict=True)) if fields else {}
+    serving = service.index
+    stale: dict[bytes, bytes] = {}
+    lost: list[ObjectRef] = []
+    for field, raw in marks.items():
+        mark = cast(dict[str, Any], record(raw))
+        bucket, key = split_object_id(field.decode())
+        held = serving.get(bucket, key)
+        failure = record(failures[field])
+        if (held is not None and held.etag == mark["etag"]) or (failure and failure["etag"] == mark["etag"]):
+            stale[field] = raw
+        else:
+            lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]),
+                                  event_time=mark.get("event_time", ""), generation=serving.generation))
+    return stale, lost

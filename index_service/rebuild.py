@@ -33,7 +33,7 @@ from vision.network import weights_path
 
 from .backend import restructure_into, upsert_of
 from .failures import clear_held
-from .orphans import quiet
+from .orphans import drop_settled, quiet
 
 if TYPE_CHECKING:
     from .service import Service
@@ -576,12 +576,23 @@ class Rebuilds:
                         log.exception("rebuild %s: its generation %d could not be dropped", job.id,
                                       shadow.generation)
                 service.redis.hdel(service.keys.generations, str(job.generation))
-                # (off the merger's thread: it reads every failure record)
-                threading.Thread(target=self._clear_held, args=(job.id, job.generation),
+            if job.mode == "reembed":  # (off the merger's thread: it reads every failure record and pending mark)
+                threading.Thread(target=self._tidy, args=(job.id, job.generation, state),
                                  name=f"rebuild-{job.id}-records", daemon=True).start()
             self._expected = set()
         self._save(job)
         log.info("rebuild %s %s: %d/%d settled, %d failed", job.id, state, job.done, job.total, job.failed)
+
+    def _tidy(self, job_id: str, generation: int, state: str) -> None:
+        """What an ended reembed leaves behind: failure records of a generation that did not swap in, on objects the
+        serving one holds (``_clear_held``), and the pending marks of versions settled already (``drop_settled``)."""
+        if state != "done":
+            self._clear_held(job_id, generation)
+        try:
+            if dropped := drop_settled(self.service):
+                log.info("rebuild %s: dropped %d pending marks of versions the index holds already", job_id, dropped)
+        except Exception:  # (Redis or Milvus away: the lost-task sweep drops them once the pipeline is idle)
+            log.exception("rebuild %s: could not drop its settled pending marks", job_id)
 
     def _clear_held(self, job_id: str, generation: int) -> None:
         """The failure records an ended generation left on objects the serving one holds (``clear_held``)."""

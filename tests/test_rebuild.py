@@ -6,6 +6,7 @@ import dataclasses
 import json
 import threading
 import time
+import uuid
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,8 +18,11 @@ from botocore.exceptions import ClientError
 import index_service.rebuild as rebuild_module
 from bucketlens.keys import Keys
 from bucketlens.ordering import parse_iso
-from bucketlens.schemas import ObjectRef, ResultEntry
+from bucketlens.records import Records
+from bucketlens.redis_client import connect
+from bucketlens.schemas import ObjectRef, ResultEntry, failure_record
 from index_service.filters import Filter
+from index_service.orphans import drop_settled
 from index_service.rebuild import MODEL_FAILS, PASSING_ROUNDS, NotWriter, RebuildConflict, RebuildJob, Rebuilds, public
 from index_service.service import Service
 from index_service.vector_index import VectorIndex
@@ -722,6 +726,35 @@ def test_a_reindex_cannot_be_cancelled_and_an_ended_jobs_thread_leaves_the_next_
     rebuilds._expected = {"photos/a", "photos/b"}
     rebuilds._finish(ended, "cancelled")  # what the old job's thread does last
     assert rebuilds._expected == {"photos/a", "photos/b"} and rebuilds.current.id == "new"
+
+
+def test_an_ended_reembed_drops_the_pending_marks_of_versions_the_index_holds(stack: Stack) -> None:
+    """Review 78: after `rebuild --cancel`, `pending_objects` counted every object the job had queued (1,318) for
+    ~15 s with every queue empty, until the lost-task sweep dropped their marks; a finished one left marks too. On a
+    real Redis: the ended job drops the marks of versions the serving index (or a failure record) holds, and keeps a
+    newer version's, which is on its way; while a rebuild runs, nothing is dropped."""
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+    redis = connect(stack.settings.redis_url)
+    service, serving, _ = carrying_service("photos")
+    service.redis, service.keys, service.backend = redis, keys, SimpleNamespace(discard=lambda shadow: None)
+    serving.apply([upsert("photos", "held", 1), upsert("photos", "replaced", 2), upsert("photos", "failed", 3)])
+    records = Records(redis, keys)
+    pipe = redis.pipeline()
+    records.mark_pending(pipe, [ObjectRef("photos", "held", "e1", order=11, generation=2),  # the job's own
+                                ObjectRef("photos", "replaced", "e9", order=19),  # an upload on its way
+                                ObjectRef("photos", "failed", "bad", order=13, generation=2)], time.time())
+    records.record_failures(pipe, [(ObjectRef("photos", "failed", "bad", order=13),
+                                    failure_record(ObjectRef("photos", "failed", "bad"), "corrupt", "x", 1, 0.0))])
+    pipe.execute()
+    try:
+        assert drop_settled(service) == 0  # (the shadow serves the running job: its marks name what serving holds)
+        service.rebuilds.cancel("j")
+        assert service.shadow is None
+        wait_for(lambda: set(redis.hkeys(keys.pending)) == {b"photos/replaced"}, 10,
+                 what="the ended job's settled marks dropped at once")
+    finally:
+        redis.delete(*redis.keys(f"{keys.namespace}:*"))
+        redis.close()
 
 
 def test_a_reindex_keeps_its_type_only_once_its_restructure_ends() -> None:
