@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -659,7 +660,7 @@ def _alias_target(client: MilvusClient, alias: str) -> str | None:
     """The collection ``alias`` names, None when it names none. (Asking the collections of this namespace rather than
     ``describe_alias``, which logs an error when the alias does not exist yet.)"""
     for name in client.list_collections():
-        if name.startswith(f"{alias}_g") and alias in client.list_aliases(name)["aliases"]:
+        if is_collection_of(alias, name) and alias in client.list_aliases(name)["aliases"]:
             return str(name)
     return None
 
@@ -667,6 +668,13 @@ def _alias_target(client: MilvusClient, alias: str) -> str | None:
 def collection_name(alias: str, generation: int) -> str:
     """A new collection's name: its generation and a time stamp (a restructure makes a second one)."""
     return f"{alias}_g{generation}_{time.time_ns() // 1_000_000}"
+
+
+def is_collection_of(alias: str, name: str) -> bool:
+    """Whether ``name`` is one of ``collection_name(alias, ...)``. Not a prefix: namespace `prod`'s start-up took
+    namespace `prod-gallery`'s collections (`bucketlens_prod_gallery_g...` starts with `bucketlens_prod_g`) for
+    abandoned ones of its own, and dropped them."""
+    return re.fullmatch(re.escape(alias) + r"_g\d+_\d+", name) is not None
 
 
 class MilvusBackend:
@@ -712,7 +720,7 @@ class MilvusBackend:
         client = self.connection.client
         with reachable(self.connection.uri):
             dropped = [name for name in client.list_collections()
-                       if name.startswith(f"{self.alias}_g") and name != serving.collection]
+                       if is_collection_of(self.alias, name) and name != serving.collection]
             for name in dropped:
                 log.warning("dropping Milvus collection %s: no generation uses it (interrupted rebuild)", name)
                 client.drop_collection(name)

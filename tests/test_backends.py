@@ -8,6 +8,7 @@ equal the same answer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -666,6 +667,27 @@ def test_rebuild_swaps_generations_and_a_cancelled_one_leaves_nothing(fixture: F
         assert interrupted.collection in dropped and reopened[0].collection not in dropped  # type: ignore[attr-defined]
     else:
         assert dropped == []
+
+
+@pytest.mark.parametrize("fixture", ["milvus"], indirect=True)
+def test_a_milvus_namespace_never_drops_the_collections_of_another_that_starts_like_it(fixture: Fixture) -> None:
+    """Namespace `prod`'s start-up took namespace `prod-gallery`'s collections (`bucketlens_prod_gallery_g...`
+    starts with `bucketlens_prod_g`) for abandoned ones of its own, and dropped the other's serving index."""
+    gallery = dataclasses.replace(fixture.settings, namespace=fixture.settings.namespace + "-gallery")
+    other = open_backend(gallery, fixture.redis, Keys(gallery.namespace), fixture.store)
+    fixture.opened.append(other)  # (its collections start like the fixture's: its cleanup drops them)
+    theirs = other.new_generation(MODEL, 1)
+    theirs.apply([upsert(f"k{i}", 1, i) for i in range(3)])
+    other.checkpoint(theirs, "1-0")
+    backend = fixture.open()
+    ours = backend.new_generation(MODEL, 1)
+    ours.apply([upsert("mine", 1, 7)])
+    backend.checkpoint(ours, "1-0")
+    interrupted = backend.new_generation(MODEL, 2)  # (a rebuild a restart interrupted: abandoned, of ours)
+    assert backend.drop_abandoned(ours) == [interrupted.collection]  # type: ignore[attr-defined]
+    fixture.opened.append(reader := open_backend(gallery, fixture.redis, Keys(gallery.namespace), fixture.store))
+    loaded = reader.load()  # (as that namespace's restart finds it)
+    assert loaded is not None and len(loaded[0]) == 3 and loaded[0].search(unit(2), 1)[0][0].key == "k2"
 
 
 def test_a_generation_of_another_model_never_mixes(fixture: Fixture) -> None:
