@@ -100,6 +100,11 @@ class StackConfig:
     milvus_port: int = 0  # 0: not chosen yet
     replica_ports: list[int] = dataclasses.field(default_factory=list)  # API ports of replicas 2..N (up --replicas)
 
+    def ports(self) -> dict[str, int]:
+        """The ports chosen, by server (``status --json``'s ``ports``); replicas' are ``replica_ports``."""
+        return {name.removesuffix("_port"): port for name, port in dataclasses.asdict(self).items()
+                if name.endswith("_port") and port}
+
 
 class Stack:
     def __init__(self, base: Settings) -> None:
@@ -442,8 +447,7 @@ class Stack:
             "redis_url": s.redis_url,
             # the ports this stack chose (the Ceph monitor's showed nowhere else: review 67; replicas': ``api_urls``;
             # the OSD takes its own in 6800-7300)
-            "ports": {name.removesuffix("_port"): port for name, port in dataclasses.asdict(self.config).items()
-                      if name.endswith("_port") and port},
+            "ports": self.config.ports(),
             "namespace": s.namespace,
             "admin_token": s.admin_token,
             "webhook_token": s.webhook_token,

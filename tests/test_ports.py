@@ -3,7 +3,6 @@ lives in the test's folder, and nothing is started."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import random
@@ -40,7 +39,7 @@ def unused_port() -> int:
 
 
 def chosen(stack: Stack) -> set[int]:
-    return {port for name, port in dataclasses.asdict(stack.config).items() if name.endswith("_port") and port}
+    return set(stack.config.ports().values())
 
 
 def test_two_stacks_made_before_either_binds_choose_different_ports(tmp_path: Path) -> None:
