@@ -36,9 +36,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A batch still running at 3/4 of the visibility timeout is stuck (a decoder that never returns, a wedged
+        # model call) while its worker's main process beats on: it held the batch, and its pool process, for good
+        # where no supervisor watches. Celery kills that pool process and starts another, and hands the batch back
+        # to the queue (not acknowledged on a timeout); delivered again, it goes on one object per task
+        # (workers/tasks.py), and an object that hangs every time becomes a ``worker_lost`` failure after
+        # MAX_REDELIVERIES. After a write's Redis retries (half the timeout), before the broker's own redelivery.
+        "task_time_limit": time_limit_s(settings),
+        "task_acks_on_timeout": False,
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
         "broker_heartbeat": 0,
     }
+
+
+def time_limit_s(settings: Settings) -> int:
+    """How long a batch may run before its pool process is killed and the batch goes back to the queue."""
+    return settings.visibility_timeout_s * 3 // 4

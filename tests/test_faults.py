@@ -272,6 +272,44 @@ def test_a_worker_that_cannot_load_its_model_takes_no_task(stack: Stack, s3: Any
     record_outcome("worker_without_its_model", outcome)
 
 
+def test_a_batch_that_hangs_is_killed_at_its_time_limit_and_handed_back(stack: Stack, s3: Any, api: httpx.Client,
+                                                                          unique_prefix: str) -> None:
+    """A pool process stuck in a batch while its worker's main process beats on (a decoder that never returns, a
+    wedged model call; here a frozen pool process, with no supervisor to see it) held its batch and its slot for
+    good: the broker handed the batch to the other pool process at the visibility timeout, and the stuck one stayed.
+    Celery's hard time limit, 3/4 of VISIBILITY_TIMEOUT_S (45 s for this worker's 60 s, the least allowed; 450 s
+    by default), kills it, the worker starts another pool process, and the batch goes back to the queue."""
+    bodies = image_set(unique_prefix, 40)
+    recorder = StreamRecorder(stack, unique_prefix)
+    recorder.start()
+    with supervisor_paused(stack):
+        stack.stop_service("worker")
+        worker = start_worker(stack, "worker-time-limit.log", BUCKETLENS_VISIBILITY_TIMEOUT_S="60")
+        frozen: int | None = None
+        try:
+            uploader = Uploader(stack, bodies, RATE)
+            uploader.start()
+            frozen = int(busy_worker(stack, api, timeout_s=180)["pid"])  # (the new worker loads its model first)
+            pool = len(children(worker.pid))
+            os.kill(frozen, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            uploader.finish()
+            outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
+            seconds = time.monotonic() - frozen_at
+            wait_for(lambda: frozen not in children(worker.pid) and len(children(worker.pid)) == pool, 30,
+                     what="the frozen pool process killed and another in its place")
+        finally:
+            if frozen is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(frozen, signal.SIGCONT)
+            stop_worker(worker)
+    recorder.stop()
+    log = (stack.home / "logs" / "worker-time-limit.log").read_text()
+    assert "Hard time limit (45" in log, log[-3000:]
+    assert not failures_under(api, stack.settings.bucket, unique_prefix)
+    record_outcome("batch_past_its_time_limit", {**outcome, "seconds_freeze_to_all_indexed": round(seconds)})
+
+
 # -- 2. one of two workers killed -----------------------------------------------------------------------------
 
 def test_one_of_two_workers_killed_the_other_finishes(

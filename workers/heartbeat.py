@@ -178,7 +178,7 @@ class Deliveries(Beacon):
 
     Celery's main process receives, acknowledges and requeues every task; when it dies, whatever it held stays in
     kombu's ``unacked`` hash until someone restores it. Beating the tags lets the index service tell those from
-    the tasks of a live worker, however long a live batch runs.
+    the tasks of a live worker, however long a live batch runs (up to its time limit: celery_config.py).
     """
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
