@@ -416,6 +416,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                   + (f" ({why_failed(rebuild)})" if rebuild and rebuild["state"] == "failed" and rebuild["error"]
                      else "")
                   + ("" if index["ready"] else f"; not ready: {index['reason'] or 'no reason given'}"))
+        elif not status["processes"].get("api"):  # (it said "frozen, starting or failing" after a `down`: review 79)
+            print(f"index: no answer from {stack.writer_url()}: the index service is not running (`bucketlens up` "
+                  "starts it)")
         else:  # (the line was left out: a frozen index service looked like a healthy one: review 73)
             print(f"index: no answer from {stack.writer_url()} (frozen, starting or failing: "
                   f"{stack.home / 'logs' / 'api.log'} may say)")
@@ -485,8 +488,10 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
         print(f"note: keys under {args.prefix!r} have a leading '/' or a '.' or '..' segment: searches find them, but "
               "their presigned URLs do not open in browsers (README, \"HTTP API\"; the web page shows /preview)")
     if not files:
+        left = [counted(n, what) for n, what in ((skipped, "other file"), (hidden, "hidden file")) if n]
         raise CLIError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(map(str, args.paths))}"
-                       + (f" ({hidden} hidden files left out: --hidden takes them)" if hidden else ""))
+                       + (f" ({' and '.join(left)} left out{': --hidden takes them' if hidden else ''})"
+                          if left else ""))
     bucket = args.bucket or settings.bucket
     _say_defaults("S3")
     s3 = make_client(settings)
@@ -512,7 +517,9 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
         s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type}, Config=whole)
 
     try:
-        with ThreadPoolExecutor(max_workers=8) as pool, tqdm(total=len(files), unit="img", desc="upload") as bar:
+        bar = tqdm(total=len(files), unit="img", desc="upload", disable=None)  # (None: only at a terminal: its
+        # frames filled a log kept with `2>log`, review 79)
+        with ThreadPoolExecutor(max_workers=8) as pool, bar:
             for _ in pool.map(put, files.items()):
                 bar.update()
     except (Boto3Error, BotoCoreError, ClientError) as exc:
@@ -526,7 +533,24 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
              if skipped else "")
           + (f"; {counted(hidden, 'hidden file')} left out (names starting with '.', @eaDir; --hidden takes them)"
              if hidden else ""))
+    if bucket != settings.bucket and not _notifies_the_stack(settings, bucket):  # (said "uploaded", and nothing was
+        # ever indexed: review 79)
+        print(f"note: bucket {bucket!r} does not notify this stack, so its objects are not indexed: `bucketlens "
+              f"reconcile --bucket {bucket}` indexes what it holds now")
     return 0
+
+
+def _notifies_the_stack(settings: Settings, bucket: str) -> bool:
+    """Whether ``bucket`` notifies the local stack set up here; True without one (another S3 server's notifications
+    are not ours to see) and when S3 cannot say."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if not (Path(settings.home) / "stack.json").exists():
+        return True
+    try:
+        return bool(_stack(settings).notified(5, bucket))
+    except (BotoCoreError, ClientError):
+        return True
 
 
 HIDDEN_FOLDERS = {"@eaDir"}  # Synology's thumbnails beside each photo
@@ -744,12 +768,18 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
+    if args.key is not None and not all(args.key):  # (the server's answer named its field, `keys`: review 79)
+        raise CLIError("--key must not be empty (leave it out to select every record)")
     selection = {name: value for name, value in (("reason", args.reason), ("bucket", args.bucket))
                  if value is not None}  # (an empty one is the server's 400, not "every record")
     if args.retry or args.clear:
         if args.clear and not selection and args.key is None and sys.stdin.isatty():  # (every record went, unasked:
             # review 31; a script, not at a terminal, clears them as before)
-            answer = input("clear every failure record (they say which objects could not be indexed)? [y/N] ")
+            try:
+                answer = input("clear every failure record (they say which objects could not be indexed)? [y/N] ")
+            except EOFError:  # (Ctrl-D: a traceback, review 79) no
+                answer = ""
+                print()
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing cleared (--reason, --bucket or --key choose some)")
                 return 1
@@ -909,7 +939,8 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     url = f"{writer}/rebuild/{job['id']}"
     try:
-        with tqdm(total=job["total"] or None, unit="obj", desc=job["mode"]) as bar:  # (none while it lists: 0/1)
+        with tqdm(total=job["total"] or None, unit="obj", desc=job["mode"],  # (no total while it lists: 0/1)
+                  disable=None) as bar:  # (only at a terminal, as `upload`'s)
             while job["state"] == "running":
                 time.sleep(1)
                 job = _rebuild_state(url, job, headers)

@@ -18,6 +18,7 @@ from bucketlens.redis_client import text
 from bucketlens.settings import Settings
 
 log = logging.getLogger(__name__)
+RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 
 
 class Canary:

@@ -37,7 +37,7 @@ from bucketlens.schemas import json_object
 from bucketlens.settings import Settings, reach
 
 from . import milvus
-from .canary import Canary
+from .canary import RESTART_GRACE_S, Canary
 from .liveness import ceph_daemon
 from .notifications import ensure_bucket, ensure_notifications, follow_endpoint, notified
 from .ports import free_port, lease, port_in_use
@@ -104,6 +104,10 @@ class StackConfig:
         """The ports chosen, by server (``status --json``'s ``ports``); replicas' are ``replica_ports``."""
         return {name.removesuffix("_port"): port for name, port in dataclasses.asdict(self).items()
                 if name.endswith("_port") and port}
+
+
+REQUIRED_FIELDS = {field.name for field in dataclasses.fields(StackConfig)
+                   if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING}
 
 
 class Stack:
@@ -204,23 +208,48 @@ class Stack:
     def _load_or_create_config(self) -> StackConfig:
         path = self.home / "stack.json"
         if path.exists():
-            try:  # (the CLI tells users to edit it: a typo was blamed on the server, a wrong field a traceback)
-                return StackConfig(**json.loads(path.read_text()))
-            except (ValueError, TypeError) as exc:
-                raise StackError(f"{path} is not a stack file this version reads ({exc}): fix it, or move it away "
-                                 "for a new one") from exc
+            given = self._stack_file(path)
+            if given.keys() >= REQUIRED_FIELDS:
+                return StackConfig(**given)
+            # Written by hand before the first `up`, with the ports to take (it said "StackConfig.__init__() missing
+            # 2 required positional arguments": review 79): the rest is chosen as a first `up` chooses it.
+            config = StackConfig(**{**dataclasses.asdict(self._choose(given)), **given})
+            self._save_config(config)
+            return config
         self.home.mkdir(parents=True, exist_ok=True)
-        chosen = functools.partial(free_port, by=str(self.home))
-        config = StackConfig(
-            redis_port=chosen(6390), s3_port=chosen(7480), mon_port=chosen(3300),
-            ingest_port=chosen(self.base.ingest_port), api_port=chosen(self.base.api_port),
-            webhook_token=secrets.token_urlsafe(24), admin_token=secrets.token_urlsafe(24),
-        )
+        config = self._choose({})
         # Two first `up`s at once each chose ports and wrote them, and the one that waited for the other's lock
         # started on the ports the file no longer named (review 59): the first file made stands, the other reads it.
         if not _create_private(path, json.dumps(dataclasses.asdict(config), indent=2)):
             return self._load_or_create_config()
         return config
+
+    @staticmethod
+    def _stack_file(path: Path) -> dict[str, Any]:
+        """``stack.json``'s fields, checked (the CLI tells users to edit it: a typo was blamed on the server, a wrong
+        field a traceback)."""
+        def unread(why: str) -> StackError:
+            return StackError(f"{path} is not a stack file this version reads ({why}): fix it, or move it away for "
+                              "a new one")
+
+        try:
+            given = json.loads(path.read_text())
+        except ValueError as exc:
+            raise unread(f"not JSON: {exc}") from exc
+        if not isinstance(given, dict):
+            raise unread("not a JSON object")
+        fields = [field.name for field in dataclasses.fields(StackConfig)]
+        if unknown := sorted(given.keys() - set(fields)):
+            raise unread(f"unknown fields {', '.join(unknown)}; it takes {', '.join(fields)}")
+        return given
+
+    def _choose(self, given: dict[str, Any]) -> StackConfig:
+        """A new stack's ports (those ``given`` are kept from the choice) and tokens."""
+        chosen = functools.partial(free_port, by=str(self.home))
+        preferred = {"redis_port": 6390, "s3_port": 7480, "mon_port": 3300, "ingest_port": self.base.ingest_port,
+                     "api_port": self.base.api_port}
+        ports: dict[str, Any] = {name: given.get(name) or chosen(port) for name, port in preferred.items()}
+        return StackConfig(**ports, webhook_token=secrets.token_urlsafe(24), admin_token=secrets.token_urlsafe(24))
 
     def _save_config(self, config: StackConfig) -> None:
         _write_private(self.home / "stack.json", json.dumps(dataclasses.asdict(config), indent=2))
@@ -248,11 +277,12 @@ class Stack:
         token = quote(self.settings.webhook_token, safe="")  # a token of the user's may hold "+", "&" or "#"
         return f"{self.ingest_url}/events?token={token}"
 
-    def notified(self, timeout_s: float) -> bool:
-        """Whether the bucket still notifies this stack's ingest (``notifications.notified``; each call within
-        ``timeout_s``, tried once)."""
+    def notified(self, timeout_s: float, bucket: str | None = None) -> bool:
+        """Whether the bucket (``bucket``, or the stack's) still notifies this stack's ingest
+        (``notifications.notified``; each call within ``timeout_s``, tried once)."""
         s3 = make_client(self.settings, read_timeout=timeout_s, attempts=1)
-        return notified(self.settings, s3, self.push_endpoint(), timeout_s)
+        settings = dataclasses.replace(self.settings, bucket=bucket or self.settings.bucket)
+        return notified(settings, s3, self.push_endpoint(), timeout_s)
 
     def notify(self) -> None:
         """The bucket and its notification to this stack's ingest, made again as `up` makes them (someone removed
@@ -311,11 +341,8 @@ class Stack:
                 print(f"the notifications of {', '.join(followed)} (set up under an earlier BUCKETLENS_BUCKET) now "
                       "push to this ingest's address and token too", file=sys.stderr)
                 dropped = True
-        if self.pid("supervisor") is None:  # (a running one writes the canaries: one writer at a time)
-            try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
-                Canary(self.settings, s3, connect(self.settings.redis_url)).wait(90)
-            except TimeoutError as exc:
-                raise StackError(f"{exc}; see {self.home / 'logs'}") from exc
+        stalled = self.pid("supervisor") is None and not self._delivers(s3)  # (a running supervisor writes the
+        # canaries, and heals a stall itself: one writer at a time)
         for name, url in self.replica_urls.items():
             self._wait_http(url + "/readyz", name, 300)
         if dropped:  # (a changed webhook token or ingest port): uploads while the stack was down went with them
@@ -323,7 +350,28 @@ class Stack:
                             "dropped")
         elif unheard:
             self._reconcile(f"bucket {self.settings.bucket} holds objects it never told this stack of")
+        elif stalled:
+            self._reconcile("the bucket's notifications had stalled, and the uploads they held back were not told")
         self.start_service("supervisor")  # after the start-up canary: one canary writer at a time
+
+    def _delivers(self, s3: Any) -> bool:
+        """Whether a test upload's notification reaches ingest; False when it did only once radosgw was restarted. A
+        topic whose endpoint refused connections for 10 s or more (an upload while ingest was down) stays stalled
+        until then: `up` failed on it, every time, and never started the supervisor that heals it (review 79)."""
+        canary = Canary(self.settings, s3, connect(self.settings.redis_url))
+        try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
+            canary.wait(90)
+            return True
+        except TimeoutError as exc:
+            print(f"{exc}: the bucket's notifications have stalled (an upload came while ingest was down?); "
+                  "restarting the S3 server's gateway", file=sys.stderr)
+        self.stop_s3()
+        self.start_s3()
+        try:  # (its persistent queues resume within ~30 s of the restart)
+            canary.wait(90 + RESTART_GRACE_S)
+        except TimeoutError as exc:
+            raise StackError(f"{exc}, after a restart of radosgw too; see {self.home / 'logs'}") from exc
+        return False
 
     @contextlib.contextmanager
     def _s3_answers(self) -> Iterator[None]:

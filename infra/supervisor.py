@@ -47,7 +47,7 @@ from bucketlens.redis_client import connect, probe
 from bucketlens.s3 import error_code, make_client
 
 from . import milvus
-from .canary import Canary
+from .canary import RESTART_GRACE_S, Canary
 from .liveness import PROBE_EVERY_S, Liveness, Probe, ceph_daemon, serves
 from .milvus import log_tail
 from .procfs import children
@@ -59,7 +59,6 @@ SERVERS = {"redis": "redis", "s3": "ceph", "milvus": "milvus"}  # the servers th
 LOGS = {"s3": "ceph-script.log"}  # where a server's start writes, where not logs/<name>.log
 RESTARTED = {"redis": " (its append-only file brings back what it held)",  # said with a restart
              "milvus": " (the index service waits and resumes merging)"}
-RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 STABLE_S = 120.0  # a restarted service that ran this long is well again
 MAX_BACKOFF_S = 600.0
 CHECK_TIMEOUT_S = 5.0  # the supervisor's own Redis and S3 calls

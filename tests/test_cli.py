@@ -36,6 +36,7 @@ from bucketlens.cli import (
     reconcile_summary,
     upload_plan,
 )
+from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
 from infra.notifications import ensure_bucket, remove_notifications
 from infra.stack import Stack, _kill_session, _pid_record, code_version, free_port, session_members
@@ -389,6 +390,8 @@ def test_clearing_or_retrying_a_selection_that_matches_nothing_says_so(api: Fake
     assert capsys.readouterr().out == ("0 failure records\nno failure record has reason 'corupt': "
                                        "`bucketlens failures` lists them\n")
     assert main(["failures"]) == 0 and capsys.readouterr().out == "0 failure records\n"
+    assert main(["failures", "--clear", "--key", ""]) == 1  # (the server's answer named its field, `keys`)
+    one_error_line(capsys, "--key must not be empty (leave it out to select every record)")
 
 
 def test_the_failures_listing_says_how_many_tries_an_object_took(api: FakeAPI,
@@ -411,11 +414,19 @@ def test_clearing_every_failure_record_at_a_terminal_asks_first(api: FakeAPI, mo
     """`failures --clear` with no selection deleted every record without a word (review 31); a script, not at a
     terminal, is not asked."""
     api.answers[("DELETE", "/failures")] = (200, {"cleared": 5})
-    answers = iter(["", "y"])
-    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    answers = iter(["", EOFError, "y"])  # Enter, Ctrl-D (a traceback: review 79), y
+
+    def answer(prompt: str) -> str:
+        given = next(answers)
+        if given is EOFError:
+            raise EOFError
+        return str(given)
+
+    monkeypatch.setattr("builtins.input", answer)
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
-    assert main(["failures", "--clear"]) == 1 and not api.requests
-    assert "nothing cleared" in capsys.readouterr().out
+    for _ in range(2):
+        assert main(["failures", "--clear"]) == 1 and not api.requests
+        assert "nothing cleared" in capsys.readouterr().out
     assert main(["failures", "--clear"]) == 0 and capsys.readouterr().out == "cleared 5 failure records\n"
     monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
     assert main(["failures", "--clear"]) == 0 and len(api.requests) == 2
@@ -541,8 +552,8 @@ def test_a_client_command_without_a_stack_says_which_addresses_it_uses(
     assert main(["search"]) == 1 and "note:" not in capsys.readouterr().err
 
 
-def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                           ) -> None:
+def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # A local stack whose index service is the stand-in (nothing else of it runs).
     (tmp_path / "stack.json").write_text(json.dumps({
         "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
@@ -587,10 +598,21 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     api.server.shutdown()  # no index service: the stack's state alone, index null
     assert main(["status", "--json"]) == NOT_RUNNING
     assert json.loads(capsys.readouterr().out)["index"] is None
-    assert main(["status"]) == NOT_RUNNING  # (the line was left out: a frozen index service looked like a live one)
+    assert main(["status"]) == NOT_RUNNING  # (after a `down` it said "frozen, starting or failing": review 79)
+    out = capsys.readouterr().out
+    assert (f"index: no answer from http://127.0.0.1:{api.port}: the index service is not running (`bucketlens up` "
+            "starts it)\n") in out, out
+    assert "work:" not in out, out
+    real = Stack.status  # its process runs: the line was left out, and a frozen index service looked like a live one
+
+    def api_runs(self: Stack, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        found = real(self, *args, **kwargs)
+        return {**found, "processes": {**found["processes"], "api": True}}
+
+    monkeypatch.setattr(Stack, "status", api_runs)
+    assert main(["status"]) == NOT_RUNNING
     out = capsys.readouterr().out
     assert f"index: no answer from http://127.0.0.1:{api.port} (frozen, starting or failing: " in out, out
-    assert "work:" not in out, out
     assert main(["rebuild", "--cancel"]) == 1  # it said "no rebuild is running"
     one_error_line(capsys, "no answer from the index service at", "cannot tell which rebuild runs")
 
@@ -607,6 +629,21 @@ def test_a_stack_file_edited_wrong_is_one_line_naming_it(tmp_path: Path, monkeyp
     with pytest.raises(SystemExit, match="2"):  # argparse's own refusal: it was a traceback
         main(["queues", "--watch", "--interval", "inf"])
     assert "must be a finite number, not inf" in capsys.readouterr().err
+
+
+def test_a_stack_file_written_with_ports_alone_gets_the_rest_chosen(tmp_path: Path) -> None:
+    """Ports chosen by hand before the first `up` were refused with "StackConfig.__init__() missing 2 required
+    positional arguments" (review 79): the tokens are made as a first `up` makes them, and kept."""
+    ports = {"redis_port": free_port(), "s3_port": free_port(), "mon_port": free_port(), "ingest_port": free_port(),
+             "api_port": free_port()}
+    (tmp_path / "stack.json").write_text(json.dumps(ports))
+    config = Stack(Settings(home=tmp_path)).config
+    assert {name: getattr(config, name) for name in ports} == ports
+    assert len(config.webhook_token) >= 24 and len(config.admin_token) >= 24
+    assert Stack(Settings(home=tmp_path)).config == config  # (written back: the same tokens at the next start)
+    assert (tmp_path / "stack.json").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "stack.json").write_text(json.dumps({"redis_port": ports["redis_port"]}))  # one port: others chosen
+    assert Stack(Settings(home=tmp_path)).config.redis_port == ports["redis_port"]
 
 
 @pytest.mark.parametrize("first", ["down", "frozen"])
@@ -793,7 +830,11 @@ def test_upload_leaves_out_macos_metadata_and_hidden_files_unless_asked(
     assert sorted(upload_plan([tmp_path / ".c.jpg"], "")[0]) == [".c.jpg"]
     monkeypatch.setenv("BUCKETLENS_HOME", str(tmp_path / "no-stack"))
     assert main(["upload", str(tmp_path / "sub")]) == 1  # (only a hidden folder's image below it)
-    one_error_line(capsys, "no images", "(1 hidden files left out: --hidden takes them)")
+    one_error_line(capsys, "no images", "(1 hidden file left out: --hidden takes them)")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("not an image")
+    assert main(["upload", str(tmp_path / "texts")]) == 1  # (it did not count what it left out: review 79)
+    one_error_line(capsys, "no images", "(1 other file left out)")
 
 
 def test_upload_goes_through_linked_folders_once_and_counts_broken_links(tmp_path: Path) -> None:
@@ -829,8 +870,20 @@ def test_upload_takes_phone_photos_counts_what_it_left_and_says_a_missing_bucket
     assert stack.home.stat().st_mode & 0o777 == 0o700  # the OSD's block file holds every image: owner only
     capsys.readouterr()
     assert main(["upload", str(tmp_path), "--prefix", unique_prefix, "--bucket", stack.settings.bucket]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert f"uploaded 2 images to s3://{stack.settings.bucket}/{unique_prefix}; 1 other file left out" in out, out
+    assert "\r" not in err and "note:" not in out, (out, err)  # (not a terminal: no progress bar frames, review 79)
+    # Another bucket, which does not notify the stack: said uploaded, and never indexed, without a word (review 79)
+    other = f"other-{unique_prefix.strip('/').lower()}"
+    s3 = make_client(stack.settings)
+    s3.create_bucket(Bucket=other)
+    try:
+        assert main(["upload", str(tmp_path / "camera.jpg"), "--bucket", other]) == 0
+        assert (f"note: bucket {other!r} does not notify this stack, so its objects are not indexed: `bucketlens "
+                f"reconcile --bucket {other}` indexes what it holds now") in capsys.readouterr().out
+    finally:
+        s3.delete_object(Bucket=other, Key="camera.jpg")
+        s3.delete_bucket(Bucket=other)
     assert main(["upload", str(tmp_path), "--bucket", "no-such-bucket-here"]) == 1  # was a traceback
     one_error_line(capsys, "bucketlens upload: no bucket 'no-such-bucket-here' at http://127.0.0.1:",
                    f"(the stack's is {stack.settings.bucket!r}: leave out --bucket); create it with your S3 tools")

@@ -714,6 +714,33 @@ def test_receiver_down_stalls_the_topic_and_the_watchdog_heals_it(
                                          "seconds_receiver_up_to_all_indexed": round(time.monotonic() - up_at)})
 
 
+def test_up_heals_a_topic_that_stalled_while_the_supervisor_was_down(stack: Stack, s3: Any, api: httpx.Client,
+                                                                     unique_prefix: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Review 79: with the supervisor and ingest stopped, uploads stalled Ceph 16's topic; `up` waited 90 s for its
+    test upload, failed, and never started the supervisor that heals a stall: again at every `up`, the uploads never
+    indexed. `up` restarts radosgw itself now, and reconciles what the stall held back."""
+    bodies = image_set(unique_prefix, 6)
+    try:
+        stack.stop_service("supervisor")
+        stack.stop_service("ingest")
+        for key, body in bodies.items():
+            s3.put_object(Bucket=stack.settings.bucket, Key=key, Body=body)
+        time.sleep(30)  # Ceph 16 stops delivering a topic whose endpoint refused connections for >= 10 s
+        radosgw = stack.ceph_pid("client.rgw.a")
+        started = time.monotonic()
+        stack.up()
+        took = time.monotonic() - started
+        said = capsys.readouterr().err
+        assert stack.pid("supervisor") is not None
+        outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, timeout_s=120)
+    finally:
+        restore(stack)
+    healed = stack.ceph_pid("client.rgw.a") != radosgw
+    assert healed == ("restarting the S3 server's gateway" in said) == ("reconciling" in said), said
+    record_outcome("up_after_a_stall", {**outcome, "radosgw_restarted_by_up": healed, "seconds_up": round(took)})
+
+
 def test_a_removed_bucket_notification_is_made_again_not_healed_by_restarting_radosgw(
     stack: Stack, s3: Any, api: httpx.Client, unique_prefix: str
 ) -> None:

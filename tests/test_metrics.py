@@ -136,6 +136,7 @@ def test_each_app_has_its_own_registry_and_an_empty_namespace_reads_zero(stack: 
     first.search_seconds.labels("image").observe(0.02)
     one, two = parse(first.render()), parse(second.render())
     assert one["bucketlens_search_seconds_count[('by', 'image')]"] == 1
+    assert not any("_created" in name for name in one), one  # (a series README's table lacked: review 79)
     assert not any(name.startswith("bucketlens_search_seconds") for name in two)
     assert one["bucketlens_redis_up[]"] == 1 and one["bucketlens_embeddings_total[]"] == 0
     assert all(v == 0 for k, v in one.items() if k.startswith("bucketlens_queue_depth"))

@@ -26,9 +26,10 @@ from botocore.exceptions import ClientError
 from bucketlens.settings import Settings
 from infra import liveness as liveness_module
 from infra import supervisor as supervisor_module
+from infra.canary import RESTART_GRACE_S
 from infra.liveness import Liveness, Watch, ceph_daemon, serves
 from infra.stack import Stack, StackError, _live_pid, _pid_record
-from infra.supervisor import MAX_BACKOFF_S, RESTART_GRACE_S, SERVERS, STABLE_S, Supervisor
+from infra.supervisor import MAX_BACKOFF_S, SERVERS, STABLE_S, Supervisor
 
 from .helpers import wait_for
 
