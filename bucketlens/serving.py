@@ -9,8 +9,8 @@ extensions, trailers: bytes httptools keeps or drops, never hands on as body) ou
 the body's own size: a trailer streamed for good grew the server as a header did (review 77). A body must arrive at
 ``MIN_BODY_RATE`` bytes a second on average, after ``HEAD_TIMEOUT_S`` of grace, or it is answered 408 and closed:
 one that trickled in held its connection for as long as the client cared to send (review 70 left it to a proxy).
-How much a body may hold is each route's (``read_limited``). A server exposed beyond this host still belongs behind
-a proxy (README, "Security")."""
+How much a body may hold is each route's (``http.bounded``, ``read_limited``). A server exposed beyond this host
+still belongs behind a proxy (README, "Security")."""
 
 from __future__ import annotations
 

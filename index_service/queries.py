@@ -21,9 +21,8 @@ from typing import Any, Iterable
 import numpy as np
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import ClientDisconnect, Request
-from starlette.types import Message
 
-from bucketlens.http import HTTPError, json_object, only, read_limited
+from bucketlens.http import HTTPError, bounded, json_object, only, read_limited
 
 from . import filters
 
@@ -68,11 +67,9 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
     fields: dict[str, Any] = _typed(request.query_params.multi_items())
     query = SearchQuery()
     if content_type.startswith("multipart/form-data"):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise too_large(max_bytes)
+        body = bounded(request, max_bytes + FORM_SLACK, lambda: too_large(max_bytes))  # (the image: ``_image``)
         try:
-            form = await _bounded(request, max_bytes + FORM_SLACK).form(max_files=1, max_fields=10)
+            form = await body.form(max_files=1, max_fields=10)
         except (HTTPError, ClientDisconnect):  # (a client gone is said as such: bucketlens/http.py)
             raise
         except Exception as exc:
@@ -119,22 +116,6 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
 JSON_LIMIT = 64 * 1024  # bytes of a JSON search beside its vector (filters, text, options), as other JSON bodies
 JSON_PER_NUMBER = 64  # bytes a vector's number may take, written out in full and indented
 FORM_SLACK = 1 << 20  # bytes of a multipart body beside its image: boundaries, headers, the other fields
-
-
-def _bounded(request: Request, limit: int) -> Request:
-    """``request`` whose body refuses (413) past ``limit`` bytes as it arrives: a chunked upload (no Content-Length)
-    was spooled to disk whole before its size was judged (200 MB of disk for one request, in a security check)."""
-    received = 0
-
-    async def receive() -> Message:
-        nonlocal received
-        message = await request.receive()
-        received += len(message.get("body", b""))
-        if received > limit:
-            raise too_large(limit - FORM_SLACK)
-        return message
-
-    return Request(request.scope, receive)
 
 
 async def _image(form: FormData, max_bytes: int) -> bytes:
@@ -214,6 +195,9 @@ def decimal(text: str, name: str) -> int:
 
 
 def _query_from_json(query: SearchQuery, payload: dict[str, Any], dim: int) -> None:
+    # JSON null is the default for a query member too: a client that sends every member, null for those it does
+    # not use, was told `ambiguous_query` (review 79)
+    payload = {name: value for name, value in payload.items() if not (name in QUERIES and value is None)}
     _one_query([name for name in QUERIES if name in payload])
     if "vector" in payload:
         raw = payload["vector"]

@@ -635,6 +635,26 @@ def test_an_empty_option_or_filter_is_refused_not_read_as_absent(parser: TestCli
     assert fine.status_code == 200 and fine.json()["filter"]["modified_after"] is None, fine.text
 
 
+def test_an_image_of_the_limit_is_taken_whatever_its_form_adds(parser: TestClient) -> None:
+    """The multipart body's declared length was held to the image's limit, boundaries and headers included: an image
+    of the limit itself was refused as too large, and taken when sent chunked. The image is what is held to it."""
+    assert parser.post("/search", files={"image": ("q.jpg", b"x" * (1 << 20), "image/jpeg")}).json()["kind"] == "image"
+    status, code, message = error(parser.post("/search", files={"image": ("q.jpg", b"x" * ((1 << 20) + 1),
+                                                                          "image/jpeg")}))
+    assert (status, code) == (413, "too_large") and "upload exceeds 1048576 bytes" in message, message
+
+
+def test_a_null_query_member_is_not_given(parser: TestClient) -> None:
+    """A client that sends every member, null for those it does not use, was told `ambiguous_query` (review 79):
+    JSON null is the default for a query member too. With only nulls, there is no query."""
+    every = {"key": None, "vector": None, "vector_b64": None, "text": None}
+    assert parser.post("/search", json={**every, "text": "dog"}).json()["kind"] == "text"
+    assert parser.post("/search", json={**every, "vector": [1.0] * DIM}).json()["kind"] == "vector"
+    found = parser.post("/search", json={**every, "key": "a.jpg", "bucket": None}).json()
+    assert (found["kind"], found["key"]) == ("key", "a.jpg"), found
+    assert error(parser.post("/search", json=every))[:2] == (400, "empty_query")
+
+
 def test_unknown_fields_are_named_with_the_accepted_ones(parser: TestClient) -> None:
     status, code, message = error(parser.post("/search", json={"text": "cat", "prefx": "a/"}))
     assert (status, code) == (400, "unknown_field") and "'prefx'" in message and "prefix" in message
