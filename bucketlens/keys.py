@@ -48,7 +48,8 @@ class Keys:
 
     @property
     def pending(self) -> str:
-        """Hash: object id -> JSON {etag, order} for events seen whose vector is not merged yet."""
+        """Hash: object id -> JSON {etag, order, queued, event_time} for events seen whose vector is not merged yet
+        (``records.Records.mark_pending``)."""
         return f"{self.namespace}:pending"
 
     def dedup(self, digest: str) -> str:

@@ -45,7 +45,7 @@ class Settings:
     reserved_prefix: str = "_bucketlens/"  # never indexed: canaries, snapshots kept in the bucket
     webhook_token: str = ""  # required on POST /events when set
     sns_hosts: str = ""  # hosts besides Amazon SNS's whose SubscribeURL ingest visits (comma-separated)
-    admin_token: str = ""  # required on rebuild and failure retry/clear
+    admin_token: str = ""  # required on rebuild, reconcile and failure retry/clear
     read_token: str = ""  # when set, required on search, objects and the page
     ingest_host: str = "127.0.0.1"
     ingest_port: int = 7401
@@ -57,7 +57,7 @@ class Settings:
     batch_window_ms: int = 50  # ingest groups events arriving within this window into one task
     batch_size: int = 32  # most object references per task
     ingest_max_memory_fraction: float = 0.9  # ingest answers 503 above this share of Redis's maxmemory
-    dedup_ttl_s: int = 3600  # how long a (bucket, key, etag, sequencer) is remembered as seen
+    dedup_ttl_s: int = 3600  # how long an event (ingest/receiver.py, ``_digest``) is remembered as seen
     wordnet: Path = Path("/usr/share/wordnet")  # WordNet 3.0 (Debian's wordnet-base), for text queries
     model: str = DEFAULT_MODEL  # a recipe of vision/models.py
     device: str = "auto"  # auto | cpu | cuda

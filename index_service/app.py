@@ -528,9 +528,15 @@ def _preview(service: Service, bucket: str, key: str, wanted: str | None) -> tup
     except TransientError as exc:
         raise HTTPError(503, "s3_unavailable", str(exc)) from exc
     except PermanentError as exc:
-        if exc.reason == "access_denied":
-            raise HTTPError(502, "s3_refused", str(exc)) from exc
-        raise HTTPError(413 if exc.reason in ("too_large", "too_many_pixels") else 415, exc.reason, str(exc)) from exc
+        raise refused(exc) from exc
+
+
+def refused(exc: PermanentError) -> HTTPError:
+    """What an object or image that cannot be read answers: 502 where S3 refused the index service's keys, 413 over a
+    limit, 415 for what is no image or a broken one."""
+    if exc.reason == "access_denied":
+        return HTTPError(502, "s3_refused", str(exc))
+    return HTTPError(413 if exc.reason in ("too_large", "too_many_pixels") else 415, exc.reason, str(exc))
 
 
 def _describe_bounded(decoding: threading.BoundedSemaphore, *args: Any) -> tuple[Any, list[local_features.Features]]:
@@ -545,8 +551,7 @@ def _describe_image(embedder: Embedder, data: bytes, max_pixels: int, verify: bo
     try:
         image = decode_for(embedder.recipe, data, max_pixels, local=verify)
     except PermanentError as exc:
-        status = 413 if exc.reason == "too_many_pixels" else 415
-        raise HTTPError(status, exc.reason, str(exc)) from exc
+        raise refused(exc) from exc
     vector = embedder.embed(image.pixels[None])[0]
     if image.gray is None:
         return vector, []

@@ -199,7 +199,7 @@ def retry_passing(client: redis.Redis, keys: Keys, publisher: Publisher, s3_answ
     if taken:
         record = next(iter(taken.values()))[1]
         log.warning("sent %d failed objects to the workers again: S3 was away or slow for them, and answers now "
-                    "(e.g. %r: %s)", len(taken), f"{record['bucket']}/{record['key']}", record["reason"])
+                    "(e.g. %r: %s)", len(taken), object_id(record["bucket"], record["key"]), record["reason"])
     return len(taken)
 
 

@@ -12,13 +12,9 @@ the order rule puts the newer versions back; what a checkpoint trimmed meanwhile
 
 from __future__ import annotations
 
-import logging
-
 import redis
 
 from bucketlens.redis_client import text
-
-log = logging.getLogger(__name__)
 
 # KEYS[1] the lease, ARGV[1] the holder, ARGV[2] the TTL in ms: extend it if we hold it.
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"

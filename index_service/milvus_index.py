@@ -651,7 +651,7 @@ def _distinct(hits: list[tuple[Indexed, float]]) -> list[tuple[Indexed, float]]:
 
 
 def _indexed(row: dict[str, Any]) -> Indexed:
-    oid = f"{row['bucket']}/{row['key']}"
+    oid = object_id(row["bucket"], row["key"])
     return Indexed(row["bucket"], row["key"], row["etag"], row["sequencer"], int(row["order"]), int(row["generation"]),
                    int(row["pixels"]), decode_labels(oid, row["labels"]), float(row["modified"]))
 

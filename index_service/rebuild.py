@@ -32,7 +32,7 @@ from vision.models import recipe
 from vision.network import weights_path
 
 from .backend import restructure_into, upsert_of
-from .failures import clear_held
+from .failures import RETRIED_BY_ITSELF, clear_held
 from .orphans import drop_settled, quiet
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ SAVE_EVERY_S = 1.0  # a running job's progress is written to Redis at most this 
 # Failures a later attempt can mend (S3 away or slow; a model call that raised: a model no worker runs, CUDA out of
 # memory): a listed object the serving generation holds waits for one (``_failed_passing``), up to PASSING_ROUNDS
 # attempts that failed, then the job fails. Refused access and a worker dying on the object do not pass: settled.
-PASSING = frozenset({"unreachable", "fetch_timeout", "internal"})
+PASSING = RETRIED_BY_ITSELF | {"internal"}
 PASSING_ROUNDS = 3
 # Distinct listed objects failed ``internal`` with none embedded in the new generation: the workers cannot run its
 # model, and the job fails then (``_model_fails``) rather than after PASSING_ROUNDS passes over the whole listing.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Iterable
 
@@ -16,8 +15,6 @@ from bucketlens.schemas import ObjectRef, ResultEntry
 from bucketlens.settings import Settings
 
 from .errors import NoGeneration
-
-log = logging.getLogger(__name__)
 
 
 class Publisher:
@@ -54,7 +51,7 @@ class Publisher:
             pipe = self.redis.pipeline(transaction=False)
             self.records.mark_pending(pipe, refs[start : start + 1000], queued)  # (a resent ref keeps its time)
             pipe.execute()
-        size = max(1, self.settings.batch_size)
+        size = self.settings.batch_size  # (at least 1: settings.py)
         tasks = 0
         for start in range(0, len(refs), size):
             chunk = [ref.to_json() for ref in refs[start : start + size]]

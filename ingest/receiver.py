@@ -77,7 +77,7 @@ class Receiver:
         await run_in_threadpool(self.publisher.send_embeds, refs)
 
     def _unseen(self, events: list[ObjectEvent]) -> tuple[list[ObjectEvent], int]:
-        """Events not queued before (by bucket, key, etag, sequencer), each once however often the body repeats it;
+        """Events not queued before (the same event: ``_digest``), each once however often the body repeats it;
         the rest are duplicates."""
         distinct: dict[str, ObjectEvent] = {}
         for event in events:
@@ -305,7 +305,7 @@ def _digest(event: ObjectEvent) -> str:
 
 
 def _tag(ref: ObjectRef, generation: int) -> ObjectRef:
-    return ref if ref.generation == generation else ObjectRef(**{**ref.__dict__, "generation": generation})
+    return ref if ref.generation == generation else dataclasses.replace(ref, generation=generation)
 
 
 def create_app(settings: Settings) -> Starlette:

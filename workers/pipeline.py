@@ -216,4 +216,4 @@ class Pipeline:
             " ".join(f"{k}={v * 1000:.0f}ms" for k, v in out.timings.items()),
         )
         for ref, reason, message in out.failed:  # (the batch line named no object: review 31)
-            log.info("failed: %r (%s): %r", f"{ref.bucket}/{ref.key}", reason, message)  # (repr: an uploader's text)
+            log.info("failed: %r (%s): %r", ref.object_id, reason, message)  # (repr: an uploader's text)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def backoff(retries: int, cap: float = 60.0) -> float:
-    """Exponential backoff with full jitter, in seconds."""
+    """Exponential backoff, in seconds, with "equal" jitter (half of it random)."""
     return random.uniform(0.5, 1.0) * min(cap, 2.0 ** retries)
 
 
