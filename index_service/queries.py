@@ -67,9 +67,9 @@ async def parse_search(request: Request, max_bytes: int, dim: int) -> SearchQuer
     fields: dict[str, Any] = _typed(request.query_params.multi_items())
     query = SearchQuery()
     if content_type.startswith("multipart/form-data"):
-        body = bounded(request, max_bytes + FORM_SLACK, lambda: too_large(max_bytes))  # (the image: ``_image``)
+        limited = bounded(request, max_bytes + FORM_SLACK, lambda: too_large(max_bytes))  # (the image: ``_image``)
         try:
-            form = await body.form(max_files=1, max_fields=10)
+            form = await limited.form(max_files=1, max_fields=10)
         except (HTTPError, ClientDisconnect):  # (a client gone is said as such: bucketlens/http.py)
             raise
         except Exception as exc:
