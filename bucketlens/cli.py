@@ -254,6 +254,11 @@ def run_supervise(settings: Settings, args: argparse.Namespace) -> int:
 
 # -- local stack ----------------------------------------------------------------------------------------------
 
+def _has_stack(settings: Settings) -> bool:
+    """Whether a local stack was set up in ``settings.home`` (its ``stack.json``: ``infra.stack``)."""
+    return (Path(settings.home) / "stack.json").exists()
+
+
 def _stack(settings: Settings) -> Any:
     from infra.stack import Stack
 
@@ -263,7 +268,7 @@ def _stack(settings: Settings) -> Any:
 def client_settings(settings: Settings) -> Settings:
     """Settings for client commands: the local stack's (ports, tokens) when one was set up here, with the bucket and
     tokens its index service runs with, where this shell does not set them."""
-    if (Path(settings.home) / "stack.json").exists():
+    if _has_stack(settings):
         return _stack(settings).for_clients(_explicit())  # type: ignore[no-any-return]
     explicit = set(_explicit())  # (the defaults went to whatever held their ports, another user's stack or S3
     # server included, and said nothing: review 26)
@@ -295,7 +300,7 @@ def api_url(settings: Settings) -> str:
     """The index service's address, for a request to it (the no-stack note is said first, once): a local stack's
     first replica that answers (``Stack.serving_url``)."""
     _say_defaults("API")
-    if (Path(settings.home) / "stack.json").exists():
+    if _has_stack(settings):
         return _stack(settings).serving_url()  # type: ignore[no-any-return]
     return _api_address(settings)
 
@@ -373,7 +378,7 @@ def page_url(api: str, read_token: str) -> str:
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
-    if not (Path(settings.home) / "stack.json").exists():  # (a Stack would set one up, to stop nothing)
+    if not _has_stack(settings):  # (a Stack would set one up, to stop nothing)
         print(f"no local stack in {Path(settings.home).resolve()}: nothing to stop")
         return 0
     _stack(settings).down()
@@ -385,7 +390,7 @@ NOT_RUNNING = 3  # `status`'s exit code when a process of the stack is down (as 
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    if not (Path(settings.home) / "stack.json").exists():  # (a Stack would set one up, with ports nothing uses)
+    if not _has_stack(settings):  # (a Stack would set one up, with ports nothing uses)
         missing = f"no local stack in {Path(settings.home).resolve()}: `bucketlens up` starts one"
         if args.json:  # (a script reading stdout got an empty string to parse)
             print(json.dumps({"processes": {}, "index": None, "error": missing}))
@@ -545,7 +550,7 @@ def _notifies_the_stack(settings: Settings, bucket: str) -> bool:
     are not ours to see) and when S3 cannot say."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    if not (Path(settings.home) / "stack.json").exists():
+    if not _has_stack(settings):
         return True
     try:
         return bool(_stack(settings).notified(5, bucket))
@@ -888,7 +893,7 @@ def admin_headers(settings: Settings) -> dict[str, str]:
 def writer_url(settings: Settings) -> str:
     """The index service that merges (rebuilds and reconciles run there): a local stack's writer replica
     (``Stack.writer_url``), else the API address."""
-    if (Path(settings.home) / "stack.json").exists():
+    if _has_stack(settings):
         return _stack(settings).writer_url()  # type: ignore[no-any-return]
     return api_url(settings)
 
