@@ -41,7 +41,14 @@ from .canary import RESTART_GRACE_S, Canary
 from .liveness import ceph_daemon
 from .notifications import ensure_bucket, ensure_notifications, follow_endpoint, notified
 from .ports import free_port, lease, port_in_use
-from .procfs import START_TIME, stat_fields, stop_process
+from .procfs import (
+    kill_session,
+    listens,
+    live_pid,
+    pid_record,
+    stop_process,
+    terminate,
+)
 
 log = logging.getLogger(__name__)
 INFRA = Path(__file__).resolve().parent
@@ -547,10 +554,10 @@ class Stack:
     def stop_redis(self, kill: bool = False) -> None:
         pid = self.redis_pid()
         if pid is not None:
-            _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30)
+            terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30)
 
     def redis_pid(self) -> int | None:
-        return _live_pid(self.home / "run" / "redis.pid", "redis-server")
+        return live_pid(self.home / "run" / "redis.pid", "redis-server")
 
     # -- Milvus --------------------------------------------------------------------------------------------
 
@@ -566,7 +573,7 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         process = milvus.start(data, self.config.milvus_port, self.home / "logs" / "milvus.log")
         self._children["milvus"] = process
-        (self.home / "run" / "milvus.pid").write_text(_pid_record(process.pid))
+        (self.home / "run" / "milvus.pid").write_text(pid_record(process.pid))
         try:
             milvus.wait_ready(data, process, log_path=self.home / "logs" / "milvus.log")
         except (RuntimeError, TimeoutError) as exc:
@@ -577,14 +584,14 @@ class Stack:
         """TERM, then KILL after ``milvus.GRACE_S`` (Milvus 2.3.5 never ends a graceful stop: ``milvus.stop``)."""
         pid = self.milvus_pid()
         if pid is not None:
-            _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, milvus.GRACE_S, group=True)
+            terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, milvus.GRACE_S, group=True)
         child = self._children.pop("milvus", None)
         if child is not None:
             child.wait(timeout=5)
         (self.home / "run" / "milvus.pid").unlink(missing_ok=True)
 
     def milvus_pid(self) -> int | None:
-        return _live_pid(self.home / "run" / "milvus.pid", "milvus")
+        return live_pid(self.home / "run" / "milvus.pid", "milvus")
 
     # -- Ceph ----------------------------------------------------------------------------------------------
 
@@ -634,7 +641,7 @@ class Stack:
             try:
                 returncode = script.wait(timeout=600)
             except BaseException:
-                _kill_session(script.pid)
+                kill_session(script.pid)
                 script.wait()
                 raise
         if returncode != 0:
@@ -643,7 +650,7 @@ class Stack:
     def ceph_pid(self, daemon: str) -> int | None:
         """The pid of this stack's Ceph ``daemon`` (``mon.a``, ``client.rgw.a``) if it runs."""
         comm = "radosgw" if daemon.startswith("client.rgw") else "ceph-" + daemon.split(".")[0]
-        return _live_pid(self.home / "ceph" / "run" / f"{daemon}.pid", comm)
+        return live_pid(self.home / "ceph" / "run" / f"{daemon}.pid", comm)
 
     def hung_osd(self) -> int | None:
         """The pid of this stack's OSD if it runs but does not answer its admin socket, or holds an op stuck
@@ -656,13 +663,13 @@ class Stack:
         """SIGKILL this stack's Ceph ``daemon`` if it is still process ``pid`` (judged hung: not the one a start put
         in its place meanwhile); ``start_ceph`` starts it again."""
         if pid is not None and self.ceph_pid(daemon) == pid:
-            _terminate(pid, signal.SIGKILL, 30)
+            terminate(pid, signal.SIGKILL, 30)
 
     def stop_s3(self, kill: bool = False) -> None:
         """Stop radosgw only (the cluster stays): the S3 endpoint becomes unreachable. ``kill``: SIGKILL first (a
         frozen radosgw keeps the script's TERM until it is thawed)."""
         if kill and (pid := self.ceph_pid("client.rgw.a")) is not None:
-            _terminate(pid, signal.SIGKILL, 30)
+            terminate(pid, signal.SIGKILL, 30)
         self._ceph("stop-rgw")
 
     def start_s3(self) -> None:
@@ -674,7 +681,7 @@ class Stack:
         took the port while this radosgw started, was once taken for it: buckets, notifications and uploads went
         there, and the index drifted from its own bucket)."""
         pid = self.ceph_pid("client.rgw.a")
-        return pid is not None and _listens(pid, self.config.s3_port)
+        return pid is not None and listens(pid, self.config.s3_port)
 
     def ceph_up(self) -> bool:
         """Whether this stack's S3 server works: radosgw holds its port, and the monitor and the OSD behind it run
@@ -721,7 +728,7 @@ class Stack:
         )
         log_file.close()
         self._children[name] = process
-        (self.home / "run" / f"{name}.pid").write_text(_pid_record(process.pid))
+        (self.home / "run" / f"{name}.pid").write_text(pid_record(process.pid))
         (self.home / "run" / f"{name}.code").write_text(code_version())
         if name in RUNNING:  # for client commands in any shell (for_clients); it holds tokens
             _write_private(self.home / "run" / f"{name}-settings.json",
@@ -730,7 +737,7 @@ class Stack:
     def stop_service(self, name: str, kill: bool = False) -> None:
         pid = self.pid(name)
         if pid is not None:
-            _terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30, group=True)
+            terminate(pid, signal.SIGKILL if kill else signal.SIGTERM, 30, group=True)
         child = self._children.pop(name, None)
         if child is not None:
             child.wait(timeout=5)
@@ -739,7 +746,7 @@ class Stack:
 
     def pid(self, name: str) -> int | None:
         """The pid of a running service of this stack, or None."""
-        return _live_pid(self.home / "run" / f"{name}.pid", "python")
+        return live_pid(self.home / "run" / f"{name}.pid", "python")
 
     def other_code(self) -> list[str]:
         """The running services started from other code than this checkout's now (``code_version``): an upgrade
@@ -827,24 +834,6 @@ def last_error(log_file: Path) -> str:
     return ""
 
 
-def _live_pid(path: Path, comm_prefix: str) -> int | None:
-    """The pid in ``path`` if that process is alive and is what we started (not a recycled pid): its name, and
-    where the file has it (``_pid_record``), its start time. By name alone, a stale file's pid reused by any
-    Python process was taken for a service, and ``down`` killed it (an independent review)."""
-    try:
-        pid, *started = path.read_text().split()
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        fields = stat_fields(pid)
-        owner = os.stat(f"/proc/{pid}").st_uid
-    except (OSError, ValueError):
-        return None
-    if fields[0] == "Z" or not comm.startswith(comm_prefix[:15]) or started[:1] not in ([], [fields[START_TIME]]):
-        return None
-    if owner != os.getuid():  # another user's (the system's own redis-server, named in a stale daemon pid file)
-        return None
-    return int(pid)
-
-
 def code_version() -> str:
     """A digest of the services' code as it is on disk now (what a process started now imports)."""
     root = INFRA.parent
@@ -863,25 +852,6 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _pid_record(pid: int) -> str:
-    """What a pid file of ours holds: the pid and the process's start time (clock ticks since boot)."""
-    return f"{pid} {stat_fields(pid)[START_TIME]}"
-
-
-def _listens(pid: int, port: int) -> bool:
-    """Whether process ``pid`` holds a TCP socket listening on ``port``."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                    inodes.add(f"socket:[{fields[9]}]")
-    with contextlib.suppress(OSError):
-        return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
-    return False
-
-
 def free_space(folder: Path) -> str:
     """``; N MB free in folder``, for a message about a server that exited (a full disk makes Redis exit at its first
     write: review 49), or nothing."""
@@ -890,56 +860,3 @@ def free_space(folder: Path) -> str:
     return ""
 
 
-def session_members(sid: int) -> list[int]:
-    """The processes of the session ``sid`` that are not zombies."""
-    return list(_scan_session(sid))
-
-
-def _scan_session(sid: int) -> Iterator[int]:
-    """``session_members``, each as the scan of /proc finds it."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_fields(stat.parent.name)
-            member = int(fields[3]) == sid and fields[0] != "Z"  # state, ppid, pgrp, session
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            continue
-        if member:
-            yield int(stat.parent.name)
-
-
-def _kill_session(sid: int, timeout_s: float = 5.0) -> None:
-    """SIGKILL every process of the session ``sid``, pass after pass until none is left but zombies: a subshell
-    forked during a pass escaped it, and ran on after an interrupted `up` (a test saw it once)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        killed = 0
-        for pid in _scan_session(sid):  # (killed as found: a pass that listed first left more time)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:  # gone meanwhile
-                continue
-            killed += 1
-        if not killed or time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
-
-
-def _terminate(pid: int, sig: int, timeout_s: float, group: bool = False) -> None:
-    try:
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):  # gone, or not ours to stop
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            # A zombie is gone once its other threads are: the group's leader shows Z while they still exit holding
-            # its files (a Ceph OSD started again at once failed on the old one's lock on its pid file)
-            if stat_fields(pid)[0] == "Z" and len(
-                    os.listdir(f"/proc/{pid}/task")) <= 1:
-                os.waitpid(pid, os.WNOHANG)
-        except (ProcessLookupError, ChildProcessError, FileNotFoundError):
-            return
-        time.sleep(0.1)
-    if sig != signal.SIGKILL:
-        _terminate(pid, signal.SIGKILL, 5, group)

@@ -39,7 +39,8 @@ from bucketlens.cli import (
 from bucketlens.s3 import make_client
 from bucketlens.settings import Settings
 from infra.notifications import ensure_bucket, remove_notifications
-from infra.stack import Stack, _kill_session, _pid_record, code_version, free_port, session_members
+from infra.procfs import kill_session, pid_record, session_members
+from infra.stack import Stack, code_version, free_port
 
 from .helpers import object_state, photo, wait_for
 
@@ -225,7 +226,7 @@ def test_a_script_session_is_killed_whole_though_it_forks_meanwhile() -> None:
                               start_new_session=True)
     try:
         time.sleep(0.5)  # (forking all the while)
-        _kill_session(script.pid)
+        kill_session(script.pid)
         script.wait(10)
         assert session_members(script.pid) == []
     finally:
@@ -1024,7 +1025,7 @@ def test_client_settings_come_from_a_running_service_only(tmp_path: Path) -> Non
         {"bucket": "my.photos-2024", "read_token": "rt", "admin_token": "mine", "s3_endpoint": "http://elsewhere",
          "api_host": "::1"}))
     assert stack.for_clients().bucket == Settings().bucket  # no index service runs: the record is not its
-    (tmp_path / "run" / "api.pid").write_text(_pid_record(os.getpid()))  # this process stands in for one
+    (tmp_path / "run" / "api.pid").write_text(pid_record(os.getpid()))  # this process stands in for one
     # Reached where it binds from any shell (`status` named 127.0.0.1 for one bound to ::1: review 48).
     assert Stack(Settings(home=tmp_path)).api_url == f"http://[::1]:{stack.config.api_port}"
     seen = stack.for_clients()
@@ -1034,7 +1035,7 @@ def test_client_settings_come_from_a_running_service_only(tmp_path: Path) -> Non
     # Ingest's webhook token likewise: `status --json` named the stack's, which ingest refused (review 48).
     (tmp_path / "run" / "ingest-settings.json").write_text(json.dumps({"webhook_token": "wt", "bucket": "not-its"}))
     assert stack.for_clients().webhook_token == stack.settings.webhook_token  # no ingest runs
-    (tmp_path / "run" / "ingest.pid").write_text(_pid_record(os.getpid()))
+    (tmp_path / "run" / "ingest.pid").write_text(pid_record(os.getpid()))
     seen = stack.for_clients()
     assert (seen.webhook_token, seen.bucket) == ("wt", "my.photos-2024")  # (a bucket is the index service's word)
     # And `up` from a shell without it points the notifications at the token ingest takes (review 50).
@@ -1113,7 +1114,7 @@ def test_up_and_status_name_the_processes_that_run_other_code(api: FakeAPI, tmp_
     services = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
     try:
         for name, process in zip(("ingest", "worker"), services, strict=True):
-            (tmp_path / "run" / f"{name}.pid").write_text(_pid_record(process.pid))
+            (tmp_path / "run" / f"{name}.pid").write_text(pid_record(process.pid))
         (tmp_path / "run" / "ingest.code").write_text(code_version())  # started from this checkout
         (tmp_path / "run" / "api.code").write_text("older")  # not running: nothing to say of it
         # the worker's: none (started by a release before this one wrote them)

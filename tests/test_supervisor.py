@@ -28,7 +28,8 @@ from infra import liveness as liveness_module
 from infra import supervisor as supervisor_module
 from infra.canary import RESTART_GRACE_S
 from infra.liveness import Liveness, Watch, ceph_daemon, serves
-from infra.stack import Stack, StackError, _live_pid, _pid_record
+from infra.procfs import live_pid, pid_record
+from infra.stack import Stack, StackError
 from infra.supervisor import MAX_BACKOFF_S, SERVERS, STABLE_S, Supervisor
 
 from .helpers import wait_for
@@ -494,14 +495,14 @@ def test_a_pid_file_names_its_process_by_start_time_too(tmp_path: Path) -> None:
     """By name alone, a stale pid file whose pid a new Python process reused was taken for a service: `status`
     said it was up and `down` killed it (an independent review). The file keeps the start time too."""
     path, name = tmp_path / "x.pid", Path("/proc/self/comm").read_text().strip()
-    path.write_text(_pid_record(os.getpid()))
-    assert _live_pid(path, name) == os.getpid()
+    path.write_text(pid_record(os.getpid()))
+    assert live_pid(path, name) == os.getpid()
     path.write_text(f"{os.getpid()} 1")  # the pid reused: another start time
-    assert _live_pid(path, name) is None
+    assert live_pid(path, name) is None
     path.write_text(str(os.getpid()))  # a file of an earlier release: by name, as before
-    assert _live_pid(path, name) == os.getpid()
+    assert live_pid(path, name) == os.getpid()
     path.write_text("")
-    assert _live_pid(path, name) is None
+    assert live_pid(path, name) is None
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="starts a process as another user")
@@ -513,7 +514,7 @@ def test_a_daemons_pid_file_naming_another_users_process_is_not_ours(tmp_path: P
         path = tmp_path / "redis.pid"
         path.write_text(str(other.pid))
         wait_for(lambda: Path(f"/proc/{other.pid}/comm").read_text().strip() == "sleep", 10)
-        assert _live_pid(path, "sleep") is None
+        assert live_pid(path, "sleep") is None
     finally:
         other.kill()
         other.wait()
