@@ -49,10 +49,8 @@ def errors(*statuses: int) -> dict[str, Any]:
     return {str(s): {"description": STATUS_TEXT[s], "content": json_content(ref("Error"))} for s in statuses}
 
 
-def parameter(name: str, schema: Schema, description: str, where: str = "query", required: bool = False
-              ) -> dict[str, Any]:
-    return {"name": name, "in": where, "required": required or where == "path", "schema": schema,
-            "description": description}
+def parameter(name: str, schema: Schema, description: str, where: str = "query") -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path", "schema": schema, "description": description}
 
 
 def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), closed: bool = False) -> Schema:
