@@ -111,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--wait", action="store_true", help="follow progress until the swap")
     rebuild.add_argument("--cancel", nargs="?", const="", metavar="ID",
                          help="cancel a running rebuild (the one running when no ID is given); the serving index stays")
+    rebuild.add_argument("--json", action="store_true", help="print the job as the service answers it (`GET "
+                         "/rebuild/{id}`): as started, as it ended with --wait, as cancelled with --cancel")
     reconcile = sub.add_parser("reconcile", help="compare the bucket listing with the index and heal differences")
     reconcile.add_argument("--bucket", type=bucket_name,
                            help="list only this bucket (default: every bucket the index holds, and BUCKETLENS_BUCKET)")
     reconcile.add_argument("--dry-run", action="store_true",
                            help="only say what it would send for embedding and remove from the index")
+    reconcile.add_argument("--json", action="store_true", help=JSON_HELP)
     demo = sub.add_parser("demo", help="start the stack, upload sample photos, run sample queries")
     demo.add_argument("--backend", choices=list(INDEX_TYPES), help="index backend, as for 'up'")
     args, extra = parser.parse_known_args(argv)
@@ -921,7 +924,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if args.cancel is not None:
-        return cancel_rebuild(settings, args.cancel)
+        return cancel_rebuild(settings, args.cancel, args.json)
     body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type,
             "model": args.model}
     writer, headers = writer_url(settings), admin_headers(settings)
@@ -939,8 +942,11 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         raise CLIError(_error_text(response))
     else:
         job = response.json()
-        print(f"rebuild {job['id']} started ({job['mode']}, generation {job['generation']})")
+        if not args.json:  # (a script parsed the id out of this line: review 79)
+            print(f"rebuild {job['id']} started ({job['mode']}, generation {job['generation']})")
     if not args.wait:
+        if args.json:
+            print(json.dumps(job))
         return 0
     url = f"{writer}/rebuild/{job['id']}"
     try:
@@ -959,6 +965,9 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         print(f"stopped waiting; rebuild {job['id']} still runs: GET {url}; cancel it with "
               f"`bucketlens rebuild --cancel {job['id']}`", file=sys.stderr)
         return 130
+    if args.json:
+        print(json.dumps(job))
+        return 0 if job["state"] == "done" else 1
     print(f"rebuild {job['id']} {job['state']}: {job['done']}/{job['total']} settled, {job['failed']} failed"
           + (f" ({why_failed(job)})" if job.get("error") else "")
           # (a reembed under a tighter limit swapped in without them, and only `failures --retry` brings them back)
@@ -968,7 +977,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if job["state"] == "done" else 1
 
 
-def cancel_rebuild(settings: Settings, job_id: str) -> int:
+def cancel_rebuild(settings: Settings, job_id: str, as_json: bool) -> int:
     """``DELETE /rebuild/{id}``; with no id, of the rebuild ``/stats`` says is running."""
     url = writer_url(settings)
     if not job_id:
@@ -984,8 +993,8 @@ def cancel_rebuild(settings: Settings, job_id: str) -> int:
     if response.status_code != 200:
         raise CLIError(_error_text(response))
     job = response.json()
-    print(f"rebuild {job['id']} {job['state']} at {job['done']}/{job['total']}; the serving index stays as it was "
-          "(batches the workers already took run to their end, unused)")
+    print(json.dumps(job) if as_json else f"rebuild {job['id']} {job['state']} at {job['done']}/{job['total']}; the "
+          "serving index stays as it was (batches the workers already took run to their end, unused)")
     return 0
 
 
@@ -994,7 +1003,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     response = httpx.post(writer_url(settings) + "/reconcile", json=body, headers=admin_headers(settings), timeout=600)
     if response.status_code != 200:
         raise CLIError(_error_text(response))
-    print(reconcile_summary(response.json(), args.bucket))
+    print(json.dumps(response.json()) if args.json else reconcile_summary(response.json(), args.bucket))
     return 0
 
 

@@ -279,6 +279,23 @@ def test_rebuild_index_type_auto_goes_to_the_service(api: FakeAPI, capsys: pytes
     assert "rebuild r1 started" in capsys.readouterr().out
 
 
+def test_rebuild_reconcile_and_cancel_answer_json_for_scripts(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    """A script had to parse the job id out of "rebuild r1 started (...)" (review 79): --json prints the service's
+    answer, as started, as it ended with --wait, as cancelled."""
+    api.answers[("POST", "/rebuild")] = (202, RUNNING)
+    assert main(["rebuild", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == RUNNING
+    api.answers[("GET", "/rebuild/r1")] = (200, {**RUNNING, "state": "failed", "error": "x", "done": 2, "total": 9})
+    assert main(["rebuild", "--wait", "--json"]) == 1  # (not done: as without --json)
+    assert json.loads(capsys.readouterr().out)["state"] == "failed"
+    api.answers[("DELETE", "/rebuild/r1")] = (200, {**RUNNING, "state": "cancelled"})
+    assert main(["rebuild", "--cancel", "r1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
+    api.answers[("POST", "/reconcile")] = (200, RECONCILED)
+    assert main(["reconcile", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == RECONCILED
+
+
 def test_ctrl_c_while_waiting_says_the_rebuild_goes_on_and_how_to_cancel_it(api: FakeAPI) -> None:
     api.answers[("POST", "/rebuild")] = (202, RUNNING)
     api.answers[("GET", "/rebuild/r1")] = (200, RUNNING)
