@@ -73,7 +73,7 @@ def stack_pids(home: Path) -> dict[str, int]:
     found: dict[str, int] = {}
     for pid_file in [*(home / "run").glob("*.pid"), *(home / "ceph" / "run").glob("*.pid")]:
         try:
-            pid = int(pid_file.read_text().split()[0])  # (ours also hold the start time: infra/stack.py)
+            pid = int(pid_file.read_text().split()[0])  # (ours also hold the start time: infra/procfs.py, pid_record)
         except (OSError, ValueError, IndexError):
             continue
         if Path(f"/proc/{pid}").exists():

@@ -14,15 +14,17 @@ from botocore.exceptions import ClientError
 from .settings import Settings
 
 READ_TIMEOUT_S = 60.0  # a request's wait for S3's answer; the workers' downloads have FETCH_TIMEOUT_S
+CONNECT_TIMEOUT_S = 3
+ATTEMPTS = 2  # botocore's tries of a request (one retry)
 
 
-def make_client(settings: Settings, read_timeout: float = READ_TIMEOUT_S, attempts: int = 2) -> Any:
+def make_client(settings: Settings, read_timeout: float = READ_TIMEOUT_S, attempts: int = ATTEMPTS) -> Any:
     """An S3 client for ``settings.s3_endpoint``; thread-safe, share it. (``FETCH_TIMEOUT_S`` was
     every client's read timeout: a small one broke ``up``, ``upload`` and the services with tracebacks.)"""
     config = Config(
         s3={"addressing_style": "path"},
         signature_version="s3v4",
-        connect_timeout=3,
+        connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=read_timeout,
         retries={"max_attempts": attempts, "mode": "standard"},
         max_pool_connections=max(10, settings.fetch_concurrency * 2),

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from bucketlens.celery_config import time_limit_s
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect, text
 from bucketlens.schemas import ObjectRef
@@ -277,14 +278,17 @@ def test_a_batch_that_hangs_is_killed_at_its_time_limit_and_handed_back(stack: S
     """A pool process stuck in a batch while its worker's main process beats on (a decoder that never returns, a
     wedged model call; here a frozen pool process, with no supervisor to see it) held its batch and its slot for
     good: the broker handed the batch to the other pool process at the visibility timeout, and the stuck one stayed.
-    Celery's hard time limit, 3/4 of VISIBILITY_TIMEOUT_S (45 s for this worker's 60 s, the least allowed; 450 s
-    by default), kills it, the worker starts another pool process, and the batch goes back to the queue."""
+    Celery's hard time limit (``time_limit_s``: 450 s by default; 46 s for this worker's least VISIBILITY_TIMEOUT_S,
+    60 s, and FETCH_TIMEOUT_S of 5 s) kills it, the worker starts another pool process, and the batch goes back to
+    the queue."""
     bodies = image_set(unique_prefix, 40)
     recorder = StreamRecorder(stack, unique_prefix)
     recorder.start()
     with supervisor_paused(stack):
         stack.stop_service("worker")
-        worker = start_worker(stack, "worker-time-limit.log", BUCKETLENS_VISIBILITY_TIMEOUT_S="60")
+        worker = start_worker(stack, "worker-time-limit.log", BUCKETLENS_VISIBILITY_TIMEOUT_S="60",
+                              BUCKETLENS_FETCH_TIMEOUT_S="5")
+        limit = time_limit_s(dataclasses.replace(stack.settings, visibility_timeout_s=60, fetch_timeout_s=5.0))
         frozen: int | None = None
         try:
             uploader = Uploader(stack, bodies, RATE)
@@ -305,7 +309,9 @@ def test_a_batch_that_hangs_is_killed_at_its_time_limit_and_handed_back(stack: S
             stop_worker(worker)
     recorder.stop()
     log = (stack.home / "logs" / "worker-time-limit.log").read_text()
-    assert "Hard time limit (45" in log, log[-3000:]
+    assert limit == 46 and f"Hard time limit ({limit}s) exceeded" in log, log[-3000:]
+    assert time_limit_s(Settings()) == 450 and time_limit_s(Settings(visibility_timeout_s=60)) == 96  # (the default
+    # FETCH_TIMEOUT_S: a stalled download, ~66 s, is no hang)
     assert not failures_under(api, stack.settings.bucket, unique_prefix)
     record_outcome("batch_past_its_time_limit", {**outcome, "seconds_freeze_to_all_indexed": round(seconds)})
 
