@@ -96,7 +96,10 @@ def drop_settled(service: Service) -> int:
 
 def _settled(service: Service, marks: dict[bytes, bytes]) -> tuple[dict[bytes, bytes], list[ObjectRef]]:
     """``marks`` (pending marks that are ours) split: those whose version the serving index or a failure record
-    holds already (stale), and the objects of the others, at the serving generation."""
+    holds already, at the mark's order or a newer one (stale), and the objects of the others, at the serving
+    generation. By etag alone, a newer event of the same bytes on its way (a revert to an earlier version, a delete
+    and the same file uploaded again) was taken for settled while an older version's result could still land after
+    it (review 82)."""
     fields = list(marks)
     failures = dict(zip(fields, cast(list[bytes | None], service.redis.hmget(service.keys.failures, fields)),
                         strict=True)) if fields else {}
@@ -108,9 +111,17 @@ def _settled(service: Service, marks: dict[bytes, bytes]) -> tuple[dict[bytes, b
         bucket, key = split_object_id(field.decode())
         held = serving.get(bucket, key)
         failure = record(failures[field])
-        if (held is not None and held.etag == mark["etag"]) or (failure and failure["etag"] == mark["etag"]):
+        order = int(mark["order"])
+        if ((held is not None and held.etag == mark["etag"] and held.order >= order)
+                or (failure and failure["etag"] == mark["etag"] and _order(failure) >= order)):
             stale[field] = raw
         else:
             lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]),
                                   event_time=mark.get("event_time", ""), generation=serving.generation))
     return stale, lost
+
+
+def _order(failure: dict[str, Any]) -> int:
+    """A failure record's order (a decimal string; 0 for one without, of an earlier release or not ours)."""
+    written = str(failure.get("order", ""))
+    return int(written) if written.isdigit() else 0

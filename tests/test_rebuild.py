@@ -732,25 +732,29 @@ def test_an_ended_reembed_drops_the_pending_marks_of_versions_the_index_holds(st
     """Review 78: after `rebuild --cancel`, `pending_objects` counted every object the job had queued (1,318) for
     ~15 s with every queue empty, until the lost-task sweep dropped their marks; a finished one left marks too. On a
     real Redis: the ended job drops the marks of versions the serving index (or a failure record) holds, and keeps a
-    newer version's, which is on its way; while a rebuild runs, nothing is dropped."""
+    newer version's, which is on its way, the same bytes' too; while a rebuild runs, nothing is dropped."""
     keys = Keys(f"t{uuid.uuid4().hex[:8]}")
     redis = connect(stack.settings.redis_url)
     service, serving, _ = carrying_service("photos")
     service.redis, service.keys, service.backend = redis, keys, SimpleNamespace(discard=lambda shadow: None)
-    serving.apply([upsert("photos", "held", 1), upsert("photos", "replaced", 2), upsert("photos", "failed", 3)])
+    serving.apply([upsert("photos", "held", 1), upsert("photos", "replaced", 2), upsert("photos", "failed", 3),
+                   upsert("photos", "reverted", 5)])
     records = Records(redis, keys)
     pipe = redis.pipeline()
-    records.mark_pending(pipe, [ObjectRef("photos", "held", "e1", order=11, generation=2),  # the job's own
+    records.mark_pending(pipe, [ObjectRef("photos", "held", "e1", order=1, generation=2),  # the job's own
                                 ObjectRef("photos", "replaced", "e9", order=19),  # an upload on its way
-                                ObjectRef("photos", "failed", "bad", order=13, generation=2)], time.time())
+                                ObjectRef("photos", "failed", "bad", order=13, generation=2),
+                                # the bytes the index holds, uploaded again after another version (review 82)
+                                ObjectRef("photos", "reverted", "e5", order=25)], time.time())
     records.record_failures(pipe, [(ObjectRef("photos", "failed", "bad", order=13),
-                                    failure_record(ObjectRef("photos", "failed", "bad"), "corrupt", "x", 1, 0.0))])
+                                    failure_record(ObjectRef("photos", "failed", "bad", order=13), "corrupt", "x", 1,
+                                                   0.0))])
     pipe.execute()
     try:
         assert drop_settled(service) == 0  # (the shadow serves the running job: its marks name what serving holds)
         service.rebuilds.cancel("j")
         assert service.shadow is None
-        wait_for(lambda: set(redis.hkeys(keys.pending)) == {b"photos/replaced"}, 10,
+        wait_for(lambda: set(redis.hkeys(keys.pending)) == {b"photos/replaced", b"photos/reverted"}, 10,
                  what="the ended job's settled marks dropped at once")
     finally:
         redis.delete(*redis.keys(f"{keys.namespace}:*"))
