@@ -820,7 +820,7 @@ def cmd_failures(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     for record in page["failures"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
-        tries = f" (after {record['attempts']} tries)" if record["attempts"] > 1 else ""  # (`x1` read as N failures)
+        tries = f" (after {record['attempts']} tries)" if (record.get("attempts") or 1) > 1 else ""  # (was `x1`)
         print(f"{when}  {record['reason']:16} {plain(record['bucket'] + '/' + record['key'])}: "
               f"{plain(record['message'])}{tries}" + _retry_note(record))
     print(f"{counted(page['total'], 'failure record')}{page_note(page['total'], offset, len(page['failures']))}")

@@ -58,9 +58,9 @@ class Canary:
             return None, lag
         return pending, time.time() - written
 
-    def wait(self, timeout_s: float) -> float:
-        """Write a canary and wait for its event; returns the delivery lag in seconds."""
-        self.write()
+    def wait(self, timeout_s: float, after_restart: bool = False) -> float:
+        """Write a canary (``write``) and wait for its event; returns the delivery lag in seconds."""
+        self.write(after_restart)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             pending, lag = self.check()

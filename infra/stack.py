@@ -219,10 +219,20 @@ class Stack:
             if given.keys() >= REQUIRED_FIELDS:
                 return StackConfig(**given)
             # Written by hand before the first `up`, with the ports to take (it said "StackConfig.__init__() missing
-            # 2 required positional arguments": review 79): the rest is chosen as a first `up` chooses it.
-            config = StackConfig(**{**dataclasses.asdict(self._choose(given)), **given})
-            self._save_config(config)
-            return config
+            # 2 required positional arguments": review 79): the rest is chosen as a first `up` chooses it, by one
+            # process (two commands at once each chose other tokens: review 82), then read by every other.
+            home = os.open(self.home, os.O_RDONLY)
+            try:
+                fcntl.flock(home, fcntl.LOCK_EX)
+                given = self._stack_file(path)
+                if given.keys() >= REQUIRED_FIELDS:
+                    return StackConfig(**given)
+                kept = {name: value for name, value in given.items() if value not in (None, 0, "")}
+                config = StackConfig(**{**dataclasses.asdict(self._choose(kept)), **kept})
+                self._save_config(config)
+                return config
+            finally:
+                os.close(home)  # (and its lock)
         self.home.mkdir(parents=True, exist_ok=True)
         config = self._choose({})
         # Two first `up`s at once each chose ports and wrote them, and the one that waited for the other's lock
@@ -375,7 +385,7 @@ class Stack:
         self.stop_s3()
         self.start_s3()
         try:  # (its persistent queues resume within ~30 s of the restart)
-            canary.wait(90 + RESTART_GRACE_S)
+            canary.wait(90 + RESTART_GRACE_S, after_restart=True)
         except TimeoutError as exc:
             raise StackError(f"{exc}, after a restart of radosgw too; see {self.home / 'logs'}") from exc
         return False
