@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import redis
 
 from .keys import Keys
-from .schemas import ObjectRef, json_object
+from .schemas import CONTENT_REASONS, ObjectRef, json_object
 
 _COMMON = """
 local function not_newer(order, than)
@@ -58,18 +58,32 @@ end
 # one of the same version (a resend refreshes its time) or an older one's, never a newer version's. Of the same
 # version it keeps the higher order: a listing orders a version by its time in ms, a little below its event's
 # sequencer, and a record of a rebuild's listing that replaced the event's was sent again below the tombstone that
-# the event's failure left, and discarded as older (review 57: `failures --retry` after a cancelled rebuild).
-_PUT = _COMMON + """
+# the event's failure left, and discarded as older (review 57: `failures --retry` after a cancelled rebuild). A
+# failure of the same version for the same reason of its bytes (``CONTENT_REASONS``: it fails again whenever
+# embedded) keeps the first one's time: each rebuild rewrote every such record with its own time, so records said
+# the rebuild's time, not the upload's, and jumped to the top of the newest-first listing while it was paged
+# (review 81: 56 of 297 listed twice, 56 never). Other reasons' times say the last try, which their automatic
+# retries count from.
+_PUT = _COMMON + "local KEEPS_TIME = {" + ", ".join(f"{reason} = true" for reason in sorted(CONTENT_REASONS)) + """}
 for i = 1, #ARGV, 4 do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   if replaceable(raw, ARGV[i + 1], ARGV[i + 2]) then
     local old, new = raw and read(raw), ARGV[i + 3]
-    local kept = old and old['etag'] == ARGV[i + 1] and type(old['order']) == 'string' and old['order']
-    if kept and kept:match('^%d+$') and not not_newer(kept, ARGV[i + 2]) then  -- (an order of ours: digits)
+    if old and old['etag'] == ARGV[i + 1] then  -- this version's record again
       local ok, record = pcall(cjson.decode, new)  -- (cjson refuses what Python's json writes of a lone surrogate)
       if ok then
-        record['order'] = kept
-        new = cjson.encode(record)
+        local changed = false
+        local kept = type(old['order']) == 'string' and old['order']
+        if kept and kept:match('^%d+$') and not not_newer(kept, ARGV[i + 2]) then  -- (an order of ours: digits)
+          record['order'] = kept
+          changed = true
+        end
+        if type(record['reason']) == 'string' and record['reason'] == old['reason'] and KEEPS_TIME[record['reason']]
+            and type(old['time']) == 'number' then
+          record['time'] = old['time']
+          changed = true
+        end
+        if changed then new = cjson.encode(record) end
       end
     end
     redis.call('HSET', KEYS[1], ARGV[i], new)

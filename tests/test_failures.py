@@ -245,6 +245,33 @@ def test_records_are_removed_only_if_unchanged_since_read_in_short_calls(tmp_pat
         assert client.hgetall("h") == {b"b/k7": b'{"etag": "newer"}'}
 
 
+def test_a_version_that_fails_again_by_its_bytes_keeps_its_first_failure_time(stack: Stack) -> None:
+    """Each rebuild rewrote every failure record with its own time: the records said the rebuild's time, not the
+    upload's, and jumped to the top of the newest-first listing while it was paged (review 81: of 297 rows, 56
+    twice and 56 records never). A failure of the same version for the same content reason keeps the first time;
+    another reason, or a reason of S3 away (whose automatic retries count from the last try), takes the new one."""
+    keys, redis = Keys(f"time{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
+    writer = ResultWriter(redis, keys)
+    bad, away = ObjectRef("b", "bad.jpg", "e1", order=5), ObjectRef("b", "away.jpg", "e2", order=6)
+
+    def when(ref: ObjectRef) -> float:
+        return float(json.loads(redis.hget(keys.failures, ref.object_id))["time"])
+
+    try:
+        writer.write([], [(bad, "corrupt", "broken"), (away, "fetch_timeout", "slow")], [], {})
+        first_bad, first_away = when(bad), when(away)
+        time.sleep(0.05)
+        listed = dataclasses.replace(bad, order=4, generation=2)  # a rebuild's listing of the same version
+        writer.write([], [(listed, "corrupt", "broken"), (away, "fetch_timeout", "slow")], [], {})
+        assert when(bad) == pytest.approx(first_bad, abs=1e-3) and when(away) > first_away
+        time.sleep(0.05)
+        writer.write([], [(bad, "too_many_pixels", "mended, then too big")], [], {})  # another reason: its time
+        assert when(bad) > first_bad + 0.04
+        assert [found["key"] for found in list_failures(redis, keys)] == ["bad.jpg", "away.jpg"]
+    finally:
+        redis.delete(keys.failures, keys.pending, keys.counters, keys.results, keys.stages)
+
+
 def test_a_worker_settles_only_the_version_it_handled(stack: Stack) -> None:
     """A success cleared the object's failure record whatever its version, and a failed or skipped version dropped
     the object's pending mark whatever version it named (an independent review): a late success of v1 hid corrupt
