@@ -59,11 +59,11 @@ end
 # version it keeps the higher order: a listing orders a version by its time in ms, a little below its event's
 # sequencer, and a record of a rebuild's listing that replaced the event's was sent again below the tombstone that
 # the event's failure left, and discarded as older (review 57: `failures --retry` after a cancelled rebuild). A
-# failure of the same version for the same reason of its bytes (``CONTENT_REASONS``: it fails again whenever
-# embedded) keeps the first one's time: each rebuild rewrote every such record with its own time, so records said
-# the rebuild's time, not the upload's, and jumped to the top of the newest-first listing while it was paged
-# (review 81: 56 of 297 listed twice, 56 never). Other reasons' times say the last try, which their automatic
-# retries count from.
+# rebuild's failure (another generation) of the same version for the same reason of its bytes (``CONTENT_REASONS``:
+# it fails again whenever embedded) keeps the record's time: each rebuild rewrote every such record with its own
+# time, so records said the rebuild's time, not the upload's, and jumped to the top of the newest-first listing
+# while it was paged (review 81: 56 of 297 listed twice, 56 never). A retry's failure (the same generation) says
+# when it failed again, and other reasons' times say the last try, which their automatic retries count from.
 _PUT = _COMMON + "local KEEPS_TIME = {" + ", ".join(f"{reason} = true" for reason in sorted(CONTENT_REASONS)) + """}
 for i = 1, #ARGV, 4 do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
@@ -79,7 +79,7 @@ for i = 1, #ARGV, 4 do
           changed = true
         end
         if type(record['reason']) == 'string' and record['reason'] == old['reason'] and KEEPS_TIME[record['reason']]
-            and type(old['time']) == 'number' then
+            and type(old['time']) == 'number' and record['generation'] ~= old['generation'] then
           record['time'] = old['time']
           changed = true
         end

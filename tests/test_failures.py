@@ -245,11 +245,12 @@ def test_records_are_removed_only_if_unchanged_since_read_in_short_calls(tmp_pat
         assert client.hgetall("h") == {b"b/k7": b'{"etag": "newer"}'}
 
 
-def test_a_version_that_fails_again_by_its_bytes_keeps_its_first_failure_time(stack: Stack) -> None:
+def test_a_rebuild_that_fails_a_version_again_by_its_bytes_keeps_its_failure_time(stack: Stack) -> None:
     """Each rebuild rewrote every failure record with its own time: the records said the rebuild's time, not the
     upload's, and jumped to the top of the newest-first listing while it was paged (review 81: of 297 rows, 56
-    twice and 56 records never). A failure of the same version for the same content reason keeps the first time;
-    another reason, or a reason of S3 away (whose automatic retries count from the last try), takes the new one."""
+    twice and 56 records never). A rebuild's failure of the same version for the same content reason keeps the
+    record's time; a retry's (the same generation), another reason, or a reason of S3 away (whose automatic retries
+    count from the last try) takes the new one."""
     keys, redis = Keys(f"time{uuid.uuid4().hex[:6]}"), connect(stack.settings.redis_url)
     writer = ResultWriter(redis, keys)
     bad, away = ObjectRef("b", "bad.jpg", "e1", order=5), ObjectRef("b", "away.jpg", "e2", order=6)
@@ -265,8 +266,12 @@ def test_a_version_that_fails_again_by_its_bytes_keeps_its_first_failure_time(st
         writer.write([], [(listed, "corrupt", "broken"), (away, "fetch_timeout", "slow")], [], {})
         assert when(bad) == pytest.approx(first_bad, abs=1e-3) and when(away) > first_away
         time.sleep(0.05)
-        writer.write([], [(bad, "too_many_pixels", "mended, then too big")], [], {})  # another reason: its time
+        writer.write([], [(listed, "corrupt", "broken")], [], {})  # `failures --retry` of it: when it failed again
         assert when(bad) > first_bad + 0.04
+        retried = when(bad)
+        time.sleep(0.05)
+        writer.write([], [(bad, "too_many_pixels", "mended, then too big")], [], {})  # another reason: its time
+        assert when(bad) > retried + 0.04
         assert [found["key"] for found in list_failures(redis, keys)] == ["bad.jpg", "away.jpg"]
     finally:
         redis.delete(keys.failures, keys.pending, keys.counters, keys.results, keys.stages)
