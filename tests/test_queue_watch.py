@@ -38,6 +38,12 @@ def test_eta_is_backlog_over_embedding_rate() -> None:
     assert eta_text(10, None) == "measuring ..."
     assert eta_text(10, 0.0) == "unknown: nothing embedded lately"
     assert eta_text(300, 2.0) == "2 min 30 s"
+    assert eta_text(300, 2.0, arriving=2.0) == "2 min 30 s"  # (as fast as they come: it drains)
+    # Events coming faster than they are embedded: the backlog grows, and no time is right (review 81: "6 min 27 s"
+    # during a burst that drained in 86 s once it ended)
+    assert eta_text(300, 2.0, arriving=9.0) == ("none yet: events arrive faster than they are embedded, and the "
+                                                 "backlog grows")
+    assert "backlog grows" in render(report(backlog=100), {"in": 9.0, "out": 5.0})
     assert duration_text(7322) == "2 h 02 min"
 
 
