@@ -343,6 +343,9 @@ class Stack:
                 ensure_bucket(s3, self.settings.bucket)
             except (ClientError, ParamValidationError) as exc:  # (a traceback that named no setting)
                 raise StackError(f"the S3 server refused BUCKETLENS_BUCKET={self.settings.bucket!r}: {exc}") from exc
+        # Ingest down while the rest ran: what the S3 server pushed meanwhile may be gone (Ceph 16 gave up on six
+        # uploads whose topic resumed: the canary came, they never did)
+        ingest_was_down = bool(self.found_running) and self.pid("ingest") is None
         for name in self.services:
             if name != "supervisor":
                 self.start_service(name)
@@ -369,6 +372,8 @@ class Stack:
             self._reconcile(f"bucket {self.settings.bucket} holds objects it never told this stack of")
         elif stalled:
             self._reconcile("the bucket's notifications had stalled, and the uploads they held back were not told")
+        elif ingest_was_down:
+            self._reconcile("ingest was not running, and the S3 server may have given up on what it pushed meanwhile")
         self.start_service("supervisor")  # after the start-up canary: one canary writer at a time
 
     def _delivers(self, s3: Any) -> bool:

@@ -738,12 +738,14 @@ def test_up_heals_a_topic_that_stalled_while_the_supervisor_was_down(stack: Stac
         stack.up()
         took = time.monotonic() - started
         said = capsys.readouterr().err
+        # Whether the topic stalled is Ceph's timing: where it did, `up` said so, restarted radosgw and reconciled
+        # (other reconciles `up` may run say other reasons: a bucket of an earlier test that notified elsewhere)
+        healed = "restarting the S3 server's gateway" in said
+        assert not healed or ("reconciling with the bucket" in said and stack.ceph_pid("client.rgw.a") != radosgw), said
         assert stack.pid("supervisor") is not None
         outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, timeout_s=120)
     finally:
         restore(stack)
-    healed = stack.ceph_pid("client.rgw.a") != radosgw
-    assert healed == ("restarting the S3 server's gateway" in said) == ("reconciling" in said), said
     record_outcome("up_after_a_stall", {**outcome, "radosgw_restarted_by_up": healed, "seconds_up": round(took)})
 
 
