@@ -116,7 +116,7 @@ def _settled(service: Service, marks: dict[bytes, bytes]) -> tuple[dict[bytes, b
                 or (failure and failure["etag"] == mark["etag"] and _order(failure) >= order)):
             stale[field] = raw
         else:
-            lost.append(ObjectRef(bucket, key, mark["etag"], order=int(mark["order"]),
+            lost.append(ObjectRef(bucket, key, mark["etag"], order=order,
                                   event_time=mark.get("event_time", ""), generation=serving.generation))
     return stale, lost
 
