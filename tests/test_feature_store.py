@@ -127,6 +127,26 @@ def test_a_pair_verified_against_a_neighbour_changed_since_is_not_kept(tmp_path:
     store.close()
 
 
+def test_a_swap_keeps_the_pairs_verified_on_the_same_views(tmp_path: Path) -> None:
+    """A rebuild's new generation takes over the retiring one's pairs whose objects it holds at the same etag with
+    the same local features (each swap emptied ``/duplicates`` until the finder had checked every object again:
+    review 81); a pair of an object re-uploaded, re-extracted or gone is not taken, nor is what it had checked."""
+    old, new = FeatureStore(tmp_path / "g1.sqlite"), FeatureStore(tmp_path / "g2.sqlite")
+    rows = [(f"bk/{name}.jpg", "e", name.encode()) for name in "abcdefg"]
+    old.write(rows, [])
+    linked = [("a", "b", 90), ("a", "c", 40), ("d", "e", 30), ("f", "g", 25), ("b", "g", 20)]
+    old.add_pairs([row[:2] for row in rows], [(f"bk/{a}.jpg", f"bk/{b}.jpg", m, "e") for a, b, m in linked])
+    new.write([row for row in rows if row[0] != "bk/g.jpg"], [])  # g is gone
+    new.write([("bk/d.jpg", "e2", b"d")], [])  # d: another version (the same features, another etag)
+    new.write([("bk/c.jpg", "e", b"c, extracted again differently")], [])
+    assert new.inherit_pairs(old, chunk=2) == 1  # (pages of two pairs)
+    assert new.pairs() == [("bk/a.jpg", "bk/b.jpg", 90)] and new.checked() == {}
+    assert len(old.pairs()) == 5  # (read, not moved)
+    assert FeatureStore().inherit_pairs(old) == 0  # (nothing of the same views held)
+    old.close()
+    new.close()
+
+
 def test_each_backend_keeps_its_own_local_features(tmp_path: Path) -> None:
     """A stack switched from Milvus to FAISS and back: each start deleted the other backend's feature stores as an
     "interrupted rebuild", and every object indexed before answered unverified until a reembed (review 29). FAISS's
