@@ -104,6 +104,7 @@ class Rebuilds:
         self._passing: dict[str, int] = {}  # listed object -> its attempts failed for a passing reason
         self._counted: set[str] = set()  # ... whose failure is counted since it was last sent (one per attempt)
         self._internal: set[str] = set()  # objects whose attempt in the new generation failed ``internal``
+        self._failed: dict[str, int] = {}  # listed object settled as failed -> its version's order (``job.failed``)
         self._embedded = False  # whether the new generation was given a vector yet (its model runs somewhere)
         self._s3_away = Outage(log, "rebuild %s: S3 answers again; listed objects are sent again")
         self._lock = threading.RLock()
@@ -164,7 +165,7 @@ class Rebuilds:
             )
             self.current = job
             self._expected = set()
-            self._passing, self._counted, self._internal, self._embedded = {}, set(), set(), False
+            self._passing, self._counted, self._internal, self._failed, self._embedded = {}, set(), set(), {}, False
             self._completing = False
             self._save(job)
             try:
@@ -287,6 +288,9 @@ class Rebuilds:
             for entry in entries:
                 oid = object_id(entry.bucket, entry.key)
                 self._embedded |= entry.op == "upsert"
+                if entry.op in ("upsert", "delete") and entry.order >= self._failed.get(oid, entry.order + 1):
+                    del self._failed[oid]  # mended (its version, or a newer one, indexed) or deleted since: no longer
+                    job.failed -= 1  # failed (``rebuild --wait``'s "451 failed" counted 160 such objects: review 81)
                 if entry.op == "failed" and entry.reason == "internal":
                     self._internal.add(oid)
                 if entry.op == "failed" and entry.reason in PASSING and oid in held and oid in self._expected:
@@ -294,7 +298,7 @@ class Rebuilds:
                     if job.state != "running":
                         return
                 else:
-                    self._settle(job, oid, failed=entry.op == "failed")
+                    self._settle(job, oid, failed=entry.op == "failed", order=entry.order)
             if self._model_fails(job):
                 return
             self._maybe_complete(job)
@@ -440,13 +444,14 @@ class Rebuilds:
         self._finish(job, "failed")
         return True
 
-    def _settle(self, job: RebuildJob, oid: str, failed: bool = False) -> None:
-        """A listed object settled in the new generation (under the lock)."""
+    def _settle(self, job: RebuildJob, oid: str, failed: bool = False, order: int = 0) -> None:
+        """A listed object settled in the new generation (under the lock); ``failed``: at its version of ``order``."""
         if oid in self._expected:
             self._expected.discard(oid)
             job.done += 1
             if failed:
                 job.failed += 1
+                self._failed[oid] = order
             if oid in self._passing:
                 job.retrying -= 1
 

@@ -519,6 +519,25 @@ def test_a_listed_object_s3_refuses_settles_failed_and_the_lost_after_it_are_sen
     assert counted == [("failures_retried", 1)]
 
 
+def test_a_failed_object_mended_or_deleted_during_the_rebuild_is_no_longer_counted_failed() -> None:
+    """``rebuild --wait`` ended with "451 failed" where 160 of those objects had been uploaded again, fixed, and
+    indexed while the rebuild ran (review 81). An older version's late upsert mends nothing."""
+    service, _, shadow = carrying_service(None)
+    rebuilds, job = service.rebuilds, service.rebuilds.current
+    rebuilds._expected = {f"photos/{key}" for key in "abcd"}
+
+    def entry(op: str, key: str, order: int) -> ResultEntry:
+        return dataclasses.replace(upsert("photos", key, order), op=op, generation=2,
+                                   reason="corrupt" if op == "failed" else "")
+
+    rebuilds.observe([entry("failed", key, 10) for key in "abc"])
+    assert job.failed == 3 and job.done == 3
+    rebuilds.observe([entry("upsert", "a", 9), entry("upsert", "b", 11), entry("delete", "c", 12)])
+    assert job.failed == 1 and job.done == 3
+    rebuilds.observe([entry("upsert", "b", 13)])  # (counted once)
+    assert job.failed == 1
+
+
 def test_a_rebuild_that_cannot_start_is_failed_not_left_running() -> None:
     """Creating the shadow generation failed (Milvus down, say): the job stayed "running", and every later rebuild
     was refused as already running until the service restarted (an independent review)."""
