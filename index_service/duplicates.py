@@ -299,7 +299,8 @@ def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: st
     Not connected components: on a real bucket one false link (two wallpapers of one series, two crops whose
     fill corners line up) would chain unrelated groups into one. Each group is a star around its best copy:
     objects are taken by pixels, most first (the oldest first of equal ones); each one not yet grouped anchors a
-    group of its directly linked, not yet grouped copies."""
+    group of its directly linked, not yet grouped copies. Objects of the same bytes are linked to one another
+    (``FeatureStore.identical``: 0.35 s at 1M objects)."""
     looked: dict[str, Indexed | None] = {}  # each object asked once (a Milvus query each), and only if selected
 
     def chosen(oid: str) -> Indexed | None:
@@ -314,6 +315,12 @@ def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: st
         if chosen(a) is not None and chosen(b) is not None:
             links.setdefault(a, {})[b] = matches
             links.setdefault(b, {})[a] = matches
+    # Each object -> the others of its bytes: linked to all of them, as one set (not a link each: 10,000 uploads of
+    # one placeholder would be 10^8)
+    same: dict[str, set[str]] = {}
+    for oids in index.features.identical() if min_matches <= local_features.IDENTICAL else []:
+        if len(kept := {oid for oid in oids if chosen(oid) is not None}) > 1:
+            same.update(dict.fromkeys(kept, kept))
     selected = {oid: obj for oid, obj in looked.items() if obj is not None}
 
     def best_first(oid: str) -> tuple[int, float, str]:  # of equal pixels, the oldest: most often the original (by
@@ -323,12 +330,13 @@ def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: st
 
     grouped: set[str] = set()
     found = []
-    for anchor in sorted(links, key=best_first):
+    for anchor in sorted(links.keys() | same.keys(), key=best_first):
         if anchor in grouped:
             continue
-        copies = sorted((oid for oid in links[anchor] if oid not in grouped), key=best_first)
+        linked = {**dict.fromkeys(same.get(anchor, ()), local_features.IDENTICAL), **links.get(anchor, {})}
+        copies = sorted((oid for oid in linked if oid not in grouped and oid != anchor), key=best_first)
         if copies:
             grouped.update([anchor, *copies])
             found.append(Group(_best_first([selected[anchor]] + [selected[oid] for oid in copies]), len(copies),
-                               min(links[anchor][oid] for oid in copies)))
+                               min(linked[oid] for oid in copies)))
     return sorted(found, key=lambda g: (-len(g.members), g.members[0].bucket, g.members[0].key))
