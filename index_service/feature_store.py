@@ -107,16 +107,15 @@ class FeatureStore:
             self._db.executemany("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?)", kept)
         return len(kept)
 
-    def inherit(self, old: FeatureStore, checked: bool = False, chunk: int = 200) -> int:
-        """Take over what ``old`` (the generation a rebuild's swap retires) verified. Its confirmed pairs whose two
-        objects have the same etag and the same local features here: verified on the same views, they hold whatever
-        the model (each swap left ``/duplicates`` all but empty until the finder had checked the whole bucket again:
-        16 groups right after it where there had been 872, ~1.5 h at 100k objects: review 81). ``checked``: this
-        generation's model is old's (the same neighbours), so the objects old checked, at the same etag, need no
-        check here either (but those with a pair not taken over). Returns how many pairs were taken over."""
+    def inherit_pairs(self, old: FeatureStore, chunk: int = 200) -> int:
+        """Copy the confirmed pairs of ``old`` (the generation a rebuild's swap retires) whose two objects have the
+        same etag and the same local features here: verified on the same views, they hold whatever the model (each
+        swap left ``/duplicates`` all but empty until the finder had checked the whole bucket again: 16 groups right
+        after it where there had been 872, ~1.5 h at 100k objects: review 81). The objects stay unchecked here, so
+        the finder still verifies the neighbours the new model proposes. Returns how many pairs were copied."""
         if old.pairs_version != PAIRS_VERSION:  # (counted the old way: the finder counts them again, or finds them)
             return 0
-        copied, after, refused = 0, ("", ""), set[str]()
+        copied, after = 0, ("", "")
         while True:
             with old._lock:  # a pair and its objects' rows read together: ``write`` drops both in one transaction
                 if old._closed:
@@ -126,7 +125,7 @@ class FeatureStore:
                 oids = sorted({oid for a, b, _ in pairs for oid in (a, b)})
                 before = {oid: (etag, data) for oid, etag, data in old._rows(oids)}
             if not pairs:
-                break
+                return copied
             after = pairs[-1][:2]
             with self._lock:
                 if self._closed:
@@ -136,16 +135,6 @@ class FeatureStore:
                     kept = [(a, b, m) for a, b, m in pairs if a in same and b in same]
                     self._db.executemany("INSERT OR IGNORE INTO pairs VALUES (?, ?, ?)", kept)
             copied += len(kept)
-            refused.update(oid for a, b, _ in pairs if a not in same or b not in same for oid in (a, b))
-        marks = [row for row in old.checked().items() if row[0] not in refused] if checked else []
-        for start in range(0, len(marks), 50 * chunk):
-            with self._lock:
-                if self._closed:
-                    return copied
-                with self._transaction():  # (an object rewritten since has another etag here, or no row)
-                    self._db.executemany("INSERT OR IGNORE INTO checked SELECT oid, etag FROM features WHERE oid = ?"
-                                         " AND etag = ?", marks[start : start + 50 * chunk])
-        return copied
 
     def recount_pairs(self, recounted: Sequence[tuple[str, str, int]]) -> int:
         """Store the pairs of an older count (``pairs_version`` below ``PAIRS_VERSION``) counted again: each

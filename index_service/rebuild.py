@@ -541,9 +541,8 @@ class Rebuilds:
             log.info("rebuild %s: every object settled; making generation %d %s before the swap", job.id,
                      shadow.generation, job.index_type)
             shadow.restructure(job.index_type)
-        if shadow is not None:  # (before the swap, off the locks: 0.6 s for 100k objects)
-            serving = self.service.index
-            inherited = shadow.features.inherit(serving.features, checked=shadow.model == serving.model)
+        if shadow is not None:  # (before the swap, off the locks: 0.4 s for 10k pairs)
+            inherited = shadow.features.inherit_pairs(self.service.index.features)
             log.info("rebuild %s: generation %d keeps %d near-duplicate pairs verified on the same local features",
                      job.id, shadow.generation, inherited)
         try:
