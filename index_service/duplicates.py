@@ -4,8 +4,9 @@ everything per request.
 For each new or changed object of the serving generation, its nearest neighbours by global score (one batched
 FAISS search for many objects; 20, and 20 more where the 20th is a copy too: ``find_pairs``) are proposed, and
 spatial verification confirms them: enough consistent ORB matches between the object's stored views (itself and its
-mirror) and the neighbour's own, or the same bytes (equal etags: ``local_features.IDENTICAL`` matches, so exact
-copies of an image without keypoints are grouped too).
+mirror) and the neighbour's own. Objects of the same bytes (equal etags) need no verification and no pair: the
+store lists them (``FeatureStore.identical``), and ``groups`` links each such set whole, so exact copies of an
+image without keypoints are grouped too, and a set of more copies than a search proposes is not split.
 Confirmed pairs live in the generation's feature store (``feature_store.py``), which drops an object's pairs
 whenever the object changes or goes; groups are stars around each group's best copy, computed per request (pairs
 are few next to objects): ``groups``.
@@ -36,7 +37,7 @@ from vision import local_features
 
 from .backend import Index, Indexed
 from .feature_store import ONE_TO_ONE
-from .verify import CANDIDATES, evidence
+from .verify import CANDIDATES, evidence, same_bytes
 
 log = logging.getLogger(__name__)
 NEIGHBOURS = CANDIDATES  # proposed per object: as many as a search verifies
@@ -265,8 +266,8 @@ def find_pairs(index: Index, objects: list[Indexed],
             for other, _ in near:
                 other_id = object_id(other.bucket, other.key)
                 matches = evidence(stored[oid], obj.etag, stored[other_id], other.etag) if other_id in stored else 0
-                if matches >= local_features.MIN_INLIERS:
-                    pairs.append((oid, other_id, matches, other.etag))
+                if matches >= local_features.MIN_INLIERS and not same_bytes(obj.etag, other.etag):
+                    pairs.append((oid, other_id, matches, other.etag))  # (the same bytes: linked by ``groups``)
             if len(near) == end - start and matches >= local_features.MIN_INLIERS:  # the furthest was a copy too
                 deeper.append((obj, oid, hits))
         todo, start, end = deeper, end, end * 2
@@ -315,11 +316,12 @@ def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: st
         if chosen(a) is not None and chosen(b) is not None:
             links.setdefault(a, {})[b] = matches
             links.setdefault(b, {})[a] = matches
-    # Each object -> the others of its bytes: linked to all of them, as one set (not a link each: 10,000 uploads of
-    # one placeholder would be 10^8)
+    # Each object -> the objects of its bytes (itself too): linked to all of them, as one set (not a link each:
+    # 10,000 uploads of one placeholder would be 10^8). The index's etag, not only the store's, says which bytes.
     same: dict[str, set[str]] = {}
-    for oids in index.features.identical() if min_matches <= local_features.IDENTICAL else []:
-        if len(kept := {oid for oid in oids if chosen(oid) is not None}) > 1:
+    within = f"{bucket}/{prefix}" if bucket is not None else ""
+    for etag, oids in index.features.identical(within).items() if min_matches <= local_features.IDENTICAL else []:
+        if len(kept := {oid for oid in oids if (obj := chosen(oid)) is not None and obj.etag == etag}) > 1:
             same.update(dict.fromkeys(kept, kept))
     selected = {oid: obj for oid, obj in looked.items() if obj is not None}
 
@@ -333,7 +335,10 @@ def groups(index: Index, min_matches: int, bucket: str | None = None, prefix: st
     for anchor in sorted(links.keys() | same.keys(), key=best_first):
         if anchor in grouped:
             continue
-        linked = {**dict.fromkeys(same.get(anchor, ()), local_features.IDENTICAL), **links.get(anchor, {})}
+        linked = dict.fromkeys(same.get(anchor, ()), local_features.IDENTICAL) | links.get(anchor, {})
+        for oid, matches in list(linked.items()):  # a copy's identical files are copies as much (review 84: an
+            linked |= {other: matches for other in same.get(oid, ()) if other not in linked}  # original linked to
+            # 40 of 100 identical JPEGs took those, and the rest were a second group)
         copies = sorted((oid for oid in linked if oid not in grouped and oid != anchor), key=best_first)
         if copies:
             grouped.update([anchor, *copies])

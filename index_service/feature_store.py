@@ -24,9 +24,9 @@ from vision import local_features
 log = logging.getLogger(__name__)
 # How the pairs' matches were counted (SQLite's user_version). 1: matches could be many-to-one, which linked smooth
 # images (few keypoints) to unrelated photos; 2: one-to-one at a plausible scale (``local_features.inliers``); 3:
-# objects of equal etags (the same bytes) are linked too, with ``local_features.IDENTICAL`` matches. A store below 2
-# keeps its pairs until the duplicate finder counts them again (``recount_pairs``); one below 3 gets its identical
-# pairs when opened (one query, not a new verification of every object).
+# objects of equal etags (the same bytes) were linked by pairs of ``local_features.IDENTICAL`` matches (now by
+# ``identical``, whatever the version, with no pairs stored: those of a store of version 3 stay, the same links).
+# A store below 2 keeps its pairs until the duplicate finder counts them again (``recount_pairs``).
 ONE_TO_ONE, PAIRS_VERSION = 2, 3
 
 
@@ -48,14 +48,9 @@ class FeatureStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS checked (oid TEXT PRIMARY KEY, etag TEXT)")
         self._db.execute("CREATE INDEX IF NOT EXISTS features_etag ON features (etag, oid)")  # (``identical``)
         self.pairs_version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if self.pairs_version < PAIRS_VERSION:
-            counted = self._db.execute("SELECT 1 FROM pairs LIMIT 1").fetchone() is not None
-            with self._transaction():
-                self._db.execute("INSERT OR REPLACE INTO pairs SELECT x.oid, y.oid, ? FROM features x JOIN features y"
-                                 " ON x.etag = y.etag AND x.oid < y.oid WHERE x.etag != ''",
-                                 (local_features.IDENTICAL,))
-            if self.pairs_version >= ONE_TO_ONE or not counted:  # else ``recount_pairs`` sets it, once counted
-                self._set_pairs_version()
+        if self.pairs_version < PAIRS_VERSION and (
+                self.pairs_version >= ONE_TO_ONE or self._db.execute("SELECT 1 FROM pairs LIMIT 1").fetchone() is None):
+            self._set_pairs_version()  # (else ``recount_pairs`` sets it, once counted)
         self._lock = threading.Lock()  # one connection, shared by the merger and the search threads
         self._closed = False  # a retired generation: searches that started on it still finish, unverified
 
@@ -117,13 +112,7 @@ class FeatureStore:
             return 0
         copied, after = 0, ("", "")
         while True:
-            with old._lock:  # a pair and its objects' rows read together: ``write`` drops both in one transaction
-                if old._closed:
-                    return copied
-                pairs = list(old._db.execute("SELECT a, b, matches FROM pairs WHERE (a, b) > (?, ?) ORDER BY a, b"
-                                             " LIMIT ?", (*after, chunk)))
-                oids = sorted({oid for a, b, _ in pairs for oid in (a, b)})
-                before = {oid: (etag, data) for oid, etag, data in old._rows(oids)}
+            pairs, before = old._page_of_pairs(after, chunk)
             if not pairs:
                 return copied
             after = pairs[-1][:2]
@@ -131,10 +120,21 @@ class FeatureStore:
                 if self._closed:
                     return copied
                 with self._transaction():
-                    same = {oid for oid, etag, data in self._rows(oids) if before.get(oid) == (etag, data)}
+                    same = {oid for oid, *row in self._rows(list(before)) if before[oid] == tuple(row)}
                     kept = [(a, b, m) for a, b, m in pairs if a in same and b in same]
-                    self._db.executemany("INSERT OR IGNORE INTO pairs VALUES (?, ?, ?)", kept)
-            copied += len(kept)
+                    copied += self._db.executemany("INSERT OR IGNORE INTO pairs VALUES (?, ?, ?)", kept).rowcount
+
+    def _page_of_pairs(self, after: tuple[str, str], limit: int
+                       ) -> tuple[list[tuple[str, str, int]], dict[str, tuple[str, bytes]]]:
+        """Up to ``limit`` pairs past ``after``, and their objects' rows, read together (``write`` drops an object's
+        row and its pairs in one transaction)."""
+        with self._lock:
+            if self._closed:
+                return [], {}
+            pairs = list(self._db.execute("SELECT a, b, matches FROM pairs WHERE (a, b) > (?, ?) ORDER BY a, b"
+                                          " LIMIT ?", (*after, limit)))
+            rows = self._rows(sorted({oid for a, b, _ in pairs for oid in (a, b)}))
+        return pairs, {oid: (etag, data) for oid, etag, data in rows}
 
     def recount_pairs(self, recounted: Sequence[tuple[str, str, int]]) -> int:
         """Store the pairs of an older count (``pairs_version`` below ``PAIRS_VERSION``) counted again: each
@@ -161,16 +161,21 @@ class FeatureStore:
                 return []
             return list(self._db.execute("SELECT a, b, matches FROM pairs WHERE matches >= ?", (min_matches,)))
 
-    def identical(self) -> list[list[str]]:
-        """Sets of objects holding the same bytes (equal etags), checked by the finder or not: ``groups`` links each
-        set whole (through pairs alone, a set of more copies than a search proposes was grouped in parts: 27 of 898
-        sets of ~100 identical files split in two, review 81)."""
+    def identical(self, within: str = "") -> dict[str, list[str]]:
+        """Etag -> the objects of ``within`` (an object id prefix: a bucket's, or a bucket's folder) holding those
+        same bytes, where there are two or more, checked by the finder or not: ``groups`` links each set whole
+        (through pairs, a set of more copies than a search proposes was grouped in parts: 27 of 898 sets of ~100
+        identical files split in two, review 81). 0.3 s at 1M objects, with the store's lock held; a bucket's range
+        only where one is given."""
+        query = ("SELECT etag, oid FROM features WHERE etag IN (SELECT etag FROM features WHERE etag != '' GROUP BY"
+                 " etag HAVING count(*) > 1) ORDER BY etag, oid") if not within else (
+                 "SELECT etag, oid FROM features WHERE oid >= ? AND oid < ? AND etag != '' ORDER BY etag, oid")
         with self._lock:
             if self._closed:
-                return []
-            rows = self._db.execute("SELECT etag, oid FROM features WHERE etag IN (SELECT etag FROM features"
-                                    " WHERE etag != '' GROUP BY etag HAVING count(*) > 1) ORDER BY etag, oid")
-            return [[oid for _, oid in same] for _, same in itertools.groupby(rows, key=lambda row: row[0])]
+                return {}
+            rows = self._db.execute(query, (within, within + "\U0010ffff") if within else ())
+            sets = {etag: [oid for _, oid in same] for etag, same in itertools.groupby(rows, key=lambda row: row[0])}
+        return {etag: oids for etag, oids in sets.items() if len(oids) > 1}
 
     def checked(self) -> dict[str, str]:
         with self._lock:

@@ -104,7 +104,7 @@ class Rebuilds:
         self._passing: dict[str, int] = {}  # listed object -> its attempts failed for a passing reason
         self._counted: set[str] = set()  # ... whose failure is counted since it was last sent (one per attempt)
         self._internal: set[str] = set()  # objects whose attempt in the new generation failed ``internal``
-        self._failed: dict[str, int] = {}  # listed object settled as failed -> its version's order (``job.failed``)
+        self._settled_failed: set[str] = set()  # listed objects settled failed (``job.failed``: those not held)
         self._embedded = False  # whether the new generation was given a vector yet (its model runs somewhere)
         self._s3_away = Outage(log, "rebuild %s: S3 answers again; listed objects are sent again")
         self._lock = threading.RLock()
@@ -165,7 +165,8 @@ class Rebuilds:
             )
             self.current = job
             self._expected = set()
-            self._passing, self._counted, self._internal, self._failed, self._embedded = {}, set(), set(), {}, False
+            self._passing, self._counted, self._internal, self._embedded = {}, set(), set(), False
+            self._settled_failed = set()
             self._completing = False
             self._save(job)
             try:
@@ -288,9 +289,6 @@ class Rebuilds:
             for entry in entries:
                 oid = object_id(entry.bucket, entry.key)
                 self._embedded |= entry.op == "upsert"
-                if entry.op in ("upsert", "delete") and entry.order >= self._failed.get(oid, entry.order + 1):
-                    del self._failed[oid]  # mended (its version, or a newer one, indexed) or deleted since: no longer
-                    job.failed -= 1  # failed (``rebuild --wait``'s "451 failed" counted 160 such objects: review 81)
                 if entry.op == "failed" and entry.reason == "internal":
                     self._internal.add(oid)
                 if entry.op == "failed" and entry.reason in PASSING and oid in held and oid in self._expected:
@@ -298,7 +296,7 @@ class Rebuilds:
                     if job.state != "running":
                         return
                 else:
-                    self._settle(job, oid, failed=entry.op == "failed", order=entry.order)
+                    self._settle(job, oid, failed=entry.op == "failed")
             if self._model_fails(job):
                 return
             self._maybe_complete(job)
@@ -444,14 +442,14 @@ class Rebuilds:
         self._finish(job, "failed")
         return True
 
-    def _settle(self, job: RebuildJob, oid: str, failed: bool = False, order: int = 0) -> None:
-        """A listed object settled in the new generation (under the lock); ``failed``: at its version of ``order``."""
+    def _settle(self, job: RebuildJob, oid: str, failed: bool = False) -> None:
+        """A listed object settled in the new generation (under the lock)."""
         if oid in self._expected:
             self._expected.discard(oid)
             job.done += 1
             if failed:
                 job.failed += 1
-                self._failed[oid] = order
+                self._settled_failed.add(oid)
             if oid in self._passing:
                 job.retrying -= 1
 
@@ -541,10 +539,12 @@ class Rebuilds:
             log.info("rebuild %s: every object settled; making generation %d %s before the swap", job.id,
                      shadow.generation, job.index_type)
             shadow.restructure(job.index_type)
-        if shadow is not None:  # (before the swap, off the locks: 0.4 s for 10k pairs)
-            inherited = shadow.features.inherit_pairs(self.service.index.features)
+        try:  # (before the swap, off the locks: 0.4 s for 10k pairs of 30 KB views)
+            inherited = shadow.features.inherit_pairs(self.service.index.features) if shadow is not None else 0
             log.info("rebuild %s: generation %d keeps %d near-duplicate pairs verified on the same local features",
-                     job.id, shadow.generation, inherited)
+                     job.id, shadow.generation if shadow is not None else 0, inherited)
+        except Exception:  # (a full disk, say: the swap goes on, and the finder finds them again)
+            log.exception("rebuild %s: the near-duplicate pairs could not be taken over", job.id)
         try:
             with self.service.restructuring, self._lock:  # (the size policy waits for the chosen type)
                 if job.state != "running":  # (cancelled meanwhile)
@@ -554,6 +554,9 @@ class Rebuilds:
                 if job.mode == "reembed" and job.bucket:
                     job.retired = self.service.index.generation
                     self._retired = (job.retired, job.bucket)
+                if shadow is not None and self._settled_failed:  # the failed that the new generation does not hold:
+                    # one mended since (indexed again, fixed) is not (``rebuild --wait``'s "451 failed" counted 160)
+                    job.failed = len(self._settled_failed) - len(shadow.etags(sorted(self._settled_failed)))
                 self._durable.clear()
                 self.service.promote(shadow)
                 self._finish(job, "done")

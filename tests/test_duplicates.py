@@ -278,37 +278,43 @@ def test_byte_identical_copies_are_grouped_without_keypoints() -> None:
 
 def test_more_identical_copies_than_a_search_proposes_are_one_group_before_and_after_the_check() -> None:
     """Through pairs alone, 100 uploads of one file (each verified against its 40 nearest) were grouped in parts:
-    27 of 898 such sets split in two (review 81). Equal etags link a set whole, checked by the finder or not."""
-    sky = np.tile(np.linspace(90, 200, 512)[:, None], (1, 512)).astype(np.uint8)
+    27 of 898 such sets split in two (review 81). Equal etags link a set whole, checked by the finder or not; and
+    a larger original verified against some of them takes them all (it took its 40, and the rest were a second
+    group: review 84)."""
+    photo = gray("astronaut.png")
     base = np.ones(DIM, np.float32)
     index = VectorIndex("m", DIM)
-    index.apply([entry(f"copy-{i:03}.jpg", near(base, 0.05, i), sky, 4, etag="md5-a") for i in range(100)]
-                + [entry("other.jpg", near(base, 0.05, 100), sky, 4, etag="md5-b")])
+    index.apply([entry(f"copy-{i:03}.jpg", near(base, 0.05, i), photo, 4, etag="md5-a") for i in range(100)])
     (group,) = groups(index, local_features.COPY_MATCHES)
     assert len(group.members) == 100 and group.pairs == 99 and group.matches == local_features.IDENTICAL
+    assert groups(index, local_features.IDENTICAL + 1) == []
+    assert len(groups(index, local_features.COPY_MATCHES, prefix="copy-01")[0].members) == 10
+    assert len(groups(index, local_features.COPY_MATCHES, bucket="b", prefix="copy-01")[0].members) == 10
+    index.apply([entry("original.png", near(base, 0.05, 100), photo, 8)])
     finder = DuplicateFinder(lambda: index)
     while finder.step():
         pass
     (group,) = groups(index, local_features.COPY_MATCHES)
-    assert len(group.members) == 100 and group.members[0].key == "copy-000.jpg"
-    assert groups(index, local_features.IDENTICAL + 1) == []
-    assert len(groups(index, local_features.COPY_MATCHES, prefix="copy-01")[0].members) == 10
+    assert len(group.members) == 101 and group.members[0].key == "original.png"
+    assert len(index.features.pairs()) < 100  # (the identical files' links are not stored)
 
 
-def test_a_store_of_an_older_count_gets_its_identical_pairs_when_opened(tmp_path: Path) -> None:
-    """Objects checked before equal etags were linked keep their checked mark: their identical pairs are added in
-    one query when the store is opened, without verifying every object again; other pairs keep their count."""
+def test_objects_of_the_same_bytes_are_linked_without_pairs_in_a_store_of_any_count(tmp_path: Path) -> None:
+    """Objects of equal etags are linked by ``identical`` (pairs of them, 40 per copy in sets of many copies, are no
+    longer stored): a store of an older count, checked before equal etags were linked, needs nothing done when
+    opened; its other pairs keep their count. A bucket's folder is read alone."""
     path = tmp_path / "g1.sqlite"
     store = FeatureStore(path)
     store.write([("b/sky", "md5-a", b"x"), ("b/sky-copy", "md5-a", b"x"), ("b/other", "md5-b", b"x"),
-                 ("b/crop", "md5-c", b"x")], [])
+                 ("b/crop", "md5-c", b"x"), ("c/sky", "md5-a", b"x"), ("b/lone", "md5-d", b"x")], [])
     store.add_pairs([("b/other", "md5-b"), ("b/crop", "md5-c")], [("b/crop", "b/other", 40, "md5-b")])
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 2")
     opened = FeatureStore(path)
-    assert sorted(opened.pairs()) == [("b/crop", "b/other", 40), ("b/sky", "b/sky-copy", local_features.IDENTICAL)]
-    assert opened.pairs_version == feature_store.PAIRS_VERSION
+    assert opened.pairs() == [("b/crop", "b/other", 40)] and opened.pairs_version == feature_store.PAIRS_VERSION
+    assert opened.identical() == {"md5-a": ["b/sky", "b/sky-copy", "c/sky"]}
+    assert opened.identical("b/") == {"md5-a": ["b/sky", "b/sky-copy"]} and opened.identical("b/sky-") == {}
 
 
 def test_pairs_of_an_older_count_are_counted_again(tmp_path: Path) -> None:
