@@ -23,7 +23,7 @@ from bucketlens.schemas import ObjectRef, ResultEntry
 from bucketlens.settings import Settings
 from index_service.queues import queue_report
 from infra.stack import Stack, free_port, scratch_redis
-from ingest.events import ObjectEvent
+from ingest.events import ObjectEvent, parse_body
 from ingest.receiver import _digest, create_app
 
 from .helpers import FIXTURES, ceph_event
@@ -78,6 +78,30 @@ def test_a_repeated_event_is_suppressed(client: TestClient, settings: Settings) 
     assert post(client, "ceph_put.json") == {**NONE, "duplicates": 1}
     keys = Keys(settings.namespace)
     assert queue_report(connect(settings.redis_url), keys)["queues"][keys.live_queue]["depth"] == 1
+
+
+def test_a_delivery_while_another_queues_the_same_event_is_sent_again_not_queued_twice(
+        client: TestClient, settings: Settings) -> None:
+    """While Redis was frozen, the S3 server sent each event again; every copy passed the dedup check (its mark was
+    set only once queued) and was queued: 300 uploads embedded ~5 times (review 83). A copy that comes while another
+    delivery is queueing the event is answered 503, and its next delivery is a duplicate; a claim whose delivery died
+    runs out, and the event is queued then."""
+    redis, keys = connect(settings.redis_url), Keys(settings.namespace)
+    now = int(time.time())
+    put, delete = ceph_event("ceph_put.json", now, key="in-flight.jpg"), ceph_event("ceph_delete.json", now, key="gone")
+    claim = keys.dedup(_digest(parse_body(put.encode()).events[0]))
+    redis.set(claim, "0", ex=60)  # another delivery of it, being queued
+    both = json.dumps({"Records": json.loads(put)["Records"] + json.loads(delete)["Records"]}).encode()
+    answer = client.post("/events?token=secret", content=both)
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "in_flight", answer.text
+    assert "1 of these events" in answer.json()["error"]["message"]
+    assert queue_report(redis, keys)["queues"][keys.live_queue]["depth"] == 0 and redis.xlen(keys.results) == 1
+    redis.set(claim, "1")  # that delivery queued it: the next one is a duplicate, and so is the delete now
+    assert post_body(client, both) == {**NONE, "duplicates": 2}
+    redis.set(claim, "0", ex=1)  # a delivery that died while queueing it: its claim runs out
+    time.sleep(1.5)
+    assert post_body(client, put.encode()) == {**NONE, "accepted": 1}
+    assert 0 < redis.ttl(claim) <= settings.dedup_ttl_s and redis.get(claim) == b"1"
 
 
 def test_delete_goes_straight_to_the_result_stream(client: TestClient, settings: Settings) -> None:
