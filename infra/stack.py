@@ -344,8 +344,11 @@ class Stack:
             except (ClientError, ParamValidationError) as exc:  # (a traceback that named no setting)
                 raise StackError(f"the S3 server refused BUCKETLENS_BUCKET={self.settings.bucket!r}: {exc}") from exc
         # Ingest down while the rest ran: what the S3 server pushed meanwhile may be gone (Ceph 16 gave up on six
-        # uploads whose topic resumed: the canary came, they never did)
-        ingest_was_down = bool(self.found_running) and self.pid("ingest") is None
+        # uploads whose topic resumed: the canary came, they never did). Or stopped without `down` (killed, a crash,
+        # the machine restarted): radosgw may have stored uploads it never told of (review 83: three, after a kill of
+        # the whole stack, indexed only by a reconcile by hand)
+        ingest_was_down = self.pid("ingest") is None and (bool(self.found_running)
+                                                          or (self.home / "run" / "ingest.pid").exists())
         for name in self.services:
             if name != "supervisor":
                 self.start_service(name)
@@ -373,7 +376,8 @@ class Stack:
         elif stalled:
             self._reconcile("the bucket's notifications had stalled, and the uploads they held back were not told")
         elif ingest_was_down:
-            self._reconcile("ingest was not running, and the S3 server may have given up on what it pushed meanwhile")
+            self._reconcile("ingest was not running (or the stack stopped without `bucketlens down`), and the S3 "
+                            "server may have given up on what it pushed meanwhile, or never sent it")
         self.start_service("supervisor")  # after the start-up canary: one canary writer at a time
 
     def _delivers(self, s3: Any) -> bool:

@@ -58,6 +58,7 @@ WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect
 SERVERS = {"redis": "redis", "s3": "ceph", "milvus": "milvus"}  # the servers the process watch keeps up: their data
 LOGS = {"s3": "ceph-script.log"}  # where a server's start writes, where not logs/<name>.log
 RESTARTED = {"redis": " (its append-only file brings back what it held)",  # said with a restart
+             "s3": ", then reconciling (what it stored as it died it may not have told of)",
              "milvus": " (the index service waits and resumes merging)"}
 STABLE_S = 120.0  # a restarted service that ran this long is well again
 MAX_BACKOFF_S = 600.0
@@ -350,6 +351,7 @@ class Supervisor:
         if name == "s3":
             self.stack.start_ceph()
             self.restarted_radosgw()
+            self.reconcile_owed = True  # what it stored as it died, and never told of (review 83): at the next check
         elif name == "redis":
             self.stack.start_redis()
         elif name == "milvus":
@@ -445,13 +447,13 @@ class Supervisor:
         try:
             response = self.stack.reconcile()
         except httpx.HTTPError as exc:
-            log.warning("reconcile after the stall: %s; again at the next check", exc)
+            log.warning("reconcile after the heal: %s; again at the next check", exc)
             return
         if response.status_code == 409 or response.status_code >= 500:  # busy or not ready: at the next check
-            log.warning("reconcile after the stall: %s %s; again at the next check", response.status_code,
+            log.warning("reconcile after the heal: %s %s; again at the next check", response.status_code,
                         response.text[:300])
             return
-        log.info("reconcile after the stall: %s %s", response.status_code, response.text[:300])
+        log.info("reconcile after the heal: %s %s", response.status_code, response.text[:300])
         self.reconcile_owed = False
 
 
