@@ -142,6 +142,12 @@ class Keys:
         return f"{self.namespace}:index:writer"
 
     @property
+    def snapshots_failing(self) -> str:
+        """When the writer's checkpoints began failing (seconds since the epoch), while they fail (``SnapshotHealth``):
+        a restarted index service goes on counting from then."""
+        return f"{self.namespace}:index:snapshots_failing"
+
+    @property
     def checkpoints(self) -> str:
         """Hash: index collection name -> the last result-stream id it covers, written after the index server flushed
         it (the Milvus backend's counterpart of a snapshot's stream position)."""

@@ -88,7 +88,8 @@ class Service:
         self._made: set[int] = set()  # generations this process made: their feature stores start empty
         self.backend = open_backend(settings, self.redis, self.keys, self.feature_store, self.s3)
         self.redelivery = Redelivery(self.redis, self.keys, self.publisher.celery)
-        self.snapshot_health = SnapshotHealth(settings.snapshot_every_s, settings.snapshot_failure_grace_s)
+        self.snapshot_health = SnapshotHealth(settings.snapshot_every_s, settings.snapshot_failure_grace_s, self.redis,
+                                              self.keys.snapshots_failing)
         # Replicas of one namespace all answer queries; the holder of the writer lease merges (lease.py).
         self.replica = settings.replica or f"{socket.gethostname()}:{os.getpid()}"
         # The lease names this process, not just the replica: a restarted "api" must not renew its predecessor's.

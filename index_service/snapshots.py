@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
+import redis
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -224,15 +225,24 @@ class SnapshotHealth(FailureRun):
     serving or merging, but it must show (log, metrics, and ``/readyz`` once it has lasted ``grace_s``), since the
     result stream is not trimmed meanwhile and a restart would replay all of it."""
 
-    def __init__(self, retry_s: float, grace_s: float) -> None:
+    def __init__(self, retry_s: float, grace_s: float, client: redis.Redis | None = None, key: str = "") -> None:
         super().__init__()
         self.retry_s = retry_s
         self.grace_s = grace_s
         self.retry_at = 0.0  # monotonic: no attempt before (a full disk is not hammered after every merge)
+        # Where the time a run of failures began is kept (a wall-clock time in Redis), so that a restarted service
+        # goes on counting: each restart began the grace again (review 83: "failing for 4 s" after ~3 minutes), and
+        # one restarted more often than ``grace_s`` never said it was not ready.
+        self._client, self._key = client, key
 
     def failed(self, exc: BaseException) -> bool:
         begins = super().failed(exc)
         self.retry_at = time.monotonic() + self.retry_s
+        if begins and self._client is not None:
+            with contextlib.suppress(redis.RedisError, ValueError, TypeError):
+                self._client.set(self._key, repr(time.time()), nx=True)
+                began = float(self._client.get(self._key))  # type: ignore[arg-type]
+                self.since = time.monotonic() - max(0.0, time.time() - began)
         if begins:
             log.error("snapshot failed, serving and merging go on, the result stream is not trimmed; retrying every "
                       "%.0f s, /readyz answers 503 after %.0f s of this: %s", self.retry_s, self.grace_s, self.error)
@@ -243,6 +253,9 @@ class SnapshotHealth(FailureRun):
     def written(self) -> None:
         if (lasted := self.worked()) is not None:
             log.warning("snapshot written again after failing for %.0f s", lasted)
+        if self._client is not None:
+            with contextlib.suppress(redis.RedisError):  # (a run a previous process began ends here too)
+                self._client.delete(self._key)
 
     def unready_reason(self) -> str | None:
         """Why ``/readyz`` should answer 503, once snapshots have failed for longer than ``grace_s``."""

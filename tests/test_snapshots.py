@@ -331,3 +331,34 @@ def test_an_older_snapshot_still_loads(tmp_path: Path, version: int) -> None:
     assert last_id == "4-4" and len(loaded) == 4
     assert {(o.labels, o.modified) for o in loaded.objects()} == {(None, 0.0)}
     assert loaded.label_counts() == {}
+
+
+def test_a_restarted_service_goes_on_counting_how_long_snapshots_have_failed(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each restart began the count again: `/stats` said "failing for 4 s" after ~3 minutes, and a service restarted
+    more often than the grace never answered /readyz 503 while its stream grew (review 83). The time the run began
+    is kept in Redis, and a written snapshot ends it for the next process too."""
+    from bucketlens.redis_client import connect
+    from index_service.snapshots import SnapshotHealth
+    from infra.stack import scratch_redis
+
+    with scratch_redis(tmp_path) as (url, _):
+        client, key = connect(url), "t:index:snapshots_failing"
+        wall = [1_000_000.0]
+        monkeypatch.setattr(time, "time", lambda: wall[0])
+        first = SnapshotHealth(60, 600, client, key)
+        first.failed(PermissionError("the snapshot folder is read-only"))
+        wall[0] += 590  # then the service restarts
+        second = SnapshotHealth(60, 600, client, key)
+        assert second.unready_reason() is None and second.failing_s() == 0  # (nothing known before it fails)
+        second.failed(PermissionError("the snapshot folder is read-only"))
+        assert 589 < second.failing_s() < 592 and second.unready_reason() is None
+        later = second.since + 601  # type: ignore[operator]
+        monkeypatch.setattr(time, "monotonic", lambda: later)
+        assert "snapshots failing for 601 s" in (second.unready_reason() or "")
+        second.written()
+        assert client.get(key) is None
+        wall[0] += 60  # a later run of failures counts from its own start
+        third = SnapshotHealth(60, 600, client, key)
+        third.failed(PermissionError("the snapshot folder is read-only"))
+        assert third.failing_s() < 2
