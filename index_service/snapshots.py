@@ -238,11 +238,16 @@ class SnapshotHealth(FailureRun):
     def failed(self, exc: BaseException) -> bool:
         begins = super().failed(exc)
         self.retry_at = time.monotonic() + self.retry_s
-        if begins and self._client is not None:
+        if self._client is not None:  # (kept while failures go on: a run not continued soon, the service down a
+            # while or its disk mended meanwhile, is forgotten, or a later failure would start at its end)
             with contextlib.suppress(redis.RedisError, ValueError, TypeError):
-                self._client.set(self._key, repr(time.time()), nx=True)
-                began = float(self._client.get(self._key))  # type: ignore[arg-type]
-                self.since = time.monotonic() - max(0.0, time.time() - began)
+                kept = round(self.grace_s + 3 * self.retry_s)
+                if not begins:
+                    self._client.expire(self._key, kept)
+                elif not self._client.set(self._key, repr(time.time()), nx=True, ex=kept):
+                    self._client.expire(self._key, kept)
+                    began = float(self._client.get(self._key))  # type: ignore[arg-type]
+                    self.since = time.monotonic() - max(0.0, time.time() - began)
         if begins:
             log.error("snapshot failed, serving and merging go on, the result stream is not trimmed; retrying every "
                       "%.0f s, /readyz answers 503 after %.0f s of this: %s", self.retry_s, self.grace_s, self.error)

@@ -88,6 +88,9 @@ def _create_private(path: Path, text: str) -> bool:
         tmp.unlink()
 
 
+CRASHED = "crashed"  # under run/: ingest had stopped without `down`; the next `up` reconciles
+
+
 class StackError(CLIError):  # the CLI says it in one line
     """A part of the local stack did not come up; the message says which and where its log is."""
 
@@ -347,8 +350,7 @@ class Stack:
         # uploads whose topic resumed: the canary came, they never did). Or stopped without `down` (killed, a crash,
         # the machine restarted): radosgw may have stored uploads it never told of (review 83: three, after a kill of
         # the whole stack, indexed only by a reconcile by hand)
-        ingest_was_down = self.pid("ingest") is None and (bool(self.found_running)
-                                                          or (self.home / "run" / "ingest.pid").exists())
+        ingest_was_down = self.pid("ingest") is None and (bool(self.found_running) or self._crashed())
         for name in self.services:
             if name != "supervisor":
                 self.start_service(name)
@@ -417,6 +419,13 @@ class Stack:
             self.reconcile(self.settings.bucket).raise_for_status()
         except httpx.HTTPError as exc:
             raise StackError(f"reconcile failed ({exc}): run `bucketlens reconcile` once the stack is up") from exc
+        (self.home / "run" / CRASHED).unlink(missing_ok=True)
+
+    def _crashed(self) -> bool:
+        """Whether ingest stopped without `down` (its pid file left behind: killed, a crash, a power cut), or a
+        `down` found it so (and removed the file: review 85)."""
+        run = self.home / "run"
+        return self.pid("ingest") is None and ((run / "ingest.pid").exists() or (run / CRASHED).exists())
 
     def writer_url(self) -> str:
         """The index service that merges (rebuilds and reconciles run there): of several replicas, the one whose
@@ -459,6 +468,8 @@ class Stack:
         steps = [lambda n=name: self.stop_service(n) for name in reversed(self.services)]
         errors = []
         with self._one_at_a_time("down"):
+            if self._crashed():  # (the next `up` reconciles)
+                (self.home / "run" / CRASHED).touch()
             for step in [*steps, self.stop_milvus, lambda: self._ceph("stop"), self.stop_redis]:
                 try:
                     step()

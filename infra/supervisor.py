@@ -89,6 +89,7 @@ class Supervisor:
         self.judging = False  # whether the outstanding canary is this supervisor's own
         self.stalls = 0  # heals in a row with no canary delivered since
         self.reconcile_owed = False  # a heal's reconcile has not been answered yet
+        self.owed = 0  # how many reconciles were owed so far: one answered clears only those owed before it began
         self.reconciler: threading.Thread | None = None
         self.outages: dict[str, Outage] = {}  # per step: a failure is logged once, not every time
         self.restarts: dict[str, Restarts] = {}
@@ -299,7 +300,7 @@ class Supervisor:
         log.warning("%s: making it again as `bucketlens up` does, then reconciling", why)
         self.redis.hincrby(self.keys.counters, "notifications_restored", 1)
         self.stack.notify()
-        self.reconcile_owed = True
+        self.owe_reconcile()
         self.restarted_radosgw()  # a canary of its own, with the grace (a new topic's first event takes 4-21 s)
         self.start_reconcile()
 
@@ -349,9 +350,9 @@ class Supervisor:
         with contextlib.suppress(OSError):  # (no log yet: from its start)
             restarts.log_from = logs.stat().st_size
         if name == "s3":
-            self.stack.start_ceph()
+            self.owe_reconcile()  # what it stored as it died, and never told of (review 83): at the next check (owed
+            self.stack.start_ceph()  # first: a start that raised lost it, and the next round found S3 running)
             self.restarted_radosgw()
-            self.reconcile_owed = True  # what it stored as it died, and never told of (review 83): at the next check
         elif name == "redis":
             self.stack.start_redis()
         elif name == "milvus":
@@ -395,7 +396,7 @@ class Supervisor:
             if pending is None or age <= self.settings.canary_timeout_s + self.grace or self.stack.ceph_dead():
                 return
             self.redis.hincrby(self.keys.counters, "canary_stalls", 1)
-            self.reconcile_owed = True
+            self.owe_reconcile()
             if renotify:  # (no restart brings back what someone removed)
                 self.notify_again(f"canary undelivered for {age:.0f} s: bucket {self.settings.bucket} does not notify "
                                   "ingest (its notification was removed, or the bucket deleted and created again)")
@@ -436,6 +437,10 @@ class Supervisor:
         self.grace = min(grace, MAX_BACKOFF_S)
         self.canary.write(after_restart=True)
 
+    def owe_reconcile(self) -> None:
+        self.owed += 1  # (then the flag: a reconcile ending between the two keeps it)
+        self.reconcile_owed = True
+
     def start_reconcile(self) -> None:
         """The owed reconcile, in a thread of its own: on a large bucket it takes minutes, and a process that dies
         meanwhile must not wait for it to be restarted."""
@@ -444,6 +449,7 @@ class Supervisor:
             self.reconciler.start()
 
     def reconcile(self) -> None:
+        owed = self.owed  # (one owed while this lists the bucket is owed still: review 85)
         try:
             response = self.stack.reconcile()
         except httpx.HTTPError as exc:
@@ -454,6 +460,6 @@ class Supervisor:
                         response.text[:300])
             return
         log.info("reconcile after the heal: %s %s", response.status_code, response.text[:300])
-        self.reconcile_owed = False
+        self.reconcile_owed = self.owed != owed
 
 

@@ -66,6 +66,7 @@ PATHS = {
 
 OPENAPI = document(
     "bucketlens ingest", "The webhook receiver: S3 bucket notifications in, Celery tasks (object keys) out. 503 asks "
-    "the S3 server to deliver again (Redis unreachable or near its memory limit, no index generation registered).",
+    "the S3 server to deliver again (Redis unreachable or near its memory limit, no index generation registered, S3 "
+    "unreachable to check a delete, the broker refusing, or another delivery of the same event queueing it now).",
     PATHS, SCHEMAS, {"webhook": bearer("BUCKETLENS_WEBHOOK_TOKEN (or ?token=)")},
 )

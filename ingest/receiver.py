@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from typing import Any, AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
@@ -54,18 +55,27 @@ DELETES = ("removed", "version_removed")  # the event kinds checked against S3 b
 REDIS_DOWN = "cannot queue events, answering 503 until Redis is back: %s"  # said once per outage
 REFUSED_LOG_S = 60.0  # requests refused for their token: one warning per this many seconds, with their count
 AMAZON_SNS = re.compile(r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?")  # the hosts of SubscribeURLs (over https)
-# An event's dedup key is "0" while one delivery of it is being queued (for at most CLAIM_S: one whose ingest died
-# meanwhile lets a redelivery through then), "1" once queued (for ``dedup_ttl_s``). Per key: 0 claimed now by this
-# delivery, 1 being queued by another, 2 queued already.
-CLAIM_S = 60
+# An event's dedup key holds a delivery's token while that delivery queues it (for at most CLAIM_S: then a
+# redelivery of an event whose delivery died, or runs slow, is queued too: a duplicate, where a longer claim could
+# spend a notifier's retries, Amazon SNS's 3 in ~60 s, and lose it), "1" once queued (for ``dedup_ttl_s``). Per key:
+# CLAIMED by this delivery (a retried call finds its own token), QUEUEING by another, or QUEUED already.
+CLAIM_S = 15
+CLAIMED, QUEUEING, QUEUED = 0, 1, 2
 _CLAIM = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, '0', 'NX', 'EX', ARGV[1]) then out[i] = 0
-  elseif redis.call('GET', key) == '0' then out[i] = 1
-  else out[i] = 2 end
+  if redis.call('SET', key, ARGV[1], 'NX', 'EX', ARGV[2]) then out[i] = 0
+  else
+    local held = redis.call('GET', key)
+    if held == ARGV[1] then out[i] = 0 elseif held == '1' then out[i] = 2 else out[i] = 1 end
+  end
 end
 return out
+"""
+_UNCLAIM = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
 """
 
 
@@ -80,6 +90,7 @@ class Receiver:
         self._near_full = Outage(log, "Redis has room again (%d of %d bytes)")
         self._head_refused_logged = False
         self._claim_script = client.register_script(_CLAIM)
+        self._unclaim_script = client.register_script(_UNCLAIM)
         self._refused = (0, -math.inf)  # requests refused for their token since the last warning, and when that was
 
     @functools.cached_property
@@ -90,20 +101,20 @@ class Receiver:
     async def _flush_created(self, refs: Sequence[ObjectRef]) -> None:
         await run_in_threadpool(self.publisher.send_embeds, refs)
 
-    def _claim(self, events: list[ObjectEvent]) -> tuple[list[ObjectEvent], int, int]:
-        """The events this delivery queues (not queued before, nor being queued by another delivery: the same
-        event, ``_digest``), each once however often the body repeats it; how many are duplicates, and how many
+    def _claim(self, events: list[ObjectEvent], token: str) -> tuple[list[ObjectEvent], int, int]:
+        """The events this delivery (``token``) queues (not queued before, nor being queued by another delivery: the
+        same event, ``_digest``), each once however often the body repeats it; how many are duplicates, and how many
         another delivery is queueing now. A mark set only once queued let every delivery the S3 server sent again
         while Redis was frozen through: each was queued, and 300 uploads were embedded ~5 times (review 83)."""
         distinct: dict[str, ObjectEvent] = {}
         for event in events:
             distinct.setdefault(_digest(event), event)
         if not distinct:
-            return [], len(events), 0
-        states = self._claim_script(keys=[self.keys.dedup(digest) for digest in distinct], args=[CLAIM_S])
-        fresh = [event for event, state in zip(distinct.values(), states) if state == 0]
-        elsewhere = sum(1 for state in states if state == 1)
-        return fresh, len(events) - len(fresh) - elsewhere, elsewhere
+            return [], 0, 0
+        states = self._claim_script(keys=[self.keys.dedup(digest) for digest in distinct], args=[token, CLAIM_S])
+        fresh = [event for event, state in zip(distinct.values(), states) if state == CLAIMED]
+        queueing = states.count(QUEUEING)
+        return fresh, len(events) - len(fresh) - queueing, queueing
 
     def _mark_seen(self, events: list[ObjectEvent]) -> None:
         """Remember events once they are queued (their claim becomes a mark for ``dedup_ttl_s``)."""
@@ -112,12 +123,12 @@ class Receiver:
             pipe.set(self.keys.dedup(_digest(event)), b"1", ex=self.settings.dedup_ttl_s)
         pipe.execute()
 
-    def _unclaim(self, events: list[ObjectEvent]) -> None:
-        """Let the S3 server's redelivery of events this delivery could not queue through at once (with Redis gone
-        too, their claims run out after ``CLAIM_S``)."""
+    def _unclaim(self, events: list[ObjectEvent], token: str) -> None:
+        """Let the S3 server's redelivery of events this delivery could not queue through at once (its own claims
+        only; with Redis gone too, they run out after ``CLAIM_S``)."""
         with contextlib.suppress(redis.RedisError):
             if events:
-                self.redis.delete(*(self.keys.dedup(_digest(event)) for event in events))
+                self._unclaim_script(keys=[self.keys.dedup(_digest(event)) for event in events], args=[token])
 
     def _room_left(self) -> None:
         """Refuse (503) above ``ingest_max_memory_fraction`` of Redis's ``maxmemory``: with ``noeviction`` a full
@@ -191,7 +202,8 @@ class Receiver:
             if events:
                 await run_in_threadpool(self._room_left)
             generations = await run_in_threadpool(self.publisher.generations)
-            fresh, duplicates, elsewhere = await run_in_threadpool(self._claim, events)
+            token = uuid.uuid4().hex
+            fresh, duplicates, elsewhere = await run_in_threadpool(self._claim, events, token)
         except redis.RedisError as exc:
             self._redis_down.failed(REDIS_DOWN, exc, level=logging.WARNING, exc_info=False)
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
@@ -209,19 +221,22 @@ class Receiver:
             await self.batcher.submit(created)
             await run_in_threadpool(self._mark_seen, fresh)
         except S3Unavailable as exc:
-            await run_in_threadpool(self._unclaim, fresh)
+            await run_in_threadpool(self._unclaim, fresh, token)
             raise HTTPError(503, "s3_unavailable", f"{exc}; deliver the event again") from exc
         except Exception as exc:  # broker or Redis down: nothing was acknowledged, the S3 server retries
-            await run_in_threadpool(self._unclaim, fresh)
+            await run_in_threadpool(self._unclaim, fresh, token)
             self._redis_down.failed(REDIS_DOWN, exc, level=logging.WARNING, exc_info=False)
             raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
-        with contextlib.suppress(redis.RedisError):  # (counters: what was queued stays queued)
+        try:
             await run_in_threadpool(self._record, parsed.ignored, duplicates, len(settled), len(future), stale,
                                     reserved)
+        except redis.RedisError as exc:  # (a canary not noted: the S3 server sends it again, the rest duplicates)
+            self._redis_down.failed(REDIS_DOWN, exc, level=logging.WARNING, exc_info=False)
+            raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
         self._redis_down.worked()
         if elsewhere:  # queued by now, or not: its redelivery is then a duplicate, or queued by itself
             raise HTTPError(503, "in_flight", f"{elsewhere} of these events are being queued by another delivery of "
-                            f"them; deliver them again (the others, {len(settled)}, are queued)")
+                            "them; deliver them again")
         return JSONResponse(
             {"accepted": len(settled), "duplicates": duplicates, "ignored": parsed.ignored + len(reserved),
              "future": len(future), "stale_deletes": stale},
@@ -317,7 +332,8 @@ class Receiver:
                             ("future", future), ("stale_deletes", stale), ("reserved", len(reserved))):
             if value:
                 pipe.hincrby(self.keys.counters, name, value)
-        pipe.execute()
+        with contextlib.suppress(redis.RedisError):  # (counters: what was queued stays queued, and counted or not)
+            pipe.execute()
         if reserved:
             self._note_canaries(reserved)
 

@@ -24,7 +24,7 @@ from bucketlens.settings import Settings
 from index_service.queues import queue_report
 from infra.stack import Stack, free_port, scratch_redis
 from ingest.events import ObjectEvent, parse_body
-from ingest.receiver import _digest, create_app
+from ingest.receiver import CLAIM_S, Receiver, _digest, create_app
 
 from .helpers import FIXTURES, ceph_event
 from .integrity import record_outcome
@@ -102,6 +102,17 @@ def test_a_delivery_while_another_queues_the_same_event_is_sent_again_not_queued
     time.sleep(1.5)
     assert post_body(client, put.encode()) == {**NONE, "accepted": 1}
     assert 0 < redis.ttl(claim) <= settings.dedup_ttl_s and redis.get(claim) == b"1"
+    # A claim call retried by the client (Redis ran it, its reply was lost) finds its own token, not another
+    # delivery's (review 85: that delivery answered itself 503 and held the event for the whole claim); a delivery
+    # gives back its own claims only.
+    receiver, (event,) = Receiver(settings, redis), parse_body(ceph_event("ceph_put.json", now, key="retried")).events
+    key = keys.dedup(_digest(event))
+    assert receiver._claim([event], "a") == receiver._claim([event], "a") == ([event], 0, 0)
+    assert receiver._claim([event, event], "b") == ([], 1, 1) and 0 < redis.ttl(key) <= CLAIM_S
+    receiver._unclaim([event], "b")
+    assert redis.get(key) == b"a"
+    receiver._unclaim([event], "a")
+    assert redis.get(key) is None
 
 
 def test_delete_goes_straight_to_the_result_stream(client: TestClient, settings: Settings) -> None:

@@ -353,6 +353,7 @@ def test_a_restarted_service_goes_on_counting_how_long_snapshots_have_failed(tmp
         assert second.unready_reason() is None and second.failing_s() == 0  # (nothing known before it fails)
         second.failed(PermissionError("the snapshot folder is read-only"))
         assert 589 < second.failing_s() < 592 and second.unready_reason() is None
+        assert 0 < client.ttl(key) <= 600 + 3 * 60  # (a run not continued soon is forgotten: review 85)
         later = second.since + 601  # type: ignore[operator]
         monkeypatch.setattr(time, "monotonic", lambda: later)
         assert "snapshots failing for 601 s" in (second.unready_reason() or "")

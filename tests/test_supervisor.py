@@ -300,6 +300,32 @@ def test_a_dead_s3_server_is_started_again_and_then_reconciled(tmp_path: Path, m
     assert posts == ["http://127.0.0.1:9/reconcile"] and not supervisor.reconcile_owed
 
 
+def test_a_reconcile_owed_while_one_runs_is_still_owed_when_that_one_ends(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconcile that was listing the bucket when radosgw died again cleared the reconcile owed for that death
+    (review 85); and one owed for an S3 restart that raised was lost, the next round finding S3 running."""
+    supervisor, stack, _ = supervised(tmp_path)
+
+    def dies_again(url: str, **kwargs: object) -> httpx.Response:
+        supervisor.owe_reconcile()  # S3 died and was started again meanwhile
+        return httpx.Response(200, json={})
+
+    monkeypatch.setattr(httpx, "post", dies_again)
+    supervisor.owe_reconcile()
+    supervisor.reconcile()
+    assert supervisor.reconcile_owed
+    monkeypatch.setattr(httpx, "post", lambda url, **kwargs: httpx.Response(200, json={}))
+    supervisor.reconcile()
+    assert not supervisor.reconcile_owed
+
+    def fails() -> None:
+        raise StackError("radosgw did not take its port within 15 s")
+
+    stack.s3, stack.start_ceph = False, fails  # type: ignore[method-assign]
+    supervisor.keep_processes_up()
+    assert supervisor.reconcile_owed
+
+
 def test_a_restarted_radosgw_gets_its_grace_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The canary delivered before radosgw died ended the grace of its restart at the next check, and the check
     after restarted it again while it resumed (S3 refused connections twice for one death)."""
