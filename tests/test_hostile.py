@@ -863,7 +863,8 @@ def test_min_score_applies_before_the_cut_at_k_though_verification_moved_a_copy_
 
 def test_duplicates_default_to_the_same_photo_and_clamp_large_pages() -> None:
     asked: list[int] = []
-    index = SimpleNamespace(model="m", features=SimpleNamespace(pairs=lambda least: asked.append(least) or []))
+    index = SimpleNamespace(model="m", features=SimpleNamespace(pairs=lambda least: asked.append(least) or [],
+                                                                identical=lambda within="": {}))
     client = app_around(SimpleNamespace(index=index, duplicates=SimpleNamespace(pending={})))
     assert client.get("/duplicates").json()["limit"] == 50 and asked == [COPY_MATCHES]  # README: "the same photo"
     page = client.get("/duplicates", params={"min_matches": "25", "limit": "5000", "offset": str(10**12)}).json()
