@@ -404,7 +404,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     # (a reader's /stats shows the rebuild it ran as the writer)
     headers = read_headers(stack.for_clients())
     status["index"] = _index_state(stack.writer_url(), headers)
-    status["work"] = None if status["index"] is None else _work(stack.writer_url(), headers)
+    status["work"], status["work_error"] = (None, None) if status["index"] is None else _work(stack.writer_url(),
+                                                                                              headers)
     # The address that opens the page, with the running service's read token (only `up` said it: review 31)
     status["page_url"] = page_url(status["api_url"], stack.for_clients().read_token)
     status["other_code"] = stack.other_code()
@@ -431,14 +432,17 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"index: no answer from {stack.writer_url()} (frozen, starting or failing: "
                   f"{stack.home / 'logs' / 'api.log'} may say)")
         if (work := status["work"]) is None:
-            if index is not None:  # (Redis away: /stats answers from memory, /queues cannot)
-                print(f"work: no answer from {stack.writer_url()}/queues")
+            if index is not None:  # (Redis away: /stats answers from memory, /queues cannot; the line said "no
+                # answer" where /queues said why: review 83)
+                print(f"work: unknown: {stack.writer_url()}/queues {status['work_error']}")
         else:
             print(f"work: {work['pending_objects']} objects on their way to the index, {work['workers_live']} worker "
                   f"processes live, {work['failures']} failures" + ("" if work["workers_live"] or not
                   work["pending_objects"] else f"; no live worker takes them ({stack.home / 'logs' / 'worker.log'})"))
         if status["other_code"]:
             print(other_code_note(status["other_code"]))
+        if down := [name for name, up in status["processes"].items() if not up]:  # (no word of what to do: review 83)
+            print(f"{', '.join(down)} down: `bucketlens up` starts what is not running (logs: {stack.home / 'logs'})")
     return 0 if all(status["processes"].values()) else NOT_RUNNING
 
 
@@ -459,25 +463,39 @@ def _index_state(url: str, headers: dict[str, str] | None = None) -> dict[str, A
     return {**state, "ready": ready.get("ready") is True, "reason": str(ready.get("reason") or "")}
 
 
-def _work(url: str, headers: dict[str, str] | None = None) -> dict[str, Any] | None:
+def _work(url: str, headers: dict[str, str] | None = None) -> tuple[dict[str, Any] | None, str | None]:
     """What is on its way to the index (``GET /queues``): objects accepted and not merged yet, live worker processes
-    and failure records; None when the index service does not answer. Every process up did not mean uploads were
-    indexed: with one worker's pool processes frozen, ``status`` said all was well while 30 uploads waited
-    (review 73)."""
-    if (report := _answer(f"{url}/queues", headers)) is None:
-        return None
+    and failure records; or None and why not (no answer, or the error it answered: Redis away). Every process up did
+    not mean uploads were indexed: with one worker's pool processes frozen, ``status`` said all was well while 30
+    uploads waited (review 73)."""
+    report, trouble = _get(f"{url}/queues", headers)
+    if report is None:
+        return None, trouble
     return {"pending_objects": report.get("pending_objects"), "workers_live": len(report.get("workers") or []),
-            "failures": report.get("failures")}
+            "failures": report.get("failures")}, None
 
 
 def _answer(url: str, headers: dict[str, str] | None) -> dict[str, Any] | None:
     """A GET's JSON object, or None when it does not answer within 5 s, or answers an error."""
+    return _get(url, headers)[0]
+
+
+def _get(url: str, headers: dict[str, str] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """A GET's JSON object and None, or None and what came instead: no answer within 5 s, or an error answer (its
+    status and message)."""
     try:
         response = httpx.get(url, headers=headers, timeout=5)
+    except httpx.HTTPError as exc:
+        return None, f"did not answer: {exc}"
+    try:
         answer = response.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    return answer if response.status_code == 200 and isinstance(answer, dict) else None
+    except ValueError:
+        answer = None
+    if response.status_code == 200 and isinstance(answer, dict):
+        return answer, None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return None, f"answered {response.status_code}" + (f": {message}" if message else "")
 
 
 # -- client commands ------------------------------------------------------------------------------------------

@@ -593,10 +593,13 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     assert main(["status"]) == NOT_RUNNING
     out = capsys.readouterr().out
     assert "index: 12 vectors, model lite0-copy-v3, generation 3, Flat; rebuild r1 running 4/10\n" in out, out
-    assert status["work"] == {"pending_objects": 30, "workers_live": 0, "failures": 2}
+    assert status["work"] == {"pending_objects": 30, "workers_live": 0, "failures": 2} and status["work_error"] is None
     assert ("work: 30 objects on their way to the index, 0 worker processes live, 2 failures; no live worker takes "
             f"them ({tmp_path / 'logs' / 'worker.log'})\n") in out, out
     states = [line for line in out.splitlines() if line.endswith((" up", " down"))]  # one column ("supervisor")
+    # What to do about it (review 83: "supervisor down" and no word more)
+    assert (f"{', '.join(status['processes'])} down: `bucketlens up` starts what is not running (logs: "
+            f"{tmp_path / 'logs'})\n") in out, out
     assert len(states) == len(status["processes"]) and len({line.rindex(" ") for line in states}) == 1, out
     # The writer answers /stats from memory: with its Milvus server frozen, status showed the index and nothing more
     # (an independent check), while /readyz said why searches failed.
@@ -608,7 +611,10 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     assert json.loads(capsys.readouterr().out)["index"]["reason"] == frozen
     api.answers[("GET", "/queues")] = (503, {"error": {"code": "redis_unavailable", "message": "Redis is away"}})
     assert main(["status"]) == NOT_RUNNING  # (/stats answers from memory while Redis is away; /queues cannot)
-    assert f"work: no answer from http://127.0.0.1:{api.port}/queues\n" in capsys.readouterr().out
+    out = capsys.readouterr().out  # (it said "no answer", where /queues said why: review 83)
+    assert f"work: unknown: http://127.0.0.1:{api.port}/queues answered 503: Redis is away\n" in out, out
+    assert main(["status", "--json"]) == NOT_RUNNING
+    assert json.loads(capsys.readouterr().out)["work_error"] == "answered 503: Redis is away"
     # An error answer (a replica whose Milvus is down) is no index either: it was an object of nulls.
     api.answers[("GET", "/stats")] = (503, {"error": {"code": "index_unavailable", "message": "Milvus is down"}})
     assert main(["status", "--json"]) == NOT_RUNNING
