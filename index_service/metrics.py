@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGES = ("fetch", "decode", "embed", "write")
-EVENT_OUTCOMES = ("accepted", "duplicated", "ignored", "future", "stale_deletes", "reserved")  # sum: ``received``
+# Their sum is ``received``
+EVENT_OUTCOMES = ("accepted", "duplicated", "ignored", "future", "stale_deletes", "reserved", "in_flight")
 SEARCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

@@ -229,7 +229,7 @@ class Receiver:
             raise HTTPError(503, "broker_unavailable", "could not queue the event; deliver it again") from exc
         try:
             await run_in_threadpool(self._record, parsed.ignored, duplicates, len(settled), len(future), stale,
-                                    reserved)
+                                    reserved, elsewhere)
         except redis.RedisError as exc:  # (a canary not noted: the S3 server sends it again, the rest duplicates)
             self._redis_down.failed(REDIS_DOWN, exc, level=logging.WARNING, exc_info=False)
             raise HTTPError(503, "redis_unavailable", "Redis is unreachable; deliver the event again") from exc
@@ -322,14 +322,16 @@ class Receiver:
             raise S3Unavailable(f"S3 is unreachable to check a delete: {exc}") from exc
 
     def _record(self, ignored: int, duplicates: int, accepted: int, future: int, stale: int,
-                reserved: list[ObjectEvent]) -> None:
+                reserved: list[ObjectEvent], in_flight: int) -> None:
         """Count the records by outcome; ``reserved``, under the reserved prefix (canaries, snapshot copies, and
         whatever else is put there), are answered ``ignored`` and counted apart: they were counted nowhere (review
-        67), and in ``ignored`` every canary would be."""
+        67), and in ``ignored`` every canary would be. ``in_flight``: those another delivery was queueing, sent
+        back (503) to come again (counted nowhere: review 85)."""
         pipe = self.redis.pipeline(transaction=False)
-        for name, value in (("received", accepted + duplicates + ignored + future + stale + len(reserved)),
+        for name, value in (("received", accepted + duplicates + ignored + future + stale + len(reserved) + in_flight),
                             ("ignored", ignored), ("duplicated", duplicates), ("accepted", accepted),
-                            ("future", future), ("stale_deletes", stale), ("reserved", len(reserved))):
+                            ("future", future), ("stale_deletes", stale), ("reserved", len(reserved)),
+                            ("in_flight", in_flight)):
             if value:
                 pipe.hincrby(self.keys.counters, name, value)
         with contextlib.suppress(redis.RedisError):  # (counters: what was queued stays queued, and counted or not)

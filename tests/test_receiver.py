@@ -96,6 +96,8 @@ def test_a_delivery_while_another_queues_the_same_event_is_sent_again_not_queued
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "in_flight", answer.text
     assert "1 of these events" in answer.json()["error"]["message"]
     assert queue_report(redis, keys)["queues"][keys.live_queue]["depth"] == 0 and redis.xlen(keys.results) == 1
+    # counted (review 85: nowhere), and in what was received
+    assert queue_report(redis, keys)["events"] == {"received": 2, "accepted": 1, "in_flight": 1}
     redis.set(claim, "1")  # that delivery queued it: the next one is a duplicate, and so is the delete now
     assert post_body(client, both) == {**NONE, "duplicates": 2}
     redis.set(claim, "0", ex=1)  # a delivery that died while queueing it: its claim runs out
