@@ -119,6 +119,7 @@ class Liveness:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.watches: dict[str, Watch] = {}
+        self.answered: dict[str, float] = {}  # name -> when the question its process last answered was asked
         self.lock = threading.Lock()  # the probes run in their thread, ``hung`` in the supervisor's
 
     def probe(self, probes: Mapping[str, tuple[int | None, Probe, bool]], now: Callable[[], float]) -> None:
@@ -137,10 +138,16 @@ class Liveness:
                     watch = self.watches[name] = Watch(pid, started)
                 if answer:
                     watch.started, watch.silent_since = True, None
+                    self.answered[name] = asked
                 elif answer is None:
                     watch.silent_since = None
                 elif watch.silent_since is None:
                     watch.silent_since = asked
+
+    def answered_since(self, name: str, since: float) -> bool:
+        """Whether a process of ``name`` answered a question asked after ``since`` (a monotonic time)."""
+        with self.lock:
+            return self.answered.get(name, float("-inf")) > since
 
     def hung(self, now: float) -> dict[str, tuple[int, float]]:
         """name: (pid, seconds silent) of each hung process."""

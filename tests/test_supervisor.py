@@ -107,6 +107,36 @@ def test_a_service_well_again_is_restarted_at_once_next_time(stack: Services) ->
     assert stack.starts == 7
 
 
+def test_a_service_that_answered_since_its_restart_is_restarted_at_once_when_it_dies(stack: Services) -> None:
+    """Killed from outside three times within two minutes, the worker waited two minutes more for its restart: a
+    kill of a process that ran well was taken for a crash loop of its start (review 83). A crash loop is a start that
+    dies before it answers its liveness question."""
+    supervisor = Supervisor(stack)  # type: ignore[arg-type]
+    last = starts_over(supervisor, stack, 600, dies=True)[-1]  # backing off by now: it never answered
+    starts, stack.up = stack.starts, False
+    supervisor.keep_up("worker", last + 30)
+    assert stack.starts == starts, "backing off"
+    supervisor.liveness.answered["worker"] = last - 1  # an answer asked before its last restart is the last process's
+    supervisor.keep_up("worker", last + 31)
+    assert stack.starts == starts, "backing off"
+    supervisor.liveness.answered["worker"] = last + 5  # the restarted process beat, then was killed
+    supervisor.keep_up("worker", last + 32)
+    assert stack.starts == starts + 1, "a death after it answered waited for the back-off"
+    stack.up = False  # and again: no crash loop either
+    supervisor.liveness.answered["worker"] = last + 40
+    supervisor.keep_up("worker", last + 45)
+    assert stack.starts == starts + 2
+
+
+def test_liveness_notes_when_a_process_last_answered() -> None:
+    liveness, clock = Liveness(60), iter([10.0, 20.0, 30.0])
+    liveness.probe({"worker": (1, lambda pid: True, False)}, lambda: next(clock))
+    liveness.probe({"worker": (1, lambda pid: False, False)}, lambda: next(clock))
+    liveness.probe({"worker": (2, lambda pid: None, False)}, lambda: next(clock))
+    assert liveness.answered_since("worker", 9.0) and not liveness.answered_since("worker", 10.0)
+    assert not liveness.answered_since("ingest", 0.0)
+
+
 def test_a_death_after_a_redis_restart_is_not_held_against_the_service(stack: Services) -> None:
     """A worker dies of a Redis restart (kombu 5.7.0's crash on a reconnect): counted as dying of itself, two Redis
     restarts left the stack without workers for minutes (an independent check)."""
