@@ -25,6 +25,7 @@ from vision.models import RECIPES
 
 from .auth import bearer
 from .errors import CLIError
+from .queue_watch import delivery_late
 from .settings import ALL_INDEX_TYPES, BUCKET_NAME, INDEX_TYPES, Settings, only_backend, reach, unknown_variables
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -439,6 +440,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"work: {work['pending_objects']} objects on their way to the index, {work['workers_live']} worker "
                   f"processes live, {work['failures']} failures" + ("" if work["workers_live"] or not
                   work["pending_objects"] else f"; no live worker takes them ({stack.home / 'logs' / 'worker.log'})"))
+            if work["delivery_late"]:  # (it said "0 objects on their way" while Ceph held 300 uploads: review 83)
+                print(f"delivery: {work['delivery_late']}")
         if status["other_code"]:
             print(other_code_note(status["other_code"]))
         if down := [name for name, up in status["processes"].items() if not up]:  # (no word of what to do: review 83)
@@ -472,7 +475,7 @@ def _work(url: str, headers: dict[str, str] | None = None) -> tuple[dict[str, An
     if report is None:
         return None, trouble
     return {"pending_objects": report.get("pending_objects"), "workers_live": len(report.get("workers") or []),
-            "failures": report.get("failures")}, None
+            "failures": report.get("failures"), "delivery_late": delivery_late(report.get("canary") or {})}, None
 
 
 def _answer(url: str, headers: dict[str, str] | None) -> dict[str, Any] | None:

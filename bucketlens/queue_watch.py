@@ -83,15 +83,22 @@ def render(report: dict[str, Any], rates: dict[str, float | None] | None = None)
     canary = report.get("canary", {})
     if canary.get("age_s") is not None:
         lines.append(f"canary       last notification {duration_text(canary['age_s'])} ago")
+    if late := delivery_late(canary):
+        lines.append(f"DELIVERY     {late}")
+    return "\n".join(lines)
+
+
+def delivery_late(canary: dict[str, Any]) -> str | None:
+    """What ``/queues``' ``canary`` says of notifications that are late, or None: the queues cannot show uploads
+    the S3 server has not told of yet (its topic stalled, or resuming after a restart)."""
     waiting = canary.get("waiting_s") or 0
     if canary.get("after_restart"):  # nothing above shows uploads waiting in the restarted server's topic
-        lines.append(f"DELIVERY     no notification since the S3 server or its supervisor was restarted "
-                     f"{duration_text(waiting)} ago (Ceph resumes within ~30 s): uploads since then may not be "
-                     "counted above")
-    elif waiting > DELIVERY_LATE_S:  # the queues above cannot show a stall
-        lines.append(f"DELIVERY     the canary uploaded {duration_text(waiting)} ago has not been notified yet: "
-                     "uploads since then may not be counted above (the supervisor heals a stalled topic)")
-    return "\n".join(lines)
+        return (f"no notification since the S3 server or its supervisor was restarted {duration_text(waiting)} ago "
+                "(Ceph resumes within ~30 s): uploads since then may not be counted")
+    if waiting > DELIVERY_LATE_S:  # the queues above cannot show a stall
+        return (f"the canary uploaded {duration_text(waiting)} ago has not been notified yet: uploads since then may "
+                "not be counted (the supervisor heals a stalled topic)")
+    return None
 
 
 def _rate_text(rate: float | None) -> str:
