@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from infra import liveness as liveness_module
 from infra import supervisor as supervisor_module
 from infra.canary import RESTART_GRACE_S
 from infra.liveness import Liveness, Watch, ceph_daemon, serves
-from infra.procfs import live_pid, pid_record
+from infra.procfs import live_pid, pid_record, terminate
 from infra.stack import Stack, StackError
 from infra.supervisor import MAX_BACKOFF_S, SERVERS, STABLE_S, Supervisor
 
@@ -126,6 +127,24 @@ def test_a_service_that_answered_since_its_restart_is_restarted_at_once_when_it_
     supervisor.liveness.answered["worker"] = last + 40
     supervisor.keep_up("worker", last + 45)
     assert stack.starts == starts + 2
+
+
+def test_a_stopped_process_is_continued_to_take_its_terminate_signal(tmp_path: Path) -> None:
+    """A `down` of a stack whose processes were frozen (SIGSTOP) waited 30 s for each, then killed it (review 83)."""
+    took = tmp_path / "took"
+    code = ("import pathlib, signal, sys, time\n"
+            f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(took)!r}).touch(), sys.exit(0)))\n"
+            "pathlib.Path(sys.argv[1]).touch()\ntime.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ready")], start_new_session=True)
+    try:
+        wait_for(lambda: (tmp_path / "ready").exists(), 30)
+        os.kill(process.pid, signal.SIGSTOP)
+        terminate(process.pid, signal.SIGTERM, 30, group=True)
+        assert took.exists(), "it was killed after the wait, its SIGTERM never taken"
+    finally:
+        process.kill()
+        with contextlib.suppress(ChildProcessError):
+            process.wait()
 
 
 def test_liveness_notes_when_a_process_last_answered() -> None:
