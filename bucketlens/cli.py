@@ -26,7 +26,16 @@ from vision.models import RECIPES
 from .auth import bearer
 from .errors import CLIError
 from .queue_watch import delivery_late
-from .settings import ALL_INDEX_TYPES, BUCKET_NAME, INDEX_TYPES, Settings, only_backend, reach, unknown_variables
+from .settings import (
+    ALL_INDEX_TYPES,
+    BUCKET_NAME,
+    INDEX_TYPES,
+    REBUILD_START_WAIT_S,
+    Settings,
+    only_backend,
+    reach,
+    unknown_variables,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 JSON_HELP = "print the service's answer as JSON (for scripts)"
@@ -949,7 +958,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     body = {"mode": "reindex" if args.reindex else "reembed", "bucket": args.bucket, "index_type": args.index_type,
             "model": args.model}
     writer, headers = writer_url(settings), admin_headers(settings)
-    response = httpx.post(writer + "/rebuild", json=body, headers=headers, timeout=30)
+    response = httpx.post(writer + "/rebuild", json=body, headers=headers, timeout=REBUILD_START_WAIT_S + 60)
     running = ((_answer(f"{writer}/stats", headers) or {}).get("rebuild") or {}) if response.status_code == 409 else {}
     if running.get("state") == "running" and args.wait:  # (it answered 409 with no word of how to follow the one
         # that runs: review 78)

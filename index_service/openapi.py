@@ -4,7 +4,7 @@ every status it answers with. ``tests/test_openapi.py`` fuzzes the running servi
 A search option or filter is declared once, in ``SEARCH_FIELDS``: it becomes a JSON body field, a multipart form
 field and a query parameter of ``POST /search`` at once, as ``queries.py`` reads it from all three (in a JSON body
 it may be null: the default). Search bodies are closed (``queries.py`` refuses unknown fields) and hold exactly one
-query.
+query (the other query members null, or left out).
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def counts(description: str) -> Schema:
 
 
 SCHEMAS: dict[str, Schema] = {
-    "SearchJSON": {"oneOf": [obj({name: schema, **JSON_SEARCH_OPTIONS}, (name,), closed=True)
+    # (the other query members may be null, the default: review 87, {"text": "dog", "key": null} was refused)
+    "SearchJSON": {"oneOf": [obj({**dict.fromkeys(SEARCH_QUERIES, {"type": "null"}), name: schema,
+                                  **JSON_SEARCH_OPTIONS}, (name,), closed=True)
                              for name, schema in SEARCH_QUERIES.items()]},
     "SearchForm": obj({"image": {"type": "string", "format": "binary"}, **SEARCH_OPTIONS}, ("image",), closed=True),
     "Tag": obj({"id": {"type": "string", "description": "WordNet 3.0 synset id of the ImageNet class"},
@@ -415,8 +417,9 @@ PATHS: dict[str, Any] = {
         "security": ADMIN, "requestBody": {"required": False, **_json("RebuildRequest")},
         "responses": {**answer("started", ref("RebuildJob"), 202), **errors(400, 401, 403),
                       **_error(404, "unknown_bucket: the bucket does not exist"),
-                      **_error(409, "rebuild_running: one runs already; not_writer: this replica does not write "
-                                    "the index"),
+                      **_error(409, "rebuild_running: one runs already; not_durable: the last rebuild's generation "
+                                    "is not durable yet (its first snapshot is not written); not_writer: this replica "
+                                    "does not write the index"),
                       **_error(502, "s3_refused: S3 refused to say whether the bucket exists"), **errors(503)},
     }},
     "/rebuild/{job_id}": {

@@ -26,7 +26,7 @@ from bucketlens.outage import Outage
 from bucketlens.redis_client import text
 from bucketlens.s3 import answered
 from bucketlens.schemas import ObjectRef, ResultEntry, json_object, object_id, split_object_id
-from bucketlens.settings import only_backend
+from bucketlens.settings import REBUILD_START_WAIT_S, only_backend
 from ingest.scanner import head, scan
 from vision.models import recipe
 from vision.network import weights_path
@@ -51,13 +51,15 @@ PASSING_ROUNDS = 3
 # Distinct listed objects failed ``internal`` with none embedded in the new generation: the workers cannot run its
 # model, and the job fails then (``_model_fails``) rather than after PASSING_ROUNDS passes over the whole listing.
 MODEL_FAILS = 50
-DURABLE_WAIT_S = 120.0  # a start waits this long for the last swap's first snapshot (12-20 s at 1M vectors)
 
 
 class RebuildConflict(RuntimeError):
-    """A rebuild is already running."""
+    """A rebuild is already running (``rebuild_running``), or the last one's generation is not durable yet
+    (``not_durable``: a script keyed on the code followed a rebuild that did not run, review 87)."""
 
-    code = "rebuild_running"
+    def __init__(self, message: str, code: str = "rebuild_running") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NotWriter(RebuildConflict):
@@ -146,13 +148,14 @@ class Rebuilds:
         # Not while the last swap's generation is not durable: a restart then restored the old generation, marked
         # a rebuild started meanwhile failed, and left the swapped one done (review 69). Its snapshot is waited for
         # (seconds; 12-20 s at 1M), and one that failed (a disk full) refuses.
-        self._durable.wait(DURABLE_WAIT_S)
+        self._durable.wait(REBUILD_START_WAIT_S)
         with self._lock:
             if self.current is not None and self.current.state == "running":
                 raise RebuildConflict(f"rebuild {self.current.id} is running")
             if service.retiring:
                 raise RebuildConflict("the last rebuild's generation is not durable yet (its first snapshot is not "
-                                      "written: /stats snapshot_failures says why); start the next one once it is")
+                                      "written: /stats snapshot_failures says why); start the next one once it is",
+                                      "not_durable")
             serving = service.index
             wanted = index_type or serving.index_type
             if index_type == "auto":  # what the size policy makes of the serving index now

@@ -37,7 +37,7 @@ from bucketlens.cli import (
     upload_plan,
 )
 from bucketlens.s3 import make_client
-from bucketlens.settings import Settings
+from bucketlens.settings import REBUILD_START_WAIT_S, Settings
 from infra.notifications import ensure_bucket, remove_notifications
 from infra.procfs import kill_session, pid_record, session_members
 from infra.stack import Stack, code_version, free_port
@@ -277,6 +277,16 @@ def test_rebuild_index_type_auto_goes_to_the_service(api: FakeAPI, capsys: pytes
     assert main(["rebuild", "--reindex", "--index-type", "auto"]) == 0
     assert json.loads(api.requests[0]["body"])["index_type"] == "auto"
     assert "rebuild r1 started" in capsys.readouterr().out
+
+
+def test_rebuild_waits_as_long_as_the_service_may_hold_its_start(api: FakeAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service holds a start up to REBUILD_START_WAIT_S (the last swap's first snapshot): the CLI gave up at 30 s,
+    said "is the stack up?", and the rebuild could start after (review 87)."""
+    api.answers[("POST", "/rebuild")] = (202, RUNNING)
+    timeouts, post = [], httpx.post
+    monkeypatch.setattr(httpx, "post", lambda *a, **kw: timeouts.append(kw["timeout"]) or post(*a, **kw))
+    assert main(["rebuild"]) == 0
+    assert timeouts and timeouts[0] > REBUILD_START_WAIT_S + 30, timeouts  # (S3's answers of the buckets beside)
 
 
 def test_rebuild_reconcile_and_cancel_answer_json_for_scripts(api: FakeAPI, capsys: pytest.CaptureFixture[str]) -> None:

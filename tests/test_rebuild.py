@@ -593,8 +593,9 @@ def test_a_rebuild_waits_for_the_last_swaps_snapshot_and_a_failed_one_drops_its_
     service.writing.set()
     service.backend = SimpleNamespace(index_types=("Flat",), name="faiss")
     service.retiring = [SimpleNamespace(generation=1)]  # swapped out, the new generation's snapshot not written
-    with pytest.raises(RebuildConflict, match="not durable yet"):  # (its snapshot failed: a disk full)
+    with pytest.raises(RebuildConflict, match="not durable yet") as refused:  # (its snapshot failed: a disk full)
         service.rebuilds.start("reembed")
+    assert refused.value.code == "not_durable"  # (review 87: rebuild_running, and a script followed no rebuild)
     assert service.rebuilds.current is None
     service.rebuilds._durable.clear()  # a swap whose snapshot is being written: a start waits for it
     threading.Timer(0.3, lambda: (service.retiring.clear(), service.rebuilds._durable.set())).start()
