@@ -61,8 +61,28 @@ def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), closed: b
     return schema
 
 
+# What every endpoint of a server behind ``HostGuard`` may answer (bucketlens/http.py), and every one taking a body
+# (bucketlens/serving.py): the probes listed none of them, and no endpoint 403 ``cross_origin`` or 408 (review 87)
+GUARDED = {400: "bad_host: a Host header not allowed (BUCKETLENS_ALLOWED_HOSTS)",
+                  403: "cross_origin: a browser request from another site"}
+WITH_A_BODY = {408: "body_too_slow: the request body arrived too slowly"}
+
+
 def document(title: str, description: str, paths: dict[str, Any], schemas: dict[str, Schema],
-             security: dict[str, Any]) -> dict[str, Any]:
+             security: dict[str, Any], guarded: bool) -> dict[str, Any]:
+    """The document, each operation's answers completed with ``GUARDED``'s (``guarded``: the server runs
+    ``HostGuard``) and ``WITH_A_BODY``'s where it takes a body; where it documents the status already, its
+    description names the code too."""
+    for operations in paths.values():
+        for operation in operations.values():
+            answers = operation["responses"]
+            for status, said in {**(GUARDED if guarded else {}),
+                                 **(WITH_A_BODY if "requestBody" in operation else {})}.items():
+                if str(status) in answers:
+                    answers[str(status)] = {**answers[str(status)],
+                                            "description": f"{answers[str(status)]['description']}; {said}"}
+                else:
+                    answers[str(status)] = {"description": said, "content": json_content(ref("Error"))}
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": "1", "description": description},

@@ -58,7 +58,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .openapi import OPENAPI
 from .queries import JSON_LIMIT, SearchQuery, decimal, parse_search
 from .queues import queue_report
-from .rebuild import RebuildConflict
+from .rebuild import NotWriter, RebuildConflict
 from .rebuild import public as rebuild_public
 from .reconcile import reconcile
 from .service import Service
@@ -341,10 +341,9 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         bucket = bucket_field(body.get("bucket"))
         if body.get("mode", "reembed") == "reembed":  # now, not in the job's thread as a failed job that took a
             # generation number (a reembed of every bucket whose default one was gone started: review 60)
-            try:  # (off the event loop: a Milvus index reads every row for them)
-                held = set() if bucket else await run_in_threadpool(service.index.buckets)
-            except ConnectionError as exc:
-                raise HTTPError(503, "not_ready", f"the index server does not answer: {exc}") from exc
+            # (off the event loop: a Milvus index reads every row for them; the index server away is a 503
+            # ``index_unavailable``, as everywhere else: it said not_ready, review 87)
+            held = set() if bucket else await run_in_threadpool(service.index.buckets)
             for listed in [bucket] if bucket else sorted({settings.bucket} | held):
                 with _known_bucket(listed):
                     await run_in_threadpool(service.s3.head_bucket, Bucket=listed)
@@ -363,15 +362,20 @@ def create_app(settings: Settings, embedder: Embedder | None = None) -> Starlett
         service = admin_service(request) if cancelling else service_of(request)
         _params(request, (), "/rebuild/{id}")  # (``?x=1`` was taken, where /objects refuses it: review 26)
         job_id = request.path_params["job_id"]
+        elsewhere = None  # (a replica that does not write: the job, if any, runs on the writer)
         try:
             # (in a thread: the rebuilds' lock is held by a swap, and on the event loop every other request waited
             # with it: review 30, when the swap wrote its snapshot under the lock)
             cancelled = cancelling and await run_in_threadpool(service.rebuilds.cancel, job_id) is not None
+        except NotWriter as exc:
+            cancelled, elsewhere = False, exc
         except RebuildConflict as exc:
             raise HTTPError(409, "not_cancellable", str(exc)) from exc
         state = await run_in_threadpool(service.rebuilds.get, job_id)
         if state is None:
             raise HTTPError(404, "unknown_rebuild", f"no rebuild {job_id}")
+        if elsewhere is not None:
+            raise HTTPError(409, elsewhere.code, str(elsewhere))
         if cancelling and not cancelled:
             raise HTTPError(409, "not_running", f"rebuild {job_id} is {state['state']}, not running")
         return JSONResponse(shown(request, state))

@@ -431,7 +431,8 @@ PATHS: dict[str, Any] = {
                    "responses": {**answer("cancelled", ref("RebuildJob")), **errors(400, 401, 403),
                                  **_error(404, "unknown_rebuild: no such job"),
                                  **_error(409, "not_running: the job is done, failed or cancelled already; "
-                                          "not_cancellable: a reindex, which ends by itself"),
+                                          "not_cancellable: a reindex, which ends by itself; not_writer: this "
+                                          "replica does not write the index (the message names the writer)"),
                                  **errors(503)}},
     },
     "/reconcile": {"post": {
@@ -450,4 +451,5 @@ OPENAPI = document(
     PATHS, SCHEMAS,
     {"read": bearer("BUCKETLENS_READ_TOKEN, when set, or the admin token (also accepted as ?token=)"),
      "admin": bearer("BUCKETLENS_ADMIN_TOKEN (also accepted as ?token=)")},
+    guarded=True,
 )

@@ -57,9 +57,11 @@ class RebuildConflict(RuntimeError):
     """A rebuild is already running (``rebuild_running``), or the last one's generation is not durable yet
     (``not_durable``: a script keyed on the code followed a rebuild that did not run, review 87)."""
 
-    def __init__(self, message: str, code: str = "rebuild_running") -> None:
+    code = "rebuild_running"
+
+    def __init__(self, message: str, code: str = "") -> None:
         super().__init__(message)
-        self.code = code
+        self.code = code or type(self).code
 
 
 class NotWriter(RebuildConflict):
@@ -200,9 +202,14 @@ class Rebuilds:
         return number
 
     def cancel(self, job_id: str) -> RebuildJob | None:
+        """The job ``job_id``, cancelled; None when it does not run here (ended, or unknown); NotWriter where this
+        replica does not write and does not run it (it answered "rebuild r1 is running, not running": review 87)."""
         with self._lock:
             job = self.current
             if job is None or job.id != job_id or job.state != "running":
+                if not self.service.writing.is_set():
+                    raise NotWriter(f"replica {self.service.replica} does not write the index; the writer is "
+                                    f"{self.service.lease.current()}: send the cancel there")
                 return None
             if job.mode == "reindex":  # its restructure cannot be stopped: "cancelled" let the next rebuild start
                 raise RebuildConflict(f"rebuild {job_id} is a reindex, which cannot be cancelled: it ends by itself "

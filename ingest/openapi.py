@@ -66,7 +66,9 @@ PATHS = {
 
 OPENAPI = document(
     "bucketlens ingest", "The webhook receiver: S3 bucket notifications in, Celery tasks (object keys) out. 503 asks "
-    "the S3 server to deliver again (Redis unreachable or near its memory limit, no index generation registered, S3 "
-    "unreachable to check a delete, the broker refusing, or another delivery of the same event queueing it now).",
-    PATHS, SCHEMAS, {"webhook": bearer("BUCKETLENS_WEBHOOK_TOKEN (or ?token=)")},
+    "the S3 server to deliver again; its code says why: Redis unreachable (redis_unavailable) or near its memory "
+    "limit (redis_near_full), no index generation registered (no_generation), S3 unreachable to check a delete "
+    "(s3_unavailable), the broker refusing (broker_unavailable), another delivery of the same event queueing it now "
+    "(in_flight), an SNS subscription not confirmed (subscription_unconfirmed).",
+    PATHS, SCHEMAS, {"webhook": bearer("BUCKETLENS_WEBHOOK_TOKEN (or ?token=)")}, guarded=False,
 )

@@ -630,6 +630,13 @@ def test_a_replica_whose_lease_moved_refuses_a_rebuild_though_its_flag_lags() ->
     with pytest.raises(NotWriter, match="the writer is api-2/f9d3"):
         service.rebuilds.start("reembed")
     assert service.rebuilds.current is None and service.shadow is None
+    # A cancel of the writer's job here says where to send it (review 87: 409 not_running, "r1 is running, not
+    # running"); one that runs here is cancelled, whatever the flag says
+    service.writing.clear()
+    with pytest.raises(NotWriter, match="the writer is api-2/f9d3: send the cancel there"):
+        service.rebuilds.cancel("r1")
+    service.rebuilds.current = RebuildJob("r2", "reembed", 3, "m", "Flat")
+    assert service.rebuilds.cancel("r2") is service.rebuilds.current and service.rebuilds.current.state == "cancelled"
 
 
 def test_a_restarted_service_still_reports_the_last_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
