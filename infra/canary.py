@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -18,6 +19,7 @@ from bucketlens.redis_client import text
 from bucketlens.settings import Settings
 
 log = logging.getLogger(__name__)
+SAY_WAITING_S = 15.0  # a wait this long is said (a new topic's first event takes 4-21 s)
 RESTART_GRACE_S = 45.0  # radosgw rereads its persistent-queue list every 30 s; a little more for the redeliveries
 
 
@@ -58,13 +60,18 @@ class Canary:
             return None, lag
         return pending, time.time() - written
 
-    def wait(self, timeout_s: float, after_restart: bool = False) -> float:
-        """Write a canary (``write``) and wait for its event; returns the delivery lag in seconds."""
+    def wait(self, timeout_s: float, after_restart: bool = False,
+             waiting: Callable[[float], None] | None = None) -> float:
+        """Write a canary (``write``) and wait for its event; returns the delivery lag in seconds. ``waiting`` is
+        told once, ``SAY_WAITING_S`` into the wait, how long it has waited (`up` was silent for 90 s: review 83)."""
         self.write(after_restart)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        while (waited := time.monotonic() - start) < timeout_s:
             pending, lag = self.check()
             if pending is None:
                 return lag
+            if waiting is not None and waited >= SAY_WAITING_S:
+                waiting(waited)
+                waiting = None
             time.sleep(0.1)
         raise TimeoutError(f"no notification for the canary within {timeout_s:.0f} s")

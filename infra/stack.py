@@ -387,8 +387,13 @@ class Stack:
         topic whose endpoint refused connections for 10 s or more (an upload while ingest was down) stays stalled
         until then: `up` failed on it, every time, and never started the supervisor that heals it (review 79)."""
         canary = Canary(self.settings, s3, connect(self.settings.redis_url))
+
+        def waiting(seconds: float) -> None:
+            print(f"waiting for a test upload's notification to reach ingest ({seconds:.0f} s so far; a new topic's "
+                  "first takes 4-21 s, a restarted gateway's ~30 s)", file=sys.stderr)
+
         try:  # the first event of a new persistent topic takes 4-21 s (radosgw rereads its queue list)
-            canary.wait(90)
+            canary.wait(90, waiting=waiting)
             return True
         except TimeoutError as exc:
             print(f"{exc}: the bucket's notifications have stalled (an upload came while ingest was down?); "
@@ -396,7 +401,7 @@ class Stack:
         self.stop_s3()
         self.start_s3()
         try:  # (its persistent queues resume within ~30 s of the restart)
-            canary.wait(90 + RESTART_GRACE_S, after_restart=True)
+            canary.wait(90 + RESTART_GRACE_S, after_restart=True, waiting=waiting)
         except TimeoutError as exc:
             raise StackError(f"{exc}, after a restart of radosgw too; see {self.home / 'logs'}") from exc
         return False

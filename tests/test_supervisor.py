@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ import redis
 from botocore.exceptions import ClientError
 
 from bucketlens.settings import Settings
+from infra import canary as canary_module
 from infra import liveness as liveness_module
 from infra import supervisor as supervisor_module
 from infra.canary import RESTART_GRACE_S
@@ -145,6 +147,30 @@ def test_a_stopped_process_is_continued_to_take_its_terminate_signal(tmp_path: P
         process.kill()
         with contextlib.suppress(ChildProcessError):
             process.wait()
+
+
+def test_a_long_wait_for_a_canary_is_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` waited up to 90 s for its test upload's notification without a word (review 83)."""
+    class Held:  # a Redis where the canary's event never arrives, and an S3 server that takes its upload
+        def __init__(self) -> None:
+            self.fields: dict[bytes, bytes] = {}
+
+        def hset(self, key: str, field: str | None = None, value: Any = None,
+                 mapping: dict[str, Any] | None = None) -> None:
+            self.fields.update({k.encode(): str(v).encode() for k, v in (mapping or {field: value}).items()})
+
+        def hgetall(self, key: str) -> dict[bytes, bytes]:
+            return self.fields
+
+        def get(self, key: str) -> None:
+            return None
+
+    monkeypatch.setattr(canary_module, "SAY_WAITING_S", 0.3)
+    said: list[float] = []
+    canary = canary_module.Canary(Settings(), SimpleNamespace(put_object=lambda **kw: None), Held())  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError, match="no notification for the canary within 1 s"):
+        canary.wait(1.0, waiting=said.append)
+    assert len(said) == 1 and 0.3 <= said[0] < 1.0, said
 
 
 def test_liveness_notes_when_a_process_last_answered() -> None:
