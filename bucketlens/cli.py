@@ -334,6 +334,16 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, di
         if variable in os.environ and kept and asked not in (0, kept):  # 0: any
             print(f"note: {variable}={os.environ[variable]} is not used: this stack keeps its {name} {kept} in "
                   f"{stack.home / 'stack.json'} (edit it there while it is down)")
+    if stack.pid("api") is None:  # what makes it another index, said where it differs from the last start (review
+        # 86: an `up` from a shell without them served an empty index of another namespace, searches open, silently)
+        last = stack.last_started()
+        for name, what in (("namespace", "its index, queues and failure records are another's"),
+                           ("bucket", "uploads to the other bucket are not told of"),
+                           ("read_token", "searches take another token, or none")):
+            now, then = getattr(stack.settings, name), last.get(name, getattr(stack.settings, name))
+            if now != then:
+                print(f"note: BUCKETLENS_{name.upper()} is {_value_text(name, now, then)} where this stack last ran "
+                      f"with {_value_text(name, then)}: {what} (`bucketlens down`, then `up` with it set, to go back)")
     # BUCKETLENS_INDEX_BACKEND as --backend: alone, it was ignored and a FAISS stack started (an independent check)
     if backend := args.backend or ("index_backend" in _explicit() and settings.index_backend):
         stack.choose_backend(backend)
@@ -347,6 +357,13 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, di
         first = "" if stack.s3_created() else f"; first start creates the S3 server: ~30 s{extra}"
         print(f"starting the local stack in {stack.home} ({stack.settings.index_backend} index{first})")
     return stack, processes
+
+
+def _value_text(name: str, value: str, other: str = "") -> str:
+    """A setting's value as `up` names it beside ``other``: a token's is not shown."""
+    if name != "read_token":
+        return repr(value)
+    return "none" if not value else "another token" if other else "a token"
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:

@@ -59,7 +59,8 @@ MAX_REPLICAS = {"faiss": 1, "milvus": 16}  # index service processes: a FAISS in
 # from another shell, with a bucket and tokens of their own (a new shell's CLI got 401s and named the default
 # bucket: an independent check; `status --json` named the stack's webhook token, not the one ingest took: review 48).
 # The addresses they bind are the stack's own way to them too (``API_HOST`` set in the shell of `up` alone).
-RUNNING = {"api": ("bucket", "read_token", "admin_token", "api_host"), "ingest": ("webhook_token", "ingest_host")}
+RUNNING = {"api": ("bucket", "read_token", "admin_token", "api_host", "namespace"),
+           "ingest": ("webhook_token", "ingest_host")}
 PACKAGES = ("bucketlens", "ingest", "workers", "index_service", "infra", "vision")  # the code the services run
 
 
@@ -515,10 +516,15 @@ class Stack:
 
     def _started(self) -> dict[str, Any]:
         """What the running services were started with of ``RUNNING``."""
+        return self.last_started(running=True)
+
+    def last_started(self, running: bool = False) -> dict[str, Any]:
+        """What the services were last started with of ``RUNNING`` (``running``: of those that run now)."""
         found: dict[str, Any] = {}
         for service, names in RUNNING.items():
             path = self.home / "run" / f"{service}-settings.json"
-            started = (json_object(path.read_text()) if path.exists() and self.pid(service) is not None else None) or {}
+            kept = path.exists() and (not running or self.pid(service) is not None)
+            started = (json_object(path.read_text()) if kept else None) or {}
             found.update({name: started[name] for name in names if isinstance(started.get(name), str)})
         return found
 

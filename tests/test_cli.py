@@ -1068,13 +1068,14 @@ def test_client_settings_come_from_a_running_service_only(tmp_path: Path) -> Non
     (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run" / "api-settings.json").write_text(json.dumps(
         {"bucket": "my.photos-2024", "read_token": "rt", "admin_token": "mine", "s3_endpoint": "http://elsewhere",
-         "api_host": "::1"}))
+         "api_host": "::1", "namespace": "its.ns"}))
     assert stack.for_clients().bucket == Settings().bucket  # no index service runs: the record is not its
     (tmp_path / "run" / "api.pid").write_text(pid_record(os.getpid()))  # this process stands in for one
     # Reached where it binds from any shell (`status` named 127.0.0.1 for one bound to ::1: review 48).
     assert Stack(Settings(home=tmp_path)).api_url == f"http://[::1]:{stack.config.api_port}"
     seen = stack.for_clients()
     assert (seen.bucket, seen.read_token, seen.admin_token) == ("my.photos-2024", "rt", "mine")
+    assert seen.namespace == "its.ns"  # (`status --json` named the shell's: review 86)
     assert seen.s3_endpoint == stack.settings.s3_endpoint  # only the bucket and tokens are taken
     assert stack.for_clients(["read_token"]).read_token == ""  # what the client's shell sets stays
     # Ingest's webhook token likewise: `status --json` named the stack's, which ingest refused (review 48).
@@ -1115,6 +1116,33 @@ def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monke
     assert main(["up", "--replicas", "3"]) == 1  # refused before starting anything, after the note
     assert (f"note: BUCKETLENS_API_PORT=47999 is not used: this stack keeps its api_port {api.port} in "
             f"{tmp_path / 'stack.json'}") in capsys.readouterr().out
+
+
+def test_up_says_a_namespace_bucket_or_read_token_other_than_the_last_start(
+        api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`down`, then `up` from a shell without the settings the stack ran with: it served an empty index of the default
+    namespace, searches open, and the uploads to the stack's bucket went unindexed, without a word (review 86)."""
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
+        "admin_token": "admin"}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "api-settings.json").write_text(json.dumps({
+        "bucket": "pics", "read_token": "secret-rt", "admin_token": "admin", "api_host": "127.0.0.1",
+        "namespace": "rv.ns"}))
+    monkeypatch.setattr(Stack, "up", lambda self: None)  # (the services are the fake API)
+    api.answers[("GET", "/stats")] = (200, {"model": "m", "generation": 3, "vectors": 9, "index_type": "Flat"})
+    assert main(["up"]) == 0
+    out = capsys.readouterr().out
+    for said in ("note: BUCKETLENS_NAMESPACE is 'bl' where this stack last ran with 'rv.ns': its index, queues and "
+                 "failure records are another's (`bucketlens down`, then `up` with it set, to go back)",
+                 "note: BUCKETLENS_BUCKET is 'images' where this stack last ran with 'pics'",
+                 "note: BUCKETLENS_READ_TOKEN is none where this stack last ran with a token"):
+        assert said in out, out
+    assert "secret-rt" not in out
+    for name, value in (("NAMESPACE", "rv.ns"), ("BUCKET", "pics"), ("READ_TOKEN", "secret-rt")):
+        monkeypatch.setenv(f"BUCKETLENS_{name}", value)
+    assert main(["up"]) == 0
+    assert "note: BUCKETLENS_" not in capsys.readouterr().out
 
 
 def test_up_and_status_say_why_the_last_rebuild_failed(api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
