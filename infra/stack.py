@@ -146,6 +146,9 @@ class Stack:
             index_backend=self.config.index_backend,
             milvus_uri=f"http://127.0.0.1:{milvus_port}" if milvus_port else base.milvus_uri,
             **{name: value for name, value in started.items() if name.endswith("_host")},
+            # The running index service's namespace: what `up` starts beside it joins it (a worker `up` started from
+            # a shell without it took no task of theirs: review 86)
+            **{name: value for name, value in started.items() if name == "namespace"},
         )
 
     @property

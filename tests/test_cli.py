@@ -1076,6 +1076,7 @@ def test_client_settings_come_from_a_running_service_only(tmp_path: Path) -> Non
     seen = stack.for_clients()
     assert (seen.bucket, seen.read_token, seen.admin_token) == ("my.photos-2024", "rt", "mine")
     assert seen.namespace == "its.ns"  # (`status --json` named the shell's: review 86)
+    assert Stack(Settings(home=tmp_path)).settings.namespace == "its.ns"  # and what `up` starts beside it joins it
     assert seen.s3_endpoint == stack.settings.s3_endpoint  # only the bucket and tokens are taken
     assert stack.for_clients(["read_token"]).read_token == ""  # what the client's shell sets stays
     # Ingest's webhook token likewise: `status --json` named the stack's, which ingest refused (review 48).
