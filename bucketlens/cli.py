@@ -241,16 +241,21 @@ def run_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     from vision.embedders import worker_processes
-    from workers.app import create_celery
+    from workers.app import MODEL_FAILED, create_celery
 
     from .keys import Keys
 
     keys = Keys(settings.namespace)
     app = create_celery(settings)
-    app.worker_main(["worker", "-Q", ",".join(keys.queues), "-c", str(worker_processes(settings)),
-                     "--loglevel", settings.log_level, "-n", f"{settings.namespace}-worker@%h", "--without-gossip",
-                     "--without-mingle"])
-    return 0
+    # (``start``, not ``worker_main``, which drops Celery's exit code: a worker that failed exited 0)
+    code = app.start(["worker", "-Q", ",".join(keys.queues), "-c", str(worker_processes(settings)),
+                      "--loglevel", settings.log_level, "-n", f"{settings.namespace}-worker@%h", "--without-gossip",
+                      "--without-mingle"])
+    if MODEL_FAILED.value:
+        print("bucketlens worker: a worker process could not load its model (the log above says why)",
+              file=sys.stderr)
+        return 1
+    return int(code or 0)
 
 
 def run_supervise(settings: Settings, args: argparse.Namespace) -> int:

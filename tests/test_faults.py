@@ -260,7 +260,9 @@ def test_a_worker_that_cannot_load_its_model_takes_no_task(stack: Stack, s3: Any
     try:
         uploader = Uploader(stack, bodies, RATE)  # arriving while the bad worker starts, consumes and stops
         uploader.start()
-        bad.wait(timeout=120)  # it stops by itself (without the fix it ran on, eating tasks)
+        # It stops by itself (without the fix it ran on, eating tasks), and says it failed (review 86: exit 0, a
+        # clean stop to systemd's Restart=on-failure)
+        assert bad.wait(timeout=120) == 1
         uploader.finish()
         outcome = assert_index_matches_bucket(stack, s3, api, unique_prefix, bodies, recorder)
     finally:
@@ -270,6 +272,8 @@ def test_a_worker_that_cannot_load_its_model_takes_no_task(stack: Stack, s3: Any
     assert not failed, failed
     log = (stack.home / "logs" / "worker-no-cuda.log").read_text()
     assert "cannot load its model" in log and "BUCKETLENS_DEVICE=cuda" in log, log[-2000:]
+    assert log.rstrip().endswith("bucketlens worker: a worker process could not load its model (the log above says "
+                                 "why)"), log[-2000:]
     record_outcome("worker_without_its_model", outcome)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 
@@ -29,6 +30,10 @@ from .pipeline import Pipeline
 from .tasks import register_tasks
 
 log = logging.getLogger(__name__)
+# Set by a pool process that cannot load its model, before it stops the worker: shared memory made before the pool
+# forks, read by the main process once Celery returns (``bucketlens worker`` exits 1: it exited 0, which systemd's
+# Restart=on-failure and a shell's `&&` read as a clean stop: review 86).
+MODEL_FAILED = multiprocessing.Value("b", 0, lock=False)
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -53,6 +58,7 @@ def create_celery(settings: Settings) -> Celery:
             # holds; tasks already handed to this process go back too (``ready_pipeline``).
             log.critical("this worker cannot load its model and shuts down; its tasks go back to the queue",
                          exc_info=True)
+            MODEL_FAILED.value = 1
             os.kill(os.getppid(), signal.SIGTERM)
 
     def ready_pipeline() -> Pipeline:
