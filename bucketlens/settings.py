@@ -264,6 +264,11 @@ def _problem(name: str, value: Any) -> str | None:
         except ValueError as exc:  # (its message quotes what it read as the port: part of a password, with a '/')
             return f"{given}: " + (str(exc) if "@" not in str(value) else "no port number after the host (a password "
                                    "holding '/', '@' or ':' must be percent-encoded)")
+    if name == "redis_url" and value and not str(value).lower().startswith("unix://") and not re.fullmatch(
+            r"/?\d*", path := urlsplit(str(value)).path):  # (redis-py refused it only when used: ingest then answered
+        # 503 "until Redis is back", for good: review 86)
+        return f"{given}: the path after the host is the database number (/0, /1, ...), " + (
+            f"not {path!r}" if "@" not in path else "and a password holding '/', '@' or ':' must be percent-encoded")
     if name in CHOICES and value not in CHOICES[name]:
         return f"{given}: choose one of {', '.join(CHOICES[name])}"
     if name in BOUNDS and not BOUNDS[name].admits(value):

@@ -85,6 +85,9 @@ def test_the_defaults_are_valid() -> None:
      "BUCKETLENS_S3_ENDPOINT='localhost:7480': give a URL starting with http:// or https://"),
     ({"BUCKETLENS_REDIS_URL": "127.0.0.1:6379"},
      "BUCKETLENS_REDIS_URL='127.0.0.1:6379': give a URL starting with redis:// or rediss:// or unix://"),
+    ({"BUCKETLENS_REDIS_URL": "redis://127.0.0.1:6379/abc"},  # (review 86: 503 "until Redis is back", for good)
+     "BUCKETLENS_REDIS_URL='redis://127.0.0.1:6379/abc': the path after the host is the database number (/0, /1, "
+     "...), not '/abc'"),
     ({"BUCKETLENS_MILVUS_URI": "127.0.0.1:19530"},
      "BUCKETLENS_MILVUS_URI='127.0.0.1:19530': give a URL starting with http:// or https:// or tcp:// or tcp: or "
      "grpc:// or unix:"),
@@ -133,7 +136,8 @@ def test_a_bad_url_is_refused_without_its_password() -> None:
     for variable, url in (("BUCKETLENS_REDIS_URL", "redis://:Sup3rSecret@queue-host:63790x/0"),
                           ("BUCKETLENS_REDIS_URL", "rediss://user:Sup3rSecret@queue-host:99999"),
                           ("BUCKETLENS_MILVUS_URI", "http://root:Sup3rSecret@db:port/"),
-                          ("BUCKETLENS_REDIS_URL", "redis://:Sup3r/Sec@ret@queue-host:6379/0")):  # (review 72)
+                          ("BUCKETLENS_REDIS_URL", "redis://:Sup3r/Sec@ret@queue-host:6379/0"),  # (review 72)
+                          ("BUCKETLENS_REDIS_URL", "redis://:Sup3rSecret@queue-host:6379/x@y")):
         with pytest.raises(ValueError, match=f"^{variable}=") as refused:
             Settings.from_env({variable: url})
         assert "Sup3r" not in str(refused.value) and "***@" in str(refused.value), refused.value
