@@ -35,6 +35,7 @@ from .settings import (
     only_backend,
     reach,
     unknown_variables,
+    without_password,
 )
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -283,11 +284,24 @@ def _stack(settings: Settings) -> Any:
     return Stack(settings)
 
 
+def _servers_replaced(settings: Settings, stack: Any) -> list[str]:
+    """Notes of the servers this shell names that the local stack's own replace (an upload went to the stack's S3
+    server, BUCKETLENS_S3_ENDPOINT named another, and nothing said so: review 86)."""
+    return [f"note: BUCKETLENS_{name.upper()}={without_password(getattr(settings, name))!r} is not used: the local "
+            f"stack in {stack.home} "
+            f"runs its own, {getattr(stack.settings, name)} (another BUCKETLENS_HOME for another stack)"
+            for name in ("s3_endpoint", "redis_url") if name in _explicit()
+            and getattr(settings, name) != getattr(stack.settings, name)]
+
+
 def client_settings(settings: Settings) -> Settings:
     """Settings for client commands: the local stack's (ports, tokens) when one was set up here, with the bucket and
     tokens its index service runs with, where this shell does not set them."""
     if _has_stack(settings):
-        return _stack(settings).for_clients(_explicit())  # type: ignore[no-any-return]
+        stack = _stack(settings)
+        for note in _servers_replaced(settings, stack):
+            print(f"bucketlens: {note}", file=sys.stderr)
+        return stack.for_clients(_explicit())  # type: ignore[no-any-return]
     explicit = set(_explicit())  # (the defaults went to whatever held their ports, another user's stack or S3
     # server included, and said nothing: review 26)
     for server, address, names in (("API", _api_address(settings), {"api_host", "api_port"}),
@@ -349,6 +363,8 @@ def _stack_for_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, di
             if now != then:
                 print(f"note: BUCKETLENS_{name.upper()} is {_value_text(name, now, then)} where this stack last ran "
                       f"with {_value_text(name, then)}: {what} (`bucketlens down`, then `up` with it set, to go back)")
+    for note in _servers_replaced(settings, stack):
+        print(note)
     # BUCKETLENS_INDEX_BACKEND as --backend: alone, it was ignored and a FAISS stack started (an independent check)
     if backend := args.backend or ("index_backend" in _explicit() and settings.index_backend):
         stack.choose_backend(backend)

@@ -236,14 +236,21 @@ REBUILD_START_WAIT_S = 120.0
 BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # It names Redis keys, Celery queues and the bucket's notification: one with a space made a Ceph topic named "a+b-..."
 # that nothing found again (review 61). Other characters pass (the topic's name has them as '-').
-NAMESPACE = re.compile(r"[!-~]+")
+# Printable ASCII without spaces, nor '/' or '\', and not '.' or '..': it names folders under the home (snapshots/,
+# features/): '/tmp/x' put them outside it, '..' on the home itself, and './a' beside 'a' (review 86)
+NAMESPACE = re.compile(r"(?!\.\.?$)[!-.0-\[\]-~]+")
 PASSWORD_IN_URL = re.compile(r"(//[^/@:]*:).*@")  # scheme://user:PASSWORD@host (to the last '@': it may hold '/')
+
+
+def without_password(url: str) -> str:
+    """``url`` with its password, if any, as ``***``: fit for stderr and logs."""
+    return PASSWORD_IN_URL.sub(r"\1***@", url)
 
 
 def _problem(name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the field ``name``, said with the variable that sets it, or None."""
     # (a URL's password was printed with it, to stderr and the service logs: review 70)
-    shown = PASSWORD_IN_URL.sub(r"\1***@", value) if name in SCHEMES and isinstance(value, str) else value
+    shown = without_password(value) if name in SCHEMES and isinstance(value, str) else value
     given = f"{PREFIX}{name.upper()}={shown!r}"
     if name in NOT_EMPTY and not str(value).strip():
         return f"{PREFIX}{name.upper()} is empty: give a value or leave it unset"
@@ -253,7 +260,7 @@ def _problem(name: str, value: Any) -> str | None:
     if name == "bucket" and not BUCKET_NAME.fullmatch(str(value)):
         return f"{given}: an S3 bucket name holds letters, digits, '.', '-' and '_' only"
     if name == "namespace" and not NAMESPACE.fullmatch(str(value)):
-        return f"{given}: a namespace is printable ASCII without spaces"
+        return f"{given}: a namespace is printable ASCII without spaces, '/' or '\\', and not '.' or '..'"
     if (name.endswith("_host") or name == "replica") and str(value) != str(value).strip():
         return f"{given}: has spaces around it"
     if name in SCHEMES and value and not str(value).lower().startswith(SCHEMES[name]):

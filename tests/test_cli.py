@@ -1119,6 +1119,22 @@ def test_up_says_a_port_override_is_not_used(api: FakeAPI, tmp_path: Path, monke
             f"{tmp_path / 'stack.json'}") in capsys.readouterr().out
 
 
+def test_a_server_the_shell_names_that_the_stack_replaces_is_noted(
+        api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An upload with BUCKETLENS_S3_ENDPOINT naming another server went to the stack's, without a word (review 86)."""
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "redis_port": 1, "s3_port": 1, "mon_port": 1, "ingest_port": 1, "api_port": api.port, "webhook_token": "w",
+        "admin_token": "admin"}))
+    monkeypatch.setenv("BUCKETLENS_S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("BUCKETLENS_REDIS_URL", "redis://:Sup3rSecret@127.0.0.1:9/0")
+    api.answers[("GET", "/queues")] = (200, {"queues": {}})
+    main(["queues", "--json"])
+    err = capsys.readouterr().err
+    assert (f"bucketlens: note: BUCKETLENS_S3_ENDPOINT='http://127.0.0.1:9' is not used: the local stack in {tmp_path} "
+            "runs its own, http://127.0.0.1:1 (another BUCKETLENS_HOME for another stack)") in err, err
+    assert "BUCKETLENS_REDIS_URL='redis://:***@127.0.0.1:9/0' is not used" in err and "Sup3r" not in err, err
+
+
 def test_up_says_a_namespace_bucket_or_read_token_other_than_the_last_start(
         api: FakeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`down`, then `up` from a shell without the settings the stack ran with: it served an empty index of the default

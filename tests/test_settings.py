@@ -72,7 +72,10 @@ def test_the_defaults_are_valid() -> None:
     ({"BUCKETLENS_BUCKET": "Bad_Bucket!"},
      "BUCKETLENS_BUCKET='Bad_Bucket!': an S3 bucket name holds letters, digits, '.', '-' and '_' only"),
     ({"BUCKETLENS_NAMESPACE": "a b"},  # (Ceph named its topic "a+b-...", which nothing found again: review 61)
-     "BUCKETLENS_NAMESPACE='a b': a namespace is printable ASCII without spaces"),
+     "BUCKETLENS_NAMESPACE='a b': a namespace is printable ASCII without spaces, '/' or '\\', and not '.' or '..'"),
+    # (it names folders under the home: these put its snapshots and features elsewhere: review 86)
+    ({"BUCKETLENS_NAMESPACE": "/tmp/x"}, "BUCKETLENS_NAMESPACE='/tmp/x': a namespace is printable ASCII without"),
+    ({"BUCKETLENS_NAMESPACE": ".."}, "BUCKETLENS_NAMESPACE='..': a namespace is printable ASCII without"),
     ({"BUCKETLENS_MERGE_BATCH": str(10**20)},  # (the index service never became ready: review 61)
      f"BUCKETLENS_MERGE_BATCH={10**20}: must be at least 1 and at most 9007199254740991"),
     ({"BUCKETLENS_DEDUP_TTL_S": str(10**20)},  # (ingest answered 503 to every event)
