@@ -285,6 +285,9 @@ def carrying_service(bucket: str, serving: VectorIndex | None = None) -> tuple[S
         def hset(self, *args: Any) -> None:
             pass
 
+        def hgetall(self, key: str) -> dict[bytes, bytes]:  # (no pending marks: a job's end drops none)
+            return {}
+
     service = SimpleNamespace(index=serving, shadow=shadow, redis=JobRecords(), keys=Keys("t"),
                               restructuring=threading.Lock(), routing=threading.Lock(), snapshot=lambda: True,
                               retiring=[],
