@@ -34,13 +34,23 @@ class Canary:
         """Upload a canary; ``after_restart``: the S3 server was just (re)started, and its notifications resume only
         within ~30 s (Ceph 16's persistent topics): ``bucketlens queues`` says so at once."""
         key = f"{self.settings.reserved_prefix}canary/{time.time_ns()}"
+        previous = text(self.redis.hget(self.keys.canary, "pending_key") or b"")
         self.redis.hset(self.keys.canary, mapping={"pending_key": key, "written": time.time(),
                                                    "after_restart": int(after_restart)})
         self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=b"canary")
         # Its age counts from S3's acknowledgement: a PUT held by a frozen S3 server and answered as it thawed was
         # judged undelivered at once, and the radosgw that had just resumed was restarted (review 24).
         self.redis.hset(self.keys.canary, "written", time.time())
+        if previous:  # one never delivered, or not checked since (a `down` meanwhile): it stayed in the bucket for
+            self._remove(previous)  # good, one more at each restart (review 86: 4 after 5)
         return key
+
+    def _remove(self, key: str) -> None:
+        """Delete a canary whose work is done (S3 away: a leftover canary is harmless, never indexed or counted)."""
+        try:
+            self.s3.delete_object(Bucket=self.settings.bucket, Key=key)
+        except Exception as exc:
+            log.debug("canary %s left in the bucket: %s", key, exc)
 
     def check(self) -> tuple[str | None, float]:
         """(the outstanding canary key or None once delivered, seconds since it was written)."""
@@ -53,10 +63,7 @@ class Canary:
         if seen is not None:
             lag = max(0.0, float(seen) - written)  # (its event can come before S3 answered the PUT)
             self.redis.hset(self.keys.canary, mapping={"pending_key": "", "lag_s": lag, "delivered": float(seen)})
-            try:  # its work is done: without this the bucket gained a canary object every interval, forever
-                self.s3.delete_object(Bucket=self.settings.bucket, Key=pending)
-            except Exception as exc:  # S3 away: a leftover canary is harmless (never indexed, never counted)
-                log.debug("canary %s left in the bucket: %s", pending, exc)
+            self._remove(pending)  # (without it the bucket gained a canary object every interval, forever)
             return None, lag
         return pending, time.time() - written
 

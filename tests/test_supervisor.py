@@ -149,28 +149,53 @@ def test_a_stopped_process_is_continued_to_take_its_terminate_signal(tmp_path: P
             process.wait()
 
 
+class HeldCanaries:
+    """A Redis where no canary's event arrives, and an S3 server that takes canaries and says which it deleted."""
+
+    def __init__(self) -> None:
+        self.fields: dict[bytes, bytes] = {}
+        self.deleted: list[str] = []
+
+    def hset(self, key: str, field: str | None = None, value: Any = None,
+             mapping: dict[str, Any] | None = None) -> None:
+        self.fields.update({k.encode(): str(v).encode() for k, v in (mapping or {field: value}).items()})
+
+    def hget(self, key: str, field: str) -> bytes | None:
+        return self.fields.get(field.encode())
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        return self.fields
+
+    def get(self, key: str) -> None:
+        return None
+
+    def put_object(self, **kwargs: Any) -> None:
+        pass
+
+    def delete_object(self, Bucket: str, Key: str) -> None:  # noqa: N803  (boto3's names)
+        self.deleted.append(Key)
+
+
 def test_a_long_wait_for_a_canary_is_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """`up` waited up to 90 s for its test upload's notification without a word (review 83)."""
-    class Held:  # a Redis where the canary's event never arrives, and an S3 server that takes its upload
-        def __init__(self) -> None:
-            self.fields: dict[bytes, bytes] = {}
-
-        def hset(self, key: str, field: str | None = None, value: Any = None,
-                 mapping: dict[str, Any] | None = None) -> None:
-            self.fields.update({k.encode(): str(v).encode() for k, v in (mapping or {field: value}).items()})
-
-        def hgetall(self, key: str) -> dict[bytes, bytes]:
-            return self.fields
-
-        def get(self, key: str) -> None:
-            return None
-
     monkeypatch.setattr(canary_module, "SAY_WAITING_S", 0.3)
     said: list[float] = []
-    canary = canary_module.Canary(Settings(), SimpleNamespace(put_object=lambda **kw: None), Held())  # type: ignore[arg-type]
+    held = HeldCanaries()
+    canary = canary_module.Canary(Settings(), held, held)  # type: ignore[arg-type]
     with pytest.raises(TimeoutError, match="no notification for the canary within 1 s"):
         canary.wait(1.0, waiting=said.append)
     assert len(said) == 1 and 0.3 <= said[0] < 1.0, said
+
+
+def test_a_canary_never_delivered_is_removed_when_the_next_is_written() -> None:
+    """A canary not delivered, or not checked since (a `down`), stayed in the bucket: 4 after 5 restarts (review
+    86), each indexed as a failure once RESERVED_PREFIX changed."""
+    held = HeldCanaries()
+    canary = canary_module.Canary(Settings(), held, held)  # type: ignore[arg-type]
+    first = canary.write()
+    assert held.deleted == []
+    second = canary.write()
+    assert held.deleted == [first] and second != first
 
 
 def test_liveness_notes_when_a_process_last_answered() -> None:
