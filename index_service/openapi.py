@@ -178,7 +178,10 @@ SCHEMAS: dict[str, Schema] = {
                    "batch_size": {"type": "integer", "description": "objects of the current batch"},
                    "batch_started": NULLABLE_NUMBER, "batches": INT, "objects": INT,
                    "last_seen": {"type": "number", "description": "its last heartbeat (seconds since the epoch)"},
-                   "age_s": {"type": "number", "description": "seconds since its last heartbeat"}},
+                   "age_s": {"type": "number", "description": "seconds since its last heartbeat"},
+                   "limits": {"type": "object", "additionalProperties": INT,
+                              "description": "what it refuses objects by (max_object_bytes, max_pixels): every "
+                                             "worker should have the same"}},
                   ("id", "age_s")),
     "Queues": obj({
         "queues": {"type": "object", "description": "by queue name",

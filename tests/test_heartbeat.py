@@ -6,6 +6,8 @@ import json
 import time
 import uuid
 
+import pytest
+
 from bucketlens.keys import Keys
 from bucketlens.redis_client import connect
 from index_service.queues import live_workers
@@ -58,3 +60,28 @@ def test_a_silent_worker_drops_out_when_its_heartbeat_expires_and_is_forgotten_l
         assert redis.smembers(keys.workers) == {heartbeat.id.encode()}
     finally:
         heartbeat.stop()
+
+
+def test_a_worker_whose_limits_differ_from_a_live_ones_says_so(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker started by hand kept its own MAX_OBJECT_BYTES: the same object was indexed or a failure by which
+    worker took it, without a word (review 86)."""
+    keys = Keys(f"h{uuid.uuid4().hex[:8]}")
+    redis = connect(stack.settings.redis_url)
+    limits = {"max_object_bytes": 300_000, "max_pixels": 2_000_000}
+    redis.set(keys.worker("other:1"), json.dumps({"id": "other:1", "last_seen": time.time(), "limits": limits}),
+              ex=60)
+    redis.sadd(keys.workers, "other:1")
+    same = Heartbeat(redis, keys, limits=limits)
+    same.start()
+    same.stop()
+    assert "other limits" not in caplog.text
+    other = Heartbeat(redis, keys, limits={**limits, "max_object_bytes": 50 * 2**20})
+    other.start()
+    try:
+        assert ("by {'max_object_bytes': 52428800, 'max_pixels': 2000000}, and 1 live worker(s) by other limits "
+                "(other:1: {'max_object_bytes': 300000, 'max_pixels': 2000000})") in caplog.text, caplog.text
+        (mine,) = [w for w in live_workers(redis, keys) if w["id"] == other.id]
+        assert mine["limits"]["max_object_bytes"] == 50 * 2**20  # (GET /queues shows each worker's)
+    finally:
+        other.stop()
+        redis.delete(keys.worker("other:1"), keys.workers)

@@ -24,6 +24,7 @@ import redis
 
 from bucketlens.keys import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, Keys
 from bucketlens.redis_client import text
+from bucketlens.schemas import json_object
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,38 @@ class Beacon:
 class Heartbeat(Beacon):
     """The state of one pool process (which runs the tasks), shown in ``GET /queues``."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, model: str = "", device: str = "") -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, model: str = "", device: str = "",
+                 limits: dict[str, int] | None = None) -> None:
         super().__init__(client, keys.workers, keys.worker)
         self._state: dict[str, Any] = {
             "model": model, "device": device, "started": time.time(), "state": "idle", "batch_size": 0,
-            "batch_started": None, "batches": 0, "objects": 0,
+            "batch_started": None, "batches": 0, "objects": 0, "limits": limits or {},
         }
         self._lock = threading.Lock()
+
+    def start(self) -> None:
+        super().start()
+        self._compare_limits()
+
+    def _compare_limits(self) -> None:
+        """Warn where a live worker refuses objects by other limits than this one's: the same object was indexed or
+        a failure by which worker took it (review 86: a worker started by hand kept its own MAX_OBJECT_BYTES)."""
+        mine = self._state["limits"]
+        try:
+            ids = sorted(text(member) for member in self.redis.smembers(self.members))
+            records = self.redis.mget([self.key_of(member) for member in ids]) if ids else []
+        except redis.RedisError:
+            return
+        others = {}
+        for raw in records:
+            record = json_object(raw)
+            if record and record.get("id") != self.id and isinstance(record.get("limits"), dict):
+                others[record["id"]] = record["limits"]
+        if differ := {worker: limits for worker, limits in others.items() if limits != mine}:
+            log.warning("this worker refuses objects by %s, and %d live worker(s) by other limits (%s): the same "
+                        "object is indexed or a failure by which worker takes it; give every worker the same "
+                        "BUCKETLENS_MAX_OBJECT_BYTES and MAX_PIXELS", mine, len(differ),
+                        "; ".join(f"{worker}: {limits}" for worker, limits in sorted(differ.items())[:3]))
 
     def busy(self, size: int) -> None:
         """A batch of ``size`` objects started."""

@@ -65,7 +65,8 @@ class Pipeline:
         self.redis = client or connect(settings.redis_url)
         self.writer = ResultWriter(self.redis, self.keys)
         self._models: dict[int, str] = {}  # generation -> model, read at each batch
-        self.heartbeat = Heartbeat(self.redis, self.keys, default.model, default.device)
+        self.heartbeat = Heartbeat(self.redis, self.keys, default.model, default.device, {
+            "max_object_bytes": settings.max_object_bytes, "max_pixels": settings.max_pixels})
 
     def process(self, refs: Sequence[ObjectRef]) -> Outcome:
         """Run one batch through every stage; bad objects never block the rest of the batch.
