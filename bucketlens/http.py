@@ -44,7 +44,7 @@ def allowed_hosts(setting: str, bind: str) -> frozenset[str] | None:
     to a loopback address answers only the loopback names: a web page elsewhere whose DNS name is rebound to
     127.0.0.1 would otherwise read it through the user's browser (DNS rebinding), and no other name reaches a
     loopback address legitimately."""
-    names = _names(setting)
+    names = host_names(setting)
     if "*" in names:
         return None
     if names:
@@ -56,9 +56,11 @@ def allowed_hosts(setting: str, bind: str) -> frozenset[str] | None:
     return LOOPBACK_NAMES if loopback else None
 
 
-def _names(setting: str) -> frozenset[str]:
-    """The names ``BUCKETLENS_ALLOWED_HOSTS`` lists, lower case, IPv6 addresses without brackets."""
-    return frozenset(name.strip().lower().strip("[]") for name in setting.split(",") if name.strip())
+def host_names(setting: str) -> frozenset[str]:
+    """The host names a comma-separated setting lists (``BUCKETLENS_ALLOWED_HOSTS``, ``SNS_HOSTS``) as requests
+    name them: lower case, without a port or an IPv6 address's brackets (an entry with a port, or in capitals in
+    SNS_HOSTS, was taken and never matched: review 86)."""
+    return frozenset(host_name(name) for name in setting.split(",") if name.strip())
 
 
 class HostGuard:
@@ -71,13 +73,13 @@ class HostGuard:
     def __init__(self, app: ASGIApp, setting: str, bind: str) -> None:
         self.app = app
         self.allowed = allowed_hosts(setting, bind)
-        self.named = _names(setting)  # (beside "*" too: a page of a proxy's name is this server's own)
+        self.named = host_names(setting)  # (beside "*" too: a page of a proxy's name is this server's own)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             host = headers.get("host", "")
-            if self.allowed is not None and host and _host_name(host) not in self.allowed:
+            if self.allowed is not None and host and host_name(host) not in self.allowed:
                 names = ", ".join(sorted(self.allowed))
                 await error_response(400, "bad_host", f"this server answers requests for {names}, not {host!r} "
                                      "(a guard against DNS rebinding); BUCKETLENS_ALLOWED_HOSTS names the hosts "
@@ -100,11 +102,11 @@ class HostGuard:
         netloc = urlsplit(origin).netloc.lower()  # ("null", a sandboxed page's: none)
         if not netloc or netloc == host.strip().lower():
             return bool(netloc)
-        name = _host_name(netloc)
-        return name not in LOOPBACK_NAMES and (name == _host_name(host) or name in self.named)
+        name = host_name(netloc)
+        return name not in LOOPBACK_NAMES and (name == host_name(host) or name in self.named)
 
 
-def _host_name(host: str) -> str:
+def host_name(host: str) -> str:
     """A ``Host`` header's name, lower case, without its port or an IPv6 address's brackets."""
     host = host.strip().lower()
     if host.startswith("["):

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, read_limited
+from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, host_names, read_limited
 from bucketlens.keys import Keys
 from bucketlens.openapi import route as openapi_route
 from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew, event_time
@@ -249,7 +249,7 @@ class Receiver:
         A failed visit answers 503, and SNS sends the confirmation again."""
         url = urlsplit(parsed.subscribe_url)
         host = url.hostname or ""
-        extra = {h.strip() for h in self.settings.sns_hosts.split(",") if h.strip()}
+        extra = host_names(self.settings.sns_hosts)
         if not ((url.scheme == "https" and AMAZON_SNS.fullmatch(host)) or (url.scheme in ("http", "https")
                                                                            and host in extra)):
             log.warning("not confirming the SNS subscription to %r: its SubscribeURL is on %r, not Amazon SNS "

@@ -118,6 +118,8 @@ def test_a_loopback_api_answers_only_loopback_host_names(stack: Stack, api: http
     # A proxy's name beside the loopback names, never in their place: the stack's own probes and the CLI ask for
     # 127.0.0.1 (review 61: `up` waited 300 s, and every command was 400 bad_host).
     ("photos.example", "127.0.0.1", {"photos.example", *LOOPBACK_NAMES}),
+    # An entry with a port was taken and never matched (review 86): a Host's port is not compared
+    ("proxy.example:8080, [::2]:443", "0.0.0.0", {"proxy.example", "::2", *LOOPBACK_NAMES}),
 ])
 def test_the_hosts_answered_follow_the_setting_and_the_bind_address(setting: str, bind: str,
                                                                     allowed: frozenset[str] | None) -> None:
