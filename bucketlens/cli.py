@@ -613,7 +613,22 @@ def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
         # ever indexed: review 79)
         print(f"note: bucket {bucket!r} does not notify this stack, so its objects are not indexed: `bucketlens "
               f"reconcile --bucket {bucket}` indexes what it holds now")
+    if limit := _workers_limit(settings, "max_object_bytes"):  # (stored, then a failure, without a word: review 86)
+        if over := sorted(key for key, path in files.items() if path.stat().st_size > limit):
+            print(f"note: {counted(len(over), 'file')} ({over[0]}{', ...' if len(over) > 1 else ''}) over the "
+                  f"workers' limit of {limit} bytes (BUCKETLENS_MAX_OBJECT_BYTES): stored, and not indexed "
+                  "(`bucketlens failures` lists them)")
     return 0
+
+
+def _workers_limit(settings: Settings, name: str) -> int | None:
+    """The least of the live workers' ``limits[name]`` (``GET /queues``), or None when none says one (or the index
+    service does not answer within 5 s)."""
+    report = _answer(f"{api_url(settings)}/queues", read_headers(settings)) or {}
+    limits = [worker["limits"][name] for worker in report.get("workers") or []
+              if isinstance(worker, dict) and isinstance(worker.get("limits"), dict)
+              and isinstance(worker["limits"].get(name), int)]
+    return min(limits, default=None)
 
 
 def _notifies_the_stack(settings: Settings, bucket: str) -> bool:

@@ -36,6 +36,8 @@ from bucketlens.cli import (
     reconcile_summary,
     upload_plan,
 )
+from bucketlens.keys import Keys
+from bucketlens.redis_client import connect
 from bucketlens.s3 import make_client
 from bucketlens.settings import REBUILD_START_WAIT_S, Settings
 from infra.notifications import ensure_bucket, remove_notifications
@@ -971,6 +973,19 @@ def test_upload_takes_files_and_folders_and_refuses_two_files_for_one_key(
     assert main(["upload", str(tmp_path / "big.bmp"), *bucket]) == 0
     etag = s3.head_object(Bucket=stack.settings.bucket, Key=unique_prefix + "big.bmp")["ETag"].strip('"')
     assert etag == hashlib.md5((tmp_path / "big.bmp").read_bytes()).hexdigest(), etag
+    assert "over the workers' limit" not in capsys.readouterr().out
+    # A file over the live workers' MAX_OBJECT_BYTES is stored and never indexed: said (review 86: nothing was)
+    redis, keys = connect(stack.settings.redis_url), Keys(stack.settings.namespace)
+    redis.set(keys.worker("small:1"), json.dumps({"id": "small:1", "last_seen": time.time(),
+                                                  "limits": {"max_object_bytes": 9_000_000}}), ex=60)
+    redis.sadd(keys.workers, "small:1")
+    try:
+        assert main(["upload", str(tmp_path / "big.bmp"), str(tmp_path / "b" / "two.png"), *bucket]) == 0
+        assert (f"note: 1 file ({unique_prefix}big.bmp) over the workers' limit of 9000000 bytes "
+                "(BUCKETLENS_MAX_OBJECT_BYTES): stored, and not indexed") in capsys.readouterr().out
+    finally:
+        redis.delete(keys.worker("small:1"))
+        redis.srem(keys.workers, "small:1")
 
 
 def test_demo_uploads_the_samples_and_finds_each_edited_copys_source(
