@@ -12,12 +12,12 @@ it rereads their list (every 30 s), so the canary written after a restart gets `
 it, a timeout under ~30 s restarted radosgw again and again, never leaving it the time to resume (seen in
 tests/test_faults.py with ``canary_timeout_s=20``); each heal in a row without a delivery doubles that grace.
 
-A service that dies again within ``STABLE_S`` of its restart without having answered its liveness question (a
-setting it refuses, a model it cannot load) is restarted at once the first time, then after twice the wait of the
-last time (from ``2 * canary_interval_s`` up to ``MAX_BACKOFF_S``), with the last line it wrote to its log since then
-in the supervisor's log: a crash loop does not spend the machine on loading a model every few seconds. One that
-answered since its restart was well, and is restarted at once: killed from outside, say (three kills of the worker
-within two minutes left it down for two more: review 83).
+A service that dies again within ``STABLE_S`` of its restart without having answered its liveness question
+``WELL_S`` or more after it (a setting it refuses, a model it cannot load) is restarted at once the first time,
+then after twice the wait of the last time (from ``2 * canary_interval_s`` up to ``MAX_BACKOFF_S``), with the last
+line it wrote to its log since then in the supervisor's log: a crash loop does not spend the machine on loading a
+model every few seconds. One that answered then was well, and is restarted at once: killed from outside, say
+(three kills of the worker within two minutes left it down for two more: review 83).
 
 A process running but hung (frozen, wedged: its pid is there) is found by infra/liveness.py's questions and killed,
 and started again by the process watch. The process watch, the delivery check and the liveness questions each run
@@ -59,7 +59,13 @@ log = logging.getLogger(__name__)
 WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect: cheap)
 SERVERS = {"redis": "redis", "s3": "ceph", "milvus": "milvus"}  # the servers the process watch keeps up: their data
 LOGS = {"s3": "ceph-script.log"}  # where a server's start writes, where not logs/<name>.log
-LIVENESS = {"s3": "radosgw"}  # whose liveness question says a server answers, where not its own name's
+# Whose liveness questions say that a server ran well, where not its own name's (the S3 server: its daemons, each:
+# radosgw answered while an OSD died at each start, review 88)
+LIVENESS = {"s3": ("radosgw", "ceph-mon", "ceph-osd")}
+# A restart counts as well once it answered a question asked this long after it: a worker whose model fails to load
+# answered before it died (its main process beats before the pool loads the model), and was restarted without end
+# (review 88)
+WELL_S = 30.0
 RESTARTED = {"redis": " (its append-only file brings back what it held)",  # said with a restart
              "s3": ", then reconciling (what it stored as it died it may not have told of)",
              "milvus": " (the index service waits and resumes merging)"}
@@ -338,7 +344,8 @@ class Supervisor:
             # Redis was restarted since: a worker dies of that (kombu 5.7.0's crash on a reconnect), not of itself.
             # Counted, two Redis restarts left the stack without workers for minutes (an independent check).
             restarts = self.restarts[name] = Restarts()
-        if restarts.at is not None and self.liveness.answered_since(LIVENESS.get(name, name), restarts.at):
+        if restarts.at is not None and all(self.liveness.answered_since(watched, restarts.at + WELL_S)
+                                           for watched in LIVENESS.get(name, (name,))):
             restarts = self.restarts[name] = Restarts()  # it ran well since its restart: no crash loop of a start
         logs = self.stack.home / "logs" / LOGS.get(name, f"{name}.log")
         if restarts.at is not None:  # it died before it was well again

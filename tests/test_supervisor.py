@@ -33,7 +33,7 @@ from infra.canary import RESTART_GRACE_S
 from infra.liveness import Liveness, Watch, ceph_daemon, serves
 from infra.procfs import live_pid, pid_record, terminate
 from infra.stack import Stack, StackError
-from infra.supervisor import MAX_BACKOFF_S, SERVERS, STABLE_S, Supervisor
+from infra.supervisor import MAX_BACKOFF_S, SERVERS, STABLE_S, WELL_S, Supervisor
 
 from .helpers import wait_for
 
@@ -110,10 +110,11 @@ def test_a_service_well_again_is_restarted_at_once_next_time(stack: Services) ->
     assert stack.starts == 7
 
 
-def test_a_service_that_answered_since_its_restart_is_restarted_at_once_when_it_dies(stack: Services) -> None:
+def test_a_service_that_ran_well_since_its_restart_is_restarted_at_once_when_it_dies(stack: Services) -> None:
     """Killed from outside three times within two minutes, the worker waited two minutes more for its restart: a
     kill of a process that ran well was taken for a crash loop of its start (review 83). A crash loop is a start that
-    dies before it answers its liveness question."""
+    dies before it answers its liveness question WELL_S after its start: a worker whose model fails to load answers
+    first (its main process beats before the pool loads the model), and was restarted without end (review 88)."""
     supervisor = Supervisor(stack)  # type: ignore[arg-type]
     last = starts_over(supervisor, stack, 600, dies=True)[-1]  # backing off by now: it never answered
     starts, stack.up = stack.starts, False
@@ -122,13 +123,34 @@ def test_a_service_that_answered_since_its_restart_is_restarted_at_once_when_it_
     supervisor.liveness.answered["worker"] = last - 1  # an answer asked before its last restart is the last process's
     supervisor.keep_up("worker", last + 31)
     assert stack.starts == starts, "backing off"
-    supervisor.liveness.answered["worker"] = last + 5  # the restarted process beat, then was killed
+    supervisor.liveness.answered["worker"] = last + 5  # it beat, then died loading its model: a crash loop still
     supervisor.keep_up("worker", last + 32)
-    assert stack.starts == starts + 1, "a death after it answered waited for the back-off"
+    assert stack.starts == starts, "a start that answered once and died was not backed off"
+    supervisor.liveness.answered["worker"] = last + WELL_S + 1  # it ran well, then was killed
+    supervisor.keep_up("worker", last + WELL_S + 2)
+    assert stack.starts == starts + 1, "a death after it ran well waited for the back-off"
+    restarted = last + WELL_S + 2
     stack.up = False  # and again: no crash loop either
-    supervisor.liveness.answered["worker"] = last + 40
-    supervisor.keep_up("worker", last + 45)
+    supervisor.liveness.answered["worker"] = restarted + WELL_S + 5
+    supervisor.keep_up("worker", restarted + WELL_S + 9)
     assert stack.starts == starts + 2
+
+
+def test_an_s3_server_runs_well_only_when_each_of_its_daemons_answers(tmp_path: Path) -> None:
+    """An OSD that dies at each start (its disk full) beside a radosgw that answers was taken for a server that ran
+    well, and restarted every time, each with a reconcile (review 88)."""
+    supervisor = Supervisor(SimpleNamespace(settings=Settings(canary_interval_s=30), home=tmp_path,  # type: ignore
+                                            services=["supervisor"]))
+    supervisor.restarts["s3"] = supervisor_module.Restarts(at=100.0, quick=2)
+    supervisor.liveness.answered.update({"radosgw": 200.0, "ceph-mon": 200.0})
+    supervisor._down = lambda name: "the S3 server (ceph-osd)"  # type: ignore[method-assign]
+    assert supervisor.keep_up("s3", 201.0) is False, "restarted at once: radosgw answered, the OSD never did"
+    supervisor.liveness.answered["ceph-osd"] = 150.0
+    started: list[str] = []
+    supervisor.stack.start_ceph = lambda: started.append("ceph")
+    supervisor.restarted_radosgw = lambda: None  # type: ignore[method-assign]
+    assert supervisor.keep_up("s3", 202.0) is True and started == ["ceph"]
+    assert supervisor.restarts["s3"].quick == 0, "it ran well: no back-off"
 
 
 def test_a_stopped_process_is_continued_to_take_its_terminate_signal(tmp_path: Path) -> None:
