@@ -241,6 +241,8 @@ def run_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from celery.bin.celery import celery as command
+
     from vision.embedders import worker_processes
     from workers.app import MODEL_FAILED, create_celery
 
@@ -248,15 +250,20 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     keys = Keys(settings.namespace)
     app = create_celery(settings)
-    # (``start``, not ``worker_main``, which drops Celery's exit code: a worker that failed exited 0)
-    code = app.start(["worker", "-Q", ",".join(keys.queues), "-c", str(worker_processes(settings)),
-                      "--loglevel", settings.log_level, "-n", f"{settings.namespace}-worker@%h", "--without-gossip",
-                      "--without-mingle"])
+    # Celery's command itself, as ``app.start`` runs it, for its exit code: ``worker_main`` and ``start`` drop it
+    # (click returns it where they expect it raised), and a worker that failed exited 0 (review 88)
+    command.params[0].default = app
+    try:
+        code = command.main(["worker", "-Q", ",".join(keys.queues), "-c", str(worker_processes(settings)),
+                             "--loglevel", settings.log_level, "-n", f"{settings.namespace}-worker@%h",
+                             "--without-gossip", "--without-mingle"], standalone_mode=False)
+    finally:
+        command.params[0].default = None
     if MODEL_FAILED.value:
         print("bucketlens worker: a worker process could not load its model (the log above says why)",
               file=sys.stderr)
         return 1
-    return int(code or 0)
+    return code if isinstance(code, int) else 0
 
 
 def run_supervise(settings: Settings, args: argparse.Namespace) -> int:

@@ -1373,3 +1373,25 @@ def test_a_non_finite_min_score_and_an_ipv6_host_are_no_tracebacks(api: FakeAPI,
     monkeypatch.setenv("BUCKETLENS_API_HOST", "::1")  # nothing answers there: the one line of a server down
     assert main(["search", "--text", "cat"]) == 1
     one_error_line(capsys, f"http://[::1]:{api.port}")
+
+
+def test_the_worker_command_exits_with_celerys_exit_code(tmp_path: Path) -> None:
+    """``bucketlens worker`` exited 0 whatever Celery's worker ended with (``worker_main`` and ``app.start`` drop
+    its code): systemd's Restart=on-failure and a shell's `&&` read a failed worker as a clean stop (review 88). In a
+    process of its own: a Celery worker takes over logging and stdout."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys\n"
+        "from celery import Celery\n"
+        "from celery.signals import worker_ready\n"
+        "import vision.embedders, workers.app\n"
+        "from bucketlens.cli import main\n"
+        "workers.app.create_celery = lambda settings: Celery('t', broker='memory://')\n"
+        "vision.embedders.worker_processes = lambda settings: 1\n"
+        "@worker_ready.connect\n"
+        "def fail(**_):\n"
+        "    raise SystemExit(3)  # (the worker stops with this code)\n"
+        "sys.exit(main(['worker']))\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "BUCKETLENS_HOME": str(tmp_path)}, capture_output=True, timeout=120)
+    assert done.returncode == 3, done.stderr.decode()[-2000:]
