@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from kombu import Queue
 
 from .keys import EMBED_TASK, Keys
-from .s3 import ATTEMPTS, CONNECT_TIMEOUT_S
-from .settings import Settings
+from .settings import Settings, least_time_limit_s
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -57,10 +55,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def time_limit_s(settings: Settings) -> int:
     """How long a batch may run before its pool process is killed and the batch goes back to the queue: 3/4 of the
-    visibility timeout, and never less than one stalled download takes to give up (botocore's two tries, each its
-    connect and ``FETCH_TIMEOUT_S``, and at most 20 s of backoff between), with 30 s to spare: 450 s with the
-    defaults, 96 s at VISIBILITY_TIMEOUT_S 60. A task of one object waiting on a slow S3 is not stuck:
-    it must end as ``fetch_timeout``, which the index service sends again once S3 answers, not as ``worker_lost``
-    after repeated kills (review 82: at the least VISIBILITY_TIMEOUT_S, 60 s, the limit was 45 s against ~66 s)."""
-    stalled = ATTEMPTS * (CONNECT_TIMEOUT_S + settings.fetch_timeout_s)
-    return max(settings.visibility_timeout_s * 3 // 4, math.ceil(stalled) + 30)
+    visibility timeout, and never less than one stalled download takes to give up (``least_time_limit_s``): 450 s
+    with the defaults; ``Settings`` refuses a VISIBILITY_TIMEOUT_S that leaves no room above it. A task of one object
+    waiting on a slow S3 is not stuck: it must end as ``fetch_timeout``, which the index service sends again once S3
+    answers, not as ``worker_lost`` after repeated kills (review 82: at the least VISIBILITY_TIMEOUT_S, 60 s, the
+    limit was 45 s against ~66 s)."""
+    return max(settings.visibility_timeout_s * 3 // 4, least_time_limit_s(settings.fetch_timeout_s))

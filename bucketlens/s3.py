@@ -11,22 +11,22 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from .settings import Settings
+from .settings import S3_ATTEMPTS, S3_CONNECT_TIMEOUT_S, Settings
 
 READ_TIMEOUT_S = 60.0  # a request's wait for S3's answer; the workers' downloads have FETCH_TIMEOUT_S
-CONNECT_TIMEOUT_S = 3
-ATTEMPTS = 2  # botocore's tries of a request (one retry)
 
 
-def make_client(settings: Settings, read_timeout: float = READ_TIMEOUT_S, attempts: int = ATTEMPTS) -> Any:
+def make_client(settings: Settings, read_timeout: float = READ_TIMEOUT_S, attempts: int = S3_ATTEMPTS) -> Any:
     """An S3 client for ``settings.s3_endpoint``; thread-safe, share it. (``FETCH_TIMEOUT_S`` was
     every client's read timeout: a small one broke ``up``, ``upload`` and the services with tracebacks.)"""
     config = Config(
         s3={"addressing_style": "path"},
         signature_version="s3v4",
-        connect_timeout=CONNECT_TIMEOUT_S,
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
         read_timeout=read_timeout,
-        retries={"max_attempts": attempts, "mode": "standard"},
+        # (total: botocore's "max_attempts" counts the retries, and a stalled download was read 3 times where
+        # every timing planned 2: review 86)
+        retries={"total_max_attempts": attempts, "mode": "standard"},
         max_pool_connections=max(10, settings.fetch_concurrency * 2),
     )
     return boto3.client(

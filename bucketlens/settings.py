@@ -105,6 +105,17 @@ class Settings:
         variable, rather than failing late or quietly doing something else."""
         problems = [problem for field in dataclasses.fields(self)
                     if (problem := _problem(field.name, getattr(self, field.name)))]
+        if isinstance(self.fetch_timeout_s, (int, float)) and math.isfinite(self.fetch_timeout_s) and isinstance(
+                self.visibility_timeout_s, int) and (
+                self.visibility_timeout_s < (least := least_time_limit_s(self.fetch_timeout_s) + HAND_BACK_S)
+        ):
+            # (at 60 with FETCH_TIMEOUT_S 30, a batch holding one stalled download ran past it, and the broker handed
+            # it out again every 90 s, for good: review 86)
+            problems.append(
+                f"{PREFIX}VISIBILITY_TIMEOUT_S={self.visibility_timeout_s}: must be at least {least} with {PREFIX}"
+                f"FETCH_TIMEOUT_S={self.fetch_timeout_s:g} (a batch holding a stalled download runs {S3_ATTEMPTS} x "
+                f"({S3_CONNECT_TIMEOUT_S} s + FETCH_TIMEOUT_S) + 30 s before it counts as stuck, and must be handed "
+                "back before the broker hands it out again): raise it, or lower FETCH_TIMEOUT_S")
         if bool(self.s3_access_key) != bool(self.s3_secret_key):  # (one was sent as None, signed with "" elsewhere)
             problems.append(f"{PREFIX}S3_ACCESS_KEY and {PREFIX}S3_SECRET_KEY: give both, or neither for boto3's own "
                             "credential chain (one is empty)")
@@ -177,6 +188,16 @@ MOST = 2**53 - 1  # (a float's whole numbers: a byte limit past 2**31 is a user'
 COUNT = Bound(1, MOST)  # counts, sizes, limits
 ZERO_MEANS = Bound(0, MOST)
 YEAR_S = 365 * 86400
+S3_ATTEMPTS = 2  # botocore's tries of an S3 request, the first included (bucketlens/s3.py)
+S3_CONNECT_TIMEOUT_S = 3
+HAND_BACK_S = 10  # a batch killed at its time limit is back in the queue within this, before the broker's copy
+
+
+def least_time_limit_s(fetch_timeout_s: float) -> int:
+    """The least a batch may run before it counts as stuck (``celery_config.time_limit_s``): one stalled download
+    giving up (S3_ATTEMPTS tries, each its connect and ``FETCH_TIMEOUT_S``, botocore's backoff between), with 30 s
+    to spare for the rest."""
+    return math.ceil(S3_ATTEMPTS * (S3_CONNECT_TIMEOUT_S + fetch_timeout_s)) + 30
 # (infinity passed and crashed the writer lease at start; 0.0004 s made a lease of 0 ms)
 DURATION = Bound(0.001, YEAR_S)
 ZERO_OR_DURATION = Bound(0, YEAR_S)  # (RECONCILE_EVERY_S=inf passed, and the reconcile thread died at its wait)

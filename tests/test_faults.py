@@ -314,8 +314,8 @@ def test_a_batch_that_hangs_is_killed_at_its_time_limit_and_handed_back(stack: S
     recorder.stop()
     log = (stack.home / "logs" / "worker-time-limit.log").read_text()
     assert limit == 46 and f"Hard time limit ({limit}s) exceeded" in log, log[-3000:]
-    assert time_limit_s(Settings()) == 450 and time_limit_s(Settings(visibility_timeout_s=60)) == 96  # (the default
-    # FETCH_TIMEOUT_S: a stalled download, ~66 s, is no hang)
+    assert time_limit_s(Settings()) == 450 and time_limit_s(Settings(visibility_timeout_s=106)) == 96  # (the default
+    # FETCH_TIMEOUT_S: a stalled download, ~66 s, is no hang; a visibility timeout below 106 s is refused, test_s3)
     assert not failures_under(api, stack.settings.bucket, unique_prefix)
     record_outcome("batch_past_its_time_limit", {**outcome, "seconds_freeze_to_all_indexed": round(seconds)})
 
