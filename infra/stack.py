@@ -265,6 +265,16 @@ class Stack:
         fields = [field.name for field in dataclasses.fields(StackConfig)]
         if unknown := sorted(given.keys() - set(fields)):
             raise unread(f"unknown fields {', '.join(unknown)}; it takes {', '.join(fields)}")
+        # A bad port ended in a traceback that blamed BUCKETLENS_API_PORT or REDIS_URL, set nowhere (review 86)
+        for name, value in given.items():
+            ports = value if name == "replica_ports" else [value] if name.endswith("_port") else []
+            if name == "replica_ports" and not isinstance(value, list) or not all(
+                    type(port) is int and 0 <= port <= 65535 for port in ports):  # (not a bool, a float, a string)
+                raise unread(f"{name} is {json.dumps(value)}: "
+                             + ("a list of ports" if name == "replica_ports" else "a port") + ", each a whole number "
+                             "up to 65535")
+            if name in ("webhook_token", "admin_token", "index_backend") and not isinstance(value, str):
+                raise unread(f"{name} is {json.dumps(value)}: give a string")
         return given
 
     def _choose(self, given: dict[str, Any]) -> StackConfig:

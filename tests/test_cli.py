@@ -664,7 +664,10 @@ def test_status_says_what_the_index_serves(api: FakeAPI, tmp_path: Path, capsys:
     one_error_line(capsys, "no answer from the index service at", "cannot tell which rebuild runs")
 
 
-@pytest.mark.parametrize("content", ['{"redis_port": 1,}', '{"redis_prot": 1}', "[]"])
+@pytest.mark.parametrize("content", ['{"redis_port": 1,}', '{"redis_prot": 1}', "[]",
+                                     # a bad port blamed BUCKETLENS_API_PORT or REDIS_URL, set nowhere (review 86)
+                                     '{"api_port": 70000}', '{"api_port": "23001"}', '{"redis_port": 23001.5}',
+                                     '{"replica_ports": 7}', '{"admin_token": 5}'])
 def test_a_stack_file_edited_wrong_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str], content: str) -> None:
     """The CLI tells users to edit stack.json: a typo was blamed on the server's answer and BUCKETLENS_API_PORT, a
