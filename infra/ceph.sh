@@ -151,7 +151,7 @@ start) cd $C; start_daemons; wait_s3 ;;
 stop)
   for d in client.rgw.a osd.0 mon.a; do
     p=$(pid_of $d); [ -n "$p" ] || continue
-    kill -TERM $p 2>/dev/null || true
+    kill -TERM $p 2>/dev/null || true; kill -CONT $p 2>/dev/null || true  # (a frozen one takes its TERM)
     for i in $(seq 1 300); do kill -0 $p 2>/dev/null || break; sleep 0.1; done
     if kill -0 $p 2>/dev/null; then  # (it stayed running after `down` said down)
       echo "$d ($p) still alive after 30s: killed" >&2; kill -KILL $p 2>/dev/null || true
@@ -163,7 +163,7 @@ kill)
 stop-rgw)  # the S3 endpoint goes away, the cluster stays (fault tests, the delivery watchdog). One that outlives
   # its TERM by 30 s is killed: left running, `start-rgw` took it for up and started none, while it no longer served
   p=$(pid_of client.rgw.a); [ -n "$p" ] || exit 0
-  kill -TERM $p 2>/dev/null || true
+  kill -TERM $p 2>/dev/null || true; kill -CONT $p 2>/dev/null || true
   for i in $(seq 1 300); do [ -z "$(pid_of client.rgw.a)" ] && break; sleep 0.1; done  # (a zombie is gone)
   if [ -n "$(pid_of client.rgw.a)" ]; then
     echo "client.rgw.a ($p) still alive 30 s after SIGTERM: killed" >&2; kill -KILL $p 2>/dev/null || true
