@@ -57,9 +57,8 @@ def allowed_hosts(setting: str, bind: str) -> frozenset[str] | None:
 
 
 def host_names(setting: str) -> frozenset[str]:
-    """The host names a comma-separated setting lists (``BUCKETLENS_ALLOWED_HOSTS``, ``SNS_HOSTS``) as requests
-    name them: lower case, without a port or an IPv6 address's brackets (an entry with a port, or in capitals in
-    SNS_HOSTS, was taken and never matched: review 86)."""
+    """The host names ``BUCKETLENS_ALLOWED_HOSTS`` lists as requests name them: lower case, without a port or an
+    IPv6 address's brackets (an entry with a port was taken and never matched: review 86)."""
     return frozenset(host_name(name) for name in setting.split(",") if name.strip())
 
 

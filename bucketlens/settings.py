@@ -297,11 +297,27 @@ def _problem(name: str, value: Any) -> str | None:
         # 503 "until Redis is back", for good: review 86)
         return f"{given}: the path after the host is the database number (/0, /1, ...), " + (
             f"not {path!r}" if "@" not in path else "and a password holding '/', '@' or ':' must be percent-encoded")
+    if name in ("allowed_hosts", "sns_hosts") and (odd := [entry for entry in map(str.strip, str(value).split(","))
+                                                            if entry and not _host_entry(entry, name)]):
+        # ('*:8080' was read as '*', any host, and 'https://x' as the host 'https': review 88)
+        return (f"{given}: an entry is a host name or address, with a port or not"
+                + (" ('*' alone: any)" if name == "allowed_hosts" else "") + f", not {odd[0]!r}")
     if name in CHOICES and value not in CHOICES[name]:
         return f"{given}: choose one of {', '.join(CHOICES[name])}"
     if name in BOUNDS and not BOUNDS[name].admits(value):
         return f"{given}: must be {BOUNDS[name]}"
     return None
+
+
+def _host_entry(entry: str, name: str) -> bool:
+    """Whether ``entry`` of a host list (``name``) is a host name or address, with a valid port or none."""
+    if entry == "*":
+        return name == "allowed_hosts"
+    try:
+        urlsplit(f"//{entry}").port  # noqa: B018  (raises on a port that is no number or out of range)
+    except ValueError:
+        return False
+    return not any(c in entry for c in "/@*?#")
 
 
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}  # a host that binds every interface: its loopback

@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import redis
@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bucketlens.auth import token_ok
-from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, host_names, read_limited
+from bucketlens.http import EXCEPTION_HANDLERS, HTTPError, read_limited
 from bucketlens.keys import Keys
 from bucketlens.openapi import route as openapi_route
 from bucketlens.ordering import MAX_CLOCK_SKEW_NS, beyond_clock_skew, event_time
@@ -243,15 +243,25 @@ class Receiver:
             status_code=200,
         )
 
+    def _trusted(self, url: SplitResult) -> bool:
+        """Whether ``sns_hosts`` names the host of ``url`` (in any case), and its port where an entry gives one (an
+        entry with a port never matched, one in capitals neither; a port dropped trusted every port: reviews 86,
+        88)."""
+        port = url.port or (443 if url.scheme == "https" else 80)
+        for entry in filter(None, map(str.strip, self.settings.sns_hosts.split(","))):
+            trusted = urlsplit(f"//{entry}")
+            if trusted.hostname == url.hostname and trusted.port in (None, port):
+                return True
+        return False
+
     def _confirm(self, parsed: ParsedBody) -> JSONResponse:
         """Confirm an SNS subscription by visiting its SubscribeURL: on Amazon SNS's hosts over https, or on a host
         of ``sns_hosts``; never elsewhere (the body chooses the URL: ingest must not fetch whatever it names).
         A failed visit answers 503, and SNS sends the confirmation again."""
         url = urlsplit(parsed.subscribe_url)
         host = url.hostname or ""
-        extra = host_names(self.settings.sns_hosts)
         if not ((url.scheme == "https" and AMAZON_SNS.fullmatch(host)) or (url.scheme in ("http", "https")
-                                                                           and host in extra)):
+                                                                           and self._trusted(url))):
             log.warning("not confirming the SNS subscription to %r: its SubscribeURL is on %r, not Amazon SNS "
                         "(BUCKETLENS_SNS_HOSTS names other hosts)", parsed.topic, host)
             raise HTTPError(403, "subscription_refused", f"not confirming the SNS subscription to {parsed.topic}: "

@@ -266,7 +266,10 @@ def test_an_sns_subscription_is_confirmed_only_on_a_trusted_host(settings: Setti
             assert refused.status_code == 403 and refused.json()["error"]["code"] == "subscription_refused", url
         assert "Token=" not in refused.text
     assert FakeSNS.visits == []
-    # (in capitals, or with the port: taken, and never matched, review 86)
+    # (in capitals, or with the port: taken, and never matched, review 86; another port is not the host's: review 88)
+    other_port = dataclasses.replace(settings, sns_hosts=f"127.0.0.1:{fake_sns + 1}")
+    with TestClient(create_app(other_port)) as client:
+        assert client.post("/events?token=secret", content=confirmation(local)).status_code == 403
     trusting = dataclasses.replace(settings, sns_hosts=f"SNS.Internal, 127.0.0.1:{fake_sns}")
     with TestClient(create_app(trusting)) as client:
         confirmed = client.post("/events?token=secret", content=confirmation(local))

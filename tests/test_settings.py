@@ -88,6 +88,13 @@ def test_the_defaults_are_valid() -> None:
      "BUCKETLENS_S3_ENDPOINT='localhost:7480': give a URL starting with http:// or https://"),
     ({"BUCKETLENS_REDIS_URL": "127.0.0.1:6379"},
      "BUCKETLENS_REDIS_URL='127.0.0.1:6379': give a URL starting with redis:// or rediss:// or unix://"),
+    # ('*:8080' was read as '*', any host; 'https://x' as the host 'https': review 88)
+    ({"BUCKETLENS_ALLOWED_HOSTS": "photos.example, *:8080"},
+     "BUCKETLENS_ALLOWED_HOSTS='photos.example, *:8080': an entry is a host name or address, with a port or not ('*' "
+     "alone: any), not '*:8080'"),
+    ({"BUCKETLENS_SNS_HOSTS": "https://sns.internal"}, "BUCKETLENS_SNS_HOSTS='https://sns.internal': an entry is a "
+                                                       "host name or address, with a port or not, not 'https://"),
+    ({"BUCKETLENS_SNS_HOSTS": "sns.internal:port"}, "BUCKETLENS_SNS_HOSTS='sns.internal:port': an entry is a host"),
     ({"BUCKETLENS_REDIS_URL": "redis://127.0.0.1:6379/abc"},  # (review 86: 503 "until Redis is back", for good)
      "BUCKETLENS_REDIS_URL='redis://127.0.0.1:6379/abc': the path after the host is the database number (/0, /1, "
      "...), not '/abc'"),
