@@ -206,16 +206,17 @@ class Rebuilds:
         replica does not write and does not run it (it answered "rebuild r1 is running, not running": review 87)."""
         with self._lock:
             job = self.current
-            if job is None or job.id != job_id or job.state != "running":
-                if not self.service.writing.is_set():
-                    raise NotWriter(f"replica {self.service.replica} does not write the index; the writer is "
-                                    f"{self.service.lease.current()}: send the cancel there")
-                return None
-            if job.mode == "reindex":  # its restructure cannot be stopped: "cancelled" let the next rebuild start
-                raise RebuildConflict(f"rebuild {job_id} is a reindex, which cannot be cancelled: it ends by itself "
-                                      "(its progress says how far it is)")
-            self._finish(job, "cancelled")
-            return job
+            ours = job is not None and job.id == job_id  # (a job this replica ran, lost with the lease: not_running)
+            if ours and job is not None and job.state == "running":
+                if job.mode == "reindex":  # its restructure cannot be stopped: "cancelled" let the next one start
+                    raise RebuildConflict(f"rebuild {job_id} is a reindex, which cannot be cancelled: it ends by "
+                                          "itself (its progress says how far it is)")
+                self._finish(job, "cancelled")
+                return job
+        if not ours and not self.service.writing.is_set():  # (off the lock: the lease's holder is read from Redis)
+            raise NotWriter(f"replica {self.service.replica} does not write the index; the writer is "
+                            f"{self.service.lease.current() or 'none now'}: send the cancel there")
+        return None
 
     def abandon(self, reason: str) -> RebuildJob | None:
         """Fail the running rebuild, which cannot go on (its queued tasks are gone: Redis lost its data; this replica

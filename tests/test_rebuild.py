@@ -640,6 +640,7 @@ def test_a_replica_whose_lease_moved_refuses_a_rebuild_though_its_flag_lags() ->
         service.rebuilds.cancel("r1")
     service.rebuilds.current = RebuildJob("r2", "reembed", 3, "m", "Flat")
     assert service.rebuilds.cancel("r2") is service.rebuilds.current and service.rebuilds.current.state == "cancelled"
+    assert service.rebuilds.cancel("r2") is None  # its own job, ended (lost with the lease, say): not_running
 
 
 def test_a_restarted_service_still_reports_the_last_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
