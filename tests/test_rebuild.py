@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -287,6 +288,9 @@ def carrying_service(bucket: str, serving: VectorIndex | None = None) -> tuple[S
 
         def hgetall(self, key: str) -> dict[bytes, bytes]:  # (no pending marks: a job's end drops none)
             return {}
+
+        def register_script(self, script: str) -> Callable[..., list[bytes]]:
+            return lambda **kwargs: []
 
     service = SimpleNamespace(index=serving, shadow=shadow, redis=JobRecords(), keys=Keys("t"),
                               restructuring=threading.Lock(), routing=threading.Lock(), snapshot=lambda: True,
