@@ -298,7 +298,16 @@ def _servers_replaced(settings: Settings, stack: Any) -> list[str]:
             f"stack in {stack.home} "
             f"runs its own, {getattr(stack.settings, name)} (another BUCKETLENS_HOME for another stack)"
             for name in ("s3_endpoint", "redis_url") if name in _explicit()
-            and getattr(settings, name) != getattr(stack.settings, name)]
+            and _server(getattr(settings, name)) != _server(getattr(stack.settings, name))]
+
+
+def _server(url: str) -> tuple[Any, ...]:
+    """What names a server in ``url``: its scheme, host, port and (Redis) database, however spelt (a missing "/0" or
+    a trailing "/" was noted as another server: review 88)."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443, "redis": 6379, "rediss": 6379}.get(parts.scheme.lower())
+    return parts.scheme.lower(), parts.hostname, parts.port or default, parts.path.strip("/") or "0", parts.username
+
 
 
 def client_settings(settings: Settings) -> Settings:

@@ -1151,6 +1151,10 @@ def test_a_server_the_shell_names_that_the_stack_replaces_is_noted(
     assert (f"bucketlens: note: BUCKETLENS_S3_ENDPOINT='http://127.0.0.1:9' is not used: the local stack in {tmp_path} "
             "runs its own, http://127.0.0.1:1 (another BUCKETLENS_HOME for another stack)") in err, err
     assert "BUCKETLENS_REDIS_URL='redis://:***@127.0.0.1:9/0' is not used" in err and "Sup3r" not in err, err
+    monkeypatch.setenv("BUCKETLENS_S3_ENDPOINT", "http://127.0.0.1:1/")  # the stack's own, spelt otherwise
+    monkeypatch.setenv("BUCKETLENS_REDIS_URL", "redis://127.0.0.1:1")
+    main(["queues", "--json"])
+    assert "is not used" not in capsys.readouterr().err
 
 
 def test_up_says_a_namespace_bucket_or_read_token_other_than_the_last_start(
