@@ -64,7 +64,7 @@ def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), closed: b
 # What every endpoint of a server behind ``HostGuard`` may answer (bucketlens/http.py), and every one taking a body
 # (bucketlens/serving.py): the probes listed none of them, and no endpoint 403 ``cross_origin`` or 408 (review 87)
 GUARDED = {400: "bad_host: a Host header not allowed (BUCKETLENS_ALLOWED_HOSTS)",
-                  403: "cross_origin: a browser request from another site"}
+           403: "cross_origin: a browser request from another site"}
 WITH_A_BODY = {408: "body_too_slow: the request body arrived too slowly"}
 
 

@@ -248,12 +248,12 @@ SCHEMES = {"redis_url": ("redis://", "rediss://", "unix://"), "s3_endpoint": ("h
 
 
 TOKENS = ("webhook_token", "admin_token", "read_token")
-# What S3 servers accept as a bucket name (AWS's legacy names and Ceph's relaxed ones: capitals and "_" too). Not
-# an access point's ARN: botocore sends a request for one to another host, signed with bucketlens's keys.
 # The longest ``POST /rebuild`` waits before it answers: for the last swap's first snapshot (index_service/rebuild.py;
 # 12-20 s at 1M vectors). The CLI's request allows it, and S3's answers about the buckets beside it (it gave up at
 # 30 s, said "is the stack up?", and the rebuild may have started after: review 87).
 REBUILD_START_WAIT_S = 120.0
+# What S3 servers accept as a bucket name (AWS's legacy names and Ceph's relaxed ones: capitals and "_" too). Not
+# an access point's ARN: botocore sends a request for one to another host, signed with bucketlens's keys.
 BUCKET_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # It names Redis keys, Celery queues and the bucket's notification: one with a space made a Ceph topic named "a+b-..."
 # that nothing found again (review 61). Other characters pass (the topic's name has them as '-').
