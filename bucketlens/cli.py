@@ -309,7 +309,6 @@ def _server(url: str) -> tuple[Any, ...]:
     return parts.scheme.lower(), parts.hostname, parts.port or default, parts.path.strip("/") or "0", parts.username
 
 
-
 def client_settings(settings: Settings) -> Settings:
     """Settings for client commands: the local stack's (ports, tokens) when one was set up here, with the bucket and
     tokens its index service runs with, where this shell does not set them."""

@@ -105,8 +105,7 @@ class Settings:
         variable, rather than failing late or quietly doing something else."""
         problems = [problem for field in dataclasses.fields(self)
                     if (problem := _problem(field.name, getattr(self, field.name)))]
-        if isinstance(self.fetch_timeout_s, (int, float)) and math.isfinite(self.fetch_timeout_s) and isinstance(
-                self.visibility_timeout_s, int) and (
+        if not any(_problem(name, getattr(self, name)) for name in ("fetch_timeout_s", "visibility_timeout_s")) and (
                 self.visibility_timeout_s < (least := least_time_limit_s(self.fetch_timeout_s) + HAND_BACK_S)
         ):
             # (at 60 with FETCH_TIMEOUT_S 30, a batch holding one stalled download ran past it, and the broker handed
@@ -314,10 +313,24 @@ def _host_entry(entry: str, name: str) -> bool:
     if entry == "*":
         return name == "allowed_hosts"
     try:
-        urlsplit(f"//{entry}").port  # noqa: B018  (raises on a port that is no number or out of range)
+        host_and_port(entry)
     except ValueError:
         return False
-    return not any(c in entry for c in "/@*?#")
+    return True
+
+
+def host_and_port(entry: str) -> tuple[str, int | None]:
+    """A host list's entry as (host name in lower case, port or None): ``photos.example``, ``proxy:8080``,
+    ``10.0.0.5``, ``::1`` and ``[::1]:8443`` (a bare IPv6 address has no port: compose's ``::1`` was refused, review
+    89); ValueError for anything else (a scheme, a path, a wildcard, a port that is no number)."""
+    if entry.count(":") > 1 and not entry.startswith("["):  # a bare IPv6 address
+        entry = f"[{entry}]"
+    parts = urlsplit(f"//{entry}")
+    port = parts.port  # (raises on a port that is no number or out of range)
+    bracketed = entry.startswith("[") and not re.fullmatch(r"\[[0-9A-Fa-f:.]+\](:\d+)?", entry)
+    if not parts.hostname or bracketed or any(c in entry for c in "/@*?#% ;"):
+        raise ValueError(f"not a host name or address: {entry!r}")
+    return parts.hostname, port
 
 
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}  # a host that binds every interface: its loopback

@@ -144,6 +144,11 @@ class Liveness:
                 elif watch.silent_since is None:
                     watch.silent_since = asked
 
+    def note(self, name: str, when: float) -> None:
+        """``name`` answered a question asked at ``when`` (one that ``probe`` does not ask itself)."""
+        with self.lock:
+            self.answered[name] = when
+
     def answered_since(self, name: str, since: float) -> bool:
         """Whether a process of ``name`` answered a question asked after ``since`` (a monotonic time)."""
         with self.lock:

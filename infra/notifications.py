@@ -143,7 +143,7 @@ def remove_notifications(settings: Settings, bucket: str, notification: str = ""
 
 def _sns(settings: Settings, timeout_s: float | None = None) -> Any:
     config = None if timeout_s is None else Config(connect_timeout=timeout_s, read_timeout=timeout_s,
-                                                   retries={"max_attempts": 1, "mode": "standard"})
+                                                   retries={"total_max_attempts": 1, "mode": "standard"})
     return boto3.client("sns", endpoint_url=settings.s3_endpoint, aws_access_key_id=settings.s3_access_key or None,
                         aws_secret_access_key=settings.s3_secret_key or None, region_name=settings.s3_region,
                         config=config)  # (empty keys: boto3's own chain, as ``make_client`` and ``credentials``)

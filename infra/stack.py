@@ -267,6 +267,8 @@ class Stack:
             raise unread(f"unknown fields {', '.join(unknown)}; it takes {', '.join(fields)}")
         # A bad port ended in a traceback that blamed BUCKETLENS_API_PORT or REDIS_URL, set nowhere (review 86)
         for name, value in given.items():
+            if value is None:  # (in a file written before the first `up`: chosen then, review 82)
+                continue
             ports = value if name == "replica_ports" else [value] if name.endswith("_port") else []
             if name == "replica_ports" and not isinstance(value, list) or not all(
                     type(port) is int and 0 <= port <= 65535 for port in ports):  # (not a bool, a float, a string)

@@ -60,8 +60,9 @@ WATCH_S = 1.0  # processes are looked at this often (pid files and a TCP connect
 SERVERS = {"redis": "redis", "s3": "ceph", "milvus": "milvus"}  # the servers the process watch keeps up: their data
 LOGS = {"s3": "ceph-script.log"}  # where a server's start writes, where not logs/<name>.log
 # Whose liveness questions say that a server ran well, where not its own name's (the S3 server: its daemons, each:
-# radosgw answered while an OSD died at each start, review 88)
-LIVENESS = {"s3": ("radosgw", "ceph-mon", "ceph-osd")}
+# radosgw answered while an OSD died at each start, review 88; the worker: a pool process too, which beats once its
+# model is loaded, where the main process beat while a model that then failed loaded, review 89)
+LIVENESS = {"s3": ("radosgw", "ceph-mon", "ceph-osd"), "worker": ("worker", "worker-pool")}
 # A restart counts as well once it answered a question asked this long after it: a worker whose model fails to load
 # answered before it died (its main process beats before the pool loads the model), and was restarted without end
 # (review 88)
@@ -208,6 +209,8 @@ class Supervisor:
         now = time.monotonic()
         self.silent_pool = {child: self.silent_pool.get(child, now) for child in silent}
         self.main_beats = bool(main)
+        if main and beating:  # a pool process beats once its model is loaded: the worker runs well (``WELL_S``)
+            self.liveness.note("worker-pool", now)
         return self.main_beats and not silent
 
     def process(self, name: str) -> tuple[int | None, Callable[..., None]]:

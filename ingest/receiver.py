@@ -42,7 +42,7 @@ from bucketlens.outage import Outage
 from bucketlens.redis_client import connect, text
 from bucketlens.s3 import http_status, make_client
 from bucketlens.schemas import ObjectRef, normalise_etag
-from bucketlens.settings import Settings
+from bucketlens.settings import Settings, host_and_port
 
 from .batcher import Batcher
 from .errors import BadEvent, NoGeneration, S3Unavailable
@@ -247,10 +247,13 @@ class Receiver:
         """Whether ``sns_hosts`` names the host of ``url`` (in any case), and its port where an entry gives one (an
         entry with a port never matched, one in capitals neither; a port dropped trusted every port: reviews 86,
         88)."""
-        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:  # (a port that is no number: a 500 with a traceback, review 89)
+            return False
         for entry in filter(None, map(str.strip, self.settings.sns_hosts.split(","))):
-            trusted = urlsplit(f"//{entry}")
-            if trusted.hostname == url.hostname and trusted.port in (None, port):
+            host, given = host_and_port(entry)  # (each checked at start: settings)
+            if host == url.hostname and given in (None, port):
                 return True
         return False
 

@@ -692,9 +692,10 @@ def test_a_stack_file_written_with_ports_alone_gets_the_rest_chosen(tmp_path: Pa
     assert len(config.webhook_token) >= 24 and len(config.admin_token) >= 24
     assert Stack(Settings(home=tmp_path)).config == config  # (written back: the same tokens at the next start)
     assert (tmp_path / "stack.json").stat().st_mode & 0o777 == 0o600
-    (tmp_path / "stack.json").write_text(json.dumps({"redis_port": ports["redis_port"], "api_port": 0}))
-    chosen = Stack(Settings(home=tmp_path)).config  # one port given; 0 (or null) is one to choose (review 82)
-    assert chosen.redis_port == ports["redis_port"] and chosen.api_port > 0
+    for unchosen in (0, None):  # one port given; 0 or null is one to choose (review 82; null was refused: review 89)
+        (tmp_path / "stack.json").write_text(json.dumps({"redis_port": ports["redis_port"], "api_port": unchosen}))
+        chosen = Stack(Settings(home=tmp_path)).config
+        assert chosen.redis_port == ports["redis_port"] and chosen.api_port > 0
 
 
 @pytest.mark.parametrize("first", ["down", "frozen"])

@@ -138,6 +138,18 @@ def test_the_api_answers_only_loopback_names_unless_told(compose: dict[str, Any]
                                                                                          "::1"}
 
 
+def test_every_services_settings_are_accepted(compose: dict[str, Any]) -> None:
+    """A setting compose gives that the services refuse stops its container at start (review 89: a host-list check
+    refused compose's "::1", and the API container exited 2)."""
+    for name, service in bucketlens_services(compose).items():
+        env = {k: re.sub(r"\$\{[A-Z0-9_]+:\?[^}]*\}", "chosen-by-the-user", v)  # (those compose requires)
+               for k, v in interpolated(environment(service)).items() if k.startswith("BUCKETLENS_")}
+        try:
+            Settings.from_env(env)
+        except ValueError as exc:
+            raise AssertionError(f"compose's {name}: {exc}") from exc
+
+
 def test_gpu_worker(compose: dict[str, Any]) -> None:
     gpu = [s for s in bucketlens_services(compose).values() if "gpu" in (s.get("profiles") or [])]
     assert len(gpu) == 1, "one GPU worker, under the gpu profile"

@@ -114,7 +114,8 @@ def test_a_service_that_ran_well_since_its_restart_is_restarted_at_once_when_it_
     """Killed from outside three times within two minutes, the worker waited two minutes more for its restart: a
     kill of a process that ran well was taken for a crash loop of its start (review 83). A crash loop is a start that
     dies before it answers its liveness question WELL_S after its start: a worker whose model fails to load answers
-    first (its main process beats before the pool loads the model), and was restarted without end (review 88)."""
+    first (its main process beats before the pool loads the model), and was restarted without end (review 88): a
+    worker runs well once a pool process beats too."""
     supervisor = Supervisor(stack)  # type: ignore[arg-type]
     last = starts_over(supervisor, stack, 600, dies=True)[-1]  # backing off by now: it never answered
     starts, stack.up = stack.starts, False
@@ -126,12 +127,16 @@ def test_a_service_that_ran_well_since_its_restart_is_restarted_at_once_when_it_
     supervisor.liveness.answered["worker"] = last + 5  # it beat, then died loading its model: a crash loop still
     supervisor.keep_up("worker", last + 32)
     assert stack.starts == starts, "a start that answered once and died was not backed off"
-    supervisor.liveness.answered["worker"] = last + WELL_S + 1  # it ran well, then was killed
+    # Its main process beat 30 s on, while a model loaded that then failed: no pool process beat (review 89)
+    supervisor.liveness.answered["worker"] = last + WELL_S + 1
     supervisor.keep_up("worker", last + WELL_S + 2)
+    assert stack.starts == starts, "a worker whose pool never beat was not backed off"
+    supervisor.liveness.answered["worker-pool"] = last + WELL_S + 1  # its pool beat too: it ran well, then was killed
+    supervisor.keep_up("worker", last + WELL_S + 3)
     assert stack.starts == starts + 1, "a death after it ran well waited for the back-off"
-    restarted = last + WELL_S + 2
+    restarted = last + WELL_S + 3
     stack.up = False  # and again: no crash loop either
-    supervisor.liveness.answered["worker"] = restarted + WELL_S + 5
+    supervisor.liveness.answered.update(dict.fromkeys(("worker", "worker-pool"), restarted + WELL_S + 5))
     supervisor.keep_up("worker", restarted + WELL_S + 9)
     assert stack.starts == starts + 2
 
@@ -862,8 +867,10 @@ def test_a_worker_whose_pool_processes_stopped_beating_is_silent(stack: Services
     pool = [101, 102]
     monkeypatch.setattr(supervisor_module, "children", lambda pid: pool if pid == 100 else [])
     assert supervisor.beats(asker, 100) is True  # (loading: no pool process has beaten yet)
+    assert "worker-pool" not in supervisor.liveness.answered  # (not yet well: its model may fail, review 89)
     records |= {keys.worker(f"{host}:101")}
     assert supervisor.beats(asker, 100) is True  # (102 still loading)
+    assert "worker-pool" in supervisor.liveness.answered  # one loaded its model
     records |= {keys.worker(f"{host}:102")}
     assert supervisor.beats(asker, 100) is True
     records -= {keys.worker(f"{host}:101")}
