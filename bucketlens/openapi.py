@@ -7,6 +7,7 @@ Every error answer of every endpoint has the same body, ``{"error": {"code", "me
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from starlette.requests import Request
@@ -72,7 +73,8 @@ def document(title: str, description: str, paths: dict[str, Any], schemas: dict[
              security: dict[str, Any], guarded: bool) -> dict[str, Any]:
     """The document, each operation's answers completed with ``GUARDED``'s (``guarded``: the server runs
     ``HostGuard``) and ``WITH_A_BODY``'s where it takes a body; where it documents the status already, its
-    description names the code too."""
+    description names the code too (on a copy: ``paths`` stays as given)."""
+    paths = copy.deepcopy(paths)
     for operations in paths.values():
         for operation in operations.values():
             answers = operation["responses"]
