@@ -11,6 +11,7 @@ import redis
 from bucketlens.keys import PRIORITY_STEPS, Keys
 from bucketlens.redis_client import text
 from bucketlens.schemas import json_object
+from workers.heartbeat import live_workers
 
 
 def queue_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
@@ -56,22 +57,6 @@ def tasks_outstanding(client: redis.Redis, keys: Keys) -> bool:
     _queue_lengths(pipe, keys)
     pipe.hlen(keys.unacked)
     return any(pipe.execute())
-
-
-def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None = None) -> list[dict[str, Any]]:
-    """Workers whose heartbeat has not expired (workers/heartbeat.py), with what each is doing, by id."""
-    ids = sorted(client.smembers(keys.workers) if worker_ids is None else worker_ids)
-    if not ids:
-        return []
-    now = time.time()
-    workers = []
-    for raw in client.mget([keys.worker(text(worker_id)) for worker_id in ids]):
-        worker = json_object(raw)  # None: expired (dead or hung for longer than the heartbeat's TTL), or not ours
-        if worker is None or not isinstance(last_seen := worker.get("last_seen", now), (int, float)):
-            continue
-        worker["age_s"] = round(max(0.0, now - last_seen), 3)  # clocks of other machines may differ
-        workers.append(worker)
-    return workers
 
 
 def held_deliveries(client: redis.Redis, keys: Keys) -> set[str]:

@@ -145,8 +145,7 @@ class Rebuilds:
             raise ValueError("a model switch re-embeds every bucket: leave out 'bucket'")
         service = self.service
         if not service.writing.is_set() or not service.lease.acquire():  # (the flag lags a lease lost: review 21)
-            raise NotWriter(f"replica {service.replica} does not write the index; the writer is "
-                                  f"{service.lease.current()}: send the rebuild there")
+            raise self._not_writer("rebuild")
         # Not while the last swap's generation is not durable: a restart then restored the old generation, marked
         # a rebuild started meanwhile failed, and left the swapped one done (review 69). Its snapshot is waited for
         # (seconds; 12-20 s at 1M), and one that failed (a disk full) refuses.
@@ -201,6 +200,11 @@ class Rebuilds:
             redis.set(key, number)
         return number
 
+    def _not_writer(self, what: str) -> NotWriter:
+        """This replica does not write: the ``what`` (a rebuild, a cancel) goes to the replica that does."""
+        return NotWriter(f"replica {self.service.replica} does not write the index; the writer is "
+                         f"{self.service.lease.current() or 'none now'}: send the {what} there")
+
     def cancel(self, job_id: str) -> RebuildJob | None:
         """The job ``job_id``, cancelled; None when it does not run here (ended, or unknown); NotWriter where this
         replica does not write and does not run it (it answered "rebuild r1 is running, not running": review 87)."""
@@ -214,8 +218,7 @@ class Rebuilds:
                 self._finish(job, "cancelled")
                 return job
         if not ours and not self.service.writing.is_set():  # (off the lock: the lease's holder is read from Redis)
-            raise NotWriter(f"replica {self.service.replica} does not write the index; the writer is "
-                            f"{self.service.lease.current() or 'none now'}: send the cancel there")
+            raise self._not_writer("cancel")
         return None
 
     def abandon(self, reason: str) -> RebuildJob | None:

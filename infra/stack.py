@@ -131,7 +131,7 @@ class Stack:
         self.settings = self._settings()
 
     def _settings(self) -> Settings:
-        base, milvus_port, started = self.base, self.config.milvus_port, self._started()
+        base, milvus_port, started = self.base, self.config.milvus_port, self.last_started(running=True)
         return dataclasses.replace(
             base,
             home=self.home,
@@ -145,10 +145,9 @@ class Stack:
             admin_token=base.admin_token or self.config.admin_token,
             index_backend=self.config.index_backend,
             milvus_uri=f"http://127.0.0.1:{milvus_port}" if milvus_port else base.milvus_uri,
-            **{name: value for name, value in started.items() if name.endswith("_host")},
-            # The running index service's namespace: what `up` starts beside it joins it (a worker `up` started from
-            # a shell without it took no task of theirs: review 86)
-            **{name: value for name, value in started.items() if name == "namespace"},
+            # ... and the running index service's namespace: what `up` starts beside it joins it (a worker `up`
+            # started from a shell without it took no task of theirs: review 86)
+            **{name: value for name, value in started.items() if name.endswith("_host") or name == "namespace"},
         )
 
     @property
@@ -270,8 +269,8 @@ class Stack:
             if value is None:  # (in a file written before the first `up`: chosen then, review 82)
                 continue
             ports = value if name == "replica_ports" else [value] if name.endswith("_port") else []
-            if name == "replica_ports" and not isinstance(value, list) or not all(
-                    type(port) is int and 0 <= port <= 65535 for port in ports):  # (not a bool, a float, a string)
+            if not isinstance(ports, list) or not all(type(port) is int and 0 <= port <= 65535 for port in ports):
+                # (not a bool, a float, a string)
                 raise unread(f"{name} is {json.dumps(value)}: "
                              + ("a list of ports" if name == "replica_ports" else "a port") + ", each a whole number "
                              "up to 65535")
@@ -526,12 +525,8 @@ class Stack:
         """The settings client commands use: the stack's, with the bucket and tokens (``RUNNING``) its index service
         and ingest were started with while they run, but those named in ``explicit`` (set in the client's own shell).
         (The addresses they bind and ingest's token are the stack's own way to them, whatever the shell: _settings.)"""
-        kept = {name: value for name, value in self._started().items() if name not in set(explicit)}
+        kept = {name: value for name, value in self.last_started(running=True).items() if name not in set(explicit)}
         return dataclasses.replace(self.settings, **kept)
-
-    def _started(self) -> dict[str, Any]:
-        """What the running services were started with of ``RUNNING``."""
-        return self.last_started(running=True)
 
     def last_started(self, running: bool = False) -> dict[str, Any]:
         """What the services were last started with of ``RUNNING`` (``running``: of those that run now)."""

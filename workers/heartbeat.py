@@ -107,12 +107,30 @@ class Beacon:
             log.debug("cannot prune dead workers: %s", exc)
 
 
+def live_workers(client: redis.Redis, keys: Keys, worker_ids: set[bytes] | None = None) -> list[dict[str, Any]]:
+    """Workers whose heartbeat has not expired (``Heartbeat``), with what each is doing, by id (``GET /queues``)."""
+    ids = sorted(client.smembers(keys.workers) if worker_ids is None else worker_ids)
+    if not ids:
+        return []
+    now = time.time()
+    workers = []
+    for raw in client.mget([keys.worker(text(worker_id)) for worker_id in ids]):
+        worker = json_object(raw)  # None: expired (dead or hung for longer than the heartbeat's TTL), or not ours
+        if worker is None or not isinstance(last_seen := worker.get("last_seen", now), (int, float)):
+            continue
+        worker["age_s"] = round(max(0.0, now - last_seen), 3)  # clocks of other machines may differ
+        workers.append(worker)
+    return workers
+
+
+
 class Heartbeat(Beacon):
     """The state of one pool process (which runs the tasks), shown in ``GET /queues``."""
 
     def __init__(self, client: redis.Redis, keys: Keys, model: str = "", device: str = "",
                  limits: dict[str, int] | None = None) -> None:
         super().__init__(client, keys.workers, keys.worker)
+        self.keys = keys
         self._state: dict[str, Any] = {
             "model": model, "device": device, "started": time.time(), "state": "idle", "batch_size": 0,
             "batch_started": None, "batches": 0, "objects": 0, "limits": limits or {},
@@ -128,16 +146,11 @@ class Heartbeat(Beacon):
         a failure by which worker took it (review 86: a worker started by hand kept its own MAX_OBJECT_BYTES)."""
         mine = self._state["limits"]
         try:
-            ids = sorted(text(member) for member in self.redis.smembers(self.members))
-            records = self.redis.mget([self.key_of(member) for member in ids]) if ids else []
+            workers = live_workers(self.redis, self.keys)
         except redis.RedisError:
             return
-        others = {}
-        for raw in records:
-            record = json_object(raw)
-            if record and record.get("id") != self.id and isinstance(record.get("limits"), dict):
-                others[record["id"]] = record["limits"]
-        if differ := {worker: limits for worker, limits in others.items() if limits != mine}:
+        if differ := {worker["id"]: worker["limits"] for worker in workers if worker.get("id") != self.id
+                      and isinstance(worker.get("limits"), dict) and worker["limits"] != mine}:
             log.warning("this worker refuses objects by %s, and %d live worker(s) by other limits (%s): the same "
                         "object is indexed or a failure by which worker takes it; give every worker the same "
                         "BUCKETLENS_MAX_OBJECT_BYTES and MAX_PIXELS", mine, len(differ),
